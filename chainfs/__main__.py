@@ -1,0 +1,3 @@
+from chainfs.cli.main import main
+
+raise SystemExit(main())

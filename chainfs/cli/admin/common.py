@@ -1,0 +1,83 @@
+"""Shared pieces of admin commands: the group, --address/--json, output."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from chainfs.common.errors import ChainfsError
+
+T = TypeVar("T")
+DEFAULT_ADDRESS_ENV = "CHAINFS_ADDRESS"
+
+
+@click.group()
+def admin() -> None:
+    """Cluster administration (every command takes --address and --json)."""
+
+
+def admin_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --address (default $CHAINFS_ADDRESS) and --json to a command."""
+    fn = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(fn)
+    fn = click.option(
+        "--address",
+        envvar=DEFAULT_ADDRESS_ENV,
+        required=True,
+        help=f"mgmtd address host:port (default ${DEFAULT_ADDRESS_ENV}).",
+    )(fn)
+    return fn
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run an admin coroutine; chainfs errors become a one-line message, exit 1."""
+    try:
+        return asyncio.run(coro)
+    except ChainfsError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def async_command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def emit(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool, title: str | None = None
+) -> None:
+    """Print ``rows`` as a rich table, or as a JSON list with --json."""
+    if as_json:
+        json.dump(list(rows), sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
+    Console(width=int(os.environ.get("COLUMNS", "160"))).print(table)
+
+
+def emit_object(obj: dict[str, Any], as_json: bool, title: str | None = None) -> None:
+    """Print one object as a two-column table, or as JSON."""
+    if as_json:
+        json.dump(obj, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return
+    table = Table(title=title, show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    for k, v in obj.items():
+        table.add_row(k, str(v))
+    Console(width=int(os.environ.get("COLUMNS", "160"))).print(table)

@@ -1,0 +1,23 @@
+"""The `chainfs` command."""
+
+from __future__ import annotations
+
+import click
+
+from chainfs import __version__
+from chainfs.cli.admin import admin
+from chainfs.cli.serve import serve
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="chainfs")
+def cli() -> None:
+    """chainfs: a distributed file system for AI workloads."""
+
+
+cli.add_command(serve)
+cli.add_command(admin)
+
+
+def main() -> int:
+    return int(cli.main(standalone_mode=True) or 0)

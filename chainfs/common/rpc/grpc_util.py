@@ -1,0 +1,128 @@
+"""gRPC helpers: errors across the wire, channels, servers.
+
+Server side, handlers raise :class:`ChainfsError`; :func:`rpc_handler` turns it
+into a gRPC status with the chainfs code in trailing metadata. Client side,
+:func:`call` turns a failed call back into the same :class:`ChainfsError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from chainfs.common.errors import ChainfsError, Code
+
+log = logging.getLogger(__name__)
+
+CODE_KEY = "chainfs-code"
+T = TypeVar("T")
+
+# Message size bound for control calls (bulk data goes over the data plane).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+
+_GRPC_STATUS: dict[int, grpc.StatusCode] = {
+    Code.ENOENT: grpc.StatusCode.NOT_FOUND,
+    Code.EEXIST: grpc.StatusCode.ALREADY_EXISTS,
+    Code.EACCES: grpc.StatusCode.PERMISSION_DENIED,
+    Code.EPERM: grpc.StatusCode.PERMISSION_DENIED,
+    Code.EINVAL: grpc.StatusCode.INVALID_ARGUMENT,
+    Code.ENOSPC: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Code.ENOSYS: grpc.StatusCode.UNIMPLEMENTED,
+    Code.EOPNOTSUPP: grpc.StatusCode.UNIMPLEMENTED,
+    Code.ETIMEDOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Code.TXN_CONFLICT: grpc.StatusCode.ABORTED,
+    Code.NOT_PRIMARY: grpc.StatusCode.UNAVAILABLE,
+    Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Code.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+def grpc_status_for(code: int) -> grpc.StatusCode:
+    return _GRPC_STATUS.get(code, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def rpc_handler(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Decorate an async servicer method so ChainfsError becomes a gRPC status."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await fn(self, request, context)
+        except ChainfsError as e:
+            await _abort(context, e.code, e.message)
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # a bug: log it with its stack, answer INTERNAL
+            log.exception("unhandled error in %s", fn.__qualname__)
+            await _abort(context, Code.INTERNAL, f"{type(e).__name__}: {e}")
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: int, message: str) -> None:
+    context.set_trailing_metadata(((CODE_KEY, str(int(code))),))
+    await context.abort(grpc_status_for(code), message)
+
+
+def error_from_rpc(e: grpc.aio.AioRpcError, target: str = "") -> ChainfsError:
+    """The ChainfsError a failed call carried (or UNAVAILABLE/ETIMEDOUT/INTERNAL)."""
+    md = e.trailing_metadata() or ()
+    for key, value in md:
+        if key == CODE_KEY:
+            return ChainfsError(int(value), e.details() or "")
+    where = f" ({target})" if target else ""
+    status = e.code()
+    if status == grpc.StatusCode.UNAVAILABLE:
+        return ChainfsError(Code.UNAVAILABLE, f"cannot reach {target or 'server'}: {e.details()}")
+    if status == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ChainfsError(Code.ETIMEDOUT, f"deadline exceeded{where}")
+    if status == grpc.StatusCode.CANCELLED:
+        return ChainfsError(Code.UNAVAILABLE, f"call cancelled{where}: {e.details()}")
+    if status == grpc.StatusCode.UNIMPLEMENTED:
+        return ChainfsError(Code.ENOSYS, f"not implemented{where}: {e.details()}")
+    return ChainfsError(Code.INTERNAL, f"{status.name}{where}: {e.details()}")
+
+
+async def call(
+    method: Callable[..., Awaitable[T]], request: Any, timeout_s: float, target: str = ""
+) -> T:
+    """Invoke a stub method; failures raise ChainfsError."""
+    try:
+        return await method(request, timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        raise error_from_rpc(e, target) from None
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def server() -> grpc.aio.Server:
+    return grpc.aio.server(options=CHANNEL_OPTIONS)
+
+
+def bind(srv: grpc.aio.Server, host: str, port: int) -> int:
+    """Bind ``host:port`` (0 = ephemeral); returns the port actually bound."""
+    bound = srv.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise ChainfsError(Code.EINVAL, f"cannot listen on {host}:{port}")
+    return bound

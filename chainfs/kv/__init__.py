@@ -1,0 +1,40 @@
+"""Transactional key-value stores: ``chainfs.kv.open(url)``.
+
+URLs: ``memory://``, ``rocksdb:///path/to/dir``,
+``etcd://host:port[,host:port...]/prefix``.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.kv.base import (
+    KVStore,
+    RetryPolicy,
+    Transaction,
+    TxnConflict,
+    prefix_end,
+)
+
+__all__ = ["KVStore", "RetryPolicy", "Transaction", "TxnConflict", "open", "prefix_end"]
+
+
+def open(url: str, retry: RetryPolicy | None = None) -> KVStore:
+    """Open the store named by ``url``."""
+    scheme = urlparse(url).scheme
+    if scheme == "memory":
+        from chainfs.kv.memory import MemoryStore
+
+        return MemoryStore(retry)
+    if scheme == "rocksdb":
+        from chainfs.kv.rocksdb import RocksDBStore
+
+        return RocksDBStore.from_url(url, retry)
+    if scheme == "etcd":
+        from chainfs.kv.etcd import EtcdStore
+
+        return EtcdStore.from_url(url, retry)
+    raise ChainfsError(
+        Code.EINVAL, f"unknown KV store URL {url!r} (use memory://, rocksdb:///dir, etcd://h:p/pfx)"
+    )

@@ -1,0 +1,283 @@
+"""The transactional key-value interface every chainfs service builds on.
+
+``await store.transact(fn)`` runs ``await fn(tx)`` against a consistent
+snapshot. Reads see the snapshot plus the transaction's own buffered writes;
+writes are buffered and applied atomically at commit. Commit validates the
+read set (every key read and every range scanned) against commits made since
+the snapshot; a conflict re-runs ``fn`` with a new snapshot, with bounded
+exponential backoff (FoundationDB's model). ``fn`` may therefore run more than
+once and must not have side effects outside ``tx``.
+
+Backends supply three primitives (:class:`Backend`); the buffering, read-your-
+writes merge, read-set tracking and retry loop live here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from chainfs.common.errors import ChainfsError, Code
+
+T = TypeVar("T")
+
+_CLEARED = None  # a buffered write of None means "clear"
+
+
+class TxnConflict(ChainfsError):
+    """A commit lost to a concurrent writer; transact() retries it."""
+
+    def __init__(self, message: str = "transaction conflict") -> None:
+        super().__init__(Code.TXN_CONFLICT, message)
+
+
+@dataclass
+class RetryPolicy:
+    max_attempts: int = 20  # commits tried before TXN_CONFLICT reaches the caller
+    backoff_initial_ms: float = 1.0
+    backoff_max_ms: float = 200.0
+
+    def validate(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if not 0 <= self.backoff_initial_ms <= self.backoff_max_ms:
+            raise ValueError("need 0 <= backoff_initial_ms <= backoff_max_ms")
+
+
+@dataclass
+class ReadSet:
+    keys: set[bytes] = field(default_factory=set)
+    ranges: list[tuple[bytes, bytes]] = field(default_factory=list)  # [begin, end)
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.ranges)
+
+
+class Snapshot(ABC):
+    """A backend's consistent point-in-time view."""
+
+    @abstractmethod
+    async def get(self, key: bytes) -> bytes | None: ...
+
+    @abstractmethod
+    async def get_range(
+        self, begin: bytes, end: bytes, limit: int, reverse: bool
+    ) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` (0 = all) pairs with begin <= key < end, ordered."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release backend resources held by the snapshot."""
+
+
+class Transaction:
+    """Buffered transaction over a :class:`Snapshot`."""
+
+    def __init__(self, snapshot: Snapshot, read_only: bool = False) -> None:
+        self._snap = snapshot
+        self.read_only = read_only
+        self.reads = ReadSet()
+        # Buffered writes: key -> value, or None for a clear.
+        self.writes: dict[bytes, bytes | None] = {}
+        self.cleared_ranges: list[tuple[bytes, bytes]] = []
+        self._write_keys_sorted: list[bytes] = []
+
+    # -- reads -------------------------------------------------------------
+    def _range_cleared(self, key: bytes) -> bool:
+        return any(b <= key < e for b, e in self.cleared_ranges)
+
+    async def get(self, key: bytes, snapshot: bool = False) -> bytes | None:
+        """Value of ``key``; ``snapshot=True`` does not add it to the read set."""
+        _check_key(key)
+        if key in self.writes:
+            return self.writes[key]
+        if not snapshot:
+            self.reads.keys.add(key)
+        if self._range_cleared(key):
+            return None
+        return await self._snap.get(key)
+
+    async def get_range(
+        self,
+        begin: bytes,
+        end: bytes,
+        limit: int = 0,
+        reverse: bool = False,
+        snapshot: bool = False,
+    ) -> list[tuple[bytes, bytes]]:
+        """Pairs with begin <= key < end in key order (descending if reverse)."""
+        _check_key(begin)
+        _check_key(end)
+        if limit < 0:
+            raise ChainfsError(Code.EINVAL, "limit must be >= 0")
+        if begin >= end:
+            return []
+        # Fetch enough from the snapshot to fill `limit` after our own clears.
+        fetch_limit = 0 if limit == 0 else limit + self._buffered_in(begin, end)
+        base = await self._snap.get_range(begin, end, fetch_limit, reverse)
+        merged: dict[bytes, bytes] = {
+            k: v for k, v in base if k not in self.writes and not self._range_cleared(k)
+        }
+        lo = bisect.bisect_left(self._write_keys_sorted, begin)
+        hi = bisect.bisect_left(self._write_keys_sorted, end)
+        for k in self._write_keys_sorted[lo:hi]:
+            v = self.writes[k]
+            if v is not None:
+                merged[k] = v
+        keys = sorted(merged, reverse=reverse)
+        complete = fetch_limit == 0 or len(base) < fetch_limit
+        if not complete and base:
+            # Keys past the last one fetched from the snapshot are unknown.
+            edge = base[-1][0]
+            keys = [k for k in keys if (k >= edge if reverse else k <= edge)]
+        if limit:
+            keys = keys[:limit]
+        if not snapshot:
+            self._record_range(begin, end, keys, limit, reverse)
+        return [(k, merged[k]) for k in keys]
+
+    def _buffered_in(self, begin: bytes, end: bytes) -> int:
+        lo = bisect.bisect_left(self._write_keys_sorted, begin)
+        hi = bisect.bisect_left(self._write_keys_sorted, end)
+        n = hi - lo
+        if self.cleared_ranges:
+            n += 1_000  # a cleared range may hide any number of snapshot keys
+        return n
+
+    def _record_range(
+        self, begin: bytes, end: bytes, keys: list[bytes], limit: int, reverse: bool
+    ) -> None:
+        # A limited scan only depends on the part of the range it covered.
+        if limit and len(keys) == limit:
+            if reverse:
+                begin = keys[-1]
+            else:
+                end = keys[-1] + b"\x00"
+        self.reads.ranges.append((begin, end))
+
+    # -- writes ------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ChainfsError(Code.EROFS, "write in a read-only transaction")
+
+    def _note_key(self, key: bytes) -> None:
+        if key not in self.writes:
+            bisect.insort(self._write_keys_sorted, key)
+
+    def set(self, key: bytes, value: bytes) -> None:
+        self._check_writable()
+        _check_key(key)
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise ChainfsError(Code.EINVAL, f"value must be bytes, not {type(value).__name__}")
+        self._note_key(key)
+        self.writes[key] = bytes(value)
+
+    def clear(self, key: bytes) -> None:
+        self._check_writable()
+        _check_key(key)
+        self._note_key(key)
+        self.writes[key] = _CLEARED
+
+    def clear_range(self, begin: bytes, end: bytes) -> None:
+        self._check_writable()
+        _check_key(begin)
+        _check_key(end)
+        if begin >= end:
+            return
+        lo = bisect.bisect_left(self._write_keys_sorted, begin)
+        hi = bisect.bisect_left(self._write_keys_sorted, end)
+        for k in self._write_keys_sorted[lo:hi]:
+            self.writes[k] = _CLEARED
+        self.cleared_ranges.append((begin, end))
+
+    def add_read_conflict_key(self, key: bytes) -> None:
+        """Make the commit conflict if ``key`` changed, without reading it."""
+        self.reads.keys.add(key)
+
+    @property
+    def has_writes(self) -> bool:
+        return bool(self.writes or self.cleared_ranges)
+
+
+def _check_key(key: bytes) -> None:
+    if not isinstance(key, bytes):
+        raise ChainfsError(Code.EINVAL, f"key must be bytes, not {type(key).__name__}")
+
+
+class KVStore(ABC):
+    """A transactional store. Subclasses implement the three primitives."""
+
+    url: str = ""
+
+    def __init__(self, retry: RetryPolicy | None = None) -> None:
+        self.retry = retry or RetryPolicy()
+        self.stats = {"commits": 0, "conflicts": 0, "retries": 0}
+
+    @abstractmethod
+    async def _begin(self) -> Snapshot:
+        """A snapshot at the latest committed state."""
+
+    @abstractmethod
+    async def _commit(self, snapshot: Snapshot, tx: Transaction) -> None:
+        """Validate ``tx.reads`` against commits after ``snapshot`` and apply
+        ``tx.writes`` and ``tx.cleared_ranges`` atomically and durably, or raise
+        :class:`TxnConflict` and change nothing."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the store."""
+
+    async def transact(
+        self, fn: Callable[[Transaction], Awaitable[T]], read_only: bool = False
+    ) -> T:
+        """Run ``fn(tx)`` in a transaction, retrying on conflict. Returns its result."""
+        delay_ms = self.retry.backoff_initial_ms
+        for attempt in range(1, self.retry.max_attempts + 1):
+            snap = await self._begin()
+            try:
+                tx = Transaction(snap, read_only=read_only)
+                result = await fn(tx)
+                if tx.has_writes:
+                    await self._commit(snap, tx)
+                    self.stats["commits"] += 1
+                return result
+            except TxnConflict:
+                self.stats["conflicts"] += 1
+                if attempt == self.retry.max_attempts:
+                    raise
+                self.stats["retries"] += 1
+                await asyncio.sleep(random.uniform(0, delay_ms) / 1000.0)
+                delay_ms = min(delay_ms * 2, self.retry.backoff_max_ms)
+            finally:
+                snap.close()
+        raise AssertionError("unreachable")
+
+    # Convenience single-operation transactions.
+    async def get(self, key: bytes) -> bytes | None:
+        return await self.transact(lambda tx: tx.get(key), read_only=True)
+
+    async def set(self, key: bytes, value: bytes) -> None:
+        async def fn(tx: Transaction) -> None:
+            tx.set(key, value)
+
+        await self.transact(fn)
+
+    async def __aenter__(self) -> KVStore:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with ``prefix``."""
+    p = bytearray(prefix)
+    while p:
+        if p[-1] != 0xFF:
+            p[-1] += 1
+            return bytes(p)
+        p.pop()
+    return b"\xff" * 64  # empty or all-0xff prefix: end of key space

@@ -1,0 +1,1 @@
+"""Test and local-run helpers: real processes on loopback."""
