@@ -14,10 +14,19 @@ from chainfs.kv.base import (
     RetryPolicy,
     Transaction,
     TxnConflict,
+    TxnTooOld,
     prefix_end,
 )
 
-__all__ = ["KVStore", "RetryPolicy", "Transaction", "TxnConflict", "open", "prefix_end"]
+__all__ = [
+    "KVStore",
+    "RetryPolicy",
+    "Transaction",
+    "TxnConflict",
+    "TxnTooOld",
+    "open",
+    "prefix_end",
+]
 
 
 def open(url: str, retry: RetryPolicy | None = None) -> KVStore:

@@ -36,6 +36,14 @@ class TxnConflict(ChainfsError):
         super().__init__(Code.TXN_CONFLICT, message)
 
 
+class TxnTooOld(ChainfsError):
+    """The snapshot is older than the store can still validate or read
+    (rocksdb: past the commit log; etcd: compacted); transact() retries it."""
+
+    def __init__(self, message: str = "transaction too old") -> None:
+        super().__init__(Code.TXN_TOO_OLD, message)
+
+
 @dataclass
 class RetryPolicy:
     max_attempts: int = 20  # commits tried before TXN_CONFLICT reaches the caller
@@ -116,24 +124,43 @@ class Transaction:
             raise ChainfsError(Code.EINVAL, "limit must be >= 0")
         if begin >= end:
             return []
-        # Fetch enough from the snapshot to fill `limit` after our own clears.
-        fetch_limit = 0 if limit == 0 else limit + self._buffered_in(begin, end)
-        base = await self._snap.get_range(begin, end, fetch_limit, reverse)
-        merged: dict[bytes, bytes] = {
-            k: v for k, v in base if k not in self.writes and not self._range_cleared(k)
-        }
-        lo = bisect.bisect_left(self._write_keys_sorted, begin)
-        hi = bisect.bisect_left(self._write_keys_sorted, end)
-        for k in self._write_keys_sorted[lo:hi]:
-            v = self.writes[k]
-            if v is not None:
-                merged[k] = v
+        # Page through the snapshot until `limit` results survive our own
+        # buffered clears and writes, or the snapshot range is exhausted.
+        kept: dict[bytes, bytes] = {}
+        lo, hi = begin, end
+        edge: bytes | None = None  # last snapshot key seen when not exhausted
+        while True:
+            want = 0 if limit == 0 else max(limit - len(kept), 1) + self._buffered_in(lo, hi)
+            chunk = await self._snap.get_range(lo, hi, want, reverse)
+            for k, v in chunk:
+                if k not in self.writes and not self._range_cleared(k):
+                    kept[k] = v
+            if want == 0 or len(chunk) < want:
+                edge = None
+                break
+            edge = chunk[-1][0]
+            covered = (edge, end) if reverse else (begin, edge + b"\x00")
+            if len(kept) + self._buffered_values_in(*covered) >= limit:
+                break
+            if reverse:
+                hi = self._skip_cleared_down(edge)
+            else:
+                lo = self._skip_cleared_up(edge + b"\x00")
+            if lo >= hi:
+                edge = None
+                break
+        # Keys past `edge` are unknown in the snapshot: leave our writes there out too.
+        w_lo, w_hi = begin, end
+        if edge is not None:
+            w_lo, w_hi = (edge, end) if reverse else (begin, edge + b"\x00")
+        merged = kept
+        i = bisect.bisect_left(self._write_keys_sorted, w_lo)
+        j = bisect.bisect_left(self._write_keys_sorted, w_hi)
+        for k in self._write_keys_sorted[i:j]:
+            buffered = self.writes[k]
+            if buffered is not None:
+                merged[k] = buffered
         keys = sorted(merged, reverse=reverse)
-        complete = fetch_limit == 0 or len(base) < fetch_limit
-        if not complete and base:
-            # Keys past the last one fetched from the snapshot are unknown.
-            edge = base[-1][0]
-            keys = [k for k in keys if (k >= edge if reverse else k <= edge)]
         if limit:
             keys = keys[:limit]
         if not snapshot:
@@ -141,12 +168,35 @@ class Transaction:
         return [(k, merged[k]) for k in keys]
 
     def _buffered_in(self, begin: bytes, end: bytes) -> int:
+        """Buffered writes and clears of single keys in [begin, end)."""
         lo = bisect.bisect_left(self._write_keys_sorted, begin)
         hi = bisect.bisect_left(self._write_keys_sorted, end)
-        n = hi - lo
-        if self.cleared_ranges:
-            n += 1_000  # a cleared range may hide any number of snapshot keys
-        return n
+        return hi - lo
+
+    def _buffered_values_in(self, begin: bytes, end: bytes) -> int:
+        lo = bisect.bisect_left(self._write_keys_sorted, begin)
+        hi = bisect.bisect_left(self._write_keys_sorted, end)
+        return sum(1 for k in self._write_keys_sorted[lo:hi] if self.writes[k] is not None)
+
+    def _skip_cleared_up(self, key: bytes) -> bytes:
+        """The first key >= ``key`` not inside one of our cleared ranges."""
+        moved = True
+        while moved:
+            moved = False
+            for b, e in self.cleared_ranges:
+                if b <= key < e:
+                    key, moved = e, True
+        return key
+
+    def _skip_cleared_down(self, end: bytes) -> bytes:
+        """The lowest ``end`` such that no uncleared key lies in [end, old end)."""
+        moved = True
+        while moved:
+            moved = False
+            for b, e in self.cleared_ranges:
+                if b < end <= e:
+                    end, moved = b, True
+        return end
 
     def _record_range(
         self, begin: bytes, end: bytes, keys: list[bytes], limit: int, reverse: bool
@@ -244,7 +294,7 @@ class KVStore(ABC):
                     await self._commit(snap, tx)
                     self.stats["commits"] += 1
                 return result
-            except TxnConflict:
+            except (TxnConflict, TxnTooOld):
                 self.stats["conflicts"] += 1
                 if attempt == self.retry.max_attempts:
                     raise

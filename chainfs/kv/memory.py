@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 
-from chainfs.kv.base import KVStore, RetryPolicy, Snapshot, Transaction, TxnConflict
+from chainfs.kv.base import KVStore, RetryPolicy, Snapshot, Transaction, TxnConflict, TxnTooOld
 
 _MAX_LOG = 100_000  # commit records kept for conflict checks
 
@@ -61,7 +61,7 @@ class MemoryStore(KVStore):
         assert isinstance(snapshot, _MemorySnapshot)
         read_version = snapshot.version
         if self._log and self._log[0][0] > read_version + 1 and len(self._log) >= _MAX_LOG:
-            raise TxnConflict("transaction too old to validate")
+            raise TxnTooOld("transaction too old to validate")
         start = bisect.bisect_right(self._log, read_version, key=lambda e: e[0])
         for _, written, cleared in self._log[start:]:
             if _conflicts(tx, written, cleared):

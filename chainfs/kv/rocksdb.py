@@ -1,0 +1,316 @@
+"""Embedded transactional store on RocksDB (``rocksdb:///abs/dir``), via rocksdict.
+
+- Reads: a RocksDB snapshot, tagged with the in-process commit version it shows.
+- Commit: validate the read set against an in-process log of recent commits
+  (point reads through a key -> last-write-version map, ranges and clears by
+  scanning the entries after the snapshot). Validation happens on the event
+  loop without awaiting, so the order of validation is the serial order.
+- Group commit: validated transactions queue; one writer task writes all
+  queued transactions as ONE WriteBatch with a synced WAL (in a worker
+  thread, so the loop keeps running and more transactions validate meanwhile),
+  then answers every caller of that batch. A disk that does ~3,700 fdatasyncs
+  per second then carries many more transactions per second.
+- One process owns a directory (RocksDB's LOCK file); a second opener gets
+  ``STORE_LOCKED``.
+
+Options ride in the URL query: ``rocksdb:///data/kv?max_batch_txns=512``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import rocksdict
+
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.kv._url import options_from_query
+from chainfs.kv.base import (
+    KVStore,
+    RetryPolicy,
+    Snapshot,
+    Transaction,
+    TxnConflict,
+    TxnTooOld,
+)
+
+
+@dataclass
+class RocksDBOptions:
+    # Transactions written by one synced WriteBatch at most: bounds batch memory.
+    max_batch_txns: int = 1024
+    # Validated, not yet written transactions; more committers wait (backpressure).
+    max_pending_txns: int = 8192
+    # Recent commits kept to validate read sets; a snapshot older than these
+    # gets TXN_TOO_OLD (retried). 100k commits ~ tens of MB of keys at most.
+    conflict_log_entries: int = 100_000
+    # RocksDB memtable size in bytes before a flush to an SST file.
+    write_buffer_size_bytes: int = 64 * 1024 * 1024
+
+    def validate(self) -> None:
+        if self.max_batch_txns < 1:
+            raise ValueError("max_batch_txns must be >= 1")
+        if self.max_pending_txns < self.max_batch_txns:
+            raise ValueError("max_pending_txns must be >= max_batch_txns")
+        if self.conflict_log_entries < 1:
+            raise ValueError("conflict_log_entries must be >= 1")
+        if self.write_buffer_size_bytes < 1024 * 1024:
+            raise ValueError("write_buffer_size_bytes must be >= 1 MiB")
+
+
+@dataclass
+class _LogEntry:
+    version: int
+    keys: frozenset[bytes]  # keys set or cleared one by one
+    cleared: list[tuple[bytes, bytes]]  # clear_range spans
+
+
+@dataclass
+class _Pending:
+    version: int
+    writes: dict[bytes, bytes | None]
+    cleared: list[tuple[bytes, bytes]]
+    done: asyncio.Future[None] = field(repr=False)
+
+
+class _RocksSnapshot(Snapshot):
+    def __init__(self, snap: rocksdict.Snapshot, version: int) -> None:
+        self._snap: rocksdict.Snapshot | None = snap
+        self.version = version
+        self._point_iter: rocksdict.RdictIter | None = None
+
+    def _live(self) -> rocksdict.Snapshot:
+        if self._snap is None:
+            raise ChainfsError(Code.EBADF, "read from a finished rocksdb transaction")
+        return self._snap
+
+    async def get(self, key: bytes) -> bytes | None:
+        if self._point_iter is None:
+            self._point_iter = self._live().iter()
+        it = self._point_iter
+        it.seek(key)
+        if it.valid() and it.key() == key:
+            return bytes(it.value())
+        return None
+
+    async def get_range(
+        self, begin: bytes, end: bytes, limit: int, reverse: bool
+    ) -> list[tuple[bytes, bytes]]:
+        it = self._live().iter()
+        out: list[tuple[bytes, bytes]] = []
+        if reverse:
+            it.seek_for_prev(end)
+            if it.valid() and it.key() >= end:
+                it.prev()
+            while it.valid():
+                k = it.key()
+                if k < begin:
+                    break
+                out.append((k, it.value()))
+                if limit and len(out) >= limit:
+                    break
+                it.prev()
+        else:
+            it.seek(begin)
+            while it.valid():
+                k = it.key()
+                if k >= end:
+                    break
+                out.append((k, it.value()))
+                if limit and len(out) >= limit:
+                    break
+                it.next()
+        return out
+
+    def close(self) -> None:
+        self._point_iter = None
+        self._snap = None
+
+
+class RocksDBStore(KVStore):
+    """A RocksDB directory owned by this process."""
+
+    def __init__(
+        self, path: str, retry: RetryPolicy | None = None, options: RocksDBOptions | None = None
+    ) -> None:
+        super().__init__(retry)
+        if not os.path.isabs(path):
+            raise ChainfsError(Code.EINVAL, f"rocksdb store path must be absolute: {path!r}")
+        self.path = path
+        self.url = f"rocksdb://{path}"
+        self.options = options or RocksDBOptions()
+        self.options.validate()
+        os.makedirs(path, exist_ok=True)
+        self._db: rocksdict.Rdict | None = _open_db(path, self.options)
+        self._wopts = rocksdict.WriteOptions()
+        self._wopts.sync = True  # durable before the caller hears "committed"
+        self._applied = 0  # every commit <= this is in RocksDB (and on disk)
+        self._validated = 0  # last version handed out by validation
+        self._log: list[_LogEntry] = []  # versions _log[0].version .. _validated
+        self._last_write: dict[bytes, int] = {}  # key -> version that last wrote it
+        self._pending: list[_Pending] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._room = asyncio.Event()  # set when _pending has room again
+        self._room.set()
+        self._failed: ChainfsError | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="kv-rocksdb-sync")
+        self.stats.update({"batches": 0, "batched_txns": 0})
+
+    @classmethod
+    def from_url(cls, url: str, retry: RetryPolicy | None = None) -> RocksDBStore:
+        u = urlparse(url)
+        if u.scheme != "rocksdb" or u.netloc or not u.path.startswith("/"):
+            raise ChainfsError(Code.EINVAL, f"bad rocksdb URL {url!r}: use rocksdb:///absolute/dir")
+        return cls(u.path, retry, options_from_query(RocksDBOptions, u.query, url))
+
+    # -- primitives ----------------------------------------------------------
+    def _check_usable(self) -> rocksdict.Rdict:
+        if self._failed is not None:
+            raise self._failed
+        if self._db is None:
+            raise ChainfsError(Code.EBADF, f"rocksdb store {self.path} is closed")
+        return self._db
+
+    async def _begin(self) -> Snapshot:
+        db = self._check_usable()
+        # A snapshot taken after a batch landed but before _applied moved
+        # claims an older version: that only adds conflicts, never hides one.
+        return _RocksSnapshot(db.snapshot(), self._applied)
+
+    async def _commit(self, snapshot: Snapshot, tx: Transaction) -> None:
+        assert isinstance(snapshot, _RocksSnapshot)
+        while len(self._pending) >= self.options.max_pending_txns:
+            self._room.clear()
+            await self._room.wait()
+        self._check_usable()
+        # No await from here to the append: validation order == serial order.
+        self._validate(snapshot.version, tx)
+        self._validated += 1
+        version = self._validated
+        keys = frozenset(tx.writes)
+        self._log.append(_LogEntry(version, keys, list(tx.cleared_ranges)))
+        for k in keys:
+            self._last_write[k] = version
+        self._trim_log()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(version, dict(tx.writes), list(tx.cleared_ranges), done))
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        # The write goes ahead even if this caller is cancelled: shield it.
+        await asyncio.shield(done)
+
+    def _validate(self, read_version: int, tx: Transaction) -> None:
+        if read_version == self._validated:
+            return  # nothing committed since the snapshot
+        assert read_version < self._validated
+        oldest = self._log[0].version if self._log else self._validated + 1
+        if read_version + 1 < oldest:
+            raise TxnTooOld(
+                f"snapshot at commit {read_version} is older than the conflict log "
+                f"(from {oldest}); retrying"
+            )
+        reads = tx.reads
+        for k in reads.keys:
+            if self._last_write.get(k, 0) > read_version:
+                raise TxnConflict(f"key {k!r} changed since the snapshot")
+        ranges = sorted(reads.ranges)
+        starts = [b for b, _ in ranges]
+        for entry in self._log[read_version + 1 - oldest :]:
+            if ranges:
+                for k in entry.keys:
+                    if _in_ranges(k, ranges, starts):
+                        raise TxnConflict(f"key {k!r} in a range read changed since the snapshot")
+            for cb, ce in entry.cleared:
+                if any(cb <= k < ce for k in reads.keys):
+                    raise TxnConflict("a key read was cleared since the snapshot")
+                if any(b < ce and cb < e for b, e in ranges):
+                    raise TxnConflict("a range read was cleared since the snapshot")
+
+    def _trim_log(self) -> None:
+        bound = self.options.conflict_log_entries
+        if len(self._log) <= 2 * bound:
+            return
+        drop = self._log[: len(self._log) - bound]
+        for entry in drop:
+            for k in entry.keys:
+                if self._last_write.get(k) == entry.version:
+                    del self._last_write[k]
+        del self._log[: len(drop)]
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending and self._failed is None:
+                batch = self._pending[: self.options.max_batch_txns]
+                del self._pending[: len(batch)]
+                self._room.set()
+                wb = rocksdict.WriteBatch(raw_mode=True)
+                for p in batch:
+                    for b, e in p.cleared:
+                        wb.delete_range(b, e)
+                    for k, v in p.writes.items():
+                        if v is None:
+                            wb.delete(k)
+                        else:
+                            wb.put(k, v)
+                db = self._db
+                assert db is not None
+                try:
+                    await loop.run_in_executor(self._executor, db.write, wb, self._wopts)
+                except Exception as e:
+                    # RocksDB is in an unknown state: stop accepting commits.
+                    self._failed = ChainfsError(
+                        Code.EIO, f"rocksdb store {self.path}: write failed: {e}"
+                    )
+                    for p in batch + self._pending:
+                        if not p.done.done():
+                            p.done.set_exception(self._failed)
+                    self._pending.clear()
+                    self._room.set()
+                    return
+                self._applied = batch[-1].version
+                self.stats["batches"] += 1
+                self.stats["batched_txns"] += len(batch)
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_result(None)
+        finally:
+            self._writer = None
+
+    async def close(self) -> None:
+        """Wait for queued commits, then release the directory (and its lock)."""
+        if self._db is None:
+            return
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
+        db, self._db = self._db, None
+        db.close()
+        self._executor.shutdown(wait=True)
+
+
+def _in_ranges(key: bytes, ranges: list[tuple[bytes, bytes]], starts: list[bytes]) -> bool:
+    # ranges sorted by begin; any range starting at or before key may contain it.
+    i = bisect.bisect_right(starts, key)
+    return any(key < e for _, e in ranges[:i])
+
+
+def _open_db(path: str, options: RocksDBOptions) -> rocksdict.Rdict:
+    opts = rocksdict.Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.set_write_buffer_size(options.write_buffer_size_bytes)
+    try:
+        return rocksdict.Rdict(path, opts)
+    except Exception as e:
+        msg = str(e)
+        if "lock" in msg.lower():
+            who = "this process" if "current process" in msg else "another process"
+            raise ChainfsError(
+                Code.STORE_LOCKED,
+                f"rocksdb store {path} is in use by {who} (its LOCK file is held)",
+                path=path,
+            ) from None
+        raise ChainfsError(Code.EIO, f"cannot open rocksdb store {path}: {msg}", path=path) from e
