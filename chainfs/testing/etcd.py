@@ -28,6 +28,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from chainfs.common.errors import ChainfsError, Code
 
@@ -268,6 +269,22 @@ class EtcdCluster:
         running = [i for i, m in enumerate(self.members) if m.alive()]
         self._wait_healthy(running, timeout_s or self.start_timeout_s)
 
+    def leader_index(self, timeout_s: float | None = None) -> int:
+        """Index of the member that is the Raft leader now (polls until one is)."""
+        deadline = time.monotonic() + (timeout_s or self.start_timeout_s)
+        while True:
+            for m in self.members:
+                status = _status(m) if m.alive() else None
+                if status and status.get("leader") not in (None, "0"):
+                    leader = status["leader"]
+                    for i, other in enumerate(self.members):
+                        other_status = _status(other) if other.alive() else None
+                        if other_status and other_status["header"]["member_id"] == leader:
+                            return i
+            if time.monotonic() > deadline:
+                raise ChainfsError(Code.ETIMEDOUT, f"no etcd leader after {timeout_s}s")
+            time.sleep(_HEALTH_POLL_S)
+
     def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """SIGTERM every member we started, SIGKILL after ``timeout_s``."""
         for m in self.members:
@@ -302,6 +319,16 @@ def _healthy(m: EtcdMember) -> bool:
             return bool(json.loads(resp.read()).get("health") == "true")
     except (OSError, ValueError, urllib.error.URLError):
         return False
+
+
+def _status(m: EtcdMember) -> dict[str, Any] | None:
+    req = urllib.request.Request(m.client_url + "/v3/maintenance/status", data=b"{}")
+    try:
+        with urllib.request.urlopen(req, timeout=_HEALTH_HTTP_TIMEOUT_S) as resp:
+            out = json.loads(resp.read())
+            return out if isinstance(out, dict) else None
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
 
 
 def _lost_port_race(m: EtcdMember) -> bool:
