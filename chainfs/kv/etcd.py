@@ -123,6 +123,9 @@ class _EtcdSnapshot(Snapshot):
     def __init__(self, store: EtcdStore) -> None:
         self.store = store
         self.revision: int | None = None  # fixed by the first read
+        # Latest revision this process had seen at begin: the snapshot point of a
+        # transaction that only declares conflict keys without reading.
+        self.floor = store._known_revision
         self._first_read = asyncio.Lock()
         self.mods: dict[bytes, int] = {}  # user key -> mod_revision seen (0: absent)
 
@@ -202,6 +205,7 @@ class EtcdStore(KVStore):
         self._slot_numbers = itertools.count()
         self._tokens = itertools.count(1)
         self._inflight = asyncio.Semaphore(self.options.max_inflight_commits)
+        self._known_revision = 0  # highest revision in any response so far
         self._used_markers = False
         self._closed = False
         self.stats.update({"failovers": 0, "fences": 0})
@@ -256,9 +260,11 @@ class EtcdStore(KVStore):
         timeout = min(self.options.request_timeout_ms / 1000.0, remaining)
         stub = await self._stub(self._current)
         try:
-            return await getattr(stub, method)(req, timeout=timeout)
+            resp = await getattr(stub, method)(req, timeout=timeout)
         except grpc.aio.AioRpcError as e:
             raise _classify(e, method) from None
+        self._known_revision = max(self._known_revision, int(resp.header.revision))
+        return resp
 
     def _fail_over(self) -> None:
         if len(self.endpoints) > 1:
@@ -293,6 +299,9 @@ class EtcdStore(KVStore):
     async def _begin(self) -> Snapshot:
         if self._closed:
             raise ChainfsError(Code.EBADF, f"etcd store {self.url} is closed")
+        if self._known_revision == 0:
+            # Once per store: learn the current revision (the floor of snapshots).
+            await self._read(rpc.RangeRequest(key=self._data, keys_only=True, limit=1))
         return _EtcdSnapshot(self)
 
     async def _compares(self, snap: _EtcdSnapshot, tx: Transaction) -> list[Any]:
@@ -300,8 +309,12 @@ class EtcdStore(KVStore):
         if not reads:
             return []
         # Keys in the read set that were never fetched (add_read_conflict_key,
-        # or read inside our own clear_range): learn their mod_revision now.
-        for k in sorted(reads.keys - snap.mods.keys()):
+        # or read inside our own clear_range): learn their mod_revision at the
+        # snapshot, which is the begin-time floor if nothing was read at all.
+        unseen = sorted(reads.keys - snap.mods.keys())
+        if unseen and snap.revision is None and snap.floor > 0:
+            snap.revision = snap.floor
+        for k in unseen:
             await snap.get(k)
         assert snap.revision is not None
         compares: list[Any] = []

@@ -1,6 +1,7 @@
 """Embedded transactional store on RocksDB (``rocksdb:///abs/dir``), via rocksdict.
 
-- Reads: a RocksDB snapshot, tagged with the in-process commit version it shows.
+- Reads: a RocksDB iterator (a point-in-time view), tagged with the in-process
+  commit version it shows.
 - Commit: validate the read set against an in-process log of recent commits
   (point reads through a key -> last-write-version map, ranges and clears by
   scanning the entries after the snapshot). Validation happens on the event
@@ -78,20 +79,22 @@ class _Pending:
 
 
 class _RocksSnapshot(Snapshot):
-    def __init__(self, snap: rocksdict.Snapshot, version: int) -> None:
-        self._snap: rocksdict.Snapshot | None = snap
-        self.version = version
-        self._point_iter: rocksdict.RdictIter | None = None
+    """All reads of one transaction go through ONE RocksDB iterator: an iterator
+    is a consistent point-in-time view from its creation. (rocksdict's
+    ``Snapshot.iter()`` drops the snapshot from its read options in 0.3.29 and
+    would read live data, so it is not used.)"""
 
-    def _live(self) -> rocksdict.Snapshot:
-        if self._snap is None:
+    def __init__(self, it: rocksdict.RdictIter, version: int) -> None:
+        self._it: rocksdict.RdictIter | None = it
+        self.version = version
+
+    def _live(self) -> rocksdict.RdictIter:
+        if self._it is None:
             raise ChainfsError(Code.EBADF, "read from a finished rocksdb transaction")
-        return self._snap
+        return self._it
 
     async def get(self, key: bytes) -> bytes | None:
-        if self._point_iter is None:
-            self._point_iter = self._live().iter()
-        it = self._point_iter
+        it = self._live()
         it.seek(key)
         if it.valid() and it.key() == key:
             return bytes(it.value())
@@ -100,7 +103,8 @@ class _RocksSnapshot(Snapshot):
     async def get_range(
         self, begin: bytes, end: bytes, limit: int, reverse: bool
     ) -> list[tuple[bytes, bytes]]:
-        it = self._live().iter()
+        # No await inside: concurrent reads of one transaction cannot interleave here.
+        it = self._live()
         out: list[tuple[bytes, bytes]] = []
         if reverse:
             it.seek_for_prev(end)
@@ -127,8 +131,7 @@ class _RocksSnapshot(Snapshot):
         return out
 
     def close(self) -> None:
-        self._point_iter = None
-        self._snap = None
+        self._it = None  # releases the pinned memtables and files
 
 
 class RocksDBStore(KVStore):
@@ -177,9 +180,9 @@ class RocksDBStore(KVStore):
 
     async def _begin(self) -> Snapshot:
         db = self._check_usable()
-        # A snapshot taken after a batch landed but before _applied moved
-        # claims an older version: that only adds conflicts, never hides one.
-        return _RocksSnapshot(db.snapshot(), self._applied)
+        # A view taken after a batch landed but before _applied moved claims
+        # an older version: that only adds conflicts, never hides one.
+        return _RocksSnapshot(db.iter(), self._applied)
 
     async def _commit(self, snapshot: Snapshot, tx: Transaction) -> None:
         assert isinstance(snapshot, _RocksSnapshot)

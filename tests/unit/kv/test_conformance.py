@@ -1,0 +1,387 @@
+"""One conformance suite for every KV backend (memory, rocksdb, etcd).
+
+Concurrency is made deterministic by committing a second transaction from
+inside the first one's function, between its reads and its commit.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+import chainfs.kv as kv
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.kv import KVStore, RetryPolicy, Transaction, prefix_end
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def put_all(store: KVStore, items: dict[bytes, bytes]) -> None:
+    async def fn(tx: Transaction) -> None:
+        for k, v in items.items():
+            tx.set(k, v)
+
+    await store.transact(fn)
+
+
+async def scan(store: KVStore, begin: bytes = b"", end: bytes = b"\xff", **kw: Any) -> list:
+    return await store.transact(lambda tx: tx.get_range(begin, end, **kw), read_only=True)
+
+
+async def test_get_set_clear(store: KVStore) -> None:
+    assert await store.get(b"a") is None
+    await store.set(b"a", b"1")
+    assert await store.get(b"a") == b"1"
+    await store.set(b"a", b"2")
+    assert await store.get(b"a") == b"2"
+
+    async def clear(tx: Transaction) -> None:
+        tx.clear(b"a")
+
+    await store.transact(clear)
+    assert await store.get(b"a") is None
+    await store.transact(clear)  # clearing an absent key is fine
+    await store.set(b"", b"empty key")
+    await store.set(b"bin\x00\xff", b"")
+    assert await store.get(b"") == b"empty key"
+    assert await store.get(b"bin\x00\xff") == b""
+
+
+async def test_get_range_bounds_limit_reverse(store: KVStore) -> None:
+    keys = [b"k%02d" % i for i in range(20)]
+    await put_all(store, {k: k.upper() for k in keys} | {b"j": b"x", b"l": b"y"})
+    assert [k for k, _ in await scan(store, b"k", b"l")] == keys
+    assert await scan(store, b"k05", b"k08") == [(k, k.upper()) for k in keys[5:8]]
+    assert [k for k, _ in await scan(store, b"k", b"l", limit=3)] == keys[:3]
+    assert [k for k, _ in await scan(store, b"k", b"l", reverse=True)] == keys[::-1]
+    assert [k for k, _ in await scan(store, b"k", b"l", limit=4, reverse=True)] == keys[:-5:-1]
+    assert [k for k, _ in await scan(store, b"k05", b"k10", limit=2, reverse=True)] == [
+        b"k09",
+        b"k08",
+    ]
+    assert await scan(store, b"k10", b"k10") == []
+    assert await scan(store, b"k10", b"k05") == []
+    assert [k for k, _ in await scan(store, b"k", prefix_end(b"k"))] == keys
+    assert len(await scan(store, b"", b"\xff")) == 22
+
+
+async def test_read_your_writes(store: KVStore) -> None:
+    await put_all(store, {b"a": b"1", b"b": b"2", b"c": b"3", b"d": b"4", b"e": b"5"})
+
+    async def fn(tx: Transaction) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        tx.set(b"a", b"new")
+        tx.clear(b"b")
+        tx.set(b"bb", b"inserted")
+        out["a"] = await tx.get(b"a")
+        out["b"] = await tx.get(b"b")
+        out["range"] = await tx.get_range(b"a", b"z")
+        tx.clear_range(b"c", b"e")
+        out["c"] = await tx.get(b"c")
+        tx.set(b"d", b"again")  # a write after clear_range wins
+        out["after_clear"] = await tx.get_range(b"a", b"z")
+        out["limited"] = await tx.get_range(b"a", b"z", limit=2, reverse=True)
+        return out
+
+    out = await store.transact(fn)
+    assert out["a"] == b"new"
+    assert out["b"] is None
+    assert out["range"] == [
+        (b"a", b"new"),
+        (b"bb", b"inserted"),
+        (b"c", b"3"),
+        (b"d", b"4"),
+        (b"e", b"5"),
+    ]
+    assert out["c"] is None
+    assert out["after_clear"] == [
+        (b"a", b"new"),
+        (b"bb", b"inserted"),
+        (b"d", b"again"),
+        (b"e", b"5"),
+    ]
+    assert out["limited"] == [(b"e", b"5"), (b"d", b"again")]
+    # ...and the commit stored exactly what the transaction saw.
+    assert await scan(store, b"a", b"z") == out["after_clear"]
+
+
+async def test_limited_range_past_a_large_clear(store: KVStore) -> None:
+    await put_all(store, {b"k%04d" % i: b"v" for i in range(1500)})
+
+    async def fn(tx: Transaction) -> tuple[list, list]:
+        tx.clear_range(b"k0000", b"k1400")
+        forward = await tx.get_range(b"k", b"l", limit=5)
+        tx.clear_range(b"k1402", b"k1500")
+        backward = await tx.get_range(b"k", b"l", limit=5, reverse=True)
+        return [k for k, _ in forward], [k for k, _ in backward]
+
+    forward, backward = await store.transact(fn)
+    assert forward == [b"k%04d" % i for i in range(1400, 1405)]
+    assert backward == [b"k1401", b"k1400"]
+
+
+async def test_snapshot_isolation(store: KVStore) -> None:
+    await put_all(store, {b"a": b"old", b"r1": b"x"})
+
+    async def fn(tx: Transaction) -> tuple[Any, ...]:
+        first = await tx.get(b"a")
+        await put_all(store, {b"a": b"new", b"r2": b"y"})  # commits meanwhile
+        return first, await tx.get(b"a"), await tx.get_range(b"r", b"s")
+
+    assert await store.transact(fn, read_only=True) == (b"old", b"old", [(b"r1", b"x")])
+    assert await store.get(b"a") == b"new"
+
+
+def counting(fn: Callable[[Transaction], Awaitable[Any]]) -> tuple[list[int], Callable]:
+    calls = [0]
+
+    async def wrapped(tx: Transaction) -> Any:
+        calls[0] += 1
+        return await fn(tx)
+
+    return calls, wrapped
+
+
+async def test_write_skew_is_prevented(store: KVStore) -> None:
+    # Invariant: at least one of the two doctors stays on call.
+    await put_all(store, {b"alice": b"on", b"bob": b"on"})
+
+    async def go_off(me: bytes, other: bytes, race: bool) -> bool:
+        async def fn(tx: Transaction) -> bool:
+            mine, theirs = await tx.get(me), await tx.get(other)
+            if race and calls[0] == 1:
+                await store.transact(other_goes_off)  # the racing transaction commits first
+            if mine == b"on" and theirs == b"on":
+                tx.set(me, b"off")
+                return True
+            return False
+
+        calls, wrapped = counting(fn)
+        result = await store.transact(wrapped)
+        return result and calls[0] == 2
+
+    async def other_goes_off(tx: Transaction) -> None:
+        if await tx.get(b"alice") == b"on" and await tx.get(b"bob") == b"on":
+            tx.set(b"bob", b"off")
+
+    # Alice's first attempt conflicts; her retry sees Bob off and stays on.
+    assert await go_off(b"alice", b"bob", race=True) is False
+    assert (await store.get(b"alice"), await store.get(b"bob")) == (b"on", b"off")
+
+
+async def test_conflict_on_read_key_and_none_on_unrelated(store: KVStore) -> None:
+    await put_all(store, {b"x": b"0", b"y": b"0"})
+
+    async def bump(tx: Transaction, key: bytes) -> None:
+        tx.set(key, str(int(await tx.get(key) or b"0") + 1).encode())
+
+    async def fn(tx: Transaction) -> None:
+        v = await tx.get(b"x")
+        if calls[0] == 1:
+            await store.transact(lambda t: bump(t, b"x"))
+            await store.transact(lambda t: bump(t, b"unrelated"))
+        tx.set(b"x", str(int(v or b"0") + 10).encode())
+
+    calls, wrapped = counting(fn)
+    await store.transact(wrapped)
+    assert calls[0] == 2  # the lost update was detected and retried
+    assert await store.get(b"x") == b"11"
+
+    async def fn2(tx: Transaction) -> None:
+        await tx.get(b"y")
+        if calls2[0] == 1:
+            await store.transact(lambda t: bump(t, b"x"))  # not read here
+        tx.set(b"y", b"1")
+
+    calls2, wrapped2 = counting(fn2)
+    await store.transact(wrapped2)
+    assert calls2[0] == 1
+
+
+async def test_absent_key_read_conflicts_with_its_creation(store: KVStore) -> None:
+    async def create_if_absent(tx: Transaction) -> None:
+        if await tx.get(b"lock") is None:
+            if calls[0] == 1:
+                await put_all(store, {b"lock": b"other"})
+            tx.set(b"lock", b"me")
+
+    calls, wrapped = counting(create_if_absent)
+    await store.transact(wrapped)
+    assert calls[0] == 2
+    assert await store.get(b"lock") == b"other"
+
+
+@pytest.mark.parametrize("change", ["insert", "update", "clear", "clear_range"])
+async def test_range_read_conflicts(store: KVStore, change: str) -> None:
+    await put_all(store, {b"d/1": b"a", b"d/3": b"b", b"other": b"z"})
+
+    async def racer(tx: Transaction) -> None:
+        if change == "insert":
+            tx.set(b"d/2", b"new")
+        elif change == "update":
+            tx.set(b"d/3", b"changed")
+        elif change == "clear":
+            tx.clear(b"d/1")
+        else:
+            tx.clear_range(b"d/0", b"d/2")
+
+    async def count_dir(tx: Transaction) -> None:
+        entries = await tx.get_range(b"d/", prefix_end(b"d/"))
+        if calls[0] == 1:
+            await store.transact(racer)
+        tx.set(b"count", str(len(entries)).encode())
+
+    calls, wrapped = counting(count_dir)
+    await store.transact(wrapped)
+    assert calls[0] == 2
+    expected = len(await scan(store, b"d/", prefix_end(b"d/")))
+    assert await store.get(b"count") == str(expected).encode()
+
+
+async def test_limited_scan_conflicts_only_on_what_it_covered(store: KVStore) -> None:
+    await put_all(store, {b"q/%d" % i: b"v" for i in range(6)})
+
+    async def fn(tx: Transaction) -> None:
+        await tx.get_range(b"q/", b"q0", limit=2)  # covers q/0 .. q/1
+        if calls[0] == 1:
+            await put_all(store, {b"q/5": b"changed"})
+        tx.set(b"head", b"seen")
+
+    calls, wrapped = counting(fn)
+    await store.transact(wrapped)
+    assert calls[0] == 1
+
+
+async def test_snapshot_reads_do_not_conflict(store: KVStore) -> None:
+    async def fn(tx: Transaction) -> None:
+        await tx.get(b"hint", snapshot=True)
+        await tx.get_range(b"h", b"i", snapshot=True)
+        if calls[0] == 1:
+            await put_all(store, {b"hint": b"changed"})
+        tx.set(b"out", b"1")
+
+    calls, wrapped = counting(fn)
+    await store.transact(wrapped)
+    assert calls[0] == 1
+
+
+async def test_add_read_conflict_key(store: KVStore) -> None:
+    async def fn(tx: Transaction) -> None:
+        tx.add_read_conflict_key(b"guard")
+        if calls[0] == 1:
+            await put_all(store, {b"guard": b"moved"})
+        tx.set(b"out", b"1")
+
+    calls, wrapped = counting(fn)
+    await store.transact(wrapped)
+    assert calls[0] == 2
+
+
+async def test_read_only_transactions(store: KVStore) -> None:
+    await store.set(b"a", b"1")
+
+    async def writes(tx: Transaction) -> None:
+        tx.set(b"a", b"2")
+
+    with pytest.raises(ChainfsError) as e:
+        await store.transact(writes, read_only=True)
+    assert e.value.errno == errno.EROFS
+    assert await store.get(b"a") == b"1"
+
+    async def reads(tx: Transaction) -> Any:
+        first = await tx.get(b"a")
+        await put_all(store, {b"a": b"changed"})
+        return first
+
+    # A read-only transaction never conflicts: it is serialized at its snapshot.
+    calls, wrapped = counting(reads)
+    assert await store.transact(wrapped, read_only=True) == b"1"
+    assert calls[0] == 1
+
+
+async def test_retry_exhaustion_raises_txn_conflict(new_url: Callable[[], str]) -> None:
+    store = kv.open(new_url(), RetryPolicy(max_attempts=3, backoff_initial_ms=0.1))
+    try:
+        await store.set(b"hot", b"0")
+
+        async def always_loses(tx: Transaction) -> None:
+            v = await tx.get(b"hot")
+            await store.set(b"hot", b"bumped %d" % calls[0])  # someone always wins the race
+            tx.set(b"hot", (v or b"") + b"!")
+
+        calls, wrapped = counting(always_loses)
+        with pytest.raises(ChainfsError) as e:
+            await store.transact(wrapped)
+        assert e.value.code == Code.TXN_CONFLICT
+        assert calls[0] == 3
+        assert await store.get(b"hot") == b"bumped 3"
+    finally:
+        await store.close()
+
+
+async def test_fn_exception_commits_nothing(store: KVStore) -> None:
+    async def fails(tx: Transaction) -> None:
+        tx.set(b"a", b"1")
+        raise ValueError("user error")
+
+    with pytest.raises(ValueError, match="user error"):
+        await store.transact(fails)
+    assert await store.get(b"a") is None
+
+
+async def test_large_values_and_many_keys(store: KVStore) -> None:
+    big = bytes(range(256)) * 4096  # 1 MiB
+    await store.set(b"big", big)
+    assert await store.get(b"big") == big
+    many = {b"m/%05d" % i: b"%d" % i * 10 for i in range(1000)}
+    await put_all(store, many)
+    got = await scan(store, b"m/", b"m0")
+    assert dict(got) == many
+
+    async def clear_all(tx: Transaction) -> None:
+        tx.clear_range(b"m/", b"m0")
+
+    await store.transact(clear_all)
+    assert await scan(store, b"m/", b"m0") == []
+    assert await store.get(b"big") == big
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda tx: tx.get("str-key"),
+        lambda tx: tx.get(1),
+        lambda tx: tx.get_range("a", b"b"),
+        lambda tx: tx.get_range(b"a", None),
+        lambda tx: tx.get_range(b"a", b"b", limit=-1),
+        lambda tx: _sync(tx.set, "k", b"v"),
+        lambda tx: _sync(tx.set, b"k", "v"),
+        lambda tx: _sync(tx.set, b"k", None),
+        lambda tx: _sync(tx.clear, bytearray(b"k")),
+        lambda tx: _sync(tx.clear_range, b"a", "b"),
+    ],
+)
+async def test_bad_input_is_einval(store: KVStore, bad: Callable) -> None:
+    with pytest.raises(ChainfsError) as e:
+        await store.transact(bad)
+    assert e.value.errno == errno.EINVAL
+    assert await scan(store) == []
+
+
+async def _sync(fn: Callable, *args: Any) -> Any:
+    return fn(*args)
+
+
+def test_unknown_url_scheme() -> None:
+    with pytest.raises(ChainfsError) as e:
+        kv.open("redis://x")
+    assert e.value.errno == errno.EINVAL
+
+
+def test_prefix_end() -> None:
+    assert prefix_end(b"abc") == b"abd"
+    assert prefix_end(b"a\xff") == b"b"
+    assert prefix_end(b"\xff\xff") == b"\xff" * 64
