@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nmgmt.proto\x12\x0c\x63hainfs.mgmt\"\xc2\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12$\n\x04type\x18\x02 \x01(\x0e\x32\x16.chainfs.mgmt.NodeType\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\x13\n\x0brpc_address\x18\x05 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x06 \x01(\t\x12(\n\x06status\x18\x07 \x01(\x0e\x32\x18.chainfs.mgmt.NodeStatus\x12\x19\n\x11last_heartbeat_ms\x18\x08 \x01(\x03\x12.\n\x04tags\x18\t \x03(\x0b\x32 .chainfs.mgmt.NodeInfo.TagsEntry\x12\x13\n\x0bunix_socket\x18\n \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa0\x02\n\nTargetInfo\x12\x11\n\ttarget_id\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\r\x12\x10\n\x08\x63hain_id\x18\x03 \x01(\r\x12\x35\n\x0cpublic_state\x18\x04 \x01(\x0e\x32\x1f.chainfs.mgmt.PublicTargetState\x12\x33\n\x0blocal_state\x18\x05 \x01(\x0e\x32\x1e.chainfs.mgmt.LocalTargetState\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x12\n\nused_bytes\x18\x07 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x08 \x01(\x04\x12\x17\n\x0fsync_bytes_left\x18\t \x01(\x04\x12\x1d\n\x15sync_rate_bytes_per_s\x18\n \x01(\x04\"E\n\tChainInfo\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\r\x12\x15\n\rchain_version\x18\x02 \x01(\x04\x12\x0f\n\x07targets\x18\x03 \x03(\x04\"\xbf\x01\n\x0bRoutingInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12%\n\x05nodes\x18\x02 \x03(\x0b\x32\x16.chainfs.mgmt.NodeInfo\x12)\n\x07targets\x18\x03 \x03(\x0b\x32\x18.chainfs.mgmt.TargetInfo\x12\'\n\x06\x63hains\x18\x04 \x03(\x0b\x32\x17.chainfs.mgmt.ChainInfo\x12\x10\n\x08replicas\x18\x05 \x01(\r\x12\x12\n\ncluster_id\x18\x06 \x01(\t\"v\n\x0fRegisterNodeReq\x12$\n\x04node\x18\x01 \x01(\x0b\x32\x16.chainfs.mgmt.NodeInfo\x12)\n\x07targets\x18\x02 \x03(\x0b\x32\x18.chainfs.mgmt.TargetInfo\x12\x12\n\nreregister\x18\x03 \x01(\x08\"\x9f\x01\n\x0fRegisterNodeRsp\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x12\n\ntarget_ids\x18\x02 \x03(\x04\x12*\n\x07routing\x18\x03 \x01(\x0b\x32\x19.chainfs.mgmt.RoutingInfo\x12\x1d\n\x15heartbeat_interval_ms\x18\x04 \x01(\x04\x12\x1c\n\x14heartbeat_timeout_ms\x18\x05 \x01(\x04\"\xbd\x01\n\x0fTargetHeartbeat\x12\x11\n\ttarget_id\x18\x01 \x01(\x04\x12\x33\n\x0blocal_state\x18\x02 \x01(\x0e\x32\x1e.chainfs.mgmt.LocalTargetState\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fsync_bytes_left\x18\x05 \x01(\x04\x12\x1d\n\x15sync_rate_bytes_per_s\x18\x06 \x01(\x04\"h\n\x0cHeartbeatReq\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12.\n\x07targets\x18\x02 \x03(\x0b\x32\x1d.chainfs.mgmt.TargetHeartbeat\x12\x17\n\x0frouting_version\x18\x03 \x01(\x04\"S\n\x0cHeartbeatRsp\x12\x17\n\x0frouting_version\x18\x01 \x01(\x04\x12*\n\x07routing\x18\x02 \x01(\x0b\x32\x19.chainfs.mgmt.RoutingInfo\"*\n\x11GetRoutingInfoReq\x12\x15\n\rknown_version\x18\x01 \x01(\x04\"R\n\x11GetRoutingInfoRsp\x12\x11\n\tunchanged\x18\x01 \x01(\x08\x12*\n\x07routing\x18\x02 \x01(\x0b\x32\x19.chainfs.mgmt.RoutingInfo\",\n\x13WatchRoutingInfoReq\x12\x15\n\rknown_version\x18\x01 \x01(\x04\"7\n\x0f\x43reateChainsReq\x12\x10\n\x08replicas\x18\x01 \x01(\r\x12\x12\n\nnum_chains\x18\x02 \x01(\r\"f\n\x0f\x43reateChainsRsp\x12\'\n\x06\x63hains\x18\x01 \x03(\x0b\x32\x17.chainfs.mgmt.ChainInfo\x12*\n\x07routing\x18\x02 \x01(\x0b\x32\x19.chainfs.mgmt.RoutingInfo\"\xa9\x01\n\x0fUpdateTargetReq\x12\x11\n\ttarget_id\x18\x01 \x01(\x04\x12\x34\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32$.chainfs.mgmt.UpdateTargetReq.Action\"M\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0b\n\x07OFFLINE\x10\x01\x12\n\n\x06REMOVE\x10\x02\x12\x12\n\x0eROTATE_LASTSRV\x10\x03\"=\n\x0fUpdateTargetRsp\x12*\n\x07routing\x18\x01 \x01(\x0b\x32\x19.chainfs.mgmt.RoutingInfo\"O\n\x0eUpdateChainReq\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\r\x12\x13\n\x0b\x61\x64\x64_targets\x18\x02 \x03(\x04\x12\x16\n\x0eremove_targets\x18\x03 \x03(\x04\"8\n\x0eUpdateChainRsp\x12&\n\x05\x63hain\x18\x01 \x01(\x0b\x32\x17.chainfs.mgmt.ChainInfo\"*\n\x0cSetConfigReq\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x1f\n\x0cSetConfigRsp\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\x1b\n\x0cGetConfigReq\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x86\x01\n\x0cGetConfigRsp\x12\x36\n\x06values\x18\x01 \x03(\x0b\x32&.chainfs.mgmt.GetConfigRsp.ValuesEntry\x12\x0f\n\x07version\x18\x02 \x01(\x04\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0e\n\x0cGetStatusReq\"\\\n\tMgmtdPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x13\n\x0brpc_address\x18\x02 \x01(\t\x12\x0f\n\x07primary\x18\x03 \x01(\x08\x12\x18\n\x10lease_expires_ms\x18\x04 \x01(\x03\"\xe5\x02\n\x0cGetStatusRsp\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0f\n\x07self_id\x18\x02 \x01(\r\x12\x0f\n\x07primary\x18\x03 \x01(\x08\x12\x17\n\x0fprimary_address\x18\x04 \x01(\t\x12\x17\n\x0frouting_version\x18\x05 \x01(\x04\x12\x14\n\x0cnodes_online\x18\x06 \x01(\r\x12\x13\n\x0bnodes_total\x18\x07 \x01(\r\x12\x17\n\x0ftargets_serving\x18\x08 \x01(\r\x12\x15\n\rtargets_total\x18\t \x01(\r\x12\x14\n\x0c\x63hains_total\x18\n \x01(\r\x12\x17\n\x0f\x63hains_writable\x18\x0b \x01(\r\x12\x12\n\nused_bytes\x18\x0c \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\r \x01(\x04\x12\'\n\x06mgmtds\x18\x0e \x03(\x0b\x32\x17.chainfs.mgmt.MgmtdPeer\x12\x0e\n\x06kv_url\x18\x0f \x01(\t*S\n\x08NodeType\x12\x19\n\x15NODE_TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05MGMTD\x10\x01\x12\x08\n\x04META\x10\x02\x12\x0b\n\x07STORAGE\x10\x03\x12\n\n\x06\x43LIENT\x10\x04*_\n\nNodeStatus\x12\x1b\n\x17NODE_STATUS_UNSPECIFIED\x10\x00\x12\x0f\n\x0bNODE_ONLINE\x10\x01\x12\x10\n\x0cNODE_OFFLINE\x10\x02\x12\x11\n\rNODE_DISABLED\x10\x03*r\n\x11PublicTargetState\x12\x1c\n\x18PUBLIC_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0b\n\x07SYNCING\x10\x02\x12\x0b\n\x07WAITING\x10\x03\x12\x0b\n\x07LASTSRV\x10\x04\x12\x0b\n\x07OFFLINE\x10\x05*\\\n\x10LocalTargetState\x12\x1b\n\x17LOCAL_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08UPTODATE\x10\x01\x12\n\n\x06ONLINE\x10\x02\x12\x11\n\rLOCAL_OFFLINE\x10\x03\x32\xf7\x05\n\x04Mgmt\x12L\n\x0cRegisterNode\x12\x1d.chainfs.mgmt.RegisterNodeReq\x1a\x1d.chainfs.mgmt.RegisterNodeRsp\x12\x43\n\tHeartbeat\x12\x1a.chainfs.mgmt.HeartbeatReq\x1a\x1a.chainfs.mgmt.HeartbeatRsp\x12R\n\x0eGetRoutingInfo\x12\x1f.chainfs.mgmt.GetRoutingInfoReq\x1a\x1f.chainfs.mgmt.GetRoutingInfoRsp\x12R\n\x10WatchRoutingInfo\x12!.chainfs.mgmt.WatchRoutingInfoReq\x1a\x19.chainfs.mgmt.RoutingInfo0\x01\x12L\n\x0c\x43reateChains\x12\x1d.chainfs.mgmt.CreateChainsReq\x1a\x1d.chainfs.mgmt.CreateChainsRsp\x12L\n\x0cUpdateTarget\x12\x1d.chainfs.mgmt.UpdateTargetReq\x1a\x1d.chainfs.mgmt.UpdateTargetRsp\x12I\n\x0bUpdateChain\x12\x1c.chainfs.mgmt.UpdateChainReq\x1a\x1c.chainfs.mgmt.UpdateChainRsp\x12\x43\n\tSetConfig\x12\x1a.chainfs.mgmt.SetConfigReq\x1a\x1a.chainfs.mgmt.SetConfigRsp\x12\x43\n\tGetConfig\x12\x1a.chainfs.mgmt.GetConfigReq\x1a\x1a.chainfs.mgmt.GetConfigRsp\x12\x43\n\tGetStatus\x12\x1a.chainfs.mgmt.GetStatusReq\x1a\x1a.chainfs.mgmt.GetStatusRspb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nmgmt.proto\x12\x0c\x63hainfs.mgmt\"\xc2\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12$\n\x04type\x18\x02 \x01(\x0e\x32\x16.chainfs.mgmt.NodeType\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\x13\n\x0brpc_address\x18\x05 \x01(\t\x12\x14\n\x0c\x64\x61ta_address\x18\x06 \x01(\t\x12(\n\x06status\x18\x07 \x01(\x0e\x32\x18.chainfs.mgmt.NodeStatus\x12\x19\n\x11last_heartbeat_ms\x18\x08 \x01(\x03\x12.\n\x04tags\x18\t \x03(\x0b\x32 .chainfs.mgmt.NodeInfo.TagsEntry\x12\x13\n\x0bunix_socket\x18\n \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa0\x02\n\nTargetInfo\x12\x11\n\ttarget_id\x18\x01 \x01(\x04\x12\x0f\n\x07node_id\x18\x02 \x01(\r\x12\x10\n\x08\x63hain_id\x18\x03 \x01(\r\x12\x35\n\x0cpublic_state\x18\x04 \x01(\x0e\x32\x1f.chainfs.mgmt.PublicTargetState\x12\x33\n\x0blocal_state\x18\x05 \x01(\x0e\x32\x1e.chainfs.mgmt.LocalTargetState\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x12\n\nused_bytes\x18\x07 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x08 \x01(\x04\x12\x17\n\x0fsync_bytes_left\x18\t \x01(\x04\x12\x1d\n\x15sync_rate_bytes_per_s\x18\n \x01(\x04\"E\n\tChainInfo\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\r\x12\x15\n\rchain_version\x18\x02 \x01(\x04\x12\x0f\n\x07targets\x18\x03 \x03(\x04\"\xbf\x01\n\x0bRoutingInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12%\n\x05nodes\x18\x02 \x03(\x0b\x32\x16.chainfs.mgmt.NodeInfo\x12)\n\x07targets\x18\x03 \x03(\x0b\x32\x18.chainfs.mgmt.TargetInfo\x12\'\n\x06\x63hains\x18\x04 \x03(\x0b\x32\x17.chainfs.mgmt.ChainInfo\x12\x10\n\x08replicas\x18\x05 \x01(\r\x12\x12\n\ncluster_id\x18\x06 \x01(\t\"v\n\x0fRegisterNodeReq\x12$\n\x04node\x18\x01 \x01(\x0b\x32\x16.chainfs.mgmt.NodeInfo\x12)\n\x07targets\x18\x02 \x03(\x0b\x32\x18.chainfs.mgmt.TargetInfo\x12\x12\n\nreregister\x18\x03 \x01(\x08\"\x9f\x01\n\x0fRegisterNodeRsp\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x12\n\ntarget_ids\x18\x02 \x03(\x04\x12*\n\x07routing\x18\x03 \x01(\x0b\x32\x19.chainfs.mgmt.RoutingInfo\x12\x1d\n\x15heartbeat_interval_ms\x18\x04 \x01(\x04\x12\x1c\n\x14heartbeat_timeout_ms\x18\x05 \x01(\x04\"\xbd\x01\n\x0fTargetHeartbeat\x12\x11\n\ttarget_id\x18\x01 \x01(\x04\x12\x33\n\x0blocal_state\x18\x02 \x01(\x0e\x32\x1e.chainfs.mgmt.LocalTargetState\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fsync_bytes_left\x18\x05 \x01(\x04\x12\x1d\n\x15sync_rate_bytes_per_s\x18\x06 \x01(\x04\"h\n\x0cHeartbeatReq\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12.\n\x07targets\x18\x02 \x03(\x0b\x32\x1d.chainfs.mgmt.TargetHeartbeat\x12\x17\n\x0frouting_version\x18\x03 \x01(\x04\"S\n\x0cHeartbeatRsp\x12\x17\n\x0frouting_version\x18\x01 \x01(\x04\x12*\n\x07routing\x18\x02 \x01(\x0b\x32\x19.chainfs.mgmt.RoutingInfo\"*\n\x11GetRoutingInfoReq\x12\x15\n\rknown_version\x18\x01 \x01(\x04\"R\n\x11GetRoutingInfoRsp\x12\x11\n\tunchanged\x18\x01 \x01(\x08\x12*\n\x07routing\x18\x02 \x01(\x0b\x32\x19.chainfs.mgmt.RoutingInfo\",\n\x13WatchRoutingInfoReq\x12\x15\n\rknown_version\x18\x01 \x01(\x04\"E\n\x0f\x43reateChainsReq\x12\x10\n\x08replicas\x18\x01 \x01(\r\x12\x12\n\nnum_chains\x18\x02 \x01(\r\x12\x0c\n\x04init\x18\x03 \x01(\x08\"f\n\x0f\x43reateChainsRsp\x12\'\n\x06\x63hains\x18\x01 \x03(\x0b\x32\x17.chainfs.mgmt.ChainInfo\x12*\n\x07routing\x18\x02 \x01(\x0b\x32\x19.chainfs.mgmt.RoutingInfo\"\xa9\x01\n\x0fUpdateTargetReq\x12\x11\n\ttarget_id\x18\x01 \x01(\x04\x12\x34\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32$.chainfs.mgmt.UpdateTargetReq.Action\"M\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0b\n\x07OFFLINE\x10\x01\x12\n\n\x06REMOVE\x10\x02\x12\x12\n\x0eROTATE_LASTSRV\x10\x03\"=\n\x0fUpdateTargetRsp\x12*\n\x07routing\x18\x01 \x01(\x0b\x32\x19.chainfs.mgmt.RoutingInfo\"O\n\x0eUpdateChainReq\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\r\x12\x13\n\x0b\x61\x64\x64_targets\x18\x02 \x03(\x04\x12\x16\n\x0eremove_targets\x18\x03 \x03(\x04\"8\n\x0eUpdateChainRsp\x12&\n\x05\x63hain\x18\x01 \x01(\x0b\x32\x17.chainfs.mgmt.ChainInfo\"*\n\x0cSetConfigReq\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x1f\n\x0cSetConfigRsp\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\x1b\n\x0cGetConfigReq\x12\x0b\n\x03key\x18\x01 \x01(\t\"\x86\x01\n\x0cGetConfigRsp\x12\x36\n\x06values\x18\x01 \x03(\x0b\x32&.chainfs.mgmt.GetConfigRsp.ValuesEntry\x12\x0f\n\x07version\x18\x02 \x01(\x04\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0e\n\x0cGetStatusReq\"\\\n\tMgmtdPeer\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x13\n\x0brpc_address\x18\x02 \x01(\t\x12\x0f\n\x07primary\x18\x03 \x01(\x08\x12\x18\n\x10lease_expires_ms\x18\x04 \x01(\x03\"\xe5\x02\n\x0cGetStatusRsp\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0f\n\x07self_id\x18\x02 \x01(\r\x12\x0f\n\x07primary\x18\x03 \x01(\x08\x12\x17\n\x0fprimary_address\x18\x04 \x01(\t\x12\x17\n\x0frouting_version\x18\x05 \x01(\x04\x12\x14\n\x0cnodes_online\x18\x06 \x01(\r\x12\x13\n\x0bnodes_total\x18\x07 \x01(\r\x12\x17\n\x0ftargets_serving\x18\x08 \x01(\r\x12\x15\n\rtargets_total\x18\t \x01(\r\x12\x14\n\x0c\x63hains_total\x18\n \x01(\r\x12\x17\n\x0f\x63hains_writable\x18\x0b \x01(\r\x12\x12\n\nused_bytes\x18\x0c \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\r \x01(\x04\x12\'\n\x06mgmtds\x18\x0e \x03(\x0b\x32\x17.chainfs.mgmt.MgmtdPeer\x12\x0e\n\x06kv_url\x18\x0f \x01(\t*S\n\x08NodeType\x12\x19\n\x15NODE_TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05MGMTD\x10\x01\x12\x08\n\x04META\x10\x02\x12\x0b\n\x07STORAGE\x10\x03\x12\n\n\x06\x43LIENT\x10\x04*_\n\nNodeStatus\x12\x1b\n\x17NODE_STATUS_UNSPECIFIED\x10\x00\x12\x0f\n\x0bNODE_ONLINE\x10\x01\x12\x10\n\x0cNODE_OFFLINE\x10\x02\x12\x11\n\rNODE_DISABLED\x10\x03*r\n\x11PublicTargetState\x12\x1c\n\x18PUBLIC_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0b\n\x07SYNCING\x10\x02\x12\x0b\n\x07WAITING\x10\x03\x12\x0b\n\x07LASTSRV\x10\x04\x12\x0b\n\x07OFFLINE\x10\x05*\\\n\x10LocalTargetState\x12\x1b\n\x17LOCAL_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08UPTODATE\x10\x01\x12\n\n\x06ONLINE\x10\x02\x12\x11\n\rLOCAL_OFFLINE\x10\x03\x32\xf7\x05\n\x04Mgmt\x12L\n\x0cRegisterNode\x12\x1d.chainfs.mgmt.RegisterNodeReq\x1a\x1d.chainfs.mgmt.RegisterNodeRsp\x12\x43\n\tHeartbeat\x12\x1a.chainfs.mgmt.HeartbeatReq\x1a\x1a.chainfs.mgmt.HeartbeatRsp\x12R\n\x0eGetRoutingInfo\x12\x1f.chainfs.mgmt.GetRoutingInfoReq\x1a\x1f.chainfs.mgmt.GetRoutingInfoRsp\x12R\n\x10WatchRoutingInfo\x12!.chainfs.mgmt.WatchRoutingInfoReq\x1a\x19.chainfs.mgmt.RoutingInfo0\x01\x12L\n\x0c\x43reateChains\x12\x1d.chainfs.mgmt.CreateChainsReq\x1a\x1d.chainfs.mgmt.CreateChainsRsp\x12L\n\x0cUpdateTarget\x12\x1d.chainfs.mgmt.UpdateTargetReq\x1a\x1d.chainfs.mgmt.UpdateTargetRsp\x12I\n\x0bUpdateChain\x12\x1c.chainfs.mgmt.UpdateChainReq\x1a\x1c.chainfs.mgmt.UpdateChainRsp\x12\x43\n\tSetConfig\x12\x1a.chainfs.mgmt.SetConfigReq\x1a\x1a.chainfs.mgmt.SetConfigRsp\x12\x43\n\tGetConfig\x12\x1a.chainfs.mgmt.GetConfigReq\x1a\x1a.chainfs.mgmt.GetConfigRsp\x12\x43\n\tGetStatus\x12\x1a.chainfs.mgmt.GetStatusReq\x1a\x1a.chainfs.mgmt.GetStatusRspb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEINFO_TAGSENTRY']._serialized_options = b'8\001'
   _globals['_GETCONFIGRSP_VALUESENTRY']._loaded_options = None
   _globals['_GETCONFIGRSP_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_NODETYPE']._serialized_start=2996
-  _globals['_NODETYPE']._serialized_end=3079
-  _globals['_NODESTATUS']._serialized_start=3081
-  _globals['_NODESTATUS']._serialized_end=3176
-  _globals['_PUBLICTARGETSTATE']._serialized_start=3178
-  _globals['_PUBLICTARGETSTATE']._serialized_end=3292
-  _globals['_LOCALTARGETSTATE']._serialized_start=3294
-  _globals['_LOCALTARGETSTATE']._serialized_end=3386
+  _globals['_NODETYPE']._serialized_start=3010
+  _globals['_NODETYPE']._serialized_end=3093
+  _globals['_NODESTATUS']._serialized_start=3095
+  _globals['_NODESTATUS']._serialized_end=3190
+  _globals['_PUBLICTARGETSTATE']._serialized_start=3192
+  _globals['_PUBLICTARGETSTATE']._serialized_end=3306
+  _globals['_LOCALTARGETSTATE']._serialized_start=3308
+  _globals['_LOCALTARGETSTATE']._serialized_end=3400
   _globals['_NODEINFO']._serialized_start=29
   _globals['_NODEINFO']._serialized_end=351
   _globals['_NODEINFO_TAGSENTRY']._serialized_start=308
@@ -70,35 +70,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHROUTINGINFOREQ']._serialized_start=1702
   _globals['_WATCHROUTINGINFOREQ']._serialized_end=1746
   _globals['_CREATECHAINSREQ']._serialized_start=1748
-  _globals['_CREATECHAINSREQ']._serialized_end=1803
-  _globals['_CREATECHAINSRSP']._serialized_start=1805
-  _globals['_CREATECHAINSRSP']._serialized_end=1907
-  _globals['_UPDATETARGETREQ']._serialized_start=1910
-  _globals['_UPDATETARGETREQ']._serialized_end=2079
-  _globals['_UPDATETARGETREQ_ACTION']._serialized_start=2002
-  _globals['_UPDATETARGETREQ_ACTION']._serialized_end=2079
-  _globals['_UPDATETARGETRSP']._serialized_start=2081
-  _globals['_UPDATETARGETRSP']._serialized_end=2142
-  _globals['_UPDATECHAINREQ']._serialized_start=2144
-  _globals['_UPDATECHAINREQ']._serialized_end=2223
-  _globals['_UPDATECHAINRSP']._serialized_start=2225
-  _globals['_UPDATECHAINRSP']._serialized_end=2281
-  _globals['_SETCONFIGREQ']._serialized_start=2283
-  _globals['_SETCONFIGREQ']._serialized_end=2325
-  _globals['_SETCONFIGRSP']._serialized_start=2327
-  _globals['_SETCONFIGRSP']._serialized_end=2358
-  _globals['_GETCONFIGREQ']._serialized_start=2360
-  _globals['_GETCONFIGREQ']._serialized_end=2387
-  _globals['_GETCONFIGRSP']._serialized_start=2390
-  _globals['_GETCONFIGRSP']._serialized_end=2524
-  _globals['_GETCONFIGRSP_VALUESENTRY']._serialized_start=2479
-  _globals['_GETCONFIGRSP_VALUESENTRY']._serialized_end=2524
-  _globals['_GETSTATUSREQ']._serialized_start=2526
-  _globals['_GETSTATUSREQ']._serialized_end=2540
-  _globals['_MGMTDPEER']._serialized_start=2542
-  _globals['_MGMTDPEER']._serialized_end=2634
-  _globals['_GETSTATUSRSP']._serialized_start=2637
-  _globals['_GETSTATUSRSP']._serialized_end=2994
-  _globals['_MGMT']._serialized_start=3389
-  _globals['_MGMT']._serialized_end=4148
+  _globals['_CREATECHAINSREQ']._serialized_end=1817
+  _globals['_CREATECHAINSRSP']._serialized_start=1819
+  _globals['_CREATECHAINSRSP']._serialized_end=1921
+  _globals['_UPDATETARGETREQ']._serialized_start=1924
+  _globals['_UPDATETARGETREQ']._serialized_end=2093
+  _globals['_UPDATETARGETREQ_ACTION']._serialized_start=2016
+  _globals['_UPDATETARGETREQ_ACTION']._serialized_end=2093
+  _globals['_UPDATETARGETRSP']._serialized_start=2095
+  _globals['_UPDATETARGETRSP']._serialized_end=2156
+  _globals['_UPDATECHAINREQ']._serialized_start=2158
+  _globals['_UPDATECHAINREQ']._serialized_end=2237
+  _globals['_UPDATECHAINRSP']._serialized_start=2239
+  _globals['_UPDATECHAINRSP']._serialized_end=2295
+  _globals['_SETCONFIGREQ']._serialized_start=2297
+  _globals['_SETCONFIGREQ']._serialized_end=2339
+  _globals['_SETCONFIGRSP']._serialized_start=2341
+  _globals['_SETCONFIGRSP']._serialized_end=2372
+  _globals['_GETCONFIGREQ']._serialized_start=2374
+  _globals['_GETCONFIGREQ']._serialized_end=2401
+  _globals['_GETCONFIGRSP']._serialized_start=2404
+  _globals['_GETCONFIGRSP']._serialized_end=2538
+  _globals['_GETCONFIGRSP_VALUESENTRY']._serialized_start=2493
+  _globals['_GETCONFIGRSP_VALUESENTRY']._serialized_end=2538
+  _globals['_GETSTATUSREQ']._serialized_start=2540
+  _globals['_GETSTATUSREQ']._serialized_end=2554
+  _globals['_MGMTDPEER']._serialized_start=2556
+  _globals['_MGMTDPEER']._serialized_end=2648
+  _globals['_GETSTATUSRSP']._serialized_start=2651
+  _globals['_GETSTATUSRSP']._serialized_end=3008
+  _globals['_MGMT']._serialized_start=3403
+  _globals['_MGMT']._serialized_end=4162
 # @@protoc_insertion_point(module_scope)

@@ -524,18 +524,22 @@ class CreateChainsReq(_message.Message):
 
     REPLICAS_FIELD_NUMBER: _builtins.int
     NUM_CHAINS_FIELD_NUMBER: _builtins.int
+    INIT_FIELD_NUMBER: _builtins.int
     replicas: _builtins.int
     num_chains: _builtins.int
     """0 = as many as the registered targets allow"""
+    init: _builtins.bool
+    """init-cluster: fail with EEXIST if any chain exists"""
     def __init__(
         self,
         *,
         replicas: _builtins.int = ...,
         num_chains: _builtins.int = ...,
+        init: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_chains", b"num_chains", "replicas", b"replicas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["init", b"init", "num_chains", b"num_chains", "replicas", b"replicas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,522 @@
+"""Thin client of mgmtd, shared by services and the user-facing client.
+
+- :class:`MgmtClient`: every mgmtd RPC. Given one or more mgmtd addresses it
+  tries them in turn, follows a NOT_PRIMARY answer to the primary it names,
+  and gives up with ``UNAVAILABLE`` once ``timeout_s`` has passed (never hangs).
+- :class:`RoutingCache`: the latest routing info, refreshed by a watch stream
+  (falling back to polling while the stream is down) or on demand after a
+  stale-chain-version rejection.
+- :class:`HeartbeatLoop`: registration plus periodic heartbeats of a meta or
+  storage node; ``last_ack_monotonic`` lets storage fence itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.routing import Routing
+from chainfs.common.rpc import grpc_util
+from chainfs.proto import mgmt_pb2 as mp
+from chainfs.proto import mgmt_pb2_grpc as mg
+
+log = logging.getLogger(__name__)
+
+# A NOT_PRIMARY answer names the primary as "... primary is at HOST:PORT".
+NOT_PRIMARY_HINT = "primary is at "
+_HINT_RE = re.compile(re.escape(NOT_PRIMARY_HINT) + r"(\S+)")
+
+RETRY_BACKOFF_INITIAL_S = 0.05  # pause after every address failed once
+RETRY_BACKOFF_MAX_S = 0.5  # bound on that pause, so failover is noticed quickly
+MIN_ATTEMPT_TIMEOUT_S = 0.5  # one address never gets less than this (unless time is up)
+MAX_KNOWN_ADDRESSES = 64  # bound on addresses learnt from NOT_PRIMARY hints
+
+
+def not_primary_message(primary_address: str | None) -> str:
+    """The NOT_PRIMARY message mgmtd sends (parsed back by :func:`primary_hint`)."""
+    if primary_address:
+        return f"this mgmtd is not the primary; {NOT_PRIMARY_HINT}{primary_address}"
+    return "this mgmtd is not the primary; no primary elected yet"
+
+
+def primary_hint(message: str) -> str | None:
+    m = _HINT_RE.search(message)
+    return m.group(1) if m else None
+
+
+def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
+    """``"h:p,h:p"`` or a list -> list of non-empty, de-duplicated addresses."""
+    items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
+    out: list[str] = []
+    for a in items:
+        a = a.strip()
+        if a and a not in out:
+            out.append(a)
+    if not out:
+        raise ChainfsError(Code.EINVAL, f"no mgmtd address given ({addresses!r})")
+    return out
+
+
+class MgmtClient:
+    """Calls mgmtd, finding the primary among ``addresses``."""
+
+    def __init__(self, addresses: str | list[str], timeout_s: float = 5.0) -> None:
+        if timeout_s <= 0:
+            raise ChainfsError(Code.EINVAL, f"timeout_s must be > 0, not {timeout_s}")
+        self.addresses = parse_addresses(addresses)
+        self._configured = list(self.addresses)
+        self.timeout_s = timeout_s
+        self._primary: str | None = None  # last address that answered as primary
+        self._channels: dict[str, tuple[grpc.aio.Channel, mg.MgmtStub]] = {}
+        self._closed = False
+
+    @property
+    def primary_address(self) -> str | None:
+        """The mgmtd that answered last (the primary, as far as we know)."""
+        return self._primary
+
+    def _stub(self, address: str) -> mg.MgmtStub:
+        if self._closed:
+            raise ChainfsError(Code.EBADF, "MgmtClient is closed")
+        entry = self._channels.get(address)
+        if entry is None:
+            ch = grpc_util.channel(address)
+            entry = (ch, mg.MgmtStub(ch))
+            self._channels[address] = entry
+        return entry[1]
+
+    def _candidates(self) -> list[str]:
+        if self._primary is None:
+            return list(self.addresses)
+        return [self._primary] + [a for a in self.addresses if a != self._primary]
+
+    def _learn(self, address: str) -> None:
+        if address not in self.addresses and len(self.addresses) < MAX_KNOWN_ADDRESSES:
+            self.addresses.append(address)
+
+    def _unreachable(self, last: ChainfsError | None) -> ChainfsError:
+        why = f" ({last})" if last is not None else ""
+        return ChainfsError(
+            Code.UNAVAILABLE, f"cannot reach mgmtd at {','.join(self._configured)}{why}"
+        )
+
+    async def _call(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
+        """Call ``method`` on the primary; retry other addresses until the deadline."""
+        total = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + total
+        backoff = RETRY_BACKOFF_INITIAL_S
+        last: ChainfsError | None = None
+        while True:
+            queue = self._candidates()
+            tried: set[str] = set()
+            while queue:
+                addr = queue.pop(0)
+                if addr in tried:
+                    continue
+                tried.add(addr)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._unreachable(last)
+                share = max(total / max(len(self.addresses), 1), MIN_ATTEMPT_TIMEOUT_S)
+                attempt_s = min(remaining, share)
+                try:
+                    rsp = await grpc_util.call(
+                        getattr(self._stub(addr), method), request, attempt_s, addr
+                    )
+                except ChainfsError as e:
+                    if e.code == Code.NOT_PRIMARY:
+                        last = e
+                        hint = primary_hint(e.message)
+                        if hint and hint != addr:
+                            self._learn(hint)
+                            self._primary = hint
+                            if hint not in tried:
+                                queue.insert(0, hint)
+                        elif self._primary == addr:
+                            self._primary = None
+                        continue
+                    if e.code in (Code.UNAVAILABLE, Code.ETIMEDOUT):
+                        last = e
+                        if self._primary == addr:
+                            self._primary = None
+                        continue
+                    raise
+                self._primary = addr
+                return rsp
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._unreachable(last)
+            await asyncio.sleep(min(backoff, remaining))
+            backoff = min(backoff * 2, RETRY_BACKOFF_MAX_S)
+
+    # -- RPCs --------------------------------------------------------------
+    async def register_node(
+        self, node: mp.NodeInfo, targets: Sequence[mp.TargetInfo] = (), reregister: bool = False
+    ) -> mp.RegisterNodeRsp:
+        req = mp.RegisterNodeReq(node=node, targets=list(targets), reregister=reregister)
+        rsp: mp.RegisterNodeRsp = await self._call("RegisterNode", req)
+        return rsp
+
+    async def heartbeat(
+        self, req: mp.HeartbeatReq, timeout_s: float | None = None
+    ) -> mp.HeartbeatRsp:
+        rsp: mp.HeartbeatRsp = await self._call("Heartbeat", req, timeout_s)
+        return rsp
+
+    async def get_routing(self, known_version: int = 0) -> Routing | None:
+        """The current routing info, or None when ``known_version`` is current."""
+        rsp: mp.GetRoutingInfoRsp = await self._call(
+            "GetRoutingInfo", mp.GetRoutingInfoReq(known_version=known_version)
+        )
+        if rsp.unchanged:
+            return None
+        return Routing(rsp.routing)
+
+    async def watch_routing(self, known_version: int = 0) -> AsyncIterator[Routing]:
+        """Routing info now (if newer than ``known_version``) and after every change.
+
+        Streams from the primary (found with one GetRoutingInfo call first). Ends
+        by raising ChainfsError when the stream breaks, e.g. the primary died or
+        stepped down; callers re-watch.
+        """
+        first = await self.get_routing(known_version)
+        if first is not None:
+            known_version = first.version
+            yield first
+        addr = self._primary
+        assert addr is not None, "a successful call sets the primary"
+        stream = self._stub(addr).WatchRoutingInfo(
+            mp.WatchRoutingInfoReq(known_version=known_version)
+        )
+        try:
+            async for info in stream:
+                if info.version > known_version:
+                    known_version = info.version
+                    yield Routing(info)
+        except grpc.aio.AioRpcError as e:
+            err = grpc_util.error_from_rpc(e, addr)
+            if err.code == Code.NOT_PRIMARY and self._primary == addr:
+                self._primary = None
+            raise err from None
+        finally:
+            stream.cancel()
+        raise ChainfsError(Code.UNAVAILABLE, f"routing watch stream from {addr} ended")
+
+    async def create_chains(
+        self, replicas: int, num_chains: int = 0, init: bool = False
+    ) -> mp.CreateChainsRsp:
+        """Chains of ``replicas`` targets from targets not yet in a chain.
+
+        ``init=True`` (init-cluster) fails with EEXIST if any chain exists.
+        """
+        req = mp.CreateChainsReq(replicas=replicas, num_chains=num_chains, init=init)
+        rsp: mp.CreateChainsRsp = await self._call("CreateChains", req)
+        return rsp
+
+    async def update_target(self, target_id: int, action: int) -> mp.UpdateTargetRsp:
+        req = mp.UpdateTargetReq(target_id=target_id, action=action)  # type: ignore[arg-type]
+        rsp: mp.UpdateTargetRsp = await self._call("UpdateTarget", req)
+        return rsp
+
+    async def update_chain(
+        self, chain_id: int, add_targets: Sequence[int] = (), remove_targets: Sequence[int] = ()
+    ) -> mp.UpdateChainRsp:
+        req = mp.UpdateChainReq(
+            chain_id=chain_id, add_targets=list(add_targets), remove_targets=list(remove_targets)
+        )
+        rsp: mp.UpdateChainRsp = await self._call("UpdateChain", req)
+        return rsp
+
+    async def get_status(self) -> mp.GetStatusRsp:
+        rsp: mp.GetStatusRsp = await self._call("GetStatus", mp.GetStatusReq())
+        return rsp
+
+    async def get_config(self, key: str = "") -> mp.GetConfigRsp:
+        """One key (``values`` empty if unset) or all keys (``key=""``)."""
+        rsp: mp.GetConfigRsp = await self._call("GetConfig", mp.GetConfigReq(key=key))
+        return rsp
+
+    async def set_config(self, key: str, value: str) -> int:
+        """Store ``key=value``; returns the new config version."""
+        rsp: mp.SetConfigRsp = await self._call("SetConfig", mp.SetConfigReq(key=key, value=value))
+        return rsp.version
+
+    async def close(self) -> None:
+        self._closed = True
+        channels, self._channels = self._channels, {}
+        for ch, _ in channels.values():
+            await ch.close()
+
+    async def __aenter__(self) -> MgmtClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class RoutingCache:
+    """The latest routing info, kept fresh in the background once started."""
+
+    def __init__(self, mgmt: MgmtClient, refresh_interval_s: float = 1.0) -> None:
+        if refresh_interval_s <= 0:
+            raise ChainfsError(Code.EINVAL, "refresh_interval_s must be > 0")
+        self.mgmt = mgmt
+        self.refresh_interval_s = refresh_interval_s
+        self._routing: Routing | None = None
+        self._listeners: list[Callable[[Routing], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._fetch_lock = asyncio.Lock()
+        self._changed = asyncio.Condition()
+
+    @property
+    def version(self) -> int:
+        """Version of the cached routing info (0 before the first fetch)."""
+        return self._routing.version if self._routing is not None else 0
+
+    @property
+    def current(self) -> Routing | None:
+        return self._routing
+
+    def add_listener(self, cb: Callable[[Routing], None]) -> None:
+        """Call ``cb(routing)`` after every newer version is installed."""
+        self._listeners.append(cb)
+
+    def remove_listener(self, cb: Callable[[Routing], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(cb)
+
+    def install(self, routing: Routing) -> bool:
+        """Adopt ``routing`` if newer than the cached one; True if adopted."""
+        if self._routing is not None and routing.version <= self._routing.version:
+            return False
+        self._routing = routing
+        for cb in list(self._listeners):
+            try:
+                cb(routing)
+            except Exception:
+                log.exception("routing listener %r failed", cb)
+        asyncio.get_running_loop().create_task(self._notify())
+        return True
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def get(self) -> Routing:
+        """The cached routing info; the first call fetches it."""
+        if self._routing is None:
+            return await self.refresh()
+        return self._routing
+
+    async def refresh(self, min_version: int = 0) -> Routing:
+        """Fetch from mgmtd now; with ``min_version``, keep trying (within the
+        client timeout) until at least that version is seen."""
+        deadline = time.monotonic() + self.mgmt.timeout_s
+        delay = RETRY_BACKOFF_INITIAL_S
+        while True:
+            async with self._fetch_lock:
+                fresh = await self.mgmt.get_routing(self.version)
+                if fresh is not None:
+                    self.install(fresh)
+            assert self._routing is not None, "a first fetch always returns routing info"
+            if self._routing.version >= min_version or time.monotonic() >= deadline:
+                return self._routing
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+
+    async def wait_for(self, predicate: Callable[[Routing], bool], timeout_s: float) -> Routing:
+        """Wait (bounded) until the cached routing satisfies ``predicate``."""
+        async with asyncio.timeout(timeout_s):
+            async with self._changed:
+                while self._routing is None or not predicate(self._routing):
+                    await self._changed.wait()
+                return self._routing
+
+    def start(self) -> None:
+        """Refresh in the background: a watch stream, polling while it is down."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async for routing in self.mgmt.watch_routing(self.version):
+                    self.install(routing)
+            except asyncio.CancelledError:
+                raise
+            except ChainfsError as e:
+                log.debug("routing watch interrupted: %s", e)
+            except Exception:
+                log.exception("routing watch failed")
+            # Stream down: poll once, then try to watch again after the interval.
+            await asyncio.sleep(self.refresh_interval_s)
+            try:
+                await self.refresh()
+            except ChainfsError as e:
+                log.debug("routing poll failed: %s", e)
+
+
+class HeartbeatLoop:
+    """Register a node with mgmtd, then heartbeat it in the background.
+
+    ``targets_fn()`` gives the per-target report of each heartbeat.
+    ``on_routing`` is called with every newer routing info mgmtd piggybacks.
+    ``interval_s=None`` uses the interval mgmtd answers at registration.
+    ``targets`` are registered with the node (storage); their ids are in
+    ``target_ids`` after :meth:`start`. A node with a non-zero ``node_id``
+    re-registers (keeps its id and targets) unless ``reregister=False``.
+    """
+
+    def __init__(
+        self,
+        mgmt: MgmtClient,
+        node: mp.NodeInfo,
+        targets_fn: Callable[[], list[mp.TargetHeartbeat]],
+        on_routing: Callable[[Routing], None] | None = None,
+        interval_s: float | None = None,
+        *,
+        targets: Sequence[mp.TargetInfo] = (),
+        reregister: bool | None = None,
+        register_timeout_s: float = 60.0,
+    ) -> None:
+        self.mgmt = mgmt
+        self.node = mp.NodeInfo()
+        self.node.CopyFrom(node)
+        self.targets_fn = targets_fn
+        self.on_routing = on_routing
+        self._interval_s = interval_s
+        self._targets = list(targets)
+        self._reregister = reregister
+        self.register_timeout_s = register_timeout_s
+        self.register_rsp: mp.RegisterNodeRsp | None = None
+        self.target_ids: list[int] = []
+        self.heartbeat_timeout_s = 0.0
+        self.last_ack_monotonic = 0.0  # send time of the last acknowledged heartbeat
+        self.routing_version = 0
+        self.failures = 0  # consecutive failed heartbeats
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def node_id(self) -> int:
+        return self.node.node_id
+
+    @property
+    def interval_s(self) -> float:
+        if self._interval_s is not None:
+            return self._interval_s
+        if self.register_rsp is not None and self.register_rsp.heartbeat_interval_ms:
+            return self.register_rsp.heartbeat_interval_ms / 1000.0
+        return 1.0
+
+    def since_last_ack_s(self) -> float:
+        return time.monotonic() - self.last_ack_monotonic
+
+    async def start(self) -> None:
+        """Register (retrying unreachable/not-primary mgmtd with bounded backoff),
+        then heartbeat in the background."""
+        await self._register(self._reregister)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _register(self, reregister: bool | None) -> None:
+        rereg = reregister if reregister is not None else self.node.node_id != 0
+        deadline = time.monotonic() + self.register_timeout_s
+        delay = RETRY_BACKOFF_INITIAL_S
+        while True:
+            sent = time.monotonic()
+            try:
+                rsp = await self.mgmt.register_node(self.node, self._targets, reregister=rereg)
+                break
+            except ChainfsError as e:
+                if e.code not in (Code.UNAVAILABLE, Code.NOT_PRIMARY, Code.ETIMEDOUT):
+                    raise
+                if time.monotonic() + delay >= deadline:
+                    raise ChainfsError(
+                        e.code,
+                        f"node registration gave up after {self.register_timeout_s}s: {e.message}",
+                    ) from None
+                log.warning("registration failed (%s); retrying in %.2fs", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self.register_rsp = rsp
+        self.node.node_id = rsp.node_id
+        self.target_ids = list(rsp.target_ids)
+        for t, tid in zip(self._targets, rsp.target_ids, strict=False):
+            t.target_id = tid
+            t.node_id = rsp.node_id
+        self.heartbeat_timeout_s = rsp.heartbeat_timeout_ms / 1000.0
+        self.last_ack_monotonic = sent
+        self._deliver(rsp.routing)
+
+    def _deliver(self, info: mp.RoutingInfo) -> None:
+        if info.version <= self.routing_version:
+            return
+        self.routing_version = info.version
+        if self.on_routing is not None:
+            try:
+                self.on_routing(Routing(info))
+            except Exception:
+                log.exception("on_routing callback failed")
+
+    async def beat_once(self) -> mp.HeartbeatRsp:
+        """Send one heartbeat now (also used by tests)."""
+        req = mp.HeartbeatReq(
+            node_id=self.node.node_id,
+            targets=self.targets_fn(),
+            routing_version=self.routing_version,
+        )
+        # One heartbeat may not take longer than a few intervals; mgmtd failover
+        # is ridden out by the next ones.
+        timeout_s = min(self.mgmt.timeout_s, max(2 * self.interval_s, MIN_ATTEMPT_TIMEOUT_S))
+        sent = time.monotonic()
+        rsp = await self.mgmt.heartbeat(req, timeout_s=timeout_s)
+        self.last_ack_monotonic = sent
+        self.failures = 0
+        if rsp.HasField("routing"):
+            self._deliver(rsp.routing)
+        return rsp
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.beat_once()
+            except asyncio.CancelledError:
+                raise
+            except ChainfsError as e:
+                self.failures += 1
+                if e.code == Code.UNKNOWN_NODE:
+                    log.warning("mgmtd does not know node %d; re-registering", self.node_id)
+                    try:
+                        await self._register(True)
+                    except ChainfsError as e2:
+                        log.warning("re-registration failed: %s", e2)
+                elif self.failures == 1 or self.failures % 10 == 0:
+                    log.warning("heartbeat failed (%d in a row): %s", self.failures, e)
+            except Exception:
+                self.failures += 1
+                log.exception("heartbeat failed")
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(max(0.0, self.interval_s - elapsed))
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
