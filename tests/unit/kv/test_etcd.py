@@ -1,0 +1,159 @@
+"""etcd backend specifics against a real etcd member: key prefixes, compaction,
+unreachable clusters, oversized transactions, and exactly-once commits when a
+commit's response is lost."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import pytest
+from aetcd import rpc
+
+import chainfs.kv as kv
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.kv import Transaction
+from chainfs.kv.etcd import EtcdStore, _Retryable
+from chainfs.testing.etcd import EtcdCluster
+
+pytestmark = pytest.mark.timeout(60)
+_prefixes = itertools.count()
+
+
+def _url(cluster: EtcdCluster, query: str = "") -> str:
+    return cluster.url(f"e{next(_prefixes)}") + query
+
+
+async def _raw_keys(store: EtcdStore) -> list[bytes]:
+    """Every key in the etcd cluster, whatever its prefix."""
+    resp = await store._read(rpc.RangeRequest(key=b"\0", range_end=b"\0", keys_only=True))
+    return [bytes(x.key) for x in resp.kvs]
+
+
+async def test_stores_with_other_prefixes_do_not_see_each_other(
+    etcd_cluster: EtcdCluster,
+) -> None:
+    a = kv.open(_url(etcd_cluster))
+    b = kv.open(_url(etcd_cluster))
+    try:
+        await a.set(b"k", b"from a")
+        assert await b.get(b"k") is None
+        await b.set(b"k", b"from b")
+        assert await a.get(b"k") == b"from a"
+        assert isinstance(a, EtcdStore)
+        raw = await _raw_keys(a)
+        assert a.prefix.encode() + b"/d/k" in raw and b.prefix.encode() + b"/d/k" in raw  # type: ignore[attr-defined]
+    finally:
+        await a.close()
+        await b.close()
+    # Closing removed the commit markers: only user data stays under the prefixes.
+    observer = EtcdStore.from_url(_url(etcd_cluster))
+    leftover = await _raw_keys(observer)
+    await observer.close()
+    assert not [
+        k for k in leftover if k.startswith((a.prefix.encode(), b.prefix.encode())) and b"/t/" in k
+    ]
+
+
+async def test_compacted_snapshot_is_retried(etcd_cluster: EtcdCluster) -> None:
+    store = kv.open(_url(etcd_cluster))
+    assert isinstance(store, EtcdStore)
+    try:
+        await store.set(b"a", b"1")
+        calls = [0]
+
+        async def fn(tx: Transaction) -> Any:
+            calls[0] += 1
+            first = await tx.get(b"a")
+            if calls[0] == 1:
+                await store.set(b"a", b"2")
+                stub = await store._stub(store._current)
+                await stub.Compact(
+                    rpc.CompactionRequest(revision=store._known_revision, physical=True)
+                )
+            return first, await tx.get(b"b")  # at a revision that is gone now
+
+        assert await store.transact(fn, read_only=True) == (b"2", None)
+        assert calls[0] == 2
+    finally:
+        await store.close()
+
+
+async def test_unreachable_cluster_is_a_bounded_unavailable_error() -> None:
+    url = "etcd://127.0.0.1:1,127.0.0.1:2/x?op_timeout_ms=600&request_timeout_ms=200"
+    store = kv.open(url)
+    start = time.monotonic()
+    with pytest.raises(ChainfsError) as e:
+        await store.get(b"k")
+    assert e.value.code == Code.UNAVAILABLE
+    assert "127.0.0.1:1,127.0.0.1:2" in e.value.message
+    assert time.monotonic() - start < 30  # bounded, not a hang (generous: loaded CI)
+    await store.close()
+
+
+async def test_too_many_ops_is_e2big(etcd_cluster: EtcdCluster) -> None:
+    store = kv.open(_url(etcd_cluster, "?max_txn_ops=20"))
+
+    async def fn(tx: Transaction) -> None:
+        for i in range(30):
+            tx.set(b"k%d" % i, b"v")
+
+    with pytest.raises(ChainfsError) as e:
+        await store.transact(fn)
+    assert e.value.code == Code.E2BIG
+    assert await store.transact(lambda tx: tx.get_range(b"", b"\xff"), read_only=True) == []
+    await store.close()
+
+
+@pytest.mark.parametrize("applied", [True, False])
+async def test_lost_commit_response_applies_exactly_once(
+    etcd_cluster: EtcdCluster, applied: bool
+) -> None:
+    store = EtcdStore.from_url(_url(etcd_cluster))
+    real_attempt = store._attempt
+    lost = [0]
+
+    async def flaky(method: str, req: Any, deadline: float) -> Any:
+        # The first commit Txn either reaches etcd and loses its answer, or never arrives.
+        if method == "Txn" and lost[0] == 0 and len(req.success) > 1:
+            lost[0] += 1
+            if applied:
+                await real_attempt(method, req, deadline)
+            raise _Retryable("UNAVAILABLE: simulated connection reset")
+        return await real_attempt(method, req, deadline)
+
+    try:
+        await store.set(b"n", b"0")
+        store._attempt = flaky  # type: ignore[method-assign]
+
+        async def incr(tx: Transaction) -> None:
+            tx.set(b"n", b"%d" % (int(await tx.get(b"n") or b"0") + 1))
+
+        await store.transact(incr)
+        assert lost[0] == 1
+        assert store.stats["fences"] == 1
+        assert await store.get(b"n") == b"1"
+        await store.transact(incr)
+        assert await store.get(b"n") == b"2"
+    finally:
+        store._attempt = real_attempt  # type: ignore[method-assign]
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "etcd:///prefix",
+        "etcd://127.0.0.1:2379",
+        "etcd://127.0.0.1:2379/",
+        "etcd://127.0.0.1/prefix",
+        "etcd://127.0.0.1:99999/prefix",
+        "etcd://127.0.0.1:2379/p?op_timeout_ms=10&request_timeout_ms=100",
+        "etcd://127.0.0.1:2379/p?bogus=1",
+    ],
+)
+def test_bad_urls(url: str) -> None:
+    with pytest.raises(ChainfsError) as e:
+        kv.open(url)
+    assert e.value.code in (Code.EINVAL, Code.CONFIG_ERROR)
