@@ -1,0 +1,66 @@
+"""Configuration of a storage node (`chainfs serve storage --config F`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MIN_CHUNK_SIZE = 64 * 1024  # bytes: the smallest chunk size a file layout may use
+MAX_CHUNK_SIZE = 64 * 1024 * 1024  # bytes: the largest
+
+
+@dataclass
+class StorageConfig:
+    listen_host: str = "127.0.0.1"
+    port: int = 0  # gRPC control port (StorageControl); 0 = ephemeral
+    data_port: int = 0  # framed data-plane TCP port; 0 = ephemeral
+    # Same-host fast path: data-plane unix socket ("" = none). A relative path
+    # is taken relative to the first target directory's parent.
+    unix_socket: str = ""
+    mgmtd_addresses: list[str] = field(default_factory=list)  # host:port of every mgmtd
+    node_id: int = 0  # 0 = assigned by mgmtd at first registration, then persisted per target
+    targets: list[str] = field(default_factory=list)  # one directory per storage target
+    # fdatasync chunk data and sync the metadata WAL before acknowledging an update.
+    # Off by default: replication across 3 nodes is the durability of an acknowledged
+    # write (3FS's model); measured cost in bench/storage_bench.py (see the report).
+    durable: bool = False
+    # Verify the stored CRC32C of the whole chunk on every read, answering
+    # CHECKSUM_MISMATCH instead of bad bytes. On: its cost (one CRC pass at ~13 GB/s
+    # in C over the chunk, which is read into memory anyway) is small beside the wire.
+    verify_reads: bool = True
+    # Refuse new chunks (ENOSPC) when the target's file system is fuller than this.
+    disk_usage_limit_ratio: float = 0.95
+    heartbeat_interval_ms: int = 1000  # mgmtd may override with its own interval
+    io_threads: int = 4  # threads doing blocking file and RocksDB I/O
+    # Bounds.
+    request_cache_entries: int = 65536  # per target: recent (client id, request id) answers kept
+    max_batch_read_ios: int = 4096  # ios in one batched read frame
+    max_read_bytes_in_flight: int = 256 * 1024 * 1024  # bytes of read buffers held at once
+    max_remove_chunks: int = 4096  # chunks one remove request drops; the client loops on `more`
+    max_list_chunks: int = 65536  # chunk metas one list/dump reply carries
+    forward_timeout_ms: int = 10_000  # one forward to the successor
+    forward_retries: int = 3  # attempts to forward before answering UNAVAILABLE
+    forward_retry_backoff_ms: int = 100  # doubled per attempt
+    mgmtd_timeout_ms: int = 5_000
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        if not 0.0 < self.disk_usage_limit_ratio <= 1.0:
+            raise ValueError("disk_usage_limit_ratio must be in (0, 1]")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError("targets lists a directory twice")
+        for name in (
+            "io_threads",
+            "request_cache_entries",
+            "max_batch_read_ios",
+            "max_read_bytes_in_flight",
+            "max_remove_chunks",
+            "max_list_chunks",
+            "forward_timeout_ms",
+            "forward_retries",
+            "heartbeat_interval_ms",
+            "mgmtd_timeout_ms",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.max_read_bytes_in_flight < MAX_CHUNK_SIZE:
+            raise ValueError("max_read_bytes_in_flight must hold at least one 64 MiB chunk")

@@ -1,0 +1,129 @@
+"""CRC32C helpers on top of google-crc32c (C code for every byte).
+
+``combine(crc_a, crc_b, len_b)`` gives CRC32C(A || B) from the CRCs alone, so
+an append extends a chunk's stored checksum without a second pass over the
+payload that was already checksummed on receipt. Extending a CRC by n zero
+bytes is an affine map on the 32-bit value: E_n(c) = M^n c ^ K_n. We keep
+M^(2^k) as 32 column vectors and K_(2^k) for every k, so E_n costs one
+32-step matrix-vector product per set bit of n (a few microseconds).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import google_crc32c
+
+MAX_LOG2 = 40  # supports lengths below 2**40 bytes
+
+# _COLS[k][i] = M^(2^k) applied to the unit vector 1 << i.
+_COLS: list[list[int]] = []
+# _ZEROS[k] = CRC32C of 2^k zero bytes.
+_ZEROS: list[int] = []
+
+
+Buffer = bytes | bytearray | memoryview
+
+
+def _arg(data: Buffer) -> bytes | ctypes.Array[ctypes.c_char]:
+    """``data`` in a form google-crc32c's C code accepts, without copying.
+
+    Its ``y#`` argument takes only buffers that need no release (bytes, not
+    bytearray or memoryview); a ctypes array laid over the same memory is one.
+    """
+    if isinstance(data, bytes):
+        return data
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    if view.readonly:
+        obj = view.obj
+        if isinstance(obj, bytes) and view.nbytes == len(obj):
+            return obj
+        return view.tobytes()  # a read-only slice: rare, copy it
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    return (ctypes.c_char * view.nbytes).from_buffer(view)
+
+
+def value(data: Buffer) -> int:
+    """CRC32C of ``data`` (C code, no copy)."""
+    return int(google_crc32c.value(_arg(data)))
+
+
+def extend(crc: int, data: Buffer) -> int:
+    """CRC32C of (the data whose CRC is ``crc``) followed by ``data``."""
+    return int(google_crc32c.extend(crc, _arg(data)))
+
+
+def _apply(cols: list[int], c: int) -> int:
+    out = 0
+    i = 0
+    while c:
+        if c & 1:
+            out ^= cols[i]
+        c >>= 1
+        i += 1
+    return out
+
+
+def _init() -> None:
+    base_zero = extend(0, b"\0")
+    cols = [extend(1 << i, b"\0") ^ base_zero for i in range(32)]
+    zeros = base_zero  # CRC of one zero byte
+    for _ in range(MAX_LOG2):
+        _COLS.append(cols)
+        _ZEROS.append(zeros)
+        # E_{2n}(c) = E_n(E_n(c)): square the linear part, fold the constants.
+        zeros = _apply(cols, zeros) ^ zeros
+        cols = [_apply(cols, col) for col in cols]
+
+
+_init()
+
+
+# _TABLES[k]: M^(2^k) as four 256-entry byte tables, built on first use.
+_TABLES: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
+
+
+def _tables(k: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    t = _TABLES.get(k)
+    if t is None:
+        cols = _COLS[k]
+        built = []
+        for j in range(4):
+            tab = [0] * 256
+            for b in range(1, 256):
+                low = b & -b
+                tab[b] = tab[b ^ low] ^ cols[8 * j + low.bit_length() - 1]
+            built.append(tab)
+        t = (built[0], built[1], built[2], built[3])
+        _TABLES[k] = t
+    return t
+
+
+def extend_zeros(crc: int, n: int) -> int:
+    """CRC32C of (the data whose CRC is ``crc``) followed by ``n`` zero bytes."""
+    assert 0 <= n < (1 << MAX_LOG2)
+    k = 0
+    while n:
+        if n & 1:
+            t0, t1, t2, t3 = _tables(k)
+            crc = (
+                t0[crc & 0xFF]
+                ^ t1[(crc >> 8) & 0xFF]
+                ^ t2[(crc >> 16) & 0xFF]
+                ^ t3[crc >> 24]
+                ^ _ZEROS[k]
+            )
+        n >>= 1
+        k += 1
+    return crc
+
+
+def zeros(n: int) -> int:
+    """CRC32C of ``n`` zero bytes."""
+    return extend_zeros(0, n)
+
+
+def combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """CRC32C(A || B) from CRC32C(A), CRC32C(B) and len(B)."""
+    return extend_zeros(crc_a, len_b) ^ crc_b ^ zeros(len_b)

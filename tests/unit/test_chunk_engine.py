@@ -1,0 +1,244 @@
+"""Chunk engine against a model (a dict of bytearrays), including crash recovery."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.storage_service import crc
+from chainfs.storage_service.chunk_engine import ChunkEngine, EngineOptions
+
+CHUNK = 64 * 1024
+CHUNKS = st.sampled_from([(1, 0), (1, 1), (1, 5), (2, 0)])
+OFFSETS = st.one_of(
+    st.integers(0, 3000), st.integers(CHUNK - 3000, CHUNK - 1), st.sampled_from([0, CHUNK // 2])
+)
+DATA = st.binary(min_size=0, max_size=3000)
+
+
+class EngineModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="chunkeng-"))
+        self.engine = ChunkEngine(self.dir / "t")
+        self.committed: dict[tuple[int, int], bytearray] = {}
+        self.versions: dict[tuple[int, int], int] = {}
+        self.pending: set[tuple[int, int]] = set()
+        self.seq = 0
+
+    def teardown(self) -> None:
+        self.engine.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _version(self, key: tuple[int, int]) -> int:
+        return self.versions.get(key, 0) + 1
+
+    def _after_prepare(self, key: tuple[int, int], commit: bool, content: bytearray) -> None:
+        if commit:
+            rec = self.engine.commit(*key, self._version(key), chain_version=7)
+            assert rec is not None
+            self.committed[key] = content
+            self.versions[key] = rec.committed_version
+            self.pending.discard(key)
+        else:
+            self.pending.add(key)
+
+    @rule(key=CHUNKS, offset=OFFSETS, data=DATA, commit=st.booleans())
+    def write(self, key: tuple[int, int], offset: int, data: bytes, commit: bool) -> None:
+        if offset + len(data) > CHUNK:
+            with pytest.raises(ChainfsError) as e:
+                self.engine.prepare_write(
+                    *key, offset, memoryview(data), crc.value(data), CHUNK, self._version(key)
+                )
+            assert e.value.code == Code.EINVAL
+            return
+        self.seq += 1
+        self.engine.prepare_write(
+            *key,
+            offset,
+            memoryview(data),
+            crc.value(data),
+            CHUNK,
+            self._version(key),
+            b"c" * 16,
+            self.seq,
+        )
+        content = bytearray(self.committed.get(key, b""))
+        if len(content) < offset + len(data):
+            content.extend(bytes(offset + len(data) - len(content)))
+        content[offset : offset + len(data)] = data
+        self._after_prepare(key, commit, content)
+
+    @rule(key=CHUNKS, length=OFFSETS, commit=st.booleans())
+    def truncate(self, key: tuple[int, int], length: int, commit: bool) -> None:
+        self.engine.prepare_truncate(*key, length, CHUNK, self._version(key))
+        content = bytearray(self.committed.get(key, b""))
+        if length <= len(content):
+            del content[length:]
+        else:
+            content.extend(bytes(length - len(content)))
+        self._after_prepare(key, commit, content)
+
+    @rule(key=CHUNKS, data=st.binary(min_size=0, max_size=5000))
+    def replace_full(self, key: tuple[int, int], data: bytes) -> None:
+        version = self.versions.get(key, 0) + 3  # a gap: replace ignores local versions
+        self.engine.prepare_replace(*key, memoryview(data), crc.value(data), CHUNK, version)
+        self.engine.commit(*key, version, chain_version=9)
+        self.committed[key] = bytearray(data)
+        self.versions[key] = version
+        self.pending.discard(key)
+
+    @rule(key=CHUNKS)
+    def abort(self, key: tuple[int, int]) -> None:
+        self.engine.abort(*key)
+        self.pending.discard(key)
+
+    @rule(key=CHUNKS)
+    def remove(self, key: tuple[int, int]) -> None:
+        rec = self.engine.prepare_remove(*key)
+        if rec is None:
+            assert key not in self.committed and key not in self.pending
+            return
+        assert self.engine.commit(*key, rec.pending_version, chain_version=7) is None
+        self.committed.pop(key, None)
+        self.versions.pop(key, None)
+        self.pending.discard(key)
+
+    @rule()
+    def reopen(self) -> None:
+        """Clean restart: complete pending versions survive recovery."""
+        self.engine.close()
+        self.engine = ChunkEngine(self.dir / "t")
+
+    @precondition(lambda self: bool(self.pending))
+    @rule(data=st.data())
+    def crash_mid_update(self, data: st.DataObject) -> None:
+        """A crash while the pending bytes were half written: recovery drops that version."""
+        key = data.draw(st.sampled_from(sorted(self.pending)))
+        rec = self.engine.get(*key)
+        assert rec is not None and rec.has_pending
+        if rec.pending_length <= rec.length or rec.pending_remove:
+            return  # nothing written past the committed bytes to tear
+        path = self.engine.file_path(*key, rec.pending_file_gen)
+        torn = rec.length + (rec.pending_length - rec.length) // 2
+        self.engine.close()
+        if rec.pending_file_gen != rec.file_gen:
+            torn = rec.pending_length // 2
+        os.truncate(path, torn)
+        # Leave an orphan file too: recovery deletes it.
+        Path(self.engine.file_path(*key, 999_999)).write_bytes(b"junk")
+        self.engine = ChunkEngine(self.dir / "t")
+        assert self.engine.recovered["pending_dropped"] >= 1
+        assert self.engine.recovered["orphans"] >= 1
+        self.pending.discard(key)
+
+    @rule(key=CHUNKS, offset=st.integers(0, CHUNK), length=st.integers(0, CHUNK))
+    def read(self, key: tuple[int, int], offset: int, length: int) -> None:
+        if key in self.pending:
+            with pytest.raises(ChainfsError) as e:
+                self.engine.read(*key, offset, length, verify=True)
+            assert e.value.code == Code.NOT_COMMITTED
+            return
+        for verify in (True, False):
+            _, got = self.engine.read(*key, offset, length, verify=verify)
+            want = bytes(self.committed.get(key, b""))[offset : offset + length]
+            assert bytes(got) == want
+
+    @invariant()
+    def metadata_matches(self) -> None:
+        listed = {(1, i): r for i, r in self.engine.list_chunks(1)}
+        listed.update({(2, i): r for i, r in self.engine.list_chunks(2)})
+        assert set(listed) == set(self.committed) | self.pending
+        for key, content in self.committed.items():
+            rec = listed[key]
+            assert rec.committed_version == self.versions[key]
+            assert rec.length == len(content)
+            assert rec.crc32c == crc.value(bytes(content))
+            assert rec.has_pending == (key in self.pending)
+        last = self.engine.last_chunk(1)
+        committed_1 = sorted(i for (ino, i) in self.committed if ino == 1)
+        if committed_1:
+            assert last is not None and last[0] == committed_1[-1]
+            assert last[1].length == len(self.committed[(1, committed_1[-1])])
+        else:
+            assert last is None
+
+
+TestEngineModel = EngineModel.TestCase
+TestEngineModel.settings = settings(
+    max_examples=40,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def test_corrupted_chunk_answers_checksum_mismatch(tmp_path: Path) -> None:
+    eng = ChunkEngine(tmp_path / "t")
+    data = os.urandom(100_000)
+    eng.prepare_write(3, 0, 0, memoryview(data), crc.value(data), 1 << 20, 1)
+    rec = eng.commit(3, 0, 1, 1)
+    assert rec is not None
+    path = eng.file_path(3, 0, rec.file_gen)
+    with open(path, "r+b") as f:
+        f.seek(5000)
+        f.write(b"\xff" if data[5000] != 0xFF else b"\0")
+    with pytest.raises(ChainfsError) as e:
+        eng.read(3, 0, 0, 10, verify=True)
+    assert e.value.code == Code.CHECKSUM_MISMATCH
+    # A truncated file is damage too, with or without verification.
+    os.truncate(path, 50_000)
+    for verify in (True, False):
+        with pytest.raises(ChainfsError) as e:
+            eng.read(3, 0, 40_000, 20_000, verify=verify)
+        assert e.value.code == Code.CHECKSUM_MISMATCH
+    eng.close()
+
+
+def test_enospc_refuses_new_chunks_only(tmp_path: Path) -> None:
+    eng = ChunkEngine(tmp_path / "t")
+    eng.prepare_write(4, 0, 0, memoryview(b"abc"), crc.value(b"abc"), 1 << 16, 1)
+    eng.commit(4, 0, 1, 1)
+    eng.close()
+    eng = ChunkEngine(tmp_path / "t", EngineOptions(disk_usage_limit_ratio=1e-9))
+    with pytest.raises(ChainfsError) as e:
+        eng.prepare_write(4, 1, 0, memoryview(b"x"), crc.value(b"x"), 1 << 16, 1)
+    assert e.value.code == Code.ENOSPC and e.value.errno == 28
+    assert eng.get(4, 1) is None
+    # Updating an existing chunk is still allowed (it does not take a new chunk).
+    eng.prepare_write(4, 0, 3, memoryview(b"def"), crc.value(b"def"), 1 << 16, 2)
+    eng.commit(4, 0, 2, 1)
+    assert bytes(eng.read(4, 0, 0, 10, verify=True)[1]) == b"abcdef"
+    eng.close()
+
+
+def test_chunk_size_bounds(tmp_path: Path) -> None:
+    eng = ChunkEngine(tmp_path / "t")
+    for size in (1 << 15, (64 << 20) + 1):
+        with pytest.raises(ChainfsError) as e:
+            eng.prepare_write(5, 0, 0, memoryview(b"x"), crc.value(b"x"), size, 1)
+        assert e.value.code == Code.EINVAL
+    eng.close()
+
+
+def test_second_open_of_a_target_is_refused(tmp_path: Path) -> None:
+    eng = ChunkEngine(tmp_path / "t")
+    with pytest.raises(ChainfsError) as e:
+        ChunkEngine(tmp_path / "t")
+    assert e.value.code == Code.STORE_LOCKED
+    eng.close()
+
+
+def test_crc_combine_matches_direct() -> None:
+    for la, lb in [(0, 0), (1, 0), (0, 5), (1000, 777), (3, 1 << 20)]:
+        a, b = os.urandom(la), os.urandom(lb)
+        assert crc.combine(crc.value(a), crc.value(b), lb) == crc.value(a + b)
+        assert crc.extend_zeros(crc.value(a), lb) == crc.value(a + bytes(lb))
