@@ -64,6 +64,7 @@ class Code(IntEnum):
     NOT_PRIMARY_META = 10017
     CONFIG_ERROR = 10018
     STORE_LOCKED = 10019  # another process holds the embedded store
+    CHUNK_VERSION_MISMATCH = 10030  # storage: a forwarded update does not follow the replica's version
     INTERNAL = 10099
 
 
@@ -88,6 +89,7 @@ _ERRNO_OF: dict[Code, int] = {
     Code.NOT_PRIMARY_META: _errno.EAGAIN,
     Code.CONFIG_ERROR: _errno.EINVAL,
     Code.STORE_LOCKED: _errno.EBUSY,
+    Code.CHUNK_VERSION_MISMATCH: _errno.EAGAIN,
     Code.INTERNAL: _errno.EIO,
 }
 
