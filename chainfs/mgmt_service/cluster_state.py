@@ -1,0 +1,472 @@
+"""The cluster state mgmtd keeps in the KV store, and every change to it.
+
+:class:`ClusterState` is a plain value (the routing info plus id counters)
+with one method per change: register a node, apply a heartbeat, time nodes
+out, create chains, operator updates. Methods validate first and raise
+ChainfsError before touching anything, so a rejected request changes nothing.
+:meth:`ClusterState.finish` then steps every chain once through the target
+state machine (``target_states``), bumps the version of each chain that
+changed and, if anything changed at all, the routing-info version.
+
+Nothing here does I/O: the server runs these inside one KV transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.mgmt_service import chain_table
+from chainfs.mgmt_service.target_states import LS, PS, Member, step_chain
+from chainfs.proto import mgmt_pb2 as mp
+
+REGISTRABLE_TYPES = (mp.META, mp.STORAGE, mp.CLIENT)
+MAX_TARGETS_PER_NODE = 1024  # bound on one registration
+MAX_TAGS_PER_NODE = 64
+
+
+@dataclass
+class Counters:
+    next_node_id: int = 1
+    next_target_id: int = 1
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"next_node_id": self.next_node_id, "next_target_id": self.next_target_id}
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> Counters:
+        if raw is None:
+            return cls()
+        d = json.loads(raw)
+        return cls(int(d["next_node_id"]), int(d["next_target_id"]))
+
+
+def _chain_signature(info: mp.RoutingInfo, chain: mp.ChainInfo) -> tuple[tuple[int, int], ...]:
+    states = {t.target_id: t.public_state for t in info.targets}
+    return tuple((t, states.get(t, 0)) for t in chain.targets)
+
+
+class ClusterState:
+    """Routing info + counters, with the operations mgmtd applies to them."""
+
+    def __init__(self, info: mp.RoutingInfo, counters: Counters) -> None:
+        self.info = info
+        self.counters = counters
+
+    @classmethod
+    def decode(cls, routing: bytes | None, counters: bytes | None, cluster_id: str) -> ClusterState:
+        info = mp.RoutingInfo()
+        if routing is not None:
+            info.ParseFromString(routing)
+        else:
+            info.cluster_id = cluster_id
+        return cls(info, Counters.decode(counters))
+
+    def copy(self) -> ClusterState:
+        info = mp.RoutingInfo()
+        info.CopyFrom(self.info)
+        return ClusterState(
+            info, Counters(self.counters.next_node_id, self.counters.next_target_id)
+        )
+
+    def encode(self) -> tuple[bytes, bytes]:
+        return self.info.SerializeToString(deterministic=True), self.counters.encode()
+
+    # -- lookups -----------------------------------------------------------
+    def node(self, node_id: int) -> mp.NodeInfo | None:
+        for n in self.info.nodes:
+            if n.node_id == node_id:
+                return n
+        return None
+
+    def target(self, target_id: int) -> mp.TargetInfo | None:
+        for t in self.info.targets:
+            if t.target_id == target_id:
+                return t
+        return None
+
+    def chain(self, chain_id: int) -> mp.ChainInfo | None:
+        for c in self.info.chains:
+            if c.chain_id == chain_id:
+                return c
+        return None
+
+    def targets_of(self, node_id: int) -> list[mp.TargetInfo]:
+        return [t for t in self.info.targets if t.node_id == node_id]
+
+    def take_node_id(self) -> int:
+        nid = self.counters.next_node_id
+        self.counters.next_node_id += 1
+        return nid
+
+    # -- registration ------------------------------------------------------
+    def register(
+        self, node: mp.NodeInfo, targets: Sequence[mp.TargetInfo], reregister: bool
+    ) -> tuple[int, list[int]]:
+        """Add or (``reregister``) refresh a node and its targets -> (node id, target ids).
+
+        A refreshed node's known targets become locally offline: whatever they
+        held before the restart must be resynced before they serve again.
+        """
+        if node.type not in REGISTRABLE_TYPES:
+            raise ChainfsError(
+                Code.EINVAL, f"cannot register a node of type {mp.NodeType.Name(node.type)}"
+            )
+        if node.type in (mp.META, mp.STORAGE) and not node.rpc_address:
+            raise ChainfsError(Code.EINVAL, "a meta or storage node needs an rpc_address")
+        if targets and node.type != mp.STORAGE:
+            raise ChainfsError(Code.EINVAL, "only storage nodes have targets")
+        if len(targets) > MAX_TARGETS_PER_NODE:
+            raise ChainfsError(Code.EINVAL, f"more than {MAX_TARGETS_PER_NODE} targets")
+        if len(node.tags) > MAX_TAGS_PER_NODE:
+            raise ChainfsError(Code.EINVAL, f"more than {MAX_TAGS_PER_NODE} tags")
+        ids = [t.target_id for t in targets if t.target_id]
+        paths = [t.path for t in targets if t.path]
+        if len(set(ids)) != len(ids) or len(set(paths)) != len(paths):
+            raise ChainfsError(Code.EINVAL, "duplicate target id or path in one registration")
+
+        existing = self.node(node.node_id) if node.node_id else None
+        if existing is None and node.node_id == 0 and reregister and node.rpc_address:
+            existing = next(
+                (
+                    n
+                    for n in self.info.nodes
+                    if n.rpc_address == node.rpc_address and n.type == node.type
+                ),
+                None,
+            )
+        if not reregister:
+            if existing is not None:
+                raise ChainfsError(
+                    Code.ALREADY_REGISTERED,
+                    f"node {existing.node_id} is already registered "
+                    f"(at {existing.rpc_address or '-'}); a restarting node re-registers",
+                )
+            clash = next(
+                (
+                    n
+                    for n in self.info.nodes
+                    if node.rpc_address
+                    and n.rpc_address == node.rpc_address
+                    and n.status == mp.NODE_ONLINE
+                ),
+                None,
+            )
+            if clash is not None:
+                raise ChainfsError(
+                    Code.ALREADY_REGISTERED,
+                    f"address {node.rpc_address} is already registered as node {clash.node_id}",
+                )
+        if existing is not None and existing.type != node.type:
+            raise ChainfsError(
+                Code.ALREADY_REGISTERED,
+                f"node {existing.node_id} is registered as {mp.NodeType.Name(existing.type)}, "
+                f"not {mp.NodeType.Name(node.type)}",
+            )
+        # Targets: validate every one before changing anything.
+        node_id = existing.node_id if existing is not None else node.node_id
+        plan: list[tuple[mp.TargetInfo | None, mp.TargetInfo]] = []  # (known, requested)
+        for req in targets:
+            known: mp.TargetInfo | None = None
+            if req.target_id:
+                known = self.target(req.target_id)
+                if known is not None and known.node_id != node_id:
+                    raise ChainfsError(
+                        Code.ALREADY_REGISTERED,
+                        f"target {req.target_id} belongs to node {known.node_id}",
+                    )
+            elif existing is not None and req.path:
+                known = next((t for t in self.targets_of(node_id) if t.path == req.path), None)
+            plan.append((known, req))
+
+        # Apply.
+        if existing is None:
+            if node_id == 0:
+                node_id = self.take_node_id()
+            else:
+                self.counters.next_node_id = max(self.counters.next_node_id, node_id + 1)
+            entry = self.info.nodes.add()
+            entry.node_id = node_id
+        else:
+            entry = existing
+            for t in self.targets_of(node_id):
+                t.local_state = mp.LOCAL_OFFLINE
+                if not t.chain_id:
+                    t.public_state = mp.OFFLINE
+        entry.type = node.type
+        entry.hostname = node.hostname
+        entry.pid = node.pid
+        entry.rpc_address = node.rpc_address
+        entry.data_address = node.data_address
+        entry.unix_socket = node.unix_socket
+        entry.tags.clear()
+        entry.tags.update(node.tags)
+        entry.status = mp.NODE_ONLINE
+        out_ids: list[int] = []
+        for known, req in plan:
+            if known is None:
+                tid = req.target_id
+                if tid == 0:
+                    tid = self.counters.next_target_id
+                    self.counters.next_target_id += 1
+                else:
+                    self.counters.next_target_id = max(self.counters.next_target_id, tid + 1)
+                t = self.info.targets.add()
+                t.target_id = tid
+                t.node_id = node_id
+                t.chain_id = 0
+                local = req.local_state or mp.ONLINE
+                t.local_state = local
+                t.public_state = mp.OFFLINE if local == mp.LOCAL_OFFLINE else mp.WAITING
+                known = t
+            known.path = req.path or known.path
+            if req.capacity_bytes:
+                known.capacity_bytes = req.capacity_bytes
+            out_ids.append(known.target_id)
+        self.info.nodes.sort(key=lambda n: n.node_id)
+        self.info.targets.sort(key=lambda t: t.target_id)
+        return node_id, out_ids
+
+    # -- heartbeats --------------------------------------------------------
+    def check_heartbeat(self, req: mp.HeartbeatReq) -> mp.NodeInfo:
+        """Validate a heartbeat; returns its node."""
+        n = self.node(req.node_id)
+        if n is None:
+            raise ChainfsError(
+                Code.UNKNOWN_NODE, f"node {req.node_id} is not registered; register first"
+            )
+        for th in req.targets:
+            t = self.target(th.target_id)
+            if t is not None and t.node_id != n.node_id:
+                raise ChainfsError(
+                    Code.UNKNOWN_TARGET,
+                    f"target {th.target_id} belongs to node {t.node_id}, not {n.node_id}",
+                )
+            if th.local_state not in (0, mp.UPTODATE, mp.ONLINE, mp.LOCAL_OFFLINE):
+                raise ChainfsError(Code.EINVAL, f"bad local state {th.local_state}")
+        return n
+
+    def heartbeat_changes(self, req: mp.HeartbeatReq) -> bool:
+        """Would applying ``req`` change the stored state?"""
+        n = self.check_heartbeat(req)
+        if n.status != mp.NODE_ONLINE:
+            return True
+        for th in req.targets:
+            t = self.target(th.target_id)
+            if t is not None and th.local_state and t.local_state != th.local_state:
+                return True
+        return False
+
+    def apply_heartbeat(self, req: mp.HeartbeatReq) -> None:
+        """Node online; reported local states recorded (unspecified = unchanged;
+        targets mgmtd no longer knows, e.g. removed, are ignored)."""
+        n = self.check_heartbeat(req)
+        n.status = mp.NODE_ONLINE
+        for th in req.targets:
+            t = self.target(th.target_id)
+            if t is None or not th.local_state:
+                continue
+            t.local_state = th.local_state
+            if not t.chain_id:
+                t.public_state = mp.OFFLINE if th.local_state == mp.LOCAL_OFFLINE else mp.WAITING
+
+    def mark_offline(self, node_ids: Iterable[int]) -> None:
+        """Nodes that missed heartbeats: offline, and so are their targets."""
+        for nid in node_ids:
+            n = self.node(nid)
+            if n is None:
+                continue
+            n.status = mp.NODE_OFFLINE
+            for t in self.targets_of(nid):
+                t.local_state = mp.LOCAL_OFFLINE
+                if not t.chain_id:
+                    t.public_state = mp.OFFLINE
+
+    # -- chains ------------------------------------------------------------
+    def free_targets_by_node(self) -> dict[int, list[int]]:
+        """Targets in no chain, on online storage nodes, not locally offline."""
+        online = {
+            n.node_id
+            for n in self.info.nodes
+            if n.type == mp.STORAGE and n.status == mp.NODE_ONLINE
+        }
+        out: dict[int, list[int]] = {}
+        for t in sorted(self.info.targets, key=lambda t: t.target_id):
+            if t.chain_id == 0 and t.node_id in online and t.local_state != mp.LOCAL_OFFLINE:
+                out.setdefault(t.node_id, []).append(t.target_id)
+        return out
+
+    def position_counts(self, replicas: int) -> dict[int, list[int]]:
+        counts: dict[int, list[int]] = {}
+        node_of = {t.target_id: t.node_id for t in self.info.targets}
+        for c in self.info.chains:
+            for i, tid in enumerate(c.targets[:replicas]):
+                counts.setdefault(node_of[tid], [0] * replicas)[i] += 1
+        return counts
+
+    def create_chains(self, replicas: int, num_chains: int, init: bool) -> list[int]:
+        """New chains from free targets -> their chain ids (all targets serving)."""
+        if init and len(self.info.chains):
+            raise ChainfsError(
+                Code.EEXIST,
+                f"cluster already has {len(self.info.chains)} chains; "
+                "use create-chains to add more",
+            )
+        plan = chain_table.plan_chains(
+            self.free_targets_by_node(), replicas, num_chains, self.position_counts(replicas)
+        )
+        next_chain = max((c.chain_id for c in self.info.chains), default=0) + 1
+        ids: list[int] = []
+        for members in plan:
+            c = self.info.chains.add()
+            c.chain_id = next_chain
+            c.chain_version = 0  # finish() sets 1 for a new chain
+            c.targets.extend(members)
+            for tid in members:
+                t = self.target(tid)
+                assert t is not None and t.chain_id == 0
+                t.chain_id = next_chain
+                t.public_state = mp.SERVING
+            ids.append(next_chain)
+            next_chain += 1
+        if not self.info.replicas:
+            self.info.replicas = replicas
+        return ids
+
+    def step_chains(self) -> None:
+        """One state-machine step on every chain."""
+        by_id = {t.target_id: t for t in self.info.targets}
+        for c in self.info.chains:
+            members = [
+                Member(tid, PS(by_id[tid].public_state), LS(by_id[tid].local_state))
+                for tid in c.targets
+            ]
+            new = step_chain(members)
+            if new == members:
+                continue
+            del c.targets[:]
+            c.targets.extend(m.target_id for m in new)
+            for m in new:
+                by_id[m.target_id].public_state = int(m.public)  # type: ignore[assignment]
+
+    def finish(self, before: ClusterState) -> bool:
+        """Step chains, bump changed chains' versions and the routing version.
+
+        Returns True if anything differs from ``before``.
+        """
+        self.step_chains()
+        old = {c.chain_id: c for c in before.info.chains}
+        for c in self.info.chains:
+            prev = old.get(c.chain_id)
+            if prev is None:
+                c.chain_version = max(c.chain_version, 0) + 1
+            elif _chain_signature(self.info, c) != _chain_signature(before.info, prev):
+                c.chain_version = prev.chain_version + 1
+        self.info.version = before.info.version
+        if self.encode() == before.encode():
+            return False
+        self.info.version = before.info.version + 1
+        return True
+
+    # -- operator changes --------------------------------------------------
+    def offline_target(self, target_id: int) -> None:
+        t = self._target_or_raise(target_id)
+        t.local_state = mp.LOCAL_OFFLINE
+        if not t.chain_id:
+            t.public_state = mp.OFFLINE
+
+    def remove_target(self, target_id: int) -> None:
+        t = self._target_or_raise(target_id)
+        if t.chain_id:
+            c = self.chain(t.chain_id)
+            assert c is not None
+            self._check_removable(c, t)
+            c.targets.remove(target_id)
+        self.info.targets.remove(t)
+
+    def rotate_lastsrv(self, target_id: int) -> None:
+        t = self._target_or_raise(target_id)
+        c = self.chain(t.chain_id) if t.chain_id else None
+        if c is None:
+            raise ChainfsError(Code.EINVAL, f"target {target_id} is in no chain")
+        head = self.target(c.targets[0])
+        assert head is not None
+        if len(c.targets) < 2 or head.public_state != mp.LASTSRV:
+            raise ChainfsError(Code.EINVAL, f"chain {c.chain_id} has no lastsrv head to rotate")
+        # The next target becomes lastsrv (an operator accepting its copy), the old head
+        # goes last; everything else offline.
+        order = [*c.targets[1:], c.targets[0]]
+        del c.targets[:]
+        c.targets.extend(order)
+        for i, tid in enumerate(order):
+            x = self.target(tid)
+            assert x is not None
+            x.public_state = mp.LASTSRV if i == 0 else mp.OFFLINE
+
+    def update_chain(self, chain_id: int, add: Sequence[int], remove: Sequence[int]) -> None:
+        c = self.chain(chain_id)
+        if c is None:
+            raise ChainfsError(Code.UNKNOWN_CHAIN, f"chain {chain_id} does not exist")
+        for tid in remove:
+            t = self._target_or_raise(tid)
+            if t.chain_id != chain_id:
+                raise ChainfsError(Code.EINVAL, f"target {tid} is not in chain {chain_id}")
+        nodes_in_chain = {
+            self._target_or_raise(x).node_id for x in c.targets if x not in set(remove)
+        }
+        for tid in add:
+            t = self._target_or_raise(tid)
+            if t.chain_id:
+                raise ChainfsError(Code.EBUSY, f"target {tid} is already in chain {t.chain_id}")
+            if t.node_id in nodes_in_chain:
+                raise ChainfsError(
+                    Code.EINVAL, f"chain {chain_id} already has a target on node {t.node_id}"
+                )
+            nodes_in_chain.add(t.node_id)
+        remaining = [x for x in c.targets if x not in set(remove)]
+        if not remaining and not add:
+            raise ChainfsError(Code.EBUSY, f"chain {chain_id} would have no target left")
+        serving_left = [x for x in remaining if self._target_or_raise(x).public_state == mp.SERVING]
+        had_serving = any(self._target_or_raise(x).public_state == mp.SERVING for x in c.targets)
+        if had_serving and not serving_left:
+            raise ChainfsError(
+                Code.EBUSY,
+                f"removing {list(remove)} would leave chain {chain_id} no serving target",
+            )
+        for tid in remove:
+            t = self._target_or_raise(tid)
+            if t.public_state == mp.LASTSRV:
+                raise ChainfsError(Code.EBUSY, f"target {tid} holds the chain's last copy")
+        for tid in remove:
+            t = self._target_or_raise(tid)
+            t.chain_id = 0
+            t.public_state = mp.OFFLINE if t.local_state == mp.LOCAL_OFFLINE else mp.WAITING
+        del c.targets[:]
+        c.targets.extend(remaining)
+        for tid in add:
+            t = self._target_or_raise(tid)
+            t.chain_id = chain_id
+            t.public_state = mp.OFFLINE  # joins at the end; resync fills it
+            c.targets.append(tid)
+
+    def _check_removable(self, c: mp.ChainInfo, t: mp.TargetInfo) -> None:
+        if t.public_state not in (mp.OFFLINE, mp.WAITING):
+            raise ChainfsError(
+                Code.EBUSY,
+                f"target {t.target_id} is {mp.PublicTargetState.Name(t.public_state).lower()}; "
+                "take it offline first",
+            )
+        if len(c.targets) == 1:
+            raise ChainfsError(
+                Code.EBUSY, f"target {t.target_id} is the last of chain {c.chain_id}"
+            )
+
+    def _target_or_raise(self, target_id: int) -> mp.TargetInfo:
+        t = self.target(target_id)
+        if t is None:
+            raise ChainfsError(Code.UNKNOWN_TARGET, f"target {target_id} does not exist")
+        return t

@@ -1,0 +1,73 @@
+"""mgmtd settings (TOML; every default is here, once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class MgmtdConfig:
+    listen_host: str = "127.0.0.1"
+    port: int = 0  # 0 = ephemeral; the bound port is in the ready file
+    # Address other processes use to reach this mgmtd (NOT_PRIMARY answers name
+    # it); "" = listen_host:bound port.
+    advertise_address: str = ""
+    # Where the KV store lives when kv_url is empty: rocksdb://<data_dir>/kv.
+    data_dir: str = ""
+    # Cluster state store: memory://, rocksdb:///dir, etcd://h:p[,h:p]/prefix.
+    # Several mgmtds (failover) need a shared store: etcd.
+    kv_url: str = ""
+    cluster_id: str = "chainfs"
+    # 0 = take a fresh id from the cluster's node-id counter at start.
+    node_id: int = 0
+    # Nodes heartbeat this often (ms); told to them at registration.
+    heartbeat_interval_ms: int = 1000
+    # A node silent this long (ms) is offline with its targets. Storage fences
+    # itself after half of it, so keep it well above the mgmtd failover time.
+    heartbeat_timeout_ms: int = 10_000
+    # How often (ms) the primary checks heartbeat deadlines and steps chains.
+    check_interval_ms: int = 200
+    # Primary lease (ms): a standby takes over once the lease record stayed
+    # unchanged this long; failover takes at most lease_ms + 2 * lease_renew_interval_ms
+    # plus one KV commit.
+    lease_ms: int = 3000
+    lease_renew_interval_ms: int = 500
+    # A primary stops acting this long (ms) before its lease would run out on
+    # its own clock, so two primaries never act at once.
+    lease_safety_margin_ms: int = 500
+    # Bound on concurrent WatchRoutingInfo streams.
+    max_watch_streams: int = 4096
+    # Bounds on the config store.
+    max_config_key_bytes: int = 256
+    max_config_value_bytes: int = 64 * 1024
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, not {self.port}")
+        if not self.kv_url and not self.data_dir:
+            raise ValueError(
+                "set kv_url (memory://, rocksdb:///dir, etcd://h:p/prefix) or data_dir"
+            )
+        if self.heartbeat_interval_ms <= 0:
+            raise ValueError("heartbeat_interval_ms must be > 0")
+        if self.heartbeat_timeout_ms < 2 * self.heartbeat_interval_ms:
+            raise ValueError("heartbeat_timeout_ms must be >= 2 * heartbeat_interval_ms")
+        if self.check_interval_ms <= 0:
+            raise ValueError("check_interval_ms must be > 0")
+        if self.lease_renew_interval_ms <= 0 or self.lease_ms < 2 * self.lease_renew_interval_ms:
+            raise ValueError("need 0 < lease_renew_interval_ms <= lease_ms / 2")
+        if not 0 <= self.lease_safety_margin_ms < self.lease_ms - self.lease_renew_interval_ms:
+            raise ValueError(
+                "need 0 <= lease_safety_margin_ms < lease_ms - lease_renew_interval_ms"
+            )
+        if self.max_watch_streams < 1:
+            raise ValueError("max_watch_streams must be >= 1")
+        if self.node_id < 0:
+            raise ValueError("node_id must be >= 0")
+
+    def store_url(self) -> str:
+        if self.kv_url:
+            return self.kv_url
+        return "rocksdb://" + str((Path(self.data_dir) / "kv").resolve())

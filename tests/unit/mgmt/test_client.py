@@ -1,0 +1,126 @@
+"""MgmtClient, RoutingCache and HeartbeatLoop against in-process mgmtds."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.routing import Routing
+from chainfs.common.rpc.mgmt_client import HeartbeatLoop, MgmtClient, RoutingCache
+from chainfs.kv.memory import MemoryStore
+from chainfs.proto import mgmt_pb2 as mp
+from tests.unit.mgmt.conftest import InProcMgmtd, run_mgmtd
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def storage_node(i: int) -> mp.NodeInfo:
+    return mp.NodeInfo(
+        type=mp.STORAGE,
+        hostname="test",
+        rpc_address=f"127.0.0.1:{20000 + i}",
+        data_address=f"127.0.0.1:{21000 + i}",
+    )
+
+
+def targets(i: int, n: int = 2) -> list[mp.TargetInfo]:
+    return [mp.TargetInfo(path=f"/data{i}/t{j}") for j in range(n)]
+
+
+async def test_unreachable_mgmtd_is_unavailable_not_a_hang() -> None:
+    addrs = f"127.0.0.1:{_free_port()},127.0.0.1:{_free_port()}"
+    client = MgmtClient(addrs, timeout_s=0.5)
+    try:
+        with pytest.raises(ChainfsError) as e:
+            await client.get_status()
+        assert e.value.code == Code.UNAVAILABLE
+        assert f"cannot reach mgmtd at {addrs}" in str(e.value)
+    finally:
+        await client.close()
+
+
+async def test_register_heartbeat_and_routing(mgmtd: InProcMgmtd) -> None:
+    async with MgmtClient(mgmtd.address) as client:
+        rsp = await client.register_node(storage_node(1), targets(1))
+        assert rsp.node_id > 0 and len(rsp.target_ids) == 2
+        assert rsp.heartbeat_interval_ms == mgmtd.cfg.heartbeat_interval_ms
+        routing = await client.get_routing()
+        assert routing is not None
+        assert routing.nodes[rsp.node_id].rpc_address == "127.0.0.1:20001"
+        assert {t.target_id for t in routing.info.targets} == set(rsp.target_ids)
+        # Known version: unchanged.
+        assert await client.get_routing(routing.version) is None
+        hb = await client.heartbeat(
+            mp.HeartbeatReq(node_id=rsp.node_id, routing_version=routing.version)
+        )
+        assert hb.routing_version == routing.version and not hb.HasField("routing")
+        with pytest.raises(ChainfsError) as e:
+            await client.heartbeat(mp.HeartbeatReq(node_id=9999))
+        assert e.value.code == Code.UNKNOWN_NODE
+
+
+async def test_routing_cache_follows_changes(mgmtd: InProcMgmtd) -> None:
+    async with MgmtClient(mgmtd.address) as client:
+        cache = RoutingCache(client, refresh_interval_s=0.1)
+        seen: list[int] = []
+        cache.add_listener(lambda r: seen.append(r.version))
+        first = await cache.get()
+        cache.start()
+        try:
+            for i in range(3):
+                await client.register_node(storage_node(i), targets(i))
+            await client.create_chains(3)
+            routing = await cache.wait_for(lambda r: len(r.chains) == 2, timeout_s=10)
+            assert routing.version > first.version
+            assert seen == sorted(seen) and seen[-1] == routing.version
+            assert (await cache.refresh()).version == routing.version
+        finally:
+            await cache.stop()
+
+
+async def test_heartbeat_loop_acks_and_delivers_routing(mgmtd: InProcMgmtd) -> None:
+    async with MgmtClient(mgmtd.address) as client:
+        got: list[Routing] = []
+        reports = lambda: [mp.TargetHeartbeat(target_id=t, local_state=mp.UPTODATE) for t in ids]  # noqa: E731
+        ids: list[int] = []
+        loop = HeartbeatLoop(client, storage_node(7), reports, got.append, targets=targets(7))
+        before = time.monotonic()
+        await loop.start()
+        ids.extend(loop.target_ids)
+        try:
+            assert loop.node_id > 0 and len(loop.target_ids) == 2
+            assert loop.last_ack_monotonic >= before
+            first_ack = loop.last_ack_monotonic
+            deadline = time.monotonic() + 10
+            while loop.last_ack_monotonic <= first_ack and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert loop.last_ack_monotonic > first_ack
+            assert got and got[-1].nodes[loop.node_id].status == mp.NODE_ONLINE
+        finally:
+            await loop.stop()
+
+
+async def test_client_follows_not_primary_and_survives_failover(tmp_path: Path) -> None:
+    store = MemoryStore()
+    async with run_mgmtd(tmp_path, store, "a") as a, run_mgmtd(tmp_path, store, "b") as b:
+        # Only the standby's address: the client must be redirected to the primary.
+        async with MgmtClient(b.address, timeout_s=10) as client:
+            status = await client.get_status()
+            assert status.primary_address == a.address and not status.primary
+            rsp = await client.register_node(storage_node(1), targets(1))
+            assert client.primary_address == a.address
+            a.stop.set()  # clean stop releases the lease: b takes over
+            routing = await client.get_routing()
+            assert routing is not None and rsp.node_id in routing.nodes
+            assert client.primary_address == b.address
