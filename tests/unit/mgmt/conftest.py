@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,3 +62,19 @@ async def run_mgmtd(
 async def mgmtd(tmp_path: Path) -> AsyncIterator[InProcMgmtd]:
     async with run_mgmtd(tmp_path) as m:
         yield m
+
+
+async def eventually(
+    predicate: Callable[[], Awaitable[bool] | bool], timeout_s: float = 10.0, what: str = ""
+) -> None:
+    """Poll ``predicate`` until it holds; fail after ``timeout_s`` (a bound, not a timing)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout_s}s: {what or predicate}")
+        await asyncio.sleep(0.02)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from chainfs.common.routing import Routing
 from chainfs.common.rpc.mgmt_client import HeartbeatLoop, MgmtClient, RoutingCache
 from chainfs.kv.memory import MemoryStore
 from chainfs.proto import mgmt_pb2 as mp
-from tests.unit.mgmt.conftest import InProcMgmtd, run_mgmtd
+from tests.unit.mgmt.conftest import InProcMgmtd, eventually, run_mgmtd
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -102,10 +101,7 @@ async def test_heartbeat_loop_acks_and_delivers_routing(mgmtd: InProcMgmtd) -> N
             assert loop.node_id > 0 and len(loop.target_ids) == 2
             assert loop.last_ack_monotonic >= before
             first_ack = loop.last_ack_monotonic
-            deadline = time.monotonic() + 10
-            while loop.last_ack_monotonic <= first_ack and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            assert loop.last_ack_monotonic > first_ack
+            await eventually(lambda: loop.last_ack_monotonic > first_ack, what="a heartbeat ack")
             assert got and got[-1].nodes[loop.node_id].status == mp.NODE_ONLINE
         finally:
             await loop.stop()
@@ -113,14 +109,17 @@ async def test_heartbeat_loop_acks_and_delivers_routing(mgmtd: InProcMgmtd) -> N
 
 async def test_client_follows_not_primary_and_survives_failover(tmp_path: Path) -> None:
     store = MemoryStore()
-    async with run_mgmtd(tmp_path, store, "a") as a, run_mgmtd(tmp_path, store, "b") as b:
+    async with (
+        run_mgmtd(tmp_path, store, "a") as a,
+        run_mgmtd(tmp_path, store, "b") as b,
         # Only the standby's address: the client must be redirected to the primary.
-        async with MgmtClient(b.address, timeout_s=10) as client:
-            status = await client.get_status()
-            assert status.primary_address == a.address and not status.primary
-            rsp = await client.register_node(storage_node(1), targets(1))
-            assert client.primary_address == a.address
-            a.stop.set()  # clean stop releases the lease: b takes over
-            routing = await client.get_routing()
-            assert routing is not None and rsp.node_id in routing.nodes
-            assert client.primary_address == b.address
+        MgmtClient(b.address, timeout_s=10) as client,
+    ):
+        status = await client.get_status()
+        assert status.primary_address == a.address and not status.primary
+        rsp = await client.register_node(storage_node(1), targets(1))
+        assert client.primary_address == a.address
+        a.stop.set()  # clean stop releases the lease: b takes over
+        routing = await client.get_routing()
+        assert routing is not None and rsp.node_id in routing.nodes
+        assert client.primary_address == b.address
