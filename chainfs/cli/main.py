@@ -6,6 +6,7 @@ import click
 
 from chainfs import __version__
 from chainfs.cli.admin import admin
+from chainfs.cli.bench import bench
 from chainfs.cli.serve import serve
 
 
@@ -17,6 +18,7 @@ def cli() -> None:
 
 cli.add_command(serve)
 cli.add_command(admin)
+cli.add_command(bench)
 
 
 def main() -> int:

@@ -1,0 +1,364 @@
+"""Ceilings: what this machine does without chainfs, measured in the same run.
+
+- loopback TCP: ``iperf3`` server and client on 127.0.0.1 (one stream);
+- disk: ``fio`` with direct I/O on a file in the bench's data directory (the
+  disk the cluster's targets use): sequential read and write with 1 MiB
+  blocks, random 4 KiB reads, and 4 KiB writes each followed by fdatasync
+  (what a durable KV commit costs);
+- metadata: the same create/stat/readdir/rename/unlink task the chainfs
+  workload runs, in as many processes, on a local directory.
+
+Each ceiling is a number (or None) plus a detail entry with the command and
+a status: "ok", "not run: <reason>" (tool missing) or "failed: <reason>".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from chainfs.bench.context import CLIENT_PROCS, MB, NotRun, Sizes, WorkloadFailed
+from chainfs.bench.workers import WorkerPool, aggregate
+
+# The ceilings every report carries (the JSON shape is stable: None if not measured).
+CEILING_NAMES = (
+    "iperf3_loopback_MBps",
+    "fio_seq_read_MBps",
+    "fio_seq_write_MBps",
+    "fio_rand_read_4k_iops",
+    "fio_fdatasync_4k_iops",
+    "local_meta_create_per_s",
+    "local_meta_stat_per_s",
+    "local_meta_readdir_entries_per_s",
+    "local_meta_rename_per_s",
+    "local_meta_unlink_per_s",
+)
+
+_IPERF3_CONNECT_TIMEOUT_S = 10.0  # the server has this long to start listening
+_PROC_STOP_TIMEOUT_S = 5.0
+
+Log = Callable[[str], None]
+
+
+# -- the machine -----------------------------------------------------------------
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _filesystem_of(path: Path) -> dict[str, Any]:
+    path = path.resolve()
+    best: Any = None
+    for part in psutil.disk_partitions(all=True):
+        mp = Path(part.mountpoint)
+        if (path == mp or mp in path.parents) and (
+            best is None or len(part.mountpoint) > len(best.mountpoint)
+        ):
+            best = part
+    if best is None:
+        return {}
+    usage = shutil.disk_usage(path)
+    return {
+        "mountpoint": best.mountpoint,
+        "device": best.device,
+        "fstype": best.fstype,
+        "free_bytes": usage.free,
+    }
+
+
+def machine_info(data_dir: Path) -> dict[str, Any]:
+    mem = psutil.virtual_memory().total
+    return {
+        "cores": os.cpu_count(),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "memory_bytes": mem,
+        "memory_GiB": round(mem / (1 << 30), 1),
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "python": platform.python_version(),
+        "data_dir_filesystem": _filesystem_of(data_dir),
+    }
+
+
+# -- helpers ---------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process we started, by its pid: SIGTERM, then SIGKILL."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(_PROC_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _json_out(stdout: str) -> dict[str, Any]:
+    """The JSON document in a tool's stdout (fio may print warnings before it)."""
+    start = stdout.find("{")
+    if start < 0:
+        raise WorkloadFailed(f"no JSON in output: {stdout[:300]!r}")
+    doc: dict[str, Any] = json.loads(stdout[start:])
+    return doc
+
+
+# -- iperf3 ------------------------------------------------------------------------
+def measure_iperf3(seconds: int) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """One TCP stream over loopback for ``seconds``; MB/s received."""
+    exe = shutil.which("iperf3")
+    if exe is None:
+        raise NotRun("iperf3 not on PATH (deploy/bootstrap.sh installs it)")
+    last_error = ""
+    for _attempt in range(3):  # another process may take the free port first
+        port = _free_port()
+        server_cmd = [exe, "-s", "-1", "-B", "127.0.0.1", "-p", str(port)]
+        client_cmd = [exe, "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"]
+        server = subprocess.Popen(
+            server_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + _IPERF3_CONNECT_TIMEOUT_S
+            while True:
+                client = subprocess.run(
+                    client_cmd, capture_output=True, text=True, timeout=seconds + 30
+                )
+                doc = _json_out(client.stdout) if "{" in client.stdout else {}
+                error = str(doc.get("error", "")) or client.stderr.strip()
+                if client.returncode == 0 and not doc.get("error"):
+                    break
+                last_error = error or f"exit code {client.returncode}"
+                if server.poll() is not None:
+                    break  # the server could not bind: try another port
+                if "refused" in last_error and time.monotonic() < deadline:
+                    time.sleep(0.05)  # the server is not listening yet
+                    continue
+                raise WorkloadFailed(f"iperf3 client: {last_error}")
+            if client.returncode != 0 or doc.get("error"):
+                continue
+        finally:
+            _stop(server)
+        bps = float(doc["end"]["sum_received"]["bits_per_second"])
+        cpu = doc["end"].get("cpu_utilization_percent", {})
+        return {"iperf3_loopback_MBps": bps / 8 / MB}, {
+            "iperf3_loopback_MBps": {
+                "status": "ok",
+                "command": " ".join(server_cmd) + " & " + " ".join(client_cmd),
+                "seconds": seconds,
+                "cpu_host_percent": cpu.get("host_total"),
+                "cpu_remote_percent": cpu.get("remote_total"),
+            }
+        }
+    raise WorkloadFailed(f"iperf3 did not run: {last_error}")
+
+
+# -- fio ---------------------------------------------------------------------------
+def _fio_engine(exe: str) -> str:
+    out = subprocess.run([exe, "--enghelp"], capture_output=True, text=True, timeout=30)
+    return "libaio" if "libaio" in out.stdout else "psync"
+
+
+def _fio(exe: str, args: list[str], timeout_s: float) -> tuple[dict[str, Any], str]:
+    cmd = [exe, "--output-format=json", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if out.returncode != 0:
+        raise WorkloadFailed(f"{' '.join(cmd)}: exit {out.returncode}: {out.stderr.strip()[:500]}")
+    job: dict[str, Any] = _json_out(out.stdout)["jobs"][0]
+    if job.get("error"):
+        raise WorkloadFailed(f"{' '.join(cmd)}: fio error {job['error']}")
+    return job, " ".join(cmd)
+
+
+def measure_fio(
+    data_dir: Path, file_bytes: int, runtime_s: float
+) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """Direct I/O on a file in ``data_dir``: the disk under the cluster's targets."""
+    exe = shutil.which("fio")
+    if exe is None:
+        raise NotRun("fio not on PATH (deploy/bootstrap.sh installs it)")
+    engine = _fio_engine(exe)
+    path = data_dir / "fio-ceiling.dat"
+    runtime = f"--runtime={max(1, round(runtime_s))}"
+    timeout_s = runtime_s * 4 + 120
+    base = [f"--filename={path}", f"--size={file_bytes}", "--direct=1", f"--ioengine={engine}"]
+    values: dict[str, float | None] = {}
+    detail: dict[str, Any] = {}
+    try:
+        # Sequential write first: it also lays out the file the reads use.
+        job, cmd = _fio(
+            exe,
+            [
+                "--name=seq_write",
+                *base,
+                "--rw=write",
+                "--bs=1M",
+                "--iodepth=16",
+                "--end_fsync=1",
+                runtime,
+            ],
+            timeout_s,
+        )
+        values["fio_seq_write_MBps"] = job["write"]["bw_bytes"] / MB
+        detail["fio_seq_write_MBps"] = {"status": "ok", "command": cmd}
+        job, cmd = _fio(
+            exe,
+            ["--name=seq_read", *base, "--rw=read", "--bs=1M", "--iodepth=16", runtime],
+            timeout_s,
+        )
+        values["fio_seq_read_MBps"] = job["read"]["bw_bytes"] / MB
+        detail["fio_seq_read_MBps"] = {"status": "ok", "command": cmd}
+        job, cmd = _fio(
+            exe,
+            [
+                "--name=rand_read_4k",
+                *base,
+                "--rw=randread",
+                "--bs=4k",
+                "--iodepth=32",
+                "--time_based",
+                runtime,
+            ],
+            timeout_s,
+        )
+        values["fio_rand_read_4k_iops"] = float(job["read"]["iops"])
+        detail["fio_rand_read_4k_iops"] = {"status": "ok", "command": cmd}
+        # Buffered 4 KiB writes, each made durable: the cost of one synced commit.
+        job, cmd = _fio(
+            exe,
+            [
+                "--name=fdatasync_4k",
+                f"--filename={path}",
+                f"--size={file_bytes}",
+                "--ioengine=sync",
+                "--rw=write",
+                "--bs=4k",
+                "--fdatasync=1",
+                "--time_based",
+                runtime,
+            ],
+            timeout_s,
+        )
+        values["fio_fdatasync_4k_iops"] = float(job["write"]["iops"])
+        detail["fio_fdatasync_4k_iops"] = {"status": "ok", "command": cmd}
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return values, detail
+
+
+# -- local directory metadata -------------------------------------------------------
+LOCAL_META_PHASES = {
+    "create": "local_meta_create_per_s",
+    "stat": "local_meta_stat_per_s",
+    "readdir": "local_meta_readdir_entries_per_s",
+    "rename": "local_meta_rename_per_s",
+    "unlink": "local_meta_unlink_per_s",
+}
+
+
+def meta_params(backend: dict[str, Any], root: str, sizes: Sizes) -> list[dict[str, Any]]:
+    """The params of the metadata task; chainfs and local directory run the same."""
+    return [
+        {
+            "backend": backend,
+            "root": root,
+            "files": sizes.meta_files_per_proc,
+            "max_seconds": sizes.meta_max_seconds,
+            "readdir_rounds": sizes.meta_readdir_rounds,
+        }
+    ] * CLIENT_PROCS
+
+
+def measure_local_meta(
+    pool: WorkerPool, data_dir: Path, sizes: Sizes
+) -> tuple[dict[str, float | None], dict[str, Any]]:
+    root = data_dir / "local-meta"
+    root.mkdir()
+    try:
+        outs = pool.run(
+            "meta", meta_params({"kind": "posix"}, str(root), sizes), sizes.task_timeout_s
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    values: dict[str, float | None] = {}
+    detail: dict[str, Any] = {}
+    for phase, name in LOCAL_META_PHASES.items():
+        _, ops, secs = aggregate(outs, phase)
+        values[name] = ops / secs
+        detail[name] = {
+            "status": "ok",
+            "command": f"{CLIENT_PROCS} processes, {phase} of up to {sizes.meta_files_per_proc} "
+            f"empty files each in its own directory under {data_dir}",
+            "ops": ops,
+            "seconds": secs,
+        }
+    return values, detail
+
+
+# -- all of them -------------------------------------------------------------------
+def measure_all(
+    pool: WorkerPool, data_dir: Path, sizes: Sizes, log: Log
+) -> tuple[dict[str, float | None], dict[str, Any], WorkerPool]:
+    """Every ceiling; a missing tool gives None and "not run", never an invented value.
+
+    Returns the pool too: a failure inside it replaces it with a fresh one.
+    """
+    values: dict[str, float | None] = dict.fromkeys(CEILING_NAMES)
+    detail: dict[str, Any] = {}
+    groups: list[tuple[str, tuple[str, ...], Callable[[], tuple[dict[str, Any], dict[str, Any]]]]]
+    groups = [
+        ("iperf3", ("iperf3_loopback_MBps",), lambda: measure_iperf3(sizes.iperf3_seconds)),
+        (
+            "fio",
+            (
+                "fio_seq_write_MBps",
+                "fio_seq_read_MBps",
+                "fio_rand_read_4k_iops",
+                "fio_fdatasync_4k_iops",
+            ),
+            lambda: measure_fio(data_dir, sizes.fio_file_bytes, sizes.fio_runtime_s),
+        ),
+        (
+            "local metadata",
+            tuple(LOCAL_META_PHASES.values()),
+            lambda: measure_local_meta(pool, data_dir, sizes),
+        ),
+    ]
+    for label, names, fn in groups:
+        t0 = time.monotonic()
+        try:
+            got, det = fn()
+            values.update(got)
+            detail.update(det)
+            shown = ", ".join(f"{k}={v:,.0f}" for k, v in got.items() if v is not None)
+            log(f"ceiling {label}: {shown} ({time.monotonic() - t0:.1f}s)")
+        except NotRun as e:
+            for n in names:
+                detail[n] = {"status": f"not run: {e}"}
+            log(f"ceiling {label}: not run: {e}")
+        except (WorkloadFailed, OSError, subprocess.SubprocessError, KeyError, ValueError) as e:
+            for n in names:
+                detail[n] = {"status": f"failed: {e}"}
+            log(f"ceiling {label}: FAILED: {e}")
+            if pool.broken:
+                pool = WorkerPool(pool.size)
+    return values, detail, pool

@@ -1,0 +1,396 @@
+"""Run the suite: ceilings, then each cluster profile's workloads, then the report.
+
+Order: start the client processes; measure the ceilings; for each profile
+("r3": 3 replicas, the main cluster, optionally with a FUSE mount; "r1": 1
+replica) start a LocalCluster (or use ``--address`` for "r3"), run its
+workloads in registration order, stop it; then the "end" workloads (client
+memory). Every selected figure ends up in the report as a number, "not run:
+<reason>" or "failed: <reason>".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import chainfs
+from chainfs.bench import ceilings as ceil
+from chainfs.bench.context import (
+    CLIENT_PROCS,
+    FULL,
+    QUICK,
+    NotRun,
+    Result,
+    WorkloadFailed,
+    sizes_dict,
+)
+from chainfs.bench.workers import WorkerPool
+from chainfs.bench.workloads import REGISTRY, RunContext, Workload, figure, missing_need, select
+
+SCHEMA_VERSION = 1
+PROFILE_REPLICAS = {"r3": 3, "r1": 1}
+PROFILE_ORDER = ("r3", "r1", "end")
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BenchOptions:
+    address: str | None = None  # a running cluster's mgmtd address instead of a LocalCluster
+    quick: bool = False
+    out_dir: Path = Path("bench/results")
+    only: list[str] | None = None
+    data_dir: Path | None = None  # parent of the run's scratch directory (the disk measured)
+    keep_data: bool = False
+    mountpoint: Path | None = None  # with --address: that cluster's FUSE mount, if any
+    fuse: bool = True  # mount FUSE on the LocalCluster when this machine can
+    storage_nodes: int = 3
+    targets_per_node: int = 2
+    kv: str = "rocksdb"
+    command: str = ""
+
+
+@dataclass
+class BenchRun:
+    report: dict[str, Any]
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[str]:
+        bad = [r["name"] for r in self.report["results"] if r["status"].startswith("failed")]
+        bad += [
+            n
+            for n, d in self.report["ceilings_detail"].items()
+            if str(d.get("status", "")).startswith("failed")
+        ]
+        return bad
+
+
+def _git_info() -> dict[str, Any]:
+    repo = Path(chainfs.__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
+        return {}
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": head, "dirty": bool(dirty)}
+
+
+def _local_cluster_class() -> Any:
+    """chainfs.testing.LocalCluster, or NotRun saying why it is not there yet."""
+    try:
+        testing = importlib.import_module("chainfs.testing")
+        cls = getattr(testing, "LocalCluster", None)
+        if cls is None:
+            cls = importlib.import_module("chainfs.testing.cluster").LocalCluster
+    except (ImportError, AttributeError) as e:
+        raise NotRun(f"chainfs.testing.LocalCluster is not built yet ({e})") from None
+    return cls
+
+
+def _fuse_missing() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing on this machine"
+    if importlib.util.find_spec("pyfuse3") is None:
+        return "pyfuse3 is not installed"
+    return None
+
+
+@contextlib.contextmanager
+def _local_cluster(
+    replicas: int,
+    base: Path,
+    opts: BenchOptions,
+    start_timeout_s: float,
+    want_mount: bool,
+    log: Log,
+) -> Iterator[tuple[Any, Path | None, str]]:
+    """A started LocalCluster; with a FUSE mount if asked for and it works.
+
+    Yields (cluster, mountpoint or None, why there is no mount as "not run: ..."
+    or "failed: ...").
+    """
+    cls = _local_cluster_class()
+    kwargs: dict[str, Any] = {
+        "storage_nodes": opts.storage_nodes,
+        "targets_per_node": opts.targets_per_node,
+        "replicas": replicas,
+        "kv": opts.kv,
+        "start_timeout_s": start_timeout_s,
+    }
+    fuse_reason = "not run: no FUSE mount on this cluster"
+    missing = _fuse_missing() if want_mount else "not asked for (--no-fuse or a 1-replica run)"
+    cluster = None
+    if missing is None:
+        try:
+            cluster = cls(base / "cluster", mount=base / "mnt", **kwargs)
+        except OSError as e:
+            import errno
+
+            text = str(e).splitlines()[0]
+            if e.errno == errno.ENOSYS:
+                fuse_reason = f"not run: {text}"
+            else:
+                fuse_reason = f"failed: the cluster did not start with a FUSE mount: {text}"
+            log(f"cluster r{replicas}: FUSE mount {fuse_reason}; starting without")
+    else:
+        fuse_reason = f"not run: {missing}"
+    if cluster is None:
+        cluster = cls(base / "cluster-nomount", **kwargs)
+    try:
+        mnt = getattr(cluster, "mountpoint", None)
+        yield cluster, (Path(mnt) if mnt else None), fuse_reason
+    finally:
+        cluster.stop()
+
+
+def _unbuilt_module(text: str) -> str | None:
+    """Why a service process could not start for want of chainfs code, or None.
+
+    A service that dies on ``No module named 'chainfs.x'`` or ``cannot import
+    name 'y' from 'chainfs.x'`` is not built yet (work in progress), which the
+    report says as "not run"; any other start-up failure is a failure.
+    """
+    m = re.search(r"No module named '(chainfs\.[\w.]+)'", text)
+    if m is not None:
+        return f"a cluster service is not built yet (No module named {m.group(1)})"
+    m = re.search(r"cannot import name '(\w+)' from '(chainfs\.[\w.]+)'", text)
+    if m is not None:
+        return f"a cluster service is not built yet ({m.group(2)} has no {m.group(1)})"
+    return None
+
+
+def _outcome(w: Workload, status: str, ceilings: dict[str, float | None]) -> list[Result]:
+    return [figure(n, None, ceilings, status=status) for n in w.results]
+
+
+def _run_workload(w: Workload, ctx: RunContext, log: Log) -> list[Result]:
+    for need in w.needs:
+        why = missing_need(need, ctx)
+        if why is not None:
+            status = ctx.fuse_reason if need == "fuse" else f"not run: {why}"
+            log(f"{w.name}: {status}")
+            return _outcome(w, status, ctx.ceilings)
+    t0 = time.monotonic()
+    try:
+        results = w.fn(ctx)
+    except NotRun as e:
+        log(f"{w.name}: not run: {e}")
+        return _outcome(w, f"not run: {e}", ctx.ceilings)
+    except WorkloadFailed as e:
+        log(f"{w.name}: FAILED: {e}")
+        return _outcome(w, f"failed: {e}", ctx.ceilings)
+    except Exception as e:
+        log(f"{w.name}: FAILED: {traceback.format_exc()}")
+        return _outcome(w, f"failed: {type(e).__name__}: {e}", ctx.ceilings)
+    got = {r.name for r in results}
+    for n in w.results:
+        if n not in got:
+            results.append(figure(n, None, ctx.ceilings, status="failed: no figure returned"))
+    for r in results:
+        if r.value is None:
+            log(f"{r.name}: {r.status}")
+        else:
+            ratio = f" = {r.ratio:.2f} of {r.ceiling_name}" if r.ratio is not None else ""
+            log(f"{r.name}: {r.value:,.1f} {r.unit}{ratio}")
+    log(f"{w.name} done in {time.monotonic() - t0:.1f}s")
+    return results
+
+
+def _release_clients(ctx: RunContext) -> None:
+    """Close the client processes' connections before their cluster stops."""
+    if not ctx.pool.broken:
+        ctx.pool.run("close_backends", [{}] * ctx.pool.size, ctx.sizes.task_timeout_s)
+
+
+def run(opts: BenchOptions, log: Log) -> BenchRun:
+    """Measure everything selected and write the report; returns it with its paths."""
+    from chainfs.bench import report as rep
+
+    started = time.monotonic()
+    started_at = dt.datetime.now(dt.UTC)
+    sizes = QUICK if opts.quick else FULL
+    selected = select(opts.only)
+    selected_names = {w.name for w in selected}
+
+    if opts.data_dir is not None:
+        opts.data_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="chainfs-bench-", dir=opts.data_dir))
+    log(f"scratch directory {scratch} ({'quick' if opts.quick else 'full'} run)")
+    results: dict[str, list[Result]] = {}
+    warnings: list[str] = []
+    pool = WorkerPool(CLIENT_PROCS)
+    try:
+        pool.wait_ready(sizes.task_timeout_s)  # their start-up must not disturb the ceilings
+        machine = ceil.machine_info(scratch)
+        ceilings, ceilings_detail, pool = ceil.measure_all(pool, scratch, sizes, log)
+        stamp = started_at.strftime("%Y-%m-%d-%H%M%S")
+        for profile in PROFILE_ORDER:
+            todo = [w for w in selected if w.profile == profile]
+            if not todo:
+                continue
+            ctx = RunContext(
+                pool=pool,
+                sizes=sizes,
+                address=opts.address or "",
+                profile=profile,
+                root="/bench" if opts.address is None else f"/bench-{stamp}-{os.getpid()}",
+                ceilings=ceilings,
+            )
+            if profile == "end":
+                for w in todo:
+                    results[w.name] = _run_workload(w, ctx, log)
+            elif opts.address is not None:
+                _run_on_address(ctx, todo, opts, results, warnings, log)
+            else:
+                _run_on_local_cluster(ctx, todo, opts, scratch / profile, results, log)
+            pool = ctx.pool
+    finally:
+        pool.close()
+        if opts.keep_data:
+            log(f"data kept in {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    ordered: list[Result] = []
+    for w in REGISTRY.values():
+        if w.name in selected_names:
+            ordered += results.get(w.name, _outcome(w, "failed: did not run", ceilings))
+        else:
+            ordered += _outcome(w, "not run: not selected (--only)", ceilings)
+    report: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "created_utc": started_at.isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - started, 1),
+        "machine": machine,
+        "config": {
+            "mode": "quick" if opts.quick else "full",
+            "command": opts.command or "chainfs bench " + shlex.join(sys.argv[2:]),
+            "address": opts.address,
+            "cluster": {
+                "started_by_bench": opts.address is None,
+                "storage_nodes": opts.storage_nodes if opts.address is None else None,
+                "targets_per_node": opts.targets_per_node if opts.address is None else None,
+                "replicas": {"r3": 3, "r1": 1} if opts.address is None else "as at --address",
+                "kv": opts.kv if opts.address is None else None,
+            },
+            "client_processes": CLIENT_PROCS,
+            "only": opts.only,
+            "sizes": sizes_dict(sizes),
+            "chainfs_version": chainfs.__version__,
+            "git": _git_info(),
+        },
+        "ceilings": ceilings,
+        "ceilings_detail": ceilings_detail,
+        "results": [r.to_json() for r in ordered],
+        "warnings": warnings,
+    }
+    run_ = BenchRun(report)
+    run_.paths = rep.write_reports(report, opts.out_dir, stamp)
+    return run_
+
+
+def _run_on_local_cluster(
+    ctx: RunContext,
+    todo: list[Workload],
+    opts: BenchOptions,
+    base: Path,
+    results: dict[str, list[Result]],
+    log: Log,
+) -> None:
+    replicas = PROFILE_REPLICAS[ctx.profile]
+    want_mount = opts.fuse and any("fuse" in w.needs for w in todo)
+    t0 = time.monotonic()
+    try:
+        with _local_cluster(
+            replicas, base, opts, ctx.sizes.cluster_start_timeout_s, want_mount, log
+        ) as (cluster, mnt, fuse_reason):
+            log(
+                f"cluster {ctx.profile} up in {time.monotonic() - t0:.1f}s at {cluster.address}"
+                + (f", mounted on {mnt}" if mnt else "")
+            )
+            ctx.cluster, ctx.address, ctx.mountpoint = cluster, cluster.address, mnt
+            ctx.fuse_reason = fuse_reason
+            try:
+                for w in todo:
+                    results[w.name] = _run_workload(w, ctx, log)
+            finally:
+                _release_clients(ctx)
+    except (NotRun, ImportError) as e:
+        log(f"cluster {ctx.profile}: not run: {e}")
+        for w in todo:
+            results.setdefault(w.name, _outcome(w, f"not run: {e}", ctx.ceilings))
+    except Exception as e:
+        text = str(e).strip() or type(e).__name__
+        unbuilt = _unbuilt_module(text)
+        if unbuilt is not None:  # a service process found a chainfs module missing
+            log(f"cluster {ctx.profile}: not run: {unbuilt}")
+            for w in todo:
+                results.setdefault(w.name, _outcome(w, f"not run: {unbuilt}", ctx.ceilings))
+            return
+        log(f"cluster {ctx.profile}: FAILED: {text}")
+        for w in todo:
+            results.setdefault(w.name, _outcome(w, f"failed: cluster: {text}", ctx.ceilings))
+
+
+def _run_on_address(
+    ctx: RunContext,
+    todo: list[Workload],
+    opts: BenchOptions,
+    results: dict[str, list[Result]],
+    warnings: list[str],
+    log: Log,
+) -> None:
+    if ctx.profile != "r3":
+        for w in todo:
+            results[w.name] = _outcome(
+                w, "not run: --address: a 1-replica cluster needs a LocalCluster", ctx.ceilings
+            )
+        return
+    ctx.mountpoint = opts.mountpoint
+    ctx.fuse_reason = "not run: --address without --mountpoint"
+    try:
+        for w in todo:
+            results[w.name] = _run_workload(w, ctx, log)
+    finally:
+        cleanup: list[tuple[str, str, list[dict[str, Any]]]] = [
+            (f"remove {ctx.root}", "rmtree", [{"backend": ctx.backend, "path": ctx.root}]),
+            ("close the client connections", "close_backends", [{}] * ctx.pool.size),
+        ]
+        for what, task, params in cleanup:
+            if what.startswith("remove") and not ctx.made_dirs:
+                continue
+            try:
+                ctx.run(task, params)
+            except (NotRun, WorkloadFailed) as e:
+                warnings.append(f"could not {what} on {ctx.address}: {e}")
+                log(f"warning: could not {what}: {e}")

@@ -1,0 +1,637 @@
+"""Client processes of the benchmark and the tasks they run.
+
+Client-side work runs in separate processes started with ``spawn`` (a fresh
+interpreter, nothing inherited), so a figure is what a user's process sees.
+The pool is started once per run: interpreter start-up and imports stay out
+of the measurements, and the peak RSS of these processes is the client's.
+
+A task runs in ``k`` of the pool's processes at once. Timed phases start on a
+shared barrier and each process reports ``t0``/``t1`` on CLOCK_MONOTONIC
+(system-wide on Linux), so an aggregate rate is the total divided by
+``max(t1) - min(t0)``. Bytes read back are checked: every 1 MiB segment of the
+files we write starts with a stamp (magic, segment index), so a fast wrong
+answer fails the workload instead of making a good number.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import multiprocessing.connection
+import os
+import random
+import signal
+import struct
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from chainfs.bench.context import MiB, NotRun, WorkloadFailed
+
+SEGMENT_BYTES = MiB
+_STAMP = struct.Struct("<8sQ")
+_MAGIC = b"chainfsB"
+BARRIER_TIMEOUT_S = 120.0  # a sibling that never arrives breaks the barrier
+_STOP_TIMEOUT_S = 10.0
+
+Phase = dict[str, float]  # {"t0", "t1", "bytes", "ops"}
+TaskOutput = dict[str, Any]
+
+
+class NotBuilt(Exception):
+    """Raised inside a worker: the API the task needs is not built yet."""
+
+
+class DataMismatch(Exception):
+    """Bytes read back are not the bytes written."""
+
+
+# -- content stamps ----------------------------------------------------------
+def stamp(buf: bytearray, n: int, file_offset: int) -> None:
+    """Stamp each 1 MiB segment of ``buf[:n]``, to be written at ``file_offset``."""
+    assert file_offset % SEGMENT_BYTES == 0 and n % SEGMENT_BYTES == 0 and n <= len(buf)
+    first = file_offset // SEGMENT_BYTES
+    for i in range(0, n, SEGMENT_BYTES):
+        _STAMP.pack_into(buf, i, _MAGIC, first + i // SEGMENT_BYTES)
+
+
+def check_stamps(buf: bytes | bytearray | memoryview, n: int, file_offset: int, what: str) -> None:
+    """Check the stamps of the segments that start inside ``buf[:n]``."""
+    i = -file_offset % SEGMENT_BYTES
+    while i + _STAMP.size <= n:
+        magic, index = _STAMP.unpack_from(buf, i)
+        want = (file_offset + i) // SEGMENT_BYTES
+        if magic != _MAGIC or index != want:
+            raise DataMismatch(
+                f"{what}: segment at offset {file_offset + i} holds {magic!r}/{index}, "
+                f"expected {_MAGIC!r}/{want}"
+            )
+        i += SEGMENT_BYTES
+
+
+# -- file system back-ends -----------------------------------------------------
+class PosixBackend:
+    """A local directory or the FUSE mount, through the OS (unbuffered files)."""
+
+    kind = "posix"
+
+    def open(self, path: str, mode: str) -> Any:
+        return open(path, mode, buffering=0)
+
+    def stat(self, path: str) -> Any:
+        return os.stat(path)
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def mkdir(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def remove(self, path: str) -> None:
+        os.unlink(path)
+
+    def durable_close(self, f: Any) -> None:
+        """What `dd conv=fsync` does: the bytes are on the servers' disks."""
+        os.fsync(f.fileno())
+        f.close()
+
+    def close(self) -> None:
+        pass
+
+
+class ChainfsBackend:
+    """The chainfs client library: ``chainfs.connect(address)``."""
+
+    kind = "chainfs"
+
+    def __init__(self, address: str) -> None:
+        import chainfs
+
+        connect = getattr(chainfs, "connect", None)
+        if connect is None:
+            raise NotBuilt("chainfs.connect is not built yet")
+        self.address = address
+        self.fs = connect(address)
+
+    def api(self, name: str) -> Any:
+        fn = getattr(self.fs, name, None)
+        if fn is None:
+            raise NotBuilt(f"FileSystem.{name} is not built yet")
+        return fn
+
+    def open(self, path: str, mode: str) -> Any:
+        return self.api("open")(path, mode)
+
+    def stat(self, path: str) -> Any:
+        return self.api("stat")(path)
+
+    def listdir(self, path: str) -> list[str]:
+        return list(self.api("listdir")(path))
+
+    def mkdir(self, path: str) -> None:
+        self.api("mkdir")(path, parents=True, exist_ok=True)
+
+    def rename(self, src: str, dst: str) -> None:
+        self.api("rename")(src, dst)
+
+    def remove(self, path: str) -> None:
+        self.api("remove")(path)
+
+    def durable_close(self, f: Any) -> None:
+        f.close()  # close() returns once every chunk is committed on its chain
+
+    def close(self) -> None:
+        self.fs.close()
+
+
+Backend = PosixBackend | ChainfsBackend
+
+
+# -- the worker process --------------------------------------------------------
+@dataclass
+class TaskEnv:
+    """What a task sees: its index among ``parties`` processes and the phase sync."""
+
+    index: int
+    parties: int
+    barrier: Any  # multiprocessing Barrier shared by the ``parties`` processes, or None
+    backends: dict[str, Backend]
+
+    def sync(self) -> float:
+        """Wait until all processes of the task are here; the phase starts now."""
+        if self.barrier is not None:
+            self.barrier.wait(BARRIER_TIMEOUT_S)
+        return time.monotonic()
+
+    def backend(self, spec: dict[str, Any]) -> Backend:
+        key = "posix" if spec["kind"] == "posix" else "chainfs:" + spec["address"]
+        if key not in self.backends:
+            self.backends[key] = (
+                PosixBackend() if spec["kind"] == "posix" else ChainfsBackend(spec["address"])
+            )
+        return self.backends[key]
+
+
+def _classify(e: BaseException) -> str:
+    if isinstance(e, NotBuilt | NotImplementedError | ImportError):
+        return "notrun"
+    if isinstance(e, OSError) and e.errno == errno.ENOSYS:
+        return "notrun"
+    return "error"
+
+
+def _worker_main(index: int, conn: Connection, barriers: dict[int, Any]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    backends: dict[str, Backend] = {}
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except EOFError:
+                return
+            if msg is None:
+                return
+            task, parties, params = msg
+            env = TaskEnv(index, parties, barriers.get(parties), backends)
+            try:
+                conn.send(("ok", TASKS[task](env, params)))
+            except BaseException as e:
+                kind = _classify(e)
+                text = f"{type(e).__name__}: {e}"
+                if kind == "error" and not isinstance(e, DataMismatch):
+                    text += "\n" + traceback.format_exc(limit=8)
+                conn.send((kind, text))
+    finally:
+        for b in backends.values():
+            try:
+                b.close()
+            except Exception:
+                traceback.print_exc()
+
+
+class WorkerPool:
+    """``size`` spawned client processes that run tasks on request."""
+
+    def __init__(self, size: int) -> None:
+        mp = multiprocessing.get_context("spawn")
+        self.size = size
+        self.broken = False
+        self._barriers = {k: mp.Barrier(k) for k in range(2, size + 1)}
+        self._conns: list[Connection] = []
+        self._procs: list[Any] = []
+        try:
+            for i in range(size):
+                parent_end, child_end = mp.Pipe()
+                p = mp.Process(
+                    target=_worker_main,
+                    args=(i, child_end, self._barriers),
+                    name=f"chainfs-bench-client{i}",
+                    daemon=True,
+                )
+                p.start()
+                child_end.close()
+                self._conns.append(parent_end)
+                self._procs.append(p)
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Return once every process has started and answers (imports done)."""
+        self.run("peak_rss", [{}] * self.size, timeout_s)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.pid is not None and p.is_alive()]
+
+    def run(
+        self, task: str, params: Sequence[dict[str, Any]], timeout_s: float
+    ) -> list[TaskOutput]:
+        """Run ``task`` in the first ``len(params)`` processes, one params dict each.
+
+        Raises NotRun when a process found the API missing, WorkloadFailed on
+        any error, death or timeout (the pool is then broken: replace it).
+        """
+        k = len(params)
+        assert 1 <= k <= self.size, (k, self.size)
+        assert not self.broken, "pool broken by an earlier failure"
+        for i, p in enumerate(params):
+            self._conns[i].send((task, k, p))
+        replies: dict[int, tuple[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        aborted = False
+        while len(replies) < k:
+            pending = [self._conns[i] for i in range(k) if i not in replies]
+            left = deadline - time.monotonic()
+            ready = multiprocessing.connection.wait(pending, timeout=max(0.0, left))
+            if not ready:
+                self.close()
+                raise WorkloadFailed(f"task {task} not done after {timeout_s:.0f}s")
+            for c in ready:
+                i = next(j for j, conn in enumerate(self._conns) if conn is c)
+                try:
+                    replies[i] = self._conns[i].recv()
+                except EOFError:
+                    code = self._procs[i].exitcode
+                    self.close()
+                    raise WorkloadFailed(
+                        f"client process {i} died during {task} (exit code {code})"
+                    ) from None
+                if replies[i][0] != "ok" and k > 1 and not aborted:
+                    self._barriers[k].abort()  # release siblings waiting for this one
+                    aborted = True
+        if aborted:
+            self._barriers[k].reset()
+        errors = [r[1] for r in replies.values() if r[0] == "error"]
+        if errors:
+            raise WorkloadFailed(errors[0])
+        notrun = [r[1] for r in replies.values() if r[0] == "notrun"]
+        if notrun:
+            raise NotRun(notrun[0])
+        return [replies[i][1] for i in range(k)]
+
+    def close(self) -> None:
+        """Ask every process to finish; kill the ones that do not (ours only)."""
+        self.broken = True
+        for c in self._conns:
+            try:
+                c.send(None)
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        for p in self._procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(_STOP_TIMEOUT_S)
+        for c in self._conns:
+            c.close()
+        self._conns.clear()
+        self._procs.clear()
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """Peak resident set size of a live process: VmHWM, else its current RSS (psutil)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+def aggregate(outputs: Sequence[TaskOutput], phase: str) -> tuple[float, float, float]:
+    """(bytes, ops, seconds) of ``phase`` over all processes, wall clock start to end."""
+    phases: list[Phase] = [o[phase] for o in outputs]
+    seconds = max(p["t1"] for p in phases) - min(p["t0"] for p in phases)
+    if seconds <= 0:
+        raise WorkloadFailed(f"phase {phase} took no measurable time")
+    return sum(p["bytes"] for p in phases), sum(p["ops"] for p in phases), seconds
+
+
+# -- tasks (run inside the worker processes) -----------------------------------
+def _phase(t0: float, t1: float, nbytes: int, ops: int) -> Phase:
+    return {"t0": t0, "t1": t1, "bytes": float(nbytes), "ops": float(ops)}
+
+
+def _write_all(f: Any, view: memoryview) -> None:
+    while view.nbytes:
+        n = f.write(view)
+        if not isinstance(n, int) or n <= 0:
+            raise WorkloadFailed(f"write returned {n!r} for {view.nbytes} bytes")
+        view = view[n:]
+
+
+def _read_exact(f: Any, view: memoryview) -> int:
+    """readinto until ``view`` is full or EOF; the byte count."""
+    got = 0
+    while got < view.nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def task_mkdirs(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    be = env.backend(p["backend"])
+    for path in p["paths"]:
+        be.mkdir(path)
+    return {}
+
+
+def task_seq_write(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    """Write one file sequentially in ``block_bytes`` requests, then make it durable."""
+    be = env.backend(p["backend"])
+    path, size, block = p["paths"][env.index], int(p["size_bytes"]), int(p["block_bytes"])
+    assert block % SEGMENT_BYTES == 0 and size % SEGMENT_BYTES == 0
+    buf = bytearray(os.urandom(block))
+    view = memoryview(buf)
+    f = be.open(path, "wb")
+    try:
+        t0 = env.sync()
+        stop_at = t0 + float(p["max_seconds"])
+        written = ops = 0
+        while written < size and time.monotonic() < stop_at:
+            n = min(block, size - written)
+            stamp(buf, n, written)
+            _write_all(f, view[:n])
+            written += n
+            ops += 1
+        be.durable_close(f)
+        t1 = time.monotonic()
+    except BaseException:
+        f.close()
+        raise
+    return {"write": _phase(t0, t1, written, ops), "path": path, "size": written}
+
+
+def task_seq_read(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    """Read one file from start to end in ``block_bytes`` requests, checking stamps."""
+    be = env.backend(p["backend"])
+    path, size, block = p["paths"][env.index], int(p["sizes"][env.index]), int(p["block_bytes"])
+    buf = bytearray(block)
+    view = memoryview(buf)
+    with be.open(path, "rb") as f:
+        t0 = env.sync()
+        stop_at = t0 + float(p["max_seconds"])
+        off = ops = 0
+        while off < size and time.monotonic() < stop_at:
+            n = _read_exact(f, view)
+            if n == 0:
+                break
+            check_stamps(buf, n, off, path)
+            off += n
+            ops += 1
+        t1 = time.monotonic()
+    if off < size and t1 < stop_at:
+        raise DataMismatch(f"{path}: read {off} bytes, the file has {size}")
+    return {"read": _phase(t0, t1, off, ops)}
+
+
+def task_rand_read(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    """Read ``io_bytes`` at random aligned offsets of one file for ``seconds``."""
+    be = env.backend(p["backend"])
+    path, size, io = p["path"], int(p["size_bytes"]), int(p["io_bytes"])
+    slots = size // io
+    if slots < 1:
+        raise WorkloadFailed(f"{path} ({size} bytes) is smaller than one {io}-byte read")
+    rng = random.Random(int(p["seed"]) * 1000 + env.index)
+    buf = bytearray(io)
+    view = memoryview(buf)
+    with be.open(path, "rb") as f:
+        t0 = env.sync()
+        stop_at = t0 + float(p["seconds"])
+        ops = 0
+        while time.monotonic() < stop_at:
+            off = rng.randrange(slots) * io
+            f.seek(off)
+            n = _read_exact(f, view)
+            if n != io:
+                raise DataMismatch(f"{path}: {n} bytes at offset {off}, expected {io}")
+            check_stamps(buf, n, off, path)
+            ops += 1
+        t1 = time.monotonic()
+    return {"read": _phase(t0, t1, ops * io, ops)}
+
+
+def task_read_ranges(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    """Dataloader pattern: batches of random samples through ``fs.read_ranges``."""
+    be = env.backend(p["backend"])
+    assert isinstance(be, ChainfsBackend)
+    read_ranges = be.api("read_ranges")
+    files: list[tuple[str, int]] = [(str(a), int(b)) for a, b in p["files"]]
+    lo, hi, batch = int(p["sample_min"]), int(p["sample_max"]), int(p["batch"])
+    rng = random.Random(int(p["seed"]) * 1000 + env.index)
+    t0 = env.sync()
+    stop_at = t0 + float(p["seconds"])
+    nbytes = samples = 0
+    while time.monotonic() < stop_at:
+        reqs = []
+        for _ in range(batch):
+            path, size = files[rng.randrange(len(files))]
+            length = rng.randint(lo // 4096, hi // 4096) * 4096
+            off = rng.randrange((size - length) // 4096 + 1) * 4096
+            reqs.append((path, off, length))
+        out = read_ranges(reqs)
+        if len(out) != len(reqs):
+            raise DataMismatch(f"read_ranges returned {len(out)} buffers for {len(reqs)}")
+        for (path, off, length), data in zip(reqs, out, strict=True):
+            got = memoryview(data).nbytes
+            if got != length:
+                raise DataMismatch(f"{path}: {got} bytes at {off}, expected {length}")
+            check_stamps(memoryview(data).cast("B"), got, off, path)
+            nbytes += got
+        samples += len(reqs)
+    t1 = time.monotonic()
+    return {"read": _phase(t0, t1, nbytes, samples)}
+
+
+def task_meta(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    """create, stat, readdir, rename, unlink of small files in this process's directory."""
+    be = env.backend(p["backend"])
+    d = f"{p['root']}/w{env.index}"
+    be.mkdir(d)
+    files, cap = int(p["files"]), float(p["max_seconds"])
+    out: TaskOutput = {}
+
+    t0 = env.sync()
+    n = 0
+    while n < files and time.monotonic() < t0 + cap:
+        be.open(f"{d}/f{n:07d}", "wb").close()
+        n += 1
+    out["create"] = _phase(t0, time.monotonic(), 0, n)
+
+    t0 = env.sync()
+    k = 0
+    while k < n and time.monotonic() < t0 + cap:
+        st = be.stat(f"{d}/f{k:07d}")
+        if st.st_size != 0:
+            raise DataMismatch(f"{d}/f{k:07d}: size {st.st_size}, created empty")
+        k += 1
+    out["stat"] = _phase(t0, time.monotonic(), 0, k)
+
+    t0 = env.sync()
+    entries = 0
+    for _ in range(int(p["readdir_rounds"])):
+        names = be.listdir(d)
+        if len(names) != n:
+            raise DataMismatch(f"listdir({d}) gave {len(names)} entries, created {n}")
+        entries += len(names)
+        if time.monotonic() > t0 + cap:
+            break
+    out["readdir"] = _phase(t0, time.monotonic(), 0, entries)
+
+    t0 = env.sync()
+    renamed = 0
+    while renamed < n and time.monotonic() < t0 + cap:
+        be.rename(f"{d}/f{renamed:07d}", f"{d}/r{renamed:07d}")
+        renamed += 1
+    out["rename"] = _phase(t0, time.monotonic(), 0, renamed)
+
+    t0 = env.sync()
+    for i in range(n):
+        be.remove(f"{d}/r{i:07d}" if i < renamed else f"{d}/f{i:07d}")
+    out["unlink"] = _phase(t0, time.monotonic(), 0, n)
+    left = be.listdir(d)
+    if left:
+        raise DataMismatch(f"{d} still lists {len(left)} entries after unlinking all")
+    return out
+
+
+def _kv_value(size: int, index: int) -> bytes:
+    buf = bytearray(os.urandom(size))
+    buf[: _STAMP.size] = _STAMP.pack(_MAGIC, index)
+    return bytes(buf)
+
+
+def _kv_check(key: str, value: Any, size: int, index: int) -> None:
+    if value is None:
+        raise DataMismatch(f"kvcache key {key} missing after put")
+    view = memoryview(value).cast("B")
+    if view.nbytes != size or _STAMP.unpack_from(view, 0) != (_MAGIC, index):
+        raise DataMismatch(f"kvcache key {key}: wrong value ({view.nbytes} bytes)")
+
+
+def _kvcache(be: Backend, directory: str) -> Any:
+    assert isinstance(be, ChainfsBackend)
+    return be.api("kvcache")(directory)
+
+
+def task_kv_put(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    """Put this process's share of ``count`` values of ``value_bytes``."""
+    kv = _kvcache(env.backend(p["backend"]), p["dir"])
+    size, prefix = int(p["value_bytes"]), p["prefix"]
+    mine = range(env.index, int(p["count"]), env.parties)
+    values = {i: _kv_value(size, i) for i in mine}
+    t0 = env.sync()
+    for i, v in values.items():
+        kv.put(f"{prefix}{i:07d}", v)
+    t1 = time.monotonic()
+    return {"put": _phase(t0, t1, size * len(values), len(values))}
+
+
+def task_kv_get(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    """Random gets for ``seconds``: ``batch_get`` of ``batch`` keys, or ``get`` if 1."""
+    kv = _kvcache(env.backend(p["backend"]), p["dir"])
+    size, prefix, count, batch = (
+        int(p["value_bytes"]),
+        p["prefix"],
+        int(p["count"]),
+        int(p["batch"]),
+    )
+    rng = random.Random(int(p["seed"]) * 1000 + env.index)
+    get: Callable[[str], Any] = kv.get
+    batch_get: Callable[[list[str]], Any] | None = kv.batch_get if batch > 1 else None
+    t0 = env.sync()
+    stop_at = t0 + float(p["seconds"])
+    ops = 0
+    while time.monotonic() < stop_at:
+        idx = [rng.randrange(count) for _ in range(batch)]
+        keys = [f"{prefix}{i:07d}" for i in idx]
+        values = batch_get(keys) if batch_get is not None else [get(keys[0])]
+        if len(values) != len(keys):
+            raise DataMismatch(f"batch_get returned {len(values)} values for {len(keys)} keys")
+        for key, i, v in zip(keys, idx, values, strict=True):
+            _kv_check(key, v, size, i)
+        ops += len(keys)
+    t1 = time.monotonic()
+    return {"get": _phase(t0, t1, ops * size, ops)}
+
+
+def task_rmtree(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    """Remove a chainfs directory tree (the --address run cleans up after itself)."""
+    be = env.backend(p["backend"])
+    assert isinstance(be, ChainfsBackend)
+    rmdir = be.api("rmdir")
+
+    def walk(path: str) -> None:
+        for name in be.listdir(path):
+            child = f"{path}/{name}"
+            if (be.stat(child).st_mode & 0o170000) == 0o040000:
+                walk(child)
+            else:
+                be.remove(child)
+        rmdir(path)
+
+    walk(p["path"])
+    return {}
+
+
+def task_close_backends(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    """Close and forget connections (before the cluster they point at stops)."""
+    for key in list(env.backends):
+        if key.startswith("chainfs:"):
+            env.backends.pop(key).close()
+    return {}
+
+
+def task_peak_rss(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    import resource
+
+    return {"maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+TASKS: dict[str, Callable[[TaskEnv, dict[str, Any]], TaskOutput]] = {
+    "mkdirs": task_mkdirs,
+    "seq_write": task_seq_write,
+    "seq_read": task_seq_read,
+    "rand_read": task_rand_read,
+    "read_ranges": task_read_ranges,
+    "meta": task_meta,
+    "kv_put": task_kv_put,
+    "kv_get": task_kv_get,
+    "rmtree": task_rmtree,
+    "close_backends": task_close_backends,
+    "peak_rss": task_peak_rss,
+}
