@@ -1,11 +1,15 @@
 """Planning new chains from free targets: R targets on R distinct nodes, balanced.
 
-Greedy, and optimal in the number of chains: each chain takes one target from
-each of the R nodes with the most free targets left (the classic argument: a
-set of R distinct nodes per chain is possible k times iff no node holds more
-than its share, and taking from the fullest nodes keeps that true). Within a
-chain, positions go to the nodes that have held that position least, so heads
-(position 0, where writes enter) and every other position spread evenly.
+1. Node sets: each chain takes one target from each of the R nodes with the
+   most free targets left. This greedy choice makes as many chains as possible
+   (k chains fit iff sum(min(free_n, k)) >= k * R, and taking from the fullest
+   nodes keeps that true).
+2. Heads (position 0, where writes enter): each chain's head is the member
+   heading the fewest chains so far, then heads are moved along augmenting paths
+   (chain headed by a -> member b -> chain headed by b -> ...) until no node
+   heads two more chains than one it could hand a head to: the most even split
+   the node sets allow, counting the heads of existing chains.
+3. Other positions go to the members that have held that position least.
 """
 
 from __future__ import annotations
@@ -69,17 +73,67 @@ def plan_chains(
         if n in pos:
             for i, c in enumerate(counts[:replicas]):
                 pos[n][i] = c
-    chains: list[list[int]] = []
+    # 1. Which nodes each chain uses: the R with the most free targets left.
+    sets: list[list[int]] = []
     for _ in range(want):
-        # The R nodes with the most free targets left (ties: fewer heads, lower id).
-        chosen = sorted(nodes, key=lambda n: (-len(left[n]), pos[n][0], n))[:replicas]
+        chosen = sorted(nodes, key=lambda n: (-len(left[n]), n))[:replicas]
         assert len(chosen) == replicas and all(left[n] for n in chosen), "planning ran dry"
-        order: list[int] = []
-        rest = list(chosen)
-        for p in range(replicas):
+        for n in chosen:
+            left[n].pop(0)
+        sets.append(chosen)
+    # 2. Heads, balanced: greedy, then augmenting paths until no node heads two
+    #    more chains than another node it can hand a head to.
+    heads = {n: pos[n][0] for n in nodes}
+    head_of: list[int] = []
+    for members in sets:
+        h = min(members, key=lambda n: (heads[n], n))
+        head_of.append(h)
+        heads[h] += 1
+    while _shift_one_head(sets, head_of, heads):
+        pass
+    # 3. The other positions go to the members that held them least.
+    left = {n: list(free_by_node[n]) for n in nodes}
+    chains: list[list[int]] = []
+    for members, head in zip(sets, head_of, strict=True):
+        pos[head][0] += 1
+        order = [head]
+        rest = [n for n in members if n != head]
+        for p in range(1, replicas):
             n = min(rest, key=lambda n: (pos[n][p], sum(pos[n]), n))
             rest.remove(n)
             order.append(n)
             pos[n][p] += 1
         chains.append([left[n].pop(0) for n in order])
     return chains
+
+
+def _shift_one_head(sets: list[list[int]], head_of: list[int], heads: dict[int, int]) -> bool:
+    """Move one head along a path of chains from a node with the most heads to one
+    with at least two fewer; False if there is no such path (heads are balanced)."""
+    for a in sorted(heads, key=lambda n: (-heads[n], n)):
+        parent: dict[int, tuple[int, int]] = {}  # node -> (previous node, chain index)
+        frontier = [a]
+        seen = {a}
+        while frontier:
+            nxt: list[int] = []
+            for x in frontier:
+                for i, members in enumerate(sets):
+                    if head_of[i] != x:
+                        continue
+                    for y in members:
+                        if y in seen:
+                            continue
+                        seen.add(y)
+                        parent[y] = (x, i)
+                        if heads[y] <= heads[a] - 2:
+                            node = y
+                            while node != a:
+                                prev, chain = parent[node]
+                                head_of[chain] = node
+                                node = prev
+                            heads[a] -= 1
+                            heads[y] += 1
+                            return True
+                        nxt.append(y)
+            frontier = nxt
+    return False
