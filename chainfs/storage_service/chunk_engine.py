@@ -215,8 +215,13 @@ class ChunkEngine:
 
     # ---- files -------------------------------------------------------------
 
+    @staticmethod
+    def file_path_in(target_dir: str | Path, inode: int, index: int, gen: int) -> str:
+        """Where a target directory keeps generation ``gen`` of a chunk's content."""
+        return f"{target_dir}/data/{inode & 0xFF:02x}/{inode:016x}.{index:08x}.{gen}"
+
     def file_path(self, inode: int, index: int, gen: int) -> str:
-        return f"{self.data_dir}/{inode & 0xFF:02x}/{inode:016x}.{index:08x}.{gen}"
+        return self.file_path_in(self.path, inode, index, gen)
 
     def _fsync_dir_of(self, inode: int) -> None:
         fd = os.open(f"{self.data_dir}/{inode & 0xFF:02x}", os.O_RDONLY)
@@ -303,6 +308,7 @@ class ChunkEngine:
         self, begin: bytes = _KEY_PREFIX, end: bytes = b"D"
     ) -> Iterator[tuple[bytes, ChunkRecord]]:
         for key, raw in self.db.items(from_key=begin):
+            assert isinstance(key, bytes) and isinstance(raw, bytes)
             if key >= end:
                 break
             yield key, ChunkRecord.decode(raw)

@@ -10,9 +10,7 @@ M^(2^k) as 32 column vectors and K_(2^k) for every k, so E_n costs one
 
 from __future__ import annotations
 
-import ctypes
-
-import google_crc32c
+from chainfs.common.checksum import Buffer, crc32c, crc32c_extend
 
 MAX_LOG2 = 40  # supports lengths below 2**40 bytes
 
@@ -22,36 +20,14 @@ _COLS: list[list[int]] = []
 _ZEROS: list[int] = []
 
 
-Buffer = bytes | bytearray | memoryview
-
-
-def _arg(data: Buffer) -> bytes | ctypes.Array[ctypes.c_char]:
-    """``data`` in a form google-crc32c's C code accepts, without copying.
-
-    Its ``y#`` argument takes only buffers that need no release (bytes, not
-    bytearray or memoryview); a ctypes array laid over the same memory is one.
-    """
-    if isinstance(data, bytes):
-        return data
-    view = data if isinstance(data, memoryview) else memoryview(data)
-    if view.readonly:
-        obj = view.obj
-        if isinstance(obj, bytes) and view.nbytes == len(obj):
-            return obj
-        return view.tobytes()  # a read-only slice: rare, copy it
-    if view.ndim != 1 or view.itemsize != 1:
-        view = view.cast("B")
-    return (ctypes.c_char * view.nbytes).from_buffer(view)
-
-
 def value(data: Buffer) -> int:
     """CRC32C of ``data`` (C code, no copy)."""
-    return int(google_crc32c.value(_arg(data)))
+    return crc32c(data)
 
 
 def extend(crc: int, data: Buffer) -> int:
     """CRC32C of (the data whose CRC is ``crc``) followed by ``data``."""
-    return int(google_crc32c.extend(crc, _arg(data)))
+    return crc32c_extend(crc, data)
 
 
 def _apply(cols: list[int], c: int) -> int:

@@ -1,0 +1,762 @@
+"""CRAQ: the replication rules of the storage service, in one module.
+
+Writes (and truncates) enter a chain at its head with the sender's chain
+version. At every replica, under the chunk's lock:
+
+    head      version u = committed + 1, apply as pending u, forward
+    middle    apply pending u (u = committed + 1, or a full-chunk replace), forward
+    tail      apply pending u and commit; ack
+    on ack    commit u; ack the predecessor (the head answers the client)
+
+The head forwards the very buffer it received. A forwarded update a replica
+already committed is acknowledged again (a re-drive); one that does not follow
+its version answers CHUNK_VERSION_MISMATCH and the predecessor re-sends the
+whole chunk. A definite error from the successor (it applied nothing) aborts
+the local pending version; an unknown outcome (unreachable successor) leaves it
+pending, and the next update of that chunk at the head re-drives it first.
+
+Reads are served by any SERVING replica from the committed version; a chunk
+with a pending version answers NOT_COMMITTED (the tail never has one once it
+acked). A request whose chain version differs from ours is STALE_CHAIN_VERSION
+(after one routing refresh when the sender's is newer).
+
+Which targets accept what is decided by the target's public state in routing
+(the table below), so failover (issue 7) changes routing, not these rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol, TypeVar
+
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.routing import Routing
+from chainfs.proto import common_pb2 as cp
+from chainfs.proto import mgmt_pb2 as mp
+from chainfs.proto import storage_pb2 as sp
+from chainfs.storage_service import crc
+from chainfs.storage_service.chunk_engine import ChunkEngine, ChunkRecord, check_chunk_size
+from chainfs.storage_service.config import StorageConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# What a target serves, by its public state (3FS): (reads, writes).
+SERVES: dict[int, tuple[bool, bool]] = {
+    mp.SERVING: (True, True),
+    mp.SYNCING: (False, True),
+    mp.WAITING: (False, False),
+    mp.LASTSRV: (False, False),
+    mp.OFFLINE: (False, False),
+}
+WRITE_STATES = tuple(s for s, (_, w) in SERVES.items() if w)
+
+# Errors after which the successor applied nothing: abort our pending version.
+_DEFINITE = frozenset(
+    {
+        Code.EINVAL,
+        Code.ENOSPC,
+        Code.CHECKSUM_MISMATCH,
+        Code.BAD_FRAME,
+        Code.UNKNOWN_CHAIN,
+        Code.UNKNOWN_TARGET,
+        Code.EIO,
+    }
+)
+
+
+class Forwarder(Protocol):
+    """Sends to the successor over the data plane (the server wires a DataClient in)."""
+
+    async def update(
+        self, node: mp.NodeInfo, req: sp.UpdateReq, payload: Sequence[memoryview], timeout_s: float
+    ) -> sp.UpdateRsp: ...
+
+    async def remove(
+        self, node: mp.NodeInfo, req: sp.RemoveChunksReq, timeout_s: float
+    ) -> sp.RemoveChunksRsp: ...
+
+
+class ChunkLocks:
+    """One asyncio lock per chunk in use; entries vanish when nobody holds or waits."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[int, int], tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    async def acquire(self, key: tuple[int, int]) -> None:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._drop(key)
+            raise
+
+    def release(self, key: tuple[int, int]) -> None:
+        lock, _ = self._locks[key]
+        lock.release()
+        self._drop(key)
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        lock, users = self._locks[key]
+        if users <= 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, users - 1)
+
+
+class ByteBudget:
+    """Bounds the bytes of read buffers held at once."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> int:
+        n = min(n, self.limit_bytes)
+        async with self._cond:
+            while self.used_bytes + n > self.limit_bytes:
+                await self._cond.wait()
+            self.used_bytes += n
+        return n
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self.used_bytes -= n
+            assert self.used_bytes >= 0
+            self._cond.notify_all()
+
+
+@dataclass
+class LocalTarget:
+    target_id: int
+    engine: ChunkEngine
+    locks: ChunkLocks = field(default_factory=ChunkLocks)
+    # (client id, request id) -> answer of a completed update, bounded LRU.
+    done: OrderedDict[tuple[bytes, int], bytes] = field(default_factory=OrderedDict)
+
+    def remember(self, key: tuple[bytes, int], rsp: bytes, bound: int) -> None:
+        self.done[key] = rsp
+        self.done.move_to_end(key)
+        while len(self.done) > bound:
+            self.done.popitem(last=False)
+
+
+def record_to_meta(inode: int, index: int, rec: ChunkRecord) -> sp.ChunkMeta:
+    return sp.ChunkMeta(
+        chunk=sp.ChunkId(inode=inode, index=index),
+        committed_version=rec.committed_version,
+        pending_version=rec.pending_version,
+        length=rec.length,
+        crc32c=rec.crc32c,
+        chain_version=rec.chain_version,
+        pending_length=rec.pending_length,
+        pending_crc32c=rec.pending_crc32c,
+        pending_remove=rec.pending_remove,
+        chunk_size=rec.chunk_size,
+    )
+
+
+def _state_name(state: int) -> str:
+    return mp.PublicTargetState.Name(state)  # type: ignore[arg-type]
+
+
+def _ok() -> cp.Status:
+    return cp.Status(code=0)
+
+
+class Craq:
+    """CRAQ for all local targets of one storage node."""
+
+    def __init__(
+        self,
+        config: StorageConfig,
+        targets: dict[int, LocalTarget],
+        routing: Callable[[], Routing | None],
+        refresh_routing: Callable[[int], Awaitable[Routing | None]],
+        forwarder: Forwarder,
+        executor: Executor,
+    ) -> None:
+        self.config = config
+        self.targets = targets
+        self._routing = routing
+        self._refresh = refresh_routing
+        self.forwarder = forwarder
+        self.executor = executor
+        self.read_budget = ByteBudget(config.max_read_bytes_in_flight)
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
+
+    # ---- routing checks ------------------------------------------------------
+
+    def _local(self, target_id: int) -> LocalTarget:
+        t = self.targets.get(target_id)
+        if t is None:
+            raise ChainfsError(Code.UNKNOWN_TARGET, f"target {target_id} is not on this node")
+        return t
+
+    def _routing_now(self) -> Routing:
+        r = self._routing()
+        if r is None:
+            raise ChainfsError(Code.TARGET_NOT_SERVING, "storage node has no routing info yet")
+        return r
+
+    def _chain(self, routing: Routing, chain_id: int, target_id: int) -> mp.ChainInfo:
+        chain = routing.chains.get(chain_id)
+        if chain is None:
+            raise ChainfsError(Code.UNKNOWN_CHAIN, f"no chain {chain_id}")
+        if target_id not in chain.targets:
+            raise ChainfsError(
+                Code.STALE_CHAIN_VERSION,
+                f"target {target_id} is not in chain {chain_id} v{chain.chain_version}",
+            )
+        return chain
+
+    async def _check_version(
+        self, chain_id: int, chain_version: int, target_id: int
+    ) -> tuple[Routing, mp.ChainInfo]:
+        routing = self._routing_now()
+        chain = self._chain(routing, chain_id, target_id)
+        if chain_version > chain.chain_version:
+            # The sender knows a newer chain than we do: catch up once.
+            fresh = await self._refresh(routing.version + 1)
+            if fresh is not None:
+                routing = fresh
+                chain = self._chain(routing, chain_id, target_id)
+        if chain_version != chain.chain_version:
+            raise ChainfsError(
+                Code.STALE_CHAIN_VERSION,
+                f"chain {chain_id}: request has version {chain_version}, "
+                f"this node has {chain.chain_version}",
+            )
+        return routing, chain
+
+    @staticmethod
+    def _state(routing: Routing, target_id: int) -> int:
+        t = routing.targets.get(target_id)
+        return t.public_state if t is not None else mp.OFFLINE
+
+    def _successor(
+        self, routing: Routing, chain: mp.ChainInfo, target_id: int
+    ) -> tuple[int, mp.NodeInfo] | None:
+        ids = list(chain.targets)
+        for tid in ids[ids.index(target_id) + 1 :]:
+            if self._state(routing, tid) in WRITE_STATES:
+                info = routing.targets[tid]
+                node = routing.nodes.get(info.node_id)
+                if node is None:
+                    raise ChainfsError(Code.UNAVAILABLE, f"successor {tid} has no known node")
+                return tid, node
+        return None
+
+    def _head(self, routing: Routing, chain: mp.ChainInfo) -> int | None:
+        for tid in chain.targets:
+            if self._state(routing, tid) in WRITE_STATES:
+                return int(tid)
+        return None
+
+    # ---- updates (write, truncate) -----------------------------------------
+
+    async def update(self, req: sp.UpdateReq, payload: memoryview) -> sp.UpdateRsp:
+        target = self._local(req.target_id)
+        self._validate_update(req, payload)
+        routing, chain = await self._check_version(req.chain_id, req.chain_version, req.target_id)
+        state = self._state(routing, req.target_id)
+        if not SERVES.get(state, (False, False))[1]:
+            raise ChainfsError(
+                Code.TARGET_NOT_SERVING,
+                f"target {req.target_id} is {_state_name(state)}: no writes",
+            )
+        key = (req.chunk.inode, req.chunk.index)
+        if req.from_target == 0:
+            if self._head(routing, chain) != req.target_id:
+                raise ChainfsError(
+                    Code.STALE_CHAIN_VERSION,
+                    f"target {req.target_id} is not the head of chain {req.chain_id}",
+                )
+            done_key = (req.req.client_id, req.req.request_id)
+            cached = target.done.get(done_key) if req.req.client_id else None
+            if cached is not None:
+                return sp.UpdateRsp.FromString(cached)
+            await target.locks.acquire(key)
+            try:
+                rsp = await self._head_update(target, routing, chain, req, payload)
+            finally:
+                target.locks.release(key)
+            if req.req.client_id:
+                target.remember(
+                    done_key, rsp.SerializeToString(), self.config.request_cache_entries
+                )
+            return rsp
+        await target.locks.acquire(key)
+        try:
+            return await self._replica_update(target, routing, chain, req, payload)
+        finally:
+            target.locks.release(key)
+
+    def _validate_update(self, req: sp.UpdateReq, payload: memoryview) -> None:
+        if not req.HasField("chunk"):
+            raise ChainfsError(Code.EINVAL, "update without a chunk id")
+        check_chunk_size(req.chunk_size)
+        if req.type == sp.WRITE:
+            if len(payload) != req.length:
+                raise ChainfsError(
+                    Code.BAD_FRAME,
+                    f"header says {req.length} payload bytes, frame carries {len(payload)}",
+                )
+            if req.offset + req.length > req.chunk_size:
+                raise ChainfsError(
+                    Code.EINVAL,
+                    f"write [{req.offset}, {req.offset + req.length}) outside the chunk "
+                    f"of {req.chunk_size} bytes",
+                )
+            if req.full_chunk and req.offset != 0:
+                raise ChainfsError(Code.EINVAL, "a full-chunk replace starts at offset 0")
+            got = crc.value(payload)
+            if got != req.crc32c:
+                raise ChainfsError(
+                    Code.CHECKSUM_MISMATCH,
+                    f"payload CRC32C {got:#010x} != header {req.crc32c:#010x}",
+                )
+        elif req.type == sp.TRUNCATE:
+            if len(payload):
+                raise ChainfsError(Code.BAD_FRAME, "truncate carries no payload")
+            if req.length > req.chunk_size:
+                raise ChainfsError(
+                    Code.EINVAL, f"truncate to {req.length} beyond chunk size {req.chunk_size}"
+                )
+        else:
+            raise ChainfsError(Code.EINVAL, f"unknown update type {req.type}")
+
+    def _apply(
+        self, target: LocalTarget, req: sp.UpdateReq, payload: memoryview, version: int
+    ) -> ChunkRecord:
+        """Apply ``req`` locally as pending ``version`` (runs in an I/O thread)."""
+        eng = target.engine
+        ino, idx = req.chunk.inode, req.chunk.index
+        client, request = req.req.client_id, req.req.request_id
+        if req.full_chunk:
+            return eng.prepare_replace(
+                ino, idx, payload, req.crc32c, req.chunk_size, version, client, request
+            )
+        if req.type == sp.WRITE:
+            return eng.prepare_write(
+                ino,
+                idx,
+                req.offset,
+                payload,
+                req.crc32c,
+                req.chunk_size,
+                version,
+                client,
+                request,
+            )
+        return eng.prepare_truncate(ino, idx, req.length, req.chunk_size, version, client, request)
+
+    @staticmethod
+    def _made_by(rec: ChunkRecord | None, req: sp.UpdateReq) -> bool:
+        """Is ``rec``'s committed version the result of request ``req`` (a retry)?"""
+        if rec is None or not req.req.client_id:
+            return False
+        client = req.req.client_id.ljust(16, b"\0")[:16]
+        return rec.committed_client == client and rec.committed_request == req.req.request_id
+
+    @staticmethod
+    def _rsp(rec: ChunkRecord | None) -> sp.UpdateRsp:
+        if rec is None:
+            return sp.UpdateRsp(status=_ok())
+        return sp.UpdateRsp(
+            status=_ok(),
+            committed_version=rec.committed_version,
+            length=rec.length,
+            crc32c=rec.crc32c,
+        )
+
+    async def _head_update(
+        self,
+        target: LocalTarget,
+        routing: Routing,
+        chain: mp.ChainInfo,
+        req: sp.UpdateReq,
+        payload: memoryview,
+    ) -> sp.UpdateRsp:
+        eng = target.engine
+        ino, idx = req.chunk.inode, req.chunk.index
+        rec = eng.get(ino, idx)
+        if self._made_by(rec, req):
+            return self._rsp(rec)  # a retry of the update that made the committed version
+        if rec is not None and rec.has_pending:
+            # A previous update's outcome downstream is unknown: finish it first.
+            rec = await self._redrive(target, routing, chain, req, rec)
+            if self._made_by(rec, req):
+                return self._rsp(rec)
+        version = (rec.committed_version if rec is not None else 0) + 1
+        pending = await self._io(self._apply, target, req, payload, version)
+        fwd = sp.UpdateReq()
+        fwd.CopyFrom(req)
+        fwd.update_version = version
+        return await self._forward_and_commit(
+            target, routing, chain, fwd, [payload] if len(payload) else [], pending
+        )
+
+    async def _redrive(
+        self,
+        target: LocalTarget,
+        routing: Routing,
+        chain: mp.ChainInfo,
+        req: sp.UpdateReq,
+        rec: ChunkRecord,
+    ) -> ChunkRecord | None:
+        """Push the head's pending version down the chain (whole chunk) and commit it."""
+        ino, idx = req.chunk.inode, req.chunk.index
+        log.info(
+            "target %d: re-driving pending v%d of chunk (%d, %d)",
+            target.target_id,
+            rec.pending_version,
+            ino,
+            idx,
+        )
+        if rec.pending_remove:
+            rm = sp.RemoveChunksReq(
+                req=req.req,
+                chain_id=req.chain_id,
+                chain_version=req.chain_version,
+                target_id=req.target_id,
+                inode=ino,
+                begin_index=idx,
+                end_index=idx + 1,
+            )
+            succ = self._successor(routing, chain, target.target_id)
+            if succ is not None:
+                await self._forward_remove(rm, succ, [idx])
+            await self._io(target.engine.commit, ino, idx, rec.pending_version, req.chain_version)
+            return None
+        data = await self._io(self._pending_bytes, target, ino, idx, rec)
+        fwd = sp.UpdateReq(
+            req=cp.RequestInfo(client_id=rec.pending_client, request_id=rec.pending_request),
+            chain_id=req.chain_id,
+            chain_version=req.chain_version,
+            target_id=req.target_id,
+            chunk=req.chunk,
+            type=sp.WRITE,
+            offset=0,
+            length=len(data),
+            crc32c=rec.pending_crc32c,
+            chunk_size=rec.chunk_size,
+            update_version=rec.pending_version,
+            full_chunk=True,
+        )
+        await self._forward_and_commit(target, routing, chain, fwd, [data], rec)
+        return target.engine.get(ino, idx)
+
+    @staticmethod
+    def _pending_bytes(target: LocalTarget, ino: int, idx: int, rec: ChunkRecord) -> memoryview:
+        buf = memoryview(bytearray(rec.pending_length))
+        got = target.engine._read_file(ino, idx, rec.pending_file_gen, 0, buf)
+        if got != rec.pending_length or crc.value(buf) != rec.pending_crc32c:
+            raise ChainfsError(
+                Code.CHECKSUM_MISMATCH,
+                f"pending v{rec.pending_version} of chunk ({ino}, {idx}) is damaged",
+            )
+        return buf
+
+    async def _replica_update(
+        self,
+        target: LocalTarget,
+        routing: Routing,
+        chain: mp.ChainInfo,
+        req: sp.UpdateReq,
+        payload: memoryview,
+    ) -> sp.UpdateRsp:
+        eng = target.engine
+        ino, idx = req.chunk.inode, req.chunk.index
+        u = req.update_version
+        if u == 0:
+            raise ChainfsError(Code.EINVAL, "forwarded update without an update version")
+        rec = eng.get(ino, idx)
+        committed = rec.committed_version if rec is not None else 0
+        if committed >= u:
+            return self._rsp(rec)  # already applied and acknowledged downstream
+        if not req.full_chunk and committed != u - 1:
+            raise ChainfsError(
+                Code.CHUNK_VERSION_MISMATCH,
+                f"target {target.target_id} chunk ({ino}, {idx}) is at v{committed}, "
+                f"update is v{u}: send the whole chunk",
+            )
+        pending = await self._io(self._apply, target, req, payload, u)
+        return await self._forward_and_commit(
+            target, routing, chain, req, [payload] if len(payload) else [], pending
+        )
+
+    async def _forward_and_commit(
+        self,
+        target: LocalTarget,
+        routing: Routing,
+        chain: mp.ChainInfo,
+        req: sp.UpdateReq,
+        payload: list[memoryview],
+        pending: ChunkRecord,
+    ) -> sp.UpdateRsp:
+        """Forward ``req`` (pending locally at req.update_version) and commit on the ack."""
+        ino, idx = req.chunk.inode, req.chunk.index
+        version = req.update_version
+        succ = self._successor(routing, chain, target.target_id)
+        if succ is not None:
+            fwd = sp.UpdateReq()
+            fwd.CopyFrom(req)
+            fwd.from_target = target.target_id
+            fwd.target_id = succ[0]
+            try:
+                try:
+                    rsp = await self._send_update(succ[1], fwd, payload)
+                except ChainfsError as e:
+                    if e.code != Code.CHUNK_VERSION_MISMATCH or fwd.full_chunk:
+                        raise
+                    # The successor missed a version: send our whole pending chunk.
+                    data = await self._io(self._pending_bytes, target, ino, idx, pending)
+                    fwd.full_chunk = True
+                    fwd.type = sp.WRITE
+                    fwd.offset = 0
+                    fwd.length = len(data)
+                    fwd.crc32c = pending.pending_crc32c
+                    rsp = await self._send_update(succ[1], fwd, [data])
+            except ChainfsError as e:
+                if e.code in _DEFINITE:
+                    await self._io(target.engine.abort, ino, idx)
+                raise
+            if rsp.committed_version != version or rsp.crc32c != pending.pending_crc32c:
+                # The successor holds something else at this version: never commit over it.
+                raise ChainfsError(
+                    Code.INTERNAL,
+                    f"successor {succ[0]} acked chunk ({ino}, {idx}) v{rsp.committed_version} "
+                    f"crc {rsp.crc32c:#010x}, expected v{version} crc "
+                    f"{pending.pending_crc32c:#010x}",
+                )
+        rec = await self._io(target.engine.commit, ino, idx, version, req.chain_version)
+        return self._rsp(rec)
+
+    async def _send_update(
+        self, node: mp.NodeInfo, req: sp.UpdateReq, payload: list[memoryview]
+    ) -> sp.UpdateRsp:
+        """Forward with bounded retries of transport failures (the outcome is idempotent)."""
+        delay = self.config.forward_retry_backoff_ms / 1000
+        timeout_s = self.config.forward_timeout_ms / 1000
+        for attempt in range(self.config.forward_retries):
+            try:
+                return await self.forwarder.update(node, req, payload, timeout_s)
+            except ChainfsError as e:
+                if e.code not in (Code.UNAVAILABLE, Code.ETIMEDOUT) or (
+                    attempt + 1 == self.config.forward_retries
+                ):
+                    raise
+                log.warning("forward to node %d failed (%s); retrying", node.node_id, e)
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    # ---- remove ------------------------------------------------------------
+
+    async def remove(self, req: sp.RemoveChunksReq) -> sp.RemoveChunksRsp:
+        target = self._local(req.target_id)
+        routing, chain = await self._check_version(req.chain_id, req.chain_version, req.target_id)
+        if not SERVES.get(self._state(routing, req.target_id), (False, False))[1]:
+            raise ChainfsError(Code.TARGET_NOT_SERVING, f"target {req.target_id} takes no writes")
+        if req.end_index > (1 << 32) or req.begin_index > req.end_index:
+            raise ChainfsError(
+                Code.EINVAL, f"bad chunk index range [{req.begin_index}, {req.end_index})"
+            )
+        eng = target.engine
+        if req.from_target == 0:
+            if self._head(routing, chain) != req.target_id:
+                raise ChainfsError(
+                    Code.STALE_CHAIN_VERSION, f"target {req.target_id} is not the head"
+                )
+            limit = min(
+                req.max_chunks or self.config.max_remove_chunks, self.config.max_remove_chunks
+            )
+            found = await self._io(
+                eng.list_chunks, req.inode, req.begin_index, req.end_index, limit + 1
+            )
+            more = len(found) > limit
+            indexes = [i for i, _ in found[:limit]]
+        else:
+            indexes = list(req.indexes)
+            more = False
+        keys = [(req.inode, i) for i in sorted(indexes)]
+        for k in keys:  # index order: two removes never wait on each other in a cycle
+            await target.locks.acquire(k)
+        try:
+            marked = await self._io(self._mark_removed, target, req, indexes)
+            succ = self._successor(routing, chain, req.target_id)
+            if succ is not None:
+                await self._forward_remove(req, succ, indexes, target.target_id)
+            removed = await self._io(
+                self._commit_removed, target, req.inode, marked, req.chain_version
+            )
+        finally:
+            for k in keys:
+                target.locks.release(k)
+        return sp.RemoveChunksRsp(status=_ok(), removed=removed, more=more)
+
+    @staticmethod
+    def _mark_removed(
+        target: LocalTarget, req: sp.RemoveChunksReq, indexes: list[int]
+    ) -> list[tuple[int, int]]:
+        out = []
+        for i in indexes:
+            rec = target.engine.prepare_remove(req.inode, i, req.req.client_id, req.req.request_id)
+            if rec is not None:
+                out.append((i, rec.pending_version))
+        return out
+
+    @staticmethod
+    def _commit_removed(
+        target: LocalTarget, inode: int, marked: list[tuple[int, int]], chain_version: int
+    ) -> int:
+        for i, version in marked:
+            target.engine.commit(inode, i, version, chain_version)
+        return len(marked)
+
+    async def _forward_remove(
+        self,
+        req: sp.RemoveChunksReq,
+        succ: tuple[int, mp.NodeInfo],
+        indexes: list[int],
+        from_target: int = 0,
+    ) -> None:
+        fwd = sp.RemoveChunksReq()
+        fwd.CopyFrom(req)
+        fwd.target_id = succ[0]
+        fwd.from_target = from_target or req.target_id
+        del fwd.indexes[:]
+        fwd.indexes.extend(indexes)
+        timeout_s = self.config.forward_timeout_ms / 1000
+        await self.forwarder.remove(succ[1], fwd, timeout_s)
+
+    # ---- reads and queries -------------------------------------------------
+
+    def _readable(self, routing: Routing, chain_id: int, target_id: int) -> LocalTarget:
+        target = self._local(target_id)
+        chain = routing.chains.get(chain_id)
+        if chain is None:
+            raise ChainfsError(Code.UNKNOWN_CHAIN, f"no chain {chain_id}")
+        if target_id not in chain.targets:
+            raise ChainfsError(
+                Code.STALE_CHAIN_VERSION, f"target {target_id} is not in chain {chain_id}"
+            )
+        state = self._state(routing, target_id)
+        if not SERVES.get(state, (False, False))[0]:
+            raise ChainfsError(
+                Code.TARGET_NOT_SERVING,
+                f"target {target_id} is {_state_name(state)}: no reads",
+            )
+        return target
+
+    async def batch_read(self, req: sp.BatchReadReq) -> tuple[sp.BatchReadRsp, list[memoryview]]:
+        """Read every io; per-io status. Buffers of OK ios, in order, form the payload."""
+        n = len(req.ios)
+        if n > self.config.max_batch_read_ios:
+            raise ChainfsError(
+                Code.E2BIG, f"{n} ios in one batch; the bound is {self.config.max_batch_read_ios}"
+            )
+        routing = self._routing_now()
+        results: list[sp.ReadResult | None] = [None] * n
+        buffers: list[memoryview | None] = [None] * n
+        jobs: list[int] = []
+        for i, io in enumerate(req.ios):
+            try:
+                self._readable(routing, io.chain_id, io.target_id)
+                if io.offset + io.length > (1 << 32) or io.length > (64 << 20):
+                    raise ChainfsError(
+                        Code.EINVAL, f"read [{io.offset}, +{io.length}) outside any chunk"
+                    )
+                jobs.append(i)
+            except ChainfsError as e:
+                results[i] = sp.ReadResult(status=cp.Status(code=e.code, message=e.message))
+        budget = await self.read_budget.acquire(sum(req.ios[i].length for i in jobs))
+        try:
+            groups = [jobs[g :: self.config.io_threads] for g in range(self.config.io_threads)]
+            await asyncio.gather(
+                *(self._io(self._read_group, req, g, results, buffers) for g in groups if g)
+            )
+        finally:
+            await self.read_budget.release(budget)
+        out = sp.BatchReadRsp(status=_ok())
+        payload: list[memoryview] = []
+        for r, b in zip(results, buffers, strict=True):
+            assert r is not None
+            out.results.append(r)
+            if b is not None and len(b):
+                payload.append(b)
+        return out, payload
+
+    def _read_group(
+        self,
+        req: sp.BatchReadReq,
+        group: list[int],
+        results: list[sp.ReadResult | None],
+        buffers: list[memoryview | None],
+    ) -> None:
+        verify = self.config.verify_reads
+        for i in group:
+            io = req.ios[i]
+            target = self.targets[io.target_id]
+            try:
+                rec, data = target.engine.read(
+                    io.chunk.inode, io.chunk.index, io.offset, io.length, verify
+                )
+            except ChainfsError as e:
+                results[i] = sp.ReadResult(status=cp.Status(code=e.code, message=e.message))
+                continue
+            except OSError as e:
+                results[i] = sp.ReadResult(status=cp.Status(code=Code.EIO, message=str(e)))
+                continue
+            buffers[i] = data
+            if rec is None:
+                results[i] = sp.ReadResult(status=_ok())
+            else:
+                results[i] = sp.ReadResult(
+                    status=_ok(),
+                    length=len(data),
+                    committed_version=rec.committed_version,
+                    chunk_length=rec.length,
+                    chunk_crc32c=rec.crc32c,
+                )
+
+    async def query_last_chunk(self, req: sp.QueryLastChunkReq) -> sp.QueryLastChunkRsp:
+        target = self._readable(self._routing_now(), req.chain_id, req.target_id)
+        found = await self._io(target.engine.last_chunk, req.inode)
+        if found is None:
+            return sp.QueryLastChunkRsp(status=_ok(), found=False)
+        index, rec = found
+        return sp.QueryLastChunkRsp(
+            status=_ok(),
+            found=True,
+            index=index,
+            length=rec.length,
+            committed_version=rec.committed_version,
+        )
+
+    async def list_chunks(self, req: sp.ListChunksReq) -> sp.ListChunksRsp:
+        target = self._readable(self._routing_now(), req.chain_id, req.target_id)
+        limit = min(req.limit or self.config.max_list_chunks, self.config.max_list_chunks)
+        found = await self._io(
+            target.engine.list_chunks, req.inode, req.begin_index, 1 << 32, limit + 1
+        )
+        rsp = sp.ListChunksRsp(status=_ok(), more=len(found) > limit)
+        for index, rec in found[:limit]:
+            rsp.chunks.append(record_to_meta(req.inode, index, rec))
+        return rsp
