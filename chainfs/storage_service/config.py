@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from chainfs.common.dataplane.config import DataPlaneConfig
+
 MIN_CHUNK_SIZE = 64 * 1024  # bytes: the smallest chunk size a file layout may use
 MAX_CHUNK_SIZE = 64 * 1024 * 1024  # bytes: the largest
 
@@ -42,6 +44,7 @@ class StorageConfig:
     forward_retry_backoff_ms: int = 100  # doubled per attempt
     mgmtd_timeout_ms: int = 5_000
     log_level: str = "INFO"
+    dataplane: DataPlaneConfig = field(default_factory=DataPlaneConfig)  # framed TCP bounds
 
     def validate(self) -> None:
         if not 0.0 < self.disk_usage_limit_ratio <= 1.0:

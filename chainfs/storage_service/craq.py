@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -42,7 +42,7 @@ from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.storage_service import crc
 from chainfs.storage_service.chunk_engine import ChunkEngine, ChunkRecord, check_chunk_size
-from chainfs.storage_service.config import StorageConfig
+from chainfs.storage_service.config import MAX_CHUNK_SIZE, StorageConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -117,26 +117,41 @@ class ChunkLocks:
 
 
 class ByteBudget:
-    """Bounds the bytes of read buffers held at once."""
+    """Bounds the bytes of read buffers held at once (first come, first served)."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self.used_bytes = 0
-        self._cond = asyncio.Condition()
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     async def acquire(self, n: int) -> int:
+        """Take ``n`` bytes (capped at the limit) of the budget; returns what was taken."""
         n = min(n, self.limit_bytes)
-        async with self._cond:
-            while self.used_bytes + n > self.limit_bytes:
-                await self._cond.wait()
+        if not self._waiters and self.used_bytes + n <= self.limit_bytes:
             self.used_bytes += n
+            return n
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, fut)
+        self._waiters.append(entry)
+        try:
+            await fut
+        except BaseException:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+            elif fut.done() and not fut.cancelled():
+                self.release(n)  # granted while we were being cancelled
+            raise
         return n
 
-    async def release(self, n: int) -> None:
-        async with self._cond:
-            self.used_bytes -= n
-            assert self.used_bytes >= 0
-            self._cond.notify_all()
+    def release(self, n: int) -> None:
+        self.used_bytes -= n
+        assert self.used_bytes >= 0
+        while self._waiters and self.used_bytes + self._waiters[0][0] <= self.limit_bytes:
+            m, fut = self._waiters.popleft()
+            if fut.done():
+                continue
+            self.used_bytes += m
+            fut.set_result(None)
 
 
 @dataclass
@@ -665,8 +680,14 @@ class Craq:
             )
         return target
 
-    async def batch_read(self, req: sp.BatchReadReq) -> tuple[sp.BatchReadRsp, list[memoryview]]:
-        """Read every io; per-io status. Buffers of OK ios, in order, form the payload."""
+    async def batch_read(
+        self, req: sp.BatchReadReq
+    ) -> tuple[sp.BatchReadRsp, list[memoryview], Callable[[], None]]:
+        """Read every io; per-io status. Buffers of OK ios, in order, form the payload.
+
+        The caller calls the returned ``release()`` once the buffers are sent:
+        until then they count against ``max_read_bytes_in_flight``.
+        """
         n = len(req.ios)
         if n > self.config.max_batch_read_ios:
             raise ChainfsError(
@@ -679,7 +700,7 @@ class Craq:
         for i, io in enumerate(req.ios):
             try:
                 self._readable(routing, io.chain_id, io.target_id)
-                if io.offset + io.length > (1 << 32) or io.length > (64 << 20):
+                if io.offset + io.length > MAX_CHUNK_SIZE:
                     raise ChainfsError(
                         Code.EINVAL, f"read [{io.offset}, +{io.length}) outside any chunk"
                     )
@@ -687,13 +708,23 @@ class Craq:
             except ChainfsError as e:
                 results[i] = sp.ReadResult(status=cp.Status(code=e.code, message=e.message))
         budget = await self.read_budget.acquire(sum(req.ios[i].length for i in jobs))
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.read_budget.release(budget)
+
         try:
-            groups = [jobs[g :: self.config.io_threads] for g in range(self.config.io_threads)]
+            threads = self.config.io_threads
+            groups = [jobs[g::threads] for g in range(threads)]
             await asyncio.gather(
                 *(self._io(self._read_group, req, g, results, buffers) for g in groups if g)
             )
-        finally:
-            await self.read_budget.release(budget)
+        except BaseException:
+            release()
+            raise
         out = sp.BatchReadRsp(status=_ok())
         payload: list[memoryview] = []
         for r, b in zip(results, buffers, strict=True):
@@ -701,7 +732,7 @@ class Craq:
             out.results.append(r)
             if b is not None and len(b):
                 payload.append(b)
-        return out, payload
+        return out, payload, release
 
     def _read_group(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from chainfs.cli.admin import chunks as _chunks  # noqa: F401  (registers commands)
+from chainfs.cli.admin import cluster as _cluster  # noqa: F401  (registers commands)
 from chainfs.cli.admin.common import admin
 
 __all__ = ["admin"]

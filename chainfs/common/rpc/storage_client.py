@@ -1,0 +1,493 @@
+"""Thin client of the storage service's data plane (used by the client library and meta).
+
+Writes and truncates go to the chain head; retries after STALE_CHAIN_VERSION,
+TARGET_NOT_SERVING or UNAVAILABLE refresh routing and reuse the SAME request id,
+so the storage side applies them once. Reads go to any SERVING replica, chosen
+at random for load balance; a replica answering NOT_COMMITTED, CHECKSUM_MISMATCH
+or UNAVAILABLE is skipped for another (the tail last, as it is always committed).
+Many reads to one storage node travel as one batched frame, and the bytes land
+straight in the caller's buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from chainfs.common.checksum import crc32c
+from chainfs.common.dataplane.client import DataClient
+from chainfs.common.dataplane.config import DataPlaneConfig
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.routing import Routing
+from chainfs.common.rpc.mgmt_client import RoutingCache
+from chainfs.proto import common_pb2 as cp
+from chainfs.proto import mgmt_pb2 as mp
+from chainfs.proto import storage_pb2 as sp
+
+log = logging.getLogger(__name__)
+
+# Worth another attempt after refreshing routing (and a short pause).
+_RETRY_WRITE = frozenset(
+    {
+        Code.STALE_CHAIN_VERSION,
+        Code.TARGET_NOT_SERVING,
+        Code.UNAVAILABLE,
+        Code.ETIMEDOUT,
+        Code.NOT_COMMITTED,
+        Code.CHUNK_VERSION_MISMATCH,
+        Code.FENCED,
+    }
+)
+# Worth asking another replica.
+_RETRY_READ = frozenset(
+    {
+        Code.NOT_COMMITTED,
+        Code.CHECKSUM_MISMATCH,
+        Code.UNAVAILABLE,
+        Code.ETIMEDOUT,
+        Code.TARGET_NOT_SERVING,
+        Code.STALE_CHAIN_VERSION,
+        Code.UNKNOWN_TARGET,
+        Code.FENCED,
+        Code.EIO,
+    }
+)
+
+
+@dataclass
+class StorageClientConfig:
+    attempts: int = 10  # tries of one operation (each after a routing refresh) before failing
+    retry_backoff_ms: int = 20  # first pause between attempts, doubled each time
+    retry_backoff_max_ms: int = 1_000  # bound on that pause
+    timeout_ms: int = 30_000  # one data-plane request
+    max_parallel_nodes: int = 32  # batched read frames in flight at once
+    max_ios_per_batch: int = 1024  # ios in one batched read frame
+    max_remove_rounds: int = 1 << 20  # bound on remove_chunks' paging loop
+    dataplane: DataPlaneConfig = field(default_factory=DataPlaneConfig)
+
+    def validate(self) -> None:
+        for name in ("attempts", "timeout_ms", "max_parallel_nodes", "max_ios_per_batch"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
+
+@dataclass
+class ReadReq:
+    chain_id: int
+    inode: int
+    chunk_index: int
+    offset: int
+    length: int
+    out: memoryview | None = None  # receive here (at least `length` bytes) instead of a new buffer
+
+
+def _as_view(data: bytes | bytearray | memoryview) -> memoryview:
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    return view
+
+
+class StorageClient:
+    """Reads and updates chunks through the storage nodes' data plane."""
+
+    def __init__(
+        self, routing: RoutingCache, client_id: bytes, config: StorageClientConfig | None = None
+    ) -> None:
+        if not client_id:
+            raise ChainfsError(Code.EINVAL, "a storage client needs a client id")
+        self.routing = routing
+        self.client_id = bytes(client_id)
+        self.config = config or StorageClientConfig()
+        self.dp = DataClient(self.config.dataplane)
+        # Request ids increase per client; time-seeded so a restarted process
+        # reusing a client id does not collide with its predecessor's ids.
+        self._ids = itertools.count(time.time_ns() // 1000)
+        self._rng = random.Random()
+
+    def next_request_id(self) -> int:
+        return next(self._ids)
+
+    async def close(self) -> None:
+        await self.dp.close()
+
+    async def __aenter__(self) -> StorageClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- routing -----------------------------------------------------------
+
+    @property
+    def timeout_s(self) -> float:
+        return self.config.timeout_ms / 1000
+
+    async def _chain(self, chain_id: int) -> tuple[Routing, mp.ChainInfo]:
+        routing = await self.routing.get()
+        chain = routing.chains.get(chain_id)
+        if chain is None:
+            routing = await self.routing.refresh()
+            chain = routing.chains.get(chain_id)
+            if chain is None:
+                raise ChainfsError(Code.UNKNOWN_CHAIN, f"no chain {chain_id}")
+        return routing, chain
+
+    @staticmethod
+    def _address(routing: Routing, target_id: int) -> str:
+        node = routing.node_of_target(target_id)
+        if not node.data_address:
+            raise ChainfsError(Code.UNAVAILABLE, f"node {node.node_id} has no data address")
+        return node.data_address
+
+    async def _pause(self, attempt: int) -> None:
+        delay = min(self.config.retry_backoff_ms * (2**attempt), self.config.retry_backoff_max_ms)
+        await asyncio.sleep(delay / 1000 * (0.5 + self._rng.random() / 2))
+
+    async def _refresh(self) -> None:
+        try:
+            await self.routing.refresh()
+        except ChainfsError as e:
+            log.debug("routing refresh failed: %s", e)
+
+    # ---- updates -----------------------------------------------------------
+
+    async def _to_head(
+        self,
+        msg_type: int,
+        build: type[sp.UpdateReq] | type[sp.RemoveChunksReq],
+        fill: dict,
+        chain_id: int,
+        payload: list[memoryview],
+    ) -> bytes:
+        """Send a request to the chain head; retry (same request id) per the rules above."""
+        request_id = self.next_request_id()
+        last: ChainfsError | None = None
+        for attempt in range(self.config.attempts):
+            routing, chain = await self._chain(chain_id)
+            head = routing.head(chain_id)
+            if head is None:
+                last = ChainfsError(
+                    Code.TARGET_NOT_SERVING, f"chain {chain_id} has no serving target"
+                )
+            else:
+                req = build(
+                    req=cp.RequestInfo(client_id=self.client_id, request_id=request_id),
+                    chain_id=chain_id,
+                    chain_version=chain.chain_version,
+                    target_id=head.target_id,
+                    **fill,
+                )
+                try:
+                    reply = await self.dp.request(
+                        self._address(routing, head.target_id),
+                        msg_type,
+                        req.SerializeToString(),
+                        payload=payload,
+                        timeout_s=self.timeout_s,
+                    )
+                    return bytes(reply.header)
+                except ChainfsError as e:
+                    if e.code not in _RETRY_WRITE:
+                        raise
+                    last = e
+            if attempt + 1 < self.config.attempts:
+                await self._pause(attempt)
+                await self._refresh()
+        assert last is not None
+        raise ChainfsError(
+            last.code, f"{last.message} (gave up after {self.config.attempts} attempts)"
+        )
+
+    async def write(
+        self,
+        chain_id: int,
+        inode: int,
+        chunk_index: int,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        chunk_size: int,
+    ) -> None:
+        """Write ``data`` at ``offset`` of one chunk (replicated on the whole chain)."""
+        view = _as_view(data)
+        if offset < 0 or offset + len(view) > chunk_size:
+            raise ChainfsError(
+                Code.EINVAL,
+                f"write [{offset}, {offset + len(view)}) outside a chunk of {chunk_size} bytes",
+            )
+        fill = dict(
+            chunk=sp.ChunkId(inode=inode, index=chunk_index),
+            type=sp.WRITE,
+            offset=offset,
+            length=len(view),
+            crc32c=crc32c(view),
+            chunk_size=chunk_size,
+        )
+        await self._to_head(sp.UPDATE, sp.UpdateReq, fill, chain_id, [view] if len(view) else [])
+
+    async def truncate(
+        self, chain_id: int, inode: int, chunk_index: int, length: int, chunk_size: int
+    ) -> None:
+        """Make one chunk ``length`` bytes long (cut, or zero-extended)."""
+        if not 0 <= length <= chunk_size:
+            raise ChainfsError(Code.EINVAL, f"truncate to {length} outside [0, {chunk_size}]")
+        fill = dict(
+            chunk=sp.ChunkId(inode=inode, index=chunk_index),
+            type=sp.TRUNCATE,
+            length=length,
+            chunk_size=chunk_size,
+        )
+        await self._to_head(sp.UPDATE, sp.UpdateReq, fill, chain_id, [])
+
+    async def remove_chunks(
+        self, chain_id: int, inode: int, begin_index: int = 0, end_index: int = 2**32
+    ) -> int:
+        """Remove chunks [begin_index, end_index) of ``inode`` on one chain; returns how many."""
+        if not 0 <= begin_index <= end_index <= 2**32:
+            raise ChainfsError(Code.EINVAL, f"bad chunk range [{begin_index}, {end_index})")
+        total = 0
+        for _ in range(self.config.max_remove_rounds):
+            fill = dict(inode=inode, begin_index=begin_index, end_index=end_index)
+            raw = await self._to_head(sp.REMOVE_CHUNKS, sp.RemoveChunksReq, fill, chain_id, [])
+            rsp = sp.RemoveChunksRsp.FromString(raw)
+            total += rsp.removed
+            if not rsp.more:
+                return total
+        raise ChainfsError(Code.E2BIG, f"inode {inode}: too many chunks to remove")
+
+    # ---- reads -------------------------------------------------------------
+
+    async def read(
+        self,
+        chain_id: int,
+        inode: int,
+        chunk_index: int,
+        offset: int,
+        length: int,
+        out: memoryview | None = None,
+    ) -> memoryview:
+        """Committed bytes of one chunk (shorter at its end; empty for a missing chunk)."""
+        got = await self.read_batch([ReadReq(chain_id, inode, chunk_index, offset, length, out)])
+        return got[0]
+
+    async def read_batch(self, reqs: Sequence[ReadReq]) -> list[memoryview]:
+        """Many chunk reads: one batched frame per storage node, all nodes in parallel."""
+        for r in reqs:
+            if r.offset < 0 or r.length < 0:
+                raise ChainfsError(Code.EINVAL, f"bad read range [{r.offset}, +{r.length})")
+            if r.out is not None and len(r.out) < r.length:
+                raise ChainfsError(
+                    Code.EINVAL, f"out buffer of {len(r.out)} bytes for a {r.length}-byte read"
+                )
+        results: list[memoryview | None] = [None] * len(reqs)
+        tried: list[set[int]] = [set() for _ in reqs]
+        prefer_tail: list[bool] = [False] * len(reqs)
+        todo = [i for i, r in enumerate(reqs) if r.length > 0]
+        for i, r in enumerate(reqs):
+            if r.length == 0:
+                results[i] = memoryview(b"")
+        last: dict[int, ChainfsError] = {}
+        sem = asyncio.Semaphore(self.config.max_parallel_nodes)
+        for attempt in range(self.config.attempts):
+            if not todo:
+                break
+            routing = await self.routing.get()
+            groups: dict[int, list[tuple[int, int]]] = {}  # node id -> [(req index, target)]
+            for i in todo:
+                r = reqs[i]
+                chain = routing.chains.get(r.chain_id)
+                if chain is None:
+                    routing = await self.routing.refresh()
+                    chain = routing.chains.get(r.chain_id)
+                    if chain is None:
+                        raise ChainfsError(Code.UNKNOWN_CHAIN, f"no chain {r.chain_id}")
+                serving = [t.target_id for t in routing.chain_targets(r.chain_id, (mp.SERVING,))]
+                if not serving:
+                    last[i] = ChainfsError(
+                        Code.TARGET_NOT_SERVING, f"chain {r.chain_id} has no serving target"
+                    )
+                    continue
+                fresh = [t for t in serving if t not in tried[i]]
+                if not fresh:
+                    tried[i].clear()
+                    fresh = serving
+                if prefer_tail[i] and serving[-1] in fresh:
+                    target = serving[-1]
+                else:
+                    target = self._rng.choice(fresh)
+                node_id = routing.targets[target].node_id
+                groups.setdefault(node_id, []).append((i, target))
+
+            async def one_node(items: list[tuple[int, int]], routing: Routing = routing) -> None:
+                async with sem:
+                    await self._read_node(routing, reqs, items, results, last, prefer_tail)
+
+            jobs = []
+            for items in groups.values():
+                for k in range(0, len(items), self.config.max_ios_per_batch):
+                    jobs.append(one_node(items[k : k + self.config.max_ios_per_batch]))
+            await asyncio.gather(*jobs)
+            for i, target in itertools.chain.from_iterable(groups.values()):
+                if results[i] is None:
+                    tried[i].add(target)
+            todo = [i for i in todo if results[i] is None]
+            if todo and attempt + 1 < self.config.attempts:
+                # Another replica right away; pause only once every replica was tried.
+                exhausted = any(
+                    len(tried[i]) >= len(routing.chains[reqs[i].chain_id].targets) for i in todo
+                )
+                if exhausted or attempt >= 2:
+                    await self._pause(attempt)
+                    await self._refresh()
+        if todo:
+            i = todo[0]
+            err = last.get(i) or ChainfsError(Code.EIO, "read failed")
+            raise ChainfsError(
+                err.code,
+                f"read of chunk ({reqs[i].inode}, {reqs[i].chunk_index}) on chain "
+                f"{reqs[i].chain_id}: {err.message} (after {self.config.attempts} attempts)",
+            )
+        return [r if r is not None else memoryview(b"") for r in results]
+
+    async def _read_node(
+        self,
+        routing: Routing,
+        reqs: Sequence[ReadReq],
+        items: list[tuple[int, int]],
+        results: list[memoryview | None],
+        last: dict[int, ChainfsError],
+        prefer_tail: list[bool],
+    ) -> None:
+        batch = sp.BatchReadReq()
+        for i, target in items:
+            r = reqs[i]
+            batch.ios.append(
+                sp.ReadIO(
+                    chain_id=r.chain_id,
+                    target_id=target,
+                    chunk=sp.ChunkId(inode=r.inode, index=r.chunk_index),
+                    offset=r.offset,
+                    length=r.length,
+                )
+            )
+        got: list[memoryview | None] = [None] * len(items)
+        parsed: list[sp.BatchReadRsp] = []
+
+        def parse(rsp_header: bytes) -> sp.BatchReadRsp:
+            rsp = sp.BatchReadRsp.FromString(rsp_header)
+            if len(rsp.results) != len(items):
+                raise ChainfsError(
+                    Code.BAD_FRAME,
+                    f"batch read reply has {len(rsp.results)} results for {len(items)} ios",
+                )
+            parsed.append(rsp)
+            return rsp
+
+        def sink(rsp_type: int, rsp_header: bytes) -> list[memoryview]:
+            """Called once the reply header is in: where each io's bytes go."""
+            rsp = parse(rsp_header)
+            dests: list[memoryview] = []
+            for k, res in enumerate(rsp.results):
+                if res.status.code != 0:
+                    continue
+                n = res.length
+                r = reqs[items[k][0]]
+                if n > r.length:
+                    raise ChainfsError(
+                        Code.BAD_FRAME, f"server returned {n} bytes for a {r.length}-byte read"
+                    )
+                dest = r.out[:n] if r.out is not None else memoryview(bytearray(n))
+                got[k] = dest
+                if n:
+                    dests.append(dest)
+            return dests
+
+        try:
+            reply = await self.dp.request(
+                self._address(routing, items[0][1]),
+                sp.BATCH_READ,
+                batch.SerializeToString(),
+                payload_sink=sink,
+                timeout_s=self.timeout_s,
+            )
+        except ChainfsError as e:
+            if e.code not in _RETRY_READ:
+                raise
+            for i, _ in items:
+                last[i] = e
+            return
+        rsp = parsed[0] if parsed else parse(reply.header)  # no payload: sink not called
+        for k, res in enumerate(rsp.results):
+            i = items[k][0]
+            if res.status.code == 0:
+                results[i] = got[k] if got[k] is not None else memoryview(b"")
+                continue
+            err = ChainfsError(res.status.code, res.status.message)
+            if err.code not in _RETRY_READ:
+                raise err
+            if err.code == Code.NOT_COMMITTED:
+                prefer_tail[i] = True
+            last[i] = err
+
+    # ---- queries -----------------------------------------------------------
+
+    async def _to_tail(self, chain_id: int, msg_type: int, req_fields: dict) -> bytes:
+        """A query answered by the chain's tail (always committed), else another replica."""
+        last: ChainfsError | None = None
+        for attempt in range(self.config.attempts):
+            routing, _ = await self._chain(chain_id)
+            serving = [t.target_id for t in routing.chain_targets(chain_id, (mp.SERVING,))]
+            if not serving:
+                last = ChainfsError(
+                    Code.TARGET_NOT_SERVING, f"chain {chain_id} has no serving target"
+                )
+            else:
+                target = serving[-1] if attempt % 2 == 0 else self._rng.choice(serving)
+                msg_cls = (
+                    sp.QueryLastChunkReq if msg_type == sp.QUERY_LAST_CHUNK else sp.ListChunksReq
+                )
+                req = msg_cls(chain_id=chain_id, target_id=target, **req_fields)
+                try:
+                    reply = await self.dp.request(
+                        self._address(routing, target),
+                        msg_type,
+                        req.SerializeToString(),
+                        timeout_s=self.timeout_s,
+                    )
+                    return bytes(reply.header)
+                except ChainfsError as e:
+                    if e.code not in _RETRY_READ:
+                        raise
+                    last = e
+            if attempt + 1 < self.config.attempts:
+                await self._pause(attempt)
+                await self._refresh()
+        assert last is not None
+        raise last
+
+    async def query_last_chunk(self, chain_id: int, inode: int) -> tuple[int, int] | None:
+        """(chunk index, length) of the highest chunk of ``inode`` on this chain, or None."""
+        raw = await self._to_tail(chain_id, sp.QUERY_LAST_CHUNK, {"inode": inode})
+        rsp = sp.QueryLastChunkRsp.FromString(raw)
+        if not rsp.found:
+            return None
+        return rsp.index, rsp.length
+
+    async def list_chunks(self, chain_id: int, inode: int) -> list[sp.ChunkMeta]:
+        """Metadata of every chunk of ``inode`` on this chain, in index order."""
+        out: list[sp.ChunkMeta] = []
+        begin = 0
+        while True:
+            raw = await self._to_tail(
+                chain_id, sp.LIST_CHUNKS, {"inode": inode, "begin_index": begin}
+            )
+            rsp = sp.ListChunksRsp.FromString(raw)
+            out.extend(rsp.chunks)
+            if not rsp.more or not rsp.chunks:
+                return out
+            begin = rsp.chunks[-1].chunk.index + 1

@@ -1,0 +1,366 @@
+"""Storage node: targets, the data plane (CRAQ), gRPC control, mgmtd heartbeats.
+
+``main(config_path, ready_file)`` is what `chainfs serve storage` runs. The
+node opens every target directory (a ChunkEngine each), serves the framed data
+plane for reads/updates/chain forwarding, serves StorageControl over gRPC for
+operators, registers its targets with mgmtd (ids persisted in each target's
+``target.json`` so a restart re-registers with the same ids) and heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import grpc.aio
+from google.protobuf.message import DecodeError, Message
+
+from chainfs.common import config as config_mod
+from chainfs.common.dataplane.client import DataClient
+from chainfs.common.dataplane.server import DataServer, Request, Response
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.process import run_service, write_ready_file
+from chainfs.common.routing import Routing
+from chainfs.common.rpc import grpc_util
+from chainfs.common.rpc.grpc_util import rpc_handler
+from chainfs.common.rpc.mgmt_client import HeartbeatLoop, MgmtClient, RoutingCache
+from chainfs.proto import mgmt_pb2 as mp
+from chainfs.proto import storage_pb2 as sp
+from chainfs.proto import storage_pb2_grpc as sg
+from chainfs.storage_service.chunk_engine import (
+    ChunkEngine,
+    EngineOptions,
+    parse_key,
+)
+from chainfs.storage_service.config import StorageConfig
+from chainfs.storage_service.craq import Craq, LocalTarget, record_to_meta
+
+log = logging.getLogger(__name__)
+
+
+M = TypeVar("M", bound=Message)
+
+
+def _parse(cls: type[M], header: bytes) -> M:
+    """A request header message; garbage is BAD_FRAME, not INTERNAL."""
+    try:
+        return cls.FromString(header)
+    except DecodeError as e:
+        raise ChainfsError(Code.BAD_FRAME, f"bad {cls.__name__} header: {e}") from None
+
+
+class DataPlaneForwarder:
+    """CRAQ's successor calls over the data plane."""
+
+    def __init__(self, client: DataClient) -> None:
+        self.client = client
+
+    @staticmethod
+    def address(node: mp.NodeInfo) -> str:
+        if not node.data_address:
+            raise ChainfsError(Code.UNAVAILABLE, f"node {node.node_id} has no data address")
+        return node.data_address
+
+    async def update(
+        self, node: mp.NodeInfo, req: sp.UpdateReq, payload: Sequence[memoryview], timeout_s: float
+    ) -> sp.UpdateRsp:
+        reply = await self.client.request(
+            self.address(node),
+            sp.UPDATE,
+            req.SerializeToString(),
+            payload=list(payload),
+            timeout_s=timeout_s,
+        )
+        return sp.UpdateRsp.FromString(bytes(reply.header))
+
+    async def remove(
+        self, node: mp.NodeInfo, req: sp.RemoveChunksReq, timeout_s: float
+    ) -> sp.RemoveChunksRsp:
+        reply = await self.client.request(
+            self.address(node), sp.REMOVE_CHUNKS, req.SerializeToString(), timeout_s=timeout_s
+        )
+        return sp.RemoveChunksRsp.FromString(bytes(reply.header))
+
+
+class StorageControlServicer(sg.StorageControlServicer):
+    def __init__(self, node: StorageNode) -> None:
+        self.node = node
+
+    @rpc_handler
+    async def QueryChunk(
+        self, request: sp.QueryChunkReq, context: grpc.aio.ServicerContext
+    ) -> sp.QueryChunkRsp:
+        rsp = sp.QueryChunkRsp()
+        routing = self.node.routing.current
+        for tid, t in self.node.targets.items():
+            chain_id = self.node.chain_of(tid, routing)
+            if request.chain_id and chain_id != request.chain_id:
+                continue
+            rec = t.engine.get(request.chunk.inode, request.chunk.index)
+            if rec is None:
+                continue
+            rsp.replicas.append(
+                sp.TargetChunkMeta(
+                    target_id=tid,
+                    chain_id=chain_id,
+                    meta=record_to_meta(request.chunk.inode, request.chunk.index, rec),
+                )
+            )
+        return rsp
+
+    @rpc_handler
+    async def DumpChunkMeta(
+        self, request: sp.DumpChunkMetaReq, context: grpc.aio.ServicerContext
+    ) -> sp.DumpChunkMetaRsp:
+        t = self.node.targets.get(request.target_id)
+        if t is None:
+            raise ChainfsError(
+                Code.UNKNOWN_TARGET, f"target {request.target_id} is not on this node"
+            )
+        cfg = self.node.config
+        limit = min(request.limit or cfg.max_list_chunks, cfg.max_list_chunks)
+        begin = request.start_after + b"\0" if request.start_after else b"C"
+        rsp = sp.DumpChunkMetaRsp()
+        last = b""
+        for key, rec in t.engine.iter_records(begin):
+            if len(rsp.chunks) >= limit:
+                rsp.next = last
+                break
+            inode, index = parse_key(key)
+            rsp.chunks.append(record_to_meta(inode, index, rec))
+            last = key
+        return rsp
+
+    @rpc_handler
+    async def GetTargets(
+        self, request: sp.GetTargetsReq, context: grpc.aio.ServicerContext
+    ) -> sp.GetTargetsRsp:
+        routing = self.node.routing.current
+        rsp = sp.GetTargetsRsp(
+            node_id=self.node.node_id, routing_version=routing.version if routing else 0
+        )
+        for tid, t in self.node.targets.items():
+            used, cap = t.engine.usage()
+            chunks, pending = await asyncio.get_running_loop().run_in_executor(
+                self.node.executor, t.engine.counts
+            )
+            rsp.targets.append(
+                sp.LocalTarget(
+                    target_id=tid,
+                    chain_id=self.node.chain_of(tid, routing),
+                    path=str(t.engine.path),
+                    used_bytes=used,
+                    capacity_bytes=cap,
+                    chunks=chunks,
+                    pending_chunks=pending,
+                )
+            )
+        return rsp
+
+
+class StorageNode:
+    def __init__(self, config: StorageConfig) -> None:
+        self.config = config
+        self.executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="storage-io")
+        self.engines: list[ChunkEngine] = []
+        self.targets: dict[int, LocalTarget] = {}
+        self.node_id = config.node_id
+        self.mgmt = MgmtClient(config.mgmtd_addresses, timeout_s=config.mgmtd_timeout_ms / 1000)
+        self.routing = RoutingCache(self.mgmt)
+        self.data_client = DataClient(config.dataplane)
+        self.craq: Craq | None = None
+        self.heartbeat: HeartbeatLoop | None = None
+        self.data_server: DataServer | None = None
+        self.grpc_server: grpc.aio.Server | None = None
+        self.rpc_address = ""
+        self.data_address = ""
+        self.unix_path = ""
+
+    def chain_of(self, target_id: int, routing: Routing | None) -> int:
+        if routing is None:
+            return 0
+        t = routing.targets.get(target_id)
+        return t.chain_id if t is not None else 0
+
+    def open_targets(self) -> list[mp.TargetInfo]:
+        opts = EngineOptions(
+            durable=self.config.durable,
+            disk_usage_limit_ratio=self.config.disk_usage_limit_ratio,
+        )
+        infos = []
+        for path in self.config.targets:
+            eng = ChunkEngine(path, opts)
+            self.engines.append(eng)
+            ids = eng.load_ids()
+            node_id = ids.get("node_id", 0)
+            if node_id:
+                if self.node_id and self.node_id != node_id:
+                    raise ChainfsError(
+                        Code.CONFIG_ERROR,
+                        f"target {path} belongs to node {node_id}, this node is {self.node_id}",
+                    )
+                self.node_id = node_id
+            infos.append(mp.TargetInfo(target_id=ids.get("target_id", 0), path=str(path)))
+        return infos
+
+    def heartbeat_targets(self) -> list[mp.TargetHeartbeat]:
+        out = []
+        for tid, t in self.targets.items():
+            used, cap = t.engine.usage()
+            out.append(
+                mp.TargetHeartbeat(
+                    target_id=tid, local_state=mp.UPTODATE, used_bytes=used, capacity_bytes=cap
+                )
+            )
+        return out
+
+    async def start(self) -> None:
+        cfg = self.config
+        infos = self.open_targets()
+        # Control plane.
+        self.grpc_server = grpc_util.server()
+        sg.add_StorageControlServicer_to_server(StorageControlServicer(self), self.grpc_server)
+        port = grpc_util.bind(self.grpc_server, cfg.listen_host, cfg.port)
+        await self.grpc_server.start()
+        self.rpc_address = f"{cfg.listen_host}:{port}"
+        # Data plane.
+        if cfg.unix_socket:
+            base = Path(cfg.targets[0]).parent if cfg.targets else Path.cwd()
+            self.unix_path = str(base / cfg.unix_socket)
+        self.data_server = DataServer(
+            self.handle,
+            cfg.listen_host,
+            cfg.data_port,
+            unix_path=self.unix_path or None,
+            config=cfg.dataplane,
+        )
+        await self.data_server.start()
+        self.data_address = self.data_server.address
+        # Register with mgmtd and heartbeat.
+        node = mp.NodeInfo(
+            node_id=self.node_id,
+            type=mp.STORAGE,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            rpc_address=self.rpc_address,
+            data_address=self.data_address,
+            unix_socket=self.unix_path,
+        )
+        self.heartbeat = HeartbeatLoop(
+            self.mgmt,
+            node,
+            self.heartbeat_targets,
+            on_routing=self._on_routing,
+            interval_s=cfg.heartbeat_interval_ms / 1000,
+            targets=infos,
+        )
+        await self.heartbeat.start()
+        self.node_id = self.heartbeat.node_id
+        assert len(self.heartbeat.target_ids) == len(self.engines)
+        for eng, tid in zip(self.engines, self.heartbeat.target_ids, strict=True):
+            if eng.load_ids() != {"target_id": tid, "node_id": self.node_id}:
+                eng.save_ids({"target_id": tid, "node_id": self.node_id})
+            self.targets[tid] = LocalTarget(tid, eng)
+        self.craq = Craq(
+            cfg,
+            self.targets,
+            lambda: self.routing.current,
+            self._refresh_routing,
+            DataPlaneForwarder(self.data_client),
+            self.executor,
+        )
+        self.routing.start()
+
+    def _on_routing(self, routing: Routing) -> None:
+        self.routing.install(routing)
+
+    async def _refresh_routing(self, min_version: int) -> Routing | None:
+        try:
+            return await self.routing.refresh(min_version)
+        except ChainfsError as e:
+            log.warning("routing refresh failed: %s", e)
+            return None
+
+    async def handle(self, request: Request) -> Response:
+        craq = self.craq
+        if craq is None:
+            raise ChainfsError(Code.TARGET_NOT_SERVING, "storage node is starting")
+        t = request.msg_type
+        if t == sp.UPDATE:
+            rsp = await craq.update(_parse(sp.UpdateReq, request.header), request.payload)
+            return Response(t, rsp.SerializeToString())
+        if t == sp.BATCH_READ:
+            out, buffers, release = await craq.batch_read(_parse(sp.BatchReadReq, request.header))
+            return Response(
+                t, out.SerializeToString(), payload=buffers, on_done=lambda _sent: release()
+            )
+        if t == sp.REMOVE_CHUNKS:
+            rm = await craq.remove(_parse(sp.RemoveChunksReq, request.header))
+            return Response(t, rm.SerializeToString())
+        if t == sp.QUERY_LAST_CHUNK:
+            q = await craq.query_last_chunk(_parse(sp.QueryLastChunkReq, request.header))
+            return Response(t, q.SerializeToString())
+        if t == sp.LIST_CHUNKS:
+            ls = await craq.list_chunks(_parse(sp.ListChunksReq, request.header))
+            return Response(t, ls.SerializeToString())
+        raise ChainfsError(Code.BAD_FRAME, f"unknown storage message type {t}")
+
+    def ready_info(self) -> dict[str, object]:
+        return {
+            "rpc_address": self.rpc_address,
+            "data_address": self.data_address,
+            "unix_socket": self.unix_path,
+            "node_id": self.node_id,
+            "target_ids": sorted(self.targets),
+            "targets": {str(tid): str(t.engine.path) for tid, t in self.targets.items()},
+        }
+
+    async def stop(self) -> None:
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
+        await self.routing.stop()
+        if self.data_server is not None:
+            await self.data_server.stop()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=1.0)
+        await self.data_client.close()
+        await self.mgmt.close()
+        self.executor.shutdown(wait=True)
+        for eng in self.engines:
+            eng.close()
+
+
+def main(config_path: str | None, ready_file: str | None) -> int:
+    config = config_mod.load(StorageConfig, config_path)
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="%(asctime)s storage %(levelname)s %(name)s: %(message)s",
+    )
+    if not config.targets:
+        raise ChainfsError(Code.CONFIG_ERROR, f"{config_path}: no targets configured")
+    if not config.mgmtd_addresses:
+        raise ChainfsError(Code.CONFIG_ERROR, f"{config_path}: no mgmtd_addresses configured")
+
+    async def serve(stop: asyncio.Event) -> None:
+        node = StorageNode(config)
+        try:
+            await node.start()
+            write_ready_file(ready_file, node.ready_info())
+            log.info(
+                "storage node %d serving targets %s; rpc %s, data %s",
+                node.node_id,
+                sorted(node.targets),
+                node.rpc_address,
+                node.data_address,
+            )
+            await stop.wait()
+        finally:
+            await node.stop()
+
+    return run_service(serve)
