@@ -72,8 +72,13 @@ def _peer_key(node_id: int) -> bytes:
 class Election:
     """This mgmtd's view of who is primary, kept by :meth:`round`."""
 
-    def __init__(self, store: KVStore, self_id: int, address: str, cfg: MgmtdConfig) -> None:
+    def __init__(
+        self, store: KVStore, self_id: int, address: str, cfg: MgmtdConfig, exclusive: bool = False
+    ) -> None:
         self.store = store
+        # The store admits one process (rocksdb, memory): no other mgmtd can be
+        # alive, so a lease left by a crashed predecessor is taken at once.
+        self.exclusive = exclusive
         self.self_id = self_id
         self.address = address
         self.cfg = cfg
@@ -108,7 +113,7 @@ class Election:
                 and primary["epoch"] == self.epoch
             )
             free = lease is None or lease["node_id"] == 0
-            stale = raw == seen_raw and sent - seen_at >= lease_ms / 1000.0
+            stale = self.exclusive or (raw == seen_raw and sent - seen_at >= lease_ms / 1000.0)
             if ours:
                 assert lease is not None
                 lease["renewals"] += 1
@@ -169,14 +174,20 @@ class Mgmtd(mg.MgmtServicer):
     """The servicer plus the primary's background work."""
 
     def __init__(
-        self, cfg: MgmtdConfig, store: KVStore, self_id: int, address: str, store_url: str = ""
+        self,
+        cfg: MgmtdConfig,
+        store: KVStore,
+        self_id: int,
+        address: str,
+        store_url: str = "",
+        exclusive_store: bool = False,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.store_url = store_url
         self.self_id = self_id
         self.address = address
-        self.election = Election(store, self_id, address, cfg)
+        self.election = Election(store, self_id, address, cfg, exclusive_store)
         self.state: ClusterState | None = None  # primary's cache of the stored state
         self._epoch_loaded = 0
         self._mutex = asyncio.Lock()
@@ -597,7 +608,8 @@ async def serve(
         port = grpc_util.bind(srv, cfg.listen_host, cfg.port)
         address = cfg.advertise_address or f"{cfg.listen_host}:{port}"
         self_id = await _allocate_self_id(store, cfg.node_id)
-        svc = Mgmtd(cfg, store, self_id, address, url)
+        exclusive = shared_store is None and url.split("://", 1)[0] in ("rocksdb", "memory")
+        svc = Mgmtd(cfg, store, self_id, address, url, exclusive)
         mg.add_MgmtServicer_to_server(svc, srv)
         await srv.start()
         first_round = asyncio.Event()
