@@ -306,6 +306,7 @@ class Mgmtd(mg.MgmtServicer):
     # -- background --------------------------------------------------------
     async def election_loop(self, first_round: asyncio.Event) -> None:
         interval_s = self.cfg.lease_renew_interval_ms / 1000.0
+        failures = 0
         while True:
             started = time.monotonic()
             try:
@@ -316,10 +317,13 @@ class Mgmtd(mg.MgmtServicer):
                     await self._load_state()
                 elif action == "standby" and self.state is not None:
                     self._step_down()
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                log.warning("election round failed: %s", e)
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("election round failed (%d in a row): %s", failures, e)
             if self.state is not None and not self.election.is_primary():
                 self._step_down()
             first_round.set()

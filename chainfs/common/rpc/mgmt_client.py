@@ -372,8 +372,28 @@ class RoutingCache:
                 log.debug("routing poll failed: %s", e)
 
 
+def local_state_for(public_state: int, sync_done: bool = False) -> int:
+    """The local state a healthy storage target reports in heartbeats (3FS rules).
+
+    UPTODATE while it is serving (or in no chain yet), or once its resync has
+    finished (``sync_done``, i.e. after syncDone while SYNCING); ONLINE while it
+    is waiting, syncing, or marked offline/lastsrv (a target that comes back
+    after a restart or a missed-heartbeat timeout starts here: mgmtd moves it
+    offline -> waiting -> syncing, and to serving only when it reports
+    UPTODATE while syncing). A WAITING target that reports UPTODATE stays
+    waiting. A failed disk reports LOCAL_OFFLINE instead.
+    """
+    if public_state in (mp.SERVING, mp.PUBLIC_STATE_UNSPECIFIED) or sync_done:
+        return mp.UPTODATE
+    return mp.ONLINE
+
+
 class HeartbeatLoop:
     """Register a node with mgmtd, then heartbeat it in the background.
+
+    Re-registration (a restarted node with its old id) marks all the node's
+    targets locally offline at mgmtd: whatever they held must be resynced
+    before they serve again; report local states with :func:`local_state_for`.
 
     ``targets_fn()`` gives the per-target report of each heartbeat.
     ``on_routing`` is called with every newer routing info mgmtd piggybacks.

@@ -10,7 +10,12 @@ import pytest
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
-from chainfs.common.rpc.mgmt_client import HeartbeatLoop, MgmtClient, RoutingCache
+from chainfs.common.rpc.mgmt_client import (
+    HeartbeatLoop,
+    MgmtClient,
+    RoutingCache,
+    local_state_for,
+)
 from chainfs.kv.memory import MemoryStore
 from chainfs.proto import mgmt_pb2 as mp
 from tests.unit.mgmt.conftest import InProcMgmtd, eventually, run_mgmtd
@@ -123,3 +128,31 @@ async def test_client_follows_not_primary_and_survives_failover(tmp_path: Path) 
         routing = await client.get_routing()
         assert routing is not None and rsp.node_id in routing.nodes
         assert client.primary_address == b.address
+
+
+def test_local_state_protocol_drives_a_returning_target_to_serving() -> None:
+    """A storage node following local_state_for moves through the state table."""
+    from chainfs.mgmt_service.target_states import LS, PS, Member, step_chain
+
+    assert local_state_for(mp.SERVING) == mp.UPTODATE
+    assert local_state_for(mp.SYNCING) == mp.ONLINE
+    assert local_state_for(mp.SYNCING, sync_done=True) == mp.UPTODATE
+    chain = [Member(1, PS.SERVING, LS.UPTODATE), Member(2, PS.OFFLINE, LS.OFFLINE)]
+    sync_done = False
+    for _ in range(5):
+        chain = [
+            m if m.target_id == 1 else Member(2, m.public, LS(local_state_for(m.public, sync_done)))
+            for m in chain
+        ]
+        chain = step_chain(chain)
+        sync_done = chain[1].public == PS.SYNCING  # the predecessor finishes at once
+    assert [m.public for m in chain] == [PS.SERVING, PS.SERVING]
+
+
+def test_example_config_loads() -> None:
+    from chainfs.common import config
+    from chainfs.mgmt_service.config import MgmtdConfig
+
+    root = Path(__file__).resolve().parents[3]
+    cfg = config.load(MgmtdConfig, root / "deploy" / "mgmtd.example.toml")
+    assert cfg.store_url() == "rocksdb:///var/lib/chainfs/mgmtd/kv"
