@@ -18,6 +18,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -66,6 +67,11 @@ def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
     return out
 
 
+@dataclass
+class _Outcome:
+    maybe_applied: bool = False
+
+
 class MgmtClient:
     """Calls mgmtd, finding the primary among ``addresses``."""
 
@@ -109,8 +115,17 @@ class MgmtClient:
             Code.UNAVAILABLE, f"cannot reach mgmtd at {','.join(self._configured)}{why}"
         )
 
-    async def _call(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
-        """Call ``method`` on the primary; retry other addresses until the deadline."""
+    async def _call(
+        self,
+        method: str,
+        request: Any,
+        timeout_s: float | None = None,
+        outcome: _Outcome | None = None,
+    ) -> Any:
+        """Call ``method`` on the primary; retry other addresses until the deadline.
+
+        ``outcome.maybe_applied`` is set when an attempt failed in a way that
+        may have hidden a success (timeout, connection lost)."""
         total = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + total
         backoff = RETRY_BACKOFF_INITIAL_S
@@ -146,6 +161,8 @@ class MgmtClient:
                         continue
                     if e.code in (Code.UNAVAILABLE, Code.ETIMEDOUT):
                         last = e
+                        if outcome is not None:
+                            outcome.maybe_applied = True
                         if self._primary == addr:
                             self._primary = None
                         continue
@@ -162,8 +179,20 @@ class MgmtClient:
     async def register_node(
         self, node: mp.NodeInfo, targets: Sequence[mp.TargetInfo] = (), reregister: bool = False
     ) -> mp.RegisterNodeRsp:
+        """Register ``node`` (node_id 0: mgmtd assigns one) with its targets.
+
+        If an attempt failed ambiguously and a retry then finds the node already
+        registered, that was our own attempt: it is taken over by re-registering.
+        """
         req = mp.RegisterNodeReq(node=node, targets=list(targets), reregister=reregister)
-        rsp: mp.RegisterNodeRsp = await self._call("RegisterNode", req)
+        outcome = _Outcome()
+        try:
+            rsp: mp.RegisterNodeRsp = await self._call("RegisterNode", req, outcome=outcome)
+        except ChainfsError as e:
+            if e.code != Code.ALREADY_REGISTERED or not outcome.maybe_applied or reregister:
+                raise
+            req.reregister = True
+            rsp = await self._call("RegisterNode", req)
         return rsp
 
     async def heartbeat(
@@ -457,14 +486,20 @@ class HeartbeatLoop:
         rereg = reregister if reregister is not None else self.node.node_id != 0
         deadline = time.monotonic() + self.register_timeout_s
         delay = RETRY_BACKOFF_INITIAL_S
+        maybe_applied = False  # a failed attempt may have registered us before failing
         while True:
             sent = time.monotonic()
             try:
                 rsp = await self.mgmt.register_node(self.node, self._targets, reregister=rereg)
                 break
             except ChainfsError as e:
+                if e.code == Code.ALREADY_REGISTERED and maybe_applied and not rereg:
+                    # Our own earlier attempt got through: take that registration over.
+                    rereg = True
+                    continue
                 if e.code not in (Code.UNAVAILABLE, Code.NOT_PRIMARY, Code.ETIMEDOUT):
                     raise
+                maybe_applied = maybe_applied or e.code != Code.NOT_PRIMARY
                 if time.monotonic() + delay >= deadline:
                     raise ChainfsError(
                         e.code,
