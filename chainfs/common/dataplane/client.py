@@ -1,0 +1,322 @@
+"""DataClient: request/response over pooled data-plane connections.
+
+Per peer address the client keeps up to ``max_connections_per_peer``
+connections, opened on demand: a request takes the least busy one and a new
+one is opened only while every existing one is busy, so concurrent large
+transfers spread over several TCP streams while a single caller reuses one.
+At most ``max_inflight_per_connection`` requests ride one connection; callers
+beyond the per-peer total wait (within their timeout).
+
+Payload buffers are sent with ``sendmsg`` scatter-gather, never joined.
+Response payloads land in a fresh buffer, or, with ``payload_sink``, straight
+in the caller's buffers (``recv_into``/``recvmsg_into``, no intermediate copy
+for anything bigger than ``direct_recv_min_bytes``).
+
+Guarantee: when ``request`` returns or raises, the transport no longer
+references the caller's payload or sink buffers. (A request abandoned by
+timeout or cancellation after part of it was sent closes that connection,
+since a frame cannot be recalled; one abandoned while its reply streams into
+the sink has the rest of that reply discarded.)
+
+Errors: a peer that refuses or does not accept within ``connect_timeout_ms``
+-> ChainfsError(UNAVAILABLE) naming the address; a connection lost or a
+malformed reply -> UNAVAILABLE / BAD_FRAME for every request on it; no reply
+within the timeout -> ETIMEDOUT; an error response -> the server's
+ChainfsError (same code and message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from chainfs.common.dataplane.address import parse_address
+from chainfs.common.dataplane.config import DataPlaneConfig
+from chainfs.common.dataplane.conn import Connection, OutFrame, as_byte_view
+from chainfs.common.dataplane.frame import MAX_REQUEST_ID, FrameHeader
+from chainfs.common.dataplane.server import build_segments
+from chainfs.common.errors import ChainfsError, Code
+
+PayloadSink = Callable[[int, bytes], Sequence[bytearray | memoryview]]
+
+_EMPTY = memoryview(b"")
+
+
+@dataclass(slots=True)
+class Reply:
+    """A response. ``payload_len`` bytes of payload arrived: in ``payload``
+    (a fresh buffer) or, when the request named a ``payload_sink``, in the
+    sink's buffers (then ``payload`` is empty)."""
+
+    msg_type: int
+    header: bytes
+    payload: memoryview
+    payload_len: int = 0
+
+
+class _Pending:
+    __slots__ = ("frame", "fut", "sink")
+
+    def __init__(self, fut: asyncio.Future[Reply], sink: PayloadSink | None) -> None:
+        self.fut = fut
+        self.sink = sink
+        self.frame: OutFrame | None = None
+
+
+class _ClientConn(Connection):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        cfg: DataPlaneConfig,
+        address: str,
+    ) -> None:
+        super().__init__(loop, sock, cfg, address)
+        self.pending: dict[int, _Pending] = {}
+        self._next_id = 1
+        self._cur: _Pending | None = None
+        self._cur_id = 0
+        self._cur_buf: memoryview | None = None
+
+    @property
+    def inflight(self) -> int:
+        return len(self.pending)
+
+    def next_request_id(self) -> int:
+        rid = self._next_id
+        self._next_id = 1 if rid == MAX_REQUEST_ID else rid + 1
+        return rid
+
+    def _on_header(self, hdr: FrameHeader, header: bytes) -> None:
+        if not hdr.is_response:
+            raise ChainfsError(
+                Code.BAD_FRAME, f"data plane {self.peer}: request frame from a server"
+            )
+        pending = self.pending.get(hdr.request_id)
+        self._cur, self._cur_id, self._cur_buf = pending, hdr.request_id, None
+        n = hdr.payload_len
+        if pending is None or pending.fut.done() or hdr.is_error or n == 0:
+            self._begin_payload(None)  # abandoned request, error reply or no payload
+            return
+        if pending.sink is None:
+            buf = memoryview(bytearray(n))
+            self._cur_buf = buf
+            self._begin_payload([buf])
+            return
+        try:
+            views = [as_byte_view(b) for b in pending.sink(hdr.msg_type, header)]
+            room = sum(len(v) for v in views)
+            if room < n or any(v.readonly for v in views):
+                raise ChainfsError(
+                    Code.EINVAL,
+                    f"payload_sink gave {room} writable bytes for a {n}-byte payload",
+                )
+        except BaseException as e:  # the caller's sink failed: fail its request, drop the bytes
+            pending.fut.set_exception(e)
+            self._begin_payload(None)
+            return
+        self._begin_payload(views)
+
+    def _on_frame(self, hdr: FrameHeader, header: bytes) -> None:
+        pending = self.pending.pop(hdr.request_id, None)
+        cur_buf, self._cur, self._cur_buf = self._cur_buf, None, None
+        if pending is None or pending.fut.done():
+            return
+        if hdr.is_error:
+            message = header.decode("utf-8", "replace")
+            pending.fut.set_exception(ChainfsError(hdr.status, message))
+        elif cur_buf is not None:
+            pending.fut.set_result(Reply(hdr.msg_type, header, cur_buf, hdr.payload_len))
+        else:
+            pending.fut.set_result(Reply(hdr.msg_type, header, _EMPTY, hdr.payload_len))
+
+    def abandon(self, request_id: int) -> None:
+        """The caller gave up on ``request_id``: forget it, never touch its buffers again."""
+        pending = self.pending.pop(request_id, None)
+        if pending is None:
+            return
+        frame = pending.frame
+        if frame is not None and not self.cancel_frame(frame):
+            # Part of the frame is in the kernel: it cannot be recalled, and the
+            # rest of it still references the caller's buffers.
+            self.close(
+                ChainfsError(
+                    Code.UNAVAILABLE, f"data plane {self.peer}: request abandoned mid-send"
+                )
+            )
+            return
+        if self._cur is pending and self._cur_id == request_id:
+            self._discard_current()
+            self._cur = None
+
+    def _on_close(self, exc: BaseException | None) -> None:
+        if exc is None:
+            exc = ChainfsError(Code.UNAVAILABLE, f"data plane {self.peer}: connection closed")
+        elif not isinstance(exc, ChainfsError):
+            exc = ChainfsError(Code.UNAVAILABLE, f"data plane {self.peer}: {exc}")
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            if not p.fut.done():
+                p.fut.set_exception(exc)
+        self._cur = None
+
+
+class _Peer:
+    def __init__(self, address: str, cfg: DataPlaneConfig) -> None:
+        self.address = address
+        self.conns: list[_ClientConn] = []
+        self.connecting: asyncio.Future[_ClientConn] | None = None
+        self.slots = asyncio.Semaphore(
+            cfg.max_connections_per_peer * cfg.max_inflight_per_connection
+        )
+        self.freed = asyncio.Event()  # set whenever a request of this peer finishes
+
+
+class DataClient:
+    """Data-plane client; see the module docstring."""
+
+    def __init__(self, config: DataPlaneConfig | None = None) -> None:
+        self.config = config if config is not None else DataPlaneConfig()
+        self.config.validate()
+        self._peers: dict[str, _Peer] = {}
+        self._closed = False
+
+    async def request(
+        self,
+        address: str,
+        msg_type: int,
+        header: bytes,
+        payload: Sequence[bytes | bytearray | memoryview] = (),
+        payload_sink: PayloadSink | None = None,
+        timeout_s: float | None = None,
+    ) -> Reply:
+        """Send one request frame and wait for its reply; see the module docstring."""
+        if self._closed:
+            raise ChainfsError(Code.UNAVAILABLE, "data plane client closed")
+        cfg = self.config
+        if len(header) > cfg.max_header_bytes:
+            raise ChainfsError(Code.E2BIG, f"header of {len(header)} bytes over the bound")
+        if timeout_s is None:
+            timeout_s = cfg.request_timeout_ms / 1000
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        peer = self._peers.get(address)
+        if peer is None:
+            parse_address(address)  # EINVAL now rather than at connect
+            peer = self._peers[address] = _Peer(address, cfg)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await peer.slots.acquire()
+        except TimeoutError:
+            raise ChainfsError(
+                Code.ETIMEDOUT, f"data plane {address}: no request slot within {timeout_s:.3f}s"
+            ) from None
+        try:
+            conn = await self._connection(peer, deadline)
+            rid = conn.next_request_id()
+            segs = build_segments(0, msg_type, rid, header, payload, cfg.max_payload_bytes)
+            fut: asyncio.Future[Reply] = loop.create_future()
+            pending = _Pending(fut, payload_sink)
+            conn.pending[rid] = pending
+            pending.frame = conn.send_frame(segs, None)
+            timer = loop.call_at(deadline, _expire, fut, address, timeout_s)
+            try:
+                return await fut
+            finally:
+                timer.cancel()
+                if not fut.done() or rid in conn.pending:
+                    conn.abandon(rid)
+                pending.frame = None
+        finally:
+            peer.slots.release()
+            peer.freed.set()
+
+    async def _connection(self, peer: _Peer, deadline: float) -> _ClientConn:
+        cfg = self.config
+        while True:
+            live = [c for c in peer.conns if not c.closed]
+            if len(live) != len(peer.conns):
+                peer.conns = live
+            best = min(live, key=lambda c: c.inflight) if live else None
+            # Reuse an idle connection; open another while all are busy and the
+            # bound allows; otherwise share the least busy one.
+            if (
+                best is not None
+                and best.inflight < cfg.max_inflight_per_connection
+                and (
+                    best.inflight == 0
+                    or len(live) >= cfg.max_connections_per_peer
+                    or peer.connecting is not None
+                )
+            ):
+                return best
+            if peer.connecting is None and len(live) < cfg.max_connections_per_peer:
+                peer.connecting = asyncio.ensure_future(self._connect(peer, deadline))
+            if peer.connecting is None:
+                # Every connection is full (the per-peer slots make this rare:
+                # connections were lost): wait for a request to finish.
+                peer.freed.clear()
+                await peer.freed.wait()
+                continue
+            try:
+                await asyncio.shield(peer.connecting)
+            except ChainfsError:
+                if best is not None and not best.closed:
+                    return best  # keep using what works
+                raise
+
+    async def _connect(self, peer: _Peer, deadline: float) -> _ClientConn:
+        loop = asyncio.get_running_loop()
+        address = peer.address
+        try:
+            family, sockaddr = parse_address(address)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                limit = min(deadline, loop.time() + self.config.connect_timeout_ms / 1000)
+                async with asyncio.timeout_at(limit):
+                    await loop.sock_connect(sock, sockaddr)
+                conn = _ClientConn(loop, sock, self.config, address)
+            except BaseException:
+                sock.close()
+                raise
+        except TimeoutError:
+            raise ChainfsError(
+                Code.UNAVAILABLE, f"data plane peer {address} did not accept in time"
+            ) from None
+        except OSError as e:
+            if isinstance(e, ChainfsError):
+                raise
+            raise ChainfsError(
+                Code.UNAVAILABLE, f"data plane peer {address} unreachable: {e}"
+            ) from None
+        finally:
+            peer.connecting = None
+        if self._closed:
+            conn.close(None)
+            raise ChainfsError(Code.UNAVAILABLE, "data plane client closed")
+        peer.conns.append(conn)
+        conn.start_reading()
+        return conn
+
+    async def close(self) -> None:
+        """Close every connection; requests in flight fail with UNAVAILABLE."""
+        self._closed = True
+        for peer in self._peers.values():
+            for conn in peer.conns:
+                conn.close(ChainfsError(Code.UNAVAILABLE, "data plane client closed"))
+            peer.conns.clear()
+        self._peers.clear()
+
+    def connection_count(self, address: str) -> int:
+        peer = self._peers.get(address)
+        return 0 if peer is None else sum(1 for c in peer.conns if not c.closed)
+
+
+def _expire(fut: asyncio.Future[Reply], address: str, timeout_s: float) -> None:
+    if not fut.done():
+        fut.set_exception(
+            ChainfsError(Code.ETIMEDOUT, f"data plane {address}: no reply within {timeout_s:.3f}s")
+        )

@@ -1,0 +1,538 @@
+"""One data-plane connection: frame reader and scatter-gather writer on a raw socket.
+
+The socket is non-blocking and driven by ``loop.add_reader`` /
+``loop.add_writer`` (uvloop's poll handles, or the selector of plain asyncio),
+so this module decides exactly where every byte lands and knows exactly when
+a buffer has been handed to the kernel:
+
+* Reading: a per-connection staging buffer receives fixed headers, header
+  messages and small payloads (several small frames per ``recv_into``). Once
+  a frame's header has arrived, a subclass names the payload's destination
+  buffers (a pooled buffer on the server, the caller's buffers on the
+  client); whenever at least ``direct_recv_min_bytes`` of payload are still
+  to come, ``recv_into`` targets the destination itself, so large payloads
+  are never copied in user space. Bytes that already sat in staging are
+  moved with one C-level slice assignment.
+* Writing: frames are queued as lists of segments (memoryviews, or
+  ``_FileSeg`` regions of a file). Consecutive memory segments of several
+  frames go out in one ``sendmsg`` (scatter-gather, no concatenation); file
+  segments with ``os.sendfile``. A frame's ``done(sent: bool)`` callback runs
+  once its last byte is in the kernel (True) or the connection died (False);
+  until then the transport holds its buffers, after that it never touches
+  them again.
+* Any malformed input or I/O error closes the connection (``close(exc)``);
+  subclasses fail what depended on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from itertools import islice
+
+from chainfs.common.dataplane.config import DataPlaneConfig
+from chainfs.common.dataplane.frame import FIXED_HEADER_SIZE, FrameHeader, decode_fixed
+from chainfs.common.errors import ChainfsError, Code
+
+# Reader states.
+_FIXED = 0  # waiting for the 40 fixed-header bytes
+_HEADER = 1  # waiting for the header message (in staging)
+_BIG_HEADER = 2  # header message larger than staging: received into its own buffer
+_WAIT_DEST = 3  # header known; the subclass has not named the payload destination yet
+_PAYLOAD = 4  # receiving payload into the destination (or discarding it)
+
+# Reasons reading is paused (bit mask).
+PAUSE_POOL = 1  # server: waiting for a pooled buffer
+PAUSE_INFLIGHT = 2  # server: too many requests of this connection unanswered
+
+_MAX_READS_PER_EVENT = 64  # recv calls per readiness callback before yielding to the loop
+
+
+class _FileSeg:
+    """A file region still to be sent with sendfile."""
+
+    __slots__ = ("fd", "offset", "remaining")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.remaining = length
+
+
+Segment = memoryview | _FileSeg
+
+
+class OutFrame:
+    """A queued frame: its segments, how far it got, and who to tell."""
+
+    __slots__ = ("cancelled", "done", "idx", "segs", "started")
+
+    def __init__(self, segs: list[Segment], done: Callable[[bool], None] | None) -> None:
+        self.segs = segs
+        self.idx = 0
+        self.done = done
+        self.started = False  # some byte of it reached the kernel
+        self.cancelled = False  # drop it if it has not started
+
+
+def as_byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """A flat unsigned-byte memoryview of ``data`` (no copy); len() is its byte count."""
+    mv = data if isinstance(data, memoryview) else memoryview(data)
+    if mv.format != "B" or mv.ndim != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+class Connection:
+    """Base class: frame reading, frame writing, closing. See the module docstring."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, cfg: DataPlaneConfig, peer: str
+    ) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if cfg.socket_send_buffer_bytes:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer_bytes)
+        if cfg.socket_recv_buffer_bytes:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, cfg.socket_recv_buffer_bytes)
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.cfg = cfg
+        self.peer = peer
+        self.closed = False
+        self.close_exc: BaseException | None = None
+        # Reader.
+        self._staging = bytearray(cfg.recv_staging_bytes)
+        self._smv = memoryview(self._staging)
+        self._start = 0  # unparsed bytes are staging[start:end]
+        self._end = 0
+        self._state = _FIXED
+        self._hdr: FrameHeader | None = None
+        self._header = b""
+        self._big: memoryview | None = None  # _BIG_HEADER destination
+        self._big_off = 0
+        self._dest: list[memoryview] | None = None  # None in _PAYLOAD = discard
+        self._dest_i = 0
+        self._dest_off = 0
+        self._remaining = 0
+        self._paused = 0  # PAUSE_* bits
+        self._reader_on = False
+        self._resume_scheduled = False
+        self.last_recv_monotonic = time.monotonic()
+        # Writer.
+        self._outq: deque[OutFrame] = deque()
+        self._writer_on = False
+        self._flushing = False
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    # ---- subclass hooks -------------------------------------------------
+
+    def _on_header(self, hdr: FrameHeader, header: bytes) -> None:
+        """A frame's header arrived: call ``_begin_payload(dest)`` now or later."""
+        raise NotImplementedError
+
+    def _on_frame(self, hdr: FrameHeader, header: bytes) -> None:
+        """A frame is complete (its payload is in the destination named earlier)."""
+        raise NotImplementedError
+
+    def _on_close(self, exc: BaseException | None) -> None:
+        """The connection closed (exc None = orderly)."""
+
+    # ---- reading ---------------------------------------------------------
+
+    def start_reading(self) -> None:
+        if not self.closed and not self._paused and not self._reader_on:
+            self.loop.add_reader(self.fd, self._on_readable)
+            self._reader_on = True
+
+    def pause_reading(self, reason: int) -> None:
+        self._paused |= reason
+        if self._reader_on:
+            self.loop.remove_reader(self.fd)
+            self._reader_on = False
+
+    def resume_reading(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and not self.closed and not self._resume_scheduled:
+            # Bytes may already sit in staging with nothing left in the socket to
+            # wake us: parse them first, from the loop, then watch the socket again.
+            self._resume_scheduled = True
+            self.loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        self._resume_scheduled = False
+        if self.closed or self._paused:
+            return
+        try:
+            self._parse()
+        except ChainfsError as e:
+            self.close(e)
+            return
+        self.start_reading()
+
+    @property
+    def mid_frame(self) -> bool:
+        """True while a frame is partly received (the stall watchdog looks at this)."""
+        return self._state != _FIXED or self._start != self._end
+
+    def _on_readable(self) -> None:
+        sock = self.sock
+        try:
+            for _ in range(_MAX_READS_PER_EVENT):
+                if self._paused or self.closed:
+                    return
+                state = self._state
+                if (
+                    state == _PAYLOAD
+                    and self._dest is not None
+                    and self._remaining >= self.cfg.direct_recv_min_bytes
+                ):
+                    dest = self._dest
+                    d = dest[self._dest_i]
+                    off = self._dest_off
+                    room = len(d) - off
+                    if room >= self._remaining or self._dest_i + 1 == len(dest):
+                        n = sock.recv_into(d[off : off + min(room, self._remaining)])
+                    else:
+                        n = sock.recvmsg_into(self._scatter_views())[0]
+                    if n == 0:
+                        self._eof()
+                        return
+                    self._advance_dest(n)
+                    self._remaining -= n
+                    self.bytes_received += n
+                    if self._remaining == 0:
+                        self._frame_done()
+                elif state == _BIG_HEADER:
+                    big = self._big
+                    assert big is not None
+                    n = sock.recv_into(big[self._big_off :])
+                    if n == 0:
+                        self._eof()
+                        return
+                    self._big_off += n
+                    self.bytes_received += n
+                    if self._big_off == len(big):
+                        self._big = None
+                        self._header_done(big.tobytes())
+                    self._parse()
+                else:
+                    self._make_room()
+                    n = sock.recv_into(self._smv[self._end :])
+                    if n == 0:
+                        self._eof()
+                        return
+                    self._end += n
+                    self.bytes_received += n
+                    self._parse()
+                self.last_recv_monotonic = time.monotonic()
+        except (BlockingIOError, InterruptedError):
+            self.last_recv_monotonic = time.monotonic()
+        except ChainfsError as e:
+            self.close(e)
+        except OSError as e:
+            self.close(ChainfsError(Code.UNAVAILABLE, f"data plane {self.peer}: receive: {e}"))
+
+    def _make_room(self) -> None:
+        start, end, size = self._start, self._end, len(self._staging)
+        if start == end:
+            self._start = self._end = 0
+        elif size - end < size // 2 and start > 0:
+            self._smv[0 : end - start] = self._smv[start:end]
+            self._start, self._end = 0, end - start
+        assert self._end < size, "staging full without a parseable frame"
+
+    def _eof(self) -> None:
+        if self.mid_frame:
+            self.close(ChainfsError(Code.BAD_FRAME, f"data plane {self.peer}: dropped mid-frame"))
+        else:
+            self.close(None)
+
+    def _parse(self) -> None:
+        """Consume whatever complete pieces staging holds."""
+        cfg = self.cfg
+        smv = self._smv
+        while not self._paused and not self.closed:
+            avail = self._end - self._start
+            state = self._state
+            if state == _FIXED:
+                if avail < FIXED_HEADER_SIZE:
+                    break
+                hdr = decode_fixed(
+                    self._staging, self._start, cfg.max_header_bytes, cfg.max_payload_bytes
+                )
+                self._start += FIXED_HEADER_SIZE
+                self._hdr = hdr
+                hl = hdr.header_len
+                if hl == 0:
+                    self._header_done(b"")
+                elif hl > len(self._staging) - FIXED_HEADER_SIZE:
+                    big = memoryview(bytearray(hl))
+                    take = min(avail - FIXED_HEADER_SIZE, hl)
+                    big[:take] = smv[self._start : self._start + take]
+                    self._start += take
+                    if take == hl:
+                        self._header_done(big.tobytes())
+                    else:
+                        self._big, self._big_off = big, take
+                        self._state = _BIG_HEADER
+                        break
+                else:
+                    self._state = _HEADER
+            elif state == _HEADER:
+                assert self._hdr is not None
+                hl = self._hdr.header_len
+                if avail < hl:
+                    break
+                header = bytes(smv[self._start : self._start + hl])
+                self._start += hl
+                self._header_done(header)
+            elif state == _PAYLOAD:
+                if avail == 0:
+                    break
+                take = min(avail, self._remaining)
+                if self._dest is not None:
+                    self._copy_in(smv[self._start : self._start + take])
+                self._start += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._frame_done()
+            else:  # _WAIT_DEST or _BIG_HEADER: nothing to do from staging
+                break
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _header_done(self, header: bytes) -> None:
+        assert self._hdr is not None
+        self._header = header
+        self._state = _WAIT_DEST
+        self._on_header(self._hdr, header)
+
+    def _begin_payload(self, dest: list[memoryview] | None) -> None:
+        """Name where the current frame's payload goes (None = discard it)."""
+        assert self._state == _WAIT_DEST and self._hdr is not None
+        if dest is not None and self._hdr.payload_len:
+            assert sum(len(d) for d in dest) >= self._hdr.payload_len
+            dest = [d for d in dest if len(d)]
+        self._dest = dest
+        self._dest_i = 0
+        self._dest_off = 0
+        self._remaining = self._hdr.payload_len
+        self._state = _PAYLOAD
+        if self._remaining == 0:
+            self._frame_done()
+
+    def _discard_current(self) -> None:
+        """Stop writing the current payload into its destination (the owner gave up)."""
+        if self._state == _PAYLOAD:
+            self._dest = None
+
+    def _scatter_views(self) -> list[memoryview]:
+        """Destination views covering the rest of the payload (for one recvmsg_into)."""
+        dest = self._dest
+        assert dest is not None
+        left = self._remaining
+        i = self._dest_i
+        first = dest[i][self._dest_off :]
+        views = [first[:left]]
+        left -= len(views[0])
+        i += 1
+        while left > 0 and i < len(dest) and len(views) < self.cfg.max_iov_per_send:
+            v = dest[i][:left]
+            views.append(v)
+            left -= len(v)
+            i += 1
+        return views
+
+    def _copy_in(self, src: memoryview) -> None:
+        dest = self._dest
+        assert dest is not None
+        pos, total = 0, len(src)
+        while pos < total:
+            d = dest[self._dest_i]
+            off = self._dest_off
+            k = min(len(d) - off, total - pos)
+            d[off : off + k] = src[pos : pos + k]
+            pos += k
+            self._advance_dest(k)
+
+    def _advance_dest(self, n: int) -> None:
+        dest = self._dest
+        assert dest is not None
+        i, off = self._dest_i, self._dest_off + n
+        last = len(dest) - 1
+        while i < last and off >= len(dest[i]):
+            off -= len(dest[i])
+            i += 1
+        self._dest_i, self._dest_off = i, off
+
+    def _frame_done(self) -> None:
+        hdr, header = self._hdr, self._header
+        assert hdr is not None
+        self._state = _FIXED
+        self._hdr = None
+        self._header = b""
+        self._dest = None
+        self._on_frame(hdr, header)
+
+    @property
+    def current_frame(self) -> FrameHeader | None:
+        return self._hdr
+
+    # ---- writing ---------------------------------------------------------
+
+    def send_frame(self, segs: list[Segment], done: Callable[[bool], None] | None) -> OutFrame:
+        """Queue a frame; ``done(sent)`` runs when it is in the kernel or dropped."""
+        frame = OutFrame(segs, done)
+        if self.closed:
+            frame.idx = len(segs)
+            if done is not None:
+                done(False)
+            return frame
+        self._outq.append(frame)
+        if not self._writer_on and not self._flushing:
+            self._flush()
+        return frame
+
+    def cancel_frame(self, frame: OutFrame) -> bool:
+        """Drop a queued frame that has not started; False if it started (or finished)."""
+        if frame.started:
+            return frame.idx >= len(frame.segs)
+        frame.cancelled = True
+        return True
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.closed:
+            return
+        self._flushing = True
+        try:
+            self._flush_inner()
+        except (BlockingIOError, InterruptedError):
+            pass
+        except ChainfsError as e:
+            self.close(e)
+        except OSError as e:
+            self.close(ChainfsError(Code.UNAVAILABLE, f"data plane {self.peer}: send: {e}"))
+        finally:
+            self._flushing = False
+        if self.closed:
+            return
+        if self._outq and not self._writer_on:
+            self.loop.add_writer(self.fd, self._on_writable)
+            self._writer_on = True
+        elif not self._outq and self._writer_on:
+            self.loop.remove_writer(self.fd)
+            self._writer_on = False
+
+    def _flush_inner(self) -> None:
+        outq = self._outq
+        max_iov = self.cfg.max_iov_per_send
+        while outq and not self.closed:
+            frame = outq[0]
+            if frame.idx >= len(frame.segs) or (frame.cancelled and not frame.started):
+                outq.popleft()
+                if frame.done is not None:
+                    frame.done(not frame.cancelled or frame.started)
+                continue
+            seg = frame.segs[frame.idx]
+            if isinstance(seg, _FileSeg):
+                frame.started = True
+                n = os.sendfile(self.fd, seg.fd, seg.offset, seg.remaining)
+                if n == 0:
+                    raise ChainfsError(
+                        Code.EIO, f"data plane {self.peer}: file region ended early (fd {seg.fd})"
+                    )
+                self.bytes_sent += n
+                seg.offset += n
+                seg.remaining -= n
+                if seg.remaining == 0:
+                    frame.idx += 1
+                continue
+            iov: list[memoryview] = []
+            for f in islice(outq, 0, max_iov):
+                if f.cancelled and not f.started:
+                    break
+                stop = False
+                for s in islice(f.segs, f.idx, None):
+                    if not isinstance(s, memoryview) or len(iov) >= max_iov:
+                        stop = True
+                        break
+                    iov.append(s)
+                if stop or len(iov) >= max_iov:
+                    break
+            want = sum(len(b) for b in iov)
+            n = self.sock.sendmsg(iov)
+            self.bytes_sent += n
+            self._consume(n)
+            if n < want:
+                return  # socket full: wait for writability
+
+    def _consume(self, n: int) -> None:
+        outq = self._outq
+        while n > 0 and not self.closed:
+            frame = outq[0]
+            frame.started = True
+            seg = frame.segs[frame.idx]
+            assert isinstance(seg, memoryview)
+            if n >= len(seg):
+                n -= len(seg)
+                frame.idx += 1
+                if frame.idx == len(frame.segs):
+                    outq.popleft()
+                    if frame.done is not None:
+                        frame.done(True)
+            else:
+                frame.segs[frame.idx] = seg[n:]
+                n = 0
+        # Frames with nothing left to send (all segments consumed) are finished here too.
+        while outq and not self.closed and outq[0].idx >= len(outq[0].segs):
+            frame = outq.popleft()
+            if frame.done is not None:
+                frame.done(True)
+
+    @property
+    def send_queue_frames(self) -> int:
+        return len(self._outq)
+
+    # ---- closing ---------------------------------------------------------
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """Close now: queued frames are dropped (done(False)), subclasses fail their work."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_exc = exc
+        if self._reader_on:
+            self.loop.remove_reader(self.fd)
+            self._reader_on = False
+        if self._writer_on:
+            self.loop.remove_writer(self.fd)
+            self._writer_on = False
+        try:
+            self.sock.close()
+        except OSError as e:  # pragma: no cover - close of a socket we own
+            if e.errno != errno.EBADF:
+                raise
+        dropped = list(self._outq)
+        self._outq.clear()
+        try:
+            self._on_close(exc)
+        finally:
+            for frame in dropped:
+                if frame.done is not None:
+                    frame.done(False)
+            self._dest = None
+            self._big = None

@@ -1,0 +1,418 @@
+"""DataServer: accepts data-plane connections and runs a handler per request frame.
+
+Per request: the payload is received into a buffer of the server's
+:class:`BufferPool` (when the pool is full the connection stops reading until
+a buffer frees up); ``handler(Request)`` runs as its own task, so a
+connection carries many requests at once (at most
+``max_inflight_per_connection`` unanswered; beyond that it stops reading);
+responses go out in completion order, matched by request id. The request's
+payload buffer stays valid until its response has been handed to the kernel
+(or the connection died and the handler finished), so a chain hop can
+forward the very buffer it received.
+
+A handler raising :class:`ChainfsError` produces an error response (code +
+message) that the client raises as the same ChainfsError; any other
+exception is logged and answered as INTERNAL. A malformed frame closes only
+its connection. A frame whose bytes stop arriving for
+``frame_stall_timeout_ms`` closes its connection too (frees its buffer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from chainfs.common.dataplane.address import format_tcp
+from chainfs.common.dataplane.buffers import BufferPool, PooledBuffer
+from chainfs.common.dataplane.config import DataPlaneConfig
+from chainfs.common.dataplane.conn import (
+    PAUSE_INFLIGHT,
+    PAUSE_POOL,
+    Connection,
+    Segment,
+    _FileSeg,
+    as_byte_view,
+)
+from chainfs.common.dataplane.frame import (
+    FLAG_ERROR,
+    FLAG_RESPONSE,
+    FrameHeader,
+    encode_fixed,
+)
+from chainfs.common.errors import ChainfsError, Code
+
+log = logging.getLogger(__name__)
+
+_EMPTY = memoryview(b"")
+MAX_ERROR_MESSAGE_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class FileRegion:
+    """``length`` bytes of the open file ``fd`` from ``offset``, sent with os.sendfile.
+
+    The fd must stay open until the response is sent: close it in
+    ``Response.on_done``. A file shorter than the region closes the connection
+    (the peer sees a dropped frame), since the frame header already promised
+    the bytes.
+    """
+
+    fd: int
+    offset: int
+    length: int
+
+
+@dataclass(slots=True)
+class Request:
+    """One request frame as the handler sees it.
+
+    ``payload`` is a view of a pooled buffer, valid until the response to
+    this request has been sent; copy what must outlive that.
+    """
+
+    msg_type: int
+    request_id: int
+    header: bytes
+    payload: memoryview
+    peer: str
+
+
+@dataclass(slots=True)
+class Response:
+    """What a handler returns.
+
+    The payload on the wire is ``payload`` (in order; items may also be
+    :class:`FileRegion`, to interleave memory and file data) followed by
+    ``file_regions``. Buffers must stay unchanged until ``on_done(sent)`` is
+    called: once the response is in the kernel (True) or dropped because the
+    connection closed (False). Use it to close file descriptors or return
+    read buffers to a pool.
+    """
+
+    msg_type: int
+    header: bytes = b""
+    payload: Sequence[bytes | bytearray | memoryview | FileRegion] = ()
+    file_regions: Sequence[FileRegion] = ()
+    on_done: Callable[[bool], None] | None = field(default=None)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def build_segments(
+    flags: int,
+    msg_type: int,
+    request_id: int,
+    header: bytes,
+    items: Sequence[bytes | bytearray | memoryview | FileRegion],
+    max_payload_bytes: int,
+) -> list[Segment]:
+    """Segments of one frame: fixed header, header message, payload pieces."""
+    segs: list[Segment] = []
+    total = 0
+    for item in items:
+        if isinstance(item, FileRegion):
+            if item.offset < 0 or item.length < 0:
+                raise ChainfsError(Code.EINVAL, f"bad file region {item}")
+            if item.length:
+                segs.append(_FileSeg(item.fd, item.offset, item.length))
+                total += item.length
+        else:
+            mv = as_byte_view(item)
+            if len(mv):
+                segs.append(mv)
+                total += len(mv)
+    if total > max_payload_bytes:
+        raise ChainfsError(
+            Code.E2BIG, f"payload of {total} bytes over the {max_payload_bytes} frame bound"
+        )
+    fixed = encode_fixed(flags, msg_type, request_id, len(header), 0, total)
+    if len(header) <= 4096:
+        head: list[Segment] = [memoryview(fixed + header)]
+    else:
+        head = [memoryview(fixed), memoryview(header)]
+    return head + segs
+
+
+def error_segments(request_id: int, msg_type: int, code: int, message: str) -> list[Segment]:
+    body = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE_BYTES]
+    fixed = encode_fixed(FLAG_RESPONSE | FLAG_ERROR, msg_type, request_id, len(body), code, 0)
+    return [memoryview(fixed + body)]
+
+
+class _ServerConn(Connection):
+    def __init__(
+        self,
+        server: DataServer,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        peer: str,
+    ) -> None:
+        super().__init__(loop, sock, server.config, peer)
+        self.server = server
+        self.inflight = 0
+        self._cur_buf: PooledBuffer | None = None
+        self._pool_cb: Callable[[PooledBuffer], None] | None = None
+
+    def _on_header(self, hdr: FrameHeader, header: bytes) -> None:
+        if hdr.is_response:
+            raise ChainfsError(
+                Code.BAD_FRAME, f"data plane {self.peer}: response frame sent to a server"
+            )
+        n = hdr.payload_len
+        if n == 0:
+            self._begin_payload(None)
+            return
+        pool = self.server.pool
+        buf = pool.try_acquire(n)
+        if buf is not None:
+            self._cur_buf = buf
+            self._begin_payload([buf.view])
+            return
+
+        def got(b: PooledBuffer) -> None:
+            self._pool_cb = None
+            if self.closed:
+                b.release()
+                return
+            self._cur_buf = b
+            self._begin_payload([b.view])
+            self.resume_reading(PAUSE_POOL)
+
+        self.pause_reading(PAUSE_POOL)
+        self._pool_cb = got
+        pool.when_available(n, got)
+
+    def _on_frame(self, hdr: FrameHeader, header: bytes) -> None:
+        buf, self._cur_buf = self._cur_buf, None
+        payload = buf.view if buf is not None else _EMPTY
+        req = Request(hdr.msg_type, hdr.request_id, header, payload, self.peer)
+        self.inflight += 1
+        if self.inflight >= self.cfg.max_inflight_per_connection:
+            self.pause_reading(PAUSE_INFLIGHT)
+        self.server._dispatch(self, req, buf)
+
+    def _on_close(self, exc: BaseException | None) -> None:
+        if self._pool_cb is not None:
+            self.server.pool.cancel_waiter(self._pool_cb)
+            self._pool_cb = None
+        if self._cur_buf is not None:
+            self._cur_buf.release()
+            self._cur_buf = None
+        self.server._conn_closed(self, exc)
+
+    def request_finished(self) -> None:
+        self.inflight -= 1
+        assert self.inflight >= 0
+        if self.inflight < self.cfg.max_inflight_per_connection:
+            self.resume_reading(PAUSE_INFLIGHT)
+
+
+class DataServer:
+    """Framed data-plane server; see the module docstring.
+
+    ``host=None`` listens on no TCP port (unix socket only). ``address`` is
+    "host:port" of the TCP listener, ``unix_address`` is "unix:/path".
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        host: str | None = "127.0.0.1",
+        port: int = 0,
+        unix_path: str | None = None,
+        config: DataPlaneConfig | None = None,
+    ) -> None:
+        self.config = config if config is not None else DataPlaneConfig()
+        self.config.validate()
+        if host is None and unix_path is None:
+            raise ValueError("DataServer needs a TCP host or a unix_path")
+        self.handler = handler
+        self.host = host
+        self.port = port
+        self.unix_path = unix_path
+        self.pool = BufferPool(
+            self.config.buffer_pool_bytes,
+            min(self.config.buffer_pool_cached_bytes, self.config.buffer_pool_bytes),
+        )
+        self._listeners: list[socket.socket] = []
+        self._conns: set[_ServerConn] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._bound_port = 0
+        self.stats = {"connections": 0, "requests": 0, "errors": 0, "bad_frames": 0}
+
+    @property
+    def address(self) -> str:
+        if self.host is None or not self._bound_port:
+            raise RuntimeError("DataServer has no TCP listener (not started?)")
+        return format_tcp(self.host, self._bound_port)
+
+    @property
+    def unix_address(self) -> str | None:
+        return f"unix:{self.unix_path}" if self.unix_path else None
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        backlog = min(socket.SOMAXCONN, 1024)
+        try:
+            if self.host is not None:
+                family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+                ls = socket.socket(family, socket.SOCK_STREAM)
+                self._listeners.append(ls)
+                ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                ls.bind((self.host, self.port))
+                ls.listen(backlog)
+                self._bound_port = ls.getsockname()[1]
+            if self.unix_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISSOCK(os.lstat(self.unix_path).st_mode):
+                        os.unlink(self.unix_path)  # stale socket of a previous run
+                us = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._listeners.append(us)
+                us.bind(self.unix_path)
+                us.listen(backlog)
+        except OSError:
+            for s in self._listeners:
+                s.close()
+            self._listeners.clear()
+            raise
+        for ls in self._listeners:
+            ls.setblocking(False)
+            loop.add_reader(ls.fileno(), self._on_accept, ls)
+        self._schedule_watchdog()
+
+    def _on_accept(self, ls: socket.socket) -> None:
+        assert self._loop is not None
+        for _ in range(64):
+            try:
+                sock, addr = ls.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: keep serving who we have
+                log.warning("data plane accept failed: %s", e)
+                return
+            if len(self._conns) >= self.config.max_server_connections:
+                log.warning("data plane: connection limit reached, refusing %s", addr)
+                sock.close()
+                continue
+            peer = format_tcp(addr[0], addr[1]) if isinstance(addr, tuple) else "unix"
+            try:
+                conn = _ServerConn(self, self._loop, sock, peer)
+            except OSError as e:
+                log.warning("data plane: set-up of %s failed: %s", peer, e)
+                sock.close()
+                continue
+            self._conns.add(conn)
+            self.stats["connections"] += 1
+            conn.start_reading()
+
+    def _dispatch(self, conn: _ServerConn, req: Request, buf: PooledBuffer | None) -> None:
+        assert self._loop is not None
+        self.stats["requests"] += 1
+        task = self._loop.create_task(self._serve(conn, req, buf))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: _ServerConn, req: Request, buf: PooledBuffer | None) -> None:
+        on_done: Callable[[bool], None] | None = None
+        try:
+            try:
+                rsp = await self.handler(req)
+                on_done = rsp.on_done
+                segs = build_segments(
+                    FLAG_RESPONSE,
+                    rsp.msg_type,
+                    req.request_id,
+                    rsp.header,
+                    [*rsp.payload, *rsp.file_regions],
+                    self.config.max_payload_bytes,
+                )
+            except ChainfsError as e:
+                self.stats["errors"] += 1
+                segs = error_segments(req.request_id, req.msg_type, e.code, e.message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.stats["errors"] += 1
+                log.exception("data plane handler failed on msg_type %d", req.msg_type)
+                segs = error_segments(
+                    req.request_id, req.msg_type, Code.INTERNAL, f"{type(e).__name__}: {e}"
+                )
+        except BaseException:
+            if on_done is not None:
+                on_done(False)
+            self._finish(conn, buf)
+            raise
+
+        def done(sent: bool) -> None:
+            try:
+                if on_done is not None:
+                    on_done(sent)
+            finally:
+                self._finish(conn, buf)
+
+        conn.send_frame(segs, done)
+
+    def _finish(self, conn: _ServerConn, buf: PooledBuffer | None) -> None:
+        if buf is not None:
+            buf.release()
+        conn.request_finished()
+
+    def _conn_closed(self, conn: _ServerConn, exc: BaseException | None) -> None:
+        self._conns.discard(conn)
+        if exc is not None:
+            if isinstance(exc, ChainfsError) and exc.code == Code.BAD_FRAME:
+                self.stats["bad_frames"] += 1
+            log.info("data plane connection %s closed: %s", conn.peer, exc)
+
+    def _schedule_watchdog(self) -> None:
+        assert self._loop is not None
+        period_s = max(self.config.frame_stall_timeout_ms / 4000, 0.05)
+        self._watchdog = self._loop.call_later(period_s, self._check_stalls)
+
+    def _check_stalls(self) -> None:
+        now = time.monotonic()
+        limit_s = self.config.frame_stall_timeout_ms / 1000
+        for conn in list(self._conns):
+            if conn.mid_frame and now - conn.last_recv_monotonic > limit_s:
+                conn.close(ChainfsError(Code.BAD_FRAME, f"data plane {conn.peer}: frame stalled"))
+        self._schedule_watchdog()
+
+    async def stop(self) -> None:
+        """Stop listening, close every connection, cancel running handlers."""
+        loop = self._loop
+        if loop is None:
+            return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        for ls in self._listeners:
+            loop.remove_reader(ls.fileno())
+            ls.close()
+        self._listeners.clear()
+        if self.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_path)
+        for conn in list(self._conns):
+            conn.close(None)
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.pool.clear()
+        self._loop = None
