@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from pathlib import Path
@@ -156,3 +157,21 @@ def test_example_config_loads() -> None:
     root = Path(__file__).resolve().parents[3]
     cfg = config.load(MgmtdConfig, root / "deploy" / "mgmtd.example.toml")
     assert cfg.store_url() == "rocksdb:///var/lib/chainfs/mgmtd/kv"
+
+
+async def test_watch_stream_delivers_every_new_version(mgmtd: InProcMgmtd) -> None:
+    async with MgmtClient(mgmtd.address) as client:
+        await client.register_node(storage_node(1), targets(1))
+        start = await client.get_routing()
+        assert start is not None
+        stream = client.watch_routing(start.version)
+        try:
+            await client.register_node(storage_node(2), targets(2))
+            first = await asyncio.wait_for(anext(stream), 10)
+            assert first.version > start.version and len(first.nodes) == 2
+            # The generator now sits on the stream: the next change must come through it.
+            await client.register_node(storage_node(3), targets(3))
+            second = await asyncio.wait_for(anext(stream), 10)
+            assert second.version > first.version and len(second.nodes) == 3
+        finally:
+            await stream.aclose()
