@@ -1,0 +1,1122 @@
+"""KV cache for LLM inference: immutable values by key, stored as chainfs files.
+
+    cache = fs.kvcache("/kv/llama", ttl=3600, capacity_bytes=64 << 30)
+    cache.put(block_hash, kv_bytes)
+    n = cache.get_into(block_hash, pinned_buffer)   # -1: miss
+    hits = cache.batch_exists(block_hashes).leading_hits
+
+Layout under the cache directory: ``data/<shard>/<name>`` holds one entry
+(see kvcache_format), ``tmp/`` holds values being written.
+
+Semantics, across processes and clients:
+- Visibility: a put writes the whole value to a file in ``tmp/``, closes it
+  (storage has acknowledged every byte on every replica, meta has the exact
+  length), then renames it into place in one metadata transaction. A reader
+  sees no entry or the complete one, never a part.
+- Immutability: a put on a key that is present keeps the present value and
+  returns False (first writer wins; both writers wrote the same bytes in the
+  usual content-addressed use). ``put(..., overwrite=True)`` replaces it
+  atomically instead. A value never changes in place.
+- Reads verify: the header names the key and carries the value's length and
+  CRC32C, checked after every read. A value removed (evicted, expired,
+  replaced) while it is being read fails the check; the read then looks the
+  key up again and returns the current value or a miss, never a partial,
+  mixed or zeroed one.
+- Misses: ``get`` -> None, ``get_into`` -> -1, ``exists`` -> False,
+  ``batch_get`` / ``batch_get_into`` -> None / -1 at that position.
+- Keys: str (UTF-8; "k" and b"k" are the same key) or bytes, 1 byte to
+  ``max_key_bytes`` (ENAMETOOLONG beyond). Values: any contiguous buffer of 0
+  bytes to ``max_value_bytes`` (at most 64 MiB; EFBIG beyond, nothing stored).
+  Entries are named by a hash of the key; a name taken by another key (a hash
+  collision) is detected from the stored key and the entry goes to the next
+  probe name (``~1``, ``~2``, ...). If an entry at an earlier probe name is
+  removed, later-probe entries of colliding keys become unreachable: they
+  read as misses and are evicted like any other entry (it is a cache).
+- Eviction: entries older than ``ttl`` (seconds since their put) are misses at
+  once and are removed in the background. When the cache's bytes exceed
+  ``high_watermark * capacity_bytes``, the least recently used entries are
+  removed down to ``low_watermark * capacity_bytes``. Access times are
+  recorded approximately (relatime style: at most once per
+  ``atime_granularity_s`` per entry, queued, bounded). Each round of the
+  background task does bounded work (shards scanned, entries removed).
+  Entries this process is reading are pinned against its own eviction; other
+  processes' evictions are made safe by the read verification above.
+- Counters: ``stats()`` scans the cache for entries and bytes (cache-wide);
+  hits, misses, evictions and expirations are counted by this handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from chainfs.client.kvcache_format import (
+    MAX_KEY_FIELD_BYTES,
+    Key,
+    decode_header,
+    encode_header,
+    header_len,
+    peek_key_len,
+    shard_dir_name,
+)
+from chainfs.client.layout import Layout
+from chainfs.common.checksum import crc32c
+from chainfs.common.errors import ChainfsError, Code
+
+if TYPE_CHECKING:
+    from chainfs.client._loop import LoopThread
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+MAX_VALUE_BYTES = 64 * MiB  # the largest value any cache accepts
+_NS = 1_000_000_000
+T = TypeVar("T")
+
+KeyLike = str | bytes | bytearray | memoryview
+Buffer = Any  # any object with the buffer protocol (bytes, bytearray, memoryview, numpy...)
+
+
+@dataclass
+class KVCacheConfig:
+    # Seconds an entry lives after its put; None: no expiry.
+    ttl_s: float | None = None
+    # Bytes of values (and headers) the cache aims to hold; None: unbounded.
+    capacity_bytes: int | None = None
+    # Eviction starts above this fraction of capacity_bytes ...
+    high_watermark: float = 0.95
+    # ... and stops at this fraction (the gap amortises scans over many puts).
+    low_watermark: float = 0.80
+    # Longest key in bytes; keys are stored in each entry's header.
+    max_key_bytes: int = 1024
+    # Largest value in bytes (at most 64 MiB).
+    max_value_bytes: int = MAX_VALUE_BYTES
+    # Sub-directories the entries are spread over (bounds directory size, and
+    # is the unit of background scanning).
+    shards: int = 256
+    # Digest bytes in an entry's file name (16 = 128 bits: collisions are
+    # astronomically rare; tests use 1 to force them).
+    name_hash_bytes: int = 16
+    # Names tried per key before a put gives up on colliding keys.
+    max_probes: int = 4
+    # Puts in flight at once in batch_put (each holds one value's write buffers).
+    max_parallel_puts: int = 16
+    # Keys per metadata batch / storage batch in batch calls.
+    max_batch_keys: int = 1024
+    # Re-reads of a key whose entry changed (was removed, replaced) under a read.
+    max_read_retries: int = 2
+    # An entry's access time is recorded at most once per this many seconds.
+    atime_granularity_s: float = 60.0
+    # Pending access-time updates; beyond that they are dropped (LRU is approximate).
+    atime_queue_max: int = 4096
+    # Access-time updates in flight at once.
+    atime_parallel: int = 8
+    # Run TTL/capacity eviction in a background task of this handle (when a
+    # ttl or capacity is set). Turn off in all but one or a few processes
+    # sharing a cache to save scanning.
+    background_gc: bool = True
+    # Seconds between background rounds.
+    gc_interval_s: float = 1.0
+    # Shards scanned per round (bounded work per round).
+    gc_shards_per_round: int = 32
+    # Entries removed per round, expired and evicted together.
+    gc_max_removals_per_round: int = 512
+    # Oldest entries remembered per shard as eviction candidates.
+    gc_candidates_per_shard: int = 256
+    # Files in tmp/ older than this are left-overs of writers that died: removed.
+    tmp_max_age_s: float = 600.0
+
+    def validate(self) -> None:
+        if self.ttl_s is not None and not self.ttl_s > 0:
+            raise ValueError("ttl_s must be > 0 (or None)")
+        if self.capacity_bytes is not None and self.capacity_bytes <= 0:
+            raise ValueError("capacity_bytes must be > 0 (or None)")
+        if not 0.0 < self.low_watermark <= self.high_watermark <= 1.0:
+            raise ValueError("need 0 < low_watermark <= high_watermark <= 1")
+        if not 1 <= self.max_key_bytes <= MAX_KEY_FIELD_BYTES:
+            raise ValueError(f"max_key_bytes must be in [1, {MAX_KEY_FIELD_BYTES}]")
+        if not 0 <= self.max_value_bytes <= MAX_VALUE_BYTES:
+            raise ValueError(f"max_value_bytes must be in [0, {MAX_VALUE_BYTES}]")
+        if not 1 <= self.shards <= 65536:
+            raise ValueError("shards must be in [1, 65536]")
+        if not 1 <= self.name_hash_bytes <= 32:
+            raise ValueError("name_hash_bytes must be in [1, 32]")
+        if not 1 <= self.max_probes <= 64:
+            raise ValueError("max_probes must be in [1, 64]")
+        for name in (
+            "max_parallel_puts",
+            "max_batch_keys",
+            "atime_queue_max",
+            "atime_parallel",
+            "gc_shards_per_round",
+            "gc_max_removals_per_round",
+            "gc_candidates_per_shard",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        for name in ("max_read_retries", "atime_granularity_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("gc_interval_s", "tmp_max_age_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+
+
+# -- what the cache needs from the file system ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EntryInfo:
+    """What meta says about one file."""
+
+    ino: int
+    size: int
+    layout: Layout
+    mtime_ns: int
+    atime_ns: int
+
+    @property
+    def last_access_ns(self) -> int:
+        return max(self.mtime_ns, self.atime_ns)
+
+
+class KVCacheBackend(Protocol):
+    """The file-system operations a KV cache is built on (AsyncFileSystem provides them)."""
+
+    async def kv_makedirs(self, paths: Sequence[str]) -> None:
+        """mkdir -p each path (existing directories are fine)."""
+
+    async def kv_stat_many(self, paths: Sequence[str]) -> list[EntryInfo | None]:
+        """Stat files in one batch; None where the path (or its parent) does not exist."""
+
+    async def kv_read_many(self, reads: Sequence[tuple[EntryInfo, int, memoryview]]) -> list[int]:
+        """Read ``len(view)`` bytes at ``offset`` of each file straight into ``view``,
+        all in parallel through the chunk path; the bytes actually received per
+        read (fewer when chunks are gone: never zero-filled)."""
+
+    async def kv_create(self, path: str, parts: Sequence[memoryview]) -> None:
+        """Create ``path`` exclusively, write ``parts`` in order, close (length reported)."""
+
+    async def kv_rename(self, src: str, dst: str, replace: bool) -> None:
+        """Atomic rename; EEXIST when ``dst`` exists and not ``replace``."""
+
+    async def kv_unlink(self, path: str) -> bool:
+        """Remove a file; False if it did not exist."""
+
+    def kv_list(self, path: str) -> AsyncIterator[list[tuple[str, EntryInfo | None]]]:
+        """Pages of (name, info) of a directory (info None for non-files)."""
+
+    async def kv_set_atime(self, path: str, atime_ns: int) -> None:
+        """Set a file's access time (ENOENT is not an error)."""
+
+
+# -- results ---------------------------------------------------------------------
+
+
+class BatchExists(list[bool]):
+    """``batch_exists`` answer: one bool per key, plus the leading run of hits."""
+
+    @property
+    def leading_hits(self) -> int:
+        """How many keys from the first one are all present (a prefix-cache hit length)."""
+        n = 0
+        for present in self:
+            if not present:
+                break
+            n += 1
+        return n
+
+
+@dataclass
+class KVStats:
+    entries: int  # entries in the cache (scanned now)
+    bytes: int  # bytes of those entries' files (values + headers)
+    hits: int  # the rest are counted by this handle since it was opened
+    misses: int
+    evictions: int  # removed for capacity
+    expirations: int  # removed for TTL
+    puts: int  # values stored
+    put_existing: int  # puts that found the key present (nothing written)
+    read_retries: int  # reads that found their entry changed under them and looked again
+    capacity_bytes: int | None = None
+    ttl_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _ShardScan:
+    entries: int
+    bytes: int
+    # (last access ns, name, size, ino), oldest first, at most gc_candidates_per_shard.
+    candidates: list[tuple[int, str, int, int]]
+
+
+@dataclass
+class _Counters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    expirations: int = 0
+    puts: int = 0
+    put_existing: int = 0
+    read_retries: int = 0
+
+
+@dataclass
+class _Located:
+    """A key's entry, found and checked (header read)."""
+
+    probe: int
+    info: EntryInfo
+
+
+@dataclass
+class GcRound:
+    """What one background round did."""
+
+    shards_scanned: int = 0
+    expired: int = 0
+    evicted: int = 0
+    tmp_removed: int = 0
+    estimated_bytes: int | None = None  # None until every shard has been scanned once
+    errors: list[str] = field(default_factory=list)
+
+
+# -- the async core --------------------------------------------------------------
+
+
+def _as_value_view(value: Buffer) -> memoryview:
+    try:
+        view = memoryview(value)
+    except TypeError:
+        raise TypeError(
+            f"a KV-cache value must support the buffer protocol, not {type(value).__name__}"
+        ) from None
+    if not view.contiguous:
+        raise ChainfsError(Code.EINVAL, "a KV-cache value must be a contiguous buffer")
+    return view.cast("B") if (view.ndim != 1 or view.format != "B") else view
+
+
+def _as_out_view(buffer: Buffer) -> memoryview:
+    view = memoryview(buffer)
+    if view.readonly:
+        raise TypeError("get_into needs a writable buffer")
+    if not view.contiguous:
+        raise ChainfsError(Code.EINVAL, "get_into needs a contiguous buffer")
+    return view.cast("B") if (view.ndim != 1 or view.format != "B") else view
+
+
+class AsyncKVCache:
+    """A KV cache in one chainfs directory (coroutines; run on the client's loop)."""
+
+    def __init__(self, store: KVCacheBackend, directory: str, config: KVCacheConfig) -> None:
+        config.validate()
+        if not directory.startswith("/"):
+            raise ChainfsError(
+                Code.EINVAL, f"a KV-cache directory is an absolute path: {directory!r}"
+            )
+        self._store = store
+        self.directory = directory.rstrip("/") or "/"
+        self.config = config
+        base = "" if self.directory == "/" else self.directory
+        self._data_dir = f"{base}/data"
+        self._tmp_dir = f"{base}/tmp"
+        self._shard_dirs = [
+            f"{self._data_dir}/{shard_dir_name(s, config.shards)}" for s in range(config.shards)
+        ]
+        # tmp names: unique per handle (random tag), per process, per put.
+        self._tmp_prefix = f"{os.getpid()}-{secrets.token_hex(6)}-"
+        self._tmp_seq = itertools.count()
+        self._counters = _Counters()
+        self._pins: collections.Counter[int] = collections.Counter()  # ino -> reads in flight
+        self._atime_queue: dict[str, int] = {}  # path -> access ns (insertion ordered, bounded)
+        self._atime_wakeup = asyncio.Event()
+        self._shard_scans: dict[int, _ShardScan] = {}
+        self._put_bytes_since_scan: collections.Counter[int] = collections.Counter()
+        self._next_shard = 0
+        self._put_sem = asyncio.Semaphore(config.max_parallel_puts)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls, store: KVCacheBackend, directory: str, config: KVCacheConfig | None = None
+    ) -> AsyncKVCache:
+        """Create the directory tree if needed and start the background tasks."""
+        cache = cls(store, directory, config or KVCacheConfig())
+        await store.kv_makedirs([cache._tmp_dir, *cache._shard_dirs])
+        cache._start_background()
+        return cache
+
+    def _start_background(self) -> None:
+        self._tasks.append(asyncio.ensure_future(self._atime_loop()))
+        c = self.config
+        if c.background_gc and (c.ttl_s is not None or c.capacity_bytes is not None):
+            self._tasks.append(asyncio.ensure_future(self._gc_loop()))
+
+    # -- naming --------------------------------------------------------------
+    def _key(self, key: KeyLike) -> Key:
+        return Key.of(key, self.config.max_key_bytes)
+
+    def _path(self, key: Key, probe: int) -> str:
+        shard = key.shard(self.config.shards)
+        return f"{self._shard_dirs[shard]}/{key.name(self.config.name_hash_bytes, probe)}"
+
+    def _expired(self, info: EntryInfo, now_ns: int) -> bool:
+        ttl = self.config.ttl_s
+        return ttl is not None and now_ns - info.mtime_ns > ttl * _NS
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on a closed KV cache")
+
+    # -- reads ---------------------------------------------------------------
+    async def get(self, key: KeyLike) -> bytes | None:
+        """The value of ``key``, or None."""
+        return (await self.batch_get([key]))[0]
+
+    async def get_into(self, key: KeyLike, buffer: Buffer) -> int:
+        """Read the value into ``buffer``; its length, or -1 on a miss.
+
+        ERANGE (nothing written) when the value is longer than the buffer.
+        """
+        return (await self.batch_get_into([key], [buffer]))[0]
+
+    async def batch_get(self, keys: Sequence[KeyLike]) -> list[bytes | None]:
+        """Values in key order, None for a missing key."""
+        self._check_open()
+        ks = [self._key(k) for k in keys]
+        out: list[bytes | None] = [None] * len(ks)
+        for lo in range(0, len(ks), self.config.max_batch_keys):
+            part = ks[lo : lo + self.config.max_batch_keys]
+            got = await self._get_many(part, None)
+            for i, (n, buf) in enumerate(got):
+                if n >= 0:
+                    assert buf is not None
+                    out[lo + i] = bytes(buf)
+        return out
+
+    async def batch_get_into(self, keys: Sequence[KeyLike], buffers: Sequence[Buffer]) -> list[int]:
+        """Read each value straight into its buffer; lengths in key order, -1 for a miss.
+
+        ERANGE when a value is longer than its buffer (raised before any
+        buffer of that metadata batch is written).
+        """
+        self._check_open()
+        if len(keys) != len(buffers):
+            raise ChainfsError(
+                Code.EINVAL, f"{len(keys)} keys but {len(buffers)} buffers in batch_get_into"
+            )
+        ks = [self._key(k) for k in keys]
+        views = [_as_out_view(b) for b in buffers]
+        out: list[int] = [-1] * len(ks)
+        for lo in range(0, len(ks), self.config.max_batch_keys):
+            hi = lo + self.config.max_batch_keys
+            got = await self._get_many(ks[lo:hi], views[lo:hi])
+            for i, (n, _) in enumerate(got):
+                out[lo + i] = n
+        return out
+
+    async def _get_many(
+        self, keys: list[Key], outs: list[memoryview] | None
+    ) -> list[tuple[int, memoryview | None]]:
+        """(value length or -1, the view holding the value) per key."""
+        n = len(keys)
+        result: list[tuple[int, memoryview | None]] = [(-1, None)] * n
+        probe = [0] * n
+        retries = [0] * n
+        pending = list(range(n))
+        max_rounds = self.config.max_probes + self.config.max_read_retries + 1
+        for _ in range(max_rounds):
+            if not pending:
+                break
+            infos = await self._store.kv_stat_many([self._path(keys[i], probe[i]) for i in pending])
+            now_ns = time.time_ns()
+            reads: list[tuple[int, EntryInfo, memoryview, memoryview]] = []
+            nxt: list[int] = []
+            for i, info in zip(pending, infos, strict=True):
+                if info is None or self._expired(info, now_ns):
+                    continue  # miss
+                key = keys[i]
+                vlen = info.size - key.header_len
+                if vlen < 0:
+                    # Too short to hold this key's entry: another key's; look further.
+                    if probe[i] + 1 < self.config.max_probes:
+                        probe[i] += 1
+                        nxt.append(i)
+                    continue
+                if outs is not None:
+                    if len(outs[i]) < vlen:
+                        raise ChainfsError(
+                            Code.ERANGE,
+                            f"value of {vlen} bytes does not fit a {len(outs[i])}-byte buffer",
+                            key.display(),
+                        )
+                    dest = outs[i][:vlen]
+                else:
+                    dest = memoryview(bytearray(vlen))
+                hbuf = memoryview(bytearray(key.header_len))
+                reads.append((i, info, hbuf, dest))
+            if reads:
+                for _, info, _, _ in reads:
+                    self._pins[info.ino] += 1
+                try:
+                    got = await self._store.kv_read_many(
+                        [
+                            item
+                            for _, info, hbuf, dest in reads
+                            for item in ((info, 0, hbuf), (info, len(hbuf), dest))
+                        ]
+                    )
+                finally:
+                    for _, info, _, _ in reads:
+                        self._pins[info.ino] -= 1
+                        if self._pins[info.ino] <= 0:
+                            del self._pins[info.ino]
+                for j, (i, info, hbuf, dest) in enumerate(reads):
+                    h_got, v_got = got[2 * j], got[2 * j + 1]
+                    verdict = self._verify(keys[i], hbuf, h_got, dest, v_got)
+                    if verdict == "ok":
+                        result[i] = (len(dest), dest)
+                        self._note_access(self._path(keys[i], probe[i]), info, now_ns)
+                    elif verdict == "other-key":
+                        if probe[i] + 1 < self.config.max_probes:
+                            probe[i] += 1
+                            nxt.append(i)
+                    elif retries[i] < self.config.max_read_retries:
+                        # Removed or replaced under the read: look it up again.
+                        retries[i] += 1
+                        self._counters.read_retries += 1
+                        nxt.append(i)
+            pending = nxt
+        hits = sum(1 for r in result if r[0] >= 0)
+        self._counters.hits += hits
+        self._counters.misses += n - hits
+        return result
+
+    @staticmethod
+    def _verify(key: Key, hbuf: memoryview, h_got: int, dest: memoryview, v_got: int) -> str:
+        """ "ok", "other-key" (the file is another key's entry) or "changed" (unreadable now)."""
+        if h_got == len(hbuf):
+            klen = peek_key_len(hbuf)
+            if klen is not None and klen != len(key.raw):
+                return "other-key"
+        header = decode_header(hbuf[:h_got])
+        if header is None:
+            return "changed"
+        if header.key != key.raw:
+            return "other-key"
+        if v_got != len(dest) or header.value_len != len(dest):
+            return "changed"
+        if crc32c(dest) != header.value_crc:
+            return "changed"
+        return "ok"
+
+    def _note_access(self, path: str, info: EntryInfo, now_ns: int) -> None:
+        """Queue an access-time update if the recorded one is older than the granularity."""
+        if now_ns - info.last_access_ns < self.config.atime_granularity_s * _NS:
+            return
+        if path not in self._atime_queue and len(self._atime_queue) >= self.config.atime_queue_max:
+            return  # bounded: drop (the LRU order is approximate anyway)
+        self._atime_queue[path] = now_ns
+        self._atime_wakeup.set()
+
+    async def _locate(self, keys: list[Key]) -> list[_Located | None]:
+        """Find each key's entry (header checked, value not read); None if absent/expired."""
+        n = len(keys)
+        found: list[_Located | None] = [None] * n
+        probe = [0] * n
+        retries = [0] * n
+        pending = list(range(n))
+        for _ in range(self.config.max_probes + self.config.max_read_retries + 1):
+            if not pending:
+                break
+            infos = await self._store.kv_stat_many([self._path(keys[i], probe[i]) for i in pending])
+            now_ns = time.time_ns()
+            reads: list[tuple[int, EntryInfo, memoryview]] = []
+            nxt: list[int] = []
+            for i, info in zip(pending, infos, strict=True):
+                if info is None or self._expired(info, now_ns):
+                    continue
+                if info.size < keys[i].header_len:
+                    if probe[i] + 1 < self.config.max_probes:
+                        probe[i] += 1
+                        nxt.append(i)
+                    continue
+                reads.append((i, info, memoryview(bytearray(keys[i].header_len))))
+            if reads:
+                got = await self._store.kv_read_many([(info, 0, hb) for _, info, hb in reads])
+                for (i, info, hbuf), h_got in zip(reads, got, strict=True):
+                    key = keys[i]
+                    klen = peek_key_len(hbuf) if h_got == len(hbuf) else None
+                    header = decode_header(hbuf[:h_got])
+                    if (klen is not None and klen != len(key.raw)) or (
+                        header is not None and header.key != key.raw
+                    ):
+                        if probe[i] + 1 < self.config.max_probes:
+                            probe[i] += 1
+                            nxt.append(i)
+                    elif header is not None and header.value_len == info.size - key.header_len:
+                        found[i] = _Located(probe[i], info)
+                    elif retries[i] < self.config.max_read_retries:
+                        retries[i] += 1
+                        nxt.append(i)
+            pending = nxt
+        return found
+
+    async def exists(self, key: KeyLike) -> bool:
+        return (await self.batch_exists([key]))[0]
+
+    async def batch_exists(self, keys: Sequence[KeyLike]) -> BatchExists:
+        """Whether each key is present (``.leading_hits``: the length of the leading run)."""
+        self._check_open()
+        ks = [self._key(k) for k in keys]
+        out = BatchExists()
+        for lo in range(0, len(ks), self.config.max_batch_keys):
+            out.extend(
+                loc is not None
+                for loc in await self._locate(ks[lo : lo + self.config.max_batch_keys])
+            )
+        return out
+
+    # -- writes --------------------------------------------------------------
+    async def put(self, key: KeyLike, value: Buffer, *, overwrite: bool = False) -> bool:
+        """Store ``value`` under ``key``; False if the key was present (kept unless overwrite)."""
+        return (await self.batch_put([key], [value], overwrite=overwrite))[0]
+
+    async def batch_put(
+        self, keys: Sequence[KeyLike], values: Sequence[Buffer], *, overwrite: bool = False
+    ) -> list[bool]:
+        """Store many values in parallel; per key, whether it was stored.
+
+        Every key and value is checked first: one bad input stores nothing.
+        If some puts fail (ENOSPC, EIO), the others still complete; the first
+        failure is raised after all have finished.
+        """
+        self._check_open()
+        if len(keys) != len(values):
+            raise ChainfsError(
+                Code.EINVAL, f"{len(keys)} keys but {len(values)} values in batch_put"
+            )
+        ks = [self._key(k) for k in keys]
+        vs = [_as_value_view(v) for v in values]
+        for k, v in zip(ks, vs, strict=True):
+            if len(v) > self.config.max_value_bytes:
+                raise ChainfsError(
+                    Code.EFBIG,
+                    f"KV-cache value of {len(v)} bytes is larger than "
+                    f"max_value_bytes={self.config.max_value_bytes}",
+                    k.display(),
+                )
+
+        async def one(k: Key, v: memoryview) -> bool:
+            async with self._put_sem:
+                return await self._put_one(k, v, overwrite)
+
+        results = await asyncio.gather(
+            *(one(k, v) for k, v in zip(ks, vs, strict=True)), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return [bool(r) for r in results]
+
+    async def _put_one(self, key: Key, value: memoryview, overwrite: bool) -> bool:
+        head = encode_header(key.raw, key.is_str, len(value), crc32c(value))
+        tmp = f"{self._tmp_dir}/{self._tmp_prefix}{next(self._tmp_seq)}"
+        await self._create_tmp(tmp, [memoryview(head), value])
+        placed = False
+        try:
+            for probe in range(self.config.max_probes):
+                dst = self._path(key, probe)
+                try:
+                    await self._store.kv_rename(tmp, dst, replace=False)
+                    placed = True
+                    self._counters.puts += 1
+                    self._put_bytes_since_scan[key.shard(self.config.shards)] += len(head) + len(
+                        value
+                    )
+                    return True
+                except ChainfsError as e:
+                    if e.code != Code.EEXIST:
+                        raise
+                # The name is taken: by this key (present or expired) or by another key.
+                (loc,) = await self._locate_at([key], probe)
+                if loc == "mine":
+                    if not overwrite:
+                        self._counters.put_existing += 1
+                        return False
+                elif loc == "expired-mine":
+                    pass  # an expired value of this key: replace it
+                elif loc == "other":
+                    continue
+                elif loc == "absent":
+                    # Removed since our rename failed: try the same name again.
+                    try:
+                        await self._store.kv_rename(tmp, dst, replace=False)
+                    except ChainfsError as e:
+                        if e.code != Code.EEXIST:
+                            raise
+                        continue
+                    placed = True
+                    self._counters.puts += 1
+                    return True
+                await self._store.kv_rename(tmp, dst, replace=True)
+                placed = True
+                self._counters.puts += 1
+                return True
+            raise ChainfsError(
+                Code.EEXIST,
+                f"{self.config.max_probes} entry names of this key are taken by other keys",
+                key.display(),
+            )
+        finally:
+            if not placed:
+                with contextlib.suppress(ChainfsError, OSError):
+                    await self._store.kv_unlink(tmp)
+
+    async def _create_tmp(self, tmp: str, parts: list[memoryview]) -> None:
+        try:
+            await self._store.kv_create(tmp, parts)
+        except BaseException as e:
+            # Nothing half-visible: the name was never in data/; drop the temp file.
+            with contextlib.suppress(ChainfsError, OSError):
+                await self._store.kv_unlink(tmp)
+            if isinstance(e, ChainfsError) and e.code == Code.ENOENT:
+                # tmp/ is gone (the cache directory was removed): recreate once.
+                await self._store.kv_makedirs([self._tmp_dir, *self._shard_dirs])
+                await self._store.kv_create(tmp, parts)
+                return
+            raise
+
+    async def _locate_at(self, keys: list[Key], probe: int) -> list[str]:
+        """Who holds each key's name at ``probe``: "mine", "expired-mine", "other", "absent"."""
+        infos = await self._store.kv_stat_many([self._path(k, probe) for k in keys])
+        now_ns = time.time_ns()
+        out: list[str] = []
+        for key, info in zip(keys, infos, strict=True):
+            if info is None:
+                out.append("absent")
+                continue
+            if info.size < key.header_len:
+                out.append("other")
+                continue
+            hbuf = memoryview(bytearray(key.header_len))
+            (h_got,) = await self._store.kv_read_many([(info, 0, hbuf)])
+            header = decode_header(hbuf[:h_got])
+            klen = peek_key_len(hbuf) if h_got == len(hbuf) else None
+            if (klen is not None and klen != len(key.raw)) or (
+                header is not None and header.key != key.raw
+            ):
+                out.append("other")
+            elif header is None:
+                # Unreadable now (being removed): treat the name as ours to replace.
+                out.append("expired-mine")
+            elif self._expired(info, now_ns):
+                out.append("expired-mine")
+            else:
+                out.append("mine")
+        return out
+
+    async def remove(self, key: KeyLike) -> bool:
+        """Remove ``key``; False if it was not present."""
+        return (await self.batch_remove([key]))[0]
+
+    async def batch_remove(self, keys: Sequence[KeyLike]) -> list[bool]:
+        self._check_open()
+        ks = [self._key(k) for k in keys]
+        out: list[bool] = []
+        for lo in range(0, len(ks), self.config.max_batch_keys):
+            part = ks[lo : lo + self.config.max_batch_keys]
+            locs = await self._locate(part)
+
+            async def rm(k: Key, loc: _Located | None) -> bool:
+                if loc is None:
+                    return False
+                async with self._put_sem:
+                    return await self._store.kv_unlink(self._path(k, loc.probe))
+
+            out.extend(
+                await asyncio.gather(*(rm(k, loc) for k, loc in zip(part, locs, strict=True)))
+            )
+        return out
+
+    # -- listing and stats ---------------------------------------------------
+    async def keys(self, prefix: KeyLike = b"") -> list[str | bytes]:
+        """Every present key starting with ``prefix`` (scans the whole cache)."""
+        self._check_open()
+        want = prefix.encode("utf-8") if isinstance(prefix, str) else bytes(prefix)
+        now_ns = time.time_ns()
+        out: list[str | bytes] = []
+        probe_bytes = header_len(self.config.max_key_bytes)
+        for shard_dir in self._shard_dirs:
+            async for page in self._store.kv_list(shard_dir):
+                files = [
+                    info for _, info in page if info is not None and not self._expired(info, now_ns)
+                ]
+                for lo in range(0, len(files), self.config.max_batch_keys):
+                    chunk = files[lo : lo + self.config.max_batch_keys]
+                    bufs = [memoryview(bytearray(min(info.size, probe_bytes))) for info in chunk]
+                    got = await self._store.kv_read_many(
+                        [(info, 0, b) for info, b in zip(chunk, bufs, strict=True)]
+                    )
+                    for info, b, n in zip(chunk, bufs, got, strict=True):
+                        header = decode_header(b[:n])
+                        if header is None or header.value_len != info.size - header_len(
+                            len(header.key)
+                        ):
+                            continue  # not an entry, or being removed
+                        if header.key.startswith(want):
+                            out.append(header.original_key())
+        return out
+
+    async def _scan_shard(self, shard: int) -> tuple[_ShardScan, list[tuple[str, EntryInfo]]]:
+        """Entries and bytes of one shard, its oldest entries, and its expired ones."""
+        now_ns = time.time_ns()
+        entries = 0
+        nbytes = 0
+        expired: list[tuple[str, EntryInfo]] = []
+        oldest: list[tuple[int, str, int, int]] = []  # max-heap by negated access time
+        keep = self.config.gc_candidates_per_shard
+        async for page in self._store.kv_list(self._shard_dirs[shard]):
+            for name, info in page:
+                if info is None:
+                    continue
+                if self._expired(info, now_ns):
+                    expired.append((name, info))
+                    continue
+                entries += 1
+                nbytes += info.size
+                item = (-info.last_access_ns, name, info.size, info.ino)
+                if len(oldest) < keep:
+                    heapq.heappush(oldest, item)
+                elif item > oldest[0]:
+                    heapq.heapreplace(oldest, item)
+        candidates = sorted((-a, name, size, ino) for a, name, size, ino in oldest)
+        return _ShardScan(entries, nbytes, candidates), expired
+
+    async def stats(self) -> KVStats:
+        """Counters of this handle, and entries/bytes of the whole cache (scanned now)."""
+        self._check_open()
+        sem = asyncio.Semaphore(16)
+
+        async def scan(s: int) -> _ShardScan:
+            async with sem:
+                return (await self._scan_shard(s))[0]
+
+        scans = await asyncio.gather(*(scan(s) for s in range(self.config.shards)))
+        c = self._counters
+        return KVStats(
+            entries=sum(s.entries for s in scans),
+            bytes=sum(s.bytes for s in scans),
+            hits=c.hits,
+            misses=c.misses,
+            evictions=c.evictions,
+            expirations=c.expirations,
+            puts=c.puts,
+            put_existing=c.put_existing,
+            read_retries=c.read_retries,
+            capacity_bytes=self.config.capacity_bytes,
+            ttl_s=self.config.ttl_s,
+        )
+
+    # -- eviction ------------------------------------------------------------
+    def estimated_bytes(self) -> int | None:
+        """Bytes in the cache as of the last scans plus this handle's puts since (None
+        until every shard was scanned once)."""
+        if len(self._shard_scans) < self.config.shards:
+            return None
+        return sum(s.bytes for s in self._shard_scans.values()) + sum(
+            self._put_bytes_since_scan.values()
+        )
+
+    async def gc(self, full: bool = False) -> GcRound:
+        """One bounded round of TTL and capacity eviction (what the background task runs).
+
+        ``full``: scan every shard this round (still at most
+        gc_max_removals_per_round removals).
+        """
+        self._check_open()
+        c = self.config
+        r = GcRound()
+        budget = c.gc_max_removals_per_round
+        n_scan = c.shards if full else min(c.gc_shards_per_round, c.shards)
+        for _ in range(n_scan):
+            shard = self._next_shard
+            self._next_shard = (shard + 1) % c.shards
+            scan, expired = await self._scan_shard(shard)
+            self._shard_scans[shard] = scan
+            self._put_bytes_since_scan.pop(shard, None)
+            r.shards_scanned += 1
+            for name, info in expired:
+                if budget <= 0:
+                    break
+                budget -= 1
+                if await self._remove_entry(shard, name, info, r):
+                    r.expired += 1
+                    self._counters.expirations += 1
+        r.tmp_removed = await self._clean_tmp(budget)
+        budget -= r.tmp_removed
+        r.estimated_bytes = self.estimated_bytes()
+        if c.capacity_bytes is not None and r.estimated_bytes is not None:
+            high = c.high_watermark * c.capacity_bytes
+            low = c.low_watermark * c.capacity_bytes
+            if r.estimated_bytes > high:
+                r.estimated_bytes = await self._evict(r.estimated_bytes, low, budget, r)
+        return r
+
+    async def _evict(self, total: int, low: float, budget: int, r: GcRound) -> int:
+        """Remove the least recently used candidates until ``total <= low``; the new total."""
+        merged = heapq.merge(
+            *(
+                [(a, s, name, size, ino) for a, name, size, ino in scan.candidates]
+                for s, scan in self._shard_scans.items()
+            )
+        )
+        removed: dict[int, set[str]] = collections.defaultdict(set)
+        for _, shard, name, size, ino in merged:
+            if total <= low or budget <= 0:
+                break
+            if ino in self._pins:
+                continue  # this process is reading it
+            budget -= 1
+            scan = self._shard_scans[shard]
+            if await self._remove_entry(shard, name, None, r):
+                r.evicted += 1
+                self._counters.evictions += 1
+            # Gone either way (removed now or by someone else): no longer counted.
+            total -= size
+            scan.bytes -= size
+            scan.entries -= 1
+            removed[shard].add(name)
+        for shard, names in removed.items():
+            scan = self._shard_scans[shard]
+            scan.candidates = [c for c in scan.candidates if c[1] not in names]
+        return total
+
+    async def _remove_entry(
+        self, shard: int, name: str, info: EntryInfo | None, r: GcRound
+    ) -> bool:
+        path = f"{self._shard_dirs[shard]}/{name}"
+        try:
+            return await self._store.kv_unlink(path)
+        except ChainfsError as e:
+            r.errors.append(f"{path}: {e}")
+            log.warning("kvcache: could not remove %s: %s", path, e)
+            return False
+
+    async def _clean_tmp(self, budget: int) -> int:
+        """Remove temp files of writers that died (older than tmp_max_age_s)."""
+        if budget <= 0:
+            return 0
+        cutoff_ns = time.time_ns() - int(self.config.tmp_max_age_s * _NS)
+        removed = 0
+        async for page in self._store.kv_list(self._tmp_dir):
+            for name, info in page:
+                if info is None or info.mtime_ns > cutoff_ns:
+                    continue
+                with contextlib.suppress(ChainfsError):
+                    if await self._store.kv_unlink(f"{self._tmp_dir}/{name}"):
+                        removed += 1
+                if removed >= budget:
+                    return removed
+        return removed
+
+    async def _gc_loop(self) -> None:
+        while not self._closed:
+            try:
+                await self.gc()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a round failing (meta restarting...) must not stop GC
+                log.warning("kvcache %s: gc round failed: %s", self.directory, e)
+            await asyncio.sleep(self.config.gc_interval_s)
+
+    async def _atime_loop(self) -> None:
+        sem = asyncio.Semaphore(self.config.atime_parallel)
+
+        async def one(path: str, ns: int) -> None:
+            async with sem:
+                try:
+                    await self._store.kv_set_atime(path, ns)
+                except ChainfsError as e:
+                    log.debug("kvcache: atime of %s not recorded: %s", path, e)
+
+        while True:
+            await self._atime_wakeup.wait()
+            self._atime_wakeup.clear()
+            while self._atime_queue:
+                batch = list(self._atime_queue.items())[: self.config.atime_queue_max]
+                for p, _ in batch:
+                    del self._atime_queue[p]
+                await asyncio.gather(*(one(p, ns) for p, ns in batch))
+
+    async def flush_access_times(self) -> None:
+        """Record queued access times now (tests and orderly shutdown)."""
+        batch = list(self._atime_queue.items())
+        self._atime_queue.clear()
+        for p, ns in batch:
+            with contextlib.suppress(ChainfsError):
+                await self._store.kv_set_atime(p, ns)
+
+    # -- lifetime ------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Stop the background tasks and record pending access times (idempotent)."""
+        if self._closed:
+            return
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await self.flush_access_times()
+        self._closed = True
+
+    async def __aenter__(self) -> AsyncKVCache:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<chainfs.AsyncKVCache {self.directory!r}{' closed' if self._closed else ''}>"
+
+
+# -- the sync twin -------------------------------------------------------------
+
+
+class KVCache:
+    """A KV cache for synchronous code: AsyncKVCache run on the FileSystem's loop thread."""
+
+    def __init__(self, acache: AsyncKVCache, loop: LoopThread) -> None:
+        self._a = acache
+        self._loop = loop
+
+    @property
+    def aio(self) -> AsyncKVCache:
+        return self._a
+
+    @property
+    def directory(self) -> str:
+        return self._a.directory
+
+    @property
+    def config(self) -> KVCacheConfig:
+        return self._a.config
+
+    @property
+    def closed(self) -> bool:
+        return self._a.closed
+
+    def get(self, key: KeyLike) -> bytes | None:
+        return self._loop.run(self._a.get(key))
+
+    def get_into(self, key: KeyLike, buffer: Buffer) -> int:
+        return self._loop.run(self._a.get_into(key, buffer))
+
+    def exists(self, key: KeyLike) -> bool:
+        return self._loop.run(self._a.exists(key))
+
+    def put(self, key: KeyLike, value: Buffer, *, overwrite: bool = False) -> bool:
+        return self._loop.run(self._a.put(key, value, overwrite=overwrite))
+
+    def remove(self, key: KeyLike) -> bool:
+        return self._loop.run(self._a.remove(key))
+
+    def batch_get(self, keys: Sequence[KeyLike]) -> list[bytes | None]:
+        return self._loop.run(self._a.batch_get(keys))
+
+    def batch_get_into(self, keys: Sequence[KeyLike], buffers: Sequence[Buffer]) -> list[int]:
+        return self._loop.run(self._a.batch_get_into(keys, buffers))
+
+    def batch_exists(self, keys: Sequence[KeyLike]) -> BatchExists:
+        return self._loop.run(self._a.batch_exists(keys))
+
+    def batch_put(
+        self, keys: Sequence[KeyLike], values: Sequence[Buffer], *, overwrite: bool = False
+    ) -> list[bool]:
+        return self._loop.run(self._a.batch_put(keys, values, overwrite=overwrite))
+
+    def batch_remove(self, keys: Sequence[KeyLike]) -> list[bool]:
+        return self._loop.run(self._a.batch_remove(keys))
+
+    def keys(self, prefix: KeyLike = b"") -> list[str | bytes]:
+        return self._loop.run(self._a.keys(prefix))
+
+    def stats(self) -> KVStats:
+        return self._loop.run(self._a.stats())
+
+    def gc(self, full: bool = False) -> GcRound:
+        return self._loop.run(self._a.gc(full))
+
+    def estimated_bytes(self) -> int | None:
+        return self._a.estimated_bytes()
+
+    def flush_access_times(self) -> None:
+        self._loop.run(self._a.flush_access_times())
+
+    def close(self) -> None:
+        if self._a.closed or not self._loop.alive:
+            return
+        self._loop.run(self._a.close())
+
+    def __enter__(self) -> KVCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<chainfs.KVCache {self.directory!r}{' closed' if self.closed else ''}>"
+
+
+def make_config(
+    ttl: float | None = None,
+    capacity_bytes: int | None = None,
+    config: KVCacheConfig | None = None,
+    **overrides: Any,
+) -> KVCacheConfig:
+    """The config ``fs.kvcache(directory, ttl, capacity_bytes, config=..., **overrides)`` means."""
+    c = KVCacheConfig(**config.__dict__) if config is not None else KVCacheConfig()
+    if ttl is not None:
+        c.ttl_s = float(ttl)
+    if capacity_bytes is not None:
+        c.capacity_bytes = int(capacity_bytes)
+    for name, value in overrides.items():
+        if not hasattr(c, name):
+            raise TypeError(f"kvcache() got an unexpected keyword argument {name!r}")
+        setattr(c, name, value)
+    c.validate()
+    return c
+
+
+__all__ = [
+    "MAX_VALUE_BYTES",
+    "AsyncKVCache",
+    "BatchExists",
+    "EntryInfo",
+    "GcRound",
+    "KVCache",
+    "KVCacheBackend",
+    "KVCacheConfig",
+    "KVStats",
+    "make_config",
+]

@@ -1,0 +1,505 @@
+"""KV cache logic against an in-memory file namespace (the cache's only neighbour).
+
+The in-memory backend behaves like the client: renames are atomic, a removed
+file's data disappears (as meta's GC removes chunks) and a read of missing
+data comes back zero-filled, as the client's chunk path returns holes. Hooks
+remove or replace an entry in the middle of a read. The same cache code runs
+against real processes in tests/integration/test_kvcache.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from chainfs.client.kvcache import (
+    AsyncKVCache,
+    EntryInfo,
+    KVCacheConfig,
+    make_config,
+)
+from chainfs.client.kvcache_format import (
+    FIXED_HEADER_BYTES,
+    Key,
+    decode_header,
+    encode_header,
+    peek_key_len,
+)
+from chainfs.client.layout import Layout
+from chainfs.common.checksum import crc32c
+from chainfs.common.errors import ChainfsError, Code
+
+_LAYOUT = Layout(chunk_size=64 * 1024, chains=(1,))
+
+
+@dataclass
+class _File:
+    ino: int
+    mtime_ns: int
+    atime_ns: int
+
+
+class MemBackend:
+    """Directories and immutable files in memory; data kept per inode."""
+
+    def __init__(self) -> None:
+        self.dirs: set[str] = {"/"}
+        self.names: dict[str, _File] = {}
+        self.data: dict[int, bytes] = {}
+        self._ino = 100
+        # Called with the file's path and inode before a read copies its data.
+        self.before_read: Callable[[int], Awaitable[None]] | None = None
+        self.fail_create: OSError | None = None
+        self.stat_calls = 0
+        self.read_calls = 0
+
+    def _parent_exists(self, path: str) -> bool:
+        return (path.rsplit("/", 1)[0] or "/") in self.dirs
+
+    async def kv_makedirs(self, paths: Sequence[str]) -> None:
+        for p in paths:
+            parts = p.strip("/").split("/")
+            for i in range(1, len(parts) + 1):
+                self.dirs.add("/" + "/".join(parts[:i]))
+
+    async def kv_stat_many(self, paths: Sequence[str]) -> list[EntryInfo | None]:
+        self.stat_calls += 1
+        out: list[EntryInfo | None] = []
+        for p in paths:
+            f = self.names.get(p)
+            if f is None:
+                out.append(None)
+            else:
+                out.append(EntryInfo(f.ino, len(self.data[f.ino]), _LAYOUT, f.mtime_ns, f.atime_ns))
+        return out
+
+    async def kv_read_many(self, reads: Sequence[tuple[EntryInfo, int, memoryview]]) -> list[int]:
+        self.read_calls += 1
+        out = []
+        for info, offset, view in reads:
+            if self.before_read is not None:
+                await self.before_read(info.ino)
+            data = self.data.get(info.ino, b"")
+            piece = data[offset : offset + len(view)]
+            view[: len(piece)] = piece
+            view[len(piece) :] = bytes(len(view) - len(piece))  # holes read as zeros
+            out.append(len(view))
+        return out
+
+    async def kv_create(self, path: str, parts: Sequence[memoryview]) -> None:
+        if not self._parent_exists(path):
+            raise ChainfsError(Code.ENOENT, "no parent", path)
+        if path in self.names:
+            raise ChainfsError(Code.EEXIST, "exists", path)
+        self._ino += 1
+        now = time.time_ns()
+        self.names[path] = _File(self._ino, now, now)
+        if self.fail_create is not None:
+            self.data[self._ino] = b"".join(bytes(p) for p in parts)[:10]  # partly written
+            raise self.fail_create
+        self.data[self._ino] = b"".join(bytes(p) for p in parts)
+
+    async def kv_rename(self, src: str, dst: str, replace: bool) -> None:
+        if src not in self.names:
+            raise ChainfsError(Code.ENOENT, "no source", src)
+        if not self._parent_exists(dst):
+            raise ChainfsError(Code.ENOENT, "no parent", dst)
+        if dst in self.names:
+            if not replace:
+                raise ChainfsError(Code.EEXIST, "exists", dst)
+            self._drop(dst)
+        self.names[dst] = self.names.pop(src)
+
+    def _drop(self, path: str) -> None:
+        f = self.names.pop(path)
+        self.data.pop(f.ino, None)  # the chunks go with the last link
+
+    async def kv_unlink(self, path: str) -> bool:
+        if path not in self.names:
+            return False
+        self._drop(path)
+        return True
+
+    async def kv_list(self, path: str) -> AsyncIterator[list[tuple[str, EntryInfo | None]]]:
+        prefix = path.rstrip("/") + "/"
+        page: list[tuple[str, EntryInfo | None]] = []
+        for p in sorted(self.names):
+            if p.startswith(prefix) and "/" not in p[len(prefix) :]:
+                f = self.names[p]
+                info = EntryInfo(f.ino, len(self.data[f.ino]), _LAYOUT, f.mtime_ns, f.atime_ns)
+                page.append((p[len(prefix) :], info))
+                if len(page) == 3:  # small pages: paging is exercised
+                    yield page
+                    page = []
+        if page:
+            yield page
+
+    async def kv_set_atime(self, path: str, atime_ns: int) -> None:
+        f = self.names.get(path)
+        if f is not None:
+            f.atime_ns = atime_ns
+
+    # test helpers
+    def entry_paths(self, cache_dir: str) -> list[str]:
+        return sorted(p for p in self.names if p.startswith(cache_dir + "/data/"))
+
+    def tmp_paths(self, cache_dir: str) -> list[str]:
+        return sorted(p for p in self.names if p.startswith(cache_dir + "/tmp/"))
+
+    def age(self, path: str, seconds: float) -> None:
+        f = self.names[path]
+        f.mtime_ns -= int(seconds * 1e9)
+        f.atime_ns -= int(seconds * 1e9)
+
+
+async def _open(backend: MemBackend, **overrides: object) -> AsyncKVCache:
+    overrides.setdefault("shards", 4)
+    overrides.setdefault("background_gc", False)
+    return await AsyncKVCache.open(backend, "/kv", make_config(**overrides))  # type: ignore[arg-type]
+
+
+# -- format -------------------------------------------------------------------
+
+
+def test_header_round_trip_and_corruption() -> None:
+    value = b"v" * 100
+    head = encode_header(b"key", True, len(value), crc32c(value))
+    assert len(head) == FIXED_HEADER_BYTES + 3
+    h = decode_header(head)
+    assert h is not None and h.key == b"key" and h.is_str and h.value_len == 100
+    assert h.original_key() == "key"
+    assert peek_key_len(head) == 3
+    for i in range(len(head)):
+        bad = bytearray(head)
+        bad[i] ^= 0x40
+        assert decode_header(bad) is None or decode_header(bad) == h, i
+    assert decode_header(head[:-1]) is None
+    assert decode_header(bytes(len(head))) is None
+
+
+def test_keys_str_bytes_equivalent_and_bounded() -> None:
+    assert Key.of("abc", 10).digest == Key.of(b"abc", 10).digest
+    assert Key.of("abc", 10).original() == "abc"
+    assert Key.of(bytearray(b"abc"), 10).original() == b"abc"
+    with pytest.raises(ChainfsError) as e:
+        Key.of("x" * 11, 10)
+    assert e.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(ChainfsError) as e:
+        Key.of(b"", 10)
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(TypeError):
+        Key.of(12, 10)  # type: ignore[arg-type]
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        make_config(max_value_bytes=65 * 1024 * 1024)
+    with pytest.raises(ValueError):
+        make_config(capacity_bytes=100, low_watermark=0.9, high_watermark=0.5)
+    with pytest.raises(TypeError):
+        make_config(no_such_option=1)
+    c = make_config(ttl=5, capacity_bytes=1000, config=KVCacheConfig(shards=8))
+    assert (c.ttl_s, c.capacity_bytes, c.shards) == (5.0, 1000, 8)
+
+
+# -- put / get ------------------------------------------------------------------
+
+
+async def test_put_get_exists_remove() -> None:
+    b = MemBackend()
+    kv = await _open(b)
+    assert await kv.get("a") is None
+    assert not await kv.exists("a")
+    assert await kv.get_into("a", bytearray(10)) == -1
+    assert await kv.put("a", b"hello")
+    assert await kv.get("a") == b"hello"
+    assert await kv.get(b"a") == b"hello"  # str keys are their UTF-8 bytes
+    assert await kv.exists("a")
+    buf = bytearray(8)
+    assert await kv.get_into("a", buf) == 5 and buf[:5] == b"hello"
+    assert await kv.put("empty", b"")
+    assert await kv.get("empty") == b""
+    assert await kv.remove("a")
+    assert not await kv.remove("a")
+    assert await kv.get("a") is None
+    assert not b.tmp_paths("/kv")
+    s = await kv.stats()
+    assert (s.entries, s.puts) == (1, 2)
+    assert s.hits >= 3 and s.misses >= 2
+    await kv.close()
+
+
+async def test_put_existing_keeps_value_unless_overwrite() -> None:
+    b = MemBackend()
+    kv = await _open(b)
+    assert await kv.put("k", b"first")
+    assert not await kv.put("k", b"second")
+    assert await kv.get("k") == b"first"
+    assert await kv.put("k", b"third", overwrite=True)
+    assert await kv.get("k") == b"third"
+    assert len(b.entry_paths("/kv")) == 1
+    assert not b.tmp_paths("/kv")
+
+
+async def test_bad_input_stores_nothing() -> None:
+    b = MemBackend()
+    kv = await _open(b, max_key_bytes=16, max_value_bytes=1000)
+    with pytest.raises(ChainfsError) as e:
+        await kv.put("k" * 17, b"v")
+    assert e.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(ChainfsError) as e:
+        await kv.batch_put(["ok", "big"], [b"v", bytes(1001)])
+    assert e.value.errno == errno.EFBIG
+    assert await kv.get("ok") is None  # nothing of the batch was stored
+    with pytest.raises(TypeError):
+        await kv.put("k", 12345)
+    with pytest.raises(ChainfsError):
+        await kv.get("k" * 17)
+    await kv.put("k", b"0123456789")
+    with pytest.raises(ChainfsError) as e:
+        await kv.get_into("k", bytearray(4))
+    assert e.value.errno == errno.ERANGE
+    with pytest.raises(TypeError):
+        await kv.get_into("k", b"readonly buffer")
+    assert not b.tmp_paths("/kv")
+    assert len(b.entry_paths("/kv")) == 1
+
+
+async def test_failed_write_leaves_nothing_visible() -> None:
+    b = MemBackend()
+    kv = await _open(b)
+    b.fail_create = ChainfsError(Code.ENOSPC, "no space left on device")
+    with pytest.raises(OSError) as e:
+        await kv.put("k", b"x" * 1000)
+    assert e.value.errno == errno.ENOSPC
+    assert not b.tmp_paths("/kv") and not b.entry_paths("/kv")
+    b.fail_create = None
+    assert await kv.get("k") is None
+    assert await kv.put("k", b"x" * 1000)
+    assert await kv.get("k") == b"x" * 1000
+
+
+async def test_batches_in_key_order_into_buffers() -> None:
+    b = MemBackend()
+    kv = await _open(b)
+    rng = random.Random(1)
+    keys = [f"key-{i}" for i in range(50)]
+    values = [rng.randbytes(rng.randrange(0, 3000)) for _ in keys]
+    assert await kv.batch_put(keys[::2], values[::2]) == [True] * 25
+    got = await kv.batch_get(keys)
+    assert got == [v if i % 2 == 0 else None for i, v in enumerate(values)]
+    bufs = [bytearray(3000) for _ in keys]
+    lens = await kv.batch_get_into(keys, bufs)
+    for i, (n, buf) in enumerate(zip(lens, bufs, strict=True)):
+        if i % 2:
+            assert n == -1
+        else:
+            assert bytes(buf[:n]) == values[i]
+    ex = await kv.batch_exists(keys)
+    assert list(ex) == [i % 2 == 0 for i in range(50)]
+    assert ex.leading_hits == 1
+    assert (await kv.batch_exists(keys[0:1] + keys[2:7:2] + keys[1:2])).leading_hits == 4
+    assert (await kv.batch_exists([])).leading_hits == 0
+    assert await kv.batch_remove(keys[:4]) == [True, False, True, False]
+    assert sorted(await kv.keys("key-1")) == sorted(k for k in keys[4::2] if k.startswith("key-1"))
+    # One metadata batch and one storage batch per batch_get, whatever the key count.
+    b.stat_calls = b.read_calls = 0
+    await kv.batch_get(keys)
+    assert (b.stat_calls, b.read_calls) == (1, 1)
+
+
+async def test_keys_returns_original_types() -> None:
+    kv = await _open(MemBackend())
+    await kv.batch_put(["s1", b"b1", b"\xff\xfe"], [b"1", b"2", b"3"])
+    assert sorted(await kv.keys(), key=repr) == sorted(["s1", b"b1", b"\xff\xfe"], key=repr)
+    assert await kv.keys(b"\xff") == [b"\xff\xfe"]
+
+
+async def test_hash_collisions_are_detected_and_probed() -> None:
+    b = MemBackend()
+    # One name byte and one shard: 300 keys over 256 names must collide.
+    kv = await _open(b, shards=1, name_hash_bytes=1, max_probes=64)
+    keys = [f"k{i}" for i in range(300)]
+    values = [f"value of {k}".encode() for k in keys]
+    assert all(await kv.batch_put(keys, values))
+    assert any("~" in p for p in b.entry_paths("/kv"))
+    assert await kv.batch_get(keys) == values
+    assert all(await kv.batch_exists(keys))
+    assert not await kv.put(keys[7], b"other")  # present: found through its probe
+    assert len(await kv.keys()) == 300
+    # A key whose name is taken by another reads as a miss, not as the other's value.
+    assert await kv.get("absent-key") is None
+
+
+async def test_collision_with_too_few_probes_is_a_clear_error() -> None:
+    kv = await _open(MemBackend(), shards=1, name_hash_bytes=1, max_probes=1)
+    errors = 0
+    for i in range(300):
+        try:
+            await kv.put(f"k{i}", b"v")
+        except ChainfsError as e:
+            assert e.errno == errno.EEXIST
+            errors += 1
+    assert errors > 0
+    assert len(await kv.keys()) == 300 - errors
+
+
+# -- reads racing with removal ------------------------------------------------------
+
+
+async def test_removal_during_read_is_a_clean_miss() -> None:
+    b = MemBackend()
+    kv = await _open(b)
+    value = bytes(range(256)) * 40
+    await kv.put("k", value)
+    (path,) = b.entry_paths("/kv")
+
+    async def remove_it(ino: int) -> None:
+        b.before_read = None
+        await b.kv_unlink(path)
+
+    b.before_read = remove_it
+    assert await kv.get("k") is None
+    buf = bytearray(len(value))
+    await kv.put("k", value)
+    b.before_read = remove_it
+    assert await kv.get_into("k", buf) == -1
+
+
+async def test_replacement_during_read_returns_one_whole_value() -> None:
+    b = MemBackend()
+    kv = await _open(b)
+    old, new = b"o" * 5000, b"n" * 5000
+    await kv.put("k", old)
+
+    async def replace_it(ino: int) -> None:
+        b.before_read = None
+        await kv.put("k", new, overwrite=True)
+
+    b.before_read = replace_it
+    got = await kv.get("k")
+    assert got == new  # looked up again after the check failed
+    s = await kv.stats()
+    assert s.read_retries == 1
+
+
+async def test_value_of_zeros_removed_mid_read_is_still_whole() -> None:
+    # Zero-filled holes must never be mistaken for a value... unless the value
+    # really is zeros, in which case the checksum proves the bytes right.
+    b = MemBackend()
+    kv = await _open(b)
+    await kv.put("z", bytes(4096))
+    (path,) = b.entry_paths("/kv")
+
+    async def remove_it(ino: int) -> None:
+        b.before_read = None
+        await b.kv_unlink(path)
+
+    b.before_read = remove_it
+    assert await kv.get("z") is None  # the header is gone, so it is a miss
+
+
+# -- eviction ------------------------------------------------------------------------
+
+
+async def test_ttl_expired_entries_are_misses_and_removed() -> None:
+    b = MemBackend()
+    kv = await _open(b, ttl=60)
+    await kv.batch_put(["old", "new"], [b"1", b"2"])
+    old_path = next(p for p in b.entry_paths("/kv") if b.data[b.names[p].ino].endswith(b"1"))
+    b.age(old_path, 120)
+    assert await kv.get("old") is None
+    assert not await kv.exists("old")
+    assert await kv.get("new") == b"2"
+    # A put over an expired entry replaces it.
+    assert await kv.put("old", b"3")
+    assert await kv.get("old") == b"3"
+    b.age(b.entry_paths("/kv")[0], 120)
+    b.age(b.entry_paths("/kv")[1], 120)
+    r = await kv.gc(full=True)
+    assert r.expired == 2
+    assert not b.entry_paths("/kv")
+    assert (await kv.stats()).expirations == 2
+
+
+async def test_capacity_evicts_least_recently_used_to_low_watermark() -> None:
+    b = MemBackend()
+    value = bytes(1000)
+    entry_bytes = FIXED_HEADER_BYTES + 3 + len(value)
+    kv = await _open(
+        b,
+        capacity_bytes=entry_bytes * 20,
+        high_watermark=0.9,
+        low_watermark=0.5,
+        atime_granularity_s=0,
+    )
+    keys = [f"k{i:02d}" for i in range(30)]
+    for i, k in enumerate(keys):
+        await kv.put(k, value)
+        b.age(kv._path(Key.of(k, 100), 0), 1000 - i)  # k00 oldest ... k29 newest
+    # k00..k04 are read now: most recently used.
+    assert all(v is not None for v in await kv.batch_get(keys[:5]))
+    await kv.flush_access_times()
+    r = await kv.gc(full=True)
+    assert r.estimated_bytes is not None and r.estimated_bytes <= entry_bytes * 10
+    present = set(k for k, e in zip(keys, await kv.batch_exists(keys), strict=True) if e)
+    assert len(present) == 10
+    assert set(keys[:5]) <= present  # recently read: kept
+    assert set(keys[25:]) <= present  # newest: kept
+    assert (await kv.stats()).evictions == 20
+
+
+async def test_gc_work_per_round_is_bounded() -> None:
+    b = MemBackend()
+    kv = await _open(b, ttl=10, gc_max_removals_per_round=7)
+    await kv.batch_put([f"k{i}" for i in range(20)], [b"v"] * 20)
+    for p in b.entry_paths("/kv"):
+        b.age(p, 100)
+    r = await kv.gc(full=True)
+    assert r.expired == 7
+    assert len(b.entry_paths("/kv")) == 13
+
+
+async def test_gc_waits_for_a_full_scan_before_evicting() -> None:
+    b = MemBackend()
+    kv = await _open(b, shards=8, capacity_bytes=100, gc_shards_per_round=3)
+    await kv.batch_put([f"k{i}" for i in range(20)], [bytes(50)] * 20)
+    r1 = await kv.gc()
+    assert r1.estimated_bytes is None and r1.evicted == 0  # 3 of 8 shards known
+    await kv.gc()
+    r3 = await kv.gc()
+    assert r3.estimated_bytes is not None
+    assert r3.estimated_bytes <= 80
+
+
+async def test_stale_temp_files_are_removed() -> None:
+    b = MemBackend()
+    kv = await _open(b, ttl=100, tmp_max_age_s=60)
+    await b.kv_create("/kv/tmp/dead-writer-1", [memoryview(b"partial")])
+    await b.kv_create("/kv/tmp/live-writer-1", [memoryview(b"partial")])
+    b.age("/kv/tmp/dead-writer-1", 61)
+    r = await kv.gc(full=True)
+    assert r.tmp_removed == 1
+    assert b.tmp_paths("/kv") == ["/kv/tmp/live-writer-1"]
+
+
+async def test_background_gc_runs_and_close_stops_it() -> None:
+    import asyncio
+
+    b = MemBackend()
+    kv = await _open(b, ttl=10, background_gc=True, gc_interval_s=0.01)
+    await kv.put("k", b"v")
+    b.age(b.entry_paths("/kv")[0], 100)
+    deadline = time.monotonic() + 10
+    while b.entry_paths("/kv") and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert not b.entry_paths("/kv")
+    await kv.close()
+    assert kv.closed
+    with pytest.raises(ValueError):
+        await kv.get("k")
