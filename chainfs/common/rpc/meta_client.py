@@ -1,0 +1,632 @@
+"""Thin async client of the meta service.
+
+``MetaClient(source, client_id)``: ``source`` is a RoutingCache (meta servers
+are the META nodes of the routing info) or fixed meta addresses. Every call
+goes to one meta server; when it is unreachable the call moves to another
+with the SAME request id, so a mutating request that did run is answered from
+meta's idempotency record instead of running twice. Failures raise
+ChainfsError with the errno-valued code meta sent.
+
+Where to operate (``at``) is one of:
+    "/a/b" or b"/a/b"       an absolute path
+    (parent_ino, "name")    a name in a directory (FUSE style)
+    ino (int)               the inode itself
+
+Write opens start a session at meta; while any is open the client sends
+keep-alives so meta does not take it for a vanished client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import random
+import stat as stat_mod
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc.aio
+
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc import grpc_util
+from chainfs.common.rpc.mgmt_client import RoutingCache
+from chainfs.proto import common_pb2 as cpb
+from chainfs.proto import meta_pb2 as pb
+from chainfs.proto import meta_pb2_grpc as pbg
+from chainfs.proto import mgmt_pb2 as mp
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+At = str | bytes | int | tuple[int, str | bytes]
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+
+DEFAULT_TIMEOUT_S = 30.0  # one call, failover and retries included
+RETRY_BACKOFF_INITIAL_S = 0.02
+RETRY_BACKOFF_MAX_S = 0.5
+# Worth trying again (same request id): the server could not be reached, or
+# its KV transaction lost too many conflicts in a row.
+_FAILOVER = frozenset({Code.UNAVAILABLE, Code.NOT_PRIMARY_META})
+_RETRY_SAME = frozenset({Code.TXN_CONFLICT, Code.TXN_TOO_OLD, Code.EAGAIN})
+
+_TYPE_BITS = {
+    pb.FILE: stat_mod.S_IFREG,
+    pb.DIRECTORY: stat_mod.S_IFDIR,
+    pb.SYMLINK: stat_mod.S_IFLNK,
+}
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    """Whose permissions a call uses."""
+
+    uid: int
+    gid: int
+    gids: tuple[int, ...] = ()
+
+    @classmethod
+    def current(cls) -> UserInfo:
+        return cls(os.getuid(), os.getgid(), tuple(os.getgroups()))
+
+
+@dataclass(frozen=True)
+class OpenResult:
+    inode: pb.Inode
+    session_id: bytes  # empty unless opened for write
+    created: bool
+
+
+def path_at(at: At) -> pb.PathAt:
+    if isinstance(at, int):
+        if at <= 0:
+            raise ChainfsError(Code.EINVAL, f"bad inode id {at}")
+        return pb.PathAt(parent=at)
+    if isinstance(at, tuple):
+        parent, name = at
+        if parent <= 0:
+            raise ChainfsError(Code.EINVAL, f"bad parent inode id {parent}")
+        return pb.PathAt(parent=parent, path=os.fsencode(name))
+    return pb.PathAt(path=os.fsencode(at))
+
+
+def mode_bits(inode: pb.Inode) -> int:
+    """st_mode: type bits | permission bits."""
+    return _TYPE_BITS.get(inode.type, 0) | inode.mode
+
+
+def to_stat_result(inode: pb.Inode, dev: int = 0) -> os.stat_result:
+    """An ``os.stat_result`` for an inode (st_blocks in 512-byte units)."""
+    blksize = inode.layout.chunk_size if inode.type == pb.FILE and inode.layout.chunk_size else 4096
+    return os.stat_result(
+        (
+            mode_bits(inode),
+            inode.ino,
+            dev,
+            inode.nlink,
+            inode.uid,
+            inode.gid,
+            inode.size,
+            inode.atime_ns // 1_000_000_000,
+            inode.mtime_ns // 1_000_000_000,
+            inode.ctime_ns // 1_000_000_000,
+        ),
+        {
+            "st_atime": inode.atime_ns / 1e9,
+            "st_mtime": inode.mtime_ns / 1e9,
+            "st_ctime": inode.ctime_ns / 1e9,
+            "st_atime_ns": inode.atime_ns,
+            "st_mtime_ns": inode.mtime_ns,
+            "st_ctime_ns": inode.ctime_ns,
+            "st_blksize": blksize,
+            "st_blocks": (inode.size + 511) // 512,
+        },
+    )
+
+
+class MetaClient:
+    """Calls meta servers; one async method per namespace operation."""
+
+    def __init__(
+        self,
+        source: RoutingCache | str | Sequence[str],
+        client_id: bytes | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        user: UserInfo | None = None,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ChainfsError(Code.EINVAL, f"timeout_s must be > 0, not {timeout_s}")
+        self.client_id = bytes(client_id) if client_id is not None else os.urandom(16)
+        if len(self.client_id) != 16:
+            raise ChainfsError(Code.EINVAL, "client_id must be 16 bytes")
+        self.timeout_s = timeout_s
+        self.user = user or UserInfo.current()
+        self._routing: RoutingCache | None = None
+        self._static: list[str] = []
+        if isinstance(source, RoutingCache):
+            self._routing = source
+        else:
+            items = source.split(",") if isinstance(source, str) else list(source)
+            self._static = [a.strip() for a in items if a.strip()]
+            if not self._static:
+                raise ChainfsError(Code.EINVAL, "no meta server address given")
+        # Request ids: time-seeded, so a restarted process reusing a client id
+        # does not collide with the answers meta kept for its predecessor.
+        self._ids = itertools.count(time.time_ns() // 1000)
+        self._channels: dict[str, tuple[grpc.aio.Channel, pbg.MetaStub]] = {}
+        self._current: str | None = None
+        self._sessions: set[tuple[int, bytes]] = set()
+        self._keepalive_s = 10.0
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- plumbing -----------------------------------------------------------
+    def request_info(self, user: UserInfo | None = None) -> cpb.RequestInfo:
+        u = user or self.user
+        return cpb.RequestInfo(
+            client_id=self.client_id,
+            request_id=next(self._ids),
+            uid=u.uid,
+            gid=u.gid,
+            gids=list(u.gids),
+        )
+
+    async def _addresses(self, refresh: bool) -> list[str]:
+        if self._routing is None:
+            return list(self._static)
+        routing = await (self._routing.refresh() if refresh else self._routing.get())
+        return [n.rpc_address for n in routing.nodes_of_type(mp.META) if n.rpc_address]
+
+    def _stub(self, address: str) -> pbg.MetaStub:
+        if self._closed:
+            raise ChainfsError(Code.EBADF, "MetaClient is closed")
+        entry = self._channels.get(address)
+        if entry is None:
+            ch = grpc_util.channel(address)
+            entry = (ch, pbg.MetaStub(ch))
+            self._channels[address] = entry
+        return entry[1]
+
+    async def call(self, method: str, request: Any) -> Any:
+        """Send ``request`` to a meta server, failing over and retrying (same
+        request id) until the client timeout."""
+        deadline = time.monotonic() + self.timeout_s
+        backoff = RETRY_BACKOFF_INITIAL_S
+        last: ChainfsError | None = None
+        refresh = False
+        while True:
+            addresses = await self._addresses(refresh)
+            if not addresses:
+                last = ChainfsError(Code.UNAVAILABLE, "no meta server in the routing info")
+            elif self._current not in addresses:
+                self._current = random.choice(addresses)
+            order = [self._current] + [a for a in addresses if a != self._current]
+            for addr in order if addresses else []:
+                assert addr is not None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    rsp = await grpc_util.call(
+                        getattr(self._stub(addr), method), request, remaining, addr
+                    )
+                    self._current = addr
+                    return rsp
+                except ChainfsError as e:
+                    if e.code in _FAILOVER:
+                        last = e
+                        continue
+                    if e.code in _RETRY_SAME:
+                        last = e
+                        self._current = addr
+                        break
+                    raise
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                assert last is not None
+                raise ChainfsError(
+                    last.code, f"meta call {method} gave up after {self.timeout_s}s: {last.message}"
+                )
+            await asyncio.sleep(min(backoff * random.uniform(0.5, 1.0), remaining))
+            backoff = min(backoff * 2, RETRY_BACKOFF_MAX_S)
+            refresh = self._routing is not None
+
+    # -- lookups ------------------------------------------------------------
+    async def stat(self, at: At, follow: bool = True, user: UserInfo | None = None) -> pb.Inode:
+        req = pb.StatReq(req=self.request_info(user), at=path_at(at), follow=follow)
+        rsp: pb.StatRsp = await self.call("Stat", req)
+        return rsp.inode
+
+    async def lstat(self, at: At, user: UserInfo | None = None) -> pb.Inode:
+        return await self.stat(at, follow=False, user=user)
+
+    async def lookup(
+        self, parent: int, name: str | bytes, user: UserInfo | None = None
+    ) -> pb.Inode:
+        return await self.stat((parent, name), follow=False, user=user)
+
+    async def batch_stat(
+        self, ats: Sequence[At], follow: bool = True, user: UserInfo | None = None
+    ) -> list[pb.Inode | ChainfsError]:
+        """Inodes in request order; a failed one is its ChainfsError."""
+        req = pb.BatchStatReq(
+            req=self.request_info(user), ats=[path_at(a) for a in ats], follow=follow
+        )
+        rsp: pb.BatchStatRsp = await self.call("BatchStat", req)
+        return [r.inode if r.code == 0 else ChainfsError(r.code, r.message) for r in rsp.results]
+
+    async def readlink_bytes(self, at: At, user: UserInfo | None = None) -> bytes:
+        req = pb.ReadlinkReq(req=self.request_info(user), at=path_at(at))
+        rsp: pb.ReadlinkRsp = await self.call("Readlink", req)
+        return rsp.target
+
+    async def readlink(self, at: At, user: UserInfo | None = None) -> str:
+        return os.fsdecode(await self.readlink_bytes(at, user))
+
+    async def readdir(
+        self,
+        at: At,
+        after: str | bytes = b"",
+        limit: int = 0,
+        with_attrs: bool = False,
+        user: UserInfo | None = None,
+    ) -> pb.ReaddirRsp:
+        """One page of entries after the name ``after`` (``more`` says if others follow)."""
+        req = pb.ReaddirReq(
+            req=self.request_info(user),
+            at=path_at(at),
+            after=os.fsencode(after),
+            limit=limit,
+            with_attrs=with_attrs,
+        )
+        rsp: pb.ReaddirRsp = await self.call("Readdir", req)
+        return rsp
+
+    async def iterdir(
+        self, at: At, with_attrs: bool = False, page: int = 0, user: UserInfo | None = None
+    ) -> AsyncIterator[pb.DirEntry]:
+        """Every entry, page by page (a page is consistent; the listing as a whole is not)."""
+        after = b""
+        while True:
+            rsp = await self.readdir(at, after, page, with_attrs, user)
+            for e in rsp.entries:
+                yield e
+            if not rsp.more or not rsp.entries:
+                return
+            after = rsp.entries[-1].name
+
+    async def listdir(self, at: At, user: UserInfo | None = None) -> list[str]:
+        return [os.fsdecode(e.name) async for e in self.iterdir(at, user=user)]
+
+    async def statfs(self, user: UserInfo | None = None) -> pb.StatFsRsp:
+        rsp: pb.StatFsRsp = await self.call("StatFs", pb.StatFsReq(req=self.request_info(user)))
+        return rsp
+
+    # -- files --------------------------------------------------------------
+    async def open(
+        self,
+        at: At,
+        *,
+        read: bool = True,
+        write: bool = False,
+        create: bool = False,
+        exclusive: bool = False,
+        truncate: bool = False,
+        nofollow: bool = False,
+        mode: int = 0o666,
+        user: UserInfo | None = None,
+    ) -> OpenResult:
+        """open(2). A write open returns a session id for sync/close."""
+        req = pb.OpenReq(
+            req=self.request_info(user),
+            at=path_at(at),
+            read=read,
+            write=write,
+            create=create,
+            exclusive=exclusive,
+            truncate=truncate,
+            nofollow=nofollow,
+            mode=mode,
+        )
+        rsp: pb.OpenRsp = await self.call("Open", req)
+        if rsp.session_id:
+            self._track(rsp.inode.ino, rsp.session_id, rsp.session_timeout_ms)
+        return OpenResult(rsp.inode, rsp.session_id, rsp.created)
+
+    async def create(
+        self,
+        at: At,
+        mode: int = 0o666,
+        exclusive: bool = False,
+        truncate: bool = False,
+        write: bool = True,
+        user: UserInfo | None = None,
+    ) -> OpenResult:
+        """Create (or open) a file; ``exclusive`` is O_EXCL."""
+        return await self.open(
+            at,
+            read=False,
+            write=write,
+            create=True,
+            exclusive=exclusive,
+            truncate=truncate,
+            mode=mode,
+            user=user,
+        )
+
+    async def sync(
+        self,
+        ino: int,
+        session_id: bytes = b"",
+        length_hint: int = 0,
+        exact: bool = True,
+        wrote: bool = True,
+    ) -> pb.Inode:
+        """Report the length written so far; ``exact`` (fsync) has meta ask storage."""
+        req = pb.SyncReq(
+            req=self.request_info(),
+            ino=ino,
+            session_id=session_id,
+            length_hint=length_hint,
+            exact=exact,
+            wrote=wrote,
+        )
+        rsp: pb.SyncRsp = await self.call("Sync", req)
+        return rsp.inode
+
+    async def close(
+        self, ino: int, session_id: bytes = b"", length_hint: int = 0, wrote: bool = False
+    ) -> pb.Inode | None:
+        """Close a file: ends its write session and fixes its length (meta asks
+        storage when ``wrote``). None if the file is gone. (Shut the client
+        down with :meth:`aclose`.)"""
+        req = pb.CloseReq(
+            req=self.request_info(),
+            ino=ino,
+            session_id=session_id,
+            length_hint=length_hint,
+            wrote=wrote,
+        )
+        try:
+            rsp: pb.CloseRsp = await self.call("Close", req)
+        finally:
+            self._sessions.discard((ino, session_id))
+        return rsp.inode if rsp.HasField("inode") else None
+
+    async def keepalive(self) -> int:
+        """Tell meta this client is alive; returns the session timeout in ms."""
+        rsp: pb.KeepAliveRsp = await self.call(
+            "KeepAlive", pb.KeepAliveReq(req=self.request_info())
+        )
+        return rsp.session_timeout_ms
+
+    def _track(self, ino: int, session_id: bytes, timeout_ms: int) -> None:
+        self._sessions.add((ino, session_id))
+        if timeout_ms:
+            self._keepalive_s = max(timeout_ms / 3000, 0.05)
+        if self._keepalive_task is None or self._keepalive_task.done():
+            self._keepalive_task = asyncio.get_running_loop().create_task(self._keepalive_loop())
+
+    async def _keepalive_loop(self) -> None:
+        while self._sessions and not self._closed:
+            await asyncio.sleep(self._keepalive_s)
+            if not self._sessions:
+                return
+            try:
+                await self.keepalive()
+            except ChainfsError as e:
+                log.warning("meta keep-alive failed: %s", e)
+
+    # -- namespace changes --------------------------------------------------
+    async def mkdir(
+        self,
+        at: At,
+        mode: int = 0o777,
+        parents: bool = False,
+        parents_mode: int = 0,
+        user: UserInfo | None = None,
+    ) -> pb.Inode:
+        """mkdir; ``parents`` is mkdir -p (missing ancestors made, existing directory fine)."""
+        req = pb.MkdirReq(
+            req=self.request_info(user),
+            at=path_at(at),
+            mode=mode,
+            parents=parents,
+            parents_mode=parents_mode,
+        )
+        rsp: pb.MkdirRsp = await self.call("Mkdir", req)
+        return rsp.inode
+
+    async def unlink(self, at: At, user: UserInfo | None = None) -> None:
+        await self.call("Unlink", pb.UnlinkReq(req=self.request_info(user), at=path_at(at)))
+
+    remove = unlink
+
+    async def rmdir(self, at: At, user: UserInfo | None = None) -> None:
+        await self.call("Rmdir", pb.RmdirReq(req=self.request_info(user), at=path_at(at)))
+
+    async def rename(
+        self, src: At, dst: At, flags: int = 0, user: UserInfo | None = None
+    ) -> pb.Inode:
+        """rename(2)/renameat2: flags RENAME_NOREPLACE, RENAME_EXCHANGE."""
+        req = pb.RenameReq(
+            req=self.request_info(user), src=path_at(src), dst=path_at(dst), flags=flags
+        )
+        rsp: pb.RenameRsp = await self.call("Rename", req)
+        return rsp.inode
+
+    async def link(self, target: At, at: At, user: UserInfo | None = None) -> pb.Inode:
+        """Hard link: a new name ``at`` for the existing ``target``."""
+        req = pb.LinkReq(req=self.request_info(user), target=path_at(target), at=path_at(at))
+        rsp: pb.LinkRsp = await self.call("Link", req)
+        return rsp.inode
+
+    async def symlink(self, target: str | bytes, at: At, user: UserInfo | None = None) -> pb.Inode:
+        """A symlink named ``at`` pointing at ``target`` (os.symlink argument order)."""
+        req = pb.SymlinkReq(req=self.request_info(user), at=path_at(at), target=os.fsencode(target))
+        rsp: pb.SymlinkRsp = await self.call("Symlink", req)
+        return rsp.inode
+
+    # -- attributes ---------------------------------------------------------
+    async def setattr(
+        self,
+        at: At,
+        *,
+        follow: bool = True,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        atime_now: bool = False,
+        mtime_now: bool = False,
+        user: UserInfo | None = None,
+    ) -> pb.Inode:
+        req = pb.SetAttrReq(
+            req=self.request_info(user),
+            at=path_at(at),
+            follow=follow,
+            atime_now=atime_now,
+            mtime_now=mtime_now,
+        )
+        for name, value in (
+            ("mode", mode),
+            ("uid", uid),
+            ("gid", gid),
+            ("size", size),
+            ("atime_ns", atime_ns),
+            ("mtime_ns", mtime_ns),
+        ):
+            if value is not None:
+                if value < 0 and name not in ("atime_ns", "mtime_ns"):
+                    raise ChainfsError(Code.EINVAL, f"negative {name} {value}")
+                setattr(req, name, value)
+        rsp: pb.SetAttrRsp = await self.call("SetAttr", req)
+        return rsp.inode
+
+    async def truncate(self, at: At, size: int, user: UserInfo | None = None) -> pb.Inode:
+        return await self.setattr(at, size=size, user=user)
+
+    async def chmod(
+        self, at: At, mode: int, follow: bool = True, user: UserInfo | None = None
+    ) -> pb.Inode:
+        return await self.setattr(at, mode=mode, follow=follow, user=user)
+
+    async def chown(
+        self,
+        at: At,
+        uid: int | None,
+        gid: int | None,
+        follow: bool = True,
+        user: UserInfo | None = None,
+    ) -> pb.Inode:
+        """chown; None or -1 leaves that id unchanged (os.chown convention)."""
+        return await self.setattr(
+            at,
+            uid=None if uid is None or uid == -1 else uid,
+            gid=None if gid is None or gid == -1 else gid,
+            follow=follow,
+            user=user,
+        )
+
+    async def utime(
+        self,
+        at: At,
+        times_ns: tuple[int, int] | None = None,
+        follow: bool = True,
+        user: UserInfo | None = None,
+    ) -> pb.Inode:
+        """os.utime: (atime_ns, mtime_ns), or None for now."""
+        if times_ns is None:
+            return await self.setattr(at, atime_now=True, mtime_now=True, follow=follow, user=user)
+        return await self.setattr(
+            at, atime_ns=times_ns[0], mtime_ns=times_ns[1], follow=follow, user=user
+        )
+
+    async def getxattr(
+        self, at: At, name: str | bytes, follow: bool = True, user: UserInfo | None = None
+    ) -> bytes:
+        req = pb.GetXattrReq(
+            req=self.request_info(user), at=path_at(at), name=os.fsencode(name), follow=follow
+        )
+        rsp: pb.GetXattrRsp = await self.call("GetXattr", req)
+        return rsp.value
+
+    async def setxattr(
+        self,
+        at: At,
+        name: str | bytes,
+        value: bytes,
+        flags: int = 0,
+        follow: bool = True,
+        user: UserInfo | None = None,
+    ) -> None:
+        req = pb.SetXattrReq(
+            req=self.request_info(user),
+            at=path_at(at),
+            name=os.fsencode(name),
+            value=bytes(value),
+            flags=flags,
+            follow=follow,
+        )
+        await self.call("SetXattr", req)
+
+    async def listxattr(
+        self, at: At, follow: bool = True, user: UserInfo | None = None
+    ) -> list[str]:
+        req = pb.ListXattrReq(req=self.request_info(user), at=path_at(at), follow=follow)
+        rsp: pb.ListXattrRsp = await self.call("ListXattr", req)
+        return [os.fsdecode(n) for n in rsp.names]
+
+    async def removexattr(
+        self, at: At, name: str | bytes, follow: bool = True, user: UserInfo | None = None
+    ) -> None:
+        req = pb.RemoveXattrReq(
+            req=self.request_info(user), at=path_at(at), name=os.fsencode(name), follow=follow
+        )
+        await self.call("RemoveXattr", req)
+
+    async def set_layout(
+        self,
+        at: At,
+        chunk_size: int = 0,
+        stripe: int = 0,
+        chains: Sequence[int] = (),
+        user: UserInfo | None = None,
+    ) -> pb.Inode:
+        """Default layout of new files under a directory (0 / empty: unchanged)."""
+        layout = pb.Layout(chunk_size=chunk_size, stripe=stripe, chains=list(chains))
+        req = pb.SetLayoutReq(req=self.request_info(user), at=path_at(at), layout=layout)
+        rsp: pb.SetLayoutRsp = await self.call("SetLayout", req)
+        return rsp.inode
+
+    async def get_layout(self, at: At, user: UserInfo | None = None) -> pb.Layout:
+        return (await self.stat(at, user=user)).layout
+
+    # -- lifetime -----------------------------------------------------------
+    async def aclose(self) -> None:
+        self._closed = True
+        task, self._keepalive_task = self._keepalive_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        channels, self._channels = self._channels, {}
+        for ch, _ in channels.values():
+            await ch.close()
+
+    async def __aenter__(self) -> MetaClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,129 @@
+"""Configuration of a metadata server (`chainfs serve meta --config F`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KiB = 1024
+MiB = 1024 * KiB
+
+MIN_CHUNK_SIZE = 64 * KiB  # bytes: the smallest chunk size a layout may use
+MAX_CHUNK_SIZE = 64 * MiB  # bytes: the largest
+NAME_MAX = 255  # bytes in one name (POSIX NAME_MAX)
+PATH_MAX = 4096  # bytes in a path or symlink target, NUL included (POSIX PATH_MAX)
+
+
+@dataclass
+class MetaConfig:
+    listen_host: str = "127.0.0.1"
+    port: int = 0  # gRPC port; 0 = ephemeral
+    # The metadata store every meta server of the cluster shares (chainfs.kv URL).
+    kv_url: str = "memory://"
+    # host:port of every mgmtd. Empty = standalone: no routing, no storage; file
+    # layouts draw from `static_chains` and operations that need storage
+    # (shrinking truncate, exact length, GC of chunks) fail with ENOSYS.
+    mgmtd_addresses: list[str] = field(default_factory=list)
+    static_chains: list[int] = field(default_factory=list)  # standalone only
+    mgmtd_timeout_ms: int = 5_000  # one mgmtd call, failover included
+    heartbeat_interval_ms: int = 0  # 0 = the interval mgmtd answers at registration
+    storage_timeout_ms: int = 10_000  # one storage call made by meta (length query, removal)
+
+    # Formatting a new store (later starts read these from the store).
+    root_mode: int = 0o755  # permission bits of the root directory
+    default_chunk_size_bytes: int = 4 * MiB  # the root's layout; directories inherit it
+    default_stripe: int = 16  # chains a new file spreads over (capped by the chains there are)
+    alloc_shards: int = 16  # inode-id counters: servers reserving at once rarely collide
+    alloc_batch: int = 1024  # ids one reservation takes: one KV transaction per this many creates
+
+    # Limits (bad input is refused with an errno, nothing changed).
+    max_path_depth: int = 512  # components in one request path (ENAMETOOLONG beyond)
+    max_symlink_follows: int = 40  # symlinks followed in one resolution (ELOOP beyond; Linux: 40)
+    max_links: int = 65_000  # hard links of one file (EMLINK beyond; ext4's limit)
+    max_stripe: int = 256  # chains one file may spread over
+    max_file_size_bytes: int = 1 << 62  # EFBIG beyond
+    max_xattr_name_bytes: int = 255  # ERANGE beyond (Linux XATTR_NAME_MAX)
+    max_xattr_value_bytes: int = 64 * KiB  # E2BIG beyond (Linux XATTR_SIZE_MAX)
+    max_xattrs_per_inode: int = 256  # ENOSPC beyond
+    readdir_page_entries: int = 1024  # entries per readdir page when the client asks for 0
+    readdir_max_page_entries: int = 8192  # a larger request is cut to this
+    max_batch_stat: int = 4096  # inodes in one batch stat (E2BIG beyond)
+    # A directory's mtime/ctime moves on entry changes only when older than this:
+    # otherwise every create in one directory would rewrite (and so conflict on)
+    # the directory inode. 0 = always (strict POSIX, serialises a directory).
+    dir_mtime_granularity_ms: int = 100
+
+    # Write sessions: a client keeps its sessions alive (KeepAlive) at a third
+    # of this; sessions of a client silent for longer are closed by meta.
+    session_timeout_ms: int = 60_000
+    session_prune_interval_ms: int = 5_000  # how often vanished clients are looked for
+    session_prune_batch: int = 256  # sessions closed per round (bounded work)
+
+    # Removed files: chunks are dropped from storage by a background task.
+    gc_delay_ms: int = 0  # a removed file's chunks stay this long (readers of open fds)
+    gc_interval_ms: int = 1_000  # pause between GC rounds when the queue is empty
+    gc_batch: int = 64  # files per GC round
+    gc_concurrency: int = 8  # files removed from storage at once
+    gc_retry_delay_ms: int = 5_000  # a file whose removal failed is retried after this
+
+    # Idempotency: answers to mutating requests kept for retries.
+    idempotency_ttl_ms: int = 600_000  # 10 min: longer than any client retry budget
+    idempotency_clean_interval_ms: int = 10_000
+    idempotency_clean_batch: int = 1024  # records expired per round
+
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be in 0..65535")
+        if not MIN_CHUNK_SIZE <= self.default_chunk_size_bytes <= MAX_CHUNK_SIZE:
+            raise ValueError(
+                f"default_chunk_size_bytes must be in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}"
+            )
+        if self.default_chunk_size_bytes & (self.default_chunk_size_bytes - 1):
+            raise ValueError("default_chunk_size_bytes must be a power of two")
+        if not 1 <= self.default_stripe <= self.max_stripe:
+            raise ValueError("default_stripe must be in 1..max_stripe")
+        if not 0 <= self.root_mode <= 0o7777:
+            raise ValueError("root_mode must be permission bits (<= 0o7777)")
+        if self.mgmtd_addresses and self.static_chains:
+            raise ValueError("static_chains is for standalone mode (no mgmtd_addresses)")
+        positive = (
+            "mgmtd_timeout_ms",
+            "storage_timeout_ms",
+            "alloc_shards",
+            "alloc_batch",
+            "max_path_depth",
+            "max_links",
+            "max_stripe",
+            "max_xattr_name_bytes",
+            "max_xattr_value_bytes",
+            "max_xattrs_per_inode",
+            "readdir_page_entries",
+            "readdir_max_page_entries",
+            "max_batch_stat",
+            "session_timeout_ms",
+            "session_prune_interval_ms",
+            "session_prune_batch",
+            "gc_interval_ms",
+            "gc_batch",
+            "gc_concurrency",
+            "gc_retry_delay_ms",
+            "idempotency_ttl_ms",
+            "idempotency_clean_interval_ms",
+            "idempotency_clean_batch",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        for name in (
+            "max_symlink_follows",
+            "dir_mtime_granularity_ms",
+            "gc_delay_ms",
+            "heartbeat_interval_ms",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.readdir_page_entries > self.readdir_max_page_entries:
+            raise ValueError("readdir_page_entries must be <= readdir_max_page_entries")
+        if self.alloc_shards > 65535:
+            raise ValueError("alloc_shards must be <= 65535")

@@ -1,0 +1,218 @@
+"""The meta server process: `chainfs serve meta --config F`.
+
+Stateless: everything lives in the KV store named by ``kv_url``, so any
+number of meta servers may serve one store. On start a server formats the
+store if it is new (root inode, allocator parameters; idempotent), serves
+gRPC, registers with mgmtd as a META node and heartbeats, and runs its share
+of the background work (GC, session pruning, idempotency expiry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+import grpc.aio
+
+from chainfs.common import config as config_mod
+from chainfs.common import logging as chainfs_logging
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.process import run_service, write_ready_file
+from chainfs.common.routing import Routing
+from chainfs.common.rpc import grpc_util
+from chainfs.kv import KVStore
+from chainfs.kv import open as kv_open
+from chainfs.meta_service.alloc import InodeAllocator
+from chainfs.meta_service.background import (
+    GarbageCollector,
+    IdempotencyCleaner,
+    Periodic,
+    SessionPruner,
+    start_all,
+)
+from chainfs.meta_service.chunks import ChunkStorage
+from chainfs.meta_service.config import MetaConfig
+from chainfs.meta_service.namespace import ClusterView, Namespace
+from chainfs.meta_service.service import MetaServicer
+from chainfs.proto import meta_pb2_grpc as pbg
+from chainfs.proto import mgmt_pb2 as mp
+
+log = logging.getLogger(__name__)
+
+
+class StaticCluster:
+    """Standalone: a fixed chain list, no capacity figures."""
+
+    def __init__(self, chains: list[int]) -> None:
+        self._chains = list(chains)
+
+    def chains(self) -> list[int]:
+        return list(self._chains)
+
+    def capacity(self) -> tuple[int, int]:
+        return 0, 0
+
+
+class RoutingCluster:
+    """Chains and capacity from the latest routing info."""
+
+    def __init__(self, current: Callable[[], Routing | None]) -> None:
+        self._current = current
+
+    def chains(self) -> list[int]:
+        routing = self._current()
+        return routing.chain_ids() if routing is not None else []
+
+    def capacity(self) -> tuple[int, int]:
+        """Per chain the smallest replica capacity and the largest usage, summed."""
+        routing = self._current()
+        if routing is None:
+            return 0, 0
+        capacity = used = 0
+        for chain in routing.chains.values():
+            targets = [routing.targets[t] for t in chain.targets if t in routing.targets]
+            if targets:
+                capacity += min(t.capacity_bytes for t in targets)
+                used += max(t.used_bytes for t in targets)
+        return capacity, used
+
+
+class MetaServer:
+    """One meta server. Tests may inject the store, storage and cluster view."""
+
+    def __init__(
+        self,
+        cfg: MetaConfig,
+        *,
+        kv: KVStore | None = None,
+        storage: ChunkStorage | None = None,
+        cluster: ClusterView | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.kv = kv
+        self._own_kv = kv is None
+        self.storage = storage
+        self.cluster = cluster
+        self.client_id = os.urandom(16)
+        self.ns: Namespace | None = None
+        self.rpc_address = ""
+        self.node_id = 0
+        self.tasks: list[Periodic] = []
+        self._grpc: grpc.aio.Server | None = None
+        self._stop_tasks: Callable[[], Awaitable[None]] | None = None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        if self.kv is None:
+            self.kv = kv_open(cfg.kv_url)
+        fmt = await Namespace.format(self.kv, cfg)
+        if (fmt.alloc_shards, fmt.alloc_batch) != (cfg.alloc_shards, cfg.alloc_batch):
+            log.info(
+                "inode allocator: the store was formatted with %d shards x %d ids; using those",
+                fmt.alloc_shards,
+                fmt.alloc_batch,
+            )
+        alloc = InodeAllocator(self.kv, fmt)
+
+        heartbeat = None
+        if cfg.mgmtd_addresses:
+            from chainfs.common.rpc.mgmt_client import HeartbeatLoop, MgmtClient, RoutingCache
+
+            mgmt = MgmtClient(cfg.mgmtd_addresses, timeout_s=cfg.mgmtd_timeout_ms / 1000)
+            self._closers.append(mgmt.close)
+            routing = RoutingCache(mgmt)
+            await routing.get()
+            routing.start()
+            self._closers.insert(0, routing.stop)
+            if self.cluster is None:
+                self.cluster = RoutingCluster(lambda: routing.current)
+            if self.storage is None:
+                from chainfs.common.rpc.storage_client import StorageClient, StorageClientConfig
+
+                scfg = StorageClientConfig(timeout_ms=cfg.storage_timeout_ms)
+                client = StorageClient(routing, self.client_id, scfg)
+                self._closers.insert(0, client.close)
+                self.storage = client
+
+            def on_routing(r: Routing) -> None:
+                routing.install(r)
+
+            node = mp.NodeInfo(type=mp.META, hostname=socket.gethostname(), pid=os.getpid())
+            interval = cfg.heartbeat_interval_ms / 1000 if cfg.heartbeat_interval_ms else None
+            heartbeat = HeartbeatLoop(mgmt, node, lambda: [], on_routing, interval)
+        if self.cluster is None:
+            self.cluster = StaticCluster(cfg.static_chains)
+
+        self.ns = Namespace(self.kv, cfg, alloc, self.cluster, self.storage)
+        srv = grpc_util.server()
+        pbg.add_MetaServicer_to_server(MetaServicer(self.ns), srv)
+        port = grpc_util.bind(srv, cfg.listen_host, cfg.port)
+        await srv.start()
+        self._grpc = srv
+        self.rpc_address = f"{cfg.listen_host}:{port}"
+
+        if heartbeat is not None:
+            heartbeat.node.rpc_address = self.rpc_address
+            await heartbeat.start()
+            self._closers.insert(0, heartbeat.stop)
+            self.node_id = heartbeat.node_id
+
+        self.tasks = [IdempotencyCleaner(self.kv, cfg), SessionPruner(self.kv, cfg, self.ns)]
+        if self.storage is not None:
+            self.tasks.append(GarbageCollector(self.kv, cfg, self.storage))
+        else:
+            log.warning("standalone: no storage, removed files stay queued for GC")
+        self._stop_tasks = start_all(self.tasks)
+        log.info(
+            "meta serving on %s (node %d, store %s)", self.rpc_address, self.node_id, cfg.kv_url
+        )
+
+    def task(self, cls: type[Periodic]) -> Periodic:
+        return next(t for t in self.tasks if isinstance(t, cls))
+
+    def ready_info(self) -> dict[str, object]:
+        return {"rpc_address": self.rpc_address, "node_id": self.node_id}
+
+    async def stop(self) -> None:
+        if self._stop_tasks is not None:
+            await self._stop_tasks()
+            self._stop_tasks = None
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+            self._grpc = None
+        for close in self._closers:
+            try:
+                await close()
+            except Exception:
+                log.exception("closing %r failed", close)
+        self._closers = []
+        if self.kv is not None and self._own_kv:
+            await self.kv.close()
+
+
+def main(config_path: str | None, ready_file: str | None) -> int:
+    cfg = config_mod.load(MetaConfig, config_path)
+    chainfs_logging.setup(f"meta@{socket.gethostname()}", cfg.log_level)
+    if not cfg.mgmtd_addresses and not cfg.static_chains:
+        log.warning("no mgmtd_addresses and no static_chains: files cannot be created")
+
+    async def run(stop: asyncio.Event) -> None:
+        server = MetaServer(cfg)
+        try:
+            await server.start()
+            write_ready_file(ready_file, server.ready_info())
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    try:
+        return run_service(run)
+    except ChainfsError as e:
+        if e.code == Code.CONFIG_ERROR:
+            raise
+        log.error("meta server failed: %s", e)
+        return 1

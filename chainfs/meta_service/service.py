@@ -1,0 +1,103 @@
+"""The Meta gRPC servicer: one method per RPC, each a call into Namespace."""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import grpc.aio
+
+from chainfs.common.rpc.grpc_util import rpc_handler
+from chainfs.meta_service.namespace import Namespace
+from chainfs.proto import meta_pb2 as pb
+from chainfs.proto import meta_pb2_grpc as pbg
+
+Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+class MetaServicer(pbg.MetaServicer):
+    def __init__(self, ns: Namespace) -> None:
+        self.ns = ns
+
+    @rpc_handler
+    async def Stat(self, request: pb.StatReq, context: Ctx) -> pb.StatRsp:
+        return await self.ns.stat(request)
+
+    @rpc_handler
+    async def BatchStat(self, request: pb.BatchStatReq, context: Ctx) -> pb.BatchStatRsp:
+        return await self.ns.batch_stat(request)
+
+    @rpc_handler
+    async def Open(self, request: pb.OpenReq, context: Ctx) -> pb.OpenRsp:
+        return await self.ns.open(request)
+
+    @rpc_handler
+    async def Sync(self, request: pb.SyncReq, context: Ctx) -> pb.SyncRsp:
+        return await self.ns.sync(request)
+
+    @rpc_handler
+    async def Close(self, request: pb.CloseReq, context: Ctx) -> pb.CloseRsp:
+        return await self.ns.close(request)
+
+    @rpc_handler
+    async def KeepAlive(self, request: pb.KeepAliveReq, context: Ctx) -> pb.KeepAliveRsp:
+        return await self.ns.keepalive(request)
+
+    @rpc_handler
+    async def Mkdir(self, request: pb.MkdirReq, context: Ctx) -> pb.MkdirRsp:
+        return await self.ns.mkdir(request)
+
+    @rpc_handler
+    async def Unlink(self, request: pb.UnlinkReq, context: Ctx) -> pb.UnlinkRsp:
+        return await self.ns.unlink(request)
+
+    @rpc_handler
+    async def Rmdir(self, request: pb.RmdirReq, context: Ctx) -> pb.RmdirRsp:
+        return await self.ns.rmdir(request)
+
+    @rpc_handler
+    async def Rename(self, request: pb.RenameReq, context: Ctx) -> pb.RenameRsp:
+        return await self.ns.rename(request)
+
+    @rpc_handler
+    async def Link(self, request: pb.LinkReq, context: Ctx) -> pb.LinkRsp:
+        return await self.ns.link(request)
+
+    @rpc_handler
+    async def Symlink(self, request: pb.SymlinkReq, context: Ctx) -> pb.SymlinkRsp:
+        return await self.ns.symlink(request)
+
+    @rpc_handler
+    async def Readlink(self, request: pb.ReadlinkReq, context: Ctx) -> pb.ReadlinkRsp:
+        return await self.ns.readlink(request)
+
+    @rpc_handler
+    async def SetAttr(self, request: pb.SetAttrReq, context: Ctx) -> pb.SetAttrRsp:
+        return await self.ns.setattr(request)
+
+    @rpc_handler
+    async def Readdir(self, request: pb.ReaddirReq, context: Ctx) -> pb.ReaddirRsp:
+        return await self.ns.readdir(request)
+
+    @rpc_handler
+    async def GetXattr(self, request: pb.GetXattrReq, context: Ctx) -> pb.GetXattrRsp:
+        return await self.ns.get_xattr(request)
+
+    @rpc_handler
+    async def SetXattr(self, request: pb.SetXattrReq, context: Ctx) -> pb.SetXattrRsp:
+        return await self.ns.set_xattr(request)
+
+    @rpc_handler
+    async def ListXattr(self, request: pb.ListXattrReq, context: Ctx) -> pb.ListXattrRsp:
+        return await self.ns.list_xattr(request)
+
+    @rpc_handler
+    async def RemoveXattr(self, request: pb.RemoveXattrReq, context: Ctx) -> pb.RemoveXattrRsp:
+        return await self.ns.remove_xattr(request)
+
+    @rpc_handler
+    async def StatFs(self, request: pb.StatFsReq, context: Ctx) -> pb.StatFsRsp:
+        return await self.ns.statfs(request)
+
+    @rpc_handler
+    async def SetLayout(self, request: pb.SetLayoutReq, context: Ctx) -> pb.SetLayoutRsp:
+        return await self.ns.set_layout(request)
