@@ -10,6 +10,7 @@ operators, registers its targets with mgmtd (ids persisted in each target's
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -192,6 +193,7 @@ class StorageNode:
         opts = EngineOptions(
             durable=self.config.durable,
             disk_usage_limit_ratio=self.config.disk_usage_limit_ratio,
+            direct_writes=self.config.direct_writes,
         )
         infos = []
         for path in self.config.targets:
@@ -351,6 +353,9 @@ def main(config_path: str | None, ready_file: str | None) -> int:
         node = StorageNode(config)
         try:
             await node.start()
+            # Startup objects (modules, protobuf descriptors, gRPC) never die:
+            # keep the cyclic GC from rescanning them; the hot path makes few cycles.
+            gc.freeze()
             write_ready_file(ready_file, node.ready_info())
             log.info(
                 "storage node %d serving targets %s; rpc %s, data %s",
