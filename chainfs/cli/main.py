@@ -8,6 +8,7 @@ from chainfs import __version__
 from chainfs.cli.admin import admin
 from chainfs.cli.bench import bench
 from chainfs.cli.serve import serve
+from chainfs.cli.up import up
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,6 +20,7 @@ def cli() -> None:
 cli.add_command(serve)
 cli.add_command(admin)
 cli.add_command(bench)
+cli.add_command(up)
 
 
 def main() -> int:

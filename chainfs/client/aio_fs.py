@@ -1,0 +1,566 @@
+"""`chainfs.aio.connect(address)` -> AsyncFileSystem: the async core of the client.
+
+Namespace calls go to meta (any meta server, found through mgmtd's routing
+info); file bytes go straight to the storage nodes over the data plane: a
+large read is cut at chunk boundaries into groups sent in parallel (bounded
+per FileSystem), each group batched per storage node by the storage client,
+which picks a serving replica at random, fails over to another replica and
+refreshes routing on stale-version answers. Bytes land in the caller's
+buffer. Errors reaching the caller are builtin OSError subclasses
+(FileNotFoundError, IsADirectoryError, ...) with the errno set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import os
+import secrets
+import stat as stat_mod
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+from chainfs.client.budget import ByteBudget
+from chainfs.client.config import ClientConfig
+from chainfs.client.file import AsyncFile, Mode, OpenHandle
+from chainfs.client.layout import Layout, Piece, split
+from chainfs.common.errors import ChainfsError, Code, to_user_error
+from chainfs.common.rpc.meta_client import MetaClient, to_stat_result
+from chainfs.common.rpc.mgmt_client import MgmtClient, RoutingCache
+from chainfs.common.rpc.storage_client import ReadReq, StorageClient
+from chainfs.proto import meta_pb2 as mt
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+StatResult = os.stat_result
+StatVFS = os.statvfs_result
+# (path, offset, length); length None (or < 0) reads to the end of the file.
+Range = tuple[str, int, int | None]
+
+_ZEROS = bytes(1 << 20)  # source for zero-filling holes without allocating
+
+
+def _user_errors(
+    fn: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """ChainfsError -> the builtin OSError subclass for its errno, naming the path."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except ChainfsError as e:
+            path = args[1] if len(args) > 1 and isinstance(args[1], str) else None
+            raise to_user_error(e, path if e.filename is None else None) from None
+
+    return wrapper
+
+
+def normpath(path: str) -> str:
+    """Absolute, no trailing slash; relative paths are taken from the root."""
+    if not isinstance(path, str):
+        path = os.fsdecode(path)
+    if "\x00" in path:
+        raise ValueError("embedded null character in path")
+    if not path.startswith("/"):
+        path = "/" + path
+    while "//" in path:
+        path = path.replace("//", "/")
+    if len(path) > 1:
+        path = path.rstrip("/") or "/"
+    return path
+
+
+def layout_of(inode: mt.Inode) -> Layout:
+    lay = inode.layout
+    if not lay.chunk_size or not lay.chains:
+        raise ChainfsError(Code.EIO, f"inode {inode.ino} has no usable layout")
+    return Layout(chunk_size=lay.chunk_size, chains=tuple(lay.chains)[: lay.stripe or None])
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    """One directory entry with its attributes (``stat`` is an os.stat_result)."""
+
+    name: str
+    stat: os.stat_result
+
+    def is_dir(self) -> bool:
+        return stat_mod.S_ISDIR(self.stat.st_mode)
+
+    def is_file(self) -> bool:
+        return stat_mod.S_ISREG(self.stat.st_mode)
+
+    def is_symlink(self) -> bool:
+        return stat_mod.S_ISLNK(self.stat.st_mode)
+
+
+class AsyncFileSystem:
+    """A connection to one chainfs cluster, for coroutines (one event loop)."""
+
+    def __init__(
+        self,
+        address: str,
+        config: ClientConfig,
+        mgmt: MgmtClient,
+        routing: RoutingCache,
+        meta: MetaClient,
+        storage: StorageClient,
+    ) -> None:
+        self.address = address
+        self.config = config
+        self._mgmt = mgmt
+        self._routing = routing
+        self._meta = meta
+        self._storage = storage
+        self._budget = ByteBudget(config.write_buffer_budget_bytes)
+        self._read_sem = asyncio.Semaphore(config.max_inflight_reads)
+        self._open_files: set[AsyncFile] = set()
+        self._closed = False
+
+    # -- connect / close -----------------------------------------------------
+    @classmethod
+    async def connect(
+        cls, address: str, token: str | None = None, config: ClientConfig | None = None
+    ) -> AsyncFileSystem:
+        """Reach mgmtd at ``address``, learn the cluster, fail fast if unreachable."""
+        if token is not None:
+            raise ChainfsError(Code.ENOSYS, "token authentication is not supported by chainfs yet")
+        config = config or ClientConfig()
+        config.validate()
+        timeout_s = config.connect_timeout_ms / 1000
+        mgmt = MgmtClient(address, timeout_s=timeout_s)
+        routing = RoutingCache(mgmt)
+        try:
+            await routing.refresh()
+        except ChainfsError as e:
+            await mgmt.close()
+            raise ConnectionError(
+                errno.ECONNREFUSED if e.code == Code.UNAVAILABLE else e.errno,
+                f"cannot connect to chainfs at {address} within {timeout_s:g}s: {e.message}",
+            ) from None
+        client_id = secrets.token_bytes(16)
+        storage = StorageClient(routing, client_id, config.storage)
+        meta = MetaClient(routing, client_id, timeout_s=config.meta_timeout_ms / 1000)
+        routing.start()
+        return cls(address, config, mgmt, routing, meta, storage)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Close open files (flushing them), then the connections (idempotent)."""
+        if self._closed:
+            return
+        first_error: BaseException | None = None
+        for f in list(self._open_files):
+            try:
+                await f.close()
+            except Exception as e:  # keep closing the rest; report the first
+                first_error = first_error or e
+        self._closed = True
+        await self._routing.stop()
+        await self._meta.aclose()
+        await self._storage.close()
+        await self._mgmt.close()
+        if first_error is not None:
+            raise first_error
+
+    async def __aenter__(self) -> AsyncFileSystem:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on a closed chainfs FileSystem")
+
+    # -- namespace -----------------------------------------------------------
+    @_user_errors
+    async def stat(self, path: str, follow_symlinks: bool = True) -> os.stat_result:
+        self._check_open()
+        return to_stat_result(await self._meta.stat(normpath(path), follow_symlinks))
+
+    async def lstat(self, path: str) -> os.stat_result:
+        return await self.stat(path, follow_symlinks=False)
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
+
+    async def isdir(self, path: str) -> bool:
+        try:
+            return stat_mod.S_ISDIR((await self.stat(path)).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    async def isfile(self, path: str) -> bool:
+        try:
+            return stat_mod.S_ISREG((await self.stat(path)).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    @_user_errors
+    async def scandir(self, path: str = "/") -> list[DirEntry]:
+        """Entries of a directory with their attributes, in name order."""
+        self._check_open()
+        page = self.config.readdir_page_entries
+        return [
+            DirEntry(os.fsdecode(e.name), to_stat_result(e.inode))
+            async for e in self._meta.iterdir(normpath(path), with_attrs=True, page=page)
+        ]
+
+    @_user_errors
+    async def listdir(self, path: str = "/") -> list[str]:
+        self._check_open()
+        page = self.config.readdir_page_entries
+        return [
+            os.fsdecode(e.name)
+            async for e in self._meta.iterdir(normpath(path), with_attrs=False, page=page)
+        ]
+
+    @_user_errors
+    async def mkdir(
+        self, path: str, mode: int = 0o777, parents: bool = False, exist_ok: bool = False
+    ) -> None:
+        """Create a directory; ``parents`` creates missing ancestors (mkdir -p)."""
+        self._check_open()
+        p = normpath(path)
+        try:
+            await self._meta.mkdir(p, mode, parents=False)
+            return
+        except ChainfsError as e:
+            if e.code == Code.EEXIST and exist_ok:
+                if stat_mod.S_ISDIR(to_stat_result(await self._meta.stat(p, True)).st_mode):
+                    return
+                raise
+            if e.code != Code.ENOENT or not parents or p == "/":
+                raise
+        parent = p.rsplit("/", 1)[0] or "/"
+        await self._meta.mkdir(parent, mode, parents=True)
+        try:
+            await self._meta.mkdir(p, mode, parents=False)
+        except ChainfsError as e:
+            if not (e.code == Code.EEXIST and exist_ok):
+                raise
+
+    async def makedirs(self, path: str, mode: int = 0o777, exist_ok: bool = False) -> None:
+        await self.mkdir(path, mode, parents=True, exist_ok=exist_ok)
+
+    @_user_errors
+    async def remove(self, path: str) -> None:
+        self._check_open()
+        await self._meta.unlink(normpath(path))
+
+    unlink = remove
+
+    @_user_errors
+    async def rmdir(self, path: str) -> None:
+        self._check_open()
+        await self._meta.rmdir(normpath(path))
+
+    @_user_errors
+    async def rename(self, src: str, dst: str) -> None:
+        """Atomically move ``src`` to ``dst``, replacing a file or an empty directory there."""
+        self._check_open()
+        await self._meta.rename(normpath(src), normpath(dst))
+
+    @_user_errors
+    async def symlink(self, target: str, path: str) -> None:
+        """Create ``path`` as a symbolic link to ``target`` (os.symlink's order)."""
+        self._check_open()
+        await self._meta.symlink(target, normpath(path))
+
+    @_user_errors
+    async def link(self, src: str, dst: str) -> None:
+        """Create ``dst`` as a hard link to the file ``src``."""
+        self._check_open()
+        await self._meta.link(normpath(src), normpath(dst))
+
+    @_user_errors
+    async def readlink(self, path: str) -> str:
+        self._check_open()
+        return await self._meta.readlink(normpath(path))
+
+    @_user_errors
+    async def truncate(self, path: str, length: int) -> None:
+        self._check_open()
+        if length < 0:
+            raise ChainfsError(Code.EINVAL, f"negative length {length}", path)
+        await self._meta.setattr(normpath(path), follow=True, size=length)
+
+    @_user_errors
+    async def chmod(self, path: str, mode: int) -> None:
+        self._check_open()
+        await self._meta.setattr(normpath(path), follow=True, mode=mode & 0o7777)
+
+    @_user_errors
+    async def chown(self, path: str, uid: int, gid: int) -> None:
+        """Change owner and group; -1 leaves one unchanged (as os.chown)."""
+        self._check_open()
+        if uid != -1 or gid != -1:
+            await self._meta.chown(normpath(path), uid, gid)
+
+    @_user_errors
+    async def utime(
+        self,
+        path: str,
+        times: tuple[float, float] | None = None,
+        *,
+        ns: tuple[int, int] | None = None,
+    ) -> None:
+        """Set (atime, mtime) like os.utime: seconds, or ``ns=``; neither = now."""
+        self._check_open()
+        if times is not None and ns is not None:
+            raise ValueError("utime: you may specify either 'times' or 'ns' but not both")
+        p = normpath(path)
+        if ns is not None:
+            await self._meta.setattr(p, follow=True, atime_ns=ns[0], mtime_ns=ns[1])
+        elif times is not None:
+            a, m = (round(t * 1e9) for t in times)
+            await self._meta.setattr(p, follow=True, atime_ns=a, mtime_ns=m)
+        else:
+            await self._meta.setattr(p, follow=True, atime_now=True, mtime_now=True)
+
+    @_user_errors
+    async def statfs(self) -> os.statvfs_result:
+        """File-system totals as an ``os.statvfs_result``."""
+        self._check_open()
+        rsp = await self._meta.statfs()
+        bsize = rsp.block_size or 4096
+        blocks, free = rsp.capacity_bytes // bsize, rsp.free_bytes // bsize
+        files = max(rsp.inodes_allocated, 1) * 2
+        ffree = files - rsp.inodes_allocated
+        return os.statvfs_result(
+            (bsize, bsize, blocks, free, free, files, ffree, ffree, 0, rsp.max_name_bytes or 255)
+        )
+
+    @_user_errors
+    async def getxattr(self, path: str, name: str) -> bytes:
+        self._check_open()
+        return await self._meta.getxattr(normpath(path), os.fsencode(name))
+
+    @_user_errors
+    async def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
+        self._check_open()
+        await self._meta.setxattr(normpath(path), os.fsencode(name), bytes(value), flags)
+
+    @_user_errors
+    async def listxattr(self, path: str) -> list[str]:
+        self._check_open()
+        return await self._meta.listxattr(normpath(path))
+
+    @_user_errors
+    async def removexattr(self, path: str, name: str) -> None:
+        self._check_open()
+        await self._meta.removexattr(normpath(path), os.fsencode(name))
+
+    # -- files ---------------------------------------------------------------
+    @_user_errors
+    async def open(self, path: str, mode: str = "rb") -> AsyncFile:
+        """Open a file in a binary mode (r, w, a, x, with + and b) -> AsyncFile."""
+        self._check_open()
+        m = Mode.parse(mode)
+        if not m.binary:
+            raise ValueError(
+                f"mode {mode!r}: the async client opens files in binary mode only "
+                "(decode the bytes, or use the sync FileSystem for text)"
+            )
+        p = normpath(path)
+        rsp = await self._meta.open(
+            p,
+            read=m.readable,
+            write=m.writable,
+            create=m.create,
+            exclusive=m.exclusive,
+            truncate=m.truncate,
+            mode=0o666 & ~_umask(),
+        )
+        inode = rsp.inode
+        if inode.type == mt.DIRECTORY:
+            if rsp.session_id:
+                await self._meta.close(inode.ino, rsp.session_id, 0, False)
+            raise ChainfsError(Code.EISDIR, "is a directory", p)
+        if inode.type != mt.FILE:
+            raise ChainfsError(Code.EINVAL, "not a regular file", p)
+        handle = OpenHandle(p, inode.ino, layout_of(inode), inode.size, rsp.session_id or None)
+        f = AsyncFile(self, handle, m)
+        self._open_files.add(f)
+        return f
+
+    async def read_file(self, path: str) -> bytes:
+        """The whole content of a file."""
+        (data,) = await self.read_ranges([(path, 0, None)])
+        return bytes(data)
+
+    async def write_file(self, path: str, data: Any) -> None:
+        """Create or replace a file with ``data``."""
+        f = await self.open(path, "wb")
+        try:
+            await f.write(data)
+        finally:
+            await f.close()
+
+    @_user_errors
+    async def read_ranges(
+        self, ranges: Sequence[Range], buffers: Sequence[Any] | None = None
+    ) -> list[Any]:
+        """Read many ``(path, offset, length)`` ranges in one parallel call.
+
+        Returns one bytes-like object per range, in request order: a view of
+        ``buffers[i]`` when buffers are given, else a new bytearray. A range
+        past the end of its file comes back short (length None: to the end).
+        """
+        self._check_open()
+        if buffers is not None and len(buffers) != len(ranges):
+            raise ValueError(f"{len(buffers)} buffers for {len(ranges)} ranges")
+        paths = sorted({normpath(r[0]) for r in ranges})
+        inodes = await self._meta.batch_stat(paths)
+        by_path: dict[str, mt.Inode] = {}
+        for p, res in zip(paths, inodes, strict=True):
+            if isinstance(res, ChainfsError):
+                raise ChainfsError(res.code, res.message, p)
+            if res.type == mt.DIRECTORY:
+                raise ChainfsError(Code.EISDIR, "is a directory", p)
+            by_path[p] = res
+        out: list[Any] = []
+        work: list[tuple[int, Layout, Piece, memoryview]] = []
+        for i, (path, offset, length) in enumerate(ranges):
+            inode = by_path[normpath(path)]
+            if offset < 0:
+                raise ChainfsError(Code.EINVAL, f"negative offset {offset}", path)
+            avail = max(0, inode.size - offset)
+            n = avail if length is None or length < 0 else min(length, avail)
+            if buffers is not None:
+                view = memoryview(buffers[i]).cast("B")
+                if length is not None and length >= 0 and len(view) < min(length, n):
+                    raise ValueError(f"buffer {i} holds {len(view)} bytes, range needs {n}")
+                n = min(n, len(view))
+                dest = view[:n]
+                out.append(dest)
+            else:
+                buf = bytearray(n)
+                dest = memoryview(buf)
+                out.append(buf)
+            if n:
+                layout = layout_of(inode)
+                for piece in split(layout, offset, n):
+                    work.append((inode.ino, layout, piece, dest))
+        await self._read_pieces(work)
+        return out
+
+    # -- chunk I/O (used by AsyncFile) ----------------------------------------
+    async def _read_into(self, h: OpenHandle, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the file's bytes at ``offset`` (holes as zeros)."""
+        if len(out):
+            await self._read_pieces(
+                [(h.inode, h.layout, p, out) for p in split(h.layout, offset, len(out))]
+            )
+
+    async def _read_pieces(self, work: list[tuple[int, Layout, Piece, memoryview]]) -> None:
+        """Read chunk pieces into their destinations: groups in parallel, bounded."""
+        if not work:
+            return
+        groups: list[list[tuple[ReadReq, memoryview]]] = []
+        group: list[tuple[ReadReq, memoryview]] = []
+        group_bytes = 0
+        for ino, _layout, p, dest in work:
+            target = dest[p.buf_offset : p.buf_offset + p.length]
+            req = ReadReq(p.chain_id, ino, p.chunk_index, p.chunk_offset, p.length, target)
+            group.append((req, target))
+            group_bytes += p.length
+            if (
+                group_bytes >= self.config.read_group_bytes
+                or len(group) >= self.config.read_group_ios
+            ):
+                groups.append(group)
+                group, group_bytes = [], 0
+        if group:
+            groups.append(group)
+        if len(groups) == 1:
+            await self._read_group(groups[0])
+            return
+        it = iter(groups)
+
+        async def worker() -> None:
+            for g in it:
+                await self._read_group(g)
+
+        workers = [
+            asyncio.ensure_future(worker())
+            for _ in range(min(len(groups), self.config.max_inflight_reads))
+        ]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            raise
+
+    async def _read_group(self, group: list[tuple[ReadReq, memoryview]]) -> None:
+        async with self._read_sem:
+            got = await self._storage.read_batch([r for r, _ in group])
+        for (req, target), data in zip(group, got, strict=True):
+            n = len(data)
+            if n < req.length:  # a hole, or the end of a short chunk: zeros
+                _zero(target, n, req.length)
+
+    async def _write_piece(self, h: OpenHandle, piece: Piece, data: bytearray) -> None:
+        assert len(data) == piece.length, (len(data), piece)
+        await self._storage.write(
+            piece.chain_id, h.inode, piece.chunk_index, piece.chunk_offset, data,
+            h.layout.chunk_size,
+        )  # fmt: skip
+
+    async def _sync_handle(self, h: OpenHandle, length: int) -> None:
+        if h.session is None:
+            return
+        inode = await self._meta.sync(h.inode, h.session, length, exact=True, wrote=True)
+        h.size = inode.size
+
+    async def _truncate_handle(self, h: OpenHandle, length: int) -> None:
+        await self._meta.setattr(h.inode, size=length)
+        h.size = length
+
+    async def _close_handle(self, h: OpenHandle, length: int, wrote: bool) -> None:
+        f = next((x for x in self._open_files if x._h is h), None)
+        if f is not None:
+            self._open_files.discard(f)
+        if h.session is not None:
+            await self._meta.close(h.inode, h.session, length, wrote)
+
+
+def _zero(view: memoryview, start: int, end: int) -> None:
+    while start < end:
+        n = min(end - start, len(_ZEROS))
+        view[start : start + n] = _ZEROS[:n]
+        start += n
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+async def connect(
+    address: str, token: str | None = None, config: ClientConfig | None = None
+) -> AsyncFileSystem:
+    """Connect to the cluster whose mgmtd is at ``address`` ("host:port[,host:port]")."""
+    try:
+        return await AsyncFileSystem.connect(address, token=token, config=config)
+    except ChainfsError as e:
+        raise to_user_error(e) from None

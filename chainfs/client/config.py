@@ -1,0 +1,56 @@
+"""Client settings: timeouts, parallelism and memory bounds of one FileSystem."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chainfs.common.rpc.storage_client import StorageClientConfig
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class ClientConfig:
+    # Bound on reaching mgmtd at connect: an unreachable address fails within this.
+    connect_timeout_ms: int = 5_000
+    # Deadline of one metadata call, meta failover included.
+    meta_timeout_ms: int = 30_000
+    # Read groups (one read_batch call of up to read_group_bytes / read_group_ios)
+    # in flight per FileSystem: keeps every storage node busy, bounds queues.
+    max_inflight_reads: int = 16
+    # One read group: consecutive chunk pieces of one call, batched per node.
+    read_group_bytes: int = 8 * MiB
+    read_group_ios: int = 256
+    # Chunk writes in flight per open file.
+    max_inflight_writes_per_file: int = 8
+    # Bytes of write-back data (copied from the caller, not yet acknowledged by
+    # storage) across all files of one FileSystem; a writer waits above it.
+    write_buffer_budget_bytes: int = 128 * MiB
+    # Read buffer of a file for small sequential reads (read(n) with small n,
+    # readline); reads at least this large go straight into the caller's buffer.
+    read_buffer_bytes: int = 1 * MiB
+    # Entries asked per readdir page.
+    readdir_page_entries: int = 1024
+    # Storage data-plane client: retries across replicas, timeouts, connections.
+    storage: StorageClientConfig = field(default_factory=StorageClientConfig)
+
+    def validate(self) -> None:
+        for name in (
+            "connect_timeout_ms",
+            "meta_timeout_ms",
+            "max_inflight_reads",
+            "read_group_bytes",
+            "read_group_ios",
+            "max_inflight_writes_per_file",
+            "write_buffer_budget_bytes",
+            "read_buffer_bytes",
+            "readdir_page_entries",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        self.storage.validate()
+
+    @property
+    def buffer_budget_bytes(self) -> int:
+        """Client-side bytes these settings let one FileSystem hold at most."""
+        return self.write_buffer_budget_bytes + self.read_buffer_bytes

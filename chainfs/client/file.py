@@ -1,0 +1,588 @@
+"""Open files: the async core (`AsyncFile`) and the sync `io.BufferedIOBase` twin (`File`).
+
+Writes are copied once into chunk-sized write-back buffers; a buffer is sent
+as one chunk request as soon as its chunk is complete (or on flush, seek
+elsewhere, close), several in flight at once, bounded per file and by the
+FileSystem's byte budget. A failed background write is raised by the next
+write, flush or close. close() and fsync() report the file length to meta.
+
+Reads at least ``read_buffer_bytes`` long go straight into the caller's
+buffer, split into chunk requests sent in parallel; shorter reads go through
+a read buffer refilled by the same path. A file sees its own writes (pending
+ones are flushed before a read). Holes read as zeros. The length a reader
+sees is the one meta had at open (close-to-open consistency), extended by the
+file's own writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from chainfs.client.layout import Layout, Piece, split
+
+# Any bytes-like object (collections.abc.Buffer needs Python 3.12).
+Buffer = Any
+
+if TYPE_CHECKING:
+    from chainfs.client._loop import LoopThread
+    from chainfs.client.aio_fs import AsyncFileSystem
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What a mode string ('r', 'wb', 'a+', 'x', ...) asks for."""
+
+    readable: bool
+    writable: bool
+    append: bool
+    create: bool
+    truncate: bool
+    exclusive: bool
+    binary: bool
+
+    @classmethod
+    def parse(cls, mode: str) -> Mode:
+        chars = set(mode)
+        if len(chars) != len(mode) or not chars <= set("rwaxbt+") or not mode:
+            raise ValueError(f"invalid mode: {mode!r}")
+        kinds = chars & set("rwax")
+        if len(kinds) != 1:
+            raise ValueError(f"mode {mode!r} needs exactly one of r, w, a, x")
+        if "b" in chars and "t" in chars:
+            raise ValueError(f"mode {mode!r} cannot be both binary and text")
+        kind = kinds.pop()
+        plus = "+" in chars
+        return cls(
+            readable=kind == "r" or plus,
+            writable=kind != "r" or plus,
+            append=kind == "a",
+            create=kind in "wax",
+            truncate=kind == "w",
+            exclusive=kind == "x",
+            binary="b" in chars,
+        )
+
+    def binary_mode(self) -> str:
+        """The equivalent binary mode string (for `name`/`mode` attributes)."""
+        if self.append:
+            base = "a"
+        elif self.exclusive:
+            base = "x"
+        elif self.truncate:
+            base = "w"
+        else:
+            base = "r"
+        plus = "+" if (self.readable and self.writable) else ""
+        return f"{base}b{plus}"
+
+
+@dataclass
+class OpenHandle:
+    """What meta told us about an open file."""
+
+    path: str
+    inode: int
+    layout: Layout
+    size: int
+    session: Any = None  # meta's write-open session (None when opened read-only)
+
+
+def _closed_error() -> ValueError:
+    return ValueError("I/O operation on closed file.")
+
+
+class AsyncFile:
+    """A file of an AsyncFileSystem. Methods are coroutines except tell/readable/..."""
+
+    def __init__(self, fs: AsyncFileSystem, handle: OpenHandle, mode: Mode) -> None:
+        self._fs = fs
+        self._h = handle
+        self._mode = mode
+        self.name = handle.path
+        self.mode = mode.binary_mode()
+        self._pos = handle.size if mode.append else 0
+        self._size = handle.size  # meta's length at open, extended by our writes
+        self._closed = False
+        # Write-back: one contiguous, not yet sent run inside one chunk.
+        self._wbuf = bytearray()
+        self._wbuf_offset = 0  # file offset of _wbuf[0]
+        self._inflight: dict[int, asyncio.Task[None]] = {}  # chunk index -> last send
+        self._inflight_sem = asyncio.Semaphore(fs.config.max_inflight_writes_per_file)
+        self._write_error: BaseException | None = None
+        self._dirty = False  # wrote since the length was last reported
+        # Read buffer: bytes of [_rbuf_offset, _rbuf_offset + len(_rbuf)).
+        self._rbuf = memoryview(b"")
+        self._rbuf_offset = 0
+
+    # -- state ---------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def inode(self) -> int:
+        return self._h.inode
+
+    @property
+    def layout(self) -> Layout:
+        return self._h.layout
+
+    def readable(self) -> bool:
+        self._check_open()
+        return self._mode.readable
+
+    def writable(self) -> bool:
+        self._check_open()
+        return self._mode.writable
+
+    def seekable(self) -> bool:
+        self._check_open()
+        return True
+
+    def tell(self) -> int:
+        self._check_open()
+        return self._pos
+
+    def size(self) -> int:
+        """The file's length as this handle sees it."""
+        return max(self._size, self._wbuf_offset + len(self._wbuf))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise _closed_error()
+
+    def _check_readable(self) -> None:
+        self._check_open()
+        if not self._mode.readable:
+            raise io.UnsupportedOperation(f"{self.name}: file not open for reading")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if not self._mode.writable:
+            raise io.UnsupportedOperation(f"{self.name}: file not open for writing")
+
+    def _raise_write_error(self) -> None:
+        if self._write_error is not None:
+            err, self._write_error = self._write_error, None
+            raise err
+
+    # -- seek ----------------------------------------------------------------
+    def seek_sync(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Move the position; no I/O (pending writes stay buffered)."""
+        self._check_open()
+        if whence == os.SEEK_SET:
+            new = offset
+        elif whence == os.SEEK_CUR:
+            new = self._pos + offset
+        elif whence == os.SEEK_END:
+            new = self.size() + offset
+        else:
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
+        if new < 0:
+            raise OSError(errno.EINVAL, f"negative seek position {new}", self.name)
+        self._pos = new
+        return new
+
+    async def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.seek_sync(offset, whence)
+
+    # -- write ---------------------------------------------------------------
+    def try_write_buffered(self, data: Buffer) -> int | None:
+        """Fast path without I/O: append to the write buffer if it stays within its chunk."""
+        if self._closed or not self._mode.writable or self._write_error is not None:
+            return None
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        pos = self._size if self._mode.append else self._pos
+        if self._wbuf and pos != self._wbuf_offset + len(self._wbuf):
+            return None
+        cs = self._h.layout.chunk_size
+        start = pos if not self._wbuf else self._wbuf_offset
+        if (start // cs) != ((pos + n) // cs) or n == 0:
+            return None  # completes a chunk (or empty): take the slow path
+        if not self._wbuf:
+            self._wbuf_offset = pos
+        self._wbuf += mv
+        self._after_write(pos, n)
+        return n
+
+    def _after_write(self, pos: int, n: int) -> None:
+        self._pos = pos + n
+        self._size = max(self._size, pos + n)
+        self._dirty = True
+        if self._rbuf and pos < self._rbuf_offset + len(self._rbuf) and self._rbuf_offset < pos + n:
+            self._rbuf = memoryview(b"")
+
+    async def write(self, data: Buffer) -> int:
+        self._check_writable()
+        self._raise_write_error()
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        if n == 0:
+            return 0
+        if self.try_write_buffered(mv) is not None:
+            return n
+        pos = self._size if self._mode.append else self._pos
+        if self._wbuf and pos != self._wbuf_offset + len(self._wbuf):
+            await self._send_wbuf()
+        cs = self._h.layout.chunk_size
+        done = 0
+        while done < n:
+            at = pos + done
+            chunk_end = (at // cs + 1) * cs
+            take = min(n - done, chunk_end - at)
+            if not self._wbuf and take == cs:
+                # A whole chunk straight from the caller: one copy, sent at once.
+                self._wbuf_offset = at
+                self._wbuf = bytearray(mv[done : done + take])
+            else:
+                if not self._wbuf:
+                    self._wbuf_offset = at
+                self._wbuf += mv[done : done + take]
+            done += take
+            if self._wbuf_offset + len(self._wbuf) == chunk_end:
+                await self._send_wbuf()
+        self._after_write(pos, n)
+        return n
+
+    async def _send_wbuf(self) -> None:
+        """Hand the pending run to a background send (bounded in flight and in bytes)."""
+        if not self._wbuf:
+            return
+        data, offset = self._wbuf, self._wbuf_offset
+        self._wbuf = bytearray()
+        pieces = split(self._h.layout, offset, len(data))
+        assert len(pieces) == 1, "a write-back run never spans chunks"
+        piece = pieces[0]
+        await self._inflight_sem.acquire()
+        try:
+            await self._fs._budget.acquire(len(data))
+        except BaseException:
+            self._inflight_sem.release()
+            raise
+        previous = self._inflight.get(piece.chunk_index)
+        task = asyncio.ensure_future(self._send_piece(piece, data, previous))
+        self._inflight[piece.chunk_index] = task
+
+    async def _send_piece(
+        self, piece: Piece, data: bytearray, previous: asyncio.Task[None] | None
+    ) -> None:
+        try:
+            if previous is not None:
+                # Same chunk already in flight: keep the two writes in order.
+                await asyncio.wait([previous])
+            await self._fs._write_piece(self._h, piece, data)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            if self._write_error is None:
+                self._write_error = e
+        finally:
+            self._fs._budget.release(len(data))
+            self._inflight_sem.release()
+            if self._inflight.get(piece.chunk_index) is asyncio.current_task():
+                del self._inflight[piece.chunk_index]
+
+    async def _drain(self) -> None:
+        """Send the pending run and wait for every send; raise the first failure."""
+        await self._send_wbuf()
+        while self._inflight:
+            await asyncio.wait(list(self._inflight.values()))
+        self._raise_write_error()
+
+    async def flush(self) -> None:
+        """Push buffered writes to storage (acknowledged by every replica)."""
+        self._check_open()
+        if self._mode.writable:
+            await self._drain()
+
+    async def fsync(self) -> None:
+        """flush(), then make the length durable at meta."""
+        await self.flush()
+        if self._mode.writable:
+            await self._fs._sync_handle(self._h, self._size)
+            self._dirty = False
+
+    async def truncate(self, size: int | None = None) -> int:
+        self._check_writable()
+        if size is None:
+            size = self._pos
+        if size < 0:
+            raise OSError(errno.EINVAL, f"negative size {size}", self.name)
+        await self._drain()
+        await self._fs._truncate_handle(self._h, size)
+        self._size = size
+        self._rbuf = memoryview(b"")
+        return size
+
+    # -- read ----------------------------------------------------------------
+    def try_read_buffered(self, n: int) -> bytes | None:
+        """Fast path without I/O: serve ``n`` bytes from the read buffer if it has them."""
+        if self._closed or not self._mode.readable or self._wbuf or self._inflight:
+            return None
+        start = self._pos - self._rbuf_offset
+        if n < 0 or start < 0 or start + n > len(self._rbuf):
+            return None
+        self._pos += n
+        return bytes(self._rbuf[start : start + n])
+
+    async def _before_read(self) -> None:
+        self._check_readable()
+        if self._wbuf or self._inflight or self._write_error is not None:
+            await self._drain()
+
+    async def read(self, size: int = -1) -> bytes:
+        await self._before_read()
+        avail = max(0, self._size - self._pos)
+        n = avail if size is None or size < 0 else min(size, avail)
+        if n == 0:
+            return b""
+        buf = bytearray(n)
+        got = await self._readinto_at(memoryview(buf))
+        return bytes(buf) if got == n else bytes(buf[:got])
+
+    async def read1(self, size: int = -1) -> bytes:
+        return await self.read(size)
+
+    async def readinto(self, b: Buffer) -> int:
+        await self._before_read()
+        mv = memoryview(b).cast("B")
+        return await self._readinto_at(mv)
+
+    async def readinto1(self, b: Buffer) -> int:
+        return await self.readinto(b)
+
+    async def _readinto_at(self, out: memoryview) -> int:
+        """Fill ``out`` from the current position (clamped at EOF); advance."""
+        n = min(len(out), max(0, self._size - self._pos))
+        done = 0
+        # 1. Whatever the read buffer already holds.
+        start = self._pos - self._rbuf_offset
+        if 0 <= start < len(self._rbuf):
+            take = min(n, len(self._rbuf) - start)
+            out[:take] = self._rbuf[start : start + take]
+            done = take
+        rest = n - done
+        if rest == 0:
+            self._pos += done
+            return done
+        at = self._pos + done
+        if rest >= self._fs.config.read_buffer_bytes:
+            # 2a. Large: straight into the caller's buffer, chunks in parallel.
+            await self._fs._read_into(self._h, at, out[done:n])
+        else:
+            # 2b. Small: refill the read buffer, then copy out.
+            fill = min(max(rest, self._fs.config.read_buffer_bytes), self._size - at)
+            rbuf = bytearray(fill)
+            await self._fs._read_into(self._h, at, memoryview(rbuf))
+            self._rbuf, self._rbuf_offset = memoryview(rbuf), at
+            out[done:n] = self._rbuf[:rest]
+        self._pos += n
+        return n
+
+    async def readline(self, size: int | None = -1) -> bytes:
+        await self._before_read()
+        limit = -1 if size is None else size
+        parts: list[bytes] = []
+        total = 0
+        while limit < 0 or total < limit:
+            if self._pos >= self._size:
+                break
+            start = self._pos - self._rbuf_offset
+            if not (0 <= start < len(self._rbuf)):
+                await self._fill_rbuf()
+                start = 0
+            window = self._rbuf[start:]
+            if limit >= 0:
+                window = window[: limit - total]
+            nl = bytes(window).find(b"\n")  # window is at most read_buffer_bytes
+            take = len(window) if nl < 0 else nl + 1
+            parts.append(bytes(window[:take]))
+            total += take
+            self._pos += take
+            if nl >= 0:
+                break
+        return b"".join(parts)
+
+    async def readlines(self, hint: int = -1) -> list[bytes]:
+        lines: list[bytes] = []
+        total = 0
+        while True:
+            line = await self.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                return lines
+
+    async def _fill_rbuf(self) -> None:
+        at = self._pos
+        fill = min(self._fs.config.read_buffer_bytes, self._size - at)
+        rbuf = bytearray(fill)
+        await self._fs._read_into(self._h, at, memoryview(rbuf))
+        self._rbuf, self._rbuf_offset = memoryview(rbuf), at
+
+    # -- close ---------------------------------------------------------------
+    async def close(self) -> None:
+        """Flush, report the length to meta, release the handle (idempotent)."""
+        if self._closed:
+            return
+        try:
+            if self._mode.writable:
+                await self._drain()
+        finally:
+            self._closed = True
+            self._rbuf = memoryview(b"")
+            await self._fs._close_handle(self._h, self._size, self._mode.writable)
+
+    async def __aenter__(self) -> AsyncFile:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("chainfs files have no OS file descriptor")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"pos={self._pos}"
+        return f"<chainfs.AsyncFile {self.name!r} mode={self.mode!r} {state}>"
+
+
+class File(io.BufferedIOBase):
+    """A chainfs file for synchronous code: an ``io.BufferedIOBase``.
+
+    Calls run the AsyncFile on the FileSystem's event-loop thread; reads served
+    by the read buffer and small writes inside one chunk skip that hop.
+    """
+
+    def __init__(self, afile: AsyncFile, loop: LoopThread) -> None:
+        super().__init__()
+        self._af = afile
+        self._loop = loop
+        self.name = afile.name
+        self.mode = afile.mode
+
+    @property
+    def raw(self) -> Any:
+        raise AttributeError("chainfs files have no raw stream")
+
+    @property
+    def closed(self) -> bool:
+        return self._af.closed
+
+    @property
+    def inode(self) -> int:
+        return self._af.inode
+
+    def readable(self) -> bool:
+        return self._af.readable()
+
+    def writable(self) -> bool:
+        return self._af.writable()
+
+    def seekable(self) -> bool:
+        return self._af.seekable()
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("chainfs files have no OS file descriptor")
+
+    def isatty(self) -> bool:
+        self._af._check_open()
+        return False
+
+    def tell(self) -> int:
+        return self._af.tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._af.seek_sync(offset, whence)
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size >= 0:
+            fast = self._af.try_read_buffered(size)
+            if fast is not None:
+                return fast
+        return self._loop.run(self._af.read(-1 if size is None else size))
+
+    def read1(self, size: int = -1) -> bytes:
+        return self.read(size)
+
+    def readinto(self, b: Buffer) -> int:
+        return self._loop.run(self._af.readinto(b))
+
+    def readinto1(self, b: Buffer) -> int:
+        return self.readinto(b)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return self._loop.run(self._af.readline(size))
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        return self._loop.run(self._af.readlines(-1 if hint is None else hint))
+
+    def __iter__(self) -> File:
+        self._af._check_open()
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def write(self, data: Buffer) -> int:
+        fast = self._af.try_write_buffered(data)
+        if fast is not None:
+            return fast
+        return self._loop.run(self._af.write(data))
+
+    def writelines(self, lines: Iterable[Buffer]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def truncate(self, size: int | None = None) -> int:
+        return self._loop.run(self._af.truncate(size))
+
+    def flush(self) -> None:
+        if self._af.closed:
+            return  # io.IOBase calls flush() from close(); nothing left to push
+        self._loop.run(self._af.flush())
+
+    def fsync(self) -> None:
+        self._loop.run(self._af.fsync())
+
+    def close(self) -> None:
+        if self._af.closed:
+            return
+        if not self._loop.alive:
+            raise ValueError(f"{self.name}: its FileSystem was closed before the file")
+        self._loop.run(self._af.close())
+
+    def detach(self) -> Any:
+        raise io.UnsupportedOperation("chainfs files cannot be detached")
+
+    def __enter__(self) -> File:
+        self._af._check_open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # io.IOBase.__del__ would close() from any thread at any time; a file
+        # dropped without close() is closed only when its loop is still alive.
+        try:
+            if not self._af.closed and self._loop.alive and not self._loop.in_loop_thread():
+                self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"pos={self._af.tell()}"
+        return f"<chainfs.File {self.name!r} mode={self.mode!r} {state}>"

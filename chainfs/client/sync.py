@@ -1,0 +1,245 @@
+"""`chainfs.connect(address)` -> FileSystem: the synchronous twin of AsyncFileSystem.
+
+Each FileSystem owns one background thread running a uvloop event loop; every
+call runs the async core there and waits for it. Calls may come from any
+number of threads at once (they run concurrently on the loop).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Literal, overload
+
+from chainfs.client._loop import LoopThread
+from chainfs.client.aio_fs import AsyncFileSystem, DirEntry, Range, StatResult, StatVFS
+from chainfs.client.config import ClientConfig
+from chainfs.client.file import File, Mode
+
+# Modes that give a binary File (any other valid mode gives a text wrapper).
+BinaryMode = Literal[
+    "rb", "wb", "ab", "xb", "rb+", "wb+", "ab+", "xb+", "r+b", "w+b", "a+b", "x+b",
+    "br", "bw", "ba", "bx",
+]  # fmt: skip
+
+
+class FileSystem:
+    """A connection to one chainfs cluster. Paths are absolute POSIX strings."""
+
+    def __init__(self, afs: AsyncFileSystem, loop: LoopThread) -> None:
+        self._afs = afs
+        self._loop = loop
+
+    @classmethod
+    def connect(
+        cls, address: str, token: str | None = None, config: ClientConfig | None = None
+    ) -> FileSystem:
+        loop = LoopThread()
+        try:
+            afs = loop.run(AsyncFileSystem.connect(address, token=token, config=config))
+        except BaseException:
+            loop.stop()
+            raise
+        return cls(afs, loop)
+
+    @property
+    def address(self) -> str:
+        return self._afs.address
+
+    @property
+    def config(self) -> ClientConfig:
+        return self._afs.config
+
+    @property
+    def aio(self) -> AsyncFileSystem:
+        """The async core (usable only from coroutines on this FileSystem's loop)."""
+        return self._afs
+
+    @property
+    def closed(self) -> bool:
+        return self._afs.closed
+
+    # -- files ---------------------------------------------------------------
+    @overload
+    def open(  # type: ignore[overload-overlap]
+        self,
+        path: str,
+        mode: BinaryMode,
+        buffering: int = -1,
+        encoding: None = None,
+        errors: None = None,
+        newline: None = None,
+    ) -> File: ...
+
+    @overload
+    def open(
+        self,
+        path: str,
+        mode: str = "r",
+        buffering: int = -1,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> io.TextIOWrapper: ...
+
+    def open(
+        self,
+        path: str,
+        mode: str = "r",
+        buffering: int = -1,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> File | io.TextIOWrapper:
+        """Like builtin ``open``: r, w, a, x, r+, w+, a+, x+ with 'b' or text."""
+        m = Mode.parse(mode)
+        if m.binary and (encoding is not None or errors is not None or newline is not None):
+            raise ValueError("binary mode doesn't take an encoding, errors or newline argument")
+        afile = self._loop.run(self._afs.open(path, m.binary_mode()))
+        f = File(afile, self._loop)
+        if m.binary:
+            return f
+        return io.TextIOWrapper(
+            f,
+            encoding=encoding or "utf-8",
+            errors=errors,
+            newline=newline,
+            write_through=False,
+        )
+
+    def read_ranges(
+        self, ranges: Sequence[Range], buffers: Sequence[Any] | None = None
+    ) -> list[Any]:
+        """Read many (path, offset, length) ranges in one parallel call, in request order."""
+        return self._loop.run(self._afs.read_ranges(ranges, buffers))
+
+    def read_file(self, path: str) -> bytes:
+        return self._loop.run(self._afs.read_file(path))
+
+    def write_file(self, path: str, data: Any) -> None:
+        self._loop.run(self._afs.write_file(path, data))
+
+    # -- namespace -----------------------------------------------------------
+    def stat(self, path: str, follow_symlinks: bool = True) -> StatResult:
+        return self._loop.run(self._afs.stat(path, follow_symlinks))
+
+    def lstat(self, path: str) -> StatResult:
+        return self._loop.run(self._afs.lstat(path))
+
+    def exists(self, path: str) -> bool:
+        return self._loop.run(self._afs.exists(path))
+
+    def isdir(self, path: str) -> bool:
+        return self._loop.run(self._afs.isdir(path))
+
+    def isfile(self, path: str) -> bool:
+        return self._loop.run(self._afs.isfile(path))
+
+    def listdir(self, path: str = "/") -> list[str]:
+        return self._loop.run(self._afs.listdir(path))
+
+    def scandir(self, path: str = "/") -> list[DirEntry]:
+        return self._loop.run(self._afs.scandir(path))
+
+    def mkdir(
+        self, path: str, mode: int = 0o777, parents: bool = False, exist_ok: bool = False
+    ) -> None:
+        self._loop.run(self._afs.mkdir(path, mode, parents, exist_ok))
+
+    def makedirs(self, path: str, mode: int = 0o777, exist_ok: bool = False) -> None:
+        self._loop.run(self._afs.makedirs(path, mode, exist_ok))
+
+    def remove(self, path: str) -> None:
+        self._loop.run(self._afs.remove(path))
+
+    unlink = remove
+
+    def rmdir(self, path: str) -> None:
+        self._loop.run(self._afs.rmdir(path))
+
+    def rename(self, src: str, dst: str) -> None:
+        self._loop.run(self._afs.rename(src, dst))
+
+    def symlink(self, target: str, path: str) -> None:
+        self._loop.run(self._afs.symlink(target, path))
+
+    def link(self, src: str, dst: str) -> None:
+        self._loop.run(self._afs.link(src, dst))
+
+    def readlink(self, path: str) -> str:
+        return self._loop.run(self._afs.readlink(path))
+
+    def truncate(self, path: str, length: int) -> None:
+        self._loop.run(self._afs.truncate(path, length))
+
+    def chmod(self, path: str, mode: int) -> None:
+        self._loop.run(self._afs.chmod(path, mode))
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self._loop.run(self._afs.chown(path, uid, gid))
+
+    def utime(
+        self,
+        path: str,
+        times: tuple[float, float] | None = None,
+        *,
+        ns: tuple[int, int] | None = None,
+    ) -> None:
+        self._loop.run(self._afs.utime(path, times, ns=ns))
+
+    def statfs(self) -> StatVFS:
+        return self._loop.run(self._afs.statfs())
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        return self._loop.run(self._afs.getxattr(path, name))
+
+    def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
+        self._loop.run(self._afs.setxattr(path, name, value, flags))
+
+    def listxattr(self, path: str) -> list[str]:
+        return self._loop.run(self._afs.listxattr(path))
+
+    def removexattr(self, path: str, name: str) -> None:
+        self._loop.run(self._afs.removexattr(path, name))
+
+    # -- lifetime ------------------------------------------------------------
+    def close(self) -> None:
+        """Close the connection and stop the loop thread (idempotent)."""
+        if not self._loop.alive:
+            return
+        try:
+            self._loop.run(self._afs.close())
+        finally:
+            self._loop.stop()
+
+    def __enter__(self) -> FileSystem:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if self._loop.alive and not self._loop.in_loop_thread():
+                self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<chainfs.FileSystem {self.address}{' closed' if self.closed else ''}>"
+
+
+def connect(
+    address: str, token: str | None = None, config: ClientConfig | None = None
+) -> FileSystem:
+    """Connect to the cluster whose mgmtd is at ``address`` ("host:port[,host:port]")."""
+    return FileSystem.connect(address, token=token, config=config)
+
+
+__all__ = ["FileSystem", "connect"]
