@@ -15,9 +15,11 @@ class StorageConfig:
     listen_host: str = "127.0.0.1"
     port: int = 0  # gRPC control port (StorageControl); 0 = ephemeral
     data_port: int = 0  # framed data-plane TCP port; 0 = ephemeral
-    # Same-host fast path: data-plane unix socket ("" = none). A relative path
-    # is taken relative to the first target directory's parent.
-    unix_socket: str = ""
+    # Same-host fast path: the data plane also listens on this unix socket and
+    # same-host peers (clients, chain predecessors) use it. A relative path is
+    # taken inside the first target directory (one node per directory, so no
+    # two nodes collide); "" = TCP only.
+    unix_socket: str = "data.sock"
     mgmtd_addresses: list[str] = field(default_factory=list)  # host:port of every mgmtd
     node_id: int = 0  # 0 = assigned by mgmtd at first registration, then persisted per target
     targets: list[str] = field(default_factory=list)  # one directory per storage target

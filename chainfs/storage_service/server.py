@@ -31,6 +31,7 @@ from chainfs.common.routing import Routing
 from chainfs.common.rpc import grpc_util
 from chainfs.common.rpc.grpc_util import rpc_handler
 from chainfs.common.rpc.mgmt_client import HeartbeatLoop, MgmtClient, RoutingCache
+from chainfs.common.rpc.storage_client import data_address
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
@@ -64,9 +65,7 @@ class DataPlaneForwarder:
 
     @staticmethod
     def address(node: mp.NodeInfo) -> str:
-        if not node.data_address:
-            raise ChainfsError(Code.UNAVAILABLE, f"node {node.node_id} has no data address")
-        return node.data_address
+        return data_address(node)
 
     async def update(
         self, node: mp.NodeInfo, req: sp.UpdateReq, payload: Sequence[memoryview], timeout_s: float
@@ -232,9 +231,8 @@ class StorageNode:
         await self.grpc_server.start()
         self.rpc_address = f"{cfg.listen_host}:{port}"
         # Data plane.
-        if cfg.unix_socket:
-            base = Path(cfg.targets[0]).parent if cfg.targets else Path.cwd()
-            self.unix_path = str(base / cfg.unix_socket)
+        if cfg.unix_socket and cfg.targets:
+            self.unix_path = str(Path(cfg.targets[0]) / cfg.unix_socket)
         self.data_server = DataServer(
             self.handle,
             cfg.listen_host,

@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import random
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,19 @@ _RETRY_READ = frozenset(
 )
 
 
+_HOSTNAME = socket.gethostname()
+
+
+def data_address(node: mp.NodeInfo, prefer_unix_socket: bool = True) -> str:
+    """Where to reach a storage node's data plane: its unix socket when it runs on
+    this host (and has one), else its TCP address."""
+    if prefer_unix_socket and node.unix_socket and node.hostname == _HOSTNAME:
+        return "unix:" + node.unix_socket
+    if not node.data_address:
+        raise ChainfsError(Code.UNAVAILABLE, f"node {node.node_id} has no data address")
+    return node.data_address
+
+
 @dataclass
 class StorageClientConfig:
     attempts: int = 10  # tries of one operation (each after a routing refresh) before failing
@@ -68,6 +82,7 @@ class StorageClientConfig:
     max_parallel_nodes: int = 32  # batched read frames in flight at once
     max_ios_per_batch: int = 1024  # ios in one batched read frame
     max_remove_rounds: int = 1 << 20  # bound on remove_chunks' paging loop
+    prefer_unix_socket: bool = True  # same-host storage nodes through their unix socket
     dataplane: DataPlaneConfig = field(default_factory=DataPlaneConfig)
 
     def validate(self) -> None:
@@ -138,12 +153,8 @@ class StorageClient:
                 raise ChainfsError(Code.UNKNOWN_CHAIN, f"no chain {chain_id}")
         return routing, chain
 
-    @staticmethod
-    def _address(routing: Routing, target_id: int) -> str:
-        node = routing.node_of_target(target_id)
-        if not node.data_address:
-            raise ChainfsError(Code.UNAVAILABLE, f"node {node.node_id} has no data address")
-        return node.data_address
+    def _address(self, routing: Routing, target_id: int) -> str:
+        return data_address(routing.node_of_target(target_id), self.config.prefer_unix_socket)
 
     async def _pause(self, attempt: int) -> None:
         delay = min(self.config.retry_backoff_ms * (2**attempt), self.config.retry_backoff_max_ms)
