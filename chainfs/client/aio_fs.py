@@ -19,9 +19,10 @@ import logging
 import os
 import secrets
 import stat as stat_mod
+import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from chainfs.client.budget import ByteBudget
 from chainfs.client.config import ClientConfig
@@ -32,6 +33,9 @@ from chainfs.common.rpc.meta_client import MetaClient, to_stat_result
 from chainfs.common.rpc.mgmt_client import MgmtClient, RoutingCache
 from chainfs.common.rpc.storage_client import ReadReq, StorageClient
 from chainfs.proto import meta_pb2 as mt
+
+if TYPE_CHECKING:
+    from chainfs.client.kvcache import AsyncKVCache, KVCacheConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,7 @@ class AsyncFileSystem:
         self._budget = ByteBudget(config.write_buffer_budget_bytes)
         self._read_sem = asyncio.Semaphore(config.max_inflight_reads)
         self._open_files: set[AsyncFile] = set()
+        self._kvcaches: weakref.WeakSet[AsyncKVCache] = weakref.WeakSet()  # closed with us
         self._closed = False
 
     # -- connect / close -----------------------------------------------------
@@ -160,6 +165,8 @@ class AsyncFileSystem:
         if self._closed:
             return
         first_error: BaseException | None = None
+        for cache in list(self._kvcaches):
+            await cache.close()  # stops its background tasks
         for f in list(self._open_files):
             try:
                 await f.close()
@@ -459,6 +466,27 @@ class AsyncFileSystem:
                     work.append((inode.ino, layout, piece, dest))
         await self._read_pieces(work)
         return out
+
+    # -- KV cache --------------------------------------------------------------
+    async def kvcache(
+        self,
+        directory: str,
+        ttl: float | None = None,
+        capacity_bytes: int | None = None,
+        *,
+        config: KVCacheConfig | None = None,
+        **options: Any,
+    ) -> AsyncKVCache:
+        """The KV cache stored in ``directory`` (created if needed); see chainfs.client.kvcache.
+
+        ``ttl`` in seconds, ``capacity_bytes`` the eviction target; other
+        KVCacheConfig fields as keywords."""
+        self._check_open()
+        from chainfs.client.kvcache import open_kvcache
+
+        cache = await open_kvcache(self, directory, ttl, capacity_bytes, config, **options)
+        self._kvcaches.add(cache)
+        return cache
 
     # -- chunk I/O (used by AsyncFile) ----------------------------------------
     async def _read_into(self, h: OpenHandle, offset: int, out: memoryview) -> None:

@@ -60,6 +60,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from chainfs.client.aio_fs import layout_of, normpath
 from chainfs.client.kvcache_format import (
     MAX_KEY_FIELD_BYTES,
     Key,
@@ -69,12 +70,15 @@ from chainfs.client.kvcache_format import (
     peek_key_len,
     shard_dir_name,
 )
-from chainfs.client.layout import Layout
+from chainfs.client.layout import Layout, split
 from chainfs.common.checksum import crc32c
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc.meta_client import RENAME_NOREPLACE
+from chainfs.proto import meta_pb2 as mt
 
 if TYPE_CHECKING:
     from chainfs.client._loop import LoopThread
+    from chainfs.client.aio_fs import AsyncFileSystem
 
 log = logging.getLogger(__name__)
 
@@ -1088,6 +1092,142 @@ class KVCache:
         return f"<chainfs.KVCache {self.directory!r}{' closed' if self.closed else ''}>"
 
 
+class FsBackend:
+    """KVCacheBackend over an AsyncFileSystem: meta calls through its MetaClient, chunk
+    reads through its parallel chunk path (batched per storage node, into the views)."""
+
+    def __init__(self, afs: AsyncFileSystem) -> None:
+        self._afs = afs
+        self._meta = afs._meta
+
+    async def kv_makedirs(self, paths: Sequence[str]) -> None:
+        found = await self._meta.batch_stat(list(paths), follow=True)
+        missing = [
+            p
+            for p, r in zip(paths, found, strict=True)
+            if isinstance(r, ChainfsError) and r.code in (Code.ENOENT, Code.ENOTDIR)
+        ]
+        for p, r in zip(paths, found, strict=True):
+            if isinstance(r, ChainfsError) and p not in missing:
+                raise ChainfsError(r.code, r.message, p)
+        sem = asyncio.Semaphore(_MKDIR_PARALLEL)
+
+        async def mkdir(p: str) -> None:
+            async with sem:
+                await self._meta.mkdir(p, 0o777, parents=True)
+
+        await asyncio.gather(*(mkdir(p) for p in missing))
+
+    async def kv_stat_many(self, paths: Sequence[str]) -> list[EntryInfo | None]:
+        found = await self._meta.batch_stat(list(paths), follow=False)
+        out: list[EntryInfo | None] = []
+        for p, r in zip(paths, found, strict=True):
+            if isinstance(r, ChainfsError):
+                if r.code in (Code.ENOENT, Code.ENOTDIR):
+                    out.append(None)
+                    continue
+                raise ChainfsError(r.code, r.message, p)
+            out.append(_entry_info(r))
+        return out
+
+    async def kv_read_many(self, reads: Sequence[tuple[EntryInfo, int, memoryview]]) -> list[int]:
+        work = [
+            (info.ino, info.layout, piece, view)
+            for info, offset, view in reads
+            for piece in split(info.layout, offset, len(view))
+        ]
+        await self._afs._read_pieces(work)  # missing chunks come back as zeros
+        return [len(view) for _, _, view in reads]
+
+    async def kv_create(self, path: str, parts: Sequence[memoryview]) -> None:
+        try:
+            f = await self._afs.open(path, "xb")
+        except OSError as e:
+            raise _chainfs_error(e, path) from None
+        try:
+            for part in parts:
+                await f.write(part)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                await f.close()
+            raise _chainfs_error(e, path) from None
+        try:
+            await f.close()
+        except OSError as e:
+            raise _chainfs_error(e, path) from None
+
+    async def kv_rename(self, src: str, dst: str, replace: bool) -> None:
+        await self._meta.rename(src, dst, flags=0 if replace else RENAME_NOREPLACE)
+
+    async def kv_unlink(self, path: str) -> bool:
+        try:
+            await self._meta.unlink(path)
+        except ChainfsError as e:
+            if e.code in (Code.ENOENT, Code.ENOTDIR):
+                return False
+            raise
+        return True
+
+    async def kv_list(self, path: str) -> AsyncIterator[list[tuple[str, EntryInfo | None]]]:
+        after = b""
+        while True:
+            try:
+                rsp = await self._meta.readdir(
+                    path, after, self._afs.config.readdir_page_entries, with_attrs=True
+                )
+            except ChainfsError as e:
+                if e.code in (Code.ENOENT, Code.ENOTDIR):
+                    return
+                raise
+            page: list[tuple[str, EntryInfo | None]] = []
+            for ent in rsp.entries:
+                name = ent.name.decode("utf-8", "surrogateescape")
+                page.append((name, _entry_info(ent.inode)))
+            if page:
+                yield page
+            if not rsp.more or not rsp.entries:
+                return
+            after = rsp.entries[-1].name
+
+    async def kv_set_atime(self, path: str, atime_ns: int) -> None:
+        try:
+            await self._meta.setattr(path, follow=False, atime_ns=atime_ns)
+        except ChainfsError as e:
+            if e.code not in (Code.ENOENT, Code.ENOTDIR):
+                raise
+
+
+_MKDIR_PARALLEL = 16  # directory creations in flight when a cache is first opened
+
+
+def _entry_info(inode: mt.Inode) -> EntryInfo | None:
+    if inode.type != mt.FILE or not inode.layout.chunk_size or not inode.layout.chains:
+        return None
+    return EntryInfo(inode.ino, inode.size, layout_of(inode), inode.mtime_ns, inode.atime_ns)
+
+
+def _chainfs_error(e: OSError, path: str) -> ChainfsError:
+    if isinstance(e, ChainfsError):
+        return e
+    cause = e.__cause__
+    if isinstance(cause, ChainfsError):
+        return cause
+    return ChainfsError(e.errno or Code.EIO, e.strerror or str(e), path)
+
+
+async def open_kvcache(
+    afs: AsyncFileSystem,
+    directory: str,
+    ttl: float | None = None,
+    capacity_bytes: int | None = None,
+    config: KVCacheConfig | None = None,
+    **options: Any,
+) -> AsyncKVCache:
+    """What ``AsyncFileSystem.kvcache`` does: the cache in ``directory`` (created if needed)."""
+    c = make_config(ttl, capacity_bytes, config, **options)
+    return await AsyncKVCache.open(FsBackend(afs), normpath(directory), c)
+
+
 def make_config(
     ttl: float | None = None,
     capacity_bytes: int | None = None,
@@ -1119,4 +1259,5 @@ __all__ = [
     "KVCacheConfig",
     "KVStats",
     "make_config",
+    "open_kvcache",
 ]

@@ -10,12 +10,15 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from chainfs.client._loop import LoopThread
 from chainfs.client.aio_fs import AsyncFileSystem, DirEntry, Range, StatResult, StatVFS
 from chainfs.client.config import ClientConfig
 from chainfs.client.file import File, Mode
+
+if TYPE_CHECKING:
+    from chainfs.client.kvcache import KVCache, KVCacheConfig
 
 # Modes that give a binary File (any other valid mode gives a text wrapper).
 BinaryMode = Literal[
@@ -113,6 +116,26 @@ class FileSystem:
     ) -> list[Any]:
         """Read many (path, offset, length) ranges in one parallel call, in request order."""
         return self._loop.run(self._afs.read_ranges(ranges, buffers))
+
+    def kvcache(
+        self,
+        directory: str,
+        ttl: float | None = None,
+        capacity_bytes: int | None = None,
+        *,
+        config: KVCacheConfig | None = None,
+        **options: Any,
+    ) -> KVCache:
+        """The KV cache stored in ``directory`` (created if needed); see chainfs.client.kvcache.
+
+        ``ttl`` in seconds, ``capacity_bytes`` the eviction target; other
+        KVCacheConfig fields as keywords."""
+        from chainfs.client.kvcache import KVCache
+
+        acache = self._loop.run(
+            self._afs.kvcache(directory, ttl, capacity_bytes, config=config, **options)
+        )
+        return KVCache(acache, self._loop)
 
     def read_file(self, path: str) -> bytes:
         return self._loop.run(self._afs.read_file(path))
