@@ -696,10 +696,12 @@ class ChunkEngine:
         offset: int,
         length: int,
         verify: bool,
-        out: memoryview | None = None,
+        scratch: memoryview | None = None,
     ) -> tuple[ChunkRecord | None, memoryview]:
         """Committed bytes [offset, offset + length) (shorter at the chunk's end).
 
+        ``scratch``: a buffer to read into (the whole chunk when verifying, else
+        just the range) instead of a new one; the result may be a slice of it.
         Raises NOT_COMMITTED when a version is pending and CHECKSUM_MISMATCH when
         ``verify`` finds the file does not match its stored CRC32C. A missing
         chunk reads as empty (record None).
@@ -720,7 +722,10 @@ class ChunkEngine:
                 return rec, memoryview(b"")
             try:
                 if verify:
-                    buf = memoryview(bytearray(rec.length))
+                    if scratch is not None and len(scratch) >= rec.length:
+                        buf = scratch[: rec.length]
+                    else:
+                        buf = memoryview(bytearray(rec.length))
                     got = self._read_file(inode, index, rec.file_gen, 0, buf)
                     if got == rec.length:
                         if crc.value(buf) != rec.crc32c:
@@ -731,12 +736,12 @@ class ChunkEngine:
                                     f"{self.path}: data does not match its CRC32C",
                                 )
                             continue
-                        if out is not None:
-                            out[:want] = buf[start:end]
-                            return rec, out[:want]
                         return rec, buf[start:end]
                 else:
-                    dest = out[:want] if out is not None else memoryview(bytearray(want))
+                    if scratch is not None and len(scratch) >= want:
+                        dest = scratch[:want]
+                    else:
+                        dest = memoryview(bytearray(want))
                     got = self._read_file(inode, index, rec.file_gen, start, dest)
                     if got == want:
                         return rec, dest

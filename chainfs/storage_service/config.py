@@ -44,7 +44,8 @@ class StorageConfig:
     # Bounds.
     request_cache_entries: int = 65536  # per target: recent (client id, request id) answers kept
     max_batch_read_ios: int = 4096  # ios in one batched read frame
-    max_read_bytes_in_flight: int = 256 * 1024 * 1024  # bytes of read buffers held at once
+    max_read_bytes_in_flight: int = 160 * 1024 * 1024  # bytes of read buffers held at once
+    read_buffer_cache_bytes: int = 64 * 1024 * 1024  # of those, kept mapped for reuse
     max_remove_chunks: int = 4096  # chunks one remove request drops; the client loops on `more`
     max_list_chunks: int = 65536  # chunk metas one list/dump reply carries
     forward_timeout_ms: int = 10_000  # one forward to the successor
@@ -75,3 +76,5 @@ class StorageConfig:
                 raise ValueError(f"{name} must be > 0")
         if self.max_read_bytes_in_flight < MAX_CHUNK_SIZE:
             raise ValueError("max_read_bytes_in_flight must hold at least one 64 MiB chunk")
+        if not 0 <= self.read_buffer_cache_bytes <= self.max_read_bytes_in_flight:
+            raise ValueError("read_buffer_cache_bytes must be in [0, max_read_bytes_in_flight]")

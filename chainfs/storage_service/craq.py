@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
+from chainfs.common.dataplane.buffers import BufferPool, PooledBuffer, size_class
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
 from chainfs.proto import common_pb2 as cp
@@ -116,44 +117,6 @@ class ChunkLocks:
             self._locks[key] = (lock, users - 1)
 
 
-class ByteBudget:
-    """Bounds the bytes of read buffers held at once (first come, first served)."""
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
-        self.used_bytes = 0
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
-
-    async def acquire(self, n: int) -> int:
-        """Take ``n`` bytes (capped at the limit) of the budget; returns what was taken."""
-        n = min(n, self.limit_bytes)
-        if not self._waiters and self.used_bytes + n <= self.limit_bytes:
-            self.used_bytes += n
-            return n
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (n, fut)
-        self._waiters.append(entry)
-        try:
-            await fut
-        except BaseException:
-            if entry in self._waiters:
-                self._waiters.remove(entry)
-            elif fut.done() and not fut.cancelled():
-                self.release(n)  # granted while we were being cancelled
-            raise
-        return n
-
-    def release(self, n: int) -> None:
-        self.used_bytes -= n
-        assert self.used_bytes >= 0
-        while self._waiters and self.used_bytes + self._waiters[0][0] <= self.limit_bytes:
-            m, fut = self._waiters.popleft()
-            if fut.done():
-                continue
-            self.used_bytes += m
-            fut.set_result(None)
-
-
 @dataclass
 class LocalTarget:
     target_id: int
@@ -210,7 +173,8 @@ class Craq:
         self._refresh = refresh_routing
         self.forwarder = forwarder
         self.executor = executor
-        self.read_budget = ByteBudget(config.max_read_bytes_in_flight)
+        self._acquire_lock = asyncio.Lock()
+        self.read_pool = BufferPool(config.max_read_bytes_in_flight, config.read_buffer_cache_bytes)
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
@@ -707,20 +671,47 @@ class Craq:
                 jobs.append(i)
             except ChainfsError as e:
                 results[i] = sp.ReadResult(status=cp.Status(code=e.code, message=e.message))
-        budget = await self.read_budget.acquire(sum(req.ios[i].length for i in jobs))
-        released = False
+        # Pooled, reused buffers (no allocation or zero-fill per read), sized from
+        # the chunk's metadata: the whole chunk when verifying, else the range.
+        # The pool's capacity bounds the read bytes held at once.
+        scratch: list[PooledBuffer | None] = [None] * n
+        verify = self.config.verify_reads
+        cap = self.read_pool.capacity_bytes
 
         def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.read_budget.release(budget)
+            for k, b in enumerate(scratch):
+                if b is not None:
+                    b.release()
+                    scratch[k] = None
 
         try:
+            # One batch acquires at a time, and at most the pool's capacity, so
+            # batches holding part of their buffers never wait on each other.
+            # (The rest of an oversized batch reads into fresh buffers.)
+            async with self._acquire_lock:
+                total = 0
+                for i in jobs:
+                    io = req.ios[i]
+                    rec = self.targets[io.target_id].engine.get(io.chunk.inode, io.chunk.index)
+                    if rec is None or rec.has_pending:
+                        continue
+                    need = (
+                        rec.length
+                        if verify
+                        else max(0, min(io.offset + io.length, rec.length) - io.offset)
+                    )
+                    if need == 0 or total + size_class(need) > cap:
+                        continue
+                    total += size_class(need)
+                    scratch[i] = await self.read_pool.acquire(need)
             threads = self.config.io_threads
             groups = [jobs[g::threads] for g in range(threads)]
             await asyncio.gather(
-                *(self._io(self._read_group, req, g, results, buffers) for g in groups if g)
+                *(
+                    self._io(self._read_group, req, g, results, buffers, scratch)
+                    for g in groups
+                    if g
+                )
             )
         except BaseException:
             release()
@@ -740,14 +731,21 @@ class Craq:
         group: list[int],
         results: list[sp.ReadResult | None],
         buffers: list[memoryview | None],
+        scratch: list[PooledBuffer | None],
     ) -> None:
         verify = self.config.verify_reads
         for i in group:
             io = req.ios[i]
             target = self.targets[io.target_id]
+            pooled = scratch[i]
             try:
                 rec, data = target.engine.read(
-                    io.chunk.inode, io.chunk.index, io.offset, io.length, verify
+                    io.chunk.inode,
+                    io.chunk.index,
+                    io.offset,
+                    io.length,
+                    verify,
+                    pooled.view if pooled is not None else None,
                 )
             except ChainfsError as e:
                 results[i] = sp.ReadResult(status=cp.Status(code=e.code, message=e.message))
