@@ -495,3 +495,26 @@ def test_enospc_above_usage_threshold(tmp_path: Path) -> None:
                 await mgmt.close()
 
         asyncio.run(go())
+
+
+def test_restart_keeps_node_and_target_ids_and_data(tmp_path: Path) -> None:
+    with StorageCluster(tmp_path, nodes=1, replicas=1) as c:
+        node = c.storage[0]
+        before = dict(node.info)
+
+        async def write() -> None:
+            client, mgmt = await c.client()
+            try:
+                await client.write(c.chains[0], 77, 0, 0, b"persisted", CHUNK)
+            finally:
+                await client.close()
+                await mgmt.close()
+
+        asyncio.run(write())
+        node.stop()
+        node.start()
+        assert node.info["node_id"] == before["node_id"]
+        assert node.info["target_ids"] == before["target_ids"]
+        (tid,) = node.info["target_ids"]
+        eng = ChunkEngine.file_path_in(c.target_dirs()[tid], 77, 0, 1)
+        assert Path(eng).read_bytes() == b"persisted"
