@@ -18,6 +18,9 @@ keeps the committed bytes readable while a version is pending:
 * any other overwrite reads the committed bytes, patches them in memory and
   writes a new file (read-modify-write, as 3FS does).
 
+A new file written from a page-aligned buffer (the data plane's pooled receive
+buffers are) goes to disk with O_DIRECT: no copy into the page cache.
+
 Commit is one metadata write (the atomic switch); the file a version no longer
 uses is unlinked afterwards. Recovery at open resolves what a crash left:
 pending versions whose data is complete are kept (the chain re-drives them),
@@ -755,6 +758,19 @@ class ChunkEngine:
                     f"length {rec.length}",
                 )
         raise ChainfsError(Code.NOT_COMMITTED, f"chunk ({inode}, {index}) keeps changing")
+
+    def read_pending(self, inode: int, index: int, rec: ChunkRecord) -> memoryview:
+        """The whole content of ``rec``'s pending version (to send it down the chain)."""
+        assert rec.has_pending and not rec.pending_remove
+        buf = memoryview(bytearray(rec.pending_length))
+        got = self._read_file(inode, index, rec.pending_file_gen, 0, buf) if len(buf) else 0
+        if got != rec.pending_length or crc.value(buf) != rec.pending_crc32c:
+            raise ChainfsError(
+                Code.CHECKSUM_MISMATCH,
+                f"pending v{rec.pending_version} of chunk ({inode}, {index}) on {self.path} "
+                "is damaged",
+            )
+        return buf
 
     def _record_unchanged(self, inode: int, index: int, rec: ChunkRecord) -> bool:
         """Same committed version and file: a short or bad read is damage, not a race."""

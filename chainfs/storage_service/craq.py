@@ -443,14 +443,7 @@ class Craq:
 
     @staticmethod
     def _pending_bytes(target: LocalTarget, ino: int, idx: int, rec: ChunkRecord) -> memoryview:
-        buf = memoryview(bytearray(rec.pending_length))
-        got = target.engine._read_file(ino, idx, rec.pending_file_gen, 0, buf)
-        if got != rec.pending_length or crc.value(buf) != rec.pending_crc32c:
-            raise ChainfsError(
-                Code.CHECKSUM_MISMATCH,
-                f"pending v{rec.pending_version} of chunk ({ino}, {idx}) is damaged",
-            )
-        return buf
+        return target.engine.read_pending(ino, idx, rec)
 
     async def _replica_update(
         self,
