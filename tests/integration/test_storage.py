@@ -140,7 +140,7 @@ def update_req(
 
 
 async def test_write_read_truncate_remove_roundtrip(cluster: StorageCluster) -> None:
-    client, mgmt = await cluster.client()
+    client, mgmt = await cluster.client(verify_checksums=True)
     try:
         chain = cluster.chains[0]
         ino = new_inode()

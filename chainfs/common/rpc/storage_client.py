@@ -83,6 +83,9 @@ class StorageClientConfig:
     max_ios_per_batch: int = 1024  # ios in one batched read frame
     max_remove_rounds: int = 1 << 20  # bound on remove_chunks' paging loop
     prefer_unix_socket: bool = True  # same-host storage nodes through their unix socket
+    # Check a whole-chunk read against the CRC32C the server stored (one more pass
+    # over the bytes, in the client). Off: the server verifies reads by default.
+    verify_checksums: bool = False
     dataplane: DataPlaneConfig = field(default_factory=DataPlaneConfig)
 
     def validate(self) -> None:
@@ -435,15 +438,31 @@ class StorageClient:
         rsp = parsed[0] if parsed else parse(reply.header)  # no payload: sink not called
         for k, res in enumerate(rsp.results):
             i = items[k][0]
-            if res.status.code == 0:
-                results[i] = got[k] if got[k] is not None else memoryview(b"")
+            data = got[k] if got[k] is not None else memoryview(b"")
+            if res.status.code == 0 and not self._whole_chunk_corrupt(reqs[i], res, data):
+                results[i] = data
                 continue
-            err = ChainfsError(res.status.code, res.status.message)
+            if res.status.code == 0:
+                err = ChainfsError(
+                    Code.CHECKSUM_MISMATCH,
+                    f"chunk ({reqs[i].inode}, {reqs[i].chunk_index}) from target "
+                    f"{items[k][1]} does not match its stored CRC32C",
+                )
+            else:
+                err = ChainfsError(res.status.code, res.status.message)
             if err.code not in _RETRY_READ:
                 raise err
             if err.code == Code.NOT_COMMITTED:
                 prefer_tail[i] = True
             last[i] = err
+
+    def _whole_chunk_corrupt(self, req: ReadReq, res: sp.ReadResult, data: memoryview) -> bool:
+        """End-to-end check (config ``verify_checksums``) of a read that got a whole chunk."""
+        if not self.config.verify_checksums or req.offset != 0:
+            return False
+        if res.length != res.chunk_length or res.committed_version == 0:
+            return False
+        return crc32c(data) != res.chunk_crc32c
 
     # ---- queries -----------------------------------------------------------
 
