@@ -233,6 +233,13 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--chunk-mib", type=int, default=4)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--transport",
+        choices=("unix", "tcp"),
+        default="unix",
+        help="unix: same-host peers use the data plane's unix socket (the default "
+        "config); tcp: loopback TCP only, like iperf3",
+    )
     args = ap.parse_args()
     chunk = args.chunk_mib * MiB
     result: dict[str, Any] = {
@@ -243,7 +250,11 @@ def main() -> int:
         result["engine"] = engine_costs(Path(tmp), chunk)
         result["iperf3_GBps"] = iperf3_gbps(args.seconds)
         result["disk_direct_write_GBps"] = disk_direct_write_gbps(Path(tmp), chunk, args.seconds)
-        with StorageCluster(Path(tmp) / "cluster", nodes=3, targets_per_node=2) as c:
+        overrides = {"unix_socket": ""} if args.transport == "tcp" else {}
+        result["transport"] = args.transport
+        with StorageCluster(
+            Path(tmp) / "cluster", nodes=3, targets_per_node=2, common_overrides=overrides
+        ) as c:
 
             async def single() -> None:
                 client, mgmt = await c.client()
@@ -283,9 +294,10 @@ def main() -> int:
         "| figure | value | target |",
         "|---|---|---|",
         f"| iperf3 loopback, 1 stream | {ip:.2f} GB/s | ceiling |",
-        f"| chunk reads, 1 client process | {result['read_GBps']:.2f} GB/s "
+        f"| chunk reads, 1 client process ({args.transport}) | {result['read_GBps']:.2f} GB/s "
         f"({result['read_vs_iperf3']:.0%}) | >= 50% |",
-        f"| 3-replica writes, 1 client process | {result['write_3rep_GBps']:.2f} GB/s "
+        f"| 3-replica writes, 1 client process ({args.transport}) | "
+        f"{result['write_3rep_GBps']:.2f} GB/s "
         f"({result['write_vs_iperf3']:.0%}) | >= 20% |",
         f"| storage node peak RSS, 4 clients | "
         f"{max(result['storage_peak_rss_MiB']):.0f} MiB | <= 300 MiB |",
