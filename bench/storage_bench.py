@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -153,7 +155,7 @@ def load_client(
             await client.close()
             await mgmt.close()
 
-    asyncio.run(go())
+    uvloop.run(go())
 
 
 def vm_hwm_bytes(pid: int) -> int:
@@ -271,7 +273,7 @@ def main() -> int:
                     await client.close()
                     await mgmt.close()
 
-            asyncio.run(single())
+            uvloop.run(single())  # the event loop our services and client library use
             ctx = mproc.get_context("spawn")
             procs = [
                 ctx.Process(
