@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from chainfs.common.dataplane.address import parse_address
+from chainfs.common.dataplane.buffers import fresh_buffer
 from chainfs.common.dataplane.config import DataPlaneConfig
 from chainfs.common.dataplane.conn import Connection, OutFrame, as_byte_view
 from chainfs.common.dataplane.frame import MAX_REQUEST_ID, FrameHeader
@@ -101,7 +103,7 @@ class _ClientConn(Connection):
             self._begin_payload(None)  # abandoned request, error reply or no payload
             return
         if pending.sink is None:
-            buf = memoryview(bytearray(n))
+            buf = fresh_buffer(n)
             self._cur_buf = buf
             self._begin_payload([buf])
             return
@@ -168,10 +170,20 @@ class _Peer:
         self.address = address
         self.conns: list[_ClientConn] = []
         self.connecting: asyncio.Future[_ClientConn] | None = None
-        self.slots = asyncio.Semaphore(
-            cfg.max_connections_per_peer * cfg.max_inflight_per_connection
-        )
-        self.freed = asyncio.Event()  # set whenever a request of this peer finishes
+        # Requests in flight to this peer, bounded by connections x per-connection.
+        self.active = 0
+        self.limit = cfg.max_connections_per_peer * cfg.max_inflight_per_connection
+        self.waiters: deque[asyncio.Future[None]] = deque()  # FIFO for a slot
+
+    def release_slot(self) -> None:
+        """Hand the slot to the first waiter (FIFO), or free it."""
+        while self.waiters:
+            w = self.waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+        self.active -= 1
+        assert self.active >= 0
 
 
 class DataClient:
@@ -182,6 +194,7 @@ class DataClient:
         self.config.validate()
         self._peers: dict[str, _Peer] = {}
         self._closed = False
+        self._liveness: asyncio.TimerHandle | None = None
 
     async def request(
         self,
@@ -206,21 +219,26 @@ class DataClient:
         if peer is None:
             parse_address(address)  # EINVAL now rather than at connect
             peer = self._peers[address] = _Peer(address, cfg)
+        if peer.active < peer.limit and not peer.waiters:
+            peer.active += 1
+        else:
+            await self._wait_slot(peer, deadline, timeout_s)
         try:
-            async with asyncio.timeout_at(deadline):
-                await peer.slots.acquire()
-        except TimeoutError:
-            raise ChainfsError(
-                Code.ETIMEDOUT, f"data plane {address}: no request slot within {timeout_s:.3f}s"
-            ) from None
-        try:
-            conn = await self._connection(peer, deadline)
-            rid = conn.next_request_id()
-            segs = build_segments(0, msg_type, rid, header, payload, cfg.max_payload_bytes)
-            fut: asyncio.Future[Reply] = loop.create_future()
-            pending = _Pending(fut, payload_sink)
-            conn.pending[rid] = pending
-            pending.frame = conn.send_frame(segs, None)
+            for attempt in range(2):
+                conn = await self._connection(peer, deadline, timeout_s)
+                rid = conn.next_request_id()
+                segs = build_segments(0, msg_type, rid, header, payload, cfg.max_payload_bytes)
+                fut: asyncio.Future[Reply] = loop.create_future()
+                pending = _Pending(fut, payload_sink)
+                conn.pending[rid] = pending
+                frame = pending.frame = conn.send_frame(segs, None)
+                if conn.closed and not frame.started and attempt == 0:
+                    # An idle connection the peer had reset: nothing of this request
+                    # left us, so a fresh connection may carry it.
+                    if fut.done():
+                        fut.exception()  # retrieved: we retry instead
+                    continue
+                break
             timer = loop.call_at(deadline, _expire, fut, address, timeout_s)
             try:
                 return await fut
@@ -230,16 +248,41 @@ class DataClient:
                     conn.abandon(rid)
                 pending.frame = None
         finally:
-            peer.slots.release()
-            peer.freed.set()
+            peer.release_slot()
 
-    async def _connection(self, peer: _Peer, deadline: float) -> _ClientConn:
+    @staticmethod
+    async def _wait_slot(peer: _Peer, deadline: float, timeout_s: float) -> None:
+        """Wait (FIFO) for a request slot of ``peer``; ETIMEDOUT at ``deadline``."""
+        w: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        peer.waiters.append(w)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await w
+        except BaseException as e:
+            if w.done() and not w.cancelled():
+                peer.release_slot()  # handed to us just as we gave up: pass it on
+            else:
+                w.cancel()
+            if isinstance(e, TimeoutError):
+                raise ChainfsError(
+                    Code.ETIMEDOUT,
+                    f"data plane {peer.address}: no request slot within {timeout_s:.3f}s",
+                ) from None
+            raise
+
+    async def _connection(self, peer: _Peer, deadline: float, timeout_s: float) -> _ClientConn:
         cfg = self.config
         while True:
-            live = [c for c in peer.conns if not c.closed]
-            if len(live) != len(peer.conns):
-                peer.conns = live
-            best = min(live, key=lambda c: c.inflight) if live else None
+            best: _ClientConn | None = None
+            live = 0
+            for c in peer.conns:
+                if c.closed:
+                    continue
+                live += 1
+                if best is None or c.inflight < best.inflight:
+                    best = c
+            if live != len(peer.conns):
+                peer.conns = [c for c in peer.conns if not c.closed]
             # Reuse an idle connection; open another while all are busy and the
             # bound allows; otherwise share the least busy one.
             if (
@@ -247,21 +290,26 @@ class DataClient:
                 and best.inflight < cfg.max_inflight_per_connection
                 and (
                     best.inflight == 0
-                    or len(live) >= cfg.max_connections_per_peer
+                    or live >= cfg.max_connections_per_peer
                     or peer.connecting is not None
                 )
             ):
                 return best
-            if peer.connecting is None and len(live) < cfg.max_connections_per_peer:
+            if peer.connecting is None and live < cfg.max_connections_per_peer:
                 peer.connecting = asyncio.ensure_future(self._connect(peer, deadline))
-            if peer.connecting is None:
-                # Every connection is full (the per-peer slots make this rare:
-                # connections were lost): wait for a request to finish.
-                peer.freed.clear()
-                await peer.freed.wait()
-                continue
             try:
-                await asyncio.shield(peer.connecting)
+                async with asyncio.timeout_at(deadline):
+                    if peer.connecting is None:
+                        # Every connection is full while the per-peer slots say
+                        # otherwise (replies being delivered): let them finish.
+                        await asyncio.sleep(0.001)
+                        continue
+                    await asyncio.shield(peer.connecting)
+            except TimeoutError:
+                raise ChainfsError(
+                    Code.ETIMEDOUT,
+                    f"data plane {peer.address}: no connection within {timeout_s:.3f}s",
+                ) from None
             except ChainfsError:
                 if best is not None and not best.closed:
                     return best  # keep using what works
@@ -299,11 +347,33 @@ class DataClient:
             raise ChainfsError(Code.UNAVAILABLE, "data plane client closed")
         peer.conns.append(conn)
         conn.start_reading()
+        if self._liveness is None:
+            self._schedule_liveness(loop)
         return conn
+
+    def _schedule_liveness(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._liveness = loop.call_later(self.config.liveness_check_ms / 1000, self._check_liveness)
+
+    def _check_liveness(self) -> None:
+        """Probe connections with requests in flight for a reset (see Connection.poke)."""
+        self._liveness = None
+        if self._closed:
+            return
+        any_conn = False
+        for peer in list(self._peers.values()):
+            for conn in list(peer.conns):
+                if conn.pending:
+                    conn.poke()
+                any_conn = any_conn or not conn.closed
+        if any_conn:
+            self._schedule_liveness(asyncio.get_running_loop())
 
     async def close(self) -> None:
         """Close every connection; requests in flight fail with UNAVAILABLE."""
         self._closed = True
+        if self._liveness is not None:
+            self._liveness.cancel()
+            self._liveness = None
         for peer in self._peers.values():
             for conn in peer.conns:
                 conn.close(ChainfsError(Code.UNAVAILABLE, "data plane client closed"))

@@ -27,6 +27,10 @@ class DataPlaneConfig:
     # Server: a frame whose bytes stop arriving for this long closes its
     # connection (frees the pooled buffer a stalled or hostile peer holds).
     frame_stall_timeout_ms: int = 60_000
+    # Every connection is probed this often for a peer reset that the event loop
+    # does not report (uvloop drops a socket's poller on POLLERR silently); a
+    # client's requests on a reset connection fail within this time.
+    liveness_check_ms: int = 500
     # Server: bytes of request payload buffers held at once (in use + cached).
     # A request whose buffer does not fit waits, and its connection stops reading.
     buffer_pool_bytes: int = 256 * MiB
@@ -55,6 +59,7 @@ class DataPlaneConfig:
             "connect_timeout_ms",
             "request_timeout_ms",
             "frame_stall_timeout_ms",
+            "liveness_check_ms",
             "buffer_pool_bytes",
             "recv_staging_bytes",
             "direct_recv_min_bytes",

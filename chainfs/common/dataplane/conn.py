@@ -169,16 +169,32 @@ class Connection:
             self._resume_scheduled = True
             self.loop.call_soon(self._resume)
 
+    @property
+    def paused(self) -> bool:
+        return bool(self._paused)
+
     def _resume(self) -> None:
         self._resume_scheduled = False
         if self.closed or self._paused:
             return
+        self.last_recv_monotonic = time.monotonic()  # the stall clock restarts
         try:
             self._parse()
         except ChainfsError as e:
             self.close(e)
             return
         self.start_reading()
+
+    def poke(self) -> None:
+        """Read now, as if the socket were readable.
+
+        uvloop stops watching a socket on POLLERR (a TCP reset) without ever
+        calling the reader, so a reset peer would go unnoticed: the owners of
+        connections call this periodically (``liveness_check_ms``); a dead
+        socket then raises in recv and the connection closes.
+        """
+        if not self.closed and not self._paused:
+            self._on_readable()
 
     @property
     def mid_frame(self) -> bool:
@@ -187,6 +203,7 @@ class Connection:
 
     def _on_readable(self) -> None:
         sock = self.sock
+        received = self.bytes_received
         try:
             for _ in range(_MAX_READS_PER_EVENT):
                 if self._paused or self.closed:
@@ -235,13 +252,16 @@ class Connection:
                     self._end += n
                     self.bytes_received += n
                     self._parse()
-                self.last_recv_monotonic = time.monotonic()
         except (BlockingIOError, InterruptedError):
-            self.last_recv_monotonic = time.monotonic()
+            pass
         except ChainfsError as e:
             self.close(e)
+            return
         except OSError as e:
             self.close(ChainfsError(Code.UNAVAILABLE, f"data plane {self.peer}: receive: {e}"))
+            return
+        if self.bytes_received != received:
+            self.last_recv_monotonic = time.monotonic()
 
     def _make_room(self) -> None:
         start, end, size = self._start, self._end, len(self._staging)
@@ -515,12 +535,11 @@ class Connection:
             return
         self.closed = True
         self.close_exc = exc
-        if self._reader_on:
-            self.loop.remove_reader(self.fd)
-            self._reader_on = False
-        if self._writer_on:
-            self.loop.remove_writer(self.fd)
-            self._writer_on = False
+        # Unconditionally: uvloop keeps a poller it closed on POLLERR registered
+        # under the fd until removed, and a new socket reusing the fd would inherit it.
+        self.loop.remove_reader(self.fd)
+        self.loop.remove_writer(self.fd)
+        self._reader_on = self._writer_on = False
         try:
             self.sock.close()
         except OSError as e:  # pragma: no cover - close of a socket we own

@@ -23,7 +23,6 @@ the UTF-8 message as its header message, and no payload.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 import google_crc32c
 
@@ -44,16 +43,33 @@ MAX_MSG_TYPE = 0xFFFF
 MAX_REQUEST_ID = (1 << 64) - 1
 
 
-@dataclass(frozen=True, slots=True)
 class FrameHeader:
-    """The decoded fixed header of one frame."""
+    """The decoded fixed header of one frame (a plain slotted class: built per frame)."""
 
-    flags: int
-    msg_type: int
-    request_id: int
-    header_len: int
-    status: int
-    payload_len: int
+    __slots__ = ("flags", "header_len", "msg_type", "payload_len", "request_id", "status")
+
+    def __init__(
+        self,
+        flags: int,
+        msg_type: int,
+        request_id: int,
+        header_len: int,
+        status: int,
+        payload_len: int,
+    ) -> None:
+        self.flags = flags
+        self.msg_type = msg_type
+        self.request_id = request_id
+        self.header_len = header_len
+        self.status = status
+        self.payload_len = payload_len
+
+    def __repr__(self) -> str:
+        return (
+            f"FrameHeader(flags={self.flags:#x}, msg_type={self.msg_type}, "
+            f"request_id={self.request_id}, header_len={self.header_len}, "
+            f"status={self.status}, payload_len={self.payload_len})"
+        )
 
     @property
     def is_response(self) -> bool:
@@ -92,7 +108,7 @@ def decode_fixed(
     if magic != MAGIC:
         raise ChainfsError(Code.BAD_FRAME, f"bad frame magic {magic:#010x}")
     (crc,) = _CRC.unpack_from(buf, offset + _FIXED.size)
-    if crc != google_crc32c.value(bytes(buf[offset : offset + _FIXED.size])):
+    if crc != google_crc32c.value(bytes(memoryview(buf)[offset : offset + _FIXED.size])):
         raise ChainfsError(Code.BAD_FRAME, "frame header CRC32C mismatch")
     if version != PROTOCOL_VERSION:
         raise ChainfsError(Code.BAD_FRAME, f"unsupported frame version {version}")

@@ -381,14 +381,19 @@ class DataServer:
 
     def _schedule_watchdog(self) -> None:
         assert self._loop is not None
-        period_s = max(self.config.frame_stall_timeout_ms / 4000, 0.05)
-        self._watchdog = self._loop.call_later(period_s, self._check_stalls)
+        cfg = self.config
+        period_ms = min(cfg.liveness_check_ms, max(cfg.frame_stall_timeout_ms // 4, 50))
+        self._watchdog = self._loop.call_later(period_ms / 1000, self._check_connections)
 
-    def _check_stalls(self) -> None:
+    def _check_connections(self) -> None:
+        """Close reset connections (see Connection.poke) and frames that stalled."""
         now = time.monotonic()
         limit_s = self.config.frame_stall_timeout_ms / 1000
         for conn in list(self._conns):
-            if conn.mid_frame and now - conn.last_recv_monotonic > limit_s:
+            conn.poke()
+            if conn.closed:
+                continue
+            if conn.mid_frame and not conn.paused and now - conn.last_recv_monotonic > limit_s:
                 conn.close(ChainfsError(Code.BAD_FRAME, f"data plane {conn.peer}: frame stalled"))
         self._schedule_watchdog()
 

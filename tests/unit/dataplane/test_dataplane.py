@@ -570,3 +570,58 @@ async def test_cancelled_request_does_not_disturb_others(env: _Env) -> None:
     reply = await client.request(server.address, ECHO, b"next", [b"b" * 1000])
     assert reply.payload == b"b" * 1000
     assert server.stats["connections"] == 1
+
+
+# ---- resets (uvloop reports a reset socket to nobody: liveness probes find it) -----------
+
+_LINGER_RST = struct.pack("ii", 1, 0)  # close() sends a TCP reset
+
+
+async def test_server_closes_idle_connection_reset_by_client(env: _Env) -> None:
+    server = await env.server(cfg=_small_cfg(liveness_check_ms=50))
+    raw = await asyncio.to_thread(_raw_connect, server.address)
+    raw.sendall(encode_fixed(0, ECHO, 1, 0, 0, 3) + b"abc")
+    reply = await asyncio.to_thread(raw.recv, 100)
+    assert reply.endswith(b"abc")
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    raw.close()
+    await _until(lambda: server.connections == 0)
+
+
+async def test_pending_request_fails_fast_when_server_resets() -> None:
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen()
+    address = f"127.0.0.1:{ls.getsockname()[1]}"
+
+    def reset_after_request() -> None:
+        conn, _ = ls.accept()
+        conn.recv(FIXED_HEADER_SIZE)  # part of the request stays unread
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        conn.close()
+
+    client = DataClient(_small_cfg(liveness_check_ms=50))
+    try:
+        peer = asyncio.create_task(asyncio.to_thread(reset_after_request))
+        with pytest.raises(ChainfsError) as ei:
+            await client.request(address, ECHO, b"", [bytes(100)], timeout_s=30)
+        assert ei.value.code == Code.UNAVAILABLE  # not ETIMEDOUT: the reset was noticed
+        assert address in ei.value.message
+        await peer
+    finally:
+        await client.close()
+        ls.close()
+
+
+async def test_idle_connection_reset_by_server_is_replaced_transparently(env: _Env) -> None:
+    cfg = _small_cfg(max_connections_per_peer=1)
+    server = await env.server(cfg=cfg)
+    client = env.client(cfg)
+    assert (await client.request(server.address, ECHO, b"1")).header == b"1"
+    for conn in list(server._conns):  # the server resets its side
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        conn.close()
+    await asyncio.sleep(0.05)  # let the reset reach the client (nothing observable to poll)
+    reply = await client.request(server.address, ECHO, b"2", [b"data"])
+    assert (reply.header, reply.payload.tobytes()) == (b"2", b"data")
+    assert server.stats["connections"] == 2

@@ -137,5 +137,5 @@ async def test_fuzzed_frames_never_stop_good_clients(
     proc.stdin.close()
     final = json.loads(proc.stdout.readline())
     assert proc.wait(timeout=20) == 0
-    assert final["pool_in_use"] == 0
+    assert final["pool_in_use"] == 0, json.dumps(final)
     assert final["stats"]["bad_frames"] > 0
