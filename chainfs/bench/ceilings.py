@@ -92,6 +92,8 @@ def machine_info(data_dir: Path) -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "python": platform.python_version(),
         "data_dir_filesystem": _filesystem_of(data_dir),
+        # Other load on the machine makes every figure noisy: say how much there was.
+        "load_average_1m_start": round(os.getloadavg()[0], 2),
     }
 
 

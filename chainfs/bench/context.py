@@ -32,6 +32,7 @@ class Sizes:
     seq_max_seconds: float  # cap of one sequential phase (a slow build stays in budget)
     io_block_bytes: int  # request size of sequential I/O (multiple of 1 MiB)
     rand_seconds: float  # duration of each random-read test
+    warmup_seconds: float  # untimed lead-in of each timed random-access test (connections, caches)
     read_ranges_batch: int  # samples per read_ranges call
     meta_files_per_proc: int  # files each metadata process creates
     meta_max_seconds: float  # cap of one metadata phase
@@ -51,17 +52,18 @@ QUICK = Sizes(
     fio_file_bytes=64 * MiB,
     fio_runtime_s=1.0,
     seq_total_bytes=32 * MiB,
-    seq_max_seconds=5.0,
+    seq_max_seconds=3.0,
     io_block_bytes=4 * MiB,
     rand_seconds=0.5,
+    warmup_seconds=0.2,
     read_ranges_batch=32,
-    meta_files_per_proc=100,
-    meta_max_seconds=3.0,
+    meta_files_per_proc=25,
+    meta_max_seconds=1.5,
     meta_readdir_rounds=2,
-    kv_1m_values=16,
-    kv_4k_values=200,
+    kv_1m_values=8,
+    kv_4k_values=32,
     kv_batch_1m=8,
-    kv_batch_4k=64,
+    kv_batch_4k=32,
     kv_seconds=0.5,
     task_timeout_s=60.0,
     cluster_start_timeout_s=60.0,
@@ -76,6 +78,7 @@ FULL = Sizes(
     seq_max_seconds=20.0,
     io_block_bytes=8 * MiB,
     rand_seconds=6.0,
+    warmup_seconds=1.0,
     read_ranges_batch=64,
     meta_files_per_proc=2000,
     meta_max_seconds=15.0,

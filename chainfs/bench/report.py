@@ -96,9 +96,16 @@ def write_reports(report: dict[str, Any], out_dir: Path, stamp: str) -> dict[str
 def _machine_line(m: dict[str, Any]) -> str:
     fs = m.get("data_dir_filesystem") or {}
     disk = f", data on {fs.get('fstype')} ({fs.get('device')})" if fs else ""
+    load = ""
+    if m.get("load_average_1m_start") is not None:
+        load = (
+            f"; 1-minute load average {m.get('load_average_1m_start')} at the start, "
+            f"{m.get('load_average_1m_end')} at the end (other work on the machine makes "
+            f"every figure noisier)"
+        )
     return (
         f"{m.get('cores')} cores ({m.get('cpu_model')}), {m.get('memory_GiB')} GiB memory, "
-        f"Linux {m.get('kernel')}, Python {m.get('python')}{disk}"
+        f"Linux {m.get('kernel')}, Python {m.get('python')}{disk}{load}"
     )
 
 

@@ -122,6 +122,11 @@ def _fuse_missing() -> str | None:
         return "/dev/fuse is missing on this machine"
     if importlib.util.find_spec("pyfuse3") is None:
         return "pyfuse3 is not installed"
+    try:
+        if importlib.util.find_spec("chainfs.fuse_mount.mount") is None:
+            return "the FUSE mount (chainfs.fuse_mount.mount) is not built yet"
+    except ImportError as e:
+        return f"the FUSE mount is not importable yet ({e})"
     return None
 
 
@@ -152,7 +157,7 @@ def _local_cluster(
     cluster = None
     if missing is None:
         try:
-            cluster = cls(base / "cluster", mount=base / "mnt", **kwargs)
+            cluster = cls(base / "cm", mount=base / "mnt", **kwargs)
         except OSError as e:
             import errno
 
@@ -165,7 +170,7 @@ def _local_cluster(
     else:
         fuse_reason = f"not run: {missing}"
     if cluster is None:
-        cluster = cls(base / "cluster-nomount", **kwargs)
+        cluster = cls(base / "c", **kwargs)
     try:
         mnt = getattr(cluster, "mountpoint", None)
         yield cluster, (Path(mnt) if mnt else None), fuse_reason
@@ -244,7 +249,8 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
 
     if opts.data_dir is not None:
         opts.data_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="chainfs-bench-", dir=opts.data_dir))
+    # Short names: storage nodes put a unix socket in their first target directory.
+    scratch = Path(tempfile.mkdtemp(prefix="cfsb-", dir=opts.data_dir))
     log(f"scratch directory {scratch} ({'quick' if opts.quick else 'full'} run)")
     results: dict[str, list[Result]] = {}
     warnings: list[str] = []
@@ -275,12 +281,15 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
                 _run_on_local_cluster(ctx, todo, opts, scratch / profile, results, log)
             pool = ctx.pool
     finally:
+        t_close = time.monotonic()
         pool.close()
+        log(f"client processes stopped in {time.monotonic() - t_close:.1f}s")
         if opts.keep_data:
             log(f"data kept in {scratch}")
         else:
             shutil.rmtree(scratch, ignore_errors=True)
 
+    machine["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     ordered: list[Result] = []
     for w in REGISTRY.values():
         if w.name in selected_names:
@@ -315,7 +324,9 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
         "warnings": warnings,
     }
     run_ = BenchRun(report)
+    t_report = time.monotonic()
     run_.paths = rep.write_reports(report, opts.out_dir, stamp)
+    log(f"report written in {time.monotonic() - t_report:.1f}s")
     return run_
 
 

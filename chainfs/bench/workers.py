@@ -363,6 +363,14 @@ def _read_exact(f: Any, view: memoryview) -> int:
     return got
 
 
+def _warm_up(op: Callable[[], object], seconds: float) -> None:
+    """Untimed lead-in: run ``op`` for ``seconds`` (at least once) before the clock starts."""
+    stop_at = time.monotonic() + seconds
+    op()
+    while time.monotonic() < stop_at:
+        op()
+
+
 def task_mkdirs(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
     be = env.backend(p["backend"])
     for path in p["paths"]:
@@ -430,16 +438,21 @@ def task_rand_read(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
     buf = bytearray(io)
     view = memoryview(buf)
     with be.open(path, "rb") as f:
-        t0 = env.sync()
-        stop_at = t0 + float(p["seconds"])
-        ops = 0
-        while time.monotonic() < stop_at:
+
+        def one() -> None:
             off = rng.randrange(slots) * io
             f.seek(off)
             n = _read_exact(f, view)
             if n != io:
                 raise DataMismatch(f"{path}: {n} bytes at offset {off}, expected {io}")
             check_stamps(buf, n, off, path)
+
+        _warm_up(one, float(p["warmup_seconds"]))
+        t0 = env.sync()
+        stop_at = t0 + float(p["seconds"])
+        ops = 0
+        while time.monotonic() < stop_at:
+            one()
             ops += 1
         t1 = time.monotonic()
     return {"read": _phase(t0, t1, ops * io, ops)}
@@ -453,10 +466,8 @@ def task_read_ranges(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
     files: list[tuple[str, int]] = [(str(a), int(b)) for a, b in p["files"]]
     lo, hi, batch = int(p["sample_min"]), int(p["sample_max"]), int(p["batch"])
     rng = random.Random(int(p["seed"]) * 1000 + env.index)
-    t0 = env.sync()
-    stop_at = t0 + float(p["seconds"])
-    nbytes = samples = 0
-    while time.monotonic() < stop_at:
+
+    def one_batch() -> int:
         reqs = []
         for _ in range(batch):
             path, size = files[rng.randrange(len(files))]
@@ -466,13 +477,22 @@ def task_read_ranges(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
         out = read_ranges(reqs)
         if len(out) != len(reqs):
             raise DataMismatch(f"read_ranges returned {len(out)} buffers for {len(reqs)}")
+        total = 0
         for (path, off, length), data in zip(reqs, out, strict=True):
             got = memoryview(data).nbytes
             if got != length:
                 raise DataMismatch(f"{path}: {got} bytes at {off}, expected {length}")
             check_stamps(memoryview(data).cast("B"), got, off, path)
-            nbytes += got
-        samples += len(reqs)
+            total += got
+        return total
+
+    _warm_up(one_batch, float(p["warmup_seconds"]))
+    t0 = env.sync()
+    stop_at = t0 + float(p["seconds"])
+    nbytes = samples = 0
+    while time.monotonic() < stop_at:
+        nbytes += one_batch()
+        samples += batch
     t1 = time.monotonic()
     return {"read": _phase(t0, t1, nbytes, samples)}
 
@@ -519,10 +539,18 @@ def task_meta(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
         renamed += 1
     out["rename"] = _phase(t0, time.monotonic(), 0, renamed)
 
+    def name(i: int) -> str:
+        return f"{d}/r{i:07d}" if i < renamed else f"{d}/f{i:07d}"
+
     t0 = env.sync()
-    for i in range(n):
-        be.remove(f"{d}/r{i:07d}" if i < renamed else f"{d}/f{i:07d}")
-    out["unlink"] = _phase(t0, time.monotonic(), 0, n)
+    removed = 0
+    while removed < n and time.monotonic() < t0 + cap:
+        be.remove(name(removed))
+        removed += 1
+    out["unlink"] = _phase(t0, time.monotonic(), 0, removed)
+    env.sync()  # the rest, untimed, once every process has stopped its clock
+    for i in range(removed, n):
+        be.remove(name(i))
     left = be.listdir(d)
     if left:
         raise DataMismatch(f"{d} still lists {len(left)} entries after unlinking all")
@@ -551,41 +579,47 @@ def _kvcache(be: Backend, directory: str) -> Any:
 def task_kv_put(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
     """Put this process's share of ``count`` values of ``value_bytes``."""
     kv = _kvcache(env.backend(p["backend"]), p["dir"])
-    size, prefix = int(p["value_bytes"]), p["prefix"]
-    mine = range(env.index, int(p["count"]), env.parties)
-    values = {i: _kv_value(size, i) for i in mine}
-    t0 = env.sync()
-    for i, v in values.items():
-        kv.put(f"{prefix}{i:07d}", v)
-    t1 = time.monotonic()
+    try:
+        size, prefix = int(p["value_bytes"]), p["prefix"]
+        mine = range(env.index, int(p["count"]), env.parties)
+        values = {i: _kv_value(size, i) for i in mine}
+        t0 = env.sync()
+        for i, v in values.items():
+            if not kv.put(f"{prefix}{i:07d}", v):
+                raise DataMismatch(f"kvcache put {prefix}{i:07d}: key already present")
+        t1 = time.monotonic()
+    finally:
+        kv.close()
     return {"put": _phase(t0, t1, size * len(values), len(values))}
 
 
 def task_kv_get(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
     """Random gets for ``seconds``: ``batch_get`` of ``batch`` keys, or ``get`` if 1."""
     kv = _kvcache(env.backend(p["backend"]), p["dir"])
-    size, prefix, count, batch = (
-        int(p["value_bytes"]),
-        p["prefix"],
-        int(p["count"]),
-        int(p["batch"]),
-    )
-    rng = random.Random(int(p["seed"]) * 1000 + env.index)
-    get: Callable[[str], Any] = kv.get
-    batch_get: Callable[[list[str]], Any] | None = kv.batch_get if batch > 1 else None
-    t0 = env.sync()
-    stop_at = t0 + float(p["seconds"])
-    ops = 0
-    while time.monotonic() < stop_at:
-        idx = [rng.randrange(count) for _ in range(batch)]
-        keys = [f"{prefix}{i:07d}" for i in idx]
-        values = batch_get(keys) if batch_get is not None else [get(keys[0])]
-        if len(values) != len(keys):
-            raise DataMismatch(f"batch_get returned {len(values)} values for {len(keys)} keys")
-        for key, i, v in zip(keys, idx, values, strict=True):
-            _kv_check(key, v, size, i)
-        ops += len(keys)
-    t1 = time.monotonic()
+    try:
+        size, prefix = int(p["value_bytes"]), p["prefix"]
+        count, batch = int(p["count"]), int(p["batch"])
+        rng = random.Random(int(p["seed"]) * 1000 + env.index)
+
+        def one_batch() -> None:
+            idx = [rng.randrange(count) for _ in range(batch)]
+            keys = [f"{prefix}{i:07d}" for i in idx]
+            values = kv.batch_get(keys) if batch > 1 else [kv.get(keys[0])]
+            if len(values) != len(keys):
+                raise DataMismatch(f"batch_get returned {len(values)} values for {len(keys)} keys")
+            for key, i, v in zip(keys, idx, values, strict=True):
+                _kv_check(key, v, size, i)
+
+        _warm_up(one_batch, float(p["warmup_seconds"]))
+        t0 = env.sync()
+        stop_at = t0 + float(p["seconds"])
+        ops = 0
+        while time.monotonic() < stop_at:
+            one_batch()
+            ops += batch
+        t1 = time.monotonic()
+    finally:
+        kv.close()
     return {"get": _phase(t0, t1, ops * size, ops)}
 
 

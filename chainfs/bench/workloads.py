@@ -183,7 +183,8 @@ def _per_proc_bytes(ctx: RunContext, procs: int) -> int:
     return max(MiB, ctx.sizes.seq_total_bytes // procs // MiB * MiB)
 
 
-def _seq_write(ctx: RunContext, name: str, procs: int, dataset: str) -> Result:
+def _write_dataset(ctx: RunContext, procs: int, dataset: str) -> list[dict[str, Any]]:
+    """``procs`` processes each write one file of ``dataset``; their task outputs."""
     d = f"{ctx.root}/seq"
     ctx.mkdirs(d)
     paths = [f"{d}/{dataset}-{i}.bin" for i in range(procs)]
@@ -196,7 +197,11 @@ def _seq_write(ctx: RunContext, name: str, procs: int, dataset: str) -> Result:
     }
     outs = ctx.run("seq_write", [params] * procs)
     ctx.datasets[dataset] = [(o["path"], int(o["size"])) for o in outs]
-    nbytes, _, secs = aggregate(outs, "write")
+    return outs
+
+
+def _seq_write(ctx: RunContext, name: str, procs: int, dataset: str) -> Result:
+    nbytes, _, secs = aggregate(_write_dataset(ctx, procs, dataset), "write")
     return ctx.result(
         name,
         nbytes / MB / secs,
@@ -211,7 +216,7 @@ def _seq_write(ctx: RunContext, name: str, procs: int, dataset: str) -> Result:
 def _dataset(ctx: RunContext, dataset: str, procs: int) -> list[tuple[str, int]]:
     """Files of ``dataset`` (written by the matching write workload, or now, untimed)."""
     if dataset not in ctx.datasets:
-        _seq_write(ctx, f"setup {dataset}", procs, dataset)
+        _write_dataset(ctx, procs, dataset)
     files = ctx.datasets[dataset]
     if any(size == 0 for _, size in files):
         raise WorkloadFailed(f"dataset {dataset} has an empty file: {files}")
@@ -275,6 +280,7 @@ def _rand_read(ctx: RunContext, name: str, io: int) -> Result:
         "size_bytes": size,
         "io_bytes": io,
         "seconds": ctx.sizes.rand_seconds,
+        "warmup_seconds": ctx.sizes.warmup_seconds,
         "seed": ctx.seed,
     }
     outs = ctx.run("rand_read", [params] * CLIENT_PROCS)
@@ -307,6 +313,7 @@ def _read_ranges(ctx: RunContext, name: str, lo: int, hi: int) -> Result:
         "sample_max": hi,
         "batch": ctx.sizes.read_ranges_batch,
         "seconds": ctx.sizes.rand_seconds,
+        "warmup_seconds": ctx.sizes.warmup_seconds,
         "seed": ctx.seed,
     }
     outs = ctx.run("read_ranges", [params])
@@ -431,7 +438,7 @@ def kvcache(ctx: RunContext) -> list[Result]:
     out.append(ctx.result("kvcache_put_1m", nbytes / MB / secs, values=int(ops)))
     ctx.run("kv_put", [small])
 
-    get = {"seconds": s.kv_seconds}
+    get = {"seconds": s.kv_seconds, "warmup_seconds": s.warmup_seconds}
     nbytes, ops, secs = aggregate(
         ctx.run("kv_get", [{**big, **get, "batch": s.kv_batch_1m}]), "get"
     )

@@ -58,7 +58,7 @@ def test_write_read_random_read_on_a_local_directory(pool: WorkerPool, tmp_path:
     assert nbytes == 2 * size
 
     rand = {"backend": POSIX, "path": paths[0], "size_bytes": size, "io_bytes": 4096,
-            "seconds": 0.2, "seed": 1}  # fmt: skip
+            "seconds": 0.2, "warmup_seconds": 0.05, "seed": 1}  # fmt: skip
     _, ops, _ = aggregate(pool.run("rand_read", [rand], 60), "read")
     assert ops > 0
 
