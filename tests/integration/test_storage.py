@@ -513,8 +513,8 @@ def test_restart_keeps_node_and_target_ids_and_data(tmp_path: Path) -> None:
         asyncio.run(write())
         node.stop()
         node.start()
-        assert node.info["node_id"] == before["node_id"]
-        assert node.info["target_ids"] == before["target_ids"]
+        assert node.info["node_id"] == before["node_id"], node.tail_log()
+        assert node.info["target_ids"] == before["target_ids"], node.tail_log()
         (tid,) = node.info["target_ids"]
         eng = ChunkEngine.file_path_in(c.target_dirs()[tid], 77, 0, 1)
         assert Path(eng).read_bytes() == b"persisted"
