@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from chainfs.common.dataplane.config import DataPlaneConfig
 
+MiB = 1024 * 1024
 MIN_CHUNK_SIZE = 64 * 1024  # bytes: the smallest chunk size a file layout may use
 MAX_CHUNK_SIZE = 64 * 1024 * 1024  # bytes: the largest
 
@@ -44,8 +45,10 @@ class StorageConfig:
     # Bounds.
     request_cache_entries: int = 65536  # per target: recent (client id, request id) answers kept
     max_batch_read_ios: int = 4096  # ios in one batched read frame
-    max_read_bytes_in_flight: int = 160 * 1024 * 1024  # bytes of read buffers held at once
-    read_buffer_cache_bytes: int = 64 * 1024 * 1024  # of those, kept mapped for reuse
+    # Memory bound (target: a node under load <= 300 MiB RSS): ~80 MiB of process
+    # baseline + received payloads (dataplane.buffer_pool_bytes, 128 MiB) + these.
+    max_read_bytes_in_flight: int = 96 * 1024 * 1024  # bytes of read buffers held at once
+    read_buffer_cache_bytes: int = 32 * 1024 * 1024  # of those, kept mapped for reuse
     max_remove_chunks: int = 4096  # chunks one remove request drops; the client loops on `more`
     max_list_chunks: int = 65536  # chunk metas one list/dump reply carries
     forward_timeout_ms: int = 10_000  # one forward to the successor
@@ -53,7 +56,12 @@ class StorageConfig:
     forward_retry_backoff_ms: int = 100  # doubled per attempt
     mgmtd_timeout_ms: int = 5_000
     log_level: str = "INFO"
-    dataplane: DataPlaneConfig = field(default_factory=DataPlaneConfig)  # framed TCP bounds
+    # Framed data plane; received payloads (writes, forwards) held at once <= 128 MiB.
+    dataplane: DataPlaneConfig = field(
+        default_factory=lambda: DataPlaneConfig(
+            buffer_pool_bytes=128 * MiB, buffer_pool_cached_bytes=64 * MiB
+        )
+    )
 
     def validate(self) -> None:
         if not 0.0 < self.disk_usage_limit_ratio <= 1.0:
