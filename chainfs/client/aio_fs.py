@@ -137,6 +137,14 @@ class AsyncFileSystem:
         """Reach mgmtd at ``address``, learn the cluster, fail fast if unreachable."""
         if token is not None:
             raise ChainfsError(Code.ENOSYS, "token authentication is not supported by chainfs yet")
+        if _fork_state["forked_after_connect"]:
+            raise ChainfsError(
+                Code.EOPNOTSUPP,
+                "this process was forked from one that had opened a chainfs connection, "
+                "and gRPC does not survive fork(): start workers with 'spawn' or "
+                "'forkserver' (torch: DataLoader(..., multiprocessing_context='spawn'))",
+            )
+        _fork_state["connected"] = True
         config = config or ClientConfig()
         config.validate()
         timeout_s = config.connect_timeout_ms / 1000
@@ -244,6 +252,9 @@ class AsyncFileSystem:
         """Create a directory; ``parents`` creates missing ancestors (mkdir -p)."""
         self._check_open()
         p = normpath(path)
+        if parents and exist_ok:
+            await self._meta.mkdir(p, mode, parents=True)  # mkdir -p: one call
+            return
         try:
             await self._meta.mkdir(p, mode, parents=False)
             return
@@ -552,10 +563,10 @@ class AsyncFileSystem:
             h.layout.chunk_size,
         )  # fmt: skip
 
-    async def _sync_handle(self, h: OpenHandle, length: int) -> None:
+    async def _sync_handle(self, h: OpenHandle, length: int, exact: bool) -> None:
         if h.session is None:
             return
-        inode = await self._meta.sync(h.inode, h.session, length, exact=True, wrote=True)
+        inode = await self._meta.sync(h.inode, h.session, length, exact=exact, wrote=True)
         h.size = inode.size
 
     async def _truncate_handle(self, h: OpenHandle, length: int) -> None:
@@ -568,6 +579,19 @@ class AsyncFileSystem:
             self._open_files.discard(f)
         if h.session is not None:
             await self._meta.close(h.inode, h.session, length, wrote)
+
+
+# gRPC (aio) keeps threads and state that a fork()ed child cannot use: a child
+# that connects anyway hangs or crashes inside gRPC. Refuse it with a clear error.
+_fork_state = {"connected": False, "forked_after_connect": False}
+
+
+def _after_fork_in_child() -> None:
+    if _fork_state["connected"]:
+        _fork_state["forked_after_connect"] = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _zero(view: memoryview, start: int, end: int) -> None:

@@ -116,6 +116,7 @@ class AsyncFile:
         self._inflight_sem = asyncio.Semaphore(fs.config.max_inflight_writes_per_file)
         self._write_error: BaseException | None = None
         self._dirty = False  # wrote since the length was last reported
+        self._wrote = False  # wrote at all (close then has meta fix length and mtime)
         # Read buffer: bytes of [_rbuf_offset, _rbuf_offset + len(_rbuf)).
         self._rbuf = memoryview(b"")
         self._rbuf_offset = 0
@@ -215,7 +216,7 @@ class AsyncFile:
     def _after_write(self, pos: int, n: int) -> None:
         self._pos = pos + n
         self._size = max(self._size, pos + n)
-        self._dirty = True
+        self._dirty = self._wrote = True
         if self._rbuf and pos < self._rbuf_offset + len(self._rbuf) and self._rbuf_offset < pos + n:
             self._rbuf = memoryview(b"")
 
@@ -306,7 +307,7 @@ class AsyncFile:
         """flush(), then make the length durable at meta."""
         await self.flush()
         if self._mode.writable:
-            await self._fs._sync_handle(self._h, self._size)
+            await self._fs._sync_handle(self._h, self._size, exact=True)
             self._dirty = False
 
     async def truncate(self, size: int | None = None) -> int:
@@ -316,8 +317,13 @@ class AsyncFile:
         if size < 0:
             raise OSError(errno.EINVAL, f"negative size {size}", self.name)
         await self._drain()
+        if self._dirty:
+            # Meta cuts storage only below the length it knows: report ours first.
+            await self._fs._sync_handle(self._h, self.size(), exact=False)
+            self._dirty = False
         await self._fs._truncate_handle(self._h, size)
         self._size = size
+        self._wrote = True
         self._rbuf = memoryview(b"")
         return size
 
@@ -440,7 +446,7 @@ class AsyncFile:
         finally:
             self._closed = True
             self._rbuf = memoryview(b"")
-            await self._fs._close_handle(self._h, self._size, self._mode.writable)
+            await self._fs._close_handle(self._h, self._size, self._wrote)
 
     async def __aenter__(self) -> AsyncFile:
         return self

@@ -56,9 +56,13 @@ class ChainFileSystem(AbstractFileSystem):
         address: str | None = None,
         token: str | None = None,
         fs: FileSystem | None = None,
+        auto_mkdir: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(address=address, token=token, **kwargs)
+        super().__init__(address=address, token=token, auto_mkdir=auto_mkdir, **kwargs)
+        # Writing a file creates its missing parent directories (object-store
+        # style, what fsspec's copy/put/pipe expect); False: FileNotFoundError.
+        self.auto_mkdir = auto_mkdir
         if fs is None:
             address = address or os.environ.get(ADDRESS_ENV)
             if not address:
@@ -206,10 +210,10 @@ class ChainFileSystem(AbstractFileSystem):
 
     def rm_file(self, path: str) -> None:
         path = self._strip_protocol(path)
-        if self.client.isdir(path):
-            self.client.rmdir(path)
-        else:
+        try:
             self.client.remove(path)
+        except IsADirectoryError:
+            self.client.rmdir(path)
 
     _rm = rm_file
 
@@ -237,6 +241,7 @@ class ChainFileSystem(AbstractFileSystem):
             return
         if self.client.isdir(dst) and not self.client.isdir(src):
             dst = posixpath.join(dst, posixpath.basename(src))
+        self._make_parent(dst)
         self.client.rename(src, dst)
 
     def rename(self, path1: str, path2: str, **kwargs: Any) -> None:
@@ -248,6 +253,7 @@ class ChainFileSystem(AbstractFileSystem):
         if self.client.isdir(src):
             self.client.mkdir(dst, parents=True, exist_ok=True)
             return
+        self._make_parent(dst)
         fin = self.client.open(src, "rb")
         fout = self.client.open(dst, "wb")
         assert isinstance(fin, File) and isinstance(fout, File)
@@ -268,11 +274,18 @@ class ChainFileSystem(AbstractFileSystem):
 
     def touch(self, path: str, truncate: bool = True, **kwargs: Any) -> None:
         path = self._strip_protocol(path)
+        self._make_parent(path)
         if truncate or not self.client.exists(path):
             with self.client.open(path, "wb"):
                 pass
         else:
             self.client.utime(path)
+
+    def _make_parent(self, path: str) -> None:
+        if self.auto_mkdir:
+            parent = posixpath.dirname(path)
+            if parent != "/":
+                self.client.mkdir(parent, parents=True, exist_ok=True)
 
     # -- data ----------------------------------------------------------------
     def _open(
@@ -285,6 +298,8 @@ class ChainFileSystem(AbstractFileSystem):
         **kwargs: Any,
     ) -> Any:
         path = self._strip_protocol(path)
+        if "r" not in mode or "+" in mode:
+            self._make_parent(path)
         if autocommit or "r" in mode:
             return self.client.open(path, mode)
         return _DeferredFile(self, path, mode)
@@ -373,6 +388,7 @@ class ChainFileSystem(AbstractFileSystem):
 
     def pipe_file(self, path: str, value: Any, mode: str = "overwrite", **kwargs: Any) -> None:
         path = self._strip_protocol(path)
+        self._make_parent(path)
         if mode == "create":
             with self.client.open(path, "xb") as f:
                 f.write(value)

@@ -29,9 +29,10 @@ Semantics, across processes and clients:
   bytes to ``max_value_bytes`` (at most 64 MiB; EFBIG beyond, nothing stored).
   Entries are named by a hash of the key; a name taken by another key (a hash
   collision) is detected from the stored key and the entry goes to the next
-  probe name (``~1``, ``~2``, ...). If an entry at an earlier probe name is
-  removed, later-probe entries of colliding keys become unreachable: they
-  read as misses and are evicted like any other entry (it is a cache).
+  probe name (``~1``, ``~2``, ...; EEXIST after ``max_probes``). Removing an
+  entry of such a chain moves the chain's last entry into its name (one
+  atomic rename), so lookups, which stop at the first free name, still reach
+  every entry.
 - Eviction: entries older than ``ttl`` (seconds since their put) are misses at
   once and are removed in the background. When the cache's bytes exceed
   ``high_watermark * capacity_bytes``, the least recently used entries are
@@ -50,8 +51,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import heapq
 import itertools
+import json
 import logging
 import os
 import secrets
@@ -73,7 +76,7 @@ from chainfs.client.kvcache_format import (
 from chainfs.client.layout import Layout, split
 from chainfs.common.checksum import crc32c
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.common.rpc.meta_client import RENAME_NOREPLACE
+from chainfs.common.rpc.meta_client import RENAME_NOREPLACE, At
 from chainfs.proto import meta_pb2 as mt
 
 if TYPE_CHECKING:
@@ -223,6 +226,9 @@ class KVCacheBackend(Protocol):
     async def kv_set_atime(self, path: str, atime_ns: int) -> None:
         """Set a file's access time (ENOENT is not an error)."""
 
+    async def kv_read_file(self, path: str, max_bytes: int) -> bytes | None:
+        """A small file's whole content (None if absent; EFBIG above max_bytes)."""
+
 
 # -- results ---------------------------------------------------------------------
 
@@ -265,6 +271,8 @@ class _ShardScan:
     bytes: int
     # (last access ns, name, size, ino), oldest first, at most gc_candidates_per_shard.
     candidates: list[tuple[int, str, int, int]]
+    # Base names with entries at probes > 0 (collision chains; rare).
+    chained: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -299,6 +307,55 @@ class GcRound:
 
 
 # -- the async core --------------------------------------------------------------
+
+
+MARKER_NAME = "kvcache.json"  # in the cache directory: how its entries are named
+_LAYOUT_FIELDS = ("shards", "name_hash_bytes", "max_probes")
+_MARKER_MAX_BYTES = 4096
+
+
+async def _read_layout(store: KVCacheBackend, marker: str) -> dict[str, int] | None:
+    raw = await store.kv_read_file(marker, _MARKER_MAX_BYTES)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+        layout = {name: int(doc[name]) for name in _LAYOUT_FIELDS}
+        if doc.get("format") != 1:
+            raise ValueError(f"format {doc.get('format')!r}")
+        probe = KVCacheConfig(**layout)  # type: ignore[arg-type]
+        probe.validate()
+    except (ValueError, KeyError, TypeError) as e:
+        raise ChainfsError(Code.EINVAL, f"not a KV cache of this version: {e}", marker) from None
+    return layout
+
+
+async def _create_layout(
+    store: KVCacheBackend, marker: str, layout: dict[str, int]
+) -> dict[str, int]:
+    """Write the marker once (temp file, then a rename that never replaces); whoever
+    loses a race adopts the winner's."""
+    tmp = f"{marker}.{os.getpid()}-{secrets.token_hex(6)}"
+    await store.kv_create(tmp, [memoryview(json.dumps(layout).encode())])
+    try:
+        await store.kv_rename(tmp, marker, replace=False)
+    except ChainfsError as e:
+        with contextlib.suppress(ChainfsError):
+            await store.kv_unlink(tmp)
+        if e.code != Code.EEXIST:
+            raise
+    found = await _read_layout(store, marker)
+    if found is None:
+        raise ChainfsError(Code.EIO, "KV cache marker vanished while being created", marker)
+    return found
+
+
+def _split_probe(path: str) -> tuple[str, int]:
+    """(path without its probe suffix, probe number) of an entry path."""
+    base, sep, probe = path.rpartition("~")
+    if not sep or "/" in probe or not probe.isdigit():
+        return path, 0
+    return base, int(probe)
 
 
 def _as_value_view(value: Buffer) -> memoryview:
@@ -350,6 +407,7 @@ class AsyncKVCache:
         self._shard_scans: dict[int, _ShardScan] = {}
         self._put_bytes_since_scan: collections.Counter[int] = collections.Counter()
         self._next_shard = 0
+        self._evicting = False  # above the high watermark, not yet down to the low one
         self._put_sem = asyncio.Semaphore(config.max_parallel_puts)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -358,8 +416,24 @@ class AsyncKVCache:
     async def open(
         cls, store: KVCacheBackend, directory: str, config: KVCacheConfig | None = None
     ) -> AsyncKVCache:
-        """Create the directory tree if needed and start the background tasks."""
-        cache = cls(store, directory, config or KVCacheConfig())
+        """Create the directory tree if needed and start the background tasks.
+
+        How entries are named (shards, name_hash_bytes, max_probes) is fixed by
+        whoever creates the cache, in ``kvcache.json``; later opens, from any
+        process, use the stored values whatever their config says, so every
+        handle finds every entry."""
+        config = dataclasses.replace(config or KVCacheConfig())
+        config.validate()
+        d = directory.rstrip("/") or "/"
+        marker = f"{'' if d == '/' else d}/{MARKER_NAME}"
+        layout = await _read_layout(store, marker)
+        if layout is None:
+            await store.kv_makedirs([d])
+            mine = {name: getattr(config, name) for name in _LAYOUT_FIELDS}
+            layout = await _create_layout(store, marker, {"format": 1, **mine})
+        for name in _LAYOUT_FIELDS:
+            setattr(config, name, layout[name])
+        cache = cls(store, directory, config)
         await store.kv_makedirs([cache._tmp_dir, *cache._shard_dirs])
         cache._start_background()
         return cache
@@ -746,16 +820,61 @@ class AsyncKVCache:
             part = ks[lo : lo + self.config.max_batch_keys]
             locs = await self._locate(part)
 
-            async def rm(k: Key, loc: _Located | None) -> bool:
-                if loc is None:
-                    return False
-                async with self._put_sem:
-                    return await self._store.kv_unlink(self._path(k, loc.probe))
-
-            out.extend(
-                await asyncio.gather(*(rm(k, loc) for k, loc in zip(part, locs, strict=True)))
-            )
+            found = [
+                (i, self._path(k, loc.probe))
+                for i, (k, loc) in enumerate(zip(part, locs, strict=True))
+                if loc is not None
+            ]
+            removed = await self._remove_paths([p for _, p in found], [True] * len(found))
+            done = [False] * len(part)
+            for (i, _), ok in zip(found, removed, strict=True):
+                done[i] = ok
+            out.extend(done)
         return out
+
+    async def _remove_paths(self, paths: list[str], may_chain: list[bool]) -> list[bool]:
+        """Remove entries, keeping collision chains whole: an entry at probe p whose
+        name has entries at higher probes is replaced, in one atomic rename, by the
+        last of them (else a later probe would no longer be reachable: lookups stop
+        at the first free name). ``may_chain[i]`` False skips looking for them."""
+        by_base: dict[str, list[int]] = collections.defaultdict(list)
+        for i, path in enumerate(paths):
+            by_base[_split_probe(path)[0]].append(i)
+        if any(len(ix) > 1 for ix in by_base.values()):
+            # Several entries of one chain: one at a time, highest probe first, each
+            # seeing the chain as the previous left it.
+            out = [False] * len(paths)
+
+            async def one_chain(ix: list[int]) -> None:
+                for i in sorted(ix, key=lambda i: -_split_probe(paths[i])[1]):
+                    (out[i],) = await self._remove_paths([paths[i]], [may_chain[i]])
+
+            await asyncio.gather(*(one_chain(ix) for ix in by_base.values()))
+            return out
+        higher: list[tuple[int, str]] = []
+        for i, (path, chain) in enumerate(zip(paths, may_chain, strict=True)):
+            if chain:
+                base, probe = _split_probe(path)
+                higher.extend((i, f"{base}~{q}") for q in range(probe + 1, self.config.max_probes))
+        last: dict[int, str] = {}
+        if higher:
+            infos = await self._store.kv_stat_many([h for _, h in higher])
+            for (i, h), info in zip(higher, infos, strict=True):
+                if info is not None:
+                    last[i] = h  # in probe order: the highest present wins
+
+        async def one(i: int, path: str) -> bool:
+            async with self._put_sem:
+                if i in last:
+                    try:
+                        await self._store.kv_rename(last[i], path, replace=True)
+                        return True
+                    except ChainfsError as e:
+                        if e.code != Code.ENOENT:
+                            raise  # ENOENT: the last entry went meanwhile; just remove
+                return await self._store.kv_unlink(path)
+
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(paths))))
 
     # -- listing and stats ---------------------------------------------------
     async def keys(self, prefix: KeyLike = b"") -> list[str | bytes]:
@@ -794,10 +913,13 @@ class AsyncKVCache:
         expired: list[tuple[str, EntryInfo]] = []
         oldest: list[tuple[int, str, int, int]] = []  # max-heap by negated access time
         keep = self.config.gc_candidates_per_shard
+        chained: set[str] = set()
         async for page in self._store.kv_list(self._shard_dirs[shard]):
             for name, info in page:
                 if info is None:
                     continue
+                if "~" in name:
+                    chained.add(name.split("~", 1)[0])
                 if self._expired(info, now_ns):
                     expired.append((name, info))
                     continue
@@ -809,7 +931,7 @@ class AsyncKVCache:
                 elif item > oldest[0]:
                     heapq.heapreplace(oldest, item)
         candidates = sorted((-a, name, size, ino) for a, name, size, ino in oldest)
-        return _ShardScan(entries, nbytes, candidates), expired
+        return _ShardScan(entries, nbytes, candidates, chained), expired
 
     async def stats(self) -> KVStats:
         """Counters of this handle, and entries/bytes of the whole cache (scanned now)."""
@@ -864,11 +986,11 @@ class AsyncKVCache:
             self._shard_scans[shard] = scan
             self._put_bytes_since_scan.pop(shard, None)
             r.shards_scanned += 1
-            for name, info in expired:
+            for name, _ in expired:
                 if budget <= 0:
                     break
                 budget -= 1
-                if await self._remove_entry(shard, name, info, r):
+                if await self._remove_entry(shard, name, r):
                     r.expired += 1
                     self._counters.expirations += 1
         r.tmp_removed = await self._clean_tmp(budget)
@@ -877,8 +999,14 @@ class AsyncKVCache:
         if c.capacity_bytes is not None and r.estimated_bytes is not None:
             high = c.high_watermark * c.capacity_bytes
             low = c.low_watermark * c.capacity_bytes
+            # Hysteresis: once above high, keep evicting (over as many bounded
+            # rounds as it takes) until at or below low.
             if r.estimated_bytes > high:
+                self._evicting = True
+            if self._evicting:
                 r.estimated_bytes = await self._evict(r.estimated_bytes, low, budget, r)
+                if r.estimated_bytes <= low:
+                    self._evicting = False
         return r
 
     async def _evict(self, total: int, low: float, budget: int, r: GcRound) -> int:
@@ -897,7 +1025,7 @@ class AsyncKVCache:
                 continue  # this process is reading it
             budget -= 1
             scan = self._shard_scans[shard]
-            if await self._remove_entry(shard, name, None, r):
+            if await self._remove_entry(shard, name, r):
                 r.evicted += 1
                 self._counters.evictions += 1
             # Gone either way (removed now or by someone else): no longer counted.
@@ -910,12 +1038,13 @@ class AsyncKVCache:
             scan.candidates = [c for c in scan.candidates if c[1] not in names]
         return total
 
-    async def _remove_entry(
-        self, shard: int, name: str, info: EntryInfo | None, r: GcRound
-    ) -> bool:
+    async def _remove_entry(self, shard: int, name: str, r: GcRound) -> bool:
         path = f"{self._shard_dirs[shard]}/{name}"
+        scan = self._shard_scans.get(shard)
+        may_chain = scan is None or name.split("~", 1)[0] in scan.chained
         try:
-            return await self._store.kv_unlink(path)
+            (removed,) = await self._remove_paths([path], [may_chain])
+            return removed
         except ChainfsError as e:
             r.errors.append(f"{path}: {e}")
             log.warning("kvcache: could not remove %s: %s", path, e)
@@ -1099,6 +1228,33 @@ class FsBackend:
     def __init__(self, afs: AsyncFileSystem) -> None:
         self._afs = afs
         self._meta = afs._meta
+        # Directory path -> (inode id, when resolved): entries are then named
+        # (directory inode, name), which meta resolves with one lookup instead
+        # of a walk from the root. Trusted for _DIR_INO_TTL_S, so a cache
+        # directory removed and made again is noticed within that time.
+        self._dirs: dict[str, tuple[int, float]] = {}
+
+    async def _dir_inos(self, dirs: set[str]) -> dict[str, int]:
+        now = time.monotonic()
+        stale = [d for d in dirs if d not in self._dirs or now - self._dirs[d][1] > _DIR_INO_TTL_S]
+        if stale:
+            found = await self._meta.batch_stat(stale, follow=True)
+            for d, r in zip(stale, found, strict=True):
+                if isinstance(r, ChainfsError) or r.type != mt.DIRECTORY:
+                    self._dirs.pop(d, None)
+                else:
+                    self._dirs[d] = (r.ino, now)
+        return {d: self._dirs[d][0] for d in dirs if d in self._dirs}
+
+    async def _ats(self, paths: Sequence[str]) -> list[At]:
+        """(directory inode, name) for each path whose directory is known, else the path."""
+        parts = [p.rsplit("/", 1) for p in paths]
+        inos = await self._dir_inos({d or "/" for d, _ in parts})
+        out: list[At] = []
+        for p, (d, name) in zip(paths, parts, strict=True):
+            ino = inos.get(d or "/")
+            out.append(p if ino is None else (ino, name))
+        return out
 
     async def kv_makedirs(self, paths: Sequence[str]) -> None:
         found = await self._meta.batch_stat(list(paths), follow=True)
@@ -1116,10 +1272,11 @@ class FsBackend:
             async with sem:
                 await self._meta.mkdir(p, 0o777, parents=True)
 
+        self._dirs.clear()
         await asyncio.gather(*(mkdir(p) for p in missing))
 
     async def kv_stat_many(self, paths: Sequence[str]) -> list[EntryInfo | None]:
-        found = await self._meta.batch_stat(list(paths), follow=False)
+        found = await self._meta.batch_stat(await self._ats(paths), follow=False)
         out: list[EntryInfo | None] = []
         for p, r in zip(paths, found, strict=True):
             if isinstance(r, ChainfsError):
@@ -1157,11 +1314,18 @@ class FsBackend:
             raise _chainfs_error(e, path) from None
 
     async def kv_rename(self, src: str, dst: str, replace: bool) -> None:
-        await self._meta.rename(src, dst, flags=0 if replace else RENAME_NOREPLACE)
+        at_src, at_dst = await self._ats([src, dst])
+        try:
+            await self._meta.rename(at_src, at_dst, flags=0 if replace else RENAME_NOREPLACE)
+        except ChainfsError as e:
+            if e.code == Code.ENOENT:
+                self._dirs.clear()  # perhaps a directory was made again: look it up anew
+            raise
 
     async def kv_unlink(self, path: str) -> bool:
+        (at,) = await self._ats([path])
         try:
-            await self._meta.unlink(path)
+            await self._meta.unlink(at)
         except ChainfsError as e:
             if e.code in (Code.ENOENT, Code.ENOTDIR):
                 return False
@@ -1189,15 +1353,32 @@ class FsBackend:
                 return
             after = rsp.entries[-1].name
 
+    async def kv_read_file(self, path: str, max_bytes: int) -> bytes | None:
+        (found,) = await self._meta.batch_stat([path], follow=True)
+        if isinstance(found, ChainfsError):
+            if found.code in (Code.ENOENT, Code.ENOTDIR):
+                return None
+            raise ChainfsError(found.code, found.message, path)
+        info = _entry_info(found)
+        if info is None:
+            raise ChainfsError(Code.EINVAL, "not a regular file", path)
+        if info.size > max_bytes:
+            raise ChainfsError(Code.EFBIG, f"{info.size} bytes, expected at most {max_bytes}", path)
+        buf = memoryview(bytearray(info.size))
+        await self.kv_read_many([(info, 0, buf)])
+        return bytes(buf)
+
     async def kv_set_atime(self, path: str, atime_ns: int) -> None:
+        (at,) = await self._ats([path])
         try:
-            await self._meta.setattr(path, follow=False, atime_ns=atime_ns)
+            await self._meta.setattr(at, follow=False, atime_ns=atime_ns)
         except ChainfsError as e:
             if e.code not in (Code.ENOENT, Code.ENOTDIR):
                 raise
 
 
 _MKDIR_PARALLEL = 16  # directory creations in flight when a cache is first opened
+_DIR_INO_TTL_S = 5.0  # a directory's inode id is trusted this long (see FsBackend._dirs)
 
 
 def _entry_info(inode: mt.Inode) -> EntryInfo | None:

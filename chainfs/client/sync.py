@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from chainfs.client._loop import LoopThread
 from chainfs.client.aio_fs import AsyncFileSystem, DirEntry, Range, StatResult, StatVFS
+from chainfs.client.aio_fs import connect as aio_connect
 from chainfs.client.config import ClientConfig
 from chainfs.client.file import File, Mode
 
@@ -40,7 +41,7 @@ class FileSystem:
     ) -> FileSystem:
         loop = LoopThread()
         try:
-            afs = loop.run(AsyncFileSystem.connect(address, token=token, config=config))
+            afs = loop.run(aio_connect(address, token=token, config=config))
         except BaseException:
             loop.stop()
             raise

@@ -88,6 +88,7 @@ class LocalCluster:
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
         heartbeat_interval_ms: int | None = None,
         heartbeat_timeout_ms: int | None = None,
+        configure_storage: Callable[[int, Any], None] | None = None,
     ) -> None:
         if storage_nodes < 1 or targets_per_node < 1:
             raise ChainfsError(Code.EINVAL, "need at least one storage node and one target")
@@ -107,6 +108,7 @@ class LocalCluster:
         self.start_timeout_s = start_timeout_s
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.heartbeat_timeout_ms = heartbeat_timeout_ms
+        self.configure_storage = configure_storage  # (node index, StorageConfig) -> None
         self._mount_request = Path(mount).resolve() if mount is not None else None
         self.mountpoint: Path | None = None
 
@@ -186,6 +188,10 @@ class LocalCluster:
         c.mgmtd_addresses = [self.address]
         node_dir = self.base_dir / f"storage{i}"
         c.targets = [str(node_dir / f"target{j}") for j in range(self.targets_per_node)]
+        if self.heartbeat_interval_ms is not None:
+            c.heartbeat_interval_ms = self.heartbeat_interval_ms
+        if self.configure_storage is not None:
+            self.configure_storage(i, c)
         return c
 
     def _meta_config(self) -> Any:

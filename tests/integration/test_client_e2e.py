@@ -1,0 +1,446 @@
+"""The client against a real LocalCluster: bytes round-trip through every API, errors.
+
+One cluster (mgmtd, 3 storage nodes x 2 targets, chains of 3, meta) for the module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import os
+import stat
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+import chainfs
+from chainfs.client.config import ClientConfig
+from chainfs.client.sync import FileSystem
+from chainfs.testing.cluster import LocalCluster
+from tests.conftest import require
+from tests.integration.client_fixtures import CHUNK, module_cluster, pattern
+
+pytestmark = pytest.mark.timeout(180)
+
+LARGE = 100 * 1024 * 1024  # the large file of the round trip
+SIZES = {
+    "empty": 0,
+    "one": 1,
+    "chunk-1": CHUNK - 1,
+    "chunk": CHUNK,
+    "chunk+1": CHUNK + 1,
+    "large": LARGE,
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    yield from module_cluster(tmp_path_factory, "client-e2e")
+
+
+@pytest.fixture(scope="module")
+def fs(cluster: LocalCluster) -> FileSystem:
+    return cluster.client()
+
+
+@pytest.fixture(scope="module")
+def files(fs: FileSystem) -> dict[str, bytes]:
+    """Files of the edge sizes, written through the sync client with assorted write sizes."""
+    fs.mkdir("/e2e", exist_ok=True)
+    out: dict[str, bytes] = {}
+    for name, size in SIZES.items():
+        data = pattern(size, name)
+        path = f"/e2e/{name}.bin"
+        with fs.open(path, "wb") as f:
+            if size < CHUNK:
+                f.write(data)
+            else:
+                # Uneven pieces so writes straddle chunk boundaries.
+                step = 3 * 1024 * 1024 + 7
+                for i in range(0, size, step):
+                    f.write(data[i : i + step])
+        out[path] = data
+    return out
+
+
+def test_sizes_after_write(fs: FileSystem, files: dict[str, bytes]) -> None:
+    for path, data in files.items():
+        st = fs.stat(path)
+        assert st.st_size == len(data), path
+        assert stat.S_ISREG(st.st_mode)
+
+
+def test_sync_read_whole_and_in_pieces(fs: FileSystem, files: dict[str, bytes]) -> None:
+    for path, data in files.items():
+        with fs.open(path, "rb") as f:
+            assert f.read() == data, path
+        with fs.open(path, "rb") as f:
+            got = bytearray()
+            while piece := f.read(1_000_003):
+                got += piece
+            assert got == data, path
+        # readinto a preallocated buffer (the zero-copy path).
+        buf = bytearray(len(data) + 10)
+        with fs.open(path, "rb") as f:
+            n = f.readinto(buf)
+        assert n == len(data) and buf[:n] == data, path
+
+
+def test_sync_random_ranges(fs: FileSystem, files: dict[str, bytes]) -> None:
+    path = "/e2e/large.bin"
+    data = files[path]
+    import random
+
+    rng = random.Random(7)
+    with fs.open(path, "rb") as f:
+        for _ in range(50):
+            off = rng.randrange(0, len(data))
+            n = rng.choice([1, 100, CHUNK - 3, CHUNK + 5, 3 * CHUNK])
+            f.seek(off)
+            assert f.read(n) == data[off : off + n]
+        # Relative and end-relative seeks.
+        f.seek(-10, os.SEEK_END)
+        assert f.read() == data[-10:]
+        f.seek(5)
+        f.seek(5, os.SEEK_CUR)
+        assert f.tell() == 10
+        assert f.read(3) == data[10:13]
+
+
+def test_read_ranges_in_order_and_into_buffers(fs: FileSystem, files: dict[str, bytes]) -> None:
+    large = files["/e2e/large.bin"]
+    ranges = [
+        ("/e2e/large.bin", CHUNK - 10, 20),  # straddles a chunk boundary
+        ("/e2e/one.bin", 0, 1),
+        ("/e2e/large.bin", 0, 256 * 1024),
+        ("/e2e/chunk+1.bin", CHUNK, 1),
+        ("/e2e/empty.bin", 0, 10),  # past the end: empty
+        ("/e2e/large.bin", LARGE - 5, 100),  # short at the end
+        ("/e2e/chunk.bin", 0, None),  # to the end of the file
+    ]
+    want = [
+        large[CHUNK - 10 : CHUNK + 10],
+        files["/e2e/one.bin"],
+        large[: 256 * 1024],
+        files["/e2e/chunk+1.bin"][CHUNK:],
+        b"",
+        large[-5:],
+        files["/e2e/chunk.bin"],
+    ]
+    got = fs.read_ranges(ranges)
+    assert [bytes(g) for g in got] == want
+    bufs = [bytearray(r[2] if r[2] is not None else CHUNK) for r in ranges]
+    got2 = fs.read_ranges(ranges, bufs)
+    assert [bytes(g) for g in got2] == want
+    assert bytes(bufs[0]) == want[0]  # landed in the caller's buffer
+
+
+def test_many_samples_read_ranges(fs: FileSystem, files: dict[str, bytes]) -> None:
+    large = files["/e2e/large.bin"]
+    sample = 256 * 1024
+    ranges = [("/e2e/large.bin", off, sample) for off in range(0, LARGE - sample, 997 * 1024)]
+    got = fs.read_ranges(ranges)
+    for (_, off, n), g in zip(ranges, got, strict=True):
+        assert g == large[off : off + n]
+
+
+def test_async_client_round_trip(cluster: LocalCluster, files: dict[str, bytes]) -> None:
+    async def main() -> None:
+        afs = await chainfs.aio.connect(cluster.address)
+        async with afs:
+            for path, data in files.items():
+                f = await afs.open(path, "rb")
+                async with f:
+                    assert await f.read() == data, path
+            # write through the async client, read back through it
+            data = pattern(CHUNK * 2 + 3, "async")
+            f = await afs.open("/e2e/async.bin", "wb")
+            async with f:
+                await f.write(data[:5])
+                await f.write(data[5:])
+            assert (await afs.stat("/e2e/async.bin")).st_size == len(data)
+            assert await afs.read_file("/e2e/async.bin") == data
+            got = await afs.read_ranges([("/e2e/async.bin", CHUNK - 1, 3)])
+            assert bytes(got[0]) == data[CHUNK - 1 : CHUNK + 2]
+            assert "async.bin" in await afs.listdir("/e2e")
+
+    asyncio.run(main())
+
+
+def test_fsspec_round_trip(cluster: LocalCluster, files: dict[str, bytes]) -> None:
+    import fsspec
+
+    cfs = fsspec.filesystem("chainfs", address=cluster.address)
+    for path, data in files.items():
+        assert cfs.cat_file(path) == data, path
+        with cfs.open(path, "rb") as f:
+            assert f.read() == data
+        assert cfs.info(path)["size"] == len(data)
+    large = files["/e2e/large.bin"]
+    assert (
+        cfs.cat_file("/e2e/large.bin", start=CHUNK - 2, end=CHUNK + 2)
+        == large[CHUNK - 2 : CHUNK + 2]
+    )
+    assert cfs.cat_file("/e2e/large.bin", start=-7) == large[-7:]
+    # fsspec's URL form carries the address.
+    with fsspec.open(f"chainfs://{cluster.address}/e2e/chunk+1.bin", "rb") as f:
+        assert f.read() == files["/e2e/chunk+1.bin"]
+
+
+def test_pyarrow_round_trip(cluster: LocalCluster, files: dict[str, bytes]) -> None:
+    import pyarrow.fs as pafs
+
+    from chainfs.client.fsspec_adapter import ChainFileSystem
+
+    afs = pafs.PyFileSystem(pafs.FSSpecHandler(ChainFileSystem(address=cluster.address)))
+    for path, data in files.items():
+        with afs.open_input_file(path) as f:
+            assert f.size() == len(data)
+            assert f.read() == data, path
+        with afs.open_input_stream(path) as s:
+            assert s.read() == data
+    with afs.open_output_stream("/e2e/arrow.bin") as out:
+        out.write(files["/e2e/chunk+1.bin"])
+    with afs.open_input_file("/e2e/arrow.bin") as f:
+        assert f.read_at(10, CHUNK - 5) == files["/e2e/chunk+1.bin"][CHUNK - 5 : CHUNK + 5]
+
+
+def test_torch_dataset_round_trip(cluster: LocalCluster, files: dict[str, bytes]) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        require("torch", False, "pip install torch (CPU build)")
+    from chainfs.client.torch import ChainfsDataset
+
+    paths = list(files)
+    ds = ChainfsDataset(cluster.address, paths)
+    assert len(ds) == len(paths)
+    for i, p in enumerate(paths):
+        assert ds[i] == files[p]
+    assert ds.__getitems__(list(range(len(paths)))) == [files[p] for p in paths]
+
+
+def test_text_mode(fs: FileSystem) -> None:
+    fs.mkdir("/e2e", exist_ok=True)
+    text = "héllo\nwörld\n" * 1000
+    with fs.open("/e2e/text.txt", "w", encoding="utf-8") as f:
+        f.write(text)
+    with fs.open("/e2e/text.txt", encoding="utf-8") as f:
+        assert f.readline() == "héllo\n"
+        assert f.read() == text[len("héllo\n") :]
+    with fs.open("/e2e/text.txt", "rb") as f:
+        assert list(f)[:2] == [b"h\xc3\xa9llo\n", b"w\xc3\xb6rld\n"]
+
+
+def test_write_modes(fs: FileSystem) -> None:
+    fs.mkdir("/e2e", exist_ok=True)
+    p = "/e2e/modes.bin"
+    with fs.open(p, "wb") as f:
+        f.write(b"0123456789")
+    with fs.open(p, "ab") as f:
+        f.write(b"ab")
+        f.seek(0)
+        f.write(b"cd")  # append mode: always at the end
+    assert fs.read_file(p) == b"0123456789abcd"
+    with fs.open(p, "r+b") as f:
+        f.seek(3)
+        f.write(b"XY")
+        f.seek(0)
+        assert f.read() == b"012XY56789abcd"
+    with fs.open(p, "w+b") as f:
+        assert f.read() == b""  # truncated
+        f.write(b"new")
+        f.seek(0)
+        assert f.read() == b"new"
+        f.truncate(1)
+    assert fs.read_file(p) == b"n"
+    with pytest.raises(FileExistsError):
+        fs.open(p, "xb")
+    with fs.open("/e2e/fresh-x.bin", "xb") as f:
+        f.write(b"x")
+    assert fs.read_file("/e2e/fresh-x.bin") == b"x"
+
+
+def test_holes_read_as_zeros(fs: FileSystem) -> None:
+    fs.mkdir("/e2e", exist_ok=True)
+    p = "/e2e/sparse.bin"
+    with fs.open(p, "wb") as f:
+        f.write(b"head")
+        f.seek(3 * CHUNK + 100)
+        f.write(b"tail")
+    data = fs.read_file(p)
+    assert len(data) == 3 * CHUNK + 104
+    assert data[:4] == b"head" and data[-4:] == b"tail"
+    assert data[4:-4] == bytes(len(data) - 8)
+    fs.truncate(p, 2 * CHUNK)  # extend-by-truncate and shrink both read as zeros past data
+    assert fs.read_file(p) == b"head" + bytes(2 * CHUNK - 4)
+
+
+def test_overwrite_inside_chunks_keeps_the_rest(fs: FileSystem) -> None:
+    fs.mkdir("/e2e", exist_ok=True)
+    p = "/e2e/patch.bin"
+    base = pattern(2 * CHUNK + 10, "patch")
+    with fs.open(p, "wb") as f:
+        f.write(base)
+    patch = b"P" * 1000
+    with fs.open(p, "r+b") as f:
+        f.seek(CHUNK - 500)
+        f.write(patch)
+    want = base[: CHUNK - 500] + patch + base[CHUNK + 500 :]
+    assert fs.read_file(p) == want
+
+
+def test_file_sees_its_own_pending_writes(fs: FileSystem) -> None:
+    fs.mkdir("/e2e", exist_ok=True)
+    with fs.open("/e2e/own.bin", "w+b") as f:
+        f.write(b"abc")
+        f.seek(0)
+        assert f.read() == b"abc"
+        f.seek(CHUNK - 1)
+        f.write(b"xyz")
+        f.seek(CHUNK - 2)
+        assert f.read(4) == b"\x00xyz"
+
+
+def test_namespace_ops(fs: FileSystem) -> None:
+    fs.mkdir("/ns/a/b", parents=True)
+    fs.mkdir("/ns/a/b", parents=True, exist_ok=True)
+    with pytest.raises(FileExistsError):
+        fs.mkdir("/ns/a/b", parents=True)
+    with pytest.raises(FileNotFoundError):
+        fs.mkdir("/ns/missing/x")
+    fs.write_file("/ns/a/f", b"data")
+    assert fs.listdir("/ns/a") == ["b", "f"]
+    entries = {e.name: e for e in fs.scandir("/ns/a")}
+    assert entries["b"].is_dir() and entries["f"].is_file()
+    assert entries["f"].stat.st_size == 4
+    fs.symlink("/ns/a/f", "/ns/link")
+    assert fs.readlink("/ns/link") == "/ns/a/f"
+    assert stat.S_ISLNK(fs.lstat("/ns/link").st_mode)
+    assert fs.stat("/ns/link").st_size == 4
+    fs.link("/ns/a/f", "/ns/hard")
+    assert fs.stat("/ns/a/f").st_nlink == 2
+    fs.rename("/ns/hard", "/ns/moved")
+    assert fs.read_file("/ns/moved") == b"data"
+    fs.chmod("/ns/moved", 0o640)
+    assert stat.S_IMODE(fs.stat("/ns/moved").st_mode) == 0o640
+    fs.chown("/ns/moved", 1234, -1)
+    st = fs.stat("/ns/moved")
+    assert (st.st_uid, st.st_gid) == (1234, 0 if os.getgid() == 0 else st.st_gid)
+    fs.utime("/ns/moved", (1_000_000, 2_000_000))
+    st = fs.stat("/ns/moved")
+    assert (st.st_atime, st.st_mtime) == (1_000_000, 2_000_000)
+    fs.utime("/ns/moved", ns=(5, 6))
+    assert fs.stat("/ns/moved").st_mtime_ns == 6
+    fs.truncate("/ns/moved", 2)
+    assert fs.read_file("/ns/a/f") == b"da"  # same inode
+    fs.remove("/ns/moved")
+    fs.remove("/ns/link")
+    assert fs.exists("/ns/a/f") and not fs.exists("/ns/moved")
+    with pytest.raises(OSError) as e:
+        fs.rmdir("/ns/a")
+    assert e.value.errno == errno.ENOTEMPTY
+    fs.remove("/ns/a/f")
+    fs.rmdir("/ns/a/b")
+    fs.rmdir("/ns/a")
+    vfs = fs.statfs()
+    assert vfs.f_bsize > 0 and vfs.f_blocks >= vfs.f_bfree
+
+
+def test_concurrent_threads_share_one_filesystem(fs: FileSystem) -> None:
+    fs.mkdir("/e2e", exist_ok=True)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            data = pattern(CHUNK + k * 1000, f"t{k}")
+            fs.write_file(f"/e2e/thread{k}.bin", data)
+            assert fs.read_file(f"/e2e/thread{k}.bin") == data
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+# -- bad input -------------------------------------------------------------------
+
+
+def test_bad_input_errors(fs: FileSystem) -> None:
+    fs.mkdir("/e2e", exist_ok=True)
+    fs.write_file("/e2e/ro.bin", b"abc")
+    with fs.open("/e2e/ro.bin", "rb") as f:
+        with pytest.raises(io.UnsupportedOperation):
+            f.write(b"x")
+        with pytest.raises(OSError) as e:
+            f.seek(-1)
+        assert e.value.errno == errno.EINVAL
+        with pytest.raises(io.UnsupportedOperation):
+            f.fileno()
+    with fs.open("/e2e/ro.bin", "ab") as w, pytest.raises(io.UnsupportedOperation):
+        w.read()
+    with pytest.raises(ValueError, match="closed"):
+        f.read()
+    with pytest.raises(ValueError, match="closed"):
+        f.seek(0)
+    with pytest.raises(IsADirectoryError):
+        fs.open("/e2e", "rb")
+    with pytest.raises(IsADirectoryError):
+        fs.open("/e2e", "wb")
+    with pytest.raises(IsADirectoryError):
+        fs.read_ranges([("/e2e", 0, 1)])
+    with pytest.raises(FileNotFoundError):
+        fs.open("/e2e/nope", "rb")
+    with pytest.raises(FileNotFoundError):
+        fs.read_ranges([("/e2e/nope", 0, 1)])
+    with pytest.raises(NotADirectoryError):
+        fs.open("/e2e/ro.bin/x", "rb")
+    with pytest.raises(NotADirectoryError):
+        fs.listdir("/e2e/ro.bin")
+    with pytest.raises(FileExistsError):
+        fs.mkdir("/e2e")
+    with pytest.raises(IsADirectoryError):
+        fs.remove("/e2e")
+    with pytest.raises(ValueError):
+        fs.open("/e2e/ro.bin", "rw")
+    with pytest.raises(OSError) as e:
+        fs.read_ranges([("/e2e/ro.bin", -1, 1)])
+    assert e.value.errno == errno.EINVAL
+    assert fs.read_file("/e2e/ro.bin") == b"abc"  # nothing above changed it
+
+
+def test_closed_filesystem(cluster: LocalCluster) -> None:
+    fs2 = chainfs.connect(cluster.address)
+    fs2.mkdir("/e2e", exist_ok=True)
+    f = fs2.open("/e2e/closed-fs.bin", "wb")
+    f.write(b"pending")
+    fs2.close()  # flushes and closes its open files
+    fs2.close()  # idempotent
+    assert f.closed
+    with pytest.raises(ValueError, match="closed"):
+        fs2.stat("/")
+    with chainfs.connect(cluster.address) as fs3:
+        assert fs3.read_file("/e2e/closed-fs.bin") == b"pending"
+
+
+def test_unreachable_address_fails_fast_naming_it() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(ConnectionError) as e:
+        chainfs.connect(addr, config=ClientConfig(connect_timeout_ms=500))
+    assert addr in str(e.value)
+
+    async def aio() -> None:
+        await chainfs.aio.connect(addr, config=ClientConfig(connect_timeout_ms=500))
+
+    with pytest.raises(ConnectionError, match=addr):
+        asyncio.run(aio())
