@@ -139,6 +139,10 @@ class MemBackend:
         if page:
             yield page
 
+    async def kv_read_file(self, path: str, max_bytes: int) -> bytes | None:
+        f = self.names.get(path)
+        return None if f is None else self.data[f.ino][:max_bytes]
+
     async def kv_set_atime(self, path: str, atime_ns: int) -> None:
         f = self.names.get(path)
         if f is not None:
@@ -313,6 +317,19 @@ async def test_batches_in_key_order_into_buffers() -> None:
     assert (b.stat_calls, b.read_calls) == (1, 1)
 
 
+async def test_naming_is_fixed_by_the_creator() -> None:
+    b = MemBackend()
+    first = await _open(b, shards=8, name_hash_bytes=4)
+    await first.put("k", b"v")
+    second = await _open(b, shards=64, name_hash_bytes=16)  # asks for another naming
+    assert (second.config.shards, second.config.name_hash_bytes) == (8, 4)
+    assert await second.get("k") == b"v"
+    b.data[b.names["/kv/kvcache.json"].ino] = b"not json"
+    with pytest.raises(ChainfsError) as e:
+        await _open(b)
+    assert e.value.errno == errno.EINVAL
+
+
 async def test_keys_returns_original_types() -> None:
     kv = await _open(MemBackend())
     await kv.batch_put(["s1", b"b1", b"\xff\xfe"], [b"1", b"2", b"3"])
@@ -332,8 +349,47 @@ async def test_hash_collisions_are_detected_and_probed() -> None:
     assert all(await kv.batch_exists(keys))
     assert not await kv.put(keys[7], b"other")  # present: found through its probe
     assert len(await kv.keys()) == 300
+    # Removing entries at the head or middle of a chain keeps the rest reachable.
+    chained = [p for p in b.entry_paths("/kv") if p.endswith("~2")]
+    assert chained
+    head = chained[0].rsplit("~", 1)[0]
+    heads = [k for k in keys if kv._path(Key.of(k, 100), 0) == head]
+    assert len(heads) >= 3
+    assert await kv.batch_remove([heads[0], heads[1]]) == [True, True]
+    assert await kv.batch_get(heads[2:]) == [values[keys.index(k)] for k in heads[2:]]
+    assert await kv.batch_get(heads[:2]) == [None, None]
+    gone = set(heads[:2])
+    assert await kv.batch_get(keys) == [
+        None if k in gone else v for k, v in zip(keys, values, strict=True)
+    ]
+    # So does eviction of an expired chain head.
+    kv.config.ttl_s = 1000.0
+    b.age(head, 2000)
+    await kv.gc(full=True)
+    live = [k for k in heads[2:]]
+    got = await kv.batch_get(live)
+    assert sum(v is None for v in got) == 1  # the expired one only
     # A key whose name is taken by another reads as a miss, not as the other's value.
     assert await kv.get("absent-key") is None
+
+
+async def test_removing_many_entries_of_one_chain_keeps_the_rest_reachable() -> None:
+    b = MemBackend()
+    kv = await _open(b, shards=1, name_hash_bytes=1, max_probes=64)
+    by_name: dict[str, list[str]] = {}
+    for i in range(5000):
+        by_name.setdefault(Key.of(f"x{i}", 100).name(1, 0), []).append(f"x{i}")
+    chain = next(ks for ks in by_name.values() if len(ks) >= 8)[:8]
+    values = [k.encode() * 3 for k in chain]
+    assert all(await kv.batch_put(chain, values))
+    assert len(b.entry_paths("/kv")) == 8
+    gone = [chain[0], chain[2], chain[3], chain[6]]
+    assert all(await kv.batch_remove(gone))
+    assert len(b.entry_paths("/kv")) == 4
+    assert await kv.batch_get(chain) == [
+        None if k in gone else v for k, v in zip(chain, values, strict=True)
+    ]
+    assert all("~" not in p or int(p.rsplit("~", 1)[1]) < 4 for p in b.entry_paths("/kv"))
 
 
 async def test_collision_with_too_few_probes_is_a_clear_error() -> None:
@@ -463,6 +519,17 @@ async def test_gc_work_per_round_is_bounded() -> None:
     r = await kv.gc(full=True)
     assert r.expired == 7
     assert len(b.entry_paths("/kv")) == 13
+
+
+async def test_eviction_continues_to_low_watermark_over_bounded_rounds() -> None:
+    b = MemBackend()
+    kv = await _open(
+        b, capacity_bytes=2000, high_watermark=0.75, low_watermark=0.5, gc_max_removals_per_round=2
+    )
+    await kv.batch_put([f"k{i:02d}" for i in range(20)], [bytes(100 - 27)] * 20)  # 100 B each
+    evicted = [(await kv.gc()).evicted for _ in range(7)]
+    assert evicted == [2, 2, 2, 2, 2, 0, 0]  # 2000 B -> 1000 B, two per round, then stop
+    assert len(b.entry_paths("/kv")) == 10
 
 
 async def test_gc_waits_for_a_full_scan_before_evicting() -> None:
