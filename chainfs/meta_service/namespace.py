@@ -594,8 +594,10 @@ class Namespace:
     # -- namespace changes --------------------------------------------------
     async def mkdir(self, r: pb.MkdirReq) -> pb.MkdirRsp:
         p = parse(r.at, self.cfg)
-        mode = _check_mode(r.mode)
-        parents_mode = _check_mode(r.parents_mode) if r.parents_mode else mode
+        # Linux: a new directory takes the permission and sticky bits asked for;
+        # setgid comes only from the parent.
+        mode = _check_mode(r.mode) & 0o1777
+        parents_mode = _check_mode(r.parents_mode) & 0o1777 if r.parents_mode else mode
 
         async def make(ctx: OpCtx, parent: pb.Inode, name: bytes, mode: int) -> pb.Inode:
             perm.check(parent, perm.W | perm.X, ctx.caller, "create in directory")

@@ -1,0 +1,239 @@
+"""File length, write sessions, GC of removed files, idempotent retries, and the
+gRPC wire (errors, failover between two servers over one store)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from chainfs.common.errors import ChainfsError
+from chainfs.common.rpc.meta_client import MetaClient
+from chainfs.meta_service import schema
+from chainfs.meta_service.background import GarbageCollector, IdempotencyCleaner, SessionPruner
+from chainfs.meta_service.server import MetaServer, StaticCluster
+from chainfs.proto import meta_pb2 as pb
+from tests.unit.meta.conftest import CHAINS, ROOT, MetaEnv, make_config, start_env, stop_env
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1024 * 1024
+
+
+async def until(pred: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def inode_exists(env: MetaEnv, ino: int) -> bool:
+    return await env.kv.get(schema.inode_key(ino)) is not None
+
+
+# -- length ------------------------------------------------------------------------
+async def test_length_hints_are_monotonic_and_close_asks_storage(env: MetaEnv) -> None:
+    m = env.direct
+    r = await m.create("/f")
+    ino, lay = r.inode.ino, r.inode.layout
+    assert (await m.sync(ino, r.session_id, 5 * MiB, exact=False)).size == 5 * MiB
+    assert (await m.sync(ino, r.session_id, 1 * MiB, exact=False)).size == 5 * MiB
+    # Storage holds more than the client reported (another writer, or a lost hint).
+    env.storage.write(list(lay.chains), lay.chunk_size, ino, 9 * MiB + 17)
+    env.storage.calls.clear()
+    i = await m.close(ino, r.session_id, 6 * MiB, wrote=True)
+    assert i is not None and i.size == 9 * MiB + 17
+    assert {c[1] for c in env.storage.calls if c[0] == "query"} == set(lay.chains)
+    # A close that wrote nothing does not ask storage.
+    r2 = await m.open("/f", write=True)
+    env.storage.calls.clear()
+    assert (await m.close(ino, r2.session_id, 0, wrote=False)).size == 9 * MiB + 17  # type: ignore[union-attr]
+    assert env.storage.calls == []
+    # fsync asks storage too.
+    r3 = await m.open("/f", write=True)
+    env.storage.write(list(lay.chains), lay.chunk_size, ino, 12 * MiB)
+    assert (await m.sync(ino, r3.session_id, 0, exact=True)).size == 12 * MiB
+    await m.close(ino, r3.session_id)
+
+
+async def test_open_truncate_drops_chunks(env: MetaEnv) -> None:
+    m = env.direct
+    r = await m.create("/f")
+    lay = r.inode.layout
+    env.storage.write(list(lay.chains), lay.chunk_size, r.inode.ino, 20 * MiB)
+    await m.close(r.inode.ino, r.session_id, 20 * MiB, wrote=True)
+    r2 = await m.open("/f", write=True, truncate=True)
+    assert r2.inode.size == 0 and env.storage.of(r2.inode.ino) == {}
+    await m.close(r2.inode.ino, r2.session_id)
+
+
+# -- removal and GC -----------------------------------------------------------------
+async def test_unlinking_the_last_name_removes_chunks_then_the_inode(env: MetaEnv) -> None:
+    m = env.direct
+    r = await m.create("/f")
+    ino, lay = r.inode.ino, r.inode.layout
+    env.storage.write(list(lay.chains), lay.chunk_size, ino, 30 * MiB)
+    await m.close(ino, r.session_id, 30 * MiB, wrote=True)
+    await m.setxattr("/f", "user.k", b"v")
+    await m.link("/f", "/g")
+    await m.unlink("/f")
+    await asyncio.sleep(0.1)
+    assert len(env.storage.of(ino)) == 8  # still named /g: nothing collected
+    await m.unlink("/g")
+    await until(lambda: _not(inode_exists(env, ino)))
+    assert env.storage.of(ino) == {}
+    gc = env.server.task(GarbageCollector)
+    assert isinstance(gc, GarbageCollector) and gc.removed_chunks == 8
+    assert await env.kv.get(schema.xattr_key(ino, b"user.k")) is None
+
+
+async def _not(aw: Awaitable[bool]) -> bool:
+    return not await aw
+
+
+async def test_a_file_open_for_write_is_collected_after_its_session_ends(env: MetaEnv) -> None:
+    m = env.direct
+    r = await m.create("/f")
+    ino, lay = r.inode.ino, r.inode.layout
+    await m.unlink("/f")
+    env.storage.write(list(lay.chains), lay.chunk_size, ino, 2 * MiB)  # still writing
+    await asyncio.sleep(0.2)  # GC rounds run every 20 ms
+    assert await inode_exists(env, ino) and env.storage.of(ino)
+    assert (await m.stat(ino)).nlink == 0  # fstat of the open file still works
+    await m.close(ino, r.session_id, 2 * MiB, wrote=True)
+    await until(lambda: _not(inode_exists(env, ino)))
+    assert env.storage.of(ino) == {}
+
+
+async def test_sessions_of_a_vanished_client_are_pruned() -> None:
+    env = await start_env(session_timeout_ms=200)
+    try:
+        m = env.direct
+
+        async def open_untracked(path: bytes) -> pb.OpenRsp:
+            # Straight to the namespace: no client keeps this session alive.
+            at = pb.PathAt(path=path)
+            req = pb.OpenReq(req=m.request_info(), at=at, write=True, create=True, mode=0o644)
+            return await env.ns.open(req)
+
+        r = await open_untracked(b"/f")
+        ino, lay = r.inode.ino, r.inode.layout
+        env.storage.write(list(lay.chains), lay.chunk_size, ino, 3 * MiB + 5)
+        await open_untracked(b"/g")  # a second file of the same client, removed while open
+        g = await m.stat("/g")
+        await m.unlink("/g")
+
+        async def pruned() -> bool:
+            rows = await env.kv.transact(
+                lambda tx: tx.get_range(*schema.range_of(schema.INOS)), read_only=True
+            )
+            return not rows
+
+        await until(pruned)
+        assert (await m.stat("/f")).size == 3 * MiB + 5  # length taken from storage
+        await until(lambda: _not(inode_exists(env, g.ino)))  # collected once its session ended
+        pruner = env.server.task(SessionPruner)
+        assert isinstance(pruner, SessionPruner) and pruner.pruned_sessions == 2
+        await until(lambda: _not(_has_client_record(env, m.client_id)))
+    finally:
+        await stop_env(env)
+
+
+async def _has_client_record(env: MetaEnv, client_id: bytes) -> bool:
+    return await env.kv.get(schema.client_key(client_id)) is not None
+
+
+async def test_keepalive_keeps_sessions() -> None:
+    env = await start_env(session_timeout_ms=300)
+    try:
+        m = env.direct
+        r = await m.create("/f")
+        await asyncio.sleep(1.0)  # > 3 timeouts; the client sends keep-alives every 100 ms
+        assert await env.kv.get(schema.session_key(r.inode.ino, r.session_id)) is not None
+        await m.close(r.inode.ino, r.session_id)
+    finally:
+        await stop_env(env)
+
+
+# -- idempotency ---------------------------------------------------------------------
+async def test_a_retried_request_gets_the_first_answer(env: MetaEnv) -> None:
+    ns = env.ns
+    req = env.direct.request_info()
+    first = await ns.mkdir(pb.MkdirReq(req=req, at=pb.PathAt(path=b"/d"), mode=0o755))
+    again = await ns.mkdir(pb.MkdirReq(req=req, at=pb.PathAt(path=b"/d"), mode=0o755))
+    assert again == first  # not EEXIST: the first answer
+    with pytest.raises(ChainfsError) as ei:
+        await ns.mkdir(
+            pb.MkdirReq(req=env.direct.request_info(), at=pb.PathAt(path=b"/d"), mode=0o755)
+        )
+    assert ei.value.errno == errno.EEXIST
+    # unlink retried after it succeeded: success again, not ENOENT; nothing else changes.
+    await env.direct.create("/f", write=False)
+    ureq = env.direct.request_info()
+    await ns.unlink(pb.UnlinkReq(req=ureq, at=pb.PathAt(path=b"/f")))
+    await env.direct.create("/f", write=False)  # a new /f meanwhile
+    await ns.unlink(pb.UnlinkReq(req=ureq, at=pb.PathAt(path=b"/f")))
+    assert (await env.direct.stat("/f")).type == pb.FILE
+    # A create retried returns the same inode and session.
+    oreq = env.direct.request_info()
+    o1 = await ns.open(pb.OpenReq(req=oreq, at=pb.PathAt(path=b"/n"), write=True, create=True))
+    o2 = await ns.open(pb.OpenReq(req=oreq, at=pb.PathAt(path=b"/n"), write=True, create=True))
+    assert o1 == o2
+
+
+async def test_idempotency_records_expire() -> None:
+    env = await start_env(idempotency_ttl_ms=50)
+    try:
+        req = env.direct.request_info()
+        mk = pb.MkdirReq(req=req, at=pb.PathAt(path=b"/d"), mode=0o755)
+        await env.ns.mkdir(mk)
+        await until(lambda: _not(_has_idem(env, req.client_id, req.request_id)))
+        with pytest.raises(ChainfsError) as ei:
+            await env.ns.mkdir(mk)  # too late to be a retry: runs again
+        assert ei.value.errno == errno.EEXIST
+        cleaner = env.server.task(IdempotencyCleaner)
+        assert isinstance(cleaner, IdempotencyCleaner) and cleaner.expired >= 1
+    finally:
+        await stop_env(env)
+
+
+async def _has_idem(env: MetaEnv, client: bytes, request_id: int) -> bool:
+    return await env.kv.get(schema.idem_key(client, request_id)) is not None
+
+
+# -- the wire ------------------------------------------------------------------------
+async def test_errors_cross_grpc_with_their_errno(env: MetaEnv) -> None:
+    m = env.client
+    await m.mkdir("/d")
+    with pytest.raises(ChainfsError) as ei:
+        await m.mkdir("/d")
+    assert ei.value.errno == errno.EEXIST and isinstance(ei.value, OSError)
+    with pytest.raises(ChainfsError) as ei:
+        await m.stat("/nope/x")
+    assert ei.value.errno == errno.ENOENT
+    r = await m.create("/d/f")
+    assert (await m.close(r.inode.ino, r.session_id, 10)).size == 10  # type: ignore[union-attr]
+    assert await m.listdir("/d") == ["f"]
+
+
+async def test_client_fails_over_between_meta_servers_on_one_store(env: MetaEnv) -> None:
+    second = MetaServer(
+        make_config(), kv=env.kv, storage=env.storage, cluster=StaticCluster(CHAINS)
+    )
+    await second.start()
+    dead = "127.0.0.1:1"  # nothing listens there
+    m = MetaClient([dead, env.server.rpc_address, second.rpc_address], user=ROOT, timeout_s=10)
+    try:
+        await m.mkdir("/x")
+        for i in range(20):
+            await m.create(f"/x/f{i}", write=False)
+        await env.server.stop()  # the first live server goes away mid-use
+        for i in range(20, 40):
+            await m.create(f"/x/f{i}", write=False)
+        assert len(await m.listdir("/x")) == 40
+    finally:
+        await m.aclose()
+        await second.stop()
