@@ -25,6 +25,7 @@ import mmap
 import multiprocessing as mproc
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,28 +48,40 @@ from tests.integration.storage_fixtures import StorageCluster  # noqa: E402
 MiB = 1024 * 1024
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def iperf3_gbps(seconds: float) -> float:
-    port = 5201 + os.getpid() % 1000
-    server = subprocess.Popen(
-        ["iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(50):
-            out = subprocess.run(
-                ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
-                capture_output=True,
-                text=True,
-            )
-            if out.returncode == 0:
-                data = json.loads(out.stdout)
-                return float(data["end"]["sum_received"]["bits_per_second"]) / 8 / 1e9
-            time.sleep(0.1)
-        raise RuntimeError(f"iperf3 failed: {out.stderr}")
-    finally:
-        server.kill()
-        server.wait()
+    """One TCP stream on 127.0.0.1 (GB/s); a fresh port per try (others may run iperf3)."""
+    err = ""
+    for _ in range(5):
+        port = _free_port()
+        server = subprocess.Popen(
+            ["iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(20):
+                out = subprocess.run(
+                    ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
+                    capture_output=True,
+                    text=True,
+                )
+                if out.returncode == 0:
+                    data = json.loads(out.stdout)
+                    return float(data["end"]["sum_received"]["bits_per_second"]) / 8 / 1e9
+                err = out.stdout[-300:] + out.stderr[-300:]
+                if server.poll() is not None:
+                    break  # the server could not bind: next port
+                time.sleep(0.1)
+        finally:
+            server.kill()
+            server.wait()
+    raise RuntimeError(f"iperf3 failed: {err}")
 
 
 async def write_phase(
