@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -73,6 +77,69 @@ def _stop_all(procs: list[ServiceProcess], etcd: list[EtcdCluster]) -> None:
             e.stop()
 
 
+class MountProcess:
+    """`chainfs mount MNT --address A --foreground` as a child process."""
+
+    def __init__(self, mountpoint: Path, address: str, workdir: Path) -> None:
+        self.mountpoint = mountpoint
+        self.address = address
+        self.workdir = workdir
+        self.ready_file = workdir / "mount.ready.json"
+        self.log_path = workdir / "mount.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.ready_file.unlink()
+        cmd = [
+            sys.executable, "-m", "chainfs", "mount", str(self.mountpoint),
+            "--address", self.address, "--foreground", "--ready-file", str(self.ready_file),
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None:
+                raise ChainfsError(
+                    Code.EIO,
+                    f"mount exited with {self.proc.returncode}; log {self.log_path}:\n"
+                    + "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:]),
+                )
+            if time.monotonic() > deadline:
+                raise ChainfsError(Code.ETIMEDOUT, f"mount not up after {timeout_s}s")
+            time.sleep(_POLL_S)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM (the mount pushes buffered writes and unmounts), SIGKILL after timeout_s."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        # A killed mount leaves a dead FUSE connection behind: detach it.
+        if os.path.ismount(self.mountpoint) or _fuse_mounted(self.mountpoint):
+            subprocess.run(
+                ["fusermount3", "-u", "-z", str(self.mountpoint)],
+                capture_output=True, timeout=30, check=False,
+            )  # fmt: skip
+
+
+def _fuse_mounted(mountpoint: Path) -> bool:
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == str(mountpoint) for line in f if len(line.split()) > 1)
+    except OSError:
+        return False
+
+
 class LocalCluster:
     """mgmtd + N storage nodes (M targets each) + meta, started as separate processes."""
 
@@ -119,6 +186,7 @@ class LocalCluster:
         self._etcd: list[EtcdCluster] = []
         self._killed: set[str] = set()  # processes stopped on purpose (kill_storage)
         self._clients: list[FileSystem] = []
+        self._mount_proc: MountProcess | None = None
         self._stopped = False
         # Kill our processes when the cluster object is collected or at exit.
         self._finalizer = weakref.finalize(self, _stop_all, self._procs, self._etcd)
@@ -271,13 +339,18 @@ class LocalCluster:
             )
 
     def _mount(self, mountpoint: Path) -> None:
+        """Start `chainfs mount MNT --foreground` as one more process; wait until mounted."""
         try:
+            import chainfs.cli.mount
             import chainfs.fuse_mount.mount  # noqa: F401
-        except ImportError:
+        except ImportError as e:
             raise ChainfsError(
-                Code.ENOSYS, "LocalCluster(mount=...): the FUSE mount is not built yet"
+                Code.ENOSYS, f"LocalCluster(mount=...): the FUSE mount is not available ({e})"
             ) from None
-        raise ChainfsError(Code.ENOSYS, "LocalCluster(mount=...): not wired up yet")
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        self._mount_proc = MountProcess(mountpoint, self.address, self.base_dir / "mount")
+        self._mount_proc.start(self.start_timeout_s)
+        self.mountpoint = mountpoint
 
     # -- use -----------------------------------------------------------------
     def client(self, **kwargs: Any) -> FileSystem:
@@ -330,6 +403,9 @@ class LocalCluster:
                 fs.close()
         self._clients.clear()
         self._stopped = True
+        if self._mount_proc is not None:
+            with contextlib.suppress(Exception):
+                self._mount_proc.stop()
         _stop_all(self._procs, self._etcd)
 
     def __enter__(self) -> LocalCluster:
