@@ -59,24 +59,26 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from chainfs.client.aio_fs import layout_of, normpath
 from chainfs.client.kvcache_format import (
     MAX_KEY_FIELD_BYTES,
+    Check,
     Key,
+    check_entry,
+    check_header,
     decode_header,
     encode_header,
     header_len,
-    peek_key_len,
     shard_dir_name,
 )
 from chainfs.client.layout import Layout, split
 from chainfs.common.checksum import crc32c
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.common.rpc.meta_client import RENAME_NOREPLACE, At
+from chainfs.common.rpc.meta_client import RENAME_NOREPLACE, XATTR_CREATE, At
 from chainfs.proto import meta_pb2 as mt
 
 if TYPE_CHECKING:
@@ -120,6 +122,13 @@ class KVCacheConfig:
     max_parallel_puts: int = 16
     # Keys per metadata batch / storage batch in batch calls.
     max_batch_keys: int = 1024
+    # get/get_into/exists calls made while this many are in flight wait and go
+    # out together as one batch (one metadata call, one storage batch).
+    coalesce_inflight: int = 4
+    # A value going into a caller's buffer is read straight there, with its
+    # header apart; below this size header and value come in one request and
+    # the value is copied (a copy is cheaper than a second request).
+    copy_below_bytes: int = 64 * 1024
     # Re-reads of a key whose entry changed (was removed, replaced) under a read.
     max_read_retries: int = 2
     # An entry's access time is recorded at most once per this many seconds.
@@ -163,6 +172,7 @@ class KVCacheConfig:
         for name in (
             "max_parallel_puts",
             "max_batch_keys",
+            "coalesce_inflight",
             "atime_queue_max",
             "atime_parallel",
             "gc_shards_per_round",
@@ -171,7 +181,7 @@ class KVCacheConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
-        for name in ("max_read_retries", "atime_granularity_s"):
+        for name in ("max_read_retries", "atime_granularity_s", "copy_below_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("gc_interval_s", "tmp_max_age_s"):
@@ -226,8 +236,11 @@ class KVCacheBackend(Protocol):
     async def kv_set_atime(self, path: str, atime_ns: int) -> None:
         """Set a file's access time (ENOENT is not an error)."""
 
-    async def kv_read_file(self, path: str, max_bytes: int) -> bytes | None:
-        """A small file's whole content (None if absent; EFBIG above max_bytes)."""
+    async def kv_xattr_create(self, path: str, name: str, value: bytes) -> bool:
+        """Set an extended attribute unless it exists (atomically); whether it was set."""
+
+    async def kv_xattr_get(self, path: str, name: str) -> bytes | None:
+        """An extended attribute's value, None if it is not set."""
 
 
 # -- results ---------------------------------------------------------------------
@@ -309,45 +322,84 @@ class GcRound:
 # -- the async core --------------------------------------------------------------
 
 
-MARKER_NAME = "kvcache.json"  # in the cache directory: how its entries are named
+LAYOUT_XATTR = "user.chainfs.kvcache"  # on the cache directory: how its entries are named
 _LAYOUT_FIELDS = ("shards", "name_hash_bytes", "max_probes")
-_MARKER_MAX_BYTES = 4096
 
 
-async def _read_layout(store: KVCacheBackend, marker: str) -> dict[str, int] | None:
-    raw = await store.kv_read_file(marker, _MARKER_MAX_BYTES)
-    if raw is None:
-        return None
+def _parse_layout(raw: bytes | None, where: str) -> dict[str, int]:
     try:
+        if raw is None:
+            raise ValueError(f"no {LAYOUT_XATTR} attribute")
         doc = json.loads(raw)
-        layout = {name: int(doc[name]) for name in _LAYOUT_FIELDS}
         if doc.get("format") != 1:
             raise ValueError(f"format {doc.get('format')!r}")
-        probe = KVCacheConfig(**layout)  # type: ignore[arg-type]
-        probe.validate()
+        layout = {name: int(doc[name]) for name in _LAYOUT_FIELDS}
+        KVCacheConfig(**layout).validate()  # type: ignore[arg-type]
     except (ValueError, KeyError, TypeError) as e:
-        raise ChainfsError(Code.EINVAL, f"not a KV cache of this version: {e}", marker) from None
+        raise ChainfsError(Code.EINVAL, f"not a KV cache of this version: {e}", where) from None
     return layout
 
 
-async def _create_layout(
-    store: KVCacheBackend, marker: str, layout: dict[str, int]
-) -> dict[str, int]:
-    """Write the marker once (temp file, then a rename that never replaces); whoever
-    loses a race adopts the winner's."""
-    tmp = f"{marker}.{os.getpid()}-{secrets.token_hex(6)}"
-    await store.kv_create(tmp, [memoryview(json.dumps(layout).encode())])
-    try:
-        await store.kv_rename(tmp, marker, replace=False)
-    except ChainfsError as e:
-        with contextlib.suppress(ChainfsError):
-            await store.kv_unlink(tmp)
-        if e.code != Code.EEXIST:
-            raise
-    found = await _read_layout(store, marker)
-    if found is None:
-        raise ChainfsError(Code.EIO, "KV cache marker vanished while being created", marker)
-    return found
+ItemT = TypeVar("ItemT")
+R = TypeVar("R")
+
+
+class _Coalescer(Generic[ItemT, R]):
+    """Single-item calls that arrive while ``max_inflight`` batches are out wait, and
+    then go out together as one batch (3FS batches small reads the same way). The
+    first calls go out at once: coalescing adds no latency to a lone caller."""
+
+    def __init__(
+        self,
+        run: Callable[[list[ItemT]], Awaitable[list[R | ChainfsError]]],
+        max_batch: int,
+        max_inflight: int,
+    ) -> None:
+        assert max_batch > 0 and max_inflight > 0
+        self._run = run
+        self._max_batch = max_batch
+        self._max_inflight = max_inflight
+        self._queue: list[tuple[ItemT, asyncio.Future[R]]] = []
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    async def call(self, item: ItemT) -> R:
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, fut))
+        self._launch()
+        return await fut
+
+    def _launch(self) -> None:
+        while self._queue and len(self._inflight) < self._max_inflight:
+            batch = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+            task = asyncio.ensure_future(self._run_batch(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._launch()
+
+    async def _run_batch(self, batch: list[tuple[ItemT, asyncio.Future[R]]]) -> None:
+        live = [(item, fut) for item, fut in batch if not fut.done()]  # skip the cancelled
+        if not live:
+            return
+        try:
+            results = await self._run([item for item, _ in live])
+        except BaseException as e:
+            for _, fut in live:
+                if not fut.done():
+                    fut.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for (_, fut), r in zip(live, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(r, ChainfsError):
+                fut.set_exception(r)
+            else:
+                fut.set_result(r)
 
 
 def _split_probe(path: str) -> tuple[str, int]:
@@ -409,6 +461,12 @@ class AsyncKVCache:
         self._next_shard = 0
         self._evicting = False  # above the high watermark, not yet down to the low one
         self._put_sem = asyncio.Semaphore(config.max_parallel_puts)
+        self._single_gets: _Coalescer[tuple[Key, memoryview | None], memoryview | None] = (
+            _Coalescer(self._run_single_gets, config.max_batch_keys, config.coalesce_inflight)
+        )
+        self._single_exists: _Coalescer[Key, bool] = _Coalescer(
+            self._run_single_exists, config.max_batch_keys, config.coalesce_inflight
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -419,18 +477,17 @@ class AsyncKVCache:
         """Create the directory tree if needed and start the background tasks.
 
         How entries are named (shards, name_hash_bytes, max_probes) is fixed by
-        whoever creates the cache, in ``kvcache.json``; later opens, from any
-        process, use the stored values whatever their config says, so every
-        handle finds every entry."""
+        whoever creates the cache, in the directory's ``user.chainfs.kvcache``
+        attribute; later opens, from any process, use the stored values
+        whatever their config says, so every handle finds every entry."""
         config = dataclasses.replace(config or KVCacheConfig())
         config.validate()
-        d = directory.rstrip("/") or "/"
-        marker = f"{'' if d == '/' else d}/{MARKER_NAME}"
-        layout = await _read_layout(store, marker)
-        if layout is None:
-            await store.kv_makedirs([d])
-            mine = {name: getattr(config, name) for name in _LAYOUT_FIELDS}
-            layout = await _create_layout(store, marker, {"format": 1, **mine})
+        d = normpath(directory)
+        await store.kv_makedirs([d])
+        mine = {"format": 1, **{name: getattr(config, name) for name in _LAYOUT_FIELDS}}
+        # Create-once: the first opener's naming wins; everyone reads it back.
+        await store.kv_xattr_create(d, LAYOUT_XATTR, json.dumps(mine).encode())
+        layout = _parse_layout(await store.kv_xattr_get(d, LAYOUT_XATTR), d)
         for name in _LAYOUT_FIELDS:
             setattr(config, name, layout[name])
         cache = cls(store, directory, config)
@@ -463,34 +520,37 @@ class AsyncKVCache:
     # -- reads ---------------------------------------------------------------
     async def get(self, key: KeyLike) -> bytes | None:
         """The value of ``key``, or None."""
-        return (await self.batch_get([key]))[0]
+        self._check_open()
+        got = await self._single_gets.call((self._key(key), None))
+        return None if got is None else bytes(got)
 
     async def get_into(self, key: KeyLike, buffer: Buffer) -> int:
         """Read the value into ``buffer``; its length, or -1 on a miss.
 
-        ERANGE (nothing written) when the value is longer than the buffer.
+        ERANGE (nothing written) when the value is longer than the buffer. On a
+        miss the buffer's content is unspecified.
         """
-        return (await self.batch_get_into([key], [buffer]))[0]
+        self._check_open()
+        got = await self._single_gets.call((self._key(key), _as_out_view(buffer)))
+        return -1 if got is None else len(got)
 
     async def batch_get(self, keys: Sequence[KeyLike]) -> list[bytes | None]:
         """Values in key order, None for a missing key."""
         self._check_open()
         ks = [self._key(k) for k in keys]
-        out: list[bytes | None] = [None] * len(ks)
+        out: list[bytes | None] = []
         for lo in range(0, len(ks), self.config.max_batch_keys):
             part = ks[lo : lo + self.config.max_batch_keys]
-            got = await self._get_many(part, None)
-            for i, (n, buf) in enumerate(got):
-                if n >= 0:
-                    assert buf is not None
-                    out[lo + i] = bytes(buf)
+            for r in await self._get_many(part, [None] * len(part)):
+                assert not isinstance(r, BaseException), r  # only a caller buffer fails alone
+                out.append(None if r is None else bytes(r))
         return out
 
     async def batch_get_into(self, keys: Sequence[KeyLike], buffers: Sequence[Buffer]) -> list[int]:
         """Read each value straight into its buffer; lengths in key order, -1 for a miss.
 
-        ERANGE when a value is longer than its buffer (raised before any
-        buffer of that metadata batch is written).
+        ERANGE when a value is longer than its buffer: that buffer is left
+        alone, the other keys are read, then the error is raised.
         """
         self._check_open()
         if len(keys) != len(buffers):
@@ -498,78 +558,103 @@ class AsyncKVCache:
                 Code.EINVAL, f"{len(keys)} keys but {len(buffers)} buffers in batch_get_into"
             )
         ks = [self._key(k) for k in keys]
-        views = [_as_out_view(b) for b in buffers]
-        out: list[int] = [-1] * len(ks)
+        views: list[memoryview | None] = [_as_out_view(b) for b in buffers]
+        out: list[int] = []
+        first_error: BaseException | None = None
         for lo in range(0, len(ks), self.config.max_batch_keys):
             hi = lo + self.config.max_batch_keys
-            got = await self._get_many(ks[lo:hi], views[lo:hi])
-            for i, (n, _) in enumerate(got):
-                out[lo + i] = n
+            for r in await self._get_many(ks[lo:hi], views[lo:hi]):
+                if isinstance(r, BaseException):
+                    first_error = first_error or r
+                    out.append(-1)
+                else:
+                    out.append(-1 if r is None else len(r))
+        if first_error is not None:
+            raise first_error
         return out
 
+    async def _run_single_gets(
+        self, items: list[tuple[Key, memoryview | None]]
+    ) -> list[memoryview | ChainfsError | None]:
+        return await self._get_many([k for k, _ in items], [o for _, o in items])
+
+    async def _run_single_exists(self, keys: list[Key]) -> list[bool | ChainfsError]:
+        return [loc is not None for loc in await self._locate(keys)]
+
     async def _get_many(
-        self, keys: list[Key], outs: list[memoryview] | None
-    ) -> list[tuple[int, memoryview | None]]:
-        """(value length or -1, the view holding the value) per key."""
+        self, keys: list[Key], outs: list[memoryview | None]
+    ) -> list[memoryview | ChainfsError | None]:
+        """Per key: a view of its value (in ``outs[i]`` when given), None on a miss, or
+        ERANGE when the value does not fit ``outs[i]``.
+
+        One metadata batch looks every key up; one storage batch reads header
+        and value of every hit (one chunk request per chunk touched). A value
+        going into a caller's buffer is read there directly, with its header
+        apart, unless it is small enough that one request plus a copy is cheaper.
+        """
         n = len(keys)
-        result: list[tuple[int, memoryview | None]] = [(-1, None)] * n
+        result: list[memoryview | ChainfsError | None] = [None] * n
         probe = [0] * n
         retries = [0] * n
         pending = list(range(n))
-        max_rounds = self.config.max_probes + self.config.max_read_retries + 1
-        for _ in range(max_rounds):
+        small = self.config.copy_below_bytes
+        for _ in range(self.config.max_probes + self.config.max_read_retries + 1):
             if not pending:
                 break
             infos = await self._store.kv_stat_many([self._path(keys[i], probe[i]) for i in pending])
             now_ns = time.time_ns()
-            reads: list[tuple[int, EntryInfo, memoryview, memoryview]] = []
+            # (key index, info, header view, value view, caller view to copy into)
+            reads: list[tuple[int, EntryInfo, memoryview, memoryview, memoryview | None]] = []
+            items: list[tuple[EntryInfo, int, memoryview]] = []
             nxt: list[int] = []
             for i, info in zip(pending, infos, strict=True):
                 if info is None or self._expired(info, now_ns):
                     continue  # miss
-                key = keys[i]
-                vlen = info.size - key.header_len
+                hlen = keys[i].header_len
+                vlen = info.size - hlen
                 if vlen < 0:
                     # Too short to hold this key's entry: another key's; look further.
                     if probe[i] + 1 < self.config.max_probes:
                         probe[i] += 1
                         nxt.append(i)
                     continue
-                if outs is not None:
-                    if len(outs[i]) < vlen:
-                        raise ChainfsError(
-                            Code.ERANGE,
-                            f"value of {vlen} bytes does not fit a {len(outs[i])}-byte buffer",
-                            key.display(),
-                        )
-                    dest = outs[i][:vlen]
-                else:
-                    dest = memoryview(bytearray(vlen))
-                hbuf = memoryview(bytearray(key.header_len))
-                reads.append((i, info, hbuf, dest))
-            if reads:
-                for _, info, _, _ in reads:
-                    self._pins[info.ino] += 1
-                try:
-                    got = await self._store.kv_read_many(
-                        [
-                            item
-                            for _, info, hbuf, dest in reads
-                            for item in ((info, 0, hbuf), (info, len(hbuf), dest))
-                        ]
+                out = outs[i]
+                if out is not None and len(out) < vlen:
+                    result[i] = ChainfsError(
+                        Code.ERANGE,
+                        f"value of {vlen} bytes does not fit a {len(out)}-byte buffer",
+                        keys[i].display(),
                     )
+                    continue
+                if out is not None and vlen >= small:
+                    hview, vview = memoryview(bytearray(hlen)), out[:vlen]
+                    items.append((info, 0, hview))
+                    items.append((info, hlen, vview))
+                    reads.append((i, info, hview, vview, None))
+                else:
+                    whole = memoryview(bytearray(info.size))
+                    items.append((info, 0, whole))
+                    reads.append((i, info, whole[:hlen], whole[hlen:], out))
+            if reads:
+                for r in reads:
+                    self._pins[r[1].ino] += 1
+                try:
+                    await self._store.kv_read_many(items)
                 finally:
-                    for _, info, _, _ in reads:
-                        self._pins[info.ino] -= 1
-                        if self._pins[info.ino] <= 0:
-                            del self._pins[info.ino]
-                for j, (i, info, hbuf, dest) in enumerate(reads):
-                    h_got, v_got = got[2 * j], got[2 * j + 1]
-                    verdict = self._verify(keys[i], hbuf, h_got, dest, v_got)
-                    if verdict == "ok":
-                        result[i] = (len(dest), dest)
+                    for r in reads:
+                        ino = r[1].ino
+                        self._pins[ino] -= 1
+                        if self._pins[ino] <= 0:
+                            del self._pins[ino]
+                for i, info, hview, vview, copy_to in reads:
+                    verdict = check_entry(keys[i].raw, hview, vview)
+                    if verdict is Check.OK:
+                        if copy_to is not None:
+                            copy_to[: len(vview)] = vview
+                            vview = copy_to[: len(vview)]
+                        result[i] = vview
                         self._note_access(self._path(keys[i], probe[i]), info, now_ns)
-                    elif verdict == "other-key":
+                    elif verdict is Check.OTHER_KEY:
                         if probe[i] + 1 < self.config.max_probes:
                             probe[i] += 1
                             nxt.append(i)
@@ -579,28 +664,10 @@ class AsyncKVCache:
                         self._counters.read_retries += 1
                         nxt.append(i)
             pending = nxt
-        hits = sum(1 for r in result if r[0] >= 0)
+        hits = sum(1 for r in result if isinstance(r, memoryview))
         self._counters.hits += hits
-        self._counters.misses += n - hits
+        self._counters.misses += sum(1 for r in result if r is None)
         return result
-
-    @staticmethod
-    def _verify(key: Key, hbuf: memoryview, h_got: int, dest: memoryview, v_got: int) -> str:
-        """ "ok", "other-key" (the file is another key's entry) or "changed" (unreadable now)."""
-        if h_got == len(hbuf):
-            klen = peek_key_len(hbuf)
-            if klen is not None and klen != len(key.raw):
-                return "other-key"
-        header = decode_header(hbuf[:h_got])
-        if header is None:
-            return "changed"
-        if header.key != key.raw:
-            return "other-key"
-        if v_got != len(dest) or header.value_len != len(dest):
-            return "changed"
-        if crc32c(dest) != header.value_crc:
-            return "changed"
-        return "ok"
 
     def _note_access(self, path: str, info: EntryInfo, now_ns: int) -> None:
         """Queue an access-time update if the recorded one is older than the granularity."""
@@ -635,19 +702,16 @@ class AsyncKVCache:
                     continue
                 reads.append((i, info, memoryview(bytearray(keys[i].header_len))))
             if reads:
-                got = await self._store.kv_read_many([(info, 0, hb) for _, info, hb in reads])
-                for (i, info, hbuf), h_got in zip(reads, got, strict=True):
+                await self._store.kv_read_many([(info, 0, hb) for _, info, hb in reads])
+                for i, info, hbuf in reads:
                     key = keys[i]
-                    klen = peek_key_len(hbuf) if h_got == len(hbuf) else None
-                    header = decode_header(hbuf[:h_got])
-                    if (klen is not None and klen != len(key.raw)) or (
-                        header is not None and header.key != key.raw
-                    ):
+                    verdict = check_header(key.raw, hbuf, info.size - key.header_len)
+                    if verdict is Check.OK:
+                        found[i] = _Located(probe[i], info)
+                    elif verdict is Check.OTHER_KEY:
                         if probe[i] + 1 < self.config.max_probes:
                             probe[i] += 1
                             nxt.append(i)
-                    elif header is not None and header.value_len == info.size - key.header_len:
-                        found[i] = _Located(probe[i], info)
                     elif retries[i] < self.config.max_read_retries:
                         retries[i] += 1
                         nxt.append(i)
@@ -655,7 +719,8 @@ class AsyncKVCache:
         return found
 
     async def exists(self, key: KeyLike) -> bool:
-        return (await self.batch_exists([key]))[0]
+        self._check_open()
+        return await self._single_exists.call(self._key(key))
 
     async def batch_exists(self, keys: Sequence[KeyLike]) -> BatchExists:
         """Whether each key is present (``.leading_hits``: the length of the leading run)."""
@@ -792,14 +857,11 @@ class AsyncKVCache:
                 out.append("other")
                 continue
             hbuf = memoryview(bytearray(key.header_len))
-            (h_got,) = await self._store.kv_read_many([(info, 0, hbuf)])
-            header = decode_header(hbuf[:h_got])
-            klen = peek_key_len(hbuf) if h_got == len(hbuf) else None
-            if (klen is not None and klen != len(key.raw)) or (
-                header is not None and header.key != key.raw
-            ):
+            await self._store.kv_read_many([(info, 0, hbuf)])
+            verdict = check_header(key.raw, hbuf, info.size - key.header_len)
+            if verdict is Check.OTHER_KEY:
                 out.append("other")
-            elif header is None:
+            elif verdict is Check.CHANGED:
                 # Unreadable now (being removed): treat the name as ours to replace.
                 out.append("expired-mine")
             elif self._expired(info, now_ns):
@@ -1353,20 +1415,22 @@ class FsBackend:
                 return
             after = rsp.entries[-1].name
 
-    async def kv_read_file(self, path: str, max_bytes: int) -> bytes | None:
-        (found,) = await self._meta.batch_stat([path], follow=True)
-        if isinstance(found, ChainfsError):
-            if found.code in (Code.ENOENT, Code.ENOTDIR):
+    async def kv_xattr_create(self, path: str, name: str, value: bytes) -> bool:
+        try:
+            await self._meta.setxattr(path, name, value, flags=XATTR_CREATE)
+        except ChainfsError as e:
+            if e.code == Code.EEXIST:
+                return False
+            raise
+        return True
+
+    async def kv_xattr_get(self, path: str, name: str) -> bytes | None:
+        try:
+            return await self._meta.getxattr(path, name)
+        except ChainfsError as e:
+            if e.code == Code.ENODATA:
                 return None
-            raise ChainfsError(found.code, found.message, path)
-        info = _entry_info(found)
-        if info is None:
-            raise ChainfsError(Code.EINVAL, "not a regular file", path)
-        if info.size > max_bytes:
-            raise ChainfsError(Code.EFBIG, f"{info.size} bytes, expected at most {max_bytes}", path)
-        buf = memoryview(bytearray(info.size))
-        await self.kv_read_many([(info, 0, buf)])
-        return bytes(buf)
+            raise
 
     async def kv_set_atime(self, path: str, atime_ns: int) -> None:
         (at,) = await self._ats([path])

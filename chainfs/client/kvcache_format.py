@@ -2,14 +2,13 @@
 
 An entry is one immutable file ``<cache>/data/<shard>/<name>``:
 
-    header (24 bytes) | key (key_len bytes) | value (value_len bytes)
+    fixed (20 bytes) | key (key_len bytes) | header CRC (4) | value (value_len bytes)
 
-header = magic "CFKV", format version, flags (bit 0: the key was a str),
-key_len u16, value_len u64, CRC32C of the value, CRC32C of the header's
-first 20 bytes followed by the key; little-endian. Because the key is known
-to the reader, the value's offset (24 + key_len) is known before any byte is
-read: one read fetches header and value, the value straight into the
-caller's buffer.
+fixed = magic "CFKV", format version, flags (bit 0: the key was a str),
+key_len u16, value_len u64, CRC32C of the value; the header CRC is the
+CRC32C of fixed + key; little-endian. Because the key is known to the
+reader, the value's offset (24 + key_len) is known before any byte is read:
+one read fetches header and value.
 
 The name is the hex of the first ``name_hash_bytes`` of the key's BLAKE2b
 digest, with ``~p`` appended for collision probe ``p`` > 0; the shard
@@ -22,14 +21,16 @@ from __future__ import annotations
 import hashlib
 import struct
 from dataclasses import dataclass
+from enum import Enum
 
-from chainfs.common.checksum import crc32c, crc32c_extend
+from chainfs.common.checksum import crc32c
 from chainfs.common.errors import ChainfsError, Code
 
 MAGIC = b"CFKV"
 FORMAT_VERSION = 1
-_FIXED = struct.Struct("<4sBBHQII")  # magic, version, flags, key_len, value_len, value_crc, hcrc
-FIXED_HEADER_BYTES = _FIXED.size
+_FIXED = struct.Struct("<4sBBHQI")  # magic, version, flags, key_len, value_len, value_crc
+_HCRC = struct.Struct("<I")
+FIXED_HEADER_BYTES = _FIXED.size + _HCRC.size  # header bytes besides the key
 assert FIXED_HEADER_BYTES == 24
 MAX_KEY_FIELD_BYTES = 0xFFFF  # key_len is a u16
 FLAG_STR_KEY = 1
@@ -43,13 +44,12 @@ def header_len(key_len: int) -> int:
 
 
 def encode_header(key: bytes, is_str: bool, value_len: int, value_crc: int) -> bytes:
-    """Header + key of an entry (what precedes the value in the file)."""
+    """Everything that precedes the value in the file."""
     assert len(key) <= MAX_KEY_FIELD_BYTES, len(key)
     assert value_len >= 0, value_len
     flags = FLAG_STR_KEY if is_str else 0
-    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, flags, len(key), value_len, value_crc, 0)
-    hcrc = crc32c_extend(crc32c(fixed[:-4]), key)
-    return fixed[:-4] + struct.pack("<I", hcrc) + key
+    body = _FIXED.pack(MAGIC, FORMAT_VERSION, flags, len(key), value_len, value_crc) + key
+    return body + _HCRC.pack(crc32c(body))
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +68,15 @@ def decode_header(buf: bytes | bytearray | memoryview) -> Header | None:
     view = memoryview(buf)
     if len(view) < FIXED_HEADER_BYTES:
         return None
-    magic, version, flags, key_len, value_len, value_crc, hcrc = _FIXED.unpack_from(view)
+    magic, version, flags, key_len, value_len, value_crc = _FIXED.unpack_from(view)
     if magic != MAGIC or version != FORMAT_VERSION:
         return None
-    end = FIXED_HEADER_BYTES + key_len
-    if len(view) < end:
+    end = _FIXED.size + key_len
+    if len(view) < end + _HCRC.size:
         return None
-    key = bytes(view[FIXED_HEADER_BYTES:end])
-    if crc32c_extend(crc32c(view[: FIXED_HEADER_BYTES - 4]), key) != hcrc:
+    if crc32c(view[:end]) != _HCRC.unpack_from(view, end)[0]:
         return None
+    key = bytes(view[_FIXED.size : end])
     is_str = bool(flags & FLAG_STR_KEY)
     if is_str:
         try:
@@ -86,10 +86,44 @@ def decode_header(buf: bytes | bytearray | memoryview) -> Header | None:
     return Header(key, is_str, value_len, value_crc)
 
 
+class Check(Enum):
+    OK = "ok"
+    OTHER_KEY = "other-key"  # a valid entry of another key (a name collision)
+    CHANGED = "changed"  # not a whole entry now: removed or replaced under the read
+
+
+def check_header(key: bytes, header: memoryview, value_len: int) -> Check:
+    """Whether ``header`` (as read) is a whole header of ``key``'s entry with a value
+    of ``value_len`` bytes (the value itself unchecked)."""
+    if len(header) != FIXED_HEADER_BYTES + len(key):
+        return Check.CHANGED
+    magic, version, _flags, key_len, stored_len, _crc = _FIXED.unpack_from(header)
+    if magic != MAGIC or version != FORMAT_VERSION:
+        return Check.CHANGED
+    if key_len != len(key):
+        return Check.OTHER_KEY
+    end = _FIXED.size + key_len
+    if crc32c(header[:end]) != _HCRC.unpack_from(header, end)[0]:
+        return Check.CHANGED
+    if header[_FIXED.size : end] != key:
+        return Check.OTHER_KEY
+    if stored_len != value_len:
+        return Check.CHANGED
+    return Check.OK
+
+
+def check_entry(key: bytes, header: memoryview, value: memoryview) -> Check:
+    """Whether ``header`` + ``value`` (as read) are the whole entry of ``key``."""
+    verdict = check_header(key, header, len(value))
+    if verdict is Check.OK and crc32c(value) != _FIXED.unpack_from(header)[5]:
+        return Check.CHANGED
+    return verdict
+
+
 def peek_key_len(buf: bytes | bytearray | memoryview) -> int | None:
     """key_len of a header whose fixed part is in ``buf`` (unchecked), or None."""
     view = memoryview(buf)
-    if len(view) < FIXED_HEADER_BYTES or bytes(view[:4]) != MAGIC:
+    if len(view) < _FIXED.size or bytes(view[:4]) != MAGIC:
         return None
     return int(_FIXED.unpack_from(view)[3])
 

@@ -25,7 +25,9 @@ from chainfs.client.kvcache import (
 )
 from chainfs.client.kvcache_format import (
     FIXED_HEADER_BYTES,
+    Check,
     Key,
+    check_entry,
     decode_header,
     encode_header,
     peek_key_len,
@@ -51,6 +53,7 @@ class MemBackend:
         self.dirs: set[str] = {"/"}
         self.names: dict[str, _File] = {}
         self.data: dict[int, bytes] = {}
+        self.xattrs: dict[tuple[str, str], bytes] = {}
         self._ino = 100
         # Called with the file's path and inode before a read copies its data.
         self.before_read: Callable[[int], Awaitable[None]] | None = None
@@ -139,9 +142,15 @@ class MemBackend:
         if page:
             yield page
 
-    async def kv_read_file(self, path: str, max_bytes: int) -> bytes | None:
-        f = self.names.get(path)
-        return None if f is None else self.data[f.ino][:max_bytes]
+    async def kv_xattr_create(self, path: str, name: str, value: bytes) -> bool:
+        assert path in self.dirs
+        if (path, name) in self.xattrs:
+            return False
+        self.xattrs[(path, name)] = value
+        return True
+
+    async def kv_xattr_get(self, path: str, name: str) -> bytes | None:
+        return self.xattrs.get((path, name))
 
     async def kv_set_atime(self, path: str, atime_ns: int) -> None:
         f = self.names.get(path)
@@ -178,10 +187,18 @@ def test_header_round_trip_and_corruption() -> None:
     assert h is not None and h.key == b"key" and h.is_str and h.value_len == 100
     assert h.original_key() == "key"
     assert peek_key_len(head) == 3
+    hv, vv = memoryview(head), memoryview(value)
+    assert check_entry(b"key", hv, vv) is Check.OK
+    assert check_entry(b"kez", hv, vv) is Check.OTHER_KEY
+    assert check_entry(b"keys", memoryview(head + b"\0"), vv) is Check.OTHER_KEY
+    assert check_entry(b"key", hv, vv[:-1]) is Check.CHANGED
+    assert check_entry(b"key", hv, memoryview(bytes(100))) is Check.CHANGED
+    assert check_entry(b"key", memoryview(bytes(len(head))), vv) is Check.CHANGED
     for i in range(len(head)):
         bad = bytearray(head)
         bad[i] ^= 0x40
-        assert decode_header(bad) is None or decode_header(bad) == h, i
+        assert decode_header(bad) is None, i
+        assert check_entry(b"key", memoryview(bad), vv) is not Check.OK, i
     assert decode_header(head[:-1]) is None
     assert decode_header(bytes(len(head))) is None
 
@@ -324,10 +341,36 @@ async def test_naming_is_fixed_by_the_creator() -> None:
     second = await _open(b, shards=64, name_hash_bytes=16)  # asks for another naming
     assert (second.config.shards, second.config.name_hash_bytes) == (8, 4)
     assert await second.get("k") == b"v"
-    b.data[b.names["/kv/kvcache.json"].ino] = b"not json"
+    b.xattrs[("/kv", "user.chainfs.kvcache")] = b"not json"
     with pytest.raises(ChainfsError) as e:
         await _open(b)
     assert e.value.errno == errno.EINVAL
+
+
+async def test_concurrent_single_gets_travel_as_batches() -> None:
+    import asyncio
+
+    b = MemBackend()
+    kv = await _open(b, coalesce_inflight=2)
+    keys = [f"k{i}" for i in range(100)]
+    await kv.batch_put(keys, [k.encode() for k in keys])
+    b.stat_calls = 0
+    got = await asyncio.gather(*(kv.get(k) for k in [*keys, "missing"]))
+    assert got == [k.encode() for k in keys] + [None]
+    assert b.stat_calls <= 4  # 2 lone calls at once, then the rest together
+    b.stat_calls = 0
+    bufs = [bytearray(8) for _ in keys]
+    lens = await asyncio.gather(*(kv.get_into(k, buf) for k, buf in zip(keys, bufs, strict=True)))
+    assert lens == [len(k) for k in keys] and bufs[42][:3] == b"k42"
+    ex = await asyncio.gather(*(kv.exists(k) for k in ["k1", "nope", "k2"]))
+    assert ex == [True, False, True]
+    # One caller's error (a too small buffer) is its own; the others get their values.
+    small = asyncio.gather(kv.get_into("k10", bytearray(1)), return_exceptions=True)
+    fine = asyncio.gather(*(kv.get(k) for k in keys[:5]))
+    (err,), values = await asyncio.gather(small, fine)
+    assert isinstance(err, ChainfsError) and err.errno == errno.ERANGE
+    assert values == [k.encode() for k in keys[:5]]
+    assert b.stat_calls <= 10
 
 
 async def test_keys_returns_original_types() -> None:
