@@ -264,8 +264,8 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory(prefix="storage-bench-") as tmp:
         result["engine"] = engine_costs(Path(tmp), chunk)
-        result["iperf3_GBps"] = iperf3_gbps(args.seconds)
         result["disk_direct_write_GBps"] = disk_direct_write_gbps(Path(tmp), chunk, args.seconds)
+        before = iperf3_gbps(args.seconds)
         overrides = {"unix_socket": ""} if args.transport == "tcp" else {}
         result["transport"] = args.transport
         with StorageCluster(
@@ -288,6 +288,10 @@ def main() -> int:
                     await mgmt.close()
 
             uvloop.run(single())  # the event loop our services and client library use
+            # The machine may be shared: iperf3 before and after, the mean is the ceiling.
+            after = iperf3_gbps(args.seconds)
+            result["iperf3_runs_GBps"] = [before, after]
+            result["iperf3_GBps"] = (before + after) / 2
             ctx = mproc.get_context("spawn")
             procs = [
                 ctx.Process(
@@ -309,7 +313,8 @@ def main() -> int:
     lines = [
         "| figure | value | target |",
         "|---|---|---|",
-        f"| iperf3 loopback, 1 stream | {ip:.2f} GB/s | ceiling |",
+        f"| iperf3 loopback, 1 stream (mean of before/after) | {ip:.2f} GB/s "
+        f"({before:.2f}, {after:.2f}) | ceiling |",
         f"| chunk reads, 1 client process ({args.transport}) | {result['read_GBps']:.2f} GB/s "
         f"({result['read_vs_iperf3']:.0%}) | >= 50% |",
         f"| 3-replica writes, 1 client process ({args.transport}) | "
