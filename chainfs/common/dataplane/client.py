@@ -7,10 +7,18 @@ transfers spread over several TCP streams while a single caller reuses one.
 At most ``max_inflight_per_connection`` requests ride one connection; callers
 beyond the per-peer total wait (within their timeout).
 
-Payload buffers are sent with ``sendmsg`` scatter-gather, never joined.
-Response payloads land in a fresh buffer, or, with ``payload_sink``, straight
-in the caller's buffers (``recv_into``/``recvmsg_into``, no intermediate copy
-for anything bigger than ``direct_recv_min_bytes``).
+Payload buffers are sent with ``sendmsg`` scatter-gather, never joined;
+frames queued in the same event-loop iteration leave in one ``sendmsg``.
+Response payloads land in a fresh buffer (large ones: an anonymous mapping
+with huge pages, several times cheaper to fault in than a bytearray), or,
+with ``payload_sink``, straight in the caller's buffers
+(``recv_into``/``recvmsg_into``, no intermediate copy for anything bigger
+than ``direct_recv_min_bytes``). The sink is called only for a successful
+reply that has a payload (not for an error reply nor a 0-byte payload); it
+must return writable buffers (any format; C-contiguous) holding at least the
+payload, else the request fails with EINVAL and the bytes are discarded; a
+sink that raises fails the request with its exception. Spare room is left
+untouched.
 
 Guarantee: when ``request`` returns or raises, the transport no longer
 references the caller's payload or sink buffers. (A request abandoned by
@@ -20,9 +28,14 @@ the sink has the rest of that reply discarded.)
 
 Errors: a peer that refuses or does not accept within ``connect_timeout_ms``
 -> ChainfsError(UNAVAILABLE) naming the address; a connection lost or a
-malformed reply -> UNAVAILABLE / BAD_FRAME for every request on it; no reply
-within the timeout -> ETIMEDOUT; an error response -> the server's
-ChainfsError (same code and message).
+malformed reply -> UNAVAILABLE / BAD_FRAME for every request on it (a
+request none of whose bytes had left is retried once on a fresh connection,
+which hides idle connections the peer has reset); no reply within the
+timeout -> ETIMEDOUT (the request may or may not have been executed: retry
+with the same request id in its header to stay idempotent); an error
+response -> the server's ChainfsError (same code and message). Connections
+with requests in flight are probed every ``liveness_check_ms`` for resets
+the event loop does not report (see Connection.poke).
 """
 
 from __future__ import annotations
@@ -224,7 +237,8 @@ class DataClient:
         else:
             await self._wait_slot(peer, deadline, timeout_s)
         try:
-            for attempt in range(2):
+            attempt = 0
+            while True:
                 conn = await self._connection(peer, deadline, timeout_s)
                 rid = conn.next_request_id()
                 segs = build_segments(0, msg_type, rid, header, payload, cfg.max_payload_bytes)
@@ -232,21 +246,30 @@ class DataClient:
                 pending = _Pending(fut, payload_sink)
                 conn.pending[rid] = pending
                 frame = pending.frame = conn.send_frame(segs, None)
-                if conn.closed and not frame.started and attempt == 0:
-                    # An idle connection the peer had reset: nothing of this request
-                    # left us, so a fresh connection may carry it.
-                    if fut.done():
-                        fut.exception()  # retrieved: we retry instead
-                    continue
-                break
-            timer = loop.call_at(deadline, _expire, fut, address, timeout_s)
-            try:
-                return await fut
-            finally:
-                timer.cancel()
-                if not fut.done() or rid in conn.pending:
-                    conn.abandon(rid)
-                pending.frame = None
+                timer = loop.call_at(deadline, _expire, fut, address, timeout_s)
+                try:
+                    return await fut
+                except ChainfsError as e:
+                    if (
+                        attempt == 0
+                        and conn.closed
+                        and not frame.started
+                        and e.code
+                        in (
+                            Code.UNAVAILABLE,
+                            Code.BAD_FRAME,
+                        )
+                    ):
+                        # The connection died (say an idle one the peer had reset)
+                        # before any byte of this request left: a fresh one may carry it.
+                        attempt += 1
+                        continue
+                    raise
+                finally:
+                    timer.cancel()
+                    if not fut.done() or rid in conn.pending:
+                        conn.abandon(rid)
+                    pending.frame = None
         finally:
             peer.release_slot()
 

@@ -130,6 +130,7 @@ class Connection:
         self._outq: deque[OutFrame] = deque()
         self._writer_on = False
         self._flushing = False
+        self._flush_scheduled = False
         self.bytes_received = 0
         self.bytes_sent = 0
 
@@ -209,8 +210,13 @@ class Connection:
                 if self._paused or self.closed:
                     return
                 state = self._state
+                # Straight into a destination only once staging holds nothing
+                # unparsed: those bytes come first (a resume or a poke can find
+                # some there).
+                staged = self._start != self._end
                 if (
                     state == _PAYLOAD
+                    and not staged
                     and self._dest is not None
                     and self._remaining >= self.cfg.direct_recv_min_bytes
                 ):
@@ -230,7 +236,7 @@ class Connection:
                     self.bytes_received += n
                     if self._remaining == 0:
                         self._frame_done()
-                elif state == _BIG_HEADER:
+                elif state == _BIG_HEADER and not staged:
                     big = self._big
                     assert big is not None
                     n = sock.recv_into(big[self._big_off :])
@@ -327,7 +333,19 @@ class Connection:
                 self._remaining -= take
                 if self._remaining == 0:
                     self._frame_done()
-            else:  # _WAIT_DEST or _BIG_HEADER: nothing to do from staging
+            elif state == _BIG_HEADER:
+                big = self._big
+                assert big is not None
+                if avail == 0:
+                    break
+                take = min(avail, len(big) - self._big_off)
+                big[self._big_off : self._big_off + take] = smv[self._start : self._start + take]
+                self._start += take
+                self._big_off += take
+                if self._big_off == len(big):
+                    self._big = None
+                    self._header_done(big.tobytes())
+            else:  # _WAIT_DEST: the destination is not known yet
                 break
         if self._start == self._end:
             self._start = self._end = 0
@@ -420,9 +438,17 @@ class Connection:
                 done(False)
             return frame
         self._outq.append(frame)
-        if not self._writer_on and not self._flushing:
-            self._flush()
+        if not self._writer_on and not self._flushing and not self._flush_scheduled:
+            # Cork until the loop has run what is ready: frames queued by other
+            # callbacks of this iteration leave in the same sendmsg.
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_corked)
         return frame
+
+    def _flush_corked(self) -> None:
+        self._flush_scheduled = False
+        if not self._writer_on:
+            self._flush()
 
     def cancel_frame(self, frame: OutFrame) -> bool:
         """Drop a queued frame that has not started; False if it started (or finished)."""

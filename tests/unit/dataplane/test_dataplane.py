@@ -251,6 +251,34 @@ async def test_payload_sink_too_small_fails_request_not_connection(env: _Env) ->
     assert server.stats["connections"] == 1
 
 
+async def test_payload_sink_errors_and_error_replies(env: _Env) -> None:
+    async def handler(req: Request) -> Response:
+        if req.header == b"fail":
+            raise ChainfsError(Code.CHUNK_NOT_FOUND, "gone")
+        return Response(ECHO, req.header, payload=[req.payload])
+
+    cfg = _small_cfg(max_connections_per_peer=1)
+    server = await env.server(handler, cfg=cfg)
+    client = env.client(cfg)
+    calls: list[bytes] = []
+
+    def broken_sink(msg_type: int, header: bytes) -> list[bytearray]:
+        calls.append(header)
+        raise ValueError("caller's sink is broken")
+
+    with pytest.raises(ValueError, match="broken"):
+        await client.request(server.address, ECHO, b"x", [bytes(200_000)], payload_sink=broken_sink)
+    with pytest.raises(ChainfsError) as ei:  # the sink is not called for an error reply
+        await client.request(server.address, ECHO, b"fail", [b"abc"], payload_sink=broken_sink)
+    assert ei.value.code == Code.CHUNK_NOT_FOUND
+    reply = await client.request(server.address, ECHO, b"y", payload_sink=broken_sink)
+    assert reply.payload_len == 0  # nor for an empty payload
+    assert calls == [b"x"]
+    reply = await client.request(server.address, ECHO, b"z", [b"q" * 300_000])
+    assert reply.payload == b"q" * 300_000
+    assert server.stats["connections"] == 1
+
+
 # ---- sendfile -----------------------------------------------------------------------
 
 
@@ -505,7 +533,10 @@ async def test_server_dropping_mid_reply_fails_pending_and_keeps_sink_untouched(
 # ---- pooled buffers, backpressure, chain forwarding ------------------------------------------
 
 
-async def test_pool_bound_applies_backpressure_without_loss(env: _Env) -> None:
+@pytest.mark.parametrize("liveness_ms", [500, 1])
+async def test_pool_bound_applies_backpressure_without_loss(env: _Env, liveness_ms: int) -> None:
+    """Connections stop reading while the pool is full and resume with bytes
+    already staged; liveness probes (every 1 ms here) must not jump the queue."""
     peak = 0
 
     async def handler(req: Request) -> Response:
@@ -514,16 +545,23 @@ async def test_pool_bound_applies_backpressure_without_loss(env: _Env) -> None:
         await asyncio.sleep(0.001)
         return Response(ECHO, req.header, payload=[req.payload])
 
-    cfg = _small_cfg(max_payload_bytes=MiB, buffer_pool_bytes=3 * MiB, buffer_pool_cached_bytes=MiB)
+    cfg = _small_cfg(
+        max_payload_bytes=MiB,
+        buffer_pool_bytes=3 * MiB,
+        buffer_pool_cached_bytes=MiB,
+        liveness_check_ms=liveness_ms,
+    )
     server = await env.server(handler, cfg=cfg)
     client = env.client(cfg)
-    payloads = [os.urandom(MiB - i) for i in range(24)]
-    replies = await asyncio.gather(
-        *(client.request(server.address, ECHO, b"%d" % i, [p]) for i, p in enumerate(payloads))
-    )
-    assert [r.payload.tobytes() for r in replies] == payloads
+    for _ in range(3):
+        payloads = [os.urandom(MiB - i) for i in range(24)]
+        replies = await asyncio.gather(
+            *(client.request(server.address, ECHO, b"%d" % i, [p]) for i, p in enumerate(payloads))
+        )
+        assert [r.payload.tobytes() for r in replies] == payloads
     assert 0 < peak <= 3 * MiB
     assert server.pool.in_use_bytes == 0
+    assert server.stats["bad_frames"] == 0
 
 
 async def test_chain_hop_forwards_the_received_buffer(env: _Env) -> None:
