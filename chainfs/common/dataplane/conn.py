@@ -334,17 +334,18 @@ class Connection:
                 if self._remaining == 0:
                     self._frame_done()
             elif state == _BIG_HEADER:
-                big = self._big
-                assert big is not None
+                pending_big = self._big
+                assert pending_big is not None
                 if avail == 0:
                     break
-                take = min(avail, len(big) - self._big_off)
-                big[self._big_off : self._big_off + take] = smv[self._start : self._start + take]
+                off = self._big_off
+                take = min(avail, len(pending_big) - off)
+                pending_big[off : off + take] = smv[self._start : self._start + take]
                 self._start += take
                 self._big_off += take
-                if self._big_off == len(big):
+                if self._big_off == len(pending_big):
                     self._big = None
-                    self._header_done(big.tobytes())
+                    self._header_done(pending_big.tobytes())
             else:  # _WAIT_DEST: the destination is not known yet
                 break
         if self._start == self._end:
