@@ -564,6 +564,43 @@ async def test_pool_bound_applies_backpressure_without_loss(env: _Env, liveness_
     assert server.stats["bad_frames"] == 0
 
 
+async def test_mixed_frames_with_tiny_staging_and_constant_probes(env: _Env) -> None:
+    """Every reader path at once: headers bigger than staging, payloads straddling
+    staging and direct receive, pool waits, and a liveness probe every 1 ms."""
+    cfg = _small_cfg(
+        max_payload_bytes=512 * 1024,
+        buffer_pool_bytes=MiB,
+        buffer_pool_cached_bytes=256 * 1024,
+        recv_staging_bytes=4096,
+        direct_recv_min_bytes=1024,
+        liveness_check_ms=1,
+        max_inflight_per_connection=8,
+        max_connections_per_peer=2,
+    )
+
+    async def handler(req: Request) -> Response:
+        await asyncio.sleep(0)
+        return Response(ECHO, req.header, payload=[req.payload[:7], req.payload[7:]])
+
+    server = await env.server(handler, cfg=cfg)
+    client = env.client(cfg)
+    rng = random.Random(11)
+    cases = [
+        (
+            rng.randbytes(rng.choice([0, 5, 4000, 4100, 20_000])),
+            rng.randbytes(rng.randrange(0, 300_000)),
+        )
+        for _ in range(150)
+    ]
+    replies = await asyncio.gather(
+        *(client.request(server.address, ECHO, h, [p]) for h, p in cases)
+    )
+    for (h, p), r in zip(cases, replies, strict=True):
+        assert r.header == h
+        assert r.payload == p
+    assert server.stats["bad_frames"] == 0
+
+
 async def test_chain_hop_forwards_the_received_buffer(env: _Env) -> None:
     tail_seen: list[bytes] = []
 
