@@ -24,8 +24,9 @@ class DataPlaneConfig:
     max_server_connections: int = 4096
     connect_timeout_ms: int = 3_000  # a peer that does not accept within this is UNAVAILABLE
     request_timeout_ms: int = 30_000  # default per request (send + handler + reply): ETIMEDOUT
-    # Server: a frame whose bytes stop arriving for this long closes its
-    # connection (frees the pooled buffer a stalled or hostile peer holds).
+    # Server: a frame whose bytes stop arriving, or replies the peer stops
+    # reading, for this long close the connection (frees the buffers a stalled
+    # or hostile peer holds).
     frame_stall_timeout_ms: int = 60_000
     # Every connection is probed this often for a peer reset that the event loop
     # does not report (uvloop drops a socket's poller on POLLERR silently); a

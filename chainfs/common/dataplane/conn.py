@@ -131,6 +131,7 @@ class Connection:
         self._writer_on = False
         self._flushing = False
         self._flush_scheduled = False
+        self.last_send_monotonic = time.monotonic()  # last progress of the send queue
         self.bytes_received = 0
         self.bytes_sent = 0
 
@@ -438,6 +439,8 @@ class Connection:
             if done is not None:
                 done(False)
             return frame
+        if not self._outq:
+            self.last_send_monotonic = time.monotonic()
         self._outq.append(frame)
         if not self._writer_on and not self._flushing and not self._flush_scheduled:
             # Cork until the loop has run what is ready: frames queued by other
@@ -465,6 +468,7 @@ class Connection:
         if self.closed:
             return
         self._flushing = True
+        sent = self.bytes_sent
         try:
             self._flush_inner()
         except (BlockingIOError, InterruptedError):
@@ -475,6 +479,8 @@ class Connection:
             self.close(ChainfsError(Code.UNAVAILABLE, f"data plane {self.peer}: send: {e}"))
         finally:
             self._flushing = False
+            if self.bytes_sent != sent:
+                self.last_send_monotonic = time.monotonic()
         if self.closed:
             return
         if self._outq and not self._writer_on:

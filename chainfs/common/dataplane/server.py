@@ -13,8 +13,9 @@ forward the very buffer it received.
 A handler raising :class:`ChainfsError` produces an error response (code +
 message) that the client raises as the same ChainfsError; any other
 exception is logged and answered as INTERNAL. A malformed frame closes only
-its connection. A frame whose bytes stop arriving for
-``frame_stall_timeout_ms`` closes its connection too (frees its buffer).
+its connection. A frame whose bytes stop arriving, or replies the peer stops
+reading, for ``frame_stall_timeout_ms`` close the connection too (frees the
+buffers they hold).
 """
 
 from __future__ import annotations
@@ -395,6 +396,9 @@ class DataServer:
                 continue
             if conn.mid_frame and not conn.paused and now - conn.last_recv_monotonic > limit_s:
                 conn.close(ChainfsError(Code.BAD_FRAME, f"data plane {conn.peer}: frame stalled"))
+            elif conn.send_queue_frames and now - conn.last_send_monotonic > limit_s:
+                # The peer stopped reading its replies: free what they hold.
+                conn.close(ChainfsError(Code.UNAVAILABLE, f"data plane {conn.peer}: not reading"))
         self._schedule_watchdog()
 
     async def stop(self) -> None:

@@ -479,6 +479,20 @@ async def test_stalled_frame_is_closed_by_the_watchdog(env: _Env) -> None:
     assert server.pool.in_use_bytes == 0
 
 
+async def test_peer_that_stops_reading_replies_is_dropped(env: _Env) -> None:
+    server = await env.server(cfg=_small_cfg(frame_stall_timeout_ms=300))
+    raw = await asyncio.to_thread(_raw_connect, server.address)
+    try:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        body = bytes(MiB)
+        frames = b"".join(encode_fixed(0, ECHO, i, 0, 0, len(body)) + body for i in range(8))
+        await asyncio.to_thread(raw.sendall, frames)  # echoes pile up: we never read
+        await _until(lambda: server.connections == 0)
+    finally:
+        raw.close()
+    assert server.pool.in_use_bytes == 0
+
+
 async def test_client_gets_bad_frame_when_reply_is_over_its_bound(env: _Env) -> None:
     async def handler(req: Request) -> Response:
         return Response(ECHO, b"", payload=[bytes(MiB + 1)])
