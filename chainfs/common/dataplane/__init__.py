@@ -51,7 +51,23 @@ Errors: a malformed frame (bad magic/CRC/version, lengths over the bounds, a
 connection dropped mid-frame) closes only that connection; the client's
 requests on it fail with BAD_FRAME or UNAVAILABLE. An unreachable peer fails
 fast with UNAVAILABLE naming the address; a reply that does not come in time
-is ETIMEDOUT.
+is ETIMEDOUT. A server drops connections whose frames stall or whose peer
+stops reading replies (``frame_stall_timeout_ms``), which frees the pooled
+buffers they pin.
+
+Event loop: sockets are driven with ``add_reader``/``add_writer`` on uvloop
+(plain asyncio works too). uvloop silently drops a socket's poller when the
+socket reports POLLERR (a TCP reset), so both ends probe their connections
+every ``liveness_check_ms`` (see ``Connection.poke``). A DataServer or
+DataClient belongs to the loop that started/first used it.
+
+Cost (bench/dataplane_bench.py, loopback, 2 vCPUs): for 4-64 MiB payloads
+each side spends about 0.2-0.35 CPU-seconds per GB, kernel copies included,
+the same as iperf3 (sender ~0.2-0.3, receiver ~0.4); a small request costs
+a few tens of microseconds of CPU on each side. Receiving data the peer sent
+with sendfile from the page cache costs the receiver ~2.5x more CPU per byte
+on loopback than data sent from memory (the copy reads cold page-cache
+pages); on a real NIC sendfile saves the sender's copy.
 """
 
 from chainfs.common.dataplane.buffers import BufferPool, PooledBuffer
