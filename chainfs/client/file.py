@@ -298,10 +298,14 @@ class AsyncFile:
         self._raise_write_error()
 
     async def flush(self) -> None:
-        """Push buffered writes to storage (acknowledged by every replica)."""
+        """Push buffered writes to storage (acknowledged by every replica) and tell
+        meta the new length, so readers that open the file from now on see them."""
         self._check_open()
         if self._mode.writable:
             await self._drain()
+            if self._dirty:
+                await self._fs._sync_handle(self._h, self.size(), exact=False)
+                self._dirty = False
 
     async def fsync(self) -> None:
         """flush(), then make the length durable at meta."""
