@@ -1,0 +1,713 @@
+"""FUSE operations (pyfuse3, low-level, inode-based) over the chainfs client.
+
+FUSE inode numbers are chainfs inode ids (root 1 = FUSE_ROOT_ID), so every
+request maps onto one inode-based meta call made with the caller's uid/gid
+(meta checks permissions). File bytes go through the client's chunk I/O:
+reads straight into the reply buffer, split at chunk boundaries and fetched
+in parallel; writes into one write-back AsyncFile per inode (chunk-sized
+runs, several in flight). close(2) (FUSE flush) pushes buffered data and
+reports the length to meta, so a client that opens the file after our close
+sees it whole (close-to-open). The kernel page cache is kept across opens
+when meta says the file did not change meanwhile.
+
+Every handler answers: chainfs errors become their errno, anything
+unexpected is logged and answered EIO, and a request stuck on an
+unreachable cluster is answered EIO after ``cluster_timeout_ms`` (plus a
+margin). Operations pyfuse3 does not route here (fallocate, ioctl,
+copy_file_range, lseek, locks) are answered ENOSYS by libfuse, which the
+kernel turns into EOPNOTSUPP or its local fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import os
+import stat as stat_mod
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import pyfuse3
+
+from chainfs.client.aio_fs import AsyncFileSystem, layout_of
+from chainfs.client.file import AsyncFile, Mode, OpenHandle
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc.meta_client import MetaClient, UserInfo, mode_bits
+from chainfs.fuse_mount.config import MountConfig
+from chainfs.fuse_mount.state import DirHandle, FileHandle, GroupsCache, OpenInode
+from chainfs.proto import meta_pb2 as mt
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+ROOT_INO = 1
+# Positions in a directory listing: 1 ".", 2 "..", 3 + k the k-th entry.
+_FIRST_ENTRY_POS = 3
+# Explicit times this close to now come from utimensat(UTIME_NOW) (pyfuse3
+# turns NOW into a timestamp); meta lets any writer set "now", only the owner
+# an explicit time.
+_NOW_SLACK_NS = 200_000_000
+# Margin on top of the client's own timeouts before a request is cut short.
+_GUARD_MARGIN_S = 5.0
+_RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
+_WRITE_MODE = Mode(
+    readable=False,
+    writable=True,
+    append=False,
+    create=False,
+    truncate=False,
+    exclusive=False,
+    binary=True,
+)
+_QUIET_ERRNOS = frozenset(
+    {
+        errno.ENOENT,
+        errno.EEXIST,
+        errno.ENOTEMPTY,
+        errno.ENODATA,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.EINVAL,
+        errno.EOPNOTSUPP,
+        errno.ERANGE,
+        errno.ELOOP,
+        errno.EXDEV,
+        errno.ENAMETOOLONG,
+    }
+)
+
+
+def _op(
+    fn: Callable[Concatenate[ChainfsOperations, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[ChainfsOperations, P], Coroutine[Any, Any, T]]:
+    """Answer every request: errno for known failures, EIO (logged) for the rest."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: ChainfsOperations, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            async with asyncio.timeout(self.guard_s):
+                return await fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except ChainfsError as e:
+            code = e.errno or errno.EIO
+            if code in _QUIET_ERRNOS:
+                log.debug("%s%r: %s", name, args, e)
+            else:
+                log.warning("%s%r: %s", name, args, e)
+            raise pyfuse3.FUSEError(code) from None
+        except TimeoutError:
+            log.warning("%s%r: no answer from the cluster in %.1fs: EIO", name, args, self.guard_s)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as e:
+            code = e.errno or errno.EIO
+            log.log(logging.DEBUG if code in _QUIET_ERRNOS else logging.WARNING, "%s: %s", name, e)
+            raise pyfuse3.FUSEError(code) from None
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s%r failed unexpectedly: EIO", name, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class ChainfsOperations(pyfuse3.Operations):
+    """pyfuse3 request handlers for one mount."""
+
+    supports_dot_lookup = True
+
+    def __init__(self, fs: AsyncFileSystem, config: MountConfig) -> None:
+        super().__init__()
+        self.fs = fs
+        self.config = config
+        self.meta: MetaClient = fs._meta
+        self.enable_writeback_cache = config.writeback_cache
+        self._attr_timeout_s = config.attr_timeout_ms / 1000
+        self._entry_timeout_s = config.entry_timeout_ms / 1000
+        self._negative_timeout_s = config.negative_timeout_ms / 1000
+        self.guard_s = (
+            max(config.cluster_timeout_ms, fs.config.meta_timeout_ms) / 1000 + _GUARD_MARGIN_S
+        )
+        self._page = fs.config.readdir_page_entries
+        self._groups = GroupsCache()
+        self._lookups: dict[int, int] = {}  # kernel lookup counts
+        self._versions: dict[int, tuple[int, int]] = {}  # ino -> (size, mtime_ns) cached by kernel
+        self._open: dict[int, OpenInode] = {}
+        self._files: dict[int, FileHandle] = {}
+        self._dirs: dict[int, DirHandle] = {}
+        self._next_fh = 1
+        self.on_init: Callable[[], None] | None = None  # run once the kernel handshake is done
+
+    # -- helpers ---------------------------------------------------------------
+    def init(self) -> None:
+        if self.on_init is not None:
+            # After this handler returns libfuse answers the kernel's INIT;
+            # settings that INIT would overwrite are applied after it.
+            asyncio.get_running_loop().call_soon(self.on_init)
+
+    def _user(self, ctx: pyfuse3.RequestContext) -> UserInfo:
+        gids = self._groups.get(ctx.pid) if ctx.uid != 0 else ()
+        return UserInfo(ctx.uid, ctx.gid, gids)
+
+    def _fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _remember(self, ino: int) -> None:
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+
+    def _entry(
+        self, inode: mt.Inode, entry_timeout: float | None = None
+    ) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode.ino
+        e.generation = 0
+        e.entry_timeout = self._entry_timeout_s if entry_timeout is None else entry_timeout
+        e.attr_timeout = self._attr_timeout_s
+        e.st_mode = mode_bits(inode)
+        e.st_nlink = inode.nlink
+        e.st_uid = inode.uid
+        e.st_gid = inode.gid
+        size, mtime_ns, ctime_ns = inode.size, inode.mtime_ns, inode.ctime_ns
+        st = self._open.get(inode.ino)
+        if st is not None and inode.type == mt.FILE:
+            st.size = max(st.size, inode.size)
+            size = st.known_size()
+            if st.dirty:
+                mtime_ns = max(mtime_ns, st.write_mtime_ns)
+                ctime_ns = max(ctime_ns, st.write_mtime_ns)
+        e.st_size = size
+        e.st_blocks = (size + 511) // 512
+        chunk = inode.layout.chunk_size if inode.type == mt.FILE else 0
+        e.st_blksize = min(chunk, 1 << 20) if chunk else 4096
+        e.st_atime_ns = inode.atime_ns
+        e.st_mtime_ns = mtime_ns
+        e.st_ctime_ns = ctime_ns
+        return e
+
+    def _file(self, fh: int) -> tuple[FileHandle, OpenInode]:
+        h = self._files.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return h, self._open[h.ino]
+
+    def _open_inode(self, inode: mt.Inode) -> OpenInode:
+        st = self._open.get(inode.ino)
+        if st is None:
+            handle = OpenHandle(f"<inode {inode.ino}>", inode.ino, layout_of(inode), inode.size)
+            st = OpenInode(inode.ino, handle, inode.size)
+            self._open[inode.ino] = st
+        else:
+            st.size = max(st.size, inode.size)
+        return st
+
+    def _writer(self, st: OpenInode) -> AsyncFile:
+        if st.writer is None:
+            h = OpenHandle(st.handle.path, st.ino, st.handle.layout, st.size)
+            st.writer = AsyncFile(self.fs, h, _WRITE_MODE)
+        return st.writer
+
+    def _keep_cache(self, inode: mt.Inode) -> bool:
+        if inode.ino in self._open:
+            return True  # open here already: the page cache holds what we wrote
+        if not self.config.keep_cache:
+            return False
+        return self._versions.get(inode.ino) == (inode.size, inode.mtime_ns)
+
+    def _file_info(self, fh: int, inode: mt.Inode, flags: int) -> pyfuse3.FileInfo:
+        keep = self._keep_cache(inode)
+        self._versions[inode.ino] = (inode.size, inode.mtime_ns)
+        direct = self.config.direct_io or bool(flags & os.O_DIRECT)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=direct)
+
+    async def _start_handle(
+        self, inode: mt.Inode, session: bytes, flags: int
+    ) -> tuple[pyfuse3.FileInfo, FileHandle]:
+        if inode.type != mt.FILE:
+            if session:
+                await self.meta.close(inode.ino, session)
+            raise pyfuse3.FUSEError(errno.EISDIR if inode.type == mt.DIRECTORY else errno.EINVAL)
+        acc = flags & os.O_ACCMODE
+        st = self._open_inode(inode)
+        fi = self._file_info(self._fh(), inode, flags)
+        h = FileHandle(
+            fi.fh,
+            inode.ino,
+            session,
+            readable=acc in (os.O_RDONLY, os.O_RDWR),
+            writable=acc in (os.O_WRONLY, os.O_RDWR),
+        )
+        self._files[fi.fh] = h
+        st.handles += 1
+        if h.writable:
+            st.write_handles += 1
+        return fi, h
+
+    async def _report_length(self, st: OpenInode, session: bytes, exact: bool) -> None:
+        """Tell meta the length (and that we wrote): after this, other clients see the data."""
+        if not st.dirty and not exact:
+            return
+        st.dirty = False
+        try:
+            inode = await self.meta.sync(st.ino, session, st.known_size(), exact=exact, wrote=True)
+        except BaseException:
+            st.dirty = True
+            raise
+        st.size = max(st.size, inode.size)
+        self._versions[st.ino] = (inode.size, inode.mtime_ns)
+
+    async def _push(self, st: OpenInode) -> None:
+        """Send buffered writes of ``st`` to storage and wait for their acks."""
+        if st.writer is not None:
+            async with st.lock:
+                if st.writer is not None:
+                    await st.writer.flush()
+
+    async def _hold_if_open(self, parent: int, name: bytes, user: UserInfo) -> None:
+        """Before a name goes away: if it is the last name of a file open here
+        read-only, take a write session so meta keeps its data until release."""
+        if not any(not s.write_handles and not s.hold_session for s in self._open.values()):
+            return
+        try:
+            inode = await self.meta.lookup(parent, name, user)
+        except ChainfsError:
+            return
+        st = self._open.get(inode.ino)
+        if st is None or st.write_handles or st.hold_session or inode.nlink > 1:
+            return
+        try:
+            rsp = await self.meta.open(inode.ino, read=False, write=True)
+        except ChainfsError as e:
+            log.info("cannot keep unlinked open inode %d alive: %s", inode.ino, e)
+            return
+        st.hold_session = rsp.session_id
+
+    # -- names -----------------------------------------------------------------
+    @_op
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        user = self._user(ctx)
+        try:
+            if name == b".":
+                inode = await self.meta.stat(parent_inode, follow=False, user=user)
+            elif name == b"..":
+                d = await self.meta.stat(parent_inode, follow=False, user=user)
+                inode = await self.meta.stat(d.parent or ROOT_INO, follow=False, user=user)
+            else:
+                inode = await self.meta.lookup(parent_inode, name, user)
+        except ChainfsError as e:
+            if e.code == Code.ENOENT and self._negative_timeout_s > 0:
+                neg = pyfuse3.EntryAttributes()
+                neg.st_ino = 0
+                neg.entry_timeout = self._negative_timeout_s
+                return neg
+            raise
+        self._remember(inode.ino)
+        return self._entry(inode)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            left = self._lookups.get(ino, 0) - n
+            if left > 0:
+                self._lookups[ino] = left
+            else:
+                self._lookups.pop(ino, None)
+                if ino not in self._open:
+                    self._versions.pop(ino, None)
+
+    @_op
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.meta.stat(inode, follow=False, user=self._user(ctx)))
+
+    @_op
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        user = self._user(ctx)
+        kw: dict[str, Any] = {}
+        if fields.update_mode:
+            kw["mode"] = attr.st_mode & 0o7777
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        now = time.time_ns()
+        if fields.update_atime:
+            if abs(attr.st_atime_ns - now) < _NOW_SLACK_NS:
+                kw["atime_now"] = True
+            else:
+                kw["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            if abs(attr.st_mtime_ns - now) < _NOW_SLACK_NS:
+                kw["mtime_now"] = True
+            else:
+                kw["mtime_ns"] = attr.st_mtime_ns
+        st = self._open.get(inode)
+        if st is not None and st.dirty and (fields.update_mtime or fields.update_size):
+            # Report our writes first, so the flush at close does not stamp
+            # mtime over the time set here (cp -p, tar, rsync set it last).
+            await self._push(st)
+            h = self._files.get(fh) if fh is not None else None
+            await self._report_length(st, h.session if h else b"", exact=False)
+        if not fields.update_size:
+            if not kw:
+                return await self.getattr(inode, ctx)
+            return self._entry(await self.meta.setattr(inode, follow=False, user=user, **kw))
+        size = attr.st_size
+        h = self._files.get(fh) if fh is not None else None
+        if h is not None and h.writable and h.ino == inode and not kw:
+            # ftruncate on a descriptor open for writing: the kernel checked it
+            # at open; the file's mode may not grant write any more (0444 + O_CREAT).
+            user = UserInfo(0, 0)
+        if st is None:
+            return self._entry(
+                await self.meta.setattr(inode, follow=False, user=user, size=size, **kw)
+            )
+        async with st.lock:
+            if st.writer is not None:
+                w, st.writer = st.writer, None
+                await w.close()  # pushes what is buffered, then drops the writer
+            result = await self.meta.setattr(inode, follow=False, user=user, size=size, **kw)
+            st.size = size
+        return self._entry(result)
+
+    @_op
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.meta.readlink_bytes(inode, user=self._user(ctx))
+
+    @_op
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if stat_mod.S_IFMT(mode) not in (0, stat_mod.S_IFREG):
+            # FIFOs, sockets and device nodes are not stored by chainfs.
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        rsp = await self.meta.open(
+            (parent_inode, name),
+            read=False,
+            write=False,
+            create=True,
+            exclusive=True,
+            mode=mode & 0o7777,
+            user=self._user(ctx),
+        )
+        self._remember(rsp.inode.ino)
+        return self._entry(rsp.inode)
+
+    @_op
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        inode = await self.meta.mkdir((parent_inode, name), mode & 0o7777, user=self._user(ctx))
+        self._remember(inode.ino)
+        return self._entry(inode)
+
+    @_op
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        user = self._user(ctx)
+        await self._hold_if_open(parent_inode, name, user)
+        await self.meta.unlink((parent_inode, name), user=user)
+
+    @_op
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.meta.rmdir((parent_inode, name), user=self._user(ctx))
+
+    @_op
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        inode = await self.meta.symlink(target, (parent_inode, name), user=self._user(ctx))
+        self._remember(inode.ino)
+        return self._entry(inode)
+
+    @_op
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        if flags & ~_RENAME_FLAGS:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_WHITEOUT: overlayfs only
+        user = self._user(ctx)
+        if not flags & pyfuse3.RENAME_EXCHANGE:
+            await self._hold_if_open(parent_inode_new, name_new, user)
+        await self.meta.rename(
+            (parent_inode_old, name_old), (parent_inode_new, name_new), flags, user=user
+        )
+
+    @_op
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        result = await self.meta.link(inode, (new_parent_inode, new_name), user=self._user(ctx))
+        self._remember(result.ino)
+        return self._entry(result)
+
+    # -- files -----------------------------------------------------------------
+    @_op
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        acc = flags & os.O_ACCMODE
+        rsp = await self.meta.open(
+            inode,
+            read=acc in (os.O_RDONLY, os.O_RDWR),
+            write=acc in (os.O_WRONLY, os.O_RDWR),
+            nofollow=True,
+            user=self._user(ctx),
+        )
+        fi, _ = await self._start_handle(rsp.inode, rsp.session_id, flags)
+        return fi
+
+    @_op
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        acc = flags & os.O_ACCMODE
+        rsp = await self.meta.open(
+            (parent_inode, name),
+            read=acc in (os.O_RDONLY, os.O_RDWR),
+            write=acc in (os.O_WRONLY, os.O_RDWR),
+            create=True,
+            exclusive=bool(flags & os.O_EXCL),
+            truncate=bool(flags & os.O_TRUNC),
+            nofollow=True,
+            mode=mode & 0o7777,
+            user=self._user(ctx),
+        )
+        fi, _ = await self._start_handle(rsp.inode, rsp.session_id, flags)
+        self._remember(rsp.inode.ino)
+        return fi, self._entry(rsp.inode)
+
+    @_op
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        _, st = self._file(fh)
+        await self._push(st)
+        end = min(off + size, st.known_size())
+        if end <= off:
+            return b""
+        buf = bytearray(end - off)
+        await self.fs._read_into(st.handle, off, memoryview(buf))
+        return buf  # type: ignore[return-value]  # any buffer will do for pyfuse3
+
+    @_op
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h, st = self._file(fh)
+        if not h.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        async with st.lock:
+            w = self._writer(st)
+            w.seek_sync(off)
+            n = await w.write(buf)
+        st.dirty = True
+        st.write_mtime_ns = time.time_ns()
+        return n
+
+    @_op
+    async def flush(self, fh: int) -> None:
+        h, st = self._file(fh)
+        if not h.writable:
+            return
+        await self._push(st)
+        await self._report_length(st, h.session, exact=False)
+
+    @_op
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h, st = self._file(fh)
+        if not h.writable:
+            return
+        await self._push(st)
+        await self._report_length(st, h.session, exact=True)
+
+    @_op
+    async def release(self, fh: int) -> None:
+        h = self._files.pop(fh, None)
+        if h is None:
+            return
+        st = self._open[h.ino]
+        try:
+            if h.writable:
+                st.write_handles -= 1
+                if st.writer is not None:
+                    async with st.lock:
+                        w = st.writer
+                        if w is not None and st.write_handles == 0:
+                            st.writer = None
+                            await w.close()
+                        elif w is not None:
+                            await w.flush()
+                wrote, st.dirty = st.dirty, False
+                inode = await self.meta.close(h.ino, h.session, st.known_size(), wrote=wrote)
+                if inode is not None:
+                    self._versions[h.ino] = (inode.size, inode.mtime_ns)
+        finally:
+            st.handles -= 1
+            if st.handles == 0:
+                del self._open[h.ino]
+                if st.hold_session:
+                    await self.meta.close(h.ino, st.hold_session)
+
+    # -- directories -----------------------------------------------------------
+    @_op
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        user = self._user(ctx)
+        dir_inode, first = await asyncio.gather(
+            self.meta.stat(inode, follow=False, user=user),
+            self.meta.readdir(inode, b"", self._page, with_attrs=True, user=user),
+        )
+        fh = self._fh()
+        d = DirHandle(fh, inode, dir_inode.parent or ROOT_INO, user, dir_inode)
+        self._take_page(d, first)
+        self._dirs[fh] = d
+        return fh
+
+    @staticmethod
+    def _take_page(d: DirHandle, rsp: mt.ReaddirRsp) -> None:
+        d.base += len(d.page)
+        d.page = list(rsp.entries)
+        d.more = rsp.more and bool(rsp.entries)
+        if rsp.entries:
+            d.after = rsp.entries[-1].name
+        d.fetched = True
+
+    def _dir_entry(self, e: mt.DirEntry) -> pyfuse3.EntryAttributes:
+        if e.HasField("inode"):
+            return self._entry(e.inode)
+        # Listed without attributes (raced with a change): let the kernel ask.
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = e.ino
+        a.st_mode = {mt.DIRECTORY: stat_mod.S_IFDIR, mt.SYMLINK: stat_mod.S_IFLNK}.get(
+            e.type, stat_mod.S_IFREG
+        )
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        return a
+
+    @_op
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        d = self._dirs.get(fh)
+        if d is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        pos = start_id
+        if pos == 0:
+            if not pyfuse3.readdir_reply(token, b".", self._entry(d.dir_inode), 1):
+                return
+            pos = 1
+        if pos == 1:
+            dotdot = pyfuse3.EntryAttributes()
+            dotdot.st_ino = d.parent
+            dotdot.st_mode = stat_mod.S_IFDIR
+            if not pyfuse3.readdir_reply(token, b"..", dotdot, 2):
+                return
+            pos = 2
+        k = pos - 2  # index of the next entry in the listing
+        if k < d.base:  # rewinddir / seekdir backwards: list again from the start
+            d.base, d.page, d.after, d.more, d.fetched = 0, [], b"", True, False
+        while True:
+            while k >= d.base + len(d.page):
+                if d.fetched and not d.more:
+                    return
+                rsp = await self.meta.readdir(d.ino, d.after, self._page, True, user=d.user)
+                self._take_page(d, rsp)
+                if not d.page:
+                    return
+            e = d.page[k - d.base]
+            if not pyfuse3.readdir_reply(token, e.name, self._dir_entry(e), k + _FIRST_ENTRY_POS):
+                return
+            self._remember(e.ino)
+            k += 1
+
+    @_op
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return  # every namespace change is durable at meta once answered
+
+    # -- file system -------------------------------------------------------------
+    @_op
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        rsp = await self.meta.statfs(user=self._user(ctx))
+        bsize = rsp.block_size or 4096
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = bsize
+        s.f_frsize = bsize
+        s.f_blocks = rsp.capacity_bytes // bsize
+        s.f_bfree = rsp.free_bytes // bsize
+        s.f_bavail = s.f_bfree
+        # Inodes are not a fixed pool: report room for as many again.
+        s.f_files = max(rsp.inodes_allocated, 1) * 2
+        s.f_ffree = s.f_files - rsp.inodes_allocated
+        s.f_favail = s.f_ffree
+        s.f_namemax = rsp.max_name_bytes or 255
+        return s
+
+    @_op
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.meta.setxattr(inode, name, value, follow=False, user=self._user(ctx))
+
+    @_op
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.meta.getxattr(inode, name, follow=False, user=self._user(ctx))
+
+    @_op
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        names = await self.meta.listxattr(inode, follow=False, user=self._user(ctx))
+        return [os.fsencode(n) for n in names]
+
+    @_op
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.meta.removexattr(inode, name, follow=False, user=self._user(ctx))
+
+    @_op
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # Called only without default_permissions.
+        node = await self.meta.stat(inode, follow=False, user=self._user(ctx))
+        return permitted(node, mode, self._user(ctx))
+
+    # -- lifetime ----------------------------------------------------------------
+    async def shutdown(self) -> None:
+        """Unmounting: push buffered writes and end every meta session we hold."""
+        for fh in list(self._files):
+            try:
+                await self.release(fh)
+            except pyfuse3.FUSEError as e:
+                log.warning("closing handle %d at unmount: errno %d", fh, e.errno)
+        self._dirs.clear()
+
+
+def permitted(inode: mt.Inode, mode: int, user: UserInfo) -> bool:
+    """access(2) against the mode bits: R_OK/W_OK/X_OK (F_OK: exists)."""
+    want = mode & (os.R_OK | os.W_OK | os.X_OK)
+    if not want:
+        return True
+    perms = inode.mode
+    if user.uid == 0:  # root: anything, but execute only if some x bit is set
+        return not (want & os.X_OK and inode.type != mt.DIRECTORY and not perms & 0o111)
+    if user.uid == inode.uid:
+        bits = (perms >> 6) & 7
+    elif user.gid == inode.gid or inode.gid in user.gids:
+        bits = (perms >> 3) & 7
+    else:
+        bits = perms & 7
+    return want & bits == want

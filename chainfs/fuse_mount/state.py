@@ -1,0 +1,106 @@
+"""What the mount remembers between FUSE requests: open inodes, handles, listings, callers.
+
+Meta is the source of truth; this is only what the kernel's protocol makes us
+keep (file handles, directory cursors, lookup counts) plus the write-back data
+of files open for writing in this mount.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass, field
+
+from chainfs.client.file import AsyncFile, OpenHandle
+from chainfs.common.rpc.meta_client import UserInfo
+from chainfs.proto import meta_pb2 as mt
+
+# Supplementary groups of a caller, read from /proc/<pid>/status: kept this long
+# and for at most this many pids (a bound; the kernel already checked
+# permissions when default_permissions is on, meta checks again with these).
+GROUPS_TTL_S = 2.0
+GROUPS_CACHE_MAX = 1024
+
+
+@dataclass
+class OpenInode:
+    """A file with at least one open handle in this mount."""
+
+    ino: int
+    handle: OpenHandle  # inode + layout for the client's chunk I/O (no meta session)
+    size: int  # largest length we told the kernel or meta told us (local truncate lowers it)
+    handles: int = 0
+    write_handles: int = 0
+    # One write-back writer per inode shared by all its handles, so a read
+    # through any handle first pushes what any other handle wrote.
+    writer: AsyncFile | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    dirty: bool = False  # bytes written since the length was last reported to meta
+    write_mtime_ns: int = 0  # time of our last write (meta learns it on flush)
+    # A write session held only to keep an unlinked, read-only-open file alive.
+    hold_session: bytes = b""
+
+    def known_size(self) -> int:
+        if self.writer is not None:
+            return max(self.size, self.writer.size())
+        return self.size
+
+
+@dataclass
+class FileHandle:
+    fh: int
+    ino: int
+    session: bytes  # meta write session; b"" for read-only opens
+    readable: bool
+    writable: bool
+
+
+@dataclass
+class DirHandle:
+    """A directory listing cursor: offsets are entry positions, counted from 1."""
+
+    fh: int
+    ino: int
+    parent: int
+    user: UserInfo
+    dir_inode: mt.Inode
+    base: int = 0  # position of page[0] among the listing's entries (after . and ..)
+    page: list[mt.DirEntry] = field(default_factory=list)
+    after: bytes = b""  # the last name fetched (meta pages after it)
+    more: bool = True  # meta has entries after `after`
+    fetched: bool = False  # the first page has been asked for
+
+
+class GroupsCache:
+    """Supplementary group ids of calling pids (bounded, short-lived)."""
+
+    def __init__(self) -> None:
+        self._entries: collections.OrderedDict[int, tuple[float, tuple[int, ...]]] = (
+            collections.OrderedDict()
+        )
+
+    def get(self, pid: int) -> tuple[int, ...]:
+        if pid <= 0:
+            return ()
+        now = time.monotonic()
+        hit = self._entries.get(pid)
+        if hit is not None and now - hit[0] < GROUPS_TTL_S:
+            return hit[1]
+        gids = _read_groups(pid)
+        self._entries[pid] = (now, gids)
+        self._entries.move_to_end(pid)
+        while len(self._entries) > GROUPS_CACHE_MAX:
+            self._entries.popitem(last=False)
+        return gids
+
+
+def _read_groups(pid: int) -> tuple[int, ...]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return tuple(int(x) for x in line.split()[1:])
+    except (OSError, ValueError):
+        pass  # the caller exited already: its primary gid is all we know
+    return ()
