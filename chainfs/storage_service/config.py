@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from chainfs.common.dataplane.config import DataPlaneConfig
+from chainfs.storage_service.failure_config import FailureConfig
 
 MiB = 1024 * 1024
 MIN_CHUNK_SIZE = 64 * 1024  # bytes: the smallest chunk size a file layout may use
@@ -62,6 +63,7 @@ class StorageConfig:
             buffer_pool_bytes=128 * MiB, buffer_pool_cached_bytes=64 * MiB
         )
     )
+    failure: FailureConfig = field(default_factory=FailureConfig)  # fencing, resync, scrubbing
 
     def validate(self) -> None:
         if not 0.0 < self.disk_usage_limit_ratio <= 1.0:

@@ -208,6 +208,11 @@ class Craq:
         self, chain_id: int, chain_version: int, target_id: int
     ) -> tuple[Routing, mp.ChainInfo]:
         routing = self._routing_now()
+        if chain_id not in routing.chains or target_id not in routing.chains[chain_id].targets:
+            # A chain created (or changed) since our last routing update: fetch once.
+            fresh = await self._refresh(0)
+            if fresh is not None:
+                routing = fresh
         chain = self._chain(routing, chain_id, target_id)
         if chain_version > chain.chain_version:
             # The sender knows a newer chain than we do: catch up once.

@@ -42,6 +42,9 @@ from chainfs.storage_service.chunk_engine import (
 )
 from chainfs.storage_service.config import StorageConfig
 from chainfs.storage_service.craq import Craq, LocalTarget, record_to_meta
+from chainfs.storage_service.fencing import Fence
+from chainfs.storage_service.resync import SYNC_REPORT, Resyncer, SyncReceiver
+from chainfs.storage_service.scrubber import Repairer, Scrubber
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +184,12 @@ class StorageNode:
         self.rpc_address = ""
         self.data_address = ""
         self.unix_path = ""
+        # Failure handling (issue 7): fencing, resync (both sides), repair, scrubbing.
+        self.fence = Fence(lambda: self.heartbeat, config.failure.fence_after_timeout_ratio)
+        self.sync_receiver = SyncReceiver(lambda: self.routing.current)
+        self.resyncer: Resyncer | None = None
+        self.repairer: Repairer | None = None
+        self.scrubber: Scrubber | None = None
 
     def chain_of(self, target_id: int, routing: Routing | None) -> int:
         if routing is None:
@@ -214,11 +223,7 @@ class StorageNode:
         out = []
         for tid, t in self.targets.items():
             used, cap = t.engine.usage()
-            out.append(
-                mp.TargetHeartbeat(
-                    target_id=tid, local_state=mp.UPTODATE, used_bytes=used, capacity_bytes=cap
-                )
-            )
+            out.append(self.sync_receiver.heartbeat(tid, used, cap))
         return out
 
     async def start(self) -> None:
@@ -276,6 +281,24 @@ class StorageNode:
             self.executor,
         )
         self.routing.start()
+        fcfg = cfg.failure
+        self.resyncer = Resyncer(
+            fcfg,
+            self.targets,
+            lambda: self.routing.current,
+            self.data_client,
+            self.executor,
+            self.fence.fenced,
+        )
+        self.repairer = Repairer(
+            fcfg, self.targets, lambda: self.routing.current, self.data_client, self.executor
+        )
+        self.scrubber = Scrubber(
+            fcfg, self.targets, self.repairer, self.executor, self.fence.fenced
+        )
+        self.resyncer.start()
+        self.repairer.start()
+        self.scrubber.start()
 
     def _on_routing(self, routing: Routing) -> None:
         self.routing.install(routing)
@@ -291,12 +314,18 @@ class StorageNode:
         craq = self.craq
         if craq is None:
             raise ChainfsError(Code.TARGET_NOT_SERVING, "storage node is starting")
+        self.fence.check()
         t = request.msg_type
         if t == sp.UPDATE:
             rsp = await craq.update(_parse(sp.UpdateReq, request.header), request.payload)
             return Response(t, rsp.SerializeToString())
         if t == sp.BATCH_READ:
-            out, buffers, release = await craq.batch_read(_parse(sp.BatchReadReq, request.header))
+            rreq = _parse(sp.BatchReadReq, request.header)
+            out, buffers, release = await craq.batch_read(rreq)
+            if self.repairer is not None:
+                for io, res in zip(rreq.ios, out.results, strict=True):
+                    if res.status.code == Code.CHECKSUM_MISMATCH:
+                        self.repairer.request(io.target_id, io.chunk.inode, io.chunk.index)
             return Response(
                 t, out.SerializeToString(), payload=buffers, on_done=lambda _sent: release()
             )
@@ -309,6 +338,8 @@ class StorageNode:
         if t == sp.LIST_CHUNKS:
             ls = await craq.list_chunks(_parse(sp.ListChunksReq, request.header))
             return Response(t, ls.SerializeToString())
+        if t == SYNC_REPORT:
+            return Response(t, self.sync_receiver.handle_report(request.header, self.targets))
         raise ChainfsError(Code.BAD_FRAME, f"unknown storage message type {t}")
 
     def ready_info(self) -> dict[str, object]:
@@ -322,6 +353,9 @@ class StorageNode:
         }
 
     async def stop(self) -> None:
+        for svc in (self.scrubber, self.repairer, self.resyncer):
+            if svc is not None:
+                await svc.stop()
         if self.heartbeat is not None:
             await self.heartbeat.stop()
         await self.routing.stop()

@@ -78,6 +78,10 @@ class StorageClientConfig:
     attempts: int = 10  # tries of one operation (each after a routing refresh) before failing
     retry_backoff_ms: int = 20  # first pause between attempts, doubled each time
     retry_backoff_max_ms: int = 1_000  # bound on that pause
+    # Writes, truncates and removes keep retrying (same request id) past `attempts`
+    # until this much time has passed since the first try: a chain change after
+    # a node dies takes up to mgmtd's heartbeat timeout. 0 = `attempts` only.
+    retry_total_ms: int = 0
     timeout_ms: int = 30_000  # one data-plane request
     max_parallel_nodes: int = 32  # batched read frames in flight at once
     max_ios_per_batch: int = 1024  # ios in one batched read frame
@@ -182,7 +186,11 @@ class StorageClient:
         """Send a request to the chain head; retry (same request id) per the rules above."""
         request_id = self.next_request_id()
         last: ChainfsError | None = None
-        for attempt in range(self.config.attempts):
+        deadline = time.monotonic() + self.config.retry_total_ms / 1000
+        attempt = -1
+        while True:
+            attempt += 1
+            more = attempt + 1 < self.config.attempts or time.monotonic() < deadline
             routing, chain = await self._chain(chain_id)
             head = routing.head(chain_id)
             if head is None:
@@ -210,12 +218,15 @@ class StorageClient:
                     if e.code not in _RETRY_WRITE:
                         raise
                     last = e
-            if attempt + 1 < self.config.attempts:
-                await self._pause(attempt)
-                await self._refresh()
+            if not more:
+                break
+            await self._pause(min(attempt, 16))
+            await self._refresh()
         assert last is not None
         raise ChainfsError(
-            last.code, f"{last.message} (gave up after {self.config.attempts} attempts)"
+            last.code,
+            f"{last.message} (gave up after {attempt + 1} attempts, "
+            f"retry_total_ms={self.config.retry_total_ms})",
         )
 
     async def write(

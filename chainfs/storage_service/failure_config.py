@@ -1,0 +1,42 @@
+"""Configuration of a storage node's failure handling (issue 7): fencing, resync, scrubbing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class FailureConfig:
+    # Stop serving reads and writes (answer FENCED) once the last acknowledged
+    # heartbeat is older than this fraction of mgmtd's heartbeat timeout: mgmtd
+    # declares the node offline only after the whole timeout, so a partitioned
+    # node has stopped before the rest of the chain moves on without it.
+    fence_after_timeout_ratio: float = 0.5
+    # Resync: bytes per second one node sends to fill returning targets (all syncs
+    # together), so a resync does not starve foreground I/O. 0 = unlimited.
+    resync_rate_bytes_per_s: int = 256 * 1024 * 1024
+    resync_scan_interval_ms: int = 200  # how often the node looks for targets to fill
+    resync_report_interval_ms: int = 500  # progress reports to the syncing target
+    resync_retry_ms: int = 500  # pause before a failed sync pass starts again
+    resync_dump_page: int = 16384  # chunk metas per DumpChunkMeta page of the target
+    # Scrubber: background CRC32C re-check of committed chunks. 0 = off.
+    scrub_rate_bytes_per_s: int = 32 * 1024 * 1024  # read budget of the scrubber
+    scrub_round_pause_ms: int = 60_000  # pause between two full passes over a target
+    repair_queue_entries: int = 1024  # corrupt chunks waiting for repair (more are dropped)
+    repair_timeout_ms: int = 10_000  # one read of a good replica
+
+    def validate(self) -> None:
+        if not 0.0 < self.fence_after_timeout_ratio < 1.0:
+            raise ValueError("fence_after_timeout_ratio must be in (0, 1)")
+        for name in (
+            "resync_scan_interval_ms",
+            "resync_report_interval_ms",
+            "resync_retry_ms",
+            "resync_dump_page",
+            "repair_queue_entries",
+            "repair_timeout_ms",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.resync_rate_bytes_per_s < 0 or self.scrub_rate_bytes_per_s < 0:
+            raise ValueError("rates must be >= 0")
