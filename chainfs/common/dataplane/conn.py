@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable
 from itertools import islice
 
+from chainfs.common.dataplane.buffers import map_anonymous
 from chainfs.common.dataplane.config import DataPlaneConfig
 from chainfs.common.dataplane.frame import FIXED_HEADER_SIZE, FrameHeader, decode_fixed
 from chainfs.common.errors import ChainfsError, Code
@@ -109,7 +110,9 @@ class Connection:
         self.closed = False
         self.close_exc: BaseException | None = None
         # Reader.
-        self._staging = bytearray(cfg.recv_staging_bytes)
+        # An anonymous mapping, not a bytearray: only the pages traffic touches
+        # become resident, so idle connections cost next to no memory.
+        self._staging = map_anonymous(cfg.recv_staging_bytes)
         self._smv = memoryview(self._staging)
         self._start = 0  # unparsed bytes are staging[start:end]
         self._end = 0
@@ -295,9 +298,7 @@ class Connection:
             if state == _FIXED:
                 if avail < FIXED_HEADER_SIZE:
                     break
-                hdr = decode_fixed(
-                    self._staging, self._start, cfg.max_header_bytes, cfg.max_payload_bytes
-                )
+                hdr = decode_fixed(smv, self._start, cfg.max_header_bytes, cfg.max_payload_bytes)
                 self._start += FIXED_HEADER_SIZE
                 self._hdr = hdr
                 hl = hdr.header_len
@@ -588,3 +589,8 @@ class Connection:
                     frame.done(False)
             self._dest = None
             self._big = None
+            try:
+                self._smv.release()
+                self._staging.close()
+            except BufferError:  # a slice is still alive somewhere: the GC unmaps it
+                pass
