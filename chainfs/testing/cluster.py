@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -80,8 +80,11 @@ def _stop_all(procs: list[ServiceProcess], etcd: list[EtcdCluster]) -> None:
 class MountProcess:
     """`chainfs mount MNT --address A --foreground` as a child process."""
 
-    def __init__(self, mountpoint: Path, address: str, workdir: Path) -> None:
+    def __init__(
+        self, mountpoint: Path, address: str, workdir: Path, options: Sequence[str] = ()
+    ) -> None:
         self.mountpoint = mountpoint
+        self.options = list(options)  # `-o` items (chainfs/fuse_mount/config.py)
         self.address = address
         self.workdir = workdir
         self.ready_file = workdir / "mount.ready.json"
@@ -96,6 +99,8 @@ class MountProcess:
             sys.executable, "-m", "chainfs", "mount", str(self.mountpoint),
             "--address", self.address, "--foreground", "--ready-file", str(self.ready_file),
         ]  # fmt: skip
+        if self.options:
+            cmd += ["-o", ",".join(self.options)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -156,6 +161,7 @@ class LocalCluster:
         heartbeat_interval_ms: int | None = None,
         heartbeat_timeout_ms: int | None = None,
         configure_storage: Callable[[int, Any], None] | None = None,
+        mount_options: Sequence[str] = (),
     ) -> None:
         if storage_nodes < 1 or targets_per_node < 1:
             raise ChainfsError(Code.EINVAL, "need at least one storage node and one target")
@@ -178,6 +184,7 @@ class LocalCluster:
         self.configure_storage = configure_storage  # (node index, StorageConfig) -> None
         self._mount_request = Path(mount).resolve() if mount is not None else None
         self.mountpoint: Path | None = None
+        self.mount_options = list(mount_options)  # `chainfs mount -o` items
 
         self.mgmtd: ServiceProcess | None = None
         self.meta: ServiceProcess | None = None
@@ -348,7 +355,9 @@ class LocalCluster:
                 Code.ENOSYS, f"LocalCluster(mount=...): the FUSE mount is not available ({e})"
             ) from None
         mountpoint.mkdir(parents=True, exist_ok=True)
-        self._mount_proc = MountProcess(mountpoint, self.address, self.base_dir / "mount")
+        self._mount_proc = MountProcess(
+            mountpoint, self.address, self.base_dir / "mount", self.mount_options
+        )
         self._mount_proc.start(self.start_timeout_s)
         self.mountpoint = mountpoint
 
