@@ -258,6 +258,11 @@ async def _client_main(args: argparse.Namespace, info: dict[str, Any]) -> list[d
             row["iperf3"] = ceiling
             ceil_mbps = ceiling.get("MBps")
             row["ratio_to_iperf3"] = row["MBps"] / ceil_mbps if ceil_mbps else None
+            # CPU efficiency against iperf3's (both ends, kernel included): the
+            # ratio a machine with idle cores would show, roughly.
+            ours = (row["client_cpu_s_per_GB"] or 0) + (row["server_cpu_s_per_GB"] or 0)
+            theirs = ceiling.get("sender_cpu_s_per_GB", 0) + ceiling.get("receiver_cpu_s_per_GB", 0)
+            row["cpu_efficiency_vs_iperf3"] = theirs / ours if ceil_mbps and ours else None
             rows.append(row)
             ratio = f"{row['ratio_to_iperf3']:.2f}" if ceil_mbps else "n/a"
             print(
@@ -321,16 +326,17 @@ def main() -> int:
     print(f"\nload average (1 min) before/after: {load0[0]:.1f} / {load1[0]:.1f} on {cpus} CPUs")
     print(
         "\n| transport | mode | block | in flight | MB/s | req/s | iperf3 MB/s (just before) "
-        "| ratio | client CPU s/GB | server CPU s/GB |"
+        "| ratio | client CPU s/GB | server CPU s/GB | CPU efficiency vs iperf3 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['transport']} | {r['mode']} | {_size(r['block_bytes'])} | {r['depth']} | "
             f"{r['MBps']:.0f} | {r['requests_per_s']:.0f} | "
             f"{_fmt(r['iperf3'].get('MBps'), '.0f')} | "
             f"{_fmt(r['ratio_to_iperf3'], '.2f')} | {_fmt(r['client_cpu_s_per_GB'], '.2f')} | "
-            f"{_fmt(r['server_cpu_s_per_GB'], '.2f')} |"
+            f"{_fmt(r['server_cpu_s_per_GB'], '.2f')} | "
+            f"{_fmt(r['cpu_efficiency_vs_iperf3'], '.2f')} |"
         )
     ceilings = [r["iperf3"] for r in rows if r["iperf3"].get("MBps")]
     if ceilings:
@@ -344,9 +350,11 @@ def main() -> int:
     if big:
         best = max(big, key=lambda r: r["ratio_to_iperf3"])
         med = sorted(r["ratio_to_iperf3"] for r in big)[len(big) // 2]
+        eff = sorted(r["cpu_efficiency_vs_iperf3"] for r in big)[len(big) // 2]
         print(
-            f"ratio to iperf3: median {med:.2f}, best {best['ratio_to_iperf3']:.2f} "
-            f"({best['transport']} {best['mode']} {_size(best['block_bytes'])} x{best['depth']})"
+            f"throughput ratio to iperf3: median {med:.2f}, best {best['ratio_to_iperf3']:.2f} "
+            f"({best['transport']} {best['mode']} {_size(best['block_bytes'])} x{best['depth']}); "
+            f"CPU efficiency vs iperf3: median {eff:.2f}"
         )
     if args.json:
         out = Path(args.json)
