@@ -449,7 +449,8 @@ class StorageClient:
         rsp = parsed[0] if parsed else parse(reply.header)  # no payload: sink not called
         for k, res in enumerate(rsp.results):
             i = items[k][0]
-            data = got[k] if got[k] is not None else memoryview(b"")
+            got_k = got[k]
+            data = got_k if got_k is not None else memoryview(b"")
             if res.status.code == 0 and not self._whole_chunk_corrupt(reqs[i], res, data):
                 results[i] = data
                 continue
