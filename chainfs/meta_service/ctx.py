@@ -133,14 +133,32 @@ class Ctx:
         assert ino != schema.ROOT_INO
         self._inodes.pop(ino, None)
         self.tx.clear(schema.inode_key(ino))
+        self.tx.clear(schema.dir_times_key(ino))
         self.tx.clear_range(*schema.range_of(schema.xattr_prefix(ino)))
 
-    def touch_dir(self, d: pb.Inode, force: bool = False) -> None:
-        """Entries of ``d`` changed: move its mtime/ctime (see dir_mtime_granularity_ms)."""
-        gran_ns = self.cfg.dir_mtime_granularity_ms * 1_000_000
-        if force or self.now_ns - d.mtime_ns >= gran_ns or d.mtime_ns > self.now_ns:
-            d.mtime_ns = d.ctime_ns = self.now_ns
-            self.put(d)
+    def touch_dir(self, d: pb.Inode) -> None:
+        """Entries of ``d`` changed: its mtime and ctime become now.
+
+        Written to ``DMTM|d`` without reading it (a blind write), not into the
+        inode: so creates and removals of different names in one directory never
+        conflict with each other. :meth:`dir_times` folds it into the inode."""
+        self.tx.set(schema.dir_times_key(d.ino), schema.encode_counter(self.now_ns))
+        d.mtime_ns = d.ctime_ns = self.now_ns  # this transaction's view
+
+    async def dir_times(self, inode: pb.Inode) -> pb.Inode:
+        """A directory's inode with its entry-change time folded in."""
+        if inode.type == DIRECTORY:
+            raw = await self.tx.get(schema.dir_times_key(inode.ino))
+            if raw is not None:
+                t = schema.decode_counter(raw)
+                inode.mtime_ns = t
+                inode.ctime_ns = max(inode.ctime_ns, t)
+        return inode
+
+    def set_dir_mtime(self, d: pb.Inode) -> None:
+        """An explicit mtime on a directory (utimes) replaces the entry-change time."""
+        assert d.type == DIRECTORY
+        self.tx.clear(schema.dir_times_key(d.ino))
 
     # -- entries ------------------------------------------------------------
     async def lookup(self, parent: int, name: bytes) -> tuple[int, int] | None:

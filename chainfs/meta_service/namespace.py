@@ -47,6 +47,8 @@ MAX_ID = 0xFFFFFFFE  # uid/gid: (uint32)-1 means "unchanged" in chown(2)
 FORMAT_VERSION = 1
 ALLOC_FIRST_ID = 1024  # ids below are reserved (root is 1)
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
+_PERMUTATIONS = 64  # random orders of a chain pool kept per pool
+_MAX_CACHED_POOLS = 256  # chain pools (directory chain lists) with cached orders
 _STORAGE_ROUNDS = 4  # storage-then-commit attempts when the file keeps changing
 
 
@@ -165,6 +167,7 @@ class Namespace:
         self.cluster = cluster
         self.storage = storage
         self._rng = random.Random()
+        self._perms: dict[tuple[int, ...], list[list[int]]] = {}  # chain pool -> permutations
 
     # -- formatting ---------------------------------------------------------
     @staticmethod
@@ -275,11 +278,22 @@ class Namespace:
 
     # -- layouts ------------------------------------------------------------
     def _file_layout(self, dir_layout: pb.Layout) -> pb.Layout:
-        pool = list(dir_layout.chains) or self.cluster.chains()
+        """``stripe`` chains in random order: a random rotation of one of a few
+        cached random permutations of the pool (cheaper than a fresh shuffle per
+        create, and as even a spread)."""
+        pool = tuple(dir_layout.chains) or tuple(self.cluster.chains())
         if not pool:
             raise ChainfsError(Code.ENOSPC, "no storage chains to place a file on (no chain table)")
         stripe = min(dir_layout.stripe or self.cfg.default_stripe, len(pool))
-        chains = self._rng.sample(pool, stripe)
+        perms = self._perms.get(pool)
+        if perms is None:
+            if len(self._perms) >= _MAX_CACHED_POOLS:
+                self._perms.clear()
+            perms = [self._rng.sample(pool, len(pool)) for _ in range(_PERMUTATIONS)]
+            self._perms[pool] = perms
+        perm = perms[self._rng.randrange(_PERMUTATIONS)]
+        at = self._rng.randrange(len(pool))
+        chains = (perm[at:] + perm[:at])[:stripe]
         return pb.Layout(chunk_size=dir_layout.chunk_size, stripe=stripe, chains=chains)
 
     def _new_inode(self, ctx: Ctx, ino: int, type_: int, mode: int, parent: pb.Inode) -> pb.Inode:
@@ -309,7 +323,7 @@ class Namespace:
             raise ChainfsError(Code.ENOENT, f"no entry {t.name!r}")
         if t.slash and t.inode.type != DIRECTORY:
             raise ChainfsError(Code.ENOTDIR, f"{t.name!r} is not a directory")
-        return t.inode
+        return await ctx.dir_times(t.inode)
 
     async def stat(self, r: pb.StatReq) -> pb.StatRsp:
         p = parse(r.at, self.cfg)
@@ -370,7 +384,7 @@ class Namespace:
                     name=schema.dent_name(key), ino=ino, type=pb.InodeType.ValueType(type_)
                 )
                 if r.with_attrs:
-                    e.inode.CopyFrom(await ctx.inode(ino))
+                    e.inode.CopyFrom(await ctx.dir_times(await ctx.inode(ino)))
             return rsp
 
         return await self._read(r.req, body)
@@ -459,6 +473,7 @@ class Namespace:
                 if inode.type == DIRECTORY:
                     if r.write or r.truncate or r.create:
                         raise ChainfsError(Code.EISDIR, "is a directory")
+                    await ctx.dir_times(inode)
                 elif t.slash:
                     raise ChainfsError(Code.ENOTDIR, f"{t.name!r} is not a directory")
                 want = (perm.R if r.read else 0) | (perm.W if r.write or r.truncate else 0)
@@ -608,7 +623,8 @@ class Namespace:
             ctx.put(d)
             ctx.set_entry(parent.ino, name, d.ino, DIRECTORY)
             parent.nlink += 1
-            ctx.touch_dir(parent, force=True)
+            ctx.put(parent)
+            ctx.touch_dir(parent)
             return d
 
         async def body(ctx: OpCtx) -> pb.MkdirRsp:
@@ -774,7 +790,8 @@ class Namespace:
         ctx.clear_entry(parent.ino, name)
         ctx.drop(d.ino)
         parent.nlink -= 1
-        ctx.touch_dir(parent, force=True)
+        ctx.put(parent)
+        ctx.touch_dir(parent)
 
     async def rename(self, r: pb.RenameReq) -> pb.RenameRsp:
         if r.flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
@@ -871,10 +888,12 @@ class Namespace:
             src.parent = dparent.ino
             sparent.nlink -= 1
             dparent.nlink += 1
+            ctx.put(sparent)
+            ctx.put(dparent)
         src.ctime_ns = ctx.now_ns
         ctx.put(src)
-        ctx.touch_dir(sparent, force=src_dir)
-        ctx.touch_dir(dparent, force=src_dir)
+        ctx.touch_dir(sparent)
+        ctx.touch_dir(dparent)
 
     def _exchange(
         self,
@@ -897,11 +916,14 @@ class Namespace:
                 dst.parent = sparent.ino
                 dparent.nlink -= 1
                 sparent.nlink += 1
+            if DIRECTORY in (src.type, dst.type):
+                ctx.put(sparent)
+                ctx.put(dparent)
         src.ctime_ns = dst.ctime_ns = ctx.now_ns
         ctx.put(src)
         ctx.put(dst)
-        ctx.touch_dir(sparent, force=True)
-        ctx.touch_dir(dparent, force=True)
+        ctx.touch_dir(sparent)
+        ctx.touch_dir(dparent)
 
     # -- attributes ---------------------------------------------------------
     async def setattr(self, r: pb.SetAttrReq) -> pb.SetAttrRsp:
@@ -955,6 +977,8 @@ class Namespace:
                     inode.mtime_ns = r.mtime_ns
                 elif r.mtime_now:
                     inode.mtime_ns = ctx.now_ns
+                if inode.type == DIRECTORY and (r.HasField("mtime_ns") or r.mtime_now):
+                    ctx.set_dir_mtime(inode)
                 changed = True
             if changed:
                 inode.ctime_ns = ctx.now_ns

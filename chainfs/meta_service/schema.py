@@ -6,6 +6,7 @@ no hot range when ids are allocated in sequence).
 
     INOD|ino               -> Inode (protobuf)
     DENT|parent|name       -> DirEntry value: ino (u64 LE) + type (u8)
+    DMTM|ino               -> when a directory's entries last changed, unix ns (u64 BE)
     INOS|ino|session       -> SessionRecord (protobuf): a write-open session
     CSES|client|ino|session-> b""   sessions by client, for pruning vanished clients
     CLNT|client            -> last keep-alive, unix ms (u64 BE)
@@ -30,6 +31,7 @@ SESSION_ID_BYTES = 16
 
 INOD = b"INOD"
 DENT = b"DENT"
+DMTM = b"DMTM"
 INOS = b"INOS"
 CSES = b"CSES"
 CLNT = b"CLNT"
@@ -90,6 +92,10 @@ def encode_dent(ino: int, type_: int) -> bytes:
 def decode_dent(value: bytes) -> tuple[int, int]:
     ino, type_ = _DENT_VALUE.unpack(value)
     return ino, type_
+
+
+def dir_times_key(ino: int) -> bytes:
+    return DMTM + _INO.pack(ino)
 
 
 # -- sessions -------------------------------------------------------------------

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc.aio
 
@@ -36,7 +37,7 @@ from chainfs.meta_service.background import (
 from chainfs.meta_service.chunks import ChunkStorage
 from chainfs.meta_service.config import MetaConfig
 from chainfs.meta_service.namespace import ClusterView, Namespace
-from chainfs.meta_service.service import MetaServicer
+from chainfs.meta_service.service import MetaServicer, framed_handler
 from chainfs.proto import meta_pb2_grpc as pbg
 from chainfs.proto import mgmt_pb2 as mp
 
@@ -99,6 +100,8 @@ class MetaServer:
         self.client_id = os.urandom(16)
         self.ns: Namespace | None = None
         self.rpc_address = ""
+        self.data_address = ""  # framed transport, "" when disabled
+        self._dataplane: Any = None
         self.node_id = 0
         self.tasks: list[Periodic] = []
         self._grpc: grpc.aio.Server | None = None
@@ -154,9 +157,19 @@ class MetaServer:
         await srv.start()
         self._grpc = srv
         self.rpc_address = f"{cfg.listen_host}:{port}"
+        if cfg.frame_enabled:
+            from chainfs.common.dataplane.server import DataServer
+
+            dp = DataServer(
+                framed_handler(self.ns), cfg.listen_host, cfg.frame_port, config=cfg.dataplane
+            )
+            await dp.start()
+            self._dataplane = dp
+            self.data_address = dp.address
 
         if heartbeat is not None:
             heartbeat.node.rpc_address = self.rpc_address
+            heartbeat.node.data_address = self.data_address
             await heartbeat.start()
             self._closers.insert(0, heartbeat.stop)
             self.node_id = heartbeat.node_id
@@ -175,7 +188,11 @@ class MetaServer:
         return next(t for t in self.tasks if isinstance(t, cls))
 
     def ready_info(self) -> dict[str, object]:
-        return {"rpc_address": self.rpc_address, "node_id": self.node_id}
+        return {
+            "rpc_address": self.rpc_address,
+            "data_address": self.data_address,
+            "node_id": self.node_id,
+        }
 
     async def stop(self) -> None:
         if self._stop_tasks is not None:
@@ -184,6 +201,9 @@ class MetaServer:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
             self._grpc = None
+        if self._dataplane is not None:
+            await self._dataplane.stop()
+            self._dataplane = None
         for close in self._closers:
             try:
                 await close()

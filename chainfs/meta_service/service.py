@@ -1,4 +1,6 @@
-"""The Meta gRPC servicer: one method per RPC, each a call into Namespace."""
+"""The Meta service on both transports: the gRPC servicer (one method per
+RPC) and the framed data-plane handler (same messages, msg_type names the RPC);
+each call is one call into Namespace."""
 
 from __future__ import annotations
 
@@ -6,7 +8,10 @@ from typing import Any, TypeAlias
 
 import grpc.aio
 
+from chainfs.common.dataplane.server import Handler, Request, Response
+from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.grpc_util import rpc_handler
+from chainfs.common.rpc.meta_client import WIRE_BY_MSG_TYPE
 from chainfs.meta_service.namespace import Namespace
 from chainfs.proto import meta_pb2 as pb
 from chainfs.proto import meta_pb2_grpc as pbg
@@ -101,3 +106,52 @@ class MetaServicer(pbg.MetaServicer):
     @rpc_handler
     async def SetLayout(self, request: pb.SetLayoutReq, context: Ctx) -> pb.SetLayoutRsp:
         return await self.ns.set_layout(request)
+
+
+# RPC name -> Namespace method name.
+NAMESPACE_METHODS = {
+    "Stat": "stat",
+    "BatchStat": "batch_stat",
+    "Open": "open",
+    "Sync": "sync",
+    "Close": "close",
+    "KeepAlive": "keepalive",
+    "Mkdir": "mkdir",
+    "Unlink": "unlink",
+    "Rmdir": "rmdir",
+    "Rename": "rename",
+    "Link": "link",
+    "Symlink": "symlink",
+    "Readlink": "readlink",
+    "SetAttr": "setattr",
+    "Readdir": "readdir",
+    "GetXattr": "get_xattr",
+    "SetXattr": "set_xattr",
+    "ListXattr": "list_xattr",
+    "RemoveXattr": "remove_xattr",
+    "StatFs": "statfs",
+    "SetLayout": "set_layout",
+}
+assert set(NAMESPACE_METHODS) == {w.name for w in WIRE_BY_MSG_TYPE.values()}
+
+
+def framed_handler(ns: Namespace) -> Handler:
+    """The data-plane handler: parse by msg_type, call Namespace, answer the
+    response message (a ChainfsError becomes an error frame)."""
+    calls = {
+        t: (w.request, getattr(ns, NAMESPACE_METHODS[w.name])) for t, w in WIRE_BY_MSG_TYPE.items()
+    }
+
+    async def handle(req: Request) -> Response:
+        entry = calls.get(req.msg_type)
+        if entry is None:
+            raise ChainfsError(Code.ENOSYS, f"unknown meta msg_type {req.msg_type}")
+        request_type, fn = entry
+        try:
+            request = request_type.FromString(bytes(req.header))
+        except Exception as e:  # DecodeError: a malformed request is the caller's fault
+            raise ChainfsError(Code.EINVAL, f"malformed {request_type.__name__}: {e}") from None
+        rsp = await fn(request)
+        return Response(req.msg_type, rsp.SerializeToString())
+
+    return handle

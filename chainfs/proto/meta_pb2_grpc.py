@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class MetaStub:
-    """Missing associated documentation comment in .proto file."""
+    """Also served over the framed data plane (chainfs.common.dataplane) with the
+    same messages: frame msg_type = 200 + the method's position below. Append
+    new methods at the end; never reorder.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -142,7 +145,10 @@ class MetaStub:
 
 
 class MetaServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Also served over the framed data plane (chainfs.common.dataplane) with the
+    same messages: frame msg_type = 200 + the method's position below. Append
+    new methods at the end; never reorder.
+    """
 
     def Stat(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -387,7 +393,10 @@ def add_MetaServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Meta:
-    """Missing associated documentation comment in .proto file."""
+    """Also served over the framed data plane (chainfs.common.dataplane) with the
+    same messages: frame msg_type = 200 + the method's position below. Append
+    new methods at the end; never reorder.
+    """
 
     @staticmethod
     def Stat(request,

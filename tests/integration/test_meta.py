@@ -48,7 +48,6 @@ def start_meta(
 ) -> ServiceProcess:
     cfg = MetaConfig(kv_url=kv_url, mgmtd_addresses=[cluster.address])
     cfg.gc_interval_ms = 50
-    cfg.dir_mtime_granularity_ms = 0  # every entry change rewrites the directory: more conflicts
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / f"{name}.toml"
     path.write_text(config_mod.to_toml(cfg))

@@ -19,6 +19,7 @@ from chainfs.kv import open as kv_open
 from chainfs.meta_service.config import MetaConfig
 from chainfs.meta_service.namespace import Namespace
 from chainfs.meta_service.server import MetaServer, StaticCluster
+from chainfs.meta_service.service import NAMESPACE_METHODS
 
 CHAINS = list(range(1, 9))
 ROOT = UserInfo(0, 0, ())
@@ -68,32 +69,6 @@ class FakeChunkStore:
         self.chunks[(chain_id, inode, chunk_index)] = length
 
 
-# RPC name -> Namespace method.
-_METHODS = {
-    "Stat": "stat",
-    "BatchStat": "batch_stat",
-    "Open": "open",
-    "Sync": "sync",
-    "Close": "close",
-    "KeepAlive": "keepalive",
-    "Mkdir": "mkdir",
-    "Unlink": "unlink",
-    "Rmdir": "rmdir",
-    "Rename": "rename",
-    "Link": "link",
-    "Symlink": "symlink",
-    "Readlink": "readlink",
-    "SetAttr": "setattr",
-    "Readdir": "readdir",
-    "GetXattr": "get_xattr",
-    "SetXattr": "set_xattr",
-    "ListXattr": "list_xattr",
-    "RemoveXattr": "remove_xattr",
-    "StatFs": "statfs",
-    "SetLayout": "set_layout",
-}
-
-
 class _DirectStub:
     """Calls the Namespace without gRPC (in-process gRPC costs ~2 ms a call);
     requests and answers still go through protobuf serialization."""
@@ -102,7 +77,7 @@ class _DirectStub:
         self.ns = ns
 
     def __getattr__(self, rpc: str) -> Any:
-        fn = getattr(self.ns, _METHODS[rpc])
+        fn = getattr(self.ns, NAMESPACE_METHODS[rpc])
 
         async def call(request: Any, timeout: float | None = None) -> Any:  # noqa: ASYNC109
             rsp = await fn(type(request).FromString(request.SerializeToString()))
@@ -138,11 +113,11 @@ class MetaEnv:
 
     def as_user(self, uid: int, gid: int, gids: tuple[int, ...] = ()) -> MetaClient:
         c = DirectMetaClient(self.ns, user=UserInfo(uid, gid, gids))
-        self._extra.append(c)
+        self.extra.append(c)
         return c
 
     def __post_init__(self) -> None:
-        self._extra: list[MetaClient] = []
+        self.extra: list[MetaClient] = []
 
 
 def make_config(**overrides: object) -> MetaConfig:
@@ -170,7 +145,7 @@ async def start_env(**overrides: object) -> MetaEnv:
 
 
 async def stop_env(env: MetaEnv) -> None:
-    for c in env._extra:
+    for c in env.extra:
         await c.aclose()
     await env.client.aclose()
     await env.direct.aclose()

@@ -520,3 +520,21 @@ async def test_special_names_match_linux(
     except ChainfsError as e:
         got = ("err", errno.errorcode[e.errno or 0])
     assert got == want
+
+
+async def test_directory_times_follow_entry_changes_and_utimes(env: MetaEnv) -> None:
+    m = env.direct
+    d0 = await m.mkdir("/d")
+    await asyncio.sleep(0.002)
+    await m.create("/d/f", write=False)
+    d1 = await m.stat("/d")
+    assert d1.mtime_ns > d0.mtime_ns and d1.ctime_ns == d1.mtime_ns
+    listed = [e.inode async for e in m.iterdir("/", with_attrs=True) if e.name == b"d"]
+    assert listed[0].mtime_ns == d1.mtime_ns
+    d2 = await m.utime("/d", (5_000_000_000, 6_000_000_000))
+    assert d2.mtime_ns == 6_000_000_000 == (await m.stat("/d")).mtime_ns
+    await m.unlink("/d/f")
+    d3 = await m.stat("/d")
+    assert d3.mtime_ns > d1.mtime_ns and d3.ctime_ns >= d3.mtime_ns
+    d4 = await m.chmod("/d", 0o700)  # an attribute change moves ctime only
+    assert d4.mtime_ns == d3.mtime_ns and d4.ctime_ns >= d3.ctime_ns

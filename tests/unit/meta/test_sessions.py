@@ -205,8 +205,11 @@ async def _has_idem(env: MetaEnv, client: bytes, request_id: int) -> bool:
 
 
 # -- the wire ------------------------------------------------------------------------
-async def test_errors_cross_grpc_with_their_errno(env: MetaEnv) -> None:
-    m = env.client
+@pytest.mark.parametrize("transport", ["grpc", "frame"])
+async def test_errors_cross_the_wire_with_their_errno(env: MetaEnv, transport: str) -> None:
+    addr = env.server.rpc_address if transport == "grpc" else f"frame://{env.server.data_address}"
+    m = MetaClient(addr, user=ROOT)
+    env.extra.append(m)
     await m.mkdir("/d")
     with pytest.raises(ChainfsError) as ei:
         await m.mkdir("/d")
@@ -225,7 +228,8 @@ async def test_client_fails_over_between_meta_servers_on_one_store(env: MetaEnv)
     )
     await second.start()
     dead = "127.0.0.1:1"  # nothing listens there
-    m = MetaClient([dead, env.server.rpc_address, second.rpc_address], user=ROOT, timeout_s=10)
+    addrs = [dead, f"frame://{env.server.data_address}", second.rpc_address, "frame://127.0.0.1:1"]
+    m = MetaClient(addrs, user=ROOT, timeout_s=10)
     try:
         await m.mkdir("/x")
         for i in range(20):
