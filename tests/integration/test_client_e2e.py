@@ -448,11 +448,10 @@ def test_unreachable_address_fails_fast_naming_it() -> None:
 
 def test_flush_makes_writes_visible_to_other_clients(cluster: LocalCluster, fs: FileSystem) -> None:
     fs.mkdir("/e2e", exist_ok=True)
-    with chainfs.connect(cluster.address) as other:
-        with fs.open("/e2e/flushed.bin", "wb") as f:
-            f.write(b"first part;")
-            f.flush()
-            assert other.read_file("/e2e/flushed.bin") == b"first part;"
-            f.write(pattern(CHUNK, "flush"))
-            f.fsync()
-            assert other.stat("/e2e/flushed.bin").st_size == len(b"first part;") + CHUNK
+    with chainfs.connect(cluster.address) as other, fs.open("/e2e/flushed.bin", "wb") as f:
+        f.write(b"first part;")
+        f.flush()
+        assert other.read_file("/e2e/flushed.bin") == b"first part;"
+        f.write(pattern(CHUNK, "flush"))
+        f.fsync()
+        assert other.stat("/e2e/flushed.bin").st_size == len(b"first part;") + CHUNK
