@@ -7,6 +7,7 @@ import click
 from chainfs import __version__
 from chainfs.cli.admin import admin
 from chainfs.cli.bench import bench
+from chainfs.cli.fsck import fsck
 from chainfs.cli.mount import mount
 from chainfs.cli.serve import serve
 from chainfs.cli.up import up
@@ -21,6 +22,7 @@ def cli() -> None:
 cli.add_command(serve)
 cli.add_command(admin)
 cli.add_command(bench)
+cli.add_command(fsck)
 cli.add_command(up)
 cli.add_command(mount)
 
