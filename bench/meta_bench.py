@@ -1,12 +1,12 @@
 """Metadata rates of one meta server process next to a local directory.
 
     .venv/bin/python bench/meta_bench.py [--files 2000] [--clients 4] [--depth 8]
-        [--readdir-rounds 5] [--kv rocksdb|etcd|memory] [--json OUT]
+        [--readdir-rounds 5] [--kv rocksdb|etcd|memory] [--transport frame|grpc] [--json OUT]
 
 A real meta process (`chainfs serve meta`, standalone: the store, no
 storage; file creation touches only metadata) serves ``--clients`` client
 processes, each with its own MetaClient and directory, ``--depth`` requests
-in flight. Phases run in lockstep (a barrier between them):
+in flight, over the framed data plane (default) or gRPC. Phases run in lockstep (a barrier between them):
 
 - create: ``--files`` new files per client (Open with O_CREAT|O_EXCL, no write session)
 - stat:   every own file by path
@@ -175,6 +175,7 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=8, help="requests in flight per client")
     ap.add_argument("--readdir-rounds", type=int, default=5)
     ap.add_argument("--kv", choices=("rocksdb", "etcd", "memory"), default="rocksdb")
+    ap.add_argument("--transport", choices=("frame", "grpc"), default="frame")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args()
@@ -182,7 +183,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="meta-bench-", dir=args.dir))
     meta, etcd = start_meta(args.kv, work)
     try:
-        chainfs_rates = run_clients(chainfs_worker, meta.info["rpc_address"], args)
+        if args.transport == "frame":
+            address = "frame://" + meta.info["data_address"]
+        else:
+            address = meta.info["rpc_address"]
+        chainfs_rates = run_clients(chainfs_worker, address, args)
     finally:
         meta.stop()
         if etcd is not None:
@@ -196,7 +201,7 @@ def main() -> int:
     print(f"\n`{shlex.join([Path(sys.executable).name, *sys.argv])}`\n")
     print(
         f"{args.clients} client processes x {args.depth} in flight, {args.files} files each, "
-        f"meta on {args.kv}\n"
+        f"meta on {args.kv}, {args.transport} transport\n"
     )
     print("| phase | chainfs meta | local directory | ratio |")
     print("|---|---:|---:|---:|")

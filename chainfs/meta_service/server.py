@@ -127,8 +127,9 @@ class MetaServer:
 
             mgmt = MgmtClient(cfg.mgmtd_addresses, timeout_s=cfg.mgmtd_timeout_ms / 1000)
             self._closers.append(mgmt.close)
+            # Routing arrives with the registration below (which retries while
+            # mgmtd is unreachable) and is then kept fresh by a watch.
             routing = RoutingCache(mgmt)
-            await routing.get()
             routing.start()
             self._closers.insert(0, routing.stop)
             if self.cluster is None:

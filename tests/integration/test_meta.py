@@ -23,8 +23,10 @@ import pytest
 from chainfs.common import config as config_mod
 from chainfs.common.errors import ChainfsError
 from chainfs.common.rpc.meta_client import RENAME_NOREPLACE, MetaClient, UserInfo
+from chainfs.common.rpc.mgmt_client import MgmtClient
 from chainfs.meta_service.config import MetaConfig
 from chainfs.proto import meta_pb2 as pb
+from chainfs.proto import mgmt_pb2
 from chainfs.testing.proc import ServiceProcess
 from tests.conftest import require_binary
 from tests.integration.storage_fixtures import StorageCluster
@@ -111,6 +113,12 @@ async def test_two_meta_servers_over_one_etcd_lose_and_duplicate_nothing(
     for p in metas:
         p.wait_ready()
     assert all(p.info["node_id"] for p in metas)  # registered with mgmtd
+    async with MgmtClient(cluster.address) as mgmt:
+        routing = await mgmt.get_routing()
+        assert routing is not None
+        listed = {(n.rpc_address, n.data_address) for n in routing.nodes_of_type(mgmt_pb2.META)}
+        for p in metas:
+            assert (p.info["rpc_address"], p.info["data_address"]) in listed
     clients = [MetaClient(p.info["rpc_address"], user=ROOT, timeout_s=60) for p in metas]
     stopper.extend(clients)
     roots = [await c.stat("/") for c in clients]
