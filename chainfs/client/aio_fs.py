@@ -444,7 +444,14 @@ class AsyncFileSystem:
         if buffers is not None and len(buffers) != len(ranges):
             raise ValueError(f"{len(buffers)} buffers for {len(ranges)} ranges")
         paths = sorted({normpath(r[0]) for r in ranges})
-        inodes = await self._meta.batch_stat(paths)
+        step = self.config.batch_stat_paths
+        inodes = [
+            inode
+            for batch in await asyncio.gather(
+                *(self._meta.batch_stat(paths[i : i + step]) for i in range(0, len(paths), step))
+            )
+            for inode in batch
+        ]
         by_path: dict[str, mt.Inode] = {}
         for p, res in zip(paths, inodes, strict=True):
             if isinstance(res, ChainfsError):

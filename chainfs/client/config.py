@@ -31,6 +31,9 @@ class ClientConfig:
     read_buffer_bytes: int = 1 * MiB
     # Entries asked per readdir page.
     readdir_page_entries: int = 1024
+    # Distinct paths looked up per batch-stat call of read_ranges (meta caps a
+    # batch at 4096 by default).
+    batch_stat_paths: int = 1024
     # Storage data-plane client: retries across replicas, timeouts, connections.
     storage: StorageClientConfig = field(default_factory=StorageClientConfig)
 
@@ -45,6 +48,7 @@ class ClientConfig:
             "write_buffer_budget_bytes",
             "read_buffer_bytes",
             "readdir_page_entries",
+            "batch_stat_paths",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
