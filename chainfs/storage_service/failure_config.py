@@ -19,6 +19,7 @@ class FailureConfig:
     resync_report_interval_ms: int = 500  # progress reports to the syncing target
     resync_retry_ms: int = 500  # pause before a failed sync pass starts again
     resync_dump_page: int = 16384  # chunk metas per DumpChunkMeta page of the target
+    resync_parallel_chunks: int = 8  # chunks one sync pass sends at once (each under its lock)
     # Scrubber: background CRC32C re-check of committed chunks. 0 = off.
     scrub_rate_bytes_per_s: int = 32 * 1024 * 1024  # read budget of the scrubber
     scrub_round_pause_ms: int = 60_000  # pause between two full passes over a target
@@ -33,6 +34,7 @@ class FailureConfig:
             "resync_report_interval_ms",
             "resync_retry_ms",
             "resync_dump_page",
+            "resync_parallel_chunks",
             "repair_queue_entries",
             "repair_timeout_ms",
         ):

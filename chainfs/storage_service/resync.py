@@ -343,29 +343,42 @@ class Resyncer:
             )
 
         await report(False)
-        for key in keys:
-            await target.locks.acquire(key)
+        sem = asyncio.Semaphore(self.config.resync_parallel_chunks)
+
+        async def one(key: tuple[int, int]) -> None:
+            nonlocal sent, sent_chunks, removed, last_report
+            async with sem:
+                await target.locks.acquire(key)
+                try:
+                    routing, chain = self._current(src, dest, chain_id)
+                    node = self._dest_node(routing, dest)
+                    rec = target.engine.get(*key)
+                    meta = dest_metas.get(key)
+                    if rec is None or (rec.committed_version == 0 and not rec.has_pending):
+                        if meta is not None:
+                            await self._remove(node, chain, src, dest, key)
+                            removed += 1
+                    elif self._needs_send(rec, meta):
+                        if meta is not None and meta.committed_version >= rec.committed_version:
+                            await self._remove(node, chain, src, dest, key)
+                        n = await self._send(target, node, chain, src, dest, key, rec)
+                        sent += n
+                        sent_chunks += 1
+                        self.bytes_sent += n
+                finally:
+                    target.locks.release(key)
+                if sent and time.monotonic() - last_report > report_every:
+                    last_report = time.monotonic()
+                    await report(False)
+
+        window = 64 * self.config.resync_parallel_chunks  # bounds the tasks alive at once
+        for i in range(0, len(keys), window):
             try:
-                routing, chain = self._current(src, dest, chain_id)
-                node = self._dest_node(routing, dest)
-                rec = target.engine.get(*key)
-                meta = dest_metas.get(key)
-                if rec is None or (rec.committed_version == 0 and not rec.has_pending):
-                    if meta is not None:
-                        await self._remove(node, chain, src, dest, key)
-                        removed += 1
-                elif self._needs_send(rec, meta):
-                    if meta is not None and meta.committed_version >= rec.committed_version:
-                        await self._remove(node, chain, src, dest, key)
-                    n = await self._send(target, node, chain, src, dest, key, rec)
-                    sent += n
-                    sent_chunks += 1
-                    self.bytes_sent += n
-            finally:
-                target.locks.release(key)
-            if sent and time.monotonic() - last_report > report_every:
-                last_report = time.monotonic()
-                await report(False)
+                async with asyncio.TaskGroup() as tg:  # the first failure cancels the rest
+                    for k in keys[i : i + window]:
+                        tg.create_task(one(k))
+            except BaseExceptionGroup as eg:
+                raise eg.exceptions[0] from None
         await report(True)
         log.info(
             "resync %d -> %d (chain %d) done: %d chunks (%d bytes) sent, %d removed, %.2fs",
