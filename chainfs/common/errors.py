@@ -64,7 +64,8 @@ class Code(IntEnum):
     NOT_PRIMARY_META = 10017
     CONFIG_ERROR = 10018
     STORE_LOCKED = 10019  # another process holds the embedded store
-    CHUNK_VERSION_MISMATCH = 10030  # storage: a forwarded update does not follow the replica's version
+    # storage: a forwarded update does not follow the replica's version
+    CHUNK_VERSION_MISMATCH = 10030
     INTERNAL = 10099
 
 
