@@ -479,6 +479,9 @@ class Namespace:
                 want = (perm.R if r.read else 0) | (perm.W if r.write or r.truncate else 0)
                 if want:
                     perm.check(inode, want, ctx.caller, "open")
+                if r.write and inode.nlink == 0 and not await ctx.has_sessions(inode.ino):
+                    # Removed and queued for GC (an open by inode number): no new writers.
+                    raise ChainfsError(Code.ENOENT, f"inode {inode.ino} was removed")
                 if r.truncate and inode.type == FILE:
                     if inode.size > 0:
                         ctx.storage_truncated(inode, 0)

@@ -103,9 +103,28 @@ async def test_a_file_open_for_write_is_collected_after_its_session_ends(env: Me
     await asyncio.sleep(0.2)  # GC rounds run every 20 ms
     assert await inode_exists(env, ino) and env.storage.of(ino)
     assert (await m.stat(ino)).nlink == 0  # fstat of the open file still works
+    r2 = await m.open(ino, write=True)  # another writer by inode number: still allowed
     await m.close(ino, r.session_id, 2 * MiB, wrote=True)
+    await asyncio.sleep(0.1)
+    assert await inode_exists(env, ino)  # r2 still writes
+    await m.close(ino, r2.session_id)
     await until(lambda: _not(inode_exists(env, ino)))
     assert env.storage.of(ino) == {}
+
+
+async def test_no_new_writer_once_a_removed_file_is_queued_for_gc() -> None:
+    env = await start_env(gc_delay_ms=60_000)  # stays queued for the test
+    try:
+        m = env.direct
+        f = (await m.create("/f", write=False)).inode
+        await m.unlink("/f")
+        assert (await m.stat(f.ino)).nlink == 0
+        with pytest.raises(ChainfsError) as ei:
+            await m.open(f.ino, write=True)
+        assert ei.value.errno == errno.ENOENT
+        assert (await m.open(f.ino)).inode.ino == f.ino  # reading an open fd's file is fine
+    finally:
+        await stop_env(env)
 
 
 async def test_sessions_of_a_vanished_client_are_pruned() -> None:
