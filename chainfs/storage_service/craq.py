@@ -27,6 +27,7 @@ Which targets accept what is decided by the target's public state in routing
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -329,6 +330,16 @@ class Craq:
         self, target: LocalTarget, req: sp.UpdateReq, payload: memoryview, version: int
     ) -> ChunkRecord:
         """Apply ``req`` locally as pending ``version`` (runs in an I/O thread)."""
+        try:
+            return self._apply_unchecked(target, req, payload, version)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:  # the file system filled under the usage limit
+                raise ChainfsError(Code.ENOSPC, f"target {target.target_id}: {e}") from None
+            raise
+
+    def _apply_unchecked(
+        self, target: LocalTarget, req: sp.UpdateReq, payload: memoryview, version: int
+    ) -> ChunkRecord:
         eng = target.engine
         ino, idx = req.chunk.inode, req.chunk.index
         client, request = req.req.client_id, req.req.request_id
