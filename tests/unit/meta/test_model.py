@@ -73,6 +73,7 @@ rel_paths = st.one_of(
 link_targets = st.lists(st.sampled_from([*NAMES, "."]), min_size=1, max_size=3).map("/".join)
 modes = st.sampled_from([0o755, 0o700, 0o644, 0o600, 0o1777, 0o2755, 0o000])
 sizes = st.integers(min_value=0, max_value=3 * 1024 * 1024)
+xattr_names = st.sampled_from(["user.a", "user.b"])
 
 
 class Harness:
@@ -270,6 +271,45 @@ class NamespaceMachine(RuleBasedStateMachine):
             lambda: self.m.listdir(self.c(p)),
             lambda: os.listdir(self.o(p)),
             summarize=sorted,
+        )
+
+    @rule(
+        p=rel_paths,
+        name=xattr_names,
+        value=st.binary(max_size=8),
+        flags=st.sampled_from([0, 0, 1, 2]),
+    )
+    def setxattr(self, p: list[str], name: str, value: bytes, flags: int) -> None:
+        self.both(
+            f"setxattr {p} {name} flags={flags}",
+            lambda: self.m.setxattr(self.c(p), name, value, flags),
+            lambda: os.setxattr(self.o(p), name, value, flags),
+        )
+
+    @rule(p=rel_paths, name=xattr_names)
+    def getxattr(self, p: list[str], name: str) -> None:
+        self.both(
+            f"getxattr {p} {name}",
+            lambda: self.m.getxattr(self.c(p), name),
+            lambda: os.getxattr(self.o(p), name),
+            summarize=bytes,
+        )
+
+    @rule(p=rel_paths, name=xattr_names)
+    def removexattr(self, p: list[str], name: str) -> None:
+        self.both(
+            f"removexattr {p} {name}",
+            lambda: self.m.removexattr(self.c(p), name),
+            lambda: os.removexattr(self.o(p), name),
+        )
+
+    @rule(p=rel_paths)
+    def listxattr(self, p: list[str]) -> None:
+        self.both(
+            f"listxattr {p}",
+            lambda: self.m.listxattr(self.c(p)),
+            lambda: os.listxattr(self.o(p)),
+            summarize=lambda names: sorted(n for n in names if n.startswith("user.")),
         )
 
     # -- the whole tree -----------------------------------------------------
