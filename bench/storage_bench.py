@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import mmap
 import multiprocessing as mproc
@@ -72,8 +73,9 @@ def iperf3_gbps(seconds: float) -> float:
                     text=True,
                 )
                 if out.returncode == 0:
-                    data = json.loads(out.stdout)
-                    return float(data["end"]["sum_received"]["bits_per_second"]) / 8 / 1e9
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        data = json.loads(out.stdout)
+                        return float(data["end"]["sum_received"]["bits_per_second"]) / 8 / 1e9
                 err = out.stdout[-300:] + out.stderr[-300:]
                 if server.poll() is not None:
                     break  # the server could not bind: next port
