@@ -390,7 +390,7 @@ def test_namespace_matches_local_directory(harness: Harness) -> None:
     run_state_machine_as_test(
         NamespaceMachine,
         settings=settings(
-            max_examples=int(os.environ.get("CHAINFS_MODEL_EXAMPLES", "60")),
+            max_examples=int(os.environ.get("CHAINFS_MODEL_EXAMPLES", "150")),
             stateful_step_count=30,
             deadline=None,
             suppress_health_check=list(HealthCheck),
