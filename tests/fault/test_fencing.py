@@ -96,3 +96,26 @@ def test_node_without_mgmtd_fences_then_recovers(tmp_path: Path) -> None:
             "reads served again after mgmtd returns",
         )
         fl.poll(lambda: fl.all_serving(c.address), 30, "all targets serving")
+
+        # With every replica dead, a write keeps retrying for retry_total_ms, then
+        # fails with a clear error (not a hang).
+        for i in range(3):
+            c.kill_storage(i)
+
+        async def doomed() -> ChainfsError:
+            mgmt = MgmtClient([c.address], timeout_s=2.0)
+            routing = RoutingCache(mgmt)
+            client = StorageClient(
+                routing, b"doomed", StorageClientConfig(attempts=2, retry_total_ms=1500)
+            )
+            try:
+                with pytest.raises(ChainfsError) as e:
+                    await asyncio.wait_for(client.write(chain, ino, 1, 0, b"x", CHUNK), 60)
+                return e.value
+            finally:
+                await client.close()
+                await mgmt.close()
+
+        err = asyncio.run(doomed())
+        assert err.code in (Code.UNAVAILABLE, Code.TARGET_NOT_SERVING, Code.ETIMEDOUT)
+        assert "gave up after" in err.message and "retry_total_ms=1500" in err.message

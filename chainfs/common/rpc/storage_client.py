@@ -80,8 +80,9 @@ class StorageClientConfig:
     retry_backoff_max_ms: int = 1_000  # bound on that pause
     # Writes, truncates and removes keep retrying (same request id) past `attempts`
     # until this much time has passed since the first try: a chain change after
-    # a node dies takes up to mgmtd's heartbeat timeout. 0 = `attempts` only.
-    retry_total_ms: int = 0
+    # a node dies takes up to mgmtd's heartbeat timeout (10 s by default) plus a
+    # resync-free reshuffle, so the default rides out one failover. 0 = `attempts` only.
+    retry_total_ms: int = 30_000
     timeout_ms: int = 30_000  # one data-plane request
     max_parallel_nodes: int = 32  # batched read frames in flight at once
     max_ios_per_batch: int = 1024  # ios in one batched read frame
