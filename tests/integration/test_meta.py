@@ -167,10 +167,26 @@ async def test_two_meta_servers_over_one_etcd_lose_and_duplicate_nothing(
             )
         )
 
+    async def rmdir_vs_create(round_: int) -> list[str]:
+        # The phantom: an rmdir that saw the directory empty must not commit
+        # beside a create inside it.
+        d = f"/r{round_}"
+        await clients[0].mkdir(d)
+        return list(
+            await asyncio.gather(
+                code_of(clients[0].rmdir(d)),
+                code_of(clients[1].create(f"{d}/x", write=False)),
+            )
+        )
+
     results = await asyncio.gather(
         *(hopper(clients[i % 2], rng.randrange(1 << 30)) for i in range(8)),
         *(cycles(k) for k in range(6)),
     )
+    for k in range(8):
+        rmdir_code, create_code = await rmdir_vs_create(k)
+        assert (rmdir_code, create_code) in (("ok", "ENOENT"), ("ENOTEMPTY", "ok")), k
+        assert create_code != "ok" or await clients[0].listdir(f"/r{k}") == ["x"]
     hops = sum((r for r in results if isinstance(r, Counter)), Counter())
     # EEXIST: src == dst with RENAME_NOREPLACE (Linux answers the same).
     assert hops["ok"] > 0 and set(hops) <= {"ok", "ENOENT", "EEXIST"}, hops
@@ -184,7 +200,8 @@ async def test_two_meta_servers_over_one_etcd_lose_and_duplicate_nothing(
     assert (where, dirmap) == await walk(clients[0])
     for n, ino in inos.items():
         assert len(where.get(ino, [])) == 1, (n, where.get(ino))
-    files = {ino for ino, paths in where.items() if ino not in {d.ino for d in dirmap.values()}}
+    dir_inos = {d.ino for d in dirmap.values()}
+    files = {ino for ino, paths in where.items() if ino not in dir_inos and paths[0][:2] != "/r"}
     assert files == set(inos.values())
     for path, d in dirmap.items():
         subdirs = sum(1 for p in dirmap if p != "/" and p.rsplit("/", 1)[0] == path.rstrip("/"))
@@ -193,6 +210,8 @@ async def test_two_meta_servers_over_one_etcd_lose_and_duplicate_nothing(
             parent = path.rsplit("/", 1)[0] or "/"
             assert (await clients[0].stat(f"{path}/..")).ino == dirmap[parent].ino
     assert len([p for p in dirmap if p.startswith("/c")]) == 12  # 6 pairs, none lost
+    for k in range(8):  # each race left either an empty tree or /rK/x, never /rK/x orphaned
+        assert (f"/r{k}" in dirmap) == any(p == f"/r{k}/x" for ps in where.values() for p in ps)
     for p in metas:
         assert p.alive(), p.tail_log()
 
