@@ -6,7 +6,8 @@
 A real meta process (`chainfs serve meta`, standalone: the store, no
 storage; file creation touches only metadata) serves ``--clients`` client
 processes, each with its own MetaClient and directory, ``--depth`` requests
-in flight, over the framed data plane (default) or gRPC. Phases run in lockstep (a barrier between them):
+in flight, over the framed data plane (default) or gRPC. Phases run in
+lockstep (a barrier between them):
 
 - create: ``--files`` new files per client (Open with O_CREAT|O_EXCL, no write session)
 - stat:   every own file by path
