@@ -87,6 +87,9 @@ def test_kill9_under_load_then_resync(tmp_path: Path, role: str) -> None:
         assert w.verify_all() == []
         assert fl.replica_differences(c.address) == []
         assert len(w.acked) >= 30
+        from tests.fault.test_fsck import fsck
+
+        assert fsck(c.address) == (0, [])
 
 
 def _flip_one_replica(c: cluster_mod.LocalCluster, fs: Any, path: str) -> tuple[str, int]:
