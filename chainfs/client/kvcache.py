@@ -38,8 +38,11 @@ Semantics, across processes and clients:
   ``high_watermark * capacity_bytes``, the least recently used entries are
   removed down to ``low_watermark * capacity_bytes``. Access times are
   recorded approximately (relatime style: at most once per
-  ``atime_granularity_s`` per entry, queued, bounded). Each round of the
-  background task does bounded work (shards scanned, entries removed).
+  ``atime_granularity_s`` per entry, queued, bounded, dropped when the queue
+  is full) by handles that have a capacity or ``record_access_times=True``.
+  Each round of the background task does bounded work (shards scanned,
+  entries removed). Several processes may evict at once (each removes what
+  it sees as least recently used; the total may undershoot the low mark).
   Entries this process is reading are pinned against its own eviction; other
   processes' evictions are made safe by the read verification above.
 - Counters: ``stats()`` scans the cache for entries and bytes (cache-wide);
@@ -131,12 +134,17 @@ class KVCacheConfig:
     copy_below_bytes: int = 64 * 1024
     # Re-reads of a key whose entry changed (was removed, replaced) under a read.
     max_read_retries: int = 2
+    # Record entries' access times for LRU eviction (one metadata update per
+    # entry per atime_granularity_s). None: when this handle has a capacity.
+    # Processes that only read a capacity-bounded cache pass True (or the
+    # capacity) so that their reads count.
+    record_access_times: bool | None = None
     # An entry's access time is recorded at most once per this many seconds.
     atime_granularity_s: float = 60.0
     # Pending access-time updates; beyond that they are dropped (LRU is approximate).
     atime_queue_max: int = 4096
-    # Access-time updates in flight at once.
-    atime_parallel: int = 8
+    # Access-time updates in flight at once (bounds the load they put on meta).
+    atime_parallel: int = 2
     # Run TTL/capacity eviction in a background task of this handle (when a
     # ttl or capacity is set). Turn off in all but one or a few processes
     # sharing a cache to save scanning.
@@ -461,6 +469,11 @@ class AsyncKVCache:
         self._next_shard = 0
         self._evicting = False  # above the high watermark, not yet down to the low one
         self._put_sem = asyncio.Semaphore(config.max_parallel_puts)
+        self._record_access = (
+            config.capacity_bytes is not None
+            if config.record_access_times is None
+            else config.record_access_times
+        )
         self._single_gets: _Coalescer[tuple[Key, memoryview | None], memoryview | None] = (
             _Coalescer(self._run_single_gets, config.max_batch_keys, config.coalesce_inflight)
         )
@@ -671,6 +684,8 @@ class AsyncKVCache:
 
     def _note_access(self, path: str, info: EntryInfo, now_ns: int) -> None:
         """Queue an access-time update if the recorded one is older than the granularity."""
+        if not self._record_access:
+            return
         if now_ns - info.last_access_ns < self.config.atime_granularity_s * _NS:
             return
         if path not in self._atime_queue and len(self._atime_queue) >= self.config.atime_queue_max:

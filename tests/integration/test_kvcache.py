@@ -105,7 +105,7 @@ def _writer(address: str, d: str, writer: int, n_keys: int, seconds: float) -> d
     rng = random.Random(writer)
     counts = {"put": 0, "replace": 0, "remove": 0, "kept": 0}
     with chainfs.connect(address) as fs:
-        kv = fs.kvcache(d, background_gc=False)
+        kv = fs.kvcache(d, shards=8, background_gc=False)
         stop = time.monotonic() + seconds
         seq = 0
         while time.monotonic() < stop:
@@ -130,7 +130,7 @@ def _reader(address: str, d: str, reader: int, n_keys: int, seconds: float) -> d
     bad: list[str] = []
     bufs = [bytearray(max(_SIZES)) for _ in range(n_keys)]
     with chainfs.connect(address) as fs:
-        kv = fs.kvcache(d, background_gc=False)
+        kv = fs.kvcache(d, shards=8, background_gc=False)
         keys = [f"key{k}" for k in range(n_keys)]
         stop = time.monotonic() + seconds
         while time.monotonic() < stop:
@@ -184,7 +184,7 @@ def test_concurrent_puts_of_one_key_one_wins(
     fs: Any, cluster: LocalCluster, cache_dir: str
 ) -> None:
     other = cluster.client()
-    kv1, kv2 = fs.kvcache(cache_dir), other.kvcache(cache_dir)
+    kv1, kv2 = fs.kvcache(cache_dir, shards=8), other.kvcache(cache_dir)
     a, b = make_value(0, 1, 1, 2 * CHUNK), make_value(0, 2, 1, 2 * CHUNK)
     import concurrent.futures
 
@@ -219,7 +219,7 @@ def test_values_of_every_size_round_trip(fs: Any, cache_dir: str) -> None:
 def test_batch_get_into_caller_buffers_is_byte_identical(fs: Any, cache_dir: str) -> None:
     import numpy as np
 
-    kv = fs.kvcache(cache_dir)
+    kv = fs.kvcache(cache_dir, shards=16)
     rng = random.Random(7)
     n = 48
     keys = [f"block-{i}" for i in range(n)]
@@ -253,7 +253,7 @@ def test_removal_during_reads_is_whole_or_miss(
     it (meta's GC drops the chunks of each removed copy at once)."""
     import threading
 
-    kv = fs.kvcache(cache_dir)
+    kv = fs.kvcache(cache_dir, shards=4)
     other = cluster.client().kvcache(cache_dir)
     size = 3 * CHUNK - 77
     stop = threading.Event()
@@ -388,7 +388,7 @@ def test_capacity_watermark_evicts_least_recently_used(fs: Any, cache_dir: str) 
 
 
 def test_bad_input(fs: Any, cache_dir: str) -> None:
-    kv = fs.kvcache(cache_dir, max_key_bytes=64, max_value_bytes=2 * MiB)
+    kv = fs.kvcache(cache_dir, shards=4, max_key_bytes=64, max_value_bytes=2 * MiB)
     with pytest.raises(OSError) as e:
         kv.put("k" * 65, b"v")
     assert e.value.errno == errno.ENAMETOOLONG
@@ -442,7 +442,7 @@ def test_keys_stats_and_collisions(fs: Any, cache_dir: str) -> None:
 async def test_async_twin(cluster: LocalCluster, cache_dir: str) -> None:
     afs = await chainfs.aio.connect(cluster.address)
     try:
-        kv = await afs.kvcache(cache_dir)
+        kv = await afs.kvcache(cache_dir, shards=8)
         assert await kv.put(b"\x00bin", b"value")
         assert await kv.get(b"\x00bin") == b"value"
         assert (await kv.batch_exists([b"\x00bin", "no"])).leading_hits == 1
