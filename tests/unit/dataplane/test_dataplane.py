@@ -535,7 +535,9 @@ async def test_server_dropping_mid_reply_fails_pending_and_keeps_sink_untouched(
         assert ei.value.code == Code.ETIMEDOUT
         snapshot = bytes(sink_buf)
         proceed.set()
-        await asyncio.sleep(0.2)  # let the rest of the reply arrive (nothing to poll for)
+        # The fake sends the rest, then closes: the client has read every byte
+        # of the reply once it sees that EOF and drops the connection.
+        await _until(lambda: client.connection_count(address) == 0)
         assert bytes(sink_buf) == snapshot
         assert sink_buf[MiB:] == bytes(MiB)
     finally:
@@ -710,7 +712,7 @@ async def test_idle_connection_reset_by_server_is_replaced_transparently(env: _E
     for conn in list(server._conns):  # the server resets its side
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
         conn.close()
-    await asyncio.sleep(0.05)  # let the reset reach the client (nothing observable to poll)
+    await _until(lambda: client.connection_count(server.address) == 0)  # the reset arrived
     reply = await client.request(server.address, ECHO, b"2", [b"data"])
     assert (reply.header, reply.payload.tobytes()) == (b"2", b"data")
     assert server.stats["connections"] == 2
