@@ -43,23 +43,34 @@ def write_config(path: Path, **fields: Any) -> Path:
     return path
 
 
-def admin(address: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`python -m chainfs admin ARGS --address A` as a subprocess."""
+async def admin(address: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`python -m chainfs admin ARGS --address A` as a subprocess.
+
+    Awaited, not run blocking: the fake storage nodes heartbeat on this event
+    loop, and a CLI start-up on a loaded machine can outlast the heartbeat
+    timeout, which would mark them offline mid-test.
+    """
     env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "chainfs", "admin", *args, "--address", address],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
+    cmd = [sys.executable, "-m", "chainfs", "admin", *args, "--address", address]
+    p = await asyncio.create_subprocess_exec(
+        *cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
+    try:
+        async with asyncio.timeout(60):
+            out, err = await p.communicate()
+    finally:
+        if p.returncode is None:
+            p.kill()
+            await p.wait()
+    assert p.returncode is not None
+    proc = subprocess.CompletedProcess(cmd, p.returncode, out.decode(), err.decode())
     if check and proc.returncode != 0:
         raise AssertionError(f"admin {args} failed ({proc.returncode}): {proc.stderr}")
     return proc
 
 
-def admin_json(address: str, *args: str) -> Any:
-    return json.loads(admin(address, *args, "--json").stdout)
+async def admin_json(address: str, *args: str) -> Any:
+    return json.loads((await admin(address, *args, "--json")).stdout)
 
 
 @pytest.fixture
@@ -147,14 +158,14 @@ async def test_chain_table_heartbeat_timeout_and_return(
         await wait_routing(
             client, lambda r: all(t.local_state == mp.UPTODATE for t in r.info.targets)
         )
-        created = admin_json(addr, "init-cluster", "--replicas", "3")
+        created = await admin_json(addr, "init-cluster", "--replicas", "3")
         assert len(created) == 2
         for chain in created:
             assert chain["chain_version"] == 1 and chain["writable"]
             assert len(set(chain["nodes"])) == 3, "replicas on distinct nodes"
         assert len({c["nodes"][0] for c in created}) == 2, "heads on different nodes"
 
-        targets = admin_json(addr, "targets")
+        targets = await admin_json(addr, "targets")
         assert len(targets) == 6
         for t in targets:
             assert set(t) >= {"target_id", "node_id", "chain_id", "state", "local_state"}
@@ -176,7 +187,7 @@ async def test_chain_table_heartbeat_timeout_and_return(
             assert last.public_state == mp.OFFLINE and last.local_state == mp.LOCAL_OFFLINE
             assert chain.chain_version > before.chains[chain.chain_id].chain_version
             assert after.head(chain.chain_id) is not None, "chain still writable"
-        nodes_json = admin_json(addr, "nodes")
+        nodes_json = await admin_json(addr, "nodes")
         assert {n["node_id"]: n["status"] for n in nodes_json}[victim.node.node_id] == "offline"
 
         # It returns (re-registers with its id): waiting/syncing, then serving once up to date.
@@ -194,7 +205,7 @@ async def test_chain_table_heartbeat_timeout_and_return(
         final = await wait_routing(
             client, lambda r: all(r.targets[t].public_state == mp.SERVING for t in mine)
         )
-        states = {t["target_id"]: t["state"] for t in admin_json(addr, "targets")}
+        states = {t["target_id"]: t["state"] for t in await admin_json(addr, "targets")}
         assert all(states[t] == "serving" for t in mine)
         assert final.nodes[victim.node.node_id].status == mp.NODE_ONLINE
     finally:
@@ -211,8 +222,8 @@ async def test_bad_input_is_rejected_and_changes_nothing(
         before = await wait_routing(  # settled: every first heartbeat applied
             client, lambda r: all(t.local_state == mp.UPTODATE for t in r.info.targets)
         )
-        targets_before = admin_json(addr, "targets")
-        chains_before = admin_json(addr, "chains")
+        targets_before = await admin_json(addr, "targets")
+        chains_before = await admin_json(addr, "chains")
 
         # The same node registering again (same id, then same address).
         with pytest.raises(ChainfsError) as e:
@@ -229,15 +240,15 @@ async def test_bad_input_is_rejected_and_changes_nothing(
             await client.heartbeat(mp.HeartbeatReq(node_id=4242))
         assert e.value.code == Code.UNKNOWN_NODE
         # More replicas than nodes.
-        bad = admin(addr, "create-chains", "--replicas", "3", check=False)
+        bad = await admin(addr, "create-chains", "--replicas", "3", check=False)
         assert bad.returncode == 1
         assert "NOT_ENOUGH_NODES" in bad.stderr and "3 replicas" in bad.stderr
 
         after = await client.get_routing()
         assert after is not None
         assert after.version == before.version
-        assert admin_json(addr, "targets") == targets_before
-        assert admin_json(addr, "chains") == chains_before == []
+        assert await admin_json(addr, "targets") == targets_before
+        assert await admin_json(addr, "chains") == chains_before == []
     finally:
         for n in nodes:
             await n.stop()
@@ -268,11 +279,11 @@ async def test_state_survives_a_mgmtd_restart(tmp_path: Path) -> None:
         proc.stop()
 
 
-def test_admin_reports_unreachable_mgmtd() -> None:
+async def test_admin_reports_unreachable_mgmtd() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = admin(f"127.0.0.1:{port}", "status", "--timeout", "1", check=False)
+    proc = await admin(f"127.0.0.1:{port}", "status", "--timeout", "1", check=False)
     assert proc.returncode == 1
     assert f"cannot reach mgmtd at 127.0.0.1:{port}" in proc.stderr
 
