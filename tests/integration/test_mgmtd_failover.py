@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
 from chainfs.common.rpc.mgmt_client import MgmtClient
 from chainfs.proto import mgmt_pb2 as mp
@@ -63,8 +64,10 @@ async def primary_of(procs: list[ServiceProcess]) -> ServiceProcess:
                 try:
                     if (await c.get_status()).primary:
                         return p
-                except Exception:
-                    pass
+                except ChainfsError as e:
+                    # Down, paused or still starting: ask again; anything else is a bug.
+                    if e.code not in (Code.UNAVAILABLE, Code.ETIMEDOUT, Code.NOT_PRIMARY):
+                        raise
         if time.monotonic() > deadline:
             raise AssertionError("no mgmtd became primary")
         await asyncio.sleep(0.02)
