@@ -304,7 +304,8 @@ class RoutingCache:
         self._listeners: list[Callable[[Routing], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._fetch_lock = asyncio.Lock()
-        self._changed = asyncio.Condition()
+        # Set (and replaced by a fresh one) whenever a newer version is installed.
+        self._changed = asyncio.Event()
 
     @property
     def version(self) -> int:
@@ -333,12 +334,11 @@ class RoutingCache:
                 cb(routing)
             except Exception:
                 log.exception("routing listener %r failed", cb)
-        asyncio.get_running_loop().create_task(self._notify())
+        # Wake wait_for() callers synchronously: a notify task created here and
+        # never kept could be collected before it ran, losing the wake-up.
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
         return True
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
 
     async def get(self) -> Routing:
         """The cached routing info; the first call fetches it."""
@@ -365,10 +365,9 @@ class RoutingCache:
     async def wait_for(self, predicate: Callable[[Routing], bool], timeout_s: float) -> Routing:
         """Wait (bounded) until the cached routing satisfies ``predicate``."""
         async with asyncio.timeout(timeout_s):
-            async with self._changed:
-                while self._routing is None or not predicate(self._routing):
-                    await self._changed.wait()
-                return self._routing
+            while self._routing is None or not predicate(self._routing):
+                await self._changed.wait()
+            return self._routing
 
     def start(self) -> None:
         """Refresh in the background: a watch stream, polling while it is down."""
