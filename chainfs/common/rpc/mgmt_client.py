@@ -42,6 +42,23 @@ MIN_ATTEMPT_TIMEOUT_S = 0.5  # one address never gets less than this (unless tim
 MAX_KNOWN_ADDRESSES = 64  # bound on addresses learnt from NOT_PRIMARY hints
 
 
+async def _cancel_and_wait(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background task and wait for it to end.
+
+    Its CancelledError is absorbed, but not one aimed at the caller itself
+    (a stop() that is being cancelled stays cancelled).
+    """
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+
+
 def not_primary_message(primary_address: str | None) -> str:
     """The NOT_PRIMARY message mgmtd sends (parsed back by :func:`primary_hint`)."""
     if primary_address:
@@ -376,10 +393,7 @@ class RoutingCache:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:
@@ -570,7 +584,4 @@ class HeartbeatLoop:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel_and_wait(task)
