@@ -42,6 +42,7 @@ class Sizes:
     kv_batch_1m: int  # keys per batch_get of 1 MiB values
     kv_batch_4k: int  # keys per batch_get of 4 KiB values
     kv_seconds: float  # duration of each KV cache get test
+    kv_put_max_seconds: float  # cap of each put phase (the gets use the keys put by then)
     task_timeout_s: float  # a worker task not done by then fails the workload
     cluster_start_timeout_s: float  # LocalCluster start-up bound
 
@@ -65,6 +66,7 @@ QUICK = Sizes(
     kv_batch_1m=8,
     kv_batch_4k=32,
     kv_seconds=0.5,
+    kv_put_max_seconds=3.0,
     task_timeout_s=60.0,
     cluster_start_timeout_s=60.0,
 )
@@ -81,13 +83,14 @@ FULL = Sizes(
     warmup_seconds=1.0,
     read_ranges_batch=64,
     meta_files_per_proc=2000,
-    meta_max_seconds=15.0,
+    meta_max_seconds=10.0,
     meta_readdir_rounds=5,
     kv_1m_values=128,
     kv_4k_values=2000,
     kv_batch_1m=16,
     kv_batch_4k=64,
     kv_seconds=6.0,
+    kv_put_max_seconds=12.0,
     task_timeout_s=180.0,
     cluster_start_timeout_s=90.0,
 )

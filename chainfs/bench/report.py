@@ -206,6 +206,8 @@ def markdown(report: dict[str, Any], paths: dict[str, Path]) -> str:
             f"| {r['name']} | {fmt(r['value'])} | {r['unit']} | {ceiling} | "
             f"{fmt_ratio(r['ratio'])} | {target} | {_verdict(r)} |"
         )
+    if report.get("profiles"):
+        lines += _profile_lines(report["profiles"], paths)
     if report.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     lines += [
@@ -214,6 +216,26 @@ def markdown(report: dict[str, Any], paths: dict[str, Path]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _profile_lines(profiles: dict[str, Any], paths: dict[str, Path]) -> list[str]:
+    lines = [
+        "",
+        "## Where the time goes (py-spy, this run was profiled)",
+        "",
+        "Share of each process's samples by leaf function, while the workload ran; the "
+        f"collapsed stacks are in `{paths['json'].stem.split('-profiles')[0]}-profiles/`. "
+        "Processes with no samples were idle (py-spy leaves idle threads out).",
+    ]
+    for workload, procs in profiles.items():
+        busy = {n: p for n, p in procs.items() if p.get("samples")}
+        if not busy:
+            continue
+        lines += ["", f"**{workload}**", ""]
+        for name, p in sorted(busy.items(), key=lambda kv: -kv[1]["samples"]):
+            top = ", ".join(f"{share:.0%} `{frame}`" for frame, share in p["top"][:4])
+            lines.append(f"- {name} ({p['samples']} samples): {top}")
+    return lines
 
 
 # -- charts ------------------------------------------------------------------------
@@ -254,9 +276,8 @@ def plot_ratios(report: dict[str, Any], path: Path) -> None:
         if y > 0 and family(r["name"]) != family(rows[y - 1]["name"]):
             ax.axhline(y - 0.5, color="#BBBBBB", linewidth=0.6)
         if ratio is None:
-            why = "not run" if r["status"].startswith("not run") else r["status"][:60]
-            if r["status"] == "ok":
-                why = "no ceiling measured"
+            why = r["status"].splitlines()[0] if r["status"] != "ok" else "no ceiling measured"
+            why = why if len(why) <= 90 else why[:87] + "..."
             ax.barh(y, top, color="#F4F4F4", height=0.7)
             ax.text(0.01, y, why, va="center", fontsize=8, color=_GREY, style="italic")
         else:
@@ -400,7 +421,7 @@ def plot_absolute(report: dict[str, Any], path: Path) -> None:
     mem = [r for r in res if r["unit"] == "MiB"][::-1]
     ax.barh(range(len(mem)), [r["value"] for r in mem], color=_FAMILY_COLOURS["rss"])
     for y, r in enumerate(mem):
-        who = r["details"].get("process", "")
+        who = r["details"].get("process", "") if r["name"].endswith("_max") else ""
         text = f" {fmt(r['value'])}" + (f" ({who})" if who else "")
         ax.text(r["value"], y, text, va="center", fontsize=7.5)
     ax.set_yticks(range(len(mem)))

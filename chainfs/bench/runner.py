@@ -40,7 +40,15 @@ from chainfs.bench.context import (
     sizes_dict,
 )
 from chainfs.bench.workers import WorkerPool
-from chainfs.bench.workloads import REGISTRY, RunContext, Workload, figure, missing_need, select
+from chainfs.bench.workloads import (
+    REGISTRY,
+    RunContext,
+    Workload,
+    figure,
+    missing_need,
+    process_pids,
+    select,
+)
 
 SCHEMA_VERSION = 1
 PROFILE_REPLICAS = {"r3": 3, "r1": 1}
@@ -57,6 +65,7 @@ class BenchOptions:
     only: list[str] | None = None
     data_dir: Path | None = None  # parent of the run's scratch directory (the disk measured)
     keep_data: bool = False
+    profile: bool = False  # py-spy every process during each workload (slows the figures)
     mountpoint: Path | None = None  # with --address: that cluster's FUSE mount, if any
     fuse: bool = True  # mount FUSE on the LocalCluster when this machine can
     storage_nodes: int = 3
@@ -206,6 +215,8 @@ def _run_workload(w: Workload, ctx: RunContext, log: Log) -> list[Result]:
             log(f"{w.name}: {status}")
             return _outcome(w, status, ctx.ceilings)
     t0 = time.monotonic()
+    if ctx.profiler is not None:
+        ctx.profiler.start(w.name, process_pids(ctx))
     try:
         results = w.fn(ctx)
     except NotRun as e:
@@ -217,6 +228,9 @@ def _run_workload(w: Workload, ctx: RunContext, log: Log) -> list[Result]:
     except Exception as e:
         log(f"{w.name}: FAILED: {traceback.format_exc()}")
         return _outcome(w, f"failed: {type(e).__name__}: {e}", ctx.ceilings)
+    finally:
+        if ctx.profiler is not None:
+            ctx.profiles[w.name] = ctx.profiler.stop()
     got = {r.name for r in results}
     for n in w.results:
         if n not in got:
@@ -254,12 +268,18 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
     log(f"scratch directory {scratch} ({'quick' if opts.quick else 'full'} run)")
     results: dict[str, list[Result]] = {}
     warnings: list[str] = []
+    profiles: dict[str, Any] = {}
+    stamp = started_at.strftime("%Y-%m-%d-%H%M%S")
+    profiler = None
+    if opts.profile:
+        from chainfs.bench.profile import Profiler
+
+        profiler = Profiler(opts.out_dir / f"{stamp}-profiles")
     pool = WorkerPool(CLIENT_PROCS)
     try:
         pool.wait_ready(sizes.task_timeout_s)  # their start-up must not disturb the ceilings
         machine = ceil.machine_info(scratch)
         ceilings, ceilings_detail, pool = ceil.measure_all(pool, scratch, sizes, log)
-        stamp = started_at.strftime("%Y-%m-%d-%H%M%S")
         for profile in PROFILE_ORDER:
             todo = [w for w in selected if w.profile == profile]
             if not todo:
@@ -271,6 +291,8 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
                 profile=profile,
                 root="/bench" if opts.address is None else f"/bench-{stamp}-{os.getpid()}",
                 ceilings=ceilings,
+                profiler=profiler if profile != "end" else None,
+                profiles=profiles,
             )
             if profile == "end":
                 for w in todo:
@@ -314,6 +336,7 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
             },
             "client_processes": CLIENT_PROCS,
             "only": opts.only,
+            "profiled": opts.profile,
             "sizes": sizes_dict(sizes),
             "chainfs_version": chainfs.__version__,
             "git": _git_info(),
@@ -323,6 +346,8 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
         "results": [r.to_json() for r in ordered],
         "warnings": warnings,
     }
+    if opts.profile:
+        report["profiles"] = profiles
     run_ = BenchRun(report)
     t_report = time.monotonic()
     run_.paths = rep.write_reports(report, opts.out_dir, stamp)

@@ -314,6 +314,7 @@ class WorkerPool:
             c.close()
         self._conns.clear()
         self._procs.clear()
+        self._barriers = {}  # their semaphores go with the processes that shared them
 
 
 def peak_rss_bytes(pid: int) -> int:
@@ -577,32 +578,38 @@ def _kvcache(be: Backend, directory: str) -> Any:
 
 
 def task_kv_put(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
-    """Put this process's share of ``count`` values of ``value_bytes``."""
+    """Put this process's share of ``count`` values of ``value_bytes`` (capped in time)."""
     kv = _kvcache(env.backend(p["backend"]), p["dir"])
     try:
         size, prefix = int(p["value_bytes"]), p["prefix"]
         mine = range(env.index, int(p["count"]), env.parties)
         values = {i: _kv_value(size, i) for i in mine}
+        done: list[int] = []
         t0 = env.sync()
+        stop_at = t0 + float(p["max_seconds"])
         for i, v in values.items():
+            if done and time.monotonic() >= stop_at:
+                break
             if not kv.put(f"{prefix}{i:07d}", v):
                 raise DataMismatch(f"kvcache put {prefix}{i:07d}: key already present")
+            done.append(i)
         t1 = time.monotonic()
     finally:
         kv.close()
-    return {"put": _phase(t0, t1, size * len(values), len(values))}
+    return {"put": _phase(t0, t1, size * len(done), len(done)), "indices": done}
 
 
 def task_kv_get(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
-    """Random gets for ``seconds``: ``batch_get`` of ``batch`` keys, or ``get`` if 1."""
+    """Random gets of present keys for ``seconds``: ``batch_get`` of ``batch``, or ``get``."""
     kv = _kvcache(env.backend(p["backend"]), p["dir"])
     try:
         size, prefix = int(p["value_bytes"]), p["prefix"]
-        count, batch = int(p["count"]), int(p["batch"])
+        present: list[int] = p["indices"]
+        batch = int(p["batch"])
         rng = random.Random(int(p["seed"]) * 1000 + env.index)
 
         def one_batch() -> None:
-            idx = [rng.randrange(count) for _ in range(batch)]
+            idx = [present[rng.randrange(len(present))] for _ in range(batch)]
             keys = [f"{prefix}{i:07d}" for i in idx]
             values = kv.batch_get(keys) if batch > 1 else [kv.get(keys[0])]
             if len(values) != len(keys):

@@ -86,6 +86,8 @@ class RunContext:
     seed: int = 1
     datasets: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     made_dirs: bool = False  # this run created directories in the cluster
+    profiler: Any = None  # a profile.Profiler with --profile
+    profiles: dict[str, Any] = field(default_factory=dict)  # workload -> process -> summary
 
     @property
     def backend(self) -> dict[str, Any]:
@@ -429,14 +431,24 @@ def kvcache(ctx: RunContext) -> list[Result]:
     s = ctx.sizes
     d = f"{ctx.root}/kv"
     ctx.mkdirs(d)
-    base = {"backend": ctx.backend, "dir": d, "seed": ctx.seed}
+    base: dict[str, Any] = {
+        "backend": ctx.backend,
+        "dir": d,
+        "seed": ctx.seed,
+        "max_seconds": s.kv_put_max_seconds,
+    }
     big = {**base, "prefix": "m", "count": s.kv_1m_values, "value_bytes": MiB}
     small = {**base, "prefix": "k", "count": s.kv_4k_values, "value_bytes": 4 * KiB}
     out: list[Result] = []
 
-    nbytes, ops, secs = aggregate(ctx.run("kv_put", [big]), "put")
+    outs = ctx.run("kv_put", [big])
+    big["indices"] = [i for o in outs for i in o["indices"]]
+    nbytes, ops, secs = aggregate(outs, "put")
     out.append(ctx.result("kvcache_put_1m", nbytes / MB / secs, values=int(ops)))
-    ctx.run("kv_put", [small])
+    outs = ctx.run("kv_put", [small])
+    small["indices"] = [i for o in outs for i in o["indices"]]
+    _, ops, secs = aggregate(outs, "put")
+    put_4k = {"values_put": int(ops), "puts_per_s": ops / secs}
 
     get = {"seconds": s.kv_seconds, "warmup_seconds": s.warmup_seconds}
     nbytes, ops, secs = aggregate(
@@ -444,13 +456,17 @@ def kvcache(ctx: RunContext) -> list[Result]:
     )
     out.append(
         ctx.result(
-            "kvcache_batch_get_1m", nbytes / MB / secs, batch=s.kv_batch_1m, gets_per_s=ops / secs
+            "kvcache_batch_get_1m",
+            nbytes / MB / secs,
+            batch=s.kv_batch_1m,
+            gets_per_s=ops / secs,
+            values=len(big["indices"]),
         )
     )
     _, ops, secs = aggregate(ctx.run("kv_get", [{**small, **get, "batch": s.kv_batch_4k}]), "get")
-    out.append(ctx.result("kvcache_batch_get_4k", ops / secs, batch=s.kv_batch_4k))
+    out.append(ctx.result("kvcache_batch_get_4k", ops / secs, batch=s.kv_batch_4k, **put_4k))
     _, ops, secs = aggregate(ctx.run("kv_get", [{**small, **get, "batch": 1}]), "get")
-    out.append(ctx.result("kvcache_get_4k", ops / secs, batch=1))
+    out.append(ctx.result("kvcache_get_4k", ops / secs, batch=1, **put_4k))
     return out
 
 
@@ -463,24 +479,35 @@ RSS_SERVER_RESULTS = (
 )
 
 
+def process_pids(ctx: RunContext) -> dict[str, int]:
+    """name -> pid of every process a workload makes busy: servers we started, clients."""
+    pids = _server_pids(ctx.cluster) if ctx.cluster is not None else {}
+    pids.update({f"client{i}": pid for i, pid in enumerate(ctx.pool.pids)})
+    return pids
+
+
 def _server_pids(cluster: Any) -> dict[str, int]:
-    """name -> pid of the cluster's processes (LocalCluster.pids(), else our children)."""
-    pids = getattr(cluster, "pids", None)
-    if callable(pids):
-        return dict(pids())
+    """name -> pid of the cluster's processes: LocalCluster.pids(), and among our
+    children the `chainfs serve` processes it does not list and the FUSE mount."""
     import psutil
 
-    found: dict[str, int] = {}
+    pids = getattr(cluster, "pids", None)
+    found: dict[str, int] = dict(pids()) if callable(pids) else {}
+    known = set(found.values())
     for child in psutil.Process().children(recursive=True):
+        if child.pid in known:
+            continue
         try:
             cmd = child.cmdline()
         except psutil.Error:
             continue
-        if "chainfs" in " ".join(cmd) and "serve" in cmd:
+        if "chainfs" not in " ".join(cmd):
+            continue
+        if "serve" in cmd and cmd.index("serve") + 1 < len(cmd):
             kind = cmd[cmd.index("serve") + 1]
             found[f"{kind}{sum(k.startswith(kind) for k in found)}"] = child.pid
-        elif "chainfs" in " ".join(cmd) and "mount" in cmd:
-            found["fuse"] = child.pid
+        elif "mount" in cmd:
+            found["fuse" if "fuse" not in found else f"fuse{child.pid}"] = child.pid
     return found
 
 
@@ -493,7 +520,7 @@ def rss_servers(ctx: RunContext) -> list[Result]:
 
     def one(result: str, names: list[str]) -> None:
         if not names:
-            why = "not run: no such process in this cluster (LocalCluster.pids())"
+            why = "not run: no such process in this cluster"
             out.append(figure(result, None, ctx.ceilings, status=why))
             return
         worst = max(names, key=lambda n: peaks[n])

@@ -45,6 +45,12 @@ import click
     help="With --address: a FUSE mount of that cluster, for the fuse_* figures.",
 )
 @click.option("--no-fuse", is_flag=True, help="Do not mount FUSE on the LocalCluster.")
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Sample every process with py-spy during each workload; the report lists where "
+    "the time goes (profiled figures are lower: do not compare them).",
+)
 @click.option("--list", "list_only", is_flag=True, help="List the workloads and exit.")
 def bench(
     address: str | None,
@@ -55,6 +61,7 @@ def bench(
     keep_data: bool,
     mountpoint: Path | None,
     no_fuse: bool,
+    profile: bool,
     list_only: bool,
 ) -> None:
     """Measure chainfs and the ceilings of this machine in one run; write a report.
@@ -80,6 +87,7 @@ def bench(
         keep_data=keep_data,
         mountpoint=mountpoint,
         fuse=not no_fuse,
+        profile=profile,
         command="chainfs bench " + shlex.join(sys.argv[2:] if len(sys.argv) > 1 else []),
     )
     t0 = time.monotonic()
@@ -87,9 +95,11 @@ def bench(
     def log(msg: str) -> None:
         click.echo(f"[{time.monotonic() - t0:6.1f}s] {msg}", err=True)
 
+    from chainfs.bench.context import NotRun
+
     try:
         result = runner.run(opts, log)
-    except ValueError as e:
+    except (ValueError, NotRun) as e:
         raise click.UsageError(str(e)) from None
     for kind, path in result.paths.items():
         click.echo(f"{kind}: {path}")
