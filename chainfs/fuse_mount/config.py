@@ -40,6 +40,8 @@ class MountConfig:
     # FUSE requests served concurrently (pyfuse3 worker tasks): parallel readers
     # are served in parallel up to this many.
     max_requests: int = 64
+    # Directory entries asked from meta per readdir page (with attributes).
+    readdir_page_entries: int = 1024
     # Bound on one request while the cluster is unreachable: after this the
     # caller gets EIO (the mount itself stays up and recovers with the cluster).
     cluster_timeout_ms: int = 20_000
@@ -60,7 +62,7 @@ class MountConfig:
         for name in ("attr_timeout_ms", "entry_timeout_ms", "negative_timeout_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("max_requests", "cluster_timeout_ms"):
+        for name in ("max_requests", "cluster_timeout_ms", "readdir_page_entries"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.read_ahead_kb < 0:

@@ -54,6 +54,7 @@ _FIRST_ENTRY_POS = 3
 _NOW_SLACK_NS = 200_000_000
 # Margin on top of the client's own timeouts before a request is cut short.
 _GUARD_MARGIN_S = 5.0
+_CAPS = b"security.capability"
 _RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
 _WRITE_MODE = Mode(
     readable=False,
@@ -64,23 +65,15 @@ _WRITE_MODE = Mode(
     exclusive=False,
     binary=True,
 )
-_QUIET_ERRNOS = frozenset(
-    {
-        errno.ENOENT,
-        errno.EEXIST,
-        errno.ENOTEMPTY,
-        errno.ENODATA,
-        errno.EACCES,
-        errno.EPERM,
-        errno.EISDIR,
-        errno.ENOTDIR,
-        errno.EINVAL,
-        errno.EOPNOTSUPP,
-        errno.ERANGE,
-        errno.ELOOP,
-        errno.EXDEV,
-        errno.ENAMETOOLONG,
-    }
+# Failures that say something is wrong with the cluster or the mount are
+# logged as warnings; every other errno is the caller's business (debug).
+_ALARMING_ERRNOS = frozenset(
+    {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EPROTO, errno.ENOSYS, errno.EBADF}
+)
+# Network-flavoured errnos from the client mean "the cluster is unreachable":
+# a file system answers EIO for that.
+_UNREACHABLE_ERRNOS = frozenset(
+    {errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.EPIPE}
 )
 
 
@@ -97,24 +90,18 @@ def _op(
                 return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except ChainfsError as e:
-            code = e.errno or errno.EIO
-            if code in _QUIET_ERRNOS:
-                log.debug("%s%r: %s", name, args, e)
-            else:
-                log.warning("%s%r: %s", name, args, e)
-            raise pyfuse3.FUSEError(code) from None
         except TimeoutError:
-            log.warning("%s%r: no answer from the cluster in %.1fs: EIO", name, args, self.guard_s)
+            log.warning("%s%r: no answer in %.1fs: EIO", name, args[:2], self.guard_s)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        except OSError as e:
+        except OSError as e:  # ChainfsError included: its errno is the mapped one
             code = e.errno or errno.EIO
-            log.log(logging.DEBUG if code in _QUIET_ERRNOS else logging.WARNING, "%s: %s", name, e)
-            raise pyfuse3.FUSEError(code) from None
+            level = logging.WARNING if code in _ALARMING_ERRNOS else logging.DEBUG
+            log.log(level, "%s%r: %s", name, args[:2], e)
+            raise pyfuse3.FUSEError(errno.EIO if code in _UNREACHABLE_ERRNOS else code) from None
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("%s%r failed unexpectedly: EIO", name, args)
+            log.exception("%s%r failed unexpectedly: EIO", name, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
@@ -137,7 +124,7 @@ class ChainfsOperations(pyfuse3.Operations):
         self.guard_s = (
             max(config.cluster_timeout_ms, fs.config.meta_timeout_ms) / 1000 + _GUARD_MARGIN_S
         )
-        self._page = fs.config.readdir_page_entries
+        self._page = config.readdir_page_entries
         self._groups = GroupsCache()
         self._lookups: dict[int, int] = {}  # kernel lookup counts
         self._versions: dict[int, tuple[int, int]] = {}  # ino -> (size, mtime_ns) cached by kernel
@@ -201,15 +188,26 @@ class ChainfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         return h, self._open[h.ino]
 
-    def _open_inode(self, inode: mt.Inode) -> OpenInode:
+    def _open_inode(self, inode: mt.Inode, truncated: bool) -> OpenInode:
         st = self._open.get(inode.ino)
         if st is None:
             handle = OpenHandle(f"<inode {inode.ino}>", inode.ino, layout_of(inode), inode.size)
             st = OpenInode(inode.ino, handle, inode.size)
             self._open[inode.ino] = st
+        elif truncated:
+            st.size = inode.size
         else:
             st.size = max(st.size, inode.size)
         return st
+
+    async def _drop_writer(self, ino: int) -> None:
+        """Push and drop the inode's writer (before its length is cut)."""
+        st = self._open.get(ino)
+        if st is not None and st.writer is not None:
+            async with st.lock:
+                w, st.writer = st.writer, None
+                if w is not None:
+                    await w.close()
 
     def _writer(self, st: OpenInode) -> AsyncFile:
         if st.writer is None:
@@ -231,14 +229,14 @@ class ChainfsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=direct)
 
     async def _start_handle(
-        self, inode: mt.Inode, session: bytes, flags: int
+        self, inode: mt.Inode, session: bytes, flags: int, truncated: bool
     ) -> tuple[pyfuse3.FileInfo, FileHandle]:
         if inode.type != mt.FILE:
             if session:
                 await self.meta.close(inode.ino, session)
             raise pyfuse3.FUSEError(errno.EISDIR if inode.type == mt.DIRECTORY else errno.EINVAL)
         acc = flags & os.O_ACCMODE
-        st = self._open_inode(inode)
+        st = self._open_inode(inode, truncated)
         fi = self._file_info(self._fh(), inode, flags)
         h = FileHandle(
             fi.fh,
@@ -467,14 +465,21 @@ class ChainfsOperations(pyfuse3.Operations):
     @_op
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         acc = flags & os.O_ACCMODE
+        writable = acc in (os.O_WRONLY, os.O_RDWR)
+        # libfuse asks for atomic O_TRUNC: the kernel sends O_TRUNC here
+        # instead of a separate truncate.
+        truncate = writable and bool(flags & os.O_TRUNC)
+        if truncate:
+            await self._drop_writer(inode)
         rsp = await self.meta.open(
             inode,
             read=acc in (os.O_RDONLY, os.O_RDWR),
-            write=acc in (os.O_WRONLY, os.O_RDWR),
+            write=writable,
+            truncate=truncate,
             nofollow=True,
             user=self._user(ctx),
         )
-        fi, _ = await self._start_handle(rsp.inode, rsp.session_id, flags)
+        fi, _ = await self._start_handle(rsp.inode, rsp.session_id, flags, truncate)
         return fi
 
     @_op
@@ -493,7 +498,8 @@ class ChainfsOperations(pyfuse3.Operations):
             mode=mode & 0o7777,
             user=self._user(ctx),
         )
-        fi, _ = await self._start_handle(rsp.inode, rsp.session_id, flags)
+        truncated = bool(flags & os.O_TRUNC) and not rsp.created
+        fi, _ = await self._start_handle(rsp.inode, rsp.session_id, flags, truncated)
         self._remember(rsp.inode.ino)
         return fi, self._entry(rsp.inode)
 
@@ -660,15 +666,29 @@ class ChainfsOperations(pyfuse3.Operations):
         s.f_namemax = rsp.max_name_bytes or 255
         return s
 
+    def _caps_changed(self, inode: int, name: bytes) -> None:
+        st = self._open.get(inode)
+        if st is not None and name == _CAPS:
+            st.no_caps = False
+
     @_op
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
+        self._caps_changed(inode, name)
         await self.meta.setxattr(inode, name, value, follow=False, user=self._user(ctx))
 
     @_op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return await self.meta.getxattr(inode, name, follow=False, user=self._user(ctx))
+        st = self._open.get(inode) if name == _CAPS else None
+        if st is not None and st.no_caps:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        try:
+            return await self.meta.getxattr(inode, name, follow=False, user=self._user(ctx))
+        except ChainfsError as e:
+            if st is not None and e.errno == errno.ENODATA:
+                st.no_caps = True
+            raise
 
     @_op
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -677,6 +697,7 @@ class ChainfsOperations(pyfuse3.Operations):
 
     @_op
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._caps_changed(inode, name)
         await self.meta.removexattr(inode, name, follow=False, user=self._user(ctx))
 
     @_op

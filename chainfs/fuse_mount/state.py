@@ -40,6 +40,9 @@ class OpenInode:
     write_mtime_ns: int = 0  # time of our last write (meta learns it on flush)
     # A write session held only to keep an unlinked, read-only-open file alive.
     hold_session: bytes = b""
+    # Meta said the file has no security.capability: the kernel asks before
+    # every write (to drop capabilities); answered here while the file is open.
+    no_caps: bool = False
 
     def known_size(self) -> int:
         if self.writer is not None:
