@@ -33,8 +33,9 @@ Semantics, across processes and clients:
   entry of such a chain moves the chain's last entry into its name (one
   atomic rename), so lookups, which stop at the first free name, still reach
   every entry.
-- Eviction: entries older than ``ttl`` (seconds since their put) are misses at
-  once and are removed in the background. When the cache's bytes exceed
+- Eviction: entries older than ``ttl`` (seconds since their put, by the
+  modification time meta recorded, compared with this host's clock) are
+  misses at once and are removed in the background. When the cache's bytes exceed
   ``high_watermark * capacity_bytes``, the least recently used entries are
   removed down to ``low_watermark * capacity_bytes``. Access times are
   recorded approximately (relatime style: at most once per
@@ -503,7 +504,7 @@ class AsyncKVCache:
         layout = _parse_layout(await store.kv_xattr_get(d, LAYOUT_XATTR), d)
         for name in _LAYOUT_FIELDS:
             setattr(config, name, layout[name])
-        cache = cls(store, directory, config)
+        cache = cls(store, d, config)
         await store.kv_makedirs([cache._tmp_dir, *cache._shard_dirs])
         cache._start_background()
         return cache
@@ -554,9 +555,11 @@ class AsyncKVCache:
         out: list[bytes | None] = []
         for lo in range(0, len(ks), self.config.max_batch_keys):
             part = ks[lo : lo + self.config.max_batch_keys]
-            for r in await self._get_many(part, [None] * len(part)):
+            got = await self._get_many(part, [None] * len(part))
+            for j, r in enumerate(got):
                 assert not isinstance(r, BaseException), r  # only a caller buffer fails alone
                 out.append(None if r is None else bytes(r))
+                got[j] = None  # let the read buffer go: peak memory ~1x the values, not 2x
         return out
 
     async def batch_get_into(self, keys: Sequence[KeyLike], buffers: Sequence[Buffer]) -> list[int]:
@@ -795,45 +798,38 @@ class AsyncKVCache:
         head = encode_header(key.raw, key.is_str, len(value), crc32c(value))
         tmp = f"{self._tmp_dir}/{self._tmp_prefix}{next(self._tmp_seq)}"
         await self._create_tmp(tmp, [memoryview(head), value])
+        nbytes = len(head) + len(value)
         placed = False
         try:
-            for probe in range(self.config.max_probes):
+            probe = 0
+            # Bounded: a name is looked at again only when it was freed under us.
+            for _ in range(4 * self.config.max_probes):
+                if probe >= self.config.max_probes:
+                    break
                 dst = self._path(key, probe)
                 try:
                     await self._store.kv_rename(tmp, dst, replace=False)
-                    placed = True
-                    self._counters.puts += 1
-                    self._put_bytes_since_scan[key.shard(self.config.shards)] += len(head) + len(
-                        value
-                    )
-                    return True
                 except ChainfsError as e:
                     if e.code != Code.EEXIST:
                         raise
-                # The name is taken: by this key (present or expired) or by another key.
-                (loc,) = await self._locate_at([key], probe)
-                if loc == "mine":
-                    if not overwrite:
-                        self._counters.put_existing += 1
-                        return False
-                elif loc == "expired-mine":
-                    pass  # an expired value of this key: replace it
-                elif loc == "other":
-                    continue
-                elif loc == "absent":
-                    # Removed since our rename failed: try the same name again.
-                    try:
-                        await self._store.kv_rename(tmp, dst, replace=False)
-                    except ChainfsError as e:
-                        if e.code != Code.EEXIST:
-                            raise
-                        continue
+                else:
                     placed = True
-                    self._counters.puts += 1
+                    self._note_put(key, nbytes)
                     return True
+                # The name is taken: by this key (present or expired) or by another key.
+                (holder,) = await self._locate_at([key], probe)
+                if holder == "other":
+                    probe += 1
+                    continue
+                if holder == "absent":
+                    continue  # freed since our rename failed: try this name again
+                if holder == "mine" and not overwrite:
+                    self._counters.put_existing += 1
+                    return False
+                # This key's value to overwrite, or an expired or unreadable one: replace.
                 await self._store.kv_rename(tmp, dst, replace=True)
                 placed = True
-                self._counters.puts += 1
+                self._note_put(key, nbytes)
                 return True
             raise ChainfsError(
                 Code.EEXIST,
@@ -844,6 +840,10 @@ class AsyncKVCache:
             if not placed:
                 with contextlib.suppress(ChainfsError, OSError):
                     await self._store.kv_unlink(tmp)
+
+    def _note_put(self, key: Key, nbytes: int) -> None:
+        self._counters.puts += 1
+        self._put_bytes_since_scan[key.shard(self.config.shards)] += nbytes
 
     async def _create_tmp(self, tmp: str, parts: list[memoryview]) -> None:
         try:
