@@ -298,11 +298,12 @@ class KVStore(ABC):
                 self.stats["conflicts"] += 1
                 if attempt == self.retry.max_attempts:
                     raise
-                self.stats["retries"] += 1
-                await asyncio.sleep(random.uniform(0, delay_ms) / 1000.0)
-                delay_ms = min(delay_ms * 2, self.retry.backoff_max_ms)
             finally:
                 snap.close()
+            # Back off with the snapshot released (a rocksdb view pins memtables).
+            self.stats["retries"] += 1
+            await asyncio.sleep(random.uniform(0, delay_ms) / 1000.0)
+            delay_ms = min(delay_ms * 2, self.retry.backoff_max_ms)
         raise AssertionError("unreachable")
 
     # Convenience single-operation transactions.
