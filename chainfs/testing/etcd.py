@@ -271,7 +271,8 @@ class EtcdCluster:
 
     def leader_index(self, timeout_s: float | None = None) -> int:
         """Index of the member that is the Raft leader now (polls until one is)."""
-        deadline = time.monotonic() + (timeout_s or self.start_timeout_s)
+        bound_s = timeout_s or self.start_timeout_s
+        deadline = time.monotonic() + bound_s
         while True:
             for m in self.members:
                 status = _status(m) if m.alive() else None
@@ -282,7 +283,7 @@ class EtcdCluster:
                         if other_status and other_status["header"]["member_id"] == leader:
                             return i
             if time.monotonic() > deadline:
-                raise ChainfsError(Code.ETIMEDOUT, f"no etcd leader after {timeout_s}s")
+                raise ChainfsError(Code.ETIMEDOUT, f"no etcd leader after {bound_s}s")
             time.sleep(_HEALTH_POLL_S)
 
     def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:

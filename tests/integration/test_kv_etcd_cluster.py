@@ -86,14 +86,14 @@ async def test_leader_killed_mid_workload_loses_no_commit(tmp_path: Path) -> Non
         assert store.stats["failovers"] >= 1
 
         survivors = ",".join(m.endpoint for i, m in enumerate(cluster.members) if i != leader)
-        checker = kv.open(f"etcd://{survivors}/chainfs{OPTIONS}")
-        counts, items = await _contents(checker)
-        await checker.close()
+        async with kv.open(f"etcd://{survivors}/chainfs{OPTIONS}") as checker:
+            counts, items = await _contents(checker)
         for w in range(WORKERS):
             assert items[w] == set(acked[w]), f"worker {w}: acked and stored differ"
             assert counts[w] == len(acked[w])  # every commit applied exactly once
 
         await asyncio.to_thread(cluster.restart, leader)
-        rejoined = kv.open(f"etcd://{cluster.members[leader].endpoint}/chainfs{OPTIONS}")
-        assert await _contents(rejoined) == (counts, items)
-        await rejoined.close()
+        async with kv.open(
+            f"etcd://{cluster.members[leader].endpoint}/chainfs{OPTIONS}"
+        ) as rejoined:
+            assert await _contents(rejoined) == (counts, items)
