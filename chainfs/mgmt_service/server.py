@@ -618,8 +618,8 @@ async def serve(
         await srv.start()
         first_round = asyncio.Event()
         loop = asyncio.get_running_loop()
-        tasks.append(loop.create_task(svc.election_loop(first_round)))
-        tasks.append(loop.create_task(svc.checker_loop()))
+        tasks.append(loop.create_task(svc.election_loop(first_round), name="election"))
+        tasks.append(loop.create_task(svc.checker_loop(), name="checker"))
         async with asyncio.timeout(max(10.0, cfg.lease_ms / 1000.0 * 3)):
             await first_round.wait()
         write_ready_file(
@@ -638,14 +638,30 @@ async def serve(
             _redact(url),
             "primary" if svc.election.is_primary() else "standby",
         )
-        await stop.wait()
+        # The election and checker loops catch their own errors; one that ends
+        # anyway is a bug, and an mgmtd without its election would quietly stay
+        # a standby forever: exit (with the error) instead.
+        stopper = loop.create_task(stop.wait(), name="stop")
+        try:
+            await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        for t in tasks:
+            if t.done():
+                raise ChainfsError(
+                    Code.INTERNAL, f"mgmtd background task {t.get_name()} ended"
+                ) from (None if t.cancelled() else t.exception())
         log.info("stopping")
     finally:
         for t in tasks:
             t.cancel()
         for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await t
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # a loop that died earlier: say so, the stop goes on
+                log.exception("background task %s had failed", t.get_name())
         if svc is not None:
             svc._step_down()
             try:
