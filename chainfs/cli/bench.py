@@ -88,7 +88,7 @@ def bench(
         mountpoint=mountpoint,
         fuse=not no_fuse,
         profile=profile,
-        command="chainfs bench " + shlex.join(sys.argv[2:] if len(sys.argv) > 1 else []),
+        command=" ".join(["chainfs bench", shlex.join(sys.argv[2:])]).strip(),
     )
     t0 = time.monotonic()
 
