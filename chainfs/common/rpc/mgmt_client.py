@@ -39,6 +39,9 @@ _HINT_RE = re.compile(re.escape(NOT_PRIMARY_HINT) + r"(\S+)")
 RETRY_BACKOFF_INITIAL_S = 0.05  # pause after every address failed once
 RETRY_BACKOFF_MAX_S = 0.5  # bound on that pause, so failover is noticed quickly
 MIN_ATTEMPT_TIMEOUT_S = 0.5  # one address never gets less than this (unless time is up)
+# Bound on the pause between registration attempts (a node waiting for mgmtd
+# to come up retries at least this often, until register_timeout_s).
+REGISTER_BACKOFF_MAX_S = 2.0
 MAX_KNOWN_ADDRESSES = 64  # bound on addresses learnt from NOT_PRIMARY hints
 
 
@@ -520,7 +523,7 @@ class HeartbeatLoop:
                     ) from None
                 log.warning("registration failed (%s); retrying in %.2fs", e, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, REGISTER_BACKOFF_MAX_S)
         self.register_rsp = rsp
         self.node.node_id = rsp.node_id
         self.target_ids = list(rsp.target_ids)
