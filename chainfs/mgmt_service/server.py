@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -344,10 +343,19 @@ class Mgmtd(mg.MgmtServicer):
                 if n.status == mp.NODE_ONLINE
                 and now - self._last_hb.get(n.node_id, now) > timeout_s
             ]
+
+            def op(s: ClusterState, silent: list[int] = silent) -> None:
+                # Re-checked when the op runs (after waiting for the mutex, and
+                # again in the transaction): a heartbeat that came meanwhile
+                # keeps its node online.
+                at = time.monotonic()
+                late = [i for i in silent if at - self._last_hb.get(i, at) > timeout_s]
+                s.mark_offline(late)
+
             try:
                 if silent:
                     log.warning("nodes %s missed heartbeats for %.1fs: offline", silent, timeout_s)
-                await self._mutate(functools.partial(ClusterState.mark_offline, node_ids=silent))
+                await self._mutate(op)
             except asyncio.CancelledError:
                 raise
             except ChainfsError as e:
