@@ -149,15 +149,20 @@ async def wait_routing(client: MgmtClient, pred: Any, timeout_s: float = 20.0) -
         await asyncio.sleep(0.05)
 
 
+async def settled(client: MgmtClient) -> Any:
+    """Routing once every target's first heartbeat is applied (bounded poll)."""
+    return await wait_routing(
+        client, lambda r: all(t.local_state == mp.UPTODATE for t in r.info.targets)
+    )
+
+
 async def test_chain_table_heartbeat_timeout_and_return(
     mgmtd: ServiceProcess, client: MgmtClient
 ) -> None:
     addr = mgmtd.info["rpc_address"]
     nodes = await start_nodes(client, 3)
     try:
-        await wait_routing(
-            client, lambda r: all(t.local_state == mp.UPTODATE for t in r.info.targets)
-        )
+        await settled(client)
         created = await admin_json(addr, "init-cluster", "--replicas", "3")
         assert len(created) == 2
         for chain in created:
@@ -219,9 +224,7 @@ async def test_bad_input_is_rejected_and_changes_nothing(
     addr = mgmtd.info["rpc_address"]
     nodes = await start_nodes(client, 2)
     try:
-        before = await wait_routing(  # settled: every first heartbeat applied
-            client, lambda r: all(t.local_state == mp.UPTODATE for t in r.info.targets)
-        )
+        before = await settled(client)
         targets_before = await admin_json(addr, "targets")
         chains_before = await admin_json(addr, "chains")
 

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.common.routing import Routing
 from chainfs.common.rpc.mgmt_client import MgmtClient
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.testing.proc import ServiceProcess
 from tests.conftest import require_binary
-from tests.integration.test_mgmtd import start_nodes, write_config
+from tests.integration.test_mgmtd import settled, start_nodes, write_config
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.etcd]
 
@@ -90,9 +89,9 @@ async def test_killing_the_primary_hands_over_and_loses_nothing(
                 assert via_standby.primary_address == first.info["rpc_address"]
             nodes = await start_nodes(client, 3)
             try:
-                before = await _settled(client)
+                before = await settled(client)
                 await client.create_chains(3)
-                before = await _settled(client)
+                before = await settled(client)
                 assert len(before.chains) == 2
 
                 killed_at = time.monotonic()
@@ -125,19 +124,6 @@ async def test_killing_the_primary_hands_over_and_loses_nothing(
     finally:
         for p in procs:
             p.stop()
-
-
-async def _settled(client: MgmtClient) -> Routing:
-    """Routing once every target's first heartbeat is applied (bounded poll)."""
-    deadline = time.monotonic() + 20
-    while True:
-        routing = await client.get_routing()
-        assert routing is not None
-        if all(t.local_state == mp.UPTODATE for t in routing.info.targets):
-            return routing
-        if time.monotonic() > deadline:
-            raise AssertionError(f"targets never reported: {routing.info}")
-        await asyncio.sleep(0.05)
 
 
 async def test_a_paused_primary_does_not_act_after_the_handover(
