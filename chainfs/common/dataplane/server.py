@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 _EMPTY = memoryview(b"")
 MAX_ERROR_MESSAGE_BYTES = 4096
+# After accept() fails (EMFILE, ENFILE, ENOBUFS ...) the listener stays readable:
+# stop watching it this long (s) instead of spinning the loop and the log.
+ACCEPT_RETRY_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +251,7 @@ class DataServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._accept_retry: dict[socket.socket, asyncio.TimerHandle] = {}
         self._bound_port = 0
         self.stats = {"connections": 0, "requests": 0, "errors": 0, "bad_frames": 0}
 
@@ -304,7 +308,13 @@ class DataServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and friends: keep serving who we have
-                log.warning("data plane accept failed: %s", e)
+                log.warning(
+                    "data plane accept failed: %s; retrying in %.0f ms", e, ACCEPT_RETRY_S * 1e3
+                )
+                self._loop.remove_reader(ls.fileno())
+                self._accept_retry[ls] = self._loop.call_later(
+                    ACCEPT_RETRY_S, self._resume_accept, ls
+                )
                 return
             if len(self._conns) >= self.config.max_server_connections:
                 log.warning("data plane: connection limit reached, refusing %s", addr)
@@ -320,6 +330,11 @@ class DataServer:
             self._conns.add(conn)
             self.stats["connections"] += 1
             conn.start_reading()
+
+    def _resume_accept(self, ls: socket.socket) -> None:
+        self._accept_retry.pop(ls, None)
+        if self._loop is not None and ls in self._listeners:
+            self._loop.add_reader(ls.fileno(), self._on_accept, ls)
 
     def _dispatch(self, conn: _ServerConn, req: Request, buf: PooledBuffer | None) -> None:
         assert self._loop is not None
@@ -409,6 +424,9 @@ class DataServer:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        for handle in self._accept_retry.values():
+            handle.cancel()
+        self._accept_retry.clear()
         for ls in self._listeners:
             loop.remove_reader(ls.fileno())
             ls.close()

@@ -716,3 +716,27 @@ async def test_idle_connection_reset_by_server_is_replaced_transparently(env: _E
     reply = await client.request(server.address, ECHO, b"2", [b"data"])
     assert (reply.header, reply.payload.tobytes()) == (b"2", b"data")
     assert server.stats["connections"] == 2
+
+
+async def test_accept_failure_pauses_the_listener_then_serves_again(
+    env: _Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMFILE on accept leaves the listener readable: the server must stop
+    watching it for a while (no busy loop) and accept again afterwards."""
+    server = await env.server()
+    client = env.client()
+    failures = 0
+
+    def failing_accept(self: socket.socket) -> tuple[socket.socket, object]:
+        nonlocal failures
+        failures += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(socket.socket, "accept", failing_accept)
+    pending = asyncio.ensure_future(client.request(server.address, ECHO, b"x", [b"data"]))
+    await _until(lambda: failures >= 1)
+    assert server._accept_retry, "the listener is paused after a failed accept"
+    monkeypatch.undo()
+    reply = await pending
+    assert (reply.header, reply.payload.tobytes()) == (b"x", b"data")
+    assert not server._accept_retry
