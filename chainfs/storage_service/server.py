@@ -47,6 +47,7 @@ from chainfs.storage_service.resync import SYNC_REPORT, Resyncer, SyncReceiver
 from chainfs.storage_service.scrubber import Repairer, Scrubber
 
 log = logging.getLogger(__name__)
+_MAX_UNIX_PATH_BYTES = 108  # sizeof(sockaddr_un.sun_path) on Linux, NUL included
 
 
 M = TypeVar("M", bound=Message)
@@ -237,7 +238,16 @@ class StorageNode:
         self.rpc_address = f"{cfg.listen_host}:{port}"
         # Data plane.
         if cfg.unix_socket and cfg.targets:
-            self.unix_path = str(Path(cfg.targets[0]) / cfg.unix_socket)
+            path = str(Path(cfg.targets[0]) / cfg.unix_socket)
+            if len(os.fsencode(path)) < _MAX_UNIX_PATH_BYTES:
+                self.unix_path = path
+            else:
+                # The kernel's sun_path holds 108 bytes: serve over TCP only.
+                log.warning(
+                    "unix socket path too long (%d bytes), TCP only: %s",
+                    len(os.fsencode(path)),
+                    path,
+                )
         self.data_server = DataServer(
             self.handle,
             cfg.listen_host,
