@@ -17,7 +17,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,7 +230,7 @@ class MgmtClient:
             return None
         return Routing(rsp.routing)
 
-    async def watch_routing(self, known_version: int = 0) -> AsyncIterator[Routing]:
+    async def watch_routing(self, known_version: int = 0) -> AsyncGenerator[Routing, None]:
         """Routing info now (if newer than ``known_version``) and after every change.
 
         Streams from the primary (found with one GetRoutingInfo call first). Ends
