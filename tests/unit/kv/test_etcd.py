@@ -36,6 +36,7 @@ async def test_stores_with_other_prefixes_do_not_see_each_other(
 ) -> None:
     a = kv.open(_url(etcd_cluster))
     b = kv.open(_url(etcd_cluster))
+    assert isinstance(a, EtcdStore) and isinstance(b, EtcdStore)
     try:
         await a.set(b"k", b"from a")
         assert await b.get(b"k") is None
@@ -43,14 +44,16 @@ async def test_stores_with_other_prefixes_do_not_see_each_other(
         assert await a.get(b"k") == b"from a"
         assert isinstance(a, EtcdStore)
         raw = await _raw_keys(a)
-        assert a.prefix.encode() + b"/d/k" in raw and b.prefix.encode() + b"/d/k" in raw  # type: ignore[attr-defined]
+        assert a.prefix.encode() + b"/d/k" in raw and b.prefix.encode() + b"/d/k" in raw
     finally:
         await a.close()
         await b.close()
     # Closing removed the commit markers: only user data stays under the prefixes.
     observer = EtcdStore.from_url(_url(etcd_cluster))
-    leftover = await _raw_keys(observer)
-    await observer.close()
+    try:
+        leftover = await _raw_keys(observer)
+    finally:
+        await observer.close()
     assert not [
         k for k in leftover if k.startswith((a.prefix.encode(), b.prefix.encode())) and b"/t/" in k
     ]
