@@ -116,8 +116,17 @@ def channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
+# Servers accept the clients' keepalive pings (every keepalive_time_ms above);
+# gRPC's default minimum of 5 minutes answers them with GOAWAY too_many_pings.
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
 def server() -> grpc.aio.Server:
-    return grpc.aio.server(options=CHANNEL_OPTIONS)
+    return grpc.aio.server(options=SERVER_OPTIONS)
 
 
 def bind(srv: grpc.aio.Server, host: str, port: int) -> int:
