@@ -22,9 +22,13 @@ class MountConfig:
     # show up after at most this long. Our own changes are seen at once.
     attr_timeout_ms: int = 1_000
     entry_timeout_ms: int = 1_000
-    # How long the kernel remembers that a name does not exist (0: never; a
-    # file created by another client would stay invisible for this long).
-    negative_timeout_ms: int = 0
+    # How long "no such name" is trusted: the kernel caches failed lookups
+    # this long, and the mount keeps the complete name list of small
+    # directories this long to answer lookups of absent names without asking
+    # meta (creating many files, unlinking absent ones). A name created by
+    # ANOTHER client may stay invisible here for this long (as a name it
+    # removed stays visible for entry_timeout_ms). 0 turns both off.
+    negative_timeout_ms: int = 1_000
     # Keep a file's kernel page cache across opens when meta says the file is
     # unchanged (same size and mtime) since we last had it open (close-to-open).
     keep_cache: bool = True
@@ -40,6 +44,8 @@ class MountConfig:
     # FUSE requests served concurrently (pyfuse3 worker tasks): parallel readers
     # are served in parallel up to this many.
     max_requests: int = 64
+    # statfs (df) answers are reused this long: tools call it per file.
+    statfs_cache_ms: int = 1_000
     # Directory entries asked from meta per readdir page (with attributes).
     readdir_page_entries: int = 1024
     # Bound on one request while the cluster is unreachable: after this the
@@ -59,7 +65,12 @@ class MountConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
 
     def validate(self) -> None:
-        for name in ("attr_timeout_ms", "entry_timeout_ms", "negative_timeout_ms"):
+        for name in (
+            "attr_timeout_ms",
+            "entry_timeout_ms",
+            "negative_timeout_ms",
+            "statfs_cache_ms",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("max_requests", "cluster_timeout_ms", "readdir_page_entries"):

@@ -21,13 +21,14 @@ kernel turns into EOPNOTSUPP or its local fallback.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import functools
 import logging
 import os
 import stat as stat_mod
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
@@ -37,7 +38,7 @@ from chainfs.client.file import AsyncFile, Mode, OpenHandle
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import MetaClient, UserInfo, mode_bits
 from chainfs.fuse_mount.config import MountConfig
-from chainfs.fuse_mount.state import DirHandle, FileHandle, GroupsCache, OpenInode
+from chainfs.fuse_mount.state import DirHandle, DirNames, FileHandle, GroupsCache, OpenInode
 from chainfs.proto import meta_pb2 as mt
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ _NOW_SLACK_NS = 200_000_000
 # Margin on top of the client's own timeouts before a request is cut short.
 _GUARD_MARGIN_S = 5.0
 _CAPS = b"security.capability"
+# Name lists kept for negative lookups: directories of at most this many
+# entries, at most this many directories (least recently used dropped).
+_NAMES_MAX_ENTRIES = 1024
+_NAMES_MAX_DIRS = 512
 _RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
 _WRITE_MODE = Mode(
     readable=False,
@@ -132,6 +137,9 @@ class ChainfsOperations(pyfuse3.Operations):
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
+        self._names: collections.OrderedDict[int, DirNames] = collections.OrderedDict()
+        self._mutations = 0  # namespace changes made through this mount, ever
+        self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None  # (expires, answer)
         self.on_init: Callable[[], None] | None = None  # run once the kernel handshake is done
 
     # -- helpers ---------------------------------------------------------------
@@ -290,6 +298,67 @@ class ChainfsOperations(pyfuse3.Operations):
             return
         st.hold_session = rsp.session_id
 
+    # -- names known to be absent --------------------------------------------------
+    def _absent(self, parent: int, name: bytes) -> bool:
+        """True when ``parent``'s fresh name list says ``name`` does not exist."""
+        nc = self._names.get(parent)
+        if nc is None:
+            return False
+        if time.monotonic() > nc.expires:
+            del self._names[parent]
+            return False
+        self._names.move_to_end(parent)
+        return name not in nc.names
+
+    def _install_names(self, parent: int, names: set[bytes], since: int) -> None:
+        """Keep a complete listing fetched while no change went through us."""
+        if self._negative_timeout_s <= 0 or since != self._mutations:
+            return
+        if len(names) > _NAMES_MAX_ENTRIES:
+            return
+        self._names[parent] = DirNames(time.monotonic() + self._negative_timeout_s, names)
+        self._names.move_to_end(parent)
+        while len(self._names) > _NAMES_MAX_DIRS:
+            self._names.popitem(last=False)
+
+    async def _list_names(self, parent: int, user: UserInfo) -> None:
+        if self._negative_timeout_s <= 0 or parent in self._names:
+            return
+        since = self._mutations
+        try:
+            rsp = await self.meta.readdir(parent, b"", _NAMES_MAX_ENTRIES, False, user=user)
+        except ChainfsError:
+            return  # e.g. no read permission: no list, lookups ask meta
+        if not rsp.more:
+            self._install_names(parent, {e.name for e in rsp.entries}, since)
+
+    async def _changing(
+        self,
+        change: Awaitable[T],
+        added: Sequence[tuple[int, bytes]] = (),
+        removed: Sequence[tuple[int, bytes]] = (),
+    ) -> T:
+        """Run a namespace change; keep the name lists of its directories current."""
+        try:
+            result = await change
+        except BaseException:
+            self._mutations += 1
+            for parent, _ in (*added, *removed):
+                self._names.pop(parent, None)  # outcome unknown: forget the list
+            raise
+        self._mutations += 1
+        for parent, name in removed:
+            nc = self._names.get(parent)
+            if nc is not None:
+                nc.names.discard(name)
+        for parent, name in added:
+            nc = self._names.get(parent)
+            if nc is not None:
+                nc.names.add(name)
+                if len(nc.names) > _NAMES_MAX_ENTRIES:
+                    del self._names[parent]
+        return result
+
     # -- names -----------------------------------------------------------------
     @_op
     async def lookup(
@@ -302,8 +371,15 @@ class ChainfsOperations(pyfuse3.Operations):
             elif name == b"..":
                 d = await self.meta.stat(parent_inode, follow=False, user=user)
                 inode = await self.meta.stat(d.parent or ROOT_INO, follow=False, user=user)
+            elif self._absent(parent_inode, name):
+                raise ChainfsError(Code.ENOENT, "not in the directory's name list")
             else:
-                inode = await self.meta.lookup(parent_inode, name, user)
+                try:
+                    inode = await self.meta.lookup(parent_inode, name, user)
+                except ChainfsError as e:
+                    if e.code == Code.ENOENT:
+                        await self._list_names(parent_inode, user)
+                    raise
         except ChainfsError as e:
             if e.code == Code.ENOENT and self._negative_timeout_s > 0:
                 neg = pyfuse3.EntryAttributes()
@@ -396,14 +472,17 @@ class ChainfsOperations(pyfuse3.Operations):
         if stat_mod.S_IFMT(mode) not in (0, stat_mod.S_IFREG):
             # FIFOs, sockets and device nodes are not stored by chainfs.
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        rsp = await self.meta.open(
-            (parent_inode, name),
-            read=False,
-            write=False,
-            create=True,
-            exclusive=True,
-            mode=mode & 0o7777,
-            user=self._user(ctx),
+        rsp = await self._changing(
+            self.meta.open(
+                (parent_inode, name),
+                read=False,
+                write=False,
+                create=True,
+                exclusive=True,
+                mode=mode & 0o7777,
+                user=self._user(ctx),
+            ),
+            added=[(parent_inode, name)],
         )
         self._remember(rsp.inode.ino)
         return self._entry(rsp.inode)
@@ -412,7 +491,11 @@ class ChainfsOperations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        inode = await self.meta.mkdir((parent_inode, name), mode & 0o7777, user=self._user(ctx))
+        inode = await self._changing(
+            self.meta.mkdir((parent_inode, name), mode & 0o7777, user=self._user(ctx)),
+            added=[(parent_inode, name)],
+        )
+        self._install_names(inode.ino, set(), self._mutations)  # new: empty
         self._remember(inode.ino)
         return self._entry(inode)
 
@@ -420,17 +503,25 @@ class ChainfsOperations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         user = self._user(ctx)
         await self._hold_if_open(parent_inode, name, user)
-        await self.meta.unlink((parent_inode, name), user=user)
+        await self._changing(
+            self.meta.unlink((parent_inode, name), user=user), removed=[(parent_inode, name)]
+        )
 
     @_op
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.meta.rmdir((parent_inode, name), user=self._user(ctx))
+        await self._changing(
+            self.meta.rmdir((parent_inode, name), user=self._user(ctx)),
+            removed=[(parent_inode, name)],
+        )
 
     @_op
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        inode = await self.meta.symlink(target, (parent_inode, name), user=self._user(ctx))
+        inode = await self._changing(
+            self.meta.symlink(target, (parent_inode, name), user=self._user(ctx)),
+            added=[(parent_inode, name)],
+        )
         self._remember(inode.ino)
         return self._entry(inode)
 
@@ -449,15 +540,23 @@ class ChainfsOperations(pyfuse3.Operations):
         user = self._user(ctx)
         if not flags & pyfuse3.RENAME_EXCHANGE:
             await self._hold_if_open(parent_inode_new, name_new, user)
-        await self.meta.rename(
-            (parent_inode_old, name_old), (parent_inode_new, name_new), flags, user=user
+        await self._changing(
+            self.meta.rename(
+                (parent_inode_old, name_old), (parent_inode_new, name_new), flags, user=user
+            ),
+            added=[(parent_inode_new, name_new)]
+            + ([(parent_inode_old, name_old)] if flags & pyfuse3.RENAME_EXCHANGE else []),
+            removed=[] if flags & pyfuse3.RENAME_EXCHANGE else [(parent_inode_old, name_old)],
         )
 
     @_op
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        result = await self.meta.link(inode, (new_parent_inode, new_name), user=self._user(ctx))
+        result = await self._changing(
+            self.meta.link(inode, (new_parent_inode, new_name), user=self._user(ctx)),
+            added=[(new_parent_inode, new_name)],
+        )
         self._remember(result.ino)
         return self._entry(result)
 
@@ -487,16 +586,19 @@ class ChainfsOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         acc = flags & os.O_ACCMODE
-        rsp = await self.meta.open(
-            (parent_inode, name),
-            read=acc in (os.O_RDONLY, os.O_RDWR),
-            write=acc in (os.O_WRONLY, os.O_RDWR),
-            create=True,
-            exclusive=bool(flags & os.O_EXCL),
-            truncate=bool(flags & os.O_TRUNC),
-            nofollow=True,
-            mode=mode & 0o7777,
-            user=self._user(ctx),
+        rsp = await self._changing(
+            self.meta.open(
+                (parent_inode, name),
+                read=acc in (os.O_RDONLY, os.O_RDWR),
+                write=acc in (os.O_WRONLY, os.O_RDWR),
+                create=True,
+                exclusive=bool(flags & os.O_EXCL),
+                truncate=bool(flags & os.O_TRUNC),
+                nofollow=True,
+                mode=mode & 0o7777,
+                user=self._user(ctx),
+            ),
+            added=[(parent_inode, name)],
         )
         truncated = bool(flags & os.O_TRUNC) and not rsp.created
         fi, _ = await self._start_handle(rsp.inode, rsp.session_id, flags, truncated)
@@ -575,6 +677,7 @@ class ChainfsOperations(pyfuse3.Operations):
     @_op
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         user = self._user(ctx)
+        since = self._mutations
         dir_inode, first = await asyncio.gather(
             self.meta.stat(inode, follow=False, user=user),
             self.meta.readdir(inode, b"", self._page, with_attrs=True, user=user),
@@ -582,6 +685,8 @@ class ChainfsOperations(pyfuse3.Operations):
         fh = self._fh()
         d = DirHandle(fh, inode, dir_inode.parent or ROOT_INO, user, dir_inode)
         self._take_page(d, first)
+        if not first.more:
+            self._install_names(inode, {e.name for e in first.entries}, since)
         self._dirs[fh] = d
         return fh
 
@@ -651,6 +756,9 @@ class ChainfsOperations(pyfuse3.Operations):
     # -- file system -------------------------------------------------------------
     @_op
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        now = time.monotonic()
+        if self._statfs is not None and now < self._statfs[0]:
+            return self._statfs[1]
         rsp = await self.meta.statfs(user=self._user(ctx))
         bsize = rsp.block_size or 4096
         s = pyfuse3.StatvfsData()
@@ -664,6 +772,7 @@ class ChainfsOperations(pyfuse3.Operations):
         s.f_ffree = s.f_files - rsp.inodes_allocated
         s.f_favail = s.f_ffree
         s.f_namemax = rsp.max_name_bytes or 255
+        self._statfs = (now + self.config.statfs_cache_ms / 1000, s)
         return s
 
     def _caps_changed(self, inode: int, name: bytes) -> None:

@@ -75,6 +75,19 @@ class DirHandle:
     fetched: bool = False  # the first page has been asked for
 
 
+@dataclass
+class DirNames:
+    """Every name of a small directory, as listed by meta at one moment.
+
+    Lets a lookup of a name that is not there answer ENOENT without asking
+    meta (unlink of absent names, the lookup before each create); our own
+    changes keep it current, other clients' show after it expires.
+    """
+
+    expires: float  # time.monotonic()
+    names: set[bytes]
+
+
 class GroupsCache:
     """Supplementary group ids of calling pids (bounded, short-lived)."""
 
