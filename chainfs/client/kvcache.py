@@ -129,10 +129,9 @@ class KVCacheConfig:
     # get/get_into/exists calls made while this many are in flight wait and go
     # out together as one batch (one metadata call, one storage batch).
     coalesce_inflight: int = 4
-    # A value going into a caller's buffer is read straight there, with its
-    # header apart; below this size header and value come in one request and
-    # the value is copied (a copy is cheaper than a second request).
-    copy_below_bytes: int = 64 * 1024
+    # Idle read buffers kept for reuse (a fresh buffer costs a zero-fill that
+    # shows at GB/s); in-use buffers are not counted.
+    scratch_pool_bytes: int = 64 * MiB
     # Re-reads of a key whose entry changed (was removed, replaced) under a read.
     max_read_retries: int = 2
     # Record entries' access times for LRU eviction (one metadata update per
@@ -190,7 +189,7 @@ class KVCacheConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
-        for name in ("max_read_retries", "atime_granularity_s", "copy_below_bytes"):
+        for name in ("max_read_retries", "atime_granularity_s", "scratch_pool_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("gc_interval_s", "tmp_max_age_s"):
@@ -349,6 +348,37 @@ def _parse_layout(raw: bytes | None, where: str) -> dict[str, int]:
     return layout
 
 
+class _ScratchPool:
+    """Read buffers for reuse, by size class, at most ``max_bytes`` of them idle."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._idle_bytes = 0
+        self._free: dict[int, list[bytearray]] = collections.defaultdict(list)
+
+    @staticmethod
+    def _size_class(n: int) -> int:
+        if n <= 64 * 1024:
+            return max(4096, 1 << (n - 1).bit_length())
+        return -(-n // (64 * 1024)) * (64 * 1024)
+
+    def take(self, n: int) -> memoryview:
+        size = self._size_class(n)
+        free = self._free.get(size)
+        if free:
+            self._idle_bytes -= size
+            return memoryview(free.pop())[:n]
+        return memoryview(bytearray(size))[:n]
+
+    def give(self, view: memoryview) -> None:
+        buf = view.obj
+        assert isinstance(buf, bytearray), type(buf)
+        view.release()
+        if self._idle_bytes + len(buf) <= self._max_bytes:
+            self._free[len(buf)].append(buf)
+            self._idle_bytes += len(buf)
+
+
 ItemT = TypeVar("ItemT")
 R = TypeVar("R")
 
@@ -470,12 +500,13 @@ class AsyncKVCache:
         self._next_shard = 0
         self._evicting = False  # above the high watermark, not yet down to the low one
         self._put_sem = asyncio.Semaphore(config.max_parallel_puts)
+        self._scratch = _ScratchPool(config.scratch_pool_bytes)
         self._record_access = (
             config.capacity_bytes is not None
             if config.record_access_times is None
             else config.record_access_times
         )
-        self._single_gets: _Coalescer[tuple[Key, memoryview | None], memoryview | None] = (
+        self._single_gets: _Coalescer[tuple[Key, memoryview | None], bytes | memoryview | None] = (
             _Coalescer(self._run_single_gets, config.max_batch_keys, config.coalesce_inflight)
         )
         self._single_exists: _Coalescer[Key, bool] = _Coalescer(
@@ -536,7 +567,8 @@ class AsyncKVCache:
         """The value of ``key``, or None."""
         self._check_open()
         got = await self._single_gets.call((self._key(key), None))
-        return None if got is None else bytes(got)
+        assert got is None or isinstance(got, bytes), got
+        return got
 
     async def get_into(self, key: KeyLike, buffer: Buffer) -> int:
         """Read the value into ``buffer``; its length, or -1 on a miss.
@@ -555,11 +587,9 @@ class AsyncKVCache:
         out: list[bytes | None] = []
         for lo in range(0, len(ks), self.config.max_batch_keys):
             part = ks[lo : lo + self.config.max_batch_keys]
-            got = await self._get_many(part, [None] * len(part))
-            for j, r in enumerate(got):
-                assert not isinstance(r, BaseException), r  # only a caller buffer fails alone
-                out.append(None if r is None else bytes(r))
-                got[j] = None  # let the read buffer go: peak memory ~1x the values, not 2x
+            for r in await self._get_many(part, [None] * len(part)):
+                assert r is None or isinstance(r, bytes), r  # only a caller buffer fails alone
+                out.append(r)
         return out
 
     async def batch_get_into(self, keys: Sequence[KeyLike], buffers: Sequence[Buffer]) -> list[int]:
@@ -591,7 +621,7 @@ class AsyncKVCache:
 
     async def _run_single_gets(
         self, items: list[tuple[Key, memoryview | None]]
-    ) -> list[memoryview | ChainfsError | None]:
+    ) -> list[bytes | memoryview | ChainfsError | None]:
         return await self._get_many([k for k, _ in items], [o for _, o in items])
 
     async def _run_single_exists(self, keys: list[Key]) -> list[bool | ChainfsError]:
@@ -599,28 +629,30 @@ class AsyncKVCache:
 
     async def _get_many(
         self, keys: list[Key], outs: list[memoryview | None]
-    ) -> list[memoryview | ChainfsError | None]:
-        """Per key: a view of its value (in ``outs[i]`` when given), None on a miss, or
-        ERANGE when the value does not fit ``outs[i]``.
+    ) -> list[bytes | memoryview | ChainfsError | None]:
+        """Per key: its value (a view of ``outs[i]`` when given, else new bytes), None
+        on a miss, or ERANGE when the value does not fit ``outs[i]``.
 
-        One metadata batch looks every key up; one storage batch reads header
-        and value of every hit (one chunk request per chunk touched). A value
-        going into a caller's buffer is read there directly, with its header
-        apart, unless it is small enough that one request plus a copy is cheaper.
+        One metadata batch looks every key up; one storage batch reads every hit,
+        one request per chunk: storage checks a whole chunk's CRC for every
+        request, so two requests on one chunk would cost it twice. The first
+        chunk (header and the value's start) lands in a pooled scratch buffer
+        and that part of the value is copied out; the value's later chunks go
+        straight into the caller's buffer.
         """
         n = len(keys)
-        result: list[memoryview | ChainfsError | None] = [None] * n
+        result: list[bytes | memoryview | ChainfsError | None] = [None] * n
         probe = [0] * n
         retries = [0] * n
         pending = list(range(n))
-        small = self.config.copy_below_bytes
         for _ in range(self.config.max_probes + self.config.max_read_retries + 1):
             if not pending:
                 break
             infos = await self._store.kv_stat_many([self._path(keys[i], probe[i]) for i in pending])
             now_ns = time.time_ns()
-            # (key index, info, header view, value view, caller view to copy into)
-            reads: list[tuple[int, EntryInfo, memoryview, memoryview, memoryview | None]] = []
+            # (key index, info, first chunk (scratch), the rest of the value, caller buffer)
+            reads: list[tuple[int, EntryInfo, memoryview, memoryview | None, memoryview | None]]
+            reads = []
             items: list[tuple[EntryInfo, int, memoryview]] = []
             nxt: list[int] = []
             for i, info in zip(pending, infos, strict=True):
@@ -642,33 +674,42 @@ class AsyncKVCache:
                         keys[i].display(),
                     )
                     continue
-                if out is not None and vlen >= small:
-                    hview, vview = memoryview(bytearray(hlen)), out[:vlen]
-                    items.append((info, 0, hview))
-                    items.append((info, hlen, vview))
-                    reads.append((i, info, hview, vview, None))
-                else:
-                    whole = memoryview(bytearray(info.size))
-                    items.append((info, 0, whole))
-                    reads.append((i, info, whole[:hlen], whole[hlen:], out))
+                first = min(info.size, info.layout.chunk_size)
+                head = self._scratch.take(first)
+                items.append((info, 0, head))
+                rest: memoryview | None = None
+                if info.size > first:
+                    if out is not None:
+                        rest = out[first - hlen : vlen]
+                    else:
+                        rest = memoryview(bytearray(info.size - first))
+                    items.append((info, first, rest))
+                reads.append((i, info, head, rest, out))
             if reads:
                 for r in reads:
                     self._pins[r[1].ino] += 1
                 try:
                     await self._store.kv_read_many(items)
+                except BaseException:
+                    for r in reads:
+                        self._scratch.give(r[2])
+                    raise
                 finally:
                     for r in reads:
                         ino = r[1].ino
                         self._pins[ino] -= 1
                         if self._pins[ino] <= 0:
                             del self._pins[ino]
-                for i, info, hview, vview, copy_to in reads:
-                    verdict = check_entry(keys[i].raw, hview, vview)
+                for i, info, head, rest, out in reads:
+                    hlen = keys[i].header_len
+                    parts = [head[hlen:]] if rest is None else [head[hlen:], rest]
+                    verdict = check_entry(keys[i].raw, head[:hlen], parts)
                     if verdict is Check.OK:
-                        if copy_to is not None:
-                            copy_to[: len(vview)] = vview
-                            vview = copy_to[: len(vview)]
-                        result[i] = vview
+                        if out is not None:
+                            out[: len(head) - hlen] = head[hlen:]
+                            result[i] = out[: info.size - hlen]
+                        else:
+                            result[i] = b"".join(parts)
                         self._note_access(self._path(keys[i], probe[i]), info, now_ns)
                     elif verdict is Check.OTHER_KEY:
                         if probe[i] + 1 < self.config.max_probes:
@@ -679,8 +720,9 @@ class AsyncKVCache:
                         retries[i] += 1
                         self._counters.read_retries += 1
                         nxt.append(i)
+                    self._scratch.give(head)
             pending = nxt
-        hits = sum(1 for r in result if isinstance(r, memoryview))
+        hits = sum(1 for r in result if isinstance(r, bytes | memoryview))
         self._counters.hits += hits
         self._counters.misses += sum(1 for r in result if r is None)
         return result

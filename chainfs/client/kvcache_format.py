@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from enum import Enum
 
-from chainfs.common.checksum import crc32c
+from chainfs.common.checksum import crc32c, crc32c_extend
 from chainfs.common.errors import ChainfsError, Code
 
 MAGIC = b"CFKV"
@@ -112,11 +112,17 @@ def check_header(key: bytes, header: memoryview, value_len: int) -> Check:
     return Check.OK
 
 
-def check_entry(key: bytes, header: memoryview, value: memoryview) -> Check:
-    """Whether ``header`` + ``value`` (as read) are the whole entry of ``key``."""
-    verdict = check_header(key, header, len(value))
-    if verdict is Check.OK and crc32c(value) != _FIXED.unpack_from(header)[5]:
-        return Check.CHANGED
+def check_entry(key: bytes, header: memoryview, value: memoryview | list[memoryview]) -> Check:
+    """Whether ``header`` + ``value`` (as read; the value possibly in parts) are the
+    whole entry of ``key``."""
+    parts = value if isinstance(value, list) else [value]
+    verdict = check_header(key, header, sum(len(p) for p in parts))
+    if verdict is Check.OK:
+        crc = 0
+        for p in parts:
+            crc = crc32c_extend(crc, p)
+        if crc != _FIXED.unpack_from(header)[5]:
+            return Check.CHANGED
     return verdict
 
 
