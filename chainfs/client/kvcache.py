@@ -593,7 +593,11 @@ class AsyncKVCache:
         return out
 
     async def batch_get_into(self, keys: Sequence[KeyLike], buffers: Sequence[Buffer]) -> list[int]:
-        """Read each value straight into its buffer; lengths in key order, -1 for a miss.
+        """Read each value into its buffer; lengths in key order, -1 for a miss.
+
+        The part of a value in the entry's first chunk (beside its header) is
+        copied from a scratch buffer; every later chunk lands straight in the
+        buffer (one storage request per chunk either way).
 
         ERANGE when a value is longer than its buffer: that buffer is left
         alone, the other keys are read, then the error is raised.
