@@ -45,6 +45,7 @@ def fio(directory: Path, *args: str) -> str:
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            "--verify_state_save=0",  # else fio drops *-verify.state files in the cwd
             "--output-format=terse",
             *args,
         ],
