@@ -25,10 +25,11 @@ class MountConfig:
     # How long "no such name" is trusted: the kernel caches failed lookups
     # this long, and the mount keeps the complete name list of small
     # directories this long to answer lookups of absent names without asking
-    # meta (creating many files, unlinking absent ones). A name created by
-    # ANOTHER client may stay invisible here for this long (as a name it
-    # removed stays visible for entry_timeout_ms). 0 turns both off.
-    negative_timeout_ms: int = 1_000
+    # meta (creating many files, unlinking absent ones: much faster). Off by
+    # default because a name created by ANOTHER client then stays invisible
+    # here for up to this long; turn it on (e.g. 1000) when one client owns
+    # what it creates.
+    negative_timeout_ms: int = 0
     # Keep a file's kernel page cache across opens when meta says the file is
     # unchanged (same size and mtime) since we last had it open (close-to-open).
     keep_cache: bool = True
@@ -41,6 +42,11 @@ class MountConfig:
     # Read-ahead window of the mount in KiB, set on the mount's bdi after the
     # FUSE handshake (needs root; the kernel default is 128). 0 leaves it.
     read_ahead_kb: int = 8 * 1024
+    # Read-ahead in the mount, per handle reading sequentially: this many bytes
+    # are fetched ahead in blocks of one chunk (1-8 MiB), in parallel; all
+    # handles together hold at most readahead_budget_bytes. 0 turns it off.
+    readahead_bytes: int = 16 * 1024 * 1024
+    readahead_budget_bytes: int = 256 * 1024 * 1024
     # FUSE requests served concurrently (pyfuse3 worker tasks): parallel readers
     # are served in parallel up to this many.
     max_requests: int = 64
@@ -70,6 +76,8 @@ class MountConfig:
             "entry_timeout_ms",
             "negative_timeout_ms",
             "statfs_cache_ms",
+            "readahead_bytes",
+            "readahead_budget_bytes",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -97,6 +98,17 @@ def set_read_ahead(mountpoint: str, kib: int) -> None:
     log.info("read-ahead of %s set to %d KiB", mountpoint, kib)
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: log where every pending request is waiting (diagnosing a stuck mount)."""
+    tasks = asyncio.all_tasks()
+    lines = [f"{len(tasks)} tasks:"]
+    for t in tasks:
+        frames = t.get_stack(limit=12)
+        where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
+        lines.append(f"  {t.get_name()}: {where}")
+    log.warning("\n".join(lines))
+
+
 async def serve(mountpoint: str, config: MountConfig, ready_file: str | None = None) -> int:
     """Connect, mount, serve until unmounted or signalled; returns an exit status.
 
@@ -123,7 +135,11 @@ async def serve(mountpoint: str, config: MountConfig, ready_file: str | None = N
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop, sig)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     unmount = True
+    # Start-up objects (modules, protobuf descriptors, gRPC) live forever: keep
+    # the cyclic GC from rescanning them on every collection.
+    gc.freeze()
     try:
         write_ready_file(ready_file, {"mountpoint": mountpoint, "address": config.address})
         log.info("chainfs %s mounted at %s", config.address, mountpoint)
@@ -133,6 +149,7 @@ async def serve(mountpoint: str, config: MountConfig, ready_file: str | None = N
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        loop.remove_signal_handler(signal.SIGUSR1)
         try:
             async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
                 await ops.shutdown()

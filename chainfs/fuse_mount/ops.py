@@ -35,9 +35,11 @@ import pyfuse3
 
 from chainfs.client.aio_fs import AsyncFileSystem, layout_of
 from chainfs.client.file import AsyncFile, Mode, OpenHandle
+from chainfs.common.dataplane.buffers import BufferPool
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import MetaClient, UserInfo, mode_bits
 from chainfs.fuse_mount.config import MountConfig
+from chainfs.fuse_mount.readahead import ReadAhead
 from chainfs.fuse_mount.state import DirHandle, DirNames, FileHandle, GroupsCache, OpenInode
 from chainfs.proto import meta_pb2 as mt
 
@@ -60,6 +62,9 @@ _CAPS = b"security.capability"
 # entries, at most this many directories (least recently used dropped).
 _NAMES_MAX_ENTRIES = 1024
 _NAMES_MAX_DIRS = 512
+# Read replies: the kernel asks at most 1 MiB per request (FUSE max_pages).
+_MiB = 1 << 20
+_MAX_READ_BYTES = _MiB
 _RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
 _WRITE_MODE = Mode(
     readable=False,
@@ -104,7 +109,13 @@ def _op(
             log.log(level, "%s%r: %s", name, args[:2], e)
             raise pyfuse3.FUSEError(errno.EIO if code in _UNREACHABLE_ERRNOS else code) from None
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the mount is shutting down
+            # Something we awaited was cancelled, not this request: answer it,
+            # or the caller would wait forever.
+            log.error("%s%r: an awaited operation was cancelled: EIO", name, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
             log.exception("%s%r failed unexpectedly: EIO", name, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -140,6 +151,12 @@ class ChainfsOperations(pyfuse3.Operations):
         self._names: collections.OrderedDict[int, DirNames] = collections.OrderedDict()
         self._mutations = 0  # namespace changes made through this mount, ever
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None  # (expires, answer)
+        # Reply buffers of reads, reused (a fresh 1 MiB buffer costs 256 page faults);
+        # room for every concurrent request, twice over.
+        room = 2 * config.max_requests * _MAX_READ_BYTES
+        self._read_buffers = BufferPool(room, room // 2)
+        budget = config.readahead_budget_bytes
+        self._readahead_buffers = BufferPool(budget, budget // 2) if budget else None
         self.on_init: Callable[[], None] | None = None  # run once the kernel handshake is done
 
     # -- helpers ---------------------------------------------------------------
@@ -204,6 +221,7 @@ class ChainfsOperations(pyfuse3.Operations):
             self._open[inode.ino] = st
         elif truncated:
             st.size = inode.size
+            st.generation += 1
         else:
             st.size = max(st.size, inode.size)
         return st
@@ -253,6 +271,17 @@ class ChainfsOperations(pyfuse3.Operations):
             readable=acc in (os.O_RDONLY, os.O_RDWR),
             writable=acc in (os.O_WRONLY, os.O_RDWR),
         )
+        if h.readable and self._readahead_buffers is not None and self.config.readahead_bytes:
+            layout = st.handle.layout
+            block = min(max(layout.chunk_size, _MiB), 8 * _MiB)
+            handle = st.handle
+
+            async def fetch(start: int, out: memoryview) -> None:
+                await self.fs._read_into(handle, start, out)
+
+            h.readahead = ReadAhead(
+                self._readahead_buffers, block, self.config.readahead_bytes, fetch
+            )
         self._files[fi.fh] = h
         st.handles += 1
         if h.writable:
@@ -459,6 +488,7 @@ class ChainfsOperations(pyfuse3.Operations):
                 await w.close()  # pushes what is buffered, then drops the writer
             result = await self.meta.setattr(inode, follow=False, user=user, size=size, **kw)
             st.size = size
+            st.generation += 1
         return self._entry(result)
 
     @_op
@@ -607,14 +637,26 @@ class ChainfsOperations(pyfuse3.Operations):
 
     @_op
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        _, st = self._file(fh)
+        h, st = self._file(fh)
         await self._push(st)
-        end = min(off + size, st.known_size())
+        known = st.known_size()
+        end = min(off + size, known)
         if end <= off:
             return b""
-        buf = bytearray(end - off)
-        await self.fs._read_into(st.handle, off, memoryview(buf))
-        return buf  # type: ignore[return-value]  # any buffer will do for pyfuse3
+        if h.readahead is not None:
+            ahead = await h.readahead.read(off, size, known, st.generation)
+            if ahead is not None:
+                return ahead  # type: ignore[return-value]  # pyfuse3 takes any buffer
+        buf = await self._read_buffers.acquire(end - off)
+        try:
+            await self.fs._read_into(st.handle, off, buf.view)
+        except BaseException:
+            buf.release()
+            raise
+        # pyfuse3 copies the reply to the kernel before this task yields again:
+        # the buffer goes back to the pool right after.
+        asyncio.get_running_loop().call_soon(buf.release)
+        return buf.view  # type: ignore[return-value]  # pyfuse3 takes any buffer
 
     @_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -625,6 +667,7 @@ class ChainfsOperations(pyfuse3.Operations):
             w = self._writer(st)
             w.seek_sync(off)
             n = await w.write(buf)
+        st.generation += 1
         st.dirty = True
         st.write_mtime_ns = time.time_ns()
         return n
@@ -650,6 +693,8 @@ class ChainfsOperations(pyfuse3.Operations):
         h = self._files.pop(fh, None)
         if h is None:
             return
+        if h.readahead is not None:
+            h.readahead.close()
         st = self._open[h.ino]
         try:
             if h.writable:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from chainfs.client.file import AsyncFile, OpenHandle
 from chainfs.common.rpc.meta_client import UserInfo
+from chainfs.fuse_mount.readahead import ReadAhead
 from chainfs.proto import meta_pb2 as mt
 
 # Supplementary groups of a caller, read from /proc/<pid>/status: kept this long
@@ -43,6 +44,9 @@ class OpenInode:
     # Meta said the file has no security.capability: the kernel asks before
     # every write (to drop capabilities); answered here while the file is open.
     no_caps: bool = False
+    # Bumped by every write and truncate through the mount: read-ahead blocks
+    # fetched under an older generation are not used.
+    generation: int = 0
 
     def known_size(self) -> int:
         if self.writer is not None:
@@ -57,6 +61,7 @@ class FileHandle:
     session: bytes  # meta write session; b"" for read-only opens
     readable: bool
     writable: bool
+    readahead: ReadAhead | None = None
 
 
 @dataclass
