@@ -40,7 +40,14 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import MetaClient, UserInfo, mode_bits
 from chainfs.fuse_mount.config import MountConfig
 from chainfs.fuse_mount.readahead import ReadAhead
-from chainfs.fuse_mount.state import DirHandle, DirNames, FileHandle, GroupsCache, OpenInode
+from chainfs.fuse_mount.state import (
+    DirHandle,
+    DirNames,
+    FileHandle,
+    GroupsCache,
+    OpenInode,
+    permitted,
+)
 from chainfs.proto import meta_pb2 as mt
 
 log = logging.getLogger(__name__)
@@ -869,20 +876,3 @@ class ChainfsOperations(pyfuse3.Operations):
             except pyfuse3.FUSEError as e:
                 log.warning("closing handle %d at unmount: errno %d", fh, e.errno)
         self._dirs.clear()
-
-
-def permitted(inode: mt.Inode, mode: int, user: UserInfo) -> bool:
-    """access(2) against the mode bits: R_OK/W_OK/X_OK (F_OK: exists)."""
-    want = mode & (os.R_OK | os.W_OK | os.X_OK)
-    if not want:
-        return True
-    perms = inode.mode
-    if user.uid == 0:  # root: anything, but execute only if some x bit is set
-        return not (want & os.X_OK and inode.type != mt.DIRECTORY and not perms & 0o111)
-    if user.uid == inode.uid:
-        bits = (perms >> 6) & 7
-    elif user.gid == inode.gid or inode.gid in user.gids:
-        bits = (perms >> 3) & 7
-    else:
-        bits = perms & 7
-    return want & bits == want

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -125,3 +126,20 @@ def _read_groups(pid: int) -> tuple[int, ...]:
     except (OSError, ValueError):
         pass  # the caller exited already: its primary gid is all we know
     return ()
+
+
+def permitted(inode: mt.Inode, mode: int, user: UserInfo) -> bool:
+    """access(2) against the mode bits: R_OK/W_OK/X_OK (F_OK: exists)."""
+    want = mode & (os.R_OK | os.W_OK | os.X_OK)
+    if not want:
+        return True
+    perms = inode.mode
+    if user.uid == 0:  # root: anything, but execute only if some x bit is set
+        return not (want & os.X_OK and inode.type != mt.DIRECTORY and not perms & 0o111)
+    if user.uid == inode.uid:
+        bits = (perms >> 6) & 7
+    elif user.gid == inode.gid or inode.gid in user.gids:
+        bits = (perms >> 3) & 7
+    else:
+        bits = perms & 7
+    return want & bits == want

@@ -1,0 +1,199 @@
+"""FUSE mount pieces that need no kernel: -o parsing, read-ahead, access checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chainfs.common.dataplane.buffers import BufferPool
+from chainfs.common.rpc.meta_client import UserInfo
+from chainfs.fuse_mount.config import MountConfig, apply_options
+from chainfs.fuse_mount.readahead import ReadAhead
+from chainfs.fuse_mount.state import permitted
+from chainfs.proto import meta_pb2 as mt
+
+MiB = 1024 * 1024
+
+
+def test_options_apply_and_validate() -> None:
+    cfg = MountConfig()
+    apply_options(cfg, "attr_timeout_ms=250,allow_other,ro,direct_io,nodefault_permissions")
+    apply_options(cfg, "max-requests=128, noatime")
+    assert cfg.attr_timeout_ms == 250 and cfg.allow_other and cfg.direct_io
+    assert not cfg.default_permissions and cfg.max_requests == 128
+    assert cfg.mount_flags == ["ro", "noatime"]
+    cfg.validate()
+    opts = cfg.fuse_options()
+    assert {"allow_other", "ro", "noatime", "subtype=chainfs"} <= opts
+    assert "default_permissions" not in opts
+
+
+@pytest.mark.parametrize(
+    ("options", "complaint"),
+    [
+        ("bogus", "unknown option"),
+        ("attr_timeout_ms=soon", "integer"),
+        ("attr_timeout_ms", "needs a value"),
+        ("allow_other=maybe", "true or false"),
+        ("mount_flags=ro", "unknown option"),
+    ],
+)
+def test_bad_options_name_the_problem(options: str, complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        apply_options(MountConfig(), options)
+
+
+@pytest.mark.parametrize("field", ["max_requests", "cluster_timeout_ms", "readdir_page_entries"])
+def test_validate_rejects_zero(field: str) -> None:
+    cfg = MountConfig()
+    setattr(cfg, field, 0)
+    with pytest.raises(ValueError, match=field):
+        cfg.validate()
+
+
+def test_client_timeouts_capped_by_cluster_timeout() -> None:
+    cfg = MountConfig(cluster_timeout_ms=2000)
+    c = cfg.effective_client_config()
+    assert c.meta_timeout_ms == 2000 and c.storage.timeout_ms == 2000
+    assert cfg.client.meta_timeout_ms > 2000  # the original is untouched
+
+
+def test_access_checks() -> None:
+    node = mt.Inode(type=mt.FILE, mode=0o640, uid=10, gid=20)
+    assert permitted(node, os.R_OK | os.W_OK, UserInfo(10, 99))
+    assert permitted(node, os.R_OK, UserInfo(11, 20))
+    assert not permitted(node, os.W_OK, UserInfo(11, 20))
+    assert permitted(node, os.R_OK, UserInfo(11, 5, (20,)))  # supplementary group
+    assert not permitted(node, os.R_OK, UserInfo(11, 5))
+    assert permitted(node, os.R_OK | os.W_OK, UserInfo(0, 0))
+    assert not permitted(node, os.X_OK, UserInfo(0, 0))  # root needs some x bit
+    assert permitted(node, os.F_OK, UserInfo(99, 99))
+
+
+# -- read-ahead ----------------------------------------------------------------------
+
+
+def _content(size: int) -> bytes:
+    return random.Random(size).randbytes(size)
+
+
+async def _read_all(
+    ra: ReadAhead, data: bytes, offsets: list[tuple[int, int]], generation: int = 0
+) -> list[bytes]:
+    out = []
+    for off, n in offsets:
+        got = await ra.read(off, n, len(data), generation)
+        if got is None:  # not served by read-ahead: the caller reads directly
+            got = memoryview(data[off : off + n])
+        out.append(bytes(got))
+    return out
+
+
+def _make(data: bytes, block: int, ahead: int, pool: BufferPool) -> tuple[ReadAhead, list[int]]:
+    fetched: list[int] = []
+
+    async def fetch(start: int, out: memoryview) -> None:
+        await asyncio.sleep(0)
+        fetched.append(start)
+        out[:] = data[start : start + len(out)]
+
+    return ReadAhead(pool, block, ahead, fetch), fetched
+
+
+async def test_sequential_reads_fetch_blocks_ahead() -> None:
+    data = _content(10 * MiB + 123)
+    pool = BufferPool(64 * MiB, 32 * MiB)
+    ra, fetched = _make(data, 2 * MiB, 4 * MiB, pool)
+    reqs = [(off, MiB) for off in range(0, len(data), MiB)]
+    got = await _read_all(ra, data, reqs)
+    assert b"".join(got) == data
+    assert sorted(set(fetched)) == list(range(0, len(data), 2 * MiB))  # each block once
+    ra.close()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert pool.in_use_bytes == 0  # every block given back
+
+
+async def test_old_generation_blocks_are_not_used() -> None:
+    data = bytearray(_content(4 * MiB))
+    pool = BufferPool(64 * MiB, 32 * MiB)
+    ra, _ = _make(bytes(data), MiB, 2 * MiB, pool)
+    assert bytes(await ra.read(0, 4096, len(data), 0) or b"") == data[:4096]
+    data[5000:5010] = b"X" * 10  # "written through the mount"
+
+    async def fetch(start: int, out: memoryview) -> None:
+        out[:] = data[start : start + len(out)]
+
+    ra._fetch = fetch
+    got = await ra.read(4096, 8192, len(data), 1)
+    assert got is not None and bytes(got) == bytes(data[4096 : 4096 + 8192])
+    ra.close()
+
+
+async def test_budget_exhausted_falls_back_to_direct_reads() -> None:
+    data = _content(8 * MiB)
+    pool = BufferPool(MiB, 0)  # room for one 1 MiB block only
+    ra, _ = _make(data, MiB, 4 * MiB, pool)
+    got = await _read_all(ra, data, [(off, MiB) for off in range(0, len(data), MiB)])
+    assert b"".join(got) == data
+
+
+async def test_failed_fetch_is_raised_then_retried() -> None:
+    data = _content(3 * MiB)
+    pool = BufferPool(64 * MiB, 0)
+    calls = {"n": 0}
+
+    async def fetch(start: int, out: memoryview) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(5, "storage unreachable")
+        out[:] = data[start : start + len(out)]
+
+    ra = ReadAhead(pool, MiB, MiB, fetch)
+    with pytest.raises(OSError):
+        await ra.read(0, 4096, len(data), 0)
+    got = await ra.read(0, 4096, len(data), 0)
+    assert got is not None and bytes(got) == data[:4096]
+    ra.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(1, 5 * MiB),
+    block_kib=st.sampled_from([64, 256, 1024]),
+    ops=st.lists(
+        st.tuples(st.booleans(), st.integers(0, 5 * MiB), st.integers(1, 2 * MiB)),
+        min_size=1,
+        max_size=40,
+    ),
+)
+def test_any_access_pattern_reads_the_right_bytes(
+    size: int, block_kib: int, ops: list[tuple[bool, int, int]]
+) -> None:
+    data = _content(size)
+
+    async def go() -> None:
+        pool = BufferPool(16 * MiB, 8 * MiB)
+        ra, _ = _make(data, block_kib * 1024, 4 * block_kib * 1024, pool)
+        pos = 0
+        reqs = []
+        for sequential, off, n in ops:
+            at = pos if sequential else off % size
+            reqs.append((at, n))
+            pos = min(at + n, size - 1)
+        # concurrently, as the kernel's read-ahead requests arrive
+        results = await asyncio.gather(*(ra.read(o, n, size, 0) for o, n in reqs))
+        for (o, n), got in zip(reqs, results, strict=True):
+            if got is not None:
+                assert bytes(got) == data[o : o + n], (o, n)
+        ra.close()
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    asyncio.run(go())
