@@ -50,6 +50,11 @@ class MountConfig:
     # FUSE requests served concurrently (pyfuse3 worker tasks): parallel readers
     # are served in parallel up to this many.
     max_requests: int = 64
+    # Store security.* attributes (SELinux labels, file capabilities) at meta.
+    # Off: the mount answers them EOPNOTSUPP itself, which tools cache per
+    # file system; on, `ls -l` asks meta for security.selinux of every file
+    # and the kernel asks for security.capability before every write.
+    security_xattrs: bool = False
     # statfs (df) answers are reused this long: tools call it per file.
     statfs_cache_ms: int = 1_000
     # Directory entries asked from meta per readdir page (with attributes).

@@ -827,6 +827,13 @@ class ChainfsOperations(pyfuse3.Operations):
         self._statfs = (now + self.config.statfs_cache_ms / 1000, s)
         return s
 
+    def _check_xattr_name(self, name: bytes) -> None:
+        """Namespaces the mount answers itself, without asking meta."""
+        if name.startswith(b"system."):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # POSIX ACLs: meta has none
+        if name.startswith(b"security.") and not self.config.security_xattrs:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
     def _caps_changed(self, inode: int, name: bytes) -> None:
         st = self._open.get(inode)
         if st is not None and name == _CAPS:
@@ -836,11 +843,13 @@ class ChainfsOperations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
+        self._check_xattr_name(name)
         self._caps_changed(inode, name)
         await self.meta.setxattr(inode, name, value, follow=False, user=self._user(ctx))
 
     @_op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._check_xattr_name(name)
         st = self._open.get(inode) if name == _CAPS else None
         if st is not None and st.no_caps:
             raise pyfuse3.FUSEError(errno.ENODATA)
@@ -853,11 +862,17 @@ class ChainfsOperations(pyfuse3.Operations):
 
     @_op
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        names = await self.meta.listxattr(inode, follow=False, user=self._user(ctx))
-        return [os.fsencode(n) for n in names]
+        names = [
+            os.fsencode(n)
+            for n in await self.meta.listxattr(inode, follow=False, user=self._user(ctx))
+        ]
+        if not self.config.security_xattrs:
+            names = [n for n in names if not n.startswith(b"security.")]
+        return names
 
     @_op
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_xattr_name(name)
         self._caps_changed(inode, name)
         await self.meta.removexattr(inode, name, follow=False, user=self._user(ctx))
 
