@@ -285,6 +285,20 @@ def test_random_writes_holes_truncate_append(d: Path) -> None:
     assert (d / "log").read_text() == "".join(f"line {i}\n" for i in range(20))
 
 
+def test_mmap_and_exec(d: Path) -> None:
+    import mmap
+
+    (d / "m").write_bytes(b"a" * 3 * CHUNK)
+    with open(d / "m", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        m[CHUNK - 2 : CHUNK + 3] = b"HELLO"  # across a chunk boundary
+        m.flush()
+    data = (d / "m").read_bytes()
+    assert data[CHUNK - 2 : CHUNK + 3] == b"HELLO" and len(data) == 3 * CHUNK
+    assert data.count(b"a") == 3 * CHUNK - 5
+    shutil.copy2("/bin/echo", d / "echo")
+    assert run([str(d / "echo"), "ran from chainfs"]).strip() == "ran from chainfs"
+
+
 def test_unlink_and_replace_while_open(d: Path) -> None:
     data = pattern(CHUNK + 5000, 3)
     (d / "f").write_bytes(data)
