@@ -81,17 +81,24 @@ class ReadAhead:
                 blk = None
             if blk is None and not self._start(b, file_size, generation) and b <= last:
                 return None  # out of budget for a block we need now
-        views = []
-        for b in range(first, last + 1):
-            blk = self._blocks[b]
+        wanted = [(b, self._blocks.get(b)) for b in range(first, last + 1)]
+        bufs = []
+        for b, blk in wanted:
+            if blk is None:
+                return None  # dropped by a concurrent read on this handle: go direct
             try:
-                buf = await blk.task
+                bufs.append(await blk.task)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 if self._blocks.get(b) is blk:
                     self._drop(b)  # fetched again on the next read
                 raise
+        if any(self._blocks.get(b) is not blk for b, blk in wanted):
+            return None  # a concurrent read dropped a block (and its buffer) meanwhile
+        views = []
+        for (_, blk), buf in zip(wanted, bufs, strict=True):
+            assert blk is not None
             start = blk.start
             lo, hi = max(off, start) - start, min(end, start + len(buf.view)) - start
             views.append(buf.view[lo:hi] if hi > lo else memoryview(b""))
