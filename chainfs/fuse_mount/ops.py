@@ -87,10 +87,19 @@ _WRITE_MODE = Mode(
 _ALARMING_ERRNOS = frozenset(
     {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EPROTO, errno.ENOSYS, errno.EBADF}
 )
-# Network-flavoured errnos from the client mean "the cluster is unreachable":
-# a file system answers EIO for that.
+# Errnos that mean "the cluster could not do it right now" (unreachable, no
+# serving replica, conflicts after the client's retries) become EIO: EAGAIN
+# from a blocking file read or write is not something programs expect (Python
+# even takes it for "no data yet" and returns nothing).
 _UNREACHABLE_ERRNOS = frozenset(
-    {errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.EPIPE}
+    {
+        errno.ETIMEDOUT,
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.EHOSTUNREACH,
+        errno.EPIPE,
+        errno.EAGAIN,
+    }
 )
 
 
@@ -313,7 +322,16 @@ class ChainfsOperations(pyfuse3.Operations):
         if st.writer is not None:
             async with st.lock:
                 if st.writer is not None:
-                    await st.writer.flush()
+                    try:
+                        await st.writer.flush()
+                    except BaseException:
+                        st.write_failed = True
+                        raise
+
+    @staticmethod
+    def _check_writes(st: OpenInode) -> None:
+        if st.write_failed:
+            raise ChainfsError(Code.EIO, f"inode {st.ino}: an earlier write failed")
 
     async def _hold_if_open(self, parent: int, name: bytes, user: UserInfo) -> None:
         """Before a name goes away: if it is the last name of a file open here
@@ -492,7 +510,11 @@ class ChainfsOperations(pyfuse3.Operations):
         async with st.lock:
             if st.writer is not None:
                 w, st.writer = st.writer, None
-                await w.close()  # pushes what is buffered, then drops the writer
+                try:
+                    await w.close()  # pushes what is buffered, then drops the writer
+                except BaseException:
+                    st.write_failed = True
+                    raise
             result = await self.meta.setattr(inode, follow=False, user=user, size=size, **kw)
             st.size = size
             st.generation += 1
@@ -673,7 +695,11 @@ class ChainfsOperations(pyfuse3.Operations):
         async with st.lock:
             w = self._writer(st)
             w.seek_sync(off)
-            n = await w.write(buf)
+            try:
+                n = await w.write(buf)
+            except BaseException:
+                st.write_failed = True
+                raise
         st.generation += 1
         st.dirty = True
         st.write_mtime_ns = time.time_ns()
@@ -685,6 +711,7 @@ class ChainfsOperations(pyfuse3.Operations):
         if not h.writable:
             return
         await self._push(st)
+        self._check_writes(st)
         await self._report_length(st, h.session, exact=False)
 
     @_op
@@ -693,6 +720,7 @@ class ChainfsOperations(pyfuse3.Operations):
         if not h.writable:
             return
         await self._push(st)
+        self._check_writes(st)
         await self._report_length(st, h.session, exact=True)
 
     @_op

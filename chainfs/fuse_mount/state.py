@@ -48,6 +48,9 @@ class OpenInode:
     # Bumped by every write and truncate through the mount: read-ahead blocks
     # fetched under an older generation are not used.
     generation: int = 0
+    # A write failed or was cut short: buffered data may be lost, so every later
+    # flush/fsync of the file answers EIO until its last handle is closed.
+    write_failed: bool = False
 
     def known_size(self) -> int:
         if self.writer is not None:

@@ -133,9 +133,15 @@ def test_cluster_loss_answers_eio_then_recovers(cluster: LocalCluster) -> None:
         f.write(data)
     assert os.stat(mnt / "survivor").st_size == len(data)
 
-    # storage gone: reads fail with EIO (bounded), the mount stays up
+    # storage gone: reads fail with EIO (bounded), the mount stays up, and
+    # buffered writes that cannot reach storage fail the close: never a silent loss
+    fd = os.open(mnt / "doomed", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"x" * MiB)  # less than a chunk: still in the mount's buffer
     for i in range(cluster.n_storage):
         cluster.kill_storage(i)
+    with pytest.raises(OSError) as info:
+        os.close(fd)
+    assert info.value.errno == errno.EIO
     with pytest.raises(OSError) as info:
         (mnt / "survivor").read_bytes()
     assert info.value.errno == errno.EIO
