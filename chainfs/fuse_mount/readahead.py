@@ -16,6 +16,7 @@ and blocks fetched before it are not used.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ from chainfs.common.dataplane.buffers import BufferPool, PooledBuffer
 
 # Sequential requests in a row before blocks are fetched ahead.
 _STREAK_TO_START = 2
+# Far-off requests in a row before the handle counts as reading randomly.
+_FAR_TO_RESET = 2
+# Blocks kept behind the furthest request of a handle (out-of-order arrivals).
+_BEHIND_BLOCKS = 3
 
 
 @dataclass
@@ -31,6 +36,7 @@ class _Block:
     start: int  # file offset of the block
     generation: int  # inode generation when fetched
     task: asyncio.Task[PooledBuffer]
+    readers: int = 0  # requests between awaiting it and replying with it
 
 
 class ReadAhead:
@@ -49,59 +55,85 @@ class ReadAhead:
         self._ahead_blocks = max(1, ahead_bytes // block_bytes) if ahead_bytes else 0
         self._fetch = fetch
         self._blocks: dict[int, _Block] = {}
-        self._next = 0  # offset right after the previous request
-        self._streak = 0
+        self._next = 0  # offset right after the furthest request
+        self._streak = 0  # sequential requests in a row
+        self._far = 0  # far-off requests in a row
+        self.misses: collections.Counter[str] = collections.Counter()  # why reads went direct
 
     def _note(self, off: int, size: int) -> bool:
         """Track the access pattern; True when this handle reads sequentially."""
-        low = self._next - 4 * self._block  # kernel requests may arrive a little out of order
-        if off == self._next or (self._streak and low <= off <= self._next + self._block):
+        # The kernel's own read-ahead requests arrive out of order and may run
+        # ahead of the reader: anything near the furthest request counts.
+        low = self._next - _BEHIND_BLOCKS * self._block
+        high = self._next + (self._ahead_blocks + 1) * self._block
+        if off == self._next or (self._streak and low <= off <= high):
             self._streak += 1
+            self._far = 0
+            self._next = max(self._next, off + size)
         else:
-            self._streak = 1 if off == 0 else 0
-        self._next = max(self._next, off + size) if self._streak > 1 else off + size
+            self._far += 1
+            if self._far >= _FAR_TO_RESET or not self._streak:
+                self._streak = 1
+                self._far = 0
+                self._next = off + size
+                self._drop_all()
         return self._streak >= _STREAK_TO_START or off == 0
 
     async def read(self, off: int, size: int, file_size: int, generation: int) -> memoryview | None:
         """The bytes of [off, off+size) (clamped to ``file_size``), or None when this
         read should go straight to storage (not sequential, or out of budget)."""
-        if not self._ahead_blocks or not self._note(off, size):
-            self._drop_all()
+        if not self._ahead_blocks:
             return None
         end = min(off + size, file_size)
         first, last = off // self._block, (end - 1) // self._block
         if last - first > 1:
-            return None  # larger than a block: direct is as good
-        self._drop_before(first - 1)
-        want_last = min(last + self._ahead_blocks, (file_size - 1) // self._block)
-        for b in range(first, want_last + 1):
-            blk = self._blocks.get(b)
-            if blk is not None and blk.generation != generation:
-                self._drop(b)
-                blk = None
-            if blk is None and not self._start(b, file_size, generation) and b <= last:
-                return None  # out of budget for a block we need now
+            self.misses["large"] += 1
+            return None  # larger than two blocks: direct is as good
+        sequential = self._note(off, size)
+        if sequential:
+            behind = (self._next - _BEHIND_BLOCKS * self._block) // self._block
+            self._drop_before(min(first, behind))
+            want_last = min(last + self._ahead_blocks, (file_size - 1) // self._block)
+            for b in range(first, want_last + 1):
+                blk = self._blocks.get(b)
+                if blk is not None and blk.generation != generation:
+                    self._drop(b, force=True)  # stale: its readers see it gone
+                    blk = None
+                if blk is None and not self._start(b, file_size, generation) and b <= last:
+                    self.misses["budget"] += 1
+                    return None  # out of budget for a block we need now
         wanted = [(b, self._blocks.get(b)) for b in range(first, last + 1)]
-        bufs = []
-        for b, blk in wanted:
-            if blk is None:
-                return None  # dropped by a concurrent read on this handle: go direct
-            try:
-                bufs.append(await blk.task)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                if self._blocks.get(b) is blk:
-                    self._drop(b)  # fetched again on the next read
-                raise
-        if any(self._blocks.get(b) is not blk for b, blk in wanted):
-            return None  # a concurrent read dropped a block (and its buffer) meanwhile
-        views = []
-        for (_, blk), buf in zip(wanted, bufs, strict=True):
+        if any(blk is None or blk.generation != generation for _, blk in wanted):
+            self.misses["not sequential" if not sequential else "dropped"] += 1
+            return None
+        for _, blk in wanted:
             assert blk is not None
-            start = blk.start
-            lo, hi = max(off, start) - start, min(end, start + len(buf.view)) - start
-            views.append(buf.view[lo:hi] if hi > lo else memoryview(b""))
+            blk.readers += 1  # not dropped (and its buffer not reused) while we use it
+        try:
+            bufs = []
+            for b, blk in wanted:
+                assert blk is not None
+                try:
+                    bufs.append(await blk.task)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    if self._blocks.get(b) is blk:
+                        self._drop(b, force=True)  # fetched again on the next read
+                    raise
+            if any(self._blocks.get(b) is not blk for b, blk in wanted):
+                self.misses["dropped while waiting"] += 1
+                return None  # dropped meanwhile (close, or a newer generation)
+            views = []
+            for (_, blk), buf in zip(wanted, bufs, strict=True):
+                assert blk is not None
+                start = blk.start
+                lo, hi = max(off, start) - start, min(end, start + len(buf.view)) - start
+                views.append(buf.view[lo:hi] if hi > lo else memoryview(b""))
+        finally:
+            for _, blk in wanted:
+                assert blk is not None
+                blk.readers -= 1
         if len(views) == 1:
             return views[0]
         return memoryview(b"".join(views))
@@ -127,14 +159,20 @@ class ReadAhead:
         self._blocks[b] = _Block(start, generation, task)
         return True
 
-    def _drop(self, b: int) -> None:
-        """Forget a block. Never cancels its fetch: another request may be awaiting
-        it (a cancelled await would leave that FUSE request unanswered)."""
-        blk = self._blocks.pop(b)
+    def _drop(self, b: int, force: bool = False) -> bool:
+        """Forget a block unless a request is using it (``force``: even then).
+
+        Never cancels its fetch: another request may be awaiting it (a cancelled
+        await would leave that FUSE request unanswered)."""
+        blk = self._blocks[b]
+        if blk.readers and not force:
+            return False
+        del self._blocks[b]
         if blk.task.done():
             _release_later(blk.task)
         else:
             blk.task.add_done_callback(_release_later)
+        return True
 
     def _drop_before(self, b: int) -> None:
         for old in [k for k in self._blocks if k < b]:
@@ -146,7 +184,8 @@ class ReadAhead:
 
     def close(self) -> None:
         with contextlib.suppress(RuntimeError):  # no running loop at interpreter exit
-            self._drop_all()
+            for b in list(self._blocks):
+                self._drop(b, force=True)
 
 
 def _release_later(task: asyncio.Task[PooledBuffer]) -> None:

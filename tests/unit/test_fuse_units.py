@@ -197,3 +197,27 @@ def test_any_access_pattern_reads_the_right_bytes(
             await asyncio.sleep(0)
 
     asyncio.run(go())
+
+
+async def test_kernel_out_of_order_requests_stay_sequential() -> None:
+    """The kernel's read-ahead sends a window of requests at once, in any order:
+    they are still served from read-ahead blocks, and every buffer comes back."""
+    data = _content(40 * MiB)
+    pool = BufferPool(64 * MiB, 16 * MiB)
+    ra, fetched = _make(data, 4 * MiB, 16 * MiB, pool)
+    rng = random.Random(3)
+    served = 0
+    for window_start in range(0, len(data), 8 * MiB):
+        window = [(off, MiB) for off in range(window_start, window_start + 8 * MiB, MiB)]
+        rng.shuffle(window)
+        results = await asyncio.gather(*(ra.read(o, n, len(data), 0) for o, n in window))
+        for (o, n), got in zip(window, results, strict=True):
+            if got is not None:
+                served += 1
+                assert bytes(got) == data[o : o + n]
+    assert served >= 36, (served, dict(ra.misses))  # of 40 requests
+    assert len(fetched) == len(set(fetched))  # no block fetched twice
+    ra.close()
+    for _ in range(4):
+        await asyncio.sleep(0)
+    assert pool.in_use_bytes == 0
