@@ -83,6 +83,20 @@ def _background(argv: list[str], log_file: str, mountpoint: str) -> None:
     click.echo(f"chainfs mounted at {mountpoint} (pid {info['pid']}, log {log_file})")
 
 
+def _exit_with_parent() -> None:
+    """SIGTERM (a clean unmount) when our parent exits: prctl(PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        raise click.ClickException(f"prctl(PR_SET_PDEATHSIG): errno {ctypes.get_errno()}")
+    if os.getppid() != parent:  # it exited before the prctl took effect
+        raise click.ClickException("the parent process exited before the mount started")
+
+
 @click.command()
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 @click.option(
@@ -121,6 +135,12 @@ def _background(argv: list[str], log_file: str, mountpoint: str) -> None:
     help="Log of a background mount (default: a file in the temp directory).",
 )
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO).")
+@click.option(
+    "--exit-with-parent",
+    is_flag=True,
+    help="Unmount and exit when the process that started this one exits "
+    "(test harnesses: no orphaned mounts).",
+)
 def mount(
     mountpoint: str,
     address: str | None,
@@ -130,6 +150,7 @@ def mount(
     ready_file: str | None,
     log_file: str | None,
     log_level: str | None,
+    exit_with_parent: bool,
 ) -> None:
     """Mount the chainfs cluster at ADDRESS on MOUNTPOINT (FUSE)."""
     cfg = _load_config(config_path, address, options)
@@ -150,6 +171,8 @@ def mount(
     from chainfs.fuse_mount.mount import run
 
     chainfs_logging.setup("mount", log_level)
+    if exit_with_parent:
+        _exit_with_parent()
     try:
         code = run(mountpoint, cfg, ready_file)
     except (ChainfsError, OSError) as e:

@@ -98,6 +98,7 @@ class MountProcess:
         cmd = [
             sys.executable, "-m", "chainfs", "mount", str(self.mountpoint),
             "--address", self.address, "--foreground", "--ready-file", str(self.ready_file),
+            "--exit-with-parent",  # a test or bench process that dies takes its mount along
         ]  # fmt: skip
         if self.options:
             cmd += ["-o", ",".join(self.options)]

@@ -173,3 +173,29 @@ def test_cluster_loss_answers_eio_then_recovers(cluster: LocalCluster) -> None:
             return False
 
     poll(writable, 60, "namespace calls through the mount after meta came back", interval_s=0.5)
+
+
+def test_mount_exits_with_its_parent(cluster: LocalCluster, tmp_path: Path) -> None:
+    """--exit-with-parent (what LocalCluster uses): a starter that dies takes the mount along."""
+    mnt = tmp_path / "mnt5"
+    mnt.mkdir()
+    ready = tmp_path / "ready.json"
+    starter = (
+        "import os, subprocess, sys, time\n"
+        f"cmd = [sys.executable, '-m', 'chainfs', 'mount', {str(mnt)!r}, '--address',"
+        f" {cluster.address!r}, '--foreground', '--exit-with-parent',"
+        f" '--ready-file', {str(ready)!r}]\n"
+        "p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        f"while not os.path.exists({str(ready)!r}) and p.poll() is None: time.sleep(0.05)\n"
+        "print(p.pid, flush=True)\n"
+        "os._exit(0)  # dies without stopping its child\n"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", starter], capture_output=True, text=True, timeout=90
+        )
+        pid = int(out.stdout.strip())
+        poll(lambda: not pid_alive(pid), 30, "the orphaned mount process to exit")
+        assert not is_mounted(mnt)
+    finally:
+        force_unmount(mnt)
