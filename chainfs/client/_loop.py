@@ -50,8 +50,12 @@ class LoopThread:
     def in_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the loop and wait for it; Ctrl-C cancels it."""
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        """Run ``coro`` on the loop and wait for it; Ctrl-C cancels it.
+
+        With ``timeout_s``, a coroutine still running then is cancelled and
+        TimeoutError raised.
+        """
         if self.in_loop_thread():
             coro.close()
             raise RuntimeError("a sync chainfs call was made from its own event-loop thread")
@@ -60,7 +64,10 @@ class LoopThread:
             raise ValueError("I/O operation on a closed chainfs FileSystem")
         fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
-            return fut.result()
+            return fut.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"chainfs call still running after {timeout_s} s") from None
         except (KeyboardInterrupt, SystemExit):
             fut.cancel()
             with contextlib.suppress(BaseException):

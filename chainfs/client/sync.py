@@ -7,7 +7,10 @@ number of threads at once (they run concurrently on the loop).
 
 from __future__ import annotations
 
+import atexit
 import io
+import logging
+import weakref
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -27,6 +30,25 @@ BinaryMode = Literal[
     "br", "bw", "ba", "bx",
 ]  # fmt: skip
 
+_log = logging.getLogger(__name__)
+
+# Bound on closing one FileSystem left open at interpreter exit.
+_EXIT_CLOSE_TIMEOUT_S = 5.0
+
+# Every FileSystem not yet closed, so interpreter exit can close them first:
+# letting a daemon thread that runs uvloop and gRPC die during interpreter
+# finalization crashes the process (seen as SIGSEGV in DataLoader workers).
+_open_filesystems: weakref.WeakSet[FileSystem] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_filesystems() -> None:
+    for fs in list(_open_filesystems):
+        try:
+            fs.close(timeout_s=_EXIT_CLOSE_TIMEOUT_S)
+        except Exception as e:  # the loop thread is stopped regardless
+            _log.warning("closing chainfs connection to %s at exit: %s", fs.address, e)
+
 
 class FileSystem:
     """A connection to one chainfs cluster. Paths are absolute POSIX strings."""
@@ -34,6 +56,7 @@ class FileSystem:
     def __init__(self, afs: AsyncFileSystem, loop: LoopThread) -> None:
         self._afs = afs
         self._loop = loop
+        _open_filesystems.add(self)
 
     @classmethod
     def connect(
@@ -228,12 +251,17 @@ class FileSystem:
         self._loop.run(self._afs.removexattr(path, name))
 
     # -- lifetime ------------------------------------------------------------
-    def close(self) -> None:
-        """Close the connection and stop the loop thread (idempotent)."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Close the connection and stop the loop thread (idempotent).
+
+        ``timeout_s`` bounds the wait for the cluster-side goodbyes; the loop
+        thread is stopped either way.
+        """
+        _open_filesystems.discard(self)
         if not self._loop.alive:
             return
         try:
-            self._loop.run(self._afs.close())
+            self._loop.run(self._afs.close(), timeout_s)
         finally:
             self._loop.stop()
 

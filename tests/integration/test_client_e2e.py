@@ -455,3 +455,33 @@ def test_flush_makes_writes_visible_to_other_clients(cluster: LocalCluster, fs: 
         f.write(pattern(CHUNK, "flush"))
         f.fsync()
         assert other.stat("/e2e/flushed.bin").st_size == len(b"first part;") + CHUNK
+
+
+def test_process_exit_without_close_is_clean_and_flushes(cluster: LocalCluster) -> None:
+    # A script that never closes its connection or its file: like a builtin
+    # file, pending writes are flushed at exit, and the exit is clean (the
+    # loop thread with gRPC inside used to crash interpreter finalization).
+    import subprocess
+    import sys
+
+    fs = chainfs.connect(cluster.address)
+    fs.mkdir("/e2e/exit", parents=True, exist_ok=True)
+    script = (
+        "import sys, chainfs\n"
+        "fs = chainfs.connect(sys.argv[1])\n"
+        "fs.read_file('/e2e/exit/seed')\n"
+        "f = fs.open(f'/e2e/exit/out-{sys.argv[2]}', 'wb')\n"
+        "f.write(b'left open %s' % sys.argv[2].encode())\n"
+    )
+    fs.write_file("/e2e/exit/seed", b"seed")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, cluster.address, str(i)], stderr=subprocess.PIPE
+        )
+        for i in range(6)
+    ]
+    for i, p in enumerate(procs):
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err.decode(errors="replace")
+        assert fs.read_file(f"/e2e/exit/out-{i}") == b"left open %d" % i
+    fs.close()
