@@ -682,6 +682,61 @@ class UpdateChainRsp(_message.Message):
 Global___UpdateChainRsp: _TypeAlias = UpdateChainRsp  # noqa: Y015
 
 @_typing.final
+class AddTargetsReq(_message.Message):
+    """A running storage node adds targets it has just created (admin create-targets).
+    Unlike a re-registration this leaves the node's other targets alone.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.int
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___TargetInfo]:
+        """path set, target_id 0 (mgmtd assigns)"""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.int = ...,
+        targets: _abc.Iterable[Global___TargetInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddTargetsReq: _TypeAlias = AddTargetsReq  # noqa: Y015
+
+@_typing.final
+class AddTargetsRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_IDS_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def target_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """in request order"""
+
+    @_builtins.property
+    def routing(self) -> Global___RoutingInfo: ...
+    def __init__(
+        self,
+        *,
+        target_ids: _abc.Iterable[_builtins.int] | None = ...,
+        routing: Global___RoutingInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["routing", b"routing"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["routing", b"routing", "target_ids", b"target_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddTargetsRsp: _TypeAlias = AddTargetsRsp  # noqa: Y015
+
+@_typing.final
 class SetConfigReq(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

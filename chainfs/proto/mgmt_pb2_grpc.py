@@ -69,6 +69,11 @@ class MgmtStub:
                 request_serializer=mgmt__pb2.UpdateChainReq.SerializeToString,
                 response_deserializer=mgmt__pb2.UpdateChainRsp.FromString,
                 _registered_method=True)
+        self.AddTargets = channel.unary_unary(
+                '/chainfs.mgmt.Mgmt/AddTargets',
+                request_serializer=mgmt__pb2.AddTargetsReq.SerializeToString,
+                response_deserializer=mgmt__pb2.AddTargetsRsp.FromString,
+                _registered_method=True)
         self.SetConfig = channel.unary_unary(
                 '/chainfs.mgmt.Mgmt/SetConfig',
                 request_serializer=mgmt__pb2.SetConfigReq.SerializeToString,
@@ -132,6 +137,12 @@ class MgmtServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddTargets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetConfig(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -187,6 +198,11 @@ def add_MgmtServicer_to_server(servicer, server):
                     servicer.UpdateChain,
                     request_deserializer=mgmt__pb2.UpdateChainReq.FromString,
                     response_serializer=mgmt__pb2.UpdateChainRsp.SerializeToString,
+            ),
+            'AddTargets': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddTargets,
+                    request_deserializer=mgmt__pb2.AddTargetsReq.FromString,
+                    response_serializer=mgmt__pb2.AddTargetsRsp.SerializeToString,
             ),
             'SetConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.SetConfig,
@@ -393,6 +409,33 @@ class Mgmt:
             '/chainfs.mgmt.Mgmt/UpdateChain',
             mgmt__pb2.UpdateChainReq.SerializeToString,
             mgmt__pb2.UpdateChainRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddTargets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.mgmt.Mgmt/AddTargets',
+            mgmt__pb2.AddTargetsReq.SerializeToString,
+            mgmt__pb2.AddTargetsRsp.FromString,
             options,
             channel_credentials,
             insecure,

@@ -773,3 +773,56 @@ class GetTargetsRsp(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTargetsRsp: _TypeAlias = GetTargetsRsp  # noqa: Y015
+
+@_typing.final
+class CreateTargetsReq(_message.Message):
+    """admin create-targets: the node creates `count` new target directories under
+    `parent_dir`, registers them with mgmtd and serves them (recorded so they
+    survive a restart).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    PARENT_DIR_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    parent_dir: _builtins.str
+    """absolute, existing; "" = where the node's first target lives"""
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        parent_dir: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "parent_dir", b"parent_dir"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTargetsReq: _TypeAlias = CreateTargetsReq  # noqa: Y015
+
+@_typing.final
+class CreateTargetsRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.int
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___LocalTarget]:
+        """the new ones, with their ids"""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.int = ...,
+        targets: _abc.Iterable[Global___LocalTarget] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTargetsRsp: _TypeAlias = CreateTargetsRsp  # noqa: Y015

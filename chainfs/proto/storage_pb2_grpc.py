@@ -49,6 +49,11 @@ class StorageControlStub:
                 request_serializer=storage__pb2.GetTargetsReq.SerializeToString,
                 response_deserializer=storage__pb2.GetTargetsRsp.FromString,
                 _registered_method=True)
+        self.CreateTargets = channel.unary_unary(
+                '/chainfs.storage.StorageControl/CreateTargets',
+                request_serializer=storage__pb2.CreateTargetsReq.SerializeToString,
+                response_deserializer=storage__pb2.CreateTargetsRsp.FromString,
+                _registered_method=True)
 
 
 class StorageControlServicer:
@@ -72,6 +77,12 @@ class StorageControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTargets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StorageControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_StorageControlServicer_to_server(servicer, server):
                     servicer.GetTargets,
                     request_deserializer=storage__pb2.GetTargetsReq.FromString,
                     response_serializer=storage__pb2.GetTargetsRsp.SerializeToString,
+            ),
+            'CreateTargets': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTargets,
+                    request_deserializer=storage__pb2.CreateTargetsReq.FromString,
+                    response_serializer=storage__pb2.CreateTargetsRsp.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class StorageControl:
             '/chainfs.storage.StorageControl/GetTargets',
             storage__pb2.GetTargetsReq.SerializeToString,
             storage__pb2.GetTargetsRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTargets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.storage.StorageControl/CreateTargets',
+            storage__pb2.CreateTargetsReq.SerializeToString,
+            storage__pb2.CreateTargetsRsp.FromString,
             options,
             channel_credentials,
             insecure,
