@@ -273,8 +273,10 @@ class DataServer:
         loop = asyncio.get_running_loop()
         self._loop = loop
         backlog = min(socket.SOMAXCONN, 1024)
+        where = ""
         try:
             if self.host is not None:
+                where = f"{self.host}:{self.port}"
                 family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
                 ls = socket.socket(family, socket.SOCK_STREAM)
                 self._listeners.append(ls)
@@ -283,6 +285,7 @@ class DataServer:
                 ls.listen(backlog)
                 self._bound_port = ls.getsockname()[1]
             if self.unix_path is not None:
+                where = self.unix_path
                 with contextlib.suppress(FileNotFoundError):
                     if stat.S_ISSOCK(os.lstat(self.unix_path).st_mode):
                         os.unlink(self.unix_path)  # stale socket of a previous run
@@ -290,11 +293,13 @@ class DataServer:
                 self._listeners.append(us)
                 us.bind(self.unix_path)
                 us.listen(backlog)
-        except OSError:
+        except OSError as e:
             for s in self._listeners:
                 s.close()
             self._listeners.clear()
-            raise
+            # Name what could not be bound: a bare "Address already in use" at
+            # start-up does not say which of a node's listeners failed.
+            raise OSError(e.errno, f"data plane cannot listen on {where}: {e.strerror}") from e
         for ls in self._listeners:
             ls.setblocking(False)
             loop.add_reader(ls.fileno(), self._on_accept, ls)

@@ -740,3 +740,16 @@ async def test_accept_failure_pauses_the_listener_then_serves_again(
     reply = await pending
     assert (reply.header, reply.payload.tobytes()) == (b"x", b"data")
     assert not server._accept_retry
+
+
+async def test_start_on_a_taken_port_names_the_address_and_leaks_nothing() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        s = DataServer(_echo, port=port, config=_small_cfg())
+        with pytest.raises(OSError) as e:
+            await s.start()
+        assert e.value.errno == errno.EADDRINUSE
+        assert f"127.0.0.1:{port}" in str(e.value)
+        assert s._listeners == []
