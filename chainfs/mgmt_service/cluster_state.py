@@ -231,6 +231,59 @@ class ClusterState:
         self.info.targets.sort(key=lambda t: t.target_id)
         return node_id, out_ids
 
+    def add_targets(self, node_id: int, targets: Sequence[mp.TargetInfo]) -> list[int]:
+        """New targets of a running storage node (admin create-targets) -> their ids.
+
+        The node's other targets keep their states (a re-registration would mark
+        them offline). A new target is in no chain: waiting, local state online.
+        """
+        n = self.node(node_id)
+        if n is None:
+            raise ChainfsError(Code.UNKNOWN_NODE, f"node {node_id} is not registered")
+        if n.type != mp.STORAGE:
+            raise ChainfsError(
+                Code.EINVAL,
+                f"node {node_id} is a {mp.NodeType.Name(n.type).lower()} node, not a storage node",
+            )
+        if n.status != mp.NODE_ONLINE:
+            raise ChainfsError(
+                Code.EHOSTUNREACH,
+                f"storage node {node_id} is {mp.NodeStatus.Name(n.status).lower()}",
+            )
+        if not targets:
+            raise ChainfsError(Code.EINVAL, "no targets to add")
+        have = self.targets_of(node_id)
+        if len(have) + len(targets) > MAX_TARGETS_PER_NODE:
+            raise ChainfsError(
+                Code.EINVAL,
+                f"node {node_id} has {len(have)} targets; {len(targets)} more would exceed "
+                f"{MAX_TARGETS_PER_NODE}",
+            )
+        paths = [t.path for t in targets]
+        if any(not p for p in paths) or len(set(paths)) != len(paths):
+            raise ChainfsError(Code.EINVAL, "every new target needs its own path")
+        if any(t.target_id for t in targets):
+            raise ChainfsError(Code.EINVAL, "new targets get their ids from mgmtd")
+        for t in have:
+            if t.path in set(paths):
+                raise ChainfsError(
+                    Code.EEXIST, f"node {node_id} already has target {t.target_id} at {t.path}"
+                )
+        ids: list[int] = []
+        for req in targets:
+            t = self.info.targets.add()
+            t.target_id = self.counters.next_target_id
+            self.counters.next_target_id += 1
+            t.node_id = node_id
+            t.chain_id = 0
+            t.local_state = mp.ONLINE
+            t.public_state = mp.WAITING
+            t.path = req.path
+            t.capacity_bytes = req.capacity_bytes
+            ids.append(t.target_id)
+        self.info.targets.sort(key=lambda t: t.target_id)
+        return ids
+
     # -- heartbeats --------------------------------------------------------
     def check_heartbeat(self, req: mp.HeartbeatReq) -> mp.NodeInfo:
         """Validate a heartbeat; returns its node."""

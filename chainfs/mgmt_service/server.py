@@ -479,6 +479,17 @@ class Mgmtd(mg.MgmtServicer):
         return mp.UpdateChainRsp(chain=chain)
 
     @rpc_handler
+    async def AddTargets(
+        self, request: mp.AddTargetsReq, context: grpc.aio.ServicerContext
+    ) -> mp.AddTargetsRsp:
+        def op(s: ClusterState) -> list[int]:
+            return s.add_targets(request.node_id, list(request.targets))
+
+        ids, state = await self._mutate(op)
+        log.info("node %d added targets %s", request.node_id, ids)
+        return mp.AddTargetsRsp(target_ids=ids, routing=self._routing_out(state))
+
+    @rpc_handler
     async def SetConfig(
         self, request: mp.SetConfigReq, context: grpc.aio.ServicerContext
     ) -> mp.SetConfigRsp:

@@ -41,6 +41,11 @@ class StorageConfig:
     verify_reads: bool = True
     # Refuse new chunks (ENOSPC) when the target's file system is fuller than this.
     disk_usage_limit_ratio: float = 0.95
+    # Targets added at runtime (`chainfs admin create-targets`) are listed in this
+    # JSON file and opened at every start after the configured `targets`. A
+    # relative path is taken inside the first target directory, like unix_socket.
+    extra_targets_file: str = "extra_targets.json"
+    max_new_targets: int = 64  # targets one create-targets request may add
     heartbeat_interval_ms: int = 1000  # mgmtd may override with its own interval
     io_threads: int = 4  # threads doing blocking file and RocksDB I/O
     # Bounds.
@@ -70,6 +75,8 @@ class StorageConfig:
             raise ValueError("disk_usage_limit_ratio must be in (0, 1]")
         if len(set(self.targets)) != len(self.targets):
             raise ValueError("targets lists a directory twice")
+        if not self.extra_targets_file:
+            raise ValueError("extra_targets_file must name a file")
         for name in (
             "io_threads",
             "request_cache_entries",
@@ -81,6 +88,7 @@ class StorageConfig:
             "forward_retries",
             "heartbeat_interval_ms",
             "mgmtd_timeout_ms",
+            "max_new_targets",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")

@@ -35,6 +35,7 @@ from chainfs.common.rpc.storage_client import data_address
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
+from chainfs.storage_service import extra_targets
 from chainfs.storage_service.chunk_engine import (
     ChunkEngine,
     EngineOptions,
@@ -149,7 +150,7 @@ class StorageControlServicer(sg.StorageControlServicer):
         rsp = sp.GetTargetsRsp(
             node_id=self.node.node_id, routing_version=routing.version if routing else 0
         )
-        for tid, t in self.node.targets.items():
+        for tid, t in list(self.node.targets.items()):
             used, cap = t.engine.usage()
             chunks, pending = await asyncio.get_running_loop().run_in_executor(
                 self.node.executor, t.engine.counts
@@ -166,6 +167,12 @@ class StorageControlServicer(sg.StorageControlServicer):
                 )
             )
         return rsp
+
+    @rpc_handler
+    async def CreateTargets(
+        self, request: sp.CreateTargetsReq, context: grpc.aio.ServicerContext
+    ) -> sp.CreateTargetsRsp:
+        return await self.node.create_targets(request.count, request.parent_dir)
 
 
 class StorageNode:
@@ -191,6 +198,7 @@ class StorageNode:
         self.resyncer: Resyncer | None = None
         self.repairer: Repairer | None = None
         self.scrubber: Scrubber | None = None
+        self._create_lock = asyncio.Lock()  # one create-targets at a time
 
     def chain_of(self, target_id: int, routing: Routing | None) -> int:
         if routing is None:
@@ -198,14 +206,18 @@ class StorageNode:
         t = routing.targets.get(target_id)
         return t.chain_id if t is not None else 0
 
-    def open_targets(self) -> list[mp.TargetInfo]:
-        opts = EngineOptions(
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(
             durable=self.config.durable,
             disk_usage_limit_ratio=self.config.disk_usage_limit_ratio,
             direct_writes=self.config.direct_writes,
         )
+
+    def open_targets(self) -> list[mp.TargetInfo]:
+        """The configured targets, then those added at runtime (extra_targets)."""
+        opts = self.engine_options()
         infos = []
-        for path in self.config.targets:
+        for path in [*self.config.targets, *extra_targets.load(self.config)]:
             eng = ChunkEngine(path, opts)
             self.engines.append(eng)
             ids = eng.load_ids()
@@ -219,6 +231,102 @@ class StorageNode:
                 self.node_id = node_id
             infos.append(mp.TargetInfo(target_id=ids.get("target_id", 0), path=str(path)))
         return infos
+
+    async def create_targets(self, count: int, parent_dir: str) -> sp.CreateTargetsRsp:
+        """Create ``count`` new targets under ``parent_dir``, register them with
+        mgmtd and serve them; on any error nothing is left behind.
+
+        Shielded: a caller that gives up (deadline) does not cut it in half.
+        """
+        return await asyncio.shield(self._create_targets(count, parent_dir))
+
+    async def _create_targets(self, count: int, parent_dir: str) -> sp.CreateTargetsRsp:
+        cfg = self.config
+        if self.heartbeat is None or self.craq is None:
+            raise ChainfsError(Code.TARGET_NOT_SERVING, "storage node is starting")
+        if not 1 <= count <= cfg.max_new_targets:
+            raise ChainfsError(
+                Code.EINVAL,
+                f"count must be 1..{cfg.max_new_targets} (max_new_targets), not {count}",
+            )
+        loop = asyncio.get_running_loop()
+        async with self._create_lock:
+            parent = extra_targets.check_parent(
+                parent_dir or extra_targets.default_parent(cfg), self.node_id
+            )
+            recorded = extra_targets.load(cfg)
+            dirs = extra_targets.pick_dirs(
+                parent, count, [str(e.path) for e in self.engines] + recorded
+            )
+            opts = self.engine_options()
+            engines: list[ChunkEngine] = []
+            try:
+                for d in dirs:
+                    engines.append(await loop.run_in_executor(self.executor, ChunkEngine, d, opts))
+                await loop.run_in_executor(
+                    self.executor,
+                    extra_targets.save,
+                    cfg,
+                    [*recorded, *(str(d) for d in dirs)],
+                )
+                infos = [
+                    mp.TargetInfo(path=str(e.path), capacity_bytes=e.usage()[1]) for e in engines
+                ]
+                try:
+                    rsp = await self.mgmt.add_targets(self.node_id, infos)
+                except BaseException as e:
+                    await loop.run_in_executor(self.executor, extra_targets.save, cfg, recorded)
+                    if isinstance(e, ChainfsError) and e.code in (Code.UNAVAILABLE, Code.ETIMEDOUT):
+                        await self._forget_at_mgmtd([str(d) for d in dirs])
+                    raise
+            except BaseException as e:
+                for eng in engines:
+                    eng.close()
+                extra_targets.remove_dirs(dirs)
+                if isinstance(e, OSError) and not isinstance(e, ChainfsError):
+                    raise ChainfsError(
+                        Code.EIO, f"creating targets under {parent} failed: {e}"
+                    ) from e
+                raise
+            assert len(rsp.target_ids) == len(engines)
+            out = sp.CreateTargetsRsp(node_id=self.node_id)
+            for eng, info, tid in zip(engines, infos, rsp.target_ids, strict=True):
+                eng.save_ids({"target_id": tid, "node_id": self.node_id})
+                info.target_id = tid
+                info.node_id = self.node_id
+                self.engines.append(eng)
+                self.targets[tid] = LocalTarget(tid, eng)
+                used, cap = eng.usage()
+                out.targets.append(
+                    sp.LocalTarget(
+                        target_id=tid, path=str(eng.path), used_bytes=used, capacity_bytes=cap
+                    )
+                )
+            self.heartbeat.add_registered_targets(infos)
+            self.routing.install(Routing(rsp.routing))
+            log.info(
+                "created targets %s under %s",
+                list(rsp.target_ids),
+                parent,
+            )
+            return out
+
+    async def _forget_at_mgmtd(self, paths: list[str]) -> None:
+        """After an ambiguous AddTargets failure: remove any of ``paths`` mgmtd
+        registered after all (best effort; what is left is logged)."""
+        try:
+            routing = await self.mgmt.get_routing(0)
+            assert routing is not None
+            for t in routing.info.targets:
+                if t.node_id == self.node_id and t.path in paths and not t.chain_id:
+                    await self.mgmt.update_target(t.target_id, mp.UpdateTargetReq.REMOVE)
+        except ChainfsError as e:
+            log.error(
+                "mgmtd may hold targets at %s that this node does not serve "
+                "(remove them with `chainfs admin remove-target`): %s",
+                paths,
+                e,
+            )
 
     def heartbeat_targets(self) -> list[mp.TargetHeartbeat]:
         out = []

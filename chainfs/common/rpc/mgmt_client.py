@@ -285,6 +285,31 @@ class MgmtClient:
         rsp: mp.UpdateChainRsp = await self._call("UpdateChain", req)
         return rsp
 
+    async def add_targets(self, node_id: int, targets: Sequence[mp.TargetInfo]) -> mp.AddTargetsRsp:
+        """Register new targets of running storage node ``node_id`` (ids assigned).
+
+        If an attempt failed ambiguously and a retry then finds the paths taken
+        (EEXIST), that was our own attempt: its ids are read from routing info.
+        """
+        req = mp.AddTargetsReq(node_id=node_id, targets=list(targets))
+        outcome = _Outcome()
+        try:
+            rsp: mp.AddTargetsRsp = await self._call("AddTargets", req, outcome=outcome)
+        except ChainfsError as e:
+            if e.code != Code.EEXIST or not outcome.maybe_applied:
+                raise
+            routing = await self.get_routing(0)
+            assert routing is not None
+            by_path = {
+                t.path: t for t in routing.info.targets if t.node_id == node_id and not t.chain_id
+            }
+            if not all(t.path in by_path for t in targets):
+                raise
+            return mp.AddTargetsRsp(
+                target_ids=[by_path[t.path].target_id for t in targets], routing=routing.info
+            )
+        return rsp
+
     async def get_status(self) -> mp.GetStatusRsp:
         rsp: mp.GetStatusRsp = await self._call("GetStatus", mp.GetStatusReq())
         return rsp
@@ -543,6 +568,12 @@ class HeartbeatLoop:
                 self.on_routing(Routing(info))
             except Exception:
                 log.exception("on_routing callback failed")
+
+    def add_registered_targets(self, targets: Sequence[mp.TargetInfo]) -> None:
+        """Targets added after start (with their ids): a later re-registration
+        (mgmtd lost the node) registers them too."""
+        self._targets.extend(targets)
+        self.target_ids.extend(t.target_id for t in targets)
 
     async def beat_once(self) -> mp.HeartbeatRsp:
         """Send one heartbeat now (also used by tests)."""
