@@ -246,10 +246,8 @@ class ClusterState:
                 f"node {node_id} is a {mp.NodeType.Name(n.type).lower()} node, not a storage node",
             )
         if n.status != mp.NODE_ONLINE:
-            raise ChainfsError(
-                Code.EHOSTUNREACH,
-                f"storage node {node_id} is {mp.NodeStatus.Name(n.status).lower()}",
-            )
+            status = mp.NodeStatus.Name(n.status).removeprefix("NODE_").lower()
+            raise ChainfsError(Code.EHOSTUNREACH, f"storage node {node_id} is {status}")
         if not targets:
             raise ChainfsError(Code.EINVAL, "no targets to add")
         have = self.targets_of(node_id)
