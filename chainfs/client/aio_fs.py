@@ -126,6 +126,8 @@ class AsyncFileSystem:
         self._budget = ByteBudget(config.write_buffer_budget_bytes)
         self._read_sem = asyncio.Semaphore(config.max_inflight_reads)
         self._open_files: set[AsyncFile] = set()
+        # Bytes asked of storage by reads since connect (file reads, read_ranges).
+        self.storage_read_bytes = 0
         self._kvcaches: weakref.WeakSet[AsyncKVCache] = weakref.WeakSet()  # closed with us
         self._closed = False
 
@@ -160,7 +162,12 @@ class AsyncFileSystem:
             ) from None
         client_id = secrets.token_bytes(16)
         storage = StorageClient(routing, client_id, config.storage)
-        meta = MetaClient(routing, client_id, timeout_s=config.meta_timeout_ms / 1000)
+        meta = MetaClient(
+            routing,
+            client_id,
+            timeout_s=config.meta_timeout_ms / 1000,
+            attempt_timeout_s=config.meta_attempt_timeout_ms / 1000,
+        )
         routing.start()
         return cls(address, config, mgmt, routing, meta, storage)
 
@@ -386,9 +393,15 @@ class AsyncFileSystem:
 
     # -- files ---------------------------------------------------------------
     @_user_errors
-    async def open(self, path: str, mode: str = "rb") -> AsyncFile:
-        """Open a file in a binary mode (r, w, a, x, with + and b) -> AsyncFile."""
+    async def open(self, path: str, mode: str = "rb", buffering: int = -1) -> AsyncFile:
+        """Open a file in a binary mode (r, w, a, x, with + and b) -> AsyncFile.
+
+        ``buffering`` as builtin open: 0 unbuffered (reads fetch exactly what
+        they ask, writes reach storage before returning), N > 1 a read buffer
+        of N bytes, -1 (or 1) the adaptive default (see chainfs.client.file)."""
         self._check_open()
+        if not isinstance(buffering, int) or buffering < -1:
+            raise ValueError(f"invalid buffering {buffering!r}")
         m = Mode.parse(mode)
         if not m.binary:
             raise ValueError(
@@ -404,6 +417,9 @@ class AsyncFileSystem:
             exclusive=m.exclusive,
             truncate=m.truncate,
             mode=0o666 & ~_umask(),
+            # Read-only: a read session in the same call, so an unlink or rename
+            # over the file elsewhere leaves it readable until our close.
+            session=not m.writable and self.config.read_sessions,
         )
         inode = rsp.inode
         if inode.type == mt.DIRECTORY:
@@ -413,7 +429,7 @@ class AsyncFileSystem:
         if inode.type != mt.FILE:
             raise ChainfsError(Code.EINVAL, "not a regular file", p)
         handle = OpenHandle(p, inode.ino, layout_of(inode), inode.size, rsp.session_id or None)
-        f = AsyncFile(self, handle, m)
+        f = AsyncFile(self, handle, m, -1 if buffering == 1 else buffering)
         self._open_files.add(f)
         return f
 
@@ -556,6 +572,7 @@ class AsyncFileSystem:
             raise
 
     async def _read_group(self, group: list[tuple[ReadReq, memoryview]]) -> None:
+        self.storage_read_bytes += sum(req.length for req, _ in group)
         async with self._read_sem:
             got = await self._storage.read_batch([r for r, _ in group])
         for (req, target), data in zip(group, got, strict=True):

@@ -15,6 +15,9 @@ class ClientConfig:
     connect_timeout_ms: int = 5_000
     # Deadline of one metadata call, meta failover included.
     meta_timeout_ms: int = 30_000
+    # One attempt of a metadata call on one meta server: a server silent this
+    # long (hung, host gone) is left for another; the retry keeps the request id.
+    meta_attempt_timeout_ms: int = 5_000
     # Read groups (one read_batch call of up to read_group_bytes / read_group_ios)
     # in flight per FileSystem: keeps every storage node busy, bounds queues.
     max_inflight_reads: int = 16
@@ -29,6 +32,14 @@ class ClientConfig:
     # Read buffer of a file for small sequential reads (read(n) with small n,
     # readline); reads at least this large go straight into the caller's buffer.
     read_buffer_bytes: int = 1 * MiB
+    # Default buffering (-1) is adaptive: a refill after a jump fetches this much,
+    # doubling (up to read_buffer_bytes) while reads go on where the last stopped,
+    # so a 4 KiB random read costs 64 KiB from storage, not 1 MiB.
+    read_ahead_min_bytes: int = 64 * 1024
+    # Read-only opens take a meta read session (in the open call itself; one
+    # more call at close): a file unlinked or replaced elsewhere stays readable
+    # through an open file until it is closed, as POSIX promises.
+    read_sessions: bool = True
     # Entries asked per readdir page.
     readdir_page_entries: int = 1024
     # Distinct paths looked up per batch-stat call of read_ranges (meta caps a
@@ -41,12 +52,14 @@ class ClientConfig:
         for name in (
             "connect_timeout_ms",
             "meta_timeout_ms",
+            "meta_attempt_timeout_ms",
             "max_inflight_reads",
             "read_group_bytes",
             "read_group_ios",
             "max_inflight_writes_per_file",
             "write_buffer_budget_bytes",
             "read_buffer_bytes",
+            "read_ahead_min_bytes",
             "readdir_page_entries",
             "batch_stat_paths",
         ):

@@ -6,12 +6,19 @@ elsewhere, close), several in flight at once, bounded per file and by the
 FileSystem's byte budget. A failed background write is raised by the next
 write, flush or close. close() and fsync() report the file length to meta.
 
-Reads at least ``read_buffer_bytes`` long go straight into the caller's
-buffer, split into chunk requests sent in parallel; shorter reads go through
-a read buffer refilled by the same path. A file sees its own writes (pending
-ones are flushed before a read). Holes read as zeros. The length a reader
-sees is the one meta had at open (close-to-open consistency), extended by the
-file's own writes.
+Reads at least as long as the file's read buffer go straight into the
+caller's buffer, split into chunk requests sent in parallel; shorter reads go
+through the read buffer refilled by the same path. The buffer follows
+builtin ``open``'s ``buffering``: 0 = unbuffered (a read fetches exactly what
+it asks, a write is pushed to storage before it returns), N > 1 = N bytes,
+-1 = adaptive: a refill fetches ``read_ahead_min_bytes`` after a jump and
+doubles while reads continue where the previous one ended, up to
+``read_buffer_bytes`` (small random reads stay small, sequential ones grow).
+A file sees its own writes (pending ones are flushed before a read). Holes
+read as zeros. The length a reader sees is the one meta had at open
+(close-to-open consistency), extended by the file's own writes. A read-only
+open holds a meta read session until close, so the file stays readable after
+another client unlinks it or renames over it.
 """
 
 from __future__ import annotations
@@ -90,7 +97,11 @@ class OpenHandle:
     inode: int
     layout: Layout
     size: int
-    session: Any = None  # meta's write-open session (None when opened read-only)
+    session: Any = None  # meta's open session (write, or read; None: none held)
+
+
+# readline on an unbuffered file fetches this much at a time while looking for b"\n".
+_UNBUFFERED_LINE_STEP_BYTES = 8 * 1024
 
 
 def _closed_error() -> ValueError:
@@ -100,7 +111,11 @@ def _closed_error() -> ValueError:
 class AsyncFile:
     """A file of an AsyncFileSystem. Methods are coroutines except tell/readable/..."""
 
-    def __init__(self, fs: AsyncFileSystem, handle: OpenHandle, mode: Mode) -> None:
+    def __init__(
+        self, fs: AsyncFileSystem, handle: OpenHandle, mode: Mode, buffering: int = -1
+    ) -> None:
+        if buffering < -1:
+            raise ValueError(f"invalid buffering {buffering}")
         self._fs = fs
         self._h = handle
         self._mode = mode
@@ -120,6 +135,15 @@ class AsyncFile:
         # Read buffer: bytes of [_rbuf_offset, _rbuf_offset + len(_rbuf)).
         self._rbuf = memoryview(b"")
         self._rbuf_offset = 0
+        # buffering: 0 unbuffered, N fixed, -1 adaptive (window grows on sequential reads).
+        self._unbuffered = buffering == 0
+        self._adaptive = buffering == -1
+        max_window = fs.config.read_buffer_bytes if buffering < 0 else buffering
+        self._max_window = max_window
+        self._window = (
+            min(fs.config.read_ahead_min_bytes, max_window) if buffering < 0 else buffering
+        )
+        self._last_read_end = 0  # file offset where the previous read stopped
 
     # -- state ---------------------------------------------------------------
     @property
@@ -196,7 +220,12 @@ class AsyncFile:
     # -- write ---------------------------------------------------------------
     def try_write_buffered(self, data: Buffer) -> int | None:
         """Fast path without I/O: append to the write buffer if it stays within its chunk."""
-        if self._closed or not self._mode.writable or self._write_error is not None:
+        if (
+            self._closed
+            or not self._mode.writable
+            or self._write_error is not None
+            or self._unbuffered
+        ):
             return None
         mv = memoryview(data).cast("B")
         n = len(mv)
@@ -250,6 +279,8 @@ class AsyncFile:
             if self._wbuf_offset + len(self._wbuf) == chunk_end:
                 await self._send_wbuf()
         self._after_write(pos, n)
+        if self._unbuffered:
+            await self._drain()  # unbuffered: on storage (every replica) before we return
         return n
 
     async def _send_wbuf(self) -> None:
@@ -340,6 +371,7 @@ class AsyncFile:
         if n < 0 or start < 0 or start + n > len(self._rbuf):
             return None
         self._pos += n
+        self._last_read_end = self._pos
         return bytes(self._rbuf[start : start + n])
 
     async def _before_read(self) -> None:
@@ -381,20 +413,34 @@ class AsyncFile:
         rest = n - done
         if rest == 0:
             self._pos += done
+            self._last_read_end = self._pos
             return done
         at = self._pos + done
-        if rest >= self._fs.config.read_buffer_bytes:
-            # 2a. Large: straight into the caller's buffer, chunks in parallel.
+        window = self._next_window(self._pos)
+        if rest >= window:
+            # 2a. Large (or unbuffered): straight into the caller's buffer, chunks in parallel.
             await self._fs._read_into(self._h, at, out[done:n])
         else:
             # 2b. Small: refill the read buffer, then copy out.
-            fill = min(max(rest, self._fs.config.read_buffer_bytes), self._size - at)
+            fill = min(max(rest, window), self._size - at)
             rbuf = bytearray(fill)
             await self._fs._read_into(self._h, at, memoryview(rbuf))
             self._rbuf, self._rbuf_offset = memoryview(rbuf), at
             out[done:n] = self._rbuf[:rest]
         self._pos += n
+        self._last_read_end = self._pos
         return n
+
+    def _next_window(self, pos: int) -> int:
+        """Bytes the next refill fetches (0: none, read exactly what is asked).
+        Adaptive: doubles while reads continue where the last one stopped, back to
+        the minimum after a jump."""
+        if self._adaptive:
+            if pos == self._last_read_end:
+                self._window = min(self._window * 2, self._max_window)
+            else:
+                self._window = min(self._fs.config.read_ahead_min_bytes, self._max_window)
+        return self._window
 
     async def readline(self, size: int | None = -1) -> bytes:
         await self._before_read()
@@ -411,13 +457,16 @@ class AsyncFile:
             window = self._rbuf[start:]
             if limit >= 0:
                 window = window[: limit - total]
-            nl = bytes(window).find(b"\n")  # window is at most read_buffer_bytes
+            nl = bytes(window).find(b"\n")  # window is at most the read buffer
             take = len(window) if nl < 0 else nl + 1
             parts.append(bytes(window[:take]))
             total += take
             self._pos += take
+            self._last_read_end = self._pos
             if nl >= 0:
                 break
+        if self._unbuffered:
+            self._rbuf = memoryview(b"")  # nothing kept past the line
         return b"".join(parts)
 
     async def readlines(self, hint: int = -1) -> list[bytes]:
@@ -434,7 +483,9 @@ class AsyncFile:
 
     async def _fill_rbuf(self) -> None:
         at = self._pos
-        fill = min(self._fs.config.read_buffer_bytes, self._size - at)
+        # Unbuffered readline has to look ahead for the newline: small steps.
+        window = _UNBUFFERED_LINE_STEP_BYTES if self._unbuffered else self._next_window(at)
+        fill = min(window, self._size - at)
         rbuf = bytearray(fill)
         await self._fs._read_into(self._h, at, memoryview(rbuf))
         self._rbuf, self._rbuf_offset = memoryview(rbuf), at
@@ -450,7 +501,9 @@ class AsyncFile:
         finally:
             self._closed = True
             self._rbuf = memoryview(b"")
-            await self._fs._close_handle(self._h, self._size, self._wrote)
+            # A reader reports no length: the file may have shrunk since its open.
+            length = self._size if self._mode.writable else 0
+            await self._fs._close_handle(self._h, length, self._wrote)
 
     async def __aenter__(self) -> AsyncFile:
         return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import io
 import logging
+import warnings
 import weakref
 from collections.abc import Sequence
 from types import TracebackType
@@ -123,7 +124,18 @@ class FileSystem:
         m = Mode.parse(mode)
         if m.binary and (encoding is not None or errors is not None or newline is not None):
             raise ValueError("binary mode doesn't take an encoding, errors or newline argument")
-        afile = self._loop.run(self._afs.open(path, m.binary_mode()))
+        # buffering as builtin open: 0 unbuffered (binary only), 1 line buffering
+        # (text only), N > 1 a buffer of N bytes, -1 the default.
+        if not m.binary and buffering == 0:
+            raise ValueError("can't have unbuffered text I/O")
+        if m.binary and buffering == 1:
+            warnings.warn(
+                "line buffering (buffering=1) isn't supported in binary mode, "
+                "the default buffer size will be used",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        afile = self._loop.run(self._afs.open(path, m.binary_mode(), buffering))
         f = File(afile, self._loop)
         if m.binary:
             return f
@@ -132,6 +144,7 @@ class FileSystem:
             encoding=encoding or "utf-8",
             errors=errors,
             newline=newline,
+            line_buffering=buffering == 1,
             write_through=False,
         )
 

@@ -278,14 +278,27 @@ class ChainfsOperations(pyfuse3.Operations):
                 await self.meta.close(inode.ino, session)
             raise pyfuse3.FUSEError(errno.EISDIR if inode.type == mt.DIRECTORY else errno.EINVAL)
         acc = flags & os.O_ACCMODE
-        st = self._open_inode(inode, truncated)
+        writable = acc in (os.O_WRONLY, os.O_RDWR)
+        try:
+            st = self._open_inode(inode, truncated)
+        except BaseException:
+            if session:
+                await self.meta.close(inode.ino, session)
+            raise
+        if session and not writable:
+            # A read session: one per inode of this mount, held until its last release.
+            if st.hold_session:
+                await self.meta.close(inode.ino, session)  # a concurrent open took one too
+            else:
+                st.hold_session = session
+            session = b""
         fi = self._file_info(self._fh(), inode, flags)
         h = FileHandle(
             fi.fh,
             inode.ino,
             session,
             readable=acc in (os.O_RDONLY, os.O_RDWR),
-            writable=acc in (os.O_WRONLY, os.O_RDWR),
+            writable=writable,
         )
         if h.readable and self._readahead_buffers is not None and self.config.readahead_bytes:
             layout = st.handle.layout
@@ -629,6 +642,7 @@ class ChainfsOperations(pyfuse3.Operations):
         truncate = writable and bool(flags & os.O_TRUNC)
         if truncate:
             await self._drop_writer(inode)
+        st = self._open.get(inode)
         rsp = await self.meta.open(
             inode,
             read=acc in (os.O_RDONLY, os.O_RDWR),
@@ -636,6 +650,12 @@ class ChainfsOperations(pyfuse3.Operations):
             truncate=truncate,
             nofollow=True,
             user=self._user(ctx),
+            # Read-only: take a read session in the same call unless this mount
+            # already holds one for the inode (the file then outlives an unlink
+            # or rename over it by any client until our last release).
+            session=not writable
+            and self.fs.config.read_sessions
+            and (st is None or not st.hold_session),
         )
         fi, _ = await self._start_handle(rsp.inode, rsp.session_id, flags, truncate)
         return fi
@@ -656,6 +676,7 @@ class ChainfsOperations(pyfuse3.Operations):
                 nofollow=True,
                 mode=mode & 0o7777,
                 user=self._user(ctx),
+                session=acc == os.O_RDONLY and self.fs.config.read_sessions,
             ),
             added=[(parent_inode, name)],
         )

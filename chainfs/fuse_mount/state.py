@@ -40,7 +40,8 @@ class OpenInode:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     dirty: bool = False  # bytes written since the length was last reported to meta
     write_mtime_ns: int = 0  # time of our last write (meta learns it on flush)
-    # A write session held only to keep an unlinked, read-only-open file alive.
+    # The session keeping a read-only-open file alive at meta until the last
+    # release (a read session from open, or a write one taken before an unlink).
     hold_session: bytes = b""
     # Meta said the file has no security.capability: the kernel asks before
     # every write (to drop capabilities); answered here while the file is open.

@@ -1,13 +1,14 @@
 """Background work of a meta server, in bounded rounds.
 
-- :class:`GarbageCollector`: files whose last name and last write session are
-  gone wait in ``GCQU``; a round takes up to ``gc_batch`` due entries, removes
+- :class:`GarbageCollector`: files whose last name and last open session (read
+  or write) are gone wait in ``GCQU``; a round takes up to ``gc_batch`` due entries, removes
   their chunks from every chain of their layout (``gc_concurrency`` files at
   once), then deletes the inode in a transaction. A failed removal is retried
   after ``gc_retry_delay_ms``.
 - :class:`SessionPruner`: clients whose last keep-alive is older than
-  ``session_timeout_ms`` have their write sessions closed (the file length is
-  taken from storage, as on close) and their record removed.
+  ``session_timeout_ms`` have their sessions closed (a write session's file
+  length is taken from storage, as on close) and their record removed; an
+  unlinked file a dead client held open is then collected.
 - :class:`IdempotencyCleaner`: answers older than ``idempotency_ttl_ms`` are
   dropped, oldest first, ``idempotency_clean_batch`` per round.
 
@@ -126,6 +127,20 @@ class GarbageCollector(Periodic):
         return len(batch) == self.cfg.gc_batch
 
     async def collect(self, key: bytes, ino: int) -> None:
+        async def open_now(tx: Transaction) -> bool:
+            rows = await tx.get_range(*schema.range_of(schema.session_prefix(ino)), limit=1)
+            return bool(rows)
+
+        # Opens of a removed file need a live session, so none can start once the
+        # file is queued; a session seen here is a bug: keep the chunks, its end re-queues.
+        if await self.kv.transact(open_now, read_only=True):
+            log.error("inode %d queued for GC while open; left to its last close", ino)
+
+            async def drop(tx: Transaction) -> None:
+                tx.clear(key)
+
+            await self.kv.transact(drop)
+            return
         raw = await self.kv.get(schema.inode_key(ino))
         if raw is not None:
             inode = schema.decode_inode(raw)
@@ -203,9 +218,11 @@ class SessionPruner(Periodic):
         return len(keys)
 
     async def close_session(self, client: bytes, ino: int, sid: bytes) -> None:
+        srec = await self.kv.get(schema.session_key(ino, sid))
+        read_only = srec is not None and pb.SessionRecord.FromString(srec).read_only
         raw = await self.kv.get(schema.inode_key(ino))
         length = 0
-        if raw is not None and self.ns.storage is not None:
+        if raw is not None and self.ns.storage is not None and not read_only:
             inode = schema.decode_inode(raw)
             if inode.type == FILE and inode.layout.chains:
                 length = await chunks.exact_length(self.ns.storage, inode)
@@ -216,9 +233,10 @@ class SessionPruner(Periodic):
             if srec is None:
                 tx.clear(schema.client_session_key(client, ino, sid))
                 return  # closed meanwhile
-            hint = pb.SessionRecord.FromString(srec).length_hint
+            rec = pb.SessionRecord.FromString(srec)
             raw_inode = await tx.get(schema.inode_key(ino))
-            if raw_inode is not None:
+            if raw_inode is not None and not rec.read_only:
+                hint = rec.length_hint
                 inode = await ctx.inode(ino)
                 size = max(inode.size, hint, length)
                 if size != inode.size:
@@ -228,7 +246,8 @@ class SessionPruner(Periodic):
 
         await self.kv.transact(fn)
         self.pruned_sessions += 1
-        log.info("closed write session of silent client %s on inode %d", client.hex(), ino)
+        kind = "read" if read_only else "write"
+        log.info("closed %s session of silent client %s on inode %d", kind, client.hex(), ino)
 
     async def _forget_client(self, client: bytes) -> None:
         timeout = self.cfg.session_timeout_ms

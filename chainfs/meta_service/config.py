@@ -61,7 +61,9 @@ class MetaConfig:
     session_prune_batch: int = 256  # sessions closed per round (bounded work)
 
     # Removed files: chunks are dropped from storage by a background task.
-    gc_delay_ms: int = 0  # a removed file's chunks stay this long (readers of open fds)
+    # A removed file's chunks stay this long after its last session ends (open
+    # files hold sessions, so readers of an open fd need no delay).
+    gc_delay_ms: int = 0
     gc_interval_ms: int = 1_000  # pause between GC rounds when the queue is empty
     gc_batch: int = 64  # files per GC round
     gc_concurrency: int = 8  # files removed from storage at once

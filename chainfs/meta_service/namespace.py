@@ -443,9 +443,10 @@ class Namespace:
     async def open(self, r: pb.OpenReq) -> pb.OpenRsp:
         p = parse(r.at, self.cfg)
         mode = _check_mode(r.mode)
-        mutating = r.write or r.create or r.truncate
-        if r.write and len(r.req.client_id) != schema.CLIENT_ID_BYTES:
-            raise ChainfsError(Code.EINVAL, "a write open needs a client id")
+        read_session = r.session and not r.write
+        mutating = r.write or r.create or r.truncate or read_session
+        if (r.write or read_session) and len(r.req.client_id) != schema.CLIENT_ID_BYTES:
+            raise ChainfsError(Code.EINVAL, "an open with a session needs a client id")
 
         async def body(ctx: OpCtx) -> pb.OpenRsp:
             follow = not (r.create and r.exclusive) and not r.nofollow
@@ -479,8 +480,10 @@ class Namespace:
                 want = (perm.R if r.read else 0) | (perm.W if r.write or r.truncate else 0)
                 if want:
                     perm.check(inode, want, ctx.caller, "open")
-                if r.write and inode.nlink == 0 and not await ctx.has_sessions(inode.ino):
-                    # Removed and queued for GC (an open by inode number): no new writers.
+                wants_session = r.write or read_session
+                if wants_session and inode.nlink == 0 and not await ctx.has_sessions(inode.ino):
+                    # Removed and queued for GC (an open by inode number): a new session
+                    # could not hold chunks GC may already be dropping.
                     raise ChainfsError(Code.ENOENT, f"inode {inode.ino} was removed")
                 if r.truncate and inode.type == FILE:
                     if inode.size > 0:
@@ -489,8 +492,8 @@ class Namespace:
                     inode.mtime_ns = inode.ctime_ns = ctx.now_ns
                     ctx.put(inode)
             rsp = pb.OpenRsp(created=created)
-            if r.write:
-                rsp.session_id = self._open_session(ctx, inode, r.req.client_id)
+            if r.write or (read_session and inode.type == FILE):
+                rsp.session_id = self._open_session(ctx, inode, r.req.client_id, not r.write)
                 rsp.session_timeout_ms = self.cfg.session_timeout_ms
             rsp.inode.CopyFrom(inode)
             return rsp
@@ -499,9 +502,18 @@ class Namespace:
             return await self._read(r.req, body)
         return await self._mutate(r.req, Tag.OPEN, pb.OpenRsp, body, new_ids=r.create)
 
-    def _open_session(self, ctx: Ctx, inode: pb.Inode, client_id: bytes) -> bytes:
+    def _open_session(
+        self, ctx: Ctx, inode: pb.Inode, client_id: bytes, read_only: bool = False
+    ) -> bytes:
+        """A session keeps an unlinked file's chunks until it ends (close, or its
+        client silent for session_timeout_ms). Read sessions never touch the length."""
         sid = os.urandom(schema.SESSION_ID_BYTES)
-        rec = pb.SessionRecord(client_id=client_id, created_ms=ctx.now_ms, length_hint=inode.size)
+        rec = pb.SessionRecord(
+            client_id=client_id,
+            created_ms=ctx.now_ms,
+            length_hint=0 if read_only else inode.size,
+            read_only=read_only,
+        )
         ctx.tx.set(schema.session_key(inode.ino, sid), rec.SerializeToString())
         ctx.tx.set(schema.client_session_key(client_id, inode.ino, sid), b"")
         ctx.tx.set(schema.client_key(client_id), schema.encode_ms(ctx.now_ms))
@@ -575,14 +587,26 @@ class Namespace:
         async def body(ctx: OpCtx) -> pb.CloseRsp:
             # A close of a session that was pruned (client silent too long) still
             # applies its length: the writes it reports were acknowledged.
-            inode = await self._apply_length(ctx, r.ino, r.length_hint, r.wrote, r.wrote)
+            if r.length_hint or r.wrote:
+                inode = await self._apply_length(ctx, r.ino, r.length_hint, r.wrote, r.wrote)
+            else:  # nothing written (a read session): the length stays as it is
+                inode = await self._inode_or_none(ctx, r.ino)
             await self.end_session(ctx, r.ino, r.session_id, r.req.client_id)
             return pb.CloseRsp(inode=inode) if inode is not None else pb.CloseRsp()
 
         return await self._mutate(r.req, Tag.CLOSE, pb.CloseRsp, body)
 
+    @staticmethod
+    async def _inode_or_none(ctx: Ctx, ino: int) -> pb.Inode | None:
+        try:
+            return await ctx.inode(ino)
+        except ChainfsError as e:
+            if e.code == Code.ENOENT:
+                return None
+            raise
+
     async def end_session(self, ctx: Ctx, ino: int, session_id: bytes, client_id: bytes) -> None:
-        """Remove a write session; a file already unlinked goes to GC with its last one."""
+        """Remove a session; a file already unlinked goes to GC with its last one."""
         ctx.tx.clear(schema.session_key(ino, session_id))
         if client_id:
             ctx.tx.clear(schema.client_session_key(client_id, ino, session_id))
@@ -603,7 +627,7 @@ class Namespace:
         """The last name of ``inode`` is gone."""
         assert inode.nlink == 0
         if inode.type == FILE:
-            ctx.put(inode)  # kept (nlink 0) while open for write and until GC drops its chunks
+            ctx.put(inode)  # kept (nlink 0) while open (any session) and until GC drops its chunks
             if not await ctx.has_sessions(inode.ino):
                 self._enqueue_gc(ctx, inode)
         else:

@@ -7,7 +7,7 @@ no hot range when ids are allocated in sequence).
     INOD|ino               -> Inode (protobuf)
     DENT|parent|name       -> DirEntry value: ino (u64 LE) + type (u8)
     DMTM|ino               -> when a directory's entries last changed, unix ns (u64 BE)
-    INOS|ino|session       -> SessionRecord (protobuf): a write-open session
+    INOS|ino|session       -> SessionRecord (protobuf): an open session (write, or read)
     CSES|client|ino|session-> b""   sessions by client, for pruning vanished clients
     CLNT|client            -> last keep-alive, unix ms (u64 BE)
     IDEM|client|request    -> answer of a mutating request: tag (u8) + response

@@ -305,6 +305,7 @@ class OpenReq(_message.Message):
     TRUNCATE_FIELD_NUMBER: _builtins.int
     NOFOLLOW_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
     read: _builtins.bool
     write: _builtins.bool
     create: _builtins.bool
@@ -317,6 +318,11 @@ class OpenReq(_message.Message):
     """O_NOFOLLOW: a symlink in the last component -> ELOOP"""
     mode: _builtins.int
     """permission bits of a new file (umask already applied)"""
+    session: _builtins.bool
+    """A file opened without write: start a read session too, so meta keeps the
+    file's chunks while it is open even if its last name goes (unlink/rename
+    over it); end it with Close. Needs a client id (kept alive like writes).
+    """
     @_builtins.property
     def req(self) -> _common_pb2.RequestInfo: ...
     @_builtins.property
@@ -333,10 +339,11 @@ class OpenReq(_message.Message):
         truncate: _builtins.bool = ...,
         nofollow: _builtins.bool = ...,
         mode: _builtins.int = ...,
+        session: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "req", b"req"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "create", b"create", "exclusive", b"exclusive", "mode", b"mode", "nofollow", b"nofollow", "read", b"read", "req", b"req", "truncate", b"truncate", "write", b"write"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "create", b"create", "exclusive", b"exclusive", "mode", b"mode", "nofollow", b"nofollow", "read", b"read", "req", b"req", "session", b"session", "truncate", b"truncate", "write", b"write"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -351,7 +358,7 @@ class OpenRsp(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     SESSION_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.bytes
-    """set for a write open; pass to Sync/Close"""
+    """set for a write open (or a read open with `session`); pass to Sync/Close"""
     created: _builtins.bool
     session_timeout_ms: _builtins.int
     """keep-alive before this, or sessions are pruned"""
@@ -1353,7 +1360,7 @@ Global___SetLayoutRsp: _TypeAlias = SetLayoutRsp  # noqa: Y015
 class SessionRecord(_message.Message):
     """-- records stored in the KV store (not sent on the wire) --------------------
 
-    INOS|ino|session: a write-open session.
+    INOS|ino|session: an open session (write, or read with OpenReq.session).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1361,19 +1368,23 @@ class SessionRecord(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     CREATED_MS_FIELD_NUMBER: _builtins.int
     LENGTH_HINT_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
     client_id: _builtins.bytes
     created_ms: _builtins.int
     length_hint: _builtins.int
+    read_only: _builtins.bool
+    """a read session: closing it never changes the length"""
     def __init__(
         self,
         *,
         client_id: _builtins.bytes = ...,
         created_ms: _builtins.int = ...,
         length_hint: _builtins.int = ...,
+        read_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "created_ms", b"created_ms", "length_hint", b"length_hint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "created_ms", b"created_ms", "length_hint", b"length_hint", "read_only", b"read_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,11 +59,17 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
 DEFAULT_TIMEOUT_S = 30.0  # one call, failover and retries included
+# One attempt on one server: a server that stopped answering (hung, or its host
+# gone silent without resetting connections) is left for another after this.
+# A slow attempt that did complete is not lost: the retry carries the same
+# request id and gets meta's recorded answer.
+DEFAULT_ATTEMPT_TIMEOUT_S = 5.0
 RETRY_BACKOFF_INITIAL_S = 0.02
 RETRY_BACKOFF_MAX_S = 0.5
-# Worth trying again (same request id): the server could not be reached, or
-# its KV transaction lost too many conflicts in a row.
-_FAILOVER = frozenset({Code.UNAVAILABLE, Code.NOT_PRIMARY_META})
+# Worth trying again (same request id): the server could not be reached or did
+# not answer within the attempt timeout, or its KV transaction lost too many
+# conflicts in a row.
+_FAILOVER = frozenset({Code.UNAVAILABLE, Code.NOT_PRIMARY_META, Code.ETIMEDOUT})
 _RETRY_SAME = frozenset({Code.TXN_CONFLICT, Code.TXN_TOO_OLD, Code.EAGAIN})
 
 FRAME_PREFIX = "frame://"  # a static address served over the framed data plane
@@ -183,12 +189,16 @@ class MetaClient:
         user: UserInfo | None = None,
         transport: str = "auto",
         dataplane: DataPlaneConfig | None = None,
+        attempt_timeout_s: float = DEFAULT_ATTEMPT_TIMEOUT_S,
     ) -> None:
         """``transport``: "auto" (framed where a server offers it), "grpc" or "frame"."""
         if transport not in ("auto", "grpc", "frame"):
             raise ChainfsError(Code.EINVAL, f"transport must be auto, grpc or frame: {transport!r}")
-        if timeout_s <= 0:
-            raise ChainfsError(Code.EINVAL, f"timeout_s must be > 0, not {timeout_s}")
+        if timeout_s <= 0 or attempt_timeout_s <= 0:
+            raise ChainfsError(
+                Code.EINVAL, f"timeouts must be > 0, not {timeout_s}, {attempt_timeout_s}"
+            )
+        self.attempt_timeout_s = attempt_timeout_s
         self.client_id = bytes(client_id) if client_id is not None else os.urandom(16)
         if len(self.client_id) != 16:
             raise ChainfsError(Code.EINVAL, "client_id must be 16 bytes")
@@ -270,7 +280,14 @@ class MetaClient:
         last: ChainfsError | None = None
         refresh = False
         while True:
-            addresses = await self._addresses(refresh)
+            try:
+                addresses = await self._addresses(refresh)
+            except ChainfsError as e:
+                # mgmtd unreachable (its own failover): go on with the cached list.
+                if not refresh or e.code not in (Code.UNAVAILABLE, Code.ETIMEDOUT):
+                    raise
+                last = e
+                addresses = await self._addresses(False)
             if not addresses:
                 last = ChainfsError(Code.UNAVAILABLE, "no meta server in the routing info")
             elif self._current not in addresses:
@@ -282,7 +299,8 @@ class MetaClient:
                 if remaining <= 0:
                     break
                 try:
-                    rsp = await self._invoke(addr, method, request, remaining)
+                    attempt_s = min(remaining, self.attempt_timeout_s)
+                    rsp = await self._invoke(addr, method, request, attempt_s)
                     self._current = addr
                     return rsp
                 except ChainfsError as e:
@@ -388,8 +406,10 @@ class MetaClient:
         nofollow: bool = False,
         mode: int = 0o666,
         user: UserInfo | None = None,
+        session: bool = False,
     ) -> OpenResult:
-        """open(2). A write open returns a session id for sync/close."""
+        """open(2). A write open returns a session id for sync/close; so does a
+        read open with ``session`` (meta then keeps the file while it is open)."""
         req = pb.OpenReq(
             req=self.request_info(user),
             at=path_at(at),
@@ -400,6 +420,7 @@ class MetaClient:
             truncate=truncate,
             nofollow=nofollow,
             mode=mode,
+            session=session,
         )
         rsp: pb.OpenRsp = await self.call("Open", req)
         if rsp.session_id:

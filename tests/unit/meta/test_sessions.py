@@ -127,6 +127,74 @@ async def test_no_new_writer_once_a_removed_file_is_queued_for_gc() -> None:
         await stop_env(env)
 
 
+async def test_a_file_open_for_read_outlives_unlink_and_rename_until_close(env: MetaEnv) -> None:
+    m = env.direct
+    for how in ("unlink", "rename"):
+        r = await m.create("/f")
+        ino, lay = r.inode.ino, r.inode.layout
+        env.storage.write(list(lay.chains), lay.chunk_size, ino, 6 * MiB)
+        await m.close(ino, r.session_id, 6 * MiB, wrote=True)
+        rd = await m.open("/f", session=True)  # read-only, with a read session
+        assert rd.session_id and rd.inode.ino == ino
+        if how == "unlink":
+            await m.unlink("/f")
+        else:
+            await m.create("/g", write=False)
+            await m.rename("/g", "/f")  # replaces the open file's only name
+        await asyncio.sleep(0.2)  # GC rounds run every 20 ms
+        assert await inode_exists(env, ino) and len(env.storage.of(ino)) == 2
+        env.storage.calls.clear()
+        closed = await m.close(ino, rd.session_id)
+        assert closed is not None and closed.size == 6 * MiB  # a reader's close keeps the length
+        assert not [c for c in env.storage.calls if c[0] == "query"]
+        await until(lambda: _not(inode_exists(env, ino)))  # noqa: B023
+        assert env.storage.of(ino) == {}
+
+
+async def test_a_read_session_ending_does_not_change_the_length(env: MetaEnv) -> None:
+    m = env.direct
+    w = await m.create("/f")
+    rd = await m.open("/f", session=True)
+    await m.close(w.inode.ino, w.session_id, 5 * MiB, wrote=True)  # written after the read open
+    assert (await m.close(rd.inode.ino, rd.session_id)).size == 5 * MiB  # type: ignore[union-attr]
+    assert (await m.stat("/f")).size == 5 * MiB
+
+
+async def test_no_read_session_on_a_removed_file_queued_for_gc() -> None:
+    env = await start_env(gc_delay_ms=60_000)  # stays queued for the test
+    try:
+        m = env.direct
+        f = (await m.create("/f", write=False)).inode
+        await m.unlink("/f")
+        with pytest.raises(ChainfsError) as ei:
+            await m.open(f.ino, session=True)
+        assert ei.value.errno == errno.ENOENT
+    finally:
+        await stop_env(env)
+
+
+async def test_read_sessions_of_a_vanished_client_are_pruned_then_gc_runs() -> None:
+    env = await start_env(session_timeout_ms=200)
+    try:
+        m = env.direct
+        r = await m.create("/f")
+        ino, lay = r.inode.ino, r.inode.layout
+        env.storage.write(list(lay.chains), lay.chunk_size, ino, 1 * MiB)
+        await m.close(ino, r.session_id, 1 * MiB, wrote=True)
+        # Straight to the namespace: no client keeps this read session alive.
+        req = pb.OpenReq(req=m.request_info(), at=pb.PathAt(path=b"/f"), read=True, session=True)
+        rd = await env.ns.open(req)
+        assert rd.session_id
+        await m.unlink("/f")
+        assert await inode_exists(env, ino)
+        env.storage.calls.clear()
+        await until(lambda: _not(inode_exists(env, ino)))  # lease over: pruned, then collected
+        assert env.storage.of(ino) == {}
+        assert not [c for c in env.storage.calls if c[0] == "query"]  # no length asked
+    finally:
+        await stop_env(env)
+
+
 async def test_sessions_of_a_vanished_client_are_pruned() -> None:
     env = await start_env(session_timeout_ms=200)
     try:
