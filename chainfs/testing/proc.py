@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ class ServiceProcess:
         workdir: Path,
         name: str | None = None,
         env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.kind = kind
         self.name = name or kind
@@ -42,6 +44,9 @@ class ServiceProcess:
         self.ready_file = self.workdir / f"{self.name}.ready.json"
         self.log_path = self.workdir / f"{self.name}.log"
         self.env = env
+        # Run the service under a wrapper that execs it (same pid), e.g.
+        # ("ip", "netns", "exec", NS) to start it inside a network namespace.
+        self.prefix = list(prefix)
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
 
@@ -59,6 +64,7 @@ class ServiceProcess:
         if self.env:
             env.update(self.env)
         cmd = [
+            *self.prefix,
             sys.executable,
             "-m",
             "chainfs",

@@ -1,195 +1,275 @@
-"""A storage node cut off from mgmtd fences itself; no client reads stale bytes from it.
+"""A storage node cut off from the others and from mgmtd fences itself; no client
+reads stale bytes from it.
 
-The node reaches mgmtd only through a TCP relay this test runs (its config
-names the relay); cutting the relay partitions it from mgmtd while clients,
-holding routing from before the cut, can still reach it. The chain moves on
-without it and takes a new write; a read sent straight to the cut-off node
-must answer FENCED (never the old bytes). After the relay is restored the node
-comes back, resyncs, and serves the new bytes.
-(Without network namespaces: no root or ip(8) needed, same property.)
+The node runs inside a network namespace this test creates (ip netns and a
+veth pair, chainfs.testing.netns); mgmtd and the other storage nodes listen on
+this side's end of the veth, so the node reaches them only across that link.
+A probe client runs inside the namespace as well (tests/fault/partition_probe.py):
+the client on the node's side of the partition, holding the routing from
+before the cut, reading the chunk straight from the node every 20 ms.
+
+Cutting the link: the node fences itself (the probe gets FENCED) before mgmtd
+drops its target; the chain moves on and takes a new write; no read the probe
+sent after that write was acknowledged returns the old bytes, and a client on
+this side that sends its read to the cut-off node gets an error, never bytes.
+Restoring the link: the node resyncs and serves the new bytes, the replicas
+are identical and `chainfs fsck` is clean.
+
+Needs root and ip(8). About 25 s on 2 cores.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import threading
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from chainfs.common import config as cfg
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.common.rpc.storage_client import StorageClient, data_address
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.testing import cluster as cluster_mod
+from chainfs.testing.netns import NetnsLink
+from chainfs.testing.proc import ServiceProcess
+from tests.conftest import require, require_binary
 from tests.fault import faultlib as fl
-from tests.fault.test_fsck import _storage
+from tests.fault.test_fsck import fsck
 
-CHUNK = 1024 * 1024
+REPO = Path(__file__).resolve().parents[2]
+ISOLATED = 0  # index of the storage node that runs inside the namespace
+HEARTBEAT_TIMEOUT_MS = 4000  # the node fences after half of it, mgmtd drops it after all of it
 
 
-class Relay:
-    """TCP relay on 127.0.0.1 (its own thread and loop); cut() drops everything."""
+class PartitionedCluster(cluster_mod.LocalCluster):
+    """LocalCluster with storage node ``isolated`` inside ``net``'s namespace and
+    mgmtd and the other storage nodes listening on the veth's outer address."""
 
-    def __init__(self, upstream: str) -> None:
-        host, port = upstream.rsplit(":", 1)
-        self.upstream = (host, int(port))
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        self.port = s.getsockname()[1]
-        s.close()
-        self.loop = asyncio.new_event_loop()
-        self.open = True
-        self.writers: set[asyncio.StreamWriter] = set()
-        self.server: asyncio.AbstractServer | None = None
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self._call(self._listen())
+    def __init__(self, base_dir: Path, net: NetnsLink, isolated: int, **kwargs: Any) -> None:
+        self.net = net
+        self.isolated = f"storage{isolated}"
 
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+        def configure(i: int, c: Any) -> None:
+            c.listen_host = net.inner_address if i == isolated else net.outer_address
+            # A unix socket path is reachable across network namespaces (the file
+            # system is shared): it would bridge the partition.
+            c.unix_socket = ""
 
-    async def _listen(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        super().__init__(base_dir, configure_storage=configure, **kwargs)
 
-    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(Exception):
-            while self.open:
-                data = await r.read(65536)
-                if not data:
-                    break
-                w.write(data)
-                await w.drain()
-        w.close()
+    def _spawn(self, kind: str, name: str, config_obj: Any) -> ServiceProcess:
+        if kind == "mgmtd":
+            config_obj.listen_host = self.net.outer_address
+        if name != self.isolated:
+            return super()._spawn(kind, name, config_obj)
+        workdir = self.base_dir / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_path = workdir / f"{kind}.toml"
+        config_path.write_text(cfg.to_toml(config_obj))
+        proc = ServiceProcess(kind, config_path, workdir, name=name, prefix=self.net.exec_prefix())
+        self._procs.append(proc)
+        proc.start(timeout_s=self.start_timeout_s)
+        return proc
 
-    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        if not self.open:
-            w.close()
-            return
+
+class Probe:
+    """partition_probe.py inside the namespace; its answers as dicts."""
+
+    def __init__(self, net: NetnsLink, workdir: Path, **args: Any) -> None:
+        self.out = workdir / "probe.jsonl"
+        self.stop_file = workdir / "probe.stop"
+        self.log = workdir / "probe.log"
+        cmd = [*net.exec_prefix(), sys.executable, "-m", "tests.fault.partition_probe"]
+        for k, v in args.items():
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        cmd += ["--out", str(self.out), "--stop-file", str(self.stop_file)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.out.exists():
+            return []
+        lines = self.out.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.endswith("}")]
+
+    def answers(self) -> list[dict[str, Any]]:
+        """The answers so far (the probe must still be running)."""
+        assert self.proc.poll() is None, f"probe exited: {self.log.read_text()[-2000:]}"
+        return self.read()
+
+    def stop(self) -> None:
+        self.stop_file.touch()
         try:
-            ur, uw = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            w.close()
-            return
-        self.writers |= {w, uw}
-        await asyncio.gather(self._pipe(r, uw), self._pipe(ur, w))
-
-    async def _cut(self) -> None:
-        self.open = False
-        for w in list(self.writers):
-            w.close()
-        self.writers.clear()
-
-    def cut(self) -> None:
-        self._call(self._cut())
-
-    def restore(self) -> None:
-        self.open = True
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._call(self._cut())
-            if self.server is not None:
-                self.server.close()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # our own child only
+            self.proc.wait()
 
 
-@pytest.mark.timeout(150)
-def test_partitioned_node_fences_and_serves_no_stale_bytes(tmp_path: Path) -> None:
-    relays: list[Relay] = []
-
-    def configure(i: int, c: Any) -> None:
-        if i == 0:
-            relays.append(Relay(c.mgmtd_addresses[0]))
-            c.mgmtd_addresses = [relays[0].address]
-
+async def _read_direct(address: str, chain: int, target: int, ino: int, length: int) -> Any:
+    """One read sent straight to ``target`` at ``address``: bytes or the error code."""
+    dc = DataClient()
     try:
-        with cluster_mod.LocalCluster(
+        req = sp.BatchReadReq(
+            ios=[
+                sp.ReadIO(
+                    chain_id=chain,
+                    target_id=target,
+                    chunk=sp.ChunkId(inode=ino, index=0),
+                    offset=0,
+                    length=length,
+                )
+            ]
+        )
+        got: list[memoryview] = []
+
+        def sink(_t: int, header: bytes) -> list[memoryview]:
+            got.append(memoryview(bytearray(sp.BatchReadRsp.FromString(header).results[0].length)))
+            return got
+
+        try:
+            reply = await dc.request(
+                address, sp.BATCH_READ, req.SerializeToString(), payload_sink=sink, timeout_s=5
+            )
+        except ChainfsError as e:
+            return e.code
+        rsp = sp.BatchReadRsp.FromString(reply.header)
+        return rsp.status.code or rsp.results[0].status.code or bytes(got[0] if got else b"")
+    finally:
+        await dc.close()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.timeout(180)
+def test_partitioned_node_fences_and_serves_no_stale_bytes(tmp_path: Path) -> None:
+    require_binary("ip")
+    require("root", os.geteuid() == 0, "network namespaces (ip netns add) need root")
+    rng = random.Random(7)
+    old, new = rng.randbytes(100_000), rng.randbytes(100_000)
+    try:
+        net = NetnsLink.create()
+    except ChainfsError as e:
+        require("network namespaces", False, e.message)
+    with (
+        net,
+        PartitionedCluster(
             tmp_path,
+            net,
+            ISOLATED,
             storage_nodes=3,
             targets_per_node=1,
             replicas=3,
             heartbeat_interval_ms=200,
-            heartbeat_timeout_ms=4000,
-            configure_storage=configure,
-        ) as c:
-            relay = relays[0]
-            r = fl.routing(c.address)
-            chain = min(r.chains)
-            cut_node = c.storage[0].info["node_id"]
-            cut_target = next(t.target_id for t in r.targets.values() if t.node_id == cut_node)
-            ino = 1 << 51
-            old, new = b"old bytes " * 10, b"NEW BYTES " * 10
+            heartbeat_timeout_ms=HEARTBEAT_TIMEOUT_MS,
+        ) as c,
+    ):
+        fs = c.client()
+        fs.write_file("/p", old)
+        ino = fs.stat("/p").st_ino
+        r = fl.routing(c.address)
+        assert len(r.chains) == 1, "3 nodes x 1 target x 3 replicas: one chain"
+        chain = next(iter(r.chains.values()))
+        node = c.storage[ISOLATED].info
+        cut_target = node["target_ids"][0]
+        address = r.nodes[node["node_id"]].data_address
+        assert address.startswith(net.inner_address + ":"), address
+        position = list(chain.targets).index(cut_target)
 
-            async def write(data: bytes) -> Any:
-                async def go(client: StorageClient, _r: Any) -> None:
-                    await client.write(chain, ino, 0, 0, data, CHUNK)
-
-                return await _storage(c.address, go)
-
-            asyncio.run(write(old))
-            stale = fl.routing(c.address)  # what a client that looked before the cut holds
-
-            relay.cut()
+        probe = Probe(
+            net,
+            tmp_path,
+            address=address,
+            chain=chain.chain_id,
+            target=cut_target,
+            inode=ino,
+            length=len(old),
+        )
+        try:
             fl.poll(
-                lambda: fl.states(c.address)[cut_target] in (mp.OFFLINE, mp.LASTSRV),
+                lambda: any(a.get("sha256") == _sha(old) for a in probe.answers()),
                 30,
-                "mgmtd to drop the cut-off target",
+                "the probe to read the old bytes from inside the namespace",
             )
-            asyncio.run(write(new))
 
-            async def read_direct() -> Any:
-                dc = DataClient()
-                try:
-                    req = sp.BatchReadReq(
-                        ios=[
-                            sp.ReadIO(
-                                chain_id=chain,
-                                target_id=cut_target,
-                                chunk=sp.ChunkId(inode=ino, index=0),
-                                offset=0,
-                                length=len(new),
-                            )
-                        ]
-                    )
-                    got: list[bytes] = []
+            t_cut = time.monotonic()
+            net.cut()
+            fl.poll(
+                lambda: fl.states(c.address)[cut_target] == mp.OFFLINE,
+                30,
+                "mgmtd to take the cut-off target offline",
+                every_s=0.05,
+            )
+            t_offline = time.monotonic()
+            with fs.open("/p", "r+b") as f:
+                f.write(new)
+            t_ack = time.monotonic()
+            assert fs.read_file("/p") == new
 
-                    def sink(_t: int, header: bytes) -> list[memoryview]:
-                        rsp = sp.BatchReadRsp.FromString(header)
-                        buf = memoryview(bytearray(rsp.results[0].length))
-                        got.append(buf)  # type: ignore[arg-type]
-                        return [buf] if len(buf) else []
+            # A client on this side with the old routing: the node is out of reach.
+            stale = asyncio.run(_read_direct(address, chain.chain_id, cut_target, ino, len(new)))
+            assert not isinstance(stale, bytes), "read across the partition returned bytes"
 
-                    try:
-                        await dc.request(
-                            data_address(stale.node_of_target(cut_target)),
-                            sp.BATCH_READ,
-                            req.SerializeToString(),
-                            payload_sink=sink,
-                            timeout_s=10,
-                        )
-                    except ChainfsError as e:
-                        return e.code
-                    return bytes(got[0]) if got else b""
-                finally:
-                    await dc.close()
-
-            answer = asyncio.run(read_direct())
-            assert answer == Code.FENCED, f"cut-off node answered {answer!r}"
-
-            relay.restore()
+            fl.poll(
+                lambda: sum(a["t0"] > t_ack for a in probe.answers()) >= 20,
+                30,
+                "20 probe reads after the new write",
+            )
+            t_restore = time.monotonic()
+            net.restore()
             fl.poll(lambda: fl.all_serving(c.address), 60, "the node back and resynced")
-            fl.poll(lambda: asyncio.run(read_direct()) == new, 30, "new bytes from the node")
-            assert fl.replica_differences(c.address) == []
-    finally:
-        for rl in relays:
-            rl.close()
+            t_serving = time.monotonic()
+            fl.poll(
+                lambda: any(
+                    a.get("sha256") == _sha(new) and a["t0"] > t_restore for a in probe.answers()
+                ),
+                30,
+                "the new bytes from the node",
+            )
+        finally:
+            probe.stop()
+
+        answers = probe.read()
+        events = {"cut": t_cut, "offline": t_offline, "ack": t_ack, "restore": t_restore}
+        (tmp_path / "events.json").write_text(json.dumps(events))  # beside probe.jsonl
+        fenced = [a for a in answers if a.get("code") == Code.FENCED and a["t0"] > t_cut]
+        assert fenced, "the probe never got FENCED while the node was cut off"
+        first = fenced[0]
+        served = [a for a in answers if t_cut < a["t0"] < first["t0"] and "sha256" in a]
+        # The node fenced itself before mgmtd declared it offline, and stayed fenced
+        # while cut off: every read sent to it since is refused.
+        during = [
+            a for a in answers if min(first["t0"], t_offline) <= a["t0"] and a["t1"] < t_restore
+        ]
+        assert all(a.get("code") == Code.FENCED for a in during), during[:5]
+        for a in answers:
+            assert "sha256" not in a or a["sha256"] in (_sha(old), _sha(new)), a
+            if a["t0"] > t_ack:
+                assert a.get("sha256") != _sha(old), f"stale bytes after the new write: {a}"
+
+        assert fl.replica_differences(c.address) == []
+        assert fs.read_file("/p") == new
+        assert fsck(c.address) == (0, [])
+        print(
+            f"\npartition: cut node at chain position {position}; "
+            f"fenced {(served[-1]['t0'] if served else t_cut) - t_cut:.2f}-"
+            f"{first['t1'] - t_cut:.2f}s after the cut "
+            f"(limit {HEARTBEAT_TIMEOUT_MS / 2000:.1f}s), "
+            f"offline at mgmtd seen {t_offline - t_cut:.2f}s, "
+            f"new write acked {t_ack - t_cut:.2f}s, "
+            f"serving again {t_serving - t_restore:.2f}s after restore; "
+            f"{len(answers)} probe reads"
+        )
