@@ -37,6 +37,8 @@ class _MsgTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MsgType.Value
     """QueryLastChunkReq -> QueryLastChunkRsp"""
     LIST_CHUNKS: _MsgType.ValueType  # 5
     """ListChunksReq -> ListChunksRsp"""
+    SYNC_REPORT: _MsgType.ValueType  # 6
+    """SyncReportReq -> SyncReportRsp (resync progress / done)"""
 
 class MsgType(_MsgType, metaclass=_MsgTypeEnumTypeWrapper):
     """Data-plane message types (the frame's type field). A reply carries the same
@@ -55,6 +57,8 @@ QUERY_LAST_CHUNK: MsgType.ValueType  # 4
 """QueryLastChunkReq -> QueryLastChunkRsp"""
 LIST_CHUNKS: MsgType.ValueType  # 5
 """ListChunksReq -> ListChunksRsp"""
+SYNC_REPORT: MsgType.ValueType  # 6
+"""SyncReportReq -> SyncReportRsp (resync progress / done)"""
 Global___MsgType: _TypeAlias = MsgType  # noqa: Y015
 
 class _UpdateType:
@@ -572,6 +576,74 @@ class ListChunksRsp(_message.Message):
 Global___ListChunksRsp: _TypeAlias = ListChunksRsp  # noqa: Y015
 
 @_typing.final
+class SyncReportReq(_message.Message):
+    """Resync progress, and its end: sent by the node filling a SYNCING target (the
+    node of its predecessor, the sync source) to the node holding that target,
+    which reports them in its heartbeats (bytes left, rate; done -> UPTODATE).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAIN_ID_FIELD_NUMBER: _builtins.int
+    CHAIN_VERSION_FIELD_NUMBER: _builtins.int
+    TARGET_ID_FIELD_NUMBER: _builtins.int
+    FROM_TARGET_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    BYTES_LEFT_FIELD_NUMBER: _builtins.int
+    RATE_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    chain_id: _builtins.int
+    chain_version: _builtins.int
+    """of the chain the pass ran against"""
+    target_id: _builtins.int
+    """the syncing target (on the receiving node)"""
+    from_target: _builtins.int
+    """the sync source"""
+    done: _builtins.bool
+    """every chunk compared and copied: the target is up to date"""
+    bytes_left: _builtins.int
+    """still to send in this pass"""
+    rate_bytes_per_s: _builtins.int
+    """send rate of this pass so far"""
+    def __init__(
+        self,
+        *,
+        chain_id: _builtins.int = ...,
+        chain_version: _builtins.int = ...,
+        target_id: _builtins.int = ...,
+        from_target: _builtins.int = ...,
+        done: _builtins.bool = ...,
+        bytes_left: _builtins.int = ...,
+        rate_bytes_per_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_left", b"bytes_left", "chain_id", b"chain_id", "chain_version", b"chain_version", "done", b"done", "from_target", b"from_target", "rate_bytes_per_s", b"rate_bytes_per_s", "target_id", b"target_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncReportReq: _TypeAlias = SyncReportReq  # noqa: Y015
+
+@_typing.final
+class SyncReportRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> _common_pb2.Status: ...
+    def __init__(
+        self,
+        *,
+        status: _common_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncReportRsp: _TypeAlias = SyncReportRsp  # noqa: Y015
+
+@_typing.final
 class QueryChunkReq(_message.Message):
     """---- gRPC control service (operators, admin commands) ----"""
 
@@ -826,3 +898,74 @@ class CreateTargetsRsp(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateTargetsRsp: _TypeAlias = CreateTargetsRsp  # noqa: Y015
+
+@_typing.final
+class RepairChunkReq(_message.Message):
+    """fsck --repair: make one replica of one chunk right by copying that chunk
+    (only it) from the healthy replica of its chain: the SERVING replica whose
+    data matches its CRC32C, with the newest committed version. Runs on the node
+    of `target_id`, under that target's chunk lock.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_ID_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    PREFER_TARGET_FIELD_NUMBER: _builtins.int
+    target_id: _builtins.int
+    """the replica to repair (on the node called)"""
+    prefer_target: _builtins.int
+    """tried first among equally new healthy replicas (0 = none)"""
+    @_builtins.property
+    def chunk(self) -> Global___ChunkId: ...
+    def __init__(
+        self,
+        *,
+        target_id: _builtins.int = ...,
+        chunk: Global___ChunkId | None = ...,
+        prefer_target: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "prefer_target", b"prefer_target", "target_id", b"target_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairChunkReq: _TypeAlias = RepairChunkReq  # noqa: Y015
+
+@_typing.final
+class RepairChunkRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COPIED_FIELD_NUMBER: _builtins.int
+    FROM_TARGET_FIELD_NUMBER: _builtins.int
+    BYTES_COPIED_FIELD_NUMBER: _builtins.int
+    META_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    copied: _builtins.bool
+    """false: the replica already matched the healthy copy"""
+    from_target: _builtins.int
+    """the healthy replica copied from (0 when nothing was copied)"""
+    bytes_copied: _builtins.int
+    reason: _builtins.str
+    """why nothing was copied"""
+    @_builtins.property
+    def meta(self) -> Global___ChunkMeta:
+        """the replica's chunk afterwards"""
+
+    def __init__(
+        self,
+        *,
+        copied: _builtins.bool = ...,
+        from_target: _builtins.int = ...,
+        bytes_copied: _builtins.int = ...,
+        meta: Global___ChunkMeta | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_copied", b"bytes_copied", "copied", b"copied", "from_target", b"from_target", "meta", b"meta", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RepairChunkRsp: _TypeAlias = RepairChunkRsp  # noqa: Y015

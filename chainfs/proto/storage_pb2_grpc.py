@@ -54,6 +54,11 @@ class StorageControlStub:
                 request_serializer=storage__pb2.CreateTargetsReq.SerializeToString,
                 response_deserializer=storage__pb2.CreateTargetsRsp.FromString,
                 _registered_method=True)
+        self.RepairChunk = channel.unary_unary(
+                '/chainfs.storage.StorageControl/RepairChunk',
+                request_serializer=storage__pb2.RepairChunkReq.SerializeToString,
+                response_deserializer=storage__pb2.RepairChunkRsp.FromString,
+                _registered_method=True)
 
 
 class StorageControlServicer:
@@ -83,6 +88,12 @@ class StorageControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RepairChunk(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StorageControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_StorageControlServicer_to_server(servicer, server):
                     servicer.CreateTargets,
                     request_deserializer=storage__pb2.CreateTargetsReq.FromString,
                     response_serializer=storage__pb2.CreateTargetsRsp.SerializeToString,
+            ),
+            'RepairChunk': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepairChunk,
+                    request_deserializer=storage__pb2.RepairChunkReq.FromString,
+                    response_serializer=storage__pb2.RepairChunkRsp.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class StorageControl:
             '/chainfs.storage.StorageControl/CreateTargets',
             storage__pb2.CreateTargetsReq.SerializeToString,
             storage__pb2.CreateTargetsRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepairChunk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.storage.StorageControl/RepairChunk',
+            storage__pb2.RepairChunkReq.SerializeToString,
+            storage__pb2.RepairChunkRsp.FromString,
             options,
             channel_credentials,
             insecure,
