@@ -25,8 +25,8 @@ from tests.fault import faultlib as fl
 from tests.fault.test_storage_faults import HB_INTERVAL_MS, HB_TIMEOUT_MS, _client_config
 
 # Resync slowed so that "syncing" lasts long enough to be seen by polling (~2 s for
-# the ~20 MB below); the figure is not asserted.
-RESYNC_RATE_BYTES_PER_S = 8 * 1024 * 1024
+# the data below); the figure is not asserted.
+RESYNC_RATE_BYTES_PER_S = 4 * 1024 * 1024
 
 
 def _cluster(tmp_path: Path) -> cluster_mod.LocalCluster:
@@ -97,6 +97,17 @@ def _watch_until_serving(address: str, tid: int, timeout_s: float) -> list[int]:
 
     fl.poll(serving, timeout_s, f"target {tid} serving", every_s=0.05)
     return seen
+
+
+def _fsck(address: str) -> tuple[int, list[Any]]:
+    out = subprocess.run(
+        [sys.executable, "-m", "chainfs", "fsck", "--address", address, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode in (0, 1), out.stderr
+    return out.returncode, json.loads(out.stdout)
 
 
 def _verify(fs: Any, files: dict[str, bytes]) -> None:
@@ -202,6 +213,7 @@ def test_create_targets_join_chains_resync_and_survive_restart(tmp_path: Path) -
         # -- every replica identical, every byte as written ---------------------
         fl.poll(lambda: fl.replica_differences(c.address) == [], 60, "identical replicas")
         _verify(fs, files)
+        assert _fsck(c.address) == (0, [])
         ino = fs.stat("/big").st_ino
         for index in range(3):
             reps = admin(c.address, "query-chunk", str(ino), str(index))
@@ -266,10 +278,7 @@ def test_free_targets_on_every_node_become_new_chains(tmp_path: Path) -> None:
             fs.write_file(p, d)
         _verify(fs, files)
         fl.poll(lambda: fl.replica_differences(c.address) == [], 30, "identical replicas")
-        used = {
-            tid
-            for tid in new
-            if fl.dump_target(r.nodes[fl.routing(c.address).targets[tid].node_id], tid)
-        }
+        now = fl.routing(c.address)
+        used = {t for t in new if fl.dump_target(now.node_of_target(t), t)}
         assert used, "no new chain received a chunk"
         assert os.path.isdir(c.base_dir / "storage0" / "target3")

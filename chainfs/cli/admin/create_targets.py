@@ -231,7 +231,7 @@ async def create_targets_cmd(
     wait: bool,
     wait_timeout_s: float,
 ) -> None:
-    """Create new storage targets on node NODE_ID (new disks, more capacity).
+    """Create new storage targets on storage node --node-id (new disks, more capacity).
 
     With --chain/--auto they join chains and are filled by resync; without,
     they stay free for `create-chains`. Nothing changes if a check fails.
