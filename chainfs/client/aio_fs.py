@@ -126,6 +126,12 @@ class AsyncFileSystem:
         self._budget = ByteBudget(config.write_buffer_budget_bytes)
         self._read_sem = asyncio.Semaphore(config.max_inflight_reads)
         self._open_files: set[AsyncFile] = set()
+        # Read sessions at meta, one per inode however many read-only files of
+        # this FileSystem have it open: ino -> [session id, open files using it].
+        self._read_sessions: dict[int, list[Any]] = {}
+        self._read_session_paths: dict[str, int] = {}  # path opened -> ino of a held session
+        # Sessions being ended at meta in the background (close does not wait for it).
+        self._session_ends: set[asyncio.Task[None]] = set()
         # Bytes asked of storage by reads since connect (file reads, read_ranges).
         self.storage_read_bytes = 0
         self._kvcaches: weakref.WeakSet[AsyncKVCache] = weakref.WeakSet()  # closed with us
@@ -187,6 +193,8 @@ class AsyncFileSystem:
                 await f.close()
             except Exception as e:  # keep closing the rest; report the first
                 first_error = first_error or e
+        if self._session_ends:  # each bounded by the meta call timeout
+            await asyncio.gather(*self._session_ends, return_exceptions=True)
         self._closed = True
         await self._routing.stop()
         await self._meta.aclose()
@@ -409,6 +417,10 @@ class AsyncFileSystem:
                 "(decode the bytes, or use the sync FileSystem for text)"
             )
         p = normpath(path)
+        # Read-only: a read session in the same call (unless one is held for the
+        # file this path named), so an unlink or rename over the file elsewhere
+        # leaves it readable until our close.
+        read_session = not m.writable and self.config.read_sessions
         rsp = await self._meta.open(
             p,
             read=m.readable,
@@ -417,18 +429,20 @@ class AsyncFileSystem:
             exclusive=m.exclusive,
             truncate=m.truncate,
             mode=0o666 & ~_umask(),
-            # Read-only: a read session in the same call, so an unlink or rename
-            # over the file elsewhere leaves it readable until our close.
-            session=not m.writable and self.config.read_sessions,
+            session=read_session and p not in self._read_session_paths,
         )
         inode = rsp.inode
-        if inode.type == mt.DIRECTORY:
+        if inode.type != mt.FILE:
             if rsp.session_id:
                 await self._meta.close(inode.ino, rsp.session_id, 0, False)
-            raise ChainfsError(Code.EISDIR, "is a directory", p)
-        if inode.type != mt.FILE:
+            if inode.type == mt.DIRECTORY:
+                raise ChainfsError(Code.EISDIR, "is a directory", p)
             raise ChainfsError(Code.EINVAL, "not a regular file", p)
-        handle = OpenHandle(p, inode.ino, layout_of(inode), inode.size, rsp.session_id or None)
+        if read_session:
+            await self._hold_read_session(p, inode.ino, rsp.session_id)
+            handle = OpenHandle(p, inode.ino, layout_of(inode), inode.size, read_session=True)
+        else:
+            handle = OpenHandle(p, inode.ino, layout_of(inode), inode.size, rsp.session_id or None)
         f = AsyncFile(self, handle, m, -1 if buffering == 1 else buffering)
         self._open_files.add(f)
         return f
@@ -601,8 +615,52 @@ class AsyncFileSystem:
         f = next((x for x in self._open_files if x._h is h), None)
         if f is not None:
             self._open_files.discard(f)
+        if h.read_session:
+            h.read_session = False
+            self._release_read_session(h.inode)
         if h.session is not None:
             await self._meta.close(h.inode, h.session, length, wrote)
+
+    async def _hold_read_session(self, path: str, ino: int, session_id: bytes) -> None:
+        """Count one more read-only open of ``ino`` on its shared read session."""
+        held = self._read_sessions.get(ino)
+        if held is not None:
+            held[1] += 1
+            if session_id:  # another path (a hard link) took a second one: not needed
+                self._end_session_later(ino, session_id)
+            self._read_session_paths[path] = ino
+            return
+        if not session_id:
+            # We held one for what this path named before; it names another file now.
+            session_id = (await self._meta.open(ino, session=True)).session_id
+            if ino in self._read_sessions:  # taken meanwhile by a concurrent open
+                await self._hold_read_session(path, ino, session_id)
+                return
+        self._read_sessions[ino] = [session_id, 1]
+        self._read_session_paths[path] = ino
+
+    def _release_read_session(self, ino: int) -> None:
+        held = self._read_sessions.get(ino)
+        assert held is not None and held[1] > 0, (ino, held)
+        held[1] -= 1
+        if held[1] == 0:
+            del self._read_sessions[ino]
+            for path in [p for p, i in self._read_session_paths.items() if i == ino]:
+                del self._read_session_paths[path]
+            self._end_session_later(ino, held[0])
+
+    def _end_session_later(self, ino: int, session_id: bytes) -> None:
+        """End a read session at meta without making close wait (fs.close awaits it)."""
+
+        async def end() -> None:
+            try:
+                await self._meta.close(ino, session_id, 0, False)
+            except ChainfsError as e:  # meta prunes it once we are gone
+                log.warning("ending the read session of inode %d failed: %s", ino, e)
+
+        task = asyncio.ensure_future(end())
+        self._session_ends.add(task)
+        task.add_done_callback(self._session_ends.discard)
 
 
 # gRPC (aio) keeps threads and state that a fork()ed child cannot use: a child

@@ -97,7 +97,8 @@ class OpenHandle:
     inode: int
     layout: Layout
     size: int
-    session: Any = None  # meta's open session (write, or read; None: none held)
+    session: Any = None  # meta's write session (None when opened read-only)
+    read_session: bool = False  # counted on the FileSystem's shared read session of the inode
 
 
 # readline on an unbuffered file fetches this much at a time while looking for b"\n".

@@ -131,6 +131,25 @@ def test_an_open_file_is_read_whole_after_another_client_removes_it(
     poll(no_chunks(writer, ino, chains), "chunks dropped after the last close")
 
 
+def test_opens_of_one_file_share_one_read_session(cluster: LocalCluster) -> None:
+    fs, other = cluster.client(), cluster.client()
+    a, b = pattern(SIZE, "share-a"), pattern(5000, "share-b")
+    ino_a, chains_a = write_file(fs, "/share", a)
+    f1, f2 = fs.open("/share", "rb"), fs.open("/share", "rb")
+    assert {i: s[1] for i, s in fs.aio._read_sessions.items()} == {ino_a: 2}
+    other.write_file("/share.new", b)
+    other.rename("/share.new", "/share")  # the path now names another file
+    f3 = fs.open("/share", "rb")  # gets a session of its own for the new file
+    assert f3.inode != ino_a and set(fs.aio._read_sessions) == {ino_a, f3.inode}
+    gc_has_run(other, "/control-share")
+    f1.close()
+    assert f3.read() == b and f2.read() == a  # the replaced file is kept for f2
+    f2.close()
+    f3.close()
+    poll(no_chunks(fs, ino_a, chains_a), "the replaced file dropped after its last close")
+    assert fs.aio._read_sessions == {} and fs.aio._read_session_paths == {}
+
+
 def test_an_open_fd_in_the_mount_reads_whole_after_removal(cluster: LocalCluster) -> None:
     require_fuse()
     assert cluster.mountpoint is not None
