@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from chainfs.cli.admin.cluster import public_state_name
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.testing import cluster as cluster_mod
 from tests.fault import faultlib as fl
@@ -181,7 +182,7 @@ def test_create_targets_join_chains_resync_and_survive_restart(tmp_path: Path) -
             fl.poll(lambda: load.acked_count() >= 5, 60, "writes acknowledged during the resync")
         finally:
             load.stop()
-        assert mp.SYNCING in seen, [mp.PublicTargetState.Name(s) for s in seen]
+        assert mp.SYNCING in seen, [public_state_name(s) for s in seen]
         assert seen.index(mp.SYNCING) < seen.index(mp.SERVING)
         assert not load.corrupt and not load.verify_all()
 

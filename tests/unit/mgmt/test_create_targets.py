@@ -43,9 +43,8 @@ def test_add_targets_registers_free_waiting_targets_and_leaves_others_alone() ->
         assert (t.public_state, t.local_state) == (mp.WAITING, mp.ONLINE)
     assert after.info.version == s.info.version + 1
     # Joining a chain: offline -> waiting -> syncing, one state-machine step at a time.
-    chain = next(
-        c for c in after.info.chains if 1 not in {after.target(t).node_id for t in c.targets}
-    )  # type: ignore[union-attr]
+    node_of = {t.target_id: t.node_id for t in after.info.targets}
+    chain = next(c for c in after.info.chains if 1 not in {node_of[t] for t in c.targets})
     joined = _commit(after, lambda x: x.update_chain(chain.chain_id, [ids[0]], []))
     t = joined.target(ids[0])
     assert t is not None and t.chain_id == chain.chain_id and t.public_state == mp.WAITING
