@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -33,9 +34,11 @@ from typing import Any
 
 import pytest
 
+from chainfs.client.config import ClientConfig
 from chainfs.common import config as cfg
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc.storage_client import StorageClientConfig
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.testing import cluster as cluster_mod
@@ -46,8 +49,12 @@ from tests.fault import faultlib as fl
 from tests.fault.test_fsck import fsck
 
 REPO = Path(__file__).resolve().parents[2]
-ISOLATED = 0  # index of the storage node that runs inside the namespace
 HEARTBEAT_TIMEOUT_MS = 4000  # the node fences after half of it, mgmtd drops it after all of it
+# Across a partition nothing answers (no reset): a request to the cut-off node
+# waits for its whole timeout. 2 s here keeps the test short: the client's
+# (default 30 s) and the chain forward's (default 10 s, tried 3 times: a
+# partitioned successor stalls its chain's writes ~30 s with the defaults).
+REQUEST_TIMEOUT_MS = 2000
 
 
 class PartitionedCluster(cluster_mod.LocalCluster):
@@ -60,6 +67,7 @@ class PartitionedCluster(cluster_mod.LocalCluster):
 
         def configure(i: int, c: Any) -> None:
             c.listen_host = net.inner_address if i == isolated else net.outer_address
+            c.forward_timeout_ms = REQUEST_TIMEOUT_MS
             # A unix socket path is reachable across network namespaces (the file
             # system is shared): it would bridge the partition.
             c.unix_socket = ""
@@ -150,12 +158,21 @@ async def _read_direct(address: str, chain: int, target: int, ino: int, length: 
         await dc.close()
 
 
+def _longest_gap(times: list[float], since: float) -> float:
+    """Longest pause between consecutive times, counting from the last one before ``since``."""
+    before = [t for t in times if t <= since]
+    after = sorted(t for t in times if t > since)
+    points = before[-1:] + after
+    return max((b - a for a, b in itertools.pairwise(points)), default=0.0)
+
+
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 @pytest.mark.timeout(180)
-def test_partitioned_node_fences_and_serves_no_stale_bytes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("isolated", [0, 2], ids=["node0", "node2"])  # chain head, tail today
+def test_partitioned_node_fences_and_serves_no_stale_bytes(tmp_path: Path, isolated: int) -> None:
     require_binary("ip")
     require("root", os.geteuid() == 0, "network namespaces (ip netns add) need root")
     rng = random.Random(7)
@@ -169,7 +186,7 @@ def test_partitioned_node_fences_and_serves_no_stale_bytes(tmp_path: Path) -> No
         PartitionedCluster(
             tmp_path,
             net,
-            ISOLATED,
+            isolated,
             storage_nodes=3,
             targets_per_node=1,
             replicas=3,
@@ -177,13 +194,15 @@ def test_partitioned_node_fences_and_serves_no_stale_bytes(tmp_path: Path) -> No
             heartbeat_timeout_ms=HEARTBEAT_TIMEOUT_MS,
         ) as c,
     ):
-        fs = c.client()
+        fs = c.client(
+            config=ClientConfig(storage=StorageClientConfig(timeout_ms=REQUEST_TIMEOUT_MS))
+        )
         fs.write_file("/p", old)
         ino = fs.stat("/p").st_ino
         r = fl.routing(c.address)
         assert len(r.chains) == 1, "3 nodes x 1 target x 3 replicas: one chain"
         chain = next(iter(r.chains.values()))
-        node = c.storage[ISOLATED].info
+        node = c.storage[isolated].info
         cut_target = node["target_ids"][0]
         address = r.nodes[node["node_id"]].data_address
         assert address.startswith(net.inner_address + ":"), address
@@ -198,12 +217,16 @@ def test_partitioned_node_fences_and_serves_no_stale_bytes(tmp_path: Path) -> No
             inode=ino,
             length=len(old),
         )
+        # Checksummed files written and read back on this side all along.
+        w = fl.Workload(fs, seed=isolated)
+        w.start()
         try:
             fl.poll(
                 lambda: any(a.get("sha256") == _sha(old) for a in probe.answers()),
                 30,
                 "the probe to read the old bytes from inside the namespace",
             )
+            fl.poll(lambda: w.acked_count() >= 5, 60, "5 files written before the cut")
 
             t_cut = time.monotonic()
             net.cut()
@@ -214,6 +237,7 @@ def test_partitioned_node_fences_and_serves_no_stale_bytes(tmp_path: Path) -> No
                 every_s=0.05,
             )
             t_offline = time.monotonic()
+            acked_offline = w.acked_count()
             with fs.open("/p", "r+b") as f:
                 f.write(new)
             t_ack = time.monotonic()
@@ -228,6 +252,9 @@ def test_partitioned_node_fences_and_serves_no_stale_bytes(tmp_path: Path) -> No
                 30,
                 "20 probe reads after the new write",
             )
+            fl.poll(
+                lambda: w.acked_count() >= acked_offline + 5, 60, "writes going on while cut off"
+            )
             t_restore = time.monotonic()
             net.restore()
             fl.poll(lambda: fl.all_serving(c.address), 60, "the node back and resynced")
@@ -240,7 +267,10 @@ def test_partitioned_node_fences_and_serves_no_stale_bytes(tmp_path: Path) -> No
                 "the new bytes from the node",
             )
         finally:
+            w.stop()
             probe.stop()
+        assert not w.corrupt, f"reads returned wrong bytes: {w.corrupt[:5]}"
+        assert w.verify_all() == []
 
         answers = probe.read()
         events = {"cut": t_cut, "offline": t_offline, "ack": t_ack, "restore": t_restore}
@@ -271,5 +301,6 @@ def test_partitioned_node_fences_and_serves_no_stale_bytes(tmp_path: Path) -> No
             f"offline at mgmtd seen {t_offline - t_cut:.2f}s, "
             f"new write acked {t_ack - t_cut:.2f}s, "
             f"serving again {t_serving - t_restore:.2f}s after restore; "
-            f"{len(answers)} probe reads"
+            f"longest pause between acknowledged writes {_longest_gap(w.ack_times, t_cut):.2f}s; "
+            f"{len(answers)} probe reads, {len(w.acked)} files written"
         )
