@@ -124,8 +124,11 @@ async def create_on_node(
         )
         return rsp
     except ChainfsError as e:
+        hint = ""
+        if e.code in (Code.ETIMEDOUT, Code.UNAVAILABLE):
+            hint = " (it may still finish: check `chainfs admin targets` before retrying)"
         raise ChainfsError(
-            e.code, f"storage node {node.node_id} ({node.rpc_address}): {e.message}"
+            e.code, f"storage node {node.node_id} ({node.rpc_address}): {e.message}{hint}"
         ) from None
     finally:
         await ch.close()
