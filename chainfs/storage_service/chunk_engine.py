@@ -43,6 +43,7 @@ import os
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,6 +59,12 @@ log = logging.getLogger(__name__)
 _KEY = struct.Struct(">QI")  # big-endian: one inode's chunks are adjacent, in index order
 _KEY_PREFIX = b"C"
 _RECORD = struct.Struct("<QQIIQQIIQBI16sQ16sQ")
+# Appended to _RECORD by records with per-block CRCs (older records end at _RECORD):
+# block size, number of committed block CRCs, number of pending block CRCs; then the
+# CRCs as little-endian u32s.
+_EXT = struct.Struct("<III")
+MIN_CRC_BLOCK = 4096  # bytes: smallest per-block CRC granule
+MAX_CRC_BLOCK = 1024 * 1024  # bytes: largest (64 MiB chunks keep 64+ CRCs)
 _FLAG_PENDING_REMOVE = 1
 _NO_CLIENT = b"\0" * 16
 _STAT_CACHE_S = 0.1  # statvfs result reused for this long (seconds)
@@ -83,13 +90,25 @@ class ChunkRecord:
     committed_request: int = 0
     pending_client: bytes = _NO_CLIENT  # request that made the pending version
     pending_request: int = 0
+    # Per-block CRC32Cs (packed u32, one per block_size bytes, the last block short):
+    # a partial read verifies only the blocks it touches. block_size 0 = a record
+    # written before per-block CRCs: verified as a whole chunk, converted on its
+    # next update.
+    block_size: int = 0
+    block_crcs: bytes = b""  # of the committed version (b"" = unknown: whole-chunk CRC only)
+    pending_block_crcs: bytes = b""  # of the pending version
 
     @property
     def has_pending(self) -> bool:
         return self.pending_version != 0
 
+    @property
+    def has_block_crcs(self) -> bool:
+        """Can reads of the committed version verify single blocks?"""
+        return bool(self.block_crcs) or (self.block_size > 0 and self.length == 0)
+
     def encode(self) -> bytes:
-        return _RECORD.pack(
+        base = _RECORD.pack(
             self.committed_version,
             self.pending_version,
             self.length,
@@ -106,10 +125,26 @@ class ChunkRecord:
             self.pending_client,
             self.pending_request,
         )
+        if not self.block_size:
+            return base
+        ext = _EXT.pack(
+            self.block_size, len(self.block_crcs) // 4, len(self.pending_block_crcs) // 4
+        )
+        return b"".join((base, ext, self.block_crcs, self.pending_block_crcs))
 
     @classmethod
     def decode(cls, raw: bytes) -> ChunkRecord:
-        f = _RECORD.unpack(raw)
+        f = _RECORD.unpack_from(raw)
+        block_size = 0
+        block_crcs = pending_block_crcs = b""
+        if len(raw) > _RECORD.size:
+            block_size, n_committed, n_pending = _EXT.unpack_from(raw, _RECORD.size)
+            at = _RECORD.size + _EXT.size
+            assert len(raw) == at + 4 * (n_committed + n_pending), len(raw)
+            block_crcs = raw[at : at + 4 * n_committed]
+            pending_block_crcs = raw[at + 4 * n_committed :]
+        else:
+            assert len(raw) == _RECORD.size, len(raw)
         return cls(
             committed_version=f[0],
             pending_version=f[1],
@@ -126,6 +161,9 @@ class ChunkRecord:
             committed_request=f[12],
             pending_client=f[13],
             pending_request=f[14],
+            block_size=block_size,
+            block_crcs=block_crcs,
+            pending_block_crcs=pending_block_crcs,
         )
 
     def check(self) -> None:
@@ -141,6 +179,25 @@ class ChunkRecord:
             assert self.length == 0 and self.file_gen == 0, self
         if self.file_gen == 0:
             assert self.length == 0, f"non-empty committed chunk without a file: {self}"
+        if self.block_size:
+            bs = self.block_size
+            assert bs & (bs - 1) == 0, f"CRC block size not a power of 2: {self}"
+            # A CRC list is complete or empty (a version from before per-block CRCs).
+            assert len(self.block_crcs) in (0, 4 * n_blocks(self.length, bs)), self
+            if self.has_pending and not self.pending_remove:
+                assert len(self.pending_block_crcs) in (
+                    0,
+                    4 * n_blocks(self.pending_length, bs),
+                ), self
+            else:
+                assert not self.pending_block_crcs, self
+        else:
+            assert not self.block_crcs and not self.pending_block_crcs, self
+
+
+def n_blocks(length: int, block_size: int) -> int:
+    """Blocks of ``block_size`` covering ``length`` bytes."""
+    return -(-length // block_size)
 
 
 def chunk_key(inode: int, index: int) -> bytes:
@@ -166,6 +223,18 @@ class EngineOptions:
     durable: bool = False
     disk_usage_limit_ratio: float = 0.95
     direct_writes: bool = True  # whole-chunk writes from aligned buffers use O_DIRECT
+    crc_block_bytes: int = 64 * 1024  # per-block CRC granule of new chunks (power of 2)
+    open_files: int = 256  # chunk files kept open for reads (LRU); 0 = open per read
+    meta_cache_entries: int = 8192  # chunk records cached in memory (LRU) before RocksDB
+
+    def __post_init__(self) -> None:
+        bs = self.crc_block_bytes
+        if not (MIN_CRC_BLOCK <= bs <= MAX_CRC_BLOCK and bs & (bs - 1) == 0):
+            raise ValueError(
+                f"crc_block_bytes {bs}: a power of 2 in [{MIN_CRC_BLOCK}, {MAX_CRC_BLOCK}]"
+            )
+        if self.open_files < 0 or self.meta_cache_entries < 0:
+            raise ValueError("open_files and meta_cache_entries must be >= 0")
 
 
 _DIRECT_ALIGN = 4096  # bytes: buffer address and length alignment O_DIRECT needs
@@ -177,6 +246,89 @@ def _direct_io_ok(view: memoryview) -> bool:
         return False
     addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
     return addr % _DIRECT_ALIGN == 0
+
+
+class _OpenFile:
+    __slots__ = ("closing", "fd", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.closing = False  # evicted or invalidated: closed when the last user releases
+
+
+class FdCache:
+    """Read-only descriptors of chunk files, bounded LRU, shared by the I/O threads.
+
+    A descriptor is closed only when no reader uses it (so its number is never
+    reused under a read). A path the engine unlinks is invalidated; a file
+    replaced behind the engine's back (st_nlink 0) is reopened on next use.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._files: OrderedDict[str, _OpenFile] = OrderedDict()
+        self.opens = 0  # files opened (misses), for tests and profiles
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def acquire(self, path: str) -> _OpenFile:
+        """An open descriptor of ``path`` (raises FileNotFoundError); release() it."""
+        with self._lock:
+            f = self._files.get(path)
+            if f is not None:
+                self._files.move_to_end(path)
+                f.users += 1
+        if f is not None:
+            if os.fstat(f.fd).st_nlink:
+                return f
+            self.release(f)
+            self.invalidate(path)  # unlinked or replaced: reopen below
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.opens += 1
+        f = _OpenFile(fd)
+        f.users = 1
+        with self._lock:
+            if self.capacity == 0:
+                f.closing = True  # not cached: closed on release
+                return f
+            old = self._files.pop(path, None)
+            if old is not None:
+                self._retire(old)
+            self._files[path] = f
+            while len(self._files) > self.capacity:
+                _, victim = self._files.popitem(last=False)
+                self._retire(victim)
+        return f
+
+    def release(self, f: _OpenFile) -> None:
+        with self._lock:
+            f.users -= 1
+            assert f.users >= 0
+            if f.closing and f.users == 0:
+                os.close(f.fd)
+
+    def invalidate(self, path: str) -> None:
+        with self._lock:
+            f = self._files.pop(path, None)
+            if f is not None:
+                self._retire(f)
+
+    def _retire(self, f: _OpenFile) -> None:
+        """Close now or when its last reader is done (call with the lock held)."""
+        if not f.closing:
+            f.closing = True
+            if f.users == 0:
+                os.close(f.fd)
+
+    def clear(self) -> None:
+        with self._lock:
+            files = list(self._files.values())
+            self._files.clear()
+            for f in files:
+                self._retire(f)
 
 
 class ChunkEngine:
@@ -206,6 +358,13 @@ class ChunkEngine:
         self._stat_lock = threading.Lock()
         self._stat_at = 0.0
         self._stat = (0, 1)
+        self.files = FdCache(self.options.open_files)
+        # Write-through LRU of chunk records in front of RocksDB. A reader that
+        # missed fills it only if no write happened since it looked (_meta_gen),
+        # so it never caches a record older than the store's.
+        self._meta: OrderedDict[tuple[int, int], ChunkRecord] = OrderedDict()
+        self._meta_lock = threading.Lock()
+        self._meta_gen = 0
         self.recovered: dict[str, int] = {}
         self.recover()
 
@@ -228,6 +387,7 @@ class ChunkEngine:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self.files.clear()
             self.db.close()
 
     # ---- files -------------------------------------------------------------
@@ -249,8 +409,10 @@ class ChunkEngine:
 
     def _unlink(self, inode: int, index: int, gen: int) -> None:
         if gen:
+            path = self.file_path(inode, index, gen)
+            self.files.invalidate(path)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.file_path(inode, index, gen))
+                os.unlink(path)
 
     def _write_file(
         self,
@@ -311,19 +473,28 @@ class ChunkEngine:
         finally:
             os.close(fd)
 
-    def _read_file(self, inode: int, index: int, gen: int, offset: int, out: memoryview) -> int:
-        """Fill ``out`` from file ``gen`` at ``offset``; returns the bytes read."""
-        fd = os.open(self.file_path(inode, index, gen), os.O_RDONLY)
+    def _read_file(
+        self, inode: int, index: int, gen: int, offset: int, out: memoryview, nowait: bool = False
+    ) -> int:
+        """Fill ``out`` from file ``gen`` at ``offset``; returns the bytes read.
+
+        ``nowait``: only from the page cache (RWF_NOWAIT); BlockingIOError when the
+        bytes would need the disk (the caller retries in an I/O thread).
+        """
+        f = self.files.acquire(self.file_path(inode, index, gen))
         try:
             got = 0
             while got < len(out):
-                n = os.preadv(fd, [out[got:]], offset + got)
+                if nowait:
+                    n = os.preadv(f.fd, [out[got:]], offset + got, os.RWF_NOWAIT)
+                else:
+                    n = os.preadv(f.fd, [out[got:]], offset + got)
                 if n == 0:
                     break
                 got += n
             return got
         finally:
-            os.close(fd)
+            self.files.release(f)
 
     def _crc_of_file(self, inode: int, index: int, gen: int, length: int) -> int | None:
         """CRC32C of the first ``length`` bytes of a file, None if shorter or absent."""
@@ -341,15 +512,49 @@ class ChunkEngine:
     # ---- metadata ----------------------------------------------------------
 
     def get(self, inode: int, index: int) -> ChunkRecord | None:
+        key = (inode, index)
+        with self._meta_lock:
+            rec = self._meta.get(key)
+            if rec is not None:
+                self._meta.move_to_end(key)
+                return rec
+            gen = self._meta_gen
         raw = self.db.get(chunk_key(inode, index))
-        return None if raw is None else ChunkRecord.decode(raw)
+        if raw is None:
+            return None
+        rec = ChunkRecord.decode(raw)
+        self._remember(key, rec, gen)
+        return rec
+
+    def _remember(self, key: tuple[int, int], rec: ChunkRecord, gen: int) -> None:
+        cap = self.options.meta_cache_entries
+        with self._meta_lock:
+            if gen != self._meta_gen or cap == 0:
+                return  # a write happened since the caller read the store
+            self._meta[key] = rec
+            self._meta.move_to_end(key)
+            while len(self._meta) > cap:
+                self._meta.popitem(last=False)
 
     def _put(self, inode: int, index: int, rec: ChunkRecord) -> None:
         rec.check()
         self.db.put(chunk_key(inode, index), rec.encode(), self._write_opts)
+        key = (inode, index)
+        with self._meta_lock:
+            self._meta_gen += 1
+            if self.options.meta_cache_entries:
+                self._meta[key] = rec
+                self._meta.move_to_end(key)
+                if len(self._meta) > self.options.meta_cache_entries:
+                    self._meta.popitem(last=False)
+            else:
+                self._meta.pop(key, None)
 
     def _delete(self, inode: int, index: int) -> None:
         self.db.delete(chunk_key(inode, index), self._write_opts)
+        with self._meta_lock:
+            self._meta_gen += 1
+            self._meta.pop((inode, index), None)
 
     def iter_records(
         self, begin: bytes = _KEY_PREFIX, end: bytes = b"D"
@@ -459,6 +664,7 @@ class ChunkEngine:
             pending_remove=False,
             pending_client=_NO_CLIENT,
             pending_request=0,
+            pending_block_crcs=b"",
         )
 
     def _set_pending(
@@ -472,9 +678,12 @@ class ChunkEngine:
         file_gen: int,
         client: bytes,
         request: int,
+        block_crcs: bytes,
     ) -> ChunkRecord:
         new = replace(
             rec,
+            block_size=self._block_size(rec),
+            pending_block_crcs=block_crcs,
             pending_version=version,
             pending_length=length,
             pending_crc32c=crc32c,
@@ -485,6 +694,134 @@ class ChunkEngine:
         )
         self._put(inode, index, new)
         return new
+
+    # ---- per-block CRCs ------------------------------------------------------
+
+    def _block_size(self, rec: ChunkRecord) -> int:
+        """A chunk keeps the CRC block size it was created with."""
+        return rec.block_size or self.options.crc_block_bytes
+
+    def _with_block_crcs(
+        self, inode: int, index: int, rec: ChunkRecord, src: memoryview | None = None
+    ) -> ChunkRecord:
+        """``rec`` (nothing pending) with the per-block CRCs of its committed bytes.
+
+        A record from before per-block CRCs gets them from its file (or ``src``,
+        the committed bytes already in memory), checked against its whole CRC.
+        """
+        assert not rec.has_pending
+        bs = self._block_size(rec)
+        if rec.has_block_crcs or rec.length == 0:
+            return replace(rec, block_size=bs)
+        if src is None:
+            buf = memoryview(bytearray(rec.length))
+            got = self._read_file(inode, index, rec.file_gen, 0, buf)
+        else:
+            buf, got = src, len(src)
+        if got != rec.length or crc.value(buf) != rec.crc32c:
+            raise self._damaged(inode, index, rec, "data does not match its CRC32C")
+        return replace(rec, block_size=bs, block_crcs=crc.block_crcs(buf, bs))
+
+    def _damaged(self, inode: int, index: int, rec: ChunkRecord, what: str) -> ChainfsError:
+        return ChainfsError(
+            Code.CHECKSUM_MISMATCH,
+            f"chunk ({inode}, {index}) v{rec.committed_version} on {self.path}: {what}",
+        )
+
+    def _old_block(
+        self, inode: int, index: int, rec: ChunkRecord, block: int, src: memoryview | None
+    ) -> memoryview:
+        """Committed block ``block`` (from the file or ``src``), checked against its CRC."""
+        bs = rec.block_size
+        start = block * bs
+        n = min(bs, rec.length - start)
+        assert n > 0 and rec.has_block_crcs
+        if src is not None:
+            view = src[start : start + n]
+        else:
+            view = memoryview(bytearray(n))
+            if self._read_file(inode, index, rec.file_gen, start, view) != n:
+                raise self._damaged(inode, index, rec, f"file shorter than its length {rec.length}")
+        if crc.value(view) != crc.block_crc(rec.block_crcs, block):
+            raise self._damaged(inode, index, rec, f"block {block} does not match its CRC32C")
+        return view
+
+    def _write_block_crcs(
+        self,
+        inode: int,
+        index: int,
+        rec: ChunkRecord,
+        offset: int,
+        data: memoryview,
+        src: memoryview | None = None,
+    ) -> bytes:
+        """Block CRCs after writing ``data`` at ``offset`` over ``rec``'s committed bytes.
+
+        Untouched blocks keep their CRC; a touched block is recomputed from the
+        data, zeros (a hole up to ``offset``) and, for the first and last touched
+        block only, the committed bytes around the write (read and verified).
+        """
+        bs = rec.block_size
+        old = rec.block_crcs
+        old_len = rec.length if rec.committed_version else 0
+        end = offset + len(data)
+        new_len = max(old_len, end)
+        mod_start = min(offset, old_len)
+        first, last = mod_start // bs, n_blocks(end, bs)
+        out = bytearray(old[: 4 * first])
+        for b in range(first, last):
+            bstart = b * bs
+            bend = min(bstart + bs, new_len)
+            if bstart >= offset and bend <= end:
+                out += crc.pack_crc(crc.value(data[bstart - offset : bend - offset]))
+                continue
+            around = None
+            if bstart < mod_start or end < bend:
+                around = self._old_block(inode, index, rec, b, src)
+            c = 0
+            pos = bstart
+            if pos < mod_start:
+                assert around is not None
+                c = crc.extend(c, around[: mod_start - bstart])
+                pos = mod_start
+            if pos < offset:  # the hole between the old end and the write
+                c = crc.extend_zeros(c, min(offset, bend) - pos)
+                pos = min(offset, bend)
+            if pos < bend and pos < end:
+                e = min(end, bend)
+                c = crc.extend(c, data[pos - offset : e - offset])
+                pos = e
+            if pos < bend:
+                assert around is not None
+                c = crc.extend(c, around[pos - bstart : bend - bstart])
+                pos = bend
+            out += crc.pack_crc(c)
+        out += old[4 * last : 4 * n_blocks(new_len, bs)]
+        assert len(out) == 4 * n_blocks(new_len, bs)
+        return bytes(out)
+
+    def _truncate_block_crcs(self, inode: int, index: int, rec: ChunkRecord, length: int) -> bytes:
+        """Block CRCs of ``rec``'s committed bytes cut or zero-extended to ``length``."""
+        bs = rec.block_size
+        old_len = rec.length
+        full = min(old_len, length) // bs
+        out = bytearray(rec.block_crcs[: 4 * full])
+        pos = full * bs
+        if length > old_len:
+            if old_len > pos:  # the old partial last block, extended with zeros
+                c = crc.block_crc(rec.block_crcs, full)
+                take = min(pos + bs, length) - old_len
+                out += crc.pack_crc(crc.extend_zeros(c, take))
+                pos = old_len + take
+            while pos < length:
+                n = min(bs, length - pos)
+                out += crc.pack_crc(crc.zeros(n))
+                pos += n
+        elif length > pos:  # the block the cut falls in: its kept prefix
+            block = self._old_block(inode, index, rec, full, None)
+            out += crc.pack_crc(crc.value(block[: length - pos]))
+        assert len(out) == 4 * n_blocks(length, bs)
+        return bytes(out)
 
     def prepare_write(
         self,
@@ -513,10 +850,13 @@ class ChunkEngine:
             gen = version
             self._write_file(inode, index, gen, 0, data, 0, length)
             new_len, new_crc = length, data_crc
+            blocks = crc.block_crcs(data, self._block_size(rec))
             if self.options.durable:
                 self._fsync_dir_of(inode)
         elif offset >= committed_len and rec.file_gen:
             # Append (maybe past a hole): in place, beyond what readers look at.
+            rec = self._with_block_crcs(inode, index, rec)
+            blocks = self._write_block_crcs(inode, index, rec, offset, data)
             gen = rec.file_gen
             self._write_file(inode, index, gen, offset, data, committed_len, end)
             new_len = end
@@ -525,6 +865,8 @@ class ChunkEngine:
             )
         elif offset >= committed_len:
             # No file yet (new or empty chunk) and a write not at 0: hole + data, new file.
+            rec = replace(rec, block_size=self._block_size(rec))
+            blocks = self._write_block_crcs(inode, index, rec, offset, data)
             gen = version
             self._write_file(inode, index, gen, offset, data, 0, end)
             new_len = end
@@ -541,13 +883,19 @@ class ChunkEngine:
                 raise ChainfsError(
                     Code.EIO, f"chunk ({inode}, {index}) file shorter than its length"
                 )
+            # The blocks around the write are checked against their CRCs before
+            # their bytes go into the new version (never bless damaged bytes).
+            rec = self._with_block_crcs(inode, index, rec, view[:committed_len])
+            blocks = self._write_block_crcs(inode, index, rec, offset, data, view[:committed_len])
             view[offset:end] = data
-            new_crc = crc.value(buf)
+            new_crc = crc.combine_blocks(blocks, rec.block_size, new_len)
             gen = version
             self._write_file(inode, index, gen, 0, view, 0, new_len)
             if self.options.durable:
                 self._fsync_dir_of(inode)
-        return self._set_pending(inode, index, rec, version, new_len, new_crc, gen, client, request)
+        return self._set_pending(
+            inode, index, rec, version, new_len, new_crc, gen, client, request, blocks
+        )
 
     def prepare_truncate(
         self,
@@ -565,9 +913,13 @@ class ChunkEngine:
         rec = self._base(inode, index, chunk_size, version)
         committed_len = rec.length
         gen = rec.file_gen
+        if length != committed_len:
+            rec = self._with_block_crcs(inode, index, rec)
+        blocks = rec.block_crcs
         if length == committed_len:
             new_crc = rec.crc32c
         elif length > committed_len:
+            blocks = self._truncate_block_crcs(inode, index, rec, length)
             if gen:
                 os.truncate(self.file_path(inode, index, gen), committed_len)
                 os.truncate(self.file_path(inode, index, gen), length)
@@ -577,13 +929,11 @@ class ChunkEngine:
             new_crc = crc.extend_zeros(rec.crc32c, length - committed_len)
         else:
             # Shrink: the file keeps its bytes until commit (readers may still use them).
-            got = self._crc_of_file(inode, index, gen, length)
-            if got is None:
-                raise ChainfsError(
-                    Code.EIO, f"chunk ({inode}, {index}) file shorter than its length"
-                )
-            new_crc = got
-        return self._set_pending(inode, index, rec, version, length, new_crc, gen, client, request)
+            blocks = self._truncate_block_crcs(inode, index, rec, length)
+            new_crc = crc.combine_blocks(blocks, rec.block_size, length)
+        return self._set_pending(
+            inode, index, rec, version, length, new_crc, gen, client, request, blocks
+        )
 
     def prepare_replace(
         self,
@@ -616,8 +966,9 @@ class ChunkEngine:
         if self.options.durable:
             self._fsync_dir_of(inode)
         rec = replace(rec, chunk_size=chunk_size)
+        blocks = crc.block_crcs(data, self._block_size(rec))
         return self._set_pending(
-            inode, index, rec, version, len(data), data_crc, version, client, request
+            inode, index, rec, version, len(data), data_crc, version, client, request, blocks
         )
 
     def prepare_remove(
@@ -638,6 +989,7 @@ class ChunkEngine:
             pending_file_gen=0,
             pending_client=client.ljust(16, b"\0")[:16],
             pending_request=request,
+            pending_block_crcs=b"",
         )
         self._put(inode, index, new)
         return new
@@ -670,6 +1022,8 @@ class ChunkEngine:
             chunk_size=rec.chunk_size,
             committed_client=rec.pending_client,
             committed_request=rec.pending_request,
+            block_size=rec.block_size,
+            block_crcs=rec.pending_block_crcs,
         )
         self._put(inode, index, new)
         if rec.file_gen and rec.file_gen != new.file_gen:
@@ -692,6 +1046,35 @@ class ChunkEngine:
 
     # ---- reads -------------------------------------------------------------
 
+    @staticmethod
+    def read_span(rec: ChunkRecord, offset: int, length: int, verify: bool) -> tuple[int, int]:
+        """The bytes [lo, hi) of the committed version a read of [offset, +length) loads:
+        the range itself, or with ``verify`` the CRC blocks around it (the whole
+        chunk for a record without per-block CRCs)."""
+        start = min(offset, rec.length)
+        end = min(offset + length, rec.length)
+        if not verify or start == end:
+            return start, end
+        if not rec.has_block_crcs:
+            return 0, rec.length
+        bs = rec.block_size
+        return start // bs * bs, min(n_blocks(end, bs) * bs, rec.length)
+
+    def _verify(self, rec: ChunkRecord, lo: int, buf: memoryview) -> int | None:
+        """None if ``buf`` (the committed bytes at ``lo``) matches its CRCs, else the bad block."""
+        if lo == 0 and len(buf) == rec.length:
+            if crc.value(buf) == rec.crc32c:
+                return None
+            if not rec.has_block_crcs:
+                return -1
+        bs = rec.block_size
+        first = lo // bs
+        for i in range(0, len(buf), bs):
+            if crc.value(buf[i : i + bs]) != crc.block_crc(rec.block_crcs, first + i // bs):
+                return first + i // bs
+        whole_checked = lo == 0 and len(buf) == rec.length
+        return -1 if whole_checked else None  # whole CRC failed, blocks fine: still bad
+
     def read(
         self,
         inode: int,
@@ -700,14 +1083,17 @@ class ChunkEngine:
         length: int,
         verify: bool,
         scratch: memoryview | None = None,
+        nowait: bool = False,
     ) -> tuple[ChunkRecord | None, memoryview]:
         """Committed bytes [offset, offset + length) (shorter at the chunk's end).
 
-        ``scratch``: a buffer to read into (the whole chunk when verifying, else
-        just the range) instead of a new one; the result may be a slice of it.
-        Raises NOT_COMMITTED when a version is pending and CHECKSUM_MISMATCH when
-        ``verify`` finds the file does not match its stored CRC32C. A missing
-        chunk reads as empty (record None).
+        ``scratch``: a buffer to read into (``read_span`` bytes) instead of a new
+        one; the result may be a slice of it. With ``verify`` the CRC blocks the
+        range touches are read and checked (the whole chunk for a record from
+        before per-block CRCs). Raises NOT_COMMITTED when a version is pending and
+        CHECKSUM_MISMATCH when the file does not match its stored CRC32C. A
+        missing chunk reads as empty (record None). ``nowait``: page cache only,
+        BlockingIOError if the disk is needed.
         """
         for _ in range(_READ_RACE_RETRIES):
             rec = self.get(inode, index)
@@ -720,34 +1106,24 @@ class ChunkEngine:
                 )
             start = min(offset, rec.length)
             end = min(offset + length, rec.length)
-            want = end - start
-            if want == 0:
+            if end == start:
                 return rec, memoryview(b"")
+            lo, hi = self.read_span(rec, offset, length, verify)
+            n = hi - lo
+            if scratch is not None and len(scratch) >= n:
+                buf = scratch[:n]
+            else:
+                buf = memoryview(bytearray(n))
             try:
-                if verify:
-                    if scratch is not None and len(scratch) >= rec.length:
-                        buf = scratch[: rec.length]
-                    else:
-                        buf = memoryview(bytearray(rec.length))
-                    got = self._read_file(inode, index, rec.file_gen, 0, buf)
-                    if got == rec.length:
-                        if crc.value(buf) != rec.crc32c:
-                            if self._record_unchanged(inode, index, rec):
-                                raise ChainfsError(
-                                    Code.CHECKSUM_MISMATCH,
-                                    f"chunk ({inode}, {index}) v{rec.committed_version} on "
-                                    f"{self.path}: data does not match its CRC32C",
-                                )
-                            continue
-                        return rec, buf[start:end]
-                else:
-                    if scratch is not None and len(scratch) >= want:
-                        dest = scratch[:want]
-                    else:
-                        dest = memoryview(bytearray(want))
-                    got = self._read_file(inode, index, rec.file_gen, start, dest)
-                    if got == want:
-                        return rec, dest
+                got = self._read_file(inode, index, rec.file_gen, lo, buf, nowait)
+                if got == n:
+                    bad = self._verify(rec, lo, buf) if verify else None
+                    if bad is None:
+                        return rec, buf[start - lo : end - lo]
+                    if self._record_unchanged(inode, index, rec):
+                        where = "data" if bad < 0 else f"block {bad}"
+                        raise self._damaged(inode, index, rec, f"{where} does not match its CRC32C")
+                    continue
             except FileNotFoundError:
                 pass
             # Short read or vanished file: a commit raced us (or the file is damaged).

@@ -10,6 +10,8 @@ M^(2^k) as 32 column vectors and K_(2^k) for every k, so E_n costs one
 
 from __future__ import annotations
 
+import struct
+
 from chainfs.common.checksum import Buffer, crc32c, crc32c_extend
 
 MAX_LOG2 = 40  # supports lengths below 2**40 bytes
@@ -103,3 +105,53 @@ def zeros(n: int) -> int:
 def combine(crc_a: int, crc_b: int, len_b: int) -> int:
     """CRC32C(A || B) from CRC32C(A), CRC32C(B) and len(B)."""
     return extend_zeros(crc_a, len_b) ^ crc_b ^ zeros(len_b)
+
+
+# Per-block CRCs are stored as little-endian u32s, one per block of a chunk.
+_U32 = struct.Struct("<I")
+
+
+def block_crcs(data: Buffer, block_size: int) -> bytes:
+    """CRC32C of every ``block_size`` block of ``data`` (the last may be short), packed."""
+    assert block_size > 0
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    n = len(view)
+    return struct.pack(
+        f"<{-(-n // block_size)}I",
+        *(value(view[i : i + block_size]) for i in range(0, n, block_size)),
+    )
+
+
+def block_crc(crcs: bytes, block: int) -> int:
+    """The CRC of block ``block`` from a packed list."""
+    return int(_U32.unpack_from(crcs, 4 * block)[0])
+
+
+def pack_crc(c: int) -> bytes:
+    return _U32.pack(c)
+
+
+def combine_blocks(crcs: bytes, block_size: int, length: int) -> int:
+    """CRC32C of a whole chunk of ``length`` bytes from the packed CRCs of its blocks."""
+    assert len(crcs) == 4 * -(-length // block_size), (len(crcs), block_size, length)
+    full = length // block_size
+    total = 0
+    if block_size & (block_size - 1) == 0:
+        # Full blocks: E_bs(total) ^ c ^ zeros(bs), with E_bs one table step (power of 2).
+        t0, t1, t2, t3 = _tables(block_size.bit_length() - 1)
+        k = _ZEROS[block_size.bit_length() - 1] ^ zeros(block_size)
+        for (c,) in _U32.iter_unpack(crcs[: 4 * full]):
+            total = (
+                t0[total & 0xFF]
+                ^ t1[(total >> 8) & 0xFF]
+                ^ t2[(total >> 16) & 0xFF]
+                ^ t3[total >> 24]
+                ^ k
+                ^ c
+            )
+    else:
+        for (c,) in _U32.iter_unpack(crcs[: 4 * full]):
+            total = combine(total, c, block_size)
+    if length > full * block_size:
+        total = combine(total, block_crc(crcs, full), length - full * block_size)
+    return total

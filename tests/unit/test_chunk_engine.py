@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import hypothesis.strategies as st
@@ -22,13 +23,16 @@ OFFSETS = st.one_of(
     st.integers(0, 3000), st.integers(CHUNK - 3000, CHUNK - 1), st.sampled_from([0, CHUNK // 2])
 )
 DATA = st.binary(min_size=0, max_size=3000)
+# Small CRC blocks and caches: writes and reads cross block boundaries, and the
+# file and record caches evict all the time.
+MODEL_OPTS = EngineOptions(crc_block_bytes=4096, open_files=2, meta_cache_entries=2)
 
 
 class EngineModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="chunkeng-"))
-        self.engine = ChunkEngine(self.dir / "t")
+        self.engine = ChunkEngine(self.dir / "t", MODEL_OPTS)
         self.committed: dict[tuple[int, int], bytearray] = {}
         self.versions: dict[tuple[int, int], int] = {}
         self.pending: set[tuple[int, int]] = set()
@@ -116,7 +120,7 @@ class EngineModel(RuleBasedStateMachine):
     def reopen(self) -> None:
         """Clean restart: complete pending versions survive recovery."""
         self.engine.close()
-        self.engine = ChunkEngine(self.dir / "t")
+        self.engine = ChunkEngine(self.dir / "t", MODEL_OPTS)
 
     @precondition(lambda self: bool(self.pending))
     @rule(data=st.data())
@@ -135,7 +139,7 @@ class EngineModel(RuleBasedStateMachine):
         os.truncate(path, torn)
         # Leave an orphan file too: recovery deletes it.
         Path(self.engine.file_path(*key, 999_999)).write_bytes(b"junk")
-        self.engine = ChunkEngine(self.dir / "t")
+        self.engine = ChunkEngine(self.dir / "t", MODEL_OPTS)
         assert self.engine.recovered["pending_dropped"] >= 1
         assert self.engine.recovered["orphans"] >= 1
         self.pending.discard(key)
@@ -163,6 +167,8 @@ class EngineModel(RuleBasedStateMachine):
             assert rec.length == len(content)
             assert rec.crc32c == crc.value(bytes(content))
             assert rec.has_pending == (key in self.pending)
+            assert rec.block_size == MODEL_OPTS.crc_block_bytes
+            assert rec.block_crcs == crc.block_crcs(bytes(content), rec.block_size)
         last = self.engine.last_chunk(1)
         committed_1 = sorted(i for (ino, i) in self.committed if ino == 1)
         if committed_1:
@@ -265,4 +271,165 @@ def test_direct_write_of_an_aligned_whole_chunk(tmp_path: Path) -> None:
     for verify in (True, False):
         assert bytes(eng.read(6, 0, 0, size, verify=verify)[1]) == want
         assert bytes(eng.read(6, 1, 0, size, verify=verify)[1]) == want[1 : 1 + 8192]
+    eng.close()
+
+
+# ---- per-block CRCs, file and record caches --------------------------------------
+
+MiB = 1024 * 1024
+
+
+def _flip(path: str, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def _chunk(eng: ChunkEngine, data: bytes, inode: int = 5, version: int = 1) -> str:
+    eng.prepare_write(inode, 0, 0, memoryview(data), crc.value(data), 4 * MiB, version)
+    rec = eng.commit(inode, 0, version, 1)
+    assert rec is not None
+    return eng.file_path(inode, 0, rec.file_gen)
+
+
+def test_partial_read_verifies_the_blocks_it_touches(tmp_path: Path) -> None:
+    eng = ChunkEngine(tmp_path / "t")  # 64 KiB blocks
+    data = os.urandom(4 * MiB)
+    path = _chunk(eng, data)
+    rec = eng.get(5, 0)
+    assert rec is not None and rec.block_size == 64 * 1024 and len(rec.block_crcs) == 4 * 64
+    # A span read loads only the blocks around the range.
+    assert ChunkEngine.read_span(rec, 100_000, 256 * 1024, True) == (65536, 6 * 65536)
+    assert ChunkEngine.read_span(rec, 100_000, 256 * 1024, False) == (100_000, 100_000 + 262144)
+    middle = 2 * MiB + 12345  # block 32
+    _flip(path, middle)
+    # Ranges in other blocks are served, byte-exact.
+    for off, n in ((0, 256 * 1024), (3 * MiB, 256 * 1024), (2 * MiB + 65536, 4096)):
+        _, got = eng.read(5, 0, off, n, verify=True)
+        assert bytes(got) == data[off : off + n]
+    # Any read touching block 32 answers CHECKSUM_MISMATCH, even if its own bytes
+    # are intact (the block they share cannot be trusted).
+    for off, n in ((middle, 1), (2 * MiB, 4096), (2 * MiB - 100, 200), (0, 4 * MiB)):
+        with pytest.raises(ChainfsError) as e:
+            eng.read(5, 0, off, n, verify=True)
+        assert e.value.code == Code.CHECKSUM_MISMATCH
+        assert "block 32" in e.value.message
+    # Unverified reads return the file's bytes (the switch off means no checking).
+    _, got = eng.read(5, 0, middle, 1, verify=False)
+    assert got[0] == data[middle] ^ 0x10
+    eng.close()
+
+
+def test_partial_overwrite_never_blesses_a_damaged_block(tmp_path: Path) -> None:
+    eng = ChunkEngine(tmp_path / "t")
+    data = bytearray(os.urandom(4 * MiB))
+    path = _chunk(eng, bytes(data))
+    _flip(path, 2 * MiB + 10)  # block 32
+    # A write sharing block 32 with the damage is refused, nothing pending.
+    patch = os.urandom(1000)
+    with pytest.raises(ChainfsError) as e:
+        eng.prepare_write(5, 0, 2 * MiB + 500, memoryview(patch), crc.value(patch), 4 * MiB, 2)
+    assert e.value.code == Code.CHECKSUM_MISMATCH
+    assert not eng.get(5, 0).has_pending  # type: ignore[union-attr]
+    # A write elsewhere goes through and keeps block 32's old CRC: still detected.
+    eng.prepare_write(5, 0, 1000, memoryview(patch), crc.value(patch), 4 * MiB, 2)
+    rec = eng.commit(5, 0, 2, 1)
+    assert rec is not None
+    data[1000:2000] = patch
+    _, got = eng.read(5, 0, 0, 64 * 1024, verify=True)
+    assert bytes(got) == data[: 64 * 1024]
+    with pytest.raises(ChainfsError) as e:
+        eng.read(5, 0, 2 * MiB, 100, verify=True)
+    assert e.value.code == Code.CHECKSUM_MISMATCH
+    # A write covering all of block 32 replaces the damaged bytes.
+    whole = os.urandom(64 * 1024)
+    eng.prepare_write(5, 0, 2 * MiB, memoryview(whole), crc.value(whole), 4 * MiB, 3)
+    rec = eng.commit(5, 0, 3, 1)
+    assert rec is not None
+    data[2 * MiB : 2 * MiB + 64 * 1024] = whole
+    _, got = eng.read(5, 0, 0, 4 * MiB, verify=True)
+    assert bytes(got) == bytes(data)
+    assert rec.crc32c == crc.value(bytes(data))
+    assert rec.block_crcs == crc.block_crcs(bytes(data), rec.block_size)
+    eng.close()
+
+
+def test_records_from_before_block_crcs_stay_readable(tmp_path: Path) -> None:
+    """A target written before per-block CRCs: whole-chunk verification, converted on update."""
+    from chainfs.storage_service.chunk_engine import _RECORD, ChunkRecord, chunk_key
+
+    eng = ChunkEngine(tmp_path / "t")
+    data = bytearray(os.urandom(300_000))
+    path = _chunk(eng, bytes(data))
+    rec = eng.get(5, 0)
+    assert rec is not None
+    legacy = replace(rec, block_size=0, block_crcs=b"")
+    raw = legacy.encode()
+    assert len(raw) == _RECORD.size
+    eng.db.put(chunk_key(5, 0), raw)
+    eng.close()
+    eng = ChunkEngine(tmp_path / "t", EngineOptions(crc_block_bytes=16 * 1024))
+    rec = eng.get(5, 0)
+    assert rec is not None and rec.block_size == 0 and ChunkRecord.decode(raw) == rec
+    assert ChunkEngine.read_span(rec, 1000, 10, True) == (0, 300_000)
+    _, got = eng.read(5, 0, 1000, 10, verify=True)
+    assert bytes(got) == data[1000:1010]
+    _flip(path, 250_000)
+    with pytest.raises(ChainfsError) as e:
+        eng.read(5, 0, 1000, 10, verify=True)
+    assert e.value.code == Code.CHECKSUM_MISMATCH
+    with pytest.raises(ChainfsError) as e:  # conversion checks the whole CRC first
+        eng.prepare_write(5, 0, 10, memoryview(b"xy"), crc.value(b"xy"), 4 * MiB, 2)
+    assert e.value.code == Code.CHECKSUM_MISMATCH
+    _flip(path, 250_000)  # undo
+    eng.prepare_write(5, 0, 10, memoryview(b"xy"), crc.value(b"xy"), 4 * MiB, 2)
+    rec = eng.commit(5, 0, 2, 1)
+    data[10:12] = b"xy"
+    assert rec is not None and rec.block_size == 16 * 1024
+    assert rec.block_crcs == crc.block_crcs(bytes(data), 16 * 1024)
+    _, got = eng.read(5, 0, 0, 300_000, verify=True)
+    assert bytes(got) == bytes(data)
+    eng.close()
+
+
+def test_cached_descriptors_never_serve_a_replaced_file(tmp_path: Path) -> None:
+    eng = ChunkEngine(tmp_path / "t", EngineOptions(open_files=4))
+    a, b = os.urandom(100_000), os.urandom(100_000)
+    path = _chunk(eng, a)
+    _, got = eng.read(5, 0, 0, 100, verify=False)
+    assert bytes(got) == a[:100] and len(eng.files) == 1
+    # Remove and re-create: the same file name (generation 1) with new bytes.
+    rec = eng.prepare_remove(5, 0)
+    assert rec is not None and eng.commit(5, 0, rec.pending_version, 1) is None
+    assert _chunk(eng, b) == path
+    for verify in (False, True):
+        _, got = eng.read(5, 0, 0, 100, verify=verify)
+        assert bytes(got) == b[:100]
+    # Replaced behind the engine's back (the scrubber's repair renames a new file in).
+    tmp = path + ".new"
+    Path(tmp).write_bytes(b"\0" * 100_000)
+    os.replace(tmp, path)
+    _, got = eng.read(5, 0, 0, 100, verify=False)
+    assert bytes(got) == b"\0" * 100
+    # Bounded.
+    for ino in range(10, 20):
+        _chunk(eng, a, inode=ino)
+        eng.read(ino, 0, 0, 10, verify=False)
+    assert len(eng.files) == 4
+    eng.close()
+
+
+def test_record_cache_is_bounded_and_current(tmp_path: Path) -> None:
+    eng = ChunkEngine(tmp_path / "t", EngineOptions(meta_cache_entries=3))
+    for ino in range(10):
+        _chunk(eng, b"x" * 10, inode=ino)
+        assert eng.get(ino, 0) is not None
+    assert len(eng._meta) == 3
+    eng.prepare_write(2, 0, 0, memoryview(b"y" * 20), crc.value(b"y" * 20), 4 * MiB, 2)
+    assert eng.get(2, 0).pending_version == 2  # type: ignore[union-attr]
+    eng.commit(2, 0, 2, 1)
+    _, got = eng.read(2, 0, 0, 100, verify=True)
+    assert bytes(got) == b"y" * 20
     eng.close()
