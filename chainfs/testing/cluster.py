@@ -7,6 +7,12 @@
         c.kill_storage(0)      # SIGKILL one storage node
         c.restart_storage(0)   # same config, same target dirs
 
+High availability (issue 7): ``LocalCluster(d, kv="etcd", etcd_members=3,
+mgmtds=2, metas=2)`` runs a 3-member etcd, two mgmtd (one primary by lease)
+and two meta servers; ``.address`` lists every mgmtd, and so do the storage
+and meta configs. ``kill_mgmtd_primary()``, ``kill_meta(i)``,
+``kill_etcd(i)`` / ``restart_etcd(i)`` inject the faults.
+
 Start order: (etcd), mgmtd, the storage nodes (each serving its target
 directories), wait until every target is registered, create the chain table
 (unless the data directory already has one), then meta. Every service gets a
@@ -163,7 +169,21 @@ class LocalCluster:
         heartbeat_timeout_ms: int | None = None,
         configure_storage: Callable[[int, Any], None] | None = None,
         mount_options: Sequence[str] = (),
+        mgmtds: int = 1,
+        metas: int = 1,
+        etcd_members: int = 1,
+        lease_ms: int | None = None,
+        lease_renew_interval_ms: int | None = None,
+        configure_meta: Callable[[int, Any], None] | None = None,
     ) -> None:
+        if mgmtds < 1 or metas < 1 or etcd_members < 1:
+            raise ChainfsError(Code.EINVAL, "need at least one mgmtd, meta and etcd member")
+        if kv != "etcd" and (mgmtds > 1 or metas > 1 or etcd_members > 1):
+            raise ChainfsError(
+                Code.EINVAL,
+                "several mgmtd or meta servers share one store, and several etcd members "
+                "are etcd: use kv='etcd'",
+            )
         if storage_nodes < 1 or targets_per_node < 1:
             raise ChainfsError(Code.EINVAL, "need at least one storage node and one target")
         if not 1 <= replicas <= storage_nodes:
@@ -186,9 +206,17 @@ class LocalCluster:
         self._mount_request = Path(mount).resolve() if mount is not None else None
         self.mountpoint: Path | None = None
         self.mount_options = list(mount_options)  # `chainfs mount -o` items
+        self.n_mgmtd = mgmtds
+        self.n_meta = metas
+        self.etcd_members = etcd_members
+        self.lease_ms = lease_ms
+        self.lease_renew_interval_ms = lease_renew_interval_ms
+        self.configure_meta = configure_meta  # (meta index, MetaConfig) -> None
 
-        self.mgmtd: ServiceProcess | None = None
-        self.meta: ServiceProcess | None = None
+        self.mgmtd: ServiceProcess | None = None  # the first mgmtd (mgmtds[0])
+        self.meta: ServiceProcess | None = None  # the first meta server (metas[0])
+        self.mgmtds: list[ServiceProcess] = []
+        self.metas: list[ServiceProcess] = []
         self.storage: list[ServiceProcess] = []
         self._procs: list[ServiceProcess] = []  # everything started, in start order
         self._etcd: list[EtcdCluster] = []
@@ -209,9 +237,21 @@ class LocalCluster:
     # -- addresses -----------------------------------------------------------
     @property
     def address(self) -> str:
-        """The mgmtd address: what `chainfs.connect` and `--address` take."""
-        assert self.mgmtd is not None and self.mgmtd.info, "cluster not started"
-        return str(self.mgmtd.info["rpc_address"])
+        """Every mgmtd address, comma-separated: what `chainfs.connect` and `--address` take."""
+        return ",".join(self.mgmtd_addresses)
+
+    @property
+    def mgmtd_addresses(self) -> list[str]:
+        """The address of each mgmtd started (killed ones included: they may come back)."""
+        assert self.mgmtds and all(p.info for p in self.mgmtds), "cluster not started"
+        return [str(p.info["rpc_address"]) for p in self.mgmtds]
+
+    @property
+    def etcd(self) -> EtcdCluster:
+        """The etcd cluster (kv="etcd" only)."""
+        if not self._etcd:
+            raise ChainfsError(Code.EINVAL, "this cluster runs no etcd (kv != 'etcd')")
+        return self._etcd[0]
 
     # -- start ---------------------------------------------------------------
     def _kv_url(self, service: str) -> str:
@@ -226,13 +266,20 @@ class LocalCluster:
         if self.kv == "etcd":
             from chainfs.testing.etcd import EtcdCluster
 
-            self._etcd.append(EtcdCluster(self.base_dir / "etcd", members=1))
-        self.mgmtd = self._spawn("mgmtd", "mgmtd", self._mgmtd_config())
+            self._etcd.append(EtcdCluster(self.base_dir / "etcd", members=self.etcd_members))
+        for i in range(self.n_mgmtd):
+            # The first keeps its old name (logs under base_dir/mgmtd) for callers that look.
+            name = "mgmtd" if i == 0 else f"mgmtd{i}"
+            self.mgmtds.append(self._spawn("mgmtd", name, self._mgmtd_config()))
+        self.mgmtd = self.mgmtds[0]
         for i in range(self.n_storage):
             self.storage.append(self._spawn("storage", f"storage{i}", self._storage_config(i)))
         self._wait_targets_and_chains()
-        self.meta = self._spawn("meta", "meta", self._meta_config())
-        self._wait_meta()
+        for i in range(self.n_meta):
+            name = "meta" if i == 0 else f"meta{i}"
+            self.metas.append(self._spawn("meta", name, self._meta_config(i)))
+        self.meta = self.metas[0]
+        self._wait_meta(self.n_meta)
         if self._mount_request is not None:
             self._mount(self._mount_request)
 
@@ -255,13 +302,22 @@ class LocalCluster:
             c.heartbeat_interval_ms = self.heartbeat_interval_ms
         if self.heartbeat_timeout_ms is not None:
             c.heartbeat_timeout_ms = self.heartbeat_timeout_ms
+        if self.lease_ms is not None:
+            c.lease_ms = self.lease_ms
+        if self.lease_renew_interval_ms is not None:
+            c.lease_renew_interval_ms = self.lease_renew_interval_ms
+        if self.lease_ms is not None or self.lease_renew_interval_ms is not None:
+            # Keep the margin valid for short test leases: a quarter of the lease.
+            c.lease_safety_margin_ms = min(
+                c.lease_safety_margin_ms, (c.lease_ms - c.lease_renew_interval_ms) // 2
+            )
         return c
 
     def _storage_config(self, i: int) -> Any:
         from chainfs.storage_service.config import StorageConfig
 
         c = StorageConfig()
-        c.mgmtd_addresses = [self.address]
+        c.mgmtd_addresses = self.mgmtd_addresses
         node_dir = self.base_dir / f"storage{i}"
         c.targets = [str(node_dir / f"target{j}") for j in range(self.targets_per_node)]
         if self.heartbeat_interval_ms is not None:
@@ -270,12 +326,14 @@ class LocalCluster:
             self.configure_storage(i, c)
         return c
 
-    def _meta_config(self) -> Any:
+    def _meta_config(self, i: int = 0) -> Any:
         from chainfs.meta_service.config import MetaConfig
 
         c = MetaConfig()
         c.kv_url = self._kv_url("meta")
-        c.mgmtd_addresses = [self.address]
+        c.mgmtd_addresses = self.mgmtd_addresses
+        if self.configure_meta is not None:
+            self.configure_meta(i, c)
         return c
 
     def _wait_targets_and_chains(self) -> None:
@@ -287,7 +345,7 @@ class LocalCluster:
         async def go() -> None:
             from chainfs.common.rpc.mgmt_client import MgmtClient
 
-            mgmt = MgmtClient([self.address])
+            mgmt = MgmtClient(self.address, timeout_s=timeout_s)
             try:
                 deadline = time.monotonic() + timeout_s
                 while True:
@@ -310,21 +368,21 @@ class LocalCluster:
 
         _run_async(go)
 
-    def _wait_meta(self) -> None:
-        """Wait until mgmtd's routing info lists the meta server (clients find it there)."""
+    def _wait_meta(self, count: int = 1) -> None:
+        """Wait until mgmtd lists ``count`` online meta servers (clients find them there)."""
         timeout_s = self.start_timeout_s
 
         async def go() -> None:
             from chainfs.common.rpc.mgmt_client import MgmtClient
             from chainfs.proto import mgmt_pb2 as mp
 
-            mgmt = MgmtClient([self.address])
+            mgmt = MgmtClient(self.address, timeout_s=timeout_s)
             try:
                 deadline = time.monotonic() + timeout_s
                 while True:
                     routing = await mgmt.get_routing()
                     assert routing is not None
-                    if routing.nodes_of_type(mp.META):
+                    if len(routing.nodes_of_type(mp.META)) >= count:  # online ones
                         return
                     if time.monotonic() > deadline:
                         raise ChainfsError(
@@ -404,6 +462,81 @@ class LocalCluster:
             raise ChainfsError(Code.EBUSY, f"{p.name} is still running (pid {p.pid})")
         p.start(timeout_s=self.start_timeout_s)
         self._killed.discard(p.name)
+
+    def _kill(self, p: ServiceProcess) -> None:
+        self._killed.add(p.name)
+        p.kill()
+
+    def _restart(self, p: ServiceProcess) -> None:
+        if p.alive():
+            raise ChainfsError(Code.EBUSY, f"{p.name} is still running (pid {p.pid})")
+        p.start(timeout_s=self.start_timeout_s)
+        self._killed.discard(p.name)
+
+    def mgmtd_primary(self, timeout_s: float | None = None) -> int:
+        """Index in ``.mgmtds`` of the live mgmtd that answers it is primary (polled, bounded)."""
+        bound_s = self.start_timeout_s if timeout_s is None else timeout_s
+
+        async def go() -> int:
+            from chainfs.common.rpc.mgmt_client import MgmtClient
+
+            deadline = time.monotonic() + bound_s
+            while True:
+                for i, p in enumerate(self.mgmtds):
+                    if not p.alive():
+                        continue
+                    async with MgmtClient(str(p.info["rpc_address"]), timeout_s=1.0) as m:
+                        try:
+                            if (await m.get_status()).primary:
+                                return i
+                        except ChainfsError as e:
+                            if e.code not in (Code.UNAVAILABLE, Code.ETIMEDOUT, Code.NOT_PRIMARY):
+                                raise
+                if time.monotonic() > deadline:
+                    raise ChainfsError(Code.ETIMEDOUT, f"no mgmtd primary after {bound_s}s")
+                await asyncio.sleep(_POLL_S)
+
+        return _run_async(go)
+
+    def kill_mgmtd(self, i: int) -> None:
+        """SIGKILL mgmtd ``i`` (index in ``.mgmtds``)."""
+        self._kill(self.mgmtds[i])
+
+    def kill_mgmtd_primary(self) -> int:
+        """SIGKILL whichever mgmtd is primary now; returns its index."""
+        i = self.mgmtd_primary()
+        self.kill_mgmtd(i)
+        return i
+
+    def restart_mgmtd(self, i: int) -> None:
+        """Start mgmtd ``i`` again on the same port (storage, meta and clients list it)."""
+        from chainfs.mgmt_service.config import MgmtdConfig
+
+        p = self.mgmtds[i]
+        c = cfg.load(MgmtdConfig, p.config_path)
+        c.port = int(str(p.info["rpc_address"]).rsplit(":", 1)[1])
+        p.config_path.write_text(cfg.to_toml(c))
+        self._restart(p)
+
+    def kill_meta(self, i: int) -> None:
+        """SIGKILL meta server ``i`` (index in ``.metas``)."""
+        self._kill(self.metas[i])
+
+    def restart_meta(self, i: int) -> None:
+        """Start meta server ``i`` again (a fresh port; it registers again)."""
+        self._restart(self.metas[i])
+
+    def kill_etcd(self, i: int) -> None:
+        """SIGKILL etcd member ``i`` (kv="etcd")."""
+        self.etcd.kill(i)
+
+    def restart_etcd(self, i: int, wait: bool = True) -> None:
+        """Start etcd member ``i`` again on its ports and data dir; wait until healthy."""
+        self.etcd.restart(i, wait=wait)
+
+    def etcd_leader(self, timeout_s: float | None = None) -> int:
+        """Index of the etcd member that is the Raft leader now."""
+        return self.etcd.leader_index(timeout_s)
 
     # -- stop ----------------------------------------------------------------
     def stop(self) -> None:

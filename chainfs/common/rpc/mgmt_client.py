@@ -75,8 +75,10 @@ def primary_hint(message: str) -> str | None:
 
 
 def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
-    """``"h:p,h:p"`` or a list -> list of non-empty, de-duplicated addresses."""
-    items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
+    """``"h:p,h:p"`` or a list (whose items may be such strings too) -> list of
+    non-empty, de-duplicated addresses."""
+    items = [a for item in ([addresses] if isinstance(addresses, str) else addresses)
+             for a in item.split(",")]  # fmt: skip
     out: list[str] = []
     for a in items:
         a = a.strip()
