@@ -18,9 +18,6 @@ class ClientConfig:
     # One attempt of a metadata call on one meta server: a server silent this
     # long (hung, host gone) is left for another; the retry keeps the request id.
     meta_attempt_timeout_ms: int = 5_000
-    # One attempt of a metadata call on one meta server: a server silent this
-    # long (hung, host gone) is left for another; the retry keeps the request id.
-    meta_attempt_timeout_ms: int = 5_000
     # Read groups (one read_batch call of up to read_group_bytes / read_group_ios)
     # in flight per FileSystem: keeps every storage node busy, bounds queues.
     max_inflight_reads: int = 16
@@ -55,7 +52,6 @@ class ClientConfig:
         for name in (
             "connect_timeout_ms",
             "meta_timeout_ms",
-            "meta_attempt_timeout_ms",
             "meta_attempt_timeout_ms",
             "max_inflight_reads",
             "read_group_bytes",

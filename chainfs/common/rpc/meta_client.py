@@ -64,11 +64,6 @@ DEFAULT_TIMEOUT_S = 30.0  # one call, failover and retries included
 # A slow attempt that did complete is not lost: the retry carries the same
 # request id and gets meta's recorded answer.
 DEFAULT_ATTEMPT_TIMEOUT_S = 5.0
-# One attempt on one server: a server that stopped answering (hung, or its host
-# gone silent without resetting connections) is left for another after this.
-# A slow attempt that did complete is not lost: the retry carries the same
-# request id and gets meta's recorded answer.
-DEFAULT_ATTEMPT_TIMEOUT_S = 5.0
 RETRY_BACKOFF_INITIAL_S = 0.02
 RETRY_BACKOFF_MAX_S = 0.5
 # Worth trying again (same request id): the server could not be reached or did
