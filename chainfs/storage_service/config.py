@@ -39,6 +39,21 @@ class StorageConfig:
     # CHECKSUM_MISMATCH instead of bad bytes. On: its cost (one CRC pass at ~13 GB/s
     # in C over the chunk, which is read into memory anyway) is small beside the wire.
     verify_reads: bool = True
+    # Per-block CRC32C granule of new chunks (bytes, a power of 2 in [4 KiB, 1 MiB]):
+    # a verified partial read checks only the blocks it touches. Each chunk keeps
+    # the size it was created with (recorded in its metadata), so changing this
+    # affects new chunks only. 64 KiB: a 256 KiB read loads at most 384 KiB, and a
+    # 4 MiB chunk's metadata carries 256 bytes of CRCs.
+    crc_block_bytes: int = 64 * 1024
+    # Per target: chunk files kept open for reads (LRU; 0 = open per read). Each
+    # costs a descriptor: targets x this must stay well below RLIMIT_NOFILE.
+    open_chunk_files: int = 256
+    # Per target: chunk records cached in memory before RocksDB (LRU, ~0.5 KiB each).
+    chunk_meta_cache_entries: int = 8192
+    # Reads whose span is at most this many bytes are served on the event loop
+    # from the page cache (RWF_NOWAIT), skipping the I/O-thread hop; a read that
+    # would need the disk still goes to a thread. 0 = every read in a thread.
+    inline_read_bytes: int = 64 * 1024
     # Refuse new chunks (ENOSPC) when the target's file system is fuller than this.
     disk_usage_limit_ratio: float = 0.95
     # Targets added at runtime (`chainfs admin create-targets`) are listed in this
@@ -94,5 +109,11 @@ class StorageConfig:
                 raise ValueError(f"{name} must be > 0")
         if self.max_read_bytes_in_flight < MAX_CHUNK_SIZE:
             raise ValueError("max_read_bytes_in_flight must hold at least one 64 MiB chunk")
+        bs = self.crc_block_bytes
+        if not (4096 <= bs <= 1024 * 1024 and bs & (bs - 1) == 0):
+            raise ValueError("crc_block_bytes must be a power of 2 in [4096, 1048576]")
+        for name in ("open_chunk_files", "chunk_meta_cache_entries", "inline_read_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
         if not 0 <= self.read_buffer_cache_bytes <= self.max_read_bytes_in_flight:
             raise ValueError("read_buffer_cache_bytes must be in [0, max_read_bytes_in_flight]")

@@ -176,6 +176,9 @@ class Craq:
         self.executor = executor
         self._acquire_lock = asyncio.Lock()
         self.read_pool = BufferPool(config.max_read_bytes_in_flight, config.read_buffer_cache_bytes)
+        # Small reads are served on the event loop from the page cache (RWF_NOWAIT),
+        # without a thread hop; off when the file system refuses RWF_NOWAIT.
+        self._inline_reads = config.inline_read_bytes > 0
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
@@ -681,11 +684,14 @@ class Craq:
             except ChainfsError as e:
                 results[i] = sp.ReadResult(status=cp.Status(code=e.code, message=e.message))
         # Pooled, reused buffers (no allocation or zero-fill per read), sized from
-        # the chunk's metadata: the whole chunk when verifying, else the range.
-        # The pool's capacity bounds the read bytes held at once.
+        # the chunk's metadata: the CRC blocks around the range when verifying,
+        # else the range. The pool's capacity bounds the read bytes held at once.
         scratch: list[PooledBuffer | None] = [None] * n
         verify = self.config.verify_reads
         cap = self.read_pool.capacity_bytes
+        inline_max = self.config.inline_read_bytes if self._inline_reads else -1
+        inline: list[int] = []
+        threaded: list[int] = []
 
         def release() -> None:
             for k, b in enumerate(scratch):
@@ -701,26 +707,26 @@ class Craq:
                 total = 0
                 for i in jobs:
                     io = req.ios[i]
-                    rec = self.targets[io.target_id].engine.get(io.chunk.inode, io.chunk.index)
+                    eng = self.targets[io.target_id].engine
+                    rec = eng.get(io.chunk.inode, io.chunk.index)
                     if rec is None or rec.has_pending:
+                        inline.append(i)  # answered from metadata alone
                         continue
-                    need = (
-                        rec.length
-                        if verify
-                        else max(0, min(io.offset + io.length, rec.length) - io.offset)
-                    )
+                    lo, hi = eng.read_span(rec, io.offset, io.length, verify)
+                    need = hi - lo
+                    (inline if need <= inline_max else threaded).append(i)
                     if need == 0 or total + size_class(need) > cap:
                         continue
                     total += size_class(need)
                     scratch[i] = await self.read_pool.acquire(need)
-            threads = self.config.io_threads
-            groups = [jobs[g::threads] for g in range(threads)]
+            # Small reads right here from the page cache; what needs the disk
+            # (BlockingIOError under RWF_NOWAIT) goes to the I/O threads.
+            if inline:
+                threaded += self._read_group(req, inline, results, buffers, scratch, nowait=True)
+            threads = min(self.config.io_threads, len(threaded))
+            groups = [threaded[g::threads] for g in range(threads)]
             await asyncio.gather(
-                *(
-                    self._io(self._read_group, req, g, results, buffers, scratch)
-                    for g in groups
-                    if g
-                )
+                *(self._io(self._read_group, req, g, results, buffers, scratch) for g in groups)
             )
         except BaseException:
             release()
@@ -741,8 +747,12 @@ class Craq:
         results: list[sp.ReadResult | None],
         buffers: list[memoryview | None],
         scratch: list[PooledBuffer | None],
-    ) -> None:
+        nowait: bool = False,
+    ) -> list[int]:
+        """Read the ios of ``group``; with ``nowait`` (page cache only) return those
+        that would need the disk, unread."""
         verify = self.config.verify_reads
+        deferred: list[int] = []
         for i in group:
             io = req.ios[i]
             target = self.targets[io.target_id]
@@ -755,11 +765,21 @@ class Craq:
                     io.length,
                     verify,
                     pooled.view if pooled is not None else None,
+                    nowait,
                 )
             except ChainfsError as e:
                 results[i] = sp.ReadResult(status=cp.Status(code=e.code, message=e.message))
                 continue
+            except BlockingIOError:
+                assert nowait
+                deferred.append(i)
+                continue
             except OSError as e:
+                if nowait and e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    log.info("RWF_NOWAIT refused (%s): all reads go to the I/O threads", e)
+                    self._inline_reads = False
+                    deferred.append(i)
+                    continue
                 results[i] = sp.ReadResult(status=cp.Status(code=Code.EIO, message=str(e)))
                 continue
             buffers[i] = data
@@ -773,6 +793,7 @@ class Craq:
                     chunk_length=rec.length,
                     chunk_crc32c=rec.crc32c,
                 )
+        return deferred
 
     async def query_last_chunk(self, req: sp.QueryLastChunkReq) -> sp.QueryLastChunkRsp:
         target = self._readable(self._routing_now(), req.chain_id, req.target_id)

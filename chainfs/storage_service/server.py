@@ -211,6 +211,9 @@ class StorageNode:
             durable=self.config.durable,
             disk_usage_limit_ratio=self.config.disk_usage_limit_ratio,
             direct_writes=self.config.direct_writes,
+            crc_block_bytes=self.config.crc_block_bytes,
+            open_files=self.config.open_chunk_files,
+            meta_cache_entries=self.config.chunk_meta_cache_entries,
         )
 
     def open_targets(self) -> list[mp.TargetInfo]:
