@@ -539,6 +539,11 @@ class Craq:
         rec = await self._io(target.engine.commit, ino, idx, version, req.chain_version)
         return self._rsp(rec)
 
+    def _takes_writes(self, target_id: int) -> bool:
+        """Whether the routing held now still has ``target_id`` taking writes."""
+        routing = self._routing()
+        return routing is None or self._state(routing, target_id) in WRITE_STATES
+
     async def _send_update(
         self, node: mp.NodeInfo, req: sp.UpdateReq, payload: list[memoryview]
     ) -> sp.UpdateRsp:
@@ -549,9 +554,14 @@ class Craq:
             try:
                 return await self.forwarder.update(node, req, payload, timeout_s)
             except ChainfsError as e:
-                if e.code not in (Code.UNAVAILABLE, Code.ETIMEDOUT) or (
-                    attempt + 1 == self.config.forward_retries
+                if (
+                    e.code not in (Code.UNAVAILABLE, Code.ETIMEDOUT)
+                    or attempt + 1 == self.config.forward_retries
+                    or not self._takes_writes(req.target_id)
                 ):
+                    # Routing dropped the successor meanwhile (partitioned: it answers
+                    # nothing and each try waits the whole timeout): stop now, the
+                    # pending update is re-driven along the new chain.
                     raise
                 log.warning("forward to node %d failed (%s); retrying", node.node_id, e)
                 await asyncio.sleep(delay)
