@@ -308,7 +308,9 @@ class ClusterState:
             return True
         for th in req.targets:
             t = self.target(th.target_id)
-            if t is not None and th.local_state and t.local_state != th.local_state:
+            if t is None or t.held_offline:
+                continue
+            if th.local_state and t.local_state != th.local_state:
                 return True
         return False
 
@@ -319,8 +321,8 @@ class ClusterState:
         n.status = mp.NODE_ONLINE
         for th in req.targets:
             t = self.target(th.target_id)
-            if t is None or not th.local_state:
-                continue
+            if t is None or not th.local_state or t.held_offline:
+                continue  # held offline: only online-target brings it back
             t.local_state = th.local_state
             if not t.chain_id:
                 t.public_state = mp.OFFLINE if th.local_state == mp.LOCAL_OFFLINE else mp.WAITING
@@ -425,10 +427,23 @@ class ClusterState:
 
     # -- operator changes --------------------------------------------------
     def offline_target(self, target_id: int) -> None:
+        """Offline, and held so: its node's heartbeats do not revive it (a disk
+        the operator distrusts stays out until online_target or remove_target)."""
         t = self._target_or_raise(target_id)
         t.local_state = mp.LOCAL_OFFLINE
+        t.held_offline = True
         if not t.chain_id:
             t.public_state = mp.OFFLINE
+
+    def online_target(self, target_id: int) -> None:
+        """Release an offline hold; the node's next heartbeat brings the target
+        back (waiting, then resync from its predecessor, then serving)."""
+        t = self._target_or_raise(target_id)
+        if not t.held_offline:
+            raise ChainfsError(
+                Code.EINVAL, f"target {target_id} was not taken offline by offline-target"
+            )
+        t.held_offline = False
 
     def remove_target(self, target_id: int) -> None:
         t = self._target_or_raise(target_id)

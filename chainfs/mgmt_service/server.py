@@ -460,6 +460,8 @@ class Mgmtd(mg.MgmtServicer):
             _, state = await self._mutate(lambda s: s.offline_target(request.target_id))
         elif request.action == A.Value("REMOVE"):
             _, state = await self._mutate(lambda s: s.remove_target(request.target_id))
+        elif request.action == A.Value("ONLINE"):
+            _, state = await self._mutate(lambda s: s.online_target(request.target_id))
         elif request.action == A.Value("ROTATE_LASTSRV"):
             _, state = await self._mutate(lambda s: s.rotate_lastsrv(request.target_id))
         else:

@@ -200,6 +200,7 @@ class TargetInfo(_message.Message):
     CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
     SYNC_BYTES_LEFT_FIELD_NUMBER: _builtins.int
     SYNC_RATE_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    HELD_OFFLINE_FIELD_NUMBER: _builtins.int
     target_id: _builtins.int
     node_id: _builtins.int
     chain_id: _builtins.int
@@ -212,6 +213,10 @@ class TargetInfo(_message.Message):
     sync_bytes_left: _builtins.int
     """resync progress while SYNCING"""
     sync_rate_bytes_per_s: _builtins.int
+    held_offline: _builtins.bool
+    """Taken offline by an operator (offline-target): its node's heartbeats do
+    not bring it back until online-target clears this.
+    """
     def __init__(
         self,
         *,
@@ -225,10 +230,11 @@ class TargetInfo(_message.Message):
         capacity_bytes: _builtins.int = ...,
         sync_bytes_left: _builtins.int = ...,
         sync_rate_bytes_per_s: _builtins.int = ...,
+        held_offline: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "chain_id", b"chain_id", "local_state", b"local_state", "node_id", b"node_id", "path", b"path", "public_state", b"public_state", "sync_bytes_left", b"sync_bytes_left", "sync_rate_bytes_per_s", b"sync_rate_bytes_per_s", "target_id", b"target_id", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "chain_id", b"chain_id", "held_offline", b"held_offline", "local_state", b"local_state", "node_id", b"node_id", "path", b"path", "public_state", b"public_state", "sync_bytes_left", b"sync_bytes_left", "sync_rate_bytes_per_s", b"sync_rate_bytes_per_s", "target_id", b"target_id", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -583,18 +589,22 @@ class UpdateTargetReq(_message.Message):
         DESCRIPTOR: _descriptor.EnumDescriptor
         ACTION_UNSPECIFIED: UpdateTargetReq._Action.ValueType  # 0
         OFFLINE: UpdateTargetReq._Action.ValueType  # 1
-        """mark offline, move to chain end"""
+        """mark offline, move to chain end; held there until ONLINE"""
         REMOVE: UpdateTargetReq._Action.ValueType  # 2
         """remove from its chain and the registry"""
         ROTATE_LASTSRV: UpdateTargetReq._Action.ValueType  # 3
+        ONLINE: UpdateTargetReq._Action.ValueType  # 4
+        """release an OFFLINE hold: the target resyncs, then serves"""
 
     class Action(_Action, metaclass=_ActionEnumTypeWrapper): ...
     ACTION_UNSPECIFIED: UpdateTargetReq.Action.ValueType  # 0
     OFFLINE: UpdateTargetReq.Action.ValueType  # 1
-    """mark offline, move to chain end"""
+    """mark offline, move to chain end; held there until ONLINE"""
     REMOVE: UpdateTargetReq.Action.ValueType  # 2
     """remove from its chain and the registry"""
     ROTATE_LASTSRV: UpdateTargetReq.Action.ValueType  # 3
+    ONLINE: UpdateTargetReq.Action.ValueType  # 4
+    """release an OFFLINE hold: the target resyncs, then serves"""
 
     TARGET_ID_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int

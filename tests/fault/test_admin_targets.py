@@ -1,4 +1,5 @@
-"""Operator commands with a real cluster: offline-target -> the live target resyncs back."""
+"""Operator commands with a real cluster: offline-target holds a live target out
+(its node's heartbeats do not revive it); online-target -> it resyncs back."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,15 @@ def test_offline_target_resyncs_back_and_sync_status(tmp_path: Path) -> None:
         for p, d in more.items():
             fs.write_file(p, d)
         files.update(more)
+        # Held out: the node heartbeats every 300 ms, the target stays offline.
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            row = next(t for t in admin(c.address, "targets") if t["target_id"] == victim)
+            assert row["state"] == "offline" and row["held_offline"], row
+            time.sleep(0.2)
         assert isinstance(admin(c.address, "sync-status"), list)
+        rows = admin(c.address, "online-target", str(victim))
+        assert rows[0]["target_id"] == victim
         fl.poll(lambda: fl.states(c.address)[victim] == mp.SERVING, 60, "the target serving again")
         fl.poll(lambda: fl.replica_differences(c.address) == [], 30, "identical replicas")
         for p, d in files.items():

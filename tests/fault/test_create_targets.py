@@ -190,8 +190,7 @@ def test_create_targets_join_chains_resync_and_survive_restart(tmp_path: Path) -
         r = fl.routing(c.address)
         victim_chain = inside[0]
         victim = next(t for t in r.chains[victim_chain].targets if node_of[t] == node)
-        # (offline-target would be undone by the live node's next heartbeat: a lost
-        # disk is taken out of its chain, then out of the registry.)
+        # A lost disk is taken out of its chain, then out of the registry.
         admin(c.address, "update-chain", str(victim_chain), "--remove", str(victim))
         admin(c.address, "remove-target", str(victim))
         disk = tmp_path / "newdisk"

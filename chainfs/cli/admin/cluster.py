@@ -106,6 +106,7 @@ def target_rows(routing: Routing) -> list[dict[str, Any]]:
             "chain_id": t.chain_id,
             "state": public_state_name(t.public_state),
             "local_state": local_state_name(t.local_state),
+            "held_offline": t.held_offline,
             "path": t.path,
             "used_bytes": t.used_bytes,
             "capacity_bytes": t.capacity_bytes,

@@ -1,6 +1,7 @@
 """Operator commands on targets and chains (issue 7).
 
     chainfs admin offline-target TARGET      mark a target offline (moves to its chain's end)
+    chainfs admin online-target TARGET       undo that: it resyncs, then serves
     chainfs admin remove-target TARGET       drop it from its chain and the registry
     chainfs admin rotate-lastsrv TARGET      let another target of a lastsrv chain take over
     chainfs admin update-chain CHAIN --add T --remove T
@@ -58,8 +59,23 @@ def _show_target(routing: Routing, target_id: int, as_json: bool) -> None:
 @timeout_option
 @async_command
 async def offline_target_cmd(address: str, as_json: bool, timeout_s: float, target_id: int) -> None:
-    """Mark TARGET_ID offline: it stops serving and moves to the end of its chain."""
+    """Mark TARGET_ID offline: it stops serving and moves to the end of its chain.
+
+    It stays offline (its node's heartbeats do not revive it) until
+    `online-target` or `remove-target`.
+    """
     routing = await _update_target(address, timeout_s, target_id, mp.UpdateTargetReq.OFFLINE)
+    _show_target(routing, target_id, as_json)
+
+
+@admin.command("online-target")
+@click.argument("target_id", type=int)
+@admin_options
+@timeout_option
+@async_command
+async def online_target_cmd(address: str, as_json: bool, timeout_s: float, target_id: int) -> None:
+    """Undo offline-target: TARGET_ID resyncs from its chain, then serves."""
+    routing = await _update_target(address, timeout_s, target_id, mp.UpdateTargetReq.ONLINE)
     _show_target(routing, target_id, as_json)
 
 

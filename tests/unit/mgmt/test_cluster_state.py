@@ -208,3 +208,40 @@ def test_reregistered_node_must_resync() -> None:
         th.local_state = mp.UPTODATE
     after = _commit(after, lambda x: x.apply_heartbeat(hb))
     assert {t.public_state for t in after.targets_of(1)} == {mp.SERVING}
+
+
+def test_offline_target_is_held_against_heartbeats_until_online_target() -> None:
+    s = _commit(_cluster(3), lambda x: x.create_chains(3, 0, init=True))
+    chain = s.info.chains[0]
+    tid = chain.targets[0]
+    node = s.target(tid).node_id  # type: ignore[union-attr]
+    hb = mp.HeartbeatReq(
+        node_id=node, targets=[mp.TargetHeartbeat(target_id=tid, local_state=mp.UPTODATE)]
+    )
+    held = _commit(s, lambda x: x.offline_target(tid))
+    t = held.target(tid)
+    assert t is not None and t.held_offline and t.public_state == mp.OFFLINE
+    assert held.chain(chain.chain_id).targets[-1] == tid  # type: ignore[union-attr]
+    # The node keeps saying the target is fine: it stays out, and the
+    # heartbeat is not even a change worth a commit.
+    assert not held.heartbeat_changes(hb)
+    for _ in range(3):
+        held = _commit(held, lambda x: x.apply_heartbeat(hb))
+    t = held.target(tid)
+    assert t is not None and t.public_state == mp.OFFLINE and t.local_state == mp.LOCAL_OFFLINE
+    # ... so the operator can remove it (or release it).
+    removable = _commit(held, lambda x: x.remove_target(tid))
+    assert removable.target(tid) is None
+    back = _commit(held, lambda x: x.online_target(tid))
+    back = _commit(back, lambda x: x.apply_heartbeat(hb))
+    back = _commit(back, lambda x: None)
+    t = back.target(tid)
+    assert t is not None and not t.held_offline
+    assert t.public_state in (mp.WAITING, mp.SYNCING, mp.SERVING)
+    # Releasing a target nobody held is an error that changes nothing.
+    snapshot = back.encode()
+    trial = back.copy()
+    with pytest.raises(ChainfsError) as e:
+        trial.online_target(tid)
+    assert e.value.code == Code.EINVAL and f"target {tid}" in str(e.value)
+    assert trial.encode() == snapshot
