@@ -7,16 +7,20 @@ Walks the namespace (meta) and dumps every chain replica's chunk metadata
   chunks the meta GC has not removed yet shows up here too, until it does);
 - ``missing_replica``: a chunk on some serving replicas of its chain, not all;
 - ``divergent_replica``: serving replicas disagree (committed version, length
-  or CRC32C); the tail's copy is the committed truth in CRAQ;
+  or CRC32C);
 - ``lost_chunks``: a non-empty file none of whose chunks exists anywhere.
 
 Chunks with a pending version (a write in flight) are skipped, not reported.
 
-``--repair``: orphan chunks are removed through their chain (all replicas);
-a replica missing chunks or diverging from the tail is marked offline at
-mgmtd, so it comes back through resync, which copies the tail side's chunks
-(never the tail itself, and never the last serving target). Lost chunks
-cannot be repaired; they are only reported. Exit status: 0 clean, 1 problems.
+The healthy copy of a chunk is the one with the newest committed version
+(versions only grow along a chain; among equals, the tail's: CRAQ's committed
+truth). ``--repair``: orphan chunks are removed through their chain (all
+replicas); a replica missing a chunk or diverging from the healthy copy gets
+that one chunk copied from the healthy replica (StorageControl.RepairChunk on
+its node: under its chunk lock, from a replica whose bytes match their CRC32C,
+installed at the same version), nothing else on the target is touched and it
+keeps serving. Lost chunks cannot be repaired; they are only reported. Exit
+status: 0 clean, 1 problems.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -83,12 +87,28 @@ def _sig(m: Any) -> tuple[int, int, int]:
     return (m.committed_version, m.length, m.crc32c)
 
 
+@dataclass(frozen=True)
+class ChunkRepair:
+    """Copy chunk ``key`` of chain ``chain_id`` onto ``target_id`` from ``healthy``."""
+
+    chain_id: int
+    key: Key
+    target_id: int
+    healthy: int
+
+
+def healthy_replica(metas: dict[int, Any], tail: int) -> int | None:
+    """The replica holding the newest committed version (the tail among equals)."""
+    present = [(m.committed_version, t == tail, t) for t, m in metas.items() if m is not None]
+    return max(present)[2] if present else None
+
+
 async def check(
     routing: Routing, files: dict[int, tuple[str, mt.Inode]], timeout_s: float
-) -> tuple[list[dict[str, Any]], dict[int, set[int]]]:
-    """(problems, chain id -> targets to resync)."""
+) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], ChunkRepair]]]:
+    """(problems, (problem, the chunk copy that repairs it))."""
     problems: list[dict[str, Any]] = []
-    to_resync: dict[int, set[int]] = defaultdict(set)
+    repairs: list[tuple[dict[str, Any], ChunkRepair]] = []
     seen_inodes: set[int] = set()
     for cid, chain in sorted(routing.chains.items()):
         serving = [int(t) for t in chain.targets if routing.targets[t].public_state == mp.SERVING]
@@ -109,41 +129,50 @@ async def check(
             if key[0] not in files:
                 problems.append({"kind": "orphan_chunk", "chain_id": cid, "chunk": list(key)})
                 continue
-            ref = metas[tail]
+            best = healthy_replica(metas, tail)
+            assert best is not None  # the key came from some replica's dump
+            ref = metas[best]
             for t, m in metas.items():
-                if t == tail:
+                if t == best or (m is not None and _sig(m) == _sig(ref)):
                     continue
-                if m is None or ref is None:
-                    if (m is None) != (ref is None):
-                        problems.append(
-                            {
-                                "kind": "missing_replica",
-                                "chain_id": cid,
-                                "chunk": list(key),
-                                "target_id": t if m is None else tail,
-                                "path": files[key[0]][0],
-                            }
-                        )
-                        if m is None or len(serving) > 1:
-                            # The tail side is the committed truth: resync the other one.
-                            to_resync[cid].add(t)
-                elif _sig(m) != _sig(ref):
-                    problems.append(
-                        {
-                            "kind": "divergent_replica",
-                            "chain_id": cid,
-                            "chunk": list(key),
-                            "target_id": t,
-                            "path": files[key[0]][0],
-                            "replica": list(_sig(m)),
-                            "tail": list(_sig(ref)),
-                        }
-                    )
-                    to_resync[cid].add(t)
+                p: dict[str, Any] = {
+                    "kind": "missing_replica" if m is None else "divergent_replica",
+                    "chain_id": cid,
+                    "chunk": list(key),
+                    "target_id": t,
+                    "path": files[key[0]][0],
+                    "healthy_target": best,
+                    "healthy": list(_sig(ref)),
+                }
+                if m is not None:
+                    p["replica"] = list(_sig(m))
+                problems.append(p)
+                repairs.append((p, ChunkRepair(cid, key, t, best)))
     for ino, (path, inode) in sorted(files.items()):
         if inode.size > 0 and ino not in seen_inodes:
             problems.append({"kind": "lost_chunks", "inode": ino, "path": path, "size": inode.size})
-    return problems, to_resync
+    return problems, repairs
+
+
+async def repair_chunk(routing: Routing, r: ChunkRepair, timeout_s: float) -> sp.RepairChunkRsp:
+    """Have the node of ``r.target_id`` copy the one chunk from the healthy replica."""
+    node = routing.node_of_target(r.target_id)
+    ch = grpc_util.channel(node.rpc_address)
+    try:
+        stub = sg.StorageControlStub(ch)
+        rsp: sp.RepairChunkRsp = await grpc_util.call(
+            stub.RepairChunk,
+            sp.RepairChunkReq(
+                target_id=r.target_id,
+                chunk=sp.ChunkId(inode=r.key[0], index=r.key[1]),
+                prefer_target=r.healthy,
+            ),
+            timeout_s=timeout_s,
+            target=node.rpc_address,
+        )
+        return rsp
+    finally:
+        await ch.close()
 
 
 async def run_fsck(address: str, repair: bool, timeout_s: float) -> list[dict[str, Any]]:
@@ -155,22 +184,25 @@ async def run_fsck(address: str, repair: bool, timeout_s: float) -> list[dict[st
         storage = afs._storage
         routing = await storage.routing.refresh()
         files = await walk(meta)
-        problems, to_resync = await check(routing, files, timeout_s)
+        problems, repairs = await check(routing, files, timeout_s)
         if repair:
             for p in problems:
                 if p["kind"] == "orphan_chunk":
                     ino, idx = p["chunk"]
                     await storage.remove_chunks(p["chain_id"], ino, idx, idx + 1)
                     p["repair"] = "removed"
-            from chainfs.common.rpc.mgmt_client import MgmtClient
-
-            async with MgmtClient(address, timeout_s=timeout_s) as mgmt:
-                for cid, targets in to_resync.items():
-                    for t in sorted(targets):
-                        await mgmt.update_target(t, mp.UpdateTargetReq.OFFLINE)
-                        for p in problems:
-                            if p.get("chain_id") == cid and p.get("target_id") == t:
-                                p["repair"] = "target offlined; resync refills it"
+            for p, r in repairs:
+                try:
+                    rsp = await repair_chunk(routing, r, timeout_s)
+                except ChainfsError as e:
+                    p["repair"] = f"failed: {e}"
+                    continue
+                p["bytes_copied"] = rsp.bytes_copied
+                p["repair"] = (
+                    f"copied from target {rsp.from_target}"
+                    if rsp.copied
+                    else f"nothing copied: {rsp.reason}"
+                )
         return problems
     finally:
         await afs.close()

@@ -18,7 +18,10 @@ class FailureConfig:
     resync_scan_interval_ms: int = 200  # how often the node looks for targets to fill
     resync_report_interval_ms: int = 500  # progress reports to the syncing target
     resync_retry_ms: int = 500  # pause before a failed sync pass starts again
-    resync_dump_page: int = 16384  # chunk metas per DumpChunkMeta page of the target
+    # Chunk metadata entries one sync pass holds per side (source and target): the
+    # lists are merge-compared a page at a time, so memory stays bounded whatever
+    # the target holds (~100 bytes an entry; a DumpChunkMeta reply is one page).
+    resync_batch_chunks: int = 4096
     resync_parallel_chunks: int = 8  # chunks one sync pass sends at once (each under its lock)
     # Scrubber: background CRC32C re-check of committed chunks. 0 = off.
     scrub_rate_bytes_per_s: int = 32 * 1024 * 1024  # read budget of the scrubber
@@ -33,7 +36,7 @@ class FailureConfig:
             "resync_scan_interval_ms",
             "resync_report_interval_ms",
             "resync_retry_ms",
-            "resync_dump_page",
+            "resync_batch_chunks",
             "resync_parallel_chunks",
             "repair_queue_entries",
             "repair_timeout_ms",

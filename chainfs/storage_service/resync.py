@@ -7,28 +7,27 @@ holds at an older version answers CHUNK_VERSION_MISMATCH and gets the whole
 chunk). What it missed while away is filled here, by the node holding its
 *predecessor*: the last SERVING target before it in the chain.
 
-One sync pass (:meth:`Resyncer._sync_pass`):
+One sync pass (:meth:`Resyncer._sync_pass`) merge-compares the two chunk
+metadata lists in key order, a page of ``resync_batch_chunks`` at a time from
+each side (the source's from its own RocksDB, the target's with
+StorageControl.DumpChunkMeta), so memory stays bounded whatever the target
+holds (:func:`merge_pages`). For every chunk id in either list, under the
+source's chunk lock (no write of that chunk is in flight meanwhile; the
+source's record is read again there, so a page that went stale is harmless):
 
-1. list the syncing target's chunk metadata (StorageControl.DumpChunkMeta,
-   paged), *then* the source's (a chunk created in between is on both);
-2. for every chunk id in either list, under the source's chunk lock (no write
-   of that chunk is in flight meanwhile):
-   - only on the source, or a different committed version / CRC / length, or a
-     newer chain version on the source: send the whole committed chunk as a
-     forwarded full-chunk UPDATE at the source's committed version (removing
-     the target's copy first when it is at that version or later);
-   - only on the target: forwarded REMOVE_CHUNKS of that chunk;
-3. report done (data-plane message :data:`SYNC_REPORT`); the syncing node then
-   reports UPTODATE in its heartbeats and mgmtd makes it SERVING.
+- only on the source, or a different committed version / CRC / length, or a
+  newer chain version on the source: send the whole committed chunk as a
+  forwarded full-chunk UPDATE at the source's committed version (removing
+  the target's copy first when it is at that version or later);
+- only on the target: forwarded REMOVE_CHUNKS of that chunk.
 
-Progress (bytes left, rate) goes to the syncing node with the same message
-during the pass; it puts them in its heartbeats, so `chainfs admin targets`
-shows them. The bytes sent by all passes of a node are rate-limited by
+A first metadata-only merge counts the bytes to send (the "bytes left" of
+progress); the second one sends. Progress (bytes left, rate) and the end of
+the pass go to the syncing node as data-plane SYNC_REPORT messages
+(storage.proto SyncReportReq); it puts them in its heartbeats, so `chainfs
+admin targets` shows them, and after "done" it reports UPTODATE and mgmtd
+makes it SERVING. The bytes sent by all passes of a node are rate-limited by
 ``FailureConfig.resync_rate_bytes_per_s``.
-
-The sync report reuses ``mgmt.TargetHeartbeat`` as its header (target id,
-local state UPTODATE = done, bytes left, rate) on a data-plane message type
-outside storage.proto's MsgType.
 """
 
 from __future__ import annotations
@@ -37,11 +36,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, TypeVar
+from typing import Generic, TypeVar
 
 import grpc.aio
 
@@ -51,18 +49,18 @@ from chainfs.common.routing import Routing
 from chainfs.common.rpc import grpc_util
 from chainfs.common.rpc.mgmt_client import local_state_for
 from chainfs.common.rpc.storage_client import data_address
-from chainfs.proto import common_pb2 as cp
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
-from chainfs.storage_service.chunk_engine import ChunkRecord, parse_key
+from chainfs.storage_service.chunk_copy import Key, push_chunk, remove_remote, run_io
+from chainfs.storage_service.chunk_engine import ChunkEngine, ChunkRecord, chunk_key, parse_key
 from chainfs.storage_service.craq import LocalTarget
 from chainfs.storage_service.failure_config import FailureConfig
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+S = TypeVar("S")
+D = TypeVar("D")
 
-SYNC_REPORT = 100  # data-plane message type: header mgmt.TargetHeartbeat -> same (echo)
 _FORWARD_TIMEOUT_S = 30.0  # one whole-chunk send (64 MiB at worst)
 
 
@@ -93,6 +91,111 @@ def predecessor(routing: Routing, chain: mp.ChainInfo, target_id: int) -> int | 
         if t is not None and t.public_state == mp.SERVING:
             return int(tid)
     return None
+
+
+# ---- the paged merge-compare ------------------------------------------------------
+
+# A page source: ``fetch(after)`` -> up to one page of (key, item) with key >
+# ``after`` (None = from the start), in key order, and whether it was the last.
+PageFetch = Callable[[Key | None], Awaitable[tuple[list[tuple[Key, S]], bool]]]
+
+
+class _Cursor(Generic[S]):
+    """One side of the merge: holds one page at a time."""
+
+    def __init__(self, fetch: PageFetch[S], what: str) -> None:
+        self._fetch = fetch
+        self._what = what
+        self._page: list[tuple[Key, S]] = []
+        self._pos = 0
+        self._last: Key | None = None
+        self._done = False
+        self.pages = 0
+        self.max_page = 0
+
+    async def peek(self) -> tuple[Key, S] | None:
+        while self._pos >= len(self._page):
+            if self._done:
+                return None
+            page, last = await self._fetch(self._last)
+            self.pages += 1
+            self.max_page = max(self.max_page, len(page))
+            for k, _ in page:  # the merge is only right over sorted, advancing keys
+                if self._last is not None and k <= self._last:
+                    raise ChainfsError(
+                        Code.INTERNAL,
+                        f"{self._what} listing out of order at {k} after {self._last}",
+                    )
+                self._last = k
+            self._page, self._pos, self._done = page, 0, last or not page
+        return self._page[self._pos]
+
+    def advance(self) -> None:
+        self._pos += 1
+        if self._pos >= len(self._page):
+            self._page, self._pos = [], 0  # let the page go before the next is fetched
+
+
+async def merge_pages(
+    source: PageFetch[S], dest: PageFetch[D]
+) -> AsyncIterator[tuple[Key, S | None, D | None]]:
+    """Every key of either listing once, in key order, with what each side holds.
+
+    At most one page of each side is held at a time.
+    """
+    src, dst = _Cursor(source, "source"), _Cursor(dest, "target")
+    while True:
+        s = await src.peek()
+        d = await dst.peek()
+        if s is None and d is None:
+            return
+        if d is None or (s is not None and s[0] < d[0]):
+            assert s is not None
+            yield s[0], s[1], None
+            src.advance()
+        elif s is None or d[0] < s[0]:
+            yield d[0], None, d[1]
+            dst.advance()
+        else:
+            yield s[0], s[1], d[1]
+            src.advance()
+            dst.advance()
+
+
+def needs_send(rec: ChunkRecord | None, meta: sp.ChunkMeta | None) -> bool:
+    """Must the source's committed chunk ``rec`` go to a target holding ``meta``?"""
+    if rec is None or rec.committed_version == 0:
+        return False  # nothing committed (a pending-only chunk): writes will carry it
+    if meta is None:
+        return True
+    return (
+        meta.committed_version != rec.committed_version
+        or meta.crc32c != rec.crc32c
+        or meta.length != rec.length
+        or rec.chain_version > meta.chain_version
+    )
+
+
+def source_page(
+    engine: ChunkEngine, after: Key | None, limit: int
+) -> tuple[list[tuple[Key, ChunkRecord]], bool]:
+    """One page of a local target's chunk records after ``after`` (runs in an I/O thread)."""
+    begin = chunk_key(*after) + b"\0" if after is not None else b"C"
+    out: list[tuple[Key, ChunkRecord]] = []
+    for key, rec in engine.iter_records(begin):
+        if len(out) >= limit:
+            return out, False
+        out.append((parse_key(key), rec))
+    return out, True
+
+
+def needs_action(rec: ChunkRecord | None, meta: sp.ChunkMeta | None) -> bool:
+    """Does a listed pair (source record, target meta) need a send or a remove?"""
+    if needs_send(rec, meta):
+        return True
+    return meta is not None and (
+        rec is None or (rec.committed_version == 0 and not rec.has_pending)
+    )
 
 
 @dataclass
@@ -132,8 +235,9 @@ class SyncReceiver:
             sync_rate_bytes_per_s=p.rate_bytes_per_s,
         )
 
-    def handle_report(self, header: bytes, local_targets: dict[int, LocalTarget]) -> bytes:
-        rep = mp.TargetHeartbeat.FromString(header)
+    def handle_report(
+        self, rep: sp.SyncReportReq, local_targets: dict[int, LocalTarget]
+    ) -> sp.SyncReportRsp:
         if rep.target_id not in local_targets:
             raise ChainfsError(Code.UNKNOWN_TARGET, f"target {rep.target_id} is not on this node")
         state = self.public_state(rep.target_id)
@@ -143,13 +247,13 @@ class SyncReceiver:
                 f"target {rep.target_id} is {mp.PublicTargetState.Name(state)} here, "  # type: ignore[arg-type]
                 "not syncing",
             )
-        self.progress[rep.target_id] = _Progress(rep.sync_bytes_left, rep.sync_rate_bytes_per_s)
-        if rep.local_state == mp.UPTODATE:
+        self.progress[rep.target_id] = _Progress(rep.bytes_left, rep.rate_bytes_per_s)
+        if rep.done:
             if rep.target_id not in self.done:
-                log.info("target %d: resync done", rep.target_id)
+                log.info("target %d: resync from %d done", rep.target_id, rep.from_target)
             self.done.add(rep.target_id)
-            self.progress[rep.target_id] = _Progress(0, rep.sync_rate_bytes_per_s)
-        return rep.SerializeToString()
+            self.progress[rep.target_id] = _Progress(0, rep.rate_bytes_per_s)
+        return sp.SyncReportRsp()
 
 
 class Resyncer:
@@ -175,9 +279,6 @@ class Resyncer:
         self.finished: dict[tuple[int, int], int] = {}  # (source, dest) -> chain version done
         self.bytes_sent = 0
         self._loop_task: asyncio.Task[None] | None = None
-
-    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
 
     # ---- scheduling ----------------------------------------------------------
 
@@ -268,193 +369,171 @@ class Resyncer:
             raise ChainfsError(Code.STALE_CHAIN_VERSION, f"target {src} no longer feeds {dest}")
         return routing, chain
 
-    def _dest_node(self, routing: Routing, dest: int) -> mp.NodeInfo:
-        return routing.node_of_target(dest)
+    def _source_pages(self, target: LocalTarget) -> PageFetch[ChunkRecord]:
+        batch = self.config.resync_batch_chunks
 
-    async def _dump_dest(self, node: mp.NodeInfo, dest: int) -> dict[tuple[int, int], sp.ChunkMeta]:
-        out: dict[tuple[int, int], sp.ChunkMeta] = {}
-        ch = grpc_util.channel(node.rpc_address)
-        try:
-            stub = sg.StorageControlStub(ch)
-            after = b""
-            while True:
-                rsp: sp.DumpChunkMetaRsp = await grpc_util.call(
-                    stub.DumpChunkMeta,
-                    sp.DumpChunkMetaReq(
-                        target_id=dest, start_after=after, limit=self.config.resync_dump_page
-                    ),
-                    timeout_s=_FORWARD_TIMEOUT_S,
-                    target=node.rpc_address,
-                )
-                for m in rsp.chunks:
-                    out[(m.chunk.inode, m.chunk.index)] = m
-                if not rsp.next:
-                    return out
-                after = rsp.next
-        finally:
-            with contextlib.suppress(grpc.aio.AioRpcError, RuntimeError):
-                await ch.close()
+        async def fetch(after: Key | None) -> tuple[list[tuple[Key, ChunkRecord]], bool]:
+            return await run_io(self.executor, source_page, target.engine, after, batch)
 
-    @staticmethod
-    def _list_source(target: LocalTarget) -> dict[tuple[int, int], ChunkRecord]:
-        return {parse_key(k): rec for k, rec in target.engine.iter_records()}
+        return fetch
 
-    @staticmethod
-    def _needs_send(rec: ChunkRecord, meta: sp.ChunkMeta | None) -> bool:
-        if rec.committed_version == 0:
-            return False  # nothing committed (a pending-only chunk): writes will carry it
-        if meta is None:
-            return True
-        return (
-            meta.committed_version != rec.committed_version
-            or meta.crc32c != rec.crc32c
-            or meta.length != rec.length
-            or rec.chain_version > meta.chain_version
-        )
+    def _dest_pages(
+        self, stub: sg.StorageControlStub, node: mp.NodeInfo, dest: int
+    ) -> PageFetch[sp.ChunkMeta]:
+        batch = self.config.resync_batch_chunks
+
+        async def fetch(after: Key | None) -> tuple[list[tuple[Key, sp.ChunkMeta]], bool]:
+            rsp: sp.DumpChunkMetaRsp = await grpc_util.call(
+                stub.DumpChunkMeta,
+                sp.DumpChunkMetaReq(
+                    target_id=dest,
+                    start_after=chunk_key(*after) if after is not None else b"",
+                    limit=batch,
+                ),
+                timeout_s=_FORWARD_TIMEOUT_S,
+                target=node.rpc_address,
+            )
+            page = [((m.chunk.inode, m.chunk.index), m) for m in rsp.chunks]
+            return page, not rsp.next
+
+        return fetch
+
+    async def _count_bytes(
+        self, src_pages: PageFetch[ChunkRecord], dst_pages: PageFetch[sp.ChunkMeta]
+    ) -> int:
+        """Bytes the pass will send (metadata only, one page of each side at a time)."""
+        total = 0
+        async for _, rec, meta in merge_pages(src_pages, dst_pages):
+            if needs_send(rec, meta):
+                assert rec is not None
+                total += rec.length
+        return total
 
     async def _sync_pass(self, src: int, dest: int, chain_id: int) -> int:
         routing, chain = self._current(src, dest, chain_id)
-        node = self._dest_node(routing, dest)
+        node = routing.node_of_target(dest)
         target = self.targets[src]
         started = time.monotonic()
-        log.info("resync %d -> %d (chain %d): listing", src, dest, chain_id)
-        dest_metas = await self._dump_dest(node, dest)
-        source = await self._io(self._list_source, target)
-        keys = sorted(set(dest_metas) | set(source))
-        left = sum(r.length for k, r in source.items() if self._needs_send(r, dest_metas.get(k)))
-        sent = sent_chunks = removed = 0
-        last_report = 0.0
-        report_every = self.config.resync_report_interval_ms / 1000
-
-        async def report(done: bool) -> None:
-            elapsed = max(time.monotonic() - started, 1e-3)
-            r, _ = self._current(src, dest, chain_id)
-            msg = mp.TargetHeartbeat(
-                target_id=dest,
-                local_state=mp.UPTODATE if done else mp.ONLINE,
-                sync_bytes_left=max(left - sent, 0) if not done else 0,
-                sync_rate_bytes_per_s=int(sent / elapsed),
+        ch = grpc_util.channel(node.rpc_address)
+        try:
+            stub = sg.StorageControlStub(ch)
+            log.info("resync %d -> %d (chain %d): comparing chunk lists", src, dest, chain_id)
+            src_pages = self._source_pages(target)
+            dst_pages = self._dest_pages(stub, node, dest)
+            left = await self._count_bytes(src_pages, dst_pages)
+            counted = time.monotonic()
+            sent, sent_chunks, removed = await self._copy(
+                src, dest, chain_id, target, src_pages, dst_pages, left, counted
             )
-            await self.client.request(
-                data_address(self._dest_node(r, dest)),
-                SYNC_REPORT,
-                msg.SerializeToString(),
-                timeout_s=_FORWARD_TIMEOUT_S,
-            )
-
-        await report(False)
-        sem = asyncio.Semaphore(self.config.resync_parallel_chunks)
-
-        async def one(key: tuple[int, int]) -> None:
-            nonlocal sent, sent_chunks, removed, last_report
-            async with sem:
-                await target.locks.acquire(key)
-                try:
-                    routing, chain = self._current(src, dest, chain_id)
-                    node = self._dest_node(routing, dest)
-                    rec = target.engine.get(*key)
-                    meta = dest_metas.get(key)
-                    if rec is None or (rec.committed_version == 0 and not rec.has_pending):
-                        if meta is not None:
-                            await self._remove(node, chain, src, dest, key)
-                            removed += 1
-                    elif self._needs_send(rec, meta):
-                        if meta is not None and meta.committed_version >= rec.committed_version:
-                            await self._remove(node, chain, src, dest, key)
-                        n = await self._send(target, node, chain, src, dest, key, rec)
-                        sent += n
-                        sent_chunks += 1
-                        self.bytes_sent += n
-                finally:
-                    target.locks.release(key)
-                if sent and time.monotonic() - last_report > report_every:
-                    last_report = time.monotonic()
-                    await report(False)
-
-        window = 64 * self.config.resync_parallel_chunks  # bounds the tasks alive at once
-        for i in range(0, len(keys), window):
-            try:
-                async with asyncio.TaskGroup() as tg:  # the first failure cancels the rest
-                    for k in keys[i : i + window]:
-                        tg.create_task(one(k))
-            except BaseExceptionGroup as eg:
-                raise eg.exceptions[0] from None
-        await report(True)
+        finally:
+            with contextlib.suppress(grpc.aio.AioRpcError, RuntimeError):
+                await ch.close()
+        await self._report(src, dest, chain_id, True, 0, sent, counted)
         log.info(
-            "resync %d -> %d (chain %d) done: %d chunks (%d bytes) sent, %d removed, %.2fs",
+            "resync %d -> %d (chain %d) done: %d chunks (%d bytes) sent, %d removed, %.2fs "
+            "(listing %.2fs)",
             src,
             dest,
             chain_id,
             sent_chunks,
             sent,
             removed,
-            time.monotonic() - started,
+            time.monotonic() - counted,
+            counted - started,
         )
         return int(chain.chain_version)
 
-    async def _remove(
-        self, node: mp.NodeInfo, chain: mp.ChainInfo, src: int, dest: int, key: tuple[int, int]
+    async def _report(
+        self, src: int, dest: int, chain_id: int, done: bool, left: int, sent: int, since: float
     ) -> None:
-        req = sp.RemoveChunksReq(
-            chain_id=chain.chain_id,
+        elapsed = max(time.monotonic() - since, 1e-3)
+        routing, chain = self._current(src, dest, chain_id)
+        req = sp.SyncReportReq(
+            chain_id=chain_id,
             chain_version=chain.chain_version,
             target_id=dest,
             from_target=src,
-            inode=key[0],
-            begin_index=key[1],
-            end_index=key[1] + 1,
-            indexes=[key[1]],
-        )
-        await self.client.request(
-            data_address(node),
-            sp.REMOVE_CHUNKS,
-            req.SerializeToString(),
-            timeout_s=_FORWARD_TIMEOUT_S,
-        )
-
-    async def _send(
-        self,
-        target: LocalTarget,
-        node: mp.NodeInfo,
-        chain: mp.ChainInfo,
-        src: int,
-        dest: int,
-        key: tuple[int, int],
-        rec: ChunkRecord,
-    ) -> int:
-        """The whole committed chunk, as a forwarded full-chunk update at its version."""
-        got, data = await self._io(target.engine.read, key[0], key[1], 0, rec.length, True)
-        if got is None or got.committed_version != rec.committed_version:
-            raise ChainfsError(Code.NOT_COMMITTED, f"chunk {key} changed under the chunk lock")
-        await self.limiter.consume(len(data))
-        req = sp.UpdateReq(
-            req=cp.RequestInfo(client_id=rec.committed_client, request_id=rec.committed_request),
-            chain_id=chain.chain_id,
-            chain_version=chain.chain_version,
-            target_id=dest,
-            from_target=src,
-            chunk=sp.ChunkId(inode=key[0], index=key[1]),
-            type=sp.WRITE,
-            offset=0,
-            length=len(data),
-            crc32c=rec.crc32c,
-            chunk_size=rec.chunk_size,
-            update_version=rec.committed_version,
-            full_chunk=True,
+            done=done,
+            bytes_left=0 if done else max(left, 0),
+            rate_bytes_per_s=int(sent / elapsed),
         )
         reply = await self.client.request(
-            data_address(node),
-            sp.UPDATE,
+            data_address(routing.node_of_target(dest)),
+            sp.SYNC_REPORT,
             req.SerializeToString(),
-            payload=[data] if len(data) else [],
             timeout_s=_FORWARD_TIMEOUT_S,
         )
-        rsp = sp.UpdateRsp.FromString(bytes(reply.header))
-        if rsp.committed_version != rec.committed_version or rsp.crc32c != rec.crc32c:
-            raise ChainfsError(
-                Code.INTERNAL,
-                f"target {dest} holds chunk {key} at v{rsp.committed_version} crc "
-                f"{rsp.crc32c:#010x} after sync, expected v{rec.committed_version} crc "
-                f"{rec.crc32c:#010x}",
-            )
-        return len(data)
+        sp.SyncReportRsp.FromString(bytes(reply.header))
+
+    async def _copy(
+        self,
+        src: int,
+        dest: int,
+        chain_id: int,
+        target: LocalTarget,
+        src_pages: PageFetch[ChunkRecord],
+        dst_pages: PageFetch[sp.ChunkMeta],
+        left: int,
+        since: float,
+    ) -> tuple[int, int, int]:
+        """The sending merge: (bytes sent, chunks sent, chunks removed)."""
+        sent = sent_chunks = removed = 0
+        last_report = time.monotonic()
+        report_every = self.config.resync_report_interval_ms / 1000
+        await self._report(src, dest, chain_id, False, left, 0, since)
+        # At most resync_parallel_chunks chunks in flight (each under its lock).
+        slots = asyncio.Semaphore(self.config.resync_parallel_chunks)
+
+        async def one(key: Key, listed: sp.ChunkMeta | None) -> None:
+            nonlocal sent, sent_chunks, removed
+            try:
+                await target.locks.acquire(key)
+                try:
+                    routing, chain = self._current(src, dest, chain_id)
+                    node = routing.node_of_target(dest)
+                    rec = target.engine.get(*key)  # again, under the lock: the page may be stale
+                    if rec is None or (rec.committed_version == 0 and not rec.has_pending):
+                        if listed is not None:
+                            await remove_remote(
+                                self.client, node, chain, src, dest, key, _FORWARD_TIMEOUT_S
+                            )
+                            removed += 1
+                    elif needs_send(rec, listed):
+                        if listed is not None and listed.committed_version >= rec.committed_version:
+                            await remove_remote(
+                                self.client, node, chain, src, dest, key, _FORWARD_TIMEOUT_S
+                            )
+                        n = await push_chunk(
+                            self.client,
+                            self.executor,
+                            target.engine,
+                            node,
+                            chain,
+                            src,
+                            dest,
+                            key,
+                            rec,
+                            _FORWARD_TIMEOUT_S,
+                            self.limiter.consume,
+                        )
+                        sent += n
+                        sent_chunks += 1
+                        self.bytes_sent += n
+                finally:
+                    target.locks.release(key)
+            finally:
+                slots.release()
+
+        try:
+            async with asyncio.TaskGroup() as tg:  # the first failure cancels the rest
+                async for key, rec, meta in merge_pages(src_pages, dst_pages):
+                    if not needs_action(rec, meta):
+                        continue  # in step when listed: later writes reach the target anyway
+                    await slots.acquire()
+                    tg.create_task(one(key, meta))
+                    if sent and time.monotonic() - last_report > report_every:
+                        last_report = time.monotonic()
+                        await self._report(src, dest, chain_id, False, left - sent, sent, since)
+        except BaseExceptionGroup as eg:
+            raise eg.exceptions[0] from None
+        return sent, sent_chunks, removed

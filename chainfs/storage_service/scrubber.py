@@ -3,10 +3,11 @@
 A replica whose chunk file no longer matches the CRC32C in its record (a bit
 flip on disk, a torn file) answers CHECKSUM_MISMATCH to reads (the client asks
 another replica). The read path and the scrubber queue such a chunk for
-:class:`Repairer`, which, under the chunk lock, confirms the damage, reads the
-same committed version from another SERVING replica of the chain (its CRC32C
-must equal our record's), and atomically replaces our file (temp file + fsync +
-rename; the record is unchanged, so versions stay in step along the chain).
+:class:`Repairer`, which, under the chunk lock, confirms the damage and copies
+the same committed version from a healthy replica of the chain
+(:meth:`chunk_copy.ChunkCopier.pull`, the primitive `chainfs fsck --repair`
+uses too): the file is replaced atomically (temp file + fsync + rename; the
+record is unchanged, so versions stay in step along the chain).
 
 :class:`Scrubber` re-reads every committed chunk of every local target with CRC
 verification at a bounded rate (``scrub_rate_bytes_per_s``), one pass, a pause
@@ -18,74 +19,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from functools import partial
-from typing import Any, TypeVar
 
-from chainfs.common.dataplane.client import DataClient
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.common.routing import Routing
-from chainfs.common.rpc.storage_client import data_address
-from chainfs.proto import mgmt_pb2 as mp
-from chainfs.proto import storage_pb2 as sp
-from chainfs.storage_service import crc
+from chainfs.storage_service.chunk_copy import ChunkCopier, run_io
 from chainfs.storage_service.chunk_engine import ChunkEngine, ChunkRecord, parse_key
 from chainfs.storage_service.craq import LocalTarget
 from chainfs.storage_service.failure_config import FailureConfig
 from chainfs.storage_service.resync import RateLimiter
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-def rewrite_committed(
-    engine: ChunkEngine, inode: int, index: int, rec: ChunkRecord, data: memoryview
-) -> None:
-    """Replace the file of ``rec``'s committed version with ``data`` (same bytes it should hold)."""
-    if len(data) != rec.length or crc.value(data) != rec.crc32c:
-        raise ChainfsError(Code.CHECKSUM_MISMATCH, "repair data does not match the record")
-    now = engine.get(inode, index)
-    if now != rec:
-        raise ChainfsError(Code.NOT_COMMITTED, f"chunk ({inode}, {index}) changed during repair")
-    path = engine.file_path(inode, index, rec.file_gen)
-    tmp = path + ".repair"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = data
-        while len(view):
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 class Repairer:
+    """Repairs queued corrupt chunks, one at a time, from healthy replicas."""
+
     def __init__(
-        self,
-        config: FailureConfig,
-        targets: dict[int, LocalTarget],
-        routing: Callable[[], Routing | None],
-        client: DataClient,
-        executor: Executor,
+        self, config: FailureConfig, targets: dict[int, LocalTarget], copier: ChunkCopier
     ) -> None:
         self.config = config
         self.targets = targets
-        self._routing = routing
-        self.client = client
-        self.executor = executor
+        self.copier = copier
         self.queue: asyncio.Queue[tuple[int, int, int]] = asyncio.Queue(config.repair_queue_entries)
         self.queued: set[tuple[int, int, int]] = set()
         self.repaired = 0
         self.failed = 0
         self._task: asyncio.Task[None] | None = None
-
-    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -137,99 +98,11 @@ class Repairer:
             rec = target.engine.get(inode, index)
             if rec is None or rec.has_pending or rec.committed_version == 0 or rec.length == 0:
                 return False
-            try:
-                await self._io(target.engine.read, inode, index, 0, rec.length, True)
-                return False  # healthy (or already repaired)
-            except ChainfsError as e:
-                if e.code != Code.CHECKSUM_MISMATCH:
-                    raise
-            data = await self._fetch_good_copy(target_id, inode, index, rec)
-            await self._io(rewrite_committed, target.engine, inode, index, rec, data)
-            log.warning(
-                "target %d: chunk (%d, %d) v%d was corrupt; repaired from a replica",
-                target_id,
-                inode,
-                index,
-                rec.committed_version,
-            )
-            return True
+            # Only the same committed version will do: ours is current, just damaged.
+            got = await self.copier.pull(target_id, key, exact_version=rec.committed_version)
+            return got.copied
         finally:
             target.locks.release(key)
-
-    async def _fetch_good_copy(
-        self, target_id: int, inode: int, index: int, rec: ChunkRecord
-    ) -> memoryview:
-        routing = self._routing()
-        if routing is None:
-            raise ChainfsError(Code.UNAVAILABLE, "no routing info")
-        info = routing.targets.get(target_id)
-        if info is None:
-            raise ChainfsError(Code.UNKNOWN_TARGET, f"target {target_id} not in routing")
-        chain = routing.chains.get(info.chain_id)
-        if chain is None:
-            raise ChainfsError(Code.UNKNOWN_CHAIN, f"no chain {info.chain_id}")
-        last: ChainfsError | None = None
-        for peer in chain.targets:
-            t = routing.targets.get(peer)
-            if peer == target_id or t is None or t.public_state != mp.SERVING:
-                continue
-            req = sp.BatchReadReq(
-                ios=[
-                    sp.ReadIO(
-                        chain_id=chain.chain_id,
-                        target_id=peer,
-                        chunk=sp.ChunkId(inode=inode, index=index),
-                        offset=0,
-                        length=rec.length,
-                    )
-                ]
-            )
-            buf = memoryview(bytearray(rec.length))
-            res_box: list[sp.BatchReadRsp] = []
-
-            def sink(
-                _t: int, header: bytes, buf: memoryview = buf, box: list = res_box
-            ) -> list[memoryview]:
-                rsp = sp.BatchReadRsp.FromString(header)
-                box.append(rsp)
-                if len(rsp.results) == 1 and rsp.results[0].status.code == 0:
-                    n = rsp.results[0].length
-                    if n > len(buf):
-                        raise ChainfsError(Code.BAD_FRAME, "peer sent more than the chunk")
-                    return [buf[:n]] if n else []
-                return []
-
-            try:
-                reply = await self.client.request(
-                    data_address(routing.node_of_target(peer)),
-                    sp.BATCH_READ,
-                    req.SerializeToString(),
-                    payload_sink=sink,
-                    timeout_s=self.config.repair_timeout_ms / 1000,
-                )
-            except ChainfsError as e:
-                last = e
-                continue
-            rsp = res_box[0] if res_box else sp.BatchReadRsp.FromString(bytes(reply.header))
-            r = rsp.results[0] if rsp.results else None
-            if r is None or r.status.code != 0:
-                last = ChainfsError(
-                    r.status.code if r else Code.EIO, r.status.message if r else "no result"
-                )
-                continue
-            if (
-                r.committed_version != rec.committed_version
-                or r.chunk_crc32c != rec.crc32c
-                or r.length != rec.length
-                or crc.value(buf) != rec.crc32c
-            ):
-                last = ChainfsError(
-                    Code.CHECKSUM_MISMATCH,
-                    f"replica {peer} holds v{r.committed_version} crc {r.chunk_crc32c:#010x}",
-                )
-                continue
-            return buf
-        raise last or ChainfsError(Code.UNAVAILABLE, "no other serving replica to repair from")
 
 
 class Scrubber:
@@ -265,9 +138,6 @@ class Scrubber:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
-
     async def _run(self) -> None:
         while True:
             started = time.monotonic()
@@ -292,7 +162,7 @@ class Scrubber:
         page = 1024
         while True:
             begin = after + b"\0" if after else b"C"
-            batch = await self._io(self._page, target.engine, begin, page)
+            batch = await run_io(self.executor, self._page, target.engine, begin, page)
             if not batch:
                 return
             for key, rec in batch:
@@ -304,7 +174,9 @@ class Scrubber:
                 await self.limiter.consume(rec.length)
                 inode, index = parse_key(key)
                 try:
-                    await self._io(target.engine.read, inode, index, 0, rec.length, True)
+                    await run_io(
+                        self.executor, target.engine.read, inode, index, 0, rec.length, True
+                    )
                     self.checked_bytes += rec.length
                 except ChainfsError as e:
                     if e.code == Code.CHECKSUM_MISMATCH:

@@ -36,6 +36,7 @@ from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
 from chainfs.storage_service import extra_targets
+from chainfs.storage_service.chunk_copy import ChunkCopier
 from chainfs.storage_service.chunk_engine import (
     ChunkEngine,
     EngineOptions,
@@ -44,7 +45,7 @@ from chainfs.storage_service.chunk_engine import (
 from chainfs.storage_service.config import StorageConfig
 from chainfs.storage_service.craq import Craq, LocalTarget, record_to_meta
 from chainfs.storage_service.fencing import Fence
-from chainfs.storage_service.resync import SYNC_REPORT, Resyncer, SyncReceiver
+from chainfs.storage_service.resync import Resyncer, SyncReceiver
 from chainfs.storage_service.scrubber import Repairer, Scrubber
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,12 @@ class StorageControlServicer(sg.StorageControlServicer):
         return rsp
 
     @rpc_handler
+    async def RepairChunk(
+        self, request: sp.RepairChunkReq, context: grpc.aio.ServicerContext
+    ) -> sp.RepairChunkRsp:
+        return await self.node.repair_chunk(request)
+
+    @rpc_handler
     async def CreateTargets(
         self, request: sp.CreateTargetsReq, context: grpc.aio.ServicerContext
     ) -> sp.CreateTargetsRsp:
@@ -197,6 +204,7 @@ class StorageNode:
         self.sync_receiver = SyncReceiver(lambda: self.routing.current)
         self.resyncer: Resyncer | None = None
         self.repairer: Repairer | None = None
+        self.copier: ChunkCopier | None = None
         self.scrubber: Scrubber | None = None
         self._create_lock = asyncio.Lock()  # one create-targets at a time
 
@@ -314,6 +322,31 @@ class StorageNode:
             )
             return out
 
+    async def repair_chunk(self, req: sp.RepairChunkReq) -> sp.RepairChunkRsp:
+        """fsck --repair: copy one chunk onto a local target from its healthy replica."""
+        copier = self.copier
+        if copier is None:
+            raise ChainfsError(Code.TARGET_NOT_SERVING, "storage node is starting")
+        self.fence.check()
+        target = self.targets.get(req.target_id)
+        if target is None:
+            raise ChainfsError(Code.UNKNOWN_TARGET, f"target {req.target_id} is not on this node")
+        key = (req.chunk.inode, req.chunk.index)
+        await target.locks.acquire(key)
+        try:
+            got = await copier.pull(req.target_id, key, prefer=req.prefer_target)
+        finally:
+            target.locks.release(key)
+        rsp = sp.RepairChunkRsp(
+            copied=got.copied,
+            from_target=got.from_target,
+            bytes_copied=got.bytes_copied,
+            reason=got.reason,
+        )
+        if got.record is not None:
+            rsp.meta.CopyFrom(record_to_meta(key[0], key[1], got.record))
+        return rsp
+
     async def _forget_at_mgmtd(self, paths: list[str]) -> None:
         """After an ambiguous AddTargets failure: remove any of ``paths`` mgmtd
         registered after all (best effort; what is left is logged)."""
@@ -411,9 +444,14 @@ class StorageNode:
             self.executor,
             self.fence.fenced,
         )
-        self.repairer = Repairer(
-            fcfg, self.targets, lambda: self.routing.current, self.data_client, self.executor
+        self.copier = ChunkCopier(
+            self.targets,
+            lambda: self.routing.current,
+            self.data_client,
+            self.executor,
+            fcfg.repair_timeout_ms / 1000,
         )
+        self.repairer = Repairer(fcfg, self.targets, self.copier)
         self.scrubber = Scrubber(
             fcfg, self.targets, self.repairer, self.executor, self.fence.fenced
         )
@@ -459,8 +497,11 @@ class StorageNode:
         if t == sp.LIST_CHUNKS:
             ls = await craq.list_chunks(_parse(sp.ListChunksReq, request.header))
             return Response(t, ls.SerializeToString())
-        if t == SYNC_REPORT:
-            return Response(t, self.sync_receiver.handle_report(request.header, self.targets))
+        if t == sp.SYNC_REPORT:
+            rep = self.sync_receiver.handle_report(
+                _parse(sp.SyncReportReq, request.header), self.targets
+            )
+            return Response(t, rep.SerializeToString())
         raise ChainfsError(Code.BAD_FRAME, f"unknown storage message type {t}")
 
     def ready_info(self) -> dict[str, object]:

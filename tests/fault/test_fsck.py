@@ -1,5 +1,5 @@
 """`chainfs fsck` against a real cluster: clean, orphan chunks (repaired), lost chunks,
-a divergent replica."""
+a divergent replica, a missing replica (repaired by copying that one chunk)."""
 
 from __future__ import annotations
 
@@ -111,10 +111,99 @@ def test_fsck_finds_and_repairs(tmp_path: Path) -> None:
 
         code, problems = fsck(c.address, "--repair")
         assert any(p.get("repair") == "removed" for p in problems)
-        # Offlined replicas resync from the tail side; then fsck sees no orphan or divergence.
-        fl.poll(lambda: fl.all_serving(c.address), 60, "every target serving after repair")
+        # The divergent chunk was copied from the newest replica (the tail's v+1) onto
+        # the two others, 8 bytes each; no target went offline or resynced.
+        copies = [p for p in problems if p["kind"] == "divergent_replica"]
+        assert len(copies) == 2, copies
+        assert all(p["repair"].startswith("copied from target") for p in copies)
+        assert all(p["bytes_copied"] == len(b"diverged") for p in copies)
+        assert fl.all_serving(c.address)
+        assert sorted({p["kind"] for p in fsck(c.address)[1]}) == ["lost_chunks"]
+        assert fl.replica_differences(c.address) == []
 
-        def left() -> list[str]:
-            return sorted({p["kind"] for p in fsck(c.address)[1]})
 
-        fl.poll(lambda: left() == ["lost_chunks"], 60, "only the unrepairable loss left")
+def _target_files(tdir: str) -> dict[str, tuple[int, int]]:
+    """Every chunk file of a target directory -> (inode number, mtime ns)."""
+    out = {}
+    for p in sorted(Path(tdir, "data").rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p)] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_fsck_repair_copies_only_the_missing_chunk(tmp_path: Path) -> None:
+    """One replica loses one chunk: --repair copies that chunk (and nothing else)
+    from a healthy replica; the target keeps serving, no resync runs."""
+    with _cluster(tmp_path) as c:
+        fs = c.client()
+        rng = random.Random(21)
+        files = {f"/g{i}": rng.randbytes(2 * CHUNK + 1000) for i in range(3)}
+        for p, d in files.items():
+            fs.write_file(p, d)
+        ino = fs.stat("/g1").st_ino
+        r = fl.routing(c.address)
+        chain = next(
+            ch
+            for ch in r.chains.values()
+            if (ino, 1) in fl.dump_target(r.node_of_target(ch.targets[-1]), ch.targets[-1])
+        )
+        tail = int(chain.targets[-1])
+        node = r.node_of_target(tail)
+        proc = next(p for p in c.storage if p.info and p.info.get("node_id") == node.node_id)
+        tdir = proc.info["targets"][str(tail)]
+        want = fl.dump_target(node, tail)[(ino, 1)]
+
+        async def drop(client: StorageClient, routing: Any) -> None:
+            # A forwarded remove sent to the tail only: that replica loses chunk 1.
+            req = sp.RemoveChunksReq(
+                chain_id=chain.chain_id,
+                chain_version=chain.chain_version,
+                target_id=tail,
+                from_target=chain.targets[-2],
+                inode=ino,
+                begin_index=1,
+                end_index=2,
+                indexes=[1],
+            )
+            dc = DataClient()
+            try:
+                await dc.request(
+                    data_address(node), sp.REMOVE_CHUNKS, req.SerializeToString(), timeout_s=10
+                )
+            finally:
+                await dc.close()
+
+        asyncio.run(_storage(c.address, drop))
+        assert (ino, 1) not in fl.dump_target(node, tail)
+        before = _target_files(tdir)
+        code, problems = fsck(c.address)
+        assert code == 1
+        assert [(p["kind"], p["target_id"], p["chunk"]) for p in problems] == [
+            ("missing_replica", tail, [ino, 1])
+        ]
+
+        code, problems = fsck(c.address, "--repair")
+        assert len(problems) == 1
+        assert problems[0]["repair"].startswith("copied from target")
+        assert problems[0]["bytes_copied"] == want.length == CHUNK
+        # Exactly one new chunk file on the repaired target; every other one untouched.
+        after = _target_files(tdir)
+        added = set(after) - set(before)
+        assert len(added) == 1 and set(before) <= set(after), added
+        assert all(after[f] == before[f] for f in before)
+        got = fl.dump_target(node, tail)[(ino, 1)]
+        assert (got.committed_version, got.length, got.crc32c) == (
+            want.committed_version,
+            want.length,
+            want.crc32c,
+        )
+        # Nobody went offline and no resync ran; the replicas are byte-identical.
+        assert fl.all_serving(c.address)
+        for p in c.storage:
+            assert " resync " not in p.log_path.read_text(), p.tail_log()
+        assert fl.replica_differences(c.address) == []
+        assert fsck(c.address) == (0, [])
+        for p, d in files.items():
+            assert fs.read_file(p) == d

@@ -11,6 +11,7 @@ import pytest
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
 from chainfs.proto import mgmt_pb2 as mp
+from chainfs.proto import storage_pb2 as sp
 from chainfs.storage_service.failure_config import FailureConfig
 from chainfs.storage_service.fencing import Fence
 from chainfs.storage_service.resync import SyncReceiver, predecessor
@@ -41,16 +42,17 @@ def test_sync_receiver_local_states_follow_3fs_rules() -> None:
     box["r"] = _routing({7: mp.WAITING, 8: mp.SERVING}, [8, 7])
     assert rx.heartbeat(7, 0, 1).local_state == mp.ONLINE
     targets: Any = {7: object()}
-    report = mp.TargetHeartbeat(target_id=7, local_state=mp.UPTODATE)
+    report = sp.SyncReportReq(target_id=7, from_target=8, done=True)
     with pytest.raises(ChainfsError) as e:  # not syncing here: rejected
-        rx.handle_report(report.SerializeToString(), targets)
+        rx.handle_report(report, targets)
     assert e.value.code == Code.STALE_CHAIN_VERSION
     box["r"] = _routing({7: mp.SYNCING, 8: mp.SERVING}, [8, 7])
-    progress = mp.TargetHeartbeat(target_id=7, local_state=mp.ONLINE, sync_bytes_left=100)
-    rx.handle_report(progress.SerializeToString(), targets)
+    progress = sp.SyncReportReq(target_id=7, from_target=8, bytes_left=100, rate_bytes_per_s=5)
+    rx.handle_report(progress, targets)
     hb = rx.heartbeat(7, 0, 1)
     assert hb.local_state == mp.ONLINE and hb.sync_bytes_left == 100
-    rx.handle_report(report.SerializeToString(), targets)
+    assert hb.sync_rate_bytes_per_s == 5
+    rx.handle_report(report, targets)
     assert rx.heartbeat(7, 0, 1).local_state == mp.UPTODATE
     # Offline again: the finished sync no longer counts.
     box["r"] = _routing({7: mp.OFFLINE, 8: mp.SERVING}, [8, 7])
