@@ -11,7 +11,8 @@ Needs root and ip(8) (iproute2). The names carry this process's pid and the
 machine already has. Traffic stays on this machine: the veth pair only links
 our namespace to this one. Everything created here (namespace, veth pair,
 route) is removed by close(), on exit of the ``with`` block (also when it
-fails) and at interpreter exit. Stop the processes inside the namespace first:
+fails) and at interpreter exit; what a killed process left behind is swept by
+the next create(). Stop the processes inside the namespace first:
 a namespace lives on while a process is in it.
 
 While cut, the outer end is down and an ``unreachable`` route (higher metric
@@ -29,6 +30,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import re
 import subprocess
 import weakref
 from types import TracebackType
@@ -94,6 +96,39 @@ def _cleanup(namespace: str, outer: str, route: str) -> None:
     _ip("netns", "del", namespace, check=False)
 
 
+def _outer_if(tag: str, pid: int, n: int) -> str:
+    return f"{tag[:3]}{pid}o{n}"[:15]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(tag: str = "cfs") -> list[str]:
+    """Remove what a NetnsLink of a process that no longer exists left behind
+    (it was killed before it could clean up); the names of namespaces removed."""
+    pattern = re.compile(rf"^chainfs-{re.escape(tag)}-(\d+)-(\d+)-(\d+)$")
+    removed = []
+    for line in _ip("netns", "list").splitlines():
+        m = pattern.match(line.split()[0]) if line.strip() else None
+        if m is None:
+            continue
+        pid, n, block = (int(g) for g in m.groups())
+        if _alive(pid):
+            continue
+        route = f"{POOL[block * 4]}/30"
+        log.warning("removing namespace %s left by dead process %d", m.group(0), pid)
+        _cleanup(m.group(0), _outer_if(tag, pid, n), route)
+        removed.append(m.group(0))
+    return removed
+
+
 class NetnsLink:
     """A namespace ``name`` with one veth link to this namespace (a private /30)."""
 
@@ -111,14 +146,18 @@ class NetnsLink:
     @classmethod
     def create(cls, tag: str = "cfs") -> NetnsLink:
         """Create the namespace, the veth pair and their addresses; links up."""
+        sweep_stale(tag)
         n = next(_counter)
         pid = os.getpid()
-        # Interface names are at most 15 bytes.
+        network = _free_block(pid * 31 + n)
+        block = (int(network.network_address) - int(POOL.network_address)) // 4
+        # The name records what a later sweep_stale() needs; interface names are
+        # at most 15 bytes.
         net = cls(
-            f"chainfs-{tag}-{pid}-{n}",
-            f"{tag[:3]}{pid}o{n}"[:15],
+            f"chainfs-{tag}-{pid}-{n}-{block}",
+            _outer_if(tag, pid, n),
             f"{tag[:3]}{pid}i{n}"[:15],
-            _free_block(pid * 31 + n),
+            network,
         )
         try:
             _ip("netns", "add", net.name)
