@@ -153,3 +153,13 @@ def test_mgmtd_meta_and_etcd_faults_under_metadata_load(tmp_path: Path) -> None:
         print("seconds from the fault until every client had an operation acknowledged:")
         for what, s in resumed.items():
             print(f"  {what}: {s:.3f}")
+
+
+def test_several_mgmtd_or_meta_servers_need_a_shared_store(tmp_path: Path) -> None:
+    from chainfs.common.errors import ChainfsError, Code
+
+    for kwargs in ({"mgmtds": 2}, {"metas": 2}, {"etcd_members": 3}, {"kv": "etcd", "mgmtds": 0}):
+        with pytest.raises(ChainfsError) as e:
+            LocalCluster(tmp_path, **kwargs)
+        assert e.value.code == Code.EINVAL
+    assert not any(tmp_path.iterdir())  # refused before anything started
