@@ -13,9 +13,12 @@ drops its target; the chain moves on and takes a new write; no read the probe
 sent after that write was acknowledged returns the old bytes, and a client on
 this side that sends its read to the cut-off node gets an error, never bytes.
 Restoring the link: the node resyncs and serves the new bytes, the replicas
-are identical and `chainfs fsck` is clean.
+are identical and `chainfs fsck` is clean. Throughout, a seeded workload on
+this side writes and re-reads checksummed files: writes go on while the node
+is cut off and nothing acknowledged is lost or read back wrong.
 
-Needs root and ip(8). About 25 s on 2 cores.
+Run twice: with the chain's head cut off and with its tail. Needs root and
+ip(8). About 20 s per case on 2 cores.
 """
 
 from __future__ import annotations
