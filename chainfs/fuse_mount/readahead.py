@@ -27,8 +27,13 @@ from chainfs.common.dataplane.buffers import BufferPool, PooledBuffer
 _STREAK_TO_START = 2
 # Far-off requests in a row before the handle counts as reading randomly.
 _FAR_TO_RESET = 2
+# Near requests touching no recent one, in a row, before the same.
+_UNTOUCHING_TO_RESET = 4
 # Blocks kept behind the furthest request of a handle (out-of-order arrivals).
 _BEHIND_BLOCKS = 3
+# Recent requests remembered to tell the kernel's out-of-order read-ahead window
+# (each request touches another of the window) from random reads (touch none).
+_RECENT_REQUESTS = 16
 
 
 @dataclass
@@ -58,21 +63,31 @@ class ReadAhead:
         self._next = 0  # offset right after the furthest request
         self._streak = 0  # sequential requests in a row
         self._far = 0  # far-off requests in a row
+        self._recent: collections.deque[tuple[int, int]] = collections.deque(
+            maxlen=_RECENT_REQUESTS
+        )  # (start, end) of the latest requests
         self.misses: collections.Counter[str] = collections.Counter()  # why reads went direct
 
     def _note(self, off: int, size: int) -> bool:
         """Track the access pattern; True when this handle reads sequentially."""
         # The kernel's own read-ahead requests arrive out of order and may run
-        # ahead of the reader: anything near the furthest request counts.
+        # ahead of the reader: near the furthest request and touching a recent
+        # request counts. Near alone does not (random reads in a small file all
+        # are near), but only a few untouching ones in a row end the streak.
         low = self._next - _BEHIND_BLOCKS * self._block
         high = self._next + (self._ahead_blocks + 1) * self._block
-        if off == self._next or (self._streak and low <= off <= high):
+        end = off + size
+        near = low <= off <= high
+        touches = any(e == off or s == end for s, e in self._recent)
+        self._recent.append((off, end))
+        if off == self._next or (self._streak and near and touches):
             self._streak += 1
             self._far = 0
             self._next = max(self._next, off + size)
         else:
             self._far += 1
-            if self._far >= _FAR_TO_RESET or not self._streak:
+            limit = _UNTOUCHING_TO_RESET if near else _FAR_TO_RESET
+            if self._far >= limit or not self._streak:
                 self._streak = 1
                 self._far = 0
                 self._next = off + size

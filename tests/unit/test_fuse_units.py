@@ -199,6 +199,23 @@ def test_any_access_pattern_reads_the_right_bytes(
     asyncio.run(go())
 
 
+async def test_random_small_reads_in_a_small_file_fetch_no_blocks() -> None:
+    """Random 4 KiB reads all land near each other in a 64 MiB file; they touch
+    no recent request, so no 4 MiB block is fetched for them (fio randread)."""
+    data = _content(64 * MiB)
+    pool = BufferPool(64 * MiB, 16 * MiB)
+    ra, fetched = _make(data, 4 * MiB, 16 * MiB, pool)
+    rng = random.Random(5)
+    reqs = [(rng.randrange(len(data) // 4096) * 4096, 4096) for _ in range(500)]
+    got = await _read_all(ra, data, reqs)
+    assert got == [data[o : o + n] for o, n in reqs]
+    assert len(fetched) <= 2 * 5, fetched  # at most a stray hit's worth (off 0 starts one)
+    ra.close()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert pool.in_use_bytes == 0
+
+
 async def test_kernel_out_of_order_requests_stay_sequential() -> None:
     """The kernel's read-ahead sends a window of requests at once, in any order:
     they are still served from read-ahead blocks, and every buffer comes back."""
