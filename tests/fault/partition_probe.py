@@ -91,7 +91,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True)
     p.add_argument("--stop-file", required=True)
     p.add_argument("--interval-s", type=float, default=0.02)
-    p.add_argument("--timeout-s", type=float, default=0.5)
+    p.add_argument("--timeout-s", type=float, default=2.0)
     p.add_argument("--max-s", type=float, default=150.0)
     return p.parse_args(argv)
 
