@@ -14,6 +14,7 @@ nothing else is, and `chainfs fsck` is clean. One cluster start for all of it
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -22,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from chainfs.common.rpc.meta_client import MetaClient
+from chainfs.proto import meta_pb2 as pb
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.testing.cluster import LocalCluster
 from chainfs.testing.metaload import MetadataLoad
@@ -76,6 +79,32 @@ def _after_fault(load: MetadataLoad, what: str, killed_at: float) -> float:
     assert not load.problems, load.problems
     worst = max(load.first_ack_after(killed_at, k) or 0.0 for k in range(CLIENT_THREADS))
     return worst
+
+
+def _retry_on_the_other_meta_server_gets_the_first_answer(c: LocalCluster) -> None:
+    """What a client's failover relies on: a mutating request that ran on one meta
+    server, retried (same client and request id) on the other, is answered from
+    the record the first one left in the shared store, not run twice."""
+
+    async def go() -> None:
+        a, b = (MetaClient(str(p.info["rpc_address"])) for p in c.metas)
+        try:
+            await a.mkdir("/idem")
+            await a.create("/idem/src", write=False)
+            req = pb.RenameReq(
+                req=a.request_info(),
+                src=pb.PathAt(path=b"/idem/src"),
+                dst=pb.PathAt(path=b"/idem/dst"),
+            )
+            first = await a.call("Rename", req)
+            again = await b.call("Rename", req)  # the reply was lost: retried elsewhere
+            assert again == first  # not ENOENT: the source is gone since the first run
+            assert sorted(await b.listdir("/idem")) == ["dst"]
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    asyncio.run(go())
 
 
 def _warm(load: MetadataLoad) -> None:
@@ -147,6 +176,13 @@ def test_mgmtd_meta_and_etcd_faults_under_metadata_load(tmp_path: Path) -> None:
         assert load.errors == []  # every call failed over within its bounded retry
         assert load.verify() == []
         assert not c.dead_processes()
+        # Meta and storage heartbeats went on through both mgmtd handovers.
+        fl.poll(
+            lambda: _meta_online(c) == 2 and fl.all_serving(c.address),
+            PHASE_TIMEOUT_S,
+            "both meta servers online and every target serving",
+        )
+        _retry_on_the_other_meta_server_gets_the_first_answer(c)
         # Unlinked files' chunks are dropped by meta's GC in the background: poll.
         fl.poll(lambda: fsck(c.address) == (0, []), PHASE_TIMEOUT_S, "fsck clean", every_s=1.0)
         print(f"\nHA: {load.ack_count()} operations acknowledged {load.counts()}")
