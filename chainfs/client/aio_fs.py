@@ -432,17 +432,21 @@ class AsyncFileSystem:
             session=read_session and p not in self._read_session_paths,
         )
         inode = rsp.inode
-        if inode.type != mt.FILE:
-            if rsp.session_id:
-                await self._meta.close(inode.ino, rsp.session_id, 0, False)
+        try:
             if inode.type == mt.DIRECTORY:
                 raise ChainfsError(Code.EISDIR, "is a directory", p)
-            raise ChainfsError(Code.EINVAL, "not a regular file", p)
+            if inode.type != mt.FILE:
+                raise ChainfsError(Code.EINVAL, "not a regular file", p)
+            layout = layout_of(inode)
+        except ChainfsError:
+            if rsp.session_id:
+                await self._meta.close(inode.ino, rsp.session_id, 0, False)
+            raise
         if read_session:
             await self._hold_read_session(p, inode.ino, rsp.session_id)
-            handle = OpenHandle(p, inode.ino, layout_of(inode), inode.size, read_session=True)
+            handle = OpenHandle(p, inode.ino, layout, inode.size, read_session=True)
         else:
-            handle = OpenHandle(p, inode.ino, layout_of(inode), inode.size, rsp.session_id or None)
+            handle = OpenHandle(p, inode.ino, layout, inode.size, rsp.session_id or None)
         f = AsyncFile(self, handle, m, -1 if buffering == 1 else buffering)
         self._open_files.add(f)
         return f

@@ -449,7 +449,7 @@ class CloseReq(_message.Message):
     WROTE_FIELD_NUMBER: _builtins.int
     ino: _builtins.int
     session_id: _builtins.bytes
-    """empty for a read-only open (nothing to do)"""
+    """empty for a read-only open without a session (nothing to do)"""
     length_hint: _builtins.int
     wrote: _builtins.bool
     @_builtins.property
