@@ -359,6 +359,7 @@ class ChunkEngine:
         self._stat_at = 0.0
         self._stat = (0, 1)
         self.files = FdCache(self.options.open_files)
+        self._edges = threading.local()  # per-thread buffers of edge CRC blocks
         # Write-through LRU of chunk records in front of RocksDB. A reader that
         # missed fills it only if no write happened since it looked (_meta_gen),
         # so it never caches a record older than the store's.
@@ -481,17 +482,30 @@ class ChunkEngine:
         ``nowait``: only from the page cache (RWF_NOWAIT); BlockingIOError when the
         bytes would need the disk (the caller retries in an I/O thread).
         """
+        return self._readv_file(inode, index, gen, offset, [out], nowait)
+
+    def _readv_file(
+        self, inode: int, index: int, gen: int, offset: int, bufs: list[memoryview], nowait: bool
+    ) -> int:
+        """Scatter-read consecutive bytes at ``offset`` into ``bufs``; the bytes read."""
+        bufs = [b for b in bufs if len(b)]
+        want = sum(len(b) for b in bufs)
         f = self.files.acquire(self.file_path(inode, index, gen))
         try:
             got = 0
-            while got < len(out):
+            while got < want:
                 if nowait:
-                    n = os.preadv(f.fd, [out[got:]], offset + got, os.RWF_NOWAIT)
+                    n = os.preadv(f.fd, bufs, offset + got, os.RWF_NOWAIT)
                 else:
-                    n = os.preadv(f.fd, [out[got:]], offset + got)
+                    n = os.preadv(f.fd, bufs, offset + got)
                 if n == 0:
                     break
                 got += n
+                while bufs and n >= len(bufs[0]):  # drop what is filled
+                    n -= len(bufs[0])
+                    bufs.pop(0)
+                if n:
+                    bufs[0] = bufs[0][n:]
             return got
         finally:
             self.files.release(f)
@@ -1060,20 +1074,47 @@ class ChunkEngine:
         bs = rec.block_size
         return start // bs * bs, min(n_blocks(end, bs) * bs, rec.length)
 
-    def _verify(self, rec: ChunkRecord, lo: int, buf: memoryview) -> int | None:
-        """None if ``buf`` (the committed bytes at ``lo``) matches its CRCs, else the bad block."""
-        if lo == 0 and len(buf) == rec.length:
-            if crc.value(buf) == rec.crc32c:
+    @classmethod
+    def read_buffer_bytes(cls, rec: ChunkRecord, offset: int, length: int, verify: bool) -> int:
+        """The size of the buffer ``read`` fills (the range, or the whole chunk when
+        verifying a record without per-block CRCs)."""
+        if verify and not rec.has_block_crcs:
+            lo, hi = cls.read_span(rec, offset, length, verify)
+            return hi - lo
+        return max(0, min(offset + length, rec.length) - min(offset, rec.length))
+
+    @staticmethod
+    def _bad_block(rec: ChunkRecord, segments: list[tuple[int, memoryview]]) -> int | None:
+        """None if the consecutive committed bytes in ``segments`` ((offset, bytes)
+        pieces covering whole CRC blocks) match their CRCs, else the bad block."""
+        lo = segments[0][0]
+        hi = segments[-1][0] + len(segments[-1][1])
+        if lo == 0 and hi == rec.length and len(segments) == 1:
+            if crc.value(segments[0][1]) == rec.crc32c:
                 return None
             if not rec.has_block_crcs:
                 return -1
         bs = rec.block_size
-        first = lo // bs
-        for i in range(0, len(buf), bs):
-            if crc.value(buf[i : i + bs]) != crc.block_crc(rec.block_crcs, first + i // bs):
-                return first + i // bs
-        whole_checked = lo == 0 and len(buf) == rec.length
-        return -1 if whole_checked else None  # whole CRC failed, blocks fine: still bad
+        for b in range(lo // bs, n_blocks(hi, bs)):
+            bstart = b * bs
+            bend = min(bstart + bs, rec.length)
+            c = 0
+            for at, view in segments:
+                a, z = max(bstart, at), min(bend, at + len(view))
+                if a < z:
+                    c = crc.extend(c, view[a - at : z - at])
+            if c != crc.block_crc(rec.block_crcs, b):
+                return b
+        return -1 if lo == 0 and hi == rec.length and len(segments) == 1 else None
+
+    def _edge_buffers(self, head: int, tail: int) -> tuple[memoryview, memoryview]:
+        """Per-thread buffers for the bytes of the edge CRC blocks outside a read."""
+        local = self._edges
+        buf: bytearray | None = getattr(local, "buf", None)
+        if buf is None or len(buf) < head + tail:
+            buf = local.buf = bytearray(max(head + tail, 2 * self.options.crc_block_bytes))
+        view = memoryview(buf)
+        return view[:head], view[head : head + tail]
 
     def read(
         self,
@@ -1087,13 +1128,15 @@ class ChunkEngine:
     ) -> tuple[ChunkRecord | None, memoryview]:
         """Committed bytes [offset, offset + length) (shorter at the chunk's end).
 
-        ``scratch``: a buffer to read into (``read_span`` bytes) instead of a new
-        one; the result may be a slice of it. With ``verify`` the CRC blocks the
-        range touches are read and checked (the whole chunk for a record from
-        before per-block CRCs). Raises NOT_COMMITTED when a version is pending and
-        CHECKSUM_MISMATCH when the file does not match its stored CRC32C. A
-        missing chunk reads as empty (record None). ``nowait``: page cache only,
-        BlockingIOError if the disk is needed.
+        ``scratch``: a buffer to read into (``read_buffer_bytes`` of them) instead
+        of a new one; the result may be a slice of it. With ``verify`` the CRC
+        blocks the range touches are read and checked (the whole chunk for a
+        record from before per-block CRCs); the bytes of the edge blocks outside
+        the range land in small per-thread buffers (one scatter read). Raises
+        NOT_COMMITTED when a version is pending and CHECKSUM_MISMATCH when the
+        file does not match its stored CRC32C. A missing chunk reads as empty
+        (record None). ``nowait``: page cache only, BlockingIOError if the disk
+        is needed.
         """
         for _ in range(_READ_RACE_RETRIES):
             rec = self.get(inode, index)
@@ -1109,17 +1152,23 @@ class ChunkEngine:
             if end == start:
                 return rec, memoryview(b"")
             lo, hi = self.read_span(rec, offset, length, verify)
-            n = hi - lo
+            # [bstart, bend) goes into ``out``; the rest of [lo, hi) into edge buffers.
+            bstart, bend = (start, end) if rec.has_block_crcs else (lo, hi)
+            n = bend - bstart
             if scratch is not None and len(scratch) >= n:
-                buf = scratch[:n]
+                out = scratch[:n]
             else:
-                buf = memoryview(bytearray(n))
+                out = memoryview(bytearray(n))
+            head, tail = self._edge_buffers(bstart - lo, hi - bend)
             try:
-                got = self._read_file(inode, index, rec.file_gen, lo, buf, nowait)
-                if got == n:
-                    bad = self._verify(rec, lo, buf) if verify else None
+                got = self._readv_file(inode, index, rec.file_gen, lo, [head, out, tail], nowait)
+                if got == hi - lo:
+                    bad = None
+                    if verify:
+                        parts = [(lo, head), (bstart, out), (bend, tail)]
+                        bad = self._bad_block(rec, [(at, v) for at, v in parts if len(v)])
                     if bad is None:
-                        return rec, buf[start - lo : end - lo]
+                        return rec, out[start - bstart : end - bstart]
                     if self._record_unchanged(inode, index, rec):
                         where = "data" if bad < 0 else f"block {bad}"
                         raise self._damaged(inode, index, rec, f"{where} does not match its CRC32C")

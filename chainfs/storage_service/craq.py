@@ -694,8 +694,8 @@ class Craq:
             except ChainfsError as e:
                 results[i] = sp.ReadResult(status=cp.Status(code=e.code, message=e.message))
         # Pooled, reused buffers (no allocation or zero-fill per read), sized from
-        # the chunk's metadata: the CRC blocks around the range when verifying,
-        # else the range. The pool's capacity bounds the read bytes held at once.
+        # the chunk's metadata: the range (the whole chunk when verifying one
+        # without per-block CRCs). The pool's capacity bounds the bytes held at once.
         scratch: list[PooledBuffer | None] = [None] * n
         verify = self.config.verify_reads
         cap = self.read_pool.capacity_bytes
@@ -723,8 +723,8 @@ class Craq:
                         inline.append(i)  # answered from metadata alone
                         continue
                     lo, hi = eng.read_span(rec, io.offset, io.length, verify)
-                    need = hi - lo
-                    (inline if need <= inline_max else threaded).append(i)
+                    (inline if hi - lo <= inline_max else threaded).append(i)
+                    need = eng.read_buffer_bytes(rec, io.offset, io.length, verify)
                     if need == 0 or total + size_class(need) > cap:
                         continue
                     total += size_class(need)

@@ -311,7 +311,13 @@ def test_partial_read_verifies_the_blocks_it_touches(tmp_path: Path) -> None:
         assert bytes(got) == data[off : off + n]
     # Any read touching block 32 answers CHECKSUM_MISMATCH, even if its own bytes
     # are intact (the block they share cannot be trusted).
-    for off, n in ((middle, 1), (2 * MiB, 4096), (2 * MiB - 100, 200), (0, 4 * MiB)):
+    for off, n in (
+        (middle, 1),
+        (2 * MiB, 4096),
+        (2 * MiB - 100, 200),
+        (middle + 5000, 9),
+        (0, 4 * MiB),
+    ):
         with pytest.raises(ChainfsError) as e:
             eng.read(5, 0, off, n, verify=True)
         assert e.value.code == Code.CHECKSUM_MISMATCH
@@ -432,4 +438,20 @@ def test_record_cache_is_bounded_and_current(tmp_path: Path) -> None:
     eng.commit(2, 0, 2, 1)
     _, got = eng.read(2, 0, 0, 100, verify=True)
     assert bytes(got) == b"y" * 20
+    eng.close()
+
+
+def test_page_cache_reads_without_waiting(tmp_path: Path) -> None:
+    """nowait reads (RWF_NOWAIT, served on the event loop) return the same bytes."""
+    eng = ChunkEngine(tmp_path / "t", EngineOptions(crc_block_bytes=4096))
+    data = os.urandom(1_000_000)
+    _chunk(eng, data)
+    for off, n in ((0, 10), (4000, 200), (123_456, 70_000), (999_990, 100)):
+        for verify in (True, False):
+            try:
+                _, got = eng.read(5, 0, off, n, verify=verify, nowait=True)
+            except BlockingIOError:  # not in the page cache: the caller uses a thread
+                _, got = eng.read(5, 0, off, n, verify=verify)
+            assert bytes(got) == data[off : off + n]
+            assert len(got) == min(n, len(data) - off)
     eng.close()
