@@ -318,11 +318,12 @@ class MetadataLoad:
             ends = [a.end for a in self.acks if a.end >= t and thread in (None, a.thread)]
         return min(ends) - t if ends else None
 
-    def resumed_after(self, t: float) -> float | None:
+    def resumed_after(self, t: float, thread: int | None = None) -> float | None:
         """Seconds from ``t`` until the first acknowledgement of an operation sent at
-        or after ``t`` (None if none yet)."""
+        or after ``t`` (by one thread, or any; None if none yet). A thread that was
+        blocked in a call at ``t`` sends its next one only once that call is done."""
         with self._lock:
-            ends = [a.end for a in self.acks if a.start >= t]
+            ends = [a.end for a in self.acks if a.start >= t and thread in (None, a.thread)]
         return min(ends) - t if ends else None
 
     def longest_stall(self, t0: float, t1: float) -> float:

@@ -67,7 +67,8 @@ def _meta_online(c: LocalCluster) -> int:
 
 def _after_fault(load: MetadataLoad, what: str, killed_at: float) -> float:
     """Wait until operations sent after the kill are acknowledged, by every client;
-    returns the seconds until the slowest client had an operation acknowledged."""
+    returns the seconds until the slowest client had an operation it sent after the
+    fault acknowledged."""
 
     def going_on() -> bool:
         return (
@@ -77,7 +78,7 @@ def _after_fault(load: MetadataLoad, what: str, killed_at: float) -> float:
 
     fl.poll(going_on, PHASE_TIMEOUT_S, f"metadata operations to continue after {what}")
     assert not load.problems, load.problems
-    worst = max(load.first_ack_after(killed_at, k) or 0.0 for k in range(CLIENT_THREADS))
+    worst = max(load.resumed_after(killed_at, k) or 0.0 for k in range(CLIENT_THREADS))
     return worst
 
 
