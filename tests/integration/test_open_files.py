@@ -31,15 +31,11 @@ SESSION_TIMEOUT_MS = 3_000  # meta's lease on sessions of a silent client (short
 DEADLINE_S = 60.0  # bound on any polled condition
 
 
-class ShortLeaseCluster(LocalCluster):
-    """LocalCluster whose meta closes sessions of silent clients after a few seconds."""
-
-    def _meta_config(self, *args: Any) -> Any:
-        c = super()._meta_config(*args)
-        c.session_timeout_ms = SESSION_TIMEOUT_MS
-        c.session_prune_interval_ms = 200
-        c.gc_interval_ms = 200
-        return c
+def short_lease(_index: int, c: Any) -> None:
+    """Meta closes the sessions of a silent client after a few seconds."""
+    c.session_timeout_ms = SESSION_TIMEOUT_MS
+    c.session_prune_interval_ms = 200
+    c.gc_interval_ms = 200
 
 
 def _fuse_available() -> bool:
@@ -57,8 +53,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     mnt.mkdir()
     mount = mnt if _fuse_available() else None
     try:
-        with ShortLeaseCluster(
-            base / "cluster", mount=mount, mount_options=["attr_timeout_ms=0"]
+        with LocalCluster(
+            base / "cluster",
+            mount=mount,
+            mount_options=["attr_timeout_ms=0"],
+            configure_meta=short_lease,
         ) as c:
             yield c
             dead = c.dead_processes()
