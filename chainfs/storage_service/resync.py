@@ -431,14 +431,14 @@ class Resyncer:
         await self._report(src, dest, chain_id, True, 0, sent, counted)
         log.info(
             "resync %d -> %d (chain %d) done: %d chunks (%d bytes) sent, %d removed, %.2fs "
-            "(listing %.2fs)",
+            "(%.2fs of it counting)",
             src,
             dest,
             chain_id,
             sent_chunks,
             sent,
             removed,
-            time.monotonic() - counted,
+            time.monotonic() - started,
             counted - started,
         )
         return int(chain.chain_version)

@@ -15,8 +15,14 @@ from typing import Any
 import pytest
 
 from chainfs.proto import mgmt_pb2 as mp
+from chainfs.testing import cluster as cluster_mod
 from tests.fault import faultlib as fl
-from tests.fault.test_storage_faults import _client_config, _cluster
+from tests.fault.test_storage_faults import (
+    HB_INTERVAL_MS,
+    HB_TIMEOUT_MS,
+    _client_config,
+    _cluster,
+)
 
 
 def admin(address: str, *args: str) -> Any:
@@ -62,3 +68,54 @@ def test_offline_target_resyncs_back_and_sync_status(tmp_path: Path) -> None:
         for p, d in files.items():
             assert hashlib.sha256(fs.read_file(p)).digest() == hashlib.sha256(d).digest()
         assert admin(c.address, "sync-status") == []
+
+
+@pytest.mark.timeout(120)
+def test_resync_progress_in_admin_targets(tmp_path: Path) -> None:
+    """A rate-limited resync paged in tiny batches: the target's routing entry (what
+    `admin targets` prints) shows bytes left, counted up front, going down, and a
+    rate while it runs; then the target serves again with identical bytes."""
+
+    def configure(i: int, c: Any) -> None:
+        c.failure.resync_scan_interval_ms = 100
+        c.failure.scrub_rate_bytes_per_s = 0
+        c.failure.resync_rate_bytes_per_s = 1024 * 1024
+        c.failure.resync_report_interval_ms = 100
+        c.failure.resync_batch_chunks = 2  # many pages per side
+
+    with cluster_mod.LocalCluster(
+        tmp_path,
+        storage_nodes=3,
+        targets_per_node=2,
+        replicas=3,
+        heartbeat_interval_ms=HB_INTERVAL_MS,
+        heartbeat_timeout_ms=HB_TIMEOUT_MS,
+        configure_storage=configure,
+    ) as c:
+        fs = c.client(config=_client_config())
+        r = fl.routing(c.address)
+        chain = r.chains[min(r.chains)]
+        victim = int(chain.targets[0])
+        admin(c.address, "offline-target", str(victim))
+        rng = random.Random(8)
+        files = {f"/p{i}": rng.randbytes(rng.randrange(200_000, 1_000_000)) for i in range(16)}
+        for p, d in files.items():
+            fs.write_file(p, d)
+        admin(c.address, "online-target", str(victim))  # released: it resyncs
+        seen: list[tuple[int, int]] = []
+
+        def progress() -> bool:
+            t = fl.routing(c.address).targets[victim]
+            if t.public_state == mp.SYNCING and t.sync_bytes_left > 0:
+                seen.append((t.sync_bytes_left, t.sync_rate_bytes_per_s))
+            return len({left for left, _ in seen}) >= 2 and any(rate > 0 for _, rate in seen)
+
+        fl.poll(progress, 60, "bytes left going down and a rate while syncing", every_s=0.05)
+        assert seen[0][0] <= sum(len(d) for d in files.values())
+        assert [left for left, _ in seen] == sorted((left for left, _ in seen), reverse=True)
+        fl.poll(lambda: fl.states(c.address)[victim] == mp.SERVING, 60, "the target serving again")
+        fl.poll(lambda: fl.replica_differences(c.address) == [], 30, "identical replicas")
+        for p, d in files.items():
+            assert fs.read_file(p) == d
+        row = next(t for t in admin(c.address, "targets") if t["target_id"] == victim)
+        assert (row["state"], row["sync_bytes_left"]) == ("serving", 0)

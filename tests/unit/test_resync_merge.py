@@ -18,7 +18,7 @@ from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.storage_service import crc
 from chainfs.storage_service.chunk_copy import Key
-from chainfs.storage_service.chunk_engine import ChunkEngine, ChunkRecord
+from chainfs.storage_service.chunk_engine import ChunkEngine, ChunkRecord, parse_key
 from chainfs.storage_service.craq import LocalTarget, record_to_meta
 from chainfs.storage_service.failure_config import FailureConfig
 from chainfs.storage_service.resync import PageFetch, Resyncer, merge_pages, source_page
@@ -155,6 +155,7 @@ class _FakeSuccessor:
         **_: Any,
     ) -> Any:
         eng = self.engine
+        rsp: Any
         if msg_type == sp.UPDATE:
             req = sp.UpdateReq.FromString(header)
             key = (req.chunk.inode, req.chunk.index)
@@ -198,7 +199,7 @@ def _routing() -> Routing:
     return Routing(info)
 
 
-def _state(eng: ChunkEngine) -> dict[Key, tuple[int, int, int]]:
+def _state(eng: ChunkEngine) -> dict[bytes, tuple[int, int, int]]:
     out = {}
     for key, rec in eng.iter_records():
         m = record_to_meta(0, 0, rec)
@@ -259,8 +260,8 @@ def test_sync_pass_makes_the_target_identical_page_by_page(tmp_path: Path) -> No
         version = asyncio.run(rs._sync_pass(1, 2, 9))
         assert version == 3
         assert _state(dst) == _state(src)
-        for key, rec in src.iter_records():
-            k = (int.from_bytes(key[1:9], "big"), int.from_bytes(key[9:13], "big"))
+        for raw_key, rec in src.iter_records():
+            k = parse_key(raw_key)
             assert bytes(dst.read(k[0], k[1], 0, rec.length, True)[1]) == bytes(
                 src.read(k[0], k[1], 0, rec.length, True)[1]
             )
