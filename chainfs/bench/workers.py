@@ -78,8 +78,8 @@ class PosixBackend:
 
     kind = "posix"
 
-    def open(self, path: str, mode: str) -> Any:
-        return open(path, mode, buffering=0)
+    def open(self, path: str, mode: str, buffering: int = 0) -> Any:
+        return open(path, mode, buffering=0)  # always unbuffered: the OS page cache is the buffer
 
     def stat(self, path: str) -> Any:
         return os.stat(path)
@@ -125,8 +125,8 @@ class ChainfsBackend:
             raise NotBuilt(f"FileSystem.{name} is not built yet")
         return fn
 
-    def open(self, path: str, mode: str) -> Any:
-        return self.api("open")(path, mode)
+    def open(self, path: str, mode: str, buffering: int = -1) -> Any:
+        return self.api("open")(path, mode, buffering)
 
     def stat(self, path: str) -> Any:
         return self.api("stat")(path)
@@ -438,7 +438,9 @@ def task_rand_read(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
     rng = random.Random(int(p["seed"]) * 1000 + env.index)
     buf = bytearray(io)
     view = memoryview(buf)
-    with be.open(path, "rb") as f:
+    # Unbuffered on both sides: each read asks for exactly ``io`` bytes (a
+    # buffered chainfs file would fetch a read-ahead window per random read).
+    with be.open(path, "rb", buffering=0) as f:
 
         def one() -> None:
             off = rng.randrange(slots) * io
