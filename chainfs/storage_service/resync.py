@@ -479,8 +479,22 @@ class Resyncer:
         """The sending merge: (bytes sent, chunks sent, chunks removed)."""
         sent = sent_chunks = removed = 0
         last_report = time.monotonic()
+        reporting = False
         report_every = self.config.resync_report_interval_ms / 1000
         await self._report(src, dest, chain_id, False, left, 0, since)
+
+        async def progress() -> None:
+            """A progress report when one is due (one at a time; sends go on meanwhile)."""
+            nonlocal last_report, reporting
+            if reporting or time.monotonic() - last_report < report_every:
+                return
+            reporting = True
+            try:
+                last_report = time.monotonic()
+                await self._report(src, dest, chain_id, False, left - sent, sent, since)
+            finally:
+                reporting = False
+
         # At most resync_parallel_chunks chunks in flight (each under its lock).
         slots = asyncio.Semaphore(self.config.resync_parallel_chunks)
 
@@ -521,6 +535,8 @@ class Resyncer:
                         self.bytes_sent += n
                 finally:
                     target.locks.release(key)
+                if sent:
+                    await progress()
             finally:
                 slots.release()
 
@@ -531,9 +547,6 @@ class Resyncer:
                         continue  # in step when listed: later writes reach the target anyway
                     await slots.acquire()
                     tg.create_task(one(key, meta))
-                    if sent and time.monotonic() - last_report > report_every:
-                        last_report = time.monotonic()
-                        await self._report(src, dest, chain_id, False, left - sent, sent, since)
         except BaseExceptionGroup as eg:
             raise eg.exceptions[0] from None
         return sent, sent_chunks, removed

@@ -232,7 +232,9 @@ def test_sync_pass_makes_the_target_identical_page_by_page(tmp_path: Path) -> No
                 _write(dst, key, b"?" + data)
             if kind in ("src_only", "src_newer", "dst_newer"):
                 expect_sent.add(key)
-        config = FailureConfig(resync_batch_chunks=4, resync_parallel_chunks=3)
+        config = FailureConfig(
+            resync_batch_chunks=4, resync_parallel_chunks=3, resync_report_interval_ms=1
+        )
         succ = _FakeSuccessor(dst)
         routing = _routing()
         rs = Resyncer(
@@ -271,6 +273,11 @@ def test_sync_pass_makes_the_target_identical_page_by_page(tmp_path: Path) -> No
         first, last = succ.reports[0], succ.reports[-1]
         assert not first.done and first.bytes_left == sent_bytes  # counted up front
         assert last.done and last.bytes_left == 0
+        # Progress while chunks are in flight: bytes left going down, a rate.
+        middle = succ.reports[1:-1]
+        assert middle and all(not r.done and r.rate_bytes_per_s > 0 for r in middle)
+        lefts = [first.bytes_left] + [r.bytes_left for r in middle]
+        assert lefts == sorted(lefts, reverse=True) and lefts[-1] < lefts[0]
         assert rs.bytes_sent == sent_bytes
     finally:
         executor.shutdown()
