@@ -15,14 +15,8 @@ from typing import Any
 import pytest
 
 from chainfs.proto import mgmt_pb2 as mp
-from chainfs.testing import cluster as cluster_mod
 from tests.fault import faultlib as fl
-from tests.fault.test_storage_faults import (
-    HB_INTERVAL_MS,
-    HB_TIMEOUT_MS,
-    _client_config,
-    _cluster,
-)
+from tests.fault.test_storage_faults import _client_config, _cluster
 
 
 def admin(address: str, *args: str) -> Any:
@@ -76,21 +70,11 @@ def test_resync_progress_in_admin_targets(tmp_path: Path) -> None:
     `admin targets` prints) shows bytes left, counted up front, going down, and a
     rate while it runs; then the target serves again with identical bytes."""
 
-    def configure(i: int, c: Any) -> None:
-        c.failure.resync_scan_interval_ms = 100
-        c.failure.scrub_rate_bytes_per_s = 0
-        c.failure.resync_rate_bytes_per_s = 1024 * 1024
-        c.failure.resync_report_interval_ms = 100
-        c.failure.resync_batch_chunks = 2  # many pages per side
-
-    with cluster_mod.LocalCluster(
+    with _cluster(
         tmp_path,
-        storage_nodes=3,
-        targets_per_node=2,
-        replicas=3,
-        heartbeat_interval_ms=HB_INTERVAL_MS,
-        heartbeat_timeout_ms=HB_TIMEOUT_MS,
-        configure_storage=configure,
+        resync_rate_bytes_per_s=1024 * 1024,
+        resync_report_interval_ms=100,
+        resync_batch_chunks=2,  # many pages per side
     ) as c:
         fs = c.client(config=_client_config())
         r = fl.routing(c.address)

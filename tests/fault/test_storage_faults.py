@@ -30,11 +30,15 @@ def _client_config() -> ClientConfig:
     return ClientConfig(storage=StorageClientConfig(retry_total_ms=30_000))
 
 
-def _cluster(tmp_path: Path, scrub: bool = False) -> cluster_mod.LocalCluster:
+def _cluster(tmp_path: Path, scrub: bool = False, **failure: Any) -> cluster_mod.LocalCluster:
+    """3 nodes x 2 targets, 3 replicas; ``failure``: FailureConfig fields to set."""
+
     def configure(i: int, c: Any) -> None:
         c.failure.resync_scan_interval_ms = 100
         c.failure.scrub_rate_bytes_per_s = 64 * 1024 * 1024 if scrub else 0
         c.failure.scrub_round_pause_ms = 200
+        for name, value in failure.items():
+            setattr(c.failure, name, value)
 
     return cluster_mod.LocalCluster(
         tmp_path,

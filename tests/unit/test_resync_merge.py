@@ -68,8 +68,8 @@ def test_merge_yields_every_key_once_in_order_with_both_sides(seed: int) -> None
 
 
 def test_merge_memory_stays_bounded_whatever_the_list_sizes() -> None:
-    """200,000 keys a side through pages of 256: what the merge holds is a page, not a list."""
-    n, batch = 200_000, 256
+    """100,000 keys a side through pages of 256: what the merge holds is a page, not a list."""
+    n, batch = 100_000, 256
 
     def lazy(tag: str, step: int) -> PageFetch[str]:
         async def fetch(after: Key | None) -> tuple[list[tuple[Key, str]], bool]:
