@@ -324,21 +324,29 @@ class StorageClient:
                 break
             routing = await self.routing.get()
             groups: dict[int, list[tuple[int, int]]] = {}  # node id -> [(req index, target)]
+            # Serving targets per chain, computed once per attempt (not per io).
+            serving_of: dict[int, list[int]] = {}
             for i in todo:
                 r = reqs[i]
-                chain = routing.chains.get(r.chain_id)
-                if chain is None:
-                    routing = await self.routing.refresh()
+                serving = serving_of.get(r.chain_id)
+                if serving is None:
                     chain = routing.chains.get(r.chain_id)
                     if chain is None:
-                        raise ChainfsError(Code.UNKNOWN_CHAIN, f"no chain {r.chain_id}")
-                serving = [t.target_id for t in routing.chain_targets(r.chain_id, (mp.SERVING,))]
+                        routing = await self.routing.refresh()
+                        serving_of.clear()
+                        chain = routing.chains.get(r.chain_id)
+                        if chain is None:
+                            raise ChainfsError(Code.UNKNOWN_CHAIN, f"no chain {r.chain_id}")
+                    serving = [
+                        t.target_id for t in routing.chain_targets(r.chain_id, (mp.SERVING,))
+                    ]
+                    serving_of[r.chain_id] = serving
                 if not serving:
                     last[i] = ChainfsError(
                         Code.TARGET_NOT_SERVING, f"chain {r.chain_id} has no serving target"
                     )
                     continue
-                fresh = [t for t in serving if t not in tried[i]]
+                fresh = [t for t in serving if t not in tried[i]] if tried[i] else serving
                 if not fresh:
                     tried[i].clear()
                     fresh = serving
@@ -392,15 +400,12 @@ class StorageClient:
         batch = sp.BatchReadReq()
         for i, target in items:
             r = reqs[i]
-            batch.ios.append(
-                sp.ReadIO(
-                    chain_id=r.chain_id,
-                    target_id=target,
-                    chunk=sp.ChunkId(inode=r.inode, index=r.chunk_index),
-                    offset=r.offset,
-                    length=r.length,
-                )
+            # add() fills the repeated field in place (no temporary ReadIO/ChunkId to copy).
+            io = batch.ios.add(
+                chain_id=r.chain_id, target_id=target, offset=r.offset, length=r.length
             )
+            io.chunk.inode = r.inode
+            io.chunk.index = r.chunk_index
         got: list[memoryview | None] = [None] * len(items)
         parsed: list[sp.BatchReadRsp] = []
 
