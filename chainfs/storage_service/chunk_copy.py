@@ -169,6 +169,8 @@ def rewrite_committed(
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    if engine.options.durable:  # the rename itself survives a power loss too
+        engine._fsync_dir_of(inode)
 
 
 def install_copy(

@@ -1138,6 +1138,9 @@ class ChunkEngine:
         (record None). ``nowait``: page cache only, BlockingIOError if the disk
         is needed.
         """
+        # A CRC failure seen while the record kept changing: reported as damage
+        # (the client then reads another replica) if the retries run out.
+        damaged: ChainfsError | None = None
         for _ in range(_READ_RACE_RETRIES):
             rec = self.get(inode, index)
             if rec is None or (rec.committed_version == 0 and not rec.has_pending):
@@ -1169,9 +1172,10 @@ class ChunkEngine:
                         bad = self._bad_block(rec, [(at, v) for at, v in parts if len(v)])
                     if bad is None:
                         return rec, out[start - bstart : end - bstart]
+                    where = "data" if bad < 0 else f"block {bad}"
+                    damaged = self._damaged(inode, index, rec, f"{where} does not match its CRC32C")
                     if self._record_unchanged(inode, index, rec):
-                        where = "data" if bad < 0 else f"block {bad}"
-                        raise self._damaged(inode, index, rec, f"{where} does not match its CRC32C")
+                        raise damaged
                     continue
             except FileNotFoundError:
                 pass
@@ -1182,6 +1186,8 @@ class ChunkEngine:
                     f"chunk ({inode}, {index}) file on {self.path} is shorter than its "
                     f"length {rec.length}",
                 )
+        if damaged is not None:
+            raise damaged
         raise ChainfsError(Code.NOT_COMMITTED, f"chunk ({inode}, {index}) keeps changing")
 
     def read_pending(self, inode: int, index: int, rec: ChunkRecord) -> memoryview:

@@ -328,6 +328,22 @@ def test_partial_read_verifies_the_blocks_it_touches(tmp_path: Path) -> None:
     eng.close()
 
 
+def test_damage_seen_while_the_record_keeps_changing_is_reported_as_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A chunk rewritten all the time and damaged: once the read-race retries run
+    # out, the answer is CHECKSUM_MISMATCH (the client reads another replica),
+    # not NOT_COMMITTED (the client would retry this one).
+    eng = ChunkEngine(tmp_path / "t")
+    path = _chunk(eng, os.urandom(4 * MiB))
+    _flip(path, MiB + 7)  # block 16
+    monkeypatch.setattr(eng, "_record_unchanged", lambda *_: False)
+    with pytest.raises(ChainfsError) as e:
+        eng.read(5, 0, MiB, 4096, verify=True)
+    assert e.value.code == Code.CHECKSUM_MISMATCH and "block 16" in e.value.message
+    eng.close()
+
+
 def test_partial_overwrite_never_blesses_a_damaged_block(tmp_path: Path) -> None:
     eng = ChunkEngine(tmp_path / "t")
     data = bytearray(os.urandom(4 * MiB))
