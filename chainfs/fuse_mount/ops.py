@@ -285,13 +285,17 @@ class ChainfsOperations(pyfuse3.Operations):
             if session:
                 await self.meta.close(inode.ino, session)
             raise
+        duplicate = b""
         if session and not writable:
             # A read session: one per inode of this mount, held until its last release.
             if st.hold_session:
-                await self.meta.close(inode.ino, session)  # a concurrent open took one too
+                duplicate = session  # a concurrent open took one too
             else:
                 st.hold_session = session
             session = b""
+        # No await from _open_inode until the handle is counted in st: a release
+        # of the inode's last other handle in between would drop st from
+        # self._open and leave this handle pointing at nothing.
         fi = self._file_info(self._fh(), inode, flags)
         h = FileHandle(
             fi.fh,
@@ -315,6 +319,11 @@ class ChainfsOperations(pyfuse3.Operations):
         st.handles += 1
         if h.writable:
             st.write_handles += 1
+        if duplicate:
+            try:
+                await self.meta.close(inode.ino, duplicate)
+            except ChainfsError as e:  # meta ends it with this mount's lease at the latest
+                log.warning("ending a duplicate read session of inode %d: %s", inode.ino, e)
         return fi, h
 
     async def _report_length(self, st: OpenInode, session: bytes, exact: bool) -> None:
@@ -363,7 +372,11 @@ class ChainfsOperations(pyfuse3.Operations):
         except ChainfsError as e:
             log.info("cannot keep unlinked open inode %d alive: %s", inode.ino, e)
             return
-        st.hold_session = rsp.session_id
+        if self._open.get(inode.ino) is st and not st.hold_session:
+            st.hold_session = rsp.session_id
+            return
+        # Released (or protected by another call) meanwhile: this one is not needed.
+        await self.meta.close(inode.ino, rsp.session_id)
 
     # -- names known to be absent --------------------------------------------------
     def _absent(self, parent: int, name: bytes) -> bool:
