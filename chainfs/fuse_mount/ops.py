@@ -375,8 +375,12 @@ class ChainfsOperations(pyfuse3.Operations):
         if self._open.get(inode.ino) is st and not st.hold_session:
             st.hold_session = rsp.session_id
             return
-        # Released (or protected by another call) meanwhile: this one is not needed.
-        await self.meta.close(inode.ino, rsp.session_id)
+        # Released (or protected by another call) meanwhile: this one is not
+        # needed. Failing to end it must not fail the caller's unlink/rename.
+        try:
+            await self.meta.close(inode.ino, rsp.session_id)
+        except ChainfsError as e:  # meta ends it with this mount's lease at the latest
+            log.warning("ending an unneeded session of inode %d: %s", inode.ino, e)
 
     # -- names known to be absent --------------------------------------------------
     def _absent(self, parent: int, name: bytes) -> bool:
