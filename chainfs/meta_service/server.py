@@ -22,6 +22,7 @@ from chainfs.common import config as config_mod
 from chainfs.common import logging as chainfs_logging
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.process import run_service, write_ready_file
+from chainfs.common.background import Periodic, start_all
 from chainfs.common.routing import Routing
 from chainfs.common.rpc import grpc_util
 from chainfs.kv import KVStore
@@ -30,9 +31,7 @@ from chainfs.meta_service.alloc import InodeAllocator
 from chainfs.meta_service.background import (
     GarbageCollector,
     IdempotencyCleaner,
-    Periodic,
     SessionPruner,
-    start_all,
 )
 from chainfs.meta_service.chunks import ChunkStorage
 from chainfs.meta_service.config import MetaConfig

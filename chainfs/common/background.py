@@ -1,0 +1,80 @@
+"""One background-loop mechanism for every service.
+
+A :class:`Periodic` runs bounded rounds of work: ``round()`` is called every
+``interval_s``, immediately again while it reports more work waiting, and
+sooner when ``wake()`` is called. A failing round is logged and the loop goes
+on; only ``stop()`` ends it. Garbage collection, session pruning, scrubbing,
+resync and cache eviction all run this way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from chainfs.common.errors import ChainfsError
+
+log = logging.getLogger(__name__)
+
+
+class Periodic:
+    """Runs ``round()`` every ``interval_s`` (immediately again while it reports
+    more work) until stopped. A failing round is logged and retried."""
+
+    name = "task"
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.rounds = 0
+
+    async def round(self) -> bool:
+        """Do one bounded batch of work; True if more is waiting."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            more = False
+            try:
+                more = await self.round()
+                self.rounds += 1
+            except asyncio.CancelledError:
+                raise
+            except ChainfsError as e:
+                log.warning("%s round failed: %s", self.name, e)
+            except Exception:
+                log.exception("%s round failed", self.name)
+            if more:
+                await asyncio.sleep(0)
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+
+
+def start_all(tasks: list[Periodic]) -> Callable[[], Awaitable[None]]:
+    for t in tasks:
+        t.start()
+
+    async def stop() -> None:
+        for t in tasks:
+            await t.stop()
+
+    return stop
