@@ -79,59 +79,106 @@ class _Pending:
 
 
 class _RocksSnapshot(Snapshot):
-    """All reads of one transaction go through ONE RocksDB iterator: an iterator
-    is a consistent point-in-time view from its creation. (rocksdict's
-    ``Snapshot.iter()`` drops the snapshot from its read options in 0.3.29 and
-    would read live data, so it is not used.)"""
+    """One transaction's point-in-time view.
 
-    def __init__(self, it: rocksdict.RdictIter, version: int) -> None:
-        self._it: rocksdict.RdictIter | None = it
+    Point reads go to a RocksDB snapshot: a real point lookup (memtable, bloom
+    filters), whose cost does not grow with the deleted keys around it, as a
+    seek's does. Range reads use a fresh iterator bounded to the range, so a
+    seek stops at the range's end instead of stepping over every tombstone
+    beyond it. A fresh iterator shows the store as it is now; that equals the
+    snapshot for the range when no commit since the snapshot touched the
+    range (the store's conflict log says so). Otherwise the read falls back to
+    an unbounded iterator taken together with the snapshot. (rocksdict 0.3.29
+    cannot bind an iterator to a snapshot: ``Snapshot.iter()`` reads live data.)
+    """
+
+    def __init__(self, store: RocksDBStore, db: rocksdict.Rdict, version: int) -> None:
+        self._store = store
+        self._db = db
         self.version = version
+        self._snap: rocksdict.Snapshot | None
+        self._base: rocksdict.RdictIter | None
+        self._snap, self._base = _consistent_views(db)
 
-    def _live(self) -> rocksdict.RdictIter:
-        if self._it is None:
+    def _check_open(self) -> rocksdict.RdictIter:
+        if self._base is None:
             raise ChainfsError(Code.EBADF, "read from a finished rocksdb transaction")
-        return self._it
+        return self._base
 
     async def get(self, key: bytes) -> bytes | None:
-        it = self._live()
-        it.seek(key)
-        if it.valid() and it.key() == key:
-            return bytes(it.value())
-        return None
+        base = self._check_open()
+        if self._snap is None:  # no snapshot matching the iterator: seek
+            base.seek(key)
+            return bytes(base.value()) if base.valid() and base.key() == key else None
+        try:
+            return bytes(self._snap[key])
+        except Exception as e:  # rocksdict raises a bare Exception for a missing key
+            if str(e) == "key not found":
+                return None
+            raise
 
     async def get_range(
         self, begin: bytes, end: bytes, limit: int, reverse: bool
     ) -> list[tuple[bytes, bytes]]:
         # No await inside: concurrent reads of one transaction cannot interleave here.
-        it = self._live()
-        out: list[tuple[bytes, bytes]] = []
-        if reverse:
-            it.seek_for_prev(end)
-            if it.valid() and it.key() >= end:
-                it.prev()
-            while it.valid():
-                k = it.key()
-                if k < begin:
-                    break
-                out.append((k, it.value()))
-                if limit and len(out) >= limit:
-                    break
-                it.prev()
-        else:
-            it.seek(begin)
-            while it.valid():
-                k = it.key()
-                if k >= end:
-                    break
-                out.append((k, it.value()))
-                if limit and len(out) >= limit:
-                    break
-                it.next()
-        return out
+        base = self._check_open()
+        if self._store.untouched_since(self.version, begin, end):
+            ro = rocksdict.ReadOptions()
+            ro.set_iterate_lower_bound(begin)
+            ro.set_iterate_upper_bound(end)
+            return _scan(self._db.iter(ro), begin, end, limit, reverse)
+        return _scan(base, begin, end, limit, reverse)
 
     def close(self) -> None:
-        self._it = None  # releases the pinned memtables and files
+        # Dropping the views releases their pinned memtables and files.
+        self._snap = None
+        self._base = None
+
+
+def _consistent_views(db: rocksdict.Rdict) -> tuple[rocksdict.Snapshot | None, rocksdict.RdictIter]:
+    """A snapshot and an iterator showing the same state, taken with no write
+    landing between them (this process is the store's only writer and writes
+    land in a worker thread, so a retry is rare). If writes keep landing, the
+    iterator alone serves every read (point reads then seek)."""
+    for _ in range(_VIEW_ATTEMPTS):
+        seq = db.latest_sequence_number()
+        snap = db.snapshot()
+        it = db.iter()
+        if db.latest_sequence_number() == seq:
+            return snap, it
+    return None, db.iter()
+
+
+_VIEW_ATTEMPTS = 8
+
+
+def _scan(
+    it: rocksdict.RdictIter, begin: bytes, end: bytes, limit: int, reverse: bool
+) -> list[tuple[bytes, bytes]]:
+    out: list[tuple[bytes, bytes]] = []
+    if reverse:
+        it.seek_for_prev(end)
+        if it.valid() and it.key() >= end:
+            it.prev()
+        while it.valid():
+            k = it.key()
+            if k < begin:
+                break
+            out.append((k, it.value()))
+            if limit and len(out) >= limit:
+                break
+            it.prev()
+    else:
+        it.seek(begin)
+        while it.valid():
+            k = it.key()
+            if k >= end:
+                break
+            out.append((k, it.value()))
+            if limit and len(out) >= limit:
+                break
+            it.next()
+    return out
 
 
 class RocksDBStore(KVStore):
@@ -182,7 +229,22 @@ class RocksDBStore(KVStore):
         db = self._check_usable()
         # A view taken after a batch landed but before _applied moved claims
         # an older version: that only adds conflicts, never hides one.
-        return _RocksSnapshot(db.iter(), self._applied)
+        return _RocksSnapshot(self, db, self._applied)
+
+    def untouched_since(self, version: int, begin: bytes, end: bytes) -> bool:
+        """True when no commit after ``version`` (validated, written or not)
+        set or cleared a key in [begin, end)."""
+        if version == self._validated:
+            return True
+        oldest = self._log[0].version if self._log else self._validated + 1
+        if version + 1 < oldest:
+            return False  # older than the log: unknown, so assume touched
+        for entry in self._log[version + 1 - oldest :]:
+            if any(begin <= k < end for k in entry.keys):
+                return False
+            if any(cb < end and begin < ce for cb, ce in entry.cleared):
+                return False
+        return True
 
     async def _commit(self, snapshot: Snapshot, tx: Transaction) -> None:
         assert isinstance(snapshot, _RocksSnapshot)

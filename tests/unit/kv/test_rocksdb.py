@@ -193,3 +193,67 @@ def test_bad_urls(url: str) -> None:
     with pytest.raises(ChainfsError) as e:
         kv.open(url)
     assert e.value.code in (Code.EINVAL, Code.CONFIG_ERROR)
+
+
+async def test_reads_keep_the_snapshot_while_commits_land_in_the_range(tmp_path: Path) -> None:
+    """Point reads use a RocksDB snapshot and range reads a fresh bounded
+    iterator; a range that a later commit touched is read from the view taken
+    with the snapshot, so one transaction never mixes two states."""
+    store = RocksDBStore.from_url(f"rocksdb://{tmp_path}/db")
+    for k in (b"r/1", b"r/3", b"s/1"):
+        await store.set(k, b"old")
+    seen: dict[str, object] = {}
+
+    async def reader(tx: Transaction) -> None:
+        seen["before"] = await tx.get_range(b"r/", b"r0")
+        await store.set(b"r/2", b"new")  # commits after this snapshot, inside the range
+        await store.set(b"r/3", b"new")
+        await store.set(b"t/1", b"new")  # outside every range read below
+        seen["forward"] = await tx.get_range(b"r/", b"r0")
+        seen["reverse"] = await tx.get_range(b"r/", b"r0", reverse=True)
+        seen["limit"] = await tx.get_range(b"r/", b"r0", limit=1)
+        seen["point"] = (await tx.get(b"r/2"), await tx.get(b"r/3"), await tx.get(b"t/1"))
+        seen["untouched"] = await tx.get_range(b"s/", b"s0")
+
+    await store.transact(reader, read_only=True)
+    old = [(b"r/1", b"old"), (b"r/3", b"old")]
+    assert seen["before"] == old
+    assert seen["forward"] == old
+    assert seen["reverse"] == old[::-1]
+    assert seen["limit"] == old[:1]
+    assert seen["point"] == (None, b"old", None)
+    assert seen["untouched"] == [(b"s/1", b"old")]
+    rows = await store.transact(lambda tx: tx.get_range(b"r/", b"r0"), read_only=True)
+    assert [v for _, v in rows] == [b"old", b"new", b"new"]
+    await store.close()
+
+
+async def test_reads_are_right_after_many_deletes(tmp_path: Path) -> None:
+    """Deleted keys (tombstones) around a key change no answer: a missing key,
+    a live neighbour, and a range holding one live key among deleted ones."""
+    store = RocksDBStore.from_url(f"rocksdb://{tmp_path}/db")
+    keys = [b"d/%06d" % i for i in range(0, 2000, 2)]
+
+    async def put_all(tx: Transaction) -> None:
+        for k in keys:
+            tx.set(k, b"v")
+
+    async def clear_all_but_one(tx: Transaction) -> None:
+        for k in keys[:-1]:
+            tx.clear(k)
+
+    await store.transact(put_all)
+    await store.transact(clear_all_but_one)
+
+    async def reads(tx: Transaction) -> tuple[object, ...]:
+        return (
+            await tx.get(b"d/000000"),
+            await tx.get(keys[-1]),
+            await tx.get_range(b"d/", b"d0"),
+            await tx.get_range(b"d/", b"d0", reverse=True),
+            await tx.get_range(b"d/", keys[-1]),
+        )
+
+    got = await store.transact(reads, read_only=True)
+    assert got == (None, b"v", [(keys[-1], b"v")], [(keys[-1], b"v")], [])
+    await store.close()
