@@ -15,6 +15,7 @@ lint: bootstrap
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy chainfs
+	$(VENV)/bin/lint-imports --no-cache
 
 # pytest exits 5 when it collected no test; that is a failure here.
 test: bootstrap lint
