@@ -8,14 +8,18 @@ from typing import Any, TypeVar
 
 import click
 
-from chainfs.cli.admin.common import admin, admin_options, async_command, emit, emit_object
+from chainfs.cli.admin.common import (
+    admin,
+    emit,
+    emit_object,
+    mgmt_command,
+)
 from chainfs.common.routing import Routing
 from chainfs.common.rpc.mgmt_client import MgmtClient
 from chainfs.proto import mgmt_pb2 as mp
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT_S = 5.0  # admin calls give up (exit 1) after this
 
 _NODE_TYPES: dict[int, str] = {
     mp.MGMTD: "mgmtd",
@@ -48,17 +52,6 @@ def public_state_name(state: int) -> str:
 
 def local_state_name(state: int) -> str:
     return LOCAL_STATE_NAMES.get(state, "unknown")
-
-
-def timeout_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--timeout",
-        "timeout_s",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        show_default=True,
-        help="Seconds to wait for mgmtd before failing.",
-    )(fn)
 
 
 async def with_mgmt(address: str, timeout_s: float, fn: Callable[[MgmtClient], Awaitable[T]]) -> T:
@@ -158,9 +151,7 @@ def _chain_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @admin.command("status")
-@admin_options
-@timeout_option
-@async_command
+@mgmt_command
 async def status_cmd(address: str, as_json: bool, timeout_s: float) -> None:
     """Cluster summary: primary mgmtd, routing version, nodes, targets, chains."""
     st = await with_mgmt(address, timeout_s, lambda c: c.get_status())
@@ -195,63 +186,49 @@ async def status_cmd(address: str, as_json: bool, timeout_s: float) -> None:
 
 
 @admin.command("nodes")
-@admin_options
-@timeout_option
-@async_command
+@mgmt_command
 async def nodes_cmd(address: str, as_json: bool, timeout_s: float) -> None:
     """Registered nodes and their heartbeat status."""
+    columns = ["node_id", "type", "status", "rpc_address", "data_address", "targets"]
+    columns.append("heartbeat_age_s")
+    await _show_routing_rows(address, timeout_s, as_json, "nodes", node_rows, columns)
+
+
+async def _show_routing_rows(
+    address: str,
+    timeout_s: float,
+    as_json: bool,
+    what: str,
+    rows_of: Callable[[Routing], list[dict[str, Any]]],
+    columns: list[str],
+) -> None:
     routing = await with_mgmt(address, timeout_s, fetch_routing)
-    rows = node_rows(routing)
-    emit(
-        rows,
-        ["node_id", "type", "status", "rpc_address", "data_address", "targets", "heartbeat_age_s"],
-        as_json,
-        title=f"nodes (routing version {routing.version})",
-    )
+    emit(rows_of(routing), columns, as_json, title=f"{what} (routing version {routing.version})")
 
 
 @admin.command("targets")
-@admin_options
-@timeout_option
-@async_command
+@mgmt_command
 async def targets_cmd(address: str, as_json: bool, timeout_s: float) -> None:
     """Storage targets: chain, public state, local state, usage, resync progress."""
-    routing = await with_mgmt(address, timeout_s, fetch_routing)
-    rows = target_rows(routing)
-    emit(
-        rows,
-        [
-            "target_id",
-            "node_id",
-            "chain_id",
-            "state",
-            "local_state",
-            "used_bytes",
-            "sync_bytes_left",
-            "path",
-        ],
-        as_json,
-        title=f"targets (routing version {routing.version})",
-    )
+    columns = ["target_id", "node_id", "chain_id", "state", "local_state", "used_bytes"]
+    columns += ["sync_bytes_left", "path"]
+    await _show_routing_rows(address, timeout_s, as_json, "targets", target_rows, columns)
 
 
 @admin.command("chains")
-@admin_options
-@timeout_option
-@async_command
+@mgmt_command
 async def chains_cmd(address: str, as_json: bool, timeout_s: float) -> None:
     """The chain table: targets head first, with their states."""
     routing = await with_mgmt(address, timeout_s, fetch_routing)
-    rows = chain_rows(routing)
+    _emit_chains(chain_rows(routing), as_json, f"chains (routing version {routing.version})")
+
+
+def _emit_chains(rows: list[dict[str, Any]], as_json: bool, title: str) -> None:
     if as_json:
         emit(rows, [], True)
         return
-    emit(
-        _chain_table(rows),
-        ["chain_id", "chain_version", "writable", "targets"],
-        False,
-        title=f"chains (routing version {routing.version})",
-    )
+    columns = ["chain_id", "chain_version", "writable", "targets"]
+    emit(_chain_table(rows), columns, False, title=title)
 
 
 async def _create(
@@ -260,17 +237,8 @@ async def _create(
     rsp = await with_mgmt(
         address, timeout_s, lambda c: c.create_chains(replicas, num_chains, init=init)
     )
-    routing = Routing(rsp.routing)
-    rows = chain_rows(routing, list(rsp.chains))
-    if as_json:
-        emit(rows, [], True)
-        return
-    emit(
-        _chain_table(rows),
-        ["chain_id", "chain_version", "writable", "targets"],
-        False,
-        title=f"created {len(rows)} chains of {replicas} replicas",
-    )
+    rows = chain_rows(Routing(rsp.routing), list(rsp.chains))
+    _emit_chains(rows, as_json, f"created {len(rows)} chains of {replicas} replicas")
 
 
 _replicas = click.option(
@@ -286,30 +254,20 @@ _num_chains = click.option(
 )
 
 
-@admin.command("init-cluster")
-@admin_options
-@timeout_option
-@_replicas
-@_num_chains
-@async_command
-async def init_cluster_cmd(
-    address: str, as_json: bool, timeout_s: float, replicas: int, num_chains: int
-) -> None:
-    """Create the chain table from the registered storage targets (once)."""
-    await _create(address, timeout_s, replicas, num_chains, True, as_json)
+def _chains_command(name: str, init: bool, doc: str) -> None:
+    async def command(
+        address: str, as_json: bool, timeout_s: float, replicas: int, num_chains: int
+    ) -> None:
+        await _create(address, timeout_s, replicas, num_chains, init, as_json)
+
+    command.__doc__ = doc
+    admin.command(name)(_replicas(_num_chains(mgmt_command(command))))
 
 
-@admin.command("create-chains")
-@admin_options
-@timeout_option
-@_replicas
-@_num_chains
-@async_command
-async def create_chains_cmd(
-    address: str, as_json: bool, timeout_s: float, replicas: int, num_chains: int
-) -> None:
-    """Add chains built from targets that are in no chain yet."""
-    await _create(address, timeout_s, replicas, num_chains, False, as_json)
+_chains_command(
+    "init-cluster", True, "Create the chain table from the registered storage targets (once)."
+)
+_chains_command("create-chains", False, "Add chains built from targets that are in no chain yet.")
 
 
 @admin.group("config")
@@ -319,9 +277,7 @@ def config_group() -> None:
 
 @config_group.command("get")
 @click.argument("key", required=False, default="")
-@admin_options
-@timeout_option
-@async_command
+@mgmt_command
 async def config_get_cmd(key: str, address: str, as_json: bool, timeout_s: float) -> None:
     """Show KEY (or every key)."""
     rsp = await with_mgmt(address, timeout_s, lambda c: c.get_config(key))
@@ -334,9 +290,7 @@ async def config_get_cmd(key: str, address: str, as_json: bool, timeout_s: float
 @config_group.command("set")
 @click.argument("key")
 @click.argument("value")
-@admin_options
-@timeout_option
-@async_command
+@mgmt_command
 async def config_set_cmd(
     key: str, value: str, address: str, as_json: bool, timeout_s: float
 ) -> None:

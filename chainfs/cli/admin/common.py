@@ -25,6 +25,9 @@ def admin() -> None:
     """Cluster administration (every command takes --address and --json)."""
 
 
+DEFAULT_TIMEOUT_S = 5.0  # admin calls give up (exit 1) after this
+
+
 def admin_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Add --address (default $CHAINFS_ADDRESS) and --json to a command."""
     fn = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(fn)
@@ -81,3 +84,19 @@ def emit_object(obj: dict[str, Any], as_json: bool, title: str | None = None) ->
     for k, v in obj.items():
         table.add_row(k, str(v))
     Console(width=int(os.environ.get("COLUMNS", "160"))).print(table)
+
+
+def timeout_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--timeout",
+        "timeout_s",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        show_default=True,
+        help="Seconds to wait for mgmtd before failing.",
+    )(fn)
+
+
+def mgmt_command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+    """An async admin command with --address, --json and --timeout (innermost decorator)."""
+    return admin_options(timeout_option(async_command(fn)))

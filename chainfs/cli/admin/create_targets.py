@@ -25,8 +25,8 @@ import time
 
 import click
 
-from chainfs.cli.admin.cluster import fetch_routing, target_rows, timeout_option, with_mgmt
-from chainfs.cli.admin.common import admin, admin_options, async_command, emit
+from chainfs.cli.admin.cluster import fetch_routing, target_rows, with_mgmt
+from chainfs.cli.admin.common import admin, admin_options, async_command, emit, timeout_option
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
 from chainfs.common.rpc import grpc_util

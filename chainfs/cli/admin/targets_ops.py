@@ -1,4 +1,4 @@
-"""Operator commands on targets and chains (issue 7).
+"""Operator commands on targets and chains.
 
     chainfs admin offline-target TARGET      mark a target offline (moves to its chain's end)
     chainfs admin online-target TARGET       undo that: it resyncs, then serves
@@ -24,10 +24,9 @@ from chainfs.cli.admin.cluster import (
     chain_rows,
     fetch_routing,
     target_rows,
-    timeout_option,
     with_mgmt,
 )
-from chainfs.cli.admin.common import admin, admin_options, async_command, emit
+from chainfs.cli.admin.common import admin, emit, mgmt_command
 from chainfs.common.routing import Routing
 from chainfs.proto import mgmt_pb2 as mp
 
@@ -53,62 +52,54 @@ def _show_target(routing: Routing, target_id: int, as_json: bool) -> None:
     )
 
 
-@admin.command("offline-target")
-@click.argument("target_id", type=int)
-@admin_options
-@timeout_option
-@async_command
-async def offline_target_cmd(address: str, as_json: bool, timeout_s: float, target_id: int) -> None:
-    """Mark TARGET_ID offline: it stops serving and moves to the end of its chain.
+# One command per target action: (name, action, help text).
+_TARGET_ACTIONS = (
+    (
+        "offline-target",
+        mp.UpdateTargetReq.OFFLINE,
+        """Mark TARGET_ID offline: it stops serving and moves to the end of its chain.
 
-    It stays offline (its node's heartbeats do not revive it) until
-    `online-target` or `remove-target`.
-    """
-    routing = await _update_target(address, timeout_s, target_id, mp.UpdateTargetReq.OFFLINE)
-    _show_target(routing, target_id, as_json)
-
-
-@admin.command("online-target")
-@click.argument("target_id", type=int)
-@admin_options
-@timeout_option
-@async_command
-async def online_target_cmd(address: str, as_json: bool, timeout_s: float, target_id: int) -> None:
-    """Undo offline-target: TARGET_ID resyncs from its chain, then serves."""
-    routing = await _update_target(address, timeout_s, target_id, mp.UpdateTargetReq.ONLINE)
-    _show_target(routing, target_id, as_json)
-
-
-@admin.command("remove-target")
-@click.argument("target_id", type=int)
-@admin_options
-@timeout_option
-@async_command
-async def remove_target_cmd(address: str, as_json: bool, timeout_s: float, target_id: int) -> None:
-    """Remove TARGET_ID from its chain and from the registry."""
-    routing = await _update_target(address, timeout_s, target_id, mp.UpdateTargetReq.REMOVE)
-    _show_target(routing, target_id, as_json)
+        It stays offline (its node's heartbeats do not revive it) until
+        `online-target` or `remove-target`.""",
+    ),
+    (
+        "online-target",
+        mp.UpdateTargetReq.ONLINE,
+        "Undo offline-target: TARGET_ID resyncs from its chain, then serves.",
+    ),
+    (
+        "remove-target",
+        mp.UpdateTargetReq.REMOVE,
+        "Remove TARGET_ID from its chain and from the registry.",
+    ),
+    (
+        "rotate-lastsrv",
+        mp.UpdateTargetReq.ROTATE_LASTSRV,
+        """Give up on a chain's lastsrv target TARGET_ID (e.g. its disk is lost): another
+        target of the chain serves instead. Writes acknowledged only by it are lost.""",
+    ),
+)
 
 
-@admin.command("rotate-lastsrv")
-@click.argument("target_id", type=int)
-@admin_options
-@timeout_option
-@async_command
-async def rotate_lastsrv_cmd(address: str, as_json: bool, timeout_s: float, target_id: int) -> None:
-    """Give up on a chain's lastsrv target TARGET_ID (e.g. its disk is lost): another
-    target of the chain serves instead. Writes acknowledged only by it are lost."""
-    routing = await _update_target(address, timeout_s, target_id, mp.UpdateTargetReq.ROTATE_LASTSRV)
-    _show_target(routing, target_id, as_json)
+def _target_command(name: str, action: int, doc: str) -> None:
+    async def command(address: str, as_json: bool, timeout_s: float, target_id: int) -> None:
+        routing = await _update_target(address, timeout_s, target_id, action)
+        _show_target(routing, target_id, as_json)
+
+    command.__doc__ = doc
+    command.__name__ = name.replace("-", "_") + "_cmd"
+    admin.command(name)(click.argument("target_id", type=int)(mgmt_command(command)))
+
+
+for _name, _action, _doc in _TARGET_ACTIONS:
+    _target_command(_name, _action, _doc)
 
 
 @admin.command("update-chain")
 @click.argument("chain_id", type=int)
 @click.option("--add", "add", type=int, multiple=True, help="Target to add (joins at the end).")
 @click.option("--remove", "remove", type=int, multiple=True, help="Target to remove.")
-@admin_options
-@timeout_option
-@async_command
+@mgmt_command
 async def update_chain_cmd(
     address: str,
     as_json: bool,
@@ -140,9 +131,7 @@ def sync_rows(routing: Routing) -> list[dict[str, Any]]:
 
 @admin.command("sync-status")
 @click.option("--watch", is_flag=True, help="Progress bars until no target is syncing.")
-@admin_options
-@timeout_option
-@async_command
+@mgmt_command
 async def sync_status_cmd(address: str, as_json: bool, timeout_s: float, watch: bool) -> None:
     """Targets waiting for or doing a resync: bytes left and rate."""
     columns = [
