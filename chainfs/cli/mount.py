@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from chainfs.cli.options import file_option
 from chainfs.common.errors import ChainfsError
 
 if TYPE_CHECKING:
@@ -115,24 +116,19 @@ def _exit_with_parent() -> None:
     "max_requests=128, read_ahead_kb=0, ...) and flags (allow_other, ro, noatime, "
     "direct_io, writeback_cache, nodefault_permissions).",
 )
-@click.option(
+@file_option(
     "--config",
     "config_path",
-    type=click.Path(dir_okay=False, exists=True),
-    default=None,
-    help="TOML file with MountConfig fields (chainfs/fuse_mount/config.py); -o wins.",
+    "TOML file with MountConfig fields (chainfs/fuse_mount/config.py); -o wins.",
+    exists=True,
 )
-@click.option(
-    "--ready-file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Write JSON with the pid once mounted (foreground mode).",
+@file_option(
+    "--ready-file", "ready_file", "Write JSON with the pid once mounted (foreground mode)."
 )
-@click.option(
+@file_option(
     "--log-file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Log of a background mount (default: a file in the temp directory).",
+    "log_file",
+    "Log of a background mount (default: a file in the temp directory).",
 )
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO).")
 @click.option(

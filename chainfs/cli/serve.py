@@ -6,6 +6,7 @@ import importlib
 
 import click
 
+from chainfs.cli.options import file_option
 from chainfs.common.errors import ChainfsError
 
 # service name -> module with `main(config_path, ready_file) -> int`
@@ -23,18 +24,9 @@ def serve() -> None:
 
 def _make(name: str, module: str) -> click.Command:
     @click.command(name=name, help=f"Run the {name} service.")
-    @click.option(
-        "--config",
-        "config_path",
-        type=click.Path(dir_okay=False),
-        default=None,
-        help="TOML config file (defaults apply where absent).",
-    )
-    @click.option(
-        "--ready-file",
-        type=click.Path(dir_okay=False),
-        default=None,
-        help="Write JSON with pid and bound addresses here once serving.",
+    @file_option("--config", "config_path", "TOML config file (defaults apply where absent).")
+    @file_option(
+        "--ready-file", "ready_file", "Write JSON with pid and bound addresses here once serving."
     )
     def cmd(config_path: str | None, ready_file: str | None) -> None:
         mod = importlib.import_module(module)

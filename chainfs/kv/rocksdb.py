@@ -29,15 +29,9 @@ from urllib.parse import urlparse
 import rocksdict
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.kv import base
 from chainfs.kv._url import options_from_query
-from chainfs.kv.base import (
-    KVStore,
-    RetryPolicy,
-    Snapshot,
-    Transaction,
-    TxnConflict,
-    TxnTooOld,
-)
+from chainfs.kv.base import KVStore, RetryPolicy, Snapshot, Transaction
 
 
 @dataclass
@@ -274,26 +268,28 @@ class RocksDBStore(KVStore):
         assert read_version < self._validated
         oldest = self._log[0].version if self._log else self._validated + 1
         if read_version + 1 < oldest:
-            raise TxnTooOld(
+            raise base.TxnTooOld(
                 f"snapshot at commit {read_version} is older than the conflict log "
                 f"(from {oldest}); retrying"
             )
         reads = tx.reads
         for k in reads.keys:
             if self._last_write.get(k, 0) > read_version:
-                raise TxnConflict(f"key {k!r} changed since the snapshot")
+                raise base.TxnConflict(f"key {k!r} changed since the snapshot")
         ranges = sorted(reads.ranges)
         starts = [b for b, _ in ranges]
         for entry in self._log[read_version + 1 - oldest :]:
             if ranges:
                 for k in entry.keys:
                     if _in_ranges(k, ranges, starts):
-                        raise TxnConflict(f"key {k!r} in a range read changed since the snapshot")
+                        raise base.TxnConflict(
+                            f"key {k!r} in a range read changed since the snapshot"
+                        )
             for cb, ce in entry.cleared:
                 if any(cb <= k < ce for k in reads.keys):
-                    raise TxnConflict("a key read was cleared since the snapshot")
+                    raise base.TxnConflict("a key read was cleared since the snapshot")
                 if any(b < ce and cb < e for b, e in ranges):
-                    raise TxnConflict("a range read was cleared since the snapshot")
+                    raise base.TxnConflict("a range read was cleared since the snapshot")
 
     def _trim_log(self) -> None:
         bound = self.options.conflict_log_entries
