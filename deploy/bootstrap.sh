@@ -44,7 +44,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ deploy/bootstrap.sh
   # torch first, pinned to the CPU build this environment provides, so the
   # torch extra does not pull a multi-GB CUDA build.
   "$VENV/bin/pip" install -q "torch==$TORCH_VERSION"
-  "$VENV/bin/pip" install -q -e ".[dev,fuse,data,torch,bench]"
+  "$VENV/bin/pip" install -q -e ".[all,dev]"
   touch "$stamp"
 fi
 echo "bootstrap: ready ($VENV)"

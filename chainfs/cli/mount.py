@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from chainfs.cli.options import file_option
+from chainfs.cli.options import file_option, require_extra
 from chainfs.common.errors import ChainfsError
 
 if TYPE_CHECKING:
@@ -149,6 +149,7 @@ def mount(
     exit_with_parent: bool,
 ) -> None:
     """Mount the chainfs cluster at ADDRESS on MOUNTPOINT (FUSE)."""
+    require_extra("fuse", "chainfs mount")
     cfg = _load_config(config_path, address, options)
     if not foreground:
         argv = ["mount", mountpoint, "--address", cfg.address]

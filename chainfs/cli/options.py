@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -15,3 +16,20 @@ def file_option(
     return click.option(
         flag, dest, type=click.Path(dir_okay=False, exists=exists), default=None, help=help
     )
+
+
+# What each extra of the package brings, by the modules a command imports.
+EXTRAS = {
+    "server": ("rocksdict", "aetcd"),
+    "fuse": ("pyfuse3", "trio"),
+}
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Fail with the pip command to run when ``extra`` is not installed."""
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(
+            f"{what} needs the '{extra}' extra ({', '.join(missing)} not installed): "
+            f"pip install 'chainfs[{extra}]'"
+        )

@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-from chainfs.cli.options import file_option
+from chainfs.cli.options import file_option, require_extra
 from chainfs.common.errors import ChainfsError
 
 # service name -> module with `main(config_path, ready_file) -> int`
@@ -29,6 +29,7 @@ def _make(name: str, module: str) -> click.Command:
         "--ready-file", "ready_file", "Write JSON with pid and bound addresses here once serving."
     )
     def cmd(config_path: str | None, ready_file: str | None) -> None:
+        require_extra("server", f"chainfs serve {name}")
         mod = importlib.import_module(module)
         try:
             code = mod.main(config_path, ready_file)
