@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 
 from chainfs.common.rpc.meta_client import MetaClient
+from chainfs.local import LocalCluster
 from chainfs.proto import meta_pb2 as pb
 from chainfs.proto import mgmt_pb2 as mp
-from chainfs.testing.cluster import LocalCluster
 from chainfs.testing.metaload import MetadataLoad
 from tests.conftest import require_binary
 from tests.fault import faultlib as fl
