@@ -1,4 +1,4 @@
-"""Metadata and mgmtd high availability (issue 7): a 3-member etcd, two mgmtd, two
+"""Metadata and mgmtd high availability: a 3-member etcd, two mgmtd, two
 meta servers and three storage nodes (default lease and heartbeat settings)
 under a seeded metadata + small-file load from three clients. In sequence:
 kill -9 the mgmtd primary (and restart it: a standby), kill -9 the meta server
