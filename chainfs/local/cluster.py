@@ -80,6 +80,36 @@ def _stop_all(procs: list[ServiceProcess], etcd: list[EtcdCluster]) -> None:
             e.stop()
 
 
+def _check_shape(
+    storage_nodes: int,
+    targets_per_node: int,
+    replicas: int,
+    kv: str,
+    mgmtds: int,
+    metas: int,
+    etcd_members: int,
+) -> None:
+    """Refuse a cluster that cannot be built, before anything starts."""
+    if mgmtds < 1 or metas < 1 or etcd_members < 1:
+        raise ChainfsError(Code.EINVAL, "need at least one mgmtd, meta and etcd member")
+    if kv != "etcd" and (mgmtds > 1 or metas > 1 or etcd_members > 1):
+        raise ChainfsError(
+            Code.EINVAL,
+            "several mgmtd or meta servers share one store, and several etcd members "
+            "are etcd: use kv='etcd'",
+        )
+    if storage_nodes < 1 or targets_per_node < 1:
+        raise ChainfsError(Code.EINVAL, "need at least one storage node and one target")
+    if not 1 <= replicas <= storage_nodes:
+        raise ChainfsError(
+            Code.EINVAL,
+            f"replicas must be between 1 and the number of storage nodes "
+            f"({storage_nodes}), not {replicas}",
+        )
+    if kv not in ("rocksdb", "etcd", "memory"):
+        raise ChainfsError(Code.EINVAL, f"kv must be rocksdb, etcd or memory, not {kv!r}")
+
+
 class LocalCluster(StopOnExit):
     """mgmtd + N storage nodes (M targets each) + meta, started as separate processes."""
 
@@ -104,24 +134,7 @@ class LocalCluster(StopOnExit):
         lease_renew_interval_ms: int | None = None,
         configure_meta: Callable[[int, Any], None] | None = None,
     ) -> None:
-        if mgmtds < 1 or metas < 1 or etcd_members < 1:
-            raise ChainfsError(Code.EINVAL, "need at least one mgmtd, meta and etcd member")
-        if kv != "etcd" and (mgmtds > 1 or metas > 1 or etcd_members > 1):
-            raise ChainfsError(
-                Code.EINVAL,
-                "several mgmtd or meta servers share one store, and several etcd members "
-                "are etcd: use kv='etcd'",
-            )
-        if storage_nodes < 1 or targets_per_node < 1:
-            raise ChainfsError(Code.EINVAL, "need at least one storage node and one target")
-        if not 1 <= replicas <= storage_nodes:
-            raise ChainfsError(
-                Code.EINVAL,
-                f"replicas must be between 1 and the number of storage nodes "
-                f"({storage_nodes}), not {replicas}",
-            )
-        if kv not in ("rocksdb", "etcd", "memory"):
-            raise ChainfsError(Code.EINVAL, f"kv must be rocksdb, etcd or memory, not {kv!r}")
+        _check_shape(storage_nodes, targets_per_node, replicas, kv, mgmtds, metas, etcd_members)
         self.base_dir = Path(base_dir).resolve()
         self.n_storage = storage_nodes
         self.targets_per_node = targets_per_node
