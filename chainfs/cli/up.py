@@ -113,7 +113,7 @@ def up(
     sample_data: bool,
 ) -> None:
     """Start mgmtd, meta and storage nodes as separate processes; serve until Ctrl-C."""
-    from chainfs.testing.cluster import LocalCluster
+    from chainfs.local import LocalCluster
 
     stop = threading.Event()
 

@@ -577,7 +577,7 @@ Global___CreateChainsRsp: _TypeAlias = CreateChainsRsp  # noqa: Y015
 
 @_typing.final
 class UpdateTargetReq(_message.Message):
-    """Operator changes to targets and chains (see issue: failures)."""
+    """Operator changes to targets and chains (`chainfs admin offline-target`, ...)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -1,1 +1,9 @@
-"""Test and local-run helpers: real processes on loopback."""
+"""Test helpers: network namespaces (netns), a seeded metadata load (metaload).
+
+The local cluster runner is product code in :mod:`chainfs.local`; it is
+re-exported here so that ``from chainfs.testing import LocalCluster`` works.
+"""
+
+from chainfs.local import LocalCluster
+
+__all__ = ["LocalCluster"]

@@ -33,7 +33,6 @@ import os
 import re
 import subprocess
 import weakref
-from types import TracebackType
 
 from chainfs.common.errors import ChainfsError, Code
 
@@ -196,10 +195,5 @@ class NetnsLink:
     def __enter__(self) -> NetnsLink:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()

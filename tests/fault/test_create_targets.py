@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from chainfs.cli.admin.cluster import public_state_name
+from chainfs.local import cluster as cluster_mod
 from chainfs.proto import mgmt_pb2 as mp
-from chainfs.testing import cluster as cluster_mod
 from tests.fault import faultlib as fl
 from tests.fault.test_storage_faults import HB_INTERVAL_MS, HB_TIMEOUT_MS, _client_config
 

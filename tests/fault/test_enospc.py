@@ -14,7 +14,7 @@ import pytest
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.storage_client import StorageClient
-from chainfs.testing import cluster as cluster_mod
+from chainfs.local import cluster as cluster_mod
 from tests.conftest import require
 from tests.fault import faultlib as fl
 from tests.fault.test_fsck import _storage

@@ -19,7 +19,7 @@ import pytest
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.mgmt_client import MgmtClient, RoutingCache
 from chainfs.common.rpc.storage_client import StorageClient, StorageClientConfig
-from chainfs.testing import cluster as cluster_mod
+from chainfs.local import cluster as cluster_mod
 from tests.fault import faultlib as fl
 
 CHUNK = 1024 * 1024

@@ -1,4 +1,4 @@
-"""Metadata and mgmtd high availability (issue 7): a 3-member etcd, two mgmtd, two
+"""Metadata and mgmtd high availability: a 3-member etcd, two mgmtd, two
 meta servers and three storage nodes (default lease and heartbeat settings)
 under a seeded metadata + small-file load from three clients. In sequence:
 kill -9 the mgmtd primary (and restart it: a standby), kill -9 the meta server
@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 
 from chainfs.common.rpc.meta_client import MetaClient
+from chainfs.local import LocalCluster
 from chainfs.proto import meta_pb2 as pb
 from chainfs.proto import mgmt_pb2 as mp
-from chainfs.testing.cluster import LocalCluster
 from chainfs.testing.metaload import MetadataLoad
 from tests.conftest import require_binary
 from tests.fault import faultlib as fl

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from chainfs.local import cluster as cluster_mod
 from chainfs.proto import mgmt_pb2 as mp
-from chainfs.testing import cluster as cluster_mod
 from tests.conftest import require_binary
 from tests.fault import faultlib as fl
 

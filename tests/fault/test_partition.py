@@ -42,9 +42,9 @@ from chainfs.common import config as cfg
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.storage_client import StorageClientConfig
+from chainfs.local import cluster as cluster_mod
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
-from chainfs.testing import cluster as cluster_mod
 from chainfs.testing.netns import NetnsLink
 from chainfs.testing.proc import ServiceProcess
 from tests.conftest import require, require_binary

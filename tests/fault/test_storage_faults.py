@@ -17,8 +17,8 @@ import pytest
 from chainfs.client.config import ClientConfig
 from chainfs.common.checksum import crc32c
 from chainfs.common.rpc.storage_client import StorageClientConfig
+from chainfs.local import cluster as cluster_mod
 from chainfs.proto import mgmt_pb2 as mp
-from chainfs.testing import cluster as cluster_mod
 from tests.fault import faultlib as fl
 
 HB_INTERVAL_MS = 300

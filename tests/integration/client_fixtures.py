@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chainfs.testing.cluster import LocalCluster
+from chainfs.local import LocalCluster
 
 CHUNK = 4 * 1024 * 1024  # the default chunk size of new files (meta's default layout)
 

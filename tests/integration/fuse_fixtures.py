@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from chainfs.testing.cluster import LocalCluster
+from chainfs.local import LocalCluster
 from tests.conftest import require
 
 T = TypeVar("T")

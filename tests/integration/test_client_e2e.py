@@ -18,7 +18,7 @@ import pytest
 import chainfs
 from chainfs.client.config import ClientConfig
 from chainfs.client.sync import FileSystem
-from chainfs.testing.cluster import LocalCluster
+from chainfs.local import LocalCluster
 from tests.conftest import require
 from tests.integration.client_fixtures import CHUNK, module_cluster, pattern
 

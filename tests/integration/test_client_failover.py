@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 import chainfs
-from chainfs.testing.cluster import LocalCluster
+from chainfs.local import LocalCluster
 from tests.integration.client_fixtures import CHUNK, module_cluster, pattern
 
 pytestmark = pytest.mark.timeout(180)

@@ -17,7 +17,7 @@ from fsspec.tests.abstract import (
 )
 
 from chainfs.client.fsspec_adapter import ChainFileSystem
-from chainfs.testing.cluster import LocalCluster
+from chainfs.local import LocalCluster
 from tests.integration.client_fixtures import CHUNK, module_cluster, pattern
 
 pytestmark = pytest.mark.timeout(180)

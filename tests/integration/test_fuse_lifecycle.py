@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from chainfs.testing.cluster import LocalCluster
+from chainfs.local import LocalCluster
 from tests.integration.fuse_fixtures import force_unmount, is_mounted, mounted_cluster, poll
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(240)]

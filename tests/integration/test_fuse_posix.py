@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from chainfs.testing.cluster import LocalCluster
+from chainfs.local import LocalCluster
 from tests.conftest import require, require_binary
 from tests.integration.fuse_fixtures import mounted_cluster, run, tree_digest
 

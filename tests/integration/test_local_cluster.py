@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from chainfs.common.errors import ChainfsError
-from chainfs.testing.cluster import LocalCluster
+from chainfs.local import LocalCluster
 from tests.conftest import require_binary
 
 pytestmark = pytest.mark.timeout(180)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from chainfs.client.sync import FileSystem
-from chainfs.testing.cluster import LocalCluster
+from chainfs.local import LocalCluster
 from tests.integration.client_fixtures import pattern
 from tests.integration.fuse_fixtures import force_unmount, is_mounted, require_fuse
 

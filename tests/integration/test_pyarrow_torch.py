@@ -11,7 +11,7 @@ import pytest
 import chainfs
 from chainfs.client.fsspec_adapter import ChainFileSystem
 from chainfs.client.sync import FileSystem
-from chainfs.testing.cluster import LocalCluster
+from chainfs.local import LocalCluster
 from tests.conftest import require
 from tests.integration.client_fixtures import module_cluster, pattern
 

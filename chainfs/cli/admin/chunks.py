@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from typing import Any
 
 import click
@@ -131,16 +132,49 @@ async def dump_chunkmeta(routing: Routing, target_id: int, limit: int = 0) -> li
         await ch.close()
 
 
+class InodeOrPath(click.ParamType):
+    """An inode number, or an absolute path that the client resolves to one."""
+
+    name = "PATH|INODE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int) or str(value).startswith("/"):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither an absolute path nor an inode number", param, ctx)
+
+
+async def inode_of(address: str, file: int | str) -> int:
+    """The inode number of ``file``: itself if a number, else its path's st_ino."""
+    if isinstance(file, int):
+        return file
+    from chainfs import aio
+
+    try:
+        async with await aio.connect(address) as fs:
+            st = await fs.stat(file)
+    except FileNotFoundError:
+        raise ChainfsError(Code.ENOENT, "no such file or directory", file) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot resolve {file}: {e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ChainfsError(Code.EISDIR, "a directory has no chunks", file)
+    return st.st_ino
+
+
 @admin.command("query-chunk")
-@click.argument("inode", type=int)
+@click.argument("file", metavar="PATH|INODE", type=InodeOrPath())
 @click.argument("index", type=int)
 @click.option("--chain", "chain_id", type=int, default=0, help="Only this chain.")
 @admin_options
 @async_command
 async def query_chunk_cmd(
-    inode: int, index: int, chain_id: int, address: str, as_json: bool
+    file: int | str, index: int, chain_id: int, address: str, as_json: bool
 ) -> None:
-    """Every replica's metadata of chunk INDEX of file INODE (an inode id for now)."""
+    """Every replica's metadata of chunk INDEX of a file (its absolute PATH or its INODE)."""
+    inode = await inode_of(address, file)
     async with MgmtClient(address) as mgmt:
         routing = await mgmt.get_routing()
         assert routing is not None

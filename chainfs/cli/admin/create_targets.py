@@ -1,4 +1,4 @@
-"""`chainfs admin create-targets`: add storage targets to a running cluster (issue 7).
+"""`chainfs admin create-targets`: add storage targets to a running cluster.
 
     chainfs admin create-targets --node-id 3 --count 2 --path /mnt/disk7
     chainfs admin create-targets --node-id 3 --chain 5 --chain 9   # one target per chain

@@ -1,4 +1,4 @@
-"""Operator commands on targets and chains.
+"""Operator commands on targets and chains: take a target out, bring it back, reshape a chain.
 
     chainfs admin offline-target TARGET      mark a target offline (moves to its chain's end)
     chainfs admin online-target TARGET       undo that: it resyncs, then serves
