@@ -343,7 +343,6 @@ class LocalCluster(StopOnExit):
     def _mount(self, mountpoint: Path) -> None:
         """Start `chainfs mount MNT --foreground` as one more process; wait until mounted."""
         try:
-            import chainfs.cli.mount
             import chainfs.fuse_mount.mount  # noqa: F401
         except ImportError as e:
             raise ChainfsError(
