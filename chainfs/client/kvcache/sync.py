@@ -36,19 +36,14 @@ class KVCache:
     def __init__(self, acache: AsyncKVCache, loop: LoopThread) -> None:
         self._a = acache
         self._loop = loop
+        # The same objects as the async core's attributes of these names.
+        self.directory: str = acache.directory
+        self.config: KVCacheConfig = acache.config
 
     @property
     def aio(self) -> AsyncKVCache:
         """The async core (usable only from coroutines on the FileSystem's loop)."""
         return self._a
-
-    @property
-    def directory(self) -> str:
-        return self._a.directory
-
-    @property
-    def config(self) -> KVCacheConfig:
-        return self._a.config
 
     @property
     def closed(self) -> bool:
