@@ -228,6 +228,37 @@ def test_config_validation() -> None:
     assert (c.ttl_s, c.capacity_bytes, c.shards) == (5.0, 1000, 8)
 
 
+@pytest.mark.parametrize(
+    "name,bad,edge",
+    [
+        ("ttl_s", 0.0, 0.001),
+        ("capacity_bytes", 0, 1),
+        ("high_watermark", 1.01, 1.0),
+        ("low_watermark", 0.0, 0.01),
+        ("max_key_bytes", 0, 65535),
+        ("max_key_bytes", 65536, 1),
+        ("max_value_bytes", -1, 0),
+        ("max_value_bytes", 64 * 1024 * 1024 + 1, 64 * 1024 * 1024),
+        ("shards", 65537, 65536),
+        ("name_hash_bytes", 33, 32),
+        ("max_probes", 0, 64),
+        ("max_batch_keys", 0, 1),
+        ("coalesce_inflight", 0, 1),
+        ("scratch_pool_bytes", -1, 0),
+        ("max_read_retries", -1, 0),
+        ("atime_granularity_s", -0.5, 0.0),
+        ("gc_interval_s", 0.0, 0.001),
+        ("gc_candidates_per_shard", 0, 1),
+        ("tmp_max_age_s", -1.0, 0.5),
+    ],
+)
+def test_config_bounds(name: str, bad: float, edge: float) -> None:
+    with pytest.raises(ValueError, match=name):
+        make_config(**{name: bad})
+    assert getattr(make_config(**{name: edge}), name) == edge
+    make_config(ttl=None, capacity_bytes=None)  # None: no expiry, unbounded
+
+
 # -- put / get ------------------------------------------------------------------
 
 
@@ -435,6 +466,9 @@ async def test_read_buffers_come_back_to_the_pool_and_are_reused() -> None:
     await small.batch_put(keys, values)
     assert await small.batch_get(keys) == values
     assert small._values._pool is not None and small._values._pool.in_use_buffers == 0
+    unpooled = await _open(MemBackend(), scratch_pool_bytes=0)
+    await unpooled.batch_put(keys, values)
+    assert await unpooled.batch_get(keys) == values
 
 
 async def test_keys_returns_original_types() -> None:
