@@ -24,7 +24,7 @@ import pytest
 
 import chainfs
 from chainfs.client.kvcache import KVCache
-from chainfs.client.kvcache_format import FIXED_HEADER_BYTES, Key
+from chainfs.client.kvcache.format import FIXED_HEADER_BYTES, Key
 from chainfs.local import LocalCluster
 
 pytestmark = pytest.mark.timeout(180)

@@ -23,7 +23,7 @@ from chainfs.client.kvcache import (
     KVCacheConfig,
     make_config,
 )
-from chainfs.client.kvcache_format import (
+from chainfs.client.kvcache.format import (
     FIXED_HEADER_BYTES,
     Check,
     Key,
@@ -228,6 +228,37 @@ def test_config_validation() -> None:
     assert (c.ttl_s, c.capacity_bytes, c.shards) == (5.0, 1000, 8)
 
 
+@pytest.mark.parametrize(
+    "name,bad,edge",
+    [
+        ("ttl_s", 0.0, 0.001),
+        ("capacity_bytes", 0, 1),
+        ("high_watermark", 1.01, 1.0),
+        ("low_watermark", 0.0, 0.01),
+        ("max_key_bytes", 0, 65535),
+        ("max_key_bytes", 65536, 1),
+        ("max_value_bytes", -1, 0),
+        ("max_value_bytes", 64 * 1024 * 1024 + 1, 64 * 1024 * 1024),
+        ("shards", 65537, 65536),
+        ("name_hash_bytes", 33, 32),
+        ("max_probes", 0, 64),
+        ("max_batch_keys", 0, 1),
+        ("coalesce_inflight", 0, 1),
+        ("scratch_pool_bytes", -1, 0),
+        ("max_read_retries", -1, 0),
+        ("atime_granularity_s", -0.5, 0.0),
+        ("gc_interval_s", 0.0, 0.001),
+        ("gc_candidates_per_shard", 0, 1),
+        ("tmp_max_age_s", -1.0, 0.5),
+    ],
+)
+def test_config_bounds(name: str, bad: float, edge: float) -> None:
+    with pytest.raises(ValueError, match=name):
+        make_config(**{name: bad})
+    assert getattr(make_config(**{name: edge}), name) == edge
+    make_config(ttl=None, capacity_bytes=None)  # None: no expiry, unbounded
+
+
 # -- put / get ------------------------------------------------------------------
 
 
@@ -415,20 +446,29 @@ async def test_values_across_chunks_one_request_per_chunk() -> None:
     assert await kv.batch_get_into(keys, bufs) == [-1] * len(keys)
 
 
-def test_scratch_pool_reuses_and_bounds() -> None:
-    from chainfs.client.kvcache import _ScratchPool
-
-    pool = _ScratchPool(max_bytes=100_000)
-    a = pool.take(5000)
-    assert len(a) == 5000
-    obj = a.obj
-    pool.give(a)
-    c = pool.take(6000)  # same 8 KiB class: the same buffer again
-    assert c.obj is obj
-    big = [pool.take(70_000) for _ in range(3)]
-    for v in big:
-        pool.give(v)
-    assert pool._idle_bytes <= 100_000
+async def test_read_buffers_come_back_to_the_pool_and_are_reused() -> None:
+    b = MemBackend()
+    kv = await _open(b, scratch_pool_bytes=1 << 20)
+    keys = [f"k{i}" for i in range(20)]
+    values = [bytes([i]) * 3000 for i in range(20)]
+    await kv.batch_put(keys, values)
+    pool = kv._values._pool
+    assert pool is not None
+    assert await kv.batch_get(keys) == values
+    mapped = pool.mapped_total
+    assert pool.in_use_buffers == 0  # every scratch buffer was given back
+    assert await kv.batch_get(keys) == values
+    assert await kv.get("missing") is None
+    assert pool.mapped_total == mapped  # the second batch reused them
+    assert pool.in_use_buffers == 0
+    # Reads beyond the pool's bound still work (fresh buffers), and nothing leaks.
+    small = await _open(MemBackend(), scratch_pool_bytes=4096)
+    await small.batch_put(keys, values)
+    assert await small.batch_get(keys) == values
+    assert small._values._pool is not None and small._values._pool.in_use_buffers == 0
+    unpooled = await _open(MemBackend(), scratch_pool_bytes=0)
+    await unpooled.batch_put(keys, values)
+    assert await unpooled.batch_get(keys) == values
 
 
 async def test_keys_returns_original_types() -> None:
@@ -454,7 +494,7 @@ async def test_hash_collisions_are_detected_and_probed() -> None:
     chained = [p for p in b.entry_paths("/kv") if p.endswith("~2")]
     assert chained
     head = chained[0].rsplit("~", 1)[0]
-    heads = [k for k in keys if kv._path(Key.of(k, 100), 0) == head]
+    heads = [k for k in keys if kv._entries.path(Key.of(k, 100), 0) == head]
     assert len(heads) >= 3
     assert await kv.batch_remove([heads[0], heads[1]]) == [True, True]
     assert await kv.batch_get(heads[2:]) == [values[keys.index(k)] for k in heads[2:]]
@@ -598,7 +638,7 @@ async def test_capacity_evicts_least_recently_used_to_low_watermark() -> None:
     keys = [f"k{i:02d}" for i in range(30)]
     for i, k in enumerate(keys):
         await kv.put(k, value)
-        b.age(kv._path(Key.of(k, 100), 0), 1000 - i)  # k00 oldest ... k29 newest
+        b.age(kv._entries.path(Key.of(k, 100), 0), 1000 - i)  # k00 oldest ... k29 newest
     # k00..k04 are read now: most recently used.
     assert all(v is not None for v in await kv.batch_get(keys[:5]))
     await kv.flush_access_times()

@@ -1,0 +1,78 @@
+"""KV cache for LLM inference: immutable values by key, stored as chainfs files.
+
+    cache = fs.kvcache("/kv/llama", ttl=3600, capacity_bytes=64 << 30)
+    cache.put(block_hash, kv_bytes)
+    n = cache.get_into(block_hash, pinned_buffer)   # -1: miss
+    hits = cache.batch_exists(block_hashes).leading_hits
+
+Layout under the cache directory: ``data/<shard>/<name>`` holds one entry
+(see the format module), ``tmp/`` holds values being written.
+
+Semantics, across processes and clients:
+- Visibility: a put writes the whole value to a file in ``tmp/``, closes it
+  (storage has acknowledged every byte on every replica, meta has the exact
+  length), then renames it into place in one metadata transaction. A reader
+  sees no entry or the complete one, never a part.
+- Immutability: a put on a key that is present keeps the present value and
+  returns False (first writer wins; both writers wrote the same bytes in the
+  usual content-addressed use). ``put(..., overwrite=True)`` replaces it
+  atomically instead. A value never changes in place.
+- Reads verify: the header names the key and carries the value's length and
+  CRC32C, checked after every read. A value removed (evicted, expired,
+  replaced) while it is being read fails the check; the read then looks the
+  key up again and returns the current value or a miss, never a partial,
+  mixed or zeroed one.
+- Misses: ``get`` -> None, ``get_into`` -> -1, ``exists`` -> False,
+  ``batch_get`` / ``batch_get_into`` -> None / -1 at that position.
+- Keys: str (UTF-8; "k" and b"k" are the same key) or bytes, 1 byte to
+  ``max_key_bytes`` (ENAMETOOLONG beyond). Values: any contiguous buffer of 0
+  bytes to ``max_value_bytes`` (at most 64 MiB; EFBIG beyond, nothing stored).
+  Entries are named by a hash of the key; a name taken by another key (a hash
+  collision) is detected from the stored key and the entry goes to the next
+  probe name (``~1``, ``~2``, ...; EEXIST after ``max_probes``). Removing an
+  entry of such a chain moves the chain's last entry into its name (one
+  atomic rename), so lookups, which stop at the first free name, still reach
+  every entry.
+- Eviction: entries older than ``ttl`` (seconds since their put, by the
+  modification time meta recorded, compared with this host's clock) are
+  misses at once and are removed in the background. When the cache's bytes exceed
+  ``high_watermark * capacity_bytes``, the least recently used entries are
+  removed down to ``low_watermark * capacity_bytes``. Access times are
+  recorded approximately (relatime style: at most once per
+  ``atime_granularity_s`` per entry, queued, bounded, dropped when the queue
+  is full) by handles that have a capacity or ``record_access_times=True``.
+  Each round of the background task does bounded work (shards scanned,
+  entries removed). Several processes may evict at once (each removes what
+  it sees as least recently used; the total may undershoot the low mark).
+  Entries this process is reading are pinned against its own eviction; other
+  processes' evictions are made safe by the read verification above.
+- Counters: ``stats()`` scans the cache for entries and bytes (cache-wide);
+  hits, misses, evictions and expirations are counted by this handle.
+
+Modules: ``config`` (settings), ``format`` (an entry's bytes and name),
+``backend`` (the file-system operations, over an AsyncFileSystem),
+``entries`` (naming, lookup, chain-keeping removal), ``coalesce`` (batching
+of lone calls), ``cache`` (AsyncKVCache), ``eviction`` (TTL, watermarks,
+access times), ``sync`` (KVCache).
+"""
+
+from chainfs.client.kvcache.backend import EntryInfo, FsBackend, KVCacheBackend
+from chainfs.client.kvcache.cache import AsyncKVCache, BatchExists, KVStats, open_kvcache
+from chainfs.client.kvcache.config import MAX_VALUE_BYTES, KVCacheConfig, make_config
+from chainfs.client.kvcache.eviction import GcRound
+from chainfs.client.kvcache.sync import KVCache
+
+__all__ = [
+    "MAX_VALUE_BYTES",
+    "AsyncKVCache",
+    "BatchExists",
+    "EntryInfo",
+    "FsBackend",
+    "GcRound",
+    "KVCache",
+    "KVCacheBackend",
+    "KVCacheConfig",
+    "KVStats",
+    "make_config",
+    "open_kvcache",
+]

@@ -1,0 +1,252 @@
+"""The file-system operations a KV cache is built on, and their one implementation
+over an AsyncFileSystem (the only module of the cache that touches the client's engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from chainfs.client.aio_fs import layout_of
+from chainfs.client.layout import Layout, split
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc.meta_client import RENAME_NOREPLACE, XATTR_CREATE, At
+from chainfs.proto import meta_pb2 as mt
+
+if TYPE_CHECKING:
+    from chainfs.client.aio_fs import AsyncFileSystem
+
+
+@dataclass(frozen=True, slots=True)
+class EntryInfo:
+    """What meta says about one file."""
+
+    ino: int
+    size: int
+    layout: Layout
+    mtime_ns: int
+    atime_ns: int
+
+    @property
+    def last_access_ns(self) -> int:
+        return max(self.mtime_ns, self.atime_ns)
+
+
+class KVCacheBackend(Protocol):
+    """The file-system operations a KV cache is built on (AsyncFileSystem provides them)."""
+
+    async def kv_makedirs(self, paths: Sequence[str]) -> None:
+        """mkdir -p each path (existing directories are fine)."""
+
+    async def kv_stat_many(self, paths: Sequence[str]) -> list[EntryInfo | None]:
+        """Stat files in one batch; None where the path (or its parent) does not exist."""
+
+    async def kv_read_many(self, reads: Sequence[tuple[EntryInfo, int, memoryview]]) -> list[int]:
+        """Read ``len(view)`` bytes at ``offset`` of each file straight into ``view``,
+        all in parallel through the chunk path; the bytes actually received per
+        read (fewer when chunks are gone: never zero-filled)."""
+
+    async def kv_create(self, path: str, parts: Sequence[memoryview]) -> None:
+        """Create ``path`` exclusively, write ``parts`` in order, close (length reported)."""
+
+    async def kv_rename(self, src: str, dst: str, replace: bool) -> None:
+        """Atomic rename; EEXIST when ``dst`` exists and not ``replace``."""
+
+    async def kv_unlink(self, path: str) -> bool:
+        """Remove a file; False if it did not exist."""
+
+    def kv_list(self, path: str) -> AsyncIterator[list[tuple[str, EntryInfo | None]]]:
+        """Pages of (name, info) of a directory (info None for non-files)."""
+
+    async def kv_set_atime(self, path: str, atime_ns: int) -> None:
+        """Set a file's access time (ENOENT is not an error)."""
+
+    async def kv_xattr_create(self, path: str, name: str, value: bytes) -> bool:
+        """Set an extended attribute unless it exists (atomically); whether it was set."""
+
+    async def kv_xattr_get(self, path: str, name: str) -> bytes | None:
+        """An extended attribute's value, None if it is not set."""
+
+
+class FsBackend:
+    """KVCacheBackend over an AsyncFileSystem: meta calls through its MetaClient, chunk
+    reads through its parallel chunk path (batched per storage node, into the views)."""
+
+    def __init__(self, afs: AsyncFileSystem) -> None:
+        self._afs = afs
+        # The client engine's private members, reached here and nowhere else in
+        # the cache: they become ``afs.io.meta`` / ``afs.io.read_pieces``.
+        self._meta = afs._meta
+        self._read_pieces = afs._read_pieces
+        self._readdir_page_entries = afs.config.readdir_page_entries
+        # Directory path -> (inode id, when resolved): entries are then named
+        # (directory inode, name), which meta resolves with one lookup instead
+        # of a walk from the root. Trusted for _DIR_INO_TTL_S, so a cache
+        # directory removed and made again is noticed within that time.
+        self._dirs: dict[str, tuple[int, float]] = {}
+
+    async def _dir_inos(self, dirs: set[str]) -> dict[str, int]:
+        now = time.monotonic()
+        stale = [d for d in dirs if d not in self._dirs or now - self._dirs[d][1] > _DIR_INO_TTL_S]
+        if stale:
+            found = await self._meta.batch_stat(stale, follow=True)
+            for d, r in zip(stale, found, strict=True):
+                if isinstance(r, ChainfsError) or r.type != mt.DIRECTORY:
+                    self._dirs.pop(d, None)
+                else:
+                    self._dirs[d] = (r.ino, now)
+        return {d: self._dirs[d][0] for d in dirs if d in self._dirs}
+
+    async def _ats(self, paths: Sequence[str]) -> list[At]:
+        """(directory inode, name) for each path whose directory is known, else the path."""
+        parts = [p.rsplit("/", 1) for p in paths]
+        inos = await self._dir_inos({d or "/" for d, _ in parts})
+        out: list[At] = []
+        for p, (d, name) in zip(paths, parts, strict=True):
+            ino = inos.get(d or "/")
+            out.append(p if ino is None else (ino, name))
+        return out
+
+    async def kv_makedirs(self, paths: Sequence[str]) -> None:
+        found = await self._meta.batch_stat(list(paths), follow=True)
+        missing = [
+            p
+            for p, r in zip(paths, found, strict=True)
+            if isinstance(r, ChainfsError) and r.code in (Code.ENOENT, Code.ENOTDIR)
+        ]
+        for p, r in zip(paths, found, strict=True):
+            if isinstance(r, ChainfsError) and p not in missing:
+                raise ChainfsError(r.code, r.message, p)
+        sem = asyncio.Semaphore(_MKDIR_PARALLEL)
+
+        async def mkdir(p: str) -> None:
+            async with sem:
+                await self._meta.mkdir(p, 0o777, parents=True)
+
+        self._dirs.clear()
+        await asyncio.gather(*(mkdir(p) for p in missing))
+
+    async def kv_stat_many(self, paths: Sequence[str]) -> list[EntryInfo | None]:
+        found = await self._meta.batch_stat(await self._ats(paths), follow=False)
+        out: list[EntryInfo | None] = []
+        for p, r in zip(paths, found, strict=True):
+            if isinstance(r, ChainfsError):
+                if r.code in (Code.ENOENT, Code.ENOTDIR):
+                    out.append(None)
+                    continue
+                raise ChainfsError(r.code, r.message, p)
+            out.append(_entry_info(r))
+        return out
+
+    async def kv_read_many(self, reads: Sequence[tuple[EntryInfo, int, memoryview]]) -> list[int]:
+        work = [
+            (info.ino, info.layout, piece, view)
+            for info, offset, view in reads
+            for piece in split(info.layout, offset, len(view))
+        ]
+        await self._read_pieces(work)  # missing chunks come back as zeros
+        return [len(view) for _, _, view in reads]
+
+    async def kv_create(self, path: str, parts: Sequence[memoryview]) -> None:
+        try:
+            f = await self._afs.open(path, "xb")
+        except OSError as e:
+            raise _chainfs_error(e, path) from None
+        try:
+            for part in parts:
+                await f.write(part)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                await f.close()
+            raise _chainfs_error(e, path) from None
+        try:
+            await f.close()
+        except OSError as e:
+            raise _chainfs_error(e, path) from None
+
+    async def kv_rename(self, src: str, dst: str, replace: bool) -> None:
+        at_src, at_dst = await self._ats([src, dst])
+        try:
+            await self._meta.rename(at_src, at_dst, flags=0 if replace else RENAME_NOREPLACE)
+        except ChainfsError as e:
+            if e.code == Code.ENOENT:
+                self._dirs.clear()  # perhaps a directory was made again: look it up anew
+            raise
+
+    async def kv_unlink(self, path: str) -> bool:
+        (at,) = await self._ats([path])
+        try:
+            await self._meta.unlink(at)
+        except ChainfsError as e:
+            if e.code in (Code.ENOENT, Code.ENOTDIR):
+                return False
+            raise
+        return True
+
+    async def kv_list(self, path: str) -> AsyncIterator[list[tuple[str, EntryInfo | None]]]:
+        after = b""
+        while True:
+            try:
+                rsp = await self._meta.readdir(
+                    path, after, self._readdir_page_entries, with_attrs=True
+                )
+            except ChainfsError as e:
+                if e.code in (Code.ENOENT, Code.ENOTDIR):
+                    return
+                raise
+            page: list[tuple[str, EntryInfo | None]] = []
+            for ent in rsp.entries:
+                name = ent.name.decode("utf-8", "surrogateescape")
+                page.append((name, _entry_info(ent.inode)))
+            if page:
+                yield page
+            if not rsp.more or not rsp.entries:
+                return
+            after = rsp.entries[-1].name
+
+    async def kv_xattr_create(self, path: str, name: str, value: bytes) -> bool:
+        try:
+            await self._meta.setxattr(path, name, value, flags=XATTR_CREATE)
+        except ChainfsError as e:
+            if e.code == Code.EEXIST:
+                return False
+            raise
+        return True
+
+    async def kv_xattr_get(self, path: str, name: str) -> bytes | None:
+        try:
+            return await self._meta.getxattr(path, name)
+        except ChainfsError as e:
+            if e.code == Code.ENODATA:
+                return None
+            raise
+
+    async def kv_set_atime(self, path: str, atime_ns: int) -> None:
+        (at,) = await self._ats([path])
+        try:
+            await self._meta.setattr(at, follow=False, atime_ns=atime_ns)
+        except ChainfsError as e:
+            if e.code not in (Code.ENOENT, Code.ENOTDIR):
+                raise
+
+
+_MKDIR_PARALLEL = 16  # directory creations in flight when a cache is first opened
+_DIR_INO_TTL_S = 5.0  # a directory's inode id is trusted this long (see FsBackend._dirs)
+
+
+def _entry_info(inode: mt.Inode) -> EntryInfo | None:
+    if inode.type != mt.FILE or not inode.layout.chunk_size or not inode.layout.chains:
+        return None
+    return EntryInfo(inode.ino, inode.size, layout_of(inode), inode.mtime_ns, inode.atime_ns)
+
+
+def _chainfs_error(e: OSError, path: str) -> ChainfsError:
+    if isinstance(e, ChainfsError):
+        return e
+    cause = e.__cause__
+    if isinstance(cause, ChainfsError):
+        return cause
+    return ChainfsError(e.errno or Code.EIO, e.strerror or str(e), path)

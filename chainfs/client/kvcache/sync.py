@@ -1,0 +1,84 @@
+"""KVCache: the synchronous twin of AsyncKVCache, its methods generated from the async ones."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+
+from chainfs.client.kvcache.cache import AsyncKVCache
+from chainfs.client.kvcache.config import KVCacheConfig
+
+if TYPE_CHECKING:
+    from chainfs.client._loop import LoopThread
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _on_loop(
+    method: Callable[Concatenate[AsyncKVCache, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[KVCache, P], R]:
+    """The sync form of an AsyncKVCache coroutine method: the same parameters
+    (``inspect.signature`` follows ``__wrapped__``), run on the loop thread."""
+
+    @functools.wraps(method)
+    def run(self: KVCache, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._loop.run(method(self._a, *args, **kwargs))
+
+    run.__qualname__ = f"KVCache.{method.__name__}"
+    return run
+
+
+class KVCache:
+    """A KV cache for synchronous code: AsyncKVCache run on the FileSystem's loop thread."""
+
+    def __init__(self, acache: AsyncKVCache, loop: LoopThread) -> None:
+        self._a = acache
+        self._loop = loop
+        # The same objects as the async core's attributes of these names.
+        self.directory: str = acache.directory
+        self.config: KVCacheConfig = acache.config
+
+    @property
+    def aio(self) -> AsyncKVCache:
+        """The async core (usable only from coroutines on the FileSystem's loop)."""
+        return self._a
+
+    @property
+    def closed(self) -> bool:
+        return self._a.closed
+
+    get = _on_loop(AsyncKVCache.get)
+    get_into = _on_loop(AsyncKVCache.get_into)
+    batch_get = _on_loop(AsyncKVCache.batch_get)
+    batch_get_into = _on_loop(AsyncKVCache.batch_get_into)
+    exists = _on_loop(AsyncKVCache.exists)
+    batch_exists = _on_loop(AsyncKVCache.batch_exists)
+    put = _on_loop(AsyncKVCache.put)
+    batch_put = _on_loop(AsyncKVCache.batch_put)
+    remove = _on_loop(AsyncKVCache.remove)
+    batch_remove = _on_loop(AsyncKVCache.batch_remove)
+    keys = _on_loop(AsyncKVCache.keys)
+    stats = _on_loop(AsyncKVCache.stats)
+    gc = _on_loop(AsyncKVCache.gc)
+    flush_access_times = _on_loop(AsyncKVCache.flush_access_times)
+
+    def estimated_bytes(self) -> int | None:
+        """Bytes in the cache as of the last scans plus this handle's puts since."""
+        return self._a.estimated_bytes()
+
+    def close(self) -> None:
+        """Stop the background tasks and record pending access times (idempotent)."""
+        if self._a.closed or not self._loop.alive:
+            return
+        self._loop.run(self._a.close())
+
+    def __enter__(self) -> KVCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<chainfs.KVCache {self.directory!r}{' closed' if self.closed else ''}>"
