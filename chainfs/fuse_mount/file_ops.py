@@ -287,6 +287,10 @@ class FileOps(OpsBase):
             w.seek_sync(off)
             try:
                 n = await w.write(buf)
+            except OSError as e:
+                if e.errno != errno.EFBIG:  # EFBIG is refused before anything is buffered
+                    st.write_failed = True
+                raise
             except BaseException:
                 st.write_failed = True
                 raise
