@@ -94,7 +94,7 @@ def _online_metas(address: str) -> int:
 
 
 def _meta_used_by(c: LocalCluster, fs: Any) -> int:
-    current = fs.aio._meta._current
+    current = fs.aio.io.meta._current
     for i, p in enumerate(c.metas):
         if current in (f"frame://{p.info['data_address']}", p.info["rpc_address"]):
             return i

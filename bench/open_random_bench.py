@@ -78,7 +78,7 @@ def fio(cluster: LocalCluster, runtime_s: int) -> dict[str, Any]:
     for chunk in (4 * MiB, 64 * 1024):
         d = f"/fio{chunk // 1024}k"
         fs.mkdir(d, exist_ok=True)
-        fs._loop.run(fs.aio._meta.set_layout(d, chunk_size=chunk))
+        fs._loop.run(fs.aio.io.meta.set_layout(d, chunk_size=chunk))
         fs.write_file(f"{d}/f", os.urandom(FILE_BYTES))
         for rw in ("randread", "randwrite"):
             cmd = [

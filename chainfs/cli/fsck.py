@@ -180,8 +180,8 @@ async def run_fsck(address: str, repair: bool, timeout_s: float) -> list[dict[st
 
     afs = await AsyncFileSystem.connect(address)
     try:
-        meta = afs._meta  # the namespace and data-plane clients of the connection
-        storage = afs._storage
+        meta = afs.io.meta  # the namespace and data-plane clients of the connection
+        storage = afs.io.storage
         routing = await storage.routing.refresh()
         files = await walk(meta)
         problems, repairs = await check(routing, files, timeout_s)

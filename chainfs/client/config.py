@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from chainfs.common.rpc.storage_client import StorageClientConfig
 
 MiB = 1024 * 1024
+
+# Where connect() and the adapters find the mgmtd address when none is given.
+ADDRESS_ENV = "CHAINFS_ADDRESS"
+
+
+def resolve_address(address: str | None) -> str:
+    """``address``, else $CHAINFS_ADDRESS; ValueError when neither is set."""
+    address = address or os.environ.get(ADDRESS_ENV)
+    if not address:
+        raise ValueError(
+            f"no chainfs cluster address: pass address='host:port[,host:port]' "
+            f"or set ${ADDRESS_ENV}"
+        )
+    return address
 
 
 @dataclass

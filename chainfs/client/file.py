@@ -27,10 +27,11 @@ import asyncio
 import errno
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from chainfs.client.chunk_io import ChunkIO, OpenHandle
 from chainfs.client.layout import Layout, Piece, split
 
 # Any bytes-like object (collections.abc.Buffer needs Python 3.12).
@@ -38,7 +39,6 @@ Buffer = Any
 
 if TYPE_CHECKING:
     from chainfs.client._loop import LoopThread
-    from chainfs.client.aio_fs import AsyncFileSystem
 
 
 @dataclass(frozen=True)
@@ -89,18 +89,6 @@ class Mode:
         return f"{base}b{plus}"
 
 
-@dataclass
-class OpenHandle:
-    """What meta told us about an open file."""
-
-    path: str
-    inode: int
-    layout: Layout
-    size: int
-    session: Any = None  # meta's write session (None when opened read-only)
-    read_session: bool = False  # counted on the FileSystem's shared read session of the inode
-
-
 # readline on an unbuffered file fetches this much at a time while looking for b"\n".
 _UNBUFFERED_LINE_STEP_BYTES = 8 * 1024
 
@@ -110,14 +98,23 @@ def _closed_error() -> ValueError:
 
 
 class AsyncFile:
-    """A file of an AsyncFileSystem. Methods are coroutines except tell/readable/..."""
+    """A file of an AsyncFileSystem. Methods are coroutines except tell/readable/...
+
+    Its bytes move through ``chunk_io`` (the connection's engine); ``on_close`` is
+    called with the file when it closes (its FileSystem forgets it then)."""
 
     def __init__(
-        self, fs: AsyncFileSystem, handle: OpenHandle, mode: Mode, buffering: int = -1
+        self,
+        chunk_io: ChunkIO,
+        handle: OpenHandle,
+        mode: Mode,
+        buffering: int = -1,
+        on_close: Callable[[AsyncFile], None] | None = None,
     ) -> None:
         if buffering < -1:
             raise ValueError(f"invalid buffering {buffering}")
-        self._fs = fs
+        self._io = chunk_io
+        self._on_close = on_close
         self._h = handle
         self._mode = mode
         self.name = handle.path
@@ -129,7 +126,7 @@ class AsyncFile:
         self._wbuf = bytearray()
         self._wbuf_offset = 0  # file offset of _wbuf[0]
         self._inflight: dict[int, asyncio.Task[None]] = {}  # chunk index -> last send
-        self._inflight_sem = asyncio.Semaphore(fs.config.max_inflight_writes_per_file)
+        self._inflight_sem = asyncio.Semaphore(chunk_io.config.max_inflight_writes_per_file)
         self._write_error: BaseException | None = None
         self._dirty = False  # wrote since the length was last reported
         self._wrote = False  # wrote at all (close then has meta fix length and mtime)
@@ -139,10 +136,10 @@ class AsyncFile:
         # buffering: 0 unbuffered, N fixed, -1 adaptive (window grows on sequential reads).
         self._unbuffered = buffering == 0
         self._adaptive = buffering == -1
-        max_window = fs.config.read_buffer_bytes if buffering < 0 else buffering
+        max_window = chunk_io.config.read_buffer_bytes if buffering < 0 else buffering
         self._max_window = max_window
         self._window = (
-            min(fs.config.read_ahead_min_bytes, max_window) if buffering < 0 else buffering
+            min(chunk_io.config.read_ahead_min_bytes, max_window) if buffering < 0 else buffering
         )
         self._last_read_end = 0  # file offset where the previous read stopped
 
@@ -193,6 +190,15 @@ class AsyncFile:
         if not self._mode.writable:
             raise io.UnsupportedOperation(f"{self.name}: file not open for writing")
 
+    def _check_length(self, length: int) -> None:
+        """EFBIG, before anything is buffered or sent, past the largest length of the layout."""
+        if length > self._h.layout.max_file_bytes:
+            raise OSError(
+                errno.EFBIG,
+                f"file too large: length {length} beyond {self._h.layout.max_file_bytes}",
+                self.name,
+            )
+
     def _raise_write_error(self) -> None:
         if self._write_error is not None:
             err, self._write_error = self._write_error, None
@@ -235,8 +241,8 @@ class AsyncFile:
             return None
         cs = self._h.layout.chunk_size
         start = pos if not self._wbuf else self._wbuf_offset
-        if (start // cs) != ((pos + n) // cs) or n == 0:
-            return None  # completes a chunk (or empty): take the slow path
+        if (start // cs) != ((pos + n) // cs) or n == 0 or pos + n > self._h.layout.max_file_bytes:
+            return None  # completes a chunk, empty or too far: take the slow path
         if not self._wbuf:
             self._wbuf_offset = pos
         self._wbuf += mv
@@ -260,6 +266,7 @@ class AsyncFile:
         if self.try_write_buffered(mv) is not None:
             return n
         pos = self._size if self._mode.append else self._pos
+        self._check_length(pos + n)
         if self._wbuf and pos != self._wbuf_offset + len(self._wbuf):
             await self._send_wbuf()
         cs = self._h.layout.chunk_size
@@ -284,6 +291,10 @@ class AsyncFile:
             await self._drain()  # unbuffered: on storage (every replica) before we return
         return n
 
+    async def writelines(self, lines: Iterable[Buffer]) -> None:
+        for line in lines:
+            await self.write(line)
+
     async def _send_wbuf(self) -> None:
         """Hand the pending run to a background send (bounded in flight and in bytes)."""
         if not self._wbuf:
@@ -295,7 +306,7 @@ class AsyncFile:
         piece = pieces[0]
         await self._inflight_sem.acquire()
         try:
-            await self._fs._budget.acquire(len(data))
+            await self._io.budget.acquire(len(data))
         except BaseException:
             self._inflight_sem.release()
             raise
@@ -310,14 +321,14 @@ class AsyncFile:
             if previous is not None:
                 # Same chunk already in flight: keep the two writes in order.
                 await asyncio.wait([previous])
-            await self._fs._write_piece(self._h, piece, data)
+            await self._io.write_piece(self._h, piece, data)
         except asyncio.CancelledError:
             raise
         except BaseException as e:
             if self._write_error is None:
                 self._write_error = e
         finally:
-            self._fs._budget.release(len(data))
+            self._io.budget.release(len(data))
             self._inflight_sem.release()
             if self._inflight.get(piece.chunk_index) is asyncio.current_task():
                 del self._inflight[piece.chunk_index]
@@ -336,14 +347,14 @@ class AsyncFile:
         if self._mode.writable:
             await self._drain()
             if self._dirty:
-                await self._fs._sync_handle(self._h, self.size(), exact=False)
+                await self._io.sync_handle(self._h, self.size(), exact=False)
                 self._dirty = False
 
     async def fsync(self) -> None:
         """flush(), then make the length durable at meta."""
         await self.flush()
         if self._mode.writable:
-            await self._fs._sync_handle(self._h, self._size, exact=True)
+            await self._io.sync_handle(self._h, self._size, exact=True)
             self._dirty = False
 
     async def truncate(self, size: int | None = None) -> int:
@@ -352,12 +363,13 @@ class AsyncFile:
             size = self._pos
         if size < 0:
             raise OSError(errno.EINVAL, f"negative size {size}", self.name)
+        self._check_length(size)
         await self._drain()
         if self._dirty:
             # Meta cuts storage only below the length it knows: report ours first.
-            await self._fs._sync_handle(self._h, self.size(), exact=False)
+            await self._io.sync_handle(self._h, self.size(), exact=False)
             self._dirty = False
-        await self._fs._truncate_handle(self._h, size)
+        await self._io.truncate_handle(self._h, size)
         self._size = size
         self._wrote = True
         self._rbuf = memoryview(b"")
@@ -420,12 +432,12 @@ class AsyncFile:
         window = self._next_window(self._pos)
         if rest >= window:
             # 2a. Large (or unbuffered): straight into the caller's buffer, chunks in parallel.
-            await self._fs._read_into(self._h, at, out[done:n])
+            await self._io.read_into(self._h, at, out[done:n])
         else:
             # 2b. Small: refill the read buffer, then copy out.
             fill = min(max(rest, window), self._size - at)
             rbuf = bytearray(fill)
-            await self._fs._read_into(self._h, at, memoryview(rbuf))
+            await self._io.read_into(self._h, at, memoryview(rbuf))
             self._rbuf, self._rbuf_offset = memoryview(rbuf), at
             out[done:n] = self._rbuf[:rest]
         self._pos += n
@@ -440,7 +452,7 @@ class AsyncFile:
             if pos == self._last_read_end:
                 self._window = min(self._window * 2, self._max_window)
             else:
-                self._window = min(self._fs.config.read_ahead_min_bytes, self._max_window)
+                self._window = min(self._io.config.read_ahead_min_bytes, self._max_window)
         return self._window
 
     async def readline(self, size: int | None = -1) -> bytes:
@@ -488,7 +500,7 @@ class AsyncFile:
         window = _UNBUFFERED_LINE_STEP_BYTES if self._unbuffered else self._next_window(at)
         fill = min(window, self._size - at)
         rbuf = bytearray(fill)
-        await self._fs._read_into(self._h, at, memoryview(rbuf))
+        await self._io.read_into(self._h, at, memoryview(rbuf))
         self._rbuf, self._rbuf_offset = memoryview(rbuf), at
 
     # -- close ---------------------------------------------------------------
@@ -504,7 +516,9 @@ class AsyncFile:
             self._rbuf = memoryview(b"")
             # A reader reports no length: the file may have shrunk since its open.
             length = self._size if self._mode.writable else 0
-            await self._fs._close_handle(self._h, length, self._wrote)
+            if self._on_close is not None:
+                self._on_close(self)
+            await self._io.close_handle(self._h, length, self._wrote)
 
     async def __aenter__(self) -> AsyncFile:
         return self
@@ -514,6 +528,10 @@ class AsyncFile:
 
     def fileno(self) -> int:
         raise io.UnsupportedOperation("chainfs files have no OS file descriptor")
+
+    def isatty(self) -> bool:
+        self._check_open()
+        return False
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"pos={self._pos}"
@@ -546,6 +564,14 @@ class File(io.BufferedIOBase):
     def inode(self) -> int:
         return self._af.inode
 
+    @property
+    def layout(self) -> Layout:
+        return self._af.layout
+
+    def size(self) -> int:
+        """The file's length as this handle sees it."""
+        return self._af.size()
+
     def readable(self) -> bool:
         return self._af.readable()
 
@@ -559,8 +585,7 @@ class File(io.BufferedIOBase):
         raise io.UnsupportedOperation("chainfs files have no OS file descriptor")
 
     def isatty(self) -> bool:
-        self._af._check_open()
-        return False
+        return self._af.isatty()
 
     def tell(self) -> int:
         return self._af.tell()

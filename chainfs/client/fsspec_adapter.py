@@ -22,11 +22,11 @@ from typing import Any
 
 from fsspec.spec import AbstractFileSystem
 
+from chainfs.client.config import resolve_address
 from chainfs.client.file import File
 from chainfs.client.sync import FileSystem
 from chainfs.common.errors import ChainfsError, Code
 
-ADDRESS_ENV = "CHAINFS_ADDRESS"
 # host:port[,host:port...] at the start of a URL's location part.
 _ADDRESS_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d+(,[A-Za-z0-9.\-\[\]:]+:\d+)*$")
 _COPY_BLOCK_BYTES = 16 * 1024 * 1024  # server-side copy streams in blocks of this size
@@ -54,24 +54,18 @@ class ChainFileSystem(AbstractFileSystem):
     def __init__(
         self,
         address: str | None = None,
-        token: str | None = None,
         fs: FileSystem | None = None,
         auto_mkdir: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(address=address, token=token, auto_mkdir=auto_mkdir, **kwargs)
+        if "token" in kwargs:  # fsspec would keep it silently; nothing would check it
+            raise TypeError("chainfs has no authentication yet: 'token' is not an option")
+        super().__init__(address=address, auto_mkdir=auto_mkdir, **kwargs)
         # Writing a file creates its missing parent directories (object-store
         # style, what fsspec's copy/put/pipe expect); False: FileNotFoundError.
         self.auto_mkdir = auto_mkdir
-        if fs is None:
-            address = address or os.environ.get(ADDRESS_ENV)
-            if not address:
-                raise ValueError(
-                    f"chainfs needs a cluster address: address=HOST:PORT, "
-                    f"chainfs://HOST:PORT/path or ${ADDRESS_ENV}"
-                )
-        self.address = address if fs is None else fs.address
-        self.token = token
+        # No address: chainfs://HOST:PORT/path gave none either, so $CHAINFS_ADDRESS.
+        self.address = resolve_address(address) if fs is None else fs.address
         self._client = fs
         self._client_pid = os.getpid()
 
@@ -82,7 +76,7 @@ class ChainFileSystem(AbstractFileSystem):
             import chainfs
 
             assert self.address is not None
-            self._client = chainfs.connect(self.address, token=self.token)
+            self._client = chainfs.connect(self.address)
             self._client_pid = os.getpid()
         return self._client
 
@@ -402,11 +396,11 @@ class ChainFileSystem(AbstractFileSystem):
 
     def __reduce__(self) -> Any:
         # Pickles as its address only: a worker process opens its own connection.
-        return (_rebuild, (self.address, self.token))
+        return (_rebuild, (self.address,))
 
 
-def _rebuild(address: str, token: str | None) -> ChainFileSystem:
-    return ChainFileSystem(address=address, token=token)
+def _rebuild(address: str) -> ChainFileSystem:
+    return ChainFileSystem(address=address)
 
 
 class _DeferredFile:

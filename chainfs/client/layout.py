@@ -1,8 +1,40 @@
-"""File layout arithmetic: which chunk of which chain holds a byte range."""
+"""Paths and file layouts: path normalisation, and which chunk of which chain holds a byte range."""
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
+
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.proto import meta_pb2 as mt
+
+# A chunk index travels as a uint32 (storage's ChunkId.index): a file holds at
+# most this many chunks, so its length is bounded by chunk_size times this.
+MAX_CHUNKS_PER_FILE = 1 << 32
+
+
+def normpath(path: str | bytes | os.PathLike[str]) -> str:
+    """The canonical form of a chainfs path: absolute, single slashes, no trailing slash.
+
+    chainfs has no working directory, so a relative path is refused (OSError
+    EINVAL, "paths must be absolute") rather than guessed at; the empty path is
+    FileNotFoundError (ENOENT), as ``os.stat("")`` answers. A NUL byte is
+    ValueError, as in ``os`` functions.
+    """
+    if not isinstance(path, str):
+        path = os.fsdecode(path)
+    if "\x00" in path:
+        raise ValueError("embedded null character in path")
+    if not path:
+        raise FileNotFoundError(errno.ENOENT, "empty path", path)
+    if not path.startswith("/"):
+        raise OSError(
+            errno.EINVAL, "chainfs paths must be absolute (there is no working directory)", path
+        )
+    while "//" in path:
+        path = path.replace("//", "/")
+    return path.rstrip("/") or "/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +54,19 @@ class Layout:
 
     def chain_of(self, chunk_index: int) -> int:
         return self.chains[chunk_index % len(self.chains)]
+
+    @property
+    def max_file_bytes(self) -> int:
+        """The largest length a file of this layout can reach (EFBIG beyond)."""
+        return self.chunk_size * MAX_CHUNKS_PER_FILE
+
+
+def layout_of(inode: mt.Inode) -> Layout:
+    """The layout meta stored for a file inode."""
+    lay = inode.layout
+    if not lay.chunk_size or not lay.chains:
+        raise ChainfsError(Code.EIO, f"inode {inode.ino} has no usable layout")
+    return Layout(chunk_size=lay.chunk_size, chains=tuple(lay.chains)[: lay.stripe or None])
 
 
 @dataclass(frozen=True, slots=True)

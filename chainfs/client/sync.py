@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from chainfs.client._loop import LoopThread
 from chainfs.client.aio_fs import AsyncFileSystem, DirEntry, Range, StatResult, StatVFS
 from chainfs.client.aio_fs import connect as aio_connect
-from chainfs.client.config import ClientConfig
+from chainfs.client.config import ClientConfig, resolve_address
 from chainfs.client.file import File, Mode
 
 if TYPE_CHECKING:
@@ -60,12 +60,12 @@ class FileSystem:
         _open_filesystems.add(self)
 
     @classmethod
-    def connect(
-        cls, address: str, token: str | None = None, config: ClientConfig | None = None
-    ) -> FileSystem:
+    def connect(cls, address: str | None = None, config: ClientConfig | None = None) -> FileSystem:
+        """Reach mgmtd at ``address`` (default $CHAINFS_ADDRESS), fail fast if unreachable."""
+        address = resolve_address(address)
         loop = LoopThread()
         try:
-            afs = loop.run(aio_connect(address, token=token, config=config))
+            afs = loop.run(aio_connect(address, config=config))
         except BaseException:
             loop.stop()
             raise
@@ -78,6 +78,11 @@ class FileSystem:
     @property
     def config(self) -> ClientConfig:
         return self._afs.config
+
+    @property
+    def storage_read_bytes(self) -> int:
+        """Bytes asked of storage by reads since connect (file reads, read_ranges)."""
+        return self._afs.storage_read_bytes
 
     @property
     def aio(self) -> AsyncFileSystem:
@@ -300,11 +305,11 @@ class FileSystem:
         return f"<chainfs.FileSystem {self.address}{' closed' if self.closed else ''}>"
 
 
-def connect(
-    address: str, token: str | None = None, config: ClientConfig | None = None
-) -> FileSystem:
-    """Connect to the cluster whose mgmtd is at ``address`` ("host:port[,host:port]")."""
-    return FileSystem.connect(address, token=token, config=config)
+def connect(address: str | None = None, config: ClientConfig | None = None) -> FileSystem:
+    """Connect to the cluster whose mgmtd is at ``address`` ("host:port[,host:port]").
+
+    ``address`` None: $CHAINFS_ADDRESS (ValueError when that is unset too)."""
+    return FileSystem.connect(address, config=config)
 
 
 __all__ = ["FileSystem", "connect"]

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from chainfs.client.config import resolve_address
 from chainfs.client.sync import FileSystem
 
 # A sample: a whole file, or (path, offset, length) inside one.
@@ -41,10 +42,7 @@ DEFAULT_FETCH_BATCH = 64  # records one read_ranges call of the iterable dataset
 def _address_of(fs: FileSystem | str | None) -> str:
     if isinstance(fs, FileSystem):
         return fs.address
-    address = fs or os.environ.get("CHAINFS_ADDRESS")
-    if not address:
-        raise ValueError("give a FileSystem or a cluster address (or set $CHAINFS_ADDRESS)")
-    return address
+    return resolve_address(fs)
 
 
 def _as_range(r: Record) -> tuple[str, int, int | None]:

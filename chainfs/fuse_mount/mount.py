@@ -115,7 +115,7 @@ async def serve(mountpoint: str, config: MountConfig, ready_file: str | None = N
     ``mountpoint`` must be absolute and resolved (see :func:`run`).
     """
     fs = await AsyncFileSystem.connect(config.address, config=config.effective_client_config())
-    ops = ChainfsOperations(fs, config)
+    ops = ChainfsOperations(fs.io, config)
     ops.on_init = lambda: set_read_ahead(mountpoint, config.read_ahead_kb)
     try:
         pyfuse3.init(ops, mountpoint, config.fuse_options())

@@ -13,7 +13,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from chainfs.client.file import AsyncFile, OpenHandle
+from chainfs.client.chunk_io import OpenHandle
+from chainfs.client.file import AsyncFile
 from chainfs.common.rpc.meta_client import UserInfo
 from chainfs.fuse_mount.readahead import ReadAhead
 from chainfs.proto import meta_pb2 as mt

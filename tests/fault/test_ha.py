@@ -54,7 +54,7 @@ def ha_cluster(base: Path) -> LocalCluster:
 
 def meta_used_by(c: LocalCluster, fs: Any) -> int:
     """Index in ``c.metas`` of the meta server ``fs`` sent its last call to."""
-    current = fs.aio._meta._current  # "frame://host:port" or a gRPC "host:port"
+    current = fs.aio.io.meta._current  # "frame://host:port" or a gRPC "host:port"
     for i, p in enumerate(c.metas):
         if current in (f"frame://{p.info['data_address']}", p.info["rpc_address"]):
             return i

@@ -415,6 +415,50 @@ def test_bad_input_errors(fs: FileSystem) -> None:
     assert fs.read_file("/e2e/ro.bin") == b"abc"  # nothing above changed it
 
 
+def test_empty_and_relative_paths_are_refused(fs: FileSystem) -> None:
+    """ "" is ENOENT (as os.stat("")); a relative path is EINVAL: there is no working
+    directory to resolve it against, and it must not silently mean the root."""
+    fs.mkdir("/e2e", exist_ok=True)
+    fs.write_file("/e2e/rel.bin", b"abc")
+    with pytest.raises(FileNotFoundError) as nf:
+        fs.stat("")
+    assert nf.value.errno == errno.ENOENT
+    for call in (
+        lambda: fs.stat("e2e/rel.bin"),
+        lambda: fs.listdir("e2e"),
+        lambda: fs.open("e2e/new.bin", "wb"),
+        lambda: fs.read_ranges([("e2e/rel.bin", 0, 1)]),
+        lambda: fs.remove("e2e/rel.bin"),
+        lambda: fs.rename("/e2e/rel.bin", "e2e/moved.bin"),
+    ):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.EINVAL and "absolute" in str(e.value)
+    with pytest.raises(FileNotFoundError):
+        fs.listdir("")
+    assert fs.read_file("/e2e/rel.bin") == b"abc"  # nothing above changed anything
+    assert "new.bin" not in fs.listdir("/e2e") and "moved.bin" not in fs.listdir("/e2e")
+
+
+@pytest.mark.parametrize("offset", [2**62, 2**64 + 5])
+def test_write_past_the_largest_file_is_efbig_and_changes_nothing(
+    fs: FileSystem, offset: int
+) -> None:
+    fs.mkdir("/e2e", exist_ok=True)
+    path = f"/e2e/efbig-{offset}.bin"
+    fs.write_file(path, b"head")
+    with fs.open(path, "r+b") as f:
+        f.seek(offset)
+        with pytest.raises(OSError) as e:
+            f.write(b"abc")
+        assert e.value.errno == errno.EFBIG
+        with pytest.raises(OSError) as e:
+            f.truncate(offset)
+        assert e.value.errno == errno.EFBIG
+        assert f.tell() == offset
+    assert fs.read_file(path) == b"head" and fs.stat(path).st_size == 4
+
+
 def test_closed_filesystem(cluster: LocalCluster) -> None:
     fs2 = chainfs.connect(cluster.address)
     fs2.mkdir("/e2e", exist_ok=True)
@@ -427,6 +471,31 @@ def test_closed_filesystem(cluster: LocalCluster) -> None:
         fs2.stat("/")
     with chainfs.connect(cluster.address) as fs3:
         assert fs3.read_file("/e2e/closed-fs.bin") == b"pending"
+
+
+def test_connect_without_address_uses_chainfs_address(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHAINFS_ADDRESS", cluster.address)
+    with chainfs.connect() as fs2:
+        assert fs2.address == cluster.address and fs2.isdir("/")
+
+    async def aio() -> str:
+        afs = await chainfs.aio.connect()
+        try:
+            assert await afs.isdir("/")
+            return afs.address
+        finally:
+            await afs.close()
+
+    assert asyncio.run(aio()) == cluster.address
+    monkeypatch.delenv("CHAINFS_ADDRESS")
+    with pytest.raises(ValueError, match="CHAINFS_ADDRESS"):
+        chainfs.connect()
+    with pytest.raises(ValueError, match="CHAINFS_ADDRESS"):
+        asyncio.run(aio())
+    with pytest.raises(TypeError):  # no authentication yet: no token parameter
+        chainfs.connect(cluster.address, token="secret")  # type: ignore[call-arg]
 
 
 def test_unreachable_address_fails_fast_naming_it() -> None:

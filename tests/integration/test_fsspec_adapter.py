@@ -79,6 +79,21 @@ def test_entry_point_and_url_forms(cluster: LocalCluster) -> None:
     assert fs.unstrip_protocol("/x") == f"chainfs://{cluster.address}/x"
 
 
+def test_address_from_the_environment_and_no_token_option(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHAINFS_ADDRESS", cluster.address)
+    fs = ChainFileSystem(skip_instance_cache=True)
+    assert fs.address == cluster.address and fs.isdir("/")
+    fs.close()
+    monkeypatch.delenv("CHAINFS_ADDRESS")
+    with pytest.raises(ValueError, match="CHAINFS_ADDRESS"):
+        ChainFileSystem(skip_instance_cache=True)
+    # chainfs has no authentication: a token must not be accepted and then ignored.
+    with pytest.raises(TypeError, match="token"):
+        ChainFileSystem(address=cluster.address, token="secret", skip_instance_cache=True)
+
+
 def test_info_ls_and_types(cfs: ChainFileSystem) -> None:
     cfs.makedirs("/adapter/dir", exist_ok=True)
     cfs.pipe_file("/adapter/f.bin", b"12345")

@@ -186,6 +186,20 @@ def expect_errno(code: int, fn: object, *args: object) -> None:
     assert info.value.errno == code, f"{fn}{args}: {info.value!r}, expected {errno.errorcode[code]}"
 
 
+def test_write_past_the_largest_file_is_efbig_and_the_file_stays_usable(d: Path) -> None:
+    path = d / "far"
+    path.write_bytes(b"head")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        # Past what a 4 MiB-chunk layout addresses (2**32 chunks), within the kernel's limit.
+        expect_errno(errno.EFBIG, os.pwrite, fd, b"x", 2**60)
+        assert os.pwrite(fd, b"HE", 0) == 2  # the refused write did not poison the file
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"HEad"
+
+
 def test_errnos(d: Path) -> None:
     (d / "dir/sub").mkdir(parents=True)
     (d / "file").write_bytes(b"x")

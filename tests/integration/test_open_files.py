@@ -79,7 +79,7 @@ def chunks_of(fs: FileSystem, ino: int, chains: tuple[int, ...]) -> int:
     """Chunks of ``ino`` held by storage (asked at each chain's tail)."""
 
     async def count() -> int:
-        return sum([len(await fs.aio._storage.list_chunks(c, ino)) for c in set(chains)])
+        return sum([len(await fs.aio.io.storage.list_chunks(c, ino)) for c in set(chains)])
 
     return fs._loop.run(count())
 
@@ -135,18 +135,18 @@ def test_opens_of_one_file_share_one_read_session(cluster: LocalCluster) -> None
     a, b = pattern(SIZE, "share-a"), pattern(5000, "share-b")
     ino_a, chains_a = write_file(fs, "/share", a)
     f1, f2 = fs.open("/share", "rb"), fs.open("/share", "rb")
-    assert {i: s[1] for i, s in fs.aio._read_sessions.items()} == {ino_a: 2}
+    assert fs.aio.io.read_session_opens() == {ino_a: 2}
     other.write_file("/share.new", b)
     other.rename("/share.new", "/share")  # the path now names another file
     f3 = fs.open("/share", "rb")  # gets a session of its own for the new file
-    assert f3.inode != ino_a and set(fs.aio._read_sessions) == {ino_a, f3.inode}
+    assert f3.inode != ino_a and set(fs.aio.io.read_session_opens()) == {ino_a, f3.inode}
     gc_has_run(other, "/control-share")
     f1.close()
     assert f3.read() == b and f2.read() == a  # the replaced file is kept for f2
     f2.close()
     f3.close()
     poll(no_chunks(fs, ino_a, chains_a), "the replaced file dropped after its last close")
-    assert fs.aio._read_sessions == {} and fs.aio._read_session_paths == {}
+    assert fs.aio.io.read_session_opens() == {} and fs.aio.io.wants_read_session("/share")
 
 
 def test_an_open_fd_in_the_mount_reads_whole_after_removal(cluster: LocalCluster) -> None:
@@ -312,7 +312,7 @@ def test_buffering_arguments_follow_builtin_open(
         async def lengths() -> list[int]:
             out = []
             for c in set(lay.chains):
-                out += [m.length for m in await fs.aio._storage.list_chunks(c, w.inode)]
+                out += [m.length for m in await fs.aio.io.storage.list_chunks(c, w.inode)]
             return out
 
         assert fs._loop.run(lengths()) == [10]

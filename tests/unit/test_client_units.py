@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from chainfs.client.budget import ByteBudget
-from chainfs.client.file import Mode
-from chainfs.client.layout import Layout, split
+from chainfs.client.chunk_io import OpenHandle
+from chainfs.client.config import ClientConfig
+from chainfs.client.file import AsyncFile, Mode
+from chainfs.client.layout import Layout, normpath, split
 
 
 def test_modes() -> None:
@@ -81,3 +84,52 @@ def test_budget_bounds_and_fifo() -> None:
         assert b.held_bytes == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [("/", "/"), ("//", "/"), ("/a/", "/a"), ("/a//b///", "/a/b"), (b"/x/y", "/x/y")],
+)
+def test_normpath_canonical_form(path: str, expected: str) -> None:
+    assert normpath(path) == expected
+
+
+def test_normpath_refuses_empty_and_relative_paths() -> None:
+    with pytest.raises(FileNotFoundError) as e:
+        normpath("")  # as os.stat("")
+    assert e.value.errno == errno.ENOENT
+    for rel in ("a", "a/b", "./a", "../a", "."):
+        with pytest.raises(OSError) as e:
+            normpath(rel)
+        assert e.value.errno == errno.EINVAL and "absolute" in str(e.value)
+    with pytest.raises(ValueError):
+        normpath("/a\x00b")
+
+
+class _NoIO:
+    """The file's engine; a write refused up front must never reach it."""
+
+    config = ClientConfig()
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the refused write used the engine ({name})")
+
+
+@pytest.mark.parametrize("offset", [2**62, 2**64 + 5, (4 << 20) * (1 << 32)])
+def test_write_past_the_layouts_largest_file_is_efbig(offset: int) -> None:
+    layout = Layout(chunk_size=4 << 20, chains=(1,))
+    assert layout.max_file_bytes == (4 << 20) * (1 << 32)  # the chunk index is a uint32
+
+    async def go() -> None:
+        f = AsyncFile(_NoIO(), OpenHandle("/f", 7, layout, 0), Mode.parse("wb"))  # type: ignore[arg-type]
+        await f.seek(offset - 1)
+        assert f.try_write_buffered(b"ab") is None  # the fast path leaves it to write()
+        with pytest.raises(OSError) as e:
+            await f.write(b"ab")
+        assert e.value.errno == errno.EFBIG
+        with pytest.raises(OSError) as e:
+            await f.truncate(offset + 1)
+        assert e.value.errno == errno.EFBIG
+        assert f.size() == 0 and f.tell() == offset - 1
+
+    asyncio.run(go())

@@ -1,0 +1,282 @@
+"""The client's chunk I/O engine: one per connection, shared by files, the KV cache and FUSE.
+
+``ChunkIO`` holds the connection's clients (mgmtd, routing cache, meta,
+storage) and moves file bytes: a large read is cut at chunk boundaries into
+groups sent in parallel (bounded per connection), each group batched per
+storage node by the storage client, which picks a serving replica at random,
+fails over to another replica and refreshes routing on stale-version answers.
+Bytes land in the caller's buffer; holes read as zeros. Writes go one chunk
+piece at a time, their buffers bounded by the connection's byte budget.
+
+It also keeps the meta sessions of open files: one shared read session per
+inode however many read-only opens of this connection have it, so a file
+another client unlinks stays readable until the last of them closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from chainfs.client.budget import ByteBudget
+from chainfs.client.config import ClientConfig
+from chainfs.client.layout import Layout, Piece, split
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc.meta_client import MetaClient
+from chainfs.common.rpc.mgmt_client import MgmtClient, RoutingCache
+from chainfs.common.rpc.storage_client import ReadReq, StorageClient
+
+log = logging.getLogger(__name__)
+
+# (inode, its layout, the piece of the range, the destination of the whole range)
+ReadWork = tuple[int, Layout, Piece, memoryview]
+
+_ZEROS = bytes(1 << 20)  # source for zero-filling holes without allocating
+
+
+@dataclass
+class OpenHandle:
+    """What meta told us about an open file."""
+
+    path: str
+    inode: int
+    layout: Layout
+    size: int
+    session: Any = None  # meta's write session (None when opened read-only)
+    read_session: bool = False  # counted on the connection's shared read session of the inode
+
+
+class ChunkIO:
+    """The clients of one connection and the chunk reads and writes made through them."""
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        mgmt: MgmtClient,
+        routing: RoutingCache,
+        meta: MetaClient,
+        storage: StorageClient,
+    ) -> None:
+        self.config = config
+        self.mgmt = mgmt
+        self.routing = routing
+        self.meta = meta
+        self.storage = storage
+        self.budget = ByteBudget(config.write_buffer_budget_bytes)
+        self._read_sem = asyncio.Semaphore(config.max_inflight_reads)
+        # Read sessions at meta, one per inode: ino -> [session id, open handles using it].
+        self._read_sessions: dict[int, list[Any]] = {}
+        self._read_session_paths: dict[str, int] = {}  # path opened -> ino of a held session
+        # Sessions being ended at meta in the background (close does not wait for it).
+        self._session_ends: set[asyncio.Task[None]] = set()
+        # Bytes asked of storage by reads since connect.
+        self.storage_read_bytes = 0
+
+    @classmethod
+    async def connect(cls, address: str, config: ClientConfig) -> ChunkIO:
+        """Reach mgmtd at ``address`` and learn the cluster; ConnectionError if unreachable."""
+        if _fork_state["forked_after_connect"]:
+            raise ChainfsError(
+                Code.EOPNOTSUPP,
+                "this process was forked from one that had opened a chainfs connection, "
+                "and gRPC does not survive fork(): start workers with 'spawn' or "
+                "'forkserver' (torch: DataLoader(..., multiprocessing_context='spawn'))",
+            )
+        _fork_state["connected"] = True
+        config.validate()
+        timeout_s = config.connect_timeout_ms / 1000
+        mgmt = MgmtClient(address, timeout_s=timeout_s)
+        routing = RoutingCache(mgmt)
+        try:
+            await routing.refresh()
+        except ChainfsError as e:
+            await mgmt.close()
+            raise ConnectionError(
+                errno.ECONNREFUSED if e.code == Code.UNAVAILABLE else e.errno,
+                f"cannot connect to chainfs at {address} within {timeout_s:g}s: {e.message}",
+            ) from None
+        client_id = secrets.token_bytes(16)
+        storage = StorageClient(routing, client_id, config.storage)
+        meta = MetaClient(
+            routing,
+            client_id,
+            timeout_s=config.meta_timeout_ms / 1000,
+            attempt_timeout_s=config.meta_attempt_timeout_ms / 1000,
+        )
+        routing.start()
+        return cls(config, mgmt, routing, meta, storage)
+
+    async def close(self) -> None:
+        """Wait for read sessions being ended, then close every client."""
+        if self._session_ends:  # each bounded by the meta call timeout
+            await asyncio.gather(*self._session_ends, return_exceptions=True)
+        await self.routing.stop()
+        await self.meta.aclose()
+        await self.storage.close()
+        await self.mgmt.close()
+
+    # -- reads -----------------------------------------------------------------
+    async def read_into(self, h: OpenHandle, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the file's bytes at ``offset`` (holes as zeros)."""
+        if len(out):
+            await self.read_pieces(
+                [(h.inode, h.layout, p, out) for p in split(h.layout, offset, len(out))]
+            )
+
+    async def read_pieces(self, work: list[ReadWork]) -> None:
+        """Read chunk pieces into their destinations: groups in parallel, bounded."""
+        if not work:
+            return
+        groups = self._groups(work)
+        if len(groups) == 1:
+            await self._read_group(groups[0])
+            return
+        it = iter(groups)
+
+        async def worker() -> None:
+            for g in it:
+                await self._read_group(g)
+
+        workers = [
+            asyncio.ensure_future(worker())
+            for _ in range(min(len(groups), self.config.max_inflight_reads))
+        ]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            raise
+
+    def _groups(self, work: list[ReadWork]) -> list[list[tuple[ReadReq, memoryview]]]:
+        """Cut the pieces into groups of at most ``read_group_bytes`` / ``read_group_ios``."""
+        groups: list[list[tuple[ReadReq, memoryview]]] = []
+        group: list[tuple[ReadReq, memoryview]] = []
+        group_bytes = 0
+        for ino, _layout, p, dest in work:
+            target = dest[p.buf_offset : p.buf_offset + p.length]
+            req = ReadReq(p.chain_id, ino, p.chunk_index, p.chunk_offset, p.length, target)
+            group.append((req, target))
+            group_bytes += p.length
+            if (
+                group_bytes >= self.config.read_group_bytes
+                or len(group) >= self.config.read_group_ios
+            ):
+                groups.append(group)
+                group, group_bytes = [], 0
+        if group:
+            groups.append(group)
+        return groups
+
+    async def _read_group(self, group: list[tuple[ReadReq, memoryview]]) -> None:
+        self.storage_read_bytes += sum(req.length for req, _ in group)
+        async with self._read_sem:
+            got = await self.storage.read_batch([r for r, _ in group])
+        for (req, target), data in zip(group, got, strict=True):
+            n = len(data)
+            if n < req.length:  # a hole, or the end of a short chunk: zeros
+                _zero(target, n, req.length)
+
+    # -- writes and lengths ----------------------------------------------------
+    async def write_piece(self, h: OpenHandle, piece: Piece, data: bytearray) -> None:
+        """Write one chunk piece to its chain (acknowledged by every replica)."""
+        assert len(data) == piece.length, (len(data), piece)
+        await self.storage.write(
+            piece.chain_id, h.inode, piece.chunk_index, piece.chunk_offset, data,
+            h.layout.chunk_size,
+        )  # fmt: skip
+
+    async def sync_handle(self, h: OpenHandle, length: int, exact: bool) -> None:
+        """Report the length written through ``h`` to meta (``exact``: ask storage, fsync)."""
+        if h.session is None:
+            return
+        inode = await self.meta.sync(h.inode, h.session, length, exact=exact, wrote=True)
+        h.size = inode.size
+
+    async def truncate_handle(self, h: OpenHandle, length: int) -> None:
+        await self.meta.setattr(h.inode, size=length)
+        h.size = length
+
+    # -- sessions of open files ------------------------------------------------
+    def wants_read_session(self, path: str) -> bool:
+        """Whether an open of ``path`` must ask meta for a read session (none held for it)."""
+        return path not in self._read_session_paths
+
+    def read_session_opens(self) -> dict[int, int]:
+        """Inode -> number of open handles sharing its read session."""
+        return {ino: held[1] for ino, held in self._read_sessions.items()}
+
+    async def hold_read_session(self, path: str, ino: int, session_id: bytes) -> None:
+        """Count one more read-only open of ``ino`` on its shared read session."""
+        held = self._read_sessions.get(ino)
+        if held is not None:
+            held[1] += 1
+            if session_id:  # another path (a hard link) took a second one: not needed
+                self._end_session_later(ino, session_id)
+            self._read_session_paths[path] = ino
+            return
+        if not session_id:
+            # We held one for what this path named before; it names another file now.
+            session_id = (await self.meta.open(ino, session=True)).session_id
+            if ino in self._read_sessions:  # taken meanwhile by a concurrent open
+                await self.hold_read_session(path, ino, session_id)
+                return
+        self._read_sessions[ino] = [session_id, 1]
+        self._read_session_paths[path] = ino
+
+    async def close_handle(self, h: OpenHandle, length: int, wrote: bool) -> None:
+        """Release ``h``'s sessions: its share of the read session, its write session at meta."""
+        if h.read_session:
+            h.read_session = False
+            self._release_read_session(h.inode)
+        if h.session is not None:
+            await self.meta.close(h.inode, h.session, length, wrote)
+
+    def _release_read_session(self, ino: int) -> None:
+        held = self._read_sessions.get(ino)
+        assert held is not None and held[1] > 0, (ino, held)
+        held[1] -= 1
+        if held[1] == 0:
+            del self._read_sessions[ino]
+            for path in [p for p, i in self._read_session_paths.items() if i == ino]:
+                del self._read_session_paths[path]
+            self._end_session_later(ino, held[0])
+
+    def _end_session_later(self, ino: int, session_id: bytes) -> None:
+        """End a read session at meta without making close wait (``close`` awaits it)."""
+
+        async def end() -> None:
+            try:
+                await self.meta.close(ino, session_id, 0, False)
+            except ChainfsError as e:  # meta prunes it once we are gone
+                log.warning("ending the read session of inode %d failed: %s", ino, e)
+
+        task = asyncio.ensure_future(end())
+        self._session_ends.add(task)
+        task.add_done_callback(self._session_ends.discard)
+
+
+# gRPC (aio) keeps threads and state that a fork()ed child cannot use: a child
+# that connects anyway hangs or crashes inside gRPC. Refuse it with a clear error.
+_fork_state = {"connected": False, "forked_after_connect": False}
+
+
+def _after_fork_in_child() -> None:
+    if _fork_state["connected"]:
+        _fork_state["forked_after_connect"] = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _zero(view: memoryview, start: int, end: int) -> None:
+    while start < end:
+        n = min(end - start, len(_ZEROS))
+        view[start : start + n] = _ZEROS[:n]
+        start += n

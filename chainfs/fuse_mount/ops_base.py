@@ -1,0 +1,250 @@
+"""What every FUSE handler shares: the mount's state, answering requests, attributes, name lists.
+
+Every handler (decorated with :func:`op`) answers: chainfs errors become their
+errno, anything unexpected is logged and answered EIO, and a request stuck on
+an unreachable cluster is answered EIO after ``cluster_timeout_ms`` (plus a
+margin). Name lists of small directories are kept for a short while so that
+lookups of absent names (compilers and interpreters make many) are answered
+without asking meta.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import pyfuse3
+
+from chainfs.client.chunk_io import ChunkIO
+from chainfs.common.dataplane.buffers import BufferPool
+from chainfs.common.errors import ChainfsError
+from chainfs.common.rpc.meta_client import MetaClient, UserInfo, mode_bits
+from chainfs.fuse_mount.config import MountConfig
+from chainfs.fuse_mount.state import DirHandle, DirNames, FileHandle, GroupsCache, OpenInode
+from chainfs.proto import meta_pb2 as mt
+
+log = logging.getLogger("chainfs.fuse_mount.ops")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+ROOT_INO = 1
+MiB = 1 << 20
+# Read replies: the kernel asks at most 1 MiB per request (FUSE max_pages).
+MAX_READ_BYTES = MiB
+# Margin on top of the client's own timeouts before a request is cut short.
+_GUARD_MARGIN_S = 5.0
+# Name lists kept for negative lookups: directories of at most this many
+# entries, at most this many directories (least recently used dropped).
+NAMES_MAX_ENTRIES = 1024
+_NAMES_MAX_DIRS = 512
+# Failures that say something is wrong with the cluster or the mount are
+# logged as warnings; every other errno is the caller's business (debug).
+_ALARMING_ERRNOS = frozenset(
+    {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EPROTO, errno.ENOSYS, errno.EBADF}
+)
+# Errnos that mean "the cluster could not do it right now" (unreachable, no
+# serving replica, conflicts after the client's retries) become EIO: EAGAIN
+# from a blocking file read or write is not something programs expect (Python
+# even takes it for "no data yet" and returns nothing).
+_UNREACHABLE_ERRNOS = frozenset(
+    {
+        errno.ETIMEDOUT,
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.EHOSTUNREACH,
+        errno.EPIPE,
+        errno.EAGAIN,
+    }
+)
+
+
+Ops = TypeVar("Ops", bound="OpsBase")
+
+
+def op(
+    fn: Callable[Concatenate[Ops, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[Ops, P], Coroutine[Any, Any, T]]:
+    """Answer every request: errno for known failures, EIO (logged) for the rest."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: Ops, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            async with asyncio.timeout(self.guard_s):
+                return await fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except TimeoutError:
+            log.warning("%s%r: no answer in %.1fs: EIO", name, args[:2], self.guard_s)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as e:  # ChainfsError included: its errno is the mapped one
+            code = e.errno or errno.EIO
+            level = logging.WARNING if code in _ALARMING_ERRNOS else logging.DEBUG
+            log.log(level, "%s%r: %s", name, args[:2], e)
+            raise pyfuse3.FUSEError(errno.EIO if code in _UNREACHABLE_ERRNOS else code) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the mount is shutting down
+            # Something we awaited was cancelled, not this request: answer it,
+            # or the caller would wait forever.
+            log.error("%s%r: an awaited operation was cancelled: EIO", name, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s%r failed unexpectedly: EIO", name, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class OpsBase(pyfuse3.Operations):
+    """The state of one mount and the helpers every group of handlers uses."""
+
+    supports_dot_lookup = True
+
+    def __init__(self, io: ChunkIO, config: MountConfig) -> None:
+        super().__init__()
+        self.io = io  # the client's chunk I/O engine: file bytes and the meta client
+        self.config = config
+        self.meta: MetaClient = io.meta
+        self.enable_writeback_cache = config.writeback_cache
+        self._attr_timeout_s = config.attr_timeout_ms / 1000
+        self._entry_timeout_s = config.entry_timeout_ms / 1000
+        self._negative_timeout_s = config.negative_timeout_ms / 1000
+        self.guard_s = (
+            max(config.cluster_timeout_ms, io.config.meta_timeout_ms) / 1000 + _GUARD_MARGIN_S
+        )
+        self._page = config.readdir_page_entries
+        self._groups = GroupsCache()
+        self._lookups: dict[int, int] = {}  # kernel lookup counts
+        self._versions: dict[int, tuple[int, int]] = {}  # ino -> (size, mtime_ns) cached by kernel
+        self._open: dict[int, OpenInode] = {}
+        self._files: dict[int, FileHandle] = {}
+        self._dirs: dict[int, DirHandle] = {}
+        self._next_fh = 1
+        self._names: collections.OrderedDict[int, DirNames] = collections.OrderedDict()
+        self._mutations = 0  # namespace changes made through this mount, ever
+        self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None  # (expires, answer)
+        # Reply buffers of reads, reused (a fresh 1 MiB buffer costs 256 page faults);
+        # room for every concurrent request, twice over.
+        room = 2 * config.max_requests * MAX_READ_BYTES
+        self._read_buffers = BufferPool(room, room // 2)
+        budget = config.readahead_budget_bytes
+        self._readahead_buffers = BufferPool(budget, budget // 2) if budget else None
+        self.on_init: Callable[[], None] | None = None  # run once the kernel handshake is done
+
+    # -- helpers ---------------------------------------------------------------
+    def init(self) -> None:
+        if self.on_init is not None:
+            # After this handler returns libfuse answers the kernel's INIT;
+            # settings that INIT would overwrite are applied after it.
+            asyncio.get_running_loop().call_soon(self.on_init)
+
+    def _user(self, ctx: pyfuse3.RequestContext) -> UserInfo:
+        gids = self._groups.get(ctx.pid) if ctx.uid != 0 else ()
+        return UserInfo(ctx.uid, ctx.gid, gids)
+
+    def _fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _remember(self, ino: int) -> None:
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+
+    def _entry(
+        self, inode: mt.Inode, entry_timeout: float | None = None
+    ) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode.ino
+        e.generation = 0
+        e.entry_timeout = self._entry_timeout_s if entry_timeout is None else entry_timeout
+        e.attr_timeout = self._attr_timeout_s
+        e.st_mode = mode_bits(inode)
+        e.st_nlink = inode.nlink
+        e.st_uid = inode.uid
+        e.st_gid = inode.gid
+        size, mtime_ns, ctime_ns = inode.size, inode.mtime_ns, inode.ctime_ns
+        st = self._open.get(inode.ino)
+        if st is not None and inode.type == mt.FILE:
+            st.size = max(st.size, inode.size)
+            size = st.known_size()
+            if st.dirty:
+                mtime_ns = max(mtime_ns, st.write_mtime_ns)
+                ctime_ns = max(ctime_ns, st.write_mtime_ns)
+        e.st_size = size
+        e.st_blocks = (size + 511) // 512
+        chunk = inode.layout.chunk_size if inode.type == mt.FILE else 0
+        e.st_blksize = min(chunk, 1 << 20) if chunk else 4096
+        e.st_atime_ns = inode.atime_ns
+        e.st_mtime_ns = mtime_ns
+        e.st_ctime_ns = ctime_ns
+        return e
+
+    # -- names known to be absent --------------------------------------------------
+    def _absent(self, parent: int, name: bytes) -> bool:
+        """True when ``parent``'s fresh name list says ``name`` does not exist."""
+        nc = self._names.get(parent)
+        if nc is None:
+            return False
+        if time.monotonic() > nc.expires:
+            del self._names[parent]
+            return False
+        self._names.move_to_end(parent)
+        return name not in nc.names
+
+    def _install_names(self, parent: int, names: set[bytes], since: int) -> None:
+        """Keep a complete listing fetched while no change went through us."""
+        if self._negative_timeout_s <= 0 or since != self._mutations:
+            return
+        if len(names) > NAMES_MAX_ENTRIES:
+            return
+        self._names[parent] = DirNames(time.monotonic() + self._negative_timeout_s, names)
+        self._names.move_to_end(parent)
+        while len(self._names) > _NAMES_MAX_DIRS:
+            self._names.popitem(last=False)
+
+    async def _list_names(self, parent: int, user: UserInfo) -> None:
+        if self._negative_timeout_s <= 0 or parent in self._names:
+            return
+        since = self._mutations
+        try:
+            rsp = await self.meta.readdir(parent, b"", NAMES_MAX_ENTRIES, False, user=user)
+        except ChainfsError:
+            return  # e.g. no read permission: no list, lookups ask meta
+        if not rsp.more:
+            self._install_names(parent, {e.name for e in rsp.entries}, since)
+
+    async def _changing(
+        self,
+        change: Awaitable[T],
+        added: Sequence[tuple[int, bytes]] = (),
+        removed: Sequence[tuple[int, bytes]] = (),
+    ) -> T:
+        """Run a namespace change; keep the name lists of its directories current."""
+        try:
+            result = await change
+        except BaseException:
+            self._mutations += 1
+            for parent, _ in (*added, *removed):
+                self._names.pop(parent, None)  # outcome unknown: forget the list
+            raise
+        self._mutations += 1
+        for parent, name in removed:
+            nc = self._names.get(parent)
+            if nc is not None:
+                nc.names.discard(name)
+        for parent, name in added:
+            nc = self._names.get(parent)
+            if nc is not None:
+                nc.names.add(name)
+                if len(nc.names) > NAMES_MAX_ENTRIES:
+                    del self._names[parent]
+        return result
