@@ -455,7 +455,9 @@ class AsyncFileSystem:
         self._check_open()
         from chainfs.client.kvcache import open_kvcache
 
-        cache = await open_kvcache(self, directory, ttl, capacity_bytes, config, **options)
+        cache = await open_kvcache(
+            self.io, self.open, directory, ttl, capacity_bytes, config, **options
+        )
         self._kvcaches.add(cache)
         return cache
 

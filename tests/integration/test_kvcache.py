@@ -293,7 +293,7 @@ async def _until_chunks_gone(afs: Any, infos: list[Any], timeout_s: float = 30.0
     deadline = time.monotonic() + timeout_s
     for info in infos:
         for chain in set(info.layout.chains):
-            while await afs._storage.list_chunks(chain, info.ino):
+            while await afs.io.storage.list_chunks(chain, info.ino):
                 if time.monotonic() > deadline:
                     raise AssertionError(f"chunks of inode {info.ino} still there")
                 await asyncio.sleep(0.05)

@@ -6,18 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from chainfs.client.aio_fs import layout_of
-from chainfs.client.layout import Layout, split
+from chainfs.client.chunk_io import ChunkIO
+from chainfs.client.file import AsyncFile
+from chainfs.client.layout import Layout, layout_of, split
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import RENAME_NOREPLACE, XATTR_CREATE, At
 from chainfs.proto import meta_pb2 as mt
 
-if TYPE_CHECKING:
-    from chainfs.client.aio_fs import AsyncFileSystem
+# Opens a file of the client's namespace, as ``AsyncFileSystem.open`` does.
+OpenFile = Callable[[str, str], Awaitable[AsyncFile]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,16 +73,15 @@ class KVCacheBackend(Protocol):
 
 
 class FsBackend:
-    """KVCacheBackend over an AsyncFileSystem: meta calls through its MetaClient, chunk
-    reads through its parallel chunk path (batched per storage node, into the views)."""
+    """KVCacheBackend over the client's chunk I/O engine: meta calls through its
+    MetaClient, chunk reads through its parallel chunk path (batched per storage
+    node, into the views), new values written through ordinary files."""
 
-    def __init__(self, afs: AsyncFileSystem) -> None:
-        self._afs = afs
-        # The client engine's private members, reached here and nowhere else in
-        # the cache: they become ``afs.io.meta`` / ``afs.io.read_pieces``.
-        self._meta = afs._meta
-        self._read_pieces = afs._read_pieces
-        self._readdir_page_entries = afs.config.readdir_page_entries
+    def __init__(self, io: ChunkIO, open_file: OpenFile) -> None:
+        self._open_file = open_file
+        self._meta = io.meta
+        self._read_pieces = io.read_pieces
+        self._readdir_page_entries = io.config.readdir_page_entries
         # Directory path -> (inode id, when resolved): entries are then named
         # (directory inode, name), which meta resolves with one lookup instead
         # of a walk from the root. Trusted for _DIR_INO_TTL_S, so a cache
@@ -152,7 +152,7 @@ class FsBackend:
 
     async def kv_create(self, path: str, parts: Sequence[memoryview]) -> None:
         try:
-            f = await self._afs.open(path, "xb")
+            f = await self._open_file(path, "xb")
         except OSError as e:
             raise _chainfs_error(e, path) from None
         try:

@@ -12,10 +12,10 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from chainfs.client.aio_fs import normpath
-from chainfs.client.kvcache.backend import EntryInfo, FsBackend, KVCacheBackend
+from chainfs.client.chunk_io import ChunkIO
+from chainfs.client.kvcache.backend import EntryInfo, FsBackend, KVCacheBackend, OpenFile
 from chainfs.client.kvcache.coalesce import Coalescer
 from chainfs.client.kvcache.config import (
     LAYOUT_XATTR,
@@ -33,11 +33,9 @@ from chainfs.client.kvcache.format import (
     header_len,
 )
 from chainfs.client.kvcache.reads import Value, ValueReads
+from chainfs.client.layout import normpath
 from chainfs.common.checksum import crc32c
 from chainfs.common.errors import ChainfsError, Code
-
-if TYPE_CHECKING:
-    from chainfs.client.aio_fs import AsyncFileSystem
 
 KeyLike = str | bytes | bytearray | memoryview
 Buffer = Any  # any object with the buffer protocol (bytes, bytearray, memoryview, numpy...)
@@ -496,7 +494,8 @@ class AsyncKVCache:
 
 
 async def open_kvcache(
-    afs: AsyncFileSystem,
+    io: ChunkIO,
+    open_file: OpenFile,
     directory: str,
     ttl: float | None = None,
     capacity_bytes: int | None = None,
@@ -505,4 +504,4 @@ async def open_kvcache(
 ) -> AsyncKVCache:
     """What ``AsyncFileSystem.kvcache`` does: the cache in ``directory`` (created if needed)."""
     c = make_config(ttl, capacity_bytes, config, **options)
-    return await AsyncKVCache.open(FsBackend(afs), normpath(directory), c)
+    return await AsyncKVCache.open(FsBackend(io, open_file), normpath(directory), c)
