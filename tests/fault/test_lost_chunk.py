@@ -60,11 +60,12 @@ def _replicas(c: cluster_mod.LocalCluster, ino: int) -> list[tuple[int, Any, str
 
 
 def _flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x40]))
+    """Bit rot: one byte of a chunk file changes in place."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes([os.pread(fd, 1, offset)[0] ^ 0x40]), offset)
+    finally:
+        os.close(fd)
 
 
 def _query_chunk(address: str, ino: int) -> list[dict[str, Any]]:
