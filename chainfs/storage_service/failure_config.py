@@ -26,7 +26,7 @@ class FailureConfig:
     # Scrubber: background CRC32C re-check of committed chunks. 0 = off.
     scrub_rate_bytes_per_s: int = 32 * 1024 * 1024  # read budget of the scrubber
     scrub_round_pause_ms: int = 60_000  # pause between two full passes over a target
-    repair_queue_entries: int = 1024  # corrupt chunks waiting for repair (more are dropped)
+    repair_queue_entries: int = 1024  # damaged chunks tracked, lost ones too (more: dropped)
     repair_timeout_ms: int = 10_000  # one read of a good replica
     # A failed repair is retried after repair_retry_min_ms, doubling up to
     # repair_retry_max_ms, at most repair_attempts_max times; then it waits for a

@@ -1,7 +1,7 @@
 """Every replica of a chunk corrupt (real processes): the chunk is marked lost once,
 reads answer EIO, the storage nodes go quiet (no repair storm), admin output shows
 the loss; one replica's good bytes put back, the loss clears and every replica is
-repaired from it."""
+repaired from it; lost again and rewritten by the client, the loss clears too."""
 
 from __future__ import annotations
 
@@ -166,4 +166,20 @@ def test_chunk_corrupt_everywhere_is_lost_quietly_then_recovers(tmp_path: Path) 
         )
         assert all(_lost_counts(nodes)[t] == 0 for t, *_ in replicas)
         assert fs.read_file("/lost") == data
+        assert fl.replica_differences(c.address) == []
+
+        # Lost again; this time the client rewrites the file: the loss clears too.
+        for k, (_, _, path, meta) in enumerate(replicas):
+            _flip(path, (k + 1) * meta.length // 4)
+        with pytest.raises(OSError) as err:
+            fs.read_file("/lost")
+        assert err.value.errno == errno.EIO
+        fl.poll(lambda: all(_lost_counts(nodes)[t] == 1 for t, *_ in replicas), 30, "lost again")
+        fs.write_file("/lost", data[::-1])
+        fl.poll(
+            lambda: all(_lost_counts(nodes)[t] == 0 for t, *_ in replicas),
+            30,
+            "the loss to clear after the rewrite",
+        )
+        assert fs.read_file("/lost") == data[::-1]
         assert fl.replica_differences(c.address) == []
