@@ -452,6 +452,9 @@ def fsck(
     timeout_s: float,
 ) -> None:
     """Check namespace and chunk replicas agree; --repair fixes orphans and replicas."""
+    given = click.get_current_context().get_parameter_source("rate_bytes_per_s")
+    if not verify_data and given == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--rate paces --verify-data; give both or neither")
     rate = rate_bytes_per_s if verify_data else 0
     try:
         problems = asyncio.run(run_fsck(address, repair, timeout_s, rate))
