@@ -1,7 +1,10 @@
-"""`chainfs fsck [--json] [--repair]`: check that namespace and chunks agree.
+"""`chainfs fsck [--json] [--repair] [--verify-data [--rate B]]`: check that namespace,
+chunks and their bytes agree.
 
-Walks the namespace (meta) and dumps every chain replica's chunk metadata
-(StorageControl.DumpChunkMeta), then reports:
+Walks the namespace (meta) and streams every chain replica's chunk metadata
+(StorageControl.DumpChunkMeta, a page at a time, the replicas of a chain merged
+in chunk order, so fsck's memory does not grow with what a target holds), then
+reports:
 
 - ``orphan_chunk``: a chunk whose inode no file has (an unlinked file whose
   chunks the meta GC has not removed yet shows up here too, until it does);
@@ -9,6 +12,14 @@ Walks the namespace (meta) and dumps every chain replica's chunk metadata
 - ``divergent_replica``: serving replicas disagree (committed version, length
   or CRC32C);
 - ``lost_chunks``: a non-empty file none of whose chunks exists anywhere.
+
+``--verify-data`` also has every replica read its chunks and check the bytes
+against their stored CRC32C where they lie (StorageControl.VerifyChunks; no
+bytes cross the wire), at most ``--rate`` bytes/s over all nodes, with a
+progress line on stderr:
+
+- ``damaged_replica``: a replica whose bytes do not match their CRC32C;
+- ``lost_chunk``: no replica of the chunk holds good bytes.
 
 Chunks with a pending version (a write in flight) are skipped, not reported.
 
@@ -19,7 +30,9 @@ replicas); a replica missing a chunk or diverging from the healthy copy gets
 that one chunk copied from the healthy replica (StorageControl.RepairChunk on
 its node: under its chunk lock, from a replica whose bytes match their CRC32C,
 installed at the same version), nothing else on the target is touched and it
-keeps serving. Lost chunks cannot be repaired; they are only reported. Exit
+keeps serving; a damaged replica gets the chunk copied from a replica whose
+bytes verified good at the same version. Lost chunks cannot be repaired; they
+are only reported. Exit
 status: 0 clean, 1 problems.
 """
 
@@ -28,7 +41,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -43,10 +58,19 @@ from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
 
 Key = tuple[int, int]  # (inode, chunk index)
+PAGE_CHUNKS = 4096  # chunk metadata entries fsck holds per replica (one DumpChunkMeta page)
+VERIFY_BATCH_CHUNKS = 64  # chunks one round of VerifyChunks calls checks
+VERIFY_BATCH_BYTES = 256 * 1024 * 1024  # ... or fewer, when their replicas hold this much
+VERIFY_RATE_BYTES_PER_S = 128 * 1024 * 1024  # --rate default: a fraction of one disk
+PROGRESS_TTY_S = 0.5  # redraw interval of the progress line on a terminal
+PROGRESS_LOG_S = 10.0  # interval of progress lines when stderr is not a terminal
 
 
-async def dump_target(node: mp.NodeInfo, target_id: int, timeout_s: float) -> dict[Key, Any]:
-    out: dict[Key, Any] = {}
+async def chunk_metas(
+    node: mp.NodeInfo, target_id: int, timeout_s: float
+) -> AsyncGenerator[sp.ChunkMeta, None]:
+    """Every chunk's metadata on one target, in (inode, index) order, a page at a time
+    (StorageControl.DumpChunkMeta): memory stays bounded whatever the target holds."""
     ch = grpc_util.channel(node.rpc_address)
     try:
         stub = sg.StorageControlStub(ch)
@@ -54,17 +78,40 @@ async def dump_target(node: mp.NodeInfo, target_id: int, timeout_s: float) -> di
         while True:
             rsp = await grpc_util.call(
                 stub.DumpChunkMeta,
-                sp.DumpChunkMetaReq(target_id=target_id, start_after=after),
+                sp.DumpChunkMetaReq(target_id=target_id, start_after=after, limit=PAGE_CHUNKS),
                 timeout_s=timeout_s,
                 target=node.rpc_address,
             )
             for m in rsp.chunks:
-                out[(m.chunk.inode, m.chunk.index)] = m
+                yield m
             if not rsp.next:
-                return out
+                return
             after = rsp.next
     finally:
         await ch.close()
+
+
+async def merged(
+    streams: dict[int, AsyncIterator[sp.ChunkMeta]],
+) -> AsyncIterator[tuple[Key, dict[int, sp.ChunkMeta | None]]]:
+    """Merge the replicas' ordered chunk streams: each chunk once, with every replica's
+    metadata of it (None where a replica lacks it)."""
+    heads: dict[int, sp.ChunkMeta] = {}
+    for t, it in streams.items():
+        if (m := await anext(it, None)) is not None:
+            heads[t] = m
+    while heads:
+        key = min((m.chunk.inode, m.chunk.index) for m in heads.values())
+        metas: dict[int, sp.ChunkMeta | None] = dict.fromkeys(streams)
+        for t, m in list(heads.items()):
+            if (m.chunk.inode, m.chunk.index) != key:
+                continue
+            metas[t] = m
+            if (nxt := await anext(streams[t], None)) is None:
+                del heads[t]
+            else:
+                heads[t] = nxt
+        yield key, metas
 
 
 async def walk(meta: Any, root: str = "/") -> dict[int, tuple[str, mt.Inode]]:
@@ -103,55 +150,216 @@ def healthy_replica(metas: dict[int, Any], tail: int) -> int | None:
     return max(present)[2] if present else None
 
 
+Problem = dict[str, Any]
+
+
+@dataclass
+class Findings:
+    problems: list[Problem] = field(default_factory=list)
+    repairs: list[tuple[Problem, ChunkRepair]] = field(default_factory=list)
+    seen_inodes: set[int] = field(default_factory=set)  # inodes with a chunk somewhere
+
+
 async def check(
-    routing: Routing, files: dict[int, tuple[str, mt.Inode]], timeout_s: float
-) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], ChunkRepair]]]:
-    """(problems, (problem, the chunk copy that repairs it))."""
-    problems: list[dict[str, Any]] = []
-    repairs: list[tuple[dict[str, Any], ChunkRepair]] = []
-    seen_inodes: set[int] = set()
+    routing: Routing,
+    files: dict[int, tuple[str, mt.Inode]],
+    timeout_s: float,
+    verifier: DataVerifier | None = None,
+) -> Findings:
+    """Compare every chain's replicas (and, with ``verifier``, their bytes)."""
+    found = Findings()
     for cid, chain in sorted(routing.chains.items()):
         serving = [int(t) for t in chain.targets if routing.targets[t].public_state == mp.SERVING]
         if not serving:
-            problems.append({"kind": "chain_not_serving", "chain_id": cid})
+            found.problems.append({"kind": "chain_not_serving", "chain_id": cid})
             continue
-        dumps = await asyncio.gather(
-            *(dump_target(routing.node_of_target(t), t, timeout_s) for t in serving)
-        )
-        by_target = dict(zip(serving, dumps, strict=True))
-        tail = serving[-1]
-        keys = set().union(*(d.keys() for d in dumps))
-        for key in sorted(keys):
-            metas = {t: d.get(key) for t, d in by_target.items()}
-            if any(m is not None and m.pending_version for m in metas.values()):
-                continue  # a write in flight
-            seen_inodes.add(key[0])
-            if key[0] not in files:
-                problems.append({"kind": "orphan_chunk", "chain_id": cid, "chunk": list(key)})
-                continue
-            best = healthy_replica(metas, tail)
-            assert best is not None  # the key came from some replica's dump
-            ref = metas[best]
-            for t, m in metas.items():
-                if t == best or (m is not None and _sig(m) == _sig(ref)):
-                    continue
-                p: dict[str, Any] = {
-                    "kind": "missing_replica" if m is None else "divergent_replica",
-                    "chain_id": cid,
-                    "chunk": list(key),
-                    "target_id": t,
-                    "path": files[key[0]][0],
-                    "healthy_target": best,
-                    "healthy": list(_sig(ref)),
-                }
-                if m is not None:
-                    p["replica"] = list(_sig(m))
-                problems.append(p)
-                repairs.append((p, ChunkRepair(cid, key, t, best)))
+        streams = {t: chunk_metas(routing.node_of_target(t), t, timeout_s) for t in serving}
+        try:
+            async for key, metas in merged(dict(streams)):
+                await check_chunk(found, cid, serving[-1], files, key, metas, verifier)
+        finally:
+            for it in streams.values():
+                await it.aclose()
+    if verifier is not None:
+        await verifier.flush(found)
     for ino, (path, inode) in sorted(files.items()):
-        if inode.size > 0 and ino not in seen_inodes:
-            problems.append({"kind": "lost_chunks", "inode": ino, "path": path, "size": inode.size})
-    return problems, repairs
+        if inode.size > 0 and ino not in found.seen_inodes:
+            found.problems.append(
+                {"kind": "lost_chunks", "inode": ino, "path": path, "size": inode.size}
+            )
+    return found
+
+
+async def check_chunk(
+    found: Findings,
+    cid: int,
+    tail: int,
+    files: dict[int, tuple[str, mt.Inode]],
+    key: Key,
+    metas: dict[int, sp.ChunkMeta | None],
+    verifier: DataVerifier | None,
+) -> None:
+    """The metadata checks of one chunk; then queue its replicas' bytes for verification."""
+    if any(m is not None and m.pending_version for m in metas.values()):
+        return  # a write in flight
+    found.seen_inodes.add(key[0])
+    if key[0] not in files:
+        found.problems.append({"kind": "orphan_chunk", "chain_id": cid, "chunk": list(key)})
+        return
+    best = healthy_replica(metas, tail)
+    assert best is not None  # the key came from some replica's dump
+    ref = metas[best]
+    assert ref is not None
+    repaired: set[int] = set()
+    for t, m in metas.items():
+        if t == best or (m is not None and _sig(m) == _sig(ref)):
+            continue
+        p: Problem = {
+            "kind": "missing_replica" if m is None else "divergent_replica",
+            "chain_id": cid,
+            "chunk": list(key),
+            "target_id": t,
+            "path": files[key[0]][0],
+            "healthy_target": best,
+            "healthy": list(_sig(ref)),
+        }
+        if m is not None:
+            p["replica"] = list(_sig(m))
+        found.problems.append(p)
+        found.repairs.append((p, ChunkRepair(cid, key, t, best)))
+        repaired.add(t)
+    if verifier is not None:
+        await verifier.add(found, PendingChunk(cid, key, files[key[0]][0], metas, repaired))
+
+
+@dataclass
+class PendingChunk:
+    """A chunk whose replicas' bytes are to be verified."""
+
+    chain_id: int
+    key: Key
+    path: str
+    metas: dict[int, sp.ChunkMeta | None]
+    repaired: set[int]  # replicas already getting a copy (missing or divergent)
+
+
+class DataVerifier:
+    """``--verify-data``: every replica checks its chunks' bytes against their CRC32C
+    in place (StorageControl.VerifyChunks), in batches paced to ``rate_bytes_per_s``."""
+
+    def __init__(self, routing: Routing, rate_bytes_per_s: int, timeout_s: float) -> None:
+        self.routing = routing
+        self.rate = rate_bytes_per_s
+        self.timeout_s = timeout_s
+        self.batch: list[PendingChunk] = []
+        self.batch_bytes = 0
+        self.started = time.monotonic()
+        self.checked_bytes = 0
+        self.checked_chunks = 0
+        self.damaged = 0
+        self.progress = Progress()
+
+    async def add(self, found: Findings, chunk: PendingChunk) -> None:
+        self.batch.append(chunk)
+        self.batch_bytes += sum(m.length for m in chunk.metas.values() if m is not None)
+        if len(self.batch) >= VERIFY_BATCH_CHUNKS or self.batch_bytes >= VERIFY_BATCH_BYTES:
+            await self.flush(found)
+
+    async def flush(self, found: Findings) -> None:
+        batch, self.batch, n, self.batch_bytes = self.batch, [], self.batch_bytes, 0
+        if not batch:
+            return
+        await self._pace(n)
+        per_target: dict[int, list[Key]] = {}
+        for c in batch:
+            for t, m in c.metas.items():
+                if m is not None:
+                    per_target.setdefault(t, []).append(c.key)
+        replies = await asyncio.gather(*(self._verify(t, keys) for t, keys in per_target.items()))
+        verdicts = {(t, (r.chunk.inode, r.chunk.index)): r for rsp in replies for t, r in rsp}
+        for c in batch:
+            self._judge(found, c, {t: verdicts.get((t, c.key)) for t in c.metas})
+        self.checked_bytes += n
+        self.checked_chunks += len(batch)
+        self.progress.show(self.line())
+
+    def line(self) -> str:
+        elapsed_s = max(time.monotonic() - self.started, 1e-9)
+        mib = self.checked_bytes / 2**20
+        return (
+            f"verify-data: {self.checked_chunks} chunks, {mib:.1f} MiB checked "
+            f"({mib / elapsed_s:.1f} MiB/s), {self.damaged} damaged replicas"
+        )
+
+    async def _pace(self, n: int) -> None:
+        """Keep the bytes asked for since the start at or under the rate."""
+        ahead_s = (self.checked_bytes + n) / self.rate - (time.monotonic() - self.started)
+        if ahead_s > 0:
+            await asyncio.sleep(ahead_s)
+
+    async def _verify(
+        self, target_id: int, keys: list[Key]
+    ) -> list[tuple[int, sp.ChunkVerification]]:
+        node = self.routing.node_of_target(target_id)
+        ch = grpc_util.channel(node.rpc_address)
+        try:
+            rsp: sp.VerifyChunksRsp = await grpc_util.call(
+                sg.StorageControlStub(ch).VerifyChunks,
+                sp.VerifyChunksReq(
+                    target_id=target_id, chunks=[sp.ChunkId(inode=i, index=x) for i, x in keys]
+                ),
+                timeout_s=self.timeout_s,
+                target=node.rpc_address,
+            )
+        finally:
+            await ch.close()
+        return [(target_id, r) for r in rsp.results]
+
+    def _judge(
+        self, found: Findings, c: PendingChunk, got: dict[int, sp.ChunkVerification | None]
+    ) -> None:
+        """Damaged replicas of one chunk: repairable from a good one at the same version,
+        or the chunk is lost (no replica's bytes are good)."""
+        # A replica whose record changed since the dump is not judged (a write came).
+        same = {
+            t: v
+            for t, v in got.items()
+            if v is not None and (m := c.metas[t]) is not None and _sig(v.meta) == _sig(m)
+        }
+        good = [t for t, v in same.items() if v.verdict == sp.VERDICT_OK]
+        damaged = [t for t, v in same.items() if v.verdict == sp.VERDICT_DAMAGED]
+        self.damaged += len(damaged)
+        where = {"chain_id": c.chain_id, "chunk": list(c.key), "path": c.path}
+        if damaged and not good:
+            found.problems.append({"kind": "lost_chunk", **where, "damaged_targets": damaged})
+            return
+        for t in damaged:
+            p: Problem = {"kind": "damaged_replica", **where, "target_id": t}
+            found.problems.append(p)
+            if t in c.repaired:
+                continue  # the missing/divergent repair replaces it already
+            source = [g for g in good if _sig(same[g].meta) == _sig(same[t].meta)]
+            if source:
+                found.repairs.append((p, ChunkRepair(c.chain_id, c.key, t, source[0])))
+            else:
+                p["repair"] = "not possible: no good replica holds the same version"
+
+
+class Progress:
+    """One progress line on stderr: redrawn on a terminal, else at most one a few seconds."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def show(self, line: str, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last < (PROGRESS_TTY_S if self.tty else PROGRESS_LOG_S):
+            return
+        self.last = now
+        end = "\n" if final or not self.tty else ""
+        sys.stderr.write(("\r" if self.tty else "") + line + end)
+        sys.stderr.flush()
 
 
 async def repair_chunk(routing: Routing, r: ChunkRepair, timeout_s: float) -> sp.RepairChunkRsp:
@@ -175,7 +383,10 @@ async def repair_chunk(routing: Routing, r: ChunkRepair, timeout_s: float) -> sp
         await ch.close()
 
 
-async def run_fsck(address: str, repair: bool, timeout_s: float) -> list[dict[str, Any]]:
+async def run_fsck(
+    address: str, repair: bool, timeout_s: float, verify_rate: int = 0
+) -> list[Problem]:
+    """Check (and with ``repair`` fix); ``verify_rate`` > 0: verify data at that rate."""
     from chainfs.client.aio_fs import AsyncFileSystem
 
     afs = await AsyncFileSystem.connect(address)
@@ -184,39 +395,69 @@ async def run_fsck(address: str, repair: bool, timeout_s: float) -> list[dict[st
         storage = afs.io.storage
         routing = await storage.routing.refresh()
         files = await walk(meta)
-        problems, repairs = await check(routing, files, timeout_s)
+        verifier = DataVerifier(routing, verify_rate, timeout_s) if verify_rate > 0 else None
+        found = await check(routing, files, timeout_s, verifier)
+        if verifier is not None:
+            verifier.progress.show(verifier.line(), final=True)
         if repair:
-            for p in problems:
+            for p in found.problems:
                 if p["kind"] == "orphan_chunk":
                     ino, idx = p["chunk"]
                     await storage.remove_chunks(p["chain_id"], ino, idx, idx + 1)
                     p["repair"] = "removed"
-            for p, r in repairs:
-                try:
-                    rsp = await repair_chunk(routing, r, timeout_s)
-                except ChainfsError as e:
-                    p["repair"] = f"failed: {e}"
-                    continue
-                p["bytes_copied"] = rsp.bytes_copied
-                p["repair"] = (
-                    f"copied from target {rsp.from_target}"
-                    if rsp.copied
-                    else f"nothing copied: {rsp.reason}"
-                )
-        return problems
+            for p, r in found.repairs:
+                await repair_one(routing, p, r, timeout_s)
+        return found.problems
     finally:
         await afs.close()
+
+
+async def repair_one(routing: Routing, p: Problem, r: ChunkRepair, timeout_s: float) -> None:
+    """Copy one chunk onto one replica; the outcome goes into the problem ``p``."""
+    try:
+        rsp = await repair_chunk(routing, r, timeout_s)
+    except ChainfsError as e:
+        p["repair"] = f"failed: {e}"
+        return
+    p["bytes_copied"] = rsp.bytes_copied
+    p["repair"] = (
+        f"copied from target {rsp.from_target}" if rsp.copied else f"nothing copied: {rsp.reason}"
+    )
 
 
 @click.command("fsck")
 @click.option("--address", envvar="CHAINFS_ADDRESS", required=True, help="mgmtd host:port")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--repair", is_flag=True, help="Fix what can be fixed (see the docs above).")
+@click.option(
+    "--verify-data",
+    is_flag=True,
+    help="Also check every replica's bytes against their CRC32C (on the storage nodes).",
+)
+@click.option(
+    "--rate",
+    "rate_bytes_per_s",
+    type=click.IntRange(min=1),
+    default=VERIFY_RATE_BYTES_PER_S,
+    show_default=True,
+    help="--verify-data: bytes per second read on the storage nodes, all together.",
+)
 @click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True)
-def fsck(address: str, as_json: bool, repair: bool, timeout_s: float) -> None:
+def fsck(
+    address: str,
+    as_json: bool,
+    repair: bool,
+    verify_data: bool,
+    rate_bytes_per_s: int,
+    timeout_s: float,
+) -> None:
     """Check namespace and chunk replicas agree; --repair fixes orphans and replicas."""
+    given = click.get_current_context().get_parameter_source("rate_bytes_per_s")
+    if not verify_data and given == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--rate paces --verify-data; give both or neither")
+    rate = rate_bytes_per_s if verify_data else 0
     try:
-        problems = asyncio.run(run_fsck(address, repair, timeout_s))
+        problems = asyncio.run(run_fsck(address, repair, timeout_s, rate))
     except (ChainfsError, OSError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:

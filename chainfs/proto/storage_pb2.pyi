@@ -82,6 +82,33 @@ TRUNCATE: UpdateType.ValueType  # 2
 """chunk length becomes `length` (zero-extended or cut)"""
 Global___UpdateType: _TypeAlias = UpdateType  # noqa: Y015
 
+class _ChunkVerdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChunkVerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChunkVerdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VERDICT_OK: _ChunkVerdict.ValueType  # 0
+    """the committed bytes match their CRC32C"""
+    VERDICT_DAMAGED: _ChunkVerdict.ValueType  # 1
+    """they do not (CHECKSUM_MISMATCH)"""
+    VERDICT_ABSENT: _ChunkVerdict.ValueType  # 2
+    """no committed chunk on this target"""
+    VERDICT_BUSY: _ChunkVerdict.ValueType  # 3
+    """a write is in flight: not checked"""
+
+class ChunkVerdict(_ChunkVerdict, metaclass=_ChunkVerdictEnumTypeWrapper): ...
+
+VERDICT_OK: ChunkVerdict.ValueType  # 0
+"""the committed bytes match their CRC32C"""
+VERDICT_DAMAGED: ChunkVerdict.ValueType  # 1
+"""they do not (CHECKSUM_MISMATCH)"""
+VERDICT_ABSENT: ChunkVerdict.ValueType  # 2
+"""no committed chunk on this target"""
+VERDICT_BUSY: ChunkVerdict.ValueType  # 3
+"""a write is in flight: not checked"""
+Global___ChunkVerdict: _TypeAlias = ChunkVerdict  # noqa: Y015
+
 @_typing.final
 class ChunkId(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -676,8 +703,11 @@ class TargetChunkMeta(_message.Message):
     TARGET_ID_FIELD_NUMBER: _builtins.int
     CHAIN_ID_FIELD_NUMBER: _builtins.int
     META_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
     target_id: _builtins.int
     chain_id: _builtins.int
+    lost: _builtins.bool
+    """damaged here and no replica held a good copy at the last repair try"""
     @_builtins.property
     def meta(self) -> Global___ChunkMeta: ...
     def __init__(
@@ -686,10 +716,11 @@ class TargetChunkMeta(_message.Message):
         target_id: _builtins.int = ...,
         chain_id: _builtins.int = ...,
         meta: Global___ChunkMeta | None = ...,
+        lost: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "meta", b"meta", "target_id", b"target_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "lost", b"lost", "meta", b"meta", "target_id", b"target_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -779,6 +810,7 @@ class LocalTarget(_message.Message):
     CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
     CHUNKS_FIELD_NUMBER: _builtins.int
     PENDING_CHUNKS_FIELD_NUMBER: _builtins.int
+    LOST_CHUNKS_FIELD_NUMBER: _builtins.int
     target_id: _builtins.int
     chain_id: _builtins.int
     path: _builtins.str
@@ -786,6 +818,8 @@ class LocalTarget(_message.Message):
     capacity_bytes: _builtins.int
     chunks: _builtins.int
     pending_chunks: _builtins.int
+    lost_chunks: _builtins.int
+    """damaged chunks no replica of the chain could repair"""
     def __init__(
         self,
         *,
@@ -796,10 +830,11 @@ class LocalTarget(_message.Message):
         capacity_bytes: _builtins.int = ...,
         chunks: _builtins.int = ...,
         pending_chunks: _builtins.int = ...,
+        lost_chunks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "chain_id", b"chain_id", "chunks", b"chunks", "path", b"path", "pending_chunks", b"pending_chunks", "target_id", b"target_id", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "chain_id", b"chain_id", "chunks", b"chunks", "lost_chunks", b"lost_chunks", "path", b"path", "pending_chunks", b"pending_chunks", "target_id", b"target_id", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -969,3 +1004,83 @@ class RepairChunkRsp(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RepairChunkRsp: _TypeAlias = RepairChunkRsp  # noqa: Y015
+
+@_typing.final
+class VerifyChunksReq(_message.Message):
+    """fsck --verify-data: the node reads chunks of one local target and checks their
+    bytes against the stored CRC32C (the bytes never cross the wire).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_ID_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    target_id: _builtins.int
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChunkId]:
+        """at most the node's max_list_chunks"""
+
+    def __init__(
+        self,
+        *,
+        target_id: _builtins.int = ...,
+        chunks: _abc.Iterable[Global___ChunkId] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "target_id", b"target_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyChunksReq: _TypeAlias = VerifyChunksReq  # noqa: Y015
+
+@_typing.final
+class ChunkVerification(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    META_FIELD_NUMBER: _builtins.int
+    verdict: Global___ChunkVerdict.ValueType
+    @_builtins.property
+    def chunk(self) -> Global___ChunkId: ...
+    @_builtins.property
+    def meta(self) -> Global___ChunkMeta:
+        """the record the bytes were checked against"""
+
+    def __init__(
+        self,
+        *,
+        chunk: Global___ChunkId | None = ...,
+        verdict: Global___ChunkVerdict.ValueType = ...,
+        meta: Global___ChunkMeta | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "meta", b"meta", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChunkVerification: _TypeAlias = ChunkVerification  # noqa: Y015
+
+@_typing.final
+class VerifyChunksRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChunkVerification]:
+        """in request order"""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ChunkVerification] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyChunksRsp: _TypeAlias = VerifyChunksRsp  # noqa: Y015

@@ -59,6 +59,11 @@ class StorageControlStub:
                 request_serializer=storage__pb2.RepairChunkReq.SerializeToString,
                 response_deserializer=storage__pb2.RepairChunkRsp.FromString,
                 _registered_method=True)
+        self.VerifyChunks = channel.unary_unary(
+                '/chainfs.storage.StorageControl/VerifyChunks',
+                request_serializer=storage__pb2.VerifyChunksReq.SerializeToString,
+                response_deserializer=storage__pb2.VerifyChunksRsp.FromString,
+                _registered_method=True)
 
 
 class StorageControlServicer:
@@ -94,6 +99,12 @@ class StorageControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyChunks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StorageControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_StorageControlServicer_to_server(servicer, server):
                     servicer.RepairChunk,
                     request_deserializer=storage__pb2.RepairChunkReq.FromString,
                     response_serializer=storage__pb2.RepairChunkRsp.SerializeToString,
+            ),
+            'VerifyChunks': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyChunks,
+                    request_deserializer=storage__pb2.VerifyChunksReq.FromString,
+                    response_serializer=storage__pb2.VerifyChunksRsp.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class StorageControl:
             '/chainfs.storage.StorageControl/RepairChunk',
             storage__pb2.RepairChunkReq.SerializeToString,
             storage__pb2.RepairChunkRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.storage.StorageControl/VerifyChunks',
+            storage__pb2.VerifyChunksReq.SerializeToString,
+            storage__pb2.VerifyChunksRsp.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,10 +32,12 @@ from typing import Any, TypeVar
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
+from chainfs.common.rpc import grpc_util
 from chainfs.common.rpc.storage_client import data_address
 from chainfs.proto import common_pb2 as cp
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
+from chainfs.proto import storage_pb2_grpc as sg
 from chainfs.storage_service import crc
 from chainfs.storage_service.chunk_engine import ChunkEngine, ChunkRecord
 from chainfs.storage_service.craq import LocalTarget
@@ -243,6 +245,47 @@ class ChunkCopier:
             raise ChainfsError(Code.UNKNOWN_CHAIN, f"target {target_id} is in no chain")
         return routing, chain
 
+    def chain_version(self, target_id: int) -> int:
+        """The version of ``target_id``'s chain (0 when routing does not place it)."""
+        try:
+            return int(self._chain_of(target_id)[1].chain_version)
+        except ChainfsError:
+            return 0
+
+    def serving_peers(self, routing: Routing, chain: mp.ChainInfo, target_id: int) -> list[int]:
+        return [
+            int(t)
+            for t in chain.targets
+            if t != target_id
+            and (info := routing.targets.get(t)) is not None
+            and info.public_state == mp.SERVING
+        ]
+
+    async def ask_peers_to_repair(self, target_id: int, key: Key) -> None:
+        """Ask every serving peer of ``target_id`` to repair ``key`` from it (its copy just
+        became good again after none was): peers that gave up on a lost chunk resume."""
+        routing, chain = self._chain_of(target_id)
+        req = sp.RepairChunkReq(
+            chunk=sp.ChunkId(inode=key[0], index=key[1]), prefer_target=target_id
+        )
+        for peer in self.serving_peers(routing, chain, target_id):
+            req.target_id = peer
+            address = routing.node_of_target(peer).rpc_address
+            ch = grpc_util.channel(address)
+            try:
+                rsp = await grpc_util.call(
+                    sg.StorageControlStub(ch).RepairChunk, req, 2 * self.timeout_s, address
+                )
+                log.info(
+                    "target %d: chunk %s on replica %d: copied=%s", target_id, key, peer, rsp.copied
+                )
+            except ChainfsError as e:
+                log.warning(
+                    "target %d: replica %d could not repair chunk %s: %s", target_id, peer, key, e
+                )
+            finally:
+                await ch.close()
+
     async def peer_meta(
         self, routing: Routing, chain: mp.ChainInfo, peer: int, key: Key
     ) -> sp.ChunkMeta:
@@ -323,13 +366,7 @@ class ChunkCopier:
         local = target.engine.get(inode, index)
         if local is not None and local.has_pending:
             raise ChainfsError(Code.NOT_COMMITTED, f"chunk {key} has a write in flight")
-        peers = [
-            int(t)
-            for t in chain.targets
-            if t != target_id
-            and (info := routing.targets.get(t)) is not None
-            and info.public_state == mp.SERVING
-        ]
+        peers = self.serving_peers(routing, chain, target_id)
         metas = await asyncio.gather(
             *(self.peer_meta(routing, chain, p, key) for p in peers), return_exceptions=True
         )

@@ -26,8 +26,14 @@ class FailureConfig:
     # Scrubber: background CRC32C re-check of committed chunks. 0 = off.
     scrub_rate_bytes_per_s: int = 32 * 1024 * 1024  # read budget of the scrubber
     scrub_round_pause_ms: int = 60_000  # pause between two full passes over a target
-    repair_queue_entries: int = 1024  # corrupt chunks waiting for repair (more are dropped)
+    repair_queue_entries: int = 1024  # damaged chunks tracked, lost ones too (more: dropped)
     repair_timeout_ms: int = 10_000  # one read of a good replica
+    # A failed repair is retried after repair_retry_min_ms, doubling up to
+    # repair_retry_max_ms, at most repair_attempts_max times; then it waits for a
+    # good copy to appear (the chunk rewritten, a replica found good, a chain change).
+    repair_retry_min_ms: int = 1_000
+    repair_retry_max_ms: int = 60_000
+    repair_attempts_max: int = 6
 
     def validate(self) -> None:
         if not 0.0 < self.fence_after_timeout_ratio < 1.0:
@@ -40,8 +46,12 @@ class FailureConfig:
             "resync_parallel_chunks",
             "repair_queue_entries",
             "repair_timeout_ms",
+            "repair_retry_min_ms",
+            "repair_attempts_max",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.repair_retry_max_ms < self.repair_retry_min_ms:
+            raise ValueError("repair_retry_max_ms must be >= repair_retry_min_ms")
         if self.resync_rate_bytes_per_s < 0 or self.scrub_rate_bytes_per_s < 0:
             raise ValueError("rates must be >= 0")

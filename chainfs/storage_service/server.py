@@ -116,6 +116,7 @@ class StorageControlServicer(sg.StorageControlServicer):
                     target_id=tid,
                     chain_id=chain_id,
                     meta=record_to_meta(request.chunk.inode, request.chunk.index, rec),
+                    lost=self.node.is_lost(tid, request.chunk.inode, request.chunk.index),
                 )
             )
         return rsp
@@ -165,6 +166,7 @@ class StorageControlServicer(sg.StorageControlServicer):
                     capacity_bytes=cap,
                     chunks=chunks,
                     pending_chunks=pending,
+                    lost_chunks=self.node.repairer.lost_chunks(tid) if self.node.repairer else 0,
                 )
             )
         return rsp
@@ -174,6 +176,14 @@ class StorageControlServicer(sg.StorageControlServicer):
         self, request: sp.RepairChunkReq, context: grpc.aio.ServicerContext
     ) -> sp.RepairChunkRsp:
         return await self.node.repair_chunk(request)
+
+    @rpc_handler
+    async def VerifyChunks(
+        self, request: sp.VerifyChunksReq, context: grpc.aio.ServicerContext
+    ) -> sp.VerifyChunksRsp:
+        if self.node.scrubber is None:
+            raise ChainfsError(Code.TARGET_NOT_SERVING, "storage node is starting")
+        return await self.node.scrubber.verify(request, self.node.config.max_list_chunks)
 
     @rpc_handler
     async def CreateTargets(
@@ -324,19 +334,15 @@ class StorageNode:
 
     async def repair_chunk(self, req: sp.RepairChunkReq) -> sp.RepairChunkRsp:
         """fsck --repair: copy one chunk onto a local target from its healthy replica."""
-        copier = self.copier
-        if copier is None:
+        repairer = self.repairer
+        if repairer is None:
             raise ChainfsError(Code.TARGET_NOT_SERVING, "storage node is starting")
         self.fence.check()
         target = self.targets.get(req.target_id)
         if target is None:
             raise ChainfsError(Code.UNKNOWN_TARGET, f"target {req.target_id} is not on this node")
         key = (req.chunk.inode, req.chunk.index)
-        await target.locks.acquire(key)
-        try:
-            got = await copier.pull(req.target_id, key, prefer=req.prefer_target)
-        finally:
-            target.locks.release(key)
+        got = await repairer.repair_now(req.target_id, key, req.prefer_target)
         rsp = sp.RepairChunkRsp(
             copied=got.copied,
             from_target=got.from_target,
@@ -346,6 +352,9 @@ class StorageNode:
         if got.record is not None:
             rsp.meta.CopyFrom(record_to_meta(key[0], key[1], got.record))
         return rsp
+
+    def is_lost(self, target_id: int, inode: int, index: int) -> bool:
+        return self.repairer is not None and self.repairer.is_lost(target_id, inode, index)
 
     async def _forget_at_mgmtd(self, paths: list[str]) -> None:
         """After an ambiguous AddTargets failure: remove any of ``paths`` mgmtd

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from chainfs.cli.fsck import dump_target
+from chainfs.cli.fsck import chunk_metas
 from chainfs.common.checksum import crc32c
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.rpc.mgmt_client import MgmtClient, RoutingCache
@@ -70,8 +70,11 @@ def test_fsck_finds_and_repairs(tmp_path: Path) -> None:
             # A forwarded full-chunk update sent to one tail only: that replica diverges.
             for chain in routing.chains.values():
                 tail = chain.targets[-1]
-                dump = await dump_target(routing.node_of_target(tail), tail, 10)
-                meta = dump.get((div_ino, 0))
+                node = routing.node_of_target(tail)
+                metas = [m async for m in chunk_metas(node, tail, 10)]
+                meta = next(
+                    (m for m in metas if (m.chunk.inode, m.chunk.index) == (div_ino, 0)), None
+                )
                 if meta is None:
                     continue
                 data = b"diverged"

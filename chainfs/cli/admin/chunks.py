@@ -27,6 +27,7 @@ REPLICA_COLUMNS = (
     "length",
     "crc32c",
     "chain_version",
+    "lost",
 )
 
 
@@ -75,7 +76,7 @@ async def query_chunk(
         finally:
             await ch.close()
         for r in rsp.replicas:
-            rows[r.target_id] = _row(routing, r.target_id, r.chain_id, r.meta, True)
+            rows[r.target_id] = _row(routing, r.target_id, r.chain_id, r.meta, True, r.lost)
     chains = {r["chain_id"] for r in rows.values() if r["chain_id"]}
     for cid in chains:
         chain = routing.chains.get(cid)
@@ -89,7 +90,12 @@ async def query_chunk(
 
 
 def _row(
-    routing: Routing, target_id: int, chain_id: int, meta: sp.ChunkMeta, present: bool
+    routing: Routing,
+    target_id: int,
+    chain_id: int,
+    meta: sp.ChunkMeta,
+    present: bool,
+    lost: bool = False,
 ) -> dict[str, Any]:
     t = routing.targets.get(target_id)
     return {
@@ -103,6 +109,7 @@ def _row(
         "length": meta.length,
         "crc32c": meta.crc32c,
         "chain_version": meta.chain_version,
+        "lost": lost,  # damaged, and no replica held a good copy at the last repair try
     }
 
 
