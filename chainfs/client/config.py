@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from chainfs.common.rpc.storage_client import StorageClientConfig
-
-MiB = 1024 * 1024
+from chainfs.common.units import MiB
 
 
 @dataclass

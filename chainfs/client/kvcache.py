@@ -83,6 +83,7 @@ from chainfs.client.layout import Layout, split
 from chainfs.common.checksum import crc32c
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import RENAME_NOREPLACE, XATTR_CREATE, At
+from chainfs.common.units import MiB
 from chainfs.proto import meta_pb2 as mt
 
 if TYPE_CHECKING:
@@ -91,7 +92,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 MAX_VALUE_BYTES = 64 * MiB  # the largest value any cache accepts
 _NS = 1_000_000_000
 T = TypeVar("T")

@@ -38,6 +38,7 @@ from chainfs.client.file import AsyncFile, Mode, OpenHandle
 from chainfs.common.dataplane.buffers import BufferPool
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import MetaClient, UserInfo, mode_bits
+from chainfs.common.units import MiB as _MiB
 from chainfs.fuse_mount.config import MountConfig
 from chainfs.fuse_mount.readahead import ReadAhead
 from chainfs.fuse_mount.state import (
@@ -70,7 +71,6 @@ _CAPS = b"security.capability"
 _NAMES_MAX_ENTRIES = 1024
 _NAMES_MAX_DIRS = 512
 # Read replies: the kernel asks at most 1 MiB per request (FUSE max_pages).
-_MiB = 1 << 20
 _MAX_READ_BYTES = _MiB
 _RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
 _WRITE_MODE = Mode(

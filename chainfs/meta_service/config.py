@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from chainfs.common.dataplane.config import DataPlaneConfig
-
-KiB = 1024
-MiB = 1024 * KiB
+from chainfs.common.units import KiB, MiB
 
 MIN_CHUNK_SIZE = 64 * KiB  # bytes: the smallest chunk size a layout may use
 MAX_CHUNK_SIZE = 64 * MiB  # bytes: the largest
