@@ -21,6 +21,12 @@ from typing import Protocol, TypeVar
 from google.protobuf.message import Message
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc.meta_wire import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+)
 from chainfs.kv import KVStore, Transaction
 from chainfs.meta_service import chunks, perm, schema
 from chainfs.meta_service.alloc import IdLease, InodeAllocator
@@ -39,10 +45,6 @@ from chainfs.proto import meta_pb2 as pb
 
 M = TypeVar("M", bound=Message)
 
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-XATTR_CREATE = 1
-XATTR_REPLACE = 2
 MAX_ID = 0xFFFFFFFE  # uid/gid: (uint32)-1 means "unchanged" in chown(2)
 FORMAT_VERSION = 1
 ALLOC_FIRST_ID = 1024  # ids below are reserved (root is 1)
