@@ -20,9 +20,9 @@ import grpc.aio
 
 from chainfs.common import config as config_mod
 from chainfs.common import logging as chainfs_logging
+from chainfs.common.background import Periodic, start_all
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.process import run_service, write_ready_file
-from chainfs.common.background import Periodic, start_all
 from chainfs.common.routing import Routing
 from chainfs.common.rpc import grpc_util
 from chainfs.kv import KVStore

@@ -27,6 +27,7 @@ import grpc.aio
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
 from chainfs.common.rpc import grpc_util
+from chainfs.common.rpc.retry import Backoff, RetryPolicy
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import mgmt_pb2_grpc as mg
 
@@ -36,12 +37,12 @@ log = logging.getLogger(__name__)
 NOT_PRIMARY_HINT = "primary is at "
 _HINT_RE = re.compile(re.escape(NOT_PRIMARY_HINT) + r"(\S+)")
 
-RETRY_BACKOFF_INITIAL_S = 0.05  # pause after every address failed once
-RETRY_BACKOFF_MAX_S = 0.5  # bound on that pause, so failover is noticed quickly
+# Pause after every address failed once; bounded so that failover is noticed quickly.
+MGMT_RETRY = RetryPolicy(backoff_initial_s=0.05, backoff_max_s=0.5)
+# Registration: a node waiting for mgmtd to come up retries at least every
+# 2 s, until register_timeout_s.
+REGISTER_RETRY = RetryPolicy(backoff_initial_s=0.05, backoff_max_s=2.0)
 MIN_ATTEMPT_TIMEOUT_S = 0.5  # one address never gets less than this (unless time is up)
-# Bound on the pause between registration attempts (a node waiting for mgmtd
-# to come up retries at least this often, until register_timeout_s).
-REGISTER_BACKOFF_MAX_S = 2.0
 MAX_KNOWN_ADDRESSES = 64  # bound on addresses learnt from NOT_PRIMARY hints
 
 
@@ -97,12 +98,15 @@ class _Outcome:
 class MgmtClient:
     """Calls mgmtd, finding the primary among ``addresses``."""
 
-    def __init__(self, addresses: str | list[str], timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, addresses: str | list[str], timeout_s: float = 5.0, retry: RetryPolicy = MGMT_RETRY
+    ) -> None:
         if timeout_s <= 0:
             raise ChainfsError(Code.EINVAL, f"timeout_s must be > 0, not {timeout_s}")
         self.addresses = parse_addresses(addresses)
         self._configured = list(self.addresses)
         self.timeout_s = timeout_s
+        self.retry = retry
         self._primary: str | None = None  # last address that answered as primary
         self._channels: dict[str, tuple[grpc.aio.Channel, mg.MgmtStub]] = {}
         self._closed = False
@@ -149,8 +153,7 @@ class MgmtClient:
         ``outcome.maybe_applied`` is set when an attempt failed in a way that
         may have hidden a success (timeout, connection lost)."""
         total = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + total
-        backoff = RETRY_BACKOFF_INITIAL_S
+        backoff = Backoff(self.retry, total)
         last: ChainfsError | None = None
         while True:
             queue = self._candidates()
@@ -160,26 +163,18 @@ class MgmtClient:
                 if addr in tried:
                     continue
                 tried.add(addr)
-                remaining = deadline - time.monotonic()
+                remaining = backoff.remaining_s()
                 if remaining <= 0:
                     raise self._unreachable(last)
                 share = max(total / max(len(self.addresses), 1), MIN_ATTEMPT_TIMEOUT_S)
-                attempt_s = min(remaining, share)
                 try:
                     rsp = await grpc_util.call(
-                        getattr(self._stub(addr), method), request, attempt_s, addr
+                        getattr(self._stub(addr), method), request, min(remaining, share), addr
                     )
                 except ChainfsError as e:
                     if e.code == Code.NOT_PRIMARY:
                         last = e
-                        hint = primary_hint(e.message)
-                        if hint and hint != addr:
-                            self._learn(hint)
-                            self._primary = hint
-                            if hint not in tried:
-                                queue.insert(0, hint)
-                        elif self._primary == addr:
-                            self._primary = None
+                        self._follow_hint(addr, e, queue, tried)
                         continue
                     if e.code in (Code.UNAVAILABLE, Code.ETIMEDOUT):
                         last = e
@@ -191,11 +186,19 @@ class MgmtClient:
                     raise
                 self._primary = addr
                 return rsp
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if not await backoff.wait():
                 raise self._unreachable(last)
-            await asyncio.sleep(min(backoff, remaining))
-            backoff = min(backoff * 2, RETRY_BACKOFF_MAX_S)
+
+    def _follow_hint(self, addr: str, e: ChainfsError, queue: list[str], tried: set[str]) -> None:
+        """``addr`` is not the primary: try the one it names next."""
+        hint = primary_hint(e.message)
+        if hint and hint != addr:
+            self._learn(hint)
+            self._primary = hint
+            if hint not in tried:
+                queue.insert(0, hint)
+        elif self._primary == addr:
+            self._primary = None
 
     # -- RPCs --------------------------------------------------------------
     async def register_node(
@@ -396,18 +399,15 @@ class RoutingCache:
     async def refresh(self, min_version: int = 0) -> Routing:
         """Fetch from mgmtd now; with ``min_version``, keep trying (within the
         client timeout) until at least that version is seen."""
-        deadline = time.monotonic() + self.mgmt.timeout_s
-        delay = RETRY_BACKOFF_INITIAL_S
+        backoff = Backoff(self.mgmt.retry, self.mgmt.timeout_s)
         while True:
             async with self._fetch_lock:
                 fresh = await self.mgmt.get_routing(self.version)
                 if fresh is not None:
                     self.install(fresh)
             assert self._routing is not None, "a first fetch always returns routing info"
-            if self._routing.version >= min_version or time.monotonic() >= deadline:
+            if self._routing.version >= min_version or not await backoff.wait():
                 return self._routing
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
 
     async def wait_for(self, predicate: Callable[[Routing], bool], timeout_s: float) -> Routing:
         """Wait (bounded) until the cached routing satisfies ``predicate``."""
@@ -527,8 +527,7 @@ class HeartbeatLoop:
 
     async def _register(self, reregister: bool | None) -> None:
         rereg = reregister if reregister is not None else self.node.node_id != 0
-        deadline = time.monotonic() + self.register_timeout_s
-        delay = RETRY_BACKOFF_INITIAL_S
+        backoff = Backoff(REGISTER_RETRY, self.register_timeout_s)
         maybe_applied = False  # a failed attempt may have registered us before failing
         while True:
             sent = time.monotonic()
@@ -543,14 +542,12 @@ class HeartbeatLoop:
                 if e.code not in (Code.UNAVAILABLE, Code.NOT_PRIMARY, Code.ETIMEDOUT):
                     raise
                 maybe_applied = maybe_applied or e.code != Code.NOT_PRIMARY
-                if time.monotonic() + delay >= deadline:
+                log.warning("registration failed (%s); retrying", e)
+                if not await backoff.wait():
                     raise ChainfsError(
                         e.code,
                         f"node registration gave up after {self.register_timeout_s}s: {e.message}",
                     ) from None
-                log.warning("registration failed (%s); retrying in %.2fs", e, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, REGISTER_BACKOFF_MAX_S)
         self.register_rsp = rsp
         self.node.node_id = rsp.node_id
         self.target_ids = list(rsp.target_ids)
