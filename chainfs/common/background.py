@@ -24,6 +24,9 @@ class Periodic:
     more work) until stopped. A failing round is logged and retried."""
 
     name = "task"
+    # False: interval_s of quiet after each round (work queues). True: one round
+    # starts every interval_s, however long the last one took (leases, heartbeats).
+    fixed_rate = False
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
@@ -50,7 +53,9 @@ class Periodic:
                 await task
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             more = False
             try:
                 more = await self.round()
@@ -65,8 +70,11 @@ class Periodic:
                 await asyncio.sleep(0)
                 continue
             self._wake.clear()
+            pause_s = self.interval_s
+            if self.fixed_rate:
+                pause_s = max(0.0, pause_s - (loop.time() - started))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+                await asyncio.wait_for(self._wake.wait(), pause_s)
 
 
 def start_all(tasks: list[Periodic]) -> Callable[[], Awaitable[None]]:
