@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from chainfs.common.errors import ChainfsError
 
@@ -47,10 +48,7 @@ class Periodic:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -75,6 +73,23 @@ class Periodic:
                 pause_s = max(0.0, pause_s - (loop.time() - started))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), pause_s)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task and wait for it to end.
+
+    Its CancelledError is absorbed, but not one aimed at the caller itself
+    (a stop() that is being cancelled stays cancelled).
+    """
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 def start_all(tasks: list[Periodic]) -> Callable[[], Awaitable[None]]:

@@ -25,7 +25,6 @@ keep-alives so meta does not take it for a vanished client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any, TypeVar
 
 import grpc.aio
 
+from chainfs.common.background import cancel_and_wait
 from chainfs.common.dataplane import DataClient, DataPlaneConfig
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc import grpc_util
@@ -676,10 +676,7 @@ class MetaClient:
     async def aclose(self) -> None:
         self._closed = True
         task, self._keepalive_task = self._keepalive_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         channels, self._channels = self._channels, {}
         for ch, _ in channels.values():
             await ch.close()

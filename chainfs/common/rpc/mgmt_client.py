@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from chainfs.common.background import Periodic, cancel_and_wait
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
 from chainfs.common.rpc import grpc_util
@@ -44,23 +45,6 @@ MGMT_RETRY = RetryPolicy(backoff_initial_s=0.05, backoff_max_s=0.5)
 REGISTER_RETRY = RetryPolicy(backoff_initial_s=0.05, backoff_max_s=2.0)
 MIN_ATTEMPT_TIMEOUT_S = 0.5  # one address never gets less than this (unless time is up)
 MAX_KNOWN_ADDRESSES = 64  # bound on addresses learnt from NOT_PRIMARY hints
-
-
-async def _cancel_and_wait(task: asyncio.Task[None] | None) -> None:
-    """Cancel a background task and wait for it to end.
-
-    Its CancelledError is absorbed, but not one aimed at the caller itself
-    (a stop() that is being cancelled stays cancelled).
-    """
-    if task is None:
-        return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
 
 
 def not_primary_message(primary_address: str | None) -> str:
@@ -423,7 +407,7 @@ class RoutingCache:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        await _cancel_and_wait(task)
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:
@@ -502,7 +486,7 @@ class HeartbeatLoop:
         self.last_ack_monotonic = 0.0  # send time of the last acknowledged heartbeat
         self.routing_version = 0
         self.failures = 0  # consecutive failed heartbeats
-        self._task: asyncio.Task[None] | None = None
+        self._beats: _Beats | None = None
 
     @property
     def node_id(self) -> int:
@@ -523,7 +507,8 @@ class HeartbeatLoop:
         """Register (retrying unreachable/not-primary mgmtd with bounded backoff),
         then heartbeat in the background."""
         await self._register(self._reregister)
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._beats = _Beats(self)
+        self._beats.start()
 
     async def _register(self, reregister: bool | None) -> None:
         rereg = reregister if reregister is not None else self.node.node_id != 0
@@ -592,29 +577,42 @@ class HeartbeatLoop:
             self._deliver(rsp.routing)
         return rsp
 
-    async def _run(self) -> None:
-        while True:
-            started = time.monotonic()
-            try:
-                await self.beat_once()
-            except asyncio.CancelledError:
-                raise
-            except ChainfsError as e:
-                self.failures += 1
-                if e.code == Code.UNKNOWN_NODE:
-                    log.warning("mgmtd does not know node %d; re-registering", self.node_id)
-                    try:
-                        await self._register(True)
-                    except ChainfsError as e2:
-                        log.warning("re-registration failed: %s", e2)
-                elif self.failures == 1 or self.failures % 10 == 0:
-                    log.warning("heartbeat failed (%d in a row): %s", self.failures, e)
-            except Exception:
-                self.failures += 1
-                log.exception("heartbeat failed")
-            elapsed = time.monotonic() - started
-            await asyncio.sleep(max(0.0, self.interval_s - elapsed))
+    async def beat_round(self) -> None:
+        """One heartbeat; a node mgmtd lost is registered again."""
+        try:
+            await self.beat_once()
+        except ChainfsError as e:
+            self.failures += 1
+            if e.code == Code.UNKNOWN_NODE:
+                log.warning("mgmtd does not know node %d; re-registering", self.node_id)
+                try:
+                    await self._register(True)
+                except ChainfsError as e2:
+                    log.warning("re-registration failed: %s", e2)
+                if self._beats is not None:
+                    self._beats.interval_s = self.interval_s
+            elif self.failures == 1 or self.failures % 10 == 0:
+                log.warning("heartbeat failed (%d in a row): %s", self.failures, e)
+        except Exception:
+            self.failures += 1
+            log.exception("heartbeat failed")
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        await _cancel_and_wait(task)
+        beats, self._beats = self._beats, None
+        if beats is not None:
+            await beats.stop()
+
+
+class _Beats(Periodic):
+    """Runs a :class:`HeartbeatLoop`'s heartbeats, one every interval."""
+
+    name = "heartbeat"
+    fixed_rate = True  # a slow heartbeat must not delay the next one
+
+    def __init__(self, owner: HeartbeatLoop) -> None:
+        super().__init__(owner.interval_s)
+        self.owner = owner
+
+    async def round(self) -> bool:
+        await self.owner.beat_round()
+        return False
