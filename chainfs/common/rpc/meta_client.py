@@ -35,8 +35,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import grpc.aio
-
 from chainfs.common.background import cancel_and_wait
 from chainfs.common.dataplane import DataClient, DataPlaneConfig
 from chainfs.common.errors import ChainfsError, Code
@@ -196,7 +194,7 @@ class MetaClient:
         self.transport = transport
         self._dp_config = dataplane
         self._dp: DataClient | None = None
-        self._channels: dict[str, tuple[grpc.aio.Channel, pbg.MetaStub]] = {}
+        self._stubs = grpc_util.Stubs(pbg.MetaStub, "MetaClient")
         self._current: str | None = None
         self._sessions: set[tuple[int, bytes]] = set()
         self._keepalive_s = 10.0
@@ -240,14 +238,7 @@ class MetaClient:
         return w.response.FromString(bytes(reply.header))
 
     def _stub(self, address: str) -> pbg.MetaStub:
-        if self._closed:
-            raise ChainfsError(Code.EBADF, "MetaClient is closed")
-        entry = self._channels.get(address)
-        if entry is None:
-            ch = grpc_util.channel(address)
-            entry = (ch, pbg.MetaStub(ch))
-            self._channels[address] = entry
-        return entry[1]
+        return self._stubs.get(address)
 
     async def call(self, method: str, request: Any) -> Any:
         """Send ``request`` to a meta server, failing over and retrying (same
@@ -677,9 +668,7 @@ class MetaClient:
         self._closed = True
         task, self._keepalive_task = self._keepalive_task, None
         await cancel_and_wait(task)
-        channels, self._channels = self._channels, {}
-        for ch, _ in channels.values():
-            await ch.close()
+        await self._stubs.close()
         dp, self._dp = self._dp, None
         if dp is not None:
             await dp.close()

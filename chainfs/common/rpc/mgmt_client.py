@@ -92,8 +92,7 @@ class MgmtClient:
         self.timeout_s = timeout_s
         self.retry = retry
         self._primary: str | None = None  # last address that answered as primary
-        self._channels: dict[str, tuple[grpc.aio.Channel, mg.MgmtStub]] = {}
-        self._closed = False
+        self._stubs = grpc_util.Stubs(mg.MgmtStub, "MgmtClient")
 
     @property
     def primary_address(self) -> str | None:
@@ -101,14 +100,7 @@ class MgmtClient:
         return self._primary
 
     def _stub(self, address: str) -> mg.MgmtStub:
-        if self._closed:
-            raise ChainfsError(Code.EBADF, "MgmtClient is closed")
-        entry = self._channels.get(address)
-        if entry is None:
-            ch = grpc_util.channel(address)
-            entry = (ch, mg.MgmtStub(ch))
-            self._channels[address] = entry
-        return entry[1]
+        return self._stubs.get(address)
 
     def _candidates(self) -> list[str]:
         if self._primary is None:
@@ -314,10 +306,7 @@ class MgmtClient:
         return rsp.version
 
     async def close(self) -> None:
-        self._closed = True
-        channels, self._channels = self._channels, {}
-        for ch, _ in channels.values():
-            await ch.close()
+        await self._stubs.close()
 
     async def __aenter__(self) -> MgmtClient:
         return self

@@ -104,15 +104,10 @@ class RenameOps(NamespaceBase):
         if src_dir and sparent.ino != dparent.ino:
             if dparent.nlink >= self.cfg.max_links:
                 raise ChainfsError(Code.EMLINK, "too many subdirectories")
-            src.parent = dparent.ino
-            sparent.nlink -= 1
-            dparent.nlink += 1
+            _reparent(src, sparent, dparent)
             ctx.put(sparent)
             ctx.put(dparent)
-        src.ctime_ns = ctx.now_ns
-        ctx.put(src)
-        ctx.touch_dir(sparent)
-        ctx.touch_dir(dparent)
+        _changed(ctx, sparent, dparent, src)
 
     def _exchange(
         self,
@@ -128,18 +123,26 @@ class RenameOps(NamespaceBase):
         ctx.set_entry(dparent.ino, d.name, src.ino, src.type)
         if sparent.ino != dparent.ino:
             if src.type == DIRECTORY:
-                src.parent = dparent.ino
-                sparent.nlink -= 1
-                dparent.nlink += 1
+                _reparent(src, sparent, dparent)
             if dst.type == DIRECTORY:
-                dst.parent = sparent.ino
-                dparent.nlink -= 1
-                sparent.nlink += 1
+                _reparent(dst, dparent, sparent)
             if DIRECTORY in (src.type, dst.type):
                 ctx.put(sparent)
                 ctx.put(dparent)
-        src.ctime_ns = dst.ctime_ns = ctx.now_ns
-        ctx.put(src)
-        ctx.put(dst)
-        ctx.touch_dir(sparent)
-        ctx.touch_dir(dparent)
+        _changed(ctx, sparent, dparent, src, dst)
+
+
+def _reparent(d: pb.Inode, old_parent: pb.Inode, new_parent: pb.Inode) -> None:
+    """Directory ``d`` moves: its ``..`` link counts in the new parent now."""
+    d.parent = new_parent.ino
+    old_parent.nlink -= 1
+    new_parent.nlink += 1
+
+
+def _changed(ctx: Ctx, sparent: pb.Inode, dparent: pb.Inode, *moved: pb.Inode) -> None:
+    """The moved inodes' ctime and both directories' times."""
+    for inode in moved:
+        inode.ctime_ns = ctx.now_ns
+        ctx.put(inode)
+    ctx.touch_dir(sparent)
+    ctx.touch_dir(dparent)
