@@ -75,24 +75,19 @@ class RenameOps(NamespaceBase):
                 if exchange and dst_dir and dst is not None:
                     perm.check(dst, perm.W, ctx.caller, "move directory")
             if exchange:
-                assert dst is not None
-                self._exchange(ctx, s, d, sparent, dparent, src, dst)
+                _exchange(ctx, s, d, sparent, dparent)
             else:
-                await self._move(ctx, s, d, sparent, dparent, src, dst)
+                await self._move(ctx, s, d, sparent, dparent)
             return pb.RenameRsp(inode=src)
 
         return await self._mutate(r.req, Tag.RENAME, pb.RenameRsp, body)
 
     async def _move(
-        self,
-        ctx: Ctx,
-        s: Target,
-        d: Target,
-        sparent: pb.Inode,
-        dparent: pb.Inode,
-        src: pb.Inode,
-        dst: pb.Inode | None,
+        self, ctx: Ctx, s: Target, d: Target, sparent: pb.Inode, dparent: pb.Inode
     ) -> None:
+        """``s`` takes the name ``d``; what ``d`` named goes (the checks passed)."""
+        src, dst = s.inode, d.inode
+        assert src is not None
         src_dir = src.type == DIRECTORY
         if dst is not None:
             if dst.type == DIRECTORY:
@@ -109,27 +104,22 @@ class RenameOps(NamespaceBase):
             ctx.put(dparent)
         _changed(ctx, sparent, dparent, src)
 
-    def _exchange(
-        self,
-        ctx: Ctx,
-        s: Target,
-        d: Target,
-        sparent: pb.Inode,
-        dparent: pb.Inode,
-        src: pb.Inode,
-        dst: pb.Inode,
-    ) -> None:
-        ctx.set_entry(sparent.ino, s.name, dst.ino, dst.type)
-        ctx.set_entry(dparent.ino, d.name, src.ino, src.type)
-        if sparent.ino != dparent.ino:
-            if src.type == DIRECTORY:
-                _reparent(src, sparent, dparent)
-            if dst.type == DIRECTORY:
-                _reparent(dst, dparent, sparent)
-            if DIRECTORY in (src.type, dst.type):
-                ctx.put(sparent)
-                ctx.put(dparent)
-        _changed(ctx, sparent, dparent, src, dst)
+
+def _exchange(ctx: Ctx, s: Target, d: Target, sparent: pb.Inode, dparent: pb.Inode) -> None:
+    """``s`` and ``d`` swap names (RENAME_EXCHANGE; the checks passed)."""
+    src, dst = s.inode, d.inode
+    assert src is not None and dst is not None
+    ctx.set_entry(sparent.ino, s.name, dst.ino, dst.type)
+    ctx.set_entry(dparent.ino, d.name, src.ino, src.type)
+    if sparent.ino != dparent.ino:
+        if src.type == DIRECTORY:
+            _reparent(src, sparent, dparent)
+        if dst.type == DIRECTORY:
+            _reparent(dst, dparent, sparent)
+        if DIRECTORY in (src.type, dst.type):
+            ctx.put(sparent)
+            ctx.put(dparent)
+    _changed(ctx, sparent, dparent, src, dst)
 
 
 def _reparent(d: pb.Inode, old_parent: pb.Inode, new_parent: pb.Inode) -> None:
