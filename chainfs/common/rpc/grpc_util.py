@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.units import MiB
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ T = TypeVar("T")
 S = TypeVar("S")  # a generated gRPC stub class
 
 # Message size bound for control calls (bulk data goes over the data plane).
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_MESSAGE_BYTES = 64 * MiB
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
