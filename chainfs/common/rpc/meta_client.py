@@ -66,7 +66,7 @@ DEFAULT_TIMEOUT_S = 30.0  # one call, failover and retries included
 # A slow attempt that did complete is not lost: the retry carries the same
 # request id and gets meta's recorded answer.
 DEFAULT_ATTEMPT_TIMEOUT_S = 5.0
-META_RETRY = RetryPolicy(backoff_initial_s=0.02, backoff_max_s=0.5)
+META_RETRY = RetryPolicy(backoff_initial_s=0.02)
 # Worth trying again (same request id): the server could not be reached or did
 # not answer within the attempt timeout, or its KV transaction lost too many
 # conflicts in a row.

@@ -38,11 +38,9 @@ log = logging.getLogger(__name__)
 NOT_PRIMARY_HINT = "primary is at "
 _HINT_RE = re.compile(re.escape(NOT_PRIMARY_HINT) + r"(\S+)")
 
-# Pause after every address failed once; bounded so that failover is noticed quickly.
-MGMT_RETRY = RetryPolicy(backoff_initial_s=0.05, backoff_max_s=0.5)
 # Registration: a node waiting for mgmtd to come up retries at least every
 # 2 s, until register_timeout_s.
-REGISTER_RETRY = RetryPolicy(backoff_initial_s=0.05, backoff_max_s=2.0)
+REGISTER_RETRY = RetryPolicy(backoff_max_s=2.0)
 MIN_ATTEMPT_TIMEOUT_S = 0.5  # one address never gets less than this (unless time is up)
 MAX_KNOWN_ADDRESSES = 64  # bound on addresses learnt from NOT_PRIMARY hints
 
@@ -83,14 +81,18 @@ class MgmtClient:
     """Calls mgmtd, finding the primary among ``addresses``."""
 
     def __init__(
-        self, addresses: str | list[str], timeout_s: float = 5.0, retry: RetryPolicy = MGMT_RETRY
+        self,
+        addresses: str | list[str],
+        timeout_s: float = 5.0,
+        retry: RetryPolicy | None = None,
     ) -> None:
+        """``retry``: the pauses after every address failed once (default RetryPolicy())."""
         if timeout_s <= 0:
             raise ChainfsError(Code.EINVAL, f"timeout_s must be > 0, not {timeout_s}")
         self.addresses = parse_addresses(addresses)
         self._configured = list(self.addresses)
         self.timeout_s = timeout_s
-        self.retry = retry
+        self.retry = retry or RetryPolicy()
         self._primary: str | None = None  # last address that answered as primary
         self._stubs = grpc_util.Stubs(mg.MgmtStub, "MgmtClient")
 

@@ -16,29 +16,26 @@ import random
 import time
 from dataclasses import dataclass
 
-from chainfs.common.errors import ChainfsError, Code
-
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """Bounds of one retrying call (a config section where a client exposes one)."""
 
-    backoff_initial_s: float = 0.02  # pause after the first failed attempt
-    backoff_max_s: float = 0.5  # the pause doubles up to this
+    backoff_initial_s: float = 0.05  # pause after the first failed attempt
+    backoff_max_s: float = 0.5  # the pause doubles up to this (failover noticed quickly)
     max_attempts: int = 1000  # attempts (or rounds over all servers) of one call
     jitter: float = 0.5  # each pause is drawn from [(1 - jitter) * p, p]
 
     def __post_init__(self) -> None:
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:
-            raise ChainfsError(
-                Code.EINVAL,
+            raise ValueError(
                 f"need 0 < backoff_initial_s <= backoff_max_s, not "
-                f"{self.backoff_initial_s}, {self.backoff_max_s}",
+                f"{self.backoff_initial_s}, {self.backoff_max_s}"
             )
         if self.max_attempts < 1:
-            raise ChainfsError(Code.EINVAL, f"max_attempts must be >= 1, not {self.max_attempts}")
+            raise ValueError(f"max_attempts must be >= 1, not {self.max_attempts}")
         if not 0 <= self.jitter < 1:
-            raise ChainfsError(Code.EINVAL, f"jitter must be in [0, 1), not {self.jitter}")
+            raise ValueError(f"jitter must be in [0, 1), not {self.jitter}")
 
 
 class Backoff:
