@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-MiB = 1 << 20
+from chainfs.common.units import MiB
+
 MB = 1_000_000  # throughput is reported in decimal MB/s, like iperf3 and fio
 
 # Concurrent client processes of the "4 clients" workloads (issue 9).

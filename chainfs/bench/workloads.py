@@ -31,8 +31,7 @@ from chainfs.bench.context import (
     WorkloadFailed,
 )
 from chainfs.bench.workers import WorkerPool, aggregate, peak_rss_bytes
-
-KiB = 1024
+from chainfs.common.units import KiB
 
 _NET = "iperf3_loopback_MBps"
 _IOPS = "fio_rand_read_4k_iops"

@@ -6,8 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from chainfs.common.rpc.storage_client import StorageClientConfig
-
-MiB = 1024 * 1024
+from chainfs.common.units import MiB
 
 # Where connect() and the adapters find the mgmtd address when none is given.
 ADDRESS_ENV = "CHAINFS_ADDRESS"

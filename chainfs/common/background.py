@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from chainfs.common.errors import ChainfsError
 
@@ -24,6 +25,9 @@ class Periodic:
     more work) until stopped. A failing round is logged and retried."""
 
     name = "task"
+    # False: interval_s of quiet after each round (work queues). True: one round
+    # starts every interval_s, however long the last one took (leases, heartbeats).
+    fixed_rate = False
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
@@ -44,13 +48,12 @@ class Periodic:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             more = False
             try:
                 more = await self.round()
@@ -65,8 +68,28 @@ class Periodic:
                 await asyncio.sleep(0)
                 continue
             self._wake.clear()
+            pause_s = self.interval_s
+            if self.fixed_rate:
+                pause_s = max(0.0, pause_s - (loop.time() - started))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+                await asyncio.wait_for(self._wake.wait(), pause_s)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task and wait for it to end.
+
+    Its CancelledError is absorbed, but not one aimed at the caller itself
+    (a stop() that is being cancelled stays cancelled).
+    """
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 def start_all(tasks: list[Periodic]) -> Callable[[], Awaitable[None]]:

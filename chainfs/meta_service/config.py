@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from chainfs.common.dataplane.config import DataPlaneConfig
-
-KiB = 1024
-MiB = 1024 * KiB
+from chainfs.common.rpc.retry import RetryPolicy
+from chainfs.common.units import KiB, MiB
 
 MIN_CHUNK_SIZE = 64 * KiB  # bytes: the smallest chunk size a layout may use
 MAX_CHUNK_SIZE = 64 * MiB  # bytes: the largest
@@ -31,6 +30,8 @@ class MetaConfig:
     mgmtd_addresses: list[str] = field(default_factory=list)
     static_chains: list[int] = field(default_factory=list)  # standalone only
     mgmtd_timeout_ms: int = 5_000  # one mgmtd call, failover included
+    # Pauses between rounds over the mgmtd addresses, and their number, within that time.
+    mgmtd_retry: RetryPolicy = field(default_factory=RetryPolicy)
     heartbeat_interval_ms: int = 0  # 0 = the interval mgmtd answers at registration
     storage_timeout_ms: int = 10_000  # one storage call made by meta (length query, removal)
 

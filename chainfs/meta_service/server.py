@@ -124,7 +124,11 @@ class MetaServer:
         if cfg.mgmtd_addresses:
             from chainfs.common.rpc.mgmt_client import HeartbeatLoop, MgmtClient, RoutingCache
 
-            mgmt = MgmtClient(cfg.mgmtd_addresses, timeout_s=cfg.mgmtd_timeout_ms / 1000)
+            mgmt = MgmtClient(
+                cfg.mgmtd_addresses,
+                timeout_s=cfg.mgmtd_timeout_ms / 1000,
+                retry=cfg.mgmtd_retry,
+            )
             self._closers.append(mgmt.close)
             # Routing arrives with the registration below (which retries while
             # mgmtd is unreachable) and is then kept fresh by a watch.

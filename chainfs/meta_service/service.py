@@ -11,7 +11,7 @@ import grpc.aio
 from chainfs.common.dataplane.server import Handler, Request, Response
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.grpc_util import rpc_handler
-from chainfs.common.rpc.meta_client import WIRE_BY_MSG_TYPE
+from chainfs.common.rpc.meta_wire import WIRE_BY_MSG_TYPE
 from chainfs.meta_service.namespace import Namespace
 from chainfs.proto import meta_pb2 as pb
 from chainfs.proto import meta_pb2_grpc as pbg

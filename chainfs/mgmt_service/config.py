@@ -71,3 +71,11 @@ class MgmtdConfig:
         if self.kv_url:
             return self.kv_url
         return "rocksdb://" + str((Path(self.data_dir) / "kv").resolve())
+
+
+def redact_url(url: str) -> str:
+    """Store URL without credentials (user:password@)."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return scheme + "://" + rest.split("@", 1)[1]
+    return url

@@ -1,598 +1,35 @@
-"""mgmtd: node registry, heartbeats, target states, chain table, routing info, config.
+"""The mgmtd process: `chainfs serve mgmtd --config F`.
 
-Several mgmtd processes may share one KV store; one is primary. Election
-(:class:`Election`): the primary holds two records in the store, ``primary``
-(holder, epoch; written only on takeover) and ``lease`` (holder, epoch,
-renewal count; rewritten every ``lease_renew_interval_ms``). A standby takes
-over once it has seen the lease record unchanged for ``lease_ms`` on its own
-monotonic clock (no cross-host clock comparison). Every state change the
-primary commits reads the ``primary`` record in the same transaction, so a
-primary that lost its lease can never commit (the takeover conflicts it out);
-and a primary stops answering ``lease_safety_margin_ms`` before its lease could
-have run out, so two primaries never answer at once.
-
-All cluster state (routing info, id counters, config) lives in the store; the
-primary caches it, and it is the only writer. Heartbeat arrival times and
-per-target usage figures are kept in the primary's memory only: after a
-takeover every node gets a full heartbeat timeout of grace.
+Opens the KV store, serves the Mgmt RPCs (:mod:`.service`), and runs the
+election and the heartbeat checker in the background (:mod:`.background`);
+see :mod:`.election` for how one of several mgmtds becomes primary.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import os
 import socket
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
 
 import grpc.aio
 
 from chainfs import kv
 from chainfs.common import config as config_mod
 from chainfs.common import logging as chainfs_logging
-from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.background import start_all
 from chainfs.common.process import run_service, write_ready_file
 from chainfs.common.rpc import grpc_util
-from chainfs.common.rpc.grpc_util import rpc_handler
-from chainfs.common.rpc.mgmt_client import not_primary_message
-from chainfs.kv import KVStore, Transaction, prefix_end
-from chainfs.mgmt_service.cluster_state import ClusterState, Counters
-from chainfs.mgmt_service.config import MgmtdConfig
-from chainfs.proto import mgmt_pb2 as mp
+from chainfs.kv import KVStore, Transaction
+from chainfs.mgmt_service.background import HeartbeatChecker, LeaseKeeper
+from chainfs.mgmt_service.cluster_state import Counters
+from chainfs.mgmt_service.config import MgmtdConfig, redact_url
+from chainfs.mgmt_service.schema import KEY_COUNTERS
+from chainfs.mgmt_service.service import Mgmtd
 from chainfs.proto import mgmt_pb2_grpc as mg
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-KEY_PREFIX = b"MGMT|"
-KEY_ROUTING = KEY_PREFIX + b"routing"
-KEY_COUNTERS = KEY_PREFIX + b"counters"
-KEY_PRIMARY = KEY_PREFIX + b"primary"
-KEY_LEASE = KEY_PREFIX + b"lease"
-KEY_PEER = KEY_PREFIX + b"peer|"
-KEY_CONFIG = KEY_PREFIX + b"config|"
-KEY_CONFIG_VERSION = KEY_PREFIX + b"config_version"
-
-WATCH_RECHECK_S = 1.0  # a watch stream re-checks primacy at least this often
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _peer_key(node_id: int) -> bytes:
-    return KEY_PEER + b"%010d" % node_id
-
-
-class Election:
-    """This mgmtd's view of who is primary, kept by :meth:`round`."""
-
-    def __init__(
-        self, store: KVStore, self_id: int, address: str, cfg: MgmtdConfig, exclusive: bool = False
-    ) -> None:
-        self.store = store
-        # The store admits one process (rocksdb, memory): no other mgmtd can be
-        # alive, so a lease left by a crashed predecessor is taken at once.
-        self.exclusive = exclusive
-        self.self_id = self_id
-        self.address = address
-        self.cfg = cfg
-        self.epoch = 0  # our epoch while we hold the lease
-        self.valid_until = 0.0  # monotonic; we act as primary before this
-        self.primary_address = ""  # as last seen in the store
-        self.primary_id = 0
-        self.lease_expires_ms = 0
-        self._seen: tuple[bytes | None, float] = (None, 0.0)  # lease record, first seen at
-
-    def is_primary(self) -> bool:
-        return self.epoch > 0 and time.monotonic() < self.valid_until
-
-    async def round(self) -> str:
-        """Renew, take over or observe; returns "renewed", "took" or "standby"."""
-        sent = time.monotonic()
-        lease_ms = self.cfg.lease_ms
-        seen_raw, seen_at = self._seen
-
-        async def fn(tx: Transaction) -> tuple[str, bytes | None, dict[str, Any]]:
-            raw = await tx.get(KEY_LEASE)
-            lease = json.loads(raw) if raw else None
-            primary_raw = await tx.get(KEY_PRIMARY)
-            primary = json.loads(primary_raw) if primary_raw else None
-            now_ms = _now_ms()
-            ours = (
-                lease is not None
-                and primary is not None
-                and lease["node_id"] == self.self_id
-                and primary["node_id"] == self.self_id
-                and self.epoch > 0
-                and primary["epoch"] == self.epoch
-            )
-            free = lease is None or lease["node_id"] == 0
-            stale = self.exclusive or (raw == seen_raw and sent - seen_at >= lease_ms / 1000.0)
-            if ours:
-                assert lease is not None
-                lease["renewals"] += 1
-                lease["expires_ms"] = now_ms + lease_ms
-                tx.set(KEY_LEASE, json.dumps(lease).encode())
-                action = "renewed"
-            elif free or stale:
-                epoch = (primary["epoch"] if primary else 0) + 1
-                primary = {"node_id": self.self_id, "address": self.address, "epoch": epoch}
-                lease = {**primary, "renewals": 0, "expires_ms": now_ms + lease_ms}
-                tx.set(KEY_PRIMARY, json.dumps(primary).encode())
-                tx.set(KEY_LEASE, json.dumps(lease).encode())
-                action = "took"
-            else:
-                assert lease is not None
-                return "standby", raw, lease
-            peer = {"node_id": self.self_id, "address": self.address, "seen_ms": now_ms}
-            tx.set(_peer_key(self.self_id), json.dumps(peer).encode())
-            return action, None, lease
-
-        action, raw, lease = await self.store.transact(fn)
-        if action == "standby":
-            self.epoch = 0
-            self.valid_until = 0.0
-            if raw != seen_raw:
-                self._seen = (raw, time.monotonic())
-            self.primary_address = str(lease.get("address", ""))
-            self.primary_id = int(lease.get("node_id", 0))
-            self.lease_expires_ms = int(lease.get("expires_ms", 0))
-            return action
-        self.epoch = int(lease["epoch"])
-        self.valid_until = sent + (lease_ms - self.cfg.lease_safety_margin_ms) / 1000.0
-        self.primary_address = self.address
-        self.primary_id = self.self_id
-        self.lease_expires_ms = int(lease["expires_ms"])
-        self._seen = (None, 0.0)
-        return action
-
-    async def release(self) -> None:
-        """Give the lease up (clean shutdown): a standby takes over at its next round."""
-        if self.epoch == 0:
-            return
-        epoch = self.epoch
-        self.epoch = 0
-        self.valid_until = 0.0
-
-        async def fn(tx: Transaction) -> None:
-            raw = await tx.get(KEY_LEASE)
-            lease = json.loads(raw) if raw else None
-            if lease and lease["node_id"] == self.self_id and lease["epoch"] == epoch:
-                tx.set(KEY_LEASE, json.dumps({**lease, "node_id": 0, "address": ""}).encode())
-            tx.clear(_peer_key(self.self_id))
-
-        await self.store.transact(fn)
-
-
-class Mgmtd(mg.MgmtServicer):
-    """The servicer plus the primary's background work."""
-
-    def __init__(
-        self,
-        cfg: MgmtdConfig,
-        store: KVStore,
-        self_id: int,
-        address: str,
-        store_url: str = "",
-        exclusive_store: bool = False,
-    ) -> None:
-        self.cfg = cfg
-        self.store = store
-        self.store_url = store_url
-        self.self_id = self_id
-        self.address = address
-        self.election = Election(store, self_id, address, cfg, exclusive_store)
-        self.state: ClusterState | None = None  # primary's cache of the stored state
-        self._epoch_loaded = 0
-        self._mutex = asyncio.Lock()
-        self._last_hb: dict[int, float] = {}  # node id -> monotonic time of last heartbeat
-        self._last_hb_ms: dict[int, int] = {}  # node id -> wall clock, for display
-        self._target_stats: dict[int, mp.TargetHeartbeat] = {}
-        self._watchers: set[asyncio.Event] = set()
-
-    # -- primary state -----------------------------------------------------
-    def _not_primary(self) -> ChainfsError:
-        addr = self.election.primary_address
-        return ChainfsError(
-            Code.NOT_PRIMARY, not_primary_message(addr if addr != self.address else None)
-        )
-
-    def _require_primary(self) -> ClusterState:
-        if not self.election.is_primary() or self.state is None:
-            raise self._not_primary()
-        if self._epoch_loaded != self.election.epoch:
-            raise self._not_primary()
-        return self.state
-
-    async def _load_state(self) -> None:
-        async def fn(tx: Transaction) -> ClusterState:
-            return ClusterState.decode(
-                await tx.get(KEY_ROUTING), await tx.get(KEY_COUNTERS), self.cfg.cluster_id
-            )
-
-        state = await self.store.transact(fn, read_only=True)
-        now = time.monotonic()
-        self._last_hb = {n.node_id: now for n in state.info.nodes}  # grace after takeover
-        self._target_stats.clear()
-        self.state = state
-        self._epoch_loaded = self.election.epoch
-        log.info(
-            "primary (epoch %d): %d nodes, %d targets, %d chains, routing version %d",
-            self.election.epoch,
-            len(state.info.nodes),
-            len(state.info.targets),
-            len(state.info.chains),
-            state.info.version,
-        )
-        self._notify_watchers()
-
-    def _step_down(self) -> None:
-        if self.state is not None:
-            log.warning("no longer primary")
-        self.state = None
-        self._epoch_loaded = 0
-        self._notify_watchers()
-
-    async def _mutate(self, op: Callable[[ClusterState], T]) -> tuple[T, ClusterState]:
-        """Apply ``op`` and commit it (plus one chain step) in one transaction.
-
-        ``op`` validates before changing anything, so an error changes nothing.
-        Returns op's result and the committed state.
-        """
-        async with self._mutex:
-            cached = self._require_primary()
-            # Dry run on the cache: validation errors raise here, and nothing to
-            # change means no transaction at all.
-            trial = cached.copy()
-            result = op(trial)
-            if not trial.finish(cached):
-                return result, cached
-            epoch = self.election.epoch
-
-            async def fn(tx: Transaction) -> tuple[T, ClusterState, bool]:
-                raw = await tx.get(KEY_PRIMARY)
-                primary = json.loads(raw) if raw else None
-                if not primary or primary["node_id"] != self.self_id or primary["epoch"] != epoch:
-                    raise self._not_primary()
-                before = ClusterState.decode(
-                    await tx.get(KEY_ROUTING), await tx.get(KEY_COUNTERS), self.cfg.cluster_id
-                )
-                after = before.copy()
-                res = op(after)
-                changed = after.finish(before)
-                if changed:
-                    routing, counters = after.encode()
-                    tx.set(KEY_ROUTING, routing)
-                    tx.set(KEY_COUNTERS, counters)
-                return res, after, changed
-
-            try:
-                result, after, changed = await self.store.transact(fn)
-            except ChainfsError as e:
-                if e.code == Code.NOT_PRIMARY:
-                    self.election.epoch = 0
-                    self._step_down()
-                raise
-            self.state = after
-            if changed:
-                self._notify_watchers()
-            return result, after
-
-    def _notify_watchers(self) -> None:
-        for ev in self._watchers:
-            ev.set()
-
-    def _routing_out(self, state: ClusterState) -> mp.RoutingInfo:
-        """Routing info with the in-memory figures (heartbeat times, usage) filled in."""
-        info = mp.RoutingInfo()
-        info.CopyFrom(state.info)
-        for n in info.nodes:
-            n.last_heartbeat_ms = self._last_hb_ms.get(n.node_id, 0)
-        for t in info.targets:
-            s = self._target_stats.get(t.target_id)
-            if s is not None:
-                t.used_bytes = s.used_bytes
-                t.capacity_bytes = s.capacity_bytes or t.capacity_bytes
-                t.sync_bytes_left = s.sync_bytes_left
-                t.sync_rate_bytes_per_s = s.sync_rate_bytes_per_s
-        return info
-
-    # -- background --------------------------------------------------------
-    async def election_loop(self, first_round: asyncio.Event) -> None:
-        interval_s = self.cfg.lease_renew_interval_ms / 1000.0
-        failures = 0
-        while True:
-            started = time.monotonic()
-            try:
-                action = await self.election.round()
-                if action == "took":
-                    log.info("took the primary lease (epoch %d)", self.election.epoch)
-                if action in ("took", "renewed") and self._epoch_loaded != self.election.epoch:
-                    await self._load_state()
-                elif action == "standby" and self.state is not None:
-                    self._step_down()
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                failures += 1
-                if failures == 1 or failures % 20 == 0:
-                    log.warning("election round failed (%d in a row): %s", failures, e)
-            if self.state is not None and not self.election.is_primary():
-                self._step_down()
-            first_round.set()
-            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
-
-    async def checker_loop(self) -> None:
-        """Primary: time out silent nodes and step chains (waiting -> syncing ...)."""
-        interval_s = self.cfg.check_interval_ms / 1000.0
-        timeout_s = self.cfg.heartbeat_timeout_ms / 1000.0
-        while True:
-            await asyncio.sleep(interval_s)
-            if self.state is None or not self.election.is_primary():
-                continue
-            now = time.monotonic()
-            silent = [
-                n.node_id
-                for n in self.state.info.nodes
-                if n.status == mp.NODE_ONLINE
-                and now - self._last_hb.get(n.node_id, now) > timeout_s
-            ]
-
-            def op(s: ClusterState, silent: list[int] = silent) -> None:
-                # Re-checked when the op runs (after waiting for the mutex, and
-                # again in the transaction): a heartbeat that came meanwhile
-                # keeps its node online.
-                at = time.monotonic()
-                late = [i for i in silent if at - self._last_hb.get(i, at) > timeout_s]
-                s.mark_offline(late)
-
-            try:
-                if silent:
-                    log.warning("nodes %s missed heartbeats for %.1fs: offline", silent, timeout_s)
-                await self._mutate(op)
-            except asyncio.CancelledError:
-                raise
-            except ChainfsError as e:
-                log.warning("heartbeat check failed: %s", e)
-            except Exception:
-                log.exception("heartbeat check failed")
-
-    # -- RPCs --------------------------------------------------------------
-    @rpc_handler
-    async def RegisterNode(
-        self, request: mp.RegisterNodeReq, context: grpc.aio.ServicerContext
-    ) -> mp.RegisterNodeRsp:
-        def op(s: ClusterState) -> tuple[int, list[int]]:
-            return s.register(request.node, list(request.targets), request.reregister)
-
-        (node_id, target_ids), state = await self._mutate(op)
-        self._last_hb[node_id] = time.monotonic()
-        self._last_hb_ms[node_id] = _now_ms()
-        log.info(
-            "%s node %d (%s) at %s, targets %s",
-            "re-registered" if request.reregister else "registered",
-            node_id,
-            mp.NodeType.Name(request.node.type),
-            request.node.rpc_address,
-            target_ids,
-        )
-        return mp.RegisterNodeRsp(
-            node_id=node_id,
-            target_ids=target_ids,
-            routing=self._routing_out(state),
-            heartbeat_interval_ms=self.cfg.heartbeat_interval_ms,
-            heartbeat_timeout_ms=self.cfg.heartbeat_timeout_ms,
-        )
-
-    @rpc_handler
-    async def Heartbeat(
-        self, request: mp.HeartbeatReq, context: grpc.aio.ServicerContext
-    ) -> mp.HeartbeatRsp:
-        state = self._require_primary()
-        if state.heartbeat_changes(request):  # also validates (UNKNOWN_NODE ...)
-            _, state = await self._mutate(lambda s: s.apply_heartbeat(request))
-        self._last_hb[request.node_id] = time.monotonic()
-        self._last_hb_ms[request.node_id] = _now_ms()
-        for th in request.targets:
-            self._target_stats[th.target_id] = th
-        rsp = mp.HeartbeatRsp(routing_version=state.info.version)
-        if request.routing_version < state.info.version:
-            rsp.routing.CopyFrom(self._routing_out(state))
-        return rsp
-
-    @rpc_handler
-    async def GetRoutingInfo(
-        self, request: mp.GetRoutingInfoReq, context: grpc.aio.ServicerContext
-    ) -> mp.GetRoutingInfoRsp:
-        state = self._require_primary()
-        if request.known_version and request.known_version == state.info.version:
-            return mp.GetRoutingInfoRsp(unchanged=True)
-        return mp.GetRoutingInfoRsp(routing=self._routing_out(state))
-
-    @rpc_handler
-    async def WatchRoutingInfo(
-        self, request: mp.WatchRoutingInfoReq, context: grpc.aio.ServicerContext
-    ) -> None:
-        self._require_primary()
-        if len(self._watchers) >= self.cfg.max_watch_streams:
-            raise ChainfsError(
-                Code.EBUSY, f"too many routing watchers ({self.cfg.max_watch_streams})"
-            )
-        known = request.known_version
-        changed = asyncio.Event()
-        self._watchers.add(changed)
-        try:
-            while True:
-                state = self._require_primary()
-                if state.info.version != known:
-                    known = state.info.version
-                    await context.write(self._routing_out(state))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), WATCH_RECHECK_S)
-                changed.clear()
-        finally:
-            self._watchers.discard(changed)
-
-    @rpc_handler
-    async def CreateChains(
-        self, request: mp.CreateChainsReq, context: grpc.aio.ServicerContext
-    ) -> mp.CreateChainsRsp:
-        def op(s: ClusterState) -> list[int]:
-            return s.create_chains(request.replicas, request.num_chains, request.init)
-
-        ids, state = await self._mutate(op)
-        log.info("created %d chains of %d replicas: %s", len(ids), request.replicas, ids)
-        chains = [c for c in state.info.chains if c.chain_id in set(ids)]
-        return mp.CreateChainsRsp(chains=chains, routing=self._routing_out(state))
-
-    @rpc_handler
-    async def UpdateTarget(
-        self, request: mp.UpdateTargetReq, context: grpc.aio.ServicerContext
-    ) -> mp.UpdateTargetRsp:
-        A = mp.UpdateTargetReq.Action
-        if request.action == A.Value("OFFLINE"):
-            _, state = await self._mutate(lambda s: s.offline_target(request.target_id))
-        elif request.action == A.Value("REMOVE"):
-            _, state = await self._mutate(lambda s: s.remove_target(request.target_id))
-        elif request.action == A.Value("ONLINE"):
-            _, state = await self._mutate(lambda s: s.online_target(request.target_id))
-        elif request.action == A.Value("ROTATE_LASTSRV"):
-            _, state = await self._mutate(lambda s: s.rotate_lastsrv(request.target_id))
-        else:
-            raise ChainfsError(Code.EINVAL, f"unknown target action {request.action}")
-        return mp.UpdateTargetRsp(routing=self._routing_out(state))
-
-    @rpc_handler
-    async def UpdateChain(
-        self, request: mp.UpdateChainReq, context: grpc.aio.ServicerContext
-    ) -> mp.UpdateChainRsp:
-        def op(s: ClusterState) -> None:
-            s.update_chain(request.chain_id, request.add_targets, request.remove_targets)
-
-        _, state = await self._mutate(op)
-        chain = state.chain(request.chain_id)
-        assert chain is not None
-        return mp.UpdateChainRsp(chain=chain)
-
-    @rpc_handler
-    async def AddTargets(
-        self, request: mp.AddTargetsReq, context: grpc.aio.ServicerContext
-    ) -> mp.AddTargetsRsp:
-        def op(s: ClusterState) -> list[int]:
-            return s.add_targets(request.node_id, list(request.targets))
-
-        ids, state = await self._mutate(op)
-        log.info("node %d added targets %s", request.node_id, ids)
-        return mp.AddTargetsRsp(target_ids=ids, routing=self._routing_out(state))
-
-    @rpc_handler
-    async def SetConfig(
-        self, request: mp.SetConfigReq, context: grpc.aio.ServicerContext
-    ) -> mp.SetConfigRsp:
-        self._require_primary()
-        key = request.key
-        if not key or len(key.encode()) > self.cfg.max_config_key_bytes:
-            raise ChainfsError(
-                Code.EINVAL, f"config key must be 1..{self.cfg.max_config_key_bytes} bytes"
-            )
-        if len(request.value.encode()) > self.cfg.max_config_value_bytes:
-            raise ChainfsError(
-                Code.EINVAL, f"config value longer than {self.cfg.max_config_value_bytes} bytes"
-            )
-        epoch = self.election.epoch
-
-        async def fn(tx: Transaction) -> int:
-            raw = await tx.get(KEY_PRIMARY)
-            primary = json.loads(raw) if raw else None
-            if not primary or primary["node_id"] != self.self_id or primary["epoch"] != epoch:
-                raise self._not_primary()
-            version = int(await tx.get(KEY_CONFIG_VERSION) or b"0") + 1
-            tx.set(KEY_CONFIG + key.encode(), request.value.encode())
-            tx.set(KEY_CONFIG_VERSION, str(version).encode())
-            return version
-
-        version = await self.store.transact(fn)
-        log.info("config %s set (config version %d)", key, version)
-        return mp.SetConfigRsp(version=version)
-
-    @rpc_handler
-    async def GetConfig(
-        self, request: mp.GetConfigReq, context: grpc.aio.ServicerContext
-    ) -> mp.GetConfigRsp:
-        self._require_primary()
-
-        async def fn(tx: Transaction) -> tuple[dict[str, str], int]:
-            version = int(await tx.get(KEY_CONFIG_VERSION) or b"0")
-            if request.key:
-                raw = await tx.get(KEY_CONFIG + request.key.encode())
-                return ({request.key: raw.decode()} if raw is not None else {}), version
-            pairs = await tx.get_range(KEY_CONFIG, prefix_end(KEY_CONFIG))
-            return {k[len(KEY_CONFIG) :].decode(): v.decode() for k, v in pairs}, version
-
-        values, version = await self.store.transact(fn, read_only=True)
-        return mp.GetConfigRsp(values=values, version=version)
-
-    @rpc_handler
-    async def GetStatus(
-        self, request: mp.GetStatusReq, context: grpc.aio.ServicerContext
-    ) -> mp.GetStatusRsp:
-        """Answered by any mgmtd: the primary from its cache, a standby from the store."""
-        primary = self.election.is_primary() and self.state is not None
-
-        async def fn(tx: Transaction) -> tuple[ClusterState, list[dict[str, Any]]]:
-            st = ClusterState.decode(
-                await tx.get(KEY_ROUTING), await tx.get(KEY_COUNTERS), self.cfg.cluster_id
-            )
-            peers = [json.loads(v) for _, v in await tx.get_range(KEY_PEER, prefix_end(KEY_PEER))]
-            return st, peers
-
-        stored, peers = await self.store.transact(fn, read_only=True)
-        state = self.state if primary and self.state is not None else stored
-        info = self._routing_out(state) if primary else state.info
-        rsp = mp.GetStatusRsp(
-            cluster_id=info.cluster_id or self.cfg.cluster_id,
-            self_id=self.self_id,
-            primary=primary,
-            primary_address=self.address if primary else self.election.primary_address,
-            routing_version=info.version,
-            nodes_online=sum(1 for n in info.nodes if n.status == mp.NODE_ONLINE),
-            nodes_total=len(info.nodes),
-            targets_serving=sum(1 for t in info.targets if t.public_state == mp.SERVING),
-            targets_total=len(info.targets),
-            chains_total=len(info.chains),
-            used_bytes=sum(t.used_bytes for t in info.targets),
-            capacity_bytes=sum(t.capacity_bytes for t in info.targets),
-            kv_url=_redact(self.store_url),
-        )
-        serving = {t.target_id for t in info.targets if t.public_state == mp.SERVING}
-        rsp.chains_writable = sum(1 for c in info.chains if any(t in serving for t in c.targets))
-        stale_ms = 3 * self.cfg.lease_ms
-        now_ms = _now_ms()
-        for p in sorted(peers, key=lambda p: p["node_id"]):
-            if now_ms - int(p["seen_ms"]) > stale_ms:
-                continue
-            is_primary = p["address"] == rsp.primary_address
-            rsp.mgmtds.add(
-                node_id=int(p["node_id"]),
-                rpc_address=p["address"],
-                primary=is_primary,
-                lease_expires_ms=self.election.lease_expires_ms if is_primary else 0,
-            )
-        return rsp
-
-
-def _redact(url: str) -> str:
-    """Store URL without credentials (user:password@)."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return scheme + "://" + rest.split("@", 1)[1]
-    return url
 
 
 async def _allocate_self_id(store: KVStore, wanted: int) -> int:
@@ -625,7 +62,7 @@ async def serve(
         if url.startswith("rocksdb://"):
             os.makedirs(url[len("rocksdb://") :], exist_ok=True)
         store = kv.open(url)
-    tasks: list[asyncio.Task[None]] = []
+    stop_tasks: Callable[[], Awaitable[None]] | None = None
     srv: grpc.aio.Server | None = None
     svc: Mgmtd | None = None
     try:
@@ -637,54 +74,34 @@ async def serve(
         svc = Mgmtd(cfg, store, self_id, address, url, exclusive)
         mg.add_MgmtServicer_to_server(svc, srv)
         await srv.start()
-        first_round = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        tasks.append(loop.create_task(svc.election_loop(first_round), name="election"))
-        tasks.append(loop.create_task(svc.checker_loop(), name="checker"))
+        lease_keeper = LeaseKeeper(svc)
+        stop_tasks = start_all([lease_keeper, HeartbeatChecker(svc)])
         async with asyncio.timeout(max(10.0, cfg.lease_ms / 1000.0 * 3)):
-            await first_round.wait()
+            await lease_keeper.first_round.wait()
         write_ready_file(
             ready_file,
             {
                 "rpc_address": address,
                 "node_id": self_id,
                 "primary": svc.election.is_primary(),
-                "kv_url": _redact(url),
+                "kv_url": redact_url(url),
             },
         )
         log.info(
             "mgmtd %d serving at %s (kv %s, %s)",
             self_id,
             address,
-            _redact(url),
+            redact_url(url),
             "primary" if svc.election.is_primary() else "standby",
         )
-        # The election and checker loops catch their own errors; one that ends
-        # anyway is a bug, and an mgmtd without its election would quietly stay
-        # a standby forever: exit (with the error) instead.
-        stopper = loop.create_task(stop.wait(), name="stop")
-        try:
-            await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-        for t in tasks:
-            if t.done():
-                raise ChainfsError(
-                    Code.INTERNAL, f"mgmtd background task {t.get_name()} ended"
-                ) from (None if t.cancelled() else t.exception())
+        await stop.wait()
         log.info("stopping")
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # a loop that died earlier: say so, the stop goes on
-                log.exception("background task %s had failed", t.get_name())
         if svc is not None:
-            svc._step_down()
+            svc.stop_serving()
+        if stop_tasks is not None:
+            await stop_tasks()
+        if svc is not None:
             try:
                 await asyncio.wait_for(svc.election.release(), 2.0)
             except Exception as e:
@@ -705,4 +122,4 @@ def main(config_path: str | None, ready_file: str | None) -> int:
     return run_service(run)
 
 
-__all__ = ["Election", "Mgmtd", "MgmtdConfig", "main", "serve"]
+__all__ = ["Mgmtd", "MgmtdConfig", "main", "serve"]

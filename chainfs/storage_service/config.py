@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from chainfs.common.dataplane.config import DataPlaneConfig
+from chainfs.common.units import MiB
 from chainfs.storage_service.failure_config import FailureConfig
 
-MiB = 1024 * 1024
 MIN_CHUNK_SIZE = 64 * 1024  # bytes: the smallest chunk size a file layout may use
 MAX_CHUNK_SIZE = 64 * 1024 * 1024  # bytes: the largest
 

@@ -22,10 +22,10 @@ from collections import deque
 from collections.abc import Callable
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.units import MiB as _MiB
 
 MIN_CLASS_BYTES = 4096
 _POW2_LIMIT = 64 * 1024 * 1024
-_MiB = 1024 * 1024
 
 
 _HUGE_MIN_BYTES = 2 * _MiB  # mappings this large ask for transparent huge pages

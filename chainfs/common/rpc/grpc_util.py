@@ -11,20 +11,22 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 import grpc.aio
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.units import MiB
 
 log = logging.getLogger(__name__)
 
 CODE_KEY = "chainfs-code"
 T = TypeVar("T")
+S = TypeVar("S")  # a generated gRPC stub class
 
 # Message size bound for control calls (bulk data goes over the data plane).
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_MESSAGE_BYTES = 64 * MiB
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -114,6 +116,33 @@ async def call(
 
 def channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+class Stubs(Generic[S]):
+    """A client's channels: one channel and stub per address, made on first
+    use, all closed by :meth:`close` (after which ``get`` raises EBADF)."""
+
+    def __init__(self, make_stub: Callable[[grpc.aio.Channel], S], owner: str) -> None:
+        self._make_stub = make_stub
+        self._owner = owner
+        self._by_address: dict[str, tuple[grpc.aio.Channel, S]] = {}
+        self.closed = False
+
+    def get(self, address: str) -> S:
+        if self.closed:
+            raise ChainfsError(Code.EBADF, f"{self._owner} is closed")
+        entry = self._by_address.get(address)
+        if entry is None:
+            ch = channel(address)
+            entry = (ch, self._make_stub(ch))
+            self._by_address[address] = entry
+        return entry[1]
+
+    async def close(self) -> None:
+        self.closed = True
+        channels, self._by_address = self._by_address, {}
+        for ch, _ in channels.values():
+            await ch.close()
 
 
 # Servers accept the clients' keepalive pings (every keepalive_time_ms above);

@@ -25,7 +25,6 @@ keep-alives so meta does not take it for a vanished client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -36,13 +35,21 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import grpc.aio
-from google.protobuf.message import Message
-
+from chainfs.common.background import cancel_and_wait
 from chainfs.common.dataplane import DataClient, DataPlaneConfig
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc import grpc_util
+
+# The flag bits are part of this client's API (callers pass them as ``flags``).
+from chainfs.common.rpc.meta_wire import (  # noqa: F401
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    WIRE_METHODS,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+)
 from chainfs.common.rpc.mgmt_client import RoutingCache
+from chainfs.common.rpc.retry import Backoff, RetryPolicy
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import meta_pb2 as pb
 from chainfs.proto import meta_pb2_grpc as pbg
@@ -53,19 +60,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 At = str | bytes | int | tuple[int, str | bytes]
 
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-XATTR_CREATE = 1
-XATTR_REPLACE = 2
-
 DEFAULT_TIMEOUT_S = 30.0  # one call, failover and retries included
 # One attempt on one server: a server that stopped answering (hung, or its host
 # gone silent without resetting connections) is left for another after this.
 # A slow attempt that did complete is not lost: the retry carries the same
 # request id and gets meta's recorded answer.
 DEFAULT_ATTEMPT_TIMEOUT_S = 5.0
-RETRY_BACKOFF_INITIAL_S = 0.02
-RETRY_BACKOFF_MAX_S = 0.5
+META_RETRY = RetryPolicy(backoff_initial_s=0.02)
 # Worth trying again (same request id): the server could not be reached or did
 # not answer within the attempt timeout, or its KV transaction lost too many
 # conflicts in a row.
@@ -73,35 +74,7 @@ _FAILOVER = frozenset({Code.UNAVAILABLE, Code.NOT_PRIMARY_META, Code.ETIMEDOUT})
 _RETRY_SAME = frozenset({Code.TXN_CONFLICT, Code.TXN_TOO_OLD, Code.EAGAIN})
 
 FRAME_PREFIX = "frame://"  # a static address served over the framed data plane
-FRAME_MSG_TYPE_BASE = 200
 
-
-@dataclass(frozen=True)
-class WireMethod:
-    """One Meta RPC as the framed transport carries it."""
-
-    name: str
-    msg_type: int
-    request: type[Message]
-    response: type[Message]
-
-
-def _wire_methods() -> dict[str, WireMethod]:
-    service = pb.DESCRIPTOR.services_by_name["Meta"]
-    return {
-        m.name: WireMethod(
-            m.name,
-            FRAME_MSG_TYPE_BASE + m.index,
-            getattr(pb, m.input_type.name),
-            getattr(pb, m.output_type.name),
-        )
-        for m in service.methods
-    }
-
-
-# RPC name -> framing; msg_type -> the same (the server dispatches on it).
-WIRE_METHODS = _wire_methods()
-WIRE_BY_MSG_TYPE = {w.msg_type: w for w in WIRE_METHODS.values()}
 
 _TYPE_BITS = {
     pb.FILE: stat_mod.S_IFREG,
@@ -190,6 +163,7 @@ class MetaClient:
         transport: str = "auto",
         dataplane: DataPlaneConfig | None = None,
         attempt_timeout_s: float = DEFAULT_ATTEMPT_TIMEOUT_S,
+        retry: RetryPolicy = META_RETRY,
     ) -> None:
         """``transport``: "auto" (framed where a server offers it), "grpc" or "frame"."""
         if transport not in ("auto", "grpc", "frame"):
@@ -199,6 +173,7 @@ class MetaClient:
                 Code.EINVAL, f"timeouts must be > 0, not {timeout_s}, {attempt_timeout_s}"
             )
         self.attempt_timeout_s = attempt_timeout_s
+        self.retry = retry
         self.client_id = bytes(client_id) if client_id is not None else os.urandom(16)
         if len(self.client_id) != 16:
             raise ChainfsError(Code.EINVAL, "client_id must be 16 bytes")
@@ -219,7 +194,7 @@ class MetaClient:
         self.transport = transport
         self._dp_config = dataplane
         self._dp: DataClient | None = None
-        self._channels: dict[str, tuple[grpc.aio.Channel, pbg.MetaStub]] = {}
+        self._stubs = grpc_util.Stubs(pbg.MetaStub, "MetaClient")
         self._current: str | None = None
         self._sessions: set[tuple[int, bytes]] = set()
         self._keepalive_s = 10.0
@@ -263,20 +238,12 @@ class MetaClient:
         return w.response.FromString(bytes(reply.header))
 
     def _stub(self, address: str) -> pbg.MetaStub:
-        if self._closed:
-            raise ChainfsError(Code.EBADF, "MetaClient is closed")
-        entry = self._channels.get(address)
-        if entry is None:
-            ch = grpc_util.channel(address)
-            entry = (ch, pbg.MetaStub(ch))
-            self._channels[address] = entry
-        return entry[1]
+        return self._stubs.get(address)
 
     async def call(self, method: str, request: Any) -> Any:
         """Send ``request`` to a meta server, failing over and retrying (same
         request id) until the client timeout."""
-        deadline = time.monotonic() + self.timeout_s
-        backoff = RETRY_BACKOFF_INITIAL_S
+        backoff = Backoff(self.retry, self.timeout_s)
         last: ChainfsError | None = None
         refresh = False
         while True:
@@ -295,12 +262,13 @@ class MetaClient:
             order = [self._current] + [a for a in addresses if a != self._current]
             for addr in order if addresses else []:
                 assert addr is not None
-                remaining = deadline - time.monotonic()
+                remaining = backoff.remaining_s()
                 if remaining <= 0:
                     break
                 try:
-                    attempt_s = min(remaining, self.attempt_timeout_s)
-                    rsp = await self._invoke(addr, method, request, attempt_s)
+                    rsp = await self._invoke(
+                        addr, method, request, min(remaining, self.attempt_timeout_s)
+                    )
                     self._current = addr
                     return rsp
                 except ChainfsError as e:
@@ -312,14 +280,11 @@ class MetaClient:
                         self._current = addr
                         break
                     raise
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if not await backoff.wait():
                 assert last is not None
                 raise ChainfsError(
                     last.code, f"meta call {method} gave up after {self.timeout_s}s: {last.message}"
                 )
-            await asyncio.sleep(min(backoff * random.uniform(0.5, 1.0), remaining))
-            backoff = min(backoff * 2, RETRY_BACKOFF_MAX_S)
             refresh = self._routing is not None
 
     # -- lookups ------------------------------------------------------------
@@ -702,13 +667,8 @@ class MetaClient:
     async def aclose(self) -> None:
         self._closed = True
         task, self._keepalive_task = self._keepalive_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        channels, self._channels = self._channels, {}
-        for ch, _ in channels.values():
-            await ch.close()
+        await cancel_and_wait(task)
+        await self._stubs.close()
         dp, self._dp = self._dp, None
         if dp is not None:
             await dp.close()

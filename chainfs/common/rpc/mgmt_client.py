@@ -24,9 +24,11 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from chainfs.common.background import Periodic, cancel_and_wait
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
 from chainfs.common.rpc import grpc_util
+from chainfs.common.rpc.retry import Backoff, RetryPolicy
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import mgmt_pb2_grpc as mg
 
@@ -36,30 +38,11 @@ log = logging.getLogger(__name__)
 NOT_PRIMARY_HINT = "primary is at "
 _HINT_RE = re.compile(re.escape(NOT_PRIMARY_HINT) + r"(\S+)")
 
-RETRY_BACKOFF_INITIAL_S = 0.05  # pause after every address failed once
-RETRY_BACKOFF_MAX_S = 0.5  # bound on that pause, so failover is noticed quickly
+# Registration: a node waiting for mgmtd to come up retries at least every
+# 2 s, until register_timeout_s.
+REGISTER_RETRY = RetryPolicy(backoff_max_s=2.0)
 MIN_ATTEMPT_TIMEOUT_S = 0.5  # one address never gets less than this (unless time is up)
-# Bound on the pause between registration attempts (a node waiting for mgmtd
-# to come up retries at least this often, until register_timeout_s).
-REGISTER_BACKOFF_MAX_S = 2.0
 MAX_KNOWN_ADDRESSES = 64  # bound on addresses learnt from NOT_PRIMARY hints
-
-
-async def _cancel_and_wait(task: asyncio.Task[None] | None) -> None:
-    """Cancel a background task and wait for it to end.
-
-    Its CancelledError is absorbed, but not one aimed at the caller itself
-    (a stop() that is being cancelled stays cancelled).
-    """
-    if task is None:
-        return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
 
 
 def not_primary_message(primary_address: str | None) -> str:
@@ -97,15 +80,21 @@ class _Outcome:
 class MgmtClient:
     """Calls mgmtd, finding the primary among ``addresses``."""
 
-    def __init__(self, addresses: str | list[str], timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        addresses: str | list[str],
+        timeout_s: float = 5.0,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        """``retry``: the pauses after every address failed once (default RetryPolicy())."""
         if timeout_s <= 0:
             raise ChainfsError(Code.EINVAL, f"timeout_s must be > 0, not {timeout_s}")
         self.addresses = parse_addresses(addresses)
         self._configured = list(self.addresses)
         self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
         self._primary: str | None = None  # last address that answered as primary
-        self._channels: dict[str, tuple[grpc.aio.Channel, mg.MgmtStub]] = {}
-        self._closed = False
+        self._stubs = grpc_util.Stubs(mg.MgmtStub, "MgmtClient")
 
     @property
     def primary_address(self) -> str | None:
@@ -113,14 +102,7 @@ class MgmtClient:
         return self._primary
 
     def _stub(self, address: str) -> mg.MgmtStub:
-        if self._closed:
-            raise ChainfsError(Code.EBADF, "MgmtClient is closed")
-        entry = self._channels.get(address)
-        if entry is None:
-            ch = grpc_util.channel(address)
-            entry = (ch, mg.MgmtStub(ch))
-            self._channels[address] = entry
-        return entry[1]
+        return self._stubs.get(address)
 
     def _candidates(self) -> list[str]:
         if self._primary is None:
@@ -149,8 +131,7 @@ class MgmtClient:
         ``outcome.maybe_applied`` is set when an attempt failed in a way that
         may have hidden a success (timeout, connection lost)."""
         total = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + total
-        backoff = RETRY_BACKOFF_INITIAL_S
+        backoff = Backoff(self.retry, total)
         last: ChainfsError | None = None
         while True:
             queue = self._candidates()
@@ -160,26 +141,18 @@ class MgmtClient:
                 if addr in tried:
                     continue
                 tried.add(addr)
-                remaining = deadline - time.monotonic()
+                remaining = backoff.remaining_s()
                 if remaining <= 0:
                     raise self._unreachable(last)
                 share = max(total / max(len(self.addresses), 1), MIN_ATTEMPT_TIMEOUT_S)
-                attempt_s = min(remaining, share)
                 try:
                     rsp = await grpc_util.call(
-                        getattr(self._stub(addr), method), request, attempt_s, addr
+                        getattr(self._stub(addr), method), request, min(remaining, share), addr
                     )
                 except ChainfsError as e:
                     if e.code == Code.NOT_PRIMARY:
                         last = e
-                        hint = primary_hint(e.message)
-                        if hint and hint != addr:
-                            self._learn(hint)
-                            self._primary = hint
-                            if hint not in tried:
-                                queue.insert(0, hint)
-                        elif self._primary == addr:
-                            self._primary = None
+                        self._follow_hint(addr, e, queue, tried)
                         continue
                     if e.code in (Code.UNAVAILABLE, Code.ETIMEDOUT):
                         last = e
@@ -191,11 +164,19 @@ class MgmtClient:
                     raise
                 self._primary = addr
                 return rsp
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if not await backoff.wait():
                 raise self._unreachable(last)
-            await asyncio.sleep(min(backoff, remaining))
-            backoff = min(backoff * 2, RETRY_BACKOFF_MAX_S)
+
+    def _follow_hint(self, addr: str, e: ChainfsError, queue: list[str], tried: set[str]) -> None:
+        """``addr`` is not the primary: try the one it names next."""
+        hint = primary_hint(e.message)
+        if hint and hint != addr:
+            self._learn(hint)
+            self._primary = hint
+            if hint not in tried:
+                queue.insert(0, hint)
+        elif self._primary == addr:
+            self._primary = None
 
     # -- RPCs --------------------------------------------------------------
     async def register_node(
@@ -327,10 +308,7 @@ class MgmtClient:
         return rsp.version
 
     async def close(self) -> None:
-        self._closed = True
-        channels, self._channels = self._channels, {}
-        for ch, _ in channels.values():
-            await ch.close()
+        await self._stubs.close()
 
     async def __aenter__(self) -> MgmtClient:
         return self
@@ -396,18 +374,15 @@ class RoutingCache:
     async def refresh(self, min_version: int = 0) -> Routing:
         """Fetch from mgmtd now; with ``min_version``, keep trying (within the
         client timeout) until at least that version is seen."""
-        deadline = time.monotonic() + self.mgmt.timeout_s
-        delay = RETRY_BACKOFF_INITIAL_S
+        backoff = Backoff(self.mgmt.retry, self.mgmt.timeout_s)
         while True:
             async with self._fetch_lock:
                 fresh = await self.mgmt.get_routing(self.version)
                 if fresh is not None:
                     self.install(fresh)
             assert self._routing is not None, "a first fetch always returns routing info"
-            if self._routing.version >= min_version or time.monotonic() >= deadline:
+            if self._routing.version >= min_version or not await backoff.wait():
                 return self._routing
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
 
     async def wait_for(self, predicate: Callable[[Routing], bool], timeout_s: float) -> Routing:
         """Wait (bounded) until the cached routing satisfies ``predicate``."""
@@ -423,7 +398,7 @@ class RoutingCache:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        await _cancel_and_wait(task)
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:
@@ -502,7 +477,7 @@ class HeartbeatLoop:
         self.last_ack_monotonic = 0.0  # send time of the last acknowledged heartbeat
         self.routing_version = 0
         self.failures = 0  # consecutive failed heartbeats
-        self._task: asyncio.Task[None] | None = None
+        self._beats: _Beats | None = None
 
     @property
     def node_id(self) -> int:
@@ -523,12 +498,12 @@ class HeartbeatLoop:
         """Register (retrying unreachable/not-primary mgmtd with bounded backoff),
         then heartbeat in the background."""
         await self._register(self._reregister)
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._beats = _Beats(self)
+        self._beats.start()
 
     async def _register(self, reregister: bool | None) -> None:
         rereg = reregister if reregister is not None else self.node.node_id != 0
-        deadline = time.monotonic() + self.register_timeout_s
-        delay = RETRY_BACKOFF_INITIAL_S
+        backoff = Backoff(REGISTER_RETRY, self.register_timeout_s)
         maybe_applied = False  # a failed attempt may have registered us before failing
         while True:
             sent = time.monotonic()
@@ -543,14 +518,12 @@ class HeartbeatLoop:
                 if e.code not in (Code.UNAVAILABLE, Code.NOT_PRIMARY, Code.ETIMEDOUT):
                     raise
                 maybe_applied = maybe_applied or e.code != Code.NOT_PRIMARY
-                if time.monotonic() + delay >= deadline:
+                log.warning("registration failed (%s); retrying", e)
+                if not await backoff.wait():
                     raise ChainfsError(
                         e.code,
                         f"node registration gave up after {self.register_timeout_s}s: {e.message}",
                     ) from None
-                log.warning("registration failed (%s); retrying in %.2fs", e, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, REGISTER_BACKOFF_MAX_S)
         self.register_rsp = rsp
         self.node.node_id = rsp.node_id
         self.target_ids = list(rsp.target_ids)
@@ -595,29 +568,42 @@ class HeartbeatLoop:
             self._deliver(rsp.routing)
         return rsp
 
-    async def _run(self) -> None:
-        while True:
-            started = time.monotonic()
-            try:
-                await self.beat_once()
-            except asyncio.CancelledError:
-                raise
-            except ChainfsError as e:
-                self.failures += 1
-                if e.code == Code.UNKNOWN_NODE:
-                    log.warning("mgmtd does not know node %d; re-registering", self.node_id)
-                    try:
-                        await self._register(True)
-                    except ChainfsError as e2:
-                        log.warning("re-registration failed: %s", e2)
-                elif self.failures == 1 or self.failures % 10 == 0:
-                    log.warning("heartbeat failed (%d in a row): %s", self.failures, e)
-            except Exception:
-                self.failures += 1
-                log.exception("heartbeat failed")
-            elapsed = time.monotonic() - started
-            await asyncio.sleep(max(0.0, self.interval_s - elapsed))
+    async def beat_round(self) -> None:
+        """One heartbeat; a node mgmtd lost is registered again."""
+        try:
+            await self.beat_once()
+        except ChainfsError as e:
+            self.failures += 1
+            if e.code == Code.UNKNOWN_NODE:
+                log.warning("mgmtd does not know node %d; re-registering", self.node_id)
+                try:
+                    await self._register(True)
+                except ChainfsError as e2:
+                    log.warning("re-registration failed: %s", e2)
+                if self._beats is not None:
+                    self._beats.interval_s = self.interval_s
+            elif self.failures == 1 or self.failures % 10 == 0:
+                log.warning("heartbeat failed (%d in a row): %s", self.failures, e)
+        except Exception:
+            self.failures += 1
+            log.exception("heartbeat failed")
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        await _cancel_and_wait(task)
+        beats, self._beats = self._beats, None
+        if beats is not None:
+            await beats.stop()
+
+
+class _Beats(Periodic):
+    """Runs a :class:`HeartbeatLoop`'s heartbeats, one every interval."""
+
+    name = "heartbeat"
+    fixed_rate = True  # a slow heartbeat must not delay the next one
+
+    def __init__(self, owner: HeartbeatLoop) -> None:
+        super().__init__(owner.interval_s)
+        self.owner = owner
+
+    async def round(self) -> bool:
+        await self.owner.beat_round()
+        return False

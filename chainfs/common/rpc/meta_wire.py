@@ -1,0 +1,48 @@
+"""What the meta service and its clients agree on beyond the protobuf messages:
+the flag bits of rename and setxattr, and how each Meta RPC travels over the
+framed data plane (msg_type per RPC). Both sides import it from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+
+from chainfs.proto import meta_pb2 as pb
+
+# rename flags (Linux renameat2 values)
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+# setxattr flags (Linux values)
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+
+FRAME_MSG_TYPE_BASE = 200  # msg_type of the first Meta RPC on the framed transport
+
+
+@dataclass(frozen=True)
+class WireMethod:
+    """One Meta RPC as the framed transport carries it."""
+
+    name: str
+    msg_type: int
+    request: type[Message]
+    response: type[Message]
+
+
+def _wire_methods() -> dict[str, WireMethod]:
+    service = pb.DESCRIPTOR.services_by_name["Meta"]
+    return {
+        m.name: WireMethod(
+            m.name,
+            FRAME_MSG_TYPE_BASE + m.index,
+            getattr(pb, m.input_type.name),
+            getattr(pb, m.output_type.name),
+        )
+        for m in service.methods
+    }
+
+
+# RPC name -> framing; msg_type -> the same (the server dispatches on it).
+WIRE_METHODS = _wire_methods()
+WIRE_BY_MSG_TYPE = {w.msg_type: w for w in WIRE_METHODS.values()}

@@ -1,0 +1,273 @@
+"""The transaction runner every namespace operation runs in (read-only, or
+mutating with its answer kept for retries and storage steps done before
+commit), plus the steps several operations share: new inodes and layouts,
+lookups, ending sessions and releasing removed inodes."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.kv import KVStore, Transaction
+from chainfs.meta_service import chunks, perm, schema
+from chainfs.meta_service.alloc import IdLease, InodeAllocator
+from chainfs.meta_service.chunks import ChunkStorage
+from chainfs.meta_service.config import MetaConfig
+from chainfs.meta_service.ctx import DIRECTORY, FILE, Ctx, Last, ParsedPath, Target
+from chainfs.meta_service.ops.context import (
+    ALLOC_FIRST_ID,
+    FORMAT_VERSION,
+    MAX_CACHED_POOLS,
+    PERMUTATIONS,
+    STORAGE_ROUNDS,
+    ClusterView,
+    M,
+    OpCtx,
+    StorageFirst,
+    check_client,
+    decode_answer,
+    owner_gid,
+    strip_sgid,
+)
+from chainfs.meta_service.perm import S_ISGID, Caller
+from chainfs.proto import common_pb2 as cpb
+from chainfs.proto import meta_pb2 as pb
+
+
+class NamespaceBase:
+    """State and helpers every operation family shares (the meta server holds one)."""
+
+    def __init__(
+        self,
+        kv: KVStore,
+        cfg: MetaConfig,
+        alloc: InodeAllocator,
+        cluster: ClusterView,
+        storage: ChunkStorage | None,
+    ) -> None:
+        self.kv = kv
+        self.cfg = cfg
+        self.alloc = alloc
+        self.cluster = cluster
+        self.storage = storage
+        self._rng = random.Random()
+        self._perms: dict[tuple[int, ...], list[list[int]]] = {}  # chain pool -> permutations
+
+    @staticmethod
+    async def format(kv: KVStore, cfg: MetaConfig) -> pb.FormatRecord:
+        """Create the root directory and the format record once; idempotent and
+        safe when several servers start at once (the loser's commit conflicts,
+        re-runs and finds the store formatted)."""
+
+        async def fn(tx: Transaction) -> pb.FormatRecord:
+            raw = await tx.get(schema.FRMT)
+            if raw is not None:
+                return pb.FormatRecord.FromString(raw)
+            fmt = pb.FormatRecord(
+                version=FORMAT_VERSION,
+                alloc_shards=cfg.alloc_shards,
+                alloc_batch=cfg.alloc_batch,
+                alloc_first_id=ALLOC_FIRST_ID,
+                created_ms=Ctx(tx, perm.ROOT, cfg).now_ms,
+            )
+            now = fmt.created_ms * 1_000_000
+            root = pb.Inode(
+                ino=schema.ROOT_INO,
+                type=DIRECTORY,
+                mode=cfg.root_mode,
+                uid=0,
+                gid=0,
+                nlink=2,
+                atime_ns=now,
+                mtime_ns=now,
+                ctime_ns=now,
+                layout=pb.Layout(
+                    chunk_size=cfg.default_chunk_size_bytes, stripe=cfg.default_stripe
+                ),
+                parent=schema.ROOT_INO,
+            )
+            tx.set(schema.inode_key(schema.ROOT_INO), schema.encode_inode(root))
+            tx.set(schema.FRMT, fmt.SerializeToString())
+            return fmt
+
+        fmt = await kv.transact(fn)
+        if fmt.version != FORMAT_VERSION:
+            raise ChainfsError(Code.CONFIG_ERROR, f"store has format version {fmt.version}")
+        return fmt
+
+    async def _read(self, req: cpb.RequestInfo, body: Callable[[OpCtx], Awaitable[M]]) -> M:
+        caller = Caller.of(req)
+
+        async def fn(tx: Transaction) -> M:
+            return await body(OpCtx(tx, caller, self.cfg, None, {}))
+
+        return await self.kv.transact(fn, read_only=True)
+
+    async def _mutate(
+        self,
+        req: cpb.RequestInfo,
+        tag: int,
+        rsp_type: type[M],
+        body: Callable[[OpCtx], Awaitable[M]],
+        new_ids: bool = False,
+    ) -> M:
+        """Run ``body`` in a transaction that also records the answer for retries."""
+        check_client(req)
+        caller = Caller.of(req)
+        idem = bool(req.client_id) and req.request_id != 0
+        ikey = schema.idem_key(req.client_id, req.request_id) if idem else b""
+        lease = IdLease(self.alloc) if new_ids else None
+        storage_done: dict[tuple[str, int, int], int] = {}
+
+        async def fn(tx: Transaction) -> M:
+            if lease is not None:
+                lease.restart()
+            if idem:
+                rec = await tx.get(ikey)
+                if rec is not None:
+                    return decode_answer(rec, tag, rsp_type)
+            ctx = OpCtx(tx, caller, self.cfg, lease, storage_done)
+            rsp = await body(ctx)
+            if idem:
+                tx.set(ikey, bytes([tag]) + rsp.SerializeToString())
+                expire = ctx.now_ms + self.cfg.idempotency_ttl_ms
+                tx.set(schema.idem_expiry_key(expire, req.client_id, req.request_id), b"")
+            return rsp
+
+        for _ in range(STORAGE_ROUNDS):
+            committed = False
+            try:
+                rsp = await self.kv.transact(fn)
+                committed = True
+                return rsp
+            except StorageFirst as need:
+                storage_done[need.key] = await self._storage_step(need)
+            finally:
+                if lease is not None:
+                    lease.finish(committed)
+        raise ChainfsError(Code.EAGAIN, "file kept changing during a storage step; retry")
+
+    async def _storage_step(self, need: StorageFirst) -> int:
+        if self.storage is None:
+            raise chunks.no_storage(need.kind)
+        if not need.inode.layout.chains:
+            return 0
+        if need.kind == "truncate":
+            await chunks.truncate(self.storage, need.inode, need.size)
+            return 0
+        assert need.kind == "length", need.kind
+        return await chunks.exact_length(self.storage, need.inode)
+
+    def _file_layout(self, dir_layout: pb.Layout) -> pb.Layout:
+        """``stripe`` chains in random order: a random rotation of one of a few
+        cached random permutations of the pool (cheaper than a fresh shuffle per
+        create, and as even a spread)."""
+        pool = tuple(dir_layout.chains) or tuple(self.cluster.chains())
+        if not pool:
+            raise ChainfsError(Code.ENOSPC, "no storage chains to place a file on (no chain table)")
+        stripe = min(dir_layout.stripe or self.cfg.default_stripe, len(pool))
+        perms = self._perms.get(pool)
+        if perms is None:
+            if len(self._perms) >= MAX_CACHED_POOLS:
+                self._perms.clear()
+            perms = [self._rng.sample(pool, len(pool)) for _ in range(PERMUTATIONS)]
+            self._perms[pool] = perms
+        perm = perms[self._rng.randrange(PERMUTATIONS)]
+        at = self._rng.randrange(len(pool))
+        chains = (perm[at:] + perm[:at])[:stripe]
+        return pb.Layout(chunk_size=dir_layout.chunk_size, stripe=stripe, chains=chains)
+
+    def _new_inode(self, ctx: Ctx, ino: int, type_: int, mode: int, parent: pb.Inode) -> pb.Inode:
+        gid = owner_gid(parent, ctx.caller)
+        if type_ == DIRECTORY and parent.mode & S_ISGID:
+            mode |= S_ISGID
+        elif type_ == FILE:
+            mode = strip_sgid(mode, gid, ctx.caller)
+        now = ctx.now_ns
+        return pb.Inode(
+            ino=ino,
+            type=pb.InodeType.ValueType(type_),
+            mode=mode,
+            uid=ctx.caller.uid,
+            gid=gid,
+            nlink=2 if type_ == DIRECTORY else 1,
+            atime_ns=now,
+            mtime_ns=now,
+            ctime_ns=now,
+            parent=parent.ino,
+        )
+
+    async def _lookup_target(self, ctx: Ctx, p: ParsedPath, follow: bool) -> pb.Inode:
+        t = await ctx.resolve(p, follow_last=follow or p.slash)
+        if t.inode is None:
+            raise ChainfsError(Code.ENOENT, f"no entry {t.name!r}")
+        if t.slash and t.inode.type != DIRECTORY:
+            raise ChainfsError(Code.ENOTDIR, f"{t.name!r} is not a directory")
+        return await ctx.dir_times(t.inode)
+
+    async def _creation_parent(self, ctx: Ctx, t: Target) -> pb.Inode:
+        """Checks of a new name (symlink, link) as Linux's filename_create does."""
+        if t.kind is not Last.NORM or t.inode is not None:
+            raise ChainfsError(Code.EEXIST, f"{t.name!r} exists")
+        if t.slash:
+            raise ChainfsError(Code.ENOENT, f"{t.name!r}/: no such directory")
+        parent = await ctx.inode(t.parent_ino)
+        perm.check(parent, perm.W | perm.X, ctx.caller, "create in directory")
+        return parent
+
+    @staticmethod
+    async def _inode_or_none(ctx: Ctx, ino: int) -> pb.Inode | None:
+        try:
+            return await ctx.inode(ino)
+        except ChainfsError as e:
+            if e.code == Code.ENOENT:
+                return None
+            raise
+
+    async def end_session(self, ctx: Ctx, ino: int, session_id: bytes, client_id: bytes) -> None:
+        """Remove a session; a file already unlinked goes to GC with its last one."""
+        ctx.tx.clear(schema.session_key(ino, session_id))
+        if client_id:
+            ctx.tx.clear(schema.client_session_key(client_id, ino, session_id))
+        try:
+            inode = await ctx.inode(ino)
+        except ChainfsError as e:
+            if e.code == Code.ENOENT:
+                return
+            raise
+        if inode.nlink == 0 and not await ctx.has_sessions(ino):
+            self._enqueue_gc(ctx, inode)
+
+    def _enqueue_gc(self, ctx: Ctx, inode: pb.Inode) -> None:
+        assert inode.nlink == 0 and inode.type == FILE, inode
+        ctx.tx.set(schema.gc_key(ctx.now_ms + self.cfg.gc_delay_ms, inode.ino), b"")
+
+    async def _release(self, ctx: Ctx, inode: pb.Inode) -> None:
+        """The last name of ``inode`` is gone."""
+        assert inode.nlink == 0
+        if inode.type == FILE:
+            ctx.put(inode)  # kept (nlink 0) while open (any session) and until GC drops its chunks
+            if not await ctx.has_sessions(inode.ino):
+                self._enqueue_gc(ctx, inode)
+        else:
+            ctx.drop(inode.ino)
+
+    async def _unlink_inode(self, ctx: Ctx, inode: pb.Inode) -> None:
+        assert inode.type != DIRECTORY and inode.nlink > 0, inode
+        inode.nlink -= 1
+        inode.ctime_ns = ctx.now_ns
+        if inode.nlink == 0:
+            await self._release(ctx, inode)
+        else:
+            ctx.put(inode)
+
+    async def _remove_dir(self, ctx: Ctx, parent: pb.Inode, name: bytes, d: pb.Inode) -> None:
+        assert d.ino != schema.ROOT_INO
+        if not await ctx.is_empty_dir(d.ino):
+            raise ChainfsError(Code.ENOTEMPTY, f"{name!r} is not empty")
+        ctx.clear_entry(parent.ino, name)
+        ctx.drop(d.ino)
+        parent.nlink -= 1
+        ctx.put(parent)
+        ctx.touch_dir(parent)

@@ -1,0 +1,93 @@
+"""Read-only operations: stat, batch stat, readlink, readdir, statfs."""
+
+from __future__ import annotations
+
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.meta_service import perm, schema
+from chainfs.meta_service.config import NAME_MAX
+from chainfs.meta_service.ctx import DIRECTORY, SYMLINK, parse
+from chainfs.meta_service.ops.base import NamespaceBase
+from chainfs.meta_service.ops.context import OpCtx
+from chainfs.proto import meta_pb2 as pb
+
+
+class LookupOps(NamespaceBase):
+    async def stat(self, r: pb.StatReq) -> pb.StatRsp:
+        p = parse(r.at, self.cfg)
+
+        async def body(ctx: OpCtx) -> pb.StatRsp:
+            return pb.StatRsp(inode=await self._lookup_target(ctx, p, r.follow))
+
+        return await self._read(r.req, body)
+
+    async def batch_stat(self, r: pb.BatchStatReq) -> pb.BatchStatRsp:
+        if len(r.ats) > self.cfg.max_batch_stat:
+            raise ChainfsError(
+                Code.E2BIG, f"more than {self.cfg.max_batch_stat} inodes in one call"
+            )
+
+        async def body(ctx: OpCtx) -> pb.BatchStatRsp:
+            out = pb.BatchStatRsp()
+            for at in r.ats:
+                try:
+                    inode = await self._lookup_target(ctx, parse(at, self.cfg), r.follow)
+                    out.results.add(code=0, inode=inode)
+                except ChainfsError as e:
+                    out.results.add(code=e.code, message=e.message)
+            return out
+
+        return await self._read(r.req, body)
+
+    async def readlink(self, r: pb.ReadlinkReq) -> pb.ReadlinkRsp:
+        p = parse(r.at, self.cfg)
+
+        async def body(ctx: OpCtx) -> pb.ReadlinkRsp:
+            inode = await self._lookup_target(ctx, p, follow=False)
+            if inode.type != SYMLINK:
+                raise ChainfsError(Code.EINVAL, "not a symbolic link")
+            return pb.ReadlinkRsp(target=inode.symlink_target)
+
+        return await self._read(r.req, body)
+
+    async def readdir(self, r: pb.ReaddirReq) -> pb.ReaddirRsp:
+        p = parse(r.at, self.cfg)
+        if len(r.after) > NAME_MAX:
+            raise ChainfsError(Code.EINVAL, "readdir cursor is not a name")
+        limit = r.limit or self.cfg.readdir_page_entries
+        limit = min(limit, self.cfg.readdir_max_page_entries)
+
+        async def body(ctx: OpCtx) -> pb.ReaddirRsp:
+            d = await self._lookup_target(ctx, p, follow=True)
+            if d.type != DIRECTORY:
+                raise ChainfsError(Code.ENOTDIR, "not a directory")
+            perm.check(d, perm.R, ctx.caller, "read directory")
+            prefix = schema.dent_prefix(d.ino)
+            begin = prefix + r.after + b"\x00" if r.after else prefix
+            rows = await ctx.tx.get_range(begin, schema.range_of(prefix)[1], limit=limit + 1)
+            rsp = pb.ReaddirRsp(more=len(rows) > limit, dir_ino=d.ino)
+            for key, value in rows[:limit]:
+                ino, type_ = schema.decode_dent(value)
+                e = rsp.entries.add(
+                    name=schema.dent_name(key), ino=ino, type=pb.InodeType.ValueType(type_)
+                )
+                if r.with_attrs:
+                    e.inode.CopyFrom(await ctx.dir_times(await ctx.inode(ino)))
+            return rsp
+
+        return await self._read(r.req, body)
+
+    async def statfs(self, r: pb.StatFsReq) -> pb.StatFsRsp:
+        capacity, used = self.cluster.capacity()
+
+        async def body(ctx: OpCtx) -> pb.StatFsRsp:
+            root = await ctx.inode(schema.ROOT_INO)
+            return pb.StatFsRsp(block_size=root.layout.chunk_size)
+
+        rsp = await self._read(r.req, body)
+        rsp.capacity_bytes = capacity
+        rsp.used_bytes = min(used, capacity)
+        rsp.free_bytes = capacity - rsp.used_bytes
+        rsp.inodes_allocated = await self.alloc.allocated()
+        rsp.chains = len(self.cluster.chains())
+        rsp.max_name_bytes = NAME_MAX
+        return rsp
