@@ -11,6 +11,7 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
 from chainfs.common.rpc import grpc_util
 from chainfs.common.rpc.mgmt_client import MgmtClient
+from chainfs.common.rpc.storage_control import StorageControl
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
@@ -112,23 +113,12 @@ async def dump_chunkmeta(routing: Routing, target_id: int, limit: int = 0) -> li
         raise ChainfsError(Code.UNKNOWN_TARGET, f"no target {target_id}")
     node = routing.nodes[t.node_id]
     out: list[sp.ChunkMeta] = []
-    ch = grpc_util.channel(node.rpc_address)
-    try:
-        stub = sg.StorageControlStub(ch)
-        cursor = b""
-        while True:
-            rsp = await grpc_util.call(
-                stub.DumpChunkMeta,
-                sp.DumpChunkMetaReq(target_id=target_id, start_after=cursor),
-                CALL_TIMEOUT_S,
-                node.rpc_address,
-            )
-            out.extend(rsp.chunks)
-            if not rsp.next or (limit and len(out) >= limit):
-                return out[:limit] if limit else out
-            cursor = rsp.next
-    finally:
-        await ch.close()
+    async with StorageControl(node.rpc_address, CALL_TIMEOUT_S) as control:
+        async for meta in control.chunk_meta(target_id):
+            out.append(meta)
+            if limit and len(out) >= limit:
+                break
+    return out
 
 
 @admin.command("query-chunk")
