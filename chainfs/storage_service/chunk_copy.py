@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -37,7 +36,8 @@ from chainfs.proto import common_pb2 as cp
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.storage_service import crc
-from chainfs.storage_service.chunk_engine import ChunkEngine, ChunkRecord
+from chainfs.storage_service.chunk_engine import ChunkEngine
+from chainfs.storage_service.chunk_record import ChunkRecord
 from chainfs.storage_service.craq import LocalTarget
 
 log = logging.getLogger(__name__)
@@ -157,20 +157,7 @@ def rewrite_committed(
         raise ChainfsError(Code.CHECKSUM_MISMATCH, "repair data does not match the record")
     if engine.get(inode, index) != rec:
         raise ChainfsError(Code.NOT_COMMITTED, f"chunk ({inode}, {index}) changed during repair")
-    path = engine.file_path(inode, index, rec.file_gen)
-    tmp = path + ".repair"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = data
-        while len(view):
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if engine.options.durable:  # the rename itself survives a power loss too
-        engine._fsync_dir_of(inode)
+    engine.files.replace(inode, index, rec.file_gen, data)
 
 
 def install_copy(

@@ -43,7 +43,8 @@ from chainfs.proto import common_pb2 as cp
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.storage_service import crc
-from chainfs.storage_service.chunk_engine import ChunkEngine, ChunkRecord, check_chunk_size
+from chainfs.storage_service.chunk_engine import ChunkEngine
+from chainfs.storage_service.chunk_record import ChunkRecord, check_chunk_size, client_id16
 from chainfs.storage_service.config import MAX_CHUNK_SIZE, StorageConfig
 
 log = logging.getLogger(__name__)
@@ -369,7 +370,7 @@ class Craq:
         """Is ``rec``'s committed version the result of request ``req`` (a retry)?"""
         if rec is None or not req.req.client_id:
             return False
-        client = req.req.client_id.ljust(16, b"\0")[:16]
+        client = client_id16(req.req.client_id)
         return rec.committed_client == client and rec.committed_request == req.req.request_id
 
     @staticmethod

@@ -53,7 +53,8 @@ from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
 from chainfs.storage_service.chunk_copy import Key, push_chunk, remove_remote, run_io
-from chainfs.storage_service.chunk_engine import ChunkEngine, ChunkRecord, chunk_key, parse_key
+from chainfs.storage_service.chunk_engine import ChunkEngine
+from chainfs.storage_service.chunk_record import ChunkRecord, chunk_key, parse_key
 from chainfs.storage_service.craq import LocalTarget
 from chainfs.storage_service.failure_config import FailureConfig
 
