@@ -32,13 +32,12 @@ from chainfs.common.dataplane.client import DataClient
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
 from chainfs.common.rpc.storage_client import data_address
-from chainfs.proto import common_pb2 as cp
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.storage_service import crc
 from chainfs.storage_service.chunk_engine import ChunkEngine
 from chainfs.storage_service.chunk_record import ChunkRecord
-from chainfs.storage_service.craq import LocalTarget
+from chainfs.storage_service.craq import LocalTarget, full_chunk_update
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,21 +100,8 @@ async def push_chunk(
         raise ChainfsError(Code.NOT_COMMITTED, f"chunk {key} changed under the chunk lock")
     if before_send is not None:
         await before_send(len(data))
-    req = sp.UpdateReq(
-        req=cp.RequestInfo(client_id=rec.committed_client, request_id=rec.committed_request),
-        chain_id=chain.chain_id,
-        chain_version=chain.chain_version,
-        target_id=dest,
-        from_target=src,
-        chunk=sp.ChunkId(inode=key[0], index=key[1]),
-        type=sp.WRITE,
-        offset=0,
-        length=len(data),
-        crc32c=rec.crc32c,
-        chunk_size=rec.chunk_size,
-        update_version=rec.committed_version,
-        full_chunk=True,
-    )
+    req = full_chunk_update(chain, dest, key, rec, pending=False)
+    req.from_target = src
     reply = await client.request(
         data_address(node),
         sp.UPDATE,

@@ -57,10 +57,11 @@ from chainfs.storage_service.chunk_record import (
     KEY_END,
     KEY_PREFIX,
     NO_CLIENT,
+    NO_ORIGIN,
     ChunkRecord,
+    Origin,
     check_chunk_size,
     chunk_key,
-    client_id16,
     parse_key,
 )
 from chainfs.storage_service.config import EngineOptions
@@ -226,9 +227,8 @@ class ChunkEngine:
         length: int,
         crc32c: int,
         file_gen: int,
-        client: bytes,
-        request: int,
         block_crcs: bytes,
+        origin: Origin,
     ) -> ChunkRecord:
         new = replace(
             rec,
@@ -239,8 +239,8 @@ class ChunkEngine:
             pending_crc32c=crc32c,
             pending_file_gen=file_gen,
             pending_remove=False,
-            pending_client=client_id16(client),
-            pending_request=request,
+            pending_client=origin.client,
+            pending_request=origin.request,
         )
         self.records.put(inode, index, new)
         return new
@@ -312,8 +312,7 @@ class ChunkEngine:
         data_crc: int,
         chunk_size: int,
         version: int,
-        client: bytes = NO_CLIENT,
-        request: int = 0,
+        origin: Origin = NO_ORIGIN,
     ) -> ChunkRecord:
         """Apply a write of ``data`` at ``offset`` as pending ``version`` (= committed + 1)."""
         length = len(data)
@@ -368,9 +367,7 @@ class ChunkEngine:
             new_crc = crc.combine_blocks(blocks, rec.block_size, new_len)
             gen = version
             self._new_file(inode, index, gen, 0, view, new_len)
-        return self._set_pending(
-            inode, index, rec, version, new_len, new_crc, gen, client, request, blocks
-        )
+        return self._set_pending(inode, index, rec, version, new_len, new_crc, gen, blocks, origin)
 
     def prepare_truncate(
         self,
@@ -379,8 +376,7 @@ class ChunkEngine:
         length: int,
         chunk_size: int,
         version: int,
-        client: bytes = NO_CLIENT,
-        request: int = 0,
+        origin: Origin = NO_ORIGIN,
     ) -> ChunkRecord:
         """Make the chunk ``length`` bytes long (cut or zero-extended) as pending ``version``."""
         if length > chunk_size:
@@ -406,9 +402,7 @@ class ChunkEngine:
             # Shrink: the file keeps its bytes until commit (readers may still use them).
             blocks = block_crcs.after_truncate(rec, length, self._old_blocks(inode, index, rec))
             new_crc = crc.combine_blocks(blocks, rec.block_size, length)
-        return self._set_pending(
-            inode, index, rec, version, length, new_crc, gen, client, request, blocks
-        )
+        return self._set_pending(inode, index, rec, version, length, new_crc, gen, blocks, origin)
 
     def prepare_replace(
         self,
@@ -418,8 +412,7 @@ class ChunkEngine:
         data_crc: int,
         chunk_size: int,
         version: int,
-        client: bytes = NO_CLIENT,
-        request: int = 0,
+        origin: Origin = NO_ORIGIN,
     ) -> ChunkRecord:
         """Full-chunk replace at ``version`` whatever the local versions (sync, gap repair)."""
         check_chunk_size(chunk_size)
@@ -441,11 +434,11 @@ class ChunkEngine:
         rec = replace(rec, chunk_size=chunk_size)
         blocks = crc.block_crcs(data, self._block_size(rec))
         return self._set_pending(
-            inode, index, rec, version, len(data), data_crc, version, client, request, blocks
+            inode, index, rec, version, len(data), data_crc, version, blocks, origin
         )
 
     def prepare_remove(
-        self, inode: int, index: int, client: bytes = NO_CLIENT, request: int = 0
+        self, inode: int, index: int, origin: Origin = NO_ORIGIN
     ) -> ChunkRecord | None:
         """Mark the chunk as being removed (reads answer NOT_COMMITTED); None if absent."""
         rec = self.get(inode, index)
@@ -460,8 +453,8 @@ class ChunkEngine:
             pending_length=0,
             pending_crc32c=0,
             pending_file_gen=0,
-            pending_client=client_id16(client),
-            pending_request=request,
+            pending_client=origin.client,
+            pending_request=origin.request,
             pending_block_crcs=b"",
         )
         self.records.put(inode, index, new)

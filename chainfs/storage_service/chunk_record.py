@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.storage_service.config import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
@@ -30,6 +31,20 @@ NO_CLIENT = b"\0" * 16
 def client_id16(client: bytes) -> bytes:
     """A request's client id as records keep it: exactly 16 bytes."""
     return client.ljust(16, b"\0")[:16]
+
+
+class Origin(NamedTuple):
+    """The request that made a version: (client id, request id); retries match it."""
+
+    client: bytes = NO_CLIENT
+    request: int = 0
+
+    @classmethod
+    def of(cls, client: bytes, request: int) -> Origin:
+        return cls(client_id16(client), request)
+
+
+NO_ORIGIN = Origin()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,12 @@
-"""Storage node: targets, the data plane (CRAQ), gRPC control, mgmtd heartbeats.
+"""Storage node process: start, stop, registration with mgmtd, heartbeats.
 
 ``main(config_path, ready_file)`` is what `chainfs serve storage` runs. The
 node opens every target directory (a ChunkEngine each), serves the framed data
 plane for reads/updates/chain forwarding, serves StorageControl over gRPC for
 operators, registers its targets with mgmtd (ids persisted in each target's
 ``target.json`` so a restart re-registers with the same ids) and heartbeats.
+The request handlers of both planes are in :mod:`service`; the chunk state in
+:mod:`chunk_engine` (one per target) and :mod:`craq`; settings in :mod:`config`.
 """
 
 from __future__ import annotations
@@ -217,11 +219,8 @@ class StorageNode:
         if target is None:
             raise ChainfsError(Code.UNKNOWN_TARGET, f"target {req.target_id} is not on this node")
         key = (req.chunk.inode, req.chunk.index)
-        await target.locks.acquire(key)
-        try:
+        async with target.locks.held(key):
             got = await copier.pull(req.target_id, key, prefer=req.prefer_target)
-        finally:
-            target.locks.release(key)
         rsp = sp.RepairChunkRsp(
             copied=got.copied,
             from_target=got.from_target,

@@ -57,22 +57,14 @@ async def _batch_read(
     )
 
 
-async def _remove(
-    node: StorageNode, craq: Craq, req: sp.RemoveChunksReq, frame: Request
-) -> Message:
-    return await craq.remove(req)
+def _craq_call(method: str) -> DataCall:
+    """A call answered by ``Craq.<method>(request)`` alone."""
 
+    async def call(node: StorageNode, craq: Craq, req: Any, frame: Request) -> Message:
+        answer: Message = await getattr(craq, method)(req)
+        return answer
 
-async def _query_last_chunk(
-    node: StorageNode, craq: Craq, req: sp.QueryLastChunkReq, frame: Request
-) -> Message:
-    return await craq.query_last_chunk(req)
-
-
-async def _list_chunks(
-    node: StorageNode, craq: Craq, req: sp.ListChunksReq, frame: Request
-) -> Message:
-    return await craq.list_chunks(req)
+    return call
 
 
 async def _sync_report(
@@ -85,9 +77,9 @@ async def _sync_report(
 DATA_PLANE: dict[int, tuple[type[Message], DataCall]] = {
     sp.UPDATE: (sp.UpdateReq, _update),
     sp.BATCH_READ: (sp.BatchReadReq, _batch_read),
-    sp.REMOVE_CHUNKS: (sp.RemoveChunksReq, _remove),
-    sp.QUERY_LAST_CHUNK: (sp.QueryLastChunkReq, _query_last_chunk),
-    sp.LIST_CHUNKS: (sp.ListChunksReq, _list_chunks),
+    sp.REMOVE_CHUNKS: (sp.RemoveChunksReq, _craq_call("remove")),
+    sp.QUERY_LAST_CHUNK: (sp.QueryLastChunkReq, _craq_call("query_last_chunk")),
+    sp.LIST_CHUNKS: (sp.ListChunksReq, _craq_call("list_chunks")),
     sp.SYNC_REPORT: (sp.SyncReportReq, _sync_report),
 }
 

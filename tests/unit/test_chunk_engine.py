@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.storage_service import crc
 from chainfs.storage_service.chunk_engine import ChunkEngine, EngineOptions
+from chainfs.storage_service.chunk_record import Origin
 
 CHUNK = 64 * 1024
 CHUNKS = st.sampled_from([(1, 0), (1, 1), (1, 5), (2, 0)])
@@ -72,8 +73,7 @@ class EngineModel(RuleBasedStateMachine):
             crc.value(data),
             CHUNK,
             self._version(key),
-            b"c" * 16,
-            self.seq,
+            Origin.of(b"c" * 16, self.seq),
         )
         content = bytearray(self.committed.get(key, b""))
         if len(content) < offset + len(data):
