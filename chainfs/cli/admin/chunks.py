@@ -9,12 +9,10 @@ import click
 from chainfs.cli.admin.common import admin, admin_options, async_command, emit
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
-from chainfs.common.rpc import grpc_util
 from chainfs.common.rpc.mgmt_client import MgmtClient
 from chainfs.common.rpc.storage_control import StorageControl
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
-from chainfs.proto import storage_pb2_grpc as sg
 
 CALL_TIMEOUT_S = 10.0
 REPLICA_COLUMNS = (
@@ -61,19 +59,12 @@ async def query_chunk(
     for node in routing.nodes_of_type(mp.STORAGE, online_only=False):
         if not node.rpc_address:
             continue
-        ch = grpc_util.channel(node.rpc_address)
         try:
-            rsp = await grpc_util.call(
-                sg.StorageControlStub(ch).QueryChunk,
-                sp.QueryChunkReq(chunk=sp.ChunkId(inode=inode, index=index), chain_id=chain_id),
-                CALL_TIMEOUT_S,
-                node.rpc_address,
-            )
+            async with StorageControl(node.rpc_address, CALL_TIMEOUT_S) as control:
+                rsp = await control.query_chunk(inode, index, chain_id)
         except ChainfsError as e:
             errors.append(f"node {node.node_id}: {e}")
             continue
-        finally:
-            await ch.close()
         for r in rsp.replicas:
             rows[r.target_id] = _row(routing, r.target_id, r.chain_id, r.meta, True)
     chains = {r["chain_id"] for r in rows.values() if r["chain_id"]}

@@ -10,16 +10,32 @@ it; the bulk chunk bytes never pass here (they go over the data plane, see
 
 Every call is bounded by the ``timeout_s`` the caller gives (its own
 configured bound); failures raise :class:`ChainfsError`.
+
+Each client has its own connection (a local subchannel pool). gRPC otherwise
+shares one connection per address among all channels of a process, and a new
+channel inherits that connection's state: after any channel of the process
+failed to reach an address (a node not yet started, or a dead process whose
+port a new node now has), a new client of the node now listening there failed
+at once with the old "Connection refused" until the reconnect backoff ran out.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from types import TracebackType
+from typing import Any
+
+import grpc.aio
 
 from chainfs.common.rpc import grpc_util
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
+
+# A connection of its own per client: never another channel's failed connect.
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    *grpc_util.CHANNEL_OPTIONS,
+    ("grpc.use_local_subchannel_pool", 1),
+]
 
 
 class StorageControl:
@@ -30,7 +46,7 @@ class StorageControl:
             raise ValueError(f"timeout_s must be > 0, not {timeout_s}")
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc_util.channel(address)
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = sg.StorageControlStub(self._channel)
 
     async def close(self) -> None:
