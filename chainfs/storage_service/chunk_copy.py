@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from chainfs.common.dataplane.client import DataClient
+from google.protobuf.message import Message
+
+from chainfs.common.dataplane.client import DataClient, Reply
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
 from chainfs.common.rpc.storage_client import data_address
@@ -216,6 +218,15 @@ class ChunkCopier:
             raise ChainfsError(Code.UNKNOWN_CHAIN, f"target {target_id} is in no chain")
         return routing, chain
 
+    async def _ask(self, routing: Routing, peer: int, msg_type: int, req: Message) -> Reply:
+        """One data-plane request to the node of target ``peer``."""
+        return await self.client.request(
+            data_address(routing.node_of_target(peer)),
+            msg_type,
+            req.SerializeToString(),
+            timeout_s=self.timeout_s,
+        )
+
     async def peer_meta(
         self, routing: Routing, chain: mp.ChainInfo, peer: int, key: Key
     ) -> sp.ChunkMeta:
@@ -223,12 +234,7 @@ class ChunkCopier:
         req = sp.ListChunksReq(
             chain_id=chain.chain_id, target_id=peer, inode=key[0], begin_index=key[1], limit=1
         )
-        reply = await self.client.request(
-            data_address(routing.node_of_target(peer)),
-            sp.LIST_CHUNKS,
-            req.SerializeToString(),
-            timeout_s=self.timeout_s,
-        )
+        reply = await self._ask(routing, peer, sp.LIST_CHUNKS, req)
         rsp = sp.ListChunksRsp.FromString(bytes(reply.header))
         for m in rsp.chunks:
             if (m.chunk.inode, m.chunk.index) == key:
@@ -250,12 +256,7 @@ class ChunkCopier:
                 )
             ]
         )
-        reply = await self.client.request(
-            data_address(routing.node_of_target(peer)),
-            sp.BATCH_READ,
-            req.SerializeToString(),
-            timeout_s=self.timeout_s,
-        )
+        reply = await self._ask(routing, peer, sp.BATCH_READ, req)
         rsp = sp.BatchReadRsp.FromString(bytes(reply.header))
         if rsp.status.code:
             raise ChainfsError(rsp.status.code, rsp.status.message)
