@@ -258,6 +258,8 @@ class StorageNode:
     async def start(self) -> None:
         cfg = self.config
         infos = self.open_targets()
+        # Both servers listen (from bind on) before mgmtd or the ready file name
+        # this node, so whoever learns an address can connect to it at once.
         # Control plane.
         self.grpc_server = grpc_util.server()
         sg.add_StorageControlServicer_to_server(StorageControlServicer(self), self.grpc_server)
