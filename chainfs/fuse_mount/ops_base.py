@@ -25,6 +25,7 @@ from chainfs.client.chunk_io import ChunkIO
 from chainfs.common.dataplane.buffers import BufferPool
 from chainfs.common.errors import ChainfsError
 from chainfs.common.rpc.meta_client import MetaClient, UserInfo, mode_bits
+from chainfs.common.units import MiB
 from chainfs.fuse_mount.config import MountConfig
 from chainfs.fuse_mount.state import DirHandle, DirNames, FileHandle, GroupsCache, OpenInode
 from chainfs.proto import meta_pb2 as mt
@@ -35,7 +36,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 ROOT_INO = 1
-MiB = 1 << 20
+
 # Read replies: the kernel asks at most 1 MiB per request (FUSE max_pages).
 MAX_READ_BYTES = MiB
 # Margin on top of the client's own timeouts before a request is cut short.

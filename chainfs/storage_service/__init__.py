@@ -1,13 +1,22 @@
 """Storage service: chunk engine, CRAQ chain replication, the storage node.
 
-- ``chunk_engine``: one target directory; chunk files + RocksDB metadata,
-  copy-on-write versions (committed + at most one pending), crash recovery.
+- ``server``: the node process: start/stop, opening targets, mgmtd
+  registration and heartbeats, runtime target creation.
+- ``service``: the request handlers: the data plane (framed TCP + unix
+  socket; a dispatch table by msg_type) for reads, updates and chain
+  forwarding, and the StorageControl gRPC servicer for operators and resync.
+- ``config``: StorageConfig (every default, documented) and EngineOptions.
+- ``chunk_engine``: one target directory's update/commit/read logic:
+  copy-on-write versions (committed + at most one pending), crash recovery;
+  built on ``chunk_record`` (the record and its key), ``record_store``
+  (RocksDB behind an LRU), ``chunk_files`` (content files, O_DIRECT, cached
+  descriptors) and ``block_crcs`` (per-block CRC32C arithmetic).
 - ``craq``: the replication rules (head/middle/tail, commits on the ack,
   NOT_COMMITTED reads, stale chain versions, retried requests applied once);
   which target serves what comes from its public state in routing.
-- ``server``: the node: data plane (framed TCP + unix socket) for reads,
-  updates and chain forwarding; StorageControl gRPC for operators; mgmtd
-  registration and heartbeats.
+- ``resync``, ``chunk_copy``, ``scrubber``, ``fencing``: failure handling
+  (filling a returning target, copying one chunk, repairing corrupt replicas,
+  refusing service without mgmtd).
 - ``crc``: CRC32C combine/extend-by-zeros, so appends extend a chunk's
   checksum without a second pass over the payload.
 

@@ -22,25 +22,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from chainfs.common.dataplane.client import DataClient
+from google.protobuf.message import Message
+
+from chainfs.common.dataplane.client import DataClient, Reply
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
-from chainfs.common.rpc import grpc_util
 from chainfs.common.rpc.storage_client import data_address
-from chainfs.proto import common_pb2 as cp
+from chainfs.common.rpc.storage_control import StorageControl
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
-from chainfs.proto import storage_pb2_grpc as sg
 from chainfs.storage_service import crc
-from chainfs.storage_service.chunk_engine import ChunkEngine, ChunkRecord
-from chainfs.storage_service.craq import LocalTarget
+from chainfs.storage_service.chunk_engine import ChunkEngine
+from chainfs.storage_service.chunk_record import ChunkRecord
+from chainfs.storage_service.craq import LocalTarget, full_chunk_update
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,21 +103,8 @@ async def push_chunk(
         raise ChainfsError(Code.NOT_COMMITTED, f"chunk {key} changed under the chunk lock")
     if before_send is not None:
         await before_send(len(data))
-    req = sp.UpdateReq(
-        req=cp.RequestInfo(client_id=rec.committed_client, request_id=rec.committed_request),
-        chain_id=chain.chain_id,
-        chain_version=chain.chain_version,
-        target_id=dest,
-        from_target=src,
-        chunk=sp.ChunkId(inode=key[0], index=key[1]),
-        type=sp.WRITE,
-        offset=0,
-        length=len(data),
-        crc32c=rec.crc32c,
-        chunk_size=rec.chunk_size,
-        update_version=rec.committed_version,
-        full_chunk=True,
-    )
+    req = full_chunk_update(chain, dest, key, rec, pending=False)
+    req.from_target = src
     reply = await client.request(
         data_address(node),
         sp.UPDATE,
@@ -159,20 +146,7 @@ def rewrite_committed(
         raise ChainfsError(Code.CHECKSUM_MISMATCH, "repair data does not match the record")
     if engine.get(inode, index) != rec:
         raise ChainfsError(Code.NOT_COMMITTED, f"chunk ({inode}, {index}) changed during repair")
-    path = engine.file_path(inode, index, rec.file_gen)
-    tmp = path + ".repair"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = data
-        while len(view):
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if engine.options.durable:  # the rename itself survives a power loss too
-        engine._fsync_dir_of(inode)
+    engine.files.replace(inode, index, rec.file_gen, data)
 
 
 def install_copy(
@@ -265,17 +239,11 @@ class ChunkCopier:
         """Ask every serving peer of ``target_id`` to repair ``key`` from it (its copy just
         became good again after none was): peers that gave up on a lost chunk resume."""
         routing, chain = self._chain_of(target_id)
-        req = sp.RepairChunkReq(
-            chunk=sp.ChunkId(inode=key[0], index=key[1]), prefer_target=target_id
-        )
         for peer in self.serving_peers(routing, chain, target_id):
-            req.target_id = peer
             address = routing.node_of_target(peer).rpc_address
-            ch = grpc_util.channel(address)
             try:
-                rsp = await grpc_util.call(
-                    sg.StorageControlStub(ch).RepairChunk, req, 2 * self.timeout_s, address
-                )
+                async with StorageControl(address, 2 * self.timeout_s) as control:
+                    rsp = await control.repair_chunk(peer, key[0], key[1], prefer_target=target_id)
                 log.info(
                     "target %d: chunk %s on replica %d: copied=%s", target_id, key, peer, rsp.copied
                 )
@@ -283,8 +251,15 @@ class ChunkCopier:
                 log.warning(
                     "target %d: replica %d could not repair chunk %s: %s", target_id, peer, key, e
                 )
-            finally:
-                await ch.close()
+
+    async def _ask(self, routing: Routing, peer: int, msg_type: int, req: Message) -> Reply:
+        """One data-plane request to the node of target ``peer``."""
+        return await self.client.request(
+            data_address(routing.node_of_target(peer)),
+            msg_type,
+            req.SerializeToString(),
+            timeout_s=self.timeout_s,
+        )
 
     async def peer_meta(
         self, routing: Routing, chain: mp.ChainInfo, peer: int, key: Key
@@ -293,12 +268,7 @@ class ChunkCopier:
         req = sp.ListChunksReq(
             chain_id=chain.chain_id, target_id=peer, inode=key[0], begin_index=key[1], limit=1
         )
-        reply = await self.client.request(
-            data_address(routing.node_of_target(peer)),
-            sp.LIST_CHUNKS,
-            req.SerializeToString(),
-            timeout_s=self.timeout_s,
-        )
+        reply = await self._ask(routing, peer, sp.LIST_CHUNKS, req)
         rsp = sp.ListChunksRsp.FromString(bytes(reply.header))
         for m in rsp.chunks:
             if (m.chunk.inode, m.chunk.index) == key:
@@ -320,12 +290,7 @@ class ChunkCopier:
                 )
             ]
         )
-        reply = await self.client.request(
-            data_address(routing.node_of_target(peer)),
-            sp.BATCH_READ,
-            req.SerializeToString(),
-            timeout_s=self.timeout_s,
-        )
+        reply = await self._ask(routing, peer, sp.BATCH_READ, req)
         rsp = sp.BatchReadRsp.FromString(bytes(reply.header))
         if rsp.status.code:
             raise ChainfsError(rsp.status.code, rsp.status.message)

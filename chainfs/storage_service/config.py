@@ -10,6 +10,15 @@ from chainfs.storage_service.failure_config import FailureConfig
 
 MIN_CHUNK_SIZE = 64 * 1024  # bytes: the smallest chunk size a file layout may use
 MAX_CHUNK_SIZE = 64 * 1024 * 1024  # bytes: the largest
+MIN_CRC_BLOCK = 4096  # bytes: smallest per-block CRC granule
+MAX_CRC_BLOCK = 1024 * 1024  # bytes: largest (64 MiB chunks keep 64+ CRCs)
+
+
+def check_crc_block_bytes(bs: int) -> None:
+    if not (MIN_CRC_BLOCK <= bs <= MAX_CRC_BLOCK and bs & (bs - 1) == 0):
+        raise ValueError(
+            f"crc_block_bytes {bs}: must be a power of 2 in [{MIN_CRC_BLOCK}, {MAX_CRC_BLOCK}]"
+        )
 
 
 @dataclass
@@ -109,11 +118,37 @@ class StorageConfig:
                 raise ValueError(f"{name} must be > 0")
         if self.max_read_bytes_in_flight < MAX_CHUNK_SIZE:
             raise ValueError("max_read_bytes_in_flight must hold at least one 64 MiB chunk")
-        bs = self.crc_block_bytes
-        if not (4096 <= bs <= 1024 * 1024 and bs & (bs - 1) == 0):
-            raise ValueError("crc_block_bytes must be a power of 2 in [4096, 1048576]")
+        check_crc_block_bytes(self.crc_block_bytes)
         for name in ("open_chunk_files", "chunk_meta_cache_entries", "inline_read_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if not 0 <= self.read_buffer_cache_bytes <= self.max_read_bytes_in_flight:
             raise ValueError("read_buffer_cache_bytes must be in [0, max_read_bytes_in_flight]")
+
+    def engine_options(self) -> EngineOptions:
+        """What each target's chunk engine takes from this node's configuration."""
+        return EngineOptions(
+            durable=self.durable,
+            disk_usage_limit_ratio=self.disk_usage_limit_ratio,
+            direct_writes=self.direct_writes,
+            crc_block_bytes=self.crc_block_bytes,
+            open_files=self.open_chunk_files,
+            meta_cache_entries=self.chunk_meta_cache_entries,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """A chunk engine's settings; the defaults are StorageConfig's (see there)."""
+
+    durable: bool = StorageConfig.durable
+    disk_usage_limit_ratio: float = StorageConfig.disk_usage_limit_ratio
+    direct_writes: bool = StorageConfig.direct_writes
+    crc_block_bytes: int = StorageConfig.crc_block_bytes
+    open_files: int = StorageConfig.open_chunk_files
+    meta_cache_entries: int = StorageConfig.chunk_meta_cache_entries
+
+    def __post_init__(self) -> None:
+        check_crc_block_bytes(self.crc_block_bytes)
+        if self.open_files < 0 or self.meta_cache_entries < 0:
+            raise ValueError("open_files and meta_cache_entries must be >= 0")

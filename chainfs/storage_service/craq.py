@@ -21,16 +21,18 @@ acked). A request whose chain version differs from ours is STALE_CHAIN_VERSION
 (after one routing refresh when the sender's is newer).
 
 Which targets accept what is decided by the target's public state in routing
-(the table below), so failover (issue 7) changes routing, not these rules.
+(the table below), so failover (mgmtd moving targets between states) changes
+routing, not these rules.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,7 +45,13 @@ from chainfs.proto import common_pb2 as cp
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.storage_service import crc
-from chainfs.storage_service.chunk_engine import ChunkEngine, ChunkRecord, check_chunk_size
+from chainfs.storage_service.chunk_engine import ChunkEngine
+from chainfs.storage_service.chunk_record import (
+    ChunkRecord,
+    Origin,
+    check_chunk_size,
+    client_id16,
+)
 from chainfs.storage_service.config import MAX_CHUNK_SIZE, StorageConfig
 
 log = logging.getLogger(__name__)
@@ -110,6 +118,15 @@ class ChunkLocks:
         lock.release()
         self._drop(key)
 
+    @contextlib.asynccontextmanager
+    async def held(self, key: tuple[int, int]) -> AsyncIterator[None]:
+        """``async with locks.held(key):`` the chunk is ours until the block ends."""
+        await self.acquire(key)
+        try:
+            yield
+        finally:
+            self.release(key)
+
     def _drop(self, key: tuple[int, int]) -> None:
         lock, users = self._locks[key]
         if users <= 1:
@@ -131,6 +148,44 @@ class LocalTarget:
         self.done.move_to_end(key)
         while len(self.done) > bound:
             self.done.popitem(last=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Hop:
+    """Where an update is: the local target it reached and the chain it travels."""
+
+    target: LocalTarget
+    routing: Routing
+    chain: mp.ChainInfo
+
+
+def full_chunk_update(
+    chain: mp.ChainInfo, target_id: int, key: tuple[int, int], rec: ChunkRecord, pending: bool
+) -> sp.UpdateReq:
+    """A forwarded whole-chunk UPDATE that installs ``rec``'s pending (or committed)
+    version on ``target_id`` as it is: same version, CRC32C and originating request."""
+    if pending:
+        assert rec.has_pending and not rec.pending_remove, rec
+        client, request = rec.pending_client, rec.pending_request
+        version, crc32c = rec.pending_version, rec.pending_crc32c
+    else:
+        client, request = rec.committed_client, rec.committed_request
+        version, crc32c = rec.committed_version, rec.crc32c
+    length = rec.pending_length if pending else rec.length
+    return sp.UpdateReq(
+        req=cp.RequestInfo(client_id=client, request_id=request),
+        chain_id=chain.chain_id,
+        chain_version=chain.chain_version,
+        target_id=target_id,
+        chunk=sp.ChunkId(inode=key[0], index=key[1]),
+        type=sp.WRITE,
+        offset=0,
+        length=length,
+        crc32c=crc32c,
+        chunk_size=rec.chunk_size,
+        update_version=version,
+        full_chunk=True,
+    )
 
 
 def record_to_meta(inode: int, index: int, rec: ChunkRecord) -> sp.ChunkMeta:
@@ -279,21 +334,15 @@ class Craq:
             cached = target.done.get(done_key) if req.req.client_id else None
             if cached is not None:
                 return sp.UpdateRsp.FromString(cached)
-            await target.locks.acquire(key)
-            try:
-                rsp = await self._head_update(target, routing, chain, req, payload)
-            finally:
-                target.locks.release(key)
+            async with target.locks.held(key):
+                rsp = await self._head_update(_Hop(target, routing, chain), req, payload)
             if req.req.client_id:
                 target.remember(
                     done_key, rsp.SerializeToString(), self.config.request_cache_entries
                 )
             return rsp
-        await target.locks.acquire(key)
-        try:
-            return await self._replica_update(target, routing, chain, req, payload)
-        finally:
-            target.locks.release(key)
+        async with target.locks.held(key):
+            return await self._replica_update(_Hop(target, routing, chain), req, payload)
 
     def _validate_update(self, req: sp.UpdateReq, payload: memoryview) -> None:
         if not req.HasField("chunk"):
@@ -345,31 +394,23 @@ class Craq:
     ) -> ChunkRecord:
         eng = target.engine
         ino, idx = req.chunk.inode, req.chunk.index
-        client, request = req.req.client_id, req.req.request_id
+        origin = Origin.of(req.req.client_id, req.req.request_id)
         if req.full_chunk:
             return eng.prepare_replace(
-                ino, idx, payload, req.crc32c, req.chunk_size, version, client, request
+                ino, idx, payload, req.crc32c, req.chunk_size, version, origin
             )
         if req.type == sp.WRITE:
             return eng.prepare_write(
-                ino,
-                idx,
-                req.offset,
-                payload,
-                req.crc32c,
-                req.chunk_size,
-                version,
-                client,
-                request,
+                ino, idx, req.offset, payload, req.crc32c, req.chunk_size, version, origin
             )
-        return eng.prepare_truncate(ino, idx, req.length, req.chunk_size, version, client, request)
+        return eng.prepare_truncate(ino, idx, req.length, req.chunk_size, version, origin)
 
     @staticmethod
     def _made_by(rec: ChunkRecord | None, req: sp.UpdateReq) -> bool:
         """Is ``rec``'s committed version the result of request ``req`` (a retry)?"""
         if rec is None or not req.req.client_id:
             return False
-        client = req.req.client_id.ljust(16, b"\0")[:16]
+        client = client_id16(req.req.client_id)
         return rec.committed_client == client and rec.committed_request == req.req.request_id
 
     @staticmethod
@@ -383,14 +424,8 @@ class Craq:
             crc32c=rec.crc32c,
         )
 
-    async def _head_update(
-        self,
-        target: LocalTarget,
-        routing: Routing,
-        chain: mp.ChainInfo,
-        req: sp.UpdateReq,
-        payload: memoryview,
-    ) -> sp.UpdateRsp:
+    async def _head_update(self, hop: _Hop, req: sp.UpdateReq, payload: memoryview) -> sp.UpdateRsp:
+        target = hop.target
         eng = target.engine
         ino, idx = req.chunk.inode, req.chunk.index
         rec = eng.get(ino, idx)
@@ -398,7 +433,7 @@ class Craq:
             return self._rsp(rec)  # a retry of the update that made the committed version
         if rec is not None and rec.has_pending:
             # A previous update's outcome downstream is unknown: finish it first.
-            rec = await self._redrive(target, routing, chain, req, rec)
+            rec = await self._redrive(hop, req, rec)
             if self._made_by(rec, req):
                 return self._rsp(rec)
         version = (rec.committed_version if rec is not None else 0) + 1
@@ -406,19 +441,11 @@ class Craq:
         fwd = sp.UpdateReq()
         fwd.CopyFrom(req)
         fwd.update_version = version
-        return await self._forward_and_commit(
-            target, routing, chain, fwd, [payload] if len(payload) else [], pending
-        )
+        return await self._forward_and_commit(hop, fwd, payload, pending)
 
-    async def _redrive(
-        self,
-        target: LocalTarget,
-        routing: Routing,
-        chain: mp.ChainInfo,
-        req: sp.UpdateReq,
-        rec: ChunkRecord,
-    ) -> ChunkRecord | None:
+    async def _redrive(self, hop: _Hop, req: sp.UpdateReq, rec: ChunkRecord) -> ChunkRecord | None:
         """Push the head's pending version down the chain (whole chunk) and commit it."""
+        target = hop.target
         ino, idx = req.chunk.inode, req.chunk.index
         log.info(
             "target %d: re-driving pending v%d of chunk (%d, %d)",
@@ -437,27 +464,14 @@ class Craq:
                 begin_index=idx,
                 end_index=idx + 1,
             )
-            succ = self._successor(routing, chain, target.target_id)
+            succ = self._successor(hop.routing, hop.chain, target.target_id)
             if succ is not None:
                 await self._forward_remove(rm, succ, [idx])
             await self._io(target.engine.commit, ino, idx, rec.pending_version, req.chain_version)
             return None
         data = await self._io(self._pending_bytes, target, ino, idx, rec)
-        fwd = sp.UpdateReq(
-            req=cp.RequestInfo(client_id=rec.pending_client, request_id=rec.pending_request),
-            chain_id=req.chain_id,
-            chain_version=req.chain_version,
-            target_id=req.target_id,
-            chunk=req.chunk,
-            type=sp.WRITE,
-            offset=0,
-            length=len(data),
-            crc32c=rec.pending_crc32c,
-            chunk_size=rec.chunk_size,
-            update_version=rec.pending_version,
-            full_chunk=True,
-        )
-        await self._forward_and_commit(target, routing, chain, fwd, [data], rec)
+        fwd = full_chunk_update(hop.chain, target.target_id, (ino, idx), rec, pending=True)
+        await self._forward_and_commit(hop, fwd, data, rec)
         return target.engine.get(ino, idx)
 
     @staticmethod
@@ -465,13 +479,9 @@ class Craq:
         return target.engine.read_pending(ino, idx, rec)
 
     async def _replica_update(
-        self,
-        target: LocalTarget,
-        routing: Routing,
-        chain: mp.ChainInfo,
-        req: sp.UpdateReq,
-        payload: memoryview,
+        self, hop: _Hop, req: sp.UpdateReq, payload: memoryview
     ) -> sp.UpdateRsp:
+        target = hop.target
         eng = target.engine
         ino, idx = req.chunk.inode, req.chunk.index
         u = req.update_version
@@ -488,23 +498,18 @@ class Craq:
                 f"update is v{u}: send the whole chunk",
             )
         pending = await self._io(self._apply, target, req, payload, u)
-        return await self._forward_and_commit(
-            target, routing, chain, req, [payload] if len(payload) else [], pending
-        )
+        return await self._forward_and_commit(hop, req, payload, pending)
 
     async def _forward_and_commit(
-        self,
-        target: LocalTarget,
-        routing: Routing,
-        chain: mp.ChainInfo,
-        req: sp.UpdateReq,
-        payload: list[memoryview],
-        pending: ChunkRecord,
+        self, hop: _Hop, req: sp.UpdateReq, data: memoryview, pending: ChunkRecord
     ) -> sp.UpdateRsp:
-        """Forward ``req`` (pending locally at req.update_version) and commit on the ack."""
+        """Forward ``req`` with its bytes ``data`` (pending locally at req.update_version)
+        and commit on the ack."""
+        target = hop.target
         ino, idx = req.chunk.inode, req.chunk.index
         version = req.update_version
-        succ = self._successor(routing, chain, target.target_id)
+        payload = [data] if len(data) else []
+        succ = self._successor(hop.routing, hop.chain, target.target_id)
         if succ is not None:
             fwd = sp.UpdateReq()
             fwd.CopyFrom(req)
@@ -517,13 +522,13 @@ class Craq:
                     if e.code != Code.CHUNK_VERSION_MISMATCH or fwd.full_chunk:
                         raise
                     # The successor missed a version: send our whole pending chunk.
-                    data = await self._io(self._pending_bytes, target, ino, idx, pending)
+                    whole = await self._io(self._pending_bytes, target, ino, idx, pending)
                     fwd.full_chunk = True
                     fwd.type = sp.WRITE
                     fwd.offset = 0
-                    fwd.length = len(data)
+                    fwd.length = len(whole)
                     fwd.crc32c = pending.pending_crc32c
-                    rsp = await self._send_update(succ[1], fwd, [data])
+                    rsp = await self._send_update(succ[1], fwd, [whole])
             except ChainfsError as e:
                 if e.code in _DEFINITE:
                     await self._io(target.engine.abort, ino, idx)
@@ -618,7 +623,8 @@ class Craq:
     ) -> list[tuple[int, int]]:
         out = []
         for i in indexes:
-            rec = target.engine.prepare_remove(req.inode, i, req.req.client_id, req.req.request_id)
+            origin = Origin.of(req.req.client_id, req.req.request_id)
+            rec = target.engine.prepare_remove(req.inode, i, origin)
             if rec is not None:
                 out.append((i, rec.pending_version))
         return out

@@ -1,4 +1,4 @@
-"""Configuration of a storage node's failure handling (issue 7): fencing, resync, scrubbing."""
+"""Configuration of a storage node's failure handling: fencing, resync, scrubbing."""
 
 from __future__ import annotations
 

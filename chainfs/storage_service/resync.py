@@ -43,17 +43,18 @@ from typing import Generic, TypeVar
 
 import grpc.aio
 
+from chainfs.common.background import Periodic
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
-from chainfs.common.rpc import grpc_util
 from chainfs.common.rpc.mgmt_client import local_state_for
 from chainfs.common.rpc.storage_client import data_address
+from chainfs.common.rpc.storage_control import StorageControl
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
-from chainfs.proto import storage_pb2_grpc as sg
 from chainfs.storage_service.chunk_copy import Key, push_chunk, remove_remote, run_io
-from chainfs.storage_service.chunk_engine import ChunkEngine, ChunkRecord, chunk_key, parse_key
+from chainfs.storage_service.chunk_engine import ChunkEngine
+from chainfs.storage_service.chunk_record import ChunkRecord, chunk_key, parse_key
 from chainfs.storage_service.craq import LocalTarget
 from chainfs.storage_service.failure_config import FailureConfig
 
@@ -256,8 +257,15 @@ class SyncReceiver:
         return sp.SyncReportRsp()
 
 
-class Resyncer:
-    """The source side: one task per (local serving target, syncing successor)."""
+class Resyncer(Periodic):
+    """The source side: one task per (local serving target, syncing successor).
+
+    Each round (every ``resync_scan_interval_ms``) starts the syncs the routing
+    now asks of this node and stops those it no longer does; the syncs run as
+    their own tasks, so a long one never delays the next round.
+    """
+
+    name = "resync"
 
     def __init__(
         self,
@@ -268,6 +276,7 @@ class Resyncer:
         executor: Executor,
         fenced: Callable[[], bool],
     ) -> None:
+        super().__init__(config.resync_scan_interval_ms / 1000)
         self.config = config
         self.targets = targets
         self._routing = routing
@@ -278,16 +287,12 @@ class Resyncer:
         self.tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
         self.finished: dict[tuple[int, int], int] = {}  # (source, dest) -> chain version done
         self.bytes_sent = 0
-        self._loop_task: asyncio.Task[None] | None = None
 
     # ---- scheduling ----------------------------------------------------------
 
-    def start(self) -> None:
-        self._loop_task = asyncio.get_running_loop().create_task(self._run())
-
     async def stop(self) -> None:
-        tasks = [t for t in (self._loop_task, *self.tasks.values()) if t is not None]
-        self._loop_task = None
+        await super().stop()  # no new syncs start after this
+        tasks = list(self.tasks.values())
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -308,14 +313,9 @@ class Resyncer:
                     out[(src, int(tid))] = int(chain_id)
         return out
 
-    async def _run(self) -> None:
-        interval = self.config.resync_scan_interval_ms / 1000
-        while True:
-            try:
-                self._schedule()
-            except Exception:
-                log.exception("resync scheduling failed")
-            await asyncio.sleep(interval)
+    async def round(self) -> bool:
+        self._schedule()
+        return False
 
     def _schedule(self) -> None:
         routing = self._routing()
@@ -377,22 +377,12 @@ class Resyncer:
 
         return fetch
 
-    def _dest_pages(
-        self, stub: sg.StorageControlStub, node: mp.NodeInfo, dest: int
-    ) -> PageFetch[sp.ChunkMeta]:
+    def _dest_pages(self, control: StorageControl, dest: int) -> PageFetch[sp.ChunkMeta]:
         batch = self.config.resync_batch_chunks
 
         async def fetch(after: Key | None) -> tuple[list[tuple[Key, sp.ChunkMeta]], bool]:
-            rsp: sp.DumpChunkMetaRsp = await grpc_util.call(
-                stub.DumpChunkMeta,
-                sp.DumpChunkMetaReq(
-                    target_id=dest,
-                    start_after=chunk_key(*after) if after is not None else b"",
-                    limit=batch,
-                ),
-                timeout_s=_FORWARD_TIMEOUT_S,
-                target=node.rpc_address,
-            )
+            cursor = chunk_key(*after) if after is not None else b""
+            rsp = await control.chunk_meta_page(dest, cursor, batch)
             page = [((m.chunk.inode, m.chunk.index), m) for m in rsp.chunks]
             return page, not rsp.next
 
@@ -414,12 +404,11 @@ class Resyncer:
         node = routing.node_of_target(dest)
         target = self.targets[src]
         started = time.monotonic()
-        ch = grpc_util.channel(node.rpc_address)
+        control = StorageControl(node.rpc_address, _FORWARD_TIMEOUT_S)
         try:
-            stub = sg.StorageControlStub(ch)
             log.info("resync %d -> %d (chain %d): comparing chunk lists", src, dest, chain_id)
             src_pages = self._source_pages(target)
-            dst_pages = self._dest_pages(stub, node, dest)
+            dst_pages = self._dest_pages(control, dest)
             left = await self._count_bytes(src_pages, dst_pages)
             counted = time.monotonic()
             sent, sent_chunks, removed = await self._copy(
@@ -427,7 +416,7 @@ class Resyncer:
             )
         finally:
             with contextlib.suppress(grpc.aio.AioRpcError, RuntimeError):
-                await ch.close()
+                await control.close()
         await self._report(src, dest, chain_id, True, 0, sent, counted)
         log.info(
             "resync %d -> %d (chain %d) done: %d chunks (%d bytes) sent, %d removed, %.2fs "
@@ -501,8 +490,7 @@ class Resyncer:
         async def one(key: Key, listed: sp.ChunkMeta | None) -> None:
             nonlocal sent, sent_chunks, removed
             try:
-                await target.locks.acquire(key)
-                try:
+                async with target.locks.held(key):
                     routing, chain = self._current(src, dest, chain_id)
                     node = routing.node_of_target(dest)
                     rec = target.engine.get(*key)  # again, under the lock: the page may be stale
@@ -533,8 +521,6 @@ class Resyncer:
                         sent += n
                         sent_chunks += 1
                         self.bytes_sent += n
-                finally:
-                    target.locks.release(key)
                 if sent:
                     await progress()
             finally:

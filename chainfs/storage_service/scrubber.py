@@ -115,11 +115,8 @@ class Repairer(Periodic):
     async def repair_now(self, target_id: int, key: tuple[int, int], prefer: int) -> PullResult:
         """fsck --repair and a peer's request: copy ``key`` from the healthy replica now."""
         target = self.targets[target_id]
-        await target.locks.acquire(key)
-        try:
+        async with target.locks.held(key):
             got = await self.copier.pull(target_id, key, prefer=prefer)
-        finally:
-            target.locks.release(key)
         self._settled((target_id, *key))
         return got
 
@@ -149,8 +146,7 @@ class Repairer(Periodic):
         """Repair one chunk if it is damaged; True when a file was replaced."""
         target = self.targets[target_id]
         key = (inode, index)
-        await target.locks.acquire(key)
-        try:
+        async with target.locks.held(key):
             rec = target.engine.get(inode, index)
             if rec is None or rec.has_pending or rec.committed_version == 0 or rec.length == 0:
                 return False
@@ -159,8 +155,6 @@ class Repairer(Periodic):
             if got.copied:
                 self.repaired += 1
             return got.copied
-        finally:
-            target.locks.release(key)
 
     def _settled(self, item: Item) -> None:
         """The replica is healthy (repaired, found intact, or gone)."""

@@ -1,10 +1,12 @@
-"""Storage node: targets, the data plane (CRAQ), gRPC control, mgmtd heartbeats.
+"""Storage node process: start, stop, registration with mgmtd, heartbeats.
 
 ``main(config_path, ready_file)`` is what `chainfs serve storage` runs. The
 node opens every target directory (a ChunkEngine each), serves the framed data
 plane for reads/updates/chain forwarding, serves StorageControl over gRPC for
 operators, registers its targets with mgmtd (ids persisted in each target's
 ``target.json`` so a restart re-registers with the same ids) and heartbeats.
+The request handlers of both planes are in :mod:`service`; the chunk state in
+:mod:`chunk_engine` (one per target) and :mod:`craq`; settings in :mod:`config`.
 """
 
 from __future__ import annotations
@@ -17,19 +19,16 @@ import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 import grpc.aio
-from google.protobuf.message import DecodeError, Message
 
 from chainfs.common import config as config_mod
 from chainfs.common.dataplane.client import DataClient
-from chainfs.common.dataplane.server import DataServer, Request, Response
+from chainfs.common.dataplane.server import DataServer
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.process import run_service, write_ready_file
 from chainfs.common.routing import Routing
 from chainfs.common.rpc import grpc_util
-from chainfs.common.rpc.grpc_util import rpc_handler
 from chainfs.common.rpc.mgmt_client import HeartbeatLoop, MgmtClient, RoutingCache
 from chainfs.common.rpc.storage_client import data_address
 from chainfs.proto import mgmt_pb2 as mp
@@ -37,30 +36,16 @@ from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
 from chainfs.storage_service import extra_targets
 from chainfs.storage_service.chunk_copy import ChunkCopier
-from chainfs.storage_service.chunk_engine import (
-    ChunkEngine,
-    EngineOptions,
-    parse_key,
-)
+from chainfs.storage_service.chunk_engine import ChunkEngine
 from chainfs.storage_service.config import StorageConfig
 from chainfs.storage_service.craq import Craq, LocalTarget, record_to_meta
 from chainfs.storage_service.fencing import Fence
 from chainfs.storage_service.resync import Resyncer, SyncReceiver
 from chainfs.storage_service.scrubber import Repairer, Scrubber
+from chainfs.storage_service.service import StorageControlServicer, framed_handler
 
 log = logging.getLogger(__name__)
 _MAX_UNIX_PATH_BYTES = 108  # sizeof(sockaddr_un.sun_path) on Linux, NUL included
-
-
-M = TypeVar("M", bound=Message)
-
-
-def _parse(cls: type[M], header: bytes) -> M:
-    """A request header message; garbage is BAD_FRAME, not INTERNAL."""
-    try:
-        return cls.FromString(header)
-    except DecodeError as e:
-        raise ChainfsError(Code.BAD_FRAME, f"bad {cls.__name__} header: {e}") from None
 
 
 class DataPlaneForwarder:
@@ -94,104 +79,6 @@ class DataPlaneForwarder:
         return sp.RemoveChunksRsp.FromString(bytes(reply.header))
 
 
-class StorageControlServicer(sg.StorageControlServicer):
-    def __init__(self, node: StorageNode) -> None:
-        self.node = node
-
-    @rpc_handler
-    async def QueryChunk(
-        self, request: sp.QueryChunkReq, context: grpc.aio.ServicerContext
-    ) -> sp.QueryChunkRsp:
-        rsp = sp.QueryChunkRsp()
-        routing = self.node.routing.current
-        for tid, t in self.node.targets.items():
-            chain_id = self.node.chain_of(tid, routing)
-            if request.chain_id and chain_id != request.chain_id:
-                continue
-            rec = t.engine.get(request.chunk.inode, request.chunk.index)
-            if rec is None:
-                continue
-            rsp.replicas.append(
-                sp.TargetChunkMeta(
-                    target_id=tid,
-                    chain_id=chain_id,
-                    meta=record_to_meta(request.chunk.inode, request.chunk.index, rec),
-                    lost=self.node.is_lost(tid, request.chunk.inode, request.chunk.index),
-                )
-            )
-        return rsp
-
-    @rpc_handler
-    async def DumpChunkMeta(
-        self, request: sp.DumpChunkMetaReq, context: grpc.aio.ServicerContext
-    ) -> sp.DumpChunkMetaRsp:
-        t = self.node.targets.get(request.target_id)
-        if t is None:
-            raise ChainfsError(
-                Code.UNKNOWN_TARGET, f"target {request.target_id} is not on this node"
-            )
-        cfg = self.node.config
-        limit = min(request.limit or cfg.max_list_chunks, cfg.max_list_chunks)
-        begin = request.start_after + b"\0" if request.start_after else b"C"
-        rsp = sp.DumpChunkMetaRsp()
-        last = b""
-        for key, rec in t.engine.iter_records(begin):
-            if len(rsp.chunks) >= limit:
-                rsp.next = last
-                break
-            inode, index = parse_key(key)
-            rsp.chunks.append(record_to_meta(inode, index, rec))
-            last = key
-        return rsp
-
-    @rpc_handler
-    async def GetTargets(
-        self, request: sp.GetTargetsReq, context: grpc.aio.ServicerContext
-    ) -> sp.GetTargetsRsp:
-        routing = self.node.routing.current
-        rsp = sp.GetTargetsRsp(
-            node_id=self.node.node_id, routing_version=routing.version if routing else 0
-        )
-        for tid, t in list(self.node.targets.items()):
-            used, cap = t.engine.usage()
-            chunks, pending = await asyncio.get_running_loop().run_in_executor(
-                self.node.executor, t.engine.counts
-            )
-            rsp.targets.append(
-                sp.LocalTarget(
-                    target_id=tid,
-                    chain_id=self.node.chain_of(tid, routing),
-                    path=str(t.engine.path),
-                    used_bytes=used,
-                    capacity_bytes=cap,
-                    chunks=chunks,
-                    pending_chunks=pending,
-                    lost_chunks=self.node.repairer.lost_chunks(tid) if self.node.repairer else 0,
-                )
-            )
-        return rsp
-
-    @rpc_handler
-    async def RepairChunk(
-        self, request: sp.RepairChunkReq, context: grpc.aio.ServicerContext
-    ) -> sp.RepairChunkRsp:
-        return await self.node.repair_chunk(request)
-
-    @rpc_handler
-    async def VerifyChunks(
-        self, request: sp.VerifyChunksReq, context: grpc.aio.ServicerContext
-    ) -> sp.VerifyChunksRsp:
-        if self.node.scrubber is None:
-            raise ChainfsError(Code.TARGET_NOT_SERVING, "storage node is starting")
-        return await self.node.scrubber.verify(request, self.node.config.max_list_chunks)
-
-    @rpc_handler
-    async def CreateTargets(
-        self, request: sp.CreateTargetsReq, context: grpc.aio.ServicerContext
-    ) -> sp.CreateTargetsRsp:
-        return await self.node.create_targets(request.count, request.parent_dir)
-
-
 class StorageNode:
     def __init__(self, config: StorageConfig) -> None:
         self.config = config
@@ -209,7 +96,7 @@ class StorageNode:
         self.rpc_address = ""
         self.data_address = ""
         self.unix_path = ""
-        # Failure handling (issue 7): fencing, resync (both sides), repair, scrubbing.
+        # Failure handling: fencing, resync (both sides), repair, scrubbing.
         self.fence = Fence(lambda: self.heartbeat, config.failure.fence_after_timeout_ratio)
         self.sync_receiver = SyncReceiver(lambda: self.routing.current)
         self.resyncer: Resyncer | None = None
@@ -224,19 +111,9 @@ class StorageNode:
         t = routing.targets.get(target_id)
         return t.chain_id if t is not None else 0
 
-    def engine_options(self) -> EngineOptions:
-        return EngineOptions(
-            durable=self.config.durable,
-            disk_usage_limit_ratio=self.config.disk_usage_limit_ratio,
-            direct_writes=self.config.direct_writes,
-            crc_block_bytes=self.config.crc_block_bytes,
-            open_files=self.config.open_chunk_files,
-            meta_cache_entries=self.config.chunk_meta_cache_entries,
-        )
-
     def open_targets(self) -> list[mp.TargetInfo]:
         """The configured targets, then those added at runtime (extra_targets)."""
-        opts = self.engine_options()
+        opts = self.config.engine_options()
         infos = []
         for path in [*self.config.targets, *extra_targets.load(self.config)]:
             eng = ChunkEngine(path, opts)
@@ -279,7 +156,7 @@ class StorageNode:
             dirs = extra_targets.pick_dirs(
                 parent, count, [str(e.path) for e in self.engines] + recorded
             )
-            opts = self.engine_options()
+            opts = self.config.engine_options()
             engines: list[ChunkEngine] = []
             try:
                 for d in dirs:
@@ -383,6 +260,8 @@ class StorageNode:
     async def start(self) -> None:
         cfg = self.config
         infos = self.open_targets()
+        # Both servers listen (from bind on) before mgmtd or the ready file name
+        # this node, so whoever learns an address can connect to it at once.
         # Control plane.
         self.grpc_server = grpc_util.server()
         sg.add_StorageControlServicer_to_server(StorageControlServicer(self), self.grpc_server)
@@ -402,7 +281,7 @@ class StorageNode:
                     path,
                 )
         self.data_server = DataServer(
-            self.handle,
+            framed_handler(self),
             cfg.listen_host,
             cfg.data_port,
             unix_path=self.unix_path or None,
@@ -477,41 +356,6 @@ class StorageNode:
         except ChainfsError as e:
             log.warning("routing refresh failed: %s", e)
             return None
-
-    async def handle(self, request: Request) -> Response:
-        craq = self.craq
-        if craq is None:
-            raise ChainfsError(Code.TARGET_NOT_SERVING, "storage node is starting")
-        self.fence.check()
-        t = request.msg_type
-        if t == sp.UPDATE:
-            rsp = await craq.update(_parse(sp.UpdateReq, request.header), request.payload)
-            return Response(t, rsp.SerializeToString())
-        if t == sp.BATCH_READ:
-            rreq = _parse(sp.BatchReadReq, request.header)
-            out, buffers, release = await craq.batch_read(rreq)
-            if self.repairer is not None:
-                for io, res in zip(rreq.ios, out.results, strict=True):
-                    if res.status.code == Code.CHECKSUM_MISMATCH:
-                        self.repairer.request(io.target_id, io.chunk.inode, io.chunk.index)
-            return Response(
-                t, out.SerializeToString(), payload=buffers, on_done=lambda _sent: release()
-            )
-        if t == sp.REMOVE_CHUNKS:
-            rm = await craq.remove(_parse(sp.RemoveChunksReq, request.header))
-            return Response(t, rm.SerializeToString())
-        if t == sp.QUERY_LAST_CHUNK:
-            q = await craq.query_last_chunk(_parse(sp.QueryLastChunkReq, request.header))
-            return Response(t, q.SerializeToString())
-        if t == sp.LIST_CHUNKS:
-            ls = await craq.list_chunks(_parse(sp.ListChunksReq, request.header))
-            return Response(t, ls.SerializeToString())
-        if t == sp.SYNC_REPORT:
-            rep = self.sync_receiver.handle_report(
-                _parse(sp.SyncReportReq, request.header), self.targets
-            )
-            return Response(t, rep.SerializeToString())
-        raise ChainfsError(Code.BAD_FRAME, f"unknown storage message type {t}")
 
     def ready_info(self) -> dict[str, object]:
         return {

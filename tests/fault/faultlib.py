@@ -12,11 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 from chainfs.common.routing import Routing
-from chainfs.common.rpc import grpc_util
 from chainfs.common.rpc.mgmt_client import MgmtClient
+from chainfs.common.rpc.storage_control import StorageControl
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
-from chainfs.proto import storage_pb2_grpc as sg
 
 
 def run(coro_fn: Callable[[], Any]) -> Any:
@@ -58,24 +57,8 @@ def all_serving(address: str) -> bool:
 
 def dump_target(node: mp.NodeInfo, target_id: int) -> dict[tuple[int, int], sp.ChunkMeta]:
     async def go() -> dict[tuple[int, int], sp.ChunkMeta]:
-        out: dict[tuple[int, int], sp.ChunkMeta] = {}
-        ch = grpc_util.channel(node.rpc_address)
-        try:
-            stub = sg.StorageControlStub(ch)
-            after = b""
-            while True:
-                rsp = await grpc_util.call(
-                    stub.DumpChunkMeta,
-                    sp.DumpChunkMetaReq(target_id=target_id, start_after=after),
-                    timeout_s=10,
-                )
-                for m in rsp.chunks:
-                    out[(m.chunk.inode, m.chunk.index)] = m
-                if not rsp.next:
-                    return out
-                after = rsp.next
-        finally:
-            await ch.close()
+        async with StorageControl(node.rpc_address, timeout_s=10) as control:
+            return {(m.chunk.inode, m.chunk.index): m async for m in control.chunk_meta(target_id)}
 
     return run(go)  # type: ignore[no-any-return]
 

@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.storage_service import crc
 from chainfs.storage_service.chunk_engine import ChunkEngine, EngineOptions
+from chainfs.storage_service.chunk_record import Origin
 
 CHUNK = 64 * 1024
 CHUNKS = st.sampled_from([(1, 0), (1, 1), (1, 5), (2, 0)])
@@ -72,8 +73,7 @@ class EngineModel(RuleBasedStateMachine):
             crc.value(data),
             CHUNK,
             self._version(key),
-            b"c" * 16,
-            self.seq,
+            Origin.of(b"c" * 16, self.seq),
         )
         content = bytearray(self.committed.get(key, b""))
         if len(content) < offset + len(data):
@@ -380,7 +380,7 @@ def test_partial_overwrite_never_blesses_a_damaged_block(tmp_path: Path) -> None
 
 def test_records_from_before_block_crcs_stay_readable(tmp_path: Path) -> None:
     """A target written before per-block CRCs: whole-chunk verification, converted on update."""
-    from chainfs.storage_service.chunk_engine import _RECORD, ChunkRecord, chunk_key
+    from chainfs.storage_service.chunk_record import RECORD, ChunkRecord, chunk_key
 
     eng = ChunkEngine(tmp_path / "t")
     data = bytearray(os.urandom(300_000))
@@ -389,8 +389,8 @@ def test_records_from_before_block_crcs_stay_readable(tmp_path: Path) -> None:
     assert rec is not None
     legacy = replace(rec, block_size=0, block_crcs=b"")
     raw = legacy.encode()
-    assert len(raw) == _RECORD.size
-    eng.db.put(chunk_key(5, 0), raw)
+    assert len(raw) == RECORD.size
+    eng.records.db.put(chunk_key(5, 0), raw)
     eng.close()
     eng = ChunkEngine(tmp_path / "t", EngineOptions(crc_block_bytes=16 * 1024))
     rec = eng.get(5, 0)
@@ -421,7 +421,7 @@ def test_cached_descriptors_never_serve_a_replaced_file(tmp_path: Path) -> None:
     a, b = os.urandom(100_000), os.urandom(100_000)
     path = _chunk(eng, a)
     _, got = eng.read(5, 0, 0, 100, verify=False)
-    assert bytes(got) == a[:100] and len(eng.files) == 1
+    assert bytes(got) == a[:100] and len(eng.files.cache) == 1
     # Remove and re-create: the same file name (generation 1) with new bytes.
     rec = eng.prepare_remove(5, 0)
     assert rec is not None and eng.commit(5, 0, rec.pending_version, 1) is None
@@ -439,7 +439,7 @@ def test_cached_descriptors_never_serve_a_replaced_file(tmp_path: Path) -> None:
     for ino in range(10, 20):
         _chunk(eng, a, inode=ino)
         eng.read(ino, 0, 0, 10, verify=False)
-    assert len(eng.files) == 4
+    assert len(eng.files.cache) == 4
     eng.close()
 
 
@@ -448,7 +448,7 @@ def test_record_cache_is_bounded_and_current(tmp_path: Path) -> None:
     for ino in range(10):
         _chunk(eng, b"x" * 10, inode=ino)
         assert eng.get(ino, 0) is not None
-    assert len(eng._meta) == 3
+    assert eng.records.cached == 3
     eng.prepare_write(2, 0, 0, memoryview(b"y" * 20), crc.value(b"y" * 20), 4 * MiB, 2)
     assert eng.get(2, 0).pending_version == 2  # type: ignore[union-attr]
     eng.commit(2, 0, 2, 1)

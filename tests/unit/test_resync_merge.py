@@ -247,7 +247,7 @@ def test_sync_pass_makes_the_target_identical_page_by_page(tmp_path: Path) -> No
         )
         dest_log: list[int] = []
 
-        def dest_pages(stub: Any, node: Any, dest: int) -> PageFetch[sp.ChunkMeta]:
+        def dest_pages(control: Any, dest: int) -> PageFetch[sp.ChunkMeta]:
             async def fetch(after: Key | None) -> tuple[list[tuple[Key, sp.ChunkMeta]], bool]:
                 page, last = source_page(dst, after, config.resync_batch_chunks)
                 dest_log.append(len(page))

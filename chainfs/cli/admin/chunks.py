@@ -10,11 +10,10 @@ import click
 from chainfs.cli.admin.common import admin, admin_options, async_command, emit
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
-from chainfs.common.rpc import grpc_util
 from chainfs.common.rpc.mgmt_client import MgmtClient
+from chainfs.common.rpc.storage_control import StorageControl
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
-from chainfs.proto import storage_pb2_grpc as sg
 
 CALL_TIMEOUT_S = 10.0
 REPLICA_COLUMNS = (
@@ -62,19 +61,12 @@ async def query_chunk(
     for node in routing.nodes_of_type(mp.STORAGE, online_only=False):
         if not node.rpc_address:
             continue
-        ch = grpc_util.channel(node.rpc_address)
         try:
-            rsp = await grpc_util.call(
-                sg.StorageControlStub(ch).QueryChunk,
-                sp.QueryChunkReq(chunk=sp.ChunkId(inode=inode, index=index), chain_id=chain_id),
-                CALL_TIMEOUT_S,
-                node.rpc_address,
-            )
+            async with StorageControl(node.rpc_address, CALL_TIMEOUT_S) as control:
+                rsp = await control.query_chunk(inode, index, chain_id)
         except ChainfsError as e:
             errors.append(f"node {node.node_id}: {e}")
             continue
-        finally:
-            await ch.close()
         for r in rsp.replicas:
             rows[r.target_id] = _row(routing, r.target_id, r.chain_id, r.meta, True, r.lost)
     chains = {r["chain_id"] for r in rows.values() if r["chain_id"]}
@@ -120,23 +112,12 @@ async def dump_chunkmeta(routing: Routing, target_id: int, limit: int = 0) -> li
         raise ChainfsError(Code.UNKNOWN_TARGET, f"no target {target_id}")
     node = routing.nodes[t.node_id]
     out: list[sp.ChunkMeta] = []
-    ch = grpc_util.channel(node.rpc_address)
-    try:
-        stub = sg.StorageControlStub(ch)
-        cursor = b""
-        while True:
-            rsp = await grpc_util.call(
-                stub.DumpChunkMeta,
-                sp.DumpChunkMetaReq(target_id=target_id, start_after=cursor),
-                CALL_TIMEOUT_S,
-                node.rpc_address,
-            )
-            out.extend(rsp.chunks)
-            if not rsp.next or (limit and len(out) >= limit):
-                return out[:limit] if limit else out
-            cursor = rsp.next
-    finally:
-        await ch.close()
+    async with StorageControl(node.rpc_address, CALL_TIMEOUT_S) as control:
+        async for meta in control.chunk_meta(target_id):
+            out.append(meta)
+            if limit and len(out) >= limit:
+                break
+    return out
 
 
 class InodeOrPath(click.ParamType):

@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 from chainfs.client.kvcache.format import MAX_KEY_FIELD_BYTES
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.units import MiB
 
-MiB = 1024 * 1024
 MAX_VALUE_BYTES = 64 * MiB  # the largest value any cache accepts
 
 V = TypeVar("V")

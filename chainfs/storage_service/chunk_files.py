@@ -1,0 +1,292 @@
+"""The content files of one target's chunks: ``data/XX/<inode>.<index>.<gen>``.
+
+XX is the low byte of the inode (256 subdirectories); ``gen`` is the version
+that created the file, so a new version can go to a new file while readers
+still use the old one. Writes of a whole new file from a page-aligned buffer
+use O_DIRECT (no copy into the page cache); reads go through a bounded cache
+of open descriptors (:class:`FdCache`). Methods are synchronous: call them in
+an I/O thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+from chainfs.storage_service import crc
+from chainfs.storage_service.config import EngineOptions
+
+_DIRECT_ALIGN = 4096  # bytes: buffer address and length alignment O_DIRECT needs
+
+
+def _direct_io_ok(view: memoryview) -> bool:
+    """Can ``view`` go to disk with O_DIRECT (writable, page-aligned address and length)?"""
+    if view.readonly or len(view) % _DIRECT_ALIGN or not view.contiguous:
+        return False
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    return addr % _DIRECT_ALIGN == 0
+
+
+class _OpenFile:
+    __slots__ = ("closing", "fd", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.closing = False  # evicted or invalidated: closed when the last user releases
+
+
+class FdCache:
+    """Read-only descriptors of chunk files, bounded LRU, shared by the I/O threads.
+
+    A descriptor is closed only when no reader uses it (so its number is never
+    reused under a read). A path the engine unlinks is invalidated; a file
+    replaced behind the engine's back (st_nlink 0) is reopened on next use.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._files: OrderedDict[str, _OpenFile] = OrderedDict()
+        self.opens = 0  # files opened (misses), for tests and profiles
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def acquire(self, path: str) -> _OpenFile:
+        """An open descriptor of ``path`` (raises FileNotFoundError); release() it."""
+        with self._lock:
+            f = self._files.get(path)
+            if f is not None:
+                self._files.move_to_end(path)
+                f.users += 1
+        if f is not None:
+            if os.fstat(f.fd).st_nlink:
+                return f
+            self.release(f)
+            self.invalidate(path)  # unlinked or replaced: reopen below
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.opens += 1
+        f = _OpenFile(fd)
+        f.users = 1
+        with self._lock:
+            if self.capacity == 0:
+                f.closing = True  # not cached: closed on release
+                return f
+            old = self._files.pop(path, None)
+            if old is not None:
+                self._retire(old)
+            self._files[path] = f
+            while len(self._files) > self.capacity:
+                _, victim = self._files.popitem(last=False)
+                self._retire(victim)
+        return f
+
+    def release(self, f: _OpenFile) -> None:
+        with self._lock:
+            f.users -= 1
+            assert f.users >= 0
+            if f.closing and f.users == 0:
+                os.close(f.fd)
+
+    def invalidate(self, path: str) -> None:
+        with self._lock:
+            f = self._files.pop(path, None)
+            if f is not None:
+                self._retire(f)
+
+    def _retire(self, f: _OpenFile) -> None:
+        """Close now or when its last reader is done (call with the lock held)."""
+        if not f.closing:
+            f.closing = True
+            if f.users == 0:
+                os.close(f.fd)
+
+    def clear(self) -> None:
+        with self._lock:
+            files = list(self._files.values())
+            self._files.clear()
+            for f in files:
+                self._retire(f)
+
+
+class ChunkFiles:
+    """Chunk content files under ``target_dir/data``."""
+
+    def __init__(self, target_dir: Path, options: EngineOptions) -> None:
+        self.target_dir = target_dir
+        self.data_dir = target_dir / "data"
+        self.data_dir.mkdir(exist_ok=True)
+        for b in range(256):
+            (self.data_dir / f"{b:02x}").mkdir(exist_ok=True)
+        self.durable = options.durable
+        self.direct_writes = options.direct_writes
+        self.cache = FdCache(options.open_files)
+
+    def close(self) -> None:
+        self.cache.clear()
+
+    @staticmethod
+    def path_in(target_dir: str | Path, inode: int, index: int, gen: int) -> str:
+        """Where a target directory keeps generation ``gen`` of a chunk's content."""
+        return f"{target_dir}/data/{inode & 0xFF:02x}/{inode:016x}.{index:08x}.{gen}"
+
+    def path(self, inode: int, index: int, gen: int) -> str:
+        return self.path_in(self.target_dir, inode, index, gen)
+
+    def fsync_dir_of(self, inode: int) -> None:
+        """Make the creation, removal or rename of a file of ``inode`` durable."""
+        fd = os.open(f"{self.data_dir}/{inode & 0xFF:02x}", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def unlink(self, inode: int, index: int, gen: int) -> None:
+        if gen:
+            path = self.path(inode, index, gen)
+            self.cache.invalidate(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def truncate(self, inode: int, index: int, gen: int, length: int) -> None:
+        os.truncate(self.path(inode, index, gen), length)
+
+    def write(
+        self,
+        inode: int,
+        index: int,
+        gen: int,
+        offset: int,
+        data: memoryview,
+        keep: int,
+        final: int,
+    ) -> None:
+        """Write ``data`` at ``offset`` of file ``gen`` (created if absent).
+
+        The file is first cut to its first ``keep`` bytes (dropping whatever an
+        abandoned update left past them), then sized to ``final`` (zero-filled).
+        """
+        assert offset + len(data) <= final and keep <= final
+        if (
+            self.direct_writes
+            and offset == 0
+            and keep == 0
+            and final == len(data) > 0
+            and _direct_io_ok(data)
+        ):
+            self._write_direct(inode, index, gen, data)
+            return
+        fd = os.open(self.path(inode, index, gen), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, keep)
+            if final > keep:
+                os.ftruncate(fd, final)
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], offset + done)
+            if self.durable:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_direct(self, inode: int, index: int, gen: int, data: memoryview) -> None:
+        """A whole new file from an aligned buffer with O_DIRECT: DMA from our buffer,
+        no copy into the page cache (the copy that dominated replicated writes)."""
+        path = self.path(inode, index, gen)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # file system without O_DIRECT: buffered instead
+                raise
+            self.direct_writes = False
+            self.write(inode, index, gen, 0, data, 0, len(data))
+            return
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], done)
+            if self.durable:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def read(
+        self, inode: int, index: int, gen: int, offset: int, out: memoryview, nowait: bool = False
+    ) -> int:
+        """Fill ``out`` from file ``gen`` at ``offset``; returns the bytes read.
+
+        ``nowait``: only from the page cache (RWF_NOWAIT); BlockingIOError when the
+        bytes would need the disk (the caller retries in an I/O thread).
+        """
+        return self.readv(inode, index, gen, offset, [out], nowait)
+
+    def readv(
+        self, inode: int, index: int, gen: int, offset: int, bufs: list[memoryview], nowait: bool
+    ) -> int:
+        """Scatter-read consecutive bytes at ``offset`` into ``bufs``; the bytes read."""
+        bufs = [b for b in bufs if len(b)]
+        want = sum(len(b) for b in bufs)
+        f = self.cache.acquire(self.path(inode, index, gen))
+        try:
+            got = 0
+            while got < want:
+                if nowait:
+                    n = os.preadv(f.fd, bufs, offset + got, os.RWF_NOWAIT)
+                else:
+                    n = os.preadv(f.fd, bufs, offset + got)
+                if n == 0:
+                    break
+                got += n
+                while bufs and n >= len(bufs[0]):  # drop what is filled
+                    n -= len(bufs[0])
+                    bufs.pop(0)
+                if n:
+                    bufs[0] = bufs[0][n:]
+            return got
+        finally:
+            self.cache.release(f)
+
+    def crc_of(self, inode: int, index: int, gen: int, length: int) -> int | None:
+        """CRC32C of the first ``length`` bytes of a file, None if shorter or absent."""
+        if length == 0:
+            return 0
+        buf = bytearray(length)
+        try:
+            got = self.read(inode, index, gen, 0, memoryview(buf))
+        except FileNotFoundError:
+            return None
+        if got != length:
+            return None
+        return crc.value(buf)
+
+    # ---- metadata ----------------------------------------------------------
+
+    def replace(self, inode: int, index: int, gen: int, data: memoryview) -> None:
+        """Replace file ``gen`` with ``data`` atomically: temp file, fsync, rename
+        (and the rename made durable on a durable target)."""
+        path = self.path(inode, index, gen)
+        tmp = path + ".repair"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = data
+            while len(view):
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        if self.durable:
+            self.fsync_dir_of(inode)
+
+    def all_files(self) -> Iterator[Path]:
+        """Every file under the data directory (recovery looks for orphans)."""
+        for sub in self.data_dir.iterdir():
+            yield from sub.iterdir()

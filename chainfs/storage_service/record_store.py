@@ -1,0 +1,141 @@
+"""The chunk records of one target: RocksDB under ``meta/``, behind a bounded LRU.
+
+Keys are :func:`chunk_key` (one inode's chunks adjacent, in index order);
+values are encoded :class:`ChunkRecord`. The cache is write-through; a reader
+that missed fills it only if no write happened since it looked (``_gen``), so
+it never caches a record older than the store's. Methods are synchronous (call
+them in an I/O thread) and safe from several threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import rocksdict
+
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.storage_service.chunk_record import (
+    KEY_END,
+    KEY_PREFIX,
+    ChunkRecord,
+    chunk_key,
+    parse_key,
+)
+
+Key = tuple[int, int]  # (inode, chunk index)
+
+
+class RecordStore:
+    """Chunk id -> ChunkRecord for one target directory."""
+
+    def __init__(self, target_dir: Path, durable: bool, cache_entries: int) -> None:
+        opts = rocksdict.Options(raw_mode=True)
+        opts.create_if_missing(True)
+        try:
+            self.db = rocksdict.Rdict(str(target_dir / "meta"), opts)
+        except Exception as e:  # rocksdict raises a bare Exception on a held lock
+            if "lock" in str(e).lower():
+                raise ChainfsError(
+                    Code.STORE_LOCKED, f"target {target_dir} is open in another process"
+                ) from None
+            raise
+        self._write_opts = rocksdict.WriteOptions()
+        self._write_opts.sync = durable
+        self._cache_entries = cache_entries
+        self._cache: OrderedDict[Key, ChunkRecord] = OrderedDict()
+        self._lock = threading.Lock()
+        self._gen = 0  # bumped by every write
+
+    def close(self) -> None:
+        self.db.close()
+
+    @property
+    def cached(self) -> int:
+        """Records held in the cache now (at most ``cache_entries``)."""
+        return len(self._cache)
+
+    def get(self, inode: int, index: int) -> ChunkRecord | None:
+        key = (inode, index)
+        with self._lock:
+            rec = self._cache.get(key)
+            if rec is not None:
+                self._cache.move_to_end(key)
+                return rec
+            gen = self._gen
+        raw = self.db.get(chunk_key(inode, index))
+        if raw is None:
+            return None
+        rec = ChunkRecord.decode(raw)
+        with self._lock:
+            if gen == self._gen:  # else a write happened since we read the store
+                self._cache_insert(key, rec)
+        return rec
+
+    def put(self, inode: int, index: int, rec: ChunkRecord) -> None:
+        rec.check()
+        self.db.put(chunk_key(inode, index), rec.encode(), self._write_opts)
+        with self._lock:
+            self._gen += 1
+            self._cache_insert((inode, index), rec)
+
+    def delete(self, inode: int, index: int) -> None:
+        self.db.delete(chunk_key(inode, index), self._write_opts)
+        with self._lock:
+            self._gen += 1
+            self._cache.pop((inode, index), None)
+
+    def _cache_insert(self, key: Key, rec: ChunkRecord) -> None:
+        """Call with the lock held."""
+        if not self._cache_entries:
+            self._cache.pop(key, None)
+            return
+        self._cache[key] = rec
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_entries:
+            self._cache.popitem(last=False)
+
+    def iter_records(
+        self, begin: bytes = KEY_PREFIX, end: bytes = KEY_END
+    ) -> Iterator[tuple[bytes, ChunkRecord]]:
+        """(key, record) in key order over [begin, end), straight from RocksDB."""
+        for key, raw in self.db.items(from_key=begin):
+            assert isinstance(key, bytes) and isinstance(raw, bytes)
+            if key >= end:
+                break
+            yield key, ChunkRecord.decode(raw)
+
+    def list_chunks(
+        self, inode: int, begin_index: int = 0, end_index: int = 1 << 32, limit: int = 0
+    ) -> list[tuple[int, ChunkRecord]]:
+        """Chunks of ``inode`` with index in [begin_index, end_index), in index order."""
+        out: list[tuple[int, ChunkRecord]] = []
+        begin = chunk_key(inode, begin_index)
+        end = chunk_key(inode, end_index) if end_index < (1 << 32) else chunk_key(inode + 1, 0)
+        for key, rec in self.iter_records(begin, end):
+            out.append((parse_key(key)[1], rec))
+            if limit and len(out) >= limit:
+                break
+        return out
+
+    def last_chunk(self, inode: int) -> tuple[int, ChunkRecord] | None:
+        """The highest-index chunk of ``inode`` that has a committed version."""
+        it = self.db.iter()
+        try:
+            it.seek_for_prev(chunk_key(inode, 0xFFFFFFFF))
+            while it.valid():
+                key = it.key()
+                if key[:1] != KEY_PREFIX:
+                    return None
+                ino, index = parse_key(key)
+                if ino != inode:
+                    return None
+                rec = ChunkRecord.decode(it.value())
+                if rec.committed_version > 0:
+                    return index, rec
+                it.prev()
+            return None
+        finally:
+            del it
