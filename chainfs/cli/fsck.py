@@ -51,11 +51,10 @@ import click
 from chainfs.cli.admin.common import emit
 from chainfs.common.errors import ChainfsError
 from chainfs.common.routing import Routing
-from chainfs.common.rpc import grpc_util
+from chainfs.common.rpc.storage_control import StorageControl
 from chainfs.proto import meta_pb2 as mt
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
-from chainfs.proto import storage_pb2_grpc as sg
 
 Key = tuple[int, int]  # (inode, chunk index)
 PAGE_CHUNKS = 4096  # chunk metadata entries fsck holds per replica (one DumpChunkMeta page)
@@ -69,26 +68,11 @@ PROGRESS_LOG_S = 10.0  # interval of progress lines when stderr is not a termina
 async def chunk_metas(
     node: mp.NodeInfo, target_id: int, timeout_s: float
 ) -> AsyncGenerator[sp.ChunkMeta, None]:
-    """Every chunk's metadata on one target, in (inode, index) order, a page at a time
-    (StorageControl.DumpChunkMeta): memory stays bounded whatever the target holds."""
-    ch = grpc_util.channel(node.rpc_address)
-    try:
-        stub = sg.StorageControlStub(ch)
-        after = b""
-        while True:
-            rsp = await grpc_util.call(
-                stub.DumpChunkMeta,
-                sp.DumpChunkMetaReq(target_id=target_id, start_after=after, limit=PAGE_CHUNKS),
-                timeout_s=timeout_s,
-                target=node.rpc_address,
-            )
-            for m in rsp.chunks:
-                yield m
-            if not rsp.next:
-                return
-            after = rsp.next
-    finally:
-        await ch.close()
+    """Every chunk's metadata on one target, in (inode, index) order, a page at a time:
+    memory stays bounded whatever the target holds."""
+    async with StorageControl(node.rpc_address, timeout_s) as control:
+        async for meta in control.chunk_meta(target_id, page_chunks=PAGE_CHUNKS):
+            yield meta
 
 
 async def merged(
@@ -301,18 +285,8 @@ class DataVerifier:
         self, target_id: int, keys: list[Key]
     ) -> list[tuple[int, sp.ChunkVerification]]:
         node = self.routing.node_of_target(target_id)
-        ch = grpc_util.channel(node.rpc_address)
-        try:
-            rsp: sp.VerifyChunksRsp = await grpc_util.call(
-                sg.StorageControlStub(ch).VerifyChunks,
-                sp.VerifyChunksReq(
-                    target_id=target_id, chunks=[sp.ChunkId(inode=i, index=x) for i, x in keys]
-                ),
-                timeout_s=self.timeout_s,
-                target=node.rpc_address,
-            )
-        finally:
-            await ch.close()
+        async with StorageControl(node.rpc_address, self.timeout_s) as control:
+            rsp = await control.verify_chunks(target_id, keys)
         return [(target_id, r) for r in rsp.results]
 
     def _judge(
@@ -365,22 +339,8 @@ class Progress:
 async def repair_chunk(routing: Routing, r: ChunkRepair, timeout_s: float) -> sp.RepairChunkRsp:
     """Have the node of ``r.target_id`` copy the one chunk from the healthy replica."""
     node = routing.node_of_target(r.target_id)
-    ch = grpc_util.channel(node.rpc_address)
-    try:
-        stub = sg.StorageControlStub(ch)
-        rsp: sp.RepairChunkRsp = await grpc_util.call(
-            stub.RepairChunk,
-            sp.RepairChunkReq(
-                target_id=r.target_id,
-                chunk=sp.ChunkId(inode=r.key[0], index=r.key[1]),
-                prefer_target=r.healthy,
-            ),
-            timeout_s=timeout_s,
-            target=node.rpc_address,
-        )
-        return rsp
-    finally:
-        await ch.close()
+    async with StorageControl(node.rpc_address, timeout_s) as control:
+        return await control.repair_chunk(r.target_id, r.key[0], r.key[1], r.healthy)
 
 
 async def run_fsck(

@@ -29,11 +29,10 @@ from chainfs.cli.admin.cluster import fetch_routing, target_rows, with_mgmt
 from chainfs.cli.admin.common import admin, admin_options, async_command, emit, timeout_option
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
-from chainfs.common.rpc import grpc_util
 from chainfs.common.rpc.mgmt_client import MgmtClient
+from chainfs.common.rpc.storage_control import StorageControl
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
-from chainfs.proto import storage_pb2_grpc as sg
 
 CREATE_TIMEOUT_S = 120.0  # the node creates RocksDB stores and fsyncs: slower than a lookup
 _WAIT_POLL_S = 0.5
@@ -114,15 +113,9 @@ def plan_chains(
 async def create_on_node(
     node: mp.NodeInfo, count: int, parent_dir: str, timeout_s: float
 ) -> sp.CreateTargetsRsp:
-    ch = grpc_util.channel(node.rpc_address)
     try:
-        rsp: sp.CreateTargetsRsp = await grpc_util.call(
-            sg.StorageControlStub(ch).CreateTargets,
-            sp.CreateTargetsReq(count=count, parent_dir=parent_dir),
-            timeout_s,
-            node.rpc_address,
-        )
-        return rsp
+        async with StorageControl(node.rpc_address, timeout_s) as control:
+            return await control.create_targets(count, parent_dir)
     except ChainfsError as e:
         hint = ""
         if e.code in (Code.ETIMEDOUT, Code.UNAVAILABLE):
@@ -130,8 +123,6 @@ async def create_on_node(
         raise ChainfsError(
             e.code, f"storage node {node.node_id} ({node.rpc_address}): {e.message}{hint}"
         ) from None
-    finally:
-        await ch.close()
 
 
 async def create_targets(

@@ -125,3 +125,16 @@ class StorageControl:
             self._stub.RepairChunk, req, self.timeout_s, self.address
         )
         return rsp
+
+    async def verify_chunks(
+        self, target_id: int, chunks: list[tuple[int, int]]
+    ) -> sp.VerifyChunksRsp:
+        """Have the node read the chunks of ``target_id`` and check them against their
+        stored CRCs, locally: a verdict per chunk, no chunk bytes on the wire."""
+        req = sp.VerifyChunksReq(
+            target_id=target_id, chunks=[sp.ChunkId(inode=i, index=x) for i, x in chunks]
+        )
+        rsp: sp.VerifyChunksRsp = await grpc_util.call(
+            self._stub.VerifyChunks, req, self.timeout_s, self.address
+        )
+        return rsp
