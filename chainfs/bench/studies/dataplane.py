@@ -38,14 +38,7 @@ import uvloop
 from chainfs.bench.ceilings import iperf3_loopback
 from chainfs.bench.context import MiB
 from chainfs.bench.studies import Echo
-from chainfs.common.dataplane import (
-    DataClient,
-    DataPlaneConfig,
-    DataServer,
-    FileRegion,
-    Request,
-    Response,
-)
+from chainfs.common import dataplane as dp
 
 READ_MEM, READ_FILE, WRITE = 1, 2, 3
 _LEN = struct.Struct("<Q")
@@ -66,8 +59,8 @@ _QUICK_CASES = [("read_mem", 4 * MiB, 4), ("read_file", 4 * MiB, 4), ("write", 4
 _UNIX_CASES = _QUICK_CASES
 
 
-def _config(sockbuf: int) -> DataPlaneConfig:
-    return DataPlaneConfig(
+def _config(sockbuf: int) -> dp.DataPlaneConfig:
+    return dp.DataPlaneConfig(
         buffer_pool_bytes=512 * MiB,
         buffer_pool_cached_bytes=512 * MiB,
         socket_send_buffer_bytes=sockbuf,
@@ -80,15 +73,15 @@ async def _serve(unix_path: str | None, data_file: str, sockbuf: int, conn: Conn
     block = memoryview(os.urandom(MAX_BLOCK))
     fd = os.open(data_file, os.O_RDONLY)
 
-    async def handle(req: Request) -> Response:
+    async def handle(req: dp.Request) -> dp.Response:
         if req.msg_type == WRITE:
-            return Response(WRITE, _LEN.pack(len(req.payload)))
+            return dp.Response(WRITE, _LEN.pack(len(req.payload)))
         (length,) = _LEN.unpack(req.header)
         if req.msg_type == READ_MEM:
-            return Response(READ_MEM, b"", payload=[block[:length]])
-        return Response(READ_FILE, b"", file_regions=[FileRegion(fd, 0, length)])
+            return dp.Response(READ_MEM, b"", payload=[block[:length]])
+        return dp.Response(READ_FILE, b"", file_regions=[dp.FileRegion(fd, 0, length)])
 
-    server = DataServer(handle, unix_path=unix_path, config=_config(sockbuf))
+    server = dp.DataServer(handle, unix_path=unix_path, config=_config(sockbuf))
     await server.start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -112,7 +105,7 @@ def _cpu_s(proc: psutil.Process | None) -> float:
 
 
 async def _run_case(
-    client: DataClient,
+    client: dp.DataClient,
     address: str,
     mode: str,
     block: int,
@@ -186,7 +179,7 @@ Case = tuple[str, str, str, int, int]  # transport, address, mode, block bytes, 
 
 
 async def _one_case(
-    client: DataClient, server: psutil.Process, case: Case, seconds: float
+    client: dp.DataClient, server: psutil.Process, case: Case, seconds: float
 ) -> dict[str, Any]:
     """One case, with iperf3 measured right before it: the machine's speed drifts."""
     transport, address, mode, block, depth = case
@@ -205,7 +198,7 @@ async def _one_case(
 
 
 async def _client_main(opts: dict[str, Any], info: dict[str, Any], echo: Echo) -> list[Any]:
-    client = DataClient(_config(opts["sockbuf"]))
+    client = dp.DataClient(_config(opts["sockbuf"]))
     server = psutil.Process(info["pid"])
     cases = _QUICK_CASES if opts["quick"] else _TCP_CASES
     plan: list[Case] = [("tcp", info["address"], *c) for c in cases]
