@@ -28,5 +28,6 @@ unit: bootstrap
 proto: bootstrap
 	$(PY) -m chainfs.proto.build
 
+# The suite; it prints where it wrote its report (e.g. BENCH_ARGS="--quick --out DIR").
 bench: bootstrap
-	$(VENV)/bin/chainfs bench
+	$(VENV)/bin/chainfs bench $(BENCH_ARGS)

@@ -7,6 +7,11 @@
 - ``workers``: the spawned client processes that do the I/O.
 - ``runner``: starts the cluster(s), runs the selection, builds the report.
 - ``report``: JSON (stable shape), Markdown summary, PNG charts.
+- ``compare``: two reports side by side (``chainfs bench compare``).
+- ``cluster``: the one way every benchmark brings up servers (``LocalCluster``).
+- ``studies``: single parts measured closer (``chainfs bench <study>``).
+
+How to run it and read the numbers: ``chainfs/bench/README.md``.
 """
 
 from __future__ import annotations

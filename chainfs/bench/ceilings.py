@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import platform
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +49,7 @@ CEILING_NAMES = (
 
 _IPERF3_CONNECT_TIMEOUT_S = 10.0  # the server has this long to start listening
 _PROC_STOP_TIMEOUT_S = 5.0
+_DIRECT_FILES_KEPT = 64  # per writer: the disk sees new files, the directory stays small
 
 Log = Callable[[str], None]
 
@@ -159,27 +162,46 @@ def measure_iperf3(seconds: int) -> tuple[dict[str, float | None], dict[str, Any
                 continue
         finally:
             _stop(server)
-        bps = float(doc["end"]["sum_received"]["bits_per_second"])
+        mbps = float(doc["end"]["sum_received"]["bits_per_second"]) / 8 / MB
         cpu = doc["end"].get("cpu_utilization_percent", {})
-        return {"iperf3_loopback_MBps": bps / 8 / MB}, {
-            "iperf3_loopback_MBps": {
-                "status": "ok",
-                "command": " ".join(server_cmd) + " & " + " ".join(client_cmd),
-                "seconds": seconds,
-                "cpu_host_percent": cpu.get("host_total"),
-                "cpu_remote_percent": cpu.get("remote_total"),
-            }
+        detail: dict[str, Any] = {
+            "status": "ok",
+            "command": " ".join(server_cmd) + " & " + " ".join(client_cmd),
+            "seconds": seconds,
+            "cpu_host_percent": cpu.get("host_total"),
+            "cpu_remote_percent": cpu.get("remote_total"),
         }
+        # CPU seconds (user + system) per GB moved by each end: efficiency, robust to load.
+        for side, key in (("sender", "host_total"), ("receiver", "remote_total")):
+            if cpu.get(key) is not None and mbps > 0:
+                detail[f"{side}_cpu_s_per_GB"] = cpu[key] / 100 / (mbps / 1000)
+        return {"iperf3_loopback_MBps": mbps}, {"iperf3_loopback_MBps": detail}
     raise WorkloadFailed(f"iperf3 did not run: {last_error}")
 
 
+def iperf3_loopback(seconds: float) -> tuple[float, dict[str, Any]]:
+    """MB/s of one loopback TCP stream and how it was measured (the studies' ceiling)."""
+    values, detail = measure_iperf3(max(1, round(seconds)))
+    mbps = values["iperf3_loopback_MBps"]
+    assert mbps is not None
+    return mbps, detail["iperf3_loopback_MBps"]
+
+
 # -- fio ---------------------------------------------------------------------------
+def fio_exe() -> str:
+    exe = shutil.which("fio")
+    if exe is None:
+        raise NotRun("fio not on PATH (deploy/bootstrap.sh installs it)")
+    return exe
+
+
 def _fio_engine(exe: str) -> str:
     out = subprocess.run([exe, "--enghelp"], capture_output=True, text=True, timeout=30)
     return "libaio" if "libaio" in out.stdout else "psync"
 
 
-def _fio(exe: str, args: list[str], timeout_s: float) -> tuple[dict[str, Any], str]:
+def fio_job(exe: str, args: list[str], timeout_s: float) -> tuple[dict[str, Any], str]:
+    """Run one fio job; its JSON result and the command line."""
     cmd = [exe, "--output-format=json", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if out.returncode != 0:
@@ -194,77 +216,72 @@ def measure_fio(
     data_dir: Path, file_bytes: int, runtime_s: float
 ) -> tuple[dict[str, float | None], dict[str, Any]]:
     """Direct I/O on a file in ``data_dir``: the disk under the cluster's targets."""
-    exe = shutil.which("fio")
-    if exe is None:
-        raise NotRun("fio not on PATH (deploy/bootstrap.sh installs it)")
+    exe = fio_exe()
     engine = _fio_engine(exe)
     path = data_dir / "fio-ceiling.dat"
     runtime = f"--runtime={max(1, round(runtime_s))}"
     timeout_s = runtime_s * 4 + 120
-    base = [f"--filename={path}", f"--size={file_bytes}", "--direct=1", f"--ioengine={engine}"]
+    file = [f"--filename={path}", f"--size={file_bytes}"]
+    direct = [*file, "--direct=1", f"--ioengine={engine}"]
+    # (ceiling, fio job, side of fio's result, metric); the sequential write
+    # comes first: it also lays out the file the reads use.
+    jobs = [
+        ("fio_seq_write_MBps", ["--name=seq_write", *direct, "--rw=write", "--bs=1M",
+                                "--iodepth=16", "--end_fsync=1"], "write", "bw"),
+        ("fio_seq_read_MBps", ["--name=seq_read", *direct, "--rw=read", "--bs=1M",
+                               "--iodepth=16"], "read", "bw"),
+        ("fio_rand_read_4k_iops", ["--name=rand_read_4k", *direct, "--rw=randread", "--bs=4k",
+                                   "--iodepth=32", "--time_based"], "read", "iops"),
+        # Buffered 4 KiB writes, each made durable: the cost of one synced commit.
+        ("fio_fdatasync_4k_iops", ["--name=fdatasync_4k", *file, "--ioengine=sync",
+                                   "--rw=write", "--bs=4k", "--fdatasync=1", "--time_based"],
+         "write", "iops"),
+    ]  # fmt: skip
     values: dict[str, float | None] = {}
     detail: dict[str, Any] = {}
     try:
-        # Sequential write first: it also lays out the file the reads use.
-        job, cmd = _fio(
-            exe,
-            [
-                "--name=seq_write",
-                *base,
-                "--rw=write",
-                "--bs=1M",
-                "--iodepth=16",
-                "--end_fsync=1",
-                runtime,
-            ],
-            timeout_s,
-        )
-        values["fio_seq_write_MBps"] = job["write"]["bw_bytes"] / MB
-        detail["fio_seq_write_MBps"] = {"status": "ok", "command": cmd}
-        job, cmd = _fio(
-            exe,
-            ["--name=seq_read", *base, "--rw=read", "--bs=1M", "--iodepth=16", runtime],
-            timeout_s,
-        )
-        values["fio_seq_read_MBps"] = job["read"]["bw_bytes"] / MB
-        detail["fio_seq_read_MBps"] = {"status": "ok", "command": cmd}
-        job, cmd = _fio(
-            exe,
-            [
-                "--name=rand_read_4k",
-                *base,
-                "--rw=randread",
-                "--bs=4k",
-                "--iodepth=32",
-                "--time_based",
-                runtime,
-            ],
-            timeout_s,
-        )
-        values["fio_rand_read_4k_iops"] = float(job["read"]["iops"])
-        detail["fio_rand_read_4k_iops"] = {"status": "ok", "command": cmd}
-        # Buffered 4 KiB writes, each made durable: the cost of one synced commit.
-        job, cmd = _fio(
-            exe,
-            [
-                "--name=fdatasync_4k",
-                f"--filename={path}",
-                f"--size={file_bytes}",
-                "--ioengine=sync",
-                "--rw=write",
-                "--bs=4k",
-                "--fdatasync=1",
-                "--time_based",
-                runtime,
-            ],
-            timeout_s,
-        )
-        values["fio_fdatasync_4k_iops"] = float(job["write"]["iops"])
-        detail["fio_fdatasync_4k_iops"] = {"status": "ok", "command": cmd}
+        for name, args, side, metric in jobs:
+            job, cmd = fio_job(exe, [*args, runtime], timeout_s)
+            got = job[side]
+            values[name] = got["bw_bytes"] / MB if metric == "bw" else float(got["iops"])
+            detail[name] = {"status": "ok", "command": cmd}
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     return values, detail
+
+
+def measure_direct_chunk_writes(
+    data_dir: Path, chunk_bytes: int, seconds: float, writers: int = 3
+) -> float:
+    """MB/s of ``writers`` threads each writing new chunk-sized files with O_DIRECT, as
+    storage nodes write chunks (one writer per replica): the replicated-write disk ceiling."""
+    buf = mmap.mmap(-1, chunk_bytes)  # page-aligned, as O_DIRECT wants
+    buf.write(os.urandom(chunk_bytes))
+    total = [0] * writers
+    stop_at = time.monotonic() + seconds
+
+    def writer(w: int) -> None:
+        k = 0
+        while time.monotonic() < stop_at:
+            fd = os.open(
+                data_dir / f"direct-{w}-{k}", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644
+            )
+            try:
+                total[w] += os.pwrite(fd, buf, 0)
+            finally:
+                os.close(fd)
+            if k >= _DIRECT_FILES_KEPT:
+                (data_dir / f"direct-{w}-{k - _DIRECT_FILES_KEPT}").unlink()
+            k += 1
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(total) / (time.perf_counter() - t0) / MB
 
 
 # -- local directory metadata -------------------------------------------------------
@@ -277,7 +294,9 @@ LOCAL_META_PHASES = {
 }
 
 
-def meta_params(backend: dict[str, Any], root: str, sizes: Sizes) -> list[dict[str, Any]]:
+def meta_params(
+    backend: dict[str, Any], root: str, sizes: Sizes, procs: int = CLIENT_PROCS
+) -> list[dict[str, Any]]:
     """The params of the metadata task; chainfs and local directory run the same."""
     return [
         {
@@ -287,7 +306,7 @@ def meta_params(backend: dict[str, Any], root: str, sizes: Sizes) -> list[dict[s
             "max_seconds": sizes.meta_max_seconds,
             "readdir_rounds": sizes.meta_readdir_rounds,
         }
-    ] * CLIENT_PROCS
+    ] * procs
 
 
 def measure_local_meta(
@@ -296,9 +315,8 @@ def measure_local_meta(
     root = data_dir / "local-meta"
     root.mkdir()
     try:
-        outs = pool.run(
-            "meta", meta_params({"kind": "posix"}, str(root), sizes), sizes.task_timeout_s
-        )
+        params = meta_params({"kind": "posix"}, str(root), sizes, pool.size)
+        outs = pool.run("meta", params, sizes.task_timeout_s)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     values: dict[str, float | None] = {}
@@ -308,7 +326,7 @@ def measure_local_meta(
         values[name] = ops / secs
         detail[name] = {
             "status": "ok",
-            "command": f"{CLIENT_PROCS} processes, {phase} of up to {sizes.meta_files_per_proc} "
+            "command": f"{pool.size} processes, {phase} of up to {sizes.meta_files_per_proc} "
             f"empty files each in its own directory under {data_dir}",
             "ops": ops,
             "seconds": secs,

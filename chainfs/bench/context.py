@@ -9,10 +9,10 @@ from chainfs.common.units import MiB
 
 MB = 1_000_000  # throughput is reported in decimal MB/s, like iperf3 and fio
 
-# Concurrent client processes of the "4 clients" workloads (issue 9).
+# Concurrent client processes of the "4 clients" workloads.
 CLIENT_PROCS = 4
 
-# Targets of issue 9: a figure's ratio to its ceiling, read off the report and
+# The project's targets: a figure's ratio to its ceiling, read off the report and
 # never asserted in a test.
 TARGETS: dict[str, float] = {
     "client_seq_read": 0.6,
@@ -48,53 +48,32 @@ class Sizes:
     cluster_start_timeout_s: float  # LocalCluster start-up bound
 
 
-# Whole --quick run < 2 minutes on 2 cores: every phase well under a second.
-QUICK = Sizes(
-    iperf3_seconds=1,
-    fio_file_bytes=64 * MiB,
-    fio_runtime_s=1.0,
-    seq_total_bytes=32 * MiB,
-    seq_max_seconds=3.0,
-    io_block_bytes=4 * MiB,
-    rand_seconds=0.5,
-    warmup_seconds=0.2,
-    read_ranges_batch=32,
-    meta_files_per_proc=25,
-    meta_max_seconds=1.5,
-    meta_readdir_rounds=2,
-    kv_1m_values=8,
-    kv_4k_values=32,
-    kv_batch_1m=8,
-    kv_batch_4k=32,
-    kv_seconds=0.5,
-    kv_put_max_seconds=3.0,
-    task_timeout_s=60.0,
-    cluster_start_timeout_s=60.0,
-)
-
-# Default run < 10 minutes on 2 cores, with every phase capped in time.
-FULL = Sizes(
-    iperf3_seconds=5,
-    fio_file_bytes=1024 * MiB,
-    fio_runtime_s=8.0,
-    seq_total_bytes=1024 * MiB,
-    seq_max_seconds=20.0,
-    io_block_bytes=8 * MiB,
-    rand_seconds=6.0,
-    warmup_seconds=1.0,
-    read_ranges_batch=64,
-    meta_files_per_proc=2000,
-    meta_max_seconds=10.0,
-    meta_readdir_rounds=5,
-    kv_1m_values=128,
-    kv_4k_values=2000,
-    kv_batch_1m=16,
-    kv_batch_4k=64,
-    kv_seconds=6.0,
-    kv_put_max_seconds=12.0,
-    task_timeout_s=180.0,
-    cluster_start_timeout_s=90.0,
-)
+# Each size as (--quick, full run). Quick: the whole run < 2 minutes on 2 cores,
+# every phase well under a second. Full: < 10 minutes, every phase capped in time.
+_SIZES: dict[str, tuple[Any, Any]] = {
+    "iperf3_seconds": (1, 5),
+    "fio_file_bytes": (64 * MiB, 1024 * MiB),
+    "fio_runtime_s": (1.0, 8.0),
+    "seq_total_bytes": (32 * MiB, 1024 * MiB),
+    "seq_max_seconds": (3.0, 20.0),
+    "io_block_bytes": (4 * MiB, 8 * MiB),
+    "rand_seconds": (0.5, 6.0),
+    "warmup_seconds": (0.2, 1.0),
+    "read_ranges_batch": (32, 64),
+    "meta_files_per_proc": (25, 2000),
+    "meta_max_seconds": (1.5, 10.0),
+    "meta_readdir_rounds": (2, 5),
+    "kv_1m_values": (8, 128),
+    "kv_4k_values": (32, 2000),
+    "kv_batch_1m": (8, 16),
+    "kv_batch_4k": (32, 64),
+    "kv_seconds": (0.5, 6.0),
+    "kv_put_max_seconds": (3.0, 12.0),
+    "task_timeout_s": (60.0, 180.0),
+    "cluster_start_timeout_s": (60.0, 90.0),
+}
+QUICK = Sizes(**{name: quick for name, (quick, _) in _SIZES.items()})
+FULL = Sizes(**{name: full for name, (_, full) in _SIZES.items()})
 
 
 def sizes_dict(s: Sizes) -> dict[str, Any]:
@@ -134,7 +113,7 @@ class Result:
 
 
 class NotRun(Exception):
-    """A component the workload needs is not built or not available here."""
+    """What a measurement needs is missing on this machine (a tool such as iperf3 or fio)."""
 
 
 class WorkloadFailed(Exception):

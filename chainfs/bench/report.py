@@ -8,7 +8,9 @@ words what the charts show, and says plainly which figure is below target.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,25 +73,42 @@ def fmt_ratio(r: float | None) -> str:
     return f"{r:.2f}" if r >= 0.1 else f"{r:.3f}"
 
 
-def write_reports(report: dict[str, Any], out_dir: Path, stamp: str) -> dict[str, Path]:
-    """Write JSON, Markdown and charts; return their paths by kind."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = stamp
-    n = 1
-    while (out_dir / f"{base}.json").exists():  # two runs in one second
+CHARTS_EXTRA = "bench"  # pip install 'chainfs[bench]' brings matplotlib, which draws the charts
+
+
+def _free_base(out_dir: Path, stamp: str) -> str:
+    """``stamp``, or ``stamp-N`` if a report of that name is there (two runs in one second)."""
+    base, n = stamp, 1
+    while (out_dir / f"{base}.json").exists():
         n += 1
         base = f"{stamp}-{n}"
-    paths = {
-        "json": out_dir / f"{base}.json",
-        "markdown": out_dir / f"{base}.md",
-        "ratios_png": out_dir / f"{base}-ratios.png",
-        "absolute_png": out_dir / f"{base}-absolute.png",
-    }
+    return base
+
+
+def write_reports(
+    report: dict[str, Any], out_dir: Path, stamp: str
+) -> tuple[dict[str, Path], list[str]]:
+    """Write JSON, Markdown and (with matplotlib) charts; their paths by kind, and notes.
+
+    Without matplotlib the JSON and Markdown are complete and a note says which
+    extra draws the charts: the figures never depend on the charts.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = _free_base(out_dir, stamp)
+    paths = {"json": out_dir / f"{base}.json", "markdown": out_dir / f"{base}.md"}
+    notes: list[str] = []
     paths["json"].write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
-    plot_ratios(report, paths["ratios_png"])
-    plot_absolute(report, paths["absolute_png"])
-    paths["markdown"].write_text(markdown(report, paths))
-    return paths
+    if importlib.util.find_spec("matplotlib") is None:
+        notes.append(
+            f"no charts: matplotlib is not installed (pip install 'chainfs[{CHARTS_EXTRA}]')"
+        )
+    else:
+        paths["ratios_png"] = out_dir / f"{base}-ratios.png"
+        paths["absolute_png"] = out_dir / f"{base}-absolute.png"
+        plot_ratios(report, paths["ratios_png"])
+        plot_absolute(report, paths["absolute_png"])
+    paths["markdown"].write_text(markdown(report, paths, notes))
+    return paths, notes
 
 
 # -- Markdown --------------------------------------------------------------------------
@@ -140,7 +159,18 @@ def _verdict(r: dict[str, Any]) -> str:
     return "**below target**" if r["ratio"] < r["target"] else "meets target"
 
 
-def markdown(report: dict[str, Any], paths: dict[str, Path]) -> str:
+def _chart_lines(paths: dict[str, Path], notes: list[str]) -> list[str]:
+    if "ratios_png" not in paths:
+        return [f"_{note}._" for note in notes] + [""]
+    return [
+        f"![ratio of each figure to its ceiling]({paths['ratios_png'].name})",
+        "",
+        f"![absolute figures]({paths['absolute_png'].name})",
+        "",
+    ]
+
+
+def markdown(report: dict[str, Any], paths: dict[str, Path], notes: Sequence[str] = ()) -> str:
     m, c = report["machine"], report["config"]
     ceilings, detail = report["ceilings"], report.get("ceilings_detail", {})
     results = report["results"]
@@ -151,11 +181,8 @@ def markdown(report: dict[str, Any], paths: dict[str, Path]) -> str:
         f"- Configuration: {_config_line(c)}.",
         f"- The run took {report.get('duration_s')} s. MB = 10^6 bytes, MiB = 2^20 bytes.",
         "",
-        f"![ratio of each figure to its ceiling]({paths['ratios_png'].name})",
-        "",
-        f"![absolute figures]({paths['absolute_png'].name})",
-        "",
-        "## Against the targets of issue 9",
+        *_chart_lines(paths, list(notes)),
+        "## Against the targets",
         "",
     ]
     for r in results:
@@ -212,7 +239,8 @@ def markdown(report: dict[str, Any], paths: dict[str, Path]) -> str:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     lines += [
         "",
-        "How to read these numbers and compare two runs: `bench/README.md`.",
+        "How to read these numbers: `chainfs/bench/README.md`; compare two runs with "
+        "`chainfs bench compare OLD.json NEW.json`.",
         "",
     ]
     return "\n".join(lines)
@@ -324,7 +352,7 @@ def plot_ratios(report: dict[str, Any], path: Path) -> None:
     )
     ax.legend(
         handles=[
-            Line2D([], [], color="black", linewidth=2.5, label="target (issue 9)"),
+            Line2D([], [], color="black", linewidth=2.5, label="target"),
             Line2D([], [], color="#555555", linestyle="--", label="= the ceiling"),
         ],
         fontsize=8,

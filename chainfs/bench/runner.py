@@ -10,12 +10,8 @@ memory). Every selected figure ends up in the report as a number, "not run:
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import importlib
-import importlib.util
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -23,18 +19,18 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import chainfs
 from chainfs.bench import ceilings as ceil
+from chainfs.bench.cluster import suite_cluster
 from chainfs.bench.context import (
     CLIENT_PROCS,
     FULL,
     QUICK,
-    NotRun,
     Result,
     WorkloadFailed,
     sizes_dict,
@@ -61,7 +57,7 @@ Log = Callable[[str], None]
 class BenchOptions:
     address: str | None = None  # a running cluster's mgmtd address instead of a LocalCluster
     quick: bool = False
-    out_dir: Path = Path("bench/results")
+    out_dir: Path | None = None  # None: ./chainfs-bench-<stamp> in the current directory
     only: list[str] | None = None
     data_dir: Path | None = None  # parent of the run's scratch directory (the disk measured)
     keep_data: bool = False
@@ -77,7 +73,9 @@ class BenchOptions:
 @dataclass
 class BenchRun:
     report: dict[str, Any]
+    out_dir: Path
     paths: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the report could not include
 
     @property
     def failures(self) -> list[str]:
@@ -88,6 +86,11 @@ class BenchRun:
             if str(d.get("status", "")).startswith("failed")
         ]
         return bad
+
+
+def default_out_dir(stamp: str) -> Path:
+    """Where a run writes without --out: a directory of its own, named for what it is."""
+    return Path.cwd() / f"chainfs-bench-{stamp}"
 
 
 def _git_info() -> dict[str, Any]:
@@ -114,95 +117,6 @@ def _git_info() -> dict[str, Any]:
     return {"commit": head, "dirty": bool(dirty)}
 
 
-def _local_cluster_class() -> Any:
-    """chainfs.testing.LocalCluster, or NotRun saying why it is not there yet."""
-    try:
-        testing = importlib.import_module("chainfs.testing")
-        cls = getattr(testing, "LocalCluster", None)
-        if cls is None:
-            cls = importlib.import_module("chainfs.testing.cluster").LocalCluster
-    except (ImportError, AttributeError) as e:
-        raise NotRun(f"chainfs.testing.LocalCluster is not built yet ({e})") from None
-    return cls
-
-
-def _fuse_missing() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse is missing on this machine"
-    if importlib.util.find_spec("pyfuse3") is None:
-        return "pyfuse3 is not installed"
-    try:
-        if importlib.util.find_spec("chainfs.fuse_mount.mount") is None:
-            return "the FUSE mount (chainfs.fuse_mount.mount) is not built yet"
-    except ImportError as e:
-        return f"the FUSE mount is not importable yet ({e})"
-    return None
-
-
-@contextlib.contextmanager
-def _local_cluster(
-    replicas: int,
-    base: Path,
-    opts: BenchOptions,
-    start_timeout_s: float,
-    want_mount: bool,
-    log: Log,
-) -> Iterator[tuple[Any, Path | None, str]]:
-    """A started LocalCluster; with a FUSE mount if asked for and it works.
-
-    Yields (cluster, mountpoint or None, why there is no mount as "not run: ..."
-    or "failed: ...").
-    """
-    cls = _local_cluster_class()
-    kwargs: dict[str, Any] = {
-        "storage_nodes": opts.storage_nodes,
-        "targets_per_node": opts.targets_per_node,
-        "replicas": replicas,
-        "kv": opts.kv,
-        "start_timeout_s": start_timeout_s,
-    }
-    fuse_reason = "not run: no FUSE mount on this cluster"
-    missing = _fuse_missing() if want_mount else "not asked for (--no-fuse or a 1-replica run)"
-    cluster = None
-    if missing is None:
-        try:
-            cluster = cls(base / "cm", mount=base / "mnt", **kwargs)
-        except OSError as e:
-            import errno
-
-            text = str(e).splitlines()[0]
-            if e.errno == errno.ENOSYS:
-                fuse_reason = f"not run: {text}"
-            else:
-                fuse_reason = f"failed: the cluster did not start with a FUSE mount: {text}"
-            log(f"cluster r{replicas}: FUSE mount {fuse_reason}; starting without")
-    else:
-        fuse_reason = f"not run: {missing}"
-    if cluster is None:
-        cluster = cls(base / "c", **kwargs)
-    try:
-        mnt = getattr(cluster, "mountpoint", None)
-        yield cluster, (Path(mnt) if mnt else None), fuse_reason
-    finally:
-        cluster.stop()
-
-
-def _unbuilt_module(text: str) -> str | None:
-    """Why a service process could not start for want of chainfs code, or None.
-
-    A service that dies on ``No module named 'chainfs.x'`` or ``cannot import
-    name 'y' from 'chainfs.x'`` is not built yet (work in progress), which the
-    report says as "not run"; any other start-up failure is a failure.
-    """
-    m = re.search(r"No module named '(chainfs\.[\w.]+)'", text)
-    if m is not None:
-        return f"a cluster service is not built yet (No module named {m.group(1)})"
-    m = re.search(r"cannot import name '(\w+)' from '(chainfs\.[\w.]+)'", text)
-    if m is not None:
-        return f"a cluster service is not built yet ({m.group(2)} has no {m.group(1)})"
-    return None
-
-
 def _outcome(w: Workload, status: str, ceilings: dict[str, float | None]) -> list[Result]:
     return [figure(n, None, ceilings, status=status) for n in w.results]
 
@@ -219,9 +133,6 @@ def _run_workload(w: Workload, ctx: RunContext, log: Log) -> list[Result]:
         ctx.profiler.start(w.name, process_pids(ctx))
     try:
         results = w.fn(ctx)
-    except NotRun as e:
-        log(f"{w.name}: not run: {e}")
-        return _outcome(w, f"not run: {e}", ctx.ceilings)
     except WorkloadFailed as e:
         log(f"{w.name}: FAILED: {e}")
         return _outcome(w, f"failed: {e}", ctx.ceilings)
@@ -260,6 +171,9 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
     sizes = QUICK if opts.quick else FULL
     selected = select(opts.only)
     selected_names = {w.name for w in selected}
+    stamp = started_at.strftime("%Y-%m-%d-%H%M%S")
+    out_dir = default_out_dir(stamp) if opts.out_dir is None else opts.out_dir
+    log(f"the report goes to {out_dir}")
 
     if opts.data_dir is not None:
         opts.data_dir.mkdir(parents=True, exist_ok=True)
@@ -269,12 +183,11 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
     results: dict[str, list[Result]] = {}
     warnings: list[str] = []
     profiles: dict[str, Any] = {}
-    stamp = started_at.strftime("%Y-%m-%d-%H%M%S")
     profiler = None
     if opts.profile:
         from chainfs.bench.profile import Profiler
 
-        profiler = Profiler(opts.out_dir / f"{stamp}-profiles")
+        profiler = Profiler(out_dir / f"{stamp}-profiles")
     pool = WorkerPool(CLIENT_PROCS)
     try:
         pool.wait_ready(sizes.task_timeout_s)  # their start-up must not disturb the ceilings
@@ -348,9 +261,9 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
     }
     if opts.profile:
         report["profiles"] = profiles
-    run_ = BenchRun(report)
+    run_ = BenchRun(report, out_dir)
     t_report = time.monotonic()
-    run_.paths = rep.write_reports(report, opts.out_dir, stamp)
+    run_.paths, run_.notes = rep.write_reports(report, out_dir, stamp)
     log(f"report written in {time.monotonic() - t_report:.1f}s")
     return run_
 
@@ -363,12 +276,18 @@ def _run_on_local_cluster(
     results: dict[str, list[Result]],
     log: Log,
 ) -> None:
-    replicas = PROFILE_REPLICAS[ctx.profile]
     want_mount = opts.fuse and any("fuse" in w.needs for w in todo)
     t0 = time.monotonic()
     try:
-        with _local_cluster(
-            replicas, base, opts, ctx.sizes.cluster_start_timeout_s, want_mount, log
+        with suite_cluster(
+            base,
+            want_mount,
+            log,
+            storage_nodes=opts.storage_nodes,
+            targets_per_node=opts.targets_per_node,
+            replicas=PROFILE_REPLICAS[ctx.profile],
+            kv=opts.kv,
+            start_timeout_s=ctx.sizes.cluster_start_timeout_s,
         ) as (cluster, mnt, fuse_reason):
             log(
                 f"cluster {ctx.profile} up in {time.monotonic() - t0:.1f}s at {cluster.address}"
@@ -381,18 +300,8 @@ def _run_on_local_cluster(
                     results[w.name] = _run_workload(w, ctx, log)
             finally:
                 _release_clients(ctx)
-    except (NotRun, ImportError) as e:
-        log(f"cluster {ctx.profile}: not run: {e}")
-        for w in todo:
-            results.setdefault(w.name, _outcome(w, f"not run: {e}", ctx.ceilings))
-    except Exception as e:
+    except Exception as e:  # the cluster did not start or stop: every figure says why
         text = str(e).strip() or type(e).__name__
-        unbuilt = _unbuilt_module(text)
-        if unbuilt is not None:  # a service process found a chainfs module missing
-            log(f"cluster {ctx.profile}: not run: {unbuilt}")
-            for w in todo:
-                results.setdefault(w.name, _outcome(w, f"not run: {unbuilt}", ctx.ceilings))
-            return
         log(f"cluster {ctx.profile}: FAILED: {text}")
         for w in todo:
             results.setdefault(w.name, _outcome(w, f"failed: cluster: {text}", ctx.ceilings))
@@ -427,6 +336,6 @@ def _run_on_address(
                 continue
             try:
                 ctx.run(task, params)
-            except (NotRun, WorkloadFailed) as e:
+            except WorkloadFailed as e:
                 warnings.append(f"could not {what} on {ctx.address}: {e}")
                 log(f"warning: could not {what}: {e}")

@@ -15,7 +15,6 @@ answer fails the workload instead of making a good number.
 
 from __future__ import annotations
 
-import errno
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -27,9 +26,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, TypeVar
 
-from chainfs.bench.context import MiB, NotRun, WorkloadFailed
+from chainfs.bench.context import MiB, WorkloadFailed
 
 SEGMENT_BYTES = MiB
 _STAMP = struct.Struct("<8sQ")
@@ -37,12 +36,9 @@ _MAGIC = b"chainfsB"
 BARRIER_TIMEOUT_S = 120.0  # a sibling that never arrives breaks the barrier
 _STOP_TIMEOUT_S = 10.0
 
+T = TypeVar("T")
 Phase = dict[str, float]  # {"t0", "t1", "bytes", "ops"}
 TaskOutput = dict[str, Any]
-
-
-class NotBuilt(Exception):
-    """Raised inside a worker: the API the task needs is not built yet."""
 
 
 class DataMismatch(Exception):
@@ -113,35 +109,26 @@ class ChainfsBackend:
     def __init__(self, address: str) -> None:
         import chainfs
 
-        connect = getattr(chainfs, "connect", None)
-        if connect is None:
-            raise NotBuilt("chainfs.connect is not built yet")
         self.address = address
-        self.fs = connect(address)
-
-    def api(self, name: str) -> Any:
-        fn = getattr(self.fs, name, None)
-        if fn is None:
-            raise NotBuilt(f"FileSystem.{name} is not built yet")
-        return fn
+        self.fs = chainfs.connect(address)
 
     def open(self, path: str, mode: str, buffering: int = -1) -> Any:
-        return self.api("open")(path, mode, buffering)
+        return self.fs.open(path, mode, buffering)
 
     def stat(self, path: str) -> Any:
-        return self.api("stat")(path)
+        return self.fs.stat(path)
 
     def listdir(self, path: str) -> list[str]:
-        return list(self.api("listdir")(path))
+        return list(self.fs.listdir(path))
 
     def mkdir(self, path: str) -> None:
-        self.api("mkdir")(path, parents=True, exist_ok=True)
+        self.fs.mkdir(path, parents=True, exist_ok=True)
 
     def rename(self, src: str, dst: str) -> None:
-        self.api("rename")(src, dst)
+        self.fs.rename(src, dst)
 
     def remove(self, path: str) -> None:
-        self.api("remove")(path)
+        self.fs.remove(path)
 
     def durable_close(self, f: Any) -> None:
         f.close()  # close() returns once every chunk is committed on its chain
@@ -178,14 +165,6 @@ class TaskEnv:
         return self.backends[key]
 
 
-def _classify(e: BaseException) -> str:
-    if isinstance(e, NotBuilt | NotImplementedError | ImportError):
-        return "notrun"
-    if isinstance(e, OSError) and e.errno == errno.ENOSYS:
-        return "notrun"
-    return "error"
-
-
 def _worker_main(index: int, conn: Connection, barriers: dict[int, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     backends: dict[str, Backend] = {}
@@ -201,12 +180,11 @@ def _worker_main(index: int, conn: Connection, barriers: dict[int, Any]) -> None
             env = TaskEnv(index, parties, barriers.get(parties), backends)
             try:
                 conn.send(("ok", TASKS[task](env, params)))
-            except BaseException as e:
-                kind = _classify(e)
+            except BaseException as e:  # every error fails the task: ENOSYS and ImportError too
                 text = f"{type(e).__name__}: {e}"
-                if kind == "error" and not isinstance(e, DataMismatch):
+                if not isinstance(e, DataMismatch):
                     text += "\n" + traceback.format_exc(limit=8)
-                conn.send((kind, text))
+                conn.send(("error", text))
     finally:
         for b in backends.values():
             try:
@@ -255,8 +233,8 @@ class WorkerPool:
     ) -> list[TaskOutput]:
         """Run ``task`` in the first ``len(params)`` processes, one params dict each.
 
-        Raises NotRun when a process found the API missing, WorkloadFailed on
-        any error, death or timeout (the pool is then broken: replace it).
+        Raises WorkloadFailed on any error in a process (named, with its
+        traceback), its death or a timeout (the pool is then broken: replace it).
         """
         k = len(params)
         assert 1 <= k <= self.size, (k, self.size)
@@ -291,9 +269,6 @@ class WorkerPool:
         errors = [r[1] for r in replies.values() if r[0] == "error"]
         if errors:
             raise WorkloadFailed(errors[0])
-        notrun = [r[1] for r in replies.values() if r[0] == "notrun"]
-        if notrun:
-            raise NotRun(notrun[0])
         return [replies[i][1] for i in range(k)]
 
     def close(self) -> None:
@@ -315,6 +290,39 @@ class WorkerPool:
         self._conns.clear()
         self._procs.clear()
         self._barriers = {}  # their semaphores go with the processes that shared them
+
+
+def _call_and_send(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        conn.send((True, fn(*args)))
+    except BaseException:
+        conn.send((False, traceback.format_exc(limit=8)))
+
+
+def in_fresh_process(fn: Callable[..., T], *args: Any, timeout_s: float) -> T:
+    """``fn(*args)`` in a new spawned interpreter: its own memory (a peak RSS of its
+    own), nothing inherited. ``fn`` must be a module-level function."""
+    ctx = multiprocessing.get_context("spawn")
+    parent_end, child_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_call_and_send, args=(child_end, fn, args), daemon=True)
+    proc.start()
+    child_end.close()
+    try:
+        if not parent_end.poll(timeout_s):
+            raise WorkloadFailed(f"{fn.__name__} not done after {timeout_s:.0f}s")
+        ok, value = parent_end.recv()
+    except EOFError:
+        raise WorkloadFailed(f"{fn.__name__}: process died (exit {proc.exitcode})") from None
+    finally:
+        parent_end.close()
+        proc.join(_STOP_TIMEOUT_S)
+        if proc.is_alive():  # ours, by its handle
+            proc.kill()
+            proc.join()
+    if not ok:
+        raise WorkloadFailed(f"{fn.__name__} failed:\n{value}")
+    result: T = value
+    return result
 
 
 def peak_rss_bytes(pid: int) -> int:
@@ -364,12 +372,21 @@ def _read_exact(f: Any, view: memoryview) -> int:
     return got
 
 
-def _warm_up(op: Callable[[], object], seconds: float) -> None:
-    """Untimed lead-in: run ``op`` for ``seconds`` (at least once) before the clock starts."""
-    stop_at = time.monotonic() + seconds
+def _timed_loop(env: TaskEnv, op: Callable[[], int], p: dict[str, Any]) -> tuple[Phase, int]:
+    """Run ``op`` (it returns bytes moved) untimed for ``warmup_seconds`` (at least
+    once: connections, buffers, caches), then from the shared start for ``seconds``.
+    The phase with ops = calls, and the number of calls."""
+    warm_until = time.monotonic() + float(p["warmup_seconds"])
     op()
-    while time.monotonic() < stop_at:
+    while time.monotonic() < warm_until:
         op()
+    t0 = env.sync()
+    stop_at = t0 + float(p["seconds"])
+    calls = nbytes = 0
+    while time.monotonic() < stop_at:
+        nbytes += op()
+        calls += 1
+    return _phase(t0, time.monotonic(), nbytes, calls), calls
 
 
 def task_mkdirs(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
@@ -442,30 +459,24 @@ def task_rand_read(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
     # buffered chainfs file would fetch a read-ahead window per random read).
     with be.open(path, "rb", buffering=0) as f:
 
-        def one() -> None:
+        def one() -> int:
             off = rng.randrange(slots) * io
             f.seek(off)
             n = _read_exact(f, view)
             if n != io:
                 raise DataMismatch(f"{path}: {n} bytes at offset {off}, expected {io}")
             check_stamps(buf, n, off, path)
+            return n
 
-        _warm_up(one, float(p["warmup_seconds"]))
-        t0 = env.sync()
-        stop_at = t0 + float(p["seconds"])
-        ops = 0
-        while time.monotonic() < stop_at:
-            one()
-            ops += 1
-        t1 = time.monotonic()
-    return {"read": _phase(t0, t1, ops * io, ops)}
+        phase, _ = _timed_loop(env, one, p)
+    return {"read": phase}
 
 
 def task_read_ranges(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
     """Dataloader pattern: batches of random samples through ``fs.read_ranges``."""
     be = env.backend(p["backend"])
     assert isinstance(be, ChainfsBackend)
-    read_ranges = be.api("read_ranges")
+    read_ranges = be.fs.read_ranges
     files: list[tuple[str, int]] = [(str(a), int(b)) for a, b in p["files"]]
     lo, hi, batch = int(p["sample_min"]), int(p["sample_max"]), int(p["batch"])
     rng = random.Random(int(p["seed"]) * 1000 + env.index)
@@ -489,15 +500,9 @@ def task_read_ranges(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
             total += got
         return total
 
-    _warm_up(one_batch, float(p["warmup_seconds"]))
-    t0 = env.sync()
-    stop_at = t0 + float(p["seconds"])
-    nbytes = samples = 0
-    while time.monotonic() < stop_at:
-        nbytes += one_batch()
-        samples += batch
-    t1 = time.monotonic()
-    return {"read": _phase(t0, t1, nbytes, samples)}
+    phase, calls = _timed_loop(env, one_batch, p)
+    phase["ops"] = float(calls * batch)  # samples
+    return {"read": phase}
 
 
 def task_meta(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
@@ -576,7 +581,7 @@ def _kv_check(key: str, value: Any, size: int, index: int) -> None:
 
 def _kvcache(be: Backend, directory: str) -> Any:
     assert isinstance(be, ChainfsBackend)
-    return be.api("kvcache")(directory)
+    return be.fs.kvcache(directory)
 
 
 def task_kv_put(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
@@ -610,7 +615,7 @@ def task_kv_get(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
         batch = int(p["batch"])
         rng = random.Random(int(p["seed"]) * 1000 + env.index)
 
-        def one_batch() -> None:
+        def one_batch() -> int:
             idx = [present[rng.randrange(len(present))] for _ in range(batch)]
             keys = [f"{prefix}{i:07d}" for i in idx]
             values = kv.batch_get(keys) if batch > 1 else [kv.get(keys[0])]
@@ -618,25 +623,20 @@ def task_kv_get(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
                 raise DataMismatch(f"batch_get returned {len(values)} values for {len(keys)} keys")
             for key, i, v in zip(keys, idx, values, strict=True):
                 _kv_check(key, v, size, i)
+            return batch * size
 
-        _warm_up(one_batch, float(p["warmup_seconds"]))
-        t0 = env.sync()
-        stop_at = t0 + float(p["seconds"])
-        ops = 0
-        while time.monotonic() < stop_at:
-            one_batch()
-            ops += batch
-        t1 = time.monotonic()
+        phase, calls = _timed_loop(env, one_batch, p)
+        phase["ops"] = float(calls * batch)  # values got
     finally:
         kv.close()
-    return {"get": _phase(t0, t1, ops * size, ops)}
+    return {"get": phase}
 
 
 def task_rmtree(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
     """Remove a chainfs directory tree (the --address run cleans up after itself)."""
     be = env.backend(p["backend"])
     assert isinstance(be, ChainfsBackend)
-    rmdir = be.api("rmdir")
+    rmdir = be.fs.rmdir
 
     def walk(path: str) -> None:
         for name in be.listdir(path):

@@ -3,19 +3,19 @@
 A workload takes the run context and returns its figures (``Result``). It is
 written against the public API only (``chainfs.connect`` in the client
 processes, the FUSE mount as plain files, ``LocalCluster`` for process ids),
-so it runs as soon as the component it needs lands. It raises ``NotRun``
-when a component is not built (the report says "not run: <reason>") and
-lets everything else fail loudly ("failed: <reason>").
+and lets every error fail it loudly ("failed: <reason>"), ENOSYS and
+ImportError included: nothing in chainfs is "not built yet". Only what this
+run cannot offer (no FUSE on the machine, servers not ours with --address)
+is "not run: <reason>", decided from the workload's ``needs`` before it runs.
 
 Each workload declares the figures it produces (so the report lists them
 even when it does not run), the cluster profile it needs ("r3": 3 replicas,
-"r1": 1 replica) and what it needs ("client", "fuse", "local_cluster").
+"r1": 1 replica) and what else it needs ("fuse", "local_cluster").
 Registration order is run order: writers first, so readers reuse their files.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +148,7 @@ def workload(
     name: str,
     results: tuple[str, ...] | None = None,
     profile: str = "r3",
-    needs: tuple[str, ...] = ("client",),
+    needs: tuple[str, ...] = (),
 ) -> Callable[[WorkloadFn], WorkloadFn]:
     """Register a workload under ``name`` (its figures default to ``(name,)``)."""
 
@@ -164,14 +164,6 @@ def workload(
 
 def missing_need(need: str, ctx: RunContext) -> str | None:
     """Why ``need`` is not met in this run, or None."""
-    if need == "client":
-        try:
-            mod = importlib.import_module("chainfs")
-        except ImportError as e:  # pragma: no cover - chainfs itself is importable
-            return f"chainfs not importable: {e}"
-        if getattr(mod, "connect", None) is None:
-            return "chainfs.connect is not built yet"
-        return None
     if need == "fuse":
         return None if ctx.mountpoint is not None else ctx.fuse_reason.split(": ", 1)[-1]
     if need == "local_cluster":
@@ -201,16 +193,25 @@ def _write_dataset(ctx: RunContext, procs: int, dataset: str) -> list[dict[str, 
     return outs
 
 
-def _seq_write(ctx: RunContext, name: str, procs: int, dataset: str) -> Result:
-    nbytes, _, secs = aggregate(_write_dataset(ctx, procs, dataset), "write")
+def _throughput(
+    ctx: RunContext, name: str, outs: list[dict[str, Any]], phase: str, **details: Any
+) -> Result:
+    """Figure ``name`` in MB/s: the bytes of ``phase`` over all processes' wall time."""
+    nbytes, _, secs = aggregate(outs, phase)
     return ctx.result(
         name,
         nbytes / MB / secs,
-        processes=procs,
+        processes=len(outs),
         bytes=int(nbytes),
         seconds=round(secs, 3),
-        block_bytes=ctx.sizes.io_block_bytes,
-        replicas=ctx.profile,
+        **details,
+    )
+
+
+def _seq_write(ctx: RunContext, name: str, procs: int, dataset: str) -> Result:
+    outs = _write_dataset(ctx, procs, dataset)
+    return _throughput(
+        ctx, name, outs, "write", block_bytes=ctx.sizes.io_block_bytes, replicas=ctx.profile
     )
 
 
@@ -235,15 +236,8 @@ def _seq_read(
         "max_seconds": ctx.sizes.seq_max_seconds,
     }
     outs = ctx.run("seq_read", [params] * len(files))
-    nbytes, _, secs = aggregate(outs, "read")
-    return ctx.result(
-        name,
-        nbytes / MB / secs,
-        processes=len(files),
-        bytes=int(nbytes),
-        seconds=round(secs, 3),
-        block_bytes=ctx.sizes.io_block_bytes,
-        replicas=ctx.profile,
+    return _throughput(
+        ctx, name, outs, "read", block_bytes=ctx.sizes.io_block_bytes, replicas=ctx.profile
     )
 
 
@@ -359,30 +353,23 @@ def _fuse_write(ctx: RunContext, name: str, procs: int) -> Result:
         "max_seconds": ctx.sizes.seq_max_seconds,
     }
     outs = ctx.run("seq_write", [params] * procs)
-    nbytes, _, secs = aggregate(outs, "write")
-    return ctx.result(
-        name,
-        nbytes / MB / secs,
-        processes=procs,
-        bytes=int(nbytes),
-        seconds=round(secs, 3),
-        how=f"write() of {ctx.sizes.io_block_bytes} bytes, then fsync (dd conv=fsync)",
-    )
+    how = f"write() of {ctx.sizes.io_block_bytes} bytes, then fsync (dd conv=fsync)"
+    return _throughput(ctx, name, outs, "write", how=how)
 
 
-@workload("fuse_seq_write", needs=("client", "fuse"))
+@workload("fuse_seq_write", needs=("fuse",))
 def fuse_seq_write(ctx: RunContext) -> list[Result]:
     """One process writes a file through the mount, then fsyncs it."""
     return [_fuse_write(ctx, "fuse_seq_write", 1)]
 
 
-@workload("fuse_seq_write_4p", needs=("client", "fuse"))
+@workload("fuse_seq_write_4p", needs=("fuse",))
 def fuse_seq_write_4p(ctx: RunContext) -> list[Result]:
     """Four processes each write a file through the mount, then fsync."""
     return [_fuse_write(ctx, "fuse_seq_write_4p", CLIENT_PROCS)]
 
 
-@workload("fuse_seq_read", needs=("client", "fuse"))
+@workload("fuse_seq_read", needs=("fuse",))
 def fuse_seq_read(ctx: RunContext) -> list[Result]:
     """One process reads, through the mount, a file written with the client API."""
     files = _dataset(ctx, "seq1", 1)
@@ -390,7 +377,7 @@ def fuse_seq_read(ctx: RunContext) -> list[Result]:
     return [_seq_read(ctx, "fuse_seq_read", files, str(ctx.mountpoint), {"kind": "posix"})]
 
 
-@workload("fuse_seq_read_4p", needs=("client", "fuse"))
+@workload("fuse_seq_read_4p", needs=("fuse",))
 def fuse_seq_read_4p(ctx: RunContext) -> list[Result]:
     """Four processes each read, through the mount, a file written with the client API."""
     files = _dataset(ctx, "seq4", CLIENT_PROCS)
@@ -546,13 +533,13 @@ def rss_client(ctx: RunContext) -> list[Result]:
 
 
 # -- one replica ------------------------------------------------------------------------
-@workload("client_seq_write_r1", profile="r1", needs=("client", "local_cluster"))
+@workload("client_seq_write_r1", profile="r1", needs=("local_cluster",))
 def client_seq_write_r1(ctx: RunContext) -> list[Result]:
     """As client_seq_write_r3 on a cluster with 1 replica per chain."""
     return [_seq_write(ctx, "client_seq_write_r1", 1, "seq1")]
 
 
-@workload("client_seq_read_r1", profile="r1", needs=("client", "local_cluster"))
+@workload("client_seq_read_r1", profile="r1", needs=("local_cluster",))
 def client_seq_read_r1(ctx: RunContext) -> list[Result]:
     """As client_seq_read on a cluster with 1 replica per chain."""
     return [_seq_read(ctx, "client_seq_read_r1", _dataset(ctx, "seq1", 1), "", ctx.backend)]

@@ -29,7 +29,7 @@ from chainfs.storage_service.chunk_record import parse_key
 from chainfs.storage_service.craq import Craq, record_to_meta
 
 if TYPE_CHECKING:
-    from chainfs.storage_service.server import StorageNode
+    from chainfs.storage_service.node import StorageNode
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 

@@ -1,4 +1,4 @@
-"""Test helpers: network namespaces (netns), a seeded metadata load (metaload).
+"""Test helpers: network namespaces (netns); the seeded metadata load is chainfs.bench.metaload.
 
 The local cluster runner is product code in :mod:`chainfs.local`; it is
 re-exported here so that ``from chainfs.testing import LocalCluster`` works.

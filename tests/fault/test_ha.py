@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
+from chainfs.bench.metaload import MetadataLoad
 from chainfs.common.rpc.meta_client import MetaClient
 from chainfs.local import LocalCluster
 from chainfs.proto import meta_pb2 as pb
 from chainfs.proto import mgmt_pb2 as mp
-from chainfs.testing.metaload import MetadataLoad
 from tests.conftest import require_binary
 from tests.fault import faultlib as fl
 from tests.fault.test_fsck import fsck

@@ -1,21 +1,32 @@
 """The benchmark's own machinery: client-process tasks on a local directory, the
-content checks that keep fast wrong answers out of the figures, and the report.
+content checks that keep fast wrong answers out of the figures, errors that
+fail a figure, the report, `chainfs bench compare` and the studies' commands.
 
 The chainfs figures themselves are exercised by tests/integration/test_bench_smoke.py.
 """
 
 from __future__ import annotations
 
+import errno
+import importlib
+import importlib.util
 import json
+import multiprocessing
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from chainfs.bench import compare, runner, workers
 from chainfs.bench import report as rep
-from chainfs.bench.context import MiB, Result, WorkloadFailed
+from chainfs.bench.context import QUICK, MiB, Result, WorkloadFailed
+from chainfs.bench.studies import STUDIES
 from chainfs.bench.workers import SEGMENT_BYTES, WorkerPool, aggregate, check_stamps, stamp
-from chainfs.bench.workloads import FIGURES, REGISTRY, figure, select
+from chainfs.bench.workloads import FIGURES, REGISTRY, RunContext, Workload, figure, select
+from chainfs.cli.bench import bench
 
 POSIX = {"kind": "posix"}
 
@@ -84,7 +95,7 @@ def test_meta_task_counts_every_operation(pool: WorkerPool, tmp_path: Path) -> N
     assert not any((tmp_path / "w0").iterdir())
 
 
-def test_every_registered_figure_has_a_unit_and_the_issue_names_exist() -> None:
+def test_every_registered_figure_has_a_unit_and_the_required_names_exist() -> None:
     names = [r for w in REGISTRY.values() for r in w.results]
     assert len(names) == len(set(names))
     assert set(names) == set(FIGURES)
@@ -116,21 +127,176 @@ def test_report_says_below_target_and_not_run_plainly(tmp_path: Path) -> None:
     results = [
         figure("client_seq_read", 300.0, ceilings),  # 0.3 < target 0.6
         figure("read_ranges_256k", 500.0, ceilings),  # 0.5 >= target 0.4
-        figure("fuse_seq_read", None, ceilings, status="not run: FUSE mount not built yet"),
+        figure(
+            "fuse_seq_read", None, ceilings, status="not run: /dev/fuse is missing on this machine"
+        ),
         figure("meta_stat", 1234.0, {}),  # no ceiling measured
         figure("rss_client", 50.0, ceilings),
     ]
     assert results[0].ratio == pytest.approx(0.3) and results[0].below_target
-    paths = rep.write_reports(_report(results), tmp_path, "2026-01-01-000000")
+    paths, notes = rep.write_reports(_report(results), tmp_path, "2026-01-01-000000")
+    assert notes == []
     md = paths["markdown"].read_text()
     assert "**client_seq_read is below target**" in md
     assert "read_ranges_256k meets its target" in md
-    assert "fuse_seq_read: not run: FUSE mount not built yet" in md
+    assert "fuse_seq_read: not run: /dev/fuse is missing on this machine" in md
     for kind in ("ratios_png", "absolute_png"):
         assert paths[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(paths["json"].read_text())
     assert [r["name"] for r in doc["results"]] == [r.name for r in results]
     assert doc["results"][2]["value"] is None and doc["results"][3]["ratio"] is None
     # A second report in the same second does not overwrite the first.
-    again = rep.write_reports(_report(results), tmp_path, "2026-01-01-000000")
+    again, _ = rep.write_reports(_report(results), tmp_path, "2026-01-01-000000")
     assert again["json"] != paths["json"]
+
+
+def test_without_matplotlib_the_json_and_markdown_are_complete_and_say_which_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = importlib.util.find_spec
+
+    def no_matplotlib(name: str, *args: Any) -> Any:
+        return None if name == "matplotlib" else real(name, *args)
+
+    monkeypatch.setattr(rep.importlib.util, "find_spec", no_matplotlib)
+    results = [figure("client_seq_read", 300.0, {"iperf3_loopback_MBps": 1000.0})]
+    paths, notes = rep.write_reports(_report(results), tmp_path, "2026-01-01-000000")
+    assert sorted(paths) == ["json", "markdown"]
+    assert notes == ["no charts: matplotlib is not installed (pip install 'chainfs[bench]')"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "2026-01-01-000000.json",
+        "2026-01-01-000000.md",
+    ]
+    md = paths["markdown"].read_text()
+    assert "chainfs[bench]" in md and ".png" not in md
+    assert "| client_seq_read | 300 |" in md
+
+
+def _context(pool: WorkerPool) -> RunContext:
+    return RunContext(pool=pool, sizes=QUICK, address="", profile="r3", root="/bench",
+                      ceilings={"iperf3_loopback_MBps": 1000.0})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("error", "named"),
+    [
+        (OSError(errno.ENOSYS, "Function not implemented"), "OSError: [Errno 38]"),
+        (ImportError("No module named 'chainfs.fuse_mount.mount'"), "ImportError: No module"),
+    ],
+)
+def test_enosys_and_import_errors_fail_the_figure(
+    pool: WorkerPool, error: Exception, named: str
+) -> None:
+    def broken(ctx: RunContext) -> list[Result]:
+        raise error
+
+    w = Workload("client_seq_read", ("client_seq_read",), "r3", (), broken, "")
+    [r] = runner._run_workload(w, _context(pool), lambda msg: None)
+    assert r.status.startswith(f"failed: {named}"), r.status
+    assert r.value is None
+    bench_run = runner.BenchRun({"results": [r.to_json()], "ceilings_detail": {}}, Path("."))
+    assert bench_run.failures == ["client_seq_read"]
+
+
+@pytest.mark.parametrize(
+    "error", [OSError(errno.ENOSYS, "Function not implemented"), ImportError("no module x")]
+)
+def test_a_client_process_reports_enosys_and_import_errors_as_errors(
+    error: Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside a client process these once made a figure "not run"; now they fail the task."""
+
+    def broken(env: workers.TaskEnv, params: dict[str, Any]) -> workers.TaskOutput:
+        raise error
+
+    monkeypatch.setitem(workers.TASKS, "broken", broken)
+    parent, child = multiprocessing.Pipe()
+    parent.send(("broken", 1, {}))
+    parent.send(None)  # then stop
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        workers._worker_main(0, child, {})  # here: it sets SIGINT, which only the main thread may
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    kind, text = parent.recv()
+    assert kind == "error"
+    assert text.startswith(f"{type(error).__name__}: ")
+
+
+def test_a_missing_file_in_a_client_process_fails_the_task_with_its_error(
+    pool: WorkerPool, tmp_path: Path
+) -> None:
+    read = {"backend": POSIX, "paths": [str(tmp_path / "absent")], "sizes": [MiB],
+            "block_bytes": MiB, "max_seconds": 5}  # fmt: skip
+    with pytest.raises(WorkloadFailed, match="FileNotFoundError"):
+        pool.run("seq_read", [read], 60)
+
+
+def test_default_out_dir_is_named_for_the_run_under_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert (
+        runner.default_out_dir("2026-01-01-000000") == tmp_path / "chainfs-bench-2026-01-01-000000"
+    )
+
+
+def _write(path: Path, results: list[Result]) -> Path:
+    path.write_text(json.dumps(_report(results)))
+    return path
+
+
+def test_compare_shows_every_figure_and_names_the_ones_that_dropped(tmp_path: Path) -> None:
+    ceilings = {"iperf3_loopback_MBps": 1000.0}
+    old = _write(tmp_path / "old.json", [
+        figure("client_seq_read", 300.0, ceilings),
+        figure("meta_stat", 1234.0, {}),
+        figure("rss_client", 50.0, ceilings),
+    ])  # fmt: skip
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    _write(new_dir / "2026-01-02-000000.json", [
+        figure("client_seq_read", 600.0, ceilings),
+        figure("meta_stat", None, {}, status="failed: OSError: [Errno 38] ENOSYS"),
+    ])  # fmt: skip
+    text, dropped = compare.compare(compare.load(old), compare.load(new_dir))
+    assert dropped == ["meta_stat", "rss_client"]
+    rows = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+    assert "2.00x" in rows["client_seq_read"] and "0.30" in rows["client_seq_read"]
+    assert "NEW failed" in rows["meta_stat"] and "NEW absent" in rows["rss_client"]
+    assert "iperf3_loopback_MBps" in rows
+
+    result = CliRunner().invoke(bench, ["compare", str(old), str(new_dir)])
+    assert result.exit_code == 1
+    assert "meta_stat, rss_client" in result.output
+    same = CliRunner().invoke(bench, ["compare", str(old), str(old)])
+    assert same.exit_code == 0, same.output
+    assert "dropped (ran in OLD, not in NEW): none" in same.output
+    _write(new_dir / "2026-01-03-000000.json", [])
+    bad = CliRunner().invoke(bench, ["compare", str(old), str(new_dir)])
+    assert bad.exit_code == 2 and "expected one report" in bad.output
+
+
+def test_every_study_is_a_command_whose_function_exists() -> None:
+    for study in STUDIES:
+        module, function = study.entry.rsplit(".", 1)
+        assert callable(
+            getattr(importlib.import_module(f"chainfs.bench.studies.{module}"), function)
+        )
+        result = CliRunner().invoke(bench, [study.name, "--help"])
+        assert result.exit_code == 0, result.output
+        for opt in study.options:
+            assert f"--{opt.name}" in result.output
+        assert "--json" in result.output and "--data-dir" in result.output
+
+
+def test_kv_study_measures_the_memory_backend_and_writes_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "kv.json"
+    result = CliRunner().invoke(bench, ["kv", "--backends", "memory", "--seconds", "0.1",
+                                        "--concurrency", "1,4", "--json", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["backend"], r["concurrency"]) for r in rows] == [("memory", 1), ("memory", 4)]
+    assert all(r["txns"] > 0 and r["retries"] >= 0 for r in rows)
+    unknown = CliRunner().invoke(bench, ["kv", "--backends", "nope"])
+    assert unknown.exit_code == 2 and "unknown backend nope" in unknown.output

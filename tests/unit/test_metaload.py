@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from chainfs.testing.metaload import MetadataLoad
+from chainfs.bench.metaload import MetadataLoad
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,7 +14,7 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.storage_service import extra_targets
 from chainfs.storage_service.config import StorageConfig
-from chainfs.storage_service.server import StorageNode
+from chainfs.storage_service.node import StorageNode
 
 
 class _Mgmt:

@@ -1,6 +1,6 @@
 """A seeded metadata + small-data load that records every acknowledged operation.
 
-Used by the HA fault test (tests/fault/test_ha.py) and bench/ha_measure.py:
+Used by the HA fault test (tests/fault/test_ha.py) and `chainfs bench ha`:
 
     load = MetadataLoad([c.client() for _ in range(3)], seed=7)
     load.start()

@@ -1,0 +1,126 @@
+"""``chainfs bench kv``: transactions per second of each KV backend.
+
+Each of N asyncio tasks loops: read one random key of ``keys``, write it back
+incremented (one transaction). ``rocksdb-nogroup`` is rocksdb with
+max_batch_txns=1: one synced WriteBatch per transaction, i.e. without group
+commit, for comparison at the same concurrency. etcd is one real member on
+loopback (started here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import chainfs.kv as kv
+from chainfs.bench.cluster import EtcdCluster
+from chainfs.bench.studies import Echo
+from chainfs.kv import KVStore, RetryPolicy, Transaction
+
+BACKENDS = ("memory", "rocksdb", "rocksdb-nogroup", "etcd")
+_RETRY = RetryPolicy(max_attempts=1000, backoff_max_ms=50)
+_COLUMNS = ("backend", "concurrency", "tps", "p50_ms", "p99_ms", "retries", "txns_per_sync")
+
+
+async def run_cell(
+    store: KVStore, concurrency: int, seconds: float, keys: int, seed: int
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    stop_at = time.monotonic() + seconds
+    before = dict(store.stats)
+
+    async def incr(tx: Transaction, key: bytes) -> None:
+        v = await tx.get(key)
+        tx.set(key, b"%d" % (int(v or b"0") + 1))
+
+    async def task() -> int:
+        n = 0
+        while time.monotonic() < stop_at:
+            key = b"bench/%08d" % rng.randrange(keys)
+            t0 = time.perf_counter()
+            await store.transact(functools.partial(incr, key=key))
+            latencies.append(time.perf_counter() - t0)
+            n += 1
+        return n
+
+    start = time.monotonic()
+    done = sum(await asyncio.gather(*(task() for _ in range(concurrency))))
+    elapsed = time.monotonic() - start
+    stats = {k: store.stats.get(k, 0) - before.get(k, 0) for k in store.stats}
+    latencies.sort()
+    row: dict[str, Any] = {
+        "concurrency": concurrency,
+        "txns": done,
+        "seconds": round(elapsed, 2),
+        "tps": round(done / elapsed),
+        "p50_ms": round(statistics.median(latencies) * 1000, 2),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
+        "retries": stats.get("retries", 0),
+    }
+    if stats.get("batches"):
+        row["txns_per_sync"] = round(stats["batched_txns"] / stats["batches"], 1)
+    return row
+
+
+@contextlib.asynccontextmanager
+async def _store(backend: str, tmp: Path) -> AsyncIterator[tuple[str, KVStore]]:
+    """(label, open store) of ``backend``; closed (and its etcd stopped) afterwards."""
+    etcd = None
+    if backend == "memory":
+        label, url = backend, "memory://"
+    elif backend == "rocksdb":
+        label, url = backend, f"rocksdb://{tmp}/rocks"
+    elif backend == "rocksdb-nogroup":
+        label, url = backend, f"rocksdb://{tmp}/rocks-nogroup?max_batch_txns=1&max_pending_txns=1"
+    else:
+        etcd = EtcdCluster(tmp / "etcd", members=1)
+        label, url = "etcd (1 member)", etcd.url("bench")
+    try:
+        store = kv.open(url, _RETRY)
+        try:
+            yield label, store
+        finally:
+            await store.close()
+    finally:
+        if etcd is not None:
+            etcd.stop()
+
+
+async def _measure(opts: dict[str, Any], backends: list[str], echo: Echo) -> list[dict[str, Any]]:
+    concurrency = [int(x) for x in str(opts["concurrency"]).split(",")]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="kv-bench-", dir=opts["data_dir"]) as tmp:
+        for backend in backends:
+            async with _store(backend, Path(tmp)) as (label, store):
+                for c in concurrency:
+                    row = await run_cell(store, c, opts["seconds"], opts["keys"], seed=c)
+                    rows.append({"backend": label, **row})
+                    echo(f"  {label:16} c={c:<4} {row['tps']:>8} txn/s")
+    return rows
+
+
+def run(opts: dict[str, Any], echo: Echo) -> dict[str, Any]:
+    backends = [b for b in str(opts["backends"]).split(",") if b]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend {', '.join(unknown)}; known: {', '.join(BACKENDS)}")
+    if opts["uvloop"]:
+        import uvloop
+
+        rows = uvloop.run(_measure(opts, backends, echo))
+    else:
+        rows = asyncio.run(_measure(opts, backends, echo))
+    echo("| " + " | ".join(_COLUMNS) + " |")
+    echo("|" + "---|" * len(_COLUMNS))
+    for r in rows:
+        echo("| " + " | ".join(str(r.get(c, "")) for c in _COLUMNS) + " |")
+    return {"rows": rows}
