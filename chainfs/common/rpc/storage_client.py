@@ -5,6 +5,10 @@ TARGET_NOT_SERVING or UNAVAILABLE refresh routing and reuse the SAME request id,
 so the storage side applies them once. Reads go to any SERVING replica, chosen
 at random for load balance; a replica answering NOT_COMMITTED, CHECKSUM_MISMATCH
 or UNAVAILABLE is skipped for another (the tail last, as it is always committed).
+A node that crashes or resets the connection, even in the middle of a reply,
+is UNAVAILABLE (the data plane drops that connection); a malformed reply
+(BAD_FRAME) from a live node is skipped the same way. Either is bounded by
+``attempts`` per read, and a read fails only once no replica served it.
 Many reads to one storage node travel as one batched frame, and the bytes land
 straight in the caller's buffers.
 """
@@ -19,6 +23,8 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
 
 from chainfs.common.checksum import crc32c
 from chainfs.common.dataplane.client import DataClient
@@ -56,6 +62,7 @@ _RETRY_READ = frozenset(
         Code.UNKNOWN_TARGET,
         Code.FENCED,
         Code.EIO,
+        Code.BAD_FRAME,  # a malformed reply from one replica: another may answer well
     }
 )
 
@@ -410,7 +417,10 @@ class StorageClient:
         parsed: list[sp.BatchReadRsp] = []
 
         def parse(rsp_header: bytes) -> sp.BatchReadRsp:
-            rsp = sp.BatchReadRsp.FromString(rsp_header)
+            try:
+                rsp = sp.BatchReadRsp.FromString(rsp_header)
+            except DecodeError as e:
+                raise ChainfsError(Code.BAD_FRAME, f"bad batch read reply: {e}") from None
             if len(rsp.results) != len(items):
                 raise ChainfsError(
                     Code.BAD_FRAME,
@@ -446,13 +456,13 @@ class StorageClient:
                 payload_sink=sink,
                 timeout_s=self.timeout_s,
             )
+            rsp = parsed[0] if parsed else parse(reply.header)  # no payload: sink not called
         except ChainfsError as e:
             if e.code not in _RETRY_READ:
                 raise
             for i, _ in items:
                 last[i] = e
             return
-        rsp = parsed[0] if parsed else parse(reply.header)  # no payload: sink not called
         for k, res in enumerate(rsp.results):
             i = items[k][0]
             got_k = got[k]
