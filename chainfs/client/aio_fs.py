@@ -31,7 +31,7 @@ from chainfs.client.layout import Layout, Piece, split
 from chainfs.common.errors import ChainfsError, Code, to_user_error
 from chainfs.common.rpc.meta_client import MetaClient, to_stat_result
 from chainfs.common.rpc.mgmt_client import MgmtClient, RoutingCache
-from chainfs.common.rpc.storage_client import ReadReq, StorageClient
+from chainfs.common.rpc.storage_client import ReadReq, StorageClient, cut_chunks
 from chainfs.proto import meta_pb2 as mt
 
 if TYPE_CHECKING:
@@ -610,6 +610,14 @@ class AsyncFileSystem:
             return
         inode = await self._meta.sync(h.inode, h.session, length, exact=exact, wrote=True)
         h.size = inode.size
+
+    async def _cut_chunks(self, h: OpenHandle, length: int) -> None:
+        """Drop the file's bytes at and past ``length`` from storage."""
+        layout = h.layout
+        await cut_chunks(
+            self._storage, layout.chains, h.inode, layout.chunk_size, length,
+            self.config.storage.max_parallel_nodes,
+        )  # fmt: skip
 
     async def _truncate_handle(self, h: OpenHandle, length: int) -> None:
         await self._meta.setattr(h.inode, size=length)

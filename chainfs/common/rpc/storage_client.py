@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from google.protobuf.message import DecodeError
 
@@ -68,6 +69,7 @@ _RETRY_READ = frozenset(
 
 
 _HOSTNAME = socket.gethostname()
+MAX_CHUNK_INDEX = 2**32  # end of the chunk index space (remove_chunks' bound)
 
 
 def data_address(node: mp.NodeInfo, prefer_unix_socket: bool = True) -> str:
@@ -278,10 +280,10 @@ class StorageClient:
         await self._to_head(sp.UPDATE, sp.UpdateReq, fill, chain_id, [])
 
     async def remove_chunks(
-        self, chain_id: int, inode: int, begin_index: int = 0, end_index: int = 2**32
+        self, chain_id: int, inode: int, begin_index: int = 0, end_index: int = MAX_CHUNK_INDEX
     ) -> int:
         """Remove chunks [begin_index, end_index) of ``inode`` on one chain; returns how many."""
-        if not 0 <= begin_index <= end_index <= 2**32:
+        if not 0 <= begin_index <= end_index <= MAX_CHUNK_INDEX:
             raise ChainfsError(Code.EINVAL, f"bad chunk range [{begin_index}, {end_index})")
         total = 0
         for _ in range(self.config.max_remove_rounds):
@@ -549,3 +551,45 @@ class StorageClient:
             if not rsp.more or not rsp.chunks:
                 return out
             begin = rsp.chunks[-1].chunk.index + 1
+
+
+class ChunkStorage(Protocol):
+    """The chunk calls of StorageClient that meta and cut_chunks use (fakes implement them)."""
+
+    async def query_last_chunk(self, chain_id: int, inode: int) -> tuple[int, int] | None: ...
+
+    async def remove_chunks(
+        self, chain_id: int, inode: int, begin_index: int = 0, end_index: int = MAX_CHUNK_INDEX
+    ) -> int: ...
+
+    async def truncate(
+        self, chain_id: int, inode: int, chunk_index: int, length: int, chunk_size: int
+    ) -> None: ...
+
+
+async def cut_chunks(
+    storage: ChunkStorage,
+    chains: Sequence[int],
+    inode: int,
+    chunk_size: int,
+    size: int,
+    max_parallel_chains: int,
+) -> None:
+    """Drop every byte of a file at or beyond ``size`` from storage, on every chain of
+    its layout (``max_parallel_chains`` calls at once)."""
+    assert chunk_size > 0 and chains and size >= 0, (chunk_size, chains, size)
+    keep = -(-size // chunk_size)  # chunks [0, keep) hold bytes below size
+    sem = asyncio.Semaphore(max_parallel_chains)
+
+    async def remove(chain: int) -> int:
+        async with sem:
+            return await storage.remove_chunks(chain, inode, keep, MAX_CHUNK_INDEX)
+
+    await asyncio.gather(*(remove(c) for c in chains))
+    tail = size - (keep - 1) * chunk_size if keep else 0
+    if keep and tail < chunk_size:
+        # The last kept chunk is partial: cut it if it exists and is longer.
+        chain = chains[(keep - 1) % len(chains)]
+        last = await storage.query_last_chunk(chain, inode)
+        if last is not None and last[0] == keep - 1 and last[1] > tail:
+            await storage.truncate(chain, inode, keep - 1, tail, chunk_size)
