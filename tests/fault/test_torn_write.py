@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from chainfs.testing import cluster as cluster_mod
 from tests.conftest import require
-from tests.fault.test_enospc import _mount_tmpfs
+from tests.fault.test_enospc import _mount_tmpfs, small_target_cluster
 from tests.integration.fuse_fixtures import force_unmount, require_fuse
 
 MiB = 1024 * 1024
@@ -66,22 +65,8 @@ def test_failed_writes_leave_only_what_storage_holds(tmp_path: Path) -> None:
     small = tmp_path / "small"
     require("tmpfs mount", _mount_tmpfs(small, "64m"), "needs root and mount(2)")
     mnt = tmp_path / "mnt"
-
-    def configure(i: int, c: Any) -> None:
-        if i == 0:
-            c.targets[0] = str(small / "target0")
-
     try:
-        with cluster_mod.LocalCluster(
-            tmp_path / "c",
-            storage_nodes=3,
-            targets_per_node=2,
-            replicas=3,
-            heartbeat_interval_ms=300,
-            heartbeat_timeout_ms=3000,
-            configure_storage=configure,
-            mount=mnt,
-        ) as c:
+        with small_target_cluster(tmp_path / "c", small, mount=mnt) as c:
             _fill_then_check(c.client(), mnt)
     finally:
         force_unmount(mnt)
