@@ -10,6 +10,8 @@ that storage did not keep.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import random
 import subprocess
 from pathlib import Path
@@ -42,6 +44,23 @@ def _write_mount(mnt: Path, path: str, data: bytes) -> bool:
     except OSError:
         return False
     return True
+
+
+def _fsync_keeps_failing(path: Path, data: bytes) -> None:
+    """Through the mount: once a flush failed, every later fsync of the file is EIO."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with contextlib.suppress(OSError):  # the kernel may pass the failure on here already
+            os.write(fd, data)
+        with pytest.raises(OSError):
+            os.fsync(fd)
+        for _ in range(2):
+            with pytest.raises(OSError) as ei:
+                os.fsync(fd)
+            assert ei.value.errno == errno.EIO
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _check(written: dict[str, tuple[bytes, bool]], stat_read: Any) -> list[str]:
@@ -91,6 +110,8 @@ def _fill_then_check(fs: Any, mnt: Path) -> None:
             written[path] = (data, _write_client(fs, path, data))
             path = f"/m{i}-{size}"
             written[path] = (data, _write_mount(mnt, path, data))
+    written["/mfsync"] = (rng.randbytes(SIZES[0]), False)
+    _fsync_keeps_failing(mnt / "mfsync", written["/mfsync"][0])
     failed = sorted(p for p, (_, ok) in written.items() if not ok)
     assert any(p.startswith("/c") and p.endswith("-10000") for p in failed), failed
     assert any(p.startswith("/m") for p in failed), failed
