@@ -354,6 +354,7 @@ class AsyncFile:
         await self._fs._cut_chunks(self._h, length)
         self._torn_at = None
         self._size = self._clean_size = length
+        self._wbuf_offset = min(self._wbuf_offset, length)  # empty after a drain; size() reads it
         self._rbuf = memoryview(b"")
 
     async def flush(self) -> None:

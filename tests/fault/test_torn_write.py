@@ -37,6 +37,20 @@ def _write_client(fs: Any, path: str, data: bytes) -> bool:
     return True
 
 
+def _write_client_flush_twice(fs: Any, path: str, data: bytes) -> bool:
+    """The error comes out of the first flush; the second reports a length, honest or not."""
+    f = fs.open(path, "wb")
+    try:
+        f.write(data)
+        f.flush()
+    except OSError:
+        f.flush()
+        f.close()
+        return False
+    f.close()
+    return True
+
+
 def _write_mount(mnt: Path, path: str, data: bytes) -> bool:
     try:
         with open(mnt / path.lstrip("/"), "wb") as f:
@@ -110,11 +124,15 @@ def _fill_then_check(fs: Any, mnt: Path) -> None:
             written[path] = (data, _write_client(fs, path, data))
             path = f"/m{i}-{size}"
             written[path] = (data, _write_mount(mnt, path, data))
+    for i in range(4):
+        path, data = f"/cflush{i}", rng.randbytes(SIZES[0])
+        written[path] = (data, _write_client_flush_twice(fs, path, data))
     written["/mfsync"] = (rng.randbytes(SIZES[0]), False)
     _fsync_keeps_failing(mnt / "mfsync", written["/mfsync"][0])
     failed = sorted(p for p, (_, ok) in written.items() if not ok)
     assert any(p.startswith("/c") and p.endswith("-10000") for p in failed), failed
     assert any(p.startswith("/m") for p in failed), failed
+    assert any(p.startswith("/cflush") for p in failed), failed
 
     def via_client(path: str) -> tuple[int, bytes]:
         with fs.open(path, "rb") as f:
