@@ -4,7 +4,8 @@ A node killed in the middle of a reply leaves the client a connection that
 ends mid-frame; two healthy replicas remain, so no read may fail: the client
 library (open/read, read_ranges, the KV cache) and the FUSE mount retry on another
 replica. Every byte read is checked. The kills are seeded; every wait is a
-bounded poll. The client readers go over the nodes' unix sockets or over TCP.
+bounded poll. The client readers go over the nodes' unix sockets or over TCP
+(the mount always takes the unix sockets: its options do not choose).
 """
 
 from __future__ import annotations
