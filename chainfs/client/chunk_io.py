@@ -29,7 +29,7 @@ from chainfs.client.layout import Layout, Piece, split
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import MetaClient
 from chainfs.common.rpc.mgmt_client import MgmtClient, RoutingCache
-from chainfs.common.rpc.storage_client import ReadReq, StorageClient
+from chainfs.common.rpc.storage_client import ReadReq, StorageClient, cut_chunks
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,14 @@ class ChunkIO:
             return
         inode = await self.meta.sync(h.inode, h.session, length, exact=exact, wrote=True)
         h.size = inode.size
+
+    async def cut_chunks(self, h: OpenHandle, length: int) -> None:
+        """Drop the file's bytes at and past ``length`` from storage."""
+        layout = h.layout
+        await cut_chunks(
+            self.storage, layout.chains, h.inode, layout.chunk_size, length,
+            self.config.storage.max_parallel_nodes,
+        )  # fmt: skip
 
     async def truncate_handle(self, h: OpenHandle, length: int) -> None:
         await self.meta.setattr(h.inode, size=length)

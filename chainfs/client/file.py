@@ -128,6 +128,10 @@ class AsyncFile:
         self._inflight: dict[int, asyncio.Task[None]] = {}  # chunk index -> last send
         self._inflight_sem = asyncio.Semaphore(chunk_io.config.max_inflight_writes_per_file)
         self._write_error: BaseException | None = None
+        # A failed write leaves a hole: file offset of the first failed byte, and
+        # the length up to which every write was acknowledged at the last clean drain.
+        self._torn_at: int | None = None
+        self._clean_size = handle.size
         self._dirty = False  # wrote since the length was last reported
         self._wrote = False  # wrote at all (close then has meta fix length and mtime)
         # Read buffer: bytes of [_rbuf_offset, _rbuf_offset + len(_rbuf)).
@@ -327,6 +331,8 @@ class AsyncFile:
         except BaseException as e:
             if self._write_error is None:
                 self._write_error = e
+            at = piece.chunk_index * self._h.layout.chunk_size + piece.chunk_offset
+            self._torn_at = at if self._torn_at is None else min(self._torn_at, at)
         finally:
             self._io.budget.release(len(data))
             self._inflight_sem.release()
@@ -339,6 +345,28 @@ class AsyncFile:
         while self._inflight:
             await asyncio.wait(list(self._inflight.values()))
         self._raise_write_error()
+        if self._torn_at is None:
+            self._clean_size = self._size
+
+    def _honest_size(self) -> int:
+        """The length storage surely holds: after a failed write, the clean prefix
+        (never shorter than what meta knew at open or was told after a clean drain)."""
+        if self._torn_at is None:
+            return self._size
+        return min(self._size, max(self._torn_at, self._clean_size, self._h.size))
+
+    async def _settle_torn(self) -> None:
+        """After a failed write, cut the file back to its clean prefix on storage,
+        so that no length reported from now on (exact ones included) covers a hole
+        that would read back as zeros never written."""
+        if self._torn_at is None:
+            return
+        length = self._honest_size()
+        await self._io.cut_chunks(self._h, length)
+        self._torn_at = None
+        self._size = self._clean_size = length
+        self._wbuf_offset = min(self._wbuf_offset, length)  # empty after a drain; size() reads it
+        self._rbuf = memoryview(b"")
 
     async def flush(self) -> None:
         """Push buffered writes to storage (acknowledged by every replica) and tell
@@ -346,6 +374,7 @@ class AsyncFile:
         self._check_open()
         if self._mode.writable:
             await self._drain()
+            await self._settle_torn()
             if self._dirty:
                 await self._io.sync_handle(self._h, self.size(), exact=False)
                 self._dirty = False
@@ -365,6 +394,7 @@ class AsyncFile:
             raise OSError(errno.EINVAL, f"negative size {size}", self.name)
         self._check_length(size)
         await self._drain()
+        await self._settle_torn()
         if self._dirty:
             # Meta cuts storage only below the length it knows: report ours first.
             await self._io.sync_handle(self._h, self.size(), exact=False)
@@ -515,10 +545,16 @@ class AsyncFile:
             self._closed = True
             self._rbuf = memoryview(b"")
             # A reader reports no length: the file may have shrunk since its open.
-            length = self._size if self._mode.writable else 0
+            length = self._honest_size() if self._mode.writable else 0
             if self._on_close is not None:
                 self._on_close(self)
-            await self._io.close_handle(self._h, length, self._wrote)
+            try:
+                await self._settle_torn()
+            finally:
+                # Not cut back (storage unreachable): the length we know, without
+                # meta's exact query, which would count chunks past the hole.
+                wrote = self._wrote and self._torn_at is None
+                await self._io.close_handle(self._h, length, wrote)
 
     async def __aenter__(self) -> AsyncFile:
         return self

@@ -9,26 +9,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc.storage_client import MAX_CHUNK_INDEX, cut_chunks
+from chainfs.common.rpc.storage_client import ChunkStorage as ChunkStorage
 from chainfs.proto import meta_pb2 as pb
 
 T = TypeVar("T")
-MAX_CHUNK_INDEX = 2**32  # end of the chunk index space (StorageClient's remove_chunks bound)
 MAX_PARALLEL_CHAINS = 32  # calls to the chains of one file in flight at once
-
-
-class ChunkStorage(Protocol):
-    async def query_last_chunk(self, chain_id: int, inode: int) -> tuple[int, int] | None: ...
-
-    async def remove_chunks(
-        self, chain_id: int, inode: int, begin_index: int = 0, end_index: int = MAX_CHUNK_INDEX
-    ) -> int: ...
-
-    async def truncate(
-        self, chain_id: int, inode: int, chunk_index: int, length: int, chunk_size: int
-    ) -> None: ...
 
 
 def no_storage(what: str) -> ChainfsError:
@@ -60,22 +49,8 @@ async def exact_length(storage: ChunkStorage, inode: pb.Inode) -> int:
 
 async def truncate(storage: ChunkStorage, inode: pb.Inode, size: int) -> None:
     """Drop every byte of the file at or beyond ``size`` from storage."""
-    cs = inode.layout.chunk_size
-    chains = list(inode.layout.chains)
-    assert cs > 0 and chains, inode
-    keep = -(-size // cs)  # chunks [0, keep) hold bytes below size
-
-    async def remove(chain: int) -> int:
-        return await storage.remove_chunks(chain, inode.ino, keep, MAX_CHUNK_INDEX)
-
-    await _each(chains, remove)
-    tail = size - (keep - 1) * cs if keep else 0
-    if keep and tail < cs:
-        # The last kept chunk is partial: cut it if it exists and is longer.
-        chain = chains[(keep - 1) % len(chains)]
-        last = await storage.query_last_chunk(chain, inode.ino)
-        if last is not None and last[0] == keep - 1 and last[1] > tail:
-            await storage.truncate(chain, inode.ino, keep - 1, tail, cs)
+    chains, cs = list(inode.layout.chains), inode.layout.chunk_size
+    await cut_chunks(storage, chains, inode.ino, cs, size, MAX_PARALLEL_CHAINS)
 
 
 async def remove_all(storage: ChunkStorage, inode: pb.Inode) -> int:

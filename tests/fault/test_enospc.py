@@ -34,25 +34,31 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return r.returncode == 0
 
 
+def small_target_cluster(base: Path, small: Path, **kwargs: Any) -> cluster_mod.LocalCluster:
+    """3 nodes x 2 targets, 3 replicas; node 0's first target lives in ``small``."""
+
+    def configure(i: int, c: Any) -> None:
+        if i == 0:
+            c.targets[0] = str(small / "target0")
+
+    return cluster_mod.LocalCluster(
+        base,
+        storage_nodes=3,
+        targets_per_node=2,
+        replicas=3,
+        heartbeat_interval_ms=300,
+        heartbeat_timeout_ms=3000,
+        configure_storage=configure,
+        **kwargs,
+    )
+
+
 @pytest.mark.timeout(120)
 def test_full_target_gives_enospc_and_leaves_nothing_half_done(tmp_path: Path) -> None:
     small = tmp_path / "small"
     require("tmpfs mount", _mount_tmpfs(small, "128m"), "needs root and mount(2)")
     try:
-
-        def configure(i: int, c: Any) -> None:
-            if i == 0:
-                c.targets[0] = str(small / "target0")
-
-        with cluster_mod.LocalCluster(
-            tmp_path / "c",
-            storage_nodes=3,
-            targets_per_node=2,
-            replicas=3,
-            heartbeat_interval_ms=300,
-            heartbeat_timeout_ms=3000,
-            configure_storage=configure,
-        ) as c:
+        with small_target_cluster(tmp_path / "c", small) as c:
             r = fl.routing(c.address)
             node0 = c.storage[0].info["node_id"]
             small_tid = next(

@@ -47,9 +47,10 @@ Addresses are ``host:port`` or ``unix:/path``. Bounds (payload and header
 size, in-flight requests per connection, connections per peer, pooled
 buffer bytes, timeouts) are in :class:`DataPlaneConfig`.
 
-Errors: a malformed frame (bad magic/CRC/version, lengths over the bounds, a
-connection dropped mid-frame) closes only that connection; the client's
-requests on it fail with BAD_FRAME or UNAVAILABLE. An unreachable peer fails
+Errors: a malformed frame (bad magic/CRC/version, lengths over the bounds)
+closes only that connection and fails the client's requests on it with
+BAD_FRAME; a connection lost (reset, or closed even mid-frame) fails them with
+UNAVAILABLE. An unreachable peer fails
 fast with UNAVAILABLE naming the address; a reply that does not come in time
 is ETIMEDOUT. A server drops connections whose frames stall or whose peer
 stops reading replies (``frame_stall_timeout_ms``), which frees the pooled

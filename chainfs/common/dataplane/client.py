@@ -27,8 +27,9 @@ since a frame cannot be recalled; one abandoned while its reply streams into
 the sink has the rest of that reply discarded.)
 
 Errors: a peer that refuses or does not accept within ``connect_timeout_ms``
--> ChainfsError(UNAVAILABLE) naming the address; a connection lost or a
-malformed reply -> UNAVAILABLE / BAD_FRAME for every request on it (a
+-> ChainfsError(UNAVAILABLE) naming the address; a connection lost (reset,
+or closed even in the middle of a reply) -> UNAVAILABLE, a malformed reply ->
+BAD_FRAME, for every request on that connection, which is discarded (a
 request none of whose bytes had left is retried once on a fresh connection,
 which hides idle connections the peer has reset); no reply within the
 timeout -> ETIMEDOUT (the request may or may not have been executed: retry

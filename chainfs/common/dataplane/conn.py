@@ -21,7 +21,9 @@ a buffer has been handed to the kernel:
   until then the transport holds its buffers, after that it never touches
   them again.
 * Any malformed input or I/O error closes the connection (``close(exc)``);
-  subclasses fail what depended on it.
+  subclasses fail what depended on it. Malformed input is BAD_FRAME; a lost
+  connection (reset, or end of stream, even in the middle of a frame) is
+  UNAVAILABLE: the peer is gone, not broken, and another one may serve.
 """
 
 from __future__ import annotations
@@ -284,7 +286,11 @@ class Connection:
 
     def _eof(self) -> None:
         if self.mid_frame:
-            self.close(ChainfsError(Code.BAD_FRAME, f"data plane {self.peer}: dropped mid-frame"))
+            # The peer went away (a crash, a reset), it did not send a malformed
+            # frame: UNAVAILABLE, so callers try another replica.
+            self.close(
+                ChainfsError(Code.UNAVAILABLE, f"data plane {self.peer}: connection lost mid-frame")
+            )
         else:
             self.close(None)
 

@@ -5,6 +5,10 @@ TARGET_NOT_SERVING or UNAVAILABLE refresh routing and reuse the SAME request id,
 so the storage side applies them once. Reads go to any SERVING replica, chosen
 at random for load balance; a replica answering NOT_COMMITTED, CHECKSUM_MISMATCH
 or UNAVAILABLE is skipped for another (the tail last, as it is always committed).
+A node that crashes or resets the connection, even in the middle of a reply,
+is UNAVAILABLE (the data plane drops that connection); a malformed reply
+(BAD_FRAME) from a live node is skipped the same way. Either is bounded by
+``attempts`` per read, and a read fails only once no replica served it.
 Many reads to one storage node travel as one batched frame, and the bytes land
 straight in the caller's buffers.
 """
@@ -19,6 +23,9 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
+
+from google.protobuf.message import DecodeError
 
 from chainfs.common.checksum import crc32c
 from chainfs.common.dataplane.client import DataClient
@@ -56,11 +63,13 @@ _RETRY_READ = frozenset(
         Code.UNKNOWN_TARGET,
         Code.FENCED,
         Code.EIO,
+        Code.BAD_FRAME,  # a malformed reply from one replica: another may answer well
     }
 )
 
 
 _HOSTNAME = socket.gethostname()
+MAX_CHUNK_INDEX = 2**32  # end of the chunk index space (remove_chunks' bound)
 
 
 def data_address(node: mp.NodeInfo, prefer_unix_socket: bool = True) -> str:
@@ -271,10 +280,10 @@ class StorageClient:
         await self._to_head(sp.UPDATE, sp.UpdateReq, fill, chain_id, [])
 
     async def remove_chunks(
-        self, chain_id: int, inode: int, begin_index: int = 0, end_index: int = 2**32
+        self, chain_id: int, inode: int, begin_index: int = 0, end_index: int = MAX_CHUNK_INDEX
     ) -> int:
         """Remove chunks [begin_index, end_index) of ``inode`` on one chain; returns how many."""
-        if not 0 <= begin_index <= end_index <= 2**32:
+        if not 0 <= begin_index <= end_index <= MAX_CHUNK_INDEX:
             raise ChainfsError(Code.EINVAL, f"bad chunk range [{begin_index}, {end_index})")
         total = 0
         for _ in range(self.config.max_remove_rounds):
@@ -410,7 +419,10 @@ class StorageClient:
         parsed: list[sp.BatchReadRsp] = []
 
         def parse(rsp_header: bytes) -> sp.BatchReadRsp:
-            rsp = sp.BatchReadRsp.FromString(rsp_header)
+            try:
+                rsp = sp.BatchReadRsp.FromString(rsp_header)
+            except DecodeError as e:
+                raise ChainfsError(Code.BAD_FRAME, f"bad batch read reply: {e}") from None
             if len(rsp.results) != len(items):
                 raise ChainfsError(
                     Code.BAD_FRAME,
@@ -446,13 +458,13 @@ class StorageClient:
                 payload_sink=sink,
                 timeout_s=self.timeout_s,
             )
+            rsp = parsed[0] if parsed else parse(reply.header)  # no payload: sink not called
         except ChainfsError as e:
             if e.code not in _RETRY_READ:
                 raise
             for i, _ in items:
                 last[i] = e
             return
-        rsp = parsed[0] if parsed else parse(reply.header)  # no payload: sink not called
         for k, res in enumerate(rsp.results):
             i = items[k][0]
             got_k = got[k]
@@ -539,3 +551,45 @@ class StorageClient:
             if not rsp.more or not rsp.chunks:
                 return out
             begin = rsp.chunks[-1].chunk.index + 1
+
+
+class ChunkStorage(Protocol):
+    """The chunk calls of StorageClient that meta and cut_chunks use (fakes implement them)."""
+
+    async def query_last_chunk(self, chain_id: int, inode: int) -> tuple[int, int] | None: ...
+
+    async def remove_chunks(
+        self, chain_id: int, inode: int, begin_index: int = 0, end_index: int = MAX_CHUNK_INDEX
+    ) -> int: ...
+
+    async def truncate(
+        self, chain_id: int, inode: int, chunk_index: int, length: int, chunk_size: int
+    ) -> None: ...
+
+
+async def cut_chunks(
+    storage: ChunkStorage,
+    chains: Sequence[int],
+    inode: int,
+    chunk_size: int,
+    size: int,
+    max_parallel_chains: int,
+) -> None:
+    """Drop every byte of a file at or beyond ``size`` from storage, on every chain of
+    its layout (``max_parallel_chains`` calls at once)."""
+    assert chunk_size > 0 and chains and size >= 0, (chunk_size, chains, size)
+    keep = -(-size // chunk_size)  # chunks [0, keep) hold bytes below size
+    sem = asyncio.Semaphore(max_parallel_chains)
+
+    async def remove(chain: int) -> int:
+        async with sem:
+            return await storage.remove_chunks(chain, inode, keep, MAX_CHUNK_INDEX)
+
+    await asyncio.gather(*(remove(c) for c in chains))
+    tail = size - (keep - 1) * chunk_size if keep else 0
+    if keep and tail < chunk_size:
+        # The last kept chunk is partial: cut it if it exists and is longer.
+        chain = chains[(keep - 1) % len(chains)]
+        last = await storage.query_last_chunk(chain, inode)
+        if last is not None and last[0] == keep - 1 and last[1] > tail:
+            await storage.truncate(chain, inode, keep - 1, tail, chunk_size)
