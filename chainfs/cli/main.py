@@ -10,6 +10,7 @@ from chainfs.cli.bench import bench
 from chainfs.cli.fsck import fsck
 from chainfs.cli.mount import mount
 from chainfs.cli.serve import serve
+from chainfs.cli.umount import umount
 from chainfs.cli.up import up
 
 
@@ -25,6 +26,7 @@ cli.add_command(bench)
 cli.add_command(fsck)
 cli.add_command(up)
 cli.add_command(mount)
+cli.add_command(umount)
 
 
 def main() -> int:
