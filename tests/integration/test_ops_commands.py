@@ -3,6 +3,7 @@ across restarts, passes -o to its mount, and `chainfs umount` detaches a mount."
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,7 +38,8 @@ def _free_port() -> int:
 
 def _chainfs(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "chainfs", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    env = dict(os.environ, COLUMNS="240")  # tables wide enough to hold every cell
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
 
 
 @contextmanager
@@ -148,3 +151,64 @@ def test_umount_detaches_a_chainfs_mount_and_waits_for_its_process(
         again = _chainfs("umount", str(mnt))
         assert again.returncode == 1 and "not a chainfs mount" in again.stderr
     assert os.listdir(mnt) == []
+
+
+def _admin(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return _chainfs("admin", *args, "--address", address, timeout_s=120)
+
+
+def test_online_target_waits_until_serving_and_watch_explains_itself(tmp_path: Path) -> None:
+    """online-target returns once the target serves again (its resync done, the
+    bytes written while it was out on it); sync-status --watch says what it waits
+    for instead of exiting silently; admin tables print sizes readable."""
+    with tiny_resync_cluster(tmp_path) as c:
+        fs = c.client()
+        victim = int(json.loads(_admin(c.address, "chains", "--json").stdout)[0]["targets"][0])
+        assert _admin(c.address, "offline-target", str(victim)).returncode == 0
+        files = {f"/f{i}": os.urandom(300_000 + i) for i in range(12)}
+        for path, data in files.items():
+            fs.write_file(path, data)
+        held = _admin(c.address, "sync-status", "--watch")
+        assert held.returncode == 0 and "no target is waiting for or doing a resync" in held.stdout
+        released = _admin(c.address, "online-target", "--no-wait", str(victim))
+        assert released.returncode == 0, released.stderr
+        assert "resyncing; watch with `chainfs admin sync-status --watch`" in released.stdout
+        watched = _admin(c.address, "sync-status", "--watch")
+        assert watched.returncode == 0, watched.stderr
+        assert "waiting for target(s)" in watched.stdout or "resync done" in watched.stdout
+        assert _state(c.address, victim) == "serving"
+        # Out again, more writes; this time online-target itself waits.
+        assert _admin(c.address, "offline-target", str(victim)).returncode == 0
+        fs.write_file("/late", os.urandom(700_000))
+        back = _admin(c.address, "online-target", str(victim), "--json")
+        assert back.returncode == 0, back.stderr
+        assert json.loads(back.stdout)[0]["state"] == "serving"
+        assert _state(c.address, victim) == "serving"
+        table = _admin(c.address, "targets").stdout
+        assert re.search(r"│ +\d+\.\d [KMGTP]iB │", table), table  # used_bytes
+        raw = json.loads(_admin(c.address, "targets", "--json").stdout)
+        assert all(isinstance(r["used_bytes"], int) for r in raw)
+
+
+def _state(address: str, target_id: int) -> str:
+    rows = json.loads(_admin(address, "targets", "--json").stdout)
+    return str(next(r["state"] for r in rows if r["target_id"] == target_id))
+
+
+def tiny_resync_cluster(base: Path) -> LocalCluster:
+    """3 nodes, 3 replicas, a resync slowed to 1 MiB/s so it is seen running."""
+
+    def configure(i: int, c: Any) -> None:
+        c.failure.resync_scan_interval_ms = 100
+        c.failure.resync_rate_bytes_per_s = 1024 * 1024
+        c.failure.resync_report_interval_ms = 100
+
+    return LocalCluster(
+        base,
+        storage_nodes=3,
+        targets_per_node=1,
+        replicas=3,
+        heartbeat_interval_ms=300,
+        heartbeat_timeout_ms=3000,
+        configure_storage=configure,
+    )
