@@ -7,6 +7,7 @@ import click
 from chainfs import __version__
 from chainfs.cli.admin import admin
 from chainfs.cli.bench import bench
+from chainfs.cli.dump import dump, load
 from chainfs.cli.fsck import fsck
 from chainfs.cli.mount import mount
 from chainfs.cli.serve import serve
@@ -27,6 +28,8 @@ cli.add_command(fsck)
 cli.add_command(up)
 cli.add_command(mount)
 cli.add_command(umount)
+cli.add_command(dump)
+cli.add_command(load)
 
 
 def main() -> int:
