@@ -16,6 +16,8 @@ from pathlib import Path
 
 import click
 
+from chainfs.cli.options import seconds_option
+
 FUSE_TYPE = "fuse.chainfs"
 DEFAULT_UMOUNT_TIMEOUT_S = 60.0  # bound on fusermount3 plus the mount process exiting
 _EXIT_POLL_S = 0.05
@@ -82,13 +84,11 @@ def _running(pid: int) -> bool:
 @click.option(
     "--lazy", "-z", is_flag=True, help="Detach now even if busy; it goes once no longer used."
 )
-@click.option(
+@seconds_option(
     "--timeout",
     "timeout_s",
-    type=click.FloatRange(min=0),
-    default=DEFAULT_UMOUNT_TIMEOUT_S,
-    show_default=True,
-    help="Seconds to wait for the unmount and for the mount process to exit.",
+    DEFAULT_UMOUNT_TIMEOUT_S,
+    "Seconds to wait for the unmount and for the mount process to exit.",
 )
 def umount(mountpoint: str, lazy: bool, timeout_s: float) -> None:
     """Unmount the chainfs FUSE mount at MOUNTPOINT; wait until its process has exited."""

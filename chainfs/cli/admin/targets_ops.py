@@ -38,6 +38,7 @@ from chainfs.cli.admin.common import (
     human_bytes,
     mgmt_command,
 )
+from chainfs.cli.options import seconds_option
 from chainfs.common.routing import Routing
 from chainfs.proto import mgmt_pb2 as mp
 
@@ -219,13 +220,11 @@ _SYNC_COLUMNS = [
 
 @admin.command("sync-status")
 @click.option("--watch", is_flag=True, help="Progress bars until no target is syncing.")
-@click.option(
+@seconds_option(
     "--start-timeout",
     "start_timeout_s",
-    type=click.FloatRange(min=0),
-    default=DEFAULT_SYNC_START_TIMEOUT_S,
-    show_default=True,
-    help="With --watch: seconds to wait for a released target to start resyncing.",
+    DEFAULT_SYNC_START_TIMEOUT_S,
+    "With --watch: seconds to wait for a released target to start resyncing.",
 )
 @mgmt_command
 async def sync_status_cmd(
@@ -276,14 +275,11 @@ async def _wait_resync_start(
 @admin.command("online-target")
 @click.argument("target_id", type=int)
 @click.option("--no-wait", is_flag=True, help="Return once released, while it resyncs.")
-@click.option(
+@seconds_option(
     "--timeout",
     "timeout_s",
-    type=click.FloatRange(min=0),
-    default=DEFAULT_ONLINE_TIMEOUT_S,
-    show_default=True,
-    help="Seconds to wait until the target serves (each mgmtd call: at most "
-    f"{DEFAULT_TIMEOUT_S:g}s).",
+    DEFAULT_ONLINE_TIMEOUT_S,
+    f"Seconds to wait until the target serves (each mgmtd call: at most {DEFAULT_TIMEOUT_S:g}s).",
 )
 @admin_options
 @async_command
