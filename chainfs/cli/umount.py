@@ -57,7 +57,8 @@ def mount_processes(mountpoint: str) -> list[int]:
         if "chainfs" not in " ".join(args) or "mount" not in args:
             continue
         rest = args[args.index("mount") + 1 :]
-        if any(os.path.realpath(os.path.join(cwd, a)) == mountpoint for a in rest[:1]):
+        # Paths as strings only: stat-ing another mount's path could hang on it.
+        if rest and os.path.normpath(os.path.join(cwd, rest[0])) == mountpoint:
             pids.append(int(entry.name))
     return pids
 
