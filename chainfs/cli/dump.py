@@ -325,6 +325,8 @@ class Loader:
     open_dirs: list[dict[str, Any]] = field(default_factory=list)  # the current path's dirs
     staging: dict[tuple[int, int], str] = field(default_factory=dict)  # layout -> dir
     narrowed: int = 0  # files whose stripe this cluster cannot match
+    # Only root may give files away (as tar): anyone else loads them as their own.
+    keep_owners: bool = field(default_factory=lambda: os.geteuid() == 0)
 
     def path(self, rec: dict[str, Any]) -> str:
         return _join(self.target, rec["path"])
@@ -415,7 +417,8 @@ class Loader:
     async def attributes(self, rec: dict[str, Any]) -> None:
         """Owner, xattrs, then mode and times (chown clears setuid; times last)."""
         path = self.path(rec)
-        await self.meta.setattr(path, follow=False, uid=rec["uid"], gid=rec["gid"])
+        if self.keep_owners:
+            await self.meta.setattr(path, follow=False, uid=rec["uid"], gid=rec["gid"])
         for name, value in rec.get("xattrs", {}).items():
             await self.meta.setxattr(path, name, base64.b64decode(value), follow=False)
         mode = None if rec["type"] == "symlink" else rec["mode"]
@@ -513,6 +516,8 @@ def load(dump_file: Path, target: str, force: bool, address: str) -> None:
         f"loaded {footer['entries']} entries ({footer['files']} files, {footer['bytes']:,} bytes) "
         f"into {target}"
     )
+    if not loader.keep_owners:
+        click.echo("note: not run as root, so the files belong to you, not to their owners")
     if loader.narrowed:
         click.echo(
             f"note: {loader.narrowed} files spread over fewer chains than in the dump "

@@ -13,6 +13,9 @@ and two meta servers; ``.address`` lists every mgmtd, and so do the storage
 and meta configs. ``kill_mgmtd_primary()``, ``kill_meta(i)``,
 ``kill_etcd(i)`` / ``restart_etcd(i)`` inject the faults.
 
+``mgmtd_ports=[P]`` binds mgmtd to P (the address clients keep); a port some
+other process listens on is refused with an error naming it.
+
 Start order: (etcd), mgmtd, the storage nodes (each serving its target
 directories), wait until every target is registered, create the chain table
 (unless the data directory already has one), then meta. Every service gets a
