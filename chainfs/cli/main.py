@@ -7,9 +7,11 @@ import click
 from chainfs import __version__
 from chainfs.cli.admin import admin
 from chainfs.cli.bench import bench
+from chainfs.cli.dump import dump, load
 from chainfs.cli.fsck import fsck
 from chainfs.cli.mount import mount
 from chainfs.cli.serve import serve
+from chainfs.cli.umount import umount
 from chainfs.cli.up import up
 
 
@@ -25,6 +27,9 @@ cli.add_command(bench)
 cli.add_command(fsck)
 cli.add_command(up)
 cli.add_command(mount)
+cli.add_command(umount)
+cli.add_command(dump)
+cli.add_command(load)
 
 
 def main() -> int:

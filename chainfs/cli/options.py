@@ -18,6 +18,15 @@ def file_option(
     )
 
 
+def seconds_option(
+    flag: str, dest: str, default: float, help: str
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A bound in seconds (>= 0) with its default shown."""
+    return click.option(
+        flag, dest, type=click.FloatRange(min=0), default=default, show_default=True, help=help
+    )
+
+
 # What each extra of the package brings, by the modules a command imports.
 EXTRAS = {
     "server": ("rocksdict", "aetcd"),

@@ -13,6 +13,9 @@ and two meta servers; ``.address`` lists every mgmtd, and so do the storage
 and meta configs. ``kill_mgmtd_primary()``, ``kill_meta(i)``,
 ``kill_etcd(i)`` / ``restart_etcd(i)`` inject the faults.
 
+``mgmtd_ports=[P]`` binds mgmtd to P (the address clients keep); a port some
+other process listens on is refused with an error naming it.
+
 Start order: (etcd), mgmtd, the storage nodes (each serving its target
 directories), wait until every target is registered, create the chain table
 (unless the data directory already has one), then meta. Every service gets a
@@ -34,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from chainfs.common import config as cfg
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.local.process import MountProcess, ServiceProcess, StopOnExit
+from chainfs.local.process import MountProcess, ServiceProcess, StopOnExit, check_port_free
 
 if TYPE_CHECKING:
     from chainfs.client.sync import FileSystem
@@ -133,8 +136,14 @@ class LocalCluster(StopOnExit):
         lease_ms: int | None = None,
         lease_renew_interval_ms: int | None = None,
         configure_meta: Callable[[int, Any], None] | None = None,
+        mgmtd_ports: Sequence[int] = (),
     ) -> None:
         _check_shape(storage_nodes, targets_per_node, replicas, kv, mgmtds, metas, etcd_members)
+        if len(mgmtd_ports) not in (0, mgmtds) or not all(0 <= p <= 65535 for p in mgmtd_ports):
+            raise ChainfsError(
+                Code.EINVAL,
+                f"mgmtd_ports: one port in 0..65535 per mgmtd ({mgmtds}), not {list(mgmtd_ports)}",
+            )
         self.base_dir = Path(base_dir).resolve()
         self.n_storage = storage_nodes
         self.targets_per_node = targets_per_node
@@ -153,6 +162,8 @@ class LocalCluster(StopOnExit):
         self.lease_ms = lease_ms
         self.lease_renew_interval_ms = lease_renew_interval_ms
         self.configure_meta = configure_meta  # (meta index, MetaConfig) -> None
+        # The port of each mgmtd (0 = any free one): the cluster address clients keep.
+        self.mgmtd_ports = list(mgmtd_ports) or [0] * mgmtds
 
         self.mgmtd: ServiceProcess | None = None  # the first mgmtd (mgmtds[0])
         self.meta: ServiceProcess | None = None  # the first meta server (metas[0])
@@ -211,7 +222,9 @@ class LocalCluster(StopOnExit):
         for i in range(self.n_mgmtd):
             # The first keeps its old name (logs under base_dir/mgmtd) for callers that look.
             name = "mgmtd" if i == 0 else f"mgmtd{i}"
-            self.mgmtds.append(self._spawn("mgmtd", name, self._mgmtd_config()))
+            if self.mgmtd_ports[i]:
+                check_port_free(self.mgmtd_ports[i], f"the address of {name}")
+            self.mgmtds.append(self._spawn("mgmtd", name, self._mgmtd_config(i)))
         self.mgmtd = self.mgmtds[0]
         for i in range(self.n_storage):
             self.storage.append(self._spawn("storage", f"storage{i}", self._storage_config(i)))
@@ -234,10 +247,11 @@ class LocalCluster(StopOnExit):
         proc.start(timeout_s=self.start_timeout_s)
         return proc
 
-    def _mgmtd_config(self) -> Any:
+    def _mgmtd_config(self, i: int) -> Any:
         from chainfs.mgmt_service.config import MgmtdConfig
 
         c = MgmtdConfig()
+        c.port = self.mgmtd_ports[i]
         c.kv_url = self._kv_url("mgmtd")
         if self.heartbeat_interval_ms is not None:
             c.heartbeat_interval_ms = self.heartbeat_interval_ms

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -209,6 +210,24 @@ class MountProcess(ChildProcess):
                 ["fusermount3", "-u", "-z", str(self.mountpoint)],
                 capture_output=True, timeout=FUSERMOUNT_TIMEOUT_S, check=False,
             )  # fmt: skip
+
+
+def check_port_free(port: int, what: str, host: str = "127.0.0.1") -> None:
+    """Raise EBUSY naming ``port`` if a process listens on it.
+
+    gRPC servers bind with SO_REUSEPORT, so a second server on a taken port
+    would share it silently instead of failing: probe with a plain socket first.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ChainfsError(
+                Code.EBUSY,
+                f"port {port} ({what}) is in use by another process ({e.strerror}); "
+                f"stop that process, or choose another port",
+            ) from None
 
 
 def fuse_mounted(mountpoint: Path) -> bool:

@@ -85,7 +85,7 @@ def test_resync_progress_in_admin_targets(tmp_path: Path) -> None:
         files = {f"/p{i}": rng.randbytes(rng.randrange(200_000, 1_000_000)) for i in range(16)}
         for p, d in files.items():
             fs.write_file(p, d)
-        admin(c.address, "online-target", str(victim))  # released: it resyncs
+        admin(c.address, "online-target", "--no-wait", str(victim))  # released: it resyncs
         seen: list[tuple[int, int]] = []
 
         def progress() -> bool:

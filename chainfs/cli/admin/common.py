@@ -56,19 +56,45 @@ def async_command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., 
     return wrapper
 
 
+_BYTE_SUFFIXES = ("_bytes", "_bytes_per_s")
+_SIZE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+
+def human_bytes(n: int) -> str:
+    """1 KiB = 1024 B; ``20342374`` -> ``19.4 MiB`` (bytes below 1 KiB stay exact)."""
+    value = float(n)
+    for unit in _SIZE_UNITS:
+        if abs(value) < 1024 or unit == _SIZE_UNITS[-1]:
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable: the last unit returns")
+
+
+def cell(column: str, value: Any) -> str:
+    """One table cell: byte counts (``*_bytes``, ``*_bytes_per_s``) in binary units."""
+    if value is None:
+        return ""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if is_int and column.endswith("_bytes"):
+        return human_bytes(value)
+    if is_int and column.endswith("_bytes_per_s"):
+        return f"{human_bytes(value)}/s"
+    return str(value)
+
+
 def emit(
     rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool, title: str | None = None
 ) -> None:
-    """Print ``rows`` as a rich table, or as a JSON list with --json."""
+    """Print ``rows`` as a rich table (sizes readable), or as a JSON list (raw) with --json."""
     if as_json:
         json.dump(list(rows), sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
         return
     table = Table(title=title)
     for c in columns:
-        table.add_column(c)
+        table.add_column(c, justify="right" if c.endswith(_BYTE_SUFFIXES) else "left")
     for r in rows:
-        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
+        table.add_row(*(cell(c, r.get(c)) for c in columns))
     Console(width=int(os.environ.get("COLUMNS", "160"))).print(table)
 
 
@@ -82,7 +108,7 @@ def emit_object(obj: dict[str, Any], as_json: bool, title: str | None = None) ->
     table.add_column("field")
     table.add_column("value")
     for k, v in obj.items():
-        table.add_row(k, str(v))
+        table.add_row(k, cell(k, v))
     Console(width=int(os.environ.get("COLUMNS", "160"))).print(table)
 
 
