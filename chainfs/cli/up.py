@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from chainfs.cli.options import require_extra
 from chainfs.common.errors import ChainfsError
 
 if TYPE_CHECKING:
@@ -197,6 +198,9 @@ def up(
     The cluster address stays the same across restarts on the same --data."""
     if mount_options and mount is None:
         raise click.UsageError("-o gives options of the mount: use it with --mount")
+    require_extra("server", "chainfs up")
+    if mount is not None:
+        require_extra("fuse", "chainfs up --mount")
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -38,6 +38,7 @@ class Code(IntEnum):
     ELOOP = _errno.ELOOP
     ENODATA = _errno.ENODATA
     EOPNOTSUPP = _errno.EOPNOTSUPP
+    EADDRINUSE = _errno.EADDRINUSE
     ETIMEDOUT = _errno.ETIMEDOUT
     ECONNREFUSED = _errno.ECONNREFUSED
     EHOSTUNREACH = _errno.EHOSTUNREACH

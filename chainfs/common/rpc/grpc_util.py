@@ -151,6 +151,8 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     *CHANNEL_OPTIONS,
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A port another process listens on must fail to bind, not be shared.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -160,7 +162,12 @@ def server() -> grpc.aio.Server:
 
 def bind(srv: grpc.aio.Server, host: str, port: int) -> int:
     """Bind ``host:port`` (0 = ephemeral); returns the port actually bound."""
-    bound = srv.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = srv.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpc: the port is taken (no SO_REUSEPORT sharing)
+        raise ChainfsError(
+            Code.EADDRINUSE, f"cannot listen on {host}:{port}: address in use"
+        ) from None
     if bound == 0:
         raise ChainfsError(Code.EINVAL, f"cannot listen on {host}:{port}")
     return bound
