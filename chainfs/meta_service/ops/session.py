@@ -10,6 +10,7 @@ from chainfs.meta_service import perm, schema
 from chainfs.meta_service.ctx import DIRECTORY, FILE, SYMLINK, Ctx, parse
 from chainfs.meta_service.ops.base import NamespaceBase
 from chainfs.meta_service.ops.context import OpCtx, Tag, check_mode
+from chainfs.meta_service.ops.special import check_openable
 from chainfs.proto import meta_pb2 as pb
 
 
@@ -45,6 +46,7 @@ class SessionOps(NamespaceBase):
                     raise ChainfsError(Code.EEXIST, f"{t.name!r} exists")
                 if inode.type == SYMLINK:
                     raise ChainfsError(Code.ELOOP, f"{t.name!r} is a symbolic link (O_NOFOLLOW)")
+                check_openable(inode)
                 if inode.type == DIRECTORY:
                     if r.write or r.truncate or r.create:
                         raise ChainfsError(Code.EISDIR, "is a directory")
