@@ -14,7 +14,6 @@ EOPNOTSUPP or its local fallback.
 from __future__ import annotations
 
 import errno
-import stat as stat_mod
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +25,7 @@ from chainfs.common.rpc.meta_client import UserInfo
 from chainfs.fuse_mount.dir_ops import DirOps
 from chainfs.fuse_mount.file_ops import FileOps
 from chainfs.fuse_mount.ops_base import ROOT_INO, log, op
+from chainfs.fuse_mount.special_ops import SpecialOps
 from chainfs.fuse_mount.xattr_ops import XattrOps
 
 # Explicit times this close to now come from utimensat(UTIME_NOW) (pyfuse3
@@ -35,7 +35,7 @@ _NOW_SLACK_NS = 200_000_000
 _RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
 
 
-class ChainfsOperations(FileOps, DirOps, XattrOps):
+class ChainfsOperations(FileOps, DirOps, XattrOps, SpecialOps):
     """pyfuse3 request handlers for one mount."""
 
     # -- names -----------------------------------------------------------------
@@ -96,6 +96,9 @@ class ChainfsOperations(FileOps, DirOps, XattrOps):
         kw: dict[str, Any] = {}
         if fields.update_mode:
             kw["mode"] = attr.st_mode & 0o7777
+            # With default_permissions the kernel refuses a chmod by anyone but
+            # the owner, so a mode change from another user is its setuid drop.
+            kw["kill_priv"] = self.config.default_permissions
         if fields.update_uid:
             kw["uid"] = attr.st_uid
         if fields.update_gid:
@@ -148,28 +151,6 @@ class ChainfsOperations(FileOps, DirOps, XattrOps):
     @op
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         return await self.meta.readlink_bytes(inode, user=self._user(ctx))
-
-    @op
-    async def mknod(
-        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        if stat_mod.S_IFMT(mode) not in (0, stat_mod.S_IFREG):
-            # FIFOs, sockets and device nodes are not stored by chainfs.
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        rsp = await self._changing(
-            self.meta.open(
-                (parent_inode, name),
-                read=False,
-                write=False,
-                create=True,
-                exclusive=True,
-                mode=mode & 0o7777,
-                user=self._user(ctx),
-            ),
-            added=[(parent_inode, name)],
-        )
-        self._remember(rsp.inode.ino)
-        return self._entry(rsp.inode)
 
     @op
     async def mkdir(

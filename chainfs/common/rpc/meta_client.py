@@ -122,9 +122,14 @@ def path_at(at: At) -> pb.PathAt:
     return pb.PathAt(path=os.fsencode(at))
 
 
+def type_bits(type_: pb.InodeType.ValueType) -> int:
+    """The st_mode type bits (S_IFREG, S_IFIFO, ...) of an inode type."""
+    return _TYPE_BITS.get(type_, 0)
+
+
 def mode_bits(inode: pb.Inode) -> int:
     """st_mode: type bits | permission bits."""
-    return _TYPE_BITS.get(inode.type, 0) | inode.mode
+    return type_bits(inode.type) | inode.mode
 
 
 def to_stat_result(inode: pb.Inode, dev: int = 0) -> os.stat_result:

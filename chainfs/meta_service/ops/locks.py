@@ -22,13 +22,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc.meta_wire import LOCK_EOF
 from chainfs.kv import KVStore, Transaction
 from chainfs.meta_service import schema
 from chainfs.meta_service.ops.base import NamespaceBase
 from chainfs.meta_service.ops.context import OpCtx, Tag
 from chainfs.proto import meta_pb2 as pb
 
-LOCK_EOF = (1 << 64) - 1  # a range end meaning "to the end of the file, however long"
 _KINDS = frozenset({pb.FLOCK, pb.POSIX})
 _TYPES = frozenset({pb.READ, pb.WRITE, pb.UNLOCK})
 

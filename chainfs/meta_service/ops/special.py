@@ -10,6 +10,7 @@ Its removal drops the inode at once, like a symlink's.
 from __future__ import annotations
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc.meta_wire import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from chainfs.meta_service import perm
 from chainfs.meta_service.ctx import FILE, parse
 from chainfs.meta_service.ops.base import NamespaceBase
@@ -21,9 +22,6 @@ SPECIAL_TYPES = frozenset({pb.FIFO, pb.SOCKET, pb.CHAR_DEVICE, pb.BLOCK_DEVICE})
 DEVICE_TYPES = frozenset({pb.CHAR_DEVICE, pb.BLOCK_DEVICE})
 MAX_RDEV = (1 << 64) - 1
 
-# fallocate(2) mode bits (Linux values).
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
 # The modes chainfs implements; any other is EOPNOTSUPP and changes nothing.
 FALLOCATE_MODES = frozenset({0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE})
 

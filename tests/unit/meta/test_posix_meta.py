@@ -10,8 +10,9 @@ import stat
 import pytest
 
 from chainfs.common.errors import ChainfsError
+from chainfs.common.rpc.meta_wire import LOCK_EOF
 from chainfs.meta_service.background import SessionPruner
-from chainfs.meta_service.ops.locks import LOCK_EOF, apply_range
+from chainfs.meta_service.ops.locks import apply_range
 from chainfs.proto import meta_pb2 as pb
 from tests.unit.meta.conftest import MetaEnv, start_env, stop_env
 
