@@ -6,9 +6,10 @@ request maps onto one inode-based meta call made with the caller's uid/gid
 file contents (file_ops), directory listings (dir_ops), extended attributes
 (xattr_ops), and here the namespace (names, attributes, links) and the file
 system; ops_base holds the mount's state and how every request is answered.
-Operations pyfuse3 does not route here (fallocate, ioctl, copy_file_range,
-lseek, locks) are answered ENOSYS by libfuse, which the kernel turns into
-EOPNOTSUPP or its local fallback.
+Locks and fallocate, which pyfuse3 does not route, come through
+kernel_bridge to lock_ops; other operations pyfuse3 does not route (ioctl,
+copy_file_range, lseek) are answered ENOSYS by libfuse, which the kernel
+turns into EOPNOTSUPP or its local fallback.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import UserInfo
 from chainfs.fuse_mount.dir_ops import DirOps
 from chainfs.fuse_mount.file_ops import FileOps
+from chainfs.fuse_mount.lock_ops import LockOps
 from chainfs.fuse_mount.ops_base import ROOT_INO, log, op
 from chainfs.fuse_mount.special_ops import SpecialOps
 from chainfs.fuse_mount.xattr_ops import XattrOps
@@ -35,7 +37,7 @@ _NOW_SLACK_NS = 200_000_000
 _RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
 
 
-class ChainfsOperations(FileOps, DirOps, XattrOps, SpecialOps):
+class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
     """pyfuse3 request handlers for one mount."""
 
     # -- names -----------------------------------------------------------------

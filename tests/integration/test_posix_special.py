@@ -3,6 +3,7 @@ mount (acting as uid 65534 too) and through the Python API."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -151,6 +152,39 @@ def test_posix_fallocate_through_the_mount(d: Path) -> None:
     finally:
         os.close(fd)
     assert os.stat(d / "pre").st_size == 300_000
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def test_fallocate_through_the_mount(d: Path) -> None:
+    f = d / "fa"
+    data = os.urandom(3 * CHUNK)
+    f.write_bytes(data)
+    fd = os.open(f, os.O_RDWR)
+    try:
+        _fallocate(fd, 0, 0, 5 * CHUNK)
+        assert os.fstat(fd).st_size == 5 * CHUNK
+        _fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 9 * CHUNK)
+        assert os.fstat(fd).st_size == 5 * CHUNK
+        _fallocate(fd, PUNCH, 100, 1000)
+        for mode in (0x08, 0x10, 0x20):  # collapse, zero and insert range
+            with pytest.raises(OSError) as ei:
+                _fallocate(fd, mode, 0, CHUNK)
+            assert ei.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+    want = data[:100] + bytes(1000) + data[1100:] + bytes(2 * CHUNK)
+    assert f.read_bytes() == want
+    assert os.stat(f).st_size == 5 * CHUNK  # the refused modes changed nothing
+    # The fallocate tool: a new file of a given length.
+    subprocess.run(["fallocate", "-l", "1M", str(d / "new")], check=True, timeout=60)
+    assert os.stat(d / "new").st_size == 1 << 20
 
 
 def test_fallocate_api_modes(fs: FileSystem, d: Path, cluster: LocalCluster) -> None:
