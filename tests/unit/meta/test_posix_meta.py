@@ -103,6 +103,16 @@ async def test_truncate_by_non_root_drops_setuid(env: MetaEnv) -> None:
     assert (await m.truncate("/s", 0)).mode == 0o4777  # root keeps it (CAP_FSETID)
 
 
+async def test_write_by_non_root_drops_setuid(env: MetaEnv) -> None:
+    await env.direct.create("/s", 0o6777, write=False)
+    nobody = env.as_user(NOBODY, NOBODY)
+    f = await nobody.open("/s", read=False, write=True)
+    assert (await nobody.close(f.inode.ino, f.session_id, 5, wrote=True)).mode == 0o777
+    await env.direct.chmod("/s", 0o4777)
+    f = await env.direct.open("/s", read=False, write=True)
+    assert (await env.direct.close(f.inode.ino, f.session_id, 9, wrote=True)).mode == 0o4777
+
+
 async def test_fallocate_modes(env: MetaEnv) -> None:
     m = env.direct
     await m.create("/f", 0o644, write=False)
