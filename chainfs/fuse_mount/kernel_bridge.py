@@ -262,9 +262,22 @@ class Bridge:
             ("flush", _FILE_OP, self._flush),
             ("release", _FILE_OP, self._release),
         ):
-            cb = proto(fn)
+            cb = proto(self._guarded(fn))
             self.callbacks.append(cb)
             slots[_SLOT[name]] = ctypes.cast(cb, ctypes.c_void_p).value
+
+    def _guarded(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """A callback that fails answers EIO (an exception would vanish in ctypes
+        and leave the caller waiting forever)."""
+
+        def call(req: int, *args: Any) -> None:
+            try:
+                fn(req, *args)
+            except Exception:
+                log.exception("%s: EIO", fn.__name__)
+                self.lib.fuse_reply_err(req, errno.EIO)
+
+        return call
 
     def _caller(self, req: int) -> Caller:
         c = self.lib.fuse_req_ctx(req).contents
