@@ -284,6 +284,22 @@ class AsyncFileSystem:
             await self.io.meta.setattr(p, follow=True, atime_now=True, mtime_now=True)
 
     @_user_errors
+    async def mknod(self, path: str, mode: int = 0o600, device: int = 0) -> None:
+        """os.mknod: a FIFO, UNIX socket, character or block device (``device``
+        from os.makedev), or a regular file; the process umask applies."""
+        self._check_open()
+        bits = (mode & ~0o7777) | (mode & 0o7777 & ~_umask())
+        await self.io.meta.mknod(normpath(path), bits, device)
+
+    @_user_errors
+    async def fallocate(self, path: str, offset: int, length: int, mode: int = 0) -> None:
+        """fallocate(2) on a file: mode 0 extends its length to offset+length,
+        FALLOC_FL_KEEP_SIZE reserves nothing (storage allocates on write),
+        FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE makes the range read as zeros."""
+        async with await self.open(path, "r+b") as f:
+            await f.fallocate(offset, length, mode)
+
+    @_user_errors
     async def statfs(self) -> os.statvfs_result:
         """File-system totals as an ``os.statvfs_result``."""
         self._check_open()

@@ -59,6 +59,10 @@ class ClientConfig:
     # Distinct paths looked up per batch-stat call of read_ranges (meta caps a
     # batch at 4096 by default).
     batch_stat_paths: int = 1024
+    # A blocking lock (File.lock, a mount's F_SETLKW / flock) asks meta again
+    # after this, doubling up to lock_poll_max_ms while the lock stays taken.
+    lock_poll_initial_ms: int = 10
+    lock_poll_max_ms: int = 500
     # Storage data-plane client: retries across replicas, timeouts, connections.
     storage: StorageClientConfig = field(default_factory=StorageClientConfig)
 
@@ -76,6 +80,8 @@ class ClientConfig:
             "read_ahead_min_bytes",
             "readdir_page_entries",
             "batch_stat_paths",
+            "lock_poll_initial_ms",
+            "lock_poll_max_ms",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from chainfs.client import posix_io
 from chainfs.client.chunk_io import ChunkIO, OpenHandle
 from chainfs.client.layout import Layout, Piece, split
 
@@ -146,6 +147,7 @@ class AsyncFile:
             min(chunk_io.config.read_ahead_min_bytes, max_window) if buffering < 0 else buffering
         )
         self._last_read_end = 0  # file offset where the previous read stopped
+        self._locks: posix_io.LockWaiter | None = None  # advisory locks taken through this file
 
     # -- state ---------------------------------------------------------------
     @property
@@ -405,6 +407,54 @@ class AsyncFile:
         self._rbuf = memoryview(b"")
         return size
 
+    async def fallocate(self, offset: int, length: int, mode: int = 0) -> None:
+        """fallocate(2) (see AsyncFileSystem.fallocate); pending writes go first."""
+        self._check_writable()
+        await self.flush()
+        inode = await posix_io.fallocate(self._io, self._h, mode, offset, length)
+        self._size = max(self._size, inode.size)
+        self._rbuf = memoryview(b"")
+
+    # -- advisory locks: owned by this open file, dropped at its close ---------
+    async def lock(
+        self,
+        exclusive: bool = True,
+        start: int = 0,
+        length: int = 0,
+        *,
+        blocking: bool = True,
+        timeout_s: float | None = None,
+        kind: str = "posix",
+    ) -> None:
+        """Lock bytes [start, start+length) (length 0: to the end of the file,
+        however long) like fcntl F_SETLK(W), or the whole file like flock with
+        ``kind="flock"``. Held at meta until unlock or close (or this client's
+        lease ends); excludes other open files of any client. Not granted:
+        BlockingIOError, at once unless ``blocking`` (then after ``timeout_s``;
+        None waits until granted or the awaiting task is cancelled)."""
+        self._check_open()
+        rng = posix_io.lock_range(exclusive, start, length)
+        await self._waiter().lock(posix_io.LOCK_KINDS[kind], rng, blocking, timeout_s)
+
+    async def unlock(self, start: int = 0, length: int = 0, *, kind: str = "posix") -> None:
+        """Release [start, start+length) (a held range is split as needed)."""
+        self._check_open()
+        rng = posix_io.lock_range(None, start, length)
+        await self._waiter().lock(posix_io.LOCK_KINDS[kind], rng, False)
+
+    async def test_lock(
+        self, exclusive: bool = True, start: int = 0, length: int = 0, *, kind: str = "posix"
+    ) -> posix_io.LockInfo | None:
+        """F_GETLK: a lock of another owner that would block this one, or None."""
+        self._check_open()
+        rng = posix_io.lock_range(exclusive, start, length)
+        return await self._waiter().test(posix_io.LOCK_KINDS[kind], rng)
+
+    def _waiter(self) -> posix_io.LockWaiter:
+        if self._locks is None:
+            self._locks = posix_io.LockWaiter(self._io, self._h.inode)
+        return self._locks
+
     # -- read ----------------------------------------------------------------
     def try_read_buffered(self, n: int) -> bytes | None:
         """Fast path without I/O: serve ``n`` bytes from the read buffer if it has them."""
@@ -549,6 +599,8 @@ class AsyncFile:
             if self._on_close is not None:
                 self._on_close(self)
             try:
+                if self._locks is not None:
+                    await self._locks.release_all()
                 await self._settle_torn()
             finally:
                 # Not cut back (storage unreachable): the length we know, without
@@ -673,6 +725,33 @@ class File(io.BufferedIOBase):
 
     def truncate(self, size: int | None = None) -> int:
         return self._loop.run(self._af.truncate(size))
+
+    def fallocate(self, offset: int, length: int, mode: int = 0) -> None:
+        self._loop.run(self._af.fallocate(offset, length, mode))
+
+    def lock(
+        self,
+        exclusive: bool = True,
+        start: int = 0,
+        length: int = 0,
+        *,
+        blocking: bool = True,
+        timeout_s: float | None = None,
+        kind: str = "posix",
+    ) -> None:
+        self._loop.run(
+            self._af.lock(
+                exclusive, start, length, blocking=blocking, timeout_s=timeout_s, kind=kind
+            )
+        )
+
+    def unlock(self, start: int = 0, length: int = 0, *, kind: str = "posix") -> None:
+        self._loop.run(self._af.unlock(start, length, kind=kind))
+
+    def test_lock(
+        self, exclusive: bool = True, start: int = 0, length: int = 0, *, kind: str = "posix"
+    ) -> posix_io.LockInfo | None:
+        return self._loop.run(self._af.test_lock(exclusive, start, length, kind=kind))
 
     def flush(self) -> None:
         if self._af.closed:

@@ -253,6 +253,12 @@ class FileSystem:
     ) -> None:
         self._loop.run(self._afs.utime(path, times, ns=ns))
 
+    def mknod(self, path: str, mode: int = 0o600, device: int = 0) -> None:
+        self._loop.run(self._afs.mknod(path, mode, device))
+
+    def fallocate(self, path: str, offset: int, length: int, mode: int = 0) -> None:
+        self._loop.run(self._afs.fallocate(path, offset, length, mode))
+
     def statfs(self) -> StatVFS:
         return self._loop.run(self._afs.statfs())
 

@@ -45,6 +45,11 @@ class Code(IntEnum):
     E2BIG = _errno.E2BIG
     EBADMSG = _errno.EBADMSG
     ESTALE = _errno.ESTALE
+    ENOLCK = _errno.ENOLCK
+    EINTR = _errno.EINTR
+    ENXIO = _errno.ENXIO
+    ESPIPE = _errno.ESPIPE
+    ENODEV = _errno.ENODEV
     # chainfs conditions.
     STALE_CHAIN_VERSION = 10001  # request carried an old chain version: refresh routing, retry
     NOT_COMMITTED = 10002  # CRAQ: chunk has a pending version on this replica

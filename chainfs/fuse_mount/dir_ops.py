@@ -8,6 +8,7 @@ import stat as stat_mod
 
 import pyfuse3
 
+from chainfs.common.rpc.meta_client import type_bits
 from chainfs.fuse_mount.ops_base import ROOT_INO, OpsBase, op
 from chainfs.fuse_mount.state import DirHandle
 from chainfs.proto import meta_pb2 as mt
@@ -50,9 +51,7 @@ class DirOps(OpsBase):
         # Listed without attributes (raced with a change): let the kernel ask.
         a = pyfuse3.EntryAttributes()
         a.st_ino = e.ino
-        a.st_mode = {mt.DIRECTORY: stat_mod.S_IFDIR, mt.SYMLINK: stat_mod.S_IFLNK}.get(
-            e.type, stat_mod.S_IFREG
-        )
+        a.st_mode = type_bits(e.type)
         a.entry_timeout = 0
         a.attr_timeout = 0
         return a

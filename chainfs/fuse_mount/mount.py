@@ -28,6 +28,7 @@ import pyfuse3.asyncio
 from chainfs.client.aio_fs import AsyncFileSystem
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.process import write_ready_file
+from chainfs.fuse_mount import kernel_bridge
 from chainfs.fuse_mount.config import MountConfig
 from chainfs.fuse_mount.ops import ChainfsOperations
 
@@ -122,6 +123,8 @@ async def serve(mountpoint: str, config: MountConfig, ready_file: str | None = N
     except BaseException:
         await fs.close()
         raise
+    # Locks and fallocate through the cluster (kept referenced while mounted).
+    bridge = kernel_bridge.install(ops, max_inflight=config.max_requests)
     loop = asyncio.get_running_loop()
     stopping = False
 
@@ -156,6 +159,7 @@ async def serve(mountpoint: str, config: MountConfig, ready_file: str | None = N
         except Exception:
             log.exception("pushing buffered writes at unmount failed")
         pyfuse3.close(unmount=unmount)
+        del bridge  # libfuse no longer calls its callbacks
         if unmount and is_mounted(mountpoint):
             # libfuse skips the unmount when the kernel connection was aborted.
             lazy_unmount(mountpoint)

@@ -6,15 +6,15 @@ request maps onto one inode-based meta call made with the caller's uid/gid
 file contents (file_ops), directory listings (dir_ops), extended attributes
 (xattr_ops), and here the namespace (names, attributes, links) and the file
 system; ops_base holds the mount's state and how every request is answered.
-Operations pyfuse3 does not route here (fallocate, ioctl, copy_file_range,
-lseek, locks) are answered ENOSYS by libfuse, which the kernel turns into
-EOPNOTSUPP or its local fallback.
+Locks and fallocate, which pyfuse3 does not route, come through
+kernel_bridge to lock_ops; other operations pyfuse3 does not route (ioctl,
+copy_file_range, lseek) are answered ENOSYS by libfuse, which the kernel
+turns into EOPNOTSUPP or its local fallback.
 """
 
 from __future__ import annotations
 
 import errno
-import stat as stat_mod
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +25,9 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import UserInfo
 from chainfs.fuse_mount.dir_ops import DirOps
 from chainfs.fuse_mount.file_ops import FileOps
+from chainfs.fuse_mount.lock_ops import LockOps
 from chainfs.fuse_mount.ops_base import ROOT_INO, log, op
+from chainfs.fuse_mount.special_ops import SpecialOps
 from chainfs.fuse_mount.xattr_ops import XattrOps
 
 # Explicit times this close to now come from utimensat(UTIME_NOW) (pyfuse3
@@ -35,7 +37,7 @@ _NOW_SLACK_NS = 200_000_000
 _RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
 
 
-class ChainfsOperations(FileOps, DirOps, XattrOps):
+class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
     """pyfuse3 request handlers for one mount."""
 
     # -- names -----------------------------------------------------------------
@@ -96,6 +98,9 @@ class ChainfsOperations(FileOps, DirOps, XattrOps):
         kw: dict[str, Any] = {}
         if fields.update_mode:
             kw["mode"] = attr.st_mode & 0o7777
+            # With default_permissions the kernel refuses a chmod by anyone but
+            # the owner, so a mode change from another user is its setuid drop.
+            kw["kill_priv"] = self.config.default_permissions
         if fields.update_uid:
             kw["uid"] = attr.st_uid
         if fields.update_gid:
@@ -148,28 +153,6 @@ class ChainfsOperations(FileOps, DirOps, XattrOps):
     @op
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         return await self.meta.readlink_bytes(inode, user=self._user(ctx))
-
-    @op
-    async def mknod(
-        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        if stat_mod.S_IFMT(mode) not in (0, stat_mod.S_IFREG):
-            # FIFOs, sockets and device nodes are not stored by chainfs.
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        rsp = await self._changing(
-            self.meta.open(
-                (parent_inode, name),
-                read=False,
-                write=False,
-                create=True,
-                exclusive=True,
-                mode=mode & 0o7777,
-                user=self._user(ctx),
-            ),
-            added=[(parent_inode, name)],
-        )
-        self._remember(rsp.inode.ino)
-        return self._entry(rsp.inode)
 
     @op
     async def mkdir(

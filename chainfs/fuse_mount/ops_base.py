@@ -182,6 +182,7 @@ class OpsBase(pyfuse3.Operations):
                 ctime_ns = max(ctime_ns, st.write_mtime_ns)
         e.st_size = size
         e.st_blocks = (size + 511) // 512
+        e.st_rdev = inode.rdev
         chunk = inode.layout.chunk_size if inode.type == mt.FILE else 0
         e.st_blksize = min(chunk, 1 << 20) if chunk else 4096
         e.st_atime_ns = inode.atime_ns

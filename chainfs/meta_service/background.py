@@ -31,6 +31,7 @@ from chainfs.meta_service.chunks import ChunkStorage
 from chainfs.meta_service.config import MetaConfig
 from chainfs.meta_service.ctx import FILE, Ctx
 from chainfs.meta_service.namespace import Namespace
+from chainfs.meta_service.ops.locks import drop_client_locks
 from chainfs.proto import meta_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class SessionPruner(Periodic):
         self.cfg = cfg
         self.ns = ns
         self.pruned_sessions = 0
+        self.dropped_locks = 0
         self._cursor = schema.CLNT  # where the scan of client records continues
 
     async def round(self) -> bool:
@@ -162,7 +164,9 @@ class SessionPruner(Periodic):
         for key in keys:
             _, ino, sid = schema.parse_client_session_key(key)
             await self.close_session(client, ino, sid)
-        if len(keys) < limit:
+        dropped = await drop_client_locks(self.kv, client, limit)
+        self.dropped_locks += dropped
+        if len(keys) < limit and dropped < limit:
             await self._forget_client(client)
         return len(keys)
 

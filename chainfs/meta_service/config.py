@@ -60,6 +60,9 @@ class MetaConfig:
     session_timeout_ms: int = 60_000
     session_prune_interval_ms: int = 5_000  # how often vanished clients are looked for
     session_prune_batch: int = 256  # sessions closed per round (bounded work)
+    # Advisory locks (flock, fcntl): held by a client's lease like its sessions.
+    max_lock_owners_per_inode: int = 1024  # lock holders of one file (ENOLCK beyond)
+    max_lock_ranges_per_owner: int = 256  # disjoint ranges one holder keeps (ENOLCK beyond)
 
     # Removed files: chunks are dropped from storage by a background task.
     # A removed file's chunks stay this long after its last session ends (open
@@ -119,6 +122,8 @@ class MetaConfig:
             "session_timeout_ms",
             "session_prune_interval_ms",
             "session_prune_batch",
+            "max_lock_owners_per_inode",
+            "max_lock_ranges_per_owner",
             "gc_interval_ms",
             "gc_batch",
             "gc_concurrency",

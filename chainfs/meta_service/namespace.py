@@ -16,14 +16,18 @@ from __future__ import annotations
 from chainfs.meta_service.ops.attr import AttrOps
 from chainfs.meta_service.ops.context import ClusterView, Tag
 from chainfs.meta_service.ops.create import CreateOps
+from chainfs.meta_service.ops.locks import LockOps
 from chainfs.meta_service.ops.lookup import LookupOps
 from chainfs.meta_service.ops.remove import RemoveOps
 from chainfs.meta_service.ops.rename import RenameOps
 from chainfs.meta_service.ops.session import SessionOps
+from chainfs.meta_service.ops.special import SpecialOps
 from chainfs.meta_service.ops.xattr import XattrOps
 
 __all__ = ["ClusterView", "Namespace", "Tag"]
 
 
-class Namespace(LookupOps, SessionOps, CreateOps, RemoveOps, RenameOps, AttrOps, XattrOps):
+class Namespace(
+    LookupOps, SessionOps, CreateOps, RemoveOps, RenameOps, AttrOps, XattrOps, SpecialOps, LockOps
+):
     """Every namespace operation, one family per module of ``meta_service.ops``."""

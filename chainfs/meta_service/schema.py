@@ -13,6 +13,8 @@ no hot range when ids are allocated in sequence).
     IDEM|client|request    -> answer of a mutating request: tag (u8) + response
     IDET|expire_ms|client|request -> b""   expiry index of IDEM
     XATR|ino|name          -> value
+    LOCK|ino|kind|client|owner -> LockRecord (protobuf): the ranges one lock owner holds
+    LKCL|client|ino|kind|owner -> b""   locks by client, dropped with the client's lease
     GCQU|due_ms|ino        -> b""   removed files whose chunks storage must drop
     IDAL|shard             -> batches taken from this allocator shard (u64 BE)
     FRMT                   -> FormatRecord (protobuf), written once
@@ -41,6 +43,8 @@ XATR = b"XATR"
 GCQU = b"GCQU"
 IDAL = b"IDAL"
 FRMT = b"FRMT"
+LOCK = b"LOCK"
+LKCL = b"LKCL"
 
 _INO = struct.Struct("<Q")
 _BE64 = struct.Struct(">Q")
@@ -157,6 +161,36 @@ def xattr_prefix(ino: int) -> bytes:
 
 def xattr_key(ino: int, name: bytes) -> bytes:
     return XATR + _INO.pack(ino) + name
+
+
+# -- advisory locks -------------------------------------------------------------
+def lock_prefix(ino: int, kind: int) -> bytes:
+    return LOCK + _INO.pack(ino) + bytes([kind])
+
+
+def lock_key(ino: int, kind: int, client_id: bytes, owner: int) -> bytes:
+    return lock_prefix(ino, kind) + client_id + _BE64.pack(owner)
+
+
+def parse_lock_key(key: bytes) -> tuple[bytes, int]:
+    """(client id, owner) of a LOCK key."""
+    body = key[13:]
+    return body[:CLIENT_ID_BYTES], decode_counter(body[CLIENT_ID_BYTES:])
+
+
+def client_lock_prefix(client_id: bytes) -> bytes:
+    return LKCL + client_id
+
+
+def client_lock_key(client_id: bytes, ino: int, kind: int, owner: int) -> bytes:
+    return LKCL + client_id + _INO.pack(ino) + bytes([kind]) + _BE64.pack(owner)
+
+
+def lock_key_of_index(key: bytes) -> bytes:
+    """The LOCK key an LKCL index key points at."""
+    body = key[4:]
+    client, rest = body[:CLIENT_ID_BYTES], body[CLIENT_ID_BYTES:]
+    return LOCK + rest[:9] + client + rest[9:]
 
 
 # -- GC queue -------------------------------------------------------------------

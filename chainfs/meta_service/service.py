@@ -107,6 +107,18 @@ class MetaServicer(pbg.MetaServicer):
     async def SetLayout(self, request: pb.SetLayoutReq, context: Ctx) -> pb.SetLayoutRsp:
         return await self.ns.set_layout(request)
 
+    @rpc_handler
+    async def Mknod(self, request: pb.MknodReq, context: Ctx) -> pb.MknodRsp:
+        return await self.ns.mknod(request)
+
+    @rpc_handler
+    async def Fallocate(self, request: pb.FallocateReq, context: Ctx) -> pb.FallocateRsp:
+        return await self.ns.fallocate(request)
+
+    @rpc_handler
+    async def Lock(self, request: pb.LockReq, context: Ctx) -> pb.LockRsp:
+        return await self.ns.lock(request)
+
 
 # RPC name -> Namespace method name.
 NAMESPACE_METHODS = {
@@ -131,6 +143,9 @@ NAMESPACE_METHODS = {
     "RemoveXattr": "remove_xattr",
     "StatFs": "statfs",
     "SetLayout": "set_layout",
+    "Mknod": "mknod",
+    "Fallocate": "fallocate",
+    "Lock": "lock",
 }
 assert set(NAMESPACE_METHODS) == {w.name for w in WIRE_BY_MSG_TYPE.values()}
 

@@ -30,6 +30,13 @@ class _InodeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InodeType.V
     FILE: _InodeType.ValueType  # 1
     DIRECTORY: _InodeType.ValueType  # 2
     SYMLINK: _InodeType.ValueType  # 3
+    FIFO: _InodeType.ValueType  # 4
+    """Special files: meta keeps only the inode (and rdev); their data never
+    reaches storage (the kernel of the machine that opens them serves it).
+    """
+    SOCKET: _InodeType.ValueType  # 5
+    CHAR_DEVICE: _InodeType.ValueType  # 6
+    BLOCK_DEVICE: _InodeType.ValueType  # 7
 
 class InodeType(_InodeType, metaclass=_InodeTypeEnumTypeWrapper):
     """Names and paths are bytes (POSIX names are byte strings, not UTF-8)."""
@@ -38,7 +45,57 @@ INODE_TYPE_UNSPECIFIED: InodeType.ValueType  # 0
 FILE: InodeType.ValueType  # 1
 DIRECTORY: InodeType.ValueType  # 2
 SYMLINK: InodeType.ValueType  # 3
+FIFO: InodeType.ValueType  # 4
+"""Special files: meta keeps only the inode (and rdev); their data never
+reaches storage (the kernel of the machine that opens them serves it).
+"""
+SOCKET: InodeType.ValueType  # 5
+CHAR_DEVICE: InodeType.ValueType  # 6
+BLOCK_DEVICE: InodeType.ValueType  # 7
 Global___InodeType: _TypeAlias = InodeType  # noqa: Y015
+
+class _LockKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LockKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LockKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOCK_KIND_UNSPECIFIED: _LockKind.ValueType  # 0
+    FLOCK: _LockKind.ValueType  # 1
+    POSIX: _LockKind.ValueType  # 2
+
+class LockKind(_LockKind, metaclass=_LockKindEnumTypeWrapper):
+    """Advisory locks kept by meta, owned by (client id, owner) and ended with the
+    client's lease. flock locks and POSIX byte-range locks do not interact.
+    """
+
+LOCK_KIND_UNSPECIFIED: LockKind.ValueType  # 0
+FLOCK: LockKind.ValueType  # 1
+POSIX: LockKind.ValueType  # 2
+Global___LockKind: _TypeAlias = LockKind  # noqa: Y015
+
+class _LockType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LockTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LockType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOCK_TYPE_UNSPECIFIED: _LockType.ValueType  # 0
+    READ: _LockType.ValueType  # 1
+    """shared"""
+    WRITE: _LockType.ValueType  # 2
+    """exclusive"""
+    UNLOCK: _LockType.ValueType  # 3
+
+class LockType(_LockType, metaclass=_LockTypeEnumTypeWrapper): ...
+
+LOCK_TYPE_UNSPECIFIED: LockType.ValueType  # 0
+READ: LockType.ValueType  # 1
+"""shared"""
+WRITE: LockType.ValueType  # 2
+"""exclusive"""
+UNLOCK: LockType.ValueType  # 3
+Global___LockType: _TypeAlias = LockType  # noqa: Y015
 
 @_typing.final
 class Layout(_message.Message):
@@ -94,6 +151,7 @@ class Inode(_message.Message):
     LAYOUT_FIELD_NUMBER: _builtins.int
     SYMLINK_TARGET_FIELD_NUMBER: _builtins.int
     PARENT_FIELD_NUMBER: _builtins.int
+    RDEV_FIELD_NUMBER: _builtins.int
     ino: _builtins.int
     type: Global___InodeType.ValueType
     mode: _builtins.int
@@ -110,6 +168,8 @@ class Inode(_message.Message):
     symlink_target: _builtins.bytes
     parent: _builtins.int
     """directory: its parent (root: 1); else the parent at create"""
+    rdev: _builtins.int
+    """device number of a CHAR_DEVICE / BLOCK_DEVICE (Linux encoding)"""
     @_builtins.property
     def layout(self) -> Global___Layout:
         """file: its layout; directory: default for new children"""
@@ -130,10 +190,11 @@ class Inode(_message.Message):
         layout: Global___Layout | None = ...,
         symlink_target: _builtins.bytes = ...,
         parent: _builtins.int = ...,
+        rdev: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["atime_ns", b"atime_ns", "ctime_ns", b"ctime_ns", "gid", b"gid", "ino", b"ino", "layout", b"layout", "mode", b"mode", "mtime_ns", b"mtime_ns", "nlink", b"nlink", "parent", b"parent", "size", b"size", "symlink_target", b"symlink_target", "type", b"type", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["atime_ns", b"atime_ns", "ctime_ns", b"ctime_ns", "gid", b"gid", "ino", b"ino", "layout", b"layout", "mode", b"mode", "mtime_ns", b"mtime_ns", "nlink", b"nlink", "parent", b"parent", "rdev", b"rdev", "size", b"size", "symlink_target", b"symlink_target", "type", b"type", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -876,6 +937,7 @@ class SetAttrReq(_message.Message):
     MTIME_NS_FIELD_NUMBER: _builtins.int
     ATIME_NOW_FIELD_NUMBER: _builtins.int
     MTIME_NOW_FIELD_NUMBER: _builtins.int
+    KILL_PRIV_FIELD_NUMBER: _builtins.int
     follow: _builtins.bool
     mode: _builtins.int
     uid: _builtins.int
@@ -887,6 +949,11 @@ class SetAttrReq(_message.Message):
     atime_now: _builtins.bool
     """set atime to the server's clock"""
     mtime_now: _builtins.bool
+    kill_priv: _builtins.bool
+    """The mode change is the kernel's privilege drop after a write, truncate or
+    chown by a non-owner: accepted from anyone when it only clears setuid and
+    setgid of the current mode (FUSE without handle_killpriv sends it as a chmod).
+    """
     @_builtins.property
     def req(self) -> _common_pb2.RequestInfo: ...
     @_builtins.property
@@ -905,10 +972,11 @@ class SetAttrReq(_message.Message):
         mtime_ns: _builtins.int | None = ...,
         atime_now: _builtins.bool = ...,
         mtime_now: _builtins.bool = ...,
+        kill_priv: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_atime_ns", b"_atime_ns", "_gid", b"_gid", "_mode", b"_mode", "_mtime_ns", b"_mtime_ns", "_size", b"_size", "_uid", b"_uid", "at", b"at", "atime_ns", b"atime_ns", "gid", b"gid", "mode", b"mode", "mtime_ns", b"mtime_ns", "req", b"req", "size", b"size", "uid", b"uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_atime_ns", b"_atime_ns", "_gid", b"_gid", "_mode", b"_mode", "_mtime_ns", b"_mtime_ns", "_size", b"_size", "_uid", b"_uid", "at", b"at", "atime_now", b"atime_now", "atime_ns", b"atime_ns", "follow", b"follow", "gid", b"gid", "mode", b"mode", "mtime_now", b"mtime_now", "mtime_ns", b"mtime_ns", "req", b"req", "size", b"size", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_atime_ns", b"_atime_ns", "_gid", b"_gid", "_mode", b"_mode", "_mtime_ns", b"_mtime_ns", "_size", b"_size", "_uid", b"_uid", "at", b"at", "atime_now", b"atime_now", "atime_ns", b"atime_ns", "follow", b"follow", "gid", b"gid", "kill_priv", b"kill_priv", "mode", b"mode", "mtime_now", b"mtime_now", "mtime_ns", b"mtime_ns", "req", b"req", "size", b"size", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__atime_ns: _TypeAlias = _typing.Literal["atime_ns"]  # noqa: Y015
     _WhichOneofArgType__atime_ns: _TypeAlias = _typing.Literal["_atime_ns", b"_atime_ns"]  # noqa: Y015
@@ -1357,11 +1425,290 @@ class SetLayoutRsp(_message.Message):
 Global___SetLayoutRsp: _TypeAlias = SetLayoutRsp  # noqa: Y015
 
 @_typing.final
-class SessionRecord(_message.Message):
+class MknodReq(_message.Message):
+    """mknod(2): a FIFO, UNIX socket, character or block device (or a regular file)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQ_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    RDEV_FIELD_NUMBER: _builtins.int
+    type: Global___InodeType.ValueType
+    mode: _builtins.int
+    """permission bits (umask already applied)"""
+    rdev: _builtins.int
+    """devices only"""
+    @_builtins.property
+    def req(self) -> _common_pb2.RequestInfo: ...
+    @_builtins.property
+    def at(self) -> Global___PathAt: ...
+    def __init__(
+        self,
+        *,
+        req: _common_pb2.RequestInfo | None = ...,
+        at: Global___PathAt | None = ...,
+        type: Global___InodeType.ValueType = ...,
+        mode: _builtins.int = ...,
+        rdev: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "req", b"req"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "mode", b"mode", "rdev", b"rdev", "req", b"req", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MknodReq: _TypeAlias = MknodReq  # noqa: Y015
+
+@_typing.final
+class MknodRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def inode(self) -> Global___Inode: ...
+    def __init__(
+        self,
+        *,
+        inode: Global___Inode | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MknodRsp: _TypeAlias = MknodRsp  # noqa: Y015
+
+@_typing.final
+class FallocateReq(_message.Message):
+    """fallocate(2) on a regular file. mode: 0 (extend the length to offset+length),
+    FALLOC_FL_KEEP_SIZE = 1 (accepted; storage reserves nothing),
+    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE = 3 (checked and stamped here; the
+    client drops whole chunks and writes zeros over partial ones). Other modes:
+    EOPNOTSUPP.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQ_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    mode: _builtins.int
+    offset: _builtins.int
+    length: _builtins.int
+    @_builtins.property
+    def req(self) -> _common_pb2.RequestInfo: ...
+    @_builtins.property
+    def at(self) -> Global___PathAt: ...
+    def __init__(
+        self,
+        *,
+        req: _common_pb2.RequestInfo | None = ...,
+        at: Global___PathAt | None = ...,
+        mode: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "req", b"req"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "length", b"length", "mode", b"mode", "offset", b"offset", "req", b"req"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FallocateReq: _TypeAlias = FallocateReq  # noqa: Y015
+
+@_typing.final
+class FallocateRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def inode(self) -> Global___Inode: ...
+    def __init__(
+        self,
+        *,
+        inode: Global___Inode | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FallocateRsp: _TypeAlias = FallocateRsp  # noqa: Y015
+
+@_typing.final
+class LockRange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    type: Global___LockType.ValueType
+    start: _builtins.int
+    end: _builtins.int
+    """exclusive; 0xFFFFFFFFFFFFFFFF: to the end of the file, however long"""
+    def __init__(
+        self,
+        *,
+        type: Global___LockType.ValueType = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockRange: _TypeAlias = LockRange  # noqa: Y015
+
+@_typing.final
+class LockReq(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQ_FIELD_NUMBER: _builtins.int
+    INO_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    RANGE_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
+    ino: _builtins.int
+    kind: Global___LockKind.ValueType
+    owner: _builtins.int
+    """FUSE lock owner / file handle, unique within the client"""
+    pid: _builtins.int
+    """reported to F_GETLK callers"""
+    test: _builtins.bool
+    """F_GETLK: report a conflicting lock, change nothing"""
+    @_builtins.property
+    def req(self) -> _common_pb2.RequestInfo:
+        """client_id names the holder with `owner`"""
+
+    @_builtins.property
+    def range(self) -> Global___LockRange:
+        """flock: type only (the whole file)"""
+
+    def __init__(
+        self,
+        *,
+        req: _common_pb2.RequestInfo | None = ...,
+        ino: _builtins.int = ...,
+        kind: Global___LockKind.ValueType = ...,
+        range: Global___LockRange | None = ...,
+        owner: _builtins.int = ...,
+        pid: _builtins.int = ...,
+        test: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["range", b"range", "req", b"req"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ino", b"ino", "kind", b"kind", "owner", b"owner", "pid", b"pid", "range", b"range", "req", b"req", "test", b"test"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockReq: _TypeAlias = LockReq  # noqa: Y015
+
+@_typing.final
+class LockHolder(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANGE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    pid: _builtins.int
+    client_id: _builtins.bytes
+    owner: _builtins.int
+    @_builtins.property
+    def range(self) -> Global___LockRange: ...
+    def __init__(
+        self,
+        *,
+        range: Global___LockRange | None = ...,
+        pid: _builtins.int = ...,
+        client_id: _builtins.bytes = ...,
+        owner: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["range", b"range"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "owner", b"owner", "pid", b"pid", "range", b"range"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockHolder: _TypeAlias = LockHolder  # noqa: Y015
+
+@_typing.final
+class LockRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTED_FIELD_NUMBER: _builtins.int
+    CONFLICT_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    SESSION_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    granted: _builtins.bool
+    """set (or, with test, would be)"""
+    held: _builtins.bool
+    """the owner holds some range of this inode after the call"""
+    session_timeout_ms: _builtins.int
+    """keep-alive before this, or the client's locks are dropped"""
+    @_builtins.property
+    def conflict(self) -> Global___LockHolder:
+        """when not granted: one lock in the way"""
+
+    def __init__(
+        self,
+        *,
+        granted: _builtins.bool = ...,
+        conflict: Global___LockHolder | None = ...,
+        held: _builtins.bool = ...,
+        session_timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conflict", b"conflict"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflict", b"conflict", "granted", b"granted", "held", b"held", "session_timeout_ms", b"session_timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockRsp: _TypeAlias = LockRsp  # noqa: Y015
+
+@_typing.final
+class LockRecord(_message.Message):
     """-- records stored in the KV store (not sent on the wire) --------------------
 
-    INOS|ino|session: an open session (write, or read with OpenReq.session).
+    LOCK|ino|kind|client|owner: the ranges one owner holds on one inode.
     """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANGES_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    pid: _builtins.int
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___LockRange]:
+        """sorted by start, disjoint, adjacent same-type ranges merged"""
+
+    def __init__(
+        self,
+        *,
+        ranges: _abc.Iterable[Global___LockRange] | None = ...,
+        pid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pid", b"pid", "ranges", b"ranges"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LockRecord: _TypeAlias = LockRecord  # noqa: Y015
+
+@_typing.final
+class SessionRecord(_message.Message):
+    """INOS|ino|session: an open session (write, or read with OpenReq.session)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

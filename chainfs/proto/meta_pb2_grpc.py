@@ -142,6 +142,21 @@ class MetaStub:
                 request_serializer=meta__pb2.SetLayoutReq.SerializeToString,
                 response_deserializer=meta__pb2.SetLayoutRsp.FromString,
                 _registered_method=True)
+        self.Mknod = channel.unary_unary(
+                '/chainfs.meta.Meta/Mknod',
+                request_serializer=meta__pb2.MknodReq.SerializeToString,
+                response_deserializer=meta__pb2.MknodRsp.FromString,
+                _registered_method=True)
+        self.Fallocate = channel.unary_unary(
+                '/chainfs.meta.Meta/Fallocate',
+                request_serializer=meta__pb2.FallocateReq.SerializeToString,
+                response_deserializer=meta__pb2.FallocateRsp.FromString,
+                _registered_method=True)
+        self.Lock = channel.unary_unary(
+                '/chainfs.meta.Meta/Lock',
+                request_serializer=meta__pb2.LockReq.SerializeToString,
+                response_deserializer=meta__pb2.LockRsp.FromString,
+                _registered_method=True)
 
 
 class MetaServicer:
@@ -276,6 +291,24 @@ class MetaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Mknod(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fallocate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Lock(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -383,6 +416,21 @@ def add_MetaServicer_to_server(servicer, server):
                     servicer.SetLayout,
                     request_deserializer=meta__pb2.SetLayoutReq.FromString,
                     response_serializer=meta__pb2.SetLayoutRsp.SerializeToString,
+            ),
+            'Mknod': grpc.unary_unary_rpc_method_handler(
+                    servicer.Mknod,
+                    request_deserializer=meta__pb2.MknodReq.FromString,
+                    response_serializer=meta__pb2.MknodRsp.SerializeToString,
+            ),
+            'Fallocate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fallocate,
+                    request_deserializer=meta__pb2.FallocateReq.FromString,
+                    response_serializer=meta__pb2.FallocateRsp.SerializeToString,
+            ),
+            'Lock': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lock,
+                    request_deserializer=meta__pb2.LockReq.FromString,
+                    response_serializer=meta__pb2.LockRsp.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -955,6 +1003,87 @@ class Meta:
             '/chainfs.meta.Meta/SetLayout',
             meta__pb2.SetLayoutReq.SerializeToString,
             meta__pb2.SetLayoutRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Mknod(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.meta.Meta/Mknod',
+            meta__pb2.MknodReq.SerializeToString,
+            meta__pb2.MknodRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fallocate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.meta.Meta/Fallocate',
+            meta__pb2.FallocateReq.SerializeToString,
+            meta__pb2.FallocateRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.meta.Meta/Lock',
+            meta__pb2.LockReq.SerializeToString,
+            meta__pb2.LockRsp.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,7 +80,13 @@ _TYPE_BITS = {
     pb.FILE: stat_mod.S_IFREG,
     pb.DIRECTORY: stat_mod.S_IFDIR,
     pb.SYMLINK: stat_mod.S_IFLNK,
+    pb.FIFO: stat_mod.S_IFIFO,
+    pb.SOCKET: stat_mod.S_IFSOCK,
+    pb.CHAR_DEVICE: stat_mod.S_IFCHR,
+    pb.BLOCK_DEVICE: stat_mod.S_IFBLK,
 }
+# st_mode type bits -> inode type (mknod).
+INODE_TYPE_OF_MODE = {bits: t for t, bits in _TYPE_BITS.items()}
 
 
 @dataclass(frozen=True)
@@ -116,9 +122,14 @@ def path_at(at: At) -> pb.PathAt:
     return pb.PathAt(path=os.fsencode(at))
 
 
+def type_bits(type_: pb.InodeType.ValueType) -> int:
+    """The st_mode type bits (S_IFREG, S_IFIFO, ...) of an inode type."""
+    return _TYPE_BITS.get(type_, 0)
+
+
 def mode_bits(inode: pb.Inode) -> int:
     """st_mode: type bits | permission bits."""
-    return _TYPE_BITS.get(inode.type, 0) | inode.mode
+    return type_bits(inode.type) | inode.mode
 
 
 def to_stat_result(inode: pb.Inode, dev: int = 0) -> os.stat_result:
@@ -146,6 +157,7 @@ def to_stat_result(inode: pb.Inode, dev: int = 0) -> os.stat_result:
             "st_ctime_ns": inode.ctime_ns,
             "st_blksize": blksize,
             "st_blocks": (inode.size + 511) // 512,
+            "st_rdev": inode.rdev,
         },
     )
 
@@ -541,13 +553,16 @@ class MetaClient:
         atime_now: bool = False,
         mtime_now: bool = False,
         user: UserInfo | None = None,
+        kill_priv: bool = False,
     ) -> pb.Inode:
+        """``kill_priv``: ``mode`` is a kernel's setuid/setgid drop (see SetAttrReq)."""
         req = pb.SetAttrReq(
             req=self.request_info(user),
             at=path_at(at),
             follow=follow,
             atime_now=atime_now,
             mtime_now=mtime_now,
+            kill_priv=kill_priv,
         )
         for name, value in (
             ("mode", mode),
@@ -662,6 +677,67 @@ class MetaClient:
 
     async def get_layout(self, at: At, user: UserInfo | None = None) -> pb.Layout:
         return (await self.stat(at, user=user)).layout
+
+    # -- special files, fallocate, locks (meta_service/ops/special.py, locks.py) --
+    async def mknod(
+        self, at: At, mode: int, rdev: int = 0, user: UserInfo | None = None
+    ) -> pb.Inode:
+        """mknod(2): ``mode`` holds the type bits (S_IFIFO, S_IFSOCK, S_IFCHR,
+        S_IFBLK, S_IFREG or none for a regular file) and the permission bits."""
+        type_ = INODE_TYPE_OF_MODE.get(stat_mod.S_IFMT(mode) or stat_mod.S_IFREG)
+        if type_ is None or type_ in (pb.DIRECTORY, pb.SYMLINK):
+            raise ChainfsError(Code.EINVAL, f"mknod of file type {stat_mod.S_IFMT(mode):#o}")
+        req = pb.MknodReq(
+            req=self.request_info(user),
+            at=path_at(at),
+            type=type_,
+            mode=stat_mod.S_IMODE(mode),
+            rdev=rdev,
+        )
+        rsp: pb.MknodRsp = await self.call("Mknod", req)
+        return rsp.inode
+
+    async def fallocate(
+        self, at: At, mode: int, offset: int, length: int, user: UserInfo | None = None
+    ) -> pb.Inode:
+        """The metadata side of fallocate(2) (see FallocateReq)."""
+        if offset < 0 or length <= 0:
+            raise ChainfsError(Code.EINVAL, f"fallocate offset {offset}, length {length}")
+        req = pb.FallocateReq(
+            req=self.request_info(user), at=path_at(at), mode=mode, offset=offset, length=length
+        )
+        rsp: pb.FallocateRsp = await self.call("Fallocate", req)
+        return rsp.inode
+
+    async def lock(
+        self,
+        ino: int,
+        kind: pb.LockKind.ValueType,
+        range_: pb.LockRange,
+        owner: int,
+        pid: int = 0,
+        test: bool = False,
+        user: UserInfo | None = None,
+    ) -> pb.LockRsp:
+        """One try at a lock (or unlock, or with ``test`` F_GETLK); never waits.
+        While this client holds locks it keeps its lease alive, as for sessions."""
+        req = pb.LockReq(
+            req=self.request_info(user),
+            ino=ino,
+            kind=kind,
+            range=range_,
+            owner=owner,
+            pid=pid,
+            test=test,
+        )
+        rsp: pb.LockRsp = await self.call("Lock", req)
+        if not test and rsp.granted:
+            token = (ino, b"lock:%d:%d" % (kind, owner))
+            if rsp.held:
+                self._track(*token, rsp.session_timeout_ms)
+            else:
+                self._sessions.discard(token)
+        return rsp
 
     # -- lifetime -----------------------------------------------------------
     async def aclose(self) -> None:

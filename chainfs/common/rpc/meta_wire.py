@@ -1,6 +1,7 @@
 """What the meta service and its clients agree on beyond the protobuf messages:
-the flag bits of rename and setxattr, and how each Meta RPC travels over the
-framed data plane (msg_type per RPC). Both sides import it from here."""
+the flag bits of rename, setxattr and fallocate, the open end of a lock
+range, and how each Meta RPC travels over the framed data plane (msg_type
+per RPC). Both sides import it from here."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ RENAME_EXCHANGE = 2
 # setxattr flags (Linux values)
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
+
+# fallocate modes (Linux values)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+# A lock range end meaning "to the end of the file, however long" (LockRange.end).
+LOCK_EOF = (1 << 64) - 1
 
 FRAME_MSG_TYPE_BASE = 200  # msg_type of the first Meta RPC on the framed transport
 

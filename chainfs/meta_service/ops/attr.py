@@ -8,6 +8,7 @@ from chainfs.meta_service.config import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from chainfs.meta_service.ctx import DIRECTORY, FILE, SYMLINK, parse
 from chainfs.meta_service.ops.base import NamespaceBase
 from chainfs.meta_service.ops.context import MAX_ID, OpCtx, Tag, check_mode, strip_sgid
+from chainfs.meta_service.ops.special import is_priv_drop, kill_priv
 from chainfs.meta_service.perm import S_ISGID, S_ISUID, Caller
 from chainfs.proto import meta_pb2 as pb
 
@@ -30,7 +31,8 @@ class AttrOps(NamespaceBase):
             caller = ctx.caller
             changed = False
             if r.HasField("mode"):
-                if not perm.is_owner(inode, caller):
+                privilege_drop = r.kill_priv and is_priv_drop(inode, r.mode)
+                if not perm.is_owner(inode, caller) and not privilege_drop:
                     raise ChainfsError(Code.EPERM, "chmod: not the owner")
                 if inode.type == SYMLINK:
                     raise ChainfsError(Code.EOPNOTSUPP, "symbolic links have no mode")
@@ -49,6 +51,7 @@ class AttrOps(NamespaceBase):
                     ctx.storage_truncated(inode, r.size)
                 inode.size = r.size
                 inode.mtime_ns = ctx.now_ns
+                kill_priv(inode, caller)
                 changed = True
             explicit = r.HasField("atime_ns") or r.HasField("mtime_ns")
             if explicit or r.atime_now or r.mtime_now:

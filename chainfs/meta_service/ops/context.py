@@ -56,6 +56,9 @@ class Tag:
     SETXATTR = 11
     REMOVEXATTR = 12
     SETLAYOUT = 13
+    MKNOD = 30  # special files and locks (ops/special.py, ops/locks.py)
+    FALLOCATE = 31
+    LOCK = 32
 
 
 class StorageFirst(Exception):

@@ -10,6 +10,7 @@ from chainfs.meta_service import perm, schema
 from chainfs.meta_service.ctx import DIRECTORY, FILE, SYMLINK, Ctx, parse
 from chainfs.meta_service.ops.base import NamespaceBase
 from chainfs.meta_service.ops.context import OpCtx, Tag, check_mode
+from chainfs.meta_service.ops.special import check_openable, kill_priv
 from chainfs.proto import meta_pb2 as pb
 
 
@@ -45,6 +46,7 @@ class SessionOps(NamespaceBase):
                     raise ChainfsError(Code.EEXIST, f"{t.name!r} exists")
                 if inode.type == SYMLINK:
                     raise ChainfsError(Code.ELOOP, f"{t.name!r} is a symbolic link (O_NOFOLLOW)")
+                check_openable(inode)
                 if inode.type == DIRECTORY:
                     if r.write or r.truncate or r.create:
                         raise ChainfsError(Code.EISDIR, "is a directory")
@@ -125,6 +127,7 @@ class SessionOps(NamespaceBase):
             inode.size = size
             if wrote:
                 inode.mtime_ns = inode.ctime_ns = ctx.now_ns
+                kill_priv(inode, ctx.caller)  # a write by anyone but root drops setuid
             ctx.put(inode)
         return inode
 
