@@ -168,7 +168,9 @@ class HttpServer:
     _server: asyncio.Server | None = field(default=None, repr=False)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, limit=MAX_REQUEST_HEAD_BYTES
+        )
         bound = self._server.sockets[0].getsockname()
         self.address = f"{self.host}:{bound[1]}"
 
@@ -181,23 +183,22 @@ class HttpServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            async with asyncio.timeout(REQUEST_READ_TIMEOUT_S):
-                head = await reader.readuntil(b"\r\n\r\n")
-            reply, method = self._answer(head)
+            try:
+                async with asyncio.timeout(REQUEST_READ_TIMEOUT_S):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                reply, method = self._answer(head)
+            except asyncio.LimitOverrunError:
+                reply, method = HttpReply(b"request head too large\n", status=400), "GET"
             writer.write(_encode(reply, with_body=method != "HEAD"))
             await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # a client that went away or sent too much gets nothing
-        except ConnectionError:
-            pass
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass  # a client that went away or stalled gets nothing
         finally:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
     def _answer(self, head: bytes) -> tuple[HttpReply, str]:
-        if len(head) > MAX_REQUEST_HEAD_BYTES:
-            return HttpReply(b"request head too large\n", status=400), "GET"
         parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
         if len(parts) != 3:
             return HttpReply(b"bad request line\n", status=400), "GET"
@@ -336,3 +337,47 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     """Sum of ``name`` over the samples whose labels include ``labels``."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+# What a dashboard plots for a node or the cluster (status page, `admin top`):
+# rate key -> (counter sample, labels it must carry). Writes count once per
+# client write (at the chain head), not once per replica.
+RATES: dict[str, tuple[str, dict[str, str]]] = {
+    "read_bytes": ("chainfs_storage_read_bytes_total", {}),
+    "write_bytes": ("chainfs_storage_write_bytes_total", {"source": "client"}),
+    "read_ops": ("chainfs_storage_read_ops_total", {}),
+    "write_ops": ("chainfs_storage_write_ops_total", {"source": "client"}),
+    "meta_ops": ("chainfs_meta_request_seconds_count", {}),
+    "errors": ("chainfs_storage_request_errors_total", {}),
+}
+
+
+def rate_totals(samples: Samples) -> dict[str, float]:
+    """The counters behind :data:`RATES`, summed over one scrape."""
+    return {key: total(samples, name, **labels) for key, (name, labels) in RATES.items()}
+
+
+def rates(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Per-second rates between two :func:`rate_totals` (a restarted process's
+    counters start again at 0: its drop counts as no traffic)."""
+    return {k: max(0.0, after[k] - before.get(k, 0.0)) / seconds for k in after}
+
+
+class RateTracker:
+    """Rates per source (a node id) from its successive scrapes."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[float, dict[str, float]]] = {}
+
+    def update(self, source: int, samples: Samples) -> dict[str, float] | None:
+        """This scrape's rates since ``source``'s last one (None for its first)."""
+        now = (time.monotonic(), rate_totals(samples))
+        before = self._last.get(source)
+        self._last[source] = now
+        if before is None or now[0] <= before[0]:
+            return None
+        return rates(before[1], now[1], now[0] - before[0])
+
+    def keep_only(self, sources: set[int]) -> None:
+        """Forget sources that are gone (a node back later starts afresh)."""
+        self._last = {k: v for k, v in self._last.items() if k in sources}
