@@ -27,19 +27,6 @@ from chainfs.mgmt_service.metrics import chain_state, node_type, target_state
 from chainfs.mgmt_service.service import Mgmtd
 from chainfs.proto import mgmt_pb2 as mp
 
-# Cluster totals the sampler sums over every node: (JSON key, sample name, labels).
-TOTALS: tuple[tuple[str, str, dict[str, str]], ...] = (
-    ("read_bytes", "chainfs_storage_read_bytes_total", {}),
-    ("write_bytes", "chainfs_storage_write_bytes_total", {"source": "client"}),
-    ("read_ops", "chainfs_storage_read_ops_total", {}),
-    ("write_ops", "chainfs_storage_write_ops_total", {"source": "client"}),
-    ("meta_ops", "chainfs_meta_request_seconds_count", {}),
-)
-
-
-def cluster_totals(samples: metrics.Samples) -> dict[str, float]:
-    return {key: metrics.total(samples, name, **labels) for key, name, labels in TOTALS}
-
 
 @dataclass
 class Sample:
@@ -61,8 +48,7 @@ class ThroughputSampler(Periodic):
         self.svc = svc
         self.timeout_s = cfg.status_scrape_timeout_ms / 1000
         self.history: deque[Sample] = deque(maxlen=cfg.status_history_samples)
-        # node id -> (monotonic time, its totals) at the last scrape
-        self._last: dict[int, tuple[float, dict[str, float]]] = {}
+        self.tracker = metrics.RateTracker()
         self.unreachable: dict[int, str] = {}  # node id -> why its /metrics failed last
         self.sync_start: dict[int, int] = {}  # syncing target -> bytes left when first seen
 
@@ -70,7 +56,7 @@ class ThroughputSampler(Periodic):
         view = self.svc.live_view()
         if view is None:
             self.history.clear()
-            self._last.clear()
+            self.tracker.keep_only(set())
             return False
         info, _ = view
         self._track_syncs(info)
@@ -80,23 +66,18 @@ class ThroughputSampler(Periodic):
             if n.status == mp.NODE_ONLINE and n.tags.get(metrics.METRICS_ADDRESS)
         ]
         got = await asyncio.gather(*(self._scrape(n) for n in nodes))
-        rates: dict[str, float] = {key: 0.0 for key, _, _ in TOTALS}
-        for node, now in zip(nodes, got, strict=True):
-            if now is None:
-                continue
-            before = self._last.get(node.node_id)
-            self._last[node.node_id] = now
-            if before is None or now[0] <= before[0]:
-                continue
-            dt = now[0] - before[0]
-            for key in rates:
-                rates[key] += max(0.0, now[1][key] - before[1][key]) / dt  # a restart resets
-        alive = {n.node_id for n in nodes}
-        self._last = {k: v for k, v in self._last.items() if k in alive}
+        rates = dict.fromkeys(metrics.RATES, 0.0)
+        for node, samples in zip(nodes, got, strict=True):
+            node_rates = None if samples is None else self.tracker.update(node.node_id, samples)
+            for key, value in (node_rates or {}).items():
+                rates[key] += value
+        scraped = {n.node_id for n in nodes}
+        self.tracker.keep_only(scraped)
+        self.unreachable = {k: v for k, v in self.unreachable.items() if k in scraped}
         self.history.append(Sample(int(time.time() * 1000), rates))
         return False
 
-    async def _scrape(self, node: mp.NodeInfo) -> tuple[float, dict[str, float]] | None:
+    async def _scrape(self, node: mp.NodeInfo) -> metrics.Samples | None:
         address = node.tags[metrics.METRICS_ADDRESS]
         try:
             samples = await metrics.scrape(address, self.timeout_s)
@@ -104,7 +85,7 @@ class ThroughputSampler(Periodic):
             self.unreachable[node.node_id] = f"{address}: {e or type(e).__name__}"
             return None
         self.unreachable.pop(node.node_id, None)
-        return time.monotonic(), cluster_totals(samples)
+        return samples
 
     def _track_syncs(self, info: mp.RoutingInfo) -> None:
         syncing = {
