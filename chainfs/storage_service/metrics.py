@@ -30,6 +30,7 @@ class NodeState(Protocol):
     scrubber: Scrubber | None
     resyncer: Resyncer | None
 
+
 OP_NAMES: dict[int, str] = {
     sp.UPDATE: "update",
     sp.BATCH_READ: "batch_read",
