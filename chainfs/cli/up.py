@@ -251,6 +251,10 @@ def _serve(cluster: LocalCluster, data_dir: str, sample_data: bool, stop: thread
     click.echo(f"  export CHAINFS_ADDRESS={cluster.address}")
     if cluster.mountpoint is not None:
         click.echo(f"mounted at {cluster.mountpoint}")
+    if cluster.status_url:
+        click.echo(f"status page: {cluster.status_url}")
+    for name, metrics_address in cluster.metrics_addresses().items():
+        click.echo(f"  metrics {name}: http://{metrics_address}/metrics")
     _print_status(cluster.address)
     if sample_data and not stop.is_set():
         try:

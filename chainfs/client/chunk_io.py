@@ -23,6 +23,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from chainfs.client import metrics as client_metrics
 from chainfs.client.budget import ByteBudget
 from chainfs.client.config import ClientConfig
 from chainfs.client.layout import Layout, Piece, split
@@ -177,7 +178,9 @@ class ChunkIO:
     async def _read_group(self, group: list[tuple[ReadReq, memoryview]]) -> None:
         self.storage_read_bytes += sum(req.length for req, _ in group)
         async with self._read_sem:
-            got = await self.storage.read_batch([r for r, _ in group])
+            with client_metrics.IO.observe("read"):
+                got = await self.storage.read_batch([r for r, _ in group])
+        client_metrics.READ_BYTES.inc(sum(len(data) for data in got))
         for (req, target), data in zip(group, got, strict=True):
             n = len(data)
             if n < req.length:  # a hole, or the end of a short chunk: zeros
@@ -187,10 +190,12 @@ class ChunkIO:
     async def write_piece(self, h: OpenHandle, piece: Piece, data: bytearray) -> None:
         """Write one chunk piece to its chain (acknowledged by every replica)."""
         assert len(data) == piece.length, (len(data), piece)
-        await self.storage.write(
-            piece.chain_id, h.inode, piece.chunk_index, piece.chunk_offset, data,
-            h.layout.chunk_size,
-        )  # fmt: skip
+        with client_metrics.IO.observe("write"):
+            await self.storage.write(
+                piece.chain_id, h.inode, piece.chunk_index, piece.chunk_offset, data,
+                h.layout.chunk_size,
+            )  # fmt: skip
+        client_metrics.WRITE_BYTES.inc(len(data))
 
     async def sync_handle(self, h: OpenHandle, length: int, exact: bool) -> None:
         """Report the length written through ``h`` to meta (``exact``: ask storage, fsync)."""

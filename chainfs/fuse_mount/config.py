@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from chainfs.client.config import ClientConfig
+from chainfs.common.metrics import check_port
 
 # FUSE/kernel mount options passed through to libfuse unchanged (flags).
 PASSTHROUGH_FLAGS = frozenset(
@@ -72,10 +73,14 @@ class MountConfig:
     fsname: str = "chainfs"
     # Extra kernel mount flags, from PASSTHROUGH_FLAGS (e.g. ["ro", "noatime"]).
     mount_flags: list[str] = field(default_factory=list)
+    # Prometheus /metrics over HTTP on 127.0.0.1; 0 = ephemeral (the address is
+    # in the ready file), -1 = off.
+    metrics_port: int = 0
     # Client library settings (timeouts are capped by cluster_timeout_ms).
     client: ClientConfig = field(default_factory=ClientConfig)
 
     def validate(self) -> None:
+        check_port("metrics_port", self.metrics_port)
         for name in (
             "attr_timeout_ms",
             "entry_timeout_ms",

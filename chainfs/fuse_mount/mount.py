@@ -27,6 +27,7 @@ import pyfuse3.asyncio
 
 from chainfs.client.aio_fs import AsyncFileSystem
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.metrics import NodeMetrics
 from chainfs.common.process import write_ready_file
 from chainfs.fuse_mount import kernel_bridge
 from chainfs.fuse_mount.config import MountConfig
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 pyfuse3.asyncio.enable()
 
+METRICS_HOST = "127.0.0.1"  # the mount's /metrics: this host only (no login yet)
 # Bound on pushing buffered writes and closing sessions while unmounting.
 SHUTDOWN_TIMEOUT_S = 30.0
 
@@ -118,9 +120,13 @@ async def serve(mountpoint: str, config: MountConfig, ready_file: str | None = N
     fs = await AsyncFileSystem.connect(config.address, config=config.effective_client_config())
     ops = ChainfsOperations(fs.io, config)
     ops.on_init = lambda: set_read_ahead(mountpoint, config.read_ahead_kb)
+    node_metrics = None
     try:
+        node_metrics = await NodeMetrics.start(METRICS_HOST, config.metrics_port)
         pyfuse3.init(ops, mountpoint, config.fuse_options())
     except BaseException:
+        if node_metrics is not None:
+            await node_metrics.stop()
         await fs.close()
         raise
     # Locks and fallocate through the cluster (kept referenced while mounted).
@@ -144,7 +150,8 @@ async def serve(mountpoint: str, config: MountConfig, ready_file: str | None = N
     # the cyclic GC from rescanning them on every collection.
     gc.freeze()
     try:
-        write_ready_file(ready_file, {"mountpoint": mountpoint, "address": config.address})
+        info = {"mountpoint": mountpoint, "address": config.address, **node_metrics.ready_info()}
+        write_ready_file(ready_file, info)
         log.info("chainfs %s mounted at %s", config.address, mountpoint)
         await pyfuse3.main(min_tasks=4, max_tasks=config.max_requests)
         # main() also returns when `fusermount3 -u` took the mount away.
@@ -165,6 +172,7 @@ async def serve(mountpoint: str, config: MountConfig, ready_file: str | None = N
             lazy_unmount(mountpoint)
         with contextlib.suppress(Exception):
             await fs.close()
+        await node_metrics.stop()
     log.info("unmounted %s", mountpoint)
     return 0
 

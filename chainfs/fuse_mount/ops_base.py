@@ -26,6 +26,7 @@ from chainfs.common.dataplane.buffers import BufferPool
 from chainfs.common.errors import ChainfsError
 from chainfs.common.rpc.meta_client import MetaClient, UserInfo, mode_bits
 from chainfs.common.units import MiB
+from chainfs.fuse_mount import metrics as fuse_metrics
 from chainfs.fuse_mount.config import MountConfig
 from chainfs.fuse_mount.state import DirHandle, DirNames, FileHandle, GroupsCache, OpenInode
 from chainfs.proto import meta_pb2 as mt
@@ -77,6 +78,10 @@ def op(
 
     @functools.wraps(fn)
     async def wrapper(self: Ops, *args: P.args, **kwargs: P.kwargs) -> T:
+        with fuse_metrics.REQUESTS.observe(name):
+            return await answer(self, *args, **kwargs)
+
+    async def answer(self: Ops, *args: P.args, **kwargs: P.kwargs) -> T:
         try:
             async with asyncio.timeout(self.guard_s):
                 return await fn(self, *args, **kwargs)

@@ -198,6 +198,24 @@ class LocalCluster(StopOnExit):
         assert self.mgmtds and all(p.info for p in self.mgmtds), "cluster not started"
         return [str(p.info["rpc_address"]) for p in self.mgmtds]
 
+    def metrics_addresses(self) -> dict[str, str]:
+        """Process name -> host:port of its /metrics, from the ready files (running ones)."""
+        procs: list[ServiceProcess | MountProcess] = [*self._procs]
+        if self._mount_proc is not None:
+            procs.append(self._mount_proc)
+        return {
+            p.name: str(p.info["metrics_address"])
+            for p in procs
+            if p.alive() and p.info.get("metrics_address")
+        }
+
+    @property
+    def status_url(self) -> str:
+        """The first mgmtd's status page ("" when it serves none)."""
+        assert self.mgmtd is not None, "cluster not started"
+        address = self.mgmtd.info.get("status_address")
+        return f"http://{address}/" if address else ""
+
     @property
     def etcd(self) -> EtcdCluster:
         """The etcd cluster (kv="etcd" only)."""

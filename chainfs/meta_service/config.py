@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from chainfs.common.dataplane.config import DataPlaneConfig
+from chainfs.common.metrics import check_port
 from chainfs.common.rpc.retry import RetryPolicy
 from chainfs.common.units import KiB, MiB
 
@@ -22,6 +23,11 @@ class MetaConfig:
     # in Python); advertised to clients as the node's data_address.
     frame_enabled: bool = True
     frame_port: int = 0  # 0 = ephemeral
+    metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 = ephemeral, -1 = off
+    # The open-sessions gauge: sessions in the store are counted this often,
+    # up to this many (the count stops there; one counting pass reads them all).
+    session_count_interval_ms: int = 10_000
+    session_count_limit: int = 100_000
     # The metadata store every meta server of the cluster shares (chainfs.kv URL).
     kv_url: str = "memory://"
     # host:port of every mgmtd. Empty = standalone: no routing, no storage; file
@@ -90,6 +96,9 @@ class MetaConfig:
     )
 
     def validate(self) -> None:
+        check_port("metrics_port", self.metrics_port)
+        if self.session_count_interval_ms <= 0 or self.session_count_limit <= 0:
+            raise ValueError("session_count_interval_ms and session_count_limit must be > 0")
         if not 0 <= self.port <= 65535 or not 0 <= self.frame_port <= 65535:
             raise ValueError("port and frame_port must be in 0..65535")
         self.dataplane.validate()

@@ -22,11 +22,13 @@ from chainfs.common import config as config_mod
 from chainfs.common import logging as chainfs_logging
 from chainfs.common.background import Periodic, start_all
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.metrics import NodeMetrics
 from chainfs.common.process import run_service, write_ready_file
 from chainfs.common.routing import Routing
 from chainfs.common.rpc import grpc_util
 from chainfs.kv import KVStore
 from chainfs.kv import open as kv_open
+from chainfs.meta_service import metrics as meta_metrics
 from chainfs.meta_service.alloc import InodeAllocator
 from chainfs.meta_service.background import (
     GarbageCollector,
@@ -106,6 +108,7 @@ class MetaServer:
         self._grpc: grpc.aio.Server | None = None
         self._stop_tasks: Callable[[], Awaitable[None]] | None = None
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        self.metrics: NodeMetrics | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -155,6 +158,11 @@ class MetaServer:
             self.cluster = StaticCluster(cfg.static_chains)
 
         self.ns = Namespace(self.kv, cfg, alloc, self.cluster, self.storage)
+        meta_metrics.instrument(self.ns)
+        self.metrics = await NodeMetrics.start(
+            cfg.listen_host, cfg.metrics_port, meta_metrics.kv_collector(self.kv)
+        )
+        self._closers.append(self.metrics.stop)
         srv = grpc_util.server()
         pbg.add_MetaServicer_to_server(MetaServicer(self.ns), srv)
         port = grpc_util.bind(srv, cfg.listen_host, cfg.port)
@@ -174,11 +182,13 @@ class MetaServer:
         if heartbeat is not None:
             heartbeat.node.rpc_address = self.rpc_address
             heartbeat.node.data_address = self.data_address
+            heartbeat.node.tags.update(self.metrics.tags())
             await heartbeat.start()
             self._closers.insert(0, heartbeat.stop)
             self.node_id = heartbeat.node_id
 
         self.tasks = [IdempotencyCleaner(self.kv, cfg), SessionPruner(self.kv, cfg, self.ns)]
+        self.tasks.append(meta_metrics.SessionCounter(self.kv, cfg))
         if self.storage is not None:
             self.tasks.append(GarbageCollector(self.kv, cfg, self.storage))
         else:
@@ -196,6 +206,7 @@ class MetaServer:
             "rpc_address": self.rpc_address,
             "data_address": self.data_address,
             "node_id": self.node_id,
+            **(self.metrics.ready_info() if self.metrics else {}),
         }
 
     async def stop(self) -> None:

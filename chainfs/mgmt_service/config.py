@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from chainfs.common.metrics import check_port
+
 
 @dataclass
 class MgmtdConfig:
@@ -41,11 +43,30 @@ class MgmtdConfig:
     # Bounds on the config store.
     max_config_key_bytes: int = 256
     max_config_value_bytes: int = 64 * 1024
+    # Prometheus /metrics and the read-only status page (HTTP, no login yet);
+    # 0 = ephemeral (the bound address is in the ready file), -1 = off.
+    metrics_port: int = 0
+    status_port: int = 0
+    # The status page's throughput charts: every online node's /metrics is
+    # scraped this often (each scrape bounded by the timeout), and this many
+    # samples are kept (300 x 2 s = the last 10 minutes).
+    status_sample_interval_ms: int = 2_000
+    status_scrape_timeout_ms: int = 1_000
+    status_history_samples: int = 300
     log_level: str = "INFO"
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, not {self.port}")
+        check_port("metrics_port", self.metrics_port)
+        check_port("status_port", self.status_port)
+        for name in (
+            "status_sample_interval_ms",
+            "status_scrape_timeout_ms",
+            "status_history_samples",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
         if not self.kv_url and not self.data_dir:
             raise ValueError(
                 "set kv_url (memory://, rocksdb:///dir, etcd://h:p/prefix) or data_dir"

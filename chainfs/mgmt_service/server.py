@@ -27,6 +27,7 @@ from chainfs.mgmt_service.cluster_state import Counters
 from chainfs.mgmt_service.config import MgmtdConfig, redact_url
 from chainfs.mgmt_service.schema import KEY_COUNTERS
 from chainfs.mgmt_service.service import Mgmtd
+from chainfs.mgmt_service.status_page import MgmtdWeb, ThroughputSampler, start_web
 from chainfs.proto import mgmt_pb2_grpc as mg
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ async def serve(
     stop_tasks: Callable[[], Awaitable[None]] | None = None
     srv: grpc.aio.Server | None = None
     svc: Mgmtd | None = None
+    web: MgmtdWeb | None = None
     try:
         srv = grpc_util.server()
         port = grpc_util.bind(srv, cfg.listen_host, cfg.port)
@@ -75,7 +77,9 @@ async def serve(
         mg.add_MgmtServicer_to_server(svc, srv)
         await srv.start()
         lease_keeper = LeaseKeeper(svc)
-        stop_tasks = start_all([lease_keeper, HeartbeatChecker(svc)])
+        sampler = ThroughputSampler(svc, cfg)
+        stop_tasks = start_all([lease_keeper, HeartbeatChecker(svc), sampler])
+        web = await start_web(cfg, svc, sampler)
         async with asyncio.timeout(max(10.0, cfg.lease_ms / 1000.0 * 3)):
             await lease_keeper.first_round.wait()
         write_ready_file(
@@ -85,6 +89,7 @@ async def serve(
                 "node_id": self_id,
                 "primary": svc.election.is_primary(),
                 "kv_url": redact_url(url),
+                **web.ready_info(),
             },
         )
         log.info(
@@ -101,6 +106,8 @@ async def serve(
             svc.stop_serving()
         if stop_tasks is not None:
             await stop_tasks()
+        if web is not None:
+            await web.stop()
         if svc is not None:
             try:
                 await asyncio.wait_for(svc.election.release(), 2.0)

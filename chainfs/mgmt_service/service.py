@@ -183,6 +183,14 @@ class Mgmtd(mg.MgmtServicer):
                 t.sync_rate_bytes_per_s = s.sync_rate_bytes_per_s
         return info
 
+    def live_view(self) -> tuple[mp.RoutingInfo, dict[int, float]] | None:
+        """Primary: routing with live figures, and each node's seconds since its
+        last heartbeat (metrics, status page); None on a standby."""
+        if self.state is None or not self.election.is_primary():
+            return None
+        now = time.monotonic()
+        return self._routing_out(self.state), {n: now - t for n, t in self._last_hb.items()}
+
     # -- background rounds (run by mgmt_service.background) ---------------
     async def election_round(self) -> None:
         """Renew or take the lease, or stand by; load the state on taking over."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from chainfs.common.dataplane.config import DataPlaneConfig
+from chainfs.common.metrics import check_port
 from chainfs.common.units import MiB
 from chainfs.storage_service.failure_config import FailureConfig
 
@@ -26,6 +27,7 @@ class StorageConfig:
     listen_host: str = "127.0.0.1"
     port: int = 0  # gRPC control port (StorageControl); 0 = ephemeral
     data_port: int = 0  # framed data-plane TCP port; 0 = ephemeral
+    metrics_port: int = 0  # Prometheus /metrics over HTTP; 0 = ephemeral, -1 = off
     # Same-host fast path: the data plane also listens on this unix socket and
     # same-host peers (clients, chain predecessors) use it. A relative path is
     # taken inside the first target directory (one node per directory, so no
@@ -95,6 +97,7 @@ class StorageConfig:
     failure: FailureConfig = field(default_factory=FailureConfig)  # fencing, resync, scrubbing
 
     def validate(self) -> None:
+        check_port("metrics_port", self.metrics_port)
         if not 0.0 < self.disk_usage_limit_ratio <= 1.0:
             raise ValueError("disk_usage_limit_ratio must be in (0, 1]")
         if len(set(self.targets)) != len(self.targets):

@@ -23,6 +23,7 @@ import grpc.aio
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.dataplane.server import DataServer, Handler
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.metrics import NodeMetrics
 from chainfs.common.routing import Routing
 from chainfs.common.rpc import grpc_util
 from chainfs.common.rpc.mgmt_client import HeartbeatLoop, MgmtClient, RoutingCache
@@ -36,6 +37,7 @@ from chainfs.storage_service.chunk_engine import ChunkEngine
 from chainfs.storage_service.config import StorageConfig
 from chainfs.storage_service.craq import Craq, LocalTarget, record_to_meta
 from chainfs.storage_service.fencing import Fence
+from chainfs.storage_service.metrics import node_collector
 from chainfs.storage_service.resync import Resyncer, SyncReceiver
 from chainfs.storage_service.scrubber import Repairer, Scrubber
 
@@ -99,6 +101,7 @@ class StorageNode:
         self.copier: ChunkCopier | None = None
         self.scrubber: Scrubber | None = None
         self._create_lock = asyncio.Lock()  # one create-targets at a time
+        self.metrics: NodeMetrics | None = None
 
     def chain_of(self, target_id: int, routing: Routing | None) -> int:
         if routing is None:
@@ -285,6 +288,9 @@ class StorageNode:
         )
         await self.data_server.start()
         self.data_address = self.data_server.address
+        self.metrics = await NodeMetrics.start(
+            cfg.listen_host, cfg.metrics_port, node_collector(self)
+        )
         # Register with mgmtd and heartbeat.
         node = mp.NodeInfo(
             node_id=self.node_id,
@@ -294,6 +300,7 @@ class StorageNode:
             rpc_address=self.rpc_address,
             data_address=self.data_address,
             unix_socket=self.unix_path,
+            tags=self.metrics.tags(),
         )
         self.heartbeat = HeartbeatLoop(
             self.mgmt,
@@ -361,6 +368,7 @@ class StorageNode:
             "node_id": self.node_id,
             "target_ids": sorted(self.targets),
             "targets": {str(tid): str(t.engine.path) for tid, t in self.targets.items()},
+            **(self.metrics.ready_info() if self.metrics else {}),
         }
 
     async def stop(self) -> None:
@@ -369,6 +377,8 @@ class StorageNode:
                 await svc.stop()
         if self.heartbeat is not None:
             await self.heartbeat.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.routing.stop()
         if self.data_server is not None:
             await self.data_server.stop()

@@ -25,6 +25,7 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.grpc_util import rpc_handler
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
+from chainfs.storage_service import metrics as storage_metrics
 from chainfs.storage_service.chunk_record import parse_key
 from chainfs.storage_service.craq import Craq, record_to_meta
 
@@ -41,13 +42,16 @@ DataCall = Callable[["StorageNode", Craq, Any, Request], Awaitable[Message | Res
 
 
 async def _update(node: StorageNode, craq: Craq, req: sp.UpdateReq, frame: Request) -> Message:
-    return await craq.update(req, frame.payload)
+    rsp = await craq.update(req, frame.payload)
+    storage_metrics.count_update(req, rsp)
+    return rsp
 
 
 async def _batch_read(
     node: StorageNode, craq: Craq, req: sp.BatchReadReq, frame: Request
 ) -> Response:
     out, buffers, release = await craq.batch_read(req)
+    storage_metrics.count_reads(req, out)
     if node.repairer is not None:
         for io, res in zip(req.ios, out.results, strict=True):
             if res.status.code == Code.CHECKSUM_MISMATCH:
@@ -101,7 +105,9 @@ def framed_handler(node: StorageNode) -> Handler:
             req = request_type.FromString(frame.header)
         except DecodeError as e:  # garbage is the caller's BAD_FRAME, not our INTERNAL
             raise ChainfsError(Code.BAD_FRAME, f"bad {request_type.__name__} header: {e}") from None
-        rsp = await call(node, craq, req, frame)
+        op = storage_metrics.op_name(frame.msg_type)
+        with storage_metrics.observe(op):
+            rsp = await call(node, craq, req, frame)
         if isinstance(rsp, Response):
             return rsp
         return Response(frame.msg_type, rsp.SerializeToString())

@@ -7,6 +7,7 @@ from chainfs.cli.admin import cluster as _cluster  # noqa: F401  (registers comm
 from chainfs.cli.admin import create_targets as _create_targets  # noqa: F401  (registers commands)
 from chainfs.cli.admin import layout as _layout  # noqa: F401  (registers commands)
 from chainfs.cli.admin import targets_ops as _targets_ops  # noqa: F401  (registers commands)
+from chainfs.cli.admin import top as _top  # noqa: F401  (registers commands)
 from chainfs.cli.admin.common import admin
 
 __all__ = ["admin"]

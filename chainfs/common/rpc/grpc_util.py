@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 import grpc.aio
 
+from chainfs.common import metrics
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.units import MiB
 
@@ -59,13 +60,19 @@ def grpc_status_for(code: int) -> grpc.StatusCode:
     return _GRPC_STATUS.get(code, grpc.StatusCode.FAILED_PRECONDITION)
 
 
+GRPC_REQUESTS = metrics.RequestMetrics("chainfs_grpc_request", "gRPC request")
+
+
 def rpc_handler(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Decorate an async servicer method so ChainfsError becomes a gRPC status."""
+    """Decorate an async servicer method so ChainfsError becomes a gRPC status
+    (and the call is timed in ``chainfs_grpc_request_seconds{op=<method>}``)."""
+    op = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
-            return await fn(self, request, context)
+            with GRPC_REQUESTS.observe(op):
+                return await fn(self, request, context)
         except ChainfsError as e:
             await _abort(context, e.code, e.message)
         except asyncio.CancelledError:

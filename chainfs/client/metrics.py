@@ -1,0 +1,14 @@
+"""What the client library counts (names in docs/metrics.md): its chunk I/O,
+by op, with bytes. Kept in the process's registry; the FUSE mount serves it at
+/metrics, and a program using the library may serve it with
+``chainfs.common.metrics.serve_metrics``."""
+
+from __future__ import annotations
+
+from chainfs.common import metrics
+
+IO = metrics.RequestMetrics("chainfs_client_io", "Client chunk I/O call")
+READ_BYTES = metrics.counter("chainfs_client_read_bytes", "Bytes read from storage by this client")
+WRITE_BYTES = metrics.counter(
+    "chainfs_client_write_bytes", "Bytes written to storage by this client (once per chain)"
+)
