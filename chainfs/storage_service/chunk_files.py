@@ -196,6 +196,21 @@ class ChunkFiles:
         finally:
             os.close(fd)
 
+    def write_in_place(
+        self, inode: int, index: int, gen: int, offset: int, data: memoryview
+    ) -> None:
+        """Write ``data`` at ``offset`` of the existing file ``gen`` (a journaled update
+        reaching the file at commit); durable before it returns on a durable target."""
+        fd = os.open(self.path(inode, index, gen), os.O_WRONLY)
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], offset + done)
+            if self.durable:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
     def _write_direct(self, inode: int, index: int, gen: int, data: memoryview) -> None:
         """A whole new file from an aligned buffer with O_DIRECT: DMA from our buffer,
         no copy into the page cache (the copy that dominated replicated writes)."""
