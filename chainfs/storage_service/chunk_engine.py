@@ -260,22 +260,11 @@ class ChunkEngine:
         file_gen: int,
         block_crcs: bytes,
         origin: Origin,
+        journal: tuple[int, memoryview] | None = None,
     ) -> ChunkRecord:
-        new = self._pending_record(rec, version, length, crc32c, file_gen, block_crcs, origin)
-        self.records.put(inode, index, new)
-        return new
-
-    def _pending_record(
-        self,
-        rec: ChunkRecord,
-        version: int,
-        length: int,
-        crc32c: int,
-        file_gen: int,
-        block_crcs: bytes,
-        origin: Origin,
-    ) -> ChunkRecord:
-        return replace(
+        """Record pending ``version``; with ``journal`` (offset, bytes) a journaled one,
+        the record and its journal in one atomic write."""
+        new = replace(
             rec,
             block_size=self._block_size(rec),
             pending_block_crcs=block_crcs,
@@ -286,7 +275,13 @@ class ChunkEngine:
             pending_remove=False,
             pending_client=origin.client,
             pending_request=origin.request,
+            pending_journal=journal is not None,
         )
+        if journal is None:
+            self.records.put(inode, index, new)
+        else:
+            self.records.put_with_journal(inode, index, new, *journal)
+        return new
 
     # ---- per-block CRCs ------------------------------------------------------
 
@@ -432,9 +427,18 @@ class ChunkEngine:
         blocks = block_crcs.after_write(rec, offset, data, self._old_blocks(inode, index, rec))
         new_len = max(rec.length, offset + len(data))
         new_crc = crc.combine_blocks(blocks, rec.block_size, new_len)
-        new = self._pending_record(rec, version, new_len, new_crc, rec.file_gen, blocks, origin)
-        new = replace(new, pending_journal=True)
-        self.records.put_with_journal(inode, index, new, offset, data)
+        new = self._set_pending(
+            inode,
+            index,
+            rec,
+            version,
+            new_len,
+            new_crc,
+            rec.file_gen,
+            blocks,
+            origin,
+            (offset, data),
+        )
         fault_points.stall("journal-prepared", f"{self.path} {inode} {index} v{version}")
         return new
 
