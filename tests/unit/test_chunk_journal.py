@@ -231,3 +231,27 @@ def test_recovery_drops_journals_nothing_refers_to(tmp_path: Path) -> None:
     assert eng.recovered["orphans"] == 1
     _check_committed(eng, base, 1)
     eng.close()
+
+
+def test_journal_bound_is_checked() -> None:
+    from chainfs.storage_service.config import StorageConfig
+
+    for bad in (-1, 64 << 20):
+        with pytest.raises(ValueError, match="journal_write_max_bytes"):
+            EngineOptions(journal_write_max_bytes=bad)
+        with pytest.raises(ValueError, match="journal_write_max_bytes"):
+            StorageConfig(journal_write_max_bytes=bad).validate()
+    # 0 turns journaling off: every partial overwrite copies the chunk.
+    assert EngineOptions(journal_write_max_bytes=0).journal_write_max_bytes == 0
+
+
+def test_journaling_off_copies_the_chunk(tmp_path: Path) -> None:
+    eng = ChunkEngine(tmp_path / "t", EngineOptions(journal_write_max_bytes=0))
+    base = os.urandom(100_000)
+    _write(eng, 0, base, 1)
+    eng.commit(*KEY, 1, 1)
+    pending = _write(eng, 10, b"z" * 10, 2)
+    assert not pending.pending_journal and pending.pending_file_gen == 2
+    eng.commit(*KEY, 2, 1)
+    _check_committed(eng, base[:10] + b"z" * 10 + base[20:], 2)
+    eng.close()
