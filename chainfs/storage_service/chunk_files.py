@@ -188,13 +188,28 @@ class ChunkFiles:
             os.ftruncate(fd, keep)
             if final > keep:
                 os.ftruncate(fd, final)
-            done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], offset + done)
-            if self.durable:
-                os.fdatasync(fd)
+            self._pwrite(fd, offset, data)
         finally:
             os.close(fd)
+
+    def write_in_place(
+        self, inode: int, index: int, gen: int, offset: int, data: memoryview
+    ) -> None:
+        """Write ``data`` at ``offset`` of the existing file ``gen`` (a journaled update
+        reaching the file at commit); durable before it returns on a durable target."""
+        fd = os.open(self.path(inode, index, gen), os.O_WRONLY)
+        try:
+            self._pwrite(fd, offset, data)
+        finally:
+            os.close(fd)
+
+    def _pwrite(self, fd: int, offset: int, data: memoryview) -> None:
+        """All of ``data`` at ``offset``; on disk before returning on a durable target."""
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+        if self.durable:
+            os.fdatasync(fd)
 
     def _write_direct(self, inode: int, index: int, gen: int, data: memoryview) -> None:
         """A whole new file from an aligned buffer with O_DIRECT: DMA from our buffer,

@@ -2,7 +2,9 @@
 
 A record holds the committed version (what reads see) and at most one pending
 version (committed + 1, or a full replace) with their lengths, CRC32Cs, file
-generations, per-block CRCs and the request that made each. ``encode`` /
+generations, per-block CRCs and the request that made each. A small overwrite's
+bytes are journaled in the same store under :func:`journal_key` (see
+:mod:`chunk_engine`). ``encode`` /
 ``decode`` are its on-disk form (a fixed struct, then optional per-block CRCs);
 ``check`` asserts its invariants.
 """
@@ -25,6 +27,12 @@ RECORD = struct.Struct("<QQIIQQIIQBI16sQ16sQ")
 # CRCs as little-endian u32s.
 _EXT = struct.Struct("<III")
 _FLAG_PENDING_REMOVE = 1
+_FLAG_PENDING_JOURNAL = 2
+_FLAG_JOURNAL_APPLYING = 4
+# Journal keys: the bytes of a journaled overwrite, (inode, index, version) -> offset + data.
+JOURNAL_PREFIX = b"J"
+JOURNAL_END = b"K"
+_JOURNAL_KEY = struct.Struct(">QIQ")
 NO_CLIENT = b"\0" * 16
 
 
@@ -73,6 +81,13 @@ class ChunkRecord:
     block_size: int = 0
     block_crcs: bytes = b""  # of the committed version (b"" = unknown: whole-chunk CRC only)
     pending_block_crcs: bytes = b""  # of the pending version
+    # The pending version is the committed bytes with a journaled write over them
+    # (journal key at pending_version); the chunk file is untouched until commit.
+    pending_journal: bool = False
+    # The committed version's journal (key at committed_version) is being written
+    # into the chunk file: those bytes may be torn, so reads wait and recovery
+    # writes the journal again.
+    journal_applying: bool = False
 
     @property
     def has_pending(self) -> bool:
@@ -94,7 +109,9 @@ class ChunkRecord:
             self.pending_length,
             self.pending_crc32c,
             self.pending_file_gen,
-            _FLAG_PENDING_REMOVE if self.pending_remove else 0,
+            (_FLAG_PENDING_REMOVE if self.pending_remove else 0)
+            | (_FLAG_PENDING_JOURNAL if self.pending_journal else 0)
+            | (_FLAG_JOURNAL_APPLYING if self.journal_applying else 0),
             self.chunk_size,
             self.committed_client,
             self.committed_request,
@@ -140,6 +157,8 @@ class ChunkRecord:
             block_size=block_size,
             block_crcs=block_crcs,
             pending_block_crcs=pending_block_crcs,
+            pending_journal=bool(f[9] & _FLAG_PENDING_JOURNAL),
+            journal_applying=bool(f[9] & _FLAG_JOURNAL_APPLYING),
         )
 
     def check(self) -> None:
@@ -155,6 +174,13 @@ class ChunkRecord:
             assert self.length == 0 and self.file_gen == 0, self
         if self.file_gen == 0:
             assert self.length == 0, f"non-empty committed chunk without a file: {self}"
+        if self.pending_journal:
+            assert self.pending_version == self.committed_version + 1, self
+            assert not self.pending_remove and self.file_gen, self
+            assert self.pending_file_gen == self.file_gen, self
+            assert self.pending_length >= self.length, self
+        if self.journal_applying:
+            assert self.file_gen and not self.has_pending, self
         if self.block_size:
             bs = self.block_size
             assert bs & (bs - 1) == 0, f"CRC block size not a power of 2: {self}"
@@ -184,6 +210,17 @@ def parse_key(key: bytes) -> tuple[int, int]:
     assert key[:1] == KEY_PREFIX and len(key) == 1 + _KEY.size, key
     inode, index = _KEY.unpack(key[1:])
     return int(inode), int(index)
+
+
+def journal_key(inode: int, index: int, version: int) -> bytes:
+    """Where the journaled write that makes ``version`` of a chunk is kept."""
+    return JOURNAL_PREFIX + _JOURNAL_KEY.pack(inode, index, version)
+
+
+def parse_journal_key(key: bytes) -> tuple[int, int, int]:
+    assert key[:1] == JOURNAL_PREFIX and len(key) == 1 + _JOURNAL_KEY.size, key
+    inode, index, version = _JOURNAL_KEY.unpack(key[1:])
+    return int(inode), int(index), int(version)
 
 
 def check_chunk_size(chunk_size: int) -> None:

@@ -22,6 +22,11 @@ def check_crc_block_bytes(bs: int) -> None:
         )
 
 
+def check_journal_write_max_bytes(n: int) -> None:
+    if not 0 <= n <= MAX_CHUNK_SIZE // 4:
+        raise ValueError(f"journal_write_max_bytes {n}: must be in [0, {MAX_CHUNK_SIZE // 4}]")
+
+
 @dataclass
 class StorageConfig:
     listen_host: str = "127.0.0.1"
@@ -56,6 +61,13 @@ class StorageConfig:
     # affects new chunks only. 64 KiB: a 256 KiB read loads at most 384 KiB, and a
     # 4 MiB chunk's metadata carries 256 bytes of CRCs.
     crc_block_bytes: int = 64 * 1024
+    # Overwrites inside a chunk's committed bytes of at most this many bytes are
+    # journaled (the bytes go into the metadata store with the pending record and
+    # are written in place into the chunk file at commit) instead of copying the
+    # whole chunk to a new file. Larger partial overwrites still copy: journaling
+    # them would push chunk-sized values through RocksDB's WAL and memtable.
+    # 0 = always copy.
+    journal_write_max_bytes: int = 512 * 1024
     # Per target: chunk files kept open for reads (LRU; 0 = open per read). Each
     # costs a descriptor: targets x this must stay well below RLIMIT_NOFILE.
     open_chunk_files: int = 256
@@ -122,6 +134,7 @@ class StorageConfig:
         if self.max_read_bytes_in_flight < MAX_CHUNK_SIZE:
             raise ValueError("max_read_bytes_in_flight must hold at least one 64 MiB chunk")
         check_crc_block_bytes(self.crc_block_bytes)
+        check_journal_write_max_bytes(self.journal_write_max_bytes)
         for name in ("open_chunk_files", "chunk_meta_cache_entries", "inline_read_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -137,6 +150,7 @@ class StorageConfig:
             crc_block_bytes=self.crc_block_bytes,
             open_files=self.open_chunk_files,
             meta_cache_entries=self.chunk_meta_cache_entries,
+            journal_write_max_bytes=self.journal_write_max_bytes,
         )
 
 
@@ -150,8 +164,10 @@ class EngineOptions:
     crc_block_bytes: int = StorageConfig.crc_block_bytes
     open_files: int = StorageConfig.open_chunk_files
     meta_cache_entries: int = StorageConfig.chunk_meta_cache_entries
+    journal_write_max_bytes: int = StorageConfig.journal_write_max_bytes
 
     def __post_init__(self) -> None:
         check_crc_block_bytes(self.crc_block_bytes)
+        check_journal_write_max_bytes(self.journal_write_max_bytes)
         if self.open_files < 0 or self.meta_cache_entries < 0:
             raise ValueError("open_files and meta_cache_entries must be >= 0")

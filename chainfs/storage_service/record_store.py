@@ -1,7 +1,10 @@
 """The chunk records of one target: RocksDB under ``meta/``, behind a bounded LRU.
 
 Keys are :func:`chunk_key` (one inode's chunks adjacent, in index order);
-values are encoded :class:`ChunkRecord`. The cache is write-through; a reader
+values are encoded :class:`ChunkRecord`. Journal keys (:func:`journal_key`,
+outside the chunk key range) hold the bytes of journaled overwrites: a journal
+is written and dropped in the same atomic batch as the record that refers to
+it. The cache is write-through; a reader
 that missed fills it only if no write happened since it looked (``_gen``), so
 it never caches a record older than the store's. Methods are synchronous (call
 them in an I/O thread) and safe from several threads.
@@ -9,6 +12,7 @@ them in an I/O thread) and safe from several threads.
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -18,14 +22,19 @@ import rocksdict
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.storage_service.chunk_record import (
+    JOURNAL_END,
+    JOURNAL_PREFIX,
     KEY_END,
     KEY_PREFIX,
     ChunkRecord,
     chunk_key,
+    journal_key,
+    parse_journal_key,
     parse_key,
 )
 
 Key = tuple[int, int]  # (inode, chunk index)
+_JOURNAL_OFFSET = struct.Struct("<I")  # a journal value: offset in the chunk, then the bytes
 
 
 class RecordStore:
@@ -80,6 +89,53 @@ class RecordStore:
         with self._lock:
             self._gen += 1
             self._cache_insert((inode, index), rec)
+
+    def put_with_journal(
+        self, inode: int, index: int, rec: ChunkRecord, offset: int, data: memoryview
+    ) -> None:
+        """``rec`` (a journaled pending version) and its journal, atomically."""
+        assert rec.pending_journal, rec
+        rec.check()
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        batch.put(chunk_key(inode, index), rec.encode())
+        value = b"".join((_JOURNAL_OFFSET.pack(offset), data))
+        batch.put(journal_key(inode, index, rec.pending_version), value)
+        self._write(inode, index, rec, batch)
+
+    def put_dropping_journal(self, inode: int, index: int, rec: ChunkRecord, version: int) -> None:
+        """``rec`` and the removal of the journal of ``version``, atomically."""
+        rec.check()
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        batch.put(chunk_key(inode, index), rec.encode())
+        batch.delete(journal_key(inode, index, version))
+        self._write(inode, index, rec, batch)
+
+    def _write(self, inode: int, index: int, rec: ChunkRecord, batch: rocksdict.WriteBatch) -> None:
+        self.db.write(batch, self._write_opts)
+        with self._lock:
+            self._gen += 1
+            self._cache_insert((inode, index), rec)
+
+    def get_journal(self, inode: int, index: int, version: int) -> tuple[int, bytes] | None:
+        """(offset, bytes) of the journaled write that makes ``version``; None if absent."""
+        raw = self.db.get(journal_key(inode, index, version))
+        if raw is None:
+            return None
+        (offset,) = _JOURNAL_OFFSET.unpack_from(raw)
+        return offset, raw[_JOURNAL_OFFSET.size :]
+
+    def delete_journal(self, inode: int, index: int, version: int) -> None:
+        self.db.delete(journal_key(inode, index, version), self._write_opts)
+
+    def journal_keys(self) -> list[tuple[int, int, int]]:
+        """(inode, index, version) of every journal in the store (recovery sweeps them)."""
+        out = []
+        for key in self.db.keys(from_key=JOURNAL_PREFIX):
+            assert isinstance(key, bytes)
+            if key >= JOURNAL_END:
+                break
+            out.append(parse_journal_key(key))
+        return out
 
     def delete(self, inode: int, index: int) -> None:
         self.db.delete(chunk_key(inode, index), self._write_opts)
