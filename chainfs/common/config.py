@@ -161,3 +161,17 @@ def to_toml(obj: Any) -> str:
 
     walk(obj, "", top)
     return "\n".join(top + tables) + "\n"
+
+
+def require_positive(obj: Any, *names: str) -> None:
+    """Raise ValueError naming the first field of ``obj`` in ``names`` that is not > 0."""
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ValueError(f"{name} must be > 0")
+
+
+def require_non_negative(obj: Any, *names: str) -> None:
+    """Raise ValueError naming the first field of ``obj`` in ``names`` that is < 0."""
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ValueError(f"{name} must be >= 0")

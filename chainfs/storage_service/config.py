@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from chainfs.common.config import require_non_negative, require_positive
 from chainfs.common.dataplane.config import DataPlaneConfig
 from chainfs.common.metrics import check_port
 from chainfs.common.units import MiB
@@ -116,7 +117,8 @@ class StorageConfig:
             raise ValueError("targets lists a directory twice")
         if not self.extra_targets_file:
             raise ValueError("extra_targets_file must name a file")
-        for name in (
+        require_positive(
+            self,
             "io_threads",
             "request_cache_entries",
             "max_batch_read_ios",
@@ -128,16 +130,17 @@ class StorageConfig:
             "heartbeat_interval_ms",
             "mgmtd_timeout_ms",
             "max_new_targets",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
+        )
         if self.max_read_bytes_in_flight < MAX_CHUNK_SIZE:
             raise ValueError("max_read_bytes_in_flight must hold at least one 64 MiB chunk")
         check_crc_block_bytes(self.crc_block_bytes)
         check_journal_write_max_bytes(self.journal_write_max_bytes)
-        for name in ("open_chunk_files", "chunk_meta_cache_entries", "inline_read_bytes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
+        require_non_negative(
+            self,
+            "open_chunk_files",
+            "chunk_meta_cache_entries",
+            "inline_read_bytes",
+        )
         if not 0 <= self.read_buffer_cache_bytes <= self.max_read_bytes_in_flight:
             raise ValueError("read_buffer_cache_bytes must be in [0, max_read_bytes_in_flight]")
 

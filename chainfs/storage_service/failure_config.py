@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from chainfs.common.config import require_positive
+
 
 @dataclass
 class FailureConfig:
@@ -38,7 +40,8 @@ class FailureConfig:
     def validate(self) -> None:
         if not 0.0 < self.fence_after_timeout_ratio < 1.0:
             raise ValueError("fence_after_timeout_ratio must be in (0, 1)")
-        for name in (
+        require_positive(
+            self,
             "resync_scan_interval_ms",
             "resync_report_interval_ms",
             "resync_retry_ms",
@@ -48,9 +51,7 @@ class FailureConfig:
             "repair_timeout_ms",
             "repair_retry_min_ms",
             "repair_attempts_max",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
+        )
         if self.repair_retry_max_ms < self.repair_retry_min_ms:
             raise ValueError("repair_retry_max_ms must be >= repair_retry_min_ms")
         if self.resync_rate_bytes_per_s < 0 or self.scrub_rate_bytes_per_s < 0:

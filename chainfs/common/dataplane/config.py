@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from chainfs.common.config import require_non_negative, require_positive
 from chainfs.common.units import MiB
 
 
@@ -51,7 +52,8 @@ class DataPlaneConfig:
     socket_recv_buffer_bytes: int = 0
 
     def validate(self) -> None:
-        for name in (
+        require_positive(
+            self,
             "max_payload_bytes",
             "max_header_bytes",
             "max_inflight_per_connection",
@@ -65,16 +67,13 @@ class DataPlaneConfig:
             "recv_staging_bytes",
             "direct_recv_min_bytes",
             "max_iov_per_send",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
-        for name in (
+        )
+        require_non_negative(
+            self,
             "buffer_pool_cached_bytes",
             "socket_send_buffer_bytes",
             "socket_recv_buffer_bytes",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
+        )
         if self.max_payload_bytes > self.buffer_pool_bytes:
             raise ValueError("buffer_pool_bytes must hold at least one max_payload_bytes frame")
         if self.recv_staging_bytes < 4096:
