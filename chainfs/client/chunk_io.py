@@ -217,9 +217,9 @@ class ChunkIO:
         held = self._read_sessions.get(ino)
         if held is not None:
             held[1] += 1
-            if session_id:  # another path (a hard link) took a second one: not needed
-                self._end_session_later(ino, session_id)
             self._read_session_paths[path] = ino
+            if session_id:  # another path (a hard link) took a second one: not needed
+                await self._end_session_later(ino, session_id)
             return
         if not session_id:
             # We held one for what this path named before; it names another file now.
@@ -231,14 +231,21 @@ class ChunkIO:
         self._read_session_paths[path] = ino
 
     async def close_handle(self, h: OpenHandle, length: int, wrote: bool) -> None:
-        """Release ``h``'s sessions: its share of the read session, its write session at meta."""
+        """Release ``h``'s sessions: its share of the read session, its write session at meta.
+
+        A write open that wrote nothing has no length to report (what it knows
+        came from meta): its session ends in the background, so a create is one
+        round trip for the caller."""
         if h.read_session:
             h.read_session = False
-            self._release_read_session(h.inode)
+            await self._release_read_session(h.inode)
         if h.session is not None:
-            await self.meta.close(h.inode, h.session, length, wrote)
+            if wrote:
+                await self.meta.close(h.inode, h.session, length, wrote)
+            else:
+                await self._end_session_later(h.inode, h.session)
 
-    def _release_read_session(self, ino: int) -> None:
+    async def _release_read_session(self, ino: int) -> None:
         held = self._read_sessions.get(ino)
         assert held is not None and held[1] > 0, (ino, held)
         held[1] -= 1
@@ -246,16 +253,19 @@ class ChunkIO:
             del self._read_sessions[ino]
             for path in [p for p, i in self._read_session_paths.items() if i == ino]:
                 del self._read_session_paths[path]
-            self._end_session_later(ino, held[0])
+            await self._end_session_later(ino, held[0])
 
-    def _end_session_later(self, ino: int, session_id: bytes) -> None:
-        """End a read session at meta without making close wait (``close`` awaits it)."""
+    async def _end_session_later(self, ino: int, session_id: bytes) -> None:
+        """End a session that reports nothing at meta without making close wait
+        (``close`` awaits it); waits only while max_background_session_ends are out."""
+        while len(self._session_ends) >= self.config.max_background_session_ends:
+            await asyncio.wait(set(self._session_ends), return_when=asyncio.FIRST_COMPLETED)
 
         async def end() -> None:
             try:
                 await self.meta.close(ino, session_id, 0, False)
             except ChainfsError as e:  # meta prunes it once we are gone
-                log.warning("ending the read session of inode %d failed: %s", ino, e)
+                log.warning("ending a session of inode %d failed: %s", ino, e)
 
         task = asyncio.ensure_future(end())
         self._session_ends.add(task)

@@ -54,6 +54,9 @@ class ClientConfig:
     # more call at close): a file unlinked or replaced elsewhere stays readable
     # through an open file until it is closed, as POSIX promises.
     read_sessions: bool = True
+    # Session ends sent to meta after close returned (a read session, a write
+    # open that wrote nothing) in flight at once; one more close waits.
+    max_background_session_ends: int = 64
     # Entries asked per readdir page.
     readdir_page_entries: int = 1024
     # Distinct paths looked up per batch-stat call of read_ranges (meta caps a
@@ -76,6 +79,7 @@ class ClientConfig:
             "read_ahead_min_bytes",
             "readdir_page_entries",
             "batch_stat_paths",
+            "max_background_session_ends",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")

@@ -94,6 +94,7 @@ class Inode(_message.Message):
     LAYOUT_FIELD_NUMBER: _builtins.int
     SYMLINK_TARGET_FIELD_NUMBER: _builtins.int
     PARENT_FIELD_NUMBER: _builtins.int
+    NEVER_WRITTEN_FIELD_NUMBER: _builtins.int
     ino: _builtins.int
     type: Global___InodeType.ValueType
     mode: _builtins.int
@@ -110,6 +111,10 @@ class Inode(_message.Message):
     symlink_target: _builtins.bytes
     parent: _builtins.int
     """directory: its parent (root: 1); else the parent at create"""
+    never_written: _builtins.bool
+    """file: no write to it was ever reported (or lost with a silent client), so
+    it has no chunks and its last unlink removes it at once instead of via GC
+    """
     @_builtins.property
     def layout(self) -> Global___Layout:
         """file: its layout; directory: default for new children"""
@@ -130,10 +135,11 @@ class Inode(_message.Message):
         layout: Global___Layout | None = ...,
         symlink_target: _builtins.bytes = ...,
         parent: _builtins.int = ...,
+        never_written: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["atime_ns", b"atime_ns", "ctime_ns", b"ctime_ns", "gid", b"gid", "ino", b"ino", "layout", b"layout", "mode", b"mode", "mtime_ns", b"mtime_ns", "nlink", b"nlink", "parent", b"parent", "size", b"size", "symlink_target", b"symlink_target", "type", b"type", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["atime_ns", b"atime_ns", "ctime_ns", b"ctime_ns", "gid", b"gid", "ino", b"ino", "layout", b"layout", "mode", b"mode", "mtime_ns", b"mtime_ns", "never_written", b"never_written", "nlink", b"nlink", "parent", b"parent", "size", b"size", "symlink_target", b"symlink_target", "type", b"type", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
