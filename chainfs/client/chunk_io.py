@@ -72,8 +72,11 @@ class ChunkIO:
         # Read sessions at meta, one per inode: ino -> [session id, open handles using it].
         self._read_sessions: dict[int, list[Any]] = {}
         self._read_session_paths: dict[str, int] = {}  # path opened -> ino of a held session
-        # Sessions being ended at meta in the background (close does not wait for it).
-        self._session_ends: set[asyncio.Task[None]] = set()
+        # Sessions to end at meta in the background (close does not wait for it):
+        # one sender ends, in one call, all that queued while its last call ran.
+        self._ends_queued: list[tuple[int, bytes]] = []
+        self._ends_room = asyncio.Event()  # set when _ends_queued has room
+        self._ends_sender: asyncio.Task[None] | None = None
         # Bytes asked of storage by reads since connect.
         self.storage_read_bytes = 0
 
@@ -113,8 +116,8 @@ class ChunkIO:
 
     async def close(self) -> None:
         """Wait for read sessions being ended, then close every client."""
-        if self._session_ends:  # each bounded by the meta call timeout
-            await asyncio.gather(*self._session_ends, return_exceptions=True)
+        if self._ends_sender is not None:  # each call bounded by the meta call timeout
+            await self._ends_sender
         await self.routing.stop()
         await self.meta.aclose()
         await self.storage.close()
@@ -257,19 +260,23 @@ class ChunkIO:
 
     async def _end_session_later(self, ino: int, session_id: bytes) -> None:
         """End a session that reports nothing at meta without making close wait
-        (``close`` awaits it); waits only while max_background_session_ends are out."""
-        while len(self._session_ends) >= self.config.max_background_session_ends:
-            await asyncio.wait(set(self._session_ends), return_when=asyncio.FIRST_COMPLETED)
+        (``close`` awaits it); waits only while max_background_session_ends are queued."""
+        while len(self._ends_queued) >= self.config.max_background_session_ends:
+            self._ends_room.clear()
+            await self._ends_room.wait()
+        self._ends_queued.append((ino, session_id))
+        if self._ends_sender is None or self._ends_sender.done():
+            self._ends_sender = asyncio.ensure_future(self._send_session_ends())
 
-        async def end() -> None:
+    async def _send_session_ends(self) -> None:
+        while self._ends_queued:
+            batch = self._ends_queued
+            self._ends_queued = []
+            self._ends_room.set()
             try:
-                await self.meta.close(ino, session_id, 0, False)
-            except ChainfsError as e:  # meta prunes it once we are gone
-                log.warning("ending a session of inode %d failed: %s", ino, e)
-
-        task = asyncio.ensure_future(end())
-        self._session_ends.add(task)
-        task.add_done_callback(self._session_ends.discard)
+                await self.meta.end_sessions(batch)
+            except ChainfsError as e:  # meta prunes them once we are gone
+                log.warning("ending %d sessions failed: %s", len(batch), e)
 
 
 # gRPC (aio) keeps threads and state that a fork()ed child cannot use: a child

@@ -107,6 +107,10 @@ class MetaServicer(pbg.MetaServicer):
     async def SetLayout(self, request: pb.SetLayoutReq, context: Ctx) -> pb.SetLayoutRsp:
         return await self.ns.set_layout(request)
 
+    @rpc_handler
+    async def EndSessions(self, request: pb.EndSessionsReq, context: Ctx) -> pb.EndSessionsRsp:
+        return await self.ns.end_sessions(request)
+
 
 # RPC name -> Namespace method name.
 NAMESPACE_METHODS = {
@@ -131,6 +135,7 @@ NAMESPACE_METHODS = {
     "RemoveXattr": "remove_xattr",
     "StatFs": "statfs",
     "SetLayout": "set_layout",
+    "EndSessions": "end_sessions",
 }
 assert set(NAMESPACE_METHODS) == {w.name for w in WIRE_BY_MSG_TYPE.values()}
 

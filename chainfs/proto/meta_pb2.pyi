@@ -500,6 +500,74 @@ class CloseRsp(_message.Message):
 Global___CloseRsp: _TypeAlias = CloseRsp  # noqa: Y015
 
 @_typing.final
+class SessionRef(_message.Message):
+    """Ends sessions that report nothing (read sessions, write opens that wrote
+    nothing) in one transaction: a client batches the ends queued while one
+    call is in flight. Ending a session twice is harmless, so no answer is kept.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INO_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ino: _builtins.int
+    session_id: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        ino: _builtins.int = ...,
+        session_id: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ino", b"ino", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionRef: _TypeAlias = SessionRef  # noqa: Y015
+
+@_typing.final
+class EndSessionsReq(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQ_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def req(self) -> _common_pb2.RequestInfo: ...
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionRef]:
+        """at most max_session_ends_per_call (E2BIG beyond)"""
+
+    def __init__(
+        self,
+        *,
+        req: _common_pb2.RequestInfo | None = ...,
+        sessions: _abc.Iterable[Global___SessionRef] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["req", b"req"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["req", b"req", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndSessionsReq: _TypeAlias = EndSessionsReq  # noqa: Y015
+
+@_typing.final
+class EndSessionsRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndSessionsRsp: _TypeAlias = EndSessionsRsp  # noqa: Y015
+
+@_typing.final
 class KeepAliveReq(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

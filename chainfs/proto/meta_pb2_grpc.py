@@ -142,6 +142,11 @@ class MetaStub:
                 request_serializer=meta__pb2.SetLayoutReq.SerializeToString,
                 response_deserializer=meta__pb2.SetLayoutRsp.FromString,
                 _registered_method=True)
+        self.EndSessions = channel.unary_unary(
+                '/chainfs.meta.Meta/EndSessions',
+                request_serializer=meta__pb2.EndSessionsReq.SerializeToString,
+                response_deserializer=meta__pb2.EndSessionsRsp.FromString,
+                _registered_method=True)
 
 
 class MetaServicer:
@@ -276,6 +281,12 @@ class MetaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndSessions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -383,6 +394,11 @@ def add_MetaServicer_to_server(servicer, server):
                     servicer.SetLayout,
                     request_deserializer=meta__pb2.SetLayoutReq.FromString,
                     response_serializer=meta__pb2.SetLayoutRsp.SerializeToString,
+            ),
+            'EndSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndSessions,
+                    request_deserializer=meta__pb2.EndSessionsReq.FromString,
+                    response_serializer=meta__pb2.EndSessionsRsp.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -955,6 +971,33 @@ class Meta:
             '/chainfs.meta.Meta/SetLayout',
             meta__pb2.SetLayoutReq.SerializeToString,
             meta__pb2.SetLayoutRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.meta.Meta/EndSessions',
+            meta__pb2.EndSessionsReq.SerializeToString,
+            meta__pb2.EndSessionsRsp.FromString,
             options,
             channel_credentials,
             insecure,

@@ -97,12 +97,23 @@ class NamespaceBase:
         return fmt
 
     async def _read(self, req: cpb.RequestInfo, body: Callable[[OpCtx], Awaitable[M]]) -> M:
+        return await self._plain(req, body, read_only=True)
+
+    async def _retry_safe(self, req: cpb.RequestInfo, body: Callable[[OpCtx], Awaitable[M]]) -> M:
+        """A mutation whose repetition changes nothing more (ending a session):
+        no answer is kept for retries, so no IDEM read, write or later delete."""
+        check_client(req)
+        return await self._plain(req, body, read_only=False)
+
+    async def _plain(
+        self, req: cpb.RequestInfo, body: Callable[[OpCtx], Awaitable[M]], read_only: bool
+    ) -> M:
         caller = Caller.of(req)
 
         async def fn(tx: Transaction) -> M:
             return await body(OpCtx(tx, caller, self.cfg, None, {}))
 
-        return await self.kv.transact(fn, read_only=True)
+        return await self.kv.transact(fn, read_only=read_only)
 
     async def _mutate(
         self,

@@ -9,8 +9,7 @@ from chainfs.kv import Transaction
 from chainfs.meta_service import perm, schema
 from chainfs.meta_service.ctx import DIRECTORY, FILE, SYMLINK, Ctx, parse
 from chainfs.meta_service.ops.base import NamespaceBase
-from chainfs.meta_service.ops.context import OpCtx, Tag, check_client, check_mode
-from chainfs.meta_service.perm import Caller
+from chainfs.meta_service.ops.context import OpCtx, Tag, check_mode
 from chainfs.proto import meta_pb2 as pb
 
 
@@ -180,12 +179,26 @@ class SessionOps(NamespaceBase):
         nothing): it only ends the session, which a retry can do again with the
         same outcome, so no answer is recorded for retries (no IDEM write, no
         IDEM read, no tombstones for the cleaner later)."""
-        check_client(r.req)
 
-        async def fn(tx: Transaction) -> pb.CloseRsp:
-            ctx = OpCtx(tx, Caller.of(r.req), self.cfg, None, {})
+        async def body(ctx: OpCtx) -> pb.CloseRsp:
             inode = await self._inode_or_none(ctx, r.ino)
             await self.end_session(ctx, r.ino, r.session_id, r.req.client_id)
             return pb.CloseRsp(inode=inode) if inode is not None else pb.CloseRsp()
 
-        return await self.kv.transact(fn)
+        return await self._retry_safe(r.req, body)
+
+    async def end_sessions(self, r: pb.EndSessionsReq) -> pb.EndSessionsRsp:
+        """Many closes that report nothing, in one transaction."""
+        if len(r.sessions) > self.cfg.max_session_ends_per_call:
+            raise ChainfsError(
+                Code.E2BIG,
+                f"{len(r.sessions)} sessions in one call "
+                f"(limit {self.cfg.max_session_ends_per_call})",
+            )
+
+        async def body(ctx: OpCtx) -> pb.EndSessionsRsp:
+            for s in r.sessions:
+                await self.end_session(ctx, s.ino, s.session_id, r.req.client_id)
+            return pb.EndSessionsRsp()
+
+        return await self._retry_safe(r.req, body)

@@ -120,6 +120,26 @@ async def test_a_never_written_file_is_removed_at_once_without_gc(env: MetaEnv) 
     assert not await inode_exists(env, o.inode.ino) and await _gc_entries(env) == []
 
 
+async def test_end_sessions_ends_many_in_one_call(env: MetaEnv) -> None:
+    m = env.direct
+    opens = [await m.create(f"/f{i}") for i in range(5)]
+    rd = await m.open("/f0", session=True)
+    await m.unlink("/f1")  # open, never written: removed when its session ends
+    ended = [(o.inode.ino, o.session_id) for o in opens] + [(rd.inode.ino, rd.session_id)]
+    before = env.kv.stats["commits"]
+    await env.client.end_sessions(ended)  # over the wire, one transaction
+    assert env.kv.stats["commits"] == before + 1
+    assert not await env.kv.transact(
+        lambda tx: tx.get_range(*schema.range_of(schema.INOS)), read_only=True
+    )
+    assert not await inode_exists(env, opens[1].inode.ino)
+    assert (await m.stat("/f0")).size == 0
+    await env.client.end_sessions(ended)  # again: nothing more happens
+    with pytest.raises(ChainfsError) as ei:
+        await env.client.end_sessions([(opens[0].inode.ino, b"x" * 16)] * 1025)
+    assert ei.value.errno == errno.E2BIG
+
+
 async def test_a_reported_length_sends_the_file_through_gc(env: MetaEnv) -> None:
     m = env.direct
     r = await m.create("/f")
