@@ -269,6 +269,7 @@ class ChunkIO:
             self._ends_sender = asyncio.ensure_future(self._send_session_ends())
 
     async def _send_session_ends(self) -> None:
+        await asyncio.sleep(self.config.session_end_delay_ms / 1000)
         while self._ends_queued:
             batch = self._ends_queued
             self._ends_queued = []

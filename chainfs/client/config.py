@@ -57,6 +57,9 @@ class ClientConfig:
     # Session ends sent to meta after close returned (a read session, a write
     # open that wrote nothing) in flight at once; one more close waits.
     max_background_session_ends: int = 64
+    # How long a queued session end waits for others to share its call (the
+    # session only ends that much later; nothing a user sees depends on it).
+    session_end_delay_ms: int = 5
     # Entries asked per readdir page.
     readdir_page_entries: int = 1024
     # Distinct paths looked up per batch-stat call of read_ranges (meta caps a
@@ -83,6 +86,8 @@ class ClientConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.session_end_delay_ms < 0:
+            raise ValueError("session_end_delay_ms must be >= 0")
         self.storage.validate()
 
     @property
