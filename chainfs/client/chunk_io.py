@@ -73,8 +73,11 @@ class ChunkIO:
         # Read sessions at meta, one per inode: ino -> [session id, open handles using it].
         self._read_sessions: dict[int, list[Any]] = {}
         self._read_session_paths: dict[str, int] = {}  # path opened -> ino of a held session
-        # Sessions being ended at meta in the background (close does not wait for it).
-        self._session_ends: set[asyncio.Task[None]] = set()
+        # Sessions to end at meta in the background (close does not wait for it):
+        # one sender ends, in one call, all that queued while its last call ran.
+        self._ends_queued: list[tuple[int, bytes]] = []
+        self._ends_room = asyncio.Event()  # set when _ends_queued has room
+        self._ends_sender: asyncio.Task[None] | None = None
         # Bytes asked of storage by reads since connect.
         self.storage_read_bytes = 0
 
@@ -114,8 +117,8 @@ class ChunkIO:
 
     async def close(self) -> None:
         """Wait for read sessions being ended, then close every client."""
-        if self._session_ends:  # each bounded by the meta call timeout
-            await asyncio.gather(*self._session_ends, return_exceptions=True)
+        if self._ends_sender is not None:  # each call bounded by the meta call timeout
+            await self._ends_sender
         await self.routing.stop()
         await self.meta.aclose()
         await self.storage.close()
@@ -230,9 +233,9 @@ class ChunkIO:
         held = self._read_sessions.get(ino)
         if held is not None:
             held[1] += 1
-            if session_id:  # another path (a hard link) took a second one: not needed
-                self._end_session_later(ino, session_id)
             self._read_session_paths[path] = ino
+            if session_id:  # another path (a hard link) took a second one: not needed
+                await self._end_session_later(ino, session_id)
             return
         if not session_id:
             # We held one for what this path named before; it names another file now.
@@ -244,14 +247,21 @@ class ChunkIO:
         self._read_session_paths[path] = ino
 
     async def close_handle(self, h: OpenHandle, length: int, wrote: bool) -> None:
-        """Release ``h``'s sessions: its share of the read session, its write session at meta."""
+        """Release ``h``'s sessions: its share of the read session, its write session at meta.
+
+        A write open that wrote nothing has no length to report (what it knows
+        came from meta): its session ends in the background, so a create is one
+        round trip for the caller."""
         if h.read_session:
             h.read_session = False
-            self._release_read_session(h.inode)
+            await self._release_read_session(h.inode)
         if h.session is not None:
-            await self.meta.close(h.inode, h.session, length, wrote)
+            if wrote:
+                await self.meta.close(h.inode, h.session, length, wrote)
+            else:
+                await self._end_session_later(h.inode, h.session)
 
-    def _release_read_session(self, ino: int) -> None:
+    async def _release_read_session(self, ino: int) -> None:
         held = self._read_sessions.get(ino)
         assert held is not None and held[1] > 0, (ino, held)
         held[1] -= 1
@@ -259,20 +269,28 @@ class ChunkIO:
             del self._read_sessions[ino]
             for path in [p for p, i in self._read_session_paths.items() if i == ino]:
                 del self._read_session_paths[path]
-            self._end_session_later(ino, held[0])
+            await self._end_session_later(ino, held[0])
 
-    def _end_session_later(self, ino: int, session_id: bytes) -> None:
-        """End a read session at meta without making close wait (``close`` awaits it)."""
+    async def _end_session_later(self, ino: int, session_id: bytes) -> None:
+        """End a session that reports nothing at meta without making close wait
+        (``close`` awaits it); waits only while max_background_session_ends are queued."""
+        while len(self._ends_queued) >= self.config.max_background_session_ends:
+            self._ends_room.clear()
+            await self._ends_room.wait()
+        self._ends_queued.append((ino, session_id))
+        if self._ends_sender is None or self._ends_sender.done():
+            self._ends_sender = asyncio.ensure_future(self._send_session_ends())
 
-        async def end() -> None:
+    async def _send_session_ends(self) -> None:
+        await asyncio.sleep(self.config.session_end_delay_ms / 1000)
+        while self._ends_queued:
+            batch = self._ends_queued
+            self._ends_queued = []
+            self._ends_room.set()
             try:
-                await self.meta.close(ino, session_id, 0, False)
-            except ChainfsError as e:  # meta prunes it once we are gone
-                log.warning("ending the read session of inode %d failed: %s", ino, e)
-
-        task = asyncio.ensure_future(end())
-        self._session_ends.add(task)
-        task.add_done_callback(self._session_ends.discard)
+                await self.meta.end_sessions(batch)
+            except ChainfsError as e:  # meta prunes them once we are gone
+                log.warning("ending %d sessions failed: %s", len(batch), e)
 
 
 # gRPC (aio) keeps threads and state that a fork()ed child cannot use: a child

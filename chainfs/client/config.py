@@ -54,6 +54,12 @@ class ClientConfig:
     # more call at close): a file unlinked or replaced elsewhere stays readable
     # through an open file until it is closed, as POSIX promises.
     read_sessions: bool = True
+    # Session ends sent to meta after close returned (a read session, a write
+    # open that wrote nothing) in flight at once; one more close waits.
+    max_background_session_ends: int = 64
+    # How long a queued session end waits for others to share its call (the
+    # session only ends that much later; nothing a user sees depends on it).
+    session_end_delay_ms: int = 5
     # Entries asked per readdir page.
     readdir_page_entries: int = 1024
     # Distinct paths looked up per batch-stat call of read_ranges (meta caps a
@@ -82,9 +88,12 @@ class ClientConfig:
             "batch_stat_paths",
             "lock_poll_initial_ms",
             "lock_poll_max_ms",
+            "max_background_session_ends",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.session_end_delay_ms < 0:
+            raise ValueError("session_end_delay_ms must be >= 0")
         self.storage.validate()
 
     @property

@@ -192,8 +192,10 @@ class SessionPruner(Periodic):
                 hint = rec.length_hint
                 inode = await ctx.inode(ino)
                 size = max(inode.size, hint, length)
-                if size != inode.size:
+                # The silent writer may have written chunks it never reported.
+                if size != inode.size or inode.never_written:
                     inode.size = size
+                    inode.never_written = False
                     ctx.put(inode)
             await self.ns.end_session(ctx, ino, sid, client)
 

@@ -60,6 +60,7 @@ class MetaConfig:
     readdir_page_entries: int = 1024  # entries per readdir page when the client asks for 0
     readdir_max_page_entries: int = 8192  # a larger request is cut to this
     max_batch_stat: int = 4096  # inodes in one batch stat (E2BIG beyond)
+    max_session_ends_per_call: int = 1024  # sessions in one EndSessions call (E2BIG beyond)
 
     # Write sessions: a client keeps its sessions alive (KeepAlive) at a third
     # of this; sessions of a client silent for longer are closed by meta.
@@ -128,6 +129,7 @@ class MetaConfig:
             "readdir_page_entries",
             "readdir_max_page_entries",
             "max_batch_stat",
+            "max_session_ends_per_call",
             "session_timeout_ms",
             "session_prune_interval_ms",
             "session_prune_batch",

@@ -136,6 +136,15 @@ class Ctx:
         self.tx.clear(schema.dir_times_key(ino))
         self.tx.clear_range(*schema.range_of(schema.xattr_prefix(ino)))
 
+    async def drop_file(self, ino: int) -> None:
+        """Delete a file's inode record and its xattrs: a range delete only when
+        it has any (each range tombstone slows later reads of the store)."""
+        self._inodes.pop(ino, None)
+        self.tx.clear(schema.inode_key(ino))
+        xattrs = schema.range_of(schema.xattr_prefix(ino))
+        if await self.tx.get_range(*xattrs, limit=1):
+            self.tx.clear_range(*xattrs)
+
     def touch_dir(self, d: pb.Inode) -> None:
         """Entries of ``d`` changed: its mtime and ctime become now.
 

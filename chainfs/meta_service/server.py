@@ -226,6 +226,8 @@ class MetaServer:
                 log.exception("closing %r failed", close)
         self._closers = []
         if self.kv is not None and self._own_kv:
+            # commits, conflicts, and for rocksdb synced batches vs transactions in them
+            log.info("kv store %s: %s", self.kv.url, self.kv.stats)
             await self.kv.close()
 
 

@@ -119,6 +119,10 @@ class MetaServicer(pbg.MetaServicer):
     async def Lock(self, request: pb.LockReq, context: Ctx) -> pb.LockRsp:
         return await self.ns.lock(request)
 
+    @rpc_handler
+    async def EndSessions(self, request: pb.EndSessionsReq, context: Ctx) -> pb.EndSessionsRsp:
+        return await self.ns.end_sessions(request)
+
 
 # RPC name -> Namespace method name.
 NAMESPACE_METHODS = {
@@ -146,6 +150,7 @@ NAMESPACE_METHODS = {
     "Mknod": "mknod",
     "Fallocate": "fallocate",
     "Lock": "lock",
+    "EndSessions": "end_sessions",
 }
 assert set(NAMESPACE_METHODS) == {w.name for w in WIRE_BY_MSG_TYPE.values()}
 

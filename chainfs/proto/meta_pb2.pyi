@@ -152,6 +152,7 @@ class Inode(_message.Message):
     SYMLINK_TARGET_FIELD_NUMBER: _builtins.int
     PARENT_FIELD_NUMBER: _builtins.int
     RDEV_FIELD_NUMBER: _builtins.int
+    NEVER_WRITTEN_FIELD_NUMBER: _builtins.int
     ino: _builtins.int
     type: Global___InodeType.ValueType
     mode: _builtins.int
@@ -170,6 +171,10 @@ class Inode(_message.Message):
     """directory: its parent (root: 1); else the parent at create"""
     rdev: _builtins.int
     """device number of a CHAR_DEVICE / BLOCK_DEVICE (Linux encoding)"""
+    never_written: _builtins.bool
+    """file: no write to it was ever reported (or lost with a silent client), so
+    it has no chunks and its last unlink removes it at once instead of via GC
+    """
     @_builtins.property
     def layout(self) -> Global___Layout:
         """file: its layout; directory: default for new children"""
@@ -191,10 +196,11 @@ class Inode(_message.Message):
         symlink_target: _builtins.bytes = ...,
         parent: _builtins.int = ...,
         rdev: _builtins.int = ...,
+        never_written: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["atime_ns", b"atime_ns", "ctime_ns", b"ctime_ns", "gid", b"gid", "ino", b"ino", "layout", b"layout", "mode", b"mode", "mtime_ns", b"mtime_ns", "nlink", b"nlink", "parent", b"parent", "rdev", b"rdev", "size", b"size", "symlink_target", b"symlink_target", "type", b"type", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["atime_ns", b"atime_ns", "ctime_ns", b"ctime_ns", "gid", b"gid", "ino", b"ino", "layout", b"layout", "mode", b"mode", "mtime_ns", b"mtime_ns", "never_written", b"never_written", "nlink", b"nlink", "parent", b"parent", "rdev", b"rdev", "size", b"size", "symlink_target", b"symlink_target", "type", b"type", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -553,6 +559,74 @@ class CloseRsp(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CloseRsp: _TypeAlias = CloseRsp  # noqa: Y015
+
+@_typing.final
+class SessionRef(_message.Message):
+    """Ends sessions that report nothing (read sessions, write opens that wrote
+    nothing) in one transaction: a client batches the ends queued while one
+    call is in flight. Ending a session twice is harmless, so no answer is kept.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INO_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    ino: _builtins.int
+    session_id: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        ino: _builtins.int = ...,
+        session_id: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ino", b"ino", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionRef: _TypeAlias = SessionRef  # noqa: Y015
+
+@_typing.final
+class EndSessionsReq(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQ_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def req(self) -> _common_pb2.RequestInfo: ...
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionRef]:
+        """at most max_session_ends_per_call (E2BIG beyond)"""
+
+    def __init__(
+        self,
+        *,
+        req: _common_pb2.RequestInfo | None = ...,
+        sessions: _abc.Iterable[Global___SessionRef] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["req", b"req"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["req", b"req", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndSessionsReq: _TypeAlias = EndSessionsReq  # noqa: Y015
+
+@_typing.final
+class EndSessionsRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndSessionsRsp: _TypeAlias = EndSessionsRsp  # noqa: Y015
 
 @_typing.final
 class KeepAliveReq(_message.Message):

@@ -157,6 +157,11 @@ class MetaStub:
                 request_serializer=meta__pb2.LockReq.SerializeToString,
                 response_deserializer=meta__pb2.LockRsp.FromString,
                 _registered_method=True)
+        self.EndSessions = channel.unary_unary(
+                '/chainfs.meta.Meta/EndSessions',
+                request_serializer=meta__pb2.EndSessionsReq.SerializeToString,
+                response_deserializer=meta__pb2.EndSessionsRsp.FromString,
+                _registered_method=True)
 
 
 class MetaServicer:
@@ -309,6 +314,12 @@ class MetaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndSessions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -431,6 +442,11 @@ def add_MetaServicer_to_server(servicer, server):
                     servicer.Lock,
                     request_deserializer=meta__pb2.LockReq.FromString,
                     response_serializer=meta__pb2.LockRsp.SerializeToString,
+            ),
+            'EndSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndSessions,
+                    request_deserializer=meta__pb2.EndSessionsReq.FromString,
+                    response_serializer=meta__pb2.EndSessionsRsp.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1084,6 +1100,33 @@ class Meta:
             '/chainfs.meta.Meta/Lock',
             meta__pb2.LockReq.SerializeToString,
             meta__pb2.LockRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.meta.Meta/EndSessions',
+            meta__pb2.EndSessionsReq.SerializeToString,
+            meta__pb2.EndSessionsRsp.FromString,
             options,
             channel_credentials,
             insecure,

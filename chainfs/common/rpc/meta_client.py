@@ -464,6 +464,17 @@ class MetaClient:
             self._sessions.discard((ino, session_id))
         return rsp.inode if rsp.HasField("inode") else None
 
+    async def end_sessions(self, sessions: list[tuple[int, bytes]]) -> None:
+        """End sessions that report nothing (no length, no writes), in one call."""
+        req = pb.EndSessionsReq(
+            req=self.request_info(),
+            sessions=[pb.SessionRef(ino=ino, session_id=sid) for ino, sid in sessions],
+        )
+        try:
+            await self.call("EndSessions", req)
+        finally:
+            self._sessions.difference_update(sessions)
+
     async def keepalive(self) -> int:
         """Tell meta this client is alive; returns the session timeout in ms."""
         rsp: pb.KeepAliveRsp = await self.call(

@@ -97,12 +97,23 @@ class NamespaceBase:
         return fmt
 
     async def _read(self, req: cpb.RequestInfo, body: Callable[[OpCtx], Awaitable[M]]) -> M:
+        return await self._plain(req, body, read_only=True)
+
+    async def _retry_safe(self, req: cpb.RequestInfo, body: Callable[[OpCtx], Awaitable[M]]) -> M:
+        """A mutation whose repetition changes nothing more (ending a session):
+        no answer is kept for retries, so no IDEM read, write or later delete."""
+        check_client(req)
+        return await self._plain(req, body, read_only=False)
+
+    async def _plain(
+        self, req: cpb.RequestInfo, body: Callable[[OpCtx], Awaitable[M]], read_only: bool
+    ) -> M:
         caller = Caller.of(req)
 
         async def fn(tx: Transaction) -> M:
             return await body(OpCtx(tx, caller, self.cfg, None, {}))
 
-        return await self.kv.transact(fn, read_only=True)
+        return await self.kv.transact(fn, read_only=read_only)
 
     async def _mutate(
         self,
@@ -237,21 +248,28 @@ class NamespaceBase:
                 return
             raise
         if inode.nlink == 0 and not await ctx.has_sessions(ino):
-            self._enqueue_gc(ctx, inode)
+            await self._collect(ctx, inode)
 
-    def _enqueue_gc(self, ctx: Ctx, inode: pb.Inode) -> None:
+    async def _collect(self, ctx: Ctx, inode: pb.Inode) -> None:
+        """A file without names and sessions: gone now if it never had chunks,
+        else queued for GC to drop its chunks first."""
         assert inode.nlink == 0 and inode.type == FILE, inode
-        ctx.tx.set(schema.gc_key(ctx.now_ms + self.cfg.gc_delay_ms, inode.ino), b"")
+        if inode.never_written:
+            await ctx.drop_file(inode.ino)
+        else:
+            ctx.tx.set(schema.gc_key(ctx.now_ms + self.cfg.gc_delay_ms, inode.ino), b"")
 
     async def _release(self, ctx: Ctx, inode: pb.Inode) -> None:
         """The last name of ``inode`` is gone."""
         assert inode.nlink == 0
-        if inode.type == FILE:
-            ctx.put(inode)  # kept (nlink 0) while open (any session) and until GC drops its chunks
-            if not await ctx.has_sessions(inode.ino):
-                self._enqueue_gc(ctx, inode)
-        else:
+        if inode.type != FILE:
             ctx.drop(inode.ino)
+            return
+        open_now = await ctx.has_sessions(inode.ino)
+        if open_now or not inode.never_written:
+            ctx.put(inode)  # kept (nlink 0) while open (any session) and until GC drops its chunks
+        if not open_now:
+            await self._collect(ctx, inode)
 
     async def _unlink_inode(self, ctx: Ctx, inode: pb.Inode) -> None:
         assert inode.type != DIRECTORY and inode.nlink > 0, inode

@@ -36,6 +36,7 @@ class SessionOps(NamespaceBase):
                 perm.check(parent, perm.W | perm.X, ctx.caller, "create in directory")
                 inode = self._new_inode(ctx, await ctx.new_ino(), FILE, mode, parent)
                 inode.layout.CopyFrom(self._file_layout(parent.layout))
+                inode.never_written = True
                 ctx.put(inode)
                 ctx.set_entry(parent.ino, t.name, inode.ino, FILE)
                 ctx.touch_dir(parent)
@@ -123,8 +124,12 @@ class SessionOps(NamespaceBase):
             size = max(size, ctx.storage_length(inode))
         if size > self.cfg.max_file_size_bytes:
             raise ChainfsError(Code.EFBIG, f"length {size} beyond the file size limit")
-        if size != inode.size or wrote:
+        # Any report of a length or a write may come with chunks: GC must see them.
+        written = wrote or hint > 0 or exact
+        if size != inode.size or wrote or (written and inode.never_written):
             inode.size = size
+            if written:
+                inode.never_written = False
             if wrote:
                 inode.mtime_ns = inode.ctime_ns = ctx.now_ns
                 kill_priv(inode, ctx.caller)  # a write by anyone but root drops setuid
@@ -149,6 +154,8 @@ class SessionOps(NamespaceBase):
         return await self._mutate(r.req, Tag.SYNC, pb.SyncRsp, body)
 
     async def close(self, r: pb.CloseReq) -> pb.CloseRsp:
+        if r.session_id and not r.wrote and not r.length_hint:
+            return await self._end_unchanged(r)
         if not r.session_id:  # read-only open: meta keeps nothing for it
 
             async def peek(ctx: OpCtx) -> pb.CloseRsp:
@@ -164,11 +171,37 @@ class SessionOps(NamespaceBase):
         async def body(ctx: OpCtx) -> pb.CloseRsp:
             # A close of a session that was pruned (client silent too long) still
             # applies its length: the writes it reports were acknowledged.
-            if r.length_hint or r.wrote:
-                inode = await self._apply_length(ctx, r.ino, r.length_hint, r.wrote, r.wrote)
-            else:  # nothing written (a read session): the length stays as it is
-                inode = await self._inode_or_none(ctx, r.ino)
+            inode = await self._apply_length(ctx, r.ino, r.length_hint, r.wrote, r.wrote)
             await self.end_session(ctx, r.ino, r.session_id, r.req.client_id)
             return pb.CloseRsp(inode=inode) if inode is not None else pb.CloseRsp()
 
         return await self._mutate(r.req, Tag.CLOSE, pb.CloseRsp, body)
+
+    async def _end_unchanged(self, r: pb.CloseReq) -> pb.CloseRsp:
+        """A close that reports nothing (a read session, a writer that wrote
+        nothing): it only ends the session, which a retry can do again with the
+        same outcome, so no answer is recorded for retries (no IDEM write, no
+        IDEM read, no tombstones for the cleaner later)."""
+
+        async def body(ctx: OpCtx) -> pb.CloseRsp:
+            inode = await self._inode_or_none(ctx, r.ino)
+            await self.end_session(ctx, r.ino, r.session_id, r.req.client_id)
+            return pb.CloseRsp(inode=inode) if inode is not None else pb.CloseRsp()
+
+        return await self._retry_safe(r.req, body)
+
+    async def end_sessions(self, r: pb.EndSessionsReq) -> pb.EndSessionsRsp:
+        """Many closes that report nothing, in one transaction."""
+        if len(r.sessions) > self.cfg.max_session_ends_per_call:
+            raise ChainfsError(
+                Code.E2BIG,
+                f"{len(r.sessions)} sessions in one call "
+                f"(limit {self.cfg.max_session_ends_per_call})",
+            )
+
+        async def body(ctx: OpCtx) -> pb.EndSessionsRsp:
+            for s in r.sessions:
+                await self.end_session(ctx, s.ino, s.session_id, r.req.client_id)
+            return pb.EndSessionsRsp()
+
+        return await self._retry_safe(r.req, body)

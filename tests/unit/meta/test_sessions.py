@@ -94,6 +94,78 @@ async def _not(aw: Awaitable[bool]) -> bool:
     return not await aw
 
 
+async def _gc_entries(env: MetaEnv) -> list[tuple[bytes, bytes]]:
+    return await env.kv.transact(
+        lambda tx: tx.get_range(*schema.range_of(schema.GCQU)), read_only=True
+    )
+
+
+async def test_a_never_written_file_is_removed_at_once_without_gc(env: MetaEnv) -> None:
+    m = env.direct
+    f = (await m.create("/f", write=False)).inode
+    await m.setxattr("/f", "user.k", b"v")
+    r = await m.create("/g")  # opened for write, closed without writing
+    await m.close(r.inode.ino, r.session_id)
+    await m.unlink("/f")
+    await m.unlink("/g")
+    # Gone in the unlink's own transaction: no GC entry, no storage call.
+    assert not await inode_exists(env, f.ino) and not await inode_exists(env, r.inode.ino)
+    assert await env.kv.get(schema.xattr_key(f.ino, b"user.k")) is None
+    assert await _gc_entries(env) == [] and env.storage.calls == []
+    # Unlinked while open for write, closed without writing: gone at the close.
+    o = await m.create("/h")
+    await m.unlink("/h")
+    assert (await m.stat(o.inode.ino)).nlink == 0
+    await m.close(o.inode.ino, o.session_id)
+    assert not await inode_exists(env, o.inode.ino) and await _gc_entries(env) == []
+
+
+async def test_end_sessions_ends_many_in_one_call(env: MetaEnv) -> None:
+    m = env.direct
+    opens = [await m.create(f"/f{i}") for i in range(5)]
+    rd = await m.open("/f0", session=True)
+    await m.unlink("/f1")  # open, never written: removed when its session ends
+    ended = [(o.inode.ino, o.session_id) for o in opens] + [(rd.inode.ino, rd.session_id)]
+    before = env.kv.stats["commits"]
+    await env.client.end_sessions(ended)  # over the wire, one transaction
+    assert env.kv.stats["commits"] == before + 1
+    assert not await env.kv.transact(
+        lambda tx: tx.get_range(*schema.range_of(schema.INOS)), read_only=True
+    )
+    assert not await inode_exists(env, opens[1].inode.ino)
+    assert (await m.stat("/f0")).size == 0
+    await env.client.end_sessions(ended)  # again: nothing more happens
+    with pytest.raises(ChainfsError) as ei:
+        await env.client.end_sessions([(opens[0].inode.ino, b"x" * 16)] * 1025)
+    assert ei.value.errno == errno.E2BIG
+
+
+async def test_a_reported_length_sends_the_file_through_gc(env: MetaEnv) -> None:
+    m = env.direct
+    r = await m.create("/f")
+    ino, lay = r.inode.ino, r.inode.layout
+    env.storage.write(list(lay.chains), lay.chunk_size, ino, 3 * MiB)
+    await m.sync(ino, r.session_id, 3 * MiB, exact=False)  # then closed with nothing new
+    await m.close(ino, r.session_id)
+    await m.unlink("/f")
+    await until(lambda: _not(inode_exists(env, ino)))
+    assert env.storage.of(ino) == {}  # GC dropped the chunks
+
+
+async def test_a_close_that_reports_nothing_records_no_answer(env: MetaEnv) -> None:
+    m = env.direct
+    r = await m.create("/f")
+    ns = env.ns
+    req = m.request_info()
+    close = pb.CloseReq(req=req, ino=r.inode.ino, session_id=r.session_id)
+    assert (await ns.close(close)).inode.ino == r.inode.ino
+    assert not await _has_idem(env, req.client_id, req.request_id)
+    assert (await ns.close(close)).inode.ino == r.inode.ino  # a retry: the same outcome
+    assert not await env.kv.transact(
+        lambda tx: tx.get_range(*schema.range_of(schema.INOS)), read_only=True
+    )
+
+
 async def test_a_file_open_for_write_is_collected_after_its_session_ends(env: MetaEnv) -> None:
     m = env.direct
     r = await m.create("/f")
@@ -116,7 +188,10 @@ async def test_no_new_writer_once_a_removed_file_is_queued_for_gc() -> None:
     env = await start_env(gc_delay_ms=60_000)  # stays queued for the test
     try:
         m = env.direct
-        f = (await m.create("/f", write=False)).inode
+        r = await m.create("/f")  # written: its chunks go through GC
+        f = r.inode
+        env.storage.write(list(f.layout.chains), f.layout.chunk_size, f.ino, MiB)
+        await m.close(f.ino, r.session_id, MiB, wrote=True)
         await m.unlink("/f")
         assert (await m.stat(f.ino)).nlink == 0
         with pytest.raises(ChainfsError) as ei:
@@ -225,6 +300,27 @@ async def test_sessions_of_a_vanished_client_are_pruned() -> None:
         pruner = env.server.task(SessionPruner)
         assert isinstance(pruner, SessionPruner) and pruner.pruned_sessions == 2
         await until(lambda: _not(_has_client_record(env, m.client_id)))
+    finally:
+        await stop_env(env)
+
+
+async def test_a_silent_writers_unreported_chunks_are_collected() -> None:
+    env = await start_env(session_timeout_ms=200)
+    try:
+        m = env.direct
+        at = pb.PathAt(path=b"/f")
+        req = pb.OpenReq(req=m.request_info(), at=at, write=True, create=True, mode=0o644)
+        r = await env.ns.open(req)  # no client keeps this session alive
+        ino, lay = r.inode.ino, r.inode.layout
+        env.storage.write(list(lay.chains), lay.chunk_size, ino, 5 * MiB)  # never reported
+
+        async def pruned() -> bool:
+            return await env.kv.get(schema.session_key(ino, r.session_id)) is None
+
+        await until(pruned)
+        await m.unlink("/f")
+        await until(lambda: _not(inode_exists(env, ino)))
+        assert env.storage.of(ino) == {}
     finally:
         await stop_env(env)
 
