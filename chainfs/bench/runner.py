@@ -323,8 +323,10 @@ def _measure_peer(
                 for key, (value, how) in got.items():
                     out.append(figure(SMALL_FIGURES[key].figure, value, ceilings, details=how))
                     log(f"peer {SMALL_FIGURES[key].figure}: {value:,.1f}")
-            except (NotRun, WorkloadFailed, OSError, subprocess.SubprocessError) as e:
-                status = f"{'not run' if isinstance(e, NotRun) else 'failed'}: {e}"
+            except Exception as e:  # any error fails the peer's figure, as it would ours
+                status = (
+                    f"not run: {e}" if isinstance(e, NotRun) else f"failed: {type(e).__name__}: {e}"
+                )
                 log(f"peer {part}: {status}")
                 out += [figure(n, None, ceilings, status=status) for n in names]
                 if pool.broken:

@@ -76,8 +76,10 @@ def part_meta(pool: WorkerPool, d: Path, sizes: Sizes) -> Measured:
 
 
 def part_readdir(pool: WorkerPool, d: Path, sizes: Sizes) -> Measured:
-    """One directory of ``readdir_entries`` empty files (made by 4 processes, untimed),
-    listed by one process at least 3 times and ``readdir_min_seconds`` long."""
+    """One process lists a directory of `readdir_entries` files, >= 3 times and >= 3 s.
+
+    The files are made (and removed) by 4 processes, untimed; the time floor is
+    ``readdir_min_seconds``."""
     n = sizes.readdir_entries
     base = {"backend": POSIX, "dir": str(d), "count": n}
     pool.run("populate", [base] * CLIENT_PROCS, sizes.task_timeout_s)
@@ -187,8 +189,10 @@ def check_tree(root: Path, members: dict[str, bytes]) -> None:
 
 
 def part_smallfiles(pool: WorkerPool, d: Path, sizes: Sizes) -> Measured:
-    """Untar a source tree, commit it with git, rsync -a it to a sibling directory:
-    seconds from the first byte untarred to the last byte copied."""
+    """Seconds to untar a source tree, git init/add/commit it, rsync -a it to a sibling.
+
+    Timed from the first byte untarred to the last byte copied; every byte is
+    checked afterwards, untimed."""
     tar_bytes, members = source_tree_tar(sizes.smallfiles_count)
     git, rsync = tool("git"), tool("rsync")
     src, copy = d / "src", d / "copy"

@@ -517,8 +517,9 @@ def kvcache(ctx: RunContext) -> list[Result]:
     "kvcache_4p", results=("kvcache_put_1m_4p", "kvcache_batch_get_4k_4p", "kvcache_get_4k_4p")
 )
 def kvcache_4p(ctx: RunContext) -> list[Result]:
-    """Four processes: each puts its share of 1 MiB and 4 KiB values, then all four
-    batch_get and get random 4 KiB values."""
+    """Four processes: put 1 MiB values, then batch_get and get random 4 KiB values.
+
+    Each process puts its share of the values; the gets run in all four at once."""
     s, procs = ctx.sizes, CLIENT_PROCS
     d = f"{ctx.root}/kv4p"
     ctx.mkdirs(d)
@@ -541,8 +542,10 @@ CHURN_BATCH = 50  # files created, then unlinked, per round of the churn
 
 @workload("meta_steady", results=tuple(n + STEADY_SUFFIX for n in META_PHASES.values()))
 def meta_steady(ctx: RunContext) -> list[Result]:
-    """The meta figures again after `steady_churn_ops` creates and unlinks (100,000 in
-    a full run) on the same cluster: a namespace that has lived, not a fresh one."""
+    """The meta figures again, after `steady_churn_ops` creates and unlinks.
+
+    100,000 in a full run, on the same cluster: a namespace that has lived, not
+    a fresh one."""
     d = f"{ctx.root}/churn"
     ctx.mkdirs(d)
     params = {
