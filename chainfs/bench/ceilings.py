@@ -353,12 +353,13 @@ def measure_local_small(
     from chainfs.bench import smallops
 
     got = smallops.run_part(part, pool, data_dir / "local-small", sizes)
+    doc = (smallops.PARTS[part][1].__doc__ or part).splitlines()[0]
     values: dict[str, float | None] = {}
     detail: dict[str, Any] = {}
     for key, (value, how) in got.items():
         name = smallops.SMALL_FIGURES[key].ceiling
         values[name] = value
-        detail[name] = {"status": "ok", "command": f"{part} on {data_dir}", **how}
+        detail[name] = {"status": "ok", "command": f"{doc} (in {data_dir})", **how}
     return values, detail
 
 
