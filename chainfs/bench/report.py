@@ -321,6 +321,17 @@ def peer_lines(results: list[dict[str, Any]], peer: dict[str, Any]) -> list[str]
             f"{fmt(p.get('ceiling'))} | {fmt_ratio(c.get('ratio'))} | "
             f"{fmt_ratio(p.get('ratio'))} | {speed} |"
         )
+    buffered = [
+        f"{r['name']} ({who})"
+        for who, rows in (("chainfs", list(ours.values())), ("peer", peer["results"]))
+        for r in rows
+        if r.get("details", {}).get("o_direct") is False
+    ]
+    if buffered:
+        lines += [
+            "",
+            f"Without O_DIRECT (the file system refused it: page cache): {', '.join(buffered)}.",
+        ]
     return lines
 
 

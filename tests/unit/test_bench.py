@@ -423,13 +423,19 @@ def test_markdown_shows_fresh_and_steady_and_the_peer_side_by_side(tmp_path: Pat
     report["peer"] = {
         "directory": "/mnt/mfs",
         "filesystem": {"fstype": "fuse.mfs", "device": "mfs#x"},
-        "results": [figure("fuse_smallfiles", 2.0, ceilings).to_json()],
+        "results": [
+            figure("fuse_smallfiles", 2.0, ceilings).to_json(),
+            figure("fuse_rand_read_4k", 9e5, ceilings, details={"o_direct": False}).to_json(),
+        ],
     }
     md = rep.markdown(report, {"json": tmp_path / "x.json"})
     assert "after 100,000 creates and unlinks" in md
     assert "| meta_create | 500 | 250 | 0.50 | ops/s | 0.50 | 0.25 |" in md
     assert "## Side by side with /mnt/mfs (fuse.mfs on mfs#x)" in md
     assert "| fuse_smallfiles | s | 4.00 | 2.00 | 1.00 | 0.25 | 0.50 | 0.50 |" in md
+    assert (
+        "Without O_DIRECT (the file system refused it: page cache): fuse_rand_read_4k (peer)." in md
+    )
     bad = {"status": "failed: x", "name": "fuse_smallfiles"}
     report["peer"]["results"] = [{**report["peer"]["results"][0], **bad}]
     failures = runner.BenchRun(report, tmp_path).failures
