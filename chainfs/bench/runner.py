@@ -10,6 +10,7 @@ memory). Every selected figure ends up in the report as a number, "not run:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import shlex
@@ -74,6 +75,7 @@ class BenchOptions:
     command: str = ""
     compare_dir: Path | None = None  # also run the mount workloads in this directory (a peer)
     mount_only: bool = False  # only the mount workloads (and their ceilings)
+    steady_churn_ops: int | None = None  # instead of the mode's steady_churn_ops
 
 
 @dataclass
@@ -181,6 +183,10 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
     started = time.monotonic()
     started_at = dt.datetime.now(dt.UTC)
     sizes = QUICK if opts.quick else FULL
+    if opts.steady_churn_ops is not None:
+        if opts.steady_churn_ops < 0:
+            raise ValueError(f"--steady-churn-ops {opts.steady_churn_ops}: must be >= 0")
+        sizes = dataclasses.replace(sizes, steady_churn_ops=opts.steady_churn_ops)
     selected = select(selection(opts))
     if opts.compare_dir is not None and not opts.compare_dir.is_dir():
         raise ValueError(f"--compare {opts.compare_dir}: not a directory")

@@ -47,6 +47,9 @@ _SUITE_OPTIONS = (
                  "side by side with chainfs's."),
     click.option("--mount-only", is_flag=True,
                  help="Only the mount workloads and their local-directory ceilings."),
+    click.option("--steady-churn-ops", type=int, default=None,
+                 help="Creates + unlinks before the meta_*_steady figures [default: 100,000; "
+                 "--quick: 400]."),
     click.option("--profile", is_flag=True,
                  help="Sample every process with py-spy during each workload; the report lists "
                  "where the time goes (profiled figures are lower: do not compare them)."),

@@ -440,3 +440,11 @@ def test_markdown_shows_fresh_and_steady_and_the_peer_side_by_side(tmp_path: Pat
     report["peer"]["results"] = [{**report["peer"]["results"][0], **bad}]
     failures = runner.BenchRun(report, tmp_path).failures
     assert failures == ["fuse_smallfiles on /mnt/mfs"]
+
+
+def test_a_negative_churn_count_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        bench, ["--quick", "--steady-churn-ops", "-1", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2 and "must be >= 0" in result.output
+    assert not (tmp_path / "r").exists()
