@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PACKAGES=(fuse3 libfuse3-dev pkg-config etcd-server etcd-client iperf3 fio stress-ng rsync iproute2 chromium chromium-driver)
+SYSTEM_PACKAGES=(fuse3 libfuse3-dev pkg-config etcd-server etcd-client iperf3 fio stress-ng rsync iproute2 git chromium chromium-driver)
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_VERSION=${CHAINFS_TORCH_VERSION:-2.13.0}

@@ -6,7 +6,9 @@
   blocks, random 4 KiB reads, and 4 KiB writes each followed by fdatasync
   (what a durable KV commit costs);
 - metadata: the same create/stat/readdir/rename/unlink task the chainfs
-  workload runs, in as many processes, on a local directory.
+  workload runs, in as many processes, on a local directory;
+- small operations: the mount workloads (``chainfs.bench.smallops``) run on a
+  local directory of the data disk.
 
 Each ceiling is a number (or None) plus a detail entry with the command and
 a status: "ok", "not run: <reason>" (tool missing) or "failed: <reason>".
@@ -25,12 +27,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from chainfs.bench.context import CLIENT_PROCS, MB, NotRun, Sizes, WorkloadFailed
+from chainfs.bench.report import fmt
 from chainfs.bench.workers import WorkerPool, aggregate
 
 # The ceilings every report carries (the JSON shape is stable: None if not measured).
@@ -45,6 +49,13 @@ CEILING_NAMES = (
     "local_meta_readdir_entries_per_s",
     "local_meta_rename_per_s",
     "local_meta_unlink_per_s",
+    "local_create_per_s",
+    "local_stat_per_s",
+    "local_unlink_per_s",
+    "local_readdir_entries_per_s",
+    "local_rand_read_4k_iops",
+    "local_rand_write_4k_iops",
+    "local_smallfiles_s",
 )
 
 _IPERF3_CONNECT_TIMEOUT_S = 10.0  # the server has this long to start listening
@@ -63,7 +74,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _filesystem_of(path: Path) -> dict[str, Any]:
+def filesystem_of(path: Path) -> dict[str, Any]:
     path = path.resolve()
     best: Any = None
     for part in psutil.disk_partitions(all=True):
@@ -94,7 +105,7 @@ def machine_info(data_dir: Path) -> dict[str, Any]:
         "os": platform.platform(),
         "cpu_model": _cpu_model(),
         "python": platform.python_version(),
-        "data_dir_filesystem": _filesystem_of(data_dir),
+        "data_dir_filesystem": filesystem_of(data_dir),
         # Other load on the machine makes every figure noisy: say how much there was.
         "load_average_1m_start": round(os.getloadavg()[0], 2),
     }
@@ -195,7 +206,7 @@ def fio_exe() -> str:
     return exe
 
 
-def _fio_engine(exe: str) -> str:
+def fio_engine(exe: str) -> str:
     out = subprocess.run([exe, "--enghelp"], capture_output=True, text=True, timeout=30)
     return "libaio" if "libaio" in out.stdout else "psync"
 
@@ -217,7 +228,7 @@ def measure_fio(
 ) -> tuple[dict[str, float | None], dict[str, Any]]:
     """Direct I/O on a file in ``data_dir``: the disk under the cluster's targets."""
     exe = fio_exe()
-    engine = _fio_engine(exe)
+    engine = fio_engine(exe)
     path = data_dir / "fio-ceiling.dat"
     runtime = f"--runtime={max(1, round(runtime_s))}"
     timeout_s = runtime_s * 4 + 120
@@ -334,19 +345,34 @@ def measure_local_meta(
     return values, detail
 
 
-# -- all of them -------------------------------------------------------------------
-def measure_all(
-    pool: WorkerPool, data_dir: Path, sizes: Sizes, log: Log
-) -> tuple[dict[str, float | None], dict[str, Any], WorkerPool]:
-    """Every ceiling; a missing tool gives None and "not run", never an invented value.
+# -- the mount workloads on a local directory ----------------------------------------
+def measure_local_small(
+    part: str, pool: WorkerPool, *, data_dir: Path, sizes: Sizes
+) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """One part of the small-operation suite on a directory of the data disk."""
+    from chainfs.bench import smallops
 
-    Returns the pool too: a failure inside it replaces it with a fresh one.
-    """
-    values: dict[str, float | None] = dict.fromkeys(CEILING_NAMES)
+    got = smallops.run_part(part, pool, data_dir / "local-small", sizes)
+    doc = (smallops.PARTS[part][1].__doc__ or part).splitlines()[0]
+    values: dict[str, float | None] = {}
     detail: dict[str, Any] = {}
-    groups: list[tuple[str, tuple[str, ...], Callable[[], tuple[dict[str, Any], dict[str, Any]]]]]
-    groups = [
-        ("iperf3", ("iperf3_loopback_MBps",), lambda: measure_iperf3(sizes.iperf3_seconds)),
+    for key, (value, how) in got.items():
+        name = smallops.SMALL_FIGURES[key].ceiling
+        values[name] = value
+        detail[name] = {"status": "ok", "command": f"{doc} (in {data_dir})", **how}
+    return values, detail
+
+
+Measurement = Callable[[WorkerPool], tuple[dict[str, Any], dict[str, Any]]]
+Group = tuple[str, tuple[str, ...], Measurement]
+
+
+def _groups(data_dir: Path, sizes: Sizes) -> list[Group]:
+    """(label, ceilings, how to measure them with the client processes)."""
+    from chainfs.bench.smallops import PARTS, SMALL_FIGURES
+
+    groups: list[Group] = [
+        ("iperf3", ("iperf3_loopback_MBps",), lambda _: measure_iperf3(sizes.iperf3_seconds)),
         (
             "fio",
             (
@@ -355,21 +381,51 @@ def measure_all(
                 "fio_rand_read_4k_iops",
                 "fio_fdatasync_4k_iops",
             ),
-            lambda: measure_fio(data_dir, sizes.fio_file_bytes, sizes.fio_runtime_s),
+            lambda _: measure_fio(data_dir, sizes.fio_file_bytes, sizes.fio_runtime_s),
         ),
         (
             "local metadata",
             tuple(LOCAL_META_PHASES.values()),
-            lambda: measure_local_meta(pool, data_dir, sizes),
+            lambda pool: measure_local_meta(pool, data_dir, sizes),
         ),
     ]
-    for label, names, fn in groups:
+    for part, (keys, _) in PARTS.items():
+        names = tuple(SMALL_FIGURES[k].ceiling for k in keys)
+        groups.append(
+            (
+                f"local {part}",
+                names,
+                partial(measure_local_small, part, data_dir=data_dir, sizes=sizes),
+            )
+        )
+    return groups
+
+
+# -- all of them -------------------------------------------------------------------
+def measure_all(
+    pool: WorkerPool,
+    data_dir: Path,
+    sizes: Sizes,
+    log: Log,
+    needed: set[str] | None = None,
+) -> tuple[dict[str, float | None], dict[str, Any], WorkerPool]:
+    """Every ceiling in ``needed`` (None: all); a missing tool gives None and "not
+    run", never an invented value. Returns the pool too: a failure inside it
+    replaces it with a fresh one.
+    """
+    values: dict[str, float | None] = dict.fromkeys(CEILING_NAMES)
+    detail: dict[str, Any] = {}
+    for label, names, fn in _groups(data_dir, sizes):
+        if needed is not None and not set(names) & needed:
+            for n in names:
+                detail[n] = {"status": "not run: no selected figure is divided by it"}
+            continue
         t0 = time.monotonic()
         try:
-            got, det = fn()
+            got, det = fn(pool)
             values.update(got)
             detail.update(det)
-            shown = ", ".join(f"{k}={v:,.0f}" for k, v in got.items() if v is not None)
+            shown = ", ".join(f"{k}={fmt(v)}" for k, v in got.items() if v is not None)
             log(f"ceiling {label}: {shown} ({time.monotonic() - t0:.1f}s)")
         except NotRun as e:
             for n in names:

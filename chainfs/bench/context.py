@@ -44,6 +44,14 @@ class Sizes:
     kv_batch_4k: int  # keys per batch_get of 4 KiB values
     kv_seconds: float  # duration of each KV cache get test
     kv_put_max_seconds: float  # cap of each put phase (the gets use the keys put by then)
+    small_meta_files_per_proc: int  # files each process creates through the mount
+    readdir_entries: int  # entries of the directory the mount's readdir test lists
+    readdir_min_seconds: float  # that directory is listed at least this long (and 3 times)
+    small_fio_file_bytes: int  # the file of the 4 KiB random read/overwrite tests
+    small_fio_runtime_s: float  # each of those fio jobs (whole seconds)
+    smallfiles_count: int  # files of the source tree untarred, committed and rsynced
+    steady_churn_ops: int  # creates + unlinks done before the steady-state metadata figures
+    steady_churn_timeout_s: float  # bound of that churn (failed if not done by then)
     task_timeout_s: float  # a worker task not done by then fails the workload
     cluster_start_timeout_s: float  # LocalCluster start-up bound
 
@@ -69,6 +77,14 @@ _SIZES: dict[str, tuple[Any, Any]] = {
     "kv_batch_4k": (32, 64),
     "kv_seconds": (0.5, 6.0),
     "kv_put_max_seconds": (3.0, 12.0),
+    "small_meta_files_per_proc": (25, 2000),
+    "readdir_entries": (200, 10_000),
+    "readdir_min_seconds": (0.2, 3.0),
+    "small_fio_file_bytes": (8 * MiB, 256 * MiB),
+    "small_fio_runtime_s": (1.0, 10.0),
+    "smallfiles_count": (40, 300),
+    "steady_churn_ops": (400, 100_000),
+    "steady_churn_timeout_s": (60.0, 1800.0),
     "task_timeout_s": (60.0, 180.0),
     "cluster_start_timeout_s": (60.0, 90.0),
 }
@@ -78,6 +94,22 @@ FULL = Sizes(**{name: full for name, (_, full) in _SIZES.items()})
 
 def sizes_dict(s: Sizes) -> dict[str, Any]:
     return asdict(s)
+
+
+# The steady-state figures: a metadata figure's name with this suffix.
+STEADY_SUFFIX = "_steady"
+
+# Units of durations: a shorter one is better, so their ratio is ceiling / value
+# (every ratio reads "fraction of the ceiling's speed").
+DURATION_UNITS = frozenset({"s"})
+
+
+def ratio_to_ceiling(value: float | None, ceiling: float | None, unit: str) -> float | None:
+    if value is None or not ceiling:
+        return None
+    if unit in DURATION_UNITS:
+        return ceiling / value if value > 0 else None
+    return value / ceiling
 
 
 @dataclass

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from chainfs.bench.context import STEADY_SUFFIX
+
 # Chart colours by family of figure.
 _FAMILY_COLOURS = {
     "client": "#4C72B0",
@@ -38,6 +40,13 @@ CEILING_LABELS = {
     "local_meta_readdir_entries_per_s": "local dir readdir",
     "local_meta_rename_per_s": "local dir rename",
     "local_meta_unlink_per_s": "local dir unlink",
+    "local_create_per_s": "local dir create",
+    "local_stat_per_s": "local dir stat",
+    "local_unlink_per_s": "local dir unlink",
+    "local_readdir_entries_per_s": "local dir readdir",
+    "local_rand_read_4k_iops": "local fio 4K rand read",
+    "local_rand_write_4k_iops": "local fio 4K rand write",
+    "local_smallfiles_s": "local untar+git+rsync",
 }
 CEILING_UNITS = {
     "iperf3_loopback_MBps": "MB/s",
@@ -46,7 +55,15 @@ CEILING_UNITS = {
     "fio_rand_read_4k_iops": "IOPS",
     "fio_fdatasync_4k_iops": "IOPS",
     "local_meta_readdir_entries_per_s": "entries/s",
+    "local_create_per_s": "files/s",
+    "local_stat_per_s": "files/s",
+    "local_unlink_per_s": "files/s",
+    "local_readdir_entries_per_s": "entries/s",
+    "local_rand_read_4k_iops": "IOPS",
+    "local_rand_write_4k_iops": "IOPS",
+    "local_smallfiles_s": "s",
 }
+RATE_UNITS = ("ops/s", "entries/s", "files/s", "IOPS")
 
 
 def family(name: str) -> str:
@@ -233,6 +250,9 @@ def markdown(report: dict[str, Any], paths: dict[str, Path], notes: Sequence[str
             f"| {r['name']} | {fmt(r['value'])} | {r['unit']} | {ceiling} | "
             f"{fmt_ratio(r['ratio'])} | {target} | {_verdict(r)} |"
         )
+    lines += steady_lines(results)
+    if report.get("peer"):
+        lines += peer_lines(results, report["peer"])
     if report.get("profiles"):
         lines += _profile_lines(report["profiles"], paths)
     if report.get("warnings"):
@@ -244,6 +264,83 @@ def markdown(report: dict[str, Any], paths: dict[str, Path], notes: Sequence[str
         "",
     ]
     return "\n".join(lines)
+
+
+def steady_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Each metadata figure fresh and after the churn, side by side."""
+    by_name = {r["name"]: r for r in results}
+    pairs = [
+        (by_name[r["name"][: -len(STEADY_SUFFIX)]], r)
+        for r in results
+        if r["name"].endswith(STEADY_SUFFIX) and r["name"][: -len(STEADY_SUFFIX)] in by_name
+    ]
+    pairs = [(f, s) for f, s in pairs if f["status"] == "ok" or s["status"] == "ok"]
+    if not pairs:
+        return []
+    churn = next((s["details"].get("churn_ops") for _, s in pairs if s["details"]), None)
+    lines = [
+        "",
+        "## Metadata, fresh and in steady state",
+        "",
+        f"Steady: the same task after {fmt(churn)} creates and unlinks on the same cluster.",
+        "",
+        "| figure | fresh | steady | steady/fresh | unit | ratio fresh | ratio steady |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for f, s in pairs:
+        change = f"{s['value'] / f['value']:.2f}" if f["value"] and s["value"] is not None else "-"
+        lines.append(
+            f"| {f['name']} | {fmt(f['value'])} | {fmt(s['value'])} | {change} | {f['unit']} | "
+            f"{fmt_ratio(f['ratio'])} | {fmt_ratio(s['ratio'])} |"
+        )
+    return lines
+
+
+def peer_lines(results: list[dict[str, Any]], peer: dict[str, Any]) -> list[str]:
+    """The mount workloads of chainfs and of the ``--compare`` directory, side by side."""
+    ours = {r["name"]: r for r in results}
+    fs = peer.get("filesystem") or {}
+    lines = [
+        "",
+        f"## Side by side with {peer['directory']} ({fs.get('fstype', '?')} on "
+        f"{fs.get('device', '?')})",
+        "",
+        "The same workloads, the same code, divided by the same local-directory ceiling. "
+        "For durations (s) shorter is better; every ratio reads as a fraction of the "
+        "ceiling's speed.",
+        "",
+        "| figure | unit | chainfs | peer | local ceiling | ratio chainfs | ratio peer | "
+        "chainfs/peer speed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in peer["results"]:
+        c = ours.get(p["name"], {})
+        speed = f"{c['ratio'] / p['ratio']:.2f}" if c.get("ratio") and p.get("ratio") else "-"
+        lines.append(
+            f"| {p['name']} | {p['unit']} | {_value_or_status(c)} | {_value_or_status(p)} | "
+            f"{fmt(p.get('ceiling'))} | {fmt_ratio(c.get('ratio'))} | "
+            f"{fmt_ratio(p.get('ratio'))} | {speed} |"
+        )
+    buffered = [
+        f"{r['name']} ({who})"
+        for who, rows in (("chainfs", list(ours.values())), ("peer", peer["results"]))
+        for r in rows
+        if r.get("details", {}).get("o_direct") is False
+    ]
+    if buffered:
+        lines += [
+            "",
+            f"Without O_DIRECT (the file system refused it: page cache): {', '.join(buffered)}.",
+        ]
+    return lines
+
+
+def _value_or_status(r: dict[str, Any]) -> str:
+    if not r:
+        return "absent"
+    if r["status"] == "ok":
+        return fmt(r["value"])
+    return str(r["status"]).split(":")[0]
 
 
 def _profile_lines(profiles: dict[str, Any], paths: dict[str, Path]) -> list[str]:
@@ -414,7 +511,7 @@ def plot_absolute(report: dict[str, Any], path: Path) -> None:
 
     # (b) operation rates, chainfs next to its ceiling, log scale
     ax = axes[1]
-    ops = [r for r in res if r["unit"] in ("ops/s", "entries/s")][::-1]
+    ops = [r for r in res if r["unit"] in RATE_UNITS][::-1]
     ys = range(len(ops))
     ax.barh(
         [y + 0.18 for y in ys],

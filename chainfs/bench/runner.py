@@ -10,6 +10,7 @@ memory). Every selected figure ends up in the report as a number, "not run:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import shlex
@@ -31,12 +32,16 @@ from chainfs.bench.context import (
     CLIENT_PROCS,
     FULL,
     QUICK,
+    NotRun,
     Result,
+    Sizes,
     WorkloadFailed,
     sizes_dict,
 )
+from chainfs.bench.smallops import PARTS, SMALL_FIGURES, run_part, scratch_dir
 from chainfs.bench.workers import WorkerPool
 from chainfs.bench.workloads import (
+    FIGURES,
     REGISTRY,
     RunContext,
     Workload,
@@ -68,6 +73,9 @@ class BenchOptions:
     targets_per_node: int = 2
     kv: str = "rocksdb"
     command: str = ""
+    compare_dir: Path | None = None  # also run the mount workloads in this directory (a peer)
+    mount_only: bool = False  # only the mount workloads (and their ceilings)
+    steady_churn_ops: int | None = None  # instead of the mode's steady_churn_ops
 
 
 @dataclass
@@ -84,6 +92,12 @@ class BenchRun:
             n
             for n, d in self.report["ceilings_detail"].items()
             if str(d.get("status", "")).startswith("failed")
+        ]
+        peer = self.report.get("peer") or {}
+        bad += [
+            f"{r['name']} on {peer['directory']}"
+            for r in peer.get("results", [])
+            if r["status"].startswith("failed")
         ]
         return bad
 
@@ -169,7 +183,13 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
     started = time.monotonic()
     started_at = dt.datetime.now(dt.UTC)
     sizes = QUICK if opts.quick else FULL
-    selected = select(opts.only)
+    if opts.steady_churn_ops is not None:
+        if opts.steady_churn_ops < 0:
+            raise ValueError(f"--steady-churn-ops {opts.steady_churn_ops}: must be >= 0")
+        sizes = dataclasses.replace(sizes, steady_churn_ops=opts.steady_churn_ops)
+    selected = select(selection(opts))
+    if opts.compare_dir is not None and not opts.compare_dir.is_dir():
+        raise ValueError(f"--compare {opts.compare_dir}: not a directory")
     selected_names = {w.name for w in selected}
     stamp = started_at.strftime("%Y-%m-%d-%H%M%S")
     out_dir = default_out_dir(stamp) if opts.out_dir is None else opts.out_dir
@@ -182,6 +202,7 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
     log(f"scratch directory {scratch} ({'quick' if opts.quick else 'full'} run)")
     results: dict[str, list[Result]] = {}
     warnings: list[str] = []
+    peer: dict[str, Any] | None = None
     profiles: dict[str, Any] = {}
     profiler = None
     if opts.profile:
@@ -192,7 +213,11 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
     try:
         pool.wait_ready(sizes.task_timeout_s)  # their start-up must not disturb the ceilings
         machine = ceil.machine_info(scratch)
-        ceilings, ceilings_detail, pool = ceil.measure_all(pool, scratch, sizes, log)
+        ceilings, ceilings_detail, pool = ceil.measure_all(
+            pool, scratch, sizes, log, needed_ceilings(selected)
+        )
+        if opts.compare_dir is not None:
+            peer, pool = _measure_peer(pool, opts.compare_dir, selected, sizes, ceilings, log)
         for profile in PROFILE_ORDER:
             todo = [w for w in selected if w.profile == profile]
             if not todo:
@@ -248,7 +273,8 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
                 "kv": opts.kv if opts.address is None else None,
             },
             "client_processes": CLIENT_PROCS,
-            "only": opts.only,
+            "only": selection(opts),
+            "compare_dir": str(opts.compare_dir) if opts.compare_dir else None,
             "profiled": opts.profile,
             "sizes": sizes_dict(sizes),
             "chainfs_version": chainfs.__version__,
@@ -259,6 +285,8 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
         "results": [r.to_json() for r in ordered],
         "warnings": warnings,
     }
+    if peer is not None:
+        report["peer"] = peer
     if opts.profile:
         report["profiles"] = profiles
     run_ = BenchRun(report, out_dir)
@@ -266,6 +294,57 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
     run_.paths, run_.notes = rep.write_reports(report, out_dir, stamp)
     log(f"report written in {time.monotonic() - t_report:.1f}s")
     return run_
+
+
+def selection(opts: BenchOptions) -> list[str] | None:
+    """The workloads ``--only`` and ``--mount-only`` ask for (None: all of them)."""
+    if not opts.mount_only:
+        return opts.only
+    return list(PARTS) + [n for n in opts.only or [] if n not in PARTS]
+
+
+def needed_ceilings(selected: list[Workload]) -> set[str]:
+    """The ceilings the selected workloads' figures are divided by."""
+    return {c for w in selected for n in w.results if (c := FIGURES[n][1]) is not None}
+
+
+def _measure_peer(
+    pool: WorkerPool,
+    directory: Path,
+    selected: list[Workload],
+    sizes: Sizes,
+    ceilings: dict[str, float | None],
+    log: Log,
+) -> tuple[dict[str, Any], WorkerPool]:
+    """The selected mount workloads in ``directory`` (another file system's mount),
+    each figure with the same local ceiling as chainfs's; the pool (fresh if broken)."""
+    work = scratch_dir(directory, "peer")
+    log(f"--compare: the mount workloads in {work}")
+    out: list[Result] = []
+    try:
+        for part in [w.name for w in selected if w.name in PARTS]:
+            names = [SMALL_FIGURES[k].figure for k in PARTS[part][0]]
+            try:
+                got = run_part(part, pool, work, sizes)
+                for key, (value, how) in got.items():
+                    out.append(figure(SMALL_FIGURES[key].figure, value, ceilings, details=how))
+                    log(f"peer {SMALL_FIGURES[key].figure}: {value:,.1f}")
+            except Exception as e:  # any error fails the peer's figure, as it would ours
+                status = (
+                    f"not run: {e}" if isinstance(e, NotRun) else f"failed: {type(e).__name__}: {e}"
+                )
+                log(f"peer {part}: {status}")
+                out += [figure(n, None, ceilings, status=status) for n in names]
+                if pool.broken:
+                    pool = WorkerPool(pool.size)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    peer = {
+        "directory": str(directory),
+        "filesystem": ceil.filesystem_of(directory),
+        "results": [r.to_json() for r in out],
+    }
+    return peer, pool
 
 
 def _run_on_local_cluster(

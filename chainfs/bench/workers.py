@@ -505,12 +505,17 @@ def task_read_ranges(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
     return {"read": phase}
 
 
+META_TASK_PHASES = ("create", "stat", "readdir", "rename", "unlink")
+
+
 def task_meta(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
-    """create, stat, readdir, rename, unlink of small files in this process's directory."""
+    """create, stat, readdir, rename, unlink of small files in this process's directory
+    (``phases``: a subset of them, in that order; the default is all)."""
     be = env.backend(p["backend"])
     d = f"{p['root']}/w{env.index}"
     be.mkdir(d)
     files, cap = int(p["files"]), float(p["max_seconds"])
+    phases = set(p.get("phases", META_TASK_PHASES))
     out: TaskOutput = {}
 
     t0 = env.sync()
@@ -519,33 +524,17 @@ def task_meta(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
         be.open(f"{d}/f{n:07d}", "wb").close()
         n += 1
     out["create"] = _phase(t0, time.monotonic(), 0, n)
-
-    t0 = env.sync()
-    k = 0
-    while k < n and time.monotonic() < t0 + cap:
-        st = be.stat(f"{d}/f{k:07d}")
-        if st.st_size != 0:
-            raise DataMismatch(f"{d}/f{k:07d}: size {st.st_size}, created empty")
-        k += 1
-    out["stat"] = _phase(t0, time.monotonic(), 0, k)
-
-    t0 = env.sync()
-    entries = 0
-    for _ in range(int(p["readdir_rounds"])):
-        names = be.listdir(d)
-        if len(names) != n:
-            raise DataMismatch(f"listdir({d}) gave {len(names)} entries, created {n}")
-        entries += len(names)
-        if time.monotonic() > t0 + cap:
-            break
-    out["readdir"] = _phase(t0, time.monotonic(), 0, entries)
-
-    t0 = env.sync()
+    if "stat" in phases:
+        out["stat"] = _stat_phase(env, be, d, n, cap)
+    if "readdir" in phases:
+        out["readdir"] = _readdir_phase(env, be, d, n, cap, int(p["readdir_rounds"]))
     renamed = 0
-    while renamed < n and time.monotonic() < t0 + cap:
-        be.rename(f"{d}/f{renamed:07d}", f"{d}/r{renamed:07d}")
-        renamed += 1
-    out["rename"] = _phase(t0, time.monotonic(), 0, renamed)
+    if "rename" in phases:
+        t0 = env.sync()
+        while renamed < n and time.monotonic() < t0 + cap:
+            be.rename(f"{d}/f{renamed:07d}", f"{d}/r{renamed:07d}")
+            renamed += 1
+        out["rename"] = _phase(t0, time.monotonic(), 0, renamed)
 
     def name(i: int) -> str:
         return f"{d}/r{i:07d}" if i < renamed else f"{d}/f{i:07d}"
@@ -563,6 +552,83 @@ def task_meta(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
     if left:
         raise DataMismatch(f"{d} still lists {len(left)} entries after unlinking all")
     return out
+
+
+def _stat_phase(env: TaskEnv, be: Backend, d: str, n: int, cap: float) -> Phase:
+    t0 = env.sync()
+    k = 0
+    while k < n and time.monotonic() < t0 + cap:
+        st = be.stat(f"{d}/f{k:07d}")
+        if st.st_size != 0:
+            raise DataMismatch(f"{d}/f{k:07d}: size {st.st_size}, created empty")
+        k += 1
+    return _phase(t0, time.monotonic(), 0, k)
+
+
+def _readdir_phase(env: TaskEnv, be: Backend, d: str, n: int, cap: float, rounds: int) -> Phase:
+    t0 = env.sync()
+    entries = 0
+    for _ in range(rounds):
+        names = be.listdir(d)
+        if len(names) != n:
+            raise DataMismatch(f"listdir({d}) gave {len(names)} entries, created {n}")
+        entries += len(names)
+        if time.monotonic() > t0 + cap:
+            break
+    return _phase(t0, time.monotonic(), 0, entries)
+
+
+def _entry(directory: str, i: int) -> str:
+    return f"{directory}/e{i:07d}"
+
+
+def task_populate(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    """Create (or with ``remove``, unlink) this process's share of ``count`` empty
+    files in ``dir``, untimed: the set-up and clean-up of the readdir test."""
+    be = env.backend(p["backend"])
+    for i in range(env.index, int(p["count"]), env.parties):
+        if p.get("remove"):
+            be.remove(_entry(p["dir"], i))
+        else:
+            be.open(_entry(p["dir"], i), "wb").close()
+    return {}
+
+
+def task_listdir_loop(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    """List ``dir`` (``count`` entries) again and again, at least ``min_reps`` times
+    and ``min_seconds`` long; every listing must hold every entry."""
+    be = env.backend(p["backend"])
+    want, reps = int(p["count"]), 0
+    t0 = env.sync()
+    while True:
+        got = len(be.listdir(p["dir"]))
+        if got != want:
+            raise DataMismatch(f"listdir({p['dir']}) gave {got} entries, created {want}")
+        reps += 1
+        if reps >= int(p["min_reps"]) and time.monotonic() - t0 >= float(p["min_seconds"]):
+            break
+    return {"readdir": _phase(t0, time.monotonic(), 0, reps * want), "reps": reps}
+
+
+def task_churn(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    """This process's share of ``ops`` metadata operations: create ``batch`` empty
+    files, unlink them, again (what a long-lived namespace has been through)."""
+    be = env.backend(p["backend"])
+    d = f"{p['root']}/c{env.index}"
+    be.mkdir(d)
+    mine = int(p["ops"]) // env.parties + 1
+    batch = int(p["batch"])
+    t0 = env.sync()
+    done = rnd = 0
+    while done < mine:
+        names = [f"{d}/x{rnd}-{i}" for i in range(batch)]
+        for name in names:
+            be.open(name, "wb").close()
+        for name in names:
+            be.remove(name)
+        done += 2 * batch
+        rnd += 1
+    return {"churn": _phase(t0, time.monotonic(), 0, done)}
 
 
 def _kv_value(size: int, index: int) -> bytes:
@@ -672,6 +738,9 @@ TASKS: dict[str, Callable[[TaskEnv, dict[str, Any]], TaskOutput]] = {
     "rand_read": task_rand_read,
     "read_ranges": task_read_ranges,
     "meta": task_meta,
+    "populate": task_populate,
+    "listdir_loop": task_listdir_loop,
+    "churn": task_churn,
     "kv_put": task_kv_put,
     "kv_get": task_kv_get,
     "rmtree": task_rmtree,

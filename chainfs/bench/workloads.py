@@ -16,6 +16,7 @@ Registration order is run order: writers first, so readers reuse their files.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,15 @@ from typing import Any
 from chainfs.bench.context import (
     CLIENT_PROCS,
     MB,
+    STEADY_SUFFIX,
     TARGETS,
     MiB,
     Result,
     Sizes,
     WorkloadFailed,
+    ratio_to_ceiling,
 )
+from chainfs.bench.smallops import PARTS, SMALL_FIGURES, needs_fio, run_part
 from chainfs.bench.workers import WorkerPool, aggregate, peak_rss_bytes
 from chainfs.common.units import KiB
 
@@ -59,6 +63,13 @@ FIGURES: dict[str, tuple[str, str | None]] = {
     "kvcache_batch_get_1m": ("MB/s", _NET),
     "kvcache_batch_get_4k": ("ops/s", _IOPS),
     "kvcache_get_4k": ("ops/s", _IOPS),
+    **{f.figure: (f.unit, f.ceiling) for f in SMALL_FIGURES.values()},
+    "kvcache_put_1m_4p": ("MB/s", _NET),
+    "kvcache_batch_get_4k_4p": ("ops/s", _IOPS),
+    "kvcache_get_4k_4p": ("ops/s", _IOPS),
+    **{f"meta_{p}_steady": ("ops/s", f"local_meta_{p}_per_s") for p in ("create", "stat")},
+    "meta_readdir_steady": ("entries/s", "local_meta_readdir_entries_per_s"),
+    **{f"meta_{p}_steady": ("ops/s", f"local_meta_{p}_per_s") for p in ("rename", "unlink")},
     "rss_peak_mgmtd": ("MiB", None),
     "rss_peak_meta": ("MiB", None),
     "rss_peak_storage_max": ("MiB", None),
@@ -92,10 +103,12 @@ class RunContext:
     def backend(self) -> dict[str, Any]:
         return {"kind": "chainfs", "address": self.address}
 
-    def run(self, task: str, params: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def run(
+        self, task: str, params: list[dict[str, Any]], timeout_s: float | None = None
+    ) -> list[dict[str, Any]]:
         if self.pool.broken:  # an earlier failure killed it: start a fresh one
             self.pool = WorkerPool(self.pool.size)
-        return self.pool.run(task, params, self.sizes.task_timeout_s)
+        return self.pool.run(task, params, timeout_s or self.sizes.task_timeout_s)
 
     def mkdirs(self, *paths: str) -> None:
         self.made_dirs = True
@@ -115,7 +128,7 @@ def figure(
 ) -> Result:
     unit, ceiling_name = FIGURES[name]
     ceiling = ceilings.get(ceiling_name) if ceiling_name else None
-    ratio = value / ceiling if value is not None and ceiling else None
+    ratio = ratio_to_ceiling(value, ceiling, unit)
     return Result(
         name=name,
         value=value,
@@ -166,6 +179,8 @@ def missing_need(need: str, ctx: RunContext) -> str | None:
     """Why ``need`` is not met in this run, or None."""
     if need == "fuse":
         return None if ctx.mountpoint is not None else ctx.fuse_reason.split(": ", 1)[-1]
+    if need == "fio":
+        return None if shutil.which("fio") else "fio not on PATH (deploy/bootstrap.sh installs it)"
     if need == "local_cluster":
         return None if ctx.cluster is not None else "--address: servers are not ours to measure"
     raise AssertionError(f"unknown need {need}")
@@ -385,30 +400,86 @@ def fuse_seq_read_4p(ctx: RunContext) -> list[Result]:
     return [_seq_read(ctx, "fuse_seq_read_4p", files, str(ctx.mountpoint), {"kind": "posix"})]
 
 
+# -- small operations through the mount (the same code measures their ceilings) ----------
+def _small_workload(part: str) -> WorkloadFn:
+    def fn(ctx: RunContext) -> list[Result]:
+        assert ctx.mountpoint is not None
+        ctx.mkdirs(ctx.root)
+        got = run_part(part, ctx.pool, Path(_fuse_path(ctx, f"{ctx.root}/small")), ctx.sizes)
+        return [ctx.result(SMALL_FIGURES[k].figure, v, **how) for k, (v, how) in got.items()]
+
+    fn.__doc__ = PARTS[part][1].__doc__
+    return fn
+
+
+for _part, (_keys, _) in PARTS.items():
+    workload(
+        _part,
+        results=tuple(SMALL_FIGURES[k].figure for k in _keys),
+        needs=("fuse", "fio") if needs_fio(_part) else ("fuse",),
+    )(_small_workload(_part))
+
+
 # -- metadata -----------------------------------------------------------------------
 META_PHASES = {p: f"meta_{p}" for p in ("create", "stat", "readdir", "rename", "unlink")}
 
 
-@workload("meta", results=tuple(META_PHASES.values()))
-def meta(ctx: RunContext) -> list[Result]:
-    """Four processes, each in its own directory: create empty files, stat them, list
-    the directory, rename each, unlink each. Same task as the local-directory ceiling."""
+def _meta_figures(ctx: RunContext, d: str, suffix: str = "", **details: Any) -> list[Result]:
     from chainfs.bench.ceilings import meta_params
 
-    d = f"{ctx.root}/meta"
     ctx.mkdirs(d)
     outs = ctx.run("meta", meta_params(ctx.backend, d, ctx.sizes))
     results = []
     for phase, name in META_PHASES.items():
         _, ops, secs = aggregate(outs, phase)
         results.append(
-            ctx.result(name, ops / secs, processes=CLIENT_PROCS, ops=int(ops), seconds=secs)
+            ctx.result(
+                name + suffix,
+                ops / secs,
+                processes=CLIENT_PROCS,
+                ops=int(ops),
+                seconds=secs,
+                **details,
+            )
         )
     return results
 
 
+@workload("meta", results=tuple(META_PHASES.values()))
+def meta(ctx: RunContext) -> list[Result]:
+    """Four processes, each in its own directory: create empty files, stat them, list
+    the directory, rename each, unlink each. Same task as the local-directory ceiling."""
+    return _meta_figures(ctx, f"{ctx.root}/meta")
+
+
 # -- KV cache -----------------------------------------------------------------------
 KV_RESULTS = ("kvcache_put_1m", "kvcache_batch_get_1m", "kvcache_batch_get_4k", "kvcache_get_4k")
+
+
+def _kv_params(ctx: RunContext, d: str, prefix: str, count: int, size: int) -> dict[str, Any]:
+    return {
+        "backend": ctx.backend,
+        "dir": d,
+        "seed": ctx.seed,
+        "max_seconds": ctx.sizes.kv_put_max_seconds,
+        "prefix": prefix,
+        "count": count,
+        "value_bytes": size,
+    }
+
+
+def _kv_put(ctx: RunContext, params: dict[str, Any], procs: int) -> tuple[float, float, float]:
+    """Put ``count`` values from ``procs`` processes; records the keys put in ``params``."""
+    outs = ctx.run("kv_put", [params] * procs)
+    params["indices"] = [i for o in outs for i in o["indices"]]
+    return aggregate(outs, "put")
+
+
+def _kv_get(
+    ctx: RunContext, params: dict[str, Any], batch: int, procs: int
+) -> tuple[float, float, float]:
+    get = {"seconds": ctx.sizes.kv_seconds, "warmup_seconds": ctx.sizes.warmup_seconds}
+    return aggregate(ctx.run("kv_get", [{**params, **get, "batch": batch}] * procs), "get")
 
 
 @workload("kvcache", results=KV_RESULTS)
@@ -417,29 +488,15 @@ def kvcache(ctx: RunContext) -> list[Result]:
     s = ctx.sizes
     d = f"{ctx.root}/kv"
     ctx.mkdirs(d)
-    base: dict[str, Any] = {
-        "backend": ctx.backend,
-        "dir": d,
-        "seed": ctx.seed,
-        "max_seconds": s.kv_put_max_seconds,
-    }
-    big = {**base, "prefix": "m", "count": s.kv_1m_values, "value_bytes": MiB}
-    small = {**base, "prefix": "k", "count": s.kv_4k_values, "value_bytes": 4 * KiB}
+    big = _kv_params(ctx, d, "m", s.kv_1m_values, MiB)
+    small = _kv_params(ctx, d, "k", s.kv_4k_values, 4 * KiB)
     out: list[Result] = []
-
-    outs = ctx.run("kv_put", [big])
-    big["indices"] = [i for o in outs for i in o["indices"]]
-    nbytes, ops, secs = aggregate(outs, "put")
+    nbytes, ops, secs = _kv_put(ctx, big, 1)
     out.append(ctx.result("kvcache_put_1m", nbytes / MB / secs, values=int(ops)))
-    outs = ctx.run("kv_put", [small])
-    small["indices"] = [i for o in outs for i in o["indices"]]
-    _, ops, secs = aggregate(outs, "put")
+    _, ops, secs = _kv_put(ctx, small, 1)
     put_4k = {"values_put": int(ops), "puts_per_s": ops / secs}
 
-    get = {"seconds": s.kv_seconds, "warmup_seconds": s.warmup_seconds}
-    nbytes, ops, secs = aggregate(
-        ctx.run("kv_get", [{**big, **get, "batch": s.kv_batch_1m}]), "get"
-    )
+    nbytes, ops, secs = _kv_get(ctx, big, s.kv_batch_1m, 1)
     out.append(
         ctx.result(
             "kvcache_batch_get_1m",
@@ -449,11 +506,58 @@ def kvcache(ctx: RunContext) -> list[Result]:
             values=len(big["indices"]),
         )
     )
-    _, ops, secs = aggregate(ctx.run("kv_get", [{**small, **get, "batch": s.kv_batch_4k}]), "get")
+    _, ops, secs = _kv_get(ctx, small, s.kv_batch_4k, 1)
     out.append(ctx.result("kvcache_batch_get_4k", ops / secs, batch=s.kv_batch_4k, **put_4k))
-    _, ops, secs = aggregate(ctx.run("kv_get", [{**small, **get, "batch": 1}]), "get")
+    _, ops, secs = _kv_get(ctx, small, 1, 1)
     out.append(ctx.result("kvcache_get_4k", ops / secs, batch=1, **put_4k))
     return out
+
+
+@workload(
+    "kvcache_4p", results=("kvcache_put_1m_4p", "kvcache_batch_get_4k_4p", "kvcache_get_4k_4p")
+)
+def kvcache_4p(ctx: RunContext) -> list[Result]:
+    """Four processes: put 1 MiB values, then batch_get and get random 4 KiB values.
+
+    Each process puts its share of the values; the gets run in all four at once."""
+    s, procs = ctx.sizes, CLIENT_PROCS
+    d = f"{ctx.root}/kv4p"
+    ctx.mkdirs(d)
+    big = _kv_params(ctx, d, "m", s.kv_1m_values, MiB)
+    small = _kv_params(ctx, d, "k", s.kv_4k_values, 4 * KiB)
+    common = {"processes": procs}
+    nbytes, ops, secs = _kv_put(ctx, big, procs)
+    out = [ctx.result("kvcache_put_1m_4p", nbytes / MB / secs, values=int(ops), **common)]
+    _, put_ops, _ = _kv_put(ctx, small, procs)
+    _, ops, secs = _kv_get(ctx, small, s.kv_batch_4k, procs)
+    out.append(ctx.result("kvcache_batch_get_4k_4p", ops / secs, batch=s.kv_batch_4k, **common))
+    _, ops, secs = _kv_get(ctx, small, 1, procs)
+    out.append(ctx.result("kvcache_get_4k_4p", ops / secs, batch=1, values=int(put_ops), **common))
+    return out
+
+
+# -- metadata in steady state ------------------------------------------------------------
+CHURN_BATCH = 50  # files created, then unlinked, per round of the churn
+
+
+@workload("meta_steady", results=tuple(n + STEADY_SUFFIX for n in META_PHASES.values()))
+def meta_steady(ctx: RunContext) -> list[Result]:
+    """The meta figures again, after `steady_churn_ops` creates and unlinks.
+
+    100,000 in a full run, on the same cluster: a namespace that has lived, not
+    a fresh one."""
+    d = f"{ctx.root}/churn"
+    ctx.mkdirs(d)
+    params = {
+        "backend": ctx.backend,
+        "root": d,
+        "ops": ctx.sizes.steady_churn_ops,
+        "batch": CHURN_BATCH,
+    }
+    outs = ctx.run("churn", [params] * CLIENT_PROCS, ctx.sizes.steady_churn_timeout_s)
+    _, ops, secs = aggregate(outs, "churn")
+    churn = {"churn_ops": int(ops), "churn_ops_per_s": round(ops / secs, 1)}
+    return _meta_figures(ctx, f"{ctx.root}/meta-steady", STEADY_SUFFIX, **churn)
 
 
 # -- memory ---------------------------------------------------------------------------

@@ -40,6 +40,16 @@ _SUITE_OPTIONS = (
     click.option("--mountpoint", type=_DIR, default=None,
                  help="With --address: a FUSE mount of that cluster, for the fuse_* figures."),
     click.option("--no-fuse", is_flag=True, help="Do not mount FUSE on the LocalCluster."),
+    click.option("--compare", "compare_dir", type=click.Path(exists=True, file_okay=False,
+                 path_type=Path), default=None,
+                 help="Also run the mount workloads (fuse_meta, fuse_readdir, fuse_rand_*, "
+                 "fuse_smallfiles) in this directory, e.g. a MooseFS mount, and report them "
+                 "side by side with chainfs's."),
+    click.option("--mount-only", is_flag=True,
+                 help="Only the mount workloads and their local-directory ceilings."),
+    click.option("--steady-churn-ops", type=int, default=None,
+                 help="Creates + unlinks before the meta_*_steady figures [default: 100,000; "
+                 "--quick: 400]."),
     click.option("--profile", is_flag=True,
                  help="Sample every process with py-spy during each workload; the report lists "
                  "where the time goes (profiled figures are lower: do not compare them)."),

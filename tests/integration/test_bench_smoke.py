@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from chainfs.bench import smallops
 from chainfs.bench.cluster import fuse_unavailable
 from tests.conftest import require_binary
 
@@ -29,19 +30,35 @@ REQUIRED_FIGURES = (
     "meta_stat",
     "meta_readdir",
     "kvcache_batch_get_1m",
+    "kvcache_get_4k_4p",
+    "kvcache_batch_get_4k_4p",
+    "kvcache_put_1m_4p",
+    "meta_create_steady",
+    "meta_unlink_steady",
+    "fuse_create",
+    "fuse_readdir",
+    "fuse_rand_write_4k",
+    "fuse_smallfiles",
 )
-FUSE_FIGURES = ("fuse_seq_write", "fuse_seq_write_4p", "fuse_seq_read", "fuse_seq_read_4p")
+SMALL_FIGURES = tuple(f.figure for f in smallops.SMALL_FIGURES.values())
+FUSE_FIGURES = ("fuse_seq_write", "fuse_seq_write_4p", "fuse_seq_read", "fuse_seq_read_4p",
+                *SMALL_FIGURES)  # fmt: skip
 
 
 @pytest.mark.timeout(240)
 def test_bench_quick_writes_a_complete_report(tmp_path: Path) -> None:
     require_binary("iperf3")
     require_binary("fio")
+    require_binary("git")
+    require_binary("rsync")
     out = tmp_path / "results"
+    peer = tmp_path / "peer"  # --compare: the mount workloads on another directory too
+    peer.mkdir()
     proc = subprocess.run(
         # The default scratch directory (system temp, removed by the run): a deep
         # pytest path would push the storage nodes' unix sockets past 108 bytes.
-        [sys.executable, "-m", "chainfs", "bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "chainfs", "bench", "--quick", "--out", str(out),
+         "--compare", str(peer)],
         capture_output=True,
         text=True,
         timeout=230,
@@ -72,9 +89,20 @@ def test_bench_quick_writes_a_complete_report(tmp_path: Path) -> None:
             assert isinstance(r["value"], float), r
             assert (r["ratio"] is None) == (r["ceiling"] is None), r
 
+    for name in SMALL_FIGURES:  # each with its local-directory ceiling of this run
+        assert isinstance(report["ceilings"][by_name[name]["ceiling_name"]], float), name
+    smallfiles = by_name["fuse_smallfiles"]["details"]
+    if no_fuse is None:
+        assert smallfiles["skipped"] == [] and smallfiles["files"] > 0, smallfiles
+    peer_results = {r["name"]: r for r in report["peer"]["results"]}
+    assert sorted(peer_results) == sorted(SMALL_FIGURES)
+    assert all(r["status"] == "ok" and r["ratio"] > 0 for r in peer_results.values())
+    assert list(peer.iterdir()) == []  # the run cleaned up what it made there
+
     md = json_path.with_suffix(".md").read_text()
     for name in REQUIRED_FIGURES:
         assert f"| {name} |" in md
+    assert "## Metadata, fresh and in steady state" in md and "## Side by side with" in md
     for png in (f"{json_path.stem}-ratios.png", f"{json_path.stem}-absolute.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert png in md

@@ -10,9 +10,11 @@ from __future__ import annotations
 import errno
 import importlib
 import importlib.util
+import io
 import json
 import multiprocessing
 import signal
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from chainfs.bench import compare, runner, workers
+from chainfs.bench import compare, runner, smallops, workers
 from chainfs.bench import report as rep
-from chainfs.bench.context import QUICK, MiB, Result, WorkloadFailed
+from chainfs.bench.ceilings import measure_all
+from chainfs.bench.context import CLIENT_PROCS, QUICK, MiB, Result, WorkloadFailed, ratio_to_ceiling
 from chainfs.bench.studies import STUDIES
 from chainfs.bench.workers import SEGMENT_BYTES, WorkerPool, aggregate, check_stamps, stamp
 from chainfs.bench.workloads import FIGURES, REGISTRY, RunContext, Workload, figure, select
@@ -33,7 +36,7 @@ POSIX = {"kind": "posix"}
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[WorkerPool]:
-    p = WorkerPool(2)
+    p = WorkerPool(CLIENT_PROCS)  # the small-operation parts run in 4 processes
     try:
         yield p
     finally:
@@ -300,3 +303,148 @@ def test_kv_study_measures_the_memory_backend_and_writes_its_figures(tmp_path: P
     assert all(r["txns"] > 0 and r["retries"] >= 0 for r in rows)
     unknown = CliRunner().invoke(bench, ["kv", "--backends", "nope"])
     assert unknown.exit_code == 2 and "unknown backend nope" in unknown.output
+
+
+# -- small operations, steady state, --compare ---------------------------------------------
+def test_a_duration_s_ratio_is_the_ceilings_time_over_ours() -> None:
+    assert ratio_to_ceiling(4.0, 1.0, "s") == pytest.approx(0.25)  # 4x slower than local
+    assert ratio_to_ceiling(500.0, 1000.0, "files/s") == pytest.approx(0.5)
+    assert ratio_to_ceiling(1.0, None, "s") is None and ratio_to_ceiling(None, 1.0, "s") is None
+    r = figure("fuse_smallfiles", 2.0, {"local_smallfiles_s": 0.5})
+    assert (r.unit, r.ceiling_name, r.ratio) == ("s", "local_smallfiles_s", pytest.approx(0.25))
+
+
+def test_meta_task_runs_only_the_phases_asked_for(pool: WorkerPool, tmp_path: Path) -> None:
+    params = {"backend": POSIX, "root": str(tmp_path), "files": 30, "max_seconds": 60,
+              "phases": ["create", "stat", "unlink"]}  # fmt: skip
+    outs = pool.run("meta", [params] * 2, 60)
+    assert sorted(outs[0]) == ["create", "stat", "unlink"]
+    assert [aggregate(outs, p)[1] for p in ("create", "stat", "unlink")] == [60, 60, 60]
+    assert not any((tmp_path / "w0").iterdir())
+
+
+@pytest.mark.timeout(120)
+def test_small_parts_on_a_local_directory_count_every_operation(
+    pool: WorkerPool, tmp_path: Path
+) -> None:
+    got = smallops.run_part("fuse_meta", pool, tmp_path, QUICK)
+    files = CLIENT_PROCS * QUICK.small_meta_files_per_proc
+    assert {k: v[1]["files"] for k, v in got.items()} == dict.fromkeys(
+        ("create", "stat", "unlink"), files
+    )
+    [(rate, how)] = smallops.run_part("fuse_readdir", pool, tmp_path, QUICK).values()
+    assert how["listings"] >= 3 and how["entries"] == QUICK.readdir_entries
+    assert rate == pytest.approx(how["listings"] * how["entries"] / how["seconds"])
+    assert list(tmp_path.iterdir()) == []  # every part cleans up after itself
+
+
+def test_a_listing_that_misses_an_entry_fails(pool: WorkerPool, tmp_path: Path) -> None:
+    base = {"backend": POSIX, "dir": str(tmp_path), "count": 10}
+    pool.run("populate", [base] * 2, 60)
+    assert len(list(tmp_path.iterdir())) == 10
+    (tmp_path / "e0000003").unlink()
+    loop = {**base, "min_reps": 3, "min_seconds": 0.0}
+    with pytest.raises(WorkloadFailed, match="gave 9 entries, created 10"):
+        pool.run("listdir_loop", [loop], 60)
+
+
+def test_churn_does_at_least_the_operations_asked_and_leaves_nothing(
+    pool: WorkerPool, tmp_path: Path
+) -> None:
+    params = {"backend": POSIX, "root": str(tmp_path), "ops": 90, "batch": 10}
+    _, ops, _ = aggregate(pool.run("churn", [params] * 2, 60), "churn")
+    assert ops >= 90 and ops % 20 == 0
+    assert all(not any(d.iterdir()) for d in tmp_path.iterdir())
+
+
+def test_the_source_tree_is_the_same_every_run_and_checked_byte_for_byte(tmp_path: Path) -> None:
+    tar_a, members = smallops.source_tree_tar(30)
+    assert smallops.source_tree_tar(30)[0] == tar_a and len(members) == 30
+    with tarfile.open(fileobj=io.BytesIO(tar_a)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    smallops.check_tree(tmp_path, members)
+    victim = tmp_path / next(iter(members))
+    victim.write_bytes(b"x" + victim.read_bytes()[1:])
+    with pytest.raises(WorkloadFailed, match="differ"):
+        smallops.check_tree(tmp_path, members)
+
+
+@pytest.mark.timeout(120)
+def test_smallfiles_untars_commits_and_copies(pool: WorkerPool, tmp_path: Path) -> None:
+    [(seconds, how)] = smallops.run_part("fuse_smallfiles", pool, tmp_path, QUICK).values()
+    skipped = [n for n in ("git", "rsync") if smallops.shutil.which(n) is None]
+    assert how["skipped"] == skipped and how["files"] == QUICK.smallfiles_count
+    assert seconds >= sum(v for k, v in how.items() if k.endswith("_s")) * 0.99
+
+
+def test_a_missing_tool_is_skipped_unless_every_tool_is_required(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(smallops.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CHAINFS_REQUIRE_ALL", raising=False)
+    assert smallops.tool("git") is None
+    monkeypatch.setenv("CHAINFS_REQUIRE_ALL", "1")
+    with pytest.raises(WorkloadFailed, match="git not on PATH"):
+        smallops.tool("git")
+
+
+def test_fio_iops_reads_the_side_asked_and_a_job_without_io_fails() -> None:
+    job = {"jobname": "j", "read": {"iops": 1234.5, "total_ios": 10}, "write": {"iops": 0.0,
+           "total_ios": 0}}  # fmt: skip
+    assert smallops.fio_iops(job, "read") == 1234.5
+    with pytest.raises(WorkloadFailed, match="no write completed"):
+        smallops.fio_iops(job, "write")
+
+
+def test_mount_only_selects_the_mount_workloads_and_only_their_ceilings() -> None:
+    opts = runner.BenchOptions(mount_only=True)
+    selected = select(runner.selection(opts))
+    assert [w.name for w in selected] == list(smallops.PARTS)
+    assert runner.needed_ceilings(selected) == {f.ceiling for f in smallops.SMALL_FIGURES.values()}
+    both = runner.selection(runner.BenchOptions(mount_only=True, only=["meta", "fuse_meta"]))
+    assert both == [*smallops.PARTS, "meta"]
+
+
+def test_ceilings_no_selected_figure_needs_are_not_run(pool: WorkerPool, tmp_path: Path) -> None:
+    values, detail, _ = measure_all(pool, tmp_path, QUICK, lambda m: None, {"local_stat_per_s"})
+    assert values["local_stat_per_s"] and values["local_create_per_s"]  # one group
+    assert values["iperf3_loopback_MBps"] is None
+    assert detail["iperf3_loopback_MBps"]["status"].startswith("not run: no selected figure")
+
+
+def test_markdown_shows_fresh_and_steady_and_the_peer_side_by_side(tmp_path: Path) -> None:
+    ceilings = {"local_meta_create_per_s": 1000.0, "local_smallfiles_s": 1.0}
+    results = [
+        figure("meta_create", 500.0, ceilings),
+        figure("meta_create_steady", 250.0, ceilings, details={"churn_ops": 100_000}),
+        figure("fuse_smallfiles", 4.0, ceilings),
+    ]
+    report = _report(results)
+    report["peer"] = {
+        "directory": "/mnt/mfs",
+        "filesystem": {"fstype": "fuse.mfs", "device": "mfs#x"},
+        "results": [
+            figure("fuse_smallfiles", 2.0, ceilings).to_json(),
+            figure("fuse_rand_read_4k", 9e5, ceilings, details={"o_direct": False}).to_json(),
+        ],
+    }
+    md = rep.markdown(report, {"json": tmp_path / "x.json"})
+    assert "after 100,000 creates and unlinks" in md
+    assert "| meta_create | 500 | 250 | 0.50 | ops/s | 0.50 | 0.25 |" in md
+    assert "## Side by side with /mnt/mfs (fuse.mfs on mfs#x)" in md
+    assert "| fuse_smallfiles | s | 4.00 | 2.00 | 1.00 | 0.25 | 0.50 | 0.50 |" in md
+    assert (
+        "Without O_DIRECT (the file system refused it: page cache): fuse_rand_read_4k (peer)." in md
+    )
+    bad = {"status": "failed: x", "name": "fuse_smallfiles"}
+    report["peer"]["results"] = [{**report["peer"]["results"][0], **bad}]
+    failures = runner.BenchRun(report, tmp_path).failures
+    assert failures == ["fuse_smallfiles on /mnt/mfs"]
+
+
+def test_a_negative_churn_count_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        bench, ["--quick", "--steady-churn-ops", "-1", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2 and "must be >= 0" in result.output
+    assert not (tmp_path / "r").exists()
