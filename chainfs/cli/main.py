@@ -6,6 +6,7 @@ import click
 
 from chainfs import __version__
 from chainfs.cli.admin import admin
+from chainfs.cli.agent import agent
 from chainfs.cli.bench import bench
 from chainfs.cli.fsck import fsck
 from chainfs.cli.mount import mount
@@ -25,6 +26,7 @@ cli.add_command(bench)
 cli.add_command(fsck)
 cli.add_command(up)
 cli.add_command(mount)
+cli.add_command(agent)
 
 
 def main() -> int:

@@ -1,0 +1,36 @@
+"""Shared-memory I/O through a per-host agent (3FS USRBIO, in Python form).
+
+Run one agent per host (``chainfs agent --address HOST:PORT [--socket PATH]
+[--workers N]``); processes of that host then read through it:
+
+    import chainfs.usrbio as usrbio
+
+    agent = usrbio.connect()                   # socket: $CHAINFS_AGENT_SOCKET or the default
+    buf = agent.register_buffer(64 << 20)
+    views = agent.read_ranges_into([("/data/shard-0", 0, 1 << 20)], buf)
+    t = agent.submit([usrbio.ReadRequest("/data/a", 0, 4096, buf, 0)])
+    results = agent.wait(t)                    # [Completion(nbytes, errno, message)]
+    arr, tensor = buf.numpy(), buf.tensor()    # the same memory, no copy
+
+The agent's worker processes each hold their own cluster connection and read
+straight into the registered memory, so many processes share a few
+connections and throughput grows with cores past one GIL. See
+``chainfs.usrbio.user`` (protocol and failure handling), ``worker`` and
+``agent``.
+"""
+
+from chainfs.usrbio.config import AGENT_SOCKET_ENV, AgentConfig, default_socket_path
+from chainfs.usrbio.user import AgentClient, ReadRequest, SharedBuffer, Ticket, connect
+from chainfs.usrbio.wire import Completion
+
+__all__ = [
+    "AGENT_SOCKET_ENV",
+    "AgentClient",
+    "AgentConfig",
+    "Completion",
+    "ReadRequest",
+    "SharedBuffer",
+    "Ticket",
+    "connect",
+    "default_socket_path",
+]
