@@ -9,8 +9,8 @@ import logging
 import click
 
 from chainfs.client.config import ADDRESS_ENV
+from chainfs.client.usrbio.config import AgentConfig, default_socket_path
 from chainfs.common.process import run_service, write_ready_file
-from chainfs.usrbio.config import AgentConfig, default_socket_path
 
 
 @click.command()

@@ -15,13 +15,21 @@ Run one agent per host (``chainfs agent --address HOST:PORT [--socket PATH]
 The agent's worker processes each hold their own cluster connection and read
 straight into the registered memory, so many processes share a few
 connections and throughput grows with cores past one GIL. See
-``chainfs.usrbio.user`` (protocol and failure handling), ``worker`` and
+``chainfs.client.usrbio.user`` (protocol and failure handling), ``worker`` and
 ``agent``.
 """
 
-from chainfs.usrbio.config import AGENT_SOCKET_ENV, AgentConfig, default_socket_path
-from chainfs.usrbio.user import AgentClient, ReadRequest, SharedBuffer, Ticket, connect
-from chainfs.usrbio.wire import Completion
+from chainfs.client.usrbio import (
+    AGENT_SOCKET_ENV,
+    AgentClient,
+    AgentConfig,
+    Completion,
+    ReadRequest,
+    SharedBuffer,
+    Ticket,
+    connect,
+    default_socket_path,
+)
 
 __all__ = [
     "AGENT_SOCKET_ENV",

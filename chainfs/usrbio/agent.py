@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-from chainfs.usrbio import wire
-from chainfs.usrbio.config import AgentConfig
+from chainfs.client.usrbio import wire
+from chainfs.client.usrbio.config import AgentConfig
 from chainfs.usrbio.worker import worker_main
 
 log = logging.getLogger(__name__)

@@ -28,12 +28,12 @@ from typing import Any
 from chainfs.client.aio_fs import AsyncFileSystem
 from chainfs.client.chunk_io import ChunkIO, ReadWork
 from chainfs.client.layout import layout_of, normpath, split
+from chainfs.client.usrbio import wire
+from chainfs.client.usrbio.config import AgentConfig
+from chainfs.client.usrbio.wire import Completion, Entry, Frame, FrameError
 from chainfs.common.process import run_service
 from chainfs.common.rpc.meta_client import UserInfo
 from chainfs.proto import meta_pb2 as mt
-from chainfs.usrbio import wire
-from chainfs.usrbio.config import AgentConfig
-from chainfs.usrbio.wire import Completion, Entry, Frame, FrameError
 
 log = logging.getLogger(__name__)
 

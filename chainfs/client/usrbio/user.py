@@ -33,9 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from chainfs.usrbio import wire
-from chainfs.usrbio.config import AgentConfig, default_socket_path
-from chainfs.usrbio.wire import Completion, Entry, Frame
+from chainfs.client.usrbio import wire
+from chainfs.client.usrbio.config import AgentConfig, default_socket_path
+from chainfs.client.usrbio.wire import Completion, Entry, Frame
 
 _RECV_BYTES = 256 * 1024
 _STAT_SUMS = (
