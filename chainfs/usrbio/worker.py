@@ -48,8 +48,8 @@ class _Buffer:
     pins: int = 0  # batches reading into it now
 
     def close(self) -> None:
-        self.view.release()
         try:
+            self.view.release()
             self.mm.close()
         except BufferError:  # a cancelled read still holds a slice: unmapped when it drops it
             log.warning("shared buffer still referenced at close; unmapped when released")
