@@ -19,26 +19,7 @@ connections and throughput grows with cores past one GIL. See
 ``agent``.
 """
 
-from chainfs.client.usrbio import (
-    AGENT_SOCKET_ENV,
-    AgentClient,
-    AgentConfig,
-    Completion,
-    ReadRequest,
-    SharedBuffer,
-    Ticket,
-    connect,
-    default_socket_path,
-)
+from chainfs.client import usrbio as _user_side
+from chainfs.client.usrbio import *  # noqa: F403 - the user side is this package's API
 
-__all__ = [
-    "AGENT_SOCKET_ENV",
-    "AgentClient",
-    "AgentConfig",
-    "Completion",
-    "ReadRequest",
-    "SharedBuffer",
-    "Ticket",
-    "connect",
-    "default_socket_path",
-]
+__all__ = _user_side.__all__
