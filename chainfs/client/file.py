@@ -159,6 +159,9 @@ class AsyncFile:
         # Read-ahead (read-only buffered files): contiguous segments ahead of the reader.
         self._ra: collections.deque[_Segment] = collections.deque()
         self._ra_bytes = 0  # bytes of the segments in _ra (taken from the connection's budget)
+        # Chunk-sized buffers of consumed segments, kept for the next ones (still counted
+        # in the budget): fresh ones cost a page fault per page on first write.
+        self._ra_spares: list[bytearray] = []
         self._fetch_end = 0  # where the previous fetch from storage ended
         self._fetch_streak = 0  # bytes fetched in a row ending there
         self._read_ahead = (
@@ -576,7 +579,7 @@ class AsyncFile:
             for seg, whole in used:
                 if whole:
                     self._ra_bytes -= len(seg.buf)
-                    self._io.return_read_ahead(len(seg.buf))
+                    self._recycle(seg)
 
     def _fill_ahead(self, start: int) -> None:
         """Start chunk-sized segment reads until ``read_ahead_bytes`` are queued past ``start``."""
@@ -586,22 +589,39 @@ class AsyncFile:
         cs = self._h.layout.chunk_size
         while nxt < limit and self._ra_bytes < budget:
             n = min((nxt // cs + 1) * cs, limit) - nxt
-            if not self._io.take_read_ahead(n):
+            held = self._ra_bytes + len(self._ra_spares) * cs  # this file's share
+            if n == cs and self._ra_spares:
+                buf = self._ra_spares.pop()  # its budget is still held
+            elif held + n <= budget and self._io.take_read_ahead(n):
+                buf = bytearray(n)
+            else:
                 return
-            buf = bytearray(n)
             task = asyncio.ensure_future(self._io.read_into(self._h, nxt, memoryview(buf)))
             task.add_done_callback(_retrieve)
             self._ra.append(_Segment(nxt, buf, task))
             self._ra_bytes += n
             nxt += n
 
-    def _drop_read_ahead(self) -> None:
-        """Forget the segments (a jump elsewhere, close); their reads are cancelled."""
+    def _recycle(self, seg: _Segment) -> None:
+        """Keep a consumed segment's buffer for the next one, or give its bytes back."""
+        done = seg.task.done() and not seg.task.cancelled()  # nothing writes into it any more
+        if done and len(seg.buf) == self._h.layout.chunk_size:
+            self._ra_spares.append(seg.buf)
+        else:
+            seg.task.cancel()
+            self._io.return_read_ahead(len(seg.buf))
+
+    def _drop_read_ahead(self, spares: bool = False) -> None:
+        """Forget the segments (a jump elsewhere, close); their reads are cancelled.
+        ``spares``: free the kept buffers too."""
         while self._ra:
             seg = self._ra.popleft()
             seg.task.cancel()
             self._io.return_read_ahead(len(seg.buf))
         self._ra_bytes = 0
+        if spares:
+            self._io.return_read_ahead(sum(len(b) for b in self._ra_spares))
+            self._ra_spares.clear()
 
     # -- close ---------------------------------------------------------------
     async def close(self) -> None:
@@ -614,7 +634,7 @@ class AsyncFile:
         finally:
             self._closed = True
             self._rbuf = memoryview(b"")
-            self._drop_read_ahead()
+            self._drop_read_ahead(spares=True)
             # A reader reports no length: the file may have shrunk since its open.
             length = self._size if self._mode.writable else 0
             if self._on_close is not None:
