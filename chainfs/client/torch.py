@@ -216,7 +216,38 @@ def shard_position() -> tuple[int, int]:
     return rank * workers + worker, world * workers
 
 
-class ChainfsIterableDataset(IterableDataset[Any], _Connected):
+def _check_rank(rank: int | None, world_size: int | None) -> None:
+    if (rank is None) != (world_size is None):
+        raise ValueError("give both rank and world_size, or neither")
+    if world_size is not None and not (rank is not None and 0 <= rank < world_size):
+        raise ValueError(f"rank must be in [0, {world_size}), not {rank}")
+
+
+def _position(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(index, count) of this reader: the given rank and world size, else the environment's."""
+    if rank is None or world_size is None:
+        return shard_position()
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * workers + worker, world_size * workers
+
+
+class _Sharding:
+    """Which share of the data this reader takes: rank, world size, shuffle seed, epoch."""
+
+    def __init__(self, shuffle: bool, seed: int, rank: int | None, world_size: int | None) -> None:
+        _check_rank(rank, world_size)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class ChainfsIterableDataset(IterableDataset[Any], _Connected, _Sharding):
     """Streams ``records``, each exactly once per epoch across ranks and workers.
 
     Records are (optionally) shuffled with ``seed + epoch`` (the same order on
@@ -241,18 +272,10 @@ class ChainfsIterableDataset(IterableDataset[Any], _Connected):
         _Connected.__init__(self, fs, agent_socket, agent_buffer_bytes)
         if fetch_batch < 1:
             raise ValueError("fetch_batch must be >= 1")
-        _check_rank(rank, world_size)
+        _Sharding.__init__(self, shuffle, seed, rank, world_size)
         self.records = list(records)
         self.transform = transform
-        self.shuffle = shuffle
-        self.seed = seed
         self.fetch_batch = fetch_batch
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def shard(self) -> list[Record]:
         """The records this reader yields this epoch, in order."""
@@ -271,23 +294,7 @@ class ChainfsIterableDataset(IterableDataset[Any], _Connected):
                 yield self.transform(d) if self.transform is not None else bytes(d)
 
 
-def _check_rank(rank: int | None, world_size: int | None) -> None:
-    if (rank is None) != (world_size is None):
-        raise ValueError("give both rank and world_size, or neither")
-    if world_size is not None and not (rank is not None and 0 <= rank < world_size):
-        raise ValueError(f"rank must be in [0, {world_size}), not {rank}")
-
-
-def _position(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """(index, count) of this reader: the given rank and world size, else the environment's."""
-    if rank is None or world_size is None:
-        return shard_position()
-    info = get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank * workers + worker, world_size * workers
-
-
-class ChainfsTarDataset(IterableDataset[Any]):
+class ChainfsTarDataset(IterableDataset[Any], _Sharding):
     """webdataset-style tar shards: yields (key, {extension: bytes}) samples.
 
     Reader ``k`` of ``n`` (distributed rank and DataLoader worker) reads shards
@@ -306,18 +313,10 @@ class ChainfsTarDataset(IterableDataset[Any]):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        _check_rank(rank, world_size)
+        _Sharding.__init__(self, shuffle, seed, rank, world_size)
         self._conn = _Connected(fs)
         self.shards = list(shards)
         self.transform = transform
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def my_shards(self) -> list[str]:
         """The shards this reader reads this epoch."""
