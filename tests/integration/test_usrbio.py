@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import subprocess
 import sys
@@ -185,3 +186,22 @@ def test_dead_user_process_frees_its_buffers(agent: AgentProcess) -> None:
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+def test_a_dead_worker_is_restarted_and_users_reconnect(agent: AgentProcess) -> None:
+    with usrbio.connect(agent.socket) as client:
+        buf = client.register_buffer(64 * MiB)
+        old = client.stats()["workers"][0]["pid"]
+        os.kill(old, signal.SIGKILL)
+        with pytest.raises(ConnectionError):  # this batch had a part on the dead worker
+            client.read(_batch(buf))
+        deadline = time.monotonic() + 60
+        while True:  # the agent restarts it; until then calls fail clearly
+            try:
+                results = client.read(_batch(buf))
+                break
+            except ConnectionError:
+                assert time.monotonic() < deadline, "worker not restarted"
+                time.sleep(0.2)
+        assert all(c.ok for c in results) and bytes(buf.view) == _expected()
+        assert client.stats()["workers"][0]["pid"] != old

@@ -72,14 +72,29 @@ class AgentProcess:
         wait_gone(self.worker_pids)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.signal_workers(signal.SIGKILL)  # only ours, and only if still there
+        """SIGTERM the agent (it stops its workers); kill what is left of its children."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        children = children_of(self.proc.pid)  # the workers now, restarted ones included
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in wait_gone(children, 10):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def children_of(ppid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == ppid:
+                out.append(int(stat.parent.name))
+    return out
 
 
 def alive(pid: int) -> bool:
