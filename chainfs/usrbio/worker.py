@@ -229,6 +229,9 @@ class Worker:
             self._drop(conn, str(e))
         except OSError as e:  # the socket broke while answering
             self._drop(conn, f"send failed: {e}")
+        except Exception as e:  # a bug here: the user gets a reset now, not a timeout later
+            log.exception("worker %d: request of type %d failed", self.index, f.type)
+            self._drop(conn, f"internal error: {e!r}")
 
     def _register(self, conn: _Conn, f: Frame) -> int:
         fd = f.fds[0] if f.fds else -1
