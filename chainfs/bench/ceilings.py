@@ -17,7 +17,6 @@ a status: "ok", "not run: <reason>" (tool missing) or "failed: <reason>".
 from __future__ import annotations
 
 import contextlib
-import json
 import mmap
 import os
 import platform
@@ -34,6 +33,7 @@ from typing import Any
 import psutil
 
 from chainfs.bench.context import CLIENT_PROCS, MB, NotRun, Sizes, WorkloadFailed
+from chainfs.bench.fio import fio_engine, fio_exe, fio_job, json_out
 from chainfs.bench.report import fmt
 from chainfs.bench.workers import WorkerPool, aggregate
 
@@ -129,15 +129,6 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def _json_out(stdout: str) -> dict[str, Any]:
-    """The JSON document in a tool's stdout (fio may print warnings before it)."""
-    start = stdout.find("{")
-    if start < 0:
-        raise WorkloadFailed(f"no JSON in output: {stdout[:300]!r}")
-    doc: dict[str, Any] = json.loads(stdout[start:])
-    return doc
-
-
 # -- iperf3 ------------------------------------------------------------------------
 def measure_iperf3(seconds: int) -> tuple[dict[str, float | None], dict[str, Any]]:
     """One TCP stream over loopback for ``seconds``; MB/s received."""
@@ -158,7 +149,7 @@ def measure_iperf3(seconds: int) -> tuple[dict[str, float | None], dict[str, Any
                 client = subprocess.run(
                     client_cmd, capture_output=True, text=True, timeout=seconds + 30
                 )
-                doc = _json_out(client.stdout) if "{" in client.stdout else {}
+                doc = json_out(client.stdout) if "{" in client.stdout else {}
                 error = str(doc.get("error", "")) or client.stderr.strip()
                 if client.returncode == 0 and not doc.get("error"):
                     break
@@ -199,30 +190,6 @@ def iperf3_loopback(seconds: float) -> tuple[float, dict[str, Any]]:
 
 
 # -- fio ---------------------------------------------------------------------------
-def fio_exe() -> str:
-    exe = shutil.which("fio")
-    if exe is None:
-        raise NotRun("fio not on PATH (deploy/bootstrap.sh installs it)")
-    return exe
-
-
-def fio_engine(exe: str) -> str:
-    out = subprocess.run([exe, "--enghelp"], capture_output=True, text=True, timeout=30)
-    return "libaio" if "libaio" in out.stdout else "psync"
-
-
-def fio_job(exe: str, args: list[str], timeout_s: float) -> tuple[dict[str, Any], str]:
-    """Run one fio job; its JSON result and the command line."""
-    cmd = [exe, "--output-format=json", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    if out.returncode != 0:
-        raise WorkloadFailed(f"{' '.join(cmd)}: exit {out.returncode}: {out.stderr.strip()[:500]}")
-    job: dict[str, Any] = _json_out(out.stdout)["jobs"][0]
-    if job.get("error"):
-        raise WorkloadFailed(f"{' '.join(cmd)}: fio error {job['error']}")
-    return job, " ".join(cmd)
-
-
 def measure_fio(
     data_dir: Path, file_bytes: int, runtime_s: float
 ) -> tuple[dict[str, float | None], dict[str, Any]]:

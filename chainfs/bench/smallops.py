@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chainfs.bench.ceilings import fio_engine, fio_exe, fio_job
 from chainfs.bench.context import CLIENT_PROCS, Sizes, WorkloadFailed
+from chainfs.bench.fio import fio_engine, fio_exe, fio_job
 from chainfs.bench.workers import WorkerPool, aggregate
 
 Measured = dict[str, tuple[float, dict[str, Any]]]  # key -> (value, details)

@@ -6,6 +6,7 @@ import click
 
 from chainfs import __version__
 from chainfs.cli.admin import admin
+from chainfs.cli.agent import agent
 from chainfs.cli.bench import bench
 from chainfs.cli.dump import dump, load
 from chainfs.cli.fsck import fsck
@@ -30,6 +31,7 @@ cli.add_command(mount)
 cli.add_command(umount)
 cli.add_command(dump)
 cli.add_command(load)
+cli.add_command(agent)
 
 
 def main() -> int:

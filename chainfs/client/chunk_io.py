@@ -80,6 +80,8 @@ class ChunkIO:
         self._ends_sender: asyncio.Task[None] | None = None
         # Bytes asked of storage by reads since connect.
         self.storage_read_bytes = 0
+        # Bytes the files' read-ahead holds (fetched or in flight), bounded by config.
+        self.read_ahead_held_bytes = 0
 
     @classmethod
     async def connect(cls, address: str, config: ClientConfig) -> ChunkIO:
@@ -188,6 +190,17 @@ class ChunkIO:
             n = len(data)
             if n < req.length:  # a hole, or the end of a short chunk: zeros
                 _zero(target, n, req.length)
+
+    def take_read_ahead(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` of the read-ahead budget; False (nothing taken) when full."""
+        if self.read_ahead_held_bytes + nbytes > self.config.read_ahead_budget_bytes:
+            return False
+        self.read_ahead_held_bytes += nbytes
+        return True
+
+    def return_read_ahead(self, nbytes: int) -> None:
+        assert 0 <= nbytes <= self.read_ahead_held_bytes, (nbytes, self.read_ahead_held_bytes)
+        self.read_ahead_held_bytes -= nbytes
 
     # -- writes and lengths ----------------------------------------------------
     async def write_piece(self, h: OpenHandle, piece: Piece, data: bytearray) -> None:

@@ -50,6 +50,14 @@ class ClientConfig:
     # doubling (up to read_buffer_bytes) while reads go on where the last stopped,
     # so a 4 KiB random read costs 64 KiB from storage, not 1 MiB.
     read_ahead_min_bytes: int = 64 * 1024
+    # Read-ahead of a file read sequentially (opened read-only, buffered): once
+    # read_buffer_bytes have been read in a row, chunk-sized pieces are fetched
+    # ahead of the reader up to this many bytes, several chunks (so several
+    # chains and nodes) in flight while the reader copies out the earlier ones.
+    read_ahead_bytes: int = 32 * MiB
+    # Bytes held by the read-ahead of all files of one FileSystem: past it a
+    # file fetches less ahead (and at worst reads synchronously, as unbuffered).
+    read_ahead_budget_bytes: int = 256 * MiB
     # Read-only opens take a meta read session (in the open call itself; one
     # more call at close): a file unlinked or replaced elsewhere stays readable
     # through an open file until it is closed, as POSIX promises.
@@ -84,6 +92,8 @@ class ClientConfig:
             "write_buffer_budget_bytes",
             "read_buffer_bytes",
             "read_ahead_min_bytes",
+            "read_ahead_bytes",
+            "read_ahead_budget_bytes",
             "readdir_page_entries",
             "batch_stat_paths",
             "lock_poll_initial_ms",
@@ -99,4 +109,6 @@ class ClientConfig:
     @property
     def buffer_budget_bytes(self) -> int:
         """Client-side bytes these settings let one FileSystem hold at most."""
-        return self.write_buffer_budget_bytes + self.read_buffer_bytes
+        return (
+            self.write_buffer_budget_bytes + self.read_buffer_bytes + self.read_ahead_budget_bytes
+        )

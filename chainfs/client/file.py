@@ -24,6 +24,7 @@ another client unlinks it or renames over it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import io
 import os
@@ -90,6 +91,19 @@ class Mode:
         return f"{base}b{plus}"
 
 
+@dataclass
+class _Segment:
+    """One piece of read-ahead: ``buf`` is being filled with the file's bytes at ``offset``."""
+
+    offset: int
+    buf: bytearray
+    task: asyncio.Future[None]
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.buf)
+
+
 # readline on an unbuffered file fetches this much at a time while looking for b"\n".
 _UNBUFFERED_LINE_STEP_BYTES = 8 * 1024
 
@@ -148,6 +162,17 @@ class AsyncFile:
         )
         self._last_read_end = 0  # file offset where the previous read stopped
         self._locks: posix_io.LockWaiter | None = None  # advisory locks taken through this file
+        # Read-ahead (read-only buffered files): contiguous segments ahead of the reader.
+        self._ra: collections.deque[_Segment] = collections.deque()
+        self._ra_bytes = 0  # bytes of the segments in _ra (taken from the connection's budget)
+        # Chunk-sized buffers of consumed segments, kept for the next ones (still counted
+        # in the budget): fresh ones cost a page fault per page on first write.
+        self._ra_spares: list[bytearray] = []
+        self._fetch_end = 0  # where the previous fetch from storage ended
+        self._fetch_streak = 0  # bytes fetched in a row ending there
+        self._read_ahead = (
+            not mode.writable and buffering != 0 and chunk_io.config.read_ahead_bytes > 0
+        )
 
     # -- state ---------------------------------------------------------------
     @property
@@ -512,12 +537,12 @@ class AsyncFile:
         window = self._next_window(self._pos)
         if rest >= window:
             # 2a. Large (or unbuffered): straight into the caller's buffer, chunks in parallel.
-            await self._io.read_into(self._h, at, out[done:n])
+            await self._fetch(at, out[done:n])
         else:
             # 2b. Small: refill the read buffer, then copy out.
             fill = min(max(rest, window), self._size - at)
             rbuf = bytearray(fill)
-            await self._io.read_into(self._h, at, memoryview(rbuf))
+            await self._fetch(at, memoryview(rbuf))
             self._rbuf, self._rbuf_offset = memoryview(rbuf), at
             out[done:n] = self._rbuf[:rest]
         self._pos += n
@@ -580,8 +605,103 @@ class AsyncFile:
         window = _UNBUFFERED_LINE_STEP_BYTES if self._unbuffered else self._next_window(at)
         fill = min(window, self._size - at)
         rbuf = bytearray(fill)
-        await self._io.read_into(self._h, at, memoryview(rbuf))
+        await self._fetch(at, memoryview(rbuf))
         self._rbuf, self._rbuf_offset = memoryview(rbuf), at
+
+    # -- read-ahead ----------------------------------------------------------
+    async def _fetch(self, at: int, out: memoryview) -> None:
+        """Fill ``out`` with the bytes at ``at``: from the read-ahead once the file is
+        read sequentially, straight from storage otherwise."""
+        if at == self._fetch_end:
+            self._fetch_streak += len(out)
+        else:
+            self._drop_read_ahead()
+            self._fetch_streak = len(out)
+        self._fetch_end = at + len(out)
+        if not self._read_ahead or self._fetch_streak <= self._io.config.read_buffer_bytes:
+            await self._io.read_into(self._h, at, out)
+            return
+        await self._read_through_ahead(at, out)
+
+    async def _read_through_ahead(self, at: int, out: memoryview) -> None:
+        """Copy what the segments ahead hold, keep them topped up past this read,
+        and read the rest (if the reader outran them) straight into ``out``."""
+        end = at + len(out)
+        used: list[tuple[_Segment, bool]] = []  # (segment, consumed whole)
+        pos = at
+        while self._ra and pos < end and self._ra[0].offset <= pos < self._ra[0].end:
+            seg = self._ra[0]
+            whole = seg.end <= end
+            used.append((seg, whole))
+            pos = min(seg.end, end)
+            if not whole:
+                break
+            self._ra.popleft()
+        if pos < end:
+            self._drop_read_ahead()  # whatever is left does not start where we need
+        self._fill_ahead(end)
+        direct = None
+        if pos < end:
+            direct = asyncio.ensure_future(self._io.read_into(self._h, pos, out[pos - at :]))
+        try:
+            start = at
+            for seg, _whole in used:
+                await asyncio.shield(seg.task)
+                take = min(seg.end, end) - start
+                lo = start - seg.offset
+                out[start - at : start - at + take] = memoryview(seg.buf)[lo : lo + take]
+                start += take
+            if direct is not None:
+                await direct
+        finally:
+            if direct is not None and not direct.done():
+                direct.cancel()
+            for seg, whole in used:
+                if whole:
+                    self._ra_bytes -= len(seg.buf)
+                    self._recycle(seg)
+
+    def _fill_ahead(self, start: int) -> None:
+        """Start chunk-sized segment reads until ``read_ahead_bytes`` are queued past ``start``."""
+        budget = self._io.config.read_ahead_bytes
+        nxt = self._ra[-1].end if self._ra else start
+        limit = min(self._size, start + budget)
+        cs = self._h.layout.chunk_size
+        while nxt < limit and self._ra_bytes < budget:
+            n = min((nxt // cs + 1) * cs, limit) - nxt
+            held = self._ra_bytes + len(self._ra_spares) * cs  # this file's share
+            if n == cs and self._ra_spares:
+                buf = self._ra_spares.pop()  # its budget is still held
+            elif held + n <= budget and self._io.take_read_ahead(n):
+                buf = bytearray(n)
+            else:
+                return
+            task = asyncio.ensure_future(self._io.read_into(self._h, nxt, memoryview(buf)))
+            task.add_done_callback(_retrieve)
+            self._ra.append(_Segment(nxt, buf, task))
+            self._ra_bytes += n
+            nxt += n
+
+    def _recycle(self, seg: _Segment) -> None:
+        """Keep a consumed segment's buffer for the next one, or give its bytes back."""
+        done = seg.task.done() and not seg.task.cancelled()  # nothing writes into it any more
+        if done and len(seg.buf) == self._h.layout.chunk_size:
+            self._ra_spares.append(seg.buf)
+        else:
+            seg.task.cancel()
+            self._io.return_read_ahead(len(seg.buf))
+
+    def _drop_read_ahead(self, spares: bool = False) -> None:
+        """Forget the segments (a jump elsewhere, close); their reads are cancelled.
+        ``spares``: free the kept buffers too."""
+        while self._ra:
+            seg = self._ra.popleft()
+            seg.task.cancel()
+            self._io.return_read_ahead(len(seg.buf))
+        self._ra_bytes = 0
+        if spares:
+            self._io.return_read_ahead(sum(len(b) for b in self._ra_spares))
+            self._ra_spares.clear()
 
     # -- close ---------------------------------------------------------------
     async def close(self) -> None:
@@ -594,6 +714,7 @@ class AsyncFile:
         finally:
             self._closed = True
             self._rbuf = memoryview(b"")
+            self._drop_read_ahead(spares=True)
             # A reader reports no length: the file may have shrunk since its open.
             length = self._honest_size() if self._mode.writable else 0
             if self._on_close is not None:
@@ -624,6 +745,12 @@ class AsyncFile:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"pos={self._pos}"
         return f"<chainfs.AsyncFile {self.name!r} mode={self.mode!r} {state}>"
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark a read-ahead failure as seen: the reader meets it when it gets there."""
+    if not task.cancelled():
+        task.exception()
 
 
 class File(io.BufferedIOBase):

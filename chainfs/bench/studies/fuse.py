@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from chainfs.bench.ceilings import fio_exe, fio_job
 from chainfs.bench.cluster import LocalCluster, MountProcess, fuse_unavailable
 from chainfs.bench.context import MiB
+from chainfs.bench.fio import fio_exe, fio_job
 from chainfs.bench.studies import Echo
 from chainfs.client.config import ClientConfig
 

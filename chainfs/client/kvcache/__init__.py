@@ -27,6 +27,10 @@ Semantics, across processes and clients:
 - Keys: str (UTF-8; "k" and b"k" are the same key) or bytes, 1 byte to
   ``max_key_bytes`` (ENAMETOOLONG beyond). Values: any contiguous buffer of 0
   bytes to ``max_value_bytes`` (at most 64 MiB; EFBIG beyond, nothing stored).
+  Values and get_into buffers may be numpy arrays, CPU torch tensors (their
+  bytes, any dtype, read and written in place) and ``chainfs.usrbio`` shared
+  buffers, without a copy; a non-contiguous one is a TypeError (pass a
+  contiguous copy) and so is a tensor off the CPU.
   Entries are named by a hash of the key; a name taken by another key (a hash
   collision) is detected from the stored key and the entry goes to the next
   probe name (``~1``, ``~2``, ...; EEXIST after ``max_probes``). Removing an

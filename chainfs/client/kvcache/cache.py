@@ -9,6 +9,7 @@ import functools
 import itertools
 import os
 import secrets
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,11 +35,12 @@ from chainfs.client.kvcache.format import (
 )
 from chainfs.client.kvcache.reads import Value, ValueReads
 from chainfs.client.layout import normpath
+from chainfs.client.usrbio.user import SharedBuffer
 from chainfs.common.checksum import crc32c
 from chainfs.common.errors import ChainfsError, Code
 
 KeyLike = str | bytes | bytearray | memoryview
-Buffer = Any  # any object with the buffer protocol (bytes, bytearray, memoryview, numpy...)
+Buffer = Any  # the buffer protocol (bytes, numpy...), a CPU torch tensor, a usrbio SharedBuffer
 
 _STATS_SCAN_PARALLEL = 16  # shards listed at once by stats()
 
@@ -77,6 +79,7 @@ class KVStats(_Counts):
 
 
 def _as_value_view(value: Buffer) -> memoryview:
+    value = _plain_buffer(value)
     try:
         view = memoryview(value)
     except TypeError:
@@ -87,15 +90,31 @@ def _as_value_view(value: Buffer) -> memoryview:
 
 
 def _as_out_view(buffer: Buffer) -> memoryview:
-    view = memoryview(buffer)
+    view = memoryview(_plain_buffer(buffer))
     if view.readonly:
         raise TypeError("get_into needs a writable buffer")
     return _bytes_view(view, "get_into needs a contiguous buffer")
 
 
+def _plain_buffer(obj: Any) -> Any:
+    """A buffer-protocol object over ``obj``'s own memory: a registered shared buffer's
+    view, a CPU torch tensor's bytes (no copy); anything else as it is."""
+    if isinstance(obj, SharedBuffer):
+        return obj.view
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if torch is None or not isinstance(obj, torch.Tensor):
+        return obj
+    if obj.device.type != "cpu":
+        raise TypeError(f"KV-cache tensors must be on the CPU, not {obj.device} (use .cpu())")
+    if not obj.is_contiguous():
+        raise TypeError("a non-contiguous tensor is not one buffer: pass t.contiguous() (a copy)")
+    # uint8 view of the same storage (numpy has no bfloat16; every dtype has bytes)
+    return obj.detach().reshape(-1).view(torch.uint8).numpy()
+
+
 def _bytes_view(view: memoryview, not_contiguous: str) -> memoryview:
     if not view.contiguous:
-        raise ChainfsError(Code.EINVAL, not_contiguous)
+        raise TypeError(f"{not_contiguous} (make a contiguous copy first)")
     return view.cast("B") if (view.ndim != 1 or view.format != "B") else view
 
 
