@@ -12,10 +12,8 @@ Import this module explicitly (``from chainfs.client.torch import ...``);
   temporary file, fsync, then one atomic rename over the final name.
 
 Datasets hold only the cluster address: each process (DataLoader workers
-included) opens its own connection on first use. gRPC does not survive
-fork(): once the main process has a connection open, give the DataLoader
-``multiprocessing_context="spawn"`` (or "forkserver"); a forked worker that
-tries to connect gets a clear error instead of a hang.
+included) opens its own connection on first use, whatever the start method
+(fork, the default, as well as spawn and forkserver).
 """
 
 from __future__ import annotations
