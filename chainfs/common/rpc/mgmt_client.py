@@ -37,6 +37,7 @@ from chainfs.common.rpc.retry import Backoff, RetryPolicy
 from chainfs.proto import mgmt_pb2 as mp
 
 if TYPE_CHECKING:  # gRPC is imported only by MgmtClient, never on the framed client's path
+    from chainfs.common.rpc.grpc_util import Stubs
     from chainfs.proto import mgmt_pb2_grpc as mg
 
 log = logging.getLogger(__name__)
@@ -216,19 +217,16 @@ class BaseMgmtClient(abc.ABC):
 class MgmtClient(BaseMgmtClient):
     """Every mgmtd RPC over gRPC (services and admin tools)."""
 
-    def __init__(
-        self,
-        addresses: str | list[str],
-        timeout_s: float = 5.0,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        from chainfs.common.rpc import grpc_util
-        from chainfs.proto import mgmt_pb2_grpc
-
-        super().__init__(addresses, timeout_s, retry)
-        self._stubs = grpc_util.Stubs(mgmt_pb2_grpc.MgmtStub, "MgmtClient")
+    _stubs: Stubs[mg.MgmtStub] | None = None  # made on the first call (grpc imported then)
+    _closed = False
 
     def _stub(self, address: str) -> mg.MgmtStub:
+        if self._stubs is None:
+            from chainfs.common.rpc import grpc_util
+            from chainfs.proto import mgmt_pb2_grpc
+
+            self._stubs = grpc_util.Stubs(mgmt_pb2_grpc.MgmtStub, "MgmtClient")
+            self._stubs.closed = self._closed
         return self._stubs.get(address)
 
     async def _attempt(self, addr: str, method: str, request: Any, timeout_s: float) -> Any:
@@ -357,7 +355,9 @@ class MgmtClient(BaseMgmtClient):
         return rsp.version
 
     async def close(self) -> None:
-        await self._stubs.close()
+        self._closed = True
+        if self._stubs is not None:
+            await self._stubs.close()
 
 
 class FramedMgmtClient(BaseMgmtClient):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from chainfs.common.dataplane.address import format_tcp
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.common.rpc.meta_wire import WireMethod
+from chainfs.common.rpc.meta_wire import wire_methods
 from chainfs.proto import mgmt_pb2 as mp
 
 FRAME_MSG_TYPE_BASE = 300  # msg_type of the first Mgmt RPC on the framed transport
@@ -21,21 +21,8 @@ FRAME_PORT_OFFSET = 1  # mgmtd's framed port = its gRPC port + this
 FRAMED_METHODS = ("GetRoutingInfo", "GetStatus")
 
 
-def _wire_methods() -> dict[str, WireMethod]:
-    service = mp.DESCRIPTOR.services_by_name["Mgmt"]
-    return {
-        m.name: WireMethod(
-            m.name,
-            FRAME_MSG_TYPE_BASE + m.index,
-            getattr(mp, m.input_type.name),
-            getattr(mp, m.output_type.name),
-        )
-        for m in service.methods
-        if m.name in FRAMED_METHODS
-    }
-
-
-WIRE_METHODS = _wire_methods()
+# RPC name -> framing; msg_type -> the same (mgmtd dispatches on it).
+WIRE_METHODS = wire_methods(mp, "Mgmt", FRAME_MSG_TYPE_BASE, FRAMED_METHODS)
 WIRE_BY_MSG_TYPE = {w.msg_type: w for w in WIRE_METHODS.values()}
 
 
