@@ -80,6 +80,18 @@ class AsyncFileSystem:
         self._open_files: set[AsyncFile] = set()
         self._kvcaches: weakref.WeakSet[AsyncKVCache] = weakref.WeakSet()  # closed with us
         self._closed = False
+        _filesystems.add(self)
+
+    def _drop_inherited(self) -> None:
+        """In a fork()ed child: files and caches opened by the parent hold the
+        parent's sessions and tasks; the child sees them closed and never
+        ends them (the connection itself is reset by ChunkIO)."""
+        for f in self._open_files:
+            f._closed = True
+        for cache in self._kvcaches:
+            cache._closed = True
+        self._open_files = set()
+        self._kvcaches = weakref.WeakSet()
 
     @property
     def config(self) -> ClientConfig:
@@ -495,3 +507,15 @@ async def connect(
         return await AsyncFileSystem.connect(address, config=config)
     except ChainfsError as e:
         raise to_user_error(e) from None
+
+
+# Open connections of this process; a fork()ed child drops what each inherited.
+_filesystems: weakref.WeakSet[AsyncFileSystem] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for afs in list(_filesystems):
+        afs._drop_inherited()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

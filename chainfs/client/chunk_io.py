@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import secrets
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ from chainfs.client.config import ClientConfig
 from chainfs.client.layout import Layout, Piece, split
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import MetaClient
-from chainfs.common.rpc.mgmt_client import MgmtClient, RoutingCache
+from chainfs.common.rpc.mgmt_client import FramedMgmtClient, RoutingCache
 from chainfs.common.rpc.storage_client import ReadReq, StorageClient, cut_chunks
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class ChunkIO:
     def __init__(
         self,
         config: ClientConfig,
-        mgmt: MgmtClient,
+        mgmt: FramedMgmtClient,
         routing: RoutingCache,
         meta: MetaClient,
         storage: StorageClient,
@@ -82,40 +83,44 @@ class ChunkIO:
         self.storage_read_bytes = 0
         # Bytes the files' read-ahead holds (fetched or in flight), bounded by config.
         self.read_ahead_held_bytes = 0
+        self._address: str | None = None  # set by connect(): a forked child reconnects to it
 
     @classmethod
     async def connect(cls, address: str, config: ClientConfig) -> ChunkIO:
         """Reach mgmtd at ``address`` and learn the cluster; ConnectionError if unreachable."""
-        if _fork_state["forked_after_connect"]:
-            raise ChainfsError(
-                Code.EOPNOTSUPP,
-                "this process was forked from one that had opened a chainfs connection, "
-                "and gRPC does not survive fork(): start workers with 'spawn' or "
-                "'forkserver' (torch: DataLoader(..., multiprocessing_context='spawn'))",
-            )
-        _fork_state["connected"] = True
         config.validate()
-        timeout_s = config.connect_timeout_ms / 1000
-        mgmt = MgmtClient(address, timeout_s=timeout_s)
-        routing = RoutingCache(mgmt)
+        io = cls(config, *_clients(address, config))
         try:
-            await routing.refresh()
+            await io.routing.refresh()  # starts the routing watch too
         except ChainfsError as e:
-            await mgmt.close()
+            await io.close()
             raise ConnectionError(
                 errno.ECONNREFUSED if e.code == Code.UNAVAILABLE else e.errno,
-                f"cannot connect to chainfs at {address} within {timeout_s:g}s: {e.message}",
+                f"cannot connect to chainfs at {address} within "
+                f"{config.connect_timeout_ms / 1000:g}s: {e.message}",
             ) from None
-        client_id = secrets.token_bytes(16)
-        storage = StorageClient(routing, client_id, config.storage)
-        meta = MetaClient(
-            routing,
-            client_id,
-            timeout_s=config.meta_timeout_ms / 1000,
-            attempt_timeout_s=config.meta_attempt_timeout_ms / 1000,
-        )
-        routing.start()
-        return cls(config, mgmt, routing, meta, storage)
+        io._address = address
+        _engines.add(io)
+        return io
+
+    def _drop_inherited(self) -> None:
+        """In a fork()ed child: leave the parent's clients untouched (their
+        sockets and event loop are the parent's; closing them here would
+        unregister the parent's sockets from the epoll instance both share)
+        and make fresh ones that connect on first use. Sessions held are the
+        parent's: the child takes its own."""
+        assert self._address is not None, "only connected engines are reset"
+        _inherited.append((self.mgmt, self.routing, self.meta, self.storage, self._ends_sender))
+        self.mgmt, self.routing, self.meta, self.storage = _clients(self._address, self.config)
+        self.budget = ByteBudget(self.config.write_buffer_budget_bytes)
+        self._read_sem = asyncio.Semaphore(self.config.max_inflight_reads)
+        self._read_sessions = {}
+        self._read_session_paths = {}
+        # The parent ends the sessions it queued; the child's loop is new.
+        self._ends_queued = []
+        self._ends_room = asyncio.Event()
+        self._ends_sender = None
+        self.read_ahead_held_bytes = 0
 
     async def close(self) -> None:
         """Wait for read sessions being ended, then close every client."""
@@ -306,14 +311,36 @@ class ChunkIO:
                 log.warning("ending %d sessions failed: %s", len(batch), e)
 
 
-# gRPC (aio) keeps threads and state that a fork()ed child cannot use: a child
-# that connects anyway hangs or crashes inside gRPC. Refuse it with a clear error.
-_fork_state = {"connected": False, "forked_after_connect": False}
+def _clients(
+    address: str, config: ClientConfig
+) -> tuple[FramedMgmtClient, RoutingCache, MetaClient, StorageClient]:
+    """A connection's clients, not yet connected (each connects on first use;
+    no event loop needed). Only framed transports: they survive fork()."""
+    timeout_s = config.connect_timeout_ms / 1000
+    mgmt = FramedMgmtClient(address, timeout_s=timeout_s)
+    routing = RoutingCache(mgmt)
+    routing.start_after_first_fetch()
+    client_id = secrets.token_bytes(16)
+    storage = StorageClient(routing, client_id, config.storage)
+    meta = MetaClient(
+        routing,
+        client_id,
+        timeout_s=config.meta_timeout_ms / 1000,
+        attempt_timeout_s=config.meta_attempt_timeout_ms / 1000,
+        transport="frame",
+    )
+    return mgmt, routing, meta, storage
+
+
+# Connected engines of this process; a fork()ed child resets each (see _drop_inherited).
+_engines: weakref.WeakSet[ChunkIO] = weakref.WeakSet()
+# What children dropped, kept referenced so no finalizer ever closes it here.
+_inherited: list[object] = []
 
 
 def _after_fork_in_child() -> None:
-    if _fork_state["connected"]:
-        _fork_state["forked_after_connect"] = True
+    for io in list(_engines):
+        io._drop_inherited()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -19,10 +19,8 @@ agent's workers read into a shared buffer of this process, ``agent_buffer_bytes`
 when no agent answers they use their own connection, as without one.
 
 Datasets hold only the cluster address: each process (DataLoader workers
-included) opens its own connection on first use. gRPC does not survive
-fork(): once the main process has a connection open, give the DataLoader
-``multiprocessing_context="spawn"`` (or "forkserver"); a forked worker that
-tries to connect gets a clear error instead of a hang.
+included) opens its own connection on first use, whatever the start method
+(fork, the default, as well as spawn and forkserver).
 """
 
 from __future__ import annotations

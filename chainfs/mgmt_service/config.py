@@ -38,8 +38,15 @@ class MgmtdConfig:
     # A primary stops acting this long (ms) before its lease would run out on
     # its own clock, so two primaries never act at once.
     lease_safety_margin_ms: int = 500
-    # Bound on concurrent WatchRoutingInfo streams.
+    # The framed transport (the client library's; no gRPC there, so clients
+    # survive fork()) listens at the gRPC port + 1: clients derive it from the
+    # mgmtd address they are given (chainfs.common.rpc.mgmt_wire).
+    frame_enabled: bool = True
+    # Bound on concurrent routing watches (WatchRoutingInfo streams plus
+    # GetRoutingInfo long polls).
     max_watch_streams: int = 4096
+    # Bound on how long one GetRoutingInfo long poll (wait_ms) is held (ms).
+    max_routing_wait_ms: int = 30_000
     # Bounds on the config store.
     max_config_key_bytes: int = 256
     max_config_value_bytes: int = 64 * 1024
@@ -85,6 +92,10 @@ class MgmtdConfig:
             )
         if self.max_watch_streams < 1:
             raise ValueError("max_watch_streams must be >= 1")
+        if self.max_routing_wait_ms <= 0:
+            raise ValueError("max_routing_wait_ms must be > 0")
+        if self.frame_enabled and self.port == 65535:
+            raise ValueError("port 65535 leaves no room for the framed port (port + 1)")
         if self.node_id < 0:
             raise ValueError("node_id must be >= 0")
 

@@ -8,6 +8,7 @@ see :mod:`.election` for how one of several mgmtds becomes primary.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -19,18 +20,22 @@ from chainfs import kv
 from chainfs.common import config as config_mod
 from chainfs.common import logging as chainfs_logging
 from chainfs.common.background import start_all
+from chainfs.common.dataplane.server import DataServer, Request, Response
+from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.process import run_service, write_ready_file
-from chainfs.common.rpc import grpc_util
+from chainfs.common.rpc import grpc_util, mgmt_wire
 from chainfs.kv import KVStore, Transaction
 from chainfs.mgmt_service.background import HeartbeatChecker, LeaseKeeper
 from chainfs.mgmt_service.cluster_state import Counters
 from chainfs.mgmt_service.config import MgmtdConfig, redact_url
 from chainfs.mgmt_service.schema import KEY_COUNTERS
-from chainfs.mgmt_service.service import Mgmtd
+from chainfs.mgmt_service.service import Mgmtd, framed_handler
 from chainfs.mgmt_service.status_page import MgmtdWeb, ThroughputSampler, start_web
 from chainfs.proto import mgmt_pb2_grpc as mg
 
 log = logging.getLogger(__name__)
+
+_EPHEMERAL_BIND_ATTEMPTS = 20  # bound on retries of an ephemeral gRPC + framed port pair
 
 
 async def _allocate_self_id(store: KVStore, wanted: int) -> int:
@@ -65,16 +70,18 @@ async def serve(
         store = kv.open(url)
     stop_tasks: Callable[[], Awaitable[None]] | None = None
     srv: grpc.aio.Server | None = None
+    framed: DataServer | None = None
     svc: Mgmtd | None = None
     web: MgmtdWeb | None = None
     try:
-        srv = grpc_util.server()
-        port = grpc_util.bind(srv, cfg.listen_host, cfg.port)
+        srv, port, framed = await _listen(cfg)
         address = cfg.advertise_address or f"{cfg.listen_host}:{port}"
         self_id = await _allocate_self_id(store, cfg.node_id)
         exclusive = shared_store is None and url.split("://", 1)[0] in ("rocksdb", "memory")
         svc = Mgmtd(cfg, store, self_id, address, url, exclusive)
         mg.add_MgmtServicer_to_server(svc, srv)
+        if framed is not None:
+            framed.handler = framed_handler(svc)
         await srv.start()
         lease_keeper = LeaseKeeper(svc)
         sampler = ThroughputSampler(svc, cfg)
@@ -86,6 +93,7 @@ async def serve(
             ready_file,
             {
                 "rpc_address": address,
+                "frame_address": framed.address if framed is not None else "",
                 "node_id": self_id,
                 "primary": svc.election.is_primary(),
                 "kv_url": redact_url(url),
@@ -113,10 +121,38 @@ async def serve(
                 await asyncio.wait_for(svc.election.release(), 2.0)
             except Exception as e:
                 log.warning("could not release the primary lease: %s", e)
+        if framed is not None:
+            await framed.stop()
         if srv is not None:
             await srv.stop(grace=0.5)
         if shared_store is None:
             await store.close()
+
+
+async def _listen(cfg: MgmtdConfig) -> tuple[grpc.aio.Server, int, DataServer | None]:
+    """Bind the gRPC port and the framed one at port + 1 (the rule clients use);
+    an ephemeral pair whose second port is taken is tried again elsewhere."""
+    attempts = _EPHEMERAL_BIND_ATTEMPTS if cfg.port == 0 else 1
+    for attempt in range(1, attempts + 1):
+        srv = grpc_util.server()
+        port = grpc_util.bind(srv, cfg.listen_host, cfg.port)
+        if not cfg.frame_enabled:
+            return srv, port, None
+        framed = DataServer(_starting, cfg.listen_host, port + mgmt_wire.FRAME_PORT_OFFSET)
+        try:
+            await framed.start()
+        except OSError as e:
+            await srv.stop(None)
+            if e.errno != errno.EADDRINUSE or attempt == attempts:
+                raise
+            continue
+        return srv, port, framed
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def _starting(req: Request) -> Response:
+    """Framed requests that arrive before the service exists (between bind and start)."""
+    raise ChainfsError(Code.UNAVAILABLE, "mgmtd is starting")
 
 
 def main(config_path: str | None, ready_file: str | None) -> int:

@@ -13,14 +13,16 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc.aio
 
+from chainfs.common.dataplane.server import Handler, Request, Response
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.grpc_util import rpc_handler
 from chainfs.common.rpc.mgmt_client import not_primary_message
+from chainfs.common.rpc.mgmt_wire import WIRE_BY_MSG_TYPE
 from chainfs.kv import KVStore, Transaction, prefix_end
 from chainfs.mgmt_service.cluster_state import ClusterState
 from chainfs.mgmt_service.config import MgmtdConfig, redact_url
@@ -280,23 +282,48 @@ class Mgmtd(mg.MgmtServicer):
         self, request: mp.GetRoutingInfoReq, context: grpc.aio.ServicerContext
     ) -> mp.GetRoutingInfoRsp:
         state = self._require_primary()
+        if request.wait_ms and request.known_version == state.info.version:
+            state = await self._routing_change(request.known_version, request.wait_ms)
         if request.known_version and request.known_version == state.info.version:
             return mp.GetRoutingInfoRsp(unchanged=True)
         return mp.GetRoutingInfoRsp(routing=self._routing_out(state))
+
+    async def _routing_change(self, known: int, wait_ms: int) -> ClusterState:
+        """Primary: the state once its routing version differs from ``known``,
+        or after ``wait_ms`` (at most max_routing_wait_ms): a long poll."""
+        wait_s = min(wait_ms, self.cfg.max_routing_wait_ms) / 1000.0
+        deadline = time.monotonic() + wait_s
+        with self._watcher() as changed:
+            while True:
+                state = self._require_primary()
+                left_s = deadline - time.monotonic()
+                if state.info.version != known or left_s <= 0:
+                    return state
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(left_s, WATCH_RECHECK_S))
+                changed.clear()
+
+    @contextlib.contextmanager
+    def _watcher(self) -> Iterator[asyncio.Event]:
+        """An event set on every routing change, for one watch (bounded in number)."""
+        if len(self._watchers) >= self.cfg.max_watch_streams:
+            raise ChainfsError(
+                Code.EBUSY, f"too many routing watchers ({self.cfg.max_watch_streams})"
+            )
+        changed = asyncio.Event()
+        self._watchers.add(changed)
+        try:
+            yield changed
+        finally:
+            self._watchers.discard(changed)
 
     @rpc_handler
     async def WatchRoutingInfo(
         self, request: mp.WatchRoutingInfoReq, context: grpc.aio.ServicerContext
     ) -> None:
         self._require_primary()
-        if len(self._watchers) >= self.cfg.max_watch_streams:
-            raise ChainfsError(
-                Code.EBUSY, f"too many routing watchers ({self.cfg.max_watch_streams})"
-            )
         known = request.known_version
-        changed = asyncio.Event()
-        self._watchers.add(changed)
-        try:
+        with self._watcher() as changed:
             while True:
                 state = self._require_primary()
                 if state.info.version != known:
@@ -305,8 +332,6 @@ class Mgmtd(mg.MgmtServicer):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), WATCH_RECHECK_S)
                 changed.clear()
-        finally:
-            self._watchers.discard(changed)
 
     @rpc_handler
     async def CreateChains(
@@ -454,3 +479,26 @@ class Mgmtd(mg.MgmtServicer):
                 lease_expires_ms=self.election.lease_expires_ms if is_primary else 0,
             )
         return rsp
+
+
+def framed_handler(svc: Mgmtd) -> Handler:
+    """The framed transport's handler (the client library's mgmtd calls): parse
+    by msg_type, answer like the gRPC method (a ChainfsError becomes an error
+    frame carrying its code, NOT_PRIMARY naming the primary)."""
+    calls = {
+        t: (w.request, getattr(Mgmtd, w.name).__wrapped__) for t, w in WIRE_BY_MSG_TYPE.items()
+    }
+
+    async def handle(req: Request) -> Response:
+        entry = calls.get(req.msg_type)
+        if entry is None:
+            raise ChainfsError(Code.ENOSYS, f"unknown mgmtd msg_type {req.msg_type}")
+        request_type, method = entry
+        try:
+            request = request_type.FromString(bytes(req.header))
+        except Exception as e:  # DecodeError: a malformed request is the caller's fault
+            raise ChainfsError(Code.EINVAL, f"malformed {request_type.__name__}: {e}") from None
+        rsp = await method(svc, request, None)  # the framed methods never use the gRPC context
+        return Response(req.msg_type, rsp.SerializeToString())
+
+    return handle

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.common.rpc.mgmt_client import MgmtClient
+from chainfs.common.rpc.mgmt_client import FramedMgmtClient, MgmtClient, RoutingCache
+from chainfs.common.rpc.mgmt_wire import frame_address_of
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.testing.proc import ServiceProcess
 from tests.conftest import require_binary
@@ -150,6 +151,50 @@ async def test_a_paused_primary_does_not_act_after_the_handover(
             assert status.primary_address == standby.info["rpc_address"]
             values = dict((await c.get_config()).values)
             assert values == {"owner": "second", "after": "wake"}
+    finally:
+        for p in procs:
+            p.stop()
+
+
+async def test_framed_client_follows_the_primary_and_its_watch_survives_a_kill(
+    tmp_path: Path, etcd_url: str
+) -> None:
+    """The client library's mgmtd client (framed, no gRPC): NOT_PRIMARY from a
+    standby leads it to the primary, and its routing watch (long polls) sees
+    changes made before and after the primary is killed."""
+    procs = start_mgmtds(tmp_path, etcd_url)
+    addresses = [p.info["rpc_address"] for p in procs]
+    try:
+        first = await primary_of(procs)
+        standby = next(p for p in procs if p is not first)
+        assert standby.info["frame_address"] == frame_address_of(standby.info["rpc_address"])
+        async with FramedMgmtClient(standby.info["rpc_address"], timeout_s=5) as via_standby:
+            assert (await via_standby.get_status()).primary_address == first.info["rpc_address"]
+            assert await via_standby.get_routing() is not None
+            assert via_standby.primary_address == first.info["rpc_address"]
+        async with (
+            MgmtClient(addresses, timeout_s=HANDOVER_BOUND_S) as admin,
+            FramedMgmtClient(addresses, timeout_s=HANDOVER_BOUND_S, watch_wait_s=1.0) as framed,
+        ):
+            cache = RoutingCache(framed, refresh_interval_s=0.1)
+            start_version = (await cache.refresh()).version
+            cache.start()
+            nodes = await start_nodes(admin, 3)
+            try:
+                # Registrations bump the version; the watch delivers it unasked.
+                await cache.wait_for(lambda r: len(r.nodes) == 3, HANDOVER_BOUND_S)
+                assert cache.version > start_version
+                first.kill()
+                assert await primary_of(procs) is standby
+                await settled(admin)
+                await admin.create_chains(3)
+                routing = await cache.wait_for(lambda r: len(r.info.chains) == 2, 30.0)
+                assert framed.primary_address == standby.info["rpc_address"]
+                assert routing.version == (await admin.get_routing()).version  # type: ignore[union-attr]
+            finally:
+                await cache.stop()
+                for n in nodes:
+                    await n.stop()
     finally:
         for p in procs:
             p.stop()

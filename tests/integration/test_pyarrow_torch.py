@@ -240,21 +240,6 @@ def test_checkpoint_save_load_atomic(
     assert ctorch.load_checkpoint("/ckpt/model.pt", fs, weights_only=True) == {"step": 44}
 
 
-def test_forked_child_gets_a_clear_error(fs: FileSystem, cluster: LocalCluster) -> None:
-    assert fs.exists("/")  # this process holds a connection
-    pid = os.fork()
-    if pid == 0:  # the child: must fail fast and clearly, not hang inside gRPC
-        code = 1
-        try:
-            chainfs.connect(cluster.address)
-        except OSError as e:
-            code = 0 if "spawn" in str(e) else 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-
-
 def test_chainfs_imports_without_torch() -> None:
     import subprocess
     import sys

@@ -33,12 +33,11 @@ import stat as stat_mod
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from chainfs.common.background import cancel_and_wait
 from chainfs.common.dataplane import DataClient, DataPlaneConfig
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.common.rpc import grpc_util
 
 # The flag bits are part of this client's API (callers pass them as ``flags``).
 from chainfs.common.rpc.meta_wire import (  # noqa: F401
@@ -52,8 +51,11 @@ from chainfs.common.rpc.mgmt_client import RoutingCache
 from chainfs.common.rpc.retry import Backoff, RetryPolicy
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import meta_pb2 as pb
-from chainfs.proto import meta_pb2_grpc as pbg
 from chainfs.proto import mgmt_pb2 as mp
+
+if TYPE_CHECKING:  # gRPC is imported on first gRPC call only: framed clients survive fork()
+    from chainfs.common.rpc.grpc_util import Stubs
+    from chainfs.proto import meta_pb2_grpc as pbg
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +208,7 @@ class MetaClient:
         self.transport = transport
         self._dp_config = dataplane
         self._dp: DataClient | None = None
-        self._stubs = grpc_util.Stubs(pbg.MetaStub, "MetaClient")
+        self._stubs: Stubs[pbg.MetaStub] | None = None  # made on the first gRPC call
         self._current: str | None = None
         self._sessions: set[tuple[int, bytes]] = set()
         self._keepalive_s = 10.0
@@ -238,6 +240,8 @@ class MetaClient:
 
     async def _invoke(self, addr: str, method: str, request: Any, timeout_s: float) -> Any:
         if not addr.startswith(FRAME_PREFIX):
+            from chainfs.common.rpc import grpc_util
+
             return await grpc_util.call(getattr(self._stub(addr), method), request, timeout_s, addr)
         if self._closed:
             raise ChainfsError(Code.EBADF, "MetaClient is closed")
@@ -250,6 +254,12 @@ class MetaClient:
         return w.response.FromString(bytes(reply.header))
 
     def _stub(self, address: str) -> pbg.MetaStub:
+        if self._stubs is None:
+            from chainfs.common.rpc import grpc_util
+            from chainfs.proto import meta_pb2_grpc
+
+            self._stubs = grpc_util.Stubs(meta_pb2_grpc.MetaStub, "MetaClient")
+            self._stubs.closed = self._closed
         return self._stubs.get(address)
 
     async def call(self, method: str, request: Any) -> Any:
@@ -755,7 +765,8 @@ class MetaClient:
         self._closed = True
         task, self._keepalive_task = self._keepalive_task, None
         await cancel_and_wait(task)
-        await self._stubs.close()
+        if self._stubs is not None:
+            await self._stubs.close()
         dp, self._dp = self._dp, None
         if dp is not None:
             await dp.close()

@@ -5,7 +5,9 @@ per RPC). Both sides import it from here."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
+from types import ModuleType
 
 from google.protobuf.message import Message
 
@@ -37,19 +39,24 @@ class WireMethod:
     response: type[Message]
 
 
-def _wire_methods() -> dict[str, WireMethod]:
-    service = pb.DESCRIPTOR.services_by_name["Meta"]
+def wire_methods(
+    module: ModuleType, service_name: str, base: int, names: Collection[str] | None = None
+) -> dict[str, WireMethod]:
+    """The framing of a service's RPCs (``names`` only, if given): msg_type =
+    ``base`` + the method's position in the service."""
+    service = module.DESCRIPTOR.services_by_name[service_name]
     return {
         m.name: WireMethod(
             m.name,
-            FRAME_MSG_TYPE_BASE + m.index,
-            getattr(pb, m.input_type.name),
-            getattr(pb, m.output_type.name),
+            base + m.index,
+            getattr(module, m.input_type.name),
+            getattr(module, m.output_type.name),
         )
         for m in service.methods
+        if names is None or m.name in names
     }
 
 
 # RPC name -> framing; msg_type -> the same (the server dispatches on it).
-WIRE_METHODS = _wire_methods()
+WIRE_METHODS = wire_methods(pb, "Meta", FRAME_MSG_TYPE_BASE)
 WIRE_BY_MSG_TYPE = {w.msg_type: w for w in WIRE_METHODS.values()}

@@ -1,10 +1,15 @@
-"""Thin client of mgmtd, shared by services and the user-facing client.
+"""Thin clients of mgmtd, shared by services and the user-facing client.
 
-- :class:`MgmtClient`: every mgmtd RPC. Given one or more mgmtd addresses it
-  tries them in turn, follows a NOT_PRIMARY answer to the primary it names,
-  and gives up with ``UNAVAILABLE`` once ``timeout_s`` has passed (never hangs).
-- :class:`RoutingCache`: the latest routing info, refreshed by a watch stream
-  (falling back to polling while the stream is down) or on demand after a
+- :class:`MgmtClient`: every mgmtd RPC, over gRPC (services, admin tools).
+- :class:`FramedMgmtClient`: what the user-facing client needs (routing info
+  and its updates, status) over the framed transport, with no gRPC import:
+  it survives fork() (see :mod:`.mgmt_wire`).
+
+  Both, given one or more mgmtd addresses, try them in turn, follow a
+  NOT_PRIMARY answer to the primary it names, and give up with
+  ``UNAVAILABLE`` once ``timeout_s`` has passed (never hangs).
+- :class:`RoutingCache`: the latest routing info, refreshed by a watch
+  (falling back to polling while the watch is down) or on demand after a
   stale-chain-version rejection.
 - :class:`HeartbeatLoop`: registration plus periodic heartbeats of a meta or
   storage node; ``last_ack_monotonic`` lets storage fence itself.
@@ -12,25 +17,28 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import grpc
-import grpc.aio
+from typing import TYPE_CHECKING, Any, Self
 
 from chainfs.common.background import Periodic, cancel_and_wait
+from chainfs.common.dataplane.client import DataClient
+from chainfs.common.dataplane.config import DataPlaneConfig
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
-from chainfs.common.rpc import grpc_util
+from chainfs.common.rpc import mgmt_wire
 from chainfs.common.rpc.retry import Backoff, RetryPolicy
 from chainfs.proto import mgmt_pb2 as mp
-from chainfs.proto import mgmt_pb2_grpc as mg
+
+if TYPE_CHECKING:  # gRPC is imported only by MgmtClient, never on the framed client's path
+    from chainfs.common.rpc.grpc_util import Stubs
+    from chainfs.proto import mgmt_pb2_grpc as mg
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +85,8 @@ class _Outcome:
     maybe_applied: bool = False
 
 
-class MgmtClient:
-    """Calls mgmtd, finding the primary among ``addresses``."""
+class BaseMgmtClient(abc.ABC):
+    """Calls mgmtd, finding the primary among ``addresses``; subclasses carry one call."""
 
     def __init__(
         self,
@@ -94,15 +102,15 @@ class MgmtClient:
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self._primary: str | None = None  # last address that answered as primary
-        self._stubs = grpc_util.Stubs(mg.MgmtStub, "MgmtClient")
 
     @property
     def primary_address(self) -> str | None:
         """The mgmtd that answered last (the primary, as far as we know)."""
         return self._primary
 
-    def _stub(self, address: str) -> mg.MgmtStub:
-        return self._stubs.get(address)
+    @abc.abstractmethod
+    async def _attempt(self, addr: str, method: str, request: Any, timeout_s: float) -> Any:
+        """One call of ``method`` at mgmtd ``addr`` (ChainfsError on failure)."""
 
     def _candidates(self) -> list[str]:
         if self._primary is None:
@@ -125,11 +133,13 @@ class MgmtClient:
         request: Any,
         timeout_s: float | None = None,
         outcome: _Outcome | None = None,
+        min_attempt_s: float = MIN_ATTEMPT_TIMEOUT_S,
     ) -> Any:
         """Call ``method`` on the primary; retry other addresses until the deadline.
 
         ``outcome.maybe_applied`` is set when an attempt failed in a way that
-        may have hidden a success (timeout, connection lost)."""
+        may have hidden a success (timeout, connection lost). One address gets
+        at least ``min_attempt_s`` (a long poll: longer than its wait)."""
         total = self.timeout_s if timeout_s is None else timeout_s
         backoff = Backoff(self.retry, total)
         last: ChainfsError | None = None
@@ -144,11 +154,9 @@ class MgmtClient:
                 remaining = backoff.remaining_s()
                 if remaining <= 0:
                     raise self._unreachable(last)
-                share = max(total / max(len(self.addresses), 1), MIN_ATTEMPT_TIMEOUT_S)
+                share = max(total / max(len(self.addresses), 1), min_attempt_s)
                 try:
-                    rsp = await grpc_util.call(
-                        getattr(self._stub(addr), method), request, min(remaining, share), addr
-                    )
+                    rsp = await self._attempt(addr, method, request, min(remaining, share))
                 except ChainfsError as e:
                     if e.code == Code.NOT_PRIMARY:
                         last = e
@@ -178,6 +186,54 @@ class MgmtClient:
         elif self._primary == addr:
             self._primary = None
 
+    async def get_routing(self, known_version: int = 0) -> Routing | None:
+        """The current routing info, or None when ``known_version`` is current."""
+        rsp: mp.GetRoutingInfoRsp = await self._call(
+            "GetRoutingInfo", mp.GetRoutingInfoReq(known_version=known_version)
+        )
+        if rsp.unchanged:
+            return None
+        return Routing(rsp.routing)
+
+    async def get_status(self) -> mp.GetStatusRsp:
+        rsp: mp.GetStatusRsp = await self._call("GetStatus", mp.GetStatusReq())
+        return rsp
+
+    @abc.abstractmethod
+    def watch_routing(self, known_version: int = 0) -> AsyncIterator[Routing]:
+        """Routing info now (if newer than ``known_version``) and after every
+        change; ends by raising ChainfsError when the watch breaks (callers re-watch)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class MgmtClient(BaseMgmtClient):
+    """Every mgmtd RPC over gRPC (services and admin tools)."""
+
+    _stubs: Stubs[mg.MgmtStub] | None = None  # made on the first call (grpc imported then)
+    _closed = False
+
+    def _stub(self, address: str) -> mg.MgmtStub:
+        if self._stubs is None:
+            from chainfs.common.rpc import grpc_util
+            from chainfs.proto import mgmt_pb2_grpc
+
+            self._stubs = grpc_util.Stubs(mgmt_pb2_grpc.MgmtStub, "MgmtClient")
+            self._stubs.closed = self._closed
+        return self._stubs.get(address)
+
+    async def _attempt(self, addr: str, method: str, request: Any, timeout_s: float) -> Any:
+        from chainfs.common.rpc import grpc_util
+
+        return await grpc_util.call(getattr(self._stub(addr), method), request, timeout_s, addr)
+
     # -- RPCs --------------------------------------------------------------
     async def register_node(
         self, node: mp.NodeInfo, targets: Sequence[mp.TargetInfo] = (), reregister: bool = False
@@ -204,15 +260,6 @@ class MgmtClient:
         rsp: mp.HeartbeatRsp = await self._call("Heartbeat", req, timeout_s)
         return rsp
 
-    async def get_routing(self, known_version: int = 0) -> Routing | None:
-        """The current routing info, or None when ``known_version`` is current."""
-        rsp: mp.GetRoutingInfoRsp = await self._call(
-            "GetRoutingInfo", mp.GetRoutingInfoReq(known_version=known_version)
-        )
-        if rsp.unchanged:
-            return None
-        return Routing(rsp.routing)
-
     async def watch_routing(self, known_version: int = 0) -> AsyncGenerator[Routing, None]:
         """Routing info now (if newer than ``known_version``) and after every change.
 
@@ -220,6 +267,10 @@ class MgmtClient:
         by raising ChainfsError when the stream breaks, e.g. the primary died or
         stepped down; callers re-watch.
         """
+        import grpc.aio
+
+        from chainfs.common.rpc import grpc_util
+
         first = await self.get_routing(known_version)
         if first is not None:
             known_version = first.version
@@ -293,10 +344,6 @@ class MgmtClient:
             )
         return rsp
 
-    async def get_status(self) -> mp.GetStatusRsp:
-        rsp: mp.GetStatusRsp = await self._call("GetStatus", mp.GetStatusReq())
-        return rsp
-
     async def get_config(self, key: str = "") -> mp.GetConfigRsp:
         """One key (``values`` empty if unset) or all keys (``key=""``)."""
         rsp: mp.GetConfigRsp = await self._call("GetConfig", mp.GetConfigReq(key=key))
@@ -308,19 +355,75 @@ class MgmtClient:
         return rsp.version
 
     async def close(self) -> None:
-        await self._stubs.close()
+        self._closed = True
+        if self._stubs is not None:
+            await self._stubs.close()
 
-    async def __aenter__(self) -> MgmtClient:
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+class FramedMgmtClient(BaseMgmtClient):
+    """Routing info, its updates and status over the framed transport (the
+    user-facing client's mgmtd client: no gRPC, so it survives fork()).
+
+    ``addresses`` are the mgmtd addresses users pass (gRPC host:port); each
+    mgmtd serves the framed protocol at :func:`mgmt_wire.frame_address_of`.
+    """
+
+    def __init__(
+        self,
+        addresses: str | list[str],
+        timeout_s: float = 5.0,
+        retry: RetryPolicy | None = None,
+        dataplane: DataPlaneConfig | None = None,
+        watch_wait_s: float = 10.0,
+    ) -> None:
+        """``watch_wait_s``: how long one long poll of the routing watch waits for a change."""
+        super().__init__(addresses, timeout_s, retry)
+        for a in self.addresses:
+            mgmt_wire.frame_address_of(a)  # EINVAL now for an address that is not host:port
+        if watch_wait_s <= 0:
+            raise ChainfsError(Code.EINVAL, f"watch_wait_s must be > 0, not {watch_wait_s}")
+        self.watch_wait_s = watch_wait_s
+        self._dp = DataClient(dataplane)
+
+    async def _attempt(self, addr: str, method: str, request: Any, timeout_s: float) -> Any:
+        w = mgmt_wire.WIRE_METHODS[method]
+        reply = await self._dp.request(
+            mgmt_wire.frame_address_of(addr),
+            w.msg_type,
+            request.SerializeToString(),
+            timeout_s=timeout_s,
+        )
+        return w.response.FromString(bytes(reply.header))
+
+    async def watch_routing(self, known_version: int = 0) -> AsyncGenerator[Routing, None]:
+        """Long polls of GetRoutingInfo: each returns once the version differs
+        from ours or after ``watch_wait_s``; follows the primary like every call."""
+        wait_ms = int(self.watch_wait_s * 1000)
+        while True:
+            req = mp.GetRoutingInfoReq(known_version=known_version, wait_ms=wait_ms)
+            rsp: mp.GetRoutingInfoRsp = await self._call(
+                "GetRoutingInfo",
+                req,
+                timeout_s=self.watch_wait_s + self.timeout_s,
+                min_attempt_s=self.watch_wait_s + MIN_ATTEMPT_TIMEOUT_S,
+            )
+            if rsp.unchanged:
+                continue
+            # Adopt what mgmtd has even if older (never seen: versions only
+            # grow), so the next poll waits instead of returning at once.
+            newer = rsp.routing.version > known_version
+            known_version = rsp.routing.version
+            if newer:
+                yield Routing(rsp.routing)
+
+    async def close(self) -> None:
+        await self._dp.close()
 
 
 class RoutingCache:
     """The latest routing info, kept fresh in the background once started."""
 
-    def __init__(self, mgmt: MgmtClient, refresh_interval_s: float = 1.0) -> None:
+    def __init__(self, mgmt: BaseMgmtClient, refresh_interval_s: float = 1.0) -> None:
         if refresh_interval_s <= 0:
             raise ChainfsError(Code.EINVAL, "refresh_interval_s must be > 0")
         self.mgmt = mgmt
@@ -331,6 +434,7 @@ class RoutingCache:
         self._fetch_lock = asyncio.Lock()
         # Set (and replaced by a fresh one) whenever a newer version is installed.
         self._changed = asyncio.Event()
+        self._start_on_fetch = False  # start() once the first fetch succeeded
 
     @property
     def version(self) -> int:
@@ -380,6 +484,9 @@ class RoutingCache:
                 fresh = await self.mgmt.get_routing(self.version)
                 if fresh is not None:
                     self.install(fresh)
+                if self._start_on_fetch:
+                    self._start_on_fetch = False
+                    self.start()
             assert self._routing is not None, "a first fetch always returns routing info"
             if self._routing.version >= min_version or not await backoff.wait():
                 return self._routing
@@ -396,7 +503,13 @@ class RoutingCache:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def start_after_first_fetch(self) -> None:
+        """Start the background refresh once a fetch has succeeded (a lazy
+        connection: this needs no running event loop)."""
+        self._start_on_fetch = True
+
     async def stop(self) -> None:
+        self._start_on_fetch = False
         task, self._task = self._task, None
         await cancel_and_wait(task)
 

@@ -12,11 +12,13 @@ import pytest
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
 from chainfs.common.rpc.mgmt_client import (
+    FramedMgmtClient,
     HeartbeatLoop,
     MgmtClient,
     RoutingCache,
     local_state_for,
 )
+from chainfs.common.rpc.mgmt_wire import frame_address_of
 from chainfs.kv.memory import MemoryStore
 from chainfs.proto import mgmt_pb2 as mp
 from tests.unit.mgmt.conftest import InProcMgmtd, eventually, run_mgmtd
@@ -186,3 +188,86 @@ async def test_watch_stream_delivers_every_new_version(mgmtd: InProcMgmtd) -> No
             await next_with_nodes(3)
         finally:
             await stream.aclose()
+
+
+# -- the framed client (the client library's; no gRPC) ---------------------------
+
+
+async def _long_poll(client: FramedMgmtClient, known: int, wait_ms: int) -> mp.GetRoutingInfoRsp:
+    req = mp.GetRoutingInfoReq(known_version=known, wait_ms=wait_ms)
+    rsp: mp.GetRoutingInfoRsp = await client._call("GetRoutingInfo", req, timeout_s=30)
+    return rsp
+
+
+async def test_framed_long_poll_answers_unchanged_after_mgmtds_bound(tmp_path: Path) -> None:
+    async with (
+        run_mgmtd(tmp_path, max_routing_wait_ms=300) as m,
+        MgmtClient(m.address) as admin,
+        FramedMgmtClient(m.address) as framed,
+    ):
+        first = await admin.register_node(storage_node(1), targets(1))
+        start = await framed.get_routing()
+        assert start is not None and first.node_id in start.nodes
+        # Nothing changes: "unchanged" once mgmtd's bound (300 ms) is up, though
+        # the caller asked for a minute (10 s: a bound far above it, not a timing).
+        rsp = await asyncio.wait_for(_long_poll(framed, start.version, 60_000), 10)
+        assert rsp.unchanged
+
+
+async def test_framed_long_poll_is_woken_by_a_change(mgmtd: InProcMgmtd) -> None:
+    async with MgmtClient(mgmtd.address) as admin, FramedMgmtClient(mgmtd.address) as framed:
+        await admin.register_node(storage_node(1), targets(1))
+        start = await framed.get_routing()
+        assert start is not None
+
+        async def until_two_nodes() -> mp.GetRoutingInfoRsp:
+            # Each poll waits up to mgmtd's default bound (30 s) unless a change
+            # wakes it (a node timed out is a change too: poll on past it).
+            known = start.version
+            while True:
+                rsp = await _long_poll(framed, known, 60_000)
+                assert not rsp.unchanged and rsp.routing.version > known
+                if len(rsp.routing.nodes) == 2:
+                    return rsp
+                known = rsp.routing.version
+
+        poll = asyncio.create_task(until_two_nodes())
+        second = await admin.register_node(storage_node(2), targets(2))
+        rsp = await asyncio.wait_for(poll, 10)
+        assert second.node_id in {n.node_id for n in rsp.routing.nodes}
+
+
+async def test_framed_client_follows_not_primary_and_its_watch_survives_failover(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    async with (
+        run_mgmtd(tmp_path, store, "a") as a,
+        run_mgmtd(tmp_path, store, "b") as b,
+        MgmtClient([a.address, b.address], timeout_s=10) as admin,
+        # Only the standby's address: NOT_PRIMARY (an error frame) leads to the primary.
+        FramedMgmtClient(b.address, timeout_s=10, watch_wait_s=0.5) as framed,
+    ):
+        assert (await framed.get_status()).primary_address == a.address
+        cache = RoutingCache(framed, refresh_interval_s=0.1)
+        cache.start_after_first_fetch()
+        await cache.refresh()
+        assert framed.primary_address == a.address
+        try:
+            rsp = await admin.register_node(storage_node(1), targets(1))
+            await cache.wait_for(lambda r: rsp.node_id in r.nodes, 10)
+            a.stop.set()  # clean stop releases the lease: b takes over
+            rsp2 = await admin.register_node(storage_node(2), targets(2))
+            await cache.wait_for(lambda r: rsp2.node_id in r.nodes, 20)
+            assert framed.primary_address == b.address
+        finally:
+            await cache.stop()
+
+
+def test_framed_client_rejects_an_address_that_is_not_host_port() -> None:
+    for bad in ("localhost", "host:", ":9000", "host:65535", "host:port"):
+        with pytest.raises(ChainfsError) as e:
+            FramedMgmtClient(bad)
+        assert e.value.code == Code.EINVAL, bad
+    assert frame_address_of("10.0.0.1:8000") == "10.0.0.1:8001"
+    assert frame_address_of("[::1]:8000") == "[::1]:8001"
