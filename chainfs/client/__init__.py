@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from chainfs.client.aio_fs import AsyncFileSystem, DirEntry
 from chainfs.client.config import ClientConfig
-from chainfs.client.file import AsyncFile, File
+from chainfs.client.file import AsyncFile
 from chainfs.client.sync import FileSystem, connect
+from chainfs.client.sync_file import File
 
 __all__ = [
     "AsyncFile",

@@ -23,8 +23,8 @@ from typing import Any
 from fsspec.spec import AbstractFileSystem
 
 from chainfs.client.config import resolve_address
-from chainfs.client.file import File
 from chainfs.client.sync import FileSystem
+from chainfs.client.sync_file import File
 from chainfs.common.errors import ChainfsError, Code
 
 # host:port[,host:port...] at the start of a URL's location part.

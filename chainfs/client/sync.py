@@ -20,7 +20,8 @@ from chainfs.client._loop import LoopThread
 from chainfs.client.aio_fs import AsyncFileSystem, DirEntry, Range, StatResult, StatVFS
 from chainfs.client.aio_fs import connect as aio_connect
 from chainfs.client.config import ClientConfig, resolve_address
-from chainfs.client.file import File, Mode
+from chainfs.client.file import Mode
+from chainfs.client.sync_file import File
 
 if TYPE_CHECKING:
     from chainfs.client.kvcache import KVCache, KVCacheConfig

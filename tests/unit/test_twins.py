@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from chainfs.client.aio_fs import AsyncFileSystem
-from chainfs.client.file import AsyncFile, File
+from chainfs.client.file import AsyncFile
 from chainfs.client.kvcache import AsyncKVCache, KVCache
 from chainfs.client.sync import FileSystem
+from chainfs.client.sync_file import File
 
 # name -> why only the sync twin has it
 SYNC_ONLY = {
