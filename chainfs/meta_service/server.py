@@ -38,6 +38,7 @@ from chainfs.meta_service.background import (
 from chainfs.meta_service.chunks import ChunkStorage
 from chainfs.meta_service.cluster_settings import ClusterSettings
 from chainfs.meta_service.config import MetaConfig
+from chainfs.meta_service.gc_admin import GcAdmin, MetaAdminServicer
 from chainfs.meta_service.namespace import ClusterView, Namespace
 from chainfs.meta_service.service import MetaServicer, framed_handler
 from chainfs.proto import meta_pb2_grpc as pbg
@@ -166,6 +167,8 @@ class MetaServer:
         self._closers.append(self.metrics.stop)
         srv = grpc_util.server()
         pbg.add_MetaServicer_to_server(MetaServicer(self.ns), srv)
+        gc_admin = GcAdmin(self.kv, cfg)
+        pbg.add_MetaAdminServicer_to_server(MetaAdminServicer(gc_admin), srv)
         port = grpc_util.bind(srv, cfg.listen_host, cfg.port)
         await srv.start()
         self._grpc = srv
@@ -192,7 +195,8 @@ class MetaServer:
         self.tasks.append(meta_metrics.SessionCounter(self.kv, cfg))
         self.tasks.extend(settings)
         if self.storage is not None:
-            self.tasks.append(GarbageCollector(self.kv, cfg, self.storage))
+            gc_admin.collector = GarbageCollector(self.kv, cfg, self.storage)
+            self.tasks.append(gc_admin.collector)
         else:
             log.warning("standalone: no storage, removed files stay queued for GC")
         self._stop_tasks = start_all(self.tasks)

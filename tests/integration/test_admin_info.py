@@ -31,6 +31,7 @@ CLI = [sys.executable, "-m", "chainfs", "admin"]
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     def meta(_i: int, cfg: Any) -> None:
         cfg.cluster_config_poll_ms = CONFIG_POLL_MS
+        cfg.gc_interval_ms = 3_600_000  # GC runs when `admin gc` asks (and once at start)
 
     yield from module_cluster(
         tmp_path_factory,
@@ -161,7 +162,7 @@ def test_meta_applies_a_cluster_setting(cluster: LocalCluster) -> None:
     time.sleep(10 * CONFIG_POLL_MS / 1000)  # several polls: meta has the new value
     try:
         fs.remove("/kept.bin")
-        time.sleep(3)  # three GC rounds (gc_interval_ms 1 s) with the old delay of 0
+        assert admin_json(cluster.address, "gc")["collected_files"] == 0  # not due yet
         rows = admin_json(cluster.address, "query-chunk", str(ino), "0")
         assert [r["present"] for r in rows] == [True] * REPLICAS, rows
     finally:
@@ -202,3 +203,40 @@ def test_parquet_by_url_through_fsspec_and_pyarrow(cluster: LocalCluster) -> Non
         assert pq.read_table(f).equals(table)
     arrow_fs = pafs.PyFileSystem(pafs.FSSpecHandler(cfs))
     assert pq.read_table(path, filesystem=arrow_fs).equals(table)
+
+
+def test_gc_status_and_a_gc_round_on_demand(cluster: LocalCluster) -> None:
+    """Files removed while meta.gc_delay_ms holds them back wait in the queue
+    (gc-status counts them and their bytes); once due, `admin gc` collects them."""
+    fs = cluster.client()
+    fs.mkdir("/gc", exist_ok=True)
+    sizes = {f"/gc/f{i}": 1000 * (i + 1) for i in range(3)}
+    for p, n in sizes.items():
+        fs.write_file(p, pattern(n, p))
+    inos = [fs.stat(p).st_ino for p in sizes]
+    admin_json(cluster.address, "config", "set", "meta.gc_delay_ms", "4000")
+    time.sleep(10 * CONFIG_POLL_MS / 1000)
+    try:
+        before = admin_json(cluster.address, "gc-status")
+        for p in sizes:
+            fs.remove(p)
+        queued = admin_json(cluster.address, "gc-status")
+        assert queued["counted_all"] is True
+        assert queued["queued_files"] == before["queued_files"] + 3
+        assert queued["queued_bytes"] == before["queued_bytes"] + sum(sizes.values())
+        assert queued["oldest_age_s"] is not None and queued["oldest_age_s"] >= 0
+        assert queued["due_files"] == before["due_files"]  # held back by the delay
+    finally:
+        admin_json(cluster.address, "config", "set", "meta.gc_delay_ms", "0")
+    time.sleep(4)  # past the delay: due now
+    status_before_gc = admin_json(cluster.address, "gc-status")
+    ran = admin_json(cluster.address, "gc")
+    assert ran["collected_files"] == 3, (status_before_gc, ran)
+    assert ran["collected_files"] == 3 and ran["removed_chunks"] >= 3, ran
+
+    def gone() -> bool:
+        outs = [admin(cluster.address, "query-chunk", str(i), "0") for i in inos]
+        return all(o.returncode == 1 and "is on no target" in o.stderr for o in outs)
+
+    poll(gone, 30, "the removed files' chunks dropped from storage")
+    assert admin_json(cluster.address, "gc-status")["queued_files"] == before["queued_files"]
