@@ -35,37 +35,31 @@ def _positive(v: int) -> bool:
 
 
 # Meta servers apply a change at their next poll; each reads these per round or per file.
-_META_POLL = "each meta server within its cluster_config_poll_ms (default 5 s)"
+_META_POLL = "each meta server within its cluster_config_poll_ms"
+
+
+def _meta_int(field: str, help: str, check: Callable[[int], bool], requirement: str) -> Setting:
+    """An integer field of MetaConfig that meta servers apply at run time."""
+    return Setting(f"meta.{field}", int, "meta", _META_POLL, help, check, requirement)
+
 
 SETTINGS: dict[str, Setting] = {
     s.key: s
     for s in (
-        Setting(
-            key="meta.gc_delay_ms",
-            type=int,
-            consumer="meta",
-            applies=_META_POLL,
-            help="how long a removed file's chunks stay on storage after its last close",
-            check=_non_negative,
-            requirement=">= 0",
+        _meta_int(
+            "gc_delay_ms",
+            "how long a removed file's chunks stay on storage after its last close",
+            _non_negative,
+            ">= 0",
         ),
-        Setting(
-            key="meta.gc_batch",
-            type=int,
-            consumer="meta",
-            applies=_META_POLL,
-            help="removed files one GC round of a meta server collects",
-            check=_positive,
-            requirement="> 0",
+        _meta_int(
+            "gc_batch", "removed files one GC round of a meta server collects", _positive, "> 0"
         ),
-        Setting(
-            key="meta.gc_retry_delay_ms",
-            type=int,
-            consumer="meta",
-            applies=_META_POLL,
-            help="pause before GC retries a file whose chunk removal failed",
-            check=_positive,
-            requirement="> 0",
+        _meta_int(
+            "gc_retry_delay_ms",
+            "pause before GC retries a file whose chunk removal failed",
+            _positive,
+            "> 0",
         ),
     )
 }
