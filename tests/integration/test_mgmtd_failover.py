@@ -107,7 +107,8 @@ async def test_killing_the_primary_hands_over_and_loses_nothing(
                 assert after.version == before.version
                 assert list(after.info.chains) == list(before.info.chains)
                 assert set(after.nodes) == set(before.nodes)
-                assert dict((await client.get_config("k")).values) == {"k": "v"}
+                config = dict((await client.get_config("meta.gc_batch")).values)
+                assert config == {"meta.gc_batch": "32"}
                 assert client.primary_address == standby.info["rpc_address"]
                 # Heartbeats go on to the new primary, within the nodes' timeout.
                 resumed = time.monotonic()
