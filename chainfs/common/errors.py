@@ -9,6 +9,7 @@ maps to the errno a user sees if it ever escapes the retry logic.
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
 from enum import IntEnum
 
 
@@ -158,16 +159,46 @@ class ChainfsError(OSError):
         return (type(self), (self.code, self.message, self.filename))
 
     def __str__(self) -> str:
-        where = f": {self.filename!r}" if self.filename is not None else ""
-        return f"[{code_name(self.code)}] {self.message}{where}"
+        if self.filename is None:
+            return f"[{code_name(self.code)}] {self.message}"
+        return f"[{code_name(self.code)}] {user_message(self, self.filename)}: {self.filename!r}"
+
+
+# Errors whose path says everything: the user reads the system's own words and
+# the path they gave, never meta's inner detail (inode numbers, component names).
+_PATH_ERRNOS = frozenset(
+    {
+        _errno.ENOENT,
+        _errno.EEXIST,
+        _errno.ENOTDIR,
+        _errno.EISDIR,
+        _errno.ENOTEMPTY,
+        _errno.EACCES,
+        _errno.EPERM,
+        _errno.ELOOP,
+        _errno.ENAMETOOLONG,
+    }
+)
+
+
+def user_message(err: ChainfsError, path: str | None) -> str:
+    """What a user reads first: with a path, the errno's text (and meta's detail
+    only where it says more than the path does); without one, meta's message."""
+    if path is None:
+        return err.message
+    number = errno_of(err.code)
+    text = _os.strerror(number)
+    return text if number in _PATH_ERRNOS else f"{text} ({err.message})"
 
 
 def to_user_error(err: ChainfsError, path: str | None = None) -> OSError:
-    """The builtin OSError subclass for ``err`` (FileNotFoundError for ENOENT, ...)."""
+    """The builtin OSError subclass for ``err`` (FileNotFoundError for ENOENT, ...),
+    naming ``path`` (or the error's own filename) as the file it is about."""
     where = path if path is not None else err.filename
+    message = user_message(err, where)
     if where is None:
-        out = OSError(errno_of(err.code), err.message)
+        out = OSError(errno_of(err.code), message)
     else:
-        out = OSError(errno_of(err.code), err.message, where)
+        out = OSError(errno_of(err.code), message, where)
     out.__cause__ = err
     return out

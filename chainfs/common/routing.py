@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import cached_property
 
 from chainfs.proto import mgmt_pb2 as mp
 
 SERVING = mp.SERVING
 SYNCING = mp.SYNCING
+
+
+def distinct_capacity(targets: Iterable[mp.TargetInfo]) -> int:
+    """Capacity of the file systems under ``targets``, each disk counted once
+    (targets reporting the same ``fs_id`` share one; none reported = its own)."""
+    by_fs: dict[str, int] = {}
+    for t in targets:
+        by_fs[t.fs_id or f"target:{t.target_id}"] = t.capacity_bytes
+    return sum(by_fs.values())
 
 
 class Routing:

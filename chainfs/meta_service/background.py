@@ -95,17 +95,19 @@ class GarbageCollector(Periodic):
         if raw is not None:
             inode = schema.decode_inode(raw)
             assert inode.type == FILE and inode.nlink == 0, inode
-            self.removed_chunks += await chunks.remove_all(self.storage, inode)
+            removed = await chunks.remove_all(self.storage, inode)
+            self.removed_chunks += removed  # after the await: files are collected concurrently
 
-        async def fn(tx: Transaction) -> None:
+        async def fn(tx: Transaction) -> bool:
             if await tx.get(key) is None:
-                return  # another server finished it
+                return False  # another server (or an operator's `admin gc`) finished it
             tx.clear(key)
             tx.clear(schema.inode_key(ino))
             tx.clear_range(*schema.range_of(schema.xattr_prefix(ino)))
+            return True
 
-        await self.kv.transact(fn)
-        self.removed_files += 1
+        if await self.kv.transact(fn):
+            self.removed_files += 1
 
     async def _postpone(self, key: bytes, ino: int) -> None:
         later = schema.gc_key(_now_ms() + self.cfg.gc_retry_delay_ms, ino)

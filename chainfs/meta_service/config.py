@@ -79,6 +79,9 @@ class MetaConfig:
     gc_batch: int = 64  # files per GC round
     gc_concurrency: int = 8  # files removed from storage at once
     gc_retry_delay_ms: int = 5_000  # a file whose removal failed is retried after this
+    gc_status_scan_limit: int = 10_000  # queue entries one `admin gc-status` reads at most
+    # Cluster-wide settings (`chainfs admin config set meta.*`) are fetched from mgmtd this often.
+    cluster_config_poll_ms: int = 5_000
 
     # Idempotency: answers to mutating requests kept for retries.
     # 2 min: 4x the client's retry budget (meta_timeout_ms 30 s); a record is ~0.2 KB,
@@ -139,6 +142,8 @@ class MetaConfig:
             "gc_batch",
             "gc_concurrency",
             "gc_retry_delay_ms",
+            "cluster_config_poll_ms",
+            "gc_status_scan_limit",
             "idempotency_ttl_ms",
             "idempotency_clean_interval_ms",
             "idempotency_clean_batch",

@@ -24,7 +24,7 @@ from chainfs.common.background import Periodic, start_all
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.metrics import NodeMetrics
 from chainfs.common.process import run_service, write_ready_file
-from chainfs.common.routing import Routing
+from chainfs.common.routing import Routing, distinct_capacity
 from chainfs.common.rpc import grpc_util
 from chainfs.kv import KVStore
 from chainfs.kv import open as kv_open
@@ -36,7 +36,9 @@ from chainfs.meta_service.background import (
     SessionPruner,
 )
 from chainfs.meta_service.chunks import ChunkStorage
+from chainfs.meta_service.cluster_settings import ClusterSettings
 from chainfs.meta_service.config import MetaConfig
+from chainfs.meta_service.gc_admin import GcAdmin, MetaAdminServicer
 from chainfs.meta_service.namespace import ClusterView, Namespace
 from chainfs.meta_service.service import MetaServicer, framed_handler
 from chainfs.proto import meta_pb2_grpc as pbg
@@ -69,17 +71,15 @@ class RoutingCluster:
         return routing.chain_ids() if routing is not None else []
 
     def capacity(self) -> tuple[int, int]:
-        """Per chain the smallest replica capacity and the largest usage, summed."""
+        """(capacity, used) in bytes a user can store: each disk counted once
+        however many targets share it, raw bytes divided by the replica count."""
         routing = self._current()
         if routing is None:
             return 0, 0
-        capacity = used = 0
-        for chain in routing.chains.values():
-            targets = [routing.targets[t] for t in chain.targets if t in routing.targets]
-            if targets:
-                capacity += min(t.capacity_bytes for t in targets)
-                used += max(t.used_bytes for t in targets)
-        return capacity, used
+        replicas = max(routing.info.replicas, 1)
+        capacity = distinct_capacity(routing.info.targets)
+        used = sum(t.used_bytes for t in routing.info.targets)
+        return capacity // replicas, used // replicas
 
 
 class MetaServer:
@@ -124,6 +124,7 @@ class MetaServer:
         alloc = InodeAllocator(self.kv, fmt)
 
         heartbeat = None
+        settings: list[Periodic] = []  # cluster-wide settings, with a mgmtd to read them from
         if cfg.mgmtd_addresses:
             from chainfs.common.rpc.mgmt_client import HeartbeatLoop, MgmtClient, RoutingCache
 
@@ -154,6 +155,7 @@ class MetaServer:
             node = mp.NodeInfo(type=mp.META, hostname=socket.gethostname(), pid=os.getpid())
             interval = cfg.heartbeat_interval_ms / 1000 if cfg.heartbeat_interval_ms else None
             heartbeat = HeartbeatLoop(mgmt, node, lambda: [], on_routing, interval)
+            settings.append(ClusterSettings(mgmt, cfg))
         if self.cluster is None:
             self.cluster = StaticCluster(cfg.static_chains)
 
@@ -165,6 +167,8 @@ class MetaServer:
         self._closers.append(self.metrics.stop)
         srv = grpc_util.server()
         pbg.add_MetaServicer_to_server(MetaServicer(self.ns), srv)
+        gc_admin = GcAdmin(self.kv, cfg)
+        pbg.add_MetaAdminServicer_to_server(MetaAdminServicer(gc_admin), srv)
         port = grpc_util.bind(srv, cfg.listen_host, cfg.port)
         await srv.start()
         self._grpc = srv
@@ -189,8 +193,10 @@ class MetaServer:
 
         self.tasks = [IdempotencyCleaner(self.kv, cfg), SessionPruner(self.kv, cfg, self.ns)]
         self.tasks.append(meta_metrics.SessionCounter(self.kv, cfg))
+        self.tasks.extend(settings)
         if self.storage is not None:
-            self.tasks.append(GarbageCollector(self.kv, cfg, self.storage))
+            gc_admin.collector = GarbageCollector(self.kv, cfg, self.storage)
+            self.tasks.append(gc_admin.collector)
         else:
             log.warning("standalone: no storage, removed files stay queued for GC")
         self._stop_tasks = start_all(self.tasks)

@@ -18,8 +18,10 @@ from typing import Any, TypeVar
 
 import grpc.aio
 
+from chainfs.common.cluster_config import parse_setting
 from chainfs.common.dataplane.server import Handler, Request, Response
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.routing import distinct_capacity
 from chainfs.common.rpc.grpc_util import rpc_handler
 from chainfs.common.rpc.mgmt_client import not_primary_message
 from chainfs.common.rpc.mgmt_wire import WIRE_BY_MSG_TYPE
@@ -183,6 +185,7 @@ class Mgmtd(mg.MgmtServicer):
                 t.capacity_bytes = s.capacity_bytes or t.capacity_bytes
                 t.sync_bytes_left = s.sync_bytes_left
                 t.sync_rate_bytes_per_s = s.sync_rate_bytes_per_s
+                t.fs_id = s.fs_id
         return info
 
     def live_view(self) -> tuple[mp.RoutingInfo, dict[int, float]] | None:
@@ -399,6 +402,7 @@ class Mgmtd(mg.MgmtServicer):
             raise ChainfsError(
                 Code.EINVAL, f"config value longer than {self.cfg.max_config_value_bytes} bytes"
             )
+        value = str(parse_setting(key, request.value))  # unknown key or bad value: nothing stored
         epoch = self.election.epoch
 
         async def fn(tx: Transaction) -> int:
@@ -407,7 +411,7 @@ class Mgmtd(mg.MgmtServicer):
             if not primary or primary["node_id"] != self.self_id or primary["epoch"] != epoch:
                 raise self._not_primary()
             version = int(await tx.get(KEY_CONFIG_VERSION) or b"0") + 1
-            tx.set(KEY_CONFIG + key.encode(), request.value.encode())
+            tx.set(KEY_CONFIG + key.encode(), value.encode())
             tx.set(KEY_CONFIG_VERSION, str(version).encode())
             return version
 
@@ -461,7 +465,7 @@ class Mgmtd(mg.MgmtServicer):
             targets_total=len(info.targets),
             chains_total=len(info.chains),
             used_bytes=sum(t.used_bytes for t in info.targets),
-            capacity_bytes=sum(t.capacity_bytes for t in info.targets),
+            capacity_bytes=distinct_capacity(info.targets),
             kv_url=redact_url(self.store_url),
         )
         serving = {t.target_id for t in info.targets if t.public_state == mp.SERVING}

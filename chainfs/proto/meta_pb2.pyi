@@ -1418,7 +1418,7 @@ class StatFsRsp(_message.Message):
     MAX_NAME_BYTES_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     capacity_bytes: _builtins.int
-    """usable: per chain the smallest replica, summed"""
+    """usable: each disk once, divided by the replica count"""
     used_bytes: _builtins.int
     free_bytes: _builtins.int
     inodes_allocated: _builtins.int
@@ -1445,6 +1445,119 @@ class StatFsRsp(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatFsRsp: _TypeAlias = StatFsRsp  # noqa: Y015
+
+@_typing.final
+class GcStatusReq(_message.Message):
+    """The GC queue of removed files whose chunks storage has not dropped yet."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQ_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def req(self) -> _common_pb2.RequestInfo: ...
+    def __init__(
+        self,
+        *,
+        req: _common_pb2.RequestInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["req", b"req"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["req", b"req"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GcStatusReq: _TypeAlias = GcStatusReq  # noqa: Y015
+
+@_typing.final
+class GcStatusRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUED_FILES_FIELD_NUMBER: _builtins.int
+    DUE_FILES_FIELD_NUMBER: _builtins.int
+    QUEUED_BYTES_FIELD_NUMBER: _builtins.int
+    OLDEST_REMOVED_MS_FIELD_NUMBER: _builtins.int
+    COUNTED_ALL_FIELD_NUMBER: _builtins.int
+    COLLECTED_FILES_FIELD_NUMBER: _builtins.int
+    REMOVED_CHUNKS_FIELD_NUMBER: _builtins.int
+    queued_files: _builtins.int
+    """entries looked at (all of them when counted_all)"""
+    due_files: _builtins.int
+    """of those, due now (the rest wait for gc_delay_ms or a retry)"""
+    queued_bytes: _builtins.int
+    """sum of their file sizes"""
+    oldest_removed_ms: _builtins.int
+    """unix ms the longest-waiting file was removed (0: none)"""
+    counted_all: _builtins.bool
+    """false: the queue is longer than meta's gc_status_scan_limit"""
+    collected_files: _builtins.int
+    """files this meta server's GC finished since it started"""
+    removed_chunks: _builtins.int
+    """chunks it removed from storage since it started"""
+    def __init__(
+        self,
+        *,
+        queued_files: _builtins.int = ...,
+        due_files: _builtins.int = ...,
+        queued_bytes: _builtins.int = ...,
+        oldest_removed_ms: _builtins.int = ...,
+        counted_all: _builtins.bool = ...,
+        collected_files: _builtins.int = ...,
+        removed_chunks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collected_files", b"collected_files", "counted_all", b"counted_all", "due_files", b"due_files", "oldest_removed_ms", b"oldest_removed_ms", "queued_bytes", b"queued_bytes", "queued_files", b"queued_files", "removed_chunks", b"removed_chunks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GcStatusRsp: _TypeAlias = GcStatusRsp  # noqa: Y015
+
+@_typing.final
+class RunGcReq(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQ_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def req(self) -> _common_pb2.RequestInfo: ...
+    def __init__(
+        self,
+        *,
+        req: _common_pb2.RequestInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["req", b"req"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["req", b"req"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunGcReq: _TypeAlias = RunGcReq  # noqa: Y015
+
+@_typing.final
+class RunGcRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTED_FILES_FIELD_NUMBER: _builtins.int
+    REMOVED_CHUNKS_FIELD_NUMBER: _builtins.int
+    MORE_DUE_FIELD_NUMBER: _builtins.int
+    collected_files: _builtins.int
+    """in this round"""
+    removed_chunks: _builtins.int
+    more_due: _builtins.bool
+    """the round was full: more due files wait"""
+    def __init__(
+        self,
+        *,
+        collected_files: _builtins.int = ...,
+        removed_chunks: _builtins.int = ...,
+        more_due: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collected_files", b"collected_files", "more_due", b"more_due", "removed_chunks", b"removed_chunks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunGcRsp: _TypeAlias = RunGcRsp  # noqa: Y015
 
 @_typing.final
 class SetLayoutReq(_message.Message):

@@ -1136,3 +1136,124 @@ class Meta:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class MetaAdminStub:
+    """Operator calls on a meta server (gRPC only, on the same port as Meta; not
+    part of the framed wire): the queue of removed files and one GC round now.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GcStatus = channel.unary_unary(
+                '/chainfs.meta.MetaAdmin/GcStatus',
+                request_serializer=meta__pb2.GcStatusReq.SerializeToString,
+                response_deserializer=meta__pb2.GcStatusRsp.FromString,
+                _registered_method=True)
+        self.RunGc = channel.unary_unary(
+                '/chainfs.meta.MetaAdmin/RunGc',
+                request_serializer=meta__pb2.RunGcReq.SerializeToString,
+                response_deserializer=meta__pb2.RunGcRsp.FromString,
+                _registered_method=True)
+
+
+class MetaAdminServicer:
+    """Operator calls on a meta server (gRPC only, on the same port as Meta; not
+    part of the framed wire): the queue of removed files and one GC round now.
+    """
+
+    def GcStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunGc(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MetaAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GcStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GcStatus,
+                    request_deserializer=meta__pb2.GcStatusReq.FromString,
+                    response_serializer=meta__pb2.GcStatusRsp.SerializeToString,
+            ),
+            'RunGc': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunGc,
+                    request_deserializer=meta__pb2.RunGcReq.FromString,
+                    response_serializer=meta__pb2.RunGcRsp.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'chainfs.meta.MetaAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('chainfs.meta.MetaAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MetaAdmin:
+    """Operator calls on a meta server (gRPC only, on the same port as Meta; not
+    part of the framed wire): the queue of removed files and one GC round now.
+    """
+
+    @staticmethod
+    def GcStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.meta.MetaAdmin/GcStatus',
+            meta__pb2.GcStatusReq.SerializeToString,
+            meta__pb2.GcStatusRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunGc(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.meta.MetaAdmin/RunGc',
+            meta__pb2.RunGcReq.SerializeToString,
+            meta__pb2.RunGcRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

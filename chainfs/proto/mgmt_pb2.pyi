@@ -201,6 +201,7 @@ class TargetInfo(_message.Message):
     SYNC_BYTES_LEFT_FIELD_NUMBER: _builtins.int
     SYNC_RATE_BYTES_PER_S_FIELD_NUMBER: _builtins.int
     HELD_OFFLINE_FIELD_NUMBER: _builtins.int
+    FS_ID_FIELD_NUMBER: _builtins.int
     target_id: _builtins.int
     node_id: _builtins.int
     chain_id: _builtins.int
@@ -217,6 +218,10 @@ class TargetInfo(_message.Message):
     """Taken offline by an operator (offline-target): its node's heartbeats do
     not bring it back until online-target clears this.
     """
+    fs_id: _builtins.str
+    """Which file system holds the target ("host:st_dev"): targets sharing one
+    disk count its capacity once. Empty from nodes that do not report it.
+    """
     def __init__(
         self,
         *,
@@ -231,10 +236,11 @@ class TargetInfo(_message.Message):
         sync_bytes_left: _builtins.int = ...,
         sync_rate_bytes_per_s: _builtins.int = ...,
         held_offline: _builtins.bool = ...,
+        fs_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "chain_id", b"chain_id", "held_offline", b"held_offline", "local_state", b"local_state", "node_id", b"node_id", "path", b"path", "public_state", b"public_state", "sync_bytes_left", b"sync_bytes_left", "sync_rate_bytes_per_s", b"sync_rate_bytes_per_s", "target_id", b"target_id", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "chain_id", b"chain_id", "fs_id", b"fs_id", "held_offline", b"held_offline", "local_state", b"local_state", "node_id", b"node_id", "path", b"path", "public_state", b"public_state", "sync_bytes_left", b"sync_bytes_left", "sync_rate_bytes_per_s", b"sync_rate_bytes_per_s", "target_id", b"target_id", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -385,12 +391,15 @@ class TargetHeartbeat(_message.Message):
     CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
     SYNC_BYTES_LEFT_FIELD_NUMBER: _builtins.int
     SYNC_RATE_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    FS_ID_FIELD_NUMBER: _builtins.int
     target_id: _builtins.int
     local_state: Global___LocalTargetState.ValueType
     used_bytes: _builtins.int
     capacity_bytes: _builtins.int
     sync_bytes_left: _builtins.int
     sync_rate_bytes_per_s: _builtins.int
+    fs_id: _builtins.str
+    """as TargetInfo.fs_id"""
     def __init__(
         self,
         *,
@@ -400,10 +409,11 @@ class TargetHeartbeat(_message.Message):
         capacity_bytes: _builtins.int = ...,
         sync_bytes_left: _builtins.int = ...,
         sync_rate_bytes_per_s: _builtins.int = ...,
+        fs_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "local_state", b"local_state", "sync_bytes_left", b"sync_bytes_left", "sync_rate_bytes_per_s", b"sync_rate_bytes_per_s", "target_id", b"target_id", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity_bytes", b"capacity_bytes", "fs_id", b"fs_id", "local_state", b"local_state", "sync_bytes_left", b"sync_bytes_left", "sync_rate_bytes_per_s", b"sync_rate_bytes_per_s", "target_id", b"target_id", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

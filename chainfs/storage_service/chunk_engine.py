@@ -67,11 +67,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 from chainfs.common.errors import ChainfsError, Code
@@ -177,7 +178,17 @@ class ChunkEngine:
     # ---- space -------------------------------------------------------------
 
     def usage(self) -> tuple[int, int]:
-        """(used bytes, capacity bytes) of the target's file system."""
+        """(bytes of chunk data this target holds, capacity of its file system)."""
+        return self.records.held_bytes, self.disk_usage()[1]
+
+    @cached_property
+    def fs_id(self) -> str:
+        """Which file system holds the target: targets with one fs_id share a disk."""
+        return f"{socket.gethostname()}:{os.stat(self.path).st_dev}"
+
+    def disk_usage(self) -> tuple[int, int]:
+        """(used bytes, capacity bytes) of the target's file system (shared with
+        anything else on that disk: what decides when it is full)."""
         with self._stat_lock:
             now = time.monotonic()
             if now - self._stat_at > _STAT_CACHE_S:
@@ -189,7 +200,7 @@ class ChunkEngine:
             return self._stat
 
     def _check_space(self, inode: int, index: int) -> None:
-        used, capacity = self.usage()
+        used, capacity = self.disk_usage()
         if used / capacity > self.options.disk_usage_limit_ratio:
             raise ChainfsError(
                 Code.ENOSPC,

@@ -92,7 +92,9 @@ def node_collector(node: NodeState) -> metrics.CollectFn:
     """The node's live state as metric families, read at each scrape."""
 
     def collect() -> Iterator[Metric]:
-        used = _per_target("chainfs_storage_target_used_bytes", "Used bytes of the target's disk")
+        used = _per_target(
+            "chainfs_storage_target_used_bytes", "Bytes of chunk data the target holds"
+        )
         cap = _per_target("chainfs_storage_target_capacity_bytes", "Size of the target's disk")
         lost = _per_target(
             "chainfs_storage_lost_chunks", "Damaged chunks with no good replica found yet"

@@ -252,7 +252,9 @@ class StorageNode:
         out = []
         for tid, t in self.targets.items():
             used, cap = t.engine.usage()
-            out.append(self.sync_receiver.heartbeat(tid, used, cap))
+            hb = self.sync_receiver.heartbeat(tid, used, cap)
+            hb.fs_id = t.engine.fs_id
+            out.append(hb)
         return out
 
     async def start(self, control: sg.StorageControlServicer, framed: Handler) -> None:

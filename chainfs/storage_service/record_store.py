@@ -37,6 +37,18 @@ Key = tuple[int, int]  # (inode, chunk index)
 _JOURNAL_OFFSET = struct.Struct("<I")  # a journal value: offset in the chunk, then the bytes
 
 
+def held_bytes_of(rec: ChunkRecord | None) -> int:
+    """Bytes of chunk data ``rec`` keeps on disk: the committed version plus a
+    pending one written to a file of its own (copy-on-write)."""
+    if rec is None:
+        return 0
+    if not rec.has_pending:
+        return rec.length
+    if rec.pending_file_gen and rec.pending_file_gen != rec.file_gen:
+        return rec.length + rec.pending_length
+    return max(rec.length, rec.pending_length)
+
+
 class RecordStore:
     """Chunk id -> ChunkRecord for one target directory."""
 
@@ -57,6 +69,9 @@ class RecordStore:
         self._cache: OrderedDict[Key, ChunkRecord] = OrderedDict()
         self._lock = threading.Lock()
         self._gen = 0  # bumped by every write
+        # Running total of held_bytes_of() over every record: one scan at open,
+        # then adjusted by each put/delete, so reading it costs nothing.
+        self._held_bytes = sum(held_bytes_of(rec) for _, rec in self.iter_records())
 
     def close(self) -> None:
         self.db.close()
@@ -83,12 +98,19 @@ class RecordStore:
                 self._cache_insert(key, rec)
         return rec
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of chunk data this target holds (committed and pending versions)."""
+        return self._held_bytes
+
     def put(self, inode: int, index: int, rec: ChunkRecord) -> None:
         rec.check()
+        old = held_bytes_of(self.get(inode, index))  # a cache hit: updates read first
         self.db.put(chunk_key(inode, index), rec.encode(), self._write_opts)
         with self._lock:
             self._gen += 1
             self._cache_insert((inode, index), rec)
+            self._held_bytes += held_bytes_of(rec) - old
 
     def put_with_journal(
         self, inode: int, index: int, rec: ChunkRecord, offset: int, data: memoryview
@@ -138,10 +160,12 @@ class RecordStore:
         return out
 
     def delete(self, inode: int, index: int) -> None:
+        old = held_bytes_of(self.get(inode, index))
         self.db.delete(chunk_key(inode, index), self._write_opts)
         with self._lock:
             self._gen += 1
             self._cache.pop((inode, index), None)
+            self._held_bytes -= old
 
     def _cache_insert(self, key: Key, rec: ChunkRecord) -> None:
         """Call with the lock held."""

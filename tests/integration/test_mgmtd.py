@@ -265,7 +265,7 @@ async def test_state_survives_a_mgmtd_restart(tmp_path: Path) -> None:
         async with MgmtClient(proc.info["rpc_address"], timeout_s=10) as c:
             nodes = await start_nodes(c, 2)
             await c.create_chains(2)
-            await c.set_config("gc.interval_s", "30")
+            await c.set_config("meta.gc_batch", "30")
             routing = await c.get_routing()
             assert routing is not None
             for n in nodes:
@@ -277,7 +277,7 @@ async def test_state_survives_a_mgmtd_restart(tmp_path: Path) -> None:
             assert again is not None
             assert again.version == routing.version
             assert list(again.info.chains) == list(routing.info.chains)
-            assert dict((await c.get_config()).values) == {"gc.interval_s": "30"}
+            assert dict((await c.get_config()).values) == {"meta.gc_batch": "30"}
     finally:
         proc.stop()
 

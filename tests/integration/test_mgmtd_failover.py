@@ -86,7 +86,7 @@ async def test_killing_the_primary_hands_over_and_loses_nothing(
             async with MgmtClient(standby.info["rpc_address"], timeout_s=5) as via_standby:
                 status = await via_standby.get_status()
                 assert status.primary_address == first.info["rpc_address"]
-                await via_standby.set_config("k", "v")
+                await via_standby.set_config("meta.gc_batch", "32")
                 assert via_standby.primary_address == first.info["rpc_address"]
             nodes = await start_nodes(client, 3)
             try:
@@ -108,7 +108,8 @@ async def test_killing_the_primary_hands_over_and_loses_nothing(
                 assert after.version == before.version
                 assert list(after.info.chains) == list(before.info.chains)
                 assert set(after.nodes) == set(before.nodes)
-                assert dict((await client.get_config("k")).values) == {"k": "v"}
+                config = dict((await client.get_config("meta.gc_batch")).values)
+                assert config == {"meta.gc_batch": "32"}
                 assert client.primary_address == standby.info["rpc_address"]
                 # Heartbeats go on to the new primary, within the nodes' timeout.
                 resumed = time.monotonic()
@@ -139,18 +140,18 @@ async def test_a_paused_primary_does_not_act_after_the_handover(
         try:
             assert await primary_of([standby]) is standby
             async with MgmtClient(standby.info["rpc_address"], timeout_s=5) as c:
-                await c.set_config("owner", "second")
+                await c.set_config("meta.gc_delay_ms", "1000")
         finally:
             os.kill(first.pid, signal.SIGCONT)
         # The old primary wakes up past its lease: it answers as a standby and
         # sends writers to the new primary.
         async with MgmtClient(first.info["rpc_address"], timeout_s=10) as c:
-            await c.set_config("after", "wake")
+            await c.set_config("meta.gc_retry_delay_ms", "2000")
             assert c.primary_address == standby.info["rpc_address"]
             status = await c.get_status()
             assert status.primary_address == standby.info["rpc_address"]
             values = dict((await c.get_config()).values)
-            assert values == {"owner": "second", "after": "wake"}
+            assert values == {"meta.gc_delay_ms": "1000", "meta.gc_retry_delay_ms": "2000"}
     finally:
         for p in procs:
             p.stop()

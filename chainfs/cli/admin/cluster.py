@@ -14,6 +14,8 @@ from chainfs.cli.admin.common import (
     emit_object,
     mgmt_command,
 )
+from chainfs.common.cluster_config import SETTINGS, parse_setting
+from chainfs.common.errors import ChainfsError
 from chainfs.common.routing import Routing
 from chainfs.common.rpc.mgmt_client import MgmtClient
 from chainfs.proto import mgmt_pb2 as mp
@@ -294,6 +296,30 @@ async def config_get_cmd(key: str, address: str, as_json: bool, timeout_s: float
 async def config_set_cmd(
     key: str, value: str, address: str, as_json: bool, timeout_s: float
 ) -> None:
-    """Set KEY to VALUE."""
+    """Set KEY to VALUE (only the keys `config keys` lists; type and range checked)."""
+    try:
+        parse_setting(key, value)  # mgmtd checks too; this names the error before any call
+    except ChainfsError as e:
+        raise click.ClickException(e.message) from None
     version = await with_mgmt(address, timeout_s, lambda c: c.set_config(key, value))
-    emit_object({"key": key, "value": value, "version": version}, as_json)
+    setting = SETTINGS[key]
+    obj = {"key": key, "value": value, "version": version}
+    emit_object({**obj, "read_by": setting.consumer, "applies": setting.applies}, as_json)
+
+
+@config_group.command("keys")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def config_keys_cmd(as_json: bool) -> None:
+    """The settable keys: type, which processes read each and when a change applies."""
+    rows = [
+        {
+            "key": s.key,
+            "type": s.type.__name__,
+            "allowed": s.requirement,
+            "read_by": s.consumer,
+            "applies": s.applies,
+            "meaning": s.help,
+        }
+        for s in SETTINGS.values()
+    ]
+    emit(rows, ["key", "type", "allowed", "read_by", "applies", "meaning"], as_json)

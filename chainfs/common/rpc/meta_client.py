@@ -124,6 +124,17 @@ def path_at(at: At) -> pb.PathAt:
     return pb.PathAt(path=os.fsencode(at))
 
 
+def naming_path(err: ChainfsError, request: Any) -> ChainfsError:
+    """``err`` naming the absolute path the request was about (what the user gave),
+    so that its text leads with that path rather than meta's inner names."""
+    if err.filename is not None or "at" not in request.DESCRIPTOR.fields_by_name:
+        return err
+    at: pb.PathAt = request.at
+    if at.parent or not at.path.startswith(b"/"):
+        return err
+    return ChainfsError(err.code, err.message, os.fsdecode(at.path))
+
+
 def type_bits(type_: pb.InodeType.ValueType) -> int:
     """The st_mode type bits (S_IFREG, S_IFIFO, ...) of an inode type."""
     return _TYPE_BITS.get(type_, 0)
@@ -301,7 +312,7 @@ class MetaClient:
                         last = e
                         self._current = addr
                         break
-                    raise
+                    raise naming_path(e, request) from None
             if not await backoff.wait():
                 assert last is not None
                 raise ChainfsError(
