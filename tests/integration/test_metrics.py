@@ -30,6 +30,9 @@ def scrape(address: str) -> metrics.Samples:
     return asyncio.run(metrics.scrape(address, SCRAPE_TIMEOUT_S))
 
 
+HEARTBEAT_S = 1.0  # storage nodes' default heartbeat interval
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     yield from mounted_cluster(tmp_path_factory.mktemp("metrics"))
@@ -86,8 +89,23 @@ def test_workload_moves_counters_and_histograms(cluster: LocalCluster) -> None:
     assert grew("meta", "chainfs_meta_request_seconds_count", op="Open") >= 2
     assert grew("meta", "chainfs_meta_request_seconds_bucket", op="Open", le="+Inf") >= 2
     assert grew("meta", "chainfs_meta_kv_commits_total") > 0
-    # mgmtd: heartbeats were timed; every target serves, every chain is whole.
-    assert grew("mgmtd", "chainfs_grpc_request_seconds_count", op="Heartbeat") > 0
+    # mgmtd: heartbeats are timed (they come once a second, so the workload
+    # above may fit between two: wait for the next); every target serves,
+    # every chain is whole.
+    beats_before = metrics.total(
+        before["mgmtd"], "chainfs_grpc_request_seconds_count", op="Heartbeat"
+    )
+    deadline = time.monotonic() + 10 * HEARTBEAT_S
+    while (
+        metrics.total(
+            scrape(cluster.metrics_addresses()["mgmtd"]),
+            "chainfs_grpc_request_seconds_count",
+            op="Heartbeat",
+        )
+        <= beats_before
+    ):
+        assert time.monotonic() < deadline, "no heartbeat reached mgmtd's metrics"
+        time.sleep(HEARTBEAT_S / 4)
     targets = cluster.n_storage * cluster.targets_per_node
     assert metrics.total(after["mgmtd"], "chainfs_mgmtd_targets", state="serving") == targets
     assert metrics.total(after["mgmtd"], "chainfs_mgmtd_chains", state="degraded") == 0
