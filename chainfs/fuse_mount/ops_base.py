@@ -91,6 +91,8 @@ _CHANGING_REQUESTS = frozenset(
         "link",
         "create",
         "write",
+        "setxattr",  # ctime
+        "removexattr",
     }
 )
 # Requests that change something only on a handle open for writing.
@@ -306,15 +308,19 @@ class OpsBase(pyfuse3.Operations):
             del self._names[parent]
             return False
         self._names.move_to_end(parent)
-        return name not in nc.names
+        return nc.complete and name not in nc.names
 
-    def _install_names(self, parent: int, names: set[bytes], since: int) -> None:
-        """Keep a complete listing fetched while no change went through us."""
+    def _install_names(
+        self, parent: int, names: set[bytes], since: int, complete: bool = True
+    ) -> None:
+        """Keep a complete listing fetched while no change went through us
+        (or, ``complete`` False, that the directory is too big to list)."""
         if self._negative_timeout_s <= 0 or since != self._mutations:
             return
         if len(names) > NAMES_MAX_ENTRIES:
             return
-        self._names[parent] = DirNames(time.monotonic() + self._negative_timeout_s, names)
+        expires = time.monotonic() + self._negative_timeout_s
+        self._names[parent] = DirNames(expires, names, complete)
         self._names.move_to_end(parent)
         while len(self._names) > _NAMES_MAX_DIRS:
             self._names.popitem(last=False)
@@ -327,7 +333,9 @@ class OpsBase(pyfuse3.Operations):
             rsp = await self.meta.readdir(parent, b"", NAMES_MAX_ENTRIES, False, user=user)
         except ChainfsError:
             return  # e.g. no read permission: no list, lookups ask meta
-        if not rsp.more:
+        if rsp.more:
+            self._install_names(parent, set(), since, complete=False)
+        else:
             self._install_names(parent, {e.name for e in rsp.entries}, since)
 
     async def _changing(

@@ -119,6 +119,9 @@ class DirNames:
 
     expires: float  # time.monotonic()
     names: set[bytes]
+    # False: the directory was too big to list; lookups ask meta until expires
+    # (kept so that every lookup of an absent name does not list it again).
+    complete: bool = True
 
 
 class GroupsCache:
