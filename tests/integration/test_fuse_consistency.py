@@ -1,7 +1,7 @@
 """What clients of one cluster see of each other's changes (docs/consistency.md).
 
-One cluster with its FUSE mount (A), a second mount (B, another process) and
-Python clients. The mounts run with the default timeouts: this mount's own
+One cluster with its FUSE mount (A, absent names cached for 1 s), a second
+mount (B, another process, defaults) and Python clients: this mount's own
 changes are seen at once, other clients' after at most TIMEOUT_S (the
 entry/attr/negative timeouts), and a file closed by one client is read whole
 by an open() on another at once (close-to-open).
@@ -28,16 +28,17 @@ from tests.integration.fuse_fixtures import force_unmount, is_mounted, mounted_c
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
 
 _DEFAULTS = MountConfig()
+# Mount A also caches absent names (off by default), so that bound is tested too.
+_NEGATIVE_MS = 1000
 # The documented bound for other clients' changes, plus the kernel's jiffy rounding.
-TIMEOUT_S = (
-    max(_DEFAULTS.attr_timeout_ms, _DEFAULTS.entry_timeout_ms, _DEFAULTS.negative_timeout_ms) / 1000
-)
+TIMEOUT_S = max(_DEFAULTS.attr_timeout_ms, _DEFAULTS.entry_timeout_ms, _NEGATIVE_MS) / 1000
 _SLACK_S = 0.3
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    yield from mounted_cluster(Path(tmp_path_factory.mktemp("fuse_consistency")))
+    base = Path(tmp_path_factory.mktemp("fuse_consistency"))
+    yield from mounted_cluster(base, options=[f"negative_timeout_ms={_NEGATIVE_MS}"])
 
 
 @pytest.fixture(scope="module")
