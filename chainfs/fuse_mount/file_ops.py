@@ -227,6 +227,7 @@ class FileOps(OpsBase):
             and (st is None or not st.hold_session),
         )
         fi, _ = await self._start_handle(rsp.inode, rsp.session_id, flags, truncate)
+        self._refresh_kernel_attrs(rsp.inode)
         return fi
 
     @op

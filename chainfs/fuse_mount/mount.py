@@ -145,6 +145,7 @@ async def serve(mountpoint: str, config: MountConfig, ready_file: str | None = N
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop, sig)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
+    loop.add_signal_handler(signal.SIGUSR2, lambda: log.warning("%s", ops.counters.summary()))
     unmount = True
     # Start-up objects (modules, protobuf descriptors, gRPC) live forever: keep
     # the cyclic GC from rescanning them on every collection.
@@ -160,6 +161,7 @@ async def serve(mountpoint: str, config: MountConfig, ready_file: str | None = N
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         loop.remove_signal_handler(signal.SIGUSR1)
+        loop.remove_signal_handler(signal.SIGUSR2)
         try:
             async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
                 await ops.shutdown()

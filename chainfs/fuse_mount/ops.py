@@ -72,12 +72,14 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
         return self._entry(inode)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        self.counters.fuse["forget"] += 1
         for ino, n in inode_list:
             left = self._lookups.get(ino, 0) - n
             if left > 0:
                 self._lookups[ino] = left
             else:
                 self._lookups.pop(ino, None)
+                self._told.pop(ino, None)
                 if ino not in self._open:
                     self._versions.pop(ino, None)
 

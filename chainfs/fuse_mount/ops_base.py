@@ -15,6 +15,7 @@ import collections
 import errno
 import functools
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -28,7 +29,14 @@ from chainfs.common.rpc.meta_client import MetaClient, UserInfo, mode_bits
 from chainfs.common.units import MiB
 from chainfs.fuse_mount import metrics as fuse_metrics
 from chainfs.fuse_mount.config import MountConfig
-from chainfs.fuse_mount.state import DirHandle, DirNames, FileHandle, GroupsCache, OpenInode
+from chainfs.fuse_mount.state import (
+    DirHandle,
+    DirListing,
+    DirNames,
+    FileHandle,
+    GroupsCache,
+    OpenInode,
+)
 from chainfs.proto import meta_pb2 as mt
 
 log = logging.getLogger("chainfs.fuse_mount.ops")
@@ -44,8 +52,10 @@ MAX_READ_BYTES = MiB
 _GUARD_MARGIN_S = 5.0
 # Name lists kept for negative lookups: directories of at most this many
 # entries, at most this many directories (least recently used dropped).
-NAMES_MAX_ENTRIES = 1024
-_NAMES_MAX_DIRS = 512
+NAMES_MAX_ENTRIES = 4096
+_NAMES_MAX_DIRS = 64
+# Bound on the (size, mtime) versions remembered of attributes told to the kernel.
+_TOLD_MAX = 1 << 16
 # Failures that say something is wrong with the cluster or the mount are
 # logged as warnings; every other errno is the caller's business (debug).
 _ALARMING_ERRNOS = frozenset(
@@ -69,6 +79,54 @@ _UNREACHABLE_ERRNOS = frozenset(
 
 Ops = TypeVar("Ops", bound="OpsBase")
 
+# Requests that may change a name, an attribute or a file's bytes: while one
+# runs and once it ran, no listing fetched earlier is answered from the cache.
+_CHANGING_REQUESTS = frozenset(
+    {
+        "setattr",
+        "mknod",
+        "mkdir",
+        "unlink",
+        "rmdir",
+        "symlink",
+        "rename",
+        "link",
+        "create",
+        "write",
+        "setxattr",  # ctime
+        "removexattr",
+    }
+)
+# Requests that change something only on a handle open for writing.
+_WRITE_HANDLE_REQUESTS = frozenset({"flush", "fsync", "release"})
+
+
+class RequestCounters:
+    """FUSE requests served and meta RPCs sent by this mount, by name, ever.
+
+    Logged on SIGUSR2 (see mount.py): the difference of two dumps around a
+    workload says what one POSIX operation costs in requests and round trips.
+    """
+
+    def __init__(self) -> None:
+        self.fuse: collections.Counter[str] = collections.Counter()
+        self.meta: collections.Counter[str] = collections.Counter()
+
+    def count_meta_calls(self, meta: MetaClient) -> None:
+        """Count every RPC ``meta`` sends (all its methods go through ``call``)."""
+        send = meta.call
+
+        async def counted(method: str, request: Any) -> Any:
+            self.meta[method] += 1
+            return await send(method, request)
+
+        setattr(meta, "call", counted)  # noqa: B010  # an instance override, not a class change
+
+    def summary(self) -> str:
+        fuse = " ".join(f"{k}={v}" for k, v in sorted(self.fuse.items()))
+        meta = " ".join(f"{k}={v}" for k, v in sorted(self.meta.items()))
+        return f"fuse requests: {fuse or '-'}; meta rpcs: {meta or '-'}"
+
 
 def op(
     fn: Callable[Concatenate[Ops, P], Coroutine[Any, Any, T]],
@@ -82,6 +140,10 @@ def op(
             return await answer(self, *args, **kwargs)
 
     async def answer(self: Ops, *args: P.args, **kwargs: P.kwargs) -> T:
+        self.counters.fuse[name] += 1
+        changing = self._may_change(name, args)
+        if changing:
+            self._changes += 1  # before: a listing fetched from now on is not kept
         try:
             async with asyncio.timeout(self.guard_s):
                 return await fn(self, *args, **kwargs)
@@ -106,6 +168,9 @@ def op(
         except Exception:
             log.exception("%s%r failed unexpectedly: EIO", name, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if changing:
+                self._changes += 1  # after: a listing fetched meanwhile is not used
 
     return wrapper
 
@@ -120,6 +185,8 @@ class OpsBase(pyfuse3.Operations):
         self.io = io  # the client's chunk I/O engine: file bytes and the meta client
         self.config = config
         self.meta: MetaClient = io.meta
+        self.counters = RequestCounters()
+        self.counters.count_meta_calls(self.meta)
         self.enable_writeback_cache = config.writeback_cache
         self._attr_timeout_s = config.attr_timeout_ms / 1000
         self._entry_timeout_s = config.entry_timeout_ms / 1000
@@ -137,6 +204,16 @@ class OpsBase(pyfuse3.Operations):
         self._next_fh = 1
         self._names: collections.OrderedDict[int, DirNames] = collections.OrderedDict()
         self._mutations = 0  # namespace changes made through this mount, ever
+        self._changes = 0  # requests that may change something, counted at start and end
+        # Complete listings by (directory, caller), least recently used first.
+        self._listings: collections.OrderedDict[
+            tuple[int, int, int, tuple[int, ...]], DirListing
+        ] = collections.OrderedDict()
+        self._listed_entries = 0  # entries held in self._listings
+        self._listing_budget = config.readdir_cache_entries
+        self._listing_ttl_s = min(self._attr_timeout_s, self._entry_timeout_s) / 2
+        # (size, mtime_ns) of the attributes the kernel last got from us, by inode.
+        self._told: dict[int, tuple[int, int]] = {}
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None  # (expires, answer)
         # Reply buffers of reads, reused (a fresh 1 MiB buffer costs 256 page faults);
         # room for every concurrent request, twice over.
@@ -147,6 +224,17 @@ class OpsBase(pyfuse3.Operations):
         self.on_init: Callable[[], None] | None = None  # run once the kernel handshake is done
 
     # -- helpers ---------------------------------------------------------------
+    def _may_change(self, request: str, args: tuple[Any, ...]) -> bool:
+        """Whether a request may change a name, an attribute or a file's bytes."""
+        if request in _CHANGING_REQUESTS:
+            return True
+        if request == "open":  # (inode, flags, ctx)
+            return bool(args[1] & (os.O_ACCMODE | os.O_TRUNC))
+        if request in _WRITE_HANDLE_REQUESTS:  # (fh, ...)
+            h = self._files.get(args[0])
+            return h is None or h.writable
+        return False
+
     def init(self) -> None:
         if self.on_init is not None:
             # After this handler returns libfuse answers the kernel's INIT;
@@ -166,13 +254,16 @@ class OpsBase(pyfuse3.Operations):
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
 
     def _entry(
-        self, inode: mt.Inode, entry_timeout: float | None = None
+        self,
+        inode: mt.Inode,
+        entry_timeout: float | None = None,
+        attr_timeout: float | None = None,
     ) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = inode.ino
         e.generation = 0
         e.entry_timeout = self._entry_timeout_s if entry_timeout is None else entry_timeout
-        e.attr_timeout = self._attr_timeout_s
+        e.attr_timeout = self._attr_timeout_s if attr_timeout is None else attr_timeout
         e.st_mode = mode_bits(inode)
         e.st_nlink = inode.nlink
         e.st_uid = inode.uid
@@ -193,7 +284,26 @@ class OpsBase(pyfuse3.Operations):
         e.st_atime_ns = inode.atime_ns
         e.st_mtime_ns = mtime_ns
         e.st_ctime_ns = ctime_ns
+        if len(self._told) >= _TOLD_MAX:
+            self._told.clear()  # forgetting is safe: an unknown version is invalidated
+        self._told[inode.ino] = (size, mtime_ns)
         return e
+
+    def _refresh_kernel_attrs(self, inode: mt.Inode) -> None:
+        """Drop the kernel's attributes of ``inode`` if meta's length or mtime differ.
+
+        Close-to-open: an open must see what another client wrote before its
+        close, but the kernel would read only up to the length it cached
+        (for up to the attribute timeout). Done here, before the open is
+        answered: an attributes-only invalidation takes no lock an open holds.
+        """
+        if self._told.get(inode.ino) == (inode.size, inode.mtime_ns):
+            return
+        self._told.pop(inode.ino, None)
+        try:
+            pyfuse3.invalidate_inode(inode.ino, attr_only=True)
+        except OSError as e:  # ENOENT: the kernel has forgotten the inode already
+            log.debug("invalidating attributes of inode %d: %s", inode.ino, e)
 
     # -- names known to be absent --------------------------------------------------
     def _absent(self, parent: int, name: bytes) -> bool:
@@ -205,15 +315,19 @@ class OpsBase(pyfuse3.Operations):
             del self._names[parent]
             return False
         self._names.move_to_end(parent)
-        return name not in nc.names
+        return nc.complete and name not in nc.names
 
-    def _install_names(self, parent: int, names: set[bytes], since: int) -> None:
-        """Keep a complete listing fetched while no change went through us."""
+    def _install_names(
+        self, parent: int, names: set[bytes], since: int, complete: bool = True
+    ) -> None:
+        """Keep a complete listing fetched while no change went through us
+        (or, ``complete`` False, that the directory is too big to list)."""
         if self._negative_timeout_s <= 0 or since != self._mutations:
             return
         if len(names) > NAMES_MAX_ENTRIES:
             return
-        self._names[parent] = DirNames(time.monotonic() + self._negative_timeout_s, names)
+        expires = time.monotonic() + self._negative_timeout_s
+        self._names[parent] = DirNames(expires, names, complete)
         self._names.move_to_end(parent)
         while len(self._names) > _NAMES_MAX_DIRS:
             self._names.popitem(last=False)
@@ -226,7 +340,9 @@ class OpsBase(pyfuse3.Operations):
             rsp = await self.meta.readdir(parent, b"", NAMES_MAX_ENTRIES, False, user=user)
         except ChainfsError:
             return  # e.g. no read permission: no list, lookups ask meta
-        if not rsp.more:
+        if rsp.more:
+            self._install_names(parent, set(), since, complete=False)
+        else:
             self._install_names(parent, {e.name for e in rsp.entries}, since)
 
     async def _changing(

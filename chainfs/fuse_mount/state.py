@@ -13,6 +13,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import pyfuse3
+
 from chainfs.client.chunk_io import OpenHandle
 from chainfs.client.file import AsyncFile
 from chainfs.common.rpc.meta_client import UserInfo
@@ -71,6 +73,20 @@ class FileHandle:
 
 
 @dataclass
+class DirListing:
+    """A directory's complete listing as answered to the kernel, reused by later opendirs.
+
+    Valid until ``expires`` and only while no change went through this mount
+    since it was fetched (``changes`` is the mount's change count then).
+    """
+
+    expires: float  # time.monotonic()
+    changes: int
+    dir_inode: mt.Inode
+    entries: list[tuple[bytes, int, pyfuse3.EntryAttributes]]  # (name, ino, attributes)
+
+
+@dataclass
 class DirHandle:
     """A directory listing cursor: offsets are entry positions, counted from 1."""
 
@@ -80,10 +96,16 @@ class DirHandle:
     user: UserInfo
     dir_inode: mt.Inode
     base: int = 0  # position of page[0] among the listing's entries (after . and ..)
-    page: list[mt.DirEntry] = field(default_factory=list)
+    page: list[tuple[bytes, int, pyfuse3.EntryAttributes]] = field(default_factory=list)
     after: bytes = b""  # the last name fetched (meta pages after it)
     more: bool = True  # meta has entries after `after`
     fetched: bool = False  # the first page has been asked for
+    # Served from the mount's listing cache (no meta calls) when set.
+    listing: DirListing | None = None
+    # Attributes answered so far, in listing order, while the listing may still
+    # be kept whole (complete from the first entry, no change meanwhile).
+    answered: list[tuple[bytes, int, pyfuse3.EntryAttributes]] | None = None
+    changes: int = 0  # the mount's change count at opendir
 
 
 @dataclass
@@ -97,6 +119,9 @@ class DirNames:
 
     expires: float  # time.monotonic()
     names: set[bytes]
+    # False: the directory was too big to list; lookups ask meta until expires
+    # (kept so that every lookup of an absent name does not list it again).
+    complete: bool = True
 
 
 class GroupsCache:

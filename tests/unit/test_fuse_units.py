@@ -238,3 +238,14 @@ async def test_kernel_out_of_order_requests_stay_sequential() -> None:
     for _ in range(4):
         await asyncio.sleep(0)
     assert pool.in_use_bytes == 0
+
+
+def test_cache_settings_default_to_the_documented_bounds() -> None:
+    cfg = MountConfig()
+    # A name created elsewhere is seen at once unless absent names are cached on request.
+    assert cfg.negative_timeout_ms == 0
+    apply_options(cfg, "readdir_cache_entries=0,negative_timeout_ms=1000")
+    cfg.validate()  # 0 turns each cache off
+    cfg.readdir_cache_entries = -1
+    with pytest.raises(ValueError, match="readdir_cache_entries"):
+        cfg.validate()

@@ -1,0 +1,285 @@
+"""What clients of one cluster see of each other's changes (docs/consistency.md).
+
+One cluster with its FUSE mount (A, absent names cached for 1 s), a second
+mount (B, another process, defaults) and Python clients: this mount's own
+changes are seen at once, other clients' after at most TIMEOUT_S (the
+entry/attr/negative timeouts), and a file closed by one client is read whole
+by an open() on another at once (close-to-open).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from chainfs.client.sync import FileSystem
+from chainfs.fuse_mount.config import MountConfig
+from chainfs.local import LocalCluster
+from chainfs.local.process import MountProcess
+from tests.integration.fuse_fixtures import force_unmount, is_mounted, mounted_cluster
+
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
+
+_DEFAULTS = MountConfig()
+# Mount A also caches absent names (off by default), so that bound is tested too.
+_NEGATIVE_MS = 1000
+# The documented bound for other clients' changes, plus the kernel's jiffy rounding.
+TIMEOUT_S = max(_DEFAULTS.attr_timeout_ms, _DEFAULTS.entry_timeout_ms, _NEGATIVE_MS) / 1000
+_SLACK_S = 0.3
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    base = Path(tmp_path_factory.mktemp("fuse_consistency"))
+    yield from mounted_cluster(base, options=[f"negative_timeout_ms={_NEGATIVE_MS}"])
+
+
+@pytest.fixture(scope="module")
+def mnt_a(cluster: LocalCluster) -> Path:
+    assert cluster.mountpoint is not None
+    return cluster.mountpoint
+
+
+@pytest.fixture(scope="module")
+def mnt_b(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    base = Path(tmp_path_factory.mktemp("second_mount"))
+    mnt = base / "mnt"
+    mnt.mkdir()
+    proc = MountProcess(mnt, cluster.address, base / "proc")
+    try:
+        proc.start()
+        assert is_mounted(mnt)
+        yield mnt
+    finally:
+        proc.stop()
+        force_unmount(mnt)
+
+
+@pytest.fixture(scope="module")
+def fs(cluster: LocalCluster) -> FileSystem:
+    return cluster.client()
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    return "/" + request.node.name.replace("[", "-").replace("]", "")
+
+
+def _size(path: Path) -> int:
+    return os.stat(path).st_size
+
+
+def _absent(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return True
+    return False
+
+
+def _eventually(check: Callable[[], bool], what: str) -> float:
+    """Seconds until ``check`` holds; fails when that takes longer than the timeout."""
+    start = time.monotonic()
+    while not check():
+        waited = time.monotonic() - start
+        assert waited < TIMEOUT_S + _SLACK_S, f"{what}: not seen after {waited:.2f}s"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_own_changes_are_seen_at_once(mnt_a: Path, name: str) -> None:
+    d = mnt_a / name.lstrip("/")
+    d.mkdir()
+    f = d / "f"
+    f.write_bytes(b"")
+    assert os.listdir(d) == ["f"] and _size(f) == 0  # both now cached
+    fd = os.open(f, os.O_WRONLY)
+    os.write(fd, b"x" * 100)
+    assert _size(f) == 100  # while still open
+    os.close(fd)
+    assert _size(f) == 100 and os.listdir(d) == ["f"]
+    os.truncate(f, 10)
+    assert _size(f) == 10
+    os.chmod(f, 0o600)
+    assert os.stat(f).st_mode & 0o7777 == 0o600
+    os.rename(f, d / "g")
+    assert _absent(f) and _size(d / "g") == 10 and os.listdir(d) == ["g"]
+    (d / "h").write_bytes(b"hello")
+    assert sorted(os.listdir(d)) == ["g", "h"]
+    os.unlink(d / "g")
+    assert _absent(d / "g") and os.listdir(d) == ["h"]
+
+
+def test_a_listing_repeated_after_a_write_shows_the_new_length(mnt_a: Path, name: str) -> None:
+    d = mnt_a / name.lstrip("/")
+    d.mkdir()
+    for i in range(20):
+        (d / f"e{i}").write_bytes(b"")
+    assert len(os.listdir(d)) == 20  # fetched once, kept by the mount
+    assert len(os.listdir(d)) == 20
+    (d / "e7").write_bytes(b"y" * 4321)
+    entries = {e.name: e.stat().st_size for e in os.scandir(d)}
+    assert entries["e7"] == 4321
+    assert _size(d / "e7") == 4321
+
+
+def test_close_to_open_sees_another_clients_bytes_at_once(
+    mnt_a: Path, fs: FileSystem, name: str
+) -> None:
+    p = mnt_a / name.lstrip("/")
+    fs.write_file(name, b"v1")
+    _eventually(lambda: not _absent(p), "a name created elsewhere")  # may be cached as absent
+    assert p.read_bytes() == b"v1"  # length 2 now cached in the kernel
+    data = os.urandom(50_000)
+    fs.write_file(name, data)  # closed: meta has the new length
+    assert p.read_bytes() == data
+
+
+def test_another_clients_changes_show_within_the_timeout(
+    mnt_a: Path, fs: FileSystem, name: str
+) -> None:
+    d = mnt_a / name.lstrip("/")
+    fs.mkdir(name)
+    fs.write_file(f"{name}/old", b"12345")
+    assert os.listdir(d) == ["old"] and _size(d / "old") == 5 and _absent(d / "new")
+    fs.write_file(f"{name}/new", b"abc")  # a name the kernel has cached as absent
+    fs.chmod(f"{name}/old", 0o640)
+    _eventually(lambda: not _absent(d / "new"), "a name created elsewhere")
+    _eventually(lambda: os.stat(d / "old").st_mode & 0o777 == 0o640, "a chmod elsewhere")
+    _eventually(lambda: sorted(os.listdir(d)) == ["new", "old"], "the listing")
+    fs.rename(f"{name}/old", f"{name}/renamed")
+    fs.remove(f"{name}/new")
+    _eventually(lambda: _absent(d / "old") and _absent(d / "new"), "names removed elsewhere")
+    _eventually(lambda: os.listdir(d) == ["renamed"], "the listing after rename")
+    assert _size(d / "renamed") == 5
+
+
+# -- races between two mounts and a Python client ------------------------------------
+
+_OPS_PER_ACTOR = 120
+_CONTESTED = 40
+
+
+class _Actor:
+    """Runs seeded create/rename/unlink on its own names; the model is what it got acked."""
+
+    def __init__(self, tag: str, seed: int, ops: dict[str, Callable[..., None]]) -> None:
+        self.tag = tag
+        self.rng = random.Random(seed)
+        self.ops = ops
+        self.names: set[str] = set()  # the actor's names that exist, per its acks
+        self.won: set[str] = set()  # contested names this actor created
+
+    def step(self) -> None:
+        pool = [f"{self.tag}{i}" for i in range(12)]
+        kind = self.rng.choice(["create", "create", "rename", "unlink"])
+        a, b = self.rng.choice(pool), self.rng.choice(pool)
+        if kind == "create":
+            if self._expect(a not in self.names, self.ops["create"], a):
+                self.names.add(a)
+        elif kind == "rename":
+            if self._expect(a in self.names, self.ops["rename"], a, b):
+                self.names.discard(a)
+                self.names.add(b)
+        elif self._expect(a in self.names, self.ops["unlink"], a):
+            self.names.discard(a)
+
+    @staticmethod
+    def _expect(succeeds: bool, fn: Callable[..., None], *args: str) -> bool:
+        """Run one operation; its outcome must be the model's. True when acknowledged."""
+        try:
+            fn(*args)
+        except FileExistsError:
+            assert not succeeds, f"{fn.__name__}{args}: EEXIST for a name that is not there"
+            return False
+        except FileNotFoundError:
+            assert not succeeds, f"{fn.__name__}{args}: ENOENT for a name that is there"
+            return False
+        assert succeeds, f"{fn.__name__}{args}: acknowledged, but the model says it fails"
+        return True
+
+    def claim(self, order: list[int]) -> None:
+        for i in order:
+            try:
+                self.ops["create"](f"c{i}")
+            except FileExistsError:
+                continue
+            self.won.add(f"c{i}")
+
+    def run(self, order: list[int]) -> None:
+        for k in range(_OPS_PER_ACTOR):
+            self.step()
+            if k == _OPS_PER_ACTOR // 2:
+                self.claim(order)
+
+
+def _mount_ops(d: Path) -> dict[str, Callable[..., None]]:
+    def create(n: str) -> None:
+        os.close(os.open(d / n, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+
+    def rename(a: str, b: str) -> None:
+        os.rename(d / a, d / b)
+
+    def unlink(n: str) -> None:
+        os.unlink(d / n)
+
+    return {"create": create, "rename": rename, "unlink": unlink}
+
+
+def _client_ops(fs: FileSystem, d: str) -> dict[str, Callable[..., None]]:
+    def create(n: str) -> None:
+        fs.open(f"{d}/{n}", "xb").close()
+
+    def rename(a: str, b: str) -> None:
+        fs.rename(f"{d}/{a}", f"{d}/{b}")
+
+    def unlink(n: str) -> None:
+        fs.remove(f"{d}/{n}")
+
+    return {"create": create, "rename": rename, "unlink": unlink}
+
+
+@pytest.mark.parametrize("seed", [7, 1234])
+def test_racing_creates_renames_unlinks_lose_and_duplicate_nothing(
+    mnt_a: Path, mnt_b: Path, fs: FileSystem, name: str, seed: int
+) -> None:
+    fs.mkdir(name)
+    rel = name.lstrip("/")
+    actors = [
+        _Actor("a", seed, _mount_ops(mnt_a / rel)),
+        _Actor("b", seed + 1, _mount_ops(mnt_b / rel)),
+        _Actor("p", seed + 2, _client_ops(fs, name)),
+    ]
+    orders = [random.Random(seed + 10 + i).sample(range(_CONTESTED), _CONTESTED) for i in range(3)]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        for f in [pool.submit(a.run, o) for a, o in zip(actors, orders, strict=True)]:
+            f.result()
+    winners = [c for a in actors for c in a.won]
+    assert sorted(winners) == sorted(f"c{i}" for i in range(_CONTESTED)), "one winner per name"
+    expected = sorted(set(winners).union(*(a.names for a in actors)))
+    time.sleep(TIMEOUT_S + _SLACK_S)
+    for seen, where in (
+        (sorted(os.listdir(mnt_a / rel)), "mount A"),
+        (sorted(os.listdir(mnt_b / rel)), "mount B"),
+        (sorted(fs.listdir(name)), "the client"),
+    ):
+        assert seen == expected, f"{where} lists {seen}, acknowledged ops give {expected}"
+    for n in expected:
+        assert not _absent(mnt_a / rel / n) and not _absent(mnt_b / rel / n)
+
+
+def test_stat_of_a_removed_name_answers_enoent(mnt_a: Path, fs: FileSystem, name: str) -> None:
+    fs.write_file(name, b"z")
+    p = mnt_a / name.lstrip("/")
+    assert _size(p) == 1
+    os.unlink(p)
+    with pytest.raises(OSError) as e:
+        os.stat(p)
+    assert e.value.errno == errno.ENOENT
