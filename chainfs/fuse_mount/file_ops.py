@@ -337,7 +337,9 @@ class FileOps(OpsBase):
                             await w.close()
                         elif w is not None:
                             await w.flush()
-                wrote, st.dirty = st.dirty, False
+                # A failed write may have left chunks: report it as a write, so
+                # meta never treats the file as never written (its GC removes them).
+                wrote, st.dirty = st.dirty or st.write_failed, False
                 inode = await self.meta.close(h.ino, h.session, st.known_size(), wrote=wrote)
                 if inode is not None:
                     self._versions[h.ino] = (inode.size, inode.mtime_ns)
