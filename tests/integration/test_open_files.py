@@ -286,8 +286,9 @@ def test_default_buffer_adapts_small_random_and_growing_sequential(
             if cost:
                 refills.append(cost)
         assert refills[0] <= 2 * cfg.read_ahead_min_bytes
-        assert refills == sorted(refills) and refills[-1] == cfg.read_buffer_bytes  # grew
-        assert sum(refills) <= pos + cfg.read_buffer_bytes
+        assert max(refills) >= cfg.read_buffer_bytes  # grew: sequential reads fetch ahead
+        # Read-ahead keeps whole chunks in flight, bounded per file by read_ahead_bytes.
+        assert sum(refills) <= pos + cfg.read_buffer_bytes + cfg.read_ahead_bytes
 
 
 def test_buffering_arguments_follow_builtin_open(
