@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import logging
 import os
 import secrets
 import sys
@@ -38,6 +39,8 @@ from chainfs.client.layout import normpath
 from chainfs.client.usrbio.user import SharedBuffer
 from chainfs.common.checksum import crc32c
 from chainfs.common.errors import ChainfsError, Code
+
+log = logging.getLogger(__name__)
 
 KeyLike = str | bytes | bytearray | memoryview
 Buffer = Any  # the buffer protocol (bytes, numpy...), a CPU torch tensor, a usrbio SharedBuffer
@@ -497,8 +500,12 @@ class AsyncKVCache:
         if not self._closed:
             await self._evictor.stop()
             await self._access.stop()
-            with contextlib.suppress(Exception):
+            try:
                 await self._access.flush()
+            except Exception:  # closing goes on; eviction then sees older access times
+                log.warning(
+                    "kvcache %s: access times not recorded at close", self.directory, exc_info=True
+                )
             self._closed = True
             self._values.close()
 
