@@ -13,7 +13,6 @@ sessions closed, then the kernel mount is removed) and on `fusermount3 -u`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -172,8 +171,10 @@ async def serve(mountpoint: str, config: MountConfig, ready_file: str | None = N
         if unmount and is_mounted(mountpoint):
             # libfuse skips the unmount when the kernel connection was aborted.
             lazy_unmount(mountpoint)
-        with contextlib.suppress(Exception):
+        try:
             await fs.close()
+        except Exception:  # unmounting goes on; the failure (e.g. a file not flushed) is logged
+            log.exception("closing the cluster connection at unmount failed")
         await node_metrics.stop()
     log.info("unmounted %s", mountpoint)
     return 0
