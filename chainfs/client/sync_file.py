@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,8 @@ from chainfs.client.layout import Layout
 
 if TYPE_CHECKING:
     from chainfs.client._loop import LoopThread
+
+log = logging.getLogger(__name__)
 
 
 class File(io.BufferedIOBase):
@@ -174,8 +177,10 @@ class File(io.BufferedIOBase):
         try:
             if not self._af.closed and self._loop.alive and not self._loop.in_loop_thread():
                 self.close()
-        except Exception:
-            pass
+        except Exception:  # nobody to raise to: say that written bytes may be lost
+            log.warning(
+                "chainfs file %s dropped without close(): closing failed", self.name, exc_info=True
+            )
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"pos={self._af.tell()}"
