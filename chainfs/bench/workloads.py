@@ -429,6 +429,7 @@ def dataloader_fork_8w_256k(ctx: RunContext) -> list[Result]:
             sample_bytes=256 * KiB,
             samples_per_s=samples / secs,
             files=len(files),
+            note="each DataLoader worker reads through its own chainfs connection (no agent)",
         )
     ]
 
