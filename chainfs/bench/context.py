@@ -19,6 +19,8 @@ TARGETS: dict[str, float] = {
     "client_seq_write_r3": 0.2,
     "fuse_seq_read": 0.25,
     "read_ranges_256k": 0.4,
+    "usrbio_batch_64x1m": 0.6,
+    "dataloader_fork_8w_256k": 0.5,
 }
 
 
@@ -52,6 +54,9 @@ class Sizes:
     smallfiles_count: int  # files of the source tree untarred, committed and rsynced
     steady_churn_ops: int  # creates + unlinks done before the steady-state metadata figures
     steady_churn_timeout_s: float  # bound of that churn (failed if not done by then)
+    dataloader_batch: int  # samples per DataLoader batch (dataloader_fork_8w_256k)
+    dataloader_max_samples: int  # bound of that dataset's length (the run stops at its time)
+    agent_start_timeout_s: float  # a `chainfs agent` not ready by then fails its workload
     task_timeout_s: float  # a worker task not done by then fails the workload
     cluster_start_timeout_s: float  # LocalCluster start-up bound
 
@@ -85,6 +90,9 @@ _SIZES: dict[str, tuple[Any, Any]] = {
     "smallfiles_count": (40, 300),
     "steady_churn_ops": (400, 100_000),
     "steady_churn_timeout_s": (60.0, 1800.0),
+    "dataloader_batch": (8, 16),
+    "dataloader_max_samples": (4000, 400_000),
+    "agent_start_timeout_s": (60.0, 60.0),
     "task_timeout_s": (60.0, 180.0),
     "cluster_start_timeout_s": (60.0, 90.0),
 }

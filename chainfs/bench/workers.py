@@ -299,12 +299,13 @@ def _call_and_send(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ..
         conn.send((False, traceback.format_exc(limit=8)))
 
 
-def in_fresh_process(fn: Callable[..., T], *args: Any, timeout_s: float) -> T:
+def in_fresh_process(fn: Callable[..., T], *args: Any, timeout_s: float, daemon: bool = True) -> T:
     """``fn(*args)`` in a new spawned interpreter: its own memory (a peak RSS of its
-    own), nothing inherited. ``fn`` must be a module-level function."""
+    own), nothing inherited. ``fn`` must be a module-level function. ``daemon=False``
+    lets ``fn`` start processes of its own (multiprocessing forbids it in a daemon)."""
     ctx = multiprocessing.get_context("spawn")
     parent_end, child_end = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_call_and_send, args=(child_end, fn, args), daemon=True)
+    proc = ctx.Process(target=_call_and_send, args=(child_end, fn, args), daemon=daemon)
     proc.start()
     child_end.close()
     try:
@@ -472,6 +473,26 @@ def task_rand_read(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
     return {"read": phase}
 
 
+def random_range(
+    rng: random.Random, files: Sequence[tuple[str, int]], length: int, align: int = 4096
+) -> tuple[str, int, int]:
+    """(path, offset, length): a random file of ``files`` ((path, size) pairs) and an
+    ``align``-aligned offset at which ``length`` bytes fit in it."""
+    path, size = files[rng.randrange(len(files))]
+    if length > size:
+        raise WorkloadFailed(f"{path} ({size} bytes) is smaller than one {length}-byte sample")
+    return path, rng.randrange((size - length) // align + 1) * align, length
+
+
+def check_sample(path: str, offset: int, length: int, data: Any) -> int:
+    """Check that ``data`` is the ``length`` bytes at ``offset`` of ``path``; its length."""
+    view = memoryview(data).cast("B")
+    if view.nbytes != length:
+        raise DataMismatch(f"{path}: {view.nbytes} bytes at {offset}, expected {length}")
+    check_stamps(view, length, offset, path)
+    return length
+
+
 def task_read_ranges(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
     """Dataloader pattern: batches of random samples through ``fs.read_ranges``."""
     be = env.backend(p["backend"])
@@ -482,27 +503,38 @@ def task_read_ranges(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
     rng = random.Random(int(p["seed"]) * 1000 + env.index)
 
     def one_batch() -> int:
-        reqs = []
-        for _ in range(batch):
-            path, size = files[rng.randrange(len(files))]
-            length = rng.randint(lo // 4096, hi // 4096) * 4096
-            off = rng.randrange((size - length) // 4096 + 1) * 4096
-            reqs.append((path, off, length))
+        reqs = [
+            random_range(rng, files, rng.randint(lo // 4096, hi // 4096) * 4096)
+            for _ in range(batch)
+        ]
         out = read_ranges(reqs)
         if len(out) != len(reqs):
             raise DataMismatch(f"read_ranges returned {len(out)} buffers for {len(reqs)}")
-        total = 0
-        for (path, off, length), data in zip(reqs, out, strict=True):
-            got = memoryview(data).nbytes
-            if got != length:
-                raise DataMismatch(f"{path}: {got} bytes at {off}, expected {length}")
-            check_stamps(memoryview(data).cast("B"), got, off, path)
-            total += got
-        return total
+        return sum(check_sample(*r, data) for r, data in zip(reqs, out, strict=True))
 
     phase, calls = _timed_loop(env, one_batch, p)
     phase["ops"] = float(calls * batch)  # samples
     return {"read": phase}
+
+
+def task_usrbio_batch(env: TaskEnv, p: dict[str, Any]) -> TaskOutput:
+    """Batches of ``ranges`` random ``range_bytes`` reads through the I/O agent at
+    ``socket``, into one registered shared buffer (``read_ranges_into``)."""
+    from chainfs import usrbio
+
+    files: list[tuple[str, int]] = [(str(a), int(b)) for a, b in p["files"]]
+    count, length = int(p["ranges"]), int(p["range_bytes"])
+    rng = random.Random(int(p["seed"]) * 1000 + env.index)
+    with usrbio.connect(p["socket"]) as agent, agent.register_buffer(count * length) as buf:
+
+        def one_batch() -> int:
+            # Offsets aligned to the stamp segments: every range's bytes are checked.
+            ranges = [random_range(rng, files, length, SEGMENT_BYTES) for _ in range(count)]
+            views = agent.read_ranges_into(ranges, buf)
+            return sum(check_sample(*r, v) for r, v in zip(ranges, views, strict=True))
+
+        phase, _ = _timed_loop(env, one_batch, p)
+    return {"read": phase}  # ops: batches
 
 
 META_TASK_PHASES = ("create", "stat", "readdir", "rename", "unlink")
@@ -737,6 +769,7 @@ TASKS: dict[str, Callable[[TaskEnv, dict[str, Any]], TaskOutput]] = {
     "seq_read": task_seq_read,
     "rand_read": task_rand_read,
     "read_ranges": task_read_ranges,
+    "usrbio_batch": task_usrbio_batch,
     "meta": task_meta,
     "populate": task_populate,
     "listdir_loop": task_listdir_loop,

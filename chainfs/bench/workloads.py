@@ -16,6 +16,7 @@ Registration order is run order: writers first, so readers reuse their files.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from chainfs.bench.context import (
     ratio_to_ceiling,
 )
 from chainfs.bench.smallops import PARTS, SMALL_FIGURES, needs_fio, run_part
-from chainfs.bench.workers import WorkerPool, aggregate, peak_rss_bytes
+from chainfs.bench.workers import WorkerPool, aggregate, in_fresh_process, peak_rss_bytes
 from chainfs.common.units import KiB
 
 _NET = "iperf3_loopback_MBps"
@@ -50,6 +51,8 @@ FIGURES: dict[str, tuple[str, str | None]] = {
     "client_rand_read_1m": ("MB/s", _NET),
     "read_ranges_256k": ("MB/s", _NET),
     "read_ranges_64k_1m": ("MB/s", _NET),
+    "usrbio_batch_64x1m": ("MB/s", _NET),
+    "dataloader_fork_8w_256k": ("MB/s", _NET),
     "fuse_seq_write": ("MB/s", _NET),
     "fuse_seq_write_4p": ("MB/s", _NET),
     "fuse_seq_read": ("MB/s", _NET),
@@ -181,6 +184,9 @@ def missing_need(need: str, ctx: RunContext) -> str | None:
         return None if ctx.mountpoint is not None else ctx.fuse_reason.split(": ", 1)[-1]
     if need == "fio":
         return None if shutil.which("fio") else "fio not on PATH (deploy/bootstrap.sh installs it)"
+    if need == "torch":
+        found = importlib.util.find_spec("torch") is not None
+        return None if found else "torch not installed (the chainfs[torch] extra)"
     if need == "local_cluster":
         return None if ctx.cluster is not None else "--address: servers are not ours to measure"
     raise AssertionError(f"unknown need {need}")
@@ -349,6 +355,83 @@ def read_ranges_256k(ctx: RunContext) -> list[Result]:
 def read_ranges_64k_1m(ctx: RunContext) -> list[Result]:
     """One process: read_ranges batches of samples of 64 KiB-1 MiB (uniform)."""
     return [_read_ranges(ctx, "read_ranges_64k_1m", 64 * KiB, MiB)]
+
+
+# -- shared-memory reads through the I/O agent, and the PyTorch DataLoader ------------
+AGENT_WORKERS = 2  # one per core of the 2-core machines the suite is sized for
+USRBIO_RANGES = 64
+DATALOADER_WORKERS = 8
+
+
+@workload("usrbio_batch_64x1m")
+def usrbio_batch_64x1m(ctx: RunContext) -> list[Result]:
+    """One process: batches of 64 random 1 MiB ranges of 4 files read into a registered
+    shared buffer through a `chainfs agent` (2 workers) started for this workload."""
+    from chainfs.bench.agent import running_agent
+
+    files = _dataset(ctx, "seq4", CLIENT_PROCS)
+    with running_agent(ctx.address, AGENT_WORKERS, ctx.sizes.agent_start_timeout_s) as sock:
+        params = {
+            "socket": sock,
+            "files": files,
+            "ranges": USRBIO_RANGES,
+            "range_bytes": MiB,
+            "seconds": ctx.sizes.rand_seconds,
+            "warmup_seconds": ctx.sizes.warmup_seconds,
+            "seed": ctx.seed,
+        }
+        outs = ctx.run("usrbio_batch", [params])
+    nbytes, batches, secs = aggregate(outs, "read")
+    note = f"the agent runs {AGENT_WORKERS} workers (this suite is sized for a 2-core machine)"
+    return [
+        ctx.result(
+            "usrbio_batch_64x1m",
+            nbytes / MB / secs,
+            processes=1,
+            agent_workers=AGENT_WORKERS,
+            batch=USRBIO_RANGES,
+            range_bytes=MiB,
+            batches_per_s=batches / secs,
+            files=len(files),
+            note=note,
+        )
+    ]
+
+
+@workload("dataloader_fork_8w_256k", needs=("torch",))
+def dataloader_fork_8w_256k(ctx: RunContext) -> list[Result]:
+    """A PyTorch DataLoader (default fork start, 8 workers) over a map-style dataset of
+    random 256 KiB samples of 4 files; aggregate MB/s received by the loading process."""
+    from chainfs.bench.torchload import run_dataloader
+
+    files = _dataset(ctx, "seq4", CLIENT_PROCS)
+    s = ctx.sizes
+    params = {
+        "sample_bytes": 256 * KiB,
+        "batch": s.dataloader_batch,
+        "workers": DATALOADER_WORKERS,
+        "max_samples": s.dataloader_max_samples,
+        "seconds": s.rand_seconds,
+        "warmup_seconds": s.warmup_seconds,
+        "seed": ctx.seed,
+    }
+    out = in_fresh_process(
+        run_dataloader, ctx.address, files, params, timeout_s=s.task_timeout_s, daemon=False
+    )
+    nbytes, samples, secs = aggregate([out], "read")
+    return [
+        ctx.result(
+            "dataloader_fork_8w_256k",
+            nbytes / MB / secs,
+            workers=DATALOADER_WORKERS,
+            start_method=out["start_method"],
+            batch=s.dataloader_batch,
+            sample_bytes=256 * KiB,
+            samples_per_s=samples / secs,
+            files=len(files),
+            note="each DataLoader worker reads through its own chainfs connection (no agent)",
+        )
+    ]
 
 
 # -- through the FUSE mount ---------------------------------------------------------

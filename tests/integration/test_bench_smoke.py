@@ -8,6 +8,7 @@ mount it (no /dev/fuse, no `chainfs[fuse]` extra).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -39,6 +40,8 @@ REQUIRED_FIGURES = (
     "fuse_readdir",
     "fuse_rand_write_4k",
     "fuse_smallfiles",
+    "usrbio_batch_64x1m",
+    "dataloader_fork_8w_256k",
 )
 SMALL_FIGURES = tuple(f.figure for f in smallops.SMALL_FIGURES.values())
 FUSE_FIGURES = ("fuse_seq_write", "fuse_seq_write_4p", "fuse_seq_read", "fuse_seq_read_4p",
@@ -79,9 +82,12 @@ def test_bench_quick_writes_a_complete_report(tmp_path: Path) -> None:
     assert len(by_name) == len(report["results"])
     assert set(REQUIRED_FIGURES) <= set(by_name)
     no_fuse = fuse_unavailable()
+    no_torch = importlib.util.find_spec("torch") is None  # optional, like FUSE
     for r in report["results"]:
         assert {"name", "value", "unit", "ceiling", "ratio"} <= set(r)
-        if r["name"] in FUSE_FIGURES and no_fuse is not None:
+        if r["name"] == "dataloader_fork_8w_256k" and no_torch:
+            assert r["status"] == "not run: torch not installed (the chainfs[torch] extra)", r
+        elif r["name"] in FUSE_FIGURES and no_fuse is not None:
             assert r["status"] == f"not run: {no_fuse}", r
             assert r["value"] is None and r["ratio"] is None, r
         else:

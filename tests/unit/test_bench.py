@@ -448,3 +448,45 @@ def test_a_negative_churn_count_is_refused_before_anything_runs(tmp_path: Path) 
     )
     assert result.exit_code == 2 and "must be >= 0" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_random_ranges_fit_their_file_and_keep_the_alignment_asked() -> None:
+    import random
+
+    rng = random.Random(7)
+    files = [("/a", 3 * MiB), ("/b", MiB + 4096)]
+    for align in (4096, SEGMENT_BYTES):
+        for _ in range(500):
+            path, off, n = workers.random_range(rng, files, 256 * 1024, align)
+            size = dict(files)[path]
+            assert n == 256 * 1024 and off % align == 0 and off + n <= size
+    with pytest.raises(WorkloadFailed, match="smaller than one"):
+        workers.random_range(rng, [("/tiny", 4096)], 8192)
+
+
+def test_a_sample_of_the_wrong_length_or_place_fails_the_check() -> None:
+    buf = bytearray(2 * SEGMENT_BYTES)
+    stamp(buf, len(buf), 0)
+    assert workers.check_sample("/f", SEGMENT_BYTES, SEGMENT_BYTES, buf[SEGMENT_BYTES:]) == MiB
+    with pytest.raises(workers.DataMismatch, match="expected 4096"):
+        workers.check_sample("/f", 0, 4096, buf[:100])
+    with pytest.raises(workers.DataMismatch, match="expected"):
+        workers.check_sample("/f", 0, SEGMENT_BYTES, buf[SEGMENT_BYTES:])  # bytes of segment 1
+
+
+def test_without_torch_the_dataloader_figure_is_not_run_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, pool: WorkerPool
+) -> None:
+    from chainfs.bench import workloads
+
+    ctx = RunContext(pool=pool, sizes=QUICK, address="-", profile="r3", root="/x", ceilings={})
+    assert workloads.missing_need("torch", ctx) is None  # the torch extra is installed here
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    assert "torch not installed" in str(workloads.missing_need("torch", ctx))
+    w = REGISTRY["dataloader_fork_8w_256k"]
+    assert w.needs == ("torch",) and w.results == ("dataloader_fork_8w_256k",)
+    assert FIGURES["dataloader_fork_8w_256k"] == FIGURES["usrbio_batch_64x1m"]
+    assert FIGURES["usrbio_batch_64x1m"] == ("MB/s", "iperf3_loopback_MBps")
