@@ -13,6 +13,9 @@ MIN_CHUNK_SIZE = 64 * KiB  # bytes: the smallest chunk size a layout may use
 MAX_CHUNK_SIZE = 64 * MiB  # bytes: the largest
 NAME_MAX = 255  # bytes in one name (POSIX NAME_MAX)
 PATH_MAX = 4096  # bytes in a path or symlink target, NUL included (POSIX PATH_MAX)
+# Inodes are not a fixed pool (ids come from a 64-bit allocator): statfs reports
+# this total so `df -i` shows the inodes in use against a large, constant size.
+INODES_TOTAL = 1 << 32
 
 
 @dataclass

@@ -1417,6 +1417,8 @@ class StatFsRsp(_message.Message):
     CHAINS_FIELD_NUMBER: _builtins.int
     MAX_NAME_BYTES_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    INODES_TOTAL_FIELD_NUMBER: _builtins.int
+    INODES_USED_FIELD_NUMBER: _builtins.int
     capacity_bytes: _builtins.int
     """usable: each disk once, divided by the replica count"""
     used_bytes: _builtins.int
@@ -1427,6 +1429,10 @@ class StatFsRsp(_message.Message):
     max_name_bytes: _builtins.int
     block_size: _builtins.int
     """the root's chunk size"""
+    inodes_total: _builtins.int
+    """a fixed large figure: inodes are not a fixed pool"""
+    inodes_used: _builtins.int
+    """inodes that exist now (counted by meta), the root included"""
     def __init__(
         self,
         *,
@@ -1437,10 +1443,12 @@ class StatFsRsp(_message.Message):
         chains: _builtins.int = ...,
         max_name_bytes: _builtins.int = ...,
         block_size: _builtins.int = ...,
+        inodes_total: _builtins.int = ...,
+        inodes_used: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "capacity_bytes", b"capacity_bytes", "chains", b"chains", "free_bytes", b"free_bytes", "inodes_allocated", b"inodes_allocated", "max_name_bytes", b"max_name_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "capacity_bytes", b"capacity_bytes", "chains", b"chains", "free_bytes", b"free_bytes", "inodes_allocated", b"inodes_allocated", "inodes_total", b"inodes_total", "inodes_used", b"inodes_used", "max_name_bytes", b"max_name_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

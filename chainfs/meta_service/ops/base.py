@@ -263,7 +263,7 @@ class NamespaceBase:
         """The last name of ``inode`` is gone."""
         assert inode.nlink == 0
         if inode.type != FILE:
-            ctx.drop(inode.ino)
+            await ctx.drop(inode.ino)
             return
         open_now = await ctx.has_sessions(inode.ino)
         if open_now or not inode.never_written:
@@ -285,7 +285,7 @@ class NamespaceBase:
         if not await ctx.is_empty_dir(d.ino):
             raise ChainfsError(Code.ENOTEMPTY, f"{name!r} is not empty")
         ctx.clear_entry(parent.ino, name)
-        ctx.drop(d.ino)
+        await ctx.drop(d.ino)
         parent.nlink -= 1
         ctx.put(parent)
         ctx.touch_dir(parent)
