@@ -16,6 +16,7 @@ no hot range when ids are allocated in sequence).
     LOCK|ino|kind|client|owner -> LockRecord (protobuf): the ranges one lock owner holds
     LKCL|client|ino|kind|owner -> b""   locks by client, dropped with the client's lease
     GCQU|due_ms|ino        -> b""   removed files whose chunks storage must drop
+    TRSH|due_ms|ino        -> TrashRecord (protobuf): a file in /.trash until due
     IDAL|shard             -> batches taken from this allocator shard (u64 BE)
     ICNT|shard             -> inodes in use with ino % INODE_COUNT_SHARDS == shard, the
                               root aside (u64 BE); sharded so creates do not all conflict
@@ -44,6 +45,7 @@ IDEM = b"IDEM"
 IDET = b"IDET"
 XATR = b"XATR"
 GCQU = b"GCQU"
+TRSH = b"TRSH"
 IDAL = b"IDAL"
 ICNT = b"ICNT"
 FRMT = b"FRMT"
@@ -209,6 +211,16 @@ def parse_gc_key(key: bytes) -> tuple[int, int]:
 def gc_due_end(now_ms: int) -> bytes:
     """End key of the GC entries due at ``now_ms``."""
     return GCQU + _BE64.pack(now_ms + 1)
+
+
+# -- trash ----------------------------------------------------------------------
+def trash_key(due_ms: int, ino: int) -> bytes:
+    return TRSH + _BE64.pack(max(due_ms, 0)) + _INO.pack(ino)
+
+
+def trash_due_end(now_ms: int) -> bytes:
+    """End key of the trash records due at ``now_ms``."""
+    return TRSH + _BE64.pack(now_ms + 1)
 
 
 # -- allocator and format -------------------------------------------------------

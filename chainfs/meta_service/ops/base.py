@@ -209,6 +209,16 @@ class NamespaceBase:
             parent=parent.ino,
         )
 
+    @staticmethod
+    def _add_dir(ctx: Ctx, parent: pb.Inode, name: bytes, d: pb.Inode) -> None:
+        """Store new directory ``d`` as ``name`` in ``parent`` (it takes the parent's layout)."""
+        d.layout.CopyFrom(parent.layout)
+        ctx.put(d)
+        ctx.set_entry(parent.ino, name, d.ino, DIRECTORY)
+        parent.nlink += 1
+        ctx.put(parent)
+        ctx.touch_dir(parent)
+
     async def _lookup_target(self, ctx: Ctx, p: ParsedPath, follow: bool) -> pb.Inode:
         t = await ctx.resolve(p, follow_last=follow or p.slash)
         if t.inode is None:
