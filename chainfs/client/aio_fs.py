@@ -318,8 +318,8 @@ class AsyncFileSystem:
         rsp = await self.io.meta.statfs()
         bsize = rsp.block_size or 4096
         blocks, free = rsp.capacity_bytes // bsize, rsp.free_bytes // bsize
-        files = max(rsp.inodes_allocated, 1) * 2
-        ffree = files - rsp.inodes_allocated
+        files = rsp.inodes_total
+        ffree = files - min(rsp.inodes_used, files)
         return os.statvfs_result(
             (bsize, bsize, blocks, free, free, files, ffree, ffree, 0, rsp.max_name_bytes or 255)
         )

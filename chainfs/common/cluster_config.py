@@ -61,6 +61,12 @@ SETTINGS: dict[str, Setting] = {
             _positive,
             "> 0",
         ),
+        _meta_int(
+            "trash_retention_ms",
+            "how long a removed file stays in /.trash before it is purged (0: no trash)",
+            _non_negative,
+            ">= 0",
+        ),
     )
 }
 

@@ -243,9 +243,8 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
         s.f_blocks = rsp.capacity_bytes // bsize
         s.f_bfree = rsp.free_bytes // bsize
         s.f_bavail = s.f_bfree
-        # Inodes are not a fixed pool: report room for as many again.
-        s.f_files = max(rsp.inodes_allocated, 1) * 2
-        s.f_ffree = s.f_files - rsp.inodes_allocated
+        s.f_files = rsp.inodes_total
+        s.f_ffree = s.f_files - min(rsp.inodes_used, s.f_files)
         s.f_favail = s.f_ffree
         s.f_namemax = rsp.max_name_bytes or 255
         self._statfs = (now + self.config.statfs_cache_ms / 1000, s)

@@ -103,6 +103,7 @@ class GarbageCollector(Periodic):
                 return False  # another server (or an operator's `admin gc`) finished it
             tx.clear(key)
             tx.clear(schema.inode_key(ino))
+            await schema.count_inodes(tx, ino, -1)
             tx.clear_range(*schema.range_of(schema.xattr_prefix(ino)))
             return True
 

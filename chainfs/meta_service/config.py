@@ -13,6 +13,9 @@ MIN_CHUNK_SIZE = 64 * KiB  # bytes: the smallest chunk size a layout may use
 MAX_CHUNK_SIZE = 64 * MiB  # bytes: the largest
 NAME_MAX = 255  # bytes in one name (POSIX NAME_MAX)
 PATH_MAX = 4096  # bytes in a path or symlink target, NUL included (POSIX PATH_MAX)
+# Inodes are not a fixed pool (ids come from a 64-bit allocator): statfs reports
+# this total so `df -i` shows the inodes in use against a large, constant size.
+INODES_TOTAL = 1 << 32
 
 
 @dataclass
@@ -80,6 +83,12 @@ class MetaConfig:
     gc_concurrency: int = 8  # files removed from storage at once
     gc_retry_delay_ms: int = 5_000  # a file whose removal failed is retried after this
     gc_status_scan_limit: int = 10_000  # queue entries one `admin gc-status` reads at most
+    # Trash: 0 = off (POSIX: unlink frees at once). Above 0, a regular file's
+    # last name moves to /.trash/<uid>/ and is purged after this long.
+    trash_retention_ms: int = 0
+    trash_purge_interval_ms: int = 1_000  # pause between purge rounds when none is due
+    trash_purge_batch: int = 64  # records purged per transaction
+    trash_list_limit: int = 10_000  # records one `admin trash list` (or entry lookup) reads
     # Cluster-wide settings (`chainfs admin config set meta.*`) are fetched from mgmtd this often.
     cluster_config_poll_ms: int = 5_000
 
@@ -144,6 +153,9 @@ class MetaConfig:
             "gc_retry_delay_ms",
             "cluster_config_poll_ms",
             "gc_status_scan_limit",
+            "trash_purge_interval_ms",
+            "trash_purge_batch",
+            "trash_list_limit",
             "idempotency_ttl_ms",
             "idempotency_clean_interval_ms",
             "idempotency_clean_batch",
@@ -155,6 +167,7 @@ class MetaConfig:
             "max_symlink_follows",
             "gc_delay_ms",
             "heartbeat_interval_ms",
+            "trash_retention_ms",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")

@@ -128,11 +128,12 @@ class Ctx:
         self._inodes[inode.ino] = inode
         self.tx.set(schema.inode_key(inode.ino), schema.encode_inode(inode))
 
-    def drop(self, ino: int) -> None:
+    async def drop(self, ino: int) -> None:
         """Delete an inode record and its xattrs."""
         assert ino != schema.ROOT_INO
         self._inodes.pop(ino, None)
         self.tx.clear(schema.inode_key(ino))
+        await schema.count_inodes(self.tx, ino, -1)
         self.tx.clear(schema.dir_times_key(ino))
         self.tx.clear_range(*schema.range_of(schema.xattr_prefix(ino)))
 
@@ -141,6 +142,7 @@ class Ctx:
         it has any (each range tombstone slows later reads of the store)."""
         self._inodes.pop(ino, None)
         self.tx.clear(schema.inode_key(ino))
+        await schema.count_inodes(self.tx, ino, -1)
         xattrs = schema.range_of(schema.xattr_prefix(ino))
         if await self.tx.get_range(*xattrs, limit=1):
             self.tx.clear_range(*xattrs)

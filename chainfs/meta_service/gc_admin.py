@@ -14,6 +14,7 @@ from chainfs.kv import KVStore, Transaction
 from chainfs.meta_service import schema
 from chainfs.meta_service.background import GarbageCollector
 from chainfs.meta_service.config import MetaConfig
+from chainfs.meta_service.ops.trash import TrashOps
 from chainfs.proto import meta_pb2 as pb
 from chainfs.proto import meta_pb2_grpc as pbg
 
@@ -68,10 +69,11 @@ class GcAdmin:
 
 
 class MetaAdminServicer(pbg.MetaAdminServicer):
-    """The MetaAdmin gRPC service over a :class:`GcAdmin`."""
+    """The MetaAdmin gRPC service over a :class:`GcAdmin` and the trash of ``ns``."""
 
-    def __init__(self, gc: GcAdmin) -> None:
+    def __init__(self, gc: GcAdmin, ns: TrashOps) -> None:
         self.gc = gc
+        self.ns = ns
 
     @rpc_handler
     async def GcStatus(
@@ -82,3 +84,21 @@ class MetaAdminServicer(pbg.MetaAdminServicer):
     @rpc_handler
     async def RunGc(self, request: pb.RunGcReq, context: grpc.aio.ServicerContext) -> pb.RunGcRsp:
         return await self.gc.run()
+
+    @rpc_handler
+    async def TrashList(
+        self, request: pb.TrashListReq, context: grpc.aio.ServicerContext
+    ) -> pb.TrashListRsp:
+        return await self.ns.trash_list(request)
+
+    @rpc_handler
+    async def TrashRestore(
+        self, request: pb.TrashRestoreReq, context: grpc.aio.ServicerContext
+    ) -> pb.TrashRestoreRsp:
+        return await self.ns.trash_restore(request)
+
+    @rpc_handler
+    async def TrashPurge(
+        self, request: pb.TrashPurgeReq, context: grpc.aio.ServicerContext
+    ) -> pb.TrashPurgeRsp:
+        return await self.ns.trash_purge(request)

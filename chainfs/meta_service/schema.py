@@ -16,7 +16,10 @@ no hot range when ids are allocated in sequence).
     LOCK|ino|kind|client|owner -> LockRecord (protobuf): the ranges one lock owner holds
     LKCL|client|ino|kind|owner -> b""   locks by client, dropped with the client's lease
     GCQU|due_ms|ino        -> b""   removed files whose chunks storage must drop
+    TRSH|due_ms|ino        -> TrashRecord (protobuf): a file in /.trash until due
     IDAL|shard             -> batches taken from this allocator shard (u64 BE)
+    ICNT|shard             -> inodes in use with ino % INODE_COUNT_SHARDS == shard, the
+                              root aside (u64 BE); sharded so creates do not all conflict
     FRMT                   -> FormatRecord (protobuf), written once
 """
 
@@ -24,10 +27,11 @@ from __future__ import annotations
 
 import struct
 
-from chainfs.kv import prefix_end
+from chainfs.kv import Transaction, prefix_end
 from chainfs.proto import meta_pb2 as pb
 
 ROOT_INO = 1
+INODE_COUNT_SHARDS = 16
 CLIENT_ID_BYTES = 16
 SESSION_ID_BYTES = 16
 
@@ -41,7 +45,9 @@ IDEM = b"IDEM"
 IDET = b"IDET"
 XATR = b"XATR"
 GCQU = b"GCQU"
+TRSH = b"TRSH"
 IDAL = b"IDAL"
+ICNT = b"ICNT"
 FRMT = b"FRMT"
 LOCK = b"LOCK"
 LKCL = b"LKCL"
@@ -207,9 +213,38 @@ def gc_due_end(now_ms: int) -> bytes:
     return GCQU + _BE64.pack(now_ms + 1)
 
 
+# -- trash ----------------------------------------------------------------------
+def trash_key(due_ms: int, ino: int) -> bytes:
+    return TRSH + _BE64.pack(max(due_ms, 0)) + _INO.pack(ino)
+
+
+def trash_due_end(now_ms: int) -> bytes:
+    """End key of the trash records due at ``now_ms``."""
+    return TRSH + _BE64.pack(now_ms + 1)
+
+
 # -- allocator and format -------------------------------------------------------
 def alloc_key(shard: int) -> bytes:
     return IDAL + _SHARD.pack(shard)
+
+
+def inode_count_key(ino: int) -> bytes:
+    return ICNT + _SHARD.pack(ino % INODE_COUNT_SHARDS)
+
+
+async def count_inodes(tx: Transaction, ino: int, delta: int) -> None:
+    """Add ``delta`` to the inodes in use, in the transaction that creates or
+    drops inode ``ino`` (never below 0: a store formatted before the counter
+    existed has inodes it never counted)."""
+    key = inode_count_key(ino)
+    raw = await tx.get(key)
+    tx.set(key, encode_counter(max((decode_counter(raw) if raw else 0) + delta, 0)))
+
+
+async def inodes_used(tx: Transaction) -> int:
+    """Inodes in use, the root included."""
+    rows = await tx.get_range(*range_of(ICNT))
+    return 1 + sum(decode_counter(v) for _, v in rows)
 
 
 def encode_counter(n: int) -> bytes:

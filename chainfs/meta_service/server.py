@@ -40,6 +40,7 @@ from chainfs.meta_service.cluster_settings import ClusterSettings
 from chainfs.meta_service.config import MetaConfig
 from chainfs.meta_service.gc_admin import GcAdmin, MetaAdminServicer
 from chainfs.meta_service.namespace import ClusterView, Namespace
+from chainfs.meta_service.ops.trash import TrashPurger
 from chainfs.meta_service.service import MetaServicer, framed_handler
 from chainfs.proto import meta_pb2_grpc as pbg
 from chainfs.proto import mgmt_pb2 as mp
@@ -168,7 +169,7 @@ class MetaServer:
         srv = grpc_util.server()
         pbg.add_MetaServicer_to_server(MetaServicer(self.ns), srv)
         gc_admin = GcAdmin(self.kv, cfg)
-        pbg.add_MetaAdminServicer_to_server(MetaAdminServicer(gc_admin), srv)
+        pbg.add_MetaAdminServicer_to_server(MetaAdminServicer(gc_admin, self.ns), srv)
         port = grpc_util.bind(srv, cfg.listen_host, cfg.port)
         await srv.start()
         self._grpc = srv
@@ -194,6 +195,7 @@ class MetaServer:
         self.tasks = [IdempotencyCleaner(self.kv, cfg), SessionPruner(self.kv, cfg, self.ns)]
         self.tasks.append(meta_metrics.SessionCounter(self.kv, cfg))
         self.tasks.extend(settings)
+        self.tasks.append(TrashPurger(self.ns))
         if self.storage is not None:
             gc_admin.collector = GarbageCollector(self.kv, cfg, self.storage)
             self.tasks.append(gc_admin.collector)

@@ -1417,6 +1417,8 @@ class StatFsRsp(_message.Message):
     CHAINS_FIELD_NUMBER: _builtins.int
     MAX_NAME_BYTES_FIELD_NUMBER: _builtins.int
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    INODES_TOTAL_FIELD_NUMBER: _builtins.int
+    INODES_USED_FIELD_NUMBER: _builtins.int
     capacity_bytes: _builtins.int
     """usable: each disk once, divided by the replica count"""
     used_bytes: _builtins.int
@@ -1427,6 +1429,10 @@ class StatFsRsp(_message.Message):
     max_name_bytes: _builtins.int
     block_size: _builtins.int
     """the root's chunk size"""
+    inodes_total: _builtins.int
+    """a fixed large figure: inodes are not a fixed pool"""
+    inodes_used: _builtins.int
+    """inodes that exist now (counted by meta), the root included"""
     def __init__(
         self,
         *,
@@ -1437,14 +1443,215 @@ class StatFsRsp(_message.Message):
         chains: _builtins.int = ...,
         max_name_bytes: _builtins.int = ...,
         block_size: _builtins.int = ...,
+        inodes_total: _builtins.int = ...,
+        inodes_used: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "capacity_bytes", b"capacity_bytes", "chains", b"chains", "free_bytes", b"free_bytes", "inodes_allocated", b"inodes_allocated", "max_name_bytes", b"max_name_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "capacity_bytes", b"capacity_bytes", "chains", b"chains", "free_bytes", b"free_bytes", "inodes_allocated", b"inodes_allocated", "inodes_total", b"inodes_total", "inodes_used", b"inodes_used", "max_name_bytes", b"max_name_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatFsRsp: _TypeAlias = StatFsRsp  # noqa: Y015
+
+@_typing.final
+class TrashRecord(_message.Message):
+    """The trash (on when meta.trash_retention_ms > 0): a removed file's last name
+    moved to /.trash/<uid>/<entry>, kept under TRSH|due_ms|ino until purged.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INO_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    ENTRY_FIELD_NUMBER: _builtins.int
+    ORIG_PARENT_FIELD_NUMBER: _builtins.int
+    ORIG_NAME_FIELD_NUMBER: _builtins.int
+    REMOVED_MS_FIELD_NUMBER: _builtins.int
+    DUE_MS_FIELD_NUMBER: _builtins.int
+    ino: _builtins.int
+    uid: _builtins.int
+    """owner of the file: the trash directory it sits in"""
+    entry: _builtins.bytes
+    """its name in /.trash/<uid>/"""
+    orig_parent: _builtins.int
+    """where restore puts it back by default"""
+    orig_name: _builtins.bytes
+    removed_ms: _builtins.int
+    due_ms: _builtins.int
+    """purged (really unlinked) from then on"""
+    def __init__(
+        self,
+        *,
+        ino: _builtins.int = ...,
+        uid: _builtins.int = ...,
+        entry: _builtins.bytes = ...,
+        orig_parent: _builtins.int = ...,
+        orig_name: _builtins.bytes = ...,
+        removed_ms: _builtins.int = ...,
+        due_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["due_ms", b"due_ms", "entry", b"entry", "ino", b"ino", "orig_name", b"orig_name", "orig_parent", b"orig_parent", "removed_ms", b"removed_ms", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrashRecord: _TypeAlias = TrashRecord  # noqa: Y015
+
+@_typing.final
+class TrashListReq(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BY_UID_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    by_uid: _builtins.bool
+    """only the trash of uid"""
+    uid: _builtins.int
+    def __init__(
+        self,
+        *,
+        by_uid: _builtins.bool = ...,
+        uid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_uid", b"by_uid", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrashListReq: _TypeAlias = TrashListReq  # noqa: Y015
+
+@_typing.final
+class TrashListRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    SIZES_FIELD_NUMBER: _builtins.int
+    COUNTED_ALL_FIELD_NUMBER: _builtins.int
+    counted_all: _builtins.bool
+    """false: more than trash_list_limit records, the rest not read"""
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrashRecord]: ...
+    @_builtins.property
+    def sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """size of each record's file, in order"""
+
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___TrashRecord] | None = ...,
+        sizes: _abc.Iterable[_builtins.int] | None = ...,
+        counted_all: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counted_all", b"counted_all", "records", b"records", "sizes", b"sizes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrashListRsp: _TypeAlias = TrashListRsp  # noqa: Y015
+
+@_typing.final
+class TrashRestoreReq(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    entry: _builtins.bytes
+    to: _builtins.bytes
+    """an absolute path; empty: the original parent and name"""
+    def __init__(
+        self,
+        *,
+        entry: _builtins.bytes = ...,
+        to: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrashRestoreReq: _TypeAlias = TrashRestoreReq  # noqa: Y015
+
+@_typing.final
+class TrashRestoreRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    parent: _builtins.int
+    """the directory it went back into"""
+    name: _builtins.bytes
+    @_builtins.property
+    def record(self) -> Global___TrashRecord: ...
+    def __init__(
+        self,
+        *,
+        record: Global___TrashRecord | None = ...,
+        parent: _builtins.int = ...,
+        name: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "parent", b"parent", "record", b"record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrashRestoreRsp: _TypeAlias = TrashRestoreRsp  # noqa: Y015
+
+@_typing.final
+class TrashPurgeReq(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    entry: _builtins.bytes
+    """one entry, or"""
+    all: _builtins.bool
+    """every record, or"""
+    expired: _builtins.bool
+    """the records due now"""
+    def __init__(
+        self,
+        *,
+        entry: _builtins.bytes = ...,
+        all: _builtins.bool = ...,
+        expired: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "entry", b"entry", "expired", b"expired"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrashPurgeReq: _TypeAlias = TrashPurgeReq  # noqa: Y015
+
+@_typing.final
+class TrashPurgeRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURGED_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    purged: _builtins.int
+    more: _builtins.bool
+    """--all / --expired stopped after trash_purge_batch records"""
+    def __init__(
+        self,
+        *,
+        purged: _builtins.int = ...,
+        more: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["more", b"more", "purged", b"purged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrashPurgeRsp: _TypeAlias = TrashPurgeRsp  # noqa: Y015
 
 @_typing.final
 class GcStatusReq(_message.Message):

@@ -1159,6 +1159,21 @@ class MetaAdminStub:
                 request_serializer=meta__pb2.RunGcReq.SerializeToString,
                 response_deserializer=meta__pb2.RunGcRsp.FromString,
                 _registered_method=True)
+        self.TrashList = channel.unary_unary(
+                '/chainfs.meta.MetaAdmin/TrashList',
+                request_serializer=meta__pb2.TrashListReq.SerializeToString,
+                response_deserializer=meta__pb2.TrashListRsp.FromString,
+                _registered_method=True)
+        self.TrashRestore = channel.unary_unary(
+                '/chainfs.meta.MetaAdmin/TrashRestore',
+                request_serializer=meta__pb2.TrashRestoreReq.SerializeToString,
+                response_deserializer=meta__pb2.TrashRestoreRsp.FromString,
+                _registered_method=True)
+        self.TrashPurge = channel.unary_unary(
+                '/chainfs.meta.MetaAdmin/TrashPurge',
+                request_serializer=meta__pb2.TrashPurgeReq.SerializeToString,
+                response_deserializer=meta__pb2.TrashPurgeRsp.FromString,
+                _registered_method=True)
 
 
 class MetaAdminServicer:
@@ -1178,6 +1193,24 @@ class MetaAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrashList(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrashRestore(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrashPurge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetaAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1190,6 +1223,21 @@ def add_MetaAdminServicer_to_server(servicer, server):
                     servicer.RunGc,
                     request_deserializer=meta__pb2.RunGcReq.FromString,
                     response_serializer=meta__pb2.RunGcRsp.SerializeToString,
+            ),
+            'TrashList': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrashList,
+                    request_deserializer=meta__pb2.TrashListReq.FromString,
+                    response_serializer=meta__pb2.TrashListRsp.SerializeToString,
+            ),
+            'TrashRestore': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrashRestore,
+                    request_deserializer=meta__pb2.TrashRestoreReq.FromString,
+                    response_serializer=meta__pb2.TrashRestoreRsp.SerializeToString,
+            ),
+            'TrashPurge': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrashPurge,
+                    request_deserializer=meta__pb2.TrashPurgeReq.FromString,
+                    response_serializer=meta__pb2.TrashPurgeRsp.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1248,6 +1296,87 @@ class MetaAdmin:
             '/chainfs.meta.MetaAdmin/RunGc',
             meta__pb2.RunGcReq.SerializeToString,
             meta__pb2.RunGcRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrashList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.meta.MetaAdmin/TrashList',
+            meta__pb2.TrashListReq.SerializeToString,
+            meta__pb2.TrashListRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrashRestore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.meta.MetaAdmin/TrashRestore',
+            meta__pb2.TrashRestoreReq.SerializeToString,
+            meta__pb2.TrashRestoreRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrashPurge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.meta.MetaAdmin/TrashPurge',
+            meta__pb2.TrashPurgeReq.SerializeToString,
+            meta__pb2.TrashPurgeRsp.FromString,
             options,
             channel_credentials,
             insecure,

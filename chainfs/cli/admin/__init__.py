@@ -10,6 +10,7 @@ from chainfs.cli.admin import info as _info  # noqa: F401  (registers commands)
 from chainfs.cli.admin import layout as _layout  # noqa: F401  (registers commands)
 from chainfs.cli.admin import targets_ops as _targets_ops  # noqa: F401  (registers commands)
 from chainfs.cli.admin import top as _top  # noqa: F401  (registers commands)
+from chainfs.cli.admin import trash as _trash  # noqa: F401  (registers commands)
 from chainfs.cli.admin.common import admin
 
 __all__ = ["admin"]

@@ -209,6 +209,16 @@ class NamespaceBase:
             parent=parent.ino,
         )
 
+    @staticmethod
+    def _add_dir(ctx: Ctx, parent: pb.Inode, name: bytes, d: pb.Inode) -> None:
+        """Store new directory ``d`` as ``name`` in ``parent`` (it takes the parent's layout)."""
+        d.layout.CopyFrom(parent.layout)
+        ctx.put(d)
+        ctx.set_entry(parent.ino, name, d.ino, DIRECTORY)
+        parent.nlink += 1
+        ctx.put(parent)
+        ctx.touch_dir(parent)
+
     async def _lookup_target(self, ctx: Ctx, p: ParsedPath, follow: bool) -> pb.Inode:
         t = await ctx.resolve(p, follow_last=follow or p.slash)
         if t.inode is None:
@@ -263,7 +273,7 @@ class NamespaceBase:
         """The last name of ``inode`` is gone."""
         assert inode.nlink == 0
         if inode.type != FILE:
-            ctx.drop(inode.ino)
+            await ctx.drop(inode.ino)
             return
         open_now = await ctx.has_sessions(inode.ino)
         if open_now or not inode.never_written:
@@ -285,7 +295,7 @@ class NamespaceBase:
         if not await ctx.is_empty_dir(d.ino):
             raise ChainfsError(Code.ENOTEMPTY, f"{name!r} is not empty")
         ctx.clear_entry(parent.ino, name)
-        ctx.drop(d.ino)
+        await ctx.drop(d.ino)
         parent.nlink -= 1
         ctx.put(parent)
         ctx.touch_dir(parent)

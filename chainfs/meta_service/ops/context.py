@@ -92,8 +92,11 @@ class OpCtx(Ctx):
         self.storage_done = storage_done
 
     async def new_ino(self) -> int:
+        """A fresh inode id; the operation creates that inode in this transaction."""
         assert self.lease is not None, "operation did not ask for inode ids"
-        return await self.lease.take()
+        ino = await self.lease.take()
+        await schema.count_inodes(self.tx, ino, 1)
+        return ino
 
     def storage_truncated(self, inode: pb.Inode, size: int) -> None:
         """Require that storage dropped the bytes of ``inode`` beyond ``size``."""

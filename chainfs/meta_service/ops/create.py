@@ -26,12 +26,7 @@ class CreateOps(NamespaceBase):
             if parent.nlink >= self.cfg.max_links:
                 raise ChainfsError(Code.EMLINK, "too many subdirectories")
             d = self._new_inode(ctx, await ctx.new_ino(), DIRECTORY, mode, parent)
-            d.layout.CopyFrom(parent.layout)
-            ctx.put(d)
-            ctx.set_entry(parent.ino, name, d.ino, DIRECTORY)
-            parent.nlink += 1
-            ctx.put(parent)
-            ctx.touch_dir(parent)
+            self._add_dir(ctx, parent, name, d)
             return d
 
         async def body(ctx: OpCtx) -> pb.MkdirRsp:

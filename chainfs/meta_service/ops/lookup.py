@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.meta_service import perm, schema
-from chainfs.meta_service.config import NAME_MAX
+from chainfs.meta_service.config import INODES_TOTAL, NAME_MAX
 from chainfs.meta_service.ctx import DIRECTORY, SYMLINK, parse
 from chainfs.meta_service.ops.base import NamespaceBase
 from chainfs.meta_service.ops.context import OpCtx
@@ -81,7 +81,10 @@ class LookupOps(NamespaceBase):
 
         async def body(ctx: OpCtx) -> pb.StatFsRsp:
             root = await ctx.inode(schema.ROOT_INO)
-            return pb.StatFsRsp(block_size=root.layout.chunk_size)
+            used = await schema.inodes_used(ctx.tx)
+            return pb.StatFsRsp(
+                block_size=root.layout.chunk_size, inodes_total=INODES_TOTAL, inodes_used=used
+            )
 
         rsp = await self._read(r.req, body)
         rsp.capacity_bytes = capacity

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.meta_service import perm
-from chainfs.meta_service.ctx import DIRECTORY, Last, parse
-from chainfs.meta_service.ops.base import NamespaceBase
+from chainfs.meta_service.ctx import DIRECTORY, FILE, Last, parse
 from chainfs.meta_service.ops.context import OpCtx, Tag
+from chainfs.meta_service.ops.trash import TrashOps
 from chainfs.proto import meta_pb2 as pb
 
 
-class RemoveOps(NamespaceBase):
+class RemoveOps(TrashOps):
     async def unlink(self, r: pb.UnlinkReq) -> pb.UnlinkRsp:
         p = parse(r.at, self.cfg)
+        retention_ms = self.cfg.trash_retention_ms  # read once: new_ids depends on it
 
         async def body(ctx: OpCtx) -> pb.UnlinkRsp:
             t = await ctx.resolve(p, follow_last=False)
@@ -32,12 +33,15 @@ class RemoveOps(NamespaceBase):
             perm.check_sticky(parent, inode, ctx.caller)
             if inode.type == DIRECTORY:
                 raise ChainfsError(Code.EISDIR, f"{t.name!r} is a directory")
+            trashed = retention_ms > 0 and inode.type == FILE and inode.nlink == 1
+            if trashed and await self._to_trash(ctx, parent, t.name, inode, retention_ms):
+                return pb.UnlinkRsp()
             ctx.clear_entry(parent.ino, t.name)
             await self._unlink_inode(ctx, inode)
             ctx.touch_dir(parent)
             return pb.UnlinkRsp()
 
-        return await self._mutate(r.req, Tag.UNLINK, pb.UnlinkRsp, body)
+        return await self._mutate(r.req, Tag.UNLINK, pb.UnlinkRsp, body, new_ids=retention_ms > 0)
 
     async def rmdir(self, r: pb.RmdirReq) -> pb.RmdirRsp:
         p = parse(r.at, self.cfg)
