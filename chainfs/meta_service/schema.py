@@ -31,7 +31,7 @@ from chainfs.kv import Transaction, prefix_end
 from chainfs.proto import meta_pb2 as pb
 
 ROOT_INO = 1
-INODE_COUNT_SHARDS = 16
+INODE_COUNT_SHARDS = 256  # concurrent creates rarely share a counter key (a conflict)
 CLIENT_ID_BYTES = 16
 SESSION_ID_BYTES = 16
 
