@@ -16,13 +16,13 @@ import random
 import shutil
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from chainfs.local import LocalCluster
+from chainfs.meta_service.config import INODES_TOTAL
 from tests.conftest import require, require_binary
 from tests.integration.fuse_fixtures import mounted_cluster, run, tree_digest
 
@@ -373,21 +373,11 @@ def test_times_and_attrs(d: Path) -> None:
     expect_errno(errno.EOPNOTSUPP, os.getxattr, f, "security.capability")
     sv = os.statvfs(d)
     assert sv.f_blocks > 0 and sv.f_bsize > 0 and sv.f_namemax == 255
-    used = sv.f_files - sv.f_ffree  # df -i: inodes meta counts in use
-    for i in range(3):
-        (d / f"icount{i}").write_bytes(b"")
-    inodes_used_becomes(d, used + 3)
-    for i in range(3):
-        (d / f"icount{i}").unlink()
-    inodes_used_becomes(d, used)
-
-
-def inodes_used_becomes(d: Path, n: int) -> None:
-    """The mount reuses a statfs answer for statfs_cache_ms: wait for a fresh one."""
-    deadline = time.monotonic() + 10.0
-    while (sv := os.statvfs(d)).f_files - sv.f_ffree != n:
-        assert time.monotonic() < deadline, f"df -i shows {sv.f_files - sv.f_ffree} used, not {n}"
-        time.sleep(0.1)
+    # df -i: meta's count of inodes in use against its fixed total. The exact
+    # count is checked in test_inode_count.py on a cluster of its own: here,
+    # GC of files earlier tests unlinked lowers it at any moment.
+    assert sv.f_files == INODES_TOTAL
+    assert 1 <= sv.f_files - sv.f_ffree < sv.f_files
 
 
 def test_permissions_use_caller_identity(d: Path) -> None:
