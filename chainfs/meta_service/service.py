@@ -8,8 +8,7 @@ from typing import Any, TypeAlias
 
 import grpc.aio
 
-from chainfs.common.dataplane.server import Handler, Request, Response
-from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.dataplane.server import Handler, message_handler
 from chainfs.common.rpc.grpc_util import rpc_handler
 from chainfs.common.rpc.meta_wire import WIRE_BY_MSG_TYPE
 from chainfs.meta_service.namespace import Namespace
@@ -156,22 +155,8 @@ assert set(NAMESPACE_METHODS) == {w.name for w in WIRE_BY_MSG_TYPE.values()}
 
 
 def framed_handler(ns: Namespace) -> Handler:
-    """The data-plane handler: parse by msg_type, call Namespace, answer the
-    response message (a ChainfsError becomes an error frame)."""
+    """The data-plane handler: each framed Meta request calls its Namespace method."""
     calls = {
         t: (w.request, getattr(ns, NAMESPACE_METHODS[w.name])) for t, w in WIRE_BY_MSG_TYPE.items()
     }
-
-    async def handle(req: Request) -> Response:
-        entry = calls.get(req.msg_type)
-        if entry is None:
-            raise ChainfsError(Code.ENOSYS, f"unknown meta msg_type {req.msg_type}")
-        request_type, fn = entry
-        try:
-            request = request_type.FromString(bytes(req.header))
-        except Exception as e:  # DecodeError: a malformed request is the caller's fault
-            raise ChainfsError(Code.EINVAL, f"malformed {request_type.__name__}: {e}") from None
-        rsp = await fn(request)
-        return Response(req.msg_type, rsp.SerializeToString())
-
-    return handle
+    return message_handler("meta", calls)

@@ -13,13 +13,13 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc.aio
 
 from chainfs.common.cluster_config import parse_setting
-from chainfs.common.dataplane.server import Handler, Request, Response
+from chainfs.common.dataplane.server import Handler, message_handler
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import distinct_capacity
 from chainfs.common.rpc.grpc_util import rpc_handler
@@ -486,23 +486,15 @@ class Mgmtd(mg.MgmtServicer):
 
 
 def framed_handler(svc: Mgmtd) -> Handler:
-    """The framed transport's handler (the client library's mgmtd calls): parse
-    by msg_type, answer like the gRPC method (a ChainfsError becomes an error
-    frame carrying its code, NOT_PRIMARY naming the primary)."""
+    """The framed transport's handler (the client library's mgmtd calls): each
+    request is answered like its gRPC method (NOT_PRIMARY names the primary)."""
+
+    def call(method: Any) -> Callable[[Any], Awaitable[Any]]:
+        # The framed calls never use the gRPC context.
+        return lambda request: method(svc, request, None)
+
     calls = {
-        t: (w.request, getattr(Mgmtd, w.name).__wrapped__) for t, w in WIRE_BY_MSG_TYPE.items()
+        t: (w.request, call(getattr(Mgmtd, w.name).__wrapped__))
+        for t, w in WIRE_BY_MSG_TYPE.items()
     }
-
-    async def handle(req: Request) -> Response:
-        entry = calls.get(req.msg_type)
-        if entry is None:
-            raise ChainfsError(Code.ENOSYS, f"unknown mgmtd msg_type {req.msg_type}")
-        request_type, method = entry
-        try:
-            request = request_type.FromString(bytes(req.header))
-        except Exception as e:  # DecodeError: a malformed request is the caller's fault
-            raise ChainfsError(Code.EINVAL, f"malformed {request_type.__name__}: {e}") from None
-        rsp = await method(svc, request, None)  # the framed methods never use the gRPC context
-        return Response(req.msg_type, rsp.SerializeToString())
-
-    return handle
+    return message_handler("mgmtd", calls)

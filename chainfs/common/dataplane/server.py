@@ -29,6 +29,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from chainfs.common.dataplane.address import format_tcp
 from chainfs.common.dataplane.buffers import BufferPool, PooledBuffer
@@ -108,6 +109,30 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+# A protobuf request type and the call that answers it with a protobuf message.
+MessageCall = tuple[Any, Callable[[Any], Awaitable[Any]]]
+
+
+def message_handler(what: str, calls: dict[int, MessageCall]) -> Handler:
+    """A handler for services whose requests are one protobuf message each (meta,
+    mgmtd): parse by msg_type, call, answer the serialized reply. An unknown
+    msg_type is ENOSYS, a malformed request EINVAL; a ChainfsError the call
+    raises becomes an error frame carrying its code."""
+
+    async def handle(req: Request) -> Response:
+        entry = calls.get(req.msg_type)
+        if entry is None:
+            raise ChainfsError(Code.ENOSYS, f"unknown {what} msg_type {req.msg_type}")
+        request_type, call = entry
+        try:
+            request = request_type.FromString(bytes(req.header))
+        except Exception as e:  # DecodeError: a malformed request is the caller's fault
+            raise ChainfsError(Code.EINVAL, f"malformed {request_type.__name__}: {e}") from None
+        rsp = await call(request)
+        return Response(req.msg_type, rsp.SerializeToString())
+
+    return handle
 
 
 def build_segments(
