@@ -71,6 +71,8 @@ class Code(IntEnum):
     NOT_PRIMARY_META = 10017
     CONFIG_ERROR = 10018
     STORE_LOCKED = 10019  # another process holds the embedded store
+    UNAUTHENTICATED = 10020  # no credential, or one the server does not accept
+    BAD_CAPABILITY = 10021  # data-plane capability missing, expired, forged or for another inode
     # storage: a forwarded update does not follow the replica's version
     CHUNK_VERSION_MISMATCH = 10030
     INTERNAL = 10099
@@ -97,6 +99,8 @@ _ERRNO_OF: dict[Code, int] = {
     Code.NOT_PRIMARY_META: _errno.EAGAIN,
     Code.CONFIG_ERROR: _errno.EINVAL,
     Code.STORE_LOCKED: _errno.EBUSY,
+    Code.UNAUTHENTICATED: _errno.EACCES,
+    Code.BAD_CAPABILITY: _errno.EACCES,
     Code.CHUNK_VERSION_MISMATCH: _errno.EAGAIN,
     Code.INTERNAL: _errno.EIO,
 }

@@ -24,15 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x63ommon.proto\x12\x07\x63hainfs\"\\\n\x0bRequestInfo\x12\x11\n\tclient_id\x18\x01 \x01(\x0c\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x0b\n\x03uid\x18\x03 \x01(\r\x12\x0b\n\x03gid\x18\x04 \x01(\r\x12\x0c\n\x04gids\x18\x05 \x03(\r\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x63ommon.proto\x12\x07\x63hainfs\"\\\n\x0bRequestInfo\x12\x11\n\tclient_id\x18\x01 \x01(\x0c\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x0b\n\x03uid\x18\x03 \x01(\r\x12\x0b\n\x03gid\x18\x04 \x01(\r\x12\x0c\n\x04gids\x18\x05 \x03(\r\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\">\n\nCredential\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\r\x12\x10\n\x08node_key\x18\x03 \x01(\x0c\"T\n\nHelloReply\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\r\x12\r\n\x05\x61\x64min\x18\x04 \x01(\x08\x12\x0f\n\x07node_id\x18\x05 \x01(\r\"o\n\nCapability\x12\r\n\x05inode\x18\x01 \x01(\x04\x12\x0e\n\x06rights\x18\x02 \x01(\r\x12\x11\n\tclient_id\x18\x03 \x01(\x0c\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\x12\x0e\n\x06key_id\x18\x05 \x01(\r\x12\x0b\n\x03mac\x18\x06 \x01(\x0c*5\n\x08\x43\x61pRight\x12\x0c\n\x08\x43\x41P_NONE\x10\x00\x12\x0c\n\x08\x43\x41P_READ\x10\x01\x12\r\n\tCAP_WRITE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CAPRIGHT']._serialized_start=423
+  _globals['_CAPRIGHT']._serialized_end=476
   _globals['_REQUESTINFO']._serialized_start=25
   _globals['_REQUESTINFO']._serialized_end=117
   _globals['_STATUS']._serialized_start=119
   _globals['_STATUS']._serialized_end=158
+  _globals['_CREDENTIAL']._serialized_start=160
+  _globals['_CREDENTIAL']._serialized_end=222
+  _globals['_HELLOREPLY']._serialized_start=224
+  _globals['_HELLOREPLY']._serialized_end=308
+  _globals['_CAPABILITY']._serialized_start=310
+  _globals['_CAPABILITY']._serialized_end=421
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -17,6 +18,24 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _CapRight:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CapRightEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CapRight.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CAP_NONE: _CapRight.ValueType  # 0
+    CAP_READ: _CapRight.ValueType  # 1
+    CAP_WRITE: _CapRight.ValueType  # 2
+
+class CapRight(_CapRight, metaclass=_CapRightEnumTypeWrapper):
+    """Rights a capability grants (bits of Capability.rights)."""
+
+CAP_NONE: CapRight.ValueType  # 0
+CAP_READ: CapRight.ValueType  # 1
+CAP_WRITE: CapRight.ValueType  # 2
+Global___CapRight: _TypeAlias = CapRight  # noqa: Y015
 
 @_typing.final
 class RequestInfo(_message.Message):
@@ -83,3 +102,116 @@ class Status(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Status: _TypeAlias = Status  # noqa: Y015
+
+@_typing.final
+class Credential(_message.Message):
+    """What a caller presents when it opens a framed connection (the HELLO frame)
+    or in gRPC metadata: a user's token, or a node's id and node key. A
+    connection with neither is anonymous and may only call public methods.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    NODE_KEY_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """a user's token (chainfs.common.auth.tokens)"""
+    node_id: _builtins.int
+    """a cluster node: its id ..."""
+    node_key: _builtins.bytes
+    """... and the key derived for it from the cluster secret"""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        node_id: _builtins.int = ...,
+        node_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "node_key", b"node_key", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Credential: _TypeAlias = Credential  # noqa: Y015
+
+@_typing.final
+class HelloReply(_message.Message):
+    """The answer to a HELLO: who the server took the caller for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    GID_FIELD_NUMBER: _builtins.int
+    ADMIN_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    user: _builtins.str
+    """user name ("" for a node)"""
+    uid: _builtins.int
+    gid: _builtins.int
+    admin: _builtins.bool
+    node_id: _builtins.int
+    """0 for a user"""
+    def __init__(
+        self,
+        *,
+        user: _builtins.str = ...,
+        uid: _builtins.int = ...,
+        gid: _builtins.int = ...,
+        admin: _builtins.bool = ...,
+        node_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin", b"admin", "gid", b"gid", "node_id", b"node_id", "uid", b"uid", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HelloReply: _TypeAlias = HelloReply  # noqa: Y015
+
+@_typing.final
+class Capability(_message.Message):
+    """A short-lived grant meta signs for one inode and storage checks on every
+    data-plane request about that inode's chunks (HMAC-SHA256, key derived
+    from the cluster secret): storage never trusts a client about which file
+    it may touch.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INODE_FIELD_NUMBER: _builtins.int
+    RIGHTS_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    EXPIRES_MS_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    inode: _builtins.int
+    rights: _builtins.int
+    """CapRight bits"""
+    client_id: _builtins.bytes
+    """the client process it was issued to (16 bytes)"""
+    expires_ms: _builtins.int
+    """wall clock, ms since the epoch"""
+    key_id: _builtins.int
+    """which capability key signed it"""
+    mac: _builtins.bytes
+    """HMAC-SHA256 over fields 1-5 (see auth.capability)"""
+    def __init__(
+        self,
+        *,
+        inode: _builtins.int = ...,
+        rights: _builtins.int = ...,
+        client_id: _builtins.bytes = ...,
+        expires_ms: _builtins.int = ...,
+        key_id: _builtins.int = ...,
+        mac: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "expires_ms", b"expires_ms", "inode", b"inode", "key_id", b"key_id", "mac", b"mac", "rights", b"rights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Capability: _TypeAlias = Capability  # noqa: Y015

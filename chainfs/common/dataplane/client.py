@@ -51,9 +51,10 @@ from chainfs.common.dataplane.address import parse_address
 from chainfs.common.dataplane.buffers import fresh_buffer
 from chainfs.common.dataplane.config import DataPlaneConfig
 from chainfs.common.dataplane.conn import Connection, OutFrame, as_byte_view
-from chainfs.common.dataplane.frame import MAX_REQUEST_ID, FrameHeader
+from chainfs.common.dataplane.frame import MAX_REQUEST_ID, MSG_HELLO, FrameHeader
 from chainfs.common.dataplane.server import build_segments
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.proto import common_pb2 as cpb
 
 PayloadSink = Callable[[int, bytes], Sequence[bytearray | memoryview]]
 
@@ -201,11 +202,20 @@ class _Peer:
 
 
 class DataClient:
-    """Data-plane client; see the module docstring."""
+    """Data-plane client; see the module docstring.
 
-    def __init__(self, config: DataPlaneConfig | None = None) -> None:
+    With ``credential``, every new connection first sends a HELLO frame with
+    it and is used only once the server accepted it (one round trip per
+    connection); a refused credential fails the request with the server's
+    error (UNAUTHENTICATED).
+    """
+
+    def __init__(
+        self, config: DataPlaneConfig | None = None, credential: cpb.Credential | None = None
+    ) -> None:
         self.config = config if config is not None else DataPlaneConfig()
         self.config.validate()
+        self._hello = credential.SerializeToString() if credential is not None else b""
         self._peers: dict[str, _Peer] = {}
         self._closed = False
         self._liveness: asyncio.TimerHandle | None = None
@@ -369,11 +379,35 @@ class DataClient:
         if self._closed:
             conn.close(None)
             raise ChainfsError(Code.UNAVAILABLE, "data plane client closed")
-        peer.conns.append(conn)
         conn.start_reading()
+        if self._hello:
+            try:
+                await self._say_hello(conn, deadline)
+            except BaseException:
+                conn.close(None)
+                raise
+        peer.conns.append(conn)
         if self._liveness is None:
             self._schedule_liveness(loop)
         return conn
+
+    async def _say_hello(self, conn: _ClientConn, deadline: float) -> None:
+        """Present the credential; return once the server accepted it."""
+        loop = asyncio.get_running_loop()
+        rid = conn.next_request_id()
+        segs = build_segments(0, MSG_HELLO, rid, self._hello, (), self.config.max_payload_bytes)
+        fut: asyncio.Future[Reply] = loop.create_future()
+        conn.pending[rid] = _Pending(fut, None)
+        conn.send_frame(segs, None)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await fut
+        except TimeoutError:
+            raise ChainfsError(
+                Code.ETIMEDOUT, f"data plane {conn.peer}: no answer to the credential in time"
+            ) from None
+        finally:
+            conn.pending.pop(rid, None)
 
     def _schedule_liveness(self, loop: asyncio.AbstractEventLoop) -> None:
         self._liveness = loop.call_later(self.config.liveness_check_ms / 1000, self._check_liveness)

@@ -40,6 +40,10 @@ FIXED_HEADER_SIZE = _FIXED.size + _CRC.size  # 40 bytes
 assert FIXED_HEADER_SIZE == 40
 
 MAX_MSG_TYPE = 0xFFFF
+# The first frame a client sends on a connection that carries a credential:
+# header = a serialized chainfs.Credential, reply = chainfs.HelloReply. The
+# DataServer answers it itself; handlers never see it.
+MSG_HELLO = 0xFFFF
 MAX_REQUEST_ID = (1 << 64) - 1
 
 

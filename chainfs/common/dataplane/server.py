@@ -27,10 +27,13 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from chainfs.common.auth.authenticator import Authenticator
+from chainfs.common.auth.identity import ANONYMOUS, Identity, set_current_identity
+from chainfs.common.auth.policy import authorize
 from chainfs.common.dataplane.address import format_tcp
 from chainfs.common.dataplane.buffers import BufferPool, PooledBuffer
 from chainfs.common.dataplane.config import DataPlaneConfig
@@ -45,10 +48,12 @@ from chainfs.common.dataplane.conn import (
 from chainfs.common.dataplane.frame import (
     FLAG_ERROR,
     FLAG_RESPONSE,
+    MSG_HELLO,
     FrameHeader,
     encode_fixed,
 )
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.proto import common_pb2 as cpb
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +84,8 @@ class Request:
     """One request frame as the handler sees it.
 
     ``payload`` is a view of a pooled buffer, valid until the response to
-    this request has been sent; copy what must outlive that.
+    this request has been sent; copy what must outlive that. ``identity`` is
+    who the connection's HELLO proved the caller to be (anonymous without one).
     """
 
     msg_type: int
@@ -87,6 +93,7 @@ class Request:
     header: bytes
     payload: memoryview
     peer: str
+    identity: Identity = ANONYMOUS
 
 
 @dataclass(slots=True)
@@ -114,16 +121,25 @@ Handler = Callable[[Request], Awaitable[Response]]
 MessageCall = tuple[Any, Callable[[Any], Awaitable[Any]]]
 
 
-def message_handler(what: str, calls: dict[int, MessageCall]) -> Handler:
+def message_handler(
+    what: str, calls: dict[int, MessageCall], policy_keys: Mapping[int, str] | None = None
+) -> Handler:
     """A handler for services whose requests are one protobuf message each (meta,
     mgmtd): parse by msg_type, call, answer the serialized reply. An unknown
     msg_type is ENOSYS, a malformed request EINVAL; a ChainfsError the call
-    raises becomes an error frame carrying its code."""
+    raises becomes an error frame carrying its code.
+
+    With ``policy_keys`` (msg_type -> "<service>/<method>"), the caller's
+    identity must satisfy the access policy first, and the call runs with it
+    as :func:`current_identity` (as gRPC handlers do)."""
 
     async def handle(req: Request) -> Response:
         entry = calls.get(req.msg_type)
         if entry is None:
             raise ChainfsError(Code.ENOSYS, f"unknown {what} msg_type {req.msg_type}")
+        if policy_keys is not None:
+            authorize(policy_keys.get(req.msg_type, f"{what}/{req.msg_type}"), req.identity)
+            set_current_identity(req.identity)
         request_type, call = entry
         try:
             request = request_type.FromString(bytes(req.header))
@@ -187,6 +203,8 @@ class _ServerConn(Connection):
         super().__init__(loop, sock, server.config, peer)
         self.server = server
         self.inflight = 0
+        self.identity = ANONYMOUS
+        self.said_hello = False
         self._cur_buf: PooledBuffer | None = None
         self._pool_cb: Callable[[PooledBuffer], None] | None = None
 
@@ -222,7 +240,7 @@ class _ServerConn(Connection):
     def _on_frame(self, hdr: FrameHeader, header: bytes) -> None:
         buf, self._cur_buf = self._cur_buf, None
         payload = buf.view if buf is not None else _EMPTY
-        req = Request(hdr.msg_type, hdr.request_id, header, payload, self.peer)
+        req = Request(hdr.msg_type, hdr.request_id, header, payload, self.peer, self.identity)
         self.inflight += 1
         if self.inflight >= self.cfg.max_inflight_per_connection:
             self.pause_reading(PAUSE_INFLIGHT)
@@ -258,12 +276,14 @@ class DataServer:
         port: int = 0,
         unix_path: str | None = None,
         config: DataPlaneConfig | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.config = config if config is not None else DataPlaneConfig()
         self.config.validate()
         if host is None and unix_path is None:
             raise ValueError("DataServer needs a TCP host or a unix_path")
         self.handler = handler
+        self.authenticator = authenticator
         self.host = host
         self.port = port
         self.unix_path = unix_path
@@ -377,7 +397,10 @@ class DataServer:
         on_done: Callable[[bool], None] | None = None
         try:
             try:
-                rsp = await self.handler(req)
+                if req.msg_type == MSG_HELLO:
+                    rsp = await self._hello(conn, req)
+                else:
+                    rsp = await self.handler(req)
                 on_done = rsp.on_done
                 segs = build_segments(
                     FLAG_RESPONSE,
@@ -412,6 +435,28 @@ class DataServer:
                 self._finish(conn, buf)
 
         conn.send_frame(segs, done)
+
+    async def _hello(self, conn: _ServerConn, req: Request) -> Response:
+        """Authenticate the connection (once) from the credential in the header."""
+        if self.authenticator is None:
+            raise ChainfsError(Code.EOPNOTSUPP, "this data-plane server takes no credentials")
+        if conn.said_hello:
+            raise ChainfsError(Code.EINVAL, "a connection presents its credential once")
+        conn.said_hello = True
+        try:
+            cred = cpb.Credential.FromString(bytes(req.header))
+        except Exception:  # DecodeError: a malformed credential is the caller's fault
+            raise ChainfsError(Code.UNAUTHENTICATED, "malformed credential") from None
+        who = await self.authenticator.authenticate(cred)
+        conn.identity = who
+        reply = cpb.HelloReply(
+            user=who.name if who.is_user else "",
+            uid=who.uid,
+            gid=who.gid,
+            admin=who.admin,
+            node_id=who.node_id,
+        )
+        return Response(MSG_HELLO, reply.SerializeToString())
 
     def _finish(self, conn: _ServerConn, buf: PooledBuffer | None) -> None:
         if buf is not None:

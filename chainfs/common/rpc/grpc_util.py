@@ -17,8 +17,11 @@ import grpc
 import grpc.aio
 
 from chainfs.common import metrics
+from chainfs.common.auth.authenticator import Authenticator
+from chainfs.common.auth.grpc_auth import AuthInterceptor, client_interceptors
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.units import MiB
+from chainfs.proto import common_pb2 as cpb
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ _GRPC_STATUS: dict[int, grpc.StatusCode] = {
     Code.EEXIST: grpc.StatusCode.ALREADY_EXISTS,
     Code.EACCES: grpc.StatusCode.PERMISSION_DENIED,
     Code.EPERM: grpc.StatusCode.PERMISSION_DENIED,
+    Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Code.BAD_CAPABILITY: grpc.StatusCode.PERMISSION_DENIED,
     Code.EINVAL: grpc.StatusCode.INVALID_ARGUMENT,
     Code.ENOSPC: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Code.ENOSYS: grpc.StatusCode.UNIMPLEMENTED,
@@ -121,17 +126,26 @@ async def call(
         raise error_from_rpc(e, target) from None
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, credential: cpb.Credential | None = None) -> grpc.aio.Channel:
+    """A channel to ``address`` whose every call carries ``credential``."""
+    return grpc.aio.insecure_channel(
+        address, options=CHANNEL_OPTIONS, interceptors=client_interceptors(credential)
+    )
 
 
 class Stubs(Generic[S]):
     """A client's channels: one channel and stub per address, made on first
     use, all closed by :meth:`close` (after which ``get`` raises EBADF)."""
 
-    def __init__(self, make_stub: Callable[[grpc.aio.Channel], S], owner: str) -> None:
+    def __init__(
+        self,
+        make_stub: Callable[[grpc.aio.Channel], S],
+        owner: str,
+        credential: cpb.Credential | None = None,
+    ) -> None:
         self._make_stub = make_stub
         self._owner = owner
+        self._credential = credential
         self._by_address: dict[str, tuple[grpc.aio.Channel, S]] = {}
         self.closed = False
 
@@ -140,7 +154,7 @@ class Stubs(Generic[S]):
             raise ChainfsError(Code.EBADF, f"{self._owner} is closed")
         entry = self._by_address.get(address)
         if entry is None:
-            ch = channel(address)
+            ch = channel(address, self._credential)
             entry = (ch, self._make_stub(ch))
             self._by_address[address] = entry
         return entry[1]
@@ -163,8 +177,11 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-def server() -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS)
+def server(auth: Authenticator | None = None) -> grpc.aio.Server:
+    """A gRPC server; with ``auth``, every call is checked against the access
+    policy (chainfs.common.auth.policy) before its handler runs."""
+    interceptors = [AuthInterceptor(auth, _abort)] if auth is not None else []
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
 
 
 def bind(srv: grpc.aio.Server, host: str, port: int) -> int:
