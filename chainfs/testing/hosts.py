@@ -215,6 +215,25 @@ def example_config(kind: str, overrides: dict[str, Any]) -> Any:
     return cfg.load(classes[kind], path, overrides)
 
 
+def _check_layout(net: HostNetwork, storage_hosts: int, kwargs: dict[str, Any]) -> None:
+    """Refuse what this layout does not build, before anything starts."""
+    want = ["mgmtd", "meta"] + (["client"] if kwargs.get("mount") is not None else [])
+    missing = [h for h in want if h not in net.hosts]
+    if missing or storage_hosts < 1 or kwargs["storage_nodes"] != storage_hosts:
+        raise ChainfsError(
+            Code.EINVAL,
+            f"needs hosts {want} and one host storage<i> per storage node "
+            f"({kwargs['storage_nodes']}); missing {missing}, {storage_hosts} storage hosts",
+        )
+    extra = {
+        k: kwargs[k] for k in ("kv", "mgmtds", "metas") if kwargs.get(k, 1) not in (1, "rocksdb")
+    }
+    if extra:
+        raise ChainfsError(
+            Code.EINVAL, f"one mgmtd and one meta server on the embedded store only, not {extra}"
+        )
+
+
 class MultiHostCluster(LocalCluster):
     """mgmtd on host "mgmtd", meta on "meta", a storage node on each "storage*"
     host, the FUSE mount on "client" (``mount=DIR``: at ``DIR/mount_name("mnt")``,
@@ -229,6 +248,7 @@ class MultiHostCluster(LocalCluster):
         storage_hosts = sorted(h for h in net.hosts if h.startswith("storage"))
         self.storage_hosts = [net.hosts[h] for h in storage_hosts]
         kwargs.setdefault("storage_nodes", len(storage_hosts))
+        _check_layout(net, len(storage_hosts), kwargs)
         super().__init__(base_dir, **kwargs)
 
     def host_of(self, name: str) -> Host:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from chainfs.testing.hosts import HostNetwork, sweep_stale
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.testing.hosts import HostNetwork, MultiHostCluster, sweep_stale
 from chainfs.testing.netns import run_ip
 from tests.integration.fuse_fixtures import is_mounted
 from tests.multihost.conftest import HOSTS, fuse_available, require_hosts
@@ -122,3 +123,18 @@ def test_a_killed_runs_leftovers_are_swept(tmp_path: Path) -> None:
     while any(_running(pid) for pid in left["pids"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_running(pid) for pid in left["pids"])
+
+
+def test_a_layout_it_cannot_build_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    require_hosts()
+    cases = [
+        ({"storage_nodes": 3}, "storage"),
+        ({"kv": "etcd"}, "etcd"),
+        ({"mount": tmp_path}, "client"),
+    ]
+    with HostNetwork.create(["mgmtd", "meta", "storage0", "storage1"]) as net:
+        for kwargs, named in cases:
+            with pytest.raises(ChainfsError) as e:
+                MultiHostCluster(tmp_path / "c", net, **kwargs)
+            assert e.value.code == Code.EINVAL and named in str(e.value), str(e.value)
+        assert not (tmp_path / "c").exists()
