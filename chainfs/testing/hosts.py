@@ -52,7 +52,7 @@ from typing import Any
 
 from chainfs.common import config as cfg
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.local.cluster import DEFAULT_START_TIMEOUT_S, LocalCluster
+from chainfs.local.cluster import LocalCluster
 from chainfs.local.process import FUSERMOUNT_TIMEOUT_S, MountProcess
 from chainfs.testing.netns import free_network, pid_alive, run_ip
 
@@ -346,7 +346,6 @@ class MultiHostCluster(LocalCluster):
 
 
 __all__ = [
-    "DEFAULT_START_TIMEOUT_S",
     "Host",
     "HostNetwork",
     "MultiHostCluster",
