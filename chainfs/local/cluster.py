@@ -260,10 +260,14 @@ class LocalCluster(StopOnExit):
         workdir.mkdir(parents=True, exist_ok=True)
         config_path = workdir / f"{kind}.toml"
         config_path.write_text(cfg.to_toml(config_obj))
-        proc = ServiceProcess(kind, config_path, workdir, name=name)
+        proc = ServiceProcess(kind, config_path, workdir, name=name, prefix=self.exec_prefix(name))
         self._procs.append(proc)
         proc.start(timeout_s=self.start_timeout_s)
         return proc
+
+    def exec_prefix(self, name: str) -> list[str]:
+        """What process ``name`` is started under (subclasses: another host); none here."""
+        return []
 
     def _mgmtd_config(self, i: int) -> Any:
         from chainfs.mgmt_service.config import MgmtdConfig

@@ -38,7 +38,7 @@ from chainfs.common.errors import ChainfsError, Code
 
 log = logging.getLogger(__name__)
 
-POOL = ipaddress.ip_network("10.213.0.0/16")  # private; /30 blocks of it are handed out
+POOL = ipaddress.IPv4Network("10.213.0.0/16")  # private; /30 blocks of it are handed out
 _UNREACHABLE_METRIC = 4000  # above the kernel's own prefix route (metric 0)
 _IP_TIMEOUT_S = 30.0
 _counter = itertools.count()
@@ -46,7 +46,7 @@ _counter = itertools.count()
 _ROUTE_TYPES = frozenset({"unreachable", "blackhole", "prohibit", "local", "broadcast", "throw"})
 
 
-def _ip(*args: str, check: bool = True) -> str:
+def run_ip(*args: str, check: bool = True) -> str:
     out = subprocess.run(
         ["ip", *args], capture_output=True, text=True, timeout=_IP_TIMEOUT_S, check=False
     )
@@ -57,14 +57,14 @@ def _ip(*args: str, check: bool = True) -> str:
     return out.stdout
 
 
-def _networks_in_use() -> list[ipaddress.IPv4Network]:
+def networks_in_use() -> list[ipaddress.IPv4Network]:
     """Every IPv4 network this namespace has an address in or a route to."""
     nets = []
-    for line in _ip("-4", "-o", "addr", "show").splitlines():
+    for line in run_ip("-4", "-o", "addr", "show").splitlines():
         parts = line.split()
         if "inet" in parts:
             nets.append(ipaddress.ip_interface(parts[parts.index("inet") + 1]).network)
-    for line in _ip("-4", "route", "show", "table", "all").splitlines():
+    for line in run_ip("-4", "route", "show", "table", "all").splitlines():
         parts = line.split()
         if parts and parts[0] in _ROUTE_TYPES:
             parts = parts[1:]
@@ -76,30 +76,31 @@ def _networks_in_use() -> list[ipaddress.IPv4Network]:
     return [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
 
 
-def _free_block(seed: int) -> ipaddress.IPv4Network:
-    used = [n for n in _networks_in_use() if n.prefixlen > 0]
-    blocks = POOL.num_addresses // 4
-    for k in range(blocks):
-        net = ipaddress.ip_network(f"{POOL[((seed + k) % blocks) * 4]}/30")
-        assert isinstance(net, ipaddress.IPv4Network)
+def free_network(pool: ipaddress.IPv4Network, prefixlen: int, seed: int) -> ipaddress.IPv4Network:
+    """A /``prefixlen`` of ``pool`` that overlaps no address or route in use here,
+    searched from block ``seed`` on (so concurrent users start apart)."""
+    used = [n for n in networks_in_use() if n.prefixlen > 0]
+    blocks = list(pool.subnets(new_prefix=prefixlen))
+    for k in range(len(blocks)):
+        net = blocks[(seed + k) % len(blocks)]
         if not any(net.overlaps(u) for u in used):
             return net
-    raise ChainfsError(Code.EBUSY, f"no free /30 left in {POOL}")
+    raise ChainfsError(Code.EBUSY, f"no free /{prefixlen} left in {pool}")
 
 
 def _cleanup(namespace: str, outer: str, route: str) -> None:
     """Remove what NetnsLink created; every step runs even if an earlier one failed
     (or never happened: removing what is not there only fails quietly)."""
-    _ip("route", "del", "unreachable", route, "metric", str(_UNREACHABLE_METRIC), check=False)
-    _ip("link", "del", outer, check=False)  # takes the peer along
-    _ip("netns", "del", namespace, check=False)
+    run_ip("route", "del", "unreachable", route, "metric", str(_UNREACHABLE_METRIC), check=False)
+    run_ip("link", "del", outer, check=False)  # takes the peer along
+    run_ip("netns", "del", namespace, check=False)
 
 
 def _outer_if(tag: str, pid: int, n: int) -> str:
     return f"{tag[:3]}{pid}o{n}"[:15]
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -114,12 +115,12 @@ def sweep_stale(tag: str = "cfs") -> list[str]:
     (it was killed before it could clean up); the names of namespaces removed."""
     pattern = re.compile(rf"^chainfs-{re.escape(tag)}-(\d+)-(\d+)-(\d+)$")
     removed = []
-    for line in _ip("netns", "list").splitlines():
+    for line in run_ip("netns", "list").splitlines():
         m = pattern.match(line.split()[0]) if line.strip() else None
         if m is None:
             continue
         pid, n, block = (int(g) for g in m.groups())
-        if _alive(pid):
+        if pid_alive(pid):
             continue
         route = f"{POOL[block * 4]}/30"
         log.warning("removing namespace %s left by dead process %d", m.group(0), pid)
@@ -148,7 +149,7 @@ class NetnsLink:
         sweep_stale(tag)
         n = next(_counter)
         pid = os.getpid()
-        network = _free_block(pid * 31 + n)
+        network = free_network(POOL, 30, pid * 31 + n)
         block = (int(network.network_address) - int(POOL.network_address)) // 4
         # The name records what a later sweep_stale() needs; interface names are
         # at most 15 bytes.
@@ -159,15 +160,15 @@ class NetnsLink:
             network,
         )
         try:
-            _ip("netns", "add", net.name)
-            _ip("link", "add", net.outer_if, "type", "veth", "peer", "name", net.inner_if,
+            run_ip("netns", "add", net.name)
+            run_ip("link", "add", net.outer_if, "type", "veth", "peer", "name", net.inner_if,
                 "netns", net.name)  # fmt: skip
-            _ip("addr", "add", f"{net.outer_address}/30", "dev", net.outer_if)
-            _ip("-n", net.name, "addr", "add", f"{net.inner_address}/30", "dev", net.inner_if)
-            _ip("-n", net.name, "link", "set", "lo", "up")
-            _ip("-n", net.name, "link", "set", net.inner_if, "up")
-            _ip("link", "set", net.outer_if, "up")
-            _ip("route", "add", "unreachable", str(net.network),
+            run_ip("addr", "add", f"{net.outer_address}/30", "dev", net.outer_if)
+            run_ip("-n", net.name, "addr", "add", f"{net.inner_address}/30", "dev", net.inner_if)
+            run_ip("-n", net.name, "link", "set", "lo", "up")
+            run_ip("-n", net.name, "link", "set", net.inner_if, "up")
+            run_ip("link", "set", net.outer_if, "up")
+            run_ip("route", "add", "unreachable", str(net.network),
                 "metric", str(_UNREACHABLE_METRIC))  # fmt: skip
         except BaseException:
             net.close()
@@ -181,11 +182,11 @@ class NetnsLink:
 
     def cut(self) -> None:
         """Partition: nothing crosses the link until restore()."""
-        _ip("link", "set", self.outer_if, "down")
+        run_ip("link", "set", self.outer_if, "down")
         self.is_cut = True
 
     def restore(self) -> None:
-        _ip("link", "set", self.outer_if, "up")
+        run_ip("link", "set", self.outer_if, "up")
         self.is_cut = False
 
     def close(self) -> None:
