@@ -104,7 +104,10 @@ class StorageConfig:
     # Framed data plane; received payloads (writes, forwards) held at once <= 128 MiB.
     dataplane: DataPlaneConfig = field(
         default_factory=lambda: DataPlaneConfig(
-            buffer_pool_bytes=128 * MiB, buffer_pool_cached_bytes=64 * MiB
+            buffer_pool_bytes=128 * MiB,
+            buffer_pool_cached_bytes=64 * MiB,
+            # The largest request header: a VerifyChunksReq of max_list_chunks ids (~1.3 MiB).
+            max_request_header_bytes=2 * MiB,
         )
     )
     failure: FailureConfig = field(default_factory=FailureConfig)  # fencing, resync, scrubbing
