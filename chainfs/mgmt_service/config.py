@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from chainfs.common.metrics import check_port
+from chainfs.common.rpc.server_config import GrpcServerConfig
 
 
 @dataclass
@@ -38,6 +39,7 @@ class MgmtdConfig:
     # A primary stops acting this long (ms) before its lease would run out on
     # its own clock, so two primaries never act at once.
     lease_safety_margin_ms: int = 500
+    grpc: GrpcServerConfig = field(default_factory=GrpcServerConfig)  # control-plane bounds
     # The framed transport (the client library's; no gRPC there, so clients
     # survive fork()) listens at the gRPC port + 1: clients derive it from the
     # mgmtd address they are given (chainfs.common.rpc.mgmt_wire).

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from chainfs.common.config import require_non_negative, require_positive
 from chainfs.common.dataplane.config import DataPlaneConfig
 from chainfs.common.metrics import check_port
+from chainfs.common.rpc.server_config import GrpcServerConfig
 from chainfs.common.units import MiB
 from chainfs.storage_service.failure_config import FailureConfig
 
@@ -110,6 +111,7 @@ class StorageConfig:
             max_request_header_bytes=2 * MiB,
         )
     )
+    grpc: GrpcServerConfig = field(default_factory=GrpcServerConfig)  # control-plane bounds
     failure: FailureConfig = field(default_factory=FailureConfig)  # fencing, resync, scrubbing
 
     def validate(self) -> None:

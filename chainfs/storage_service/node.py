@@ -264,7 +264,7 @@ class StorageNode:
         # Both servers listen (from bind on) before mgmtd or the ready file name
         # this node, so whoever learns an address can connect to it at once.
         # Control plane.
-        self.grpc_server = grpc_util.server()
+        self.grpc_server = grpc_util.server(cfg.grpc)
         sg.add_StorageControlServicer_to_server(control, self.grpc_server)
         port = grpc_util.bind(self.grpc_server, cfg.listen_host, cfg.port)
         await self.grpc_server.start()

@@ -18,6 +18,7 @@ import grpc.aio
 
 from chainfs.common import metrics
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc.server_config import GrpcServerConfig
 from chainfs.common.units import MiB
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,26 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-def server() -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS)
+def server(config: GrpcServerConfig | None = None) -> grpc.aio.Server:
+    """A gRPC server bounded by ``config`` (concurrency, handshake, idle, keepalive)."""
+    cfg = config if config is not None else GrpcServerConfig()
+    cfg.validate()
+    options = [
+        *SERVER_OPTIONS,
+        ("grpc.max_concurrent_streams", cfg.max_concurrent_streams_per_connection),
+        ("grpc.server_handshake_timeout_ms", cfg.handshake_timeout_ms),
+        ("grpc.max_connection_idle_ms", cfg.max_connection_idle_ms),
+    ]
+    # The server's own pings replace the clients' keepalive settings above.
+    options = [(k, v) for k, v in options if k not in _SERVER_KEEPALIVE]
+    options += [
+        ("grpc.keepalive_time_ms", cfg.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", cfg.keepalive_timeout_ms),
+    ]
+    return grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+
+
+_SERVER_KEEPALIVE = ("grpc.keepalive_time_ms", "grpc.keepalive_timeout_ms")
 
 
 def bind(srv: grpc.aio.Server, host: str, port: int) -> int:
