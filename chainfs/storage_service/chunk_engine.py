@@ -78,7 +78,7 @@ from pathlib import Path
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.storage_service import block_crcs, crc, fault_points
 from chainfs.storage_service.block_crcs import OldBlock
-from chainfs.storage_service.chunk_files import ChunkFiles
+from chainfs.storage_service.chunk_files import CHUNK_DIR_MODE, ChunkFiles
 from chainfs.storage_service.chunk_record import (
     KEY_END,
     KEY_PREFIX,
@@ -108,7 +108,7 @@ class ChunkEngine:
     def __init__(self, path: str | Path, options: EngineOptions | None = None) -> None:
         self.path = Path(path)
         self.options = options or EngineOptions()
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(mode=CHUNK_DIR_MODE, parents=True, exist_ok=True)
         self.files = ChunkFiles(self.path, self.options)
         self.records = RecordStore(self.path, self.options.durable, self.options.meta_cache_entries)
         self._closed = False
