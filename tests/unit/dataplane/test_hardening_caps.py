@@ -1,0 +1,199 @@
+"""Data-plane bounds against hostile or careless peers: header cap and pool-held
+headers, per-connection pool quota, slow senders under pool pressure, idle
+connections, per-address and reserved connection slots, unix-socket fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+
+from chainfs.common.dataplane import DataPlaneConfig, Request, Response
+from chainfs.common.dataplane.buffers import size_class
+from chainfs.common.dataplane.frame import encode_fixed
+from tests.unit.dataplane.test_dataplane import (
+    ECHO,
+    MiB,
+    _Env,
+    _raw_connect,
+    _read_until_closed,
+    _small_cfg,
+    _until,
+    env,
+)
+
+pytestmark = pytest.mark.timeout(60)
+__all__ = ["env"]  # the fixture, imported for these tests
+
+HOLD = 9  # a handler that waits until released
+
+
+def _raw_from(source_host: str, address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10, source_address=(source_host, 0))
+
+
+async def test_header_over_the_request_cap_closes_the_connection(env: _Env) -> None:
+    server = await env.server(cfg=_small_cfg(max_request_header_bytes=MiB))
+    raw = await asyncio.to_thread(_raw_connect, server.address)
+    try:
+        # The 41-byte frame that used to make a server allocate 16 MiB.
+        raw.sendall(encode_fixed(0, ECHO, 1, 16 * MiB, 0, 0) + b"x")
+        assert await asyncio.to_thread(_read_until_closed, raw) == b""
+    finally:
+        raw.close()
+    await _until(lambda: server.stats["bad_frames"] == 1)
+    assert server.pool.in_use_bytes == 0
+
+
+async def test_big_header_is_held_in_the_pool_and_served(env: _Env) -> None:
+    cfg = _small_cfg(recv_staging_bytes=64 * 1024, max_request_header_bytes=MiB)
+    server = await env.server(cfg=cfg)
+    header = os.urandom(512 * 1024)
+    raw = await asyncio.to_thread(_raw_connect, server.address)
+    try:
+        raw.sendall(encode_fixed(0, ECHO, 7, len(header), 0, 0) + header[:1000])
+        await _until(lambda: server.pool.in_use_bytes == size_class(len(header)))
+        raw.sendall(header[1000:])
+        await _until(lambda: server.stats["requests"] == 1)
+    finally:
+        raw.close()
+    await _until(lambda: server.connections == 0)
+    assert server.pool.in_use_bytes == 0
+
+
+async def test_one_connection_holds_at_most_its_pool_quota(env: _Env) -> None:
+    release = asyncio.Event()
+
+    async def hold(req: Request) -> Response:
+        if req.msg_type == HOLD:
+            await release.wait()
+        return Response(req.msg_type, b"ok")
+
+    cfg = _small_cfg(max_pool_bytes_per_connection=8 * MiB, buffer_pool_bytes=16 * MiB)
+    server = await env.server(hold, cfg=cfg)
+    raw = await asyncio.to_thread(_raw_connect, server.address)
+    try:
+        body = bytes(4 * MiB)
+        frames = b"".join(encode_fixed(0, HOLD, i, 0, 0, len(body)) + body for i in range(1, 4))
+        sender = asyncio.create_task(asyncio.to_thread(raw.sendall, frames))
+        await _until(lambda: server.stats["requests"] == 2)
+        assert server.pool.in_use_bytes == 8 * MiB  # the third waits for this connection's own
+        # Another client is not starved by it.
+        reply = await env.client().request(server.address, ECHO, b"", [bytes(4 * MiB)])
+        assert reply.header == b"ok"
+        release.set()
+        await sender
+        await _until(lambda: server.stats["requests"] == 4)
+    finally:
+        raw.close()
+
+
+async def test_stalled_senders_lose_their_pool_space_to_waiting_clients(env: _Env) -> None:
+    cfg = _small_cfg(
+        buffer_pool_bytes=8 * MiB,
+        max_pool_bytes_per_connection=4 * MiB,
+        frame_stall_timeout_ms=60_000,  # only the pressure rule may act here
+        pool_pressure_window_ms=200,
+    )
+    server = await env.server(cfg=cfg)
+    stalled = [await asyncio.to_thread(_raw_connect, server.address) for _ in range(3)]
+    try:
+        for s in stalled:
+            s.sendall(encode_fixed(0, ECHO, 1, 0, 0, 4 * MiB) + b"x")
+        await _until(lambda: server.pool.in_use_bytes == 8 * MiB)
+        data = os.urandom(4 * MiB)
+        reply = await env.client().request(server.address, ECHO, b"mine", [data])
+        assert bytes(reply.payload) == data
+        assert server.stats["slow_senders_closed"] >= 1
+    finally:
+        for s in stalled:
+            s.close()
+
+
+async def test_idle_connection_is_closed_and_the_client_reconnects(env: _Env) -> None:
+    cfg = _small_cfg(idle_timeout_ms=300)
+    server = await env.server(cfg=cfg)
+    raw = await asyncio.to_thread(_raw_connect, server.address)
+    try:
+        assert await asyncio.to_thread(_read_until_closed, raw) == b""
+    finally:
+        raw.close()
+    client = env.client(_small_cfg(client_idle_timeout_ms=60_000))
+    assert (await client.request(server.address, ECHO, b"1", [b"a"])).header == b"1"
+    await _until(lambda: server.connections == 0)
+    assert server.stats["idle_closed"] == 2
+    # The server closed the client's idle connection: the next request just works.
+    assert (await client.request(server.address, ECHO, b"2", [b"b"])).header == b"2"
+
+
+async def test_client_closes_its_idle_connections_first(env: _Env) -> None:
+    server = await env.server()
+    client = env.client(_small_cfg(client_idle_timeout_ms=200, liveness_check_ms=50))
+    await client.request(server.address, ECHO, b"", [b"a"])
+    await _until(lambda: client.connection_count(server.address) == 0)
+    await _until(lambda: server.connections == 0)
+    assert server.stats["idle_closed"] == 0
+
+
+async def test_per_address_cap_leaves_room_for_other_hosts(env: _Env) -> None:
+    server = await env.server(cfg=_small_cfg(max_connections_per_address=3))
+    flood = [await asyncio.to_thread(_raw_from, "127.0.0.2", server.address) for _ in range(5)]
+    try:
+        await _until(lambda: server.stats["refused_connections"] == 2)
+        assert server.connections == 3
+        reply = await env.client().request(server.address, ECHO, b"served", [b"x"])
+        assert reply.header == b"served"
+    finally:
+        for s in flood:
+            s.close()
+
+
+async def test_reserved_slots_are_for_cluster_peers_only(env: _Env) -> None:
+    cfg = _small_cfg(max_server_connections=4, reserved_peer_connections=2)
+    server = await env.server(cfg=cfg)
+    server.is_cluster_peer = lambda host: host == "127.0.0.3"
+    socks = [await asyncio.to_thread(_raw_from, "127.0.0.2", server.address) for _ in range(3)]
+    try:
+        await _until(lambda: server.stats["refused_connections"] == 1)
+        assert server.connections == 2
+        for _ in range(2):
+            socks.append(await asyncio.to_thread(_raw_from, "127.0.0.3", server.address))
+        await _until(lambda: server.connections == 4)
+        assert server.stats["refused_connections"] == 1
+    finally:
+        for s in socks:
+            s.close()
+
+
+async def test_unix_socket_is_owner_only(env: _Env, tmp_path: Path) -> None:
+    path = str(tmp_path / "dp.sock")
+    await env.server(unix_path=path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("case", ["missing", "stale"])
+async def test_unusable_unix_socket_falls_back_to_tcp(env: _Env, tmp_path: Path, case: str) -> None:
+    server = await env.server()
+    path = str(tmp_path / "gone.sock")
+    if case == "stale":  # a socket file nobody listens on: ECONNREFUSED
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(path)
+        s.close()
+    client = env.client()
+    client.unix_fallbacks["unix:" + path] = server.address
+    reply = await client.request("unix:" + path, ECHO, b"via tcp", [b"x"])
+    assert reply.header == b"via tcp"
+
+
+def test_config_rejects_caps_that_cannot_work() -> None:
+    with pytest.raises(ValueError, match="max_pool_bytes_per_connection"):
+        DataPlaneConfig(max_pool_bytes_per_connection=MiB).validate()
+    with pytest.raises(ValueError, match="reserved_peer_connections"):
+        DataPlaneConfig(max_server_connections=10, reserved_peer_connections=10).validate()
+    with pytest.raises(ValueError, match="max_request_header_bytes"):
+        DataPlaneConfig(max_request_header_bytes=0).validate()
