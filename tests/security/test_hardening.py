@@ -26,6 +26,7 @@ from chainfs.local import LocalCluster
 from chainfs.proto import storage_pb2 as sp
 from tests.conftest import require
 from tests.integration.client_fixtures import module_cluster, pattern
+from tests.security.paths import exposed_paths
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -239,16 +240,9 @@ def test_idle_connections_are_closed(cluster: LocalCluster) -> None:
 
 def test_cluster_paths_are_owner_only(cluster: LocalCluster) -> None:
     _roundtrip(cluster, "/modes", CHUNK)
-    exposed = []
-    for root, dirs, files in os.walk(cluster.base_dir):
-        for name in [*dirs, *files]:
-            st = os.lstat(os.path.join(root, name))
-            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
-                exposed.append(f"{oct(stat.S_IMODE(st.st_mode))} {os.path.join(root, name)}")
-    assert not exposed, "readable by others:\n" + "\n".join(exposed[:20])
-    target = Path(
-        str(cluster.storage[0].info["targets"][str(cluster.storage[0].info["target_ids"][0])])
-    )
+    exposed = exposed_paths(cluster.base_dir)
+    assert not exposed, "open to others:\n" + "\n".join(exposed[:20])
+    target = _target_dir(cluster)
     chunk_files = [p for p in (target / "data").rglob("*") if p.is_file()]
     assert chunk_files
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in chunk_files)
