@@ -94,6 +94,10 @@ class MgmtdConfig:
             )
         if self.max_watch_streams < 1:
             raise ValueError("max_watch_streams must be >= 1")
+        self.grpc.validate()
+        if self.grpc.max_concurrent_rpcs <= self.max_watch_streams:
+            # Watches are RPCs too: at the bound they would lock out every other call.
+            raise ValueError("grpc.max_concurrent_rpcs must exceed max_watch_streams")
         if self.max_routing_wait_ms <= 0:
             raise ValueError("max_routing_wait_ms must be > 0")
         if self.frame_enabled and self.port == 65535:

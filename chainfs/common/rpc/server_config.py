@@ -9,8 +9,9 @@ from chainfs.common.config import require_positive
 
 @dataclass
 class GrpcServerConfig:
-    # RPCs running at once; more are refused with RESOURCE_EXHAUSTED.
-    max_concurrent_rpcs: int = 1024
+    # RPCs running at once (long polls and streams included); more are refused
+    # with RESOURCE_EXHAUSTED. Above mgmtd's max_watch_streams (4096).
+    max_concurrent_rpcs: int = 8192
     # HTTP/2 streams one connection may open at once.
     max_concurrent_streams_per_connection: int = 128
     # A connection that has not finished its HTTP/2 handshake by then is closed.
