@@ -234,8 +234,13 @@ class DataClient:
         if self._closed:
             raise ChainfsError(Code.UNAVAILABLE, "data plane client closed")
         cfg = self.config
-        if len(header) > cfg.max_header_bytes:
-            raise ChainfsError(Code.E2BIG, f"header of {len(header)} bytes over the bound")
+        if len(header) > cfg.max_request_header_bytes:
+            # Servers close a connection that sends more (before reading it): say so here.
+            raise ChainfsError(
+                Code.E2BIG,
+                f"request header of {len(header)} bytes over the "
+                f"{cfg.max_request_header_bytes} bound (max_request_header_bytes)",
+            )
         if timeout_s is None:
             timeout_s = cfg.request_timeout_ms / 1000
         loop = asyncio.get_running_loop()

@@ -15,6 +15,8 @@ import pytest
 from chainfs.common.dataplane import DataPlaneConfig, Request, Response
 from chainfs.common.dataplane.buffers import size_class
 from chainfs.common.dataplane.frame import encode_fixed
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.storage_service.config import StorageConfig
 from tests.unit.dataplane.test_dataplane import (
     ECHO,
     MiB,
@@ -197,3 +199,20 @@ def test_config_rejects_caps_that_cannot_work() -> None:
         DataPlaneConfig(max_server_connections=10, reserved_peer_connections=10).validate()
     with pytest.raises(ValueError, match="max_request_header_bytes"):
         DataPlaneConfig(max_request_header_bytes=0).validate()
+
+
+async def test_client_refuses_a_request_header_servers_would_drop(env: _Env) -> None:
+    server = await env.server()
+    client = env.client(_small_cfg(max_request_header_bytes=64 * 1024))
+    with pytest.raises(ChainfsError) as e:
+        await client.request(server.address, ECHO, bytes(64 * 1024 + 1))
+    assert e.value.code == Code.E2BIG
+    assert server.stats["bad_frames"] == 0
+
+
+def test_storage_header_cap_holds_its_largest_batch_read() -> None:
+    cfg = StorageConfig()
+    cfg.validate()
+    cfg.max_batch_read_ios = cfg.dataplane.max_request_header_bytes  # ~50 bytes each: too many
+    with pytest.raises(ValueError, match="max_batch_read_ios"):
+        cfg.validate()
