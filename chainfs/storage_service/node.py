@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc.aio
 
+from chainfs.common.dataplane.address import parse_address
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.dataplane.server import DataServer, Handler
 from chainfs.common.errors import ChainfsError, Code
@@ -43,6 +44,23 @@ from chainfs.storage_service.scrubber import Repairer, Scrubber
 
 log = logging.getLogger(__name__)
 _MAX_UNIX_PATH_BYTES = 108  # sizeof(sockaddr_un.sun_path) on Linux, NUL included
+
+
+def is_storage_host(routing: Routing | None, host: str) -> bool:
+    """Whether a data-plane connection from ``host`` ("unix" for the owner-only unix
+    socket) comes from a storage node, for the connection slots kept for cluster
+    peers. By address until connections authenticate: a client on a storage
+    host passes too."""
+    if host == "unix":
+        return True
+    if routing is None:
+        return False
+    for node in routing.nodes.values():
+        if node.type == mp.STORAGE and node.data_address:
+            sockaddr = parse_address(node.data_address)[1]
+            if isinstance(sockaddr, tuple) and sockaddr[0] == host:
+                return True
+    return False
 
 
 class DataPlaneForwarder:
@@ -287,6 +305,7 @@ class StorageNode:
             cfg.data_port,
             unix_path=self.unix_path or None,
             config=cfg.dataplane,
+            is_cluster_peer=lambda host: is_storage_host(self.routing.current, host),
         )
         await self.data_server.start()
         self.data_address = self.data_server.address

@@ -16,7 +16,10 @@ from chainfs.common.dataplane import DataPlaneConfig, Request, Response
 from chainfs.common.dataplane.buffers import size_class
 from chainfs.common.dataplane.frame import encode_fixed
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.routing import Routing
+from chainfs.proto import mgmt_pb2 as mp
 from chainfs.storage_service.config import StorageConfig
+from chainfs.storage_service.node import is_storage_host
 from tests.unit.dataplane.test_dataplane import (
     ECHO,
     MiB,
@@ -216,3 +219,20 @@ def test_storage_header_cap_holds_its_largest_batch_read() -> None:
     cfg.max_batch_read_ios = cfg.dataplane.max_request_header_bytes  # ~50 bytes each: too many
     with pytest.raises(ValueError, match="max_batch_read_ios"):
         cfg.validate()
+
+
+def test_reserved_slots_go_to_storage_hosts_and_the_unix_socket() -> None:
+    info = mp.RoutingInfo(
+        nodes=[
+            mp.NodeInfo(node_id=1, type=mp.STORAGE, data_address="10.0.0.5:9000"),
+            mp.NodeInfo(node_id=2, type=mp.STORAGE, data_address="[fd00::7]:9000"),
+            mp.NodeInfo(node_id=3, type=mp.META, data_address="10.0.0.9:9000"),
+        ]
+    )
+    routing = Routing(info)
+    assert is_storage_host(routing, "10.0.0.5")
+    assert is_storage_host(routing, "fd00::7")
+    assert is_storage_host(routing, "unix")  # owner-only socket: the service's own user
+    assert not is_storage_host(routing, "10.0.0.9")  # a meta server is not a chain peer
+    assert not is_storage_host(routing, "10.0.0.6")
+    assert not is_storage_host(None, "10.0.0.5")  # no routing yet: nobody by address
