@@ -346,6 +346,9 @@ class StorageNode:
             DataPlaneForwarder(self.data_client),
             self.executor,
         )
+        # Read replies hold read-pool buffers until sent: readers waiting for them
+        # make a peer that does not read its replies a slow peer to drop.
+        self.data_server.pressure_pools.append(self.craq.read_pool)
         self.routing.start()
         fcfg = cfg.failure
         self.resyncer = Resyncer(

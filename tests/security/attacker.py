@@ -11,7 +11,8 @@ Modes:
            payload and send one byte of it, then one more every ``trickle_s``
            (so the frame never stalls outright)
   batch    n connections each send one BATCH_READ whose header message is
-           ``header_hex``, and report the reply's status code
+           ``header_hex``, and report the reply's status code; with
+           ``trickle_s`` they read only 64 KiB of reply every ``trickle_s``
   idle     n connections from ``source`` that never send a byte
   unix     connect to the unix socket ``path``; report the errno (0 = connected)
   read     open ``path`` for reading; report the errno (0 = opened)
@@ -61,9 +62,12 @@ def connect(address, source=None):
 
 
 def closed_by_server(s):
-    """True when the server closed (EOF or reset) the connection."""
+    """True when the server closed (EOF or reset) the connection; whatever it had
+    sent first is read and dropped."""
     try:
-        return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        while s.recv(1 << 20, socket.MSG_DONTWAIT):
+            pass
+        return True
     except BlockingIOError:
         return False
     except OSError as e:
@@ -103,7 +107,7 @@ def main():
             s.sendall(fixed_header(2, i + 1, len(header), 0) + header)
             socks.append(s)
         codes = []
-        for s in socks:
+        for s in socks if not args.get("trickle_s") else ():
             s.settimeout(30)
             fixed = recv_exact(s, 40)
             flags, status = fixed[5], struct.unpack_from("<I", fixed, 20)[0]
@@ -137,9 +141,12 @@ def main():
     while trickle_s and not select.select([sys.stdin], [], [], trickle_s)[0]:
         for s in socks:
             try:
-                s.send(b"x")
+                if mode == "batch":
+                    s.recv(64 * 1024, socket.MSG_DONTWAIT)  # progress, but slowly
+                else:
+                    s.send(b"x")
             except OSError:
-                pass  # the server closed it
+                pass  # the server closed it, or nothing arrived yet
     sys.stdin.readline()
     result["closed"] = sum(1 for s in socks if closed_by_server(s))
     result["connections"] = len(socks)

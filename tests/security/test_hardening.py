@@ -179,6 +179,35 @@ def test_oversized_batch_reads_are_refused_before_reading(cluster: LocalCluster)
         assert result["replies"] == [{"error": True, "status": Code.E2BIG, "payload": 0}] * 4
 
 
+def test_unread_batch_replies_do_not_hold_back_other_readers(cluster: LocalCluster) -> None:
+    storage = cluster.storage[0]
+    pid = _pid(storage)
+    _roundtrip(cluster, "/big-unread", CHUNK)
+    with cluster.client() as fs:
+        inode = fs.stat("/big-unread").st_ino
+    target_id = int(storage.info["target_ids"][0])
+    chain_id = _chain_of(cluster, target_id)
+    req = sp.BatchReadReq()
+    for _ in range(16):  # 64 MiB: a reply that fits a frame and the read pool
+        io = req.ios.add(chain_id=chain_id, target_id=target_id, length=CHUNK)
+        io.chunk.inode = inode
+    peak = PeakRss(pid)
+    with Attack(
+        "batch",
+        address=str(storage.info["data_address"]),
+        n=4,
+        header_hex=req.SerializeToString().hex(),
+        trickle_s=1,  # 64 KiB a second keeps clear of frame_stall_timeout_ms
+    ) as attack:
+        # Another client reads while the attacker's replies sit unread.
+        _roundtrip(cluster, "/during-unread", 2 * CHUNK)
+        grown = peak.grown()
+        result = attack.finish()
+    read_pool_bytes = 96 * MiB  # StorageConfig().max_read_bytes_in_flight
+    assert grown < read_pool_bytes + RSS_SLACK_BYTES, f"storage grew by {grown >> 20} MiB"
+    assert result["closed"] >= 1  # the server dropped readers that did not read
+
+
 def _chain_of(cluster: LocalCluster, target_id: int) -> int:
     out = subprocess.run(
         [sys.executable, "-m", "chainfs", "admin", "targets", "--json"],

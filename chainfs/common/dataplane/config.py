@@ -50,9 +50,9 @@ class DataPlaneConfig:
     # or hostile peer holds).
     frame_stall_timeout_ms: int = 10_000
     # Server, while requests wait for buffer-pool room: a connection receiving
-    # a payload into pool space that moved fewer than this many bytes per
-    # second over the last pool_pressure_window_ms is closed, so a stalled or
-    # trickling sender cannot keep the pool from other clients.
+    # a payload into pool space, or with replies queued, that moved fewer than
+    # this many bytes per second over the last pool_pressure_window_ms is
+    # closed, so a stalled or trickling peer cannot keep memory from others.
     min_payload_bytes_per_s_under_pressure: int = 1 * MiB
     pool_pressure_window_ms: int = 1_000
     # Every connection is probed this often for a peer reset that the event loop

@@ -201,7 +201,7 @@ class _ServerConn(Connection):
         self._hdr_buf: PooledBuffer | None = None
         self._pool_cb: Callable[[PooledBuffer], None] | None = None
         self._quota_wait: tuple[int, Callable[[PooledBuffer], None]] | None = None
-        # (monotonic s, bytes_received) when the pressure watchdog last looked.
+        # (monotonic s, bytes received + sent) when the pressure watchdog last looked.
         self.rate_mark: tuple[float, int] | None = None
 
     def _lend(self, nbytes: int, use: Callable[[PooledBuffer], None]) -> PooledBuffer | None:
@@ -357,6 +357,9 @@ class DataServer:
         # Says whether a connection from this peer IP (or "unix") may take one of
         # the reserved_peer_connections slots; None: nobody may.
         self.is_cluster_peer = is_cluster_peer
+        # Pools besides self.pool whose waiters also mean memory pressure (pools
+        # that response buffers come from, e.g. a storage node's read pool).
+        self.pressure_pools: list[BufferPool] = []
         self._conns: set[_ServerConn] = set()
         self._per_address: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -564,7 +567,7 @@ class DataServer:
         cfg = self.config
         limit_s = cfg.frame_stall_timeout_ms / 1000
         idle_s = cfg.idle_timeout_ms / 1000
-        pressure = self.pool.waiting > 0
+        pressure = any(p.waiting for p in (self.pool, *self.pressure_pools))
         for conn in list(self._conns):
             conn.poke()
             if conn.closed:
@@ -579,7 +582,7 @@ class DataServer:
                 conn.close(
                     ChainfsError(
                         Code.UNAVAILABLE,
-                        f"data plane {conn.peer}: payload too slow while others wait for memory",
+                        f"data plane {conn.peer}: too slow while others wait for memory",
                     )
                 )
             elif (
@@ -593,22 +596,26 @@ class DataServer:
         self._schedule_watchdog()
 
     def _too_slow(self, conn: _ServerConn, now: float, pressure: bool) -> bool:
-        """True for a connection receiving into pool space below the configured
-        rate over the last window while other requests wait for the pool."""
-        if not conn.receiving_into_pool:
+        """True for a connection holding pool space (a payload being received,
+        or replies queued) that moved fewer bytes than the configured rate over
+        the last window while other requests wait for memory."""
+        if not conn.receiving_into_pool and not conn.send_queue_frames:
             conn.rate_mark = None
             return False
+        moved = conn.bytes_received + conn.bytes_sent
         mark = conn.rate_mark
         if mark is None:
-            conn.rate_mark = (now, conn.bytes_received)
+            conn.rate_mark = (now, moved)
             return False
         elapsed_s = now - mark[0]
         if elapsed_s < self.config.pool_pressure_window_ms / 1000:
             return False
-        rate = (conn.bytes_received - mark[1]) / elapsed_s
-        if pressure and rate < self.config.min_payload_bytes_per_s_under_pressure:
+        if (
+            pressure
+            and (moved - mark[1]) / elapsed_s < self.config.min_payload_bytes_per_s_under_pressure
+        ):
             return True
-        conn.rate_mark = (now, conn.bytes_received)
+        conn.rate_mark = (now, moved)
         return False
 
     async def stop(self) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from chainfs.common.dataplane import DataPlaneConfig, Request, Response
-from chainfs.common.dataplane.buffers import size_class
+from chainfs.common.dataplane.buffers import BufferPool, size_class
 from chainfs.common.dataplane.frame import encode_fixed
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
@@ -236,3 +236,30 @@ def test_reserved_slots_go_to_storage_hosts_and_the_unix_socket() -> None:
     assert not is_storage_host(routing, "10.0.0.9")  # a meta server is not a chain peer
     assert not is_storage_host(routing, "10.0.0.6")
     assert not is_storage_host(None, "10.0.0.5")  # no routing yet: nobody by address
+
+
+async def test_peer_not_reading_replies_is_dropped_when_their_pool_is_wanted(env: _Env) -> None:
+    reply = bytes(8 * MiB)
+
+    async def big(req: Request) -> Response:
+        return Response(req.msg_type, b"", payload=[reply])
+
+    cfg = _small_cfg(
+        max_payload_bytes=8 * MiB, frame_stall_timeout_ms=60_000, pool_pressure_window_ms=200
+    )
+    server = await env.server(big, cfg=cfg)
+    reply_pool = BufferPool(8 * MiB, 0)  # where replies' buffers would come from
+    server.pressure_pools.append(reply_pool)
+    held = reply_pool.try_acquire(8 * MiB)
+    assert held is not None
+    raw = await asyncio.to_thread(_raw_connect, server.address)
+    try:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.sendall(encode_fixed(0, ECHO, 1, 0, 0, 0))  # and never read the reply
+        await _until(lambda: server.stats["requests"] == 1)
+        waiter = asyncio.ensure_future(reply_pool.acquire(MiB))
+        await _until(lambda: server.stats["slow_senders_closed"] == 1)
+        held.release()
+        (await waiter).release()
+    finally:
+        raw.close()
