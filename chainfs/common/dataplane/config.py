@@ -115,6 +115,8 @@ class DataPlaneConfig:
         )
         if self.max_payload_bytes > self.buffer_pool_bytes:
             raise ValueError("buffer_pool_bytes must hold at least one max_payload_bytes frame")
+        if self.max_request_header_bytes > self.buffer_pool_bytes:
+            raise ValueError("buffer_pool_bytes must hold one max_request_header_bytes header")
         if self.max_pool_bytes_per_connection < self.max_payload_bytes:
             raise ValueError("max_pool_bytes_per_connection must hold one max_payload_bytes frame")
         if self.reserved_peer_connections >= self.max_server_connections:
