@@ -19,6 +19,7 @@ import click
 
 from chainfs.cli.options import require_extra
 from chainfs.common.errors import ChainfsError
+from chainfs.local.private import make_private_dir, write_private_text
 
 if TYPE_CHECKING:
     from chainfs.client.sync import FileSystem
@@ -129,7 +130,7 @@ def save_ports(data_dir: Path, address: str) -> None:
     """Remember the mgmtd port (the cluster address) for the next start on ``data_dir``."""
     port = int(address.rsplit(":", 1)[1])
     tmp = data_dir / f"{PORTS_FILE}.tmp"
-    tmp.write_text(json.dumps({"mgmtd": port}) + "\n")
+    write_private_text(tmp, json.dumps({"mgmtd": port}) + "\n")
     tmp.replace(data_dir / PORTS_FILE)
 
 
@@ -236,7 +237,7 @@ def up(
 def _start(data_dir: Path, port: int, **options: Any) -> LocalCluster:
     from chainfs.local import LocalCluster
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(data_dir)
     try:
         cluster = LocalCluster(data_dir, mgmtd_ports=[port], **options)
     except ChainfsError as e:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from chainfs.common import config as cfg
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.local.private import make_private_dir, write_private_text
 from chainfs.local.process import MountProcess, ServiceProcess, StopOnExit, check_port_free
 
 if TYPE_CHECKING:
@@ -179,7 +180,7 @@ class LocalCluster(StopOnExit):
         # Kill our processes when the cluster object is collected or at exit.
         self._finalizer = weakref.finalize(self, _stop_all, self._procs, self._etcd)
 
-        self.base_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.base_dir)
         try:
             self._start()
         except BaseException:
@@ -257,9 +258,9 @@ class LocalCluster(StopOnExit):
 
     def _spawn(self, kind: str, name: str, config_obj: Any) -> ServiceProcess:
         workdir = self.base_dir / name
-        workdir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(workdir)
         config_path = workdir / f"{kind}.toml"
-        config_path.write_text(cfg.to_toml(config_obj))
+        write_private_text(config_path, cfg.to_toml(config_obj))
         proc = ServiceProcess(kind, config_path, workdir, name=name, prefix=self.exec_prefix(name))
         self._procs.append(proc)
         proc.start(timeout_s=self.start_timeout_s)
@@ -478,7 +479,7 @@ class LocalCluster(StopOnExit):
         p = self.mgmtds[i]
         c = cfg.load(MgmtdConfig, p.config_path)
         c.port = int(str(p.info["rpc_address"]).rsplit(":", 1)[1])
-        p.config_path.write_text(cfg.to_toml(c))
+        write_private_text(p.config_path, cfg.to_toml(c))
         self._restart(p)
 
     def kill_meta(self, i: int) -> None:

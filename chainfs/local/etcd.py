@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.local.private import make_private_dir, private_opener
 from chainfs.local.process import (
     DEFAULT_STOP_TIMEOUT_S,
     Popen,
@@ -155,7 +156,7 @@ class EtcdCluster(StopOnExit):
         """Start every member with fresh ports and wait until all are healthy."""
         if any(m.alive() for m in self.members):
             raise ChainfsError(Code.EBUSY, "etcd cluster already running")
-        self.base_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.base_dir)
         last_error: ChainfsError | None = None
         for _ in range(PORT_RACE_ATTEMPTS):
             self._plan_members()
@@ -185,7 +186,7 @@ class EtcdCluster(StopOnExit):
             member_dir = self.base_dir / name
             if member_dir.exists():
                 shutil.rmtree(member_dir)  # a fresh cluster needs fresh data dirs
-            member_dir.mkdir(parents=True)
+            make_private_dir(member_dir)
             self.members.append(
                 EtcdMember(name, member_dir / "data", client_port=next(it), peer_port=next(it))
             )
@@ -217,7 +218,7 @@ class EtcdCluster(StopOnExit):
     def _spawn(self, i: int) -> None:
         m = self.members[i]
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
-        with open(m.log_path, "ab") as log:
+        with open(m.log_path, "ab", opener=private_opener) as log:
             log.write(f"--- start {time.strftime('%H:%M:%S')}\n".encode())
         m.proc = spawn(self._command(m), m.log_path, env)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.local.private import PRIVATE_UMASK, make_private_dir, private_opener
 
 DEFAULT_START_TIMEOUT_S = 30.0
 DEFAULT_STOP_TIMEOUT_S = 10.0  # SIGTERM grace before SIGKILL
@@ -33,7 +34,7 @@ Popen = subprocess.Popen[bytes]
 
 def spawn(cmd: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None) -> Popen:
     """Start ``cmd`` in a new session (a Ctrl-C on our terminal is not its), output to log."""
-    with open(log_path, "ab") as log:
+    with open(log_path, "ab", opener=private_opener) as log:
         return subprocess.Popen(
             list(cmd),
             stdin=subprocess.DEVNULL,
@@ -41,6 +42,7 @@ def spawn(cmd: Sequence[str], log_path: Path, env: Mapping[str, str] | None = No
             stderr=subprocess.STDOUT,
             env=None if env is None else dict(env),
             start_new_session=True,
+            umask=PRIVATE_UMASK,  # its data, KV files and logs: owner only
         )
 
 
@@ -98,7 +100,7 @@ class ChildProcess(StopOnExit):
     ) -> None:
         self.name = name
         self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.workdir)
         self.ready_file = self.workdir / f"{name}.ready.json"
         self.log_path = self.workdir / f"{name}.log"
         self.env = env

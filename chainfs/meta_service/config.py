@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from chainfs.common.dataplane.config import DataPlaneConfig
 from chainfs.common.metrics import check_port
 from chainfs.common.rpc.retry import RetryPolicy
+from chainfs.common.rpc.server_config import GrpcServerConfig
 from chainfs.common.units import KiB, MiB
 
 MIN_CHUNK_SIZE = 64 * KiB  # bytes: the smallest chunk size a layout may use
@@ -99,6 +100,7 @@ class MetaConfig:
     idempotency_clean_interval_ms: int = 10_000
     idempotency_clean_batch: int = 1024  # records expired per round
 
+    grpc: GrpcServerConfig = field(default_factory=GrpcServerConfig)  # control-plane bounds
     log_level: str = "INFO"
     # Framed transport bounds: requests and answers are header-only messages
     # (a readdir page with attributes is the largest, well under 16 MiB).

@@ -166,7 +166,7 @@ class MetaServer:
             cfg.listen_host, cfg.metrics_port, meta_metrics.kv_collector(self.kv)
         )
         self._closers.append(self.metrics.stop)
-        srv = grpc_util.server()
+        srv = grpc_util.server(cfg.grpc)
         pbg.add_MetaServicer_to_server(MetaServicer(self.ns), srv)
         gc_admin = GcAdmin(self.kv, cfg)
         pbg.add_MetaAdminServicer_to_server(MetaAdminServicer(gc_admin, self.ns), srv)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from chainfs.common.metrics import check_port
+from chainfs.common.rpc.server_config import GrpcServerConfig
 
 
 @dataclass
@@ -38,6 +39,7 @@ class MgmtdConfig:
     # A primary stops acting this long (ms) before its lease would run out on
     # its own clock, so two primaries never act at once.
     lease_safety_margin_ms: int = 500
+    grpc: GrpcServerConfig = field(default_factory=GrpcServerConfig)  # control-plane bounds
     # The framed transport (the client library's; no gRPC there, so clients
     # survive fork()) listens at the gRPC port + 1: clients derive it from the
     # mgmtd address they are given (chainfs.common.rpc.mgmt_wire).
@@ -92,6 +94,10 @@ class MgmtdConfig:
             )
         if self.max_watch_streams < 1:
             raise ValueError("max_watch_streams must be >= 1")
+        self.grpc.validate()
+        if self.grpc.max_concurrent_rpcs <= self.max_watch_streams:
+            # Watches are RPCs too: at the bound they would lock out every other call.
+            raise ValueError("grpc.max_concurrent_rpcs must exceed max_watch_streams")
         if self.max_routing_wait_ms <= 0:
             raise ValueError("max_routing_wait_ms must be > 0")
         if self.frame_enabled and self.port == 65535:

@@ -134,7 +134,7 @@ async def _listen(cfg: MgmtdConfig) -> tuple[grpc.aio.Server, int, DataServer | 
     an ephemeral pair whose second port is taken is tried again elsewhere."""
     attempts = _EPHEMERAL_BIND_ATTEMPTS if cfg.port == 0 else 1
     for attempt in range(1, attempts + 1):
-        srv = grpc_util.server()
+        srv = grpc_util.server(cfg.grpc)
         port = grpc_util.bind(srv, cfg.listen_host, cfg.port)
         if not cfg.frame_enabled:
             return srv, port, None

@@ -78,7 +78,7 @@ from pathlib import Path
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.storage_service import block_crcs, crc, fault_points
 from chainfs.storage_service.block_crcs import OldBlock
-from chainfs.storage_service.chunk_files import ChunkFiles
+from chainfs.storage_service.chunk_files import CHUNK_DIR_MODE, ChunkFiles
 from chainfs.storage_service.chunk_record import (
     KEY_END,
     KEY_PREFIX,
@@ -108,7 +108,7 @@ class ChunkEngine:
     def __init__(self, path: str | Path, options: EngineOptions | None = None) -> None:
         self.path = Path(path)
         self.options = options or EngineOptions()
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(mode=CHUNK_DIR_MODE, parents=True, exist_ok=True)
         self.files = ChunkFiles(self.path, self.options)
         self.records = RecordStore(self.path, self.options.durable, self.options.meta_cache_entries)
         self._closed = False
@@ -647,7 +647,9 @@ class ChunkEngine:
         """Committed bytes [offset, offset + length) (shorter at the chunk's end).
 
         ``scratch``: a buffer to read into (``read_buffer_bytes`` of them) instead
-        of a new one; the result may be a slice of it. With ``verify`` the CRC
+        of a new one; the result may be a slice of it. A scratch too small for
+        the record found (it changed since the caller sized it) is NOT_COMMITTED.
+        With ``verify`` the CRC
         blocks the range touches are read and checked (the whole chunk for a
         record from before per-block CRCs); the bytes of the edge blocks outside
         the range land in small per-thread buffers (one scatter read). Raises
@@ -681,10 +683,14 @@ class ChunkEngine:
             # [bstart, bend) goes into ``out``; the rest of [lo, hi) into edge buffers.
             bstart, bend = (start, end) if rec.has_block_crcs else (lo, hi)
             n = bend - bstart
-            if scratch is not None and len(scratch) >= n:
-                out = scratch[:n]
-            else:
+            if scratch is None:
                 out = memoryview(bytearray(n))
+            elif len(scratch) >= n:
+                out = scratch[:n]
+            else:  # the caller sized its buffer from an older record: never allocate past it
+                raise ChainfsError(
+                    Code.NOT_COMMITTED, f"chunk ({inode}, {index}) changed while the read was sized"
+                )
             head, tail = self._edge_buffers(bstart - lo, hi - bend)
             try:
                 got = self.files.readv(inode, index, rec.file_gen, lo, [head, out, tail], nowait)

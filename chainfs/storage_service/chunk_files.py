@@ -22,6 +22,9 @@ from pathlib import Path
 from chainfs.storage_service import crc
 from chainfs.storage_service.config import EngineOptions
 
+# Chunk data is the users' file content: readable by the storage service's user only.
+CHUNK_FILE_MODE = 0o600
+CHUNK_DIR_MODE = 0o700
 _DIRECT_ALIGN = 4096  # bytes: buffer address and length alignment O_DIRECT needs
 
 
@@ -122,9 +125,9 @@ class ChunkFiles:
     def __init__(self, target_dir: Path, options: EngineOptions) -> None:
         self.target_dir = target_dir
         self.data_dir = target_dir / "data"
-        self.data_dir.mkdir(exist_ok=True)
+        self.data_dir.mkdir(mode=CHUNK_DIR_MODE, exist_ok=True)
         for b in range(256):
-            (self.data_dir / f"{b:02x}").mkdir(exist_ok=True)
+            (self.data_dir / f"{b:02x}").mkdir(mode=CHUNK_DIR_MODE, exist_ok=True)
         self.durable = options.durable
         self.direct_writes = options.direct_writes
         self.cache = FdCache(options.open_files)
@@ -183,7 +186,7 @@ class ChunkFiles:
         ):
             self._write_direct(inode, index, gen, data)
             return
-        fd = os.open(self.path(inode, index, gen), os.O_WRONLY | os.O_CREAT, 0o644)
+        fd = os.open(self.path(inode, index, gen), os.O_WRONLY | os.O_CREAT, CHUNK_FILE_MODE)
         try:
             os.ftruncate(fd, keep)
             if final > keep:
@@ -216,7 +219,7 @@ class ChunkFiles:
         no copy into the page cache (the copy that dominated replicated writes)."""
         path = self.path(inode, index, gen)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, CHUNK_FILE_MODE)
         except OSError as e:
             if e.errno != errno.EINVAL:  # file system without O_DIRECT: buffered instead
                 raise
@@ -288,7 +291,7 @@ class ChunkFiles:
         (and the rename made durable on a durable target)."""
         path = self.path(inode, index, gen)
         tmp = path + ".repair"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, CHUNK_FILE_MODE)
         try:
             view = data
             while len(view):

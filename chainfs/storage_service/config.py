@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from chainfs.common.config import require_non_negative, require_positive
 from chainfs.common.dataplane.config import DataPlaneConfig
 from chainfs.common.metrics import check_port
-from chainfs.common.units import MiB
+from chainfs.common.rpc.server_config import GrpcServerConfig
+from chainfs.common.units import KiB, MiB
 from chainfs.storage_service.failure_config import FailureConfig
 
 MIN_CHUNK_SIZE = 64 * 1024  # bytes: the smallest chunk size a file layout may use
@@ -26,6 +27,10 @@ def check_crc_block_bytes(bs: int) -> None:
 def check_journal_write_max_bytes(n: int) -> None:
     if not 0 <= n <= MAX_CHUNK_SIZE // 4:
         raise ValueError(f"journal_write_max_bytes {n}: must be in [0, {MAX_CHUNK_SIZE // 4}]")
+
+
+# Encoded size bound of one ReadIO in a BatchReadReq (every varint at its widest).
+MAX_READ_IO_BYTES = 50
 
 
 @dataclass
@@ -104,9 +109,14 @@ class StorageConfig:
     # Framed data plane; received payloads (writes, forwards) held at once <= 128 MiB.
     dataplane: DataPlaneConfig = field(
         default_factory=lambda: DataPlaneConfig(
-            buffer_pool_bytes=128 * MiB, buffer_pool_cached_bytes=64 * MiB
+            buffer_pool_bytes=128 * MiB,
+            buffer_pool_cached_bytes=64 * MiB,
+            # The largest request header: a BatchReadReq of max_batch_read_ios
+            # (4096) ios of at most MAX_READ_IO_BYTES each (200 KiB).
+            max_request_header_bytes=512 * KiB,
         )
     )
+    grpc: GrpcServerConfig = field(default_factory=GrpcServerConfig)  # control-plane bounds
     failure: FailureConfig = field(default_factory=FailureConfig)  # fencing, resync, scrubbing
 
     def validate(self) -> None:
@@ -131,6 +141,8 @@ class StorageConfig:
             "mgmtd_timeout_ms",
             "max_new_targets",
         )
+        if self.max_batch_read_ios * MAX_READ_IO_BYTES > self.dataplane.max_request_header_bytes:
+            raise ValueError("dataplane.max_request_header_bytes must hold max_batch_read_ios ios")
         if self.max_read_bytes_in_flight < MAX_CHUNK_SIZE:
             raise ValueError("max_read_bytes_in_flight must hold at least one 64 MiB chunk")
         check_crc_block_bytes(self.crc_block_bytes)

@@ -65,6 +65,8 @@ SERVES: dict[int, tuple[bool, bool]] = {
     mp.LASTSRV: (False, False),
     mp.OFFLINE: (False, False),
 }
+# Scratch of an io sized as empty: a read that finds data after all is NOT_COMMITTED.
+_NO_BUFFER = memoryview(b"")
 WRITE_STATES = tuple(s for s, (_, w) in SERVES.items() if w)
 
 # Errors after which the successor applied nothing: abort our pending version.
@@ -703,9 +705,6 @@ class Craq:
         # the chunk's metadata: the range (the whole chunk when verifying one
         # without per-block CRCs). The pool's capacity bounds the bytes held at once.
         scratch: list[PooledBuffer | None] = [None] * n
-        verify = self.config.verify_reads
-        cap = self.read_pool.capacity_bytes
-        inline_max = self.config.inline_read_bytes if self._inline_reads else -1
         inline: list[int] = []
         threaded: list[int] = []
 
@@ -716,24 +715,12 @@ class Craq:
                     scratch[k] = None
 
         try:
-            # One batch acquires at a time, and at most the pool's capacity, so
-            # batches holding part of their buffers never wait on each other.
-            # (The rest of an oversized batch reads into fresh buffers.)
+            # One batch acquires at a time, so batches holding part of their
+            # buffers never wait on each other; a batch is sized (and refused
+            # if too big) before any byte is read or any buffer taken.
             async with self._acquire_lock:
-                total = 0
-                for i in jobs:
-                    io = req.ios[i]
-                    eng = self.targets[io.target_id].engine
-                    rec = eng.get(io.chunk.inode, io.chunk.index)
-                    if rec is None or rec.has_pending:
-                        inline.append(i)  # answered from metadata alone
-                        continue
-                    lo, hi = eng.read_span(rec, io.offset, io.length, verify)
-                    (inline if hi - lo <= inline_max else threaded).append(i)
-                    need = eng.read_buffer_bytes(rec, io.offset, io.length, verify)
-                    if need == 0 or total + size_class(need) > cap:
-                        continue
-                    total += size_class(need)
+                needs = self._size_batch(req, jobs, inline, threaded)
+                for i, need in needs:
                     scratch[i] = await self.read_pool.acquire(need)
             # Small reads right here from the page cache; what needs the disk
             # (BlockingIOError under RWF_NOWAIT) goes to the I/O threads.
@@ -755,6 +742,44 @@ class Craq:
             if b is not None and len(b):
                 payload.append(b)
         return out, payload, release
+
+    def _size_batch(
+        self, req: sp.BatchReadReq, jobs: list[int], inline: list[int], threaded: list[int]
+    ) -> list[tuple[int, int]]:
+        """Sort ``jobs`` into inline and threaded reads and return (io, buffer bytes)
+        for those that read data. E2BIG when the reply (lengths clamped to each
+        chunk's length) would exceed the frame bound or the buffers the read pool."""
+        verify = self.config.verify_reads
+        inline_max = self.config.inline_read_bytes if self._inline_reads else -1
+        needs: list[tuple[int, int]] = []
+        reply_bytes = buffer_bytes = 0
+        for i in jobs:
+            io = req.ios[i]
+            eng = self.targets[io.target_id].engine
+            rec = eng.get(io.chunk.inode, io.chunk.index)
+            if rec is None or rec.has_pending:
+                inline.append(i)  # answered from metadata alone
+                continue
+            lo, hi = eng.read_span(rec, io.offset, io.length, verify)
+            (inline if hi - lo <= inline_max else threaded).append(i)
+            reply_bytes += max(0, min(io.offset + io.length, rec.length) - io.offset)
+            need = eng.read_buffer_bytes(rec, io.offset, io.length, verify)
+            if need:
+                needs.append((i, need))
+                buffer_bytes += size_class(need)
+        frame_max = self.config.dataplane.max_payload_bytes
+        if reply_bytes > frame_max:
+            raise ChainfsError(
+                Code.E2BIG,
+                f"batch read reply of {reply_bytes} bytes over the {frame_max} frame bound",
+            )
+        if buffer_bytes > self.read_pool.capacity_bytes:
+            raise ChainfsError(
+                Code.E2BIG,
+                f"batch read needs {buffer_bytes} bytes of buffers; "
+                f"max_read_bytes_in_flight is {self.read_pool.capacity_bytes}",
+            )
+        return needs
 
     def _read_group(
         self,
@@ -780,7 +805,7 @@ class Craq:
                     io.offset,
                     io.length,
                     verify,
-                    pooled.view if pooled is not None else None,
+                    pooled.view if pooled is not None else _NO_BUFFER,
                     nowait,
                 )
             except ChainfsError as e:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc.aio
 
+from chainfs.common.dataplane.address import parse_address
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.dataplane.server import DataServer, Handler
 from chainfs.common.errors import ChainfsError, Code
@@ -43,6 +44,23 @@ from chainfs.storage_service.scrubber import Repairer, Scrubber
 
 log = logging.getLogger(__name__)
 _MAX_UNIX_PATH_BYTES = 108  # sizeof(sockaddr_un.sun_path) on Linux, NUL included
+
+
+def is_storage_host(routing: Routing | None, host: str) -> bool:
+    """Whether a data-plane connection from ``host`` ("unix" for the owner-only unix
+    socket) comes from a storage node, for the connection slots kept for cluster
+    peers. By address until connections authenticate: a client on a storage
+    host passes too."""
+    if host == "unix":
+        return True
+    if routing is None:
+        return False
+    for node in routing.nodes.values():
+        if node.type == mp.STORAGE and node.data_address:
+            sockaddr = parse_address(node.data_address)[1]
+            if isinstance(sockaddr, tuple) and sockaddr[0] == host:
+                return True
+    return False
 
 
 class DataPlaneForwarder:
@@ -264,7 +282,7 @@ class StorageNode:
         # Both servers listen (from bind on) before mgmtd or the ready file name
         # this node, so whoever learns an address can connect to it at once.
         # Control plane.
-        self.grpc_server = grpc_util.server()
+        self.grpc_server = grpc_util.server(cfg.grpc)
         sg.add_StorageControlServicer_to_server(control, self.grpc_server)
         port = grpc_util.bind(self.grpc_server, cfg.listen_host, cfg.port)
         await self.grpc_server.start()
@@ -287,6 +305,7 @@ class StorageNode:
             cfg.data_port,
             unix_path=self.unix_path or None,
             config=cfg.dataplane,
+            is_cluster_peer=lambda host: is_storage_host(self.routing.current, host),
         )
         await self.data_server.start()
         self.data_address = self.data_server.address
@@ -327,6 +346,9 @@ class StorageNode:
             DataPlaneForwarder(self.data_client),
             self.executor,
         )
+        # Read replies hold read-pool buffers until sent: readers waiting for them
+        # make a peer that does not read its replies a slow peer to drop.
+        self.data_server.pressure_pools.append(self.craq.read_pool)
         self.routing.start()
         fcfg = cfg.failure
         self.resyncer = Resyncer(

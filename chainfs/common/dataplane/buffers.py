@@ -98,6 +98,11 @@ class BufferPool:
         self.mapped_total = 0  # new mappings made (misses)
 
     @property
+    def waiting(self) -> int:
+        """Requests queued for room (``when_available`` / ``acquire``)."""
+        return len(self._waiters)
+
+    @property
     def in_use_buffers(self) -> int:
         return self.acquired_total - self.released_total
 

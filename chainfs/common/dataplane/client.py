@@ -42,7 +42,9 @@ the event loop does not report (see Connection.poke).
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,6 +61,8 @@ from chainfs.proto import common_pb2 as cpb
 PayloadSink = Callable[[int, bytes], Sequence[bytearray | memoryview]]
 
 _EMPTY = memoryview(b"")
+# Errors connecting to a unix socket that mean "use TCP instead".
+_UNIX_UNUSABLE = (errno.EACCES, errno.EPERM, errno.ENOENT, errno.ECONNREFUSED)
 
 
 @dataclass(slots=True)
@@ -100,6 +104,10 @@ class _ClientConn(Connection):
     @property
     def inflight(self) -> int:
         return len(self.pending)
+
+    def idle_s(self, now: float) -> float:
+        """Seconds since anything was received or sent."""
+        return now - max(self.last_recv_monotonic, self.last_send_monotonic)
 
     def next_request_id(self) -> int:
         rid = self._next_id
@@ -219,6 +227,9 @@ class DataClient:
         self._peers: dict[str, _Peer] = {}
         self._closed = False
         self._liveness: asyncio.TimerHandle | None = None
+        # "unix:/path" -> "host:port" of the same server, used when the unix
+        # socket cannot be connected (EACCES, ENOENT, ECONNREFUSED).
+        self.unix_fallbacks: dict[str, str] = {}
 
     async def request(
         self,
@@ -233,8 +244,13 @@ class DataClient:
         if self._closed:
             raise ChainfsError(Code.UNAVAILABLE, "data plane client closed")
         cfg = self.config
-        if len(header) > cfg.max_header_bytes:
-            raise ChainfsError(Code.E2BIG, f"header of {len(header)} bytes over the bound")
+        if len(header) > cfg.max_request_header_bytes:
+            # Servers close a connection that sends more (before reading it): say so here.
+            raise ChainfsError(
+                Code.E2BIG,
+                f"request header of {len(header)} bytes over the "
+                f"{cfg.max_request_header_bytes} bound (max_request_header_bytes)",
+            )
         if timeout_s is None:
             timeout_s = cfg.request_timeout_ms / 1000
         loop = asyncio.get_running_loop()
@@ -306,10 +322,14 @@ class DataClient:
 
     async def _connection(self, peer: _Peer, deadline: float, timeout_s: float) -> _ClientConn:
         cfg = self.config
+        liveness_s = cfg.liveness_check_ms / 1000
         while True:
             best: _ClientConn | None = None
             live = 0
+            now = time.monotonic()
             for c in peer.conns:
+                if not c.pending and c.idle_s(now) > liveness_s:
+                    c.poke()  # notices a server that closed it while unused (EOF)
                 if c.closed:
                     continue
                 live += 1
@@ -349,17 +369,37 @@ class DataClient:
                     return best  # keep using what works
                 raise
 
+    async def _open_socket(self, address: str, deadline: float) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        family, sockaddr = parse_address(address)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            limit = min(deadline, loop.time() + self.config.connect_timeout_ms / 1000)
+            async with asyncio.timeout_at(limit):
+                await loop.sock_connect(sock, sockaddr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _open_with_fallback(self, address: str, deadline: float) -> socket.socket:
+        """A connected socket to ``address``; a unix socket this process may not
+        use (another user's, gone, or stale) is replaced by its TCP fallback."""
+        fallback = self.unix_fallbacks.get(address)
+        try:
+            return await self._open_socket(address, deadline)
+        except OSError as e:
+            if fallback is None or e.errno not in _UNIX_UNUSABLE:
+                raise
+        return await self._open_socket(fallback, deadline)
+
     async def _connect(self, peer: _Peer, deadline: float) -> _ClientConn:
         loop = asyncio.get_running_loop()
         address = peer.address
         try:
-            family, sockaddr = parse_address(address)
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = await self._open_with_fallback(address, deadline)
             try:
-                sock.setblocking(False)
-                limit = min(deadline, loop.time() + self.config.connect_timeout_ms / 1000)
-                async with asyncio.timeout_at(limit):
-                    await loop.sock_connect(sock, sockaddr)
                 conn = _ClientConn(loop, sock, self.config, address)
             except BaseException:
                 sock.close()
@@ -413,15 +453,20 @@ class DataClient:
         self._liveness = loop.call_later(self.config.liveness_check_ms / 1000, self._check_liveness)
 
     def _check_liveness(self) -> None:
-        """Probe connections with requests in flight for a reset (see Connection.poke)."""
+        """Probe connections with requests in flight for a reset (see Connection.poke);
+        close those unused for client_idle_timeout_ms (before the server does)."""
         self._liveness = None
         if self._closed:
             return
         any_conn = False
+        now = time.monotonic()
+        idle_s = self.config.client_idle_timeout_ms / 1000
         for peer in list(self._peers.values()):
             for conn in list(peer.conns):
                 if conn.pending:
                     conn.poke()
+                elif conn.idle_s(now) > idle_s:
+                    conn.close(None)
                 any_conn = any_conn or not conn.closed
         if any_conn:
             self._schedule_liveness(asyncio.get_running_loop())

@@ -52,6 +52,7 @@ _PAYLOAD = 4  # receiving payload into the destination (or discarding it)
 # Reasons reading is paused (bit mask).
 PAUSE_POOL = 1  # server: waiting for a pooled buffer
 PAUSE_INFLIGHT = 2  # server: too many requests of this connection unanswered
+PAUSE_QUOTA = 4  # server: this connection holds its quota of pooled buffers
 
 _MAX_READS_PER_EVENT = 64  # recv calls per readiness callback before yielding to the loop
 
@@ -127,6 +128,8 @@ class Connection:
         self._dest_i = 0
         self._dest_off = 0
         self._remaining = 0
+        # Largest header message accepted (a server lowers it to max_request_header_bytes).
+        self.max_header_bytes = cfg.max_header_bytes
         self._paused = 0  # PAUSE_* bits
         self._reader_on = False
         self._resume_scheduled = False
@@ -152,6 +155,14 @@ class Connection:
 
     def _on_close(self, exc: BaseException | None) -> None:
         """The connection closed (exc None = orderly)."""
+
+    def _big_header_buffer(self, nbytes: int) -> memoryview | None:
+        """A buffer for a header message larger than staging, or None after
+        pausing reading until ``_got_big_header_buffer`` hands one over."""
+        return memoryview(bytearray(nbytes))
+
+    def _big_header_done(self) -> None:
+        """The big header buffer has been copied out (a server returns it to its pool)."""
 
     # ---- reading ---------------------------------------------------------
 
@@ -252,8 +263,7 @@ class Connection:
                     self._big_off += n
                     self.bytes_received += n
                     if self._big_off == len(big):
-                        self._big = None
-                        self._header_done(big.tobytes())
+                        self._finish_big_header()
                     self._parse()
                 else:
                     self._make_room()
@@ -304,23 +314,16 @@ class Connection:
             if state == _FIXED:
                 if avail < FIXED_HEADER_SIZE:
                     break
-                hdr = decode_fixed(smv, self._start, cfg.max_header_bytes, cfg.max_payload_bytes)
+                hdr = decode_fixed(smv, self._start, self.max_header_bytes, cfg.max_payload_bytes)
                 self._start += FIXED_HEADER_SIZE
                 self._hdr = hdr
                 hl = hdr.header_len
                 if hl == 0:
                     self._header_done(b"")
                 elif hl > len(self._staging) - FIXED_HEADER_SIZE:
-                    big = memoryview(bytearray(hl))
-                    take = min(avail - FIXED_HEADER_SIZE, hl)
-                    big[:take] = smv[self._start : self._start + take]
-                    self._start += take
-                    if take == hl:
-                        self._header_done(big.tobytes())
-                    else:
-                        self._big, self._big_off = big, take
-                        self._state = _BIG_HEADER
-                        break
+                    # Bytes staged so far are copied in by the _BIG_HEADER branch.
+                    self._state = _BIG_HEADER
+                    self._big, self._big_off = self._big_header_buffer(hl), 0
                 else:
                     self._state = _HEADER
             elif state == _HEADER:
@@ -352,12 +355,24 @@ class Connection:
                 self._start += take
                 self._big_off += take
                 if self._big_off == len(pending_big):
-                    self._big = None
-                    self._header_done(pending_big.tobytes())
+                    self._finish_big_header()
             else:  # _WAIT_DEST: the destination is not known yet
                 break
         if self._start == self._end:
             self._start = self._end = 0
+
+    def _got_big_header_buffer(self, big: memoryview) -> None:
+        """The buffer ``_big_header_buffer`` paused for; reading goes on."""
+        assert self._state == _BIG_HEADER and self._big is None
+        self._big, self._big_off = big, 0
+
+    def _finish_big_header(self) -> None:
+        big = self._big
+        assert big is not None
+        header = big.tobytes()
+        self._big = None
+        self._big_header_done()
+        self._header_done(header)
 
     def _header_done(self, header: bytes) -> None:
         assert self._hdr is not None

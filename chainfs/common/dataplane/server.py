@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import socket
 import stat
 import time
@@ -35,11 +36,12 @@ from chainfs.common.auth.authenticator import Authenticator
 from chainfs.common.auth.identity import ANONYMOUS, Identity, set_current_identity
 from chainfs.common.auth.policy import authorize
 from chainfs.common.dataplane.address import format_tcp
-from chainfs.common.dataplane.buffers import BufferPool, PooledBuffer
+from chainfs.common.dataplane.buffers import BufferPool, PooledBuffer, size_class
 from chainfs.common.dataplane.config import DataPlaneConfig
 from chainfs.common.dataplane.conn import (
     PAUSE_INFLIGHT,
     PAUSE_POOL,
+    PAUSE_QUOTA,
     Connection,
     Segment,
     _FileSeg,
@@ -193,52 +195,117 @@ def error_segments(request_id: int, msg_type: int, code: int, message: str) -> l
 
 
 class _ServerConn(Connection):
+    """A server connection; every buffer it holds comes from the server's pool,
+    at most ``max_pool_bytes_per_connection`` of them at once."""
+
     def __init__(
         self,
         server: DataServer,
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
         peer: str,
+        address_key: str,
     ) -> None:
         super().__init__(loop, sock, server.config, peer)
+        self.max_header_bytes = server.config.max_request_header_bytes
         self.server = server
+        self.address_key = address_key
         self.inflight = 0
         self.identity = ANONYMOUS
         self.said_hello = False
+        self.pool_bytes = 0  # capacity of the pool buffers this connection holds
+        self._quota_bytes = min(self.cfg.max_pool_bytes_per_connection, self.cfg.buffer_pool_bytes)
         self._cur_buf: PooledBuffer | None = None
+        self._hdr_buf: PooledBuffer | None = None
         self._pool_cb: Callable[[PooledBuffer], None] | None = None
+        self._quota_wait: tuple[int, Callable[[PooledBuffer], None]] | None = None
+        # (monotonic s, bytes received + sent) when the pressure watchdog last looked.
+        self.rate_mark: tuple[float, int] | None = None
 
-    def _on_header(self, hdr: FrameHeader, header: bytes) -> None:
-        if hdr.is_response:
-            raise ChainfsError(
-                Code.BAD_FRAME, f"data plane {self.peer}: response frame sent to a server"
-            )
-        n = hdr.payload_len
-        if n == 0:
-            self._begin_payload(None)
-            return
+    def _lend(self, nbytes: int, use: Callable[[PooledBuffer], None]) -> PooledBuffer | None:
+        """A pool buffer now, or None after pausing reading until ``use(buffer)``
+        is called with one (when this connection's quota and the pool allow)."""
+        if self.pool_bytes and self.pool_bytes + size_class(nbytes) > self._quota_bytes:
+            self.pause_reading(PAUSE_QUOTA)
+            self._quota_wait = (nbytes, use)
+            return None
         pool = self.server.pool
-        buf = pool.try_acquire(n)
+        buf = pool.try_acquire(nbytes)
         if buf is not None:
-            self._cur_buf = buf
-            self._begin_payload([buf.view])
-            return
+            self.pool_bytes += buf.capacity
+            return buf
 
         def got(b: PooledBuffer) -> None:
             self._pool_cb = None
             if self.closed:
                 b.release()
                 return
-            self._cur_buf = b
-            self._begin_payload([b.view])
+            self.pool_bytes += b.capacity
+            use(b)
             self.resume_reading(PAUSE_POOL)
 
         self.pause_reading(PAUSE_POOL)
         self._pool_cb = got
-        pool.when_available(n, got)
+        pool.when_available(nbytes, got)
+        return None
+
+    def give_back(self, buf: PooledBuffer) -> None:
+        """Return a buffer this connection holds; a frame waiting on the quota may go on."""
+        self.pool_bytes -= buf.capacity
+        assert self.pool_bytes >= 0
+        buf.release()
+        wait = self._quota_wait
+        if wait is None or self.closed:
+            return
+        if self.pool_bytes and self.pool_bytes + size_class(wait[0]) > self._quota_bytes:
+            return
+        self._quota_wait = None
+        self.resume_reading(PAUSE_QUOTA)
+        got = self._lend(*wait)
+        if got is not None:
+            wait[1](got)
+
+    def _big_header_buffer(self, nbytes: int) -> memoryview | None:
+        def use(b: PooledBuffer) -> None:
+            self._hdr_buf = b
+            self._got_big_header_buffer(b.view)
+
+        buf = self._lend(nbytes, use)
+        if buf is None:
+            return None
+        self._hdr_buf = buf
+        return buf.view
+
+    def _big_header_done(self) -> None:
+        buf, self._hdr_buf = self._hdr_buf, None
+        if buf is not None:
+            self.give_back(buf)
+
+    def _on_header(self, hdr: FrameHeader, header: bytes) -> None:
+        if hdr.is_response:
+            raise ChainfsError(
+                Code.BAD_FRAME, f"data plane {self.peer}: response frame sent to a server"
+            )
+        if hdr.payload_len == 0:
+            self._begin_payload(None)
+            return
+
+        def use(b: PooledBuffer) -> None:
+            self._cur_buf = b
+            self._begin_payload([b.view])
+
+        buf = self._lend(hdr.payload_len, use)
+        if buf is not None:
+            use(buf)
+
+    @property
+    def receiving_into_pool(self) -> bool:
+        """A payload or big header is partly received into a pool buffer."""
+        return self._cur_buf is not None or self._hdr_buf is not None
 
     def _on_frame(self, hdr: FrameHeader, header: bytes) -> None:
         buf, self._cur_buf = self._cur_buf, None
+        self.rate_mark = None
         payload = buf.view if buf is not None else _EMPTY
         req = Request(hdr.msg_type, hdr.request_id, header, payload, self.peer, self.identity)
         self.inflight += 1
@@ -250,9 +317,11 @@ class _ServerConn(Connection):
         if self._pool_cb is not None:
             self.server.pool.cancel_waiter(self._pool_cb)
             self._pool_cb = None
-        if self._cur_buf is not None:
-            self._cur_buf.release()
-            self._cur_buf = None
+        self._quota_wait = None
+        for buf in (self._cur_buf, self._hdr_buf):
+            if buf is not None:
+                self.give_back(buf)
+        self._cur_buf = self._hdr_buf = None
         self.server._conn_closed(self, exc)
 
     def request_finished(self) -> None:
@@ -260,6 +329,18 @@ class _ServerConn(Connection):
         assert self.inflight >= 0
         if self.inflight < self.cfg.max_inflight_per_connection:
             self.resume_reading(PAUSE_INFLIGHT)
+
+
+_SPARE_FDS = 1024  # descriptors a service needs besides its data-plane connections
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    """Raise the soft RLIMIT_NOFILE toward ``wanted`` (never above the hard limit), so
+    max_server_connections is reachable and not cut short by EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 class DataServer:
@@ -277,6 +358,7 @@ class DataServer:
         unix_path: str | None = None,
         config: DataPlaneConfig | None = None,
         authenticator: Authenticator | None = None,
+        is_cluster_peer: Callable[[str], bool] | None = None,
     ) -> None:
         self.config = config if config is not None else DataPlaneConfig()
         self.config.validate()
@@ -292,13 +374,28 @@ class DataServer:
             min(self.config.buffer_pool_cached_bytes, self.config.buffer_pool_bytes),
         )
         self._listeners: list[socket.socket] = []
+        # Says whether a connection from this peer IP (or "unix") may take one of
+        # the reserved_peer_connections slots; None: nobody may.
+        self.is_cluster_peer = is_cluster_peer
+        # Pools besides self.pool whose waiters also mean memory pressure (pools
+        # that response buffers come from, e.g. a storage node's read pool).
+        self.pressure_pools: list[BufferPool] = []
         self._conns: set[_ServerConn] = set()
+        self._per_address: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._accept_retry: dict[socket.socket, asyncio.TimerHandle] = {}
         self._bound_port = 0
-        self.stats = {"connections": 0, "requests": 0, "errors": 0, "bad_frames": 0}
+        self.stats = {
+            "connections": 0,
+            "requests": 0,
+            "errors": 0,
+            "bad_frames": 0,
+            "refused_connections": 0,
+            "idle_closed": 0,
+            "slow_senders_closed": 0,
+        }
 
     @property
     def address(self) -> str:
@@ -316,6 +413,7 @@ class DataServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        _raise_open_files_limit(self.config.max_server_connections + _SPARE_FDS)
         self._loop = loop
         backlog = min(socket.SOMAXCONN, 1024)
         where = ""
@@ -337,6 +435,9 @@ class DataServer:
                 us = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self._listeners.append(us)
                 us.bind(self.unix_path)
+                # Owner only: other local users reach this node over TCP (clients
+                # fall back on EACCES), where every request is checked the same way.
+                os.chmod(self.unix_path, 0o600)
                 us.listen(backlog)
         except OSError as e:
             for s in self._listeners:
@@ -366,20 +467,38 @@ class DataServer:
                     ACCEPT_RETRY_S, self._resume_accept, ls
                 )
                 return
-            if len(self._conns) >= self.config.max_server_connections:
-                log.warning("data plane: connection limit reached, refusing %s", addr)
+            key = addr[0] if isinstance(addr, tuple) else "unix"
+            refusal = self._refusal(key)
+            if refusal:
+                self.stats["refused_connections"] += 1
+                log.warning("data plane: %s, refusing %s", refusal, key)
                 sock.close()
                 continue
             peer = format_tcp(addr[0], addr[1]) if isinstance(addr, tuple) else "unix"
             try:
-                conn = _ServerConn(self, self._loop, sock, peer)
+                conn = _ServerConn(self, self._loop, sock, peer, key)
             except OSError as e:
                 log.warning("data plane: set-up of %s failed: %s", peer, e)
                 sock.close()
                 continue
             self._conns.add(conn)
+            self._per_address[key] = self._per_address.get(key, 0) + 1
             self.stats["connections"] += 1
             conn.start_reading()
+
+    def _refusal(self, address_key: str) -> str:
+        """Why a new connection from ``address_key`` is refused ("" = accept it)."""
+        cfg = self.config
+        n = len(self._conns)
+        if n >= cfg.max_server_connections:
+            return "connection limit reached"
+        if self._per_address.get(address_key, 0) >= cfg.max_connections_per_address:
+            return "per-address connection limit reached"
+        if n >= cfg.max_server_connections - cfg.reserved_peer_connections and not (
+            self.is_cluster_peer is not None and self.is_cluster_peer(address_key)
+        ):
+            return "only reserved cluster-peer slots left"
+        return ""
 
     def _resume_accept(self, ls: socket.socket) -> None:
         self._accept_retry.pop(ls, None)
@@ -460,11 +579,17 @@ class DataServer:
 
     def _finish(self, conn: _ServerConn, buf: PooledBuffer | None) -> None:
         if buf is not None:
-            buf.release()
+            conn.give_back(buf)
         conn.request_finished()
 
     def _conn_closed(self, conn: _ServerConn, exc: BaseException | None) -> None:
-        self._conns.discard(conn)
+        if conn in self._conns:
+            self._conns.discard(conn)
+            left = self._per_address[conn.address_key] - 1
+            if left:
+                self._per_address[conn.address_key] = left
+            else:
+                del self._per_address[conn.address_key]
         if exc is not None:
             if isinstance(exc, ChainfsError) and exc.code == Code.BAD_FRAME:
                 self.stats["bad_frames"] += 1
@@ -473,13 +598,21 @@ class DataServer:
     def _schedule_watchdog(self) -> None:
         assert self._loop is not None
         cfg = self.config
-        period_ms = min(cfg.liveness_check_ms, max(cfg.frame_stall_timeout_ms // 4, 50))
+        period_ms = min(
+            cfg.liveness_check_ms,
+            max(min(cfg.frame_stall_timeout_ms, cfg.idle_timeout_ms) // 4, 50),
+            max(cfg.pool_pressure_window_ms // 2, 50),
+        )
         self._watchdog = self._loop.call_later(period_ms / 1000, self._check_connections)
 
     def _check_connections(self) -> None:
-        """Close reset connections (see Connection.poke) and frames that stalled."""
+        """Close reset connections (see Connection.poke), frames that stalled, idle
+        connections, and slow senders holding pool space others wait for."""
         now = time.monotonic()
-        limit_s = self.config.frame_stall_timeout_ms / 1000
+        cfg = self.config
+        limit_s = cfg.frame_stall_timeout_ms / 1000
+        idle_s = cfg.idle_timeout_ms / 1000
+        pressure = any(p.waiting for p in (self.pool, *self.pressure_pools))
         for conn in list(self._conns):
             conn.poke()
             if conn.closed:
@@ -489,7 +622,46 @@ class DataServer:
             elif conn.send_queue_frames and now - conn.last_send_monotonic > limit_s:
                 # The peer stopped reading its replies: free what they hold.
                 conn.close(ChainfsError(Code.UNAVAILABLE, f"data plane {conn.peer}: not reading"))
+            elif self._too_slow(conn, now, pressure):
+                self.stats["slow_senders_closed"] += 1
+                conn.close(
+                    ChainfsError(
+                        Code.UNAVAILABLE,
+                        f"data plane {conn.peer}: too slow while others wait for memory",
+                    )
+                )
+            elif (
+                not conn.inflight
+                and not conn.mid_frame
+                and not conn.send_queue_frames
+                and now - max(conn.last_recv_monotonic, conn.last_send_monotonic) > idle_s
+            ):
+                self.stats["idle_closed"] += 1
+                conn.close(None)
         self._schedule_watchdog()
+
+    def _too_slow(self, conn: _ServerConn, now: float, pressure: bool) -> bool:
+        """True for a connection holding pool space (a payload being received,
+        or replies queued) that moved fewer bytes than the configured rate over
+        the last window while other requests wait for memory."""
+        if not conn.receiving_into_pool and not conn.send_queue_frames:
+            conn.rate_mark = None
+            return False
+        moved = conn.bytes_received + conn.bytes_sent
+        mark = conn.rate_mark
+        if mark is None:
+            conn.rate_mark = (now, moved)
+            return False
+        elapsed_s = now - mark[0]
+        if elapsed_s < self.config.pool_pressure_window_ms / 1000:
+            return False
+        if (
+            pressure
+            and (moved - mark[1]) / elapsed_s < self.config.min_payload_bytes_per_s_under_pressure
+        ):
+            return True
+        conn.rate_mark = (now, moved)
+        return False
 
     async def stop(self) -> None:
         """Stop listening, close every connection, cancel running handlers."""

@@ -20,6 +20,7 @@ from chainfs.common import metrics
 from chainfs.common.auth.authenticator import Authenticator
 from chainfs.common.auth.grpc_auth import AuthInterceptor, client_interceptors
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc.server_config import GrpcServerConfig
 from chainfs.common.units import MiB
 from chainfs.proto import common_pb2 as cpb
 
@@ -177,11 +178,35 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-def server(auth: Authenticator | None = None) -> grpc.aio.Server:
-    """A gRPC server; with ``auth``, every call is checked against the access
-    policy (chainfs.common.auth.policy) before its handler runs."""
+def server(
+    config: GrpcServerConfig | None = None, auth: Authenticator | None = None
+) -> grpc.aio.Server:
+    """A gRPC server bounded by ``config`` (concurrency, handshake, idle, keepalive);
+    with ``auth``, every call is checked against the access policy
+    (chainfs.common.auth.policy) before its handler runs."""
+    cfg = config if config is not None else GrpcServerConfig()
+    cfg.validate()
+    options = [
+        *SERVER_OPTIONS,
+        ("grpc.max_concurrent_streams", cfg.max_concurrent_streams_per_connection),
+        ("grpc.server_handshake_timeout_ms", cfg.handshake_timeout_ms),
+        ("grpc.max_connection_idle_ms", cfg.max_connection_idle_ms),
+    ]
+    # The server's own pings replace the clients' keepalive settings above.
+    options = [(k, v) for k, v in options if k not in _SERVER_KEEPALIVE]
+    options += [
+        ("grpc.keepalive_time_ms", cfg.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", cfg.keepalive_timeout_ms),
+    ]
     interceptors = [AuthInterceptor(auth, _abort)] if auth is not None else []
-    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+    return grpc.aio.server(
+        options=options,
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        interceptors=interceptors,
+    )
+
+
+_SERVER_KEEPALIVE = ("grpc.keepalive_time_ms", "grpc.keepalive_timeout_ms")
 
 
 def bind(srv: grpc.aio.Server, host: str, port: int) -> int:

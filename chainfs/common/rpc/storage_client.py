@@ -171,7 +171,12 @@ class StorageClient:
         return routing, chain
 
     def _address(self, routing: Routing, target_id: int) -> str:
-        return data_address(routing.node_of_target(target_id), self.config.prefer_unix_socket)
+        node = routing.node_of_target(target_id)
+        address = data_address(node, self.config.prefer_unix_socket)
+        if node.data_address and address != node.data_address:
+            # Another user's (or a stale) unix socket: the data plane uses TCP.
+            self.dp.unix_fallbacks[address] = node.data_address
+        return address
 
     async def _pause(self, attempt: int) -> None:
         delay = min(self.config.retry_backoff_ms * (2**attempt), self.config.retry_backoff_max_ms)

@@ -148,7 +148,7 @@ class _Mgmt(mgmt_pb2_grpc.MgmtServicer):
 
 async def test_grpc_interceptor_enforces_policy(caplog: pytest.LogCaptureFixture) -> None:
     tok = new_token()
-    srv = grpc_util.server(Authenticator(SECRET, Users(**{tok: ALICE})))
+    srv = grpc_util.server(auth=Authenticator(SECRET, Users(**{tok: ALICE})))
     mgmt_pb2_grpc.add_MgmtServicer_to_server(_Mgmt(), srv)
     port = grpc_util.bind(srv, "127.0.0.1", 0)
     await srv.start()
