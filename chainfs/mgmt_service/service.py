@@ -74,6 +74,7 @@ class Mgmtd(mg.MgmtServicer):
         self._target_stats: dict[int, mp.TargetHeartbeat] = {}
         # _routing_out's last answer: (routing version, clock at build, info).
         self._routing_cache: tuple[int, float, mp.RoutingInfo] | None = None
+        self._stale_rsp: tuple[mp.RoutingInfo, mp.HeartbeatRsp] | None = None  # per routing out
         self._watchers: set[asyncio.Event] = set()
         self.stopping = False  # set by stop_serving(): answer as a standby from now on
 
@@ -209,13 +210,22 @@ class Mgmtd(mg.MgmtServicer):
         info.CopyFrom(state.info)
         for n in info.nodes:
             n.last_heartbeat_ms = self._last_hb_ms.get(n.node_id, 0)
+        stats = self._target_stats
         for t in info.targets:
-            s = self._target_stats.get(t.target_id)
-            if s is not None:
+            s = stats.get(t.target_id)
+            if s is None:
+                continue
+            # Stored records hold none of these figures (zero, empty): set only
+            # the reported ones, as setting a field costs more than testing it.
+            if s.used_bytes:
                 t.used_bytes = s.used_bytes
-                t.capacity_bytes = s.capacity_bytes or t.capacity_bytes
+            if s.capacity_bytes:
+                t.capacity_bytes = s.capacity_bytes
+            if s.sync_bytes_left:
                 t.sync_bytes_left = s.sync_bytes_left
+            if s.sync_rate_bytes_per_s:
                 t.sync_rate_bytes_per_s = s.sync_rate_bytes_per_s
+            if s.fs_id:
                 t.fs_id = s.fs_id
         return info
 
@@ -308,10 +318,15 @@ class Mgmtd(mg.MgmtServicer):
         self._last_hb_ms[request.node_id] = wall_ms()
         for th in request.targets:
             self._target_stats[th.target_id] = th
-        rsp = mp.HeartbeatRsp(routing_version=state.info.version)
-        if request.routing_version < state.info.version:
-            rsp.routing.CopyFrom(self._routing_out(state))
-        return rsp
+        if request.routing_version >= state.info.version:
+            return mp.HeartbeatRsp(routing_version=state.info.version)
+        # After a change every node is behind: all get one shared answer.
+        routing = self._routing_out(state)
+        if self._stale_rsp is None or self._stale_rsp[0] is not routing:
+            rsp = mp.HeartbeatRsp(routing_version=state.info.version)
+            rsp.routing.CopyFrom(routing)
+            self._stale_rsp = (routing, rsp)
+        return self._stale_rsp[1]
 
     @rpc_handler
     async def GetRoutingInfo(
