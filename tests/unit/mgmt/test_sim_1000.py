@@ -27,6 +27,7 @@ from collections import Counter
 
 import pytest
 
+from chainfs.mgmt_service.cluster_state import ClusterState
 from chainfs.mgmt_service.simulation import CpuMeter, MgmtSim, SimConfig, SimNode
 from chainfs.proto import mgmt_pb2 as mp
 
@@ -186,6 +187,11 @@ async def test_rolling_failures_on_1000_nodes() -> None:
     assert failed >= 15 and detected >= 5, (failed, detected)
     assert all(t.public_state == mp.SERVING for t in sim.state.info.targets if t.chain_id)
     assert all(n.status == mp.NODE_ONLINE for n in sim.state.info.nodes)
+    # Every change reached the store: a new primary would load this very state.
+    stored = await sim.svc.store.transact(
+        lambda tx: ClusterState.load(tx, sim.svc.cfg.cluster_id), read_only=True
+    )
+    assert stored.encode() == sim.state.encode()
     _print_figures(steady, 5.0, churn, FAILING_S + SETTLE_S, failed, detected)
 
 
