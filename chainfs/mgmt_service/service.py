@@ -153,7 +153,8 @@ class Mgmtd(mg.MgmtServicer):
             trial = cached.copy()
             result = op(trial)
             if not trial.finish(cached):
-                return result, cached
+                self.state = trial  # equal to the cache, and knows which chains settled
+                return result, trial
             epoch = self.election.epoch
 
             async def fn(tx: Transaction) -> tuple[T, ClusterState, bool]:
