@@ -1,19 +1,27 @@
 """Planning new chains from free targets: R targets on R distinct nodes, balanced.
 
-1. Node sets: each chain takes one target from each of the R nodes with the
-   most free targets left. This greedy choice makes as many chains as possible
+1. Node sets: each chain takes one target from each of R nodes with the most
+   free targets left. This greedy choice makes as many chains as possible
    (k chains fit iff sum(min(free_n, k)) >= k * R, and taking from the fullest
-   nodes keeps that true).
+   nodes keeps that true), so every target is used when the counts allow it,
+   and each node is in as many chains as it gave targets. Among nodes with
+   equally many left the pick is seeded-random, so a node's chains spread over
+   many peers and a failed node's resync load does too (a fixed tie-break
+   would pair the same R nodes again and again).
 2. Heads (position 0, where writes enter): each chain's head is the member
-   heading the fewest chains so far, then heads are moved along augmenting paths
+   heading the fewest chains so far; then heads move along augmenting paths
    (chain headed by a -> member b -> chain headed by b -> ...) until no node
-   heads two more chains than one it could hand a head to: the most even split
-   the node sets allow, counting the heads of existing chains.
+   heads two more chains than a node it could hand a head to: the most even
+   split the node sets allow, counting the heads of existing chains. Head
+   counts are whole numbers, so the spread is at most one chain per node
+   (max/min within 5% needs 20+ heads per node, or chains divisible by nodes).
 3. Other positions go to the members that have held that position least.
 """
 
 from __future__ import annotations
 
+import random
+from collections import deque
 from collections.abc import Mapping, Sequence
 
 from chainfs.common.errors import ChainfsError, Code
@@ -47,6 +55,7 @@ def plan_chains(
     ``num_chains``: 0 = as many as possible. ``position_counts``: node id ->
     how often it already holds each position in existing chains (for balance).
     Raises NOT_ENOUGH_NODES (nothing planned) when the request cannot be met.
+    The same input always gives the same plan.
     """
     if replicas < 1:
         raise ChainfsError(Code.EINVAL, f"replicas must be >= 1, not {replicas}")
@@ -67,31 +76,13 @@ def plan_chains(
             f"{num_chains} chains of {replicas} replicas on distinct nodes need more free "
             f"targets; the free targets allow {possible}",
         )
-    left = {n: list(free_by_node[n]) for n in nodes}
     pos: dict[int, list[int]] = {n: [0] * replicas for n in nodes}
     for n, counts in (position_counts or {}).items():
         if n in pos:
             for i, c in enumerate(counts[:replicas]):
                 pos[n][i] = c
-    # 1. Which nodes each chain uses: the R with the most free targets left.
-    sets: list[list[int]] = []
-    for _ in range(want):
-        chosen = sorted(nodes, key=lambda n: (-len(left[n]), n))[:replicas]
-        assert len(chosen) == replicas and all(left[n] for n in chosen), "planning ran dry"
-        for n in chosen:
-            left[n].pop(0)
-        sets.append(chosen)
-    # 2. Heads, balanced: greedy, then augmenting paths until no node heads two
-    #    more chains than another node it can hand a head to.
-    heads = {n: pos[n][0] for n in nodes}
-    head_of: list[int] = []
-    for members in sets:
-        h = min(members, key=lambda n: (heads[n], n))
-        head_of.append(h)
-        heads[h] += 1
-    while _shift_one_head(sets, head_of, heads):
-        pass
-    # 3. The other positions go to the members that held them least.
+    sets = _node_sets({n: len(free_by_node[n]) for n in nodes}, replicas, want)
+    head_of = _balanced_heads(sets, {n: pos[n][0] for n in nodes})
     left = {n: list(free_by_node[n]) for n in nodes}
     chains: list[list[int]] = []
     for members, head in zip(sets, head_of, strict=True):
@@ -107,33 +98,101 @@ def plan_chains(
     return chains
 
 
-def _shift_one_head(sets: list[list[int]], head_of: list[int], heads: dict[int, int]) -> bool:
-    """Move one head along a path of chains from a node with the most heads to one
-    with at least two fewer; False if there is no such path (heads are balanced)."""
-    for a in sorted(heads, key=lambda n: (-heads[n], n)):
+def _node_sets(free: dict[int, int], replicas: int, want: int) -> list[list[int]]:
+    """``want`` sets of ``replicas`` distinct nodes, each from the nodes with the
+    most free targets left (seeded-random among equals). Nodes sit in buckets
+    by free count, so one pick costs O(replicas), not O(nodes)."""
+    rng = random.Random(f"{replicas}:{want}:{sorted(free.items())}")
+    buckets: dict[int, list[int]] = {}
+    for n in sorted(free):
+        buckets.setdefault(free[n], []).append(n)
+    top = max(buckets, default=0)
+    sets: list[list[int]] = []
+    for _ in range(want):
+        chosen: list[int] = []
+        level = top
+        while len(chosen) < replicas:
+            assert level > 0, "planning ran dry"
+            bucket = buckets.get(level, [])
+            taken = 0
+            while bucket and len(chosen) < replicas and taken < len(bucket):
+                # Pick a random unchosen node of this bucket (swap it to the end).
+                i = rng.randrange(len(bucket) - taken)
+                bucket[i], bucket[-1 - taken] = bucket[-1 - taken], bucket[i]
+                chosen.append(bucket[-1 - taken])
+                taken += 1
+            level -= 1
+        for n in chosen:
+            bucket = buckets[free[n]]
+            bucket.remove(n)
+            free[n] -= 1
+            buckets.setdefault(free[n], []).append(n)
+        while top > 0 and not buckets.get(top):
+            top -= 1
+        sets.append(sorted(chosen))
+    return sets
+
+
+def _balanced_heads(sets: list[list[int]], heads: dict[int, int]) -> list[int]:
+    """Each set's head: greedy (the member heading fewest), then augmenting
+    paths until no node heads two more chains than one it can hand a head to."""
+    head_of: list[int] = []
+    headed: dict[int, set[int]] = {n: set() for n in heads}  # node -> chains it heads
+    for i, members in enumerate(sets):
+        h = min(members, key=lambda n: (heads[n], n))
+        head_of.append(h)
+        headed[h].add(i)
+        heads[h] += 1
+    while _shift_one_head(sets, head_of, heads, headed):
+        pass
+    return head_of
+
+
+def _shift_one_head(
+    sets: list[list[int]], head_of: list[int], heads: dict[int, int], headed: dict[int, set[int]]
+) -> bool:
+    """Move one head along a path of chains from a node heading L chains to one
+    heading at most L - 2, for the highest L that has such a path; False if
+    there is none (heads are balanced). One breadth-first search per level,
+    from every node at that level at once."""
+    levels = sorted(set(heads.values()), reverse=True)
+    lowest = levels[-1] if levels else 0
+    for level in levels:
+        if level - 2 < lowest:
+            return False
+        sources = sorted(n for n, h in heads.items() if h == level)
         parent: dict[int, tuple[int, int]] = {}  # node -> (previous node, chain index)
-        frontier = [a]
-        seen = {a}
-        while frontier:
-            nxt: list[int] = []
-            for x in frontier:
-                for i, members in enumerate(sets):
-                    if head_of[i] != x:
+        seen = set(sources)
+        queue = deque(sources)
+        while queue:
+            x = queue.popleft()
+            for i in sorted(headed[x]):
+                for y in sets[i]:
+                    if y in seen:
                         continue
-                    for y in members:
-                        if y in seen:
-                            continue
-                        seen.add(y)
-                        parent[y] = (x, i)
-                        if heads[y] <= heads[a] - 2:
-                            node = y
-                            while node != a:
-                                prev, chain = parent[node]
-                                head_of[chain] = node
-                                node = prev
-                            heads[a] -= 1
-                            heads[y] += 1
-                            return True
-                        nxt.append(y)
-            frontier = nxt
+                    seen.add(y)
+                    parent[y] = (x, i)
+                    if heads[y] <= level - 2:
+                        _hand_over(y, parent, head_of, heads, headed)
+                        return True
+                    queue.append(y)
     return False
+
+
+def _hand_over(
+    end: int,
+    parent: dict[int, tuple[int, int]],
+    head_of: list[int],
+    heads: dict[int, int],
+    headed: dict[int, set[int]],
+) -> None:
+    """Apply an augmenting path: each chain on it is headed by the next node."""
+    node = end
+    heads[end] += 1
+    while node in parent:
+        prev, chain = parent[node]
+        headed[prev].discard(chain)
+        headed[node].add(chain)
+        head_of[chain] = node
+        node = prev
+    heads[node] -= 1

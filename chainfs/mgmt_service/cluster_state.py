@@ -8,17 +8,42 @@ ChainfsError before touching anything, so a rejected request changes nothing.
 state machine (``target_states``), bumps the version of each chain that
 changed and, if anything changed at all, the routing-info version.
 
-Nothing here does I/O: the server runs these inside one KV transaction.
+In the store the state is one key per node, target and chain plus a small
+header (``schema``): :meth:`ClusterState.finish` records which records an
+operation changed, and :meth:`ClusterState.save` writes only those, so a
+heartbeat that flips one node writes a handful of keys however large the
+cluster. Lookups go through an id index, and ``finish`` steps only the chains
+an operation touched or that have not settled yet, so the cost of an
+operation does not grow with the number of nodes, targets or chains (copy()
+aside, which the caller does once per committed change).
+
+Code that changes ``info`` records directly, not through these methods, must
+say so with :meth:`ClusterState.mark_changed`, or the change is neither
+stepped nor stored.
+
+Nothing here does I/O beyond the KV transaction handed to load/save.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.kv import Transaction, prefix_end
 from chainfs.mgmt_service import chain_table
+from chainfs.mgmt_service.schema import (
+    KEY_CHAIN,
+    KEY_COUNTERS,
+    KEY_NODE,
+    KEY_ROUTING,
+    KEY_STATE_HEADER,
+    KEY_TARGET,
+    chain_key,
+    node_key,
+    target_key,
+)
 from chainfs.mgmt_service.target_states import LS, PS, Member, step_chain
 from chainfs.proto import mgmt_pb2 as mp
 
@@ -45,9 +70,67 @@ class Counters:
         return cls(int(d["next_node_id"]), int(d["next_target_id"]))
 
 
-def _chain_signature(info: mp.RoutingInfo, chain: mp.ChainInfo) -> tuple[tuple[int, int], ...]:
-    states = {t.target_id: t.public_state for t in info.targets}
-    return tuple((t, states.get(t, 0)) for t in chain.targets)
+def _chain_signature(
+    targets: dict[int, mp.TargetInfo], chain: mp.ChainInfo
+) -> tuple[tuple[int, int], ...]:
+    return tuple((t, targets[t].public_state if t in targets else 0) for t in chain.targets)
+
+
+@dataclass
+class _Index:
+    """Id -> record (the records of ``info``, not copies), and each node's target ids.
+
+    ``info``'s lists are kept sorted by id (load reads them in key order, new
+    records are sorted in), which lets a copy reuse the ids: reading a field
+    of every record costs about ten times more than pairing ids with records.
+    """
+
+    nodes: dict[int, mp.NodeInfo] = field(default_factory=dict)
+    targets: dict[int, mp.TargetInfo] = field(default_factory=dict)
+    chains: dict[int, mp.ChainInfo] = field(default_factory=dict)
+    by_node: dict[int, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, info: mp.RoutingInfo) -> _Index:
+        idx = cls(
+            {n.node_id: n for n in info.nodes},
+            {t.target_id: t for t in info.targets},
+            {c.chain_id: c for c in info.chains},
+        )
+        for tid, t in idx.targets.items():
+            idx.by_node.setdefault(t.node_id, []).append(tid)
+        return idx
+
+    def for_copy(self, info: mp.RoutingInfo) -> _Index:
+        """The same index over ``info``, a copy of the indexed RoutingInfo."""
+        pairs = (
+            (sorted(self.nodes), info.nodes),
+            (sorted(self.targets), info.targets),
+            (sorted(self.chains), info.chains),
+        )
+        for ids, records in pairs:
+            if len(ids) != len(records) or (ids and _id_of(records[-1]) != ids[-1]):
+                return _Index.of(info)  # changed behind the index: read every record
+        nodes, targets, chains = (dict(zip(ids, records, strict=True)) for ids, records in pairs)
+        by_node = {n: list(ids) for n, ids in self.by_node.items()}
+        return _Index(nodes, targets, chains, by_node)  # type: ignore[arg-type]
+
+
+def _id_of(record: mp.NodeInfo | mp.TargetInfo | mp.ChainInfo) -> int:
+    if isinstance(record, mp.NodeInfo):
+        return record.node_id
+    if isinstance(record, mp.TargetInfo):
+        return record.target_id
+    return record.chain_id
+
+
+@dataclass
+class _Changes:
+    """Ids of records an operation changed (or removed) since the last copy."""
+
+    nodes: set[int] = field(default_factory=set)
+    targets: set[int] = field(default_factory=set)
+    chains: set[int] = field(default_factory=set)
 
 
 class ClusterState:
@@ -56,9 +139,16 @@ class ClusterState:
     def __init__(self, info: mp.RoutingInfo, counters: Counters) -> None:
         self.info = info
         self.counters = counters
+        self.from_single_key = False  # loaded from the old one-value layout
+        self._idx: _Index | None = None
+        self._changes = _Changes()
+        # Chains whose last step changed them (another step may change them
+        # again); None = not stepped since load, so every chain.
+        self._unsettled: set[int] | None = None
 
     @classmethod
     def decode(cls, routing: bytes | None, counters: bytes | None, cluster_id: str) -> ClusterState:
+        """From the old layout: the whole RoutingInfo in one value."""
         info = mp.RoutingInfo()
         if routing is not None:
             info.ParseFromString(routing)
@@ -66,42 +156,150 @@ class ClusterState:
             info.cluster_id = cluster_id
         return cls(info, Counters.decode(counters))
 
+    @classmethod
+    async def load(cls, tx: Transaction, cluster_id: str) -> ClusterState:
+        """Read the stored state (header, then every record by range).
+
+        A store still in the old one-value layout loads from that value, with
+        ``from_single_key`` set: :meth:`save_all` converts it.
+        """
+        counters = await tx.get(KEY_COUNTERS)
+        header = await tx.get(KEY_STATE_HEADER)
+        if header is None:
+            old = await tx.get(KEY_ROUTING)
+            state = cls.decode(old, counters, cluster_id)
+            state.from_single_key = old is not None
+            return state
+        info = mp.RoutingInfo()
+        info.ParseFromString(header)
+        for prefix, records in (
+            (KEY_NODE, info.nodes),
+            (KEY_TARGET, info.targets),
+            (KEY_CHAIN, info.chains),
+        ):
+            for _, raw in await tx.get_range(prefix, prefix_end(prefix)):
+                records.add().ParseFromString(raw)
+        return cls(info, Counters.decode(counters))
+
+    def _header(self) -> bytes:
+        head = mp.RoutingInfo(
+            version=self.info.version, replicas=self.info.replicas, cluster_id=self.info.cluster_id
+        )
+        return head.SerializeToString(deterministic=True)
+
+    def save(self, tx: Transaction) -> None:
+        """Write the header, the counters and the records :meth:`finish` found
+        changed (removed ones are cleared)."""
+        tx.set(KEY_STATE_HEADER, self._header())
+        tx.set(KEY_COUNTERS, self.counters.encode())
+        idx = self._index()
+        for ids, records, key in (
+            (self._changes.nodes, idx.nodes, node_key),
+            (self._changes.targets, idx.targets, target_key),
+            (self._changes.chains, idx.chains, chain_key),
+        ):
+            for i in sorted(ids):
+                rec = records.get(i)
+                if rec is None:
+                    tx.clear(key(i))
+                else:
+                    tx.set(key(i), rec.SerializeToString(deterministic=True))
+
+    def save_all(self, tx: Transaction) -> None:
+        """Write every record (and drop the old one-value layout)."""
+        self._changes = _Changes(
+            {n.node_id for n in self.info.nodes},
+            {t.target_id for t in self.info.targets},
+            {c.chain_id for c in self.info.chains},
+        )
+        self.save(tx)
+        tx.clear(KEY_ROUTING)
+        self._changes = _Changes()
+
     def copy(self) -> ClusterState:
         info = mp.RoutingInfo()
         info.CopyFrom(self.info)
-        return ClusterState(
-            info, Counters(self.counters.next_node_id, self.counters.next_target_id)
-        )
+        out = ClusterState(info, Counters(self.counters.next_node_id, self.counters.next_target_id))
+        out._unsettled = None if self._unsettled is None else set(self._unsettled)
+        if self._idx is not None:
+            out._idx = self._idx.for_copy(info)
+        return out
 
     def encode(self) -> tuple[bytes, bytes]:
         return self.info.SerializeToString(deterministic=True), self.counters.encode()
 
+    def mark_changed(
+        self,
+        node_ids: Iterable[int] = (),
+        target_ids: Iterable[int] = (),
+        chain_ids: Iterable[int] = (),
+    ) -> None:
+        """Records changed outside this class's methods: step and store them."""
+        self._changes.nodes.update(node_ids)
+        self._changes.targets.update(target_ids)
+        self._changes.chains.update(chain_ids)
+
+    def has_unsettled_chains(self) -> bool:
+        """Would a step with no new input change some chain?"""
+        return self._unsettled is None or bool(self._unsettled)
+
     # -- lookups -----------------------------------------------------------
+    def _index(self) -> _Index:
+        if self._idx is None:
+            self._idx = _Index.of(self.info)
+        return self._idx
+
     def node(self, node_id: int) -> mp.NodeInfo | None:
-        for n in self.info.nodes:
-            if n.node_id == node_id:
-                return n
-        return None
+        return self._index().nodes.get(node_id)
 
     def target(self, target_id: int) -> mp.TargetInfo | None:
-        for t in self.info.targets:
-            if t.target_id == target_id:
-                return t
-        return None
+        return self._index().targets.get(target_id)
 
     def chain(self, chain_id: int) -> mp.ChainInfo | None:
-        for c in self.info.chains:
-            if c.chain_id == chain_id:
-                return c
-        return None
+        return self._index().chains.get(chain_id)
 
     def targets_of(self, node_id: int) -> list[mp.TargetInfo]:
-        return [t for t in self.info.targets if t.node_id == node_id]
+        idx = self._index()
+        return [idx.targets[tid] for tid in idx.by_node.get(node_id, ())]
 
     def take_node_id(self) -> int:
         nid = self.counters.next_node_id
         self.counters.next_node_id += 1
         return nid
+
+    def _new_node(self, node_id: int) -> mp.NodeInfo:
+        idx = self._index()
+        n = self.info.nodes.add(node_id=node_id)
+        if len(self.info.nodes) > 1 and self.info.nodes[-2].node_id > node_id:
+            self.info.nodes.sort(key=lambda x: x.node_id)  # records keep their identity
+        idx.nodes[node_id] = n
+        self._changes.nodes.add(node_id)
+        return n
+
+    def _new_target(self, target_id: int, node_id: int) -> mp.TargetInfo:
+        idx = self._index()
+        t = self.info.targets.add(target_id=target_id, node_id=node_id, chain_id=0)
+        if len(self.info.targets) > 1 and self.info.targets[-2].target_id > target_id:
+            self.info.targets.sort(key=lambda x: x.target_id)
+        idx.targets[target_id] = t
+        idx.by_node.setdefault(node_id, []).append(target_id)
+        self._changes.targets.add(target_id)
+        return t
+
+    def _set_public(self, t: mp.TargetInfo, state: int) -> None:
+        if t.public_state != state:
+            t.public_state = state  # type: ignore[assignment]
+            self._changes.targets.add(t.target_id)
+
+    def _set_local(self, t: mp.TargetInfo, state: int) -> None:
+        if t.local_state != state:
+            t.local_state = state  # type: ignore[assignment]
+            self._changes.targets.add(t.target_id)
+
+    def _set_status(self, n: mp.NodeInfo, status: int) -> None:
+        if n.status != status:
+            n.status = status  # type: ignore[assignment]
+            self._changes.nodes.add(n.node_id)
 
     # -- registration ------------------------------------------------------
     def register(
@@ -189,14 +387,14 @@ class ClusterState:
                 node_id = self.take_node_id()
             else:
                 self.counters.next_node_id = max(self.counters.next_node_id, node_id + 1)
-            entry = self.info.nodes.add()
-            entry.node_id = node_id
+            entry = self._new_node(node_id)
         else:
             entry = existing
+            self._changes.nodes.add(node_id)
             for t in self.targets_of(node_id):
-                t.local_state = mp.LOCAL_OFFLINE
+                self._set_local(t, mp.LOCAL_OFFLINE)
                 if not t.chain_id:
-                    t.public_state = mp.OFFLINE
+                    self._set_public(t, mp.OFFLINE)
         entry.type = node.type
         entry.hostname = node.hostname
         entry.pid = node.pid
@@ -215,10 +413,7 @@ class ClusterState:
                     self.counters.next_target_id += 1
                 else:
                     self.counters.next_target_id = max(self.counters.next_target_id, tid + 1)
-                t = self.info.targets.add()
-                t.target_id = tid
-                t.node_id = node_id
-                t.chain_id = 0
+                t = self._new_target(tid, node_id)
                 local = req.local_state or mp.ONLINE
                 t.local_state = local
                 t.public_state = mp.OFFLINE if local == mp.LOCAL_OFFLINE else mp.WAITING
@@ -226,9 +421,8 @@ class ClusterState:
             known.path = req.path or known.path
             if req.capacity_bytes:
                 known.capacity_bytes = req.capacity_bytes
+            self._changes.targets.add(known.target_id)
             out_ids.append(known.target_id)
-        self.info.nodes.sort(key=lambda n: n.node_id)
-        self.info.targets.sort(key=lambda t: t.target_id)
         return node_id, out_ids
 
     def add_targets(self, node_id: int, targets: Sequence[mp.TargetInfo]) -> list[int]:
@@ -269,17 +463,13 @@ class ClusterState:
                 )
         ids: list[int] = []
         for req in targets:
-            t = self.info.targets.add()
-            t.target_id = self.counters.next_target_id
+            t = self._new_target(self.counters.next_target_id, node_id)
             self.counters.next_target_id += 1
-            t.node_id = node_id
-            t.chain_id = 0
             t.local_state = mp.ONLINE
             t.public_state = mp.WAITING
             t.path = req.path
             t.capacity_bytes = req.capacity_bytes
             ids.append(t.target_id)
-        self.info.targets.sort(key=lambda t: t.target_id)
         return ids
 
     # -- heartbeats --------------------------------------------------------
@@ -318,14 +508,16 @@ class ClusterState:
         """Node online; reported local states recorded (unspecified = unchanged;
         targets mgmtd no longer knows, e.g. removed, are ignored)."""
         n = self.check_heartbeat(req)
-        n.status = mp.NODE_ONLINE
+        self._set_status(n, mp.NODE_ONLINE)
         for th in req.targets:
             t = self.target(th.target_id)
             if t is None or not th.local_state or t.held_offline:
                 continue  # held offline: only online-target brings it back
-            t.local_state = th.local_state
+            self._set_local(t, th.local_state)
             if not t.chain_id:
-                t.public_state = mp.OFFLINE if th.local_state == mp.LOCAL_OFFLINE else mp.WAITING
+                self._set_public(
+                    t, mp.OFFLINE if th.local_state == mp.LOCAL_OFFLINE else mp.WAITING
+                )
 
     def mark_offline(self, node_ids: Iterable[int]) -> None:
         """Nodes that missed heartbeats: offline, and so are their targets."""
@@ -333,11 +525,11 @@ class ClusterState:
             n = self.node(nid)
             if n is None:
                 continue
-            n.status = mp.NODE_OFFLINE
+            self._set_status(n, mp.NODE_OFFLINE)
             for t in self.targets_of(nid):
-                t.local_state = mp.LOCAL_OFFLINE
+                self._set_local(t, mp.LOCAL_OFFLINE)
                 if not t.chain_id:
-                    t.public_state = mp.OFFLINE
+                    self._set_public(t, mp.OFFLINE)
 
     # -- chains ------------------------------------------------------------
     def free_targets_by_node(self) -> dict[int, list[int]]:
@@ -374,62 +566,108 @@ class ClusterState:
         )
         next_chain = max((c.chain_id for c in self.info.chains), default=0) + 1
         ids: list[int] = []
+        idx = self._index()
         for members in plan:
-            c = self.info.chains.add()
-            c.chain_id = next_chain
-            c.chain_version = 0  # finish() sets 1 for a new chain
-            c.targets.extend(members)
+            # chain_version 0: finish() sets 1 for a new chain
+            c = self.info.chains.add(chain_id=next_chain, chain_version=0, targets=members)
+            idx.chains[next_chain] = c
+            self._changes.chains.add(next_chain)
             for tid in members:
                 t = self.target(tid)
                 assert t is not None and t.chain_id == 0
                 t.chain_id = next_chain
                 t.public_state = mp.SERVING
+                self._changes.targets.add(tid)
             ids.append(next_chain)
             next_chain += 1
         if not self.info.replicas:
             self.info.replicas = replicas
         return ids
 
+    def _chains_to_check(self, before: ClusterState | None) -> set[int]:
+        """Chains this operation changed or whose targets it changed."""
+        out = set(self._changes.chains)
+        for tid in self._changes.targets:
+            for s in (self, before):
+                t = s.target(tid) if s is not None else None
+                if t is not None and t.chain_id:
+                    out.add(t.chain_id)
+        return out
+
     def step_chains(self) -> None:
-        """One state-machine step on every chain."""
-        by_id = {t.target_id: t for t in self.info.targets}
-        for c in self.info.chains:
+        """One state-machine step on every chain (a settled chain that nothing
+        touched is a fixed point of the step, so only the others are stepped)."""
+        idx = self._index()
+        if self._unsettled is None:
+            todo = set(idx.chains)
+        else:
+            todo = self._unsettled | self._chains_to_check(None)
+        unsettled: set[int] = set()
+        for cid in sorted(todo):
+            c = idx.chains.get(cid)
+            if c is None:
+                continue
             members = [
-                Member(tid, PS(by_id[tid].public_state), LS(by_id[tid].local_state))
+                Member(tid, PS(idx.targets[tid].public_state), LS(idx.targets[tid].local_state))
                 for tid in c.targets
             ]
             new = step_chain(members)
             if new == members:
                 continue
+            unsettled.add(cid)
+            self._changes.chains.add(cid)
             del c.targets[:]
             c.targets.extend(m.target_id for m in new)
             for m in new:
-                by_id[m.target_id].public_state = int(m.public)  # type: ignore[assignment]
+                self._set_public(idx.targets[m.target_id], int(m.public))
+        self._unsettled = unsettled
 
     def finish(self, before: ClusterState) -> bool:
         """Step chains, bump changed chains' versions and the routing version.
 
-        Returns True if anything differs from ``before``.
+        ``before`` is the state this one was copied from. Returns True if
+        anything differs from it; :meth:`save` then writes just that.
         """
         self.step_chains()
-        old = {c.chain_id: c for c in before.info.chains}
-        for c in self.info.chains:
-            prev = old.get(c.chain_id)
+        targets = self._index().targets
+        for cid in self._chains_to_check(before):
+            c = self.chain(cid)
+            if c is None:
+                continue
+            self._changes.chains.add(cid)
+            prev = before.chain(cid)
             if prev is None:
                 c.chain_version = max(c.chain_version, 0) + 1
-            elif _chain_signature(self.info, c) != _chain_signature(before.info, prev):
+            elif _chain_signature(targets, c) != _chain_signature(before._index().targets, prev):
                 c.chain_version = prev.chain_version + 1
-        self.info.version = before.info.version
-        if self.encode() == before.encode():
-            return False
-        self.info.version = before.info.version + 1
-        return True
+        changed = self._drop_unchanged(before)
+        changed |= self.counters != before.counters
+        changed |= (self.info.replicas, self.info.cluster_id) != (
+            before.info.replicas,
+            before.info.cluster_id,
+        )
+        self.info.version = before.info.version + (1 if changed else 0)
+        return changed
+
+    def _drop_unchanged(self, before: ClusterState) -> bool:
+        """Forget marked records equal to ``before``'s; True if any is left."""
+        for ids, lookup, prev_lookup in (
+            (self._changes.nodes, self.node, before.node),
+            (self._changes.targets, self.target, before.target),
+            (self._changes.chains, self.chain, before.chain),
+        ):
+            for i in list(ids):
+                if lookup(i) == prev_lookup(i):
+                    ids.discard(i)
+        c = self._changes
+        return bool(c.nodes or c.targets or c.chains)
 
     # -- operator changes --------------------------------------------------
     def offline_target(self, target_id: int) -> None:
         """Offline, and held so: its node's heartbeats do not revive it (a disk
         the operator distrusts stays out until online_target or remove_target)."""
         t = self._target_or_raise(target_id)
+        self._changes.targets.add(target_id)
         t.local_state = mp.LOCAL_OFFLINE
         t.held_offline = True
         if not t.chain_id:
@@ -444,6 +682,7 @@ class ClusterState:
                 Code.EINVAL, f"target {target_id} was not taken offline by offline-target"
             )
         t.held_offline = False
+        self._changes.targets.add(target_id)
 
     def remove_target(self, target_id: int) -> None:
         t = self._target_or_raise(target_id)
@@ -452,7 +691,10 @@ class ClusterState:
             assert c is not None
             self._check_removable(c, t)
             c.targets.remove(target_id)
+            self._changes.chains.add(c.chain_id)
+        self._changes.targets.add(target_id)
         self.info.targets.remove(t)
+        self._idx = None  # records after it moved
 
     def rotate_lastsrv(self, target_id: int) -> None:
         t = self._target_or_raise(target_id)
@@ -468,10 +710,11 @@ class ClusterState:
         order = [*c.targets[1:], c.targets[0]]
         del c.targets[:]
         c.targets.extend(order)
+        self._changes.chains.add(c.chain_id)
         for i, tid in enumerate(order):
             x = self.target(tid)
             assert x is not None
-            x.public_state = mp.LASTSRV if i == 0 else mp.OFFLINE
+            self._set_public(x, mp.LASTSRV if i == 0 else mp.OFFLINE)
 
     def update_chain(self, chain_id: int, add: Sequence[int], remove: Sequence[int]) -> None:
         c = self.chain(chain_id)
@@ -518,6 +761,7 @@ class ClusterState:
             t.chain_id = chain_id
             t.public_state = mp.OFFLINE  # joins at the end; resync fills it
             c.targets.append(tid)
+        self.mark_changed(target_ids=[*add, *remove], chain_ids=[chain_id])
 
     def _check_removable(self, c: mp.ChainInfo, t: mp.TargetInfo) -> None:
         if t.public_state not in (mp.OFFLINE, mp.WAITING):

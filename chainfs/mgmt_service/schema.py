@@ -5,6 +5,14 @@ from __future__ import annotations
 import time
 
 KEY_PREFIX = b"MGMT|"
+# The cluster state, one key per record so that one change writes a few keys:
+# a header (routing version, cluster id, replicas: a RoutingInfo without its
+# lists), then one NodeInfo / TargetInfo / ChainInfo per key, loaded by range.
+KEY_STATE_HEADER = KEY_PREFIX + b"state"
+KEY_NODE = KEY_PREFIX + b"node|"
+KEY_TARGET = KEY_PREFIX + b"target|"
+KEY_CHAIN = KEY_PREFIX + b"chain|"
+# The old layout: the whole RoutingInfo in one value; converted once on load.
 KEY_ROUTING = KEY_PREFIX + b"routing"
 KEY_COUNTERS = KEY_PREFIX + b"counters"
 KEY_PRIMARY = KEY_PREFIX + b"primary"
@@ -21,3 +29,15 @@ def wall_ms() -> int:
 
 def peer_key(node_id: int) -> bytes:
     return KEY_PEER + b"%010d" % node_id
+
+
+def node_key(node_id: int) -> bytes:
+    return KEY_NODE + b"%010d" % node_id
+
+
+def target_key(target_id: int) -> bytes:
+    return KEY_TARGET + b"%020d" % target_id
+
+
+def chain_key(chain_id: int) -> bytes:
+    return KEY_CHAIN + b"%010d" % chain_id

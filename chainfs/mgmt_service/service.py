@@ -26,7 +26,7 @@ from chainfs.common.rpc.grpc_util import rpc_handler
 from chainfs.common.rpc.mgmt_client import not_primary_message
 from chainfs.common.rpc.mgmt_wire import WIRE_BY_MSG_TYPE
 from chainfs.kv import KVStore, Transaction, prefix_end
-from chainfs.mgmt_service.cluster_state import ClusterState
+from chainfs.mgmt_service.cluster_state import ClusterState, Counters
 from chainfs.mgmt_service.config import MgmtdConfig, redact_url
 from chainfs.mgmt_service.election import Election
 from chainfs.mgmt_service.schema import (
@@ -35,7 +35,6 @@ from chainfs.mgmt_service.schema import (
     KEY_COUNTERS,
     KEY_PEER,
     KEY_PRIMARY,
-    KEY_ROUTING,
     wall_ms,
 )
 from chainfs.proto import mgmt_pb2 as mp
@@ -58,8 +57,10 @@ class Mgmtd(mg.MgmtServicer):
         address: str,
         store_url: str = "",
         exclusive_store: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
+        self.clock = clock  # heartbeat arrival and deadlines (seconds); simulations pass theirs
         self.store = store
         self.store_url = store_url
         self.self_id = self_id
@@ -71,6 +72,9 @@ class Mgmtd(mg.MgmtServicer):
         self._last_hb: dict[int, float] = {}  # node id -> monotonic time of last heartbeat
         self._last_hb_ms: dict[int, int] = {}  # node id -> wall clock, for display
         self._target_stats: dict[int, mp.TargetHeartbeat] = {}
+        # _routing_out's last answer: (routing version, clock at build, info).
+        self._routing_cache: tuple[int, float, mp.RoutingInfo] | None = None
+        self._stale_rsp: tuple[mp.RoutingInfo, mp.HeartbeatRsp] | None = None  # per routing out
         self._watchers: set[asyncio.Event] = set()
         self.stopping = False  # set by stop_serving(): answer as a standby from now on
 
@@ -88,16 +92,29 @@ class Mgmtd(mg.MgmtServicer):
             raise self._not_primary()
         return self.state
 
-    async def _load_state(self) -> None:
-        async def fn(tx: Transaction) -> ClusterState:
-            return ClusterState.decode(
-                await tx.get(KEY_ROUTING), await tx.get(KEY_COUNTERS), self.cfg.cluster_id
-            )
+    async def _check_primary(self, tx: Transaction, epoch: int) -> None:
+        raw = await tx.get(KEY_PRIMARY)
+        primary = json.loads(raw) if raw else None
+        if not primary or primary["node_id"] != self.self_id or primary["epoch"] != epoch:
+            raise self._not_primary()
 
-        state = await self.store.transact(fn, read_only=True)
-        now = time.monotonic()
+    async def _load_state(self) -> None:
+        epoch = self.election.epoch
+
+        async def fn(tx: Transaction) -> ClusterState:
+            state = await ClusterState.load(tx, self.cfg.cluster_id)
+            if state.from_single_key:  # the old layout: one key per record from now on
+                await self._check_primary(tx, epoch)
+                state.save_all(tx)
+            return state
+
+        state = await self.store.transact(fn)
+        if state.from_single_key:
+            log.info("cluster state converted to one key per node, target and chain")
+        now = self.clock()
         self._last_hb = {n.node_id: now for n in state.info.nodes}  # grace after takeover
         self._target_stats.clear()
+        self._routing_cache = None
         self.state = state
         self._epoch_loaded = self.election.epoch
         log.info(
@@ -136,24 +153,25 @@ class Mgmtd(mg.MgmtServicer):
             trial = cached.copy()
             result = op(trial)
             if not trial.finish(cached):
-                return result, cached
+                self.state = trial  # equal to the cache, and knows which chains settled
+                return result, trial
             epoch = self.election.epoch
 
             async def fn(tx: Transaction) -> tuple[T, ClusterState, bool]:
-                raw = await tx.get(KEY_PRIMARY)
-                primary = json.loads(raw) if raw else None
-                if not primary or primary["node_id"] != self.self_id or primary["epoch"] != epoch:
-                    raise self._not_primary()
-                before = ClusterState.decode(
-                    await tx.get(KEY_ROUTING), await tx.get(KEY_COUNTERS), self.cfg.cluster_id
-                )
-                after = before.copy()
-                res = op(after)
-                changed = after.finish(before)
+                # The primary is the only writer of the state, so the cache is
+                # what is stored; only the id counters are shared (a starting
+                # mgmtd takes its id from them): redo the op if they moved.
+                await self._check_primary(tx, epoch)
+                stored = Counters.decode(await tx.get(KEY_COUNTERS))
+                res, after, changed = result, trial, True
+                if stored != cached.counters:
+                    before = cached.copy()
+                    before.counters = stored
+                    after = before.copy()
+                    res = op(after)
+                    changed = after.finish(before)
                 if changed:
-                    routing, counters = after.encode()
-                    tx.set(KEY_ROUTING, routing)
-                    tx.set(KEY_COUNTERS, counters)
+                    after.save(tx)
                 return res, after, changed
 
             try:
@@ -173,18 +191,42 @@ class Mgmtd(mg.MgmtServicer):
             ev.set()
 
     def _routing_out(self, state: ClusterState) -> mp.RoutingInfo:
-        """Routing info with the in-memory figures (heartbeat times, usage) filled in."""
+        """Routing info with the in-memory figures (heartbeat times, usage) filled in.
+
+        Built once per routing version and heartbeat interval, not per caller:
+        after a change every node asks for it, and building it walks every
+        target. Callers copy it, never change it.
+        """
+        now = self.clock()
+        cached = self._routing_cache
+        fresh_s = self.cfg.heartbeat_interval_ms / 1000.0
+        if cached is not None and cached[0] == state.info.version and now - cached[1] < fresh_s:
+            return cached[2]
+        info = self._build_routing_out(state)
+        self._routing_cache = (state.info.version, now, info)
+        return info
+
+    def _build_routing_out(self, state: ClusterState) -> mp.RoutingInfo:
         info = mp.RoutingInfo()
         info.CopyFrom(state.info)
         for n in info.nodes:
             n.last_heartbeat_ms = self._last_hb_ms.get(n.node_id, 0)
+        stats = self._target_stats
         for t in info.targets:
-            s = self._target_stats.get(t.target_id)
-            if s is not None:
+            s = stats.get(t.target_id)
+            if s is None:
+                continue
+            # Stored records hold none of these figures (zero, empty): set only
+            # the reported ones, as setting a field costs more than testing it.
+            if s.used_bytes:
                 t.used_bytes = s.used_bytes
-                t.capacity_bytes = s.capacity_bytes or t.capacity_bytes
+            if s.capacity_bytes:
+                t.capacity_bytes = s.capacity_bytes
+            if s.sync_bytes_left:
                 t.sync_bytes_left = s.sync_bytes_left
+            if s.sync_rate_bytes_per_s:
                 t.sync_rate_bytes_per_s = s.sync_rate_bytes_per_s
+            if s.fs_id:
                 t.fs_id = s.fs_id
         return info
 
@@ -193,7 +235,7 @@ class Mgmtd(mg.MgmtServicer):
         last heartbeat (metrics, status page); None on a standby."""
         if self.state is None or not self.election.is_primary():
             return None
-        now = time.monotonic()
+        now = self.clock()
         return self._routing_out(self.state), {n: now - t for n, t in self._last_hb.items()}
 
     # -- background rounds (run by mgmt_service.background) ---------------
@@ -218,7 +260,7 @@ class Mgmtd(mg.MgmtServicer):
         if self.state is None or not self.election.is_primary():
             return
         timeout_s = self.cfg.heartbeat_timeout_ms / 1000.0
-        now = time.monotonic()
+        now = self.clock()
         silent = [
             n.node_id
             for n in self.state.info.nodes
@@ -229,10 +271,12 @@ class Mgmtd(mg.MgmtServicer):
             # Re-checked when the op runs (after waiting for the mutex, and
             # again in the transaction): a heartbeat that came meanwhile
             # keeps its node online.
-            at = time.monotonic()
+            at = self.clock()
             late = [i for i in silent if at - self._last_hb.get(i, at) > timeout_s]
             s.mark_offline(late)
 
+        if not silent and not self.state.has_unsettled_chains():
+            return  # nothing to time out and every chain settled: no step would change one
         if silent:
             log.warning("nodes %s missed heartbeats for %.1fs: offline", silent, timeout_s)
         await self._mutate(op)
@@ -246,7 +290,7 @@ class Mgmtd(mg.MgmtServicer):
             return s.register(request.node, list(request.targets), request.reregister)
 
         (node_id, target_ids), state = await self._mutate(op)
-        self._last_hb[node_id] = time.monotonic()
+        self._last_hb[node_id] = self.clock()
         self._last_hb_ms[node_id] = wall_ms()
         log.info(
             "%s node %d (%s) at %s, targets %s",
@@ -271,14 +315,19 @@ class Mgmtd(mg.MgmtServicer):
         state = self._require_primary()
         if state.heartbeat_changes(request):  # also validates (UNKNOWN_NODE ...)
             _, state = await self._mutate(lambda s: s.apply_heartbeat(request))
-        self._last_hb[request.node_id] = time.monotonic()
+        self._last_hb[request.node_id] = self.clock()
         self._last_hb_ms[request.node_id] = wall_ms()
         for th in request.targets:
             self._target_stats[th.target_id] = th
-        rsp = mp.HeartbeatRsp(routing_version=state.info.version)
-        if request.routing_version < state.info.version:
-            rsp.routing.CopyFrom(self._routing_out(state))
-        return rsp
+        if request.routing_version >= state.info.version:
+            return mp.HeartbeatRsp(routing_version=state.info.version)
+        # After a change every node is behind: all get one shared answer.
+        routing = self._routing_out(state)
+        if self._stale_rsp is None or self._stale_rsp[0] is not routing:
+            rsp = mp.HeartbeatRsp(routing_version=state.info.version)
+            rsp.routing.CopyFrom(routing)
+            self._stale_rsp = (routing, rsp)
+        return self._stale_rsp[1]
 
     @rpc_handler
     async def GetRoutingInfo(
@@ -444,9 +493,7 @@ class Mgmtd(mg.MgmtServicer):
         primary = self.election.is_primary() and self.state is not None
 
         async def fn(tx: Transaction) -> tuple[ClusterState, list[dict[str, Any]]]:
-            st = ClusterState.decode(
-                await tx.get(KEY_ROUTING), await tx.get(KEY_COUNTERS), self.cfg.cluster_id
-            )
+            st = await ClusterState.load(tx, self.cfg.cluster_id)
             peers = [json.loads(v) for _, v in await tx.get_range(KEY_PEER, prefix_end(KEY_PEER))]
             return st, peers
 

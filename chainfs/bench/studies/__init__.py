@@ -198,6 +198,19 @@ STUDIES: tuple[Study, ...] = (
         """),
     ),
     Study(
+        "mgmt-scale",
+        "mgmt_scale.run",
+        "mgmtd CPU with simulated storage nodes (one process, simulated clock): steady "
+        "heartbeats, then nodes failing, timed out, returning and resyncing.",
+        _options("""
+            --nodes                   1000  simulated storage nodes
+            --targets-per-node        10    targets of each node
+            --heartbeat-interval-ms   1000  heartbeat interval
+            --seconds                 10.0  simulated seconds of steady heartbeats
+            --failures                10    nodes that fail at once, then return
+        """),
+    ),
+    Study(
         "open-random",
         "fuse.open_random",
         "Costs of open files: read sessions, client buffering, fio 4 KiB random I/O "
