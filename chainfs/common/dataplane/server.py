@@ -16,6 +16,12 @@ exception is logged and answered as INTERNAL. A malformed frame closes only
 its connection. A frame whose bytes stop arriving, or replies the peer stops
 reading, for ``frame_stall_timeout_ms`` close the connection too (frees the
 buffers they hold).
+
+TLS: when the process's TLS settings (or ``config.tls``) are on, TCP
+connections are TLS (the handshake runs as a task, bounded by
+``tls.handshake_timeout_ms``, and counts against ``max_server_connections``);
+a client certificate is verified if presented, not required. Unix-socket
+connections stay plain.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from chainfs.common import tls
 from chainfs.common.dataplane.address import format_tcp
 from chainfs.common.dataplane.buffers import BufferPool, PooledBuffer
 from chainfs.common.dataplane.config import DataPlaneConfig
@@ -41,6 +49,7 @@ from chainfs.common.dataplane.conn import (
     Segment,
     _FileSeg,
     as_byte_view,
+    tls_handshake,
 )
 from chainfs.common.dataplane.frame import (
     FLAG_ERROR,
@@ -278,7 +287,17 @@ class DataServer:
         self._watchdog: asyncio.TimerHandle | None = None
         self._accept_retry: dict[socket.socket, asyncio.TimerHandle] = {}
         self._bound_port = 0
-        self.stats = {"connections": 0, "requests": 0, "errors": 0, "bad_frames": 0}
+        tls_config = tls.current() if self.config.tls is None else self.config.tls
+        self._tls_ctx = tls_config.server_context() if tls_config.enabled else None
+        self._tls_timeout_s = tls_config.handshake_timeout_ms / 1000
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self.stats = {
+            "connections": 0,
+            "requests": 0,
+            "errors": 0,
+            "bad_frames": 0,
+            "tls_failures": 0,
+        }
 
     @property
     def address(self) -> str:
@@ -346,20 +365,40 @@ class DataServer:
                     ACCEPT_RETRY_S, self._resume_accept, ls
                 )
                 return
-            if len(self._conns) >= self.config.max_server_connections:
+            if len(self._conns) + len(self._handshakes) >= self.config.max_server_connections:
                 log.warning("data plane: connection limit reached, refusing %s", addr)
                 sock.close()
                 continue
             peer = format_tcp(addr[0], addr[1]) if isinstance(addr, tuple) else "unix"
-            try:
-                conn = _ServerConn(self, self._loop, sock, peer)
-            except OSError as e:
-                log.warning("data plane: set-up of %s failed: %s", peer, e)
-                sock.close()
-                continue
-            self._conns.add(conn)
-            self.stats["connections"] += 1
-            conn.start_reading()
+            if self._tls_ctx is not None and isinstance(addr, tuple):
+                task = self._loop.create_task(self._accept_tls(sock, peer, self._tls_ctx))
+                self._handshakes.add(task)
+                task.add_done_callback(self._handshakes.discard)
+            else:
+                self._adopt(sock, peer)
+
+    def _adopt(self, sock: socket.socket, peer: str) -> None:
+        assert self._loop is not None
+        try:
+            conn = _ServerConn(self, self._loop, sock, peer)
+        except OSError as e:
+            log.warning("data plane: set-up of %s failed: %s", peer, e)
+            sock.close()
+            return
+        self._conns.add(conn)
+        self.stats["connections"] += 1
+        conn.start_reading()
+
+    async def _accept_tls(self, sock: socket.socket, peer: str, ctx: ssl.SSLContext) -> None:
+        assert self._loop is not None
+        try:
+            async with asyncio.timeout(self._tls_timeout_s):
+                ssock = await tls_handshake(self._loop, sock, ctx, server_side=True)
+        except (OSError, TimeoutError) as e:  # a plain client, a bad certificate, a silent peer
+            self.stats["tls_failures"] += 1
+            log.info("data plane: TLS handshake with %s failed: %s", peer, e or "timed out")
+            return
+        self._adopt(ssock, peer)
 
     def _resume_accept(self, ls: socket.socket) -> None:
         self._accept_retry.pop(ls, None)
@@ -466,7 +505,7 @@ class DataServer:
                 os.unlink(self.unix_path)
         for conn in list(self._conns):
             conn.close(None)
-        tasks = list(self._tasks)
+        tasks = [*self._tasks, *self._handshakes]
         for t in tasks:
             t.cancel()
         if tasks:

@@ -1,0 +1,266 @@
+"""The data plane over TLS: bytes arrive identical through every reader and
+writer path, and peers that cannot prove who they are get clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from chainfs.common.dataplane import (
+    DataClient,
+    DataPlaneConfig,
+    DataServer,
+    FileRegion,
+    Request,
+    Response,
+)
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.tls import TlsConfig
+from tests.conftest import require
+
+pytestmark = pytest.mark.timeout(60)
+MiB = 1024 * 1024
+ECHO, FILE = 1, 2
+
+
+@dataclass
+class _Material:
+    server: TlsConfig  # a node certificate of the CA
+    user: TlsConfig  # the CA only: a user client without a certificate
+    node_client: TlsConfig  # CA + a client certificate of the same CA
+    foreign_ca: TlsConfig  # another CA: does not trust our server
+    foreign_client: TlsConfig  # our CA, but a certificate another CA signed
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory: pytest.TempPathFactory) -> _Material:
+    require("cryptography", importlib.util.find_spec("cryptography") is not None)
+    from chainfs.local.tls_material import init_tls_dir
+
+    ours = init_tls_dir(tmp_path_factory.mktemp("ca"), nodes=["server"], clients=["node"])
+    other = init_tls_dir(tmp_path_factory.mktemp("other"), nodes=["x"], clients=["intruder"])
+    ca = ours["server"].ca_file
+    bad = other["intruder"]
+    return _Material(
+        server=ours["server"],
+        user=TlsConfig(ca_file=ca),
+        node_client=ours["node"],
+        foreign_ca=TlsConfig(ca_file=other["x"].ca_file),
+        foreign_client=TlsConfig(ca_file=ca, cert_file=bad.cert_file, key_file=bad.key_file),
+    )
+
+
+def _cfg(tls: TlsConfig, **kw: int) -> DataPlaneConfig:
+    base = dict(max_payload_bytes=4 * MiB, buffer_pool_bytes=16 * MiB)
+    base.update(kw)
+    return DataPlaneConfig(buffer_pool_cached_bytes=4 * MiB, tls=tls, **base)
+
+
+async def _echo(req: Request) -> Response:
+    return Response(req.msg_type, req.header, payload=[req.payload])
+
+
+class _Env:
+    def __init__(self) -> None:
+        self.servers: list[DataServer] = []
+        self.clients: list[DataClient] = []
+
+    async def server(self, cfg: DataPlaneConfig, handler=_echo, **kw: str) -> DataServer:  # type: ignore[no-untyped-def]
+        s = DataServer(handler, config=cfg, **kw)
+        await s.start()
+        self.servers.append(s)
+        return s
+
+    def client(self, cfg: DataPlaneConfig) -> DataClient:
+        c = DataClient(cfg)
+        self.clients.append(c)
+        return c
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[_Env]:
+    e = _Env()
+    try:
+        yield e
+    finally:
+        for c in e.clients:
+            await c.close()
+        for s in e.servers:
+            await s.stop()
+            assert s.pool.in_use_bytes == 0, "pooled buffers leaked"
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 65537, MiB + 3, 4 * MiB - 1])
+async def test_echo_over_tls_byte_identical(env: _Env, material: _Material, size: int) -> None:
+    server = await env.server(_cfg(material.server))
+    client = env.client(_cfg(material.user))
+    payload = os.urandom(size)
+    reply = await client.request(server.address, ECHO, b"hdr", [payload[:7], payload[7:]])
+    assert reply.header == b"hdr"
+    assert reply.payload == payload
+    assert server.stats["tls_failures"] == 0
+
+
+async def test_every_reader_path_over_tls(env: _Env, material: _Material) -> None:
+    """Tiny staging, headers bigger than it, direct receives into several sink
+    buffers, many frames per SSL write, and a liveness probe every 1 ms: the
+    bytes OpenSSL buffers must never be left unread."""
+    kw = dict(
+        max_payload_bytes=512 * 1024,
+        buffer_pool_bytes=MiB,
+        recv_staging_bytes=4096,
+        direct_recv_min_bytes=1024,
+        liveness_check_ms=1,
+        max_inflight_per_connection=8,
+        max_connections_per_peer=2,
+    )
+    server = await env.server(_cfg(material.server, **kw))
+    client = env.client(_cfg(material.user, **kw))
+    rng = __import__("random").Random(5)
+    cases = [
+        (rng.randbytes(rng.choice([0, 5, 4100, 20_000])), rng.randbytes(rng.randrange(0, 300_000)))
+        for _ in range(120)
+    ]
+
+    async def one(h: bytes, p: bytes) -> tuple[bytes, bytes]:
+        pieces = [bytearray(len(p) // 3 + 1) for _ in range(3)]
+        reply = await client.request(
+            server.address, ECHO, h, [p], payload_sink=lambda _t, _h: pieces
+        )
+        return reply.header, bytes(b"".join(pieces))[: reply.payload_len]
+
+    results = await asyncio.gather(*(one(h, p) for h, p in cases))
+    assert results == cases
+    assert server.stats["bad_frames"] == 0
+
+
+async def test_file_regions_over_tls(env: _Env, material: _Material, tmp_path: Path) -> None:
+    """No sendfile under TLS: file regions are read and encrypted, in order."""
+    blob = os.urandom(3 * MiB + 123)
+    path = tmp_path / "chunk"
+    path.write_bytes(blob)
+    done: list[bool] = []
+
+    async def handler(req: Request) -> Response:
+        off, length = struct.unpack("<QQ", req.header)
+        fd = os.open(path, os.O_RDONLY)
+
+        def on_done(sent: bool) -> None:
+            os.close(fd)
+            done.append(sent)
+
+        return Response(
+            FILE,
+            b"ok",
+            payload=[b"<", FileRegion(fd, off, length), b">"],
+            file_regions=[FileRegion(fd, 0, 10)],
+            on_done=on_done,
+        )
+
+    server = await env.server(_cfg(material.server), handler)
+    client = env.client(_cfg(material.user))
+    for off, length in [(0, len(blob)), (5, 1), (MiB - 1, 2 * MiB + 7), (100, 0)]:
+        reply = await client.request(server.address, FILE, struct.pack("<QQ", off, length))
+        assert reply.payload == b"<" + blob[off : off + length] + b">" + blob[:10]
+    assert done == [True] * 4
+
+
+async def test_file_region_past_end_drops_connection_over_tls(
+    env: _Env, material: _Material, tmp_path: Path
+) -> None:
+    path = tmp_path / "short"
+    path.write_bytes(b"abc")
+
+    async def handler(req: Request) -> Response:
+        fd = os.open(path, os.O_RDONLY)
+        region = FileRegion(fd, 0, 10)
+        return Response(FILE, b"", file_regions=[region], on_done=lambda _: os.close(fd))
+
+    server = await env.server(_cfg(material.server), handler)
+    client = env.client(_cfg(material.user))
+    with pytest.raises(ChainfsError) as ei:
+        await client.request(server.address, FILE, b"")
+    assert ei.value.code == Code.UNAVAILABLE
+
+
+async def test_client_with_a_foreign_ca_gets_eacces(env: _Env, material: _Material) -> None:
+    server = await env.server(_cfg(material.server))
+    client = env.client(_cfg(material.foreign_ca))
+    with pytest.raises(ChainfsError) as ei:
+        await client.request(server.address, ECHO, b"x")
+    assert ei.value.code == Code.EACCES
+    assert "not trusted" in ei.value.message and server.address in ei.value.message
+
+
+async def test_plain_client_against_tls_server_fails(env: _Env, material: _Material) -> None:
+    server = await env.server(_cfg(material.server))
+    client = env.client(_cfg(TlsConfig()))
+    with pytest.raises(ChainfsError) as ei:
+        await client.request(server.address, ECHO, b"x", timeout_s=5)
+    assert ei.value.code in (Code.UNAVAILABLE, Code.BAD_FRAME)
+    await _until(lambda: server.stats["tls_failures"] >= 1)
+    assert server.stats["requests"] == 0
+
+
+async def test_tls_client_against_plain_server_fails(env: _Env, material: _Material) -> None:
+    server = await env.server(_cfg(TlsConfig()))
+    client = env.client(_cfg(material.user))
+    with pytest.raises(ChainfsError) as ei:
+        await client.request(server.address, ECHO, b"x", timeout_s=5)
+    assert ei.value.code == Code.UNAVAILABLE
+    assert "TLS handshake" in ei.value.message
+    assert server.stats["requests"] == 0
+
+
+async def test_client_certificates_are_verified_when_presented(
+    env: _Env, material: _Material
+) -> None:
+    server = await env.server(_cfg(material.server))
+    node = env.client(_cfg(material.node_client))
+    assert (await node.request(server.address, ECHO, b"n", [b"ok"])).payload == b"ok"
+    intruder = env.client(_cfg(material.foreign_client))
+    with pytest.raises(ChainfsError) as ei:
+        await intruder.request(server.address, ECHO, b"i", [b"no"], timeout_s=5)
+    assert ei.value.code == Code.UNAVAILABLE
+    await _until(lambda: server.stats["tls_failures"] >= 1)
+    assert server.stats["requests"] == 1  # the node's only
+
+
+async def test_silent_peer_is_dropped_after_the_handshake_timeout(
+    env: _Env, material: _Material
+) -> None:
+    tls = TlsConfig(**{**material.server.__dict__, "handshake_timeout_ms": 200})
+    server = await env.server(_cfg(tls))
+    host, port = server.address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        await _until(lambda: server.stats["tls_failures"] == 1)
+        sock.settimeout(10)
+        assert await asyncio.get_running_loop().run_in_executor(None, sock.recv, 1) == b""
+    finally:
+        sock.close()
+
+
+async def test_unix_socket_stays_plain(env: _Env, material: _Material, tmp_path: Path) -> None:
+    """Same-host peers use the unix socket without TLS (its file mode guards it)."""
+    path = str(tmp_path / "dp.sock")
+    await env.server(_cfg(material.server), unix_path=path)
+    plain = env.client(_cfg(TlsConfig()))
+    reply = await plain.request(f"unix:{path}", ECHO, b"u", [b"data"])
+    assert reply.payload == b"data"
+
+
+async def _until(cond, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not cond():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
