@@ -16,8 +16,10 @@ import pytest
 import chainfs
 from chainfs.client.config import ClientConfig
 from chainfs.common import tls
+from chainfs.common.dataplane import DataClient, DataPlaneConfig
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.mgmt_client import MgmtClient
+from chainfs.common.rpc.storage_client import StorageClientConfig
 from chainfs.common.tls import TlsConfig
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.testing import LocalCluster
@@ -64,7 +66,9 @@ async def _register_rogue_node(address: str) -> None:
 
 
 def test_client_with_the_cluster_ca_reads_what_it_wrote(cluster: LocalCluster) -> None:
-    fs = cluster.client()
+    # Storage over TCP (not the same-host unix socket): the chunk bytes travel TLS.
+    tcp = ClientConfig(storage=StorageClientConfig(prefer_unix_socket=False))
+    fs = cluster.client(config=tcp)
     assert fs.config.tls is not None and fs.config.tls.ca_file  # TLS as a user: CA only
     assert not fs.config.tls.cert_file
     data = os.urandom(9 * MiB + 17)  # three chunks on both chains
@@ -108,6 +112,28 @@ def test_plain_clients_cannot_talk_to_a_tls_cluster(cluster: LocalCluster) -> No
     with pytest.raises(ChainfsError) as ei:
         _run(TlsConfig(), _routing_version(cluster.address))
     assert ei.value.code in (Code.UNAVAILABLE, Code.ETIMEDOUT)
+    assert cluster.tls is not None
+    storage = _run(cluster.tls, _storage_data_addresses(cluster.address))
+    assert storage
+    for address in storage:  # the storage nodes' TCP data plane is TLS too
+        with pytest.raises(ChainfsError) as ei:
+            _run(TlsConfig(), _plain_request(address))
+        assert ei.value.code == Code.UNAVAILABLE, ei.value
+
+
+async def _storage_data_addresses(address: str) -> list[str]:
+    async with MgmtClient(address, timeout_s=3.0) as mgmt:
+        routing = await mgmt.get_routing()
+        assert routing is not None
+        return [n.data_address for n in routing.nodes_of_type(mp.STORAGE)]
+
+
+async def _plain_request(address: str) -> None:
+    client = DataClient(DataPlaneConfig(tls=TlsConfig()))
+    try:
+        await client.request(address, 1, b"", timeout_s=5)
+    finally:
+        await client.close()
 
 
 def test_grpc_requires_a_certificate_of_the_cluster_ca(

@@ -590,10 +590,7 @@ class Connection:
         max_iov = self.cfg.max_iov_per_send
         while outq and not self.closed:
             frame = outq[0]
-            if frame.idx >= len(frame.segs) or (frame.cancelled and not frame.started):
-                outq.popleft()
-                if frame.done is not None:
-                    frame.done(not frame.cancelled or frame.started)
+            if self._drop_if_over(frame):
                 continue
             seg = frame.segs[frame.idx]
             if isinstance(seg, _FileSeg):
@@ -628,6 +625,15 @@ class Connection:
             if n < want:
                 return  # socket full: wait for writability
 
+    def _drop_if_over(self, frame: OutFrame) -> bool:
+        """Pop the head ``frame`` if it is all sent, or cancelled before it started."""
+        if frame.idx < len(frame.segs) and not (frame.cancelled and not frame.started):
+            return False
+        self._outq.popleft()
+        if frame.done is not None:
+            frame.done(not frame.cancelled or frame.started)
+        return True
+
     def _consume(self, n: int) -> None:
         outq = self._outq
         while n > 0 and not self.closed:
@@ -656,10 +662,7 @@ class Connection:
         outq = self._outq
         while outq and not self.closed:
             frame = outq[0]
-            if frame.idx >= len(frame.segs) or (frame.cancelled and not frame.started):
-                outq.popleft()
-                if frame.done is not None:
-                    frame.done(not frame.cancelled or frame.started)
+            if self._drop_if_over(frame):
                 continue
             if self._tls_out is None:
                 self._tls_out = self._tls_gather(frame)

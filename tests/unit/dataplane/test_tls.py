@@ -8,16 +8,13 @@ import importlib.util
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from chainfs.common.dataplane import (
-    DataClient,
     DataPlaneConfig,
-    DataServer,
     FileRegion,
     Request,
     Response,
@@ -25,8 +22,13 @@ from chainfs.common.dataplane import (
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.tls import TlsConfig
 from tests.conftest import require
+from tests.unit.dataplane import test_dataplane as plain
 
 pytestmark = pytest.mark.timeout(60)
+# The plain tests' fixture: servers and clients it made are closed after each test.
+env = plain.env
+_Env = plain._Env
+_until = plain._until
 MiB = 1024 * 1024
 ECHO, FILE = 1, 2
 
@@ -64,43 +66,9 @@ def _cfg(tls: TlsConfig, **kw: int) -> DataPlaneConfig:
     return DataPlaneConfig(buffer_pool_cached_bytes=4 * MiB, tls=tls, **base)
 
 
-async def _echo(req: Request) -> Response:
-    return Response(req.msg_type, req.header, payload=[req.payload])
-
-
-class _Env:
-    def __init__(self) -> None:
-        self.servers: list[DataServer] = []
-        self.clients: list[DataClient] = []
-
-    async def server(self, cfg: DataPlaneConfig, handler=_echo, **kw: str) -> DataServer:  # type: ignore[no-untyped-def]
-        s = DataServer(handler, config=cfg, **kw)
-        await s.start()
-        self.servers.append(s)
-        return s
-
-    def client(self, cfg: DataPlaneConfig) -> DataClient:
-        c = DataClient(cfg)
-        self.clients.append(c)
-        return c
-
-
-@pytest.fixture
-async def env() -> AsyncIterator[_Env]:
-    e = _Env()
-    try:
-        yield e
-    finally:
-        for c in e.clients:
-            await c.close()
-        for s in e.servers:
-            await s.stop()
-            assert s.pool.in_use_bytes == 0, "pooled buffers leaked"
-
-
 @pytest.mark.parametrize("size", [0, 1, 4095, 65537, MiB + 3, 4 * MiB - 1])
 async def test_echo_over_tls_byte_identical(env: _Env, material: _Material, size: int) -> None:
-    server = await env.server(_cfg(material.server))
+    server = await env.server(cfg=_cfg(material.server))
     client = env.client(_cfg(material.user))
     payload = os.urandom(size)
     reply = await client.request(server.address, ECHO, b"hdr", [payload[:7], payload[7:]])
@@ -122,7 +90,7 @@ async def test_every_reader_path_over_tls(env: _Env, material: _Material) -> Non
         max_inflight_per_connection=8,
         max_connections_per_peer=2,
     )
-    server = await env.server(_cfg(material.server, **kw))
+    server = await env.server(cfg=_cfg(material.server, **kw))
     client = env.client(_cfg(material.user, **kw))
     rng = __import__("random").Random(5)
     cases = [
@@ -143,34 +111,28 @@ async def test_every_reader_path_over_tls(env: _Env, material: _Material) -> Non
 
 
 async def test_file_regions_over_tls(env: _Env, material: _Material, tmp_path: Path) -> None:
-    """No sendfile under TLS: file regions are read and encrypted, in order."""
+    """No sendfile under TLS: regions are read and encrypted piece by piece
+    (larger than one SSL write, at odd offsets), in order with memory pieces."""
     blob = os.urandom(3 * MiB + 123)
     path = tmp_path / "chunk"
     path.write_bytes(blob)
-    done: list[bool] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        regions = [(0, len(blob)), (7, 1), (MiB - 1, 2 * MiB + 7), (100, 0), (5, 300_001)]
 
-    async def handler(req: Request) -> Response:
-        off, length = struct.unpack("<QQ", req.header)
-        fd = os.open(path, os.O_RDONLY)
+        async def handler(req: Request) -> Response:
+            items: list[bytes | FileRegion] = []
+            for off, length in regions:
+                items += [struct.pack("<Q", off), FileRegion(fd, off, length)]
+            return Response(FILE, b"", payload=items)
 
-        def on_done(sent: bool) -> None:
-            os.close(fd)
-            done.append(sent)
-
-        return Response(
-            FILE,
-            b"ok",
-            payload=[b"<", FileRegion(fd, off, length), b">"],
-            file_regions=[FileRegion(fd, 0, 10)],
-            on_done=on_done,
-        )
-
-    server = await env.server(_cfg(material.server), handler)
-    client = env.client(_cfg(material.user))
-    for off, length in [(0, len(blob)), (5, 1), (MiB - 1, 2 * MiB + 7), (100, 0)]:
-        reply = await client.request(server.address, FILE, struct.pack("<QQ", off, length))
-        assert reply.payload == b"<" + blob[off : off + length] + b">" + blob[:10]
-    assert done == [True] * 4
+        server = await env.server(handler, cfg=_cfg(material.server, max_payload_bytes=8 * MiB))
+        client = env.client(_cfg(material.user, max_payload_bytes=8 * MiB))
+        reply = await client.request(server.address, FILE, b"")
+        want = b"".join(struct.pack("<Q", o) + blob[o : o + n] for o, n in regions)
+        assert reply.payload == want
+    finally:
+        os.close(fd)
 
 
 async def test_file_region_past_end_drops_connection_over_tls(
@@ -184,7 +146,7 @@ async def test_file_region_past_end_drops_connection_over_tls(
         region = FileRegion(fd, 0, 10)
         return Response(FILE, b"", file_regions=[region], on_done=lambda _: os.close(fd))
 
-    server = await env.server(_cfg(material.server), handler)
+    server = await env.server(handler, cfg=_cfg(material.server))
     client = env.client(_cfg(material.user))
     with pytest.raises(ChainfsError) as ei:
         await client.request(server.address, FILE, b"")
@@ -192,7 +154,7 @@ async def test_file_region_past_end_drops_connection_over_tls(
 
 
 async def test_client_with_a_foreign_ca_gets_eacces(env: _Env, material: _Material) -> None:
-    server = await env.server(_cfg(material.server))
+    server = await env.server(cfg=_cfg(material.server))
     client = env.client(_cfg(material.foreign_ca))
     with pytest.raises(ChainfsError) as ei:
         await client.request(server.address, ECHO, b"x")
@@ -201,7 +163,7 @@ async def test_client_with_a_foreign_ca_gets_eacces(env: _Env, material: _Materi
 
 
 async def test_plain_client_against_tls_server_fails(env: _Env, material: _Material) -> None:
-    server = await env.server(_cfg(material.server))
+    server = await env.server(cfg=_cfg(material.server))
     client = env.client(_cfg(TlsConfig()))
     with pytest.raises(ChainfsError) as ei:
         await client.request(server.address, ECHO, b"x", timeout_s=5)
@@ -211,7 +173,7 @@ async def test_plain_client_against_tls_server_fails(env: _Env, material: _Mater
 
 
 async def test_tls_client_against_plain_server_fails(env: _Env, material: _Material) -> None:
-    server = await env.server(_cfg(TlsConfig()))
+    server = await env.server(cfg=_cfg(TlsConfig()))
     client = env.client(_cfg(material.user))
     with pytest.raises(ChainfsError) as ei:
         await client.request(server.address, ECHO, b"x", timeout_s=5)
@@ -223,7 +185,7 @@ async def test_tls_client_against_plain_server_fails(env: _Env, material: _Mater
 async def test_client_certificates_are_verified_when_presented(
     env: _Env, material: _Material
 ) -> None:
-    server = await env.server(_cfg(material.server))
+    server = await env.server(cfg=_cfg(material.server))
     node = env.client(_cfg(material.node_client))
     assert (await node.request(server.address, ECHO, b"n", [b"ok"])).payload == b"ok"
     intruder = env.client(_cfg(material.foreign_client))
@@ -238,7 +200,7 @@ async def test_silent_peer_is_dropped_after_the_handshake_timeout(
     env: _Env, material: _Material
 ) -> None:
     tls = TlsConfig(**{**material.server.__dict__, "handshake_timeout_ms": 200})
-    server = await env.server(_cfg(tls))
+    server = await env.server(cfg=_cfg(tls))
     host, port = server.address.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=10)
     try:
@@ -252,15 +214,7 @@ async def test_silent_peer_is_dropped_after_the_handshake_timeout(
 async def test_unix_socket_stays_plain(env: _Env, material: _Material, tmp_path: Path) -> None:
     """Same-host peers use the unix socket without TLS (its file mode guards it)."""
     path = str(tmp_path / "dp.sock")
-    await env.server(_cfg(material.server), unix_path=path)
+    await env.server(cfg=_cfg(material.server), unix_path=path)
     plain = env.client(_cfg(TlsConfig()))
     reply = await plain.request(f"unix:{path}", ECHO, b"u", [b"data"])
     assert reply.payload == b"data"
-
-
-async def _until(cond, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not cond():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
