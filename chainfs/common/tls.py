@@ -121,12 +121,19 @@ _process: TlsConfig | None = None
 
 
 def from_env() -> TlsConfig:
-    """The settings the ``CHAINFS_TLS_*`` environment variables name (OFF when unset)."""
-    return TlsConfig(
+    """The settings the ``CHAINFS_TLS_*`` environment variables name (OFF when unset);
+    EINVAL when they do not fit together (a certificate without a CA turns nothing on)."""
+    cfg = TlsConfig(
         ca_file=os.environ.get(CA_FILE_ENV, ""),
         cert_file=os.environ.get(CERT_FILE_ENV, ""),
         key_file=os.environ.get(KEY_FILE_ENV, ""),
     )
+    try:
+        cfg.validate()
+    except ValueError as e:
+        names = f"{CA_FILE_ENV}, {CERT_FILE_ENV}, {KEY_FILE_ENV}"
+        raise ChainfsError(Code.EINVAL, f"TLS environment ({names}): {e}") from None
+    return cfg
 
 
 def configure_process(cfg: TlsConfig) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from chainfs.common.dataplane import (
+    DataClient,
     DataPlaneConfig,
     FileRegion,
     Request,
@@ -218,3 +219,17 @@ async def test_unix_socket_stays_plain(env: _Env, material: _Material, tmp_path:
     plain = env.client(_cfg(TlsConfig()))
     reply = await plain.request(f"unix:{path}", ECHO, b"u", [b"data"])
     assert reply.payload == b"data"
+
+
+def test_tls_environment_that_does_not_fit_together_is_einval(
+    monkeypatch: pytest.MonkeyPatch, material: _Material
+) -> None:
+    from chainfs.common import tls
+
+    monkeypatch.setenv(tls.CERT_FILE_ENV, material.node_client.cert_file)
+    monkeypatch.setenv(tls.KEY_FILE_ENV, material.node_client.key_file)
+    with pytest.raises(ChainfsError) as ei:
+        DataClient(DataPlaneConfig())  # a certificate but no CA: refused, not silently plain
+    assert ei.value.code == Code.EINVAL and tls.CA_FILE_ENV in ei.value.message
+    monkeypatch.setenv(tls.CA_FILE_ENV, material.node_client.ca_file)
+    assert tls.current() == material.node_client
