@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
+import re
 import stat
+import subprocess
+import sys
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -172,3 +176,31 @@ def test_private_keys_are_readable_by_their_owner_only(cluster: LocalCluster) ->
     assert names >= {"ca.key", "admin.key", "mgmtd.key", "meta.key", "storage0.key"}
     for key in keys:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+
+
+def test_chainfs_up_tls_serves_users_and_admins_what_it_prints(tmp_path: Path) -> None:
+    """`chainfs up --tls`: the printed exports are what users and admin tools need."""
+    require("cryptography", importlib.util.find_spec("cryptography") is not None)
+    from tests.integration.test_ops_commands import chainfs_up
+
+    data = tmp_path / "up"
+    shape = ("--storage-nodes", "1", "--targets-per-node", "1", "--replicas", "1")
+    with chainfs_up(data, "--tls", *shape, "--sample-data") as address:
+        out = (tmp_path / "up-up.out").read_text()
+        exports = dict(re.findall(r"export (CHAINFS_TLS_\w+)=(\S+)", out))
+        assert set(exports) == {tls.CA_FILE_ENV, tls.CERT_FILE_ENV, tls.KEY_FILE_ENV}, out
+        user = dict(os.environ, CHAINFS_ADDRESS=address, COLUMNS="240")
+        user[tls.CA_FILE_ENV] = exports[tls.CA_FILE_ENV]
+        admin = {**user, **exports}
+        status = [sys.executable, "-m", "chainfs", "admin", "status", "--json"]
+        ok = subprocess.run(status, env=admin, capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["mgmtd"] == address
+        refused = subprocess.run(status, env=user, capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0  # gRPC wants a certificate
+        config = ClientConfig(tls=TlsConfig(ca_file=exports[tls.CA_FILE_ENV]))
+        with chainfs.connect(address, config=config) as fs:
+            with fs.open("/from-user", "wb") as f:
+                f.write(b"tls user")
+            with fs.open("/from-user", "rb") as f:
+                assert f.read() == b"tls user"
