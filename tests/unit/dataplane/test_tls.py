@@ -233,3 +233,18 @@ def test_tls_environment_that_does_not_fit_together_is_einval(
     assert ei.value.code == Code.EINVAL and tls.CA_FILE_ENV in ei.value.message
     monkeypatch.setenv(tls.CA_FILE_ENV, material.node_client.ca_file)
     assert tls.current() == material.node_client
+
+
+async def test_pool_backpressure_over_tls_loses_nothing(env: _Env, material: _Material) -> None:
+    """A connection paused for a pooled buffer resumes with the bytes OpenSSL
+    had already decrypted: the socket alone would not wake it, and the liveness
+    probe (which would, much later) is set out of reach here."""
+    kw = dict(max_payload_bytes=MiB, buffer_pool_bytes=3 * MiB, liveness_check_ms=60_000)
+    server = await env.server(cfg=_cfg(material.server, **kw))
+    client = env.client(_cfg(material.user, **kw))
+    payloads = [os.urandom(MiB - i) for i in range(24)]
+    replies = await asyncio.gather(
+        *(client.request(server.address, ECHO, b"%d" % i, [p]) for i, p in enumerate(payloads))
+    )
+    assert [r.payload.tobytes() for r in replies] == payloads
+    assert server.pool.in_use_bytes == 0
