@@ -12,6 +12,7 @@ from chainfs.cli.dump import dump, load
 from chainfs.cli.fsck import fsck
 from chainfs.cli.mount import mount
 from chainfs.cli.serve import serve
+from chainfs.cli.tls_init import tls_init
 from chainfs.cli.umount import umount
 from chainfs.cli.up import up
 
@@ -32,6 +33,7 @@ cli.add_command(umount)
 cli.add_command(dump)
 cli.add_command(load)
 cli.add_command(agent)
+cli.add_command(tls_init)
 
 
 def main() -> int:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from chainfs.cli.options import require_extra
+from chainfs.common import tls as tls_mod
 from chainfs.common.errors import ChainfsError
 from chainfs.local.private import make_private_dir, write_private_text
 
@@ -99,9 +100,9 @@ def _verify_sample(fs: FileSystem, path: str, size: int, advance: Callable[[int]
             raise ChainfsError(5, f"sample file longer than written: {path}")
 
 
-def _print_status(address: str) -> None:
+def _print_status(address: str, tls_env: dict[str, str]) -> None:
     """Show `chainfs admin status` (run as the user would run it)."""
-    env = dict(os.environ, CHAINFS_ADDRESS=address)
+    env = dict(os.environ, CHAINFS_ADDRESS=address, **tls_env)
     cmd = [sys.executable, "-m", "chainfs", "admin", "status"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     click.echo(out.stdout.rstrip())
@@ -183,6 +184,11 @@ def _mount_options(options: tuple[str, ...]) -> list[str]:
 @click.option(
     "--sample-data", is_flag=True, help="Write a small data set and read it back verified."
 )
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="TLS on every TCP connection: a CA and per-process certificates in DATA/tls.",
+)
 def up(
     data_dir: str,
     port: int | None,
@@ -193,6 +199,7 @@ def up(
     mount: str | None,
     mount_options: tuple[str, ...],
     sample_data: bool,
+    tls: bool,
 ) -> None:
     """Start mgmtd, meta and storage nodes as separate processes; serve until Ctrl-C.
 
@@ -224,6 +231,7 @@ def up(
             kv=kv,
             mount=mount,
             mount_options=_mount_options(mount_options),
+            tls=tls,
         )
         _serve(cluster, data_dir, sample_data, stop)
     finally:
@@ -250,13 +258,20 @@ def _serve(cluster: LocalCluster, data_dir: str, sample_data: bool, stop: thread
     """Print where the cluster is, write the sample data, then watch until ``stop``."""
     click.echo(f"address: {cluster.address}")
     click.echo(f"  export CHAINFS_ADDRESS={cluster.address}")
+    if cluster.tls is not None:
+        # This process writes the sample data as a user of its cluster would.
+        tls_mod.configure_process(tls_mod.TlsConfig(ca_file=cluster.tls.ca_file))
+        click.echo(f"  export {tls_mod.CA_FILE_ENV}={cluster.tls.ca_file}")
+        click.echo("  # admin tools (gRPC wants a certificate) also:")
+        click.echo(f"  export {tls_mod.CERT_FILE_ENV}={cluster.tls.cert_file}")
+        click.echo(f"  export {tls_mod.KEY_FILE_ENV}={cluster.tls.key_file}")
     if cluster.mountpoint is not None:
         click.echo(f"mounted at {cluster.mountpoint}")
     if cluster.status_url:
         click.echo(f"status page: {cluster.status_url}")
     for name, metrics_address in cluster.metrics_addresses().items():
         click.echo(f"  metrics {name}: http://{metrics_address}/metrics")
-    _print_status(cluster.address)
+    _print_status(cluster.address, cluster.tls_env(admin=True))
     if sample_data and not stop.is_set():
         try:
             write_sample_data(cluster.address)

@@ -21,13 +21,14 @@ import logging
 import os
 import secrets
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from chainfs.client import metrics as client_metrics
 from chainfs.client.budget import ByteBudget
 from chainfs.client.config import ClientConfig
 from chainfs.client.layout import Layout, Piece, split
+from chainfs.common.dataplane import DataPlaneConfig
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import MetaClient
 from chainfs.common.rpc.mgmt_client import FramedMgmtClient, RoutingCache
@@ -317,17 +318,23 @@ def _clients(
     """A connection's clients, not yet connected (each connects on first use;
     no event loop needed). Only framed transports: they survive fork()."""
     timeout_s = config.connect_timeout_ms / 1000
-    mgmt = FramedMgmtClient(address, timeout_s=timeout_s)
+    control_plane = DataPlaneConfig(tls=config.tls)  # mgmtd and meta: default bounds
+    mgmt = FramedMgmtClient(address, timeout_s=timeout_s, dataplane=control_plane)
     routing = RoutingCache(mgmt)
     routing.start_after_first_fetch()
     client_id = secrets.token_bytes(16)
-    storage = StorageClient(routing, client_id, config.storage)
+    storage_config = config.storage
+    if config.tls is not None:
+        dp = replace(storage_config.dataplane, tls=config.tls)
+        storage_config = replace(storage_config, dataplane=dp)
+    storage = StorageClient(routing, client_id, storage_config)
     meta = MetaClient(
         routing,
         client_id,
         timeout_s=config.meta_timeout_ms / 1000,
         attempt_timeout_s=config.meta_attempt_timeout_ms / 1000,
         transport="frame",
+        dataplane=control_plane,
     )
     return mgmt, routing, meta, storage
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from chainfs.common.rpc.storage_client import StorageClientConfig
+from chainfs.common.tls import TlsConfig
 from chainfs.common.units import MiB
 
 # Where connect() and the adapters find the mgmtd address when none is given.
@@ -79,6 +80,10 @@ class ClientConfig:
     lock_poll_max_ms: int = 500
     # Storage data-plane client: retries across replicas, timeouts, connections.
     storage: StorageClientConfig = field(default_factory=StorageClientConfig)
+    # TLS to the cluster: None = this process's settings (the CHAINFS_TLS_CA,
+    # CHAINFS_TLS_CERT, CHAINFS_TLS_KEY environment variables; unset = plain).
+    # A TlsConfig with ca_file (and a certificate, if the user holds one) overrides them.
+    tls: TlsConfig | None = None
 
     def validate(self) -> None:
         for name in (
@@ -105,6 +110,8 @@ class ClientConfig:
         if self.session_end_delay_ms < 0:
             raise ValueError("session_end_delay_ms must be >= 0")
         self.storage.validate()
+        if self.tls is not None:
+            self.tls.validate()
 
     @property
     def buffer_budget_bytes(self) -> int:

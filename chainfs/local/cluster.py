@@ -13,6 +13,13 @@ and two meta servers; ``.address`` lists every mgmtd, and so do the storage
 and meta configs. ``kill_mgmtd_primary()``, ``kill_meta(i)``,
 ``kill_etcd(i)`` / ``restart_etcd(i)`` inject the faults.
 
+``tls=True`` makes a CA and a certificate per process under
+``base_dir/tls`` (see :mod:`chainfs.local.tls_material`): every process
+serves gRPC and the data plane over TLS. ``.tls`` is the admin identity
+(CA + admin certificate: gRPC and node calls); ``.client()`` connects as a
+user, with the CA only; ``.tls_env()`` are the CHAINFS_TLS_* variables
+for other programs.
+
 ``mgmtd_ports=[P]`` binds mgmtd to P (the address clients keep); a port some
 other process listens on is refused with an error naming it.
 
@@ -36,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from chainfs.common import config as cfg
+from chainfs.common import tls as tls_mod
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.local.private import make_private_dir, write_private_text
 from chainfs.local.process import MountProcess, ServiceProcess, StopOnExit, check_port_free
@@ -52,8 +60,11 @@ DEFAULT_START_TIMEOUT_S = 60.0  # a whole cluster on 2 busy cores
 _POLL_S = 0.05
 
 
-def _run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine to completion on a fresh loop in a helper thread.
+def _run_async(
+    fn: Callable[[], Coroutine[Any, Any, T]], tls_config: tls_mod.TlsConfig | None = None
+) -> T:
+    """Run a coroutine to completion on a fresh loop in a helper thread
+    (under ``tls_config``, when given, instead of the process's TLS settings).
 
     LocalCluster is synchronous but may be used from inside a running event
     loop (an async test): a private thread keeps the two loops apart.
@@ -62,7 +73,8 @@ def _run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
     def target() -> None:
         try:
-            box["value"] = asyncio.run(fn())
+            with tls_mod.using(tls_config or tls_mod.current()):
+                box["value"] = asyncio.run(fn())
         except BaseException as e:
             box["error"] = e
 
@@ -138,6 +150,7 @@ class LocalCluster(StopOnExit):
         lease_renew_interval_ms: int | None = None,
         configure_meta: Callable[[int, Any], None] | None = None,
         mgmtd_ports: Sequence[int] = (),
+        tls: bool = False,
     ) -> None:
         _check_shape(storage_nodes, targets_per_node, replicas, kv, mgmtds, metas, etcd_members)
         if len(mgmtd_ports) not in (0, mgmtds) or not all(0 <= p <= 65535 for p in mgmtd_ports):
@@ -165,6 +178,9 @@ class LocalCluster(StopOnExit):
         self.configure_meta = configure_meta  # (meta index, MetaConfig) -> None
         # The port of each mgmtd (0 = any free one): the cluster address clients keep.
         self.mgmtd_ports = list(mgmtd_ports) or [0] * mgmtds
+        # tls=True: the admin identity (set in _start, once the CA exists); None = plain.
+        self._tls_dir = self.base_dir / "tls" if tls else None
+        self.tls: tls_mod.TlsConfig | None = None
 
         self.mgmtd: ServiceProcess | None = None  # the first mgmtd (mgmtds[0])
         self.meta: ServiceProcess | None = None  # the first meta server (metas[0])
@@ -234,6 +250,8 @@ class LocalCluster(StopOnExit):
         return f"rocksdb://{self.base_dir / service / 'kv'}"
 
     def _start(self) -> None:
+        if self._tls_dir is not None:
+            self.tls = self._tls_material("admin", node=False)
         if self.kv == "etcd":
             from chainfs.local.etcd import EtcdCluster
 
@@ -260,6 +278,8 @@ class LocalCluster(StopOnExit):
         workdir = self.base_dir / name
         make_private_dir(workdir)
         config_path = workdir / f"{kind}.toml"
+        if self._tls_dir is not None:
+            config_obj.tls = self._tls_material(name, node=True)
         write_private_text(config_path, cfg.to_toml(config_obj))
         proc = ServiceProcess(kind, config_path, workdir, name=name, prefix=self.exec_prefix(name))
         self._procs.append(proc)
@@ -269,6 +289,26 @@ class LocalCluster(StopOnExit):
     def exec_prefix(self, name: str) -> list[str]:
         """What process ``name`` is started under (subclasses: another host); none here."""
         return []
+
+    def _tls_material(self, name: str, node: bool) -> tls_mod.TlsConfig:
+        """The certificate of ``name`` (made now; the CA on first use)."""
+        from chainfs.local.tls_material import init_tls_dir
+
+        assert self._tls_dir is not None
+        nodes, clients = ([name], []) if node else ([], [name])
+        return init_tls_dir(self._tls_dir, nodes=nodes, clients=clients)[name]
+
+    def tls_env(self, admin: bool = False) -> dict[str, str]:
+        """CHAINFS_TLS_* variables for another program to reach this cluster: as a
+        user (the CA only), or ``admin`` (with the admin certificate, which gRPC
+        requires); {} without TLS."""
+        if self.tls is None:
+            return {}
+        env = {tls_mod.CA_FILE_ENV: self.tls.ca_file}
+        if admin:
+            env[tls_mod.CERT_FILE_ENV] = self.tls.cert_file
+            env[tls_mod.KEY_FILE_ENV] = self.tls.key_file
+        return env
 
     def _mgmtd_config(self, i: int) -> Any:
         from chainfs.mgmt_service.config import MgmtdConfig
@@ -366,7 +406,7 @@ class LocalCluster(StopOnExit):
                 if then is not None:
                     await then(mgmt, routing)
 
-        _run_async(go)
+        _run_async(go, self.tls)
 
     def _check_alive(self) -> None:
         dead = self.dead_processes()
@@ -389,6 +429,7 @@ class LocalCluster(StopOnExit):
         self._mount_proc = MountProcess(
             mountpoint, self.address, self.base_dir / "mount", self.mount_options
         )
+        self._mount_proc.env = self.tls_env()
         self._mount_proc.start(self.start_timeout_s)
         self.mountpoint = mountpoint
 
@@ -397,9 +438,23 @@ class LocalCluster(StopOnExit):
         """A connected sync FileSystem; closed by stop()."""
         import chainfs
 
+        if self.tls is not None:
+            kwargs["config"] = self._user_tls_config(kwargs.get("config"))
         fs = chainfs.connect(self.address, **kwargs)
         self._clients.append(fs)
         return fs
+
+    def _user_tls_config(self, config: Any) -> Any:
+        """``config`` (or the default ClientConfig) with this cluster's CA, unless it names TLS."""
+        import dataclasses
+
+        from chainfs.client.config import ClientConfig
+
+        assert self.tls is not None
+        config = config if config is not None else ClientConfig()
+        if config.tls is not None:
+            return config
+        return dataclasses.replace(config, tls=tls_mod.TlsConfig(ca_file=self.tls.ca_file))
 
     def dead_processes(self) -> list[str]:
         """Names of our processes that exited without being stopped on purpose."""
@@ -460,7 +515,7 @@ class LocalCluster(StopOnExit):
                     raise ChainfsError(Code.ETIMEDOUT, f"no mgmtd primary after {bound_s}s")
                 await asyncio.sleep(_POLL_S)
 
-        return _run_async(go)
+        return _run_async(go, self.tls)
 
     def kill_mgmtd(self, i: int) -> None:
         """SIGKILL mgmtd ``i`` (index in ``.mgmtds``)."""

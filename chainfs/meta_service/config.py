@@ -8,6 +8,7 @@ from chainfs.common.dataplane.config import DataPlaneConfig
 from chainfs.common.metrics import check_port
 from chainfs.common.rpc.retry import RetryPolicy
 from chainfs.common.rpc.server_config import GrpcServerConfig
+from chainfs.common.tls import TlsConfig
 from chainfs.common.units import KiB, MiB
 
 MIN_CHUNK_SIZE = 64 * KiB  # bytes: the smallest chunk size a layout may use
@@ -102,6 +103,9 @@ class MetaConfig:
 
     grpc: GrpcServerConfig = field(default_factory=GrpcServerConfig)  # control-plane bounds
     log_level: str = "INFO"
+    # TLS of this node's TCP connections, gRPC and data plane (chainfs.common.tls);
+    # empty ca_file = plain TCP.
+    tls: TlsConfig = field(default_factory=TlsConfig)
     # Framed transport bounds: requests and answers are header-only messages
     # (a readdir page with attributes is the largest, well under 16 MiB).
     dataplane: DataPlaneConfig = field(
@@ -117,6 +121,7 @@ class MetaConfig:
         if not 0 <= self.port <= 65535 or not 0 <= self.frame_port <= 65535:
             raise ValueError("port and frame_port must be in 0..65535")
         self.dataplane.validate()
+        self.tls.validate()
         if not MIN_CHUNK_SIZE <= self.default_chunk_size_bytes <= MAX_CHUNK_SIZE:
             raise ValueError(
                 f"default_chunk_size_bytes must be in {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}"

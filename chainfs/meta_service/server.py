@@ -20,6 +20,7 @@ import grpc.aio
 
 from chainfs.common import config as config_mod
 from chainfs.common import logging as chainfs_logging
+from chainfs.common import tls
 from chainfs.common.background import Periodic, start_all
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.metrics import NodeMetrics
@@ -241,6 +242,7 @@ class MetaServer:
 
 def main(config_path: str | None, ready_file: str | None) -> int:
     cfg = config_mod.load(MetaConfig, config_path)
+    tls.configure_process(cfg.tls)
     chainfs_logging.setup(f"meta@{socket.gethostname()}", cfg.log_level)
     if not cfg.mgmtd_addresses and not cfg.static_chains:
         log.warning("no mgmtd_addresses and no static_chains: files cannot be created")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from chainfs.common.metrics import check_port
 from chainfs.common.rpc.server_config import GrpcServerConfig
+from chainfs.common.tls import TlsConfig
 
 
 @dataclass
@@ -63,8 +64,12 @@ class MgmtdConfig:
     status_scrape_timeout_ms: int = 1_000
     status_history_samples: int = 300
     log_level: str = "INFO"
+    # TLS of this node's TCP connections, gRPC and data plane (chainfs.common.tls);
+    # empty ca_file = plain TCP.
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def validate(self) -> None:
+        self.tls.validate()
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, not {self.port}")
         check_port("metrics_port", self.metrics_port)

@@ -19,6 +19,7 @@ import grpc.aio
 from chainfs import kv
 from chainfs.common import config as config_mod
 from chainfs.common import logging as chainfs_logging
+from chainfs.common import tls
 from chainfs.common.background import start_all
 from chainfs.common.dataplane.server import DataServer, Request, Response
 from chainfs.common.errors import ChainfsError, Code
@@ -157,6 +158,7 @@ async def _starting(req: Request) -> Response:
 
 def main(config_path: str | None, ready_file: str | None) -> int:
     cfg = config_mod.load(MgmtdConfig, config_path)
+    tls.configure_process(cfg.tls)
     chainfs_logging.setup(f"mgmtd@{socket.gethostname()}", cfg.log_level)
 
     async def run(stop: asyncio.Event) -> None:

@@ -8,6 +8,7 @@ from chainfs.common.config import require_non_negative, require_positive
 from chainfs.common.dataplane.config import DataPlaneConfig
 from chainfs.common.metrics import check_port
 from chainfs.common.rpc.server_config import GrpcServerConfig
+from chainfs.common.tls import TlsConfig
 from chainfs.common.units import KiB, MiB
 from chainfs.storage_service.failure_config import FailureConfig
 
@@ -106,6 +107,9 @@ class StorageConfig:
     forward_retry_backoff_ms: int = 100  # doubled per attempt
     mgmtd_timeout_ms: int = 5_000
     log_level: str = "INFO"
+    # TLS of this node's TCP connections, gRPC and data plane (chainfs.common.tls);
+    # empty ca_file = plain TCP.
+    tls: TlsConfig = field(default_factory=TlsConfig)
     # Framed data plane; received payloads (writes, forwards) held at once <= 128 MiB.
     dataplane: DataPlaneConfig = field(
         default_factory=lambda: DataPlaneConfig(
@@ -120,6 +124,7 @@ class StorageConfig:
     failure: FailureConfig = field(default_factory=FailureConfig)  # fencing, resync, scrubbing
 
     def validate(self) -> None:
+        self.tls.validate()
         check_port("metrics_port", self.metrics_port)
         if not 0.0 < self.disk_usage_limit_ratio <= 1.0:
             raise ValueError("disk_usage_limit_ratio must be in (0, 1]")

@@ -11,6 +11,7 @@ import gc
 import logging
 
 from chainfs.common import config as config_mod
+from chainfs.common import tls
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.process import run_service, write_ready_file
 from chainfs.storage_service.config import StorageConfig
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 def main(config_path: str | None, ready_file: str | None) -> int:
     config = config_mod.load(StorageConfig, config_path)
+    tls.configure_process(config.tls)
     logging.basicConfig(
         level=getattr(logging, config.log_level.upper(), logging.INFO),
         format="%(asctime)s storage %(levelname)s %(name)s: %(message)s",

@@ -189,6 +189,18 @@ STUDIES: tuple[Study, ...] = (
         """),
     ),
     Study(
+        "tls",
+        "tls.run",
+        "Sequential client writes and reads (4 MiB) on a plain and a TLS cluster, all hops TCP.",
+        _options("""
+            --file-mib        512  size of the file written, then read
+            --block-mib       4    write and readinto size
+            --passes          3    reads of the whole file
+            --storage-nodes   2    of each cluster
+            --replicas        2    chain length
+        """),
+    ),
+    Study(
         "fuse-ls",
         "fuse.ls_large_directory",
         "`ls -l` of a large directory through a fresh FUSE mount (cold, warm, names only).",

@@ -37,6 +37,12 @@ with the same request id in its header to stay idempotent); an error
 response -> the server's ChainfsError (same code and message). Connections
 with requests in flight are probed every ``liveness_check_ms`` for resets
 the event loop does not report (see Connection.poke).
+
+TLS: when the process's TLS settings (or ``config.tls``) are on, TCP
+connections are TLS, the server verified against the CA and the address
+(presenting our certificate, if we hold one); a server whose certificate
+does not verify is EACCES, a handshake that fails otherwise (a plain server)
+UNAVAILABLE. Unix-socket connections stay plain.
 """
 
 from __future__ import annotations
@@ -44,15 +50,17 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from chainfs.common import tls
 from chainfs.common.dataplane.address import parse_address
 from chainfs.common.dataplane.buffers import fresh_buffer
 from chainfs.common.dataplane.config import DataPlaneConfig
-from chainfs.common.dataplane.conn import Connection, OutFrame, as_byte_view
+from chainfs.common.dataplane.conn import Connection, OutFrame, as_byte_view, tls_handshake
 from chainfs.common.dataplane.frame import MAX_REQUEST_ID, MSG_HELLO, FrameHeader
 from chainfs.common.dataplane.server import build_segments
 from chainfs.common.errors import ChainfsError, Code
@@ -224,6 +232,8 @@ class DataClient:
         self.config = config if config is not None else DataPlaneConfig()
         self.config.validate()
         self._hello = credential.SerializeToString() if credential is not None else b""
+        tls_config = tls.current() if self.config.tls is None else self.config.tls
+        self._tls_ctx = tls_config.client_context() if tls_config.enabled else None
         self._peers: dict[str, _Peer] = {}
         self._closed = False
         self._liveness: asyncio.TimerHandle | None = None
@@ -358,7 +368,12 @@ class DataClient:
                         # otherwise (replies being delivered): let them finish.
                         await asyncio.sleep(0.001)
                         continue
-                    await asyncio.shield(peer.connecting)
+                    fresh = await asyncio.shield(peer.connecting)
+                    if fresh.closed and isinstance(fresh.close_exc, ChainfsError):
+                        # Dropped right after connecting (under TLS 1.3 a server
+                        # refuses a client certificate only then): say why, do
+                        # not reconnect in a loop.
+                        raise fresh.close_exc
             except TimeoutError:
                 raise ChainfsError(
                     Code.ETIMEDOUT,
@@ -378,6 +393,8 @@ class DataClient:
             limit = min(deadline, loop.time() + self.config.connect_timeout_ms / 1000)
             async with asyncio.timeout_at(limit):
                 await loop.sock_connect(sock, sockaddr)
+                if self._tls_ctx is not None and isinstance(sockaddr, tuple):
+                    sock = await self._handshake(loop, sock, sockaddr[0], address)
         except BaseException:
             sock.close()
             raise
@@ -448,6 +465,15 @@ class DataClient:
             ) from None
         finally:
             conn.pending.pop(rid, None)
+
+    async def _handshake(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, host: str, address: str
+    ) -> socket.socket:
+        assert self._tls_ctx is not None
+        try:
+            return await tls_handshake(loop, sock, self._tls_ctx, server_side=False, hostname=host)
+        except (ssl.SSLError, ConnectionError) as e:
+            raise tls.describe_failure(e, address) from None
 
     def _schedule_liveness(self, loop: asyncio.AbstractEventLoop) -> None:
         self._liveness = loop.call_later(self.config.liveness_check_ms / 1000, self._check_liveness)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chainfs.common.config import require_non_negative, require_positive
+from chainfs.common.tls import TlsConfig
 from chainfs.common.units import MiB
 
 
@@ -81,6 +82,10 @@ class DataPlaneConfig:
     # SO_SNDBUF / SO_RCVBUF in bytes; 0 keeps the kernel's auto-tuning.
     socket_send_buffer_bytes: int = 0
     socket_recv_buffer_bytes: int = 0
+    # TLS of TCP connections (unix sockets stay plain). None = the process's
+    # settings (chainfs.common.tls.current(): a service's [tls] section, else
+    # the CHAINFS_TLS_* environment); set it only to differ from those.
+    tls: TlsConfig | None = None
 
     def validate(self) -> None:
         require_positive(
@@ -129,3 +134,5 @@ class DataPlaneConfig:
             self.max_header_bytes, self.max_request_header_bytes
         ) >= (1 << 32):
             raise ValueError("frame bounds exceed the wire format")
+        if self.tls is not None:
+            self.tls.validate()

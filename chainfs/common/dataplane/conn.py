@@ -20,6 +20,12 @@ a buffer has been handed to the kernel:
   once its last byte is in the kernel (True) or the connection died (False);
   until then the transport holds its buffers, after that it never touches
   them again.
+* TLS (a socket wrapped by :func:`tls_handshake`): the same reader, with
+  ``recv_into`` through OpenSSL; the writer copies memory segments into one
+  SSL write of up to ``TLS_WRITE_BYTES`` (encryption makes new bytes anyway)
+  and reads file segments with ``pread`` instead of ``sendfile``. Whether a
+  connection is TLS is decided once, when it is made: plain connections run
+  exactly the code they ran before.
 * Any malformed input or I/O error closes the connection (``close(exc)``);
   subclasses fail what depended on it. Malformed input is BAD_FRAME; a lost
   connection (reset, or end of stream, even in the middle of a frame) is
@@ -32,6 +38,7 @@ import asyncio
 import errno
 import os
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -55,6 +62,11 @@ PAUSE_INFLIGHT = 2  # server: too many requests of this connection unanswered
 PAUSE_QUOTA = 4  # server: this connection holds its quota of pooled buffers
 
 _MAX_READS_PER_EVENT = 64  # recv calls per readiness callback before yielding to the loop
+# Bytes handed to one SSL write (OpenSSL cuts them into 16 KiB records): large
+# enough for few calls per payload, small enough to bound the copy it makes.
+TLS_WRITE_BYTES = 256 * 1024
+# Exceptions of a non-blocking socket that mean "try again when it is ready".
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class _FileSeg:
@@ -82,6 +94,64 @@ class OutFrame:
         self.done = done
         self.started = False  # some byte of it reached the kernel
         self.cancelled = False  # drop it if it has not started
+
+
+def _joined(parts: list[memoryview]) -> memoryview:
+    return parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
+
+
+async def tls_handshake(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    ctx: ssl.SSLContext,
+    server_side: bool,
+    hostname: str | None = None,
+) -> ssl.SSLSocket:
+    """Wrap a connected socket in TLS and run the handshake on ``loop``.
+
+    Callers bound it with a timeout. On failure the socket is closed and the
+    ssl error (or OSError) raised.
+    """
+    try:
+        sock.setblocking(False)
+        ssock = ctx.wrap_socket(
+            sock, server_side=server_side, server_hostname=hostname, do_handshake_on_connect=False
+        )
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        while True:
+            try:
+                ssock.do_handshake()
+                return ssock
+            except ssl.SSLWantReadError:
+                await _fd_ready(loop, ssock.fileno(), write=False)
+            except ssl.SSLWantWriteError:
+                await _fd_ready(loop, ssock.fileno(), write=True)
+    except BaseException:
+        ssock.close()
+        raise
+
+
+async def _fd_ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
 
 
 def as_byte_view(data: bytes | bytearray | memoryview) -> memoryview:
@@ -142,6 +212,13 @@ class Connection:
         self.last_send_monotonic = time.monotonic()  # last progress of the send queue
         self.bytes_received = 0
         self.bytes_sent = 0
+        # TLS: bytes of an SSL write that would block, to be retried unchanged
+        # (OpenSSL requires it); whether they came from a file segment; the
+        # buffer file segments are read into.
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self._tls_out: memoryview | None = None
+        self._tls_out_file = False
+        self._tls_file_buf: memoryview | None = None
 
     # ---- subclass hooks -------------------------------------------------
 
@@ -170,6 +247,12 @@ class Connection:
         if not self.closed and not self._paused and not self._reader_on:
             self.loop.add_reader(self.fd, self._on_readable)
             self._reader_on = True
+            self._poke_if_tls_pending()
+
+    def _poke_if_tls_pending(self) -> None:
+        # Bytes OpenSSL already decrypted do not make the socket readable again.
+        if self.tls and not self.closed and self.sock.pending():  # type: ignore[attr-defined]
+            self.loop.call_soon(self.poke)
 
     def pause_reading(self, reason: int) -> None:
         self._paused |= reason
@@ -241,7 +324,7 @@ class Connection:
                     d = dest[self._dest_i]
                     off = self._dest_off
                     room = len(d) - off
-                    if room >= self._remaining or self._dest_i + 1 == len(dest):
+                    if room >= self._remaining or self._dest_i + 1 == len(dest) or self.tls:
                         n = sock.recv_into(d[off : off + min(room, self._remaining)])
                     else:
                         n = sock.recvmsg_into(self._scatter_views())[0]
@@ -274,7 +357,9 @@ class Connection:
                     self._end += n
                     self.bytes_received += n
                     self._parse()
-        except (BlockingIOError, InterruptedError):
+            else:
+                self._poke_if_tls_pending()  # stopped at the per-event bound
+        except _WOULD_BLOCK:
             pass
         except ChainfsError as e:
             self.close(e)
@@ -492,8 +577,11 @@ class Connection:
         self._flushing = True
         sent = self.bytes_sent
         try:
-            self._flush_inner()
-        except (BlockingIOError, InterruptedError):
+            if self.tls:
+                self._flush_tls()
+            else:
+                self._flush_inner()
+        except _WOULD_BLOCK:
             pass
         except ChainfsError as e:
             self.close(e)
@@ -517,10 +605,7 @@ class Connection:
         max_iov = self.cfg.max_iov_per_send
         while outq and not self.closed:
             frame = outq[0]
-            if frame.idx >= len(frame.segs) or (frame.cancelled and not frame.started):
-                outq.popleft()
-                if frame.done is not None:
-                    frame.done(not frame.cancelled or frame.started)
+            if self._drop_if_over(frame):
                 continue
             seg = frame.segs[frame.idx]
             if isinstance(seg, _FileSeg):
@@ -555,6 +640,15 @@ class Connection:
             if n < want:
                 return  # socket full: wait for writability
 
+    def _drop_if_over(self, frame: OutFrame) -> bool:
+        """Pop the head ``frame`` if it is all sent, or cancelled before it started."""
+        if frame.idx < len(frame.segs) and not (frame.cancelled and not frame.started):
+            return False
+        self._outq.popleft()
+        if frame.done is not None:
+            frame.done(not frame.cancelled or frame.started)
+        return True
+
     def _consume(self, n: int) -> None:
         outq = self._outq
         while n > 0 and not self.closed:
@@ -577,6 +671,63 @@ class Connection:
             frame = outq.popleft()
             if frame.done is not None:
                 frame.done(True)
+
+    def _flush_tls(self) -> None:
+        """The writer of a TLS connection (see the module docstring)."""
+        outq = self._outq
+        while outq and not self.closed:
+            frame = outq[0]
+            if self._drop_if_over(frame):
+                continue
+            if self._tls_out is None:
+                self._tls_out = self._tls_gather(frame)
+            out = self._tls_out
+            n = self.sock.send(out)  # SSLWantWriteError: retried with these very bytes
+            self._tls_out = out[n:] if n < len(out) else None
+            self.bytes_sent += n
+            if self._tls_out_file:
+                seg = frame.segs[frame.idx]
+                assert isinstance(seg, _FileSeg)
+                seg.offset += n
+                seg.remaining -= n
+                if seg.remaining == 0:
+                    frame.idx += 1
+            else:
+                self._consume(n)
+
+    def _tls_gather(self, head: OutFrame) -> memoryview:
+        """The next bytes to write: a piece of the head's file segment, or up to
+        TLS_WRITE_BYTES of consecutive memory segments (joined when several).
+        Every frame with bytes in them is marked started: it can no longer be
+        cancelled, since those bytes will go out."""
+        seg = head.segs[head.idx]
+        head.started = True
+        self._tls_out_file = isinstance(seg, _FileSeg)
+        if isinstance(seg, _FileSeg):
+            return self._tls_read_file(seg)
+        parts: list[memoryview] = []
+        size = 0
+        for f in self._outq:
+            if f.cancelled and not f.started:
+                break
+            for s in islice(f.segs, f.idx, None):
+                if not isinstance(s, memoryview) or size == TLS_WRITE_BYTES:
+                    return _joined(parts)
+                parts.append(s[: TLS_WRITE_BYTES - size])
+                size += len(parts[-1])
+                f.started = True
+        return _joined(parts)
+
+    def _tls_read_file(self, seg: _FileSeg) -> memoryview:
+        if self._tls_file_buf is None:
+            self._tls_file_buf = memoryview(bytearray(TLS_WRITE_BYTES))
+        buf = self._tls_file_buf[: min(seg.remaining, TLS_WRITE_BYTES)]
+        n = os.preadv(seg.fd, [buf], seg.offset)
+        if n == 0:
+            raise ChainfsError(
+                Code.EIO, f"data plane {self.peer}: file region ended early (fd {seg.fd})"
+            )
+        return buf[:n]
 
     @property
     def send_queue_frames(self) -> int:

@@ -16,6 +16,12 @@ exception is logged and answered as INTERNAL. A malformed frame closes only
 its connection. A frame whose bytes stop arriving, or replies the peer stops
 reading, for ``frame_stall_timeout_ms`` close the connection too (frees the
 buffers they hold).
+
+TLS: when the process's TLS settings (or ``config.tls``) are on, TCP
+connections are TLS (the handshake runs as a task, bounded by
+``tls.handshake_timeout_ms``, and counts against ``max_server_connections``);
+a client certificate is verified if presented, not required. Unix-socket
+connections stay plain.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ import logging
 import os
 import resource
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from chainfs.common import tls
 from chainfs.common.auth.authenticator import Authenticator
 from chainfs.common.auth.identity import ANONYMOUS, Identity, set_current_identity
 from chainfs.common.auth.policy import authorize
@@ -46,6 +54,7 @@ from chainfs.common.dataplane.conn import (
     Segment,
     _FileSeg,
     as_byte_view,
+    tls_handshake,
 )
 from chainfs.common.dataplane.frame import (
     FLAG_ERROR,
@@ -387,6 +396,10 @@ class DataServer:
         self._watchdog: asyncio.TimerHandle | None = None
         self._accept_retry: dict[socket.socket, asyncio.TimerHandle] = {}
         self._bound_port = 0
+        tls_config = tls.current() if self.config.tls is None else self.config.tls
+        self._tls_ctx = tls_config.server_context() if tls_config.enabled else None
+        self._tls_timeout_s = tls_config.handshake_timeout_ms / 1000
+        self._handshakes: set[asyncio.Task[None]] = set()
         self.stats = {
             "connections": 0,
             "requests": 0,
@@ -395,6 +408,7 @@ class DataServer:
             "refused_connections": 0,
             "idle_closed": 0,
             "slow_senders_closed": 0,
+            "tls_failures": 0,
         }
 
     @property
@@ -475,21 +489,43 @@ class DataServer:
                 sock.close()
                 continue
             peer = format_tcp(addr[0], addr[1]) if isinstance(addr, tuple) else "unix"
-            try:
-                conn = _ServerConn(self, self._loop, sock, peer, key)
-            except OSError as e:
-                log.warning("data plane: set-up of %s failed: %s", peer, e)
-                sock.close()
-                continue
-            self._conns.add(conn)
-            self._per_address[key] = self._per_address.get(key, 0) + 1
-            self.stats["connections"] += 1
-            conn.start_reading()
+            if self._tls_ctx is not None and isinstance(addr, tuple):
+                task = self._loop.create_task(self._accept_tls(sock, peer, key, self._tls_ctx))
+                self._handshakes.add(task)
+                task.add_done_callback(self._handshakes.discard)
+            else:
+                self._adopt(sock, peer, key)
+
+    def _adopt(self, sock: socket.socket, peer: str, key: str) -> None:
+        assert self._loop is not None
+        try:
+            conn = _ServerConn(self, self._loop, sock, peer, key)
+        except OSError as e:
+            log.warning("data plane: set-up of %s failed: %s", peer, e)
+            sock.close()
+            return
+        self._conns.add(conn)
+        self._per_address[key] = self._per_address.get(key, 0) + 1
+        self.stats["connections"] += 1
+        conn.start_reading()
+
+    async def _accept_tls(
+        self, sock: socket.socket, peer: str, key: str, ctx: ssl.SSLContext
+    ) -> None:
+        assert self._loop is not None
+        try:
+            async with asyncio.timeout(self._tls_timeout_s):
+                ssock = await tls_handshake(self._loop, sock, ctx, server_side=True)
+        except (OSError, TimeoutError) as e:  # a plain client, a bad certificate, a silent peer
+            self.stats["tls_failures"] += 1
+            log.info("data plane: TLS handshake with %s failed: %s", peer, e or "timed out")
+            return
+        self._adopt(ssock, peer, key)
 
     def _refusal(self, address_key: str) -> str:
         """Why a new connection from ``address_key`` is refused ("" = accept it)."""
         cfg = self.config
-        n = len(self._conns)
+        n = len(self._conns) + len(self._handshakes)  # handshakes hold sockets too
         if n >= cfg.max_server_connections:
             return "connection limit reached"
         if self._per_address.get(address_key, 0) >= cfg.max_connections_per_address:
@@ -683,7 +719,7 @@ class DataServer:
                 os.unlink(self.unix_path)
         for conn in list(self._conns):
             conn.close(None)
-        tasks = list(self._tasks)
+        tasks = [*self._tasks, *self._handshakes]
         for t in tasks:
             t.cancel()
         if tasks:

@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 import grpc.aio
 
-from chainfs.common import metrics
+from chainfs.common import metrics, tls
 from chainfs.common.auth.authenticator import Authenticator
 from chainfs.common.auth.grpc_auth import AuthInterceptor, client_interceptors
 from chainfs.common.errors import ChainfsError, Code
@@ -127,11 +127,22 @@ async def call(
         raise error_from_rpc(e, target) from None
 
 
-def channel(address: str, credential: cpb.Credential | None = None) -> grpc.aio.Channel:
-    """A channel to ``address`` whose every call carries ``credential``."""
-    return grpc.aio.insecure_channel(
-        address, options=CHANNEL_OPTIONS, interceptors=client_interceptors(credential)
-    )
+def channel(
+    address: str,
+    credential: cpb.Credential | None = None,
+    options: list[tuple[str, Any]] | None = None,
+    tls_config: tls.TlsConfig | None = None,
+) -> grpc.aio.Channel:
+    """A channel to ``address`` whose every call carries ``credential``; TLS
+    when ``tls_config`` (default: tls.current()) is on."""
+    opts = CHANNEL_OPTIONS if options is None else options
+    cfg = tls.current() if tls_config is None else tls_config
+    interceptors = client_interceptors(credential)
+    if not cfg.enabled:
+        return grpc.aio.insecure_channel(address, options=opts, interceptors=interceptors)
+    ca, cert, key = cfg.read_files()
+    creds = grpc.ssl_channel_credentials(ca, private_key=key, certificate_chain=cert)
+    return grpc.aio.secure_channel(address, creds, options=opts, interceptors=interceptors)
 
 
 class Stubs(Generic[S]):
@@ -147,6 +158,7 @@ class Stubs(Generic[S]):
         self._make_stub = make_stub
         self._owner = owner
         self._credential = credential
+        self._tls = tls.current()  # every channel of this client speaks alike
         self._by_address: dict[str, tuple[grpc.aio.Channel, S]] = {}
         self.closed = False
 
@@ -155,7 +167,7 @@ class Stubs(Generic[S]):
             raise ChainfsError(Code.EBADF, f"{self._owner} is closed")
         entry = self._by_address.get(address)
         if entry is None:
-            ch = channel(address, self._credential)
+            ch = channel(address, self._credential, tls_config=self._tls)
             entry = (ch, self._make_stub(ch))
             self._by_address[address] = entry
         return entry[1]
@@ -209,10 +221,19 @@ def server(
 _SERVER_KEEPALIVE = ("grpc.keepalive_time_ms", "grpc.keepalive_timeout_ms")
 
 
-def bind(srv: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind ``host:port`` (0 = ephemeral); returns the port actually bound."""
+def bind(
+    srv: grpc.aio.Server, host: str, port: int, tls_config: tls.TlsConfig | None = None
+) -> int:
+    """Bind ``host:port`` (0 = ephemeral); returns the port actually bound.
+
+    With TLS on (``tls_config``, default tls.current()) the port requires a
+    client certificate signed by the cluster CA (mutual TLS)."""
+    cfg = tls.current() if tls_config is None else tls_config
     try:
-        bound = srv.add_insecure_port(f"{host}:{port}")
+        if cfg.enabled:
+            bound = srv.add_secure_port(f"{host}:{port}", server_credentials(cfg))
+        else:
+            bound = srv.add_insecure_port(f"{host}:{port}")
     except RuntimeError:  # grpc: the port is taken (no SO_REUSEPORT sharing)
         raise ChainfsError(
             Code.EADDRINUSE, f"cannot listen on {host}:{port}: address in use"
@@ -220,3 +241,13 @@ def bind(srv: grpc.aio.Server, host: str, port: int) -> int:
     if bound == 0:
         raise ChainfsError(Code.EINVAL, f"cannot listen on {host}:{port}")
     return bound
+
+
+def server_credentials(cfg: tls.TlsConfig) -> grpc.ServerCredentials:
+    """Our certificate; clients must present one the CA signed."""
+    ca, cert, key = cfg.read_files()
+    if cert is None or key is None:
+        raise ChainfsError(Code.EINVAL, "TLS server needs tls.cert_file and tls.key_file")
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True
+    )

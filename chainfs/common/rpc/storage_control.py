@@ -25,8 +25,6 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
-import grpc.aio
-
 from chainfs.common.rpc import grpc_util
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
@@ -46,7 +44,7 @@ class StorageControl:
             raise ValueError(f"timeout_s must be > 0, not {timeout_s}")
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc_util.channel(address, options=CHANNEL_OPTIONS)
         self._stub = sg.StorageControlStub(self._channel)
 
     async def close(self) -> None:
