@@ -154,7 +154,11 @@ def _is_lost(e: BaseException) -> bool:
     if isinstance(e, asyncpg.PostgresError):
         state = e.sqlstate or ""
         return state.startswith("08") or state in ("57P01", "57P02", "57P03")
-    return isinstance(e, OSError | asyncio.TimeoutError | asyncpg.InterfaceError)
+    # InternalClientError: the protocol is out of step (a FATAL arrived on an
+    # idle connection when its backend died); the connection is unusable.
+    return isinstance(
+        e, OSError | asyncio.TimeoutError | asyncpg.InterfaceError | asyncpg.InternalClientError
+    )
 
 
 @dataclass(eq=False)  # identity: pooled connections are kept in sets

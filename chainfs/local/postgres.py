@@ -102,7 +102,7 @@ class PostgresServer(StopOnExit):
         self.port = 0
         self.proc: Popen | None = None
         self._external_dir: Path | None = None  # a /tmp data home that stop() removes
-        self._finalizer = weakref.finalize(self, _kill_group, [None])
+        self._finalizer = weakref.finalize(self, _kill_server, [None])
         self.data_dir = self._plan_data_dir()
         if start:
             self.start()
@@ -218,14 +218,14 @@ class PostgresServer(StopOnExit):
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: kill() takes its backends too
+                start_new_session=True,  # a Ctrl-C on our terminal is not its
                 user=self.run_as,
                 group=self.run_as,
                 extra_groups=[] if self.run_as is not None else None,
                 cwd="/",
             )
         self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _kill_group, [self.proc])
+        self._finalizer = weakref.finalize(self, _kill_server, [self.proc])
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -264,7 +264,7 @@ class PostgresServer(StopOnExit):
 
     def kill(self) -> None:
         """SIGKILL the server and its backends (a crash); returns once all are gone."""
-        _kill_group([self.proc])
+        _kill_server([self.proc])
 
     def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """Fast shutdown (SIGINT); SIGKILL after ``timeout_s``. Removes a /tmp data home."""
@@ -280,19 +280,40 @@ class PostgresServer(StopOnExit):
             self._external_dir = None
 
 
-def _kill_group(procs: list[Popen | None]) -> None:
-    """SIGKILL the process group each started server leads, and wait until it is empty."""
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (the server's backends and workers)."""
+    out = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[1]) == pid:
+            out.append(int(stat.split("/")[2]))
+    return out
+
+
+def _kill_server(procs: list[Popen | None]) -> None:
+    """SIGKILL each started server and its child processes (each backend leads
+    its own process group, so a group kill would miss them); returns once all
+    are gone, so a restart finds no backend still attached to shared memory."""
     for proc in procs:
-        # Only while unreaped: a reaped pid (and group id) may belong to someone else.
+        # Only while unreaped: a reaped pid may belong to someone else.
         if proc is None or proc.returncode is not None:
             continue
+        children = _children(proc.pid)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + DEFAULT_STOP_TIMEOUT_S
-        while time.monotonic() < deadline:  # backends are not our children: poll
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.01)
+        for child in children:  # not our children: poll until gone
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(child, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.01)
