@@ -11,10 +11,11 @@ LocalCluster(kv="postgresql"), and of the tests of the postgresql backend.
 
 The binaries come from ``$CHAINFS_PG_BINDIR``, else ``initdb`` on PATH, else
 the newest ``/usr/lib/postgresql/*/bin`` (Debian's layout). PostgreSQL refuses
-to run as root: as root the server runs as ``nobody`` (uid 65534), with a data
-directory that account owns; when ``nobody`` cannot reach ``base_dir`` (a
-private parent directory), the data lives in a ``/tmp/chainfs-pg-*`` directory
-that :meth:`stop` removes, and ``base_dir/pgdata`` points at it. The server
+to run as root: as root the server runs as ``nobody`` (uid 65534, through
+``setpriv``) with a data directory that account owns, ``base_dir/pgdata``;
+when ``nobody`` could not reach it (a private parent such as /root or
+pytest's base directory), the server keeps one capability,
+CAP_DAC_READ_SEARCH, to look up paths through such directories. The server
 listens on an ephemeral port (a lost port race restarts on a fresh one) and
 on a unix socket in its data directory. Only processes started here are
 signalled.
@@ -29,7 +30,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -98,12 +98,12 @@ class PostgresServer(StopOnExit):
         self.base_dir = Path(base_dir).absolute()
         self.start_timeout_s = start_timeout_s
         self.max_connections = max_connections
-        self.run_as = UNPRIVILEGED_UID if os.geteuid() == 0 else None
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = self.base_dir / "pgdata"
+        self._as_server = self._server_account()
         self.port = 0
         self.proc: Popen | None = None
-        self._external_dir: Path | None = None  # a /tmp data home that stop() removes
         self._finalizer = weakref.finalize(self, _kill_server, [None])
-        self.data_dir = self._plan_data_dir()
         if start:
             self.start()
 
@@ -127,29 +127,24 @@ class PostgresServer(StopOnExit):
         return tail_file(self.log_path, lines)
 
     # -- data directory -------------------------------------------------------
-    def _plan_data_dir(self) -> Path:
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        if self.run_as is None or _reachable_by_others(self.base_dir):
-            return self.base_dir / "pgdata"
-        home = Path(tempfile.mkdtemp(prefix="chainfs-pg-"))
-        os.chown(home, self.run_as, self.run_as)
-        self._external_dir = home
-        link = self.base_dir / "pgdata"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(home / "pgdata")
-        return home / "pgdata"
+    def _server_account(self) -> list[str]:
+        """The command prefix that runs initdb and postgres unprivileged when we are root."""
+        if os.geteuid() != 0:
+            return []
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise ChainfsError(Code.ENOENT, "running postgres as root needs setpriv (util-linux)")
+        uid = str(UNPRIVILEGED_UID)
+        prefix = [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        if not _reachable_by_others(self.base_dir):
+            caps = "+dac_read_search"
+            prefix += [f"--inh-caps={caps}", f"--ambient-caps={caps}"]
+        return [*prefix, "--"]
 
     def _run(self, args: list[str], timeout_s: float) -> None:
-        """A PostgreSQL client tool, as the server's account."""
+        """A PostgreSQL tool, as the server's account."""
         done = subprocess.run(
-            args,
-            capture_output=True,
-            timeout=timeout_s,
-            user=self.run_as,
-            group=self.run_as,
-            extra_groups=[] if self.run_as is not None else None,
-            cwd="/",
+            [*self._as_server, *args], capture_output=True, timeout=timeout_s, cwd="/"
         )
         if done.returncode != 0:
             raise ChainfsError(
@@ -157,9 +152,9 @@ class PostgresServer(StopOnExit):
             )
 
     def _initdb(self) -> None:
-        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if self.run_as is not None:
-            os.chown(self.data_dir, self.run_as, self.run_as)
+        self.data_dir.mkdir(mode=0o700, exist_ok=True)
+        if self._as_server:
+            os.chown(self.data_dir, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
         self._run(
             [
                 os.path.join(self.bindir, "initdb"),
@@ -214,14 +209,11 @@ class PostgresServer(StopOnExit):
         with open(self.log_path, "ab") as log:
             log.write(f"--- start {time.strftime('%H:%M:%S')}\n".encode())
             self.proc = subprocess.Popen(
-                self._command(),
+                [*self._as_server, *self._command()],  # setpriv execs postgres: same pid
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C on our terminal is not its
-                user=self.run_as,
-                group=self.run_as,
-                extra_groups=[] if self.run_as is not None else None,
                 cwd="/",
             )
         self._finalizer.detach()
@@ -267,7 +259,7 @@ class PostgresServer(StopOnExit):
         _kill_server([self.proc])
 
     def stop(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
-        """Fast shutdown (SIGINT); SIGKILL after ``timeout_s``. Removes a /tmp data home."""
+        """Fast shutdown (SIGINT); SIGKILL after ``timeout_s``. The data stays."""
         proc = self.proc
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -275,9 +267,6 @@ class PostgresServer(StopOnExit):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout_s)  # postgres waits for its backends before it exits
         self.kill()
-        if self._external_dir is not None:
-            shutil.rmtree(self._external_dir, ignore_errors=True)
-            self._external_dir = None
 
 
 def _children(pid: int) -> list[int]:
