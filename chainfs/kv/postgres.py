@@ -5,16 +5,22 @@
   the row.
 - Snapshot = one REPEATABLE READ, READ ONLY PostgreSQL transaction on a pooled
   connection: every read of a chainfs transaction sees the same state.
-- Commit = ONE statement, ``txn_commit(...)``, run in its own SERIALIZABLE
-  PostgreSQL transaction. It validates the read set against the snapshot
-  (no row under a read key or in a read range was written by a transaction
-  the snapshot does not see, and every key seen present still exists), then
-  applies the writes. SERIALIZABLE makes two concurrent commits whose
-  validations and writes cross fail with SQLSTATE 40001; that, 40P01
-  (deadlock) and a failed validation are conflicts, which transact() retries.
-  Validating against the snapshot, rather than letting PostgreSQL order the
-  whole transaction, means a transaction whose reads changed before it
-  committed always retries (FoundationDB's rule), as the shared suite expects.
+- Commit = ONE statement, ``txn_commit(...)``, in its own READ COMMITTED
+  PostgreSQL transaction. It first takes transaction-scoped advisory locks:
+  shared on the hash of every key read, exclusive on every key written, and
+  on one store-wide lock, exclusive when the transaction read a range or
+  cleared one (or locks too many keys), else shared; in one global order, so
+  commits do not deadlock. Holding them, it validates the read set against
+  the snapshot with a fresh view (no row under a read key or in a read range
+  was written by a transaction the snapshot does not see, and every key seen
+  present still exists), then applies the writes; the locks go at commit. Two
+  commits where one read what the other writes thus never overlap, and the
+  later one validates against the earlier one's writes: commit order is the
+  serial order (FoundationDB's rule, which the shared suite checks). A failed
+  validation, and SQLSTATE 40001/40P01, are conflicts that transact() retries.
+  (SERIALIZABLE would be simpler but fails blind writes of one key, such as
+  a directory's mtime, that FoundationDB's model lets commit side by side,
+  and its page-grained predicate locks fail many unrelated commits.)
 - Exactly once across a lost reply: each pooled connection owns a row in
   ``<schema>.commit_slots``, and every commit writes a fresh token there in
   the same PostgreSQL transaction. When the reply of a commit is lost (the
@@ -32,6 +38,8 @@ Options ride in the URL query:
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import hashlib
 import itertools
 import logging
 import random
@@ -78,6 +86,10 @@ class PostgresOptions:
     # Pause between connection attempts (doubles up to retry_max_ms).
     retry_initial_ms: int = 10
     retry_max_ms: int = 500
+    # Keys a commit locks one by one at most; a larger commit takes the
+    # store-wide lock exclusively (PostgreSQL's lock table is finite:
+    # max_locks_per_transaction x max_connections entries).
+    max_key_locks: int = 1000
     # A unix socket directory; overrides the URL's host (libpq's ?host=/dir).
     host: str = ""
     password: str = ""
@@ -85,8 +97,8 @@ class PostgresOptions:
     def validate(self) -> None:
         if not _SCHEMA_NAME.fullmatch(self.schema):
             raise ValueError("schema must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)")
-        if self.pool_size < 1:
-            raise ValueError("pool_size must be >= 1")
+        if self.pool_size < 1 or self.max_key_locks < 1:
+            raise ValueError("pool_size and max_key_locks must be >= 1")
         if not 0 < self.request_timeout_ms <= self.op_timeout_ms:
             raise ValueError("need 0 < request_timeout_ms <= op_timeout_ms")
         if not 0 < self.retry_initial_ms <= self.retry_max_ms:
@@ -99,17 +111,34 @@ CREATE TABLE IF NOT EXISTS {schema}.kv (
     key bytea PRIMARY KEY, value bytea NOT NULL, ver xid8 NOT NULL);
 CREATE TABLE IF NOT EXISTS {schema}.commit_slots (slot text PRIMARY KEY, token text NOT NULL);
 CREATE OR REPLACE FUNCTION {schema}.txn_commit(
-    snap text, read_keys bytea[], range_begins bytea[], range_ends bytea[],
+    snap text, store_lock bigint, store_lock_exclusive boolean,
+    lock_ids bigint[], lock_exclusive boolean[],
+    read_keys bytea[], range_begins bytea[], range_ends bytea[],
     present_keys bytea[], put_keys bytea[], put_values bytea[], clear_keys bytea[],
     clear_begins bytea[], clear_ends bytea[], commit_slot text, commit_token text)
-RETURNS boolean LANGUAGE plpgsql AS $$
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     s pg_snapshot := snap::pg_snapshot;
 BEGIN
-    -- Written since the snapshot: a read key, or any key in a read range
-    -- (one index range scan per range, so SERIALIZABLE locks only those).
-    IF EXISTS (SELECT 1 FROM {schema}.kv
-               WHERE key = ANY(read_keys) AND NOT pg_visible_in_snapshot(ver, s)) THEN
+    -- Locks in one order: the store-wide lock, then key locks sorted by id.
+    IF store_lock_exclusive THEN
+        PERFORM pg_advisory_xact_lock(store_lock);
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared(store_lock);
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(lock_ids), 0) LOOP
+        IF lock_exclusive[i] THEN
+            PERFORM pg_advisory_xact_lock(lock_ids[i]);
+        ELSE
+            PERFORM pg_advisory_xact_lock_shared(lock_ids[i]);
+        END IF;
+    END LOOP;
+    -- Each statement below sees every commit finished by now (a VOLATILE
+    -- function in READ COMMITTED takes a fresh snapshot per statement).
+    -- Written since the snapshot: a read key, or any key in a read range.
+    IF cardinality(read_keys) > 0 AND EXISTS (
+            SELECT 1 FROM {schema}.kv
+            WHERE key = ANY(read_keys) AND NOT pg_visible_in_snapshot(ver, s)) THEN
         RETURN false;
     END IF;
     FOR i IN 1 .. coalesce(cardinality(range_begins), 0) LOOP
@@ -120,17 +149,22 @@ BEGIN
         END IF;
     END LOOP;
     -- Deleted since the snapshot: a key the transaction saw present.
-    IF (SELECT count(*) FROM {schema}.kv WHERE key = ANY(present_keys))
-       <> cardinality(present_keys) THEN
+    IF cardinality(present_keys) > 0
+       AND (SELECT count(*) FROM {schema}.kv WHERE key = ANY(present_keys))
+           <> cardinality(present_keys) THEN
         RETURN false;
     END IF;
     FOR i IN 1 .. coalesce(cardinality(clear_begins), 0) LOOP
         DELETE FROM {schema}.kv WHERE key >= clear_begins[i] AND key < clear_ends[i];
     END LOOP;
-    DELETE FROM {schema}.kv WHERE key = ANY(clear_keys);
-    INSERT INTO {schema}.kv (key, value, ver)
-        SELECT k, v, pg_current_xact_id() FROM unnest(put_keys, put_values) AS p(k, v)
-        ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, ver = EXCLUDED.ver;
+    IF cardinality(clear_keys) > 0 THEN
+        DELETE FROM {schema}.kv WHERE key = ANY(clear_keys);
+    END IF;
+    IF cardinality(put_keys) > 0 THEN
+        INSERT INTO {schema}.kv (key, value, ver)
+            SELECT k, v, pg_current_xact_id() FROM unnest(put_keys, put_values) AS p(k, v)
+            ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, ver = EXCLUDED.ver;
+    END IF;
     INSERT INTO {schema}.commit_slots (slot, token) VALUES (commit_slot, commit_token)
         ON CONFLICT (slot) DO UPDATE SET token = EXCLUDED.token;
     RETURN true;
@@ -140,17 +174,16 @@ END $$;
 # The first statement fixes the snapshot, at begin (one round trip for both).
 _BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1"
 _GET = "SELECT value FROM kv WHERE key = $1"
+# The first point read also learns the snapshot's id (saves a round trip at commit).
+_GET_AND_SNAPSHOT = "SELECT (SELECT value FROM kv WHERE key = $1), pg_current_snapshot()::text"
 _RANGE = "SELECT key, value FROM kv WHERE key >= $1 AND key < $2 ORDER BY key {order} LIMIT $3"
-_COMMIT = "SELECT txn_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+_COMMIT = "SELECT txn_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
 # The snapshot's id and which of ``$1`` (read keys never fetched) it holds.
 _SNAPSHOT = "SELECT pg_current_snapshot()::text, array(SELECT key FROM kv WHERE key = ANY($1))"
 
 
-class _Lost(Exception):
-    """The connection broke or a statement timed out: a commit's outcome is unknown."""
-
-
 def _is_lost(e: BaseException) -> bool:
+    """The connection broke or a statement timed out (a commit's outcome is unknown)."""
     if isinstance(e, asyncpg.PostgresError):
         state = e.sqlstate or ""
         return state.startswith("08") or state in ("57P01", "57P02", "57P03")
@@ -167,12 +200,15 @@ class _Conn:
     slot: str  # this connection's commit_slots row
     backend_pid: int
     backend_start: Any  # with the pid, names the backend even after pid reuse
+    lease: asyncio.Semaphore | None = None  # the pool bound it was taken under
 
 
 class _PgSnapshot(Snapshot):
     def __init__(self, store: PostgresStore, conn: _Conn) -> None:
         self.store = store
         self.conn: _Conn | None = conn
+        store._pool.snapshots_held.set(store._pool.snapshots_held.get() + 1)
+        self.snap_id: str | None = None  # pg_current_snapshot(), once learnt
         self.fetched: set[bytes] = set()  # keys point-read at the snapshot
         self.present: set[bytes] = set()  # keys the snapshot showed to exist
 
@@ -188,17 +224,22 @@ class _PgSnapshot(Snapshot):
         except Exception as e:
             if not _is_lost(e):
                 raise
+            self._drop()
             self.store._pool.discard(conn)
-            self.conn = None
             raise TxnTooOld(f"postgresql snapshot lost ({e!r}); retrying") from None
 
     async def get(self, key: bytes) -> bytes | None:
-        rows = await self._query(_GET, key)
+        if self.snap_id is None:
+            row = (await self._query(_GET_AND_SNAPSHOT, key))[0]
+            self.snap_id = str(row[1])
+        else:
+            rows = await self._query(_GET, key)
+            row = rows[0] if rows else (None,)
         self.fetched.add(key)
-        if not rows:
+        if row[0] is None:
             return None
         self.present.add(key)
-        return bytes(rows[0][0])
+        return bytes(row[0])
 
     async def get_range(
         self, begin: bytes, end: bytes, limit: int, reverse: bool
@@ -211,30 +252,42 @@ class _PgSnapshot(Snapshot):
 
     async def finish(self, unseen: list[bytes]) -> tuple[str, set[bytes]]:
         """End the snapshot: its id, and which of ``unseen`` it holds."""
-        rows = await self._query(_SNAPSHOT, unseen)
-        await self.end()
-        return str(rows[0][0]), {bytes(k) for k in rows[0][1]}
+        held: set[bytes] = set()
+        if self.snap_id is None or unseen:
+            rows = await self._query(_SNAPSHOT, unseen)
+            self.snap_id, held = str(rows[0][0]), {bytes(k) for k in rows[0][1]}
+        self.close()  # the commit runs on another connection meanwhile
+        return self.snap_id, held
 
-    async def end(self) -> None:
+    def _drop(self) -> _Conn | None:
         conn, self.conn = self.conn, None
         if conn is not None:
-            await self.store._pool.release_after(conn, "ROLLBACK")
+            held = self.store._pool.snapshots_held
+            held.set(held.get() - 1)
+        return conn
 
     def close(self) -> None:
         # transact() closes synchronously: the ROLLBACK runs as a task that
         # returns the connection to the pool when done.
-        if self.conn is not None:
-            self.store._pool.spawn_release(self.conn)
-            self.conn = None
+        conn = self._drop()
+        if conn is not None:
+            self.store._pool.spawn_release(conn)
 
 
 class _Pool:
-    """At most ``size`` connections; idle ones are reused."""
+    """At most ``size`` connections for transactions, and ``size`` more for
+    transactions run inside another one's function (meta's inode allocator
+    does that): were both drawn from one bound, ``size`` outer transactions
+    each waiting for an inner one would wait for each other forever.
+    Idle connections are reused."""
 
     def __init__(self, store: PostgresStore, size: int) -> None:
         self.store = store
         self.size = size
         self._slots = asyncio.Semaphore(size)
+        self._nested_slots = asyncio.Semaphore(size)
+        # Snapshots this task holds open (a transaction's, while its fn runs).
+        self.snapshots_held = contextvars.ContextVar(f"pg-held-{id(self)}", default=0)
         self._idle: list[_Conn] = []
         self._all: set[_Conn] = set()
         self._releases: set[asyncio.Task[None]] = set()
@@ -242,8 +295,9 @@ class _Pool:
 
     async def acquire(self) -> _Conn:
         deadline = time.monotonic() + self.store.options.op_timeout_ms / 1000.0
+        lease = self._nested_slots if self.snapshots_held.get() > 0 else self._slots
         try:
-            await asyncio.wait_for(self._slots.acquire(), self.store.options.op_timeout_ms / 1000)
+            await asyncio.wait_for(lease.acquire(), self.store.options.op_timeout_ms / 1000)
         except TimeoutError:
             raise ChainfsError(
                 Code.UNAVAILABLE,
@@ -252,23 +306,30 @@ class _Pool:
             ) from None
         try:
             if self._idle:
-                return self._idle.pop()
-            conn = await self.store._connect(deadline)
-            self._all.add(conn)
-            return conn
+                conn = self._idle.pop()
+            else:
+                conn = await self.store._connect(deadline)
+                self._all.add(conn)
         except BaseException:
-            self._slots.release()
+            lease.release()
             raise
+        conn.lease = lease
+        return conn
+
+    def _unlease(self, conn: _Conn) -> None:
+        assert conn.lease is not None, "connection released twice"
+        conn.lease.release()
+        conn.lease = None
 
     def release(self, conn: _Conn) -> None:
+        self._unlease(conn)
         self._idle.append(conn)
-        self._slots.release()
 
     def discard(self, conn: _Conn) -> None:
         """Drop a broken connection (its slot stays with the store's slot names)."""
+        self._unlease(conn)
         self._all.discard(conn)
         conn.raw.terminate()
-        self._slots.release()
 
     async def release_after(self, conn: _Conn, sql: str) -> None:
         """Run ``sql`` (ending a transaction), then return the connection to the pool."""
@@ -325,6 +386,9 @@ class PostgresStore(KVStore):
         self._timeout_s = self.options.request_timeout_ms / 1000.0
         self._pool = _Pool(self, self.options.pool_size)
         self._tokens = itertools.count(1)
+        # Lock ids are database-wide: the schema keeps stores apart.
+        self._lock_salt = hashlib.blake2b(self.options.schema.encode(), digest_size=16).digest()
+        self._max_key_locks = self.options.max_key_locks
         self._schema_ready = False
         self._schema_lock = asyncio.Lock()
         self._closed = False
@@ -360,7 +424,7 @@ class PostgresStore(KVStore):
             command_timeout=self._timeout_s,
             server_settings={
                 "search_path": self.options.schema,
-                "default_transaction_isolation": "serializable",
+                "default_transaction_isolation": "read committed",
             },
         )
 
@@ -435,8 +499,13 @@ class PostgresStore(KVStore):
             if k in reads.keys or any(b <= k < e for b, e in ranges)
         }
         puts = [(k, v) for k, v in tx.writes.items() if v is not None]
+        store_exclusive, lock_ids, lock_exclusive = self._locks(tx, bool(ranges))
         args = [
             snap_id,
+            self._lock_id(b""),
+            store_exclusive,
+            lock_ids,
+            lock_exclusive,
             sorted(reads.keys),
             [b for b, _ in ranges],
             [e for _, e in ranges],
@@ -449,6 +518,22 @@ class PostgresStore(KVStore):
         ]
         if not await self._commit_once(args):
             raise TxnConflict()
+
+    def _lock_id(self, key: bytes) -> int:
+        """The advisory lock standing for ``key`` (b"": the store-wide lock)."""
+        digest = hashlib.blake2b(key, digest_size=8, key=self._lock_salt).digest()
+        return int.from_bytes(digest, "big", signed=True)
+
+    def _locks(self, tx: Transaction, read_ranges: bool) -> tuple[bool, list[int], list[bool]]:
+        """(store-wide lock exclusive?, key lock ids in order, each exclusive?)."""
+        writes = tx.writes.keys()
+        if read_ranges or tx.cleared_ranges or len(tx.reads.keys | writes) > self._max_key_locks:
+            return True, [], []  # exclusive store-wide lock: no key locks needed
+        modes: dict[int, bool] = {self._lock_id(k): False for k in tx.reads.keys}
+        for k in writes:
+            modes[self._lock_id(k)] = True  # a hash collision with a read: exclusive wins
+        ids = sorted(modes)
+        return False, ids, [modes[i] for i in ids]
 
     async def _commit_once(self, args: list[Any]) -> bool:
         """Run txn_commit exactly once; True if its validation held (it committed)."""

@@ -116,15 +116,8 @@ class PostgresServer(StopOnExit):
         extra = f"&{query}" if query else ""
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}?schema={schema}{extra}"
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-    def tail_log(self, lines: int = 30) -> str:
-        return tail_file(self.log_path, lines)
 
     # -- data directory -------------------------------------------------------
     def _server_account(self) -> list[str]:
@@ -171,7 +164,7 @@ class PostgresServer(StopOnExit):
     def start(self) -> None:
         """initdb if needed, then start on a fresh port and wait until ready."""
         if self.alive():
-            raise ChainfsError(Code.EBUSY, f"postgres already running (pid {self.pid})")
+            raise ChainfsError(Code.EBUSY, f"postgres already running in {self.data_dir}")
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
         for attempt in range(PORT_RACE_ATTEMPTS):
@@ -180,7 +173,7 @@ class PostgresServer(StopOnExit):
                 self._spawn_and_wait()
                 return
             except ChainfsError:
-                lost_race = "could not bind" in self.tail_log(20)
+                lost_race = "could not bind" in tail_file(self.log_path, 20)
                 self.kill()
                 if not lost_race or attempt == PORT_RACE_ATTEMPTS - 1:
                     raise
@@ -188,7 +181,7 @@ class PostgresServer(StopOnExit):
     def restart(self) -> None:
         """Start again on the same port and data dir (after kill or stop)."""
         if self.alive():
-            raise ChainfsError(Code.EBUSY, f"postgres still running (pid {self.pid})")
+            raise ChainfsError(Code.EBUSY, f"postgres still running in {self.data_dir}")
         self._spawn_and_wait()
 
     def _command(self) -> list[str]:
@@ -230,7 +223,7 @@ class PostgresServer(StopOnExit):
                 raise ChainfsError(
                     Code.EIO,
                     f"postgres exited with {self.proc.returncode}; log {self.log_path}:\n"
-                    f"{self.tail_log()}",
+                    f"{tail_file(self.log_path)}",
                 )
             if subprocess.run(args, timeout=_CLIENT_TIMEOUT_S).returncode == 0:
                 return
@@ -238,7 +231,7 @@ class PostgresServer(StopOnExit):
                 raise ChainfsError(
                     Code.ETIMEDOUT,
                     f"postgres not ready after {self.start_timeout_s}s; log {self.log_path}:\n"
-                    f"{self.tail_log()}",
+                    f"{tail_file(self.log_path)}",
                 )
             time.sleep(_READY_POLL_S)
 

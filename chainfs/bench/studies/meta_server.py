@@ -84,7 +84,7 @@ def chainfs_worker(
     q.put((idx, uvloop.run(_chainfs_phases(address, idx, files, depth, rounds, barrier))))
 
 
-def _chainfs_rates(address: str, o: dict[str, Any]) -> dict[str, float]:
+def chainfs_rates(address: str, o: dict[str, Any]) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     barrier, q = ctx.Barrier(o["clients"]), ctx.Queue()
     args = (o["files"], o["depth"], o["readdir_rounds"], barrier, q)
@@ -133,7 +133,7 @@ def run(opts: dict[str, Any], echo: Echo) -> dict[str, Any]:
             info = cluster.meta.info
             frame = opts["transport"] == "frame"
             address = "frame://" + info["data_address"] if frame else info["rpc_address"]
-            chainfs_rates = _chainfs_rates(address, opts)
+            rates = chainfs_rates(address, opts)
         local_rates = _local_rates(Path(tmp), opts)
     echo(
         f"{opts['clients']} client processes x {opts['depth']} in flight, {opts['files']} files "
@@ -142,6 +142,6 @@ def run(opts: dict[str, Any], echo: Echo) -> dict[str, Any]:
     echo("| phase | chainfs meta | local directory | ratio |")
     echo("|---|---:|---:|---:|")
     for phase in PHASES:
-        c, loc = chainfs_rates[phase], local_rates[phase]
+        c, loc = rates[phase], local_rates[phase]
         echo(f"| {phase} ({UNITS[phase]}) | {c:,.0f} | {loc:,.0f} | {c / loc:.3f} |")
-    return {"params": opts, "chainfs": chainfs_rates, "local": local_rates}
+    return {"params": opts, "chainfs": rates, "local": local_rates}

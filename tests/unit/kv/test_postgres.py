@@ -157,6 +157,8 @@ async def test_backend_killed_mid_commit_is_resolved_and_resent(
         committing = asyncio.create_task(_increment(store))
         victim = None
         for _ in range(500):  # until the commit waits on our lock
+            # Activity is read once per transaction unless its snapshot is dropped.
+            await blocker.execute("SELECT pg_stat_clear_snapshot()")
             victim = await blocker.fetchval(
                 "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                 "AND query LIKE '%txn_commit%'"
@@ -173,5 +175,27 @@ async def test_backend_killed_mid_commit_is_resolved_and_resent(
     try:
         assert await store.get(b"n") == b"1"
         assert store.stats["lost_replies"] == 1
+    finally:
+        await store.close()
+
+
+async def test_transactions_inside_transactions_do_not_starve_the_pool(
+    postgres_server: PostgresServer,
+) -> None:
+    """More outer transactions than pooled connections, each running an inner
+    transaction from its function (as meta's inode allocator does)."""
+    store = _open(postgres_server, "pool_size=2&op_timeout_ms=5000&request_timeout_ms=2000")
+    try:
+        runs = [0]
+
+        async def outer(tx: Transaction, i: int) -> None:
+            runs[0] += 1  # a retried outer transaction runs its inner one again
+            await tx.get(b"outer/%d" % i)
+            await _increment(store, b"inner")
+            tx.set(b"outer/%d" % i, b"done")
+
+        await asyncio.gather(*(store.transact(lambda tx, i=i: outer(tx, i)) for i in range(8)))
+        assert await store.get(b"inner") == b"%d" % runs[0]
+        assert all([await store.get(b"outer/%d" % i) == b"done" for i in range(8)])
     finally:
         await store.close()
