@@ -89,7 +89,7 @@ class PostgresOptions:
     # Keys a commit locks one by one at most; a larger commit takes the
     # store-wide lock exclusively (PostgreSQL's lock table is finite:
     # max_locks_per_transaction x max_connections entries).
-    max_key_locks: int = 1000
+    max_key_locks: int = 256
     # A unix socket directory; overrides the URL's host (libpq's ?host=/dir).
     host: str = ""
     password: str = ""

@@ -39,9 +39,9 @@ from chainfs.local.process import DEFAULT_STOP_TIMEOUT_S, Popen, StopOnExit, tai
 
 DEFAULT_START_TIMEOUT_S = 60.0  # initdb plus the first start, or crash recovery
 DEFAULT_MAX_CONNECTIONS = 200  # several stores x their pool_size, with room
-# SERIALIZABLE commits hold predicate locks; past this many per transaction
-# PostgreSQL coarsens them to whole pages or the table (more false conflicts).
-DEFAULT_MAX_PRED_LOCKS_PER_TRANSACTION = 256
+# A commit holds an advisory lock per key it read or wrote (up to the store's
+# max_key_locks); the server's lock table has this many slots per connection.
+DEFAULT_MAX_LOCKS_PER_TRANSACTION = 256
 PORT_RACE_ATTEMPTS = 5
 SUPERUSER = "chainfs"
 UNPRIVILEGED_UID = 65534  # nobody: the server's account when we are root
@@ -192,7 +192,7 @@ class PostgresServer(StopOnExit):
             "-c", f"port={self.port}",
             "-c", f"unix_socket_directories={self.data_dir}",
             "-c", f"max_connections={self.max_connections}",
-            "-c", f"max_pred_locks_per_transaction={DEFAULT_MAX_PRED_LOCKS_PER_TRANSACTION}",
+            "-c", f"max_locks_per_transaction={DEFAULT_MAX_LOCKS_PER_TRANSACTION}",
             "-c", "fsync=on",
             "-c", "synchronous_commit=on",
             "-c", "logging_collector=off",
