@@ -30,6 +30,7 @@ import chainfs.kv as kv
 from chainfs.bench.cluster import EtcdCluster, LocalCluster, PostgresServer
 from chainfs.bench.studies import Echo
 from chainfs.bench.studies.meta_server import PHASES, chainfs_rates
+from chainfs.common.errors import ChainfsError
 from chainfs.kv import KVStore, RetryPolicy, Transaction
 
 BACKENDS = ("memory", "rocksdb", "rocksdb-nogroup", "etcd", "postgresql")
@@ -120,6 +121,18 @@ async def _measure(opts: dict[str, Any], backends: list[str], echo: Echo) -> lis
     return rows
 
 
+def _meta_rates_on(backend: str, opts: dict[str, Any], o: dict[str, Any]) -> dict[str, float]:
+    """One LocalCluster with meta on ``backend``, measured by the meta-server study's clients."""
+    with (
+        tempfile.TemporaryDirectory(prefix="kv-meta-", dir=opts["data_dir"]) as tmp,
+        LocalCluster(
+            Path(tmp) / "c", storage_nodes=1, targets_per_node=1, replicas=1, kv=backend
+        ) as cluster,
+    ):
+        assert cluster.meta is not None
+        return chainfs_rates("frame://" + cluster.meta.info["data_address"], o)
+
+
 def _meta_rates(opts: dict[str, Any], backends: list[str], echo: Echo) -> dict[str, Any]:
     """Create/stat/readdir rates of one meta server on each store, one cluster at a time."""
     o = {
@@ -129,15 +142,14 @@ def _meta_rates(opts: dict[str, Any], backends: list[str], echo: Echo) -> dict[s
         "readdir_rounds": opts["meta_readdir_rounds"],
     }
     rates: dict[str, dict[str, float]] = {}
+    errors: dict[str, str] = {}
     for backend in backends:
-        with (
-            tempfile.TemporaryDirectory(prefix="kv-meta-", dir=opts["data_dir"]) as tmp,
-            LocalCluster(
-                Path(tmp) / "c", storage_nodes=1, targets_per_node=1, replicas=1, kv=backend
-            ) as cluster,
-        ):
-            assert cluster.meta is not None
-            rates[backend] = chainfs_rates("frame://" + cluster.meta.info["data_address"], o)
+        try:
+            rates[backend] = _meta_rates_on(backend, opts, o)
+        except (ChainfsError, RuntimeError, TimeoutError) as e:
+            errors[backend] = str(e)  # reported; the other stores are still measured
+            echo(f"  meta on {backend:10} failed: {e}")
+            continue
         echo(f"  meta on {backend:10} {rates[backend]['create']:>8,.0f} creates/s")
     echo(
         f"meta server on each store: {o['clients']} client processes x {o['depth']} in flight, "
@@ -149,7 +161,9 @@ def _meta_rates(opts: dict[str, Any], backends: list[str], echo: Echo) -> dict[s
     for backend, r in rates.items():
         ratio = f"{r['create'] / base:.2f}" if base else "-"
         echo(f"| {backend} | " + " | ".join(f"{r[p]:,.0f}" for p in PHASES) + f" | {ratio} |")
-    return {"params": o, "rates": rates}
+    for backend, error in errors.items():
+        echo(f"| {backend} | failed: {error} |")
+    return {"params": o, "rates": rates, "errors": errors}
 
 
 def _names(text: str, known: tuple[str, ...], what: str) -> list[str]:
