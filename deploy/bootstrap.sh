@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PACKAGES=(fuse3 libfuse3-dev pkg-config etcd-server etcd-client iperf3 fio stress-ng rsync iproute2 git chromium chromium-driver)
+SYSTEM_PACKAGES=(fuse3 libfuse3-dev pkg-config etcd-server etcd-client postgresql iperf3 fio stress-ng rsync iproute2 git chromium chromium-driver)
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_VERSION=${CHAINFS_TORCH_VERSION:-2.13.0}
@@ -32,6 +32,11 @@ fi
 # ephemeral ports, so the system one is stopped rather than left listening.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
   systemctl stop etcd || true
+fi
+# Likewise the postgresql package's cluster on 5432: chainfs.local.postgres
+# starts its own servers (binaries from /usr/lib/postgresql/*/bin).
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet postgresql 2>/dev/null; then
+  systemctl stop postgresql || true
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -19,11 +19,13 @@ from chainfs.common.rpc.mgmt_client import MgmtClient, RoutingCache
 from chainfs.common.rpc.storage_client import StorageClient, StorageClientConfig
 from chainfs.local import LocalCluster, MountProcess
 from chainfs.local.etcd import EtcdCluster
+from chainfs.local.postgres import PostgresServer
 
 __all__ = [
     "EtcdCluster",
     "LocalCluster",
     "MountProcess",
+    "PostgresServer",
     "chain_ids",
     "fuse_unavailable",
     "storage_client",

@@ -168,10 +168,10 @@ def _mount_options(options: tuple[str, ...]) -> list[str]:
 @click.option("--replicas", default=3, show_default=True, type=click.IntRange(1, 16))
 @click.option(
     "--kv",
-    type=click.Choice(["rocksdb", "etcd"]),
+    type=click.Choice(["rocksdb", "etcd", "postgresql"]),
     default="rocksdb",
     show_default=True,
-    help="Metadata store: embedded RocksDB, or a local etcd process.",
+    help="Metadata store: embedded RocksDB, a local etcd, or a local PostgreSQL server.",
 )
 @click.option("--mount", "mount", type=click.Path(file_okay=False), default=None)
 @click.option(

@@ -1,7 +1,8 @@
 """Transactional key-value stores: ``chainfs.kv.open(url)``.
 
 URLs: ``memory://``, ``rocksdb:///path/to/dir``,
-``etcd://host:port[,host:port...]/prefix``.
+``etcd://host:port[,host:port...]/prefix``,
+``postgresql://user@host:port/database?schema=name``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def open(url: str, retry: RetryPolicy | None = None) -> KVStore:
         from chainfs.kv.etcd import EtcdStore
 
         return EtcdStore.from_url(url, retry)
+    if scheme in ("postgresql", "postgres"):
+        from chainfs.kv.postgres import PostgresStore
+
+        return PostgresStore.from_url(url, retry)
     raise ChainfsError(
-        Code.EINVAL, f"unknown KV store URL {url!r} (use memory://, rocksdb:///dir, etcd://h:p/pfx)"
+        Code.EINVAL,
+        f"unknown KV store URL {url!r} (use memory://, rocksdb:///dir, etcd://h:p/pfx, "
+        "postgresql://user@h:p/db)",
     )

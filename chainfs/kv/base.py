@@ -323,6 +323,20 @@ class KVStore(ABC):
         await self.close()
 
 
+def merge_ranges(ranges: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Sorted, non-overlapping union of sorted [begin, end) ranges."""
+    out: list[tuple[bytes, bytes]] = []
+    for b, e in ranges:
+        if b >= e:
+            continue
+        if out and b <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1] = (out[-1][0], e)
+        else:
+            out.append((b, e))
+    return out
+
+
 def prefix_end(prefix: bytes) -> bytes:
     """The smallest key greater than every key starting with ``prefix``."""
     p = bytearray(prefix)

@@ -48,6 +48,7 @@ from chainfs.kv.base import (
     Transaction,
     TxnConflict,
     TxnTooOld,
+    merge_ranges,
     prefix_end,
 )
 
@@ -327,7 +328,7 @@ class EtcdStore(KVStore):
                 compares.append(
                     rpc.Compare(key=self._dkey(k), target=_MOD, result=_EQUAL, mod_revision=mod)
                 )
-        for b, e in _merge_ranges(ranges):
+        for b, e in merge_ranges(ranges):
             compares.append(
                 rpc.Compare(
                     key=self._dkey(b),
@@ -342,7 +343,7 @@ class EtcdStore(KVStore):
     def _write_ops(self, tx: Transaction) -> list[Any]:
         puts = sorted(k for k, v in tx.writes.items() if v is not None)
         ops: list[Any] = []
-        cleared = _merge_ranges(sorted(tx.cleared_ranges))
+        cleared = merge_ranges(sorted(tx.cleared_ranges))
         for b, e in cleared:
             for pb, pe in _split_around(b, e, puts):
                 ops.append(
@@ -481,20 +482,6 @@ class EtcdStore(KVStore):
             if client is not None:
                 await client.close()
         self._clients = [None] * len(self.endpoints)
-
-
-def _merge_ranges(ranges: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Sorted, non-overlapping union of sorted [begin, end) ranges."""
-    out: list[tuple[bytes, bytes]] = []
-    for b, e in ranges:
-        if b >= e:
-            continue
-        if out and b <= out[-1][1]:
-            if e > out[-1][1]:
-                out[-1] = (out[-1][0], e)
-        else:
-            out.append((b, e))
-    return out
 
 
 def _split_around(begin: bytes, end: bytes, keys: list[bytes]) -> list[tuple[bytes, bytes]]:

@@ -11,7 +11,9 @@ High availability: ``LocalCluster(d, kv="etcd", etcd_members=3,
 mgmtds=2, metas=2)`` runs a 3-member etcd, two mgmtd (one primary by lease)
 and two meta servers; ``.address`` lists every mgmtd, and so do the storage
 and meta configs. ``kill_mgmtd_primary()``, ``kill_meta(i)``,
-``kill_etcd(i)`` / ``restart_etcd(i)`` inject the faults.
+``kill_etcd(i)`` / ``restart_etcd(i)`` inject the faults. ``kv="postgresql"``
+runs one local PostgreSQL server (``.postgres``) holding mgmtd's and meta's
+stores in two schemas of one database.
 
 ``tls=True`` makes a CA and a certificate per process under
 ``base_dir/tls`` (see :mod:`chainfs.local.tls_material`): every process
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from chainfs.common.routing import Routing
     from chainfs.common.rpc.mgmt_client import MgmtClient
     from chainfs.local.etcd import EtcdCluster
+    from chainfs.local.postgres import PostgresServer
 
 T = TypeVar("T")
 
@@ -86,12 +89,12 @@ def _run_async(
     return box["value"]
 
 
-def _stop_all(procs: list[ServiceProcess], etcd: list[EtcdCluster]) -> None:
+def _stop_all(procs: list[ServiceProcess], kv_servers: list[StopOnExit]) -> None:
     """Stop processes in reverse start order; used by stop() and the finalizer."""
     for p in reversed(procs):
         with contextlib.suppress(Exception):
             p.stop()
-    for e in etcd:
+    for e in kv_servers:
         with contextlib.suppress(Exception):
             e.stop()
 
@@ -108,11 +111,12 @@ def _check_shape(
     """Refuse a cluster that cannot be built, before anything starts."""
     if mgmtds < 1 or metas < 1 or etcd_members < 1:
         raise ChainfsError(Code.EINVAL, "need at least one mgmtd, meta and etcd member")
-    if kv != "etcd" and (mgmtds > 1 or metas > 1 or etcd_members > 1):
+    shared = kv in ("etcd", "postgresql")  # a store several processes can open
+    if (not shared and (mgmtds > 1 or metas > 1)) or (kv != "etcd" and etcd_members > 1):
         raise ChainfsError(
             Code.EINVAL,
-            "several mgmtd or meta servers share one store, and several etcd members "
-            "are etcd: use kv='etcd'",
+            "several mgmtd or meta servers share one store (kv='etcd' or 'postgresql'), "
+            "and several etcd members are etcd (kv='etcd')",
         )
     if storage_nodes < 1 or targets_per_node < 1:
         raise ChainfsError(Code.EINVAL, "need at least one storage node and one target")
@@ -122,8 +126,10 @@ def _check_shape(
             f"replicas must be between 1 and the number of storage nodes "
             f"({storage_nodes}), not {replicas}",
         )
-    if kv not in ("rocksdb", "etcd", "memory"):
-        raise ChainfsError(Code.EINVAL, f"kv must be rocksdb, etcd or memory, not {kv!r}")
+    if kv not in ("rocksdb", "etcd", "postgresql", "memory"):
+        raise ChainfsError(
+            Code.EINVAL, f"kv must be rocksdb, etcd, postgresql or memory, not {kv!r}"
+        )
 
 
 class LocalCluster(StopOnExit):
@@ -189,12 +195,14 @@ class LocalCluster(StopOnExit):
         self.storage: list[ServiceProcess] = []
         self._procs: list[ServiceProcess] = []  # everything started, in start order
         self._etcd: list[EtcdCluster] = []
+        self._postgres: list[PostgresServer] = []
+        self._kv_servers: list[StopOnExit] = []  # etcd or postgres, stopped last
         self._killed: set[str] = set()  # processes stopped on purpose (kill_storage)
         self._clients: list[FileSystem] = []
         self._mount_proc: MountProcess | None = None
         self._stopped = False
         # Kill our processes when the cluster object is collected or at exit.
-        self._finalizer = weakref.finalize(self, _stop_all, self._procs, self._etcd)
+        self._finalizer = weakref.finalize(self, _stop_all, self._procs, self._kv_servers)
 
         make_private_dir(self.base_dir)
         try:
@@ -240,12 +248,21 @@ class LocalCluster(StopOnExit):
             raise ChainfsError(Code.EINVAL, "this cluster runs no etcd (kv != 'etcd')")
         return self._etcd[0]
 
+    @property
+    def postgres(self) -> PostgresServer:
+        """The PostgreSQL server (kv="postgresql" only)."""
+        if not self._postgres:
+            raise ChainfsError(Code.EINVAL, "this cluster runs no postgres (kv != 'postgresql')")
+        return self._postgres[0]
+
     # -- start ---------------------------------------------------------------
     def _kv_url(self, service: str) -> str:
         if self.kv == "memory":
             return "memory://"
         if self.kv == "etcd":
             return self._etcd[0].url(f"chainfs-{service}")
+        if self.kv == "postgresql":  # one server, one database, a schema per service
+            return self._postgres[0].url("chainfs", schema=service)
         # Embedded RocksDB: one store per service process (it is single-opener).
         return f"rocksdb://{self.base_dir / service / 'kv'}"
 
@@ -256,6 +273,13 @@ class LocalCluster(StopOnExit):
             from chainfs.local.etcd import EtcdCluster
 
             self._etcd.append(EtcdCluster(self.base_dir / "etcd", members=self.etcd_members))
+            self._kv_servers.append(self._etcd[0])
+        if self.kv == "postgresql":
+            from chainfs.local.postgres import PostgresServer
+
+            self._postgres.append(PostgresServer(self.base_dir / "postgres"))
+            self._kv_servers.append(self._postgres[0])
+            self._postgres[0].create_database("chainfs")
         for i in range(self.n_mgmtd):
             # The first keeps its old name (logs under base_dir/mgmtd) for callers that look.
             name = "mgmtd" if i == 0 else f"mgmtd{i}"
@@ -568,8 +592,8 @@ class LocalCluster(StopOnExit):
         if self._mount_proc is not None:
             with contextlib.suppress(Exception):
                 self._mount_proc.stop()
-        _stop_all(self._procs, self._etcd)
+        _stop_all(self._procs, self._kv_servers)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            _stop_all(self._procs, self._etcd)
+            _stop_all(self._procs, self._kv_servers)

@@ -128,13 +128,19 @@ STUDIES: tuple[Study, ...] = (
     Study(
         "kv",
         "kv_backends.run",
-        "Transactions per second of each chainfs.kv backend (read-modify-write of one key).",
+        "Transactions per second of each chainfs.kv backend (read-modify-write of one key), "
+        "then meta server create/stat/readdir rates on each store.",
         _options("""
-            --seconds       3.0                                  per cell
-            --concurrency   1,8,64                               comma-separated task counts
-            --backends      memory,rocksdb,rocksdb-nogroup,etcd  comma-separated
-            --keys          10000                                key space (low contention)
-            --uvloop        flag                                 run on uvloop, as the services do
+            --seconds               3.0                                             per cell
+            --concurrency           1,8,64                                          task counts
+            --backends              memory,rocksdb,rocksdb-nogroup,etcd,postgresql  comma-separated
+            --keys                  10000                                           key space
+            --uvloop                flag                                            run on uvloop
+            --meta-backends         rocksdb,etcd,postgresql                         meta's stores
+            --meta-files            2000                                            per client
+            --meta-clients          4                                               processes
+            --meta-depth            8                                               in flight each
+            --meta-readdir-rounds   5                                               per client
         """),
     ),
     Study(
@@ -165,7 +171,7 @@ STUDIES: tuple[Study, ...] = (
             --clients          4                    client processes
             --depth            8                    requests in flight per client
             --readdir-rounds   5                    listings of its directory per client
-            --kv               rocksdb|etcd|memory  meta's store
+            --kv               rocksdb|etcd|postgresql|memory  meta's store
             --transport        frame|grpc           client to meta
         """),
     ),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import multiprocessing as mp
+import queue
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from chainfs.bench.workers import WorkerPool
 PHASES = ("create", "stat", "readdir")
 UNITS = {"create": "creates/s", "stat": "stats/s", "readdir": "entries/s (with attrs)"}
 _CLIENT_TIMEOUT_S = 600.0
+_RESULT_POLL_S = 1.0
 _LOCAL_PHASE_MAX_S = 60.0  # cap of each local-directory phase
 
 
@@ -84,7 +86,20 @@ def chainfs_worker(
     q.put((idx, uvloop.run(_chainfs_phases(address, idx, files, depth, rounds, barrier))))
 
 
-def _chainfs_rates(address: str, o: dict[str, Any]) -> dict[str, float]:
+def _next_result(q: Any, procs: list[Any]) -> Any:
+    """The next client's result; a client that died fails the run now, not at the timeout."""
+    deadline = time.monotonic() + _CLIENT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            return q.get(timeout=_RESULT_POLL_S)
+        except queue.Empty:
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"a client process failed (exit {failed[0]})") from None
+    raise TimeoutError(f"no client result within {_CLIENT_TIMEOUT_S} s")
+
+
+def chainfs_rates(address: str, o: dict[str, Any]) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     barrier, q = ctx.Barrier(o["clients"]), ctx.Queue()
     args = (o["files"], o["depth"], o["readdir_rounds"], barrier, q)
@@ -93,7 +108,13 @@ def _chainfs_rates(address: str, o: dict[str, Any]) -> dict[str, float]:
     ]
     for p in procs:
         p.start()
-    results = [q.get(timeout=_CLIENT_TIMEOUT_S) for _ in procs]
+    try:
+        results = [_next_result(q, procs) for _ in procs]
+    except BaseException:
+        for p in procs:  # the others may wait at the barrier for the dead one forever
+            p.terminate()
+            p.join(_CLIENT_TIMEOUT_S)
+        raise
     for p in procs:
         p.join(_CLIENT_TIMEOUT_S)
         if p.exitcode != 0:
@@ -133,7 +154,7 @@ def run(opts: dict[str, Any], echo: Echo) -> dict[str, Any]:
             info = cluster.meta.info
             frame = opts["transport"] == "frame"
             address = "frame://" + info["data_address"] if frame else info["rpc_address"]
-            chainfs_rates = _chainfs_rates(address, opts)
+            rates = chainfs_rates(address, opts)
         local_rates = _local_rates(Path(tmp), opts)
     echo(
         f"{opts['clients']} client processes x {opts['depth']} in flight, {opts['files']} files "
@@ -142,6 +163,6 @@ def run(opts: dict[str, Any], echo: Echo) -> dict[str, Any]:
     echo("| phase | chainfs meta | local directory | ratio |")
     echo("|---|---:|---:|---:|")
     for phase in PHASES:
-        c, loc = chainfs_rates[phase], local_rates[phase]
+        c, loc = rates[phase], local_rates[phase]
         echo(f"| {phase} ({UNITS[phase]}) | {c:,.0f} | {loc:,.0f} | {c / loc:.3f} |")
-    return {"params": opts, "chainfs": chainfs_rates, "local": local_rates}
+    return {"params": opts, "chainfs": rates, "local": local_rates}

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(120)
 
 KEYS = [b"k%d" % i for i in range(6)]
 RETRY = RetryPolicy(max_attempts=100, backoff_initial_ms=0.2, backoff_max_ms=5.0)
-EXAMPLES = {"memory": 40, "rocksdb": 30, "etcd": 15}
+EXAMPLES = {"memory": 40, "rocksdb": 30, "etcd": 15, "postgresql": 15}
 
 key = st.sampled_from(KEYS)
 bound = st.sampled_from([b"k", *KEYS, b"k9"])

@@ -1,0 +1,622 @@
+"""Transactional store on PostgreSQL (``postgresql://user@host:port/db``), via asyncpg.
+
+- One table per store, ``<schema>.kv (key bytea primary key, value bytea,
+  ver xid8)``; ``ver`` is the id of the PostgreSQL transaction that last wrote
+  the row.
+- Snapshot = one REPEATABLE READ, READ ONLY PostgreSQL transaction on a pooled
+  connection: every read of a chainfs transaction sees the same state.
+- Commit = ONE statement, ``txn_commit(...)``, in its own READ COMMITTED
+  PostgreSQL transaction. It first takes transaction-scoped advisory locks:
+  shared on the hash of every key read, exclusive on every key written, and
+  on one store-wide lock, exclusive when the transaction read a range or
+  cleared one (or locks too many keys), else shared; in one global order, so
+  commits do not deadlock. Holding them, it validates the read set against
+  the snapshot with a fresh view (no row under a read key or in a read range
+  was written by a transaction the snapshot does not see, and every key seen
+  present still exists), then applies the writes; the locks go at commit. Two
+  commits where one read what the other writes thus never overlap, and the
+  later one validates against the earlier one's writes: commit order is the
+  serial order (FoundationDB's rule, which the shared suite checks). A failed
+  validation, and SQLSTATE 40001/40P01, are conflicts that transact() retries.
+  (SERIALIZABLE would be simpler but fails blind writes of one key, such as
+  a directory's mtime, that FoundationDB's model lets commit side by side,
+  and its page-grained predicate locks fail many unrelated commits.)
+- Exactly once across a lost reply: each pooled connection owns a row in
+  ``<schema>.commit_slots``, and every commit writes a fresh token there in
+  the same PostgreSQL transaction. When the reply of a commit is lost (the
+  connection broke, the server restarted, a timeout), a new connection
+  terminates the old backend if it still runs, waits until it is gone, and
+  reads the slot: our token means the commit landed; any other value means
+  it never will, and the commit is sent again.
+- Connections: a bounded pool (``pool_size``); connecting is retried until
+  ``op_timeout_ms`` and then fails with UNAVAILABLE.
+
+Options ride in the URL query:
+``postgresql://chainfs@127.0.0.1:5432/chainfs?schema=meta&pool_size=16``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import itertools
+import logging
+import random
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import asyncpg
+
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.kv._url import options_from_query
+from chainfs.kv.base import (
+    KVStore,
+    RetryPolicy,
+    Snapshot,
+    Transaction,
+    TxnConflict,
+    TxnTooOld,
+    merge_ranges,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("postgresql", "postgres")
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# SQLSTATEs of a commit that lost to a concurrent one.
+_CONFLICT_STATES = {"40001", "40P01"}
+
+
+@dataclass
+class PostgresOptions:
+    # Schema holding this store's tables (several stores may share a database).
+    schema: str = "chainfs"
+    # Connections this process holds at most; more transactions wait for one.
+    pool_size: int = 16
+    # One statement on one connection; a commit past it has an unknown outcome.
+    request_timeout_ms: int = 10_000
+    # Getting a connection, or learning a commit's outcome, including server
+    # restarts; then UNAVAILABLE.
+    op_timeout_ms: int = 30_000
+    # Pause between connection attempts (doubles up to retry_max_ms).
+    retry_initial_ms: int = 10
+    retry_max_ms: int = 500
+    # Keys a commit locks one by one at most; a larger commit takes the
+    # store-wide lock exclusively (PostgreSQL's lock table is finite:
+    # max_locks_per_transaction x max_connections entries).
+    max_key_locks: int = 256
+    # A unix socket directory; overrides the URL's host (libpq's ?host=/dir).
+    host: str = ""
+    password: str = ""
+
+    def validate(self) -> None:
+        if not _SCHEMA_NAME.fullmatch(self.schema):
+            raise ValueError("schema must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)")
+        if self.pool_size < 1 or self.max_key_locks < 1:
+            raise ValueError("pool_size and max_key_locks must be >= 1")
+        if not 0 < self.request_timeout_ms <= self.op_timeout_ms:
+            raise ValueError("need 0 < request_timeout_ms <= op_timeout_ms")
+        if not 0 < self.retry_initial_ms <= self.retry_max_ms:
+            raise ValueError("need 0 < retry_initial_ms <= retry_max_ms")
+
+
+_SCHEMA_SQL = """
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.kv (
+    key bytea PRIMARY KEY, value bytea NOT NULL, ver xid8 NOT NULL);
+CREATE TABLE IF NOT EXISTS {schema}.commit_slots (slot text PRIMARY KEY, token text NOT NULL);
+CREATE OR REPLACE FUNCTION {schema}.txn_commit(
+    snap text, store_lock bigint, store_lock_exclusive boolean,
+    lock_ids bigint[], lock_exclusive boolean[],
+    read_keys bytea[], range_begins bytea[], range_ends bytea[],
+    present_keys bytea[], put_keys bytea[], put_values bytea[], clear_keys bytea[],
+    clear_begins bytea[], clear_ends bytea[], commit_slot text, commit_token text)
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    s pg_snapshot := snap::pg_snapshot;
+BEGIN
+    -- Locks in one order: the store-wide lock, then key locks sorted by id.
+    IF store_lock_exclusive THEN
+        PERFORM pg_advisory_xact_lock(store_lock);
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared(store_lock);
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(lock_ids), 0) LOOP
+        IF lock_exclusive[i] THEN
+            PERFORM pg_advisory_xact_lock(lock_ids[i]);
+        ELSE
+            PERFORM pg_advisory_xact_lock_shared(lock_ids[i]);
+        END IF;
+    END LOOP;
+    -- Each statement below sees every commit finished by now (a VOLATILE
+    -- function in READ COMMITTED takes a fresh snapshot per statement).
+    -- Written since the snapshot: a read key, or any key in a read range.
+    IF cardinality(read_keys) > 0 AND EXISTS (
+            SELECT 1 FROM {schema}.kv
+            WHERE key = ANY(read_keys) AND NOT pg_visible_in_snapshot(ver, s)) THEN
+        RETURN false;
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(range_begins), 0) LOOP
+        IF EXISTS (SELECT 1 FROM {schema}.kv
+                   WHERE key >= range_begins[i] AND key < range_ends[i]
+                   AND NOT pg_visible_in_snapshot(ver, s)) THEN
+            RETURN false;
+        END IF;
+    END LOOP;
+    -- Deleted since the snapshot: a key the transaction saw present.
+    IF cardinality(present_keys) > 0
+       AND (SELECT count(*) FROM {schema}.kv WHERE key = ANY(present_keys))
+           <> cardinality(present_keys) THEN
+        RETURN false;
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(clear_begins), 0) LOOP
+        DELETE FROM {schema}.kv WHERE key >= clear_begins[i] AND key < clear_ends[i];
+    END LOOP;
+    IF cardinality(clear_keys) > 0 THEN
+        DELETE FROM {schema}.kv WHERE key = ANY(clear_keys);
+    END IF;
+    IF cardinality(put_keys) > 0 THEN
+        INSERT INTO {schema}.kv (key, value, ver)
+            SELECT k, v, pg_current_xact_id() FROM unnest(put_keys, put_values) AS p(k, v)
+            ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, ver = EXCLUDED.ver;
+    END IF;
+    INSERT INTO {schema}.commit_slots (slot, token) VALUES (commit_slot, commit_token)
+        ON CONFLICT (slot) DO UPDATE SET token = EXCLUDED.token;
+    RETURN true;
+END $$;
+"""
+
+# The first statement fixes the snapshot, at begin (one round trip for both).
+_BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1"
+_GET = "SELECT value FROM kv WHERE key = $1"
+# The first point read also learns the snapshot's id (saves a round trip at commit).
+_GET_AND_SNAPSHOT = "SELECT (SELECT value FROM kv WHERE key = $1), pg_current_snapshot()::text"
+_RANGE = "SELECT key, value FROM kv WHERE key >= $1 AND key < $2 ORDER BY key {order} LIMIT $3"
+_COMMIT = "SELECT txn_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+# The snapshot's id and which of ``$1`` (read keys never fetched) it holds.
+_SNAPSHOT = "SELECT pg_current_snapshot()::text, array(SELECT key FROM kv WHERE key = ANY($1))"
+
+
+def _is_lost(e: BaseException) -> bool:
+    """The connection broke or a statement timed out (a commit's outcome is unknown)."""
+    if isinstance(e, asyncpg.PostgresError):
+        state = e.sqlstate or ""
+        return state.startswith("08") or state in ("57P01", "57P02", "57P03")
+    # InternalClientError: the protocol is out of step (a FATAL arrived on an
+    # idle connection when its backend died); the connection is unusable.
+    return isinstance(
+        e, OSError | asyncio.TimeoutError | asyncpg.InterfaceError | asyncpg.InternalClientError
+    )
+
+
+@dataclass(eq=False)  # identity: pooled connections are kept in sets
+class _Conn:
+    raw: asyncpg.Connection
+    slot: str  # this connection's commit_slots row
+    backend_pid: int
+    backend_start: Any  # with the pid, names the backend even after pid reuse
+    lease: asyncio.Semaphore | None = None  # the pool bound it was taken under
+
+
+class _PgSnapshot(Snapshot):
+    def __init__(self, store: PostgresStore, conn: _Conn) -> None:
+        self.store = store
+        self.conn: _Conn | None = conn
+        store._pool.snapshots_held.set(store._pool.snapshots_held.get() + 1)
+        self.snap_id: str | None = None  # pg_current_snapshot(), once learnt
+        self.fetched: set[bytes] = set()  # keys point-read at the snapshot
+        self.present: set[bytes] = set()  # keys the snapshot showed to exist
+
+    def _live(self) -> _Conn:
+        if self.conn is None:
+            raise ChainfsError(Code.EBADF, "read from a finished postgresql transaction")
+        return self.conn
+
+    async def _query(self, sql: str, *args: Any) -> list[Any]:
+        conn = self._live()
+        try:
+            return list(await conn.raw.fetch(sql, *args, timeout=self.store._timeout_s))
+        except Exception as e:
+            if not _is_lost(e):
+                raise
+            self._drop()
+            self.store._pool.discard(conn)
+            raise TxnTooOld(f"postgresql snapshot lost ({e!r}); retrying") from None
+
+    async def get(self, key: bytes) -> bytes | None:
+        if self.snap_id is None:
+            row = (await self._query(_GET_AND_SNAPSHOT, key))[0]
+            self.snap_id = str(row[1])
+        else:
+            rows = await self._query(_GET, key)
+            row = rows[0] if rows else (None,)
+        self.fetched.add(key)
+        if row[0] is None:
+            return None
+        self.present.add(key)
+        return bytes(row[0])
+
+    async def get_range(
+        self, begin: bytes, end: bytes, limit: int, reverse: bool
+    ) -> list[tuple[bytes, bytes]]:
+        sql = _RANGE.format(order="DESC" if reverse else "ASC")
+        rows = await self._query(sql, begin, end, limit or None)
+        out = [(bytes(k), bytes(v)) for k, v in rows]
+        self.present.update(k for k, _ in out)
+        return out
+
+    async def finish(self, unseen: list[bytes]) -> tuple[str, set[bytes]]:
+        """End the snapshot: its id, and which of ``unseen`` it holds."""
+        held: set[bytes] = set()
+        if self.snap_id is None or unseen:
+            rows = await self._query(_SNAPSHOT, unseen)
+            self.snap_id, held = str(rows[0][0]), {bytes(k) for k in rows[0][1]}
+        self.close()  # the commit runs on another connection meanwhile
+        return self.snap_id, held
+
+    def _drop(self) -> _Conn | None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            held = self.store._pool.snapshots_held
+            held.set(held.get() - 1)
+        return conn
+
+    def close(self) -> None:
+        # transact() closes synchronously: the ROLLBACK runs as a task that
+        # returns the connection to the pool when done.
+        conn = self._drop()
+        if conn is not None:
+            self.store._pool.spawn_release(conn)
+
+
+class _Pool:
+    """At most ``size`` connections for transactions, and ``size`` more for
+    transactions run inside another one's function (meta's inode allocator
+    does that): were both drawn from one bound, ``size`` outer transactions
+    each waiting for an inner one would wait for each other forever.
+    Idle connections are reused."""
+
+    def __init__(self, store: PostgresStore, size: int) -> None:
+        self.store = store
+        self.size = size
+        self._slots = asyncio.Semaphore(size)
+        self._nested_slots = asyncio.Semaphore(size)
+        # Snapshots this task holds open (a transaction's, while its fn runs).
+        self.snapshots_held = contextvars.ContextVar(f"pg-held-{id(self)}", default=0)
+        self._idle: list[_Conn] = []
+        self._all: set[_Conn] = set()
+        self._releases: set[asyncio.Task[None]] = set()
+        self._slot_names = (f"{store.store_id}/{i}" for i in itertools.count())
+
+    async def acquire(self) -> _Conn:
+        deadline = time.monotonic() + self.store.options.op_timeout_ms / 1000.0
+        lease = self._nested_slots if self.snapshots_held.get() > 0 else self._slots
+        try:
+            await asyncio.wait_for(lease.acquire(), self.store.options.op_timeout_ms / 1000)
+        except TimeoutError:
+            raise ChainfsError(
+                Code.UNAVAILABLE,
+                f"no postgresql connection free in {self.store.options.op_timeout_ms} ms "
+                f"(pool_size={self.size})",
+            ) from None
+        try:
+            if self._idle:
+                conn = self._idle.pop()
+            else:
+                conn = await self.store._connect(deadline)
+                self._all.add(conn)
+        except BaseException:
+            lease.release()
+            raise
+        conn.lease = lease
+        return conn
+
+    def _unlease(self, conn: _Conn) -> None:
+        assert conn.lease is not None, "connection released twice"
+        conn.lease.release()
+        conn.lease = None
+
+    def release(self, conn: _Conn) -> None:
+        self._unlease(conn)
+        self._idle.append(conn)
+
+    def discard(self, conn: _Conn) -> None:
+        """Drop a broken connection (its slot stays with the store's slot names)."""
+        self._unlease(conn)
+        self._all.discard(conn)
+        conn.raw.terminate()
+
+    async def release_after(self, conn: _Conn, sql: str) -> None:
+        """Run ``sql`` (ending a transaction), then return the connection to the pool."""
+        try:
+            await conn.raw.execute(sql, timeout=self.store._timeout_s)
+        except Exception as e:
+            self.discard(conn)
+            if not _is_lost(e):
+                raise
+            return
+        self.release(conn)
+
+    def spawn_release(self, conn: _Conn) -> None:
+        task = asyncio.get_running_loop().create_task(self.release_after(conn, "ROLLBACK"))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    def new_slot(self) -> str:
+        return next(self._slot_names)
+
+    async def close(self) -> list[_Conn]:
+        """Wait for pending releases; returns the idle connections (the caller closes them)."""
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
+        idle, self._idle = self._idle, []
+        for conn in self._all - set(idle):
+            conn.raw.terminate()  # still inside a transaction of an unfinished caller
+        self._all.clear()
+        return idle
+
+
+class PostgresStore(KVStore):
+    """A schema in a PostgreSQL database."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        user: str,
+        database: str,
+        retry: RetryPolicy | None = None,
+        options: PostgresOptions | None = None,
+    ) -> None:
+        super().__init__(retry)
+        self.options = options or PostgresOptions()
+        self.options.validate()
+        self.host = self.options.host or host
+        if not self.host or not database:
+            raise ChainfsError(Code.EINVAL, "postgresql store needs a host and a database")
+        self.port, self.user, self.database = port, user, database
+        where = f"{host}:{port}" if host else ""
+        self.url = f"postgresql://{user}@{where}/{database}?schema={self.options.schema}"
+        self.store_id = uuid.uuid4().hex[:16]
+        self._timeout_s = self.options.request_timeout_ms / 1000.0
+        self._pool = _Pool(self, self.options.pool_size)
+        self._tokens = itertools.count(1)
+        # Lock ids are database-wide: the schema keeps stores apart.
+        self._lock_salt = hashlib.blake2b(self.options.schema.encode(), digest_size=16).digest()
+        self._max_key_locks = self.options.max_key_locks
+        self._schema_ready = False
+        self._schema_lock = asyncio.Lock()
+        self._closed = False
+        self.stats.update({"reconnects": 0, "lost_replies": 0})
+
+    @classmethod
+    def from_url(cls, url: str, retry: RetryPolicy | None = None) -> PostgresStore:
+        u = urlparse(url)
+        database = u.path.strip("/")
+        if u.scheme not in SCHEMES or "/" in database:
+            raise ChainfsError(
+                Code.EINVAL, f"bad postgresql URL {url!r}: use postgresql://user@host:port/db"
+            )
+        try:
+            port = u.port or 5432
+        except ValueError:
+            raise ChainfsError(Code.EINVAL, f"bad port in postgresql URL {url!r}") from None
+        options = options_from_query(PostgresOptions, u.query, url)
+        if u.password and not options.password:
+            options.password = unquote(u.password)
+        user = unquote(u.username or "postgres")
+        return cls(u.hostname or "", port, user, unquote(database), retry, options)
+
+    # -- connections -----------------------------------------------------------
+    async def _connect_once(self) -> asyncpg.Connection:
+        return await asyncpg.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.options.password or None,
+            database=self.database,
+            timeout=self._timeout_s,
+            command_timeout=self._timeout_s,
+            server_settings={
+                "search_path": self.options.schema,
+                "default_transaction_isolation": "read committed",
+            },
+        )
+
+    async def _connect(self, deadline: float) -> _Conn:
+        """A new connection, retried (server restarting) until ``deadline``."""
+        if self._closed:
+            raise ChainfsError(Code.EBADF, f"postgresql store {self.url} is closed")
+        delay_ms = float(self.options.retry_initial_ms)
+        while True:
+            try:
+                raw = await self._connect_once()
+                break
+            except Exception as e:
+                if not _is_lost(e) or time.monotonic() >= deadline:
+                    raise self._unavailable("connect", e) from None
+                self.stats["reconnects"] += 1
+                await asyncio.sleep(random.uniform(delay_ms / 2, delay_ms) / 1000.0)
+                delay_ms = min(delay_ms * 2, self.options.retry_max_ms)
+        try:
+            await self._ensure_schema(raw)
+            row = await raw.fetchrow(
+                "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            )
+        except BaseException:
+            raw.terminate()
+            raise
+        return _Conn(raw, self._pool.new_slot(), int(row["pid"]), row["backend_start"])
+
+    async def _ensure_schema(self, raw: asyncpg.Connection) -> None:
+        if self._schema_ready:
+            return
+        async with self._schema_lock:
+            if self._schema_ready:
+                return
+            # Concurrent openers of one schema take turns (DDL races otherwise).
+            async with raw.transaction():
+                await raw.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self.options.schema)
+                await raw.execute(_SCHEMA_SQL.format(schema=self.options.schema))
+            self._schema_ready = True
+
+    def _unavailable(self, what: str, e: BaseException) -> ChainfsError:
+        return ChainfsError(
+            Code.UNAVAILABLE,
+            f"postgresql at {self.url} unreachable ({what}; gave up after "
+            f"{self.options.op_timeout_ms} ms): {e!r}",
+        )
+
+    # -- transactions ----------------------------------------------------------
+    async def _begin(self) -> Snapshot:
+        # Idle connections may all be dead after a server restart: try the next.
+        for _ in range(self.options.pool_size + 1):
+            conn = await self._pool.acquire()
+            try:
+                await conn.raw.execute(_BEGIN, timeout=self._timeout_s)
+                return _PgSnapshot(self, conn)
+            except Exception as e:
+                self._pool.discard(conn)
+                if not _is_lost(e):
+                    raise
+                self.stats["reconnects"] += 1
+        raise TxnTooOld("postgresql connections keep breaking at begin; retrying")
+
+    async def _commit(self, snapshot: Snapshot, tx: Transaction) -> None:
+        assert isinstance(snapshot, _PgSnapshot)
+        reads = tx.reads
+        ranges = merge_ranges(sorted(reads.ranges))
+        unseen = sorted(reads.keys - snapshot.fetched - snapshot.present)
+        snap_id, unseen_present = await snapshot.finish(unseen)
+        present = {
+            k
+            for k in snapshot.present | unseen_present
+            if k in reads.keys or any(b <= k < e for b, e in ranges)
+        }
+        puts = [(k, v) for k, v in tx.writes.items() if v is not None]
+        store_exclusive, lock_ids, lock_exclusive = self._locks(tx, bool(ranges))
+        args = [
+            snap_id,
+            self._lock_id(b""),
+            store_exclusive,
+            lock_ids,
+            lock_exclusive,
+            sorted(reads.keys),
+            [b for b, _ in ranges],
+            [e for _, e in ranges],
+            sorted(present),
+            [k for k, _ in puts],
+            [v for _, v in puts],
+            [k for k, v in tx.writes.items() if v is None],
+            [b for b, _ in tx.cleared_ranges],
+            [e for _, e in tx.cleared_ranges],
+        ]
+        if not await self._commit_once(args):
+            raise TxnConflict()
+
+    def _lock_id(self, key: bytes) -> int:
+        """The advisory lock standing for ``key`` (b"": the store-wide lock)."""
+        digest = hashlib.blake2b(key, digest_size=8, key=self._lock_salt).digest()
+        return int.from_bytes(digest, "big", signed=True)
+
+    def _locks(self, tx: Transaction, read_ranges: bool) -> tuple[bool, list[int], list[bool]]:
+        """(store-wide lock exclusive?, key lock ids in order, each exclusive?)."""
+        writes = tx.writes.keys()
+        if read_ranges or tx.cleared_ranges or len(tx.reads.keys | writes) > self._max_key_locks:
+            return True, [], []  # exclusive store-wide lock: no key locks needed
+        modes: dict[int, bool] = {self._lock_id(k): False for k in tx.reads.keys}
+        for k in writes:
+            modes[self._lock_id(k)] = True  # a hash collision with a read: exclusive wins
+        ids = sorted(modes)
+        return False, ids, [modes[i] for i in ids]
+
+    async def _commit_once(self, args: list[Any]) -> bool:
+        """Run txn_commit exactly once; True if its validation held (it committed)."""
+        deadline = time.monotonic() + self.options.op_timeout_ms / 1000.0
+        while True:
+            conn = await self._pool.acquire()
+            token = f"{conn.slot}/{next(self._tokens)}"
+            try:
+                ok = await self._send_commit(conn, args, token)
+            except Exception as e:
+                if isinstance(e, asyncpg.PostgresError) and e.sqlstate in _CONFLICT_STATES:
+                    self._pool.release(conn)
+                    return False
+                if not _is_lost(e):
+                    self._pool.release(conn)
+                    raise
+                self._pool.discard(conn)
+                self.stats["lost_replies"] += 1
+                if await self._landed(conn, token, deadline):
+                    return True
+                continue  # it never landed and never will: send it again
+            self._pool.release(conn)
+            return ok
+
+    async def _send_commit(self, conn: _Conn, args: list[Any], token: str) -> bool:
+        return bool(await conn.raw.fetchval(_COMMIT, *args, conn.slot, token))
+
+    async def _landed(self, lost: _Conn, token: str, deadline: float) -> bool:
+        """After a lost reply: wait until the old backend is gone, then read its slot."""
+        while True:
+            try:
+                conn = await self._pool.acquire()
+            except ChainfsError as e:
+                raise self._outcome_unknown(e) from None
+            try:
+                gone = not await conn.raw.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE pid = $1 AND backend_start = $2",
+                    lost.backend_pid,
+                    lost.backend_start,
+                )
+                value = await conn.raw.fetchval(
+                    "SELECT token FROM commit_slots WHERE slot = $1", lost.slot
+                )
+            except Exception as e:
+                self._pool.discard(conn)
+                if not _is_lost(e) or time.monotonic() >= deadline:
+                    raise self._outcome_unknown(e) from None
+                continue
+            self._pool.release(conn)
+            if gone:
+                return value == token
+            if time.monotonic() >= deadline:
+                raise self._outcome_unknown(TimeoutError("old backend still running"))
+            await asyncio.sleep(self.options.retry_initial_ms / 1000.0)
+
+    def _outcome_unknown(self, e: BaseException) -> ChainfsError:
+        return ChainfsError(
+            Code.UNAVAILABLE,
+            f"postgresql at {self.url}: commit sent, outcome unknown (gave up after "
+            f"{self.options.op_timeout_ms} ms): {e!r}",
+        )
+
+    async def close(self) -> None:
+        """Drop this store's commit slots (best effort) and close its connections."""
+        if self._closed:
+            return
+        self._closed = True
+        idle = await self._pool.close()
+        if idle:
+            try:
+                await idle[0].raw.execute(
+                    "DELETE FROM commit_slots WHERE slot LIKE $1",
+                    self.store_id + "/%",
+                    timeout=self._timeout_s,
+                )
+            except Exception as e:
+                if not _is_lost(e) and not isinstance(e, asyncpg.PostgresError):
+                    raise
+                # Unreachable server: this store's few small slot rows stay behind.
+                log.warning("postgresql store %s: commit slots not removed: %r", self.url, e)
+        for conn in idle:
+            try:
+                await asyncio.wait_for(conn.raw.close(), self._timeout_s)
+            except Exception:
+                conn.raw.terminate()

@@ -1,0 +1,201 @@
+"""postgresql backend specifics against a real PostgreSQL server: schemas,
+URLs, an unreachable server, and exactly-once commits when a commit's reply
+is lost (after it landed, before it landed, and a backend killed mid-commit)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+from typing import Any
+
+import asyncpg
+import pytest
+
+import chainfs.kv as kv
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.kv import Transaction
+from chainfs.kv.postgres import PostgresStore, _Conn
+from chainfs.local.postgres import PostgresServer, _free_port
+from tests.unit.kv.conftest import PG_DATABASE
+
+pytestmark = pytest.mark.timeout(60)
+_schemas = itertools.count()
+
+
+def _url(pg: PostgresServer, query: str = "") -> str:
+    return pg.url(PG_DATABASE, schema=f"p{next(_schemas)}", query=query)
+
+
+def _open(pg: PostgresServer, query: str = "") -> PostgresStore:
+    store = kv.open(_url(pg, query))
+    assert isinstance(store, PostgresStore)
+    return store
+
+
+async def _increment(store: PostgresStore, key: bytes = b"n") -> None:
+    async def fn(tx: Transaction) -> None:
+        tx.set(key, b"%d" % (int(await tx.get(key) or b"0") + 1))
+
+    await store.transact(fn)
+
+
+async def _slot_rows(store: PostgresStore) -> int:
+    conn = await store._pool.acquire()
+    try:
+        return int(await conn.raw.fetchval("SELECT count(*) FROM commit_slots"))
+    finally:
+        store._pool.release(conn)
+
+
+async def test_schemas_are_separate_stores_and_close_drops_commit_slots(
+    postgres_server: PostgresServer,
+) -> None:
+    a, b = _open(postgres_server), _open(postgres_server)
+    try:
+        await a.set(b"k", b"from a")
+        assert await b.get(b"k") is None
+        await b.set(b"k", b"from b")
+        assert await a.get(b"k") == b"from a"
+        assert await _slot_rows(a) == 1
+    finally:
+        await a.close()
+        await b.close()
+    again = PostgresStore.from_url(a.url)
+    try:
+        assert await again.get(b"k") == b"from a"  # durable, and the schema is reused
+        assert await _slot_rows(again) == 0  # closing removed a's commit slot
+    finally:
+        await again.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u@127.0.0.1:5432/db?schema=Bad-Name",
+        "postgresql://u@127.0.0.1:5432/db?pool_size=0",
+        "postgresql://u@127.0.0.1:5432/db?nosuch=1",
+        "postgresql://u@127.0.0.1:5432/",
+        "postgresql://u@127.0.0.1:99999/db",
+        "postgresql://u@127.0.0.1:5432/db/extra",
+    ],
+)
+def test_bad_urls_are_einval(url: str) -> None:
+    with pytest.raises(ChainfsError) as e:
+        kv.open(url)
+    assert e.value.errno == errno.EINVAL
+
+
+async def test_unreachable_server_is_unavailable_after_op_timeout() -> None:
+    port = _free_port()  # nothing listens there
+    store = kv.open(f"postgresql://u@127.0.0.1:{port}/db?op_timeout_ms=300&request_timeout_ms=100")
+    try:
+        with pytest.raises(ChainfsError) as e:
+            await store.get(b"k")
+        assert e.value.code == Code.UNAVAILABLE
+        assert str(port) in str(e.value)
+    finally:
+        await store.close()
+
+
+class _LosesReplies(PostgresStore):
+    """Breaks the connection around the first ``lose`` commits, after or before sending."""
+
+    def __init__(self, *args: Any, lose: int, landed: bool, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.lose, self.landed = lose, landed
+
+    async def _send_commit(self, conn: _Conn, args: list[Any], token: str) -> bool:
+        if self.lose <= 0:
+            return await super()._send_commit(conn, args, token)
+        self.lose -= 1
+        if self.landed:
+            assert await super()._send_commit(conn, args, token)
+        conn.raw.terminate()
+        raise asyncpg.ConnectionDoesNotExistError("connection lost (test)")
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["reply-lost", "request-lost"])
+async def test_lost_commit_replies_apply_exactly_once(
+    postgres_server: PostgresServer, landed: bool
+) -> None:
+    plain = _open(postgres_server)
+    store = _LosesReplies(
+        plain.host,
+        plain.port,
+        plain.user,
+        plain.database,
+        options=plain.options,
+        lose=5,
+        landed=landed,
+    )
+    try:
+        for _ in range(8):
+            await _increment(store)
+        assert await store.get(b"n") == b"8"  # each increment once: none lost, none doubled
+        assert store.stats["lost_replies"] == 5
+        assert store.stats["conflicts"] == 0
+    finally:
+        await store.close()
+        await plain.close()
+
+
+async def test_backend_killed_mid_commit_is_resolved_and_resent(
+    postgres_server: PostgresServer,
+) -> None:
+    """A commit blocked on a row lock loses its backend; the store learns it did not
+    land (the backend is gone) and sends it again."""
+    store = _open(postgres_server)
+    await store.set(b"n", b"0")
+    blocker = await asyncpg.connect(
+        host="127.0.0.1", port=postgres_server.port, user="chainfs", database=PG_DATABASE
+    )
+    try:
+        tr = blocker.transaction()
+        await tr.start()
+        await blocker.execute(f"SELECT * FROM {store.options.schema}.kv WHERE key = 'n' FOR UPDATE")
+        committing = asyncio.create_task(_increment(store))
+        victim = None
+        for _ in range(500):  # until the commit waits on our lock
+            # Activity is read once per transaction unless its snapshot is dropped.
+            await blocker.execute("SELECT pg_stat_clear_snapshot()")
+            victim = await blocker.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE '%txn_commit%'"
+            )
+            if victim:
+                break
+            await asyncio.sleep(0.01)
+        assert victim, "the commit never blocked on the row lock"
+        assert await blocker.fetchval("SELECT pg_terminate_backend($1)", victim)
+        await tr.rollback()
+        await asyncio.wait_for(committing, 30)
+    finally:
+        await blocker.close()
+    try:
+        assert await store.get(b"n") == b"1"
+        assert store.stats["lost_replies"] == 1
+    finally:
+        await store.close()
+
+
+async def test_transactions_inside_transactions_do_not_starve_the_pool(
+    postgres_server: PostgresServer,
+) -> None:
+    """More outer transactions than pooled connections, each running an inner
+    transaction from its function (as meta's inode allocator does)."""
+    store = _open(postgres_server, "pool_size=2&op_timeout_ms=5000&request_timeout_ms=2000")
+    try:
+        runs = [0]
+
+        async def outer(tx: Transaction, i: int) -> None:
+            runs[0] += 1  # a retried outer transaction runs its inner one again
+            await tx.get(b"outer/%d" % i)
+            await _increment(store, b"inner")
+            tx.set(b"outer/%d" % i, b"done")
+
+        await asyncio.gather(*(store.transact(lambda tx, i=i: outer(tx, i)) for i in range(8)))
+        assert await store.get(b"inner") == b"%d" % runs[0]
+        assert all([await store.get(b"outer/%d" % i) == b"done" for i in range(8)])
+    finally:
+        await store.close()
