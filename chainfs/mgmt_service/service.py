@@ -29,6 +29,7 @@ from chainfs.kv import KVStore, Transaction, prefix_end
 from chainfs.mgmt_service.cluster_state import ClusterState
 from chainfs.mgmt_service.config import MgmtdConfig, redact_url
 from chainfs.mgmt_service.election import Election
+from chainfs.mgmt_service.rebalance import Rebalancer, plan
 from chainfs.mgmt_service.schema import (
     KEY_CONFIG,
     KEY_CONFIG_VERSION,
@@ -73,6 +74,13 @@ class Mgmtd(mg.MgmtServicer):
         self._target_stats: dict[int, mp.TargetHeartbeat] = {}
         self._watchers: set[asyncio.Event] = set()
         self.stopping = False  # set by stop_serving(): answer as a standby from now on
+        self.rebalancer = Rebalancer(
+            self._mutate,
+            self._require_primary,
+            self._used_bytes,
+            cfg.check_interval_ms / 1000,
+            cfg.rebalance_move_timeout_ms / 1000,
+        )
 
     # -- primary state -----------------------------------------------------
     def _not_primary(self) -> ChainfsError:
@@ -276,6 +284,8 @@ class Mgmtd(mg.MgmtServicer):
         for th in request.targets:
             self._target_stats[th.target_id] = th
         rsp = mp.HeartbeatRsp(routing_version=state.info.version)
+        if self.rebalancer.running and self.rebalancer.rate_bytes_per_s is not None:
+            rsp.resync_rate_bytes_per_s = self.rebalancer.rate_bytes_per_s
         if request.routing_version < state.info.version:
             rsp.routing.CopyFrom(self._routing_out(state))
         return rsp
@@ -387,6 +397,31 @@ class Mgmtd(mg.MgmtServicer):
         ids, state = await self._mutate(op)
         log.info("node %d added targets %s", request.node_id, ids)
         return mp.AddTargetsRsp(target_ids=ids, routing=self._routing_out(state))
+
+    def _used_bytes(self, target_id: int) -> int:
+        s = self._target_stats.get(target_id)
+        return s.used_bytes if s is not None else 0
+
+    @rpc_handler
+    async def Rebalance(
+        self, request: mp.RebalanceReq, context: grpc.aio.ServicerContext
+    ) -> mp.RebalanceRsp:
+        state = self._require_primary()
+        if not request.dry_run and self.rebalancer.running:
+            raise ChainfsError(Code.EBUSY, "a rebalance is already running")
+        moves = plan(state, request.mode, request.node_id, self.cfg.rebalance_max_moves)
+        if not request.dry_run:
+            concurrency = request.max_concurrent_moves or self.cfg.rebalance_max_concurrent_moves
+            self.rebalancer.start(request, moves, concurrency)
+            log.info("rebalance started: %d moves, %d at once", len(moves), concurrency)
+        return mp.RebalanceRsp(plan=moves, status=self.rebalancer.status())
+
+    @rpc_handler
+    async def GetRebalanceStatus(
+        self, request: mp.GetRebalanceStatusReq, context: grpc.aio.ServicerContext
+    ) -> mp.GetRebalanceStatusRsp:
+        self._require_primary()
+        return mp.GetRebalanceStatusRsp(status=self.rebalancer.status())
 
     @rpc_handler
     async def SetConfig(

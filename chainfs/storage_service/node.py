@@ -311,6 +311,7 @@ class StorageNode:
             on_routing=self._on_routing,
             interval_s=cfg.heartbeat_interval_ms / 1000,
             targets=infos,
+            on_response=self._on_heartbeat,
         )
         await self.heartbeat.start()
         self.node_id = self.heartbeat.node_id
@@ -354,6 +355,12 @@ class StorageNode:
 
     def _on_routing(self, routing: Routing) -> None:
         self.routing.install(routing)
+
+    def _on_heartbeat(self, rsp: mp.HeartbeatRsp) -> None:
+        # A rebalance run may set the resync rate; without one the node's own applies.
+        if self.resyncer is not None:
+            rate = rsp.resync_rate_bytes_per_s if rsp.HasField("resync_rate_bytes_per_s") else None
+            self.resyncer.set_rate(rate)
 
     async def _refresh_routing(self, min_version: int) -> Routing | None:
         try:
