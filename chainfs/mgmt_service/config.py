@@ -63,9 +63,11 @@ class MgmtdConfig:
     status_history_samples: int = 300
     # Rebalancing (admin add-node / drain-node / rebalance): replica moves running
     # at once (each chain moves one replica at a time), how long one move may take
-    # to sync before it is rolled back (ms), and the most moves one plan may hold.
+    # to sync before it is rolled back (ms), how long the old target's node may take
+    # to drop its chunks (ms), and the most moves one plan may hold.
     rebalance_max_concurrent_moves: int = 4
     rebalance_move_timeout_ms: int = 3_600_000
+    rebalance_drop_timeout_ms: int = 600_000
     rebalance_max_moves: int = 100_000
     log_level: str = "INFO"
 

@@ -12,8 +12,10 @@ than before it: the old replica serves until the new one does.
 :func:`plan` decides the moves (pure, on a :class:`ClusterState`);
 :class:`Rebalancer` runs them on the primary, one move at a time per chain and
 at most ``rebalance_max_concurrent_moves`` at once, and keeps the progress.
-Chunks left on a target that left its chain are removed by the resync that
-fills it when it joins a chain again.
+Once the old target has left, its node is asked to drop its chunks
+(StorageControl.DropChunks, refused while the node's routing shows the target
+in a chain); a node that is offline keeps them until the target is reused (the
+resync that fills it then removes what it holds beyond the chain's chunks).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc.storage_control import StorageControl
 from chainfs.mgmt_service.cluster_state import ClusterState
 from chainfs.proto import mgmt_pb2 as mp
 
@@ -183,7 +186,7 @@ def _chain_to_move(layout: _Layout, src: int, dest: int) -> tuple[int, int, int]
 
 # ---- execution ------------------------------------------------------------------
 
-Mutate = Callable[[Callable[[ClusterState], None]], Awaitable[object]]
+Mutate = Callable[[Callable[[ClusterState], None]], Awaitable[tuple[None, ClusterState]]]
 
 
 class Rebalancer:
@@ -196,12 +199,14 @@ class Rebalancer:
         used_bytes: Callable[[int], int],
         poll_s: float,
         move_timeout_s: float,
+        drop_timeout_s: float,
     ) -> None:
         self._mutate = mutate
         self._current = current
         self._used_bytes = used_bytes
         self._poll_s = poll_s
         self._move_timeout_s = move_timeout_s
+        self._drop_timeout_s = drop_timeout_s
         self._task: asyncio.Task[None] | None = None
         self._status = mp.RebalanceStatus()
         self._started = 0.0
@@ -266,11 +271,12 @@ class Rebalancer:
             await self._mutate(lambda s: _join(s, m))
             m.state = mp.MOVE_SYNCING
             await self._wait_serving(m)
-            await self._mutate(lambda s: _leave(s, m))
+            _, after = await self._mutate(lambda s: _leave(s, m))
         except ChainfsError as e:
             await self._fail(m, str(e))
             return
         m.state = mp.MOVE_DONE
+        await self._drop_old(m, after)
         m.bytes = self._used_bytes(m.to_target)
         self._status.moves_done += 1
         self._status.bytes_moved += m.bytes
@@ -298,6 +304,18 @@ class Rebalancer:
                     f"target {m.to_target} not serving after {self._move_timeout_s:.0f}s",
                 )
             await asyncio.sleep(self._poll_s)
+
+    async def _drop_old(self, m: mp.Move, state: ClusterState) -> None:
+        """Have the old target's node drop its chunks; a failure is noted on the move."""
+        node = state.node(m.from_node)
+        try:
+            if node is None or node.status != mp.NODE_ONLINE:
+                raise ChainfsError(Code.EHOSTUNREACH, f"node {m.from_node} is offline")
+            async with StorageControl(node.rpc_address, self._drop_timeout_s) as control:
+                await control.drop_chunks(m.from_target, state.info.version)
+        except ChainfsError as e:
+            m.error = f"chunks of target {m.from_target} kept: {e}"
+            log.warning("chain %d: %s", m.chain_id, m.error)
 
     async def _fail(self, m: mp.Move, error: str) -> None:
         """Record a failed move; a new target that joined leaves its chain again."""

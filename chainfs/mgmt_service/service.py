@@ -80,6 +80,7 @@ class Mgmtd(mg.MgmtServicer):
             self._used_bytes,
             cfg.check_interval_ms / 1000,
             cfg.rebalance_move_timeout_ms / 1000,
+            cfg.rebalance_drop_timeout_ms / 1000,
         )
 
     # -- primary state -----------------------------------------------------

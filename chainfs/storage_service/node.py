@@ -31,7 +31,7 @@ from chainfs.common.rpc.storage_client import data_address
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
-from chainfs.storage_service import extra_targets
+from chainfs.storage_service import drop_chunks, extra_targets
 from chainfs.storage_service.chunk_copy import ChunkCopier
 from chainfs.storage_service.chunk_engine import ChunkEngine
 from chainfs.storage_service.config import StorageConfig
@@ -227,6 +227,12 @@ class StorageNode:
         if got.record is not None:
             rsp.meta.CopyFrom(record_to_meta(key[0], key[1], got.record))
         return rsp
+
+    async def drop_chunks(self, req: sp.DropChunksReq) -> sp.DropChunksRsp:
+        """Remove every chunk of a local target that is in no chain (after a rebalance)."""
+        return await drop_chunks.drop_chunks(
+            req, self.targets, self._refresh_routing, self.executor, self.config.max_list_chunks
+        )
 
     def is_lost(self, target_id: int, inode: int, index: int) -> bool:
         return self.repairer is not None and self.repairer.is_lost(target_id, inode, index)

@@ -98,3 +98,9 @@ def test_add_node_then_drain_node_under_load(tmp_path: Path) -> None:
         for p, d in files.items():
             assert fs.read_file(p) == d, p
         fl.poll(lambda: fl.replica_differences(c.address) == [], 30, "identical replicas")
+        # The replicas moved away were dropped: every target in no chain is empty.
+        r = fl.routing(c.address)
+        free = [t for t in r.targets.values() if not t.chain_id]
+        assert len(free) == 2  # 8 targets, 6 of them in the 2 chains
+        for t in free:
+            assert fl.dump_target(r.nodes[t.node_id], t.target_id) == {}, t.target_id
