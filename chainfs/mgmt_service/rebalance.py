@@ -43,6 +43,7 @@ class _Layout:
     free: dict[int, list[int]]  # node id -> free targets (destinations)
     load: dict[int, int]  # node id -> chain replicas it holds
     heads: dict[int, int] = field(default_factory=dict)  # node id -> chains it heads
+    moves_of: dict[int, int] = field(default_factory=dict)  # chain id -> moves planned
 
     @classmethod
     def of(cls, state: ClusterState) -> _Layout:
@@ -79,6 +80,7 @@ class _Layout:
         self.node_of[to_target] = to_node
         self.load[from_node] -= 1
         self.load[to_node] = self.load.get(to_node, 0) + 1
+        self.moves_of[chain_id] = self.moves_of.get(chain_id, 0) + 1
         return mp.Move(
             chain_id=chain_id,
             from_target=from_target,
@@ -167,11 +169,16 @@ def _best_move(layout: _Layout, onto: int | None) -> tuple[int, int, int] | None
 
 
 def _chain_to_move(layout: _Layout, src: int, dest: int) -> tuple[int, int, int] | None:
-    """A chain with a replica on ``src`` and none on ``dest``; a chain ``src`` heads is
-    preferred while ``src`` heads more chains than ``dest`` (its head then passes on)."""
+    """A chain with a replica on ``src`` and none on ``dest``: chains with fewer moves
+    planned first (moves of different chains run in parallel), and among those a
+    chain ``src`` heads while it heads more chains than ``dest`` (its head then
+    passes on)."""
     prefer_head = layout.heads.get(src, 0) > layout.heads.get(dest, 0) + 1
     best: tuple[int, int, int] | None = None
-    for chain_id in sorted(layout.chains):
+    best_moves = 0
+    for chain_id in sorted(layout.chains, key=lambda c: (layout.moves_of.get(c, 0), c)):
+        if best is not None and layout.moves_of.get(chain_id, 0) > best_moves:
+            break
         targets = layout.chains[chain_id]
         if dest in layout.nodes_in(chain_id):
             continue
@@ -180,7 +187,8 @@ def _chain_to_move(layout: _Layout, src: int, dest: int) -> tuple[int, int, int]
                 continue
             if (i == 0) == prefer_head:
                 return chain_id, tid, dest
-            best = best or (chain_id, tid, dest)
+            if best is None:
+                best, best_moves = (chain_id, tid, dest), layout.moves_of.get(chain_id, 0)
     return best
 
 
