@@ -145,59 +145,47 @@ def _request(
     return req
 
 
-@admin.command("add-node")
-@click.argument("node_id", type=click.IntRange(min=1))
-@_run_options
-@mgmt_command
-async def add_node(
-    node_id: int,
-    dry_run: bool,
-    rate: str | None,
-    concurrency: int,
-    no_wait: bool,
-    address: str,
-    timeout_s: float,
-    as_json: bool,
-) -> None:
-    """Move chain replicas onto NODE_ID's free targets until it holds its share."""
-    req = _request(mp.ADD_NODE, node_id, dry_run, rate, concurrency)
-    await run_rebalance(address, timeout_s, req, as_json, not no_wait)
+# One command per mode: (name, mode, takes a NODE_ID, help text).
+_MODES = (
+    (
+        "add-node",
+        mp.ADD_NODE,
+        True,
+        "Move chain replicas onto NODE_ID's free targets until it holds its share.",
+    ),
+    (
+        "drain-node",
+        mp.DRAIN_NODE,
+        True,
+        "Move every chain replica off NODE_ID (to free targets on other nodes).",
+    ),
+    ("rebalance", mp.BALANCE, False, "Even out chain replicas across the online storage nodes."),
+)
 
 
-@admin.command("drain-node")
-@click.argument("node_id", type=click.IntRange(min=1))
-@_run_options
-@mgmt_command
-async def drain_node(
-    node_id: int,
-    dry_run: bool,
-    rate: str | None,
-    concurrency: int,
-    no_wait: bool,
-    address: str,
-    timeout_s: float,
-    as_json: bool,
-) -> None:
-    """Move every chain replica off NODE_ID (to free targets on other nodes)."""
-    req = _request(mp.DRAIN_NODE, node_id, dry_run, rate, concurrency)
-    await run_rebalance(address, timeout_s, req, as_json, not no_wait)
+def _register(name: str, mode: int, takes_node: bool, help_text: str) -> None:
+    async def command(
+        dry_run: bool,
+        rate: str | None,
+        concurrency: int,
+        no_wait: bool,
+        address: str,
+        timeout_s: float,
+        as_json: bool,
+        node_id: int = 0,
+    ) -> None:
+        req = _request(mode, node_id, dry_run, rate, concurrency)
+        await run_rebalance(address, timeout_s, req, as_json, not no_wait)
+
+    command.__doc__ = help_text
+    fn = _run_options(mgmt_command(command))
+    if takes_node:
+        fn = click.argument("node_id", type=click.IntRange(min=1))(fn)
+    admin.command(name)(fn)
 
 
-@admin.command("rebalance")
-@_run_options
-@mgmt_command
-async def rebalance(
-    dry_run: bool,
-    rate: str | None,
-    concurrency: int,
-    no_wait: bool,
-    address: str,
-    timeout_s: float,
-    as_json: bool,
-) -> None:
-    """Even out chain replicas across the online storage nodes."""
-    req = _request(mp.BALANCE, 0, dry_run, rate, concurrency)
-    await run_rebalance(address, timeout_s, req, as_json, not no_wait)
+for _name, _mode, _takes_node, _help in _MODES:
+    _register(_name, _mode, _takes_node, _help)
 
 
 @admin.command("rebalance-status")
