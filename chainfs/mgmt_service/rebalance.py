@@ -204,15 +204,17 @@ class Rebalancer:
         self,
         mutate: Mutate,
         current: Callable[[], ClusterState],
+        wait_change: Callable[[int, int], Awaitable[ClusterState]],
         used_bytes: Callable[[int], int],
-        poll_s: float,
+        poll_ms: int,
         move_timeout_s: float,
         drop_timeout_s: float,
     ) -> None:
         self._mutate = mutate
         self._current = current
+        self._wait_change = wait_change  # (known routing version, wait ms) -> state
         self._used_bytes = used_bytes
-        self._poll_s = poll_s
+        self._poll_ms = poll_ms
         self._move_timeout_s = move_timeout_s
         self._drop_timeout_s = drop_timeout_s
         self._task: asyncio.Task[None] | None = None
@@ -277,6 +279,8 @@ class Rebalancer:
     async def _run_move(self, m: mp.Move) -> None:
         try:
             await self._mutate(lambda s: _join(s, m))
+            # The join placed it waiting; one more step now starts its sync at once.
+            await self._mutate(lambda s: None)
             m.state = mp.MOVE_SYNCING
             await self._wait_serving(m)
             _, after = await self._mutate(lambda s: _leave(s, m))
@@ -300,8 +304,9 @@ class Rebalancer:
 
     async def _wait_serving(self, m: mp.Move) -> None:
         deadline = time.monotonic() + self._move_timeout_s
+        state = self._current()
         while True:
-            t = self._current().target(m.to_target)
+            t = state.target(m.to_target)
             if t is None or t.chain_id != m.chain_id:
                 raise ChainfsError(Code.EAGAIN, f"target {m.to_target} left chain {m.chain_id}")
             if t.public_state == mp.SERVING:
@@ -311,7 +316,7 @@ class Rebalancer:
                     Code.ETIMEDOUT,
                     f"target {m.to_target} not serving after {self._move_timeout_s:.0f}s",
                 )
-            await asyncio.sleep(self._poll_s)
+            state = await self._wait_change(state.info.version, self._poll_ms)
 
     async def _drop_old(self, m: mp.Move, state: ClusterState) -> None:
         """Have the old target's node drop its chunks; a failure is noted on the move."""

@@ -77,8 +77,9 @@ class Mgmtd(mg.MgmtServicer):
         self.rebalancer = Rebalancer(
             self._mutate,
             self._require_primary,
+            self._routing_change,
             self._used_bytes,
-            cfg.check_interval_ms / 1000,
+            cfg.check_interval_ms,
             cfg.rebalance_move_timeout_ms / 1000,
             cfg.rebalance_drop_timeout_ms / 1000,
         )
