@@ -29,7 +29,15 @@ from chainfs.common.rpc.mgmt_client import MgmtClient
 from chainfs.proto import mgmt_pb2 as mp
 
 _POLL_S = 0.5
-MOVE_COLUMNS = ["chain_id", "from_target", "from_node", "to_target", "to_node", "state", "bytes"]
+MOVE_COLUMNS = [
+    "chain_id",
+    "from_target",
+    "from_node",
+    "to_target",
+    "to_node",
+    "state",
+    "moved_bytes",
+]
 
 
 def move_rows(moves: Any) -> list[dict[str, Any]]:
@@ -41,7 +49,7 @@ def move_rows(moves: Any) -> list[dict[str, Any]]:
             "to_target": m.to_target,
             "to_node": m.to_node,
             "state": mp.MoveState.Name(m.state).removeprefix("MOVE_").lower(),
-            "bytes": m.bytes,
+            "moved_bytes": m.bytes,
             **({"error": m.error} if m.error else {}),
         }
         for m in moves
