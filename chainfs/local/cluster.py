@@ -504,6 +504,19 @@ class LocalCluster(StopOnExit):
         self._killed.add(p.name)
         p.stop()
 
+    def add_storage(self) -> int:
+        """Start one more storage node (``targets_per_node`` targets, in no chain yet);
+        returns its index in ``.storage`` once mgmtd lists its targets."""
+        i = len(self.storage)
+        self.storage.append(self._spawn("storage", f"storage{i}", self._storage_config(i)))
+        self.n_storage += 1
+        want = self.n_storage * self.targets_per_node
+        self._wait_routing(
+            lambda r: len(r.targets) >= want,
+            lambda r: f"only {len(r.targets)} of {want} storage targets registered",
+        )
+        return i
+
     def restart_storage(self, i: int) -> None:
         """Start storage node ``i`` again with its config and target directories."""
         self._restart(self.storage[i])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chainfs.common.config import require_positive
 from chainfs.common.metrics import check_port
 from chainfs.common.rpc.server_config import GrpcServerConfig
 from chainfs.common.tls import TlsConfig
@@ -63,6 +64,14 @@ class MgmtdConfig:
     status_sample_interval_ms: int = 2_000
     status_scrape_timeout_ms: int = 1_000
     status_history_samples: int = 300
+    # Rebalancing (admin add-node / drain-node / rebalance): replica moves running
+    # at once (each chain moves one replica at a time), how long one move may take
+    # to sync before it is rolled back (ms), how long the old target's node may take
+    # to drop its chunks (ms), and the most moves one plan may hold.
+    rebalance_max_concurrent_moves: int = 4
+    rebalance_move_timeout_ms: int = 3_600_000
+    rebalance_drop_timeout_ms: int = 600_000
+    rebalance_max_moves: int = 100_000
     log_level: str = "INFO"
     # TLS of this node's TCP connections, gRPC and data plane (chainfs.common.tls);
     # empty ca_file = plain TCP.
@@ -107,6 +116,12 @@ class MgmtdConfig:
             raise ValueError("max_routing_wait_ms must be > 0")
         if self.frame_enabled and self.port == 65535:
             raise ValueError("port 65535 leaves no room for the framed port (port + 1)")
+        require_positive(
+            self,
+            "rebalance_max_concurrent_moves",
+            "rebalance_move_timeout_ms",
+            "rebalance_max_moves",
+        )
         if self.node_id < 0:
             raise ValueError("node_id must be >= 0")
 

@@ -29,6 +29,7 @@ from chainfs.kv import KVStore, Transaction, prefix_end
 from chainfs.mgmt_service.cluster_state import ClusterState, Counters
 from chainfs.mgmt_service.config import MgmtdConfig, redact_url
 from chainfs.mgmt_service.election import Election
+from chainfs.mgmt_service.rebalance import Rebalancer, plan
 from chainfs.mgmt_service.schema import (
     KEY_CONFIG,
     KEY_CONFIG_VERSION,
@@ -77,6 +78,15 @@ class Mgmtd(mg.MgmtServicer):
         self._stale_rsp: tuple[mp.RoutingInfo, mp.HeartbeatRsp] | None = None  # per routing out
         self._watchers: set[asyncio.Event] = set()
         self.stopping = False  # set by stop_serving(): answer as a standby from now on
+        self.rebalancer = Rebalancer(
+            self._mutate,
+            self._require_primary,
+            self._routing_change,
+            self._used_bytes,
+            cfg.check_interval_ms,
+            cfg.rebalance_move_timeout_ms / 1000,
+            cfg.rebalance_drop_timeout_ms / 1000,
+        )
 
     # -- primary state -----------------------------------------------------
     def _not_primary(self) -> ChainfsError:
@@ -319,6 +329,12 @@ class Mgmtd(mg.MgmtServicer):
         self._last_hb_ms[request.node_id] = wall_ms()
         for th in request.targets:
             self._target_stats[th.target_id] = th
+        rate = self.rebalancer.rate_bytes_per_s if self.rebalancer.running else None
+        if rate is not None:  # a rebalance paces resync: every answer carries its rate
+            rsp = mp.HeartbeatRsp(routing_version=state.info.version, resync_rate_bytes_per_s=rate)
+            if request.routing_version < state.info.version:
+                rsp.routing.CopyFrom(self._routing_out(state))
+            return rsp
         if request.routing_version >= state.info.version:
             return mp.HeartbeatRsp(routing_version=state.info.version)
         # After a change every node is behind: all get one shared answer.
@@ -436,6 +452,31 @@ class Mgmtd(mg.MgmtServicer):
         ids, state = await self._mutate(op)
         log.info("node %d added targets %s", request.node_id, ids)
         return mp.AddTargetsRsp(target_ids=ids, routing=self._routing_out(state))
+
+    def _used_bytes(self, target_id: int) -> int:
+        s = self._target_stats.get(target_id)
+        return s.used_bytes if s is not None else 0
+
+    @rpc_handler
+    async def Rebalance(
+        self, request: mp.RebalanceReq, context: grpc.aio.ServicerContext
+    ) -> mp.RebalanceRsp:
+        state = self._require_primary()
+        if not request.dry_run and self.rebalancer.running:
+            raise ChainfsError(Code.EBUSY, "a rebalance is already running")
+        moves = plan(state, request.mode, request.node_id, self.cfg.rebalance_max_moves)
+        if not request.dry_run:
+            concurrency = request.max_concurrent_moves or self.cfg.rebalance_max_concurrent_moves
+            self.rebalancer.start(request, moves, concurrency)
+            log.info("rebalance started: %d moves, %d at once", len(moves), concurrency)
+        return mp.RebalanceRsp(plan=moves, status=self.rebalancer.status())
+
+    @rpc_handler
+    async def GetRebalanceStatus(
+        self, request: mp.GetRebalanceStatusReq, context: grpc.aio.ServicerContext
+    ) -> mp.GetRebalanceStatusRsp:
+        self._require_primary()
+        return mp.GetRebalanceStatusRsp(status=self.rebalancer.status())
 
     @rpc_handler
     async def SetConfig(

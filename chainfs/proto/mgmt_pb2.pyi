@@ -115,6 +115,61 @@ ONLINE: LocalTargetState.ValueType  # 2
 LOCAL_OFFLINE: LocalTargetState.ValueType  # 3
 Global___LocalTargetState: _TypeAlias = LocalTargetState  # noqa: Y015
 
+class _RebalanceMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RebalanceModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RebalanceMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REBALANCE_MODE_UNSPECIFIED: _RebalanceMode.ValueType  # 0
+    BALANCE: _RebalanceMode.ValueType  # 1
+    """even out chain targets across online storage nodes"""
+    ADD_NODE: _RebalanceMode.ValueType  # 2
+    """move replicas onto node_id's free targets"""
+    DRAIN_NODE: _RebalanceMode.ValueType  # 3
+    """move every replica off node_id"""
+
+class RebalanceMode(_RebalanceMode, metaclass=_RebalanceModeEnumTypeWrapper):
+    """Rebalancing (`chainfs admin add-node / drain-node / rebalance`): moves of
+    one replica each (new target joins the chain, resyncs, then the old leaves).
+    """
+
+REBALANCE_MODE_UNSPECIFIED: RebalanceMode.ValueType  # 0
+BALANCE: RebalanceMode.ValueType  # 1
+"""even out chain targets across online storage nodes"""
+ADD_NODE: RebalanceMode.ValueType  # 2
+"""move replicas onto node_id's free targets"""
+DRAIN_NODE: RebalanceMode.ValueType  # 3
+"""move every replica off node_id"""
+Global___RebalanceMode: _TypeAlias = RebalanceMode  # noqa: Y015
+
+class _MoveState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MoveStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MoveState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MOVE_STATE_UNSPECIFIED: _MoveState.ValueType  # 0
+    MOVE_PLANNED: _MoveState.ValueType  # 1
+    MOVE_SYNCING: _MoveState.ValueType  # 2
+    """the new target is in the chain, being filled"""
+    MOVE_DONE: _MoveState.ValueType  # 3
+    """the old target has left the chain"""
+    MOVE_FAILED: _MoveState.ValueType  # 4
+    """rolled back: the new target left the chain again"""
+
+class MoveState(_MoveState, metaclass=_MoveStateEnumTypeWrapper): ...
+
+MOVE_STATE_UNSPECIFIED: MoveState.ValueType  # 0
+MOVE_PLANNED: MoveState.ValueType  # 1
+MOVE_SYNCING: MoveState.ValueType  # 2
+"""the new target is in the chain, being filled"""
+MOVE_DONE: MoveState.ValueType  # 3
+"""the old target has left the chain"""
+MOVE_FAILED: MoveState.ValueType  # 4
+"""rolled back: the new target left the chain again"""
+Global___MoveState: _TypeAlias = MoveState  # noqa: Y015
+
 @_typing.final
 class NodeInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -452,7 +507,12 @@ class HeartbeatRsp(_message.Message):
 
     ROUTING_VERSION_FIELD_NUMBER: _builtins.int
     ROUTING_FIELD_NUMBER: _builtins.int
+    RESYNC_RATE_BYTES_PER_S_FIELD_NUMBER: _builtins.int
     routing_version: _builtins.int
+    resync_rate_bytes_per_s: _builtins.int
+    """Set while a rebalance with a rate runs: the bytes/s the node's resync may
+    send (0 = unlimited); unset = the node's own configured rate.
+    """
     @_builtins.property
     def routing(self) -> Global___RoutingInfo:
         """set only when newer than the request's routing_version"""
@@ -462,12 +522,15 @@ class HeartbeatRsp(_message.Message):
         *,
         routing_version: _builtins.int = ...,
         routing: Global___RoutingInfo | None = ...,
+        resync_rate_bytes_per_s: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["routing", b"routing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_resync_rate_bytes_per_s", b"_resync_rate_bytes_per_s", "resync_rate_bytes_per_s", b"resync_rate_bytes_per_s", "routing", b"routing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["routing", b"routing", "routing_version", b"routing_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_resync_rate_bytes_per_s", b"_resync_rate_bytes_per_s", "resync_rate_bytes_per_s", b"resync_rate_bytes_per_s", "routing", b"routing", "routing_version", b"routing_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__resync_rate_bytes_per_s: _TypeAlias = _typing.Literal["resync_rate_bytes_per_s"]  # noqa: Y015
+    _WhichOneofArgType__resync_rate_bytes_per_s: _TypeAlias = _typing.Literal["_resync_rate_bytes_per_s", b"_resync_rate_bytes_per_s"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__resync_rate_bytes_per_s) -> _WhichOneofReturnType__resync_rate_bytes_per_s | None: ...
 
 Global___HeartbeatRsp: _TypeAlias = HeartbeatRsp  # noqa: Y015
 
@@ -970,3 +1033,187 @@ class GetStatusRsp(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusRsp: _TypeAlias = GetStatusRsp  # noqa: Y015
+
+@_typing.final
+class Move(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAIN_ID_FIELD_NUMBER: _builtins.int
+    FROM_TARGET_FIELD_NUMBER: _builtins.int
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    TO_TARGET_FIELD_NUMBER: _builtins.int
+    TO_NODE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    chain_id: _builtins.int
+    from_target: _builtins.int
+    from_node: _builtins.int
+    to_target: _builtins.int
+    to_node: _builtins.int
+    state: Global___MoveState.ValueType
+    bytes: _builtins.int
+    """what the new replica holds once it serves"""
+    error: _builtins.str
+    def __init__(
+        self,
+        *,
+        chain_id: _builtins.int = ...,
+        from_target: _builtins.int = ...,
+        from_node: _builtins.int = ...,
+        to_target: _builtins.int = ...,
+        to_node: _builtins.int = ...,
+        state: Global___MoveState.ValueType = ...,
+        bytes: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "chain_id", b"chain_id", "error", b"error", "from_node", b"from_node", "from_target", b"from_target", "state", b"state", "to_node", b"to_node", "to_target", b"to_target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Move: _TypeAlias = Move  # noqa: Y015
+
+@_typing.final
+class RebalanceReq(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    RATE_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_MOVES_FIELD_NUMBER: _builtins.int
+    mode: Global___RebalanceMode.ValueType
+    node_id: _builtins.int
+    """ADD_NODE / DRAIN_NODE"""
+    dry_run: _builtins.bool
+    """plan only"""
+    rate_bytes_per_s: _builtins.int
+    """resync rate while it runs; 0 = unlimited; unset = nodes' own"""
+    max_concurrent_moves: _builtins.int
+    """0 = mgmtd's configured default"""
+    def __init__(
+        self,
+        *,
+        mode: Global___RebalanceMode.ValueType = ...,
+        node_id: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+        rate_bytes_per_s: _builtins.int | None = ...,
+        max_concurrent_moves: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rate_bytes_per_s", b"_rate_bytes_per_s", "rate_bytes_per_s", b"rate_bytes_per_s"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rate_bytes_per_s", b"_rate_bytes_per_s", "dry_run", b"dry_run", "max_concurrent_moves", b"max_concurrent_moves", "mode", b"mode", "node_id", b"node_id", "rate_bytes_per_s", b"rate_bytes_per_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__rate_bytes_per_s: _TypeAlias = _typing.Literal["rate_bytes_per_s"]  # noqa: Y015
+    _WhichOneofArgType__rate_bytes_per_s: _TypeAlias = _typing.Literal["_rate_bytes_per_s", b"_rate_bytes_per_s"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rate_bytes_per_s) -> _WhichOneofReturnType__rate_bytes_per_s | None: ...
+
+Global___RebalanceReq: _TypeAlias = RebalanceReq  # noqa: Y015
+
+@_typing.final
+class RebalanceStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNING_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    MOVES_TOTAL_FIELD_NUMBER: _builtins.int
+    MOVES_DONE_FIELD_NUMBER: _builtins.int
+    MOVES_FAILED_FIELD_NUMBER: _builtins.int
+    BYTES_MOVED_FIELD_NUMBER: _builtins.int
+    ELAPSED_S_FIELD_NUMBER: _builtins.int
+    MOVES_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    running: _builtins.bool
+    mode: Global___RebalanceMode.ValueType
+    node_id: _builtins.int
+    moves_total: _builtins.int
+    moves_done: _builtins.int
+    moves_failed: _builtins.int
+    bytes_moved: _builtins.int
+    elapsed_s: _builtins.float
+    error: _builtins.str
+    @_builtins.property
+    def moves(self) -> _containers.RepeatedCompositeFieldContainer[Global___Move]: ...
+    def __init__(
+        self,
+        *,
+        running: _builtins.bool = ...,
+        mode: Global___RebalanceMode.ValueType = ...,
+        node_id: _builtins.int = ...,
+        moves_total: _builtins.int = ...,
+        moves_done: _builtins.int = ...,
+        moves_failed: _builtins.int = ...,
+        bytes_moved: _builtins.int = ...,
+        elapsed_s: _builtins.float = ...,
+        moves: _abc.Iterable[Global___Move] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_moved", b"bytes_moved", "elapsed_s", b"elapsed_s", "error", b"error", "mode", b"mode", "moves", b"moves", "moves_done", b"moves_done", "moves_failed", b"moves_failed", "moves_total", b"moves_total", "node_id", b"node_id", "running", b"running"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebalanceStatus: _TypeAlias = RebalanceStatus  # noqa: Y015
+
+@_typing.final
+class RebalanceRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def plan(self) -> _containers.RepeatedCompositeFieldContainer[Global___Move]: ...
+    @_builtins.property
+    def status(self) -> Global___RebalanceStatus: ...
+    def __init__(
+        self,
+        *,
+        plan: _abc.Iterable[Global___Move] | None = ...,
+        status: Global___RebalanceStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebalanceRsp: _TypeAlias = RebalanceRsp  # noqa: Y015
+
+@_typing.final
+class GetRebalanceStatusReq(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRebalanceStatusReq: _TypeAlias = GetRebalanceStatusReq  # noqa: Y015
+
+@_typing.final
+class GetRebalanceStatusRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___RebalanceStatus: ...
+    def __init__(
+        self,
+        *,
+        status: Global___RebalanceStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRebalanceStatusRsp: _TypeAlias = GetRebalanceStatusRsp  # noqa: Y015

@@ -89,6 +89,16 @@ class MgmtStub:
                 request_serializer=mgmt__pb2.GetStatusReq.SerializeToString,
                 response_deserializer=mgmt__pb2.GetStatusRsp.FromString,
                 _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/chainfs.mgmt.Mgmt/Rebalance',
+                request_serializer=mgmt__pb2.RebalanceReq.SerializeToString,
+                response_deserializer=mgmt__pb2.RebalanceRsp.FromString,
+                _registered_method=True)
+        self.GetRebalanceStatus = channel.unary_unary(
+                '/chainfs.mgmt.Mgmt/GetRebalanceStatus',
+                request_serializer=mgmt__pb2.GetRebalanceStatusReq.SerializeToString,
+                response_deserializer=mgmt__pb2.GetRebalanceStatusRsp.FromString,
+                _registered_method=True)
 
 
 class MgmtServicer:
@@ -161,6 +171,18 @@ class MgmtServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rebalance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRebalanceStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MgmtServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -218,6 +240,16 @@ def add_MgmtServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=mgmt__pb2.GetStatusReq.FromString,
                     response_serializer=mgmt__pb2.GetStatusRsp.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=mgmt__pb2.RebalanceReq.FromString,
+                    response_serializer=mgmt__pb2.RebalanceRsp.SerializeToString,
+            ),
+            'GetRebalanceStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRebalanceStatus,
+                    request_deserializer=mgmt__pb2.GetRebalanceStatusReq.FromString,
+                    response_serializer=mgmt__pb2.GetRebalanceStatusRsp.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -517,6 +549,60 @@ class Mgmt:
             '/chainfs.mgmt.Mgmt/GetStatus',
             mgmt__pb2.GetStatusReq.SerializeToString,
             mgmt__pb2.GetStatusRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.mgmt.Mgmt/Rebalance',
+            mgmt__pb2.RebalanceReq.SerializeToString,
+            mgmt__pb2.RebalanceRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRebalanceStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.mgmt.Mgmt/GetRebalanceStatus',
+            mgmt__pb2.GetRebalanceStatusReq.SerializeToString,
+            mgmt__pb2.GetRebalanceStatusRsp.FromString,
             options,
             channel_credentials,
             insecure,

@@ -935,6 +935,55 @@ class CreateTargetsRsp(_message.Message):
 Global___CreateTargetsRsp: _TypeAlias = CreateTargetsRsp  # noqa: Y015
 
 @_typing.final
+class DropChunksReq(_message.Message):
+    """A rebalance moved a replica away: drop every chunk of a target that left its
+    chain. Refused unless the node's routing (at least min_routing_version)
+    shows the target in no chain.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_ID_FIELD_NUMBER: _builtins.int
+    MIN_ROUTING_VERSION_FIELD_NUMBER: _builtins.int
+    target_id: _builtins.int
+    min_routing_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        target_id: _builtins.int = ...,
+        min_routing_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_routing_version", b"min_routing_version", "target_id", b"target_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropChunksReq: _TypeAlias = DropChunksReq  # noqa: Y015
+
+@_typing.final
+class DropChunksRsp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNKS_REMOVED_FIELD_NUMBER: _builtins.int
+    BYTES_REMOVED_FIELD_NUMBER: _builtins.int
+    chunks_removed: _builtins.int
+    bytes_removed: _builtins.int
+    def __init__(
+        self,
+        *,
+        chunks_removed: _builtins.int = ...,
+        bytes_removed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_removed", b"bytes_removed", "chunks_removed", b"chunks_removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DropChunksRsp: _TypeAlias = DropChunksRsp  # noqa: Y015
+
+@_typing.final
 class RepairChunkReq(_message.Message):
     """fsck --repair: make one replica of one chunk right by copying that chunk
     (only it) from the healthy replica of its chain: the SERVING replica whose

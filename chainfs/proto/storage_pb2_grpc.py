@@ -64,6 +64,11 @@ class StorageControlStub:
                 request_serializer=storage__pb2.VerifyChunksReq.SerializeToString,
                 response_deserializer=storage__pb2.VerifyChunksRsp.FromString,
                 _registered_method=True)
+        self.DropChunks = channel.unary_unary(
+                '/chainfs.storage.StorageControl/DropChunks',
+                request_serializer=storage__pb2.DropChunksReq.SerializeToString,
+                response_deserializer=storage__pb2.DropChunksRsp.FromString,
+                _registered_method=True)
 
 
 class StorageControlServicer:
@@ -105,6 +110,12 @@ class StorageControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DropChunks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StorageControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_StorageControlServicer_to_server(servicer, server):
                     servicer.VerifyChunks,
                     request_deserializer=storage__pb2.VerifyChunksReq.FromString,
                     response_serializer=storage__pb2.VerifyChunksRsp.SerializeToString,
+            ),
+            'DropChunks': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropChunks,
+                    request_deserializer=storage__pb2.DropChunksReq.FromString,
+                    response_serializer=storage__pb2.DropChunksRsp.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class StorageControl:
             '/chainfs.storage.StorageControl/VerifyChunks',
             storage__pb2.VerifyChunksReq.SerializeToString,
             storage__pb2.VerifyChunksRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.storage.StorageControl/DropChunks',
+            storage__pb2.DropChunksReq.SerializeToString,
+            storage__pb2.DropChunksRsp.FromString,
             options,
             channel_credentials,
             insecure,

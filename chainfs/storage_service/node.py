@@ -32,7 +32,7 @@ from chainfs.common.rpc.storage_client import data_address
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
-from chainfs.storage_service import extra_targets
+from chainfs.storage_service import drop_chunks, extra_targets
 from chainfs.storage_service.chunk_copy import ChunkCopier
 from chainfs.storage_service.chunk_engine import ChunkEngine
 from chainfs.storage_service.config import StorageConfig
@@ -246,6 +246,12 @@ class StorageNode:
             rsp.meta.CopyFrom(record_to_meta(key[0], key[1], got.record))
         return rsp
 
+    async def drop_chunks(self, req: sp.DropChunksReq) -> sp.DropChunksRsp:
+        """Remove every chunk of a local target that is in no chain (after a rebalance)."""
+        return await drop_chunks.drop_chunks(
+            req, self.targets, self._refresh_routing, self.executor, self.config.max_list_chunks
+        )
+
     def is_lost(self, target_id: int, inode: int, index: int) -> bool:
         return self.repairer is not None and self.repairer.is_lost(target_id, inode, index)
 
@@ -330,6 +336,7 @@ class StorageNode:
             on_routing=self._on_routing,
             interval_s=cfg.heartbeat_interval_ms / 1000,
             targets=infos,
+            on_response=self._on_heartbeat,
         )
         await self.heartbeat.start()
         self.node_id = self.heartbeat.node_id
@@ -376,6 +383,12 @@ class StorageNode:
 
     def _on_routing(self, routing: Routing) -> None:
         self.routing.install(routing)
+
+    def _on_heartbeat(self, rsp: mp.HeartbeatRsp) -> None:
+        # A rebalance run may set the resync rate; without one the node's own applies.
+        if self.resyncer is not None:
+            rate = rsp.resync_rate_bytes_per_s if rsp.HasField("resync_rate_bytes_per_s") else None
+            self.resyncer.set_rate(rate)
 
     async def _refresh_routing(self, min_version: int) -> Routing | None:
         try:

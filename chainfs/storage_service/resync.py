@@ -27,7 +27,8 @@ the pass go to the syncing node as data-plane SYNC_REPORT messages
 (storage.proto SyncReportReq); it puts them in its heartbeats, so `chainfs
 admin targets` shows them, and after "done" it reports UPTODATE and mgmtd
 makes it SERVING. The bytes sent by all passes of a node are rate-limited by
-``FailureConfig.resync_rate_bytes_per_s``.
+``FailureConfig.resync_rate_bytes_per_s``, or while a rebalance runs with a
+rate, by the rate mgmtd gives in heartbeat answers (:meth:`Resyncer.set_rate`).
 """
 
 from __future__ import annotations
@@ -287,6 +288,13 @@ class Resyncer(Periodic):
         self.tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
         self.finished: dict[tuple[int, int], int] = {}  # (source, dest) -> chain version done
         self.bytes_sent = 0
+
+    def set_rate(self, rate_bytes_per_s: int | None) -> None:
+        """Limit sends to this rate (0 = unlimited); None = the configured rate."""
+        rate = self.config.resync_rate_bytes_per_s if rate_bytes_per_s is None else rate_bytes_per_s
+        if rate != self.limiter.rate:
+            log.info("resync rate now %d bytes/s (0 = unlimited)", rate)
+            self.limiter.rate = rate
 
     # ---- scheduling ----------------------------------------------------------
 

@@ -204,6 +204,10 @@ class StorageControlServicer(sg.StorageControlServicer):
         return await self.node.scrubber.verify(request, self.node.config.max_list_chunks)
 
     @rpc_handler
+    async def DropChunks(self, request: sp.DropChunksReq, context: Ctx) -> sp.DropChunksRsp:
+        return await self.node.drop_chunks(request)
+
+    @rpc_handler
     async def CreateTargets(
         self, request: sp.CreateTargetsReq, context: Ctx
     ) -> sp.CreateTargetsRsp:

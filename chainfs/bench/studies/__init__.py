@@ -186,6 +186,19 @@ STUDIES: tuple[Study, ...] = (
         """),
     ),
     Study(
+        "rebalance",
+        "rebalance.run",
+        "Replicas moved onto a new storage node by `admin add-node` (rate limit off), "
+        "bytes/s against iperf3.",
+        _options("""
+            --runs            3    fresh clusters, one add-node each
+            --targets         4    targets per node (= chains; the new node gets as many)
+            --data-mib        512  data written before the node joins
+            --concurrency     4    moves at once
+            --iperf-seconds   3    iperf3 run
+        """),
+    ),
+    Study(
         "ha",
         "failover.ha",
         "mgmtd, meta and etcd failover under a seeded metadata load (3 etcd, 2 mgmtd, 2 meta).",

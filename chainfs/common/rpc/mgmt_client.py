@@ -344,6 +344,17 @@ class MgmtClient(BaseMgmtClient):
             )
         return rsp
 
+    async def rebalance(self, req: mp.RebalanceReq) -> mp.RebalanceRsp:
+        """Plan (``dry_run``) or start a rebalance; the plan and the status."""
+        rsp: mp.RebalanceRsp = await self._call("Rebalance", req)
+        return rsp
+
+    async def rebalance_status(self) -> mp.RebalanceStatus:
+        rsp: mp.GetRebalanceStatusRsp = await self._call(
+            "GetRebalanceStatus", mp.GetRebalanceStatusReq()
+        )
+        return rsp.status
+
     async def get_config(self, key: str = "") -> mp.GetConfigRsp:
         """One key (``values`` empty if unset) or all keys (``key=""``)."""
         rsp: mp.GetConfigRsp = await self._call("GetConfig", mp.GetConfigReq(key=key))
@@ -556,7 +567,8 @@ class HeartbeatLoop:
     before they serve again; report local states with :func:`local_state_for`.
 
     ``targets_fn()`` gives the per-target report of each heartbeat.
-    ``on_routing`` is called with every newer routing info mgmtd piggybacks.
+    ``on_routing`` is called with every newer routing info mgmtd piggybacks,
+    ``on_response`` with every heartbeat answer.
     ``interval_s=None`` uses the interval mgmtd answers at registration.
     ``targets`` are registered with the node (storage); their ids are in
     ``target_ids`` after :meth:`start`. A node with a non-zero ``node_id``
@@ -574,8 +586,10 @@ class HeartbeatLoop:
         targets: Sequence[mp.TargetInfo] = (),
         reregister: bool | None = None,
         register_timeout_s: float = 60.0,
+        on_response: Callable[[mp.HeartbeatRsp], None] | None = None,
     ) -> None:
         self.mgmt = mgmt
+        self.on_response = on_response
         self.node = mp.NodeInfo()
         self.node.CopyFrom(node)
         self.targets_fn = targets_fn
@@ -679,6 +693,8 @@ class HeartbeatLoop:
         self.failures = 0
         if rsp.HasField("routing"):
             self._deliver(rsp.routing)
+        if self.on_response is not None:
+            self.on_response(rsp)
         return rsp
 
     async def beat_round(self) -> None:

@@ -109,6 +109,14 @@ class StorageControl:
         )
         return rsp
 
+    async def drop_chunks(self, target_id: int, min_routing_version: int) -> sp.DropChunksRsp:
+        """Have the node remove every chunk of ``target_id``, a target in no chain."""
+        req = sp.DropChunksReq(target_id=target_id, min_routing_version=min_routing_version)
+        rsp: sp.DropChunksRsp = await grpc_util.call(
+            self._stub.DropChunks, req, self.timeout_s, self.address
+        )
+        return rsp
+
     async def repair_chunk(
         self, target_id: int, inode: int, index: int, prefer_target: int = 0
     ) -> sp.RepairChunkRsp:
