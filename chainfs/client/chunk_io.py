@@ -94,6 +94,8 @@ class ChunkIO:
             await io.routing.refresh()  # starts the routing watch too
         except ChainfsError as e:
             await io.close()
+            if e.code in (Code.UNAUTHENTICATED, Code.EPERM):
+                raise PermissionError(e.errno, f"chainfs at {address}: {e.message}") from None
             raise ConnectionError(
                 errno.ECONNREFUSED if e.code == Code.UNAVAILABLE else e.errno,
                 f"cannot connect to chainfs at {address} within "
@@ -317,7 +319,7 @@ def _clients(
     """A connection's clients, not yet connected (each connects on first use;
     no event loop needed). Only framed transports: they survive fork()."""
     timeout_s = config.connect_timeout_ms / 1000
-    mgmt = FramedMgmtClient(address, timeout_s=timeout_s)
+    mgmt = FramedMgmtClient(address, timeout_s=timeout_s, credential=config.credential())
     routing = RoutingCache(mgmt)
     routing.start_after_first_fetch()
     client_id = secrets.token_bytes(16)
@@ -328,6 +330,7 @@ def _clients(
         timeout_s=config.meta_timeout_ms / 1000,
         attempt_timeout_s=config.meta_attempt_timeout_ms / 1000,
         transport="frame",
+        credential=config.credential(),
     )
     return mgmt, routing, meta, storage
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from chainfs.common.auth.tokens import ADMIN_TOKEN_FILE_NAME
 from chainfs.common.metrics import check_port
 
 
@@ -61,6 +62,15 @@ class MgmtdConfig:
     status_scrape_timeout_ms: int = 1_000
     status_history_samples: int = 300
     log_level: str = "INFO"
+    # The cluster secret (0600 file, the same on every server of the cluster):
+    # with it every call needs a user's token or a node's key and the access
+    # policy applies; "" = NO authentication (every caller trusted: tests and
+    # throw-away clusters only). `chainfs up` creates one.
+    cluster_secret_file: str = ""
+    # Where the first start writes the token of user "admin" (0600; a token
+    # already in the file is adopted); "" = <data_dir>/admin.token.
+    admin_token_file: str = ""
+    max_users: int = 10_000  # bound on stored users (each directory fetch sends all)
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -98,6 +108,15 @@ class MgmtdConfig:
             raise ValueError("port 65535 leaves no room for the framed port (port + 1)")
         if self.node_id < 0:
             raise ValueError("node_id must be >= 0")
+        if self.max_users < 1:
+            raise ValueError("max_users must be >= 1")
+        if self.cluster_secret_file and not (self.admin_token_file or self.data_dir):
+            raise ValueError("with cluster_secret_file, set admin_token_file or data_dir")
+
+    def admin_token_path(self) -> Path:
+        if self.admin_token_file:
+            return Path(self.admin_token_file)
+        return Path(self.data_dir) / ADMIN_TOKEN_FILE_NAME
 
     def store_url(self) -> str:
         if self.kv_url:
