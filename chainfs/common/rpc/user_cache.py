@@ -4,7 +4,7 @@ Fetched from mgmtd (GetUserDirectory, NODE only) with the node's credential:
 again every ``refresh_interval_s`` (so a removed user or a rotated token
 stops working within that time), and at once on an unknown token (so a new
 user works at once), at most once per ``miss_refresh_min_s`` however many
-unknown tokens arrive.
+unknown tokens arrive (they wait for it).
 """
 
 from __future__ import annotations
@@ -59,10 +59,15 @@ class UserCache:
         who = self._by_hash.get(token_hash)
         if who is not None:
             return who
-        # Unknown: wait for a fetch in flight, else fetch now unless one ran lately.
+        # Unknown: fetch (after any fetch in flight, and no sooner than
+        # miss_refresh_min_s after the last: unknown tokens cannot flood mgmtd).
+        asked = time.monotonic()
         async with self._lock:
             who = self._by_hash.get(token_hash)
-            if who is None and time.monotonic() - self._last_fetch >= self.miss_refresh_min_s:
+            if who is None and self._last_fetch < asked:  # else one began since we asked
+                since_s = time.monotonic() - self._last_fetch
+                if since_s < self.miss_refresh_min_s:
+                    await asyncio.sleep(self.miss_refresh_min_s - since_s)
                 try:
                     await self._fetch()
                 except ChainfsError as e:  # mgmtd unreachable: answer from what we hold
