@@ -58,18 +58,11 @@ def _use_token(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 def token_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Add --token / --token-file (default $CHAINFS_TOKEN / $CHAINFS_TOKEN_FILE)."""
-    fn = click.option(
-        "--token-file",
-        callback=_use_token,
-        expose_value=False,
-        is_eager=True,
-        help=f"File holding the token (default ${TOKEN_FILE_ENV}).",
-    )(fn)
-    fn = click.option(
-        "--token",
-        callback=_use_token,
-        expose_value=False,
-        is_eager=True,
-        help=f"The user's token (default ${TOKEN_ENV}; prefer a file: argv is visible).",
-    )(fn)
+    for flag, help in (
+        ("--token-file", f"File holding the token (default ${TOKEN_FILE_ENV})."),
+        ("--token", f"The user's token (default ${TOKEN_ENV}; prefer a file: argv is visible)."),
+    ):
+        fn = click.option(flag, callback=_use_token, expose_value=False, is_eager=True, help=help)(
+            fn
+        )
     return fn

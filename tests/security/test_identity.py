@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +116,15 @@ def test_impersonating_token_acts_for_the_claimed_uid_with_root_squashed(
     assert e.value.code == Code.EACCES
 
 
-def test_admin_rpcs_refuse_users_and_are_audited(cluster: LocalCluster) -> None:
-    bob = add_user(cluster, "bob-user", uid=1001, gid=1001)
+def mgmt_codes(
+    cluster: LocalCluster, cred: cpb.Credential, calls: Callable[[MgmtClient], list[Awaitable[Any]]]
+) -> list[int]:
+    """The chainfs error code of each call (0: it succeeded), made with ``cred``."""
 
     async def go() -> list[int]:
         codes = []
-        async with MgmtClient(cluster.address, 10.0, credential=cpb.Credential(token=bob)) as m:
-            for call in (m.user_list(), m.create_chains(1), m.set_config("meta.gc_batch", "5")):
+        async with MgmtClient(cluster.address, 10.0, credential=cred) as m:
+            for call in calls(m):
                 try:
                     await call
                     codes.append(0)
@@ -130,7 +132,17 @@ def test_admin_rpcs_refuse_users_and_are_audited(cluster: LocalCluster) -> None:
                     codes.append(e.code)
         return codes
 
-    assert asyncio.run(go()) == [Code.EPERM] * 3
+    return asyncio.run(go())
+
+
+def test_admin_rpcs_refuse_users_and_are_audited(cluster: LocalCluster) -> None:
+    bob = cpb.Credential(token=add_user(cluster, "bob-user", uid=1001, gid=1001))
+    codes = mgmt_codes(
+        cluster,
+        bob,
+        lambda m: [m.user_list(), m.create_chains(1), m.set_config("meta.gc_batch", "5")],
+    )
+    assert codes == [Code.EPERM] * 3
     assert cluster.mgmtd is not None
     log = cluster.mgmtd.log_path.read_text()
     assert "audit method=chainfs.mgmt.Mgmt/UserList identity='user bob-user (uid 1001)'" in log
@@ -154,27 +166,27 @@ def test_a_node_key_acts_only_for_its_own_node(cluster: LocalCluster) -> None:
     storage_id, meta_id, meta_address = _node_ids(cluster)
     hijack = mp.NodeInfo(node_id=meta_id, type=mp.META, rpc_address="127.0.0.1:9")
 
-    async def attempt(cred: cpb.Credential) -> list[int]:
-        codes = []
-        async with MgmtClient(cluster.address, 5.0, credential=cred) as m:
-            for call in (
+    def attempt(cred: cpb.Credential) -> list[int]:
+        return mgmt_codes(
+            cluster,
+            cred,
+            lambda m: [
                 m.register_node(hijack, reregister=True),
                 m.heartbeat(mp.HeartbeatReq(node_id=meta_id)),
-            ):
-                try:
-                    await call
-                    codes.append(0)
-                except ChainfsError as e:
-                    codes.append(e.code)
-        return codes
+            ],
+        )
 
-    assert asyncio.run(attempt(cpb.Credential())) == [Code.UNAUTHENTICATED] * 2
-    forged = cpb.Credential(node_id=meta_id, node_key=b"\1" * 32)
-    assert asyncio.run(attempt(forged)) == [Code.UNAUTHENTICATED] * 2
-    other = node_credential(secret, storage_id)
-    assert asyncio.run(attempt(other)) == [Code.EPERM] * 2
-    joining = node_credential(secret, 0)  # a new node's key registers new nodes only
-    assert asyncio.run(attempt(joining)) == [Code.EPERM] * 2
+    assert attempt(cpb.Credential()) == [Code.UNAUTHENTICATED] * 2
+    assert (
+        attempt(cpb.Credential(node_id=meta_id, node_key=b"\1" * 32)) == [Code.UNAUTHENTICATED] * 2
+    )
+    assert attempt(node_credential(secret, storage_id)) == [Code.EPERM] * 2
+    assert attempt(node_credential(secret, 0)) == [Code.EPERM] * 2  # joining: new nodes only
+    # The meta node's own key heartbeats it (the check is per node, not a blanket refusal).
+    own = node_credential(secret, meta_id)
+    assert mgmt_codes(cluster, own, lambda m: [m.heartbeat(mp.HeartbeatReq(node_id=meta_id))]) == [
+        0
+    ]
     # Routing still sends clients to the real meta server.
     assert _node_ids(cluster)[2] == meta_address
 
@@ -284,3 +296,37 @@ def test_an_unprivileged_local_user_gets_nowhere(cluster: LocalCluster) -> None:
         "reregister": Code.UNAUTHENTICATED,
     }
     assert _node_ids(cluster)[2] == meta_address
+
+
+def admin_cli(cluster: LocalCluster, *args: str, token_file: Path | None) -> Any:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAINFS_TOKEN")}
+    extra = ["--token-file", str(token_file)] if token_file is not None else []
+    cmd = [sys.executable, "-m", "chainfs", "admin", *args, "--address", cluster.address]
+    return subprocess.run(
+        [*cmd, *extra, "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_admin_user_commands(cluster: LocalCluster) -> None:
+    admin = cluster.admin_token_file
+    added = admin_cli(
+        cluster, "user-add", "dave", "--uid", "1003", "--gid", "1003", "--groups", "5,6",
+        token_file=admin,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    token = json.loads(added.stdout)["token"]
+    listed = admin_cli(cluster, "user-list", token_file=admin)
+    assert listed.returncode == 0, listed.stderr
+    dave = next(u for u in json.loads(listed.stdout) if u["name"] == "dave")
+    assert dave == {
+        "name": "dave", "uid": 1003, "gid": 1003, "groups": [5, 6],
+        "admin": False, "impersonate": False,
+    }  # fmt: skip
+    assert "cfs_" not in listed.stdout  # never a token (nor a hash field)
+    with chainfs.connect(cluster.address, token=token) as fs:
+        assert fs.isdir("/")
+    rotated = admin_cli(cluster, "token-rotate", "dave", token_file=admin)
+    assert rotated.returncode == 0 and json.loads(rotated.stdout)["token"] != token
+    assert admin_cli(cluster, "user-remove", "dave", token_file=admin).returncode == 0
+    refused = admin_cli(cluster, "user-list", token_file=None)
+    assert refused.returncode == 1 and "admin.token" in refused.stderr
