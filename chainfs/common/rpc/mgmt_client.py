@@ -252,8 +252,9 @@ class MgmtClient(BaseMgmtClient):
 
     def _stub(self, address: str) -> mg.MgmtStub:
         if self._stubs is not None and self._stubs_credential != self.credential:
-            # Calls in flight finish on their channels; close() closes them.
-            self._retired = [*(self._retired or []), self._stubs][-2:]
+            # Calls in flight finish on their channels; close() closes them. A
+            # node changes its credential once (join key -> its own), so few pile up.
+            self._retired = [*(self._retired or []), self._stubs]
             self._stubs = None
         if self._stubs is None:
             from chainfs.common.rpc import grpc_util
