@@ -25,16 +25,21 @@ if TYPE_CHECKING:
 __all__ = ["AsyncFileSystem", "ClientConfig", "FileSystem", "__version__", "aio", "connect"]
 
 
-def connect(address: str | None = None, config: ClientConfig | None = None) -> FileSystem:
+def connect(
+    address: str | None = None, token: str | None = None, config: ClientConfig | None = None
+) -> FileSystem:
     """Connect to the chainfs cluster whose mgmtd is at ``address`` ("host:port[,...]").
 
     ``address`` None takes $CHAINFS_ADDRESS (ValueError when that is unset too).
+    ``token`` (a user's token, from `chainfs admin user-add`) None takes
+    ``config.token``/``token_file``, else $CHAINFS_TOKEN, else the file
+    $CHAINFS_TOKEN_FILE names; a cluster with authentication needs one.
     Returns a :class:`FileSystem`; an unreachable address fails within the
     configured connect timeout with a ConnectionError naming it.
     """
     from chainfs.client.sync import connect as _connect
 
-    return _connect(address, config=config)
+    return _connect(address, token=token, config=config)
 
 
 _LAZY = {

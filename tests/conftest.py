@@ -33,6 +33,23 @@ def require_binary(name: str) -> str:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One admin token for the session: every LocalCluster adopts the token
+    $CHAINFS_TOKEN_FILE names as its admin's, and clients (in this process and
+    in the scripts tests spawn) present it by default, as a user's shell would."""
+    from chainfs.common.auth.tokens import TOKEN_ENV, TOKEN_FILE_ENV, new_token, write_token_file
+
+    token = new_token()
+    path = tmp_path_factory.mktemp("credentials") / "admin.token"
+    write_token_file(path, token)
+    saved = {k: os.environ.pop(k, None) for k in (TOKEN_ENV, TOKEN_FILE_ENV)}
+    os.environ[TOKEN_FILE_ENV] = str(path)
+    yield token
+    os.environ.pop(TOKEN_FILE_ENV, None)
+    os.environ.update({k: v for k, v in saved.items() if v is not None})
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Iterator[Path]:
     """A per-test directory for data and logs of processes the test starts."""

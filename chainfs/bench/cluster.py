@@ -71,7 +71,8 @@ def suite_cluster(
     if cluster is None:
         cluster = LocalCluster(base / "c", **kwargs)
     try:
-        yield cluster, cluster.mountpoint, reason
+        with cluster.admin_environment():  # the bench's worker processes act as "admin"
+            yield cluster, cluster.mountpoint, reason
     finally:
         cluster.stop()
 

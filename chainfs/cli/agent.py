@@ -8,12 +8,14 @@ import logging
 
 import click
 
+from chainfs.cli.options import token_options
 from chainfs.client.config import ADDRESS_ENV
 from chainfs.client.usrbio.config import AgentConfig, default_socket_path
 from chainfs.common.process import run_service, write_ready_file
 
 
 @click.command()
+@token_options
 @click.option(
     "--address", envvar=ADDRESS_ENV, required=True, help="mgmtd address (host:port[,...])"
 )

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from chainfs.bench.studies import STUDIES, Opt, Study
+from chainfs.cli.options import token_options
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 
@@ -104,6 +105,7 @@ def _run_suite(only: str | None, no_fuse: bool, list_only: bool, **kwargs: Any) 
 
 
 @click.group(invoke_without_command=True)
+@token_options
 @_suite_options
 @click.pass_context
 def bench(ctx: click.Context, **kwargs: Any) -> None:

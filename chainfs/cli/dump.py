@@ -39,6 +39,7 @@ from rich.progress import Progress
 
 from chainfs.cli.admin.common import DEFAULT_ADDRESS_ENV
 from chainfs.cli.admin.layout import meta_client
+from chainfs.cli.options import token_options
 from chainfs.cli.progress import byte_progress
 from chainfs.client.aio_fs import AsyncFileSystem
 from chainfs.common.errors import ChainfsError
@@ -246,6 +247,7 @@ _address_option = click.option(
 
 
 @click.command()
+@token_options
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--path", "root", default="/", show_default=True, help="Directory to dump.")
 @click.option(
@@ -499,6 +501,7 @@ async def load_tree(
 
 
 @click.command()
+@token_options
 @click.argument("dump_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--target", default="/", show_default=True, help="Directory to recreate the dump in.")
 @click.option("--force", is_flag=True, help="Load into a directory that is not empty.")

@@ -49,6 +49,7 @@ from typing import Any
 import click
 
 from chainfs.cli.admin.common import emit
+from chainfs.cli.options import token_options
 from chainfs.common.errors import ChainfsError
 from chainfs.common.routing import Routing
 from chainfs.common.rpc.storage_control import StorageControl
@@ -386,6 +387,7 @@ async def repair_one(routing: Routing, p: Problem, r: ChunkRepair, timeout_s: fl
 
 
 @click.command("fsck")
+@token_options
 @click.option("--address", envvar="CHAINFS_ADDRESS", required=True, help="mgmtd host:port")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--repair", is_flag=True, help="Fix what can be fixed (see the docs above).")

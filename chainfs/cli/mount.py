@@ -31,7 +31,7 @@ BACKGROUND_START_TIMEOUT_S = 60.0
 
 
 def _load_config(
-    config_path: str | None, address: str | None, options: tuple[str, ...]
+    config_path: str | None, address: str | None, options: tuple[str, ...], token_file: str | None
 ) -> MountConfig:
     from chainfs.common import config as config_mod
     from chainfs.fuse_mount.config import MountConfig, apply_options
@@ -44,6 +44,8 @@ def _load_config(
         raise click.BadParameter(str(e), param_hint="-o") from None
     if address:
         cfg.address = address
+    if token_file:
+        cfg.client.token_file = token_file
     if not cfg.address:
         raise click.UsageError("no cluster address: give --address or set CHAINFS_ADDRESS")
     try:
@@ -106,6 +108,14 @@ def _exit_with_parent() -> None:
     default=None,
     help="mgmtd address(es) host:port[,host:port] (default: $CHAINFS_ADDRESS).",
 )
+@click.option(
+    "--token-file",
+    envvar="CHAINFS_TOKEN_FILE",
+    default=None,
+    help="File with the mount's token (default: $CHAINFS_TOKEN_FILE, else $CHAINFS_TOKEN). "
+    "A mount used by several users needs a token whose user may impersonate: each "
+    "process then acts as its own uid/gid (root squashed unless the user is an admin).",
+)
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (logs to stderr).")
 @click.option(
     "-o",
@@ -140,6 +150,7 @@ def _exit_with_parent() -> None:
 def mount(
     mountpoint: str,
     address: str | None,
+    token_file: str | None,
     foreground: bool,
     options: tuple[str, ...],
     config_path: str | None,
@@ -150,9 +161,11 @@ def mount(
 ) -> None:
     """Mount the chainfs cluster at ADDRESS on MOUNTPOINT (FUSE)."""
     require_extra("fuse", "chainfs mount")
-    cfg = _load_config(config_path, address, options)
+    cfg = _load_config(config_path, address, options, token_file)
     if not foreground:
         argv = ["mount", mountpoint, "--address", cfg.address]
+        if token_file:
+            argv += ["--token-file", token_file]
         for opts in options:
             argv += ["-o", opts]
         if config_path:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from typing import Any
 
 import click
+
+from chainfs.common.auth.tokens import TOKEN_ENV, TOKEN_FILE_ENV, read_token_file
 
 
 def file_option(
@@ -42,3 +45,24 @@ def require_extra(extra: str, what: str) -> None:
             f"{what} needs the '{extra}' extra ({', '.join(missing)} not installed): "
             f"pip install 'chainfs[{extra}]'"
         )
+
+
+def _use_token(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--token/--token-file: the token every client of this command presents
+    (as $CHAINFS_TOKEN, which chainfs clients read when given none)."""
+    if not value:
+        return
+    token = value if param.name == "token" else read_token_file(value)
+    os.environ[TOKEN_ENV] = token
+
+
+def token_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --token / --token-file (default $CHAINFS_TOKEN / $CHAINFS_TOKEN_FILE)."""
+    for flag, help in (
+        ("--token-file", f"File holding the token (default ${TOKEN_FILE_ENV})."),
+        ("--token", f"The user's token (default ${TOKEN_ENV}; prefer a file: argv is visible)."),
+    ):
+        fn = click.option(flag, callback=_use_token, expose_value=False, is_eager=True, help=help)(
+            fn
+        )
+    return fn

@@ -49,13 +49,13 @@ def _sample_bytes(path: str, size: int) -> bytes:
 _SAMPLE_PIECE_BYTES = 1 << 20  # written and read in pieces so the progress line moves
 
 
-def write_sample_data(address: str, echo: bool = True) -> None:
+def write_sample_data(address: str, echo: bool = True, token: str | None = None) -> None:
     """Write the sample set through the client, read it back and compare."""
     import chainfs
     from chainfs.cli.progress import byte_progress
 
     total = sum(size for _, size in SAMPLE_FILES)
-    with chainfs.connect(address) as fs, byte_progress(transient=not echo) as progress:
+    with chainfs.connect(address, token=token) as fs, byte_progress(transient=not echo) as progress:
         t0 = time.monotonic()
         task = progress.add_task("sample data", total=2 * total, detail="writing")
         for path, size in SAMPLE_FILES:
@@ -100,9 +100,10 @@ def _verify_sample(fs: FileSystem, path: str, size: int, advance: Callable[[int]
             raise ChainfsError(5, f"sample file longer than written: {path}")
 
 
-def _print_status(address: str, tls_env: dict[str, str]) -> None:
+def _print_status(address: str, tls_env: dict[str, str], token_file: Path) -> None:
     """Show `chainfs admin status` (run as the user would run it)."""
-    env = dict(os.environ, CHAINFS_ADDRESS=address, **tls_env)
+    env = dict(os.environ, CHAINFS_ADDRESS=address, CHAINFS_TOKEN_FILE=str(token_file), **tls_env)
+    env.pop("CHAINFS_TOKEN", None)
     cmd = [sys.executable, "-m", "chainfs", "admin", "status"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     click.echo(out.stdout.rstrip())
@@ -265,16 +266,18 @@ def _serve(cluster: LocalCluster, data_dir: str, sample_data: bool, stop: thread
         click.echo("  # admin tools (gRPC wants a certificate) also:")
         click.echo(f"  export {tls_mod.CERT_FILE_ENV}={cluster.tls.cert_file}")
         click.echo(f"  export {tls_mod.KEY_FILE_ENV}={cluster.tls.key_file}")
+    click.echo(f"admin token (user admin, uid 0): {cluster.admin_token_file}")
+    click.echo(f"  export CHAINFS_TOKEN_FILE={cluster.admin_token_file}")
     if cluster.mountpoint is not None:
         click.echo(f"mounted at {cluster.mountpoint}")
     if cluster.status_url:
         click.echo(f"status page: {cluster.status_url}")
     for name, metrics_address in cluster.metrics_addresses().items():
         click.echo(f"  metrics {name}: http://{metrics_address}/metrics")
-    _print_status(cluster.address, cluster.tls_env(admin=True))
+    _print_status(cluster.address, cluster.tls_env(admin=True), cluster.admin_token_file)
     if sample_data and not stop.is_set():
         try:
-            write_sample_data(cluster.address)
+            write_sample_data(cluster.address, token=cluster.admin_token)
         except OSError as e:
             raise click.ClickException(f"sample data failed: {e}") from None
     click.echo(f"serving; logs in {data_dir}/*/*.log; Ctrl-C stops the cluster")

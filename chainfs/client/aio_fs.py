@@ -105,11 +105,16 @@ class AsyncFileSystem:
     # -- connect / close -----------------------------------------------------
     @classmethod
     async def connect(
-        cls, address: str | None = None, config: ClientConfig | None = None
+        cls,
+        address: str | None = None,
+        config: ClientConfig | None = None,
+        token: str | None = None,
     ) -> AsyncFileSystem:
-        """Reach mgmtd at ``address`` (default $CHAINFS_ADDRESS), fail fast if unreachable."""
+        """Reach mgmtd at ``address`` (default $CHAINFS_ADDRESS), fail fast if
+        unreachable; ``token`` (default: config, then $CHAINFS_TOKEN[_FILE]) says who we are."""
         address = resolve_address(address)
-        return cls(address, await ChunkIO.connect(address, config or ClientConfig()))
+        cfg = (config or ClientConfig()).with_token(token)
+        return cls(address, await ChunkIO.connect(address, cfg))
 
     @property
     def closed(self) -> bool:
@@ -498,13 +503,15 @@ def _umask() -> int:
 
 
 async def connect(
-    address: str | None = None, config: ClientConfig | None = None
+    address: str | None = None, token: str | None = None, config: ClientConfig | None = None
 ) -> AsyncFileSystem:
     """Connect to the cluster whose mgmtd is at ``address`` ("host:port[,host:port]").
 
-    ``address`` None: $CHAINFS_ADDRESS (ValueError when that is unset too)."""
+    ``address`` None: $CHAINFS_ADDRESS (ValueError when that is unset too).
+    ``token`` None: ``config.token``/``token_file``, else $CHAINFS_TOKEN, else
+    the file $CHAINFS_TOKEN_FILE names."""
     try:
-        return await AsyncFileSystem.connect(address, config=config)
+        return await AsyncFileSystem.connect(address, config=config, token=token)
     except ChainfsError as e:
         raise to_user_error(e) from None
 

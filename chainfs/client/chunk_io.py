@@ -95,6 +95,8 @@ class ChunkIO:
             await io.routing.refresh()  # starts the routing watch too
         except ChainfsError as e:
             await io.close()
+            if e.code in (Code.UNAUTHENTICATED, Code.EPERM):
+                raise PermissionError(e.errno, f"chainfs at {address}: {e.message}") from None
             raise ConnectionError(
                 errno.ECONNREFUSED if e.code == Code.UNAVAILABLE else e.errno,
                 f"cannot connect to chainfs at {address} within "
@@ -319,7 +321,9 @@ def _clients(
     no event loop needed). Only framed transports: they survive fork()."""
     timeout_s = config.connect_timeout_ms / 1000
     control_plane = DataPlaneConfig(tls=config.tls)  # mgmtd and meta: default bounds
-    mgmt = FramedMgmtClient(address, timeout_s=timeout_s, dataplane=control_plane)
+    mgmt = FramedMgmtClient(
+        address, timeout_s=timeout_s, dataplane=control_plane, credential=config.credential()
+    )
     routing = RoutingCache(mgmt)
     routing.start_after_first_fetch()
     client_id = secrets.token_bytes(16)
@@ -335,6 +339,7 @@ def _clients(
         attempt_timeout_s=config.meta_attempt_timeout_ms / 1000,
         transport="frame",
         dataplane=control_plane,
+        credential=config.credential(),
     )
     return mgmt, routing, meta, storage
 

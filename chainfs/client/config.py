@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from chainfs.common.auth.tokens import resolve_token
 from chainfs.common.rpc.storage_client import StorageClientConfig
 from chainfs.common.tls import TlsConfig
 from chainfs.common.units import MiB
+from chainfs.proto import common_pb2 as cpb
 
 # Where connect() and the adapters find the mgmtd address when none is given.
 ADDRESS_ENV = "CHAINFS_ADDRESS"
@@ -26,6 +28,10 @@ def resolve_address(address: str | None) -> str:
 
 @dataclass
 class ClientConfig:
+    # The user's token (a cluster with authentication takes uid/gid from it);
+    # "" = token_file, else $CHAINFS_TOKEN, else the file $CHAINFS_TOKEN_FILE names.
+    token: str = field(default="", repr=False)
+    token_file: str = ""
     # Bound on reaching mgmtd at connect: an unreachable address fails within this.
     connect_timeout_ms: int = 5_000
     # Deadline of one metadata call, meta failover included.
@@ -112,6 +118,16 @@ class ClientConfig:
         self.storage.validate()
         if self.tls is not None:
             self.tls.validate()
+
+    def with_token(self, token: str | None = None) -> ClientConfig:
+        """A copy holding the token to use: ``token``, else this config's
+        token or token_file, else the environment's ("" if none anywhere)."""
+        resolved = resolve_token(token or self.token or None, self.token_file or None)
+        return replace(self, token=resolved or "")
+
+    def credential(self) -> cpb.Credential:
+        """What this client presents (empty: no token, anonymous)."""
+        return cpb.Credential(token=self.token)
 
     @property
     def buffer_budget_bytes(self) -> int:

@@ -56,11 +56,13 @@ class ChainFileSystem(AbstractFileSystem):
         address: str | None = None,
         fs: FileSystem | None = None,
         auto_mkdir: bool = True,
+        token: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if "token" in kwargs:  # fsspec would keep it silently; nothing would check it
-            raise TypeError("chainfs has no authentication yet: 'token' is not an option")
-        super().__init__(address=address, auto_mkdir=auto_mkdir, **kwargs)
+        """``token``: the user's token (None: $CHAINFS_TOKEN, else the file
+        $CHAINFS_TOKEN_FILE names, read when connecting)."""
+        super().__init__(address=address, auto_mkdir=auto_mkdir, token=token, **kwargs)
+        self._token = token
         # Writing a file creates its missing parent directories (object-store
         # style, what fsspec's copy/put/pipe expect); False: FileNotFoundError.
         self.auto_mkdir = auto_mkdir
@@ -76,7 +78,7 @@ class ChainFileSystem(AbstractFileSystem):
             import chainfs
 
             assert self.address is not None
-            self._client = chainfs.connect(self.address)
+            self._client = chainfs.connect(self.address, token=self._token)
             self._client_pid = os.getpid()
         return self._client
 
@@ -395,12 +397,13 @@ class ChainFileSystem(AbstractFileSystem):
         return int(self.ukey(path).replace("-", ""))
 
     def __reduce__(self) -> Any:
-        # Pickles as its address only: a worker process opens its own connection.
-        return (_rebuild, (self.address,))
+        # Pickles as its address (and the token it was given): a worker process
+        # opens its own connection.
+        return (_rebuild, (self.address, self._token))
 
 
-def _rebuild(address: str) -> ChainFileSystem:
-    return ChainFileSystem(address=address)
+def _rebuild(address: str, token: str | None = None) -> ChainFileSystem:
+    return ChainFileSystem(address=address, token=token)
 
 
 class _DeferredFile:

@@ -61,12 +61,17 @@ class FileSystem:
         _open_filesystems.add(self)
 
     @classmethod
-    def connect(cls, address: str | None = None, config: ClientConfig | None = None) -> FileSystem:
+    def connect(
+        cls,
+        address: str | None = None,
+        config: ClientConfig | None = None,
+        token: str | None = None,
+    ) -> FileSystem:
         """Reach mgmtd at ``address`` (default $CHAINFS_ADDRESS), fail fast if unreachable."""
         address = resolve_address(address)
         loop = LoopThread()
         try:
-            afs = loop.run(aio_connect(address, config=config))
+            afs = loop.run(aio_connect(address, token=token, config=config))
         except BaseException:
             loop.stop()
             raise
@@ -312,11 +317,15 @@ class FileSystem:
         return f"<chainfs.FileSystem {self.address}{' closed' if self.closed else ''}>"
 
 
-def connect(address: str | None = None, config: ClientConfig | None = None) -> FileSystem:
+def connect(
+    address: str | None = None, token: str | None = None, config: ClientConfig | None = None
+) -> FileSystem:
     """Connect to the cluster whose mgmtd is at ``address`` ("host:port[,host:port]").
 
-    ``address`` None: $CHAINFS_ADDRESS (ValueError when that is unset too)."""
-    return FileSystem.connect(address, config=config)
+    ``address`` None: $CHAINFS_ADDRESS (ValueError when that is unset too).
+    ``token`` None: ``config.token``/``token_file``, else $CHAINFS_TOKEN, else
+    the file $CHAINFS_TOKEN_FILE names."""
+    return FileSystem.connect(address, config=config, token=token)
 
 
 __all__ = ["FileSystem", "connect"]

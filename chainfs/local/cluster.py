@@ -25,6 +25,14 @@ for other programs.
 ``mgmtd_ports=[P]`` binds mgmtd to P (the address clients keep); a port some
 other process listens on is refused with an error naming it.
 
+Authentication is on: the cluster secret is ``base_dir/cluster.secret`` and the
+first mgmtd start creates user "admin" (uid 0) whose token is in
+``base_dir/admin.token`` (``.admin_token``; a token already in
+$CHAINFS_TOKEN / $CHAINFS_TOKEN_FILE becomes the admin's, so a shell or a test
+session keeps one token across clusters). ``.client()`` connects with it; a
+mount uses user "mount" (admin, may impersonate: each process acts as its own
+uid/gid, as on a local file system).
+
 Start order: (etcd), mgmtd, the storage nodes (each serving its target
 directories), wait until every target is registered, create the chain table
 (unless the data directory already has one), then meta. Every service gets a
@@ -37,15 +45,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from chainfs.common import config as cfg
 from chainfs.common import tls as tls_mod
+from chainfs.common.auth.secret import SECRET_FILE_NAME, create_secret_file
+from chainfs.common.auth.tokens import (
+    ADMIN_TOKEN_FILE_NAME,
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+    read_token_file,
+    resolve_token,
+    write_token_file,
+)
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.local.private import make_private_dir, write_private_text
 from chainfs.local.process import MountProcess, ServiceProcess, StopOnExit, check_port_free
@@ -255,6 +273,45 @@ class LocalCluster(StopOnExit):
             raise ChainfsError(Code.EINVAL, "this cluster runs no postgres (kv != 'postgresql')")
         return self._postgres[0]
 
+    # -- credentials ---------------------------------------------------------
+    @property
+    def secret_file(self) -> Path:
+        return self.base_dir / SECRET_FILE_NAME
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.base_dir / ADMIN_TOKEN_FILE_NAME
+
+    @property
+    def admin_token(self) -> str:
+        """The token of user "admin" (uid 0), written by mgmtd's first start."""
+        return read_token_file(self.admin_token_file)
+
+    @contextlib.contextmanager
+    def admin_environment(self) -> Iterator[None]:
+        """While active, $CHAINFS_TOKEN_FILE names the admin token (and
+        $CHAINFS_TOKEN is unset): clients made without a token, here and in
+        child processes (bench workers), act as "admin"."""
+        saved = {k: os.environ.pop(k, None) for k in (TOKEN_ENV, TOKEN_FILE_ENV)}
+        os.environ[TOKEN_FILE_ENV] = str(self.admin_token_file)
+        try:
+            yield
+        finally:
+            os.environ.pop(TOKEN_FILE_ENV, None)
+            os.environ.update({k: v for k, v in saved.items() if v is not None})
+
+    def _admin_mgmt(self, address: str, timeout_s: float) -> MgmtClient:
+        from chainfs.common.rpc.mgmt_client import MgmtClient
+        from chainfs.proto import common_pb2 as cpb
+
+        return MgmtClient(address, timeout_s, credential=cpb.Credential(token=self.admin_token))
+
+    def _prepare_credentials(self) -> None:
+        create_secret_file(self.secret_file)
+        preset = resolve_token()
+        if preset and not self.admin_token_file.exists():
+            write_token_file(self.admin_token_file, preset)
+
     # -- start ---------------------------------------------------------------
     def _kv_url(self, service: str) -> str:
         if self.kv == "memory":
@@ -269,6 +326,7 @@ class LocalCluster(StopOnExit):
     def _start(self) -> None:
         if self._tls_dir is not None:
             self.tls = self._tls_material("admin", node=False)
+        self._prepare_credentials()
         if self.kv == "etcd":
             from chainfs.local.etcd import EtcdCluster
 
@@ -340,6 +398,8 @@ class LocalCluster(StopOnExit):
         c = MgmtdConfig()
         c.port = self.mgmtd_ports[i]
         c.kv_url = self._kv_url("mgmtd")
+        c.cluster_secret_file = str(self.secret_file)
+        c.admin_token_file = str(self.admin_token_file)
         if self.heartbeat_interval_ms is not None:
             c.heartbeat_interval_ms = self.heartbeat_interval_ms
         if self.heartbeat_timeout_ms is not None:
@@ -360,6 +420,7 @@ class LocalCluster(StopOnExit):
 
         c = StorageConfig()
         c.mgmtd_addresses = self.mgmtd_addresses
+        c.cluster_secret_file = str(self.secret_file)
         node_dir = self.base_dir / f"storage{i}"
         c.targets = [str(node_dir / f"target{j}") for j in range(self.targets_per_node)]
         if self.heartbeat_interval_ms is not None:
@@ -374,6 +435,7 @@ class LocalCluster(StopOnExit):
         c = MetaConfig()
         c.kv_url = self._kv_url("meta")
         c.mgmtd_addresses = self.mgmtd_addresses
+        c.cluster_secret_file = str(self.secret_file)
         if self.configure_meta is not None:
             self.configure_meta(i, c)
         return c
@@ -411,9 +473,7 @@ class LocalCluster(StopOnExit):
         timeout_s = self.start_timeout_s
 
         async def go() -> None:
-            from chainfs.common.rpc.mgmt_client import MgmtClient
-
-            async with MgmtClient(self.address, timeout_s=timeout_s) as mgmt:
+            async with self._admin_mgmt(self.address, timeout_s) as mgmt:
                 deadline = time.monotonic() + timeout_s
                 while True:
                     routing = await mgmt.get_routing()
@@ -451,20 +511,40 @@ class LocalCluster(StopOnExit):
             ) from None
         mountpoint.mkdir(parents=True, exist_ok=True)
         self._mount_proc = MountProcess(
-            mountpoint, self.address, self.base_dir / "mount", self.mount_options
+            mountpoint,
+            self.address,
+            self.base_dir / "mount",
+            self.mount_options,
+            token_file=self._mount_token_file(),
         )
         self._mount_proc.env = self.tls_env()
         self._mount_proc.start(self.start_timeout_s)
         self.mountpoint = mountpoint
 
+    def _mount_token_file(self) -> Path:
+        """The token of user "mount" (admin, impersonating), created once."""
+        path = self.base_dir / "mount.token"
+        if path.exists():
+            return path
+
+        async def add() -> str:
+            from chainfs.proto import mgmt_pb2 as mp
+
+            user = mp.User(name="mount", uid=0, gid=0, admin=True, impersonate=True)
+            async with self._admin_mgmt(self.address, self.start_timeout_s) as mgmt:
+                return (await mgmt.user_add(user)).token
+
+        write_token_file(path, _run_async(add))
+        return path
+
     # -- use -----------------------------------------------------------------
-    def client(self, **kwargs: Any) -> FileSystem:
-        """A connected sync FileSystem; closed by stop()."""
+    def client(self, token: str | None = None, **kwargs: Any) -> FileSystem:
+        """A connected sync FileSystem (as "admin" unless ``token``); closed by stop()."""
         import chainfs
 
         if self.tls is not None:
             kwargs["config"] = self._user_tls_config(kwargs.get("config"))
-        fs = chainfs.connect(self.address, **kwargs)
+        fs = chainfs.connect(self.address, token=token or self.admin_token, **kwargs)
         self._clients.append(fs)
         return fs
 
@@ -534,14 +614,12 @@ class LocalCluster(StopOnExit):
         bound_s = self.start_timeout_s if timeout_s is None else timeout_s
 
         async def go() -> int:
-            from chainfs.common.rpc.mgmt_client import MgmtClient
-
             deadline = time.monotonic() + bound_s
             while True:
                 for i, p in enumerate(self.mgmtds):
                     if not p.alive():
                         continue
-                    async with MgmtClient(str(p.info["rpc_address"]), timeout_s=1.0) as m:
+                    async with self._admin_mgmt(str(p.info["rpc_address"]), 1.0) as m:
                         try:
                             if (await m.get_status()).primary:
                                 return i

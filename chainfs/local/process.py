@@ -191,15 +191,23 @@ class MountProcess(ChildProcess):
     """``chainfs mount MNT --address A --foreground``: a FUSE mount as a child process."""
 
     def __init__(
-        self, mountpoint: Path, address: str, workdir: Path, options: Sequence[str] = ()
+        self,
+        mountpoint: Path,
+        address: str,
+        workdir: Path,
+        options: Sequence[str] = (),
+        token_file: Path | None = None,
     ) -> None:
         super().__init__("mount", workdir)
         self.mountpoint = Path(mountpoint)
         self.address = address
         self.options = list(options)  # `-o` items (chainfs/fuse_mount/config.py)
+        self.token_file = token_file
 
     def arguments(self) -> list[str]:
         args = ["mount", str(self.mountpoint), "--address", self.address, "--foreground"]
+        if self.token_file is not None:
+            args += ["--token-file", str(self.token_file)]
         args.append("--exit-with-parent")  # a test or bench that dies takes its mount along
         return args + (["-o", ",".join(self.options)] if self.options else [])
 

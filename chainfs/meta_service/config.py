@@ -106,6 +106,16 @@ class MetaConfig:
     # TLS of this node's TCP connections, gRPC and data plane (chainfs.common.tls);
     # empty ca_file = plain TCP.
     tls: TlsConfig = field(default_factory=TlsConfig)
+    # The cluster secret (0600 file, the same on every server): with it every
+    # call needs a user's token (uid/gid come from the token, never from the
+    # request) and meta presents its node key to mgmtd; "" = NO authentication
+    # (callers' uid/gid claims are believed: tests and throw-away clusters).
+    cluster_secret_file: str = ""
+    # The token directory (from mgmtd) is fetched this often, so a removed
+    # user or rotated token stops working within it; an unknown token fetches
+    # at once, at most once per user_miss_refresh_min_ms.
+    user_refresh_interval_ms: int = 5_000
+    user_miss_refresh_min_ms: int = 200
     # Framed transport bounds: requests and answers are header-only messages
     # (a readdir page with attributes is the largest, well under 16 MiB).
     dataplane: DataPlaneConfig = field(
@@ -132,6 +142,8 @@ class MetaConfig:
             raise ValueError("default_stripe must be in 1..max_stripe")
         if not 0 <= self.root_mode <= 0o7777:
             raise ValueError("root_mode must be permission bits (<= 0o7777)")
+        if self.cluster_secret_file and not self.mgmtd_addresses:
+            raise ValueError("cluster_secret_file needs mgmtd_addresses (users live in mgmtd)")
         if self.mgmtd_addresses and self.static_chains:
             raise ValueError("static_chains is for standalone mode (no mgmtd_addresses)")
         positive = (
@@ -166,6 +178,8 @@ class MetaConfig:
             "idempotency_ttl_ms",
             "idempotency_clean_interval_ms",
             "idempotency_clean_batch",
+            "user_refresh_interval_ms",
+            "user_miss_refresh_min_ms",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -1,4 +1,11 @@
-"""POSIX permission checks for the caller carried in RequestInfo.
+"""POSIX permission checks for the caller the request's token names.
+
+The caller's uid/gid/groups come from the authenticated identity, never from
+the request. A token allowed to ``impersonate`` (a multi-user FUSE mount)
+acts for the uid/gid/groups the request claims (the kernel's, for each
+process), with ``root_squash``: a claimed uid 0 becomes nobody (65534)
+unless the token's user is an admin. A server without authentication (no
+cluster secret) believes the request's claims.
 
 Root (uid 0) bypasses read/write checks and directory search; it may execute
 a file only if some execute bit is set (Linux semantics).
@@ -8,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from chainfs.common.auth.identity import Kind, current_identity
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import meta_pb2 as pb
@@ -16,6 +24,7 @@ R, W, X = 4, 2, 1
 S_ISUID = 0o4000
 S_ISGID = 0o2000
 S_ISVTX = 0o1000
+NOBODY = 65534  # what a squashed root becomes
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +35,20 @@ class Caller:
 
     @classmethod
     def of(cls, req: cpb.RequestInfo) -> Caller:
+        who = current_identity()
+        if who.kind is Kind.USER and not who.impersonate:
+            return cls(who.uid, who.gid, who.groups | {who.gid})
+        if who.kind is Kind.USER or who.kind is Kind.ANONYMOUS:
+            # An impersonating user, or a server without authentication (its
+            # access policy admits no anonymous caller otherwise).
+            return cls.claimed(req, squash_root=not who.admin and who.kind is Kind.USER)
+        raise ChainfsError(Code.EPERM, f"{who.describe()} may not act on the namespace")
+
+    @classmethod
+    def claimed(cls, req: cpb.RequestInfo, squash_root: bool) -> Caller:
+        """The uid/gid the request claims (root_squash: claimed root is nobody)."""
+        if squash_root and req.uid == 0:
+            return cls(NOBODY, NOBODY, frozenset({NOBODY}))
         return cls(req.uid, req.gid, frozenset(req.gids) | {req.gid})
 
     @property

@@ -21,12 +21,15 @@ import grpc.aio
 from chainfs.common import config as config_mod
 from chainfs.common import logging as chainfs_logging
 from chainfs.common import tls
+from chainfs.common.auth.authenticator import Authenticator
+from chainfs.common.auth.secret import load_secret
 from chainfs.common.background import Periodic, start_all
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.metrics import NodeMetrics
 from chainfs.common.process import run_service, write_ready_file
 from chainfs.common.routing import Routing, distinct_capacity
 from chainfs.common.rpc import grpc_util
+from chainfs.common.rpc.user_cache import UserCache
 from chainfs.kv import KVStore
 from chainfs.kv import open as kv_open
 from chainfs.meta_service import metrics as meta_metrics
@@ -43,6 +46,7 @@ from chainfs.meta_service.gc_admin import GcAdmin, MetaAdminServicer
 from chainfs.meta_service.namespace import ClusterView, Namespace
 from chainfs.meta_service.ops.trash import TrashPurger
 from chainfs.meta_service.service import MetaServicer, framed_handler
+from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import meta_pb2_grpc as pbg
 from chainfs.proto import mgmt_pb2 as mp
 
@@ -111,9 +115,15 @@ class MetaServer:
         self._stop_tasks: Callable[[], Awaitable[None]] | None = None
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self.metrics: NodeMetrics | None = None
+        self.auth: Authenticator | None = None
+        self.users: UserCache | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
+        # Read first: a missing or world-readable secret stops the start (CONFIG_ERROR).
+        secret = load_secret(cfg.cluster_secret_file) if cfg.cluster_secret_file else None
+        if secret is None:
+            log.warning("no cluster_secret_file: callers' uid/gid claims are believed")
         if self.kv is None:
             self.kv = kv_open(cfg.kv_url)
         fmt = await Namespace.format(self.kv, cfg)
@@ -128,12 +138,19 @@ class MetaServer:
         heartbeat = None
         settings: list[Periodic] = []  # cluster-wide settings, with a mgmtd to read them from
         if cfg.mgmtd_addresses:
-            from chainfs.common.rpc.mgmt_client import HeartbeatLoop, MgmtClient, RoutingCache
+            from chainfs.common.rpc.mgmt_client import (
+                HeartbeatLoop,
+                MgmtClient,
+                RoutingCache,
+                node_credential,
+            )
 
             mgmt = MgmtClient(
                 cfg.mgmtd_addresses,
                 timeout_s=cfg.mgmtd_timeout_ms / 1000,
                 retry=cfg.mgmtd_retry,
+                # The join credential until registration gives this server its id.
+                credential=node_credential(secret, 0) if secret is not None else cpb.Credential(),
             )
             self._closers.append(mgmt.close)
             # Routing arrives with the registration below (which retries while
@@ -156,8 +173,15 @@ class MetaServer:
 
             node = mp.NodeInfo(type=mp.META, hostname=socket.gethostname(), pid=os.getpid())
             interval = cfg.heartbeat_interval_ms / 1000 if cfg.heartbeat_interval_ms else None
-            heartbeat = HeartbeatLoop(mgmt, node, lambda: [], on_routing, interval)
+            heartbeat = HeartbeatLoop(mgmt, node, lambda: [], on_routing, interval, secret=secret)
             settings.append(ClusterSettings(mgmt, cfg))
+            if secret is not None:
+                users = UserCache(
+                    mgmt, cfg.user_refresh_interval_ms / 1000, cfg.user_miss_refresh_min_ms / 1000
+                )
+                settings.append(users.refresher())
+                self.auth = Authenticator(secret, users)
+                self.users = users
         if self.cluster is None:
             self.cluster = StaticCluster(cfg.static_chains)
 
@@ -167,7 +191,7 @@ class MetaServer:
             cfg.listen_host, cfg.metrics_port, meta_metrics.kv_collector(self.kv)
         )
         self._closers.append(self.metrics.stop)
-        srv = grpc_util.server(cfg.grpc)
+        srv = grpc_util.server(cfg.grpc, self.auth)
         pbg.add_MetaServicer_to_server(MetaServicer(self.ns), srv)
         gc_admin = GcAdmin(self.kv, cfg)
         pbg.add_MetaAdminServicer_to_server(MetaAdminServicer(gc_admin, self.ns), srv)
@@ -178,8 +202,13 @@ class MetaServer:
         if cfg.frame_enabled:
             from chainfs.common.dataplane.server import DataServer
 
+            handler = framed_handler(self.ns, authenticated=self.auth is not None)
             dp = DataServer(
-                framed_handler(self.ns), cfg.listen_host, cfg.frame_port, config=cfg.dataplane
+                self.users.guard(handler) if self.users is not None else handler,
+                cfg.listen_host,
+                cfg.frame_port,
+                config=cfg.dataplane,
+                authenticator=self.auth,
             )
             await dp.start()
             self._dataplane = dp

@@ -154,9 +154,14 @@ NAMESPACE_METHODS = {
 assert set(NAMESPACE_METHODS) == {w.name for w in WIRE_BY_MSG_TYPE.values()}
 
 
-def framed_handler(ns: Namespace) -> Handler:
-    """The data-plane handler: each framed Meta request calls its Namespace method."""
+# The policy key of each framed msg_type (authorized like its gRPC twin).
+POLICY_KEYS = {t: f"chainfs.meta.Meta/{w.name}" for t, w in WIRE_BY_MSG_TYPE.items()}
+
+
+def framed_handler(ns: Namespace, authenticated: bool = False) -> Handler:
+    """The data-plane handler: each framed Meta request calls its Namespace method
+    (``authenticated``: after the access policy admitted the connection's identity)."""
     calls = {
         t: (w.request, getattr(ns, NAMESPACE_METHODS[w.name])) for t, w in WIRE_BY_MSG_TYPE.items()
     }
-    return message_handler("meta", calls)
+    return message_handler("meta", calls, POLICY_KEYS if authenticated else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chainfs.common.auth.tokens import ADMIN_TOKEN_FILE_NAME
 from chainfs.common.config import require_positive
 from chainfs.common.metrics import check_port
 from chainfs.common.rpc.server_config import GrpcServerConfig
@@ -76,6 +77,15 @@ class MgmtdConfig:
     # TLS of this node's TCP connections, gRPC and data plane (chainfs.common.tls);
     # empty ca_file = plain TCP.
     tls: TlsConfig = field(default_factory=TlsConfig)
+    # The cluster secret (0600 file, the same on every server of the cluster):
+    # with it every call needs a user's token or a node's key and the access
+    # policy applies; "" = NO authentication (every caller trusted: tests and
+    # throw-away clusters only). `chainfs up` creates one.
+    cluster_secret_file: str = ""
+    # Where the first start writes the token of user "admin" (0600; a token
+    # already in the file is adopted); "" = <data_dir>/admin.token.
+    admin_token_file: str = ""
+    max_users: int = 10_000  # bound on stored users (each directory fetch sends all)
 
     def validate(self) -> None:
         self.tls.validate()
@@ -124,6 +134,15 @@ class MgmtdConfig:
         )
         if self.node_id < 0:
             raise ValueError("node_id must be >= 0")
+        if self.max_users < 1:
+            raise ValueError("max_users must be >= 1")
+        if self.cluster_secret_file and not (self.admin_token_file or self.data_dir):
+            raise ValueError("with cluster_secret_file, set admin_token_file or data_dir")
+
+    def admin_token_path(self) -> Path:
+        if self.admin_token_file:
+            return Path(self.admin_token_file)
+        return Path(self.data_dir) / ADMIN_TOKEN_FILE_NAME
 
     def store_url(self) -> str:
         if self.kv_url:

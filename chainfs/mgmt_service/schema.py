@@ -41,3 +41,18 @@ def target_key(target_id: int) -> bytes:
 
 def chain_key(chain_id: int) -> bytes:
     return KEY_CHAIN + b"%010d" % chain_id
+
+
+# Users: MGMT|user|<name> -> User proto; MGMT|token|<token hash> -> user name;
+# MGMT|users_version -> decimal version of the token directory (bumped on every change).
+KEY_USER = KEY_PREFIX + b"user|"
+KEY_TOKEN = KEY_PREFIX + b"token|"
+KEY_USERS_VERSION = KEY_PREFIX + b"users_version"
+
+
+def user_key(name: str) -> bytes:
+    return KEY_USER + name.encode()
+
+
+def token_key(token_hash: str) -> bytes:
+    return KEY_TOKEN + token_hash.encode()

@@ -20,6 +20,8 @@ from chainfs import kv
 from chainfs.common import config as config_mod
 from chainfs.common import logging as chainfs_logging
 from chainfs.common import tls
+from chainfs.common.auth.authenticator import Authenticator
+from chainfs.common.auth.secret import load_secret
 from chainfs.common.background import start_all
 from chainfs.common.dataplane.server import DataServer, Request, Response
 from chainfs.common.errors import ChainfsError, Code
@@ -32,6 +34,7 @@ from chainfs.mgmt_service.config import MgmtdConfig, redact_url
 from chainfs.mgmt_service.schema import KEY_COUNTERS
 from chainfs.mgmt_service.service import Mgmtd, framed_handler
 from chainfs.mgmt_service.status_page import MgmtdWeb, ThroughputSampler, start_web
+from chainfs.mgmt_service.users import UserStore
 from chainfs.proto import mgmt_pb2_grpc as mg
 
 log = logging.getLogger(__name__)
@@ -75,14 +78,16 @@ async def serve(
     svc: Mgmtd | None = None
     web: MgmtdWeb | None = None
     try:
-        srv, port, framed = await _listen(cfg)
+        users = UserStore(store, cfg.max_users)
+        auth = await _authenticator(cfg, users)
+        srv, port, framed = await _listen(cfg, auth)
         address = cfg.advertise_address or f"{cfg.listen_host}:{port}"
         self_id = await _allocate_self_id(store, cfg.node_id)
         exclusive = shared_store is None and url.split("://", 1)[0] in ("rocksdb", "memory")
         svc = Mgmtd(cfg, store, self_id, address, url, exclusive)
         mg.add_MgmtServicer_to_server(svc, srv)
         if framed is not None:
-            framed.handler = framed_handler(svc)
+            framed.handler = framed_handler(svc, authenticated=auth is not None)
         await srv.start()
         lease_keeper = LeaseKeeper(svc)
         sampler = ThroughputSampler(svc, cfg)
@@ -130,16 +135,31 @@ async def serve(
             await store.close()
 
 
-async def _listen(cfg: MgmtdConfig) -> tuple[grpc.aio.Server, int, DataServer | None]:
+async def _authenticator(cfg: MgmtdConfig, users: UserStore) -> Authenticator | None:
+    """With a cluster secret: the authenticator of both transports (users from
+    this mgmtd's store), after creating user "admin" on a cluster's first start."""
+    if not cfg.cluster_secret_file:
+        log.warning("no cluster_secret_file: every caller is trusted (no authentication)")
+        return None
+    secret = load_secret(cfg.cluster_secret_file)
+    await users.bootstrap_admin(cfg.admin_token_path())
+    return Authenticator(secret, users)
+
+
+async def _listen(
+    cfg: MgmtdConfig, auth: Authenticator | None
+) -> tuple[grpc.aio.Server, int, DataServer | None]:
     """Bind the gRPC port and the framed one at port + 1 (the rule clients use);
     an ephemeral pair whose second port is taken is tried again elsewhere."""
     attempts = _EPHEMERAL_BIND_ATTEMPTS if cfg.port == 0 else 1
     for attempt in range(1, attempts + 1):
-        srv = grpc_util.server(cfg.grpc)
+        srv = grpc_util.server(cfg.grpc, auth)
         port = grpc_util.bind(srv, cfg.listen_host, cfg.port)
         if not cfg.frame_enabled:
             return srv, port, None
-        framed = DataServer(_starting, cfg.listen_host, port + mgmt_wire.FRAME_PORT_OFFSET)
+        framed = DataServer(
+            _starting, cfg.listen_host, port + mgmt_wire.FRAME_PORT_OFFSET, authenticator=auth
+        )
         try:
             await framed.start()
         except OSError as e:
@@ -160,6 +180,8 @@ def main(config_path: str | None, ready_file: str | None) -> int:
     cfg = config_mod.load(MgmtdConfig, config_path)
     tls.configure_process(cfg.tls)
     chainfs_logging.setup(f"mgmtd@{socket.gethostname()}", cfg.log_level)
+    # Admin calls leave an audit line whatever the log level.
+    logging.getLogger("chainfs.audit").setLevel(logging.INFO)
 
     async def run(stop: asyncio.Event) -> None:
         await serve(cfg, stop, ready_file)

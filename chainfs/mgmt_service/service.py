@@ -18,12 +18,13 @@ from typing import Any, TypeVar
 
 import grpc.aio
 
+from chainfs.common.auth.identity import current_identity
 from chainfs.common.cluster_config import parse_setting
 from chainfs.common.dataplane.server import Handler, message_handler
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import distinct_capacity
 from chainfs.common.rpc.grpc_util import rpc_handler
-from chainfs.common.rpc.mgmt_client import not_primary_message
+from chainfs.common.rpc.mgmt_client import JOIN_NODE_ID, not_primary_message
 from chainfs.common.rpc.mgmt_wire import WIRE_BY_MSG_TYPE
 from chainfs.kv import KVStore, Transaction, prefix_end
 from chainfs.mgmt_service.cluster_state import ClusterState, Counters
@@ -38,6 +39,7 @@ from chainfs.mgmt_service.schema import (
     KEY_PRIMARY,
     wall_ms,
 )
+from chainfs.mgmt_service.users import UserStore
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import mgmt_pb2_grpc as mg
 
@@ -45,6 +47,22 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WATCH_RECHECK_S = 1.0  # a watch stream re-checks primacy at least this often
+
+# The policy key of each framed msg_type (mgmtd's framed calls are authorized
+# like their gRPC twins).
+POLICY_KEYS = {t: f"chainfs.mgmt.Mgmt/{w.name}" for t, w in WIRE_BY_MSG_TYPE.items()}
+
+
+def check_own_node(node_id: int, what: str, joining: bool = False) -> None:
+    """A node may report only for itself (``joining``: a new node without an
+    id may register); admins (and callers of a server without authentication)
+    may name any node."""
+    who = current_identity()
+    if not who.is_node:
+        return
+    if who.node_id == node_id or (joining and who.node_id == JOIN_NODE_ID):
+        return
+    raise ChainfsError(Code.EPERM, f"{who.describe()} may not {what} for node {node_id}")
 
 
 class Mgmtd(mg.MgmtServicer):
@@ -87,6 +105,7 @@ class Mgmtd(mg.MgmtServicer):
             cfg.rebalance_move_timeout_ms / 1000,
             cfg.rebalance_drop_timeout_ms / 1000,
         )
+        self.users = UserStore(store, cfg.max_users)
 
     # -- primary state -----------------------------------------------------
     def _not_primary(self) -> ChainfsError:
@@ -296,6 +315,9 @@ class Mgmtd(mg.MgmtServicer):
     async def RegisterNode(
         self, request: mp.RegisterNodeReq, context: grpc.aio.ServicerContext
     ) -> mp.RegisterNodeRsp:
+        new = request.node.node_id == 0 and not request.reregister
+        check_own_node(request.node.node_id, "register", joining=new)
+
         def op(s: ClusterState) -> tuple[int, list[int]]:
             return s.register(request.node, list(request.targets), request.reregister)
 
@@ -322,6 +344,7 @@ class Mgmtd(mg.MgmtServicer):
     async def Heartbeat(
         self, request: mp.HeartbeatReq, context: grpc.aio.ServicerContext
     ) -> mp.HeartbeatRsp:
+        check_own_node(request.node_id, "heartbeat")
         state = self._require_primary()
         if state.heartbeat_changes(request):  # also validates (UNKNOWN_NODE ...)
             _, state = await self._mutate(lambda s: s.apply_heartbeat(request))
@@ -418,6 +441,8 @@ class Mgmtd(mg.MgmtServicer):
         self, request: mp.UpdateTargetReq, context: grpc.aio.ServicerContext
     ) -> mp.UpdateTargetRsp:
         A = mp.UpdateTargetReq.Action
+        target = self._require_primary().target(request.target_id)
+        check_own_node(target.node_id if target is not None else 0, "update a target")
         if request.action == A.Value("OFFLINE"):
             _, state = await self._mutate(lambda s: s.offline_target(request.target_id))
         elif request.action == A.Value("REMOVE"):
@@ -446,6 +471,8 @@ class Mgmtd(mg.MgmtServicer):
     async def AddTargets(
         self, request: mp.AddTargetsReq, context: grpc.aio.ServicerContext
     ) -> mp.AddTargetsRsp:
+        check_own_node(request.node_id, "add targets")
+
         def op(s: ClusterState) -> list[int]:
             return s.add_targets(request.node_id, list(request.targets))
 
@@ -572,8 +599,41 @@ class Mgmtd(mg.MgmtServicer):
             )
         return rsp
 
+    # -- users (any mgmtd answers: the store is transactional) --------------
+    @rpc_handler
+    async def UserAdd(
+        self, request: mp.UserAddReq, context: grpc.aio.ServicerContext
+    ) -> mp.UserAddRsp:
+        user, token = await self.users.add(request.user)
+        return mp.UserAddRsp(user=user, token=token)
 
-def framed_handler(svc: Mgmtd) -> Handler:
+    @rpc_handler
+    async def UserList(
+        self, request: mp.UserListReq, context: grpc.aio.ServicerContext
+    ) -> mp.UserListRsp:
+        return mp.UserListRsp(users=await self.users.list())
+
+    @rpc_handler
+    async def UserRemove(
+        self, request: mp.UserRemoveReq, context: grpc.aio.ServicerContext
+    ) -> mp.UserRemoveRsp:
+        await self.users.remove(request.name)
+        return mp.UserRemoveRsp()
+
+    @rpc_handler
+    async def TokenRotate(
+        self, request: mp.TokenRotateReq, context: grpc.aio.ServicerContext
+    ) -> mp.TokenRotateRsp:
+        return mp.TokenRotateRsp(token=await self.users.rotate(request.name))
+
+    @rpc_handler
+    async def GetUserDirectory(
+        self, request: mp.GetUserDirectoryReq, context: grpc.aio.ServicerContext
+    ) -> mp.GetUserDirectoryRsp:
+        return await self.users.directory(request.known_version)
+
+
+def framed_handler(svc: Mgmtd, authenticated: bool = False) -> Handler:
     """The framed transport's handler (the client library's mgmtd calls): each
     request is answered like its gRPC method (NOT_PRIMARY names the primary)."""
 
@@ -585,4 +645,4 @@ def framed_handler(svc: Mgmtd) -> Handler:
         t: (w.request, call(getattr(Mgmtd, w.name).__wrapped__))
         for t, w in WIRE_BY_MSG_TYPE.items()
     }
-    return message_handler("mgmtd", calls)
+    return message_handler("mgmtd", calls, POLICY_KEYS if authenticated else None)

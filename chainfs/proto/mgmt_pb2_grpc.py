@@ -99,6 +99,31 @@ class MgmtStub:
                 request_serializer=mgmt__pb2.GetRebalanceStatusReq.SerializeToString,
                 response_deserializer=mgmt__pb2.GetRebalanceStatusRsp.FromString,
                 _registered_method=True)
+        self.UserAdd = channel.unary_unary(
+                '/chainfs.mgmt.Mgmt/UserAdd',
+                request_serializer=mgmt__pb2.UserAddReq.SerializeToString,
+                response_deserializer=mgmt__pb2.UserAddRsp.FromString,
+                _registered_method=True)
+        self.UserList = channel.unary_unary(
+                '/chainfs.mgmt.Mgmt/UserList',
+                request_serializer=mgmt__pb2.UserListReq.SerializeToString,
+                response_deserializer=mgmt__pb2.UserListRsp.FromString,
+                _registered_method=True)
+        self.UserRemove = channel.unary_unary(
+                '/chainfs.mgmt.Mgmt/UserRemove',
+                request_serializer=mgmt__pb2.UserRemoveReq.SerializeToString,
+                response_deserializer=mgmt__pb2.UserRemoveRsp.FromString,
+                _registered_method=True)
+        self.TokenRotate = channel.unary_unary(
+                '/chainfs.mgmt.Mgmt/TokenRotate',
+                request_serializer=mgmt__pb2.TokenRotateReq.SerializeToString,
+                response_deserializer=mgmt__pb2.TokenRotateRsp.FromString,
+                _registered_method=True)
+        self.GetUserDirectory = channel.unary_unary(
+                '/chainfs.mgmt.Mgmt/GetUserDirectory',
+                request_serializer=mgmt__pb2.GetUserDirectoryReq.SerializeToString,
+                response_deserializer=mgmt__pb2.GetUserDirectoryRsp.FromString,
+                _registered_method=True)
 
 
 class MgmtServicer:
@@ -183,6 +208,36 @@ class MgmtServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UserAdd(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UserList(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UserRemove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TokenRotate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUserDirectory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MgmtServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +305,31 @@ def add_MgmtServicer_to_server(servicer, server):
                     servicer.GetRebalanceStatus,
                     request_deserializer=mgmt__pb2.GetRebalanceStatusReq.FromString,
                     response_serializer=mgmt__pb2.GetRebalanceStatusRsp.SerializeToString,
+            ),
+            'UserAdd': grpc.unary_unary_rpc_method_handler(
+                    servicer.UserAdd,
+                    request_deserializer=mgmt__pb2.UserAddReq.FromString,
+                    response_serializer=mgmt__pb2.UserAddRsp.SerializeToString,
+            ),
+            'UserList': grpc.unary_unary_rpc_method_handler(
+                    servicer.UserList,
+                    request_deserializer=mgmt__pb2.UserListReq.FromString,
+                    response_serializer=mgmt__pb2.UserListRsp.SerializeToString,
+            ),
+            'UserRemove': grpc.unary_unary_rpc_method_handler(
+                    servicer.UserRemove,
+                    request_deserializer=mgmt__pb2.UserRemoveReq.FromString,
+                    response_serializer=mgmt__pb2.UserRemoveRsp.SerializeToString,
+            ),
+            'TokenRotate': grpc.unary_unary_rpc_method_handler(
+                    servicer.TokenRotate,
+                    request_deserializer=mgmt__pb2.TokenRotateReq.FromString,
+                    response_serializer=mgmt__pb2.TokenRotateRsp.SerializeToString,
+            ),
+            'GetUserDirectory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUserDirectory,
+                    request_deserializer=mgmt__pb2.GetUserDirectoryReq.FromString,
+                    response_serializer=mgmt__pb2.GetUserDirectoryRsp.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -603,6 +683,141 @@ class Mgmt:
             '/chainfs.mgmt.Mgmt/GetRebalanceStatus',
             mgmt__pb2.GetRebalanceStatusReq.SerializeToString,
             mgmt__pb2.GetRebalanceStatusRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UserAdd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.mgmt.Mgmt/UserAdd',
+            mgmt__pb2.UserAddReq.SerializeToString,
+            mgmt__pb2.UserAddRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UserList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.mgmt.Mgmt/UserList',
+            mgmt__pb2.UserListReq.SerializeToString,
+            mgmt__pb2.UserListRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UserRemove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.mgmt.Mgmt/UserRemove',
+            mgmt__pb2.UserRemoveReq.SerializeToString,
+            mgmt__pb2.UserRemoveRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TokenRotate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.mgmt.Mgmt/TokenRotate',
+            mgmt__pb2.TokenRotateReq.SerializeToString,
+            mgmt__pb2.TokenRotateRsp.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUserDirectory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainfs.mgmt.Mgmt/GetUserDirectory',
+            mgmt__pb2.GetUserDirectoryReq.SerializeToString,
+            mgmt__pb2.GetUserDirectoryRsp.FromString,
             options,
             channel_credentials,
             insecure,

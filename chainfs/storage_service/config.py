@@ -106,6 +106,9 @@ class StorageConfig:
     forward_retries: int = 3  # attempts to forward before answering UNAVAILABLE
     forward_retry_backoff_ms: int = 100  # doubled per attempt
     mgmtd_timeout_ms: int = 5_000
+    # The cluster secret (0600 file, the same on every server): this node
+    # presents its node key to mgmtd; "" = none (a cluster without authentication).
+    cluster_secret_file: str = ""
     log_level: str = "INFO"
     # TLS of this node's TCP connections, gRPC and data plane (chainfs.common.tls);
     # empty ca_file = plain TCP.

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc.aio
 
+from chainfs.common.auth.secret import load_secret
 from chainfs.common.dataplane.address import parse_address
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.dataplane.server import DataServer, Handler
@@ -27,8 +28,14 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.metrics import NodeMetrics
 from chainfs.common.routing import Routing
 from chainfs.common.rpc import grpc_util
-from chainfs.common.rpc.mgmt_client import HeartbeatLoop, MgmtClient, RoutingCache
+from chainfs.common.rpc.mgmt_client import (
+    HeartbeatLoop,
+    MgmtClient,
+    RoutingCache,
+    node_credential,
+)
 from chainfs.common.rpc.storage_client import data_address
+from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
@@ -101,7 +108,16 @@ class StorageNode:
         self.engines: list[ChunkEngine] = []
         self.targets: dict[int, LocalTarget] = {}
         self.node_id = config.node_id
-        self.mgmt = MgmtClient(config.mgmtd_addresses, timeout_s=config.mgmtd_timeout_ms / 1000)
+        self.secret = (
+            load_secret(config.cluster_secret_file) if config.cluster_secret_file else None
+        )
+        self.mgmt = MgmtClient(
+            config.mgmtd_addresses,
+            timeout_s=config.mgmtd_timeout_ms / 1000,
+            credential=node_credential(self.secret, config.node_id)
+            if self.secret is not None
+            else cpb.Credential(),
+        )
         self.routing = RoutingCache(self.mgmt)
         self.data_client = DataClient(config.dataplane)
         self.craq: Craq | None = None
@@ -337,6 +353,7 @@ class StorageNode:
             interval_s=cfg.heartbeat_interval_ms / 1000,
             targets=infos,
             on_response=self._on_heartbeat,
+            secret=self.secret,
         )
         await self.heartbeat.start()
         self.node_id = self.heartbeat.node_id

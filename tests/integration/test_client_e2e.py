@@ -494,8 +494,9 @@ def test_connect_without_address_uses_chainfs_address(
         chainfs.connect()
     with pytest.raises(ValueError, match="CHAINFS_ADDRESS"):
         asyncio.run(aio())
-    with pytest.raises(TypeError):  # no authentication yet: no token parameter
-        chainfs.connect(cluster.address, token="secret")  # type: ignore[call-arg]
+    # A token the cluster does not know is refused at connect, not at first use.
+    with pytest.raises(PermissionError, match="unknown or revoked token"):
+        chainfs.connect(cluster.address, token="cfs_" + "x" * 43)
 
 
 def test_unreachable_address_fails_fast_naming_it() -> None:

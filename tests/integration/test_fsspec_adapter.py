@@ -79,7 +79,7 @@ def test_entry_point_and_url_forms(cluster: LocalCluster) -> None:
     assert fs.unstrip_protocol("/x") == f"chainfs://{cluster.address}/x"
 
 
-def test_address_from_the_environment_and_no_token_option(
+def test_address_and_token_from_the_environment_or_options(
     cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CHAINFS_ADDRESS", cluster.address)
@@ -89,9 +89,19 @@ def test_address_from_the_environment_and_no_token_option(
     monkeypatch.delenv("CHAINFS_ADDRESS")
     with pytest.raises(ValueError, match="CHAINFS_ADDRESS"):
         ChainFileSystem(skip_instance_cache=True)
-    # chainfs has no authentication: a token must not be accepted and then ignored.
-    with pytest.raises(TypeError, match="token"):
-        ChainFileSystem(address=cluster.address, token="secret", skip_instance_cache=True)
+    # The token option is used (not kept and ignored): a wrong one is refused,
+    # the admin's works, and a pickled instance keeps it.
+    bad = ChainFileSystem(
+        address=cluster.address, token="cfs_" + "x" * 43, skip_instance_cache=True
+    )
+    with pytest.raises(PermissionError):
+        bad.isdir("/")
+    good = ChainFileSystem(
+        address=cluster.address, token=cluster.admin_token, skip_instance_cache=True
+    )
+    assert pickle.loads(pickle.dumps(good))._token == cluster.admin_token
+    assert good.isdir("/")
+    good.close()
 
 
 def test_info_ls_and_types(cfs: ChainFileSystem) -> None:

@@ -12,6 +12,7 @@ from chainfs.cli.admin import rebalance as _rebalance  # noqa: F401  (registers 
 from chainfs.cli.admin import targets_ops as _targets_ops  # noqa: F401  (registers commands)
 from chainfs.cli.admin import top as _top  # noqa: F401  (registers commands)
 from chainfs.cli.admin import trash as _trash  # noqa: F401  (registers commands)
+from chainfs.cli.admin import users as _users  # noqa: F401  (registers commands)
 from chainfs.cli.admin.common import admin
 
 __all__ = ["admin"]

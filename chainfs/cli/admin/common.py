@@ -14,7 +14,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from chainfs.common.errors import ChainfsError
+from chainfs.cli.options import token_options
+from chainfs.common.auth.tokens import TOKEN_FILE_ENV
+from chainfs.common.errors import ChainfsError, Code
 
 T = TypeVar("T")
 DEFAULT_ADDRESS_ENV = "CHAINFS_ADDRESS"
@@ -29,7 +31,8 @@ DEFAULT_TIMEOUT_S = 5.0  # admin calls give up (exit 1) after this
 
 
 def admin_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --address (default $CHAINFS_ADDRESS) and --json to a command."""
+    """Add --address (default $CHAINFS_ADDRESS), --token/--token-file and --json to a command."""
+    fn = token_options(fn)
     fn = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(fn)
     fn = click.option(
         "--address",
@@ -45,7 +48,13 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except ChainfsError as e:
-        raise click.ClickException(str(e)) from None
+        hint = ""
+        if e.code == Code.UNAUTHENTICATED:
+            hint = (
+                f"\n(give a token: --token-file F or ${TOKEN_FILE_ENV}; a new cluster's admin "
+                "token is in mgmtd's admin_token_file, <mgmtd data_dir>/admin.token by default)"
+            )
+        raise click.ClickException(str(e) + hint) from None
 
 
 def async_command(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:

@@ -13,7 +13,7 @@ from typing import Any
 from chainfs.cli.admin.common import admin, admin_options, async_command, emit_object
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc import grpc_util
-from chainfs.common.rpc.mgmt_client import MgmtClient
+from chainfs.common.rpc.mgmt_client import MgmtClient, env_credential
 from chainfs.proto import meta_pb2 as pb
 from chainfs.proto import meta_pb2_grpc as pbg
 from chainfs.proto import mgmt_pb2 as mp
@@ -43,7 +43,7 @@ async def call_meta_admin(address: str, method: str, request: Any) -> Any:
     if not metas:
         raise ChainfsError(Code.UNAVAILABLE, "no meta server online in the routing info")
     meta = min(metas, key=lambda n: n.node_id)
-    async with grpc_util.channel(meta.rpc_address) as channel:
+    async with grpc_util.channel(meta.rpc_address, env_credential()) as channel:
         stub = pbg.MetaAdminStub(channel)
         return await grpc_util.call(
             getattr(stub, method), request, CALL_TIMEOUT_S, meta.rpc_address

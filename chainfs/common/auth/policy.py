@@ -64,6 +64,13 @@ POLICY: dict[str, Need] = {
     "chainfs.mgmt.Mgmt/UpdateTarget": NA,
     "chainfs.mgmt.Mgmt/UpdateChain": ADMIN,
     "chainfs.mgmt.Mgmt/SetConfig": ADMIN,
+    # users and tokens: admins manage them; nodes fetch the token directory
+    # (hashes only) to authenticate users themselves.
+    "chainfs.mgmt.Mgmt/UserAdd": ADMIN,
+    "chainfs.mgmt.Mgmt/UserList": ADMIN,
+    "chainfs.mgmt.Mgmt/UserRemove": ADMIN,
+    "chainfs.mgmt.Mgmt/TokenRotate": ADMIN,
+    "chainfs.mgmt.Mgmt/GetUserDirectory": N,
     # storage control: operators and peers only (DumpChunkMeta lists every inode).
     **{
         f"chainfs.storage.StorageControl/{m}": NA

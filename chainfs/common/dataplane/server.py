@@ -593,8 +593,6 @@ class DataServer:
 
     async def _hello(self, conn: _ServerConn, req: Request) -> Response:
         """Authenticate the connection (once) from the credential in the header."""
-        if self.authenticator is None:
-            raise ChainfsError(Code.EOPNOTSUPP, "this data-plane server takes no credentials")
         if conn.said_hello:
             raise ChainfsError(Code.EINVAL, "a connection presents its credential once")
         conn.said_hello = True
@@ -602,6 +600,10 @@ class DataServer:
             cred = cpb.Credential.FromString(bytes(req.header))
         except Exception:  # DecodeError: a malformed credential is the caller's fault
             raise ChainfsError(Code.UNAUTHENTICATED, "malformed credential") from None
+        if self.authenticator is None:
+            # A server without authentication (no cluster secret) trusts every
+            # caller: a client holding a token still works with it.
+            return Response(MSG_HELLO, cpb.HelloReply().SerializeToString())
         who = await self.authenticator.authenticate(cred)
         conn.identity = who
         reply = cpb.HelloReply(

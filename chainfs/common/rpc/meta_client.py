@@ -47,7 +47,7 @@ from chainfs.common.rpc.meta_wire import (  # noqa: F401
     XATTR_CREATE,
     XATTR_REPLACE,
 )
-from chainfs.common.rpc.mgmt_client import RoutingCache
+from chainfs.common.rpc.mgmt_client import RoutingCache, env_credential
 from chainfs.common.rpc.retry import Backoff, RetryPolicy
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import meta_pb2 as pb
@@ -189,8 +189,12 @@ class MetaClient:
         dataplane: DataPlaneConfig | None = None,
         attempt_timeout_s: float = DEFAULT_ATTEMPT_TIMEOUT_S,
         retry: RetryPolicy = META_RETRY,
+        credential: cpb.Credential | None = None,
     ) -> None:
-        """``transport``: "auto" (framed where a server offers it), "grpc" or "frame"."""
+        """``transport``: "auto" (framed where a server offers it), "grpc" or "frame".
+        ``credential``: the user's token; a server with authentication takes the
+        caller's uid/gid from it (``user`` then matters only to an impersonating
+        token, a multi-user mount's). None = $CHAINFS_TOKEN[_FILE]; empty = none."""
         if transport not in ("auto", "grpc", "frame"):
             raise ChainfsError(Code.EINVAL, f"transport must be auto, grpc or frame: {transport!r}")
         if timeout_s <= 0 or attempt_timeout_s <= 0:
@@ -199,6 +203,7 @@ class MetaClient:
             )
         self.attempt_timeout_s = attempt_timeout_s
         self.retry = retry
+        self.credential = credential if credential is not None else env_credential()
         self.client_id = bytes(client_id) if client_id is not None else os.urandom(16)
         if len(self.client_id) != 16:
             raise ChainfsError(Code.EINVAL, "client_id must be 16 bytes")
@@ -257,7 +262,7 @@ class MetaClient:
         if self._closed:
             raise ChainfsError(Code.EBADF, "MetaClient is closed")
         if self._dp is None:
-            self._dp = DataClient(self._dp_config)
+            self._dp = DataClient(self._dp_config, self.credential)
         w = WIRE_METHODS[method]
         reply = await self._dp.request(
             addr[len(FRAME_PREFIX) :], w.msg_type, request.SerializeToString(), timeout_s=timeout_s
@@ -269,7 +274,7 @@ class MetaClient:
             from chainfs.common.rpc import grpc_util
             from chainfs.proto import meta_pb2_grpc
 
-            self._stubs = grpc_util.Stubs(meta_pb2_grpc.MetaStub, "MetaClient")
+            self._stubs = grpc_util.Stubs(meta_pb2_grpc.MetaStub, "MetaClient", self.credential)
             self._stubs.closed = self._closed
         return self._stubs.get(address)
 

@@ -27,6 +27,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
+from chainfs.common.auth.secret import node_key
+from chainfs.common.auth.tokens import resolve_token
 from chainfs.common.background import Periodic, cancel_and_wait
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.dataplane.config import DataPlaneConfig
@@ -34,6 +36,7 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
 from chainfs.common.rpc import mgmt_wire
 from chainfs.common.rpc.retry import Backoff, RetryPolicy
+from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp
 
 if TYPE_CHECKING:  # gRPC is imported only by MgmtClient, never on the framed client's path
@@ -51,6 +54,23 @@ _HINT_RE = re.compile(re.escape(NOT_PRIMARY_HINT) + r"(\S+)")
 REGISTER_RETRY = RetryPolicy(backoff_max_s=2.0)
 MIN_ATTEMPT_TIMEOUT_S = 0.5  # one address never gets less than this (unless time is up)
 MAX_KNOWN_ADDRESSES = 64  # bound on addresses learnt from NOT_PRIMARY hints
+
+# The node id a meta or storage node presents before mgmtd gave it one: its key
+# (derived from the cluster secret like any node's) lets it register as a new
+# node and nothing else (mgmtd checks).
+JOIN_NODE_ID = (1 << 32) - 1
+
+
+def env_credential() -> cpb.Credential:
+    """The token of $CHAINFS_TOKEN (or the file $CHAINFS_TOKEN_FILE names);
+    an empty credential (anonymous) if neither is set."""
+    return cpb.Credential(token=resolve_token() or "")
+
+
+def node_credential(secret: bytes, node_id: int) -> cpb.Credential:
+    """What node ``node_id`` (0: not yet registered) presents to other servers."""
+    nid = node_id or JOIN_NODE_ID
+    return cpb.Credential(node_id=nid, node_key=node_key(secret, nid))
 
 
 def not_primary_message(primary_address: str | None) -> str:
@@ -93,8 +113,11 @@ class BaseMgmtClient(abc.ABC):
         addresses: str | list[str],
         timeout_s: float = 5.0,
         retry: RetryPolicy | None = None,
+        credential: cpb.Credential | None = None,
     ) -> None:
-        """``retry``: the pauses after every address failed once (default RetryPolicy())."""
+        """``retry``: the pauses after every address failed once (default RetryPolicy()).
+        ``credential``: a user's token or a node's key, sent with every call;
+        None = :func:`env_credential` (admin tools), an empty one = none."""
         if timeout_s <= 0:
             raise ChainfsError(Code.EINVAL, f"timeout_s must be > 0, not {timeout_s}")
         self.addresses = parse_addresses(addresses)
@@ -102,6 +125,7 @@ class BaseMgmtClient(abc.ABC):
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self._primary: str | None = None  # last address that answered as primary
+        self.credential = credential if credential is not None else env_credential()
 
     @property
     def primary_address(self) -> str | None:
@@ -218,14 +242,26 @@ class MgmtClient(BaseMgmtClient):
     """Every mgmtd RPC over gRPC (services and admin tools)."""
 
     _stubs: Stubs[mg.MgmtStub] | None = None  # made on the first call (grpc imported then)
+    _stubs_credential: cpb.Credential | None = None  # what the current stubs send
+    _retired: list[Stubs[mg.MgmtStub]] | None = None  # stubs of an earlier credential
     _closed = False
 
+    def use_credential(self, credential: cpb.Credential) -> None:
+        """Send ``credential`` from the next call on (a node once it has its id)."""
+        self.credential = credential
+
     def _stub(self, address: str) -> mg.MgmtStub:
+        if self._stubs is not None and self._stubs_credential != self.credential:
+            # Calls in flight finish on their channels; close() closes them. A
+            # node changes its credential once (join key -> its own), so few pile up.
+            self._retired = [*(self._retired or []), self._stubs]
+            self._stubs = None
         if self._stubs is None:
             from chainfs.common.rpc import grpc_util
             from chainfs.proto import mgmt_pb2_grpc
 
-            self._stubs = grpc_util.Stubs(mgmt_pb2_grpc.MgmtStub, "MgmtClient")
+            self._stubs = grpc_util.Stubs(mgmt_pb2_grpc.MgmtStub, "MgmtClient", self.credential)
+            self._stubs_credential = self.credential
             self._stubs.closed = self._closed
         return self._stubs.get(address)
 
@@ -365,10 +401,34 @@ class MgmtClient(BaseMgmtClient):
         rsp: mp.SetConfigRsp = await self._call("SetConfig", mp.SetConfigReq(key=key, value=value))
         return rsp.version
 
+    async def user_add(self, user: mp.User) -> mp.UserAddRsp:
+        """A new user (admin only); the reply carries its token, shown this once."""
+        rsp: mp.UserAddRsp = await self._call("UserAdd", mp.UserAddReq(user=user))
+        return rsp
+
+    async def user_list(self) -> list[mp.User]:
+        rsp: mp.UserListRsp = await self._call("UserList", mp.UserListReq())
+        return list(rsp.users)
+
+    async def user_remove(self, name: str) -> None:
+        await self._call("UserRemove", mp.UserRemoveReq(name=name))
+
+    async def token_rotate(self, name: str) -> str:
+        """A new token for ``name``; its older tokens stop working."""
+        rsp: mp.TokenRotateRsp = await self._call("TokenRotate", mp.TokenRotateReq(name=name))
+        return rsp.token
+
+    async def user_directory(self, known_version: int = 0) -> mp.GetUserDirectoryRsp:
+        """Token hashes -> users (nodes only), unless ``known_version`` is current."""
+        req = mp.GetUserDirectoryReq(known_version=known_version)
+        rsp: mp.GetUserDirectoryRsp = await self._call("GetUserDirectory", req)
+        return rsp
+
     async def close(self) -> None:
         self._closed = True
-        if self._stubs is not None:
-            await self._stubs.close()
+        for stubs in [*(self._retired or []), self._stubs]:
+            if stubs is not None:
+                await stubs.close()
 
 
 class FramedMgmtClient(BaseMgmtClient):
@@ -386,15 +446,16 @@ class FramedMgmtClient(BaseMgmtClient):
         retry: RetryPolicy | None = None,
         dataplane: DataPlaneConfig | None = None,
         watch_wait_s: float = 10.0,
+        credential: cpb.Credential | None = None,
     ) -> None:
         """``watch_wait_s``: how long one long poll of the routing watch waits for a change."""
-        super().__init__(addresses, timeout_s, retry)
+        super().__init__(addresses, timeout_s, retry, credential)
         for a in self.addresses:
             mgmt_wire.frame_address_of(a)  # EINVAL now for an address that is not host:port
         if watch_wait_s <= 0:
             raise ChainfsError(Code.EINVAL, f"watch_wait_s must be > 0, not {watch_wait_s}")
         self.watch_wait_s = watch_wait_s
-        self._dp = DataClient(dataplane)
+        self._dp = DataClient(dataplane, credential)
 
     async def _attempt(self, addr: str, method: str, request: Any, timeout_s: float) -> Any:
         w = mgmt_wire.WIRE_METHODS[method]
@@ -573,6 +634,8 @@ class HeartbeatLoop:
     ``targets`` are registered with the node (storage); their ids are in
     ``target_ids`` after :meth:`start`. A node with a non-zero ``node_id``
     re-registers (keeps its id and targets) unless ``reregister=False``.
+    With the cluster ``secret``, ``mgmt`` presents this node's credential
+    (the join credential until mgmtd assigned an id).
     """
 
     def __init__(
@@ -587,9 +650,11 @@ class HeartbeatLoop:
         reregister: bool | None = None,
         register_timeout_s: float = 60.0,
         on_response: Callable[[mp.HeartbeatRsp], None] | None = None,
+        secret: bytes | None = None,
     ) -> None:
         self.mgmt = mgmt
         self.on_response = on_response
+        self.secret = secret
         self.node = mp.NodeInfo()
         self.node.CopyFrom(node)
         self.targets_fn = targets_fn
@@ -630,6 +695,7 @@ class HeartbeatLoop:
 
     async def _register(self, reregister: bool | None) -> None:
         rereg = reregister if reregister is not None else self.node.node_id != 0
+        self._present_credential()
         backoff = Backoff(REGISTER_RETRY, self.register_timeout_s)
         maybe_applied = False  # a failed attempt may have registered us before failing
         while True:
@@ -653,6 +719,7 @@ class HeartbeatLoop:
                     ) from None
         self.register_rsp = rsp
         self.node.node_id = rsp.node_id
+        self._present_credential()
         self.target_ids = list(rsp.target_ids)
         for t, tid in zip(self._targets, rsp.target_ids, strict=False):
             t.target_id = tid
@@ -660,6 +727,10 @@ class HeartbeatLoop:
         self.heartbeat_timeout_s = rsp.heartbeat_timeout_ms / 1000.0
         self.last_ack_monotonic = sent
         self._deliver(rsp.routing)
+
+    def _present_credential(self) -> None:
+        if self.secret is not None:
+            self.mgmt.use_credential(node_credential(self.secret, self.node.node_id))
 
     def _deliver(self, info: mp.RoutingInfo) -> None:
         if info.version <= self.routing_version:
