@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from chainfs.common import config as cfg
+from chainfs.common.auth.secret import SECRET_FILE_NAME, create_secret_file
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.local.process import MountProcess, ServiceProcess, StopOnExit, check_port_free
 
@@ -180,6 +181,9 @@ class LocalCluster(StopOnExit):
         self._finalizer = weakref.finalize(self, _stop_all, self._procs, self._etcd)
 
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        # The cluster secret every server reads (node keys, capabilities).
+        self.secret_file = self.base_dir / SECRET_FILE_NAME
+        create_secret_file(self.secret_file)
         try:
             self._start()
         except BaseException:
@@ -293,6 +297,7 @@ class LocalCluster(StopOnExit):
         c.mgmtd_addresses = self.mgmtd_addresses
         node_dir = self.base_dir / f"storage{i}"
         c.targets = [str(node_dir / f"target{j}") for j in range(self.targets_per_node)]
+        c.cluster_secret_file = str(self.secret_file)
         if self.heartbeat_interval_ms is not None:
             c.heartbeat_interval_ms = self.heartbeat_interval_ms
         if self.configure_storage is not None:
@@ -305,6 +310,7 @@ class LocalCluster(StopOnExit):
         c = MetaConfig()
         c.kv_url = self._kv_url("meta")
         c.mgmtd_addresses = self.mgmtd_addresses
+        c.cluster_secret_file = str(self.secret_file)
         if self.configure_meta is not None:
             self.configure_meta(i, c)
         return c

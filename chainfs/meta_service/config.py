@@ -17,6 +17,11 @@ PATH_MAX = 4096  # bytes in a path or symlink target, NUL included (POSIX PATH_M
 # this total so `df -i` shows the inodes in use against a large, constant size.
 INODES_TOTAL = 1 << 32
 
+# A capability lives at least a minute (clients renew a little before the end)
+# and at most a day (a leaked one stops working by then).
+MIN_CAPABILITY_TTL_MS = 60_000
+MAX_CAPABILITY_TTL_MS = 24 * 3600_000
+
 
 @dataclass
 class MetaConfig:
@@ -43,6 +48,11 @@ class MetaConfig:
     mgmtd_retry: RetryPolicy = field(default_factory=RetryPolicy)
     heartbeat_interval_ms: int = 0  # 0 = the interval mgmtd answers at registration
     storage_timeout_ms: int = 10_000  # one storage call made by meta (length query, removal)
+    # The cluster secret (chainfs.common.auth.secret; 0600): meta signs data-plane
+    # capabilities with a key derived from it. "" = no authentication.
+    cluster_secret_file: str = ""
+    # Lifetime of a capability meta signs (clients renew before it ends).
+    capability_ttl_ms: int = 10 * 60_000
 
     # Formatting a new store (later starts read these from the store).
     root_mode: int = 0o755  # permission bits of the root directory
@@ -110,6 +120,10 @@ class MetaConfig:
 
     def validate(self) -> None:
         check_port("metrics_port", self.metrics_port)
+        if not MIN_CAPABILITY_TTL_MS <= self.capability_ttl_ms <= MAX_CAPABILITY_TTL_MS:
+            raise ValueError(
+                f"capability_ttl_ms must be in {MIN_CAPABILITY_TTL_MS}..{MAX_CAPABILITY_TTL_MS}"
+            )
         if self.session_count_interval_ms <= 0 or self.session_count_limit <= 0:
             raise ValueError("session_count_interval_ms and session_count_limit must be > 0")
         if not 0 <= self.port <= 65535 or not 0 <= self.frame_port <= 65535:

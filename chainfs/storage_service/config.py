@@ -40,6 +40,9 @@ class StorageConfig:
     # two nodes collide); "" = TCP only.
     unix_socket: str = "data.sock"
     mgmtd_addresses: list[str] = field(default_factory=list)  # host:port of every mgmtd
+    # The cluster secret (chainfs.common.auth.secret; 0600): node keys and the
+    # capability key come from it. "" = no authentication (every request served).
+    cluster_secret_file: str = ""
     node_id: int = 0  # 0 = assigned by mgmtd at first registration, then persisted per target
     targets: list[str] = field(default_factory=list)  # one directory per storage target
     # fdatasync chunk data and sync the metadata WAL before acknowledging an update.

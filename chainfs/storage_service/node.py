@@ -20,6 +20,8 @@ from pathlib import Path
 
 import grpc.aio
 
+from chainfs.common.auth.authenticator import Authenticator
+from chainfs.common.auth.secret import load_secret, node_credential
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.dataplane.server import DataServer, Handler
 from chainfs.common.errors import ChainfsError, Code
@@ -28,10 +30,12 @@ from chainfs.common.routing import Routing
 from chainfs.common.rpc import grpc_util
 from chainfs.common.rpc.mgmt_client import HeartbeatLoop, MgmtClient, RoutingCache
 from chainfs.common.rpc.storage_client import data_address
+from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
 from chainfs.storage_service import extra_targets
+from chainfs.storage_service.access import Access
 from chainfs.storage_service.chunk_copy import ChunkCopier
 from chainfs.storage_service.chunk_engine import ChunkEngine
 from chainfs.storage_service.config import StorageConfig
@@ -85,7 +89,17 @@ class StorageNode:
         self.node_id = config.node_id
         self.mgmt = MgmtClient(config.mgmtd_addresses, timeout_s=config.mgmtd_timeout_ms / 1000)
         self.routing = RoutingCache(self.mgmt)
-        self.data_client = DataClient(config.dataplane)
+        self.secret = (
+            load_secret(config.cluster_secret_file) if config.cluster_secret_file else None
+        )
+        if self.secret is None:
+            log.warning("no cluster_secret_file: the data plane serves every caller unchecked")
+        # MERGE: pass the users' UserLookup (mgmtd's user cache) as Authenticator's
+        # second argument so admin tokens work on StorageControl; nodes only until then.
+        self.authenticator = Authenticator(self.secret) if self.secret is not None else None
+        self.access = Access(self.secret, config.max_batch_read_ios)
+        # Made once mgmtd gave this node its id (it presents its node key to peers).
+        self.data_client: DataClient | None = None
         self.craq: Craq | None = None
         self.heartbeat: HeartbeatLoop | None = None
         self.data_server: DataServer | None = None
@@ -264,7 +278,7 @@ class StorageNode:
         # Both servers listen (from bind on) before mgmtd or the ready file name
         # this node, so whoever learns an address can connect to it at once.
         # Control plane.
-        self.grpc_server = grpc_util.server()
+        self.grpc_server = grpc_util.server(self.authenticator)
         sg.add_StorageControlServicer_to_server(control, self.grpc_server)
         port = grpc_util.bind(self.grpc_server, cfg.listen_host, cfg.port)
         await self.grpc_server.start()
@@ -287,6 +301,7 @@ class StorageNode:
             cfg.data_port,
             unix_path=self.unix_path or None,
             config=cfg.dataplane,
+            authenticator=self.authenticator,
         )
         await self.data_server.start()
         self.data_address = self.data_server.address
@@ -319,6 +334,8 @@ class StorageNode:
             if eng.load_ids() != {"target_id": tid, "node_id": self.node_id}:
                 eng.save_ids({"target_id": tid, "node_id": self.node_id})
             self.targets[tid] = LocalTarget(tid, eng)
+        credential = self.credential()
+        self.data_client = DataClient(cfg.dataplane, credential)
         self.craq = Craq(
             cfg,
             self.targets,
@@ -336,6 +353,7 @@ class StorageNode:
             self.data_client,
             self.executor,
             self.fence.fenced,
+            credential,
         )
         self.copier = ChunkCopier(
             self.targets,
@@ -343,6 +361,7 @@ class StorageNode:
             self.data_client,
             self.executor,
             fcfg.repair_timeout_ms / 1000,
+            credential,
         )
         self.repairer = Repairer(fcfg, self.targets, self.copier)
         self.scrubber = Scrubber(
@@ -351,6 +370,12 @@ class StorageNode:
         self.resyncer.start()
         self.repairer.start()
         self.scrubber.start()
+
+    def credential(self) -> cpb.Credential | None:
+        """What this node presents to its peers (None without a cluster secret)."""
+        if self.secret is None:
+            return None
+        return node_credential(self.secret, self.node_id)
 
     def _on_routing(self, routing: Routing) -> None:
         self.routing.install(routing)
@@ -386,7 +411,8 @@ class StorageNode:
             await self.data_server.stop()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=1.0)
-        await self.data_client.close()
+        if self.data_client is not None:
+            await self.data_client.close()
         await self.mgmt.close()
         self.executor.shutdown(wait=True)
         for eng in self.engines:

@@ -20,6 +20,7 @@ import secrets
 from pathlib import Path
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.proto import common_pb2 as cpb
 
 SECRET_BYTES = 32
 SECRET_FILE_NAME = "cluster.secret"
@@ -71,3 +72,10 @@ def check_node_key(secret: bytes, node_id: int, key: bytes) -> bool:
 
 def capability_key(secret: bytes, key_id: int = 1) -> bytes:
     return hmac.digest(secret, b"capability|%d" % key_id, hashlib.sha256)
+
+
+def node_credential(secret: bytes, node_id: int) -> cpb.Credential:
+    """What node ``node_id`` presents to its peers (HELLO, gRPC metadata)."""
+    if node_id <= 0:
+        raise ChainfsError(Code.EINVAL, "a node credential needs the node's id (> 0)")
+    return cpb.Credential(node_id=node_id, node_key=node_key(secret, node_id))

@@ -27,7 +27,10 @@ from typing import Any
 
 import grpc.aio
 
+from chainfs.common.auth.grpc_auth import client_interceptors
+from chainfs.common.auth.tokens import resolve_token
 from chainfs.common.rpc import grpc_util
+from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
 
@@ -41,12 +44,22 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 class StorageControl:
     """The StorageControl RPCs of the storage node at ``address`` (host:port)."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(
+        self, address: str, timeout_s: float, credential: cpb.Credential | None = None
+    ) -> None:
+        """``credential``: a node's (resync, repair) or an admin's; None = the user
+        token of the environment (CHAINFS_TOKEN / CHAINFS_TOKEN_FILE), if any.
+        StorageControl serves nodes and admins only."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, not {timeout_s}")
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if credential is None:
+            token = resolve_token()
+            credential = cpb.Credential(token=token) if token else None
+        self._channel = grpc.aio.insecure_channel(
+            address, options=CHANNEL_OPTIONS, interceptors=client_interceptors(credential)
+        )
         self._stub = sg.StorageControlStub(self._channel)
 
     async def close(self) -> None:
