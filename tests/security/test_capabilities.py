@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import chainfs.aio
+from chainfs.client.caps import CapabilityCache
 from chainfs.client.layout import layout_of
 from chainfs.common.auth import capability
 from chainfs.common.auth.capability import CLOCK_SKEW_MS, READ, WRITE
@@ -227,14 +228,15 @@ async def _replicas(cluster: LocalCluster, f: File) -> dict[int, tuple[int, int,
     return out
 
 
-def assert_unchanged(cluster: LocalCluster, f: File) -> None:
-    """The bytes read back are the real ones, and every replica holds them committed."""
+def assert_unchanged(cluster: LocalCluster, f: File, version: int = 1) -> None:
+    """The bytes read back are the real ones, and every replica holds them
+    committed at ``version``."""
     fs = cluster.client()
     with fs.open(f.path, "rb") as r:
         assert r.read() == DATA
     reps = asyncio.run(_replicas(cluster, f))
     assert set(reps) == set(f.targets), reps
-    assert {v for v in reps.values()} == {(1, 0, len(DATA), crc32c(DATA))}, reps
+    assert set(reps.values()) == {(version, 0, len(DATA), crc32c(DATA))}, reps
 
 
 # -- the policy table ------------------------------------------------------------------
@@ -428,3 +430,38 @@ def test_storage_control_needs_a_node_key(cluster: LocalCluster, file: File) -> 
     # Served (create_targets(0) is the caller's EINVAL, past the access check).
     assert asyncio.run(calls(good)) == [0, 0, 0, 0, 0, Code.EINVAL]
     assert_unchanged(cluster, f)
+
+
+# -- the client renews -------------------------------------------------------------------
+
+
+def test_client_renews_refused_and_expiring_capabilities(cluster: LocalCluster, file: File) -> None:
+    """A capability storage refuses (here: forged) is fetched again from meta once;
+    one about to expire is renewed before it is used."""
+    f = file
+
+    async def go() -> None:
+        fs = await chainfs.aio.connect(cluster.address)
+        try:
+            caps = fs.io.storage.caps
+            assert isinstance(caps, CapabilityCache)
+            forged = _sign(cluster, f.inode, READ | WRITE, fs.io.storage.client_id)
+            forged.mac = bytes(32)
+            caps.put(forged)
+            got_bytes = await fs.io.storage.read(f.chain_id, f.inode, 0, 0, len(DATA))
+            assert bytes(got_bytes) == DATA
+            renewed = await caps.get([f.inode], READ)
+            assert renewed[f.inode].mac != forged.mac
+            # About to expire: replaced before use (storage would accept it still).
+            soon = _sign(cluster, f.inode, READ, fs.io.storage.client_id, ttl_ms=1_000)
+            caps.put(soon)
+            got = await caps.get([f.inode], READ)
+            assert got[f.inode].expires_ms > soon.expires_ms
+            # Writes through an open file carry the WRITE capability of the open.
+            async with await fs.open(f.path, "r+b") as w:
+                await w.write(DATA)
+        finally:
+            await fs.close()
+
+    asyncio.run(go())
+    assert_unchanged(cluster, f, version=2)
