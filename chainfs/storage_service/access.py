@@ -18,10 +18,11 @@ Without a cluster secret (``cluster_secret_file = ""``) nothing is checked.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from chainfs.common.auth import capability
-from chainfs.common.auth.identity import Identity
+from chainfs.common.auth.identity import Identity, Kind
 from chainfs.common.auth.policy import authorize
 from chainfs.common.auth.secret import capability_key
 from chainfs.common.errors import ChainfsError, Code
@@ -41,7 +42,9 @@ POLICY_KEYS: dict[int, str] = {
 class Access:
     """The checks above for one node; ``secret`` None = authentication off."""
 
-    def __init__(self, secret: bytes | None, max_caps_per_batch: int) -> None:
+    def __init__(
+        self, secret: bytes | None, max_caps_per_batch: int, passed_cache_entries: int
+    ) -> None:
         self.enabled = secret is not None
         self._keys = (
             {CAPABILITY_KEY_ID: capability_key(secret, CAPABILITY_KEY_ID)}
@@ -49,6 +52,11 @@ class Access:
             else {}
         )
         self._max_caps = max_caps_per_batch
+        # Checks passed, with when they stop passing (expiry + skew): a client sends
+        # the same capability with every request, and its HMAC is the check's cost.
+        # Keyed by every signed field and the MAC, so only that very capability hits.
+        self._passed: dict[tuple[Any, ...], int] = {}
+        self._passed_bound = passed_cache_entries
 
     def sender(self, who: Identity) -> Identity | None:
         """Who CRAQ checks forwards against (None: authentication off, unchecked)."""
@@ -60,40 +68,48 @@ class Access:
             return
         key = POLICY_KEYS.get(msg_type)
         authorize(key if key is not None else f"storage.MsgType/{msg_type}", who)
-        if who.is_node:
+        if who.kind is Kind.NODE:
             return
-        if msg_type == sp.REMOVE_CHUNKS and who.is_user and who.admin and not req.from_target:
-            return  # fsck --repair drops orphan chunks: no file, so no capability names them
-        if msg_type == sp.UPDATE:
+        if msg_type == sp.BATCH_READ:  # the common case first
+            self._check_reads(req)
+        elif msg_type == sp.UPDATE:
             if req.from_target or req.update_version or req.full_chunk:
                 raise ChainfsError(Code.EPERM, "only chain peers forward updates")
             self._check(req.capability, req.chunk.inode, capability.WRITE, req.req.client_id)
         elif msg_type == sp.REMOVE_CHUNKS:
             if req.from_target or req.indexes:
                 raise ChainfsError(Code.EPERM, "only chain peers forward removes")
+            if who.is_user and who.admin:
+                return  # fsck --repair drops orphan chunks: no file, so no capability names them
             self._check(req.capability, req.inode, capability.WRITE, req.req.client_id)
         elif msg_type == sp.QUERY_LAST_CHUNK:
             self._check(req.capability, req.inode, 0)
             if not req.capability.rights & (capability.READ | capability.WRITE):
                 raise ChainfsError(Code.BAD_CAPABILITY, "capability grants nothing")
-        elif msg_type == sp.BATCH_READ:
-            self._check_reads(req)
         else:  # the policy lets clients send nothing else
             raise ChainfsError(Code.EPERM, f"{key} is for nodes only")
 
     def _check(
         self, cap: cpb.Capability, inode: int, rights: int, client_id: bytes | None = None
     ) -> None:
+        signed = (cap.mac, cap.inode, cap.rights, cap.client_id, cap.expires_ms, cap.key_id)
+        key = (*signed, inode, rights, client_id)
+        until_ms = self._passed.get(key)
+        if until_ms is not None and time.time() * 1000 <= until_ms:
+            return
         capability.check(self._keys, cap, inode, rights, client_id)
+        if len(self._passed) >= self._passed_bound:
+            del self._passed[next(iter(self._passed))]  # the oldest
+        self._passed[key] = cap.expires_ms + capability.CLOCK_SKEW_MS
 
     def _check_reads(self, req: sp.BatchReadReq) -> None:
         """One READ capability per distinct inode of the batch, each checked once."""
-        if len(req.capabilities) > self._max_caps:
+        caps = req.capabilities
+        if len(caps) > self._max_caps:
             raise ChainfsError(
-                Code.E2BIG,
-                f"{len(req.capabilities)} capabilities in one batch (bound {self._max_caps})",
+                Code.E2BIG, f"{len(caps)} capabilities in one batch (bound {self._max_caps})"
             )
-        by_inode = {cap.inode: cap for cap in req.capabilities}
+        by_inode = {cap.inode: cap for cap in caps}
         for inode in {io.chunk.inode for io in req.ios}:
             cap = by_inode.get(inode)
             if cap is None:

@@ -99,6 +99,9 @@ class StorageConfig:
     read_buffer_cache_bytes: int = 32 * 1024 * 1024  # of those, kept mapped for reuse
     max_remove_chunks: int = 4096  # chunks one remove request drops; the client loops on `more`
     max_list_chunks: int = 65536  # chunk metas one list/dump reply carries
+    # Capability checks remembered (a client's next request with the same one
+    # skips the HMAC); ~0.3 KiB each.
+    capability_cache_entries: int = 4096
     forward_timeout_ms: int = 10_000  # one forward to the successor
     forward_retries: int = 3  # attempts to forward before answering UNAVAILABLE
     forward_retry_backoff_ms: int = 100  # doubled per attempt
@@ -128,6 +131,7 @@ class StorageConfig:
             "max_read_bytes_in_flight",
             "max_remove_chunks",
             "max_list_chunks",
+            "capability_cache_entries",
             "forward_timeout_ms",
             "forward_retries",
             "heartbeat_interval_ms",

@@ -68,6 +68,8 @@ SERVES: dict[int, tuple[bool, bool]] = {
     mp.OFFLINE: (False, False),
 }
 WRITE_STATES = tuple(s for s, (_, w) in SERVES.items() if w)
+# Requests a chain peer forwards (their sender is checked: access.check_predecessor).
+Forwarded = sp.UpdateReq | sp.RemoveChunksReq
 
 # Errors after which the successor applied nothing: abort our pending version.
 _DEFINITE = frozenset(
@@ -314,18 +316,14 @@ class Craq:
         return None
 
     async def _check_sender(
-        self,
-        routing: Routing,
-        chain: mp.ChainInfo,
-        target_id: int,
-        from_target: int,
-        sender: Identity | None,
-        what: str,
+        self, hop: tuple[Routing, mp.ChainInfo], req: Forwarded, sender: Identity | None
     ) -> tuple[Routing, mp.ChainInfo]:
         """A forward must come from the predecessor's node (access.check_predecessor);
         on a mismatch, fetch routing once in case ours is the old one."""
+        routing, chain = hop
+        what = f"forwarded {type(req).__name__}"
         try:
-            check_predecessor(routing, chain, target_id, from_target, sender, what)
+            check_predecessor(routing, chain, req.target_id, req.from_target, sender, what)
             return routing, chain
         except ChainfsError as e:
             if e.code != Code.STALE_CHAIN_VERSION:
@@ -333,8 +331,8 @@ class Craq:
         fresh = await self._refresh(0)
         if fresh is None:
             raise ChainfsError(Code.STALE_CHAIN_VERSION, f"{what}: no routing to check the sender")
-        chain = self._chain(fresh, chain.chain_id, target_id)
-        check_predecessor(fresh, chain, target_id, from_target, sender, what)
+        chain = self._chain(fresh, chain.chain_id, req.target_id)
+        check_predecessor(fresh, chain, req.target_id, req.from_target, sender, what)
         return fresh, chain
 
     # ---- updates (write, truncate) -----------------------------------------
@@ -348,9 +346,7 @@ class Craq:
         self._validate_update(req, payload)
         routing, chain = await self._check_version(req.chain_id, req.chain_version, req.target_id)
         if req.from_target:
-            routing, chain = await self._check_sender(
-                routing, chain, req.target_id, req.from_target, sender, "forwarded update"
-            )
+            routing, chain = await self._check_sender((routing, chain), req, sender)
         state = self._state(routing, req.target_id)
         if not SERVES.get(state, (False, False))[1]:
             raise ChainfsError(
@@ -615,9 +611,7 @@ class Craq:
         target = self._local(req.target_id)
         routing, chain = await self._check_version(req.chain_id, req.chain_version, req.target_id)
         if req.from_target:
-            routing, chain = await self._check_sender(
-                routing, chain, req.target_id, req.from_target, sender, "forwarded remove"
-            )
+            routing, chain = await self._check_sender((routing, chain), req, sender)
         if not SERVES.get(self._state(routing, req.target_id), (False, False))[1]:
             raise ChainfsError(Code.TARGET_NOT_SERVING, f"target {req.target_id} takes no writes")
         if req.end_index > (1 << 32) or req.begin_index > req.end_index:

@@ -97,7 +97,9 @@ class StorageNode:
         # MERGE: pass the users' UserLookup (mgmtd's user cache) as Authenticator's
         # second argument so admin tokens work on StorageControl; nodes only until then.
         self.authenticator = Authenticator(self.secret) if self.secret is not None else None
-        self.access = Access(self.secret, config.max_batch_read_ios)
+        self.access = Access(
+            self.secret, config.max_batch_read_ios, config.capability_cache_entries
+        )
         # Made once mgmtd gave this node its id (it presents its node key to peers).
         self.data_client: DataClient | None = None
         self.craq: Craq | None = None
