@@ -13,7 +13,6 @@ import asyncio
 import errno
 import hashlib
 import multiprocessing
-import os
 import random
 import struct
 import time
@@ -26,9 +25,8 @@ import pytest
 import chainfs
 from chainfs.client.kvcache import KVCache
 from chainfs.client.kvcache.format import FIXED_HEADER_BYTES, Key
-from chainfs.common.auth.secret import load_secret, node_credential
-from chainfs.common.rpc.storage_client import StorageClient
 from chainfs.local import LocalCluster
+from tests.integration.client_fixtures import stored_chunks
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -291,22 +289,15 @@ def test_removal_during_reads_is_whole_or_miss(
     assert wrote > 0 and results["hit"] > 0, results
 
 
-async def _until_chunks_gone(
-    afs: Any, secret_file: Path, infos: list[Any], timeout_s: float = 30.0
-) -> None:
-    """Wait until storage holds no chunk of these files (meta's GC removed them).
-    Chunk listings are for nodes: ask as one, with the cluster's secret."""
-    routing = afs.io.routing
-    node_id = min((await routing.get()).nodes)
-    cred = node_credential(load_secret(secret_file), node_id)
+async def _until_chunks_gone(afs: Any, infos: list[Any], timeout_s: float = 30.0) -> None:
+    """Wait until storage holds no chunk of these files (meta's GC removed them)."""
     deadline = time.monotonic() + timeout_s
-    async with StorageClient(routing, os.urandom(16), credential=cred) as storage:
-        for info in infos:
-            for chain in set(info.layout.chains):
-                while await storage.list_chunks(chain, info.ino):
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"chunks of inode {info.ino} still there")
-                    await asyncio.sleep(0.05)
+    for info in infos:
+        for chain in set(info.layout.chains):
+            while await stored_chunks(afs, chain, info.ino):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"chunks of inode {info.ino} still there")
+                await asyncio.sleep(0.05)
 
 
 def test_removed_or_replaced_while_a_read_is_in_flight(
@@ -325,8 +316,7 @@ def test_removed_or_replaced_while_a_read_is_in_flight(
     async def held_read(reads: Any) -> list[int]:
         if meddle and any(len(view) > 4096 for _, _, view in reads):
             await asyncio.to_thread(meddle.pop())
-            # "k" is always the first key
-            await _until_chunks_gone(fs.aio, cluster.secret_file, [reads[0][0]])
+            await _until_chunks_gone(fs.aio, [reads[0][0]])  # "k" is always the first key
         return await real_read(reads)
 
     store.kv_read_many = held_read
