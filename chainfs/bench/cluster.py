@@ -10,16 +10,21 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from chainfs.common.auth import capability
+from chainfs.common.auth.capability import READ, WRITE
+from chainfs.common.auth.secret import capability_key, load_secret
 from chainfs.common.errors import ChainfsError
 from chainfs.common.rpc.mgmt_client import MgmtClient, RoutingCache
 from chainfs.common.rpc.storage_client import StorageClient, StorageClientConfig
 from chainfs.local import LocalCluster, MountProcess
 from chainfs.local.etcd import EtcdCluster
 from chainfs.local.postgres import PostgresServer
+from chainfs.proto import common_pb2 as cpb
 
 __all__ = [
     "EtcdCluster",
@@ -77,12 +82,49 @@ def suite_cluster(
         cluster.stop()
 
 
-async def storage_client(address: str, **config: Any) -> tuple[StorageClient, MgmtClient]:
-    """A data-plane client of the cluster at ``address`` (close both when done)."""
+class SignedCapabilities:
+    """Capabilities the bench signs itself with the cluster's key (it started the
+    cluster and holds its secret): the storage studies name chunks of inodes no
+    file owns, and storage still checks each of their requests as a client's."""
+
+    TTL_MS = 10 * 60_000
+
+    def __init__(self, secret_file: Path, client_id: bytes) -> None:
+        self._key = capability_key(load_secret(secret_file), 1)
+        self._client_id = client_id
+        self._caps: dict[int, cpb.Capability] = {}
+
+    def _cap(self, inode: int) -> cpb.Capability:
+        cap = self._caps.get(inode)
+        if cap is None or cap.expires_ms - time.time() * 1000 < self.TTL_MS / 2:
+            cap = capability.sign(self._key, 1, inode, READ | WRITE, self._client_id, self.TTL_MS)
+            self._caps[inode] = cap
+        return cap
+
+    async def get(
+        self, inodes: Collection[int], right: int, fetch: bool = False
+    ) -> dict[int, cpb.Capability]:
+        return {ino: self._cap(ino) for ino in inodes}
+
+    async def any_of(self, inode: int, fetch: bool = False) -> cpb.Capability | None:
+        return self._cap(inode)
+
+    def forget(self, inodes: Iterable[int]) -> None:
+        for ino in inodes:
+            self._caps.pop(ino, None)
+
+
+async def storage_client(
+    address: str, secret_file: Path | None = None, **config: Any
+) -> tuple[StorageClient, MgmtClient]:
+    """A data-plane client of the cluster at ``address`` (close both when done);
+    with the cluster's ``secret_file``, its requests carry capabilities."""
     mgmt = MgmtClient(address)
     routing = RoutingCache(mgmt)
     await routing.refresh()
-    return StorageClient(routing, os.urandom(16), StorageClientConfig(**config)), mgmt
+    client_id = os.urandom(16)
+    caps = SignedCapabilities(secret_file, client_id) if secret_file is not None else None
+    return StorageClient(routing, client_id, StorageClientConfig(**config), caps=caps), mgmt
 
 
 async def chain_ids(mgmt: MgmtClient) -> list[int]:

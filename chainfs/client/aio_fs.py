@@ -22,6 +22,7 @@ from chainfs.client.chunk_io import ChunkIO, OpenHandle, ReadWork
 from chainfs.client.config import ClientConfig, resolve_address
 from chainfs.client.file import AsyncFile, Mode
 from chainfs.client.layout import layout_of, normpath, split
+from chainfs.common.auth.capability import READ
 from chainfs.common.errors import ChainfsError, Code, to_user_error
 from chainfs.common.rpc.meta_client import to_stat_result
 from chainfs.proto import meta_pb2 as mt
@@ -434,7 +435,11 @@ class AsyncFileSystem:
         inodes = [
             inode
             for batch in await asyncio.gather(
-                *(self.io.meta.batch_stat(paths[i : i + step]) for i in range(0, len(paths), step))
+                *(
+                    # READ capabilities come with the stats (storage wants them; no open here).
+                    self.io.meta.batch_stat(paths[i : i + step], want_capability=READ)
+                    for i in range(0, len(paths), step)
+                )
             )
             for inode in batch
         ]

@@ -26,6 +26,7 @@ from typing import Any
 
 from chainfs.client import metrics as client_metrics
 from chainfs.client.budget import ByteBudget
+from chainfs.client.caps import CapabilityCache
 from chainfs.client.config import ClientConfig
 from chainfs.client.layout import Layout, Piece, split
 from chainfs.common.dataplane import DataPlaneConfig
@@ -85,6 +86,12 @@ class ChunkIO:
         # Bytes the files' read-ahead holds (fetched or in flight), bounded by config.
         self.read_ahead_held_bytes = 0
         self._address: str | None = None  # set by connect(): a forked child reconnects to it
+
+    @property
+    def caps_signed(self) -> bool:
+        """Whether meta signs capabilities for this cluster (it sent one)."""
+        caps = self.storage.caps
+        return isinstance(caps, CapabilityCache) and caps.signed
 
     @classmethod
     async def connect(cls, address: str, config: ClientConfig) -> ChunkIO:
@@ -331,7 +338,6 @@ def _clients(
     if config.tls is not None:
         dp = replace(storage_config.dataplane, tls=config.tls)
         storage_config = replace(storage_config, dataplane=dp)
-    storage = StorageClient(routing, client_id, storage_config)
     meta = MetaClient(
         routing,
         client_id,
@@ -341,6 +347,18 @@ def _clients(
         dataplane=control_plane,
         credential=config.credential(),
     )
+
+    async def fetch_caps(inodes: list[int], right: int) -> None:
+        await meta.batch_stat(inodes, want_capability=right)  # replies reach caps.put
+
+    caps = CapabilityCache(
+        fetch_caps,
+        config.capability_renew_before_ms,
+        config.capability_cache_entries,
+        config.batch_stat_paths,
+    )
+    meta.on_capability = caps.put
+    storage = StorageClient(routing, client_id, storage_config, caps=caps)
     return mgmt, routing, meta, storage
 
 

@@ -84,6 +84,11 @@ class ClientConfig:
     # after this, doubling up to lock_poll_max_ms while the lock stays taken.
     lock_poll_initial_ms: int = 10
     lock_poll_max_ms: int = 500
+    # Capabilities (meta's grants that storage checks): at most this many kept,
+    # and one is fetched again this long before it expires (meta's lifetime is
+    # capability_ttl_ms, 10 minutes by default).
+    capability_cache_entries: int = 65_536
+    capability_renew_before_ms: int = 30_000
     # Storage data-plane client: retries across replicas, timeouts, connections.
     storage: StorageClientConfig = field(default_factory=StorageClientConfig)
     # TLS to the cluster: None = this process's settings (the CHAINFS_TLS_CA,
@@ -110,11 +115,12 @@ class ClientConfig:
             "lock_poll_initial_ms",
             "lock_poll_max_ms",
             "max_background_session_ends",
+            "capability_cache_entries",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
-        if self.session_end_delay_ms < 0:
-            raise ValueError("session_end_delay_ms must be >= 0")
+        if self.session_end_delay_ms < 0 or self.capability_renew_before_ms < 0:
+            raise ValueError("session_end_delay_ms and capability_renew_before_ms must be >= 0")
         self.storage.validate()
         if self.tls is not None:
             self.tls.validate()

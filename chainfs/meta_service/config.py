@@ -19,6 +19,11 @@ PATH_MAX = 4096  # bytes in a path or symlink target, NUL included (POSIX PATH_M
 # this total so `df -i` shows the inodes in use against a large, constant size.
 INODES_TOTAL = 1 << 32
 
+# A capability lives at least a minute (clients renew a little before the end)
+# and at most a day (a leaked one stops working by then).
+MIN_CAPABILITY_TTL_MS = 60_000
+MAX_CAPABILITY_TTL_MS = 24 * 3600_000
+
 
 @dataclass
 class MetaConfig:
@@ -45,6 +50,8 @@ class MetaConfig:
     mgmtd_retry: RetryPolicy = field(default_factory=RetryPolicy)
     heartbeat_interval_ms: int = 0  # 0 = the interval mgmtd answers at registration
     storage_timeout_ms: int = 10_000  # one storage call made by meta (length query, removal)
+    # Lifetime of a capability meta signs (clients renew before it ends).
+    capability_ttl_ms: int = 10 * 60_000
 
     # Formatting a new store (later starts read these from the store).
     root_mode: int = 0o755  # permission bits of the root directory
@@ -110,6 +117,7 @@ class MetaConfig:
     # call needs a user's token (uid/gid come from the token, never from the
     # request) and meta presents its node key to mgmtd; "" = NO authentication
     # (callers' uid/gid claims are believed: tests and throw-away clusters).
+    # Meta also signs data-plane capabilities with a key derived from it.
     cluster_secret_file: str = ""
     # The token directory (from mgmtd) is fetched this often, so a removed
     # user or rotated token stops working within it; an unknown token fetches
@@ -126,6 +134,10 @@ class MetaConfig:
 
     def validate(self) -> None:
         check_port("metrics_port", self.metrics_port)
+        if not MIN_CAPABILITY_TTL_MS <= self.capability_ttl_ms <= MAX_CAPABILITY_TTL_MS:
+            raise ValueError(
+                f"capability_ttl_ms must be in {MIN_CAPABILITY_TTL_MS}..{MAX_CAPABILITY_TTL_MS}"
+            )
         if self.session_count_interval_ms <= 0 or self.session_count_limit <= 0:
             raise ValueError("session_count_interval_ms and session_count_limit must be > 0")
         if not 0 <= self.port <= 65535 or not 0 <= self.frame_port <= 65535:

@@ -22,13 +22,14 @@ from chainfs.common import config as config_mod
 from chainfs.common import logging as chainfs_logging
 from chainfs.common import tls
 from chainfs.common.auth.authenticator import Authenticator
-from chainfs.common.auth.secret import load_secret
+from chainfs.common.auth.secret import load_secret, node_credential
 from chainfs.common.background import Periodic, start_all
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.metrics import NodeMetrics
 from chainfs.common.process import run_service, write_ready_file
 from chainfs.common.routing import Routing, distinct_capacity
 from chainfs.common.rpc import grpc_util
+from chainfs.common.rpc.storage_client import StorageClient, StorageClientConfig
 from chainfs.common.rpc.user_cache import UserCache
 from chainfs.kv import KVStore
 from chainfs.kv import open as kv_open
@@ -142,7 +143,6 @@ class MetaServer:
                 HeartbeatLoop,
                 MgmtClient,
                 RoutingCache,
-                node_credential,
             )
 
             mgmt = MgmtClient(
@@ -161,8 +161,6 @@ class MetaServer:
             if self.cluster is None:
                 self.cluster = RoutingCluster(lambda: routing.current)
             if self.storage is None:
-                from chainfs.common.rpc.storage_client import StorageClient, StorageClientConfig
-
                 scfg = StorageClientConfig(timeout_ms=cfg.storage_timeout_ms)
                 client = StorageClient(routing, self.client_id, scfg)
                 self._closers.insert(0, client.close)
@@ -221,6 +219,10 @@ class MetaServer:
             await heartbeat.start()
             self._closers.insert(0, heartbeat.stop)
             self.node_id = heartbeat.node_id
+            if cfg.cluster_secret_file and isinstance(self.storage, StorageClient):
+                # GC and truncates reach storage as this node: no capability needed.
+                secret = load_secret(cfg.cluster_secret_file)
+                await self.storage.set_credential(node_credential(secret, self.node_id))
 
         self.tasks = [IdempotencyCleaner(self.kv, cfg), SessionPruner(self.kv, cfg, self.ns)]
         self.tasks.append(meta_metrics.SessionCounter(self.kv, cfg))

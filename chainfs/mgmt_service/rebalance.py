@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.storage_control import StorageControl
 from chainfs.mgmt_service.cluster_state import ClusterState
+from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,9 @@ class Rebalancer:
         poll_ms: int,
         move_timeout_s: float,
         drop_timeout_s: float,
+        credential: cpb.Credential | None = None,
     ) -> None:
+        """``credential``: what mgmtd presents to storage nodes (None: no auth)."""
         self._mutate = mutate
         self._current = current
         self._wait_change = wait_change  # (known routing version, wait ms) -> state
@@ -217,6 +220,7 @@ class Rebalancer:
         self._poll_ms = poll_ms
         self._move_timeout_s = move_timeout_s
         self._drop_timeout_s = drop_timeout_s
+        self._credential = credential
         self._task: asyncio.Task[None] | None = None
         self._status = mp.RebalanceStatus()
         self._started = 0.0
@@ -324,7 +328,9 @@ class Rebalancer:
         try:
             if node is None or node.status != mp.NODE_ONLINE:
                 raise ChainfsError(Code.EHOSTUNREACH, f"node {m.from_node} is offline")
-            async with StorageControl(node.rpc_address, self._drop_timeout_s) as control:
+            async with StorageControl(
+                node.rpc_address, self._drop_timeout_s, self._credential
+            ) as control:
                 await control.drop_chunks(m.from_target, state.info.version)
         except ChainfsError as e:
             m.error = f"chunks of target {m.from_target} kept: {e}"

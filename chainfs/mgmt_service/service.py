@@ -19,12 +19,18 @@ from typing import Any, TypeVar
 import grpc.aio
 
 from chainfs.common.auth.identity import current_identity
+from chainfs.common.auth.secret import (
+    JOIN_NODE_ID,
+    MGMTD_NODE_ID,
+    load_secret,
+    node_credential,
+)
 from chainfs.common.cluster_config import parse_setting
 from chainfs.common.dataplane.server import Handler, message_handler
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import distinct_capacity
 from chainfs.common.rpc.grpc_util import rpc_handler
-from chainfs.common.rpc.mgmt_client import JOIN_NODE_ID, not_primary_message
+from chainfs.common.rpc.mgmt_client import not_primary_message
 from chainfs.common.rpc.mgmt_wire import WIRE_BY_MSG_TYPE
 from chainfs.kv import KVStore, Transaction, prefix_end
 from chainfs.mgmt_service.cluster_state import ClusterState, Counters
@@ -104,6 +110,9 @@ class Mgmtd(mg.MgmtServicer):
             cfg.check_interval_ms,
             cfg.rebalance_move_timeout_ms / 1000,
             cfg.rebalance_drop_timeout_ms / 1000,
+            node_credential(load_secret(cfg.cluster_secret_file), MGMTD_NODE_ID)
+            if cfg.cluster_secret_file
+            else None,
         )
         self.users = UserStore(store, cfg.max_users)
 

@@ -240,8 +240,13 @@ class StatReq(_message.Message):
     REQ_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    WANT_CAPABILITY_FIELD_NUMBER: _builtins.int
     follow: _builtins.bool
     """follow a symlink in the last component (stat vs lstat)"""
+    want_capability: _builtins.int
+    """CapRight bits: also sign a capability for a regular file the caller may
+    access so (checked as open checks), for reading without an open.
+    """
     @_builtins.property
     def req(self) -> _common_pb2.RequestInfo: ...
     @_builtins.property
@@ -252,10 +257,11 @@ class StatReq(_message.Message):
         req: _common_pb2.RequestInfo | None = ...,
         at: Global___PathAt | None = ...,
         follow: _builtins.bool = ...,
+        want_capability: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "req", b"req"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "follow", b"follow", "req", b"req"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "follow", b"follow", "req", b"req", "want_capability", b"want_capability"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -266,16 +272,22 @@ class StatRsp(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INODE_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def inode(self) -> Global___Inode: ...
+    @_builtins.property
+    def capability(self) -> _common_pb2.Capability:
+        """with want_capability, when granted"""
+
     def __init__(
         self,
         *,
         inode: Global___Inode | None = ...,
+        capability: _common_pb2.Capability | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "inode", b"inode"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "inode", b"inode"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -288,21 +300,27 @@ class StatResult(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     INODE_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """0 or a chainfs error code"""
     message: _builtins.str
     @_builtins.property
     def inode(self) -> Global___Inode: ...
+    @_builtins.property
+    def capability(self) -> _common_pb2.Capability:
+        """with want_capability, when granted"""
+
     def __init__(
         self,
         *,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
         inode: Global___Inode | None = ...,
+        capability: _common_pb2.Capability | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "inode", b"inode"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "inode", b"inode", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "code", b"code", "inode", b"inode", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -315,7 +333,10 @@ class BatchStatReq(_message.Message):
     REQ_FIELD_NUMBER: _builtins.int
     ATS_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    WANT_CAPABILITY_FIELD_NUMBER: _builtins.int
     follow: _builtins.bool
+    want_capability: _builtins.int
+    """as StatReq.want_capability, for every result"""
     @_builtins.property
     def req(self) -> _common_pb2.RequestInfo: ...
     @_builtins.property
@@ -326,10 +347,11 @@ class BatchStatReq(_message.Message):
         req: _common_pb2.RequestInfo | None = ...,
         ats: _abc.Iterable[Global___PathAt] | None = ...,
         follow: _builtins.bool = ...,
+        want_capability: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["req", b"req"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ats", b"ats", "follow", b"follow", "req", b"req"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ats", b"ats", "follow", b"follow", "req", b"req", "want_capability", b"want_capability"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -424,6 +446,7 @@ class OpenRsp(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     SESSION_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.bytes
     """set for a write open (or a read open with `session`); pass to Sync/Close"""
     created: _builtins.bool
@@ -431,6 +454,12 @@ class OpenRsp(_message.Message):
     """keep-alive before this, or sessions are pruned"""
     @_builtins.property
     def inode(self) -> Global___Inode: ...
+    @_builtins.property
+    def capability(self) -> _common_pb2.Capability:
+        """For a regular file: READ and/or WRITE as opened, issued to req.client_id;
+        storage wants it with every request about this inode's chunks.
+        """
+
     def __init__(
         self,
         *,
@@ -438,10 +467,11 @@ class OpenRsp(_message.Message):
         session_id: _builtins.bytes = ...,
         created: _builtins.bool = ...,
         session_timeout_ms: _builtins.int = ...,
+        capability: _common_pb2.Capability | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "inode", b"inode"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "inode", b"inode", "session_id", b"session_id", "session_timeout_ms", b"session_timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "created", b"created", "inode", b"inode", "session_id", b"session_id", "session_timeout_ms", b"session_timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -154,6 +154,7 @@ class UpdateReq(_message.Message):
     UPDATE_VERSION_FIELD_NUMBER: _builtins.int
     FROM_TARGET_FIELD_NUMBER: _builtins.int
     FULL_CHUNK_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
     chain_id: _builtins.int
     chain_version: _builtins.int
     target_id: _builtins.int
@@ -178,6 +179,12 @@ class UpdateReq(_message.Message):
 
     @_builtins.property
     def chunk(self) -> Global___ChunkId: ...
+    @_builtins.property
+    def capability(self) -> _common_pb2.Capability:
+        """From a client: meta's grant of WRITE on chunk.inode, issued to req.client_id.
+        Chain peers and meta present node credentials instead and send none.
+        """
+
     def __init__(
         self,
         *,
@@ -194,10 +201,11 @@ class UpdateReq(_message.Message):
         update_version: _builtins.int = ...,
         from_target: _builtins.int = ...,
         full_chunk: _builtins.bool = ...,
+        capability: _common_pb2.Capability | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "req", b"req"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "chunk", b"chunk", "req", b"req"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "chain_version", b"chain_version", "chunk", b"chunk", "chunk_size", b"chunk_size", "crc32c", b"crc32c", "from_target", b"from_target", "full_chunk", b"full_chunk", "length", b"length", "offset", b"offset", "req", b"req", "target_id", b"target_id", "type", b"type", "update_version", b"update_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "chain_id", b"chain_id", "chain_version", b"chain_version", "chunk", b"chunk", "chunk_size", b"chunk_size", "crc32c", b"crc32c", "from_target", b"from_target", "full_chunk", b"full_chunk", "length", b"length", "offset", b"offset", "req", b"req", "target_id", b"target_id", "type", b"type", "update_version", b"update_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -273,16 +281,22 @@ class BatchReadReq(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     IOS_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ios(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReadIO]: ...
+    @_builtins.property
+    def capabilities(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Capability]:
+        """From a client: one grant of READ per distinct inode the ios name (nodes send none)."""
+
     def __init__(
         self,
         *,
         ios: _abc.Iterable[Global___ReadIO] | None = ...,
+        capabilities: _abc.Iterable[_common_pb2.Capability] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ios", b"ios"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "ios", b"ios"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -367,6 +381,7 @@ class RemoveChunksReq(_message.Message):
     MAX_CHUNKS_FIELD_NUMBER: _builtins.int
     FROM_TARGET_FIELD_NUMBER: _builtins.int
     INDEXES_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
     chain_id: _builtins.int
     chain_version: _builtins.int
     target_id: _builtins.int
@@ -383,6 +398,10 @@ class RemoveChunksReq(_message.Message):
     def indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """forwarded: exactly the chunks the head removes"""
 
+    @_builtins.property
+    def capability(self) -> _common_pb2.Capability:
+        """from a client: WRITE on inode, issued to req.client_id"""
+
     def __init__(
         self,
         *,
@@ -396,10 +415,11 @@ class RemoveChunksReq(_message.Message):
         max_chunks: _builtins.int = ...,
         from_target: _builtins.int = ...,
         indexes: _abc.Iterable[_builtins.int] | None = ...,
+        capability: _common_pb2.Capability | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["req", b"req"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "req", b"req"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["begin_index", b"begin_index", "chain_id", b"chain_id", "chain_version", b"chain_version", "end_index", b"end_index", "from_target", b"from_target", "indexes", b"indexes", "inode", b"inode", "max_chunks", b"max_chunks", "req", b"req", "target_id", b"target_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["begin_index", b"begin_index", "capability", b"capability", "chain_id", b"chain_id", "chain_version", b"chain_version", "end_index", b"end_index", "from_target", b"from_target", "indexes", b"indexes", "inode", b"inode", "max_chunks", b"max_chunks", "req", b"req", "target_id", b"target_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -438,19 +458,25 @@ class QueryLastChunkReq(_message.Message):
     CHAIN_ID_FIELD_NUMBER: _builtins.int
     TARGET_ID_FIELD_NUMBER: _builtins.int
     INODE_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
     chain_id: _builtins.int
     target_id: _builtins.int
     inode: _builtins.int
+    @_builtins.property
+    def capability(self) -> _common_pb2.Capability:
+        """from a client: READ or WRITE on inode"""
+
     def __init__(
         self,
         *,
         chain_id: _builtins.int = ...,
         target_id: _builtins.int = ...,
         inode: _builtins.int = ...,
+        capability: _common_pb2.Capability | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "inode", b"inode", "target_id", b"target_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "chain_id", b"chain_id", "inode", b"inode", "target_id", b"target_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

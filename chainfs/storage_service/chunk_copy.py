@@ -35,6 +35,7 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
 from chainfs.common.rpc.storage_client import data_address
 from chainfs.common.rpc.storage_control import StorageControl
+from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.storage_service import crc
@@ -198,7 +199,10 @@ class ChunkCopier:
         client: DataClient,
         executor: Executor,
         timeout_s: float,
+        credential: cpb.Credential | None = None,
     ) -> None:
+        """``credential``: this node's, for peers' StorageControl."""
+        self.credential = credential
         self.targets = targets
         self._routing = routing
         self.client = client
@@ -242,7 +246,7 @@ class ChunkCopier:
         for peer in self.serving_peers(routing, chain, target_id):
             address = routing.node_of_target(peer).rpc_address
             try:
-                async with StorageControl(address, 2 * self.timeout_s) as control:
+                async with StorageControl(address, 2 * self.timeout_s, self.credential) as control:
                     rsp = await control.repair_chunk(peer, key[0], key[1], prefer_target=target_id)
                 log.info(
                     "target %d: chunk %s on replica %d: copied=%s", target_id, key, peer, rsp.copied

@@ -46,6 +46,9 @@ class StorageConfig:
     # two nodes collide); "" = TCP only.
     unix_socket: str = "data.sock"
     mgmtd_addresses: list[str] = field(default_factory=list)  # host:port of every mgmtd
+    # The cluster secret (chainfs.common.auth.secret; 0600): node keys and the
+    # capability key come from it. "" = no authentication (every request served).
+    cluster_secret_file: str = ""
     node_id: int = 0  # 0 = assigned by mgmtd at first registration, then persisted per target
     targets: list[str] = field(default_factory=list)  # one directory per storage target
     # fdatasync chunk data and sync the metadata WAL before acknowledging an update.
@@ -102,13 +105,17 @@ class StorageConfig:
     read_buffer_cache_bytes: int = 32 * 1024 * 1024  # of those, kept mapped for reuse
     max_remove_chunks: int = 4096  # chunks one remove request drops; the client loops on `more`
     max_list_chunks: int = 65536  # chunk metas one list/dump reply carries
+    # Capability checks remembered (a client's next request with the same one
+    # skips the HMAC); ~0.3 KiB each.
+    capability_cache_entries: int = 4096
     forward_timeout_ms: int = 10_000  # one forward to the successor
     forward_retries: int = 3  # attempts to forward before answering UNAVAILABLE
     forward_retry_backoff_ms: int = 100  # doubled per attempt
     mgmtd_timeout_ms: int = 5_000
-    # The cluster secret (0600 file, the same on every server): this node
-    # presents its node key to mgmtd; "" = none (a cluster without authentication).
-    cluster_secret_file: str = ""
+    # mgmtd's user directory (admin tokens on StorageControl) is fetched this
+    # often; an unknown token fetches at once, at most once per the second bound.
+    user_refresh_interval_ms: int = 5_000
+    user_miss_refresh_min_ms: int = 200
     log_level: str = "INFO"
     # TLS of this node's TCP connections, gRPC and data plane (chainfs.common.tls);
     # empty ca_file = plain TCP.
@@ -143,6 +150,7 @@ class StorageConfig:
             "max_read_bytes_in_flight",
             "max_remove_chunks",
             "max_list_chunks",
+            "capability_cache_entries",
             "forward_timeout_ms",
             "forward_retries",
             "heartbeat_interval_ms",

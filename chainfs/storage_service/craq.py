@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
+from chainfs.common.auth.identity import Identity
 from chainfs.common.dataplane.buffers import BufferPool, PooledBuffer, size_class
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
@@ -45,6 +46,7 @@ from chainfs.proto import common_pb2 as cp
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.storage_service import crc
+from chainfs.storage_service.access import check_predecessor
 from chainfs.storage_service.chunk_engine import ChunkEngine
 from chainfs.storage_service.chunk_record import (
     ChunkRecord,
@@ -68,6 +70,8 @@ SERVES: dict[int, tuple[bool, bool]] = {
 # Scratch of an io sized as empty: a read that finds data after all is NOT_COMMITTED.
 _NO_BUFFER = memoryview(b"")
 WRITE_STATES = tuple(s for s, (_, w) in SERVES.items() if w)
+# Requests a chain peer forwards (their sender is checked: access.check_predecessor).
+Forwarded = sp.UpdateReq | sp.RemoveChunksReq
 
 # Errors after which the successor applied nothing: abort our pending version.
 _DEFINITE = frozenset(
@@ -313,12 +317,38 @@ class Craq:
                 return int(tid)
         return None
 
+    async def _check_sender(
+        self, hop: tuple[Routing, mp.ChainInfo], req: Forwarded, sender: Identity | None
+    ) -> tuple[Routing, mp.ChainInfo]:
+        """A forward must come from the predecessor's node (access.check_predecessor);
+        on a mismatch, fetch routing once in case ours is the old one."""
+        routing, chain = hop
+        what = f"forwarded {type(req).__name__}"
+        try:
+            check_predecessor(routing, chain, req.target_id, req.from_target, sender, what)
+            return routing, chain
+        except ChainfsError as e:
+            if e.code != Code.STALE_CHAIN_VERSION:
+                raise
+        fresh = await self._refresh(0)
+        if fresh is None:
+            raise ChainfsError(Code.STALE_CHAIN_VERSION, f"{what}: no routing to check the sender")
+        chain = self._chain(fresh, chain.chain_id, req.target_id)
+        check_predecessor(fresh, chain, req.target_id, req.from_target, sender, what)
+        return fresh, chain
+
     # ---- updates (write, truncate) -----------------------------------------
 
-    async def update(self, req: sp.UpdateReq, payload: memoryview) -> sp.UpdateRsp:
+    async def update(
+        self, req: sp.UpdateReq, payload: memoryview, sender: Identity | None = None
+    ) -> sp.UpdateRsp:
+        """Apply an update at the head (``from_target`` 0) or along the chain.
+        ``sender``: who sent it, checked for forwards (None: not checked)."""
         target = self._local(req.target_id)
         self._validate_update(req, payload)
         routing, chain = await self._check_version(req.chain_id, req.chain_version, req.target_id)
+        if req.from_target:
+            routing, chain = await self._check_sender((routing, chain), req, sender)
         state = self._state(routing, req.target_id)
         if not SERVES.get(state, (False, False))[1]:
             raise ChainfsError(
@@ -577,9 +607,13 @@ class Craq:
 
     # ---- remove ------------------------------------------------------------
 
-    async def remove(self, req: sp.RemoveChunksReq) -> sp.RemoveChunksRsp:
+    async def remove(
+        self, req: sp.RemoveChunksReq, sender: Identity | None = None
+    ) -> sp.RemoveChunksRsp:
         target = self._local(req.target_id)
         routing, chain = await self._check_version(req.chain_id, req.chain_version, req.target_id)
+        if req.from_target:
+            routing, chain = await self._check_sender((routing, chain), req, sender)
         if not SERVES.get(self._state(routing, req.target_id), (False, False))[1]:
             raise ChainfsError(Code.TARGET_NOT_SERVING, f"target {req.target_id} takes no writes")
         if req.end_index > (1 << 32) or req.begin_index > req.end_index:

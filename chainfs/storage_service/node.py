@@ -20,7 +20,9 @@ from pathlib import Path
 
 import grpc.aio
 
-from chainfs.common.auth.secret import load_secret
+from chainfs.common.auth.authenticator import Authenticator
+from chainfs.common.auth.secret import load_secret, node_credential
+from chainfs.common.background import Periodic
 from chainfs.common.dataplane.address import parse_address
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.dataplane.server import DataServer, Handler
@@ -32,14 +34,15 @@ from chainfs.common.rpc.mgmt_client import (
     HeartbeatLoop,
     MgmtClient,
     RoutingCache,
-    node_credential,
 )
 from chainfs.common.rpc.storage_client import data_address
+from chainfs.common.rpc.user_cache import UserCache
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
 from chainfs.storage_service import drop_chunks, extra_targets
+from chainfs.storage_service.access import Access
 from chainfs.storage_service.chunk_copy import ChunkCopier
 from chainfs.storage_service.chunk_engine import ChunkEngine
 from chainfs.storage_service.config import StorageConfig
@@ -119,11 +122,27 @@ class StorageNode:
             else cpb.Credential(),
         )
         self.routing = RoutingCache(self.mgmt)
-        self.data_client = DataClient(config.dataplane)
+        if self.secret is None:
+            log.warning("no cluster_secret_file: the data plane serves every caller unchecked")
+        # Admin tokens (StorageControl) are checked against mgmtd's user directory.
+        self.users = UserCache(
+            self.mgmt,
+            config.user_refresh_interval_ms / 1000,
+            config.user_miss_refresh_min_ms / 1000,
+        )
+        self.authenticator = (
+            Authenticator(self.secret, self.users) if self.secret is not None else None
+        )
+        self.access = Access(
+            self.secret, config.max_batch_read_ios, config.capability_cache_entries
+        )
+        # Made once mgmtd gave this node its id (it presents its node key to peers).
+        self.data_client: DataClient | None = None
         self.craq: Craq | None = None
         self.heartbeat: HeartbeatLoop | None = None
         self.data_server: DataServer | None = None
         self.grpc_server: grpc.aio.Server | None = None
+        self.user_refresher: Periodic | None = None
         self.rpc_address = ""
         self.data_address = ""
         self.unix_path = ""
@@ -304,7 +323,7 @@ class StorageNode:
         # Both servers listen (from bind on) before mgmtd or the ready file name
         # this node, so whoever learns an address can connect to it at once.
         # Control plane.
-        self.grpc_server = grpc_util.server(cfg.grpc)
+        self.grpc_server = grpc_util.server(cfg.grpc, self.authenticator)
         sg.add_StorageControlServicer_to_server(control, self.grpc_server)
         port = grpc_util.bind(self.grpc_server, cfg.listen_host, cfg.port)
         await self.grpc_server.start()
@@ -328,6 +347,7 @@ class StorageNode:
             unix_path=self.unix_path or None,
             config=cfg.dataplane,
             is_cluster_peer=lambda host: is_storage_host(self.routing.current, host),
+            authenticator=self.authenticator,
         )
         await self.data_server.start()
         self.data_address = self.data_server.address
@@ -362,6 +382,8 @@ class StorageNode:
             if eng.load_ids() != {"target_id": tid, "node_id": self.node_id}:
                 eng.save_ids({"target_id": tid, "node_id": self.node_id})
             self.targets[tid] = LocalTarget(tid, eng)
+        credential = self.credential()
+        self.data_client = DataClient(cfg.dataplane, credential)
         self.craq = Craq(
             cfg,
             self.targets,
@@ -382,6 +404,7 @@ class StorageNode:
             self.data_client,
             self.executor,
             self.fence.fenced,
+            credential,
         )
         self.copier = ChunkCopier(
             self.targets,
@@ -389,6 +412,7 @@ class StorageNode:
             self.data_client,
             self.executor,
             fcfg.repair_timeout_ms / 1000,
+            credential,
         )
         self.repairer = Repairer(fcfg, self.targets, self.copier)
         self.scrubber = Scrubber(
@@ -397,6 +421,15 @@ class StorageNode:
         self.resyncer.start()
         self.repairer.start()
         self.scrubber.start()
+        if self.secret is not None:
+            self.user_refresher = self.users.refresher()
+            self.user_refresher.start()
+
+    def credential(self) -> cpb.Credential | None:
+        """What this node presents to its peers (None without a cluster secret)."""
+        if self.secret is None:
+            return None
+        return node_credential(self.secret, self.node_id)
 
     def _on_routing(self, routing: Routing) -> None:
         self.routing.install(routing)
@@ -426,7 +459,7 @@ class StorageNode:
         }
 
     async def stop(self) -> None:
-        for svc in (self.scrubber, self.repairer, self.resyncer):
+        for svc in (self.user_refresher, self.scrubber, self.repairer, self.resyncer):
             if svc is not None:
                 await svc.stop()
         if self.heartbeat is not None:
@@ -438,7 +471,8 @@ class StorageNode:
             await self.data_server.stop()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=1.0)
-        await self.data_client.close()
+        if self.data_client is not None:
+            await self.data_client.close()
         await self.mgmt.close()
         self.executor.shutdown(wait=True)
         for eng in self.engines:

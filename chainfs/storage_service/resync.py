@@ -51,8 +51,10 @@ from chainfs.common.routing import Routing
 from chainfs.common.rpc.mgmt_client import local_state_for
 from chainfs.common.rpc.storage_client import data_address
 from chainfs.common.rpc.storage_control import StorageControl
+from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
+from chainfs.storage_service.access import sync_source
 from chainfs.storage_service.chunk_copy import Key, push_chunk, remove_remote, run_io
 from chainfs.storage_service.chunk_engine import ChunkEngine
 from chainfs.storage_service.chunk_record import ChunkRecord, chunk_key, parse_key
@@ -83,16 +85,7 @@ class RateLimiter:
             await asyncio.sleep(start - now)
 
 
-def predecessor(routing: Routing, chain: mp.ChainInfo, target_id: int) -> int | None:
-    """The last SERVING target before ``target_id`` in the chain (its sync source)."""
-    ids = list(chain.targets)
-    if target_id not in ids:
-        return None
-    for tid in reversed(ids[: ids.index(target_id)]):
-        t = routing.targets.get(tid)
-        if t is not None and t.public_state == mp.SERVING:
-            return int(tid)
-    return None
+predecessor = sync_source  # the sync source of a target (see access.sync_source)
 
 
 # ---- the paged merge-compare ------------------------------------------------------
@@ -276,8 +269,11 @@ class Resyncer(Periodic):
         client: DataClient,
         executor: Executor,
         fenced: Callable[[], bool],
+        credential: cpb.Credential | None = None,
     ) -> None:
+        """``credential``: this node's, for the destination's StorageControl."""
         super().__init__(config.resync_scan_interval_ms / 1000)
+        self.credential = credential
         self.config = config
         self.targets = targets
         self._routing = routing
@@ -412,7 +408,7 @@ class Resyncer(Periodic):
         node = routing.node_of_target(dest)
         target = self.targets[src]
         started = time.monotonic()
-        control = StorageControl(node.rpc_address, _FORWARD_TIMEOUT_S)
+        control = StorageControl(node.rpc_address, _FORWARD_TIMEOUT_S, self.credential)
         try:
             log.info("resync %d -> %d (chain %d): comparing chunk lists", src, dest, chain_id)
             src_pages = self._source_pages(target)

@@ -26,6 +26,7 @@ from chainfs.common.rpc.grpc_util import rpc_handler
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
 from chainfs.storage_service import metrics as storage_metrics
+from chainfs.storage_service.access import check_predecessor
 from chainfs.storage_service.chunk_record import parse_key
 from chainfs.storage_service.craq import Craq, record_to_meta
 
@@ -42,7 +43,7 @@ DataCall = Callable[["StorageNode", Craq, Any, Request], Awaitable[Message | Res
 
 
 async def _update(node: StorageNode, craq: Craq, req: sp.UpdateReq, frame: Request) -> Message:
-    rsp = await craq.update(req, frame.payload)
+    rsp = await craq.update(req, frame.payload, node.access.sender(frame.identity))
     storage_metrics.count_update(req, rsp)
     return rsp
 
@@ -71,9 +72,23 @@ def _craq_call(method: str) -> DataCall:
     return call
 
 
+async def _remove(
+    node: StorageNode, craq: Craq, req: sp.RemoveChunksReq, frame: Request
+) -> Message:
+    return await craq.remove(req, node.access.sender(frame.identity))
+
+
 async def _sync_report(
     node: StorageNode, craq: Craq, req: sp.SyncReportReq, frame: Request
 ) -> Message:
+    sender = node.access.sender(frame.identity)
+    if sender is not None:
+        # Progress and "done" (which makes the target serve) only from its sync source.
+        routing = node.routing.current
+        chain = routing.chains.get(req.chain_id) if routing is not None else None
+        if routing is None or chain is None:
+            raise ChainfsError(Code.STALE_CHAIN_VERSION, f"no chain {req.chain_id} in routing")
+        check_predecessor(routing, chain, req.target_id, req.from_target, sender, "sync report")
     return node.sync_receiver.handle_report(req, node.targets)
 
 
@@ -81,7 +96,7 @@ async def _sync_report(
 DATA_PLANE: dict[int, tuple[type[Message], DataCall]] = {
     sp.UPDATE: (sp.UpdateReq, _update),
     sp.BATCH_READ: (sp.BatchReadReq, _batch_read),
-    sp.REMOVE_CHUNKS: (sp.RemoveChunksReq, _craq_call("remove")),
+    sp.REMOVE_CHUNKS: (sp.RemoveChunksReq, _remove),
     sp.QUERY_LAST_CHUNK: (sp.QueryLastChunkReq, _craq_call("query_last_chunk")),
     sp.LIST_CHUNKS: (sp.ListChunksReq, _craq_call("list_chunks")),
     sp.SYNC_REPORT: (sp.SyncReportReq, _sync_report),
@@ -90,7 +105,7 @@ DATA_PLANE: dict[int, tuple[type[Message], DataCall]] = {
 
 def framed_handler(node: StorageNode) -> Handler:
     """The data-plane handler: refuse while starting or fenced, parse by msg_type,
-    answer (a ChainfsError becomes an error frame)."""
+    check the caller (access.Access), answer (a ChainfsError becomes an error frame)."""
 
     async def handle(frame: Request) -> Response:
         craq = node.craq
@@ -105,6 +120,7 @@ def framed_handler(node: StorageNode) -> Handler:
             req = request_type.FromString(frame.header)
         except DecodeError as e:  # garbage is the caller's BAD_FRAME, not our INTERNAL
             raise ChainfsError(Code.BAD_FRAME, f"bad {request_type.__name__} header: {e}") from None
+        node.access.admit(frame.msg_type, frame.identity, req)
         op = storage_metrics.op_name(frame.msg_type)
         with storage_metrics.observe(op):
             rsp = await call(node, craq, req, frame)

@@ -31,8 +31,11 @@ from chainfs.client.layout import layout_of, normpath, split
 from chainfs.client.usrbio import wire
 from chainfs.client.usrbio.config import AgentConfig
 from chainfs.client.usrbio.wire import Completion, Entry, Frame, FrameError
+from chainfs.common.auth.capability import READ
+from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.process import run_service
 from chainfs.common.rpc.meta_client import UserInfo
+from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import meta_pb2 as mt
 
 log = logging.getLogger(__name__)
@@ -323,11 +326,25 @@ class Worker:
             keys = todo[lo : lo + step]
             ats = [k if isinstance(k, int) else normpath(k) for k in keys]
             try:
-                found: list[Any] = await self.io.meta.batch_stat(ats, user=conn.user)
+                # As the user: meta grants READ capabilities only for what they may read.
+                got = await self.io.meta.batch_stat_caps(ats, user=conn.user, want_capability=READ)
+                found: list[Any] = [self._granted(r) for r in got]
             except OSError as err:  # meta unreachable: every read of this step fails with it
                 found = [err] * len(keys)
             out.update(zip(keys, found, strict=True))
         return out
+
+    def _granted(
+        self, found: tuple[mt.Inode, cpb.Capability | None] | ChainfsError
+    ) -> mt.Inode | OSError:
+        """The inode, or EACCES for a regular file meta granted this user no READ
+        capability for (in a cluster that signs them; storage would refuse the read)."""
+        if isinstance(found, ChainfsError):
+            return found
+        inode, cap = found
+        if cap is None and inode.type == mt.FILE and self.io.caps_signed:
+            return ChainfsError(Code.EACCES, f"no read permission on inode {inode.ino}")
+        return inode
 
     @staticmethod
     def _plan(

@@ -9,11 +9,14 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from chainfs.common.auth.secret import SECRET_FILE_NAME, load_secret, node_credential
 from chainfs.common.routing import Routing
 from chainfs.common.rpc.mgmt_client import MgmtClient
 from chainfs.common.rpc.storage_control import StorageControl
+from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 
@@ -55,9 +58,25 @@ def all_serving(address: str) -> bool:
     )
 
 
+def operator_credential_of(node: mp.NodeInfo) -> cpb.Credential | None:
+    """``node``'s credential, from the secret a LocalCluster keeps in its base
+    directory (three levels above the node's unix socket, which lives in its
+    first target directory): StorageControl serves nodes and admins only, and
+    the fault suite reads replicas as an operator on the cluster's host can.
+    None when there is no secret there (a cluster without authentication)."""
+    if not node.unix_socket:
+        return None
+    secret_file = Path(node.unix_socket).parents[2] / SECRET_FILE_NAME
+    if not secret_file.exists():
+        return None
+    return node_credential(load_secret(secret_file), node.node_id)
+
+
 def dump_target(node: mp.NodeInfo, target_id: int) -> dict[tuple[int, int], sp.ChunkMeta]:
+    cred = operator_credential_of(node)
+
     async def go() -> dict[tuple[int, int], sp.ChunkMeta]:
-        async with StorageControl(node.rpc_address, timeout_s=10) as control:
+        async with StorageControl(node.rpc_address, timeout_s=10, credential=cred) as control:
             return {(m.chunk.inode, m.chunk.index): m async for m in control.chunk_meta(target_id)}
 
     return run(go)  # type: ignore[no-any-return]

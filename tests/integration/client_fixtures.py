@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from chainfs.common.auth.secret import SECRET_FILE_NAME, load_secret, node_credential
+from chainfs.common.rpc.storage_client import StorageClient
 from chainfs.local import LocalCluster
+from chainfs.proto import storage_pb2 as sp
 
 CHUNK = 4 * 1024 * 1024  # the default chunk size of new files (meta's default layout)
 
@@ -27,3 +32,15 @@ def module_cluster(
 def pattern(size: int, seed: str = "") -> bytes:
     """Deterministic pseudo-random bytes: a misplaced or swapped chunk cannot match."""
     return random.Random(seed).randbytes(size)
+
+
+async def stored_chunks(afs: Any, chain_id: int, ino: int) -> list[sp.ChunkMeta]:
+    """What storage holds of ``ino`` on one chain. Listings are for nodes: the test
+    asks as one, with the secret its LocalCluster keeps in its base directory
+    (two levels above every target directory)."""
+    routing = afs.io.routing
+    target = next(iter((await routing.get()).targets.values()))
+    secret = load_secret(Path(target.path).parents[1] / SECRET_FILE_NAME)
+    cred = node_credential(secret, target.node_id)
+    async with StorageClient(routing, os.urandom(16), credential=cred) as storage:
+        return await storage.list_chunks(chain_id, ino)

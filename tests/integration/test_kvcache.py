@@ -26,6 +26,7 @@ import chainfs
 from chainfs.client.kvcache import KVCache
 from chainfs.client.kvcache.format import FIXED_HEADER_BYTES, Key
 from chainfs.local import LocalCluster
+from tests.integration.client_fixtures import stored_chunks
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -293,7 +294,7 @@ async def _until_chunks_gone(afs: Any, infos: list[Any], timeout_s: float = 30.0
     deadline = time.monotonic() + timeout_s
     for info in infos:
         for chain in set(info.layout.chains):
-            while await afs.io.storage.list_chunks(chain, info.ino):
+            while await stored_chunks(afs, chain, info.ino):
                 if time.monotonic() > deadline:
                     raise AssertionError(f"chunks of inode {info.ino} still there")
                 await asyncio.sleep(0.05)

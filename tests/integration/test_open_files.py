@@ -19,7 +19,7 @@ import pytest
 
 from chainfs.client.sync import FileSystem
 from chainfs.local import LocalCluster
-from tests.integration.client_fixtures import pattern
+from tests.integration.client_fixtures import pattern, stored_chunks
 from tests.integration.fuse_fixtures import force_unmount, is_mounted, require_fuse
 
 pytestmark = pytest.mark.timeout(180)
@@ -79,7 +79,7 @@ def chunks_of(fs: FileSystem, ino: int, chains: tuple[int, ...]) -> int:
     """Chunks of ``ino`` held by storage (asked at each chain's tail)."""
 
     async def count() -> int:
-        return sum([len(await fs.aio.io.storage.list_chunks(c, ino)) for c in set(chains)])
+        return sum([len(await stored_chunks(fs.aio, c, ino)) for c in set(chains)])
 
     return fs._loop.run(count())
 
@@ -313,7 +313,7 @@ def test_buffering_arguments_follow_builtin_open(
         async def lengths() -> list[int]:
             out = []
             for c in set(lay.chains):
-                out += [m.length for m in await fs.aio.io.storage.list_chunks(c, w.inode)]
+                out += [m.length for m in await stored_chunks(fs.aio, c, w.inode)]
             return out
 
         assert fs._loop.run(lengths()) == [10]

@@ -19,6 +19,7 @@ from chainfs.client.sync import FileSystem
 from chainfs.common.rpc.meta_wire import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from chainfs.local import LocalCluster
 from tests.conftest import require
+from tests.integration.client_fixtures import stored_chunks
 from tests.integration.fuse_fixtures import mounted_cluster
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(240)]
@@ -225,7 +226,7 @@ def test_punch_hole_zeroes_and_drops_whole_chunks(
     chains = list(fs._loop.run(fs.aio.io.meta.stat(path)).layout.chains)
     stored: set[int] = set()
     for chain in chains:
-        stored |= {m.chunk.index for m in fs._loop.run(fs.aio.io.storage.list_chunks(chain, ino))}
+        stored |= {m.chunk.index for m in fs._loop.run(stored_chunks(fs.aio, chain, ino))}
     assert stored == {0, 4, 5}
     # The mount reads the same bytes.
     assert (d / "holes").read_bytes() == got

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from chainfs.common.auth import capability
+from chainfs.common.auth.secret import capability_key, load_secret
 from chainfs.common.errors import Code
 from chainfs.local import LocalCluster
 from chainfs.proto import storage_pb2 as sp
@@ -159,8 +161,13 @@ def test_oversized_batch_reads_are_refused_before_reading(cluster: LocalCluster)
     storage = cluster.storage[0]
     target_id = int(storage.info["target_ids"][0])
     chain_id = _chain_of(cluster, target_id)
+    # The attacker is a user who may read the file: it holds a valid capability.
+    cap = capability.sign(
+        capability_key(load_secret(cluster.secret_file)), 1, inode, capability.READ, b"", 60_000
+    )
     for ios, length in ((256, CHUNK), (4096, 64 * MiB)):
         req = sp.BatchReadReq()
+        req.capabilities.append(cap)
         for _ in range(ios):
             io = req.ios.add(chain_id=chain_id, target_id=target_id, offset=0, length=length)
             io.chunk.inode = inode

@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 
 import chainfs
-from chainfs.common.auth.secret import load_secret
+from chainfs.common.auth.secret import load_secret, node_credential
 from chainfs.common.auth.tokens import new_token
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import MetaClient, UserInfo
-from chainfs.common.rpc.mgmt_client import MgmtClient, node_credential
+from chainfs.common.rpc.mgmt_client import MgmtClient
 from chainfs.local import LocalCluster
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp

@@ -142,11 +142,11 @@ async def read_phase(
     return count / (time.perf_counter() - t0)
 
 
-def load_client(address: str, chunk: int, seconds: float) -> None:
+def load_client(address: str, secret_file: Path, chunk: int, seconds: float) -> None:
     """One of the load processes: half reads, half writes."""
 
     async def go() -> None:
-        client, mgmt = await storage_client(address)
+        client, mgmt = await storage_client(address, secret_file)
         try:
             chains = await chain_ids(mgmt)
             await asyncio.gather(
@@ -197,8 +197,10 @@ def engine_costs(tmp: Path, chunk: int) -> dict[str, float]:
 
 
 # -- storage ------------------------------------------------------------------------------
-async def _single_client(address: str, chunk: int, seconds: float) -> dict[str, float]:
-    client, mgmt = await storage_client(address)
+async def _single_client(
+    address: str, secret_file: Path, chunk: int, seconds: float
+) -> dict[str, float]:
+    client, mgmt = await storage_client(address, secret_file)
     try:
         chains = await chain_ids(mgmt)
         writes, _ = await write_phase(client, chains, chunk, seconds, 8)
@@ -215,7 +217,7 @@ def _load_rss(cluster: LocalCluster, chunk: int, seconds: float) -> list[float]:
     """Peak RSS (MiB) of each storage node after LOAD_CLIENTS processes read and write."""
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=load_client, args=(cluster.address, chunk, seconds))
+        ctx.Process(target=load_client, args=(cluster.address, cluster.secret_file, chunk, seconds))
         for _ in range(LOAD_CLIENTS)
     ]
     for p in procs:
@@ -258,7 +260,7 @@ def writes_and_reads(opts: dict[str, Any], echo: Echo) -> dict[str, Any]:
     # tcp: same-host peers use loopback TCP only, like iperf3 (no unix socket).
     overrides = {"unix_socket": ""} if opts["transport"] == "tcp" else {}
     with _cluster(opts["data_dir"], overrides) as cluster:
-        r |= uvloop.run(_single_client(cluster.address, chunk, seconds))
+        r |= uvloop.run(_single_client(cluster.address, cluster.secret_file, chunk, seconds))
         after, _ = iperf3_loopback(seconds)  # the machine may be shared: before and after
         r["storage_peak_rss_MiB"] = _load_rss(cluster, chunk, seconds)
     r["iperf3_runs_GBps"] = [before / 1000, after / 1000]
@@ -282,7 +284,7 @@ def _start_spy(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
 async def _random_reads(
     cluster: LocalCluster, seconds: float, profile: Path | None, echo: Echo
 ) -> list[dict[str, Any]]:
-    client, mgmt = await storage_client(cluster.address)
+    client, mgmt = await storage_client(cluster.address, cluster.secret_file)
     results = []
     try:
         chains = await chain_ids(mgmt)

@@ -13,6 +13,7 @@ from typing import Protocol
 from chainfs.client.chunk_io import ChunkIO
 from chainfs.client.file import AsyncFile
 from chainfs.client.layout import Layout, layout_of, split
+from chainfs.common.auth.capability import READ
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import RENAME_NOREPLACE, XATTR_CREATE, At
 from chainfs.proto import meta_pb2 as mt
@@ -130,7 +131,10 @@ class FsBackend:
         await asyncio.gather(*(mkdir(p) for p in missing))
 
     async def kv_stat_many(self, paths: Sequence[str]) -> list[EntryInfo | None]:
-        found = await self._meta.batch_stat(await self._ats(paths), follow=False)
+        # READ capabilities come along: storage wants them for the reads that follow.
+        found = await self._meta.batch_stat(
+            await self._ats(paths), follow=False, want_capability=READ
+        )
         out: list[EntryInfo | None] = []
         for p, r in zip(paths, found, strict=True):
             if isinstance(r, ChainfsError):

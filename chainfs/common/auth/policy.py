@@ -64,6 +64,8 @@ POLICY: dict[str, Need] = {
     "chainfs.mgmt.Mgmt/UpdateTarget": NA,
     "chainfs.mgmt.Mgmt/UpdateChain": ADMIN,
     "chainfs.mgmt.Mgmt/SetConfig": ADMIN,
+    "chainfs.mgmt.Mgmt/Rebalance": ADMIN,
+    "chainfs.mgmt.Mgmt/GetRebalanceStatus": ADMIN,
     # users and tokens: admins manage them; nodes fetch the token directory
     # (hashes only) to authenticate users themselves.
     "chainfs.mgmt.Mgmt/UserAdd": ADMIN,
@@ -81,6 +83,9 @@ POLICY: dict[str, Need] = {
             "CreateTargets",
             "RepairChunk",
             "VerifyChunks",
+            # mgmtd's rebalancer (as node MGMTD_NODE_ID) or an operator; the
+            # node refuses a target that is still in a chain.
+            "DropChunks",
         )
     },
     # storage frames: clients with a capability; chain peers and meta as nodes

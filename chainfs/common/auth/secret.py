@@ -20,6 +20,7 @@ import secrets
 from pathlib import Path
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.proto import common_pb2 as cpb
 
 SECRET_BYTES = 32
 SECRET_FILE_NAME = "cluster.secret"
@@ -61,6 +62,15 @@ def load_secret(path: str | Path) -> bytes:
     return secret
 
 
+# The node id a meta or storage node presents before mgmtd gave it one: its key
+# (derived from the cluster secret like any node's) lets it register as a new
+# node and nothing else (mgmtd checks).
+JOIN_NODE_ID = (1 << 32) - 1
+# The node id mgmtd presents when it calls storage nodes (the rebalancer's
+# DropChunks); no storage or meta node is ever given it.
+MGMTD_NODE_ID = (1 << 32) - 2
+
+
 def node_key(secret: bytes, node_id: int) -> bytes:
     return hmac.digest(secret, b"node|%d" % node_id, hashlib.sha256)
 
@@ -71,3 +81,12 @@ def check_node_key(secret: bytes, node_id: int, key: bytes) -> bool:
 
 def capability_key(secret: bytes, key_id: int = 1) -> bytes:
     return hmac.digest(secret, b"capability|%d" % key_id, hashlib.sha256)
+
+
+def node_credential(secret: bytes, node_id: int) -> cpb.Credential:
+    """What node ``node_id`` presents to mgmtd and its peers (HELLO, gRPC
+    metadata); 0 = not yet registered, presented as :data:`JOIN_NODE_ID`."""
+    if node_id < 0:
+        raise ChainfsError(Code.EINVAL, f"a node id is never negative (got {node_id})")
+    nid = node_id or JOIN_NODE_ID
+    return cpb.Credential(node_id=nid, node_key=node_key(secret, nid))

@@ -31,7 +31,7 @@ import os
 import random
 import stat as stat_mod
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -209,6 +209,9 @@ class MetaClient:
             raise ChainfsError(Code.EINVAL, "client_id must be 16 bytes")
         self.timeout_s = timeout_s
         self.user = user or UserInfo.current()
+        # Called with every capability a reply carries (open, stat with want_capability):
+        # the client's chunk I/O keeps them for its storage requests.
+        self.on_capability: Callable[[cpb.Capability], None] | None = None
         self._routing: RoutingCache | None = None
         self._static: list[str] = []
         if isinstance(source, RoutingCache):
@@ -340,14 +343,47 @@ class MetaClient:
         return await self.stat((parent, name), follow=False, user=user)
 
     async def batch_stat(
-        self, ats: Sequence[At], follow: bool = True, user: UserInfo | None = None
+        self,
+        ats: Sequence[At],
+        follow: bool = True,
+        user: UserInfo | None = None,
+        want_capability: int = 0,
     ) -> list[pb.Inode | ChainfsError]:
-        """Inodes in request order; a failed one is its ChainfsError."""
+        """Inodes in request order; a failed one is its ChainfsError. With
+        ``want_capability`` (CapRight bits), the capabilities meta grants for
+        regular files go to ``on_capability``."""
+        got = await self.batch_stat_caps(ats, follow, user, want_capability)
+        return [r if isinstance(r, ChainfsError) else r[0] for r in got]
+
+    async def batch_stat_caps(
+        self,
+        ats: Sequence[At],
+        follow: bool = True,
+        user: UserInfo | None = None,
+        want_capability: int = 0,
+    ) -> list[tuple[pb.Inode, cpb.Capability | None] | ChainfsError]:
+        """As batch_stat, with each inode the capability meta granted (None: none)."""
         req = pb.BatchStatReq(
-            req=self.request_info(user), ats=[path_at(a) for a in ats], follow=follow
+            req=self.request_info(user),
+            ats=[path_at(a) for a in ats],
+            follow=follow,
+            want_capability=want_capability,
         )
         rsp: pb.BatchStatRsp = await self.call("BatchStat", req)
-        return [r.inode if r.code == 0 else ChainfsError(r.code, r.message) for r in rsp.results]
+        out: list[tuple[pb.Inode, cpb.Capability | None] | ChainfsError] = []
+        for r in rsp.results:
+            if r.code:
+                out.append(ChainfsError(r.code, r.message))
+            elif r.HasField("capability"):
+                self._got_capability(r.capability)
+                out.append((r.inode, r.capability))
+            else:
+                out.append((r.inode, None))
+        return out
+
+    def _got_capability(self, cap: cpb.Capability) -> None:
+        if self.on_capability is not None:
+            self.on_capability(cap)
 
     async def readlink_bytes(self, at: At, user: UserInfo | None = None) -> bytes:
         req = pb.ReadlinkReq(req=self.request_info(user), at=path_at(at))
@@ -426,6 +462,8 @@ class MetaClient:
             session=session,
         )
         rsp: pb.OpenRsp = await self.call("Open", req)
+        if rsp.HasField("capability"):
+            self._got_capability(rsp.capability)
         if rsp.session_id:
             self._track(rsp.inode.ino, rsp.session_id, rsp.session_timeout_ms)
         return OpenResult(rsp.inode, rsp.session_id, rsp.created)

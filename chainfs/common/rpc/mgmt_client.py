@@ -27,7 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
-from chainfs.common.auth.secret import node_key
+from chainfs.common.auth.secret import node_credential
 from chainfs.common.auth.tokens import resolve_token
 from chainfs.common.background import Periodic, cancel_and_wait
 from chainfs.common.dataplane.client import DataClient
@@ -55,22 +55,11 @@ REGISTER_RETRY = RetryPolicy(backoff_max_s=2.0)
 MIN_ATTEMPT_TIMEOUT_S = 0.5  # one address never gets less than this (unless time is up)
 MAX_KNOWN_ADDRESSES = 64  # bound on addresses learnt from NOT_PRIMARY hints
 
-# The node id a meta or storage node presents before mgmtd gave it one: its key
-# (derived from the cluster secret like any node's) lets it register as a new
-# node and nothing else (mgmtd checks).
-JOIN_NODE_ID = (1 << 32) - 1
-
 
 def env_credential() -> cpb.Credential:
     """The token of $CHAINFS_TOKEN (or the file $CHAINFS_TOKEN_FILE names);
     an empty credential (anonymous) if neither is set."""
     return cpb.Credential(token=resolve_token() or "")
-
-
-def node_credential(secret: bytes, node_id: int) -> cpb.Credential:
-    """What node ``node_id`` (0: not yet registered) presents to other servers."""
-    nid = node_id or JOIN_NODE_ID
-    return cpb.Credential(node_id=nid, node_key=node_key(secret, nid))
 
 
 def not_primary_message(primary_address: str | None) -> str:

@@ -21,12 +21,13 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from google.protobuf.message import DecodeError
 
+from chainfs.common.auth.capability import READ, WRITE
 from chainfs.common.checksum import crc32c
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.dataplane.config import DataPlaneConfig
@@ -125,18 +126,42 @@ def _as_view(data: bytes | bytearray | memoryview) -> memoryview:
     return view
 
 
+class CapabilitySource(Protocol):
+    """Where a client's storage requests find their capabilities (chainfs.client.caps)."""
+
+    async def get(
+        self, inodes: Collection[int], right: int, fetch: bool = False
+    ) -> dict[int, cp.Capability]: ...
+
+    async def any_of(self, inode: int, fetch: bool = False) -> cp.Capability | None: ...
+
+    def forget(self, inodes: Iterable[int]) -> None: ...
+
+
 class StorageClient:
-    """Reads and updates chunks through the storage nodes' data plane."""
+    """Reads and updates chunks through the storage nodes' data plane.
+
+    A client's requests carry capabilities from ``caps`` (WRITE for updates and
+    removes, READ for reads, either for length queries); one storage refuses
+    (BAD_CAPABILITY) is fetched again once, then the refusal stands (EACCES).
+    A node (meta) has no ``caps`` and presents its ``credential`` instead.
+    """
 
     def __init__(
-        self, routing: RoutingCache, client_id: bytes, config: StorageClientConfig | None = None
+        self,
+        routing: RoutingCache,
+        client_id: bytes,
+        config: StorageClientConfig | None = None,
+        caps: CapabilitySource | None = None,
+        credential: cp.Credential | None = None,
     ) -> None:
         if not client_id:
             raise ChainfsError(Code.EINVAL, "a storage client needs a client id")
         self.routing = routing
         self.client_id = bytes(client_id)
         self.config = config or StorageClientConfig()
-        self.dp = DataClient(self.config.dataplane)
+        self.caps = caps
+        self.dp = DataClient(self.config.dataplane, credential)
         # Request ids increase per client; time-seeded so a restarted process
         # reusing a client id does not collide with its predecessor's ids.
         self._ids = itertools.count(time.time_ns() // 1000)
@@ -147,6 +172,12 @@ class StorageClient:
 
     async def close(self) -> None:
         await self.dp.close()
+
+    async def set_credential(self, credential: cp.Credential) -> None:
+        """Present ``credential`` from now on (meta learns its node id after
+        making its storage client); connections made before are closed."""
+        old, self.dp = self.dp, DataClient(self.config.dataplane, credential)
+        await old.close()
 
     async def __aenter__(self) -> StorageClient:
         return self
@@ -188,6 +219,14 @@ class StorageClient:
         except ChainfsError as e:
             log.debug("routing refresh failed: %s", e)
 
+    def _refetch_capability(self, e: ChainfsError, inodes: Iterable[int], refetched: bool) -> bool:
+        """After BAD_CAPABILITY: drop the refused capabilities and say whether to try
+        once more with fresh ones from meta (expired, or never fetched)."""
+        if e.code != Code.BAD_CAPABILITY or refetched or self.caps is None:
+            return False
+        self.caps.forget(inodes)
+        return True
+
     # ---- updates -----------------------------------------------------------
 
     async def _to_head(
@@ -197,12 +236,15 @@ class StorageClient:
         fill: dict,
         chain_id: int,
         payload: list[memoryview],
+        inode: int,
     ) -> bytes:
-        """Send a request to the chain head; retry (same request id) per the rules above."""
+        """Send a request about ``inode`` to the chain head; retry (same request id)
+        per the rules above."""
         request_id = self.next_request_id()
         last: ChainfsError | None = None
         deadline = time.monotonic() + self.config.retry_total_ms / 1000
         attempt = -1
+        refetched = False
         while True:
             attempt += 1
             more = attempt + 1 < self.config.attempts or time.monotonic() < deadline
@@ -220,6 +262,10 @@ class StorageClient:
                     target_id=head.target_id,
                     **fill,
                 )
+                if self.caps is not None:
+                    got = await self.caps.get([inode], WRITE, fetch=refetched)
+                    if inode in got:
+                        req.capability.CopyFrom(got[inode])
                 try:
                     reply = await self.dp.request(
                         self._address(routing, head.target_id),
@@ -230,6 +276,9 @@ class StorageClient:
                     )
                     return bytes(reply.header)
                 except ChainfsError as e:
+                    if self._refetch_capability(e, [inode], refetched):
+                        refetched = True
+                        continue
                     if e.code not in _RETRY_WRITE:
                         raise
                     last = e
@@ -268,7 +317,8 @@ class StorageClient:
             crc32c=crc32c(view),
             chunk_size=chunk_size,
         )
-        await self._to_head(sp.UPDATE, sp.UpdateReq, fill, chain_id, [view] if len(view) else [])
+        payload = [view] if len(view) else []
+        await self._to_head(sp.UPDATE, sp.UpdateReq, fill, chain_id, payload, inode)
 
     async def truncate(
         self, chain_id: int, inode: int, chunk_index: int, length: int, chunk_size: int
@@ -282,7 +332,7 @@ class StorageClient:
             length=length,
             chunk_size=chunk_size,
         )
-        await self._to_head(sp.UPDATE, sp.UpdateReq, fill, chain_id, [])
+        await self._to_head(sp.UPDATE, sp.UpdateReq, fill, chain_id, [], inode)
 
     async def remove_chunks(
         self, chain_id: int, inode: int, begin_index: int = 0, end_index: int = MAX_CHUNK_INDEX
@@ -293,7 +343,9 @@ class StorageClient:
         total = 0
         for _ in range(self.config.max_remove_rounds):
             fill = dict(inode=inode, begin_index=begin_index, end_index=end_index)
-            raw = await self._to_head(sp.REMOVE_CHUNKS, sp.RemoveChunksReq, fill, chain_id, [])
+            raw = await self._to_head(
+                sp.REMOVE_CHUNKS, sp.RemoveChunksReq, fill, chain_id, [], inode
+            )
             rsp = sp.RemoveChunksRsp.FromString(raw)
             total += rsp.removed
             if not rsp.more:
@@ -317,6 +369,20 @@ class StorageClient:
 
     async def read_batch(self, reqs: Sequence[ReadReq]) -> list[memoryview]:
         """Many chunk reads: one batched frame per storage node, all nodes in parallel."""
+        if self.caps is None:
+            return await self._read_batch(reqs, {})
+        inodes = {r.inode for r in reqs}
+        caps = await self.caps.get(inodes, READ)
+        try:
+            return await self._read_batch(reqs, caps)
+        except ChainfsError as e:
+            if not self._refetch_capability(e, inodes, False):
+                raise
+        return await self._read_batch(reqs, await self.caps.get(inodes, READ, fetch=True))
+
+    async def _read_batch(
+        self, reqs: Sequence[ReadReq], caps: dict[int, cp.Capability]
+    ) -> list[memoryview]:
         for r in reqs:
             if r.offset < 0 or r.length < 0:
                 raise ChainfsError(Code.EINVAL, f"bad read range [{r.offset}, +{r.length})")
@@ -373,7 +439,7 @@ class StorageClient:
 
             async def one_node(items: list[tuple[int, int]], routing: Routing = routing) -> None:
                 async with sem:
-                    await self._read_node(routing, reqs, items, results, last, prefer_tail)
+                    await self._read_node(routing, reqs, items, results, last, prefer_tail, caps)
 
             jobs = []
             for items in groups.values():
@@ -410,8 +476,10 @@ class StorageClient:
         results: list[memoryview | None],
         last: dict[int, ChainfsError],
         prefer_tail: list[bool],
+        caps: dict[int, cp.Capability],
     ) -> None:
         batch = sp.BatchReadReq()
+        inodes: set[int] = set()
         for i, target in items:
             r = reqs[i]
             # add() fills the repeated field in place (no temporary ReadIO/ChunkId to copy).
@@ -420,6 +488,8 @@ class StorageClient:
             )
             io.chunk.inode = r.inode
             io.chunk.index = r.chunk_index
+            inodes.add(r.inode)
+        batch.capabilities.extend(caps[ino] for ino in inodes if ino in caps)
         got: list[memoryview | None] = [None] * len(items)
         parsed: list[sp.BatchReadRsp] = []
 
@@ -504,6 +574,7 @@ class StorageClient:
     async def _to_tail(self, chain_id: int, msg_type: int, req_fields: dict) -> bytes:
         """A query answered by the chain's tail (always committed), else another replica."""
         last: ChainfsError | None = None
+        refetched = False
         for attempt in range(self.config.attempts):
             routing, _ = await self._chain(chain_id)
             serving = [t.target_id for t in routing.chain_targets(chain_id, (mp.SERVING,))]
@@ -517,6 +588,10 @@ class StorageClient:
                     sp.QueryLastChunkReq if msg_type == sp.QUERY_LAST_CHUNK else sp.ListChunksReq
                 )
                 req = msg_cls(chain_id=chain_id, target_id=target, **req_fields)
+                if self.caps is not None and isinstance(req, sp.QueryLastChunkReq):
+                    cap = await self.caps.any_of(req.inode, fetch=refetched)
+                    if cap is not None:
+                        req.capability.CopyFrom(cap)
                 try:
                     reply = await self.dp.request(
                         self._address(routing, target),
@@ -526,6 +601,9 @@ class StorageClient:
                     )
                     return bytes(reply.header)
                 except ChainfsError as e:
+                    if self._refetch_capability(e, [req_fields["inode"]], refetched):
+                        refetched = True
+                        continue
                     if e.code not in _RETRY_READ:
                         raise
                     last = e

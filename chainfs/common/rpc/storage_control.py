@@ -25,7 +25,9 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
+from chainfs.common.auth.tokens import resolve_token
 from chainfs.common.rpc import grpc_util
+from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import storage_pb2 as sp
 from chainfs.proto import storage_pb2_grpc as sg
 
@@ -39,12 +41,20 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 class StorageControl:
     """The StorageControl RPCs of the storage node at ``address`` (host:port)."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(
+        self, address: str, timeout_s: float, credential: cpb.Credential | None = None
+    ) -> None:
+        """``credential``: a node's (resync, repair) or an admin's; None = the user
+        token of the environment (CHAINFS_TOKEN / CHAINFS_TOKEN_FILE), if any.
+        StorageControl serves nodes and admins only."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, not {timeout_s}")
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc_util.channel(address, options=CHANNEL_OPTIONS)
+        if credential is None:
+            token = resolve_token()
+            credential = cpb.Credential(token=token) if token else None
+        self._channel = grpc_util.channel(address, credential, options=CHANNEL_OPTIONS)
         self._stub = sg.StorageControlStub(self._channel)
 
     async def close(self) -> None:

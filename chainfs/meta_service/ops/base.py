@@ -12,6 +12,7 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.kv import KVStore, Transaction
 from chainfs.meta_service import chunks, perm, schema
 from chainfs.meta_service.alloc import IdLease, InodeAllocator
+from chainfs.meta_service.caps import CapabilitySigner
 from chainfs.meta_service.chunks import ChunkStorage
 from chainfs.meta_service.config import MetaConfig
 from chainfs.meta_service.ctx import DIRECTORY, FILE, Ctx, Last, ParsedPath, Target
@@ -51,6 +52,7 @@ class NamespaceBase:
         self.alloc = alloc
         self.cluster = cluster
         self.storage = storage
+        self.caps = CapabilitySigner.from_config(cfg)  # None: no cluster secret, nothing signed
         self._rng = random.Random()
         self._perms: dict[tuple[int, ...], list[list[int]]] = {}  # chain pool -> permutations
 

@@ -16,7 +16,9 @@ class LookupOps(NamespaceBase):
         p = parse(r.at, self.cfg)
 
         async def body(ctx: OpCtx) -> pb.StatRsp:
-            return pb.StatRsp(inode=await self._lookup_target(ctx, p, r.follow))
+            rsp = pb.StatRsp(inode=await self._lookup_target(ctx, p, r.follow))
+            self._grant(ctx, rsp.inode, r.want_capability, r.req.client_id, rsp)
+            return rsp
 
         return await self._read(r.req, body)
 
@@ -31,12 +33,28 @@ class LookupOps(NamespaceBase):
             for at in r.ats:
                 try:
                     inode = await self._lookup_target(ctx, parse(at, self.cfg), r.follow)
-                    out.results.add(code=0, inode=inode)
+                    res = out.results.add(code=0, inode=inode)
+                    self._grant(ctx, inode, r.want_capability, r.req.client_id, res)
                 except ChainfsError as e:
                     out.results.add(code=e.code, message=e.message)
             return out
 
         return await self._read(r.req, body)
+
+    def _grant(
+        self,
+        ctx: OpCtx,
+        inode: pb.Inode,
+        rights: int,
+        client_id: bytes,
+        into: pb.StatRsp | pb.StatResult,
+    ) -> None:
+        """Add the capability a stat asked for, when meta signs them and the caller
+        may access the file so (else none: the stat itself still succeeds)."""
+        if rights and self.caps is not None:
+            cap = self.caps.grant(inode, rights, ctx.caller, client_id)
+            if cap is not None:
+                into.capability.CopyFrom(cap)
 
     async def readlink(self, r: pb.ReadlinkReq) -> pb.ReadlinkRsp:
         p = parse(r.at, self.cfg)

@@ -7,6 +7,7 @@ import os
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.kv import Transaction
 from chainfs.meta_service import perm, schema
+from chainfs.meta_service.caps import open_rights
 from chainfs.meta_service.ctx import DIRECTORY, FILE, SYMLINK, Ctx, parse
 from chainfs.meta_service.ops.base import NamespaceBase
 from chainfs.meta_service.ops.context import OpCtx, Tag, check_mode
@@ -73,6 +74,10 @@ class SessionOps(NamespaceBase):
                 rsp.session_id = self._open_session(ctx, inode, r.req.client_id, not r.write)
                 rsp.session_timeout_ms = self.cfg.session_timeout_ms
             rsp.inode.CopyFrom(inode)
+            rights = open_rights(r.read, r.write)
+            if self.caps is not None and inode.type == FILE and rights:
+                # Access was checked above (a file this open created needs none).
+                rsp.capability.CopyFrom(self.caps.sign(inode.ino, rights, r.req.client_id))
             return rsp
 
         if not mutating:
