@@ -32,7 +32,7 @@ import contextlib
 import errno
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
@@ -269,15 +269,22 @@ class Craq:
             )
         return chain
 
-    async def _check_version(
-        self, chain_id: int, chain_version: int, target_id: int
-    ) -> tuple[Routing, mp.ChainInfo]:
+    async def _routing_naming(self, pairs: Iterable[tuple[int, int]]) -> Routing:
+        """Our routing, fetched once more from mgmtd if it lacks one of the
+        (chain, target) pairs: a chain created (or changed) since our last
+        routing update, which the sender already knows."""
         routing = self._routing_now()
-        if chain_id not in routing.chains or target_id not in routing.chains[chain_id].targets:
-            # A chain created (or changed) since our last routing update: fetch once.
+        chains = routing.chains
+        if any(c not in chains or t not in chains[c].targets for c, t in pairs):
             fresh = await self._refresh(0)
             if fresh is not None:
                 routing = fresh
+        return routing
+
+    async def _check_version(
+        self, chain_id: int, chain_version: int, target_id: int
+    ) -> tuple[Routing, mp.ChainInfo]:
+        routing = await self._routing_naming([(chain_id, target_id)])
         chain = self._chain(routing, chain_id, target_id)
         if chain_version > chain.chain_version:
             # The sender knows a newer chain than we do: catch up once.
@@ -721,7 +728,7 @@ class Craq:
             raise ChainfsError(
                 Code.E2BIG, f"{n} ios in one batch; the bound is {self.config.max_batch_read_ios}"
             )
-        routing = self._routing_now()
+        routing = await self._routing_naming({(io.chain_id, io.target_id) for io in req.ios})
         results: list[sp.ReadResult | None] = [None] * n
         buffers: list[memoryview | None] = [None] * n
         jobs: list[int] = []
@@ -871,7 +878,8 @@ class Craq:
         return deferred
 
     async def query_last_chunk(self, req: sp.QueryLastChunkReq) -> sp.QueryLastChunkRsp:
-        target = self._readable(self._routing_now(), req.chain_id, req.target_id)
+        routing = await self._routing_naming([(req.chain_id, req.target_id)])
+        target = self._readable(routing, req.chain_id, req.target_id)
         found = await self._io(target.engine.last_chunk, req.inode)
         if found is None:
             return sp.QueryLastChunkRsp(status=_ok(), found=False)
@@ -885,7 +893,8 @@ class Craq:
         )
 
     async def list_chunks(self, req: sp.ListChunksReq) -> sp.ListChunksRsp:
-        target = self._readable(self._routing_now(), req.chain_id, req.target_id)
+        routing = await self._routing_naming([(req.chain_id, req.target_id)])
+        target = self._readable(routing, req.chain_id, req.target_id)
         limit = min(req.limit or self.config.max_list_chunks, self.config.max_list_chunks)
         found = await self._io(
             target.engine.list_chunks, req.inode, req.begin_index, 1 << 32, limit + 1

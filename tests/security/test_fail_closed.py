@@ -28,11 +28,13 @@ from chainfs.common.auth.policy import POLICY
 from chainfs.common.auth.tokens import new_token
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.common.rpc import meta_wire, mgmt_wire
+from chainfs.common.rpc import grpc_util, meta_wire, mgmt_wire
 from chainfs.local import LocalCluster
 from chainfs.meta_service.service import POLICY_KEYS as META_FRAME_KEYS
 from chainfs.mgmt_service.service import POLICY_KEYS as MGMT_FRAME_KEYS
 from chainfs.proto import common_pb2 as cpb
+from chainfs.proto import mgmt_pb2 as mp
+from chainfs.proto import mgmt_pb2_grpc as mg
 
 # Services whose gRPC methods are checked live here: meta and mgmtd. Storage's
 # (StorageControl, and its frames) are checked once storage enforces the
@@ -147,3 +149,27 @@ def test_framed_messages_refuse_bad_credentials(cluster: LocalCluster, cred_name
     assert len(codes) > 25
     wrong = {k: c for k, c in codes.items() if c != Code.UNAUTHENTICATED}
     assert not wrong, f"answered without an accepted credential ({cred_name}): {wrong}"
+
+
+def test_a_stream_carries_the_channels_credential(cluster: LocalCluster) -> None:
+    """A server-streaming call (the routing watch every node and client keeps)
+    presents the channel's credential as a unary call does: grpc.aio files an
+    interceptor under one call kind only, and a watch sent anonymously is
+    refused, leaving nodes on stale routing until the next poll."""
+    streaming = [k for k, _, m in all_methods() if m.server_streaming]
+    assert streaming == ["chainfs.mgmt.Mgmt/WatchRoutingInfo"]  # a new one: test it here
+    cred = cpb.Credential(token=cluster.admin_token)
+
+    async def first_version() -> int:
+        ch = grpc_util.channel(cluster.mgmtd_addresses[0], cred)
+        try:
+            stream = mg.MgmtStub(ch).WatchRoutingInfo(
+                mp.WatchRoutingInfoReq(known_version=0), timeout=10
+            )
+            async for info in stream:
+                return int(info.version)
+            raise AssertionError("the watch ended without routing info")
+        finally:
+            await ch.close()
+
+    assert asyncio.run(first_version()) > 0

@@ -45,11 +45,8 @@ def credential_of(metadata: Metadata | None) -> cpb.Credential:
     return cpb.Credential()
 
 
-class _Attach(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-):
-    """Adds the credential to every call of a channel."""
+class _AttachBase:
+    """Adds the credential to every call of one kind on a channel."""
 
     def __init__(self, md: tuple[tuple[str, bytes], ...]) -> None:
         self._md = md
@@ -60,16 +57,23 @@ class _Attach(
             details.method, details.timeout, md, details.credentials, details.wait_for_ready
         )
 
+
+# One class per call kind: grpc.aio files an interceptor under the first kind
+# it implements only, so one class doing both would leave streams unsigned
+# (the routing watch then ran anonymous and was refused).
+class _AttachUnary(_AttachBase, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _AttachStream(_AttachBase, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
 
 def client_interceptors(cred: cpb.Credential | None) -> list[Any]:
     md = credential_metadata(cred)
-    return [_Attach(md)] if md else []
+    return [_AttachUnary(md), _AttachStream(md)] if md else []
 
 
 def _audit(key: str, who: Identity, peer: str, outcome: str) -> None:
