@@ -358,7 +358,12 @@ def _clients(
         config.batch_stat_paths,
     )
     meta.on_capability = caps.put
-    storage = StorageClient(routing, client_id, storage_config, caps=caps)
+    # The user's token goes to storage too: capabilities authorize each chunk,
+    # the token says who asks (an admin's fsck drops orphan chunks no file owns;
+    # a revoked token stops at storage as at meta).
+    storage = StorageClient(
+        routing, client_id, storage_config, caps=caps, credential=config.credential()
+    )
     return mgmt, routing, meta, storage
 
 

@@ -72,6 +72,23 @@ def operator_credential_of(node: mp.NodeInfo) -> cpb.Credential | None:
     return node_credential(load_secret(secret_file), node.node_id)
 
 
+def node_credential_of(secret_file: Path, r: Routing, node_id: int | None = None) -> cpb.Credential:
+    """The credential of storage node ``node_id`` (default: the first in
+    routing), made from the cluster secret (``LocalCluster.secret_file``). The
+    fault suite forges the requests a node sends (forwards, listings, direct
+    chunk writes) as a node of the cluster would; without a credential storage
+    answers BAD_CAPABILITY."""
+    if node_id is None:
+        node_id = next(iter(r.targets.values())).node_id
+    return node_credential(load_secret(secret_file), node_id)
+
+
+def node_credential_of_target(secret_file: Path, r: Routing, target_id: int) -> cpb.Credential:
+    """The credential of the node that holds ``target_id``: a forwarded update
+    claiming to come from that target is only taken from its node."""
+    return node_credential_of(secret_file, r, r.targets[target_id].node_id)
+
+
 def dump_target(node: mp.NodeInfo, target_id: int) -> dict[tuple[int, int], sp.ChunkMeta]:
     cred = operator_credential_of(node)
 

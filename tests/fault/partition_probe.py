@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chainfs.common.auth.secret import load_secret, node_credential
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.errors import ChainfsError
 from chainfs.proto import storage_pb2 as sp
@@ -66,7 +67,8 @@ async def read_once(dc: DataClient, args: argparse.Namespace) -> dict[str, Any]:
 async def main(args: argparse.Namespace) -> None:
     stop = Path(args.stop_file)
     deadline = time.monotonic() + args.max_s
-    dc = DataClient()
+    # Reads straight from a target are a node's (StorageControl-style) access.
+    dc = DataClient(credential=node_credential(load_secret(args.secret_file), args.node_id))
     try:
         # Blocking file calls in this one-task loop are a few bytes each: harmless.
         with open(args.out, "a") as out:  # noqa: ASYNC230
@@ -88,6 +90,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", type=int, required=True)
     p.add_argument("--inode", type=int, required=True)
     p.add_argument("--length", type=int, required=True)
+    p.add_argument("--secret-file", required=True, help="the cluster secret (LocalCluster's)")
+    p.add_argument("--node-id", type=int, required=True, help="read with this node's credential")
     p.add_argument("--out", required=True)
     p.add_argument("--stop-file", required=True)
     p.add_argument("--interval-s", type=float, default=0.02)

@@ -80,7 +80,7 @@ def test_full_target_gives_enospc_and_leaves_nothing_half_done(tmp_path: Path) -
                     written += 1
                 return written, 0
 
-            written, code = asyncio.run(_storage(c.address, fill))
+            written, code = asyncio.run(_storage(c, fill))
             assert code == Code.ENOSPC and written > 0
 
             async def after(client: StorageClient, _r: Any) -> None:
@@ -90,7 +90,7 @@ def test_full_target_gives_enospc_and_leaves_nothing_half_done(tmp_path: Path) -
                 await client.write(other, 8 << 40, 0, 0, blob, CHUNK)
                 assert bytes(await client.read(other, 8 << 40, 0, 0, CHUNK)) == blob
 
-            asyncio.run(_storage(c.address, after))
+            asyncio.run(_storage(c, after))
             assert fl.replica_differences(c.address) == []
     finally:
         with contextlib.suppress(Exception):

@@ -20,15 +20,16 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.mgmt_client import MgmtClient, RoutingCache
 from chainfs.common.rpc.storage_client import StorageClient, StorageClientConfig
 from chainfs.local import cluster as cluster_mod
+from chainfs.proto import common_pb2 as cpb
 from tests.fault import faultlib as fl
 
 CHUNK = 1024 * 1024
 
 
-async def _read_once(address: str, chain: int, ino: int) -> Any:
+async def _read_once(address: str, chain: int, ino: int, cred: cpb.Credential) -> Any:
     mgmt = MgmtClient([address], timeout_s=1.0)
     routing = RoutingCache(mgmt)
-    client = StorageClient(routing, b"fence-test", StorageClientConfig(attempts=1))
+    client = StorageClient(routing, b"fence-test", StorageClientConfig(attempts=1), credential=cred)
     try:
         await routing.refresh()
         return bytes(await client.read(chain, ino, 0, 0, 100))
@@ -52,14 +53,16 @@ def test_node_without_mgmtd_fences_then_recovers(tmp_path: Path) -> None:
         r = fl.routing(c.address)
         chain = min(r.chains)
         ino = 1 << 50
+        # Chunks written and read straight on storage, as one of the nodes.
+        cred = fl.node_credential_of(c.secret_file, r)
 
         async def write(client: StorageClient, _r: Any) -> None:
             await client.write(chain, ino, 0, 0, b"fenced?" * 10, CHUNK)
 
         from tests.fault.test_fsck import _storage
 
-        asyncio.run(_storage(c.address, write))
-        assert asyncio.run(_read_once(c.address, chain, ino)) == (b"fenced?" * 10)[:100]
+        asyncio.run(_storage(c, write))
+        assert asyncio.run(_read_once(c.address, chain, ino, cred)) == (b"fenced?" * 10)[:100]
         # The routing used by the probe is fetched before mgmtd freezes.
         mgmt_pid = c.mgmtd.pid if c.mgmtd is not None else None
         assert mgmt_pid is not None
@@ -68,7 +71,9 @@ def test_node_without_mgmtd_fences_then_recovers(tmp_path: Path) -> None:
         async def probe_frozen() -> Any:
             routing = RoutingCache(mgmt)
             await routing.refresh()
-            client = StorageClient(routing, b"fence-probe", StorageClientConfig(attempts=1))
+            client = StorageClient(
+                routing, b"fence-probe", StorageClientConfig(attempts=1), credential=cred
+            )
             os.kill(mgmt_pid, signal.SIGSTOP)
             try:
                 loop = asyncio.get_running_loop()
@@ -91,7 +96,7 @@ def test_node_without_mgmtd_fences_then_recovers(tmp_path: Path) -> None:
             os.kill(mgmt_pid, signal.SIGCONT)
             asyncio.run(mgmt.close())
         fl.poll(
-            lambda: asyncio.run(_read_once(c.address, chain, ino)) == (b"fenced?" * 10)[:100],
+            lambda: asyncio.run(_read_once(c.address, chain, ino, cred)) == (b"fenced?" * 10)[:100],
             30,
             "reads served again after mgmtd returns",
         )
@@ -106,7 +111,10 @@ def test_node_without_mgmtd_fences_then_recovers(tmp_path: Path) -> None:
             mgmt = MgmtClient([c.address], timeout_s=2.0)
             routing = RoutingCache(mgmt)
             client = StorageClient(
-                routing, b"doomed", StorageClientConfig(attempts=2, retry_total_ms=1500)
+                routing,
+                b"doomed",
+                StorageClientConfig(attempts=2, retry_total_ms=1500),
+                credential=cred,
             )
             try:
                 with pytest.raises(ChainfsError) as e:

@@ -18,6 +18,7 @@ from chainfs.common.checksum import crc32c
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.rpc.mgmt_client import MgmtClient, RoutingCache
 from chainfs.common.rpc.storage_client import StorageClient, data_address
+from chainfs.local import LocalCluster
 from chainfs.proto import common_pb2 as cp
 from chainfs.proto import storage_pb2 as sp
 from tests.fault import faultlib as fl
@@ -34,15 +35,20 @@ def fsck(address: str, *args: str) -> tuple[int, list[dict[str, Any]]]:
         timeout=60,
     )
     assert out.returncode in (0, 1), out.stderr
+    assert out.stdout, out.stderr
     return out.returncode, json.loads(out.stdout)
 
 
-async def _storage(address: str, fn: Any) -> Any:
-    mgmt = MgmtClient([address])
+async def _storage(c: LocalCluster, fn: Any) -> Any:
+    """``fn(client, routing)`` with a StorageClient acting as one of ``c``'s nodes."""
+    mgmt = MgmtClient([c.address])
     routing = RoutingCache(mgmt)
-    client = StorageClient(routing, b"fsck-test")
+    r = await routing.refresh()
+    client = StorageClient(
+        routing, b"fsck-test", credential=fl.node_credential_of(c.secret_file, r)
+    )
     try:
-        return await fn(client, await routing.refresh())
+        return await fn(client, r)
     finally:
         await client.close()
         await mgmt.close()
@@ -92,7 +98,12 @@ def test_fsck_finds_and_repairs(tmp_path: Path) -> None:
                     update_version=meta.committed_version + 1,
                     full_chunk=True,
                 )
-                dc = DataClient()
+                # Sent as the predecessor's node: the tail takes forwards from it only.
+                dc = DataClient(
+                    credential=fl.node_credential_of_target(
+                        c.secret_file, routing, chain.targets[-2]
+                    )
+                )
                 try:
                     await dc.request(
                         data_address(routing.node_of_target(tail)),
@@ -104,7 +115,7 @@ def test_fsck_finds_and_repairs(tmp_path: Path) -> None:
                 finally:
                     await dc.close()
 
-        asyncio.run(_storage(c.address, damage))
+        asyncio.run(_storage(c, damage))
         code, problems = fsck(c.address)
         kinds = {(p["kind"], p.get("path") or tuple(p.get("chunk", ()))) for p in problems}
         assert code == 1
@@ -170,7 +181,9 @@ def test_fsck_repair_copies_only_the_missing_chunk(tmp_path: Path) -> None:
                 end_index=2,
                 indexes=[1],
             )
-            dc = DataClient()
+            dc = DataClient(
+                credential=fl.node_credential_of_target(c.secret_file, routing, chain.targets[-2])
+            )
             try:
                 await dc.request(
                     data_address(node), sp.REMOVE_CHUNKS, req.SerializeToString(), timeout_s=10
@@ -178,7 +191,7 @@ def test_fsck_repair_copies_only_the_missing_chunk(tmp_path: Path) -> None:
             finally:
                 await dc.close()
 
-        asyncio.run(_storage(c.address, drop))
+        asyncio.run(_storage(c, drop))
         assert (ino, 1) not in fl.dump_target(node, tail)
         before = _target_files(tdir)
         code, problems = fsck(c.address)

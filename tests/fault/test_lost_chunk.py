@@ -87,7 +87,7 @@ def _lost_counts(nodes: list[Any]) -> dict[int, int]:
     async def go() -> dict[int, int]:
         counts = {}
         for node in nodes:
-            ch = grpc_util.channel(node.rpc_address)
+            ch = grpc_util.channel(node.rpc_address, fl.operator_credential_of(node))
             try:
                 rsp = await grpc_util.call(
                     sg.StorageControlStub(ch).GetTargets, sp.GetTargetsReq(), 10

@@ -43,6 +43,7 @@ from chainfs.common.dataplane.client import DataClient
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.storage_client import StorageClientConfig
 from chainfs.local import cluster as cluster_mod
+from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.testing.netns import NetnsLink
@@ -128,9 +129,12 @@ class Probe:
             self.proc.wait()
 
 
-async def _read_direct(address: str, chain: int, target: int, ino: int, length: int) -> Any:
-    """One read sent straight to ``target`` at ``address``: bytes or the error code."""
-    dc = DataClient()
+async def _read_direct(
+    address: str, chain: int, target: int, ino: int, length: int, cred: cpb.Credential
+) -> Any:
+    """One read sent straight to ``target`` at ``address`` with a node's
+    credential ``cred``: bytes or the error code."""
+    dc = DataClient(credential=cred)
     try:
         req = sp.BatchReadReq(
             ios=[
@@ -219,6 +223,8 @@ def test_partitioned_node_fences_and_serves_no_stale_bytes(tmp_path: Path, isola
             target=cut_target,
             inode=ino,
             length=len(old),
+            secret_file=c.secret_file,
+            node_id=node["node_id"],
         )
         # Checksummed files written and read back on this side all along.
         w = fl.Workload(fs, seed=isolated)
@@ -247,7 +253,10 @@ def test_partitioned_node_fences_and_serves_no_stale_bytes(tmp_path: Path, isola
             assert fs.read_file("/p") == new
 
             # A client on this side with the old routing: the node is out of reach.
-            stale = asyncio.run(_read_direct(address, chain.chain_id, cut_target, ino, len(new)))
+            cred = fl.node_credential_of(c.secret_file, r, node["node_id"])
+            stale = asyncio.run(
+                _read_direct(address, chain.chain_id, cut_target, ino, len(new), cred)
+            )
             assert not isinstance(stale, bytes), "read across the partition returned bytes"
 
             fl.poll(
