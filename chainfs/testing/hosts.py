@@ -260,6 +260,7 @@ class MultiHostCluster(LocalCluster):
     def _start(self) -> None:
         """The operator's order (deploy/README.md "First start")."""
         mgmtd = self.host_of("mgmtd")
+        self._prepare_credentials()
         self.mgmtds.append(self._spawn("mgmtd", "mgmtd", self._mgmtd_config(0)))
         self.mgmtd = self.mgmtds[0]
         for i in range(self.n_storage):
@@ -279,7 +280,7 @@ class MultiHostCluster(LocalCluster):
     def admin(self, host: Host, *args: str) -> Any:
         """``chainfs admin ARGS --json`` run on ``host``; its answer."""
         cmd = [*host.exec_prefix(), sys.executable, "-m", "chainfs", "admin", *args]
-        cmd += ["--address", self.address, "--json"]
+        cmd += ["--address", self.address, "--token-file", str(self.admin_token_file), "--json"]
         out = subprocess.run(
             cmd, capture_output=True, text=True, timeout=self.start_timeout_s, check=False
         )
@@ -296,6 +297,8 @@ class MultiHostCluster(LocalCluster):
         overrides: dict[str, Any] = {
             "listen_host": self.host_of("mgmtd").address,
             "data_dir": str(self.base_dir / "mgmtd" / "data"),
+            "cluster_secret_file": str(self.secret_file),
+            "admin_token_file": str(self.admin_token_file),
         }
         if self.heartbeat_interval_ms is not None:
             overrides["heartbeat_interval_ms"] = self.heartbeat_interval_ms
@@ -309,6 +312,7 @@ class MultiHostCluster(LocalCluster):
             "listen_host": self.host_of(f"storage{i}").address,
             "mgmtd_addresses": self.mgmtd_addresses,
             "targets": [str(node_dir / f"t{j}") for j in range(self.targets_per_node)],
+            "cluster_secret_file": str(self.secret_file),
         }
         if self.heartbeat_interval_ms is not None:
             overrides["heartbeat_interval_ms"] = self.heartbeat_interval_ms
@@ -322,6 +326,7 @@ class MultiHostCluster(LocalCluster):
             "listen_host": self.host_of("meta").address,
             "kv_url": f"rocksdb://{self.base_dir / 'meta' / 'kv'}",
             "mgmtd_addresses": self.mgmtd_addresses,
+            "cluster_secret_file": str(self.secret_file),
         }
         return example_config("meta", overrides)
 
@@ -329,7 +334,13 @@ class MultiHostCluster(LocalCluster):
         """`chainfs mount` on the client host, at a mount point a later sweep knows."""
         mountpoint = mountpoint / mount_name("mnt")
         mountpoint.mkdir(parents=True, exist_ok=True)
-        proc = MountProcess(mountpoint, self.address, self.base_dir / "mount", self.mount_options)
+        proc = MountProcess(
+            mountpoint,
+            self.address,
+            self.base_dir / "mount",
+            self.mount_options,
+            token_file=self._mount_token_file(),
+        )
         proc.prefix = self.exec_prefix("mount")
         self._mount_proc = proc
         proc.start(self.start_timeout_s)
