@@ -173,6 +173,7 @@ class LocalCluster(StopOnExit):
         lease_ms: int | None = None,
         lease_renew_interval_ms: int | None = None,
         configure_meta: Callable[[int, Any], None] | None = None,
+        configure_mgmtd: Callable[[int, Any], None] | None = None,
         mgmtd_ports: Sequence[int] = (),
         tls: bool = False,
     ) -> None:
@@ -200,6 +201,7 @@ class LocalCluster(StopOnExit):
         self.lease_ms = lease_ms
         self.lease_renew_interval_ms = lease_renew_interval_ms
         self.configure_meta = configure_meta  # (meta index, MetaConfig) -> None
+        self.configure_mgmtd = configure_mgmtd  # (mgmtd index, MgmtdConfig) -> None
         # The port of each mgmtd (0 = any free one): the cluster address clients keep.
         self.mgmtd_ports = list(mgmtd_ports) or [0] * mgmtds
         # tls=True: the admin identity (set in _start, once the CA exists); None = plain.
@@ -413,6 +415,8 @@ class LocalCluster(StopOnExit):
             c.lease_safety_margin_ms = min(
                 c.lease_safety_margin_ms, (c.lease_ms - c.lease_renew_interval_ms) // 2
             )
+        if self.configure_mgmtd is not None:
+            self.configure_mgmtd(i, c)
         return c
 
     def _storage_config(self, i: int) -> Any:

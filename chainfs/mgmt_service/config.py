@@ -86,6 +86,11 @@ class MgmtdConfig:
     # already in the file is adopted); "" = <data_dir>/admin.token.
     admin_token_file: str = ""
     max_users: int = 10_000  # bound on stored users (each directory fetch sends all)
+    # A framed connection's token is checked again this often (a store read),
+    # so a removed user or rotated token stops working on connections opened
+    # before, within this time; tokens re-checked are kept up to the bound.
+    user_recheck_interval_ms: int = 5_000
+    user_recheck_entries: int = 65_536
 
     def validate(self) -> None:
         self.tls.validate()
@@ -93,6 +98,8 @@ class MgmtdConfig:
             raise ValueError(f"port must be in 0..65535, not {self.port}")
         check_port("metrics_port", self.metrics_port)
         check_port("status_port", self.status_port)
+        if self.user_recheck_interval_ms <= 0 or self.user_recheck_entries <= 0:
+            raise ValueError("user_recheck_interval_ms and user_recheck_entries must be > 0")
         for name in (
             "status_sample_interval_ms",
             "status_scrape_timeout_ms",

@@ -87,7 +87,12 @@ async def serve(
         svc = Mgmtd(cfg, store, self_id, address, url, exclusive)
         mg.add_MgmtServicer_to_server(svc, srv)
         if framed is not None:
-            framed.handler = framed_handler(svc, authenticated=auth is not None)
+            handler = framed_handler(svc, authenticated=auth is not None)
+            if auth is not None:
+                handler = users.revocation_guard(
+                    handler, cfg.user_recheck_interval_ms / 1000, cfg.user_recheck_entries
+                )
+            framed.handler = handler
         await srv.start()
         lease_keeper = LeaseKeeper(svc)
         sampler = ThroughputSampler(svc, cfg)

@@ -7,12 +7,15 @@ directory version that meta and storage poll (GetUserDirectory).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+import time
 from pathlib import Path
 
 from chainfs.common.auth.identity import Identity
 from chainfs.common.auth.tokens import new_token, read_token_file, token_hash, write_token_file
+from chainfs.common.dataplane.server import Handler, Request, Response
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.user_cache import identity_of
 from chainfs.kv import KVStore, Transaction, prefix_end
@@ -88,7 +91,32 @@ class UserStore:
             return mp.User.FromString(raw) if raw is not None else None
 
         user = await self.store.transact(fn, read_only=True)
-        return identity_of(user) if user is not None else None
+        if user is None:
+            return None
+        return dataclasses.replace(identity_of(user), token_hash=token_hash_hex)
+
+    def revocation_guard(self, handler: Handler, interval_s: float, bound: int) -> Handler:
+        """``handler`` refusing (UNAUTHENTICATED) the requests of framed
+        connections whose token was revoked after their HELLO: each token is
+        looked up again at most every ``interval_s``."""
+        checked: dict[str, float] = {}  # token hash -> monotonic time it last stood
+
+        async def guarded(req: Request) -> Response:
+            who = req.identity
+            if who.is_user and who.token_hash:
+                now = time.monotonic()
+                at = checked.get(who.token_hash)
+                if at is None or now - at >= interval_s:
+                    if await self.user_of(who.token_hash) != who:
+                        checked.pop(who.token_hash, None)
+                        raise ChainfsError(Code.UNAUTHENTICATED, "token revoked or user changed")
+                    checked.pop(who.token_hash, None)
+                    if len(checked) >= bound:
+                        del checked[next(iter(checked))]  # the oldest check
+                    checked[who.token_hash] = now
+            return await handler(req)
+
+        return guarded
 
     async def add(self, user: mp.User, token: str | None = None) -> tuple[mp.User, str]:
         """Store a new user with a fresh token (or ``token``); EEXIST if the name is taken."""

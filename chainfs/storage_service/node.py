@@ -340,6 +340,9 @@ class StorageNode:
                     len(os.fsencode(path)),
                     path,
                 )
+        if self.secret is not None:
+            # A user token (an admin's fsck repair) revoked after its HELLO stops here.
+            framed = self.users.guard(framed)
         self.data_server = DataServer(
             framed,
             cfg.listen_host,

@@ -28,12 +28,13 @@ from chainfs.common.auth.secret import load_secret, node_credential
 from chainfs.common.auth.tokens import new_token
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import MetaClient, UserInfo
-from chainfs.common.rpc.mgmt_client import MgmtClient
+from chainfs.common.rpc.mgmt_client import FramedMgmtClient, MgmtClient
 from chainfs.local import LocalCluster
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp
 
 REFRESH_MS = 300  # meta's user directory refresh in this cluster
+RECHECK_MS = 300  # mgmtd's re-check of a framed connection's token in this cluster
 REVOKE_WAIT_S = 20.0  # bound on waiting for a revocation to reach meta (many intervals)
 
 
@@ -41,11 +42,20 @@ def _fast_user_refresh(_i: int, c: Any) -> None:
     c.user_refresh_interval_ms = REFRESH_MS
 
 
+def _fast_user_recheck(_i: int, c: Any) -> None:
+    c.user_recheck_interval_ms = RECHECK_MS
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     base = Path(tmp_path_factory.mktemp("identity"))
     with LocalCluster(
-        base, storage_nodes=1, targets_per_node=1, replicas=1, configure_meta=_fast_user_refresh
+        base,
+        storage_nodes=1,
+        targets_per_node=1,
+        replicas=1,
+        configure_meta=_fast_user_refresh,
+        configure_mgmtd=_fast_user_recheck,
     ) as c:
         fs = c.client()
         fs.mkdir("/private", 0o700)
@@ -229,11 +239,38 @@ def test_removed_user_and_rotated_token_stop_working(cluster: LocalCluster) -> N
         held.close()
 
 
+def test_a_removed_users_open_framed_mgmtd_connection_stops(
+    cluster: LocalCluster,
+) -> None:
+    """The framed transport authenticates a connection once (HELLO); mgmtd
+    looks the token up again, so a removed user's open connection stops."""
+    dave = add_user(cluster, "dave", uid=1003, gid=1003)
+
+    async def go() -> int:
+        m = FramedMgmtClient(cluster.address, 10.0, credential=cpb.Credential(token=dave))
+        try:
+            await m._call("GetStatus", mp.GetStatusReq())
+            async with _admin(cluster) as admin:
+                await admin.user_remove("dave")
+            deadline = time.monotonic() + REVOKE_WAIT_S
+            while True:
+                try:
+                    await m._call("GetStatus", mp.GetStatusReq())
+                except ChainfsError as e:
+                    return e.code
+                assert time.monotonic() < deadline, "a removed user's connection still works"
+                await asyncio.sleep(RECHECK_MS / 1000)
+        finally:
+            await m.close()
+
+    assert asyncio.run(go()) == Code.UNAUTHENTICATED
+
+
 UNPRIVILEGED_SCRIPT = r"""
 import asyncio, json, sys
 import chainfs
 from chainfs.common.errors import ChainfsError
-from chainfs.common.rpc.mgmt_client import MgmtClient
+from chainfs.common.rpc.mgmt_client import FramedMgmtClient, MgmtClient
 from chainfs.proto import common_pb2 as cpb, mgmt_pb2 as mp
 
 address, secret_file, token_file, meta_id, forged_token = sys.argv[1:6]

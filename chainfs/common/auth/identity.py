@@ -28,6 +28,9 @@ class Identity:
     # May act for the uids the kernel names (a multi-user mount); see meta.
     impersonate: bool = False
     node_id: int = 0
+    # The hash of the token that proved a user (mgmtd sets it, to re-check a
+    # long-lived framed connection against revocation); not part of equality.
+    token_hash: str = field(default="", compare=False, repr=False)
 
     @property
     def is_node(self) -> bool:
