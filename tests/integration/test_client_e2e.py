@@ -555,3 +555,17 @@ def test_process_exit_without_close_is_clean_and_flushes(cluster: LocalCluster) 
         assert p.returncode == 0, err.decode(errors="replace")
         assert fs.read_file(f"/e2e/exit/out-{i}") == b"left open %d" % i
     fs.close()
+
+
+def test_read_ranges_over_long_paths_beyond_one_request(fs: FileSystem) -> None:
+    """300 files whose paths are near PATH_MAX: their names alone (1.2 MB) are
+    more than meta takes in one request header (1 MiB), so the stats that
+    read_ranges makes go as several calls and every range still reads back."""
+    deep = "/" + "/".join(f"{i:02d}" + "d" * 248 for i in range(15))  # 3,765 bytes
+    fs.makedirs(deep)
+    paths = [f"{deep}/{i:03d}" + "f" * 197 for i in range(300)]
+    assert min(len(p) for p in paths) > 3_960
+    for i, p in enumerate(paths):
+        fs.write_file(p, pattern(100 + i, p))
+    got = fs.read_ranges([(p, 1, 50) for p in paths])
+    assert [bytes(g) for g in got] == [pattern(100 + i, p)[1:51] for i, p in enumerate(paths)]

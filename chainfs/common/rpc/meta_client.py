@@ -124,6 +124,26 @@ def path_at(at: At) -> pb.PathAt:
     return pb.PathAt(path=os.fsencode(at))
 
 
+# Paths per BatchStat call, in bytes: a quarter of meta's default request
+# header bound (max_request_header_bytes, 1 MiB), whatever the path lengths.
+BATCH_STAT_REQUEST_BYTES = 256 * 1024
+
+
+def _by_size(ats: list[pb.PathAt], budget: int) -> list[list[pb.PathAt]]:
+    """``ats`` cut in order into runs of at most ``budget`` path bytes (a run
+    holds at least one)."""
+    runs: list[list[pb.PathAt]] = [[]]
+    used = 0
+    for at in ats:
+        size = len(at.path) + 16  # the path and its framing, parent id
+        if runs[-1] and used + size > budget:
+            runs.append([])
+            used = 0
+        runs[-1].append(at)
+        used += size
+    return runs
+
+
 def naming_path(err: ChainfsError, request: Any) -> ChainfsError:
     """``err`` naming the absolute path the request was about (what the user gave),
     so that its text leads with that path rather than meta's inner names."""
@@ -362,16 +382,22 @@ class MetaClient:
         user: UserInfo | None = None,
         want_capability: int = 0,
     ) -> list[tuple[pb.Inode, cpb.Capability | None] | ChainfsError]:
-        """As batch_stat, with each inode the capability meta granted (None: none)."""
-        req = pb.BatchStatReq(
-            req=self.request_info(user),
-            ats=[path_at(a) for a in ats],
-            follow=follow,
-            want_capability=want_capability,
-        )
-        rsp: pb.BatchStatRsp = await self.call("BatchStat", req)
+        """As batch_stat, with each inode the capability meta granted (None: none).
+
+        Long paths make a long request: it goes as several calls, each at most
+        BATCH_STAT_REQUEST_BYTES of paths, under meta's request header bound."""
+        results: list[pb.StatResult] = []
+        for part in _by_size([path_at(a) for a in ats], BATCH_STAT_REQUEST_BYTES):
+            req = pb.BatchStatReq(
+                req=self.request_info(user),
+                ats=part,
+                follow=follow,
+                want_capability=want_capability,
+            )
+            rsp: pb.BatchStatRsp = await self.call("BatchStat", req)
+            results.extend(rsp.results)
         out: list[tuple[pb.Inode, cpb.Capability | None] | ChainfsError] = []
-        for r in rsp.results:
+        for r in results:
             if r.code:
                 out.append(ChainfsError(r.code, r.message))
             elif r.HasField("capability"):
