@@ -46,7 +46,7 @@ class DirOps(OpsBase):
             return fh
         since = self._changes
         dir_inode, first = await asyncio.gather(
-            self.meta.stat(inode, follow=False, user=user),
+            self._stat(inode, user),
             self.meta.readdir(inode, b"", self._page, with_attrs=True, user=user),
         )
         d = DirHandle(fh, inode, dir_inode.parent or ROOT_INO, user, dir_inode, changes=since)

@@ -249,6 +249,7 @@ class FileOps(OpsBase):
                 session=acc == os.O_RDONLY and self.io.config.read_sessions,
             ),
             added=[(parent_inode, name)],
+            left=lambda r: [] if r.parent is None else [r.parent],
         )
         truncated = bool(flags & os.O_TRUNC) and not rsp.created
         fi, _ = await self._start_handle(rsp.inode, rsp.session_id, flags, truncated)

@@ -26,7 +26,7 @@ from chainfs.common.rpc.meta_client import UserInfo
 from chainfs.fuse_mount.dir_ops import DirOps
 from chainfs.fuse_mount.file_ops import FileOps
 from chainfs.fuse_mount.lock_ops import LockOps
-from chainfs.fuse_mount.ops_base import ROOT_INO, log, op
+from chainfs.fuse_mount.ops_base import ROOT_INO, log, op, replied
 from chainfs.fuse_mount.special_ops import SpecialOps
 from chainfs.fuse_mount.xattr_ops import XattrOps
 
@@ -48,15 +48,17 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
         user = self._user(ctx)
         try:
             if name == b".":
-                inode = await self.meta.stat(parent_inode, follow=False, user=user)
+                inode = await self._stat(parent_inode, user)
             elif name == b"..":
-                d = await self.meta.stat(parent_inode, follow=False, user=user)
-                inode = await self.meta.stat(d.parent or ROOT_INO, follow=False, user=user)
+                d = await self._stat(parent_inode, user)
+                inode = await self._stat(d.parent or ROOT_INO, user)
             elif self._absent(parent_inode, name):
                 raise ChainfsError(Code.ENOENT, "not in the directory's name list")
             else:
                 try:
+                    stamp = self._dir_attrs.stamp()
                     inode = await self.meta.lookup(parent_inode, name, user)
+                    self._dir_attrs.learn(inode, stamp)
                 except ChainfsError as e:
                     if e.code == Code.ENOENT:
                         await self._list_names(parent_inode, user)
@@ -85,7 +87,11 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
 
     @op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self.meta.stat(inode, follow=False, user=self._user(ctx)))
+        known = self._dir_attrs.get(inode)
+        if known is not None:  # a directory: the kernel may keep it only as long as we may
+            self.counters.local["getattr"] += 1
+            return self._entry(known[0], attr_timeout=known[1])
+        return self._entry(await self._stat(inode, self._user(ctx)))
 
     @op
     async def setattr(
@@ -128,7 +134,9 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
         if not fields.update_size:
             if not kw:
                 return await self.getattr(inode, ctx)
-            return self._entry(await self.meta.setattr(inode, follow=False, user=user, **kw))
+            return self._entry(
+                await self._touching(inode, self.meta.setattr(inode, follow=False, user=user, **kw))
+            )
         size = attr.st_size
         h = self._files.get(fh) if fh is not None else None
         if h is not None and h.writable and h.ino == inode and not kw:
@@ -160,10 +168,12 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        inode = await self._changing(
-            self.meta.mkdir((parent_inode, name), mode & 0o7777, user=self._user(ctx)),
+        rsp = await self._changing(
+            self.meta.mkdir_reply((parent_inode, name), mode & 0o7777, user=self._user(ctx)),
             added=[(parent_inode, name)],
+            left=lambda r: replied(r, "parent"),
         )
+        inode = rsp.inode
         self._install_names(inode.ino, set(), self._mutations)  # new: empty
         self._remember(inode.ino)
         return self._entry(inode)
@@ -173,26 +183,34 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
         user = self._user(ctx)
         await self._hold_if_open(parent_inode, name, user)
         await self._changing(
-            self.meta.unlink((parent_inode, name), user=user), removed=[(parent_inode, name)]
+            self.meta.unlink_reply((parent_inode, name), user=user),
+            removed=[(parent_inode, name)],
+            left=lambda r: replied(r, "parent"),
         )
 
     @op
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._changing(
-            self.meta.rmdir((parent_inode, name), user=self._user(ctx)),
+        rsp = await self._changing(
+            self.meta.rmdir_reply((parent_inode, name), user=self._user(ctx)),
             removed=[(parent_inode, name)],
+            left=lambda r: replied(r, "parent"),
         )
+        if rsp.ino:
+            self._dir_attrs.drop(rsp.ino)
+        else:
+            self._dir_attrs.clear()  # which directory went is unknown
 
     @op
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        inode = await self._changing(
-            self.meta.symlink(target, (parent_inode, name), user=self._user(ctx)),
+        rsp = await self._changing(
+            self.meta.symlink_reply(target, (parent_inode, name), user=self._user(ctx)),
             added=[(parent_inode, name)],
+            left=lambda r: replied(r, "parent"),
         )
-        self._remember(inode.ino)
-        return self._entry(inode)
+        self._remember(rsp.inode.ino)
+        return self._entry(rsp.inode)
 
     @op
     async def rename(
@@ -209,25 +227,35 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
         user = self._user(ctx)
         if not flags & pyfuse3.RENAME_EXCHANGE:
             await self._hold_if_open(parent_inode_new, name_new, user)
-        await self._changing(
-            self.meta.rename(
+        exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        rsp = await self._changing(
+            self.meta.rename_reply(
                 (parent_inode_old, name_old), (parent_inode_new, name_new), flags, user=user
             ),
             added=[(parent_inode_new, name_new)]
-            + ([(parent_inode_old, name_old)] if flags & pyfuse3.RENAME_EXCHANGE else []),
-            removed=[] if flags & pyfuse3.RENAME_EXCHANGE else [(parent_inode_old, name_old)],
+            + ([(parent_inode_old, name_old)] if exchange else []),
+            removed=[] if exchange else [(parent_inode_old, name_old)],
+            left=lambda r: replied(r, "src_parent", "dst_parent"),
         )
+        # The moved inode's ctime (and a moved directory's "..") changed, and
+        # what the new name replaced is gone or lost a link.
+        if exchange or not rsp.HasField("src_parent"):
+            self._dir_attrs.clear()  # the other inode of an exchange, or a replay: unknown
+        self._dir_attrs.drop(rsp.inode.ino)
+        if rsp.HasField("replaced"):
+            self._dir_attrs.drop(rsp.replaced.ino)
 
     @op
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        result = await self._changing(
-            self.meta.link(inode, (new_parent_inode, new_name), user=self._user(ctx)),
+        rsp = await self._changing(
+            self.meta.link_reply(inode, (new_parent_inode, new_name), user=self._user(ctx)),
             added=[(new_parent_inode, new_name)],
+            left=lambda r: replied(r, "parent"),
         )
-        self._remember(result.ino)
-        return self._entry(result)
+        self._remember(rsp.inode.ino)
+        return self._entry(rsp.inode)
 
     # -- file system -------------------------------------------------------------
     @op

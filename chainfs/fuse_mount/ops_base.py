@@ -17,7 +17,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
@@ -30,6 +30,7 @@ from chainfs.common.units import MiB
 from chainfs.fuse_mount import metrics as fuse_metrics
 from chainfs.fuse_mount.config import MountConfig
 from chainfs.fuse_mount.state import (
+    DirAttrCache,
     DirHandle,
     DirListing,
     DirNames,
@@ -54,6 +55,8 @@ _GUARD_MARGIN_S = 5.0
 # entries, at most this many directories (least recently used dropped).
 NAMES_MAX_ENTRIES = 4096
 _NAMES_MAX_DIRS = 64
+# Directories whose attributes the mount keeps to answer getattr (least recently used dropped).
+_DIR_ATTRS_MAX = 4096
 # Bound on the (size, mtime) versions remembered of attributes told to the kernel.
 _TOLD_MAX = 1 << 16
 # Failures that say something is wrong with the cluster or the mount are
@@ -101,8 +104,14 @@ _CHANGING_REQUESTS = frozenset(
 _WRITE_HANDLE_REQUESTS = frozenset({"flush", "fsync", "release"})
 
 
+def replied(rsp: Any, *fields: str) -> list[mt.Inode]:
+    """The directories a change's reply carries in ``fields`` (absent in a replay)."""
+    return [getattr(rsp, f) for f in fields if rsp.HasField(f)]
+
+
 class RequestCounters:
-    """FUSE requests served and meta RPCs sent by this mount, by name, ever.
+    """FUSE requests served, meta RPCs sent, and requests answered from what the
+    mount keeps instead of a meta RPC (``local``), by name, ever.
 
     Logged on SIGUSR2 (see mount.py): the difference of two dumps around a
     workload says what one POSIX operation costs in requests and round trips.
@@ -111,6 +120,7 @@ class RequestCounters:
     def __init__(self) -> None:
         self.fuse: collections.Counter[str] = collections.Counter()
         self.meta: collections.Counter[str] = collections.Counter()
+        self.local: collections.Counter[str] = collections.Counter()
 
     def count_meta_calls(self, meta: MetaClient) -> None:
         """Count every RPC ``meta`` sends (all its methods go through ``call``)."""
@@ -125,7 +135,10 @@ class RequestCounters:
     def summary(self) -> str:
         fuse = " ".join(f"{k}={v}" for k, v in sorted(self.fuse.items()))
         meta = " ".join(f"{k}={v}" for k, v in sorted(self.meta.items()))
-        return f"fuse requests: {fuse or '-'}; meta rpcs: {meta or '-'}"
+        local = " ".join(f"{k}={v}" for k, v in sorted(self.local.items()))
+        return (
+            f"fuse requests: {fuse or '-'}; meta rpcs: {meta or '-'}; local answers: {local or '-'}"
+        )
 
 
 def op(
@@ -215,6 +228,7 @@ class OpsBase(pyfuse3.Operations):
         # (size, mtime_ns) of the attributes the kernel last got from us, by inode.
         self._told: dict[int, tuple[int, int]] = {}
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None  # (expires, answer)
+        self._dir_attrs = DirAttrCache(self._attr_timeout_s, _DIR_ATTRS_MAX)
         # Reply buffers of reads, reused (a fresh 1 MiB buffer costs 256 page faults);
         # room for every concurrent request, twice over.
         room = 2 * config.max_requests * MAX_READ_BYTES
@@ -345,20 +359,42 @@ class OpsBase(pyfuse3.Operations):
         else:
             self._install_names(parent, {e.name for e in rsp.entries}, since)
 
+    async def _stat(self, ino: int, user: UserInfo) -> mt.Inode:
+        """Meta's Stat of ``ino``; a directory's attributes are kept for getattr."""
+        stamp = self._dir_attrs.stamp()
+        inode = await self.meta.stat(ino, follow=False, user=user)
+        self._dir_attrs.learn(inode, stamp)
+        return inode
+
+    async def _touching(self, ino: int, change: Awaitable[T]) -> T:
+        """A change of ``ino``'s own attributes (setattr, xattrs): none kept of it meanwhile."""
+        dir_change = self._dir_attrs.begin([ino])
+        try:
+            return await change
+        finally:
+            self._dir_attrs.end(dir_change)
+
     async def _changing(
         self,
         change: Awaitable[T],
         added: Sequence[tuple[int, bytes]] = (),
         removed: Sequence[tuple[int, bytes]] = (),
+        dirs: Iterable[int] = (),
+        left: Callable[[T], Iterable[mt.Inode]] | None = None,
     ) -> T:
-        """Run a namespace change; keep the name lists of its directories current."""
+        """Run a change; keep the name lists and attributes of its directories
+        (those of ``added`` and ``removed``, and ``dirs``) current: ``left``
+        says, from the reply, how the change left them."""
+        dir_change = self._dir_attrs.begin([*(p for p, _ in (*added, *removed)), *dirs])
         try:
             result = await change
         except BaseException:
+            self._dir_attrs.end(dir_change)
             self._mutations += 1
             for parent, _ in (*added, *removed):
                 self._names.pop(parent, None)  # outcome unknown: forget the list
             raise
+        self._dir_attrs.end(dir_change, left(result) if left is not None else ())
         self._mutations += 1
         for parent, name in removed:
             nc = self._names.get(parent)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyfuse3
 
-from chainfs.fuse_mount.ops_base import OpsBase, op
+from chainfs.fuse_mount.ops_base import OpsBase, op, replied
 
 
 class SpecialOps(OpsBase):
@@ -18,9 +18,10 @@ class SpecialOps(OpsBase):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        inode = await self._changing(
-            self.meta.mknod((parent_inode, name), mode, rdev, user=self._user(ctx)),
+        rsp = await self._changing(
+            self.meta.mknod_reply((parent_inode, name), mode, rdev, user=self._user(ctx)),
             added=[(parent_inode, name)],
+            left=lambda r: replied(r, "parent"),
         )
-        self._remember(inode.ino)
-        return self._entry(inode)
+        self._remember(rsp.inode.ino)
+        return self._entry(rsp.inode)

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -122,6 +123,113 @@ class DirNames:
     # False: the directory was too big to list; lookups ask meta until expires
     # (kept so that every lookup of an absent name does not list it again).
     complete: bool = True
+
+
+@dataclass(frozen=True)
+class DirChange:
+    """A change of directories through this mount, from :meth:`DirAttrCache.begin`."""
+
+    dirs: tuple[int, ...]
+    sent: float  # the cache's clock (time.monotonic()) when it was sent
+
+
+class DirAttrCache:
+    """Directory attributes learned from meta's answers (lookups, Stats, the
+    replies of namespace changes), answering getattr of a directory for
+    ``ttl_s`` from when they were asked for (the attribute timeout), without a
+    Stat; at most ``max_entries`` directories, least recently used dropped.
+
+    This mount's own changes are never hidden: a change drops its directories'
+    entries when it starts (:meth:`begin`) and keeps the attributes its reply
+    carries when it ends (:meth:`end`), unless another change of the same
+    directory through this mount overlapped it (their order at meta is
+    unknown): then the next getattr asks meta. An answer to a lookup or Stat is
+    kept only if no change through this mount started or ended since it was
+    sent (:meth:`stamp`, then :meth:`learn`).
+    """
+
+    def __init__(
+        self, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._clock = clock
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._entries: collections.OrderedDict[int, tuple[float, mt.Inode]] = (
+            collections.OrderedDict()
+        )
+        self._busy: dict[int, int] = {}  # directory -> changes in flight through this mount
+        self._contended: set[int] = set()  # busy directories whose changes overlapped
+        self._events = 0  # changes started or ended, ever
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stamp(self) -> tuple[int, float]:
+        """Taken before asking meta; :meth:`learn` keeps the answer only if still current."""
+        return self._events, self._clock()
+
+    def get(self, ino: int) -> tuple[mt.Inode, float] | None:
+        """The attributes of directory ``ino`` and the seconds they stay valid, if known."""
+        hit = self._entries.get(ino)
+        if hit is None:
+            return None
+        left_s = hit[0] - self._clock()
+        if left_s <= 0:
+            del self._entries[ino]
+            return None
+        self._entries.move_to_end(ino)
+        return hit[1], left_s
+
+    def learn(self, inode: mt.Inode, stamp: tuple[int, float]) -> None:
+        """Keep a directory's attributes from an answer to a request sent at ``stamp``."""
+        events, sent = stamp
+        if inode.type == mt.DIRECTORY and events == self._events and inode.ino not in self._busy:
+            self._put(inode, sent)
+
+    def begin(self, dirs: Iterable[int]) -> DirChange:
+        """A change of ``dirs`` is sent: forget them until it is answered."""
+        change = DirChange(tuple(dict.fromkeys(dirs)), self._clock())
+        self._events += 1
+        for ino in change.dirs:
+            n = self._busy.get(ino, 0)
+            if n:
+                self._contended.add(ino)
+            self._busy[ino] = n + 1
+            self._entries.pop(ino, None)
+        return change
+
+    def end(self, change: DirChange, left: Iterable[mt.Inode] = ()) -> None:
+        """``change`` was answered (or failed: nothing ``left``); ``left`` holds
+        directories of ``change.dirs`` as its reply says it left them."""
+        self._events += 1
+        alone: set[int] = set()
+        for ino in change.dirs:
+            n = self._busy[ino] - 1
+            if n:
+                self._busy[ino] = n
+                continue
+            del self._busy[ino]
+            if ino in self._contended:
+                self._contended.discard(ino)
+            else:
+                alone.add(ino)
+        for inode in left:
+            if inode.ino in alone and inode.type == mt.DIRECTORY:
+                self._put(inode, change.sent)
+
+    def drop(self, ino: int) -> None:
+        self._entries.pop(ino, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def _put(self, inode: mt.Inode, sent: float) -> None:
+        if self._ttl_s <= 0 or self._max_entries <= 0:
+            return
+        self._entries[inode.ino] = (sent + self._ttl_s, inode)
+        self._entries.move_to_end(inode.ino)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
 
 
 class GroupsCache:

@@ -255,6 +255,11 @@ class LocalCluster(StopOnExit):
         }
 
     @property
+    def mount_process(self) -> MountProcess | None:
+        """The FUSE mount's process, if mounted (SIGUSR2 logs its request counts)."""
+        return self._mount_proc
+
+    @property
     def status_url(self) -> str:
         """The first mgmtd's status page ("" when it serves none)."""
         assert self.mgmtd is not None, "cluster not started"

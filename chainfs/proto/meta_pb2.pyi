@@ -447,6 +447,7 @@ class OpenRsp(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     SESSION_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     CAPABILITY_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.bytes
     """set for a write open (or a read open with `session`); pass to Sync/Close"""
     created: _builtins.bool
@@ -460,6 +461,12 @@ class OpenRsp(_message.Message):
         storage wants it with every request about this inode's chunks.
         """
 
+    @_builtins.property
+    def parent(self) -> Global___Inode:
+        """With `created`: the directory it was created in, as this change left it
+        (mtime, ctime). Absent in an answer replayed for a retried request.
+        """
+
     def __init__(
         self,
         *,
@@ -468,10 +475,11 @@ class OpenRsp(_message.Message):
         created: _builtins.bool = ...,
         session_timeout_ms: _builtins.int = ...,
         capability: _common_pb2.Capability | None = ...,
+        parent: Global___Inode | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "inode", b"inode"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "inode", b"inode", "parent", b"parent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "created", b"created", "inode", b"inode", "session_id", b"session_id", "session_timeout_ms", b"session_timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "created", b"created", "inode", b"inode", "parent", b"parent", "session_id", b"session_id", "session_timeout_ms", b"session_timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -734,19 +742,30 @@ Global___MkdirReq: _TypeAlias = MkdirReq  # noqa: Y015
 
 @_typing.final
 class MkdirRsp(_message.Message):
+    """Replies of namespace changes carry the changed directories as the change
+    left them (nlink, mtime, ctime), so a client need not ask for them again.
+    Absent in an answer replayed for a retried request (not kept for retries).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     INODE_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def inode(self) -> Global___Inode: ...
+    @_builtins.property
+    def parent(self) -> Global___Inode:
+        """the directory the new one is in (unset for mkdir -p of an existing one)"""
+
     def __init__(
         self,
         *,
         inode: Global___Inode | None = ...,
+        parent: Global___Inode | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode", "parent", b"parent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode", "parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -780,12 +799,17 @@ Global___UnlinkReq: _TypeAlias = UnlinkReq  # noqa: Y015
 class UnlinkRsp(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PARENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def parent(self) -> Global___Inode: ...
     def __init__(
         self,
+        *,
+        parent: Global___Inode | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -819,12 +843,21 @@ Global___RmdirReq: _TypeAlias = RmdirReq  # noqa: Y015
 class RmdirRsp(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PARENT_FIELD_NUMBER: _builtins.int
+    INO_FIELD_NUMBER: _builtins.int
+    ino: _builtins.int
+    """the removed directory (kept for retries)"""
+    @_builtins.property
+    def parent(self) -> Global___Inode: ...
     def __init__(
         self,
+        *,
+        parent: Global___Inode | None = ...,
+        ino: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ino", b"ino", "parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -867,18 +900,36 @@ class RenameRsp(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INODE_FIELD_NUMBER: _builtins.int
+    SRC_PARENT_FIELD_NUMBER: _builtins.int
+    DST_PARENT_FIELD_NUMBER: _builtins.int
+    REPLACED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def inode(self) -> Global___Inode:
         """the moved inode"""
+
+    @_builtins.property
+    def src_parent(self) -> Global___Inode:
+        """unset when nothing changed (both names one file)"""
+
+    @_builtins.property
+    def dst_parent(self) -> Global___Inode:
+        """the same directory as src_parent for a rename within one"""
+
+    @_builtins.property
+    def replaced(self) -> Global___Inode:
+        """what the target name named before (not RENAME_EXCHANGE), as left"""
 
     def __init__(
         self,
         *,
         inode: Global___Inode | None = ...,
+        src_parent: Global___Inode | None = ...,
+        dst_parent: Global___Inode | None = ...,
+        replaced: Global___Inode | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dst_parent", b"dst_parent", "inode", b"inode", "replaced", b"replaced", "src_parent", b"src_parent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dst_parent", b"dst_parent", "inode", b"inode", "replaced", b"replaced", "src_parent", b"src_parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -921,16 +972,20 @@ class LinkRsp(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INODE_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def inode(self) -> Global___Inode: ...
+    @_builtins.property
+    def parent(self) -> Global___Inode: ...
     def __init__(
         self,
         *,
         inode: Global___Inode | None = ...,
+        parent: Global___Inode | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode", "parent", b"parent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode", "parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -968,16 +1023,20 @@ class SymlinkRsp(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INODE_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def inode(self) -> Global___Inode: ...
+    @_builtins.property
+    def parent(self) -> Global___Inode: ...
     def __init__(
         self,
         *,
         inode: Global___Inode | None = ...,
+        parent: Global___Inode | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode", "parent", b"parent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode", "parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1890,16 +1949,20 @@ class MknodRsp(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INODE_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def inode(self) -> Global___Inode: ...
+    @_builtins.property
+    def parent(self) -> Global___Inode: ...
     def __init__(
         self,
         *,
         inode: Global___Inode | None = ...,
+        parent: Global___Inode | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode", "parent", b"parent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode", "parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -9,16 +9,21 @@ is ever touched.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
+import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from chainfs.local import LocalCluster
+from chainfs.local.process import MountProcess
 from tests.conftest import require
 
 T = TypeVar("T")
@@ -70,6 +75,44 @@ def mounted_cluster(
     finally:
         force_unmount(mnt)
     assert not is_mounted(mnt), f"{mnt} still mounted after the cluster stopped"
+
+
+_COUNTS = re.compile(r"fuse requests: (.*?); meta rpcs: (.*?); local answers: (.*)$")
+
+
+@dataclass
+class MountCounts:
+    """A mount's request counts since it started (its SIGUSR2 summary)."""
+
+    fuse: collections.Counter[str]
+    meta: collections.Counter[str]
+    local: collections.Counter[str]
+
+    def __sub__(self, earlier: MountCounts) -> MountCounts:
+        return MountCounts(
+            self.fuse - earlier.fuse, self.meta - earlier.meta, self.local - earlier.local
+        )
+
+
+def _parse_counts(items: str) -> collections.Counter[str]:
+    return collections.Counter({k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", items)})
+
+
+def mount_counts(proc: MountProcess, timeout_s: float = 10.0) -> MountCounts:
+    """Ask a mount for its counts (SIGUSR2) and read them from its log."""
+    assert proc.pid is not None
+    seen = proc.log_path.read_text(errors="replace").count("meta rpcs:")
+    os.kill(proc.pid, signal.SIGUSR2)
+
+    def logged() -> str:
+        text = proc.log_path.read_text(errors="replace")
+        return text if text.count("meta rpcs:") > seen else ""
+
+    text = poll(logged, timeout_s, "the mount's counts in its log", interval_s=0.02)
+    line = [ln for ln in text.splitlines() if "meta rpcs:" in ln][-1]
+    m = _COUNTS.search(line)
+    assert m is not None, line
+    return MountCounts(*(_parse_counts(m.group(i)) for i in (1, 2, 3)))
 
 
 def run(cmd: Sequence[str], cwd: Path | None = None, timeout: float = 120) -> str:

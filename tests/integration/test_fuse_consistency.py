@@ -23,7 +23,12 @@ from chainfs.client.sync import FileSystem
 from chainfs.fuse_mount.config import MountConfig
 from chainfs.local import LocalCluster
 from chainfs.local.process import MountProcess
-from tests.integration.fuse_fixtures import force_unmount, is_mounted, mounted_cluster
+from tests.integration.fuse_fixtures import (
+    force_unmount,
+    is_mounted,
+    mount_counts,
+    mounted_cluster,
+)
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
 
@@ -115,6 +120,55 @@ def test_own_changes_are_seen_at_once(mnt_a: Path, name: str) -> None:
     assert sorted(os.listdir(d)) == ["g", "h"]
     os.unlink(d / "g")
     assert _absent(d / "g") and os.listdir(d) == ["h"]
+
+
+def test_directory_attributes_after_own_changes_come_without_a_stat(
+    cluster: LocalCluster, mnt_a: Path, fs: FileSystem, name: str
+) -> None:
+    """After each change through the mount the kernel asks for the changed
+    directory's attributes again; the mount answers from meta's reply to the
+    change (no Stat), and what it answers is what meta says."""
+    proc = cluster.mount_process
+    assert proc is not None
+    d, other = mnt_a / name.lstrip("/"), mnt_a / (name.lstrip("/") + "-other")
+    d.mkdir()
+    other.mkdir()
+    os.stat(d)
+
+    def same_as_meta(path: Path, nlink: int) -> None:
+        mine, theirs = os.stat(path), fs.stat("/" + str(path.relative_to(mnt_a)))
+        assert (mine.st_nlink, mine.st_mtime_ns, mine.st_ctime_ns) == (
+            theirs.st_nlink,
+            theirs.st_mtime_ns,
+            theirs.st_ctime_ns,
+        ), path
+        assert mine.st_nlink == nlink, path
+
+    changes: list[tuple[Callable[[], object], list[tuple[Path, int]]]] = [
+        (lambda: os.close(os.open(d / "f", os.O_CREAT | os.O_WRONLY, 0o644)), [(d, 2)]),
+        (lambda: os.mkdir(d / "sub"), [(d, 3)]),
+        (lambda: os.rename(d / "f", d / "g"), [(d, 3)]),
+        (lambda: os.rename(d / "sub", other / "sub"), [(d, 2), (other, 3)]),
+        (lambda: os.link(d / "g", other / "g2"), [(other, 3)]),
+        (lambda: os.symlink("g", d / "s"), [(d, 2)]),
+        (lambda: os.unlink(d / "g"), [(d, 2)]),
+        (lambda: os.rmdir(other / "sub"), [(other, 2)]),
+    ]
+    before = mount_counts(proc)
+    for change, dirs in changes:
+        change()
+        for path, nlink in dirs:
+            same_as_meta(path, nlink)
+    spent = mount_counts(proc) - before
+    # Every stat of a changed directory was answered from the change's reply...
+    assert spent.local["getattr"] >= len(changes), spent
+    # ...so meta saw fewer Stats than the kernel sent lookups and getattrs (one each before).
+    assert spent.meta["Stat"] <= spent.fuse["lookup"] + spent.fuse["getattr"] - len(changes)
+
+    # Another client's change to a directory this mount knows shows within the timeout.
+    fs.mkdir(f"{name}/theirs")
+    _eventually(lambda: os.stat(d).st_nlink == 3, "a subdirectory made elsewhere")
+    same_as_meta(d, 3)
 
 
 def test_a_listing_repeated_after_a_write_shows_the_new_length(mnt_a: Path, name: str) -> None:

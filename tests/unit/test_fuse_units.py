@@ -1,4 +1,5 @@
-"""FUSE mount pieces that need no kernel: -o parsing, read-ahead, access checks."""
+"""FUSE mount pieces that need no kernel: -o parsing, read-ahead, access checks,
+the directory attributes kept for getattr."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from chainfs.common.dataplane.buffers import BufferPool
 from chainfs.common.rpc.meta_client import UserInfo
 from chainfs.fuse_mount.config import MountConfig, apply_options
 from chainfs.fuse_mount.readahead import ReadAhead
-from chainfs.fuse_mount.state import permitted
+from chainfs.fuse_mount.state import DirAttrCache, permitted
 from chainfs.proto import meta_pb2 as mt
 
 MiB = 1024 * 1024
@@ -249,3 +250,61 @@ def test_cache_settings_default_to_the_documented_bounds() -> None:
     cfg.readdir_cache_entries = -1
     with pytest.raises(ValueError, match="readdir_cache_entries"):
         cfg.validate()
+
+
+def _dir(ino: int, nlink: int = 2, mtime_ns: int = 0) -> mt.Inode:
+    return mt.Inode(ino=ino, type=mt.DIRECTORY, nlink=nlink, mtime_ns=mtime_ns)
+
+
+def test_dir_attrs_keep_a_change_reply_until_the_attribute_timeout() -> None:
+    now = [100.0]
+    cache = DirAttrCache(ttl_s=1.0, max_entries=8, clock=lambda: now[0])
+    change = cache.begin([5])
+    now[0] += 0.25  # the reply arrives; validity counts from when the change was sent
+    cache.end(change, [_dir(5, nlink=3)])
+    got = cache.get(5)
+    assert got is not None and got[0].nlink == 3 and got[1] == pytest.approx(0.75)
+    now[0] += 0.75
+    assert cache.get(5) is None  # another client's change shows after the timeout
+    cache.end(cache.begin([6]), [mt.Inode(ino=6, type=mt.FILE)])
+    assert cache.get(6) is None  # only directories
+
+
+def test_dir_attrs_never_hide_a_change_of_this_mount() -> None:
+    cache = DirAttrCache(ttl_s=60.0, max_entries=8)
+    cache.learn(_dir(5, nlink=2), cache.stamp())
+    assert cache.get(5) is not None
+    # A change starts: the old attributes go at once, even before its reply.
+    first = cache.begin([5])
+    assert cache.get(5) is None
+    # A Stat sent while it runs may have read the directory before it: not kept.
+    stamp = cache.stamp()
+    cache.learn(_dir(5, nlink=2), stamp)
+    assert cache.get(5) is None
+    # Two changes of one directory overlap: their order at meta is unknown, so
+    # neither reply is kept, and a Stat sent meanwhile is not either.
+    second = cache.begin([5])
+    cache.end(second, [_dir(5, nlink=4)])
+    cache.learn(_dir(5, nlink=4), stamp)
+    assert cache.get(5) is None
+    cache.end(first, [_dir(5, nlink=3)])
+    assert cache.get(5) is None
+    # Alone again: the reply of the next change is kept.
+    cache.end(cache.begin([5]), [_dir(5, nlink=5)])
+    got = cache.get(5)
+    assert got is not None and got[0].nlink == 5
+    # A failed change (no reply) leaves nothing behind.
+    cache.end(cache.begin([5]))
+    assert cache.get(5) is None
+    # A Stat answered with no change in between is kept.
+    stamp = cache.stamp()
+    cache.learn(_dir(5, nlink=6), stamp)
+    got = cache.get(5)
+    assert got is not None and got[0].nlink == 6
+
+
+def test_dir_attrs_are_bounded() -> None:
+    cache = DirAttrCache(ttl_s=60.0, max_entries=3)
+    for ino in range(10, 20):
+        cache.learn(_dir(ino), cache.stamp())
+    assert len(cache) == 3 and cache.get(19) is not None and cache.get(10) is None

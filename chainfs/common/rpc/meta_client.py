@@ -109,6 +109,9 @@ class OpenResult:
     inode: pb.Inode
     session_id: bytes  # empty unless opened for write
     created: bool
+    # With created: the directory as the create left it (None in a retried
+    # request's replayed answer, which does not keep it).
+    parent: pb.Inode | None = None
 
 
 def path_at(at: At) -> pb.PathAt:
@@ -492,7 +495,8 @@ class MetaClient:
             self._got_capability(rsp.capability)
         if rsp.session_id:
             self._track(rsp.inode.ino, rsp.session_id, rsp.session_timeout_ms)
-        return OpenResult(rsp.inode, rsp.session_id, rsp.created)
+        parent = rsp.parent if rsp.HasField("parent") else None
+        return OpenResult(rsp.inode, rsp.session_id, rsp.created, parent)
 
     async def create(
         self,
@@ -590,14 +594,18 @@ class MetaClient:
                 log.warning("meta keep-alive failed: %s", e)
 
     # -- namespace changes --------------------------------------------------
-    async def mkdir(
+    # Each change has a ``*_reply`` form returning meta's whole answer: with the
+    # changed directories' attributes as the change left them (``parent``;
+    # rename: ``src_parent``, ``dst_parent``, ``replaced``), absent when the
+    # answer is a replay for a retried request.
+    async def mkdir_reply(
         self,
         at: At,
         mode: int = 0o777,
         parents: bool = False,
         parents_mode: int = 0,
         user: UserInfo | None = None,
-    ) -> pb.Inode:
+    ) -> pb.MkdirRsp:
         """mkdir; ``parents`` is mkdir -p (missing ancestors made, existing directory fine)."""
         req = pb.MkdirReq(
             req=self.request_info(user),
@@ -607,37 +615,74 @@ class MetaClient:
             parents_mode=parents_mode,
         )
         rsp: pb.MkdirRsp = await self.call("Mkdir", req)
-        return rsp.inode
+        return rsp
+
+    async def mkdir(
+        self,
+        at: At,
+        mode: int = 0o777,
+        parents: bool = False,
+        parents_mode: int = 0,
+        user: UserInfo | None = None,
+    ) -> pb.Inode:
+        """mkdir; ``parents`` is mkdir -p (missing ancestors made, existing directory fine)."""
+        return (await self.mkdir_reply(at, mode, parents, parents_mode, user)).inode
+
+    async def unlink_reply(self, at: At, user: UserInfo | None = None) -> pb.UnlinkRsp:
+        req = pb.UnlinkReq(req=self.request_info(user), at=path_at(at))
+        rsp: pb.UnlinkRsp = await self.call("Unlink", req)
+        return rsp
 
     async def unlink(self, at: At, user: UserInfo | None = None) -> None:
-        await self.call("Unlink", pb.UnlinkReq(req=self.request_info(user), at=path_at(at)))
+        await self.unlink_reply(at, user)
 
     remove = unlink
 
-    async def rmdir(self, at: At, user: UserInfo | None = None) -> None:
-        await self.call("Rmdir", pb.RmdirReq(req=self.request_info(user), at=path_at(at)))
+    async def rmdir_reply(self, at: At, user: UserInfo | None = None) -> pb.RmdirRsp:
+        req = pb.RmdirReq(req=self.request_info(user), at=path_at(at))
+        rsp: pb.RmdirRsp = await self.call("Rmdir", req)
+        return rsp
 
-    async def rename(
+    async def rmdir(self, at: At, user: UserInfo | None = None) -> None:
+        await self.rmdir_reply(at, user)
+
+    async def rename_reply(
         self, src: At, dst: At, flags: int = 0, user: UserInfo | None = None
-    ) -> pb.Inode:
+    ) -> pb.RenameRsp:
         """rename(2)/renameat2: flags RENAME_NOREPLACE, RENAME_EXCHANGE."""
         req = pb.RenameReq(
             req=self.request_info(user), src=path_at(src), dst=path_at(dst), flags=flags
         )
         rsp: pb.RenameRsp = await self.call("Rename", req)
-        return rsp.inode
+        return rsp
 
-    async def link(self, target: At, at: At, user: UserInfo | None = None) -> pb.Inode:
+    async def rename(
+        self, src: At, dst: At, flags: int = 0, user: UserInfo | None = None
+    ) -> pb.Inode:
+        """rename(2)/renameat2: flags RENAME_NOREPLACE, RENAME_EXCHANGE."""
+        return (await self.rename_reply(src, dst, flags, user)).inode
+
+    async def link_reply(self, target: At, at: At, user: UserInfo | None = None) -> pb.LinkRsp:
         """Hard link: a new name ``at`` for the existing ``target``."""
         req = pb.LinkReq(req=self.request_info(user), target=path_at(target), at=path_at(at))
         rsp: pb.LinkRsp = await self.call("Link", req)
-        return rsp.inode
+        return rsp
 
-    async def symlink(self, target: str | bytes, at: At, user: UserInfo | None = None) -> pb.Inode:
+    async def link(self, target: At, at: At, user: UserInfo | None = None) -> pb.Inode:
+        """Hard link: a new name ``at`` for the existing ``target``."""
+        return (await self.link_reply(target, at, user)).inode
+
+    async def symlink_reply(
+        self, target: str | bytes, at: At, user: UserInfo | None = None
+    ) -> pb.SymlinkRsp:
         """A symlink named ``at`` pointing at ``target`` (os.symlink argument order)."""
         req = pb.SymlinkReq(req=self.request_info(user), at=path_at(at), target=os.fsencode(target))
         rsp: pb.SymlinkRsp = await self.call("Symlink", req)
-        return rsp.inode
+        return rsp
+
+    async def symlink(self, target: str | bytes, at: At, user: UserInfo | None = None) -> pb.Inode:
+        """A symlink named ``at`` pointing at ``target`` (os.symlink argument order)."""
+        return (await self.symlink_reply(target, at, user)).inode
 
     # -- attributes ---------------------------------------------------------
     async def setattr(
@@ -785,6 +830,12 @@ class MetaClient:
     ) -> pb.Inode:
         """mknod(2): ``mode`` holds the type bits (S_IFIFO, S_IFSOCK, S_IFCHR,
         S_IFBLK, S_IFREG or none for a regular file) and the permission bits."""
+        return (await self.mknod_reply(at, mode, rdev, user)).inode
+
+    async def mknod_reply(
+        self, at: At, mode: int, rdev: int = 0, user: UserInfo | None = None
+    ) -> pb.MknodRsp:
+        """mknod with meta's whole answer (the new inode and its directory)."""
         type_ = INODE_TYPE_OF_MODE.get(stat_mod.S_IFMT(mode) or stat_mod.S_IFREG)
         if type_ is None or type_ in (pb.DIRECTORY, pb.SYMLINK):
             raise ChainfsError(Code.EINVAL, f"mknod of file type {stat_mod.S_IFMT(mode):#o}")
@@ -796,7 +847,7 @@ class MetaClient:
             rdev=rdev,
         )
         rsp: pb.MknodRsp = await self.call("Mknod", req)
-        return rsp.inode
+        return rsp
 
     async def fallocate(
         self, at: At, mode: int, offset: int, length: int, user: UserInfo | None = None

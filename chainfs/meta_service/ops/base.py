@@ -28,6 +28,7 @@ from chainfs.meta_service.ops.context import (
     StorageFirst,
     check_client,
     decode_answer,
+    encode_answer,
     owner_gid,
     strip_sgid,
 )
@@ -143,7 +144,7 @@ class NamespaceBase:
             ctx = OpCtx(tx, caller, self.cfg, lease, storage_done)
             rsp = await body(ctx)
             if idem:
-                tx.set(ikey, bytes([tag]) + rsp.SerializeToString())
+                tx.set(ikey, encode_answer(tag, rsp))
                 expire = ctx.now_ms + self.cfg.idempotency_ttl_ms
                 tx.set(schema.idem_expiry_key(expire, req.client_id, req.request_id), b"")
             return rsp

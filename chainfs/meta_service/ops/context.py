@@ -135,6 +135,32 @@ def strip_sgid(mode: int, gid: int, caller: Caller) -> int:
     return mode
 
 
+# Answer fields holding directories as a change left them: not kept for
+# retries (a directory inode with its layout would double an IDEM record), so a
+# replayed answer goes without them and clients ask meta when they need them.
+_DIR_ATTR_FIELDS = ("parent", "src_parent", "dst_parent", "replaced")
+_dropped_fields: dict[type[Message], tuple[str, ...]] = {}
+
+
+def encode_answer(tag: int, rsp: Message) -> bytes:
+    """An answer as kept for retries: its tag, then the answer without directory attributes."""
+    names = _dropped_fields.get(type(rsp))
+    if names is None:
+        fields = rsp.DESCRIPTOR.fields_by_name
+        names = tuple(
+            n for n in _DIR_ATTR_FIELDS if n in fields and fields[n].message_type is not None
+        )
+        _dropped_fields[type(rsp)] = names
+    present = [n for n in names if rsp.HasField(n)]
+    if present:
+        kept = type(rsp)()
+        kept.CopyFrom(rsp)
+        for n in present:
+            kept.ClearField(n)
+        rsp = kept
+    return bytes([tag]) + rsp.SerializeToString()
+
+
 def decode_answer(rec: bytes, tag: int, rsp_type: type[M]) -> M:
     if not rec or rec[0] != tag:
         raise ChainfsError(Code.EINVAL, "request id reused for a different operation")

@@ -20,6 +20,7 @@ class CreateOps(NamespaceBase):
         # setgid comes only from the parent.
         mode = check_mode(r.mode) & 0o1777
         parents_mode = check_mode(r.parents_mode) & 0o1777 if r.parents_mode else mode
+        made_in: dict[int, pb.Inode] = {}  # new directory -> its parent as left (this attempt)
 
         async def make(ctx: OpCtx, parent: pb.Inode, name: bytes, mode: int) -> pb.Inode:
             perm.check(parent, perm.W | perm.X, ctx.caller, "create in directory")
@@ -27,16 +28,19 @@ class CreateOps(NamespaceBase):
                 raise ChainfsError(Code.EMLINK, "too many subdirectories")
             d = self._new_inode(ctx, await ctx.new_ino(), DIRECTORY, mode, parent)
             self._add_dir(ctx, parent, name, d)
+            made_in[d.ino] = parent
             return d
 
         async def body(ctx: OpCtx) -> pb.MkdirRsp:
+            made_in.clear()
             if r.parents and not p.self_ref:
-                return pb.MkdirRsp(inode=await self._mkdir_p(ctx, p, mode, parents_mode, make))
-            t = await ctx.resolve(p, follow_last=False)
-            if t.kind is not Last.NORM or t.inode is not None:
-                raise ChainfsError(Code.EEXIST, f"{t.name!r} exists")
-            parent = await ctx.inode(t.parent_ino)
-            return pb.MkdirRsp(inode=await make(ctx, parent, t.name, mode))
+                d = await self._mkdir_p(ctx, p, mode, parents_mode, make)
+            else:
+                t = await ctx.resolve(p, follow_last=False)
+                if t.kind is not Last.NORM or t.inode is not None:
+                    raise ChainfsError(Code.EEXIST, f"{t.name!r} exists")
+                d = await make(ctx, await ctx.inode(t.parent_ino), t.name, mode)
+            return pb.MkdirRsp(inode=d, parent=made_in.get(d.ino))
 
         return await self._mutate(r.req, Tag.MKDIR, pb.MkdirRsp, body, new_ids=True)
 
@@ -87,7 +91,7 @@ class CreateOps(NamespaceBase):
             ctx.put(inode)
             ctx.set_entry(parent.ino, t.name, inode.ino, SYMLINK)
             ctx.touch_dir(parent)
-            return pb.SymlinkRsp(inode=inode)
+            return pb.SymlinkRsp(inode=inode, parent=parent)
 
         return await self._mutate(r.req, Tag.SYMLINK, pb.SymlinkRsp, body, new_ids=True)
 
@@ -110,6 +114,6 @@ class CreateOps(NamespaceBase):
             ctx.put(inode)
             ctx.set_entry(parent.ino, t.name, inode.ino, inode.type)
             ctx.touch_dir(parent)
-            return pb.LinkRsp(inode=inode)
+            return pb.LinkRsp(inode=inode, parent=parent)
 
         return await self._mutate(r.req, Tag.LINK, pb.LinkRsp, body)

@@ -35,11 +35,11 @@ class RemoveOps(TrashOps):
                 raise ChainfsError(Code.EISDIR, f"{t.name!r} is a directory")
             trashed = retention_ms > 0 and inode.type == FILE and inode.nlink == 1
             if trashed and await self._to_trash(ctx, parent, t.name, inode, retention_ms):
-                return pb.UnlinkRsp()
+                return pb.UnlinkRsp(parent=parent)
             ctx.clear_entry(parent.ino, t.name)
             await self._unlink_inode(ctx, inode)
             ctx.touch_dir(parent)
-            return pb.UnlinkRsp()
+            return pb.UnlinkRsp(parent=parent)
 
         return await self._mutate(r.req, Tag.UNLINK, pb.UnlinkRsp, body, new_ids=retention_ms > 0)
 
@@ -63,6 +63,6 @@ class RemoveOps(TrashOps):
             if d.type != DIRECTORY:
                 raise ChainfsError(Code.ENOTDIR, f"{t.name!r} is not a directory")
             await self._remove_dir(ctx, parent, t.name, d)
-            return pb.RmdirRsp()
+            return pb.RmdirRsp(parent=parent, ino=d.ino)
 
         return await self._mutate(r.req, Tag.RMDIR, pb.RmdirRsp, body)

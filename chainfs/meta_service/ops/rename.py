@@ -78,7 +78,10 @@ class RenameOps(NamespaceBase):
                 _exchange(ctx, s, d, sparent, dparent)
             else:
                 await self._move(ctx, s, d, sparent, dparent)
-            return pb.RenameRsp(inode=src)
+            rsp = pb.RenameRsp(inode=src, src_parent=sparent, dst_parent=dparent)
+            if dst is not None and not exchange:
+                rsp.replaced.CopyFrom(dst)
+            return rsp
 
         return await self._mutate(r.req, Tag.RENAME, pb.RenameRsp, body)
 

@@ -70,6 +70,8 @@ class SessionOps(NamespaceBase):
                     inode.mtime_ns = inode.ctime_ns = ctx.now_ns
                     ctx.put(inode)
             rsp = pb.OpenRsp(created=created)
+            if created:
+                rsp.parent.CopyFrom(parent)
             if r.write or (read_session and inode.type == FILE):
                 rsp.session_id = self._open_session(ctx, inode, r.req.client_id, not r.write)
                 rsp.session_timeout_ms = self.cfg.session_timeout_ms

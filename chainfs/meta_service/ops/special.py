@@ -74,7 +74,7 @@ class SpecialOps(NamespaceBase):
             ctx.put(inode)
             ctx.set_entry(parent.ino, t.name, inode.ino, r.type)
             ctx.touch_dir(parent)
-            return pb.MknodRsp(inode=inode)
+            return pb.MknodRsp(inode=inode, parent=parent)
 
         return await self._mutate(r.req, Tag.MKNOD, pb.MknodRsp, body, new_ids=True)
 
