@@ -102,15 +102,15 @@ class PosixBackend:
 
 
 class ChainfsBackend:
-    """The chainfs client library: ``chainfs.connect(address)``."""
+    """The chainfs client library: ``chainfs.connect(address, token=token)``."""
 
     kind = "chainfs"
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, token: str | None) -> None:
         import chainfs
 
         self.address = address
-        self.fs = chainfs.connect(address)
+        self.fs = chainfs.connect(address, token=token)
 
     def open(self, path: str, mode: str, buffering: int = -1) -> Any:
         return self.fs.open(path, mode, buffering)
@@ -157,10 +157,15 @@ class TaskEnv:
         return time.monotonic()
 
     def backend(self, spec: dict[str, Any]) -> Backend:
-        key = "posix" if spec["kind"] == "posix" else "chainfs:" + spec["address"]
+        if spec["kind"] == "posix":
+            key = "posix"
+        else:  # the token is part of the key: one connection per identity
+            key = f"chainfs:{spec['address']}:{spec.get('token') or ''}"
         if key not in self.backends:
             self.backends[key] = (
-                PosixBackend() if spec["kind"] == "posix" else ChainfsBackend(spec["address"])
+                PosixBackend()
+                if spec["kind"] == "posix"
+                else ChainfsBackend(spec["address"], spec.get("token") or None)
             )
         return self.backends[key]
 

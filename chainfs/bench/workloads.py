@@ -36,6 +36,7 @@ from chainfs.bench.context import (
 )
 from chainfs.bench.smallops import PARTS, SMALL_FIGURES, needs_fio, run_part
 from chainfs.bench.workers import WorkerPool, aggregate, in_fresh_process, peak_rss_bytes
+from chainfs.common.auth.tokens import resolve_token
 from chainfs.common.units import KiB
 
 _NET = "iperf3_loopback_MBps"
@@ -104,7 +105,9 @@ class RunContext:
 
     @property
     def backend(self) -> dict[str, Any]:
-        return {"kind": "chainfs", "address": self.address}
+        # The token the run has now (the started cluster's admin, or the user's):
+        # the workers were spawned before the cluster and its token existed.
+        return {"kind": "chainfs", "address": self.address, "token": resolve_token() or ""}
 
     def run(
         self, task: str, params: list[dict[str, Any]], timeout_s: float | None = None
