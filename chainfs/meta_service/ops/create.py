@@ -38,7 +38,7 @@ class CreateOps(NamespaceBase):
             parent = await ctx.inode(t.parent_ino)
             return pb.MkdirRsp(inode=await make(ctx, parent, t.name, mode))
 
-        return await self._mutate(r.req, Tag.MKDIR, pb.MkdirRsp, body, new_ids=True)
+        return await self._mutate(r.req, Tag.MKDIR, pb.MkdirRsp, body, new_ids=True, paths=(p,))
 
     async def _mkdir_p(
         self,
