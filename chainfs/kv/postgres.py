@@ -124,7 +124,10 @@ CREATE OR REPLACE FUNCTION {schema}.txn_commit(
     read_keys bytea[], range_begins bytea[], range_ends bytea[],
     present_keys bytea[], put_keys bytea[], put_values bytea[], clear_keys bytea[],
     clear_begins bytea[], clear_ends bytea[], commit_slot text, commit_token text)
-RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+RETURNS boolean LANGUAGE plpgsql VOLATILE
+-- Its plans are cached generic plans, often made while the table was small:
+-- an EXISTS planned then scans the whole table at every commit once it is not.
+SET enable_seqscan = off AS $$
 DECLARE
     s pg_snapshot := snap::pg_snapshot;
 BEGIN
