@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.kv.base import (
+    MAX_PREFETCH_KEYS,
     KVStore,
     RetryPolicy,
     Transaction,
@@ -20,6 +21,7 @@ from chainfs.kv.base import (
 )
 
 __all__ = [
+    "MAX_PREFETCH_KEYS",
     "KVStore",
     "RetryPolicy",
     "Transaction",

@@ -18,8 +18,9 @@ import asyncio
 import bisect
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from chainfs.common.errors import ChainfsError, Code
@@ -27,6 +28,7 @@ from chainfs.common.errors import ChainfsError, Code
 T = TypeVar("T")
 
 _CLEARED = None  # a buffered write of None means "clear"
+MAX_PREFETCH_KEYS = 256  # keys one transact() may ask to read at begin
 
 
 class TxnConflict(ChainfsError):
@@ -69,6 +71,9 @@ class ReadSet:
 class Snapshot(ABC):
     """A backend's consistent point-in-time view."""
 
+    # Values read at begin with the snapshot (transact's ``prefetch``), by key.
+    ahead: Mapping[bytes, bytes | None] = MappingProxyType({})
+
     @abstractmethod
     async def get(self, key: bytes) -> bytes | None: ...
 
@@ -107,6 +112,9 @@ class Transaction:
             self.reads.keys.add(key)
         if self._range_cleared(key):
             return None
+        ahead = self._snap.ahead
+        if key in ahead:
+            return ahead[key]
         return await self._snap.get(key)
 
     async def get_range(
@@ -262,6 +270,8 @@ class KVStore(ABC):
     """A transactional store. Subclasses implement the three primitives."""
 
     url: str = ""
+    # Whether transact's ``prefetch`` saves round trips here (else it is ignored).
+    prefetches = False
 
     def __init__(self, retry: RetryPolicy | None = None) -> None:
         self.retry = retry or RetryPolicy()
@@ -270,6 +280,11 @@ class KVStore(ABC):
     @abstractmethod
     async def _begin(self) -> Snapshot:
         """A snapshot at the latest committed state."""
+
+    async def _begin_reading(self, keys: list[bytes]) -> Snapshot:
+        """As _begin; a store whose reads are round trips also reads ``keys`` at
+        the snapshot in the same one, into ``Snapshot.ahead``."""
+        return await self._begin()
 
     @abstractmethod
     async def _commit(self, snapshot: Snapshot, tx: Transaction) -> None:
@@ -281,12 +296,25 @@ class KVStore(ABC):
         """Release the store."""
 
     async def transact(
-        self, fn: Callable[[Transaction], Awaitable[T]], read_only: bool = False
+        self,
+        fn: Callable[[Transaction], Awaitable[T]],
+        read_only: bool = False,
+        prefetch: list[bytes] | None = None,
     ) -> T:
-        """Run ``fn(tx)`` in a transaction, retrying on conflict. Returns its result."""
+        """Run ``fn(tx)`` in a transaction, retrying on conflict. Returns its result.
+
+        ``prefetch``: keys ``fn`` will likely read (a hint, at most
+        MAX_PREFETCH_KEYS). Where reads are round trips, they are read at begin
+        in the same one, and ``tx.get`` of them costs nothing; a key joins the
+        read set only when ``fn`` reads it."""
+        keys = list(prefetch or ())
+        if len(keys) > MAX_PREFETCH_KEYS:
+            raise ChainfsError(Code.EINVAL, f"more than {MAX_PREFETCH_KEYS} keys to prefetch")
+        for key in keys:
+            _check_key(key)
         delay_ms = self.retry.backoff_initial_ms
         for attempt in range(1, self.retry.max_attempts + 1):
-            snap = await self._begin()
+            snap = await self._begin_reading(keys) if keys else await self._begin()
             try:
                 tx = Transaction(snap, read_only=read_only)
                 result = await fn(tx)

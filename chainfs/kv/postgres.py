@@ -4,12 +4,20 @@
   ver xid8)``; ``ver`` is the id of the PostgreSQL transaction that last wrote
   the row.
 - Snapshot = one REPEATABLE READ, READ ONLY PostgreSQL transaction on a pooled
-  connection: every read of a chainfs transaction sees the same state.
+  connection: every read of a chainfs transaction sees the same state, taken
+  at begin. An idle connection waits inside such a transaction already begun
+  (its BEGIN rode with the previous ROLLBACK), so begin is one statement that
+  fixes the snapshot, learns its id (for the commit) and reads the keys
+  ``transact(prefetch=...)`` names: one round trip for all.
 - Commit = ONE statement, ``txn_commit(...)``, in its own READ COMMITTED
-  PostgreSQL transaction. It first takes transaction-scoped advisory locks:
-  shared on the hash of every key read, exclusive on every key written, and
-  on one store-wide lock, exclusive when the transaction read a range or
-  cleared one (or locks too many keys), else shared; in one global order, so
+  PostgreSQL transaction. It travels on the snapshot's own connection, in
+  one simple-protocol message with the snapshot's ROLLBACK before it and
+  the next snapshot's BEGIN after it (arguments as literals; a failed
+  validation raises 40001): one round trip ends a chainfs transaction.
+  It first takes transaction-scoped advisory locks: shared on the hash of
+  every key read, exclusive on every key written, and on one store-wide lock,
+  exclusive when the transaction read a range or cleared one (or locks too
+  many keys), else shared; in one global order, so
   commits do not deadlock. Holding them, it validates the read set against
   the snapshot with a fresh view (no row under a read key or in a read range
   was written by a transaction the snapshot does not see, and every key seen
@@ -116,7 +124,10 @@ CREATE OR REPLACE FUNCTION {schema}.txn_commit(
     read_keys bytea[], range_begins bytea[], range_ends bytea[],
     present_keys bytea[], put_keys bytea[], put_values bytea[], clear_keys bytea[],
     clear_begins bytea[], clear_ends bytea[], commit_slot text, commit_token text)
-RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+RETURNS boolean LANGUAGE plpgsql VOLATILE
+-- Its plans are cached generic plans, often made while the table was small:
+-- an EXISTS planned then scans the whole table at every commit once it is not.
+SET enable_seqscan = off AS $$
 DECLARE
     s pg_snapshot := snap::pg_snapshot;
 BEGIN
@@ -169,17 +180,70 @@ BEGIN
         ON CONFLICT (slot) DO UPDATE SET token = EXCLUDED.token;
     RETURN true;
 END $$;
+CREATE OR REPLACE FUNCTION {schema}.txn_commit_or_raise(
+    snap text, store_lock bigint, store_lock_exclusive boolean,
+    lock_ids bigint[], lock_exclusive boolean[],
+    read_keys bytea[], range_begins bytea[], range_ends bytea[],
+    present_keys bytea[], put_keys bytea[], put_values bytea[], clear_keys bytea[],
+    clear_begins bytea[], clear_ends bytea[], commit_slot text, commit_token text)
+RETURNS void LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF NOT {schema}.txn_commit(snap, store_lock, store_lock_exclusive, lock_ids,
+            lock_exclusive, read_keys, range_begins, range_ends, present_keys, put_keys,
+            put_values, clear_keys, clear_begins, clear_ends, commit_slot, commit_token) THEN
+        RAISE EXCEPTION 'read set changed since the snapshot'
+            USING ERRCODE = 'serialization_failure';
+    END IF;
+END $$;
 """
 
-# The first statement fixes the snapshot, at begin (one round trip for both).
-_BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1"
+# The snapshot is taken by the first statement after it (_SNAPSHOT_AND_GET).
+_BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+# Ends a snapshot and begins the next one's transaction, in one round trip.
+_ROLLBACK_AND_BEGIN = "ROLLBACK; " + _BEGIN
+# Fixes the snapshot, learns its id and reads the keys of ``$1`` that exist
+# (one row at least: key NULL when none does).
+_SNAPSHOT_AND_GET = (
+    "SELECT s.snap, k.key, k.value FROM (SELECT pg_current_snapshot()::text AS snap) s "
+    "LEFT JOIN kv k ON k.key = ANY($1)"
+)
 _GET = "SELECT value FROM kv WHERE key = $1"
-# The first point read also learns the snapshot's id (saves a round trip at commit).
-_GET_AND_SNAPSHOT = "SELECT (SELECT value FROM kv WHERE key = $1), pg_current_snapshot()::text"
 _RANGE = "SELECT key, value FROM kv WHERE key >= $1 AND key < $2 ORDER BY key {order} LIMIT $3"
 _COMMIT = "SELECT txn_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
-# The snapshot's id and which of ``$1`` (read keys never fetched) it holds.
-_SNAPSHOT = "SELECT pg_current_snapshot()::text, array(SELECT key FROM kv WHERE key = ANY($1))"
+# Which of ``$1`` (read keys never fetched) the snapshot holds.
+_HELD = "SELECT array(SELECT key FROM kv WHERE key = ANY($1))"
+
+
+def _sql_text(s: str) -> str:
+    # standard_conforming_strings (on since PostgreSQL 9.1): only quotes need doubling.
+    assert "\\" not in s and "\0" not in s, s
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _sql_bytea_array(values: list[bytes]) -> str:
+    if not values:
+        return "'{}'::bytea[]"
+    return "ARRAY[" + ",".join(f"'\\x{v.hex()}'" for v in values) + "]::bytea[]"
+
+
+def _commit_script(args: list[Any], slot: str, token: str) -> str:
+    """txn_commit_or_raise(args..., slot, token) as one simple-protocol message that
+    first ends the snapshot's transaction and afterwards begins the next one's.
+    Literals, not parameters: a message with several statements takes none."""
+    (snap, store_lock, store_exclusive, lock_ids, lock_exclusive, *keys) = args
+    assert len(keys) == 9, len(keys)
+    lits = [
+        _sql_text(snap),
+        str(int(store_lock)),
+        "true" if store_exclusive else "false",
+        "ARRAY[" + ",".join(str(int(i)) for i in lock_ids) + "]::bigint[]",
+        "ARRAY[" + ",".join("true" if x else "false" for x in lock_exclusive) + "]::boolean[]",
+        *(_sql_bytea_array(k) for k in keys),
+        _sql_text(slot),
+        _sql_text(token),
+    ]
+    call = "SELECT txn_commit_or_raise(" + ", ".join(lits) + ")"
+    return f"ROLLBACK; BEGIN; {call}; COMMIT; {_BEGIN}"
 
 
 def _is_lost(e: BaseException) -> bool:
@@ -201,14 +265,17 @@ class _Conn:
     backend_pid: int
     backend_start: Any  # with the pid, names the backend even after pid reuse
     lease: asyncio.Semaphore | None = None  # the pool bound it was taken under
+    # Inside a snapshot's REPEATABLE READ transaction (_BEGIN); when idle, one
+    # not read from yet (its snapshot is taken by the next statement).
+    begun: bool = False
 
 
 class _PgSnapshot(Snapshot):
-    def __init__(self, store: PostgresStore, conn: _Conn) -> None:
+    def __init__(self, store: PostgresStore, conn: _Conn, snap_id: str) -> None:
         self.store = store
         self.conn: _Conn | None = conn
         store._pool.snapshots_held.set(store._pool.snapshots_held.get() + 1)
-        self.snap_id: str | None = None  # pg_current_snapshot(), once learnt
+        self.snap_id = snap_id  # pg_current_snapshot()
         self.fetched: set[bytes] = set()  # keys point-read at the snapshot
         self.present: set[bytes] = set()  # keys the snapshot showed to exist
 
@@ -228,18 +295,20 @@ class _PgSnapshot(Snapshot):
             self.store._pool.discard(conn)
             raise TxnTooOld(f"postgresql snapshot lost ({e!r}); retrying") from None
 
+    def read_ahead(self, keys: list[bytes], rows: list[Any]) -> None:
+        """Take the rows _SNAPSHOT_AND_GET found of ``keys``."""
+        found = {bytes(r[1]): bytes(r[2]) for r in rows if r[1] is not None}
+        self.ahead = {k: found.get(k) for k in keys}
+        self.fetched.update(keys)
+        self.present.update(found)
+
     async def get(self, key: bytes) -> bytes | None:
-        if self.snap_id is None:
-            row = (await self._query(_GET_AND_SNAPSHOT, key))[0]
-            self.snap_id = str(row[1])
-        else:
-            rows = await self._query(_GET, key)
-            row = rows[0] if rows else (None,)
+        rows = await self._query(_GET, key)
         self.fetched.add(key)
-        if row[0] is None:
+        if not rows:
             return None
         self.present.add(key)
-        return bytes(row[0])
+        return bytes(rows[0][0])
 
     async def get_range(
         self, begin: bytes, end: bytes, limit: int, reverse: bool
@@ -250,14 +319,14 @@ class _PgSnapshot(Snapshot):
         self.present.update(k for k, _ in out)
         return out
 
-    async def finish(self, unseen: list[bytes]) -> tuple[str, set[bytes]]:
-        """End the snapshot: its id, and which of ``unseen`` it holds."""
+    async def finish(self, unseen: list[bytes]) -> tuple[str, set[bytes], _Conn | None]:
+        """End the snapshot: its id, which of ``unseen`` it holds, and its
+        connection (still inside the snapshot's transaction) for the commit."""
         held: set[bytes] = set()
-        if self.snap_id is None or unseen:
-            rows = await self._query(_SNAPSHOT, unseen)
-            self.snap_id, held = str(rows[0][0]), {bytes(k) for k in rows[0][1]}
-        self.close()  # the commit runs on another connection meanwhile
-        return self.snap_id, held
+        if unseen:
+            rows = await self._query(_HELD, unseen)
+            held = {bytes(k) for k in rows[0][0]}
+        return self.snap_id, held, self._drop()
 
     def _drop(self) -> _Conn | None:
         conn, self.conn = self.conn, None
@@ -267,8 +336,8 @@ class _PgSnapshot(Snapshot):
         return conn
 
     def close(self) -> None:
-        # transact() closes synchronously: the ROLLBACK runs as a task that
-        # returns the connection to the pool when done.
+        # transact() closes synchronously: the ROLLBACK (and the next BEGIN) run
+        # as a task that returns the connection to the pool when done.
         conn = self._drop()
         if conn is not None:
             self.store._pool.spawn_release(conn)
@@ -284,6 +353,9 @@ class _Pool:
     def __init__(self, store: PostgresStore, size: int) -> None:
         self.store = store
         self.size = size
+        # Snapshots and commits each need their kind of connection: up to twice
+        # ``size`` stay open (no more are made while one could be turned).
+        self.max_idle = 2 * size
         self._slots = asyncio.Semaphore(size)
         self._nested_slots = asyncio.Semaphore(size)
         # Snapshots this task holds open (a transaction's, while its fn runs).
@@ -293,7 +365,37 @@ class _Pool:
         self._releases: set[asyncio.Task[None]] = set()
         self._slot_names = (f"{store.store_id}/{i}" for i in itertools.count())
 
-    async def acquire(self) -> _Conn:
+    async def acquire(self, snapshot: bool = False) -> _Conn:
+        """A connection inside a begun snapshot transaction, or (``snapshot`` false)
+        outside any transaction."""
+        for _ in range(self.max_idle + 1):
+            conn = await self._lease(snapshot)
+            if conn.begun == snapshot:
+                return conn
+            try:
+                sql = _BEGIN if snapshot else "ROLLBACK"
+                await conn.raw.execute(sql, timeout=self.store._timeout_s)
+            except Exception as e:
+                self.discard(conn)
+                if not _is_lost(e):
+                    raise
+                self.store.stats["reconnects"] += 1
+                continue
+            conn.begun = snapshot
+            return conn
+        raise TxnTooOld("postgresql connections keep breaking; retrying")
+
+    def _take_idle(self, begun: bool) -> _Conn | None:
+        """An idle connection in the state asked for; else, below ``max_idle``
+        connections, None (make a new one); else one to turn (a round trip)."""
+        for i in range(len(self._idle) - 1, -1, -1):
+            if self._idle[i].begun == begun:
+                return self._idle.pop(i)
+        if len(self._all) < self.max_idle or not self._idle:
+            return None
+        return self._idle.pop()
+
+    async def _lease(self, begun: bool) -> _Conn:
         deadline = time.monotonic() + self.store.options.op_timeout_ms / 1000.0
         lease = self._nested_slots if self.snapshots_held.get() > 0 else self._slots
         try:
@@ -305,8 +407,9 @@ class _Pool:
                 f"(pool_size={self.size})",
             ) from None
         try:
-            if self._idle:
-                conn = self._idle.pop()
+            idle = self._take_idle(begun)
+            if idle is not None:
+                conn = idle
             else:
                 conn = await self.store._connect(deadline)
                 self._all.add(conn)
@@ -331,8 +434,9 @@ class _Pool:
         self._all.discard(conn)
         conn.raw.terminate()
 
-    async def release_after(self, conn: _Conn, sql: str) -> None:
-        """Run ``sql`` (ending a transaction), then return the connection to the pool."""
+    async def release_after(self, conn: _Conn, sql: str, begun: bool) -> None:
+        """Run ``sql`` (ending a transaction, beginning the next if ``begun``),
+        then return the connection to the pool."""
         try:
             await conn.raw.execute(sql, timeout=self.store._timeout_s)
         except Exception as e:
@@ -340,10 +444,13 @@ class _Pool:
             if not _is_lost(e):
                 raise
             return
+        conn.begun = begun
         self.release(conn)
 
     def spawn_release(self, conn: _Conn) -> None:
-        task = asyncio.get_running_loop().create_task(self.release_after(conn, "ROLLBACK"))
+        """End a snapshot's transaction and begin the next one's."""
+        release = self.release_after(conn, _ROLLBACK_AND_BEGIN, begun=True)
+        task = asyncio.get_running_loop().create_task(release)
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
@@ -363,6 +470,8 @@ class _Pool:
 
 class PostgresStore(KVStore):
     """A schema in a PostgreSQL database."""
+
+    prefetches = True
 
     def __init__(
         self,
@@ -474,17 +583,24 @@ class PostgresStore(KVStore):
 
     # -- transactions ----------------------------------------------------------
     async def _begin(self) -> Snapshot:
+        return await self._begin_reading([])
+
+    async def _begin_reading(self, keys: list[bytes]) -> Snapshot:
         # Idle connections may all be dead after a server restart: try the next.
-        for _ in range(self.options.pool_size + 1):
-            conn = await self._pool.acquire()
+        for _ in range(self._pool.max_idle + 1):
+            conn = await self._pool.acquire(snapshot=True)
             try:
-                await conn.raw.execute(_BEGIN, timeout=self._timeout_s)
-                return _PgSnapshot(self, conn)
+                rows = await conn.raw.fetch(_SNAPSHOT_AND_GET, keys, timeout=self._timeout_s)
             except Exception as e:
                 self._pool.discard(conn)
                 if not _is_lost(e):
                     raise
                 self.stats["reconnects"] += 1
+                continue
+            snap = _PgSnapshot(self, conn, str(rows[0][0]))
+            if keys:
+                snap.read_ahead(keys, rows)
+            return snap
         raise TxnTooOld("postgresql connections keep breaking at begin; retrying")
 
     async def _commit(self, snapshot: Snapshot, tx: Transaction) -> None:
@@ -492,7 +608,7 @@ class PostgresStore(KVStore):
         reads = tx.reads
         ranges = merge_ranges(sorted(reads.ranges))
         unseen = sorted(reads.keys - snapshot.fetched - snapshot.present)
-        snap_id, unseen_present = await snapshot.finish(unseen)
+        snap_id, unseen_present, conn = await snapshot.finish(unseen)
         present = {
             k
             for k in snapshot.present | unseen_present
@@ -516,7 +632,7 @@ class PostgresStore(KVStore):
             [b for b, _ in tx.cleared_ranges],
             [e for _, e in tx.cleared_ranges],
         ]
-        if not await self._commit_once(args):
+        if not await self._commit_once(args, conn):
             raise TxnConflict()
 
     def _lock_id(self, key: bytes) -> int:
@@ -535,20 +651,22 @@ class PostgresStore(KVStore):
         ids = sorted(modes)
         return False, ids, [modes[i] for i in ids]
 
-    async def _commit_once(self, args: list[Any]) -> bool:
-        """Run txn_commit exactly once; True if its validation held (it committed)."""
+    async def _commit_once(self, args: list[Any], snapshot_conn: _Conn | None) -> bool:
+        """Run txn_commit exactly once; True if its validation held (it committed).
+        First on ``snapshot_conn`` (ending its snapshot in the same round trip)."""
         deadline = time.monotonic() + self.options.op_timeout_ms / 1000.0
+        first = snapshot_conn
         while True:
-            conn = await self._pool.acquire()
+            conn, first = (first, None) if first is not None else (await self._pool.acquire(), None)
             token = f"{conn.slot}/{next(self._tokens)}"
             try:
                 ok = await self._send_commit(conn, args, token)
             except Exception as e:
                 if isinstance(e, asyncpg.PostgresError) and e.sqlstate in _CONFLICT_STATES:
-                    self._pool.release(conn)
+                    self._release_after_commit(conn)
                     return False
                 if not _is_lost(e):
-                    self._pool.release(conn)
+                    self._release_after_commit(conn)
                     raise
                 self._pool.discard(conn)
                 self.stats["lost_replies"] += 1
@@ -558,8 +676,20 @@ class PostgresStore(KVStore):
             self._pool.release(conn)
             return ok
 
+    def _release_after_commit(self, conn: _Conn) -> None:
+        """Back to the pool after a failed commit (a snapshot's connection is
+        still, or again, inside a transaction: rolled back first)."""
+        if conn.begun:
+            self._pool.spawn_release(conn)
+        else:
+            self._pool.release(conn)
+
     async def _send_commit(self, conn: _Conn, args: list[Any], token: str) -> bool:
-        return bool(await conn.raw.fetchval(_COMMIT, *args, conn.slot, token))
+        if not conn.begun:
+            return bool(await conn.raw.fetchval(_COMMIT, *args, conn.slot, token))
+        # A snapshot's connection: ends it, commits, begins the next (or raises 40001).
+        await conn.raw.execute(_commit_script(args, conn.slot, token), timeout=self._timeout_s)
+        return True
 
     async def _landed(self, lost: _Conn, token: str, deadline: float) -> bool:
         """After a lost reply: wait until the old backend is gone, then read its slot."""
@@ -605,6 +735,8 @@ class PostgresStore(KVStore):
         idle = await self._pool.close()
         if idle:
             try:
+                if idle[0].begun:
+                    await idle[0].raw.execute("ROLLBACK", timeout=self._timeout_s)
                 await idle[0].raw.execute(
                     "DELETE FROM commit_slots WHERE slot LIKE $1",
                     self.store_id + "/%",

@@ -83,11 +83,15 @@ class IdLease:
         self._used = 0
 
     async def take(self) -> int:
-        if self._used == len(self._ids):
-            self._ids.append(await self.alloc.take())
-        ino = self._ids[self._used]
+        ino = await self.peek()
         self._used += 1
         return ino
+
+    async def peek(self) -> int:
+        """The id the next take() returns."""
+        if self._used == len(self._ids):
+            self._ids.append(await self.alloc.take())
+        return self._ids[self._used]
 
     def finish(self, committed: bool) -> None:
         unused = self._ids[self._used :] if committed else self._ids

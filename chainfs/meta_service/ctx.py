@@ -100,13 +100,51 @@ class Target:
         return self.inode is not None
 
 
+class PathHints:
+    """Entries (directory, name) -> inode that walks found, kept across
+    transactions to guess which keys a path will read, so a store with round
+    trips fetches them all at once. Only a guess: a walk reads every key it
+    uses in its own transaction, and a stale hint costs a wasted fetch."""
+
+    def __init__(self, max_entries: int = 65_536) -> None:
+        self.max_entries = max_entries
+        self._ino: dict[tuple[int, bytes], int] = {}
+
+    def note(self, parent: int, name: bytes, ino: int | None) -> None:
+        if ino is None:
+            self._ino.pop((parent, name), None)
+            return
+        if len(self._ino) >= self.max_entries:
+            self._ino.clear()  # bounded; refills from the next walks
+        self._ino[(parent, name)] = ino
+
+    def keys(self, p: ParsedPath) -> list[bytes]:
+        """The keys a walk of ``p`` likely reads: the start inode, then each
+        entry and the inode it names, as far as the hints reach."""
+        cur = p.start
+        out = [schema.inode_key(cur)]
+        for name in p.comps:
+            if name in (b".", b".."):
+                break
+            out.append(schema.dent_key(cur, name))
+            ino = self._ino.get((cur, name))
+            if ino is None:
+                break
+            out.append(schema.inode_key(ino))
+            cur = ino
+        return out
+
+
 class Ctx:
     """State of one attempt of one namespace transaction."""
 
-    def __init__(self, tx: Transaction, caller: Caller, cfg: MetaConfig) -> None:
+    def __init__(
+        self, tx: Transaction, caller: Caller, cfg: MetaConfig, hints: PathHints | None = None
+    ) -> None:
         self.tx = tx
         self.caller = caller
         self.cfg = cfg
+        self.hints = hints
         self.now_ns = time.time_ns()
         self.now_ms = self.now_ns // 1_000_000
         self._inodes: dict[int, pb.Inode] = {}
@@ -174,13 +212,20 @@ class Ctx:
     # -- entries ------------------------------------------------------------
     async def lookup(self, parent: int, name: bytes) -> tuple[int, int] | None:
         raw = await self.tx.get(schema.dent_key(parent, name))
-        return None if raw is None else schema.decode_dent(raw)
+        ent = None if raw is None else schema.decode_dent(raw)
+        if self.hints is not None:
+            self.hints.note(parent, name, None if ent is None else ent[0])
+        return ent
 
     def set_entry(self, parent: int, name: bytes, ino: int, type_: int) -> None:
         self.tx.set(schema.dent_key(parent, name), schema.encode_dent(ino, type_))
+        if self.hints is not None:
+            self.hints.note(parent, name, ino)
 
     def clear_entry(self, parent: int, name: bytes) -> None:
         self.tx.clear(schema.dent_key(parent, name))
+        if self.hints is not None:
+            self.hints.note(parent, name, None)
 
     async def is_empty_dir(self, ino: int) -> bool:
         rows = await self.tx.get_range(*schema.range_of(schema.dent_prefix(ino)), limit=1)

@@ -128,6 +128,7 @@ def _meta_rates_on(backend: str, opts: dict[str, Any], o: dict[str, Any]) -> dic
         LocalCluster(
             Path(tmp) / "c", storage_nodes=1, targets_per_node=1, replicas=1, kv=backend
         ) as cluster,
+        cluster.admin_environment(),  # the client processes act as "admin"
     ):
         assert cluster.meta is not None
         return chainfs_rates("frame://" + cluster.meta.info["data_address"], o)

@@ -154,7 +154,8 @@ def run(opts: dict[str, Any], echo: Echo) -> dict[str, Any]:
             info = cluster.meta.info
             frame = opts["transport"] == "frame"
             address = "frame://" + info["data_address"] if frame else info["rpc_address"]
-            rates = chainfs_rates(address, opts)
+            with cluster.admin_environment():  # the client processes act as "admin"
+                rates = chainfs_rates(address, opts)
         local_rates = _local_rates(Path(tmp), opts)
     echo(
         f"{opts['clients']} client processes x {opts['depth']} in flight, {opts['files']} files "

@@ -9,13 +9,13 @@ import random
 from collections.abc import Awaitable, Callable
 
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.kv import KVStore, Transaction
+from chainfs.kv import MAX_PREFETCH_KEYS, KVStore, Transaction
 from chainfs.meta_service import chunks, perm, schema
 from chainfs.meta_service.alloc import IdLease, InodeAllocator
 from chainfs.meta_service.caps import CapabilitySigner
 from chainfs.meta_service.chunks import ChunkStorage
 from chainfs.meta_service.config import MetaConfig
-from chainfs.meta_service.ctx import DIRECTORY, FILE, Ctx, Last, ParsedPath, Target
+from chainfs.meta_service.ctx import DIRECTORY, FILE, Ctx, Last, ParsedPath, PathHints, Target
 from chainfs.meta_service.ops.context import (
     ALLOC_FIRST_ID,
     FORMAT_VERSION,
@@ -56,6 +56,8 @@ class NamespaceBase:
         self.caps = CapabilitySigner.from_config(cfg)  # None: no cluster secret, nothing signed
         self._rng = random.Random()
         self._perms: dict[tuple[int, ...], list[list[int]]] = {}  # chain pool -> permutations
+        # Guesses of the keys a path reads, where the store reads them ahead.
+        self.hints = PathHints() if kv.prefetches else None
 
     @staticmethod
     async def format(kv: KVStore, cfg: MetaConfig) -> pb.FormatRecord:
@@ -99,8 +101,14 @@ class NamespaceBase:
             raise ChainfsError(Code.CONFIG_ERROR, f"store has format version {fmt.version}")
         return fmt
 
-    async def _read(self, req: cpb.RequestInfo, body: Callable[[OpCtx], Awaitable[M]]) -> M:
-        return await self._plain(req, body, read_only=True)
+    async def _read(
+        self,
+        req: cpb.RequestInfo,
+        body: Callable[[OpCtx], Awaitable[M]],
+        paths: tuple[ParsedPath, ...] = (),
+    ) -> M:
+        """``paths``: what ``body`` resolves, fetched ahead (see _prefetch)."""
+        return await self._plain(req, body, read_only=True, paths=paths)
 
     async def _retry_safe(self, req: cpb.RequestInfo, body: Callable[[OpCtx], Awaitable[M]]) -> M:
         """A mutation whose repetition changes nothing more (ending a session):
@@ -109,14 +117,18 @@ class NamespaceBase:
         return await self._plain(req, body, read_only=False)
 
     async def _plain(
-        self, req: cpb.RequestInfo, body: Callable[[OpCtx], Awaitable[M]], read_only: bool
+        self,
+        req: cpb.RequestInfo,
+        body: Callable[[OpCtx], Awaitable[M]],
+        read_only: bool,
+        paths: tuple[ParsedPath, ...] = (),
     ) -> M:
         caller = Caller.of(req)
 
         async def fn(tx: Transaction) -> M:
-            return await body(OpCtx(tx, caller, self.cfg, None, {}))
+            return await body(OpCtx(tx, caller, self.cfg, None, {}, self.hints))
 
-        return await self.kv.transact(fn, read_only=read_only)
+        return await self.kv.transact(fn, read_only=read_only, prefetch=self._ahead(paths))
 
     async def _mutate(
         self,
@@ -125,8 +137,10 @@ class NamespaceBase:
         rsp_type: type[M],
         body: Callable[[OpCtx], Awaitable[M]],
         new_ids: bool = False,
+        paths: tuple[ParsedPath, ...] = (),
     ) -> M:
-        """Run ``body`` in a transaction that also records the answer for retries."""
+        """Run ``body`` in a transaction that also records the answer for retries.
+        ``paths``: what ``body`` resolves, fetched ahead (see _prefetch)."""
         check_client(req)
         caller = Caller.of(req)
         idem = bool(req.client_id) and req.request_id != 0
@@ -141,7 +155,7 @@ class NamespaceBase:
                 rec = await tx.get(ikey)
                 if rec is not None:
                     return decode_answer(rec, tag, rsp_type)
-            ctx = OpCtx(tx, caller, self.cfg, lease, storage_done)
+            ctx = OpCtx(tx, caller, self.cfg, lease, storage_done, self.hints)
             rsp = await body(ctx)
             if idem:
                 tx.set(ikey, encode_answer(tag, rsp))
@@ -152,7 +166,11 @@ class NamespaceBase:
         for _ in range(STORAGE_ROUNDS):
             committed = False
             try:
-                rsp = await self.kv.transact(fn)
+                ahead = self._ahead(paths, [ikey] if idem else [])
+                if ahead and lease is not None:  # the inode counter a new inode updates
+                    lease.restart()
+                    ahead.append(schema.inode_count_key(await lease.peek()))
+                rsp = await self.kv.transact(fn, prefetch=ahead)
                 committed = True
                 return rsp
             except StorageFirst as need:
@@ -161,6 +179,18 @@ class NamespaceBase:
                 if lease is not None:
                     lease.finish(committed)
         raise ChainfsError(Code.EAGAIN, "file kept changing during a storage step; retry")
+
+    def _ahead(
+        self, paths: tuple[ParsedPath, ...], first: list[bytes] | None = None
+    ) -> list[bytes]:
+        """Keys to read at begin (a store with round trips reads them in one):
+        ``first``, then those resolving ``paths`` likely reads."""
+        if not paths or self.hints is None:
+            return []
+        keys = list(first or ())
+        for p in paths:
+            keys.extend(self.hints.keys(p))
+        return keys[: MAX_PREFETCH_KEYS - 1]  # room for the inode counter
 
     async def _storage_step(self, need: StorageFirst) -> int:
         if self.storage is None:

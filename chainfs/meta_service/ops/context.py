@@ -13,7 +13,7 @@ from chainfs.kv import Transaction
 from chainfs.meta_service import schema
 from chainfs.meta_service.alloc import IdLease
 from chainfs.meta_service.config import MetaConfig
-from chainfs.meta_service.ctx import Ctx
+from chainfs.meta_service.ctx import Ctx, PathHints
 from chainfs.meta_service.perm import S_ISGID, Caller
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import meta_pb2 as pb
@@ -86,8 +86,9 @@ class OpCtx(Ctx):
         cfg: MetaConfig,
         lease: IdLease | None,
         storage_done: dict[tuple[str, int, int], int],
+        hints: PathHints | None = None,
     ) -> None:
-        super().__init__(tx, caller, cfg)
+        super().__init__(tx, caller, cfg, hints)
         self.lease = lease
         self.storage_done = storage_done
 

@@ -42,7 +42,7 @@ class CreateOps(NamespaceBase):
                 d = await make(ctx, await ctx.inode(t.parent_ino), t.name, mode)
             return pb.MkdirRsp(inode=d, parent=made_in.get(d.ino))
 
-        return await self._mutate(r.req, Tag.MKDIR, pb.MkdirRsp, body, new_ids=True)
+        return await self._mutate(r.req, Tag.MKDIR, pb.MkdirRsp, body, new_ids=True, paths=(p,))
 
     async def _mkdir_p(
         self,

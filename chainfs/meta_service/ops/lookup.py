@@ -20,7 +20,7 @@ class LookupOps(NamespaceBase):
             self._grant(ctx, rsp.inode, r.want_capability, r.req.client_id, rsp)
             return rsp
 
-        return await self._read(r.req, body)
+        return await self._read(r.req, body, paths=(p,))
 
     async def batch_stat(self, r: pb.BatchStatReq) -> pb.BatchStatRsp:
         if len(r.ats) > self.cfg.max_batch_stat:

@@ -41,7 +41,9 @@ class RemoveOps(TrashOps):
             ctx.touch_dir(parent)
             return pb.UnlinkRsp(parent=parent)
 
-        return await self._mutate(r.req, Tag.UNLINK, pb.UnlinkRsp, body, new_ids=retention_ms > 0)
+        return await self._mutate(
+            r.req, Tag.UNLINK, pb.UnlinkRsp, body, new_ids=retention_ms > 0, paths=(p,)
+        )
 
     async def rmdir(self, r: pb.RmdirReq) -> pb.RmdirRsp:
         p = parse(r.at, self.cfg)
@@ -65,4 +67,4 @@ class RemoveOps(TrashOps):
             await self._remove_dir(ctx, parent, t.name, d)
             return pb.RmdirRsp(parent=parent, ino=d.ino)
 
-        return await self._mutate(r.req, Tag.RMDIR, pb.RmdirRsp, body)
+        return await self._mutate(r.req, Tag.RMDIR, pb.RmdirRsp, body, paths=(p,))

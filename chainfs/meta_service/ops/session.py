@@ -83,8 +83,8 @@ class SessionOps(NamespaceBase):
             return rsp
 
         if not mutating:
-            return await self._read(r.req, body)
-        return await self._mutate(r.req, Tag.OPEN, pb.OpenRsp, body, new_ids=r.create)
+            return await self._read(r.req, body, paths=(p,))
+        return await self._mutate(r.req, Tag.OPEN, pb.OpenRsp, body, new_ids=r.create, paths=(p,))
 
     def _open_session(
         self, ctx: Ctx, inode: pb.Inode, client_id: bytes, read_only: bool = False

@@ -385,3 +385,40 @@ def test_prefix_end() -> None:
     assert prefix_end(b"abc") == b"abd"
     assert prefix_end(b"a\xff") == b"b"
     assert prefix_end(b"\xff\xff") == b"\xff" * 64
+
+
+async def test_prefetch_reads_the_snapshot_and_only_what_fn_reads_conflicts(
+    store: KVStore,
+) -> None:
+    await put_all(store, {b"p/a": b"1", b"p/b": b"2", b"p/unread": b"3"})
+    keys = [b"p/a", b"p/b", b"p/missing", b"p/unread"]
+
+    async def fn(tx: Transaction) -> tuple[Any, ...]:
+        missing = await tx.get(b"p/missing")  # the snapshot is taken by now
+        if calls[0] == 1:
+            # Commits after the snapshot: the prefetched values must not show it;
+            # p/a is read below (a conflict), p/unread never is (none).
+            await put_all(store, {b"p/a": b"changed", b"p/unread": b"changed"})
+        tx.set(b"p/b", b"mine")
+        got = (await tx.get(b"p/a"), await tx.get(b"p/b"), missing)
+        tx.set(b"p/out", got[0] or b"")
+        return got
+
+    calls, wrapped = counting(fn)
+    assert await store.transact(wrapped, prefetch=keys) == (b"changed", b"mine", None)
+    assert calls[0] == 2  # the first attempt read p/a as of its snapshot ("1") and conflicted
+    assert await store.get(b"p/out") == b"changed"
+
+    async def blind(tx: Transaction) -> None:
+        await tx.get(b"p/missing")
+        if calls[0] == 1:
+            await put_all(store, {b"p/unread": b"again"})
+        tx.set(b"p/out2", b"x")
+
+    calls, wrapped = counting(blind)
+    await store.transact(wrapped, prefetch=[b"p/unread"])
+    assert calls[0] == 1  # prefetched but never read: not in the read set
+
+    with pytest.raises(ChainfsError) as e:
+        await store.transact(blind, prefetch=[b"k%d" % i for i in range(kv.MAX_PREFETCH_KEYS + 1)])
+    assert e.value.code == Code.EINVAL

@@ -1,0 +1,90 @@
+"""Meta on a store that reads ahead (PostgreSQL's kind): the keys an operation's
+path likely reads are fetched at begin, guessed from the entries earlier walks
+found. A stale guess (a directory renamed or replaced since) must never change
+an answer."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from chainfs.common.errors import ChainfsError
+from chainfs.kv.base import Snapshot
+from chainfs.kv.memory import MemoryStore
+from chainfs.meta_service.server import MetaServer, StaticCluster
+from tests.unit.meta.conftest import CHAINS, ROOT, DirectMetaClient, FakeChunkStore, make_config
+
+
+class ReadAheadStore(MemoryStore):
+    """memory:// that reads transact's prefetch keys at begin, and counts the
+    reads that still went to the snapshot afterwards (round trips on a remote store)."""
+
+    prefetches = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.later_reads = 0
+
+    async def _begin_reading(self, keys: list[bytes]) -> Snapshot:
+        snap = await self._begin()
+        snap.ahead = {k: await snap.get(k) for k in keys}
+        get = snap.get
+
+        async def counted(key: bytes) -> bytes | None:
+            self.later_reads += 1
+            return await get(key)
+
+        snap.get = counted  # type: ignore[method-assign]
+        return snap
+
+
+@pytest.fixture
+async def meta() -> tuple[DirectMetaClient, ReadAheadStore]:
+    kv = ReadAheadStore()
+    server = MetaServer(
+        make_config(), kv=kv, storage=FakeChunkStore(), cluster=StaticCluster(CHAINS)
+    )
+    await server.start()
+    assert server.ns is not None
+    client = DirectMetaClient(server.ns, user=ROOT, timeout_s=10.0)
+    try:
+        yield client, kv
+    finally:
+        await client.aclose()
+        await server.stop()
+        await kv.close()
+
+
+async def test_warm_paths_are_read_at_begin(meta: tuple[DirectMetaClient, ReadAheadStore]) -> None:
+    m, kv = meta
+    await m.mkdir("/a/b", 0o755, parents=True)
+    await m.create("/a/b/f0", 0o644, exclusive=True, write=False)
+    kv.later_reads = 0
+    for i in range(1, 4):
+        made = await m.create(f"/a/b/f{i}", 0o644, exclusive=True, write=False)
+        assert (await m.stat(f"/a/b/f{i}")).ino == made.inode.ino
+    assert kv.later_reads == 0  # every key each create and stat read came at begin
+
+
+async def test_stale_guesses_never_change_an_answer(
+    meta: tuple[DirectMetaClient, ReadAheadStore],
+) -> None:
+    m, _ = meta
+    await m.mkdir("/d/sub", 0o755, parents=True)
+    old = await m.create("/d/sub/f", 0o644, exclusive=True, write=False)
+    assert (await m.stat("/d/sub/f")).ino == old.inode.ino
+    # /d now names another directory; the guesses still lead to the old one.
+    await m.rename("/d", "/moved")
+    await m.mkdir("/d/sub", 0o755, parents=True)
+    with pytest.raises(ChainfsError) as e:
+        await m.stat("/d/sub/f")
+    assert e.value.errno == errno.ENOENT
+    new = await m.create("/d/sub/f", 0o644, exclusive=True, write=False)
+    assert new.inode.ino != old.inode.ino
+    assert (await m.stat("/d/sub/f")).ino == new.inode.ino
+    assert (await m.stat("/moved/sub/f")).ino == old.inode.ino
+    await m.unlink("/d/sub/f")
+    with pytest.raises(ChainfsError) as e:
+        await m.stat("/d/sub/f")
+    assert e.value.errno == errno.ENOENT
