@@ -45,6 +45,7 @@ from typing import Generic, TypeVar
 import grpc.aio
 
 from chainfs.common.background import Periodic
+from chainfs.common.dataplane.buffers import BufferPool
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
@@ -302,6 +303,8 @@ class Resyncer(Periodic):
         self.executor = executor
         self.fenced = fenced
         self.limiter = RateLimiter(config.resync_rate_bytes_per_s)
+        # Chunks are read into these (all syncs); unmapped when no sync runs.
+        self.buffers = BufferPool(config.resync_buffer_bytes, config.resync_buffer_bytes)
         self.tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
         self.finished: dict[tuple[int, int], int] = {}  # (source, dest) -> chain version done
         self.bytes_sent = 0
@@ -365,6 +368,8 @@ class Resyncer(Periodic):
             started = True
         if started and self._on_start is not None:
             self._on_start()
+        if not self.tasks:
+            self.buffers.trim()
 
     async def _drive(self, src: int, dest: int, chain_id: int) -> None:
         """Sync passes until one completes (retrying after failures)."""
@@ -546,6 +551,7 @@ class Resyncer(Periodic):
                             rec,
                             _FORWARD_TIMEOUT_S,
                             self.limiter.consume,
+                            self.buffers,
                         )
                         sent += n
                         sent_chunks += 1

@@ -135,3 +135,5 @@ def test_failure_config_validation() -> None:
         FailureConfig(fence_after_timeout_ratio=1.0).validate()
     with pytest.raises(ValueError):
         FailureConfig(resync_parallel_chunks=0).validate()
+    with pytest.raises(ValueError):
+        FailureConfig(resync_buffer_bytes=0).validate()
