@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
+from chainfs.common.dataplane.buffers import BufferPool
 from chainfs.common.dataplane.client import DataClient, Reply
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
@@ -93,26 +94,41 @@ async def push_chunk(
     rec: ChunkRecord,
     timeout_s: float,
     before_send: Callable[[int], Any] | None = None,
+    buffers: BufferPool | None = None,
 ) -> int:
     """Send ``rec`` (the source's committed chunk; caller holds the source's chunk
     lock) to ``dest`` as a forwarded full-chunk update; returns the bytes sent.
 
     ``before_send(n)`` is awaited with the byte count first (rate limiting).
+    ``buffers``: the chunk is read into one of these (waiting for room), unless
+    it is larger than the pool; it goes back once the update is answered.
     """
-    got, data = await run_io(executor, engine.read, key[0], key[1], 0, rec.length, True)
-    if got is None or got.committed_version != rec.committed_version:
-        raise ChainfsError(Code.NOT_COMMITTED, f"chunk {key} changed under the chunk lock")
-    if before_send is not None:
-        await before_send(len(data))
-    req = full_chunk_update(chain, dest, key, rec, pending=False)
-    req.from_target = src
-    reply = await client.request(
-        data_address(node),
-        sp.UPDATE,
-        req.SerializeToString(),
-        payload=[data] if len(data) else [],
-        timeout_s=timeout_s,
-    )
+    buf = None
+    if buffers is not None and 0 < rec.length <= buffers.capacity_bytes:
+        buf = await buffers.acquire(rec.length)
+    try:
+        scratch = buf.view if buf is not None else None
+        got, data = await run_io(
+            executor, engine.read, key[0], key[1], 0, rec.length, True, scratch
+        )
+        if got is None or got.committed_version != rec.committed_version:
+            raise ChainfsError(Code.NOT_COMMITTED, f"chunk {key} changed under the chunk lock")
+        if before_send is not None:
+            await before_send(len(data))
+        req = full_chunk_update(chain, dest, key, rec, pending=False)
+        req.from_target = src
+        # When request() returns or raises, the transport holds no view of ``data``.
+        reply = await client.request(
+            data_address(node),
+            sp.UPDATE,
+            req.SerializeToString(),
+            payload=[data] if len(data) else [],
+            timeout_s=timeout_s,
+        )
+        sent = len(data)
+    finally:
+        if buf is not None:
+            buf.release()
     rsp = sp.UpdateRsp.FromString(bytes(reply.header))
     if rsp.committed_version != rec.committed_version or rsp.crc32c != rec.crc32c:
         raise ChainfsError(
@@ -121,7 +137,7 @@ async def push_chunk(
             f"{rsp.crc32c:#010x} after the copy, expected v{rec.committed_version} crc "
             f"{rec.crc32c:#010x}",
         )
-    return len(data)
+    return sent
 
 
 # ---- pull (repair) --------------------------------------------------------------

@@ -25,6 +25,10 @@ class FailureConfig:
     # the target holds (~100 bytes an entry; a DumpChunkMeta reply is one page).
     resync_batch_chunks: int = 4096
     resync_parallel_chunks: int = 8  # chunks one sync pass sends at once (each under its lock)
+    # Read buffers the chunks being sent are read into (all syncs of a node), kept
+    # mapped while syncs run: no fault-in of a fresh buffer per chunk. A chunk
+    # larger than this is read into a buffer of its own.
+    resync_buffer_bytes: int = 64 * 1024 * 1024
     # Scrubber: background CRC32C re-check of committed chunks. 0 = off.
     scrub_rate_bytes_per_s: int = 32 * 1024 * 1024  # read budget of the scrubber
     scrub_round_pause_ms: int = 60_000  # pause between two full passes over a target
@@ -47,6 +51,7 @@ class FailureConfig:
             "resync_retry_ms",
             "resync_batch_chunks",
             "resync_parallel_chunks",
+            "resync_buffer_bytes",
             "repair_queue_entries",
             "repair_timeout_ms",
             "repair_retry_min_ms",

@@ -148,7 +148,7 @@ class StorageNode:
         self.unix_path = ""
         # Failure handling: fencing, resync (both sides), repair, scrubbing.
         self.fence = Fence(lambda: self.heartbeat, config.failure.fence_after_timeout_ratio)
-        self.sync_receiver = SyncReceiver(lambda: self.routing.current)
+        self.sync_receiver = SyncReceiver(lambda: self.routing.current, self._beat_soon)
         self.resyncer: Resyncer | None = None
         self.repairer: Repairer | None = None
         self.copier: ChunkCopier | None = None
@@ -408,6 +408,7 @@ class StorageNode:
             self.executor,
             self.fence.fenced,
             credential,
+            on_start=self._beat_soon,
         )
         self.copier = ChunkCopier(
             self.targets,
@@ -422,6 +423,9 @@ class StorageNode:
             fcfg, self.targets, self.repairer, self.executor, self.fence.fenced
         )
         self.resyncer.start()
+        # A target turning SYNCING starts its fill now, not at the next scan.
+        resyncer = self.resyncer
+        self.routing.add_listener(lambda _: resyncer.wake())
         self.repairer.start()
         self.scrubber.start()
         if self.secret is not None:
@@ -436,6 +440,10 @@ class StorageNode:
 
     def _on_routing(self, routing: Routing) -> None:
         self.routing.install(routing)
+
+    def _beat_soon(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat_soon()
 
     def _on_heartbeat(self, rsp: mp.HeartbeatRsp) -> None:
         # A rebalance run may set the resync rate; without one the node's own applies.

@@ -45,6 +45,7 @@ from typing import Generic, TypeVar
 import grpc.aio
 
 from chainfs.common.background import Periodic
+from chainfs.common.dataplane.buffers import BufferPool
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
@@ -74,6 +75,15 @@ class RateLimiter:
     def __init__(self, rate_bytes_per_s: int) -> None:
         self.rate = rate_bytes_per_s
         self._next = time.monotonic()
+        self._changed = asyncio.Event()  # set (and replaced) by set_rate
+
+    def set_rate(self, rate_bytes_per_s: int) -> None:
+        """A new rate from now on; sends waiting under the old one go at once (a
+        rebalance's unlimited rate reaches a node just after its first sends)."""
+        self.rate = rate_bytes_per_s
+        self._next = time.monotonic()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def consume(self, n: int) -> None:
         if self.rate <= 0 or n <= 0:
@@ -82,7 +92,8 @@ class RateLimiter:
         start = max(now, self._next)
         self._next = start + n / self.rate
         if start > now:
-            await asyncio.sleep(start - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), start - now)
 
 
 predecessor = sync_source  # the sync source of a target (see access.sync_source)
@@ -202,8 +213,12 @@ class _Progress:
 class SyncReceiver:
     """The syncing side: remembers reports, answers local states for heartbeats."""
 
-    def __init__(self, routing: Callable[[], Routing | None]) -> None:
+    def __init__(
+        self, routing: Callable[[], Routing | None], on_done: Callable[[], None] | None = None
+    ) -> None:
+        """``on_done``: called when a target's sync first completes (heartbeat it now)."""
         self._routing = routing
+        self._on_done = on_done
         self.done: set[int] = set()
         self.progress: dict[int, _Progress] = {}
 
@@ -244,9 +259,12 @@ class SyncReceiver:
             )
         self.progress[rep.target_id] = _Progress(rep.bytes_left, rep.rate_bytes_per_s)
         if rep.done:
-            if rep.target_id not in self.done:
-                log.info("target %d: resync from %d done", rep.target_id, rep.from_target)
+            first = rep.target_id not in self.done
             self.done.add(rep.target_id)
+            if first:
+                log.info("target %d: resync from %d done", rep.target_id, rep.from_target)
+                if self._on_done is not None:
+                    self._on_done()  # mgmtd makes it serving on the heartbeat saying so
             self.progress[rep.target_id] = _Progress(0, rep.rate_bytes_per_s)
         return sp.SyncReportRsp()
 
@@ -270,9 +288,13 @@ class Resyncer(Periodic):
         executor: Executor,
         fenced: Callable[[], bool],
         credential: cpb.Credential | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> None:
-        """``credential``: this node's, for the destination's StorageControl."""
+        """``credential``: this node's, for the destination's StorageControl.
+        ``on_start``: called when syncs start (heartbeat now: its answer carries the
+        rate of a rebalance run, which must not wait for the next interval)."""
         super().__init__(config.resync_scan_interval_ms / 1000)
+        self._on_start = on_start
         self.credential = credential
         self.config = config
         self.targets = targets
@@ -281,6 +303,8 @@ class Resyncer(Periodic):
         self.executor = executor
         self.fenced = fenced
         self.limiter = RateLimiter(config.resync_rate_bytes_per_s)
+        # Chunks are read into these (all syncs); unmapped when no sync runs.
+        self.buffers = BufferPool(config.resync_buffer_bytes, config.resync_buffer_bytes)
         self.tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
         self.finished: dict[tuple[int, int], int] = {}  # (source, dest) -> chain version done
         self.bytes_sent = 0
@@ -290,7 +314,7 @@ class Resyncer(Periodic):
         rate = self.config.resync_rate_bytes_per_s if rate_bytes_per_s is None else rate_bytes_per_s
         if rate != self.limiter.rate:
             log.info("resync rate now %d bytes/s (0 = unlimited)", rate)
-            self.limiter.rate = rate
+            self.limiter.set_rate(rate)
 
     # ---- scheduling ----------------------------------------------------------
 
@@ -331,6 +355,7 @@ class Resyncer(Periodic):
                     task.cancel()
                 del self.tasks[key]
         assert routing is not None or not want
+        started = False
         for key, chain_id in want.items():
             if key in self.tasks:
                 continue
@@ -340,6 +365,11 @@ class Resyncer(Periodic):
             self.tasks[key] = asyncio.get_running_loop().create_task(
                 self._drive(key[0], key[1], chain_id)
             )
+            started = True
+        if started and self._on_start is not None:
+            self._on_start()
+        if not self.tasks:
+            self.buffers.trim()
 
     async def _drive(self, src: int, dest: int, chain_id: int) -> None:
         """Sync passes until one completes (retrying after failures)."""
@@ -521,6 +551,7 @@ class Resyncer(Periodic):
                             rec,
                             _FORWARD_TIMEOUT_S,
                             self.limiter.consume,
+                            self.buffers,
                         )
                         sent += n
                         sent_chunks += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
 from chainfs.storage_service.failure_config import FailureConfig
 from chainfs.storage_service.fencing import Fence
-from chainfs.storage_service.resync import SyncReceiver, predecessor
+from chainfs.storage_service.resync import RateLimiter, Resyncer, SyncReceiver, predecessor
 
 
 def _routing(states: dict[int, int], order: list[int]) -> Routing:
@@ -37,7 +38,8 @@ def test_predecessor_is_last_serving_target_before() -> None:
 
 def test_sync_receiver_local_states_follow_3fs_rules() -> None:
     box: dict[str, Routing] = {"r": _routing({7: mp.SERVING}, [7])}
-    rx = SyncReceiver(lambda: box["r"])
+    finished: list[int] = []  # on_done calls: the node heartbeats at once after each
+    rx = SyncReceiver(lambda: box["r"], lambda: finished.append(1))
     assert rx.heartbeat(7, 0, 1).local_state == mp.UPTODATE
     box["r"] = _routing({7: mp.WAITING, 8: mp.SERVING}, [8, 7])
     assert rx.heartbeat(7, 0, 1).local_state == mp.ONLINE
@@ -52,13 +54,55 @@ def test_sync_receiver_local_states_follow_3fs_rules() -> None:
     hb = rx.heartbeat(7, 0, 1)
     assert hb.local_state == mp.ONLINE and hb.sync_bytes_left == 100
     assert hb.sync_rate_bytes_per_s == 5
+    assert finished == []
     rx.handle_report(report, targets)
     assert rx.heartbeat(7, 0, 1).local_state == mp.UPTODATE
+    assert finished == [1]
+    rx.handle_report(report, targets)  # a repeated "done" is not news
+    assert finished == [1]
     # Offline again: the finished sync no longer counts.
     box["r"] = _routing({7: mp.OFFLINE, 8: mp.SERVING}, [8, 7])
     assert rx.heartbeat(7, 0, 1).local_state == mp.ONLINE
     box["r"] = _routing({7: mp.SYNCING, 8: mp.SERVING}, [8, 7])
     assert rx.heartbeat(7, 0, 1).local_state == mp.ONLINE
+    rx.handle_report(report, targets)  # the next sync's end is
+    assert finished == [1, 1]
+
+
+async def test_rate_change_releases_sends_waiting_under_the_old_rate() -> None:
+    limiter = RateLimiter(1)  # 1 byte/s: a second send of 1 MB would wait ~12 days
+    await limiter.consume(1 << 20)
+    waiting = asyncio.create_task(limiter.consume(1 << 20))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    limiter.set_rate(0)  # a rebalance lifts the limit
+    await asyncio.wait_for(waiting, 30)
+    await asyncio.wait_for(limiter.consume(1 << 20), 30)  # and later sends do not wait
+
+
+async def test_resync_start_asks_for_a_heartbeat() -> None:
+    """A node starting a sync heartbeats at once: the answer carries a rebalance's rate."""
+    box: dict[str, Routing] = {"r": _routing({1: mp.SERVING, 2: mp.SERVING}, [1, 2])}
+    started: list[int] = []
+    targets: Any = {1: object()}
+    cfg = FailureConfig(resync_retry_ms=60_000)
+    resyncer = Resyncer(
+        cfg, targets, lambda: box["r"], None, None, lambda: True,  # type: ignore[arg-type]
+        on_start=lambda: started.append(1),
+    )  # fmt: skip
+    try:
+        resyncer._schedule()
+        assert started == [] and not resyncer.tasks
+        box["r"] = _routing({1: mp.SERVING, 2: mp.SYNCING}, [1, 2])
+        resyncer._schedule()  # fenced: no sync, no heartbeat
+        assert started == [] and not resyncer.tasks
+        resyncer.fenced = lambda: False
+        resyncer._schedule()
+        assert started == [1] and set(resyncer.tasks) == {(1, 2)}
+        resyncer._schedule()  # already running: nothing new
+        assert started == [1]
+    finally:
+        await resyncer.stop()
 
 
 @dataclass
@@ -91,3 +135,5 @@ def test_failure_config_validation() -> None:
         FailureConfig(fence_after_timeout_ratio=1.0).validate()
     with pytest.raises(ValueError):
         FailureConfig(resync_parallel_chunks=0).validate()
+    with pytest.raises(ValueError):
+        FailureConfig(resync_buffer_bytes=0).validate()

@@ -207,7 +207,10 @@ def _state(eng: ChunkEngine) -> dict[bytes, tuple[int, int, int]]:
     return out
 
 
-def test_sync_pass_makes_the_target_identical_page_by_page(tmp_path: Path) -> None:
+@pytest.mark.parametrize("buffer_bytes", [64 << 20, 8192])  # 8 KiB: sends wait for buffers
+def test_sync_pass_makes_the_target_identical_page_by_page(
+    tmp_path: Path, buffer_bytes: int
+) -> None:
     rng = random.Random(4)
     src, dst = ChunkEngine(tmp_path / "src"), ChunkEngine(tmp_path / "dst")
     executor = ThreadPoolExecutor(2)
@@ -232,8 +235,13 @@ def test_sync_pass_makes_the_target_identical_page_by_page(tmp_path: Path) -> No
                 _write(dst, key, b"?" + data)
             if kind in ("src_only", "src_newer", "dst_newer"):
                 expect_sent.add(key)
+        _write(src, (7, 0), rng.randbytes(20_000))  # larger than the small pool: own buffer
+        expect_sent.add((7, 0))
         config = FailureConfig(
-            resync_batch_chunks=4, resync_parallel_chunks=3, resync_report_interval_ms=1
+            resync_batch_chunks=4,
+            resync_parallel_chunks=3,
+            resync_report_interval_ms=1,
+            resync_buffer_bytes=buffer_bytes,
         )
         succ = _FakeSuccessor(dst)
         routing = _routing()
@@ -279,6 +287,7 @@ def test_sync_pass_makes_the_target_identical_page_by_page(tmp_path: Path) -> No
         lefts = [first.bytes_left] + [r.bytes_left for r in middle]
         assert lefts == sorted(lefts, reverse=True) and lefts[-1] < lefts[0]
         assert rs.bytes_sent == sent_bytes
+        assert rs.buffers.in_use_bytes == 0  # every read buffer went back
     finally:
         executor.shutdown()
         src.close()

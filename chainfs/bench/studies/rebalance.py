@@ -61,9 +61,10 @@ def _one_run(base: Path, opts: dict[str, Any]) -> dict[str, float]:
         for i in range(opts["data_mib"] // 4):
             fs.write_file(f"/bulk{i}", blob)
         new = c.add_storage()
-        status = asyncio.run(
-            _add_node(c.address, int(c.storage[new].info["node_id"]), opts["concurrency"])
-        )
+        with c.admin_environment():  # Rebalance is an admin call (the cluster requires a token)
+            status = asyncio.run(
+                _add_node(c.address, int(c.storage[new].info["node_id"]), opts["concurrency"])
+            )
     if status.moves_failed or not status.moves_done:
         raise RuntimeError(f"rebalance: {status.moves_failed} failed, {status.moves_done} done")
     moved = sum(m.bytes for m in status.moves)

@@ -144,6 +144,11 @@ class BufferPool:
                 return True
         return False
 
+    def trim(self) -> None:
+        """Unmap every cached (free) buffer; those in use stay lent."""
+        while self._evict_one():
+            pass
+
     def when_available(self, nbytes: int, callback: Callable[[PooledBuffer], None]) -> None:
         """Call ``callback(buffer)`` once a buffer of ``nbytes`` fits (FIFO order)."""
         if nbytes > self.capacity_bytes:

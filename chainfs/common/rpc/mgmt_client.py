@@ -737,6 +737,12 @@ class HeartbeatLoop:
         self._targets.extend(targets)
         self.target_ids.extend(t.target_id for t in targets)
 
+    def beat_soon(self) -> None:
+        """Send the next heartbeat now rather than at the interval (a state change
+        mgmtd is waiting for, e.g. a finished resync)."""
+        if self._beats is not None:
+            self._beats.wake()
+
     async def beat_once(self) -> mp.HeartbeatRsp:
         """Send one heartbeat now (also used by tests)."""
         req = mp.HeartbeatReq(
