@@ -534,6 +534,10 @@ class PostgresStore(KVStore):
             server_settings={
                 "search_path": self.options.schema,
                 "default_transaction_isolation": "read committed",
+                # Every query here looks keys up in the primary key. A prepared
+                # one's generic plan, made while the table was small, would
+                # otherwise scan the whole table at every begin once it is not.
+                "enable_seqscan": "off",
             },
         )
 

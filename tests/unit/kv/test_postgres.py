@@ -15,7 +15,7 @@ import pytest
 import chainfs.kv as kv
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.kv import Transaction
-from chainfs.kv.postgres import PostgresStore, _Conn
+from chainfs.kv.postgres import _SNAPSHOT_AND_GET, PostgresStore, _Conn
 from chainfs.local.postgres import PostgresServer, _free_port
 from tests.unit.kv.conftest import PG_DATABASE
 
@@ -197,5 +197,27 @@ async def test_transactions_inside_transactions_do_not_starve_the_pool(
         await asyncio.gather(*(store.transact(lambda tx, i=i: outer(tx, i)) for i in range(8)))
         assert await store.get(b"inner") == b"%d" % runs[0]
         assert all([await store.get(b"outer/%d" % i) == b"done" for i in range(8)])
+    finally:
+        await store.close()
+
+
+async def test_begin_reads_keys_through_the_index_even_on_a_small_table(
+    postgres_server: PostgresServer,
+) -> None:
+    """A plan made while the table is small (a prepared statement's generic plan
+    is kept) must not scan the whole table once it has grown."""
+    store = _open(postgres_server)
+    try:
+        for i in range(20):
+            await store.set(b"k%d" % i, b"v")
+        conn = await store._pool.acquire()
+        try:
+            await conn.raw.execute("ANALYZE kv")  # as autovacuum does, while the table is small
+            await conn.raw.execute("SET plan_cache_mode = force_generic_plan")
+            rows = await conn.raw.fetch("EXPLAIN " + _SNAPSHOT_AND_GET, [b"k"])
+        finally:
+            store._pool.discard(conn)
+        plan = "\n".join(r[0] for r in rows)
+        assert "Index" in plan and "Seq Scan on kv" not in plan, plan
     finally:
         await store.close()
