@@ -355,3 +355,24 @@ async def test_concurrent_transactions_under_group_commit_stay_serializable(
         assert store.stats["batched_commits"] > 0
     finally:
         await store.close()
+
+
+async def test_a_local_server_is_reached_through_its_unix_socket(
+    postgres_server: PostgresServer,
+) -> None:
+    store = _open(postgres_server)
+    try:
+        conn = await store._pool.acquire()
+        try:
+            assert await conn.raw.fetchval("SELECT inet_client_addr()") is None  # not TCP
+        finally:
+            store._pool.release(conn)
+    finally:
+        await store.close()
+
+
+def test_a_socket_path_too_long_for_unix_sockets_falls_back_to_tcp(tmp_path: Any) -> None:
+    pg = PostgresServer(tmp_path / ("d" * 120), start=False)
+    pg.port = 5432
+    url = pg.url(PG_DATABASE)
+    assert "host=" not in url and "127.0.0.1:5432" in url
