@@ -29,13 +29,25 @@
   (SERIALIZABLE would be simpler but fails blind writes of one key, such as
   a directory's mtime, that FoundationDB's model lets commit side by side,
   and its page-grained predicate locks fail many unrelated commits.)
-- Exactly once across a lost reply: each pooled connection owns a row in
+- Group commit: a commit that arrives while another is in flight waits in a
+  bounded queue; the queued ones go together as ``txn_commit_batch(...)``, one
+  PostgreSQL transaction (one round trip, one WAL flush) on a connection of
+  their own (their snapshots' connections are rolled back apart). It takes
+  the union of their locks in the same global order, then validates and
+  applies each in turn: a failed validation writes nothing and fails that
+  one alone; a later one validates against the earlier ones' writes, so the
+  batch's order is their serial order. Each has its own commit slot and
+  token. A batch that fails as a whole (an error) goes again one by one.
+- Exactly once across a lost reply: each pooled connection owns a row (one
+  more per position of a batch it sends) in
   ``<schema>.commit_slots``, and every commit writes a fresh token there in
   the same PostgreSQL transaction. When the reply of a commit is lost (the
   connection broke, the server restarted, a timeout), a new connection
   terminates the old backend if it still runs, waits until it is gone, and
   reads the slot: our token means the commit landed; any other value means
-  it never will, and the commit is sent again.
+  it never will, and the commit is sent again. After a lost batch, each of
+  its transactions is resolved by its own slot; those that never landed go
+  again one by one.
 - Connections: a bounded pool (``pool_size``); connecting is retried until
   ``op_timeout_ms`` and then fails with UNAVAILABLE.
 
@@ -98,6 +110,12 @@ class PostgresOptions:
     # store-wide lock exclusively (PostgreSQL's lock table is finite:
     # max_locks_per_transaction x max_connections entries).
     max_key_locks: int = 256
+    # Group commit: commits that arrive while another is in flight wait in a
+    # queue (at most group_commit_queue_max; past it a commit goes alone) and
+    # go together, up to group_commit_max_txns per PostgreSQL transaction
+    # (one round trip, one WAL flush). 1 sends every commit alone.
+    group_commit_max_txns: int = 32
+    group_commit_queue_max: int = 1024
     # A unix socket directory; overrides the URL's host (libpq's ?host=/dir).
     host: str = ""
     password: str = ""
@@ -107,6 +125,8 @@ class PostgresOptions:
             raise ValueError("schema must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)")
         if self.pool_size < 1 or self.max_key_locks < 1:
             raise ValueError("pool_size and max_key_locks must be >= 1")
+        if self.group_commit_max_txns < 1 or self.group_commit_queue_max < 1:
+            raise ValueError("group_commit_max_txns and group_commit_queue_max must be >= 1")
         if not 0 < self.request_timeout_ms <= self.op_timeout_ms:
             raise ValueError("need 0 < request_timeout_ms <= op_timeout_ms")
         if not 0 < self.retry_initial_ms <= self.retry_max_ms:
@@ -118,20 +138,11 @@ CREATE SCHEMA IF NOT EXISTS {schema};
 CREATE TABLE IF NOT EXISTS {schema}.kv (
     key bytea PRIMARY KEY, value bytea NOT NULL, ver xid8 NOT NULL);
 CREATE TABLE IF NOT EXISTS {schema}.commit_slots (slot text PRIMARY KEY, token text NOT NULL);
-CREATE OR REPLACE FUNCTION {schema}.txn_commit(
-    snap text, store_lock bigint, store_lock_exclusive boolean,
-    lock_ids bigint[], lock_exclusive boolean[],
-    read_keys bytea[], range_begins bytea[], range_ends bytea[],
-    present_keys bytea[], put_keys bytea[], put_values bytea[], clear_keys bytea[],
-    clear_begins bytea[], clear_ends bytea[], commit_slot text, commit_token text)
-RETURNS boolean LANGUAGE plpgsql VOLATILE
--- Its plans are cached generic plans, often made while the table was small:
--- an EXISTS planned then scans the whole table at every commit once it is not.
-SET enable_seqscan = off AS $$
-DECLARE
-    s pg_snapshot := snap::pg_snapshot;
+-- Locks in one order: the store-wide lock, then key locks sorted by id.
+CREATE OR REPLACE FUNCTION {schema}.txn_lock(
+    store_lock bigint, store_lock_exclusive boolean, lock_ids bigint[], lock_exclusive boolean[])
+RETURNS void LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
-    -- Locks in one order: the store-wide lock, then key locks sorted by id.
     IF store_lock_exclusive THEN
         PERFORM pg_advisory_xact_lock(store_lock);
     ELSE
@@ -144,6 +155,18 @@ BEGIN
             PERFORM pg_advisory_xact_lock_shared(lock_ids[i]);
         END IF;
     END LOOP;
+END $$;
+CREATE OR REPLACE FUNCTION {schema}.txn_apply(
+    snap text, read_keys bytea[], range_begins bytea[], range_ends bytea[],
+    present_keys bytea[], put_keys bytea[], put_values bytea[], clear_keys bytea[],
+    clear_begins bytea[], clear_ends bytea[], commit_slot text, commit_token text)
+RETURNS boolean LANGUAGE plpgsql VOLATILE
+-- Its plans are cached generic plans, often made while the table was small:
+-- an EXISTS planned then scans the whole table at every commit once it is not.
+SET enable_seqscan = off AS $$
+DECLARE
+    s pg_snapshot := snap::pg_snapshot;
+BEGIN
     -- Each statement below sees every commit finished by now (a VOLATILE
     -- function in READ COMMITTED takes a fresh snapshot per statement).
     -- Written since the snapshot: a read key, or any key in a read range.
@@ -180,6 +203,52 @@ BEGIN
         ON CONFLICT (slot) DO UPDATE SET token = EXCLUDED.token;
     RETURN true;
 END $$;
+CREATE OR REPLACE FUNCTION {schema}.txn_commit(
+    snap text, store_lock bigint, store_lock_exclusive boolean,
+    lock_ids bigint[], lock_exclusive boolean[],
+    read_keys bytea[], range_begins bytea[], range_ends bytea[],
+    present_keys bytea[], put_keys bytea[], put_values bytea[], clear_keys bytea[],
+    clear_begins bytea[], clear_ends bytea[], commit_slot text, commit_token text)
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM {schema}.txn_lock(store_lock, store_lock_exclusive, lock_ids, lock_exclusive);
+    RETURN {schema}.txn_apply(snap, read_keys, range_begins, range_ends, present_keys,
+        put_keys, put_values, clear_keys, clear_begins, clear_ends, commit_slot, commit_token);
+END $$;
+-- Several transactions in one: the union of their locks first (one order for
+-- all commits, so none deadlock), then each validated and applied in turn,
+-- each with its own outcome (a failed validation writes nothing) and slot.
+-- counts: 6 per transaction, how many of read_keys, range_begins/ends,
+-- present_keys, put_keys/values, clear_keys, clear_begins/ends are its own.
+CREATE OR REPLACE FUNCTION {schema}.txn_commit_batch(
+    snaps text[], store_lock bigint, store_lock_exclusive boolean,
+    lock_ids bigint[], lock_exclusive boolean[], counts int[],
+    read_keys bytea[], range_begins bytea[], range_ends bytea[],
+    present_keys bytea[], put_keys bytea[], put_values bytea[], clear_keys bytea[],
+    clear_begins bytea[], clear_ends bytea[], commit_slots text[], commit_tokens text[])
+RETURNS boolean[] LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    outcomes boolean[] := '{{}}';
+    o int[] := ARRAY[0, 0, 0, 0, 0, 0];
+    c int[];
+BEGIN
+    PERFORM {schema}.txn_lock(store_lock, store_lock_exclusive, lock_ids, lock_exclusive);
+    FOR t IN 1 .. cardinality(snaps) LOOP
+        c := counts[6 * t - 5 : 6 * t];
+        outcomes := outcomes || {schema}.txn_apply(snaps[t],
+            read_keys[o[1] + 1 : o[1] + c[1]],
+            range_begins[o[2] + 1 : o[2] + c[2]], range_ends[o[2] + 1 : o[2] + c[2]],
+            present_keys[o[3] + 1 : o[3] + c[3]],
+            put_keys[o[4] + 1 : o[4] + c[4]], put_values[o[4] + 1 : o[4] + c[4]],
+            clear_keys[o[5] + 1 : o[5] + c[5]],
+            clear_begins[o[6] + 1 : o[6] + c[6]], clear_ends[o[6] + 1 : o[6] + c[6]],
+            commit_slots[t], commit_tokens[t]);
+        FOR j IN 1 .. 6 LOOP
+            o[j] := o[j] + c[j];
+        END LOOP;
+    END LOOP;
+    RETURN outcomes;
+END $$;
 CREATE OR REPLACE FUNCTION {schema}.txn_commit_or_raise(
     snap text, store_lock bigint, store_lock_exclusive boolean,
     lock_ids bigint[], lock_exclusive boolean[],
@@ -210,6 +279,7 @@ _SNAPSHOT_AND_GET = (
 _GET = "SELECT value FROM kv WHERE key = $1"
 _RANGE = "SELECT key, value FROM kv WHERE key >= $1 AND key < $2 ORDER BY key {order} LIMIT $3"
 _COMMIT = "SELECT txn_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+_COMMIT_BATCH = "SELECT txn_commit_batch(" + ", ".join(f"${i}" for i in range(1, 18)) + ")"
 # Which of ``$1`` (read keys never fetched) the snapshot holds.
 _HELD = "SELECT array(SELECT key FROM kv WHERE key = ANY($1))"
 
@@ -268,6 +338,14 @@ class _Conn:
     # Inside a snapshot's REPEATABLE READ transaction (_BEGIN); when idle, one
     # not read from yet (its snapshot is taken by the next statement).
     begun: bool = False
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A commit waiting in the group-commit queue."""
+
+    args: list[Any]
+    outcome: asyncio.Future[bool]
 
 
 class _PgSnapshot(Snapshot):
@@ -501,7 +579,13 @@ class PostgresStore(KVStore):
         self._schema_ready = False
         self._schema_lock = asyncio.Lock()
         self._closed = False
-        self.stats.update({"reconnects": 0, "lost_replies": 0})
+        # Group commit: commits waiting for the one in flight, and its task.
+        self._commit_queue: list[_Pending] = []
+        self._commits_in_flight = 0
+        self._flusher: asyncio.Task[None] | None = None
+        self.stats.update(
+            {"reconnects": 0, "lost_replies": 0, "commit_batches": 0, "batched_commits": 0}
+        )
 
     @classmethod
     def from_url(cls, url: str, retry: RetryPolicy | None = None) -> PostgresStore:
@@ -534,6 +618,10 @@ class PostgresStore(KVStore):
             server_settings={
                 "search_path": self.options.schema,
                 "default_transaction_isolation": "read committed",
+                # Every query here looks keys up in the primary key. A prepared
+                # one's generic plan, made while the table was small, would
+                # otherwise scan the whole table at every begin once it is not.
+                "enable_seqscan": "off",
             },
         )
 
@@ -632,7 +720,7 @@ class PostgresStore(KVStore):
             [b for b, _ in tx.cleared_ranges],
             [e for _, e in tx.cleared_ranges],
         ]
-        if not await self._commit_once(args, conn):
+        if not await self._commit_grouped(args, conn):
             raise TxnConflict()
 
     def _lock_id(self, key: bytes) -> int:
@@ -650,6 +738,142 @@ class PostgresStore(KVStore):
             modes[self._lock_id(k)] = True  # a hash collision with a read: exclusive wins
         ids = sorted(modes)
         return False, ids, [modes[i] for i in ids]
+
+    async def _commit_grouped(self, args: list[Any], snapshot_conn: _Conn | None) -> bool:
+        """Commit alone when no other commit is in flight; else wait in the queue
+        and go with the others that arrived meanwhile (one round trip)."""
+        queue = self._commit_queue
+        if (
+            self._commits_in_flight == 0
+            or self.options.group_commit_max_txns == 1
+            or len(queue) >= self.options.group_commit_queue_max
+        ):
+            self._commits_in_flight += 1
+            try:
+                return await self._commit_once(args, snapshot_conn)
+            finally:
+                self._commits_in_flight -= 1
+                self._start_flusher()
+        if snapshot_conn is not None:
+            self._pool.spawn_release(snapshot_conn)  # the batch goes on another connection
+        pending = _Pending(args, asyncio.get_running_loop().create_future())
+        queue.append(pending)
+        self._start_flusher()
+        return await pending.outcome
+
+    def _start_flusher(self) -> None:
+        if not self._commit_queue or self._flusher is not None:
+            return
+        # Its connections come from the nested bound: outer transactions that
+        # hold every other one may be waiting for a queued (inner) commit.
+        context = contextvars.copy_context()
+        context.run(self._pool.snapshots_held.set, 1)
+        self._flusher = asyncio.get_running_loop().create_task(self._flush(), context=context)
+
+    async def _flush(self) -> None:
+        """Send the queue in batches until it is empty."""
+        try:
+            while self._commit_queue:
+                batch = self._commit_queue[: self.options.group_commit_max_txns]
+                del self._commit_queue[: len(batch)]
+                self._commits_in_flight += 1
+                try:
+                    await self._commit_batch(batch)
+                except BaseException as e:
+                    for p in batch:
+                        if not p.outcome.done():
+                            p.outcome.set_exception(e)
+                    if not isinstance(e, Exception):
+                        raise
+                finally:
+                    self._commits_in_flight -= 1
+        finally:
+            self._flusher = None
+
+    async def _commit_batch(self, batch: list[_Pending]) -> None:
+        """One PostgreSQL transaction for ``batch``: each gets its own outcome.
+        A batch that fails as a whole (an error, a deadlock) goes again one by
+        one; after a lost reply, those whose slot holds their token landed."""
+        if len(batch) == 1:
+            return await self._commit_alone(batch)
+        deadline = time.monotonic() + self.options.op_timeout_ms / 1000.0
+        conn = await self._pool.acquire()
+        slots = [f"{conn.slot}.{i}" for i in range(len(batch))]
+        tokens = [f"{slot}/{next(self._tokens)}" for slot in slots]
+        try:
+            outcomes = await self._send_batch(conn, [p.args for p in batch], slots, tokens)
+        except Exception as e:
+            if not _is_lost(e):
+                self._pool.release(conn)
+                return await self._commit_alone(batch)
+            self._pool.discard(conn)
+            self.stats["lost_replies"] += 1
+            landed = await self._landed(conn, slots, tokens, deadline)
+            resend = []
+            for p, ok in zip(batch, landed, strict=True):
+                if not ok:
+                    resend.append(p)  # it never landed and never will
+                elif not p.outcome.done():
+                    p.outcome.set_result(True)
+            return await self._commit_alone(resend)
+        self._pool.release(conn)
+        self.stats["commit_batches"] += 1
+        self.stats["batched_commits"] += len(batch)
+        for p, ok in zip(batch, outcomes, strict=True):
+            if not p.outcome.done():
+                p.outcome.set_result(bool(ok))
+
+    async def _send_batch(
+        self, conn: _Conn, txns: list[list[Any]], slots: list[str], tokens: list[str]
+    ) -> list[bool]:
+        args = self._batch_args(txns)
+        outcomes = await conn.raw.fetchval(
+            _COMMIT_BATCH, *args, slots, tokens, timeout=self._timeout_s
+        )
+        return [bool(ok) for ok in outcomes]
+
+    async def _commit_alone(self, batch: list[_Pending]) -> None:
+        async def one(p: _Pending) -> None:
+            try:
+                ok = await self._commit_once(p.args, None)
+            except Exception as e:
+                if not p.outcome.done():
+                    p.outcome.set_exception(e)
+                return
+            if not p.outcome.done():
+                p.outcome.set_result(ok)
+
+        await asyncio.gather(*(one(p) for p in batch))
+
+    def _batch_args(self, txns: list[list[Any]]) -> list[Any]:
+        """txn_commit_batch's arguments (but the slots and tokens) for ``txns``:
+        the union of their locks, and their key lists end to end."""
+        store_exclusive = any(a[2] for a in txns)
+        modes: dict[int, bool] = {}
+        if not store_exclusive:
+            for a in txns:
+                for lock_id, exclusive in zip(a[3], a[4], strict=True):
+                    modes[lock_id] = modes.get(lock_id, False) or exclusive
+            if len(modes) > self._max_key_locks:
+                store_exclusive, modes = True, {}
+        ids = sorted(modes)
+        counts: list[int] = []
+        lists: list[list[Any]] = [[] for _ in range(9)]
+        for a in txns:
+            keys = a[5:]
+            assert len(keys) == 9, len(keys)
+            counts += [len(keys[i]) for i in (0, 1, 3, 4, 6, 7)]
+            for i, values in enumerate(keys):
+                lists[i].extend(values)
+        return [
+            [a[0] for a in txns],
+            txns[0][1],
+            store_exclusive,
+            ids,
+            [modes[i] for i in ids],
+            counts,
+            *lists,
+        ]
 
     async def _commit_once(self, args: list[Any], snapshot_conn: _Conn | None) -> bool:
         """Run txn_commit exactly once; True if its validation held (it committed).
@@ -670,7 +894,7 @@ class PostgresStore(KVStore):
                     raise
                 self._pool.discard(conn)
                 self.stats["lost_replies"] += 1
-                if await self._landed(conn, token, deadline):
+                if (await self._landed(conn, [conn.slot], [token], deadline))[0]:
                     return True
                 continue  # it never landed and never will: send it again
             self._pool.release(conn)
@@ -691,8 +915,11 @@ class PostgresStore(KVStore):
         await conn.raw.execute(_commit_script(args, conn.slot, token), timeout=self._timeout_s)
         return True
 
-    async def _landed(self, lost: _Conn, token: str, deadline: float) -> bool:
-        """After a lost reply: wait until the old backend is gone, then read its slot."""
+    async def _landed(
+        self, lost: _Conn, slots: list[str], tokens: list[str], deadline: float
+    ) -> list[bool]:
+        """After a lost reply: wait until the old backend is gone, then read its
+        slots; each commit landed if its slot holds its token."""
         while True:
             try:
                 conn = await self._pool.acquire()
@@ -705,8 +932,8 @@ class PostgresStore(KVStore):
                     lost.backend_pid,
                     lost.backend_start,
                 )
-                value = await conn.raw.fetchval(
-                    "SELECT token FROM commit_slots WHERE slot = $1", lost.slot
+                rows = await conn.raw.fetch(
+                    "SELECT slot, token FROM commit_slots WHERE slot = ANY($1)", slots
                 )
             except Exception as e:
                 self._pool.discard(conn)
@@ -715,7 +942,8 @@ class PostgresStore(KVStore):
                 continue
             self._pool.release(conn)
             if gone:
-                return value == token
+                found = {str(r[0]): str(r[1]) for r in rows}
+                return [found.get(s) == t for s, t in zip(slots, tokens, strict=True)]
             if time.monotonic() >= deadline:
                 raise self._outcome_unknown(TimeoutError("old backend still running"))
             await asyncio.sleep(self.options.retry_initial_ms / 1000.0)
@@ -732,6 +960,8 @@ class PostgresStore(KVStore):
         if self._closed:
             return
         self._closed = True
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
         idle = await self._pool.close()
         if idle:
             try:

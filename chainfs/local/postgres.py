@@ -17,8 +17,8 @@ when ``nobody`` could not reach it (a private parent such as /root or
 pytest's base directory), the server keeps one capability,
 CAP_DAC_READ_SEARCH, to look up paths through such directories. The server
 listens on an ephemeral port (a lost port race restarts on a fresh one) and
-on a unix socket in its data directory. Only processes started here are
-signalled.
+on a unix socket in its data directory, which its URLs name (no TCP on either
+side). Only processes started here are signalled.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import subprocess
 import time
 import weakref
 from pathlib import Path
+from urllib.parse import quote
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.local.process import DEFAULT_STOP_TIMEOUT_S, Popen, StopOnExit, tail_file
@@ -47,6 +48,7 @@ SUPERUSER = "chainfs"
 UNPRIVILEGED_UID = 65534  # nobody: the server's account when we are root
 _READY_POLL_S = 0.05
 _CLIENT_TIMEOUT_S = 10.0  # createdb, pg_isready
+_UNIX_PATH_MAX = 107  # a unix socket's path, in bytes (sun_path less its NUL)
 
 
 def find_bindir() -> str | None:
@@ -112,8 +114,11 @@ class PostgresServer(StopOnExit):
         return self.base_dir / "postgres.log"
 
     def url(self, database: str, schema: str = "chainfs", query: str = "") -> str:
-        """A ``chainfs.kv.open`` URL for ``schema`` in ``database``."""
+        """A ``chainfs.kv.open`` URL for ``schema`` in ``database``; through the
+        unix socket (no TCP on either side) when its path is short enough."""
         extra = f"&{query}" if query else ""
+        if len(str(self.data_dir / f".s.PGSQL.{self.port}")) <= _UNIX_PATH_MAX:
+            extra = f"&host={quote(str(self.data_dir), safe='/')}{extra}"
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}?schema={schema}{extra}"
 
     def alive(self) -> bool:
