@@ -16,6 +16,13 @@ Once the old target has left, its node is asked to drop its chunks
 (StorageControl.DropChunks, refused while the node's routing shows the target
 in a chain); a node that is offline keeps them until the target is reused (the
 resync that fills it then removes what it holds beyond the chain's chunks).
+
+The run (plan, progress, rate, concurrency) is stored (a RebalanceRun) when it
+starts and whenever a move changes state. A mgmtd that becomes primary resumes
+a stored run that had not finished (:meth:`Rebalancer.resume`): each move not
+done or failed goes on from where the chain table shows it, whatever the
+stored record says of it (a crash may fall between a chain change and the
+record's rewrite), so no chain keeps a replica too many.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dataclasses import dataclass, field
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.storage_control import StorageControl
 from chainfs.mgmt_service.cluster_state import ClusterState
+from chainfs.mgmt_service.schema import wall_ms
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp
 
@@ -196,6 +204,7 @@ def _chain_to_move(layout: _Layout, src: int, dest: int) -> tuple[int, int, int]
 # ---- execution ------------------------------------------------------------------
 
 Mutate = Callable[[Callable[[ClusterState], None]], Awaitable[tuple[None, ClusterState]]]
+Persist = Callable[[mp.RebalanceRun], Awaitable[None]]
 
 
 class Rebalancer:
@@ -211,8 +220,10 @@ class Rebalancer:
         move_timeout_s: float,
         drop_timeout_s: float,
         credential: cpb.Credential | None = None,
+        persist: Persist | None = None,
     ) -> None:
-        """``credential``: what mgmtd presents to storage nodes (None: no auth)."""
+        """``credential``: what mgmtd presents to storage nodes (None: no auth);
+        ``persist``: stores the run (None: kept in memory only)."""
         self._mutate = mutate
         self._current = current
         self._wait_change = wait_change  # (known routing version, wait ms) -> state
@@ -221,9 +232,14 @@ class Rebalancer:
         self._move_timeout_s = move_timeout_s
         self._drop_timeout_s = drop_timeout_s
         self._credential = credential
+        self._persist = persist
+        self._persist_lock = asyncio.Lock()  # one write at a time, each of the latest status
         self._task: asyncio.Task[None] | None = None
+        self._starting = False  # a start is storing its run
         self._status = mp.RebalanceStatus()
+        self._concurrency = 1
         self._started = 0.0
+        self._started_ms = 0
         self._ended = 0.0
         # Resync rate the storage nodes are told while a run is going (None: their own).
         self.rate_bytes_per_s: int | None = None
@@ -240,62 +256,131 @@ class Rebalancer:
         out.elapsed_s = max(end - self._started, 0.0) if self._started else 0.0
         return out
 
-    def start(
+    def run_record(self) -> mp.RebalanceRun:
+        """The run as stored: its status (``running`` until it has finished)."""
+        run = mp.RebalanceRun(concurrency=self._concurrency, started_ms=self._started_ms)
+        run.status.CopyFrom(self.status())
+        if self._task is not None and not self._task.done():
+            run.status.running = True
+        if self.rate_bytes_per_s is not None:
+            run.rate_bytes_per_s = self.rate_bytes_per_s
+        return run
+
+    async def start(
         self,
         req: mp.RebalanceReq,
         moves: list[mp.Move],
         concurrency: int,
     ) -> None:
-        if self.running:
+        """Store the run, then start it (nothing starts if it cannot be stored)."""
+        if self.running or self._starting:
             raise ChainfsError(Code.EBUSY, "a rebalance is already running")
-        self._status = mp.RebalanceStatus(
-            mode=req.mode, node_id=req.node_id, moves_total=len(moves), moves=moves
+        status = mp.RebalanceStatus(
+            mode=req.mode, node_id=req.node_id, moves_total=len(moves), moves=moves, running=True
         )
-        self.rate_bytes_per_s = req.rate_bytes_per_s if req.HasField("rate_bytes_per_s") else None
-        self._started = time.monotonic()
-        self._task = asyncio.get_running_loop().create_task(self._run(concurrency))
+        run = mp.RebalanceRun(status=status, concurrency=concurrency, started_ms=wall_ms())
+        if req.HasField("rate_bytes_per_s"):
+            run.rate_bytes_per_s = req.rate_bytes_per_s
+        self._starting = True
+        try:
+            if self._persist is not None:
+                await self._persist(run)
+        finally:
+            self._starting = False
+        self._adopt(run)
+        self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def _run(self, concurrency: int) -> None:
-        slots = asyncio.Semaphore(concurrency)
+    def _adopt(self, run: mp.RebalanceRun) -> None:
+        self._status = mp.RebalanceStatus()
+        self._status.CopyFrom(run.status)
+        self._status.running = False  # status() says whether the task runs
+        self._concurrency = max(run.concurrency, 1)
+        self.rate_bytes_per_s = run.rate_bytes_per_s if run.HasField("rate_bytes_per_s") else None
+        self._started_ms = run.started_ms
+        self._started = time.monotonic() - max(wall_ms() - run.started_ms, 0) / 1000
+        self._ended = 0.0
+
+    def resume(self, run: mp.RebalanceRun) -> None:
+        """On becoming primary: show the stored run, and go on with it if it had
+        not finished (moves already done or failed stay so)."""
+        self.stop()
+        self._adopt(run)
+        if not run.status.running:
+            elapsed_s = run.status.elapsed_s
+            self._ended = time.monotonic()
+            self._started = self._ended - elapsed_s
+            return
+        log.info(
+            "resuming the stored rebalance: %d of %d moves done, %d failed",
+            run.status.moves_done,
+            run.status.moves_total,
+            run.status.moves_failed,
+        )
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        """No longer primary: stop the run here (its stored record stays for the next)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            self.rate_bytes_per_s = None
+            self._ended = time.monotonic()
+            log.warning("rebalance stopped here (no longer primary)")
+
+    async def _save(self) -> None:
+        """Store the run as it is now; a failure is logged (the run goes on: a
+        move's chain changes are what a resume checks first)."""
+        if self._persist is None:
+            return
+        async with self._persist_lock:
+            try:
+                await self._persist(self.run_record())
+            except ChainfsError as e:
+                log.warning("rebalance progress not stored: %s", e)
+
+    async def _run(self) -> None:
+        slots = asyncio.Semaphore(self._concurrency)
         by_chain: dict[int, list[mp.Move]] = {}
         for m in self._status.moves:
-            by_chain.setdefault(m.chain_id, []).append(m)
+            if m.state not in (mp.MOVE_DONE, mp.MOVE_FAILED):
+                by_chain.setdefault(m.chain_id, []).append(m)
 
         async def chain_moves(moves: list[mp.Move]) -> None:
             for m in moves:  # one move at a time per chain
                 async with slots:
                     await self._run_move(m)
 
-        try:
-            await asyncio.gather(*(chain_moves(ms) for ms in by_chain.values()))
-        finally:
-            self.rate_bytes_per_s = None
-            self._ended = time.monotonic()
-            s = self._status
-            log.info(
-                "rebalance ended: %d of %d moves done, %d failed, %d bytes moved",
-                s.moves_done,
-                s.moves_total,
-                s.moves_failed,
-                s.bytes_moved,
-            )
+        await asyncio.gather(*(chain_moves(ms) for ms in by_chain.values()))
+        self.rate_bytes_per_s = None
+        self._ended = time.monotonic()
+        self._task = None  # finished: the record stored next says so
+        await self._save()
+        s = self._status
+        log.info(
+            "rebalance ended: %d of %d moves done, %d failed, %d bytes moved",
+            s.moves_done,
+            s.moves_total,
+            s.moves_failed,
+            s.bytes_moved,
+        )
 
     async def _run_move(self, m: mp.Move) -> None:
-        try:
-            await self._mutate(lambda s: _join(s, m))
-            # The join placed it waiting; one more step now starts its sync at once.
-            await self._mutate(lambda s: None)
-            m.state = mp.MOVE_SYNCING
-            await self._wait_serving(m)
-            _, after = await self._mutate(lambda s: _leave(s, m))
-        except ChainfsError as e:
-            await self._fail(m, str(e))
-            return
+        while True:
+            try:
+                after = await self._advance(m)
+                break
+            except ChainfsError as e:
+                if e.code != Code.NOT_PRIMARY:
+                    await self._fail(m, str(e))
+                    return
+            # Not primary for now: stepping down stops the run (stop()); a lease
+            # renewed in time goes on from what the chain table shows.
+            await asyncio.sleep(self._poll_ms / 1000)
         m.state = mp.MOVE_DONE
         await self._drop_old(m, after)
         m.bytes = self._used_bytes(m.to_target)
         self._status.moves_done += 1
         self._status.bytes_moved += m.bytes
+        await self._save()
         log.info(
             "chain %d: target %d (node %d) replaced by %d (node %d), %d bytes",
             m.chain_id,
@@ -305,6 +390,22 @@ class Rebalancer:
             m.to_node,
             m.bytes,
         )
+
+    async def _advance(self, m: mp.Move) -> ClusterState:
+        """Take ``m`` on from where the chain table shows it (a resumed run's
+        record may lag it): join unless joined, wait until the new target
+        serves, then the old one leaves unless gone. The state after."""
+        chain = self._current().chain(m.chain_id)
+        if chain is None or m.to_target not in chain.targets:
+            await self._mutate(lambda s: _join(s, m))
+            # The join placed it waiting; one more step now starts its sync at once.
+            await self._mutate(lambda s: None)
+        if m.state != mp.MOVE_SYNCING:
+            m.state = mp.MOVE_SYNCING
+            await self._save()
+        await self._wait_serving(m)
+        _, after = await self._mutate(lambda s: _leave(s, m))
+        return after
 
     async def _wait_serving(self, m: mp.Move) -> None:
         deadline = time.monotonic() + self._move_timeout_s
@@ -348,6 +449,7 @@ class Rebalancer:
             await self._mutate(lambda s: _undo_join(s, m))
         except ChainfsError as e:
             m.error += f"; rollback failed: {e}"
+        await self._save()  # after the rollback: a resume never keeps the new target
 
 
 def _join(s: ClusterState, m: mp.Move) -> None:
@@ -360,7 +462,9 @@ def _join(s: ClusterState, m: mp.Move) -> None:
 
 
 def _leave(s: ClusterState, m: mp.Move) -> None:
-    s.update_chain(m.chain_id, [], [m.from_target])
+    t = s.target(m.from_target)
+    if t is not None and t.chain_id == m.chain_id:  # else it left before a failover
+        s.update_chain(m.chain_id, [], [m.from_target])
 
 
 def _undo_join(s: ClusterState, m: mp.Move) -> None:

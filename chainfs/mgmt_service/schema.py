@@ -20,6 +20,8 @@ KEY_LEASE = KEY_PREFIX + b"lease"
 KEY_PEER = KEY_PREFIX + b"peer|"
 KEY_CONFIG = KEY_PREFIX + b"config|"
 KEY_CONFIG_VERSION = KEY_PREFIX + b"config_version"
+# The last rebalance run (a RebalanceRun), rewritten as its moves go on.
+KEY_REBALANCE = KEY_PREFIX + b"rebalance"
 
 
 def wall_ms() -> int:

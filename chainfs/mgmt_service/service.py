@@ -43,6 +43,7 @@ from chainfs.mgmt_service.schema import (
     KEY_COUNTERS,
     KEY_PEER,
     KEY_PRIMARY,
+    KEY_REBALANCE,
     wall_ms,
 )
 from chainfs.mgmt_service.users import UserStore
@@ -113,6 +114,7 @@ class Mgmtd(mg.MgmtServicer):
             node_credential(load_secret(cfg.cluster_secret_file), MGMTD_NODE_ID)
             if cfg.cluster_secret_file
             else None,
+            persist=self._store_rebalance,
         )
         self.users = UserStore(store, cfg.max_users)
 
@@ -139,14 +141,14 @@ class Mgmtd(mg.MgmtServicer):
     async def _load_state(self) -> None:
         epoch = self.election.epoch
 
-        async def fn(tx: Transaction) -> ClusterState:
+        async def fn(tx: Transaction) -> tuple[ClusterState, bytes | None]:
             state = await ClusterState.load(tx, self.cfg.cluster_id)
             if state.from_single_key:  # the old layout: one key per record from now on
                 await self._check_primary(tx, epoch)
                 state.save_all(tx)
-            return state
+            return state, await tx.get(KEY_REBALANCE)
 
-        state = await self.store.transact(fn)
+        state, run = await self.store.transact(fn)
         if state.from_single_key:
             log.info("cluster state converted to one key per node, target and chain")
         now = self.clock()
@@ -164,6 +166,21 @@ class Mgmtd(mg.MgmtServicer):
             state.info.version,
         )
         self._notify_watchers()
+        if run is not None:  # the last run: shown, and resumed if it had not finished
+            self.rebalancer.resume(mp.RebalanceRun.FromString(run))
+
+    async def _store_rebalance(self, run: mp.RebalanceRun) -> None:
+        """Store the rebalance run (only while primary of the epoch it began in)."""
+        epoch = self.election.epoch
+        if self._epoch_loaded != epoch:
+            raise self._not_primary()
+        value = run.SerializeToString()
+
+        async def fn(tx: Transaction) -> None:
+            await self._check_primary(tx, epoch)
+            tx.set(KEY_REBALANCE, value)
+
+        await self.store.transact(fn)
 
     def stop_serving(self) -> None:
         """Shutdown begins: answer NOT_PRIMARY at once, and take no lease again
@@ -174,6 +191,7 @@ class Mgmtd(mg.MgmtServicer):
     def step_down(self) -> None:
         if self.state is not None:
             log.warning("no longer primary")
+        self.rebalancer.stop()
         self.state = None
         self._epoch_loaded = 0
         self._notify_watchers()
@@ -503,7 +521,7 @@ class Mgmtd(mg.MgmtServicer):
         moves = plan(state, request.mode, request.node_id, self.cfg.rebalance_max_moves)
         if not request.dry_run:
             concurrency = request.max_concurrent_moves or self.cfg.rebalance_max_concurrent_moves
-            self.rebalancer.start(request, moves, concurrency)
+            await self.rebalancer.start(request, moves, concurrency)
             log.info("rebalance started: %d moves, %d at once", len(moves), concurrency)
         return mp.RebalanceRsp(plan=moves, status=self.rebalancer.status())
 

@@ -1160,6 +1160,46 @@ class RebalanceStatus(_message.Message):
 Global___RebalanceStatus: _TypeAlias = RebalanceStatus  # noqa: Y015
 
 @_typing.final
+class RebalanceRun(_message.Message):
+    """A run as mgmtd stores it (key MGMT|rebalance), rewritten when it starts and
+    whenever a move changes state: a new primary resumes a run still running.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    RATE_BYTES_PER_S_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_FIELD_NUMBER: _builtins.int
+    STARTED_MS_FIELD_NUMBER: _builtins.int
+    rate_bytes_per_s: _builtins.int
+    """as in RebalanceReq"""
+    concurrency: _builtins.int
+    """moves at once"""
+    started_ms: _builtins.int
+    """wall clock"""
+    @_builtins.property
+    def status(self) -> Global___RebalanceStatus:
+        """running = not finished yet"""
+
+    def __init__(
+        self,
+        *,
+        status: Global___RebalanceStatus | None = ...,
+        rate_bytes_per_s: _builtins.int | None = ...,
+        concurrency: _builtins.int = ...,
+        started_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rate_bytes_per_s", b"_rate_bytes_per_s", "rate_bytes_per_s", b"rate_bytes_per_s", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rate_bytes_per_s", b"_rate_bytes_per_s", "concurrency", b"concurrency", "rate_bytes_per_s", b"rate_bytes_per_s", "started_ms", b"started_ms", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__rate_bytes_per_s: _TypeAlias = _typing.Literal["rate_bytes_per_s"]  # noqa: Y015
+    _WhichOneofArgType__rate_bytes_per_s: _TypeAlias = _typing.Literal["_rate_bytes_per_s", b"_rate_bytes_per_s"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rate_bytes_per_s) -> _WhichOneofReturnType__rate_bytes_per_s | None: ...
+
+Global___RebalanceRun: _TypeAlias = RebalanceRun  # noqa: Y015
+
+@_typing.final
 class RebalanceRsp(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
