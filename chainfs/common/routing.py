@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable
 from functools import cached_property
 
+from chainfs.common.errors import ChainfsError, Code
 from chainfs.proto import mgmt_pb2 as mp
+
+_HOSTNAME = socket.gethostname()
 
 SERVING = mp.SERVING
 SYNCING = mp.SYNCING
@@ -67,3 +71,13 @@ class Routing:
 
     def node_of_target(self, target_id: int) -> mp.NodeInfo:
         return self.nodes[self.targets[target_id].node_id]
+
+
+def data_address(node: mp.NodeInfo, prefer_unix_socket: bool = True) -> str:
+    """Where to reach a node's data plane: its unix socket when it runs on
+    this host (and has one), else its TCP address."""
+    if prefer_unix_socket and node.unix_socket and node.hostname == _HOSTNAME:
+        return "unix:" + node.unix_socket
+    if not node.data_address:
+        raise ChainfsError(Code.UNAVAILABLE, f"node {node.node_id} has no data address")
+    return node.data_address

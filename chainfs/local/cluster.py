@@ -64,6 +64,7 @@ from chainfs.common.auth.tokens import (
     resolve_token,
     write_token_file,
 )
+from chainfs.common.dataplane.address import MAX_UNIX_PATH_BYTES
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.local.private import make_private_dir, write_private_text
 from chainfs.local.process import MountProcess, ServiceProcess, StopOnExit, check_port_free
@@ -443,6 +444,9 @@ class LocalCluster(StopOnExit):
 
         c = MetaConfig()
         c.kv_url = self._kv_url("meta")
+        sock = self.base_dir / ("meta" if i == 0 else f"meta{i}") / "meta.sock"
+        if len(os.fsencode(str(sock))) < MAX_UNIX_PATH_BYTES:
+            c.unix_socket = str(sock)  # this host's clients and mount use it, not TCP
         c.mgmtd_addresses = self.mgmtd_addresses
         c.cluster_secret_file = str(self.secret_file)
         if self.configure_meta is not None:

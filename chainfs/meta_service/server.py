@@ -109,6 +109,7 @@ class MetaServer:
         self.ns: Namespace | None = None
         self.rpc_address = ""
         self.data_address = ""  # framed transport, "" when disabled
+        self.unix_socket = ""  # the same on a unix socket for this host's clients, "" when none
         self._dataplane: Any = None
         self.node_id = 0
         self.tasks: list[Periodic] = []
@@ -205,16 +206,19 @@ class MetaServer:
                 self.users.guard(handler) if self.users is not None else handler,
                 cfg.listen_host,
                 cfg.frame_port,
+                unix_path=cfg.unix_socket or None,
                 config=cfg.dataplane,
                 authenticator=self.auth,
             )
             await dp.start()
             self._dataplane = dp
             self.data_address = dp.address
+            self.unix_socket = cfg.unix_socket
 
         if heartbeat is not None:
             heartbeat.node.rpc_address = self.rpc_address
             heartbeat.node.data_address = self.data_address
+            heartbeat.node.unix_socket = self.unix_socket
             heartbeat.node.tags.update(self.metrics.tags())
             await heartbeat.start()
             self._closers.insert(0, heartbeat.stop)
@@ -245,6 +249,7 @@ class MetaServer:
         return {
             "rpc_address": self.rpc_address,
             "data_address": self.data_address,
+            "unix_socket": self.unix_socket,
             "node_id": self.node_id,
             **(self.metrics.ready_info() if self.metrics else {}),
         }

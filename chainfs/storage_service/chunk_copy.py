@@ -33,8 +33,7 @@ from google.protobuf.message import Message
 from chainfs.common.dataplane.buffers import BufferPool
 from chainfs.common.dataplane.client import DataClient, Reply
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.common.routing import Routing
-from chainfs.common.rpc.storage_client import data_address
+from chainfs.common.routing import Routing, data_address
 from chainfs.common.rpc.storage_control import StorageControl
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp

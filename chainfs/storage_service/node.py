@@ -23,19 +23,18 @@ import grpc.aio
 from chainfs.common.auth.authenticator import Authenticator
 from chainfs.common.auth.secret import load_secret, node_credential
 from chainfs.common.background import Periodic
-from chainfs.common.dataplane.address import parse_address
+from chainfs.common.dataplane.address import MAX_UNIX_PATH_BYTES, parse_address
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.dataplane.server import DataServer, Handler
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.metrics import NodeMetrics
-from chainfs.common.routing import Routing
+from chainfs.common.routing import Routing, data_address
 from chainfs.common.rpc import grpc_util
 from chainfs.common.rpc.mgmt_client import (
     HeartbeatLoop,
     MgmtClient,
     RoutingCache,
 )
-from chainfs.common.rpc.storage_client import data_address
 from chainfs.common.rpc.user_cache import UserCache
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp
@@ -53,7 +52,6 @@ from chainfs.storage_service.resync import Resyncer, SyncReceiver
 from chainfs.storage_service.scrubber import Repairer, Scrubber
 
 log = logging.getLogger(__name__)
-_MAX_UNIX_PATH_BYTES = 108  # sizeof(sockaddr_un.sun_path) on Linux, NUL included
 
 
 def is_storage_host(routing: Routing | None, host: str) -> bool:
@@ -331,7 +329,7 @@ class StorageNode:
         # Data plane.
         if cfg.unix_socket and cfg.targets:
             path = str(Path(cfg.targets[0]) / cfg.unix_socket)
-            if len(os.fsencode(path)) < _MAX_UNIX_PATH_BYTES:
+            if len(os.fsencode(path)) < MAX_UNIX_PATH_BYTES:
                 self.unix_path = path
             else:
                 # The kernel's sun_path holds 108 bytes: serve over TCP only.

@@ -48,9 +48,8 @@ from chainfs.common.background import Periodic
 from chainfs.common.dataplane.buffers import BufferPool
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.common.routing import Routing
+from chainfs.common.routing import Routing, data_address
 from chainfs.common.rpc.mgmt_client import local_state_for
-from chainfs.common.rpc.storage_client import data_address
 from chainfs.common.rpc.storage_control import StorageControl
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp

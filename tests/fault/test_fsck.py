@@ -16,8 +16,9 @@ import pytest
 from chainfs.cli.fsck import chunk_metas
 from chainfs.common.checksum import crc32c
 from chainfs.common.dataplane.client import DataClient
+from chainfs.common.routing import data_address
 from chainfs.common.rpc.mgmt_client import MgmtClient, RoutingCache
-from chainfs.common.rpc.storage_client import StorageClient, data_address
+from chainfs.common.rpc.storage_client import StorageClient
 from chainfs.local import LocalCluster
 from chainfs.proto import common_pb2 as cp
 from chainfs.proto import storage_pb2 as sp

@@ -54,9 +54,10 @@ def ha_cluster(base: Path) -> LocalCluster:
 
 def meta_used_by(c: LocalCluster, fs: Any) -> int:
     """Index in ``c.metas`` of the meta server ``fs`` sent its last call to."""
-    current = fs.aio.io.meta._current  # "frame://host:port" or a gRPC "host:port"
+    current = fs.aio.io.meta._current  # "frame://host:port", "frame://unix:/path" or gRPC
     for i, p in enumerate(c.metas):
-        if current in (f"frame://{p.info['data_address']}", p.info["rpc_address"]):
+        framed = [p.info["data_address"], f"unix:{p.info['unix_socket']}"]
+        if current in [*(f"frame://{a}" for a in framed), p.info["rpc_address"]]:
             return i
     raise AssertionError(f"{current} is none of our meta servers")
 

@@ -7,6 +7,7 @@ import socket
 from chainfs.common.errors import ChainfsError, Code
 
 UNIX_PREFIX = "unix:"
+MAX_UNIX_PATH_BYTES = 108  # sizeof(sockaddr_un.sun_path) on Linux, NUL included
 
 
 def parse_address(address: str) -> tuple[socket.AddressFamily, str | tuple[str, int]]:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from chainfs.common.background import cancel_and_wait
 from chainfs.common.dataplane import DataClient, DataPlaneConfig
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.routing import data_address
 
 # The flag bits are part of this client's API (callers pass them as ``flags``).
 from chainfs.common.rpc.meta_wire import (  # noqa: F401
@@ -250,6 +251,10 @@ class MetaClient:
         self.transport = transport
         self._dp_config = dataplane
         self._dp: DataClient | None = None
+        # A meta server on this host is reached through its unix socket (cheaper
+        # than loopback TCP); "unix:/path" -> its TCP address, for the fallback.
+        self.prefer_unix_socket = True
+        self._unix_fallbacks: dict[str, str] = {}
         self._stubs: Stubs[pbg.MetaStub] | None = None  # made on the first gRPC call
         self._current: str | None = None
         self._sessions: set[tuple[int, bytes]] = set()
@@ -275,7 +280,11 @@ class MetaClient:
         out = []
         for n in routing.nodes_of_type(mp.META):
             if n.data_address and self.transport != "grpc":
-                out.append(FRAME_PREFIX + n.data_address)
+                address = data_address(n, self.prefer_unix_socket)
+                if address != n.data_address:
+                    # A same-host meta's unix socket; TCP when this process may not use it.
+                    self._unix_fallbacks[address] = n.data_address
+                out.append(FRAME_PREFIX + address)
             elif n.rpc_address and self.transport != "frame":
                 out.append(n.rpc_address)
         return out
@@ -289,6 +298,7 @@ class MetaClient:
             raise ChainfsError(Code.EBADF, "MetaClient is closed")
         if self._dp is None:
             self._dp = DataClient(self._dp_config, self.credential)
+            self._dp.unix_fallbacks = self._unix_fallbacks
         w = WIRE_METHODS[method]
         reply = await self._dp.request(
             addr[len(FRAME_PREFIX) :], w.msg_type, request.SerializeToString(), timeout_s=timeout_s

@@ -19,7 +19,6 @@ import asyncio
 import itertools
 import logging
 import random
-import socket
 import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from chainfs.common.checksum import crc32c
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.dataplane.config import DataPlaneConfig
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.common.routing import Routing
+from chainfs.common.routing import Routing, data_address
 from chainfs.common.rpc.mgmt_client import RoutingCache
 from chainfs.proto import common_pb2 as cp
 from chainfs.proto import mgmt_pb2 as mp
@@ -69,18 +68,7 @@ _RETRY_READ = frozenset(
 )
 
 
-_HOSTNAME = socket.gethostname()
 MAX_CHUNK_INDEX = 2**32  # end of the chunk index space (remove_chunks' bound)
-
-
-def data_address(node: mp.NodeInfo, prefer_unix_socket: bool = True) -> str:
-    """Where to reach a storage node's data plane: its unix socket when it runs on
-    this host (and has one), else its TCP address."""
-    if prefer_unix_socket and node.unix_socket and node.hostname == _HOSTNAME:
-        return "unix:" + node.unix_socket
-    if not node.data_address:
-        raise ChainfsError(Code.UNAVAILABLE, f"node {node.node_id} has no data address")
-    return node.data_address
 
 
 @dataclass
