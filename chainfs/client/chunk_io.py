@@ -81,6 +81,8 @@ class ChunkIO:
         self._ends_queued: list[tuple[int, bytes]] = []
         self._ends_room = asyncio.Event()  # set when _ends_queued has room
         self._ends_sender: asyncio.Task[None] | None = None
+        self._ends_go: asyncio.Event | None = None  # set: the sender goes now
+        meta.before_call = self._send_ends_along
         # Bytes asked of storage by reads since connect.
         self.storage_read_bytes = 0
         # Bytes the files' read-ahead holds (fetched or in flight), bounded by config.
@@ -130,6 +132,8 @@ class ChunkIO:
         self._ends_queued = []
         self._ends_room = asyncio.Event()
         self._ends_sender = None
+        self._ends_go = None
+        self.meta.before_call = self._send_ends_along
         self.read_ahead_held_bytes = 0
 
     async def close(self) -> None:
@@ -309,8 +313,26 @@ class ChunkIO:
         if self._ends_sender is None or self._ends_sender.done():
             self._ends_sender = asyncio.ensure_future(self._send_session_ends())
 
+    def _send_ends_along(self, method: str) -> None:
+        """Another call to meta starts: the queued session ends leave with it.
+
+        The sender wakes before that call's request is flushed, so both requests
+        go out in one send, meta commits both in one synced batch and answers
+        both in one send: one wakeup each way instead of two."""
+        go = self._ends_go
+        if go is not None and method != "EndSessions":
+            go.set()
+
     async def _send_session_ends(self) -> None:
-        await asyncio.sleep(self.config.session_end_delay_ms / 1000)
+        go = self._ends_go = asyncio.Event()
+        timer = asyncio.get_running_loop().call_later(
+            self.config.session_end_delay_ms / 1000, go.set
+        )
+        try:
+            await go.wait()
+        finally:
+            timer.cancel()
+            self._ends_go = None
         while self._ends_queued:
             batch = self._ends_queued
             self._ends_queued = []

@@ -74,6 +74,7 @@ class ClientConfig:
     max_background_session_ends: int = 64
     # How long a queued session end waits for others to share its call (the
     # session only ends that much later; nothing a user sees depends on it).
+    # The next call to meta ends the wait: the ends go out in the same send.
     session_end_delay_ms: int = 5
     # Entries asked per readdir page.
     readdir_page_entries: int = 1024

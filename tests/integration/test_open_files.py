@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from chainfs.client.config import ClientConfig
 from chainfs.client.sync import FileSystem
 from chainfs.local import LocalCluster
 from tests.integration.client_fixtures import pattern, stored_chunks
@@ -102,6 +103,23 @@ def gc_has_run(fs: FileSystem, name: str) -> None:
     ino, chains = write_file(fs, name, pattern(SIZE, name))
     fs.remove(name)
     poll(no_chunks(fs, ino, chains), f"GC of the unopened {name}")
+
+
+def test_a_closed_read_session_ends_with_the_next_call_to_meta(cluster: LocalCluster) -> None:
+    """A read close queues its session end (close does not wait for meta); the
+    next call this client makes to meta takes the queued end along, so the
+    removed file's chunks go without waiting for session_end_delay_ms."""
+    writer = cluster.client()
+    reader = cluster.client(config=ClientConfig(session_end_delay_ms=600_000))
+    ino, chains = write_file(writer, "/ride-along", pattern(SIZE, "ride-along"))
+    f = reader.open("/ride-along", "rb", buffering=0)
+    assert f.read(10) == pattern(SIZE, "ride-along")[:10]
+    writer.remove("/ride-along")
+    f.close()  # the end is queued, held back by the 10-minute delay ...
+    gc_has_run(writer, "/control-ride-along")
+    assert chunks_of(writer, ino, chains) == 3  # ... so the reader still pins the chunks
+    reader.stat("/")  # ... until the next call to meta carries it
+    poll(no_chunks(writer, ino, chains), "chunks dropped once the session end rode along")
 
 
 @pytest.mark.parametrize("how", ["unlink", "rename-over"])

@@ -236,6 +236,9 @@ class MetaClient:
         # Called with every capability a reply carries (open, stat with want_capability):
         # the client's chunk I/O keeps them for its storage requests.
         self.on_capability: Callable[[cpb.Capability], None] | None = None
+        # Called with the method name as each call starts (before its request is
+        # queued): the client's chunk I/O sends its queued session ends along.
+        self.before_call: Callable[[str], None] | None = None
         self._routing: RoutingCache | None = None
         self._static: list[str] = []
         if isinstance(source, RoutingCache):
@@ -317,6 +320,8 @@ class MetaClient:
     async def call(self, method: str, request: Any) -> Any:
         """Send ``request`` to a meta server, failing over and retrying (same
         request id) until the client timeout."""
+        if self.before_call is not None:
+            self.before_call(method)
         backoff = Backoff(self.retry, self.timeout_s)
         last: ChainfsError | None = None
         refresh = False
