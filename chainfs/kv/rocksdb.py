@@ -45,6 +45,11 @@ class RocksDBOptions:
     conflict_log_entries: int = 100_000
     # RocksDB memtable size in bytes before a flush to an SST file.
     write_buffer_size_bytes: int = 64 * 1024 * 1024
+    # Write-ahead log files kept for reuse once their memtable is flushed. A
+    # synced commit that overwrites a reused file does not change the file's
+    # size, so its fdatasync needs no journal commit of the inode (about 1.5x
+    # faster on ext4 here); 0 = always fresh files.
+    recycle_wal_files: int = 4
 
     def validate(self) -> None:
         if self.max_batch_txns < 1:
@@ -55,6 +60,8 @@ class RocksDBOptions:
             raise ValueError("conflict_log_entries must be >= 1")
         if self.write_buffer_size_bytes < 1024 * 1024:
             raise ValueError("write_buffer_size_bytes must be >= 1 MiB")
+        if not 0 <= self.recycle_wal_files <= 64:
+            raise ValueError("recycle_wal_files must be in 0..64")
 
 
 @dataclass
@@ -363,6 +370,7 @@ def _open_db(path: str, options: RocksDBOptions) -> rocksdict.Rdict:
     opts = rocksdict.Options(raw_mode=True)
     opts.create_if_missing(True)
     opts.set_write_buffer_size(options.write_buffer_size_bytes)
+    opts.set_recycle_log_file_num(options.recycle_wal_files)
     try:
         return rocksdict.Rdict(path, opts)
     except Exception as e:
