@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -115,6 +116,9 @@ class RequestMetrics:
         self.seconds = histogram(f"{prefix}_seconds", f"{what} latency", ["op"])
         self.errors = counter(f"{prefix}_errors", f"{what}s answered with an error", ["op", "code"])
         self.in_flight = gauge(f"{prefix}s_in_flight", f"{what}s being served now", ["op"])
+        # op -> (its in-flight gauge, its histogram): labels() costs a lock and
+        # a few lookups, paid once per op instead of twice per request.
+        self._children: dict[str, tuple[Any, Any]] = {}
 
     def error(self, op: str, code: int) -> None:
         self.errors.labels(op, code_name(code)).inc()
@@ -123,7 +127,10 @@ class RequestMetrics:
     def observe(self, op: str) -> Iterator[None]:
         """Time the block as one ``op``; an exception leaving it counts as an
         error, by its chainfs code or errno (INTERNAL for anything else)."""
-        in_flight = self.in_flight.labels(op)
+        children = self._children.get(op)
+        if children is None:
+            children = self._children[op] = (self.in_flight.labels(op), self.seconds.labels(op))
+        in_flight, seconds = children
         in_flight.inc()
         start = time.perf_counter()
         try:
@@ -133,7 +140,7 @@ class RequestMetrics:
             raise
         finally:
             in_flight.dec()
-            self.seconds.labels(op).observe(time.perf_counter() - start)
+            seconds.observe(time.perf_counter() - start)
 
 
 # ---- HTTP server -----------------------------------------------------------------
