@@ -114,9 +114,12 @@ class FsBackend:
         # directory removed and made again is noticed within that time.
         self._dirs: dict[str, tuple[int, float]] = {}
 
-    async def _dir_inos(self, dirs: set[str]) -> dict[str, int]:
+    async def _dir_inos(self, dirs: set[str], fetch: bool = True) -> dict[str, int]:
+        """Inode ids of directories: cached ones, and (``fetch``) stale ones asked of meta."""
         now = time.monotonic()
         stale = [d for d in dirs if d not in self._dirs or now - self._dirs[d][1] > _DIR_INO_TTL_S]
+        if stale and not fetch:
+            return {d: self._dirs[d][0] for d in dirs if d not in stale}
         if stale:
             found = await self._meta.batch_stat(stale, follow=True)
             for d, r in zip(stale, found, strict=True):
@@ -126,10 +129,11 @@ class FsBackend:
                     self._dirs[d] = (r.ino, now)
         return {d: self._dirs[d][0] for d in dirs if d in self._dirs}
 
-    async def _ats(self, paths: Sequence[str]) -> list[At]:
-        """(directory inode, name) for each path whose directory is known, else the path."""
+    async def _ats(self, paths: Sequence[str], fetch: bool = True) -> list[At]:
+        """(directory inode, name) for each path whose directory is known, else the
+        path (``fetch``: directories not known are looked up first)."""
         parts = [p.rsplit("/", 1) for p in paths]
-        inos = await self._dir_inos({d or "/" for d, _ in parts})
+        inos = await self._dir_inos({d or "/" for d, _ in parts}, fetch)
         out: list[At] = []
         for p, (d, name) in zip(paths, parts, strict=True):
             ino = inos.get(d or "/")
@@ -199,7 +203,9 @@ class FsBackend:
 
     async def kv_publish(self, f: NewFile, length: int, dst: str, replace: bool) -> None:
         h: OpenHandle = f.handle
-        at_src, at_dst = await self._ats([f.path, dst])
+        # A shard directory not known here goes by path: meta resolves it in the
+        # publish's own transaction (a lookup first would cost a round trip).
+        at_src, at_dst = await self._ats([f.path, dst], fetch=False)
         flags = 0 if replace else RENAME_NOREPLACE
         rsp = await self._meta.close_publish(h.inode, h.session, length, at_src, at_dst, flags)
         f.closed = True
