@@ -294,6 +294,8 @@ def test_config_validation() -> None:
         ("gc_interval_s", 0.0, 0.001),
         ("gc_candidates_per_shard", 0, 1),
         ("tmp_max_age_s", -1.0, 0.5),
+        ("put_prepared_files", -1, 0),
+        ("put_prepared_files", 65, 64),
     ],
 )
 def test_config_bounds(name: str, bad: float, edge: float) -> None:
@@ -406,6 +408,20 @@ async def test_puts_take_prepared_files_and_close_removes_the_rest() -> None:
     await _settle()
     assert await kv.get("k0") == bytes([0]) * 100
     assert not b.tmp_paths("/kv") and len(b.tmp_paths("/kv", prepared=True)) == 3
+    await kv.close()
+    assert b.tmp_paths("/kv", prepared=True) == [] and b.open_files == set()
+
+
+async def test_a_batch_larger_than_the_pool_stores_every_value() -> None:
+    b = MemBackend()
+    kv = await _open(b, put_prepared_files=2)
+    keys = [f"b{i}" for i in range(40)]
+    values = [bytes([i]) * (i + 1) for i in range(40)]
+    assert await kv.batch_put(keys, values) == [True] * 40
+    assert await kv.batch_get(keys) == values
+    assert await kv.batch_put(keys[:5], values[:5]) == [False] * 5
+    await _settle()
+    assert not b.tmp_paths("/kv") and len(b.tmp_paths("/kv", prepared=True)) <= 2
     await kv.close()
     assert b.tmp_paths("/kv", prepared=True) == [] and b.open_files == set()
 
