@@ -494,7 +494,7 @@ class AsyncFileSystem:
         from chainfs.client.kvcache import open_kvcache
 
         cache = await open_kvcache(
-            self.io, self.open, directory, ttl, capacity_bytes, config, **options
+            self.io, 0o666 & ~_umask(), directory, ttl, capacity_bytes, config, **options
         )
         self._kvcaches.add(cache)
         return cache

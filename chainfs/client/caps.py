@@ -55,6 +55,12 @@ class CapabilityCache:
         while len(self._caps) > self.max_entries:
             self._caps.popitem(last=False)
 
+    def usable_until_ms(self, inode: int, right: int) -> int | None:
+        """When the capability held for (``inode``, ``right``) is due for renewal
+        (wall clock ms); None when none is held."""
+        cap = self._caps.get((inode, right))
+        return None if cap is None else cap.expires_ms - self.renew_before_ms
+
     def forget(self, inodes: Iterable[int]) -> None:
         for ino in inodes:
             for right in (READ, WRITE):

@@ -18,6 +18,7 @@ from chainfs.meta_service.ops.context import ClusterView, Tag
 from chainfs.meta_service.ops.create import CreateOps
 from chainfs.meta_service.ops.locks import LockOps
 from chainfs.meta_service.ops.lookup import LookupOps
+from chainfs.meta_service.ops.publish import PublishOps
 from chainfs.meta_service.ops.remove import RemoveOps
 from chainfs.meta_service.ops.rename import RenameOps
 from chainfs.meta_service.ops.session import SessionOps
@@ -28,6 +29,15 @@ __all__ = ["ClusterView", "Namespace", "Tag"]
 
 
 class Namespace(
-    LookupOps, SessionOps, CreateOps, RemoveOps, RenameOps, AttrOps, XattrOps, SpecialOps, LockOps
+    PublishOps,
+    LookupOps,
+    SessionOps,
+    CreateOps,
+    RemoveOps,
+    RenameOps,
+    AttrOps,
+    XattrOps,
+    SpecialOps,
+    LockOps,
 ):
     """Every namespace operation, one family per module of ``meta_service.ops``."""

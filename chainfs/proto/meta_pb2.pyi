@@ -552,13 +552,33 @@ class CloseReq(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     LENGTH_HINT_FIELD_NUMBER: _builtins.int
     WROTE_FIELD_NUMBER: _builtins.int
+    LENGTH_KNOWN_FIELD_NUMBER: _builtins.int
+    RENAME_SRC_FIELD_NUMBER: _builtins.int
+    RENAME_DST_FIELD_NUMBER: _builtins.int
+    RENAME_FLAGS_FIELD_NUMBER: _builtins.int
     ino: _builtins.int
     session_id: _builtins.bytes
     """empty for a read-only open without a session (nothing to do)"""
     length_hint: _builtins.int
     wrote: _builtins.bool
+    length_known: _builtins.bool
+    """length_hint is the file's whole length and storage acknowledged every write
+    (the one writer of a private file): meta takes it without asking storage.
+    """
+    rename_flags: _builtins.int
     @_builtins.property
     def req(self) -> _common_pb2.RequestInfo: ...
+    @_builtins.property
+    def rename_src(self) -> Global___PathAt:
+        """Publish (3FS-style: write, then one metadata commit): in the same transaction
+        as the close, rename ``rename_src`` (a name of this file, in a directory the
+        caller may write) to ``rename_dst``. rename_flags: 0 replaces a file there,
+        RENAME_NOREPLACE = 1 refuses. A refused rename (EEXIST, ENOENT, EACCES, ...)
+        does not undo the close: the file keeps its name and CloseRsp.rename says why.
+        """
+
+    @_builtins.property
+    def rename_dst(self) -> Global___PathAt: ...
     def __init__(
         self,
         *,
@@ -567,10 +587,14 @@ class CloseReq(_message.Message):
         session_id: _builtins.bytes = ...,
         length_hint: _builtins.int = ...,
         wrote: _builtins.bool = ...,
+        length_known: _builtins.bool = ...,
+        rename_src: Global___PathAt | None = ...,
+        rename_dst: Global___PathAt | None = ...,
+        rename_flags: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["req", b"req"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rename_dst", b"rename_dst", "rename_src", b"rename_src", "req", b"req"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ino", b"ino", "length_hint", b"length_hint", "req", b"req", "session_id", b"session_id", "wrote", b"wrote"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ino", b"ino", "length_hint", b"length_hint", "length_known", b"length_known", "rename_dst", b"rename_dst", "rename_flags", b"rename_flags", "rename_src", b"rename_src", "req", b"req", "session_id", b"session_id", "wrote", b"wrote"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -581,18 +605,32 @@ class CloseRsp(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INODE_FIELD_NUMBER: _builtins.int
+    RENAME_FIELD_NUMBER: _builtins.int
+    REPLACED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def inode(self) -> Global___Inode:
         """unset when the file was already removed"""
+
+    @_builtins.property
+    def rename(self) -> _common_pb2.Status:
+        """With a rename: code 0 when the file took its new name, else the error that
+        refused it (a chainfs code; its message).
+        """
+
+    @_builtins.property
+    def replaced(self) -> Global___Inode:
+        """what rename_dst named before, as left (when it named something)"""
 
     def __init__(
         self,
         *,
         inode: Global___Inode | None = ...,
+        rename: _common_pb2.Status | None = ...,
+        replaced: Global___Inode | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode", "rename", b"rename", "replaced", b"replaced"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inode", b"inode", "rename", b"rename", "replaced", b"replaced"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import threading
 from collections import OrderedDict
@@ -29,8 +30,9 @@ _DIRECT_ALIGN = 4096  # bytes: buffer address and length alignment O_DIRECT need
 
 
 def _direct_io_ok(view: memoryview) -> bool:
-    """Can ``view`` go to disk with O_DIRECT (writable, page-aligned address and length)?"""
-    if view.readonly or len(view) % _DIRECT_ALIGN or not view.contiguous:
+    """Can ``view``'s page-aligned prefix go to disk with O_DIRECT (writable,
+    page-aligned address, at least one page)? A shorter tail goes buffered."""
+    if view.readonly or len(view) < _DIRECT_ALIGN or not view.contiguous:
         return False
     addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
     return addr % _DIRECT_ALIGN == 0
@@ -216,7 +218,9 @@ class ChunkFiles:
 
     def _write_direct(self, inode: int, index: int, gen: int, data: memoryview) -> None:
         """A whole new file from an aligned buffer with O_DIRECT: DMA from our buffer,
-        no copy into the page cache (the copy that dominated replicated writes)."""
+        no copy into the page cache (the copy that dominated replicated writes).
+        A length that is not whole pages (a file's last chunk, a KV-cache entry:
+        a header and a value) ends with a short buffered write of its last page."""
         path = self.path(inode, index, gen)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, CHUNK_FILE_MODE)
@@ -227,9 +231,15 @@ class ChunkFiles:
             self.write(inode, index, gen, 0, data, 0, len(data))
             return
         try:
+            aligned = len(data) - len(data) % _DIRECT_ALIGN
             done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], done)
+            while done < aligned:
+                done += os.pwrite(fd, data[done:aligned], done)
+            if done < len(data):
+                # Linux lets F_SETFL drop O_DIRECT: the tail page goes through the cache.
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                while done < len(data):
+                    done += os.pwrite(fd, data[done:], done)
             if self.durable:
                 os.fdatasync(fd)
         finally:

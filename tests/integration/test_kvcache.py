@@ -13,7 +13,9 @@ import asyncio
 import errno
 import hashlib
 import multiprocessing
+import os
 import random
+import signal
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -196,6 +198,8 @@ def test_concurrent_puts_of_one_key_one_wins(
     assert sorted(won) == [False, True]
     expected = a if won[0] else b
     assert kv1.get("k") == expected and kv2.get("k") == expected
+    kv1.close()
+    kv2.close()  # their temp files made ahead for later puts go too
     assert _leftovers(fs, cache_dir)[1] == []
 
 
@@ -412,6 +416,7 @@ def test_bad_input(fs: Any, cache_dir: str) -> None:
     with pytest.raises(OSError) as e:
         kv.get_into("ten", bytearray(9))
     assert e.value.errno == errno.ERANGE
+    kv.close()
     entries, temps = _leftovers(fs, cache_dir)
     assert len(entries) == 1 and temps == []  # only "ten"
 
@@ -456,6 +461,77 @@ async def test_async_twin(cluster: LocalCluster, cache_dir: str) -> None:
     assert kv.closed  # closed with its file system
 
 
+# -- puts: the value's bytes, then one metadata commit ------------------------------------------
+
+
+def test_puts_write_into_temp_files_made_ahead_and_close_removes_them(
+    fs: Any, cache_dir: str
+) -> None:
+    kv = fs.kvcache(cache_dir, shards=4, put_prepared_files=3)
+    values = {f"p{i}": make_value(i, 0, 0, MiB + i) for i in range(6)}
+    for k, v in values.items():
+        assert kv.put(k, v)
+    assert not kv.put("p0", make_value(0, 1, 0, 100))  # present: kept
+    assert kv.put("p1", make_value(1, 1, 0, 200), overwrite=True)
+    values["p1"] = make_value(1, 1, 0, 200)
+    assert kv.batch_get(list(values)) == list(values.values())
+    assert len(_leftovers(fs, cache_dir)[0]) == 6
+    tmp = f"{cache_dir}/tmp"
+    _poll(lambda: len(fs.listdir(tmp)) == 3, "3 temp files made ahead")
+    assert [fs.stat(f"{tmp}/{n}").st_size for n in fs.listdir(tmp)] == [0, 0, 0]
+    kv.close()
+    assert _leftovers(fs, cache_dir)[1] == []
+    off = fs.kvcache(cache_dir, put_prepared_files=0)
+    assert off.put("q", b"v") and off.get("q") == b"v"
+    assert _leftovers(fs, cache_dir)[1] == []  # none made ahead
+    off.close()
+
+
+def _put_then_die(address: str, directory: str) -> None:
+    """A writer that stores one value and is then killed (its temp files made ahead stay)."""
+    fs = chainfs.connect(address)
+    kv = fs.kvcache(directory, put_prepared_files=4)
+    kv.put("from-the-dead", b"v" * 1000)
+    while len(fs.listdir(f"{directory}/tmp")) < 4:
+        time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_dead_writers_temp_files_are_cleaned(cluster: LocalCluster, cache_dir: str) -> None:
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_put_then_die, args=(cluster.address, cache_dir)
+    )
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == -signal.SIGKILL
+    fs = cluster.client()
+    assert len(fs.listdir(f"{cache_dir}/tmp")) == 4
+    kv = fs.kvcache(cache_dir, tmp_max_age_s=0.5, background_gc=False)
+    assert kv.get("from-the-dead") == b"v" * 1000
+    time.sleep(0.6)
+    assert kv.gc(full=True).tmp_removed == 4
+    assert fs.listdir(f"{cache_dir}/tmp") == []
+    kv.close()
+
+
+@pytest.mark.timeout(180)
+def test_acknowledged_puts_survive_kill_9_of_meta(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path) as c:
+        fs = c.client()
+        kv = fs.kvcache("/kv", shards=4)
+        values = {f"d{i}": make_value(i, 0, 0, 300_000 + i) for i in range(12)}
+        for k, v in values.items():
+            assert kv.put(k, v)
+        c.kill_meta(0)  # right after the last put was acknowledged
+        c.restart_meta(0)
+        reader = c.client().kvcache("/kv")
+        assert reader.batch_get(list(values)) == list(values.values())
+        assert kv.put("after", b"a" * 5000)  # the writer goes on through the new meta
+        assert reader.get("after") == b"a" * 5000
+        kv.close()
+        assert _leftovers(fs, "/kv")[1] == []
+
+
 # -- a full disk -------------------------------------------------------------------------------
 
 
@@ -484,6 +560,7 @@ def test_full_disk_is_a_clear_error_with_nothing_visible(tmp_path: Path) -> None
             kv.put("empty", b"")  # the header alone needs a chunk too
         assert e.value.errno == errno.ENOSPC
         assert kv.get("empty") is None
+        kv.close()
         assert _leftovers(fs, "/kv") == ([], [])
 
 

@@ -279,6 +279,30 @@ def test_direct_write_of_an_aligned_whole_chunk(tmp_path: Path) -> None:
     eng.close()
 
 
+def test_direct_write_of_a_whole_chunk_with_a_short_tail(tmp_path: Path) -> None:
+    """A new chunk whose length is not whole pages (a file's last chunk, a KV-cache
+    entry) takes O_DIRECT for its pages and a buffered write for the rest: every
+    byte and the checksum read back, and the file is exactly that long."""
+    import mmap
+
+    eng = ChunkEngine(tmp_path / "t")
+    for index, size in enumerate((4096 + 1, 64 * 1024 + 48, 4096 * 3 - 1)):
+        buf = mmap.mmap(-1, 128 * 1024)
+        view = memoryview(buf)[:size]
+        view[:] = os.urandom(size)
+        want = bytes(view)
+        eng.prepare_write(7, index, 0, view, crc.value(view), 1 << 20, 1)
+        rec = eng.commit(7, index, 1, 1)
+        view.release()
+        buf.close()
+        assert rec is not None and rec.length == size
+        assert os.path.getsize(eng.file_path(7, index, rec.file_gen)) == size
+        for verify in (True, False):
+            assert bytes(eng.read(7, index, 0, size, verify=verify)[1]) == want
+        assert bytes(eng.read(7, index, size - 100, 100, verify=True)[1]) == want[-100:]
+    eng.close()
+
+
 # ---- per-block CRCs, file and record caches --------------------------------------
 
 MiB = 1024 * 1024

@@ -9,7 +9,9 @@ against real processes in tests/integration/test_kvcache.py.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -23,6 +25,7 @@ from chainfs.client.kvcache import (
     KVCacheConfig,
     make_config,
 )
+from chainfs.client.kvcache.backend import NewFile
 from chainfs.client.kvcache.format import (
     FIXED_HEADER_BYTES,
     Check,
@@ -57,7 +60,11 @@ class MemBackend:
         self._ino = 100
         # Called with the file's path and inode before a read copies its data.
         self.before_read: Callable[[int], Awaitable[None]] | None = None
-        self.fail_create: OSError | None = None
+        self.fail_write: OSError | None = None
+        self.open_files: set[int] = set()  # inodes of files open for writing
+        self.creates = 0
+        self.published: list[str] = []  # temp files published, in order
+        self.usable_s = math.inf  # how long a new file's write rights last
         self.stat_calls = 0
         self.read_calls = 0
 
@@ -94,7 +101,7 @@ class MemBackend:
             out.append(len(view))
         return out
 
-    async def kv_create(self, path: str, parts: Sequence[memoryview]) -> None:
+    async def kv_open_new(self, path: str) -> NewFile:
         if not self._parent_exists(path):
             raise ChainfsError(Code.ENOENT, "no parent", path)
         if path in self.names:
@@ -102,10 +109,41 @@ class MemBackend:
         self._ino += 1
         now = time.time_ns()
         self.names[path] = _File(self._ino, now, now)
-        if self.fail_create is not None:
-            self.data[self._ino] = b"".join(bytes(p) for p in parts)[:10]  # partly written
-            raise self.fail_create
-        self.data[self._ino] = b"".join(bytes(p) for p in parts)
+        self.data[self._ino] = b""
+        self.open_files.add(self._ino)
+        self.creates += 1
+        return NewFile(path, self._ino, time.monotonic() + self.usable_s)
+
+    async def kv_write_new(self, f: NewFile, parts: Sequence[memoryview]) -> None:
+        assert not f.closed
+        value = b"".join(bytes(p) for p in parts)
+        if self.fail_write is not None:
+            self.data[f.handle] = value[:10]  # partly written
+            raise self.fail_write
+        self.data[f.handle] = value
+
+    async def kv_publish(self, f: NewFile, length: int, dst: str, replace: bool) -> None:
+        assert not f.closed and len(self.data.get(f.handle, b"")) == length
+        f.closed = True
+        self.published.append(f.path)
+        self.open_files.discard(f.handle)
+        if self.names.get(f.path, _File(0, 0, 0)).ino != f.handle:
+            raise ChainfsError(Code.ENOENT, "no source", f.path)
+        self.names[f.path].mtime_ns = time.time_ns()
+        await self.kv_rename(f.path, dst, replace)
+
+    async def kv_discard(self, f: NewFile, wrote: bool) -> None:
+        if self.names.get(f.path, _File(0, 0, 0)).ino == f.handle:
+            self._drop(f.path)
+        f.closed = True
+        self.open_files.discard(f.handle)
+
+    def add_file(self, path: str, value: bytes) -> None:
+        """A closed file made by someone else (a dead writer's temp file)."""
+        self._ino += 1
+        now = time.time_ns()
+        self.names[path] = _File(self._ino, now, now)
+        self.data[self._ino] = value
 
     async def kv_rename(self, src: str, dst: str, replace: bool) -> None:
         if src not in self.names:
@@ -161,8 +199,14 @@ class MemBackend:
     def entry_paths(self, cache_dir: str) -> list[str]:
         return sorted(p for p in self.names if p.startswith(cache_dir + "/data/"))
 
-    def tmp_paths(self, cache_dir: str) -> list[str]:
-        return sorted(p for p in self.names if p.startswith(cache_dir + "/tmp/"))
+    def tmp_paths(self, cache_dir: str, prepared: bool = False) -> list[str]:
+        """Files in tmp/ (``prepared``: with those created ahead for puts: open, empty)."""
+        return sorted(
+            p
+            for p, f in self.names.items()
+            if p.startswith(cache_dir + "/tmp/")
+            and (prepared or f.ino not in self.open_files or self.data[f.ino])
+        )
 
     def age(self, path: str, seconds: float) -> None:
         f = self.names[path]
@@ -250,6 +294,8 @@ def test_config_validation() -> None:
         ("gc_interval_s", 0.0, 0.001),
         ("gc_candidates_per_shard", 0, 1),
         ("tmp_max_age_s", -1.0, 0.5),
+        ("put_prepared_files", -1, 0),
+        ("put_prepared_files", 65, 64),
     ],
 )
 def test_config_bounds(name: str, bad: float, edge: float) -> None:
@@ -325,15 +371,119 @@ async def test_bad_input_stores_nothing() -> None:
 async def test_failed_write_leaves_nothing_visible() -> None:
     b = MemBackend()
     kv = await _open(b)
-    b.fail_create = ChainfsError(Code.ENOSPC, "no space left on device")
+    b.fail_write = ChainfsError(Code.ENOSPC, "no space left on device")
     with pytest.raises(OSError) as e:
         await kv.put("k", b"x" * 1000)
     assert e.value.errno == errno.ENOSPC
     assert not b.tmp_paths("/kv") and not b.entry_paths("/kv")
-    b.fail_create = None
+    b.fail_write = None
     assert await kv.get("k") is None
     assert await kv.put("k", b"x" * 1000)
     assert await kv.get("k") == b"x" * 1000
+
+
+# -- puts through prepared temp files -----------------------------------------------
+
+
+async def _settle() -> None:
+    """Let the background refill and removals run (they are tasks on this loop)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_puts_take_prepared_files_and_close_removes_the_rest() -> None:
+    b = MemBackend()
+    kv = await _open(b, put_prepared_files=3)
+    assert await kv.put("a", b"1")  # the first put creates its own, then 3 are prepared
+    await _settle()
+    assert len(b.tmp_paths("/kv", prepared=True)) == 3
+    for i in range(5):
+        ready = set(b.tmp_paths("/kv", prepared=True))
+        assert await kv.put(f"k{i}", bytes([i]) * 100)
+        assert b.published[-1] in ready  # written into a file made ahead
+        await _settle()
+        assert len(b.tmp_paths("/kv", prepared=True)) == 3  # and made up for
+    assert [await kv.get(f"k{i}") for i in range(5)] == [bytes([i]) * 100 for i in range(5)]
+    assert not await kv.put("k0", b"other")  # present: kept, its temp file removed
+    await _settle()
+    assert await kv.get("k0") == bytes([0]) * 100
+    assert not b.tmp_paths("/kv") and len(b.tmp_paths("/kv", prepared=True)) == 3
+    await kv.close()
+    assert b.tmp_paths("/kv", prepared=True) == [] and b.open_files == set()
+
+
+async def test_a_batch_larger_than_the_pool_stores_every_value() -> None:
+    b = MemBackend()
+    kv = await _open(b, put_prepared_files=2)
+    keys = [f"b{i}" for i in range(40)]
+    values = [bytes([i]) * (i + 1) for i in range(40)]
+    assert await kv.batch_put(keys, values) == [True] * 40
+    assert await kv.batch_get(keys) == values
+    assert await kv.batch_put(keys[:5], values[:5]) == [False] * 5
+    await _settle()
+    assert not b.tmp_paths("/kv") and len(b.tmp_paths("/kv", prepared=True)) <= 2
+    await kv.close()
+    assert b.tmp_paths("/kv", prepared=True) == [] and b.open_files == set()
+
+
+async def test_no_prepared_files_when_turned_off() -> None:
+    b = MemBackend()
+    kv = await _open(b, put_prepared_files=0)
+    for i in range(3):
+        assert await kv.put(f"k{i}", b"v")
+        await _settle()
+        assert b.tmp_paths("/kv", prepared=True) == []
+    assert b.creates == 3
+    await kv.close()
+
+
+async def test_a_failed_put_through_a_prepared_file_leaves_nothing() -> None:
+    b = MemBackend()
+    kv = await _open(b, put_prepared_files=2)
+    assert await kv.put("a", b"1")
+    await _settle()
+    b.fail_write = ChainfsError(Code.EIO, "storage failed")
+    with pytest.raises(ChainfsError) as e:
+        await kv.put("k", b"x" * 1000)
+    assert e.value.errno == errno.EIO
+    await _settle()
+    assert not b.tmp_paths("/kv") and len(b.entry_paths("/kv")) == 1  # "a" only
+    assert len(b.open_files) == 2  # only the prepared ones are still open
+    b.fail_write = None
+    assert await kv.put("k", b"x" * 1000) and await kv.get("k") == b"x" * 1000
+    await kv.close()
+
+
+async def test_a_prepared_file_removed_by_a_cleaner_is_replaced_in_the_put() -> None:
+    b = MemBackend()
+    kv = await _open(b, put_prepared_files=2)
+    assert await kv.put("a", b"1")
+    await _settle()
+    for p in b.tmp_paths("/kv", prepared=True):  # another handle's cleaner took them
+        b._drop(p)
+    assert await kv.put("k", b"value")
+    assert await kv.get("k") == b"value"
+    await _settle()
+    assert not b.tmp_paths("/kv")
+    await kv.close()
+    assert b.open_files == set()
+
+
+async def test_prepared_files_are_retired_before_their_rights_need_renewal() -> None:
+    b = MemBackend()
+    b.usable_s = 0.05  # write capabilities due for renewal this soon
+    kv = await _open(b, put_prepared_files=2)
+    assert await kv.put("a", b"1")
+    await _settle()
+    old = set(b.tmp_paths("/kv", prepared=True))
+    await asyncio.sleep(0.1)
+    creates = b.creates
+    assert await kv.put("k", b"v")  # takes none of the old ones
+    await _settle()
+    assert b.creates >= creates + 1
+    assert not old & set(b.tmp_paths("/kv", prepared=True))  # the old ones were removed
+    await kv.close()
+    assert b.open_files == set()
 
 
 async def test_batches_in_key_order_into_buffers() -> None:
@@ -688,8 +838,8 @@ async def test_gc_waits_for_a_full_scan_before_evicting() -> None:
 async def test_stale_temp_files_are_removed() -> None:
     b = MemBackend()
     kv = await _open(b, ttl=100, tmp_max_age_s=60)
-    await b.kv_create("/kv/tmp/dead-writer-1", [memoryview(b"partial")])
-    await b.kv_create("/kv/tmp/live-writer-1", [memoryview(b"partial")])
+    b.add_file("/kv/tmp/dead-writer-1", b"partial")
+    b.add_file("/kv/tmp/live-writer-1", b"partial")
     b.age("/kv/tmp/dead-writer-1", 61)
     r = await kv.gc(full=True)
     assert r.tmp_removed == 1

@@ -9,10 +9,12 @@ Layout under the cache directory: ``data/<shard>/<name>`` holds one entry
 (see the format module), ``tmp/`` holds values being written.
 
 Semantics, across processes and clients:
-- Visibility: a put writes the whole value to a file in ``tmp/``, closes it
-  (storage has acknowledged every byte on every replica, meta has the exact
-  length), then renames it into place in one metadata transaction. A reader
-  sees no entry or the complete one, never a part.
+- Visibility: a put writes the whole value to a file in ``tmp/`` (storage
+  acknowledges every byte on every replica), then one metadata transaction
+  closes the file with its exact length and renames it into place. A reader
+  sees no entry or the complete one, never a part. The temp files are created
+  ahead (``put_prepared_files`` per handle, their write sessions open), so a
+  put costs its storage write and that one commit.
 - Immutability: a put on a key that is present keeps the present value and
   returns False (first writer wins; both writers wrote the same bytes in the
   usual content-addressed use). ``put(..., overwrite=True)`` replaces it
@@ -56,8 +58,8 @@ Semantics, across processes and clients:
 Modules: ``config`` (settings), ``format`` (an entry's bytes and name),
 ``backend`` (the file-system operations, over an AsyncFileSystem),
 ``entries`` (naming, lookup, chain-keeping removal), ``coalesce`` (batching
-of lone calls), ``cache`` (AsyncKVCache), ``eviction`` (TTL, watermarks,
-access times), ``sync`` (KVCache).
+of lone calls), ``cache`` (AsyncKVCache), ``puts`` (temp files made ahead),
+``eviction`` (TTL, watermarks, access times), ``sync`` (KVCache).
 """
 
 from chainfs.client.kvcache.backend import EntryInfo, FsBackend, KVCacheBackend

@@ -4,22 +4,19 @@ over an AsyncFileSystem (the only module of the cache that touches the client's 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from chainfs.client.chunk_io import ChunkIO
-from chainfs.client.file import AsyncFile
+from chainfs.client.caps import CapabilityCache
+from chainfs.client.chunk_io import ChunkIO, OpenHandle
 from chainfs.client.layout import Layout, layout_of, split
-from chainfs.common.auth.capability import READ
+from chainfs.common.auth.capability import READ, WRITE
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import RENAME_NOREPLACE, XATTR_CREATE, At
 from chainfs.proto import meta_pb2 as mt
-
-# Opens a file of the client's namespace, as ``AsyncFileSystem.open`` does.
-OpenFile = Callable[[str, str], Awaitable[AsyncFile]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +34,16 @@ class EntryInfo:
         return max(self.mtime_ns, self.atime_ns)
 
 
+@dataclass(slots=True)
+class NewFile:
+    """A file created for one value, open for writing (its meta session held)."""
+
+    path: str
+    handle: Any  # the backend's own (FsBackend: the client's OpenHandle)
+    usable_until_s: float  # time.monotonic() after which its write rights need renewing
+    closed: bool = False  # its session ended (published, or closed under its own name)
+
+
 class KVCacheBackend(Protocol):
     """The file-system operations a KV cache is built on (AsyncFileSystem provides them)."""
 
@@ -51,8 +58,22 @@ class KVCacheBackend(Protocol):
         all in parallel through the chunk path; the bytes actually received per
         read (fewer when chunks are gone: never zero-filled)."""
 
-    async def kv_create(self, path: str, parts: Sequence[memoryview]) -> None:
-        """Create ``path`` exclusively, write ``parts`` in order, close (length reported)."""
+    async def kv_open_new(self, path: str) -> NewFile:
+        """Create ``path`` exclusively (EEXIST if present) and open it for writing."""
+
+    async def kv_write_new(self, f: NewFile, parts: Sequence[memoryview]) -> None:
+        """Write ``parts`` one after the other from offset 0 of ``f`` (acknowledged
+        by every replica when this returns)."""
+
+    async def kv_publish(self, f: NewFile, length: int, dst: str, replace: bool) -> None:
+        """Close ``f`` (``length`` bytes, all written) and rename it to ``dst`` in
+        one commit. A refused rename (EEXIST when ``dst`` exists and not
+        ``replace``, ENOENT, ...) raises with ``f.closed`` set: the file is closed
+        under its own name."""
+
+    async def kv_discard(self, f: NewFile, wrote: bool) -> None:
+        """Remove ``f``'s name and end its write session if it is still open
+        (``wrote``: bytes may have reached storage, so they are collected too)."""
 
     async def kv_rename(self, src: str, dst: str, replace: bool) -> None:
         """Atomic rename; EEXIST when ``dst`` exists and not ``replace``."""
@@ -76,11 +97,15 @@ class KVCacheBackend(Protocol):
 class FsBackend:
     """KVCacheBackend over the client's chunk I/O engine: meta calls through its
     MetaClient, chunk reads through its parallel chunk path (batched per storage
-    node, into the views), new values written through ordinary files."""
+    node, into the views), new values written chunk by chunk straight from the
+    caller's buffers, then published by one meta call (close + rename)."""
 
-    def __init__(self, io: ChunkIO, open_file: OpenFile) -> None:
-        self._open_file = open_file
+    def __init__(self, io: ChunkIO, file_mode: int) -> None:
+        self._file_mode = file_mode  # of new entries (the client's umask applied)
+        self._io = io
         self._meta = io.meta
+        caps = io.storage.caps
+        self._caps = caps if isinstance(caps, CapabilityCache) else None
         self._read_pieces = io.read_pieces
         self._readdir_page_entries = io.config.readdir_page_entries
         # Directory path -> (inode id, when resolved): entries are then named
@@ -89,9 +114,12 @@ class FsBackend:
         # directory removed and made again is noticed within that time.
         self._dirs: dict[str, tuple[int, float]] = {}
 
-    async def _dir_inos(self, dirs: set[str]) -> dict[str, int]:
+    async def _dir_inos(self, dirs: set[str], fetch: bool = True) -> dict[str, int]:
+        """Inode ids of directories: cached ones, and (``fetch``) stale ones asked of meta."""
         now = time.monotonic()
         stale = [d for d in dirs if d not in self._dirs or now - self._dirs[d][1] > _DIR_INO_TTL_S]
+        if stale and not fetch:
+            return {d: self._dirs[d][0] for d in dirs if d not in stale}
         if stale:
             found = await self._meta.batch_stat(stale, follow=True)
             for d, r in zip(stale, found, strict=True):
@@ -101,10 +129,11 @@ class FsBackend:
                     self._dirs[d] = (r.ino, now)
         return {d: self._dirs[d][0] for d in dirs if d in self._dirs}
 
-    async def _ats(self, paths: Sequence[str]) -> list[At]:
-        """(directory inode, name) for each path whose directory is known, else the path."""
+    async def _ats(self, paths: Sequence[str], fetch: bool = True) -> list[At]:
+        """(directory inode, name) for each path whose directory is known, else the
+        path (``fetch``: directories not known are looked up first)."""
         parts = [p.rsplit("/", 1) for p in paths]
-        inos = await self._dir_inos({d or "/" for d, _ in parts})
+        inos = await self._dir_inos({d or "/" for d, _ in parts}, fetch)
         out: list[At] = []
         for p, (d, name) in zip(paths, parts, strict=True):
             ino = inos.get(d or "/")
@@ -154,22 +183,44 @@ class FsBackend:
         await self._read_pieces(work)  # missing chunks come back as zeros
         return [len(view) for _, _, view in reads]
 
-    async def kv_create(self, path: str, parts: Sequence[memoryview]) -> None:
+    async def kv_open_new(self, path: str) -> NewFile:
+        (at,) = await self._ats([path])
         try:
-            f = await self._open_file(path, "xb")
-        except OSError as e:
-            raise _chainfs_error(e, path) from None
-        try:
-            for part in parts:
-                await f.write(part)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                await f.close()
-            raise _chainfs_error(e, path) from None
-        try:
-            await f.close()
-        except OSError as e:
-            raise _chainfs_error(e, path) from None
+            r = await self._meta.create(at, self._file_mode, exclusive=True)
+        except ChainfsError as e:
+            if e.code == Code.ENOENT:
+                self._dirs.clear()  # perhaps a directory was made again: look it up anew
+            raise ChainfsError(e.code, e.message, path) from None
+        h = OpenHandle(path, r.inode.ino, layout_of(r.inode), r.inode.size, r.session_id)
+        usable_until_s = math.inf
+        until_ms = self._caps.usable_until_ms(h.inode, WRITE) if self._caps else None
+        if until_ms is not None:  # renewing would cost a meta call in the put: retire it first
+            usable_until_s = time.monotonic() + (until_ms - time.time() * 1000) / 1000
+        return NewFile(path, h, usable_until_s)
+
+    async def kv_write_new(self, f: NewFile, parts: Sequence[memoryview]) -> None:
+        await self._io.write_parts(f.handle, 0, parts)
+
+    async def kv_publish(self, f: NewFile, length: int, dst: str, replace: bool) -> None:
+        h: OpenHandle = f.handle
+        # A shard directory not known here goes by path: meta resolves it in the
+        # publish's own transaction (a lookup first would cost a round trip).
+        at_src, at_dst = await self._ats([f.path, dst], fetch=False)
+        flags = 0 if replace else RENAME_NOREPLACE
+        rsp = await self._meta.close_publish(h.inode, h.session, length, at_src, at_dst, flags)
+        f.closed = True
+        if rsp.rename.code:
+            if rsp.rename.code == Code.ENOENT:
+                self._dirs.clear()
+            raise ChainfsError(rsp.rename.code, rsp.rename.message, dst)
+
+    async def kv_discard(self, f: NewFile, wrote: bool) -> None:
+        await self.kv_unlink(f.path)
+        if not f.closed:
+            f.closed = True
+            h: OpenHandle = f.handle
+            # wrote: meta asks storage for the length, so GC drops whatever chunks exist.
+            await self._io.close_handle(h, 0, wrote)
 
     async def kv_rename(self, src: str, dst: str, replace: bool) -> None:
         at_src, at_dst = await self._ats([src, dst])

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
-import itertools
 import logging
-import os
-import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -17,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chainfs.client.chunk_io import ChunkIO
-from chainfs.client.kvcache.backend import EntryInfo, FsBackend, KVCacheBackend, OpenFile
+from chainfs.client.kvcache.backend import EntryInfo, FsBackend, KVCacheBackend, NewFile
 from chainfs.client.kvcache.coalesce import Coalescer
 from chainfs.client.kvcache.config import (
     LAYOUT_XATTR,
@@ -34,6 +30,7 @@ from chainfs.client.kvcache.format import (
     encode_header,
     header_len,
 )
+from chainfs.client.kvcache.puts import TempFiles
 from chainfs.client.kvcache.reads import Value, ValueReads
 from chainfs.client.layout import normpath
 from chainfs.client.usrbio.user import SharedBuffer
@@ -134,9 +131,7 @@ class AsyncKVCache:
         self.directory = directory.rstrip("/") or "/"
         self.config = config
         self._entries = Entries(store, self.directory, config)
-        # tmp names: unique per handle (random tag), per process, per put.
-        self._tmp_prefix = f"{os.getpid()}-{secrets.token_hex(6)}-"
-        self._tmp_seq = itertools.count()
+        self._temps = TempFiles(store, self._entries.tmp_dir, config)
         self._counts = _Counts()
         self._values = ValueReads(self._entries)
         record = config.record_access_times
@@ -335,25 +330,49 @@ class AsyncKVCache:
 
     async def _put_one(self, key: Key, value: memoryview, overwrite: bool) -> bool:
         head = encode_header(key.raw, key.is_str, len(value), crc32c(value))
-        tmp = f"{self._entries.tmp_dir}/{self._tmp_prefix}{next(self._tmp_seq)}"
-        await self._create_tmp(tmp, [memoryview(head), value])
-        stored = False
-        try:
-            stored = await self._place(key, tmp, overwrite)
-        finally:
-            if not stored:
-                with contextlib.suppress(ChainfsError, OSError):
-                    await self._store.kv_unlink(tmp)
+        parts = [memoryview(head), value]
+        length = len(head) + len(value)
+        for fresh in (False, True):
+            f = await self._temp_file(fresh)
+            stored = False
+            try:
+                await self._store.kv_write_new(f, parts)
+                stored = await self._place(key, f, length, overwrite)
+            except ChainfsError as e:
+                # ENOENT at publish: the temp file (or tmp/) was removed under us (a
+                # cleaner took it for a dead writer's): once more with a new file.
+                if fresh or e.code != Code.ENOENT or not f.closed:
+                    raise
+                self._temps.drop_prepared()
+                continue
+            finally:
+                if not stored:  # nothing half-visible: the name was never in data/
+                    await self._temps.remove(f, wrote=True)
+            break
         if stored:
             self._counts.puts += 1
-            self._evictor.note_put(key.shard(self.config.shards), len(head) + len(value))
+            self._evictor.note_put(key.shard(self.config.shards), length)
         else:
             self._counts.put_existing += 1
         return stored
 
-    async def _place(self, key: Key, tmp: str, overwrite: bool) -> bool:
-        """Rename ``tmp`` to ``key``'s name: its first free probe name, or the name
-        its own entry holds (replaced when overwrite or expired). False: present."""
+    async def _temp_file(self, fresh: bool) -> NewFile:
+        """A temp file for one put (``fresh``: created now, none of the prepared ones)."""
+        try:
+            return await (self._temps.create() if fresh else self._temps.take())
+        except ChainfsError as e:
+            if e.code != Code.ENOENT:
+                raise
+        # tmp/ is gone (the cache directory was removed): recreate once.
+        self._temps.drop_prepared()
+        await self._store.kv_makedirs([self._entries.tmp_dir, *self._entries.shard_dirs])
+        return await self._temps.create()
+
+    async def _place(self, key: Key, f: NewFile, length: int, overwrite: bool) -> bool:
+        """Publish ``f`` (``length`` bytes) as ``key``'s entry: at its first free
+        probe name, or at the name its own entry holds (replaced when overwrite
+        or expired). False: present. The first try closes and renames in one
+        commit; once ``f`` is closed, renames follow."""
         probe = 0
         # Bounded: a name is looked at again only when it was freed under us.
         for _ in range(4 * self.config.max_probes):
@@ -361,10 +380,13 @@ class AsyncKVCache:
                 break
             dst = self._entries.path(key, probe)
             try:
-                await self._store.kv_rename(tmp, dst, replace=False)
+                if not f.closed:
+                    await self._store.kv_publish(f, length, dst, replace=False)
+                else:
+                    await self._store.kv_rename(f.path, dst, replace=False)
                 return True
             except ChainfsError as e:
-                if e.code != Code.EEXIST:
+                if e.code != Code.EEXIST or not f.closed:
                     raise
             # The name is taken: by this key (present or expired) or by another key.
             holder = await self._entries.holder(key, probe)
@@ -373,27 +395,13 @@ class AsyncKVCache:
             elif holder is Holder.MINE and not overwrite:
                 return False
             elif holder is not Holder.ABSENT:  # ABSENT: freed meanwhile, try it again
-                await self._store.kv_rename(tmp, dst, replace=True)
+                await self._store.kv_rename(f.path, dst, replace=True)
                 return True
         raise ChainfsError(
             Code.EEXIST,
             f"{self.config.max_probes} entry names of this key are taken by other keys",
             key.display(),
         )
-
-    async def _create_tmp(self, tmp: str, parts: list[memoryview]) -> None:
-        try:
-            await self._store.kv_create(tmp, parts)
-        except BaseException as e:
-            # Nothing half-visible: the name was never in data/; drop the temp file.
-            with contextlib.suppress(ChainfsError, OSError):
-                await self._store.kv_unlink(tmp)
-            if isinstance(e, ChainfsError) and e.code == Code.ENOENT:
-                # tmp/ is gone (the cache directory was removed): recreate once.
-                await self._store.kv_makedirs([self._entries.tmp_dir, *self._entries.shard_dirs])
-                await self._store.kv_create(tmp, parts)
-                return
-            raise
 
     async def remove(self, key: KeyLike) -> bool:
         """Remove ``key``; False if it was not present."""
@@ -498,6 +506,7 @@ class AsyncKVCache:
     async def close(self) -> None:
         """Stop the background tasks and record pending access times (idempotent)."""
         if not self._closed:
+            await self._temps.close()
             await self._evictor.stop()
             await self._access.stop()
             try:
@@ -521,7 +530,7 @@ class AsyncKVCache:
 
 async def open_kvcache(
     io: ChunkIO,
-    open_file: OpenFile,
+    file_mode: int,
     directory: str,
     ttl: float | None = None,
     capacity_bytes: int | None = None,
@@ -530,4 +539,4 @@ async def open_kvcache(
 ) -> AsyncKVCache:
     """What ``AsyncFileSystem.kvcache`` does: the cache in ``directory`` (created if needed)."""
     c = make_config(ttl, capacity_bytes, config, **options)
-    return await AsyncKVCache.open(FsBackend(io, open_file), normpath(directory), c)
+    return await AsyncKVCache.open(FsBackend(io, file_mode), normpath(directory), c)

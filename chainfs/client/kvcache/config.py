@@ -70,6 +70,11 @@ class KVCacheConfig:
     max_probes: int = _bounded(4, 1, 64)
     # Puts in flight at once in batch_put (each holds one value's write buffers).
     max_parallel_puts: int = _positive(16)
+    # Temp files this handle creates ahead, write sessions open, so that a put
+    # waits only for its storage write and one metadata commit (the close that
+    # also renames the file into place). Removed at close. 0: each put creates
+    # its own first (one more metadata commit in the put).
+    put_prepared_files: int = _bounded(4, 0, 64)
     # Keys per metadata batch / storage batch in batch calls.
     max_batch_keys: int = _positive(1024)
     # get/get_into/exists calls made while this many are in flight wait and go

@@ -573,6 +573,37 @@ class MetaClient:
             self._sessions.discard((ino, session_id))
         return rsp.inode if rsp.HasField("inode") else None
 
+    async def close_publish(
+        self,
+        ino: int,
+        session_id: bytes,
+        length: int,
+        src: At,
+        dst: At,
+        flags: int = RENAME_NOREPLACE,
+    ) -> pb.CloseRsp:
+        """Close a file this client wrote all of (``length`` bytes, every write
+        acknowledged: meta does not ask storage) and rename it from ``src`` to
+        ``dst`` in the same commit (``flags``: RENAME_NOREPLACE or 0 to replace).
+        The close commits even when the rename is refused: ``rsp.rename.code``
+        is 0 when the file took its new name, else the error code."""
+        req = pb.CloseReq(
+            req=self.request_info(),
+            ino=ino,
+            session_id=session_id,
+            length_hint=length,
+            wrote=True,
+            length_known=True,
+            rename_src=path_at(src),
+            rename_dst=path_at(dst),
+            rename_flags=flags,
+        )
+        try:
+            rsp: pb.CloseRsp = await self.call("Close", req)
+        finally:
+            self._sessions.discard((ino, session_id))
+        return rsp
+
     async def end_sessions(self, sessions: list[tuple[int, bytes]]) -> None:
         """End sessions that report nothing (no length, no writes), in one call."""
         req = pb.EndSessionsReq(

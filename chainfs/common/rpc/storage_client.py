@@ -27,7 +27,7 @@ from typing import Protocol
 from google.protobuf.message import DecodeError
 
 from chainfs.common.auth.capability import READ, WRITE
-from chainfs.common.checksum import crc32c
+from chainfs.common.checksum import crc32c, crc32c_extend
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.dataplane.config import DataPlaneConfig
 from chainfs.common.errors import ChainfsError, Code
@@ -291,22 +291,38 @@ class StorageClient:
         chunk_size: int,
     ) -> None:
         """Write ``data`` at ``offset`` of one chunk (replicated on the whole chain)."""
-        view = _as_view(data)
-        if offset < 0 or offset + len(view) > chunk_size:
+        await self.write_parts(chain_id, inode, chunk_index, offset, [_as_view(data)], chunk_size)
+
+    async def write_parts(
+        self,
+        chain_id: int,
+        inode: int,
+        chunk_index: int,
+        offset: int,
+        parts: Sequence[memoryview],
+        chunk_size: int,
+    ) -> None:
+        """Write ``parts``, one after the other, at ``offset`` of one chunk: sent
+        as they are (scatter-gather, no joining copy), one update on the chain."""
+        views = [v for v in (_as_view(p) for p in parts) if len(v)]
+        length = sum(len(v) for v in views)
+        if offset < 0 or offset + length > chunk_size:
             raise ChainfsError(
                 Code.EINVAL,
-                f"write [{offset}, {offset + len(view)}) outside a chunk of {chunk_size} bytes",
+                f"write [{offset}, {offset + length}) outside a chunk of {chunk_size} bytes",
             )
+        crc = 0
+        for v in views:
+            crc = crc32c_extend(crc, v)
         fill = dict(
             chunk=sp.ChunkId(inode=inode, index=chunk_index),
             type=sp.WRITE,
             offset=offset,
-            length=len(view),
-            crc32c=crc32c(view),
+            length=length,
+            crc32c=crc,
             chunk_size=chunk_size,
         )
-        payload = [view] if len(view) else []
-        await self._to_head(sp.UPDATE, sp.UpdateReq, fill, chain_id, payload, inode)
+        await self._to_head(sp.UPDATE, sp.UpdateReq, fill, chain_id, views, inode)
 
     async def truncate(
         self, chain_id: int, inode: int, chunk_index: int, length: int, chunk_size: int

@@ -178,7 +178,8 @@ class SessionOps(NamespaceBase):
         async def body(ctx: OpCtx) -> pb.CloseRsp:
             # A close of a session that was pruned (client silent too long) still
             # applies its length: the writes it reports were acknowledged.
-            inode = await self._apply_length(ctx, r.ino, r.length_hint, r.wrote, r.wrote)
+            exact = r.wrote and not r.length_known  # known: the writer says it is exact
+            inode = await self._apply_length(ctx, r.ino, r.length_hint, exact, r.wrote)
             await self.end_session(ctx, r.ino, r.session_id, r.req.client_id)
             return pb.CloseRsp(inode=inode) if inode is not None else pb.CloseRsp()
 
