@@ -361,6 +361,9 @@ class DataClient:
                 return best
             if peer.connecting is None and live < cfg.max_connections_per_peer:
                 peer.connecting = asyncio.ensure_future(self._connect(peer, deadline))
+                # Its waiters may all have timed out: a failure then goes unread,
+                # and asyncio would log it with a traceback at garbage collection.
+                peer.connecting.add_done_callback(_mark_retrieved)
             try:
                 async with asyncio.timeout_at(deadline):
                     if peer.connecting is None:
@@ -519,3 +522,9 @@ def _expire(fut: asyncio.Future[Reply], address: str, timeout_s: float) -> None:
         fut.set_exception(
             ChainfsError(Code.ETIMEDOUT, f"data plane {address}: no reply within {timeout_s:.3f}s")
         )
+
+
+def _mark_retrieved(task: asyncio.Future[_ClientConn]) -> None:
+    """Read a finished task's exception: its waiters report it (or timed out)."""
+    if not task.cancelled():
+        task.exception()

@@ -779,3 +779,35 @@ async def test_start_on_a_taken_port_names_the_address_and_leaks_nothing() -> No
         assert e.value.errno == errno.EADDRINUSE
         assert f"127.0.0.1:{port}" in str(e.value)
         assert s._listeners == []
+
+
+async def test_a_connect_that_fails_after_its_waiter_gave_up_is_not_left_unread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A peer that accepts but never answers the credential: the request times
+    out first, the connect a little later. Its failure must not be left for
+    asyncio to log ("Task exception was never retrieved") with a traceback,
+    which another thread's traceback formatting can collide with."""
+    import gc
+
+    from chainfs.proto import common_pb2 as cpb
+
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(4)  # the kernel accepts; nobody ever reads or answers
+    port = mute.getsockname()[1]
+    client = DataClient(
+        _small_cfg(connect_timeout_ms=600), credential=cpb.Credential(token="cfs_x")
+    )
+    try:
+        with pytest.raises(ChainfsError) as e:
+            await client.request(f"127.0.0.1:{port}", ECHO, b"x", timeout_s=0.2)
+        assert e.value.code == Code.ETIMEDOUT
+        await asyncio.sleep(1.0)  # the connect attempt ends (its own deadline)
+        gc.collect()
+        await asyncio.sleep(0)
+        unread = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+        assert not unread, unread[0].getMessage()
+    finally:
+        await client.close()
+        mute.close()
