@@ -87,6 +87,11 @@ class StorageConfig:
     # from the page cache (RWF_NOWAIT), skipping the I/O-thread hop; a read that
     # would need the disk still goes to a thread. 0 = every read in a thread.
     inline_read_bytes: int = 64 * 1024
+    # Updates of at most this many bytes are applied and committed on the event
+    # loop (a small buffered write and a record put), skipping two I/O-thread
+    # round trips per replica; larger ones, and every update of a durable
+    # target (fdatasync), go to a thread. 0 = every update in a thread.
+    inline_update_bytes: int = 64 * 1024
     # Refuse new chunks (ENOSPC) when the target's file system is fuller than this.
     disk_usage_limit_ratio: float = 0.95
     # Targets added at runtime (`chainfs admin create-targets`) are listed in this
@@ -168,6 +173,7 @@ class StorageConfig:
             "open_chunk_files",
             "chunk_meta_cache_entries",
             "inline_read_bytes",
+            "inline_update_bytes",
         )
         if not 0 <= self.read_buffer_cache_bytes <= self.max_read_bytes_in_flight:
             raise ValueError("read_buffer_cache_bytes must be in [0, max_read_bytes_in_flight]")

@@ -244,6 +244,16 @@ class Craq:
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
 
+    async def _update_io(
+        self, target: LocalTarget, nbytes: int, fn: Callable[..., T], *args: Any
+    ) -> T:
+        """Apply or commit an update of ``nbytes``: on the loop when small and the
+        target does not sync (a page-cache write and a record put cost less than
+        the two thread switches), else in an I/O thread."""
+        if nbytes <= self.config.inline_update_bytes and not target.engine.options.durable:
+            return fn(*args)
+        return await self._io(fn, *args)
+
     # ---- routing checks ------------------------------------------------------
 
     def _local(self, target_id: int) -> LocalTarget:
@@ -476,7 +486,9 @@ class Craq:
             if self._made_by(rec, req):
                 return self._rsp(rec)
         version = (rec.committed_version if rec is not None else 0) + 1
-        pending = await self._io(self._apply, target, req, payload, version)
+        pending = await self._update_io(
+            target, len(payload), self._apply, target, req, payload, version
+        )
         fwd = sp.UpdateReq()
         fwd.CopyFrom(req)
         fwd.update_version = version
@@ -536,7 +548,7 @@ class Craq:
                 f"target {target.target_id} chunk ({ino}, {idx}) is at v{committed}, "
                 f"update is v{u}: send the whole chunk",
             )
-        pending = await self._io(self._apply, target, req, payload, u)
+        pending = await self._update_io(target, len(payload), self._apply, target, req, payload, u)
         return await self._forward_and_commit(hop, req, payload, pending)
 
     async def _forward_and_commit(
@@ -580,7 +592,9 @@ class Craq:
                     f"crc {rsp.crc32c:#010x}, expected v{version} crc "
                     f"{pending.pending_crc32c:#010x}",
                 )
-        rec = await self._io(target.engine.commit, ino, idx, version, req.chain_version)
+        rec = await self._update_io(
+            target, len(data), target.engine.commit, ino, idx, version, req.chain_version
+        )
         return self._rsp(rec)
 
     def _takes_writes(self, target_id: int) -> bool:
