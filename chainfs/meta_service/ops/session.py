@@ -14,6 +14,9 @@ from chainfs.meta_service.ops.context import OpCtx, Tag, check_mode
 from chainfs.meta_service.ops.special import check_openable, kill_priv
 from chainfs.proto import meta_pb2 as pb
 
+# Session records a close reads to learn whether another writer has the file open.
+OTHER_WRITERS_SCAN = 64
+
 
 class SessionOps(NamespaceBase):
     async def open(self, r: pb.OpenReq) -> pb.OpenRsp:
@@ -178,12 +181,34 @@ class SessionOps(NamespaceBase):
         async def body(ctx: OpCtx) -> pb.CloseRsp:
             # A close of a session that was pruned (client silent too long) still
             # applies its length: the writes it reports were acknowledged.
-            exact = r.wrote and not r.length_known  # known: the writer says it is exact
+            # The writer's length is exact for its own writes; only another open
+            # writer can have put bytes past it. Ask storage only then.
+            exact = (
+                r.wrote
+                and not r.length_known
+                and await self._other_writers(ctx, r.ino, r.session_id)
+            )
             inode = await self._apply_length(ctx, r.ino, r.length_hint, exact, r.wrote)
             await self.end_session(ctx, r.ino, r.session_id, r.req.client_id)
             return pb.CloseRsp(inode=inode) if inode is not None else pb.CloseRsp()
 
         return await self._mutate(r.req, Tag.CLOSE, pb.CloseRsp, body)
+
+    async def _other_writers(self, ctx: OpCtx, ino: int, session_id: bytes) -> bool:
+        """Whether a write session other than ``session_id`` is open on ``ino``.
+
+        Writers that closed reported their lengths, and the session pruner asked
+        storage for those of writers that went silent, so only an open one can
+        have written past this writer's length. Past OTHER_WRITERS_SCAN
+        sessions, assume one of them writes."""
+        own = schema.session_key(ino, session_id)
+        rows = await ctx.tx.get_range(
+            *schema.range_of(schema.session_prefix(ino)), limit=OTHER_WRITERS_SCAN
+        )
+        for key, raw in rows:
+            if key != own and not pb.SessionRecord.FromString(raw).read_only:
+                return True
+        return len(rows) >= OTHER_WRITERS_SCAN
 
     async def _end_unchanged(self, r: pb.CloseReq) -> pb.CloseRsp:
         """A close that reports nothing (a read session, a writer that wrote

@@ -261,7 +261,7 @@ async def test_truncate_shrinks_chunks_on_storage(env: MetaEnv) -> None:
     r = await m.create("/f")
     ino, lay = r.inode.ino, r.inode.layout
     env.storage.write(list(lay.chains), lay.chunk_size, ino, 10 * 64 * 1024)
-    assert (await m.close(ino, r.session_id, 0, wrote=True)).size == 10 * 64 * 1024  # type: ignore[union-attr]
+    assert (await m.close(ino, r.session_id, 10 * 64 * 1024, wrote=True)).size == 10 * 64 * 1024  # type: ignore[union-attr]
     await m.truncate("/f", 3 * 64 * 1024 + 100)
     left = env.storage.of(ino)
     assert sorted(i for _, i in left) == [0, 1, 2, 3]

@@ -41,12 +41,20 @@ async def test_length_hints_are_monotonic_and_close_asks_storage(env: MetaEnv) -
     ino, lay = r.inode.ino, r.inode.layout
     assert (await m.sync(ino, r.session_id, 5 * MiB, exact=False)).size == 5 * MiB
     assert (await m.sync(ino, r.session_id, 1 * MiB, exact=False)).size == 5 * MiB
-    # Storage holds more than the client reported (another writer, or a lost hint).
+    # Another writer has the file open and wrote past this one: its bytes are
+    # in storage before its close reports them.
+    other = await m.open("/f", write=True)
     env.storage.write(list(lay.chains), lay.chunk_size, ino, 9 * MiB + 17)
     env.storage.calls.clear()
     i = await m.close(ino, r.session_id, 6 * MiB, wrote=True)
     assert i is not None and i.size == 9 * MiB + 17
     assert {c[1] for c in env.storage.calls if c[0] == "query"} == set(lay.chains)
+    # The last writer's close takes its own length: nobody else can have written
+    # past it (closed writers reported theirs), so storage is not asked.
+    env.storage.calls.clear()
+    i = await m.close(ino, other.session_id, 9 * MiB + 17, wrote=True)
+    assert i is not None and i.size == 9 * MiB + 17
+    assert env.storage.calls == []
     # A close that wrote nothing does not ask storage.
     r2 = await m.open("/f", write=True)
     env.storage.calls.clear()
@@ -68,6 +76,22 @@ async def test_open_truncate_drops_chunks(env: MetaEnv) -> None:
     r2 = await m.open("/f", write=True, truncate=True)
     assert r2.inode.size == 0 and env.storage.of(r2.inode.ino) == {}
     await m.close(r2.inode.ino, r2.session_id)
+
+
+async def test_a_lone_writer_close_does_not_ask_storage_but_a_reader_does_not_count(
+    env: MetaEnv,
+) -> None:
+    """Readers have sessions too, but cannot write past the writer's length."""
+    m = env.direct
+    r = await m.create("/g")
+    ino = r.inode.ino
+    reader = await m.open("/g", write=False, session=True)
+    assert reader.session_id  # a read session: a record under the inode, read_only
+    env.storage.calls.clear()
+    i = await m.close(ino, r.session_id, 3 * MiB, wrote=True)
+    assert i is not None and i.size == 3 * MiB
+    assert env.storage.calls == []
+    await m.close(ino, reader.session_id)
 
 
 # -- removal and GC -----------------------------------------------------------------
