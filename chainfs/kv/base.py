@@ -90,9 +90,12 @@ class Snapshot(ABC):
 class Transaction:
     """Buffered transaction over a :class:`Snapshot`."""
 
-    def __init__(self, snapshot: Snapshot, read_only: bool = False) -> None:
+    def __init__(self, snapshot: Snapshot, read_only: bool = False, durable: bool = True) -> None:
         self._snap = snapshot
         self.read_only = read_only
+        # False: the commit may be acknowledged before it is on disk (a store
+        # that can tell: rocksdb); it is still serialized and visible at once.
+        self.durable = durable
         self.reads = ReadSet()
         # Buffered writes: key -> value, or None for a clear.
         self.writes: dict[bytes, bytes | None] = {}
@@ -300,13 +303,18 @@ class KVStore(ABC):
         fn: Callable[[Transaction], Awaitable[T]],
         read_only: bool = False,
         prefetch: list[bytes] | None = None,
+        durable: bool = True,
     ) -> T:
         """Run ``fn(tx)`` in a transaction, retrying on conflict. Returns its result.
 
         ``prefetch``: keys ``fn`` will likely read (a hint, at most
         MAX_PREFETCH_KEYS). Where reads are round trips, they are read at begin
         in the same one, and ``tx.get`` of them costs nothing; a key joins the
-        read set only when ``fn`` reads it."""
+        read set only when ``fn`` reads it.
+
+        ``durable=False``: what a crash of this process may lose without harm
+        (a store that syncs each commit anyway ignores it; rocksdb then skips
+        waiting for the disk unless a durable commit shares the batch)."""
         keys = list(prefetch or ())
         if len(keys) > MAX_PREFETCH_KEYS:
             raise ChainfsError(Code.EINVAL, f"more than {MAX_PREFETCH_KEYS} keys to prefetch")
@@ -316,7 +324,7 @@ class KVStore(ABC):
         for attempt in range(1, self.retry.max_attempts + 1):
             snap = await self._begin_reading(keys) if keys else await self._begin()
             try:
-                tx = Transaction(snap, read_only=read_only)
+                tx = Transaction(snap, read_only=read_only, durable=durable)
                 result = await fn(tx)
                 if tx.has_writes:
                     await self._commit(snap, tx)

@@ -77,6 +77,7 @@ class _Pending:
     writes: dict[bytes, bytes | None]
     cleared: list[tuple[bytes, bytes]]
     done: asyncio.Future[None] = field(repr=False)
+    durable: bool = True
 
 
 class _RocksSnapshot(Snapshot):
@@ -199,6 +200,7 @@ class RocksDBStore(KVStore):
         self._db: rocksdict.Rdict | None = _open_db(path, self.options)
         self._wopts = rocksdict.WriteOptions()
         self._wopts.sync = True  # durable before the caller hears "committed"
+        self._wopts_nosync = rocksdict.WriteOptions()  # a batch of non-durable commits only
         self._applied = 0  # every commit <= this is in RocksDB (and on disk)
         self._validated = 0  # last version handed out by validation
         self._log: list[_LogEntry] = []  # versions _log[0].version .. _validated
@@ -209,7 +211,7 @@ class RocksDBStore(KVStore):
         self._room.set()
         self._failed: ChainfsError | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kv-rocksdb-sync")
-        self.stats.update({"batches": 0, "batched_txns": 0})
+        self.stats.update({"batches": 0, "batched_txns": 0, "unsynced_batches": 0})
 
     @classmethod
     def from_url(cls, url: str, retry: RetryPolicy | None = None) -> RocksDBStore:
@@ -263,7 +265,9 @@ class RocksDBStore(KVStore):
             self._last_write[k] = version
         self._trim_log()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(version, dict(tx.writes), list(tx.cleared_ranges), done))
+        self._pending.append(
+            _Pending(version, dict(tx.writes), list(tx.cleared_ranges), done, tx.durable)
+        )
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         # The write goes ahead even if this caller is cancelled: shield it.
@@ -328,7 +332,9 @@ class RocksDBStore(KVStore):
                 db = self._db
                 assert db is not None
                 try:
-                    await loop.run_in_executor(self._executor, db.write, wb, self._wopts)
+                    sync = any(p.durable for p in batch)
+                    wopts = self._wopts if sync else self._wopts_nosync
+                    await loop.run_in_executor(self._executor, db.write, wb, wopts)
                 except Exception as e:
                     # RocksDB is in an unknown state: stop accepting commits.
                     self._failed = ChainfsError(
@@ -343,6 +349,8 @@ class RocksDBStore(KVStore):
                 self._applied = batch[-1].version
                 self.stats["batches"] += 1
                 self.stats["batched_txns"] += len(batch)
+                if not sync:
+                    self.stats["unsynced_batches"] += 1
                 for p in batch:
                     if not p.done.done():
                         p.done.set_result(None)

@@ -138,9 +138,11 @@ class NamespaceBase:
         body: Callable[[OpCtx], Awaitable[M]],
         new_ids: bool = False,
         paths: tuple[ParsedPath, ...] = (),
+        durable: bool = True,
     ) -> M:
         """Run ``body`` in a transaction that also records the answer for retries.
-        ``paths``: what ``body`` resolves, fetched ahead (see _prefetch)."""
+        ``paths``: what ``body`` resolves, fetched ahead (see _prefetch).
+        ``durable=False``: the change may be lost if meta crashes (see KVStore.transact)."""
         check_client(req)
         caller = Caller.of(req)
         idem = bool(req.client_id) and req.request_id != 0
@@ -170,7 +172,7 @@ class NamespaceBase:
                 if ahead and lease is not None:  # the inode counter a new inode updates
                     lease.restart()
                     ahead.append(schema.inode_count_key(await lease.peek()))
-                rsp = await self.kv.transact(fn, prefetch=ahead)
+                rsp = await self.kv.transact(fn, prefetch=ahead, durable=durable)
                 committed = True
                 return rsp
             except StorageFirst as need:

@@ -87,7 +87,14 @@ class SessionOps(NamespaceBase):
 
         if not mutating:
             return await self._read(r.req, body, paths=(p,))
-        return await self._mutate(r.req, Tag.OPEN, pb.OpenRsp, body, new_ids=r.create, paths=(p,))
+        # A read session only guards an open file's chunks against a removal
+        # meanwhile: it need not wait for the disk. If meta crashes before a
+        # later commit syncs it, the reader keeps reading unless the file is
+        # removed and collected meanwhile (docs/consistency.md).
+        durable = r.write or r.create or r.truncate
+        return await self._mutate(
+            r.req, Tag.OPEN, pb.OpenRsp, body, new_ids=r.create, paths=(p,), durable=durable
+        )
 
     def _open_session(
         self, ctx: Ctx, inode: pb.Inode, client_id: bytes, read_only: bool = False

@@ -114,6 +114,69 @@ def test_sigkill_loses_no_acknowledged_commit(tmp_path: Path) -> None:
     asyncio.run(check())
 
 
+# Four durable and four non-durable writers; each durable one prints "w i" after
+# transact() returned (a non-durable commit may be lost, a durable one never).
+MIXED_CRASH_CHILD = CRASH_CHILD.replace(
+    "await store.transact(fn)", "await store.transact(fn, durable=w < 4)"
+).replace("sys.stdout.write(", "w < 4 and sys.stdout.write(")
+
+
+def test_sigkill_loses_no_durable_commit_among_non_durable_ones(tmp_path: Path) -> None:
+    url = f"rocksdb://{tmp_path}/db"
+    proc = _child(MIXED_CRASH_CHILD, url)
+    acked: list[tuple[int, int]] = []
+    try:
+        deadline = time.monotonic() + 30
+        assert proc.stdout is not None
+        while len(acked) < 300:
+            line = proc.stdout.readline()
+            if not line:
+                pytest.fail(f"child exited early: {proc.wait()} {proc.stderr.read()}")  # type: ignore[union-attr]
+            w, i = line.split()
+            acked.append((int(w), int(i)))
+            assert time.monotonic() < deadline, "child too slow to commit"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=10)
+    for line in rest.splitlines():
+        w, i = line.split()
+        acked.append((int(w), int(i)))
+    store = RocksDBStore.from_url(url)
+
+    async def check() -> None:
+        items = await store.transact(lambda tx: tx.get_range(b"item/", b"item0"), read_only=True)
+        have = {(int(k.split(b"/")[1]), int(k.split(b"/")[2])) for k, _ in items}
+        missing = [a for a in acked if a not in have]
+        assert not missing, f"{len(missing)} acknowledged durable commits lost, e.g. {missing[:5]}"
+        for w in range(8):  # whatever survived, each transaction whole, in order
+            mine = sorted(i for ww, i in have if ww == w)
+            assert mine == list(range(len(mine)))
+            assert int(await store.get(b"count/%d" % w) or b"0") == len(mine)
+        await store.close()
+
+    asyncio.run(check())
+
+
+async def test_a_non_durable_commit_is_visible_at_once_and_skips_the_sync(tmp_path: Path) -> None:
+    store = RocksDBStore.from_url(f"rocksdb://{tmp_path}/db")
+
+    async def put(key: bytes, durable: bool) -> None:
+        async def fn(tx: Transaction) -> None:
+            tx.set(key, b"v")
+
+        await store.transact(fn, durable=durable)
+
+    await put(b"a", durable=False)
+    assert store.stats["unsynced_batches"] == 1
+    assert await store.get(b"a") == b"v"  # serialized and visible like any commit
+    await put(b"b", durable=True)
+    assert store.stats["unsynced_batches"] == 1  # a durable commit always syncs
+    # Together in one batch, the durable one decides: the batch syncs.
+    await asyncio.gather(put(b"c", durable=False), put(b"d", durable=True))
+    assert store.stats["batches"] == 3 and store.stats["unsynced_batches"] == 1
+    await store.close()
+
+
 async def test_second_process_gets_store_locked(tmp_path: Path) -> None:
     url = f"rocksdb://{tmp_path}/db"
     store = kv.open(url)
