@@ -230,3 +230,31 @@ def test_location_cache_settings_are_bounded(fs: Any, cache_dir: str) -> None:
     assert off.get("k1") == _value(1) and len(off.aio._entries.locations) == 0
     kv.close()
     off.close()
+
+
+def test_a_batch_get_is_one_storage_frame_per_node(
+    fs: Any, meta_calls: MetaCalls, cache_dir: str
+) -> None:
+    """64 cached keys spread over every chain: one batched read per storage node,
+    and no metadata call."""
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
+    keys = [f"b{i}" for i in range(64)]
+    kv.batch_put(keys, [_value(i) for i in range(64)])
+    assert kv.batch_get(keys) == [_value(i) for i in range(64)]
+    storage = fs.aio.io.storage
+    real = storage._read_node
+    nodes: list[int] = []
+
+    async def counted(routing: Any, reqs: Any, items: Any, *rest: Any) -> None:
+        nodes.append(routing.targets[items[0][1]].node_id)
+        await real(routing, reqs, items, *rest)
+
+    storage._read_node = counted
+    try:
+        meta_calls.take()
+        assert kv.batch_get(keys) == [_value(i) for i in range(64)]
+    finally:
+        del storage._read_node
+    assert meta_calls.take() == []
+    assert len(nodes) == len(set(nodes)) and len(set(nodes)) > 1, nodes
+    kv.close()
