@@ -11,7 +11,7 @@ CRC32C) like any read; a check that fails, or storage refusing the read, sends
 the key back to the metadata lookup.
 
 Renewal: the locations that gets take are stat'ed again in the background, in
-metadata batches, once they are half as old as they may be; the same file
+metadata batches, once they are two thirds as old as they may be; the same file
 (inode, size, mtime) stays trusted from the renewal on, anything else is
 dropped. Locations no get took for RENEW_IDLE_FACTOR trusted ages age out.
 
@@ -35,7 +35,12 @@ NS_PER_MS = 1_000_000
 # Locations taken by a get within this many trusted ages are renewed in the
 # background; idler ones age out (a renewal must not cost more than the lookups it saves).
 RENEW_IDLE_FACTOR = 4
-# Metadata batches (of max_batch_keys) per renewal round, four rounds per trusted age.
+# A location in use is renewed once this old (a fraction of the trusted age) ...
+RENEW_AT_AGE = 2 / 3
+# ... by renewal rounds this many times per trusted age (so at most a sixth of
+# it after RENEW_AT_AGE: the margin for a slow round before the location expires).
+RENEW_ROUNDS_PER_AGE = 6
+# Metadata batches (of max_batch_keys) per renewal round.
 RENEW_BATCHES_PER_ROUND = 2
 
 
@@ -154,9 +159,9 @@ class LocationCache:
     # -- renewal: a location in use is checked at meta before it is too old ----------
     def due(self, now_ns: int, limit: int) -> list[tuple[bytes, str, int]]:
         """(key, path, inode) of at most ``limit`` entries taken by a get within the
-        last RENEW_IDLE_FACTOR trusted ages and older than half the trusted age:
+        last RENEW_IDLE_FACTOR trusted ages and older than RENEW_AT_AGE of the trusted age:
         what a renewal round stats again. Entries idle longer are left to age out."""
-        half_ns = self._max_age_ns // 2
+        renew_ns = int(self._max_age_ns * RENEW_AT_AGE)
         idle_ns = self._max_age_ns * RENEW_IDLE_FACTOR
         due: list[tuple[bytes, str, int]] = []
         for raw in list(self._active):
@@ -165,7 +170,7 @@ class LocationCache:
                 del self._active[raw]
                 if c is not None:
                     c.last_used_ns = 0
-            elif now_ns - c.looked_up_ns >= half_ns and len(due) < limit:
+            elif now_ns - c.looked_up_ns >= renew_ns and len(due) < limit:
                 due.append((raw, c.path, c.loc.info.ino))
         return due
 
@@ -193,7 +198,7 @@ class LocationRenewer(Periodic):
     """Stats the locations in use again before they grow too old to trust, in
     metadata batches, so that a steady reader of a working set that fits the
     cache keeps finding its keys there (one batch per max_batch_keys keys per
-    half of location_cache_ms, instead of a lookup per get)."""
+    renewal age, instead of a lookup per get)."""
 
     name = "kvcache-locations"
     fixed_rate = True
@@ -205,7 +210,7 @@ class LocationRenewer(Periodic):
         max_batch: int,
         max_age_ms: float,
     ) -> None:
-        super().__init__(max_age_ms / 4 / 1000)
+        super().__init__(max_age_ms / RENEW_ROUNDS_PER_AGE / 1000)
         self._cache = cache
         self._stat = stat
         self._max_batch = max_batch
