@@ -42,6 +42,7 @@ RENEW_AT_AGE = 2 / 3
 RENEW_ROUNDS_PER_AGE = 6
 # Metadata batches (of max_batch_keys) per renewal round.
 RENEW_BATCHES_PER_ROUND = 2
+RENEW_MIN_INTERVAL_S = 0.01  # renewal rounds at most this often, however short the age
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +211,7 @@ class LocationRenewer(Periodic):
         max_batch: int,
         max_age_ms: float,
     ) -> None:
-        super().__init__(max_age_ms / RENEW_ROUNDS_PER_AGE / 1000)
+        super().__init__(max(RENEW_MIN_INTERVAL_S, max_age_ms / RENEW_ROUNDS_PER_AGE / 1000))
         self._cache = cache
         self._stat = stat
         self._max_batch = max_batch
