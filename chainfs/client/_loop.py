@@ -93,7 +93,8 @@ class LoopThread:
             finished = call.wait(timeout_s)
         except (KeyboardInterrupt, SystemExit):
             self.loop.call_soon_threadsafe(call.cancel)
-            call.wait(_STOP_TIMEOUT_S)
+            with contextlib.suppress(BaseException):  # a second Ctrl-C: stop waiting
+                call.wait(_STOP_TIMEOUT_S)
             raise
         if not finished:
             self.loop.call_soon_threadsafe(call.cancel)

@@ -78,3 +78,31 @@ def test_misuse_is_refused(lt: LoopThread) -> None:
 
     with pytest.raises(ValueError, match="closed"):
         lt.run(nothing())
+
+
+def test_ctrl_c_cancels_the_coroutine(lt: LoopThread) -> None:
+    import signal
+    import threading
+
+    cancelled = asyncio.Event()
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    main = threading.main_thread().ident
+    assert main is not None and threading.get_ident() == main
+    timer = threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        lt.run(slow())
+    timer.join()
+
+    async def wait_cancelled() -> bool:
+        await asyncio.wait_for(cancelled.wait(), 10)
+        return True
+
+    assert lt.run(wait_cancelled())
