@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from chainfs.client.kvcache.backend import EntryInfo
 from chainfs.client.kvcache.format import Key
-from chainfs.client.kvcache.locations import RENEW_IDLE_FACTOR, Located, LocationCache
+from chainfs.client.kvcache.locations import (
+    DROPS_REMEMBERED,
+    RENEW_IDLE_FACTOR,
+    Located,
+    LocationCache,
+)
 from chainfs.client.layout import Layout
 
 MS = 1_000_000  # ns
@@ -52,6 +57,17 @@ def test_drops_and_lookups_in_flight() -> None:
     assert c.get(_key("a"), 1) is None
     c.drop_bases(["/d/b"])  # a removal of that name (any probe)
     assert c.get(_key("b"), 1) is None
+    # A lookup in flight while other keys are dropped is kept ...
+    began = c.generation
+    c.drop_keys([_key("x")])
+    c.drop_bases(["/d/y"])
+    c.put(_key("a"), _loc(1), "/d/a", "/d/a", 0, began, True)
+    assert c.get(_key("a"), 1) == _loc(1)
+    # ... unless so many were dropped since that this one may be forgotten.
+    began = c.generation
+    c.drop_keys(_key(f"z{i}") for i in range(DROPS_REMEMBERED + 1))
+    c.put(_key("c"), _loc(3), "/d/c", "/d/c", 0, began, True)
+    assert c.get(_key("c"), 1) is None
     assert LocationCache(0, 1_000).enabled is False
     assert LocationCache(10, 0).enabled is False
 

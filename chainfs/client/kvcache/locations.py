@@ -43,6 +43,9 @@ RENEW_ROUNDS_PER_AGE = 6
 # Metadata batches (of max_batch_keys) per renewal round.
 RENEW_BATCHES_PER_ROUND = 2
 RENEW_MIN_INTERVAL_S = 0.01  # renewal rounds at most this often, however short the age
+# Recent drops remembered by key and name, to judge lookups in flight; a lookup
+# older than the oldest forgotten one is not kept (bounded memory, conservative).
+DROPS_REMEMBERED = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +76,12 @@ class LocationCache:
         self._by_base: dict[str, set[bytes]] = {}
         # Keys taken by gets lately (an ordered set): what the renewer looks at.
         self._active: dict[bytes, None] = {}
-        # Bumped by every drop: a lookup sent before a drop does not refill the cache.
+        # Bumped by every drop. A lookup records it when it begins; its answer is not
+        # kept if its key or name was dropped since (so it cannot bring back what
+        # this handle just changed), other keys' drops notwithstanding.
         self.generation = 0
+        self._dropped: collections.OrderedDict[bytes | str, int] = collections.OrderedDict()
+        self._dropped_floor = 0  # lookups older than the forgotten drop records are refused
 
     @property
     def enabled(self) -> bool:
@@ -111,7 +118,7 @@ class LocationCache:
         """Remember ``key``'s entry (file ``path``) found by a lookup sent at
         ``looked_up_ns``, unless something was dropped since that lookup began
         (``generation``). ``used``: found for a get (renewed while gets go on)."""
-        if not self.enabled or generation != self.generation:
+        if not self.enabled or self._stale(key.raw, base, generation):
             return
         old = self._by_key.get(key.raw)
         if old is not None:
@@ -123,11 +130,13 @@ class LocationCache:
         self._by_base.setdefault(base, set()).add(key.raw)
         while len(self._by_key) > self.max_entries:
             raw, c = self._by_key.popitem(last=False)
+            self._active.pop(raw, None)
             self._unindex(raw, c.base)
 
     def drop_keys(self, keys: Iterable[Key]) -> None:
         self.generation += 1
         for key in keys:
+            self._note_drop(key.raw)
             c = self._by_key.get(key.raw)
             if c is not None:
                 self._remove(key.raw, c)
@@ -136,14 +145,33 @@ class LocationCache:
         """Forget every key whose entry is named ``base`` or ``base~<probe>``."""
         self.generation += 1
         for base in bases:
+            self._note_drop(base)
             for raw in self._by_base.pop(base, ()):
                 self._by_key.pop(raw, None)
+                self._active.pop(raw, None)
 
     def clear(self) -> None:
         self.generation += 1
+        self._dropped_floor = self.generation
+        self._dropped.clear()
         self._by_key.clear()
         self._by_base.clear()
         self._active.clear()
+
+    def _note_drop(self, what: bytes | str) -> None:
+        self._dropped[what] = self.generation
+        self._dropped.move_to_end(what)
+        while len(self._dropped) > DROPS_REMEMBERED:
+            _, generation = self._dropped.popitem(last=False)
+            self._dropped_floor = max(self._dropped_floor, generation)
+
+    def _stale(self, raw: bytes, base: str, generation: int) -> bool:
+        """Whether a lookup begun at ``generation`` may have missed a drop of
+        ``raw`` (the key) or ``base`` (its name)."""
+        if generation < self._dropped_floor:
+            return True
+        dropped = self._dropped
+        return dropped.get(raw, -1) > generation or dropped.get(base, -1) > generation
 
     def _remove(self, raw: bytes, c: _Cached) -> None:
         del self._by_key[raw]
@@ -185,7 +213,7 @@ class LocationCache:
             return  # dropped, or looked up anew, meanwhile
         old = c.loc.info
         if (
-            generation != self.generation
+            self._stale(raw, c.base, generation)
             or info is None
             or (info.ino, info.size, info.mtime_ns) != (old.ino, old.size, old.mtime_ns)
         ):
