@@ -258,3 +258,40 @@ def test_a_batch_get_is_one_storage_frame_per_node(
     assert meta_calls.take() == []
     assert len(nodes) == len(set(nodes)) and len(set(nodes)) > 1, nodes
     kv.close()
+
+
+def test_own_overwrite_is_seen_at_once_while_other_threads_read(fs: Any, cache_dir: str) -> None:
+    """Gets from other threads keep looking keys up (and caching them) while this
+    handle overwrites one: after each put returns, a get gives what it put."""
+    import threading
+
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
+    keys = [f"r{i}" for i in range(8)]
+    kv.batch_put(["w", *keys], [_value(0), *(_value(100 + i) for i in range(8))])
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def reader() -> None:
+        seen = 0
+        while not stop.is_set():
+            got = kv.batch_get(["w", *keys])
+            if got[1:] != [_value(100 + i) for i in range(8)]:
+                errors.append("a steady key read wrong")
+            tag = int.from_bytes(got[0][-8:], "little") if got[0] is not None else -1
+            if tag < seen:
+                errors.append(f"w went back from {seen} to {tag}")
+            seen = max(seen, tag)
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for t in readers:
+        t.start()
+    try:
+        for seq in range(1, 30):
+            assert kv.put("w", _value(seq), overwrite=True)
+            assert kv.get("w") == _value(seq)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert errors == []
+    kv.close()
