@@ -9,13 +9,12 @@ the parent's sockets).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import os
 import threading
 import weakref
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -88,19 +87,19 @@ class LoopThread:
         if not self.alive:
             coro.close()
             raise ValueError("I/O operation on a closed chainfs FileSystem")
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        call = _Call(coro)
+        self.loop.call_soon_threadsafe(call.start, self.loop)
         try:
-            return fut.result(timeout_s)
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
-            raise TimeoutError(f"chainfs call still running after {timeout_s} s") from None
+            finished = call.wait(timeout_s)
         except (KeyboardInterrupt, SystemExit):
-            fut.cancel()
-            with contextlib.suppress(BaseException):
-                fut.result(_STOP_TIMEOUT_S)
+            self.loop.call_soon_threadsafe(call.cancel)
+            with contextlib.suppress(BaseException):  # a second Ctrl-C: stop waiting
+                call.wait(_STOP_TIMEOUT_S)
             raise
-        except concurrent.futures.CancelledError:
-            raise asyncio.CancelledError() from None
+        if not finished:
+            self.loop.call_soon_threadsafe(call.cancel)
+            raise TimeoutError(f"chainfs call still running after {timeout_s} s")
+        return call.result()
 
     def stop(self) -> None:
         if not self._thread.is_alive():
@@ -110,6 +109,59 @@ class LoopThread:
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(_STOP_TIMEOUT_S)
+
+
+class _Call(Generic[T]):
+    """A coroutine run on the loop for a thread that waits for it. The hand-back is a
+    plain lock released by the task's done callback: a sync call costs one wake-up
+    each way and little else (run_coroutine_threadsafe chains a
+    concurrent.futures.Future to the task, with a condition variable, for the same)."""
+
+    __slots__ = ("_cancelled", "_coro", "_done", "_error", "_task")
+
+    def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
+        self._coro = coro
+        self._task: asyncio.Task[T] | None = None
+        self._done = threading.Lock()
+        self._done.acquire()  # released once the task is done
+        self._cancelled = False
+        self._error: BaseException | None = None  # the task could not be started
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the loop: start the task (unless cancelled before it began)."""
+        if self._cancelled:
+            self._coro.close()
+            self._error = asyncio.CancelledError()
+            self._done.release()
+            return
+        try:
+            self._task = loop.create_task(self._coro)
+        except BaseException as e:
+            self._coro.close()
+            self._error = e
+            self._done.release()
+            raise
+        self._task.add_done_callback(self._finished)
+
+    def _finished(self, _task: asyncio.Task[T]) -> None:
+        self._done.release()
+
+    def cancel(self) -> None:
+        """On the loop: cancel the task, or the start not yet made."""
+        if self._task is None:
+            self._cancelled = True
+        else:
+            self._task.cancel()
+
+    def wait(self, timeout_s: float | None) -> bool:
+        """Block the calling thread until the task is done; False on timeout."""
+        return self._done.acquire(timeout=-1 if timeout_s is None else timeout_s)
+
+    def result(self) -> T:
+        if self._error is not None:
+            raise self._error
+        assert self._task is not None and self._task.done()
+        return self._task.result()
 
 
 _loop_threads: weakref.WeakSet[LoopThread] = weakref.WeakSet()

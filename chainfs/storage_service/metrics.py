@@ -75,13 +75,24 @@ def count_update(req: sp.UpdateReq, rsp: sp.UpdateRsp) -> None:
 
 
 def count_reads(req: sp.BatchReadReq, rsp: sp.BatchReadRsp) -> None:
+    # Summed per target first: a labels() lookup and an inc() cost microseconds
+    # each, and a batch holds up to a thousand small reads.
+    served: dict[int, list[int]] = {}  # target -> [reads, bytes]
     for io, res in zip(req.ios, rsp.results, strict=True):
-        target = str(io.target_id)
-        if res.status.code == Code.OK:
-            READ_OPS.labels(target).inc()
-            READ_BYTES.labels(target).inc(res.length)
-        elif res.status.code == Code.CHECKSUM_MISMATCH:
-            CRC_FAILURES.labels(target).inc()
+        code = res.status.code
+        if code == Code.OK:
+            counts = served.get(io.target_id)
+            if counts is None:
+                served[io.target_id] = [1, res.length]
+            else:
+                counts[0] += 1
+                counts[1] += res.length
+        elif code == Code.CHECKSUM_MISMATCH:
+            CRC_FAILURES.labels(str(io.target_id)).inc()
+    for target_id, (reads, nbytes) in served.items():
+        target = str(target_id)
+        READ_OPS.labels(target).inc(reads)
+        READ_BYTES.labels(target).inc(nbytes)
 
 
 def _per_target(name: str, doc: str) -> GaugeMetricFamily:

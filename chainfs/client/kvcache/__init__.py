@@ -24,6 +24,12 @@ Semantics, across processes and clients:
   replaced) while it is being read fails the check; the read then looks the
   key up again and returns the current value or a miss, never a partial,
   mixed or zeroed one.
+- Location cache: a handle remembers where the entries its gets found are
+  (``location_cache_entries``) and trusts that for ``location_cache_ms`` (1 s)
+  from the metadata lookup, renewing what it keeps reading in background
+  batches; a repeated get is then one storage read. Its own puts and removes
+  are seen at once; another client's remove or overwrite within
+  ``location_cache_ms`` (until then the old value, whole and checked).
 - Misses: ``get`` -> None, ``get_into`` -> -1, ``exists`` -> False,
   ``batch_get`` / ``batch_get_into`` -> None / -1 at that position.
 - Keys: str (UTF-8; "k" and b"k" are the same key) or bytes, 1 byte to
@@ -57,8 +63,9 @@ Semantics, across processes and clients:
 
 Modules: ``config`` (settings), ``format`` (an entry's bytes and name),
 ``backend`` (the file-system operations, over an AsyncFileSystem),
-``entries`` (naming, lookup, chain-keeping removal), ``coalesce`` (batching
-of lone calls), ``cache`` (AsyncKVCache), ``puts`` (temp files made ahead),
+``entries`` (naming, lookup, chain-keeping removal), ``locations`` (the
+location cache: repeated gets skip meta), ``coalesce`` (batching of lone
+calls), ``cache`` (AsyncKVCache), ``puts`` (temp files made ahead),
 ``eviction`` (TTL, watermarks, access times), ``sync`` (KVCache).
 """
 

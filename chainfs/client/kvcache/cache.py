@@ -30,6 +30,7 @@ from chainfs.client.kvcache.format import (
     encode_header,
     header_len,
 )
+from chainfs.client.kvcache.locations import LocationRenewer
 from chainfs.client.kvcache.puts import TempFiles
 from chainfs.client.kvcache.reads import Value, ValueReads
 from chainfs.client.layout import normpath
@@ -139,6 +140,10 @@ class AsyncKVCache:
             self._entries, config.capacity_bytes is not None if record is None else record
         )
         self._evictor = Evictor(self._entries)
+        self._renewer = LocationRenewer(
+            self._entries.locations, store.kv_stat_many, config.max_batch_keys,
+            config.location_cache_ms,
+        )  # fmt: skip
         self._single_gets: Coalescer[tuple[Key, memoryview | None], Value | None] = Coalescer(
             self._run_single_gets, config.max_batch_keys, config.coalesce_inflight
         )
@@ -167,6 +172,8 @@ class AsyncKVCache:
         cache = cls(store, d, config)
         await store.kv_makedirs([cache._entries.tmp_dir, *cache._entries.shard_dirs])
         cache._access.start()
+        if cache._entries.locations.enabled:
+            cache._renewer.start()
         if config.background_gc and (config.ttl_s is not None or config.capacity_bytes is not None):
             cache._evictor.start()
         return cache
@@ -258,16 +265,23 @@ class AsyncKVCache:
         """Per key: its value (a view of ``outs[i]`` when given, else new bytes), None
         on a miss, or ERANGE when the value does not fit ``outs[i]``.
 
-        One metadata batch looks every key up; one storage batch reads every hit.
+        One metadata batch looks up the keys without a young cached location;
+        one storage batch reads every hit.
         """
         result: list[Value | ChainfsError | None] = [None] * len(keys)
         read = functools.partial(self._values.read, keys, outs, result)
-        found, retried = await self._entries.find(keys, read)
+        found, retried = await self._entries.find(keys, read, use_cached=True)
         self._counts.read_retries += retried
-        now_ns = time.time_ns()
-        for key, loc in zip(keys, found, strict=True):
-            if loc is not None:
-                self._access.note(self._entries.path(key, loc.probe), loc.info, now_ns)
+        if self._access.enabled:
+            now_ns = time.time_ns()
+            stale = [
+                key
+                for key, loc in zip(keys, found, strict=True)
+                if loc is not None
+                and self._access.note(self._entries.path(key, loc.probe), loc.info, now_ns)
+            ]
+            if stale:  # their cached access times are old now: look them up anew later
+                self._entries.locations.drop_keys(stale)
         self._counts.hits += sum(1 for r in result if isinstance(r, Value))
         self._counts.misses += result.count(None)
         return result
@@ -320,9 +334,12 @@ class AsyncKVCache:
             async with self._entries.writes:
                 return await self._put_one(k, v, overwrite)
 
-        results = await asyncio.gather(
-            *(one(k, v) for k, v in zip(ks, vs, strict=True)), return_exceptions=True
-        )
+        try:
+            results = await asyncio.gather(
+                *(one(k, v) for k, v in zip(ks, vs, strict=True)), return_exceptions=True
+            )
+        finally:
+            self._entries.locations.drop_keys(ks)  # this handle's gets see its puts at once
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -508,6 +525,7 @@ class AsyncKVCache:
         if not self._closed:
             await self._temps.close()
             await self._evictor.stop()
+            await self._renewer.stop()
             await self._access.stop()
             try:
                 await self._access.flush()

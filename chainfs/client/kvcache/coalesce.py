@@ -28,24 +28,39 @@ class Coalescer(Generic[ItemT, R]):
         self._max_batch = max_batch
         self._max_inflight = max_inflight
         self._queue: list[tuple[ItemT, asyncio.Future[R]]] = []
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight = 0  # batches out (lone calls run in their caller's task)
+        self._tasks: set[asyncio.Task[None]] = set()  # referenced until done
 
     async def call(self, item: ItemT) -> R:
+        if not self._queue and self._inflight < self._max_inflight:
+            # Room in the pipe: out at once as a batch of one, in the caller's task
+            # (no future, no task of its own: a lone get costs the least).
+            self._inflight += 1
+            try:
+                (r,) = await self._run([item])
+            finally:
+                self._inflight -= 1
+                self._launch()
+            if isinstance(r, ChainfsError):
+                raise r
+            return r
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, fut))
         self._launch()
         return await fut
 
     def _launch(self) -> None:
-        while self._queue and len(self._inflight) < self._max_inflight:
+        while self._queue and self._inflight < self._max_inflight:
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
+            self._inflight += 1
             task = asyncio.ensure_future(self._run_batch(batch))
-            self._inflight.add(task)
+            self._tasks.add(task)
             task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
+        self._tasks.discard(task)
+        self._inflight -= 1
         self._launch()
 
     async def _run_batch(self, batch: list[tuple[ItemT, asyncio.Future[R]]]) -> None:

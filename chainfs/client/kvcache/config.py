@@ -85,6 +85,16 @@ class KVCacheConfig:
     scratch_pool_bytes: int = _bounded(64 * MiB, 0)
     # Re-reads of a key whose entry changed (was removed, replaced) under a read.
     max_read_retries: int = _bounded(2, 0)
+    # Keys whose entry location (probe, inode, layout, size, mtime) this handle
+    # remembers, so a repeated get is one storage read and no metadata call
+    # (least recently used dropped first; about 1 KiB each). 0: no location cache.
+    location_cache_entries: int = _bounded(16384, 0, 1 << 22)
+    # How long a remembered location is trusted, in ms from the lookup that found
+    # it. Another client's remove or overwrite of a key is seen by this handle's
+    # gets within this time; until then a get may return the value as it was
+    # (whole and checked, never a part or a mix). This handle's own puts, removes
+    # and evictions are seen at once; TTL expiry is judged at every get. 0: off.
+    location_cache_ms: float = _bounded(1000.0, 0, 3_600_000)
     # Record entries' access times for LRU eviction (one metadata update per
     # entry per atime_granularity_s). None: when this handle has a capacity.
     # Processes that only read a capacity-bounded cache pass True (or the

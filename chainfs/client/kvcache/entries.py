@@ -10,23 +10,17 @@ import asyncio
 import collections
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from enum import Enum
 
 from chainfs.client.kvcache.backend import EntryInfo, KVCacheBackend
 from chainfs.client.kvcache.config import KVCacheConfig
 from chainfs.client.kvcache.format import Check, Key, check_header, shard_dir_name
+from chainfs.client.kvcache.locations import Located, LocationCache
 from chainfs.common.errors import ChainfsError, Code
 
 NS_PER_S = 1_000_000_000
-
-
-@dataclass(frozen=True, slots=True)
-class Located:
-    """A key's entry, found and checked."""
-
-    probe: int
-    info: EntryInfo
+# Storage refusing a read: the inode's capability was refused (the file may be gone).
+_REFUSED_READ = frozenset({Code.BAD_CAPABILITY, Code.EACCES, Code.ENOENT})
 
 
 class Holder(Enum):
@@ -67,6 +61,8 @@ class Entries:
         self.writes = asyncio.Semaphore(config.max_parallel_puts)
         # ino -> reads of this process in flight: pinned against its own eviction.
         self.pins: collections.Counter[int] = collections.Counter()
+        # Key -> where its entry was found (gets skip meta while it is young).
+        self.locations = LocationCache(config.location_cache_entries, config.location_cache_ms)
 
     def path(self, key: Key, probe: int) -> str:
         shard = key.shard(self.config.shards)
@@ -87,45 +83,103 @@ class Entries:
 
     # -- lookups -------------------------------------------------------------
     async def find(
-        self, keys: list[Key], read_round: ReadRound
+        self, keys: list[Key], read_round: ReadRound, use_cached: bool = False
     ) -> tuple[list[Located | None], int]:
-        """Each key's entry (None: absent or expired) and how many re-reads it took.
+        """Each key's entry (None: absent or expired) and how many lookups it
+        repeated because an entry changed under a read.
 
         One metadata batch per round stats every pending key's current name;
         ``read_round`` reads and judges the entries found. Another key's entry
         sends the key on to its next probe name; an entry that changed under the
         read (removed, replaced) is looked up again, up to max_read_retries.
+
+        ``use_cached``: keys with a location in the location cache skip the
+        metadata batch of the first round; if what that location holds fails
+        the check (or storage refuses the read), the key is looked up at meta.
+        Entries found through meta go into the location cache.
         """
         c = self.config
-        found: list[Located | None] = [None] * len(keys)
-        probe = [0] * len(keys)
-        retries = [0] * len(keys)
-        pending = list(range(len(keys)))
-        for _ in range(c.max_probes + c.max_read_retries + 1):
-            if not pending:
+        n = len(keys)
+        found: list[Located | None] = [None] * n
+        probe = [0] * n
+        retries = [0] * n
+        fallbacks = 0  # cached locations found stale (looked up again; not bounded by retries)
+        locs = self.locations
+        cached = self._cached(keys, probe) if use_cached and locs.enabled else {}
+        pending = [i for i in range(n) if i not in cached] if cached else list(range(n))
+        # One round more than without the cache: a cached location found stale.
+        for _ in range(c.max_probes + c.max_read_retries + 2):
+            if not pending and not cached:
                 break
-            infos = await self.store.kv_stat_many([self.path(keys[i], probe[i]) for i in pending])
+            looked_up_ns, generation = time.monotonic_ns(), locs.generation
+            if pending:
+                paths = [self.path(keys[i], probe[i]) for i in pending]
+                infos = await self.store.kv_stat_many(paths)
+            else:
+                infos = []
             now_ns = time.time_ns()
             looked = [
                 (i, info)
                 for i, info in zip(pending, infos, strict=True)
                 if info is not None and not self.expired(info, now_ns)
             ]
+            looked.extend(cached.items())
             readable = [(i, info) for i, info in looked if info.size >= keys[i].header_len]
-            verdicts = dict(zip([i for i, _ in readable], await read_round(readable), strict=True))
+            try:
+                verdicts_in_order = await read_round(readable)
+            except ChainfsError as e:
+                if not cached or e.code not in _REFUSED_READ:
+                    raise
+                # A cached location's inode may be gone (its capability refused):
+                # look every key of this round up at meta once.
+                locs.drop_keys(keys[i] for i in cached)
+                fallbacks += len(cached)
+                pending, cached, probe = list(range(n)), {}, [0] * n
+                continue
+            verdicts = dict(zip([i for i, _ in readable], verdicts_in_order, strict=True))
             pending = []
             for i, info in looked:
                 # Too short to hold this key's entry: another key's.
                 verdict = verdicts.get(i, Check.OTHER_KEY)
-                if verdict is Check.OK:
-                    found[i] = Located(probe[i], info)
+                if i in cached:
+                    if verdict is Check.OK:
+                        found[i] = Located(probe[i], info)
+                    elif verdict is not None:
+                        # Not what was cached any more: ask meta, from the first name.
+                        locs.drop_keys([keys[i]])
+                        fallbacks += 1
+                        probe[i] = 0
+                        pending.append(i)
+                elif verdict is Check.OK:
+                    found[i] = loc = Located(probe[i], info)
+                    path = self.path(keys[i], probe[i])
+                    base = path if probe[i] == 0 else split_probe(path)[0]
+                    locs.put(keys[i], loc, path, base, looked_up_ns, generation, use_cached)
                 elif verdict is Check.OTHER_KEY and probe[i] + 1 < c.max_probes:
                     probe[i] += 1
                     pending.append(i)
                 elif verdict is Check.CHANGED and retries[i] < c.max_read_retries:
                     retries[i] += 1
                     pending.append(i)
-        return found, sum(retries)
+            cached = {}
+        return found, sum(retries) + fallbacks
+
+    def _cached(self, keys: list[Key], probe: list[int]) -> dict[int, EntryInfo]:
+        """Key index -> entry info of the keys with a usable cached location (their
+        probe set in ``probe``); one expired by TTL is dropped and looked up."""
+        now_ns = time.time_ns()
+        mono_ns = time.monotonic_ns()
+        out: dict[int, EntryInfo] = {}
+        for i, key in enumerate(keys):
+            loc = self.locations.get(key, mono_ns)
+            if loc is None:
+                continue
+            if self.expired(loc.info, now_ns):
+                self.locations.drop_keys([key])
+                continue
+            probe[i] = loc.probe
+            out[i] = loc.info
+        return out
 
     async def read_headers(
         self, keys: list[Key], candidates: list[tuple[int, EntryInfo]]
@@ -181,6 +235,14 @@ class Entries:
 
             await asyncio.gather(*(one_chain(ix) for ix in by_base.values()))
             return out
+        try:
+            return await self._remove(paths, may_chain)
+        finally:
+            # After the removal (a lookup in flight meanwhile caches nothing):
+            # every key named like these, a chain's moved last entry included.
+            self.locations.drop_bases(split_probe(p)[0] for p in paths)
+
+    async def _remove(self, paths: list[str], may_chain: list[bool]) -> list[bool]:
         last = await self._chain_ends(paths, may_chain)
 
         async def one(i: int, path: str) -> bool:

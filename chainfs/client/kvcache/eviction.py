@@ -207,16 +207,18 @@ class AccessTimes(Periodic):
         self._queue: dict[str, int] = {}  # path -> access ns (insertion ordered, bounded)
         self._parallel = asyncio.Semaphore(self.config.atime_parallel)
 
-    def note(self, path: str, info: EntryInfo, now_ns: int) -> None:
-        """Queue an access-time update if the recorded one is older than the granularity."""
+    def note(self, path: str, info: EntryInfo, now_ns: int) -> bool:
+        """Queue an access-time update if the recorded one is older than the
+        granularity; whether ``info``'s access time is now out of date."""
         if not self.enabled:
-            return
+            return False
         if now_ns - info.last_access_ns < self.config.atime_granularity_s * NS_PER_S:
-            return
+            return False
         if path not in self._queue and len(self._queue) >= self.config.atime_queue_max:
-            return  # bounded: drop (the LRU order is approximate anyway)
+            return False  # bounded: drop (the LRU order is approximate anyway)
         self._queue[path] = now_ns
         self.wake()
+        return True
 
     async def round(self) -> bool:
         batch = list(self._queue.items())[: self.config.atime_queue_max]

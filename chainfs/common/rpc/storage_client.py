@@ -445,11 +445,16 @@ class StorageClient:
                 async with sem:
                     await self._read_node(routing, reqs, items, results, last, prefer_tail, caps)
 
-            jobs = []
-            for items in groups.values():
-                for k in range(0, len(items), self.config.max_ios_per_batch):
-                    jobs.append(one_node(items[k : k + self.config.max_ios_per_batch]))
-            await asyncio.gather(*jobs)
+            per_node = self.config.max_ios_per_batch
+            if len(groups) == 1 and len(items := next(iter(groups.values()))) <= per_node:
+                # One frame to one node (a lone small read): no task, no gather.
+                await self._read_node(routing, reqs, items, results, last, prefer_tail, caps)
+            else:
+                jobs = []
+                for items in groups.values():
+                    for k in range(0, len(items), per_node):
+                        jobs.append(one_node(items[k : k + per_node]))
+                await asyncio.gather(*jobs)
             for i, target in itertools.chain.from_iterable(groups.values()):
                 if results[i] is None:
                     tried[i].add(target)

@@ -1,0 +1,108 @@
+"""LoopThread: the sync client's hop onto its event loop (results, errors, timeouts)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from chainfs.client._loop import LoopThread
+
+
+@pytest.fixture
+def lt() -> Iterator[LoopThread]:
+    t = LoopThread("test-loop")
+    yield t
+    t.stop()
+
+
+def test_result_and_error_come_back(lt: LoopThread) -> None:
+    async def answer() -> int:
+        await asyncio.sleep(0)
+        return 42
+
+    async def fail() -> None:
+        raise KeyError("nope")
+
+    assert lt.run(answer()) == 42
+    with pytest.raises(KeyError):
+        lt.run(fail())
+    assert lt.run(answer()) == 42  # the loop goes on after an error
+
+
+def test_timeout_cancels_the_coroutine(lt: LoopThread) -> None:
+    cancelled = asyncio.Event()
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    with pytest.raises(TimeoutError):
+        lt.run(slow(), timeout_s=0.05)
+
+    async def wait_cancelled() -> bool:
+        await asyncio.wait_for(cancelled.wait(), 10)
+        return True
+
+    assert lt.run(wait_cancelled())
+
+
+def test_cancelled_coroutine_raises_cancelled(lt: LoopThread) -> None:
+    async def cancel_self() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(0)
+
+    with pytest.raises(asyncio.CancelledError):
+        lt.run(cancel_self())
+
+
+def test_misuse_is_refused(lt: LoopThread) -> None:
+    async def nested() -> None:
+        async def inner() -> None:
+            return None
+
+        lt.run(inner())
+
+    with pytest.raises(RuntimeError, match="own event-loop thread"):
+        lt.run(nested())
+    lt.stop()
+
+    async def nothing() -> None:
+        return None
+
+    with pytest.raises(ValueError, match="closed"):
+        lt.run(nothing())
+
+
+def test_ctrl_c_cancels_the_coroutine(lt: LoopThread) -> None:
+    import signal
+    import threading
+
+    cancelled = asyncio.Event()
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    main = threading.main_thread().ident
+    assert main is not None and threading.get_ident() == main
+    timer = threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        lt.run(slow())
+    timer.join()
+
+    async def wait_cancelled() -> bool:
+        await asyncio.wait_for(cancelled.wait(), 10)
+        return True
+
+    assert lt.run(wait_cancelled())
