@@ -68,7 +68,10 @@ class FileOps(OpsBase):
             async with st.lock:
                 w, st.writer = st.writer, None
                 if w is not None:
-                    await w.close()
+                    try:
+                        await w.close()
+                    finally:
+                        st.size = max(st.size, w.size())
 
     def _writer(self, st: OpenInode) -> AsyncFile:
         if st.writer is None:
@@ -335,7 +338,12 @@ class FileOps(OpsBase):
                         w = st.writer
                         if w is not None and st.write_handles == 0:
                             st.writer = None
-                            await w.close()
+                            try:
+                                await w.close()
+                            finally:
+                                # Its writes count in the length reported below
+                                # (unmount releases without a flush first).
+                                st.size = max(st.size, w.size())
                         elif w is not None:
                             await w.flush()
                 # A failed write may have left chunks: report it as a write, so

@@ -240,8 +240,13 @@ async def test_length_truncate_and_gc_on_real_storage(
     for index in range(6):
         data = bytes([index]) * min(cs, size - index * cs)
         await storage.write(chains[index % 2], ino, index, 0, data, cs)
-    # The client reports less than it wrote: close asks storage for the exact length.
+    # Another writer has the file open: its bytes may reach past this writer's
+    # length, so close asks storage for the exact length.
+    other = await m.open("/f", write=True)
     closed = await m.close(ino, r.session_id, length_hint=cs, wrote=True)
+    assert closed is not None and closed.size == size
+    # The last writer's close takes its own length (no storage query to lower it).
+    closed = await m.close(ino, other.session_id, length_hint=size, wrote=True)
     assert closed is not None and closed.size == size
 
     await m.truncate("/f", 2 * cs + 100)
