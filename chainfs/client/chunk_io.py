@@ -140,6 +140,8 @@ class ChunkIO:
     async def close(self) -> None:
         """Wait for read sessions being ended, then close every client."""
         if self._ends_sender is not None:  # each call bounded by the meta call timeout
+            if self._ends_go is not None:
+                self._ends_go.set()  # closing: end what is queued now, not after the delay
             await self._ends_sender
         await self.routing.stop()
         await self.meta.aclose()

@@ -336,3 +336,19 @@ def test_buffering_arguments_follow_builtin_open(
 
         assert fs._loop.run(lengths()) == [10]
     assert fs.read_file("/unbuffered.bin") == b"0123456789"
+
+
+def test_closing_the_client_sends_queued_session_ends_at_once(cluster: LocalCluster) -> None:
+    """A FileSystem closed with session ends queued (held back by a long
+    session_end_delay_ms) sends them at once instead of waiting out the delay."""
+    writer = cluster.client()
+    reader = cluster.client(config=ClientConfig(session_end_delay_ms=600_000))
+    ino, chains = write_file(writer, "/closing", pattern(SIZE, "closing"))
+    f = reader.open("/closing", "rb", buffering=0)
+    f.read(10)
+    writer.remove("/closing")
+    f.close()  # the end is queued behind the 10-minute delay
+    started = time.monotonic()
+    reader.close()
+    assert time.monotonic() - started < DEADLINE_S  # not the 600 s delay
+    poll(no_chunks(writer, ino, chains), "chunks dropped once the client closed")
