@@ -202,6 +202,8 @@ class MetaServer:
             from chainfs.common.dataplane.server import DataServer
 
             handler = framed_handler(self.ns, authenticated=self.auth is not None)
+            if cfg.unix_socket:
+                _make_socket_dir(cfg.unix_socket)
             dp = DataServer(
                 self.users.guard(handler) if self.users is not None else handler,
                 cfg.listen_host,
@@ -299,3 +301,15 @@ def main(config_path: str | None, ready_file: str | None) -> int:
             raise
         log.error("meta server failed: %s", e)
         return 1
+
+
+def _make_socket_dir(path: str) -> None:
+    """The unix socket's directory, made private (0700) when it does not exist
+    (/run/chainfs-meta outside systemd, which otherwise makes it)."""
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ChainfsError(
+            Code.CONFIG_ERROR, f"unix_socket {path}: cannot make its directory: {e}", path=path
+        ) from None

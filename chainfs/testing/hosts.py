@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from chainfs.common import config as cfg
+from chainfs.common.dataplane.address import MAX_UNIX_PATH_BYTES
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.local.cluster import LocalCluster
 from chainfs.local.process import FUSERMOUNT_TIMEOUT_S, MountProcess
@@ -327,6 +328,8 @@ class MultiHostCluster(LocalCluster):
             "kv_url": f"rocksdb://{self.base_dir / 'meta' / 'kv'}",
             "mgmtd_addresses": self.mgmtd_addresses,
             "cluster_secret_file": str(self.secret_file),
+            # In the run's directory, not the example's /run/chainfs-meta.
+            "unix_socket": _short_socket(self.base_dir / "meta" / "meta.sock"),
         }
         return example_config("meta", overrides)
 
@@ -364,3 +367,8 @@ __all__ = [
     "mount_name",
     "sweep_stale",
 ]
+
+
+def _short_socket(path: Path) -> str:
+    """``path`` as a unix socket path, or "" (TCP only) when the kernel cannot take it."""
+    return str(path) if len(os.fsencode(str(path))) < MAX_UNIX_PATH_BYTES else ""

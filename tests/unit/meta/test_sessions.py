@@ -7,6 +7,7 @@ import asyncio
 import errno
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -450,3 +451,19 @@ async def test_client_fails_over_between_meta_servers_on_one_store(env: MetaEnv)
     finally:
         await m.aclose()
         await second.stop()
+
+
+async def test_meta_serves_on_a_unix_socket_whose_directory_it_makes(tmp_path: Path) -> None:
+    sock = tmp_path / "run" / "meta.sock"  # the directory does not exist yet
+    env = await start_env(unix_socket=str(sock))
+    try:
+        assert sock.is_socket() and (sock.parent.stat().st_mode & 0o777) == 0o700
+        assert (sock.stat().st_mode & 0o777) == 0o600
+        c = MetaClient(f"frame://unix:{sock}", user=ROOT, timeout_s=10.0)
+        try:
+            assert (await c.stat("/")).ino == (await env.direct.stat("/")).ino
+        finally:
+            await c.aclose()
+    finally:
+        await stop_env(env)
+    assert not sock.exists()  # removed at stop
