@@ -108,6 +108,24 @@ def test_repeated_gets_make_no_metadata_call(
     kv.close()
 
 
+def test_exists_uses_the_location_cache_and_sees_own_removes(
+    fs: Any, meta_calls: MetaCalls, cache_dir: str
+) -> None:
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
+    keys = [f"e{i}" for i in range(10)]
+    kv.batch_put(keys, [_value(i) for i in range(10)])
+    assert kv.batch_exists(keys).leading_hits == 10
+    meta_calls.take()
+    for _ in range(3):
+        assert all(kv.exists(k) for k in keys)
+        assert kv.batch_exists(keys[::-1]).leading_hits == 10
+    assert meta_calls.take() == []  # header reads from storage only
+    assert kv.remove("e3")
+    assert not kv.exists("e3")  # this handle's remove: seen at once
+    assert kv.batch_exists(keys).leading_hits == 3
+    kv.close()
+
+
 def test_own_puts_and_removes_are_seen_at_once(fs: Any, cache_dir: str) -> None:
     kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
     kv.put("k", _value(1))

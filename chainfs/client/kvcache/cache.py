@@ -257,7 +257,7 @@ class AsyncKVCache:
         return await self._get_many([k for k, _ in items], [o for _, o in items])
 
     async def _run_single_exists(self, keys: list[Key]) -> list[bool | ChainfsError]:
-        return [loc is not None for loc in await self._entries.locate(keys)]
+        return [loc is not None for loc in await self._entries.locate(keys, use_cached=True)]
 
     async def _get_many(
         self, keys: list[Key], outs: list[memoryview | None]
@@ -297,7 +297,8 @@ class AsyncKVCache:
         out = BatchExists()
         step = self.config.max_batch_keys
         for lo in range(0, len(ks), step):
-            out.extend(loc is not None for loc in await self._entries.locate(ks[lo : lo + step]))
+            found = await self._entries.locate(ks[lo : lo + step], use_cached=True)
+            out.extend(loc is not None for loc in found)
         return out
 
     # -- writes --------------------------------------------------------------

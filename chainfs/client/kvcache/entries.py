@@ -196,9 +196,12 @@ class Entries:
             for (i, info), b in zip(candidates, bufs, strict=True)
         ]
 
-    async def locate(self, keys: list[Key]) -> list[Located | None]:
-        """Find each key's entry (header checked, value not read)."""
-        found, _ = await self.find(keys, lambda cands: self.read_headers(keys, cands))
+    async def locate(self, keys: list[Key], use_cached: bool = False) -> list[Located | None]:
+        """Find each key's entry (header checked, value not read). ``use_cached``:
+        as in :meth:`find` (exists; a removal always asks meta)."""
+        found, _ = await self.find(
+            keys, lambda cands: self.read_headers(keys, cands), use_cached=use_cached
+        )
         return found
 
     async def holder(self, key: Key, probe: int) -> Holder:
