@@ -341,12 +341,17 @@ class FileOps(OpsBase):
                 # A failed write may have left chunks: report it as a write, so
                 # meta never treats the file as never written (its GC removes them).
                 wrote, st.dirty = st.dirty or st.write_failed, False
-                inode = await self.meta.close(h.ino, h.session, st.known_size(), wrote=wrote)
-                if inode is not None:
-                    self._versions[h.ino] = (inode.size, inode.mtime_ns)
+                if wrote:
+                    inode = await self.meta.close(h.ino, h.session, st.known_size(), wrote=True)
+                    if inode is not None:
+                        self._versions[h.ino] = (inode.size, inode.mtime_ns)
+                else:
+                    # Meta has the length already (close(2)'s flush reported it, or
+                    # nothing was written): only the session ends, in the background.
+                    await self.io.end_session_later(h.ino, h.session)
         finally:
             st.handles -= 1
             if st.handles == 0:
                 del self._open[h.ino]
                 if st.hold_session:
-                    await self.meta.close(h.ino, st.hold_session)
+                    await self.io.end_session_later(h.ino, st.hold_session)
