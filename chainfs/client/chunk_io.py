@@ -308,7 +308,7 @@ class ChunkIO:
             held[1] += 1
             self._read_session_paths[path] = ino
             if session_id:  # another path (a hard link) took a second one: not needed
-                await self._end_session_later(ino, session_id)
+                await self.end_session_later(ino, session_id)
             return
         if not session_id:
             # We held one for what this path named before; it names another file now.
@@ -332,7 +332,7 @@ class ChunkIO:
             if wrote:
                 await self.meta.close(h.inode, h.session, length, wrote)
             else:
-                await self._end_session_later(h.inode, h.session)
+                await self.end_session_later(h.inode, h.session)
 
     async def _release_read_session(self, ino: int) -> None:
         held = self._read_sessions.get(ino)
@@ -342,9 +342,9 @@ class ChunkIO:
             del self._read_sessions[ino]
             for path in [p for p, i in self._read_session_paths.items() if i == ino]:
                 del self._read_session_paths[path]
-            await self._end_session_later(ino, held[0])
+            await self.end_session_later(ino, held[0])
 
-    async def _end_session_later(self, ino: int, session_id: bytes) -> None:
+    async def end_session_later(self, ino: int, session_id: bytes) -> None:
         """End a session that reports nothing at meta without making close wait
         (``close`` awaits it); waits only while max_background_session_ends are queued."""
         while len(self._ends_queued) >= self.config.max_background_session_ends:

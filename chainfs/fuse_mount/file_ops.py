@@ -148,10 +148,11 @@ class FileOps(OpsBase):
                 log.warning("ending a duplicate read session of inode %d: %s", inode.ino, e)
         return fi, h
 
-    async def _report_length(self, st: OpenInode, session: bytes, exact: bool) -> None:
-        """Tell meta the length (and that we wrote): after this, other clients see the data."""
+    async def _report_length(self, st: OpenInode, session: bytes, exact: bool) -> mt.Inode | None:
+        """Tell meta the length (and that we wrote): after this, other clients see the data.
+        Meta's inode after it; None if there was nothing to report."""
         if not st.dirty and not exact:
-            return
+            return None
         st.dirty = False
         try:
             inode = await self.meta.sync(st.ino, session, st.known_size(), exact=exact, wrote=True)
@@ -160,6 +161,7 @@ class FileOps(OpsBase):
             raise
         st.size = max(st.size, inode.size)
         self._versions[st.ino] = (inode.size, inode.mtime_ns)
+        return inode
 
     async def _push(self, st: OpenInode) -> None:
         """Send buffered writes of ``st`` to storage and wait for their acks."""
@@ -212,23 +214,25 @@ class FileOps(OpsBase):
         # libfuse asks for atomic O_TRUNC: the kernel sends O_TRUNC here
         # instead of a separate truncate.
         truncate = writable and bool(flags & os.O_TRUNC)
-        if truncate:
-            await self._drop_writer(inode)
-        st = self._open.get(inode)
-        rsp = await self.meta.open(
-            inode,
-            read=acc in (os.O_RDONLY, os.O_RDWR),
-            write=writable,
-            truncate=truncate,
-            nofollow=True,
-            user=self._user(ctx),
-            # Read-only: take a read session in the same call unless this mount
-            # already holds one for the inode (the file then outlives an unlink
-            # or rename over it by any client until our last release).
-            session=not writable
-            and self.io.config.read_sessions
-            and (st is None or not st.hold_session),
-        )
+        with self._changing_file(inode) as left:
+            if truncate:
+                await self._drop_writer(inode)
+            st = self._open.get(inode)
+            rsp = await self.meta.open(
+                inode,
+                read=acc in (os.O_RDONLY, os.O_RDWR),
+                write=writable,
+                truncate=truncate,
+                nofollow=True,
+                user=self._user(ctx),
+                # Read-only: take a read session in the same call unless this mount
+                # already holds one for the inode (the file then outlives an unlink
+                # or rename over it by any client until our last release).
+                session=not writable
+                and self.io.config.read_sessions
+                and (st is None or not st.hold_session),
+            )
+            left.append(rsp.inode)  # what meta says now (close-to-open)
         fi, _ = await self._start_handle(rsp.inode, rsp.session_id, flags, truncate)
         self._refresh_kernel_attrs(rsp.inode)
         return fi
@@ -254,6 +258,8 @@ class FileOps(OpsBase):
             added=[(parent_inode, name)],
             left=lambda r: [] if r.parent is None else [r.parent],
         )
+        if not rsp.created:  # an existing file (O_TRUNC cut it): nothing kept from before
+            self._file_attrs.forget(rsp.inode.ino)
         truncated = bool(flags & os.O_TRUNC) and not rsp.created
         fi, _ = await self._start_handle(rsp.inode, rsp.session_id, flags, truncated)
         self._remember(rsp.inode.ino)
@@ -287,6 +293,10 @@ class FileOps(OpsBase):
         h, st = self._file(fh)
         if not h.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
+        with self._changing_file(h.ino):  # its length and mtime, once reported
+            return await self._write(h, st, off, buf)
+
+    async def _write(self, h: FileHandle, st: OpenInode, off: int, buf: bytes) -> int:
         async with st.lock:
             w = self._writer(st)
             w.seek_sync(off)
@@ -311,16 +321,19 @@ class FileOps(OpsBase):
             return
         await self._push(st)
         self._check_writes(st)
-        await self._report_length(st, h.session, exact=False)
+        # Nothing written since the last report: nothing changes at meta.
+        with self._changing_file(h.ino, changes=st.dirty) as left:
+            left.extend(filter(None, [await self._report_length(st, h.session, exact=False)]))
 
     @op
     async def fsync(self, fh: int, datasync: bool) -> None:
         h, st = self._file(fh)
         if not h.writable:
             return
-        await self._push(st)
-        self._check_writes(st)
-        await self._report_length(st, h.session, exact=True)
+        with self._changing_file(h.ino) as left:
+            await self._push(st)
+            self._check_writes(st)
+            left.extend(filter(None, [await self._report_length(st, h.session, exact=True)]))
 
     @op
     async def release(self, fh: int) -> None:
@@ -332,29 +345,40 @@ class FileOps(OpsBase):
         st = self._open[h.ino]
         try:
             if h.writable:
-                st.write_handles -= 1
-                if st.writer is not None:
-                    async with st.lock:
-                        w = st.writer
-                        if w is not None and st.write_handles == 0:
-                            st.writer = None
-                            try:
-                                await w.close()
-                            finally:
-                                # Its writes count in the length reported below
-                                # (unmount releases without a flush first).
-                                st.size = max(st.size, w.size())
-                        elif w is not None:
-                            await w.flush()
-                # A failed write may have left chunks: report it as a write, so
-                # meta never treats the file as never written (its GC removes them).
-                wrote, st.dirty = st.dirty or st.write_failed, False
-                inode = await self.meta.close(h.ino, h.session, st.known_size(), wrote=wrote)
-                if inode is not None:
-                    self._versions[h.ino] = (inode.size, inode.mtime_ns)
+                await self._release_writable(h, st)
         finally:
             st.handles -= 1
             if st.handles == 0:
                 del self._open[h.ino]
                 if st.hold_session:
-                    await self.meta.close(h.ino, st.hold_session)
+                    await self.io.end_session_later(h.ino, st.hold_session)
+
+    async def _release_writable(self, h: FileHandle, st: OpenInode) -> None:
+        """Push what is buffered; report it, or (nothing new) end the session in the background."""
+        st.write_handles -= 1
+        if st.writer is not None:
+            async with st.lock:
+                w = st.writer
+                if w is not None and st.write_handles == 0:
+                    st.writer = None
+                    try:
+                        await w.close()
+                    finally:
+                        # Its writes count in the length reported below
+                        # (unmount releases without a flush first).
+                        st.size = max(st.size, w.size())
+                elif w is not None:
+                    await w.flush()
+        # A failed write may have left chunks: report it as a write, so
+        # meta never treats the file as never written (its GC removes them).
+        wrote, st.dirty = st.dirty or st.write_failed, False
+        if wrote:
+            with self._changing_file(h.ino) as left:
+                inode = await self.meta.close(h.ino, h.session, st.known_size(), wrote=True)
+                if inode is not None:
+                    self._versions[h.ino] = (inode.size, inode.mtime_ns)
+                    left.append(inode)
+        else:
+            # Meta has the length already (close(2)'s flush reported it, or
+            # nothing was written): only the session ends, in the background.
+            await self.io.end_session_later(h.ino, h.session)

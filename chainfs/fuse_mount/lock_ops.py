@@ -95,14 +95,16 @@ class LockOps(FileOps):
             raise pyfuse3.FUSEError(errno.EBADF)
         gids = self._groups.get(caller.pid) if caller.uid != 0 else ()
         user = UserInfo(caller.uid, caller.gid, gids)
-        # Our buffered writes and length first: meta extends, and we punch, after them.
-        await self._push(st)
-        self._check_writes(st)
-        await self._report_length(st, h.session, exact=False)
-        inode = await self.meta.fallocate(ino, mode, offset, length, user=user)
-        if mode & FALLOC_FL_PUNCH_HOLE:
-            end = min(offset + length, inode.size)
-            await posix_io.punch_hole(self.io, st.handle, offset, end)
+        with self._changing_file(ino) as left:  # its length, mtime
+            # Our buffered writes and length first: meta extends, and we punch, after them.
+            await self._push(st)
+            self._check_writes(st)
+            await self._report_length(st, h.session, exact=False)
+            inode = await self.meta.fallocate(ino, mode, offset, length, user=user)
+            if mode & FALLOC_FL_PUNCH_HOLE:
+                end = min(offset + length, inode.size)
+                await posix_io.punch_hole(self.io, st.handle, offset, end)
+            left.append(inode)
         st.size = max(st.size, inode.size)
         st.generation += 1  # read-ahead of the old bytes is stale
         self._versions[ino] = (inode.size, inode.mtime_ns)

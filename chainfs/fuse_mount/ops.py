@@ -29,12 +29,23 @@ from chainfs.fuse_mount.lock_ops import LockOps
 from chainfs.fuse_mount.ops_base import ROOT_INO, log, op, replied
 from chainfs.fuse_mount.special_ops import SpecialOps
 from chainfs.fuse_mount.xattr_ops import XattrOps
+from chainfs.proto import meta_pb2 as mt
 
 # Explicit times this close to now come from utimensat(UTIME_NOW) (pyfuse3
 # turns NOW into a timestamp); meta lets any writer set "now", only the owner
 # an explicit time.
 _NOW_SLACK_NS = 200_000_000
 _RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
+# What a setattr may change here. The kernel sends one with none of them for a
+# chown to the owner a file has already (tar, as root): answered as a getattr.
+_SETATTR_FIELDS = (
+    "update_mode",
+    "update_uid",
+    "update_gid",
+    "update_atime",
+    "update_mtime",
+    "update_size",
+)
 
 
 class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
@@ -56,9 +67,9 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
                 raise ChainfsError(Code.ENOENT, "not in the directory's name list")
             else:
                 try:
-                    stamp = self._dir_attrs.stamp()
+                    stamps = self._dir_attrs.stamp(), self._file_attrs.stamp()
                     inode = await self.meta.lookup(parent_inode, name, user)
-                    self._dir_attrs.learn(inode, stamp)
+                    self._learn(inode, stamps)
                 except ChainfsError as e:
                     if e.code == Code.ENOENT:
                         await self._list_names(parent_inode, user)
@@ -87,11 +98,14 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
 
     @op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        known = self._dir_attrs.get(inode)
-        if known is not None:  # a directory: the kernel may keep it only as long as we may
+        return await self._getattr(inode, self._user(ctx))
+
+    async def _getattr(self, inode: int, user: UserInfo) -> pyfuse3.EntryAttributes:
+        known = self._dir_attrs.get(inode) or self._file_attrs.get(inode)
+        if known is not None:  # the kernel may keep it only as long as we may
             self.counters.local["getattr"] += 1
             return self._entry(known[0], attr_timeout=known[1])
-        return self._entry(await self._stat(inode, self._user(ctx)))
+        return self._entry(await self._stat(inode, user))
 
     @op
     async def setattr(
@@ -102,6 +116,22 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        if not any(getattr(fields, f) for f in _SETATTR_FIELDS):
+            return await self._getattr(inode, self._user(ctx))  # nothing we store changes
+        with self._changing_file(inode) as left:
+            result = await self._setattr(inode, attr, fields, fh, ctx)
+            left.append(result)
+        return self._entry(result)
+
+    async def _setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> mt.Inode:
+        """Meta's inode after the change (chmod, chown, utimes, truncate)."""
         user = self._user(ctx)
         kw: dict[str, Any] = {}
         if fields.update_mode:
@@ -132,10 +162,8 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
             h = self._files.get(fh) if fh is not None else None
             await self._report_length(st, h.session if h else b"", exact=False)
         if not fields.update_size:
-            if not kw:
-                return await self.getattr(inode, ctx)
-            return self._entry(
-                await self._touching(inode, self.meta.setattr(inode, follow=False, user=user, **kw))
+            return await self._touching(
+                inode, self.meta.setattr(inode, follow=False, user=user, **kw)
             )
         size = attr.st_size
         h = self._files.get(fh) if fh is not None else None
@@ -144,9 +172,7 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
             # at open; the file's mode may not grant write any more (0444 + O_CREAT).
             user = UserInfo(0, 0)
         if st is None:
-            return self._entry(
-                await self.meta.setattr(inode, follow=False, user=user, size=size, **kw)
-            )
+            return await self.meta.setattr(inode, follow=False, user=user, size=size, **kw)
         async with st.lock:
             if st.writer is not None:
                 w, st.writer = st.writer, None
@@ -158,7 +184,7 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
             result = await self.meta.setattr(inode, follow=False, user=user, size=size, **kw)
             st.size = size
             st.generation += 1
-        return self._entry(result)
+        return result
 
     @op
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -182,11 +208,15 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         user = self._user(ctx)
         await self._hold_if_open(parent_inode, name, user)
-        await self._changing(
-            self.meta.unlink_reply((parent_inode, name), user=user),
-            removed=[(parent_inode, name)],
-            left=lambda r: replied(r, "parent"),
-        )
+        self._file_attrs.forget_all()  # the file lost a link (which one: not in the reply)
+        try:
+            await self._changing(
+                self.meta.unlink_reply((parent_inode, name), user=user),
+                removed=[(parent_inode, name)],
+                left=lambda r: replied(r, "parent"),
+            )
+        finally:
+            self._file_attrs.forget_all()
 
     @op
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -228,15 +258,19 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
         if not flags & pyfuse3.RENAME_EXCHANGE:
             await self._hold_if_open(parent_inode_new, name_new, user)
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
-        rsp = await self._changing(
-            self.meta.rename_reply(
-                (parent_inode_old, name_old), (parent_inode_new, name_new), flags, user=user
-            ),
-            added=[(parent_inode_new, name_new)]
-            + ([(parent_inode_old, name_old)] if exchange else []),
-            removed=[] if exchange else [(parent_inode_old, name_old)],
-            left=lambda r: replied(r, "src_parent", "dst_parent"),
-        )
+        self._file_attrs.forget_all()  # the moved file's ctime, the replaced one's nlink
+        try:
+            rsp = await self._changing(
+                self.meta.rename_reply(
+                    (parent_inode_old, name_old), (parent_inode_new, name_new), flags, user=user
+                ),
+                added=[(parent_inode_new, name_new)]
+                + ([(parent_inode_old, name_old)] if exchange else []),
+                removed=[] if exchange else [(parent_inode_old, name_old)],
+                left=lambda r: replied(r, "src_parent", "dst_parent"),
+            )
+        finally:
+            self._file_attrs.forget_all()
         # The moved inode's ctime (and a moved directory's "..") changed, and
         # what the new name replaced is gone or lost a link.
         if exchange or not rsp.HasField("src_parent"):
@@ -249,11 +283,13 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        rsp = await self._changing(
-            self.meta.link_reply(inode, (new_parent_inode, new_name), user=self._user(ctx)),
-            added=[(new_parent_inode, new_name)],
-            left=lambda r: replied(r, "parent"),
-        )
+        with self._changing_file(inode) as left:
+            rsp = await self._changing(
+                self.meta.link_reply(inode, (new_parent_inode, new_name), user=self._user(ctx)),
+                added=[(new_parent_inode, new_name)],
+                left=lambda r: replied(r, "parent"),
+            )
+            left.append(rsp.inode)
         self._remember(rsp.inode.ino)
         return self._entry(rsp.inode)
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
@@ -55,8 +56,10 @@ _GUARD_MARGIN_S = 5.0
 # entries, at most this many directories (least recently used dropped).
 NAMES_MAX_ENTRIES = 4096
 _NAMES_MAX_DIRS = 64
-# Directories whose attributes the mount keeps to answer getattr (least recently used dropped).
+# Directories, and files, whose attributes the mount keeps to answer getattr
+# (least recently used dropped).
 _DIR_ATTRS_MAX = 4096
+_FILE_ATTRS_MAX = 4096
 # Bound on the (size, mtime) versions remembered of attributes told to the kernel.
 _TOLD_MAX = 1 << 16
 # Failures that say something is wrong with the cluster or the mount are
@@ -229,6 +232,11 @@ class OpsBase(pyfuse3.Operations):
         self._told: dict[int, tuple[int, int]] = {}
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None  # (expires, answer)
         self._dir_attrs = DirAttrCache(self._attr_timeout_s, _DIR_ATTRS_MAX)
+        # Files' attributes as meta answered this mount's own changes of them
+        # (length reports, setattr, link, open) or a Stat no change overlapped.
+        self._file_attrs = DirAttrCache(
+            self._attr_timeout_s, _FILE_ATTRS_MAX, kinds=frozenset({mt.FILE})
+        )
         # Reply buffers of reads, reused (a fresh 1 MiB buffer costs 256 page faults);
         # room for every concurrent request, twice over.
         room = 2 * config.max_requests * MAX_READ_BYTES
@@ -360,11 +368,34 @@ class OpsBase(pyfuse3.Operations):
             self._install_names(parent, {e.name for e in rsp.entries}, since)
 
     async def _stat(self, ino: int, user: UserInfo) -> mt.Inode:
-        """Meta's Stat of ``ino``; a directory's attributes are kept for getattr."""
-        stamp = self._dir_attrs.stamp()
+        """Meta's Stat of ``ino``; its attributes are kept for getattr."""
+        stamps = self._dir_attrs.stamp(), self._file_attrs.stamp()
         inode = await self.meta.stat(ino, follow=False, user=user)
-        self._dir_attrs.learn(inode, stamp)
+        self._learn(inode, stamps)
         return inode
+
+    def _learn(self, inode: mt.Inode, stamps: tuple[tuple[int, float], tuple[int, float]]) -> None:
+        self._dir_attrs.learn(inode, stamps[0])
+        self._file_attrs.learn(inode, stamps[1])
+
+    @contextlib.contextmanager
+    def _changing_file(self, ino: int, changes: bool = True) -> Iterator[list[mt.Inode]]:
+        """A request that may change file ``ino``'s attributes (at meta, or once
+        its writes are reported): none kept of it meanwhile; what the caller
+        puts in the yielded list (meta's reply) is kept after. ``changes``
+        False: this request changes nothing after all (a close with nothing
+        written since the last report)."""
+        left: list[mt.Inode] = []
+        if not changes:
+            yield left
+            return
+        change = self._file_attrs.begin([ino])
+        try:
+            yield left
+        except BaseException:
+            self._file_attrs.end(change)
+            raise
+        self._file_attrs.end(change, left)
 
     async def _touching(self, ino: int, change: Awaitable[T]) -> T:
         """A change of ``ino``'s own attributes (setattr, xattrs): none kept of it meanwhile."""

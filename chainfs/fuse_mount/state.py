@@ -138,6 +138,8 @@ class DirAttrCache:
     replies of namespace changes), answering getattr of a directory for
     ``ttl_s`` from when they were asked for (the attribute timeout), without a
     Stat; at most ``max_entries`` directories, least recently used dropped.
+    With ``kinds`` it keeps inodes of those types instead (the mount keeps a
+    second one for files: the replies of its length reports and setattrs).
 
     This mount's own changes are never hidden: a change drops its directories'
     entries when it starts (:meth:`begin`) and keeps the attributes its reply
@@ -149,9 +151,14 @@ class DirAttrCache:
     """
 
     def __init__(
-        self, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic
+        self,
+        ttl_s: float,
+        max_entries: int,
+        clock: Callable[[], float] = time.monotonic,
+        kinds: frozenset[int] = frozenset({mt.DIRECTORY}),
     ) -> None:
         self._clock = clock
+        self._kinds = kinds
         self._ttl_s = ttl_s
         self._max_entries = max_entries
         self._entries: collections.OrderedDict[int, tuple[float, mt.Inode]] = (
@@ -183,7 +190,7 @@ class DirAttrCache:
     def learn(self, inode: mt.Inode, stamp: tuple[int, float]) -> None:
         """Keep a directory's attributes from an answer to a request sent at ``stamp``."""
         events, sent = stamp
-        if inode.type == mt.DIRECTORY and events == self._events and inode.ino not in self._busy:
+        if inode.type in self._kinds and events == self._events and inode.ino not in self._busy:
             self._put(inode, sent)
 
     def begin(self, dirs: Iterable[int]) -> DirChange:
@@ -214,13 +221,27 @@ class DirAttrCache:
             else:
                 alone.add(ino)
         for inode in left:
-            if inode.ino in alone and inode.type == mt.DIRECTORY:
+            if inode.ino in alone and inode.type in self._kinds:
                 self._put(inode, change.sent)
 
     def drop(self, ino: int) -> None:
         self._entries.pop(ino, None)
 
     def clear(self) -> None:
+        self._entries.clear()
+
+    def forget(self, ino: int) -> None:
+        """``ino`` changed through this mount without :meth:`begin` (found to be an
+        existing file only from the reply): keep nothing of it from before."""
+        self._events += 1
+        self._entries.pop(ino, None)
+        if ino in self._busy:
+            self._contended.add(ino)
+
+    def forget_all(self) -> None:
+        """A change of inodes not known yet (an unlink's file): keep nothing
+        now, and nothing asked for before it."""
+        self._events += 1
         self._entries.clear()
 
     def _put(self, inode: mt.Inode, sent: float) -> None:

@@ -35,9 +35,10 @@ class XattrOps(OpsBase):
     ) -> None:
         self._check_xattr_name(name)
         self._caps_changed(inode, name)
-        await self._touching(
-            inode, self.meta.setxattr(inode, name, value, follow=False, user=self._user(ctx))
-        )
+        with self._changing_file(inode):  # its ctime
+            await self._touching(
+                inode, self.meta.setxattr(inode, name, value, follow=False, user=self._user(ctx))
+            )
 
     @op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -66,9 +67,10 @@ class XattrOps(OpsBase):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_xattr_name(name)
         self._caps_changed(inode, name)
-        await self._touching(
-            inode, self.meta.removexattr(inode, name, follow=False, user=self._user(ctx))
-        )
+        with self._changing_file(inode):  # its ctime
+            await self._touching(
+                inode, self.meta.removexattr(inode, name, follow=False, user=self._user(ctx))
+            )
 
     @op
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:

@@ -171,6 +171,50 @@ def test_directory_attributes_after_own_changes_come_without_a_stat(
     same_as_meta(d, 3)
 
 
+def test_file_attributes_after_own_changes_come_without_a_stat(
+    cluster: LocalCluster, mnt_a: Path, fs: FileSystem, name: str
+) -> None:
+    """After close(2) of a file written here, and around a chown, the kernel
+    asks for the file's attributes again; the mount answers from meta's replies
+    to its own length report and setattrs (no Stat), and what it answers is
+    what meta says. Another client's change still shows within the timeout."""
+    proc = cluster.mount_process
+    assert proc is not None
+    d = mnt_a / name.lstrip("/")
+    d.mkdir()
+    f, theirs = d / "f", f"{name}/f"
+
+    def same_as_meta() -> os.stat_result:
+        mine, meta = os.stat(f), fs.stat(theirs)
+        assert (mine.st_size, mine.st_mode, mine.st_nlink, mine.st_uid, mine.st_gid) == (
+            meta.st_size,
+            meta.st_mode,
+            meta.st_nlink,
+            meta.st_uid,
+            meta.st_gid,
+        )
+        assert (mine.st_mtime_ns, mine.st_ctime_ns) == (meta.st_mtime_ns, meta.st_ctime_ns)
+        return mine
+
+    before = mount_counts(proc)
+    with open(f, "wb") as out:
+        out.write(b"x" * 5000)
+    assert os.stat(f).st_size == 5000  # the write dropped the kernel's attributes
+    os.chown(f, os.getuid(), os.getgid())  # the kernel reads the mode first (setuid drop)
+    os.chmod(f, 0o640)
+    os.utime(f, ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
+    spent = mount_counts(proc) - before
+    mine = same_as_meta()
+    assert (mine.st_size, mine.st_mode & 0o7777) == (5000, 0o640)
+    assert mine.st_mtime_ns == 1_600_000_000_123_456_789
+    assert spent.local["getattr"] >= 2, spent  # after the write, and the chown's
+    assert spent.meta["Stat"] <= 1, spent  # at most the new name's lookup
+
+    fs.chmod(theirs, 0o604)
+    _eventually(lambda: os.stat(f).st_mode & 0o7777 == 0o604, "a chmod made elsewhere")
+    same_as_meta()
+
+
 def test_a_listing_repeated_after_a_write_shows_the_new_length(mnt_a: Path, name: str) -> None:
     d = mnt_a / name.lstrip("/")
     d.mkdir()

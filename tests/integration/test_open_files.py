@@ -21,7 +21,12 @@ from chainfs.client.config import ClientConfig
 from chainfs.client.sync import FileSystem
 from chainfs.local import LocalCluster
 from tests.integration.client_fixtures import pattern, stored_chunks
-from tests.integration.fuse_fixtures import force_unmount, is_mounted, require_fuse
+from tests.integration.fuse_fixtures import (
+    force_unmount,
+    is_mounted,
+    mount_counts,
+    require_fuse,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -194,6 +199,37 @@ def test_an_open_fd_in_the_mount_reads_whole_after_removal(cluster: LocalCluster
         finally:
             os.close(fd)
         poll(no_chunks(fs, ino, chains), f"chunks of {name} dropped after close")
+
+
+def test_a_file_written_in_the_mount_is_closed_without_a_close_call(
+    cluster: LocalCluster,
+) -> None:
+    """close(2) reports the length (FUSE flush); the release that follows only
+    ends the write session, in the background with the next call to meta: no
+    Close RPC per file, other clients read every byte, and the session does
+    end (the file's chunks go once another client removes it)."""
+    require_fuse()
+    proc = cluster.mount_process
+    assert cluster.mountpoint is not None and proc is not None
+    fs = cluster.client()
+    d = cluster.mountpoint / "closed-in-the-background"
+    d.mkdir()
+    files = {f"f{i}": pattern(100_000 + i, f"bg-{i}") for i in range(8)}
+    before = mount_counts(proc)
+    for fname, data in files.items():
+        with open(d / fname, "wb") as f:
+            f.write(data)
+    os.stat(d)  # one more call to meta: the queued session ends leave with it at the latest
+    spent = mount_counts(proc) - before
+    assert spent.meta["Close"] == 0, spent
+    assert spent.fuse["release"] == len(files), spent
+    for fname, data in files.items():
+        assert fs.read_file(f"/closed-in-the-background/{fname}") == data
+    with fs.open("/closed-in-the-background/f0", "rb") as f:
+        ino, chains = f.inode, f._af.layout.chains
+    assert chunks_of(fs, ino, chains) >= 1
+    fs.remove("/closed-in-the-background/f0")
+    poll(no_chunks(fs, ino, chains), "chunks dropped: the mount's write session ended")
 
 
 _HOLDER = """

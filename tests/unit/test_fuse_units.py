@@ -308,3 +308,26 @@ def test_dir_attrs_are_bounded() -> None:
     for ino in range(10, 20):
         cache.learn(_dir(ino), cache.stamp())
     assert len(cache) == 3 and cache.get(19) is not None and cache.get(10) is None
+
+
+def test_file_attrs_forget_a_file_changed_without_begin() -> None:
+    cache = DirAttrCache(ttl_s=60.0, max_entries=8, kinds=frozenset({mt.FILE}))
+    cache.end(cache.begin([7]), [_dir(8)])
+    assert cache.get(8) is None  # only files
+    stamp = cache.stamp()
+    cache.end(cache.begin([7]), [mt.Inode(ino=7, type=mt.FILE, size=10)])
+    assert cache.get(7) is not None
+    # An open that turned out to truncate an existing file: nothing kept from
+    # before, no Stat sent before it, and no reply of a change that overlapped it.
+    running = cache.begin([7])
+    cache.forget(7)
+    assert cache.get(7) is None
+    cache.learn(mt.Inode(ino=7, type=mt.FILE, size=10), stamp)
+    cache.end(running, [mt.Inode(ino=7, type=mt.FILE, size=10)])
+    assert cache.get(7) is None
+    # An unlink (which file: unknown) keeps nothing, nor any Stat sent before it.
+    cache.end(cache.begin([9]), [mt.Inode(ino=9, type=mt.FILE)])
+    stamp = cache.stamp()
+    cache.forget_all()
+    cache.learn(mt.Inode(ino=9, type=mt.FILE), stamp)
+    assert cache.get(9) is None and len(cache) == 0
