@@ -217,6 +217,28 @@ def _ok() -> cp.Status:
     return cp.Status(code=0)
 
 
+def _releaser(scratch: list[PooledBuffer | None]) -> Callable[[], None]:
+    """A call that returns the read buffers in ``scratch`` to their pool (once)."""
+
+    def release() -> None:
+        for k, b in enumerate(scratch):
+            if b is not None:
+                b.release()
+                scratch[k] = None
+
+    return release
+
+
+def _reply(
+    results: list[sp.ReadResult | None], buffers: list[memoryview | None]
+) -> tuple[sp.BatchReadRsp, list[memoryview]]:
+    """The BatchReadRsp of a batch and its payload: the non-empty buffers, in order."""
+    out = sp.BatchReadRsp(status=_ok())
+    out.results.extend(results)  # type: ignore[arg-type]  # every io has its result by now
+    payload = [b for b in buffers if b is not None and len(b)]
+    return out, payload
+
+
 class Craq:
     """CRAQ for all local targets of one storage node."""
 
@@ -729,6 +751,49 @@ class Craq:
             )
         return target
 
+    def batch_read_now(
+        self, req: sp.BatchReadReq
+    ) -> tuple[sp.BatchReadRsp, list[memoryview], Callable[[], None]] | None:
+        """:meth:`batch_read` without waiting, on the event loop: the answer when every
+        io can be served on the spot (its chain in our routing, read buffers free
+        with no batch queued for them, every range in the page cache), else None,
+        holding nothing (then call :meth:`batch_read`)."""
+        self._check_batch_size(req)
+        if not self._inline_reads or self._acquire_lock.locked() or self.read_pool.waiting:
+            return None
+        routing = self._routing()
+        if routing is None:
+            return None
+        chains = routing.chains
+        for io in req.ios:
+            chain = chains.get(io.chain_id)
+            if chain is None or io.target_id not in chain.targets:
+                return None  # batch_read fetches routing once more
+        results, jobs = self._admit_ios(req, routing)
+        inline: list[int] = []
+        threaded: list[int] = []
+        needs = self._size_batch(req, jobs, inline, threaded)
+        if threaded:
+            return None
+        scratch: list[PooledBuffer | None] = [None] * len(req.ios)
+        release = _releaser(scratch)
+        for i, need in needs:
+            scratch[i] = self.read_pool.try_acquire(need)
+            if scratch[i] is None:
+                release()
+                return None
+        buffers: list[memoryview | None] = [None] * len(req.ios)
+        try:
+            deferred = self._read_group(req, inline, results, buffers, scratch, nowait=True)
+        except BaseException:
+            release()
+            raise
+        if deferred:  # some range needs the disk: the I/O threads read the batch
+            release()
+            return None
+        out, payload = _reply(results, buffers)
+        return out, payload, release
+
     async def batch_read(
         self, req: sp.BatchReadReq
     ) -> tuple[sp.BatchReadRsp, list[memoryview], Callable[[], None]]:
@@ -737,38 +802,18 @@ class Craq:
         The caller calls the returned ``release()`` once the buffers are sent:
         until then they count against ``max_read_bytes_in_flight``.
         """
-        n = len(req.ios)
-        if n > self.config.max_batch_read_ios:
-            raise ChainfsError(
-                Code.E2BIG, f"{n} ios in one batch; the bound is {self.config.max_batch_read_ios}"
-            )
+        self._check_batch_size(req)
         routing = await self._routing_naming({(io.chain_id, io.target_id) for io in req.ios})
-        results: list[sp.ReadResult | None] = [None] * n
+        n = len(req.ios)
+        results, jobs = self._admit_ios(req, routing)
         buffers: list[memoryview | None] = [None] * n
-        jobs: list[int] = []
-        for i, io in enumerate(req.ios):
-            try:
-                self._readable(routing, io.chain_id, io.target_id)
-                if io.offset + io.length > MAX_CHUNK_SIZE:
-                    raise ChainfsError(
-                        Code.EINVAL, f"read [{io.offset}, +{io.length}) outside any chunk"
-                    )
-                jobs.append(i)
-            except ChainfsError as e:
-                results[i] = sp.ReadResult(status=cp.Status(code=e.code, message=e.message))
         # Pooled, reused buffers (no allocation or zero-fill per read), sized from
         # the chunk's metadata: the range (the whole chunk when verifying one
         # without per-block CRCs). The pool's capacity bounds the bytes held at once.
         scratch: list[PooledBuffer | None] = [None] * n
         inline: list[int] = []
         threaded: list[int] = []
-
-        def release() -> None:
-            for k, b in enumerate(scratch):
-                if b is not None:
-                    b.release()
-                    scratch[k] = None
-
+        release = _releaser(scratch)
         try:
             # One batch acquires at a time, so batches holding part of their
             # buffers never wait on each other; a batch is sized (and refused
@@ -789,14 +834,33 @@ class Craq:
         except BaseException:
             release()
             raise
-        out = sp.BatchReadRsp(status=_ok())
-        payload: list[memoryview] = []
-        for r, b in zip(results, buffers, strict=True):
-            assert r is not None
-            out.results.append(r)
-            if b is not None and len(b):
-                payload.append(b)
+        out, payload = _reply(results, buffers)
         return out, payload, release
+
+    def _check_batch_size(self, req: sp.BatchReadReq) -> None:
+        n = len(req.ios)
+        if n > self.config.max_batch_read_ios:
+            raise ChainfsError(
+                Code.E2BIG, f"{n} ios in one batch; the bound is {self.config.max_batch_read_ios}"
+            )
+
+    def _admit_ios(
+        self, req: sp.BatchReadReq, routing: Routing
+    ) -> tuple[list[sp.ReadResult | None], list[int]]:
+        """(results with the refused ios' errors filled in, indexes of the ios to read)."""
+        results: list[sp.ReadResult | None] = [None] * len(req.ios)
+        jobs: list[int] = []
+        for i, io in enumerate(req.ios):
+            try:
+                self._readable(routing, io.chain_id, io.target_id)
+                if io.offset + io.length > MAX_CHUNK_SIZE:
+                    raise ChainfsError(
+                        Code.EINVAL, f"read [{io.offset}, +{io.length}) outside any chunk"
+                    )
+                jobs.append(i)
+            except ChainfsError as e:
+                results[i] = sp.ReadResult(status=cp.Status(code=e.code, message=e.message))
+        return results, jobs
 
     def _size_batch(
         self, req: sp.BatchReadReq, jobs: list[int], inline: list[int], threaded: list[int]

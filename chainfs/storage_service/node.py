@@ -25,7 +25,7 @@ from chainfs.common.auth.secret import load_secret, node_credential
 from chainfs.common.background import Periodic
 from chainfs.common.dataplane.address import MAX_UNIX_PATH_BYTES, parse_address
 from chainfs.common.dataplane.client import DataClient
-from chainfs.common.dataplane.server import DataServer, Handler
+from chainfs.common.dataplane.server import DataServer, EagerHandler
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.metrics import NodeMetrics
 from chainfs.common.routing import Routing, data_address
@@ -314,7 +314,7 @@ class StorageNode:
             out.append(hb)
         return out
 
-    async def start(self, control: sg.StorageControlServicer, framed: Handler) -> None:
+    async def start(self, control: sg.StorageControlServicer, framed: EagerHandler) -> None:
         """Serve with these handlers (see :mod:`service`), then register and heartbeat."""
         cfg = self.config
         infos = self.open_targets()
@@ -338,9 +338,6 @@ class StorageNode:
                     len(os.fsencode(path)),
                     path,
                 )
-        if self.secret is not None:
-            # A user token (an admin's fsck repair) revoked after its HELLO stops here.
-            framed = self.users.guard(framed)
         self.data_server = DataServer(
             framed,
             cfg.listen_host,

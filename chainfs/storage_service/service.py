@@ -14,13 +14,14 @@ call it and answer.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc.aio
 from google.protobuf.message import DecodeError, Message
 
-from chainfs.common.dataplane.server import Handler, Request, Response
+from chainfs.common.dataplane.server import EagerHandler, Request, Response
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.grpc_util import rpc_handler
 from chainfs.proto import storage_pb2 as sp
@@ -51,7 +52,16 @@ async def _update(node: StorageNode, craq: Craq, req: sp.UpdateReq, frame: Reque
 async def _batch_read(
     node: StorageNode, craq: Craq, req: sp.BatchReadReq, frame: Request
 ) -> Response:
-    out, buffers, release = await craq.batch_read(req)
+    return _read_reply(node, req, frame, await craq.batch_read(req))
+
+
+def _read_reply(
+    node: StorageNode,
+    req: sp.BatchReadReq,
+    frame: Request,
+    read: tuple[sp.BatchReadRsp, list[memoryview], Callable[[], None]],
+) -> Response:
+    out, buffers, release = read
     storage_metrics.count_reads(req, out)
     if node.repairer is not None:
         for io, res in zip(req.ios, out.results, strict=True):
@@ -103,11 +113,17 @@ DATA_PLANE: dict[int, tuple[type[Message], DataCall]] = {
 }
 
 
-def framed_handler(node: StorageNode) -> Handler:
-    """The data-plane handler: refuse while starting or fenced, parse by msg_type,
-    check the caller (access.Access), answer (a ChainfsError becomes an error frame)."""
+def framed_handler(node: StorageNode) -> EagerHandler:
+    """The data-plane handler: refuse while starting, fenced, or for a user token
+    revoked since its HELLO; parse by msg_type, check the caller (access.Access),
+    answer (a ChainfsError becomes an error frame). A batch read the page cache
+    serves is answered at once, on the loop (Craq.batch_read_now); anything
+    that waits runs as a task."""
 
-    async def handle(frame: Request) -> Response:
+    def handle(frame: Request) -> Response | Awaitable[Response]:
+        who = frame.identity
+        if node.secret is not None and who.is_user and not node.users.holds(who):
+            raise ChainfsError(Code.UNAUTHENTICATED, "token revoked")
         craq = node.craq
         if craq is None:
             raise ChainfsError(Code.TARGET_NOT_SERVING, "storage node is starting")
@@ -120,15 +136,31 @@ def framed_handler(node: StorageNode) -> Handler:
             req = request_type.FromString(frame.header)
         except DecodeError as e:  # garbage is the caller's BAD_FRAME, not our INTERNAL
             raise ChainfsError(Code.BAD_FRAME, f"bad {request_type.__name__} header: {e}") from None
-        node.access.admit(frame.msg_type, frame.identity, req)
-        op = storage_metrics.op_name(frame.msg_type)
-        with storage_metrics.observe(op):
-            rsp = await call(node, craq, req, frame)
-        if isinstance(rsp, Response):
-            return rsp
-        return Response(frame.msg_type, rsp.SerializeToString())
+        node.access.admit(frame.msg_type, who, req)
+        if frame.msg_type == sp.BATCH_READ:
+            start = time.perf_counter()
+            try:
+                now = craq.batch_read_now(req)  # type: ignore[arg-type]
+            except Exception as e:
+                storage_metrics.failed("batch_read", e)
+                raise
+            if now is not None:
+                rsp = _read_reply(node, req, frame, now)  # type: ignore[arg-type]
+                storage_metrics.served_at_once("batch_read", time.perf_counter() - start)
+                return rsp
+        return _answer(node, craq, call, req, frame)
 
     return handle
+
+
+async def _answer(
+    node: StorageNode, craq: Craq, call: DataCall, req: Any, frame: Request
+) -> Response:
+    with storage_metrics.observe(storage_metrics.op_name(frame.msg_type)):
+        rsp = await call(node, craq, req, frame)
+    if isinstance(rsp, Response):
+        return rsp
+    return Response(frame.msg_type, rsp.SerializeToString())
 
 
 # ---- control plane ----------------------------------------------------------------

@@ -350,6 +350,7 @@ class Connection:
                     self._parse()
                 else:
                     self._make_room()
+                    asked = len(self._smv) - self._end
                     n = sock.recv_into(self._smv[self._end :])
                     if n == 0:
                         self._eof()
@@ -357,6 +358,12 @@ class Connection:
                     self._end += n
                     self.bytes_received += n
                     self._parse()
+                    if n < asked and not self.tls and not self.mid_frame:
+                        # Drained, on a frame boundary: a second recv would only say
+                        # EAGAIN (a syscall per request); the loop calls again when
+                        # bytes arrive. Mid-frame, it goes on: that recv also finds
+                        # a reset (uvloop reports none) while a buffer is held.
+                        break
             else:
                 self._poke_if_tls_pending()  # stopped at the per-event bound
         except _WOULD_BLOCK:

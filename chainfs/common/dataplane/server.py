@@ -2,10 +2,12 @@
 
 Per request: the payload is received into a buffer of the server's
 :class:`BufferPool` (when the pool is full the connection stops reading until
-a buffer frees up); ``handler(Request)`` runs as its own task, so a
-connection carries many requests at once (at most
-``max_inflight_per_connection`` unanswered; beyond that it stops reading);
-responses go out in completion order, matched by request id. The request's
+a buffer frees up); ``handler(Request)`` either answers at once (returns a
+:class:`Response`: a page-cache read, no task made) or returns an awaitable
+that runs as its own task, so a connection carries many requests at once (at
+most ``max_inflight_per_connection`` unanswered; beyond that it stops
+reading); responses go out in completion order (the replies queued in one
+loop iteration leave in one ``sendmsg``), matched by request id. The request's
 payload buffer stays valid until its response has been handed to the kernel
 (or the connection died and the handler finished), so a chain hop can
 forward the very buffer it received.
@@ -127,6 +129,11 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+# What a DataServer runs per request: a Handler, or one that may answer at once
+# (returns a Response: no task is made for it) and otherwise returns an awaitable.
+# The part that runs at once runs in the loop's own context: it must not set
+# context variables (current_identity) nor block.
+EagerHandler = Callable[[Request], Response | Awaitable[Response]]
 
 # A protobuf request type and the call that answers it with a protobuf message.
 MessageCall = tuple[Any, Callable[[Any], Awaitable[Any]]]
@@ -361,7 +368,7 @@ class DataServer:
 
     def __init__(
         self,
-        handler: Handler,
+        handler: EagerHandler,
         host: str | None = "127.0.0.1",
         port: int = 0,
         unix_path: str | None = None,
@@ -544,38 +551,71 @@ class DataServer:
     def _dispatch(self, conn: _ServerConn, req: Request, buf: PooledBuffer | None) -> None:
         assert self._loop is not None
         self.stats["requests"] += 1
-        task = self._loop.create_task(self._serve(conn, req, buf))
+        if req.msg_type == MSG_HELLO:
+            pending: Awaitable[Response] = self._hello(conn, req)
+        else:
+            try:
+                out = self.handler(req)
+            except BaseException as e:
+                self._answer(conn, req, buf, None, e)
+                return
+            if isinstance(out, Response):  # answered at once: no task
+                self._answer(conn, req, buf, out, None)
+                return
+            pending = out
+        task = self._loop.create_task(self._serve(conn, req, buf, pending))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, conn: _ServerConn, req: Request, buf: PooledBuffer | None) -> None:
-        on_done: Callable[[bool], None] | None = None
+    async def _serve(
+        self,
+        conn: _ServerConn,
+        req: Request,
+        buf: PooledBuffer | None,
+        pending: Awaitable[Response],
+    ) -> None:
         try:
-            try:
-                if req.msg_type == MSG_HELLO:
-                    rsp = await self._hello(conn, req)
-                else:
-                    rsp = await self.handler(req)
-                on_done = rsp.on_done
-                segs = build_segments(
-                    FLAG_RESPONSE,
-                    rsp.msg_type,
-                    req.request_id,
-                    rsp.header,
-                    [*rsp.payload, *rsp.file_regions],
-                    self.config.max_payload_bytes,
-                )
-            except ChainfsError as e:
+            rsp = await pending
+        except BaseException as e:
+            self._answer(conn, req, buf, None, e)
+            return
+        self._answer(conn, req, buf, rsp, None)
+
+    def _answer(
+        self,
+        conn: _ServerConn,
+        req: Request,
+        buf: PooledBuffer | None,
+        rsp: Response | None,
+        exc: BaseException | None,
+    ) -> None:
+        """Queue the reply to ``req``: ``rsp``, or the error frame of ``exc``. Anything
+        but an Exception (a cancellation, SystemExit) frees the request and is re-raised."""
+        on_done = rsp.on_done if rsp is not None else None
+        try:
+            if rsp is not None:
+                try:
+                    segs = build_segments(
+                        FLAG_RESPONSE,
+                        rsp.msg_type,
+                        req.request_id,
+                        rsp.header,
+                        [*rsp.payload, *rsp.file_regions],
+                        self.config.max_payload_bytes,
+                    )
+                except ChainfsError as e:
+                    exc = e
+            if isinstance(exc, ChainfsError):
                 self.stats["errors"] += 1
-                segs = error_segments(req.request_id, req.msg_type, e.code, e.message)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
+                segs = error_segments(req.request_id, req.msg_type, exc.code, exc.message)
+            elif isinstance(exc, Exception):
                 self.stats["errors"] += 1
-                log.exception("data plane handler failed on msg_type %d", req.msg_type)
+                log.error("data plane handler failed on msg_type %d", req.msg_type, exc_info=exc)
                 segs = error_segments(
-                    req.request_id, req.msg_type, Code.INTERNAL, f"{type(e).__name__}: {e}"
+                    req.request_id, req.msg_type, Code.INTERNAL, f"{type(exc).__name__}: {exc}"
                 )
+            elif exc is not None:
+                raise exc
         except BaseException:
             if on_done is not None:
                 on_done(False)

@@ -61,7 +61,7 @@ class _Env:
 
     async def server(
         self,
-        handler: Callable[[Request], Awaitable[Response]] = _echo,
+        handler: Callable[[Request], Response | Awaitable[Response]] = _echo,
         cfg: DataPlaneConfig | None = None,
         unix_path: str | None = None,
     ) -> DataServer:
@@ -364,6 +364,46 @@ async def test_handler_errors_carry_code_and_errno(env: _Env) -> None:
     # The connection survives error replies.
     assert (await client.request(server.address, ECHO, b"ok")).header == b"fine"
     assert server.stats["connections"] == 1
+
+
+async def test_a_handler_may_answer_at_once_or_later(env: _Env) -> None:
+    """A handler returning a Response is answered without a task (payload sent,
+    on_done called, buffer returned); raising at once gives the error frame; an
+    awaitable it returns is awaited. Requests of one connection mix freely."""
+    release = asyncio.Event()
+    sent: list[bool] = []
+
+    async def later(req: Request) -> Response:
+        await release.wait()
+        return Response(ECHO, b"later:" + req.header, payload=[req.payload])
+
+    def handler(req: Request) -> Response | Awaitable[Response]:
+        if req.header == b"now":
+            return Response(ECHO, b"now", payload=[bytes(req.payload)], on_done=sent.append)
+        if req.header == b"refused":
+            raise ChainfsError(Code.EPERM, "not yours")
+        if req.header == b"bug":
+            raise ValueError("boom")
+        return later(req)
+
+    server = await env.server(handler)
+    client = env.client()
+    slow = asyncio.ensure_future(client.request(server.address, ECHO, b"x", [b"late"]))
+    got = await client.request(server.address, ECHO, b"now", [b"p" * 5000])
+    assert (got.header, bytes(got.payload)) == (b"now", b"p" * 5000)
+    await _until(lambda: sent == [True])
+    with pytest.raises(ChainfsError) as ei:
+        await client.request(server.address, ECHO, b"refused")
+    assert ei.value.code == Code.EPERM and ei.value.message == "not yours"
+    with pytest.raises(ChainfsError) as ei:
+        await client.request(server.address, ECHO, b"bug")
+    assert ei.value.code == Code.INTERNAL and "boom" in ei.value.message
+    assert not slow.done()
+    release.set()
+    late = await slow
+    assert (late.header, bytes(late.payload)) == (b"later:x", b"late")
+    await _until(lambda: server.pool.in_use_bytes == 0)
+    assert server.stats["errors"] == 2
 
 
 async def test_request_timeout_then_connection_still_works(env: _Env) -> None:
