@@ -174,6 +174,14 @@ def _mount_options(options: tuple[str, ...]) -> list[str]:
     show_default=True,
     help="Metadata store: embedded RocksDB, a local etcd, or a local PostgreSQL server.",
 )
+@click.option(
+    "--metas",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Meta server processes. More than one needs a store they can share "
+    "(--kv etcd or postgresql); clients spread over them and fail over between them.",
+)
 @click.option("--mount", "mount", type=click.Path(file_okay=False), default=None)
 @click.option(
     "-o",
@@ -197,6 +205,7 @@ def up(
     targets_per_node: int,
     replicas: int,
     kv: str,
+    metas: int,
     mount: str | None,
     mount_options: tuple[str, ...],
     sample_data: bool,
@@ -207,6 +216,12 @@ def up(
     The cluster address stays the same across restarts on the same --data."""
     if mount_options and mount is None:
         raise click.UsageError("-o gives options of the mount: use it with --mount")
+    if metas > 1 and kv == "rocksdb":
+        # Checked before anything is created: an embedded RocksDB is one process's.
+        raise click.UsageError(
+            f"--metas {metas}: meta servers share the store, and RocksDB is embedded in "
+            "one process; use --kv etcd or --kv postgresql"
+        )
     require_extra("server", "chainfs up")
     if mount is not None:
         require_extra("fuse", "chainfs up --mount")
@@ -221,7 +236,8 @@ def up(
     try:
         click.echo(
             f"chainfs up: {storage_nodes} storage nodes x {targets_per_node} targets, "
-            f"{replicas} replicas, kv={kv}, data in {data_dir}"
+            f"{replicas} replicas, kv={kv}, {metas} meta server{'s' if metas > 1 else ''}, "
+            f"data in {data_dir}"
         )
         cluster = _start(
             Path(data_dir),
@@ -230,6 +246,7 @@ def up(
             targets_per_node=targets_per_node,
             replicas=replicas,
             kv=kv,
+            metas=metas,
             mount=mount,
             mount_options=_mount_options(mount_options),
             tls=tls,

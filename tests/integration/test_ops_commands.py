@@ -112,6 +112,49 @@ def test_up_rejects_a_port_taken_before_it_starts(tmp_path: Path) -> None:
     assert not (tmp_path / "up" / "ports.json").exists()
 
 
+def test_up_refuses_several_metas_on_the_embedded_store(tmp_path: Path) -> None:
+    out = _chainfs("up", "--data", str(tmp_path / "up"), "--metas", "2")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "--metas 2" in out.stderr and "--kv etcd" in out.stderr, out.stderr
+    assert not (tmp_path / "up").exists()  # refused before anything was made
+
+
+def test_up_runs_several_metas_on_a_shared_store_and_clients_use_each(tmp_path: Path) -> None:
+    """`chainfs up --kv etcd --metas 2`: both meta servers register, clients
+    spread over them, and every file written through either reads back."""
+    require_binary("etcd")
+    data = tmp_path / "up"
+    args = ("--kv", "etcd", "--metas", "2", "--storage-nodes", "1", "--replicas", "1")
+    with chainfs_up(data, *args) as address:
+        nodes = json.loads(_admin(address, "nodes", "--json").stdout)
+        metas = [n for n in nodes if n["type"] == "meta"]
+        assert len(metas) == 2 and all(n["status"] == "online" for n in metas), nodes
+        # Each client picks one meta at random: 24 clients leave one unused
+        # with probability 2**-23.
+        files = {f"/c{i}.bin": os.urandom(1000 + i) for i in range(24)}
+        for path, body in files.items():
+            with chainfs.connect(address) as fs:
+                fs.write_file(path, body)
+        with chainfs.connect(address) as fs:
+            assert {p: fs.read_file(p) for p in files} == files
+        log = (data.parent / f"{data.name}-up.out").read_text()
+        urls = re.findall(r"metrics (meta\d*): (http://\S+/metrics)", log)
+        assert sorted(name for name, _ in urls) == ["meta", "meta1"], log
+        for name, url in urls:
+            served = _opened(url)
+            assert served > 0, f"{name} served no Open"
+
+
+def _opened(url: str) -> float:
+    """Opens a meta server answered, from its /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        text = r.read().decode()
+    m = re.search(r'^chainfs_meta_request_seconds_count\{op="Open"\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
 @pytest.fixture
 def public_dir() -> Iterator[Path]:
     """A directory every uid may traverse (pytest's tmp_path is root-only)."""
