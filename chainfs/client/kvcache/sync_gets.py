@@ -24,10 +24,14 @@ import threading
 import time
 from dataclasses import dataclass
 
+from chainfs.client import metrics as client_metrics
 from chainfs.client.kvcache.backend import SyncReader
 from chainfs.client.kvcache.entries import Entries
 from chainfs.client.kvcache.eviction import AccessTimes
 from chainfs.client.kvcache.format import Check, Key, check_entry
+
+_ON_THREAD = client_metrics.KV_SYNC_GETS.labels("thread")
+_ON_LOOP = client_metrics.KV_SYNC_GETS.labels("loop")
 
 
 @dataclass
@@ -60,6 +64,7 @@ class SyncGets:
                 self._counts.fallbacks += 1
             else:
                 self._counts.served += 1
+        (_ON_LOOP if value is None else _ON_THREAD).inc()  # thread-safe counters
         return value
 
     def _read(self, key: Key) -> bytes | None:
