@@ -11,11 +11,13 @@ Per peer address at most ``connections_per_peer`` sockets, each used by one
 request at a time (the caller takes it exclusively, so any number of threads
 may call); none free and the bound reached is EBUSY at once, never a wait:
 the caller has the async path to fall back on. Every socket operation is
-bounded by ``timeout_s`` from the start of the request (connect also by
-``connect_timeout_ms``). A socket goes back to the pool only after a whole
-reply frame was read from it; anything else (an error, a timeout, a
-malformed frame, a KeyboardInterrupt in the middle) closes it, so a pooled
-socket never holds part of an old reply. Pooled sockets idle longer than
+bounded by ``timeout_s`` (connect also by ``connect_timeout_ms``), and none
+starts once ``timeout_s`` has passed since the request began.
+
+A socket goes back to the pool only after a whole reply frame was read from
+it; anything else (an error, a timeout, a malformed frame, a
+KeyboardInterrupt in the middle) closes it, so a pooled socket never holds
+part of an old reply. Pooled sockets idle longer than
 ``client_idle_timeout_ms`` are closed rather than reused (the server closes
 idle ones itself). A peer that could not be connected to is not tried again
 for ``timeout_s`` (each try would cost the caller a failed connect).
@@ -76,6 +78,10 @@ class _Conn:
 
 
 class _Deadline:
+    """The end of one request: checked between socket operations, each of which
+    is bounded by the socket's own timeout (set once per socket: changing it
+    costs a system call)."""
+
     __slots__ = ("at", "timeout_s", "what")
 
     def __init__(self, timeout_s: float, what: str) -> None:
@@ -83,14 +89,11 @@ class _Deadline:
         self.timeout_s = timeout_s
         self.what = what
 
-    def left(self, sock: socket.socket) -> None:
-        """Bound the socket's next operation by what is left (ETIMEDOUT if nothing)."""
-        left = self.at - time.monotonic()
-        if left <= 0:
+    def check(self) -> None:
+        if time.monotonic() >= self.at:
             raise ChainfsError(
                 Code.ETIMEDOUT, f"data plane {self.what}: no reply within {self.timeout_s:.3f}s"
             )
-        sock.settimeout(left)
 
 
 class SyncDataClient:
@@ -233,9 +236,10 @@ class SyncDataClient:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             configure_socket(sock, self.config)
-            deadline.left(sock)
-            sock.settimeout(min(sock.gettimeout() or 0.0, self.config.connect_timeout_ms / 1000))
+            deadline.check()
+            sock.settimeout(min(self.timeout_s, self.config.connect_timeout_ms / 1000))
             sock.connect(sockaddr)
+            sock.settimeout(self.timeout_s)  # each later operation's bound
         except BaseException:
             sock.close()
             raise
@@ -287,7 +291,6 @@ class SyncDataClient:
         try:
             for seg in segs:
                 assert isinstance(seg, memoryview)
-                deadline.left(sock)
                 sock.sendall(seg)
             staging = c.staging
             have = self._recv_at_least(sock, staging, 0, FIXED_HEADER_SIZE, deadline)
@@ -333,7 +336,7 @@ class SyncDataClient:
     ) -> int:
         """Receive into ``buf[have:]`` until at least ``want`` bytes are there; the count."""
         while have < want:
-            deadline.left(sock)
+            deadline.check()
             n = sock.recv_into(buf[have:])
             if n == 0:
                 raise ChainfsError(Code.UNAVAILABLE, "data plane: connection closed mid-reply")
