@@ -113,6 +113,13 @@ class SignedCapabilities:
         for ino in inodes:
             self._caps.pop(ino, None)
 
+    def peek(self, inode: int, right: int) -> cpb.Capability | None:
+        return self._caps.get(inode)
+
+    @property
+    def signed(self) -> bool:
+        return True
+
 
 async def storage_client(
     address: str, secret_file: Path | None = None, **config: Any

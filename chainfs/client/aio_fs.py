@@ -101,7 +101,7 @@ class AsyncFileSystem:
     @property
     def storage_read_bytes(self) -> int:
         """Bytes asked of storage by reads since connect (file reads, read_ranges)."""
-        return self.io.storage_read_bytes
+        return self.io.storage_read_bytes + self.io.sync_read_bytes
 
     # -- connect / close -----------------------------------------------------
     @classmethod

@@ -66,6 +66,15 @@ class CapabilityCache:
             for right in (READ, WRITE):
                 self._caps.pop((ino, right), None)
 
+    def peek(self, inode: int, right: int) -> cpb.Capability | None:
+        """The capability held for (``inode``, ``right``) if fresh, else None.
+        Changes nothing, so callers on other threads than the loop's may use
+        it (one dict read: atomic under the GIL)."""
+        cap = self._caps.get((inode, right))
+        if cap is None or cap.expires_ms - _now_ms() <= self.renew_before_ms:
+            return None
+        return cap
+
     def _fresh(self, inode: int, right: int, now_ms: int) -> cpb.Capability | None:
         cap = self._caps.get((inode, right))
         if cap is None or cap.expires_ms - now_ms <= self.renew_before_ms:

@@ -20,6 +20,8 @@ import errno
 import logging
 import os
 import secrets
+import threading
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -31,6 +33,7 @@ from chainfs.client.caps import CapabilityCache
 from chainfs.client.config import ClientConfig
 from chainfs.client.layout import Layout, Piece, split
 from chainfs.common.dataplane import DataPlaneConfig
+from chainfs.common.dataplane.sync_client import SyncDataClient
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import MetaClient
 from chainfs.common.rpc.mgmt_client import FramedMgmtClient, RoutingCache
@@ -84,8 +87,11 @@ class ChunkIO:
         self._ends_sender: asyncio.Task[None] | None = None
         self._ends_go: asyncio.Event | None = None  # set: the sender goes now
         meta.before_call = self._send_ends_along
-        # Bytes asked of storage by reads since connect.
+        # Bytes asked of storage by reads since connect: by the loop's reads, and
+        # by read_now from callers' threads (under _sync_lock).
         self.storage_read_bytes = 0
+        self.sync_read_bytes = 0
+        self._sync_lock = threading.Lock()
         # Bytes the files' read-ahead holds (fetched or in flight), bounded by config.
         self.read_ahead_held_bytes = 0
         self._address: str | None = None  # set by connect(): a forked child reconnects to it
@@ -136,6 +142,7 @@ class ChunkIO:
         self._ends_go = None
         self.meta.before_call = self._send_ends_along
         self.read_ahead_held_bytes = 0
+        self._sync_lock = threading.Lock()  # the parent's may have been held at fork
 
     async def close(self) -> None:
         """Wait for read sessions being ended, then close every client."""
@@ -212,6 +219,25 @@ class ChunkIO:
             n = len(data)
             if n < req.length:  # a hole, or the end of a short chunk: zeros
                 _zero(target, n, req.length)
+
+    def read_now(self, sync: SyncDataClient, ino: int, layout: Layout, out: memoryview) -> bool:
+        """Fill ``out`` with the file's first ``len(out)`` bytes from the calling
+        thread (any thread; no event loop) when they sit in one chunk and one
+        replica serves them cleanly (``StorageClient.read_now``); False, with
+        nothing counted, for anything else: the caller then reads the usual way."""
+        pieces = split(layout, 0, len(out))
+        if len(pieces) != 1:
+            return False
+        p = pieces[0]
+        req = ReadReq(p.chain_id, ino, p.chunk_index, p.chunk_offset, p.length, out)
+        start = time.perf_counter()
+        if self.storage.read_now(sync, req) is None:
+            return False
+        client_metrics.IO.record("read", time.perf_counter() - start)
+        client_metrics.READ_BYTES.inc(p.length)
+        with self._sync_lock:
+            self.sync_read_bytes += p.length
+        return True
 
     def take_read_ahead(self, nbytes: int) -> bool:
         """Reserve ``nbytes`` of the read-ahead budget; False (nothing taken) when full."""

@@ -12,3 +12,8 @@ READ_BYTES = metrics.counter("chainfs_client_read_bytes", "Bytes read from stora
 WRITE_BYTES = metrics.counter(
     "chainfs_client_write_bytes", "Bytes written to storage by this client (once per chain)"
 )
+# Sync KV-cache gets by where they were served: "thread" (the caller's, over
+# its blocking sockets) or "loop" (sent on to the event-loop path).
+KV_SYNC_GETS = metrics.counter(
+    "chainfs_client_kvcache_sync_gets", "Sync KV-cache gets by where they were served", ["path"]
+)

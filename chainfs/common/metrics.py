@@ -123,14 +123,21 @@ class RequestMetrics:
     def error(self, op: str, code: int) -> None:
         self.errors.labels(op, code_name(code)).inc()
 
+    def _op(self, op: str) -> tuple[Any, Any]:
+        children = self._children.get(op)
+        if children is None:
+            children = self._children[op] = (self.in_flight.labels(op), self.seconds.labels(op))
+        return children
+
+    def record(self, op: str, seconds: float) -> None:
+        """One ``op`` that succeeded and took ``seconds`` (timed by the caller)."""
+        self._op(op)[1].observe(seconds)
+
     @contextlib.contextmanager
     def observe(self, op: str) -> Iterator[None]:
         """Time the block as one ``op``; an exception leaving it counts as an
         error, by its chainfs code or errno (INTERNAL for anything else)."""
-        children = self._children.get(op)
-        if children is None:
-            children = self._children[op] = (self.in_flight.labels(op), self.seconds.labels(op))
-        in_flight, seconds = children
+        in_flight, seconds = self._op(op)
         in_flight.inc()
         start = time.perf_counter()
         try:

@@ -14,6 +14,7 @@ from chainfs.client.caps import CapabilityCache
 from chainfs.client.chunk_io import ChunkIO, OpenHandle
 from chainfs.client.layout import Layout, layout_of, split
 from chainfs.common.auth.capability import READ, WRITE
+from chainfs.common.dataplane.sync_client import SyncDataClient
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import RENAME_NOREPLACE, XATTR_CREATE, At
 from chainfs.proto import meta_pb2 as mt
@@ -42,6 +43,18 @@ class NewFile:
     handle: Any  # the backend's own (FsBackend: the client's OpenHandle)
     usable_until_s: float  # time.monotonic() after which its write rights need renewing
     closed: bool = False  # its session ended (published, or closed under its own name)
+
+
+class SyncReader(Protocol):
+    """Reads of an entry's start from the calling thread (any thread, no event loop)."""
+
+    def read(self, info: EntryInfo, view: memoryview) -> bool:
+        """Fill ``view`` with the first ``len(view)`` bytes of the file when one
+        clean storage answer serves them; False (``view`` then unspecified) for
+        anything else: the caller reads through the async path instead."""
+
+    def close(self) -> None:
+        """Close its connections (idempotent)."""
 
 
 class KVCacheBackend(Protocol):
@@ -86,6 +99,11 @@ class KVCacheBackend(Protocol):
 
     async def kv_set_atime(self, path: str, atime_ns: int) -> None:
         """Set a file's access time (ENOENT is not an error)."""
+
+    def kv_sync_reader(self, connections_per_node: int, timeout_ms: float) -> SyncReader | None:
+        """A reader for callers' threads with at most ``connections_per_node``
+        connections per storage node, each socket operation bounded by
+        ``timeout_ms``; None when this backend has none (or TLS is on)."""
 
     async def kv_xattr_create(self, path: str, name: str, value: bytes) -> bool:
         """Set an extended attribute unless it exists (atomically); whether it was set."""
@@ -286,6 +304,30 @@ class FsBackend:
         except ChainfsError as e:
             if e.code not in (Code.ENOENT, Code.ENOTDIR):
                 raise
+
+    def kv_sync_reader(self, connections_per_node: int, timeout_ms: float) -> SyncReader | None:
+        io = self._io
+        dataplane = io.storage.config.dataplane
+        if dataplane.effective_tls().enabled:
+            return None  # the blocking sockets are plain: gets take the loop path
+        sync = SyncDataClient(
+            dataplane, io.config.credential(), connections_per_node, timeout_ms / 1000
+        )
+        return _ChunkSyncReader(io, sync)
+
+
+class _ChunkSyncReader:
+    """SyncReader over the client's engine (``ChunkIO.read_now``) and its own sockets."""
+
+    def __init__(self, io: ChunkIO, sync: SyncDataClient) -> None:
+        self._io = io  # its storage client is looked up per read: a fork()ed child has its own
+        self.sync = sync
+
+    def read(self, info: EntryInfo, view: memoryview) -> bool:
+        return self._io.read_now(self.sync, info.ino, info.layout, view)
+
+    def close(self) -> None:
+        self.sync.close()
 
 
 _MKDIR_PARALLEL = 16  # directory creations in flight when a cache is first opened

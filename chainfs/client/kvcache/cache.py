@@ -33,6 +33,7 @@ from chainfs.client.kvcache.format import (
 from chainfs.client.kvcache.locations import LocationRenewer
 from chainfs.client.kvcache.puts import TempFiles
 from chainfs.client.kvcache.reads import Value, ValueReads
+from chainfs.client.kvcache.sync_gets import SyncGets
 from chainfs.client.layout import normpath
 from chainfs.client.usrbio.user import SharedBuffer
 from chainfs.common.checksum import crc32c
@@ -64,6 +65,8 @@ class _Counts:
     puts: int = 0  # values stored
     put_existing: int = 0  # puts that found the key present (nothing written)
     read_retries: int = 0  # reads that found their entry changed under them and looked again
+    sync_served: int = 0  # sync gets (also counted in hits) read from the calling thread
+    sync_fallbacks: int = 0  # sync gets that took the loop path (not a clean cached hit)
 
 
 @dataclass(kw_only=True)
@@ -151,6 +154,8 @@ class AsyncKVCache:
             self._run_single_exists, config.max_batch_keys, config.coalesce_inflight
         )
         self._closed = False
+        # Sync gets of cached locations from the caller's thread (KVCache.get); None: off.
+        self._sync_gets: SyncGets | None = None
 
     @classmethod
     async def open(
@@ -174,6 +179,12 @@ class AsyncKVCache:
         cache._access.start()
         if cache._entries.locations.enabled:
             cache._renewer.start()
+            if config.sync_connections_per_node:
+                reader = store.kv_sync_reader(
+                    config.sync_connections_per_node, config.sync_timeout_ms
+                )
+                if reader is not None:
+                    cache._sync_gets = SyncGets(cache._entries, cache._access, reader)
         if config.background_gc and (config.ttl_s is not None or config.capacity_bytes is not None):
             cache._evictor.start()
         return cache
@@ -491,6 +502,11 @@ class AsyncKVCache:
                 return shard.entries, shard.bytes
 
         scans = await asyncio.gather(*(scan(s) for s in range(self.config.shards)))
+        counts = dataclasses.replace(self._counts)
+        if self._sync_gets is not None:
+            sync = self._sync_gets.counts()
+            counts.sync_served, counts.sync_fallbacks = sync.served, sync.fallbacks
+            counts.hits += sync.served
         return KVStats(
             entries=sum(e for e, _ in scans),
             bytes=sum(b for _, b in scans),
@@ -498,7 +514,7 @@ class AsyncKVCache:
             expirations=self._evictor.expirations,
             capacity_bytes=self.config.capacity_bytes,
             ttl_s=self.config.ttl_s,
-            **dataclasses.asdict(self._counts),
+            **dataclasses.asdict(counts),
         )
 
     # -- eviction ------------------------------------------------------------
@@ -536,6 +552,8 @@ class AsyncKVCache:
                 )
             self._closed = True
             self._values.close()
+            if self._sync_gets is not None:
+                self._sync_gets.close()
 
     async def __aenter__(self) -> AsyncKVCache:
         return self

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from chainfs.client.kvcache.format import MAX_KEY_FIELD_BYTES
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.common.units import MiB
+from chainfs.common.units import KiB, MiB
 
 MAX_VALUE_BYTES = 64 * MiB  # the largest value any cache accepts
 
@@ -95,6 +95,19 @@ class KVCacheConfig:
     # (whole and checked, never a part or a mix). This handle's own puts, removes
     # and evictions are seen at once; TTL expiry is judged at every get. 0: off.
     location_cache_ms: float = _bounded(1000.0, 0, 3_600_000)
+    # A sync get (KVCache.get, from any thread) of a key whose location is cached
+    # reads the value from the calling thread over a pool of blocking sockets,
+    # this many per storage node, instead of hopping onto the client's event-loop
+    # thread; anything but a clean answer (or TLS on) takes the loop path, with
+    # its retries and failover. 0: every get takes the loop path.
+    sync_connections_per_node: int = _bounded(4, 0, 64)
+    # Largest value such a get reads from the calling thread (the entry must also
+    # sit in one chunk); larger ones take the loop path.
+    sync_read_max_bytes: int = _bounded(64 * KiB, 1, MAX_VALUE_BYTES)
+    # Bound in ms on each socket operation of such a get (connect, send, reply,
+    # counted from its start); past it the connection is dropped and the get
+    # takes the loop path. A peer that failed to connect is skipped this long.
+    sync_timeout_ms: float = _bounded(2000.0, 1, 600_000)
     # Record entries' access times for LRU eviction (one metadata update per
     # entry per atime_granularity_s). None: when this handle has a capacity.
     # Processes that only read a capacity-bounded cache pass True (or the

@@ -207,12 +207,18 @@ class AccessTimes(Periodic):
         self._queue: dict[str, int] = {}  # path -> access ns (insertion ordered, bounded)
         self._parallel = asyncio.Semaphore(self.config.atime_parallel)
 
+    def is_current(self, info: EntryInfo, now_ns: int) -> bool:
+        """Whether a read of ``info``'s entry now needs no access-time update
+        (reads only settings: safe from any thread)."""
+        return (
+            not self.enabled
+            or now_ns - info.last_access_ns < self.config.atime_granularity_s * NS_PER_S
+        )
+
     def note(self, path: str, info: EntryInfo, now_ns: int) -> bool:
         """Queue an access-time update if the recorded one is older than the
         granularity; whether ``info``'s access time is now out of date."""
-        if not self.enabled:
-            return False
-        if now_ns - info.last_access_ns < self.config.atime_granularity_s * NS_PER_S:
+        if self.is_current(info, now_ns):
             return False
         if path not in self._queue and len(self._queue) >= self.config.atime_queue_max:
             return False  # bounded: drop (the LRU order is approximate anyway)

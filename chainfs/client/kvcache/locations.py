@@ -15,6 +15,11 @@ metadata batches, once they are two thirds as old as they may be; the same file
 (inode, size, mtime) stays trusted from the renewal on, anything else is
 dropped. Locations no get took for RENEW_IDLE_FACTOR trusted ages age out.
 
+Thread safety: sync gets read the cache from their callers' threads (the
+sync fast path, ``sync_gets.py``) while the loop thread looks keys up and
+renews them, so every method runs under one lock (re-made in a fork()ed child,
+where a thread that held it at fork time no longer exists).
+
 The READ capability of an entry's inode is the connection's
 (``chainfs.client.caps``), renewed from meta before it expires however long a
 location is trusted.
@@ -23,7 +28,10 @@ location is trusted.
 from __future__ import annotations
 
 import collections
+import os
+import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -82,28 +90,32 @@ class LocationCache:
         self.generation = 0
         self._dropped: collections.OrderedDict[bytes | str, int] = collections.OrderedDict()
         self._dropped_floor = 0  # lookups older than the forgotten drop records are refused
+        self._lock = threading.Lock()
+        _caches.add(self)
 
     @property
     def enabled(self) -> bool:
         return self.max_entries > 0 and self._max_age_ns > 0
 
     def __len__(self) -> int:
-        return len(self._by_key)
+        with self._lock:
+            return len(self._by_key)
 
     def get(self, key: Key, now_ns: int | None = None) -> Located | None:
         """``key``'s entry if one is cached and young enough (monotonic ``now_ns``)."""
-        c = self._by_key.get(key.raw)
-        if c is None:
-            return None
-        now = time.monotonic_ns() if now_ns is None else now_ns
-        if now - c.looked_up_ns >= self._max_age_ns:
-            self._remove(key.raw, c)
-            return None
-        self._by_key.move_to_end(key.raw)
-        if not c.last_used_ns:
-            self._active[key.raw] = None
-        c.last_used_ns = now
-        return c.loc
+        with self._lock:
+            c = self._by_key.get(key.raw)
+            if c is None:
+                return None
+            now = time.monotonic_ns() if now_ns is None else now_ns
+            if now - c.looked_up_ns >= self._max_age_ns:
+                self._remove(key.raw, c)
+                return None
+            self._by_key.move_to_end(key.raw)
+            if not c.last_used_ns:
+                self._active[key.raw] = None
+            c.last_used_ns = now
+            return c.loc
 
     def put(
         self,
@@ -118,45 +130,49 @@ class LocationCache:
         """Remember ``key``'s entry (file ``path``) found by a lookup sent at
         ``looked_up_ns``, unless something was dropped since that lookup began
         (``generation``). ``used``: found for a get (renewed while gets go on)."""
-        if not self.enabled or self._stale(key.raw, base, generation):
-            return
-        old = self._by_key.get(key.raw)
-        if old is not None:
-            self._remove(key.raw, old)
-        self._by_key[key.raw] = c = _Cached(loc, path, base, looked_up_ns)
-        if used:
-            c.last_used_ns = looked_up_ns
-            self._active[key.raw] = None
-        self._by_base.setdefault(base, set()).add(key.raw)
-        while len(self._by_key) > self.max_entries:
-            raw, c = self._by_key.popitem(last=False)
-            self._active.pop(raw, None)
-            self._unindex(raw, c.base)
+        with self._lock:
+            if not self.enabled or self._stale(key.raw, base, generation):
+                return
+            old = self._by_key.get(key.raw)
+            if old is not None:
+                self._remove(key.raw, old)
+            self._by_key[key.raw] = c = _Cached(loc, path, base, looked_up_ns)
+            if used:
+                c.last_used_ns = looked_up_ns
+                self._active[key.raw] = None
+            self._by_base.setdefault(base, set()).add(key.raw)
+            while len(self._by_key) > self.max_entries:
+                raw, c = self._by_key.popitem(last=False)
+                self._active.pop(raw, None)
+                self._unindex(raw, c.base)
 
     def drop_keys(self, keys: Iterable[Key]) -> None:
-        self.generation += 1
-        for key in keys:
-            self._note_drop(key.raw)
-            c = self._by_key.get(key.raw)
-            if c is not None:
-                self._remove(key.raw, c)
+        with self._lock:
+            self.generation += 1
+            for key in keys:
+                self._note_drop(key.raw)
+                c = self._by_key.get(key.raw)
+                if c is not None:
+                    self._remove(key.raw, c)
 
     def drop_bases(self, bases: Iterable[str]) -> None:
         """Forget every key whose entry is named ``base`` or ``base~<probe>``."""
-        self.generation += 1
-        for base in bases:
-            self._note_drop(base)
-            for raw in self._by_base.pop(base, ()):
-                self._by_key.pop(raw, None)
-                self._active.pop(raw, None)
+        with self._lock:
+            self.generation += 1
+            for base in bases:
+                self._note_drop(base)
+                for raw in self._by_base.pop(base, ()):
+                    self._by_key.pop(raw, None)
+                    self._active.pop(raw, None)
 
     def clear(self) -> None:
-        self.generation += 1
-        self._dropped_floor = self.generation
-        self._dropped.clear()
-        self._by_key.clear()
-        self._by_base.clear()
-        self._active.clear()
+        with self._lock:
+            self.generation += 1
+            self._dropped_floor = self.generation
+            self._dropped.clear()
+            self._by_key.clear()
+            self._by_base.clear()
+            self._active.clear()
 
     def _note_drop(self, what: bytes | str) -> None:
         self._dropped[what] = self.generation
@@ -190,37 +206,51 @@ class LocationCache:
         """(key, path, inode) of at most ``limit`` entries taken by a get within the
         last RENEW_IDLE_FACTOR trusted ages and older than RENEW_AT_AGE of the trusted age:
         what a renewal round stats again. Entries idle longer are left to age out."""
-        renew_ns = int(self._max_age_ns * RENEW_AT_AGE)
-        idle_ns = self._max_age_ns * RENEW_IDLE_FACTOR
-        due: list[tuple[bytes, str, int]] = []
-        for raw in list(self._active):
-            c = self._by_key.get(raw)
-            if c is None or now_ns - c.last_used_ns > idle_ns:
-                del self._active[raw]
-                if c is not None:
-                    c.last_used_ns = 0
-            elif now_ns - c.looked_up_ns >= renew_ns and len(due) < limit:
-                due.append((raw, c.path, c.loc.info.ino))
-        return due
+        with self._lock:
+            renew_ns = int(self._max_age_ns * RENEW_AT_AGE)
+            idle_ns = self._max_age_ns * RENEW_IDLE_FACTOR
+            due: list[tuple[bytes, str, int]] = []
+            for raw in list(self._active):
+                c = self._by_key.get(raw)
+                if c is None or now_ns - c.last_used_ns > idle_ns:
+                    del self._active[raw]
+                    if c is not None:
+                        c.last_used_ns = 0
+                elif now_ns - c.looked_up_ns >= renew_ns and len(due) < limit:
+                    due.append((raw, c.path, c.loc.info.ino))
+            return due
 
     def renew(
         self, raw: bytes, ino: int, info: EntryInfo | None, looked_up_ns: int, generation: int
     ) -> None:
         """Take a renewal's stat of one entry: the same file (inode, size, mtime)
         is trusted from ``looked_up_ns`` on; anything else drops the key."""
-        c = self._by_key.get(raw)
-        if c is None or c.loc.info.ino != ino:
-            return  # dropped, or looked up anew, meanwhile
-        old = c.loc.info
-        if (
-            self._stale(raw, c.base, generation)
-            or info is None
-            or (info.ino, info.size, info.mtime_ns) != (old.ino, old.size, old.mtime_ns)
-        ):
-            self._remove(raw, c)
-            return
-        c.loc = Located(c.loc.probe, info)
-        c.looked_up_ns = max(c.looked_up_ns, looked_up_ns)
+        with self._lock:
+            c = self._by_key.get(raw)
+            if c is None or c.loc.info.ino != ino:
+                return  # dropped, or looked up anew, meanwhile
+            old = c.loc.info
+            if (
+                self._stale(raw, c.base, generation)
+                or info is None
+                or (info.ino, info.size, info.mtime_ns) != (old.ino, old.size, old.mtime_ns)
+            ):
+                self._remove(raw, c)
+                return
+            c.loc = Located(c.loc.probe, info)
+            c.looked_up_ns = max(c.looked_up_ns, looked_up_ns)
+
+
+# Location caches of this process: a fork()ed child gives each a new lock.
+_caches: weakref.WeakSet[LocationCache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_caches):
+        cache._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class LocationRenewer(Periodic):

@@ -6,8 +6,9 @@ import functools
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from chainfs.client.kvcache.cache import AsyncKVCache
+from chainfs.client.kvcache.cache import AsyncKVCache, KeyLike
 from chainfs.client.kvcache.config import KVCacheConfig
+from chainfs.client.kvcache.format import Key
 
 if TYPE_CHECKING:
     from chainfs.client._loop import LoopThread
@@ -49,7 +50,17 @@ class KVCache:
     def closed(self) -> bool:
         return self._a.closed
 
-    get = _on_loop(AsyncKVCache.get)
+    def get(self, key: KeyLike) -> bytes | None:
+        """The value of ``key``, or None. A key whose location this handle has
+        cached is read from the calling thread (``sync_gets``); anything else,
+        and anything that read does not serve cleanly, runs on the loop thread."""
+        fast = self._a._sync_gets  # the same package's internals
+        if fast is not None and not self._a.closed:
+            value = fast.get(Key.of(key, self.config.max_key_bytes))
+            if value is not None:
+                return value
+        return self._loop.run(self._a.get(key))
+
     get_into = _on_loop(AsyncKVCache.get_into)
     batch_get = _on_loop(AsyncKVCache.batch_get)
     batch_get_into = _on_loop(AsyncKVCache.batch_get_into)

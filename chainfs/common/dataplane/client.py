@@ -61,7 +61,7 @@ from chainfs.common.dataplane.address import parse_address
 from chainfs.common.dataplane.buffers import fresh_buffer
 from chainfs.common.dataplane.config import DataPlaneConfig
 from chainfs.common.dataplane.conn import Connection, OutFrame, as_byte_view, tls_handshake
-from chainfs.common.dataplane.frame import MAX_REQUEST_ID, MSG_HELLO, FrameHeader
+from chainfs.common.dataplane.frame import MAX_REQUEST_ID, MSG_HELLO, FrameHeader, error_of_reply
 from chainfs.common.dataplane.server import build_segments
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.proto import common_pb2 as cpb
@@ -70,7 +70,7 @@ PayloadSink = Callable[[int, bytes], Sequence[bytearray | memoryview]]
 
 _EMPTY = memoryview(b"")
 # Errors connecting to a unix socket that mean "use TCP instead".
-_UNIX_UNUSABLE = (errno.EACCES, errno.EPERM, errno.ENOENT, errno.ECONNREFUSED)
+UNIX_UNUSABLE = (errno.EACCES, errno.EPERM, errno.ENOENT, errno.ECONNREFUSED)
 
 
 @dataclass(slots=True)
@@ -158,8 +158,7 @@ class _ClientConn(Connection):
         if pending is None or pending.fut.done():
             return
         if hdr.is_error:
-            message = header.decode("utf-8", "replace")
-            pending.fut.set_exception(ChainfsError(hdr.status, message))
+            pending.fut.set_exception(error_of_reply(hdr.status, header))
         elif cur_buf is not None:
             pending.fut.set_result(Reply(hdr.msg_type, header, cur_buf, hdr.payload_len))
         else:
@@ -232,7 +231,7 @@ class DataClient:
         self.config = config if config is not None else DataPlaneConfig()
         self.config.validate()
         self._hello = credential.SerializeToString() if credential is not None else b""
-        tls_config = tls.current() if self.config.tls is None else self.config.tls
+        tls_config = self.config.effective_tls()
         self._tls_ctx = tls_config.client_context() if tls_config.enabled else None
         self._peers: dict[str, _Peer] = {}
         self._closed = False
@@ -410,7 +409,7 @@ class DataClient:
         try:
             return await self._open_socket(address, deadline)
         except OSError as e:
-            if fallback is None or e.errno not in _UNIX_UNUSABLE:
+            if fallback is None or e.errno not in UNIX_UNUSABLE:
                 raise
         return await self._open_socket(fallback, deadline)
 

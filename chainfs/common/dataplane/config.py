@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from chainfs.common.config import require_non_negative, require_positive
 from chainfs.common.tls import TlsConfig
+from chainfs.common.tls import current as tls_current
 from chainfs.common.units import MiB
 
 
@@ -86,6 +87,10 @@ class DataPlaneConfig:
     # settings (chainfs.common.tls.current(): a service's [tls] section, else
     # the CHAINFS_TLS_* environment); set it only to differ from those.
     tls: TlsConfig | None = None
+
+    def effective_tls(self) -> TlsConfig:
+        """The TLS settings connections use: ``tls``, else the process's."""
+        return tls_current() if self.tls is None else self.tls
 
     def validate(self) -> None:
         require_positive(

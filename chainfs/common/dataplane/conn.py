@@ -162,6 +162,16 @@ def as_byte_view(data: bytes | bytearray | memoryview) -> memoryview:
     return mv
 
 
+def configure_socket(sock: socket.socket, cfg: DataPlaneConfig) -> None:
+    """The socket options of every data-plane connection (event-loop or blocking)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if cfg.socket_send_buffer_bytes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer_bytes)
+    if cfg.socket_recv_buffer_bytes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, cfg.socket_recv_buffer_bytes)
+
+
 class Connection:
     """Base class: frame reading, frame writing, closing. See the module docstring."""
 
@@ -169,12 +179,7 @@ class Connection:
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, cfg: DataPlaneConfig, peer: str
     ) -> None:
         sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if cfg.socket_send_buffer_bytes:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_send_buffer_bytes)
-        if cfg.socket_recv_buffer_bytes:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, cfg.socket_recv_buffer_bytes)
+        configure_socket(sock, cfg)
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()

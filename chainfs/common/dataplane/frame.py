@@ -130,3 +130,8 @@ def decode_fixed(
     if flags & FLAG_ERROR and not flags & FLAG_RESPONSE:
         raise ChainfsError(Code.BAD_FRAME, "error flag on a request frame")
     return FrameHeader(flags, msg_type, request_id, header_len, status, payload_len)
+
+
+def error_of_reply(status: int, header: bytes) -> ChainfsError:
+    """The error an error response (FLAG_ERROR) carries: its code and UTF-8 message."""
+    return ChainfsError(status, header.decode("utf-8", "replace"))

@@ -30,6 +30,7 @@ from chainfs.common.auth.capability import READ, WRITE
 from chainfs.common.checksum import crc32c, crc32c_extend
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.dataplane.config import DataPlaneConfig
+from chainfs.common.dataplane.sync_client import SyncDataClient
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing, data_address
 from chainfs.common.rpc.mgmt_client import RoutingCache
@@ -114,6 +115,36 @@ def _as_view(data: bytes | bytearray | memoryview) -> memoryview:
     return view
 
 
+def batch_read_request(
+    ios: Sequence[tuple[ReadReq, int]], caps: dict[int, cp.Capability]
+) -> sp.BatchReadReq:
+    """One batched read frame's header: each (read, target replica), with the
+    capability of each distinct inode found in ``caps``."""
+    batch = sp.BatchReadReq()
+    inodes: set[int] = set()
+    for r, target in ios:
+        # add() fills the repeated field in place (no temporary ReadIO/ChunkId to copy).
+        io = batch.ios.add(chain_id=r.chain_id, target_id=target, offset=r.offset, length=r.length)
+        io.chunk.inode = r.inode
+        io.chunk.index = r.chunk_index
+        inodes.add(r.inode)
+    batch.capabilities.extend(caps[ino] for ino in inodes if ino in caps)
+    return batch
+
+
+def parse_batch_read_reply(header: bytes, ios: int) -> sp.BatchReadRsp:
+    """A batched read's reply header; BAD_FRAME unless it holds one result per io."""
+    try:
+        rsp = sp.BatchReadRsp.FromString(header)
+    except DecodeError as e:
+        raise ChainfsError(Code.BAD_FRAME, f"bad batch read reply: {e}") from None
+    if len(rsp.results) != ios:
+        raise ChainfsError(
+            Code.BAD_FRAME, f"batch read reply has {len(rsp.results)} results for {ios} ios"
+        )
+    return rsp
+
+
 class CapabilitySource(Protocol):
     """Where a client's storage requests find their capabilities (chainfs.client.caps)."""
 
@@ -124,6 +155,15 @@ class CapabilitySource(Protocol):
     async def any_of(self, inode: int, fetch: bool = False) -> cp.Capability | None: ...
 
     def forget(self, inodes: Iterable[int]) -> None: ...
+
+    def peek(self, inode: int, right: int) -> cp.Capability | None:
+        """A fresh capability held now, or None; no fetch, safe from any thread."""
+        ...
+
+    @property
+    def signed(self) -> bool:
+        """Whether this cluster's meta signs capabilities (one was ever received)."""
+        ...
 
 
 class StorageClient:
@@ -154,6 +194,7 @@ class StorageClient:
         # reusing a client id does not collide with its predecessor's ids.
         self._ids = itertools.count(time.time_ns() // 1000)
         self._rng = random.Random()
+        self._sync_rng = random.Random()  # read_now's, used from callers' threads
 
     def next_request_id(self) -> int:
         return next(self._ids)
@@ -487,31 +528,12 @@ class StorageClient:
         prefer_tail: list[bool],
         caps: dict[int, cp.Capability],
     ) -> None:
-        batch = sp.BatchReadReq()
-        inodes: set[int] = set()
-        for i, target in items:
-            r = reqs[i]
-            # add() fills the repeated field in place (no temporary ReadIO/ChunkId to copy).
-            io = batch.ios.add(
-                chain_id=r.chain_id, target_id=target, offset=r.offset, length=r.length
-            )
-            io.chunk.inode = r.inode
-            io.chunk.index = r.chunk_index
-            inodes.add(r.inode)
-        batch.capabilities.extend(caps[ino] for ino in inodes if ino in caps)
+        batch = batch_read_request([(reqs[i], target) for i, target in items], caps)
         got: list[memoryview | None] = [None] * len(items)
         parsed: list[sp.BatchReadRsp] = []
 
         def parse(rsp_header: bytes) -> sp.BatchReadRsp:
-            try:
-                rsp = sp.BatchReadRsp.FromString(rsp_header)
-            except DecodeError as e:
-                raise ChainfsError(Code.BAD_FRAME, f"bad batch read reply: {e}") from None
-            if len(rsp.results) != len(items):
-                raise ChainfsError(
-                    Code.BAD_FRAME,
-                    f"batch read reply has {len(rsp.results)} results for {len(items)} ios",
-                )
+            rsp = parse_batch_read_reply(rsp_header, len(items))
             parsed.append(rsp)
             return rsp
 
@@ -569,6 +591,61 @@ class StorageClient:
             if err.code == Code.NOT_COMMITTED:
                 prefer_tail[i] = True
             last[i] = err
+
+    def read_now(self, sync: SyncDataClient, req: ReadReq) -> memoryview | None:
+        """One chunk read served from the calling thread (any thread, no event
+        loop) through ``sync``: a serving replica of the chain as the routing
+        held now says (picked at random, like ``read_batch``), the capability
+        held now. The bytes (into ``req.out``) only for a clean answer: the
+        replica answered OK with exactly ``req.length`` bytes (and, with
+        ``verify_checksums``, a whole chunk matching its stored CRC32C). None
+        for anything else (no routing yet, no serving replica, no capability
+        held in a cluster that signs them, an error answer, a short read, a
+        timeout, connection trouble): the caller then reads through
+        ``read_batch``, which retries, fails over and refreshes what it must."""
+        out = req.out
+        assert out is not None and len(out) >= req.length > 0, (req.length, out)
+        routing = self.routing.current
+        if routing is None or req.chain_id not in routing.chains:
+            return None
+        serving = routing.chain_targets(req.chain_id, (mp.SERVING,))
+        if not serving:
+            return None
+        target = self._sync_rng.choice(serving).target_id
+        caps: dict[int, cp.Capability] = {}
+        if self.caps is not None:
+            cap = self.caps.peek(req.inode, READ)
+            if cap is not None:
+                caps[req.inode] = cap
+            elif self.caps.signed:
+                return None  # fetching one is the async path's job
+        header = batch_read_request([(req, target)], caps).SerializeToString()
+        results: list[sp.ReadResult] = []
+
+        def sink(msg_type: int, rsp_header: bytes) -> list[memoryview]:
+            res = parse_batch_read_reply(rsp_header, 1).results[0]
+            results.append(res)
+            return [out[: res.length]] if res.status.code == 0 and res.length <= req.length else []
+
+        address = f"target {target}"
+        try:
+            node = routing.node_of_target(target)
+            address = data_address(node, self.config.prefer_unix_socket)
+            fallback = node.data_address if node.data_address != address else None
+            _, rsp_header = sync.request(address, sp.BATCH_READ, header, sink, fallback)
+            if not results:  # no payload: the sink was not called
+                results.append(parse_batch_read_reply(rsp_header, 1).results[0])
+        except (ChainfsError, KeyError) as e:
+            log.debug("sync read of chunk (%d, %d) from %s: %s", req.inode, req.chunk_index,
+                      address, e)  # fmt: skip
+            return None
+        res = results[0]
+        data = out[: req.length]
+        if res.status.code != 0 or res.length != req.length:
+            return None
+        if self._whole_chunk_corrupt(req, res, data):
+            return None
+        return data
 
     def _whole_chunk_corrupt(self, req: ReadReq, res: sp.ReadResult, data: memoryview) -> bool:
         """End-to-end check (config ``verify_checksums``) of a read that got a whole chunk."""

@@ -1,0 +1,90 @@
+"""Sync gets served by the calling thread: a key whose location is cached is
+read with one storage request from the caller's thread, without the hop onto
+the client's event-loop thread (which costs more CPU than the read itself).
+
+Only a clean hit is served here: the location is in the location cache and
+young enough (the same age rule as the loop path), the entry is not expired,
+its access time needs no update, the value is at most ``sync_read_max_bytes``
+and the entry sits in one chunk, one replica answered OK with every byte, and
+the entry read is checked exactly as the loop path checks it (header, key,
+length, CRC32C of the value: ``format.check_entry``). Anything else returns
+None and the caller takes the loop path, which keeps all its semantics
+(lookups, retries, failover, dropping a location that no longer holds the
+entry): this path never decides that a key is missing, and never returns
+bytes the loop path would not have returned from the same cached location.
+
+Unlike the loop path it does not pin the inode against this handle's own
+eviction: an entry evicted under the read fails the read or the check, and
+the get falls back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from chainfs.client import metrics as client_metrics
+from chainfs.client.kvcache.backend import SyncReader
+from chainfs.client.kvcache.entries import Entries
+from chainfs.client.kvcache.eviction import AccessTimes
+from chainfs.client.kvcache.format import Check, Key, check_entry
+
+_ON_THREAD = client_metrics.KV_SYNC_GETS.labels("thread")
+_ON_LOOP = client_metrics.KV_SYNC_GETS.labels("loop")
+
+
+@dataclass
+class SyncGetCounts:
+    served: int = 0  # sync gets answered from the calling thread
+    fallbacks: int = 0  # sync gets sent on to the loop path
+
+
+class SyncGets:
+    """The calling-thread part of sync gets (see the module docstring). Any
+    number of threads may call :meth:`get` at once."""
+
+    def __init__(self, entries: Entries, access: AccessTimes, reader: SyncReader) -> None:
+        self._entries = entries
+        self._access = access
+        self._reader = reader
+        self._max_value_bytes = entries.config.sync_read_max_bytes
+        self._lock = threading.Lock()  # guards the counts
+        self._counts = SyncGetCounts()
+
+    def counts(self) -> SyncGetCounts:
+        with self._lock:
+            return SyncGetCounts(self._counts.served, self._counts.fallbacks)
+
+    def get(self, key: Key) -> bytes | None:
+        """``key``'s value if this thread can serve it cleanly; None: take the loop path."""
+        value = self._read(key)
+        with self._lock:
+            if value is None:
+                self._counts.fallbacks += 1
+            else:
+                self._counts.served += 1
+        (_ON_LOOP if value is None else _ON_THREAD).inc()  # thread-safe counters
+        return value
+
+    def _read(self, key: Key) -> bytes | None:
+        entries = self._entries
+        loc = entries.locations.get(key)
+        if loc is None:
+            return None
+        info = loc.info
+        now_ns = time.time_ns()
+        if entries.expired(info, now_ns) or not self._access.is_current(info, now_ns):
+            return None  # the loop path drops the location / queues the access time
+        hlen = key.header_len
+        if not 0 <= info.size - hlen <= self._max_value_bytes:
+            return None
+        buf = memoryview(bytearray(info.size))
+        if not self._reader.read(info, buf):
+            return None
+        if check_entry(key.raw, buf[:hlen], buf[hlen:]) is not Check.OK:
+            return None  # the loop path reads it again and looks the key up anew
+        return bytes(buf[hlen:])
+
+    def close(self) -> None:
+        self._reader.close()

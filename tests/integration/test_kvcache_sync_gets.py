@@ -1,0 +1,237 @@
+"""Sync gets read from the calling thread (no event-loop hop) on a real cluster.
+
+What a user relies on: a get served that way returns exactly the bytes put;
+another client's overwrite is seen within ``location_cache_ms`` and until then
+the old value whole (docs/consistency.md); this handle's own overwrite is seen
+at once; a storage node killed while locations are cached costs nothing but
+the fallback (the right bytes still come back); many threads may get at once;
+a fork()ed child gets right bytes over its own connections; 0 connections turns
+the path off; bad settings are refused with the setting's name.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from chainfs.local import LocalCluster
+from tests.integration.client_fixtures import module_cluster
+
+pytestmark = pytest.mark.timeout(240)
+
+LONG_MS = 600_000.0  # a location trusted for the whole test
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    yield from module_cluster(tmp_path_factory, "kvsync")
+
+
+@pytest.fixture(scope="module")
+def fs(cluster: LocalCluster) -> Any:
+    return cluster.client()
+
+
+@pytest.fixture(scope="module")
+def other_fs(cluster: LocalCluster) -> Any:
+    return cluster.client()
+
+
+_dirs = iter(range(1 << 30))
+
+
+@pytest.fixture
+def cache_dir() -> str:
+    return f"/kvsync{next(_dirs)}"
+
+
+def _value(tag: int, size: int = 4096) -> bytes:
+    return random.Random(tag).randbytes(size - 8) + tag.to_bytes(8, "little")
+
+
+def _served(kv: Any) -> tuple[int, int]:
+    c = kv.aio._sync_gets.counts()
+    return c.served, c.fallbacks
+
+
+def test_bytes_read_from_the_calling_thread_equal_bytes_put(fs: Any, cache_dir: str) -> None:
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS, sync_read_max_bytes=64 * 1024)
+    sizes = {"empty": 0, "one": 1, "4k": 4096, "64k": 64 * 1024, "big": 64 * 1024 + 1}
+    values = {k: _value(i, n) if n >= 8 else b"x" * n for i, (k, n) in enumerate(sizes.items())}
+    kv.batch_put(list(values), list(values.values()))
+    for k, v in values.items():  # the first get of each looks the key up (loop path)
+        assert kv.get(k) == v
+    served, _ = _served(kv)
+    for _ in range(3):
+        for k, v in values.items():
+            assert kv.get(k) == v
+    served2, _ = _served(kv)
+    assert served2 - served == 3 * 4  # all but the value over sync_read_max_bytes
+    assert kv.get("absent") is None
+    stats = kv.stats()
+    assert stats.sync_served == served2 and stats.hits >= 4 * len(values)
+    kv.close()
+
+
+def test_another_clients_overwrite_is_seen_after_location_cache_ms(
+    fs: Any, other_fs: Any, cache_dir: str
+) -> None:
+    age_ms = 300.0
+    kv = fs.kvcache(cache_dir, location_cache_ms=age_ms)
+    other = other_fs.kvcache(cache_dir)
+    kv.batch_put(["k", "gone"], [_value(1), _value(5)])
+    assert kv.get("k") == _value(1) and kv.get("gone") == _value(5)
+    served, _ = _served(kv)
+    assert kv.get("k") == _value(1)
+    assert _served(kv)[0] == served + 1
+    assert other.put("k", _value(2), overwrite=True)
+    assert other.remove("gone")
+    changed_at = time.monotonic()
+    while time.monotonic() - changed_at < age_ms / 1000 + 0.05:
+        assert kv.get("k") in (_value(1), _value(2))  # whole: never a mix, never zeros
+        assert kv.get("gone") in (_value(5), None)
+        time.sleep(0.005)
+    assert kv.get("k") == _value(2)
+    assert kv.get("gone") is None
+    kv.close()
+    other.close()
+
+
+def test_own_overwrite_from_another_thread_is_seen_at_once(fs: Any, cache_dir: str) -> None:
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
+    kv.put("w", _value(0))
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            got = kv.get("w")
+            if got is None or got != _value(int.from_bytes(got[-8:], "little")):
+                errors.append("a torn or missing value")
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for tag in range(1, 30):
+            assert kv.put("w", _value(tag), overwrite=True)
+            assert kv.get("w") == _value(tag)  # after the put returns: its value
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
+    assert _served(kv)[0] > 0
+    kv.close()
+
+
+def test_many_threads_get_right_bytes_within_the_connection_bound(fs: Any, cache_dir: str) -> None:
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS, sync_connections_per_node=2)
+    keys = [f"t{i}" for i in range(64)]
+    kv.batch_put(keys, [_value(i) for i in range(64)])
+    assert kv.batch_get(keys) == [_value(i) for i in range(64)]
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(150):
+            i = rng.randrange(len(keys))
+            if kv.get(keys[i]) != _value(i):
+                errors.append(f"{keys[i]} read wrong")
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    sync = kv.aio._sync_gets._reader.sync
+    routing = fs.aio.io.routing.current
+    for node in routing.nodes.values():
+        for address in (node.data_address, f"unix:{node.unix_socket}"):
+            assert sync.connection_count(address) <= 2
+    assert _served(kv)[0] > 0
+    kv.close()
+    assert all(n == 0 for n in sync._open.values())  # closed with the handle
+
+
+def test_forked_child_gets_right_bytes_over_its_own_connections(fs: Any, cache_dir: str) -> None:
+    """The parent's handle is closed in the child (as every inherited handle is:
+    its sockets and tasks are the parent's); a handle the child opens serves
+    gets from the child's thread over the child's own connections."""
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
+    keys = [f"f{i}" for i in range(16)]
+    kv.batch_put(keys, [_value(i) for i in range(16)])
+    assert [kv.get(k) for k in keys] == [_value(i) for i in range(16)]
+    assert [kv.get(k) for k in keys] == [_value(i) for i in range(16)]  # served here
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            try:
+                kv.get(keys[0])
+                code = 4  # the inherited handle served a get
+            except ValueError:
+                own = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
+                ok = all(own.get(k) == _value(i) for _ in range(3) for i, k in enumerate(keys))
+                code = 0 if ok else 2
+                code = code or (0 if _served(own)[0] >= 32 else 3)  # the child served some
+                own.close()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    served, _ = _served(kv)
+    assert [kv.get(k) for k in keys] == [_value(i) for i in range(16)]
+    assert _served(kv)[0] == served + 16  # the parent's connections still work
+    kv.close()
+
+
+def test_zero_connections_turns_it_off(fs: Any, cache_dir: str) -> None:
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS, sync_connections_per_node=0)
+    kv.put("k", _value(3))
+    for _ in range(3):
+        assert kv.get("k") == _value(3)
+    assert kv.aio._sync_gets is None
+    assert kv.stats().sync_served == 0
+    kv.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("sync_connections_per_node", -1),
+        ("sync_connections_per_node", 65),
+        ("sync_read_max_bytes", 0),
+        ("sync_timeout_ms", 0.0),
+    ],
+)
+def test_bad_settings_are_refused_by_name(
+    fs: Any, cache_dir: str, setting: str, value: float
+) -> None:
+    with pytest.raises(ValueError, match=setting):
+        fs.kvcache(cache_dir, **{setting: value})
+
+
+def test_storage_node_killed_while_locations_are_cached(
+    cluster: LocalCluster, fs: Any, cache_dir: str
+) -> None:
+    """kill -9 of a storage node holding replicas of every cached entry: each get
+    still returns the right bytes (the loop path fails over to another replica)."""
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
+    keys = [f"k{i}" for i in range(48)]
+    kv.batch_put(keys, [_value(i) for i in range(48)])
+    assert [kv.get(k) for k in keys] == [_value(i) for i in range(48)]
+    cluster.kill_storage(0)
+    try:
+        for _ in range(3):
+            assert [kv.get(k) for k in keys] == [_value(i) for i in range(48)]
+    finally:
+        cluster.restart_storage(0)
+    kv.close()

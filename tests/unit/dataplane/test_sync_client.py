@@ -1,0 +1,228 @@
+"""SyncDataClient against a real DataServer (on an event-loop thread of this process).
+
+What a caller relies on: the reply's bytes land in its buffers; an error reply
+raises the server's error and keeps the connection; a socket goes back to the
+pool only after a whole reply (a timeout or a KeyboardInterrupt in the middle
+of one drops it, and the next request gets a fresh, clean connection); the
+pool is bounded (EBUSY at once, never a wait); a credential is presented once
+per connection; a fork()ed child never uses the parent's sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from chainfs.client._loop import LoopThread
+from chainfs.common.auth.authenticator import Authenticator
+from chainfs.common.auth.secret import node_credential
+from chainfs.common.dataplane import DataPlaneConfig, DataServer, Request, Response
+from chainfs.common.dataplane.sync_client import SyncDataClient
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.tls import TlsConfig
+
+ECHO, FAIL, SLOW = 1, 2, 3
+SECRET = b"s" * 32
+
+
+def _cfg(**kw: Any) -> DataPlaneConfig:
+    return DataPlaneConfig(
+        max_payload_bytes=1 << 20,
+        buffer_pool_bytes=8 << 20,
+        buffer_pool_cached_bytes=4 << 20,
+        max_pool_bytes_per_connection=2 << 20,
+        tls=TlsConfig(),
+        **kw,
+    )
+
+
+async def _handle(req: Request) -> Response:
+    if req.msg_type == FAIL:
+        raise ChainfsError(Code.ENOENT, "no such thing")
+    if req.msg_type == SLOW:
+        await asyncio.sleep(2.0)
+    # Echo: the header back, and as payload the header repeated to the length it names.
+    n = int(req.header.split(b":")[0])
+    return Response(
+        req.msg_type, req.header, payload=[(req.header * (n // len(req.header) + 1))[:n]]
+    )
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[LoopThread]:
+    lt = LoopThread("sync-client-test")
+    yield lt
+    lt.stop()
+
+
+@pytest.fixture(scope="module", params=["tcp", "unix"])
+def address(
+    request: pytest.FixtureRequest, loop: LoopThread, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    unix = str(tmp_path_factory.mktemp("sc") / "s.sock") if request.param == "unix" else None
+
+    async def start() -> DataServer:
+        server = DataServer(
+            _handle, unix_path=unix, config=_cfg(), authenticator=Authenticator(SECRET)
+        )
+        await server.start()
+        return server
+
+    server = loop.run(start())
+    yield server.unix_address if unix else server.address
+    loop.run(server.stop())
+
+
+def _client(**kw: Any) -> SyncDataClient:
+    opts: dict[str, Any] = {"connections_per_peer": 2, "timeout_s": 1.0} | kw
+    return SyncDataClient(_cfg(), node_credential(SECRET, 7), **opts)
+
+
+def _echo(c: SyncDataClient, address: str, n: int) -> bytes:
+    header = f"{n}:echo".encode()
+    out = bytearray(n + 10)
+    hdr, rsp = c.request(address, ECHO, header, lambda t, h: [memoryview(out)])
+    assert rsp == header and hdr.payload_len == n
+    return bytes(out[:n])
+
+
+def _expected(n: int) -> bytes:
+    header = f"{n}:echo".encode()
+    return (header * (n // len(header) + 1))[:n]
+
+
+@pytest.mark.parametrize("n", [0, 1, 4096, 100_000])
+def test_reply_bytes_land_in_the_callers_buffer(address: str, n: int) -> None:
+    c = _client()
+    try:
+        assert _echo(c, address, n) == _expected(n)
+        assert _echo(c, address, n) == _expected(n)
+        assert c.connection_count(address) == 1  # reused
+    finally:
+        c.close()
+    assert c.connection_count(address) == 0
+
+
+def test_error_reply_raises_and_keeps_the_connection(address: str) -> None:
+    c = _client()
+    try:
+        with pytest.raises(ChainfsError) as e:
+            c.request(address, FAIL, b"x")
+        assert e.value.code == Code.ENOENT and "no such thing" in e.value.message
+        assert c.connection_count(address) == 1
+        assert _echo(c, address, 10) == _expected(10)
+        assert c.connection_count(address) == 1
+    finally:
+        c.close()
+
+
+def test_timeout_drops_the_connection_and_the_next_request_is_clean(address: str) -> None:
+    c = _client(timeout_s=0.3)
+    try:
+        with pytest.raises(ChainfsError) as e:
+            c.request(address, SLOW, b"10:slow", lambda t, h: [memoryview(bytearray(10))])
+        assert e.value.code == Code.ETIMEDOUT
+        assert c.connection_count(address) == 0
+        # The late reply of the slow request must never be taken for this one's.
+        assert _echo(c, address, 4096) == _expected(4096)
+    finally:
+        c.close()
+
+
+def test_interrupt_mid_reply_drops_the_connection(address: str) -> None:
+    c = _client()
+
+    def sink(msg_type: int, header: bytes) -> list[memoryview]:
+        raise KeyboardInterrupt  # Ctrl-C after the header, before the payload was read
+
+    try:
+        assert _echo(c, address, 10) == _expected(10)
+        with pytest.raises(KeyboardInterrupt):
+            c.request(address, ECHO, b"100000:echo", sink)
+        assert c.connection_count(address) == 0  # the half-read socket is gone
+        assert _echo(c, address, 50_000) == _expected(50_000)
+    finally:
+        c.close()
+
+
+def test_pool_is_bounded_and_safe_for_many_threads(address: str) -> None:
+    c = _client(connections_per_peer=2)
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        for i in range(200):
+            n = (seed * 7919 + i * 131) % 20_000
+            try:
+                assert _echo(c, address, n) == _expected(n)
+            except ChainfsError as e:
+                if e.code != Code.EBUSY:  # all connections taken: the caller falls back
+                    errors.append(e)
+            except BaseException as e:
+                errors.append(e)
+            if c.connection_count(address) > 2:
+                errors.append(AssertionError(f"{c.connection_count(address)} connections"))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors, errors[:3]
+        assert c.connection_count(address) <= 2
+    finally:
+        c.close()
+
+
+def test_bad_credential_is_refused(address: str) -> None:
+    c = SyncDataClient(_cfg(), node_credential(b"x" * 32, 7), 2, 1.0)
+    try:
+        with pytest.raises(ChainfsError) as e:
+            c.request(address, ECHO, b"1:echo", lambda t, h: [memoryview(bytearray(1))])
+        assert e.value.code == Code.UNAUTHENTICATED
+        assert c.connection_count(address) == 0
+    finally:
+        c.close()
+
+
+def test_unreachable_peer_is_unavailable(tmp_path: Any) -> None:
+    c = _client()
+    try:
+        for _ in range(2):  # the second fails at once: the peer failed lately
+            with pytest.raises(ChainfsError) as e:
+                c.request(f"unix:{tmp_path}/none.sock", ECHO, b"1:echo")
+            assert e.value.code == Code.UNAVAILABLE
+    finally:
+        c.close()
+
+
+def test_forked_child_uses_its_own_connections(address: str) -> None:
+    c = _client()
+    try:
+        assert _echo(c, address, 100) == _expected(100)
+        pid = os.fork()
+        if pid == 0:  # the child: exit status says what it saw
+            code = 1
+            try:
+                code = 0 if _echo(c, address, 5000) == _expected(5000) else 2
+                code = code or (3 if c.connection_count(address) != 1 else 0)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # The parent's pooled socket was not touched by the child.
+        assert c.connection_count(address) == 1
+        assert _echo(c, address, 100) == _expected(100)
+    finally:
+        c.close()
+
+
+def test_tls_on_is_refused() -> None:
+    cfg = DataPlaneConfig(tls=TlsConfig(ca_file="/nonexistent"))
+    with pytest.raises((ChainfsError, ValueError)):
+        SyncDataClient(cfg, None, 2, 1.0)
