@@ -123,24 +123,41 @@ class RequestMetrics:
     def error(self, op: str, code: int) -> None:
         self.errors.labels(op, code_name(code)).inc()
 
-    @contextlib.contextmanager
-    def observe(self, op: str) -> Iterator[None]:
-        """Time the block as one ``op``; an exception leaving it counts as an
-        error, by its chainfs code or errno (INTERNAL for anything else)."""
+    def observe(self, op: str) -> RequestTimer:
+        """Time the ``with`` block as one ``op``; an exception leaving it counts
+        as an error, by its chainfs code or errno (INTERNAL for anything else)."""
         children = self._children.get(op)
         if children is None:
             children = self._children[op] = (self.in_flight.labels(op), self.seconds.labels(op))
-        in_flight, seconds = children
-        in_flight.inc()
-        start = time.perf_counter()
-        try:
-            yield
-        except Exception as e:
-            self.error(op, getattr(e, "code", None) or getattr(e, "errno", None) or Code.INTERNAL)
-            raise
-        finally:
-            in_flight.dec()
-            seconds.observe(time.perf_counter() - start)
+        return RequestTimer(self, op, children)
+
+
+class RequestTimer:
+    """The context manager of :meth:`RequestMetrics.observe`, made once per
+    request of every service: a plain class costs ~0.4 us on top of the metric
+    updates, a ``contextlib.contextmanager`` generator ~1.4 us."""
+
+    __slots__ = ("_children", "_metrics", "_op", "_start")
+
+    def __init__(self, metrics: RequestMetrics, op: str, children: tuple[Any, Any]) -> None:
+        self._metrics = metrics
+        self._op = op
+        self._children = children
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._children[0].inc()
+        self._start = time.perf_counter()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        in_flight, seconds = self._children
+        if exc is not None and isinstance(exc, Exception):
+            code = getattr(exc, "code", None) or getattr(exc, "errno", None) or Code.INTERNAL
+            self._metrics.error(self._op, code)
+        in_flight.dec()
+        seconds.observe(time.perf_counter() - self._start)
 
 
 # ---- HTTP server -----------------------------------------------------------------
