@@ -43,6 +43,9 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
+# (op, error code) pairs whose error counter child is kept (the rest are looked up).
+_MAX_ERROR_CHILDREN_KEPT = 4096
+
 # Bounds of the HTTP server and client (a scrape is a few KiB to a few 100 KiB).
 MAX_REQUEST_HEAD_BYTES = 8 * 1024  # request line + headers a client may send
 REQUEST_READ_TIMEOUT_S = 5.0  # a client that sends no full request head by then is dropped
@@ -119,9 +122,17 @@ class RequestMetrics:
         # op -> (its in-flight gauge, its histogram): labels() costs a lock and
         # a few lookups, paid once per op instead of twice per request.
         self._children: dict[str, tuple[Any, Any]] = {}
+        self._error_children: dict[tuple[str, int], Any] = {}
 
     def error(self, op: str, code: int) -> None:
-        self.errors.labels(op, code_name(code)).inc()
+        # Errors are common answers too (a lookup of an absent name): the child
+        # is kept per (op, code) like the others, the code's name looked up once.
+        child = self._error_children.get((op, code))
+        if child is None:
+            child = self.errors.labels(op, code_name(code))
+            if len(self._error_children) < _MAX_ERROR_CHILDREN_KEPT:
+                self._error_children[op, code] = child
+        child.inc()
 
     def observe(self, op: str) -> RequestTimer:
         """Time the ``with`` block as one ``op``; an exception leaving it counts
