@@ -43,6 +43,9 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
+# (op, error code) pairs whose error counter child is kept (the rest are looked up).
+_MAX_ERROR_CHILDREN_KEPT = 4096
+
 # Bounds of the HTTP server and client (a scrape is a few KiB to a few 100 KiB).
 MAX_REQUEST_HEAD_BYTES = 8 * 1024  # request line + headers a client may send
 REQUEST_READ_TIMEOUT_S = 5.0  # a client that sends no full request head by then is dropped
@@ -119,9 +122,17 @@ class RequestMetrics:
         # op -> (its in-flight gauge, its histogram): labels() costs a lock and
         # a few lookups, paid once per op instead of twice per request.
         self._children: dict[str, tuple[Any, Any]] = {}
+        self._error_children: dict[tuple[str, int], Any] = {}
 
     def error(self, op: str, code: int) -> None:
-        self.errors.labels(op, code_name(code)).inc()
+        # Errors are common answers too (a lookup of an absent name): the child
+        # is kept per (op, code) like the others, the code's name looked up once.
+        child = self._error_children.get((op, code))
+        if child is None:
+            child = self.errors.labels(op, code_name(code))
+            if len(self._error_children) < _MAX_ERROR_CHILDREN_KEPT:
+                self._error_children[op, code] = child
+        child.inc()
 
     def _op(self, op: str) -> tuple[Any, Any]:
         children = self._children.get(op)
@@ -133,21 +144,38 @@ class RequestMetrics:
         """One ``op`` that succeeded and took ``seconds`` (timed by the caller)."""
         self._op(op)[1].observe(seconds)
 
-    @contextlib.contextmanager
-    def observe(self, op: str) -> Iterator[None]:
-        """Time the block as one ``op``; an exception leaving it counts as an
-        error, by its chainfs code or errno (INTERNAL for anything else)."""
-        in_flight, seconds = self._op(op)
-        in_flight.inc()
-        start = time.perf_counter()
-        try:
-            yield
-        except Exception as e:
-            self.error(op, getattr(e, "code", None) or getattr(e, "errno", None) or Code.INTERNAL)
-            raise
-        finally:
-            in_flight.dec()
-            seconds.observe(time.perf_counter() - start)
+    def observe(self, op: str) -> RequestTimer:
+        """Time the ``with`` block as one ``op``; an exception leaving it counts
+        as an error, by its chainfs code or errno (INTERNAL for anything else)."""
+        return RequestTimer(self, op, self._op(op))
+
+
+class RequestTimer:
+    """The context manager of :meth:`RequestMetrics.observe`, made once per
+    request of every service: a plain class costs ~0.4 us on top of the metric
+    updates, a ``contextlib.contextmanager`` generator ~1.4 us."""
+
+    __slots__ = ("_children", "_metrics", "_op", "_start")
+
+    def __init__(self, metrics: RequestMetrics, op: str, children: tuple[Any, Any]) -> None:
+        self._metrics = metrics
+        self._op = op
+        self._children = children
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._children[0].inc()
+        self._start = time.perf_counter()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        in_flight, seconds = self._children
+        if exc is not None and isinstance(exc, Exception):
+            code = getattr(exc, "code", None) or getattr(exc, "errno", None) or Code.INTERNAL
+            self._metrics.error(self._op, code)
+        in_flight.dec()
+        seconds.observe(time.perf_counter() - self._start)
 
 
 # ---- HTTP server -----------------------------------------------------------------

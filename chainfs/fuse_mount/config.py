@@ -69,6 +69,9 @@ class MountConfig:
     # Bound on one request while the cluster is unreachable: after this the
     # caller gets EIO (the mount itself stays up and recovers with the cluster).
     cluster_timeout_ms: int = 20_000
+    # How often the requests in flight are checked for one stuck past that
+    # bound (plus a margin): a stuck request is answered up to two of these late.
+    stuck_sweep_interval_ms: int = 1_000
     # Kernel-side POSIX permission checks (with supplementary groups); meta
     # checks again with the caller's uid/gid either way.
     default_permissions: bool = True
@@ -98,7 +101,12 @@ class MountConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("max_requests", "cluster_timeout_ms", "readdir_page_entries"):
+        for name in (
+            "max_requests",
+            "cluster_timeout_ms",
+            "stuck_sweep_interval_ms",
+            "readdir_page_entries",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.read_ahead_kb < 0:

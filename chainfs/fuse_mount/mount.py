@@ -3,7 +3,8 @@
 pyfuse3 3.5 runs on asyncio when ``pyfuse3.asyncio.enable()`` is called
 before anything else touches it (trio is its default); we run it on uvloop,
 the same loop the client's data plane is built for, so FUSE requests and
-chunk I/O share one event loop without thread hops.
+chunk I/O share one event loop without thread hops. Its wait for the FUSE
+device is replaced by one that keeps the device registered (device_wait).
 
 The mount ends cleanly on SIGTERM/SIGINT (buffered writes are pushed, meta
 sessions closed, then the kernel mount is removed) and on `fusermount3 -u`
@@ -22,19 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import pyfuse3
-import pyfuse3.asyncio
 
 from chainfs.client.aio_fs import AsyncFileSystem
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.metrics import NodeMetrics
 from chainfs.common.process import write_ready_file
-from chainfs.fuse_mount import kernel_bridge
+from chainfs.fuse_mount import device_wait, kernel_bridge
 from chainfs.fuse_mount.config import MountConfig
 from chainfs.fuse_mount.ops import ChainfsOperations
 
 log = logging.getLogger(__name__)
 
-pyfuse3.asyncio.enable()
+device_wait.enable()
 
 METRICS_HOST = "127.0.0.1"  # the mount's /metrics: this host only (no login yet)
 # Bound on pushing buffered writes and closing sessions while unmounting.
@@ -166,6 +166,7 @@ async def serve(mountpoint: str, config: MountConfig, ready_file: str | None = N
                 await ops.shutdown()
         except Exception:
             log.exception("pushing buffered writes at unmount failed")
+        device_wait.close_all()  # off the loop before pyfuse3 closes the device
         pyfuse3.close(unmount=unmount)
         del bridge  # libfuse no longer calls its callbacks
         if unmount and is_mounted(mountpoint):

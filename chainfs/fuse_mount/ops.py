@@ -323,3 +323,4 @@ class ChainfsOperations(LockOps, FileOps, DirOps, XattrOps, SpecialOps):
             except pyfuse3.FUSEError as e:
                 log.warning("closing handle %d at unmount: errno %d", fh, e.errno)
         self._dirs.clear()
+        await self.guard.stop()

@@ -3,9 +3,9 @@
 Every handler (decorated with :func:`op`) answers: chainfs errors become their
 errno, anything unexpected is logged and answered EIO, and a request stuck on
 an unreachable cluster is answered EIO after ``cluster_timeout_ms`` (plus a
-margin). Name lists of small directories are kept for a short while so that
-lookups of absent names (compilers and interpreters make many) are answered
-without asking meta.
+margin; see stuck_guard). Name lists of small directories are kept for a
+short while so that lookups of absent names (compilers and interpreters make
+many) are answered without asking meta.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from chainfs.fuse_mount.state import (
     GroupsCache,
     OpenInode,
 )
+from chainfs.fuse_mount.stuck_guard import StuckGuard
 from chainfs.proto import meta_pb2 as mt
 
 log = logging.getLogger("chainfs.fuse_mount.ops")
@@ -160,20 +161,24 @@ def op(
         changing = self._may_change(name, args)
         if changing:
             self._changes += 1  # before: a listing fetched from now on is not kept
+        request = self.guard.enter(name, args)
+        stuck = False
         try:
-            async with asyncio.timeout(self.guard_s):
+            try:
                 return await fn(self, *args, **kwargs)
+            finally:
+                stuck = self.guard.leave(request)
         except pyfuse3.FUSEError:
             raise
-        except TimeoutError:
-            log.warning("%s%r: no answer in %.1fs: EIO", name, args[:2], self.guard_s)
-            raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as e:  # ChainfsError included: its errno is the mapped one
             code = e.errno or errno.EIO
             level = logging.WARNING if code in _ALARMING_ERRNOS else logging.DEBUG
             log.log(level, "%s%r: %s", name, args[:2], e)
             raise pyfuse3.FUSEError(errno.EIO if code in _UNREACHABLE_ERRNOS else code) from None
         except asyncio.CancelledError:
+            if stuck:  # the guard cut it short: the cluster did not answer in time
+                log.warning("%s%r: no answer in %.1fs: EIO", name, args[:2], self.guard.limit_s)
+                raise pyfuse3.FUSEError(errno.EIO) from None
             task = asyncio.current_task()
             if task is None or task.cancelling():
                 raise  # the mount is shutting down
@@ -207,8 +212,11 @@ class OpsBase(pyfuse3.Operations):
         self._attr_timeout_s = config.attr_timeout_ms / 1000
         self._entry_timeout_s = config.entry_timeout_ms / 1000
         self._negative_timeout_s = config.negative_timeout_ms / 1000
-        self.guard_s = (
-            max(config.cluster_timeout_ms, io.config.meta_timeout_ms) / 1000 + _GUARD_MARGIN_S
+        # Requests stuck on an unreachable cluster are answered EIO after the
+        # client's own timeouts plus a margin.
+        self.guard = StuckGuard(
+            max(config.cluster_timeout_ms, io.config.meta_timeout_ms) / 1000 + _GUARD_MARGIN_S,
+            config.stuck_sweep_interval_ms / 1000,
         )
         self._page = config.readdir_page_entries
         self._groups = GroupsCache()

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from chainfs.common.background import cancel_and_wait
 from chainfs.common.dataplane import DataClient, DataPlaneConfig
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.common.routing import data_address
+from chainfs.common.routing import Routing, data_address
 
 # The flag bits are part of this client's API (callers pass them as ``flags``).
 from chainfs.common.rpc.meta_wire import (  # noqa: F401
@@ -260,6 +260,9 @@ class MetaClient:
         self._unix_fallbacks: dict[str, str] = {}
         self._stubs: Stubs[pbg.MetaStub] | None = None  # made on the first gRPC call
         self._current: str | None = None
+        # The addresses of the last routing seen, with what they were worked out from.
+        self._addresses_key: tuple[Routing, str, bool] | None = None
+        self._addresses_of: list[str] = []
         self._sessions: set[tuple[int, bytes]] = set()
         self._keepalive_s = 10.0
         self._keepalive_task: asyncio.Task[None] | None = None
@@ -277,9 +280,21 @@ class MetaClient:
         )
 
     async def _addresses(self, refresh: bool) -> list[str]:
+        """The meta servers to try (not to be changed by the caller)."""
         if self._routing is None:
-            return list(self._static)
-        routing = await (self._routing.refresh() if refresh else self._routing.get())
+            return self._static
+        routing = self._routing.current
+        if refresh or routing is None:
+            routing = await (self._routing.refresh() if refresh else self._routing.get())
+        # A routing version is one immutable Routing: its addresses are worked
+        # out once, not per call (nodes_of_type builds a list over every node).
+        key = (routing, self.transport, self.prefer_unix_socket)
+        if key != self._addresses_key:
+            self._addresses_of = self._addresses_in(routing)
+            self._addresses_key = key
+        return self._addresses_of
+
+    def _addresses_in(self, routing: Routing) -> list[str]:
         out = []
         for n in routing.nodes_of_type(mp.META):
             if n.data_address and self.transport != "grpc":
