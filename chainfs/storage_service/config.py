@@ -86,7 +86,7 @@ class StorageConfig:
     # Per node (all its targets share them): chunk files kept open for reads (LRU).
     # A read of a file not kept costs an open and a close. -1 = a quarter of the
     # soft RLIMIT_NOFILE at start, within [256, 65536] (5,000 at 20,000); 0 = open
-    # per read. The KV-cache bench alone touches ~1,500 files per node.
+    # per read. `chainfs bench`'s KV-cache phase alone touches up to ~2,100 per node.
     open_chunk_files: int = -1
     # Per target: chunk records cached in memory before RocksDB (LRU, ~0.5 KiB each).
     chunk_meta_cache_entries: int = 8192
