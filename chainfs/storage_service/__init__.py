@@ -25,5 +25,6 @@ Defaults and why (figures from bench/storage_bench.py):
   update would add its cost to every hop of the chain.
 - ``verify_reads = true``: one CRC32C pass in C over a chunk that is read
   into memory anyway.
-- ``direct_writes = true``: whole-chunk writes skip the page-cache copy.
+- ``direct_writes = true``: whole-chunk writes skip the page-cache copy
+  (but not those under ``direct_write_min_bytes``: small values stay cached for reads).
 """

@@ -78,7 +78,7 @@ from pathlib import Path
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.storage_service import block_crcs, crc, fault_points
 from chainfs.storage_service.block_crcs import OldBlock
-from chainfs.storage_service.chunk_files import CHUNK_DIR_MODE, ChunkFiles
+from chainfs.storage_service.chunk_files import CHUNK_DIR_MODE, ChunkFiles, FdCache
 from chainfs.storage_service.chunk_record import (
     KEY_END,
     KEY_PREFIX,
@@ -105,11 +105,18 @@ _READ_RACE_RETRIES = 8  # re-reads of a chunk whose file changed under a read
 class ChunkEngine:
     """Chunk data files + chunk metadata in RocksDB for one target directory."""
 
-    def __init__(self, path: str | Path, options: EngineOptions | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        options: EngineOptions | None = None,
+        fd_cache: FdCache | None = None,
+    ) -> None:
+        """``fd_cache``: the node's descriptors shared by its targets (None: one of
+        this engine's own, of ``options.open_files``)."""
         self.path = Path(path)
         self.options = options or EngineOptions()
         self.path.mkdir(mode=CHUNK_DIR_MODE, parents=True, exist_ok=True)
-        self.files = ChunkFiles(self.path, self.options)
+        self.files = ChunkFiles(self.path, self.options, fd_cache)
         self.records = RecordStore(self.path, self.options.durable, self.options.meta_cache_entries)
         self._closed = False
         self._stat_lock = threading.Lock()

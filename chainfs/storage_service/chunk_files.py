@@ -3,7 +3,7 @@
 XX is the low byte of the inode (256 subdirectories); ``gen`` is the version
 that created the file, so a new version can go to a new file while readers
 still use the old one. Writes of a whole new file from a page-aligned buffer
-use O_DIRECT (no copy into the page cache); reads go through a bounded cache
+use O_DIRECT (no copy into the page cache) unless small; reads go through a bounded cache
 of open descriptors (:class:`FdCache`). Methods are synchronous: call them in
 an I/O thread.
 """
@@ -15,6 +15,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import resource
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -47,36 +48,61 @@ class _OpenFile:
         self.closing = False  # evicted or invalidated: closed when the last user releases
 
 
+# A cached file: (target directory, inode, index, generation). Built per read
+# instead of the path string, which is only formatted to open a file.
+FileKey = tuple[str, int, int, int]
+
+OPEN_FILES_AUTO = -1  # open_chunk_files: size the cache from RLIMIT_NOFILE
+OPEN_FILES_AUTO_MIN = 256  # descriptors: the auto size never goes below ...
+OPEN_FILES_AUTO_MAX = 65536  # ... nor above (at ~0.3 KiB of kernel memory each)
+
+
+def open_files_bound(configured: int) -> int:
+    """Descriptors one node keeps open for chunk reads: ``configured``, or with
+    OPEN_FILES_AUTO a quarter of the soft RLIMIT_NOFILE (the rest stays for
+    connections, RocksDB and writes), within [OPEN_FILES_AUTO_MIN, OPEN_FILES_AUTO_MAX]."""
+    if configured != OPEN_FILES_AUTO:
+        assert configured >= 0
+        return configured
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return OPEN_FILES_AUTO_MAX
+    return max(OPEN_FILES_AUTO_MIN, min(OPEN_FILES_AUTO_MAX, soft // 4))
+
+
 class FdCache:
-    """Read-only descriptors of chunk files, bounded LRU, shared by the I/O threads.
+    """Read-only descriptors of chunk files, bounded LRU, shared by the I/O threads
+    (and by every target of a node: one bound on the descriptors it holds).
 
     A descriptor is closed only when no reader uses it (so its number is never
-    reused under a read). A path the engine unlinks is invalidated; a file
+    reused under a read). A file the engine unlinks is invalidated; a file
     replaced behind the engine's back (st_nlink 0) is reopened on next use.
     """
 
     def __init__(self, capacity: int) -> None:
+        assert capacity >= 0
         self.capacity = capacity
         self._lock = threading.Lock()
-        self._files: OrderedDict[str, _OpenFile] = OrderedDict()
+        self._files: OrderedDict[FileKey, _OpenFile] = OrderedDict()
         self.opens = 0  # files opened (misses), for tests and profiles
 
     def __len__(self) -> int:
         return len(self._files)
 
-    def acquire(self, path: str) -> _OpenFile:
-        """An open descriptor of ``path`` (raises FileNotFoundError); release() it."""
+    def acquire(self, key: FileKey) -> _OpenFile:
+        """An open descriptor of the file ``key`` names (raises FileNotFoundError);
+        release() it."""
         with self._lock:
-            f = self._files.get(path)
+            f = self._files.get(key)
             if f is not None:
-                self._files.move_to_end(path)
+                self._files.move_to_end(key)
                 f.users += 1
         if f is not None:
             if os.fstat(f.fd).st_nlink:
                 return f
             self.release(f)
-            self.invalidate(path)  # unlinked or replaced: reopen below
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self.invalidate(key)  # unlinked or replaced: reopen below
+        fd = os.open(ChunkFiles.path_in(*key), os.O_RDONLY | os.O_CLOEXEC)
         self.opens += 1
         f = _OpenFile(fd)
         f.users = 1
@@ -84,10 +110,10 @@ class FdCache:
             if self.capacity == 0:
                 f.closing = True  # not cached: closed on release
                 return f
-            old = self._files.pop(path, None)
+            old = self._files.pop(key, None)
             if old is not None:
                 self._retire(old)
-            self._files[path] = f
+            self._files[key] = f
             while len(self._files) > self.capacity:
                 _, victim = self._files.popitem(last=False)
                 self._retire(victim)
@@ -100,9 +126,9 @@ class FdCache:
             if f.closing and f.users == 0:
                 os.close(f.fd)
 
-    def invalidate(self, path: str) -> None:
+    def invalidate(self, key: FileKey) -> None:
         with self._lock:
-            f = self._files.pop(path, None)
+            f = self._files.pop(key, None)
             if f is not None:
                 self._retire(f)
 
@@ -113,29 +139,34 @@ class FdCache:
             if f.users == 0:
                 os.close(f.fd)
 
-    def clear(self) -> None:
+    def clear(self, target_dir: str | None = None) -> None:
+        """Close the descriptors of ``target_dir``'s files (all when None)."""
         with self._lock:
-            files = list(self._files.values())
-            self._files.clear()
-            for f in files:
-                self._retire(f)
+            keys = [k for k in self._files if target_dir is None or k[0] == target_dir]
+            for k in keys:
+                self._retire(self._files.pop(k))
 
 
 class ChunkFiles:
     """Chunk content files under ``target_dir/data``."""
 
-    def __init__(self, target_dir: Path, options: EngineOptions) -> None:
+    def __init__(
+        self, target_dir: Path, options: EngineOptions, cache: FdCache | None = None
+    ) -> None:
         self.target_dir = target_dir
+        self._dir = str(target_dir)  # the first item of this target's FileKeys
         self.data_dir = target_dir / "data"
         self.data_dir.mkdir(mode=CHUNK_DIR_MODE, exist_ok=True)
         for b in range(256):
             (self.data_dir / f"{b:02x}").mkdir(mode=CHUNK_DIR_MODE, exist_ok=True)
         self.durable = options.durable
         self.direct_writes = options.direct_writes
-        self.cache = FdCache(options.open_files)
+        self.direct_write_min_bytes = options.direct_write_min_bytes
+        # The node's shared cache, or (an engine on its own) one of this target's.
+        self.cache = cache if cache is not None else FdCache(open_files_bound(options.open_files))
 
     def close(self) -> None:
-        self.cache.clear()
+        self.cache.clear(self._dir)
 
     @staticmethod
     def path_in(target_dir: str | Path, inode: int, index: int, gen: int) -> str:
@@ -156,7 +187,7 @@ class ChunkFiles:
     def unlink(self, inode: int, index: int, gen: int) -> None:
         if gen:
             path = self.path(inode, index, gen)
-            self.cache.invalidate(path)
+            self.cache.invalidate((self._dir, inode, index, gen))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
@@ -184,6 +215,7 @@ class ChunkFiles:
             and offset == 0
             and keep == 0
             and final == len(data) > 0
+            and len(data) >= self.direct_write_min_bytes
             and _direct_io_ok(data)
         ):
             self._write_direct(inode, index, gen, data)
@@ -261,7 +293,7 @@ class ChunkFiles:
         """Scatter-read consecutive bytes at ``offset`` into ``bufs``; the bytes read."""
         bufs = [b for b in bufs if len(b)]
         want = sum(len(b) for b in bufs)
-        f = self.cache.acquire(self.path(inode, index, gen))
+        f = self.cache.acquire((self._dir, inode, index, gen))
         try:
             got = 0
             while got < want:
@@ -311,6 +343,7 @@ class ChunkFiles:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        self.cache.invalidate((self._dir, inode, index, gen))  # the old file, now unlinked
         if self.durable:
             self.fsync_dir_of(inode)
 

@@ -44,6 +44,7 @@ from chainfs.storage_service import drop_chunks, extra_targets
 from chainfs.storage_service.access import Access
 from chainfs.storage_service.chunk_copy import ChunkCopier
 from chainfs.storage_service.chunk_engine import ChunkEngine
+from chainfs.storage_service.chunk_files import FdCache, open_files_bound
 from chainfs.storage_service.config import StorageConfig
 from chainfs.storage_service.craq import Craq, LocalTarget, record_to_meta
 from chainfs.storage_service.fencing import Fence
@@ -153,6 +154,8 @@ class StorageNode:
         self.scrubber: Scrubber | None = None
         self._create_lock = asyncio.Lock()  # one create-targets at a time
         self.metrics: NodeMetrics | None = None
+        # Chunk files open for reads, one bound for all targets (open_chunk_files).
+        self.fd_cache = FdCache(open_files_bound(config.open_chunk_files))
 
     def chain_of(self, target_id: int, routing: Routing | None) -> int:
         if routing is None:
@@ -165,7 +168,7 @@ class StorageNode:
         opts = self.config.engine_options()
         infos = []
         for path in [*self.config.targets, *extra_targets.load(self.config)]:
-            eng = ChunkEngine(path, opts)
+            eng = ChunkEngine(path, opts, self.fd_cache)
             self.engines.append(eng)
             ids = eng.load_ids()
             node_id = ids.get("node_id", 0)
@@ -209,7 +212,11 @@ class StorageNode:
             engines: list[ChunkEngine] = []
             try:
                 for d in dirs:
-                    engines.append(await loop.run_in_executor(self.executor, ChunkEngine, d, opts))
+                    engines.append(
+                        await loop.run_in_executor(
+                            self.executor, ChunkEngine, d, opts, self.fd_cache
+                        )
+                    )
                 await loop.run_in_executor(
                     self.executor,
                     extra_targets.save,

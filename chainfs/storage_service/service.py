@@ -62,11 +62,11 @@ def _read_reply(
     read: tuple[sp.BatchReadRsp, list[memoryview], Callable[[], None]],
 ) -> Response:
     out, buffers, release = read
-    storage_metrics.count_reads(req, out)
-    if node.repairer is not None:
-        for io, res in zip(req.ios, out.results, strict=True):
-            if res.status.code == Code.CHECKSUM_MISMATCH:
-                node.repairer.request(io.target_id, io.chunk.inode, io.chunk.index)
+    damaged = storage_metrics.count_reads(req, out)
+    if damaged and node.repairer is not None:
+        for i in damaged:
+            io = req.ios[i]
+            node.repairer.request(io.target_id, io.chunk.inode, io.chunk.index)
     return Response(
         frame.msg_type, out.SerializeToString(), payload=buffers, on_done=lambda _sent: release()
     )

@@ -285,7 +285,7 @@ def test_direct_write_of_a_whole_chunk_with_a_short_tail(tmp_path: Path) -> None
     byte and the checksum read back, and the file is exactly that long."""
     import mmap
 
-    eng = ChunkEngine(tmp_path / "t")
+    eng = ChunkEngine(tmp_path / "t", EngineOptions(direct_write_min_bytes=0))
     for index, size in enumerate((4096 + 1, 64 * 1024 + 48, 4096 * 3 - 1)):
         buf = mmap.mmap(-1, 128 * 1024)
         view = memoryview(buf)[:size]
@@ -300,6 +300,37 @@ def test_direct_write_of_a_whole_chunk_with_a_short_tail(tmp_path: Path) -> None
         for verify in (True, False):
             assert bytes(eng.read(7, index, 0, size, verify=verify)[1]) == want
         assert bytes(eng.read(7, index, size - 100, 100, verify=True)[1]) == want[-100:]
+    eng.close()
+
+
+def test_small_whole_chunk_writes_stay_in_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Aligned whole-chunk writes under direct_write_min_bytes are buffered (so the
+    reads that follow need no disk); from that size on they take O_DIRECT."""
+    import mmap
+
+    from chainfs.storage_service.chunk_files import ChunkFiles
+
+    direct: list[int] = []
+    real = ChunkFiles._write_direct
+
+    def spy(self: ChunkFiles, inode: int, index: int, gen: int, data: memoryview) -> None:
+        direct.append(len(data))
+        real(self, inode, index, gen, data)
+
+    monkeypatch.setattr(ChunkFiles, "_write_direct", spy)
+    eng = ChunkEngine(tmp_path / "t", EngineOptions(direct_write_min_bytes=64 * 1024))
+    buf = mmap.mmap(-1, 128 * 1024)
+    view = memoryview(buf)
+    view[:] = os.urandom(len(view))
+    for index, size in enumerate((4096, 4096 + 100, 64 * 1024 - 4096, 64 * 1024, 128 * 1024)):
+        eng.prepare_write(8, index, 0, view[:size], crc.value(view[:size]), 1 << 20, 1)
+        assert eng.commit(8, index, 1, 1) is not None
+        assert bytes(eng.read(8, index, 0, size, verify=True)[1]) == bytes(view[:size])
+    assert direct == [64 * 1024, 128 * 1024]
+    view.release()
+    buf.close()
     eng.close()
 
 
