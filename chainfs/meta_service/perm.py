@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chainfs.common.auth.identity import Kind, current_identity
+from chainfs.common.auth.identity import Identity, Kind, current_identity
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import meta_pb2 as pb
@@ -37,7 +37,16 @@ class Caller:
     def of(cls, req: cpb.RequestInfo) -> Caller:
         who = current_identity()
         if who.kind is Kind.USER and not who.impersonate:
-            return cls(who.uid, who.gid, who.groups | {who.gid})
+            # The same identity object serves every request of a connection: its
+            # Caller is made once (kept with the identity, so the id is not reused).
+            known = _TOKEN_CALLERS.get(id(who))
+            if known is not None and known[0] is who:
+                return known[1]
+            caller = cls(who.uid, who.gid, who.groups | {who.gid})
+            if len(_TOKEN_CALLERS) >= MAX_CACHED_CALLERS:
+                _TOKEN_CALLERS.clear()  # bounded; refills from the next requests
+            _TOKEN_CALLERS[id(who)] = (who, caller)
+            return caller
         if who.kind is Kind.USER or who.kind is Kind.ANONYMOUS:
             # An impersonating user, or a server without authentication (its
             # access policy admits no anonymous caller otherwise).
@@ -60,6 +69,10 @@ class Caller:
 
 
 ROOT = Caller(0, 0, frozenset({0}))
+
+MAX_CACHED_CALLERS = 4096  # token identities whose Caller is kept (about one per connection)
+# id(identity) -> (that identity, its Caller): Caller.of of a token's user.
+_TOKEN_CALLERS: dict[int, tuple[Identity, Caller]] = {}
 
 
 def allowed(inode: pb.Inode, want: int, caller: Caller) -> bool:

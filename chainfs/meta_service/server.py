@@ -201,11 +201,16 @@ class MetaServer:
         if cfg.frame_enabled:
             from chainfs.common.dataplane.server import DataServer
 
-            handler = framed_handler(self.ns, authenticated=self.auth is not None)
+            handler = framed_handler(
+                self.ns,
+                authenticated=self.auth is not None,
+                admit=self.users.admit if self.users is not None else None,
+                metrics=meta_metrics.REQUESTS,
+            )
             if cfg.unix_socket:
                 _make_socket_dir(cfg.unix_socket)
             dp = DataServer(
-                self.users.guard(handler) if self.users is not None else handler,
+                handler,
                 cfg.listen_host,
                 cfg.frame_port,
                 unix_path=cfg.unix_socket or None,

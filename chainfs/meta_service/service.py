@@ -4,11 +4,14 @@ each call is one call into Namespace."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import grpc.aio
 
+from chainfs.common.auth.identity import Identity
 from chainfs.common.dataplane.server import Handler, message_handler
+from chainfs.common.metrics import RequestMetrics
 from chainfs.common.rpc.grpc_util import rpc_handler
 from chainfs.common.rpc.meta_wire import WIRE_BY_MSG_TYPE
 from chainfs.meta_service.namespace import Namespace
@@ -156,12 +159,33 @@ assert set(NAMESPACE_METHODS) == {w.name for w in WIRE_BY_MSG_TYPE.values()}
 
 # The policy key of each framed msg_type (authorized like its gRPC twin).
 POLICY_KEYS = {t: f"chainfs.meta.Meta/{w.name}" for t, w in WIRE_BY_MSG_TYPE.items()}
+# The metrics op of each framed msg_type (the RPC name, as on gRPC).
+OP_NAMES = {t: w.name for t, w in WIRE_BY_MSG_TYPE.items()}
 
 
-def framed_handler(ns: Namespace, authenticated: bool = False) -> Handler:
+def framed_handler(
+    ns: Namespace,
+    authenticated: bool = False,
+    *,
+    admit: Callable[[Identity], None] | None = None,
+    metrics: RequestMetrics | None = None,
+) -> Handler:
     """The data-plane handler: each framed Meta request calls its Namespace method
-    (``authenticated``: after the access policy admitted the connection's identity)."""
+    (``authenticated``: after the access policy admitted the connection's identity;
+    ``admit``: refuses revoked identities first; ``metrics``: times each op).
+
+    The methods are taken from the class, so the per-instance timing wrappers
+    of meta_service.metrics.instrument (for gRPC) are not stacked under the
+    handler's own timing."""
     calls = {
-        t: (w.request, getattr(ns, NAMESPACE_METHODS[w.name])) for t, w in WIRE_BY_MSG_TYPE.items()
+        t: (w.request, getattr(type(ns), NAMESPACE_METHODS[w.name]).__get__(ns))
+        for t, w in WIRE_BY_MSG_TYPE.items()
     }
-    return message_handler("meta", calls, POLICY_KEYS if authenticated else None)
+    return message_handler(
+        "meta",
+        calls,
+        POLICY_KEYS if authenticated else None,
+        admit=admit,
+        metrics=metrics,
+        op_names=OP_NAMES,
+    )

@@ -39,12 +39,18 @@ import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chainfs.common import tls
 from chainfs.common.auth.authenticator import Authenticator
-from chainfs.common.auth.identity import ANONYMOUS, Identity, set_current_identity
-from chainfs.common.auth.policy import authorize
+from chainfs.common.auth.identity import (
+    ANONYMOUS,
+    Identity,
+    Need,
+    require,
+    set_current_identity,
+)
+from chainfs.common.auth.policy import authorize, need_of
 from chainfs.common.dataplane.address import format_tcp
 from chainfs.common.dataplane.buffers import BufferPool, PooledBuffer, size_class
 from chainfs.common.dataplane.config import DataPlaneConfig
@@ -67,6 +73,9 @@ from chainfs.common.dataplane.frame import (
 )
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.proto import common_pb2 as cpb
+
+if TYPE_CHECKING:
+    from chainfs.common.metrics import RequestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +149,13 @@ MessageCall = tuple[Any, Callable[[Any], Awaitable[Any]]]
 
 
 def message_handler(
-    what: str, calls: dict[int, MessageCall], policy_keys: Mapping[int, str] | None = None
+    what: str,
+    calls: dict[int, MessageCall],
+    policy_keys: Mapping[int, str] | None = None,
+    *,
+    admit: Callable[[Identity], None] | None = None,
+    metrics: RequestMetrics | None = None,
+    op_names: Mapping[int, str] | None = None,
 ) -> Handler:
     """A handler for services whose requests are one protobuf message each (meta,
     mgmtd): parse by msg_type, call, answer the serialized reply. An unknown
@@ -149,24 +164,72 @@ def message_handler(
 
     With ``policy_keys`` (msg_type -> "<service>/<method>"), the caller's
     identity must satisfy the access policy first, and the call runs with it
-    as :func:`current_identity` (as gRPC handlers do)."""
+    as :func:`current_identity` (as gRPC handlers do). ``admit(identity)``
+    raises to refuse a connection's identity (a revoked token) before that.
+    With ``metrics``, each call is timed as the op ``op_names[msg_type]``.
+
+    Everything a request needs besides its message (the parser, the call, the
+    policy's need, the metric children) is looked up once here, and a request
+    runs as one coroutine: no wrapper per concern."""
+    table: dict[int, _MessageEntry] = {}
+    for msg_type, (request_type, call) in calls.items():
+        need: Need | None = None
+        key = ""
+        if policy_keys is not None:
+            key = policy_keys.get(msg_type, f"{what}/{msg_type}")
+            # An unclassified key refuses every call (authorize raises EPERM).
+            need = need_of(key)
+        op = op_names.get(msg_type, "") if op_names is not None else ""
+        table[msg_type] = _MessageEntry(
+            request_type,
+            request_type.FromString,
+            call,
+            policy_keys is not None,
+            need,
+            key,
+            op if metrics is not None and op else "",
+        )
 
     async def handle(req: Request) -> Response:
-        entry = calls.get(req.msg_type)
+        entry = table.get(req.msg_type)
         if entry is None:
             raise ChainfsError(Code.ENOSYS, f"unknown {what} msg_type {req.msg_type}")
-        if policy_keys is not None:
-            authorize(policy_keys.get(req.msg_type, f"{what}/{req.msg_type}"), req.identity)
-            set_current_identity(req.identity)
-        request_type, call = entry
+        who = req.identity
+        if admit is not None:
+            admit(who)
+        if entry.checked:
+            if entry.need is None:
+                authorize(entry.policy_key, who)  # raises: not in the policy
+            else:
+                require(entry.need, who, entry.policy_key)
+            set_current_identity(who)
         try:
-            request = request_type.FromString(bytes(req.header))
+            request = entry.parse(bytes(req.header))
         except Exception as e:  # DecodeError: a malformed request is the caller's fault
-            raise ChainfsError(Code.EINVAL, f"malformed {request_type.__name__}: {e}") from None
-        rsp = await call(request)
+            raise ChainfsError(
+                Code.EINVAL, f"malformed {entry.request_type.__name__}: {e}"
+            ) from None
+        if entry.op and metrics is not None:
+            with metrics.observe(entry.op):
+                rsp = await entry.call(request)
+        else:
+            rsp = await entry.call(request)
         return Response(req.msg_type, rsp.SerializeToString())
 
     return handle
+
+
+@dataclass(frozen=True, slots=True)
+class _MessageEntry:
+    """What :func:`message_handler` resolved once for one msg_type."""
+
+    request_type: Any
+    parse: Callable[[bytes], Any]
+    call: Callable[[Any], Awaitable[Any]]
+    checked: bool  # the access policy applies (and the call runs as the caller)
+    need: Need | None  # None with ``checked``: the key is not in the policy
+    policy_key: str
+    op: str  # metrics op name, "" = not timed
 
 
 def build_segments(

@@ -101,6 +101,12 @@ class UserCache:
         its token was not revoked (user removed, token rotated) since."""
         return id(who) in self._live
 
+    def admit(self, who: Identity) -> None:
+        """Refuse (UNAUTHENTICATED) a framed connection's user whose token was
+        revoked after its HELLO: within the refresh interval."""
+        if who.kind is Kind.USER and id(who) not in self._live:
+            raise ChainfsError(Code.UNAUTHENTICATED, "token revoked")
+
     def guard(self, handler: Handler) -> Handler:
         """``handler`` refusing the requests of framed connections whose token
         was revoked after their HELLO (UNAUTHENTICATED): within the refresh interval."""
