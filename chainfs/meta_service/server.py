@@ -199,7 +199,7 @@ class MetaServer:
         self._grpc = srv
         self.rpc_address = f"{cfg.listen_host}:{port}"
         if cfg.frame_enabled:
-            from chainfs.common.dataplane.server import DataServer
+            from chainfs.common.dataplane.server import DataServer, run_eagerly
 
             handler = framed_handler(
                 self.ns,
@@ -210,7 +210,8 @@ class MetaServer:
             if cfg.unix_socket:
                 _make_socket_dir(cfg.unix_socket)
             dp = DataServer(
-                handler,
+                # A stat on the embedded store never waits: answered without a task.
+                run_eagerly(handler),
                 cfg.listen_host,
                 cfg.frame_port,
                 unix_path=cfg.unix_socket or None,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import resource
@@ -37,7 +38,8 @@ import socket
 import ssl
 import stat
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -217,6 +219,49 @@ def message_handler(
         return Response(req.msg_type, rsp.SerializeToString())
 
     return handle
+
+
+def run_eagerly(handler: Handler) -> EagerHandler:
+    """``handler`` whose coroutine takes its first step at once, in a context of
+    its own: a request that never waits (a stat on the embedded store) is
+    answered without a task, and one that waits goes on as a task from where it
+    stopped, every step in that same context (context variables it set stay)."""
+
+    def eager(req: Request) -> Response | Awaitable[Response]:
+        ctx = contextvars.copy_context()
+        coro = handler(req)
+        if not isinstance(coro, types.CoroutineType):
+            return coro
+        try:
+            yielded = ctx.run(coro.send, None)
+        except StopIteration as stop:
+            rsp: Response = stop.value
+            return rsp
+        return _resume(ctx, coro, yielded)
+
+    return eager
+
+
+@types.coroutine
+def _resume(
+    ctx: contextvars.Context, coro: Coroutine[Any, Any, Response], yielded: Any
+) -> Generator[Any, None, Response]:
+    """Go on with ``coro`` (which yielded ``yielded`` to the loop) in a task, in ``ctx``."""
+    while True:
+        try:
+            yield yielded
+        except BaseException as exc:  # a cancellation thrown into the task
+            try:
+                yielded = ctx.run(coro.throw, exc)
+            except StopIteration as stop:
+                rsp: Response = stop.value
+                return rsp
+        else:
+            try:
+                yielded = ctx.run(coro.send, None)
+            except StopIteration as stop:
+                rsp = stop.value
+                return rsp
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextvars
 import errno
 import os
 import random
@@ -23,6 +24,7 @@ from chainfs.common.dataplane import (
     Response,
 )
 from chainfs.common.dataplane.frame import FIXED_HEADER_SIZE, FLAG_RESPONSE, encode_fixed
+from chainfs.common.dataplane.server import run_eagerly
 from chainfs.common.errors import ChainfsError, Code
 
 pytestmark = pytest.mark.timeout(60)
@@ -404,6 +406,44 @@ async def test_a_handler_may_answer_at_once_or_later(env: _Env) -> None:
     assert (late.header, bytes(late.payload)) == (b"later:x", b"late")
     await _until(lambda: server.pool.in_use_bytes == 0)
     assert server.stats["errors"] == 2
+
+
+async def test_an_eager_handler_keeps_its_context_across_waits(env: _Env) -> None:
+    """run_eagerly: a coroutine that never waits is answered at once, one that
+    waits goes on where it stopped; a context variable it set before the wait
+    is still set after it, and never leaks into the loop's own context;
+    errors before and after the wait reach the caller with their code."""
+    caller: contextvars.ContextVar[bytes] = contextvars.ContextVar("caller", default=b"")
+    release = asyncio.Event()
+
+    async def handler(req: Request) -> Response:
+        caller.set(req.header)
+        if req.header.startswith(b"wait"):
+            await release.wait()
+        if req.header.endswith(b"fail"):
+            raise ChainfsError(Code.ENOENT, "gone")
+        return Response(ECHO, caller.get(), payload=[req.payload])
+
+    server = await env.server(run_eagerly(handler))
+    client = env.client()
+    waiting = [
+        asyncio.ensure_future(client.request(server.address, ECHO, b"wait%d" % i, [b"w"]))
+        for i in range(3)
+    ]
+    failing = asyncio.ensure_future(client.request(server.address, ECHO, b"wait-fail"))
+    got = await client.request(server.address, ECHO, b"now", [b"n"])
+    assert (got.header, bytes(got.payload)) == (b"now", b"n")
+    with pytest.raises(ChainfsError) as ei:
+        await client.request(server.address, ECHO, b"now-fail")
+    assert ei.value.code == Code.ENOENT
+    assert not any(f.done() for f in waiting)
+    release.set()
+    assert [(await f).header for f in waiting] == [b"wait0", b"wait1", b"wait2"]
+    with pytest.raises(ChainfsError) as ei:
+        await failing
+    assert ei.value.code == Code.ENOENT
+    assert caller.get() == b""
+    await _until(lambda: server.pool.in_use_bytes == 0)
 
 
 async def test_request_timeout_then_connection_still_works(env: _Env) -> None:
