@@ -471,3 +471,18 @@ def test_direct_reads_racing_a_writer_process_see_close_to_open(
     assert writer.returncode == 0
     assert rounds >= 2
     assert _direct_reads(p, [0, size - _BLOCK], threads=2)[0] == bytes([12]) * _BLOCK
+
+
+def test_the_kernel_keeps_max_background_requests_in_flight(mnt_a: Path) -> None:
+    """Async direct reads at queue depth 16 all reach the mount (the kernel's
+    default bound is 12); read through the FUSE control file system."""
+    from chainfs.fuse_mount.mount import mount_device
+
+    dev = mount_device(str(mnt_a))
+    assert dev is not None
+    ctl = Path("/sys/fs/fuse/connections") / dev.split(":")[1]
+    if not ctl.is_dir():
+        pytest.skip("the FUSE control file system (fusectl) is not mounted")
+    want = MountConfig().max_background
+    assert int((ctl / "max_background").read_text()) == want
+    assert int((ctl / "congestion_threshold").read_text()) == want * 3 // 4

@@ -131,3 +131,25 @@ async def test_a_caller_cancelled_while_waiting_sends_nothing() -> None:
     await first
     assert bytes((await kept)[0][1] or b"") == data_of(3, 0, 4096)
     assert node.frames == [[1], [3]]
+
+
+async def test_a_node_found_down_fails_the_reads_waiting_for_it_at_once() -> None:
+    """They fail over to another replica without a frame (and a timeout) of their own."""
+    node = FakeNode()
+
+    async def down(
+        address: str, ios: Sequence[ReadIO], caps: dict[int, cp.Capability]
+    ) -> list[IOResult]:
+        node.frames.append([r.inode for r, _ in ios])
+        await node.gate.wait()
+        raise ChainfsError(Code.UNAVAILABLE, "connection lost")
+
+    co = ReadCoalescer(down, frames_per_node=1, max_ios=64, max_bytes=1 << 20)
+    tasks = [asyncio.ensure_future(co.read(NODE, reads(ino), {}, 4096)) for ino in (1, 2, 3)]
+    await until_frames(node, 1)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    node.gate.set()
+    got = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(e, ChainfsError) and e.code == Code.UNAVAILABLE for e in got)
+    assert node.frames == [[1]]

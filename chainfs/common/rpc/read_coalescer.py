@@ -16,6 +16,10 @@ have had without coalescing. A caller cancelled while its reads are in a
 shared frame abandons that frame (its buffers must not be written after it
 returned); the others send theirs again alone.
 
+A frame failing because the node is down (UNAVAILABLE, ETIMEDOUT) fails the
+reads waiting for that node at once with the same error, so they fail over
+to another replica as a read of their own would have, without a second wait.
+
 Bounds: at most ``max_ios`` reads wait per node (more go in a frame of their
 own) and a shared frame holds at most ``max_ios`` reads and ``max_bytes``.
 """
@@ -27,8 +31,14 @@ import collections
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from chainfs.common.errors import ChainfsError, Code
 from chainfs.proto import common_pb2 as cp
 from chainfs.proto import storage_pb2 as sp
+
+# A frame failing with these says the node (or the way to it) is down: the
+# reads waiting for it get the same answer at once and fail over, instead of
+# waiting for a frame of their own to time out too.
+_NODE_DOWN = frozenset({Code.UNAVAILABLE, Code.ETIMEDOUT})
 
 # One read sent to one replica: (storage_client.ReadReq, target id); and what
 # came back: the server's result and where its bytes landed (None: no bytes).
@@ -84,6 +94,9 @@ class ReadCoalescer:
             node.inflight += 1
             try:
                 return await self._fetch(address, ios, caps)
+            except ChainfsError as e:
+                self._fail_waiting(node, e)
+                raise
             finally:
                 node.inflight -= 1
                 self._next(address, node)
@@ -93,15 +106,27 @@ class ReadCoalescer:
         try:
             got = await w.fut
         except asyncio.CancelledError:
-            if w.frame is None:  # still waiting: nothing sent for it
-                node.waiting.remove(w)
-                node.waiting_ios -= len(ios)
+            if w.frame is None:
+                if w in node.waiting:  # still waiting: nothing sent for it
+                    node.waiting.remove(w)
+                    node.waiting_ios -= len(ios)
             elif not w.frame.done():
                 w.frame.cancel()  # its bytes must not reach our buffers after we return
             raise
         if got is None:  # the shared frame failed as a whole: ours alone, for our own answer
             return await self._fetch(address, ios, caps)
         return got
+
+    @staticmethod
+    def _fail_waiting(node: _Node, e: ChainfsError) -> None:
+        """The node is down (``e``): what waits for it fails over now, with ``e``."""
+        if e.code not in _NODE_DOWN:
+            return
+        while node.waiting:
+            w = node.waiting.popleft()
+            node.waiting_ios -= len(w.ios)
+            if not w.fut.done():
+                w.fut.set_exception(e)
 
     def _next(self, address: str, node: _Node) -> None:
         """Send what waits for ``address``, in shared frames, while slots are free."""
@@ -136,11 +161,14 @@ class ReadCoalescer:
             try:
                 got = await self._fetch(address, ios, caps)
             except BaseException as e:
+                if isinstance(e, ChainfsError):
+                    self._fail_waiting(node, e)
                 for w in batch:
                     if w.fut.done():
                         continue
-                    if len(batch) == 1 and not isinstance(e, asyncio.CancelledError):
-                        w.fut.set_exception(e)  # its own frame: its own answer
+                    down = isinstance(e, ChainfsError) and e.code in _NODE_DOWN
+                    if down or (len(batch) == 1 and isinstance(e, Exception)):
+                        w.fut.set_exception(e)  # the node's state, or its own frame's answer
                     else:
                         w.fut.set_result(None)
                 if not isinstance(e, Exception):
