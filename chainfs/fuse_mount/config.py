@@ -52,6 +52,11 @@ class MountConfig:
     # FUSE requests served concurrently (pyfuse3 worker tasks): parallel readers
     # are served in parallel up to this many.
     max_requests: int = 64
+    # Background requests the kernel keeps in flight to the mount at once: async
+    # direct I/O (io_submit, fio's libaio at iodepth N) and read-ahead go this
+    # way; the kernel's default is 12. Congestion starts at 3/4 of it. 0 = the
+    # kernel's default. At most max_requests are served at once either way.
+    max_background: int = 32
     # Store security.* attributes (SELinux labels, file capabilities) at meta.
     # Off: the mount answers them EOPNOTSUPP itself, which tools cache per
     # file system; on, `ls -l` asks meta for security.selinux of every file
@@ -98,6 +103,7 @@ class MountConfig:
             "readahead_bytes",
             "readahead_budget_bytes",
             "readdir_cache_entries",
+            "max_background",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -111,6 +117,8 @@ class MountConfig:
                 raise ValueError(f"{name} must be > 0")
         if self.read_ahead_kb < 0:
             raise ValueError("read_ahead_kb must be >= 0")
+        if self.max_background > 1024:
+            raise ValueError("max_background must be <= 1024")
         if self.max_requests > 1024:
             raise ValueError("max_requests must be <= 1024")
         if not self.fsname or "," in self.fsname:

@@ -126,7 +126,14 @@ class FileOps(OpsBase):
             readable=acc in (os.O_RDONLY, os.O_RDWR),
             writable=writable,
         )
-        if h.readable and self._readahead_buffers is not None and self.config.readahead_bytes:
+        # O_DIRECT asks for no caching: its reads go straight to storage (a
+        # random 4 KiB read taken for sequential would fetch a whole block).
+        if (
+            h.readable
+            and not flags & os.O_DIRECT
+            and self._readahead_buffers is not None
+            and self.config.readahead_bytes
+        ):
             layout = st.handle.layout
             block = min(max(layout.chunk_size, MiB), 8 * MiB)
             handle = st.handle

@@ -138,6 +138,12 @@ _FALLOCATE = ctypes.CFUNCTYPE(
 _FILE_OP = ctypes.CFUNCTYPE(None, _req, ctypes.c_uint64, _fi_p)  # flush, release
 _PY_FILE_OP = ctypes.PYFUNCTYPE(None, _req, ctypes.c_uint64, _fi_p)
 _INTERRUPT = ctypes.CFUNCTYPE(None, _req, ctypes.c_void_p)
+_INIT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)  # (userdata, fuse_conn_info *)
+_PY_INIT = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+# struct fuse_conn_info (libfuse 3.x): proto_major, proto_minor, max_write, max_read,
+# max_readahead, capable, want, max_background, congestion_threshold, ... (unsigned)
+_CONN_MAX_BACKGROUND = 7
+_CONN_CONGESTION_THRESHOLD = 8
 
 
 @dataclass(frozen=True)
@@ -233,8 +239,9 @@ def _session_ops_address() -> int:
 class Bridge:
     """The installed callbacks (kept alive here) and the replies they send."""
 
-    def __init__(self, handlers: LockHandlers, max_inflight: int) -> None:
+    def __init__(self, handlers: LockHandlers, max_inflight: int, max_background: int = 0) -> None:
         self.handlers = handlers
+        self.max_background = max_background  # 0: the kernel's default (12)
         self.lib = ctypes.CDLL("libfuse3.so.3")
         self.lib.fuse_req_ctx.restype = ctypes.POINTER(FuseCtx)
         self.lib.fuse_req_ctx.argtypes = [_req]
@@ -254,6 +261,12 @@ class Bridge:
             # PYFUNCTYPE: pyfuse3's handlers touch Python objects and need the GIL held.
             address = slots[_SLOT[name]]
             self.original[name] = _PY_FILE_OP(address) if address else None
+        address = slots[_SLOT["init"]]
+        if self.max_background and address:
+            self.original["init"] = _PY_INIT(address)
+            cb = _INIT(self._init)
+            self.callbacks.append(cb)
+            slots[_SLOT["init"]] = ctypes.cast(cb, ctypes.c_void_p).value
         for name, proto, fn in (
             ("getlk", _GETLK, self._getlk),
             ("setlk", _SETLK, self._setlk),
@@ -355,6 +368,15 @@ class Bridge:
 
         self._start(req, work)
 
+    def _init(self, userdata: int, conn: int) -> None:
+        """pyfuse3's init, then the background request bound libfuse puts in its
+        INIT reply: async direct I/O (fio libaio, iodepth N) and read-ahead are
+        background requests, at most 12 in flight by the kernel's default."""
+        self.original["init"](userdata, conn)
+        fields = (ctypes.c_uint * (_CONN_CONGESTION_THRESHOLD + 1)).from_address(conn)
+        fields[_CONN_MAX_BACKGROUND] = self.max_background
+        fields[_CONN_CONGESTION_THRESHOLD] = self.max_background * 3 // 4
+
     def _flush(self, req: int, ino: int, fi: Any) -> None:
         self._closing("flush", req, ino, fi, posix=True, flock=False)
 
@@ -378,12 +400,13 @@ def _lock_args(lk: Any) -> LockArgs:
     return LockArgs(lk.l_type, lk.l_start, lk.l_len, lk.l_pid)
 
 
-def install(handlers: LockHandlers, max_inflight: int) -> Bridge | None:
-    """Route getlk, setlk, flock and fallocate to ``handlers``; None (and a
+def install(handlers: LockHandlers, max_inflight: int, max_background: int = 0) -> Bridge | None:
+    """Route getlk, setlk, flock and fallocate to ``handlers`` and (non-zero)
+    ask the kernel for ``max_background`` background requests; None (and a
     warning) when this pyfuse3/libfuse does not look as expected."""
     try:
         table = _session_ops_address()
-        bridge = Bridge(handlers, max_inflight)
+        bridge = Bridge(handlers, max_inflight, max_background)
         bridge.install(table)
     except (LookupError, OSError, ValueError, struct.error) as e:
         log.warning("locks and fallocate stay local to this mount: %s", e)

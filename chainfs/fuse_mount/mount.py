@@ -129,7 +129,9 @@ async def serve(mountpoint: str, config: MountConfig, ready_file: str | None = N
         await fs.close()
         raise
     # Locks and fallocate through the cluster (kept referenced while mounted).
-    bridge = kernel_bridge.install(ops, max_inflight=config.max_requests)
+    bridge = kernel_bridge.install(
+        ops, max_inflight=config.max_requests, max_background=config.max_background
+    )
     loop = asyncio.get_running_loop()
     stopping = False
 

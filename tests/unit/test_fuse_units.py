@@ -57,6 +57,13 @@ def test_validate_rejects_zero(field: str) -> None:
         cfg.validate()
 
 
+@pytest.mark.parametrize("value", [-1, 1025])
+def test_validate_bounds_max_background(value: int) -> None:
+    cfg = MountConfig(max_background=value)
+    with pytest.raises(ValueError, match="max_background"):
+        cfg.validate()
+
+
 def test_client_timeouts_capped_by_cluster_timeout() -> None:
     cfg = MountConfig(cluster_timeout_ms=2000)
     c = cfg.effective_client_config()

@@ -34,6 +34,7 @@ from chainfs.common.dataplane.sync_client import SyncDataClient
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing, data_address
 from chainfs.common.rpc.mgmt_client import RoutingCache
+from chainfs.common.rpc.read_coalescer import IOResult, ReadCoalescer, ReadIO
 from chainfs.proto import common_pb2 as cp
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import storage_pb2 as sp
@@ -85,6 +86,13 @@ class StorageClientConfig:
     timeout_ms: int = 30_000  # one data-plane request
     max_parallel_nodes: int = 32  # batched read frames in flight at once
     max_ios_per_batch: int = 1024  # ios in one batched read frame
+    # Frames of small reads in flight per storage node before further small
+    # reads to it wait and go together in one batched frame (read_coalescer);
+    # 0 = off, every read_batch call sends its own frames.
+    coalesce_frames_per_node: int = 1
+    # A read_batch call's reads to one node of at most this many bytes coalesce;
+    # a shared frame asks for at most 16 times this (and max_ios_per_batch ios).
+    coalesce_read_max_bytes: int = 64 * 1024
     max_remove_rounds: int = 1 << 20  # bound on remove_chunks' paging loop
     prefer_unix_socket: bool = True  # same-host storage nodes through their unix socket
     # Check a whole-chunk read against the CRC32C the server stored (one more pass
@@ -93,9 +101,17 @@ class StorageClientConfig:
     dataplane: DataPlaneConfig = field(default_factory=DataPlaneConfig)
 
     def validate(self) -> None:
-        for name in ("attempts", "timeout_ms", "max_parallel_nodes", "max_ios_per_batch"):
+        for name in (
+            "attempts",
+            "timeout_ms",
+            "max_parallel_nodes",
+            "max_ios_per_batch",
+            "coalesce_read_max_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.coalesce_frames_per_node < 0:
+            raise ValueError("coalesce_frames_per_node must be >= 0")
 
 
 @dataclass
@@ -195,6 +211,17 @@ class StorageClient:
         self._ids = itertools.count(time.time_ns() // 1000)
         self._rng = random.Random()
         self._sync_rng = random.Random()  # read_now's, used from callers' threads
+        cfg = self.config
+        self.coalescer = (
+            ReadCoalescer(
+                self._fetch_reads,
+                cfg.coalesce_frames_per_node,
+                cfg.max_ios_per_batch,
+                16 * cfg.coalesce_read_max_bytes,
+            )
+            if cfg.coalesce_frames_per_node
+            else None
+        )
 
     def next_request_id(self) -> int:
         return next(self._ids)
@@ -518,22 +545,18 @@ class StorageClient:
             )
         return [r if r is not None else memoryview(b"") for r in results]
 
-    async def _read_node(
-        self,
-        routing: Routing,
-        reqs: Sequence[ReadReq],
-        items: list[tuple[int, int]],
-        results: list[memoryview | None],
-        last: dict[int, ChainfsError],
-        prefer_tail: list[bool],
-        caps: dict[int, cp.Capability],
-    ) -> None:
-        batch = batch_read_request([(reqs[i], target) for i, target in items], caps)
-        got: list[memoryview | None] = [None] * len(items)
+    async def _fetch_reads(
+        self, address: str, ios: Sequence[ReadIO], caps: dict[int, cp.Capability]
+    ) -> list[IOResult]:
+        """One batched read frame to ``address``: each io's result and where its
+        bytes landed (its ``out``, or a new buffer). ChainfsError when the frame
+        failed as a whole."""
+        batch = batch_read_request(ios, caps)
+        got: list[memoryview | None] = [None] * len(ios)
         parsed: list[sp.BatchReadRsp] = []
 
         def parse(rsp_header: bytes) -> sp.BatchReadRsp:
-            rsp = parse_batch_read_reply(rsp_header, len(items))
+            rsp = parse_batch_read_reply(rsp_header, len(ios))
             parsed.append(rsp)
             return rsp
 
@@ -545,7 +568,7 @@ class StorageClient:
                 if res.status.code != 0:
                     continue
                 n = res.length
-                r = reqs[items[k][0]]
+                r = ios[k][0]
                 if n > r.length:
                     raise ChainfsError(
                         Code.BAD_FRAME, f"server returned {n} bytes for a {r.length}-byte read"
@@ -556,24 +579,42 @@ class StorageClient:
                     dests.append(dest)
             return dests
 
+        reply = await self.dp.request(
+            address,
+            sp.BATCH_READ,
+            batch.SerializeToString(),
+            payload_sink=sink,
+            timeout_s=self.timeout_s,
+        )
+        rsp = parsed[0] if parsed else parse(reply.header)  # no payload: sink not called
+        return list(zip(rsp.results, got, strict=True))
+
+    async def _read_node(
+        self,
+        routing: Routing,
+        reqs: Sequence[ReadReq],
+        items: list[tuple[int, int]],
+        results: list[memoryview | None],
+        last: dict[int, ChainfsError],
+        prefer_tail: list[bool],
+        caps: dict[int, cp.Capability],
+    ) -> None:
+        ios = [(reqs[i], target) for i, target in items]
+        address = self._address(routing, items[0][1])
         try:
-            reply = await self.dp.request(
-                self._address(routing, items[0][1]),
-                sp.BATCH_READ,
-                batch.SerializeToString(),
-                payload_sink=sink,
-                timeout_s=self.timeout_s,
-            )
-            rsp = parsed[0] if parsed else parse(reply.header)  # no payload: sink not called
+            nbytes = sum(r.length for r, _ in ios)
+            if self.coalescer is not None and nbytes <= self.config.coalesce_read_max_bytes:
+                got = await self.coalescer.read(address, ios, caps, nbytes)
+            else:
+                got = await self._fetch_reads(address, ios, caps)
         except ChainfsError as e:
             if e.code not in _RETRY_READ:
                 raise
             for i, _ in items:
                 last[i] = e
             return
-        for k, res in enumerate(rsp.results):
+        for k, (res, got_k) in enumerate(got):
             i = items[k][0]
-            got_k = got[k]
             data = got_k if got_k is not None else memoryview(b"")
             if res.status.code == 0 and not self._whole_chunk_corrupt(reqs[i], res, data):
                 results[i] = data
