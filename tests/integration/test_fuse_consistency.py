@@ -10,6 +10,7 @@ by an open() on another at once (close-to-open).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import os
 import random
@@ -25,6 +26,7 @@ from chainfs.client.sync import FileSystem
 from chainfs.fuse_mount.config import MountConfig
 from chainfs.local import LocalCluster
 from chainfs.local.process import MountProcess
+from tests.conftest import require
 from tests.integration.fuse_fixtures import (
     force_unmount,
     is_mounted,
@@ -480,9 +482,26 @@ def test_the_kernel_keeps_max_background_requests_in_flight(mnt_a: Path) -> None
 
     dev = mount_device(str(mnt_a))
     assert dev is not None
-    ctl = Path("/sys/fs/fuse/connections") / dev.split(":")[1]
-    if not ctl.is_dir():
-        pytest.skip("the FUSE control file system (fusectl) is not mounted")
-    want = MountConfig().max_background
-    assert int((ctl / "max_background").read_text()) == want
-    assert int((ctl / "congestion_threshold").read_text()) == want * 3 // 4
+    with _fusectl() as connections:
+        ctl = connections / dev.split(":")[1]
+        want = MountConfig().max_background
+        assert int((ctl / "max_background").read_text()) == want
+        assert int((ctl / "congestion_threshold").read_text()) == want * 3 // 4
+
+
+@contextlib.contextmanager
+def _fusectl() -> Iterator[Path]:
+    """/sys/fs/fuse/connections, with the FUSE control file system mounted
+    there for the block (and unmounted after) when nobody had mounted it."""
+    connections = Path("/sys/fs/fuse/connections")
+    if any(connections.iterdir()) or is_mounted(connections):
+        yield connections
+        return
+    done = subprocess.run(
+        ["mount", "-t", "fusectl", "fusectl", str(connections)], capture_output=True, text=True
+    )
+    require("fusectl", done.returncode == 0, f"mount -t fusectl failed: {done.stderr.strip()}")
+    try:
+        yield connections
+    finally:
+        subprocess.run(["umount", str(connections)], check=True, timeout=60)
