@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from chainfs.common.auth.identity import Identity, Kind
 from chainfs.common.background import Periodic
-from chainfs.common.dataplane.server import Handler, Request, Response
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.proto import mgmt_pb2 as mp
 
@@ -106,17 +105,6 @@ class UserCache:
         revoked after its HELLO: within the refresh interval."""
         if who.kind is Kind.USER and id(who) not in self._live:
             raise ChainfsError(Code.UNAUTHENTICATED, "token revoked")
-
-    def guard(self, handler: Handler) -> Handler:
-        """``handler`` refusing the requests of framed connections whose token
-        was revoked after their HELLO (UNAUTHENTICATED): within the refresh interval."""
-
-        async def guarded(req: Request) -> Response:
-            if req.identity.is_user and not self.holds(req.identity):
-                raise ChainfsError(Code.UNAUTHENTICATED, "token revoked")
-            return await handler(req)
-
-        return guarded
 
     def refresher(self) -> Periodic:
         """The background task that keeps the directory fresh."""
