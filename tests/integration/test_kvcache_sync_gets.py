@@ -2,7 +2,9 @@
 
 What a user relies on: a get served that way returns exactly the bytes put;
 another client's overwrite is seen within ``location_cache_ms`` and until then
-the old value whole (docs/consistency.md); this handle's own overwrite is seen
+the old value whole (docs/consistency.md); ``get_into`` served that way fills
+the caller's buffer with the same bytes, and a value longer than the buffer is
+ERANGE with the buffer untouched, as on the loop path; this handle's own overwrite is seen
 at once; a storage node killed while locations are cached costs nothing but
 the fallback (the right bytes still come back); many threads may get at once;
 a fork()ed child gets right bytes over its own connections; 0 connections turns
@@ -11,6 +13,7 @@ the path off; bad settings are refused with the setting's name.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import threading
@@ -77,6 +80,38 @@ def test_bytes_read_from_the_calling_thread_equal_bytes_put(fs: Any, cache_dir: 
     stats = kv.stats()
     assert stats.sync_served == served2 and stats.hits >= 4 * len(values)
     kv.close()
+
+
+def test_get_into_from_the_calling_thread_fills_the_buffer(fs: Any, cache_dir: str) -> None:
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
+    values = {"a": _value(11), "b": _value(12, 100), "empty": b""}
+    kv.batch_put(list(values), list(values.values()))
+    for k, v in values.items():  # the first get of each looks the key up (loop path)
+        assert kv.get(k) == v
+    served, _ = _served(kv)
+    for k, v in values.items():
+        buf = bytearray(b"\xee" * 5000)
+        assert kv.get_into(k, buf) == len(v)
+        assert bytes(buf[: len(v)]) == v and bytes(buf[len(v) :]) == b"\xee" * (5000 - len(v))
+        view = memoryview(bytearray(len(v)))  # exactly the value's size
+        assert kv.get_into(k, view) == len(v) and view.tobytes() == v
+    assert _served(kv)[0] == served + 2 * len(values)
+    assert kv.get_into("absent", bytearray(16)) == -1
+
+
+def test_get_into_a_short_buffer_is_erange_and_writes_nothing(fs: Any, cache_dir: str) -> None:
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
+    kv.put("k", _value(21))
+    assert kv.get("k") == _value(21)  # its location is cached now
+    short = bytearray(b"\x5a" * 4095)
+    with pytest.raises(OSError) as e:
+        kv.get_into("k", short)
+    assert e.value.errno == errno.ERANGE
+    assert short == bytearray(b"\x5a" * 4095)
+    with pytest.raises(TypeError):
+        kv.get_into("k", bytes(4096))  # read-only: refused before any read
+    buf = bytearray(4096)
+    assert kv.get_into("k", buf) == 4096 and bytes(buf) == _value(21)
 
 
 def test_another_clients_overwrite_is_seen_after_location_cache_ms(

@@ -93,7 +93,7 @@ def _as_value_view(value: Buffer) -> memoryview:
     return _bytes_view(view, "a KV-cache value must be a contiguous buffer")
 
 
-def _as_out_view(buffer: Buffer) -> memoryview:
+def as_out_view(buffer: Buffer) -> memoryview:
     view = memoryview(_plain_buffer(buffer))
     if view.readonly:
         raise TypeError("get_into needs a writable buffer")
@@ -215,7 +215,7 @@ class AsyncKVCache:
         miss the buffer's content is unspecified.
         """
         self._check_open()
-        got = await self._single_gets.call((self._key(key), _as_out_view(buffer)))
+        got = await self._single_gets.call((self._key(key), as_out_view(buffer)))
         return -1 if got is None else len(got)
 
     async def batch_get(self, keys: Sequence[KeyLike]) -> list[bytes | None]:
@@ -242,7 +242,7 @@ class AsyncKVCache:
             raise ChainfsError(
                 Code.EINVAL, f"{len(keys)} keys but {len(buffers)} buffers in batch_get_into"
             )
-        outs: list[memoryview | None] = [_as_out_view(b) for b in buffers]
+        outs: list[memoryview | None] = [as_out_view(b) for b in buffers]
         lengths: list[int] = []
         first_error: ChainfsError | None = None
         for r in await self._get_batches([self._key(k) for k in keys], outs):

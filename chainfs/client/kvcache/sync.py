@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from chainfs.client.kvcache.cache import AsyncKVCache, KeyLike
+from chainfs.client.kvcache.cache import AsyncKVCache, Buffer, KeyLike, as_out_view
 from chainfs.client.kvcache.config import KVCacheConfig
 from chainfs.client.kvcache.format import Key
 
@@ -61,7 +61,18 @@ class KVCache:
                 return value
         return self._loop.run(self._a.get(key))
 
-    get_into = _on_loop(AsyncKVCache.get_into)
+    def get_into(self, key: KeyLike, buffer: Buffer) -> int:
+        """Read the value into ``buffer``; its length, or -1 on a miss (ERANGE,
+        nothing written, when the value is longer than the buffer). A key whose
+        location this handle has cached is read from the calling thread, as
+        :meth:`get`."""
+        fast = self._a._sync_gets
+        if fast is not None and not self._a.closed:
+            n = fast.get_into(Key.of(key, self.config.max_key_bytes), as_out_view(buffer))
+            if n is not None:
+                return n
+        return self._loop.run(self._a.get_into(key, buffer))
+
     batch_get = _on_loop(AsyncKVCache.batch_get)
     batch_get_into = _on_loop(AsyncKVCache.batch_get_into)
     exists = _on_loop(AsyncKVCache.exists)

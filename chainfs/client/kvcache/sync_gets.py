@@ -58,16 +58,33 @@ class SyncGets:
 
     def get(self, key: Key) -> bytes | None:
         """``key``'s value if this thread can serve it cleanly; None: take the loop path."""
-        value = self._read(key)
-        with self._lock:
-            if value is None:
-                self._counts.fallbacks += 1
-            else:
-                self._counts.served += 1
-        (_ON_LOOP if value is None else _ON_THREAD).inc()  # thread-safe counters
-        return value
+        value = self._read(key, None)
+        self._count(value is not None)
+        return None if value is None else bytes(value)
 
-    def _read(self, key: Key) -> bytes | None:
+    def get_into(self, key: Key, out: memoryview) -> int | None:
+        """Copy ``key``'s value into ``out`` (a writable byte view) and return its
+        length if this thread can serve it cleanly; None: take the loop path
+        (which also answers a value longer than ``out`` with ERANGE). ``out`` is
+        written only once the entry has passed its check."""
+        value = self._read(key, len(out))
+        self._count(value is not None)
+        if value is None:
+            return None
+        out[: len(value)] = value
+        return len(value)
+
+    def _count(self, served: bool) -> None:
+        with self._lock:
+            if served:
+                self._counts.served += 1
+            else:
+                self._counts.fallbacks += 1
+        (_ON_THREAD if served else _ON_LOOP).inc()  # thread-safe counters
+
+    def _read(self, key: Key, room: int | None) -> memoryview | None:
+        """The checked value (a view of a fresh buffer), or None; ``room``: the
+        most bytes the caller can take (None: any)."""
         entries = self._entries
         loc = entries.locations.get(key)
         if loc is None:
@@ -77,14 +94,15 @@ class SyncGets:
         if entries.expired(info, now_ns) or not self._access.is_current(info, now_ns):
             return None  # the loop path drops the location / queues the access time
         hlen = key.header_len
-        if not 0 <= info.size - hlen <= self._max_value_bytes:
+        vlen = info.size - hlen
+        if not 0 <= vlen <= self._max_value_bytes or (room is not None and vlen > room):
             return None
         buf = memoryview(bytearray(info.size))
         if not self._reader.read(info, buf):
             return None
         if check_entry(key.raw, buf[:hlen], buf[hlen:]) is not Check.OK:
             return None  # the loop path reads it again and looks the key up anew
-        return bytes(buf[hlen:])
+        return buf[hlen:]
 
     def close(self) -> None:
         self._reader.close()
