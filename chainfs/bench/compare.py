@@ -104,5 +104,26 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, list[str]]:
             f"{fmt(y.get('value')):>10} {_change(x.get('value'), y.get('value')):>8}  "
             f"{fmt_ratio(x.get('ratio')):>9} {fmt_ratio(y.get('ratio')):>9}  {_note(x, y)}"
         )
+    out += _cpu_rows(a, b)
     out += ["", f"dropped (ran in OLD, not in NEW): {', '.join(dropped) or 'none'}"]
     return "\n".join(out), dropped
+
+
+def _cpu_rows(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """CPU seconds of each workload both runs measured, and per operation of its mix."""
+    ca, cb = a.get("cpu") or {}, b.get("cpu") or {}
+    both = [w for w in ca if w in cb]
+    if not both:
+        return []
+    rows = ["", f"{'CPU of workload':26} {'OLD s':>10} {'NEW s':>10} {'NEW/OLD':>8}  "
+                f"{'OLD us/op':>9} {'NEW us/op':>9}"]  # fmt: skip
+    for w in both:
+        ta, tb = ca[w].get("total_cpu_s"), cb[w].get("total_cpu_s")
+        pa, pb = (_per_op(c) for c in (ca[w], cb[w]))
+        rows.append(f"{w:26} {fmt(ta):>10} {fmt(tb):>10} {_change(ta, tb):>8}  {pa:>9} {pb:>9}")
+    return rows
+
+
+def _per_op(cpu: dict[str, Any]) -> str:
+    ops, total = cpu.get("ops"), cpu.get("total_cpu_s")
+    return f"{1e6 * total / ops:,.0f}" if ops and total is not None else "-"

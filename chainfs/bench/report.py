@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from chainfs.bench.context import STEADY_SUFFIX
+from chainfs.bench.cpu import cpu_lines
 
 # Chart colours by family of figure.
 _FAMILY_COLOURS = {
@@ -253,6 +254,8 @@ def markdown(report: dict[str, Any], paths: dict[str, Path], notes: Sequence[str
     lines += steady_lines(results)
     if report.get("peer"):
         lines += peer_lines(results, report["peer"])
+    if report.get("cpu"):
+        lines += cpu_lines(report["cpu"], report["machine"].get("cores"))
     if report.get("profiles"):
         lines += _profile_lines(report["profiles"], paths)
     if report.get("warnings"):

@@ -38,6 +38,7 @@ from chainfs.bench.context import (
     WorkloadFailed,
     sizes_dict,
 )
+from chainfs.bench.cpu import CpuWindow, workload_ops
 from chainfs.bench.smallops import PARTS, SMALL_FIGURES, run_part, scratch_dir
 from chainfs.bench.workers import WorkerPool
 from chainfs.bench.workloads import (
@@ -143,8 +144,11 @@ def _run_workload(w: Workload, ctx: RunContext, log: Log) -> list[Result]:
             log(f"{w.name}: {status}")
             return _outcome(w, status, ctx.ceilings)
     t0 = time.monotonic()
+    pids = process_pids(ctx)
     if ctx.profiler is not None:
-        ctx.profiler.start(w.name, process_pids(ctx))
+        ctx.profiler.start(w.name, pids)
+    window = CpuWindow.start(pids)
+    results: list[Result] = []
     try:
         results = w.fn(ctx)
     except WorkloadFailed as e:
@@ -154,6 +158,7 @@ def _run_workload(w: Workload, ctx: RunContext, log: Log) -> list[Result]:
         log(f"{w.name}: FAILED: {traceback.format_exc()}")
         return _outcome(w, f"failed: {type(e).__name__}: {e}", ctx.ceilings)
     finally:
+        ctx.cpu[w.name] = window.stop(workload_ops(results))
         if ctx.profiler is not None:
             ctx.profiles[w.name] = ctx.profiler.stop()
     got = {r.name for r in results}
@@ -204,6 +209,7 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
     warnings: list[str] = []
     peer: dict[str, Any] | None = None
     profiles: dict[str, Any] = {}
+    cpu: dict[str, Any] = {}
     profiler = None
     if opts.profile:
         from chainfs.bench.profile import Profiler
@@ -231,6 +237,7 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
                 ceilings=ceilings,
                 profiler=profiler if profile != "end" else None,
                 profiles=profiles,
+                cpu=cpu,
             )
             if profile == "end":
                 for w in todo:
@@ -287,6 +294,7 @@ def run(opts: BenchOptions, log: Log) -> BenchRun:
     }
     if peer is not None:
         report["peer"] = peer
+    report["cpu"] = cpu
     if opts.profile:
         report["profiles"] = profiles
     run_ = BenchRun(report, out_dir)

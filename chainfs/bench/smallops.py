@@ -71,7 +71,10 @@ def part_meta(pool: WorkerPool, d: Path, sizes: Sizes) -> Measured:
     out: Measured = {}
     for key in ("create", "stat", "unlink"):
         _, ops, secs = aggregate(outs, key)
-        out[key] = (ops / secs, {"processes": CLIENT_PROCS, "files": int(ops), "seconds": secs})
+        out[key] = (
+            ops / secs,
+            {"processes": CLIENT_PROCS, "files": int(ops), "ops": int(ops), "seconds": secs},
+        )
     return out
 
 

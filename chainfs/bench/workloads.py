@@ -102,6 +102,7 @@ class RunContext:
     made_dirs: bool = False  # this run created directories in the cluster
     profiler: Any = None  # a profile.Profiler with --profile
     profiles: dict[str, Any] = field(default_factory=dict)  # workload -> process -> summary
+    cpu: dict[str, Any] = field(default_factory=dict)  # workload -> cpu.CpuWindow.stop()
 
     @property
     def backend(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import pytest
 
 from chainfs.bench import smallops
 from chainfs.bench.cluster import fuse_unavailable
+from chainfs.bench.workloads import META_PHASES
 from chainfs.common.auth.tokens import TOKEN_ENV, TOKEN_FILE_ENV
 from tests.conftest import require_binary
 
@@ -46,6 +47,7 @@ REQUIRED_FIGURES = (
     "dataloader_fork_8w_256k",
 )
 SMALL_FIGURES = tuple(f.figure for f in smallops.SMALL_FIGURES.values())
+META_FIGURES = tuple(META_PHASES.values())
 FUSE_FIGURES = ("fuse_seq_write", "fuse_seq_write_4p", "fuse_seq_read", "fuse_seq_read_4p",
                 *SMALL_FIGURES)  # fmt: skip
 
@@ -110,9 +112,20 @@ def test_bench_quick_writes_a_complete_report(tmp_path: Path) -> None:
     assert all(r["status"] == "ok" and r["ratio"] > 0 for r in peer_results.values())
     assert list(peer.iterdir()) == []  # the run cleaned up what it made there
 
+    # CPU of the processes each workload made busy: the metadata servers did work
+    # during the metadata figures, and the mix's CPU per operation is counted.
+    meta_cpu = report["cpu"]["meta"]
+    assert meta_cpu["wall_s"] > 0 and meta_cpu["ops"] == sum(
+        by_name[n]["details"]["ops"] for n in META_FIGURES
+    )
+    assert any(name.startswith("meta") and s > 0 for name, s in meta_cpu["cpu_s"].items()), meta_cpu
+    assert any(name.startswith("client") and s > 0 for name, s in meta_cpu["cpu_s"].items())
+    assert "ops" not in report["cpu"]["meta_steady"]  # its window holds the churn too
+
     md = json_path.with_suffix(".md").read_text()
     for name in REQUIRED_FIGURES:
         assert f"| {name} |" in md
+    assert "## CPU by process (each workload)" in md and "| meta |" in md
     assert "## Metadata, fresh and in steady state" in md and "## Side by side with" in md
     for png in (f"{json_path.stem}-ratios.png", f"{json_path.stem}-absolute.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

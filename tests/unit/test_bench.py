@@ -14,7 +14,10 @@ import io
 import json
 import multiprocessing
 import signal
+import subprocess
+import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from chainfs.bench import compare, runner, smallops, workers
 from chainfs.bench import report as rep
 from chainfs.bench.ceilings import measure_all
 from chainfs.bench.context import CLIENT_PROCS, QUICK, MiB, Result, WorkloadFailed, ratio_to_ceiling
+from chainfs.bench.cpu import CpuWindow, cpu_lines, workload_ops
 from chainfs.bench.studies import STUDIES
 from chainfs.bench.workers import SEGMENT_BYTES, WorkerPool, aggregate, check_stamps, stamp
 from chainfs.bench.workloads import FIGURES, REGISTRY, RunContext, Workload, figure, select
@@ -490,3 +494,53 @@ def test_without_torch_the_dataloader_figure_is_not_run_and_says_why(
     assert w.needs == ("torch",) and w.results == ("dataloader_fork_8w_256k",)
     assert FIGURES["dataloader_fork_8w_256k"] == FIGURES["usrbio_batch_64x1m"]
     assert FIGURES["usrbio_batch_64x1m"] == ("MB/s", "iperf3_loopback_MBps")
+
+
+def test_cpu_window_counts_each_process_and_says_which_ended() -> None:
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    busy = subprocess.Popen([sys.executable, "-c", burn + "time.sleep(30)"])
+    short = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.2)"])
+    try:
+        window = CpuWindow.start({"busy": busy.pid, "short": short.pid, "absent": 2**22 + 7})
+        short.wait(10)
+        time.sleep(0.6)  # the busy one burns its 0.3 s of CPU in here
+        got = window.stop(ops=1000)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert set(got["cpu_s"]) == {"busy", "short"}  # a pid that never existed is left out
+    assert got["cpu_s"]["short"] is None  # it ended inside the window
+    assert 0.2 <= got["cpu_s"]["busy"] <= got["wall_s"]
+    assert got["total_cpu_s"] == got["cpu_s"]["busy"] and got["ops"] == 1000
+    lines = cpu_lines({"meta": got}, cores=2)
+    assert "| workload | wall s | CPU s by process (cores) | all | per op (mix) |" in lines
+    row = next(line for line in lines if line.startswith("| meta |"))
+    assert "busy " in row and "short ended" in row
+    assert f"{1e6 * got['total_cpu_s'] / 1000:,.0f} us" in row
+
+
+def test_workload_ops_counts_only_when_every_figure_counted_its_own() -> None:
+    a = figure("meta_create", 10.0, {}, details={"ops": 100})
+    b = figure("meta_stat", 20.0, {}, details={"ops": 300})
+    assert workload_ops([a, b]) == 400
+    assert workload_ops([a, figure("meta_rename", 5.0, {})]) is None
+    assert workload_ops([a, figure("meta_stat", None, {}, status="failed: x")]) == 100
+    churned = figure("meta_create_steady", 10.0, {}, details={"ops": 100, "churn_ops": 9})
+    assert workload_ops([churned]) is None
+    assert workload_ops([]) is None
+
+
+def test_compare_shows_the_cpu_of_workloads_both_runs_measured() -> None:
+    def run(meta_s: float, ops: int | None) -> dict[str, Any]:
+        meta = {"wall_s": 10.0, "cpu_s": {"meta": meta_s}, "total_cpu_s": meta_s}
+        if ops:
+            meta["ops"] = ops
+        return {"results": [], "cpu": {"meta": meta, "kvcache": {"total_cpu_s": 1.0}}}
+
+    old, new = run(12.0, 10_000), run(9.0, 10_000)
+    del new["cpu"]["kvcache"]
+    text, _ = compare.compare(old, new)
+    rows = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+    assert rows["meta"].split()[1:] == ["12.0", "9.00", "0.75x", "1,200", "900"]
+    assert "kvcache" not in rows  # measured by one run only
+    assert "CPU of workload" not in compare.compare({"results": []}, new)[0]
