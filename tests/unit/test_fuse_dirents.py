@@ -1,15 +1,19 @@
 """The plain READDIR reply (struct fuse_dirent records), checked against the
-layout the kernel parses: 24-byte header, name, zero padding to 8 bytes."""
+layout the kernel parses: 24-byte header, name, zero padding to 8 bytes; and
+the INIT hook that lets the kernel ask for it."""
 
 from __future__ import annotations
 
+import ctypes
 import stat
 import struct
+from typing import cast
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from chainfs.fuse_mount import kernel_bridge
 from chainfs.fuse_mount.dirents import PackedDirents, d_type, dirent
 
 DT_DIR, DT_REG, DT_LNK = 4, 8, 10
@@ -100,3 +104,29 @@ def test_replies_continue_where_the_last_record_said(names: list[bytes], size: i
     # A reply is never split mid-record: adding after replying keeps positions.
     p.add(999, b"late", stat.S_IFDIR)
     assert parse(p.reply(len(p) - 1, 4096)) == [(999, len(p), b"late", DT_DIR)]
+
+
+def test_the_init_hook_asks_for_readdirplus_auto_when_the_kernel_offers_it() -> None:
+    """pyfuse3's INIT handler clears READDIRPLUS_AUTO; the bridge's hook sets it
+    again (so the kernel sends plain READDIR), but only if the kernel can."""
+    auto, plus = kernel_bridge.FUSE_CAP_READDIRPLUS_AUTO, 1 << 13
+
+    def pyfuse3_init(_userdata: int, conn: int) -> None:
+        fields = (ctypes.c_uint * 10).from_address(conn)
+        fields[6] &= ~auto
+
+    original = kernel_bridge._INIT(pyfuse3_init)
+    slots = kernel_bridge._SLOT
+    table = (ctypes.c_void_p * len(kernel_bridge._OPS))()
+    table[slots["init"]] = ctypes.cast(original, ctypes.c_void_p).value
+    bridge = kernel_bridge.Bridge(cast(kernel_bridge.LockHandlers, None), max_inflight=4)
+    bridge.install(ctypes.addressof(table))
+    assert table[slots["readdir"]] and table[slots["readdirplus"]] is None
+    init = kernel_bridge._INIT(table[slots["init"]])
+    conn = (ctypes.c_uint * 32)()
+    conn[5] = conn[6] = plus | auto  # capable, want
+    init(None, ctypes.addressof(conn))
+    assert conn[6] == plus | auto
+    conn[5] = conn[6] = plus  # an old kernel: no AUTO to ask for
+    init(None, ctypes.addressof(conn))
+    assert conn[6] == plus
