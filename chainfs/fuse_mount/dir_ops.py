@@ -1,5 +1,11 @@
 """FUSE handlers of directory listings: opendir, readdir (paged from meta), releasedir.
 
+Two kinds of readdir share one cursor and one numbering of positions (0 ".",
+1 "..", 2 + k the k-th entry): READDIRPLUS (pyfuse3's ``readdir``: every
+entry with its attributes, and a kernel lookup reference) and plain READDIR
+(:meth:`DirOps.readdir_plain`, routed by :mod:`chainfs.fuse_mount.kernel_bridge`:
+names, inode numbers and types only). The kernel picks per request.
+
 A complete listing is kept for a short while (``listing_ttl_s``: half the
 attribute timeout, the kernel trusts the attributes in it for the other half)
 and answers later opendirs of the same directory by the same user without
@@ -18,12 +24,18 @@ import time
 import pyfuse3
 
 from chainfs.common.rpc.meta_client import UserInfo, type_bits
+from chainfs.fuse_mount import metrics as fuse_metrics
+from chainfs.fuse_mount.dirents import PackedDirents, dirent
 from chainfs.fuse_mount.ops_base import ROOT_INO, OpsBase, op
 from chainfs.fuse_mount.state import DirHandle, DirListing
 from chainfs.proto import meta_pb2 as mt
 
-# Positions in a directory listing: 1 ".", 2 "..", 3 + k the k-th entry.
-_FIRST_ENTRY_POS = 3
+# Positions in a directory listing: 0 ".", 1 "..", 2 + k the k-th entry. A reply
+# names with each entry the position after it (where the kernel continues).
+_FIRST_ENTRY_POS = 3  # what follows entry k: k + _FIRST_ENTRY_POS
+_ENTRIES_POS = 2  # the position of entry 0
+
+Entry = tuple[bytes, int, pyfuse3.EntryAttributes]  # (name, ino, attributes)
 
 
 def _listing_key(ino: int, user: UserInfo) -> tuple[int, int, int, tuple[int, ...]]:
@@ -131,9 +143,9 @@ class DirOps(OpsBase):
                 return
             pos = 2
         if d.listing is not None:
-            self._reply_entries(token, d.listing.entries, pos - 2)
+            self._reply_entries(token, d.listing.entries, pos - _ENTRIES_POS)
             return
-        await self._reply_from_meta(d, token, pos - 2)
+        await self._reply_from_meta(d, token, pos - _ENTRIES_POS)
 
     def _reply_entries(
         self,
@@ -151,22 +163,75 @@ class DirOps(OpsBase):
 
     async def _reply_from_meta(self, d: DirHandle, token: pyfuse3.ReaddirToken, k: int) -> None:
         """Answer entries from the k-th on, fetching meta's pages as needed."""
-        if k < d.base:  # rewinddir / seekdir backwards: list again from the start
-            d.base, d.page, d.after, d.more, d.fetched = 0, [], b"", True, False
-            d.answered = None
-        while True:
-            while k >= d.base + len(d.page):
-                if d.fetched and not d.more:
-                    return
-                rsp = await self.meta.readdir(d.ino, d.after, self._page, True, user=d.user)
-                self._take_page(d, rsp)
-                if not d.page:
-                    return
-            name, ino, attrs = d.page[k - d.base]
+        while (entry := await self._entry_at(d, k)) is not None:
+            name, ino, attrs = entry
             if not pyfuse3.readdir_reply(token, name, attrs, k + _FIRST_ENTRY_POS):
                 return
             self._remember(ino)
             k += 1
+
+    async def _entry_at(self, d: DirHandle, k: int) -> Entry | None:
+        """The k-th entry of the handle's listing (None: past the end), fetching
+        meta's pages as needed."""
+        if k < d.base:  # rewinddir / seekdir backwards: list again from the start
+            d.base, d.page, d.after, d.more, d.fetched = 0, [], b"", True, False
+            d.answered = None
+        while k >= d.base + len(d.page):
+            if d.fetched and not d.more:
+                return None
+            rsp = await self.meta.readdir(d.ino, d.after, self._page, True, user=d.user)
+            self._take_page(d, rsp)
+            if not d.page:
+                return None
+        return d.page[k - d.base]
+
+    # -- plain READDIR (routed by kernel_bridge) ------------------------------------
+    def readdir_cached(self, fh: int, pos: int, size: int) -> bytes | None:
+        """A plain READDIR answered from a kept listing, or None when the handle
+        lists from meta (then :meth:`readdir_plain`). No kernel lookup reference
+        is taken by these entries: nothing to remember."""
+        d = self._dirs.get(fh)
+        with fuse_metrics.REQUESTS.observe("readdir_plain"):
+            if d is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            if d.listing is None:
+                return None
+            self.counters.fuse["readdir_plain"] += 1
+            listing = d.listing
+            if listing.packed is None:
+                listing.packed = _pack(d, listing.entries)
+            return listing.packed.reply(pos, size)
+
+    @op
+    async def readdir_plain(self, fh: int, pos: int, size: int) -> bytes:
+        """A plain READDIR of a handle listing from meta: whole records from
+        ``pos`` on, at most ``size`` bytes."""
+        d = self._dirs.get(fh)
+        if d is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        records: list[bytes] = []
+        used = 0
+
+        def fits(record: bytes) -> bool:
+            nonlocal used
+            if used + len(record) > size:
+                return False
+            records.append(record)
+            used += len(record)
+            return True
+
+        for j, (ino, name) in enumerate(_dots(d)):
+            if pos == j:
+                if not fits(dirent(ino, j + 1, name, stat_mod.S_IFDIR)):
+                    return b"".join(records)
+                pos += 1
+        k = max(pos - _ENTRIES_POS, 0)
+        while (entry := await self._entry_at(d, k)) is not None:
+            name, ino, attrs = entry
+            if not fits(dirent(ino, k + _FIRST_ENTRY_POS, name, attrs.st_mode)):
+                break
+            k += 1
+        return b"".join(records)
 
     @op
     async def releasedir(self, fh: int) -> None:
@@ -174,3 +239,17 @@ class DirOps(OpsBase):
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         return  # every namespace change is durable at meta once answered
+
+
+def _dots(d: DirHandle) -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+    return ((d.ino, b"."), (d.parent, b".."))
+
+
+def _pack(d: DirHandle, entries: list[Entry]) -> PackedDirents:
+    """Every record of a complete listing, positions 0 ("."), 1 (".."), 2 + k."""
+    packed = PackedDirents()
+    for ino, name in _dots(d):
+        packed.add(ino, name, stat_mod.S_IFDIR)
+    for name, ino, attrs in entries:
+        packed.add(ino, name, attrs.st_mode)
+    return packed

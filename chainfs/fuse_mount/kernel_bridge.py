@@ -1,5 +1,5 @@
-"""The FUSE requests pyfuse3 3.5 does not route (getlk, setlk, flock, fallocate),
-wired into its libfuse session with ctypes.
+"""The FUSE requests pyfuse3 3.5 does not route (getlk, setlk, flock, fallocate,
+plain readdir), wired into its libfuse session with ctypes.
 
 pyfuse3 fills libfuse's ``fuse_lowlevel_ops`` with the handlers it knows and
 leaves the rest NULL; libfuse then answers ENOSYS, and the kernel keeps locks
@@ -10,6 +10,13 @@ those handlers are set), :func:`install` writes our ctypes callbacks into the
 session's copy, and wraps flush and release, whose ``lock_owner`` pyfuse3
 drops, so a close releases the caller's locks (POSIX: every lock of the
 process on the file; flock: the open file's lock on its last close).
+
+pyfuse3 registers only READDIRPLUS and takes FUSE_CAP_READDIRPLUS_AUTO out
+of the INIT reply, so every listing returned attributes with each entry (a
+kernel inode and lookup reference per name). With a plain readdir handler
+and AUTO turned back on, the kernel asks READDIRPLUS at the start of a
+listing and when lookups in the directory advise it (``ls -l``), plain
+READDIR otherwise; a kept listing answers that from the callback itself.
 
 The session is found through pyfuse3's module globals (its symbol table);
 the copy of the table inside libfuse's private ``struct fuse_session`` by
@@ -138,11 +145,15 @@ _FALLOCATE = ctypes.CFUNCTYPE(
 _FILE_OP = ctypes.CFUNCTYPE(None, _req, ctypes.c_uint64, _fi_p)  # flush, release
 _PY_FILE_OP = ctypes.PYFUNCTYPE(None, _req, ctypes.c_uint64, _fi_p)
 _INTERRUPT = ctypes.CFUNCTYPE(None, _req, ctypes.c_void_p)
+_READDIR = ctypes.CFUNCTYPE(None, _req, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int64, _fi_p)
 _INIT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)  # (userdata, fuse_conn_info *)
 _PY_INIT = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 # struct fuse_conn_info (libfuse 3.x): proto_major, proto_minor, max_write, max_read,
 # max_readahead, capable, want, max_background, congestion_threshold, ... (unsigned)
+_CONN_CAPABLE = 5
+_CONN_WANT = 6
 _CONN_MAX_BACKGROUND = 7
+FUSE_CAP_READDIRPLUS_AUTO = 1 << 14  # fuse_common.h (libfuse 3.x)
 _CONN_CONGESTION_THRESHOLD = 8
 
 
@@ -181,6 +192,12 @@ class LockHandlers(Protocol):
     def closing(self, ino: int, fh: int, owner: int, posix: bool, flock: bool) -> None:
         """A flush (posix) or release (flock) of ``fh``: drop ``owner``'s locks."""
         ...
+
+    def readdir_cached(self, fh: int, pos: int, size: int) -> bytes | None:
+        """A plain READDIR reply from what the mount keeps; None: ask readdir_plain."""
+        ...
+
+    async def readdir_plain(self, fh: int, pos: int, size: int) -> bytes: ...
 
 
 def _symbols(path: str, names: set[bytes]) -> dict[bytes, int]:
@@ -247,6 +264,7 @@ class Bridge:
         self.lib.fuse_req_ctx.argtypes = [_req]
         self.lib.fuse_reply_err.argtypes = [_req, ctypes.c_int]
         self.lib.fuse_reply_lock.argtypes = [_req, ctypes.POINTER(Flock)]
+        self.lib.fuse_reply_buf.argtypes = [_req, ctypes.c_char_p, ctypes.c_size_t]
         self.lib.fuse_req_interrupt_func.argtypes = [_req, _INTERRUPT, ctypes.c_void_p]
         self.max_inflight = max_inflight
         self.tasks: dict[int, asyncio.Task[None]] = {}  # req address -> its task
@@ -262,16 +280,18 @@ class Bridge:
             address = slots[_SLOT[name]]
             self.original[name] = _PY_FILE_OP(address) if address else None
         address = slots[_SLOT["init"]]
-        if self.max_background and address:
-            self.original["init"] = _PY_INIT(address)
-            cb = _INIT(self._init)
-            self.callbacks.append(cb)
-            slots[_SLOT["init"]] = ctypes.cast(cb, ctypes.c_void_p).value
+        if not address:
+            raise LookupError("pyfuse3 has no init handler")
+        self.original["init"] = _PY_INIT(address)
+        cb = _INIT(self._init)
+        self.callbacks.append(cb)
+        slots[_SLOT["init"]] = ctypes.cast(cb, ctypes.c_void_p).value
         for name, proto, fn in (
             ("getlk", _GETLK, self._getlk),
             ("setlk", _SETLK, self._setlk),
             ("flock", _FLOCK, self._flock),
             ("fallocate", _FALLOCATE, self._fallocate),
+            ("readdir", _READDIR, self._readdir),
             ("flush", _FILE_OP, self._flush),
             ("release", _FILE_OP, self._release),
         ):
@@ -296,10 +316,16 @@ class Bridge:
         c = self.lib.fuse_req_ctx(req).contents
         return Caller(c.uid, c.gid, c.pid)
 
-    def _start(self, req: int, work: Callable[[], Awaitable[Callable[[], int]]]) -> None:
-        """Run ``work`` in a task; it returns the reply to send (a callable)."""
+    def _start(
+        self,
+        req: int,
+        work: Callable[[], Awaitable[Callable[[], int]]],
+        busy_errno: int = errno.ENOLCK,
+    ) -> None:
+        """Run ``work`` in a task; it returns the reply to send (a callable).
+        More than ``max_inflight`` at once: answer ``busy_errno``."""
         if len(self.tasks) >= self.max_inflight:
-            self.lib.fuse_reply_err(req, errno.ENOLCK)
+            self.lib.fuse_reply_err(req, busy_errno)
             return
 
         async def run() -> None:
@@ -312,7 +338,7 @@ class Bridge:
             except OSError as e:
                 reply = self._error(req, e.errno or errno.EIO)
             except Exception:
-                log.exception("lock/fallocate request failed: EIO")
+                log.exception("lock/fallocate/readdir request failed: EIO")
                 reply = self._error(req, errno.EIO)
             finally:
                 self.tasks.pop(req, None)
@@ -368,14 +394,37 @@ class Bridge:
 
         self._start(req, work)
 
+    def _readdir(self, req: int, ino: int, size: int, off: int, fi: Any) -> None:
+        fh = fi.contents.fh
+        try:
+            data = self.handlers.readdir_cached(fh, off, size)
+        except pyfuse3.FUSEError as e:
+            self.lib.fuse_reply_err(req, e.errno)
+            return
+        if data is not None:
+            self.lib.fuse_reply_buf(req, data, len(data))
+            return
+
+        async def work() -> Callable[[], int]:
+            got = await self.handlers.readdir_plain(fh, off, size)
+            return lambda: self.lib.fuse_reply_buf(req, got, len(got))
+
+        self._start(req, work, busy_errno=errno.EAGAIN)
+
     def _init(self, userdata: int, conn: int) -> None:
-        """pyfuse3's init, then the background request bound libfuse puts in its
-        INIT reply: async direct I/O (fio libaio, iodepth N) and read-ahead are
-        background requests, at most 12 in flight by the kernel's default."""
+        """pyfuse3's init, then what libfuse puts in its INIT reply: the background
+        request bound (async direct I/O and read-ahead are background requests, at
+        most 12 in flight by the kernel's default) and READDIRPLUS_AUTO, which
+        pyfuse3 turned off (the kernel may now ask our plain readdir)."""
         self.original["init"](userdata, conn)
         fields = (ctypes.c_uint * (_CONN_CONGESTION_THRESHOLD + 1)).from_address(conn)
-        fields[_CONN_MAX_BACKGROUND] = self.max_background
-        fields[_CONN_CONGESTION_THRESHOLD] = self.max_background * 3 // 4
+        if self.max_background:
+            fields[_CONN_MAX_BACKGROUND] = self.max_background
+            fields[_CONN_CONGESTION_THRESHOLD] = self.max_background * 3 // 4
+        if fields[_CONN_CAPABLE] & FUSE_CAP_READDIRPLUS_AUTO:
+            fields[_CONN_WANT] |= FUSE_CAP_READDIRPLUS_AUTO
+        else:
+            log.warning("the kernel offers no READDIRPLUS_AUTO: every listing is READDIRPLUS")
 
     def _flush(self, req: int, ino: int, fi: Any) -> None:
         self._closing("flush", req, ino, fi, posix=True, flock=False)
@@ -401,14 +450,16 @@ def _lock_args(lk: Any) -> LockArgs:
 
 
 def install(handlers: LockHandlers, max_inflight: int, max_background: int = 0) -> Bridge | None:
-    """Route getlk, setlk, flock and fallocate to ``handlers`` and (non-zero)
-    ask the kernel for ``max_background`` background requests; None (and a
-    warning) when this pyfuse3/libfuse does not look as expected."""
+    """Route getlk, setlk, flock, fallocate and plain readdir to ``handlers`` and
+    (non-zero) ask the kernel for ``max_background`` background requests; None
+    (and a warning) when this pyfuse3/libfuse does not look as expected."""
     try:
         table = _session_ops_address()
         bridge = Bridge(handlers, max_inflight, max_background)
         bridge.install(table)
     except (LookupError, OSError, ValueError, struct.error) as e:
-        log.warning("locks and fallocate stay local to this mount: %s", e)
+        log.warning(
+            "locks and fallocate stay local to this mount, listings use READDIRPLUS only: %s", e
+        )
         return None
     return bridge

@@ -19,6 +19,7 @@ import pyfuse3
 from chainfs.client.chunk_io import OpenHandle
 from chainfs.client.file import AsyncFile
 from chainfs.common.rpc.meta_client import UserInfo
+from chainfs.fuse_mount.dirents import PackedDirents
 from chainfs.fuse_mount.readahead import ReadAhead
 from chainfs.proto import meta_pb2 as mt
 
@@ -85,6 +86,8 @@ class DirListing:
     changes: int
     dir_inode: mt.Inode
     entries: list[tuple[bytes, int, pyfuse3.EntryAttributes]]  # (name, ino, attributes)
+    # The plain READDIR records of ".", ".." and the entries, packed at its first use.
+    packed: PackedDirents | None = None
 
 
 @dataclass
