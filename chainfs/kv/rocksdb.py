@@ -245,10 +245,12 @@ class RocksDBStore(KVStore):
         if version + 1 < oldest:
             return False  # older than the log: unknown, so assume touched
         for entry in self._log[version + 1 - oldest :]:
-            if any(begin <= k < end for k in entry.keys):
-                return False
-            if any(cb < end and begin < ce for cb, ce in entry.cleared):
-                return False
+            for k in entry.keys:  # a plain loop: no generator per entry
+                if begin <= k < end:
+                    return False
+            for cb, ce in entry.cleared:
+                if cb < end and begin < ce:
+                    return False
         return True
 
     async def _commit(self, snapshot: Snapshot, tx: Transaction) -> None:
@@ -291,12 +293,16 @@ class RocksDBStore(KVStore):
         for k in reads.keys:
             if self._last_write.get(k, 0) > read_version:
                 raise base.TxnConflict(f"key {k!r} changed since the snapshot")
-        ranges = sorted(reads.ranges)
+        # Disjoint sorted ranges: a key is in one iff it is below the end of
+        # the last range starting at or before it (one bisect per key).
+        ranges = base.merge_ranges(sorted(reads.ranges))
         starts = [b for b, _ in ranges]
+        ends = [e for _, e in ranges]
         for entry in self._log[read_version + 1 - oldest :]:
             if ranges:
                 for k in entry.keys:
-                    if _in_ranges(k, ranges, starts):
+                    i = bisect.bisect_right(starts, k)
+                    if i and k < ends[i - 1]:
                         raise base.TxnConflict(
                             f"key {k!r} in a range read changed since the snapshot"
                         )
@@ -435,12 +441,6 @@ def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
         done.set_result(None)
     else:
         done.set_exception(error)
-
-
-def _in_ranges(key: bytes, ranges: list[tuple[bytes, bytes]], starts: list[bytes]) -> bool:
-    # ranges sorted by begin; any range starting at or before key may contain it.
-    i = bisect.bisect_right(starts, key)
-    return any(key < e for _, e in ranges[:i])
 
 
 def _open_db(path: str, options: RocksDBOptions) -> rocksdict.Rdict:
