@@ -108,12 +108,13 @@ class Transaction:
 
     async def get(self, key: bytes, snapshot: bool = False) -> bytes | None:
         """Value of ``key``; ``snapshot=True`` does not add it to the read set."""
-        _check_key(key)
+        if type(key) is not bytes:
+            _check_key(key)
         if key in self.writes:
             return self.writes[key]
         if not snapshot:
             self.reads.keys.add(key)
-        if self._range_cleared(key):
+        if self.cleared_ranges and self._range_cleared(key):
             return None
         ahead = self._snap.ahead
         if key in ahead:
@@ -135,6 +136,12 @@ class Transaction:
             raise ChainfsError(Code.EINVAL, "limit must be >= 0")
         if begin >= end:
             return []
+        if not self.cleared_ranges and self._buffered_in(begin, end) == 0:
+            # Nothing of ours in the range: the snapshot's answer is the answer.
+            rows = await self._snap.get_range(begin, end, limit, reverse)
+            if not snapshot:
+                self._record_range(begin, end, [k for k, _ in rows], limit, reverse)
+            return rows
         # Page through the snapshot until `limit` results survive our own
         # buffered clears and writes, or the snapshot range is exhausted.
         kept: dict[bytes, bytes] = {}
