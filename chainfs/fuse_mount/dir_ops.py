@@ -56,7 +56,7 @@ class DirOps(OpsBase):
             d.listing = cached
             self._dirs[fh] = d
             return fh
-        since = self._changes
+        since, names_since = self._changes, self._mutations
         dir_inode, first = await asyncio.gather(
             self._stat(inode, user),
             self.meta.readdir(inode, b"", self._page, with_attrs=True, user=user),
@@ -65,7 +65,7 @@ class DirOps(OpsBase):
         d.answered = [] if self._listing_budget else None
         self._take_page(d, first)
         if not first.more:
-            self._install_names(inode, {e.name for e in first.entries}, self._mutations)
+            self._install_names(inode, {e.name for e in first.entries}, names_since)
         self._dirs[fh] = d
         return fh
 

@@ -57,6 +57,9 @@ _GUARD_MARGIN_S = 5.0
 # entries, at most this many directories (least recently used dropped).
 NAMES_MAX_ENTRIES = 4096
 _NAMES_MAX_DIRS = 64
+# Directories whose last change of names the mount remembers (older ones count
+# as changed just now for a listing fetched across their eviction).
+_CHANGED_DIRS = 4096
 # Directories, and files, whose attributes the mount keeps to answer getattr
 # (least recently used dropped).
 _DIR_ATTRS_MAX = 4096
@@ -228,6 +231,11 @@ class OpsBase(pyfuse3.Operations):
         self._next_fh = 1
         self._names: collections.OrderedDict[int, DirNames] = collections.OrderedDict()
         self._mutations = 0  # namespace changes made through this mount, ever
+        # The number (self._mutations) of the last change of each directory's
+        # names, for the most recently changed _CHANGED_DIRS directories; a
+        # directory evicted from it counts as changed at _changed_floor.
+        self._dir_changed: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._changed_floor = 0
         self._changes = 0  # requests that may change something, counted at start and end
         # Complete listings by (directory, caller), least recently used first.
         self._listings: collections.OrderedDict[
@@ -350,10 +358,13 @@ class OpsBase(pyfuse3.Operations):
     def _install_names(
         self, parent: int, names: set[bytes], since: int, complete: bool = True
     ) -> None:
-        """Keep a complete listing fetched while no change went through us
-        (or, ``complete`` False, that the directory is too big to list)."""
-        if self._negative_timeout_s <= 0 or since != self._mutations:
+        """Keep a complete listing fetched while no change of ``parent``'s names
+        went through us (or, ``complete`` False, that the directory is too big
+        to list). ``since``: ``self._mutations`` when the fetch started."""
+        if self._negative_timeout_s <= 0:
             return
+        if max(self._dir_changed.get(parent, 0), self._changed_floor) > since:
+            return  # a change here may have landed after meta's listing: it may miss it
         if len(names) > NAMES_MAX_ENTRIES:
             return
         expires = time.monotonic() + self._negative_timeout_s
@@ -361,6 +372,19 @@ class OpsBase(pyfuse3.Operations):
         self._names.move_to_end(parent)
         while len(self._names) > _NAMES_MAX_DIRS:
             self._names.popitem(last=False)
+
+    def _names_changed(
+        self, added: Sequence[tuple[int, bytes]], removed: Sequence[tuple[int, bytes]]
+    ) -> None:
+        """Count a change of names (done or failed) in these directories."""
+        self._mutations += 1
+        changed = self._dir_changed
+        for parent, _ in (*added, *removed):
+            changed[parent] = self._mutations
+            changed.move_to_end(parent)
+        while len(changed) > _CHANGED_DIRS:
+            _, n = changed.popitem(last=False)
+            self._changed_floor = max(self._changed_floor, n)
 
     async def _list_names(self, parent: int, user: UserInfo) -> None:
         if self._negative_timeout_s <= 0 or parent in self._names:
@@ -429,12 +453,12 @@ class OpsBase(pyfuse3.Operations):
             result = await change
         except BaseException:
             self._dir_attrs.end(dir_change)
-            self._mutations += 1
+            self._names_changed(added, removed)
             for parent, _ in (*added, *removed):
                 self._names.pop(parent, None)  # outcome unknown: forget the list
             raise
         self._dir_attrs.end(dir_change, left(result) if left is not None else ())
-        self._mutations += 1
+        self._names_changed(added, removed)
         for parent, name in removed:
             nc = self._names.get(parent)
             if nc is not None:

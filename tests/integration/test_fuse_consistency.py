@@ -16,6 +16,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -124,6 +125,58 @@ def test_own_changes_are_seen_at_once(mnt_a: Path, name: str) -> None:
     assert sorted(os.listdir(d)) == ["g", "h"]
     os.unlink(d / "g")
     assert _absent(d / "g") and os.listdir(d) == ["h"]
+
+
+def test_absent_names_are_answered_from_the_name_list_while_other_directories_change(
+    cluster: LocalCluster, mnt_a: Path, name: str
+) -> None:
+    """With negative_timeout_ms set, lookups of absent names in a directory are
+    answered from the mount's list of its names, also while other programs
+    change other directories through the same mount (a list is dropped only
+    for a change of its own directory), and a name created in it through the
+    mount is found at once."""
+    proc = cluster.mount_process
+    assert proc is not None
+    d, busy = mnt_a / name.lstrip("/"), mnt_a / (name.lstrip("/") + "-busy")
+    d.mkdir()
+    busy.mkdir()
+    for i in range(2000):  # a listing that takes meta milliseconds
+        os.mknod(d / f"present{i}")
+    stop = threading.Event()
+
+    def churn(k: int) -> None:  # creates and unlinks in another directory, all along
+        i = 0
+        while not stop.is_set():
+            p = busy / f"f{k}-{i % 8}"
+            os.mknod(p)
+            p.unlink()
+            i += 1
+
+    churners = [threading.Thread(target=churn, args=(k,)) for k in range(3)]
+    for t in churners:
+        t.start()
+    try:
+        # The list the mount kept since it made d expires; the next is fetched
+        # from meta while the churn goes on.
+        time.sleep(_NEGATIVE_MS / 1000 + 0.2)
+        before = mount_counts(proc)
+        t0 = time.monotonic()
+        assert not (d / "absent-first").exists()  # meta answers it, and lists d
+        absent = [not (d / f"absent{i}").exists() for i in range(50)]
+        elapsed = time.monotonic() - t0
+        spent = mount_counts(proc) - before
+    finally:
+        stop.set()
+        for t in churners:
+            t.join()
+    assert all(absent) and all((d / f"present{i}").exists() for i in range(2000))
+    # One lookup and one listing for the first name; the list answers the rest
+    # (listed again once per negative_timeout_ms the loop took).
+    relists = 1 + int(elapsed * 1000 / _NEGATIVE_MS)
+    assert spent.meta["Readdir"] <= relists + 1, (spent, elapsed)
+    assert spent.meta["Stat"] <= relists + 1, (spent, elapsed)
+    (d / "new").write_bytes(b"z")  # created through this mount: found at once
+    assert (d / "new").exists() and not (d / "absent-again").exists()
 
 
 def test_directory_attributes_after_own_changes_come_without_a_stat(
