@@ -378,6 +378,8 @@ class OpsBase(pyfuse3.Operations):
     ) -> None:
         """Count a change of names (done or failed) in these directories."""
         self._mutations += 1
+        if self._negative_timeout_s <= 0:
+            return  # no name lists are kept (_install_names): nothing reads the counts
         changed = self._dir_changed
         for parent, _ in (*added, *removed):
             changed[parent] = self._mutations
