@@ -18,6 +18,14 @@
   lost Txn can never apply, so we know whether it did and can resend it.
 - Endpoints are tried in turn; every read or commit is bounded by
   ``op_timeout_ms`` and then fails with UNAVAILABLE naming the endpoints.
+- History is compacted by the store itself (``compact_interval_ms``): etcd keeps
+  every revision of every deleted key until a compaction, and a range read
+  walks them all, so a store that has seen many creates and unlinks gets slower
+  whatever ``--auto-compaction-*`` the operator set. Every interval the store
+  compacts at the revision it saw one interval earlier, but never past the
+  snapshot of a transaction still open in this process; another process's
+  transaction older than that gets TXN_TOO_OLD and is retried. Several stores
+  compacting the same cluster is harmless (an older target is a no-op).
 
 User keys live under ``<prefix>/d/``. Options ride in the URL query:
 ``etcd://127.0.0.1:2379/chainfs?op_timeout_ms=5000``.
@@ -31,6 +39,7 @@ import logging
 import random
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -58,6 +67,9 @@ _MOD = rpc.Compare.MOD
 _EQUAL = rpc.Compare.EQUAL
 _LESS = rpc.Compare.LESS
 
+COMPACT_INTERVAL_MS_MIN = 100
+COMPACT_INTERVAL_MS_MAX = 3_600_000
+
 
 @dataclass
 class EtcdOptions:
@@ -79,6 +91,11 @@ class EtcdOptions:
     max_message_bytes: int = 64 * 1024 * 1024
     # gRPC reconnect backoff cap: a restarted member is used again within this.
     reconnect_backoff_max_ms: int = 1000
+    # Compact etcd's history every this often, keeping one interval of it (and
+    # every revision a transaction open in this process reads); 0 = never (leave
+    # it to etcd's --auto-compaction-*). A transaction of another process that
+    # runs longer than this may be retried once.
+    compact_interval_ms: int = 10_000
 
     def validate(self) -> None:
         if not 0 < self.request_timeout_ms <= self.op_timeout_ms:
@@ -89,6 +106,13 @@ class EtcdOptions:
             raise ValueError("max_txn_ops must be >= 2")
         if self.range_page_keys < 1 or self.max_inflight_commits < 1:
             raise ValueError("range_page_keys and max_inflight_commits must be >= 1")
+        if self.compact_interval_ms != 0 and not (
+            COMPACT_INTERVAL_MS_MIN <= self.compact_interval_ms <= COMPACT_INTERVAL_MS_MAX
+        ):
+            raise ValueError(
+                f"compact_interval_ms must be 0 (off) or in [{COMPACT_INTERVAL_MS_MIN}, "
+                f"{COMPACT_INTERVAL_MS_MAX}]"
+            )
 
 
 class _Retryable(Exception):
@@ -132,6 +156,15 @@ class _EtcdSnapshot(Snapshot):
         self.floor = store._known_revision
         self._first_read = asyncio.Lock()
         self.mods: dict[bytes, int] = {}  # user key -> mod_revision seen (0: absent)
+        store._open_snapshots.add(self)  # compaction stays behind it until close
+
+    def close(self) -> None:
+        self.store._open_snapshots.discard(self)
+
+    @property
+    def oldest_revision(self) -> int:
+        """The revision this snapshot reads or will read at (0: not known yet)."""
+        return self.revision if self.revision is not None else self.floor
 
     async def _range(self, req: Any) -> Any:
         if self.revision is None:
@@ -212,7 +245,15 @@ class EtcdStore(KVStore):
         self._known_revision = 0  # highest revision in any response so far
         self._used_markers = False
         self._closed = False
-        self.stats.update({"failovers": 0, "fences": 0})
+        # Compaction: snapshots open in this process (a weak set: a snapshot
+        # dropped unclosed must not hold history forever), the revision seen at
+        # the last tick (the next target) and the highest revision compacted.
+        self._open_snapshots: weakref.WeakSet[_EtcdSnapshot] = weakref.WeakSet()
+        self._compact_next_s = time.monotonic() + self.options.compact_interval_ms / 1000.0
+        self._compact_mark = 0
+        self._compact_task: asyncio.Task[None] | None = None
+        self.compacted_revision = 0
+        self.stats.update({"failovers": 0, "fences": 0, "compactions": 0})
 
     @property
     def endpoints_str(self) -> str:
@@ -387,6 +428,37 @@ class EtcdStore(KVStore):
                     self._slots.append(slot)  # else: its state is unknown; never reuse it
         if not succeeded:
             raise TxnConflict()
+        self._maybe_compact()
+
+    # -- compaction --------------------------------------------------------------
+    def _maybe_compact(self) -> None:
+        """After a commit (writes are what grow history): start a compaction if one is due."""
+        interval_ms = self.options.compact_interval_ms
+        now = time.monotonic()
+        if interval_ms == 0 or now < self._compact_next_s:
+            return
+        if self._compact_task is not None and not self._compact_task.done():
+            return
+        self._compact_next_s = now + interval_ms / 1000.0
+        target, self._compact_mark = self._compact_mark, self._known_revision
+        for snap in self._open_snapshots:
+            if 0 < snap.oldest_revision < target:
+                target = snap.oldest_revision
+        if target > self.compacted_revision:
+            self._compact_task = asyncio.create_task(self._compact(target))
+
+    async def _compact(self, revision: int) -> None:
+        """Compact etcd's history below ``revision`` (one attempt; the next tick retries)."""
+        deadline = time.monotonic() + self.options.request_timeout_ms / 1000.0
+        try:
+            await self._attempt("Compact", rpc.CompactionRequest(revision=revision), deadline)
+        except TxnTooOld:
+            pass  # another store compacted further already: nothing left to do here
+        except (_Retryable, ChainfsError) as e:
+            log.info("etcd store %s: compaction at revision %d failed: %s", self.url, revision, e)
+            return
+        self.compacted_revision = max(self.compacted_revision, revision)
+        self.stats["compactions"] += 1
 
     def _new_slot(self) -> _Slot:
         self._used_markers = True
@@ -466,6 +538,9 @@ class EtcdStore(KVStore):
         """Drop this store's commit markers (best effort, bounded) and the channels."""
         if self._closed:
             return
+        if self._compact_task is not None:
+            self._compact_task.cancel()
+            await asyncio.gather(self._compact_task, return_exceptions=True)
         if self._used_markers:
             try:
                 deadline = time.monotonic() + self.options.request_timeout_ms / 1000.0

@@ -50,11 +50,11 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024  # room for large values in one Txn
 # Loopback: much shorter than etcd's WAN defaults (100/1000 ms) so failover is quick.
 DEFAULT_HEARTBEAT_INTERVAL_MS = 50
 DEFAULT_ELECTION_TIMEOUT_MS = 500
-# Revisions of history etcd keeps (compacted every 5 minutes beyond that).
-# chainfs reads at a revision only for the length of one transaction, and a
-# read of a compacted revision is retried, so a few thousand would do; without
-# compaction every write grows etcd's database until it hits the quota and
-# refuses writes.
+# Revisions of history etcd keeps (compacted every 5 minutes beyond that): only
+# a backstop. chainfs's etcd store compacts to a few seconds of history itself
+# (EtcdOptions.compact_interval_ms), since history of deleted keys slows every
+# range read; this bound matters for a store opened with compaction off. Without
+# any compaction every write grows etcd's database until it hits the quota.
 DEFAULT_AUTO_COMPACTION_REVISIONS = 100_000
 _HEALTH_POLL_S = 0.05
 _HEALTH_HTTP_TIMEOUT_S = 0.25  # a member without a leader stalls /health: poll again

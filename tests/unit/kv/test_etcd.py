@@ -5,7 +5,9 @@ commit's response is lost."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import time
 from typing import Any
 
 import pytest
@@ -14,7 +16,8 @@ from aetcd import rpc
 import chainfs.kv as kv
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.kv import Transaction
-from chainfs.kv.etcd import EtcdStore, _Retryable
+from chainfs.kv.base import TxnTooOld
+from chainfs.kv.etcd import EtcdStore, _EtcdSnapshot, _Retryable
 from chainfs.testing.etcd import EtcdCluster
 
 pytestmark = pytest.mark.timeout(60)
@@ -162,3 +165,104 @@ def test_bad_urls(url: str) -> None:
     with pytest.raises(ChainfsError) as e:
         kv.open(url)
     assert e.value.code in (Code.EINVAL, Code.CONFIG_ERROR)
+
+
+async def _clear(tx: Transaction, key: bytes) -> None:
+    tx.clear(key)
+
+
+async def _read_at(store: EtcdStore, revision: int) -> bool:
+    """True if etcd still has ``revision`` (a read there is not refused as compacted)."""
+    try:
+        await store._read(rpc.RangeRequest(key=store._data, revision=revision, limit=1))
+    except TxnTooOld:
+        return False
+    return True
+
+
+async def test_store_compacts_history_and_open_transactions_stay_correct(
+    etcd_cluster: EtcdCluster,
+) -> None:
+    # `writer` compacts every 100 ms; `other` (another process, say) never does.
+    url = _url(etcd_cluster)
+    writer = EtcdStore.from_url(url + "?compact_interval_ms=100")
+    other = EtcdStore.from_url(url + "?compact_interval_ms=0")
+    try:
+        await writer.set(b"n", b"0")
+        first_revision = writer._known_revision
+        local_calls, remote_calls = [0], [0]
+        writes = itertools.count(1)
+
+        async def churn_until(done: Any) -> None:
+            # Creates and deletes, as a namespace's files come and go, until `done()`.
+            async with asyncio.timeout(30):
+                while not done():
+                    i = next(writes)
+                    await writer.set(b"f%d" % i, b"x")
+                    await writer.transact(functools.partial(_clear, key=b"f%d" % i))
+                    await asyncio.sleep(0.01)
+
+        async def local_fn(tx: Transaction) -> bytes | None:
+            # Open in the compacting store: its snapshot is never compacted under it.
+            local_calls[0] += 1
+            n = await tx.get(b"n")
+            snap = tx._snap
+            assert isinstance(snap, _EtcdSnapshot) and snap.revision is not None
+            # Compaction reaches the snapshot, then a few more intervals pass.
+            await churn_until(lambda: writer.compacted_revision >= snap.revision)
+            later = time.monotonic() + 0.5
+            await churn_until(lambda: time.monotonic() > later)
+            assert writer._compact_mark > snap.revision  # unprotected, it would go past
+            assert writer.compacted_revision == snap.revision
+            assert await tx.get(b"f1") is None
+            tx.set(b"n", (n or b"") + b"+local")
+            return n
+
+        async def remote_fn(tx: Transaction) -> bytes | None:
+            # Open in another store: compacted under it, so retried, on a fresh snapshot.
+            remote_calls[0] += 1
+            n = await tx.get(b"n")
+            snap = tx._snap
+            assert isinstance(snap, _EtcdSnapshot) and snap.revision is not None
+            if remote_calls[0] == 1:
+                await churn_until(lambda: writer.compacted_revision > snap.revision)
+            await tx.get_range(b"f", b"g", 0, False)  # at a compacted revision on try 1
+            tx.set(b"n", (n or b"") + b"+remote")
+            return n
+
+        assert await writer.transact(local_fn) == b"0"
+        assert local_calls[0] == 1
+        assert await other.transact(remote_fn) == b"0+local"
+        assert remote_calls[0] == 2
+        assert await writer.get(b"n") == b"0+local+remote"
+        # History is bounded: the first revision is gone, the data is all there.
+        assert writer.compacted_revision > first_revision
+        assert not await _read_at(other, first_revision)
+        pairs = await other.transact(lambda tx: tx.get_range(b"", b"\xff"), read_only=True)
+        assert pairs == [(b"n", b"0+local+remote")]
+    finally:
+        await writer.close()
+        await other.close()
+
+
+async def test_compactions_by_several_stores_are_harmless(etcd_cluster: EtcdCluster) -> None:
+    url = _url(etcd_cluster, "?compact_interval_ms=100")
+    a, b = EtcdStore.from_url(url), EtcdStore.from_url(url)
+    try:
+        async with asyncio.timeout(30):
+            i = 0
+            while min(a.stats["compactions"], b.stats["compactions"]) < 3:
+                i += 1
+                await (a if i % 2 else b).set(b"k%d" % (i % 5), b"%d" % i)
+                await asyncio.sleep(0.01)
+        assert await a.get(b"k%d" % (i % 5)) == b"%d" % i
+        assert await b.get(b"k%d" % (i % 5)) == b"%d" % i
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_compact_interval_out_of_bounds_is_a_clear_error() -> None:
+    with pytest.raises(ChainfsError) as e:
+        EtcdStore.from_url("etcd://127.0.0.1:2379/x?compact_interval_ms=5")
+    assert "compact_interval_ms must be 0 (off) or in [100, 3600000]" in e.value.message
