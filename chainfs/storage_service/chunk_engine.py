@@ -36,6 +36,13 @@ every 4 KiB write made each replica move 8 MiB per write. Instead:
    that a commit overtook notices that the record changed and reads again.
 3. abort or a newer update drops the journal with the pending record.
 
+The drop in step 2 is not synced on a durable target: the decided record and
+the in-place bytes are durable before it, and if a power loss drops it,
+recovery finds the decided record with its journal and writes the same bytes
+again. Any later change of the chunk's committed bytes comes after a synced
+record write, which makes the drop durable too (RocksDB's WAL is one ordered
+log).
+
 A crash before the decision leaves the old bytes untouched in the file and
 the pending version complete in RocksDB (kept: the chain re-drives it, or a
 new update drops it); a crash after it leaves ``journal_applying``, and
@@ -46,11 +53,24 @@ A new file written from a page-aligned buffer (the data plane's pooled receive
 buffers are) goes to disk with O_DIRECT: no copy into the page cache.
 
 Commit is one metadata write (the atomic switch); the file a version no longer
-uses is unlinked afterwards. Recovery at open resolves what a crash left:
-journals of decided versions are written again, pending versions whose data is
-complete are kept (the chain re-drives them), incomplete ones are discarded,
-files and journals nothing refers to are deleted, and the invariants of every
-record are asserted.
+uses is unlinked afterwards.
+
+Committed at once (``commit_at``, a chain's tail: it waits for no successor,
+so its prepare and commit are one step): the new bytes are written exactly as
+for a pending version (durable first on a durable target), then one record
+write makes them the committed version, with the request that made it
+(``committed_client``/``committed_request``, so a retry is recognised). A
+journaled overwrite writes the decided record (``journal_applying``) and its
+journal in one atomic batch, then proceeds as at step 2 of a commit. A crash
+before the record write leaves the old version (the new file is an orphan,
+bytes past the committed end are trimmed); one after it, the new version.
+There is no pending version at the tail for the head to re-drive: the head's
+retry finds the version committed there and is acknowledged.
+
+Recovery at open resolves what a crash left: journals of decided versions are
+written again, pending versions whose data is complete are kept (the chain
+re-drives them), incomplete ones are discarded, files and journals nothing
+refers to are deleted, and the invariants of every record are asserted.
 
 The engine's parts: :mod:`chunk_record` (the record and its key),
 :mod:`record_store` (RocksDB behind an LRU), :mod:`chunk_files` (content files,
@@ -279,9 +299,12 @@ class ChunkEngine:
         block_crcs: bytes,
         origin: Origin,
         journal: tuple[int, memoryview] | None = None,
+        commit_at: int | None = None,
     ) -> ChunkRecord:
         """Record pending ``version``; with ``journal`` (offset, bytes) a journaled one,
-        the record and its journal in one atomic write."""
+        the record and its journal in one atomic write. ``commit_at`` (a chain
+        version): record ``version`` as committed at once instead (see
+        :meth:`_commit_now`)."""
         new = replace(
             rec,
             block_size=self._block_size(rec),
@@ -295,11 +318,62 @@ class ChunkEngine:
             pending_request=origin.request,
             pending_journal=journal is not None,
         )
+        if commit_at is not None:
+            return self._commit_now(inode, index, rec, new, commit_at, journal)
         if journal is None:
             self.records.put(inode, index, new)
         else:
             self.records.put_with_journal(inode, index, new, *journal)
         return new
+
+    def _commit_now(
+        self,
+        inode: int,
+        index: int,
+        base: ChunkRecord,
+        pending: ChunkRecord,
+        chain_version: int,
+        journal: tuple[int, memoryview] | None,
+    ) -> ChunkRecord:
+        """Record ``pending`` (never stored) as the committed version: one record write
+        instead of a pending one and then a commit (a chain's tail, which waits for
+        no successor). The new bytes are already where :meth:`commit` expects them
+        (durable first on a durable target), so a crash before the record write
+        leaves ``base`` with a file or bytes past its end that recovery deletes or
+        trims, and one after it the new version: never a mix. A journaled
+        overwrite stores the decided record (``journal_applying``) with its journal
+        in one atomic batch, then writes the journal in place like a commit."""
+        new = self._committed(pending, chain_version)
+        if journal is not None:
+            applying = replace(new, journal_applying=True)
+            self.records.put_with_journal(inode, index, applying, *journal)
+            return self._apply_journal(inode, index, applying)
+        self.records.put(inode, index, new)
+        self._drop_old_bytes(inode, index, base, new)
+        return new
+
+    @staticmethod
+    def _committed(rec: ChunkRecord, chain_version: int) -> ChunkRecord:
+        """The committed record that ``rec``'s pending version becomes."""
+        return ChunkRecord(
+            committed_version=rec.pending_version,
+            length=rec.pending_length,
+            crc32c=rec.pending_crc32c,
+            chain_version=chain_version,
+            file_gen=rec.pending_file_gen,
+            chunk_size=rec.chunk_size,
+            committed_client=rec.pending_client,
+            committed_request=rec.pending_request,
+            block_size=rec.block_size,
+            block_crcs=rec.pending_block_crcs,
+        )
+
+    def _drop_old_bytes(self, inode: int, index: int, old: ChunkRecord, new: ChunkRecord) -> None:
+        """After ``new`` is committed: the file or the bytes only ``old`` used."""
+        if old.file_gen and old.file_gen != new.file_gen:
+            self.files.unlink(inode, index, old.file_gen)
+        elif new.file_gen and new.length < old.length:
+            self.files.truncate(inode, index, new.file_gen, new.length)
 
     # ---- per-block CRCs ------------------------------------------------------
 
@@ -369,8 +443,11 @@ class ChunkEngine:
         chunk_size: int,
         version: int,
         origin: Origin = NO_ORIGIN,
+        commit_at: int | None = None,
     ) -> ChunkRecord:
-        """Apply a write of ``data`` at ``offset`` as pending ``version`` (= committed + 1)."""
+        """Apply a write of ``data`` at ``offset`` as pending ``version`` (= committed + 1).
+        ``commit_at`` (a chain version): as committed ``version`` at once, one record
+        write instead of this and :meth:`commit` (a tail: nobody to wait for)."""
         length = len(data)
         if offset + length > chunk_size:
             raise ChainfsError(
@@ -405,7 +482,9 @@ class ChunkEngine:
             new_len = end
             new_crc = crc.combine(crc.zeros(offset), data_crc, length)
         elif length <= self.options.journal_write_max_bytes:
-            return self._prepare_journaled(inode, index, rec, offset, data, version, origin)
+            return self._prepare_journaled(
+                inode, index, rec, offset, data, version, origin, commit_at
+            )
         else:
             # A large overwrite inside the committed bytes: read-modify-write into a new file.
             new_len = max(committed_len, end)
@@ -425,7 +504,9 @@ class ChunkEngine:
             new_crc = crc.combine_blocks(blocks, rec.block_size, new_len)
             gen = version
             self._new_file(inode, index, gen, 0, view, new_len)
-        return self._set_pending(inode, index, rec, version, new_len, new_crc, gen, blocks, origin)
+        return self._set_pending(
+            inode, index, rec, version, new_len, new_crc, gen, blocks, origin, None, commit_at
+        )
 
     def _prepare_journaled(
         self,
@@ -436,6 +517,7 @@ class ChunkEngine:
         data: memoryview,
         version: int,
         origin: Origin,
+        commit_at: int | None = None,
     ) -> ChunkRecord:
         """A small overwrite of committed bytes as a journaled pending version: the bytes
         go into the metadata store with the record (one atomic write); the chunk file,
@@ -456,8 +538,10 @@ class ChunkEngine:
             blocks,
             origin,
             (offset, data),
+            commit_at,
         )
-        fault_points.stall("journal-prepared", f"{self.path} {inode} {index} v{version}")
+        if commit_at is None:
+            fault_points.stall("journal-prepared", f"{self.path} {inode} {index} v{version}")
         return new
 
     def _apply_journal(self, inode: int, index: int, rec: ChunkRecord) -> ChunkRecord:
@@ -478,7 +562,14 @@ class ChunkEngine:
             )
         self.files.write_in_place(inode, index, rec.file_gen, offset, view)
         done = replace(rec, journal_applying=False)
-        self.records.put_dropping_journal(inode, index, done, rec.committed_version)
+        # Not synced: the decided record (``journal_applying``, synced) and the
+        # in-place bytes (fdatasync on a durable target) are durable already. If a
+        # power loss drops this write, the store is back at that decided record
+        # with its journal, and recovery writes the same bytes again before
+        # serving. Nothing later can depend on the drop being durable: every
+        # later change of this chunk's committed bytes comes after a synced
+        # record write, which makes this one durable too (one ordered WAL).
+        self.records.put_dropping_journal(inode, index, done, rec.committed_version, sync=False)
         return done
 
     def prepare_truncate(
@@ -489,8 +580,10 @@ class ChunkEngine:
         chunk_size: int,
         version: int,
         origin: Origin = NO_ORIGIN,
+        commit_at: int | None = None,
     ) -> ChunkRecord:
-        """Make the chunk ``length`` bytes long (cut or zero-extended) as pending ``version``."""
+        """Make the chunk ``length`` bytes long (cut or zero-extended) as pending ``version``
+        (committed at once with ``commit_at``, as in :meth:`prepare_write`)."""
         if length > chunk_size:
             raise ChainfsError(Code.EINVAL, f"truncate to {length} beyond chunk size {chunk_size}")
         rec = self._base(inode, index, chunk_size, version)
@@ -514,7 +607,9 @@ class ChunkEngine:
             # Shrink: the file keeps its bytes until commit (readers may still use them).
             blocks = block_crcs.after_truncate(rec, length, self._old_blocks(inode, index, rec))
             new_crc = crc.combine_blocks(blocks, rec.block_size, length)
-        return self._set_pending(inode, index, rec, version, length, new_crc, gen, blocks, origin)
+        return self._set_pending(
+            inode, index, rec, version, length, new_crc, gen, blocks, origin, None, commit_at
+        )
 
     def prepare_replace(
         self,
@@ -525,8 +620,10 @@ class ChunkEngine:
         chunk_size: int,
         version: int,
         origin: Origin = NO_ORIGIN,
+        commit_at: int | None = None,
     ) -> ChunkRecord:
-        """Full-chunk replace at ``version`` whatever the local versions (sync, gap repair)."""
+        """Full-chunk replace at ``version`` whatever the local versions (sync, gap repair);
+        committed at once with ``commit_at``, as in :meth:`prepare_write`."""
         check_chunk_size(chunk_size)
         if len(data) > chunk_size:
             raise ChainfsError(Code.EINVAL, f"{len(data)} bytes exceed chunk size {chunk_size}")
@@ -546,7 +643,17 @@ class ChunkEngine:
         rec = replace(rec, chunk_size=chunk_size)
         blocks = crc.block_crcs(data, self._block_size(rec))
         return self._set_pending(
-            inode, index, rec, version, len(data), data_crc, version, blocks, origin
+            inode,
+            index,
+            rec,
+            version,
+            len(data),
+            data_crc,
+            version,
+            blocks,
+            origin,
+            None,
+            commit_at,
         )
 
     def prepare_remove(
@@ -591,28 +698,14 @@ class ChunkEngine:
             self.records.delete(inode, index)
             self.files.unlink(inode, index, rec.file_gen)
             return None
-        new = ChunkRecord(
-            committed_version=version,
-            length=rec.pending_length,
-            crc32c=rec.pending_crc32c,
-            chain_version=chain_version,
-            file_gen=rec.pending_file_gen,
-            chunk_size=rec.chunk_size,
-            committed_client=rec.pending_client,
-            committed_request=rec.pending_request,
-            block_size=rec.block_size,
-            block_crcs=rec.pending_block_crcs,
-        )
+        new = self._committed(rec, chain_version)
         if rec.pending_journal:
             # The switch: from here the new version is decided (recovery finishes it).
             applying = replace(new, journal_applying=True)
             self.records.put(inode, index, applying)
             return self._apply_journal(inode, index, applying)
         self.records.put(inode, index, new)
-        if rec.file_gen and rec.file_gen != new.file_gen:
-            self.files.unlink(inode, index, rec.file_gen)
-        elif new.file_gen and new.length < rec.length:
-            self.files.truncate(inode, index, new.file_gen, new.length)
+        self._drop_old_bytes(inode, index, rec, new)
         return new
 
     def abort(self, inode: int, index: int) -> ChunkRecord | None:

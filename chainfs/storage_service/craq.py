@@ -450,31 +450,52 @@ class Craq:
             raise ChainfsError(Code.EINVAL, f"unknown update type {req.type}")
 
     def _apply(
-        self, target: LocalTarget, req: sp.UpdateReq, payload: memoryview, version: int
+        self,
+        target: LocalTarget,
+        req: sp.UpdateReq,
+        payload: memoryview,
+        version: int,
+        commit_at: int | None = None,
     ) -> ChunkRecord:
-        """Apply ``req`` locally as pending ``version`` (runs in an I/O thread)."""
+        """Apply ``req`` locally as pending ``version`` (runs in an I/O thread); with
+        ``commit_at`` (a chain version) as committed ``version`` at once."""
         try:
-            return self._apply_unchecked(target, req, payload, version)
+            return self._apply_unchecked(target, req, payload, version, commit_at)
         except OSError as e:
             if e.errno == errno.ENOSPC:  # the file system filled under the usage limit
                 raise ChainfsError(Code.ENOSPC, f"target {target.target_id}: {e}") from None
             raise
 
     def _apply_unchecked(
-        self, target: LocalTarget, req: sp.UpdateReq, payload: memoryview, version: int
+        self,
+        target: LocalTarget,
+        req: sp.UpdateReq,
+        payload: memoryview,
+        version: int,
+        commit_at: int | None,
     ) -> ChunkRecord:
         eng = target.engine
         ino, idx = req.chunk.inode, req.chunk.index
         origin = Origin.of(req.req.client_id, req.req.request_id)
         if req.full_chunk:
             return eng.prepare_replace(
-                ino, idx, payload, req.crc32c, req.chunk_size, version, origin
+                ino, idx, payload, req.crc32c, req.chunk_size, version, origin, commit_at
             )
         if req.type == sp.WRITE:
             return eng.prepare_write(
-                ino, idx, req.offset, payload, req.crc32c, req.chunk_size, version, origin
+                ino,
+                idx,
+                req.offset,
+                payload,
+                req.crc32c,
+                req.chunk_size,
+                version,
+                origin,
+                commit_at,
             )
-        return eng.prepare_truncate(ino, idx, req.length, req.chunk_size, version, origin)
+        return eng.prepare_truncate(
+            ino, idx, req.length, req.chunk_size, version, origin, commit_at
+        )
 
     @staticmethod
     def _made_by(rec: ChunkRecord | None, req: sp.UpdateReq) -> bool:
@@ -508,6 +529,8 @@ class Craq:
             if self._made_by(rec, req):
                 return self._rsp(rec)
         version = (rec.committed_version if rec is not None else 0) + 1
+        if self._successor(hop.routing, hop.chain, target.target_id) is None:
+            return await self._apply_as_tail(hop, req, payload, version)
         pending = await self._update_io(
             target, len(payload), self._apply, target, req, payload, version
         )
@@ -570,8 +593,27 @@ class Craq:
                 f"target {target.target_id} chunk ({ino}, {idx}) is at v{committed}, "
                 f"update is v{u}: send the whole chunk",
             )
+        if self._successor(hop.routing, hop.chain, target.target_id) is None:
+            return await self._apply_as_tail(hop, req, payload, u)
         pending = await self._update_io(target, len(payload), self._apply, target, req, payload, u)
         return await self._forward_and_commit(hop, req, payload, pending)
+
+    async def _apply_as_tail(
+        self, hop: _Hop, req: sp.UpdateReq, payload: memoryview, version: int
+    ) -> sp.UpdateRsp:
+        """The last replica taking writes waits for no successor: apply and commit in
+        one step (one I/O-thread hop and one record write instead of two of each;
+        ChunkEngine._commit_now). The ack means what a commit after a pending
+        version meant: the new version is committed here (durable first on a
+        durable target). A crash before the record write leaves the old version,
+        and the predecessor's pending one is re-driven as before; a retry of the
+        same update finds its version committed (``committed >= u`` or
+        ``_made_by``) and is answered without applying it again."""
+        target = hop.target
+        rec = await self._update_io(
+            target, len(payload), self._apply, target, req, payload, version, req.chain_version
+        )
+        return self._rsp(rec)
 
     async def _forward_and_commit(
         self, hop: _Hop, req: sp.UpdateReq, data: memoryview, pending: ChunkRecord

@@ -65,6 +65,8 @@ class RecordStore:
             raise
         self._write_opts = rocksdict.WriteOptions()
         self._write_opts.sync = durable
+        self._nosync_opts = rocksdict.WriteOptions()
+        self._nosync_opts.sync = False
         self._cache_entries = cache_entries
         self._cache: OrderedDict[Key, ChunkRecord] = OrderedDict()
         self._lock = threading.Lock()
@@ -115,28 +117,44 @@ class RecordStore:
     def put_with_journal(
         self, inode: int, index: int, rec: ChunkRecord, offset: int, data: memoryview
     ) -> None:
-        """``rec`` (a journaled pending version) and its journal, atomically."""
-        assert rec.pending_journal, rec
+        """``rec`` and its journal, atomically: a journaled pending version, or a
+        committed one still to be written in place (``journal_applying``)."""
+        assert rec.pending_journal or rec.journal_applying, rec
         rec.check()
+        version = rec.pending_version if rec.pending_journal else rec.committed_version
         batch = rocksdict.WriteBatch(raw_mode=True)
         batch.put(chunk_key(inode, index), rec.encode())
         value = b"".join((_JOURNAL_OFFSET.pack(offset), data))
-        batch.put(journal_key(inode, index, rec.pending_version), value)
+        batch.put(journal_key(inode, index, version), value)
         self._write(inode, index, rec, batch)
 
-    def put_dropping_journal(self, inode: int, index: int, rec: ChunkRecord, version: int) -> None:
-        """``rec`` and the removal of the journal of ``version``, atomically."""
+    def put_dropping_journal(
+        self, inode: int, index: int, rec: ChunkRecord, version: int, sync: bool = True
+    ) -> None:
+        """``rec`` and the removal of the journal of ``version``, atomically.
+        ``sync=False``: not synced even on a durable target (the caller says why
+        losing it is harmless); the next synced write makes it durable too, since
+        RocksDB's WAL is one ordered log."""
         rec.check()
         batch = rocksdict.WriteBatch(raw_mode=True)
         batch.put(chunk_key(inode, index), rec.encode())
         batch.delete(journal_key(inode, index, version))
-        self._write(inode, index, rec, batch)
+        self._write(inode, index, rec, batch, sync)
 
-    def _write(self, inode: int, index: int, rec: ChunkRecord, batch: rocksdict.WriteBatch) -> None:
-        self.db.write(batch, self._write_opts)
+    def _write(
+        self,
+        inode: int,
+        index: int,
+        rec: ChunkRecord,
+        batch: rocksdict.WriteBatch,
+        sync: bool = True,
+    ) -> None:
+        old = held_bytes_of(self.get(inode, index))
+        self.db.write(batch, self._write_opts if sync else self._nosync_opts)
         with self._lock:
             self._gen += 1
             self._cache_insert((inode, index), rec)
+            self._held_bytes += held_bytes_of(rec) - old
 
     def get_journal(self, inode: int, index: int, version: int) -> tuple[int, bytes] | None:
         """(offset, bytes) of the journaled write that makes ``version``; None if absent."""

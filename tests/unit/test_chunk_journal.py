@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.storage_service import crc
 from chainfs.storage_service.chunk_engine import ChunkEngine, EngineOptions
-from chainfs.storage_service.chunk_record import ChunkRecord
+from chainfs.storage_service.chunk_record import ChunkRecord, Origin
 
 CHUNK = 1 << 20
 OPTS = EngineOptions(crc_block_bytes=4096, journal_write_max_bytes=16 * 1024)
@@ -130,10 +130,10 @@ def _crash_in(eng: ChunkEngine, obj: Any, name: str, torn: bool = False) -> None
     """Make ``obj.name`` kill the process (``torn``: after writing half its bytes)."""
     real: Callable[..., Any] = getattr(obj, name)
 
-    def dying(*args: Any) -> None:
+    def dying(*args: Any, **kwargs: Any) -> None:
         if torn:
             *head, data = args
-            real(*head, data[: len(data) // 2])
+            real(*head, data[: len(data) // 2], **kwargs)
         raise Crash(name)
 
     setattr(obj, name, dying)
@@ -255,3 +255,146 @@ def test_journaling_off_copies_the_chunk(tmp_path: Path) -> None:
     eng.commit(*KEY, 2, 1)
     _check_committed(eng, base[:10] + b"z" * 10 + base[20:], 2)
     eng.close()
+
+
+@pytest.mark.parametrize(
+    "step, survives",
+    [
+        ("put_with_journal", "old"),  # dies before the decided record + journal are written
+        ("write_in_place", "new"),  # dies before the bytes reach the chunk file
+        ("torn", "new"),  # dies with half the bytes in the chunk file
+        ("put_dropping_journal", "new"),  # dies before the journal is dropped
+        ("lost_drop", "new"),  # a power loss drops the unsynced journal drop
+    ],
+)
+def test_crash_during_a_small_overwrite_committed_at_once(
+    tmp_path: Path, step: str, survives: str
+) -> None:
+    """A tail writes a small overwrite as committed at once (no pending version):
+    a crash at any step leaves the old version or the new one, never a mix."""
+    eng, base = _new_chunk(tmp_path / "t")
+    patch = os.urandom(9000)
+    new = bytearray(base)
+    new[5000:14000] = patch
+    if step == "put_with_journal":
+        _crash_in(eng, eng.records, "put_with_journal")
+    elif step in ("write_in_place", "torn"):
+        _crash_in(eng, eng.files, "write_in_place", torn=step == "torn")
+    elif step == "put_dropping_journal":
+        _crash_in(eng, eng.records, "put_dropping_journal")
+    decided: list[ChunkRecord] = []
+    if step == "lost_drop":
+        real = eng.records.put_with_journal
+
+        def keep(*args: Any) -> None:
+            decided.append(args[2])
+            real(*args)
+
+        eng.records.put_with_journal = keep  # type: ignore[method-assign]
+    try:
+        rec = eng.prepare_write(
+            *KEY, 5000, memoryview(patch), crc.value(patch), CHUNK, 2, commit_at=1
+        )
+    except Crash:
+        assert step != "lost_drop"
+    else:
+        assert step == "lost_drop" and rec.committed_version == 2 and not rec.has_pending
+        # What a power loss that dropped the journal drop leaves: the decided record
+        # and its journal, the new bytes already in the file.
+        eng.records.put_with_journal(*KEY, decided[0], 5000, memoryview(patch))
+    eng.close()
+    eng = ChunkEngine(tmp_path / "t", OPTS)  # restart: recovery
+    try:
+        if survives == "old":
+            _check_committed(eng, base, 1)
+            assert eng.recovered["pending_kept"] == 0
+        else:
+            assert eng.recovered["journals_applied"] == 1
+            _check_committed(eng, bytes(new), 2)
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("kind", ["new_chunk", "append", "replace", "shrink"])
+def test_crash_before_a_record_committed_at_once_keeps_the_old_version(
+    tmp_path: Path, kind: str
+) -> None:
+    """The bytes of a version committed at once land before its one record write;
+    a crash between the two leaves the old version (recovery drops the new bytes)."""
+    eng, base = _new_chunk(tmp_path / "t")
+    data = os.urandom(3000)
+    key = (KEY[0], 1) if kind == "new_chunk" else KEY
+    _crash_in(eng, eng.records, "put")
+    with pytest.raises(Crash):
+        if kind == "new_chunk":
+            eng.prepare_write(*key, 0, memoryview(data), crc.value(data), CHUNK, 1, commit_at=1)
+        elif kind == "append":
+            eng.prepare_write(
+                *key, len(base), memoryview(data), crc.value(data), CHUNK, 2, commit_at=1
+            )
+        elif kind == "replace":
+            eng.prepare_replace(*key, memoryview(data), crc.value(data), CHUNK, 2, commit_at=1)
+        else:
+            eng.prepare_truncate(*key, 1000, CHUNK, 2, commit_at=1)
+    eng.close()
+    eng = ChunkEngine(tmp_path / "t", OPTS)
+    try:
+        _check_committed(eng, base, 1)
+        assert eng.get(KEY[0], 1) is None
+        assert sorted(os.listdir(os.path.dirname(eng.file_path(*KEY, 1)))) == [
+            os.path.basename(eng.file_path(*KEY, 1))
+        ]
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize(
+    "kind", ["new_chunk", "append", "journaled", "copy", "replace", "truncate"]
+)
+def test_committed_at_once_matches_prepare_then_commit(tmp_path: Path, kind: str) -> None:
+    """Same record (version, length, CRCs, the request that made it) and bytes as
+    the two-step path, with one record write and no pending version in between."""
+    results = []
+    data = os.urandom(40_000 if kind == "copy" else 3000)
+    base = os.urandom(200_000)
+    for mode in ("two", "one"):
+        eng = ChunkEngine(tmp_path / mode, OPTS)
+        _write(eng, 0, base, 1)
+        eng.commit(*KEY, 1, 1)
+        at = {"new_chunk": 0, "append": len(base), "journaled": 7000, "copy": 7000}.get(kind, 0)
+        key = (KEY[0], 1) if kind == "new_chunk" else KEY
+        version = 1 if kind == "new_chunk" else 2
+        commit_at = 1 if mode == "one" else None
+        puts: list[str] = []
+        for name in ("put", "put_with_journal"):
+            real = getattr(eng.records, name)
+
+            def counted(
+                *args: Any, _real: Any = real, _name: str = name, _puts: list[str] = puts
+            ) -> None:
+                _puts.append(_name)
+                _real(*args)
+
+            setattr(eng.records, name, counted)
+        o = Origin.of(b"x" * 16, 42)
+        if kind == "replace":
+            rec = eng.prepare_replace(
+                *key, memoryview(data), crc.value(data), CHUNK, version, o, commit_at
+            )
+        elif kind == "truncate":
+            rec = eng.prepare_truncate(*key, 150_000, CHUNK, version, o, commit_at)
+        else:
+            rec = eng.prepare_write(
+                *key, at, memoryview(data), crc.value(data), CHUNK, version, o, commit_at
+            )
+        if mode == "two":
+            assert rec.has_pending
+            rec = eng.commit(*key, version, 1)  # type: ignore[assignment]
+        else:
+            assert not rec.has_pending and len(puts) == 1, puts
+        assert rec is not None and not rec.journal_applying
+        got = bytes(eng.read(*key, 0, CHUNK, verify=True)[1])
+        assert eng.records.journal_keys() == []
+        results.append((rec, got, eng.records.held_bytes))
+        eng.close()
+    assert results[0] == results[1]

@@ -28,6 +28,7 @@ class FakeLinks:
     def __init__(self) -> None:
         self.craqs: dict[int, Craq] = {}
         self.down: set[int] = set()  # node ids whose inbound link fails
+        self.lose_ack: set[int] = set()  # node ids that apply an update, but the ack is lost
         self.forwards = 0
 
     async def update(
@@ -38,7 +39,10 @@ class FakeLinks:
             raise ChainfsError(Code.UNAVAILABLE, f"link to node {node.node_id} is down")
         wire = sp.UpdateReq.FromString(req.SerializeToString())
         data = memoryview(b"".join(bytes(p) for p in payload))
-        return await self.craqs[node.node_id].update(wire, data)
+        rsp = await self.craqs[node.node_id].update(wire, data)
+        if node.node_id in self.lose_ack:
+            raise ChainfsError(Code.UNAVAILABLE, f"ack from node {node.node_id} lost")
+        return rsp
 
     async def remove(
         self, node: mp.NodeInfo, req: sp.RemoveChunksReq, timeout_s: float
@@ -160,6 +164,43 @@ async def test_unknown_outcome_keeps_pending_and_retry_redrives(
     assert rsp.committed_version == 2
     assert len(set(states(engines))) == 1 and states(engines)[0][:2] == (2, 0)
     assert all(content(e) == b"v2!" for e in engines.values())
+
+
+async def test_tail_commits_at_once_and_a_retry_is_applied_once(
+    chain: tuple[FakeLinks, dict[int, ChunkEngine]],
+) -> None:
+    """The tail writes each update as committed in one record write; when its ack is
+    lost, the retry of the same request finds that version committed there and the
+    chain commits it without the tail applying it again."""
+    links, engines = chain
+    await head_write(links, write_req(b"0123456789", request_id=1), b"0123456789")
+    tail = engines[103]
+    writes: list[object] = []
+    for name in ("put", "put_with_journal", "put_dropping_journal"):
+        real = getattr(tail.records, name)
+
+        def counted(*args: object, _real: object = real, **kw: object) -> None:
+            writes.append(args[2])
+            _real(*args, **kw)  # type: ignore[operator]
+
+        setattr(tail.records, name, counted)
+    links.lose_ack.add(3)
+    with pytest.raises(ChainfsError) as e:
+        await head_write(links, write_req(b"XY", offset=4, request_id=2), b"XY")
+    assert e.value.code == Code.UNAVAILABLE
+    s = states(engines)
+    assert s[0][:2] == (1, 2) and s[1][:2] == (1, 2) and s[2][:2] == (2, 0)
+    assert content(tail) == b"0123XY6789"
+    assert all(not r.has_pending for r in writes)  # type: ignore[attr-defined]
+    tail_writes = len(writes)
+    links.lose_ack.clear()
+    rsp = await head_write(links, write_req(b"XY", offset=4, request_id=2), b"XY")  # the retry
+    assert rsp.committed_version == 2 and len(writes) == tail_writes  # not applied again
+    assert len(set(states(engines))) == 1 and states(engines)[0][:2] == (2, 0)
+    assert all(content(e) == b"0123XY6789" for e in engines.values())
+    # The same request once more, answered from what the head committed.
+    rsp = await head_write(links, write_req(b"XY", offset=4, request_id=2), b"XY")
+    assert rsp.committed_version == 2 and len(writes) == tail_writes
 
 
 async def test_other_writer_after_a_failed_update_redrives_first(
