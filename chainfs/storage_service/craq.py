@@ -529,15 +529,7 @@ class Craq:
             if self._made_by(rec, req):
                 return self._rsp(rec)
         version = (rec.committed_version if rec is not None else 0) + 1
-        if self._successor(hop.routing, hop.chain, target.target_id) is None:
-            return await self._apply_as_tail(hop, req, payload, version)
-        pending = await self._update_io(
-            target, len(payload), self._apply, target, req, payload, version
-        )
-        fwd = sp.UpdateReq()
-        fwd.CopyFrom(req)
-        fwd.update_version = version
-        return await self._forward_and_commit(hop, fwd, payload, pending)
+        return await self._apply_and_pass_on(hop, req, payload, version)
 
     async def _redrive(self, hop: _Hop, req: sp.UpdateReq, rec: ChunkRecord) -> ChunkRecord | None:
         """Push the head's pending version down the chain (whole chunk) and commit it."""
@@ -593,27 +585,36 @@ class Craq:
                 f"target {target.target_id} chunk ({ino}, {idx}) is at v{committed}, "
                 f"update is v{u}: send the whole chunk",
             )
-        if self._successor(hop.routing, hop.chain, target.target_id) is None:
-            return await self._apply_as_tail(hop, req, payload, u)
-        pending = await self._update_io(target, len(payload), self._apply, target, req, payload, u)
-        return await self._forward_and_commit(hop, req, payload, pending)
+        return await self._apply_and_pass_on(hop, req, payload, u)
 
-    async def _apply_as_tail(
+    async def _apply_and_pass_on(
         self, hop: _Hop, req: sp.UpdateReq, payload: memoryview, version: int
     ) -> sp.UpdateRsp:
-        """The last replica taking writes waits for no successor: apply and commit in
-        one step (one I/O-thread hop and one record write instead of two of each;
-        ChunkEngine._commit_now). The ack means what a commit after a pending
-        version meant: the new version is committed here (durable first on a
-        durable target). A crash before the record write leaves the old version,
-        and the predecessor's pending one is re-driven as before; a retry of the
-        same update finds its version committed (``committed >= u`` or
-        ``_made_by``) and is answered without applying it again."""
+        """Apply ``req`` here as ``version``, forward it and commit on the ack.
+
+        The last replica taking writes waits for no successor: it applies and
+        commits in one step (one I/O-thread hop and one record write instead of
+        two of each; ChunkEngine._commit_now). Its ack means what a commit after
+        a pending version meant: the new version is committed here (durable
+        first on a durable target). A crash before the record write leaves the
+        old version, and the predecessor's pending one is re-driven as before; a
+        retry of the same update finds its version committed (``committed >= u``
+        or ``_made_by``) and is answered without applying it again."""
         target = hop.target
-        rec = await self._update_io(
-            target, len(payload), self._apply, target, req, payload, version, req.chain_version
+        if self._successor(hop.routing, hop.chain, target.target_id) is None:
+            rec = await self._update_io(
+                target, len(payload), self._apply, target, req, payload, version, req.chain_version
+            )
+            return self._rsp(rec)
+        pending = await self._update_io(
+            target, len(payload), self._apply, target, req, payload, version
         )
-        return self._rsp(rec)
+        if req.update_version != version:  # from the head: the version travels with it
+            fwd = sp.UpdateReq()
+            fwd.CopyFrom(req)
+            fwd.update_version = version
+            req = fwd
+        return await self._forward_and_commit(hop, req, payload, pending)
 
     async def _forward_and_commit(
         self, hop: _Hop, req: sp.UpdateReq, data: memoryview, pending: ChunkRecord

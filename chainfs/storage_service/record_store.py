@@ -107,12 +107,7 @@ class RecordStore:
 
     def put(self, inode: int, index: int, rec: ChunkRecord) -> None:
         rec.check()
-        old = held_bytes_of(self.get(inode, index))  # a cache hit: updates read first
-        self.db.put(chunk_key(inode, index), rec.encode(), self._write_opts)
-        with self._lock:
-            self._gen += 1
-            self._cache_insert((inode, index), rec)
-            self._held_bytes += held_bytes_of(rec) - old
+        self._write(inode, index, rec, None)
 
     def put_with_journal(
         self, inode: int, index: int, rec: ChunkRecord, offset: int, data: memoryview
@@ -146,11 +141,17 @@ class RecordStore:
         inode: int,
         index: int,
         rec: ChunkRecord,
-        batch: rocksdict.WriteBatch,
+        batch: rocksdict.WriteBatch | None,
         sync: bool = True,
     ) -> None:
-        old = held_bytes_of(self.get(inode, index))
-        self.db.write(batch, self._write_opts if sync else self._nosync_opts)
+        """Store ``rec`` (with ``batch``, which must hold its put, atomically) and
+        keep the cache and ``held_bytes`` in step."""
+        old = held_bytes_of(self.get(inode, index))  # a cache hit: updates read first
+        opts = self._write_opts if sync else self._nosync_opts
+        if batch is None:
+            self.db.put(chunk_key(inode, index), rec.encode(), opts)
+        else:
+            self.db.write(batch, opts)
         with self._lock:
             self._gen += 1
             self._cache_insert((inode, index), rec)
