@@ -134,7 +134,8 @@ def test_absent_names_are_answered_from_the_name_list_while_other_directories_ch
     answered from the mount's list of its names, also while other programs
     change other directories through the same mount (a list is dropped only
     for a change of its own directory), and a name created in it through the
-    mount is found at once."""
+    mount is found at once. Whether a change elsewhere lands during the fetch
+    is up to the scheduler here; tests/unit/test_fuse_names.py places it there."""
     proc = cluster.mount_process
     assert proc is not None
     d, busy = mnt_a / name.lstrip("/"), mnt_a / (name.lstrip("/") + "-busy")
