@@ -242,6 +242,9 @@ class ChunkEngine:
         """The record an update at ``version`` starts from, with any stale pending dropped."""
         check_chunk_size(chunk_size)
         rec = self.get(inode, index)
+        if rec is not None and rec.journal_applying:
+            # A commit whose in-place write failed: its bytes go in before any update.
+            rec = self._apply_journal(inode, index, rec)
         if rec is None or (rec.committed_version == 0 and not rec.has_pending):
             self._check_space(inode, index)
             rec = ChunkRecord(chunk_size=chunk_size)
@@ -345,12 +348,23 @@ class ChunkEngine:
         in one atomic batch, then writes the journal in place like a commit."""
         new = self._committed(pending, chain_version)
         if journal is not None:
-            applying = replace(new, journal_applying=True)
-            self.records.put_with_journal(inode, index, applying, *journal)
-            return self._apply_journal(inode, index, applying)
-        self.records.put(inode, index, new)
-        self._drop_old_bytes(inode, index, base, new)
-        return new
+            new = replace(new, journal_applying=True)
+            self.records.put_with_journal(inode, index, new, *journal)
+        else:
+            self.records.put(inode, index, new)
+        try:
+            if journal is not None:
+                return self._apply_journal(inode, index, new)
+            self._drop_old_bytes(inode, index, base, new)
+            return new
+        except OSError as e:
+            # Decided: an error now (ENOSPC writing into a hole) must not read as
+            # "nothing applied", or the predecessors abort a version committed here.
+            raise ChainfsError(
+                Code.INTERNAL,
+                f"chunk ({inode}, {index}) v{new.committed_version} is committed on "
+                f"{self.path}, finishing it failed: {e}",
+            ) from e
 
     @staticmethod
     def _committed(rec: ChunkRecord, chain_version: int) -> ChunkRecord:
