@@ -120,6 +120,7 @@ log = logging.getLogger(__name__)
 
 _STAT_CACHE_S = 0.1  # statvfs result reused for this long (seconds)
 _READ_RACE_RETRIES = 8  # re-reads of a chunk whose file changed under a read
+_NO_BYTES = memoryview(b"")
 
 
 class ChunkEngine:
@@ -610,12 +611,13 @@ class ChunkEngine:
             new_crc = rec.crc32c
         elif length > committed_len:
             blocks = block_crcs.after_truncate(rec, length, self._old_blocks(inode, index, rec))
+            # Zeros past the committed end (cut first: an abandoned update may have
+            # left bytes there); on disk before the record on a durable target.
             if gen:
-                self.files.truncate(inode, index, gen, committed_len)
-                self.files.truncate(inode, index, gen, length)
+                self.files.write(inode, index, gen, committed_len, _NO_BYTES, committed_len, length)
             else:
                 gen = version
-                self.files.write(inode, index, gen, 0, memoryview(b""), 0, length)
+                self._new_file(inode, index, gen, 0, _NO_BYTES, length)
             new_crc = crc.extend_zeros(rec.crc32c, length - committed_len)
         else:
             # Shrink: the file keeps its bytes until commit (readers may still use them).
