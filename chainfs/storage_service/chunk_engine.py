@@ -242,10 +242,7 @@ class ChunkEngine:
     def _base(self, inode: int, index: int, chunk_size: int, version: int) -> ChunkRecord:
         """The record an update at ``version`` starts from, with any stale pending dropped."""
         check_chunk_size(chunk_size)
-        rec = self.get(inode, index)
-        if rec is not None and rec.journal_applying:
-            # A commit whose in-place write failed: its bytes go in before any update.
-            rec = self._apply_journal(inode, index, rec)
+        rec = self._settled(inode, index)
         if rec is None or (rec.committed_version == 0 and not rec.has_pending):
             self._check_space(inode, index)
             rec = ChunkRecord(chunk_size=chunk_size)
@@ -263,6 +260,14 @@ class ChunkEngine:
             )
         if rec.has_pending:
             rec = self._drop_pending(inode, index, rec)
+        return rec
+
+    def _settled(self, inode: int, index: int) -> ChunkRecord | None:
+        """The chunk's record for an update to start from: a commit whose in-place
+        write failed (``journal_applying`` while the target runs on) is finished first."""
+        rec = self.get(inode, index)
+        if rec is not None and rec.journal_applying:
+            rec = self._apply_journal(inode, index, rec)
         return rec
 
     def _drop_pending(self, inode: int, index: int, rec: ChunkRecord) -> ChunkRecord:
@@ -643,7 +648,7 @@ class ChunkEngine:
         check_chunk_size(chunk_size)
         if len(data) > chunk_size:
             raise ChainfsError(Code.EINVAL, f"{len(data)} bytes exceed chunk size {chunk_size}")
-        rec = self.get(inode, index)
+        rec = self._settled(inode, index)
         if rec is None:
             self._check_space(inode, index)
             rec = ChunkRecord(chunk_size=chunk_size)
@@ -676,7 +681,7 @@ class ChunkEngine:
         self, inode: int, index: int, origin: Origin = NO_ORIGIN
     ) -> ChunkRecord | None:
         """Mark the chunk as being removed (reads answer NOT_COMMITTED); None if absent."""
-        rec = self.get(inode, index)
+        rec = self._settled(inode, index)
         if rec is None:
             return None
         if rec.has_pending:
