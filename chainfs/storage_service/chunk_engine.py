@@ -120,6 +120,7 @@ log = logging.getLogger(__name__)
 
 _STAT_CACHE_S = 0.1  # statvfs result reused for this long (seconds)
 _READ_RACE_RETRIES = 8  # re-reads of a chunk whose file changed under a read
+_NO_BYTES = memoryview(b"")
 
 
 class ChunkEngine:
@@ -241,7 +242,7 @@ class ChunkEngine:
     def _base(self, inode: int, index: int, chunk_size: int, version: int) -> ChunkRecord:
         """The record an update at ``version`` starts from, with any stale pending dropped."""
         check_chunk_size(chunk_size)
-        rec = self.get(inode, index)
+        rec = self._settled(inode, index)
         if rec is None or (rec.committed_version == 0 and not rec.has_pending):
             self._check_space(inode, index)
             rec = ChunkRecord(chunk_size=chunk_size)
@@ -259,6 +260,14 @@ class ChunkEngine:
             )
         if rec.has_pending:
             rec = self._drop_pending(inode, index, rec)
+        return rec
+
+    def _settled(self, inode: int, index: int) -> ChunkRecord | None:
+        """The chunk's record for an update to start from: a commit whose in-place
+        write failed (``journal_applying`` while the target runs on) is finished first."""
+        rec = self.get(inode, index)
+        if rec is not None and rec.journal_applying:
+            rec = self._apply_journal(inode, index, rec)
         return rec
 
     def _drop_pending(self, inode: int, index: int, rec: ChunkRecord) -> ChunkRecord:
@@ -345,12 +354,23 @@ class ChunkEngine:
         in one atomic batch, then writes the journal in place like a commit."""
         new = self._committed(pending, chain_version)
         if journal is not None:
-            applying = replace(new, journal_applying=True)
-            self.records.put_with_journal(inode, index, applying, *journal)
-            return self._apply_journal(inode, index, applying)
-        self.records.put(inode, index, new)
-        self._drop_old_bytes(inode, index, base, new)
-        return new
+            new = replace(new, journal_applying=True)
+            self.records.put_with_journal(inode, index, new, *journal)
+        else:
+            self.records.put(inode, index, new)
+        try:
+            if journal is not None:
+                return self._apply_journal(inode, index, new)
+            self._drop_old_bytes(inode, index, base, new)
+            return new
+        except OSError as e:
+            # Decided: an error now (ENOSPC writing into a hole) must not read as
+            # "nothing applied", or the predecessors abort a version committed here.
+            raise ChainfsError(
+                Code.INTERNAL,
+                f"chunk ({inode}, {index}) v{new.committed_version} is committed on "
+                f"{self.path}, finishing it failed: {e}",
+            ) from e
 
     @staticmethod
     def _committed(rec: ChunkRecord, chain_version: int) -> ChunkRecord:
@@ -596,12 +616,13 @@ class ChunkEngine:
             new_crc = rec.crc32c
         elif length > committed_len:
             blocks = block_crcs.after_truncate(rec, length, self._old_blocks(inode, index, rec))
+            # Zeros past the committed end (cut first: an abandoned update may have
+            # left bytes there); on disk before the record on a durable target.
             if gen:
-                self.files.truncate(inode, index, gen, committed_len)
-                self.files.truncate(inode, index, gen, length)
+                self.files.write(inode, index, gen, committed_len, _NO_BYTES, committed_len, length)
             else:
                 gen = version
-                self.files.write(inode, index, gen, 0, memoryview(b""), 0, length)
+                self._new_file(inode, index, gen, 0, _NO_BYTES, length)
             new_crc = crc.extend_zeros(rec.crc32c, length - committed_len)
         else:
             # Shrink: the file keeps its bytes until commit (readers may still use them).
@@ -627,7 +648,7 @@ class ChunkEngine:
         check_chunk_size(chunk_size)
         if len(data) > chunk_size:
             raise ChainfsError(Code.EINVAL, f"{len(data)} bytes exceed chunk size {chunk_size}")
-        rec = self.get(inode, index)
+        rec = self._settled(inode, index)
         if rec is None:
             self._check_space(inode, index)
             rec = ChunkRecord(chunk_size=chunk_size)
@@ -660,7 +681,7 @@ class ChunkEngine:
         self, inode: int, index: int, origin: Origin = NO_ORIGIN
     ) -> ChunkRecord | None:
         """Mark the chunk as being removed (reads answer NOT_COMMITTED); None if absent."""
-        rec = self.get(inode, index)
+        rec = self._settled(inode, index)
         if rec is None:
             return None
         if rec.has_pending:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import hypothesis.strategies as st
 import pytest
@@ -610,4 +612,51 @@ def test_reads_racing_updates_see_a_committed_version(tmp_path: Path) -> None:
             t.join()
     assert not errors, errors[:5]
     assert reads[0] > 0
+    eng.close()
+
+
+@pytest.mark.parametrize("commit_at", [None, 1])
+@pytest.mark.parametrize("kind", ["existing_file", "no_file"])
+def test_durable_truncate_extension_is_on_disk_before_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, commit_at: int | None
+) -> None:
+    """On a durable target the bytes of a version are on disk before the record that
+    makes it committed: a truncate that extends the chunk (zeros past the old end)
+    syncs the file's new size, and a file it creates its directory entry, first."""
+    eng = ChunkEngine(tmp_path / "t", EngineOptions(durable=True))
+    key = (9, 0)
+    version = 1
+    if kind == "existing_file":
+        data = os.urandom(3000)
+        eng.prepare_write(*key, 0, memoryview(data), crc.value(data), CHUNK, 1)
+        eng.commit(*key, 1, 1)
+        version = 2
+    events: list[tuple[str, str]] = []
+
+    def spying(real: Callable[[int], None]) -> Callable[[int], None]:
+        def spy(fd: int) -> None:
+            events.append(("sync", os.path.realpath(f"/proc/self/fd/{fd}")))
+            real(fd)
+
+        return spy
+
+    monkeypatch.setattr(os, "fdatasync", spying(os.fdatasync))
+    monkeypatch.setattr(os, "fsync", spying(os.fsync))
+    real_put = eng.records.put
+
+    def put(*args: Any) -> None:
+        events.append(("put", ""))
+        real_put(*args)
+
+    monkeypatch.setattr(eng.records, "put", put)
+    eng.prepare_truncate(*key, 20_000, CHUNK, version, commit_at=commit_at)
+    if commit_at is None:
+        eng.commit(*key, version, 1)
+    rec = eng.get(*key)
+    assert rec is not None and rec.committed_version == version and rec.length == 20_000
+    synced = {path for what, path in events[: events.index(("put", ""))] if what == "sync"}
+    path = os.path.realpath(eng.file_path(*key, rec.file_gen))
+    assert path in synced, events
+    if kind == "no_file":
+        assert os.path.dirname(path) in synced, events
     eng.close()

@@ -9,6 +9,7 @@ the new one, never a mix.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -398,3 +399,50 @@ def test_committed_at_once_matches_prepare_then_commit(tmp_path: Path, kind: str
         results.append((rec, got, eng.records.held_bytes))
         eng.close()
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("then", ["write", "truncate", "replace", "remove"])
+def test_an_update_after_a_failed_in_place_write_builds_on_the_decided_version(
+    tmp_path: Path, then: str
+) -> None:
+    """A commit decided (``journal_applying``) whose in-place write failed (ENOSPC,
+    EIO) leaves the record applying while the target runs on; the chunk's next
+    update of any kind (a write, a truncate, a whole-chunk replace from resync, a
+    remove by GC) writes that journal first and builds on the decided version."""
+    eng, base = _new_chunk(tmp_path / "t")
+    patch = os.urandom(9000)
+    decided = bytearray(base)
+    decided[5000:14000] = patch
+    real = eng.files.write_in_place
+    failed: list[bool] = []
+
+    def full_disk(*args: Any) -> None:
+        if not failed:
+            failed.append(True)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(*args)
+
+    eng.files.write_in_place = full_disk  # type: ignore[method-assign]
+    _write(eng, 5000, patch, 2)
+    with pytest.raises(OSError):
+        eng.commit(*KEY, 2, 1)
+    rec = eng.get(*KEY)
+    assert rec is not None and rec.journal_applying and rec.committed_version == 2
+    data = os.urandom(100)
+    if then == "write":
+        eng.prepare_write(*KEY, 100, memoryview(data), crc.value(data), CHUNK, 3)
+        decided[100:200] = data
+    elif then == "truncate":
+        eng.prepare_truncate(*KEY, 20_000, CHUNK, 3)
+        decided = decided[:20_000]
+    elif then == "replace":
+        eng.prepare_replace(*KEY, memoryview(data), crc.value(data), CHUNK, 3)
+        decided = bytearray(data)
+    else:
+        eng.prepare_remove(*KEY)
+    done = eng.commit(*KEY, 3, 1)
+    if then == "remove":
+        assert done is None and eng.get(*KEY) is None and eng.records.journal_keys() == []
+    else:
+        _check_committed(eng, bytes(decided), 3)
+    eng.close()

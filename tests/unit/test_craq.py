@@ -4,6 +4,7 @@ that calls the successor's Craq directly (and can fail, like a dead link)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -274,3 +275,37 @@ async def test_remove_goes_down_the_chain(chain: tuple[FakeLinks, dict[int, Chun
     assert rsp.removed == 3 and not rsp.more
     for eng in engines.values():
         assert [i for i, _ in eng.list_chunks(7)] == [0, 4]
+
+
+async def test_a_failure_after_the_tail_decided_is_not_definite(
+    chain: tuple[FakeLinks, dict[int, ChunkEngine]],
+) -> None:
+    """The tail decides a small overwrite committed at once with its record write,
+    then writes the bytes in place. If that write fails (ENOSPC: the range was a
+    hole left by a truncate), the tail holds the new version: the predecessors
+    must keep theirs pending (not abort as after "nothing applied"), and the next
+    update settles the chain on it and applies on top of whole bytes."""
+    links, engines = chain
+    await head_write(links, write_req(b"0123456789", request_id=1), b"0123456789")
+    tail = engines[103]
+    real = tail.files.write_in_place
+    calls: list[object] = []
+
+    def disk_full(*args: object) -> None:
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(*args)  # type: ignore[arg-type]
+
+    tail.files.write_in_place = disk_full  # type: ignore[method-assign]
+    with pytest.raises(ChainfsError) as e:
+        await head_write(links, write_req(b"XY", offset=4, request_id=2), b"XY")
+    assert e.value.code not in (Code.ENOSPC, Code.EIO)  # not "applied nothing"
+    s = states(engines)
+    assert s[0][:2] == (1, 2) and s[1][:2] == (1, 2) and s[2][:2] == (2, 0)
+    # Another writer: version 2 is driven through first, then its update lands.
+    rsp = await head_write(links, write_req(b"ab", offset=0, request_id=9, client=b"d" * 16), b"ab")
+    assert rsp.committed_version == 3
+    assert len(set(states(engines))) == 1 and states(engines)[0][:2] == (3, 0)
+    assert all(content(e) == b"ab23XY6789" for e in engines.values())
+    assert tail.records.journal_keys() == []

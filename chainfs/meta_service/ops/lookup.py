@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.kv import TxnTooOld
 from chainfs.meta_service import perm, schema
 from chainfs.meta_service.config import INODES_TOTAL, NAME_MAX
 from chainfs.meta_service.ctx import DIRECTORY, SYMLINK, parse
@@ -35,6 +36,8 @@ class LookupOps(NamespaceBase):
                     inode = await self._lookup_target(ctx, parse(at, self.cfg), r.follow)
                     res = out.results.add(code=0, inode=inode)
                     self._grant(ctx, inode, r.want_capability, r.req.client_id, res)
+                except TxnTooOld:
+                    raise  # the snapshot is gone: the whole transaction re-runs
                 except ChainfsError as e:
                     out.results.add(code=e.code, message=e.message)
             return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_wire import RENAME_NOREPLACE
+from chainfs.kv import TxnTooOld
 from chainfs.meta_service import perm
 from chainfs.meta_service.ctx import DIRECTORY, FILE, Last, ParsedPath, parse
 from chainfs.meta_service.ops.context import OpCtx, Tag
@@ -38,6 +39,8 @@ class PublishOps(SessionOps, RenameOps):
             rsp = pb.CloseRsp(rename=cpb.Status())
             try:
                 replaced = await self._publish(ctx, r.ino, src, dst, noreplace)
+            except TxnTooOld:
+                raise  # the snapshot is gone: the whole transaction re-runs
             except ChainfsError as e:  # refused before anything was written
                 rsp.rename.code, rsp.rename.message = e.code, e.message
             else:

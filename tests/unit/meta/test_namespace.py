@@ -18,7 +18,7 @@ from chainfs.common.rpc.meta_client import (
     MetaClient,
     to_stat_result,
 )
-from chainfs.kv import Transaction
+from chainfs.kv import Transaction, TxnTooOld
 from chainfs.kv import open as kv_open
 from chainfs.meta_service import schema
 from chainfs.meta_service.alloc import InodeAllocator
@@ -539,3 +539,28 @@ async def test_directory_times_follow_entry_changes_and_utimes(env: MetaEnv) -> 
     assert d3.mtime_ns > d1.mtime_ns and d3.ctime_ns >= d3.mtime_ns
     d4 = await m.chmod("/d", 0o700)  # an attribute change moves ctime only
     assert d4.mtime_ns == d3.mtime_ns and d4.ctime_ns >= d3.ctime_ns
+
+
+async def test_batch_stat_reruns_a_transaction_whose_snapshot_is_too_old(
+    env: MetaEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read of a snapshot the store no longer has (TXN_TOO_OLD: etcd's history
+    compacted by another meta server's store) re-runs the whole transaction, as
+    KVStore.transact does; BatchStat must not hand it back as one path's answer."""
+    m = env.direct
+    ino = (await m.mkdir("/d")).ino
+    snap = await env.kv._begin()
+    snap.close()
+    real_get = type(snap).get
+    too_old = [1]
+
+    async def get(self: Any, key: bytes) -> bytes | None:
+        if too_old[0]:
+            too_old[0] -= 1
+            raise TxnTooOld("etcd revision compacted")
+        return await real_get(self, key)
+
+    monkeypatch.setattr(type(snap), "get", get)
+    got = await m.batch_stat(["/d", "/d"])
+    assert not too_old[0]
+    assert [g if isinstance(g, ChainfsError) else g.ino for g in got] == [ino, ino]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
+from typing import Any
 
 import pytest
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_wire import RENAME_EXCHANGE, RENAME_NOREPLACE
+from chainfs.kv import TxnTooOld
 from chainfs.meta_service import schema
 from chainfs.proto import meta_pb2 as pb
 from tests.unit.meta.conftest import MetaEnv
@@ -155,3 +157,30 @@ async def test_bad_publish_requests_change_nothing(env: MetaEnv) -> None:
     assert await _sessions(env) != []  # still open
     assert (await m.stat("/c/tmp/t")).size == 0
     assert await m.listdir("/c/data") == []
+
+
+async def test_a_snapshot_too_old_in_the_rename_reruns_the_close(
+    env: MetaEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TXN_TOO_OLD (etcd's history compacted by another meta server's store) while
+    the rename resolves its names re-runs the whole close, as KVStore.transact
+    does: it is no refusal of the rename (which then would not happen while the
+    close commits)."""
+    m = env.direct
+    ino, sid = await _written_tmp(env, "t", 1 * MiB)
+    snap = await env.kv._begin()
+    snap.close()
+    real_get = type(snap).get
+    too_old = [1]
+
+    async def get(self: Any, key: bytes) -> bytes | None:
+        if too_old[0] and key.startswith(schema.DENT):
+            too_old[0] -= 1
+            raise TxnTooOld("etcd revision compacted")
+        return await real_get(self, key)
+
+    monkeypatch.setattr(type(snap), "get", get)
+    rsp = await m.close_publish(ino, sid, 1 * MiB, "/c/tmp/t", "/c/data/k")
+    assert not too_old[0]
+    assert rsp.rename.code == 0, rsp.rename
+    assert (await m.stat("/c/data/k")).ino == ino
