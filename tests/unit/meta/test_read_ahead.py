@@ -110,8 +110,8 @@ _QUIET = {
 
 
 async def test_warm_paths_on_etcd_cost_one_read_each(tmp_path: Path) -> None:
-    """On real etcd: a warm create or stat reads everything it needs in the one
-    read-only Txn at begin; etcd itself counts no Range call."""
+    """On real etcd: a warm create, stat or rename reads everything it needs in
+    the one read-only Txn at begin; etcd itself counts no Range call."""
     require_binary("etcd")
     with EtcdCluster(tmp_path / "etcd", members=1) as etcd:
         kv = EtcdStore.from_url(etcd.url("meta"))
@@ -135,6 +135,15 @@ async def test_warm_paths_on_etcd_cost_one_read_each(tmp_path: Path) -> None:
             assert kv.stats["reads"] - reads == 2 * n
             assert now["Range"] == calls["Range"]
             assert now["Txn"] - calls["Txn"] == 3 * n  # a read ahead each, a commit per create
+            reads, calls = kv.stats["reads"], now
+            for i in range(1, n + 1):
+                await m.rename(f"/a/b/f{i}", f"/a/b/g{i}")
+            now = etcd_rpc_counts(etcd.members[0].client_url)
+            assert kv.stats["reads"] - reads == n  # both paths in the one read ahead
+            assert now["Range"] == calls["Range"]
+            assert now["Txn"] - calls["Txn"] == 2 * n
+            names = [e.name for e in (await m.readdir("/a/b")).entries]
+            assert names == [b"f0", *(b"g%d" % i for i in range(1, n + 1))]
         finally:
             await m.aclose()
             await server.stop()
