@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +34,20 @@ def require_binary(name: str) -> str:
     require(name, path is not None, f"`{name}` not on PATH (deploy/bootstrap.sh installs it)")
     assert path is not None
     return path
+
+
+_HANDLED = re.compile(r'^grpc_server_handled_total\{[^}]*grpc_method="(\w+)"[^}]*\} (\S+)$', re.M)
+
+
+def etcd_rpc_counts(client_url: str) -> Counter[str]:
+    """gRPC calls an etcd member has answered, by method ("Range", "Txn", ...),
+    from its own /metrics: round trips counted by the server, not by us."""
+    with urllib.request.urlopen(f"{client_url}/metrics", timeout=5) as rsp:
+        text = rsp.read().decode()
+    counts: Counter[str] = Counter()
+    for method, n in _HANDLED.findall(text):
+        counts[method] += int(float(n))
+    return counts
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -329,8 +329,10 @@ class KVStore(ABC):
             _check_key(key)
         delay_ms = self.retry.backoff_initial_ms
         for attempt in range(1, self.retry.max_attempts + 1):
-            snap = await self._begin_reading(keys) if keys else await self._begin()
+            snap: Snapshot | None = None
             try:
+                # Inside the try: a read ahead at begin may find its revision gone (TxnTooOld).
+                snap = await self._begin_reading(keys) if keys else await self._begin()
                 tx = Transaction(snap, read_only=read_only, durable=durable)
                 result = await fn(tx)
                 if tx.has_writes:
@@ -342,7 +344,8 @@ class KVStore(ABC):
                 if attempt == self.retry.max_attempts:
                     raise
             finally:
-                snap.close()
+                if snap is not None:
+                    snap.close()
             # Back off with the snapshot released (a rocksdb view pins memtables).
             self.stats["retries"] += 1
             await asyncio.sleep(random.uniform(0, delay_ms) / 1000.0)

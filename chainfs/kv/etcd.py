@@ -3,6 +3,10 @@
 - Snapshot = one etcd revision: the first read of a transaction is
   linearizable at the latest revision and fixes it; every later read is at
   that revision (a compacted revision -> TXN_TOO_OLD, retried).
+- Read ahead: the keys ``transact(prefetch=...)`` names are read at begin in
+  one read-only Txn of point Ranges (one round trip, linearizable, one
+  revision), which is that first read. Their mod_revisions are kept like a
+  point read's, but only the keys ``fn`` then reads are compared at commit.
 - Commit = ONE etcd Txn. Compares: the mod_revision of every key read (0 for
   a key that was absent, so it must still be absent), "mod_revision <
   snapshot+1" over every range read (catches keys created or changed in it),
@@ -176,6 +180,33 @@ class _EtcdSnapshot(Snapshot):
         req.revision = self.revision
         return await self.store._read(req)
 
+    async def read_ahead(self, keys: list[bytes]) -> None:
+        """Read ``keys`` as this snapshot's first read: one read-only Txn of
+        point Ranges (more only past max_txn_ops keys, at the first's revision)."""
+        assert self.revision is None, "read ahead must be the snapshot's first read"
+        store = self.store
+        unique = list(dict.fromkeys(keys))
+        ahead: dict[bytes, bytes | None] = {}
+        per_txn = store.options.max_txn_ops
+        for i in range(0, len(unique), per_txn):
+            part = unique[i : i + per_txn]
+            ranges = [
+                rpc.RequestOp(
+                    request_range=rpc.RangeRequest(key=store._dkey(k), revision=self.revision or 0)
+                )
+                for k in part
+            ]
+            resp = await store._read(rpc.TxnRequest(success=ranges), "Txn")
+            assert resp.succeeded and len(resp.responses) == len(part)
+            if self.revision is None:
+                self.revision = int(resp.header.revision)
+            for k, r in zip(part, resp.responses, strict=True):
+                kvs = r.response_range.kvs
+                # Seen at the snapshot; compared at commit only if fn reads k.
+                self.mods[k] = int(kvs[0].mod_revision) if kvs else 0
+                ahead[k] = bytes(kvs[0].value) if kvs else None
+        self.ahead = ahead
+
     async def get(self, key: bytes) -> bytes | None:
         resp = await self._range(rpc.RangeRequest(key=self.store._dkey(key)))
         if resp.kvs:
@@ -216,6 +247,8 @@ class _EtcdSnapshot(Snapshot):
 class EtcdStore(KVStore):
     """A key prefix in an etcd cluster."""
 
+    prefetches = True  # transact's prefetch keys cost one read-only Txn at begin
+
     def __init__(
         self,
         endpoints: list[tuple[str, int]],
@@ -253,7 +286,8 @@ class EtcdStore(KVStore):
         self._compact_mark = 0
         self._compact_task: asyncio.Task[None] | None = None
         self.compacted_revision = 0
-        self.stats.update({"failovers": 0, "fences": 0, "compactions": 0})
+        # reads: read RPCs answered (a Range, or a read-only Txn reading ahead).
+        self.stats.update({"failovers": 0, "fences": 0, "compactions": 0, "reads": 0})
 
     @property
     def endpoints_str(self) -> str:
@@ -327,13 +361,16 @@ class EtcdStore(KVStore):
             f"{self.options.op_timeout_ms} ms): {last}",
         )
 
-    async def _read(self, req: Any) -> Any:
-        """A Range, retried on other members until op_timeout_ms."""
+    async def _read(self, req: Any, method: str = "Range") -> Any:
+        """A Range (or a Txn that only reads), retried on other members until
+        op_timeout_ms."""
         deadline = time.monotonic() + self.options.op_timeout_ms / 1000.0
         delay = float(self.options.retry_initial_ms)
         while True:
             try:
-                return await self._attempt("Range", req, deadline)
+                resp = await self._attempt(method, req, deadline)
+                self.stats["reads"] += 1
+                return resp
             except _Retryable as e:
                 if time.monotonic() >= deadline:
                     raise self._unavailable("read", str(e)) from None
@@ -348,6 +385,20 @@ class EtcdStore(KVStore):
             # Once per store: learn the current revision (the floor of snapshots).
             await self._read(rpc.RangeRequest(key=self._data, keys_only=True, limit=1))
         return _EtcdSnapshot(self)
+
+    async def _begin_reading(self, keys: list[bytes]) -> Snapshot:
+        if not keys:
+            return await self._begin()
+        if self._closed:
+            raise ChainfsError(Code.EBADF, f"etcd store {self.url} is closed")
+        # Open first: the snapshot's floor, then its revision, hold compaction back.
+        snap = _EtcdSnapshot(self)
+        try:
+            await snap.read_ahead(keys)
+        except BaseException:
+            snap.close()
+            raise
+        return snap
 
     async def _compares(self, snap: _EtcdSnapshot, tx: Transaction) -> list[Any]:
         reads = tx.reads

@@ -83,7 +83,7 @@ class RenameOps(NamespaceBase):
                 rsp.replaced.CopyFrom(dst)
             return rsp
 
-        return await self._mutate(r.req, Tag.RENAME, pb.RenameRsp, body)
+        return await self._mutate(r.req, Tag.RENAME, pb.RenameRsp, body, paths=(sp_, dp))
 
     async def _move(
         self, ctx: Ctx, s: Target, d: Target, sparent: pb.Inode, dparent: pb.Inode

@@ -8,6 +8,7 @@ import asyncio
 import functools
 import itertools
 import time
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -19,6 +20,8 @@ from chainfs.kv import Transaction
 from chainfs.kv.base import TxnTooOld
 from chainfs.kv.etcd import EtcdStore, _EtcdSnapshot, _Retryable
 from chainfs.testing.etcd import EtcdCluster
+from tests.conftest import etcd_rpc_counts
+from tests.unit.kv.test_conformance import put_all
 
 pytestmark = pytest.mark.timeout(60)
 _prefixes = itertools.count()
@@ -180,9 +183,11 @@ async def _read_at(store: EtcdStore, revision: int) -> bool:
     return True
 
 
+@pytest.mark.parametrize("prefetch", [None, [b"n"]])
 async def test_store_compacts_history_and_open_transactions_stay_correct(
-    etcd_cluster: EtcdCluster,
+    etcd_cluster: EtcdCluster, prefetch: list[bytes] | None
 ) -> None:
+    # With prefetch, the snapshot's revision is fixed by the read ahead at begin.
     # `writer` compacts every 100 ms; `other` (another process, say) never does.
     url = _url(etcd_cluster)
     writer = EtcdStore.from_url(url + "?compact_interval_ms=100")
@@ -230,9 +235,9 @@ async def test_store_compacts_history_and_open_transactions_stay_correct(
             tx.set(b"n", (n or b"") + b"+remote")
             return n
 
-        assert await writer.transact(local_fn) == b"0"
+        assert await writer.transact(local_fn, prefetch=prefetch) == b"0"
         assert local_calls[0] == 1
-        assert await other.transact(remote_fn) == b"0+local"
+        assert await other.transact(remote_fn, prefetch=prefetch) == b"0+local"
         assert remote_calls[0] == 2
         assert await writer.get(b"n") == b"0+local+remote"
         # History is bounded: the first revision is gone, the data is all there.
@@ -266,3 +271,160 @@ def test_compact_interval_out_of_bounds_is_a_clear_error() -> None:
     with pytest.raises(ChainfsError) as e:
         EtcdStore.from_url("etcd://127.0.0.1:2379/x?compact_interval_ms=5")
     assert "compact_interval_ms must be 0 (off) or in [100, 3600000]" in e.value.message
+
+
+# -- reading ahead ---------------------------------------------------------------
+def _calls(cluster: EtcdCluster) -> Counter[str]:
+    return etcd_rpc_counts(cluster.members[0].client_url)
+
+
+async def test_prefetch_is_one_txn_at_the_snapshot_revision(etcd_cluster: EtcdCluster) -> None:
+    store = EtcdStore.from_url(_url(etcd_cluster))
+    other = EtcdStore.from_url(store.url)
+    try:
+        values = {b"i/%d" % i: b"v%d" % i for i in range(8)} | {b"empty": b""}
+        await put_all(store, values)
+        keys = [*values, b"absent", b"i/0"]  # a repeat is read once
+        point = {k: await store.get(k) for k in keys}
+        assert store.prefetches
+        assert await other.get(b"later") is None  # other's one-time begin read is done
+
+        async def fn(tx: Transaction) -> tuple[dict[bytes, bytes | None], bytes | None, Any]:
+            snap = tx._snap
+            assert isinstance(snap, _EtcdSnapshot) and snap.revision is not None
+            assert dict(snap.ahead) == point  # read before fn ran
+            before = (store.stats["reads"], _calls(etcd_cluster))
+            await other.set(b"later", b"after the snapshot")
+            got = {k: await tx.get(k) for k in keys}
+            after = (store.stats["reads"], _calls(etcd_cluster))
+            later = await tx.get(b"later")  # at the prefetch's revision: not there yet
+            return got, later, (before, after)
+
+        reads, calls = store.stats["reads"], _calls(etcd_cluster)
+        got, later, (before, after) = await store.transact(fn, read_only=True, prefetch=keys)
+        assert got == point
+        assert later is None and await store.get(b"later") == b"after the snapshot"
+        # One read at begin, counted by etcd itself: a Txn, no Range.
+        assert before[0] - reads == 1
+        assert before[1]["Txn"] - calls["Txn"] == 1
+        assert before[1]["Range"] == calls["Range"]
+        # The prefetched keys then cost nothing (other's set is one Txn, no Range).
+        assert after[0] == before[0]
+        assert after[1]["Range"] == before[1]["Range"]
+        assert after[1]["Txn"] - before[1]["Txn"] == 1
+    finally:
+        await store.close()
+        await other.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "conflicts"),
+    [
+        ({b"unread": b"1", b"absent-unread": b"1"}, False),  # prefetched, never read by fn
+        ({b"read": b"1"}, True),
+        ({b"absent-read": b"1"}, True),  # read as absent, created since
+    ],
+)
+async def test_only_prefetched_keys_fn_reads_conflict(
+    etcd_cluster: EtcdCluster, change: dict[bytes, bytes], conflicts: bool
+) -> None:
+    store = EtcdStore.from_url(_url(etcd_cluster))
+    other = EtcdStore.from_url(store.url)
+    try:
+        await put_all(store, {b"read": b"0", b"unread": b"0"})
+        seen: list[tuple[bytes | None, bytes | None]] = []
+
+        async def fn(tx: Transaction) -> None:
+            got = (await tx.get(b"read"), await tx.get(b"absent-read"))
+            seen.append(got)
+            if len(seen) == 1:
+                await put_all(other, change)  # another process commits after our snapshot
+            tx.set(b"out", b"%s/%s" % (got[0] or b"-", got[1] or b"-"))
+
+        keys = [b"read", b"unread", b"absent-read", b"absent-unread"]
+        await store.transact(fn, prefetch=keys)
+        assert store.stats["conflicts"] == int(conflicts)
+        if conflicts:  # the retry read the new value
+            assert seen == [(b"0", None), (change.get(b"read", b"0"), change.get(b"absent-read"))]
+        else:
+            assert seen == [(b"0", None)]
+        assert await store.get(b"out") == b"%s/%s" % (
+            change.get(b"read", b"0"),
+            change.get(b"absent-read", b"-"),
+        )
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_prefetch_past_max_txn_ops_stays_at_one_revision(etcd_cluster: EtcdCluster) -> None:
+    store = EtcdStore.from_url(_url(etcd_cluster, "?max_txn_ops=4"))
+    other = EtcdStore.from_url(store.url)
+    real_read = store._read
+    try:
+        keys = [b"k%02d" % i for i in range(10)]
+        await put_all(other, {k: b"old" for k in keys})
+
+        async def read_then_race(req: Any, method: str = "Range") -> Any:
+            resp = await real_read(req, method)
+            if method == "Txn":  # a read ahead (commits do not come through _read)
+                await put_all(other, {k: b"new" for k in keys})  # between the Txns
+            return resp
+
+        store._read = read_then_race  # type: ignore[method-assign]
+
+        async def fn(tx: Transaction) -> list[bytes | None]:
+            return [await tx.get(k) for k in keys]
+
+        reads = store.stats["reads"]
+        assert await store.transact(fn, read_only=True, prefetch=keys) == [b"old"] * 10
+        assert store.stats["reads"] - reads == 3  # 4 + 4 + 2 keys
+    finally:
+        store._read = real_read  # type: ignore[method-assign]
+        await store.close()
+        await other.close()
+
+
+async def test_prefetch_of_a_closed_store_is_ebadf(etcd_cluster: EtcdCluster) -> None:
+    store = EtcdStore.from_url(_url(etcd_cluster))
+    await store.close()
+    with pytest.raises(ChainfsError) as e:
+        await store.transact(lambda tx: tx.get(b"k"), prefetch=[b"k"])
+    assert e.value.code == Code.EBADF
+    assert not list(store._open_snapshots)
+
+
+async def test_prefetch_compacted_between_its_txns_is_retried(etcd_cluster: EtcdCluster) -> None:
+    store = EtcdStore.from_url(_url(etcd_cluster, "?max_txn_ops=2"))
+    other = EtcdStore.from_url(store.url)
+    real_read = store._read
+    compacted = [0]
+    try:
+        keys = [b"a", b"b", b"c"]
+        await put_all(other, {k: b"old" for k in keys})
+
+        async def read_then_compact(req: Any, method: str = "Range") -> Any:
+            resp = await real_read(req, method)
+            if method == "Txn" and compacted[0] == 0:
+                # Another process moves on and compacts past our revision, mid read ahead.
+                compacted[0] = 1
+                await put_all(other, {b"a": b"new"})
+                stub = await other._stub(other._current)
+                await stub.Compact(
+                    rpc.CompactionRequest(revision=other._known_revision, physical=True)
+                )
+            return resp
+
+        store._read = read_then_compact  # type: ignore[method-assign]
+
+        async def fn(tx: Transaction) -> list[bytes | None]:
+            return [await tx.get(k) for k in keys]
+
+        got = await store.transact(fn, read_only=True, prefetch=keys)
+        assert got == [b"new", b"old", b"old"]  # the second attempt, at a fresh revision
+        assert store.stats["conflicts"] == 1
+        assert not list(store._open_snapshots)
+    finally:
+        store._read = real_read  # type: ignore[method-assign]
+        await store.close()
+        await other.close()

@@ -6,13 +6,17 @@ an answer."""
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 
 from chainfs.common.errors import ChainfsError
 from chainfs.kv.base import Snapshot
+from chainfs.kv.etcd import EtcdStore
 from chainfs.kv.memory import MemoryStore
 from chainfs.meta_service.server import MetaServer, StaticCluster
+from chainfs.testing.etcd import EtcdCluster
+from tests.conftest import etcd_rpc_counts, require_binary
 from tests.unit.meta.conftest import CHAINS, ROOT, DirectMetaClient, FakeChunkStore, make_config
 
 
@@ -88,3 +92,59 @@ async def test_stale_guesses_never_change_an_answer(
     with pytest.raises(ChainfsError) as e:
         await m.stat("/d/sub/f")
     assert e.value.errno == errno.ENOENT
+
+
+# Background rounds (GC, session pruning, ...) would read the store while we count.
+_QUIET = {
+    name: 600_000
+    for name in (
+        "gc_interval_ms",
+        "session_prune_interval_ms",
+        "session_count_interval_ms",
+        "trash_purge_interval_ms",
+        "idempotency_clean_interval_ms",
+        "user_refresh_interval_ms",
+        "cluster_config_poll_ms",
+    )
+}
+
+
+async def test_warm_paths_on_etcd_cost_one_read_each(tmp_path: Path) -> None:
+    """On real etcd: a warm create, stat or rename reads everything it needs in
+    the one read-only Txn at begin; etcd itself counts no Range call."""
+    require_binary("etcd")
+    with EtcdCluster(tmp_path / "etcd", members=1) as etcd:
+        kv = EtcdStore.from_url(etcd.url("meta"))
+        assert kv.prefetches
+        server = MetaServer(
+            make_config(**_QUIET), kv=kv, storage=FakeChunkStore(), cluster=StaticCluster(CHAINS)
+        )
+        await server.start()
+        assert server.ns is not None
+        m = DirectMetaClient(server.ns, user=ROOT, timeout_s=10.0)
+        try:
+            await m.mkdir("/a/b", 0o755, parents=True)
+            await m.create("/a/b/f0", 0o644, exclusive=True, write=False)
+            await m.stat("/a/b/f0")
+            reads, calls = kv.stats["reads"], etcd_rpc_counts(etcd.members[0].client_url)
+            n = 4
+            for i in range(1, n + 1):
+                made = await m.create(f"/a/b/f{i}", 0o644, exclusive=True, write=False)
+                assert (await m.stat(f"/a/b/f{i}")).ino == made.inode.ino
+            now = etcd_rpc_counts(etcd.members[0].client_url)
+            assert kv.stats["reads"] - reads == 2 * n
+            assert now["Range"] == calls["Range"]
+            assert now["Txn"] - calls["Txn"] == 3 * n  # a read ahead each, a commit per create
+            reads, calls = kv.stats["reads"], now
+            for i in range(1, n + 1):
+                await m.rename(f"/a/b/f{i}", f"/a/b/g{i}")
+            now = etcd_rpc_counts(etcd.members[0].client_url)
+            assert kv.stats["reads"] - reads == n  # both paths in the one read ahead
+            assert now["Range"] == calls["Range"]
+            assert now["Txn"] - calls["Txn"] == 2 * n
+            names = [e.name for e in (await m.readdir("/a/b")).entries]
+            assert names == [b"f0", *(b"g%d" % i for i in range(1, n + 1))]
+        finally:
+            await m.aclose()
+            await server.stop()
+            await kv.close()
