@@ -13,7 +13,8 @@ Modes:
   batch    n connections each send one BATCH_READ whose header message is
            ``header_hex``, and report the reply's status code; with
            ``trickle_s`` they read only 64 KiB of reply every ``trickle_s``
-  idle     n connections from ``source`` that never send a byte
+  idle     n connections from ``source`` that never send a byte (``wait_closed_s``:
+           at the end, wait that long for the server to close them all)
   unix     connect to the unix socket ``path``; report the errno (0 = connected)
   read     open ``path`` for reading; report the errno (0 = opened)
 Results: how many of the connections the server had closed by the end.
@@ -27,6 +28,7 @@ import select
 import socket
 import struct
 import sys
+import time
 
 _POLY = 0x82F63B78  # CRC32C, reflected
 _TABLE = []
@@ -148,6 +150,10 @@ def main():
             except OSError:
                 pass  # the server closed it, or nothing arrived yet
     sys.stdin.readline()
+    # wait_closed_s: up to this long for the server to close every connection.
+    deadline = time.monotonic() + float(args.get("wait_closed_s", 0))
+    while time.monotonic() < deadline and not all(closed_by_server(s) for s in socks):
+        time.sleep(0.2)
     result["closed"] = sum(1 for s in socks if closed_by_server(s))
     result["connections"] = len(socks)
     print(json.dumps(result), flush=True)
