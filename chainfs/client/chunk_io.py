@@ -435,6 +435,8 @@ def _clients(
         transport="frame",
         dataplane=control_plane,
         credential=config.credential(),
+        stat_coalesce_inflight=config.meta_stat_coalesce_inflight,
+        stat_batch_max=config.meta_stat_batch_max,
     )
 
     async def fetch_caps(inodes: list[int], right: int) -> None:

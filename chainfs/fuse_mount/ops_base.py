@@ -118,7 +118,8 @@ def replied(rsp: Any, *fields: str) -> list[mt.Inode]:
 
 class RequestCounters:
     """FUSE requests served, meta RPCs sent, and requests answered from what the
-    mount keeps instead of a meta RPC (``local``), by name, ever.
+    mount keeps instead of a meta RPC (``local``), by name, ever. Among the meta
+    counts, ``StatPaths`` is not an RPC: the paths stat'ed, alone or batched.
 
     Logged on SIGUSR2 (see mount.py): the difference of two dumps around a
     workload says what one POSIX operation costs in requests and round trips.
@@ -135,6 +136,12 @@ class RequestCounters:
 
         async def counted(method: str, request: Any) -> Any:
             self.meta[method] += 1
+            # Paths stat'ed at meta, whether alone (Stat) or several callers'
+            # lookups in one BatchStat (MetaClient's stat coalescer).
+            if method == "Stat":
+                self.meta["StatPaths"] += 1
+            elif method == "BatchStat":
+                self.meta["StatPaths"] += len(request.ats)
             return await send(method, request)
 
         setattr(meta, "call", counted)  # noqa: B010  # an instance override, not a class change

@@ -369,6 +369,44 @@ def test_concurrent_threads_share_one_filesystem(fs: FileSystem) -> None:
     assert not errors, errors
 
 
+def test_concurrent_stats_answer_as_each_alone(cluster: LocalCluster, fs: FileSystem) -> None:
+    """Stats issued at once share BatchStat calls (the stat coalescer); each
+    caller gets what its own Stat gives: the same inode, or the same errno."""
+    fs.mkdir("/e2e/stats", parents=True, exist_ok=True)
+    for i in range(40):
+        fs.write_file(f"/e2e/stats/f{i}", b"x" * i)
+    fs.symlink("f3", "/e2e/stats/link")
+    paths = [f"/e2e/stats/f{i}" for i in range(40)]
+    paths += ["/e2e/stats/missing", "/e2e/stats/f1/under-a-file", "/e2e/stats/link"]
+
+    async def main() -> None:
+        alone = await chainfs.aio.connect(
+            cluster.address, config=ClientConfig(meta_stat_coalesce_inflight=0)
+        )
+        together = await chainfs.aio.connect(cluster.address)
+        async with alone, together:
+
+            async def outcome(afs: chainfs.aio.AsyncFileSystem, path: str) -> object:
+                try:
+                    st = await afs.stat(path)
+                except OSError as e:
+                    return e.errno
+                return (st.st_ino, st.st_size, st.st_mode)
+
+            expected = [await outcome(alone, p) for p in paths]
+            for _ in range(3):
+                got = await asyncio.gather(*(outcome(together, p) for p in paths))
+                assert list(got) == expected
+            coalescer = together.io.meta.stat_coalescer
+            assert coalescer is not None and coalescer.batches > 0
+            assert alone.io.meta.stat_coalescer is None
+
+        assert expected[40:42] == [errno.ENOENT, errno.ENOTDIR]
+        assert expected[42] == expected[3]  # stat follows the link
+
+    asyncio.run(main())
+
+
 # -- bad input -------------------------------------------------------------------
 
 

@@ -104,6 +104,42 @@ def _eventually(check: Callable[[], bool], what: str) -> float:
     return time.monotonic() - start
 
 
+def test_lookups_at_once_share_meta_calls_and_answer_as_each_alone(
+    cluster: LocalCluster, mnt_a: Path, fs: FileSystem, name: str
+) -> None:
+    """Lookups from many threads at once may go to meta together (BatchStat,
+    the client's stat coalescer); each stat sees its own file's attributes,
+    and an absent name is ENOENT, as with one lookup at a time."""
+    proc = cluster.mount_process
+    assert proc is not None
+    fs.mkdir(name)
+    files = 256
+    for i in range(files):
+        fs.write_file(f"{name}/f{i}", b"y" * (i % 17))  # through the client: nothing in A
+    expected = {f"f{i}": (fs.stat(f"{name}/f{i}").st_ino, i % 17) for i in range(files)}
+    d = mnt_a / name.lstrip("/")
+    threads = 16
+    start = threading.Barrier(threads)
+
+    def stat_share(k: int) -> tuple[dict[str, tuple[int, int]], bool]:
+        start.wait()  # all at once, so that lookups overlap
+        mine = list(expected)[k::threads]
+        got = {n: (os.stat(d / n).st_ino, _size(d / n)) for n in mine}
+        return got, _absent(d / f"missing{k}")
+
+    before = mount_counts(proc)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(stat_share, range(threads)))
+    got = {n: v for part, _ in results for n, v in part.items()}
+    assert got == expected
+    missing = [absent for _, absent in results]
+    assert all(missing)
+    spent = mount_counts(proc) - before
+    # Every first lookup asked meta, alone or in a BatchStat with others (how
+    # many overlap is up to the scheduler; the client test checks that they do).
+    assert spent.meta["StatPaths"] >= len(expected), spent
+
+
 def test_own_changes_are_seen_at_once(mnt_a: Path, name: str) -> None:
     d = mnt_a / name.lstrip("/")
     d.mkdir()
@@ -178,7 +214,7 @@ def test_absent_names_are_answered_from_the_name_list_while_other_directories_ch
     relists = int(elapsed * 1000 / _NEGATIVE_MS)
     assert spent.fuse["lookup"] >= len(absent), spent  # the kernel asked the mount
     assert spent.meta["Readdir"] <= relists, (spent, elapsed)
-    assert spent.meta["Stat"] <= relists, (spent, elapsed)
+    assert spent.meta["StatPaths"] <= relists, (spent, elapsed)
     (d / "new").write_bytes(b"z")  # created through this mount: found at once
     assert (d / "new").exists() and not (d / "absent-again").exists()
 
@@ -224,7 +260,7 @@ def test_directory_attributes_after_own_changes_come_without_a_stat(
     # Every stat of a changed directory was answered from the change's reply...
     assert spent.local["getattr"] >= len(changes), spent
     # ...so meta saw fewer Stats than the kernel sent lookups and getattrs (one each before).
-    assert spent.meta["Stat"] <= spent.fuse["lookup"] + spent.fuse["getattr"] - len(changes)
+    assert spent.meta["StatPaths"] <= spent.fuse["lookup"] + spent.fuse["getattr"] - len(changes)
 
     # Another client's change to a directory this mount knows shows within the timeout.
     fs.mkdir(f"{name}/theirs")
@@ -269,7 +305,7 @@ def test_file_attributes_after_own_changes_come_without_a_stat(
     assert (mine.st_size, mine.st_mode & 0o7777) == (5000, 0o640)
     assert mine.st_mtime_ns == 1_600_000_000_123_456_789
     assert spent.local["getattr"] >= 2, spent  # after the write, and the chown's
-    assert spent.meta["Stat"] <= 1, spent  # at most the new name's lookup
+    assert spent.meta["StatPaths"] <= 1, spent  # at most the new name's lookup
 
     fs.chmod(theirs, 0o604)
     _eventually(lambda: os.stat(f).st_mode & 0o7777 == 0o604, "a chmod made elsewhere")

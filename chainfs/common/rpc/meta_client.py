@@ -50,6 +50,7 @@ from chainfs.common.rpc.meta_wire import (  # noqa: F401
 )
 from chainfs.common.rpc.mgmt_client import RoutingCache, env_credential
 from chainfs.common.rpc.retry import Backoff, RetryPolicy
+from chainfs.common.rpc.stat_coalescer import StatCoalescer
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import meta_pb2 as pb
 from chainfs.proto import mgmt_pb2 as mp
@@ -214,8 +215,13 @@ class MetaClient:
         attempt_timeout_s: float = DEFAULT_ATTEMPT_TIMEOUT_S,
         retry: RetryPolicy = META_RETRY,
         credential: cpb.Credential | None = None,
+        stat_coalesce_inflight: int = 0,
+        stat_batch_max: int = 64,
     ) -> None:
         """``transport``: "auto" (framed where a server offers it), "grpc" or "frame".
+        ``stat_coalesce_inflight``: once this many stats are in flight, further
+        ones wait and go together in one BatchStat of up to ``stat_batch_max``
+        paths (0: each stat is its own call; chainfs.common.rpc.stat_coalescer).
         ``credential``: the user's token; a server with authentication takes the
         caller's uid/gid from it (``user`` then matters only to an impersonating
         token, a multi-user mount's). None = $CHAINFS_TOKEN[_FILE]; empty = none."""
@@ -259,6 +265,23 @@ class MetaClient:
         self.prefer_unix_socket = True
         self._unix_fallbacks: dict[str, str] = {}
         self._stubs: Stubs[pbg.MetaStub] | None = None  # made on the first gRPC call
+        if stat_coalesce_inflight < 0 or stat_batch_max <= 0:
+            raise ChainfsError(
+                Code.EINVAL,
+                f"stat_coalesce_inflight must be >= 0 and stat_batch_max > 0, not "
+                f"{stat_coalesce_inflight}, {stat_batch_max}",
+            )
+        self.stat_coalescer = (
+            StatCoalescer(
+                self._stat_one,
+                self._stat_many,
+                stat_coalesce_inflight,
+                stat_batch_max,
+                max_waiting=4 * stat_batch_max,
+            )
+            if stat_coalesce_inflight
+            else None
+        )
         self._current: str | None = None
         # The addresses of the last routing seen, with what they were worked out from.
         self._addresses_key: tuple[Routing, str, bool] | None = None
@@ -383,9 +406,19 @@ class MetaClient:
 
     # -- lookups ------------------------------------------------------------
     async def stat(self, at: At, follow: bool = True, user: UserInfo | None = None) -> pb.Inode:
+        if self.stat_coalescer is not None:  # shares a BatchStat with others in flight
+            return await self.stat_coalescer.stat(at, follow, user or self.user)
+        return await self._stat_one(at, follow, user)
+
+    async def _stat_one(self, at: At, follow: bool, user: UserInfo | None) -> pb.Inode:
         req = pb.StatReq(req=self.request_info(user), at=path_at(at), follow=follow)
         rsp: pb.StatRsp = await self.call("Stat", req)
         return rsp.inode
+
+    async def _stat_many(
+        self, ats: Sequence[At], follow: bool, user: UserInfo | None
+    ) -> list[pb.Inode | ChainfsError]:
+        return await self.batch_stat(ats, follow, user)
 
     async def lstat(self, at: At, user: UserInfo | None = None) -> pb.Inode:
         return await self.stat(at, follow=False, user=user)
@@ -955,6 +988,8 @@ class MetaClient:
     # -- lifetime -----------------------------------------------------------
     async def aclose(self) -> None:
         self._closed = True
+        if self.stat_coalescer is not None:
+            await self.stat_coalescer.close()
         task, self._keepalive_task = self._keepalive_task, None
         await cancel_and_wait(task)
         if self._stubs is not None:
