@@ -29,6 +29,7 @@ T = TypeVar("T")
 
 _CLEARED = None  # a buffered write of None means "clear"
 MAX_PREFETCH_KEYS = 256  # keys one transact() may ask to read at begin
+MAX_CACHED_READS = 4096  # point reads one transaction keeps (later ones read again)
 
 
 class TxnConflict(ChainfsError):
@@ -101,6 +102,9 @@ class Transaction:
         self.writes: dict[bytes, bytes | None] = {}
         self.cleared_ranges: list[tuple[bytes, bytes]] = []
         self._write_keys_sorted: list[bytes] = []
+        # Point reads of the snapshot, which cannot change under it: a key read
+        # again costs no second round trip (the read set is kept as without it).
+        self._cached_reads: dict[bytes, bytes | None] = {}
 
     # -- reads -------------------------------------------------------------
     def _range_cleared(self, key: bytes) -> bool:
@@ -119,7 +123,13 @@ class Transaction:
         ahead = self._snap.ahead
         if key in ahead:
             return ahead[key]
-        return await self._snap.get(key)
+        cached = self._cached_reads
+        if key in cached:
+            return cached[key]
+        value = await self._snap.get(key)
+        if len(cached) < MAX_CACHED_READS:
+            cached[key] = value
+        return value
 
     async def get_range(
         self,

@@ -134,6 +134,18 @@ class PathHints:
             cur = ino
         return out
 
+    def target(self, p: ParsedPath) -> int | None:
+        """The inode ``p`` likely names, if the hints reach its last component."""
+        cur = p.start
+        for name in p.comps:
+            if name in (b".", b".."):
+                return None
+            ino = self._ino.get((cur, name))
+            if ino is None:
+                return None
+            cur = ino
+        return cur
+
 
 class Ctx:
     """State of one attempt of one namespace transaction."""

@@ -6,7 +6,7 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.meta_service import perm
 from chainfs.meta_service.config import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from chainfs.meta_service.ctx import DIRECTORY, FILE, SYMLINK, parse
-from chainfs.meta_service.ops.base import NamespaceBase
+from chainfs.meta_service.ops.base import NamespaceBase, dir_times_of
 from chainfs.meta_service.ops.context import MAX_ID, OpCtx, Tag, check_mode, strip_sgid
 from chainfs.meta_service.ops.special import is_priv_drop, kill_priv
 from chainfs.meta_service.perm import S_ISGID, S_ISUID, Caller
@@ -75,7 +75,7 @@ class AttrOps(NamespaceBase):
                 ctx.put(inode)
             return pb.SetAttrRsp(inode=inode)
 
-        return await self._mutate(r.req, Tag.SETATTR, pb.SetAttrRsp, body)
+        return await self._mutate(r.req, Tag.SETATTR, pb.SetAttrRsp, body, paths=(p,))
 
     @staticmethod
     def _chown(inode: pb.Inode, r: pb.SetAttrReq, caller: Caller) -> None:
@@ -134,4 +134,6 @@ class AttrOps(NamespaceBase):
             ctx.put(d)
             return pb.SetLayoutRsp(inode=d)
 
-        return await self._mutate(r.req, Tag.SETLAYOUT, pb.SetLayoutRsp, body)
+        return await self._mutate(
+            r.req, Tag.SETLAYOUT, pb.SetLayoutRsp, body, paths=(p,), of_target=dir_times_of
+        )

@@ -36,6 +36,24 @@ from chainfs.meta_service.perm import S_ISGID, Caller
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import meta_pb2 as pb
 
+# Keys an operation reads of the inode its path names (an xattr, its counter
+# shard, ...), given that inode's number: read ahead when the hints reach it.
+TargetKeys = Callable[[int], list[bytes]]
+
+
+def xattr_of(name: bytes) -> TargetKeys:
+    return lambda ino: [schema.xattr_key(ino, name)]
+
+
+def dir_times_of(ino: int) -> list[bytes]:
+    """What a directory's stat reads besides its inode (Ctx.dir_times)."""
+    return [schema.dir_times_key(ino)]
+
+
+def counter_of(ino: int) -> list[bytes]:
+    """The inode counter shard dropping ``ino`` updates (schema.count_inodes)."""
+    return [schema.inode_count_key(ino)]
+
 
 class NamespaceBase:
     """State and helpers every operation family shares (the meta server holds one)."""
@@ -106,9 +124,10 @@ class NamespaceBase:
         req: cpb.RequestInfo,
         body: Callable[[OpCtx], Awaitable[M]],
         paths: tuple[ParsedPath, ...] = (),
+        of_target: TargetKeys | None = None,
     ) -> M:
-        """``paths``: what ``body`` resolves, fetched ahead (see _prefetch)."""
-        return await self._plain(req, body, read_only=True, paths=paths)
+        """``paths``: what ``body`` resolves, fetched ahead (see _ahead)."""
+        return await self._plain(req, body, read_only=True, paths=paths, of_target=of_target)
 
     async def _retry_safe(self, req: cpb.RequestInfo, body: Callable[[OpCtx], Awaitable[M]]) -> M:
         """A mutation whose repetition changes nothing more (ending a session):
@@ -122,13 +141,15 @@ class NamespaceBase:
         body: Callable[[OpCtx], Awaitable[M]],
         read_only: bool,
         paths: tuple[ParsedPath, ...] = (),
+        of_target: TargetKeys | None = None,
     ) -> M:
         caller = Caller.of(req)
 
         async def fn(tx: Transaction) -> M:
             return await body(OpCtx(tx, caller, self.cfg, None, {}, self.hints))
 
-        return await self.kv.transact(fn, read_only=read_only, prefetch=self._ahead(paths))
+        ahead = self._ahead(paths, of_target=of_target)
+        return await self.kv.transact(fn, read_only=read_only, prefetch=ahead)
 
     async def _mutate(
         self,
@@ -139,9 +160,10 @@ class NamespaceBase:
         new_ids: bool = False,
         paths: tuple[ParsedPath, ...] = (),
         durable: bool = True,
+        of_target: TargetKeys | None = None,
     ) -> M:
         """Run ``body`` in a transaction that also records the answer for retries.
-        ``paths``: what ``body`` resolves, fetched ahead (see _prefetch).
+        ``paths``: what ``body`` resolves, fetched ahead (see _ahead).
         ``durable=False``: the change may be lost if meta crashes (see KVStore.transact)."""
         check_client(req)
         caller = Caller.of(req)
@@ -168,7 +190,7 @@ class NamespaceBase:
         for _ in range(STORAGE_ROUNDS):
             committed = False
             try:
-                ahead = self._ahead(paths, [ikey] if idem else [])
+                ahead = self._ahead(paths, [ikey] if idem else [], of_target)
                 if ahead and lease is not None:  # the inode counter a new inode updates
                     lease.restart()
                     ahead.append(schema.inode_count_key(await lease.peek()))
@@ -183,16 +205,24 @@ class NamespaceBase:
         raise ChainfsError(Code.EAGAIN, "file kept changing during a storage step; retry")
 
     def _ahead(
-        self, paths: tuple[ParsedPath, ...], first: list[bytes] | None = None
+        self,
+        paths: tuple[ParsedPath, ...],
+        first: list[bytes] | None = None,
+        of_target: TargetKeys | None = None,
     ) -> list[bytes]:
         """Keys to read at begin (a store with round trips reads them in one):
-        ``first``, then those resolving ``paths`` likely reads."""
+        ``first``, then those resolving ``paths`` likely reads, then
+        ``of_target(ino)`` of the inode the first path likely names."""
         if not paths or self.hints is None:
             return []
-        keys = list(first or ())
+        keys = dict.fromkeys(first or ())  # ordered, each once (paths share prefixes)
         for p in paths:
-            keys.extend(self.hints.keys(p))
-        return keys[: MAX_PREFETCH_KEYS - 1]  # room for the inode counter
+            keys.update(dict.fromkeys(self.hints.keys(p)))
+        if of_target is not None:
+            target = self.hints.target(paths[0])
+            if target is not None:
+                keys.update(dict.fromkeys(of_target(target)))
+        return list(keys)[: MAX_PREFETCH_KEYS - 1]  # room for the inode counter
 
     async def _storage_step(self, need: StorageFirst) -> int:
         if self.storage is None:

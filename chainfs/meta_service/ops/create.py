@@ -93,7 +93,7 @@ class CreateOps(NamespaceBase):
             ctx.touch_dir(parent)
             return pb.SymlinkRsp(inode=inode, parent=parent)
 
-        return await self._mutate(r.req, Tag.SYMLINK, pb.SymlinkRsp, body, new_ids=True)
+        return await self._mutate(r.req, Tag.SYMLINK, pb.SymlinkRsp, body, new_ids=True, paths=(p,))
 
     async def link(self, r: pb.LinkReq) -> pb.LinkRsp:
         src = parse(r.target, self.cfg)
@@ -116,4 +116,4 @@ class CreateOps(NamespaceBase):
             ctx.touch_dir(parent)
             return pb.LinkRsp(inode=inode, parent=parent)
 
-        return await self._mutate(r.req, Tag.LINK, pb.LinkRsp, body)
+        return await self._mutate(r.req, Tag.LINK, pb.LinkRsp, body, paths=(src, p))

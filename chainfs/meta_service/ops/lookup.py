@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.kv import TxnTooOld
 from chainfs.meta_service import perm, schema
 from chainfs.meta_service.config import INODES_TOTAL, NAME_MAX
-from chainfs.meta_service.ctx import DIRECTORY, SYMLINK, parse
-from chainfs.meta_service.ops.base import NamespaceBase
+from chainfs.meta_service.ctx import DIRECTORY, SYMLINK, ParsedPath, parse
+from chainfs.meta_service.ops.base import NamespaceBase, dir_times_of
 from chainfs.meta_service.ops.context import OpCtx
 from chainfs.proto import meta_pb2 as pb
 
@@ -42,7 +44,18 @@ class LookupOps(NamespaceBase):
                     out.results.add(code=e.code, message=e.message)
             return out
 
-        return await self._read(r.req, body)
+        return await self._read(r.req, body, paths=self._parsed_or_skipped(r.ats))
+
+    def _parsed_or_skipped(self, ats: Iterable[pb.PathAt]) -> tuple[ParsedPath, ...]:
+        """The paths of ``ats`` to read ahead; one that does not parse is left
+        out here (it fails in the transaction, as its own result)."""
+        out: list[ParsedPath] = []
+        for at in ats:
+            try:
+                out.append(parse(at, self.cfg))
+            except ChainfsError:
+                continue
+        return tuple(out)
 
     def _grant(
         self,
@@ -68,7 +81,7 @@ class LookupOps(NamespaceBase):
                 raise ChainfsError(Code.EINVAL, "not a symbolic link")
             return pb.ReadlinkRsp(target=inode.symlink_target)
 
-        return await self._read(r.req, body)
+        return await self._read(r.req, body, paths=(p,))
 
     async def readdir(self, r: pb.ReaddirReq) -> pb.ReaddirRsp:
         p = parse(r.at, self.cfg)
@@ -95,7 +108,7 @@ class LookupOps(NamespaceBase):
                     e.inode.CopyFrom(await ctx.dir_times(await ctx.inode(ino)))
             return rsp
 
-        return await self._read(r.req, body)
+        return await self._read(r.req, body, paths=(p,), of_target=dir_times_of)
 
     async def statfs(self, r: pb.StatFsReq) -> pb.StatFsRsp:
         capacity, used = self.cluster.capacity()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.meta_service import perm
 from chainfs.meta_service.ctx import DIRECTORY, FILE, Last, parse
+from chainfs.meta_service.ops.base import counter_of
 from chainfs.meta_service.ops.context import OpCtx, Tag
 from chainfs.meta_service.ops.trash import TrashOps
 from chainfs.proto import meta_pb2 as pb
@@ -42,7 +43,13 @@ class RemoveOps(TrashOps):
             return pb.UnlinkRsp(parent=parent)
 
         return await self._mutate(
-            r.req, Tag.UNLINK, pb.UnlinkRsp, body, new_ids=retention_ms > 0, paths=(p,)
+            r.req,
+            Tag.UNLINK,
+            pb.UnlinkRsp,
+            body,
+            new_ids=retention_ms > 0,
+            paths=(p,),
+            of_target=counter_of,
         )
 
     async def rmdir(self, r: pb.RmdirReq) -> pb.RmdirRsp:
@@ -67,4 +74,6 @@ class RemoveOps(TrashOps):
             await self._remove_dir(ctx, parent, t.name, d)
             return pb.RmdirRsp(parent=parent, ino=d.ino)
 
-        return await self._mutate(r.req, Tag.RMDIR, pb.RmdirRsp, body, paths=(p,))
+        return await self._mutate(
+            r.req, Tag.RMDIR, pb.RmdirRsp, body, paths=(p,), of_target=counter_of
+        )

@@ -76,7 +76,7 @@ class SpecialOps(NamespaceBase):
             ctx.touch_dir(parent)
             return pb.MknodRsp(inode=inode, parent=parent)
 
-        return await self._mutate(r.req, Tag.MKNOD, pb.MknodRsp, body, new_ids=True)
+        return await self._mutate(r.req, Tag.MKNOD, pb.MknodRsp, body, new_ids=True, paths=(p,))
 
     async def fallocate(self, r: pb.FallocateReq) -> pb.FallocateRsp:
         """The metadata side of fallocate: checks, the new length, the times.
@@ -110,4 +110,4 @@ class SpecialOps(NamespaceBase):
                 ctx.put(inode)
             return pb.FallocateRsp(inode=inode)
 
-        return await self._mutate(r.req, Tag.FALLOCATE, pb.FallocateRsp, body)
+        return await self._mutate(r.req, Tag.FALLOCATE, pb.FallocateRsp, body, paths=(p,))

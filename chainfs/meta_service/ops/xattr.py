@@ -6,7 +6,7 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_wire import XATTR_CREATE, XATTR_REPLACE
 from chainfs.meta_service import perm, schema
 from chainfs.meta_service.ctx import DIRECTORY, FILE, SYMLINK, parse
-from chainfs.meta_service.ops.base import NamespaceBase
+from chainfs.meta_service.ops.base import NamespaceBase, xattr_of
 from chainfs.meta_service.ops.context import XATTR_NAMESPACES, OpCtx, Tag
 from chainfs.meta_service.perm import Caller
 from chainfs.proto import meta_pb2 as pb
@@ -29,7 +29,7 @@ class XattrOps(NamespaceBase):
                 raise ChainfsError(Code.ENODATA, f"no attribute {name!r}")
             return pb.GetXattrRsp(value=value)
 
-        return await self._read(r.req, body)
+        return await self._read(r.req, body, paths=(p,), of_target=xattr_of(name))
 
     async def list_xattr(self, r: pb.ListXattrReq) -> pb.ListXattrRsp:
         p = parse(r.at, self.cfg)
@@ -45,7 +45,7 @@ class XattrOps(NamespaceBase):
                 names = [n for n in names if not n.startswith(b"trusted.")]
             return pb.ListXattrRsp(names=names)
 
-        return await self._read(r.req, body)
+        return await self._read(r.req, body, paths=(p,))
 
     def _xattr_name(self, name: bytes) -> bytes:
         if not name or len(name) > self.cfg.max_xattr_name_bytes:
@@ -96,7 +96,9 @@ class XattrOps(NamespaceBase):
             ctx.put(inode)
             return pb.SetXattrRsp()
 
-        return await self._mutate(r.req, Tag.SETXATTR, pb.SetXattrRsp, body)
+        return await self._mutate(
+            r.req, Tag.SETXATTR, pb.SetXattrRsp, body, paths=(p,), of_target=xattr_of(name)
+        )
 
     async def remove_xattr(self, r: pb.RemoveXattrReq) -> pb.RemoveXattrRsp:
         p = parse(r.at, self.cfg)
@@ -113,4 +115,6 @@ class XattrOps(NamespaceBase):
             ctx.put(inode)
             return pb.RemoveXattrRsp()
 
-        return await self._mutate(r.req, Tag.REMOVEXATTR, pb.RemoveXattrRsp, body)
+        return await self._mutate(
+            r.req, Tag.REMOVEXATTR, pb.RemoveXattrRsp, body, paths=(p,), of_target=xattr_of(name)
+        )

@@ -15,6 +15,8 @@ import pytest
 import chainfs.kv as kv
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.kv import KVStore, RetryPolicy, Transaction, prefix_end
+from chainfs.kv.base import MAX_CACHED_READS
+from tests.unit.kv.conftest import FAST_RETRY
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -422,3 +424,53 @@ async def test_prefetch_reads_the_snapshot_and_only_what_fn_reads_conflicts(
     with pytest.raises(ChainfsError) as e:
         await store.transact(blind, prefetch=[b"k%d" % i for i in range(kv.MAX_PREFETCH_KEYS + 1)])
     assert e.value.code == Code.EINVAL
+
+
+async def test_a_key_read_again_costs_no_second_read_and_still_conflicts(
+    store: KVStore,
+) -> None:
+    # Another client of the same data where the backend has them (etcd, postgresql).
+    remote = store.url.startswith(("etcd", "postgresql"))
+    other = kv.open(store.url, FAST_RETRY) if remote else store
+    try:
+        await put_all(store, {b"c/a": b"1"})
+        seen: list[tuple[bytes | None, ...]] = []
+        snapshot_reads: list[int] = []
+
+        async def fn(tx: Transaction) -> None:
+            snap_get = tx._snap.get
+            n = [0]
+
+            async def counted(key: bytes) -> bytes | None:
+                n[0] += 1
+                return await snap_get(key)
+
+            tx._snap.get = counted  # type: ignore[method-assign]
+            first = (await tx.get(b"c/a"), await tx.get(b"c/absent"))
+            if not seen:  # commits after our snapshot, to both keys
+                await put_all(other, {b"c/a": b"2", b"c/absent": b"now"})
+            again = (await tx.get(b"c/a"), await tx.get(b"c/absent", snapshot=True))
+            assert again == first  # one snapshot: the same values, whatever committed since
+            seen.append(first)
+            snapshot_reads.append(n[0])
+            tx.set(b"c/out", first[0] or b"")
+
+        await store.transact(fn)
+        # The first attempt's read of c/a is still validated (and c/absent's too).
+        assert seen == [(b"1", None), (b"2", b"now")]
+        assert snapshot_reads == [2, 2]  # each key went to the snapshot once per attempt
+        assert await store.get(b"c/out") == b"2"
+    finally:
+        if other is not store:
+            await other.close()
+
+
+async def test_cached_reads_are_bounded() -> None:
+    store = kv.open("memory://")
+
+    async def fn(tx: Transaction) -> int:
+        for i in range(MAX_CACHED_READS + 10):
+            await tx.get(b"b/%d" % i)
+        return len(tx._cached_reads)
+
+    assert await store.transact(fn, read_only=True) == MAX_CACHED_READS

@@ -428,3 +428,25 @@ async def test_prefetch_compacted_between_its_txns_is_retried(etcd_cluster: Etcd
         store._read = real_read  # type: ignore[method-assign]
         await store.close()
         await other.close()
+
+
+async def test_a_key_read_again_is_one_range_call(etcd_cluster: EtcdCluster) -> None:
+    store = EtcdStore.from_url(_url(etcd_cluster))
+    try:
+        await put_all(store, {b"k": b"v"})
+
+        async def fn(tx: Transaction) -> Counter[str]:
+            await tx.get(b"k")  # fixes the revision: one Range
+            before = _calls(etcd_cluster)
+            for _ in range(3):
+                assert await tx.get(b"k") == b"v"
+                assert await tx.get(b"absent") is None
+            after = _calls(etcd_cluster)
+            tx.set(b"out", b"x")
+            return after - before
+
+        assert await store.transact(fn) == Counter({"Range": 1})  # b"absent", once
+        # The commit compared both keys as read (one etcd Txn, no conflict).
+        assert store.stats["conflicts"] == 0 and await store.get(b"out") == b"x"
+    finally:
+        await store.close()

@@ -148,3 +148,65 @@ async def test_warm_paths_on_etcd_cost_one_read_each(tmp_path: Path) -> None:
             await m.aclose()
             await server.stop()
             await kv.close()
+
+
+async def test_warm_path_ops_on_etcd_read_once(tmp_path: Path) -> None:
+    """On real etcd: each warm operation below reads what it needs in the one
+    read-only Txn at begin (etcd answers no Range), and removals and xattr
+    operations also the keys of the inode their path names; what is left are
+    range scans (a directory's entries, an inode's sessions, xattrs)."""
+    require_binary("etcd")
+    with EtcdCluster(tmp_path / "etcd", members=1) as etcd:
+        kv = EtcdStore.from_url(etcd.url("meta"))
+        server = MetaServer(
+            # Ids in large batches: no reservation of new ones while we count.
+            make_config(alloc_batch=1024, **_QUIET),
+            kv=kv,
+            storage=FakeChunkStore(),
+            cluster=StaticCluster(CHAINS),
+        )
+        await server.start()
+        assert server.ns is not None
+        m = DirectMetaClient(server.ns, user=ROOT, timeout_s=10.0)
+        url = etcd.members[0].client_url
+        try:
+            await m.mkdir("/a/b", 0o755, parents=True)
+            for name in ("f", "g", "h", "u0", "u1", "u2", "u3"):
+                await m.create(f"/a/b/{name}", 0o644, exclusive=True, write=False)
+            await m.setxattr("/a/b/f", b"user.x", b"1")
+            await m.symlink("/a/b/f", "/a/b/s")
+            ops = {  # name: (op of round i, etcd Range calls it still makes)
+                "chmod": (lambda i: m.chmod("/a/b/f", 0o600 | i % 2), 0),
+                "set_layout": (lambda i: m.set_layout("/a/b", chunk_size=1 << 20), 0),
+                "fallocate": (lambda i: m.fallocate("/a/b/f", 0, 0, 10 + i), 0),
+                "getxattr": (lambda i: m.getxattr("/a/b/f", b"user.x"), 0),
+                "setxattr": (lambda i: m.setxattr("/a/b/f", b"user.x", b"%d" % i), 0),
+                "listxattr": (lambda i: m.listxattr("/a/b/f"), 1),
+                "readlink": (lambda i: m.readlink("/a/b/s"), 0),
+                "readdir": (lambda i: m.readdir("/a/b"), 1),
+                "batch_stat": (lambda i: m.batch_stat(["/a/b/f", "/a/b/g", "/a/b/h"]), 0),
+                "link": (lambda i: m.link("/a/b/g", f"/a/b/l{i}"), 0),
+                "unlink a link": (lambda i: m.unlink(f"/a/b/l{i}"), 0),
+                "symlink": (lambda i: m.symlink("/x", f"/a/b/s{i}"), 0),
+                "unlink a symlink": (lambda i: m.unlink(f"/a/b/s{i}"), 0),
+                "unlink a file": (lambda i: m.unlink(f"/a/b/u{i}"), 2),  # sessions, xattrs
+                "mknod": (lambda i: m.mknod(f"/a/b/n{i}", 0o600), 0),
+                "mkdir": (lambda i: m.mkdir(f"/a/b/d{i}", 0o755), 0),
+                "rmdir": (lambda i: m.rmdir(f"/a/b/d{i}"), 1),  # is it empty
+            }
+            n = 3
+            for name, (op, ranges) in ops.items():
+                await op(n)  # warms the hints of the paths it walks
+                reads, calls = kv.stats["reads"], etcd_rpc_counts(url)
+                for i in range(n):
+                    await op(i)
+                now = etcd_rpc_counts(url)
+                got = ((kv.stats["reads"] - reads) / n, (now["Range"] - calls["Range"]) / n)
+                assert got == (1 + ranges, ranges), name  # the read ahead, then range scans
+            assert (await m.getxattr("/a/b/f", b"user.x")) == b"%d" % (n - 1)
+            names = [e.name for e in (await m.readdir("/a/b")).entries]
+            assert names == [b"f", b"g", b"h", *(b"n%d" % i for i in range(n + 1)), b"s"]
+        finally:
+            await m.aclose()
+            await server.stop()
+            await kv.close()
