@@ -378,7 +378,9 @@ def test_smallfiles_untars_commits_and_copies(pool: WorkerPool, tmp_path: Path) 
     [(seconds, how)] = smallops.run_part("fuse_smallfiles", pool, tmp_path, QUICK).values()
     skipped = [n for n in ("git", "rsync") if smallops.shutil.which(n) is None]
     assert how["skipped"] == skipped and how["files"] == QUICK.smallfiles_count
-    assert seconds >= sum(v for k, v in how.items() if k.endswith("_s")) * 0.99
+    steps = [v for k, v in how.items() if k.endswith("_s")]
+    # The steps lie inside the whole; each is reported rounded to 1 ms.
+    assert seconds + 0.0005 * len(steps) >= sum(steps)
 
 
 def test_a_missing_tool_is_skipped_unless_every_tool_is_required(
