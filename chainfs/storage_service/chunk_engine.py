@@ -358,14 +358,23 @@ class ChunkEngine:
             self.records.put_with_journal(inode, index, new, *journal)
         else:
             self.records.put(inode, index, new)
+        return self._finish_decided(inode, index, base, new)
+
+    def _finish_decided(
+        self, inode: int, index: int, old: ChunkRecord, new: ChunkRecord
+    ) -> ChunkRecord:
+        """Bring the chunk file in line with ``new``, whose record is written (the
+        version is decided): its journal written in place, or the bytes only
+        ``old`` used dropped. An error now (ENOSPC writing into a hole) is
+        INTERNAL, never an error that reads as "nothing applied": the chain
+        would abort a version committed here. An update finds the record still
+        applying and finishes it first (_settled); so does recovery."""
         try:
-            if journal is not None:
+            if new.journal_applying:
                 return self._apply_journal(inode, index, new)
-            self._drop_old_bytes(inode, index, base, new)
+            self._drop_old_bytes(inode, index, old, new)
             return new
         except OSError as e:
-            # Decided: an error now (ENOSPC writing into a hole) must not read as
-            # "nothing applied", or the predecessors abort a version committed here.
             raise ChainfsError(
                 Code.INTERNAL,
                 f"chunk ({inode}, {index}) v{new.committed_version} is committed on "
@@ -722,12 +731,9 @@ class ChunkEngine:
         new = self._committed(rec, chain_version)
         if rec.pending_journal:
             # The switch: from here the new version is decided (recovery finishes it).
-            applying = replace(new, journal_applying=True)
-            self.records.put(inode, index, applying)
-            return self._apply_journal(inode, index, applying)
+            new = replace(new, journal_applying=True)
         self.records.put(inode, index, new)
-        self._drop_old_bytes(inode, index, rec, new)
-        return new
+        return self._finish_decided(inode, index, rec, new)
 
     def abort(self, inode: int, index: int) -> ChunkRecord | None:
         """Discard the pending version (the committed one stays)."""
