@@ -102,9 +102,10 @@ class Transaction:
         self.writes: dict[bytes, bytes | None] = {}
         self.cleared_ranges: list[tuple[bytes, bytes]] = []
         self._write_keys_sorted: list[bytes] = []
-        # Point reads of the snapshot, which cannot change under it: a key read
-        # again costs no second round trip (the read set is kept as without it).
-        self._cached_reads: dict[bytes, bytes | None] = {}
+        # Point reads of the snapshot, which cannot change under it: those read
+        # ahead at begin, then the others as fn reads them. A key read again
+        # costs no second round trip (the read set is kept as without it).
+        self._cached_reads: dict[bytes, bytes | None] = dict(snapshot.ahead)
 
     # -- reads -------------------------------------------------------------
     def _range_cleared(self, key: bytes) -> bool:
@@ -120,9 +121,6 @@ class Transaction:
             self.reads.keys.add(key)
         if self.cleared_ranges and self._range_cleared(key):
             return None
-        ahead = self._snap.ahead
-        if key in ahead:
-            return ahead[key]
         cached = self._cached_reads
         if key in cached:
             return cached[key]
