@@ -118,33 +118,22 @@ class PathHints:
             self._ino.clear()  # bounded; refills from the next walks
         self._ino[(parent, name)] = ino
 
-    def keys(self, p: ParsedPath) -> list[bytes]:
-        """The keys a walk of ``p`` likely reads: the start inode, then each
-        entry and the inode it names, as far as the hints reach."""
+    def walk(self, p: ParsedPath) -> tuple[list[bytes], int | None]:
+        """The keys a walk of ``p`` likely reads (the start inode, then each
+        entry and the inode it names, as far as the hints reach) and the inode
+        ``p`` likely names (None if the hints do not reach its last component)."""
         cur = p.start
         out = [schema.inode_key(cur)]
         for name in p.comps:
             if name in (b".", b".."):
-                break
+                return out, None
             out.append(schema.dent_key(cur, name))
             ino = self._ino.get((cur, name))
             if ino is None:
-                break
+                return out, None
             out.append(schema.inode_key(ino))
             cur = ino
-        return out
-
-    def target(self, p: ParsedPath) -> int | None:
-        """The inode ``p`` likely names, if the hints reach its last component."""
-        cur = p.start
-        for name in p.comps:
-            if name in (b".", b".."):
-                return None
-            ino = self._ino.get((cur, name))
-            if ino is None:
-                return None
-            cur = ino
-        return cur
+        return out, cur
 
 
 class Ctx:

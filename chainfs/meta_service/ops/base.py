@@ -216,12 +216,14 @@ class NamespaceBase:
         if not paths or self.hints is None:
             return []
         keys = dict.fromkeys(first or ())  # ordered, each once (paths share prefixes)
-        for p in paths:
-            keys.update(dict.fromkeys(self.hints.keys(p)))
-        if of_target is not None:
-            target = self.hints.target(paths[0])
-            if target is not None:
-                keys.update(dict.fromkeys(of_target(target)))
+        target: int | None = None
+        for i, p in enumerate(paths):
+            walked, named = self.hints.walk(p)
+            keys.update(dict.fromkeys(walked))
+            if i == 0:
+                target = named
+        if of_target is not None and target is not None:
+            keys.update(dict.fromkeys(of_target(target)))
         return list(keys)[: MAX_PREFETCH_KEYS - 1]  # room for the inode counter
 
     async def _storage_step(self, need: StorageFirst) -> int:

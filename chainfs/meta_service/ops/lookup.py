@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.kv import TxnTooOld
 from chainfs.meta_service import perm, schema
@@ -31,11 +29,17 @@ class LookupOps(NamespaceBase):
                 Code.E2BIG, f"more than {self.cfg.max_batch_stat} inodes in one call"
             )
 
+        # Parsed once (a path that does not parse is its own result), for the
+        # read-ahead and for every attempt of the transaction.
+        parsed = [self._parsed_or_error(at) for at in r.ats]
+
         async def body(ctx: OpCtx) -> pb.BatchStatRsp:
             out = pb.BatchStatRsp()
-            for at in r.ats:
+            for p in parsed:
                 try:
-                    inode = await self._lookup_target(ctx, parse(at, self.cfg), r.follow)
+                    if isinstance(p, ChainfsError):
+                        raise p
+                    inode = await self._lookup_target(ctx, p, r.follow)
                     res = out.results.add(code=0, inode=inode)
                     self._grant(ctx, inode, r.want_capability, r.req.client_id, res)
                 except TxnTooOld:
@@ -44,18 +48,14 @@ class LookupOps(NamespaceBase):
                     out.results.add(code=e.code, message=e.message)
             return out
 
-        return await self._read(r.req, body, paths=self._parsed_or_skipped(r.ats))
+        paths = tuple(p for p in parsed if not isinstance(p, ChainfsError))
+        return await self._read(r.req, body, paths=paths)
 
-    def _parsed_or_skipped(self, ats: Iterable[pb.PathAt]) -> tuple[ParsedPath, ...]:
-        """The paths of ``ats`` to read ahead; one that does not parse is left
-        out here (it fails in the transaction, as its own result)."""
-        out: list[ParsedPath] = []
-        for at in ats:
-            try:
-                out.append(parse(at, self.cfg))
-            except ChainfsError:
-                continue
-        return tuple(out)
+    def _parsed_or_error(self, at: pb.PathAt) -> ParsedPath | ChainfsError:
+        try:
+            return parse(at, self.cfg)
+        except ChainfsError as e:
+            return e
 
     def _grant(
         self,
