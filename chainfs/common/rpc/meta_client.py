@@ -274,7 +274,7 @@ class MetaClient:
         self.stat_coalescer = (
             StatCoalescer(
                 self._stat_one,
-                self._stat_many,
+                self.batch_stat,
                 stat_coalesce_inflight,
                 stat_batch_max,
                 max_waiting=4 * stat_batch_max,
@@ -414,11 +414,6 @@ class MetaClient:
         req = pb.StatReq(req=self.request_info(user), at=path_at(at), follow=follow)
         rsp: pb.StatRsp = await self.call("Stat", req)
         return rsp.inode
-
-    async def _stat_many(
-        self, ats: Sequence[At], follow: bool, user: UserInfo | None
-    ) -> list[pb.Inode | ChainfsError]:
-        return await self.batch_stat(ats, follow, user)
 
     async def lstat(self, at: At, user: UserInfo | None = None) -> pb.Inode:
         return await self.stat(at, follow=False, user=user)
