@@ -59,6 +59,14 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
+async def _one_in_flight(meta: FakeMeta, c: StatCoalescer) -> asyncio.Task[pb.Inode]:
+    """A stat of /f0 sent and held at meta (until ``meta.gate`` is set)."""
+    meta.gate.clear()
+    first = asyncio.create_task(c.stat("/f0", True, "u"))
+    await _settle()
+    return first
+
+
 async def test_a_lone_stat_goes_at_once_as_a_stat() -> None:
     meta = FakeMeta()
     c = _coalescer(meta)
@@ -72,9 +80,7 @@ async def test_a_lone_stat_goes_at_once_as_a_stat() -> None:
 async def test_stats_behind_one_in_flight_go_together_and_each_gets_its_own_answer() -> None:
     meta = FakeMeta()
     c = _coalescer(meta)
-    meta.gate.clear()
-    first = asyncio.create_task(c.stat("/f0", True, "u"))
-    await _settle()
+    first = await _one_in_flight(meta, c)
     names = ["/f1", "/missing", "/f2", "/f3"]
     rest = [asyncio.create_task(c.stat(n, True, "u")) for n in names]
     await _settle()
@@ -94,9 +100,7 @@ async def test_stats_behind_one_in_flight_go_together_and_each_gets_its_own_answ
 async def test_only_the_same_user_and_follow_share_a_call() -> None:
     meta = FakeMeta()
     c = _coalescer(meta)
-    meta.gate.clear()
-    first = asyncio.create_task(c.stat("/f0", True, "u"))
-    await _settle()
+    first = await _one_in_flight(meta, c)
     asks = [("/f1", True, "u"), ("/f2", True, "v"), ("/f3", False, "u"), ("/f4", True, "u")]
     tasks = [asyncio.create_task(c.stat(*a)) for a in asks]
     await _settle()
@@ -112,9 +116,7 @@ async def test_only_the_same_user_and_follow_share_a_call() -> None:
 async def test_a_batch_holds_at_most_max_batch_paths() -> None:
     meta = FakeMeta()
     c = _coalescer(meta, max_batch=3)
-    meta.gate.clear()
-    first = asyncio.create_task(c.stat("/f0", True, "u"))
-    await _settle()
+    first = await _one_in_flight(meta, c)
     tasks = [asyncio.create_task(c.stat(f"/f{i}", True, "u")) for i in range(1, 8)]
     await _settle()
     meta.gate.set()
@@ -128,9 +130,7 @@ async def test_a_batch_holds_at_most_max_batch_paths() -> None:
 async def test_a_call_that_fails_as_a_whole_fails_each_of_its_stats() -> None:
     meta = FakeMeta()
     c = _coalescer(meta)
-    meta.gate.clear()
-    first = asyncio.create_task(c.stat("/f0", True, "u"))
-    await _settle()
+    first = await _one_in_flight(meta, c)
     tasks = [asyncio.create_task(c.stat(f"/f{i}", True, "u")) for i in (1, 2)]
     await _settle()
     meta.fail_batch = ChainfsError(Code.UNAVAILABLE, "meta unreachable")
@@ -144,9 +144,7 @@ async def test_a_call_that_fails_as_a_whole_fails_each_of_its_stats() -> None:
 async def test_a_cancelled_caller_leaves_the_others_answered() -> None:
     meta = FakeMeta()
     c = _coalescer(meta)
-    meta.gate.clear()
-    first = asyncio.create_task(c.stat("/f0", True, "u"))
-    await _settle()
+    first = await _one_in_flight(meta, c)
     gone = asyncio.create_task(c.stat("/f1", True, "u"))
     kept = asyncio.create_task(c.stat("/f2", True, "u"))
     await _settle()
@@ -177,9 +175,7 @@ async def test_past_max_waiting_a_stat_goes_alone() -> None:
 async def test_close_cancels_what_waits_and_what_is_in_flight() -> None:
     meta = FakeMeta()
     c = _coalescer(meta)
-    meta.gate.clear()
-    first = asyncio.create_task(c.stat("/f0", True, "u"))
-    await _settle()
+    first = await _one_in_flight(meta, c)
     waiting = asyncio.create_task(c.stat("/f1", True, "u"))
     await _settle()
     await c.close()
