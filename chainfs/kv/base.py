@@ -30,6 +30,11 @@ T = TypeVar("T")
 _CLEARED = None  # a buffered write of None means "clear"
 MAX_PREFETCH_KEYS = 256  # keys one transact() may ask to read at begin
 MAX_CACHED_READS = 4096  # point reads one transaction keeps (later ones read again)
+MAX_PREFETCH_RANGES = 8  # ranges one transact() may ask to read at begin ...
+MAX_PREFETCH_RANGE_ROWS = 65536  # ... each limited to at most this many pairs
+
+# A range to read at begin: [begin, end) in key order, up to ``limit`` pairs.
+PrefetchRange = tuple[bytes, bytes, int]
 
 
 class TxnConflict(ChainfsError):
@@ -74,6 +79,11 @@ class Snapshot(ABC):
 
     # Values read at begin with the snapshot (transact's ``prefetch``), by key.
     ahead: Mapping[bytes, bytes | None] = MappingProxyType({})
+    # Ranges read at begin (``prefetch_ranges``): (begin, end) -> (limit, the
+    # pairs found, whether they are all the range holds).
+    ahead_ranges: Mapping[tuple[bytes, bytes], tuple[int, list[tuple[bytes, bytes]], bool]] = (
+        MappingProxyType({})
+    )
 
     @abstractmethod
     async def get(self, key: bytes) -> bytes | None: ...
@@ -83,6 +93,11 @@ class Snapshot(ABC):
         self, begin: bytes, end: bytes, limit: int, reverse: bool
     ) -> list[tuple[bytes, bytes]]:
         """Up to ``limit`` (0 = all) pairs with begin <= key < end, ordered."""
+
+    async def get_many(self, keys: list[bytes]) -> dict[bytes, bytes | None]:
+        """The value (None: absent) of each of ``keys`` (distinct). A store whose
+        reads are round trips reads them all in one."""
+        return {k: await self.get(k) for k in keys}
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release backend resources held by the snapshot."""
@@ -129,6 +144,38 @@ class Transaction:
             cached[key] = value
         return value
 
+    async def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        """``[await self.get(k) for k in keys]``, with the keys not yet read
+        fetched from the snapshot together (one round trip where reads are
+        round trips). Each key joins the read set as by ``get``."""
+        for key in keys:
+            if type(key) is not bytes:
+                _check_key(key)
+        cached = self._cached_reads
+        missing = [
+            k
+            for k in dict.fromkeys(keys)
+            if k not in self.writes
+            and k not in cached
+            and not (self.cleared_ranges and self._range_cleared(k))
+        ]
+        fetched = await self._snap.get_many(missing) if missing else {}
+        for k in missing:
+            if len(cached) >= MAX_CACHED_READS:
+                break
+            cached[k] = fetched[k]
+        out: list[bytes | None] = []
+        for key in keys:
+            if key in self.writes:
+                out.append(self.writes[key])
+                continue
+            self.reads.keys.add(key)
+            if self.cleared_ranges and self._range_cleared(key):
+                out.append(None)
+            else:
+                out.append(fetched[key] if key in fetched else cached[key])
+        return out
+
     async def get_range(
         self,
         begin: bytes,
@@ -146,7 +193,9 @@ class Transaction:
             return []
         if not self.cleared_ranges and self._buffered_in(begin, end) == 0:
             # Nothing of ours in the range: the snapshot's answer is the answer.
-            rows = await self._snap.get_range(begin, end, limit, reverse)
+            rows = self._read_ahead(begin, end, limit, reverse)
+            if rows is None:
+                rows = await self._snap.get_range(begin, end, limit, reverse)
             if not snapshot:
                 self._record_range(begin, end, [k for k, _ in rows], limit, reverse)
             return rows
@@ -192,6 +241,20 @@ class Transaction:
         if not snapshot:
             self._record_range(begin, end, keys, limit, reverse)
         return [(k, merged[k]) for k in keys]
+
+    def _read_ahead(
+        self, begin: bytes, end: bytes, limit: int, reverse: bool
+    ) -> list[tuple[bytes, bytes]] | None:
+        """The snapshot's answer from a range read at begin, if that read holds it."""
+        ahead = self._snap.ahead_ranges.get((begin, end)) if not reverse else None
+        if ahead is None:
+            return None
+        read_limit, rows, complete = ahead
+        if complete:
+            return rows[:limit] if limit else list(rows)
+        if limit and limit <= read_limit:
+            return rows[:limit]
+        return None
 
     def _buffered_in(self, begin: bytes, end: bytes) -> int:
         """Buffered writes and clears of single keys in [begin, end)."""
@@ -299,9 +362,12 @@ class KVStore(ABC):
     async def _begin(self) -> Snapshot:
         """A snapshot at the latest committed state."""
 
-    async def _begin_reading(self, keys: list[bytes]) -> Snapshot:
-        """As _begin; a store whose reads are round trips also reads ``keys`` at
-        the snapshot in the same one, into ``Snapshot.ahead``."""
+    async def _begin_reading(
+        self, keys: list[bytes], ranges: list[PrefetchRange] | None = None
+    ) -> Snapshot:
+        """As _begin; a store whose reads are round trips also reads ``keys``
+        and ``ranges`` at the snapshot in the same one, into ``Snapshot.ahead``
+        and ``Snapshot.ahead_ranges``."""
         return await self._begin()
 
     @abstractmethod
@@ -319,13 +385,17 @@ class KVStore(ABC):
         read_only: bool = False,
         prefetch: list[bytes] | None = None,
         durable: bool = True,
+        prefetch_ranges: list[PrefetchRange] | None = None,
     ) -> T:
         """Run ``fn(tx)`` in a transaction, retrying on conflict. Returns its result.
 
         ``prefetch``: keys ``fn`` will likely read (a hint, at most
         MAX_PREFETCH_KEYS). Where reads are round trips, they are read at begin
         in the same one, and ``tx.get`` of them costs nothing; a key joins the
-        read set only when ``fn`` reads it.
+        read set only when ``fn`` reads it. ``prefetch_ranges``: likewise,
+        ranges ``fn`` will likely scan in key order (at most MAX_PREFETCH_RANGES,
+        each of 1 to MAX_PREFETCH_RANGE_ROWS pairs); a scan of the same
+        [begin, end) that the read at begin covers costs nothing.
 
         ``durable=False``: what a crash of this process may lose without harm
         (a store that syncs each commit anyway ignores it; rocksdb then skips
@@ -335,12 +405,23 @@ class KVStore(ABC):
             raise ChainfsError(Code.EINVAL, f"more than {MAX_PREFETCH_KEYS} keys to prefetch")
         for key in keys:
             _check_key(key)
+        ranges = list(prefetch_ranges or ())
+        if len(ranges) > MAX_PREFETCH_RANGES:
+            raise ChainfsError(Code.EINVAL, f"more than {MAX_PREFETCH_RANGES} ranges to prefetch")
+        for begin, end, limit in ranges:
+            _check_key(begin)
+            _check_key(end)
+            if not 1 <= limit <= MAX_PREFETCH_RANGE_ROWS or begin >= end:
+                raise ChainfsError(Code.EINVAL, f"bad prefetch range {begin!r}..{end!r} ({limit})")
+        reads_ahead = bool(keys or ranges)
         delay_ms = self.retry.backoff_initial_ms
         for attempt in range(1, self.retry.max_attempts + 1):
             snap: Snapshot | None = None
             try:
                 # Inside the try: a read ahead at begin may find its revision gone (TxnTooOld).
-                snap = await self._begin_reading(keys) if keys else await self._begin()
+                snap = (
+                    await self._begin_reading(keys, ranges) if reads_ahead else await self._begin()
+                )
                 tx = Transaction(snap, read_only=read_only, durable=durable)
                 result = await fn(tx)
                 if tx.has_writes:

@@ -44,6 +44,7 @@ import random
 import time
 import uuid
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -56,6 +57,7 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.kv._url import options_from_query
 from chainfs.kv.base import (
     KVStore,
+    PrefetchRange,
     RetryPolicy,
     Snapshot,
     Transaction,
@@ -180,32 +182,64 @@ class _EtcdSnapshot(Snapshot):
         req.revision = self.revision
         return await self.store._read(req)
 
-    async def read_ahead(self, keys: list[bytes]) -> None:
-        """Read ``keys`` as this snapshot's first read: one read-only Txn of
-        point Ranges (more only past max_txn_ops keys, at the first's revision)."""
+    async def read_ahead(self, keys: list[bytes], ranges: list[PrefetchRange]) -> None:
+        """Read ``keys`` and ``ranges`` as this snapshot's first read (transact's prefetch)."""
         assert self.revision is None, "read ahead must be the snapshot's first read"
+        self.ahead = await self._point_reads(list(dict.fromkeys(keys)), ranges)
+
+    async def get_many(self, keys: list[bytes]) -> dict[bytes, bytes | None]:
+        if self.revision is None:
+            async with self._first_read:
+                if self.revision is None:
+                    return await self._point_reads(keys)
+        return await self._point_reads(keys)
+
+    async def _point_reads(
+        self, keys: list[bytes], ranges: Sequence[PrefetchRange] = ()
+    ) -> dict[bytes, bytes | None]:
+        """``keys`` (distinct) read in one read-only Txn of point Ranges (more
+        only past max_txn_ops keys), at the snapshot's revision; the first
+        read fixes it. Their mod_revisions are kept like a point read's: a key
+        is compared at commit only if the transaction reads it. ``ranges`` ride
+        in the same Txn (into ``ahead_ranges``), their pairs kept alike."""
         store = self.store
-        unique = list(dict.fromkeys(keys))
-        ahead: dict[bytes, bytes | None] = {}
+        strip = len(store._data)
+        out: dict[bytes, bytes | None] = {}
+        found: dict[tuple[bytes, bytes], tuple[int, list[tuple[bytes, bytes]], bool]] = {}
+        wanted: list[bytes | PrefetchRange] = [*ranges, *keys]
         per_txn = store.options.max_txn_ops
-        for i in range(0, len(unique), per_txn):
-            part = unique[i : i + per_txn]
-            ranges = [
-                rpc.RequestOp(
-                    request_range=rpc.RangeRequest(key=store._dkey(k), revision=self.revision or 0)
+        for i in range(0, len(wanted), per_txn):
+            part = wanted[i : i + per_txn]
+            rev = self.revision or 0
+            ops = [
+                rpc.RequestOp(request_range=rpc.RangeRequest(key=store._dkey(w), revision=rev))
+                if isinstance(w, bytes)
+                else rpc.RequestOp(
+                    request_range=rpc.RangeRequest(
+                        key=store._dkey(w[0]), range_end=store._dkey(w[1]), limit=w[2], revision=rev
+                    )
                 )
-                for k in part
+                for w in part
             ]
-            resp = await store._read(rpc.TxnRequest(success=ranges), "Txn")
+            resp = await store._read(rpc.TxnRequest(success=ops), "Txn")
             assert resp.succeeded and len(resp.responses) == len(part)
             if self.revision is None:
                 self.revision = int(resp.header.revision)
-            for k, r in zip(part, resp.responses, strict=True):
-                kvs = r.response_range.kvs
-                # Seen at the snapshot; compared at commit only if fn reads k.
-                self.mods[k] = int(kvs[0].mod_revision) if kvs else 0
-                ahead[k] = bytes(kvs[0].value) if kvs else None
-        self.ahead = ahead
+            for w, r in zip(part, resp.responses, strict=True):
+                rr = r.response_range
+                if isinstance(w, bytes):
+                    self.mods[w] = int(rr.kvs[0].mod_revision) if rr.kvs else 0
+                    out[w] = bytes(rr.kvs[0].value) if rr.kvs else None
+                    continue
+                rows = []
+                for kv in rr.kvs:
+                    k = bytes(kv.key[strip:])
+                    self.mods[k] = int(kv.mod_revision)
+                    rows.append((k, bytes(kv.value)))
+                found[(w[0], w[1])] = (w[2], rows, not rr.more)
+        if found:
+            self.ahead_ranges = found
+        return out
 
     async def get(self, key: bytes) -> bytes | None:
         resp = await self._range(rpc.RangeRequest(key=self.store._dkey(key)))
@@ -386,15 +420,17 @@ class EtcdStore(KVStore):
             await self._read(rpc.RangeRequest(key=self._data, keys_only=True, limit=1))
         return _EtcdSnapshot(self)
 
-    async def _begin_reading(self, keys: list[bytes]) -> Snapshot:
-        if not keys:
+    async def _begin_reading(
+        self, keys: list[bytes], ranges: list[PrefetchRange] | None = None
+    ) -> Snapshot:
+        if not keys and not ranges:
             return await self._begin()
         if self._closed:
             raise ChainfsError(Code.EBADF, f"etcd store {self.url} is closed")
         # Open first: the snapshot's floor, then its revision, hold compaction back.
         snap = _EtcdSnapshot(self)
         try:
-            await snap.read_ahead(keys)
+            await snap.read_ahead(keys, ranges or [])
         except BaseException:
             snap.close()
             raise

@@ -76,6 +76,7 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.kv._url import options_from_query
 from chainfs.kv.base import (
     KVStore,
+    PrefetchRange,
     RetryPolicy,
     Snapshot,
     Transaction,
@@ -277,6 +278,7 @@ _SNAPSHOT_AND_GET = (
     "LEFT JOIN kv k ON k.key = ANY($1)"
 )
 _GET = "SELECT value FROM kv WHERE key = $1"
+_GET_MANY = "SELECT key, value FROM kv WHERE key = ANY($1)"
 _RANGE = "SELECT key, value FROM kv WHERE key >= $1 AND key < $2 ORDER BY key {order} LIMIT $3"
 _COMMIT = "SELECT txn_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
 _COMMIT_BATCH = "SELECT txn_commit_batch(" + ", ".join(f"${i}" for i in range(1, 18)) + ")"
@@ -387,6 +389,13 @@ class _PgSnapshot(Snapshot):
             return None
         self.present.add(key)
         return bytes(rows[0][0])
+
+    async def get_many(self, keys: list[bytes]) -> dict[bytes, bytes | None]:
+        rows = await self._query(_GET_MANY, keys)
+        found = {bytes(k): bytes(v) for k, v in rows}
+        self.fetched.update(keys)
+        self.present.update(found)
+        return {k: found.get(k) for k in keys}
 
     async def get_range(
         self, begin: bytes, end: bytes, limit: int, reverse: bool
@@ -673,7 +682,10 @@ class PostgresStore(KVStore):
     async def _begin(self) -> Snapshot:
         return await self._begin_reading([])
 
-    async def _begin_reading(self, keys: list[bytes]) -> Snapshot:
+    async def _begin_reading(
+        self, keys: list[bytes], ranges: list[PrefetchRange] | None = None
+    ) -> Snapshot:
+        # Only keys are read ahead here; each range scan stays its own query.
         # Idle connections may all be dead after a server restart: try the next.
         for _ in range(self._pool.max_idle + 1):
             conn = await self._pool.acquire(snapshot=True)

@@ -162,6 +162,19 @@ class Ctx:
         self._inodes[ino] = inode
         return inode
 
+    async def read_entries(self, ents: list[tuple[int, int]]) -> None:
+        """Read the inodes of directory entries ``ents`` ((ino, type) pairs)
+        and the entry-change times of the directories among them together, in
+        one round trip where reads are round trips; ``inode`` and ``dir_times``
+        then find them. What a missing inode means is left to ``inode``."""
+        inos = list(dict.fromkeys(ino for ino, _ in ents if ino not in self._inodes))
+        keys = [schema.inode_key(ino) for ino in inos]
+        keys += [schema.dir_times_key(ino) for ino, type_ in ents if type_ == DIRECTORY]
+        values = await self.tx.get_many(keys)
+        for ino, raw in zip(inos, values, strict=False):
+            if raw is not None:
+                self._inodes[ino] = schema.decode_inode(raw)
+
     def put(self, inode: pb.Inode) -> None:
         assert inode.ino > 0 and inode.type != pb.INODE_TYPE_UNSPECIFIED, inode
         self._inodes[inode.ino] = inode

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.kv import MAX_PREFETCH_KEYS, KVStore, Transaction
+from chainfs.kv.base import MAX_PREFETCH_RANGE_ROWS, MAX_PREFETCH_RANGES, PrefetchRange
 from chainfs.meta_service import chunks, perm, schema
 from chainfs.meta_service.alloc import IdLease, InodeAllocator
 from chainfs.meta_service.caps import CapabilitySigner
@@ -39,6 +40,8 @@ from chainfs.proto import meta_pb2 as pb
 # Keys an operation reads of the inode its path names (an xattr, its counter
 # shard, ...), given that inode's number: read ahead when the hints reach it.
 TargetKeys = Callable[[int], list[bytes]]
+# Likewise the ranges it scans (an entry list, its sessions, ...).
+TargetRanges = Callable[[int], list[PrefetchRange]]
 
 
 def xattr_of(name: bytes) -> TargetKeys:
@@ -53,6 +56,11 @@ def dir_times_of(ino: int) -> list[bytes]:
 def counter_of(ino: int) -> list[bytes]:
     """The inode counter shard dropping ``ino`` updates (schema.count_inodes)."""
     return [schema.inode_count_key(ino)]
+
+
+def first_of(*prefixes: Callable[[int], bytes]) -> TargetRanges:
+    """Whether anything lies under each of ``prefixes(ino)`` (a scan of limit 1)."""
+    return lambda ino: [(*schema.range_of(prefix(ino)), 1) for prefix in prefixes]
 
 
 class NamespaceBase:
@@ -125,9 +133,12 @@ class NamespaceBase:
         body: Callable[[OpCtx], Awaitable[M]],
         paths: tuple[ParsedPath, ...] = (),
         of_target: TargetKeys | None = None,
+        ranges_of: TargetRanges | None = None,
     ) -> M:
         """``paths``: what ``body`` resolves, fetched ahead (see _ahead)."""
-        return await self._plain(req, body, read_only=True, paths=paths, of_target=of_target)
+        return await self._plain(
+            req, body, read_only=True, paths=paths, of_target=of_target, ranges_of=ranges_of
+        )
 
     async def _retry_safe(self, req: cpb.RequestInfo, body: Callable[[OpCtx], Awaitable[M]]) -> M:
         """A mutation whose repetition changes nothing more (ending a session):
@@ -142,14 +153,17 @@ class NamespaceBase:
         read_only: bool,
         paths: tuple[ParsedPath, ...] = (),
         of_target: TargetKeys | None = None,
+        ranges_of: TargetRanges | None = None,
     ) -> M:
         caller = Caller.of(req)
 
         async def fn(tx: Transaction) -> M:
             return await body(OpCtx(tx, caller, self.cfg, None, {}, self.hints))
 
-        ahead = self._ahead(paths, of_target=of_target)
-        return await self.kv.transact(fn, read_only=read_only, prefetch=ahead)
+        ahead, ranges = self._ahead(paths, of_target=of_target, ranges_of=ranges_of)
+        return await self.kv.transact(
+            fn, read_only=read_only, prefetch=ahead, prefetch_ranges=ranges
+        )
 
     async def _mutate(
         self,
@@ -161,6 +175,7 @@ class NamespaceBase:
         paths: tuple[ParsedPath, ...] = (),
         durable: bool = True,
         of_target: TargetKeys | None = None,
+        ranges_of: TargetRanges | None = None,
     ) -> M:
         """Run ``body`` in a transaction that also records the answer for retries.
         ``paths``: what ``body`` resolves, fetched ahead (see _ahead).
@@ -190,11 +205,13 @@ class NamespaceBase:
         for _ in range(STORAGE_ROUNDS):
             committed = False
             try:
-                ahead = self._ahead(paths, [ikey] if idem else [], of_target)
+                ahead, ranges = self._ahead(paths, [ikey] if idem else [], of_target, ranges_of)
                 if ahead and lease is not None:  # the inode counter a new inode updates
                     lease.restart()
                     ahead.append(schema.inode_count_key(await lease.peek()))
-                rsp = await self.kv.transact(fn, prefetch=ahead, durable=durable)
+                rsp = await self.kv.transact(
+                    fn, prefetch=ahead, durable=durable, prefetch_ranges=ranges
+                )
                 committed = True
                 return rsp
             except StorageFirst as need:
@@ -209,12 +226,14 @@ class NamespaceBase:
         paths: tuple[ParsedPath, ...],
         first: list[bytes] | None = None,
         of_target: TargetKeys | None = None,
-    ) -> list[bytes]:
+        ranges_of: TargetRanges | None = None,
+    ) -> tuple[list[bytes], list[PrefetchRange]]:
         """Keys to read at begin (a store with round trips reads them in one):
         ``first``, then those resolving ``paths`` likely reads, then
-        ``of_target(ino)`` of the inode the first path likely names."""
+        ``of_target(ino)`` of the inode the first path likely names; and the
+        ranges ``ranges_of(ino)`` of that inode."""
         if not paths or self.hints is None:
-            return []
+            return [], []
         keys = dict.fromkeys(first or ())  # ordered, each once (paths share prefixes)
         target: int | None = None
         for i, p in enumerate(paths):
@@ -224,7 +243,10 @@ class NamespaceBase:
                 target = named
         if of_target is not None and target is not None:
             keys.update(dict.fromkeys(of_target(target)))
-        return list(keys)[: MAX_PREFETCH_KEYS - 1]  # room for the inode counter
+        ranges = ranges_of(target) if ranges_of is not None and target is not None else []
+        # A hint only: what a store would refuse to read ahead is scanned later.
+        ranges = [r for r in ranges if r[2] <= MAX_PREFETCH_RANGE_ROWS][:MAX_PREFETCH_RANGES]
+        return list(keys)[: MAX_PREFETCH_KEYS - 1], ranges  # room for the inode counter
 
     async def _storage_step(self, need: StorageFirst) -> int:
         if self.storage is None:

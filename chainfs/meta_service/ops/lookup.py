@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.kv import TxnTooOld
+from chainfs.kv.base import PrefetchRange
 from chainfs.meta_service import perm, schema
 from chainfs.meta_service.config import INODES_TOTAL, NAME_MAX
 from chainfs.meta_service.ctx import DIRECTORY, SYMLINK, ParsedPath, parse
@@ -90,17 +91,23 @@ class LookupOps(NamespaceBase):
         limit = r.limit or self.cfg.readdir_page_entries
         limit = min(limit, self.cfg.readdir_max_page_entries)
 
+        def page_of(ino: int) -> list[PrefetchRange]:
+            prefix = schema.dent_prefix(ino)
+            begin = prefix + r.after + b"\x00" if r.after else prefix
+            return [(begin, schema.range_of(prefix)[1], limit + 1)]
+
         async def body(ctx: OpCtx) -> pb.ReaddirRsp:
             d = await self._lookup_target(ctx, p, follow=True)
             if d.type != DIRECTORY:
                 raise ChainfsError(Code.ENOTDIR, "not a directory")
             perm.check(d, perm.R, ctx.caller, "read directory")
-            prefix = schema.dent_prefix(d.ino)
-            begin = prefix + r.after + b"\x00" if r.after else prefix
-            rows = await ctx.tx.get_range(begin, schema.range_of(prefix)[1], limit=limit + 1)
+            ((begin, end, _),) = page_of(d.ino)
+            rows = await ctx.tx.get_range(begin, end, limit=limit + 1)
             rsp = pb.ReaddirRsp(more=len(rows) > limit, dir_ino=d.ino)
-            for key, value in rows[:limit]:
-                ino, type_ = schema.decode_dent(value)
+            ents = [schema.decode_dent(value) for _, value in rows[:limit]]
+            if r.with_attrs:
+                await ctx.read_entries(ents)
+            for (key, _), (ino, type_) in zip(rows, ents, strict=False):
                 e = rsp.entries.add(
                     name=schema.dent_name(key), ino=ino, type=pb.InodeType.ValueType(type_)
                 )
@@ -108,7 +115,7 @@ class LookupOps(NamespaceBase):
                     e.inode.CopyFrom(await ctx.dir_times(await ctx.inode(ino)))
             return rsp
 
-        return await self._read(r.req, body, paths=(p,), of_target=dir_times_of)
+        return await self._read(r.req, body, paths=(p,), of_target=dir_times_of, ranges_of=page_of)
 
     async def statfs(self, r: pb.StatFsReq) -> pb.StatFsRsp:
         capacity, used = self.cluster.capacity()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from chainfs.common.errors import ChainfsError, Code
-from chainfs.meta_service import perm
+from chainfs.meta_service import perm, schema
 from chainfs.meta_service.ctx import DIRECTORY, FILE, Last, parse
-from chainfs.meta_service.ops.base import counter_of
+from chainfs.meta_service.ops.base import counter_of, first_of
 from chainfs.meta_service.ops.context import OpCtx, Tag
 from chainfs.meta_service.ops.trash import TrashOps
 from chainfs.proto import meta_pb2 as pb
@@ -50,6 +50,7 @@ class RemoveOps(TrashOps):
             new_ids=retention_ms > 0,
             paths=(p,),
             of_target=counter_of,
+            ranges_of=first_of(schema.session_prefix, schema.xattr_prefix),
         )
 
     async def rmdir(self, r: pb.RmdirReq) -> pb.RmdirRsp:
@@ -75,5 +76,11 @@ class RemoveOps(TrashOps):
             return pb.RmdirRsp(parent=parent, ino=d.ino)
 
         return await self._mutate(
-            r.req, Tag.RMDIR, pb.RmdirRsp, body, paths=(p,), of_target=counter_of
+            r.req,
+            Tag.RMDIR,
+            pb.RmdirRsp,
+            body,
+            paths=(p,),
+            of_target=counter_of,
+            ranges_of=first_of(schema.dent_prefix),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_wire import XATTR_CREATE, XATTR_REPLACE
+from chainfs.kv.base import PrefetchRange
 from chainfs.meta_service import perm, schema
 from chainfs.meta_service.ctx import DIRECTORY, FILE, SYMLINK, parse
 from chainfs.meta_service.ops.base import NamespaceBase, xattr_of
@@ -34,18 +35,21 @@ class XattrOps(NamespaceBase):
     async def list_xattr(self, r: pb.ListXattrReq) -> pb.ListXattrRsp:
         p = parse(r.at, self.cfg)
 
+        most = self.cfg.max_xattrs_per_inode
+
+        def names_of(ino: int) -> list[PrefetchRange]:
+            return [(*schema.range_of(schema.xattr_prefix(ino)), most)]
+
         async def body(ctx: OpCtx) -> pb.ListXattrRsp:
             inode = await self._lookup_target(ctx, p, r.follow)
             prefix = schema.xattr_prefix(inode.ino)
-            rows = await ctx.tx.get_range(
-                *schema.range_of(prefix), limit=self.cfg.max_xattrs_per_inode
-            )
+            rows = await ctx.tx.get_range(*schema.range_of(prefix), limit=most)
             names = [k[len(prefix) :] for k, _ in rows]
             if not ctx.caller.is_root:
                 names = [n for n in names if not n.startswith(b"trusted.")]
             return pb.ListXattrRsp(names=names)
 
-        return await self._read(r.req, body, paths=(p,))
+        return await self._read(r.req, body, paths=(p,), ranges_of=names_of)
 
     def _xattr_name(self, name: bytes) -> bytes:
         if not name or len(name) > self.cfg.max_xattr_name_bytes:

@@ -474,3 +474,137 @@ async def test_cached_reads_are_bounded() -> None:
         return len(tx._cached_reads)
 
     assert await store.transact(fn, read_only=True) == MAX_CACHED_READS
+
+
+async def test_get_many_reads_as_get_does_and_conflicts_alike(store: KVStore) -> None:
+    remote = store.url.startswith(("etcd", "postgresql"))
+    other = kv.open(store.url, FAST_RETRY) if remote else store
+    try:
+        await put_all(store, {b"m/a": b"1", b"m/b": b"2", b"m/c": b"3", b"m/x": b"9"})
+        answers: list[list[bytes | None]] = []
+
+        async def fn(tx: Transaction) -> None:
+            tx.set(b"m/b", b"mine")
+            tx.clear(b"m/c")
+            tx.clear_range(b"m/x", b"m/y")
+            # Read twice, keys repeated: our writes and clears win, absent is None.
+            got = await tx.get_many([b"m/a", b"m/b", b"m/c", b"m/absent", b"m/x", b"m/a"])
+            if not answers:  # commits after our snapshot, to a key read only by get_many
+                await put_all(other, {b"m/a": b"changed"})
+            assert await tx.get_many([b"m/a"]) == [got[0]]  # the snapshot's value again
+            answers.append(got)
+            tx.set(b"m/out", got[0] or b"")
+
+        await store.transact(fn)
+        assert answers == [
+            [b"1", b"mine", None, None, None, b"1"],
+            [b"changed", b"mine", None, None, None, b"changed"],  # the read conflicted
+        ]
+        assert await store.get(b"m/out") == b"changed"
+        assert await store.transact(lambda tx: tx.get_many([]), read_only=True) == []
+        with pytest.raises(ChainfsError) as e:
+            await store.transact(lambda tx: tx.get_many(["m/a"]), read_only=True)  # type: ignore[list-item]
+        assert e.value.code == Code.EINVAL
+    finally:
+        if other is not store:
+            await other.close()
+
+
+async def test_get_many_of_more_keys_than_one_etcd_txn_holds(etcd_cluster: Any) -> None:
+    """Past max_txn_ops keys, get_many splits into several Txns, all at the
+    snapshot's one revision."""
+    url = etcd_cluster.url("many")
+    store, writer = kv.open(url + "?max_txn_ops=8", FAST_RETRY), kv.open(url, FAST_RETRY)
+    try:
+        keys = [b"g/%03d" % i for i in range(30)]
+        await put_all(writer, {k: k for k in keys[::2]})
+
+        async def fn(tx: Transaction) -> list[bytes | None]:
+            await tx.get(b"g/first")  # fixes the snapshot
+            await put_all(writer, {k: b"later" for k in keys})
+            return await tx.get_many(keys)
+
+        got = await store.transact(fn, read_only=True)
+        assert got == [k if i % 2 == 0 else None for i, k in enumerate(keys)]
+    finally:
+        await store.close()
+        await writer.close()
+
+
+async def test_prefetched_ranges_answer_as_scans_do_and_conflict_alike(store: KVStore) -> None:
+    remote = store.url.startswith(("etcd", "postgresql"))
+    other = kv.open(store.url, FAST_RETRY) if remote else store
+    try:
+        await put_all(store, {b"r/a": b"1", b"r/b": b"2", b"r/c": b"3", b"u/a": b"1"})
+        ranges = [(b"r/", b"r0", 2), (b"u/", b"u0", 5), (b"e/", b"e0", 1)]
+        seen: list[tuple[Any, ...]] = []
+
+        async def gone(tx: Transaction) -> None:
+            tx.clear(b"r/c")  # a deletion leaves no newer revision in the range
+            tx.set(b"u/b", b"new")
+
+        async def fn(tx: Transaction) -> None:
+            first = await tx.get_range(b"r/", b"r0", limit=1)
+            if not seen:  # after our snapshot: inside what we scan, and in a range never scanned
+                await other.transact(gone)
+            got = (
+                first,
+                await tx.get_range(b"r/", b"r0", limit=2),
+                await tx.get_range(b"r/", b"r0", limit=3),  # more than was read ahead
+                await tx.get_range(b"r/", b"r0"),
+                await tx.get_range(b"e/", b"e0"),
+                await tx.get_range(b"r/", b"r0", reverse=True, limit=1),
+            )
+            seen.append(got)
+            tx.set(b"out", b"x")
+
+        await store.transact(fn, prefetch_ranges=ranges)
+        abc = [(b"r/a", b"1"), (b"r/b", b"2"), (b"r/c", b"3")]
+        assert seen[0] == (abc[:1], abc[:2], abc, abc, [], abc[2:])
+        assert seen[1] == (abc[:1], abc[:2], abc[:2], abc[:2], [], abc[1:2])
+        assert len(seen) == 2  # r/c was scanned: a conflict; u/ was never scanned
+
+        calls = [0]
+
+        async def unscanned(tx: Transaction) -> None:
+            calls[0] += 1
+            await tx.get(b"r/b")
+            if calls[0] == 1:
+                await put_all(other, {b"u/c": b"new"})
+            tx.set(b"out", b"y")
+
+        await store.transact(unscanned, prefetch_ranges=ranges)
+        assert calls[0] == 1
+
+        for bad in ([(b"r/", b"r0", 0)], [(b"r0", b"r/", 1)], [(b"a", b"b", 1)] * 9):
+            with pytest.raises(ChainfsError) as e:
+                await store.transact(unscanned, prefetch_ranges=bad)
+            assert e.value.code == Code.EINVAL
+    finally:
+        if other is not store:
+            await other.close()
+
+
+async def test_a_key_deleted_after_a_prefetched_scan_saw_it_conflicts(store: KVStore) -> None:
+    remote = store.url.startswith(("etcd", "postgresql"))
+    other = kv.open(store.url, FAST_RETRY) if remote else store
+    try:
+        await put_all(store, {b"s/a": b"1", b"s/b": b"2"})
+        seen: list[list[tuple[bytes, bytes]]] = []
+
+        async def clear_a(tx: Transaction) -> None:
+            tx.clear(b"s/a")
+
+        async def fn(tx: Transaction) -> None:
+            rows = await tx.get_range(b"s/", b"s0", limit=1)  # from the read at begin
+            if not seen:
+                await other.transact(clear_a)  # leaves nothing newer behind
+            seen.append(rows)
+            tx.set(b"out", rows[0][0] if rows else b"")
+
+        await store.transact(fn, prefetch_ranges=[(b"s/", b"s0", 1)])
+        assert seen == [[(b"s/a", b"1")], [(b"s/b", b"2")]]
+        assert await store.get(b"out") == b"s/b"
+    finally:
+        if other is not store:
+            await other.close()
