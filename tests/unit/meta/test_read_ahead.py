@@ -155,8 +155,8 @@ async def test_warm_paths_on_etcd_cost_one_read_each(tmp_path: Path) -> None:
 async def test_warm_path_ops_on_etcd_read_once(tmp_path: Path) -> None:
     """On real etcd: each warm operation below reads what it needs in the one
     read-only Txn at begin (etcd answers no Range), and removals and xattr
-    operations also the keys of the inode their path names; what is left are
-    range scans (a directory's entries, an inode's sessions, xattrs)."""
+    operations also the keys of the inode their path names, and the ranges
+    they scan of it (a directory's entries, an inode's sessions, xattrs)."""
     require_binary("etcd")
     with EtcdCluster(tmp_path / "etcd", members=1) as etcd:
         kv = EtcdStore.from_url(etcd.url("meta"))
