@@ -10,7 +10,12 @@ from collections.abc import Awaitable, Callable
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.kv import MAX_PREFETCH_KEYS, KVStore, Transaction
-from chainfs.kv.base import MAX_PREFETCH_RANGE_ROWS, MAX_PREFETCH_RANGES, PrefetchRange
+from chainfs.kv.base import (
+    MAX_CACHED_READS,
+    MAX_PREFETCH_RANGE_ROWS,
+    MAX_PREFETCH_RANGES,
+    PrefetchRange,
+)
 from chainfs.meta_service import chunks, perm, schema
 from chainfs.meta_service.alloc import IdLease, InodeAllocator
 from chainfs.meta_service.caps import CapabilitySigner
@@ -247,6 +252,18 @@ class NamespaceBase:
         # A hint only: what a store would refuse to read ahead is scanned later.
         ranges = [r for r in ranges if r[2] <= MAX_PREFETCH_RANGE_ROWS][:MAX_PREFETCH_RANGES]
         return list(keys)[: MAX_PREFETCH_KEYS - 1], ranges  # room for the inode counter
+
+    def _hinted_keys(self, paths: tuple[ParsedPath, ...]) -> list[bytes]:
+        """Every key the hints say walks of ``paths`` read, each once, up to
+        MAX_CACHED_READS (what one transaction keeps of its reads)."""
+        if self.hints is None:
+            return []
+        keys: dict[bytes, None] = {}
+        for p in paths:
+            keys.update(dict.fromkeys(self.hints.walk(p)[0]))
+            if len(keys) >= MAX_CACHED_READS:
+                break
+        return list(keys)[:MAX_CACHED_READS]
 
     async def _storage_step(self, need: StorageFirst) -> int:
         if self.storage is None:

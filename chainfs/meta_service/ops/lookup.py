@@ -34,7 +34,13 @@ class LookupOps(NamespaceBase):
         # read-ahead and for every attempt of the transaction.
         parsed = [self._parsed_or_error(at) for at in r.ats]
 
+        paths = tuple(p for p in parsed if not isinstance(p, ChainfsError))
+        # The keys the walks likely read past the few read at begin: together.
+        hinted = self._hinted_keys(paths) if len(paths) > 1 else []
+
         async def body(ctx: OpCtx) -> pb.BatchStatRsp:
+            if hinted:
+                await ctx.tx.get_many(hinted)
             out = pb.BatchStatRsp()
             for p in parsed:
                 try:
@@ -49,7 +55,6 @@ class LookupOps(NamespaceBase):
                     out.results.add(code=e.code, message=e.message)
             return out
 
-        paths = tuple(p for p in parsed if not isinstance(p, ChainfsError))
         return await self._read(r.req, body, paths=paths)
 
     def _parsed_or_error(self, at: pb.PathAt) -> ParsedPath | ChainfsError:

@@ -251,3 +251,43 @@ async def test_readdir_with_attributes_on_etcd_reads_them_together(tmp_path: Pat
             await m.aclose()
             await server.stop()
             await kv.close()
+
+
+async def test_a_wide_batch_stat_on_etcd_reads_its_paths_together(tmp_path: Path) -> None:
+    """On real etcd: a batch stat of more paths than one read at begin holds
+    reads the rest of what the hints name in one more Txn, not a Range each;
+    every answer is a stat's, a stale or absent name included."""
+    require_binary("etcd")
+    with EtcdCluster(tmp_path / "etcd", members=1) as etcd:
+        kv = EtcdStore.from_url(etcd.url("meta"))
+        server = MetaServer(
+            make_config(alloc_batch=1024, **_QUIET),
+            kv=kv,
+            storage=FakeChunkStore(),
+            cluster=StaticCluster(CHAINS),
+        )
+        await server.start()
+        assert server.ns is not None
+        m = DirectMetaClient(server.ns, user=ROOT, timeout_s=10.0)
+        url = etcd.members[0].client_url
+        try:
+            for d in range(4):
+                await m.mkdir(f"/a/d{d}", 0o755, parents=True)
+            paths = [f"/a/d{i % 4}/f{i}" for i in range(200)]  # ~400 keys
+            for p in paths:
+                await m.create(p, 0o644, exclusive=True, write=False)
+            await m.batch_stat(paths)  # warms the hints
+            await m.unlink(paths[7])  # a name the hints still know: now absent
+            calls = etcd_rpc_counts(url)
+            got = await m.batch_stat([*paths, "/a/d1/none"])
+            now = etcd_rpc_counts(url)
+            assert (now["Range"] - calls["Range"], now["Txn"] - calls["Txn"]) == (0, 2)
+            for p, res in zip([*paths, "/a/d1/none"], got, strict=True):
+                if p in (paths[7], "/a/d1/none"):
+                    assert isinstance(res, ChainfsError) and res.errno == errno.ENOENT, p
+                else:
+                    assert res == await m.stat(p), p
+        finally:
+            await m.aclose()
+            await server.stop()
+            await kv.close()
