@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -162,16 +163,16 @@ class Ctx:
         self._inodes[ino] = inode
         return inode
 
-    async def read_entries(self, ents: list[tuple[int, int]]) -> None:
-        """Read the inodes of directory entries ``ents`` ((ino, type) pairs)
-        and the entry-change times of the directories among them together, in
-        one round trip where reads are round trips; ``inode`` and ``dir_times``
-        then find them. What a missing inode means is left to ``inode``."""
-        inos = list(dict.fromkeys(ino for ino, _ in ents if ino not in self._inodes))
-        keys = [schema.inode_key(ino) for ino in inos]
-        keys += [schema.dir_times_key(ino) for ino, type_ in ents if type_ == DIRECTORY]
+    async def read_inodes(self, inos: Iterable[int], directories: Iterable[int] = ()) -> None:
+        """Read the inodes ``inos`` and the entry-change times of
+        ``directories`` together, in one round trip where reads are round
+        trips; ``inode`` and ``dir_times`` then find them. What a missing
+        inode means is left to ``inode``."""
+        todo = [ino for ino in dict.fromkeys(inos) if ino not in self._inodes]
+        keys = [schema.inode_key(ino) for ino in todo]
+        keys += [schema.dir_times_key(ino) for ino in dict.fromkeys(directories)]
         values = await self.tx.get_many(keys)
-        for ino, raw in zip(inos, values, strict=False):
+        for ino, raw in zip(todo, values, strict=False):
             if raw is not None:
                 self._inodes[ino] = schema.decode_inode(raw)
 

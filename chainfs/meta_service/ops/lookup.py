@@ -111,7 +111,8 @@ class LookupOps(NamespaceBase):
             rsp = pb.ReaddirRsp(more=len(rows) > limit, dir_ino=d.ino)
             ents = [schema.decode_dent(value) for _, value in rows[:limit]]
             if r.with_attrs:
-                await ctx.read_entries(ents)
+                dirs = (ino for ino, type_ in ents if type_ == DIRECTORY)
+                await ctx.read_inodes((ino for ino, _ in ents), dirs)
             for (key, _), (ino, type_) in zip(rows, ents, strict=False):
                 e = rsp.entries.add(
                     name=schema.dent_name(key), ino=ino, type=pb.InodeType.ValueType(type_)

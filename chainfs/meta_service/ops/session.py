@@ -240,6 +240,7 @@ class SessionOps(NamespaceBase):
             )
 
         async def body(ctx: OpCtx) -> pb.EndSessionsRsp:
+            await ctx.read_inodes(s.ino for s in r.sessions)
             for s in r.sessions:
                 await self.end_session(ctx, s.ino, s.session_id, r.req.client_id)
             return pb.EndSessionsRsp()

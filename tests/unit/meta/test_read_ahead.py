@@ -14,6 +14,7 @@ from chainfs.common.errors import ChainfsError
 from chainfs.kv.base import PrefetchRange, Snapshot
 from chainfs.kv.etcd import EtcdStore
 from chainfs.kv.memory import MemoryStore
+from chainfs.meta_service import schema
 from chainfs.meta_service.server import MetaServer, StaticCluster
 from chainfs.testing.etcd import EtcdCluster
 from tests.conftest import etcd_rpc_counts, require_binary
@@ -287,6 +288,41 @@ async def test_a_wide_batch_stat_on_etcd_reads_its_paths_together(tmp_path: Path
                     assert isinstance(res, ChainfsError) and res.errno == errno.ENOENT, p
                 else:
                     assert res == await m.stat(p), p
+        finally:
+            await m.aclose()
+            await server.stop()
+            await kv.close()
+
+
+async def test_many_session_ends_on_etcd_read_their_inodes_together(tmp_path: Path) -> None:
+    """On real etcd: one EndSessions of many sessions reads their inodes in
+    one Txn; a file unlinked while open still goes with its last session."""
+    require_binary("etcd")
+    with EtcdCluster(tmp_path / "etcd", members=1) as etcd:
+        kv = EtcdStore.from_url(etcd.url("meta"))
+        server = MetaServer(
+            make_config(alloc_batch=1024, **_QUIET),
+            kv=kv,
+            storage=FakeChunkStore(),
+            cluster=StaticCluster(CHAINS),
+        )
+        await server.start()
+        assert server.ns is not None
+        m = DirectMetaClient(server.ns, user=ROOT, timeout_s=10.0)
+        url = etcd.members[0].client_url
+        try:
+            opens = [await m.create(f"/f{i}", 0o644, exclusive=True) for i in range(20)]
+            await m.unlink("/f3")  # open, never written: removed when its session ends
+            calls = etcd_rpc_counts(url)
+            await m.end_sessions([(o.inode.ino, o.session_id) for o in opens])
+            now = etcd_rpc_counts(url)
+            # The inodes in one Txn, then the commit; /f3, dropped, still reads its
+            # sessions (none left), its xattrs (none) and its inode counter shard.
+            assert (now["Range"] - calls["Range"], now["Txn"] - calls["Txn"]) == (3, 2)
+            assert await kv.get(schema.inode_key(opens[3].inode.ino)) is None
+            assert await kv.get(schema.inode_key(opens[4].inode.ino)) is not None
+            names = [e.name for e in (await m.readdir("/")).entries]
+            assert names == [b"f%d" % i for i in sorted(set(range(20)) - {3}, key=str)]
         finally:
             await m.aclose()
             await server.stop()
