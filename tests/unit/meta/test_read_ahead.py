@@ -5,8 +5,11 @@ an answer."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -387,3 +390,75 @@ async def test_warm_removals_and_listings_on_postgresql_query_once_per_scan(
             await m.aclose()
             await server.stop()
             await kv.close()
+
+
+async def test_scans_read_ahead_on_etcd_still_conflict_across_metas(tmp_path: Path) -> None:
+    """Two metas on one etcd. Meta a's rmdir (its emptiness scan read ahead)
+    and unlink (its session scan read ahead) take their snapshot, then meta
+    b creates an entry in that directory and opens that file, then a
+    commits: a's commits must conflict and re-run, so the directory is not
+    removed with an entry in it and the file is not dropped while open."""
+    require_binary("etcd")
+    with EtcdCluster(tmp_path / "etcd", members=1) as etcd:
+        stores = [EtcdStore.from_url(etcd.url("meta")) for _ in range(2)]
+        servers = [
+            MetaServer(
+                make_config(alloc_batch=1024, **_QUIET),
+                kv=kv,
+                storage=FakeChunkStore(),
+                cluster=StaticCluster(CHAINS),
+            )
+            for kv in stores
+        ]
+        for s in servers:
+            await s.start()
+        a, b = (DirectMetaClient(s.ns, user=ROOT, timeout_s=30.0) for s in servers if s.ns)
+        b_done = asyncio.Event()
+        plain_commit = stores[0]._commit
+
+        async def commit_after_b(snapshot: Snapshot, tx: Any) -> None:
+            await b_done.wait()  # b commits between a's read and a's commit
+            await plain_commit(snapshot, tx)
+
+        async def then_b(op: Awaitable[Any]) -> Any:
+            await asyncio.sleep(0.05)  # after a's reads at begin
+            try:
+                return await op
+            finally:
+                b_done.set()
+
+        async def race(mine: Awaitable[Any], theirs: Awaitable[Any]) -> list[Any]:
+            b_done.clear()
+            stores[0]._commit = commit_after_b  # type: ignore[method-assign]
+            try:
+                return await asyncio.gather(mine, then_b(theirs), return_exceptions=True)
+            finally:
+                stores[0]._commit = plain_commit  # type: ignore[method-assign]
+
+        try:
+            for i in range(3):
+                await a.mkdir(f"/d{i}", 0o755)
+                await a.create(f"/f{i}", 0o644, exclusive=True, write=False)
+                await a.stat(f"/d{i}")  # a's hints reach both: its scans are read ahead
+                await a.stat(f"/f{i}")
+                rmdir, made = await race(
+                    a.rmdir(f"/d{i}"), b.create(f"/d{i}/x", 0o644, exclusive=True, write=False)
+                )
+                assert not isinstance(made, BaseException), made
+                assert isinstance(rmdir, ChainfsError) and rmdir.errno == errno.ENOTEMPTY, rmdir
+                assert [e.name for e in (await b.readdir(f"/d{i}")).entries] == [b"x"]
+
+                unlinked, opened = await race(a.unlink(f"/f{i}"), b.open(f"/f{i}", session=True))
+                assert unlinked is None and not isinstance(opened, BaseException)
+                (found,) = await b.batch_stat([opened.inode.ino])
+                assert not isinstance(found, ChainfsError), found  # open: kept
+                await b.end_sessions([(opened.inode.ino, opened.session_id)])
+                (found,) = await b.batch_stat([opened.inode.ino])
+                assert isinstance(found, ChainfsError) and found.errno == errno.ENOENT
+        finally:
+            for c in (a, b):
+                await c.aclose()
+            for s in servers:
+                await s.stop()
+            for kv in stores:
+                await kv.close()
