@@ -407,6 +407,43 @@ def test_concurrent_stats_answer_as_each_alone(cluster: LocalCluster, fs: FileSy
     asyncio.run(main())
 
 
+def test_concurrent_stats_under_a_meta_with_a_small_batch_bound(tmp_path: object) -> None:
+    """Meta's max_batch_stat below the client's batch: BatchStat refuses the
+    whole call (E2BIG), which no caller's own Stat would; each still gets its answer."""
+
+    def small_batches(_i: int, c: object) -> None:
+        c.max_batch_stat = 2  # type: ignore[attr-defined]
+
+    with LocalCluster(
+        tmp_path,  # type: ignore[arg-type]
+        storage_nodes=1,
+        targets_per_node=1,
+        replicas=1,
+        configure_meta=small_batches,
+    ) as cluster:
+        paths = [f"/s/f{i}" for i in range(24)] + ["/s/missing"]
+
+        async def main() -> None:
+            afs = await chainfs.aio.connect(cluster.address)
+            async with afs:
+                await afs.mkdir("/s")
+                for p in paths[:-1]:
+                    await afs.write_file(p, b"x")
+
+                async def outcome(path: str) -> object:
+                    try:
+                        return (await afs.stat(path)).st_size
+                    except OSError as e:
+                        return e.errno
+
+                got = await asyncio.gather(*(outcome(p) for p in paths))
+                assert list(got) == [1] * 24 + [errno.ENOENT]
+                coalescer = afs.io.meta.stat_coalescer
+                assert coalescer is not None and coalescer.batches > 0
+
+        asyncio.run(main())
+
+
 # -- bad input -------------------------------------------------------------------
 
 

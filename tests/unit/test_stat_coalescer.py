@@ -26,6 +26,7 @@ class FakeMeta:
         self.gate = asyncio.Event()
         self.gate.set()
         self.fail_batch: ChainfsError | None = None
+        self.max_batch_stat = 4096  # meta's bound on paths per BatchStat
 
     def _answer(self, at: Any) -> pb.Inode | ChainfsError:
         if at not in INODES:
@@ -47,6 +48,8 @@ class FakeMeta:
         await self.gate.wait()
         if self.fail_batch is not None:
             raise self.fail_batch
+        if len(ats) > self.max_batch_stat:
+            raise ChainfsError(Code.E2BIG, f"more than {self.max_batch_stat} inodes in one call")
         return [self._answer(at) for at in ats]
 
 
@@ -139,6 +142,42 @@ async def test_a_call_that_fails_as_a_whole_fails_each_of_its_stats() -> None:
     got = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(g, ChainfsError) and g.code == Code.UNAVAILABLE for g in got)
     assert got[0] is not got[1]
+
+
+async def test_a_batch_larger_than_meta_takes_answers_each_stat_as_alone() -> None:
+    """Meta configured with a smaller max_batch_stat refuses the whole call
+    (E2BIG): no caller's own Stat would have failed, so each goes alone."""
+    meta = FakeMeta()
+    meta.max_batch_stat = 2
+    c = _coalescer(meta)
+    first = await _one_in_flight(meta, c)
+    names = ["/f1", "/missing", "/f2", "/f3"]
+    tasks = [asyncio.create_task(c.stat(n, True, "u")) for n in names]
+    await _settle()
+    meta.gate.set()
+    await first
+    got = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [g.ino if isinstance(g, pb.Inode) else g.code for g in got] == [  # type: ignore[union-attr]
+        101,
+        Code.ENOENT,
+        102,
+        103,
+    ]
+    # Later batches fit what meta takes.
+    first = await _one_in_flight(meta, c)
+    tasks = [asyncio.create_task(c.stat(n, True, "u")) for n in names]
+    await _settle()
+    n_batches = len(meta.batches)
+    meta.gate.set()
+    await first
+    got = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [g.ino if isinstance(g, pb.Inode) else g.code for g in got] == [  # type: ignore[union-attr]
+        101,
+        Code.ENOENT,
+        102,
+        103,
+    ]
+    assert all(len(ats) <= 2 for ats, _, _ in meta.batches[n_batches:])
 
 
 async def test_a_cancelled_caller_leaves_the_others_answered() -> None:

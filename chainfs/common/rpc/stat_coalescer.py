@@ -106,16 +106,19 @@ class StatCoalescer:
         follow, user = batch[0].key
         try:
             if len(batch) == 1:
-                try:
-                    _settle(batch[0], await self._one(batch[0].at, follow, user))
-                except ChainfsError as e:
-                    _settle(batch[0], e)
+                await self._send_one(batch[0], follow, user)
                 return
             self.batches += 1
             self.batched += len(batch)
             try:
                 results = await self._many([w.at for w in batch], follow, user)
             except ChainfsError as e:
+                if e.code == Code.E2BIG:
+                    # Meta takes fewer paths per call (its max_batch_stat), which no
+                    # caller's own Stat would hit: each goes alone, later batches smaller.
+                    self._max_batch = max(1, len(batch) // 2)
+                    await asyncio.gather(*(self._send_one(w, follow, user) for w in batch))
+                    return
                 for w in batch:  # each gets its own copy: one exception, many raisers
                     _settle(w, ChainfsError(e.code, e.message))
                 return
@@ -137,6 +140,12 @@ class StatCoalescer:
         finally:
             self._inflight -= 1
             self._kick()
+
+    async def _send_one(self, w: _Waiter, follow: bool, user: Any) -> None:
+        try:
+            _settle(w, await self._one(w.at, follow, user))
+        except ChainfsError as e:
+            _settle(w, e)
 
     async def close(self) -> None:
         """Cancel calls in flight (their callers get CancelledError)."""

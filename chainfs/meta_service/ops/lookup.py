@@ -12,6 +12,13 @@ from chainfs.meta_service.ops.base import NamespaceBase, dir_times_of
 from chainfs.meta_service.ops.context import OpCtx
 from chainfs.proto import meta_pb2 as pb
 
+# Errors of the store or of this server (etcd unreachable past its op timeout,
+# ...) that a client retries a Stat on, or fails over: they fail a BatchStat as
+# a whole, as they fail a Stat, rather than become one path's answer.
+_CALL_RETRIED = frozenset(
+    {Code.UNAVAILABLE, Code.NOT_PRIMARY_META, Code.ETIMEDOUT, Code.TXN_CONFLICT, Code.EAGAIN}
+)
+
 
 class LookupOps(NamespaceBase):
     async def stat(self, r: pb.StatReq) -> pb.StatRsp:
@@ -52,6 +59,8 @@ class LookupOps(NamespaceBase):
                 except TxnTooOld:
                     raise  # the snapshot is gone: the whole transaction re-runs
                 except ChainfsError as e:
+                    if e.code in _CALL_RETRIED:
+                        raise  # not the path's answer: the client retries the call
                     out.results.add(code=e.code, message=e.message)
             return out
 
