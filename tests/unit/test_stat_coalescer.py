@@ -25,7 +25,7 @@ class FakeMeta:
         self.batches: list[tuple[list[Any], bool, Any]] = []
         self.gate = asyncio.Event()
         self.gate.set()
-        self.fail_batch: ChainfsError | None = None
+        self.fail_batch: Exception | None = None
         self.max_batch_stat = 4096  # meta's bound on paths per BatchStat
 
     def _answer(self, at: Any) -> pb.Inode | ChainfsError:
@@ -142,6 +142,35 @@ async def test_a_call_that_fails_as_a_whole_fails_each_of_its_stats() -> None:
     got = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(g, ChainfsError) and g.code == Code.UNAVAILABLE for g in got)
     assert got[0] is not got[1]
+
+
+class _Refused(ChainfsError):
+    pass
+
+
+@pytest.mark.parametrize(
+    "error",
+    [_Refused(Code.EACCES, "no", "/f1"), RuntimeError("a bug in the reply's parse")],
+    ids=["chainfs-subclass-with-path", "not-a-chainfs-error"],
+)
+async def test_each_caller_of_a_failed_batch_raises_its_own_copy_of_the_error(
+    error: Exception,
+) -> None:
+    meta = FakeMeta()
+    c = _coalescer(meta)
+    first = await _one_in_flight(meta, c)
+    tasks = [asyncio.create_task(c.stat(f"/f{i}", True, "u")) for i in (1, 2)]
+    await _settle()
+    meta.fail_batch = error
+    meta.gate.set()
+    await first
+    got = await asyncio.gather(*tasks, return_exceptions=True)
+    assert got[0] is not got[1] and got[0] is not error
+    for g in got:
+        assert type(g) is type(error) and g.args == error.args
+        if isinstance(error, ChainfsError):
+            assert isinstance(g, ChainfsError)
+            assert (g.code, g.message, g.filename) == (error.code, error.message, "/f1")
 
 
 async def test_a_batch_larger_than_meta_takes_answers_each_stat_as_alone() -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -119,8 +120,8 @@ class StatCoalescer:
                     self._max_batch = max(1, len(batch) // 2)
                     await asyncio.gather(*(self._send_one(w, follow, user) for w in batch))
                     return
-                for w in batch:  # each gets its own copy: one exception, many raisers
-                    _settle(w, ChainfsError(e.code, e.message))
+                for w in batch:
+                    _settle(w, _own(e))
                 return
             if len(results) != len(batch):
                 msg = f"BatchStat answered {len(results)} of {len(batch)} paths"
@@ -136,7 +137,7 @@ class StatCoalescer:
         except Exception as e:  # a bug: every caller hears of it, nobody hangs
             for w in batch:
                 if not w.fut.done():
-                    w.fut.set_exception(e)
+                    w.fut.set_exception(_own(e))
         finally:
             self._inflight -= 1
             self._kick()
@@ -157,6 +158,16 @@ class StatCoalescer:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _own(e: BaseException) -> Any:
+    """A copy of ``e`` for one of many callers: each raises its own exception (a
+    shared one would gather every raiser's traceback), of the same type, with the
+    same arguments (a ChainfsError keeps its code, message and filename)."""
+    try:
+        return copy.copy(e)
+    except Exception:  # an exception type that cannot be rebuilt from its arguments
+        return e
 
 
 def _settle(w: _Waiter, result: pb.Inode | ChainfsError) -> None:
