@@ -21,23 +21,22 @@ def read_span(rec: ChunkRecord, offset: int, length: int, verify: bool) -> tuple
     """The bytes [lo, hi) of the committed version a read of [offset, +length) loads:
     the range itself, or with ``verify`` the CRC blocks around it (the whole
     chunk for a record without per-block CRCs)."""
+    lo, hi, _ = read_plan(rec, offset, length, verify)
+    return lo, hi
+
+
+def read_plan(rec: ChunkRecord, offset: int, length: int, verify: bool) -> tuple[int, int, int]:
+    """(lo, hi, buffer bytes) of a read of [offset, +length): its :func:`read_span`
+    and the size of the buffer ``ChunkEngine.read`` fills (the range, or the
+    whole chunk when verifying a record without per-block CRCs)."""
     start = min(offset, rec.length)
     end = min(offset + length, rec.length)
     if not verify or start == end:
-        return start, end
+        return start, end, end - start
     if not rec.has_block_crcs:
-        return 0, rec.length
+        return 0, rec.length, rec.length
     bs = rec.block_size
-    return start // bs * bs, min(n_blocks(end, bs) * bs, rec.length)
-
-
-def read_buffer_bytes(rec: ChunkRecord, offset: int, length: int, verify: bool) -> int:
-    """The size of the buffer ``read`` fills (the range, or the whole chunk when
-    verifying a record without per-block CRCs)."""
-    if verify and not rec.has_block_crcs:
-        lo, hi = read_span(rec, offset, length, verify)
-        return hi - lo
-    return max(0, min(offset + length, rec.length) - min(offset, rec.length))
+    return start // bs * bs, min(n_blocks(end, bs) * bs, rec.length), end - start
 
 
 def bad_block(rec: ChunkRecord, segments: list[tuple[int, memoryview]]) -> int | None:

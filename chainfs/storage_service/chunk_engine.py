@@ -750,10 +750,12 @@ class ChunkEngine:
     # ---- reads -------------------------------------------------------------
 
     read_span = staticmethod(block_crcs.read_span)
-    read_buffer_bytes = staticmethod(block_crcs.read_buffer_bytes)
+    read_plan = staticmethod(block_crcs.read_plan)
 
     def _edge_buffers(self, head: int, tail: int) -> tuple[memoryview, memoryview]:
         """Per-thread buffers for the bytes of the edge CRC blocks outside a read."""
+        if not head and not tail:  # a read of whole blocks (every small KV value)
+            return _NO_BYTES, _NO_BYTES
         local = self._edges
         buf: bytearray | None = getattr(local, "buf", None)
         if buf is None or len(buf) < head + tail:
@@ -773,7 +775,7 @@ class ChunkEngine:
     ) -> tuple[ChunkRecord | None, memoryview]:
         """Committed bytes [offset, offset + length) (shorter at the chunk's end).
 
-        ``scratch``: a buffer to read into (``read_buffer_bytes`` of them) instead
+        ``scratch``: a buffer to read into (``read_plan``'s buffer bytes) instead
         of a new one; the result may be a slice of it. A scratch too small for
         the record found (it changed since the caller sized it) is NOT_COMMITTED.
         With ``verify`` the CRC
@@ -806,7 +808,7 @@ class ChunkEngine:
             end = min(offset + length, rec.length)
             if end == start:
                 return rec, memoryview(b"")
-            lo, hi = block_crcs.read_span(rec, offset, length, verify)
+            lo, hi, _ = block_crcs.read_plan(rec, offset, length, verify)
             # [bstart, bend) goes into ``out``; the rest of [lo, hi) into edge buffers.
             bstart, bend = (start, end) if rec.has_block_crcs else (lo, hi)
             n = bend - bstart
@@ -820,12 +822,18 @@ class ChunkEngine:
                 )
             head, tail = self._edge_buffers(bstart - lo, hi - bend)
             try:
-                got = self.files.readv(inode, index, rec.file_gen, lo, [head, out, tail], nowait)
+                whole = not head and not tail
+                bufs = [out] if whole else [head, out, tail]
+                got = self.files.readv(inode, index, rec.file_gen, lo, bufs, nowait)
                 if got == hi - lo:
                     bad = None
                     if verify:
-                        parts = [(lo, head), (bstart, out), (bend, tail)]
-                        bad = block_crcs.bad_block(rec, [(at, v) for at, v in parts if len(v)])
+                        if whole:
+                            segments = [(bstart, out)]
+                        else:
+                            parts = [(lo, head), (bstart, out), (bend, tail)]
+                            segments = [(at, v) for at, v in parts if len(v)]
+                        bad = block_crcs.bad_block(rec, segments)
                     if bad is None and self._record_unchanged(inode, index, rec):
                         # Unchanged after the read: no in-place commit wrote under it.
                         return rec, out[start - bstart : end - bstart]

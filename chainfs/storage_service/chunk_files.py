@@ -292,15 +292,13 @@ class ChunkFiles:
     ) -> int:
         """Scatter-read consecutive bytes at ``offset`` into ``bufs``; the bytes read."""
         bufs = [b for b in bufs if len(b)]
-        want = sum(len(b) for b in bufs)
+        want = sum(map(len, bufs))
+        flags = os.RWF_NOWAIT if nowait else 0
         f = self.cache.acquire((self._dir, inode, index, gen))
         try:
             got = 0
             while got < want:
-                if nowait:
-                    n = os.preadv(f.fd, bufs, offset + got, os.RWF_NOWAIT)
-                else:
-                    n = os.preadv(f.fd, bufs, offset + got)
+                n = os.preadv(f.fd, bufs, offset + got, flags)
                 if n == 0:
                     break
                 got += n

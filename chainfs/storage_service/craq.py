@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from chainfs.common.auth.identity import Identity
 from chainfs.common.dataplane.buffers import BufferPool, PooledBuffer, size_class
@@ -229,12 +229,39 @@ def _releaser(scratch: list[PooledBuffer | None]) -> Callable[[], None]:
     return release
 
 
+# One io's outcome while a batch is read: (length, committed_version, chunk_length,
+# chunk_crc32c) of a served read, or the Status of a refused one. The reply's
+# ReadResults are made from them in place, once every io has one (a ReadResult
+# built per io and then copied into the reply cost twice as much).
+IoOutcome: TypeAlias = tuple[int, int, int, int] | cp.Status
+
+_MISSING: IoOutcome = (0, 0, 0, 0)  # a chunk never written reads as empty: all zeros
+_OK_STATUS = cp.Status(code=0)  # copied into each result, never changed
+
+
+def _refused(code: int, message: str) -> cp.Status:
+    return cp.Status(code=code, message=message)
+
+
 def _reply(
-    results: list[sp.ReadResult | None], buffers: list[memoryview | None]
+    results: list[IoOutcome | None], buffers: list[memoryview | None]
 ) -> tuple[sp.BatchReadRsp, list[memoryview]]:
     """The BatchReadRsp of a batch and its payload: the non-empty buffers, in order."""
-    out = sp.BatchReadRsp(status=_ok())
-    out.results.extend(results)  # type: ignore[arg-type]  # every io has its result by now
+    out = sp.BatchReadRsp(status=_OK_STATUS)
+    add = out.results.add
+    for r in results:
+        if type(r) is tuple:
+            length, version, chunk_length, chunk_crc = r
+            add(
+                status=_OK_STATUS,
+                length=length,
+                committed_version=version,
+                chunk_length=chunk_length,
+                chunk_crc32c=chunk_crc,
+            )
+        else:
+            assert r is not None, "every io has its outcome by now"
+            add(status=r)
     payload = [b for b in buffers if b is not None and len(b)]
     return out, payload
 
@@ -889,20 +916,25 @@ class Craq:
 
     def _admit_ios(
         self, req: sp.BatchReadReq, routing: Routing
-    ) -> tuple[list[sp.ReadResult | None], list[int]]:
-        """(results with the refused ios' errors filled in, indexes of the ios to read)."""
-        results: list[sp.ReadResult | None] = [None] * len(req.ios)
+    ) -> tuple[list[IoOutcome | None], list[int]]:
+        """(outcomes with the refused ios' errors filled in, indexes of the ios to read)."""
+        results: list[IoOutcome | None] = [None] * len(req.ios)
         jobs: list[int] = []
+        # A batch names few (chain, target) pairs: each is checked once.
+        readable: set[tuple[int, int]] = set()
         for i, io in enumerate(req.ios):
             try:
-                self._readable(routing, io.chain_id, io.target_id)
+                where = (io.chain_id, io.target_id)
+                if where not in readable:
+                    self._readable(routing, *where)
+                    readable.add(where)
                 if io.offset + io.length > MAX_CHUNK_SIZE:
                     raise ChainfsError(
                         Code.EINVAL, f"read [{io.offset}, +{io.length}) outside any chunk"
                     )
                 jobs.append(i)
             except ChainfsError as e:
-                results[i] = sp.ReadResult(status=cp.Status(code=e.code, message=e.message))
+                results[i] = _refused(e.code, e.message)
         return results, jobs
 
     def _size_batch(
@@ -915,17 +947,20 @@ class Craq:
         inline_max = self.config.inline_read_bytes if self._inline_reads else -1
         needs: list[tuple[int, int]] = []
         reply_bytes = buffer_bytes = 0
+        ios = req.ios
+        targets = self.targets
         for i in jobs:
-            io = req.ios[i]
-            eng = self.targets[io.target_id].engine
-            rec = eng.get(io.chunk.inode, io.chunk.index)
+            io = ios[i]
+            eng = targets[io.target_id].engine
+            chunk = io.chunk
+            rec = eng.get(chunk.inode, chunk.index)
             if rec is None or rec.has_pending:
                 inline.append(i)  # answered from metadata alone
                 continue
-            lo, hi = eng.read_span(rec, io.offset, io.length, verify)
+            offset, length = io.offset, io.length
+            lo, hi, need = eng.read_plan(rec, offset, length, verify)
             (inline if hi - lo <= inline_max else threaded).append(i)
-            reply_bytes += max(0, min(io.offset + io.length, rec.length) - io.offset)
-            need = eng.read_buffer_bytes(rec, io.offset, io.length, verify)
+            reply_bytes += max(0, min(offset + length, rec.length) - offset)
             if need:
                 needs.append((i, need))
                 buffer_bytes += size_class(need)
@@ -947,7 +982,7 @@ class Craq:
         self,
         req: sp.BatchReadReq,
         group: list[int],
-        results: list[sp.ReadResult | None],
+        results: list[IoOutcome | None],
         buffers: list[memoryview | None],
         scratch: list[PooledBuffer | None],
         nowait: bool = False,
@@ -971,7 +1006,7 @@ class Craq:
                     nowait,
                 )
             except ChainfsError as e:
-                results[i] = sp.ReadResult(status=cp.Status(code=e.code, message=e.message))
+                results[i] = _refused(e.code, e.message)
                 continue
             except BlockingIOError:
                 assert nowait
@@ -983,19 +1018,13 @@ class Craq:
                     self._inline_reads = False
                     deferred.append(i)
                     continue
-                results[i] = sp.ReadResult(status=cp.Status(code=Code.EIO, message=str(e)))
+                results[i] = _refused(Code.EIO, str(e))
                 continue
             buffers[i] = data
             if rec is None:
-                results[i] = sp.ReadResult(status=_ok())
+                results[i] = _MISSING
             else:
-                results[i] = sp.ReadResult(
-                    status=_ok(),
-                    length=len(data),
-                    committed_version=rec.committed_version,
-                    chunk_length=rec.length,
-                    chunk_crc32c=rec.crc32c,
-                )
+                results[i] = (len(data), rec.committed_version, rec.length, rec.crc32c)
         return deferred
 
     async def query_last_chunk(self, req: sp.QueryLastChunkReq) -> sp.QueryLastChunkRsp:

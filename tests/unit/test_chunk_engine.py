@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.storage_service import crc
 from chainfs.storage_service.chunk_engine import ChunkEngine, EngineOptions
-from chainfs.storage_service.chunk_record import Origin
+from chainfs.storage_service.chunk_record import ChunkRecord, Origin
 
 CHUNK = 64 * 1024
 CHUNKS = st.sampled_from([(1, 0), (1, 1), (1, 5), (2, 0)])
@@ -660,3 +660,27 @@ def test_durable_truncate_extension_is_on_disk_before_its_record(
     if kind == "no_file":
         assert os.path.dirname(path) in synced, events
     eng.close()
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_read_plan_spans_and_sizes_every_kind_of_read(verify: bool) -> None:
+    """(lo, hi) is read_span's; the buffer is the range, or the whole chunk when
+    verifying a record without per-block CRCs."""
+    blocks = ChunkRecord(
+        committed_version=1, length=300_000, block_size=65536, block_crcs=b"\0" * 20
+    )
+    legacy = ChunkRecord(committed_version=1, length=300_000)
+    for rec in (blocks, legacy):
+        for offset, length in (
+            (0, 4096),
+            (100_000, 70_000),
+            (299_000, 5000),
+            (400_000, 10),
+            (5, 0),
+        ):
+            lo, hi, need = ChunkEngine.read_plan(rec, offset, length, verify)
+            assert (lo, hi) == ChunkEngine.read_span(rec, offset, length, verify)
+            served = max(0, min(offset + length, rec.length) - min(offset, rec.length))
+            whole = verify and not rec.has_block_crcs and served
+            assert need == (rec.length if whole else served)
+            assert lo <= min(offset, rec.length) and hi >= min(offset + length, rec.length)

@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from chainfs.common.checksum import crc32c
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.proto import storage_pb2 as sp
 from chainfs.storage_service.chunk_engine import ChunkEngine
@@ -106,3 +107,33 @@ async def test_reads_that_would_wait_are_left_to_batch_read(chain: Chain) -> Non
     assert now is not None and [bytes(p) for p in now[1]] == [b"data"]
     now[2]()
     assert pool.in_use_bytes == 0
+
+
+async def test_each_io_gets_its_own_result_in_order(chain: Chain) -> None:
+    """Served, missing and refused ios mixed in one batch, several on one
+    (chain, target): results in io order, the same at once as via batch_read."""
+    links, _ = chain
+    await head_write(links, write_req(b"0123456789"), b"0123456789")
+    tail = links.craqs[3]
+    req = read_req(
+        (103, 0, 2, 3),
+        (103, 0, 60 << 20, 8 << 20),  # past the largest chunk: EINVAL for this io alone
+        (103, 5, 0, 4),  # no such chunk: empty
+        (103, 0, 8, 100),  # clamped at the chunk's end
+    )
+    now = tail.batch_read_now(req)
+    assert now is not None
+    later = await tail.batch_read(req)
+    for rsp, payload, release in (now, later):
+        codes = [r.status.code for r in rsp.results]
+        assert codes == [Code.OK, Code.EINVAL, Code.OK, Code.OK]
+        assert "outside any chunk" in rsp.results[1].status.message
+        assert [r.length for r in rsp.results] == [3, 0, 0, 2]
+        served = [rsp.results[i] for i in (0, 3)]
+        assert all((r.committed_version, r.chunk_length) == (1, 10) for r in served)
+        assert all(r.chunk_crc32c == crc32c(b"0123456789") for r in served)
+        assert rsp.results[2].committed_version == 0  # a missing chunk: all zeros
+        assert [bytes(p) for p in payload] == [b"234", b"89"]
+        release()
+    assert now[0].SerializeToString() == later[0].SerializeToString()
+    assert tail.read_pool.in_use_bytes == 0
