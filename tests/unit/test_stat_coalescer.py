@@ -70,6 +70,17 @@ async def _one_in_flight(meta: FakeMeta, c: StatCoalescer) -> asyncio.Task[pb.In
     return first
 
 
+async def _held_together(meta: FakeMeta, c: StatCoalescer, names: list[str]) -> list[Any]:
+    """Stats of ``names`` queued behind one held in flight, then released
+    together; what each caller got (an inode or its exception)."""
+    first = await _one_in_flight(meta, c)
+    tasks = [asyncio.create_task(c.stat(n, True, "u")) for n in names]
+    await _settle()
+    meta.gate.set()
+    await first
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_a_lone_stat_goes_at_once_as_a_stat() -> None:
     meta = FakeMeta()
     c = _coalescer(meta)
@@ -157,14 +168,8 @@ async def test_each_caller_of_a_failed_batch_raises_its_own_copy_of_the_error(
     error: Exception,
 ) -> None:
     meta = FakeMeta()
-    c = _coalescer(meta)
-    first = await _one_in_flight(meta, c)
-    tasks = [asyncio.create_task(c.stat(f"/f{i}", True, "u")) for i in (1, 2)]
-    await _settle()
     meta.fail_batch = error
-    meta.gate.set()
-    await first
-    got = await asyncio.gather(*tasks, return_exceptions=True)
+    got = await _held_together(meta, _coalescer(meta), ["/f1", "/f2"])
     assert got[0] is not got[1] and got[0] is not error
     for g in got:
         assert type(g) is type(error) and g.args == error.args
@@ -179,34 +184,15 @@ async def test_a_batch_larger_than_meta_takes_answers_each_stat_as_alone() -> No
     meta = FakeMeta()
     meta.max_batch_stat = 2
     c = _coalescer(meta)
-    first = await _one_in_flight(meta, c)
     names = ["/f1", "/missing", "/f2", "/f3"]
-    tasks = [asyncio.create_task(c.stat(n, True, "u")) for n in names]
-    await _settle()
-    meta.gate.set()
-    await first
-    got = await asyncio.gather(*tasks, return_exceptions=True)
-    assert [g.ino if isinstance(g, pb.Inode) else g.code for g in got] == [  # type: ignore[union-attr]
-        101,
-        Code.ENOENT,
-        102,
-        103,
-    ]
+    want = [101, Code.ENOENT, 102, 103]
+    got = await _held_together(meta, c, names)
+    assert [g.ino if isinstance(g, pb.Inode) else g.code for g in got] == want
     # Later batches fit what meta takes.
-    first = await _one_in_flight(meta, c)
-    tasks = [asyncio.create_task(c.stat(n, True, "u")) for n in names]
-    await _settle()
     n_batches = len(meta.batches)
-    meta.gate.set()
-    await first
-    got = await asyncio.gather(*tasks, return_exceptions=True)
-    assert [g.ino if isinstance(g, pb.Inode) else g.code for g in got] == [  # type: ignore[union-attr]
-        101,
-        Code.ENOENT,
-        102,
-        103,
-    ]
-    assert all(len(ats) <= 2 for ats, _, _ in meta.batches[n_batches:])
+    got = await _held_together(meta, c, names)
+    assert [g.ino if isinstance(g, pb.Inode) else g.code for g in got] == want
+    assert meta.batches[n_batches:] and all(len(ats) <= 2 for ats, _, _ in meta.batches[n_batches:])
 
 
 async def test_a_cancelled_caller_leaves_the_others_answered() -> None:
