@@ -8,6 +8,7 @@ and :class:`FakeChunkStore` instead of storage nodes.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,29 @@ def make_config(**overrides: object) -> MetaConfig:
         setattr(cfg, k, v)
     cfg.validate()
     return cfg
+
+
+@asynccontextmanager
+async def served(
+    kv: KVStore, timeout_s: float = 10.0, **overrides: object
+) -> AsyncIterator[tuple[MetaServer, DirectMetaClient]]:
+    """A real MetaServer on ``kv`` (``make_config(**overrides)``, the fixed chains,
+    a FakeChunkStore) and a DirectMetaClient of root on it. On the way out the
+    client and the server stop and ``kv`` is closed, whatever failed."""
+    server = MetaServer(
+        make_config(**overrides), kv=kv, storage=FakeChunkStore(), cluster=StaticCluster(CHAINS)
+    )
+    client: DirectMetaClient | None = None
+    try:
+        await server.start()
+        assert server.ns is not None
+        client = DirectMetaClient(server.ns, user=ROOT, timeout_s=timeout_s)
+        yield server, client
+    finally:
+        if client is not None:
+            await client.aclose()
+        await server.stop()
+        await kv.close()
 
 
 async def start_env(**overrides: object) -> MetaEnv:

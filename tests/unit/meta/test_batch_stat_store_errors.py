@@ -13,9 +13,11 @@ from chainfs.common.errors import ChainfsError, Code
 from chainfs.kv.base import Snapshot
 from chainfs.kv.memory import MemoryStore
 from chainfs.meta_service import schema
-from chainfs.meta_service.server import MetaServer, StaticCluster
 from chainfs.proto import meta_pb2 as pb
-from tests.unit.meta.conftest import CHAINS, ROOT, DirectMetaClient, FakeChunkStore, make_config
+from tests.unit.meta.conftest import (
+    DirectMetaClient,
+    served,
+)
 
 
 class FlakyStore(MemoryStore):
@@ -42,18 +44,8 @@ class FlakyStore(MemoryStore):
 @pytest.fixture
 async def meta() -> AsyncIterator[tuple[DirectMetaClient, FlakyStore]]:
     kv = FlakyStore()
-    server = MetaServer(
-        make_config(), kv=kv, storage=FakeChunkStore(), cluster=StaticCluster(CHAINS)
-    )
-    await server.start()
-    assert server.ns is not None
-    client = DirectMetaClient(server.ns, user=ROOT, timeout_s=10.0)
-    try:
+    async with served(kv) as (_, client):
         yield client, kv
-    finally:
-        await client.aclose()
-        await server.stop()
-        await kv.close()
 
 
 async def test_a_store_outage_in_batch_stat_is_retried_like_a_stat(

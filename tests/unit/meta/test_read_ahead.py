@@ -23,7 +23,14 @@ from chainfs.meta_service import schema
 from chainfs.meta_service.server import MetaServer, StaticCluster
 from chainfs.testing.etcd import EtcdCluster
 from tests.conftest import etcd_rpc_counts, require, require_binary
-from tests.unit.meta.conftest import CHAINS, ROOT, DirectMetaClient, FakeChunkStore, make_config
+from tests.unit.meta.conftest import (
+    CHAINS,
+    ROOT,
+    DirectMetaClient,
+    FakeChunkStore,
+    make_config,
+    served,
+)
 
 
 class ReadAheadStore(MemoryStore):
@@ -54,18 +61,8 @@ class ReadAheadStore(MemoryStore):
 @pytest.fixture
 async def meta() -> tuple[DirectMetaClient, ReadAheadStore]:
     kv = ReadAheadStore()
-    server = MetaServer(
-        make_config(), kv=kv, storage=FakeChunkStore(), cluster=StaticCluster(CHAINS)
-    )
-    await server.start()
-    assert server.ns is not None
-    client = DirectMetaClient(server.ns, user=ROOT, timeout_s=10.0)
-    try:
+    async with served(kv) as (_, client):
         yield client, kv
-    finally:
-        await client.aclose()
-        await server.stop()
-        await kv.close()
 
 
 async def test_warm_paths_are_read_at_begin(meta: tuple[DirectMetaClient, ReadAheadStore]) -> None:
@@ -124,13 +121,7 @@ async def test_warm_paths_on_etcd_cost_one_read_each(tmp_path: Path) -> None:
     with EtcdCluster(tmp_path / "etcd", members=1) as etcd:
         kv = EtcdStore.from_url(etcd.url("meta"))
         assert kv.prefetches
-        server = MetaServer(
-            make_config(**_QUIET), kv=kv, storage=FakeChunkStore(), cluster=StaticCluster(CHAINS)
-        )
-        await server.start()
-        assert server.ns is not None
-        m = DirectMetaClient(server.ns, user=ROOT, timeout_s=10.0)
-        try:
+        async with served(kv, **_QUIET) as (_, m):
             await m.mkdir("/a/b", 0o755, parents=True)
             await m.create("/a/b/f0", 0o644, exclusive=True, write=False)
             await m.stat("/a/b/f0")
@@ -152,10 +143,6 @@ async def test_warm_paths_on_etcd_cost_one_read_each(tmp_path: Path) -> None:
             assert now["Txn"] - calls["Txn"] == 2 * n
             names = [e.name for e in (await m.readdir("/a/b")).entries]
             assert names == [b"f0", *(b"g%d" % i for i in range(1, n + 1))]
-        finally:
-            await m.aclose()
-            await server.stop()
-            await kv.close()
 
 
 async def test_warm_path_ops_on_etcd_read_once(tmp_path: Path) -> None:
@@ -166,18 +153,9 @@ async def test_warm_path_ops_on_etcd_read_once(tmp_path: Path) -> None:
     require_binary("etcd")
     with EtcdCluster(tmp_path / "etcd", members=1) as etcd:
         kv = EtcdStore.from_url(etcd.url("meta"))
-        server = MetaServer(
-            # Ids in large batches: no reservation of new ones while we count.
-            make_config(alloc_batch=1024, **_QUIET),
-            kv=kv,
-            storage=FakeChunkStore(),
-            cluster=StaticCluster(CHAINS),
-        )
-        await server.start()
-        assert server.ns is not None
-        m = DirectMetaClient(server.ns, user=ROOT, timeout_s=10.0)
-        url = etcd.members[0].client_url
-        try:
+        # Ids in large batches: no reservation of new ones while we count.
+        async with served(kv, alloc_batch=1024, **_QUIET) as (_, m):
+            url = etcd.members[0].client_url
             await m.mkdir("/a/b", 0o755, parents=True)
             for name in ("f", "g", "h", "u0", "u1", "u2", "u3"):
                 await m.create(f"/a/b/{name}", 0o644, exclusive=True, write=False)
@@ -214,10 +192,6 @@ async def test_warm_path_ops_on_etcd_read_once(tmp_path: Path) -> None:
             assert (await m.getxattr("/a/b/f", b"user.x")) == b"%d" % (n - 1)
             names = [e.name for e in (await m.readdir("/a/b")).entries]
             assert names == [b"f", b"g", b"h", *(b"n%d" % i for i in range(n + 1)), b"s"]
-        finally:
-            await m.aclose()
-            await server.stop()
-            await kv.close()
 
 
 async def test_readdir_with_attributes_on_etcd_reads_them_together(tmp_path: Path) -> None:
@@ -227,17 +201,8 @@ async def test_readdir_with_attributes_on_etcd_reads_them_together(tmp_path: Pat
     require_binary("etcd")
     with EtcdCluster(tmp_path / "etcd", members=1) as etcd:
         kv = EtcdStore.from_url(etcd.url("meta"))
-        server = MetaServer(
-            make_config(alloc_batch=1024, **_QUIET),
-            kv=kv,
-            storage=FakeChunkStore(),
-            cluster=StaticCluster(CHAINS),
-        )
-        await server.start()
-        assert server.ns is not None
-        m = DirectMetaClient(server.ns, user=ROOT, timeout_s=10.0)
-        url = etcd.members[0].client_url
-        try:
+        async with served(kv, alloc_batch=1024, **_QUIET) as (_, m):
+            url = etcd.members[0].client_url
             await m.mkdir("/d", 0o755)
             for i in range(30):
                 await m.create(f"/d/f{i:02d}", 0o600 + i % 8, exclusive=True, write=False)
@@ -253,10 +218,6 @@ async def test_readdir_with_attributes_on_etcd_reads_them_together(tmp_path: Pat
             for e in page.entries:
                 want = await m.stat(f"/d/{e.name.decode()}")
                 assert e.inode == want, e.name
-        finally:
-            await m.aclose()
-            await server.stop()
-            await kv.close()
 
 
 async def test_a_wide_batch_stat_on_etcd_reads_its_paths_together(tmp_path: Path) -> None:
@@ -266,17 +227,8 @@ async def test_a_wide_batch_stat_on_etcd_reads_its_paths_together(tmp_path: Path
     require_binary("etcd")
     with EtcdCluster(tmp_path / "etcd", members=1) as etcd:
         kv = EtcdStore.from_url(etcd.url("meta"))
-        server = MetaServer(
-            make_config(alloc_batch=1024, **_QUIET),
-            kv=kv,
-            storage=FakeChunkStore(),
-            cluster=StaticCluster(CHAINS),
-        )
-        await server.start()
-        assert server.ns is not None
-        m = DirectMetaClient(server.ns, user=ROOT, timeout_s=10.0)
-        url = etcd.members[0].client_url
-        try:
+        async with served(kv, alloc_batch=1024, **_QUIET) as (_, m):
+            url = etcd.members[0].client_url
             for d in range(4):
                 await m.mkdir(f"/a/d{d}", 0o755, parents=True)
             paths = [f"/a/d{i % 4}/f{i}" for i in range(200)]  # ~400 keys
@@ -293,10 +245,6 @@ async def test_a_wide_batch_stat_on_etcd_reads_its_paths_together(tmp_path: Path
                     assert isinstance(res, ChainfsError) and res.errno == errno.ENOENT, p
                 else:
                     assert res == await m.stat(p), p
-        finally:
-            await m.aclose()
-            await server.stop()
-            await kv.close()
 
 
 async def test_many_session_ends_on_etcd_read_their_inodes_together(tmp_path: Path) -> None:
@@ -305,17 +253,8 @@ async def test_many_session_ends_on_etcd_read_their_inodes_together(tmp_path: Pa
     require_binary("etcd")
     with EtcdCluster(tmp_path / "etcd", members=1) as etcd:
         kv = EtcdStore.from_url(etcd.url("meta"))
-        server = MetaServer(
-            make_config(alloc_batch=1024, **_QUIET),
-            kv=kv,
-            storage=FakeChunkStore(),
-            cluster=StaticCluster(CHAINS),
-        )
-        await server.start()
-        assert server.ns is not None
-        m = DirectMetaClient(server.ns, user=ROOT, timeout_s=10.0)
-        url = etcd.members[0].client_url
-        try:
+        async with served(kv, alloc_batch=1024, **_QUIET) as (_, m):
+            url = etcd.members[0].client_url
             opens = [await m.create(f"/f{i}", 0o644, exclusive=True) for i in range(20)]
             await m.unlink("/f3")  # open, never written: removed when its session ends
             calls = etcd_rpc_counts(url)
@@ -328,10 +267,6 @@ async def test_many_session_ends_on_etcd_read_their_inodes_together(tmp_path: Pa
             assert await kv.get(schema.inode_key(opens[4].inode.ino)) is not None
             names = [e.name for e in (await m.readdir("/")).entries]
             assert names == [b"f%d" % i for i in sorted(set(range(20)) - {3}, key=str)]
-        finally:
-            await m.aclose()
-            await server.stop()
-            await kv.close()
 
 
 async def test_warm_removals_and_listings_on_postgresql_query_once_per_scan(
@@ -354,16 +289,7 @@ async def test_warm_removals_and_listings_on_postgresql_query_once_per_scan(
     with PostgresServer(tmp_path / "pg") as pg:
         pg.create_database("meta")
         kv = PostgresStore.from_url(pg.url("meta"))
-        server = MetaServer(
-            make_config(alloc_batch=1024, **_QUIET),
-            kv=kv,
-            storage=FakeChunkStore(),
-            cluster=StaticCluster(CHAINS),
-        )
-        await server.start()
-        assert server.ns is not None
-        m = DirectMetaClient(server.ns, user=ROOT, timeout_s=10.0)
-        try:
+        async with served(kv, alloc_batch=1024, **_QUIET) as (_, m):
             await m.mkdir("/a/b", 0o755, parents=True)
             for name in ("f", "u0", "u1", "u2", "u3"):
                 await m.create(f"/a/b/{name}", 0o644, exclusive=True, write=False)
@@ -386,10 +312,6 @@ async def test_warm_removals_and_listings_on_postgresql_query_once_per_scan(
             assert await m.listxattr("/a/b/f") == ["user.x"]
             names = [e.name for e in (await m.readdir("/a/b")).entries]
             assert names == [b"f"]
-        finally:
-            await m.aclose()
-            await server.stop()
-            await kv.close()
 
 
 async def test_scans_read_ahead_on_etcd_still_conflict_across_metas(tmp_path: Path) -> None:
