@@ -14,6 +14,12 @@ from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import meta_pb2 as pb
 
 KEY_ID = 1  # storage checks with the key of the same id (storage_service.access)
+# Expiries are rounded up to 1/REUSE_STEPS of the lifetime (37.5 s of the default
+# 10 minutes), so a capability lives between ttl and ttl + ttl/REUSE_STEPS, and
+# the grants of one step are identical. A client that looks its keys up again
+# often (the KV cache renews its locations, with capabilities, every ~0.7 s)
+# then sends storage a capability it has already checked, not a new one each time.
+REUSE_STEPS = 16
 _PERM_OF = ((capability.READ, perm.R), (capability.WRITE, perm.W))
 
 
@@ -23,6 +29,7 @@ class CapabilitySigner:
     def __init__(self, secret: bytes, ttl_ms: int) -> None:
         self._key = capability_key(secret, KEY_ID)
         self.ttl_ms = ttl_ms
+        self.step_ms = max(1, ttl_ms // REUSE_STEPS)
 
     @classmethod
     def from_config(cls, cfg: MetaConfig) -> CapabilitySigner | None:
@@ -32,7 +39,9 @@ class CapabilitySigner:
         return cls(load_secret(cfg.cluster_secret_file), cfg.capability_ttl_ms)
 
     def sign(self, inode: int, rights: int, client_id: bytes) -> cpb.Capability:
-        return capability.sign(self._key, KEY_ID, inode, rights, client_id, self.ttl_ms)
+        return capability.sign(
+            self._key, KEY_ID, inode, rights, client_id, self.ttl_ms, self.step_ms
+        )
 
     def grant(
         self, inode: pb.Inode, rights: int, caller: perm.Caller, client_id: bytes

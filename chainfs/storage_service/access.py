@@ -19,6 +19,7 @@ Without a cluster secret (``cluster_secret_file = ""``) nothing is checked.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import Any
 
 from chainfs.common.auth import capability
@@ -55,7 +56,9 @@ class Access:
         # Checks passed, with when they stop passing (expiry + skew): a client sends
         # the same capability with every request, and its HMAC is the check's cost.
         # Keyed by every signed field and the MAC, so only that very capability hits.
-        self._passed: dict[tuple[Any, ...], int] = {}
+        # Oldest first; an OrderedDict drops its oldest in O(1) (a dict's first key
+        # is found by stepping over the slots its earlier deletes left).
+        self._passed: OrderedDict[tuple[Any, ...], int] = OrderedDict()
         self._passed_bound = passed_cache_entries
 
     def sender(self, who: Identity) -> Identity | None:
@@ -118,7 +121,7 @@ class Access:
                 return
         capability.check(self._keys, cap, inode, rights, client_id)
         if len(self._passed) >= self._passed_bound:
-            del self._passed[next(iter(self._passed))]  # the oldest
+            self._passed.popitem(last=False)
         self._passed[key] = cap.expires_ms + capability.CLOCK_SKEW_MS
 
     def _check_reads(self, req: sp.BatchReadReq) -> None:

@@ -24,9 +24,12 @@ from chainfs.common.dataplane.client import DataClient
 from chainfs.common.dataplane.server import DataServer, Request, Response
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc import grpc_util
+from chainfs.meta_service.caps import REUSE_STEPS, CapabilitySigner
 from chainfs.proto import common_pb2 as cpb
 from chainfs.proto import mgmt_pb2 as mp
 from chainfs.proto import mgmt_pb2_grpc
+from chainfs.proto import storage_pb2 as sp
+from chainfs.storage_service.access import Access
 
 SECRET = b"s" * 32
 ALICE = Identity(Kind.USER, name="alice", uid=1000, gid=1000, groups=frozenset({1000}))
@@ -106,6 +109,83 @@ def test_capability_checks() -> None:
     late = int(time.time() * 1000) + 60_000 + capability.CLOCK_SKEW_MS + 1
     with pytest.raises(ChainfsError):
         capability.check(keys, cap, 42, capability.READ, cid, now_ms=late)
+
+
+def test_grants_within_one_step_are_the_very_same_capability(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Meta rounds expiries up to a step (1/16 of the lifetime): grants of one
+    step to one client are identical bit for bit, and each lives at least the
+    whole lifetime and less than lifetime + step."""
+    signer = CapabilitySigner(SECRET, ttl_ms=600_000)
+    step = signer.step_ms
+    assert step == 600_000 // REUSE_STEPS
+    base_ms = 1_000 * step + 1 - 600_000  # now + ttl just past a step's start
+    now = [base_ms]
+    monkeypatch.setattr(capability.time, "time", lambda: now[0] / 1000)
+    cid = b"c" * 16
+    first = signer.sign(42, capability.READ, cid)
+    now[0] = base_ms + step - 2  # the last ms of the same step
+    again = signer.sign(42, capability.READ, cid)
+    assert again.SerializeToString() == first.SerializeToString()
+    assert first.expires_ms == 1_001 * step
+    for at, cap in ((base_ms, first), (now[0], again)):
+        assert at + 600_000 <= cap.expires_ms < at + 600_000 + step
+    # Another client, other rights or another inode: another capability.
+    assert signer.sign(42, capability.READ, b"d" * 16).mac != first.mac
+    assert signer.sign(42, capability.READ | capability.WRITE, cid).mac != first.mac
+    assert signer.sign(43, capability.READ, cid).mac != first.mac
+    now[0] = base_ms + step  # the next step
+    later = signer.sign(42, capability.READ, cid)
+    assert later.expires_ms == first.expires_ms + step and later.mac != first.mac
+    capability.check({1: capability_key(SECRET)}, later, 42, capability.READ, cid)
+
+
+def test_storage_checks_a_capability_once_until_it_drops_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Storage remembers the checks passed (bounded, oldest out first): the same
+    capability sent again, even as a new message, costs no second HMAC."""
+    checked: list[int] = []
+    plain = capability.check
+
+    def counted(keys: dict[int, bytes], cap: cpb.Capability, *args: object, **kw: object) -> None:
+        checked.append(cap.inode)
+        plain(keys, cap, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(capability, "check", counted)
+    access = Access(SECRET, max_caps_per_batch=8, passed_cache_entries=2)
+    signer = CapabilitySigner(SECRET, ttl_ms=600_000)
+    cid = b"c" * 16
+    wire = {ino: signer.sign(ino, capability.READ, cid).SerializeToString() for ino in (1, 2, 3)}
+
+    def read(ino: int) -> None:
+        req = sp.BatchReadReq(
+            ios=[sp.ReadIO(chain_id=1, target_id=1, chunk=sp.ChunkId(inode=ino), length=1)],
+            capabilities=[cpb.Capability.FromString(wire[ino])],
+        )
+        access.admit(sp.BATCH_READ, ALICE, req)
+
+    for ino in (1, 1, 2, 1, 2):
+        read(ino)
+    assert checked == [1, 2]
+    read(3)  # the bound is 2: the oldest (inode 1) drops out
+    read(3)
+    read(2)
+    read(1)
+    assert checked == [1, 2, 3, 1]
+    forged = cpb.Capability.FromString(wire[2])
+    forged.mac = bytes(32)
+    with pytest.raises(ChainfsError) as e:
+        access.admit(
+            sp.BATCH_READ,
+            ALICE,
+            sp.BatchReadReq(
+                ios=[sp.ReadIO(chain_id=1, target_id=1, chunk=sp.ChunkId(inode=2), length=1)],
+                capabilities=[forged],
+            ),
+        )
+    assert e.value.code == Code.BAD_CAPABILITY
 
 
 async def _whoami(req: Request) -> Response:
