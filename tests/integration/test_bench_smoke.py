@@ -35,6 +35,7 @@ REQUIRED_FIGURES = (
     "meta_readdir",
     "kvcache_batch_get_1m",
     "kvcache_get_4k_4p",
+    "kvcache_get_4k_first",
     "kvcache_batch_get_4k_4p",
     "kvcache_put_1m_4p",
     "meta_create_steady",
