@@ -56,7 +56,8 @@ class MetaConfig:
     mgmtd_retry: RetryPolicy = field(default_factory=RetryPolicy)
     heartbeat_interval_ms: int = 0  # 0 = the interval mgmtd answers at registration
     storage_timeout_ms: int = 10_000  # one storage call made by meta (length query, removal)
-    # Lifetime of a capability meta signs (clients renew before it ends).
+    # Lifetime of a capability meta signs (clients renew before it ends). Expiries
+    # are rounded up to 1/16 of it, so one lives up to 1/16 longer (caps.REUSE_STEPS).
     capability_ttl_ms: int = 10 * 60_000
 
     # Formatting a new store (later starts read these from the store).
