@@ -18,6 +18,7 @@ import pytest
 
 from chainfs.client.config import ClientConfig
 from chainfs.local import LocalCluster
+from chainfs.meta_service.caps import REUSE_STEPS
 from chainfs.meta_service.config import MetaConfig
 from tests.integration.client_fixtures import stored_chunks
 
@@ -218,10 +219,12 @@ def test_a_location_whose_entry_and_chunks_are_gone_falls_back(
 def test_capabilities_are_renewed_however_long_a_location_is_trusted(
     cluster: LocalCluster, cache_dir: str
 ) -> None:
-    """This client renews a capability half a second after meta signed it (that
-    long before it expires), so a get then must fetch one from meta again, while
-    the location itself is still trusted."""
-    renew_before_ms = MetaConfig().capability_ttl_ms - 500
+    """This client renews a capability at most half a second after meta signed it
+    (meta rounds an expiry up by less than a step, so a capability lives less
+    than ttl + step), so a get then must fetch one from meta again, while the
+    location itself is still trusted."""
+    ttl_ms = MetaConfig().capability_ttl_ms
+    renew_before_ms = ttl_ms + ttl_ms // REUSE_STEPS - 500
     fs = cluster.client(config=ClientConfig(capability_renew_before_ms=renew_before_ms))
     calls = MetaCalls(fs)
     kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
