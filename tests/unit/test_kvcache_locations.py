@@ -88,3 +88,24 @@ def test_renewal_keeps_the_same_file_and_drops_a_changed_one() -> None:
     # A location no get takes for RENEW_IDLE_FACTOR ages is no longer renewed.
     late = (500 + RENEW_IDLE_FACTOR * 300 + 1) * MS
     assert c.due(late, 100) == []
+
+
+def test_a_location_no_get_took_from_the_cache_is_renewed_once() -> None:
+    """A key read once (its lookup's get only) is stat'ed again once, then left to
+    age out; one a later get took from the cache is renewed while in use, and so
+    is a read-once key as soon as a get takes it."""
+    c = LocationCache(10, 300)
+    _put(c, "once", 1, at_ns=0)
+    _put(c, "again", 2, at_ns=0)
+    assert c.get(_key("again"), 50 * MS) == _loc(2)  # a second get: from the cache
+    for t in (250, 500):
+        due = sorted(path for _, path, _ in c.due(t * MS, 100))
+        assert due == (["/d/again", "/d/once"] if t == 250 else ["/d/again"]), t
+        for raw, _path, ino in c.due(t * MS, 100):
+            c.renew(raw, ino, _loc(ino).info, t * MS, c.generation)
+        c.get(_key("again"), t * MS)
+    # "once" is still trusted until 550 (renewed at 250): a get now takes it ...
+    assert c.get(_key("once"), 540 * MS) == _loc(1)
+    # ... so it is renewed again while in use.
+    assert sorted(path for _, path, _ in c.due(545 * MS, 100)) == ["/d/once"]
+    assert c.get(_key("once"), 560 * MS) is None  # not renewed in time: gone

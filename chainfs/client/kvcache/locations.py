@@ -13,7 +13,10 @@ the key back to the metadata lookup.
 Renewal: the locations that gets take are stat'ed again in the background, in
 metadata batches, once they are two thirds as old as they may be; the same file
 (inode, size, mtime) stays trusted from the renewal on, anything else is
-dropped. Locations no get took for RENEW_IDLE_FACTOR trusted ages age out.
+dropped. Locations no get took for RENEW_IDLE_FACTOR trusted ages age out, and
+so does a location no get has yet taken from the cache (only its lookup's get
+read it) once it was renewed RENEW_UNTAKEN_MAX times: a key read once is not
+stat'ed again for seconds after.
 
 Thread safety: sync gets read the cache from their callers' threads (the
 sync fast path, ``sync_gets.py``) while the loop thread looks keys up and
@@ -43,6 +46,10 @@ NS_PER_MS = 1_000_000
 # Locations taken by a get within this many trusted ages are renewed in the
 # background; idler ones age out (a renewal must not cost more than the lookups it saves).
 RENEW_IDLE_FACTOR = 4
+# Renewals of a location whose lookup's get is the only one that took it so far:
+# a key read once costs at most this many stats more (a second get within its
+# trusted age, or after this renewal, makes it renewable while in use).
+RENEW_UNTAKEN_MAX = 1
 # A location in use is renewed once this old (a fraction of the trusted age) ...
 RENEW_AT_AGE = 2 / 3
 # ... by renewal rounds this many times per trusted age (so at most a sixth of
@@ -71,6 +78,8 @@ class _Cached:
     base: str  # the entry's name without its probe suffix (what removals name)
     looked_up_ns: int  # monotonic: when the lookup that found it was sent to meta
     last_used_ns: int = 0  # monotonic: when a get last took it (0: not yet)
+    taken: bool = False  # a get took it from the cache (not only the lookup's get)
+    untaken_renewals: int = 0  # renewals while not yet taken (RENEW_UNTAKEN_MAX)
 
 
 class LocationCache:
@@ -115,6 +124,7 @@ class LocationCache:
             if not c.last_used_ns:
                 self._active[key.raw] = None
             c.last_used_ns = now
+            c.taken = True
             return c.loc
 
     def put(
@@ -205,17 +215,22 @@ class LocationCache:
     def due(self, now_ns: int, limit: int) -> list[tuple[bytes, str, int]]:
         """(key, path, inode) of at most ``limit`` entries taken by a get within the
         last RENEW_IDLE_FACTOR trusted ages and older than RENEW_AT_AGE of the trusted age:
-        what a renewal round stats again. Entries idle longer are left to age out."""
+        what a renewal round stats again. Entries idle longer, and entries no get
+        took from the cache by RENEW_UNTAKEN_MAX renewals, are left to age out."""
         with self._lock:
             renew_ns = int(self._max_age_ns * RENEW_AT_AGE)
             idle_ns = self._max_age_ns * RENEW_IDLE_FACTOR
             due: list[tuple[bytes, str, int]] = []
             for raw in list(self._active):
                 c = self._by_key.get(raw)
-                if c is None or now_ns - c.last_used_ns > idle_ns:
+                if (
+                    c is None
+                    or now_ns - c.last_used_ns > idle_ns
+                    or (not c.taken and c.untaken_renewals >= RENEW_UNTAKEN_MAX)
+                ):
                     del self._active[raw]
                     if c is not None:
-                        c.last_used_ns = 0
+                        c.last_used_ns = 0  # a get that takes it makes it active again
                 elif now_ns - c.looked_up_ns >= renew_ns and len(due) < limit:
                     due.append((raw, c.path, c.loc.info.ino))
             return due
@@ -239,6 +254,8 @@ class LocationCache:
                 return
             c.loc = Located(c.loc.probe, info)
             c.looked_up_ns = max(c.looked_up_ns, looked_up_ns)
+            if not c.taken:
+                c.untaken_renewals += 1
 
 
 # Location caches of this process: a fork()ed child gives each a new lock.
