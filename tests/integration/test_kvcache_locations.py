@@ -316,3 +316,41 @@ def test_own_overwrite_is_seen_at_once_while_other_threads_read(fs: Any, cache_d
             t.join()
     assert errors == []
     kv.close()
+
+
+def _wait_for(cond: Any, what: str, every_s: float = 0.02, deadline_s: float = 30.0) -> None:
+    stop = time.monotonic() + deadline_s
+    while not cond():
+        assert time.monotonic() < stop, f"{what}: not within {deadline_s} s"
+        time.sleep(every_s)
+
+
+def test_a_key_read_once_is_renewed_once_and_one_in_use_while_it_is(
+    fs: Any, cache_dir: str
+) -> None:
+    """A key only its lookup's get has read is stat'ed again once, then left to
+    age out (a reader loading blocks once costs meta one renewal each, not one
+    every two thirds of an age for four ages); a key gets keep taking from the
+    cache is renewed while they do. stats() counts both."""
+    writer = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
+    writer.put("once", _value(1))
+    writer.put("often", _value(2))
+    age_s = 0.3
+    kv = fs.kvcache(cache_dir, location_cache_ms=age_s * 1000)
+    entries, renewer = kv.aio._entries, kv.aio._renewer
+    assert kv.get("once") == _value(1)
+    assert entries.looked_up == 1
+    _wait_for(lambda: renewer.renewed >= 1, "the one renewal of a key read once")
+    time.sleep(5 * age_s)  # long enough for four more renewals under the old rule
+    assert renewer.renewed == 1
+    assert kv.get("often") == _value(2)
+
+    def get_often() -> bool:
+        assert kv.get("often") == _value(2)
+        return renewer.renewed >= 4
+
+    _wait_for(get_often, "renewals of a key in use")
+    s = kv.stats()
+    assert s.renewals >= 4 and s.lookups >= 2 and s.hits >= 3
+    writer.close()
+    kv.close()

@@ -147,7 +147,7 @@ STUDIES: tuple[Study, ...] = (
         "kvcache",
         "kvcache.run",
         "KV cache batch_get/batch_get_into of 1 MiB values, 4 KiB gets (batched, pipelined, "
-        "threaded, one thread) and puts, against iperf3.",
+        "threaded, one thread, a new handle's first get of each key) and puts, against iperf3.",
         _options("""
             --address         -        mgmtd address of a running cluster (default: start one)
             --storage-nodes   3        of the started cluster

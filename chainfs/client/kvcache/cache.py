@@ -67,6 +67,8 @@ class _Counts:
     read_retries: int = 0  # reads that found their entry changed under them and looked again
     sync_served: int = 0  # sync gets (also counted in hits) read from the calling thread
     sync_fallbacks: int = 0  # sync gets that took the loop path (not a clean cached hit)
+    lookups: int = 0  # key names stat'ed at meta to find entries (gets, exists)
+    renewals: int = 0  # cached locations stat'ed again at meta in the background
 
 
 @dataclass(kw_only=True)
@@ -507,6 +509,8 @@ class AsyncKVCache:
             sync = self._sync_gets.counts()
             counts.sync_served, counts.sync_fallbacks = sync.served, sync.fallbacks
             counts.hits += sync.served
+        counts.lookups = self._entries.looked_up
+        counts.renewals = self._renewer.renewed
         return KVStats(
             entries=sum(e for e, _ in scans),
             bytes=sum(b for _, b in scans),

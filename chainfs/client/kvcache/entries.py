@@ -61,6 +61,7 @@ class Entries:
         self.writes = asyncio.Semaphore(config.max_parallel_puts)
         # ino -> reads of this process in flight: pinned against its own eviction.
         self.pins: collections.Counter[int] = collections.Counter()
+        self.looked_up = 0  # key names stat'ed at meta by lookups (for stats())
         # Key -> where its entry was found (gets skip meta while it is young).
         self.locations = LocationCache(config.location_cache_entries, config.location_cache_ms)
 
@@ -114,6 +115,7 @@ class Entries:
             looked_up_ns, generation = time.monotonic_ns(), locs.generation
             if pending:
                 paths = [self.path(keys[i], probe[i]) for i in pending]
+                self.looked_up += len(paths)
                 infos = await self.store.kv_stat_many(paths)
             else:
                 infos = []
