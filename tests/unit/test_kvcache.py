@@ -35,6 +35,7 @@ from chainfs.client.kvcache.format import (
     encode_header,
     peek_key_len,
 )
+from chainfs.client.kvcache.reads import POOL_MIN_BYTES
 from chainfs.client.layout import Layout
 from chainfs.common.checksum import crc32c
 from chainfs.common.errors import ChainfsError, Code
@@ -604,12 +605,17 @@ async def test_read_buffers_come_back_to_the_pool_and_are_reused() -> None:
     b = MemBackend()
     kv = await _open(b, scratch_pool_bytes=1 << 20)
     keys = [f"k{i}" for i in range(20)]
-    values = [bytes([i]) * 3000 for i in range(20)]
+    values = [bytes([i]) * (POOL_MIN_BYTES + 3000) for i in range(20)]
     await kv.batch_put(keys, values)
     pool = kv._values._pool
     assert pool is not None
+    # Entries up to POOL_MIN_BYTES are read into new buffers: the pool stays unused.
+    await kv.batch_put(["s0", "s1"], [b"a" * 3000, b"b" * 3000])
+    assert await kv.batch_get(["s0", "s1"]) == [b"a" * 3000, b"b" * 3000]
+    assert pool.mapped_total == 0
     assert await kv.batch_get(keys) == values
     mapped = pool.mapped_total
+    assert mapped > 0
     assert pool.in_use_buffers == 0  # every scratch buffer was given back
     assert await kv.batch_get(keys) == values
     assert await kv.get("missing") is None

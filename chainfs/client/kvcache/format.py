@@ -112,7 +112,9 @@ def check_header(key: bytes, header: memoryview, value_len: int) -> Check:
     return Check.OK
 
 
-def check_entry(key: bytes, header: memoryview, value: memoryview | list[memoryview]) -> Check:
+def check_entry(
+    key: bytes, header: memoryview, value: bytes | memoryview | list[memoryview]
+) -> Check:
     """Whether ``header`` + ``value`` (as read; the value possibly in parts) are the
     whole entry of ``key``."""
     parts = value if isinstance(value, list) else [value]

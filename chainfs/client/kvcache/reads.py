@@ -13,6 +13,10 @@ from chainfs.common.dataplane.buffers import BufferPool, PooledBuffer, fresh_buf
 from chainfs.common.errors import ChainfsError, Code
 
 Value = bytes | memoryview  # a value read: new bytes, or a view of the caller's buffer
+# Entries up to this size are read into a new buffer, not a pooled one: allocating
+# and zero-filling it costs less than the pool's bookkeeping (0.24 against 0.85 us
+# for 4 KiB); larger ones use the pool (no page faults or zero-fill per read).
+POOL_MIN_BYTES = 16 * 1024
 
 
 @dataclass
@@ -97,9 +101,10 @@ class ValueReads:
         return _ValueRead(index, info, head, lease, rest, out)
 
     def _lease(self, nbytes: int) -> PooledBuffer | None:
-        """A pooled scratch buffer, or None when the pool is off or full."""
+        """A pooled scratch buffer, or None when the pool is off or full, or when
+        a new buffer is cheaper (up to POOL_MIN_BYTES)."""
         pool = self._pool
-        if pool is None or nbytes > pool.capacity_bytes:
+        if pool is None or nbytes > pool.capacity_bytes or nbytes <= POOL_MIN_BYTES:
             return None
         return pool.try_acquire(nbytes)
 
@@ -108,6 +113,14 @@ class ValueReads:
         """Check what was read; a whole entry's value goes into ``result``."""
         hlen = key.header_len
         start = r.head[hlen:]
+        if r.rest is None and r.out is None:
+            # The value in one part, returned as new bytes: copied once, and
+            # checked in that copy (a small view would be copied for its CRC too).
+            value = start.tobytes()
+            verdict = check_entry(key.raw, r.head[:hlen], value)
+            if verdict is Check.OK:
+                result[r.index] = value
+            return verdict
         parts = [start] if r.rest is None else [start, r.rest]
         verdict = check_entry(key.raw, r.head[:hlen], parts)
         if verdict is Check.OK:
