@@ -17,3 +17,10 @@ WRITE_BYTES = metrics.counter(
 KV_SYNC_GETS = metrics.counter(
     "chainfs_client_kvcache_sync_gets", "Sync KV-cache gets by where they were served", ["path"]
 )
+# Key names KV-cache handles stat at meta: "lookup" (to find an entry) or
+# "renewal" (a cached location checked again in the background).
+KV_META_STATS = metrics.counter(
+    "chainfs_client_kvcache_meta_stats",
+    "Key names KV-cache handles stat'ed at meta, by why",
+    ["why"],
+)

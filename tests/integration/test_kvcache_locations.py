@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from chainfs.client.config import ClientConfig
+from chainfs.common.metrics import REGISTRY
 from chainfs.local import LocalCluster
 from chainfs.meta_service.caps import REUSE_STEPS
 from chainfs.meta_service.config import MetaConfig
@@ -331,7 +332,13 @@ def test_a_key_read_once_is_renewed_once_and_one_in_use_while_it_is(
     """A key only its lookup's get has read is stat'ed again once, then left to
     age out (a reader loading blocks once costs meta one renewal each, not one
     every two thirds of an age for four ages); a key gets keep taking from the
-    cache is renewed while they do. stats() counts both."""
+    cache is renewed while they do. stats() and the client's metrics count both."""
+
+    def meta_stats(why: str) -> float:
+        got = REGISTRY.get_sample_value("chainfs_client_kvcache_meta_stats_total", {"why": why})
+        return got or 0.0
+
+    before = {why: meta_stats(why) for why in ("lookup", "renewal")}
     writer = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
     writer.put("once", _value(1))
     writer.put("often", _value(2))
@@ -352,5 +359,8 @@ def test_a_key_read_once_is_renewed_once_and_one_in_use_while_it_is(
     _wait_for(get_often, "renewals of a key in use")
     s = kv.stats()
     assert s.renewals >= 4 and s.lookups >= 2 and s.hits >= 3
+    # The process's metrics count them too (other handles may add to them).
+    assert meta_stats("renewal") - before["renewal"] >= s.renewals
+    assert meta_stats("lookup") - before["lookup"] >= s.lookups
     writer.close()
     kv.close()

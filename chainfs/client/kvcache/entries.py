@@ -12,11 +12,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from enum import Enum
 
+from chainfs.client import metrics as client_metrics
 from chainfs.client.kvcache.backend import EntryInfo, KVCacheBackend
 from chainfs.client.kvcache.config import KVCacheConfig
 from chainfs.client.kvcache.format import Check, Key, check_header, shard_dir_name
 from chainfs.client.kvcache.locations import Located, LocationCache
 from chainfs.common.errors import ChainfsError, Code
+
+_LOOKUPS = client_metrics.KV_META_STATS.labels("lookup")
 
 NS_PER_S = 1_000_000_000
 # Storage refusing a read: the inode's capability was refused (the file may be gone).
@@ -116,6 +119,7 @@ class Entries:
             if pending:
                 paths = [self.path(keys[i], probe[i]) for i in pending]
                 self.looked_up += len(paths)
+                _LOOKUPS.inc(len(paths))
                 infos = await self.store.kv_stat_many(paths)
             else:
                 infos = []

@@ -38,9 +38,12 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from chainfs.client import metrics as client_metrics
 from chainfs.client.kvcache.backend import EntryInfo
 from chainfs.client.kvcache.format import Key
 from chainfs.common.background import Periodic
+
+_RENEWALS = client_metrics.KV_META_STATS.labels("renewal")
 
 NS_PER_MS = 1_000_000
 # Locations taken by a get within this many trusted ages are renewed in the
@@ -301,4 +304,5 @@ class LocationRenewer(Periodic):
             for (raw, _, ino), info in zip(part, infos, strict=True):
                 self._cache.renew(raw, ino, info, looked_up_ns, generation)
             self.renewed += len(part)
+            _RENEWALS.inc(len(part))
         return False
