@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from chainfs.client.kvcache.format import Key
 from chainfs.local import LocalCluster
 from tests.integration.client_fixtures import module_cluster
 
@@ -68,7 +69,7 @@ def test_bytes_read_from_the_calling_thread_equal_bytes_put(fs: Any, cache_dir: 
     sizes = {"empty": 0, "one": 1, "4k": 4096, "64k": 64 * 1024, "big": 64 * 1024 + 1}
     values = {k: _value(i, n) if n >= 8 else b"x" * n for i, (k, n) in enumerate(sizes.items())}
     kv.batch_put(list(values), list(values.values()))
-    for k, v in values.items():  # the first get of each looks the key up (loop path)
+    for k, v in values.items():  # the first get of each looks the key up first
         assert kv.get(k) == v
     served, _ = _served(kv)
     for _ in range(3):
@@ -86,7 +87,7 @@ def test_get_into_from_the_calling_thread_fills_the_buffer(fs: Any, cache_dir: s
     kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
     values = {"a": _value(11), "b": _value(12, 100), "empty": b""}
     kv.batch_put(list(values), list(values.values()))
-    for k, v in values.items():  # the first get of each looks the key up (loop path)
+    for k, v in values.items():  # the first get of each looks the key up first
         assert kv.get(k) == v
     served, _ = _served(kv)
     for k, v in values.items():
@@ -270,3 +271,41 @@ def test_storage_node_killed_while_locations_are_cached(
     finally:
         cluster.restart_storage(0)
     kv.close()
+
+
+def test_a_first_get_looks_the_name_up_then_reads_from_the_calling_thread(
+    fs: Any, cache_dir: str
+) -> None:
+    """A new handle's first get of a key asks meta for the key's first name (on
+    the loop), then reads and checks the entry from the calling thread. Where
+    that name holds another key's entry (a collision: one-byte names here), the
+    check says so and the loop path finds the key at its later probe; an absent
+    key is a miss. Every value read equals the value put."""
+    layout = {"shards": 1, "name_hash_bytes": 1}
+    keys = [f"c{i}" for i in range(40)]
+    names = {Key.of(k, 1024).name(1, 0) for k in keys}
+    assert len(names) < len(keys)  # some keys share a name: they sit at later probes
+    writer = fs.kvcache(cache_dir, **layout)
+    writer.batch_put(keys, [_value(i) for i in range(len(keys))])
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS, **layout)
+    for i, k in enumerate(keys):
+        assert kv.get(k) == _value(i)
+    # One key per name was at that name's first probe: read here. The others
+    # were another key's there: the loop path found them.
+    assert _served(kv) == (len(names), len(keys) - len(names))
+    for i, k in enumerate(keys):  # all cached where they really are now
+        assert kv.get(k) == _value(i)
+    assert _served(kv) == (len(names) + len(keys), len(keys) - len(names))
+    assert kv.get("absent") is None and kv.get_into("absent", bytearray(8)) == -1
+    assert _served(kv) == (len(names) + len(keys), len(keys) - len(names))
+    s = kv.stats()
+    assert s.misses == 2 and s.hits == 2 * len(keys)
+    fresh = fs.kvcache(cache_dir, location_cache_ms=LONG_MS, **layout)
+    buf = bytearray(4096)
+    assert fresh.get_into(keys[0], buf) == 4096 and bytes(buf) == _value(0)
+    # Recording access times (an LRU cache) keeps first gets on the loop path.
+    lru = fs.kvcache(cache_dir, location_cache_ms=LONG_MS, record_access_times=True, **layout)
+    assert lru.get(keys[1]) == _value(1)
+    assert _served(lru) == (0, 1)
+    for c in (writer, kv, fresh, lru):
+        c.close()

@@ -155,6 +155,9 @@ class AsyncKVCache:
         self._single_exists: Coalescer[Key, bool] = Coalescer(
             self._run_single_exists, config.max_batch_keys, config.coalesce_inflight
         )
+        self._primes: Coalescer[Key, bool | None] = Coalescer(
+            self._run_primes, config.max_batch_keys, config.coalesce_inflight
+        )
         self._closed = False
         # Sync gets of cached locations from the caller's thread (KVCache.get); None: off.
         self._sync_gets: SyncGets | None = None
@@ -268,6 +271,19 @@ class AsyncKVCache:
         self, items: list[tuple[Key, memoryview | None]]
     ) -> list[Value | ChainfsError | None]:
         return await self._get_many([k for k, _ in items], [o for _, o in items])
+
+    async def _prime(self, key: Key) -> bool | None:
+        """For a sync get of a key with no cached location (``Entries.prime``):
+        True, its location is cached now, for the calling thread to read; False,
+        a miss (counted); None, take the loop path."""
+        self._check_open()
+        got = await self._primes.call(key)
+        if got is False:
+            self._counts.misses += 1
+        return got
+
+    async def _run_primes(self, keys: list[Key]) -> list[bool | ChainfsError | None]:
+        return [*await self._entries.prime(keys)]
 
     async def _run_single_exists(self, keys: list[Key]) -> list[bool | ChainfsError]:
         return [loc is not None for loc in await self._entries.locate(keys, use_cached=True)]

@@ -170,6 +170,30 @@ class Entries:
             cached = {}
         return found, sum(retries) + fallbacks
 
+    async def prime(self, keys: list[Key]) -> list[bool | None]:
+        """For sync gets of keys with no cached location: look each key's first
+        name up at meta and cache where its entry is, unread (the calling thread
+        then reads and checks it, as a get of a cached location does). Per key:
+        True, its location is cached now; False, no entry of that name (a miss,
+        as :meth:`find` would answer); None, anything else (take :meth:`find`)."""
+        locs = self.locations
+        looked_up_ns, generation = time.monotonic_ns(), locs.generation
+        paths = [self.path(k, 0) for k in keys]
+        self.looked_up += len(paths)
+        _LOOKUPS.inc(len(paths))
+        infos = await self.store.kv_stat_many(paths)
+        now_ns = time.time_ns()
+        out: list[bool | None] = []
+        for key, path, info in zip(keys, paths, infos, strict=True):
+            if info is None or self.expired(info, now_ns):
+                out.append(False)
+            elif info.size < key.header_len:
+                out.append(None)  # too short for this key's entry: another key's
+            else:
+                locs.put(key, Located(0, info), path, path, looked_up_ns, generation, True)
+                out.append(True)
+        return out
+
     def _cached(self, keys: list[Key], probe: list[int]) -> dict[int, EntryInfo]:
         """Key index -> entry info of the keys with a usable cached location (their
         probe set in ``probe``); one expired by TTL is dropped and looked up."""

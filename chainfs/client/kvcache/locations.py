@@ -113,8 +113,16 @@ class LocationCache:
         with self._lock:
             return len(self._by_key)
 
-    def get(self, key: Key, now_ns: int | None = None) -> Located | None:
-        """``key``'s entry if one is cached and young enough (monotonic ``now_ns``)."""
+    def holds(self, key: Key) -> bool:
+        """Whether ``key`` has a cached location young enough (nothing marked used)."""
+        with self._lock:
+            c = self._by_key.get(key.raw)
+            return c is not None and time.monotonic_ns() - c.looked_up_ns < self._max_age_ns
+
+    def get(self, key: Key, now_ns: int | None = None, take: bool = True) -> Located | None:
+        """``key``'s entry if one is cached and young enough (monotonic ``now_ns``).
+        ``take`` False: the get of the lookup that just cached it (not a get that
+        found it cached: see RENEW_UNTAKEN_MAX)."""
         with self._lock:
             c = self._by_key.get(key.raw)
             if c is None:
@@ -127,7 +135,7 @@ class LocationCache:
             if not c.last_used_ns:
                 self._active[key.raw] = None
             c.last_used_ns = now
-            c.taken = True
+            c.taken = c.taken or take
             return c.loc
 
     def put(

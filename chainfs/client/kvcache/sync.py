@@ -9,11 +9,14 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 from chainfs.client.kvcache.cache import AsyncKVCache, Buffer, KeyLike, as_out_view
 from chainfs.client.kvcache.config import KVCacheConfig
 from chainfs.client.kvcache.format import Key
+from chainfs.client.kvcache.sync_gets import SyncGets
 
 if TYPE_CHECKING:
     from chainfs.client._loop import LoopThread
 
 P = ParamSpec("P")
+# Where a sync get's key stands (KVCache._locate).
+_CACHED, _PRIMED, _ABSENT, _UNKNOWN = object(), object(), object(), object()
 R = TypeVar("R")
 
 
@@ -52,14 +55,31 @@ class KVCache:
 
     def get(self, key: KeyLike) -> bytes | None:
         """The value of ``key``, or None. A key whose location this handle has
-        cached is read from the calling thread (``sync_gets``); anything else,
-        and anything that read does not serve cleanly, runs on the loop thread."""
+        cached is read from the calling thread (``sync_gets``); so is one whose
+        first name the loop thread has just looked up (``_prime``). Anything
+        else, and anything that read does not serve cleanly, runs on the loop
+        thread."""
         fast = self._a._sync_gets  # the same package's internals
         if fast is not None and not self._a.closed:
-            value = fast.get(Key.of(key, self.config.max_key_bytes))
+            k = Key.of(key, self.config.max_key_bytes)
+            where = self._locate(fast, k)
+            if where is _ABSENT:
+                return None  # no entry of that name: the miss the loop path would answer
+            value = fast.get(k, primed=where is _PRIMED)
             if value is not None:
                 return value
         return self._loop.run(self._a.get(key))
+
+    def _locate(self, fast: SyncGets, key: Key) -> object:
+        """Where ``key``'s location stands for a sync get: _CACHED before this get,
+        _PRIMED by a lookup on the loop just now (``AsyncKVCache._prime``),
+        _ABSENT at meta, or _UNKNOWN (the loop path finds it)."""
+        if self._a._entries.locations.holds(key):
+            return _CACHED
+        if not fast.primes:
+            return _UNKNOWN
+        got = self._loop.run(self._a._prime(key))
+        return _UNKNOWN if got is None else _PRIMED if got else _ABSENT
 
     def get_into(self, key: KeyLike, buffer: Buffer) -> int:
         """Read the value into ``buffer``; its length, or -1 on a miss (ERANGE,
@@ -68,7 +88,11 @@ class KVCache:
         :meth:`get`."""
         fast = self._a._sync_gets
         if fast is not None and not self._a.closed:
-            n = fast.get_into(Key.of(key, self.config.max_key_bytes), as_out_view(buffer))
+            k = Key.of(key, self.config.max_key_bytes)
+            where = self._locate(fast, k)
+            if where is _ABSENT:
+                return -1
+            n = fast.get_into(k, as_out_view(buffer), primed=where is _PRIMED)
             if n is not None:
                 return n
         return self._loop.run(self._a.get_into(key, buffer))

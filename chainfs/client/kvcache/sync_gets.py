@@ -56,18 +56,26 @@ class SyncGets:
         with self._lock:
             return SyncGetCounts(self._counts.served, self._counts.fallbacks)
 
-    def get(self, key: Key) -> bytes | None:
-        """``key``'s value if this thread can serve it cleanly; None: take the loop path."""
-        value = self._read(key, None)
+    @property
+    def primes(self) -> bool:
+        """Whether a get of a key with no cached location may look it up on the
+        loop and then read it here (not when access times are recorded: the loop
+        path queues them)."""
+        return not self._access.enabled
+
+    def get(self, key: Key, primed: bool = False) -> bytes | None:
+        """``key``'s value if this thread can serve it cleanly; None: take the loop path.
+        ``primed``: its location was just cached by a lookup for this get."""
+        value = self._read(key, None, primed)
         self._count(value is not None)
         return None if value is None else bytes(value)
 
-    def get_into(self, key: Key, out: memoryview) -> int | None:
+    def get_into(self, key: Key, out: memoryview, primed: bool = False) -> int | None:
         """Copy ``key``'s value into ``out`` (a writable byte view) and return its
         length if this thread can serve it cleanly; None: take the loop path
         (which also answers a value longer than ``out`` with ERANGE). ``out`` is
         written only once the entry has passed its check."""
-        value = self._read(key, len(out))
+        value = self._read(key, len(out), primed)
         self._count(value is not None)
         if value is None:
             return None
@@ -82,11 +90,11 @@ class SyncGets:
                 self._counts.fallbacks += 1
         (_ON_THREAD if served else _ON_LOOP).inc()  # thread-safe counters
 
-    def _read(self, key: Key, room: int | None) -> memoryview | None:
+    def _read(self, key: Key, room: int | None, primed: bool) -> memoryview | None:
         """The checked value (a view of a fresh buffer), or None; ``room``: the
         most bytes the caller can take (None: any)."""
         entries = self._entries
-        loc = entries.locations.get(key)
+        loc = entries.locations.get(key, take=not primed)
         if loc is None:
             return None
         info = loc.info
