@@ -117,10 +117,7 @@ class Entries:
                 break
             looked_up_ns, generation = time.monotonic_ns(), locs.generation
             if pending:
-                paths = [self.path(keys[i], probe[i]) for i in pending]
-                self.looked_up += len(paths)
-                _LOOKUPS.inc(len(paths))
-                infos = await self.store.kv_stat_many(paths)
+                infos = await self._look_up([self.path(keys[i], probe[i]) for i in pending])
             else:
                 infos = []
             now_ns = time.time_ns()
@@ -179,9 +176,7 @@ class Entries:
         locs = self.locations
         looked_up_ns, generation = time.monotonic_ns(), locs.generation
         paths = [self.path(k, 0) for k in keys]
-        self.looked_up += len(paths)
-        _LOOKUPS.inc(len(paths))
-        infos = await self.store.kv_stat_many(paths)
+        infos = await self._look_up(paths)
         now_ns = time.time_ns()
         out: list[bool | None] = []
         for key, path, info in zip(keys, paths, infos, strict=True):
@@ -193,6 +188,12 @@ class Entries:
                 locs.put(key, Located(0, info), path, path, looked_up_ns, generation, True)
                 out.append(True)
         return out
+
+    async def _look_up(self, paths: list[str]) -> list[EntryInfo | None]:
+        """Stat entry names at meta for a lookup, counted (stats(), the client's metrics)."""
+        self.looked_up += len(paths)
+        _LOOKUPS.inc(len(paths))
+        return await self.store.kv_stat_many(paths)
 
     def _cached(self, keys: list[Key], probe: list[int]) -> dict[int, EntryInfo]:
         """Key index -> entry info of the keys with a usable cached location (their
