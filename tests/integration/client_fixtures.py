@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +45,12 @@ async def stored_chunks(afs: Any, chain_id: int, ino: int) -> list[sp.ChunkMeta]
     cred = node_credential(secret, target.node_id)
     async with StorageClient(routing, os.urandom(16), credential=cred) as storage:
         return await storage.list_chunks(chain_id, ino)
+
+
+def poll(cond: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Call ``cond`` every 50 ms until it is true; AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)

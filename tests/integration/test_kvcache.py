@@ -28,7 +28,7 @@ import chainfs
 from chainfs.client.kvcache import KVCache
 from chainfs.client.kvcache.format import FIXED_HEADER_BYTES, Key
 from chainfs.local import LocalCluster
-from tests.integration.client_fixtures import stored_chunks
+from tests.integration.client_fixtures import poll, stored_chunks
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -53,14 +53,6 @@ _dirs = iter(range(1 << 30))
 @pytest.fixture
 def cache_dir() -> str:
     return f"/kv{next(_dirs)}"
-
-
-def _poll(cond: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _leftovers(fs: Any, d: str) -> tuple[list[str], list[str]]:
@@ -352,9 +344,9 @@ def test_ttl_expires_and_background_removes(fs: Any, cache_dir: str) -> None:
     kv = fs.kvcache(cache_dir, ttl=1.0, shards=4, gc_interval_s=0.1)
     assert kv.put("short-lived", b"x" * 1000)
     assert kv.get("short-lived") == b"x" * 1000
-    _poll(lambda: kv.get("short-lived") is None, "the entry to expire")
+    poll(lambda: kv.get("short-lived") is None, "the entry to expire")
     assert not kv.exists("short-lived")
-    _poll(lambda: _leftovers(fs, cache_dir)[0] == [], "the expired file to be removed")
+    poll(lambda: _leftovers(fs, cache_dir)[0] == [], "the expired file to be removed")
     assert kv.stats().expirations >= 1
     # A new put of the key is a new entry with a new lifetime.
     assert kv.put("short-lived", b"again")
@@ -381,7 +373,7 @@ def test_capacity_watermark_evicts_least_recently_used(fs: Any, cache_dir: str) 
     kv.flush_access_times()
     for k in keys[10:]:
         kv.put(k, make_value(int(k[1:]), 0, 0, value_bytes))
-    _poll(lambda: kv.stats().bytes <= 0.6 * 6 * MiB, "eviction down to the low watermark")
+    poll(lambda: kv.stats().bytes <= 0.6 * 6 * MiB, "eviction down to the low watermark")
     s = kv.stats()
     assert s.entries == 14 and s.bytes == 14 * entry
     assert s.evictions == 6
@@ -477,7 +469,7 @@ def test_puts_write_into_temp_files_made_ahead_and_close_removes_them(
     assert kv.batch_get(list(values)) == list(values.values())
     assert len(_leftovers(fs, cache_dir)[0]) == 6
     tmp = f"{cache_dir}/tmp"
-    _poll(lambda: len(fs.listdir(tmp)) == 3, "3 temp files made ahead")
+    poll(lambda: len(fs.listdir(tmp)) == 3, "3 temp files made ahead")
     assert [fs.stat(f"{tmp}/{n}").st_size for n in fs.listdir(tmp)] == [0, 0, 0]
     kv.close()
     assert _leftovers(fs, cache_dir)[1] == []

@@ -21,7 +21,7 @@ from chainfs.common.metrics import REGISTRY
 from chainfs.local import LocalCluster
 from chainfs.meta_service.caps import REUSE_STEPS
 from chainfs.meta_service.config import MetaConfig
-from tests.integration.client_fixtures import stored_chunks
+from tests.integration.client_fixtures import poll, stored_chunks
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -319,13 +319,6 @@ def test_own_overwrite_is_seen_at_once_while_other_threads_read(fs: Any, cache_d
     kv.close()
 
 
-def _wait_for(cond: Any, what: str, every_s: float = 0.02, deadline_s: float = 30.0) -> None:
-    stop = time.monotonic() + deadline_s
-    while not cond():
-        assert time.monotonic() < stop, f"{what}: not within {deadline_s} s"
-        time.sleep(every_s)
-
-
 def test_a_key_read_once_is_renewed_once_and_one_in_use_while_it_is(
     fs: Any, cache_dir: str
 ) -> None:
@@ -347,7 +340,7 @@ def test_a_key_read_once_is_renewed_once_and_one_in_use_while_it_is(
     entries, renewer = kv.aio._entries, kv.aio._renewer
     assert kv.get("once") == _value(1)
     assert entries.looked_up == 1
-    _wait_for(lambda: renewer.renewed >= 1, "the one renewal of a key read once")
+    poll(lambda: renewer.renewed >= 1, "the one renewal of a key read once")
     time.sleep(5 * age_s)  # long enough for four more renewals under the old rule
     assert renewer.renewed == 1
     assert kv.get("often") == _value(2)
@@ -356,7 +349,7 @@ def test_a_key_read_once_is_renewed_once_and_one_in_use_while_it_is(
         assert kv.get("often") == _value(2)
         return renewer.renewed >= 4
 
-    _wait_for(get_often, "renewals of a key in use")
+    poll(get_often, "renewals of a key in use")
     s = kv.stats()
     assert s.renewals >= 4 and s.lookups >= 2 and s.hits >= 3
     # The process's metrics count them too (other handles may add to them).
