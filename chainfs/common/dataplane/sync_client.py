@@ -35,6 +35,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from chainfs.common.dataplane.address import parse_address
 from chainfs.common.dataplane.client import UNIX_UNUSABLE
@@ -54,6 +55,21 @@ from chainfs.proto import common_pb2 as cpb
 
 # (msg_type, reply header) -> buffers for the payload (as DataClient's payload_sink).
 SyncSink = Callable[[int, bytes], Sequence[memoryview]]
+
+
+_NO_REPLY = ChainfsError(Code.EIO, "data plane: no reply read")  # replaced by every request's own
+
+
+class SyncRequest(NamedTuple):
+    """One request of :meth:`SyncDataClient.request_many` (as :meth:`~SyncDataClient.request`'s
+    parameters)."""
+
+    address: str
+    msg_type: int
+    header: bytes
+    sink: SyncSink | None = None
+    fallback: str | None = None
+
 
 # Receive buffer of one socket: the fixed header, header message and a small
 # payload usually arrive in one recv_into here (a larger payload's rest goes
@@ -276,6 +292,53 @@ class SyncDataClient:
             raise error_of_reply(hdr.status, rsp_header)
         return hdr, rsp_header
 
+    def request_many(
+        self, requests: Sequence[SyncRequest]
+    ) -> list[tuple[FrameHeader, bytes] | ChainfsError]:
+        """Several requests at once, each on a socket of its own (two to one
+        address take two): every frame is sent before any reply is read, so the
+        peers serve them in parallel; then each reply is read in turn. Per
+        request its (fixed header, header message) or the ChainfsError that
+        :meth:`request` would raise; one failing leaves the others alone. All of
+        them share one ``timeout_s`` from the start of the call."""
+        deadline = _Deadline(self.timeout_s, requests[0].address if requests else "")
+        out: list[tuple[FrameHeader, bytes] | ChainfsError] = []
+        sent: list[tuple[int, _Conn, int]] = []  # (index, socket, request id)
+        try:
+            for r in requests:
+                try:
+                    if len(r.header) > self.config.max_request_header_bytes:
+                        raise ChainfsError(Code.E2BIG, f"request header of {len(r.header)} bytes")
+                    c = self._take(r.address, r.fallback, deadline)
+                    try:
+                        sent.append((len(out), c, self._send(c, r.msg_type, r.header)))
+                    except ChainfsError:
+                        self._give_back(c, False)
+                        raise
+                except ChainfsError as e:
+                    out.append(e)
+                else:
+                    out.append(_NO_REPLY)
+            while sent:
+                i, c, rid = sent[0]
+                try:
+                    hdr, rsp_header = self._receive(c, rid, requests[i].sink, deadline)
+                except ChainfsError as e:
+                    out[i] = e
+                    del sent[0]
+                    self._give_back(c, False)
+                    continue
+                del sent[0]
+                self._give_back(c, True)
+                out[i] = error_of_reply(hdr.status, rsp_header) if hdr.is_error else (
+                    hdr, rsp_header)  # fmt: skip
+        finally:
+            # Only a socket whose reply was read to its end is reused; anything
+            # else (a KeyboardInterrupt too) may have left part of one.
+            for _, c, _ in sent:
+                self._give_back(c, False)
+        return out
+
     def _exchange(
         self,
         c: _Conn,
@@ -284,14 +347,32 @@ class SyncDataClient:
         sink: SyncSink | None,
         deadline: _Deadline,
     ) -> tuple[FrameHeader, bytes]:
-        cfg = self.config
+        return self._receive(c, self._send(c, msg_type, header), sink, deadline)
+
+    def _send(self, c: _Conn, msg_type: int, header: bytes) -> int:
+        """Send one request frame (no payload) on ``c``; its request id."""
         rid = c.request_id()
-        segs = build_segments(0, msg_type, rid, header, (), cfg.max_payload_bytes)
-        sock = c.sock
+        segs = build_segments(0, msg_type, rid, header, (), self.config.max_payload_bytes)
         try:
             for seg in segs:
                 assert isinstance(seg, memoryview)
-                sock.sendall(seg)
+                c.sock.sendall(seg)
+        except TimeoutError:
+            raise ChainfsError(
+                Code.ETIMEDOUT,
+                f"data plane {c.address}: send not done within {self.timeout_s:.3f}s",
+            ) from None
+        except OSError as e:
+            raise ChainfsError(Code.UNAVAILABLE, f"data plane {c.address}: {e}") from None
+        return rid
+
+    def _receive(
+        self, c: _Conn, rid: int, sink: SyncSink | None, deadline: _Deadline
+    ) -> tuple[FrameHeader, bytes]:
+        """Read the reply to request ``rid`` from ``c`` to its end."""
+        cfg = self.config
+        sock = c.sock
+        try:
             staging = c.staging
             have = self._recv_at_least(sock, staging, 0, FIXED_HEADER_SIZE, deadline)
             hdr = decode_fixed(staging, 0, cfg.max_header_bytes, cfg.max_payload_bytes)

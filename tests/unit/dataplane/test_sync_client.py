@@ -22,7 +22,7 @@ from chainfs.client._loop import LoopThread
 from chainfs.common.auth.authenticator import Authenticator
 from chainfs.common.auth.secret import node_credential
 from chainfs.common.dataplane import DataPlaneConfig, DataServer, Request, Response
-from chainfs.common.dataplane.sync_client import SyncDataClient
+from chainfs.common.dataplane.sync_client import SyncDataClient, SyncRequest
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.tls import TlsConfig
 
@@ -175,6 +175,74 @@ def test_pool_is_bounded_and_safe_for_many_threads(address: str) -> None:
     try:
         assert not errors, errors[:3]
         assert c.connection_count(address) <= 2
+    finally:
+        c.close()
+
+
+def _echo_request(address: str, n: int, out: bytearray) -> SyncRequest:
+    return SyncRequest(address, ECHO, f"{n}:echo".encode(), lambda t, h: [memoryview(out)])
+
+
+def test_many_requests_are_each_answered_and_fail_alone(address: str) -> None:
+    """All frames go out before any reply is read; each request gets its own
+    answer: bytes into its own buffer, its own error, EBUSY past the bound."""
+    c = _client(connections_per_peer=3)
+    outs = [bytearray(4096), bytearray(100_000), bytearray(10)]
+    try:
+        got = c.request_many(
+            [
+                _echo_request(address, 4096, outs[0]),
+                SyncRequest(address, FAIL, b"x"),
+                _echo_request(address, 100_000, outs[1]),
+                _echo_request(address, 10, outs[2]),  # a fourth socket: over the bound
+            ]
+        )
+        assert not isinstance(got[0], ChainfsError) and got[0][1] == b"4096:echo"
+        assert bytes(outs[0]) == _expected(4096)
+        assert isinstance(got[1], ChainfsError) and got[1].code == Code.ENOENT
+        assert not isinstance(got[2], ChainfsError) and bytes(outs[1]) == _expected(100_000)
+        assert isinstance(got[3], ChainfsError) and got[3].code == Code.EBUSY
+        assert outs[2] == bytearray(10)
+        assert c.connection_count(address) == 3  # every reply read whole: all kept
+        again = c.request_many([_echo_request(address, n, bytearray(n)) for n in (1, 2, 3)])
+        assert all(not isinstance(r, ChainfsError) for r in again)
+        assert c.connection_count(address) == 3  # reused
+    finally:
+        c.close()
+    assert c.connection_count(address) == 0
+
+
+def test_many_requests_drop_only_sockets_not_read_to_the_end(address: str) -> None:
+    """A slow peer times out its request (its socket dropped, its late reply never
+    taken for another's); a Ctrl-C in the middle drops every socket whose reply
+    was not read whole, and keeps those that were."""
+    c = _client(connections_per_peer=3, timeout_s=0.3)
+    try:
+        out = bytearray(10)
+        got = c.request_many(
+            [
+                _echo_request(address, 10, out),
+                SyncRequest(address, SLOW, b"10:slow", lambda t, h: [memoryview(bytearray(10))]),
+            ]
+        )
+        assert not isinstance(got[0], ChainfsError) and bytes(out) == _expected(10)
+        assert isinstance(got[1], ChainfsError) and got[1].code == Code.ETIMEDOUT
+        assert c.connection_count(address) == 1
+        assert _echo(c, address, 4096) == _expected(4096)
+
+        def interrupt(msg_type: int, header: bytes) -> list[memoryview]:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            c.request_many(
+                [
+                    _echo_request(address, 5, bytearray(5)),
+                    SyncRequest(address, ECHO, b"100000:echo", interrupt),
+                    _echo_request(address, 7, bytearray(7)),
+                ]
+            )
+        assert c.connection_count(address) == 1  # the first was whole; the others dropped
+        assert _echo(c, address, 50_000) == _expected(50_000)
     finally:
         c.close()
 
