@@ -88,7 +88,7 @@ class ChunkIO:
         self._ends_go: asyncio.Event | None = None  # set: the sender goes now
         meta.before_call = self._send_ends_along
         # Bytes asked of storage by reads since connect: by the loop's reads, and
-        # by read_now from callers' threads (under _sync_lock).
+        # by read_now and read_now_many from callers' threads (under _sync_lock).
         self.storage_read_bytes = 0
         self.sync_read_bytes = 0
         self._sync_lock = threading.Lock()
@@ -238,6 +238,52 @@ class ChunkIO:
         with self._sync_lock:
             self.sync_read_bytes += p.length
         return True
+
+    def read_now_many(
+        self, sync: SyncDataClient, files: Sequence[tuple[int, Layout, memoryview]]
+    ) -> list[bool]:
+        """Per (inode, layout, out): fill ``out`` with the file's first ``len(out)``
+        bytes from the calling thread (any thread; no event loop) when they sit
+        in one chunk and one replica serves them cleanly
+        (``StorageClient.read_now_many``: one frame per storage node, groups of
+        at most ``read_group_ios`` reads and ``read_group_bytes`` one after the
+        other). False, with nothing counted, for anything else: the caller then
+        reads those the usual way."""
+        done = [False] * len(files)
+        at: list[int] = []  # positions in ``files`` of the reads in ``group``
+        group: list[ReadReq] = []
+        group_bytes = 0
+        cfg = self.config
+        for k, (ino, layout, out) in enumerate(files):
+            pieces = split(layout, 0, len(out))
+            if len(pieces) != 1:
+                continue
+            p = pieces[0]
+            at.append(k)
+            group.append(ReadReq(p.chain_id, ino, p.chunk_index, p.chunk_offset, p.length, out))
+            group_bytes += p.length
+            if group_bytes >= cfg.read_group_bytes or len(group) >= cfg.read_group_ios:
+                self._read_group_now(sync, at, group, done)
+                at, group, group_bytes = [], [], 0
+        if group:
+            self._read_group_now(sync, at, group, done)
+        return done
+
+    def _read_group_now(
+        self, sync: SyncDataClient, at: list[int], group: list[ReadReq], done: list[bool]
+    ) -> None:
+        start = time.perf_counter()
+        nbytes = 0
+        for k, req, data in zip(at, group, self.storage.read_now_many(sync, group), strict=True):
+            if data is not None:
+                done[k] = True
+                nbytes += req.length
+        if not nbytes:
+            return
+        client_metrics.IO.record("read", time.perf_counter() - start)
+        client_metrics.READ_BYTES.inc(nbytes)
+        with self._sync_lock:
+            self.sync_read_bytes += nbytes
 
     def take_read_ahead(self, nbytes: int) -> bool:
         """Reserve ``nbytes`` of the read-ahead budget; False (nothing taken) when full."""

@@ -258,7 +258,8 @@ def test_a_batch_get_is_one_storage_frame_per_node(
     fs: Any, meta_calls: MetaCalls, cache_dir: str
 ) -> None:
     """64 cached keys spread over every chain: one batched read per storage node,
-    and no metadata call."""
+    and no metadata call, from the calling thread (a sync handle) and on the
+    loop (the async API) alike."""
     kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
     keys = [f"b{i}" for i in range(64)]
     kv.batch_put(keys, [_value(i) for i in range(64)])
@@ -271,14 +272,27 @@ def test_a_batch_get_is_one_storage_frame_per_node(
         nodes.append(routing.targets[items[0][1]].node_id)
         await real(routing, reqs, items, *rest)
 
+    sync = kv.aio._sync_gets._reader.sync
+    real_many = sync.request_many
+    addresses: list[str] = []
+
+    def counted_many(requests: Any) -> Any:
+        addresses.extend(r.address for r in requests)
+        return real_many(requests)
+
     storage._read_node = counted
+    sync.request_many = counted_many
     try:
         meta_calls.take()
-        assert kv.batch_get(keys) == [_value(i) for i in range(64)]
+        assert kv.batch_get(keys) == [_value(i) for i in range(64)]  # the calling thread
+        assert not nodes
+        assert kv._loop.run(kv.aio.batch_get(keys)) == [_value(i) for i in range(64)]
     finally:
         del storage._read_node
+        del sync.request_many
     assert meta_calls.take() == []
     assert len(nodes) == len(set(nodes)) and len(set(nodes)) > 1, nodes
+    assert len(addresses) == len(set(addresses)) == len(set(nodes)), (addresses, nodes)
     kv.close()
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from chainfs.client.kvcache.format import Key
+from chainfs.common.errors import ChainfsError, Code
 from chainfs.local import LocalCluster
 from tests.integration.client_fixtures import module_cluster
 
@@ -113,6 +114,60 @@ def test_get_into_a_short_buffer_is_erange_and_writes_nothing(fs: Any, cache_dir
         kv.get_into("k", bytes(4096))  # read-only: refused before any read
     buf = bytearray(4096)
     assert kv.get_into("k", buf) == 4096 and bytes(buf) == _value(21)
+
+
+def test_batch_get_from_the_calling_thread_equals_bytes_put(fs: Any, cache_dir: str) -> None:
+    """The cached keys of a batch are read from the calling thread, together;
+    the others (never looked up, too big for this path, absent) through the
+    loop; every value is the one put, in key order."""
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS, sync_read_max_bytes=64 * 1024)
+    sizes = [0, 1, 100, 4096, 64 * 1024, 64 * 1024 + 1] + [4096] * 60
+    keys = [f"m{i}" for i in range(len(sizes))]
+    values = [_value(i, n) if n >= 8 else b"y" * n for i, n in enumerate(sizes)]
+    kv.batch_put(keys, values)
+    assert kv.batch_get([*keys, "absent"]) == [*values, None]  # looked up on the loop
+    assert _served(kv) == (0, len(keys) + 1)
+    for _ in range(2):
+        assert kv.batch_get([*keys, "absent"]) == [*values, None]
+    # All but the value over sync_read_max_bytes and the absent key, twice.
+    assert _served(kv) == (2 * (len(keys) - 1), len(keys) + 1 + 2 * 2)
+    late = [f"late{i}" for i in range(5)]
+    kv.batch_put(late, [_value(100 + i) for i in range(5)])
+    mixed = [late[0], keys[3], late[1], keys[0], keys[5], late[2]]
+    want = [_value(100), values[3], _value(101), values[0], values[5], _value(102)]
+    assert kv.batch_get(mixed) == want
+    assert kv.batch_get(mixed) == want
+    assert kv.batch_get([]) == []
+    stats = kv.stats()
+    assert stats.sync_served == _served(kv)[0] and stats.misses == 3
+    kv.close()
+
+
+def test_batch_get_into_from_the_calling_thread(fs: Any, cache_dir: str) -> None:
+    """Cached keys land in the caller's buffers from the calling thread; a value
+    longer than its buffer is ERANGE with that buffer untouched and the others
+    filled, as on the loop path."""
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
+    keys = [f"i{i}" for i in range(20)]
+    kv.batch_put(keys, [_value(i) for i in range(20)])
+    assert kv.batch_get(keys) == [_value(i) for i in range(20)]  # locations cached
+    served, _ = _served(kv)
+    bufs = [bytearray(5000) for _ in keys]
+    assert kv.batch_get_into(keys, bufs) == [4096] * 20
+    assert all(bytes(b[:4096]) == _value(i) for i, b in enumerate(bufs))
+    assert _served(kv)[0] == served + 20
+    bufs = [bytearray(4096) for _ in keys]
+    bufs[7] = bytearray(b"\x5a" * 4095)
+    with pytest.raises(OSError) as e:
+        kv.batch_get_into(keys, bufs)
+    assert e.value.errno == errno.ERANGE
+    assert bufs[7] == bytearray(b"\x5a" * 4095)
+    assert all(bytes(b) == _value(i) for i, b in enumerate(bufs) if i != 7)
+    assert kv.batch_get_into([keys[0], "absent"], [bytearray(4096), bytearray(8)]) == [4096, -1]
+    with pytest.raises(ChainfsError) as e2:
+        kv.batch_get_into(keys, bufs[:3])  # refused before any read
+    assert e2.value.code == Code.EINVAL
+    kv.close()
 
 
 def test_another_clients_overwrite_is_seen_after_location_cache_ms(
@@ -268,6 +323,7 @@ def test_storage_node_killed_while_locations_are_cached(
     try:
         for _ in range(3):
             assert [kv.get(k) for k in keys] == [_value(i) for i in range(48)]
+            assert kv.batch_get(keys) == [_value(i) for i in range(48)]
     finally:
         cluster.restart_storage(0)
     kv.close()

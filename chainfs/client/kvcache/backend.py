@@ -53,6 +53,13 @@ class SyncReader(Protocol):
         clean storage answer serves them; False (``view`` then unspecified) for
         anything else: the caller reads through the async path instead."""
 
+    def read_many(self, reads: Sequence[tuple[EntryInfo, memoryview]]) -> list[bool]:
+        """Per (file, view): fill ``view`` with the first ``len(view)`` bytes of
+        the file when one clean storage answer serves them; False (``view``
+        then unspecified) for anything else: the caller reads those through the
+        async path instead. The reads go out together (one frame per storage
+        node)."""
+
     def close(self) -> None:
         """Close its connections (idempotent)."""
 
@@ -317,7 +324,8 @@ class FsBackend:
 
 
 class _ChunkSyncReader:
-    """SyncReader over the client's engine (``ChunkIO.read_now``) and its own sockets."""
+    """SyncReader over the client's engine (``ChunkIO.read_now``, ``read_now_many``)
+    and its own sockets."""
 
     def __init__(self, io: ChunkIO, sync: SyncDataClient) -> None:
         self._io = io  # its storage client is looked up per read: a fork()ed child has its own
@@ -325,6 +333,11 @@ class _ChunkSyncReader:
 
     def read(self, info: EntryInfo, view: memoryview) -> bool:
         return self._io.read_now(self.sync, info.ino, info.layout, view)
+
+    def read_many(self, reads: Sequence[tuple[EntryInfo, memoryview]]) -> list[bool]:
+        return self._io.read_now_many(
+            self.sync, [(info.ino, info.layout, view) for info, view in reads]
+        )
 
     def close(self) -> None:
         self.sync.close()

@@ -65,8 +65,9 @@ class _Counts:
     puts: int = 0  # values stored
     put_existing: int = 0  # puts that found the key present (nothing written)
     read_retries: int = 0  # reads that found their entry changed under them and looked again
-    sync_served: int = 0  # sync gets (also counted in hits) read from the calling thread
-    sync_fallbacks: int = 0  # sync gets that took the loop path (not a clean cached hit)
+    # Keys of sync gets and batch gets (also counted in hits) read from the calling thread,
+    sync_served: int = 0
+    sync_fallbacks: int = 0  # and those that took the loop path (not a clean cached hit)
     lookups: int = 0  # key names stat'ed at meta to find entries (gets, exists)
     renewals: int = 0  # cached locations stat'ed again at meta in the background
 

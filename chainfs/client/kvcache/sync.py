@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from chainfs.client.kvcache.cache import AsyncKVCache, Buffer, KeyLike, as_out_view
@@ -97,8 +97,42 @@ class KVCache:
                 return n
         return self._loop.run(self._a.get_into(key, buffer))
 
-    batch_get = _on_loop(AsyncKVCache.batch_get)
-    batch_get_into = _on_loop(AsyncKVCache.batch_get_into)
+    def batch_get(self, keys: Sequence[KeyLike]) -> list[bytes | None]:
+        """Values in key order, None for a missing key. The keys whose locations
+        this handle has cached are read from the calling thread, together (one
+        frame per storage node); the rest, and any such read that is not
+        served cleanly, go to the loop thread in one batch."""
+        fast = self._a._sync_gets
+        if fast is None or self._a.closed or not keys:
+            return self._loop.run(self._a.batch_get(keys))
+        limit = self.config.max_key_bytes
+        values = fast.get_many([Key.of(k, limit) for k in keys])
+        rest = [i for i, v in enumerate(values) if v is None]
+        if rest:
+            more = self._loop.run(self._a.batch_get([keys[i] for i in rest]))
+            for i, v in zip(rest, more, strict=True):
+                values[i] = v
+        return values
+
+    def batch_get_into(self, keys: Sequence[KeyLike], buffers: Sequence[Buffer]) -> list[int]:
+        """Read each value into its buffer; lengths in key order, -1 for a miss
+        (ERANGE as ``AsyncKVCache.batch_get_into``). Cached keys are read from
+        the calling thread, as :meth:`batch_get`."""
+        fast = self._a._sync_gets
+        if fast is None or self._a.closed or not keys or len(keys) != len(buffers):
+            return self._loop.run(self._a.batch_get_into(keys, buffers))
+        limit = self.config.max_key_bytes
+        outs = [as_out_view(b) for b in buffers]
+        got = fast.get_many_into([Key.of(k, limit) for k in keys], outs)
+        rest = [i for i, n in enumerate(got) if n is None]
+        if rest:
+            more = self._loop.run(
+                self._a.batch_get_into([keys[i] for i in rest], [buffers[i] for i in rest])
+            )
+            for i, n in zip(rest, more, strict=True):
+                got[i] = n
+        return [-1 if n is None else n for n in got]
+
     exists = _on_loop(AsyncKVCache.exists)
     batch_exists = _on_loop(AsyncKVCache.batch_exists)
     put = _on_loop(AsyncKVCache.put)

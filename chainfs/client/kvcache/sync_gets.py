@@ -1,6 +1,8 @@
 """Sync gets served by the calling thread: a key whose location is cached is
 read with one storage request from the caller's thread, without the hop onto
 the client's event-loop thread (which costs more CPU than the read itself).
+The keys of a sync ``batch_get`` whose locations are cached are read the same
+way, together: one frame per storage node, all sent before any reply is read.
 
 Only a clean hit is served here: the location is in the location cache and
 young enough (the same age rule as the loop path), the entry is not expired,
@@ -22,10 +24,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chainfs.client import metrics as client_metrics
-from chainfs.client.kvcache.backend import SyncReader
+from chainfs.client.kvcache.backend import EntryInfo, SyncReader
 from chainfs.client.kvcache.entries import Entries
 from chainfs.client.kvcache.eviction import AccessTimes
 from chainfs.client.kvcache.format import Check, Key, check_entry
@@ -67,7 +70,7 @@ class SyncGets:
         """``key``'s value if this thread can serve it cleanly; None: take the loop path.
         ``primed``: its location was just cached by a lookup for this get."""
         value = self._read(key, None, primed)
-        self._count(value is not None)
+        self._count(value is not None, value is None)
         return None if value is None else bytes(value)
 
     def get_into(self, key: Key, out: memoryview, primed: bool = False) -> int | None:
@@ -76,41 +79,88 @@ class SyncGets:
         (which also answers a value longer than ``out`` with ERANGE). ``out`` is
         written only once the entry has passed its check."""
         value = self._read(key, len(out), primed)
-        self._count(value is not None)
+        self._count(value is not None, value is None)
         if value is None:
             return None
         out[: len(value)] = value
         return len(value)
 
-    def _count(self, served: bool) -> None:
-        with self._lock:
-            if served:
-                self._counts.served += 1
+    def get_many(self, keys: Sequence[Key]) -> list[bytes | None]:
+        """Per key as :meth:`get` (of a cached location); the reads go out
+        together, one frame per storage node."""
+        return [None if v is None else bytes(v) for v in self._read_many(keys, None)]
+
+    def get_many_into(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
+        """Per key and buffer as :meth:`get_into`; the reads go out together."""
+        lengths: list[int | None] = []
+        for out, value in zip(outs, self._read_many(keys, outs), strict=True):
+            if value is None:
+                lengths.append(None)
             else:
-                self._counts.fallbacks += 1
-        (_ON_THREAD if served else _ON_LOOP).inc()  # thread-safe counters
+                out[: len(value)] = value
+                lengths.append(len(value))
+        return lengths
+
+    def _count(self, served: int, fallbacks: int) -> None:
+        with self._lock:
+            self._counts.served += served
+            self._counts.fallbacks += fallbacks
+        if served:
+            _ON_THREAD.inc(served)  # thread-safe counters
+        if fallbacks:
+            _ON_LOOP.inc(fallbacks)
+
+    def _readable(self, key: Key, room: int | None, primed: bool, now_ns: int) -> EntryInfo | None:
+        """The cached entry this thread may read for ``key``, or None; ``room``:
+        the most value bytes the caller can take (None: any)."""
+        loc = self._entries.locations.get(key, take=not primed)
+        if loc is None:
+            return None
+        info = loc.info
+        if self._entries.expired(info, now_ns) or not self._access.is_current(info, now_ns):
+            return None  # the loop path drops the location / queues the access time
+        vlen = info.size - key.header_len
+        if not 0 <= vlen <= self._max_value_bytes or (room is not None and vlen > room):
+            return None
+        return info
 
     def _read(self, key: Key, room: int | None, primed: bool) -> memoryview | None:
         """The checked value (a view of a fresh buffer), or None; ``room``: the
         most bytes the caller can take (None: any)."""
-        entries = self._entries
-        loc = entries.locations.get(key, take=not primed)
-        if loc is None:
-            return None
-        info = loc.info
-        now_ns = time.time_ns()
-        if entries.expired(info, now_ns) or not self._access.is_current(info, now_ns):
-            return None  # the loop path drops the location / queues the access time
-        hlen = key.header_len
-        vlen = info.size - hlen
-        if not 0 <= vlen <= self._max_value_bytes or (room is not None and vlen > room):
+        info = self._readable(key, room, primed, time.time_ns())
+        if info is None:
             return None
         buf = memoryview(bytearray(info.size))
         if not self._reader.read(info, buf):
             return None
+        hlen = key.header_len
         if check_entry(key.raw, buf[:hlen], buf[hlen:]) is not Check.OK:
             return None  # the loop path reads it again and looks the key up anew
         return buf[hlen:]
+
+    def _read_many(
+        self, keys: Sequence[Key], outs: Sequence[memoryview] | None
+    ) -> list[memoryview | None]:
+        """Per key as :meth:`_read`, the reads sent together; ``outs``: the
+        buffers the values must fit (None: any length). Counted."""
+        now_ns = time.time_ns()
+        values: list[memoryview | None] = [None] * len(keys)
+        reads: list[tuple[EntryInfo, memoryview]] = []
+        at: list[int] = []  # the position in ``keys`` of each read
+        for i, key in enumerate(keys):
+            info = self._readable(key, None if outs is None else len(outs[i]), False, now_ns)
+            if info is not None:
+                reads.append((info, memoryview(bytearray(info.size))))
+                at.append(i)
+        served = 0
+        if reads:
+            for i, (_, buf), ok in zip(at, reads, self._reader.read_many(reads), strict=True):
+                hlen = keys[i].header_len
+                if ok and check_entry(keys[i].raw, buf[:hlen], buf[hlen:]) is Check.OK:
+                    values[i] = buf[hlen:]
+                    served += 1
+        self._count(served, len(keys) - served)
+        return values
 
     def close(self) -> None:
         self._reader.close()

@@ -16,6 +16,7 @@ straight in the caller's buffers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import random
@@ -30,7 +31,7 @@ from chainfs.common.auth.capability import READ, WRITE
 from chainfs.common.checksum import crc32c, crc32c_extend
 from chainfs.common.dataplane.client import DataClient
 from chainfs.common.dataplane.config import DataPlaneConfig
-from chainfs.common.dataplane.sync_client import SyncDataClient
+from chainfs.common.dataplane.sync_client import SyncDataClient, SyncRequest
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing, data_address
 from chainfs.common.rpc.mgmt_client import RoutingCache
@@ -687,6 +688,114 @@ class StorageClient:
         if self._whole_chunk_corrupt(req, res, data):
             return None
         return data
+
+    def read_now_many(
+        self, sync: SyncDataClient, reqs: Sequence[ReadReq]
+    ) -> list[memoryview | None]:
+        """Many chunk reads as :meth:`read_now` serves one: each from a serving
+        replica picked at random, one batched frame per storage node (at most
+        ``max_ios_per_batch`` ios each), every frame sent before any reply is
+        read. Per read its bytes, or None where ``read_now`` would answer None."""
+        results: list[memoryview | None] = [None] * len(reqs)
+        routing = self.routing.current
+        if routing is None:
+            return results
+        serving_of: dict[int, list[mp.TargetInfo]] = {}
+        caps: dict[int, cp.Capability] = {}
+        frames: dict[int, list[tuple[int, int]]] = {}  # node id -> [(read index, target)]
+        for i, req in enumerate(reqs):
+            assert req.out is not None and len(req.out) >= req.length > 0, (req.length, req.out)
+            serving = serving_of.get(req.chain_id)
+            if serving is None:
+                known = req.chain_id in routing.chains
+                serving = routing.chain_targets(req.chain_id, (mp.SERVING,)) if known else []
+                serving_of[req.chain_id] = serving
+            if not serving:
+                continue
+            if self.caps is not None and req.inode not in caps:
+                cap = self.caps.peek(req.inode, READ)
+                if cap is not None:
+                    caps[req.inode] = cap
+                elif self.caps.signed:
+                    continue  # fetching one is the async path's job
+            target = self._sync_rng.choice(serving)
+            frames.setdefault(target.node_id, []).append((i, target.target_id))
+        requests: list[SyncRequest] = []
+        # Per frame: its (read index, target) ios and its reply once parsed.
+        ios_of: list[tuple[list[tuple[int, int]], list[sp.BatchReadRsp]]] = []
+        per_frame = self.config.max_ios_per_batch
+        for node_id, items in frames.items():
+            node = routing.nodes.get(node_id)
+            try:
+                if node is None:
+                    raise ChainfsError(Code.UNKNOWN_TARGET, f"no node {node_id} in the routing")
+                address = data_address(node, self.config.prefer_unix_socket)
+            except ChainfsError as e:
+                log.debug("sync read of %d chunks: %s", len(items), e)
+                continue
+            fallback = node.data_address if node.data_address != address else None
+            for k in range(0, len(items), per_frame):
+                ios = items[k : k + per_frame] if len(items) > per_frame else items
+                header = batch_read_request([(reqs[i], t) for i, t in ios], caps)
+                parsed: list[sp.BatchReadRsp] = []
+                sink = functools.partial(self._sink_now, reqs, ios, results, parsed)
+                requests.append(
+                    SyncRequest(address, sp.BATCH_READ, header.SerializeToString(), sink, fallback)
+                )
+                ios_of.append((ios, parsed))
+        replies = sync.request_many(requests)
+        for (ios, parsed), request, reply in zip(ios_of, requests, replies, strict=True):
+            if isinstance(reply, ChainfsError):
+                log.debug("sync read of %d chunks from %s: %s", len(ios), request.address, reply)
+                for i, _ in ios:
+                    results[i] = None
+                continue
+            try:
+                rsp = parsed[0] if parsed else parse_batch_read_reply(reply[1], len(ios))
+            except ChainfsError as e:  # no payload came: the sink did not parse it
+                log.debug("sync read from %s: %s", request.address, e)
+                rsp = None
+            for k, (i, _) in enumerate(ios):
+                req, data = reqs[i], results[i]
+                res = rsp.results[k] if rsp is not None else None
+                if (
+                    data is None
+                    or res is None
+                    or res.status.code != 0
+                    or res.length != req.length
+                    or self._whole_chunk_corrupt(req, res, data)
+                ):
+                    results[i] = None
+        return results
+
+    @staticmethod
+    def _sink_now(
+        reqs: Sequence[ReadReq],
+        ios: list[tuple[int, int]],
+        results: list[memoryview | None],
+        parsed: list[sp.BatchReadRsp],
+        msg_type: int,
+        rsp_header: bytes,
+    ) -> list[memoryview]:
+        """Where a sync batched read's payload goes: each OK io's bytes into its
+        read's ``out`` (noted in ``results``; the reply kept in ``parsed``);
+        BAD_FRAME for an io longer than its read."""
+        rsp = parse_batch_read_reply(rsp_header, len(ios))
+        parsed.append(rsp)
+        dests: list[memoryview] = []
+        for (i, _), res in zip(ios, rsp.results, strict=True):
+            if res.status.code != 0 or not res.length:
+                continue
+            req = reqs[i]
+            if res.length > req.length:
+                raise ChainfsError(
+                    Code.BAD_FRAME,
+                    f"server returned {res.length} bytes for a {req.length}-byte read",
+                )
+            assert req.out is not None
+            results[i] = dest = req.out[: res.length]
+            dests.append(dest)
+        return dests
 
     def _whole_chunk_corrupt(self, req: ReadReq, res: sp.ReadResult, data: memoryview) -> bool:
         """End-to-end check (config ``verify_checksums``) of a read that got a whole chunk."""
