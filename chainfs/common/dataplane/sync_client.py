@@ -75,6 +75,8 @@ class SyncRequest(NamedTuple):
 # payload usually arrive in one recv_into here (a larger payload's rest goes
 # straight into the sink's buffers).
 _STAGING_BYTES = 16 * 1024
+# Buffers one recvmsg_into fills at most (well under Linux's IOV_MAX of 1024).
+_IOV_MAX = 256
 
 
 class _Conn:
@@ -304,39 +306,35 @@ class SyncDataClient:
         deadline = _Deadline(self.timeout_s, requests[0].address if requests else "")
         out: list[tuple[FrameHeader, bytes] | ChainfsError] = []
         sent: list[tuple[int, _Conn, int]] = []  # (index, socket, request id)
+        taken: list[_Conn] = []  # every socket taken, given back at the end
+        whole: set[int] = set()  # id() of those whose reply was read to its end
         try:
             for r in requests:
                 try:
                     if len(r.header) > self.config.max_request_header_bytes:
                         raise ChainfsError(Code.E2BIG, f"request header of {len(r.header)} bytes")
                     c = self._take(r.address, r.fallback, deadline)
-                    try:
-                        sent.append((len(out), c, self._send(c, r.msg_type, r.header)))
-                    except ChainfsError:
-                        self._give_back(c, False)
-                        raise
+                    taken.append(c)
+                    sent.append((len(out), c, self._send(c, r.msg_type, r.header)))
                 except ChainfsError as e:
                     out.append(e)
                 else:
                     out.append(_NO_REPLY)
-            while sent:
-                i, c, rid = sent[0]
+            for i, c, rid in sent:
                 try:
                     hdr, rsp_header = self._receive(c, rid, requests[i].sink, deadline)
                 except ChainfsError as e:
                     out[i] = e
-                    del sent[0]
-                    self._give_back(c, False)
                     continue
-                del sent[0]
-                self._give_back(c, True)
+                whole.add(id(c))
                 out[i] = error_of_reply(hdr.status, rsp_header) if hdr.is_error else (
                     hdr, rsp_header)  # fmt: skip
         finally:
             # Only a socket whose reply was read to its end is reused; anything
-            # else (a KeyboardInterrupt too) may have left part of one.
-            for _, c, _ in sent:
-                self._give_back(c, False)
+            # else (a send that failed, a KeyboardInterrupt anywhere) may have
+            # left part of a request or a reply on it.
+            for c in taken:
+                self._give_back(c, id(c) in whole)
         return out
 
     def _exchange(
@@ -433,11 +431,13 @@ class SyncDataClient:
         deadline: _Deadline,
     ) -> None:
         """The ``n`` payload bytes into ``buffers`` in order: ``early`` (already
-        received) copied, the rest received straight into them."""
+        received) copied, the rest received straight into them, many buffers
+        per system call (a batched read's reply is many small values)."""
         views = [as_byte_view(b) for b in buffers]
         if sum(len(v) for v in views) < n or any(v.readonly for v in views):
             raise ChainfsError(Code.EINVAL, f"sink has no room for a {n}-byte payload")
         left = n
+        rest: list[memoryview] = []  # what is still to receive, in order
         for v in views:
             if not left:
                 break
@@ -447,5 +447,16 @@ class SyncDataClient:
                 v[:k] = early[:k]
                 early = early[k:]
             if take > k:
-                self._recv_at_least(sock, v[:take], k, take, deadline)
+                rest.append(v[k:take])
             left -= take
+        first = 0
+        while first < len(rest):
+            deadline.check()
+            got = sock.recvmsg_into(rest[first : first + _IOV_MAX])[0]
+            if got == 0:
+                raise ChainfsError(Code.UNAVAILABLE, "data plane: connection closed mid-reply")
+            while got and got >= len(rest[first]):  # drop what is filled
+                got -= len(rest[first])
+                first += 1
+            if got:
+                rest[first] = rest[first][got:]

@@ -108,6 +108,23 @@ def test_reply_bytes_land_in_the_callers_buffer(address: str, n: int) -> None:
     assert c.connection_count(address) == 0
 
 
+def test_a_payload_lands_in_many_small_buffers_in_order(address: str) -> None:
+    """A batched read's reply is many small values: more buffers than one system
+    call fills, of odd sizes, the first ones filled from what came with the header."""
+    c = _client()
+    sizes = [1, 7, 4096, 3, 100] * 80  # 400 buffers
+    n = sum(sizes) - 50  # the last buffers are not filled to the end
+    bufs = [bytearray(k) for k in sizes]
+    try:
+        header = f"{n}:echo".encode()
+        c.request(address, ECHO, header, lambda t, h: [memoryview(b) for b in bufs])
+        assert b"".join(bufs)[:n] == _expected(n)
+        assert c.connection_count(address) == 1  # read to its end: reused
+        assert _echo(c, address, 10) == _expected(10)
+    finally:
+        c.close()
+
+
 def test_error_reply_raises_and_keeps_the_connection(address: str) -> None:
     c = _client()
     try:
@@ -243,6 +260,37 @@ def test_many_requests_drop_only_sockets_not_read_to_the_end(address: str) -> No
             )
         assert c.connection_count(address) == 1  # the first was whole; the others dropped
         assert _echo(c, address, 50_000) == _expected(50_000)
+    finally:
+        c.close()
+
+
+def test_an_interrupt_between_sends_leaks_no_socket(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the second of three frames is being sent: the sockets taken
+    so far are closed and their pool slots freed, so the bound still admits a
+    whole batch afterwards."""
+    c = _client(connections_per_peer=2)
+    real_send = c._send
+    sends = 0
+
+    def send(*args: Any) -> int:
+        nonlocal sends
+        sends += 1
+        if sends == 2:
+            raise KeyboardInterrupt
+        return real_send(*args)
+
+    try:
+        monkeypatch.setattr(c, "_send", send)
+        with pytest.raises(KeyboardInterrupt):
+            c.request_many([_echo_request(address, 5, bytearray(5)) for _ in range(2)])
+        monkeypatch.undo()
+        assert c.connection_count(address) == 0
+        outs = [bytearray(100), bytearray(200)]
+        got = c.request_many([_echo_request(address, len(o), o) for o in outs])
+        assert not any(isinstance(r, ChainfsError) for r in got), got
+        assert [bytes(o) for o in outs] == [_expected(100), _expected(200)]
     finally:
         c.close()
 
