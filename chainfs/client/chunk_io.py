@@ -247,8 +247,10 @@ class ChunkIO:
         in one chunk and one replica serves them cleanly
         (``StorageClient.read_now_many``: one frame per storage node, groups of
         at most ``read_group_ios`` reads and ``read_group_bytes`` one after the
-        other). False, with nothing counted, for anything else: the caller then
+        other, none started once ``sync.timeout_s`` has passed since the call
+        began). False, with nothing counted, for anything else: the caller then
         reads those the usual way."""
+        stop_at = time.monotonic() + sync.timeout_s
         done = [False] * len(files)
         at: list[int] = []  # positions in ``files`` of the reads in ``group``
         group: list[ReadReq] = []
@@ -263,9 +265,11 @@ class ChunkIO:
             group.append(ReadReq(p.chain_id, ino, p.chunk_index, p.chunk_offset, p.length, out))
             group_bytes += p.length
             if group_bytes >= cfg.read_group_bytes or len(group) >= cfg.read_group_ios:
+                if time.monotonic() >= stop_at:
+                    return done  # the rest (unread) takes the usual way
                 self._read_group_now(sync, at, group, done)
                 at, group, group_bytes = [], [], 0
-        if group:
+        if group and time.monotonic() < stop_at:
             self._read_group_now(sync, at, group, done)
         return done
 

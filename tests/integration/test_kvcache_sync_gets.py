@@ -138,6 +138,10 @@ def test_batch_get_from_the_calling_thread_equals_bytes_put(fs: Any, cache_dir: 
     assert kv.batch_get(mixed) == want
     assert kv.batch_get(mixed) == want
     assert kv.batch_get([]) == []
+    # Any sized iterable of keys, as on the loop path (some served here, some not).
+    assert kv.batch_get(dict.fromkeys([keys[3], late[4], keys[0]]).keys()) == [
+        values[3], _value(104), values[0]
+    ]  # fmt: skip
     stats = kv.stats()
     assert stats.sync_served == _served(kv)[0] and stats.misses == 3
     kv.close()

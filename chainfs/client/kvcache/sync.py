@@ -105,6 +105,7 @@ class KVCache:
         fast = self._a._sync_gets
         if fast is None or self._a.closed or not keys:
             return self._loop.run(self._a.batch_get(keys))
+        keys = list(keys)  # any sized iterable, as the loop path takes
         limit = self.config.max_key_bytes
         values = fast.get_many([Key.of(k, limit) for k in keys])
         rest = [i for i, v in enumerate(values) if v is None]
@@ -121,6 +122,7 @@ class KVCache:
         fast = self._a._sync_gets
         if fast is None or self._a.closed or not keys or len(keys) != len(buffers):
             return self._loop.run(self._a.batch_get_into(keys, buffers))
+        keys, buffers = list(keys), list(buffers)
         limit = self.config.max_key_bytes
         outs = [as_out_view(b) for b in buffers]
         got = fast.get_many_into([Key.of(k, limit) for k in keys], outs)

@@ -87,18 +87,26 @@ class SyncGets:
 
     def get_many(self, keys: Sequence[Key]) -> list[bytes | None]:
         """Per key as :meth:`get` (of a cached location); the reads go out
-        together, one frame per storage node."""
-        return [None if v is None else bytes(v) for v in self._read_many(keys, None)]
+        together, one frame per storage node, ``max_batch_keys`` keys at a time."""
+        step = self._entries.config.max_batch_keys
+        out: list[bytes | None] = []
+        for lo in range(0, len(keys), step):
+            values = self._read_many(keys[lo : lo + step], None)
+            out.extend(None if v is None else bytes(v) for v in values)
+        return out
 
     def get_many_into(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
         """Per key and buffer as :meth:`get_into`; the reads go out together."""
+        step = self._entries.config.max_batch_keys
         lengths: list[int | None] = []
-        for out, value in zip(outs, self._read_many(keys, outs), strict=True):
-            if value is None:
-                lengths.append(None)
-            else:
-                out[: len(value)] = value
-                lengths.append(len(value))
+        for lo in range(0, len(keys), step):
+            some = outs[lo : lo + step]
+            for out, value in zip(some, self._read_many(keys[lo : lo + step], some), strict=True):
+                if value is None:
+                    lengths.append(None)
+                else:
+                    out[: len(value)] = value
+                    lengths.append(len(value))
         return lengths
 
     def _count(self, served: int, fallbacks: int) -> None:
