@@ -174,6 +174,36 @@ def test_batch_get_into_from_the_calling_thread(fs: Any, cache_dir: str) -> None
     kv.close()
 
 
+def test_a_slow_batch_stops_sending_groups_after_sync_timeout_ms(
+    fs: Any, cache_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch bigger than one read group, whose first group's reply never
+    comes in time (storage faked as slow: it answers nothing, after the
+    timeout): no later group is sent from the calling thread; the loop path
+    reads the whole batch, right."""
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS, sync_timeout_ms=200.0)
+    keys = [f"s{i}" for i in range(600)]  # three read groups of at most 256
+    kv.batch_put(keys, [_value(i, 64) for i in range(600)])
+    assert kv.batch_get(keys) == [_value(i, 64) for i in range(600)]  # locations cached
+    storage = fs.aio.io.storage
+    groups: list[int] = []
+
+    def slow(sync: Any, reqs: Any) -> list[None]:
+        groups.append(len(reqs))
+        time.sleep(0.25)  # past sync_timeout_ms, as a node that does not answer
+        return [None] * len(reqs)
+
+    monkeypatch.setattr(storage, "read_now_many", slow)
+    served, fallbacks = _served(kv)
+    assert kv.batch_get(keys) == [_value(i, 64) for i in range(600)]
+    assert groups == [256]  # the first group only
+    assert _served(kv) == (served, fallbacks + 600)
+    monkeypatch.undo()
+    assert kv.batch_get(keys) == [_value(i, 64) for i in range(600)]
+    assert _served(kv) == (served + 600, fallbacks + 600)
+    kv.close()
+
+
 def test_another_clients_overwrite_is_seen_after_location_cache_ms(
     fs: Any, other_fs: Any, cache_dir: str
 ) -> None:
