@@ -15,6 +15,8 @@ with ``fetch=True``).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable
@@ -40,6 +42,9 @@ class CapabilityCache:
         self.max_entries = max_entries
         self.fetch_batch = fetch_batch
         self._caps: OrderedDict[tuple[int, int], cpb.Capability] = OrderedDict()
+        # Changes come from the loop and from callers' threads (a sync KV-cache
+        # lookup's reply); reads of one entry (peek) need no lock.
+        self._lock = threading.Lock()
         self.signed = False  # meta has sent a capability: this cluster checks them
 
     def __len__(self) -> int:
@@ -48,12 +53,13 @@ class CapabilityCache:
     def put(self, cap: cpb.Capability) -> None:
         """Keep ``cap`` for each right it grants."""
         self.signed = True
-        for right in (READ, WRITE):
-            if cap.rights & right:
-                self._caps[(cap.inode, right)] = cap
-                self._caps.move_to_end((cap.inode, right))
-        while len(self._caps) > self.max_entries:
-            self._caps.popitem(last=False)
+        with self._lock:
+            for right in (READ, WRITE):
+                if cap.rights & right:
+                    self._caps[(cap.inode, right)] = cap
+                    self._caps.move_to_end((cap.inode, right))
+            while len(self._caps) > self.max_entries:
+                self._caps.popitem(last=False)
 
     def usable_until_ms(self, inode: int, right: int) -> int | None:
         """When the capability held for (``inode``, ``right``) is due for renewal
@@ -62,9 +68,10 @@ class CapabilityCache:
         return None if cap is None else cap.expires_ms - self.renew_before_ms
 
     def forget(self, inodes: Iterable[int]) -> None:
-        for ino in inodes:
-            for right in (READ, WRITE):
-                self._caps.pop((ino, right), None)
+        with self._lock:
+            for ino in inodes:
+                for right in (READ, WRITE):
+                    self._caps.pop((ino, right), None)
 
     def peek(self, inode: int, right: int) -> cpb.Capability | None:
         """The capability held for (``inode``, ``right``) if fresh, else None.
@@ -79,7 +86,8 @@ class CapabilityCache:
         cap = self._caps.get((inode, right))
         if cap is None or cap.expires_ms - now_ms <= self.renew_before_ms:
             return None
-        self._caps.move_to_end((inode, right))
+        with contextlib.suppress(KeyError):  # dropped by another thread just now
+            self._caps.move_to_end((inode, right))
         return cap
 
     async def get(

@@ -31,12 +31,15 @@ import os
 import random
 import stat as stat_mod
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from google.protobuf.message import DecodeError
+
 from chainfs.common.background import cancel_and_wait
 from chainfs.common.dataplane import DataClient, DataPlaneConfig
+from chainfs.common.dataplane.sync_client import SyncDataClient
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing, data_address
 
@@ -457,6 +460,46 @@ class MetaClient:
             )
             rsp: pb.BatchStatRsp = await self.call("BatchStat", req)
             results.extend(rsp.results)
+        return self._stat_results(results)
+
+    def batch_stat_now(
+        self, sync: SyncDataClient, ats: Sequence[At], want_capability: int = 0
+    ) -> list[tuple[pb.Inode, cpb.Capability | None] | ChainfsError] | None:
+        """As :meth:`batch_stat_caps` with ``follow=False``, from the calling thread
+        over ``sync``'s blocking sockets: one attempt at the meta server the last
+        call succeeded on, no retry, no failover. None when there is no such
+        framed server yet, the request is over one call's bound, or the attempt
+        failed in any way (then ask :meth:`batch_stat_caps` on the loop: a stat
+        changes nothing, so asking again is safe)."""
+        addr = self._current
+        if addr is None or not addr.startswith(FRAME_PREFIX) or self._closed:
+            return None
+        paths = [path_at(a) for a in ats]
+        if sum(len(p.path) + 16 for p in paths) > BATCH_STAT_REQUEST_BYTES:
+            return None
+        req = pb.BatchStatReq(
+            req=self.request_info(), ats=paths, follow=False, want_capability=want_capability
+        )
+        address = addr[len(FRAME_PREFIX) :]
+        w = WIRE_METHODS["BatchStat"]
+        try:
+            _, header = sync.request(
+                address,
+                w.msg_type,
+                req.SerializeToString(),
+                fallback=self._unix_fallbacks.get(address),
+            )
+            rsp = pb.BatchStatRsp.FromString(header)
+        except (ChainfsError, DecodeError) as e:
+            log.debug("BatchStat from the calling thread at %s: %s", address, e)
+            return None
+        if len(rsp.results) != len(paths):
+            return None
+        return self._stat_results(rsp.results)
+
+    def _stat_results(
+        self, results: Iterable[pb.StatResult]
+    ) -> list[tuple[pb.Inode, cpb.Capability | None] | ChainfsError]:
         out: list[tuple[pb.Inode, cpb.Capability | None] | ChainfsError] = []
         for r in results:
             if r.code:
