@@ -54,19 +54,24 @@ def cache_dir() -> str:
 
 
 class MetaCalls:
-    """Counts the calls a client's MetaClient sends (by method name)."""
+    """Counts the calls a client's MetaClient sends (by method name), from its
+    loop and from callers' threads (``batch_stat_now``)."""
 
     def __init__(self, fs: Any) -> None:
         self.methods: list[str] = []
         meta = fs.aio.io.meta
-        real = meta.call
+        real, real_now = meta.call, meta.batch_stat_now
 
         async def counted(method: str, request: Any) -> Any:
             self.methods.append(method)
             return await real(method, request)
 
-        meta.call = counted
-        self._undo = lambda: delattr(meta, "call")
+        def counted_now(*args: Any, **kwargs: Any) -> Any:
+            self.methods.append("BatchStat")
+            return real_now(*args, **kwargs)
+
+        meta.call, meta.batch_stat_now = counted, counted_now
+        self._undo = lambda: (delattr(meta, "call"), delattr(meta, "batch_stat_now"))
 
     def take(self) -> list[str]:
         out, self.methods = self.methods, []

@@ -23,8 +23,10 @@ from typing import Any
 
 import pytest
 
+from chainfs.client.kvcache import backend as kv_backend
 from chainfs.client.kvcache.format import Key
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc.meta_wire import WIRE_METHODS
 from chainfs.local import LocalCluster
 from tests.integration.client_fixtures import module_cluster
 
@@ -399,3 +401,80 @@ def test_a_first_get_looks_the_name_up_then_reads_from_the_calling_thread(
     assert _served(lru) == (0, 1)
     for c in (writer, kv, fresh, lru):
         c.close()
+
+
+def _loop_primes(kv: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The keys a sync get primes on the loop thread from now on (recorded)."""
+    on_loop: list[Any] = []
+    real = kv.aio._prime
+
+    async def prime(key: Any) -> Any:
+        on_loop.append(key)
+        return await real(key)
+
+    monkeypatch.setattr(kv.aio, "_prime", prime)
+    return on_loop
+
+
+def test_a_first_get_asks_meta_from_the_calling_thread(
+    fs: Any, cache_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new handle knows its cache's directories from opening it, so a first
+    get asks meta for the key's name from the calling thread too: no hop to the
+    loop thread for a hit or a miss, and the stats count both. When that one
+    attempt gets no clean answer (meta's replies refused here), the get asks on
+    the loop and still returns the bytes put."""
+    monkeypatch.setattr(kv_backend, "_DIR_INO_TTL_S", LONG_MS / 1000)  # however slow the host
+    keys = [f"t{i}" for i in range(24)]
+    writer = fs.kvcache(cache_dir)
+    writer.batch_put(keys, [_value(i) for i in range(len(keys))])
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
+    on_loop = _loop_primes(kv, monkeypatch)
+    for i, k in enumerate(keys[:12]):
+        assert kv.get(k) == _value(i)
+    assert kv.get("absent") is None
+    assert on_loop == []
+    c = kv.aio._sync_gets.counts()
+    assert (c.misses, c.served, c.fallbacks) == (1, 12, 0)
+    s = kv.stats()
+    assert (s.lookups, s.misses, s.hits) == (13, 1, 12)
+
+    sync = kv.aio._sync_gets._reader.sync
+    real_request = sync.request
+    batch_stat = WIRE_METHODS["BatchStat"].msg_type
+
+    def refuse_meta(address: str, msg_type: int, *args: Any, **kwargs: Any) -> Any:
+        if msg_type == batch_stat:
+            raise ChainfsError(Code.UNAVAILABLE, "refused by the test")
+        return real_request(address, msg_type, *args, **kwargs)
+
+    monkeypatch.setattr(sync, "request", refuse_meta)
+    for i, k in enumerate(keys[12:], 12):
+        assert kv.get(k) == _value(i)
+    assert len(on_loop) == 12
+    assert kv.stats().lookups == 13 + 12  # the failed attempts count nothing
+    for c_ in (writer, kv):
+        c_.close()
+
+
+def test_first_gets_after_meta_restarts(
+    cluster: LocalCluster, fs: Any, cache_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 of meta and a restart while a handle holds a socket to it: the
+    calling thread's lookup on the dead socket fails, the get goes on through
+    the loop (which waits for meta), and every value read equals the value put;
+    later first gets ask from the calling thread again."""
+    monkeypatch.setattr(kv_backend, "_DIR_INO_TTL_S", LONG_MS / 1000)  # however slow the restart
+    keys = [f"r{i}" for i in range(30)]
+    writer = fs.kvcache(cache_dir)
+    writer.batch_put(keys, [_value(i) for i in range(len(keys))])
+    writer.close()
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
+    assert kv.get(keys[0]) == _value(0)  # a socket to meta is pooled now
+    cluster.kill_meta(0)
+    cluster.restart_meta(0)
+    on_loop = _loop_primes(kv, monkeypatch)
+    for i, k in enumerate(keys[1:], 1):
+        assert kv.get(k) == _value(i)
+    assert 1 <= len(on_loop) < len(keys) - 1
+    kv.close()

@@ -60,6 +60,11 @@ class SyncReader(Protocol):
         async path instead. The reads go out together (one frame per storage
         node)."""
 
+    def look_up(self, paths: Sequence[str]) -> list[EntryInfo | None] | None:
+        """As ``KVCacheBackend.kv_stat_many``, asked of meta from the calling
+        thread (one attempt, no retry); None for anything but a clean answer:
+        the caller asks through the async path instead."""
+
     def close(self) -> None:
         """Close its connections (idempotent)."""
 
@@ -182,6 +187,10 @@ class FsBackend:
                 await self._meta.mkdir(p, 0o777, parents=True)
 
         self._dirs.clear()
+        now = time.monotonic()
+        for p, r in zip(paths, found, strict=True):  # known now: lookups name entries by them
+            if not isinstance(r, ChainfsError) and r.type == mt.DIRECTORY:
+                self._dirs[p] = (r.ino, now)
         await asyncio.gather(*(mkdir(p) for p in missing))
 
     async def kv_stat_many(self, paths: Sequence[str]) -> list[EntryInfo | None]:
@@ -189,15 +198,29 @@ class FsBackend:
         found = await self._meta.batch_stat(
             await self._ats(paths), follow=False, want_capability=READ
         )
-        out: list[EntryInfo | None] = []
-        for p, r in zip(paths, found, strict=True):
-            if isinstance(r, ChainfsError):
-                if r.code in (Code.ENOENT, Code.ENOTDIR):
-                    out.append(None)
-                    continue
-                raise ChainfsError(r.code, r.message, p)
-            out.append(_entry_info(r))
-        return out
+        return _entry_infos(paths, found)
+
+    def _stat_now(
+        self, sync: SyncDataClient, paths: Sequence[str]
+    ) -> list[EntryInfo | None] | None:
+        """:meth:`kv_stat_many` from the calling thread (``SyncReader.look_up``):
+        only when every directory's inode is known and young, in one attempt."""
+        now = time.monotonic()
+        ats: list[At] = []
+        for p in paths:
+            d, name = p.rsplit("/", 1)
+            known = self._dirs.get(d or "/")  # one dict read: the loop thread writes it
+            if known is None or now - known[1] > _DIR_INO_TTL_S:
+                return None
+            ats.append((known[0], name))
+        found = self._io.meta.batch_stat_now(sync, ats, want_capability=READ)
+        if found is None:
+            return None
+        inodes = [r if isinstance(r, ChainfsError) else r[0] for r in found]
+        try:
+            return _entry_infos(paths, inodes)
+        except ChainfsError:
+            return None  # the loop path raises it, with its retries
 
     async def kv_read_many(self, reads: Sequence[tuple[EntryInfo, int, memoryview]]) -> list[int]:
         work = [
@@ -320,16 +343,20 @@ class FsBackend:
         sync = SyncDataClient(
             dataplane, io.config.credential(), connections_per_node, timeout_ms / 1000
         )
-        return _ChunkSyncReader(io, sync)
+        return _ChunkSyncReader(self, io, sync)
 
 
 class _ChunkSyncReader:
-    """SyncReader over the client's engine (``ChunkIO.read_now``, ``read_now_many``)
-    and its own sockets."""
+    """SyncReader over the client's engine (``ChunkIO.read_now``, ``read_now_many``,
+    ``MetaClient.batch_stat_now``) and its own sockets (to storage nodes and meta)."""
 
-    def __init__(self, io: ChunkIO, sync: SyncDataClient) -> None:
+    def __init__(self, backend: FsBackend, io: ChunkIO, sync: SyncDataClient) -> None:
+        self._backend = backend
         self._io = io  # its storage client is looked up per read: a fork()ed child has its own
         self.sync = sync
+
+    def look_up(self, paths: Sequence[str]) -> list[EntryInfo | None] | None:
+        return self._backend._stat_now(self.sync, paths)
 
     def read(self, info: EntryInfo, view: memoryview) -> bool:
         return self._io.read_now(self.sync, info.ino, info.layout, view)
@@ -345,6 +372,22 @@ class _ChunkSyncReader:
 
 _MKDIR_PARALLEL = 16  # directory creations in flight when a cache is first opened
 _DIR_INO_TTL_S = 5.0  # a directory's inode id is trusted this long (see FsBackend._dirs)
+
+
+def _entry_infos(
+    paths: Sequence[str], found: Sequence[mt.Inode | ChainfsError]
+) -> list[EntryInfo | None]:
+    """The entries of a batch stat's answers; None for an absent name (ENOENT,
+    ENOTDIR), any other error raised with its path."""
+    out: list[EntryInfo | None] = []
+    for p, r in zip(paths, found, strict=True):
+        if isinstance(r, ChainfsError):
+            if r.code in (Code.ENOENT, Code.ENOTDIR):
+                out.append(None)
+                continue
+            raise ChainfsError(r.code, r.message, p)
+        out.append(_entry_info(r))
+    return out
 
 
 def _entry_info(inode: mt.Inode) -> EntryInfo | None:

@@ -522,11 +522,12 @@ class AsyncKVCache:
 
         scans = await asyncio.gather(*(scan(s) for s in range(self.config.shards)))
         counts = dataclasses.replace(self._counts)
+        counts.lookups = self._entries.looked_up
         if self._sync_gets is not None:
             sync = self._sync_gets.counts()
             counts.sync_served, counts.sync_fallbacks = sync.served, sync.fallbacks
             counts.hits += sync.served
-        counts.lookups = self._entries.looked_up
+            counts.misses += sync.misses
         counts.renewals = self._renewer.renewed
         return KVStats(
             entries=sum(e for e, _ in scans),

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from enum import Enum
 
 from chainfs.client import metrics as client_metrics
-from chainfs.client.kvcache.backend import EntryInfo, KVCacheBackend
+from chainfs.client.kvcache.backend import EntryInfo, KVCacheBackend, SyncReader
 from chainfs.client.kvcache.config import KVCacheConfig
 from chainfs.client.kvcache.format import Check, Key, check_header, shard_dir_name
 from chainfs.client.kvcache.locations import Located, LocationCache
@@ -65,6 +66,7 @@ class Entries:
         # ino -> reads of this process in flight: pinned against its own eviction.
         self.pins: collections.Counter[int] = collections.Counter()
         self.looked_up = 0  # key names stat'ed at meta by lookups (for stats())
+        self._count_lock = threading.Lock()  # lookups come from callers' threads too
         # Key -> where its entry was found (gets skip meta while it is young).
         self.locations = LocationCache(config.location_cache_entries, config.location_cache_ms)
 
@@ -173,10 +175,33 @@ class Entries:
         then reads and checks it, as a get of a cached location does). Per key:
         True, its location is cached now; False, no entry of that name (a miss,
         as :meth:`find` would answer); None, anything else (take :meth:`find`)."""
-        locs = self.locations
-        looked_up_ns, generation = time.monotonic_ns(), locs.generation
+        looked_up_ns, generation = time.monotonic_ns(), self.locations.generation
         paths = [self.path(k, 0) for k in keys]
         infos = await self._look_up(paths)
+        return self._primed(keys, paths, infos, looked_up_ns, generation)
+
+    def prime_now(self, keys: list[Key], reader: SyncReader) -> list[bool | None] | None:
+        """:meth:`prime` from the calling thread, meta asked through ``reader``
+        (``SyncReader.look_up``); None when that got no clean answer (then
+        :meth:`prime` on the loop)."""
+        looked_up_ns, generation = time.monotonic_ns(), self.locations.generation
+        paths = [self.path(k, 0) for k in keys]
+        infos = reader.look_up(paths)
+        if infos is None:
+            return None
+        self._count_lookups(len(paths))
+        return self._primed(keys, paths, infos, looked_up_ns, generation)
+
+    def _primed(
+        self,
+        keys: list[Key],
+        paths: list[str],
+        infos: list[EntryInfo | None],
+        looked_up_ns: int,
+        generation: int,
+    ) -> list[bool | None]:
+        """What a lookup of ``keys``' first names found, cached (see :meth:`prime`)."""
+        locs = self.locations
         now_ns = time.time_ns()
         out: list[bool | None] = []
         for key, path, info in zip(keys, paths, infos, strict=True):
@@ -191,9 +216,13 @@ class Entries:
 
     async def _look_up(self, paths: list[str]) -> list[EntryInfo | None]:
         """Stat entry names at meta for a lookup, counted (stats(), the client's metrics)."""
-        self.looked_up += len(paths)
-        _LOOKUPS.inc(len(paths))
+        self._count_lookups(len(paths))
         return await self.store.kv_stat_many(paths)
+
+    def _count_lookups(self, n: int) -> None:
+        with self._count_lock:
+            self.looked_up += n
+        _LOOKUPS.inc(n)
 
     def _cached(self, keys: list[Key], probe: list[int]) -> dict[int, EntryInfo]:
         """Key index -> entry info of the keys with a usable cached location (their

@@ -78,7 +78,9 @@ class KVCache:
             return _CACHED
         if not fast.primes:
             return _UNKNOWN
-        got = self._loop.run(self._a._prime(key))
+        got = fast.prime(key)  # from this thread; else on the loop
+        if got is None:
+            got = self._loop.run(self._a._prime(key))
         return _UNKNOWN if got is None else _PRIMED if got else _ABSENT
 
     def get_into(self, key: KeyLike, buffer: Buffer) -> int:

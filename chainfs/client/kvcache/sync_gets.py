@@ -12,8 +12,13 @@ the entry read is checked exactly as the loop path checks it (header, key,
 length, CRC32C of the value: ``format.check_entry``). Anything else returns
 None and the caller takes the loop path, which keeps all its semantics
 (lookups, retries, failover, dropping a location that no longer holds the
-entry): this path never decides that a key is missing, and never returns
-bytes the loop path would not have returned from the same cached location.
+entry): this path never returns bytes the loop path would not have returned
+from the same cached location.
+
+A get of a key with no cached location first looks its first name up at
+meta (:meth:`SyncGets.prime`, from this thread when the handle knows the
+entry's directory; else on the loop): meta's answer that no entry has that
+name is the one miss decided here, as the loop path's lookup decides it.
 
 Unlike the loop path it does not pin the inode against this handle's own
 eviction: an entry evicted under the read fails the read or the check, and
@@ -22,6 +27,7 @@ the get falls back.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
@@ -41,6 +47,7 @@ _ON_LOOP = client_metrics.KV_SYNC_GETS.labels("loop")
 class SyncGetCounts:
     served: int = 0  # sync gets answered from the calling thread
     fallbacks: int = 0  # sync gets sent on to the loop path
+    misses: int = 0  # gets a lookup from the calling thread answered as misses
 
 
 class SyncGets:
@@ -57,7 +64,7 @@ class SyncGets:
 
     def counts(self) -> SyncGetCounts:
         with self._lock:
-            return SyncGetCounts(self._counts.served, self._counts.fallbacks)
+            return dataclasses.replace(self._counts)
 
     @property
     def primes(self) -> bool:
@@ -65,6 +72,19 @@ class SyncGets:
         loop and then read it here (not when access times are recorded: the loop
         path queues them)."""
         return not self._access.enabled
+
+    def prime(self, key: Key) -> bool | None:
+        """For a get of a key with no cached location: look its first name up at
+        meta from this thread (``Entries.prime_now``). True: its location is
+        cached now; False: no entry of that name (a miss, counted); None: no
+        clean answer here, prime it on the loop."""
+        got = self._entries.prime_now([key], self._reader)
+        if got is None:
+            return None
+        if got[0] is False:
+            with self._lock:
+                self._counts.misses += 1
+        return got[0]
 
     def get(self, key: Key, primed: bool = False) -> bytes | None:
         """``key``'s value if this thread can serve it cleanly; None: take the loop path.
