@@ -53,6 +53,18 @@ def cache_dir() -> str:
     return f"/kvloc{next(_dirs)}"
 
 
+class _CountingSync:
+    """A SyncDataClient whose requests (BatchStats from batch_stat_now) are counted
+    as they are sent."""
+
+    def __init__(self, sync: Any, methods: list[str]) -> None:
+        self._sync, self._methods = sync, methods
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        self._methods.append("BatchStat")
+        return self._sync.request(*args, **kwargs)
+
+
 class MetaCalls:
     """Counts the calls a client's MetaClient sends (by method name), from its
     loop and from callers' threads (``batch_stat_now``)."""
@@ -66,9 +78,8 @@ class MetaCalls:
             self.methods.append(method)
             return await real(method, request)
 
-        def counted_now(*args: Any, **kwargs: Any) -> Any:
-            self.methods.append("BatchStat")
-            return real_now(*args, **kwargs)
+        def counted_now(sync: Any, *args: Any, **kwargs: Any) -> Any:
+            return real_now(_CountingSync(sync, self.methods), *args, **kwargs)
 
         meta.call, meta.batch_stat_now = counted, counted_now
         self._undo = lambda: (delattr(meta, "call"), delattr(meta, "batch_stat_now"))

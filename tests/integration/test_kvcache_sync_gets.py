@@ -457,6 +457,50 @@ def test_a_first_get_asks_meta_from_the_calling_thread(
         c_.close()
 
 
+def test_a_thread_lookup_finding_another_keys_entry_goes_on_to_the_probes(
+    fs: Any, cache_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long key's first name holds a short key's empty entry (one-byte names
+    collide): too short to be the long key's, which the calling thread's lookup
+    settles. The get goes straight on to the loop path's probes (no second
+    lookup of that name on the loop) and is a miss: 3 BatchStats in all, as
+    before lookups were made from the calling thread."""
+    monkeypatch.setattr(kv_backend, "_DIR_INO_TTL_S", LONG_MS / 1000)
+    layout = {"shards": 1, "name_hash_bytes": 1}
+    want = Key.of("s", 1024).name(1, 0)
+    long_key = next(
+        k for k in (f"{'L' * 200}{i}" for i in range(100_000)) if Key.of(k, 1024).name(1, 0) == want
+    )
+    writer = fs.kvcache(cache_dir, **layout)
+    writer.put("s", b"")
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS, **layout)
+    on_loop = _loop_primes(kv, monkeypatch)
+    sent: list[str] = []
+    meta = fs.aio.io.meta
+    real_call = meta.call
+
+    async def call(method: str, request: Any) -> Any:
+        sent.append(method)
+        return await real_call(method, request)
+
+    monkeypatch.setattr(meta, "call", call)
+    sync = kv.aio._sync_gets._reader.sync
+    real_request = sync.request
+
+    def request(address: str, msg_type: int, *args: Any, **kwargs: Any) -> Any:
+        if msg_type == WIRE_METHODS["BatchStat"].msg_type:
+            sent.append("BatchStat from the thread")
+        return real_request(address, msg_type, *args, **kwargs)
+
+    monkeypatch.setattr(sync, "request", request)
+    assert kv.get(long_key) is None
+    assert on_loop == []
+    assert sent == ["BatchStat from the thread", "BatchStat", "BatchStat"]
+    assert kv.get("s") == b""
+    writer.close()
+    kv.close()
+
+
 def test_first_gets_after_meta_restarts(
     cluster: LocalCluster, fs: Any, cache_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 from chainfs.client.kvcache.cache import AsyncKVCache, Buffer, KeyLike, as_out_view
 from chainfs.client.kvcache.config import KVCacheConfig
 from chainfs.client.kvcache.format import Key
-from chainfs.client.kvcache.sync_gets import SyncGets
+from chainfs.client.kvcache.sync_gets import UNASKED, SyncGets
 
 if TYPE_CHECKING:
     from chainfs.client._loop import LoopThread
@@ -72,14 +72,15 @@ class KVCache:
 
     def _locate(self, fast: SyncGets, key: Key) -> object:
         """Where ``key``'s location stands for a sync get: _CACHED before this get,
-        _PRIMED by a lookup on the loop just now (``AsyncKVCache._prime``),
+        _PRIMED by a lookup just now (``SyncGets.prime`` from this thread, else
+        ``AsyncKVCache._prime`` on the loop),
         _ABSENT at meta, or _UNKNOWN (the loop path finds it)."""
         if self._a._entries.locations.holds(key):
             return _CACHED
         if not fast.primes:
             return _UNKNOWN
         got = fast.prime(key)  # from this thread; else on the loop
-        if got is None:
+        if got is UNASKED:
             got = self._loop.run(self._a._prime(key))
         return _UNKNOWN if got is None else _PRIMED if got else _ABSENT
 

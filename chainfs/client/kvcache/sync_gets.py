@@ -28,6 +28,7 @@ the get falls back.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import threading
 import time
 from collections.abc import Sequence
@@ -41,6 +42,15 @@ from chainfs.client.kvcache.format import Check, Key, check_entry
 
 _ON_THREAD = client_metrics.KV_SYNC_GETS.labels("thread")
 _ON_LOOP = client_metrics.KV_SYNC_GETS.labels("loop")
+
+
+class Unasked(enum.Enum):
+    """``SyncGets.prime`` got no answer from meta (ask on the loop)."""
+
+    UNASKED = 0
+
+
+UNASKED = Unasked.UNASKED
 
 
 @dataclass
@@ -73,14 +83,15 @@ class SyncGets:
         path queues them)."""
         return not self._access.enabled
 
-    def prime(self, key: Key) -> bool | None:
+    def prime(self, key: Key) -> bool | Unasked | None:
         """For a get of a key with no cached location: look its first name up at
         meta from this thread (``Entries.prime_now``). True: its location is
-        cached now; False: no entry of that name (a miss, counted); None: no
+        cached now; False: no entry of that name (a miss, counted); None: that
+        name holds another key's entry (the loop path probes on); UNASKED: no
         clean answer here, prime it on the loop."""
         got = self._entries.prime_now([key], self._reader)
         if got is None:
-            return None
+            return UNASKED
         if got[0] is False:
             with self._lock:
                 self._counts.misses += 1

@@ -466,8 +466,8 @@ class MetaClient:
         self, sync: SyncDataClient, ats: Sequence[At], want_capability: int = 0
     ) -> list[tuple[pb.Inode, cpb.Capability | None] | ChainfsError] | None:
         """As :meth:`batch_stat_caps` with ``follow=False``, from the calling thread
-        over ``sync``'s blocking sockets: one attempt at the meta server the last
-        call succeeded on, no retry, no failover. None when there is no such
+        over ``sync``'s blocking sockets: one attempt at the meta server calls go
+        to now (the one the last call chose), no retry, no failover. None when there is no such
         framed server yet, the request is over one call's bound, or the attempt
         failed in any way (then ask :meth:`batch_stat_caps` on the loop: a stat
         changes nothing, so asking again is safe)."""
