@@ -184,7 +184,9 @@ class FsBackend:
 
         async def mkdir(p: str) -> None:
             async with sem:
-                await self._meta.mkdir(p, 0o777, parents=True)
+                made = await self._meta.mkdir(p, 0o777, parents=True)
+            if made.type == mt.DIRECTORY and made.ino:
+                self._dirs[p] = (made.ino, time.monotonic())
 
         self._dirs.clear()
         now = time.monotonic()

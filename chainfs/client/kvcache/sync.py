@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 from chainfs.client.kvcache.cache import AsyncKVCache, Buffer, KeyLike, as_out_view
 from chainfs.client.kvcache.config import KVCacheConfig
 from chainfs.client.kvcache.format import Key
-from chainfs.client.kvcache.sync_gets import UNASKED, SyncGets
+from chainfs.client.kvcache.sync_gets import MISSING, UNASKED, SyncGets
 
 if TYPE_CHECKING:
     from chainfs.client._loop import LoopThread
@@ -102,16 +102,18 @@ class KVCache:
 
     def batch_get(self, keys: Sequence[KeyLike]) -> list[bytes | None]:
         """Values in key order, None for a missing key. The keys whose locations
-        this handle has cached are read from the calling thread, together (one
-        frame per storage node); the rest, and any such read that is not
-        served cleanly, go to the loop thread in one batch."""
+        this handle has cached, or can look up at meta from the calling thread
+        (one batch), are read from the calling thread, together (one frame per
+        storage node); the rest, and any such read that is not served cleanly,
+        go to the loop thread in one batch."""
         fast = self._a._sync_gets
         if fast is None or self._a.closed or not keys:
             return self._loop.run(self._a.batch_get(keys))
         keys = list(keys)  # any sized iterable, as the loop path takes
         limit = self.config.max_key_bytes
-        values = fast.get_many([Key.of(k, limit) for k in keys])
-        rest = [i for i, v in enumerate(values) if v is None]
+        got = fast.get_many([Key.of(k, limit) for k in keys])
+        values: list[bytes | None] = [None if v is MISSING else v for v in got]
+        rest = [i for i, v in enumerate(got) if v is None]
         if rest:
             more = self._loop.run(self._a.batch_get([keys[i] for i in rest]))
             for i, v in zip(rest, more, strict=True):

@@ -53,6 +53,15 @@ class Unasked(enum.Enum):
 UNASKED = Unasked.UNASKED
 
 
+class Missing(enum.Enum):
+    """A key of a batch that meta says has no entry (the batch's answer: a miss)."""
+
+    MISSING = 0
+
+
+MISSING = Missing.MISSING
+
+
 @dataclass
 class SyncGetCounts:
     served: int = 0  # sync gets answered from the calling thread
@@ -116,18 +125,21 @@ class SyncGets:
         out[: len(value)] = value
         return len(value)
 
-    def get_many(self, keys: Sequence[Key]) -> list[bytes | None]:
-        """Per key as :meth:`get` (of a cached location); the reads go out
-        together, one frame per storage node, ``max_batch_keys`` keys at a time."""
+    def get_many(self, keys: Sequence[Key]) -> list[bytes | Missing | None]:
+        """Per key as :meth:`get`; the reads go out together, one frame per
+        storage node, ``max_batch_keys`` keys at a time. Keys with no cached
+        location are looked up first, together (:meth:`_prime_many`): MISSING
+        for those meta says have no entry."""
         step = self._entries.config.max_batch_keys
-        out: list[bytes | None] = []
+        out: list[bytes | Missing | None] = []
         for lo in range(0, len(keys), step):
             values = self._read_many(keys[lo : lo + step], None)
-            out.extend(None if v is None else bytes(v) for v in values)
+            out.extend(v if v is None or v is MISSING else bytes(v) for v in values)
         return out
 
     def get_many_into(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
-        """Per key and buffer as :meth:`get_into`; the reads go out together."""
+        """Per key and buffer as :meth:`get_into` (-1 for a key meta says has
+        no entry); the reads go out together."""
         step = self._entries.config.max_batch_keys
         lengths: list[int | None] = []
         for lo in range(0, len(keys), step):
@@ -135,6 +147,8 @@ class SyncGets:
             for out, value in zip(some, self._read_many(keys[lo : lo + step], some), strict=True):
                 if value is None:
                     lengths.append(None)
+                elif value is MISSING:
+                    lengths.append(-1)
                 else:
                     out[: len(value)] = value
                     lengths.append(len(value))
@@ -179,15 +193,21 @@ class SyncGets:
 
     def _read_many(
         self, keys: Sequence[Key], outs: Sequence[memoryview] | None
-    ) -> list[memoryview | None]:
-        """Per key as :meth:`_read`, the reads sent together; ``outs``: the
-        buffers the values must fit (None: any length). Counted."""
+    ) -> list[memoryview | Missing | None]:
+        """Per key as :meth:`_read`, the reads sent together (MISSING: meta says
+        no entry has the key's name); ``outs``: the buffers the values must fit
+        (None: any length). Counted."""
         now_ns = time.time_ns()
-        values: list[memoryview | None] = [None] * len(keys)
+        values: list[memoryview | Missing | None] = [None] * len(keys)
+        infos: list[EntryInfo | None] = [
+            self._readable(key, None if outs is None else len(outs[i]), False, now_ns)
+            for i, key in enumerate(keys)
+        ]
+        if self.primes:
+            self._prime_many(keys, outs, infos, values)
         reads: list[tuple[EntryInfo, memoryview]] = []
         at: list[int] = []  # the position in ``keys`` of each read
-        for i, key in enumerate(keys):
-            info = self._readable(key, None if outs is None else len(outs[i]), False, now_ns)
+        for i, info in enumerate(infos):
             if info is not None:
                 reads.append((info, memoryview(bytearray(info.size))))
                 at.append(i)
@@ -198,8 +218,41 @@ class SyncGets:
                 if ok and check_entry(keys[i].raw, buf[:hlen], buf[hlen:]) is Check.OK:
                     values[i] = buf[hlen:]
                     served += 1
-        self._count(served, len(keys) - served)
+        missing = values.count(MISSING)
+        self._count(served, len(keys) - served - missing)
         return values
+
+    def _prime_many(
+        self,
+        keys: Sequence[Key],
+        outs: Sequence[memoryview] | None,
+        infos: list[EntryInfo | None],
+        values: list[memoryview | Missing | None],
+    ) -> None:
+        """Look up, in one metadata batch from this thread, the keys of a batch
+        with no cached location: fills ``infos`` for those now cached (the
+        entries to read) and ``values`` with MISSING for those with no entry.
+        Nothing is filled if meta gave no clean answer (the loop path looks
+        them up), nor for a name holding another key's entry (its probes)."""
+        locs = self._entries.locations
+        todo = [i for i, info in enumerate(infos) if info is None and not locs.holds(keys[i])]
+        if not todo:
+            return
+        got = self._entries.prime_now([keys[i] for i in todo], self._reader)
+        if got is None:
+            return
+        now_ns = time.time_ns()
+        misses = 0
+        for i, found in zip(todo, got, strict=True):
+            if found is False:
+                values[i] = MISSING
+                misses += 1
+            elif found:
+                room = None if outs is None else len(outs[i])
+                infos[i] = self._readable(keys[i], room, True, now_ns)
+        if misses:
+            with self._lock:
+                self._counts.misses += misses
 
     def close(self) -> None:
         self._reader.close()
