@@ -527,3 +527,67 @@ def test_first_gets_after_meta_restarts(
         assert kv.get(k) == _value(i)
     assert 1 <= len(on_loop) < len(keys) - 1
     kv.close()
+
+
+def _count_batch_stats(fs: Any, kv: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """BatchStats as they are sent: from the loop, and from callers' threads."""
+    sent: list[str] = []
+    meta = fs.aio.io.meta
+    real_call = meta.call
+
+    async def call(method: str, request: Any) -> Any:
+        if method == "BatchStat":
+            sent.append("loop")
+        return await real_call(method, request)
+
+    monkeypatch.setattr(meta, "call", call)
+    sync = kv.aio._sync_gets._reader.sync
+    real_request = sync.request
+
+    def request(address: str, msg_type: int, *args: Any, **kwargs: Any) -> Any:
+        if msg_type == WIRE_METHODS["BatchStat"].msg_type:
+            sent.append("thread")
+        return real_request(address, msg_type, *args, **kwargs)
+
+    monkeypatch.setattr(sync, "request", request)
+    return sent
+
+
+def test_a_first_batch_is_looked_up_once_from_the_calling_thread(
+    fs: Any, cache_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new handle's batch of keys it has not seen costs one BatchStat, sent
+    from the calling thread, and is read from there, even when the batch holds
+    more keys than the location cache (they are read from the lookup's answer);
+    a key with no entry is a miss. When meta refuses the calling thread's lookup
+    the whole batch goes through the loop, with the same answers."""
+    keys = [f"b{i}" for i in range(8)]
+    writer = fs.kvcache(cache_dir)
+    writer.batch_put(keys, [_value(i) for i in range(len(keys))])
+    want = [_value(i) for i in range(len(keys))]
+    kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS, location_cache_entries=4)
+    sent = _count_batch_stats(fs, kv, monkeypatch)
+    assert kv.batch_get([*keys, "absent"]) == [*want, None]
+    assert sent == ["thread"]
+    c = kv.aio._sync_gets.counts()
+    assert (c.served, c.fallbacks, c.misses) == (8, 0, 1)
+    s = kv.stats()
+    assert (s.lookups, s.hits, s.misses) == (9, 8, 1)
+
+    refused = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
+    sync = refused.aio._sync_gets._reader.sync
+    real_request = sync.request
+
+    def refuse_meta(address: str, msg_type: int, *args: Any, **kwargs: Any) -> Any:
+        if msg_type == WIRE_METHODS["BatchStat"].msg_type:
+            raise ChainfsError(Code.UNAVAILABLE, "refused by the test")
+        return real_request(address, msg_type, *args, **kwargs)
+
+    monkeypatch.setattr(sync, "request", refuse_meta)
+    bufs = [bytearray(4096) for _ in range(len(keys) + 1)]
+    assert refused.batch_get_into([*keys, "absent"], bufs) == [4096] * len(keys) + [-1]
+    assert [bytes(b) for b in bufs[:-1]] == want
+    c = refused.aio._sync_gets.counts()
+    assert (c.served, c.fallbacks, c.misses) == (0, len(keys) + 1, 0)
+    for h in (writer, kv, refused):
+        h.close()

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from enum import Enum
+from typing import Literal
 
 from chainfs.client import metrics as client_metrics
 from chainfs.client.kvcache.backend import EntryInfo, KVCacheBackend, SyncReader
@@ -178,12 +179,16 @@ class Entries:
         looked_up_ns, generation = time.monotonic_ns(), self.locations.generation
         paths = [self.path(k, 0) for k in keys]
         infos = await self._look_up(paths)
-        return self._primed(keys, paths, infos, looked_up_ns, generation)
+        primed = self._primed(keys, paths, infos, looked_up_ns, generation)
+        return [True if isinstance(p, EntryInfo) else p for p in primed]
 
-    def prime_now(self, keys: list[Key], reader: SyncReader) -> list[bool | None] | None:
+    def prime_now(
+        self, keys: list[Key], reader: SyncReader
+    ) -> list[EntryInfo | Literal[False] | None] | None:
         """:meth:`prime` from the calling thread, meta asked through ``reader``
-        (``SyncReader.look_up``); None when that got no clean answer (then
-        :meth:`prime` on the loop)."""
+        (``SyncReader.look_up``); per key the entry found and cached in place of
+        True. None when that got no clean answer (then :meth:`prime` on the
+        loop)."""
         looked_up_ns, generation = time.monotonic_ns(), self.locations.generation
         paths = [self.path(k, 0) for k in keys]
         infos = reader.look_up(paths)
@@ -199,19 +204,22 @@ class Entries:
         infos: list[EntryInfo | None],
         looked_up_ns: int,
         generation: int,
-    ) -> list[bool | None]:
-        """What a lookup of ``keys``' first names found, cached (see :meth:`prime`)."""
+    ) -> list[EntryInfo | Literal[False] | None]:
+        """What a lookup of ``keys``' first names found, cached (see :meth:`prime`):
+        per key the entry (cached now), False (no entry) or None (another key's
+        entry, or a lookup older than a drop of the key: not cached)."""
         locs = self.locations
         now_ns = time.time_ns()
-        out: list[bool | None] = []
+        out: list[EntryInfo | Literal[False] | None] = []
         for key, path, info in zip(keys, paths, infos, strict=True):
             if info is None or self.expired(info, now_ns):
                 out.append(False)
             elif info.size < key.header_len:
                 out.append(None)  # too short for this key's entry: another key's
+            elif locs.put(key, Located(0, info), path, path, looked_up_ns, generation, True):
+                out.append(info)
             else:
-                locs.put(key, Located(0, info), path, path, looked_up_ns, generation, True)
-                out.append(True)
+                out.append(None)  # dropped since the lookup began: find it anew
         return out
 
     async def _look_up(self, paths: list[str]) -> list[EntryInfo | None]:

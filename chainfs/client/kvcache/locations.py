@@ -147,13 +147,14 @@ class LocationCache:
         looked_up_ns: int,
         generation: int,
         used: bool,
-    ) -> None:
+    ) -> bool:
         """Remember ``key``'s entry (file ``path``) found by a lookup sent at
         ``looked_up_ns``, unless something was dropped since that lookup began
-        (``generation``). ``used``: found for a get (renewed while gets go on)."""
+        (``generation``): False then (or when the cache is off). ``used``:
+        found for a get (renewed while gets go on)."""
         with self._lock:
             if not self.enabled or self._stale(key.raw, base, generation):
-                return
+                return False
             old = self._by_key.get(key.raw)
             if old is not None:
                 self._remove(key.raw, old)
@@ -166,6 +167,7 @@ class LocationCache:
                 raw, c = self._by_key.popitem(last=False)
                 self._active.pop(raw, None)
                 self._unindex(raw, c.base)
+            return True
 
     def drop_keys(self, keys: Iterable[Key]) -> None:
         with self._lock:

@@ -101,10 +101,12 @@ class SyncGets:
         got = self._entries.prime_now([key], self._reader)
         if got is None:
             return UNASKED
-        if got[0] is False:
+        found = got[0]
+        if found is False:
             with self._lock:
                 self._counts.misses += 1
-        return got[0]
+            return False
+        return None if found is None else True
 
     def get(self, key: Key, primed: bool = False) -> bytes | None:
         """``key``'s value if this thread can serve it cleanly; None: take the loop path.
@@ -167,9 +169,10 @@ class SyncGets:
         """The cached entry this thread may read for ``key``, or None; ``room``:
         the most value bytes the caller can take (None: any)."""
         loc = self._entries.locations.get(key, take=not primed)
-        if loc is None:
-            return None
-        info = loc.info
+        return None if loc is None else self._usable(key, loc.info, room, now_ns)
+
+    def _usable(self, key: Key, info: EntryInfo, room: int | None, now_ns: int) -> EntryInfo | None:
+        """``info`` if this thread may read ``key``'s entry there (see _readable)."""
         if self._entries.expired(info, now_ns) or not self._access.is_current(info, now_ns):
             return None  # the loop path drops the location / queues the access time
         vlen = info.size - key.header_len
@@ -247,9 +250,9 @@ class SyncGets:
             if found is False:
                 values[i] = MISSING
                 misses += 1
-            elif found:
+            elif found is not None:  # read from the answer: a batch may outgrow the cache
                 room = None if outs is None else len(outs[i])
-                infos[i] = self._readable(keys[i], room, True, now_ns)
+                infos[i] = self._usable(keys[i], found, room, now_ns)
         if misses:
             with self._lock:
                 self._counts.misses += misses
