@@ -424,6 +424,43 @@ def _loop_primes(kv: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return on_loop
 
 
+def _count_batch_stats(fs: Any, kv: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """BatchStats as they are sent: from the loop, and from callers' threads."""
+    sent: list[str] = []
+    meta = fs.aio.io.meta
+    real_call = meta.call
+
+    async def call(method: str, request: Any) -> Any:
+        if method == "BatchStat":
+            sent.append("loop")
+        return await real_call(method, request)
+
+    monkeypatch.setattr(meta, "call", call)
+    sync = kv.aio._sync_gets._reader.sync
+    real_request = sync.request
+
+    def request(address: str, msg_type: int, *args: Any, **kwargs: Any) -> Any:
+        if msg_type == WIRE_METHODS["BatchStat"].msg_type:
+            sent.append("thread")
+        return real_request(address, msg_type, *args, **kwargs)
+
+    monkeypatch.setattr(sync, "request", request)
+    return sent
+
+
+def _refuse_thread_lookups(kv: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Meta refuses every lookup sent from a caller's thread of this handle."""
+    sync = kv.aio._sync_gets._reader.sync
+    real_request = sync.request
+
+    def refuse_meta(address: str, msg_type: int, *args: Any, **kwargs: Any) -> Any:
+        if msg_type == WIRE_METHODS["BatchStat"].msg_type:
+            raise ChainfsError(Code.UNAVAILABLE, "refused by the test")
+        return real_request(address, msg_type, *args, **kwargs)
+
+    monkeypatch.setattr(sync, "request", refuse_meta)
+
+
 def test_a_first_get_asks_meta_from_the_calling_thread(
     fs: Any, cache_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -446,16 +483,7 @@ def test_a_first_get_asks_meta_from_the_calling_thread(
     s = kv.stats()
     assert (s.lookups, s.misses, s.hits) == (13, 1, 12)
 
-    sync = kv.aio._sync_gets._reader.sync
-    real_request = sync.request
-    batch_stat = WIRE_METHODS["BatchStat"].msg_type
-
-    def refuse_meta(address: str, msg_type: int, *args: Any, **kwargs: Any) -> Any:
-        if msg_type == batch_stat:
-            raise ChainfsError(Code.UNAVAILABLE, "refused by the test")
-        return real_request(address, msg_type, *args, **kwargs)
-
-    monkeypatch.setattr(sync, "request", refuse_meta)
+    _refuse_thread_lookups(kv, monkeypatch)
     for i, k in enumerate(keys[12:], 12):
         assert kv.get(k) == _value(i)
     assert len(on_loop) == 12
@@ -481,27 +509,10 @@ def test_a_thread_lookup_finding_another_keys_entry_goes_on_to_the_probes(
     writer.put("s", b"")
     kv = fs.kvcache(cache_dir, location_cache_ms=LONG_MS, **layout)
     on_loop = _loop_primes(kv, monkeypatch)
-    sent: list[str] = []
-    meta = fs.aio.io.meta
-    real_call = meta.call
-
-    async def call(method: str, request: Any) -> Any:
-        sent.append(method)
-        return await real_call(method, request)
-
-    monkeypatch.setattr(meta, "call", call)
-    sync = kv.aio._sync_gets._reader.sync
-    real_request = sync.request
-
-    def request(address: str, msg_type: int, *args: Any, **kwargs: Any) -> Any:
-        if msg_type == WIRE_METHODS["BatchStat"].msg_type:
-            sent.append("BatchStat from the thread")
-        return real_request(address, msg_type, *args, **kwargs)
-
-    monkeypatch.setattr(sync, "request", request)
+    sent = _count_batch_stats(fs, kv, monkeypatch)
     assert kv.get(long_key) is None
     assert on_loop == []
-    assert sent == ["BatchStat from the thread", "BatchStat", "BatchStat"]
+    assert sent == ["thread", "loop", "loop"]
     assert kv.get("s") == b""
     writer.close()
     kv.close()
@@ -529,30 +540,6 @@ def test_first_gets_after_meta_restarts(
     kv.close()
 
 
-def _count_batch_stats(fs: Any, kv: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """BatchStats as they are sent: from the loop, and from callers' threads."""
-    sent: list[str] = []
-    meta = fs.aio.io.meta
-    real_call = meta.call
-
-    async def call(method: str, request: Any) -> Any:
-        if method == "BatchStat":
-            sent.append("loop")
-        return await real_call(method, request)
-
-    monkeypatch.setattr(meta, "call", call)
-    sync = kv.aio._sync_gets._reader.sync
-    real_request = sync.request
-
-    def request(address: str, msg_type: int, *args: Any, **kwargs: Any) -> Any:
-        if msg_type == WIRE_METHODS["BatchStat"].msg_type:
-            sent.append("thread")
-        return real_request(address, msg_type, *args, **kwargs)
-
-    monkeypatch.setattr(sync, "request", request)
-    return sent
-
-
 def test_a_first_batch_is_looked_up_once_from_the_calling_thread(
     fs: Any, cache_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -575,15 +562,7 @@ def test_a_first_batch_is_looked_up_once_from_the_calling_thread(
     assert (s.lookups, s.hits, s.misses) == (9, 8, 1)
 
     refused = fs.kvcache(cache_dir, location_cache_ms=LONG_MS)
-    sync = refused.aio._sync_gets._reader.sync
-    real_request = sync.request
-
-    def refuse_meta(address: str, msg_type: int, *args: Any, **kwargs: Any) -> Any:
-        if msg_type == WIRE_METHODS["BatchStat"].msg_type:
-            raise ChainfsError(Code.UNAVAILABLE, "refused by the test")
-        return real_request(address, msg_type, *args, **kwargs)
-
-    monkeypatch.setattr(sync, "request", refuse_meta)
+    _refuse_thread_lookups(refused, monkeypatch)
     bufs = [bytearray(4096) for _ in range(len(keys) + 1)]
     assert refused.batch_get_into([*keys, "absent"], bufs) == [4096] * len(keys) + [-1]
     assert [bytes(b) for b in bufs[:-1]] == want
