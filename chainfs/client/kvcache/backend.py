@@ -144,19 +144,29 @@ class FsBackend:
         # directory removed and made again is noticed within that time.
         self._dirs: dict[str, tuple[int, float]] = {}
 
+    def _young_dir(self, d: str, now: float) -> int | None:
+        """The inode id of directory ``d`` if learned within _DIR_INO_TTL_S of
+        ``now`` (one dict read: callers' threads use it too; the loop writes)."""
+        known = self._dirs.get(d)
+        return None if known is None or now - known[1] > _DIR_INO_TTL_S else known[0]
+
+    def _note_dir(self, d: str, found: mt.Inode | ChainfsError, now: float) -> None:
+        """Remember what a stat or mkdir of ``d`` answered (forget it unless a directory)."""
+        if isinstance(found, ChainfsError) or found.type != mt.DIRECTORY or not found.ino:
+            self._dirs.pop(d, None)
+        else:
+            self._dirs[d] = (found.ino, now)
+
     async def _dir_inos(self, dirs: set[str], fetch: bool = True) -> dict[str, int]:
         """Inode ids of directories: cached ones, and (``fetch``) stale ones asked of meta."""
         now = time.monotonic()
-        stale = [d for d in dirs if d not in self._dirs or now - self._dirs[d][1] > _DIR_INO_TTL_S]
+        stale = [d for d in dirs if self._young_dir(d, now) is None]
         if stale and not fetch:
             return {d: self._dirs[d][0] for d in dirs if d not in stale}
         if stale:
             found = await self._meta.batch_stat(stale, follow=True)
             for d, r in zip(stale, found, strict=True):
-                if isinstance(r, ChainfsError) or r.type != mt.DIRECTORY:
-                    self._dirs.pop(d, None)
-                else:
-                    self._dirs[d] = (r.ino, now)
+                self._note_dir(d, r, now)
         return {d: self._dirs[d][0] for d in dirs if d in self._dirs}
 
     async def _ats(self, paths: Sequence[str], fetch: bool = True) -> list[At]:
@@ -185,14 +195,13 @@ class FsBackend:
         async def mkdir(p: str) -> None:
             async with sem:
                 made = await self._meta.mkdir(p, 0o777, parents=True)
-            if made.type == mt.DIRECTORY and made.ino:
-                self._dirs[p] = (made.ino, time.monotonic())
+            self._note_dir(p, made, time.monotonic())
 
         self._dirs.clear()
         now = time.monotonic()
         for p, r in zip(paths, found, strict=True):  # known now: lookups name entries by them
-            if not isinstance(r, ChainfsError) and r.type == mt.DIRECTORY:
-                self._dirs[p] = (r.ino, now)
+            if p not in missing:
+                self._note_dir(p, r, now)
         await asyncio.gather(*(mkdir(p) for p in missing))
 
     async def kv_stat_many(self, paths: Sequence[str]) -> list[EntryInfo | None]:
@@ -211,10 +220,10 @@ class FsBackend:
         ats: list[At] = []
         for p in paths:
             d, name = p.rsplit("/", 1)
-            known = self._dirs.get(d or "/")  # one dict read: the loop thread writes it
-            if known is None or now - known[1] > _DIR_INO_TTL_S:
+            ino = self._young_dir(d or "/", now)
+            if ino is None:
                 return None
-            ats.append((known[0], name))
+            ats.append((ino, name))
         found = self._io.meta.batch_stat_now(sync, ats, want_capability=READ)
         if found is None:
             return None

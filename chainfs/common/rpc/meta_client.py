@@ -467,10 +467,10 @@ class MetaClient:
     ) -> list[tuple[pb.Inode, cpb.Capability | None] | ChainfsError] | None:
         """As :meth:`batch_stat_caps` with ``follow=False``, from the calling thread
         over ``sync``'s blocking sockets: one attempt at the meta server calls go
-        to now (the one the last call chose), no retry, no failover. None when there is no such
-        framed server yet, the request is over one call's bound, or the attempt
-        failed in any way (then ask :meth:`batch_stat_caps` on the loop: a stat
-        changes nothing, so asking again is safe)."""
+        to now (the one the last call chose), no retry, no failover. None when
+        there is no such framed server yet, the request is over one call's
+        bound, or the attempt failed in any way (then ask :meth:`batch_stat_caps`
+        on the loop: a stat changes nothing, so asking again is safe)."""
         addr = self._current
         if addr is None or not addr.startswith(FRAME_PREFIX) or self._closed:
             return None
