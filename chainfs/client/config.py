@@ -39,6 +39,14 @@ class ClientConfig:
     # One attempt of a metadata call on one meta server: a server silent this
     # long (hung, host gone) is left for another; the retry keeps the request id.
     meta_attempt_timeout_ms: int = 5_000
+    # Namespace calls of the sync FileSystem (stat, exists, listdir, mkdir,
+    # rename, remove, chmod, ...) go to meta from the calling thread, over at
+    # most this many blocking sockets per meta server: one attempt, bounded by
+    # meta_attempt_timeout_ms. An attempt that gets no answer, or finds every
+    # socket busy, goes on through the loop thread with the same request id.
+    # 0: every call goes through the loop thread. Plain sockets only: with TLS
+    # on, calls take the loop thread.
+    meta_sync_connections: int = 8
     # Read groups (one read_batch call of up to read_group_bytes / read_group_ios)
     # in flight per FileSystem: keeps every storage node busy, bounds queues.
     max_inflight_reads: int = 16
@@ -128,6 +136,8 @@ class ClientConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if not 0 <= self.meta_sync_connections <= 64:
+            raise ValueError("meta_sync_connections must be in [0, 64]")
         if not 0 <= self.meta_stat_coalesce_inflight <= 1024:
             raise ValueError("meta_stat_coalesce_inflight must be in [0, 1024]")
         if not 1 <= self.meta_stat_batch_max <= 4096:

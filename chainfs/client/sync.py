@@ -1,8 +1,12 @@
 """`chainfs.connect(address)` -> FileSystem: the synchronous twin of AsyncFileSystem.
 
-Each FileSystem owns one background thread running a uvloop event loop; every
-call runs the async core there and waits for it. Calls may come from any
-number of threads at once (they run concurrently on the loop).
+Each FileSystem owns one background thread running a uvloop event loop; a
+call runs the async core there and waits for it. Namespace calls (stat,
+listdir, mkdir, rename, remove, ...) are the exception: their async core
+awaits nothing but meta calls, so it runs in the calling thread and asks meta
+from there (``ClientConfig.meta_sync_connections``), the loop thread taking
+over only for a call that gets no answer (:func:`run_in_caller`). Calls may
+come from any number of threads at once.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import io
 import logging
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from chainfs.client._loop import LoopThread
 from chainfs.client.aio_fs import AsyncFileSystem, DirEntry, Range, StatResult, StatVFS
@@ -22,6 +26,7 @@ from chainfs.client.aio_fs import connect as aio_connect
 from chainfs.client.config import ClientConfig, resolve_address
 from chainfs.client.file import Mode
 from chainfs.client.sync_file import File
+from chainfs.common.rpc.meta_client import CallerThread, run_in_caller
 
 if TYPE_CHECKING:
     from chainfs.client.kvcache import KVCache, KVCacheConfig
@@ -33,6 +38,8 @@ BinaryMode = Literal[
 ]  # fmt: skip
 
 _log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Bound on closing one FileSystem left open at interpreter exit.
 _EXIT_CLOSE_TIMEOUT_S = 5.0
@@ -58,7 +65,23 @@ class FileSystem:
     def __init__(self, afs: AsyncFileSystem, loop: LoopThread) -> None:
         self._afs = afs
         self._loop = loop
+        self._caller: CallerThread | None = None
+        cfg = afs.config
+        if cfg.meta_sync_connections:
+            sync = afs.io.meta.sync_client(
+                cfg.meta_sync_connections, cfg.meta_attempt_timeout_ms / 1000
+            )
+            if sync is not None:
+                self._caller = CallerThread(sync, loop.run)
         _open_filesystems.add(self)
+
+    def _namespace(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a namespace call of the async core (it awaits meta calls only)
+        in this thread, meta asked from here; on the loop when that is off."""
+        caller = self._caller
+        if caller is None or self._loop.in_loop_thread():
+            return self._loop.run(coro)
+        return run_in_caller(coro, caller)
 
     @classmethod
     def connect(
@@ -193,62 +216,62 @@ class FileSystem:
 
     # -- namespace -----------------------------------------------------------
     def stat(self, path: str, follow_symlinks: bool = True) -> StatResult:
-        return self._loop.run(self._afs.stat(path, follow_symlinks))
+        return self._namespace(self._afs.stat(path, follow_symlinks))
 
     def lstat(self, path: str) -> StatResult:
-        return self._loop.run(self._afs.lstat(path))
+        return self._namespace(self._afs.lstat(path))
 
     def exists(self, path: str) -> bool:
-        return self._loop.run(self._afs.exists(path))
+        return self._namespace(self._afs.exists(path))
 
     def isdir(self, path: str) -> bool:
-        return self._loop.run(self._afs.isdir(path))
+        return self._namespace(self._afs.isdir(path))
 
     def isfile(self, path: str) -> bool:
-        return self._loop.run(self._afs.isfile(path))
+        return self._namespace(self._afs.isfile(path))
 
     def listdir(self, path: str = "/") -> list[str]:
-        return self._loop.run(self._afs.listdir(path))
+        return self._namespace(self._afs.listdir(path))
 
     def scandir(self, path: str = "/") -> list[DirEntry]:
-        return self._loop.run(self._afs.scandir(path))
+        return self._namespace(self._afs.scandir(path))
 
     def mkdir(
         self, path: str, mode: int = 0o777, parents: bool = False, exist_ok: bool = False
     ) -> None:
-        self._loop.run(self._afs.mkdir(path, mode, parents, exist_ok))
+        self._namespace(self._afs.mkdir(path, mode, parents, exist_ok))
 
     def makedirs(self, path: str, mode: int = 0o777, exist_ok: bool = False) -> None:
-        self._loop.run(self._afs.makedirs(path, mode, exist_ok))
+        self._namespace(self._afs.makedirs(path, mode, exist_ok))
 
     def remove(self, path: str) -> None:
-        self._loop.run(self._afs.remove(path))
+        self._namespace(self._afs.remove(path))
 
     unlink = remove
 
     def rmdir(self, path: str) -> None:
-        self._loop.run(self._afs.rmdir(path))
+        self._namespace(self._afs.rmdir(path))
 
     def rename(self, src: str, dst: str) -> None:
-        self._loop.run(self._afs.rename(src, dst))
+        self._namespace(self._afs.rename(src, dst))
 
     def symlink(self, target: str, path: str) -> None:
-        self._loop.run(self._afs.symlink(target, path))
+        self._namespace(self._afs.symlink(target, path))
 
     def link(self, src: str, dst: str) -> None:
-        self._loop.run(self._afs.link(src, dst))
+        self._namespace(self._afs.link(src, dst))
 
     def readlink(self, path: str) -> str:
-        return self._loop.run(self._afs.readlink(path))
+        return self._namespace(self._afs.readlink(path))
 
     def truncate(self, path: str, length: int) -> None:
-        self._loop.run(self._afs.truncate(path, length))
+        self._namespace(self._afs.truncate(path, length))
 
     def chmod(self, path: str, mode: int) -> None:
-        self._loop.run(self._afs.chmod(path, mode))
+        self._namespace(self._afs.chmod(path, mode))
 
     def chown(self, path: str, uid: int, gid: int) -> None:
-        self._loop.run(self._afs.chown(path, uid, gid))
+        self._namespace(self._afs.chown(path, uid, gid))
 
     def utime(
         self,
@@ -257,28 +280,28 @@ class FileSystem:
         *,
         ns: tuple[int, int] | None = None,
     ) -> None:
-        self._loop.run(self._afs.utime(path, times, ns=ns))
+        self._namespace(self._afs.utime(path, times, ns=ns))
 
     def mknod(self, path: str, mode: int = 0o600, device: int = 0) -> None:
-        self._loop.run(self._afs.mknod(path, mode, device))
+        self._namespace(self._afs.mknod(path, mode, device))
 
     def fallocate(self, path: str, offset: int, length: int, mode: int = 0) -> None:
         self._loop.run(self._afs.fallocate(path, offset, length, mode))
 
     def statfs(self) -> StatVFS:
-        return self._loop.run(self._afs.statfs())
+        return self._namespace(self._afs.statfs())
 
     def getxattr(self, path: str, name: str) -> bytes:
-        return self._loop.run(self._afs.getxattr(path, name))
+        return self._namespace(self._afs.getxattr(path, name))
 
     def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
-        self._loop.run(self._afs.setxattr(path, name, value, flags))
+        self._namespace(self._afs.setxattr(path, name, value, flags))
 
     def listxattr(self, path: str) -> list[str]:
-        return self._loop.run(self._afs.listxattr(path))
+        return self._namespace(self._afs.listxattr(path))
 
     def removexattr(self, path: str, name: str) -> None:
-        self._loop.run(self._afs.removexattr(path, name))
+        self._namespace(self._afs.removexattr(path, name))
 
     # -- lifetime ------------------------------------------------------------
     def close(self, timeout_s: float | None = None) -> None:
@@ -288,6 +311,8 @@ class FileSystem:
         thread is stopped either way.
         """
         _open_filesystems.discard(self)
+        if self._caller is not None:
+            self._caller.sync.close()
         if not self._loop.alive:
             return
         try:

@@ -10,7 +10,6 @@ import errno
 import io
 import os
 import stat
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -20,7 +19,7 @@ from chainfs.client.config import ClientConfig
 from chainfs.client.sync import FileSystem
 from chainfs.local import LocalCluster
 from tests.conftest import require
-from tests.integration.client_fixtures import CHUNK, module_cluster, pattern
+from tests.integration.client_fixtures import CHUNK, in_threads, module_cluster, pattern
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -351,21 +350,13 @@ def test_namespace_ops(fs: FileSystem) -> None:
 
 def test_concurrent_threads_share_one_filesystem(fs: FileSystem) -> None:
     fs.mkdir("/e2e", exist_ok=True)
-    errors: list[BaseException] = []
 
     def worker(k: int) -> None:
-        try:
-            data = pattern(CHUNK + k * 1000, f"t{k}")
-            fs.write_file(f"/e2e/thread{k}.bin", data)
-            assert fs.read_file(f"/e2e/thread{k}.bin") == data
-        except BaseException as e:
-            errors.append(e)
+        data = pattern(CHUNK + k * 1000, f"t{k}")
+        fs.write_file(f"/e2e/thread{k}.bin", data)
+        assert fs.read_file(f"/e2e/thread{k}.bin") == data
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = in_threads(worker, 6)
     assert not errors, errors
 
 

@@ -25,15 +25,16 @@ keep-alives so meta does not take it for a vanished client.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import os
 import random
 import stat as stat_mod
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from google.protobuf.message import DecodeError
 
@@ -79,6 +80,11 @@ META_RETRY = RetryPolicy(backoff_initial_s=0.02)
 # conflicts in a row.
 _FAILOVER = frozenset({Code.UNAVAILABLE, Code.NOT_PRIMARY_META, Code.ETIMEDOUT})
 _RETRY_SAME = frozenset({Code.TXN_CONFLICT, Code.TXN_TOO_OLD, Code.EAGAIN})
+# An attempt from a caller's thread that ends so is asked again on the loop
+# (same request id) instead of answering the caller: as above, or no socket
+# could be had (all busy), the request was over a frame's bound, or the reply
+# was malformed.
+_ASK_ON_LOOP = _FAILOVER | _RETRY_SAME | {Code.EBUSY, Code.E2BIG, Code.BAD_FRAME}
 
 FRAME_PREFIX = "frame://"  # a static address served over the framed data plane
 
@@ -201,6 +207,42 @@ def to_stat_result(inode: pb.Inode, dev: int = 0) -> os.stat_result:
             "st_rdev": inode.rdev,
         },
     )
+
+
+@dataclass(frozen=True)
+class CallerThread:
+    """How meta calls leave a caller's thread while :func:`run_in_caller` runs
+    a coroutine there: one attempt over ``sync``'s blocking sockets, else
+    ``on_loop`` (runs a coroutine on the client's event loop and waits)."""
+
+    sync: SyncDataClient
+    on_loop: Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+_in_caller: contextvars.ContextVar[CallerThread | None] = contextvars.ContextVar(
+    "chainfs_meta_in_caller", default=None
+)
+
+
+def run_in_caller(coro: Coroutine[Any, Any, T], caller: CallerThread) -> T:
+    """Run ``coro`` to its end in this thread, every :meth:`MetaClient.call` it
+    makes sent from here: for a small call, the hop onto the client's loop
+    thread and back costs more CPU than the call itself.
+
+    ``coro`` may await only MetaClient calls (here they return without
+    suspending, blocking this thread instead). One that suspends (a future, a
+    sleep, a task) cannot run here: it is closed and RuntimeError raised, a
+    bug in the caller's choice of coroutine."""
+    token = _in_caller.set(caller)
+    try:
+        try:
+            waited = coro.send(None)
+        except StopIteration as done:
+            return cast(T, done.value)
+        coro.close()
+        raise RuntimeError(f"{coro!r} awaited {waited!r}: it cannot run in the calling thread")
+    finally:
+        _in_caller.reset(token)
 
 
 class MetaClient:
@@ -349,6 +391,15 @@ class MetaClient:
         )
         return w.response.FromString(bytes(reply.header))
 
+    def sync_client(self, connections_per_server: int, timeout_s: float) -> SyncDataClient | None:
+        """Blocking sockets for calls from callers' threads (:func:`run_in_caller`),
+        with this client's credential and frame bounds; None when they cannot
+        be had (TLS on: they are plain)."""
+        config = self._dp_config or DataPlaneConfig()
+        if config.effective_tls().enabled:
+            return None
+        return SyncDataClient(config, self.credential, connections_per_server, timeout_s)
+
     def _stub(self, address: str) -> pbg.MetaStub:
         if self._stubs is None:
             from chainfs.common.rpc import grpc_util
@@ -360,7 +411,55 @@ class MetaClient:
 
     async def call(self, method: str, request: Any) -> Any:
         """Send ``request`` to a meta server, failing over and retrying (same
-        request id) until the client timeout."""
+        request id) until the client timeout. Under :func:`run_in_caller`, the
+        first attempt is made from the calling thread."""
+        caller = _in_caller.get()
+        if caller is not None:
+            return self._call_in_caller(caller, method, request)
+        return await self._call_on_loop(method, request)
+
+    def _call_in_caller(self, caller: CallerThread, method: str, request: Any) -> Any:
+        """One attempt from this thread at the server calls go to now; when it
+        gets no answer to give the caller, :meth:`call` on the loop with the same
+        request (same request id: a change the attempt did make is answered from
+        meta's idempotency record, not made twice), the silent server tried last."""
+        tried = self._current
+        try:
+            rsp = self._attempt_now(caller.sync, method, request)
+        except ChainfsError as e:
+            if e.code not in _ASK_ON_LOOP:
+                raise naming_path(e, request) from None
+            log.debug("meta %s from the calling thread at %s: %s", method, tried, e)
+            return caller.on_loop(
+                self._call_on_loop(method, request, tried if e.code in _FAILOVER else None)
+            )
+        if rsp is None:
+            return caller.on_loop(self._call_on_loop(method, request))
+        return rsp
+
+    def _attempt_now(self, sync: SyncDataClient, method: str, request: Any) -> Any | None:
+        """One attempt over ``sync`` at the framed server calls go to now (the one
+        the last call chose); None when there is none yet. Raises the
+        ChainfsError the attempt ended with (a malformed reply is BAD_FRAME)."""
+        addr = self._current
+        if addr is None or not addr.startswith(FRAME_PREFIX) or self._closed:
+            return None
+        address = addr[len(FRAME_PREFIX) :]
+        w = WIRE_METHODS[method]
+        _, header = sync.request(
+            address,
+            w.msg_type,
+            request.SerializeToString(),
+            fallback=self._unix_fallbacks.get(address),
+        )
+        try:
+            return w.response.FromString(header)
+        except DecodeError as e:
+            raise ChainfsError(Code.BAD_FRAME, f"meta {method} reply from {address}: {e}") from None
+
+    async def _call_on_loop(self, method: str, request: Any, tried: str | None = None) -> Any:
+        """:meth:`call` on the event loop; ``tried``: a server that just failed
+        to answer this request, asked last in the first round."""
         if self.before_call is not None:
             self.before_call(method)
         backoff = Backoff(self.retry, self.timeout_s)
@@ -380,6 +479,9 @@ class MetaClient:
             elif self._current not in addresses:
                 self._current = random.choice(addresses)
             order = [self._current] + [a for a in addresses if a != self._current]
+            if tried is not None and len(order) > 1 and order[0] == tried:
+                order.append(order.pop(0))
+            tried = None
             for addr in order if addresses else []:
                 assert addr is not None
                 remaining = backoff.remaining_s()
@@ -409,7 +511,8 @@ class MetaClient:
 
     # -- lookups ------------------------------------------------------------
     async def stat(self, at: At, follow: bool = True, user: UserInfo | None = None) -> pb.Inode:
-        if self.stat_coalescer is not None:  # shares a BatchStat with others in flight
+        if self.stat_coalescer is not None and _in_caller.get() is None:
+            # shares a BatchStat with others in flight (on the loop)
             return await self.stat_coalescer.stat(at, follow, user or self.user)
         return await self._stat_one(at, follow, user)
 
@@ -471,29 +574,18 @@ class MetaClient:
         there is no such framed server yet, the request is over one call's
         bound, or the attempt failed in any way (then ask :meth:`batch_stat_caps`
         on the loop: a stat changes nothing, so asking again is safe)."""
-        addr = self._current
-        if addr is None or not addr.startswith(FRAME_PREFIX) or self._closed:
-            return None
         paths = [path_at(a) for a in ats]
         if sum(len(p.path) + 16 for p in paths) > BATCH_STAT_REQUEST_BYTES:
             return None
         req = pb.BatchStatReq(
             req=self.request_info(), ats=paths, follow=False, want_capability=want_capability
         )
-        address = addr[len(FRAME_PREFIX) :]
-        w = WIRE_METHODS["BatchStat"]
         try:
-            _, header = sync.request(
-                address,
-                w.msg_type,
-                req.SerializeToString(),
-                fallback=self._unix_fallbacks.get(address),
-            )
-            rsp = pb.BatchStatRsp.FromString(header)
-        except (ChainfsError, DecodeError) as e:
-            log.debug("BatchStat from the calling thread at %s: %s", address, e)
+            rsp: pb.BatchStatRsp | None = self._attempt_now(sync, "BatchStat", req)
+        except ChainfsError as e:
+            log.debug("BatchStat from the calling thread: %s", e)
             return None
-        if len(rsp.results) != len(paths):
+        if rsp is None or len(rsp.results) != len(paths):
             return None
         return self._stat_results(rsp.results)
 

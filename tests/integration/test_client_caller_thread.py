@@ -1,0 +1,270 @@
+"""Namespace calls of the sync FileSystem asked from the calling thread, on a real cluster.
+
+What a user relies on: every namespace call (stat, exists, listdir, scandir,
+mkdir, rename, remove, rmdir, links, attributes, xattrs, statfs) answers as it
+did through the loop thread, errors with the same errno and path; a change
+whose reply the calling thread never got is made once (the loop asks again
+with the same request id and gets meta's recorded answer); kill -9 of meta
+and a restart cost only the fallback; many threads at once, past the socket
+bound, all get right answers; 0 sockets turns the path off; a bad setting is
+refused with its name.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as stat_mod
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from chainfs.client.config import ClientConfig
+from chainfs.client.sync import FileSystem
+from chainfs.common.errors import ChainfsError, Code
+from chainfs.local import LocalCluster
+from tests.integration.client_fixtures import in_threads, module_cluster
+
+pytestmark = pytest.mark.timeout(240)
+
+# Calls the loop makes on its own (session ends after a close, keep-alives).
+_BACKGROUND = frozenset({"EndSessions", "KeepAlive"})
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    yield from module_cluster(tmp_path_factory, "caller-thread")
+
+
+@pytest.fixture(scope="module")
+def fs(cluster: LocalCluster) -> Iterator[FileSystem]:
+    client = cluster.client()
+    yield client
+    client.close()
+
+
+_dirs = iter(range(1 << 30))
+
+
+@pytest.fixture
+def d(fs: FileSystem) -> str:
+    path = f"/ct{next(_dirs)}"
+    fs.mkdir(path)
+    return path
+
+
+def _on_loop(fs: FileSystem, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The meta calls this FileSystem sends through its loop thread from now
+    on, by method name (the loop's own background calls left out)."""
+    meta = fs.aio.io.meta
+    sent: list[str] = []
+    real = meta._call_on_loop
+
+    async def counted(method: str, request: Any, tried: str | None = None) -> Any:
+        if method not in _BACKGROUND:
+            sent.append(method)
+        return await real(method, request, tried)
+
+    monkeypatch.setattr(meta, "_call_on_loop", counted)
+    return sent
+
+
+def _touch(fs: FileSystem, path: str, data: bytes = b"") -> None:
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def test_namespace_calls_answer_from_the_calling_thread(
+    fs: FileSystem, d: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _touch(fs, f"{d}/f", b"0123456789")
+    on_loop = _on_loop(fs, monkeypatch)
+
+    fs.mkdir(f"{d}/sub")
+    fs.makedirs(f"{d}/a/b/c", exist_ok=True)
+    fs.mkdir(f"{d}/a/b", parents=True, exist_ok=True)
+    assert fs.isdir(f"{d}/a/b/c") and not fs.isfile(f"{d}/a/b/c")
+    st = fs.stat(f"{d}/f")
+    assert stat_mod.S_ISREG(st.st_mode) and st.st_size == 10
+    assert fs.exists(f"{d}/f") and not fs.exists(f"{d}/absent")
+    assert not fs.exists(f"{d}/f/below-a-file")  # ENOTDIR is "no" too
+    fs.rename(f"{d}/f", f"{d}/g")
+    fs.symlink("g", f"{d}/s")
+    assert fs.readlink(f"{d}/s") == "g"
+    assert stat_mod.S_ISLNK(fs.lstat(f"{d}/s").st_mode)
+    assert fs.stat(f"{d}/s").st_ino == fs.stat(f"{d}/g").st_ino
+    fs.link(f"{d}/g", f"{d}/h")
+    assert fs.stat(f"{d}/h").st_nlink == 2
+    fs.chmod(f"{d}/g", 0o640)
+    fs.truncate(f"{d}/g", 4)
+    fs.utime(f"{d}/g", ns=(1_000_000_000, 2_000_000_000))
+    st = fs.stat(f"{d}/g")
+    assert (stat_mod.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_size) == (
+        0o640,
+        2_000_000_000,
+        4,
+    )
+    fs.setxattr(f"{d}/g", "user.k", b"v")
+    assert fs.getxattr(f"{d}/g", "user.k") == b"v"
+    assert fs.listxattr(f"{d}/g") == ["user.k"]
+    fs.removexattr(f"{d}/g", "user.k")
+    fs.mknod(f"{d}/fifo", 0o600 | stat_mod.S_IFIFO)
+    assert stat_mod.S_ISFIFO(fs.lstat(f"{d}/fifo").st_mode)
+    assert fs.listdir(d) == ["a", "fifo", "g", "h", "s", "sub"]
+    assert [(e.name, e.is_dir()) for e in fs.scandir(d)] == [
+        ("a", True),
+        ("fifo", False),
+        ("g", False),
+        ("h", False),
+        ("s", False),
+        ("sub", True),
+    ]
+    assert fs.statfs().f_bsize > 0
+    for name in ("fifo", "h", "s"):
+        fs.remove(f"{d}/{name}")
+    fs.rmdir(f"{d}/sub")
+    assert on_loop == []
+    with fs.open(f"{d}/g", "rb") as f:  # what the calls left is what a read sees
+        assert f.read() == b"0123"
+
+
+def test_errors_from_the_calling_thread_carry_errno_and_path(
+    fs: FileSystem, d: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _touch(fs, f"{d}/f")
+    fs.mkdir(f"{d}/full")
+    _touch(fs, f"{d}/full/x")
+    on_loop = _on_loop(fs, monkeypatch)
+    cases: list[tuple[Any, tuple[Any, ...], type[OSError], int, str]] = [
+        (fs.stat, (f"{d}/absent",), FileNotFoundError, errno.ENOENT, f"{d}/absent"),
+        (fs.mkdir, (f"{d}/f",), FileExistsError, errno.EEXIST, f"{d}/f"),
+        (fs.rmdir, (f"{d}/full",), OSError, errno.ENOTEMPTY, f"{d}/full"),
+        (fs.listdir, (f"{d}/f",), NotADirectoryError, errno.ENOTDIR, f"{d}/f"),
+        (fs.remove, (f"{d}/absent",), FileNotFoundError, errno.ENOENT, f"{d}/absent"),
+        (fs.rename, (f"{d}/absent", f"{d}/z"), FileNotFoundError, errno.ENOENT, f"{d}/absent"),
+        (fs.getxattr, (f"{d}/f", "user.none"), OSError, errno.ENODATA, f"{d}/f"),
+        (fs.mkdir, (f"{d}/f", 0o777, True, True), FileExistsError, errno.EEXIST, f"{d}/f"),
+    ]
+    for call, args, kind, code, path in cases:
+        with pytest.raises(kind) as got:
+            call(*args)
+        assert (got.value.errno, got.value.filename) == (code, path), (call, args)
+    assert on_loop == []
+    assert sorted(fs.listdir(d)) == ["f", "full"]  # nothing changed by the refusals
+
+
+def test_a_change_whose_reply_was_lost_is_made_once(
+    fs: FileSystem, d: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every attempt from the calling thread reaches meta and is applied, but
+    its reply is taken for lost: the loop sends the same request (same request
+    id) and meta answers it from its record. A new request id would be refused
+    (EEXIST, ENOENT) or applied twice."""
+    _touch(fs, f"{d}/f")
+    caller = fs._caller
+    assert caller is not None
+    real = caller.sync.request
+
+    def reply_lost(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)
+        raise ChainfsError(Code.ETIMEDOUT, "test: the reply was lost")
+
+    monkeypatch.setattr(caller.sync, "request", reply_lost)
+    on_loop = _on_loop(fs, monkeypatch)
+    fs.mkdir(f"{d}/new")
+    fs.rename(f"{d}/f", f"{d}/new/f")
+    fs.symlink("f", f"{d}/new/s")
+    fs.link(f"{d}/new/f", f"{d}/new/h")
+    fs.remove(f"{d}/new/s")
+    fs.mkdir(f"{d}/gone")
+    fs.rmdir(f"{d}/gone")
+    assert on_loop == ["Mkdir", "Rename", "Symlink", "Link", "Unlink", "Mkdir", "Rmdir"]
+    monkeypatch.undo()
+    assert fs.listdir(d) == ["new"]
+    assert fs.listdir(f"{d}/new") == ["f", "h"]
+    assert fs.stat(f"{d}/new/f").st_nlink == 2
+
+
+def test_calls_go_on_when_meta_restarts(
+    cluster: LocalCluster, fs: FileSystem, d: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 of meta and a restart on a new port while the calling thread
+    holds a socket to it: the next call's attempt fails, the loop waits for
+    the new meta, every answer is right; later calls ask from the thread again."""
+    _touch(fs, f"{d}/f")
+    assert fs.exists(f"{d}/f")  # a socket to meta is pooled now
+    cluster.kill_meta(0)
+    cluster.restart_meta(0)
+    on_loop = _on_loop(fs, monkeypatch)
+    fs.mkdir(f"{d}/after")
+    assert 1 <= len(on_loop) <= 2  # the stale socket; maybe the refused new one
+    settled = len(on_loop)
+    name = f"{d}/f"
+    for i in range(20):
+        fs.rename(name, f"{d}/after/f{i}")
+        name = f"{d}/after/f{i}"
+        assert fs.stat(name).st_size == 0
+    assert len(on_loop) == settled
+    assert fs.listdir(f"{d}/after") == ["f19"]
+
+
+def test_many_threads_past_the_socket_bound(cluster: LocalCluster, d: str) -> None:
+    """16 threads, 2 sockets: calls past the bound take the loop thread; each
+    thread's tree ends as its own calls left it."""
+    with cluster.client(config=ClientConfig(meta_sync_connections=2)) as fs:
+
+        def work(k: int) -> None:
+            base = f"{d}/t{k}"
+            fs.mkdir(base)
+            for i in range(15):
+                fs.mkdir(f"{base}/x{i}")
+                fs.rename(f"{base}/x{i}", f"{base}/y{i}")
+                assert fs.isdir(f"{base}/y{i}")
+                if i % 3 == 0:
+                    fs.rmdir(f"{base}/y{i}")
+
+        assert in_threads(work, 16) == []
+        want = sorted(f"y{i}" for i in range(15) if i % 3)
+        for k in range(16):
+            assert sorted(fs.listdir(f"{d}/t{k}")) == want
+        assert fs._caller is not None
+        meta_address = str(fs.aio.io.meta._current).removeprefix("frame://")
+        assert 1 <= fs._caller.sync.connection_count(meta_address) <= 2
+
+
+def test_zero_sockets_sends_every_call_through_the_loop(
+    cluster: LocalCluster, d: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with cluster.client(config=ClientConfig(meta_sync_connections=0)) as fs:
+        assert fs._caller is None
+        on_loop = _on_loop(fs, monkeypatch)
+        fs.mkdir(f"{d}/x")
+        assert fs.listdir(d) == ["x"]
+        with pytest.raises(FileNotFoundError):
+            fs.stat(f"{d}/absent")
+        assert on_loop == ["Mkdir", "Readdir", "Stat"]
+
+
+@pytest.mark.parametrize("bad", [-1, 65])
+def test_a_bad_socket_bound_is_refused_by_name(bad: int) -> None:
+    with pytest.raises(ValueError, match="meta_sync_connections"):
+        ClientConfig(meta_sync_connections=bad).validate()
+
+
+def test_a_forked_child_asks_over_its_own_sockets(fs: FileSystem, d: str) -> None:
+    """The child's calls from its own thread answer right and leave the
+    parent's pooled sockets usable."""
+    fs.mkdir(f"{d}/p")
+    pid = os.fork()
+    if pid == 0:  # child: no pytest here, an exit code says it all
+        code = 1
+        try:
+            fs.mkdir(f"{d}/c")
+            code = 0 if fs.listdir(d) == ["c", "p"] else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    fs.mkdir(f"{d}/p2")
+    assert fs.listdir(d) == ["c", "p", "p2"]
