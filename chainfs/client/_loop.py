@@ -13,7 +13,7 @@ import contextlib
 import os
 import threading
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -100,6 +100,12 @@ class LoopThread:
             self.loop.call_soon_threadsafe(call.cancel)
             raise TimeoutError(f"chainfs call still running after {timeout_s} s")
         return call.result()
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        """Have the loop run ``fn`` soon, from any thread but the loop's; no wait."""
+        if self._forked:
+            self._restart_after_fork()
+        self.loop.call_soon_threadsafe(fn)
 
     def stop(self) -> None:
         if not self._thread.is_alive():

@@ -357,7 +357,10 @@ class AsyncFileSystem:
 
         ``buffering`` as builtin open: 0 unbuffered (reads fetch exactly what
         they ask, writes reach storage before returning), N > 1 a read buffer
-        of N bytes, -1 (or 1) the adaptive default (see chainfs.client.file)."""
+        of N bytes, -1 (or 1) the adaptive default (see chainfs.client.file).
+
+        A write open awaits nothing but meta calls: the sync FileSystem runs it
+        in the calling thread (``run_in_caller``); keep it so."""
         self._check_open()
         if not isinstance(buffering, int) or buffering < -1:
             raise ValueError(f"invalid buffering {buffering!r}")

@@ -2,11 +2,11 @@
 
 Each FileSystem owns one background thread running a uvloop event loop; a
 call runs the async core there and waits for it. Namespace calls (stat,
-listdir, mkdir, rename, remove, ...) are the exception: their async core
-awaits nothing but meta calls, so it runs in the calling thread and asks meta
-from there (``ClientConfig.meta_sync_connections``), the loop thread taking
-over only for a call that gets no answer (:func:`run_in_caller`). Calls may
-come from any number of threads at once.
+listdir, mkdir, rename, remove, ...) and write opens (so creates) are the
+exception: their async core awaits nothing but meta calls, so it runs in the
+calling thread and asks meta from there (``ClientConfig.meta_sync_connections``),
+the loop thread taking over only for a call that gets no answer
+(:func:`run_in_caller`). Calls may come from any number of threads at once.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class FileSystem:
                 cfg.meta_sync_connections, cfg.meta_attempt_timeout_ms / 1000
             )
             if sync is not None:
-                self._caller = CallerThread(sync, loop.run)
+                self._caller = CallerThread(sync, loop.run, loop.call_soon)
         _open_filesystems.add(self)
 
     def _namespace(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -169,7 +169,10 @@ class FileSystem:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        afile = self._loop.run(self._afs.open(path, m.binary_mode(), buffering))
+        opening = self._afs.open(path, m.binary_mode(), buffering)
+        # A write open awaits meta only (a read open may share a read session
+        # the loop holds): it asks meta from this thread.
+        afile = self._namespace(opening) if m.writable else self._loop.run(opening)
         f = File(afile, self._loop)
         if m.binary:
             return f

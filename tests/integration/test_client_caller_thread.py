@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat as stat_mod
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,9 +33,17 @@ pytestmark = pytest.mark.timeout(240)
 _BACKGROUND = frozenset({"EndSessions", "KeepAlive"})
 
 
+SESSION_TIMEOUT_MS = 3_000  # meta's lease on a silent client's sessions (short for the test)
+
+
+def _short_lease(_index: int, c: Any) -> None:
+    c.session_timeout_ms = SESSION_TIMEOUT_MS
+    c.session_prune_interval_ms = 200
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    yield from module_cluster(tmp_path_factory, "caller-thread")
+    yield from module_cluster(tmp_path_factory, "caller-thread", configure_meta=_short_lease)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +136,56 @@ def test_namespace_calls_answer_from_the_calling_thread(
     assert on_loop == []
     with fs.open(f"{d}/g", "rb") as f:  # what the calls left is what a read sees
         assert f.read() == b"0123"
+
+
+def test_write_opens_ask_meta_from_the_calling_thread(
+    fs: FileSystem, d: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creates and other write opens send their Open from the calling thread;
+    what is written through them reads back whole, and refusals carry their
+    errno. (Read-only opens stay on the loop: they share read sessions there.)"""
+    _touch(fs, f"{d}/old", b"0123456789")
+    on_loop = _on_loop(fs, monkeypatch)
+    data = os.urandom(100_000)
+    with fs.open(f"{d}/new", "wb") as f:
+        f.write(data)
+    fs.open(f"{d}/empty", "xb").close()
+    with fs.open(f"{d}/old", "ab") as f:
+        f.write(b"+")
+    with fs.open(f"{d}/old", "r+b") as f:
+        f.seek(2)
+        f.write(b"AB")
+    with fs.open(f"{d}/text", "w") as t:
+        t.write("line\n")
+    with pytest.raises(FileExistsError) as exists:
+        fs.open(f"{d}/empty", "xb")
+    assert (exists.value.errno, exists.value.filename) == (errno.EEXIST, f"{d}/empty")
+    with pytest.raises(IsADirectoryError):
+        fs.open(d, "wb")
+    assert "Open" not in on_loop
+    assert fs.read_file(f"{d}/new") == data
+    assert fs.read_file(f"{d}/old") == b"01AB456789+"
+    assert fs.read_file(f"{d}/empty") == b""
+    assert fs.read_file(f"{d}/text") == b"line\n"
+
+
+def test_a_write_open_from_the_calling_thread_keeps_its_session(
+    cluster: LocalCluster, d: str
+) -> None:
+    """The keep-alives of a session opened from the calling thread run on the
+    loop: meta does not take a client that holds a file open past its lease
+    for a silent one (it would end the session: the file's chunks would no
+    longer be kept for it), and the file then written closes with every byte."""
+    with cluster.client() as fs:
+        assert fs.exists(d)  # meta known: the open goes from the calling thread
+        f = fs.open(f"{d}/held", "wb")
+        time.sleep(2.5 * SESSION_TIMEOUT_MS / 1000)  # a client that only holds the file
+        pruned = f"session of silent client {fs.aio.io.meta.client_id.hex()} on inode {f.inode}"
+        assert pruned not in cluster.metas[0].log_path.read_text(errors="replace")
+        data = os.urandom(50_000)
+        f.write(data)
+        f.close()
+        assert fs.read_file(f"{d}/held") == data
 
 
 def test_errors_from_the_calling_thread_carry_errno_and_path(
@@ -260,11 +319,14 @@ def test_a_forked_child_asks_over_its_own_sockets(fs: FileSystem, d: str) -> Non
     if pid == 0:  # child: no pytest here, an exit code says it all
         code = 1
         try:
+            with fs.open(f"{d}/c.bin", "wb") as f:  # the child's first call: a write open
+                f.write(b"from the child")
             fs.mkdir(f"{d}/c")
-            code = 0 if fs.listdir(d) == ["c", "p"] else 2
+            code = 0 if fs.listdir(d) == ["c", "c.bin", "p"] else 2
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     fs.mkdir(f"{d}/p2")
-    assert fs.listdir(d) == ["c", "p", "p2"]
+    assert fs.listdir(d) == ["c", "c.bin", "p", "p2"]
+    assert fs.read_file(f"{d}/c.bin") == b"from the child"

@@ -213,10 +213,13 @@ def to_stat_result(inode: pb.Inode, dev: int = 0) -> os.stat_result:
 class CallerThread:
     """How meta calls leave a caller's thread while :func:`run_in_caller` runs
     a coroutine there: one attempt over ``sync``'s blocking sockets, else
-    ``on_loop`` (runs a coroutine on the client's event loop and waits)."""
+    ``on_loop`` (runs a coroutine on the client's event loop and waits).
+    ``soon`` has the loop run a function without waiting for it (what a call
+    leaves to the loop: the keep-alives of a session it opened)."""
 
     sync: SyncDataClient
     on_loop: Callable[[Coroutine[Any, Any, Any]], Any]
+    soon: Callable[[Callable[[], None]], None]
 
 
 _in_caller: contextvars.ContextVar[CallerThread | None] = contextvars.ContextVar(
@@ -804,6 +807,13 @@ class MetaClient:
         self._sessions.add((ino, session_id))
         if timeout_ms:
             self._keepalive_s = max(timeout_ms / 3000, 0.05)
+        caller = _in_caller.get()
+        if caller is None:
+            self._start_keepalive()
+        elif self._keepalive_task is None or self._keepalive_task.done():
+            caller.soon(self._start_keepalive)  # the task lives on the loop
+
+    def _start_keepalive(self) -> None:
         if self._keepalive_task is None or self._keepalive_task.done():
             self._keepalive_task = asyncio.get_running_loop().create_task(self._keepalive_loop())
 

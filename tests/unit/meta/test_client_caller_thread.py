@@ -62,7 +62,8 @@ async def _in_a_thread(
         return asyncio.run_coroutine_threadsafe(c, loop).result()
 
     try:
-        return await asyncio.to_thread(run_in_caller, coro, CallerThread(sync, to_loop))
+        caller = CallerThread(sync, to_loop, loop.call_soon_threadsafe)
+        return await asyncio.to_thread(run_in_caller, coro, caller)
     finally:
         sync.close()
 
@@ -125,7 +126,7 @@ async def _raises() -> None:
 
 
 def test_run_in_caller_returns_raises_and_refuses_to_suspend() -> None:
-    caller = CallerThread(sync=None, on_loop=lambda c: None)  # type: ignore[arg-type]
+    caller = CallerThread(sync=None, on_loop=lambda c: None, soon=lambda f: None)  # type: ignore[arg-type]
     assert run_in_caller(_answers(), caller) == 7
     with pytest.raises(ChainfsError):
         run_in_caller(_raises(), caller)
