@@ -222,6 +222,17 @@ class CallerThread:
     soon: Callable[[Callable[[], None]], None]
 
 
+@dataclass(frozen=True)
+class _Attempted:
+    """How an attempt from a caller's thread ended, for the loop's call that
+    goes on: the server that did not answer (None: it did, asking to retry),
+    the error, and the call's deadline (time.monotonic())."""
+
+    silent: str | None
+    error: ChainfsError
+    deadline: float
+
+
 _in_caller: contextvars.ContextVar[CallerThread | None] = contextvars.ContextVar(
     "chainfs_meta_in_caller", default=None
 )
@@ -427,14 +438,16 @@ class MetaClient:
         request (same request id: a change the attempt did make is answered from
         meta's idempotency record, not made twice), the silent server tried last."""
         tried = self._current
+        deadline = time.monotonic() + self.timeout_s  # the whole call's, as on the loop
         try:
             rsp = self._attempt_now(caller.sync, method, request)
         except ChainfsError as e:
             if e.code not in _ASK_ON_LOOP:
                 raise naming_path(e, request) from None
             log.debug("meta %s from the calling thread at %s: %s", method, tried, e)
+            silent = tried if e.code in _FAILOVER else None
             return caller.on_loop(
-                self._call_on_loop(method, request, tried if e.code in _FAILOVER else None)
+                self._call_on_loop(method, request, _Attempted(silent, e, deadline))
             )
         if rsp is None:
             return caller.on_loop(self._call_on_loop(method, request))
@@ -460,13 +473,21 @@ class MetaClient:
         except DecodeError as e:
             raise ChainfsError(Code.BAD_FRAME, f"meta {method} reply from {address}: {e}") from None
 
-    async def _call_on_loop(self, method: str, request: Any, tried: str | None = None) -> Any:
-        """:meth:`call` on the event loop; ``tried``: a server that just failed
-        to answer this request, asked last in the first round."""
+    async def _call_on_loop(
+        self, method: str, request: Any, attempted: _Attempted | None = None
+    ) -> Any:
+        """:meth:`call` on the event loop; ``attempted``: how an attempt from a
+        caller's thread ended (its server asked last in the first round, the
+        call's deadline kept)."""
         if self.before_call is not None:
             self.before_call(method)
-        backoff = Backoff(self.retry, self.timeout_s)
         last: ChainfsError | None = None
+        tried: str | None = None
+        if attempted is None:
+            backoff = Backoff(self.retry, self.timeout_s)
+        else:
+            backoff = Backoff(self.retry, attempted.deadline - time.monotonic())
+            last, tried = attempted.error, attempted.silent
         refresh = False
         while True:
             try:

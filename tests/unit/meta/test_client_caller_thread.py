@@ -9,6 +9,7 @@ the call succeeds there. A coroutine that would suspend is refused.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -49,12 +50,15 @@ async def silent() -> AsyncIterator[tuple[_Silent, str]]:
 
 
 async def _in_a_thread(
-    client: MetaClient, coro: Coroutine[Any, Any, Any], on_loop: list[str]
+    client: MetaClient,
+    coro: Coroutine[Any, Any, Any],
+    on_loop: list[str],
+    attempt_timeout_s: float = 0.3,
 ) -> Any:
     """Run ``coro`` with run_in_caller in a worker thread (this test's loop stays
     free to serve); calls handed to the loop run here and are named in ``on_loop``."""
     loop = asyncio.get_running_loop()
-    sync = client.sync_client(2, 0.3)
+    sync = client.sync_client(2, attempt_timeout_s)
     assert sync is not None
 
     def to_loop(c: Coroutine[Any, Any, Any]) -> Any:
@@ -99,6 +103,25 @@ async def test_a_silent_server_is_asked_once_then_left(
         assert hung.connections == 1  # the thread's attempt; the loop went elsewhere first
         assert client._current == framed
         assert (await env.client.stat("/after-hang")).ino > 0
+    finally:
+        await client.aclose()
+
+
+async def test_the_attempt_from_the_thread_counts_against_the_call_deadline(
+    silent: tuple[_Silent, str],
+) -> None:
+    """Only a silent server: the call gives up at its deadline (2 s), the
+    thread's attempt (1.5 s) included, not 1.5 s plus another 2."""
+    _, hung_address = silent
+    client = MetaClient([hung_address], user=ROOT, timeout_s=2.0, attempt_timeout_s=5)
+    try:
+        client._current = hung_address
+        start = time.monotonic()
+        with pytest.raises(ChainfsError) as e:
+            await _in_a_thread(client, client.mkdir("/never"), [], attempt_timeout_s=1.5)
+        elapsed_s = time.monotonic() - start
+        assert e.value.code == Code.ETIMEDOUT
+        assert 1.5 <= elapsed_s < 3.0, elapsed_s
     finally:
         await client.aclose()
 
