@@ -19,8 +19,12 @@ it; anything else (an error, a timeout, a malformed frame, a
 KeyboardInterrupt in the middle) closes it, so a pooled socket never holds
 part of an old reply. Pooled sockets idle longer than
 ``client_idle_timeout_ms`` are closed rather than reused (the server closes
-idle ones itself). A peer that could not be connected to is not tried again
-for ``timeout_s`` (each try would cost the caller a failed connect).
+idle ones itself), and once per that timeout a sweep closes them for every
+peer, those no longer asked too (a restarted server's old address). A
+request that loses its connection closes the peer's other free sockets: a
+restarted server would fail each of them in turn. A peer that could not be
+connected to is not tried again for ``timeout_s`` (each try would cost the
+caller a failed connect).
 
 After fork() the child never touches the parent's sockets: the first request
 in a process other than the creator's forgets them (their file descriptors
@@ -142,6 +146,7 @@ class SyncDataClient:
         self._idle: dict[str, list[_Conn]] = {}  # address -> free sockets, last used last
         self._open: dict[str, int] = {}  # address -> sockets open (free + in use)
         self._down_until: dict[str, float] = {}  # address -> monotonic: not tried before
+        self._next_sweep = 0.0  # monotonic: when _take next closes sockets idle too long
 
     def _after_fork(self) -> None:
         """In a fork()ed child: forget the parent's sockets (close only our descriptors)."""
@@ -163,10 +168,16 @@ class SyncDataClient:
         now = time.monotonic()
         idle_s = self.config.client_idle_timeout_ms / 1000
         stale: list[_Conn] = []
+        swept: list[_Conn] = []
         c: _Conn | None = None
         with self._lock:
             if self._closed:
                 raise ChainfsError(Code.UNAVAILABLE, "data plane client closed")
+            if now >= self._next_sweep:
+                # Peers no longer asked (a restarted server's old address) keep
+                # their idle sockets until a sweep: one per idle timeout.
+                self._next_sweep = now + idle_s
+                swept = self._remove_idle(lambda other: other.used_monotonic <= now - idle_s)
             free = self._idle.get(address)
             while free and c is None:
                 c = free.pop()  # the most recently used: the least likely to be stale
@@ -184,7 +195,7 @@ class SyncDataClient:
                         "connections in use",
                     )
                 self._open[address] += 1
-        for s in stale:
+        for s in stale + swept:
             s.sock.close()
         if c is not None:
             return c
@@ -210,8 +221,32 @@ class SyncDataClient:
                 self._open[c.address] -= 1
         c.sock.close()
 
+    def _remove_idle(self, which: Callable[[_Conn], bool]) -> list[_Conn]:
+        """Take the free sockets ``which`` selects out of the pool (under the
+        lock); the caller closes them."""
+        out: list[_Conn] = []
+        for address, free in self._idle.items():
+            gone = [c for c in free if which(c)]
+            if gone:
+                free[:] = [c for c in free if not which(c)]
+                self._open[address] -= len(gone)
+                out.extend(gone)
+        return out
+
+    def _peer_lost(self, address: str) -> None:
+        """A request to ``address`` lost its connection: the peer's other free
+        sockets are most likely dead too (a restarted server), so none is reused."""
+        if self._pid != os.getpid():
+            return
+        with self._lock:
+            gone = self._remove_idle(lambda c: c.address == address)
+        for c in gone:
+            c.sock.close()
+
     def close(self) -> None:
         """Close the free sockets; those in use close when their request ends."""
+        if self._pid != os.getpid():
+            self._after_fork()  # the parent's lock may have been held at fork
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, {}
@@ -286,6 +321,10 @@ class SyncDataClient:
         try:
             hdr, rsp_header = self._exchange(c, msg_type, header, sink, deadline)
             whole = True
+        except ChainfsError as e:
+            if e.code == Code.UNAVAILABLE:
+                self._peer_lost(address)
+            raise
         finally:
             # Only a socket whose reply was read to its end is reused; any
             # exception (a KeyboardInterrupt too) may have left part of one.
@@ -325,6 +364,8 @@ class SyncDataClient:
                     hdr, rsp_header = self._receive(c, rid, requests[i].sink, deadline)
                 except ChainfsError as e:
                     out[i] = e
+                    if e.code == Code.UNAVAILABLE:
+                        self._peer_lost(c.address)
                     continue
                 whole.add(id(c))
                 out[i] = error_of_reply(hdr.status, rsp_header) if hdr.is_error else (

@@ -5,14 +5,17 @@ raises the server's error and keeps the connection; a socket goes back to the
 pool only after a whole reply (a timeout or a KeyboardInterrupt in the middle
 of one drops it, and the next request gets a fresh, clean connection); the
 pool is bounded (EBUSY at once, never a wait); a credential is presented once
-per connection; a fork()ed child never uses the parent's sockets.
+per connection; a fork()ed child never uses the parent's sockets, nor waits
+for the parent's pool lock; sockets to a peer that went away are not kept.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -342,3 +345,98 @@ def test_tls_on_is_refused() -> None:
     cfg = DataPlaneConfig(tls=TlsConfig(ca_file="/nonexistent"))
     with pytest.raises((ChainfsError, ValueError)):
         SyncDataClient(cfg, None, 2, 1.0)
+
+
+def test_a_forked_child_closes_while_a_parent_thread_holds_the_pool(address: str) -> None:
+    """A thread of the parent was inside the pool (its lock held) at fork():
+    the child's close (at exit, say) must not wait for a lock nobody will
+    release in it."""
+    c = _client()
+    try:
+        assert _echo(c, address, 100) == _expected(100)
+        with c._lock:  # another thread of the parent, mid-request
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    c.close()
+                    code = 0
+                finally:
+                    os._exit(code)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                assert os.waitstatus_to_exitcode(status) == 0
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the child's close hung on the parent's pool lock")
+        assert _echo(c, address, 100) == _expected(100)  # the parent's pool is intact
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def own_server(loop: LoopThread) -> Iterator[tuple[str, Any]]:
+    """A DataServer of this test alone (it may stop it): its address and a stop function."""
+
+    async def start() -> DataServer:
+        server = DataServer(_handle, config=_cfg(), authenticator=Authenticator(SECRET))
+        await server.start()
+        return server
+
+    server = loop.run(start())
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            loop.run(server.stop())
+
+    yield server.address, stop
+    stop()
+
+
+def _two_pooled(c: SyncDataClient, address: str) -> None:
+    got = c.request_many([SyncRequest(address, ECHO, b"0:echo") for _ in range(2)])
+    assert all(not isinstance(r, ChainfsError) for r in got)
+    assert c.connection_count(address) == 2
+
+
+def test_a_lost_connection_closes_the_peers_other_free_sockets(
+    own_server: tuple[str, Any],
+) -> None:
+    """A restarted server fails every socket pooled to it: the first failure
+    drops the others, rather than each later request failing on one."""
+    address, stop = own_server
+    c = _client()
+    try:
+        _two_pooled(c, address)
+        stop()
+        with pytest.raises(ChainfsError) as e:
+            c.request(address, ECHO, b"0:echo")
+        assert e.value.code == Code.UNAVAILABLE
+        assert c.connection_count(address) == 0
+    finally:
+        c.close()
+
+
+def test_free_sockets_of_a_peer_no_longer_asked_are_closed(
+    address: str, own_server: tuple[str, Any]
+) -> None:
+    """Sockets pooled to a peer nobody asks any more (a restarted server's old
+    address) are closed by a sweep once they are idle past the idle timeout."""
+    old, _ = own_server
+    c = SyncDataClient(_cfg(client_idle_timeout_ms=200), node_credential(SECRET, 7), 2, 1.0)
+    try:
+        _two_pooled(c, old)
+        time.sleep(0.3)
+        assert _echo(c, address, 10) == _expected(10)  # another peer: the sweep runs
+        assert c.connection_count(old) == 0
+        assert c.connection_count(address) == 1
+    finally:
+        c.close()
