@@ -24,6 +24,7 @@ import pytest
 from chainfs.client.config import ClientConfig
 from chainfs.client.sync import FileSystem
 from chainfs.common.errors import ChainfsError, Code
+from chainfs.common.rpc import meta_client
 from chainfs.local import LocalCluster
 from tests.integration.client_fixtures import in_threads, module_cluster
 
@@ -63,17 +64,22 @@ def d(fs: FileSystem) -> str:
     return path
 
 
-def _on_loop(fs: FileSystem, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def _on_loop(
+    fs: FileSystem, monkeypatch: pytest.MonkeyPatch, background: bool = False
+) -> list[str]:
     """The meta calls this FileSystem sends through its loop thread from now
-    on, by method name (the loop's own background calls left out)."""
+    on, by method name (the loop's own background calls left out unless
+    ``background``). Each must run there as a loop call: in the loop thread,
+    without run_in_caller's mark (else its own calls would block the loop)."""
     meta = fs.aio.io.meta
     sent: list[str] = []
     real = meta._call_on_loop
 
-    async def counted(method: str, request: Any, tried: str | None = None) -> Any:
-        if method not in _BACKGROUND:
+    async def counted(method: str, request: Any, attempted: Any = None) -> Any:
+        assert fs._loop.in_loop_thread() and meta_client._in_caller.get() is None, method
+        if background or method not in _BACKGROUND:
             sent.append(method)
-        return await real(method, request, tried)
+        return await real(method, request, attempted)
 
     monkeypatch.setattr(meta, "_call_on_loop", counted)
     return sent
@@ -170,7 +176,7 @@ def test_write_opens_ask_meta_from_the_calling_thread(
 
 
 def test_a_write_open_from_the_calling_thread_keeps_its_session(
-    cluster: LocalCluster, d: str
+    cluster: LocalCluster, d: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The keep-alives of a session opened from the calling thread run on the
     loop: meta does not take a client that holds a file open past its lease
@@ -178,8 +184,10 @@ def test_a_write_open_from_the_calling_thread_keeps_its_session(
     longer be kept for it), and the file then written closes with every byte."""
     with cluster.client() as fs:
         assert fs.exists(d)  # meta known: the open goes from the calling thread
+        sent = _on_loop(fs, monkeypatch, background=True)
         f = fs.open(f"{d}/held", "wb")
         time.sleep(2.5 * SESSION_TIMEOUT_MS / 1000)  # a client that only holds the file
+        assert "KeepAlive" in sent  # sent by the loop, as a loop call
         pruned = f"session of silent client {fs.aio.io.meta.client_id.hex()} on inode {f.inode}"
         assert pruned not in cluster.metas[0].log_path.read_text(errors="replace")
         data = os.urandom(50_000)

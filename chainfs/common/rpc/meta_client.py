@@ -238,6 +238,20 @@ _in_caller: contextvars.ContextVar[CallerThread | None] = contextvars.ContextVar
 )
 
 
+A = TypeVar("A")
+
+
+def _to_loop(hand: Callable[[A], T], work: A) -> T:
+    """``hand(work)`` with run_in_caller's mark cleared: what it starts on the
+    loop copies this thread's context, and there every call must take the loop
+    path (a caller-thread attempt would block the loop, its fallback fail)."""
+    token = _in_caller.set(None)
+    try:
+        return hand(work)
+    finally:
+        _in_caller.reset(token)
+
+
 def run_in_caller(coro: Coroutine[Any, Any, T], caller: CallerThread) -> T:
     """Run ``coro`` to its end in this thread, every :meth:`MetaClient.call` it
     makes sent from here: for a small call, the hop onto the client's loop
@@ -446,11 +460,11 @@ class MetaClient:
                 raise naming_path(e, request) from None
             log.debug("meta %s from the calling thread at %s: %s", method, tried, e)
             silent = tried if e.code in _FAILOVER else None
-            return caller.on_loop(
-                self._call_on_loop(method, request, _Attempted(silent, e, deadline))
+            return _to_loop(
+                caller.on_loop, self._call_on_loop(method, request, _Attempted(silent, e, deadline))
             )
         if rsp is None:
-            return caller.on_loop(self._call_on_loop(method, request))
+            return _to_loop(caller.on_loop, self._call_on_loop(method, request))
         return rsp
 
     def _attempt_now(self, sync: SyncDataClient, method: str, request: Any) -> Any | None:
@@ -832,7 +846,7 @@ class MetaClient:
         if caller is None:
             self._start_keepalive()
         elif self._keepalive_task is None or self._keepalive_task.done():
-            caller.soon(self._start_keepalive)  # the task lives on the loop
+            _to_loop(caller.soon, self._start_keepalive)  # the task lives on the loop
 
     def _start_keepalive(self) -> None:
         if self._keepalive_task is None or self._keepalive_task.done():
