@@ -15,6 +15,8 @@ from __future__ import annotations
 import errno
 import os
 import stat as stat_mod
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -319,22 +321,36 @@ def test_a_bad_socket_bound_is_refused_by_name(bad: int) -> None:
         ClientConfig(meta_sync_connections=bad).validate()
 
 
-def test_a_forked_child_asks_over_its_own_sockets(fs: FileSystem, d: str) -> None:
-    """The child's calls from its own thread answer right and leave the
-    parent's pooled sockets usable."""
-    fs.mkdir(f"{d}/p")
-    pid = os.fork()
-    if pid == 0:  # child: no pytest here, an exit code says it all
-        code = 1
-        try:
-            with fs.open(f"{d}/c.bin", "wb") as f:  # the child's first call: a write open
-                f.write(b"from the child")
-            fs.mkdir(f"{d}/c")
-            code = 0 if fs.listdir(d) == ["c", "c.bin", "p"] else 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    fs.mkdir(f"{d}/p2")
-    assert fs.listdir(d) == ["c", "c.bin", "p", "p2"]
-    assert fs.read_file(f"{d}/c.bin") == b"from the child"
+def test_a_forked_child_asks_over_its_own_sockets(cluster: LocalCluster, d: str) -> None:
+    """A fork()ed child's calls from the calling thread (a write open first)
+    answer right, and the parent's pooled sockets stay usable. In a fresh
+    interpreter: this one has gRPC loaded by other tests, whose objects a
+    child must not collect (gRPC's finalizers hang after fork)."""
+    code = f"""
+import os, sys
+sys.modules["grpc"] = None  # the client path never needs it
+import chainfs
+d = {d!r}
+fs = chainfs.connect({cluster.address!r})
+fs.mkdir(d + "/p")
+assert fs.exists(d + "/p")  # a socket of the calling thread is pooled now
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        with fs.open(d + "/c.bin", "wb") as f:  # the child's first call: a write open
+            f.write(b"from the child")
+        fs.mkdir(d + "/c")
+        code = 0 if fs.listdir(d) == ["c", "c.bin", "p"] else 2
+    finally:
+        os._exit(code)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+fs.mkdir(d + "/p2")
+assert fs.listdir(d) == ["c", "c.bin", "p", "p2"]
+assert fs.read_file(d + "/c.bin") == b"from the child"
+fs.close()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stdout) == (0, "ok\n"), out.stderr

@@ -12,6 +12,7 @@ for the parent's pool lock; sockets to a peer that went away are not kept.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import threading
@@ -357,6 +358,7 @@ def test_a_forked_child_closes_while_a_parent_thread_holds_the_pool(address: str
         with c._lock:  # another thread of the parent, mid-request
             pid = os.fork()
             if pid == 0:
+                gc.disable()  # other tests' gRPC objects must not be collected here
                 code = 1
                 try:
                     c.close()
