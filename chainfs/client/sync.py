@@ -68,9 +68,8 @@ class FileSystem:
         self._caller: CallerThread | None = None
         cfg = afs.config
         if cfg.meta_sync_connections:
-            sync = afs.io.meta.sync_client(
-                cfg.meta_sync_connections, cfg.meta_attempt_timeout_ms / 1000
-            )
+            attempt_ms = min(cfg.meta_attempt_timeout_ms, cfg.meta_timeout_ms)  # as on the loop
+            sync = afs.io.meta.sync_client(cfg.meta_sync_connections, attempt_ms / 1000)
             if sync is not None:
                 self._caller = CallerThread(sync, loop.run, loop.call_soon)
         _open_filesystems.add(self)

@@ -63,6 +63,17 @@ SyncSink = Callable[[int, bytes], Sequence[memoryview]]
 
 _NO_REPLY = ChainfsError(Code.EIO, "data plane: no reply read")  # replaced by every request's own
 
+# Taken by the first thread of a fork()ed child to use a client (re-made in the child).
+_fork_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _fork_lock
+    _fork_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class SyncRequest(NamedTuple):
     """One request of :meth:`SyncDataClient.request_many` (as :meth:`~SyncDataClient.request`'s
@@ -141,12 +152,22 @@ class SyncDataClient:
         self._reset()
 
     def _reset(self) -> None:
-        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._idle: dict[str, list[_Conn]] = {}  # address -> free sockets, last used last
         self._open: dict[str, int] = {}  # address -> sockets open (free + in use)
         self._down_until: dict[str, float] = {}  # address -> monotonic: not tried before
         self._next_sweep = 0.0  # monotonic: when _take next closes sockets idle too long
+        # Last: a child's other threads wait for the whole reset (_forget_parents).
+        self._pid = os.getpid()
+
+    def _forget_parents(self) -> None:
+        """In a fork()ed child, once, whichever of its threads comes first:
+        forget the parent's pool (its lock may have been held at fork)."""
+        if self._pid == os.getpid():
+            return
+        with _fork_lock:
+            if self._pid != os.getpid():
+                self._after_fork()
 
     def _after_fork(self) -> None:
         """In a fork()ed child: forget the parent's sockets (close only our descriptors)."""
@@ -163,8 +184,7 @@ class SyncDataClient:
         return self._open.get(address, 0)
 
     def _take(self, address: str, fallback: str | None, deadline: _Deadline) -> _Conn:
-        if self._pid != os.getpid():
-            self._after_fork()
+        self._forget_parents()
         now = time.monotonic()
         idle_s = self.config.client_idle_timeout_ms / 1000
         stale: list[_Conn] = []
@@ -195,8 +215,16 @@ class SyncDataClient:
                         "connections in use",
                     )
                 self._open[address] += 1
-        for s in stale + swept:
-            s.sock.close()
+        try:
+            for s in stale + swept:
+                s.sock.close()
+        except BaseException:  # a KeyboardInterrupt: the reservation must not leak
+            if c is not None:
+                self._give_back(c, True)
+            else:
+                with self._lock:
+                    self._open[address] -= 1
+            raise
         if c is not None:
             return c
         try:
@@ -245,8 +273,7 @@ class SyncDataClient:
 
     def close(self) -> None:
         """Close the free sockets; those in use close when their request ends."""
-        if self._pid != os.getpid():
-            self._after_fork()  # the parent's lock may have been held at fork
+        self._forget_parents()
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, {}

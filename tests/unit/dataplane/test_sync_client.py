@@ -15,6 +15,7 @@ import asyncio
 import gc
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -442,3 +443,42 @@ def test_free_sockets_of_a_peer_no_longer_asked_are_closed(
         assert c.connection_count(address) == 1
     finally:
         c.close()
+
+
+def test_a_childs_threads_forget_the_parents_pool_once(address: str) -> None:
+    """The first requests of a fork()ed child's threads, at once: one of them
+    resets the pool and the others wait for it, so the counts stay those of
+    the sockets the pool holds (a reset under another thread's request lost
+    them). Here a child is simulated in-process (the pool's pid made foreign),
+    with thread switches as frequent as the interpreter allows, many rounds."""
+    switch_s = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(30):
+            c = _client(connections_per_peer=4)
+            try:
+                assert _echo(c, address, 10) == _expected(10)
+                c._pid = -1  # as after fork(): the pool is the parent's
+                start = threading.Barrier(12)
+
+                def first_requests(c: SyncDataClient, start: threading.Barrier) -> None:
+                    start.wait()
+                    for _ in range(3):
+                        try:
+                            _echo(c, address, 10)
+                        except ChainfsError as e:
+                            assert e.code == Code.EBUSY  # past the bound: refused, not queued
+
+                threads = [
+                    threading.Thread(target=first_requests, args=(c, start)) for _ in range(12)
+                ]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                idle = len(c._idle.get(address, []))
+                assert c.connection_count(address) == idle <= 4
+            finally:
+                c.close()
+    finally:
+        sys.setswitchinterval(switch_s)
