@@ -40,11 +40,11 @@ class ClientConfig:
     # long (hung, host gone) is left for another; the retry keeps the request id.
     meta_attempt_timeout_ms: int = 5_000
     # Namespace calls of the sync FileSystem (stat, exists, listdir, mkdir,
-    # rename, remove, chmod, ...) and its write opens (creates) go to meta
-    # from the calling thread, over at
-    # most this many blocking sockets per meta server: one attempt, bounded by
-    # meta_attempt_timeout_ms. An attempt that gets no answer, or finds every
-    # socket busy, goes on through the loop thread with the same request id.
+    # rename, remove, chmod, ...) and its write opens (creates) go to meta from
+    # the calling thread, over at most this many blocking sockets per meta
+    # server: one attempt, bounded by meta_attempt_timeout_ms. An attempt that
+    # gets no answer, or finds every socket busy, goes on through the loop
+    # thread with the same request id, within the same meta_timeout_ms.
     # 0: every call goes through the loop thread. Plain sockets only: with TLS
     # on, calls take the loop thread.
     meta_sync_connections: int = 8
