@@ -7,6 +7,7 @@ and :class:`FakeChunkStore` instead of storage nodes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from chainfs.common.rpc.meta_client import MetaClient, UserInfo
+from chainfs.common.rpc.meta_client import FRAME_PREFIX, MetaClient, UserInfo
 from chainfs.kv import KVStore
 from chainfs.kv import open as kv_open
 from chainfs.meta_service.config import MetaConfig
@@ -184,3 +185,32 @@ async def env() -> AsyncIterator[MetaEnv]:
         yield e
     finally:
         await stop_env(e)
+
+
+class SilentServer:
+    """A framed-transport address that accepts connections and never answers
+    (a hung meta server: no reset, no reply); ``connections`` counts them."""
+
+    def __init__(self) -> None:
+        self.address = ""
+        self.connections = 0
+        self._held: list[asyncio.StreamWriter] = []
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._held.append(writer)
+        while await reader.read(65536):
+            pass
+
+
+@pytest.fixture
+async def silent() -> AsyncIterator[SilentServer]:
+    s = SilentServer()
+    server = await asyncio.start_server(s._accept, "127.0.0.1", 0)
+    s.address = f"{FRAME_PREFIX}127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield s
+    finally:
+        for w in s._held:
+            w.close()
+        server.close()

@@ -10,43 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc.meta_client import FRAME_PREFIX, CallerThread, MetaClient, run_in_caller
-from tests.unit.meta.conftest import ROOT, MetaEnv
+from tests.unit.meta.conftest import ROOT, MetaEnv, SilentServer
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class _Silent:
-    """A framed address that accepts connections and never answers."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self.held: list[asyncio.StreamWriter] = []
-
-    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.held.append(writer)
-        while await reader.read(65536):
-            pass
-
-
-@pytest.fixture
-async def silent() -> AsyncIterator[tuple[_Silent, str]]:
-    s = _Silent()
-    server = await asyncio.start_server(s.accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield s, f"{FRAME_PREFIX}127.0.0.1:{port}"
-    finally:
-        for w in s.held:
-            w.close()
-        server.close()
 
 
 async def _in_a_thread(
@@ -89,10 +62,8 @@ async def test_answers_and_refusals_come_from_the_thread(env: MetaEnv) -> None:
         await client.aclose()
 
 
-async def test_a_silent_server_is_asked_once_then_left(
-    env: MetaEnv, silent: tuple[_Silent, str]
-) -> None:
-    hung, hung_address = silent
+async def test_a_silent_server_is_asked_once_then_left(env: MetaEnv, silent: SilentServer) -> None:
+    hung, hung_address = silent, silent.address
     framed = FRAME_PREFIX + env.server.data_address
     client = MetaClient([hung_address, framed], user=ROOT, timeout_s=30, attempt_timeout_s=5)
     try:
@@ -108,11 +79,11 @@ async def test_a_silent_server_is_asked_once_then_left(
 
 
 async def test_the_attempt_from_the_thread_counts_against_the_call_deadline(
-    silent: tuple[_Silent, str],
+    silent: SilentServer,
 ) -> None:
     """Only a silent server: the call gives up at its deadline (2 s), the
     thread's attempt (1.5 s) included, not 1.5 s plus another 2."""
-    _, hung_address = silent
+    hung_address = silent.address
     client = MetaClient([hung_address], user=ROOT, timeout_s=2.0, attempt_timeout_s=5)
     try:
         client._current = hung_address

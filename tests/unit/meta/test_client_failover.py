@@ -5,44 +5,23 @@ succeed on the meta servers it knows."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing
-from chainfs.common.rpc.meta_client import FRAME_PREFIX, MetaClient
+from chainfs.common.rpc.meta_client import MetaClient
 from chainfs.common.rpc.mgmt_client import MgmtClient, RoutingCache
 from chainfs.proto import mgmt_pb2 as mp
-from tests.unit.meta.conftest import ROOT, MetaEnv
+from tests.unit.meta.conftest import ROOT, MetaEnv, SilentServer
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def silent_address() -> AsyncIterator[str]:
-    """A framed-transport address that accepts connections and never answers
-    (a hung server: no reset, no reply)."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-        while await reader.read(65536):
-            pass
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"{FRAME_PREFIX}127.0.0.1:{port}"
-    finally:
-        for w in held:
-            w.close()
-        server.close()
-
-
 async def test_a_silent_meta_server_is_left_after_the_attempt_timeout(
-    env: MetaEnv, silent_address: str
+    env: MetaEnv, silent: SilentServer
 ) -> None:
+    silent_address = silent.address
     client = MetaClient(
         [silent_address, env.server.rpc_address], user=ROOT, timeout_s=30, attempt_timeout_s=0.3
     )
@@ -55,8 +34,8 @@ async def test_a_silent_meta_server_is_left_after_the_attempt_timeout(
         await client.aclose()
 
 
-async def test_the_attempt_timeout_is_bounded_by_the_call_deadline(silent_address: str) -> None:
-    client = MetaClient([silent_address], user=ROOT, timeout_s=0.5, attempt_timeout_s=5)
+async def test_the_attempt_timeout_is_bounded_by_the_call_deadline(silent: SilentServer) -> None:
+    client = MetaClient([silent.address], user=ROOT, timeout_s=0.5, attempt_timeout_s=5)
     try:
         with pytest.raises(ChainfsError) as e:
             await client.stat("/")
