@@ -31,11 +31,11 @@ class SessionOps(NamespaceBase):
             follow = not (r.create and r.exclusive) and not r.nofollow
             t = await ctx.resolve(p, follow_last=follow or p.slash)
             created = False
+            if r.create and t.slash:  # as Linux: whatever the name holds, O_EXCL or not
+                raise ChainfsError(Code.EISDIR, f"{t.name!r}/: cannot create a file")
             if t.inode is None:
                 if not r.create:
                     raise ChainfsError(Code.ENOENT, f"no entry {t.name!r}")
-                if t.slash:
-                    raise ChainfsError(Code.EISDIR, f"{t.name!r}/: cannot create a file")
                 parent = await ctx.inode(t.parent_ino)
                 perm.check(parent, perm.W | perm.X, ctx.caller, "create in directory")
                 inode = self._new_inode(ctx, await ctx.new_ino(), FILE, mode, parent)
