@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from chainfs.client.chunk_io import ChunkIO, OpenHandle, ReadWork
 from chainfs.client.config import ClientConfig, resolve_address
 from chainfs.client.file import AsyncFile, Mode
-from chainfs.client.layout import layout_of, normpath, split
+from chainfs.client.layout import layout_of, metapath, normpath, split
 from chainfs.common.auth.capability import READ
 from chainfs.common.errors import ChainfsError, Code, to_user_error
 from chainfs.common.rpc.meta_client import to_stat_result
@@ -152,7 +152,7 @@ class AsyncFileSystem:
     @_user_errors
     async def stat(self, path: str, follow_symlinks: bool = True) -> os.stat_result:
         self._check_open()
-        return to_stat_result(await self.io.meta.stat(normpath(path), follow_symlinks))
+        return to_stat_result(await self.io.meta.stat(metapath(path), follow_symlinks))
 
     async def lstat(self, path: str) -> os.stat_result:
         return await self.stat(path, follow_symlinks=False)
@@ -183,7 +183,7 @@ class AsyncFileSystem:
         page = self.config.readdir_page_entries
         return [
             DirEntry(os.fsdecode(e.name), to_stat_result(e.inode))
-            async for e in self.io.meta.iterdir(normpath(path), with_attrs=True, page=page)
+            async for e in self.io.meta.iterdir(metapath(path), with_attrs=True, page=page)
         ]
 
     @_user_errors
@@ -192,16 +192,18 @@ class AsyncFileSystem:
         page = self.config.readdir_page_entries
         return [
             os.fsdecode(e.name)
-            async for e in self.io.meta.iterdir(normpath(path), with_attrs=False, page=page)
+            async for e in self.io.meta.iterdir(metapath(path), with_attrs=False, page=page)
         ]
 
     @_user_errors
     async def mkdir(
         self, path: str, mode: int = 0o777, parents: bool = False, exist_ok: bool = False
     ) -> None:
-        """Create a directory; ``parents`` creates missing ancestors (mkdir -p)."""
+        """Create a directory; ``parents`` creates missing ancestors (mkdir -p).
+        The process umask applies, as in ``os.mkdir``."""
         self._check_open()
-        p = normpath(path)
+        p = metapath(path)
+        mode &= ~_umask()
         if parents and exist_ok:
             await self.io.meta.mkdir(p, mode, parents=True)  # mkdir -p: one call
             return
@@ -215,7 +217,7 @@ class AsyncFileSystem:
                 raise
             if e.code != Code.ENOENT or not parents or p == "/":
                 raise
-        parent = p.rsplit("/", 1)[0] or "/"
+        parent = normpath(p).rsplit("/", 1)[0] or "/"
         await self.io.meta.mkdir(parent, mode, parents=True)
         try:
             await self.io.meta.mkdir(p, mode, parents=False)
@@ -229,56 +231,56 @@ class AsyncFileSystem:
     @_user_errors
     async def remove(self, path: str) -> None:
         self._check_open()
-        await self.io.meta.unlink(normpath(path))
+        await self.io.meta.unlink(metapath(path))
 
     unlink = remove
 
     @_user_errors
     async def rmdir(self, path: str) -> None:
         self._check_open()
-        await self.io.meta.rmdir(normpath(path))
+        await self.io.meta.rmdir(metapath(path))
 
     @_user_errors
     async def rename(self, src: str, dst: str) -> None:
         """Atomically move ``src`` to ``dst``, replacing a file or an empty directory there."""
         self._check_open()
-        await self.io.meta.rename(normpath(src), normpath(dst))
+        await self.io.meta.rename(metapath(src), metapath(dst))
 
     @_user_errors
     async def symlink(self, target: str, path: str) -> None:
         """Create ``path`` as a symbolic link to ``target`` (os.symlink's order)."""
         self._check_open()
-        await self.io.meta.symlink(target, normpath(path))
+        await self.io.meta.symlink(target, metapath(path))
 
     @_user_errors
     async def link(self, src: str, dst: str) -> None:
         """Create ``dst`` as a hard link to the file ``src``."""
         self._check_open()
-        await self.io.meta.link(normpath(src), normpath(dst))
+        await self.io.meta.link(metapath(src), metapath(dst))
 
     @_user_errors
     async def readlink(self, path: str) -> str:
         self._check_open()
-        return await self.io.meta.readlink(normpath(path))
+        return await self.io.meta.readlink(metapath(path))
 
     @_user_errors
     async def truncate(self, path: str, length: int) -> None:
         self._check_open()
         if length < 0:
             raise ChainfsError(Code.EINVAL, f"negative length {length}", path)
-        await self.io.meta.setattr(normpath(path), follow=True, size=length)
+        await self.io.meta.setattr(metapath(path), follow=True, size=length)
 
     @_user_errors
     async def chmod(self, path: str, mode: int) -> None:
         self._check_open()
-        await self.io.meta.setattr(normpath(path), follow=True, mode=mode & 0o7777)
+        await self.io.meta.setattr(metapath(path), follow=True, mode=mode & 0o7777)
 
     @_user_errors
     async def chown(self, path: str, uid: int, gid: int) -> None:
         """Change owner and group; -1 leaves one unchanged (as os.chown)."""
         self._check_open()
         if uid != -1 or gid != -1:
-            await self.io.meta.chown(normpath(path), uid, gid)
+            await self.io.meta.chown(metapath(path), uid, gid)
 
     @_user_errors
     async def utime(
@@ -292,7 +294,7 @@ class AsyncFileSystem:
         self._check_open()
         if times is not None and ns is not None:
             raise ValueError("utime: you may specify either 'times' or 'ns' but not both")
-        p = normpath(path)
+        p = metapath(path)
         if ns is not None:
             await self.io.meta.setattr(p, follow=True, atime_ns=ns[0], mtime_ns=ns[1])
         elif times is not None:
@@ -307,7 +309,7 @@ class AsyncFileSystem:
         from os.makedev), or a regular file; the process umask applies."""
         self._check_open()
         bits = (mode & ~0o7777) | (mode & 0o7777 & ~_umask())
-        await self.io.meta.mknod(normpath(path), bits, device)
+        await self.io.meta.mknod(metapath(path), bits, device)
 
     @_user_errors
     async def fallocate(self, path: str, offset: int, length: int, mode: int = 0) -> None:
@@ -333,22 +335,22 @@ class AsyncFileSystem:
     @_user_errors
     async def getxattr(self, path: str, name: str) -> bytes:
         self._check_open()
-        return await self.io.meta.getxattr(normpath(path), os.fsencode(name))
+        return await self.io.meta.getxattr(metapath(path), os.fsencode(name))
 
     @_user_errors
     async def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
         self._check_open()
-        await self.io.meta.setxattr(normpath(path), os.fsencode(name), bytes(value), flags)
+        await self.io.meta.setxattr(metapath(path), os.fsencode(name), bytes(value), flags)
 
     @_user_errors
     async def listxattr(self, path: str) -> list[str]:
         self._check_open()
-        return await self.io.meta.listxattr(normpath(path))
+        return await self.io.meta.listxattr(metapath(path))
 
     @_user_errors
     async def removexattr(self, path: str, name: str) -> None:
         self._check_open()
-        await self.io.meta.removexattr(normpath(path), os.fsencode(name))
+        await self.io.meta.removexattr(metapath(path), os.fsencode(name))
 
     # -- files ---------------------------------------------------------------
     @_user_errors
@@ -370,7 +372,7 @@ class AsyncFileSystem:
                 f"mode {mode!r}: the async client opens files in binary mode only "
                 "(decode the bytes, or use the sync FileSystem for text)"
             )
-        p = normpath(path)
+        p = metapath(path)
         # Read-only: a read session in the same call (unless one is held for the
         # file this path named), so an unlink or rename over the file elsewhere
         # leaves it readable until our close.
@@ -433,7 +435,7 @@ class AsyncFileSystem:
         self._check_open()
         if buffers is not None and len(buffers) != len(ranges):
             raise ValueError(f"{len(buffers)} buffers for {len(ranges)} ranges")
-        paths = sorted({normpath(r[0]) for r in ranges})
+        paths = sorted({metapath(r[0]) for r in ranges})
         step = self.config.batch_stat_paths
         inodes = [
             inode
@@ -456,7 +458,7 @@ class AsyncFileSystem:
         out: list[Any] = []
         work: list[ReadWork] = []
         for i, (path, offset, length) in enumerate(ranges):
-            inode = by_path[normpath(path)]
+            inode = by_path[metapath(path)]
             if offset < 0:
                 raise ChainfsError(Code.EINVAL, f"negative offset {offset}", path)
             avail = max(0, inode.size - offset)

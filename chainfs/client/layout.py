@@ -22,6 +22,15 @@ def normpath(path: str | bytes | os.PathLike[str]) -> str:
     FileNotFoundError (ENOENT), as ``os.stat("")`` answers. A NUL byte is
     ValueError, as in ``os`` functions.
     """
+    return metapath(path).rstrip("/") or "/"
+
+
+def metapath(path: str | bytes | os.PathLike[str]) -> str:
+    """A path as meta is asked about it: ``normpath``'s checks and single slashes,
+    but a trailing slash kept. Meta resolves it as POSIX does: only a directory
+    (or a symlink to one) is found there, so ``stat("/f/")`` of a file is
+    ENOTDIR, and nothing but a directory is made there (``open("/new/", "w")``
+    is EISDIR)."""
     if not isinstance(path, str):
         path = os.fsdecode(path)
     if "\x00" in path:
@@ -34,7 +43,7 @@ def normpath(path: str | bytes | os.PathLike[str]) -> str:
         )
     while "//" in path:
         path = path.replace("//", "/")
-    return path.rstrip("/") or "/"
+    return path
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,8 @@ import errno
 import io
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -504,6 +505,162 @@ def test_empty_and_relative_paths_are_refused(fs: FileSystem) -> None:
         fs.listdir("")
     assert fs.read_file("/e2e/rel.bin") == b"abc"  # nothing above changed anything
     assert "new.bin" not in fs.listdir("/e2e") and "moved.bin" not in fs.listdir("/e2e")
+
+
+# -- a trailing slash, as Linux answers it ---------------------------------------
+# (op, path, other): each case runs in its own directory holding a file f, an
+# empty directory d, symlinks lf -> f and ld -> d, and nothing named nope.
+TRAILING_SLASH: list[tuple[str, str, str]] = [
+    ("stat", "f/", ""),
+    ("stat", "d/", ""),
+    ("stat", "lf/", ""),
+    ("stat", "ld/", ""),
+    ("stat", "nope/", ""),
+    ("lstat", "f/", ""),
+    ("lstat", "ld/", ""),
+    ("exists", "f/", ""),
+    ("exists", "d/", ""),
+    ("isfile", "f/", ""),
+    ("isdir", "ld/", ""),
+    ("listdir", "f/", ""),
+    ("listdir", "ld/", ""),
+    ("read_file", "f/", ""),
+    ("read_file", "lf/", ""),
+    ("open", "f/", "rb"),
+    ("open", "f/", "wb"),
+    ("open", "f/", "ab"),
+    ("open", "f/", "r+b"),
+    ("open", "f/", "xb"),
+    ("open", "lf/", "wb"),
+    ("open", "d/", "wb"),
+    ("open", "new/", "wb"),
+    ("open", "new/", "xb"),
+    ("open", "new/", "w+b"),
+    ("open", "new/", "rb"),
+    ("open", "nope/new/", "wb"),
+    ("remove", "f/", ""),
+    ("remove", "d/", ""),
+    ("remove", "lf/", ""),
+    ("remove", "ld/", ""),
+    ("remove", "nope/", ""),
+    ("rmdir", "f/", ""),
+    ("rmdir", "d/", ""),
+    ("rmdir", "ld/", ""),
+    ("mkdir", "m/", ""),
+    ("mkdir", "f/", ""),
+    ("rename", "f/", "g"),
+    ("rename", "f", "g/"),
+    ("rename", "f", "d/"),
+    ("rename", "d/", "e/"),
+    ("rename", "d", "e/"),
+    ("rename", "ld/", "e"),
+    ("link", "f/", "h"),
+    ("link", "f", "h/"),
+    ("symlink", "s/", "f"),
+    ("symlink", "f/", "d"),
+    ("readlink", "lf/", ""),
+    ("readlink", "ld/", ""),
+    ("truncate", "f/", ""),
+    ("truncate", "lf/", ""),
+    ("chmod", "f/", ""),
+    ("chmod", "ld/", ""),
+    ("utime", "f/", ""),
+    ("mknod", "p/", ""),
+    ("listxattr", "f/", ""),
+]
+
+
+def _slash_case(op: str, root: str, a: str, b: str, fs: FileSystem | None) -> object:
+    """One case on the local disk (``fs`` None, ``os``) or on chainfs."""
+    p, q = f"{root}/{a}", f"{root}/{b}"
+    if op == "open":
+        f = open(p, b) if fs is None else fs.open(p, b)  # noqa: SIM115 (closed at once)
+        f.close()
+        return None
+    if op == "read_file":
+        if fs is None:
+            with open(p, "rb") as f:
+                return f.read()
+        return fs.read_file(p)
+    if op in ("exists", "isfile", "isdir"):
+        return getattr(os.path if fs is None else fs, op)(p)
+    if op in ("stat", "lstat"):
+        return stat.S_IFMT(getattr(os if fs is None else fs, op)(p).st_mode)
+    if op in ("rename", "link"):
+        return getattr(os if fs is None else fs, op)(p, q)
+    if op == "symlink":
+        return os.symlink(b, p) if fs is None else fs.symlink(b, p)
+    if op == "truncate":
+        return os.truncate(p, 1) if fs is None else fs.truncate(p, 1)
+    if op == "chmod":
+        return os.chmod(p, 0o600) if fs is None else fs.chmod(p, 0o600)
+    if op == "mknod":
+        return (os if fs is None else fs).mknod(p, stat.S_IFIFO | 0o600)
+    if op == "listdir":
+        return sorted((os if fs is None else fs).listdir(p))
+    return getattr(os if fs is None else fs, op)(p)  # remove rmdir mkdir readlink utime listxattr
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    try:
+        return ("ok", call())
+    except OSError as e:
+        return ("error", errno.errorcode.get(e.errno or 0, e.errno))
+
+
+def _local_tree(root: Path) -> dict[str, object]:
+    tree: dict[str, object] = {}
+    for dirpath, dirs, names in os.walk(root):
+        for n in dirs + names:
+            p = Path(dirpath, n)
+            st = p.lstat()
+            kind = stat.S_IFMT(st.st_mode)
+            what = os.readlink(p) if p.is_symlink() else st.st_size if stat.S_ISREG(kind) else 0
+            tree[str(p.relative_to(root))] = (kind, stat.S_IMODE(st.st_mode), what)
+    return tree
+
+
+def _chainfs_tree(fs: FileSystem, root: str, rel: str = "") -> dict[str, object]:
+    tree: dict[str, object] = {}
+    for e in fs.scandir(f"{root}/{rel}" if rel else root):
+        name = f"{rel}/{e.name}" if rel else e.name
+        kind = stat.S_IFMT(e.stat.st_mode)
+        what = (
+            fs.readlink(f"{root}/{name}")
+            if stat.S_ISLNK(kind)
+            else e.stat.st_size
+            if stat.S_ISREG(kind)
+            else 0
+        )
+        tree[name] = (kind, stat.S_IMODE(e.stat.st_mode), what)
+        if stat.S_ISDIR(kind):
+            tree.update(_chainfs_tree(fs, root, name))
+    return tree
+
+
+@pytest.mark.parametrize(
+    ("op", "a", "b"), TRAILING_SLASH, ids=[" ".join(c) for c in TRAILING_SLASH]
+)
+def test_trailing_slash_answers_as_linux_and_changes_what_linux_changes(
+    fs: FileSystem, tmp_path: Path, op: str, a: str, b: str
+) -> None:
+    """A path ending in / names a directory or nothing: ``open("/f/", "wb")`` of
+    a file must not truncate it, ``open("/new/", "wb")`` must not make a file.
+    The local disk is the oracle for the answer (errno) and for what changed."""
+    case = f"/e2e-slash/{op}-{a}-{b}".replace("/", "_").replace("_e2e-slash_", "/e2e-slash/")
+    fs.mkdir(case, parents=True)
+    for root, make in ((str(tmp_path), None), (case, fs)):
+        with (open if make is None else make.open)(f"{root}/f", "wb") as f:
+            f.write(b"data")
+        (os if make is None else make).mkdir(f"{root}/d")
+        for link, target in (("lf", "f"), ("ld", "d")):
+            (os if make is None else make).symlink(target, f"{root}/{link}")
+        (os if make is None else make).chmod(f"{root}/f", 0o644)
+        (os if make is None else make).chmod(f"{root}/d", 0o755)
+    local = _outcome(lambda: _slash_case(op, str(tmp_path), a, b, None))
+    remote = _outcome(lambda: _slash_case(op, case, a, b, fs))
+    assert remote == local
+    assert _chainfs_tree(fs, case) == _local_tree(tmp_path)
 
 
 @pytest.mark.parametrize("offset", [2**62, 2**64 + 5])
