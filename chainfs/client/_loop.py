@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 _STOP_TIMEOUT_S = 10.0  # bound on joining the thread at close
+_CLOSED = "I/O operation on a closed chainfs FileSystem"
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -40,6 +41,11 @@ class LoopThread:
 
     def _start(self) -> None:
         self._forked = False  # set in a fork()ed child until the first call restarts us
+        # The calls threads wait for: when the loop stops, each is failed, never left
+        # waiting. _stopped (under _calls_lock) admits no new one after that.
+        self._calls: set[_Call[Any]] = set()
+        self._calls_lock = threading.Lock()
+        self._stopped = False
         self.loop = _new_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
@@ -62,9 +68,26 @@ class LoopThread:
         try:
             self.loop.run_forever()
         finally:
+            with self._calls_lock:
+                self._stopped = True
+                waiting = list(self._calls)
+            for call in waiting:  # their threads get ValueError, as a call made after close
+                call.abandon()
+            with contextlib.suppress(Exception):
+                self.loop.run_until_complete(self._cancel_tasks())
+            for call in waiting:  # a task that outlived its cancellation: no wait for it
+                call.give_up()
             with contextlib.suppress(Exception):
                 self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
+
+    async def _cancel_tasks(self) -> None:
+        """Let every task left at stop end by its cancellation (its finally blocks run)."""
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=_STOP_TIMEOUT_S)
 
     @property
     def alive(self) -> bool:
@@ -84,28 +107,44 @@ class LoopThread:
         if self.in_loop_thread():
             coro.close()
             raise RuntimeError("a sync chainfs call was made from its own event-loop thread")
-        if not self.alive:
-            coro.close()
-            raise ValueError("I/O operation on a closed chainfs FileSystem")
         call = _Call(coro)
-        self.loop.call_soon_threadsafe(call.start, self.loop)
+        with self._calls_lock:
+            if self._stopped or not self.alive:
+                coro.close()
+                raise ValueError(_CLOSED)
+            self._calls.add(call)
         try:
-            finished = call.wait(timeout_s)
-        except (KeyboardInterrupt, SystemExit):
-            self.loop.call_soon_threadsafe(call.cancel)
-            with contextlib.suppress(BaseException):  # a second Ctrl-C: stop waiting
-                call.wait(_STOP_TIMEOUT_S)
-            raise
-        if not finished:
-            self.loop.call_soon_threadsafe(call.cancel)
-            raise TimeoutError(f"chainfs call still running after {timeout_s} s")
-        return call.result()
+            try:
+                self.loop.call_soon_threadsafe(call.start, self.loop)
+            except RuntimeError:  # stopped and closed since the check: abandoned
+                raise ValueError(_CLOSED) from None
+            try:
+                finished = call.wait(timeout_s)
+            except (KeyboardInterrupt, SystemExit):
+                self._call_soon_if_running(call.cancel)
+                with contextlib.suppress(BaseException):  # a second Ctrl-C: stop waiting
+                    call.wait(_STOP_TIMEOUT_S)
+                raise
+            if not finished:
+                self._call_soon_if_running(call.cancel)
+                raise TimeoutError(f"chainfs call still running after {timeout_s} s")
+            return call.result()
+        finally:
+            with self._calls_lock:
+                self._calls.discard(call)
+
+    def _call_soon_if_running(self, fn: Callable[[], object]) -> None:
+        with contextlib.suppress(RuntimeError):  # closed meanwhile: its tasks are cancelled
+            self.loop.call_soon_threadsafe(fn)
 
     def call_soon(self, fn: Callable[[], object]) -> None:
         """Have the loop run ``fn`` soon, from any thread but the loop's; no wait."""
         if self._forked:
             self._restart_after_fork()
-        self.loop.call_soon_threadsafe(fn)
+        with self._calls_lock:
+            if self._stopped or not self.alive:
+                raise ValueError(_CLOSED)
+            self.loop.call_soon_threadsafe(fn)
 
     def stop(self) -> None:
         if not self._thread.is_alive():
@@ -123,34 +162,59 @@ class _Call(Generic[T]):
     each way and little else (run_coroutine_threadsafe chains a
     concurrent.futures.Future to the task, with a condition variable, for the same)."""
 
-    __slots__ = ("_cancelled", "_coro", "_done", "_error", "_task")
+    __slots__ = ("_abandoned", "_cancelled", "_coro", "_done", "_error", "_released", "_task")
 
     def __init__(self, coro: Coroutine[Any, Any, T]) -> None:
         self._coro = coro
         self._task: asyncio.Task[T] | None = None
         self._done = threading.Lock()
         self._done.acquire()  # released once the task is done
+        self._released = False
         self._cancelled = False
+        self._abandoned = False  # the loop stopped first
         self._error: BaseException | None = None  # the task could not be started
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the loop: start the task (unless cancelled before it began)."""
         if self._cancelled:
             self._coro.close()
-            self._error = asyncio.CancelledError()
-            self._done.release()
+            if self._error is None:
+                self._error = asyncio.CancelledError()
+            self._release()
             return
         try:
             self._task = loop.create_task(self._coro)
         except BaseException as e:
             self._coro.close()
             self._error = e
-            self._done.release()
+            self._release()
             raise
         self._task.add_done_callback(self._finished)
 
+    def abandon(self) -> None:
+        """On the loop, once it has stopped: end the wait with ValueError (a task
+        still running is cancelled by the loop's shutdown and finishes then)."""
+        self._abandoned = True
+        if self._task is None:
+            self._cancelled = True
+            self._error = ValueError(_CLOSED)
+            self._coro.close()
+            self._release()
+
+    def give_up(self) -> None:
+        """On the loop thread, after the shutdown's wait: end the wait of a call
+        whose task is still not done."""
+        if not self._released:
+            self._error = ValueError(f"{_CLOSED} (closed while the call ran)")
+            self._release()
+
+    def _release(self) -> None:
+        if not self._released:  # loop thread only: start, abandon, _finished
+            self._released = True
+            self._done.release()
+
     def _finished(self, _task: asyncio.Task[T]) -> None:
-        self._done.release()
+        self._release()
 
     def cancel(self) -> None:
         """On the loop: cancel the task, or the start not yet made."""
@@ -167,6 +231,8 @@ class _Call(Generic[T]):
         if self._error is not None:
             raise self._error
         assert self._task is not None and self._task.done()
+        if self._abandoned and self._task.cancelled():
+            raise ValueError(f"{_CLOSED} (closed while the call ran)")
         return self._task.result()
 
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import io
 import os
 import stat
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from chainfs.client.config import ClientConfig
 from chainfs.client.sync import FileSystem
 from chainfs.local import LocalCluster
 from tests.conftest import require
-from tests.integration.client_fixtures import CHUNK, in_threads, module_cluster, pattern
+from tests.integration.client_fixtures import CHUNK, in_threads, module_cluster, pattern, poll
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -694,6 +697,73 @@ def test_closed_filesystem(cluster: LocalCluster) -> None:
         fs2.stat("/")
     with chainfs.connect(cluster.address) as fs3:
         assert fs3.read_file("/e2e/closed-fs.bin") == b"pending"
+
+
+def _busy_until_closed(
+    fs: FileSystem,
+    tag: str,
+    data: bytes,
+    done: list[str],
+    errors: list[BaseException],
+    k: int,
+) -> None:
+    """Calls of one kind (by ``k``) until one fails; each call that returned is
+    noted in ``done`` (a written file by its path), the failure in ``errors``."""
+    try:
+        for i in range(10**6):
+            if k % 4 == 0:
+                fs.stat("/e2e/close-race/big")
+                done.append("stat")
+            elif k % 4 == 1:
+                assert fs.read_file("/e2e/close-race/big") == data
+                done.append("read")
+            elif k % 4 == 2:
+                path = f"/e2e/close-race/w{tag}-{k}-{i}"
+                with fs.open(path, "wb") as f:
+                    f.write(data[: CHUNK + 1])
+                done.append(path)
+            else:
+                fs.listdir("/e2e/close-race")
+                done.append("listdir")
+    except (ValueError, OSError) as e:
+        errors.append(e)
+
+
+def _each_kind_done(done: list[str]) -> bool:
+    kinds = ("stat", "read", "/e2e/close-race/w", "listdir")
+    return all(any(d.startswith(k) for d in done) for k in kinds)
+
+
+def test_close_while_threads_are_in_calls_ends_each_call(cluster: LocalCluster) -> None:
+    """Other threads in stats, reads, writes and listings when the FileSystem
+    closes: each call ends (ValueError for the closed FileSystem, or an OSError),
+    none waits for ever, and every file whose close returned reads back whole."""
+    data = pattern(2 * CHUNK, "close-race")
+    with chainfs.connect(cluster.address) as setup:
+        setup.mkdir("/e2e/close-race", parents=True, exist_ok=True)
+        setup.write_file("/e2e/close-race/big", data)
+    written: list[str] = []
+    for rnd in range(3):
+        fs2 = chainfs.connect(cluster.address)
+        done: list[str] = []
+        errors: list[BaseException] = []
+        work = functools.partial(_busy_until_closed, fs2, f"r{rnd}", data, done, errors)
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        # Close once every kind of call has gone through at least once (more
+        # are under way by then), later in each round.
+        poll(functools.partial(_each_kind_done, done), "a call of each kind")
+        time.sleep(0.1 * rnd)
+        fs2.close()
+        for t in threads:
+            t.join(60)
+        assert not [t for t in threads if t.is_alive()], f"round {rnd}: calls left waiting"
+        assert len(errors) == len(threads), errors  # each ended by the close, none otherwise
+        written += [d for d in done if d.startswith("/")]
+    with chainfs.connect(cluster.address) as check:
+        for path in written:
+            assert check.read_file(path) == data[: CHUNK + 1], path
 
 
 def test_connect_without_address_uses_chainfs_address(

@@ -106,3 +106,56 @@ def test_ctrl_c_cancels_the_coroutine(lt: LoopThread) -> None:
         return True
 
     assert lt.run(wait_cancelled())
+
+
+def test_stop_ends_every_call_a_thread_waits_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FileSystem closed while other threads are in calls: each of them gets
+    ValueError (as a call made after close), none waits for ever. A task that
+    swallows its cancellation is not waited for beyond the stop's bound."""
+    import threading
+
+    from chainfs.client import _loop
+
+    monkeypatch.setattr(_loop, "_STOP_TIMEOUT_S", 0.5)
+    lt = LoopThread("test-stop")
+    started, cleaned = threading.Semaphore(0), threading.Semaphore(0)
+
+    async def slow() -> None:
+        started.release()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            cleaned.release()
+
+    async def stubborn() -> None:
+        started.release()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(60)
+
+    got: list[BaseException | None] = []
+
+    def call(coro: object) -> None:
+        try:
+            lt.run(coro)  # type: ignore[arg-type]
+            got.append(None)
+        except BaseException as e:
+            got.append(e)
+
+    threads = [threading.Thread(target=call, args=(slow(),)) for _ in range(4)]
+    threads.append(threading.Thread(target=call, args=(stubborn(),)))
+    for t in threads:
+        t.start()
+    for _ in threads:
+        assert started.acquire(timeout=10)
+    lt.stop()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert len(got) == 5
+    assert all(isinstance(e, ValueError) and "closed" in str(e) for e in got), got
+    for _ in range(4):  # the cancelled calls' finally blocks ran
+        assert cleaned.acquire(timeout=0)
+    with pytest.raises(ValueError, match="closed"):
+        lt.call_soon(lambda: None)
