@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import threading
 import weakref
@@ -138,13 +139,17 @@ class LoopThread:
             self.loop.call_soon_threadsafe(fn)
 
     def call_soon(self, fn: Callable[[], object]) -> None:
-        """Have the loop run ``fn`` soon, from any thread but the loop's; no wait."""
+        """Have the loop run ``fn`` soon, from any thread but the loop's; no wait.
+
+        ``fn`` runs in a fresh context: none of the calling thread's context
+        variables (run_in_caller's mark, above all) reach it, or the tasks it
+        starts."""
         if self._forked:
             self._restart_after_fork()
         with self._calls_lock:
             if self._stopped or not self.alive:
                 raise ValueError(_CLOSED)
-            self.loop.call_soon_threadsafe(fn)
+            self.loop.call_soon_threadsafe(fn, context=contextvars.Context())
 
     def stop(self) -> None:
         if not self._thread.is_alive():

@@ -159,3 +159,29 @@ def test_stop_ends_every_call_a_thread_waits_for(monkeypatch: pytest.MonkeyPatch
         assert cleaned.acquire(timeout=0)
     with pytest.raises(ValueError, match="closed"):
         lt.call_soon(lambda: None)
+
+
+def test_call_soon_runs_without_the_callers_context(lt: LoopThread) -> None:
+    """What a caller's thread hands the loop (a session end, a timer to arm)
+    must not carry its context variables: run_in_caller's mark would make the
+    loop's tasks block the loop with calls from its own thread."""
+    import contextvars
+    import threading
+
+    mark: contextvars.ContextVar[str | None] = contextvars.ContextVar("mark", default=None)
+    seen: list[str | None] = []
+    ran = threading.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    def on_loop() -> None:
+        async def task() -> None:
+            seen.append(mark.get())
+            ran.set()
+
+        seen.append(mark.get())
+        tasks.append(asyncio.ensure_future(task()))
+
+    mark.set("caller")
+    lt.call_soon(on_loop)
+    assert ran.wait(10)
+    assert seen == [None, None]
