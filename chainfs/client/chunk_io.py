@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import secrets
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -86,7 +87,16 @@ class ChunkIO:
         self._ends_room = asyncio.Event()  # set when _ends_queued has room
         self._ends_sender: asyncio.Task[None] | None = None
         self._ends_go: asyncio.Event | None = None  # set: the sender goes now
+        # Ends queued by callers' threads (queue_end_from_thread), under
+        # _ends_lock: they leave with the next meta call made from a caller's
+        # thread, or, by a timer the first of them arms, through the sender above.
+        self._thread_ends: list[tuple[int, bytes]] = []
+        self._thread_ends_armed = False
+        self._ends_lock = threading.Lock()
+        self._loop_soon: Callable[[Callable[[], object]], None] | None = None
         meta.before_call = self._send_ends_along
+        meta.ends_along = self._take_ends_along
+        meta.ends_unsent = self._thread_ends_unsent
         # Bytes asked of storage by reads since connect: by the loop's reads, and
         # by read_now and read_now_many from callers' threads (under _sync_lock).
         self.storage_read_bytes = 0
@@ -140,12 +150,18 @@ class ChunkIO:
         self._ends_room = asyncio.Event()
         self._ends_sender = None
         self._ends_go = None
+        self._thread_ends = []
+        self._thread_ends_armed = False
+        self._ends_lock = threading.Lock()
         self.meta.before_call = self._send_ends_along
+        self.meta.ends_along = self._take_ends_along
+        self.meta.ends_unsent = self._thread_ends_unsent
         self.read_ahead_held_bytes = 0
         self._sync_lock = threading.Lock()  # the parent's may have been held at fork
 
     async def close(self) -> None:
         """Wait for read sessions being ended, then close every client."""
+        self._queue_ends(self._take_thread_ends())
         if self._ends_sender is not None:  # each call bounded by the meta call timeout
             if self._ends_go is not None:
                 self._ends_go.set()  # closing: end what is queued now, not after the delay
@@ -426,9 +442,78 @@ class ChunkIO:
         while len(self._ends_queued) >= self.config.max_background_session_ends:
             self._ends_room.clear()
             await self._ends_room.wait()
-        self._ends_queued.append((ino, session_id))
+        with self._ends_lock:  # a caller's thread may take them along (_take_ends_along)
+            self._ends_queued.append((ino, session_id))
         if self._ends_sender is None or self._ends_sender.done():
             self._ends_sender = asyncio.ensure_future(self._send_session_ends())
+
+    def queue_end_from_thread(
+        self, ino: int, session_id: bytes, loop_soon: Callable[[Callable[[], object]], None]
+    ) -> bool:
+        """From a caller's thread: end a session that reports nothing, without a
+        hop to the loop. The end leaves with the next meta call a caller's thread
+        makes (one more request in the same send, committed in the same batch),
+        else after session_end_delay_ms through the loop's sender; ``loop_soon``
+        wakes the loop for that timer, once per batch. False, with nothing done,
+        when max_background_session_ends are queued already."""
+        with self._ends_lock:
+            bound = self.config.max_background_session_ends
+            if len(self._ends_queued) + len(self._thread_ends) >= bound:
+                return False
+            self._loop_soon = loop_soon
+            self._thread_ends.append((ino, session_id))
+            arm, self._thread_ends_armed = not self._thread_ends_armed, True
+        if arm:
+            try:
+                loop_soon(self._arm_thread_ends)
+            except BaseException:
+                with self._ends_lock:
+                    self._thread_ends_armed = False
+                    if (ino, session_id) in self._thread_ends:
+                        self._thread_ends.remove((ino, session_id))
+                        raise
+                # Taken along by another thread's call meanwhile: ended.
+        return True
+
+    def _take_ends_along(self) -> list[tuple[int, bytes]]:
+        """Every end queued (by callers' threads and on the loop), for a call
+        from a caller's thread to carry."""
+        with self._ends_lock:
+            batch = self._thread_ends + self._ends_queued
+            self._thread_ends, self._ends_queued = [], []
+        return batch
+
+    def _take_thread_ends(self) -> list[tuple[int, bytes]]:
+        with self._ends_lock:
+            batch, self._thread_ends = self._thread_ends, []
+        return batch
+
+    def _thread_ends_unsent(self, batch: list[tuple[int, bytes]]) -> None:
+        """From a caller's thread: ends its call carried got no answer; the
+        loop's sender ends them (it fails over and retries)."""
+        soon = self._loop_soon
+        if soon is not None:
+            soon(functools.partial(self._queue_ends, batch))
+
+    def _arm_thread_ends(self) -> None:
+        asyncio.get_running_loop().call_later(
+            self.config.session_end_delay_ms / 1000, self._flush_thread_ends
+        )
+
+    def _flush_thread_ends(self) -> None:
+        """On the loop, a delay after the first of a batch: what no call carried."""
+        with self._ends_lock:
+            batch, self._thread_ends = self._thread_ends, []
+            self._thread_ends_armed = False
+        self._queue_ends(batch)
+
+    def _queue_ends(self, batch: list[tuple[int, bytes]]) -> None:
+        """On the loop: queue ends for the sender (room was taken when they queued)."""
+        if batch:
+            with self._ends_lock:
+                self._ends_queued += batch
+            if self._ends_sender is None or self._ends_sender.done():
+                self._ends_sender = asyncio.ensure_future(self._send_session_ends())
 
     def _send_ends_along(self, method: str) -> None:
         """Another call to meta starts: the queued session ends leave with it.
@@ -450,10 +535,12 @@ class ChunkIO:
         finally:
             timer.cancel()
             self._ends_go = None
-        while self._ends_queued:
-            batch = self._ends_queued
-            self._ends_queued = []
-            self._ends_room.set()
+        while True:
+            with self._ends_lock:
+                batch, self._ends_queued = self._ends_queued, []
+            self._ends_room.set()  # taken here, or along a caller's thread's call
+            if not batch:
+                return
             try:
                 await self.meta.end_sessions(batch)
             except ChainfsError as e:  # meta prunes them once we are gone

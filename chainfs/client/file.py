@@ -701,6 +701,34 @@ class AsyncFile:
             self._ra_spares.clear()
 
     # -- close ---------------------------------------------------------------
+    def close_unwritten(self, loop_soon: Callable[[Callable[[], object]], None]) -> bool:
+        """Close, in the calling thread, a write open that wrote nothing and holds
+        nothing the loop owns (buffered or in-flight bytes, locks, read-ahead, a
+        read session): all that is left is to end its session at meta, which
+        ``ChunkIO.queue_end_from_thread`` does in the background, as ``close``
+        would. False, with nothing done, when the file needs ``close``."""
+        h = self._h
+        if (
+            self._closed
+            or self._wrote
+            or self._wbuf
+            or self._inflight
+            or self._write_error is not None
+            or self._torn_at is not None
+            or self._locks is not None
+            or self._ra
+            or self._ra_spares
+            or h.read_session
+            or h.session is None
+            or not self._io.queue_end_from_thread(h.inode, h.session, loop_soon)
+        ):
+            return False
+        self._closed = True
+        self._rbuf = memoryview(b"")
+        if self._on_close is not None:
+            self._on_close(self)
+        return True
+
     async def close(self) -> None:
         """Flush, report the length to meta, release the handle (idempotent)."""
         if self._closed:

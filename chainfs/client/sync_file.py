@@ -159,6 +159,8 @@ class File(io.BufferedIOBase):
             return
         if not self._loop.alive:
             raise ValueError(f"{self.name}: its FileSystem was closed before the file")
+        if self._af.close_unwritten(self._loop.call_soon):  # a create: no hop to the loop
+            return
         self._loop.run(self._af.close())
 
     def detach(self) -> Any:

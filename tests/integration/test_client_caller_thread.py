@@ -28,7 +28,7 @@ from chainfs.client.sync import FileSystem
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.rpc import meta_client
 from chainfs.local import LocalCluster
-from tests.integration.client_fixtures import in_threads, module_cluster
+from tests.integration.client_fixtures import in_threads, module_cluster, poll
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -229,17 +229,26 @@ def test_a_change_whose_reply_was_lost_is_made_once(
     """Every attempt from the calling thread reaches meta and is applied, but
     its reply is taken for lost: the loop sends the same request (same request
     id) and meta answers it from its record. A new request id would be refused
-    (EEXIST, ENOENT) or applied twice."""
+    (EEXIST, ENOENT) or applied twice. The first call carries the session end
+    of the create before it (a request of its own in the same send): its reply
+    is lost too, and the loop's sender ends that session."""
     _touch(fs, f"{d}/f")
     caller = fs._caller
     assert caller is not None
-    real = caller.sync.request
+    real, real_many = caller.sync.request, caller.sync.request_many
+    carried: list[int] = []
 
     def reply_lost(*args: Any, **kwargs: Any) -> Any:
         real(*args, **kwargs)
         raise ChainfsError(Code.ETIMEDOUT, "test: the reply was lost")
 
+    def replies_lost(requests: Any) -> Any:
+        real_many(requests)
+        carried.append(len(requests))
+        return [ChainfsError(Code.ETIMEDOUT, "test: the reply was lost") for _ in requests]
+
     monkeypatch.setattr(caller.sync, "request", reply_lost)
+    monkeypatch.setattr(caller.sync, "request_many", replies_lost)
     on_loop = _on_loop(fs, monkeypatch)
     fs.mkdir(f"{d}/new")
     fs.rename(f"{d}/f", f"{d}/new/f")
@@ -249,6 +258,7 @@ def test_a_change_whose_reply_was_lost_is_made_once(
     fs.mkdir(f"{d}/gone")
     fs.rmdir(f"{d}/gone")
     assert on_loop == ["Mkdir", "Rename", "Symlink", "Link", "Unlink", "Mkdir", "Rmdir"]
+    assert carried == [2]  # the create's session end went along with the first mkdir
     monkeypatch.undo()
     assert fs.listdir(d) == ["new"]
     assert fs.listdir(f"{d}/new") == ["f", "h"]
@@ -354,3 +364,75 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (out.returncode, out.stdout) == (0, "ok\n"), out.stderr
+
+
+def _removed(fs: FileSystem, ino: int) -> bool:
+    """Whether meta has dropped inode ``ino`` (asked by number, as an open by
+    inode would): an unlinked file is kept while a session holds it open."""
+    try:
+        fs._loop.run(fs.aio.io.meta.stat(ino, True))
+    except ChainfsError as e:
+        assert e.code == Code.ENOENT, e
+        return True
+    return False
+
+
+def test_a_close_ends_its_session_along_with_the_next_call(
+    cluster: LocalCluster, d: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create's close queues its session end in the calling thread, with no
+    hop to the loop; a read's close queues it on the loop. The next call from
+    a caller's thread carries both to meta in the same send. Seen at meta: a
+    never-written file is removed by its unlink at once only when no session
+    holds it, and the timer that would send the ends (session_end_delay_ms) is
+    10 minutes away."""
+    with cluster.client(config=ClientConfig(session_end_delay_ms=600_000)) as fs2:
+        fs2.stat("/")  # the first call picks a meta server, on the loop
+        on_loop = _on_loop(fs2, monkeypatch, background=True)
+        f = fs2.open(f"{d}/created", "wb")
+        created = f.inode
+        f.close()
+        fs2.open(f"{d}/read", "wb").close()
+        f = fs2.open(f"{d}/read", "rb")  # read opens share read sessions on the loop
+        read = f.inode
+        f.close()
+        fs2.stat(d)  # carries the three ends
+        assert [m for m in on_loop if m != "KeepAlive"] == ["Open"]
+        fs2.remove(f"{d}/created")
+        fs2.remove(f"{d}/read")
+        assert _removed(fs2, created) and _removed(fs2, read)
+
+
+def test_a_session_end_left_unsent_goes_through_the_loop(
+    cluster: LocalCluster, d: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ends that rode along a call whose requests got no answer go to the
+    loop's sender, which ends them; none is lost (a lost one would hold the
+    unlinked file for as long as the client lives). Without any later call,
+    the sender ends a created file's session after session_end_delay_ms."""
+    with cluster.client(config=ClientConfig(session_end_delay_ms=50)) as fs2:
+        caller = fs2._caller
+        assert caller is not None
+        real_many = caller.sync.request_many
+
+        def replies_lost(requests: Any) -> Any:
+            real_many(requests[:1])  # the call is made; the session end never arrives
+            return [ChainfsError(Code.ETIMEDOUT, "test: no answer") for _ in requests]
+
+        fs2.stat("/")  # the first call picks a meta server, on the loop
+        monkeypatch.setattr(caller.sync, "request_many", replies_lost)
+        on_loop = _on_loop(fs2, monkeypatch, background=True)
+        f = fs2.open(f"{d}/lost", "wb")
+        lost = f.inode
+        f.close()
+        fs2.stat(d)
+        assert on_loop[:1] == ["Stat"]  # the call itself, asked again on the loop
+        fs2.remove(f"{d}/lost")  # maybe before the end arrives: then GC drops it after
+        poll(lambda: _removed(fs2, lost), "the file whose session end was handed to the loop")
+        monkeypatch.undo()
+        f = fs2.open(f"{d}/alone", "wb")
+        alone = f.inode
+        f.close()  # and no call after it: the timer sends the end
+        poll(lambda: "EndSessions" in on_loop, "the session end sent by the loop's timer")
+        fs2.remove(f"{d}/alone")
+        poll(lambda: _removed(fs2, alone), "the file whose session the timer ended")

@@ -33,6 +33,7 @@ SYNC_ONLY = {
 ASYNC_ONLY = {
     AsyncFileSystem: {"io": "the chunk I/O engine, bound to the async core's event loop"},
     AsyncFile: {
+        "close_unwritten": "the sync File's close of a create without a loop hop",
         "seek_sync": "no-I/O seek the sync File calls without a loop hop",
         "try_read_buffered": "the sync File's fast path without a loop hop",
         "try_write_buffered": "the sync File's fast path without a loop hop",

@@ -40,7 +40,7 @@ from google.protobuf.message import DecodeError
 
 from chainfs.common.background import cancel_and_wait
 from chainfs.common.dataplane import DataClient, DataPlaneConfig
-from chainfs.common.dataplane.sync_client import SyncDataClient
+from chainfs.common.dataplane.sync_client import SyncDataClient, SyncRequest
 from chainfs.common.errors import ChainfsError, Code
 from chainfs.common.routing import Routing, data_address
 
@@ -318,6 +318,11 @@ class MetaClient:
         # Called with the method name as each call starts (before its request is
         # queued): the client's chunk I/O sends its queued session ends along.
         self.before_call: Callable[[str], None] | None = None
+        # The same from a caller's thread (run_in_caller): ends_along gives the
+        # sessions to end in the same send as the call; ends_unsent takes back
+        # those that got no answer (the loop's sender ends them).
+        self.ends_along: Callable[[], list[tuple[int, bytes]]] | None = None
+        self.ends_unsent: Callable[[list[tuple[int, bytes]]], None] | None = None
         self._routing: RoutingCache | None = None
         self._static: list[str] = []
         if isinstance(source, RoutingCache):
@@ -454,7 +459,7 @@ class MetaClient:
         tried = self._current
         deadline = time.monotonic() + self.timeout_s  # the whole call's, as on the loop
         try:
-            rsp = self._attempt_now(caller.sync, method, request)
+            rsp = self._attempt_now(caller.sync, method, request, self._ends_along())
         except ChainfsError as e:
             if e.code not in _ASK_ON_LOOP:
                 raise naming_path(e, request) from None
@@ -467,25 +472,82 @@ class MetaClient:
             return _to_loop(caller.on_loop, self._call_on_loop(method, request))
         return rsp
 
-    def _attempt_now(self, sync: SyncDataClient, method: str, request: Any) -> Any | None:
+    def _ends_along(self) -> list[tuple[int, bytes]]:
+        return self.ends_along() if self.ends_along is not None else []
+
+    def _attempt_now(
+        self,
+        sync: SyncDataClient,
+        method: str,
+        request: Any,
+        ends: list[tuple[int, bytes]] | None = None,
+    ) -> Any | None:
         """One attempt over ``sync`` at the framed server calls go to now (the one
         the last call chose); None when there is none yet. Raises the
-        ChainfsError the attempt ended with (a malformed reply is BAD_FRAME)."""
+        ChainfsError the attempt ended with (a malformed reply is BAD_FRAME).
+        ``ends``: sessions to end in the same send (an EndSessions request of its
+        own, on a second socket); what that does not end goes to ends_unsent."""
         addr = self._current
         if addr is None or not addr.startswith(FRAME_PREFIX) or self._closed:
+            self._unsent(ends)
             return None
         address = addr[len(FRAME_PREFIX) :]
         w = WIRE_METHODS[method]
-        _, header = sync.request(
-            address,
-            w.msg_type,
-            request.SerializeToString(),
-            fallback=self._unix_fallbacks.get(address),
-        )
+        fallback = self._unix_fallbacks.get(address)
+        body = request.SerializeToString()
+        if not ends:
+            _, header = sync.request(address, w.msg_type, body, fallback=fallback)
+        else:
+            header = self._with_ends(sync, address, fallback, w.msg_type, body, ends)
         try:
             return w.response.FromString(header)
         except DecodeError as e:
             raise ChainfsError(Code.BAD_FRAME, f"meta {method} reply from {address}: {e}") from None
+
+    def _with_ends(
+        self,
+        sync: SyncDataClient,
+        address: str,
+        fallback: str | None,
+        msg_type: int,
+        body: bytes,
+        ends: list[tuple[int, bytes]],
+    ) -> bytes:
+        """A call's request and an EndSessions request sent together; the call's
+        reply header (its error raised, as ``SyncDataClient.request`` does)."""
+        end_req = pb.EndSessionsReq(
+            req=self.request_info(),
+            sessions=[pb.SessionRef(ino=ino, session_id=sid) for ino, sid in ends],
+        )
+        ended = False
+        try:
+            call, end = sync.request_many(
+                [
+                    SyncRequest(address, msg_type, body, None, fallback),
+                    SyncRequest(
+                        address,
+                        WIRE_METHODS["EndSessions"].msg_type,
+                        end_req.SerializeToString(),
+                        None,
+                        fallback,
+                    ),
+                ]
+            )
+            ended = not isinstance(end, ChainfsError)
+            if not ended:
+                log.debug("ending %d sessions along a call at %s: %s", len(ends), address, end)
+        finally:
+            if ended:
+                self._sessions.difference_update(ends)
+            else:
+                self._unsent(ends)
+        if isinstance(call, ChainfsError):
+            raise call
+        return call[1]
+
+    def _unsent(self, ends: list[tuple[int, bytes]] | None) -> None:
+        if ends and self.ends_unsent is not None:
+            self.ends_unsent(ends)
 
     async def _call_on_loop(
         self, method: str, request: Any, attempted: _Attempted | None = None
