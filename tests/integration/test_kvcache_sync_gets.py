@@ -209,8 +209,14 @@ def test_a_slow_batch_stops_sending_groups_after_sync_timeout_ms(
     assert groups == [256]  # the first group only
     assert _served(kv) == (served, fallbacks + 600)
     monkeypatch.undo()
+    served, fallbacks = _served(kv)
     assert kv.batch_get(keys) == [_value(i, 64) for i in range(600)]
-    assert _served(kv) == (served + 600, fallbacks + 600)
+    # The calling thread reads again: the first group at least (the later ones
+    # only while the batch is within sync_timeout_ms, which a loaded machine
+    # may pass); every key once, by one path or the other.
+    now_served, now_fallbacks = _served(kv)
+    more_served, more_fallbacks = now_served - served, now_fallbacks - fallbacks
+    assert more_served >= 256 and more_served + more_fallbacks == 600
     kv.close()
 
 
